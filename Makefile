@@ -1,0 +1,30 @@
+# The two commands in the README are `make demo` and `make test`; both set up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DIFFTRAIN := $(VENV)/bin/difftrain
+# On this CPU-only machine torch==2.13.0 resolves to a local CPU build. On a GPU machine,
+# install the CUDA build of torch into $(VENV) first (pytorch.org's selector gives the
+# command); setup then keeps it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	test -f data/shapes/metadata.jsonl || $(DIFFTRAIN) data shapes data/shapes
+	$(DIFFTRAIN) train configs/demo.yaml
+	$(DIFFTRAIN) sample runs/demo --num 16 --scheduler dpm++_2m --steps 25 --seed 0 --out runs/demo/grid.png
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf runs/demo

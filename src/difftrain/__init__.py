@@ -1,0 +1,35 @@
+"""difftrain: from a folder of images to a diffusion model that every other tool can load.
+
+The Python API mirrors the CLI one to one:
+
+    from difftrain import load_config, train, sample_grid
+    result = train(load_config("configs/demo.yaml"))
+    sample_grid(result.run_dir, num_images=16, scheduler="dpm++_2m", out="grid.png")
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Heavy imports (torch, diffusers) wait until a function is used, so `difftrain config
+# check` and `--help` answer at once.
+_EXPORTS = {
+    "load_config": "difftrain.config",
+    "RunConfig": "difftrain.config",
+    "ConfigError": "difftrain.config",
+    "train": "difftrain.training.trainer",
+    "sample_grid": "difftrain.generate.unconditional",
+    "write_shapes_dataset": "difftrain.data.shapes",
+    "scan_folder": "difftrain.data.folder",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'difftrain' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""The `difftrain` command: parses arguments, calls one function of the Python API, prints.
+
+Errors the user can fix (config, data, checkpoint, model path) print one message and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from difftrain.errors import DifftrainError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from difftrain.config import load_config
+    from difftrain.training.trainer import train
+
+    config = load_config(args.config, args.set)
+    train(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from difftrain.generate.schedulers import SCHEDULERS
+
+    if args.list_schedulers:
+        print("\n".join(SCHEDULERS))
+        return 0
+    if not args.model:
+        raise DifftrainError("sample: give a run folder or a diffusers model folder")
+    from difftrain.generate.unconditional import sample_grid
+
+    out = Path(args.out)
+    sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema)
+    print(f"wrote {out} ({args.num} images, {args.scheduler}, {args.steps} steps, seed {args.seed})")
+    return 0
+
+
+def _data_shapes(args: argparse.Namespace) -> int:
+    from difftrain.data.shapes import write_shapes_dataset
+
+    out = write_shapes_dataset(args.out, args.num, args.size, args.seed)
+    print(f"wrote {args.num} images of {args.size}x{args.size} px and metadata.jsonl to {out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from difftrain.data.folder import scan_folder
+
+    scan = scan_folder(args.path, args.captions, args.caption_extension)
+    print("\n".join(scan.report_lines()))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from difftrain.config import load_config
+
+    config = load_config(args.config, args.set)
+    print(f"{args.config}: valid. Resolved config:\n")
+    print(config.to_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difftrain", description="Train, sample and inspect diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="run config (YAML)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=100")
+    train.add_argument("--resume", metavar="latest|PATH", help="continue from the latest checkpoint or a checkpoint folder")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="draw a grid of samples from a run or a diffusers folder")
+    sample.add_argument("model", nargs="?", help="run folder or diffusers model folder")
+    sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    sample.add_argument("--scheduler", default="dpm++_2m", help="sampler name; see --list-schedulers")
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="grid.png")
+    sample.add_argument("--no-ema", action="store_true", help="use the raw weights rather than the EMA ones")
+    sample.add_argument("--list-schedulers", action="store_true", help="print the sampler names and exit")
+    sample.set_defaults(run=_sample)
+
+    data = commands.add_parser("data", help="make or inspect data sets").add_subparsers(dest="data_command", required=True)
+    shapes = data.add_parser("shapes", help="write the synthetic coloured-shapes set")
+    shapes.add_argument("out")
+    shapes.add_argument("--num", type=int, default=2400)
+    shapes.add_argument("--size", type=int, default=32)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(run=_data_shapes)
+    check = data.add_parser("check", help="scan an image folder and report usable, bad and uncaptioned files")
+    check.add_argument("path")
+    check.add_argument("--captions", default="auto", choices=["auto", "metadata", "txt", "none"])
+    check.add_argument("--caption-extension", default=".txt")
+    check.set_defaults(run=_data_check)
+
+    config = commands.add_parser("config", help="work with run configs").add_subparsers(dest="config_command", required=True)
+    config_check = config.add_parser("check", help="validate a config and print it resolved")
+    config_check.add_argument("config")
+    config_check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    config_check.set_defaults(run=_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DifftrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Reading an image folder into records: which files are images and what their captions are.
+
+Captions come from Hugging Face style `metadata.jsonl` files (`file_name` relative to the
+jsonl's own folder, caption under `text`), from a `.txt` file beside each image, or not
+at all. Every image is decoded once here, so a bad file is found and reported before
+training starts rather than at step 40,000.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+from difftrain.errors import DifftrainError
+
+CAPTION_KEYS = ("text", "caption")
+
+
+class DatasetError(DifftrainError):
+    """A dataset that cannot be trained on at all; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    caption: str | None
+
+
+@dataclass
+class FolderScan:
+    root: Path
+    records: list[Record]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    caption_source: str = "none"
+    missing_captions: list[str] = field(default_factory=list)
+
+    def report_lines(self) -> list[str]:
+        lines = [f"{len(self.records)} usable images in {self.root} (captions: {self.caption_source})"]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} files skipped:")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        if self.missing_captions:
+            lines.append(f"{len(self.missing_captions)} images have no caption")
+        return lines
+
+
+def _read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, str]:
+    captions: dict[Path, str] = {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        for number, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{meta.relative_to(root)} line {number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                skipped.append((where, f"not valid JSON: {exc.msg}"))
+                continue
+            name = entry.get("file_name") if isinstance(entry, dict) else None
+            caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
+            if not isinstance(name, str) or not isinstance(caption, str):
+                skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
+                continue
+            captions[(meta.parent / name).resolve()] = caption
+    return captions
+
+
+def _choose_caption_source(mode: str, root: Path, images: list[Path], extension: str) -> str:
+    if mode != "auto":
+        return mode
+    if any(root.rglob("metadata.jsonl")):
+        return "metadata"
+    if any(image.with_suffix(extension).is_file() for image in images):
+        return "txt"
+    return "none"
+
+
+def scan_folder(
+    root: str | Path,
+    captions: str = "auto",
+    caption_extension: str = ".txt",
+    max_pixels: int = 64_000_000,
+    progress: bool = True,
+) -> FolderScan:
+    """List every decodable image under `root` with its caption; report everything else."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    source = _choose_caption_source(captions, root, images, caption_extension)
+    skipped: list[tuple[str, str]] = []
+    by_path = _read_metadata(root, skipped) if source == "metadata" else {}
+    if source == "metadata" and not by_path:
+        raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
+
+    records: list[Record] = []
+    missing: list[str] = []
+    for image_path in tqdm(images, desc="checking images", unit="img", disable=not progress, leave=False):
+        name = str(image_path.relative_to(root))
+        try:
+            load_image(image_path, max_pixels)
+        except BadImage as reason:
+            skipped.append((name, str(reason)))
+            continue
+        caption = None
+        if source == "metadata":
+            caption = by_path.get(image_path.resolve())
+        elif source == "txt":
+            text_file = image_path.with_suffix(caption_extension)
+            caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else None
+        if source != "none" and caption is None:
+            missing.append(name)
+        records.append(Record(image_path, caption))
+
+    listed = {Path(p) for p in by_path}
+    for absent in sorted(listed - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):
+        if not absent.exists():
+            skipped.append((str(absent), "listed in metadata.jsonl but the file does not exist"))
+
+    if not records:
+        detail = f"; {len(skipped)} files were unusable, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DatasetError(
+            f"no usable images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}){detail}"
+        )
+    return FolderScan(root, records, skipped, source, missing)

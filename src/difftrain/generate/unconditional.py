@@ -1,0 +1,77 @@
+"""Sampling a pixel-space model: from a run folder, its latest checkpoint, or any diffusers folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from difftrain.config import parse_config
+from difftrain.errors import DifftrainError
+from difftrain.generate.sampling import make_grid
+from difftrain.methods.unconditional import sample_unet
+from difftrain.training.checkpoint import CheckpointStore, load_tensors
+
+
+class ModelNotFound(DifftrainError):
+    pass
+
+
+def _from_diffusers_folder(path: Path) -> tuple[UNet2DModel, dict]:
+    unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    return unet, dict(scheduler.config)
+
+
+def _from_checkpoint(run_dir: Path, use_ema: bool) -> tuple[UNet2DModel, dict]:
+    from difftrain.methods import build_method
+
+    checkpoint = CheckpointStore(run_dir / "checkpoints").latest()
+    if checkpoint is None:
+        raise ModelNotFound(f"{run_dir}: a run folder with neither a final model nor a checkpoint yet")
+    config = parse_config(yaml.safe_load((checkpoint / "config.yaml").read_text()), str(checkpoint / "config.yaml"))
+    method = build_method(config)
+    source = "ema.safetensors" if use_ema and (checkpoint / "ema.safetensors").is_file() else "model.safetensors"
+    weights = {k.removeprefix("unet."): v for k, v in load_tensors(checkpoint / source).items() if k.startswith("unet.")}
+    method.unet.load_state_dict(weights, strict=source == "model.safetensors")
+    return method.unet, dict(method.noise_scheduler.config)
+
+
+def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DModel, dict]:
+    """(unet, scheduler config) from a diffusers folder, a run folder, or a run's checkpoint."""
+    path = Path(path)
+    if (path / "unet").is_dir() and (path / "scheduler").is_dir():
+        return _from_diffusers_folder(path)
+    if (path / "config.yaml").is_file():  # a run folder
+        final = path / ("model" if use_ema else "model-no-ema")
+        if not final.is_dir():
+            final = path / "model"
+        if (final / "unet").is_dir():
+            return _from_diffusers_folder(final)
+        return _from_checkpoint(path, use_ema)
+    raise ModelNotFound(
+        f"{path}: not a diffusers model folder (unet/ and scheduler/) nor a difftrain run folder (config.yaml)"
+    )
+
+
+def sample_grid(
+    model: str | Path,
+    num_images: int = 16,
+    scheduler: str = "dpm++_2m",
+    steps: int = 25,
+    seed: int = 0,
+    out: str | Path | None = None,
+    use_ema: bool = True,
+    scale: int | None = None,
+) -> tuple[Image.Image, list[Image.Image]]:
+    """Generate `num_images` at `seed` and return (grid, images); the grid is saved to `out` if given."""
+    unet, scheduler_config = load_unconditional(model, use_ema)
+    unet.eval()
+    images = sample_unet(unet, scheduler_config, num_images, scheduler, steps, seed)
+    grid = make_grid(images, scale=scale or max(1, 128 // images[0].size[0]))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+    return grid, images

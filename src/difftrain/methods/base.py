@@ -1,0 +1,50 @@
+"""What a training method is, as far as the loop is concerned.
+
+The loop owns optimisation, precision, accumulation, EMA, checkpoints and logging. A
+method owns the rest: which modules exist and which of them train, how a batch becomes a
+loss, how to draw preview images, and what to write as the final model. Adding a method is
+adding one module that implements this class; the loop never changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.config import RunConfig
+
+
+class Method(ABC):
+    name: str
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @abstractmethod
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules with parameters to optimise, by name. Names key their checkpoint weights."""
+
+    @abstractmethod
+    def loss(self, modules: dict[str, torch.nn.Module], batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The scalar loss of one micro-batch; `modules` are the (possibly DDP-wrapped) trainables.
+
+        All randomness must come from `generator`, which checkpoints save and restore.
+        """
+
+    @abstractmethod
+    def sample(
+        self, modules: dict[str, torch.nn.Module], num_images: int, scheduler: str, steps: int, seed: int
+    ) -> list[Image.Image]:
+        """Preview images from the given (unwrapped, eval-mode) modules, at a fixed seed."""
+
+    @abstractmethod
+    def save_model(self, modules: dict[str, torch.nn.Module], out_dir: Path) -> None:
+        """Write the final model in the ecosystem's format (a diffusers folder, LoRA file, ...)."""
+
+    def describe(self) -> list[str]:
+        """Lines for the run summary: model size and the like."""
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in self.trainable_modules().items()}
+        return [f"{name}: {count / 1e6:.2f}M trainable parameters" for name, count in counts.items()]

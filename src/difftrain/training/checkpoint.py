@@ -1,0 +1,142 @@
+"""Checkpoints as folders of named parts, written so that a crash never costs the last good one.
+
+A checkpoint is built in `checkpoints/.tmp-step-N/`, every file flushed to disk, and only
+then renamed to `checkpoints/step-N/` (a rename is atomic on POSIX file systems). A
+folder without the `.tmp-` prefix is therefore always complete; leftovers from a killed
+save are removed at the next start. Tensors go to safetensors and everything else to
+JSON, so loading a checkpoint never unpickles anything.
+
+Layout of one checkpoint:
+    state.json              step, data position, world size, LR schedule, counters
+    config.yaml             the run config that produced it
+    model.safetensors       trainable weights, keys prefixed by module name
+    ema.safetensors         EMA weights, same keys (when EMA is on)
+    optimizer.safetensors   optimizer tensors; its param groups are in state.json
+    rng-rank{R}.safetensors each process's random generators
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difftrain.errors import DifftrainError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(DifftrainError):
+    pass
+
+
+def fsync_tree(path: Path) -> None:
+    for item in sorted(path.rglob("*")):
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path, keep_last: int = 3):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        complete = [p for p in self.all() if (p / "state.json").is_file()]
+        return complete[-1] if complete else None
+
+    def resolve(self, which: str) -> Path:
+        """`latest` or a path to a checkpoint folder."""
+        if which == "latest":
+            found = self.latest()
+            if found is None:
+                raise CheckpointError(f"--resume latest: no checkpoint under {self.root}; start without --resume")
+            return found
+        path = Path(which)
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"--resume {which}: not a checkpoint folder (no state.json inside)")
+        return path
+
+    def staging_dir(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step:08d}"
+
+    def clean_staging(self) -> None:
+        for leftover in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def begin(self, step: int) -> Path:
+        staging = self.staging_dir(step)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit(self, step: int) -> Path:
+        staging, final = self.staging_dir(step), self.root / f"step-{step:08d}"
+        fsync_tree(staging)
+        if final.exists():  # the same step saved again (e.g. after resume): replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_tree(self.root)
+        for old in self.all()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is missing {path.name} ({path.parent})")
+    return load_file(str(path))
+
+
+def optimizer_to_parts(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_parts(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, slots in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is missing {path.name} ({path.parent})")
+    return json.loads(path.read_text())

@@ -1,0 +1,85 @@
+"""The diffusion objective, shared by every method: noise a clean sample, predict, weight.
+
+Pixel models and latent models differ only in what `x0` is; this module never knows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from difftrain.config import NoiseConfig
+
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def build_noise_scheduler(noise: NoiseConfig) -> DDPMScheduler:
+    # clip_sample keeps DDPM/DDIM sampling in [-1, 1]; it is stored with the model so
+    # whoever loads it samples the way we trained.
+    return DDPMScheduler(
+        num_train_timesteps=noise.num_train_timesteps,
+        beta_schedule=BETA_SCHEDULES[noise.beta_schedule],
+        prediction_type=noise.prediction_type,
+    )
+
+
+def noisy_inputs(
+    x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, noise_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw noise and timesteps from `generator` and return (noisy x, noise, timesteps)."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if noise_offset:
+        # A per-channel constant shift teaches the model to change overall brightness
+        # (Guttenberg's offset noise), which plain white noise never asks of it.
+        offset = torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), generator=generator, device=x0.device)
+        noise = noise + noise_offset * offset.to(x0.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device
+    )
+    return scheduler.add_noise(x0, noise, timesteps), noise, timesteps
+
+
+def prediction_target(
+    x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler
+) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def snr_weights(timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023), expressed for the scheduler's prediction type.
+
+    The paper's weight min(SNR, gamma) is for an x0 loss; an epsilon loss equals the x0 loss
+    times SNR, a v loss the x0 loss times SNR + 1, so those divide it out.
+    """
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
+    if snr_gamma is not None:
+        per_sample = per_sample * snr_weights(timesteps, scheduler, snr_gamma).to(per_sample.device)
+    return per_sample.mean()

@@ -1,0 +1,362 @@
+"""The training loop: one loop on accelerate for every method.
+
+Read `Trainer.run` top to bottom: that is the whole of training. Everything a particular
+method needs is behind `Method`; everything that must survive a crash is in
+`save_checkpoint` / `load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from difftrain.config import ConfigError, RunConfig, parse_config, resume_conflicts
+from difftrain.data import build_dataset
+from difftrain.data.dataset import make_loader
+from difftrain.data.sampler import EpochBatchSampler, Position
+from difftrain.generate.sampling import make_grid
+from difftrain.methods import build_method
+from difftrain.training import rng
+from difftrain.training.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    load_tensors,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from difftrain.training.ema import Ema
+from difftrain.training.optim import build_lr_schedule, build_optimizer
+from difftrain.training.report import plot_loss_curve, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None
+    step: int
+    loss: float | None
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, progress: bool = True):
+        if config.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "training.mixed_precision = 'fp16': fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'"
+            )
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.training.mixed_precision,
+            gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+            log_with="tensorboard" if config.log.tensorboard else None,
+            project_dir=str(self.run_dir),
+            # Without this, accelerate ignores a torchrun/`accelerate launch --multi_gpu` world
+            # on a machine with no GPU and runs N independent single-process trainings.
+            cpu=not _has_accelerator_device(),
+        )
+        self.main = self.accelerator.is_main_process
+        self.progress = progress and self.main
+        self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+
+        # Same initial weights on every process and for every process count.
+        set_seed(config.seed)
+        self.method = build_method(config)
+        self.dataset, self.scan = build_dataset(config, progress=self.progress)
+        # From here on each process draws its own noise, timesteps and dropout masks.
+        set_seed(config.seed, device_specific=True)
+
+        self.modules = self.method.trainable_modules()
+        parameters = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.parameters = parameters
+        self.optimizer = build_optimizer(parameters, config.training)
+        self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
+        self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
+        prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
+        self.wrapped = dict(zip(self.modules, prepared[:-1]))
+        self.optimizer = prepared[-1]
+
+        device = self.accelerator.device
+        self.noise_generator = torch.Generator(device=device).manual_seed(
+            config.seed * 7919 + self.accelerator.process_index
+        )
+        self.sampler = EpochBatchSampler(
+            len(self.dataset),
+            config.training.batch_size,
+            config.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        self.step = 0
+        self.position = Position()
+
+    # ----------------------------------------------------------------- the loop
+    def run(self, resume: str | None = None) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        self._prepare_run_dir()
+        if resume:
+            self.load_checkpoint(self.store.resolve(resume))
+        self.sampler.start = self.position
+        batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers))
+        if config.log.tensorboard:
+            accelerator.init_trackers("tensorboard", config=_scalar_config(config))
+
+        bar = tqdm(
+            total=config.training.max_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        started, start_step = time.time(), self.step
+        loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, None
+        try:
+            while self.step < config.training.max_steps:
+                for _ in range(config.training.gradient_accumulation_steps):
+                    batch = next(batches)
+                    batch["pixel_values"] = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                    with accelerator.accumulate(*self.wrapped.values()):
+                        loss = self.method.loss(self.wrapped, batch, self.noise_generator)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and config.training.max_grad_norm:
+                            accelerator.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                if not accelerator.optimizer_step_was_skipped:
+                    self.lr_schedule.step()
+                for name, ema in self.emas.items():
+                    ema.step(self.modules[name])
+                self.step += 1
+                self.position = self.sampler.position_after(batch["epoch"], batch["batch"])
+                bar.update(1)
+
+                if self.step % config.log.every_steps == 0 or self.step == config.training.max_steps:
+                    last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+                    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+                    self._log_scalars(last_loss)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                if self.step % config.sample.every_steps == 0 or self.step == config.training.max_steps:
+                    self.save_samples()
+                if self.step % config.checkpoint.every_steps == 0 or self.step == config.training.max_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if accelerator.num_processes == 1 and self.step > 0:
+                bar.write(f"interrupted: saving a checkpoint at step {self.step} so --resume latest continues here")
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        seconds = time.time() - started
+        model_dir = self.save_final_model()
+        accelerator.end_training()
+        if self.main:
+            plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            self._print_summary(seconds, self.step - start_step, last_loss, model_dir)
+        return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds)
+
+    # ----------------------------------------------------------------- outputs
+    def _prepare_run_dir(self) -> None:
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.store.clean_staging()
+            (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+            (self.run_dir / "data_report.txt").write_text("\n".join(self.scan.report_lines()) + "\n")
+            if self.scan.skipped:
+                log.warning(
+                    "%d unusable files skipped; the list is in %s",
+                    len(self.scan.skipped),
+                    self.run_dir / "data_report.txt",
+                )
+        self.accelerator.wait_for_everyone()
+
+    def _log_scalars(self, loss: float) -> None:
+        lr = self.lr_schedule.get_last_lr()[0]
+        values = {"train/loss": loss, "train/lr": lr}
+        if self.emas:
+            values["train/ema_decay"] = next(iter(self.emas.values())).decay
+        self.accelerator.log(values, step=self.step)
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
+
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.wrapped.items()}
+
+    @contextmanager
+    def _with_ema(self) -> Iterator[dict[str, torch.nn.Module]]:
+        """The unwrapped modules in eval mode, holding the EMA weights when EMA is on."""
+        modules = self._unwrapped()
+        with ExitStack() as stack:
+            for name, ema in self.emas.items():
+                stack.enter_context(ema.swapped_into(modules[name]))
+            for m in modules.values():
+                m.eval()
+            try:
+                yield modules
+            finally:
+                for m in modules.values():
+                    m.train()
+
+    def save_samples(self) -> None:
+        sample = self.config.sample
+        if self.main:
+            with self._with_ema() as modules:
+                images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
+            grid = make_grid(images, scale=max(1, 128 // images[0].size[0]))
+            out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(out)
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
+        self.accelerator.wait_for_everyone()
+
+    def save_final_model(self) -> Path | None:
+        model_dir = self.run_dir / "model"
+        if self.main:
+            with self._with_ema() as modules:
+                self.method.save_model(modules, model_dir)
+            if self.emas:
+                modules = self._unwrapped()
+                self.method.save_model(modules, self.run_dir / "model-no-ema")
+        self.accelerator.wait_for_everyone()
+        return model_dir
+
+    def _print_summary(self, seconds: float, steps_run: int, loss: float | None, model_dir: Path | None) -> None:
+        config = self.config
+        rate = steps_run / seconds if seconds > 0 else float("nan")
+        images = steps_run * config.training.batch_size * config.training.gradient_accumulation_steps
+        lines = [
+            "",
+            f"difftrain: {config.method} run finished at step {self.step}/{config.training.max_steps}",
+            f"  time        {seconds / 60:.1f} min for {steps_run} steps ({rate:.2f} steps/s, "
+            f"{images * self.accelerator.num_processes / max(seconds, 1e-9):.1f} images/s over "
+            f"{self.accelerator.num_processes} process(es))",
+            f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
+            f"  data        {len(self.dataset)} images, {len(self.scan.skipped)} skipped"
+            + (f" (see {self.run_dir / 'data_report.txt'})" if self.scan.skipped else ""),
+            *[f"  model       {line}" for line in self.method.describe()],
+            f"  samples     {self.run_dir / 'samples'} (latest: step-{self.step:08d}.png)",
+            f"  loss curve  {self.run_dir / 'loss.png'}",
+            f"  checkpoint  {self.store.latest()}",
+            f"  final model {model_dir}" + (" (EMA weights; raw weights in model-no-ema)" if self.emas else ""),
+        ]
+        print("\n".join(lines))
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        staging = self.store.staging_dir(self.step)
+        if self.main:
+            self.store.begin(self.step)
+        accelerator.wait_for_everyone()
+        save_tensors(staging / f"rng-rank{accelerator.process_index}.safetensors", rng.capture(self.noise_generator))
+        accelerator.wait_for_everyone()
+        if self.main:
+            modules = self._unwrapped()
+            save_tensors(staging / "model.safetensors", _prefixed({n: m.state_dict() for n, m in modules.items()}))
+            if self.emas:
+                save_tensors(staging / "ema.safetensors", _prefixed({n: e.tensors() for n, e in self.emas.items()}))
+            optimizer_tensors, optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
+            save_tensors(staging / "optimizer.safetensors", optimizer_tensors)
+            state = {
+                "step": self.step,
+                "position": {"epoch": self.position.epoch, "batch": self.position.batch},
+                "world_size": accelerator.num_processes,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "optimizer": optimizer_rest,
+                "ema": {name: ema.counters() for name, ema in self.emas.items()},
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            }
+            (staging / "config.yaml").write_text(self.config.to_yaml())
+            write_json(staging / "state.json", state)
+            self.store.commit(self.step)
+        accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        accelerator = self.accelerator
+        state = read_json(path / "state.json")
+        saved = parse_config(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
+        conflicts = resume_conflicts(saved, self.config)
+        if conflicts:
+            raise CheckpointError(
+                f"cannot resume from {path}: the config differs in settings that change training:\n  "
+                + "\n  ".join(conflicts)
+                + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
+            )
+        if state["world_size"] != accelerator.num_processes:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
+                f"this run has {accelerator.num_processes}; the data shards and random streams would differ"
+            )
+        weights = _unprefixed(load_tensors(path / "model.safetensors"))
+        for name, module in self._unwrapped().items():
+            module.load_state_dict(weights[name])
+        if self.emas:
+            ema_weights = _unprefixed(load_tensors(path / "ema.safetensors"))
+            for name, ema in self.emas.items():
+                ema.load(ema_weights[name], state["ema"][name])
+        self.optimizer.load_state_dict(optimizer_from_parts(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if state.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        rng.restore(load_tensors(path / f"rng-rank{accelerator.process_index}.safetensors"), self.noise_generator)
+        self.step = state["step"]
+        self.position = Position(**state["position"])
+        if self.main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+
+
+def _has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or bool(mps and mps.is_available())
+        or bool(xpu and xpu.is_available())
+    )
+
+
+def _prefixed(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module: {key: tensor}} -> {"module.key": tensor}, one flat file for all modules."""
+    return {f"{name}.{key}": value for name, tensors in parts.items() for key, value in tensors.items()}
+
+
+def _unprefixed(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        name, rest = key.split(".", 1)
+        parts.setdefault(name, {})[rest] = value
+    return parts
+
+
+def _scalar_config(config: RunConfig) -> dict:
+    from difftrain.config import flatten
+
+    return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
+
+
+def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train `config` to `training.max_steps`; `resume` is 'latest' or a checkpoint folder."""
+    return Trainer(config, progress=progress).run(resume=resume)

@@ -1,0 +1,99 @@
+import pytest
+import yaml
+
+from difftrain.cli import main
+from difftrain.config import ConfigError, load_config, parse_config, resume_conflicts
+
+BASE = {"data": {"path": "images"}}
+
+
+def errors_of(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, source="run.yaml")
+    return str(info.value)
+
+
+def test_defaults_fill_everything_but_the_data_path():
+    config = parse_config(BASE)
+    assert config.training.max_steps == 1000
+    assert config.noise.beta_schedule == "linear"
+    assert "missing key 'data'" in errors_of({})
+
+
+def test_unknown_key_names_the_key_suggests_and_lists_allowed():
+    message = errors_of({**BASE, "training": {"learning_rat": 1e-4}})
+    assert "unknown key 'training.learning_rat'" in message
+    assert "did you mean 'learning_rate'?" in message
+    assert "max_steps" in message  # the allowed keys are listed
+
+
+def test_unknown_section_is_rejected():
+    assert "unknown key 'trainig'" in errors_of({**BASE, "trainig": {}})
+
+
+def test_wrong_type_names_key_and_value():
+    message = errors_of({**BASE, "training": {"max_steps": "many"}})
+    assert "training.max_steps = 'many'" in message
+    assert "integer" in message
+
+
+def test_out_of_range_value_says_the_bound():
+    message = errors_of({**BASE, "training": {"learning_rate": -1}})
+    assert "training.learning_rate = -1" in message and "greater than 0" in message
+
+
+def test_choice_lists_allowed_values():
+    message = errors_of({**BASE, "noise": {"beta_schedule": "cosin"}})
+    assert "noise.beta_schedule = 'cosin'" in message
+    assert "'linear', 'scaled_linear' or 'cosine'" in message
+
+
+def test_resolution_must_divide_by_eight():
+    assert "multiple of 8" in errors_of({"data": {"path": "x", "resolution": 30}})
+
+
+def test_unknown_sampler_lists_names():
+    message = errors_of({**BASE, "sample": {"scheduler": "dpm"}})
+    assert "sample.scheduler = 'dpm'" in message and "dpm++_2m_karras" in message
+
+
+def test_overrides_parse_yaml_values_and_validate(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    config = load_config(path, ["training.learning_rate=3e-4", "training.ema.enabled=false", "seed=7"])
+    assert config.training.learning_rate == 3e-4
+    assert config.training.ema.enabled is False
+    assert config.seed == 7
+    with pytest.raises(ConfigError, match="unknown key 'training.nope'"):
+        load_config(path, ["training.nope=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(path, ["training.max_steps"])
+
+
+def test_missing_and_broken_files_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_resume_conflicts_ignore_safe_keys_and_name_the_rest():
+    saved = parse_config(BASE)
+    current = parse_config({**BASE, "output_dir": "elsewhere", "training": {"max_steps": 5000}, "sample": {"every_steps": 7}})
+    assert resume_conflicts(saved, current) == []
+    changed = parse_config({**BASE, "training": {"learning_rate": 1e-3}, "noise": {"prediction_type": "v_prediction"}})
+    conflicts = resume_conflicts(saved, changed)
+    assert any(c.startswith("training.learning_rate: checkpoint has 0.0002") for c in conflicts)
+    assert any(c.startswith("noise.prediction_type") for c in conflicts)
+
+
+def test_cli_config_check(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "training": {"batch_size": 0}}))
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "training.batch_size = 0" in err and "Traceback" not in err
+    assert main(["config", "check", str(path), "--set", "training.batch_size=8"]) == 0
+    assert "batch_size: 8" in capsys.readouterr().out

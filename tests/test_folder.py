@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from PIL import Image
+
+from difftrain.data.folder import DatasetError, scan_folder
+
+
+def make_image(path, colour=(200, 20, 20), size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_metadata_captions_recursive_and_bad_files_reported(tmp_path):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "broken.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"file_name": "a.png", "text": "a red thing"}),
+                json.dumps({"file_name": "sub/b.jpg", "text": "another"}),
+                json.dumps({"file_name": "gone.png", "text": "missing file"}),
+                "{not json",
+            ]
+        )
+    )
+    scan = scan_folder(tmp_path, progress=False)
+    assert scan.caption_source == "metadata"
+    assert {r.path.name: r.caption for r in scan.records} == {"a.png": "a red thing", "b.jpg": "another"}
+    reasons = dict(scan.skipped)
+    assert reasons["broken.png"] == "empty file (0 bytes)"
+    assert "not valid JSON" in reasons["metadata.jsonl line 4"]
+    assert any("does not exist" in r for n, r in scan.skipped if n.endswith("gone.png"))
+    report = "\n".join(scan.report_lines())
+    assert "2 usable images" in report and "broken.png" in report
+
+
+def test_txt_captions_and_missing_ones_counted(tmp_path):
+    make_image(tmp_path / "one.png")
+    make_image(tmp_path / "two.png")
+    (tmp_path / "one.txt").write_text("  a caption \n")
+    scan = scan_folder(tmp_path, progress=False)
+    assert scan.caption_source == "txt"
+    assert {r.path.name: r.caption for r in scan.records} == {"one.png": "a caption", "two.png": None}
+    assert scan.missing_captions == ["two.png"]
+    assert "1 images have no caption" in scan.report_lines()[-1]
+
+
+def test_no_captions(tmp_path):
+    make_image(tmp_path / "x.bmp")
+    scan = scan_folder(tmp_path, progress=False)
+    assert scan.caption_source == "none" and scan.records[0].caption is None
+
+
+def test_no_usable_image_fails_at_once_with_the_reason(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"no usable images .* a.png: not an image"):
+        scan_folder(tmp_path, progress=False)
+    with pytest.raises(DatasetError, match="is not a folder"):
+        scan_folder(tmp_path / "absent", progress=False)

@@ -1,0 +1,202 @@
+"""End to end through the CLI: train, resume, sample, load with diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from difftrain.cli import main
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    for name in CHECKPOINT_FILES:
+        left, right = load_file(str(a / name)), load_file(str(b / name))
+        assert left.keys() == right.keys(), name
+        different = [k for k in left if not torch.equal(left[k], right[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+    state_a, state_b = (json.loads((p / "state.json").read_text()) for p in (a, b))
+    assert state_a == state_b
+
+
+def test_train_writes_everything_a_user_looks_for(make_config, tmp_path, capsys):
+    config = make_config(
+        training={"max_steps": 4},
+        sample={"every_steps": 2},
+        log={"every_steps": 1, "tensorboard": True},
+    )
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "run finished at step 4/4" in out and "final model" in out
+    assert (run / "config.yaml").is_file() and (run / "data_report.txt").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert Image.open(run / "loss.png").size == (640, 360)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002", "step-00000004"] or sorted(
+        p.name for p in (run / "checkpoints").iterdir()
+    ) == ["step-00000002", "step-00000004"]
+    assert list(run.glob("events.out.tfevents*")) or list(run.rglob("events.out.tfevents*"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 for m in metrics)
+
+
+def test_final_model_loads_in_diffusers_with_ema_weights(make_config, tmp_path):
+    from diffusers import DDPMPipeline
+
+    config = make_config(training={"max_steps": 3})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    pipeline = DDPMPipeline.from_pretrained(run / "model")
+    ema = load_file(str(run / "checkpoints" / "step-00000003" / "ema.safetensors"))
+    raw = load_file(str(run / "checkpoints" / "step-00000003" / "model.safetensors"))
+    name = "conv_in.weight"
+    assert torch.equal(pipeline.unet.state_dict()[name], ema[f"unet.{name}"])
+    assert not torch.equal(ema[f"unet.{name}"], raw[f"unet.{name}"])
+    no_ema = DDPMPipeline.from_pretrained(run / "model-no-ema")
+    assert torch.equal(no_ema.unet.state_dict()[name], raw[f"unet.{name}"])
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_bitwise_identical(make_config, tmp_path, num_workers):
+    data = {"num_workers": num_workers, "crop": "random"}
+    straight = make_config("straight", data=data, training={"max_steps": 6}, checkpoint={"every_steps": 3})
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    halves = make_config("halves", data=data, training={"max_steps": 3}, checkpoint={"every_steps": 3})
+    assert main(["train", str(halves), "--no-progress"]) == 0
+    assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=6", "--resume", "latest"]) == 0
+    assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000006", tmp_path / "halves/checkpoints/step-00000006")
+
+
+def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
+    """Kill -9 a run mid-training; resuming its checkpoint gives the same weights as never stopping."""
+    straight = make_config("straight", training={"max_steps": 8}, checkpoint={"every_steps": 4})
+    assert main(["train", str(straight), "--no-progress"]) == 0
+
+    killed = make_config("killed", training={"max_steps": 100000}, checkpoint={"every_steps": 4})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "difftrain", "train", str(killed), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = tmp_path / "killed/checkpoints/step-00000004"
+    deadline = time.time() + 120
+    while not (checkpoint / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (checkpoint / "state.json").exists(), "the run never reached its first checkpoint"
+
+    assert main(["train", str(killed), "--no-progress", "--set", "training.max_steps=8", "--resume", str(checkpoint)]) == 0
+    assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "killed/checkpoints/step-00000008")
+
+
+def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, capsys):
+    config = make_config(training={"max_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["train", str(config), "--resume", "latest", "--set", "training.learning_rate=0.5", "--set", "training.max_steps=4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(make_config, capsys):
+    assert main(["train", str(make_config()), "--resume", "latest"]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_bad_files_are_skipped_counted_and_listed(shapes_dir, tmp_path, capsys):
+    import shutil
+
+    from conftest import tiny_config, write_config
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    (data / "000000.png").write_bytes(b"")
+    noisy = tmp_path / "noisy.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(noisy)
+    (data / "000001.png").write_bytes(noisy.read_bytes()[:2000])  # a download cut short
+    config = write_config(tmp_path / "c.yaml", tiny_config(data, tmp_path / "run", training={"max_steps": 1}))
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "22 images, 2 skipped" in capsys.readouterr().out
+    report = (tmp_path / "run" / "data_report.txt").read_text()
+    assert "000000.png: empty file" in report and "000001.png: cannot decode" in report
+
+
+def test_unusable_dataset_fails_before_training(tmp_path, capsys):
+    from conftest import tiny_config, write_config
+
+    (tmp_path / "empty").mkdir()
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "empty", tmp_path / "run"))
+    assert main(["train", str(config)]) == 2
+    assert "no usable images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sample_command_on_run_and_diffusers_folders(make_config, tmp_path, prediction_type, capsys):
+    config = make_config(training={"max_steps": 2}, noise={"prediction_type": prediction_type, "beta_schedule": "cosine"})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    for source in (run, run / "model"):
+        out = tmp_path / f"grid-{source.name}.png"
+        assert main(["sample", str(source), "--num", "4", "--scheduler", "euler", "--steps", "3", "--seed", "1", "--out", str(out)]) == 0
+        assert Image.open(out).size == (2 * 128 + 6, 2 * 128 + 6)  # 2x2 grid, 16px upscaled 8x, 2px gutters
+    saved = json.loads((run / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == prediction_type and saved["beta_schedule"] == "squaredcos_cap_v2"
+    assert main(["sample", str(run), "--scheduler", "nope"]) == 2
+    assert "choose one of" in capsys.readouterr().err
+
+
+def test_same_seed_same_grid_and_checkpoint_fallback(make_config, tmp_path):
+    from difftrain.generate.unconditional import sample_grid
+
+    config = make_config(training={"max_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    _, first = sample_grid(run, num_images=2, scheduler="ddim", steps=3, seed=5)
+    _, again = sample_grid(run, num_images=2, scheduler="ddim", steps=3, seed=5)
+    assert [i.tobytes() for i in first] == [i.tobytes() for i in again]
+    import shutil
+
+    shutil.rmtree(run / "model")  # as if the run were still going: sample its latest checkpoint
+    _, from_checkpoint = sample_grid(run, num_images=2, scheduler="ddim", steps=3, seed=5)
+    assert [i.tobytes() for i in from_checkpoint] == [i.tobytes() for i in first]
+
+
+def test_accelerate_two_processes_train_and_resume(make_config, tmp_path):
+    """Two CPU processes (gloo): sharded data, one writer, per-rank RNG, exact resume."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "difftrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(config: Path, *extra: str) -> None:
+        result = subprocess.run(launch + ["train", str(config), "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    straight = make_config("straight", training={"max_steps": 4}, checkpoint={"every_steps": 2})
+    run(straight)
+    halves = make_config("halves", training={"max_steps": 2}, checkpoint={"every_steps": 2})
+    run(halves)
+    run(halves, "--set", "training.max_steps=4", "--resume", "latest")
+    final = tmp_path / "straight/checkpoints/step-00000004"
+    assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    assert json.loads((final / "state.json").read_text())["world_size"] == 2
+    assert_same_checkpoint(final, tmp_path / "halves/checkpoints/step-00000004")
+    assert (tmp_path / "straight/model/unet/diffusion_pytorch_model.safetensors").is_file()
+
+    # A two-process checkpoint does not resume in one process: the shards would differ.
+    assert main(["train", str(halves), "--set", "training.max_steps=6", "--resume", "latest"]) == 2

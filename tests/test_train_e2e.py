@@ -71,23 +71,29 @@ def test_final_model_loads_in_diffusers_with_ema_weights(make_config, tmp_path):
     assert images.shape == (1, 16, 16, 3)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_is_bitwise_identical(make_config, tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, accumulation", [(0, 1), (2, 2)])
+def test_resume_is_bitwise_identical(make_config, tmp_path, num_workers, accumulation):
     data = {"num_workers": num_workers, "crop": "random"}
-    straight = make_config("straight", data=data, training={"max_steps": 6}, checkpoint={"every_steps": 3})
+    training = {"gradient_accumulation_steps": accumulation}
+    straight = make_config("straight", data=data, training={**training, "max_steps": 6}, checkpoint={"every_steps": 3})
     assert main(["train", str(straight), "--no-progress"]) == 0
-    halves = make_config("halves", data=data, training={"max_steps": 3}, checkpoint={"every_steps": 3})
+    halves = make_config("halves", data=data, training={**training, "max_steps": 3}, checkpoint={"every_steps": 3})
     assert main(["train", str(halves), "--no-progress"]) == 0
     assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=6", "--resume", "latest"]) == 0
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000006", tmp_path / "halves/checkpoints/step-00000006")
 
 
 def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
-    """Kill -9 a run mid-training; resuming its checkpoint gives the same weights as never stopping."""
-    straight = make_config("straight", training={"max_steps": 8}, checkpoint={"every_steps": 4})
+    """Kill -9 a run mid-training; resuming its checkpoint gives the same weights as never stopping.
+
+    The killed run also draws a preview every step (slowing it enough to be killed mid-run):
+    previews use their own generator, so they must not change what training computes.
+    """
+    training = {"max_steps": 8, "lr_scheduler": "cosine"}
+    straight = make_config("straight", training=training, checkpoint={"every_steps": 4})
     assert main(["train", str(straight), "--no-progress"]) == 0
 
-    killed = make_config("killed", training={"max_steps": 100000}, checkpoint={"every_steps": 4})
+    killed = make_config("killed", training=training, checkpoint={"every_steps": 4}, sample={"every_steps": 1, "steps": 60})
     process = subprocess.Popen(
         [sys.executable, "-m", "difftrain", "train", str(killed), "--no-progress"],
         stdout=subprocess.DEVNULL,
@@ -101,7 +107,8 @@ def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
     process.wait()
     assert (checkpoint / "state.json").exists(), "the run never reached its first checkpoint"
 
-    assert main(["train", str(killed), "--no-progress", "--set", "training.max_steps=8", "--resume", str(checkpoint)]) == 0
+    assert not (tmp_path / "killed/checkpoints/step-00000008").exists(), "the run finished before it was killed"
+    assert main(["train", str(killed), "--no-progress", "--resume", str(checkpoint)]) == 0
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "killed/checkpoints/step-00000008")
 
 
@@ -113,6 +120,28 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
+
+
+def test_resume_refuses_a_changed_data_set(make_config, tmp_path, shapes_dir, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    config = make_config(data={"path": str(data)}, training={"max_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    (data / "000003.png").unlink()
+    capsys.readouterr()
+    assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4"]) == 2
+    assert "trained on 24 usable images" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_on_cpu_and_fp16_refused(make_config, capsys):
+    config = make_config(training={"max_steps": 2, "mixed_precision": "bf16", "gradient_accumulation_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "final loss" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["train", str(config), "--set", "training.mixed_precision=fp16"]) == 2
+        assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_resume_latest_without_checkpoint_is_a_clear_error(make_config, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -63,6 +65,10 @@ class Trainer:
             )
         self.config = config
         self.run_dir = Path(config.output_dir)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one global state per process; a second train() call from
+            # Python (a notebook, the tests) with other precision settings must start clean.
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(
             mixed_precision=config.training.mixed_precision,
             gradient_accumulation_steps=config.training.gradient_accumulation_steps,
@@ -284,6 +290,7 @@ class Trainer:
                 "step": self.step,
                 "position": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "world_size": accelerator.num_processes,
+                "num_records": len(self.dataset),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "optimizer": optimizer_rest,
                 "ema": {name: ema.counters() for name, ema in self.emas.items()},
@@ -309,6 +316,22 @@ class Trainer:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
                 f"this run has {accelerator.num_processes}; the data shards and random streams would differ"
+            )
+        if state.get("num_records", len(self.dataset)) != len(self.dataset):
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained on {state['num_records']} usable images, "
+                f"{self.config.data.path} now has {len(self.dataset)}; the data order would not continue. "
+                "Restore the data set or start a new output_dir."
+            )
+        if saved.training.max_steps != self.config.training.max_steps and self.config.training.lr_scheduler not in (
+            "constant",
+            "constant_with_warmup",
+        ):
+            log.warning(
+                "training.max_steps changed from %d to %d: the %s LR schedule is stretched from here on",
+                saved.training.max_steps,
+                self.config.training.max_steps,
+                self.config.training.lr_scheduler,
             )
         weights = _unprefixed(load_tensors(path / "model.safetensors"))
         for name, module in self._unwrapped().items():

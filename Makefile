@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	test -f data/shapes/metadata.jsonl || $(DIFFTRAIN) data shapes data/shapes
-	$(DIFFTRAIN) train configs/demo.yaml
-	$(DIFFTRAIN) sample runs/demo --num 16 --scheduler dpm++_2m --steps 25 --seed 0 --out runs/demo/grid.png
+	$(DIFFTRAIN) train configs/demo.yaml $$(ls runs/demo/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
+	$(DIFFTRAIN) sample runs/demo --num 16 --scheduler euler_a --steps 30 --seed 0 --out runs/demo/grid.png
+	$(DIFFTRAIN) sample runs/demo --num 8 --scheduler all --steps 30 --seed 0 --out runs/demo/schedulers.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -112,6 +112,32 @@ def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "killed/checkpoints/step-00000008")
 
 
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, tmp_path):
+    straight = make_config("straight", training={"max_steps": 8}, checkpoint={"every_steps": 100})
+    assert main(["train", str(straight), "--no-progress"]) == 0
+
+    stopped = make_config("stopped", training={"max_steps": 8}, checkpoint={"every_steps": 2}, sample={"every_steps": 1, "steps": 60})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "difftrain", "train", str(stopped), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    first = tmp_path / "stopped/checkpoints/step-00000002/state.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "checkpoint saved at step" in output
+    saved = json.loads((tmp_path / "stopped/checkpoints").joinpath(sorted(p.name for p in (tmp_path / "stopped/checkpoints").iterdir())[-1], "state.json").read_text())
+    assert 2 <= saved["step"] < 8
+
+    assert main(["train", str(stopped), "--no-progress", "--resume", "latest"]) == 0
+    assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "stopped/checkpoints/step-00000008")
+
+
 def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, capsys):
     config = make_config(training={"max_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
@@ -145,8 +171,13 @@ def test_bf16_mixed_precision_on_cpu_and_fp16_refused(make_config, capsys):
 
 
 def test_resume_latest_without_checkpoint_is_a_clear_error(make_config, capsys):
-    assert main(["train", str(make_config()), "--resume", "latest"]) == 2
+    config = make_config(training={"max_steps": 2})
+    assert main(["train", str(config), "--resume", "latest"]) == 2
     assert "no checkpoint under" in capsys.readouterr().err
+    assert main(["train", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 2  # a finished run is not silently overwritten
+    assert "already holds a run (checkpoint step-00000002); add --resume latest" in capsys.readouterr().err
 
 
 def test_bad_files_are_skipped_counted_and_listed(shapes_dir, tmp_path, capsys):
@@ -185,6 +216,9 @@ def test_sample_command_on_run_and_diffusers_folders(make_config, tmp_path, pred
         out = tmp_path / f"grid-{source.name}.png"
         assert main(["sample", str(source), "--num", "4", "--scheduler", "euler", "--steps", "3", "--seed", "1", "--out", str(out)]) == 0
         assert Image.open(out).size == (2 * 128 + 6, 2 * 128 + 6)  # 2x2 grid, 16px upscaled 8x, 2px gutters
+    sheet = tmp_path / "sheet.png"
+    assert main(["sample", str(run), "--scheduler", "all", "--num", "2", "--steps", "3", "--out", str(sheet)]) == 0
+    assert Image.open(sheet).height == 8 * (64 + 4)  # one row per sampler, 16 px images drawn at 64 px
     saved = json.loads((run / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == prediction_type and saved["beta_schedule"] == "squaredcos_cap_v2"
     assert main(["sample", str(run), "--scheduler", "nope"]) == 2

@@ -30,9 +30,13 @@ def _sample(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise DifftrainError("sample: give a run folder or a diffusers model folder")
-    from difftrain.generate.unconditional import sample_grid
+    from difftrain.generate.unconditional import sample_grid, scheduler_sheet
 
     out = Path(args.out)
+    if args.scheduler == "all":
+        scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema)
+        print(f"wrote {out} (one row per sampler: {', '.join(SCHEDULERS)}; {args.steps} steps, seed {args.seed})")
+        return 0
     sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema)
     print(f"wrote {out} ({args.num} images, {args.scheduler}, {args.steps} steps, seed {args.seed})")
     return 0
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw a grid of samples from a run or a diffusers folder")
     sample.add_argument("model", nargs="?", help="run folder or diffusers model folder")
     sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    sample.add_argument("--scheduler", default="dpm++_2m", help="sampler name; see --list-schedulers")
+    sample.add_argument("--scheduler", default="dpm++_2m", help="sampler name (see --list-schedulers), or 'all' for one row per sampler")
     sample.add_argument("--steps", type=int, default=25)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png")

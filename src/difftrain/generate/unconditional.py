@@ -6,11 +6,12 @@ from pathlib import Path
 
 import yaml
 from diffusers import DDPMScheduler, UNet2DModel
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from difftrain.config import parse_config
 from difftrain.errors import DifftrainError
 from difftrain.generate.sampling import make_grid
+from difftrain.generate.schedulers import SCHEDULERS
 from difftrain.methods.unconditional import sample_unet
 from difftrain.training.checkpoint import CheckpointStore, load_tensors
 
@@ -75,3 +76,31 @@ def sample_grid(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
     return grid, images
+
+
+def scheduler_sheet(
+    model: str | Path,
+    num_images: int = 8,
+    steps: int = 25,
+    seed: int = 0,
+    out: str | Path | None = None,
+    use_ema: bool = True,
+) -> Image.Image:
+    """One labelled row per sampler, same seed and steps: to see at a glance which suits a model."""
+    unet, scheduler_config = load_unconditional(model, use_ema)
+    unet.eval()
+    label_width, rows = 120, []
+    for name in SCHEDULERS:
+        images = sample_unet(unet, scheduler_config, num_images, name, steps, seed)
+        row = make_grid(images, columns=num_images, scale=max(1, 64 // images[0].size[0]))
+        labelled = Image.new("RGB", (row.width + label_width, row.height), "white")
+        labelled.paste(row, (label_width, 0))
+        ImageDraw.Draw(labelled).text((6, row.height // 2 - 6), f"{name}\n{steps} steps", fill=(0, 0, 0))
+        rows.append(labelled)
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for i, row in enumerate(rows):
+        sheet.paste(row, (0, i * row.height))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+    return sheet

@@ -21,12 +21,12 @@ UNET_PRESETS: dict[str, dict] = {
         norm_num_groups=8,
     ),
     "small": dict(
-        block_out_channels=(32, 64, 128),
+        block_out_channels=(24, 48, 96),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=8,
-        attention_head_dim=32,
+        attention_head_dim=24,
     ),
     "base": dict(
         block_out_channels=(128, 256, 256, 256),

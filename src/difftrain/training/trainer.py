@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -116,7 +118,7 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def run(self, resume: str | None = None) -> TrainResult:
         config, accelerator = self.config, self.accelerator
-        self._prepare_run_dir()
+        self._prepare_run_dir(resuming=bool(resume))
         if resume:
             self.load_checkpoint(self.store.resolve(resume))
         self.sampler.start = self.position
@@ -134,7 +136,7 @@ class Trainer:
         )
         started, start_step = time.time(), self.step
         loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, None
-        try:
+        with _stop_on_first_interrupt(enabled=accelerator.num_processes == 1) as stop:
             while self.step < config.training.max_steps:
                 for _ in range(config.training.gradient_accumulation_steps):
                     batch = next(batches)
@@ -156,22 +158,21 @@ class Trainer:
                 self.position = self.sampler.position_after(batch["epoch"], batch["batch"])
                 bar.update(1)
 
-                if self.step % config.log.every_steps == 0 or self.step == config.training.max_steps:
+                last_step = self.step == config.training.max_steps
+                if self.step % config.log.every_steps == 0 or last_step:
                     last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
-                if self.step % config.sample.every_steps == 0 or self.step == config.training.max_steps:
+                if self.step % config.sample.every_steps == 0 or last_step:
                     self.save_samples()
-                if self.step % config.checkpoint.every_steps == 0 or self.step == config.training.max_steps:
+                if self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            if accelerator.num_processes == 1 and self.step > 0:
-                bar.write(f"interrupted: saving a checkpoint at step {self.step} so --resume latest continues here")
-                self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
+                if stop.requested:
+                    bar.close()
+                    print(f"interrupted: checkpoint saved at step {self.step}; --resume latest continues from here")
+                    raise KeyboardInterrupt
+        bar.close()
         seconds = time.time() - started
         model_dir = self.save_final_model()
         accelerator.end_training()
@@ -181,7 +182,13 @@ class Trainer:
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds)
 
     # ----------------------------------------------------------------- outputs
-    def _prepare_run_dir(self) -> None:
+    def _prepare_run_dir(self, resuming: bool) -> None:
+        existing = self.store.latest()
+        if existing is not None and not resuming:
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
+                "add --resume latest to continue it, or set output_dir to a new folder"
+            )
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.store.clean_staging()
@@ -349,6 +356,33 @@ class Trainer:
         self.position = Position(**state["position"])
         if self.main:
             print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _stop_on_first_interrupt(enabled: bool) -> Iterator[_StopFlag]:
+    """The first Ctrl-C asks the loop to finish its step and checkpoint; a second one stops at once.
+
+    Only for a single process: with several, the others would not see the flag.
+    """
+    flag = _StopFlag()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def request_stop(signum, frame):
+        flag.requested = True
+        signal.signal(signal.SIGINT, previous)
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _has_accelerator_device() -> bool:

@@ -67,6 +67,12 @@ def test_unknown_name_lists_the_valid_ones():
         make_scheduler("dpm2", build_noise_scheduler(NoiseConfig()).config)
 
 
+def test_euler_a_refuses_sample_prediction_clearly():
+    config = build_noise_scheduler(NoiseConfig(prediction_type="sample")).config
+    with pytest.raises(UnknownScheduler, match="euler_a cannot sample a model trained with prediction_type=sample"):
+        make_scheduler("euler_a", config)
+
+
 def test_sampler_keeps_the_models_prediction_type():
     config = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction")).config
     for name in SCHEDULERS:

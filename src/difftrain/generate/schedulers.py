@@ -66,6 +66,11 @@ def scheduler_settings(name: str, base_config: dict) -> tuple[type, dict]:
     if name not in SCHEDULERS:
         raise UnknownScheduler(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     class_name, settings = SCHEDULERS[name]
+    if class_name == "EulerAncestralDiscreteScheduler" and base_config.get("prediction_type") == "sample":
+        raise UnknownScheduler(
+            f"{name} cannot sample a model trained with prediction_type=sample (diffusers does not implement it); "
+            "use euler, ddpm or dpm++_2m"
+        )
     settings = dict(settings)
     if class_name != "DDPMScheduler" and (betas := clamped_terminal_betas(base_config)) is not None:
         settings["trained_betas"] = betas

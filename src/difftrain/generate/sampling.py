@@ -57,9 +57,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def make_grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:
-    """Tile images into one picture, `columns` wide (square-ish by default), with a 2 px gutter."""
+def make_grid(images: list[Image.Image], columns: int | None = None, scale: int | None = None) -> Image.Image:
+    """Tile images into one picture, `columns` wide (square-ish by default), with a 2 px gutter.
+
+    Small images are enlarged (nearest neighbour) to at least 128 px unless `scale` is given,
+    so a 32 px sample is visible without zooming.
+    """
     columns = columns or math.ceil(math.sqrt(len(images)))
+    scale = scale or max(1, 128 // images[0].size[0])
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
     width, height = width * scale, height * scale

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image, ImageDraw
 
-from difftrain.config import parse_config
 from difftrain.errors import DifftrainError
 from difftrain.generate.sampling import make_grid
 from difftrain.generate.schedulers import SCHEDULERS
 from difftrain.methods.unconditional import sample_unet
-from difftrain.training.checkpoint import CheckpointStore, load_tensors
+from difftrain.training.checkpoint import CheckpointStore, load_tensors, read_config, split_modules
 
 
 class ModelNotFound(DifftrainError):
@@ -32,10 +30,9 @@ def _from_checkpoint(run_dir: Path, use_ema: bool) -> tuple[UNet2DModel, dict]:
     checkpoint = CheckpointStore(run_dir / "checkpoints").latest()
     if checkpoint is None:
         raise ModelNotFound(f"{run_dir}: a run folder with neither a final model nor a checkpoint yet")
-    config = parse_config(yaml.safe_load((checkpoint / "config.yaml").read_text()), str(checkpoint / "config.yaml"))
-    method = build_method(config)
+    method = build_method(read_config(checkpoint))
     source = "ema.safetensors" if use_ema and (checkpoint / "ema.safetensors").is_file() else "model.safetensors"
-    weights = {k.removeprefix("unet."): v for k, v in load_tensors(checkpoint / source).items() if k.startswith("unet.")}
+    weights = split_modules(load_tensors(checkpoint / source))["unet"]
     method.unet.load_state_dict(weights, strict=source == "model.safetensors")
     return method.unet, dict(method.noise_scheduler.config)
 
@@ -71,7 +68,7 @@ def sample_grid(
     unet, scheduler_config = load_unconditional(model, use_ema)
     unet.eval()
     images = sample_unet(unet, scheduler_config, num_images, scheduler, steps, seed)
-    grid = make_grid(images, scale=scale or max(1, 128 // images[0].size[0]))
+    grid = make_grid(images, scale=scale)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

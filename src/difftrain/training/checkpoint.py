@@ -24,8 +24,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -140,3 +142,24 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint is missing {path.name} ({path.parent})")
     return json.loads(path.read_text())
+
+
+def join_modules(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module: {key: tensor}} -> {"module.key": tensor}: one file holds every module."""
+    return {f"{name}.{key}": value for name, tensors in parts.items() for key, value in tensors.items()}
+
+
+def split_modules(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        name, rest = key.split(".", 1)
+        parts.setdefault(name, {})[rest] = value
+    return parts
+
+
+def read_config(checkpoint: Path) -> RunConfig:
+    """The run config a checkpoint was written with."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is missing config.yaml ({checkpoint})")
+    return parse_config(yaml.safe_load(path.read_text()), source=str(path))

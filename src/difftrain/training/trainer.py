@@ -20,13 +20,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from difftrain.config import ConfigError, RunConfig, parse_config, resume_conflicts
+from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.data import build_dataset
 from difftrain.data.dataset import make_loader
 from difftrain.data.sampler import EpochBatchSampler, Position
@@ -36,11 +35,14 @@ from difftrain.training import rng
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
+    join_modules,
     load_tensors,
     optimizer_from_parts,
     optimizer_to_parts,
+    read_config,
     read_json,
     save_tensors,
+    split_modules,
     write_json,
 )
 from difftrain.training.ema import Ema
@@ -92,9 +94,8 @@ class Trainer:
         set_seed(config.seed, device_specific=True)
 
         self.modules = self.method.trainable_modules()
-        parameters = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.parameters = parameters
-        self.optimizer = build_optimizer(parameters, config.training)
+        self.parameters = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.parameters, config.training)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
         self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
@@ -212,13 +213,10 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
 
-    def _unwrapped(self) -> dict[str, torch.nn.Module]:
-        return {name: self.accelerator.unwrap_model(m) for name, m in self.wrapped.items()}
-
     @contextmanager
     def _with_ema(self) -> Iterator[dict[str, torch.nn.Module]]:
         """The unwrapped modules in eval mode, holding the EMA weights when EMA is on."""
-        modules = self._unwrapped()
+        modules = self.modules
         with ExitStack() as stack:
             for name, ema in self.emas.items():
                 stack.enter_context(ema.swapped_into(modules[name]))
@@ -235,7 +233,7 @@ class Trainer:
         if self.main:
             with self._with_ema() as modules:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
-            grid = make_grid(images, scale=max(1, 128 // images[0].size[0]))
+            grid = make_grid(images)
             out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             grid.save(out)
@@ -250,7 +248,7 @@ class Trainer:
             with self._with_ema() as modules:
                 self.method.save_model(modules, model_dir)
             if self.emas:
-                modules = self._unwrapped()
+                modules = self.modules
                 self.method.save_model(modules, self.run_dir / "model-no-ema")
         self.accelerator.wait_for_everyone()
         return model_dir
@@ -287,10 +285,10 @@ class Trainer:
         save_tensors(staging / f"rng-rank{accelerator.process_index}.safetensors", rng.capture(self.noise_generator))
         accelerator.wait_for_everyone()
         if self.main:
-            modules = self._unwrapped()
-            save_tensors(staging / "model.safetensors", _prefixed({n: m.state_dict() for n, m in modules.items()}))
+            modules = self.modules
+            save_tensors(staging / "model.safetensors", join_modules({n: m.state_dict() for n, m in modules.items()}))
             if self.emas:
-                save_tensors(staging / "ema.safetensors", _prefixed({n: e.tensors() for n, e in self.emas.items()}))
+                save_tensors(staging / "ema.safetensors", join_modules({n: e.tensors() for n, e in self.emas.items()}))
             optimizer_tensors, optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
             save_tensors(staging / "optimizer.safetensors", optimizer_tensors)
             state = {
@@ -311,7 +309,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         accelerator = self.accelerator
         state = read_json(path / "state.json")
-        saved = parse_config(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
+        saved = read_config(path)
         conflicts = resume_conflicts(saved, self.config)
         if conflicts:
             raise CheckpointError(
@@ -340,11 +338,11 @@ class Trainer:
                 self.config.training.max_steps,
                 self.config.training.lr_scheduler,
             )
-        weights = _unprefixed(load_tensors(path / "model.safetensors"))
-        for name, module in self._unwrapped().items():
+        weights = split_modules(load_tensors(path / "model.safetensors"))
+        for name, module in self.modules.items():
             module.load_state_dict(weights[name])
         if self.emas:
-            ema_weights = _unprefixed(load_tensors(path / "ema.safetensors"))
+            ema_weights = split_modules(load_tensors(path / "ema.safetensors"))
             for name, ema in self.emas.items():
                 ema.load(ema_weights[name], state["ema"][name])
         self.optimizer.load_state_dict(optimizer_from_parts(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
@@ -395,22 +393,7 @@ def _has_accelerator_device() -> bool:
     )
 
 
-def _prefixed(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{module: {key: tensor}} -> {"module.key": tensor}, one flat file for all modules."""
-    return {f"{name}.{key}": value for name, tensors in parts.items() for key, value in tensors.items()}
-
-
-def _unprefixed(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        name, rest = key.split(".", 1)
-        parts.setdefault(name, {})[rest] = value
-    return parts
-
-
 def _scalar_config(config: RunConfig) -> dict:
-    from difftrain.config import flatten
-
     return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
 
 

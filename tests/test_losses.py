@@ -67,3 +67,31 @@ def test_noise_offset_shifts_channel_means():
     _, offset, _ = noisy_inputs(x0, s, torch.Generator().manual_seed(0), noise_offset=0.5)
     assert plain.mean(dim=(2, 3)).std() < 0.2
     assert offset.mean(dim=(2, 3)).std() > 0.35
+
+
+def test_zero_terminal_snr_makes_the_last_step_pure_noise_and_needs_v_prediction():
+    from difftrain.config import ConfigError, parse_config
+
+    s = build_noise_scheduler(NoiseConfig(zero_terminal_snr=True, prediction_type="v_prediction"))
+    assert float(s.alphas_cumprod[-1]) < 1e-6 and s.config.timestep_spacing == "trailing"
+    assert float(build_noise_scheduler(NoiseConfig()).alphas_cumprod[-1]) > 1e-5
+    with pytest.raises(ConfigError, match="needs v_prediction|prediction_type: v_prediction"):
+        parse_config({"data": {"path": "x"}, "noise": {"zero_terminal_snr": True}})
+
+
+def test_base_model_schedule_is_kept_and_config_overrides_it():
+    base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "prediction_type": "epsilon"}
+    kept = build_noise_scheduler(NoiseConfig(), base)
+    assert kept.config.beta_schedule == "scaled_linear" and kept.config.beta_end == 0.012
+    changed = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction"), base)
+    assert changed.config.prediction_type == "v_prediction" and changed.config.beta_end == 0.012
+
+
+def test_input_perturbation_changes_the_input_but_not_the_target():
+    s = scheduler()
+    x0 = torch.zeros(4, 3, 8, 8)
+    plain = noisy_inputs(x0, s, torch.Generator().manual_seed(0))
+    perturbed = noisy_inputs(x0, s, torch.Generator().manual_seed(0), input_perturbation=0.1)
+    assert torch.equal(plain[1], perturbed[1]) and torch.equal(plain[2], perturbed[2])
+    assert not torch.equal(plain[0], perturbed[0])

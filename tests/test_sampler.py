@@ -1,3 +1,8 @@
+import bisect
+import tracemalloc
+
+import numpy as np
+
 from difftrain.data.sampler import EpochBatchSampler, Position
 
 
@@ -28,3 +33,74 @@ def test_starting_at_a_position_continues_the_same_sequence():
     resumed.start = resumed.position_after(*straight[5][0][:2])
     assert resumed.start == Position(epoch, batch)
     assert take(resumed, 6) == straight[6:]
+
+
+# --------------------------------------------------------------- sharded sources
+SHARDS = [7, 0, 5, 9, 3, 6]  # 30 records; an empty shard, as a dead tar part would leave
+
+
+def shard_of(index, sizes=SHARDS):
+    return bisect.bisect_right(np.cumsum(sizes).tolist(), index)
+
+
+def test_sharded_epoch_covers_every_record_once_plus_wrapped_padding():
+    sampler = EpochBatchSampler(30, batch_size=4, seed=5, shard_sizes=SHARDS)
+    assert sampler.batches_per_epoch == 8  # 30 records -> 32 slots, the last 2 wrap
+    order = sampler.epoch_indices(0)
+    assert sorted(order[:30]) == list(range(30))
+    assert order[30:] == order[:2]
+
+
+def test_sharded_order_is_shard_blocked():
+    order = EpochBatchSampler(30, batch_size=5, seed=5, shard_sizes=SHARDS).epoch_indices(3)
+    shards = [shard_of(i) for i in order]
+    runs = [s for k, s in enumerate(shards) if k == 0 or s != shards[k - 1]]
+    assert sorted(runs) == [0, 2, 3, 4, 5]  # each non-empty shard in exactly one run
+    assert runs != [0, 2, 3, 4, 5]  # and the shards themselves were shuffled
+    within = [i for i in order if shard_of(i) == 3]
+    assert sorted(within) == list(range(12, 21)) and within != sorted(within)
+
+
+def test_sharded_epochs_are_reproducible_and_differ():
+    a = EpochBatchSampler(30, 4, seed=1, shard_sizes=SHARDS)
+    assert a.epoch_indices(0) == EpochBatchSampler(30, 4, seed=1, shard_sizes=SHARDS).epoch_indices(0)
+    assert a.epoch_indices(0) != a.epoch_indices(1)
+    assert a.epoch_indices(0) != EpochBatchSampler(30, 4, seed=2, shard_sizes=SHARDS).epoch_indices(0)
+
+
+def test_sharded_ranks_are_disjoint_and_interleave_one_order():
+    single = EpochBatchSampler(30, batch_size=3, seed=4, shard_sizes=SHARDS).epoch_indices(2)
+    ranks = [EpochBatchSampler(30, 3, seed=4, rank=r, world_size=2, shard_sizes=SHARDS) for r in range(2)]
+    assert ranks[0].batches_per_epoch == 5  # 30 records, 6 a step -> no padding
+    seen = [r.epoch_indices(2) for r in ranks]
+    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(30))
+    assert seen[0] == single[0::2] and seen[1] == single[1::2]  # the default's rank rule
+
+
+def test_sharded_resume_continues_the_same_sequence():
+    straight = take(EpochBatchSampler(30, 4, seed=0, rank=1, world_size=3, shard_sizes=SHARDS), 9)
+    resumed = EpochBatchSampler(30, 4, seed=0, rank=1, world_size=3, shard_sizes=SHARDS)
+    resumed.start = resumed.position_after(*straight[5][0][:2])
+    assert resumed.start == Position(2, 0)  # 3 batches an epoch: resume in a new one
+    assert take(resumed, 3) == straight[6:]
+    resumed.start = Position(1, 1)  # and in the middle of one
+    assert take(resumed, 5) == straight[4:]
+
+
+def test_sharded_sampler_memory_is_flat_in_the_data_set_size():
+    sizes = [10_000] * 5_000  # 50 million records: an O(N) int64 epoch order is 400 MB
+    take(EpochBatchSampler(30, 4, seed=0, shard_sizes=SHARDS), 1)  # lazy imports happen outside the count
+    tracemalloc.start()
+    try:
+        sampler = EpochBatchSampler(50_000_000, batch_size=64, seed=0, rank=3, world_size=8, shard_sizes=sizes)
+        first = take(sampler, 3)
+        sampler.start = Position(7, sampler.batches_per_epoch // 2)
+        middle = take(sampler, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # a few arrays of 5,000 shards and one shard's permutation
+    assert [len(b) for b in first + middle] == [64] * 6
+    assert middle[0][0][:2] == (7, 48_828)
+    # Rank 3's batch reads global positions 3, 11, 19, ...: within one shard of 10,000.
+    assert len({shard_of(i, sizes) for (_, _, i) in first[0]}) == 1

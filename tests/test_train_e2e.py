@@ -192,7 +192,7 @@ def test_bad_files_are_skipped_counted_and_listed(shapes_dir, tmp_path, capsys):
     (data / "000001.png").write_bytes(noisy.read_bytes()[:2000])  # a download cut short
     config = write_config(tmp_path / "c.yaml", tiny_config(data, tmp_path / "run", training={"max_steps": 1}))
     assert main(["train", str(config), "--no-progress"]) == 0
-    assert "22 images, 2 skipped" in capsys.readouterr().out
+    assert "22 records, 2 skipped at start" in capsys.readouterr().out
     report = (tmp_path / "run" / "data_report.txt").read_text()
     assert "000000.png: empty file" in report and "000001.png: cannot decode" in report
 

@@ -3,7 +3,8 @@ import random
 import numpy as np
 from PIL import Image
 
-from difftrain.data.transforms import prepare_image, resize_shorter_side, to_tensor
+from difftrain.data.buckets import assign_buckets, make_buckets
+from difftrain.data.transforms import prepare_image, prepare_image_for_size, resize_shorter_side, to_tensor
 
 
 def striped(width=60, height=30):
@@ -48,3 +49,36 @@ def test_flip_mirrors():
 def test_to_tensor_range():
     tensor = to_tensor(Image.new("RGB", (2, 2), (0, 255, 128)))
     assert tensor[0].eq(-1).all() and tensor[1].eq(1).all()
+
+
+def test_square_crop_box_is_in_the_resized_image():
+    _, box = prepare_image_for_size(striped(60, 30), (16, 16), "center", False, random.Random(0))
+    assert box == (8, 0, 24, 16)  # resized to 32x16, the middle 16 columns
+
+
+def test_wide_image_into_a_wide_bucket_keeps_all_its_content():
+    image = striped(1000, 500)
+    tensor, box = prepare_image_for_size(image, (64, 32), "random", False, random.Random(0))
+    assert tuple(tensor.shape) == (3, 32, 64) and box == (0, 0, 64, 32)
+    assert tensor.equal(to_tensor(image.resize((64, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)))
+    # 1001x500 is 2:1 only after rounding: still nothing cut.
+    assert prepare_image_for_size(striped(1001, 500), (64, 32), "random", False, random.Random(0))[1] == box
+
+
+def test_portrait_into_a_tall_bucket_keeps_all_its_content():
+    buckets = make_buckets(512)
+    size = buckets[assign_buckets(np.array([(600, 1000)]), buckets)[0]]
+    assert size == (384, 640)  # 3:5 exactly
+    image = striped(600, 1000)
+    tensor, box = prepare_image_for_size(image, size, "center", False, random.Random(0))
+    assert tuple(tensor.shape) == (3, 640, 384) and box == (0, 0, 384, 640)
+    assert tensor[0, :, 0].mean() > 0.9 and tensor[0, :, -1].mean() < -0.9  # both edges survive
+
+
+def test_wide_image_into_a_square_is_cropped_on_its_long_side_only():
+    rng = random.Random(5)
+    boxes = {prepare_image_for_size(striped(90, 30), (32, 32), "random", False, rng)[1] for _ in range(50)}
+    assert {top for (_, top, _, _) in boxes} == {0}
+    assert {right - left for (left, _, right, _) in boxes} == {32}
+    assert min(left for (left, *_) in boxes) >= 0 and max(right for (*_, right, _) in boxes) <= 96
+    assert len(boxes) > 10

@@ -42,6 +42,31 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_build(args: argparse.Namespace) -> int:
+    from difftrain.data.shards import build_shards, export_folder
+    from difftrain.data.sources import open_source
+
+    source = open_source(
+        args.source, args.path, image_key=args.image_key, caption_key=args.caption_key, progress=True
+    )
+    if source.skipped:
+        print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
+    if args.format == "folder":
+        out = export_folder(source, args.out)
+    else:
+        out = build_shards(source, args.out, args.format, records_per_shard=args.per_shard, gzip=not args.no_gzip)
+    print(f"wrote {len(source)} records from {source.description} to {out} ({args.format})")
+    return 0
+
+
+def _model_tiny_sd(args: argparse.Namespace) -> int:
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    out = write_tiny_sd(args.out, seed=args.seed)
+    print(f"wrote a tiny random-weight Stable Diffusion pipeline (diffusers format) to {out}")
+    return 0
+
+
 def _data_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes import write_shapes_dataset
 
@@ -102,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--caption-extension", default=".txt")
     check.set_defaults(run=_data_check)
 
+    build = data.add_parser("build", help="convert a folder, jsonl, laion parts or webdataset tars into shards, or back")
+    build.add_argument("path", help="what to read: a folder, a jsonl file, a laion filelist, or tar(s)")
+    build.add_argument("out", help="output folder")
+    build.add_argument("--source", default="folder", choices=["folder", "jsonl", "laion", "webdataset"])
+    build.add_argument("--format", default="laion", choices=["laion", "webdataset", "folder"])
+    build.add_argument("--per-shard", type=int, default=1000, help="records per part/tar (default 1000)")
+    build.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
+    build.add_argument("--image-key", default="image", help="jsonl: key of the image path")
+    build.add_argument("--caption-key", default="caption", help="jsonl: key of the caption")
+    build.set_defaults(run=_data_build)
+
+    model = commands.add_parser("model", help="make models").add_subparsers(dest="model_command", required=True)
+    tiny = model.add_parser("tiny-sd", help="write a tiny random Stable Diffusion (diffusers format) for tests")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_model_tiny_sd)
+
     config = commands.add_parser("config", help="work with run configs").add_subparsers(dest="config_command", required=True)
     config_check = config.add_parser("check", help="validate a config and print it resolved")
     config_check.add_argument("config")
@@ -110,8 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers/diffusers chatter (per-file load bars, torchvision notices) hides our own progress."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.run(args)
     except DifftrainError as error:

@@ -25,10 +25,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class BucketConfig(Section):
+    enabled: bool = Field(False, description="aspect-ratio buckets instead of square crops")
+    step: int = Field(64, ge=8, description="bucket sides are multiples of this (pixels)")
+    max_ratio: float = Field(2.0, ge=1.0, le=8.0, description="widest/tallest bucket allowed")
+
+    @model_validator(mode="after")
+    def _step_fits_vae(self) -> "BucketConfig":
+        if self.step % 8:
+            raise ValueError(f"data.buckets.step = {self.step}: must be a multiple of 8")
+        return self
+
+
+class CacheConfig(Section):
+    latents: bool = Field(False, description="encode every image with the VAE once, store the latents on disk")
+    text: bool = Field(False, description="encode every caption once, store the embeddings on disk")
+    dir: Optional[str] = Field(None, description="cache folder; default <output_dir>/cache. Entries are keyed by content")
+
+
 class DataConfig(Section):
-    path: str = Field(description="image folder (read recursively)")
+    source: Literal["folder", "jsonl", "laion", "webdataset"] = "folder"
+    path: str = Field(description="image folder, jsonl file, laion filelist, or webdataset tar(s)")
     captions: Literal["auto", "metadata", "txt", "none"] = "auto"
     caption_extension: str = ".txt"
+    image_key: str = Field("image", description="jsonl: the key holding the image path")
+    caption_key: str = Field("caption", description="jsonl: the key holding the caption (a string or a list)")
     resolution: int = Field(32, ge=8, le=4096)
     crop: Literal["center", "random"] = "center"
     random_flip: bool = True
@@ -36,6 +57,8 @@ class DataConfig(Section):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="larger images are skipped as decompression bombs"
     )
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _resolution_fits_unet(self) -> "DataConfig":
@@ -45,17 +68,38 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    # unconditional (pixel-space UNet2DModel)
     preset: Optional[Literal["tiny", "small", "base"]] = "small"
     unet_config: Optional[str] = Field(None, description="a diffusers UNet2DModel config JSON; overrides preset")
     channels: int = Field(3, ge=1, le=4)
+    # Stable Diffusion: a base model, and any component replaced one by one
+    base: Optional[str] = Field(None, description="diffusers folder, hub id, or single-file .safetensors")
+    unet: Optional[str] = Field(None, description="component folder, or a UNet2DConditionModel config .json (random init)")
+    vae: Optional[str] = Field(None, description="component folder, or an AutoencoderKL config .json (method vae)")
+    text_encoder: Optional[str] = None
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    variant: Optional[str] = None
 
 
 class NoiseConfig(Section):
-    num_train_timesteps: int = Field(1000, ge=2, le=10_000)
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    # None: the base model's own value (text2image), or 1000 / linear / epsilon (unconditional).
+    num_train_timesteps: Optional[int] = Field(None, ge=2, le=10_000)
+    beta_schedule: Optional[Literal["linear", "scaled_linear", "cosine"]] = None
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = None
     snr_gamma: Optional[float] = Field(None, gt=0, description="min-SNR loss weighting; 5.0 is the paper's value")
     noise_offset: float = Field(0.0, ge=0, le=1)
+    input_perturbation: float = Field(0.0, ge=0, le=1, description="extra noise on the input only (0.1 is usual)")
+    zero_terminal_snr: bool = Field(False, description="rescale betas so the last step is pure noise; needs v_prediction")
+
+    @model_validator(mode="after")
+    def _terminal_snr_needs_v(self) -> "NoiseConfig":
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "noise.zero_terminal_snr = true: at zero SNR the noise cannot be predicted; "
+                "set noise.prediction_type: v_prediction"
+            )
+        return self
 
 
 class EmaConfig(Section):
@@ -81,6 +125,27 @@ class TrainingConfig(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema: EmaConfig = Field(default_factory=EmaConfig)
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    attention: Literal["sdpa", "xformers", "default"] = "sdpa"
+    allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
+
+
+class Text2ImageConfig(Section):
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = Field(None, gt=0, le=1, description="default: training.learning_rate")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
+    max_length: Optional[int] = Field(None, ge=2, description="tokenizer length; default the tokenizer's own")
+
+
+class VaeTrainConfig(Section):
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term against the L1+L2 reconstruction")
+
+
+class OutputConfig(Section):
+    single_file: bool = Field(False, description="also write model.safetensors in the A1111/ComfyUI layout")
+    single_file_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    trained_only: bool = Field(False, description="save only the trained components (seed 002's option)")
 
 
 class CheckpointConfig(Section):
@@ -94,6 +159,9 @@ class SampleConfig(Section):
     scheduler: str = "dpm++_2m"
     steps: int = Field(25, ge=1, le=1000)
     seed: int = 0
+    prompts: list[str] = Field(default_factory=list, description="text2image: one image per prompt")
+    negative_prompt: str = ""
+    guidance_scale: float = Field(7.5, ge=0)
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> "SampleConfig":
@@ -112,14 +180,41 @@ class LogConfig(Section):
 class RunConfig(Section):
     output_dir: str = "runs/run"
     seed: int = 0
-    method: Literal["unconditional"] = "unconditional"
+    method: Literal["unconditional", "text2image", "vae"] = "unconditional"
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    text2image: Text2ImageConfig = Field(default_factory=Text2ImageConfig)
+    vae: VaeTrainConfig = Field(default_factory=VaeTrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _method_has_what_it_needs(self) -> "RunConfig":
+        model, data = self.model, self.data
+        if self.method == "text2image" and not model.base and not (model.unet and model.vae and model.text_encoder):
+            raise ValueError(
+                "method text2image: set model.base (a diffusers folder, hub id or .safetensors file), "
+                "or all of model.unet, model.vae, model.text_encoder and model.tokenizer"
+            )
+        if self.method == "vae" and not (model.vae or model.base):
+            raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
+        if data.cache.latents and data.crop == "random":
+            raise ValueError(
+                "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
+                "set data.crop: center (random_flip is fine, both flips are cached)"
+            )
+        if data.cache.text and self.text2image.train_text_encoder:
+            raise ValueError(
+                "data.cache.text = true with text2image.train_text_encoder = true: the embeddings change "
+                "as the encoder trains; turn one of them off"
+            )
+        if self.method != "text2image" and (data.cache.latents or data.cache.text):
+            raise ValueError(f"data.cache: caching latents/text is for method text2image, not {self.method}")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -136,6 +231,8 @@ RESUME_SAFE_KEYS = (
     "log.",
     "data.num_workers",
     "data.path",
+    "data.cache.",
+    "output.",
 )
 
 

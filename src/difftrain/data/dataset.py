@@ -1,60 +1,228 @@
-"""A torch Dataset over scanned records, keyed by (epoch, batch, index) from the sampler."""
+"""A torch Dataset over a record source, keyed by (epoch, batch, index) from the sampler.
+
+Each item's randomness (which caption, crop, flip) comes from a `random.Random` seeded by
+(seed, epoch, index), so an item is the same whichever worker builds it and whether or
+not the run was resumed in between. A record that turns out unreadable is replaced by the
+next readable one and counted, never fatal.
+
+With caching on, `fill_cache` encodes every record once (VAE latents for each flip,
+text embeddings for each caption) and from then on items are read from the cache alone:
+the images are not opened again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from difftrain.data.folder import Record
-from difftrain.data.images import BadImage, load_image
-from difftrain.data.sampler import EpochBatchSampler
-from difftrain.data.transforms import prepare_image
+from difftrain.data.cache import TensorCache, content_key, fingerprint
+from difftrain.data.images import BadImage, load_image_bytes
+from difftrain.data.sampler import ResumableBatches
+from difftrain.data.sources import BadRecord, RecordSource
+from difftrain.data.transforms import prepare_image_for_size
 
 log = logging.getLogger(__name__)
 
+CACHE_BATCH = 16
+
 
 class ImageDataset(Dataset):
-    def __init__(self, records: list[Record], resolution: int, crop: str, flip: bool, seed: int, max_pixels: int):
-        self.records = records
+    def __init__(
+        self,
+        source: RecordSource,
+        resolution: int,
+        crop: str,
+        flip: bool,
+        seed: int,
+        max_pixels: int,
+        buckets: Callable[[int], tuple[int, int]] | None = None,
+    ):
+        self.source = source
         self.resolution = resolution
         self.crop = crop
         self.flip = flip
         self.seed = seed
         self.max_pixels = max_pixels
+        self.buckets = buckets  # index -> (width, height) of its aspect bucket
+        # Filled by fill_cache:
+        self.latent_cache: TensorCache | None = None
+        self.text_cache: TensorCache | None = None
+        self.latent_tag: str = ""
+        self.text_tag: str = ""
+        self.hashes: np.ndarray | None = None  # per record: sha256 of its image bytes
+        self.captions: list[tuple[str, ...]] | None = None  # per record, when latents are cached
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.source)
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        return self.buckets(index) if self.buckets else (self.resolution, self.resolution)
+
+    # ----------------------------------------------------------------- reading
+    def _read(self, index: int):
+        """(record, image) for `index`, or for the next readable record; plus how many were skipped."""
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)
+            try:
+                record = self.source.read(position)
+                return position, record, load_image_bytes(record.data, self.max_pixels), offset
+            except (BadRecord, BadImage) as reason:
+                where = getattr(reason, "where", None) or f"record {position}"
+                log.warning("skipping %s at read time: %s", where, reason)
+        raise RuntimeError("every record in the data set became unreadable during training")
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         epoch, batch, index = key
-        # A file can break after the scan (disk, sync tool); take the next one rather than die.
-        for offset in range(len(self.records)):
-            record = self.records[(index + offset) % len(self.records)]
-            try:
-                image = load_image(record.path, self.max_pixels)
-                break
-            except BadImage as reason:
-                log.warning("skipping %s at read time: %s", record.path, reason)
-        else:
-            raise RuntimeError("every image in the dataset became unreadable during training")
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        pixels = prepare_image(image, self.resolution, self.crop, self.flip, rng)
-        return {"pixel_values": pixels, "caption": record.caption or "", "epoch": epoch, "batch": batch}
+        item = {"epoch": epoch, "batch": batch, "skipped": 0}
+        if self.hashes is not None:  # latents cached: the image is never opened
+            flipped = self.flip and rng.random() < 0.5
+            position, entry, item["skipped"] = self._cached_latent(index, flipped)
+            captions = self.captions[position]
+            item.update(latent_mean=entry["mean"], latent_std=entry["std"])
+        else:
+            position, record, image, item["skipped"] = self._read(index)
+            captions = tuple(record.captions)
+            flip = self.flip
+            pixels, _ = prepare_image_for_size(image, self.target_size(position), self.crop, flip, rng)
+            item["pixel_values"] = pixels
+        caption = rng.choice(captions) if captions else ""
+        item["caption"] = caption
+        if self.text_cache is not None:
+            item["prompt_embeds"] = self._cached_text(caption)["embeds"]
+        return item
+
+    def plain_pixels(self, index: int) -> torch.Tensor:
+        """Record `index` centre-cropped, unflipped: for previews and the like."""
+        _, _, image, _ = self._read(index)
+        return prepare_image_for_size(image, self.target_size(index), "center", False, random.Random(0))[0]
+
+    # ----------------------------------------------------------------- cache
+    def _latent_key(self, digest: bytes, size: tuple[int, int], flipped: bool) -> str:
+        return content_key(digest, list(size), flipped, "center", self.latent_tag)
+
+    def _text_key(self, caption: str) -> str:
+        return content_key(caption, self.text_tag)
+
+    def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
+        """The cached latent of `index` or, if that record could not be encoded, of the next one that was."""
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)
+            entry = self.latent_cache.get(self._latent_key(self.hashes[position], self.target_size(position), flipped))
+            if entry is not None:
+                return position, entry, offset
+        raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
+
+    def _cached_text(self, caption: str) -> dict:
+        entry = self.text_cache.get(self._text_key(caption))
+        if entry is None:
+            raise RuntimeError(f"text cache entry for {caption!r} missing under {self.text_cache.dir}; resume to refill")
+        return entry
+
+    def fill_cache(self, method, cache_dir, latents: bool, text: bool, rank: int = 0, world_size: int = 1,
+                   progress: bool = True) -> dict[str, int]:
+        """Encode what the cache lacks; this process takes every `world_size`-th record.
+
+        Returns counts of entries computed and found. Afterwards items come from the cache.
+        """
+        counts = {"latents computed": 0, "latents found": 0, "texts computed": 0, "texts found": 0, "skipped": 0}
+        if latents:
+            self.latent_cache = TensorCache(cache_dir, "latents")
+            self.latent_tag = fingerprint(method.vae)
+            hashes = np.zeros(len(self), dtype="S32")
+            captions: list[tuple[str, ...]] = [()] * len(self)
+        if text:
+            self.text_cache = TensorCache(cache_dir, "text")
+            self.text_tag = content_key(fingerprint(method.tokenizer), fingerprint(method.text_encoder), method.max_length)
+        pending_images: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+        pending_texts: dict[str, str] = {}
+
+        def flush_images(size, force=False):
+            queue = pending_images.get(size, [])
+            while queue and (force or len(queue) >= CACHE_BATCH):
+                chunk, queue[:] = queue[:CACHE_BATCH], queue[CACHE_BATCH:]
+                mean, std = method.latent_distribution(torch.stack([pixels for _, pixels in chunk]))
+                for (key, _), m, s in zip(chunk, mean, std):
+                    self.latent_cache.put(key, {"mean": m, "std": s})
+                counts["latents computed"] += len(chunk)
+
+        def flush_texts(force=False):
+            while pending_texts and (force or len(pending_texts) >= CACHE_BATCH):
+                chunk = list(pending_texts.items())[:CACHE_BATCH]
+                with torch.no_grad():
+                    embeds = method.encode_text([caption for _, caption in chunk])
+                for (key, _), e in zip(chunk, embeds):
+                    self.text_cache.put(key, {"embeds": e})
+                    del pending_texts[key]
+                counts["texts computed"] += len(chunk)
+
+        # Every process walks all records (cheap when nothing is missing) so each knows
+        # every record's hash; only its own share is encoded.
+        bar = tqdm(range(len(self)), desc="filling cache", unit="rec", disable=not progress, dynamic_ncols=True)
+        for index in bar:
+            try:
+                record = self.source.read(index)
+            except BadRecord as reason:
+                log.warning("skipping record %d while caching: %s", index, reason)
+                counts["skipped"] += 1
+                continue
+            mine = index % world_size == rank
+            if latents:
+                digest = hashlib.sha256(record.data).digest()
+                hashes[index], captions[index] = digest, tuple(record.captions)
+                size = self.target_size(index)
+                wanted = [f for f in ((False, True) if self.flip else (False,))]
+                keys = [(self._latent_key(digest, size, f), f) for f in wanted]
+                missing = [(k, f) for k, f in keys if k not in self.latent_cache]
+                counts["latents found"] += len(keys) - len(missing)
+                if missing and mine:
+                    try:
+                        image = load_image_bytes(record.data, self.max_pixels)
+                    except BadImage as reason:
+                        log.warning("skipping record %d while caching: %s", index, reason)
+                        counts["skipped"] += 1
+                        continue
+                    for key, flipped in missing:
+                        pixels, _ = prepare_image_for_size(image, size, "center", False, random.Random(0))
+                        pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
+                    flush_images(size)
+            if text and mine:
+                for caption in set(record.captions) | {""}:
+                    key = self._text_key(caption)
+                    if key in self.text_cache or key in pending_texts:
+                        counts["texts found"] += key in self.text_cache
+                        continue
+                    pending_texts[key] = caption
+                flush_texts()
+        for size in list(pending_images):
+            flush_images(size, force=True)
+        flush_texts(force=True)
+        if latents:
+            self.hashes, self.captions = hashes, captions
+        return counts
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+    batch = {
         "captions": [item["caption"] for item in items],
         "epoch": items[0]["epoch"],
         "batch": items[0]["batch"],
+        "skipped": sum(item["skipped"] for item in items),
     }
+    for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
 
 
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=sampler,

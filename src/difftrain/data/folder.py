@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -28,6 +29,9 @@ class DatasetError(DifftrainError):
 class Record:
     path: Path
     caption: str | None
+    # Upright size after EXIF rotation, from the decode the scan already does (aspect buckets need it).
+    width: int = 0
+    height: int = 0
 
 
 @dataclass
@@ -48,18 +52,23 @@ class FolderScan:
         return lines
 
 
+def jsonl_entries(lines: Iterable[str], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) for each non-blank line; lines that are not JSON go to `skipped`."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{label} line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as exc:
+            skipped.append((where, f"not valid JSON: {exc.msg}"))
+
+
 def _read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, str]:
     captions: dict[Path, str] = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
-        for number, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{meta.relative_to(root)} line {number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skipped.append((where, f"not valid JSON: {exc.msg}"))
-                continue
+        lines = meta.read_text(encoding="utf-8", errors="replace").splitlines()
+        for where, entry in jsonl_entries(lines, str(meta.relative_to(root)), skipped):
             name = entry.get("file_name") if isinstance(entry, dict) else None
             caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
             if not isinstance(name, str) or not isinstance(caption, str):
@@ -102,7 +111,7 @@ def scan_folder(
     for image_path in tqdm(images, desc="checking images", unit="img", disable=not progress, leave=False):
         name = str(image_path.relative_to(root))
         try:
-            load_image(image_path, max_pixels)
+            width, height = load_image(image_path, max_pixels).size
         except BadImage as reason:
             skipped.append((name, str(reason)))
             continue
@@ -114,7 +123,7 @@ def scan_folder(
             caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else None
         if source != "none" and caption is None:
             missing.append(name)
-        records.append(Record(image_path, caption))
+        records.append(Record(image_path, caption, width, height))
 
     listed = {Path(p) for p in by_path}
     for absent in sorted(listed - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):

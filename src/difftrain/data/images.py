@@ -1,16 +1,21 @@
 """Decoding one image file into a clean RGB picture, or saying exactly why not.
 
-Every oddity a scraped folder holds ends here as either an RGB `PIL.Image` or a
-`BadImage` with a one-line reason; nothing from deep inside PIL reaches the user.
+Every oddity a scraped folder (or a shard's record) holds ends here as either an RGB
+`PIL.Image` or a `BadImage` with a one-line reason; nothing from deep inside PIL reaches
+the user. Sizes can also be read from the header alone, which is what indexing a large
+data set for aspect-ratio buckets needs.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -41,6 +46,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    """Raise BadImage for a size no training image should have; the header alone tells."""
+    if width < 1 or height < 1:
+        raise BadImage(f"degenerate size {width}x{height}")
+    if width * height > max_pixels:
+        raise BadImage(
+            f"{width}x{height} pixels exceeds data.max_image_pixels={max_pixels} (possible decompression bomb)"
+        )
+
+
 def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
     """Open, fully decode and normalise `path` to an upright RGB image.
 
@@ -53,23 +68,41 @@ def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
         raise BadImage(f"cannot read file: {exc.strerror}") from None
     if size == 0:
         raise BadImage("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def load_image_bytes(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """`load_image` for encoded bytes held in memory (a shard record): same checks, same result."""
+    if not data:
+        raise BadImage("empty image (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def image_size_from_bytes(data: bytes) -> tuple[int, int]:
+    """(width, height) as `load_image_bytes` would return it, from the header only (no pixel decode)."""
+    if not data:
+        raise BadImage("empty image (0 bytes)")
+    return _header_size(io.BytesIO(data))
+
+
+def image_size_from_file(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, reading a few KB rather than the whole file."""
+    try:
+        with open(path, "rb") as file:
+            return _header_size(file)
+    except OSError as exc:
+        raise BadImage(f"cannot read file: {exc.strerror}") from None
+
+
+@contextmanager
+def _opened(source: str | Path | BinaryIO, failing: str) -> Iterator[Image.Image]:
+    """Image.open with every PIL failure turned into a one-line BadImage ("cannot <failing>: ...")."""
     try:
         with warnings.catch_warnings():
-            # PIL warns, then errors, past its own limit; we apply ours explicitly below.
+            # PIL warns, then errors, past its own limit; callers apply ours explicitly.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width < 1 or height < 1:
-                    raise BadImage(f"degenerate size {width}x{height}")
-                if width * height > max_pixels:
-                    raise BadImage(
-                        f"{width}x{height} pixels exceeds data.max_image_pixels={max_pixels} "
-                        "(possible decompression bomb)"
-                    )
-                image.seek(0)  # first frame of an animated GIF/WebP
-                image.load()
-                image = ImageOps.exif_transpose(image) or image
-                return _to_rgb(image).copy()
+            with Image.open(source) as image:
+                yield image
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -78,4 +111,25 @@ def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
         raise BadImage(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated data, broken chunks and bad headers all surface as one of these.
-        raise BadImage(f"cannot decode: {exc}") from None
+        raise BadImage(f"cannot {failing}: {exc}") from None
+
+
+def _header_size(source: BinaryIO) -> tuple[int, int]:
+    with _opened(source, "read header") as image:
+        width, height = image.size
+        try:
+            # The base getexif reads only what open() parsed; PNG's own would decode the pixels.
+            orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation)
+        except Exception:  # a broken EXIF block is not a broken picture: take the stored size
+            orientation = None
+    # Orientations 5-8 turn the picture a quarter, so the upright image is height x width.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
+    with _opened(source, "decode") as image:
+        check_size(*image.size, max_pixels)
+        image.seek(0)  # first frame of an animated GIF/WebP
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image).copy()

@@ -4,15 +4,33 @@ An epoch is a permutation drawn from (seed, epoch) alone, so any process can reb
 at any time; a position is just (epoch, batch). That is what makes resume exact: the
 trainer saves the position of the next batch and the sampler starts there, with no
 state hidden in iterators or worker processes.
+
+Large data sets live in shards (tar files, gz parts) that are cheap to read front to back
+and expensive to seek in. Given `shard_sizes`, an epoch is shard-blocked: the shards in a
+seeded order, each shard's records shuffled among themselves. That order is computed
+lazily from O(num_shards) numbers plus one shard's permutation, so a sampler over a
+billion records costs no more memory than one over a thousand.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+
+# Each purpose draws from its own stream, so e.g. the shard order of epoch 3 never equals
+# the record order inside shard 3 of some other epoch by construction.
+SHARD_ORDER, SHARD_RECORDS, BUCKET_RECORDS, BUCKET_BATCHES = 1, 2, 3, 4
+
+
+def seeded_rng(tag: int, seed: int, *key: int) -> np.random.Generator:
+    # Fixed-width words: SeedSequence pads short entropy with zeros, so [1, 2] and
+    # [1, 2, 0] would collide; tag first and 64-bit words keep every key distinct.
+    words = np.array([tag, seed % 2**64, *key], dtype=np.uint64)
+    return np.random.default_rng(np.random.SeedSequence(words))
 
 
 @dataclass(frozen=True)
@@ -21,40 +39,25 @@ class Position:
     batch: int = 0
 
 
-class EpochBatchSampler:
-    """Yields batches of `(epoch, batch, record_index)` keys forever, from `start` on.
+class ResumableBatches:
+    """The iteration contract shared by the samplers: `start`, `__iter__`, `position_after`.
 
-    Each epoch's permutation is padded by wrapping so every process gets the same number
-    of full batches (no record is dropped; a few repeat), then rank r takes every
-    `world_size`-th index.
+    A subclass sets `batches_per_epoch` and says how to read one epoch (`_epoch_reader`).
     """
 
-    def __init__(self, num_records: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if num_records < 1:
-            raise ValueError("the sampler needs at least one record")
-        self.num_records = num_records
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.batches_per_epoch = math.ceil(num_records / (batch_size * world_size))
-        self.start = Position()
+    batches_per_epoch: int
+    start: Position
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's indices for `epoch`, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_records, generator=generator).tolist()
-        total = self.batches_per_epoch * self.batch_size * self.world_size
-        order = (order * math.ceil(total / len(order)))[:total]
-        return order[self.rank :: self.world_size]
+    def _epoch_reader(self, epoch: int) -> Callable[[int], Sequence[int]]:
+        """A function batch -> this rank's record indices, for one epoch."""
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, batch = self.start.epoch, self.start.batch
         while True:
-            indices = self.epoch_indices(epoch)
+            read = self._epoch_reader(epoch)
             for b in range(batch, self.batches_per_epoch):
-                chunk = indices[b * self.batch_size : (b + 1) * self.batch_size]
-                yield [(epoch, b, index) for index in chunk]
+                yield [(epoch, b, int(index)) for index in read(b)]
             epoch, batch = epoch + 1, 0
 
     def position_after(self, epoch: int, batch: int) -> Position:
@@ -62,3 +65,102 @@ class EpochBatchSampler:
         if batch + 1 < self.batches_per_epoch:
             return Position(epoch, batch + 1)
         return Position(epoch + 1, 0)
+
+
+def check_shard_sizes(shard_sizes: Sequence[int], num_records: int) -> np.ndarray:
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or len(sizes) == 0 or (sizes < 0).any():
+        raise ValueError("shard_sizes must be a non-empty list of record counts >= 0")
+    if int(sizes.sum()) != num_records:
+        raise ValueError(f"shard_sizes add up to {int(sizes.sum())} records, the data set has {num_records}")
+    return sizes
+
+
+class ShardBlockedOrder:
+    """One epoch's order over sharded records, one shard's permutation in memory at a time.
+
+    Record i lives in shard bisect_right(cumsum(sizes), i). Position p of the epoch is in
+    the shard at slot k of the seeded shard order, where the slots' start positions are a
+    cumsum over the permuted sizes; within the shard, a permutation seeded by (seed,
+    epoch, shard) picks the record.
+    """
+
+    def __init__(self, sizes: np.ndarray, seed: int, epoch: int):
+        self.sizes, self.seed, self.epoch = sizes, seed, epoch
+        self.first_record = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.shard_order = seeded_rng(SHARD_ORDER, seed, epoch).permutation(len(sizes))
+        self.slot_start = np.concatenate([[0], np.cumsum(sizes[self.shard_order])])
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+
+    def shard_records(self, shard: int) -> np.ndarray:
+        """The record indices of `shard`, in this epoch's order."""
+        if self._cached[0] != shard:
+            permutation = seeded_rng(SHARD_RECORDS, self.seed, self.epoch, shard).permutation(int(self.sizes[shard]))
+            self._cached = (shard, self.first_record[shard] + permutation)
+        return self._cached[1]
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The records at `positions` (each in [0, num_records)) of the epoch."""
+        # side="right" skips empty shards: their slot starts where the next one does.
+        slots = np.searchsorted(self.slot_start, positions, side="right") - 1
+        records = np.empty(len(positions), dtype=np.int64)
+        for slot in np.unique(slots):
+            where = slots == slot
+            records[where] = self.shard_records(int(self.shard_order[slot]))[positions[where] - self.slot_start[slot]]
+        return records
+
+    def all(self) -> np.ndarray:
+        """The whole epoch at once: O(num_records), for callers that need it anyway."""
+        return np.concatenate([self.shard_records(int(shard)) for shard in self.shard_order])
+
+
+class EpochBatchSampler(ResumableBatches):
+    """Yields batches of `(epoch, batch, record_index)` keys forever, from `start` on.
+
+    Each epoch's permutation is padded by wrapping so every process gets the same number
+    of full batches (no record is dropped; a few repeat), then rank r takes every
+    `world_size`-th index. With `shard_sizes` the permutation is shard-blocked (see the
+    module docstring) and never held in memory whole.
+    """
+
+    def __init__(
+        self,
+        num_records: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shard_sizes: Sequence[int] | None = None,
+    ):
+        if num_records < 1:
+            raise ValueError("the sampler needs at least one record")
+        self.num_records = num_records
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shard_sizes = None if shard_sizes is None else check_shard_sizes(shard_sizes, num_records)
+        self.batches_per_epoch = math.ceil(num_records / (batch_size * world_size))
+        self.start = Position()
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`, in order (the whole epoch: O(num_records))."""
+        if self.shard_sizes is not None:
+            read = self._epoch_reader(epoch)
+            return [int(i) for b in range(self.batches_per_epoch) for i in read(b)]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_records, generator=generator).tolist()
+        total = self.batches_per_epoch * self.batch_size * self.world_size
+        order = (order * math.ceil(total / len(order)))[:total]
+        return order[self.rank :: self.world_size]
+
+    def _epoch_reader(self, epoch: int) -> Callable[[int], Sequence[int]]:
+        size = self.batch_size
+        if self.shard_sizes is None:
+            indices = self.epoch_indices(epoch)
+            return lambda b: indices[b * size : (b + 1) * size]
+        order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch)
+        # This rank's k-th index is the padded epoch's position k * world + rank, and the
+        # padding wraps, so position p reads record order[p mod num_records].
+        within = np.arange(size, dtype=np.int64)
+        return lambda b: order.at(((b * size + within) * self.world_size + self.rank) % self.num_records)

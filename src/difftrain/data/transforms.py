@@ -1,35 +1,67 @@
-"""Resize, crop and flip an image into a training tensor.
+"""Resize, crop and flip an image into a training tensor of a given (width, height).
 
 Randomness comes from a `random.Random` the caller seeds per (epoch, record), so the same
 sample gets the same crop whichever worker process loads it and whether or not the run
-was resumed in between.
+was resumed in between. The square case (`prepare_image`) is the bucketed case with
+width == height: one code path for both.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
-    if scale == 1:
+@dataclass(frozen=True)
+class CropPlan:
+    """What prepare_image_for_size does to an image, decided from its size and the rng alone.
+
+    `box` is (left, top, right, bottom) in the resized, unflipped image: SDXL's crop
+    conditioning is (top, left), and box + flipped + resized is a complete cache key.
+    """
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flipped: bool
+
+
+def covering_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest resize of `image_size`, keeping its aspect ratio, that covers `size`."""
+    (width, height), (w, h) = image_size, size
+    scale = max(w / width, h / height)
+    # max() guards the covered side against rounding below the target by a pixel.
+    return max(w, round(width * scale)), max(h, round(height * scale))
+
+
+def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    target = covering_size(image.size, size)
+    if target == image.size:
         return image
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
+    shrinking = target[0] < image.width or target[1] < image.height
+    return image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0 if shrinking else None)
 
 
-def crop_square(image: Image.Image, size: int, mode: str, rng: random.Random) -> Image.Image:
-    width, height = image.size
-    if mode == "center":
-        left, top = (width - size) // 2, (height - size) // 2
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    return resize_to_cover(image, (size, size))
+
+
+def plan_crop(
+    image_size: tuple[int, int], size: tuple[int, int], crop: str, flip: bool, rng: random.Random
+) -> CropPlan:
+    # The rng is drawn in a fixed order (left, top, then flip), so outputs stay the same
+    # as long as the caller seeds it the same way.
+    resized = covering_size(image_size, size)
+    (width, height), (w, h) = resized, size
+    if crop == "center":
+        left, top = (width - w) // 2, (height - h) // 2
     else:
-        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
-    return image.crop((left, top, left + size, top + size))
+        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+    flipped = flip and rng.random() < 0.5
+    return CropPlan(resized, (left, top, left + w, top + h), flipped)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -38,8 +70,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random) -> torch.Tensor:
-    image = crop_square(resize_shorter_side(image, resolution), resolution, crop, rng)
-    if flip and rng.random() < 0.5:
+def prepare_image_for_size(
+    image: Image.Image, size: tuple[int, int], crop: str, flip: bool, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Cover (width, height) keeping the aspect ratio, crop to it exactly, maybe flip.
+
+    Returns the CHW tensor in [-1, 1] and the crop box (left, top, right, bottom) in the
+    resized image, before any flip (see CropPlan).
+    """
+    plan = plan_crop(image.size, size, crop, flip, rng)
+    image = resize_to_cover(image, size).crop(plan.box)
+    if plan.flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return to_tensor(image), plan.box
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random) -> torch.Tensor:
+    return prepare_image_for_size(image, (resolution, resolution), crop, flip, rng)[0]

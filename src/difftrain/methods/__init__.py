@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 from difftrain.config import RunConfig
 from difftrain.methods.base import Method
-from difftrain.methods.unconditional import Unconditional
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Unconditional,)}
+# Imported on demand: text2image pulls in transformers, which the unconditional method never needs.
+METHODS: dict[str, str] = {
+    "unconditional": "difftrain.methods.unconditional:Unconditional",
+    "text2image": "difftrain.methods.text2image:TextToImage",
+    "vae": "difftrain.methods.vae:VaeTraining",
+}
 
 
 def build_method(config: RunConfig) -> Method:
-    return METHODS[config.method](config)
+    module, name = METHODS[config.method].split(":")
+    return getattr(importlib.import_module(module), name)(config)

@@ -27,6 +27,14 @@ class Method(ABC):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Modules with parameters to optimise, by name. Names key their checkpoint weights."""
 
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        """Optimizer parameter groups; override to give a module its own learning rate."""
+        params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+        return [{"params": params, "lr": learning_rate}]
+
+    def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
+        """Called once the device and data are known: move frozen parts, fill caches, pick previews."""
+
     @abstractmethod
     def loss(self, modules: dict[str, torch.nn.Module], batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The scalar loss of one micro-batch; `modules` are the (possibly DDP-wrapped) trainables.

@@ -12,7 +12,7 @@ from difftrain.generate.sampling import denoise, to_pil, unet_denoiser
 from difftrain.generate.schedulers import make_scheduler
 from difftrain.methods.base import Method
 from difftrain.models.unet import build_unet
-from difftrain.training.losses import build_noise_scheduler, diffusion_loss, noisy_inputs, prediction_target
+from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
 class Unconditional(Method):
@@ -27,11 +27,10 @@ class Unconditional(Method):
         return {"unet": self.unet}
 
     def loss(self, modules, batch, generator):
-        x0 = batch["pixel_values"]
-        noisy, noise, timesteps = noisy_inputs(x0, self.noise_scheduler, generator, self.config.noise.noise_offset)
-        prediction = modules["unet"](noisy, timesteps).sample
-        target = prediction_target(x0, noise, timesteps, self.noise_scheduler)
-        return diffusion_loss(prediction, target, timesteps, self.noise_scheduler, self.config.noise.snr_gamma)
+        unet = modules["unet"]
+        return denoising_loss(
+            batch["pixel_values"], lambda x, t: unet(x, t).sample, self.noise_scheduler, self.config.noise, generator
+        )
 
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         unet = modules["unet"]

@@ -15,18 +15,32 @@ from difftrain.config import NoiseConfig
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-def build_noise_scheduler(noise: NoiseConfig) -> DDPMScheduler:
-    # clip_sample keeps DDPM/DDIM sampling in [-1, 1]; it is stored with the model so
-    # whoever loads it samples the way we trained.
-    return DDPMScheduler(
-        num_train_timesteps=noise.num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[noise.beta_schedule],
-        prediction_type=noise.prediction_type,
-    )
+def build_noise_scheduler(noise: NoiseConfig, base: dict | None = None) -> DDPMScheduler:
+    """The training noise schedule: the base model's (if any), with the config's settings on top.
+
+    Whatever is set here is also written into the saved model's scheduler config, so
+    whoever loads the model samples the way it was trained.
+    """
+    settings = dict(base or {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"})
+    if noise.num_train_timesteps is not None:
+        settings["num_train_timesteps"] = noise.num_train_timesteps
+    if noise.beta_schedule is not None:
+        settings["beta_schedule"] = BETA_SCHEDULES[noise.beta_schedule]
+        settings.pop("trained_betas", None)
+    if noise.prediction_type is not None:
+        settings["prediction_type"] = noise.prediction_type
+    if noise.zero_terminal_snr:
+        settings["rescale_betas_zero_snr"] = True
+        settings["timestep_spacing"] = "trailing"  # so sampling starts at the pure-noise step
+    return DDPMScheduler.from_config(settings)
 
 
 def noisy_inputs(
-    x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, noise_offset: float = 0.0
+    x0: torch.Tensor,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw noise and timesteps from `generator` and return (noisy x, noise, timesteps)."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -38,7 +52,27 @@ def noisy_inputs(
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device
     )
-    return scheduler.add_noise(x0, noise, timesteps), noise, timesteps
+    input_noise = noise
+    if input_perturbation:
+        # Ning et al. 2023: perturb what the model sees but not what it must predict,
+        # which narrows the gap between training inputs and its own sampling errors.
+        extra = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        input_noise = noise + input_perturbation * extra
+    return scheduler.add_noise(x0, input_noise, timesteps), noise, timesteps
+
+
+def denoising_loss(
+    x0: torch.Tensor,
+    predict,
+    scheduler: DDPMScheduler,
+    noise: NoiseConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The whole objective for one batch: noise `x0`, call `predict(noisy, timesteps)`, weigh the error."""
+    noisy, drawn, timesteps = noisy_inputs(x0, scheduler, generator, noise.noise_offset, noise.input_perturbation)
+    prediction = predict(noisy, timesteps)
+    target = prediction_target(x0, drawn, timesteps, scheduler)
+    return diffusion_loss(prediction, target, timesteps, scheduler, noise.snr_gamma)
 
 
 def prediction_target(
@@ -64,7 +98,7 @@ def snr_weights(timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float)
     clipped = torch.clamp(snr, max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
-        return clipped / snr
+        return clipped / snr.clamp(min=1e-8)
     if kind == "v_prediction":
         return clipped / (snr + 1)
     return clipped

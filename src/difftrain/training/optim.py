@@ -1,21 +1,36 @@
-"""Optimizer and learning-rate schedule from the training config."""
+"""Optimizer, learning-rate schedule and the per-module speed/memory switches from the training config."""
 
 from __future__ import annotations
 
 import torch
 from diffusers.optimization import get_scheduler
 
-from difftrain.config import TrainingConfig
+from difftrain.config import ConfigError, TrainingConfig
 
 
-def build_optimizer(parameters: list[torch.nn.Parameter], training: TrainingConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        parameters,
+def build_optimizer(groups: list[dict], training: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW over parameter groups (each may carry its own `lr`)."""
+    kwargs = dict(
         lr=training.learning_rate,
         betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon,
         weight_decay=training.weight_decay,
     )
+    if training.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError(
+                "training.optimizer = adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                "or set training.optimizer: adamw"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    # torch's fused AdamW does the whole update in one kernel per dtype: on a 54M-parameter
+    # UNet on 2 CPU cores it is 6x faster than the default per-tensor loop (0.055 s vs
+    # 0.33 s a step, benchmarks/optimizer_step.py), the same on CUDA. Same math, same state.
+    params = [p for group in groups for p in group["params"]]
+    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, fused=fusable or None, **kwargs)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig):
@@ -27,3 +42,36 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig
         num_warmup_steps=training.lr_warmup_steps,
         num_training_steps=training.max_steps,
     )
+
+
+def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingConfig) -> None:
+    """Gradient checkpointing, attention kernel and TF32, on whichever modules support them."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = training.allow_tf32
+        torch.backends.cudnn.allow_tf32 = training.allow_tf32
+    for name, module in modules.items():
+        inner = getattr(module, "vae", module)  # the VAE method trains a thin wrapper
+        if training.gradient_checkpointing:
+            if hasattr(inner, "enable_gradient_checkpointing"):  # diffusers models
+                inner.enable_gradient_checkpointing()
+            elif hasattr(inner, "gradient_checkpointing_enable"):  # transformers models
+                inner.gradient_checkpointing_enable()
+        if hasattr(inner, "set_attn_processor"):
+            _set_attention(name, inner, training.attention)
+
+
+def _set_attention(name: str, module, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "xformers":
+        try:
+            module.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise ConfigError(
+                f"training.attention = xformers: cannot use it for {name} ({exc}); "
+                "install xformers for your torch/CUDA, or use sdpa (as fast on torch 2)"
+            ) from None
+    elif attention == "sdpa":
+        module.set_attn_processor(AttnProcessor2_0())
+    else:
+        module.set_attn_processor(AttnProcessor())

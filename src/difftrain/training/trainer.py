@@ -26,9 +26,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
-from difftrain.data import build_dataset
+from difftrain.data import build_dataset, build_sampler
 from difftrain.data.dataset import make_loader
-from difftrain.data.sampler import EpochBatchSampler, Position
+from difftrain.data.sampler import Position
 from difftrain.generate.sampling import make_grid
 from difftrain.methods import build_method
 from difftrain.training import rng
@@ -37,16 +37,18 @@ from difftrain.training.checkpoint import (
     CheckpointStore,
     join_modules,
     load_tensors,
+    load_trainable_state,
     optimizer_from_parts,
     optimizer_to_parts,
     read_config,
     read_json,
     save_tensors,
     split_modules,
+    trainable_state,
     write_json,
 )
 from difftrain.training.ema import Ema
-from difftrain.training.optim import build_lr_schedule, build_optimizer
+from difftrain.training.optim import apply_speed_options, build_lr_schedule, build_optimizer
 from difftrain.training.report import plot_loss_curve, read_metrics
 
 log = logging.getLogger(__name__)
@@ -89,13 +91,16 @@ class Trainer:
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)
         self.method = build_method(config)
-        self.dataset, self.scan = build_dataset(config, progress=self.progress)
+        self.dataset = build_dataset(config, progress=self.progress)
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 
+        apply_speed_options(self.method.trainable_modules(), config.training)
+        self.method.setup(self.accelerator, _weight_dtype(self.accelerator), self.dataset, self.progress)
         self.modules = self.method.trainable_modules()
-        self.parameters = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.parameters, config.training)
+        groups = self.method.parameter_groups(config.training.learning_rate)
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = build_optimizer(groups, config.training)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
         self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
@@ -106,13 +111,8 @@ class Trainer:
         self.noise_generator = torch.Generator(device=device).manual_seed(
             config.seed * 7919 + self.accelerator.process_index
         )
-        self.sampler = EpochBatchSampler(
-            len(self.dataset),
-            config.training.batch_size,
-            config.seed,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-        )
+        self.sampler = build_sampler(config, self.dataset, self.accelerator.process_index, self.accelerator.num_processes)
+        self.skipped_at_read = 0
         self.step = 0
         self.position = Position()
 
@@ -141,7 +141,10 @@ class Trainer:
             while self.step < config.training.max_steps:
                 for _ in range(config.training.gradient_accumulation_steps):
                     batch = next(batches)
-                    batch["pixel_values"] = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                    batch = {
+                        k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                    }
                     with accelerator.accumulate(*self.wrapped.values()):
                         loss = self.method.loss(self.wrapped, batch, self.noise_generator)
                         accelerator.backward(loss)
@@ -151,6 +154,7 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     loss_sum += loss.detach()
                     loss_count += 1
+                    self.skipped_at_read += batch["skipped"]
                 if not accelerator.optimizer_step_was_skipped:
                     self.lr_schedule.step()
                 for name, ema in self.emas.items():
@@ -194,11 +198,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.store.clean_staging()
             (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
-            (self.run_dir / "data_report.txt").write_text("\n".join(self.scan.report_lines()) + "\n")
-            if self.scan.skipped:
+            (self.run_dir / "data_report.txt").write_text("\n".join(self.dataset.source.report_lines()) + "\n")
+            if self.dataset.source.skipped:
                 log.warning(
-                    "%d unusable files skipped; the list is in %s",
-                    len(self.scan.skipped),
+                    "%d unusable records skipped; the list is in %s",
+                    len(self.dataset.source.skipped),
                     self.run_dir / "data_report.txt",
                 )
         self.accelerator.wait_for_everyone()
@@ -233,13 +237,14 @@ class Trainer:
         if self.main:
             with self._with_ema() as modules:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
-            grid = make_grid(images)
-            out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
-            for tracker in self.accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
+            if images:  # a method with nothing to show (no validation prompts) returns none
+                grid = make_grid(images)
+                out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(out)
+                for tracker in self.accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
         self.accelerator.wait_for_everyone()
 
     def save_final_model(self) -> Path | None:
@@ -264,8 +269,9 @@ class Trainer:
             f"{images * self.accelerator.num_processes / max(seconds, 1e-9):.1f} images/s over "
             f"{self.accelerator.num_processes} process(es))",
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
-            f"  data        {len(self.dataset)} images, {len(self.scan.skipped)} skipped"
-            + (f" (see {self.run_dir / 'data_report.txt'})" if self.scan.skipped else ""),
+            f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
+            f"{self.skipped_at_read} replaced at read time (this process)"
+            + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped else ""),
             *[f"  model       {line}" for line in self.method.describe()],
             f"  samples     {self.run_dir / 'samples'} (latest: step-{self.step:08d}.png)",
             f"  loss curve  {self.run_dir / 'loss.png'}",
@@ -286,7 +292,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         if self.main:
             modules = self.modules
-            save_tensors(staging / "model.safetensors", join_modules({n: m.state_dict() for n, m in modules.items()}))
+            save_tensors(staging / "model.safetensors", join_modules({n: trainable_state(m) for n, m in modules.items()}))
             if self.emas:
                 save_tensors(staging / "ema.safetensors", join_modules({n: e.tensors() for n, e in self.emas.items()}))
             optimizer_tensors, optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
@@ -340,7 +346,7 @@ class Trainer:
             )
         weights = split_modules(load_tensors(path / "model.safetensors"))
         for name, module in self.modules.items():
-            module.load_state_dict(weights[name])
+            load_trainable_state(module, weights.get(name, {}), f"{path}/model.safetensors [{name}]")
         if self.emas:
             ema_weights = split_modules(load_tensors(path / "ema.safetensors"))
             for name, ema in self.emas.items():
@@ -391,6 +397,11 @@ def _has_accelerator_device() -> bool:
         or bool(mps and mps.is_available())
         or bool(xpu and xpu.is_available())
     )
+
+
+def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen modules are held in: the compute dtype, since they never take a step."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def _scalar_config(config: RunConfig) -> dict:

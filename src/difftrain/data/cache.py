@@ -1,0 +1,95 @@
+"""A content-addressed tensor cache on disk, for VAE latents and text embeddings.
+
+An entry's name is the hash of everything its value depends on: for a latent, the image
+bytes, the target size, the flip and a fingerprint of the VAE's weights; for a text
+embedding, the caption, the tokenizer and the text encoder. So a changed image, a new
+resolution or another VAE miss exactly the entries they change, and nothing ever needs
+to be invalidated by hand. Entries are single safetensors files written atomically, so
+a killed run leaves no half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def content_key(*parts) -> str:
+    """A stable hex key for a tuple of strings, bytes, numbers and tuples of those."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def fingerprint(obj) -> str:
+    """What a model or tokenizer computes, as a hash: class, config and every weight byte.
+
+    Hashing the weights (not a path or a name) is what makes the cache safe across
+    fine-tuned copies that share a folder name. SD's VAE (84M parameters) takes ~0.3 s.
+    """
+    digest = hashlib.sha256(type(obj).__name__.encode())
+    if isinstance(obj, torch.nn.Module):
+        config = getattr(obj, "config", None)
+        if config is not None:
+            as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(obj.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    else:  # a tokenizer
+        digest.update(json.dumps(obj.get_vocab(), sort_keys=True).encode())
+        digest.update(str(getattr(obj, "model_max_length", "")).encode())
+    return digest.hexdigest()[:16]
+
+
+class TensorCache:
+    """`root/<namespace>/<key[:2]>/<key>.safetensors`, one file per entry."""
+
+    def __init__(self, root: str | Path, namespace: str):
+        self.dir = Path(root) / namespace
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            # A damaged entry is just a miss: drop it so it is recomputed.
+            log.warning("cache entry %s unreadable (%s); recomputing it", path, exc)
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return tensors
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
+        os.replace(staging, path)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*/*.safetensors")) if self.dir.is_dir() else 0

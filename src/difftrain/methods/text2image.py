@@ -1,0 +1,248 @@
+"""Text-to-image latent diffusion (Stable Diffusion): fine-tune a released UNet, or train one from scratch.
+
+A batch arrives either as pixels and captions, or, with caching on, as the VAE's latent
+distribution and the text encoder's embeddings read from disk. Both paths draw the same
+random numbers in the same order, so a cached run computes the same loss as an uncached
+one (tested); with caching the VAE and text encoder never need to sit in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.generate.schedulers import make_scheduler
+from difftrain.methods.base import Method
+from difftrain.models.sd import load_sd
+from difftrain.training.losses import build_noise_scheduler, denoising_loss
+
+
+class TextToImage(Method):
+    name = "text2image"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.settings = config.text2image
+        parts = self._load_parts()
+        self.unet, self.vae, self.text_encoder, self.tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
+        self.source = parts.source
+        self.base_scheduler = parts.scheduler
+        self.latent_scale = (self.vae.config.scaling_factor, getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.noise_scheduler = build_noise_scheduler(config.noise, dict(parts.scheduler.config))
+        self.max_length = self.settings.max_length or self.tokenizer.model_max_length
+        limit = self.text_encoder.config.max_position_embeddings
+        if self.max_length > limit:
+            from difftrain.config import ConfigError
+
+            raise ConfigError(f"text2image.max_length = {self.max_length}: the text encoder takes at most {limit} tokens")
+        self.unet.requires_grad_(True)
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(self.settings.train_text_encoder)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+        self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
+        self.validation_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- what trains
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.unet}
+        if self.settings.train_text_encoder:
+            modules["text_encoder"] = self.text_encoder
+        return modules
+
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": learning_rate}]
+        if self.settings.train_text_encoder:
+            lr = self.settings.text_encoder_lr or learning_rate
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": lr})
+        return groups
+
+    def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
+        """Frozen parts go to the device in the compute dtype; caches are filled; unneeded parts leave memory."""
+        device = accelerator.device
+        self.device, self.weight_dtype = device, weight_dtype
+        # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
+        _move(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
+        if not self.settings.train_text_encoder:
+            _move(self.text_encoder, device, weight_dtype)
+        self.empty_embedding = self.encode_text([""])[0].detach()
+        if self.config.sample.prompts:
+            prompts = self.config.sample.prompts
+            self.validation_embeddings = (
+                self.encode_text(prompts).detach(),
+                self.encode_text([self.config.sample.negative_prompt] * len(prompts)).detach(),
+            )
+        cache = self.config.data.cache
+        if cache.latents or cache.text:
+            from difftrain.data import cache_dir
+
+            counts = dataset.fill_cache(
+                self, cache_dir(self.config), cache.latents, cache.text,
+                accelerator.process_index, accelerator.num_processes, progress,
+            )
+            accelerator.wait_for_everyone()  # every process's share is on disk before anyone reads
+            if progress:
+                print("cache: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
+        if cache.text:
+            self.text_encoder = None  # embeddings for captions, "", and validation prompts are all computed
+        if cache.latents and not self.config.sample.prompts:
+            self.vae = None  # reloaded from the base model only when the final model is saved
+        elif cache.latents:
+            self.vae.to("cpu")  # only validation decodes now; it visits the device for that
+
+    # ----------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def encode_text(self, captions: list[str], encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        encoder = encoder or self.text_encoder
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        with torch.set_grad_enabled(self.settings.train_text_encoder and torch.is_grad_enabled()):
+            return encoder(ids)[0]
+
+    def to_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        scale, shift = self.latent_scale
+        return (sample - shift) * scale
+
+    # ----------------------------------------------------------------- the objective
+    def loss(self, modules, batch, generator):
+        batch_size = len(batch["captions"])
+        dropped = torch.rand(batch_size, generator=generator, device=generator.device) < self.settings.caption_dropout
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            mean, std = self.latent_distribution(batch["pixel_values"])
+        latents = self.to_latents(mean.to(self.device), std.to(self.device), generator)
+        if "prompt_embeds" in batch:
+            embeds = batch["prompt_embeds"].to(self.device)
+            embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
+        else:
+            captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["captions"])]
+            embeds = self.encode_text(captions, modules.get("text_encoder"))
+        unet = modules["unet"]
+        embeds = embeds.to(latents.dtype)
+        return denoising_loss(
+            latents,
+            lambda x, t: unet(x, t, encoder_hidden_states=embeds).sample,
+            self.noise_scheduler,
+            self.config.noise,
+            generator,
+        )
+
+    # ----------------------------------------------------------------- outputs
+    def pipeline(self, modules: dict[str, torch.nn.Module], scheduler=None):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=modules.get("text_encoder", self.text_encoder),
+            tokenizer=self.tokenizer,
+            unet=modules["unet"],
+            scheduler=scheduler or self.saved_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def saved_scheduler(self):
+        """The base model's sampler class, carrying the noise settings this model was trained with."""
+        settings = {
+            key: self.noise_scheduler.config[key]
+            for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
+            if key in self.noise_scheduler.config
+        }
+        return type(self.base_scheduler).from_config({**self.base_scheduler.config, **settings})
+
+    @torch.no_grad()
+    def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
+        sample = self.config.sample
+        if not sample.prompts:
+            return []
+        pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.noise_scheduler.config)))
+        pipe.set_progress_bar_config(disable=True)
+        unet = modules["unet"]
+        positive, negative = self.validation_embeddings
+        if "text_encoder" in modules:  # trained: the stored embeddings are stale
+            positive = self.encode_text(sample.prompts, modules["text_encoder"])
+            negative = self.encode_text([sample.negative_prompt] * len(sample.prompts), modules["text_encoder"])
+        size = self.config.data.resolution
+        home = self.vae.device
+        self.vae.to(self.device)
+        # Under mixed precision the frozen parts are half precision and the UNet fp32;
+        # the pipeline hands tensors between them as they are, so autocast reconciles them.
+        mixed = self.weight_dtype != torch.float32
+        try:
+            with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=mixed):
+                return pipe(
+                    prompt_embeds=positive.to(unet.dtype),
+                    negative_prompt_embeds=negative.to(unet.dtype),
+                    num_inference_steps=steps,
+                    guidance_scale=sample.guidance_scale,
+                    height=size,
+                    width=size,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                ).images
+        finally:
+            self.vae.to(home)
+
+    def save_model(self, modules, out_dir: Path) -> None:
+        output = self.config.output
+        if self.vae is None or self.text_encoder is None:
+            self._reload_frozen_parts()
+        unet, text_encoder = modules["unet"], modules.get("text_encoder", self.text_encoder)
+        if output.trained_only:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            unet.save_pretrained(out_dir / "unet")
+            if "text_encoder" in modules:
+                text_encoder.save_pretrained(out_dir / "text_encoder")
+            self.saved_scheduler().save_pretrained(out_dir / "scheduler")
+        else:
+            self.pipeline(modules).save_pretrained(out_dir, safe_serialization=True)
+        if output.single_file:
+            from difftrain.models.single_file import save_single_file
+
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
+            save_single_file(unet, self.vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata={
+                "difftrain_method": self.name,
+                "base_model": str(self.config.model.base),
+                "prediction_type": str(self.noise_scheduler.config.prediction_type),
+            })
+
+    def _load_parts(self, load: set[str] | None = None):
+        model = self.config.model
+        return load_sd(
+            model.base,
+            unet=model.unet,
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            revision=model.revision,
+            variant=model.variant,
+            load=load,
+        )
+
+    def _reload_frozen_parts(self) -> None:
+        parts = self._load_parts({"vae", "text_encoder"})
+        self.vae = self.vae or parts.vae
+        self.text_encoder = self.text_encoder or parts.text_encoder
+
+    def describe(self) -> list[str]:
+        lines = super().describe()
+        lines.append(f"base: {self.source}")
+        lines.append(f"noise: {self.noise_scheduler.config.prediction_type}, "
+                     f"{self.noise_scheduler.config.beta_schedule}, {self.noise_scheduler.config.num_train_timesteps} steps")
+        return lines
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # diffusers warns on any .to(dtype) call, even a no-op one; only cast when it changes something.
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype=dtype)

@@ -1,0 +1,462 @@
+"""Load Stable Diffusion from every form users keep it in.
+
+A base model is a diffusers pipeline folder, a Hugging Face Hub id, or one A1111/ComfyUI
+`.safetensors` file. Any part can be swapped: a component folder, another pipeline (its
+same-named subfolder), a single file, and for the UNet a config JSON, which starts it from
+random weights. `load` names the parts to bring into memory: with cached latents and text
+embeddings only the UNet is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftrain.errors import DifftrainError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+MODELS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+# LDM key prefixes of each model in a single file, so the parts we skip are never read.
+LDM_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.", "vae."),
+    "text_encoder": ("cond_stage_model.", "conditioner.", "text_encoders."),
+}
+# The training noise schedule of SD 1.x/2.x, for when no base model says otherwise.
+SD_TRAIN_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(DifftrainError):
+    """A model path, id or part that cannot be loaded or does not fit the others."""
+
+
+@dataclass
+class SDComponents:
+    unet: Any  # UNet2DConditionModel
+    vae: Any | None  # AutoencoderKL
+    text_encoder: Any | None  # CLIPTextModel or any transformers text model
+    tokenizer: Any | None
+    scheduler: Any  # the base model's noise scheduler
+    source: str  # where each part came from, one line for the run summary
+
+
+@dataclass
+class _Where:
+    """A resolved location: `kind` is pipeline | component | hub | single_file | model_json."""
+
+    kind: str
+    path: str
+    subfolder: str | None = None
+
+    def describe(self) -> str:
+        what = {"pipeline": "folder", "component": "folder", "hub": "hub", "single_file": "single file"}
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return f"{what.get(self.kind, 'random init from')} {self.path}{sub}"
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _offline_error(role: str, spec: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{role}: {spec!r} is not a local path, and as a Hugging Face Hub id it is not in the local HF cache; "
+        "network access is off (HF_HUB_OFFLINE=1). Download it once with network access, "
+        "or give the path of a local diffusers folder or .safetensors file"
+    )
+
+
+def _has_component(folder: Path, name: str) -> bool:
+    marker = ("tokenizer_config.json", "vocab.json", "tokenizer.json") if name == "tokenizer" else ("config.json",)
+    return any((folder / m).is_file() for m in marker)
+
+
+def _locate_base(spec: str) -> _Where:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            return _Where("single_file", str(path))
+        raise ModelLoadError(
+            f"base: {path} is a {path.suffix or 'suffix-less'} file; give a diffusers folder, a hub id "
+            "or a .safetensors checkpoint"
+        )
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+            return _Where("pipeline", str(path))
+        raise ModelLoadError(f"base: {path} is not a diffusers pipeline folder (no model_index.json, no unet/)")
+    return _locate_missing("base", spec)
+
+
+def _locate_missing(role: str, spec: str) -> _Where:
+    looks_like_file = spec.startswith((".", "~")) or spec.endswith((".json",) + SINGLE_FILE_SUFFIXES)
+    if HUB_ID.match(spec) and not looks_like_file:
+        return _Where("hub", spec)
+    raise ModelLoadError(f"{role}: {spec} does not exist (check the path)")
+
+
+def _locate_part(name: str, spec: str) -> _Where:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".json" and name in ("unet", "vae"):
+            return _Where("model_json", str(path))
+        if suffix in SINGLE_FILE_SUFFIXES and name in MODELS:
+            return _Where("single_file", str(path))
+        kinds = f"a .json {name} config, " if name in ("unet", "vae") else ""
+        kinds += "a .safetensors file, " if name in MODELS else ""
+        raise ModelLoadError(f"{name}: {path} is not {kinds}a {name} folder or a pipeline folder")
+    if path.is_dir():
+        if (path / name).is_dir() and _has_component(path / name, name):
+            return _Where("pipeline", str(path), name)
+        if _has_component(path, name):
+            return _Where("component", str(path))
+        marker = "tokenizer files" if name == "tokenizer" else "config.json"
+        raise ModelLoadError(f"{name}: {path} is neither a {name} folder ({marker}) nor a pipeline with a {name}/")
+    return _locate_missing(name, spec)
+
+
+def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | None:
+    """A hub repo is either a whole pipeline (use its `name`/ subfolder) or one component."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    role = name or "base"
+    if _offline():
+        marker = "tokenizer_config.json" if name == "tokenizer" else "config.json"
+        candidates = [("model_index.json", name)] + ([(f"{name}/{marker}", name), (marker, None)] if name else [])
+        for filename, subfolder in candidates:
+            if isinstance(try_to_load_from_cache(repo, filename, revision=revision), str):
+                return subfolder
+        raise _offline_error(role, repo)
+    try:
+        hf_hub_download(repo, "model_index.json", revision=revision)
+        return name
+    except LocalEntryNotFoundError:
+        raise _offline_error(role, repo) from None
+    except EntryNotFoundError:
+        if name is None:
+            raise ModelLoadError(f"base: hub repo {repo} has no model_index.json: not a diffusers pipeline") from None
+        return None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(f"{role}: cannot reach hub repo {repo!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- single files
+
+
+def _read_checkpoint(path: str, keep, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of an LDM single file whose key passes `keep` (others are never read)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path}: {suffix} files are Python pickles, and loading one can run any code it contains. "
+                "Use a .safetensors version of the model, or, only if you trust where the file came from, "
+                "pass allow_pickle=True once and re-save it with difftrain.models.single_file.save_single_file"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # old LDM checkpoints pickle training state too; the caller vouched for the file
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: cannot read it as a PyTorch checkpoint: {_first_line(exc)}") from None
+        while isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and keep(k)}
+    return _safetensors(path, lambda f, k: f.get_tensor(k), keep)
+
+
+def _header(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of a single file as a shape-only meta tensor: enough to guess its model type."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return _read_checkpoint(path, lambda key: True, allow_pickle)
+    return _safetensors(path, lambda f, k: torch.empty(f.get_slice(k).get_shape(), device="meta"), lambda key: True)
+
+
+def _safetensors(path: str, read, keep) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: read(f, k) for k in f.keys() if keep(k)}
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({_first_line(exc)})") from None
+
+
+def _keep_for(names: set[str]):
+    skip = tuple(p for name in MODELS if name not in names for p in LDM_PREFIXES[name])
+    return lambda key: not key.startswith(skip) and not key.startswith("model_ema.")
+
+
+def _single_file_config(path: str, config: str | None, allow_pickle: bool = False) -> str:
+    """A local folder holding the diffusers configs (and tokenizer) for a single file.
+
+    The file has weights only. diffusers guesses a hub repo from its keys (SD 1.x ->
+    stable-diffusion-v1-5/stable-diffusion-v1-5) and, when that is not cached, goes online
+    even with local_files_only=True; resolving a local folder first keeps loading offline.
+    """
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if config is not None and Path(config).expanduser().is_dir():
+        folder = Path(config).expanduser()
+        if not (folder / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"config: {folder} is not a diffusers pipeline folder (no unet/config.json)")
+        return str(folder)
+    guessed = config is None
+    repo = fetch_diffusers_config(_header(path, allow_pickle))["pretrained_model_name_or_path"] if guessed else config
+    try:
+        configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
+        return snapshot_download(repo, allow_patterns=configs_only, local_files_only=_offline())
+    except LocalEntryNotFoundError:
+        why = f"its keys say it is a {repo} model" if guessed else f"config={repo!r}"
+        raise ModelLoadError(
+            f"{path}: a single file holds weights only; the configs come from a diffusers model ({why}), "
+            f"which is not in the local HF cache and network access is off. Pass config=<local diffusers folder "
+            f"of the same architecture>, or run once with network access"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot get the diffusers configs from {repo!r}: {_first_line(exc)}") from None
+
+
+def _from_single_file(name: str, checkpoint: dict, config_dir: str, path: str, dtype) -> Any:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    from difftrain.models.single_file import load_single_file_components
+
+    try:
+        return load_single_file_components(checkpoint, config_dir, names=(name,), dtype=dtype, source=path)[name]
+    except DifftrainError as exc:
+        raise ModelLoadError(str(exc)) from None
+    except SingleFileComponentError:
+        raise ModelLoadError(f"{name}: {path} holds no {name} weights; give the {name} separately") from None
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        size = r"(torch\.Size\(\[.*?\]\))"
+        shape = re.search(rf"(\S+) expected shape {size}, but got {size}", str(exc))
+        if shape:
+            key, expected, got = shape.groups()
+            raise ModelLoadError(
+                f"{name}: {path} is another architecture than {config_dir}/{name}: {key} is {got} in the file "
+                f"but the config expects {expected}; pass config= a diffusers folder of the same model"
+            ) from None
+        raise ModelLoadError(
+            f"{name}: cannot load {path} with the configs in {config_dir}: {_first_line(exc)}"
+        ) from None
+
+
+# ---------------------------------------------------------------- folders and hub
+
+
+def _transformers_class(where: _Where, kind: str, revision: str | None):
+    import transformers
+
+    if kind == "tokenizer":
+        return transformers.AutoTokenizer
+    config = transformers.AutoConfig.from_pretrained(where.path, subfolder=where.subfolder or "", revision=revision)
+    arch = (config.architectures or [None])[0]
+    return getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
+
+
+def _from_pretrained(name: str, where: _Where, dtype, revision, variant) -> Any:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    kwargs: dict[str, Any] = {"subfolder": where.subfolder} if where.subfolder else {}
+    if where.kind == "hub":
+        kwargs["revision"] = revision
+    try:
+        if name == "tokenizer":
+            return _transformers_class(where, name, kwargs.get("revision")).from_pretrained(where.path, **kwargs)
+        kwargs.update(dtype=dtype, variant=variant)
+        if name == "text_encoder":
+            return _transformers_class(where, name, kwargs.get("revision")).from_pretrained(where.path, **kwargs)
+        cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+        return cls.from_pretrained(where.path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{name}: cannot load it from {where.describe()}: {_first_line(exc)}") from None
+
+
+def _model_from_json(name: str, path: str, dtype) -> Any:
+    """A UNet2DConditionModel or AutoencoderKL with random weights, for training from scratch."""
+    import inspect
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{name}: cannot read {path} as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{name}: {path} must hold a JSON object (a {cls.__name__} config)")
+    cls_name = config.get("_class_name", cls.__name__)
+    if cls_name != cls.__name__:
+        raise ModelLoadError(f"{name}: {path} is a {cls_name} config; a {cls.__name__} config is needed")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in accepted)
+    if unknown:  # diffusers would ignore them with a warning; a typo must not train the default
+        raise ModelLoadError(f"{name}: {path} has keys {cls.__name__} does not know: {unknown}")
+    try:
+        model = cls.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"{name}: cannot build a {cls.__name__} from {path}: {_first_line(exc)}") from None
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def _scheduler(where: _Where | None, config_dir: str | None, revision: str | None):
+    import diffusers
+
+    if where is None:
+        return diffusers.DDPMScheduler(**SD_TRAIN_SCHEDULE), "DDPMScheduler (SD defaults, no base)"
+    location = config_dir or where.path
+    kwargs = {"revision": revision} if where.kind == "hub" else {}
+    try:
+        config = diffusers.DDPMScheduler.load_config(location, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError) as exc:
+        where_config = f"{location}/scheduler/scheduler_config.json"
+        raise ModelLoadError(f"scheduler: cannot read {where_config}: {_first_line(exc)}") from None
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        cls = diffusers.DDPMScheduler
+    return cls.from_config(config), f"{cls.__name__} from {location}/scheduler"
+
+
+# ---------------------------------------------------------------- the whole
+
+
+def _check_fit(parts: dict, origin: dict[str, str]) -> None:
+    unet, vae, text = parts.get("unet"), parts.get("vae"), parts.get("text_encoder")
+    if unet is not None and text is not None:
+        width = getattr(text.config, "hidden_size", None) or getattr(text.config, "d_model", None)
+        cross = unet.config.cross_attention_dim
+        cross_dims = set(cross) if isinstance(cross, (list, tuple)) else {cross}
+        if width is not None and cross_dims != {width}:
+            raise ModelLoadError(
+                f"the parts do not fit: unet cross_attention_dim {cross} ({origin['unet']}) != "
+                f"text_encoder hidden size {width} ({origin['text_encoder']})"
+            )
+    if unet is not None and vae is not None:
+        latent = vae.config.latent_channels
+        # Inpainting UNets also take the masked image latents and the mask: 2 * latent + 1.
+        if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
+            raise ModelLoadError(
+                f"the parts do not fit: unet in_channels {unet.config.in_channels} / out_channels "
+                f"{unet.config.out_channels} ({origin['unet']}) != vae latent_channels {latent} ({origin['vae']})"
+            )
+
+
+def load_sd(
+    base: str | None,
+    *,
+    unet: str | None = None,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    load: set[str] | None = None,
+    config: str | None = None,
+    allow_pickle: bool = False,
+) -> SDComponents:
+    """Load a Stable Diffusion model's parts, each from its override or else from `base`.
+
+    `revision` and `variant` apply to the base. `config` (a local diffusers folder or hub id)
+    describes a single-file base; without it, diffusers' guess from the file's keys is used,
+    which needs that model's configs in the HF cache or the network. `allow_pickle` lets a
+    trusted .ckpt/.pt/.pth be read.
+    """
+    overrides = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    wanted = set(COMPONENTS if load is None else load) - {"scheduler"}
+    if wanted - set(COMPONENTS):
+        raise ModelLoadError(f"load: unknown parts {sorted(wanted - set(COMPONENTS))}; choose from {list(COMPONENTS)}")
+    if base is None:
+        missing = [n for n in COMPONENTS if n in wanted and overrides[n] is None]
+        if missing:
+            raise ModelLoadError(f"base: no base model, so {missing} must be given explicitly (or give a base)")
+    # Every path given is checked, even for a part not loaded now: a typo should not wait.
+    base_where = _locate_base(str(base)) if base is not None else None
+    located = {n: _locate_part(n, str(spec)) for n, spec in overrides.items() if spec is not None}
+    parts_where = {n: w for n, w in located.items() if n in wanted}
+    if base_where is not None and base_where.kind == "hub":
+        base_where.subfolder = _hub_subfolder(base_where.path, None, revision)  # fails fast offline
+    for name, where in parts_where.items():
+        if where.kind == "hub":
+            where.subfolder = _hub_subfolder(where.path, name, None)
+
+    config_dir = _config_dir(base_where, parts_where, config, allow_pickle)
+    base_checkpoint = None
+    if base_where is not None and base_where.kind == "single_file":
+        from_base = {n for n in wanted if n not in parts_where}
+        base_checkpoint = _read_checkpoint(base_where.path, _keep_for(from_base), allow_pickle)
+
+    parts: dict[str, Any] = {}
+    origin = {n: "not loaded" for n in COMPONENTS}
+    for name in sorted(wanted, key=COMPONENTS.index):
+        where = parts_where.get(name)
+        if where is None and base_where.kind == "single_file":
+            if name == "tokenizer":  # a single file has none: the config folder's
+                where = _Where("pipeline", config_dir, "tokenizer")
+            else:
+                parts[name] = _from_single_file(name, base_checkpoint, config_dir, base_where.path, dtype)
+                origin[name] = f"{base_where.describe()} (config {config_dir}/{name})"
+                continue
+        if where is None:
+            where = _Where(base_where.kind, base_where.path, name)
+            parts[name] = _from_pretrained(name, where, dtype, revision, variant)
+        elif where.kind == "model_json":
+            parts[name] = _model_from_json(name, where.path, dtype)
+        elif where.kind == "single_file":
+            checkpoint = _read_checkpoint(where.path, lambda key: True, allow_pickle)
+            parts[name] = _from_single_file(name, checkpoint, config_dir, where.path, dtype)
+        else:
+            parts[name] = _from_pretrained(name, where, dtype, None, None)
+        origin[name] = where.describe()
+
+    _check_fit(parts, origin)
+    scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
+    return SDComponents(
+        unet=parts.get("unet"),
+        vae=parts.get("vae"),
+        text_encoder=parts.get("text_encoder"),
+        tokenizer=parts.get("tokenizer"),
+        scheduler=scheduler,
+        source="; ".join(f"{n}: {origin[n]}" for n in (*COMPONENTS, "scheduler")),
+    )
+
+
+def _config_dir(base: _Where | None, parts: dict[str, _Where], config: str | None, allow_pickle: bool) -> str | None:
+    """The local folder whose configs describe single files (they hold weights only)."""
+    if not (base is not None and base.kind == "single_file") and all(w.kind != "single_file" for w in parts.values()):
+        return None
+    if base is None:
+        raise ModelLoadError("a single-file part needs a base model whose configs describe it; give base")
+    if base.kind == "single_file":
+        return _single_file_config(base.path, config, allow_pickle)
+    if base.kind == "hub":
+        return _single_file_config(base.path, base.path)
+    return base.path
+
+
+def load_vae(vae: str | None, base: str | None) -> Any:
+    """Just the AutoencoderKL: from a folder, a random-init .json config, or the base model's vae/."""
+    if vae is None and base is None:
+        raise ModelLoadError("model.vae: give a VAE folder or AutoencoderKL config .json, or model.base")
+    return load_sd(base, vae=vae, load={"vae"}).vae

@@ -1,0 +1,284 @@
+"""Stable Diffusion as ONE .safetensors with the original (LDM/CompVis) key names.
+
+This is the file AUTOMATIC1111, ComfyUI, InvokeAI and diffusers' own `from_single_file`
+load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.text_model.*` (CLIP text encoder, the SD 1.x layout).
+
+The diffusers -> LDM renaming is the well-known one of diffusers'
+scripts/convert_diffusers_to_original_stable_diffusion.py, rewritten here as prefix tables
+that are built by walking the model's own blocks, so any number of levels and
+layers_per_block converts (that script hard-codes SD 1.5's 4 levels x 2 layers). Every
+tensor must be renamed: a key no rule covers is an error, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from difftrain.errors import DifftrainError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+
+# Inside a block, the names that differ (diffusers -> LDM). Unlisted names are the same.
+UNET_RESNET = (
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("conv_shortcut.", "skip_connection."),
+)
+VAE_RESNET = (("conv_shortcut.", "nin_shortcut."),)
+VAE_ATTENTION = (
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+)
+
+# A rule: (diffusers prefix, LDM prefix, renames inside that prefix).
+Rule = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class SingleFileError(DifftrainError):
+    """The models cannot be written as an LDM single file (an unknown layout, a bad path)."""
+
+
+def _indices(keys, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
+
+
+def _has(keys, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def unet_rules(keys) -> list[Rule]:
+    """LDM numbers the UNet's layers in one running sequence: input_blocks.N holds a resnet
+    (+ its attention at .1) or a downsampler; output_blocks.N holds a resnet (+ attention)
+    and, on a level's last layer, the upsampler after them."""
+    rules: list[Rule] = [
+        ("time_embedding.linear_1.", "time_embed.0.", ()),
+        ("time_embedding.linear_2.", "time_embed.2.", ()),
+        ("conv_in.", "input_blocks.0.0.", ()),
+        ("conv_norm_out.", "out.0.", ()),
+        ("conv_out.", "out.2.", ()),
+    ]
+    block = 1
+    for i in _indices(keys, r"down_blocks\.(\d+)\."):
+        for j in _indices(keys, rf"down_blocks\.{i}\.resnets\.(\d+)\."):
+            rules.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0.", UNET_RESNET))
+            rules.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.", ()))
+            block += 1
+        if _has(keys, f"down_blocks.{i}.downsamplers.0."):
+            rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{block}.0.op.", ()))
+            block += 1
+    # The middle alternates resnet, attention, resnet: middle_block.0 / .1 / .2.
+    for j in _indices(keys, r"mid_block\.resnets\.(\d+)\."):
+        rules.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.", UNET_RESNET))
+        rules.append((f"mid_block.attentions.{j}.", f"middle_block.{2 * j + 1}.", ()))
+    block = 0
+    for i in _indices(keys, r"up_blocks\.(\d+)\."):
+        for j in _indices(keys, rf"up_blocks\.{i}\.resnets\.(\d+)\."):
+            rules.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0.", UNET_RESNET))
+            rules.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.", ()))
+            block += 1
+        slot = 2 if _has(keys, f"up_blocks.{i}.attentions.") else 1
+        rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{block - 1}.{slot}.", ()))
+    return rules
+
+
+def vae_rules(keys) -> list[Rule]:
+    """LDM's decoder counts its levels from the bottom (up.0 is the last to run), diffusers'
+    from the top; both mid blocks are resnet, attention, resnet."""
+    rules: list[Rule] = [
+        ("encoder.conv_norm_out.", "encoder.norm_out.", ()),
+        ("decoder.conv_norm_out.", "decoder.norm_out.", ()),
+    ]
+    rules += [(p, p, ()) for p in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.")]
+    rules += [(p, p, ()) for p in ("quant_conv.", "post_quant_conv.")]
+    for i in _indices(keys, r"encoder\.down_blocks\.(\d+)\."):
+        for j in _indices(keys, rf"encoder\.down_blocks\.{i}\.resnets\.(\d+)\."):
+            rules.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET))
+        rules.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", ()))
+    ups = _indices(keys, r"decoder\.up_blocks\.(\d+)\.")
+    for i in ups:
+        ldm = len(ups) - 1 - i
+        for j in _indices(keys, rf"decoder\.up_blocks\.{i}\.resnets\.(\d+)\."):
+            rules.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{ldm}.block.{j}.", VAE_RESNET))
+        rules.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{ldm}.upsample.", ()))
+    for part in ("encoder", "decoder"):
+        for j in _indices(keys, rf"{part}\.mid_block\.resnets\.(\d+)\."):
+            rules.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.", VAE_RESNET))
+        rules.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION))
+    return rules
+
+
+def _rename(key: str, rules: list[Rule]) -> str | None:
+    for hf, ldm, inner in rules:
+        if key.startswith(hf):
+            rest = key[len(hf) :]
+            for old, new in inner:
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+                    break
+            return ldm + rest
+    return None
+
+
+def _convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str, what: str) -> dict[str, torch.Tensor]:
+    out, unmapped = {}, []
+    for key, tensor in state.items():
+        new = _rename(key, rules)
+        if new is None:
+            unmapped.append(key)
+        else:
+            out[prefix + new] = tensor
+    if unmapped:
+        raise SingleFileError(
+            f"{what}: {len(unmapped)} weights have no Stable Diffusion (LDM) name, e.g. {unmapped[:3]}; "
+            "only SD 1.x/2.x-style UNet2DConditionModel / AutoencoderKL layouts can be written as a single file "
+            "(save it as a diffusers folder instead)"
+        )
+    if len(out) != len(state):  # two diffusers names onto one LDM name would lose a tensor
+        raise SingleFileError(f"{what}: the LDM renaming collides ({len(state)} weights -> {len(out)} names)")
+    return out
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _convert(state, unet_rules(state), UNET_PREFIX, "unet")
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = _convert(state, vae_rules(state), VAE_PREFIX, "vae")
+    # LDM's VAE mid-block attention is built from 1x1 convolutions, diffusers' from linears.
+    for key, tensor in out.items():
+        if ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            if tensor.ndim == 2:
+                out[key] = tensor[:, :, None, None]
+    return out
+
+
+def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # CLIP keeps its Hugging Face names in LDM files; only the prefix differs. transformers
+    # >= 5.6 dropped the inner "text_model." from CLIPTextModel, older ones still have it.
+    return {TEXT_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """All three models' weights under their LDM names (tensors shared, not copied)."""
+    parts = [unet_to_ldm(unet.state_dict()), vae_to_ldm(vae.state_dict())]
+    parts.append(text_encoder_to_ldm(text_encoder.state_dict()))
+    merged = {k: v for part in parts for k, v in part.items()}
+    assert len(merged) == sum(map(len, parts)), "the three prefixes cannot collide"
+    return merged
+
+
+def save_single_file(
+    unet,
+    vae,
+    text_encoder,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write unet + vae + text_encoder as one LDM-keyed .safetensors at `path`, atomically.
+
+    `dtype` casts the floating-point weights (torch.float16 halves the file, the usual
+    distribution format); `metadata` lands in the safetensors header as strings.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SingleFileError(f"{path}: a single-file checkpoint must end in .safetensors")
+    metadata = {"format": "pt", **(metadata or {})}
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise SingleFileError(f"{path}: metadata values must be strings (json.dumps them); not strings: {bad}")
+    tensors = {}
+    for key, tensor in to_ldm_state_dict(unet, vae, text_encoder).items():
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[key] = tensor.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed: a crash never leaves a half file under the real name.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_single_file_components(
+    path: str | Path | dict,
+    config_dir: str | Path,
+    names: tuple[str, ...] = ("unet", "vae", "text_encoder"),
+    dtype: torch.dtype | None = None,
+    source: str | None = None,
+) -> dict:
+    """Load models from an LDM single file through diffusers' own single-file loaders.
+
+    `config_dir` is a local diffusers pipeline folder of the same architecture: the file
+    holds only weights, and naming a folder here is what keeps diffusers from going to the
+    Hub for the configs. `path` may also be an already loaded LDM state dict (`source`
+    then names it in errors).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+
+    checkpoint = path if isinstance(path, dict) else load_single_file_checkpoint(str(path), local_files_only=True)
+    config_dir = str(config_dir)
+    # For float32, cast afterwards with .float(): diffusers' torch_dtype path ends in a
+    # model.to(dtype) that logs a bogus "modules that should be kept in float32: []".
+    full = dtype in (None, torch.float32)
+    common = dict(config=config_dir, local_files_only=True, torch_dtype=None if full else dtype)
+    where = source or ("the given state dict" if isinstance(path, dict) else str(path))
+    loaded = {}
+    for name in names:
+        lacks = f"{name}: {where} lacks weights that {config_dir}/{name} describes"
+        try:
+            if name == "unet":
+                loaded[name] = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
+            elif name == "vae":
+                loaded[name] = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
+            elif name == "text_encoder":
+                loaded[name] = create_diffusers_clip_model_from_ldm(
+                    _text_encoder_class(config_dir), checkpoint=checkpoint, subfolder="text_encoder", **common
+                )
+            else:
+                raise ValueError(f"unknown component {name!r}")
+        except NotImplementedError:  # diffusers moving a model with never-filled meta tensors
+            raise SingleFileError(f"{lacks}; give a config folder of the same architecture as the file") from None
+        # The model is built on the meta device and filled from the file: a tensor left
+        # there is one the file lacks (another architecture than the config, or a cut file).
+        missing = [k for k, v in loaded[name].state_dict().items() if v.device.type == "meta"]
+        if missing:
+            raise SingleFileError(f"{lacks} ({len(missing)}, e.g. {missing[:3]}); give a config of its architecture")
+        if dtype is torch.float32:
+            loaded[name].float()
+    return loaded
+
+
+def _text_encoder_class(config_dir: str):
+    import json
+
+    import transformers
+
+    config = Path(config_dir) / "text_encoder" / "config.json"
+    arch = (json.loads(config.read_text()).get("architectures") or [""])[0] if config.is_file() else ""
+    # The LDM text-encoder layouts diffusers reads are all CLIP, with or without projection.
+    clip = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    return getattr(transformers, arch) if arch in clip else transformers.CLIPTextModel

@@ -1,0 +1,148 @@
+"""A tiny Stable Diffusion, built offline with random weights, for tests and experiments.
+
+It has every part a real one has (CLIP tokenizer and text encoder, AutoencoderKL, a
+cross-attention UNet2DConditionModel, a scheduler) in the same diffusers folder layout,
+so everything that loads, trains or exports Stable Diffusion can be exercised on it in
+seconds and without the network. The tokenizer is a genuine byte-level BPE CLIP tokenizer
+with a small vocabulary: any text tokenizes (unknown words fall back to single bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+# Whole-word tokens: the words our tests, the shapes set and the seeds' examples use.
+# Anything else still tokenizes, byte by byte.
+WORDS = (
+    "a an the of in on with and photo picture painting style art drawing sks dog cat person face "
+    "red green blue yellow white black orange purple circle square triangle shape small big "
+    "background plain light dark house hill sun sky high quality blurry low"
+).split()
+
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_clip_tokenizer(words: tuple[str, ...] | list[str] = WORDS, model_max_length: int = 77):
+    """A CLIP BPE tokenizer whose merges spell out `words` left to right."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = parts[0]
+        for part in parts[1:]:
+            pair = (merged, part)
+            merged += part
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(pair)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_sd_components(
+    seed: int = 0,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (32, 64),
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    latent_channels: int = 4,
+    sample_size: int = 32,
+    model_max_length: int = 77,
+    layers_per_block: int = 1,
+) -> dict:
+    """Random-weight components, deterministic by `seed`. `sample_size` is the image side in pixels."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(model_max_length=model_max_length)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 2,
+            num_hidden_layers=text_layers,
+            num_attention_heads=max(1, text_hidden // 16),
+            max_position_embeddings=model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=text_hidden,
+        )
+    )
+    levels = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=vae_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=math.gcd(32, *vae_channels),
+        sample_size=sample_size,
+    )
+    latent_size = sample_size // 2 ** (levels - 1)
+    unet_levels = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=unet_channels,
+        layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (unet_levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (unet_levels - 1),
+        cross_attention_dim=text_hidden,
+        attention_head_dim=max(1, unet_channels[0] // 8),
+        norm_num_groups=math.gcd(32, *unet_channels),
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(**SD_SCHEDULER),
+    }
+
+
+def write_tiny_sd(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
+    """Save a tiny random Stable Diffusion pipeline in diffusers format; returns the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        **tiny_sd_components(seed, **sizes), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    out = Path(out_dir)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return out

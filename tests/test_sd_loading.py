@@ -1,0 +1,200 @@
+"""load_sd: folders, overrides, random init from a config, single files, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftrain.models.sd import ModelLoadError, load_sd
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_a"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_b(tmp_path_factory):
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_b"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tiny, tmp_path_factory):
+    from difftrain.models.single_file import save_single_file
+
+    parts = load_sd(str(tiny), load={"unet", "vae", "text_encoder"})
+    path = tmp_path_factory.mktemp("sf") / "tiny.safetensors"
+    return save_single_file(parts.unet, parts.vae, parts.text_encoder, path)
+
+
+def weights(folder, name):
+    filename = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / name / filename)
+
+
+def equal(model, state) -> bool:
+    mine = model.state_dict()
+    return mine.keys() == state.keys() and all(torch.equal(mine[k], state[k]) for k in state)
+
+
+def test_pipeline_folder(tiny):
+    sd = load_sd(str(tiny))
+    for name in ("unet", "vae", "text_encoder"):
+        assert equal(getattr(sd, name), weights(tiny, name)), name
+    assert type(sd.text_encoder).__name__ == "CLIPTextModel"
+    assert sd.tokenizer("a red circle").input_ids[0] == sd.tokenizer.bos_token_id
+    assert type(sd.scheduler).__name__ == "DDIMScheduler" and sd.scheduler.config.beta_schedule == "scaled_linear"
+    assert sd.source.startswith(f"unet: folder {tiny}/unet; vae: folder {tiny}/vae")
+
+
+def test_overrides_from_another_model(tiny, tiny_b):
+    from_pipeline = load_sd(str(tiny), unet=str(tiny_b), load={"unet", "vae"})
+    from_component = load_sd(str(tiny), unet=str(tiny_b / "unet"), load={"unet", "vae"})
+    for sd in (from_pipeline, from_component):
+        assert equal(sd.unet, weights(tiny_b, "unet")) and not equal(sd.unet, weights(tiny, "unet"))
+        assert equal(sd.vae, weights(tiny, "vae"))
+        assert f"unet: folder {tiny_b}/unet" in sd.source and f"vae: folder {tiny}/vae" in sd.source
+
+
+def test_unet_from_json_config_is_random(tiny, tmp_path):
+    config = json.loads((tiny / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [16, 32]  # a different size than the base's, same interface
+    config["norm_num_groups"] = 8
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    sd = load_sd(str(tiny), unet=str(path), load={"unet", "text_encoder"})
+    assert list(sd.unet.config.block_out_channels) == [16, 32] and sd.unet.config.cross_attention_dim == 32
+    assert sd.unet.conv_in.weight.shape == (16, 4, 3, 3) and sd.unet.conv_in.weight.std() > 0
+    assert f"unet: random init from {path}" in sd.source
+    torch.manual_seed(1)
+    other = load_sd(str(tiny), unet=str(path), load={"unet"})
+    assert not torch.equal(other.unet.conv_in.weight, sd.unet.conv_in.weight)
+
+
+def test_bad_unet_json(tiny, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{nope")
+    with pytest.raises(ModelLoadError, match=r"unet: cannot read .*broken\.json as JSON"):
+        load_sd(str(tiny), unet=str(broken), load={"unet"})
+    with pytest.raises(ModelLoadError, match=r"vae/config\.json is a AutoencoderKL config; a UNet2DConditionModel"):
+        load_sd(str(tiny), unet=str(tiny / "vae" / "config.json"), load={"unet"})
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"block_out_channels": [32, 64], "cross_atention_dim": 32}))
+    with pytest.raises(ModelLoadError, match=r"does not know: \['cross_atention_dim'\]"):
+        load_sd(str(tiny), unet=str(typo), load={"unet"})
+
+
+def test_load_only_the_unet(tiny):
+    sd = load_sd(str(tiny), load={"unet"})
+    assert sd.unet is not None and (sd.vae, sd.text_encoder, sd.tokenizer) == (None, None, None)
+    assert "vae: not loaded; text_encoder: not loaded; tokenizer: not loaded" in sd.source
+    half = load_sd(str(tiny), load={"unet"}, dtype=torch.float16)
+    assert half.unet.dtype == torch.float16
+
+
+def test_parts_that_do_not_fit(tiny, tmp_path):
+    config = json.loads((tiny / "unet" / "config.json").read_text())
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps({**config, "cross_attention_dim": 48}))
+    with pytest.raises(ModelLoadError) as error:
+        load_sd(str(tiny), unet=str(path), load={"unet", "text_encoder"})
+    message = str(error.value)
+    assert "unet cross_attention_dim 48" in message and "text_encoder hidden size 32" in message
+    assert str(path) in message and f"{tiny}/text_encoder" in message
+    path.write_text(json.dumps({**config, "in_channels": 3, "out_channels": 3}))
+    with pytest.raises(ModelLoadError, match=r"unet in_channels 3 / out_channels 3 .* vae latent_channels 4"):
+        load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
+
+
+def test_missing_and_wrong_paths(tiny, tmp_path):
+    with pytest.raises(ModelLoadError, match=r"base: /no/such/model does not exist"):
+        load_sd("/no/such/model")
+    with pytest.raises(ModelLoadError, match=r"vae: .*nope does not exist"):
+        load_sd(str(tiny), vae=str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match=r"is not a diffusers pipeline folder \(no model_index\.json"):
+        load_sd(str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"vae: .* is neither a vae folder \(config\.json\) nor a pipeline with"):
+        load_sd(str(tiny), vae=str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"base: no base model, so \['vae', 'text_encoder', 'tokenizer'\] must"):
+        load_sd(None, unet=str(tiny))
+
+
+def test_no_base_when_every_part_is_given(tiny):
+    sd = load_sd(None, unet=str(tiny), vae=str(tiny), text_encoder=str(tiny), tokenizer=str(tiny / "tokenizer"))
+    assert equal(sd.unet, weights(tiny, "unet")) and sd.tokenizer is not None
+    assert type(sd.scheduler).__name__ == "DDPMScheduler" and sd.scheduler.config.beta_end == 0.012
+
+
+def test_hub_id_offline_fails_fast_and_clearly():
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError) as error:
+        load_sd("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5' is not a local path" in message
+    assert "not in the local HF cache" in message and "network access" in message
+    assert "local diffusers folder" in message
+
+
+def test_single_file_base_and_override(tiny, tiny_b, tiny_file):
+    sd = load_sd(str(tiny_file), config=str(tiny))
+    for name in ("unet", "vae", "text_encoder"):
+        assert equal(getattr(sd, name), weights(tiny, name)), name
+    assert sd.tokenizer is not None and type(sd.scheduler).__name__ == "DDIMScheduler"
+    assert f"unet: single file {tiny_file} (config {tiny}/unet)" in sd.source
+    # A1111-style: a base folder with the VAE taken from a single file.
+    mixed = load_sd(str(tiny_b), vae=str(tiny_file), load={"unet", "vae"})
+    assert equal(mixed.vae, weights(tiny, "vae")) and equal(mixed.unet, weights(tiny_b, "unet"))
+
+
+def test_single_file_without_config_offline(tiny_file):
+    with pytest.raises(ModelLoadError) as error:
+        load_sd(str(tiny_file))
+    message = str(error.value)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message and "not in the local HF cache" in message
+    assert "config=<local diffusers folder" in message
+
+
+def test_pickles_need_consent(tiny, tiny_file, tmp_path):
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(tiny_file)}, ckpt)
+    with pytest.raises(ModelLoadError, match=r"tiny\.ckpt: \.ckpt files are Python pickles.*allow_pickle=True"):
+        load_sd(str(ckpt), config=str(tiny))
+    sd = load_sd(str(ckpt), config=str(tiny), allow_pickle=True, load={"unet", "vae"})
+    assert equal(sd.unet, weights(tiny, "unet")) and equal(sd.vae, weights(tiny, "vae"))
+
+
+def test_single_file_missing_a_part(tiny, tiny_file, tmp_path):
+    from safetensors.torch import save_file
+
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_file({k: v for k, v in load_file(tiny_file).items() if k.startswith("model.diffusion_model.")}, unet_only)
+    assert equal(load_sd(str(unet_only), config=str(tiny), load={"unet"}).unet, weights(tiny, "unet"))
+    with pytest.raises(ModelLoadError, match=r"vae: .*unet_only\.safetensors holds no vae weights"):
+        load_sd(str(unet_only), config=str(tiny), load={"unet", "vae"})
+
+
+def test_single_file_and_config_of_different_models(tiny, tiny_file, tmp_path):
+    from safetensors.torch import save_file
+
+    cut = tmp_path / "cut.safetensors"
+    save_file({k: v for k, v in load_file(tiny_file).items() if not k.endswith("final_layer_norm.weight")}, cut)
+    with pytest.raises(ModelLoadError, match=r"text_encoder: .*cut\.safetensors lacks weights .*final_layer_norm"):
+        load_sd(str(cut), config=str(tiny), load={"unet", "text_encoder"})
+    other = tmp_path / "other"  # the tiny configs, but a UNet that expects 48-wide text embeddings
+    shutil.copytree(tiny, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 48}))
+    with pytest.raises(ModelLoadError, match=r"unet: .*tiny\.safetensors is another architecture than .*other/unet: "
+                       r"\S+attn2\.to_k\.weight is torch\.Size\(\[32, 32\]\) in the file but the config expects"):
+        load_sd(str(tiny_file), config=str(other), load={"unet"})

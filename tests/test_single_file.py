@@ -1,0 +1,189 @@
+"""The LDM single file we write loads back, bit for bit, through diffusers' own loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from difftrain.models.single_file import (
+    SingleFileError,
+    load_single_file_components,
+    save_single_file,
+    to_ldm_state_dict,
+    unet_to_ldm,
+    vae_to_ldm,
+)
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_sf"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def single_file(tiny_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
+    pipe = tiny_pipe
+    return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, path, metadata={"modelspec.title": "tiny"})
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def image(pipe) -> np.ndarray:
+    generator = torch.Generator().manual_seed(7)
+    out = pipe("a red circle", num_inference_steps=2, generator=generator, output_type="np", height=32, width=32)
+    return out.images[0]
+
+
+def test_every_weight_gets_an_ldm_name(tiny_pipe, single_file):
+    counts = {name: len(getattr(tiny_pipe, name).state_dict()) for name in PARTS}
+    with safe_open(single_file, framework="pt") as f:
+        keys = set(f.keys())
+        q = f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight")
+    prefixes = {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "cond_stage_model.transformer.text_model.",
+    }
+    for name, prefix in prefixes.items():
+        assert sum(k.startswith(prefix) for k in keys) == counts[name], name
+    assert len(keys) == sum(counts.values()) == 208 + 124 + 36
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.time_embed.2.bias",
+        "model.diffusion_model.input_blocks.2.0.op.weight",  # the downsampler after level 0's one layer
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight",  # upsampler of the attention-free level
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.decoder.up.0.block.0.conv1.weight",
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    ):
+        assert key in keys, key
+    assert q.shape == (64, 64, 1, 1)  # LDM's VAE attention is 1x1 convs
+
+
+def test_diffusers_pipeline_loads_our_file_bit_identical(tiny_pipe, tiny_dir, single_file):
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(single_file), config=str(tiny_dir), local_files_only=True, safety_checker=None
+    )
+    for name in PARTS:
+        assert_same_weights(getattr(tiny_pipe, name), getattr(loaded, name))
+    assert np.array_equal(image(tiny_pipe), image(loaded))
+
+
+def test_per_component_loaders_and_load_sd_agree(tiny_pipe, tiny_dir, single_file):
+    from difftrain.models.sd import load_sd
+
+    models = load_single_file_components(single_file, tiny_dir)
+    ours = load_sd(str(single_file), config=str(tiny_dir))
+    for name in PARTS:
+        assert_same_weights(getattr(tiny_pipe, name), models[name])
+        assert_same_weights(getattr(tiny_pipe, name), getattr(ours, name))
+    assert type(ours.scheduler).__name__ == "DDIMScheduler" and str(single_file) in ours.source
+
+
+def test_sd15_layout_four_levels_two_layers():
+    """SD 1.5's UNet and VAE shapes (on the meta device: no memory) get SD 1.5's names and
+    counts, and diffusers' own LDM reader maps every one of them back."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        infer_diffusers_model_type,
+    )
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD 1.x
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+        )
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    ldm_unet, ldm_vae = unet_to_ldm(unet_sd), vae_to_ldm(vae_sd)
+    assert (len(ldm_unet), len(ldm_vae)) == (686, 248)  # the counts in v1-5-pruned-emaonly.safetensors
+    assert {k for k in ldm_unet if k.endswith((".op.weight", ".conv.weight"))} == {
+        f"model.diffusion_model.{k}.weight"
+        for k in ("input_blocks.3.0.op", "input_blocks.6.0.op", "input_blocks.9.0.op",
+                  "output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv")
+    }
+    assert infer_diffusers_model_type(ldm_unet) == "v1"
+    back = convert_ldm_unet_checkpoint(ldm_unet, dict(unet.config))
+    assert back.keys() == unet_sd.keys() and all(back[k].shape == unet_sd[k].shape for k in back)
+    back = convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config))
+    assert back.keys() == vae_sd.keys() and all(back[k].shape == vae_sd[k].shape for k in back)
+
+
+def test_four_level_two_layer_weights_round_trip():
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=2, sample_size=8,
+    )
+    back = convert_ldm_unet_checkpoint(unet_to_ldm(unet.state_dict()), dict(unet.config))
+    assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
+
+
+def test_metadata_and_fp16(tiny_pipe, tiny_dir, single_file, tmp_path):
+    with safe_open(single_file, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "modelspec.title": "tiny"}
+    pipe = tiny_pipe
+    half = save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "half.safetensors", dtype=torch.float16)
+    ratio = half.stat().st_size / single_file.stat().st_size
+    assert 0.49 < ratio < 0.52, ratio
+    models = load_single_file_components(half, tiny_dir, dtype=torch.float16)
+    for name in PARTS:
+        original = getattr(tiny_pipe, name).state_dict()
+        for key, tensor in models[name].state_dict().items():
+            assert tensor.dtype == torch.float16 and torch.equal(tensor, original[key].half()), key
+
+
+def test_write_is_atomic_and_refuses_bad_input(tiny_pipe, tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(SingleFileError, match="metadata values must be strings"):
+        save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, target, metadata={"steps": 10})
+    assert target.read_bytes() == b"old"
+    save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
+    assert len(to_ldm_state_dict(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)) == 368
+    with pytest.raises(SingleFileError, match=r"model\.ckpt: .* must end in \.safetensors"):
+        save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tmp_path / "model.ckpt")
+
+
+def test_unknown_layout_is_refused_not_dropped():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=8, attention_head_dim=2, class_embed_type="timestep",
+    )
+    with pytest.raises(SingleFileError, match=r"unet: 4 weights have no Stable Diffusion \(LDM\) name"):
+        unet_to_ldm(unet.state_dict())

@@ -1,0 +1,287 @@
+"""Text-to-image and VAE training on the tiny Stable Diffusion, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config, write_config
+from difftrain.cli import main
+from difftrain.config import load_config
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-sd") / "sd"
+    assert main(["model", "tiny-sd", str(out)]) == 0
+    return out
+
+
+def sd_config(tmp_path: Path, data_path: Path, tiny_sd: Path, name: str = "run", **sections) -> Path:
+    base = {
+        "method": "text2image",
+        "model": {"base": str(tiny_sd)},
+        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-4, "lr_warmup_steps": 0},
+        "sample": {"every_steps": 1000, "prompts": ["a red circle", "a blue square"], "steps": 2, "scheduler": "ddim"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    config = tiny_config(data_path, tmp_path / name, **base)
+    config["model"].pop("preset", None)
+    return write_config(tmp_path / f"{name}.yaml", config)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_saves_a_pipeline_diffusers_loads_and_runs(tiny_sd, shapes_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    config = sd_config(
+        tmp_path, shapes_dir, tiny_sd,
+        noise={"prediction_type": "v_prediction", "snr_gamma": 5.0, "input_perturbation": 0.1},
+        text2image={"caption_dropout": 0.5},
+        sample={"every_steps": 3},
+        output={"single_file": True},
+    )
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert "text2image run finished at step 3/3" in capsys.readouterr().out
+    assert Image.open(run / "samples" / "step-00000003.png").size[0] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(run / "model")
+    # The prediction type trained with is what the saved scheduler tells a sampler.
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # the base model's sampler class is kept
+    image = pipe("a red circle", num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (16, 16)
+    # The UNet trained; the frozen VAE did not.
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    assert not torch.equal(pipe.unet.conv_in.weight, base.unet.conv_in.weight)
+    assert torch.equal(pipe.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)
+    single = StableDiffusionPipeline.from_single_file(
+        run / "model" / "model.safetensors", config=str(run / "model"), local_files_only=True
+    )
+    assert torch.allclose(single.unet.conv_in.weight.float(), pipe.unet.conv_in.weight, atol=1e-3)
+
+
+def test_cached_and_uncached_runs_compute_the_same_loss(tiny_sd, shapes_dir, tmp_path):
+    common = dict(text2image={"caption_dropout": 0.3}, training={"max_steps": 3})
+    plain = sd_config(tmp_path, shapes_dir, tiny_sd, "plain", **common)
+    cached = sd_config(
+        tmp_path, shapes_dir, tiny_sd, "cached", data={"cache": {"latents": True, "text": True}}, **common
+    )
+    assert main(["train", str(plain), "--no-progress"]) == 0
+    assert main(["train", str(cached), "--no-progress"]) == 0
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "cached"), rel=1e-4)
+    # 24 images x 2 flips, 12 captions + "".
+    assert len(list((tmp_path / "cached" / "cache" / "latents").rglob("*.safetensors"))) == 48
+    assert len(list((tmp_path / "cached" / "cache" / "text").rglob("*.safetensors"))) == 13
+
+
+def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir, tmp_path):
+    from difftrain.data import build_dataset
+    from difftrain.methods.text2image import TextToImage
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    config = load_config(sd_config(tmp_path, data, tiny_sd, data={"random_flip": False}))
+    method = TextToImage(config)
+    first = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, True, progress=False)
+    assert first["latents computed"] == 24 and first["texts computed"] == 13
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(data / "000005.png")
+    again = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, True, progress=False)
+    assert again["latents computed"] == 1 and again["latents found"] == 23 and again["texts computed"] == 0
+    # A new resolution is a different latent for every image.
+    config.data.resolution = 8
+    resized = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, False, progress=False)
+    assert resized["latents computed"] == 24
+
+
+@pytest.mark.parametrize("shard_format", ["laion", "webdataset"])
+def test_trains_from_shards_and_reports_a_corrupt_record(shard_format, tiny_sd, shapes_dir, tmp_path, capsys):
+    import tarfile
+
+    shards = tmp_path / "shards"
+    assert main(["data", "build", str(shapes_dir), str(shards), "--format", shard_format, "--per-shard", "10"]) == 0
+    if shard_format == "laion":
+        part = sorted(shards.glob("part-*"))[0]
+        import gzip
+
+        lines = gzip.decompress(part.read_bytes()).decode().splitlines()
+        lines[3] = "a broken record\t0\tnot-base64-@@@"
+        part.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    else:
+        tar_path = sorted(shards.glob("*.tar"))[0]
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(tar_path, "w") as tar:
+            for member, payload in members:
+                if member.name.endswith(".png") and member.name.startswith(members[6][0].name.split(".")[0]):
+                    payload = b"garbage, not an image"
+                    member.size = len(payload)
+                import io
+
+                tar.addfile(member, io.BytesIO(payload))
+    config = sd_config(
+        tmp_path, shards / "filelist.txt", tiny_sd, data={"source": shard_format, "captions": "auto"},
+        training={"max_steps": 7},
+    )
+    assert main(["train", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "run finished at step 7/7" in out
+    report = (tmp_path / "run" / "data_report.txt").read_text()
+    assert "23 records, 1 skipped at start" in out
+    assert "skipped" in report and ("part-00000" in report or "shard-000000" in report)
+
+
+def test_from_scratch_unet_with_trained_text_encoder_and_its_own_lr(tiny_sd, shapes_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet_config = dict(UNet2DConditionModel.load_config(tiny_sd / "unet"))
+    unet_config["block_out_channels"] = [16, 32]
+    unet_config["norm_num_groups"] = 16
+    (tmp_path / "unet.json").write_text(json.dumps(unet_config))
+    config = sd_config(
+        tmp_path, shapes_dir, tiny_sd,
+        model={"unet": str(tmp_path / "unet.json")},
+        text2image={"train_text_encoder": True, "text_encoder_lr": 1e-5},
+        training={"max_steps": 2, "gradient_checkpointing": True, "ema": {"enabled": False}},
+        output={"trained_only": True},
+    )
+    from difftrain.training.trainer import Trainer
+
+    trainer = Trainer(load_config(config), progress=False)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-4, 1e-5]
+    assert trainer.method.unet.is_gradient_checkpointing
+    trainer.run()
+    saved = sorted(p.name for p in (tmp_path / "run" / "model").iterdir())
+    assert saved == ["scheduler", "text_encoder", "unet"]  # the trained parts only
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "model" / "unet")
+    assert list(unet.config.block_out_channels) == [16, 32]
+
+
+def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common = dict(text2image={"caption_dropout": 0.3}, training={"max_steps": 4}, checkpoint={"every_steps": 2})
+    straight = sd_config(tmp_path, shapes_dir, tiny_sd, "straight", **common)
+    resumed = sd_config(tmp_path, shapes_dir, tiny_sd, "resumed", **common)
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    assert main(["train", str(resumed), "--no-progress", "--set", "training.max_steps=2"]) == 0
+    assert main(["train", str(resumed), "--no-progress", "--resume", "latest"]) == 0
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd, tmp_path):
+    from difftrain.data import build_dataset, build_sampler
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i, size in enumerate([(64, 32)] * 4 + [(32, 64)] * 4 + [(32, 32)] * 4):
+        Image.new("RGB", size, (i * 20, 0, 0)).save(data / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": "a red square"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = sd_config(
+        tmp_path, data, tiny_sd, data={"resolution": 32, "buckets": {"enabled": True, "step": 8}},
+        training={"batch_size": 2, "max_steps": 3},
+    )
+    dataset = build_dataset(load_config(config), progress=False)
+    batches = iter(build_sampler(load_config(config), dataset, 0, 1))
+    shapes = set()
+    for _ in range(6):
+        keys = next(batches)
+        sizes = {tuple(dataset[k]["pixel_values"].shape) for k in keys}
+        assert len(sizes) == 1  # one bucket per batch
+        shapes |= sizes
+    # 32 px buckets in steps of 8 with ratio <= 2: 2:1 images go to 40x24, 1:2 to 24x40.
+    assert shapes == {(3, 24, 40), (3, 40, 24), (3, 32, 32)}
+    assert main(["train", str(config), "--no-progress"]) == 0
+
+
+def test_vae_method_trains_and_saves_an_autoencoder_diffusers_loads(shapes_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae_config = {
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [16, 16],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+    }
+    (tmp_path / "vae.json").write_text(json.dumps(vae_config))
+    config = write_config(
+        tmp_path / "vae.yaml",
+        tiny_config(shapes_dir, tmp_path / "run", method="vae", model={"vae": str(tmp_path / "vae.json")},
+                    training={"max_steps": 3}, sample={"every_steps": 3}),
+    )
+    assert main(["train", str(config), "--no-progress"]) == 0
+    vae = AutoencoderKL.from_pretrained(tmp_path / "run" / "model")
+    assert vae.config.scaling_factor != 0.18215  # measured on the data, not SD's constant
+    assert Image.open(tmp_path / "run" / "samples" / "step-00000003.png").size[0] > 0
+
+
+def test_config_errors_for_text2image_name_the_key(tmp_path, shapes_dir, tiny_sd, capsys):
+    bad = sd_config(tmp_path, shapes_dir, tiny_sd, data={"cache": {"latents": True}, "crop": "random"})
+    assert main(["train", str(bad)]) == 2
+    assert "data.crop = random" in capsys.readouterr().err
+    no_base = sd_config(tmp_path, shapes_dir, tiny_sd, "nobase", model={"base": None})
+    assert main(["train", str(no_base)]) == 2
+    assert "set model.base" in capsys.readouterr().err
+    missing = sd_config(tmp_path, shapes_dir, tiny_sd, "missing", model={"base": str(tmp_path / "nowhere")})
+    assert main(["train", str(missing)]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_several_captions_per_image_are_drawn_per_sample_from_a_jsonl(tiny_sd, shapes_dir, tmp_path):
+    from difftrain.data import build_dataset
+
+    lines = [json.dumps({"image": str(shapes_dir / f"{i:06d}.png"), "caption": [f"first {i}", f"second {i}"]})
+             for i in range(6)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    config = load_config(sd_config(tmp_path, tmp_path / "data.jsonl", tiny_sd, data={"source": "jsonl"}))
+    dataset = build_dataset(config, progress=False)
+    drawn = {dataset[(epoch, 0, 0)]["caption"] for epoch in range(12)}
+    assert drawn == {"first 0", "second 0"}
+    assert dataset[(3, 0, 0)]["caption"] == dataset[(3, 0, 0)]["caption"]  # seeded per (epoch, record)
+    assert main(["train", str(sd_config(tmp_path, tmp_path / "data.jsonl", tiny_sd, "jsonl-run",
+                                        data={"source": "jsonl"})), "--no-progress"]) == 0
+
+
+def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tiny_sd, shapes_dir, tmp_path):
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, training={"mixed_precision": "bf16"}))
+    trainer = Trainer(config, progress=False)
+    assert trainer.method.text_encoder.dtype == torch.bfloat16 and trainer.method.vae.dtype == torch.bfloat16
+    assert trainer.method.unet.dtype == torch.float32
+    result = trainer.run()
+    assert result.loss is not None and result.loss == result.loss  # finite, not NaN
+
+
+def test_missing_bitsandbytes_and_xformers_are_named(tiny_sd, shapes_dir, tmp_path, capsys):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"optimizer": "adamw_8bit"})
+        assert main(["train", str(config)]) == 2
+        assert "bitsandbytes" in capsys.readouterr().err
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        config = sd_config(tmp_path, shapes_dir, tiny_sd, "x", training={"attention": "xformers"})
+        assert main(["train", str(config)]) == 2
+        assert "xformers" in capsys.readouterr().err

@@ -13,47 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
-import yaml
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class PeakMemory:
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self._rss()
-            self.thread = threading.Thread(target=self._watch, daemon=True)
-            self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss() - self.start)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self._stop.set()
-            self.thread.join()
+from _common import PeakMemory, device_name, difftrain_run, sd_quarter
 
 
 def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device) -> float:
@@ -109,26 +74,9 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     return steps / (time.perf_counter() - started)
 
 
-def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool) -> float:
-    from difftrain.config import parse_config
-    from difftrain.training.trainer import Trainer
-
-    config = parse_config({
-        "output_dir": str(out),
-        "method": "text2image",
-        "data": {"path": str(data_dir), "resolution": size, "random_flip": False,
-                 "cache": {"latents": cache, "text": cache}},
-        "model": {"base": str(model_dir)},
-        "training": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "ema": {"enabled": False},
-                     "max_grad_norm": None},
-        "checkpoint": {"every_steps": 10 * steps},
-        "sample": {"every_steps": 10 * steps},
-        "log": {"every_steps": steps, "tensorboard": False},
-    })
-    trainer = Trainer(config, progress=False)
-    trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
-    result = trainer.run()
-    return steps / result.seconds
+def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool) -> float:
+    return difftrain_run(model_dir, data_dir, out, steps, batch, size,
+                         data={"cache": {"latents": cache, "text": cache}})[0]
 
 
 def main() -> None:
@@ -138,25 +86,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args()
     from difftrain.data.shapes import write_shapes_dataset
-    from difftrain.models.tiny_sd import write_tiny_sd
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
-    # Stable Diffusion 1.5's shape at a quarter of its width: VAE (128, 256, 512, 512) -> (32, 64, 128, 128),
-    # UNet (320, 640, 1280, 1280) -> (80, 160, 320, 320), two layers per block, 8x VAE downsampling, CLIP
-    # at 77 tokens. Channel counts scale the UNet's and the VAE's cost alike, so the share of a step the
-    # encoders take is close to SD's at the same pixels-to-latents ratio.
-    model_dir = write_tiny_sd(work / "sd", unet_channels=(80, 160, 320, 320), vae_channels=(32, 64, 128, 128),
-                              text_hidden=192, text_layers=6, sample_size=args.size, layers_per_block=2)
+    model_dir = sd_quarter(work, args.size)
     data_dir = write_shapes_dataset(work / "data", num_images=8 * args.batch, size=args.size)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
-          f"({torch.get_num_threads()} threads); {args.steps} steps of batch {args.batch} at {args.size} px")
+    print(f"device: {device_name(device)}; {args.steps} steps of batch {args.batch} at {args.size} px")
 
     baseline = "seeds-style loop (encode every step)"
     variants = [
         (baseline, lambda out: seeds_style_loop(model_dir, data_dir, args.steps, args.batch, args.size, device)),
-        ("difftrain, no cache", lambda out: difftrain_run(model_dir, data_dir, out, args.steps, args.batch, args.size, False)),
-        ("difftrain, cached latents + text", lambda out: difftrain_run(model_dir, data_dir, out, args.steps, args.batch, args.size, True)),
+        ("difftrain, no cache", lambda out: difftrain_text2image(model_dir, data_dir, out, args.steps, args.batch, args.size, False)),
+        ("difftrain, cached latents + text", lambda out: difftrain_text2image(model_dir, data_dir, out, args.steps, args.batch, args.size, True)),
     ]
     # A short untimed baseline first, so no variant pays the process's first-use costs
     # (imports, allocator growth); then every variant twice, in alternating order.
@@ -166,7 +107,7 @@ def main() -> None:
     peaks: dict[str, list[int]] = {name: [] for name, _ in variants}
     for round_ in range(2):
         for number, (name, run) in enumerate(variants if round_ == 0 else variants[::-1]):
-            with PeakMemory(device) as memory, contextlib.redirect_stdout(io.StringIO()):
+            with PeakMemory(device) as memory:
                 rates[name].append(run(work / f"run-{round_}-{number}"))
             peaks[name].append(memory.peak)
     results = {name: (sum(rates[name]) / len(rates[name]), max(peaks[name])) for name in rates}

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -97,3 +99,8 @@ def test_cli_config_check(tmp_path, capsys):
     assert err.startswith("error: ") and "training.batch_size = 0" in err and "Traceback" not in err
     assert main(["config", "check", str(path), "--set", "training.batch_size=8"]) == 0
     assert "batch_size: 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    load_config(path)

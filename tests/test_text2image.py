@@ -169,18 +169,28 @@ def test_from_scratch_unet_with_trained_text_encoder_and_its_own_lr(tiny_sd, sha
     assert list(unet.config.block_out_channels) == [16, 32]
 
 
-def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
+def train_straight_and_interrupted(make_config, tmp_path: Path, steps: int = 4) -> tuple[Path, Path]:
+    """Train `steps` straight, and `steps / 2` then resume to `steps`; return both runs' last checkpoints."""
+    straight, resumed = make_config("straight"), make_config("resumed")
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    assert main(["train", str(resumed), "--no-progress", "--set", f"training.max_steps={steps // 2}"]) == 0
+    assert main(["train", str(resumed), "--no-progress", "--resume", "latest"]) == 0
+    last = f"step-{steps:08d}"
+    return tmp_path / "straight" / "checkpoints" / last, tmp_path / "resumed" / "checkpoints" / last
+
+
+def assert_same_tensors(a: Path, b: Path, names=("model.safetensors", "optimizer.safetensors")) -> None:
     from safetensors.torch import load_file
 
+    for name in names:
+        left, right = load_file(a / name), load_file(b / name)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), name
+
+
+def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
     common = dict(text2image={"caption_dropout": 0.3}, training={"max_steps": 4}, checkpoint={"every_steps": 2})
-    straight = sd_config(tmp_path, shapes_dir, tiny_sd, "straight", **common)
-    resumed = sd_config(tmp_path, shapes_dir, tiny_sd, "resumed", **common)
-    assert main(["train", str(straight), "--no-progress"]) == 0
-    assert main(["train", str(resumed), "--no-progress", "--set", "training.max_steps=2"]) == 0
-    assert main(["train", str(resumed), "--no-progress", "--resume", "latest"]) == 0
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    make = lambda name: sd_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    assert_same_tensors(*train_straight_and_interrupted(make, tmp_path), names=("model.safetensors", "ema.safetensors"))
 
 
 def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd, tmp_path):

@@ -67,6 +67,22 @@ def _model_tiny_sd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_merge(args: argparse.Namespace) -> int:
+    from difftrain.models.lora_files import merge_lora
+
+    out = merge_lora(args.base, args.lora, args.scale, args.out)
+    print(f"wrote {out}: {args.base} with {args.lora} baked in at scale {args.scale}")
+    return 0
+
+
+def _lora_convert(args: argparse.Namespace) -> int:
+    from difftrain.models.lora_files import convert_lora
+
+    out = convert_lora(args.src, args.dst, to=args.to)
+    print(f"wrote {out} ({args.to} keys)")
+    return 0
+
+
 def _data_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes import write_shapes_dataset
 
@@ -143,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_model_tiny_sd)
+
+    lora = commands.add_parser("lora", help="merge or convert LoRA files").add_subparsers(dest="lora_command", required=True)
+    merge = lora.add_parser("merge", help="bake a LoRA into a full diffusers model folder")
+    merge.add_argument("base", help="diffusers model folder")
+    merge.add_argument("lora", help="LoRA file or folder (diffusers or kohya/A1111 keys)")
+    merge.add_argument("out", help="new folder for the merged model")
+    merge.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    merge.set_defaults(run=_lora_merge)
+    convert = lora.add_parser("convert", help="convert a LoRA between diffusers and kohya/A1111 keys")
+    convert.add_argument("src")
+    convert.add_argument("dst", help="output .safetensors file")
+    convert.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    convert.set_defaults(run=_lora_convert)
 
     config = commands.add_parser("config", help="work with run configs").add_subparsers(dest="config_command", required=True)
     config_check = config.add_parser("check", help="validate a config and print it resolved")

@@ -64,6 +64,16 @@ class DataConfig(Section):
     def _resolution_fits_unet(self) -> "DataConfig":
         if self.resolution % 8:
             raise ValueError(f"data.resolution = {self.resolution}: must be a multiple of 8")
+        if self.buckets.enabled and self.resolution % self.buckets.step:
+            raise ValueError(
+                f"data.buckets.step = {self.buckets.step}: must divide data.resolution = {self.resolution} "
+                "(the square bucket is resolution x resolution)"
+            )
+        if self.buckets.enabled and self.source in ("laion", "webdataset") and not self.cache.latents:
+            raise ValueError(
+                f"data.buckets with data.source = {self.source}: batches of one bucket jump between shards, "
+                "and each jump rereads a shard; set data.cache.latents: true (training then reads the cache)"
+            )
         return self
 
 
@@ -138,6 +148,44 @@ class Text2ImageConfig(Section):
     max_length: Optional[int] = Field(None, ge=2, description="tokenizer length; default the tokenizer's own")
 
 
+class LoraConfig(Section):
+    """LoRA through peft: an adapter on text2image or dreambooth, not a method of its own."""
+
+    enabled: bool = False
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: Optional[float] = Field(None, gt=0, description="scale = alpha / rank; default alpha = rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="peft init_lora_weights: default = Kaiming A, zero B (starts as the base model)"
+    )
+    unet_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="module names in the UNet; add e.g. proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2",
+    )
+    text_encoder: bool = Field(False, description="also train a LoRA on the text encoder (lr: text2image.text_encoder_lr)")
+    text_encoder_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+class DreamBoothConfig(Section):
+    instance_prompt: Optional[str] = Field(None, description="caption of every instance image, e.g. 'a photo of sks dog'")
+    prior_preservation: bool = True
+    class_data: Optional[str] = Field(None, description="class image folder; missing images are generated into it")
+    class_prompt: Optional[str] = Field(None, description="e.g. 'a photo of dog'")
+    num_class_images: int = Field(100, ge=1)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    class_steps: int = Field(25, ge=1, description="sampling steps per generated class image")
+    class_guidance_scale: float = Field(7.5, ge=0)
+    class_scheduler: str = "dpm++_2m"
+    class_seed: int = Field(0, description="image i is generated from seed class_seed + i")
+
+
+class TextualInversionConfig(Section):
+    token: Optional[str] = Field(None, description="the new word, e.g. '<cat-toy>'")
+    initializer: Optional[str] = Field(None, description="an existing one-token word the vectors start from, e.g. 'toy'")
+    num_vectors: int = Field(1, ge=1, le=64)
+    learnable_property: Literal["object", "style"] = "object"
+
+
 class VaeTrainConfig(Section):
     kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term against the L1+L2 reconstruction")
 
@@ -180,10 +228,13 @@ class LogConfig(Section):
 class RunConfig(Section):
     output_dir: str = "runs/run"
     seed: int = 0
-    method: Literal["unconditional", "text2image", "vae"] = "unconditional"
+    method: Literal["unconditional", "text2image", "dreambooth", "textual_inversion", "vae"] = "unconditional"
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     text2image: Text2ImageConfig = Field(default_factory=Text2ImageConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
+    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
     vae: VaeTrainConfig = Field(default_factory=VaeTrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
@@ -194,12 +245,39 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _method_has_what_it_needs(self) -> "RunConfig":
-        model, data = self.model, self.data
-        if self.method == "text2image" and not model.base and not (model.unet and model.vae and model.text_encoder):
+        model, data, method = self.model, self.data, self.method
+        latent = method in LATENT_METHODS
+        if latent and not model.base and not (model.unet and model.vae and model.text_encoder):
             raise ValueError(
-                "method text2image: set model.base (a diffusers folder, hub id or .safetensors file), "
+                f"method {method}: set model.base (a diffusers folder, hub id or .safetensors file), "
                 "or all of model.unet, model.vae, model.text_encoder and model.tokenizer"
             )
+        if latent and not model.base and not model.tokenizer:
+            raise ValueError(f"method {method}: without model.base, model.tokenizer must be set too")
+        if self.lora.enabled and method not in ("text2image", "dreambooth"):
+            raise ValueError(f"lora.enabled: LoRA adapts text2image or dreambooth training, not {method}")
+        if self.lora.enabled and self.lora.text_encoder and self.text2image.train_text_encoder:
+            raise ValueError(
+                "lora.text_encoder and text2image.train_text_encoder are both on: train the text encoder "
+                "through LoRA or fully, not both"
+            )
+        if method == "dreambooth":
+            db = self.dreambooth
+            if not db.instance_prompt:
+                raise ValueError("method dreambooth: set dreambooth.instance_prompt, e.g. 'a photo of sks dog'")
+            if db.prior_preservation and not (db.class_data and db.class_prompt):
+                raise ValueError(
+                    "dreambooth.prior_preservation: set dreambooth.class_data (a folder; missing images are "
+                    "generated) and dreambooth.class_prompt, or set prior_preservation: false"
+                )
+        if method == "textual_inversion":
+            ti = self.textual_inversion
+            if not (ti.token and ti.initializer):
+                raise ValueError("method textual_inversion: set textual_inversion.token and textual_inversion.initializer")
+            if data.cache.text:
+                raise ValueError("data.cache.text with textual_inversion: the new token's embedding changes as it trains")
+        if method == "vae" and data.buckets.enabled:
+            raise ValueError("method vae: train the VAE on square crops (data.buckets.enabled: false)")
         if self.method == "vae" and not (model.vae or model.base):
             raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
         if data.cache.latents and data.crop == "random":
@@ -207,18 +285,20 @@ class RunConfig(Section):
                 "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
                 "set data.crop: center (random_flip is fine, both flips are cached)"
             )
-        if data.cache.text and self.text2image.train_text_encoder:
+        if data.cache.text and (self.text2image.train_text_encoder or (self.lora.enabled and self.lora.text_encoder)):
             raise ValueError(
-                "data.cache.text = true with text2image.train_text_encoder = true: the embeddings change "
-                "as the encoder trains; turn one of them off"
+                "data.cache.text = true while the text encoder trains: the embeddings change "
+                "as it trains; turn one of them off"
             )
-        if self.method != "text2image" and (data.cache.latents or data.cache.text):
-            raise ValueError(f"data.cache: caching latents/text is for method text2image, not {self.method}")
+        if not latent and (data.cache.latents or data.cache.text):
+            raise ValueError(f"data.cache: caching latents/text is for latent methods, not {method}")
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+LATENT_METHODS = ("text2image", "dreambooth", "textual_inversion")
 
 # Keys that may change between a checkpoint and its resume: they do not alter what the
 # next optimizer step computes. Everything else must match, or resume would silently

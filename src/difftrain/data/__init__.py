@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftrain.config import RunConfig
-from difftrain.data.dataset import ImageDataset
+from difftrain.data.dataset import ImageDataset, PairedDataset
 from difftrain.data.folder import DatasetError
 from difftrain.data.sampler import EpochBatchSampler, ResumableBatches
 
@@ -33,9 +33,25 @@ def build_dataset(config: RunConfig, progress: bool = True) -> ImageDataset:
 
         sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
         buckets = BucketLookup(assign_buckets(source.sizes, sizes), sizes)
-    return ImageDataset(
-        source, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets
-    )
+    def images(source, caption=None):
+        return ImageDataset(
+            source, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption
+        )
+
+    if config.method != "dreambooth":
+        return images(source)
+    # DreamBooth: the instance images all carry the instance prompt; with prior preservation
+    # each is paired with a class image carrying the class prompt.
+    dreambooth = config.dreambooth
+    instances = images(source, dreambooth.instance_prompt)
+    if not dreambooth.prior_preservation:
+        return instances
+    class_source = open_source("folder", dreambooth.class_data, captions="none", max_pixels=data.max_image_pixels,
+                               progress=progress)
+    if buckets is not None:
+        raise DatasetError("data.buckets with DreamBooth prior preservation is not supported: the class images "
+                           "are generated square; turn buckets off")
+    return PairedDataset(instances, images(class_source, dreambooth.class_prompt))
 
 
 class BucketLookup:

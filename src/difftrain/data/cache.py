@@ -48,9 +48,17 @@ def fingerprint(obj) -> str:
         for name, tensor in sorted(obj.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    else:  # a tokenizer
-        digest.update(json.dumps(obj.get_vocab(), sort_keys=True).encode())
+    else:  # a tokenizer: vocabulary, merges, normalisation and special tokens all change the ids
+        backend = getattr(obj, "backend_tokenizer", None)
+        # to_str() writes the vocabulary in hash-map order, which changes between calls: re-sort it.
+        # Padding/truncation are per-call settings the tokenizer keeps from its last call, not identity.
+        state = json.loads(backend.to_str()) if backend is not None else obj.get_vocab()
+        if backend is not None:
+            state.pop("padding", None)
+            state.pop("truncation", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
         digest.update(str(getattr(obj, "model_max_length", "")).encode())
+        digest.update(str(getattr(obj, "pad_token", "")).encode())
     return digest.hexdigest()[:16]
 
 
@@ -59,8 +67,6 @@ class TensorCache:
 
     def __init__(self, root: str | Path, namespace: str):
         self.dir = Path(root) / namespace
-        self.hits = 0
-        self.misses = 0
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -71,17 +77,14 @@ class TensorCache:
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self.path(key)
         if not path.is_file():
-            self.misses += 1
             return None
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
             # A damaged entry is just a miss: drop it so it is recomputed.
-            log.warning("cache entry %s unreadable (%s); recomputing it", path, exc)
+            log.warning("cache entry %s unreadable (%s); deleted, the next cache fill recomputes it", path, exc)
             path.unlink(missing_ok=True)
-            self.misses += 1
             return None
-        self.hits += 1
         return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:

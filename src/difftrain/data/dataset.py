@@ -43,6 +43,7 @@ class ImageDataset(Dataset):
         seed: int,
         max_pixels: int,
         buckets: Callable[[int], tuple[int, int]] | None = None,
+        fixed_caption: str | None = None,
     ):
         self.source = source
         self.resolution = resolution
@@ -51,6 +52,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.max_pixels = max_pixels
         self.buckets = buckets  # index -> (width, height) of its aspect bucket
+        self.fixed_caption = fixed_caption  # DreamBooth: every image has the instance (or class) prompt
         # Filled by fill_cache:
         self.latent_cache: TensorCache | None = None
         self.text_cache: TensorCache | None = None
@@ -90,9 +92,10 @@ class ImageDataset(Dataset):
         else:
             position, record, image, item["skipped"] = self._read(index)
             captions = tuple(record.captions)
-            flip = self.flip
-            pixels, _ = prepare_image_for_size(image, self.target_size(position), self.crop, flip, rng)
+            pixels, _ = prepare_image_for_size(image, self.target_size(position), self.crop, self.flip, rng)
             item["pixel_values"] = pixels
+        if self.fixed_caption is not None:
+            captions = (self.fixed_caption,)
         caption = rng.choice(captions) if captions else ""
         item["caption"] = caption
         if self.text_cache is not None:
@@ -101,8 +104,8 @@ class ImageDataset(Dataset):
 
     def plain_pixels(self, index: int) -> torch.Tensor:
         """Record `index` centre-cropped, unflipped: for previews and the like."""
-        _, _, image, _ = self._read(index)
-        return prepare_image_for_size(image, self.target_size(index), "center", False, random.Random(0))[0]
+        position, _, image, _ = self._read(index)
+        return prepare_image_for_size(image, self.target_size(position), "center", False, random.Random(0))[0]
 
     # ----------------------------------------------------------------- cache
     def _latent_key(self, digest: bytes, size: tuple[int, int], flipped: bool) -> str:
@@ -115,7 +118,8 @@ class ImageDataset(Dataset):
         """The cached latent of `index` or, if that record could not be encoded, of the next one that was."""
         for offset in range(len(self)):
             position = (index + offset) % len(self)
-            entry = self.latent_cache.get(self._latent_key(self.hashes[position], self.target_size(position), flipped))
+            digest = self.hashes[position].tobytes()
+            entry = self.latent_cache.get(self._latent_key(digest, self.target_size(position), flipped))
             if entry is not None:
                 return position, entry, offset
         raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
@@ -136,7 +140,7 @@ class ImageDataset(Dataset):
         if latents:
             self.latent_cache = TensorCache(cache_dir, "latents")
             self.latent_tag = fingerprint(method.vae)
-            hashes = np.zeros(len(self), dtype="S32")
+            hashes = np.zeros((len(self), 32), dtype=np.uint8)  # not "S32": numpy strips trailing NUL bytes
             captions: list[tuple[str, ...]] = [()] * len(self)
         if text:
             self.text_cache = TensorCache(cache_dir, "text")
@@ -176,10 +180,9 @@ class ImageDataset(Dataset):
             mine = index % world_size == rank
             if latents:
                 digest = hashlib.sha256(record.data).digest()
-                hashes[index], captions[index] = digest, tuple(record.captions)
+                hashes[index], captions[index] = np.frombuffer(digest, dtype=np.uint8), tuple(record.captions)
                 size = self.target_size(index)
-                wanted = [f for f in ((False, True) if self.flip else (False,))]
-                keys = [(self._latent_key(digest, size, f), f) for f in wanted]
+                keys = [(self._latent_key(digest, size, f), f) for f in ((False, True) if self.flip else (False,))]
                 missing = [(k, f) for k, f in keys if k not in self.latent_cache]
                 counts["latents found"] += len(keys) - len(missing)
                 if missing and mine:
@@ -194,7 +197,8 @@ class ImageDataset(Dataset):
                         pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
                     flush_images(size)
             if text and mine:
-                for caption in set(record.captions) | {""}:
+                wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record.captions
+                for caption in sorted(set(wanted_captions) | {""}):
                     key = self._text_key(caption)
                     if key in self.text_cache or key in pending_texts:
                         counts["texts found"] += key in self.text_cache
@@ -209,6 +213,39 @@ class ImageDataset(Dataset):
         return counts
 
 
+class PairedDataset(Dataset):
+    """Each item of `main` with a companion item from `companion` under `class_` keys (DreamBooth's prior).
+
+    The companion record is drawn from (seed, epoch, index), so pairs are reproducible and
+    survive resume; the read order and the epoch length are `main`'s.
+    """
+
+    def __init__(self, main: ImageDataset, companion: ImageDataset):
+        self.main, self.companion = main, companion
+        self.source, self.buckets = main.source, main.buckets
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        epoch, batch, index = key
+        partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class").randrange(len(self.companion))
+        item = self.main[key]
+        extra = self.companion[(epoch, batch, partner)]
+        item.update({f"class_{k}": v for k, v in extra.items() if k not in ("epoch", "batch", "skipped")})
+        item["skipped"] += extra["skipped"]
+        return item
+
+    def plain_pixels(self, index: int) -> torch.Tensor:
+        return self.main.plain_pixels(index)
+
+    def fill_cache(self, method, cache_dir, latents, text, rank=0, world_size=1, progress=True) -> dict[str, int]:
+        counts = self.main.fill_cache(method, cache_dir, latents, text, rank, world_size, progress)
+        for name, value in self.companion.fill_cache(method, cache_dir, latents, text, rank, world_size, progress).items():
+            counts[name] += value
+        return counts
+
+
 def collate(items: list[dict]) -> dict:
     batch = {
         "captions": [item["caption"] for item in items],
@@ -216,9 +253,12 @@ def collate(items: list[dict]) -> dict:
         "batch": items[0]["batch"],
         "skipped": sum(item["skipped"] for item in items),
     }
+    if "class_caption" in items[0]:
+        batch["class_captions"] = [item["class_caption"] for item in items]
     for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds"):
-        if key in items[0]:
-            batch[key] = torch.stack([item[key] for item in items])
+        for name in (key, f"class_{key}"):
+            if name in items[0]:
+                batch[name] = torch.stack([item[name] for item in items])
     return batch
 
 

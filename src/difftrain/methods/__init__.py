@@ -11,6 +11,8 @@ from difftrain.methods.base import Method
 METHODS: dict[str, str] = {
     "unconditional": "difftrain.methods.unconditional:Unconditional",
     "text2image": "difftrain.methods.text2image:TextToImage",
+    "dreambooth": "difftrain.methods.dreambooth:DreamBooth",
+    "textual_inversion": "difftrain.methods.textual_inversion:TextualInversion",
     "vae": "difftrain.methods.vae:VaeTraining",
 }
 

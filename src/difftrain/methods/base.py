@@ -32,6 +32,9 @@ class Method(ABC):
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         return [{"params": params, "lr": learning_rate}]
 
+    def prepare_data(self, accelerator, progress: bool) -> None:
+        """Runs before the data set is opened: make data that must exist first (DreamBooth's class images)."""
+
     def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
         """Called once the device and data are known: move frozen parts, fill caches, pick previews."""
 

@@ -8,6 +8,7 @@ one (tested); with caching the VAE and text encoder never need to sit in memory.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -40,36 +41,53 @@ class TextToImage(Method):
         self.unet.requires_grad_(True)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(self.settings.train_text_encoder)
+        lora = config.lora
+        if lora.enabled:
+            from difftrain.models.lora import add_lora
+
+            add_lora(self.unet, lora, lora.unet_targets, "unet")
+            if lora.text_encoder:
+                add_lora(self.text_encoder, lora, lora.text_encoder_targets, "text_encoder")
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
         self.validation_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.num_records: int | None = None
+        self._saving_parts = None
 
     # ----------------------------------------------------------------- what trains
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether any text-encoder parameter trains (fully, or a LoRA on it)."""
+        return self.settings.train_text_encoder or (self.config.lora.enabled and self.config.lora.text_encoder)
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.unet}
-        if self.settings.train_text_encoder:
+        if self.trains_text_encoder:
             modules["text_encoder"] = self.text_encoder
         return modules
 
     def parameter_groups(self, learning_rate: float) -> list[dict]:
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": learning_rate}]
-        if self.settings.train_text_encoder:
+        if self.trains_text_encoder:
             lr = self.settings.text_encoder_lr or learning_rate
             groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": lr})
         return groups
+
 
     def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
         """Frozen parts go to the device in the compute dtype; caches are filled; unneeded parts leave memory."""
         device = accelerator.device
         self.device, self.weight_dtype = device, weight_dtype
+        self.num_records = len(dataset)
         # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
-        _move(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
-        if not self.settings.train_text_encoder:
-            _move(self.text_encoder, device, weight_dtype)
-        self.empty_embedding = self.encode_text([""])[0].detach()
+        _hold(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
+        for module in (self.unet, self.text_encoder):
+            _hold(module, device, weight_dtype)
+        with torch.no_grad():
+            self.empty_embedding = self.encode_text([""])[0].detach()
         if self.config.sample.prompts:
-            prompts = self.config.sample.prompts
+            prompts = [self.expand_prompt(p) for p in self.config.sample.prompts]
             self.validation_embeddings = (
                 self.encode_text(prompts).detach(),
                 self.encode_text([self.config.sample.negative_prompt] * len(prompts)).detach(),
@@ -83,6 +101,10 @@ class TextToImage(Method):
                 accelerator.process_index, accelerator.num_processes, progress,
             )
             accelerator.wait_for_everyone()  # every process's share is on disk before anyone reads
+            if accelerator.num_processes > 1:
+                # A cache dir that is not shared (node-local disks) lacks the other ranks'
+                # shares: each process fills its own gaps (on a shared dir this finds none).
+                dataset.fill_cache(self, cache_dir(self.config), cache.latents, cache.text, 0, 1, False)
             if progress:
                 print("cache: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
         if cache.text:
@@ -103,7 +125,7 @@ class TextToImage(Method):
         ids = self.tokenizer(
             captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        with torch.set_grad_enabled(self.settings.train_text_encoder and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
             return encoder(ids)[0]
 
     def to_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -112,7 +134,15 @@ class TextToImage(Method):
         return (sample - shift) * scale
 
     # ----------------------------------------------------------------- the objective
+    def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:
+        """The batch as the loss sees it; DreamBooth joins its class half, Textual Inversion writes captions."""
+        return batch
+
+    def expand_prompt(self, prompt: str) -> str:
+        return prompt
+
     def loss(self, modules, batch, generator):
+        batch = self.batch_parts(batch, generator)
         batch_size = len(batch["captions"])
         dropped = torch.rand(batch_size, generator=generator, device=generator.device) < self.settings.caption_dropout
         if "latent_mean" in batch:
@@ -126,7 +156,7 @@ class TextToImage(Method):
         else:
             captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["captions"])]
             embeds = self.encode_text(captions, modules.get("text_encoder"))
-        unet = modules["unet"]
+        unet = modules.get("unet", self.unet)
         embeds = embeds.to(latents.dtype)
         return denoising_loss(
             latents,
@@ -134,17 +164,18 @@ class TextToImage(Method):
             self.noise_scheduler,
             self.config.noise,
             generator,
+            batch.get("sample_weights"),
         )
 
     # ----------------------------------------------------------------- outputs
-    def pipeline(self, modules: dict[str, torch.nn.Module], scheduler=None):
+    def pipeline(self, modules: dict[str, torch.nn.Module], scheduler=None, vae=None, text_encoder=None):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=modules.get("text_encoder", self.text_encoder),
+            vae=vae or self.vae,
+            text_encoder=modules.get("text_encoder", text_encoder or self.text_encoder),
             tokenizer=self.tokenizer,
-            unet=modules["unet"],
+            unet=modules.get("unet", self.unet),
             scheduler=scheduler or self.saved_scheduler(),
             safety_checker=None,
             feature_extractor=None,
@@ -158,7 +189,12 @@ class TextToImage(Method):
             for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
             if key in self.noise_scheduler.config
         }
-        return type(self.base_scheduler).from_config({**self.base_scheduler.config, **settings})
+        cls = type(self.base_scheduler)
+        if settings.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+            from diffusers import DDIMScheduler
+
+            cls = DDIMScheduler  # PNDM (SD 1.5's) keeps the flag but samples the unrescaled schedule
+        return cls.from_config({**self.base_scheduler.config, **settings})
 
     @torch.no_grad()
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
@@ -167,10 +203,10 @@ class TextToImage(Method):
             return []
         pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.noise_scheduler.config)))
         pipe.set_progress_bar_config(disable=True)
-        unet = modules["unet"]
+        unet = modules.get("unet", self.unet)
         positive, negative = self.validation_embeddings
         if "text_encoder" in modules:  # trained: the stored embeddings are stale
-            positive = self.encode_text(sample.prompts, modules["text_encoder"])
+            positive = self.encode_text([self.expand_prompt(p) for p in sample.prompts], modules["text_encoder"])
             negative = self.encode_text([sample.negative_prompt] * len(sample.prompts), modules["text_encoder"])
         size = self.config.data.resolution
         home = self.vae.device
@@ -180,7 +216,7 @@ class TextToImage(Method):
         mixed = self.weight_dtype != torch.float32
         try:
             with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=mixed):
-                return pipe(
+                latents = pipe(
                     prompt_embeds=positive.to(unet.dtype),
                     negative_prompt_embeds=negative.to(unet.dtype),
                     num_inference_steps=steps,
@@ -188,15 +224,44 @@ class TextToImage(Method):
                     height=size,
                     width=size,
                     generator=torch.Generator(device="cpu").manual_seed(seed),
+                    output_type="latent",
                 ).images
+            # Decoded outside autocast, in the VAE's own dtype: SD's VAE overflows in fp16.
+            scale, shift = self.latent_scale
+            pixels = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
+            return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
         finally:
             self.vae.to(home)
 
+    def training_facts(self) -> dict[str, str | int | float]:
+        """What a file we write should say about how it was made (safetensors metadata)."""
+        config = self.config
+        facts = {
+            "base_model": str(config.model.base),
+            "method": self.name,
+            "steps": config.training.max_steps,
+            "resolution": config.data.resolution,
+            "learning_rate": config.training.learning_rate,
+            "batch_size": config.training.batch_size,
+            "seed": config.seed,
+            "prediction_type": str(self.noise_scheduler.config.prediction_type),
+        }
+        if config.lora.enabled:
+            facts.update(rank=config.lora.rank, alpha=config.lora.alpha or config.lora.rank)
+        if self.num_records is not None:
+            facts["num_images"] = self.num_records
+        return facts
+
     def save_model(self, modules, out_dir: Path) -> None:
         output = self.config.output
-        if self.vae is None or self.text_encoder is None:
-            self._reload_frozen_parts()
-        unet, text_encoder = modules["unet"], modules.get("text_encoder", self.text_encoder)
+        if self.config.lora.enabled:
+            from difftrain.models.lora_files import save_lora
+
+            text_encoder = modules.get("text_encoder") if self.config.lora.text_encoder else None
+            save_lora(out_dir, modules.get("unet", self.unet), text_encoder, metadata=self.training_facts())
+            return
+        vae, frozen_text_encoder = self._frozen_parts_for_saving()
+        unet, text_encoder = modules.get("unet", self.unet), modules.get("text_encoder", frozen_text_encoder)
         if output.trained_only:
             out_dir.mkdir(parents=True, exist_ok=True)
             unet.save_pretrained(out_dir / "unet")
@@ -204,16 +269,13 @@ class TextToImage(Method):
                 text_encoder.save_pretrained(out_dir / "text_encoder")
             self.saved_scheduler().save_pretrained(out_dir / "scheduler")
         else:
-            self.pipeline(modules).save_pretrained(out_dir, safe_serialization=True)
+            self.pipeline(modules, vae=vae, text_encoder=text_encoder).save_pretrained(out_dir, safe_serialization=True)
         if output.single_file:
             from difftrain.models.single_file import save_single_file
 
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
-            save_single_file(unet, self.vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata={
-                "difftrain_method": self.name,
-                "base_model": str(self.config.model.base),
-                "prediction_type": str(self.noise_scheduler.config.prediction_type),
-            })
+            facts = {key: str(value) for key, value in self.training_facts().items()}
+            save_single_file(unet, vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata=facts)
 
     def _load_parts(self, load: set[str] | None = None):
         model = self.config.model
@@ -228,10 +290,24 @@ class TextToImage(Method):
             load=load,
         )
 
-    def _reload_frozen_parts(self) -> None:
-        parts = self._load_parts({"vae", "text_encoder"})
-        self.vae = self.vae or parts.vae
-        self.text_encoder = self.text_encoder or parts.text_encoder
+    def _frozen_parts_for_saving(self):
+        """The VAE and frozen text encoder as the base model has them.
+
+        Training may hold them in half precision, or (with caching) not at all; a saved model
+        gets the base model's full-precision weights either way, so cached and uncached runs
+        write the same files.
+        """
+        if self._saving_parts is None:
+            trained_encoder = self.trains_text_encoder
+            need = {name for name, module in (("vae", self.vae), ("text_encoder", self.text_encoder))
+                    if not (name == "text_encoder" and trained_encoder)
+                    and (module is None or module.dtype != torch.float32)}
+            parts = self._load_parts(need) if need else None
+            self._saving_parts = (
+                parts.vae if "vae" in need else self.vae,
+                parts.text_encoder if "text_encoder" in need else self.text_encoder,
+            )
+        return self._saving_parts
 
     def describe(self) -> list[str]:
         lines = super().describe()
@@ -241,8 +317,15 @@ class TextToImage(Method):
         return lines
 
 
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    # diffusers warns on any .to(dtype) call, even a no-op one; only cast when it changes something.
+def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen weights in the compute dtype, trainable ones (a full model, an adapter, new token rows) in fp32.
+
+    Half-precision trainable parameters are what gives diffusers' scripts their fp16
+    "Attempting to unscale FP16 gradients" crash; here they cannot exist.
+    """
     module.to(device)
-    if module.dtype != dtype:
-        module.to(dtype=dtype)
+    if any(not p.requires_grad for p in module.parameters()) and module.dtype != dtype:
+        module.to(dtype=dtype)  # (diffusers warns on any .to(dtype), even a no-op: only when needed)
+    for parameter in module.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()

@@ -71,9 +71,11 @@ class VaeTraining(Method):
     @torch.no_grad()
     def save_model(self, modules, out_dir: Path) -> None:
         vae = modules["autoencoder"].vae
-        # Stable Diffusion scales latents to unit variance (SD 1.x: 0.18215); a VAE trained
-        # here has its own spread, measured on the preview images, so a UNet trained on its
-        # latents sees the same scale.
-        latents = vae.encode(self.previews.to(self.device)).latent_dist.mean
-        vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp(min=1e-6)))
+        if str(self.config.model.vae or "").endswith(".json"):
+            # Stable Diffusion scales latents to unit variance (SD 1.x: 0.18215); a VAE trained
+            # from nothing has its own spread, measured on the preview images, so a UNet trained
+            # on its latents sees unit variance too. A fine-tuned VAE keeps its base's factor:
+            # the UNets it plugs into were trained with that one.
+            latents = torch.cat([vae.encode(chunk.to(self.device)).latent_dist.mean for chunk in self.previews.split(8)])
+            vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp(min=1e-6)))
         vae.save_pretrained(out_dir, safe_serialization=True)

@@ -47,27 +47,40 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+def _apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the lowest-ranked adjacent pair until none applies."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
+    return parts
+
+
 def build_clip_tokenizer(words: tuple[str, ...] | list[str] = WORDS, model_max_length: int = 77):
-    """A CLIP BPE tokenizer whose merges spell out `words` left to right."""
+    """A CLIP BPE tokenizer in which each of `words` is exactly one token.
+
+    Each word is first split by the merges made so far, then its pieces are chained together;
+    merges are ranked in the order made, so a later word can never split an earlier one.
+    """
     from transformers import CLIPTokenizer
 
     symbols = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(words):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         merged = parts[0]
         for part in parts[1:]:
-            pair = (merged, part)
+            ranks[(merged, part)] = len(ranks)
             merged += part
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
 
 
 def tiny_sd_components(

@@ -67,12 +67,13 @@ def denoising_loss(
     scheduler: DDPMScheduler,
     noise: NoiseConfig,
     generator: torch.Generator,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole objective for one batch: noise `x0`, call `predict(noisy, timesteps)`, weigh the error."""
     noisy, drawn, timesteps = noisy_inputs(x0, scheduler, generator, noise.noise_offset, noise.input_perturbation)
     prediction = predict(noisy, timesteps)
     target = prediction_target(x0, drawn, timesteps, scheduler)
-    return diffusion_loss(prediction, target, timesteps, scheduler, noise.snr_gamma)
+    return diffusion_loss(prediction, target, timesteps, scheduler, noise.snr_gamma, sample_weights)
 
 
 def prediction_target(
@@ -110,10 +111,17 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch."""
+    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch.
+
+    `sample_weights` (summing to the batch's total weight) replace the plain mean: DreamBooth
+    weighs its class half by prior_loss_weight this way, whatever the batch size.
+    """
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
     if snr_gamma is not None:
         per_sample = per_sample * snr_weights(timesteps, scheduler, snr_gamma).to(per_sample.device)
+    if sample_weights is not None:
+        return (per_sample * sample_weights.to(per_sample.device)).sum()
     return per_sample.mean()

@@ -64,7 +64,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, progress: bool = True):
+    def __init__(self, config: RunConfig, progress: bool = True, resume: str | None = None):
         if config.training.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "training.mixed_precision = 'fp16': fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'"
@@ -87,10 +87,14 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.progress = progress and self.main
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+        # Refuse a run that cannot start before any model loads or any cache fills.
+        self.resume = resume
+        self._check_startable(resume)
 
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)
         self.method = build_method(config)
+        self.method.prepare_data(self.accelerator, self.progress)
         self.dataset = build_dataset(config, progress=self.progress)
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
@@ -119,6 +123,9 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def run(self, resume: str | None = None) -> TrainResult:
         config, accelerator = self.config, self.accelerator
+        resume = resume or self.resume
+        if resume != self.resume:
+            self._check_startable(resume)
         self._prepare_run_dir(resuming=bool(resume))
         if resume:
             self.load_checkpoint(self.store.resolve(resume))
@@ -187,13 +194,32 @@ class Trainer:
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds)
 
     # ----------------------------------------------------------------- outputs
-    def _prepare_run_dir(self, resuming: bool) -> None:
+    def _check_startable(self, resume: str | None) -> None:
         existing = self.store.latest()
-        if existing is not None and not resuming:
+        if existing is not None and not resume:
             raise CheckpointError(
                 f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
                 "add --resume latest to continue it, or set output_dir to a new folder"
             )
+        if resume:
+            self._check_resumable(self.store.resolve(resume))
+
+    def _check_resumable(self, path: Path) -> None:
+        state = read_json(path / "state.json")
+        conflicts = resume_conflicts(read_config(path), self.config)
+        if conflicts:
+            raise CheckpointError(
+                f"cannot resume from {path}: the config differs in settings that change training:\n  "
+                + "\n  ".join(conflicts)
+                + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
+            )
+        if state["world_size"] != self.accelerator.num_processes:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
+                f"this run has {self.accelerator.num_processes}; the data shards and random streams would differ"
+            )
+
+    def _prepare_run_dir(self, resuming: bool) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.store.clean_staging()
@@ -316,18 +342,7 @@ class Trainer:
         accelerator = self.accelerator
         state = read_json(path / "state.json")
         saved = read_config(path)
-        conflicts = resume_conflicts(saved, self.config)
-        if conflicts:
-            raise CheckpointError(
-                f"cannot resume from {path}: the config differs in settings that change training:\n  "
-                + "\n  ".join(conflicts)
-                + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
-            )
-        if state["world_size"] != accelerator.num_processes:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
-                f"this run has {accelerator.num_processes}; the data shards and random streams would differ"
-            )
+        self._check_resumable(path)
         if state.get("num_records", len(self.dataset)) != len(self.dataset):
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained on {state['num_records']} usable images, "
@@ -410,4 +425,4 @@ def _scalar_config(config: RunConfig) -> dict:
 
 def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
     """Train `config` to `training.max_steps`; `resume` is 'latest' or a checkpoint folder."""
-    return Trainer(config, progress=progress).run(resume=resume)
+    return Trainer(config, progress=progress, resume=resume).run()

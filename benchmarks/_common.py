@@ -1,0 +1,87 @@
+"""What the benchmarks share: peak-memory measurement, the SD-shaped test model, a difftrain run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class PeakMemory:
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self._rss()
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss() - self.start)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self._stop.set()
+            self.thread.join()
+
+
+def sd_quarter(work: Path, size: int) -> Path:
+    """Stable Diffusion 1.5's shape at a quarter of its width, random weights, saved as a diffusers folder.
+
+    VAE (128, 256, 512, 512) -> (32, 64, 128, 128), UNet (320, 640, 1280, 1280) -> (80, 160, 320, 320),
+    two layers per block, 8x VAE downsampling, CLIP at 77 tokens. Channel counts scale the UNet's and
+    the VAE's cost alike, so the share of a step each part takes is close to SD's at the same
+    pixels-to-latents ratio.
+    """
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(work / "sd", unet_channels=(80, 160, 320, 320), vae_channels=(32, 64, 128, 128),
+                         text_hidden=192, text_layers=6, sample_size=size, layers_per_block=2)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, **sections):
+    """A text2image run through the real Trainer; returns (steps/s of the loop, the trainer)."""
+    from difftrain.config import parse_config
+    from difftrain.training.trainer import Trainer
+
+    raw = {
+        "output_dir": str(out),
+        "method": "text2image",
+        "data": {"path": str(data_dir), "resolution": size, "random_flip": False},
+        "model": {"base": str(model_dir)},
+        "training": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "ema": {"enabled": False},
+                     "max_grad_norm": None},
+        "checkpoint": {"every_steps": 10 * steps},
+        "sample": {"every_steps": 10 * steps},
+        "log": {"every_steps": steps, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(parse_config(raw), progress=False)
+        trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
+        result = trainer.run()
+    return steps / result.seconds, trainer

@@ -1,0 +1,32 @@
+"""Attaching LoRA adapters (through peft) to a UNet or a text encoder, with clear errors."""
+
+from __future__ import annotations
+
+import torch
+
+from difftrain.config import ConfigError, LoraConfig
+
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def add_lora(module: torch.nn.Module, settings: LoraConfig, targets: list[str], name: str) -> None:
+    """Freeze `module` and add a trainable LoRA on the layers named `targets`."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n, _ in module.named_modules())]
+    if unknown:
+        layers = [n.split(".") for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        leaves = sorted({".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in layers})
+        key = "lora.unet_targets" if name == "unet" else "lora.text_encoder_targets"
+        raise ConfigError(f"{key}: no layer of the {name} is called {unknown}; its Linear/Conv2d layers are named "
+                          f"{', '.join(leaves[:30])}")
+    module.requires_grad_(False)
+    module.add_adapter(
+        PeftLoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha or settings.rank,
+            lora_dropout=settings.dropout,
+            init_lora_weights=PEFT_INIT[settings.init],
+            target_modules=list(targets),
+        )
+    )

@@ -1,0 +1,496 @@
+"""LoRA files in the formats our users load, and conversion and merging between them.
+
+Training holds the adapter in peft (`model.add_adapter(LoraConfig(...))`); `save_lora` writes
+it twice:
+
+- `pytorch_lora_weights.safetensors`, diffusers' format (`pipe.load_lora_weights(folder)`):
+  keys `unet.<module>.lora.down.weight` / `text_encoder.text_model.<module>.lora_linear_layer.up.weight`
+  (diffusers' own `convert_state_dict_to_diffusers` spelling), and a LoraConfig (rank, alpha,
+  per-module patterns) as JSON in the header under `lora_adapter_metadata`, which is where
+  diffusers reads alpha from (without it, it assumes alpha = rank).
+- `<name>.safetensors`, kohya's format (AUTOMATIC1111, ComfyUI, and diffusers' kohya path):
+  `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight` and a scalar
+  `.alpha` per module; the scale applied is alpha / rank.
+
+Inside, both become one list of `Module`s (part, module path, down, up, kohya alpha), so
+every conversion is two small functions, not one per pair of formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difftrain.errors import DifftrainError
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig JSON
+
+# diffusers component -> kohya key prefix. Read-only aliases: SDXL files say lora_te1_.
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_READ_PREFIX = {**{p: part for part, p in KOHYA_PREFIX.items()}, "lora_te1_": "text_encoder"}
+KOHYA_SUFFIX = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+# Every spelling diffusers and peft use for the two matrices.
+DIFFUSERS_SUFFIX = {
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+}
+
+# How diffusers' convert_state_dict_to_diffusers spells attention LoRAs, used for every module:
+# diffusers' loader converts a unet file only when its FIRST key lacks "lora_A", so the mix
+# it writes for other targets (proj_in.lora_A next to to_q.lora.down) silently drops layers.
+DIFFUSERS_SPELLING = {"unet": ".lora.{}.weight", "text_encoder": ".lora_linear_layer.{}.weight"}
+
+# kohya flattens "." to "_", which also sits inside module names. Reading a kohya key back,
+# these words are re-joined (longest first); check_lora_fits never needs them, it
+# flattens the model's own names instead.
+COMPOUND_WORDS = frozenset(
+    "down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out "
+    "conv_shortcut conv_in conv_out time_embedding time_emb_proj linear_1 linear_2 add_embedding "
+    "conv_norm_out text_model self_attn q_proj k_proj v_proj out_proj text_projection "
+    "final_layer_norm layer_norm1 layer_norm2 token_embedding position_embedding".split()
+)
+
+# Plain training facts -> the kohya metadata names that A1111, ComfyUI and Civitai show.
+SS_KEYS = {
+    "base_model": "ss_sd_model_name",
+    "rank": "ss_network_dim",
+    "alpha": "ss_network_alpha",
+    "steps": "ss_max_train_steps",
+    "resolution": "ss_resolution",
+    "num_images": "ss_num_train_images",
+    "epochs": "ss_num_epochs",
+    "learning_rate": "ss_learning_rate",
+    "batch_size": "ss_total_batch_size",
+    "seed": "ss_seed",
+    "lr_scheduler": "ss_lr_scheduler",
+    "optimizer": "ss_optimizer",
+    "mixed_precision": "ss_mixed_precision",
+    "comment": "ss_training_comment",
+}
+
+
+class LoraFileError(DifftrainError):
+    """A LoRA file that cannot be written, read, converted or applied as asked."""
+
+
+@dataclass
+class Module:
+    """One LoRA'd layer: W + (alpha / rank) * up @ down, whatever file it came from."""
+
+    part: str  # "unet" | "text_encoder" | "text_encoder_2"
+    module: str  # the module path in the model, without CLIP's "text_model." (transformers 5 has none)
+    down: torch.Tensor  # [rank, in(, kh, kw)]
+    up: torch.Tensor  # [out, rank(, 1, 1)]
+    alpha: float  # kohya's alpha: the scale is alpha / rank
+    key: str  # the down key in the file it came from, for messages
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+# ---------------------------------------------------------------- names
+
+
+def _strip_text_model(part: str, module: str) -> str:
+    return module.removeprefix("text_model.") if part != "unet" else module
+
+
+def _with_text_model(part: str, module: str) -> str:
+    """CLIP's layers live under text_model. in every tool but transformers 5; writing the long
+    name loads everywhere (diffusers strips it again when the model is flattened)."""
+    if part == "unet" or module.startswith(("text_model.", "text_projection")):
+        return module
+    return f"text_model.{module}"
+
+
+def kohya_name(part: str, module: str) -> str:
+    return KOHYA_PREFIX[part] + _with_text_model(part, module).replace(".", "_")
+
+
+def _unflatten(name: str) -> str:
+    words, out, i = name.split("_"), [], 0
+    while i < len(words):
+        for n in (3, 2, 1):
+            joined = "_".join(words[i : i + n])
+            if n == 1 or joined in COMPOUND_WORDS:
+                out.append(joined)
+                i += n
+                break
+    return ".".join(out)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise LoraFileError(f"{path}: not a readable .safetensors file ({e}); LoRA files must be safetensors") from None
+
+
+def _resolve(path) -> Path:
+    path = Path(path)
+    return path / DIFFUSERS_FILE if path.is_dir() else path
+
+
+def _detect(tensors: dict[str, torch.Tensor]) -> str | None:
+    keys = list(tensors)
+    if not keys:
+        return None
+    if all(k.startswith(tuple(KOHYA_READ_PREFIX)) and k.endswith(tuple(KOHYA_SUFFIX)) for k in keys):
+        return "kohya"
+    if not all(k.endswith(tuple(DIFFUSERS_SUFFIX)) for k in keys):
+        return None
+    prefixed = [k.split(".", 1)[0] in KOHYA_PREFIX for k in keys]
+    if all(prefixed):
+        return "diffusers"
+    return "peft" if not any(prefixed) else None
+
+
+def load_lora_state(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(tensors, header metadata, format) of a LoRA file, format "kohya" | "diffusers" | "peft".
+
+    A folder means its pytorch_lora_weights.safetensors, as in diffusers."""
+    path = _resolve(path)
+    tensors, metadata = _read(path)
+    fmt = _detect(tensors)
+    if fmt is None:
+        odd = [k for k in tensors if not k.endswith(tuple(KOHYA_SUFFIX) + tuple(DIFFUSERS_SUFFIX))] or list(tensors)
+        raise LoraFileError(
+            f"{path}: not a LoRA in kohya, diffusers or peft key format "
+            f"(e.g. {odd[:3]}); expected keys like lora_unet_..._to_q.lora_down.weight or "
+            "unet.....to_q.lora.down.weight (LyCORIS/LoHa/DoRA files are not supported)"
+        )
+    return tensors, metadata, fmt
+
+
+def _pair(tensors: dict, suffixes: dict[str, str], path: Path) -> dict[str, dict]:
+    """Group keys by module stem: {stem: {"down": t, "up": t, ("alpha": t), "key": down key}}."""
+    groups: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        suffix = next(s for s in suffixes if key.endswith(s))
+        group = groups.setdefault(key[: -len(suffix)], {})
+        group[suffixes[suffix]] = tensor
+        if suffixes[suffix] == "down":
+            group["key"] = key
+    broken = [stem for stem, g in groups.items() if not {"down", "up"} <= g.keys()]
+    if broken:
+        raise LoraFileError(f"{path}: modules with only one of their two LoRA matrices: {broken[:3]}; file cut short?")
+    return groups
+
+
+def _part_config(metadata: dict[str, str], part: str | None) -> dict:
+    """One part's peft LoraConfig dict from diffusers' header JSON, {} where there is none.
+    A diffusers file scopes it by part ("unet.r"); a peft file has one model's, unscoped."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    flat = json.loads(raw) if raw else {}
+    if part is None:
+        return flat
+    return {k[len(part) + 1 :]: v for k, v in flat.items() if k.startswith(f"{part}.")}
+
+
+def _peft_alpha(config: dict, module: str, rank: int) -> float:
+    """kohya alpha (scale * rank) of one module under a peft LoraConfig dict; without one,
+    diffusers' convention: scale 1."""
+    from peft.utils.other import get_pattern_key
+
+    if "lora_alpha" not in config:
+        return float(rank)
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(get_pattern_key(pattern.keys(), module), config["lora_alpha"]))
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _text_encoder_guess(module: str) -> bool:
+    return module.startswith(("text_model.", "encoder.layers.", "embeddings.", "final_layer_norm", "text_projection"))
+
+
+def _modules(tensors: dict, metadata: dict[str, str], fmt: str, path: Path) -> list[Module]:
+    out = []
+    if fmt == "kohya":
+        for stem, g in _pair(tensors, KOHYA_SUFFIX, path).items():
+            prefix = next(p for p in KOHYA_READ_PREFIX if stem.startswith(p))
+            part = KOHYA_READ_PREFIX[prefix]
+            module = _strip_text_model(part, _unflatten(stem[len(prefix) :]))
+            alpha = float(g["alpha"].item()) if "alpha" in g else float(g["down"].shape[0])
+            out.append(Module(part, module, g["down"], g["up"], alpha, g["key"]))
+        return out
+    for stem, g in _pair(tensors, DIFFUSERS_SUFFIX, path).items():
+        if fmt == "diffusers":
+            part, module = stem.split(".", 1)
+        else:  # peft: one model's keys, no component prefix
+            part, module = ("text_encoder" if _text_encoder_guess(stem) else "unet"), stem
+        config = _part_config(metadata, part if fmt == "diffusers" else None)
+        module = _strip_text_model(part, module)
+        out.append(Module(part, module, g["down"], g["up"], _peft_alpha(config, module, g["down"].shape[0]), g["key"]))
+    return out
+
+
+def _modules_from_model(part: str, model, adapter_name: str) -> list[Module]:
+    """The trained adapter of a peft-wrapped model, with each layer's own alpha (so
+    rank_pattern / alpha_pattern / rslora all come out right)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise LoraFileError(
+            f"{part} has no LoRA adapter {adapter_name!r}: add one with {part}.add_adapter(peft.LoraConfig(...)) "
+            "before saving, or pass None for a part that is not trained"
+        )
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    odd = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if odd:
+        raise LoraFileError(
+            f"{part}: adapter {adapter_name!r} has weights kohya files cannot hold: {odd[:3]}; "
+            "train plain LoRA (no DoRA, no lora_bias, no embedding layers)"
+        )
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r}
+    out = []
+    for name, layer in layers.items():
+        r, alpha = layer.r[adapter_name], float(layer.lora_alpha[adapter_name])
+        kohya_alpha = alpha * math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else alpha
+        down, up = (state[f"{name}.lora_{x}.weight"].detach().cpu().contiguous() for x in "AB")
+        out.append(Module(part, _strip_text_model(part, name), down, up, kohya_alpha, f"{name}.lora_A.weight"))
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _derived_config(modules: list[Module]) -> dict:
+    """The smallest LoraConfig dict that gives every module its rank and scale in diffusers.
+
+    Only the fields diffusers' own get_peft_kwargs fills: peft's full to_dict() names fields
+    an older peft's LoraConfig(**...) rejects, which would make the file unloadable there.
+    Pattern keys are whole module paths (peft matches them as a suffix: with or without
+    CLIP's text_model.)."""
+    ranks = {m.module: m.rank for m in modules}
+    alphas = {m.module: m.alpha for m in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def to_diffusers(modules: list[Module]) -> tuple[dict, str]:
+    """(tensors, lora_adapter_metadata JSON) in StableDiffusionPipeline.save_lora_weights' layout."""
+    tensors, adapter_meta = {}, {}
+    for part in dict.fromkeys(m.part for m in modules):
+        mods = [m for m in modules if m.part == part]
+        spelling = DIFFUSERS_SPELLING["unet" if part == "unet" else "text_encoder"]
+        for m in mods:
+            name = f"{part}.{_with_text_model(part, m.module)}"
+            tensors[name + spelling.format("down")] = m.down
+            tensors[name + spelling.format("up")] = m.up
+        adapter_meta.update({f"{part}.{k}": v for k, v in _derived_config(mods).items()})
+    return tensors, json.dumps(adapter_meta, indent=2, sort_keys=True)
+
+
+def to_kohya(modules: list[Module]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for m in modules:
+        name = kohya_name(m.part, m.module)
+        tensors[f"{name}.lora_down.weight"] = m.down
+        tensors[f"{name}.lora_up.weight"] = m.up
+        tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+    return tensors
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, then renamed: a crash never leaves half a LoRA under the real name.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **metadata})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _stringify(metadata: dict | None) -> dict[str, str]:
+    out = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
+            raise LoraFileError(
+                f"LoRA metadata {key!r}: keys must be strings, values str/int/float/bool; json.dumps anything else"
+            )
+        out[key] = str(value)
+    return out
+
+
+def training_metadata(metadata: dict | None, kohya_name: str = "lora") -> dict[str, str]:
+    """The caller's plain keys, plus kohya's ss_ names for those it has."""
+    out = _stringify(metadata)
+    for plain, ss in SS_KEYS.items():
+        if plain in out and ss not in out:
+            value = out[plain]
+            # kohya's --resolution is "W,H"; one number means a square.
+            out[ss] = f"{value},{value}" if plain == "resolution" and value.isdigit() else value
+    out.setdefault("ss_network_module", "networks.lora")
+    out.setdefault("ss_output_name", kohya_name)
+    return out
+
+
+def save_lora(
+    out_dir,
+    unet=None,
+    text_encoder=None,
+    *,
+    metadata: dict[str, str] | None = None,
+    kohya_name: str = "lora",
+    adapter_name: str = "default",
+) -> tuple[Path, Path]:
+    """Write the peft adapters of `unet` / `text_encoder` as out_dir/pytorch_lora_weights.safetensors
+    (diffusers) and out_dir/<kohya_name>.safetensors (kohya/A1111/ComfyUI); returns both paths.
+
+    `metadata` (base_model, rank, alpha, steps, resolution, num_images, ...) goes into both
+    headers, under its own keys and kohya's ss_ names; rank and alpha default to the unet's
+    (else the text encoder's) most common ones.
+    """
+    out_dir = Path(out_dir)
+    stem = kohya_name.removesuffix(".safetensors")
+    if not stem or "/" in stem or "\\" in stem or f"{stem}.safetensors" == DIFFUSERS_FILE:
+        raise LoraFileError(f"kohya_name {kohya_name!r}: give a plain file name other than {DIFFUSERS_FILE!r}")
+    parts = {name: model for name, model in (("unet", unet), ("text_encoder", text_encoder)) if model is not None}
+    if not parts:
+        raise LoraFileError("save_lora: pass the unet and/or the text encoder that carry the LoRA adapter")
+    modules = [m for part, model in parts.items() for m in _modules_from_model(part, model, adapter_name)]
+    main = _derived_config([m for m in modules if m.part == next(iter(parts))])
+    info = {"rank": main["r"], "alpha": _number(main["lora_alpha"]), **(metadata or {})}
+    meta = training_metadata(info, stem)
+    tensors, adapter_json = to_diffusers(modules)
+    diffusers_path = _write(out_dir / DIFFUSERS_FILE, tensors, {**meta, ADAPTER_METADATA_KEY: adapter_json})
+    kohya_path = _write(out_dir / f"{stem}.safetensors", to_kohya(modules), meta)
+    return diffusers_path, kohya_path
+
+
+def convert_lora(src, dst, to: str) -> Path:
+    """Rewrite a LoRA file in the other key format ("kohya" | "diffusers"); metadata kept.
+
+    diffusers' lora_adapter_metadata is rebuilt from the alphas (a kohya file keeps
+    alphas as tensors and must not carry it: diffusers refuses a file with both)."""
+    if to not in ("kohya", "diffusers"):
+        raise LoraFileError(f"convert_lora: to={to!r}; choose 'kohya' or 'diffusers'")
+    src = _resolve(src)
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        dst = dst / DIFFUSERS_FILE if to == "diffusers" else dst.with_suffix(".safetensors")
+    tensors, metadata, fmt = load_lora_state(src)
+    modules = _modules(tensors, metadata, fmt, src)
+    meta = {k: v for k, v in metadata.items() if k not in ("format", ADAPTER_METADATA_KEY)}
+    if to == "kohya":
+        return _write(dst, to_kohya(modules), meta)
+    tensors, adapter_json = to_diffusers(modules)
+    return _write(dst, tensors, {**meta, ADAPTER_METADATA_KEY: adapter_json})
+
+
+# ---------------------------------------------------------------- applying
+
+
+def _components(pipe_or_components) -> dict:
+    """The LoRA-able models of a pipeline or of a {"unet": ..., "text_encoder": ...} dict."""
+    if isinstance(pipe_or_components, dict):
+        return {part: pipe_or_components.get(part) for part in KOHYA_PREFIX}
+    return {part: getattr(pipe_or_components, part, None) for part in KOHYA_PREFIX}
+
+
+def check_lora_fits(pipe_or_components, lora_path) -> None:
+    """Raise LoraFileError naming the LoRA modules the base model has no layer for, or whose
+    shapes do not fit its layer (a LoRA made for another model)."""
+    path = _resolve(lora_path)
+    tensors, metadata, fmt = load_lora_state(path)
+    modules = _modules(tensors, metadata, fmt, path)
+    components = _components(pipe_or_components)
+    # Flat kohya-style names on both sides: exact whatever format the file came in.
+    layers = {}
+    for part, model in components.items():
+        if model is not None:
+            for name, layer in model.named_modules():
+                layers[kohya_name(part, _strip_text_model(part, name))] = getattr(layer, "base_layer", layer)
+    bad = []
+    for m in modules:
+        layer = layers.get(kohya_name(m.part, m.module))
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            bad.append(f"{m.key}: no layer {m.part}.{m.module} in the base model")
+        elif (
+            m.down.ndim != weight.ndim
+            or m.up.shape[1] != m.rank
+            or m.down.shape[1] != weight.shape[1]
+            or m.up.shape[0] != weight.shape[0]
+        ):
+            shapes = f"down {list(m.down.shape)} up {list(m.up.shape)}"
+            bad.append(f"{m.key}: {shapes} vs {m.part}.{m.module}.weight {list(weight.shape)}")
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise LoraFileError(
+            f"{path}: {len(bad)} of {len(modules)} LoRA modules do not fit the base model "
+            "(a LoRA trained for a different model?): " + "; ".join(bad[:5]) + more
+        )
+
+
+def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
+    """Bake a LoRA (any format) into the diffusers folder `base_dir`, written as a new diffusers
+    folder `out_dir` (W += scale * alpha/rank * up @ down); `out_dir` must not hold anything."""
+    from diffusers import DiffusionPipeline
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LoraFileError(f"{out_dir}: exists and is not empty; merge into a new folder")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(base_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LoraFileError(f"{base_dir}: not a diffusers model folder ({e})") from None
+    check_lora_fits(pipe, lora_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        # Always through the diffusers format: its header carries per-module alphas, which
+        # diffusers' kohya path reduces to one alpha per component.
+        lora_file = convert_lora(lora_path, work / "lora", to="diffusers")
+        pipe.load_lora_weights(str(lora_file), adapter_name="merge")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+        pipe.unload_lora_weights()
+        pipe.save_pretrained(work / "model", safe_serialization=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(work / "model", out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,294 @@
+"""The LoRA files we write load through diffusers' own loaders and reproduce the trained model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from difftrain.models.lora_files import (
+    LoraFileError,
+    check_lora_fits,
+    convert_lora,
+    load_lora_state,
+    merge_lora,
+    save_lora,
+)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+FACTS = {"base_model": "tiny-sd", "steps": 100, "resolution": 32, "num_images": 12}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_lora"), seed=0)
+
+
+def load_pipe(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True)
+
+
+def image(pipe, **kwargs) -> np.ndarray:
+    generator = torch.Generator().manual_seed(7)
+    out = pipe("a red circle", num_inference_steps=2, generator=generator, output_type="np", height=32, width=32,
+               **kwargs)
+    return out.images[0]
+
+
+def prompt_embeds(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
+
+
+def add_lora(pipe, seed=1, unet_config=None, text_config=None):
+    """Seeded random lora_A AND lora_B (peft's default init makes B zero: no effect to test)."""
+    torch.manual_seed(seed)
+    unet = {"r": 4, "lora_alpha": 2, "target_modules": UNET_TARGETS, **(unet_config or {})}
+    text = {"r": 4, "lora_alpha": 8, "target_modules": TEXT_TARGETS, **(text_config or {})}
+    pipe.unet.add_adapter(peft.LoraConfig(init_lora_weights=False, **unet))
+    pipe.text_encoder.add_adapter(peft.LoraConfig(init_lora_weights=False, **text))
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def base(tiny_dir):
+    pipe = load_pipe(tiny_dir)
+    return {"image": image(pipe), "embeds": prompt_embeds(pipe)}
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_dir, tmp_path_factory):
+    """A 'trained' LoRA (unet alpha 2 rank 4: scale 0.5; text encoder alpha 8: scale 2), saved."""
+    pipe = add_lora(load_pipe(tiny_dir))
+    out = tmp_path_factory.mktemp("lora")
+    diffusers_file, kohya_file = save_lora(out, pipe.unet, pipe.text_encoder, metadata=FACTS, kohya_name="tiny_style")
+    files = {"dir": out, "diffusers": diffusers_file, "kohya": kohya_file}
+    return {"pipe": pipe, **files, "image": image(pipe), "embeds": prompt_embeds(pipe)}
+
+
+def test_files_are_named_as_the_tools_expect(trained):
+    assert trained["diffusers"] == trained["dir"] / "pytorch_lora_weights.safetensors"
+    assert trained["kohya"] == trained["dir"] / "tiny_style.safetensors"
+    names = sorted(p.name for p in trained["dir"].iterdir())
+    assert names == ["pytorch_lora_weights.safetensors", "tiny_style.safetensors"]  # no temp files left
+
+
+def test_diffusers_file_matches_save_lora_weights(trained, tmp_path):
+    """Same tensors and adapter config as diffusers' own save; our text-encoder keys keep CLIP's
+    text_model. (which transformers 5 dropped) so transformers 4 installs load them too."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = trained["pipe"]
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+    )
+    theirs = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    ours = {k.replace(".text_model.", "."): v for k, v in load_file(trained["diffusers"]).items()}
+    # (4 transformer blocks x 2 attentions + 2 CLIP layers) x q,k,v,out x down,up
+    assert len(ours) == len(theirs) == (4 * 2 + 2) * 4 * 2
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight" in ours
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight" in ours
+
+    with safe_open(str(trained["diffusers"]), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    # Only the fields diffusers' get_peft_kwargs fills (portable to older peft), same meaning.
+    assert sorted({k.split(".", 1)[1] for k in config}) == [
+        "alpha_pattern", "lora_alpha", "lora_bias", "r", "rank_pattern", "target_modules", "use_dora"
+    ]
+    assert (config["unet.r"], config["unet.lora_alpha"]) == (4, 2)
+    assert (config["text_encoder.r"], config["text_encoder.lora_alpha"]) == (4, 8)
+    assert config["unet.rank_pattern"] == config["unet.alpha_pattern"] == {}
+    targets = config["unet.target_modules"]
+    assert len(targets) == 32 and all(t.endswith(tuple(UNET_TARGETS)) for t in targets)
+
+
+def test_diffusers_file_reproduces_the_trained_model(tiny_dir, trained, base):
+    pipe = load_pipe(tiny_dir)
+    pipe.load_lora_weights(trained["dir"])  # a folder: diffusers picks pytorch_lora_weights.safetensors
+    got = image(pipe)
+    assert np.abs(got - base["image"]).max() > 0.02  # the LoRA does something
+    np.testing.assert_allclose(got, trained["image"], atol=1e-6)
+    torch.testing.assert_close(prompt_embeds(pipe), trained["embeds"])  # the text encoder's LoRA too
+    assert (prompt_embeds(pipe) - base["embeds"]).abs().max() > 0.1
+
+    # Scale 0 (unet through cross_attention_kwargs, text encoder through encode_prompt's lora_scale).
+    np.testing.assert_allclose(image(pipe, cross_attention_kwargs={"scale": 0.0}), base["image"], atol=1e-6)
+
+
+def test_kohya_file_names_and_alphas(trained):
+    tensors = load_file(trained["kohya"])
+    assert len(tensors) == 3 * (32 + 8)
+    unet_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    text_q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert tensors[f"{unet_q}.lora_down.weight"].shape == (4, 32)
+    assert tensors[f"{unet_q}.lora_up.weight"].shape == (32, 4)
+    assert tensors[f"{unet_q}.alpha"].ndim == 0 and tensors[f"{unet_q}.alpha"].item() == 2.0
+    assert tensors[f"{text_q}.alpha"].item() == 8.0
+    assert "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in tensors
+    attn1 = trained["pipe"].unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    peft_down = attn1.to_q.lora_A["default"].weight
+    assert torch.equal(tensors[f"{unet_q}.lora_down.weight"], peft_down.detach())
+
+
+def test_kohya_file_through_diffusers_kohya_path(tiny_dir, trained):
+    pipe = load_pipe(tiny_dir)
+    pipe.load_lora_weights(str(trained["kohya"]))  # a single file with lora_unet_/lora_te_ keys
+    np.testing.assert_allclose(image(pipe), trained["image"], atol=1e-6)
+    torch.testing.assert_close(prompt_embeds(pipe), trained["embeds"])
+
+
+def test_metadata_in_both_files(trained):
+    for path in (trained["diffusers"], trained["kohya"]):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+        assert meta["ss_sd_model_name"] == "tiny-sd" and meta["base_model"] == "tiny-sd"
+        assert meta["ss_resolution"] == "32,32"
+        assert meta["ss_max_train_steps"] == "100" and meta["ss_num_train_images"] == "12"
+        assert meta["ss_network_module"] == "networks.lora" and meta["ss_output_name"] == "tiny_style"
+    with safe_open(str(trained["kohya"]), "pt") as f:
+        # diffusers refuses a kohya file that also carries its adapter config.
+        assert "lora_adapter_metadata" not in f.metadata()
+
+
+def test_load_lora_state_detects_formats(trained, tiny_dir):
+    tensors, meta, fmt = load_lora_state(trained["kohya"])
+    assert fmt == "kohya" and len(tensors) == 120 and meta["ss_network_dim"] == "4"
+    assert load_lora_state(trained["dir"])[2] == "diffusers"
+    with pytest.raises(LoraFileError, match=r"not a LoRA .*key format"):
+        load_lora_state(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(LoraFileError, match="no such LoRA file"):
+        load_lora_state(trained["dir"] / "missing.safetensors")
+
+
+def test_convert_round_trips(trained, tmp_path):
+    back_and_forth = convert_lora(trained["kohya"], tmp_path / "d", to="diffusers")
+    assert back_and_forth == tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    assert load_lora_state(back_and_forth)[2] == "diffusers"
+    again = convert_lora(back_and_forth, tmp_path / "again.safetensors", to="kohya")
+    original, original_meta, _ = load_lora_state(trained["kohya"])
+    tensors, meta, _ = load_lora_state(again)
+    assert tensors.keys() == original.keys()
+    assert all(torch.equal(tensors[k], original[k]) and tensors[k].dtype == original[k].dtype for k in tensors)
+    assert meta == original_meta
+
+    # And our diffusers file converts to exactly our kohya file.
+    direct, _, _ = load_lora_state(convert_lora(trained["diffusers"], tmp_path / "direct.safetensors", to="kohya"))
+    assert direct.keys() == original.keys() and all(torch.equal(direct[k], original[k]) for k in direct)
+    with pytest.raises(LoraFileError, match="choose 'kohya' or 'diffusers'"):
+        convert_lora(trained["kohya"], tmp_path / "x.safetensors", to="a1111")
+
+
+def test_patterns_and_rslora_survive_every_format(tiny_dir, tmp_path):
+    """Per-module rank and alpha (rank_pattern / alpha_pattern) and rsLoRA's alpha/sqrt(r)."""
+    pipe = add_lora(
+        load_pipe(tiny_dir),
+        seed=2,
+        unet_config={
+            "target_modules": UNET_TARGETS + ["proj_in"],
+            "rank_pattern": {"to_q": 2},
+            "alpha_pattern": {"to_k": 8},
+        },
+        text_config={"r": 2, "use_rslora": True, "target_modules": TEXT_TARGETS + ["fc1"]},
+    )
+    want = image(pipe)
+    diffusers_file, kohya_file = save_lora(tmp_path, pipe.unet, pipe.text_encoder)
+    kohya = load_file(kohya_file)
+    block = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1"
+    assert kohya[f"{block}_to_q.lora_down.weight"].shape[0] == 2 and kohya[f"{block}_to_q.alpha"].item() == 2.0
+    assert kohya[f"{block}_to_k.alpha"].item() == 8.0  # scale 8/4 = 2, as peft's alpha_pattern gave
+    assert kohya["lora_te_text_model_encoder_layers_1_mlp_fc1.alpha"].item() == pytest.approx(8 * 2**0.5)
+
+    loaded = load_pipe(tiny_dir)
+    loaded.load_lora_weights(str(diffusers_file))
+    np.testing.assert_allclose(image(loaded), want, atol=1e-6)
+    # diffusers' own kohya path keeps one alpha per component (alpha_pattern is lost there);
+    # converting the kohya file to the diffusers format keeps every module's.
+    converted = load_pipe(tiny_dir)
+    converted.load_lora_weights(str(convert_lora(kohya_file, tmp_path / "converted", to="diffusers")))
+    np.testing.assert_allclose(image(converted), want, atol=1e-6)
+
+
+def test_peft_file_from_diffusers_save_lora_adapter(trained, tmp_path):
+    trained["pipe"].unet.save_lora_adapter(tmp_path)  # peft keys, no "unet." prefix
+    tensors, _, fmt = load_lora_state(tmp_path)
+    assert fmt == "peft" and "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
+    kohya = load_file(convert_lora(tmp_path, tmp_path / "k.safetensors", to="kohya"))
+    ours = {k: v for k, v in load_file(trained["kohya"]).items() if k.startswith("lora_unet_")}
+    assert kohya.keys() == ours.keys() and all(torch.equal(kohya[k], ours[k]) for k in ours)
+
+
+def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):
+    merged_dir = merge_lora(tiny_dir, trained["kohya"], 0.5, tmp_path / "merged")
+    merged = load_pipe(merged_dir)
+    assert not any("lora" in k for k in merged.unet.state_dict())
+    with_lora = load_pipe(tiny_dir)
+    with_lora.load_lora_weights(trained["dir"])
+    at_half = image(with_lora, cross_attention_kwargs={"scale": 0.5})
+    np.testing.assert_allclose(image(merged), at_half, atol=1e-4)
+    assert np.abs(at_half - base["image"]).max() > 0.01 and np.abs(at_half - trained["image"]).max() > 0.01
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(LoraFileError, match="exists and is not empty"):
+        merge_lora(tiny_dir, trained["kohya"], 1.0, tmp_path / "busy")
+
+
+def test_check_lora_fits(tiny_dir, trained, tmp_path):
+    from difftrain.models.tiny_sd import tiny_sd_components
+
+    pipe = load_pipe(tiny_dir)
+    check_lora_fits(pipe, trained["kohya"])  # fits: no error
+    check_lora_fits({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, trained["diffusers"])
+
+    # A LoRA trained on a narrower UNet.
+    other = tiny_sd_components(seed=0, unet_channels=(16, 32))["unet"]
+    torch.manual_seed(3)
+    other.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
+    _, wrong = save_lora(tmp_path / "other", unet=other)
+    with pytest.raises(LoraFileError) as err:
+        check_lora_fits(pipe, wrong)
+    message = str(err.value)
+    assert "32 of 32 LoRA modules do not fit" in message and "and 27 more" in message
+    assert (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight: "
+        "down [4, 16] up [16, 4] vs unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight [32, 32]"
+    ) in message
+
+    # A module the base model does not have.
+    tensors = load_file(trained["kohya"])
+    renamed = {k.replace("encoder_layers_1_", "encoder_layers_7_"): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "extra.safetensors")
+    missing = r"lora_te_text_model_encoder_layers_7_self_attn_\w+\.lora_down\.weight: "
+    missing += r"no layer text_encoder\.encoder\.layers\.7\."
+    with pytest.raises(LoraFileError, match=missing):
+        check_lora_fits(pipe, tmp_path / "extra.safetensors")
+
+
+def test_save_lora_refuses_what_it_cannot_write(tiny_dir, tmp_path):
+    pipe = load_pipe(tiny_dir)
+    with pytest.raises(LoraFileError, match="unet has no LoRA adapter 'default'"):
+        save_lora(tmp_path, pipe.unet)
+    with pytest.raises(LoraFileError, match="pass the unet and/or the text encoder"):
+        save_lora(tmp_path)
+    with pytest.raises(LoraFileError, match="kohya_name"):
+        save_lora(tmp_path, pipe.unet, kohya_name="pytorch_lora_weights")
+    assert list(tmp_path.iterdir()) == []

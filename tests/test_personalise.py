@@ -1,0 +1,237 @@
+"""LoRA, DreamBooth and Textual Inversion on the tiny Stable Diffusion, end to end through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from difftrain.cli import main
+from difftrain.config import load_config
+from test_text2image import assert_same_tensors, sd_config, tiny_sd, train_straight_and_interrupted  # noqa: F401
+
+LORA = {"enabled": True, "rank": 4, "init": "gaussian", "text_encoder": True}
+
+
+def image(pipe, prompt="a red circle", **kwargs) -> np.ndarray:
+    out = pipe(prompt, num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(0),
+               output_type="np", **kwargs)
+    return out.images[0]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_sd, shapes_dir, tmp_path_factory):  # noqa: F811
+    tmp_path = tmp_path_factory.mktemp("lora")
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora=LORA,
+                       training={"max_steps": 4, "learning_rate": 5e-3}, checkpoint={"every_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return tmp_path / "run"
+
+
+def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd):  # noqa: F811
+    model = lora_run / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["lora.safetensors", "pytorch_lora_weights.safetensors"]
+    with safe_open(model / "lora.safetensors", "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_max_train_steps"] == "4"
+    # The checkpoint holds the adapter and its optimizer state only, not the frozen model.
+    checkpoint = load_file(lora_run / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert checkpoint and all("lora" in key for key in checkpoint)
+    optimizer = load_file(lora_run / "checkpoints" / "step-00000004" / "optimizer.safetensors")
+    adapter_numel = sum(t.numel() for t in checkpoint.values())
+    assert sum(t.numel() for t in optimizer.values() if t.dim() > 0) == 2 * adapter_numel  # exp_avg + exp_avg_sq
+
+
+def test_saved_lora_changes_the_output_scale_zero_is_the_base_and_kohya_equals_diffusers(lora_run, tiny_sd):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    base = image(StableDiffusionPipeline.from_pretrained(tiny_sd))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(lora_run / "model")
+    adapted = image(pipe)
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(image(pipe, cross_attention_kwargs={"scale": 0.0}), base, atol=1e-6)
+    kohya = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    kohya.load_lora_weights(str(lora_run / "model" / "lora.safetensors"))
+    np.testing.assert_allclose(image(kohya), adapted, atol=1e-5)
+
+
+def test_merge_then_sample_equals_the_lora_at_that_scale(lora_run, tiny_sd, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "merged"
+    assert main(["lora", "merge", str(tiny_sd), str(lora_run / "model"), str(out), "--scale", "0.5"]) == 0
+    merged = image(StableDiffusionPipeline.from_pretrained(out))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(lora_run / "model")
+    pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=0.5)
+    np.testing.assert_allclose(merged, image(pipe), atol=1e-4)
+
+
+def test_convert_round_trip_through_the_cli(lora_run, tmp_path):
+    kohya = lora_run / "model" / "lora.safetensors"
+    assert main(["lora", "convert", str(kohya), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert main(["lora", "convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    before, after = load_file(kohya), load_file(tmp_path / "k.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_resume_is_exact(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    common = dict(lora=LORA, training={"max_steps": 4, "learning_rate": 5e-3}, checkpoint={"every_steps": 2})
+    make = lambda name: sd_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    straight, resumed = train_straight_and_interrupted(make, tmp_path)
+    assert_same_tensors(straight, resumed, ("model.safetensors", "ema.safetensors", "optimizer.safetensors"))
+
+
+def test_under_mixed_precision_frozen_weights_are_half_and_adapters_fp32(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, lora=LORA, training={"mixed_precision": "bf16"}))
+    trainer = Trainer(config, progress=False)
+    unet = trainer.method.unet
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for m in (unet, trainer.method.text_encoder) for p in m.parameters() if p.requires_grad
+    }
+    result = trainer.run()
+    assert result.loss == result.loss  # not NaN
+    assert all(p.grad is None for p in frozen)
+
+
+def test_unknown_lora_target_names_the_key_and_the_real_layers(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True, "unet_targets": ["to_qq"]})
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.unet_targets" in err and "to_qq" in err and "to_q" in err
+
+
+def test_textual_inversion_learns_only_its_rows_and_the_token_works_after_loading(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    config = sd_config(
+        tmp_path, shapes_dir, tiny_sd,
+        method="textual_inversion",
+        textual_inversion={"token": "<shape>", "initializer": "square", "num_vectors": 2},
+        training={"max_steps": 3, "learning_rate": 0.05, "weight_decay": 0.01},
+        sample={"every_steps": 3, "prompts": ["a photo of <shape>"]},
+    )
+    assert main(["train", str(config), "--no-progress"]) == 0
+    model = tmp_path / "run" / "model"
+    assert (model / "learned_embeds.safetensors").is_file() and (model / "shape.safetensors").is_file()
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    original = base.text_encoder.get_input_embeddings().weight.detach().clone()
+    initial = original[base.tokenizer.convert_tokens_to_ids("square</w>")]
+    base.load_textual_inversion(model)
+    table = base.text_encoder.get_input_embeddings().weight.detach()
+    assert table.shape[0] == original.shape[0] + 2
+    assert torch.equal(table[: original.shape[0]], original)  # every other row bit-identical
+    new_rows = table[original.shape[0]:]
+    assert not torch.allclose(new_rows[0], initial)  # it learned
+    with_token = base.encode_prompt("a photo of <shape>", "cpu", 1, False)[0]
+    without = base.encode_prompt("a photo of square", "cpu", 1, False)[0]
+    assert not torch.allclose(with_token, without)
+    assert image(base, "a photo of <shape>").shape == (16, 16, 3)
+
+
+def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
+                       textual_inversion={"token": "dog", "initializer": "square"})
+    assert main(["train", str(config)]) == 2
+    assert "already a word" in capsys.readouterr().err
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, "b", method="textual_inversion",
+                       textual_inversion={"token": "<x>", "initializer": "zebra"})
+    assert main(["train", str(config)]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def dreambooth_config(tmp_path, shapes_dir, tiny_sd, name="run", **sections):  # noqa: F811
+    db = {"instance_prompt": "a photo of sks square", "class_prompt": "a photo of a square",
+          "class_data": str(tmp_path / "class"), "num_class_images": 4, "class_steps": 2, "prior_loss_weight": 0.5}
+    db.update(sections.pop("dreambooth", {}))
+    return sd_config(tmp_path, shapes_dir, tiny_sd, name, method="dreambooth", dreambooth=db, **sections)
+
+
+def test_dreambooth_generates_exactly_the_missing_class_images_and_trains_with_min_snr(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+    from difftrain.methods.dreambooth import class_image_name
+
+    (tmp_path / "class").mkdir()
+    kept = {}
+    for i in (0, 2):  # two of four already there: they must not be touched
+        Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(tmp_path / "class" / class_image_name(i))
+        kept[i] = (tmp_path / "class" / class_image_name(i)).read_bytes()
+    config = dreambooth_config(tmp_path, shapes_dir, tiny_sd, noise={"snr_gamma": 5.0},
+                               training={"batch_size": 1, "max_steps": 3})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    names = sorted(p.name for p in (tmp_path / "class").iterdir())
+    assert names == [class_image_name(i) for i in range(4)]
+    assert all((tmp_path / "class" / class_image_name(i)).read_bytes() == data for i, data in kept.items())
+    # Generation is per-image seeded: the images a second, fresh generation makes are the same.
+    first = (tmp_path / "class" / class_image_name(1)).read_bytes()
+    (tmp_path / "class" / class_image_name(1)).unlink()
+    again = dreambooth_config(tmp_path, shapes_dir, tiny_sd, "again", training={"batch_size": 1, "max_steps": 1})
+    assert main(["train", str(again), "--no-progress"]) == 0
+    assert (tmp_path / "class" / class_image_name(1)).read_bytes() == first
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+
+
+def test_dreambooth_loss_weights_the_class_half(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"batch_size": 2}))
+    trainer = Trainer(config, progress=False)
+    method = trainer.method
+    batch = next(iter(__import__("difftrain.data.dataset", fromlist=["make_loader"]).make_loader(
+        trainer.dataset, trainer.sampler, 0)))
+    parts = method.batch_parts(batch, torch.Generator().manual_seed(0))
+    assert parts["captions"] == ["a photo of sks square"] * 2 + ["a photo of a square"] * 2
+    assert torch.allclose(parts["sample_weights"], torch.tensor([0.5, 0.5, 0.25, 0.25]))
+    assert parts["pixel_values"].shape[0] == 4
+
+
+def test_dreambooth_with_lora_and_resume_is_exact(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    common = dict(lora={"enabled": True, "init": "gaussian"}, training={"max_steps": 4, "batch_size": 2},
+                  checkpoint={"every_steps": 2})
+    make = lambda name: dreambooth_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    assert_same_tensors(*train_straight_and_interrupted(make, tmp_path))
+    assert (tmp_path / "resumed" / "model" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_lora_on_feed_forward_and_convolution_layers_loads_in_both_formats(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True, "init": "gaussian", "rank": 2,
+                                                          "unet_targets": ["to_q", "ff.net.2", "conv1"]},
+                       training={"max_steps": 2, "learning_rate": 5e-3})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    weights = load_file(tmp_path / "run" / "model" / "pytorch_lora_weights.safetensors")
+    assert any("conv1" in k for k in weights) and any("ff.net.2" in k for k in weights)
+    diffusers_format = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    diffusers_format.load_lora_weights(tmp_path / "run" / "model")
+    kohya_format = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    kohya_format.load_lora_weights(str(tmp_path / "run" / "model" / "lora.safetensors"))
+    np.testing.assert_allclose(image(kohya_format), image(diffusers_format), atol=1e-5)
+
+
+def test_textual_inversion_resume_is_exact(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    common = dict(method="textual_inversion", textual_inversion={"token": "<shape>", "initializer": "square"},
+                  training={"max_steps": 4, "learning_rate": 0.05}, checkpoint={"every_steps": 2})
+    make = lambda name: sd_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    straight, resumed = train_straight_and_interrupted(make, tmp_path)
+    assert_same_tensors(straight, resumed)
+    a = load_file(tmp_path / "straight" / "model" / "learned_embeds.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "learned_embeds.safetensors")
+    assert torch.equal(a["<shape>"], b["<shape>"])
+    checkpoint = load_file(resumed / "model.safetensors")
+    assert len(checkpoint) == 1 and next(iter(checkpoint)).endswith("token_embedding.vectors")  # nothing else trains

@@ -4,17 +4,34 @@ The denoiser is exact (see oracle.py), so a failure here is the scheduler's conf
 not a model's quality: this is what catches solvers that diverge on the cosine schedule.
 """
 
+import re
+
 import pytest
 import torch
 
 from difftrain.config import NoiseConfig
 from difftrain.generate import schedulers
 from difftrain.generate.sampling import denoise
-from difftrain.generate.schedulers import SCHEDULERS, UnknownScheduler, make_scheduler
+from difftrain.generate.schedulers import (
+    CORE_SCHEDULERS,
+    DISPLAY_NAMES,
+    SCHEDULERS,
+    UNSUPPORTED,
+    MissingSchedulerDependency,
+    UnknownScheduler,
+    UnsupportedScheduler,
+    available_schedulers,
+    display_name,
+    list_schedulers,
+    make_scheduler,
+    missing_dependency,
+    resolve_name,
+)
 from difftrain.training.losses import build_noise_scheduler
 from oracle import MixtureOracle
 
 MEANS = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+SD_CONFIG = dict(build_noise_scheduler(NoiseConfig(beta_schedule="scaled_linear", prediction_type="epsilon")).config)
 
 
 def distance_to_data(name: str, beta_schedule: str, prediction_type: str, steps: int = 20) -> float:
@@ -26,24 +43,47 @@ def distance_to_data(name: str, beta_schedule: str, prediction_type: str, steps:
     return float(rms.min(dim=1).values.max())  # the worst sample's distance to its nearest mode
 
 
-def supported(name: str, prediction_type: str) -> bool:
-    return not (name == "euler_a" and prediction_type == "sample")
+def stochastic(name: str) -> bool:
+    """Samplers that add fresh noise every step (ancestral, SDE, DDPM, LCM)."""
+    class_name, settings = SCHEDULERS[name]
+    noisy = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+    noisy |= {"DPMSolverSDEScheduler", "LCMScheduler"}
+    return class_name in noisy or settings.get("algorithm_type", "").startswith("sde")
+
+
+# Samples are N(mode, 0.1^2) ideally, ~0.1 from their mode; a diverged solver is off by
+# 0.5 or more (or NaN). Injected noise that a few steps cannot fully remove costs more.
+LIMIT = 0.3
+DETERMINISTIC_LIMIT = 0.2
+
+
+@pytest.mark.parametrize("display", DISPLAY_NAMES.values())
+def test_every_name_samples_the_sd_schedule(display):
+    """By A1111's name, on Stable Diffusion's noise schedule (scaled_linear, epsilon): none diverges."""
+    name = resolve_name(display)
+    if package := missing_dependency(name):
+        with pytest.raises(MissingSchedulerDependency, match=rf"needs the Python package '{package}'.*pip install"):
+            make_scheduler(display, SD_CONFIG)
+        return
+    distance = distance_to_data(display, "scaled_linear", "epsilon")
+    limit = LIMIT if stochastic(name) else DETERMINISTIC_LIMIT
+    assert distance < limit, f"{display} on scaled_linear/epsilon: worst sample is {distance:.3f} from the data"
 
 
 CASES = [
     (name, schedule, kind)
-    for name in SCHEDULERS
-    for schedule in ("linear", "scaled_linear", "cosine")
     for kind in ("epsilon", "v_prediction", "sample")
-    if supported(name, kind)
+    for name in available_schedulers({"prediction_type": kind})
+    for schedule in ("linear", "scaled_linear", "cosine")
+    if (schedule, kind) != ("scaled_linear", "epsilon")  # the test above
 ]
 
 
 @pytest.mark.parametrize("name, beta_schedule, prediction_type", CASES)
 def test_every_sampler_lands_on_the_data(name, beta_schedule, prediction_type):
     distance = distance_to_data(name, beta_schedule, prediction_type)
-    # Samples are N(mode, 0.1^2) ideally; a diverged solver is off by 0.5 or more (or NaN).
-    assert distance < 0.3, f"{name} on {beta_schedule}/{prediction_type}: worst sample is {distance:.3f} from the data"
+    where = f"{name} on {beta_schedule}/{prediction_type}"
+    assert distance < LIMIT, f"{where}: worst sample is {distance:.3f} from the data"
 
 
 def test_without_the_terminal_clamp_heun_diverges_on_cosine(monkeypatch):
@@ -62,18 +102,150 @@ def test_without_a_begin_index_karras_runs_off_the_schedule(monkeypatch):
         distance_to_data("dpm++_2m_karras", "cosine", "epsilon")
 
 
+DPM = "DPMSolverMultistepScheduler"
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# A1111's sampler names and what diffusers' docs map them to.
+A1111 = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": (DPM, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "DPM++ 2M Karras": (DPM, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": (DPM, {**SDE, "solver_order": 2}),
+    "DPM++ 2M SDE Karras": (DPM, {**SDE, "solver_order": 2, "use_karras_sigmas": True}),
+    "DPM++ 2M SDE Exponential": (DPM, {**SDE, "solver_order": 2, "use_exponential_sigmas": True}),
+    "DPM++ 2M SDE Heun": (DPM, {**SDE, "solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Karras": (DPM, {**SDE, "solver_type": "heun", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE Heun Exponential": (DPM, {**SDE, "solver_type": "heun", "use_exponential_sigmas": True}),
+    "DPM++ 3M SDE": (DPM, {**SDE, "solver_order": 3}),
+    "DPM++ 3M SDE Karras": (DPM, {**SDE, "solver_order": 3, "use_karras_sigmas": True}),
+    "DPM++ 3M SDE Exponential": (DPM, {**SDE, "solver_order": 3, "use_exponential_sigmas": True}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("a1111_name", A1111)
+def test_a1111_names_map_to_the_diffusers_scheduler(a1111_name):
+    expected_class, expected = A1111[a1111_name]
+    for spelling in (a1111_name, a1111_name.lower(), a1111_name.upper().replace(" ", "_")):
+        class_name, settings = SCHEDULERS[resolve_name(spelling)]
+        assert class_name == expected_class
+        assert expected.items() <= settings.items()
+        sigmas = {k for k in settings if k.startswith("use_")}
+        assert sigmas == {k for k in expected if k.startswith("use_")}, "only the named sigmas"
+    assert display_name(a1111_name) == a1111_name
+
+
+@pytest.mark.parametrize("name", available_schedulers())
+def test_settings_reach_the_built_scheduler(name):
+    """make_scheduler drops options a class does not take: none of ours may be dropped."""
+    class_name, settings = SCHEDULERS[name]
+    scheduler = make_scheduler(name, SD_CONFIG)
+    assert type(scheduler).__name__ == class_name
+    assert {k: scheduler.config[k] for k in settings} == settings
+
+
+def test_short_and_display_names_agree():
+    for short, display in DISPLAY_NAMES.items():
+        assert resolve_name(short) == resolve_name(display) == short
+    assert resolve_name("  dpm++-2m   KARRAS ") == "dpm++_2m_karras"
+    assert list(SCHEDULERS)[:2] == ["ddpm", "ddim"]
+    assert set(CORE_SCHEDULERS) <= set(available_schedulers())
+
+
+@pytest.mark.parametrize(
+    "sampler, schedule_type, name",
+    [
+        ("DPM++ 2M", "Karras", "dpm++_2m_karras"),
+        ("DPM++ 2M", "Automatic", "dpm++_2m_karras"),  # A1111 1.9+: the sampler's own default
+        ("DPM++ 2M SDE", "Automatic", "dpm++_2m_sde_exponential"),
+        ("DPM++ 3M SDE", "Exponential", "dpm++_3m_sde_exponential"),
+        ("DPM2 a", "karras", "dpm2_a_karras"),
+        ("Euler a", "Automatic", "euler_a"),
+        ("Euler", "Uniform", "euler"),
+        ("Euler", "Karras", "euler_karras"),
+        ("LMS", None, "lms"),
+    ],
+)
+def test_a1111_schedule_types(sampler, schedule_type, name):
+    assert resolve_name(sampler, schedule_type) == name
+
+
+@pytest.mark.parametrize(
+    "sampler, schedule_type, message",
+    [
+        ("Euler a", "Karras", "EulerAncestralDiscreteScheduler has no Karras sigmas"),
+        ("Euler", "SGM Uniform", "schedule type 'SGM Uniform' is not available"),
+        ("DPM++ 2S a", "Automatic", "no ancestral single-step DPM-Solver"),
+    ],
+)
+def test_schedule_types_diffusers_lacks(sampler, schedule_type, message):
+    with pytest.raises(UnsupportedScheduler, match=message):
+        resolve_name(sampler, schedule_type)
+
+
+@pytest.mark.parametrize("a1111_name", UNSUPPORTED)
+def test_samplers_diffusers_lacks_say_why(a1111_name):
+    with pytest.raises(UnsupportedScheduler, match=rf"sampler '{re.escape(a1111_name)}' is not available: \S+"):
+        make_scheduler(a1111_name.lower(), SD_CONFIG)
+
+
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(UnknownScheduler, match="choose one of: ddpm, ddim, euler"):
-        make_scheduler("dpm2", build_noise_scheduler(NoiseConfig()).config)
+    with pytest.raises(UnknownScheduler, match="choose one of: ddpm, ddim, euler") as error:
+        make_scheduler("dpm3", SD_CONFIG)
+    assert all(name in str(error.value) for name in SCHEDULERS)
+    with pytest.raises(UnknownScheduler, match="did you mean 'Euler a'"):
+        make_scheduler("Eular a", SD_CONFIG)
 
 
-def test_euler_a_refuses_sample_prediction_clearly():
+def test_list_schedulers_has_a_row_per_name():
+    rows = list_schedulers()
+    assert [row.name for row in rows] == list(SCHEDULERS)
+    for display, name, diffusers in rows:
+        assert resolve_name(display) == name
+        assert diffusers.startswith(SCHEDULERS[name][0] + "(")
+    assert ("DPM++ 2M SDE Karras", "dpm++_2m_sde_karras") in {(r.display, r.name) for r in rows}
+    karras = next(r for r in rows if r.name == "dpm++_2m_sde_karras").diffusers
+    assert "algorithm_type='sde-dpmsolver++'" in karras and "use_karras_sigmas=True" in karras
+
+
+def test_a_missing_package_is_named(monkeypatch):
+    import diffusers
+
+    class DummyObject(type):  # what diffusers exports when a scheduler's backend is missing
+        pass
+
+    monkeypatch.setattr(diffusers, "EulerDiscreteScheduler", DummyObject("EulerDiscreteScheduler", (), {}))
+    monkeypatch.setitem(schedulers.REQUIRES, "EulerDiscreteScheduler", "eulerlib")
+    with pytest.raises(MissingSchedulerDependency, match="Euler Karras .* needs the Python package 'eulerlib'"):
+        make_scheduler("Euler Karras", SD_CONFIG)
+    assert "euler" not in available_schedulers()
+
+
+REFUSES_SAMPLE = sorted(set(available_schedulers()) - set(available_schedulers({"prediction_type": "sample"})))
+
+
+def test_samplers_without_sample_prediction_refuse_it_clearly():
     config = build_noise_scheduler(NoiseConfig(prediction_type="sample")).config
-    with pytest.raises(UnknownScheduler, match="euler_a cannot sample a model trained with prediction_type=sample"):
-        make_scheduler("euler_a", config)
+    assert "euler_a" in REFUSES_SAMPLE and "dpm2" in REFUSES_SAMPLE and "plms" in REFUSES_SAMPLE
+    for name in REFUSES_SAMPLE:
+        message = f"{name} cannot sample a model trained with prediction_type=sample"
+        with pytest.raises(UnknownScheduler, match=re.escape(message)):
+            make_scheduler(name, config)
 
 
 def test_sampler_keeps_the_models_prediction_type():
     config = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction")).config
-    for name in SCHEDULERS:
+    for name in available_schedulers():
         assert make_scheduler(name, config).config.prediction_type == "v_prediction"

@@ -5,6 +5,7 @@ The Python API mirrors the CLI one to one:
     from difftrain import load_config, train, sample_grid
     result = train(load_config("configs/demo.yaml"))
     sample_grid(result.run_dir, num_images=16, scheduler="dpm++_2m", out="grid.png")
+    generate("runs/sd-lora", GenerateOptions(prompt="a (red:1.2) fox", scheduler="DPM++ 2M Karras"), "outputs")
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ _EXPORTS = {
     "sample_grid": "difftrain.generate.unconditional",
     "write_shapes_dataset": "difftrain.data.shapes",
     "scan_folder": "difftrain.data.folder",
+    "generate": "difftrain.generate.text2image",
+    "GenerateOptions": "difftrain.generate.text2image",
+    "options_from_png": "difftrain.generate.text2image",
+    "load_sd": "difftrain.models.sd",
+    "write_tiny_sd": "difftrain.models.tiny_sd",
+    "merge_lora": "difftrain.models.lora_files",
+    "convert_lora": "difftrain.models.lora_files",
+    "build_shards": "difftrain.data.shards",
+    "open_source": "difftrain.data.sources",
 }
 
 __all__ = list(_EXPORTS)

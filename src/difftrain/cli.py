@@ -23,10 +23,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from difftrain.generate.schedulers import SCHEDULERS
+    from difftrain.generate.schedulers import CORE_SCHEDULERS
 
     if args.list_schedulers:
-        print("\n".join(SCHEDULERS))
+        print("\n".join(CORE_SCHEDULERS) + "\n(these and A1111's sampler names: difftrain generate --list-schedulers)")
         return 0
     if not args.model:
         raise DifftrainError("sample: give a run folder or a diffusers model folder")
@@ -35,7 +35,7 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.scheduler == "all":
         scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema)
-        print(f"wrote {out} (one row per sampler: {', '.join(SCHEDULERS)}; {args.steps} steps, seed {args.seed})")
+        print(f"wrote {out} (one row per sampler: {', '.join(CORE_SCHEDULERS)}; {args.steps} steps, seed {args.seed})")
         return 0
     sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema)
     print(f"wrote {out} ({args.num} images, {args.scheduler}, {args.steps} steps, seed {args.seed})")
@@ -64,6 +64,46 @@ def _model_tiny_sd(args: argparse.Namespace) -> int:
 
     out = write_tiny_sd(args.out, seed=args.seed)
     print(f"wrote a tiny random-weight Stable Diffusion pipeline (diffusers format) to {out}")
+    return 0
+
+
+GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "scheduler": "scheduler",
+    "cfg": "guidance_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
+    "n_iter": "n_iter", "lora_dir": "lora_dir", "clip_skip": "clip_skip", "precision": "precision",
+    "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
+    "cpu_offload": "cpu_offload", "compile": "compile", "channels_last": "channels_last",
+    "init_image": "init_image", "strength": "strength", "config": "config",
+}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg
+
+    if args.list_schedulers:
+        from difftrain.generate.schedulers import list_schedulers
+
+        for display, short, what in list_schedulers():
+            print(f"{display:24s} {short:22s} {what}")
+        return 0
+    if not args.model:
+        raise DifftrainError("generate: give a model (run folder, diffusers folder, hub id or .safetensors file)")
+    given = {field: getattr(args, dest) for dest, field in GENERATE_FIELDS.items() if getattr(args, dest) is not None}
+    if args.lora:
+        given["loras"] = [parse_lora_arg(item) for item in args.lora]
+    if args.embedding:
+        given["embeddings"] = list(args.embedding)
+    if args.no_ema:
+        given["use_ema"] = False
+    if args.from_png:
+        options = options_from_png(args.from_png, **given)
+    elif "prompt" not in given:
+        raise DifftrainError("generate: give --prompt (or --from-png IMAGE to repeat an image's generation)")
+    else:
+        options = GenerateOptions(**given)
+    paths = generate(args.model, options, args.out, progress=not args.no_progress)
+    print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, seeds "
+          f"{options.seed}..{options.seed + len(paths) - 1}); each PNG carries its parameters (--from-png repeats it)")
     return 0
 
 
@@ -159,6 +199,39 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_model_tiny_sd)
+
+    gen = commands.add_parser("generate", help="Stable Diffusion text-to-image / img2img, A1111-style")
+    gen.add_argument("model", nargs="?", help="run folder, diffusers folder, hub id or single-file .safetensors")
+    gen.add_argument("--prompt", help="A1111 syntax: (word:1.3), [word], BREAK, <lora:name:0.8>")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--scheduler", help="our short names or A1111's sampler names (see --list-schedulers)")
+    gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--n-iter", type=int, help="batches to run; image i uses seed + i")
+    gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="repeatable")
+    gen.add_argument("--lora-dir", help="where <lora:name:w> looks for name.safetensors (default models/lora)")
+    gen.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion embedding, repeatable")
+    gen.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
+    gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    gen.add_argument("--attention-slicing", action="store_true", default=None)
+    gen.add_argument("--vae-tiling", action="store_true", default=None)
+    gen.add_argument("--vae-slicing", action="store_true", default=None)
+    gen.add_argument("--cpu-offload", action="store_true", default=None)
+    gen.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+    gen.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    gen.add_argument("--init-image", help="img2img: start from this image")
+    gen.add_argument("--strength", type=float, help="img2img: how far from the init image (0-1, default 0.75)")
+    gen.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs (offline)")
+    gen.add_argument("--from-png", metavar="IMAGE", help="repeat the generation recorded in an image's parameters")
+    gen.add_argument("--out", default="outputs", help="output folder (default outputs/)")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--list-schedulers", action="store_true")
+    gen.set_defaults(run=_generate)
 
     lora = commands.add_parser("lora", help="merge or convert LoRA files").add_subparsers(dest="lora_command", required=True)
     merge = lora.add_parser("merge", help="bake a LoRA into a full diffusers model folder")

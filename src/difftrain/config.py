@@ -213,10 +213,12 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> "SampleConfig":
-        from difftrain.generate.schedulers import SCHEDULERS
+        from difftrain.generate.schedulers import UnknownScheduler, resolve_name
 
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"sample.scheduler = {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        try:
+            resolve_name(self.scheduler)  # our short names and A1111's sampler names
+        except UnknownScheduler as error:
+            raise ValueError(f"sample.scheduler = {self.scheduler!r}: {error}") from None
         return self
 
 

@@ -1,32 +1,147 @@
-"""Sampling schedulers by short name, built from the noise schedule a model was trained with.
+"""Sampling schedulers by name, built from the noise schedule a model was trained with.
 
 Each entry is a diffusers scheduler class plus the settings that make it the sampler
 users know by that name. `make_scheduler` starts from the model's own scheduler config
 (betas, prediction type, timestep count), so a sampler can never disagree with training.
 diffusers is imported only when a scheduler is built, so validating a config stays instant.
+
+Names. Every sampler has a short name (`dpm++_2m_karras`) and a display name, which for
+A1111's samplers is A1111's own (`DPM++ 2M Karras`); both are accepted, in any case, with
+spaces, underscores or hyphens between words. The mapping follows the A1111/k-diffusion
+table in diffusers' scheduler docs. Three display names are not A1111 samplers: DDPM,
+DPM++ 2S and DEIS (diffusers only).
+
+Not mapped, because diffusers implements no such scheduler (asking for one raises
+`UnsupportedScheduler` saying why and what is closest):
+
+- DPM++ 2S a, DPM++ 2S a Karras: k-diffusion's ancestral single-step DPM-Solver++. The
+  closest diffusers has is DPMSolverSinglestepScheduler, which is deterministic; it is
+  here as `dpm++_2s`, under a name that does not claim to be A1111's.
+- DPM fast, DPM adaptive: k-diffusion's fixed-order and adaptive-step DPM-Solver.
+- Restart: Restart sampling (Xu et al. 2023).
+- DDIM CFG++: CFG++ changes the guidance inside the sampling step, not the schedule.
+- A1111 1.9+ schedule types other than Automatic, Uniform, Karras and Exponential
+  (SGM Uniform, Simple, Polyexponential, KL Optimal, Align Your Steps, Normal, DDIM, Beta),
+  and Karras/Exponential on a sampler whose diffusers class has no such sigmas (Euler a).
+
+Same algorithm, not the same pictures: noise comes from a different generator (A1111's
+SDE samplers draw Brownian-tree noise, diffusers' multistep SDE draws plain Gaussian
+noise), DPM2 and DPM++ 3M SDE keep the next-to-last sigma that A1111 drops, and UniPC keeps
+diffusers' defaults (bh2, order 2) where A1111 uses bh1, order 3.
+
+Two samplers need a package difftrain does not install: LMS (scipy) and DPM++ SDE
+(torchsde). Without it they raise `MissingSchedulerDependency` naming the package.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
+import re
+from typing import NamedTuple
 
 from difftrain.errors import DifftrainError
 
-# name -> (diffusers class name, settings)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}),
+_DPM = "DPMSolverMultistepScheduler"
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+
+# display name, diffusers class, settings, schedule types it also comes in.
+# The short name is the display name in lower case with underscores, so the two forms
+# of one sampler always agree.
+_SAMPLERS: list[tuple[str, str, dict, tuple[str, ...]]] = [
+    ("DDPM", "DDPMScheduler", {}, ()),
+    ("DDIM", "DDIMScheduler", {}, ()),
+    ("Euler", "EulerDiscreteScheduler", {}, ("Karras",)),
+    ("Euler a", "EulerAncestralDiscreteScheduler", {}, ()),
+    ("Heun", "HeunDiscreteScheduler", {}, ("Karras",)),
+    ("DPM++ 2M", _DPM, {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("Karras",)),
+    ("UniPC", "UniPCMultistepScheduler", {}, ()),
+    # CompVis' PLMS is PNDM without its Runge-Kutta warm-up steps.
+    ("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ()),
+    ("LMS", "LMSDiscreteScheduler", {}, ("Karras",)),
+    ("DPM2", "KDPM2DiscreteScheduler", {}, ("Karras",)),
+    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("Karras",)),
+    ("DPM++ 2M SDE", _DPM, {**_SDE, "solver_order": 2}, ("Karras", "Exponential")),
+    ("DPM++ 2M SDE Heun", _DPM, {**_SDE, "solver_order": 2, "solver_type": "heun"}, ("Karras", "Exponential")),
+    ("DPM++ 3M SDE", _DPM, {**_SDE, "solver_order": 3}, ("Karras", "Exponential")),
+    ("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("Karras",)),
+    # Second order (its default); it reaches sigma 0 only with a first-order last step, which
+    # diffusers would otherwise force with a warning.
+    ("DPM++ 2S", "DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "lower_order_final": True}, ()),
+    ("DEIS", "DEISMultistepScheduler", {}, ()),
+    # Meant for LCM-distilled models and LoRAs; on others it is a few-step ancestral sampler.
+    ("LCM", "LCMScheduler", {}, ()),
+]
+
+_SCHEDULE_SETTINGS = {"Karras": {"use_karras_sigmas": True}, "Exponential": {"use_exponential_sigmas": True}}
+
+# What diffusers does not implement, by A1111 name: why, and what comes closest.
+UNSUPPORTED: dict[str, str] = {
+    "DPM++ 2S a": "diffusers has no ancestral single-step DPM-Solver++; the closest is dpm++_2s (deterministic)",
+    "DPM++ 2S a Karras": "diffusers has no ancestral single-step DPM-Solver++; the closest is dpm++_2s (deterministic)",
+    "DPM fast": "diffusers has no fixed-order DPM-Solver (k-diffusion's dpm_fast); the closest is unipc",
+    "DPM adaptive": "diffusers has no adaptive-step DPM-Solver (k-diffusion's dpm_adaptive); the closest is dpm++_2m",
+    "Restart": "diffusers has no Restart sampler",
+    "DDIM CFG++": "CFG++ changes classifier-free guidance inside the step, which a scheduler cannot do; use ddim",
 }
+
+# Packages diffusers needs for a scheduler but difftrain does not install.
+REQUIRES = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
+
+# diffusers raises NotImplementedError mid-sampling for these with prediction_type=sample.
+_NO_SAMPLE_PREDICTION = {
+    "EulerAncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+    "PNDMScheduler",
+}
+
+# A1111 1.9+ "Automatic" schedule type: each sampler's own default (sd_samplers_kdiffusion).
+_AUTOMATIC_SCHEDULE = {
+    "DPM++ 2M": "Karras",
+    "DPM++ SDE": "Karras",
+    "DPM++ 2S a": "Karras",
+    "DPM2": "Karras",
+    "DPM2 a": "Karras",
+    "DPM++ 2M SDE": "Exponential",
+    "DPM++ 2M SDE Heun": "Exponential",
+    "DPM++ 3M SDE": "Exponential",
+}
+
+
+def _short(display: str) -> str:
+    return display.lower().replace(" ", "_")
+
+
+def _build_tables() -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
+    table, displays = {}, {}
+    for display, class_name, settings, schedules in _SAMPLERS:
+        for schedule in ("", *schedules):
+            name = f"{display} {schedule}".strip()
+            table[_short(name)] = (class_name, {**settings, **_SCHEDULE_SETTINGS.get(schedule, {})})
+            displays[_short(name)] = name
+    return table, displays
+
+
+# short name -> (diffusers class name, settings)
+SCHEDULERS: dict[str, tuple[str, dict]]
+DISPLAY_NAMES: dict[str, str]  # short name -> display name
+SCHEDULERS, DISPLAY_NAMES = _build_tables()
+
+
+# The eight samplers difftrain started with: no optional package, so a sheet with one row
+# each (`sample --scheduler all`) works on any install.
+CORE_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpm++_2m", "dpm++_2m_karras", "unipc")
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+_BY_KEY = {_key(display): short for short, display in DISPLAY_NAMES.items()}
+_UNSUPPORTED_BY_KEY = {_key(name): (name, why) for name, why in UNSUPPORTED.items()}
 
 
 # Lowest log-SNR / 2 a sampler starts from: lambda = -5.1 is sigma_max = e^5.1 ~ 164, the
@@ -36,6 +151,104 @@ LAMBDA_MIN = -5.1
 
 class UnknownScheduler(DifftrainError):
     pass
+
+
+class UnsupportedScheduler(UnknownScheduler):
+    """An A1111 sampler (or sampler + schedule type) that diffusers does not implement."""
+
+
+class MissingSchedulerDependency(DifftrainError):
+    pass
+
+
+class SchedulerRow(NamedTuple):
+    display: str  # A1111's name where A1111 has the sampler
+    name: str  # short name
+    diffusers: str  # class and settings, e.g. DPMSolverMultistepScheduler(use_karras_sigmas=True)
+
+
+def resolve_name(name: str, schedule_type: str | None = None) -> str:
+    """The short name for a short or display name, optionally with A1111 1.9+'s schedule type.
+
+    From 1.9 A1111 writes `Sampler: DPM++ 2M, Schedule type: Karras` where it used to write
+    `Sampler: DPM++ 2M Karras`; "Automatic" means the sampler's own default (Karras for
+    DPM++ 2M, Exponential for DPM++ 2M SDE), "Uniform" the model's plain timesteps.
+    """
+    key = _key(name)
+    if key in _UNSUPPORTED_BY_KEY:
+        display, why = _UNSUPPORTED_BY_KEY[key]
+        raise UnsupportedScheduler(f"sampler {display!r} is not available: {why}")
+    if key not in _BY_KEY:
+        close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
+        hint = f" (did you mean {DISPLAY_NAMES[_BY_KEY[close[0]]]!r}?)" if close else ""
+        raise UnknownScheduler(
+            f"unknown scheduler {name!r}{hint}; choose one of: {', '.join(SCHEDULERS)} "
+            "(or their display names, e.g. 'DPM++ 2M Karras', in any case; see --list-schedulers)"
+        )
+    short = _BY_KEY[key]
+    if schedule_type is None or _key(schedule_type) == "uniform":
+        return short
+    display = DISPLAY_NAMES[short]
+    schedule = _key(schedule_type).title()
+    if schedule == "Automatic":
+        schedule = _AUTOMATIC_SCHEDULE.get(display)
+        if schedule is None:
+            return short
+    if schedule not in _SCHEDULE_SETTINGS:
+        raise UnsupportedScheduler(
+            f"schedule type {schedule_type!r} is not available: diffusers' schedulers are mapped for "
+            "Automatic, Uniform, Karras and Exponential only"
+        )
+    combined = f"{display} {schedule}"
+    if _key(combined) in _UNSUPPORTED_BY_KEY:
+        return resolve_name(combined)
+    if _key(combined) not in _BY_KEY:
+        class_name = SCHEDULERS[short][0]
+        raise UnsupportedScheduler(
+            f"{display!r} with schedule type {schedule!r} is not available: diffusers' {class_name} "
+            f"has no {schedule} sigmas here"
+        )
+    return _BY_KEY[_key(combined)]
+
+
+def display_name(name: str) -> str:
+    """A1111's name for a sampler (what goes after `Sampler:` in an infotext)."""
+    return DISPLAY_NAMES[resolve_name(name)]
+
+
+def _describe(class_name: str, settings: dict) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    return f"{class_name}({args})"
+
+
+def list_schedulers() -> list[SchedulerRow]:
+    """One row per sampler, for `--list-schedulers`."""
+    return [
+        SchedulerRow(DISPLAY_NAMES[short], short, _describe(class_name, settings))
+        for short, (class_name, settings) in SCHEDULERS.items()
+    ]
+
+
+def missing_dependency(name: str) -> str | None:
+    """The package a sampler needs that is not installed, or None."""
+    import diffusers
+
+    class_name = SCHEDULERS[resolve_name(name)][0]
+    # Without an optional backend diffusers exports a placeholder class; asking diffusers
+    # (not importlib) keeps this in step with what it will actually load.
+    if type(getattr(diffusers, class_name)).__name__ == "DummyObject":
+        return REQUIRES.get(class_name, "an optional package")
+    return None
+
+
+def available_schedulers(base_config: dict | None = None) -> list[str]:
+    """Short names that can be built here, for this model's prediction type if given."""
+    sample = (base_config or {}).get("prediction_type") == "sample"
+    return [
+        name
+        for name, (class_name, _) in SCHEDULERS.items()
+        if missing_dependency(name) is None and not (sample and class_name in _NO_SAMPLE_PREDICTION)
+    ]
 
 
 def clamped_terminal_betas(base_config: dict) -> list[float] | None:
@@ -63,13 +276,18 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
 def scheduler_settings(name: str, base_config: dict) -> tuple[type, dict]:
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UnknownScheduler(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    class_name, settings = SCHEDULERS[name]
-    if class_name == "EulerAncestralDiscreteScheduler" and base_config.get("prediction_type") == "sample":
+    short = resolve_name(name)
+    class_name, settings = SCHEDULERS[short]
+    if class_name in _NO_SAMPLE_PREDICTION and base_config.get("prediction_type") == "sample":
         raise UnknownScheduler(
             f"{name} cannot sample a model trained with prediction_type=sample (diffusers does not implement it); "
             "use euler, ddpm or dpm++_2m"
+        )
+    if package := missing_dependency(short):
+        # diffusers would hand back a placeholder class that fails later with a longer message.
+        raise MissingSchedulerDependency(
+            f"{DISPLAY_NAMES[short]} ({class_name}) needs the Python package {package!r}, which is not installed: "
+            f"pip install {package}"
         )
     settings = dict(settings)
     if class_name != "DDPMScheduler" and (betas := clamped_terminal_betas(base_config)) is not None:

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.sampling import make_grid
-from difftrain.generate.schedulers import SCHEDULERS
+from difftrain.generate.schedulers import CORE_SCHEDULERS
 from difftrain.methods.unconditional import sample_unet
 from difftrain.training.checkpoint import CheckpointStore, load_tensors, read_config, split_modules
 
@@ -87,7 +87,7 @@ def scheduler_sheet(
     unet, scheduler_config = load_unconditional(model, use_ema)
     unet.eval()
     label_width, rows = 120, []
-    for name in SCHEDULERS:
+    for name in CORE_SCHEDULERS:
         images = sample_unet(unet, scheduler_config, num_images, name, steps, seed)
         row = make_grid(images, columns=num_images, scale=max(1, 64 // images[0].size[0]))
         labelled = Image.new("RGB", (row.width + label_width, row.height), "white")

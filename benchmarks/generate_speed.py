@@ -1,0 +1,94 @@
+"""Generation speed: difftrain generate's default settings against diffusers' plain pipeline defaults,
+same components, scheduler, steps and prompt, in one process. Images/s and per-step latency for the
+tiny SD and for a model of Stable Diffusion 1.5's shape (random weights: timing only).
+
+    .venv/bin/python benchmarks/generate_speed.py [--steps 4] [--skip-sd15]
+
+On a CPU both paths run fp32 with SDPA attention, so the ratio should be ~1.0: difftrain's defaults
+change only what helps on a GPU (fp16 weights, channels_last UNet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import device_name
+
+
+def sd15_shaped(seed: int = 0):
+    """SD 1.5's UNet, VAE and CLIP-L text encoder shapes, random weights, with the tiny tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftrain.models.tiny_sd import SD_SCHEDULER, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def timed(call, steps: int, device) -> tuple[float, float]:
+    call()  # warm-up: first-call allocations and kernel choice are not a generation
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return 1.0 / seconds, seconds / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--skip-sd15", action="store_true")
+    args = parser.parse_args()
+    from difftrain.generate.schedulers import make_scheduler
+    from difftrain.generate.text2image import GenerateOptions, configure_pipeline
+    from difftrain.models.tiny_sd import tiny_sd_components
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {device_name(device)}; {args.steps} steps, DPM++ 2M Karras, CFG 7, batch 1")
+    models = {"tiny SD (32 px)": (lambda: _pipe(tiny_sd_components()), 32)}
+    if not args.skip_sd15:
+        models["SD 1.5 shape (512 px)"] = (sd15_shaped, 512)
+    print(f"\n{'model':22s} {'settings':22s} {'images/s':>9s} {'s/step':>8s} {'x diffusers':>11s}")
+    for label, (build, size) in models.items():
+        results = {}
+        for settings in ("diffusers defaults", "difftrain defaults"):
+            pipe = build()
+            pipe.scheduler = make_scheduler("DPM++ 2M Karras", dict(pipe.scheduler.config))
+            pipe.set_progress_bar_config(disable=True)
+            if settings == "difftrain defaults":
+                configure_pipeline(pipe, GenerateOptions(prompt="a red circle"), device)
+            else:
+                pipe.to(device)
+            call = lambda: pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.0, width=size,
+                                height=size, generator=torch.Generator().manual_seed(0))
+            results[settings] = timed(call, args.steps, device)
+            del pipe
+        base = results["diffusers defaults"][0]
+        for settings, (rate, per_step) in results.items():
+            print(f"{label:22s} {settings:22s} {rate:9.3f} {per_step:8.3f} {rate / base:11.2f}")
+
+
+def _pipe(components):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+if __name__ == "__main__":
+    main()

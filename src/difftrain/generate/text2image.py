@@ -1,0 +1,314 @@
+"""`difftrain generate`: Stable Diffusion generation in the vocabulary AUTOMATIC1111 users know.
+
+A model is a run folder (full fine-tune, LoRA, DreamBooth or Textual Inversion run), a
+diffusers folder, a hub id or a single-file checkpoint. Prompts take A1111's attention
+syntax, chunking past 75 tokens and BREAK; LoRAs come from `--lora file:weight` or
+`<lora:name:weight>` in the prompt; each PNG carries A1111's `parameters` infotext, which
+`--from-png` turns back into the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.errors import DifftrainError
+
+log = logging.getLogger(__name__)
+
+
+class GenerateError(DifftrainError):
+    pass
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    scheduler: str = "DPM++ 2M Karras"
+    guidance_scale: float = 7.0
+    seed: int = 0
+    width: int | None = None  # default: the model's native size
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    lora_dir: str = "models/lora"
+    use_ema: bool = True
+    clip_skip: int = 1
+    precision: str = "auto"  # auto: fp16 on CUDA, fp32 elsewhere
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
+    compile: bool = False
+    channels_last: bool | None = None  # None: on for CUDA
+    init_image: str | None = None
+    strength: float = 0.75
+    config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
+
+    def check(self) -> None:
+        """Everything that can be refused before a model loads."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise GenerateError(f"--{name} {value}: must be a positive multiple of 8 (the VAE works in 8 px cells)")
+        if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
+            raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
+        if not 0.0 < self.strength <= 1.0:
+            raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
+        if self.init_image and int(self.steps * self.strength) < 1:
+            raise GenerateError(f"img2img runs steps x strength = {self.steps} x {self.strength} < 1 steps; "
+                                "raise --steps or --strength")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
+        from difftrain.generate.schedulers import resolve_name
+
+        resolve_name(self.scheduler)  # an unknown name lists the valid ones
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass
+class LoadedModel:
+    pipe: object
+    name: str  # for the infotext's "Model:"
+    run_loras: list[tuple[str, float]] = field(default_factory=list)  # a LoRA run's own adapter
+    run_embeddings: list[str] = field(default_factory=list)
+
+
+def load_model(model: str, use_ema: bool = True, dtype: torch.dtype = torch.float32,
+               config: str | None = None) -> LoadedModel:
+    """A StableDiffusionPipeline from a run folder, a diffusers folder, a hub id or a single file."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(model)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return _load_run(path, use_ema, dtype)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None)
+        return LoadedModel(pipe, path.name)
+    from difftrain.models.sd import load_sd
+
+    parts = load_sd(model, dtype=dtype, config=config)  # single file or hub id, with its clear errors
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return LoadedModel(pipe, Path(model).stem if path.exists() else model)
+
+
+def _load_run(run: Path, use_ema: bool, dtype: torch.dtype) -> LoadedModel:
+    from difftrain.training.checkpoint import read_config
+
+    config = read_config(run)
+    if config.method in ("unconditional", "vae"):
+        raise GenerateError(f"{run} is a {config.method} run; `difftrain sample {run}` draws from it")
+    model_dir = run / ("model" if use_ema else "model-no-ema")
+    if not model_dir.is_dir():
+        model_dir = run / "model"
+    if not model_dir.is_dir():
+        raise GenerateError(f"{run} has no final model yet (no {model_dir}); finish or resume the run first")
+    if config.lora.enabled or config.method == "textual_inversion":
+        loaded = load_model(str(config.model.base), dtype=dtype)
+        loaded.name = run.name
+        if config.lora.enabled:
+            loaded.run_loras = [(str(model_dir / "pytorch_lora_weights.safetensors"), 1.0)]
+        else:
+            loaded.run_embeddings = [str(model_dir / "learned_embeds.safetensors")]
+        return loaded
+    loaded = load_model(str(model_dir), dtype=dtype)
+    loaded.name = run.name
+    return loaded
+
+
+def _apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
+    """Load LoRAs (each as its own adapter, at its weight) and embeddings; returns adapter names."""
+    from difftrain.models.lora_files import check_lora_fits
+
+    names, weights = [], []
+    for index, (lora, weight) in enumerate(loras):
+        check_lora_fits(pipe, lora)  # a LoRA for another model is refused with its keys and shapes
+        name = f"lora{index}"
+        pipe.load_lora_weights(lora, adapter_name=name)
+        names.append(name)
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+    for embedding in embeddings:
+        from difftrain.models.embeddings import load_embedding
+
+        token, _ = load_embedding(embedding)
+        pipe.load_textual_inversion(embedding, token=token or Path(embedding).stem)
+    return names
+
+
+def _resolve_prompt_loras(prompt: str, lora_dir: str) -> tuple[str, list[tuple[str, float]]]:
+    from difftrain.generate.prompts import extract_lora_tags
+
+    text, tags = extract_lora_tags(prompt)
+    found = []
+    for name, weight in tags:
+        candidates = [Path(lora_dir) / f"{name}.safetensors", Path(name)]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise GenerateError(f"<lora:{name}:{weight}> in the prompt: no {candidates[0]} (set --lora-dir)")
+        found.append((str(path), weight))
+    return text, found
+
+
+def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> None:
+    """Precision and the memory/speed switches; defaults are the fast path on a GPU, the safe one elsewhere."""
+    dtype = _dtype(options.precision, device)
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    if options.attention_slicing:
+        pipe.enable_attention_slicing()
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    channels_last = device.type == "cuda" if options.channels_last is None else options.channels_last
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if options.cpu_offload:
+        if device.type != "cuda":
+            raise GenerateError("--cpu-offload moves parts between the GPU and the CPU; there is no GPU here")
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if options.compile:
+        pipe.unet = torch.compile(pipe.unet)
+
+
+def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
+                    loras: list[tuple[str, float]]) -> dict:
+    from difftrain.generate.schedulers import display_name
+
+    params = {
+        "Steps": options.steps,
+        "Sampler": display_name(options.scheduler),  # A1111's name, so A1111 reads it too
+        "CFG scale": options.guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name,
+    }
+    if options.clip_skip != 1:
+        params["Clip skip"] = options.clip_skip
+    if options.init_image:
+        params["Denoising strength"] = options.strength
+    if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
+        params["Lora files"] = " | ".join(f"{p}:{w}" for p, w in loras)
+    if options.embeddings:
+        params["Embeddings"] = " | ".join(options.embeddings)
+    if not options.use_ema:
+        params["EMA"] = "off"
+    return params
+
+
+def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
+    """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
+    from difftrain.generate.infotext import format_infotext, write_png
+    from difftrain.generate.prompts import encode_pair
+    from difftrain.generate.schedulers import make_scheduler
+
+    options.check()
+    device = _device()
+    dtype = _dtype(options.precision, device)
+    prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
+    loaded = load_model(model, options.use_ema, dtype, options.config)
+    pipe = loaded.pipe
+    loras = loaded.run_loras + list(options.loras) + prompt_loras
+    _apply_adapters(pipe, loras, loaded.run_embeddings + list(options.embeddings))
+    pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
+    configure_pipeline(pipe, options, device)
+    pipe.set_progress_bar_config(disable=not progress)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = options.width or native, options.height or native
+
+    # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
+    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, options.negative_prompt))
+    positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
+                                     pipe._execution_device, options.clip_skip)
+    if options.init_image:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+        init = Image.open(options.init_image).convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        extra = {"image": init, "strength": options.strength}
+    else:
+        runner, extra = pipe, {"width": width, "height": height}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    first = len(list(out.glob("*.png")))  # number on from what the folder holds, as A1111 does: never overwrite
+    for iteration in range(options.n_iter):
+        seeds = [options.seed + iteration * options.batch_size + i for i in range(options.batch_size)]
+        images = runner(
+            prompt_embeds=positive.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
+            negative_prompt_embeds=negative.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale,
+            generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+            **extra,
+        ).images
+        for seed, image in zip(seeds, images):
+            params = infotext_params(options, seed, width, height, loaded.name, list(options.loras))
+            path = out / f"{first + len(written):05d}-{seed}.png"
+            write_png(image, path, format_infotext(options.prompt, options.negative_prompt, params))
+            written.append(path)
+    return written
+
+
+def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
+    """The options an image of ours (or A1111's) was generated with, from its `parameters` chunk."""
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    prompt, negative, params = parse_infotext(read_png_infotext(path))
+    options = GenerateOptions(prompt=prompt, negative_prompt=negative)
+    from difftrain.generate.schedulers import resolve_name
+
+    if "Sampler" in params:  # A1111 1.9+ writes Karras/Exponential separately as "Schedule type"
+        options.scheduler = resolve_name(params["Sampler"], params.get("Schedule type"))
+    converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
+                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float)}
+    for key, (name, convert) in converters.items():
+        if key in params:
+            setattr(options, name, convert(params[key]))
+    if "Size" in params:
+        width, height = str(params["Size"]).split("x")
+        options.width, options.height = int(width), int(height)
+    if params.get("Lora files"):
+        options.loras = [parse_lora_arg(item.strip()) for item in str(params["Lora files"]).split(" | ")]
+    if params.get("Embeddings"):
+        options.embeddings = [item.strip() for item in str(params["Embeddings"]).split(" | ")]
+    options.use_ema = params.get("EMA") != "off"
+    return replace(options, **overrides)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`path[:weight]` (the weight after the last colon, so Windows drive letters survive)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+__all__ = ["GenerateOptions", "GenerateError", "generate", "options_from_png", "load_model"]

@@ -1,0 +1,174 @@
+"""`difftrain generate` end to end on the tiny Stable Diffusion: seeds, infotext, adapters, img2img, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.cli import main
+from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
+
+FAST = ["--steps", "3", "--width", "32", "--height", "32", "--no-progress"]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def run(model, out, *args) -> list[Path]:
+    assert main(["generate", str(model), "--out", str(out), *FAST, *args]) == 0
+    return sorted(Path(out).glob("*.png"))
+
+
+def test_same_seed_same_image_and_batches_use_seed_plus_i(tiny_sd, tmp_path):  # noqa: F811
+    batch = run(tiny_sd, tmp_path / "batch", "--prompt", "a red circle", "--seed", "10", "--batch-size", "2",
+                "--n-iter", "2")
+    assert len(batch) == 4
+    for i, path in enumerate(batch):
+        single = run(tiny_sd, tmp_path / f"single{i}", "--prompt", "a red circle", "--seed", str(10 + i))
+        assert np.array_equal(pixels(single[0]), pixels(path)), i
+    assert not np.array_equal(pixels(batch[0]), pixels(batch[1]))
+
+
+def test_png_carries_a1111_infotext_and_from_png_repeats_the_image(tiny_sd, tmp_path):  # noqa: F811
+    first = run(tiny_sd, tmp_path / "a", "--prompt", "a (red:1.3) circle, [blue]", "--negative-prompt", "blurry",
+                "--seed", "7", "--scheduler", "Euler a", "--cfg", "5")[0]
+    text = Image.open(first).info["parameters"]
+    lines = text.splitlines()
+    assert lines[0] == "a (red:1.3) circle, [blue]" and lines[1] == "Negative prompt: blurry"
+    assert "Steps: 3" in lines[2] and "Sampler: Euler a" in lines[2] and "Seed: 7" in lines[2] and "Size: 32x32" in lines[2]
+    assert main(["generate", str(tiny_sd), "--from-png", str(first), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    again = sorted((tmp_path / "b").glob("*.png"))[0]
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_attention_weights_and_long_prompts_change_the_image_and_do_not_truncate(tiny_sd, tmp_path):  # noqa: F811
+    plain = run(tiny_sd, tmp_path / "plain", "--prompt", "a red circle")[0]
+    weighted = run(tiny_sd, tmp_path / "weighted", "--prompt", "a (red:1.8) circle")[0]
+    assert not np.array_equal(pixels(plain), pixels(weighted))
+    long_prompt = ", ".join(["a red circle on a blue square"] * 20)  # ~160 tokens: three chunks
+    tail_changed = long_prompt + ", yellow triangle"
+    a = run(tiny_sd, tmp_path / "long", "--prompt", long_prompt)[0]
+    b = run(tiny_sd, tmp_path / "longer", "--prompt", tail_changed)[0]
+    assert not np.array_equal(pixels(a), pixels(b))  # words past token 77 still count
+
+
+def test_bad_sizes_and_unknown_schedulers_are_refused_before_any_work(tmp_path, capsys):
+    # No model exists at this path: the refusal must come first.
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--width", "100"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--scheduler", "Euler b"]) == 2
+    err = capsys.readouterr().err
+    assert "Euler b" in err and "DPM++ 2M Karras" in err
+
+
+def test_lora_by_flag_and_by_prompt_tag_are_the_same_and_a_misfit_is_named(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True, "init": "gaussian"},
+                       training={"max_steps": 2, "learning_rate": 5e-3})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    lora = tmp_path / "run" / "model" / "lora.safetensors"
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "mine.safetensors").write_bytes(lora.read_bytes())
+    base = run(tiny_sd, tmp_path / "base", "--prompt", "a red circle")[0]
+    by_flag = run(tiny_sd, tmp_path / "flag", "--prompt", "a red circle", "--lora", f"{lora}:0.8")[0]
+    by_tag = run(tiny_sd, tmp_path / "tag", "--prompt", "a red circle <lora:mine:0.8>", "--lora-dir", str(tmp_path / "loras"))[0]
+    assert np.abs(pixels(by_flag) - pixels(by_tag)).max() <= 1
+    assert not np.array_equal(pixels(base), pixels(by_flag))
+    # The LoRA run itself is a model: base + its adapter.
+    from_run = run(tmp_path / "run", tmp_path / "fromrun", "--prompt", "a red circle")[0]
+    at_one = run(tiny_sd, tmp_path / "one", "--prompt", "a red circle", "--lora", str(lora))[0]
+    assert np.abs(pixels(from_run) - pixels(at_one)).max() <= 1
+
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    other = write_tiny_sd(tmp_path / "other", seed=1, unet_channels=(16, 32))
+    assert main(["generate", str(other), "--prompt", "x", "--lora", str(lora), "--out", str(tmp_path / "x"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA modules do not fit the base model" in err and "to_q" in err
+
+
+def test_img2img_starts_from_the_image(tiny_sd, tmp_path):  # noqa: F811
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    common = ["--prompt", "a red circle", "--init-image", str(init), "--steps", "10"]
+    weak = run(tiny_sd, tmp_path / "weak", *common, "--strength", "0.3")
+    strong = run(tiny_sd, tmp_path / "strong", *common, "--strength", "1.0")
+    text = Image.open(weak[0]).info["parameters"]
+    assert "Denoising strength: 0.3" in text
+    # The tiny VAE has random weights, so compare with the init image as it comes back through it.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    x = torch.from_numpy(np.asarray(Image.open(init), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        round_trip = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    target = ((round_trip[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.int16)
+    assert np.abs(pixels(weak[0]) - target).mean() < np.abs(pixels(strong[0]) - target).mean()
+
+
+def test_every_listed_scheduler_name_generates_a_finite_image(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from difftrain.generate.schedulers import list_schedulers
+
+    assert main(["generate", "--list-schedulers"]) == 0
+    listed = capsys.readouterr().out
+    names = [display for display, _, _ in list_schedulers()]
+    assert all(name in listed for name in names)
+    from difftrain.generate.text2image import GenerateOptions, generate
+
+    for name in names:
+        try:
+            paths = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", scheduler=name, steps=4, width=32,
+                                                           height=32), tmp_path / name.replace(" ", "_"), progress=False)
+        except Exception as error:  # only a clearly reported missing optional package is acceptable
+            assert "torchsde" in str(error), (name, error)
+            continue
+        image = pixels(paths[0])
+        assert image.std() > 0, name  # not a blank (NaN-decoded) image
+
+
+def test_run_folders_of_other_methods_point_to_sample(tmp_path, make_config, capsys):
+    config = make_config(training={"max_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "x"]) == 2
+    assert "difftrain sample" in capsys.readouterr().err
+
+
+def test_single_file_checkpoints_generate_like_their_folder(tiny_sd, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    from difftrain.models.single_file import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "model.safetensors")
+    folder = run(tiny_sd, tmp_path / "folder", "--prompt", "a red circle")[0]
+    single = run(tmp_path / "model.safetensors", tmp_path / "single", "--prompt", "a red circle",
+                 "--config", str(tiny_sd))[0]
+    assert np.abs(pixels(folder) - pixels(single)).max() <= 1
+
+
+def test_run_folders_give_ema_or_raw_weights_and_textual_inversion_tokens(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"max_steps": 2, "learning_rate": 1e-2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    ema = run(tmp_path / "run", tmp_path / "ema", "--prompt", "a red circle")[0]
+    raw = run(tmp_path / "run", tmp_path / "raw", "--prompt", "a red circle", "--no-ema")[0]
+    assert not np.array_equal(pixels(ema), pixels(raw))
+    assert "EMA: off" in Image.open(raw).info["parameters"]
+
+    ti = sd_config(tmp_path, shapes_dir, tiny_sd, "ti", method="textual_inversion",
+                   textual_inversion={"token": "<shape>", "initializer": "square", "num_vectors": 2},
+                   training={"max_steps": 2, "learning_rate": 0.5})
+    assert main(["train", str(ti), "--no-progress"]) == 0
+    with_token = run(tmp_path / "ti", tmp_path / "tok", "--prompt", "a photo of <shape>")[0]
+    without = run(tmp_path / "ti", tmp_path / "word", "--prompt", "a photo of square")[0]
+    assert not np.array_equal(pixels(with_token), pixels(without))
+
+
+def test_memory_switches_run_and_keep_the_image_close(tiny_sd, tmp_path):  # noqa: F811
+    plain = run(tiny_sd, tmp_path / "plain", "--prompt", "a red circle")[0]
+    switched = run(tiny_sd, tmp_path / "switched", "--prompt", "a red circle", "--attention-slicing", "--vae-tiling",
+                   "--vae-slicing", "--channels-last")[0]
+    assert np.abs(pixels(plain) - pixels(switched)).max() <= 2

@@ -35,7 +35,7 @@ def lora_run(tiny_sd, shapes_dir, tmp_path_factory):  # noqa: F811
 
 def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd):  # noqa: F811
     model = lora_run / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["lora.safetensors", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in model.iterdir()) == ["lora.safetensors", "pytorch_lora_weights.safetensors", "scheduler"]
     with safe_open(model / "lora.safetensors", "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
@@ -235,3 +235,40 @@ def test_textual_inversion_resume_is_exact(tiny_sd, shapes_dir, tmp_path):  # no
     assert torch.equal(a["<shape>"], b["<shape>"])
     checkpoint = load_file(resumed / "model.safetensors")
     assert len(checkpoint) == 1 and next(iter(checkpoint)).endswith("token_embedding.vectors")  # nothing else trains
+
+
+def test_textual_inversion_trains_under_bf16_with_its_vectors_exact(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
+                                   textual_inversion={"token": "<shape>", "initializer": "square"},
+                                   training={"mixed_precision": "bf16", "max_steps": 2}))
+    trainer = Trainer(config, progress=False)
+    method = trainer.method
+    initial = method.text_encoder.get_input_embeddings().table.weight[method.tokenizer.convert_tokens_to_ids("square</w>")]
+    assert method.unet.dtype == torch.bfloat16 and method.new_tokens.vectors.dtype == torch.float32
+    result = trainer.run()
+    assert result.loss == result.loss
+    assert initial.dtype == torch.bfloat16  # the frozen table is half precision; the vectors started from it
+
+
+def test_a_lora_run_generates_with_the_noise_settings_it_trained_with(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.generate.text2image import load_model
+
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True}, noise={"prediction_type": "v_prediction"},
+                       training={"max_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    loaded = load_model(str(tmp_path / "run"))
+    assert loaded.pipe.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.run_loras and Path(loaded.run_loras[0][0]).is_file()
+
+
+def test_zero_terminal_snr_models_refuse_samplers_that_ignore_it():
+    from difftrain.config import NoiseConfig
+    from difftrain.generate.schedulers import UnknownScheduler, make_scheduler
+    from difftrain.training.losses import build_noise_scheduler
+
+    config = dict(build_noise_scheduler(NoiseConfig(zero_terminal_snr=True, prediction_type="v_prediction")).config)
+    assert float(make_scheduler("euler", config).alphas_cumprod[-1]) < 1e-6
+    with pytest.raises(UnknownScheduler, match="zero-terminal-SNR"):
+        make_scheduler("heun", config)

@@ -95,6 +95,8 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
+    if args.strength is not None and not (args.init_image or args.from_png):
+        raise DifftrainError("--strength applies to img2img: give --init-image too")
     if args.from_png:
         options = options_from_png(args.from_png, **given)
     elif "prompt" not in given:

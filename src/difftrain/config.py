@@ -155,7 +155,9 @@ class LoraConfig(Section):
     rank: int = Field(4, ge=1, le=1024)
     alpha: Optional[float] = Field(None, gt=0, description="scale = alpha / rank; default alpha = rank")
     dropout: float = Field(0.0, ge=0, lt=1)
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+    # PiSSA/OLoRA rewrite the base weights to a residual, so the adapter alone would be wrong
+    # applied to the original model in every other tool: not offered.
+    init: Literal["default", "gaussian"] = Field(
         "default", description="peft init_lora_weights: default = Kaiming A, zero B (starts as the base model)"
     )
     unet_targets: list[str] = Field(
@@ -258,6 +260,13 @@ class RunConfig(Section):
             raise ValueError(f"method {method}: without model.base, model.tokenizer must be set too")
         if self.lora.enabled and method not in ("text2image", "dreambooth"):
             raise ValueError(f"lora.enabled: LoRA adapts text2image or dreambooth training, not {method}")
+        if self.lora.enabled and (self.output.single_file or self.output.trained_only):
+            raise ValueError(
+                "output.single_file / output.trained_only with lora.enabled: a LoRA run writes the adapter files; "
+                "`difftrain lora merge` makes a full model from them"
+            )
+        if method == "dreambooth" and self.dreambooth.prior_preservation and data.buckets.enabled:
+            raise ValueError("data.buckets with dreambooth.prior_preservation: class images are square; turn buckets off")
         if self.lora.enabled and self.lora.text_encoder and self.text2image.train_text_encoder:
             raise ValueError(
                 "lora.text_encoder and text2image.train_text_encoder are both on: train the text encoder "

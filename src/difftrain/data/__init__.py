@@ -48,9 +48,6 @@ def build_dataset(config: RunConfig, progress: bool = True) -> ImageDataset:
         return instances
     class_source = open_source("folder", dreambooth.class_data, captions="none", max_pixels=data.max_image_pixels,
                                progress=progress)
-    if buckets is not None:
-        raise DatasetError("data.buckets with DreamBooth prior preservation is not supported: the class images "
-                           "are generated square; turn buckets off")
     return PairedDataset(instances, images(class_source, dreambooth.class_prompt))
 
 

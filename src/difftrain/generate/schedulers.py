@@ -298,4 +298,10 @@ def scheduler_settings(name: str, base_config: dict) -> tuple[type, dict]:
 def make_scheduler(name: str, base_config: dict):
     cls, settings = scheduler_settings(name, dict(base_config))
     accepted = set(inspect.signature(cls.__init__).parameters)
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in accepted:
+        # Building it anyway would sample the unrescaled schedule: a different model than trained.
+        raise UnknownScheduler(
+            f"{name} ({cls.__name__}) cannot sample a zero-terminal-SNR model; use ddim, euler, euler_a, "
+            "dpm++_2m or unipc"
+        )
     return cls.from_config(dict(base_config), **{k: v for k, v in settings.items() if k in accepted})

@@ -63,6 +63,15 @@ class GenerateOptions:
             raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
         if not 0.0 < self.strength <= 1.0:
             raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
+        if self.init_image and not Path(self.init_image).is_file():
+            raise GenerateError(f"--init-image {self.init_image}: no such file")
+        if self.init_image:
+            from difftrain.data.images import BadImage, load_image
+
+            try:
+                load_image(self.init_image)
+            except BadImage as reason:
+                raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
         if self.init_image and int(self.steps * self.strength) < 1:
             raise GenerateError(f"img2img runs steps x strength = {self.steps} x {self.strength} < 1 steps; "
                                 "raise --steps or --strength")
@@ -123,16 +132,37 @@ def _load_run(run: Path, use_ema: bool, dtype: torch.dtype) -> LoadedModel:
         model_dir = run / "model"
     if not model_dir.is_dir():
         raise GenerateError(f"{run} has no final model yet (no {model_dir}); finish or resume the run first")
-    if config.lora.enabled or config.method == "textual_inversion":
-        loaded = load_model(str(config.model.base), dtype=dtype)
+    adapter_run = config.lora.enabled or config.method == "textual_inversion"
+    if not adapter_run and (model_dir / "model_index.json").is_file():
+        loaded = load_model(str(model_dir), dtype=dtype)
         loaded.name = run.name
-        if config.lora.enabled:
-            loaded.run_loras = [(str(model_dir / "pytorch_lora_weights.safetensors"), 1.0)]
-        else:
-            loaded.run_embeddings = [str(model_dir / "learned_embeds.safetensors")]
         return loaded
-    loaded = load_model(str(model_dir), dtype=dtype)
-    loaded.name = run.name
+    # An adapter run, or one that saved only its trained parts: the run's own base model (with
+    # its component overrides), its trained parts on top, and the scheduler it trained with.
+    from diffusers import StableDiffusionPipeline
+
+    from difftrain.models.sd import load_sd
+
+    model = config.model
+    trained = {name: str(model_dir / name) for name in ("unet", "text_encoder") if (model_dir / name).is_dir()}
+    parts = load_sd(model.base, unet=trained.get("unet", model.unet), vae=model.vae,
+                    text_encoder=trained.get("text_encoder", model.text_encoder), tokenizer=model.tokenizer,
+                    revision=model.revision, variant=model.variant, dtype=dtype)
+    scheduler = parts.scheduler
+    if (model_dir / "scheduler").is_dir():
+        import diffusers
+
+        saved = type(scheduler).load_config(model_dir / "scheduler")
+        scheduler = getattr(diffusers, saved["_class_name"]).from_config(saved)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    loaded = LoadedModel(pipe, run.name)
+    if config.lora.enabled:
+        loaded.run_loras = [(str(model_dir / "pytorch_lora_weights.safetensors"), 1.0)]
+    elif config.method == "textual_inversion":
+        loaded.run_embeddings = [str(model_dir / "learned_embeds.safetensors")]
     return loaded
 
 
@@ -211,6 +241,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Clip skip"] = options.clip_skip
     if options.init_image:
         params["Denoising strength"] = options.strength
+        params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
     if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
         params["Lora files"] = " | ".join(f"{p}:{w}" for p, w in loras)
     if options.embeddings:
@@ -255,9 +286,14 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    first = len(list(out.glob("*.png")))  # number on from what the folder holds, as A1111 does: never overwrite
+    # Number on from the highest index the folder holds, as A1111 does, so nothing is overwritten.
+    taken = [int(p.name.split("-", 1)[0]) for p in out.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+    first = max(taken, default=-1) + 1
     for iteration in range(options.n_iter):
         seeds = [options.seed + iteration * options.batch_size + i for i in range(options.batch_size)]
+        if hasattr(runner.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
+            runner.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
         images = runner(
             prompt_embeds=positive.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
             negative_prompt_embeds=negative.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
@@ -284,6 +320,8 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
 
     if "Sampler" in params:  # A1111 1.9+ writes Karras/Exponential separately as "Schedule type"
         options.scheduler = resolve_name(params["Sampler"], params.get("Schedule type"))
+    if params.get("Init image"):
+        options.init_image = str(params["Init image"])
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float)}
     for key, (name, convert) in converters.items():

@@ -32,6 +32,10 @@ class Method(ABC):
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         return [{"params": params, "lr": learning_rate}]
 
+    def speed_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules gradient checkpointing and the attention kernel apply to: those gradients flow through."""
+        return self.trainable_modules()
+
     def prepare_data(self, accelerator, progress: bool) -> None:
         """Runs before the data set is opened: make data that must exist first (DreamBooth's class images)."""
 

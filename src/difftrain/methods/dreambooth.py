@@ -36,13 +36,17 @@ class DreamBooth(TextToImage):
     name = "dreambooth"
 
     def prepare_data(self, accelerator, progress: bool) -> None:
-        """Generate the class images the class folder lacks (main process; the others wait)."""
+        """Generate the class images the class folder lacks; each process makes every world_size-th one.
+
+        Image i depends on class_seed + i alone, so the split changes nothing in the result.
+        """
         settings = self.config.dreambooth
-        if settings.prior_preservation and accelerator.is_main_process:
+        if settings.prior_preservation:
             folder = Path(settings.class_data)
             missing = missing_class_images(folder, settings.num_class_images)
-            if missing:
-                self.generate_class_images(folder, missing, accelerator.device, progress)
+            mine = missing[accelerator.process_index :: accelerator.num_processes]
+            if mine:
+                self.generate_class_images(folder, mine, accelerator.device, progress)
         accelerator.wait_for_everyone()
 
     @torch.no_grad()
@@ -63,8 +67,8 @@ class DreamBooth(TextToImage):
                 generator=torch.Generator(device="cpu").manual_seed(settings.class_seed + index),
             ).images[0]
             final = folder / class_image_name(index)
-            staging = final.with_name(f".{final.name}.tmp.png")
-            image.save(staging)
+            staging = final.with_name(f".{final.name}.tmp")  # not an image suffix: a leftover is never scanned
+            image.save(staging, format="PNG")
             os.replace(staging, final)  # a half-written PNG must never count as generated
         pipe.to("cpu")
 

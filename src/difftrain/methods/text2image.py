@@ -158,9 +158,12 @@ class TextToImage(Method):
             embeds = self.encode_text(captions, modules.get("text_encoder"))
         unet = modules.get("unet", self.unet)
         embeds = embeds.to(latents.dtype)
+        # A frozen UNet in half precision is not wrapped by accelerate's autocast (only trained
+        # modules are), so the call gets its own: Textual Inversion under fp16/bf16.
+        mixed = self.weight_dtype != torch.float32 and "unet" not in modules
         return denoising_loss(
             latents,
-            lambda x, t: unet(x, t, encoder_hidden_states=embeds).sample,
+            lambda x, t: _autocast_call(unet, mixed, self.weight_dtype, x, t, embeds),
             self.noise_scheduler,
             self.config.noise,
             generator,
@@ -259,6 +262,7 @@ class TextToImage(Method):
 
             text_encoder = modules.get("text_encoder") if self.config.lora.text_encoder else None
             save_lora(out_dir, modules.get("unet", self.unet), text_encoder, metadata=self.training_facts())
+            self.saved_scheduler().save_pretrained(out_dir / "scheduler")  # how the adapter was trained to sample
             return
         vae, frozen_text_encoder = self._frozen_parts_for_saving()
         unet, text_encoder = modules.get("unet", self.unet), modules.get("text_encoder", frozen_text_encoder)
@@ -325,7 +329,16 @@ def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     """
     module.to(device)
     if any(not p.requires_grad for p in module.parameters()) and module.dtype != dtype:
+        # Trainable values are kept exactly (a round trip through half precision would round them).
+        kept = {p: p.data.float().clone() for p in module.parameters() if p.requires_grad}
         module.to(dtype=dtype)  # (diffusers warns on any .to(dtype), even a no-op: only when needed)
+        for parameter, value in kept.items():
+            parameter.data = value
     for parameter in module.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+
+
+def _autocast_call(unet, enabled: bool, dtype: torch.dtype, x, t, embeds):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        return unet(x, t, encoder_hidden_states=embeds).sample

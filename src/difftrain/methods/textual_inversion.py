@@ -108,3 +108,7 @@ class TextualInversion(TextToImage):
 
         save_embedding(out_dir, self.placeholders[0], self.new_tokens.vectors.detach().float().cpu(),
                        metadata=self.training_facts())
+        self.saved_scheduler().save_pretrained(out_dir / "scheduler")
+
+    def speed_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}  # gradients flow through the frozen UNet

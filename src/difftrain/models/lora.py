@@ -6,7 +6,7 @@ import torch
 
 from difftrain.config import ConfigError, LoraConfig
 
-PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+PEFT_INIT = {"default": True, "gaussian": "gaussian"}
 
 
 def add_lora(module: torch.nn.Module, settings: LoraConfig, targets: list[str], name: str) -> None:

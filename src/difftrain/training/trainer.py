@@ -99,7 +99,7 @@ class Trainer:
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 
-        apply_speed_options(self.method.trainable_modules(), config.training)
+        apply_speed_options(self.method.speed_modules(), config.training)
         self.method.setup(self.accelerator, _weight_dtype(self.accelerator), self.dataset, self.progress)
         self.modules = self.method.trainable_modules()
         groups = self.method.parameter_groups(config.training.learning_rate)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
+import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -85,3 +89,47 @@ def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch:
         trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
         result = trainer.run()
     return steps / result.seconds, trainer
+
+
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    return parser
+
+
+@dataclass
+class Workspace:
+    device: torch.device
+    work: Path
+    model_dir: Path
+    data_dir: Path
+
+
+def workspace(size: int, batch: int) -> Workspace:
+    """A temporary folder with the SD-quarter model and a shapes data set of 8 batches."""
+    from difftrain.data.shapes import write_shapes_dataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
+    data_dir = write_shapes_dataset(work / "data", num_images=8 * batch, size=size)
+    return Workspace(device, work, sd_quarter(work, size), data_dir)
+
+
+def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, rounds: int = 2) -> dict[str, tuple[float, int]]:
+    """Run every variant `rounds` times, in alternating order so neither profits from going second.
+
+    Each variant is called with a fresh output folder and returns steps/s. Returns, per
+    variant, the mean steps/s and the larger peak memory.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, list[int]] = {name: [] for name in variants}
+    order = list(variants)
+    for round_ in range(rounds):
+        for number, name in enumerate(order if round_ % 2 == 0 else order[::-1]):
+            with PeakMemory(space.device) as memory:
+                rates[name].append(variants[name](space.work / f"run-{round_}-{number}"))
+            peaks[name].append(memory.peak)
+    return {name: (sum(rates[name]) / rounds, max(peaks[name])) for name in variants}

@@ -10,54 +10,45 @@ on a CPU, resident-set growth while the variant ran (indicative only: see _commo
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
 import torch
-from _common import PeakMemory, device_name, difftrain_run, sd_quarter
+from _common import alternate, device_name, difftrain_run, step_arguments, workspace
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=128)
+    parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
-    from difftrain.data.shapes import write_shapes_dataset
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
-    model_dir = sd_quarter(work, args.size)
-    data_dir = write_shapes_dataset(work / "data", num_images=8 * args.batch, size=args.size)
-    cache = {"cache": {"latents": True, "text": True, "dir": str(work / "cache")}}
-    print(f"device: {device_name(device)}; {args.steps} steps of batch {args.batch} at {args.size} px, "
+    space = workspace(args.size, args.batch)
+    cache = {"cache": {"latents": True, "text": True, "dir": str(space.work / "cache")}}
+    print(f"device: {device_name(space.device)}; {args.steps} steps of batch {args.batch} at {args.size} px, "
           f"LoRA rank {args.rank} on to_q/to_k/to_v/to_out.0")
+
+    def run(extra: dict, sizes: dict):
+        def call(out: Path) -> float:
+            rate, trainer = difftrain_run(space.model_dir, space.data_dir, out, args.steps, args.batch, args.size,
+                                          data=cache, **extra)
+            sizes["trainable"] = sum(p.numel() for p in trainer.parameters)
+            sizes["state"] = sum(t.numel() for s in trainer.optimizer.state.values() for t in s.values()
+                                 if torch.is_tensor(t))
+            return rate
+        return call
+
     # Fill the shared cache once, untimed, so neither variant pays for it.
-    difftrain_run(model_dir, data_dir, work / "warm", 2, args.batch, args.size, data=cache)
+    difftrain_run(space.model_dir, space.data_dir, space.work / "warm", 2, args.batch, args.size, data=cache)
+    sizes = {"full fine-tune": {}, f"LoRA r={args.rank}": {}}
+    results = alternate({
+        "full fine-tune": run({}, sizes["full fine-tune"]),
+        f"LoRA r={args.rank}": run({"lora": {"enabled": True, "rank": args.rank}}, sizes[f"LoRA r={args.rank}"]),
+    }, space)
 
-    variants = {
-        "full fine-tune": {},
-        f"LoRA r={args.rank}": {"lora": {"enabled": True, "rank": args.rank}},
-    }
-    results = {}
-    for round_ in range(2):
-        for name, extra in (variants.items() if round_ == 0 else reversed(variants.items())):
-            with PeakMemory(device) as memory:
-                rate, trainer = difftrain_run(model_dir, data_dir, work / f"{round_}-{len(results)}-{name[:4]}",
-                                              args.steps, args.batch, args.size, data=cache, **extra)
-            trainable = sum(p.numel() for p in trainer.parameters)
-            state = sum(t.numel() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-            previous = results.get(name, (0.0, 0, 0, 0))
-            results[name] = (previous[0] + rate / 2, max(previous[1], memory.peak), trainable, state)
-
-    base = results["full fine-tune"]
+    base_rate, base_peak = results["full fine-tune"]
     print(f"\n{'variant':16s} {'trainable':>12s} {'optimizer state':>16s} {'steps/s':>8s} {'x full':>7s} "
           f"{'peak MiB':>9s} {'x full':>7s}")
-    for name, (rate, peak, trainable, state) in results.items():
-        print(f"{name:16s} {trainable:12,d} {state:16,d} {rate:8.2f} {rate / base[0]:7.2f} "
-              f"{peak / 2**20:9.0f} {peak / max(base[1], 1):7.2f}")
+    for name, (rate, peak) in results.items():
+        print(f"{name:16s} {sizes[name]['trainable']:12,d} {sizes[name]['state']:16,d} {rate:8.2f} "
+              f"{rate / base_rate:7.2f} {peak / 2**20:9.0f} {peak / max(base_peak, 1):7.2f}")
     print("(steps/s: mean of two runs each, alternating order; peak: the larger of the two)")
 
 

@@ -10,15 +10,13 @@ above what the process held before that variant started (sampled every 5 ms).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import PeakMemory, device_name, difftrain_run, sd_quarter
+from _common import alternate, device_name, difftrain_run, step_arguments, workspace
 
 
 def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device) -> float:
@@ -80,37 +78,24 @@ def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=128)
-    args = parser.parse_args()
-    from difftrain.data.shapes import write_shapes_dataset
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
-    model_dir = sd_quarter(work, args.size)
-    data_dir = write_shapes_dataset(work / "data", num_images=8 * args.batch, size=args.size)
+    args = step_arguments(__doc__.splitlines()[0]).parse_args()
+    space = workspace(args.size, args.batch)
+    model_dir, data_dir, device = space.model_dir, space.data_dir, space.device
     print(f"device: {device_name(device)}; {args.steps} steps of batch {args.batch} at {args.size} px")
 
     baseline = "seeds-style loop (encode every step)"
-    variants = [
-        (baseline, lambda out: seeds_style_loop(model_dir, data_dir, args.steps, args.batch, args.size, device)),
-        ("difftrain, no cache", lambda out: difftrain_text2image(model_dir, data_dir, out, args.steps, args.batch, args.size, False)),
-        ("difftrain, cached latents + text", lambda out: difftrain_text2image(model_dir, data_dir, out, args.steps, args.batch, args.size, True)),
-    ]
+    variants = {
+        baseline: lambda out: seeds_style_loop(model_dir, data_dir, args.steps, args.batch, args.size, device),
+        "difftrain, no cache": lambda out: difftrain_text2image(
+            model_dir, data_dir, out, args.steps, args.batch, args.size, False),
+        "difftrain, cached latents + text": lambda out: difftrain_text2image(
+            model_dir, data_dir, out, args.steps, args.batch, args.size, True),
+    }
     # A short untimed baseline first, so no variant pays the process's first-use costs
-    # (imports, allocator growth); then every variant twice, in alternating order.
+    # (imports, allocator growth).
     with contextlib.redirect_stdout(io.StringIO()):
         seeds_style_loop(model_dir, data_dir, 3, args.batch, args.size, device)
-    rates: dict[str, list[float]] = {name: [] for name, _ in variants}
-    peaks: dict[str, list[int]] = {name: [] for name, _ in variants}
-    for round_ in range(2):
-        for number, (name, run) in enumerate(variants if round_ == 0 else variants[::-1]):
-            with PeakMemory(device) as memory:
-                rates[name].append(run(work / f"run-{round_}-{number}"))
-            peaks[name].append(memory.peak)
-    results = {name: (sum(rates[name]) / len(rates[name]), max(peaks[name])) for name in rates}
+    results = alternate(variants, space)
 
     baseline_rate, baseline_memory = results[baseline]
     print(f"\n{'variant':40s} {'steps/s':>8s} {'x base':>7s} {'peak MiB':>9s} {'x base':>7s}")

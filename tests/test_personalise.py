@@ -243,13 +243,18 @@ def test_textual_inversion_trains_under_bf16_with_its_vectors_exact(tiny_sd, sha
     config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
                                    textual_inversion={"token": "<shape>", "initializer": "square"},
                                    training={"mixed_precision": "bf16", "max_steps": 2}))
+    from transformers import CLIPTextModel
+
     trainer = Trainer(config, progress=False)
     method = trainer.method
-    initial = method.text_encoder.get_input_embeddings().table.weight[method.tokenizer.convert_tokens_to_ids("square</w>")]
-    assert method.unet.dtype == torch.bfloat16 and method.new_tokens.vectors.dtype == torch.float32
+    base = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder").get_input_embeddings().weight
+    start = base[method.tokenizer.convert_tokens_to_ids("square</w>")]
+    assert method.unet.dtype == torch.bfloat16 and method.new_tokens.table.weight.dtype == torch.bfloat16
+    # The new vectors are the fp32 initializer row exactly, not its bf16 rounding.
+    assert method.new_tokens.vectors.dtype == torch.float32 and torch.equal(method.new_tokens.vectors[0], start)
+    assert not torch.equal(start, start.bfloat16().float())  # so a round trip would have shown
     result = trainer.run()
-    assert result.loss == result.loss
-    assert initial.dtype == torch.bfloat16  # the frozen table is half precision; the vectors started from it
+    assert result.loss == result.loss  # finite
 
 
 def test_a_lora_run_generates_with_the_noise_settings_it_trained_with(tiny_sd, shapes_dir, tmp_path):  # noqa: F811

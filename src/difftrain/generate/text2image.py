@@ -279,7 +279,10 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
         from diffusers import StableDiffusionImg2ImgPipeline
 
         runner = StableDiffusionImg2ImgPipeline(**pipe.components)
-        init = Image.open(options.init_image).convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        from difftrain.data.images import load_image
+
+        # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
+        init = load_image(options.init_image).resize((width, height), Image.Resampling.LANCZOS)
         extra = {"image": init, "strength": options.strength}
     else:
         runner, extra = pipe, {"width": width, "height": height}

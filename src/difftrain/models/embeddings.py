@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from difftrain.errors import DifftrainError
+from difftrain.models.file_metadata import string_metadata
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # the name diffusers looks for in a folder
 A1111_KEY = "emb_params"
@@ -66,13 +67,7 @@ def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict
         raise EmbeddingFileError(f"token {token!r}: must be one word without spaces, e.g. '<my-style>'")
     vectors = _vectors(vectors, f"embedding {token!r}")
     a1111_name = a1111_file_name(token)  # before writing anything: no half-saved pair
-    meta = {}
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
-            raise EmbeddingFileError(
-                f"embedding metadata {key!r}: values must be str/int/float/bool; json.dumps anything else"
-            )
-        meta[key] = str(value)
+    meta = string_metadata(metadata, EmbeddingFileError, "embedding")
     meta.setdefault("token", token)
     meta.setdefault("num_vectors", str(vectors.shape[0]))
     out_dir = Path(out_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from difftrain.errors import DifftrainError
+from difftrain.models.file_metadata import string_metadata
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig JSON
@@ -344,14 +345,7 @@ def _number(value: float) -> int | float:
 
 
 def _stringify(metadata: dict | None) -> dict[str, str]:
-    out = {}
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
-            raise LoraFileError(
-                f"LoRA metadata {key!r}: keys must be strings, values str/int/float/bool; json.dumps anything else"
-            )
-        out[key] = str(value)
-    return out
+    return string_metadata(metadata, LoraFileError, "LoRA")
 
 
 def training_metadata(metadata: dict | None, kohya_name: str = "lora") -> dict[str, str]:

@@ -121,11 +121,9 @@ class Trainer:
         self.position = Position()
 
     # ----------------------------------------------------------------- the loop
-    def run(self, resume: str | None = None) -> TrainResult:
-        config, accelerator = self.config, self.accelerator
-        resume = resume or self.resume
-        if resume != self.resume:
-            self._check_startable(resume)
+    def run(self) -> TrainResult:
+        """Train to max_steps, from the checkpoint named at construction if any."""
+        config, accelerator, resume = self.config, self.accelerator, self.resume
         self._prepare_run_dir(resuming=bool(resume))
         if resume:
             self.load_checkpoint(self.store.resolve(resume))

@@ -60,3 +60,23 @@ def test_no_usable_image_fails_at_once_with_the_reason(tmp_path):
         scan_folder(tmp_path, progress=False)
     with pytest.raises(DatasetError, match="is not a folder"):
         scan_folder(tmp_path / "absent", progress=False)
+
+
+def test_metadata_lines_that_are_not_utf8_or_repeat_a_file_are_reported(tmp_path):
+    from difftrain.data.folder import scan_folder
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "text": "first"}\n'
+        b'{"file_name": "b.png", "text": "caf\xe9"}\n'  # Latin-1, not UTF-8
+        b'{"file_name": "a.png", "text": "second"}\n'
+    )
+    scan = scan_folder(tmp_path, progress=False)
+    captions = {r.path.name: r.caption for r in scan.records}
+    assert captions == {"a.png": "first", "b.png": None}
+    reasons = dict(scan.skipped)
+    assert "not valid UTF-8" in reasons["metadata.jsonl line 2"]
+    assert reasons["metadata.jsonl line 3"] == "a.png is listed again; the caption of metadata.jsonl line 1 is kept"
+    report = "\n".join(scan.report_lines())
+    assert "line 2" in report and "line 3" in report and "1 images have no caption" in report

@@ -25,13 +25,19 @@ def run(model, out, *args) -> list[Path]:
 
 
 def test_same_seed_same_image_and_batches_use_seed_plus_i(tiny_sd, tmp_path):  # noqa: F811
-    batch = run(tiny_sd, tmp_path / "batch", "--prompt", "a red circle", "--seed", "10", "--batch-size", "2",
-                "--n-iter", "2")
+    """The promise (README, "Reproducible"): the same seed and batch size give the same pixels on
+    one machine; image i of a batch is image `seed + i` generated alone up to float rounding
+    (batched and single convolutions may take different CPU kernels), here at most 2/255."""
+    args = ("--prompt", "a red circle", "--seed", "10", "--batch-size", "2", "--n-iter", "2")
+    batch = run(tiny_sd, tmp_path / "batch", *args)
+    again = run(tiny_sd, tmp_path / "again", *args)
     assert len(batch) == 4
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(batch, again))
     for i, path in enumerate(batch):
         single = run(tiny_sd, tmp_path / f"single{i}", "--prompt", "a red circle", "--seed", str(10 + i))
-        assert np.array_equal(pixels(single[0]), pixels(path)), i
-    assert not np.array_equal(pixels(batch[0]), pixels(batch[1]))
+        difference = np.abs(pixels(single[0]).astype(int) - pixels(path).astype(int))
+        assert difference.max() <= 2, (i, difference.max())
+    assert np.abs(pixels(batch[0]).astype(int) - pixels(batch[1]).astype(int)).max() > 10  # seeds differ
 
 
 def test_png_carries_a1111_infotext_and_from_png_repeats_the_image(tiny_sd, tmp_path):  # noqa: F811
@@ -172,3 +178,9 @@ def test_memory_switches_run_and_keep_the_image_close(tiny_sd, tmp_path):  # noq
     switched = run(tiny_sd, tmp_path / "switched", "--prompt", "a red circle", "--attention-slicing", "--vae-tiling",
                    "--vae-slicing", "--channels-last")[0]
     assert np.abs(pixels(plain) - pixels(switched)).max() <= 2
+
+
+def test_sample_on_a_stable_diffusion_model_points_to_generate(tiny_sd, tmp_path, capsys):  # noqa: F811
+    assert main(["sample", str(tiny_sd), "--num", "1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "difftrain generate" in err and "Traceback" not in err

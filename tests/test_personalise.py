@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,12 @@ def lora_run(tiny_sd, shapes_dir, tmp_path_factory):  # noqa: F811
     return tmp_path / "run"
 
 
+def shapes_dir_of(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+
+
 def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd):  # noqa: F811
     model = lora_run / "model"
     assert sorted(p.name for p in model.iterdir()) == ["lora.safetensors", "pytorch_lora_weights.safetensors", "scheduler"]
@@ -41,6 +48,15 @@ def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd)
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert any(k.endswith(".alpha") for k in keys)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_max_train_steps"] == "4"
+    # kohya's conventions, which A1111's LoRA browser reads: a base name (not the user's path), the run's name,
+    # the SD version, tags, tensor hashes and the modelspec block.
+    assert metadata["ss_sd_model_name"] == Path(tiny_sd).name and metadata["ss_output_name"] == "run"
+    assert metadata["ss_v2"] == "False" and metadata["ss_base_model_version"] == "sd_v1"
+    tags = json.loads(metadata["ss_tag_frequency"])
+    assert list(tags) == [Path(shapes_dir_of(lora_run)).name] and sum(next(iter(tags.values())).values()) == 24
+    assert json.loads(metadata["ss_dataset_dirs"])[next(iter(tags))]["img_count"] == 24
+    assert len(metadata["sshs_model_hash"]) == 64 and len(metadata["sshs_legacy_hash"]) == 8
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora" and metadata["modelspec.title"] == "run"
     # The checkpoint holds the adapter and its optimizer state only, not the frozen model.
     checkpoint = load_file(lora_run / "checkpoints" / "step-00000004" / "model.safetensors")
     assert checkpoint and all("lora" in key for key in checkpoint)

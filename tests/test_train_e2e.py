@@ -154,10 +154,95 @@ def test_resume_refuses_a_changed_data_set(make_config, tmp_path, shapes_dir, ca
     shutil.copytree(shapes_dir, data)
     config = make_config(data={"path": str(data)}, training={"max_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
-    (data / "000003.png").unlink()
+    # Same number of images, one of them different: a count check would not see it.
+    shutil.copyfile(data / "000004.png", data / "000003.png")
+    os.utime(data / "000003.png", ns=(1, 1))
     capsys.readouterr()
     assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4"]) == 2
-    assert "trained on 24 usable images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not the one it was trained on" in err and "1 changed size or time (e.g. 000003.png)" in err
+    (data / "000005.png").unlink()
+    assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4"]) == 2
+    assert "1 removed (e.g. 000005.png)" in capsys.readouterr().err
+    assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=4",
+                 "--allow-data-change"]) == 0
+    assert (tmp_path / "run/checkpoints/step-00000004/state.json").is_file()
+
+
+def test_resuming_an_earlier_checkpoint_moves_the_abandoned_branch_aside(make_config, tmp_path, capsys):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    config = make_config(training={"max_steps": 6}, checkpoint={"every_steps": 2, "keep_last": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004", "step-00000006"]
+    capsys.readouterr()
+    assert main(["train", str(config), "--no-progress", "--resume", str(checkpoints / "step-00000004"),
+                 "--set", "training.max_steps=8", "--set", "checkpoint.keep_last=1"]) == 0
+    assert "step-00000006" in capsys.readouterr().out  # the one-line notice names what moved
+    # keep_last=1 keeps the new branch's newest, not the abandoned step 6 (the old rule deleted step 8 at once).
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008"]
+    abandoned = checkpoints / "abandoned" / "step-00000006"
+    assert (abandoned / "state.json").is_file()
+    state = json.loads((checkpoints / "step-00000008" / "state.json").read_text())
+    assert state["step"] == 8
+
+
+CRASHING_TRAIN = """
+import os, sys
+from pathlib import Path
+import difftrain.atomic as atomic
+target = sys.argv[1]
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if Path(src).name == target or Path(dst).as_posix().endswith(target):
+        os._exit(9)  # as abrupt as kill -9: no cleanup, no flush of Python state
+atomic.os.replace = replace
+from difftrain.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def crash_after_replace(target: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, target, *args, "--no-progress"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 9, done.stderr[-2000:]
+
+
+def test_a_crash_during_a_checkpoint_save_or_the_final_model_write_loses_nothing(make_config, tmp_path):
+    from diffusers import UNet2DModel
+
+    training = {"max_steps": 8}
+    straight = make_config("straight", training=training, checkpoint={"every_steps": 4})
+    assert main(["train", str(straight), "--no-progress"]) == 0
+
+    crashed = make_config("crashed", training=training, checkpoint={"every_steps": 4})
+    run = tmp_path / "crashed"
+    # 1. Killed inside the step-8 save, with half its files in the staging folder.
+    crash_after_replace("tmp-step-00000008/optimizer.safetensors", "train", str(crashed))
+    assert not (run / "checkpoints/step-00000008").exists() and (run / "checkpoints/.tmp-step-00000008").exists()
+    assert main(["train", str(crashed), "--no-progress", "--resume", "latest"]) == 0
+    assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", run / "checkpoints/step-00000008")
+
+    # 2. Killed while a re-written final model is swapped in: the old one is moved aside, the new one not yet in.
+    crash_after_replace("model", "train", str(crashed), "--resume", "latest")
+    assert not (run / "model").exists() and (run / ".model.old").is_dir()
+    assert main(["train", str(crashed), "--no-progress", "--resume", "latest"]) == 0
+    assert not (run / ".model.old").exists() and not list(run.glob(".*.staging"))
+    mine = UNet2DModel.from_pretrained(run / "model" / "unet").state_dict()
+    theirs = UNet2DModel.from_pretrained(tmp_path / "straight" / "model" / "unet").state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_written_files_follow_the_umask(make_config, tmp_path):
+    old = os.umask(0o022)
+    try:
+        config = make_config(training={"max_steps": 2})
+        assert main(["train", str(config), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*.safetensors")]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files if p.stat().st_mode & 0o777 != 0o644]
 
 
 def test_bf16_mixed_precision_on_cpu_and_fp16_refused(make_config, capsys):

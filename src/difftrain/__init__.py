@@ -15,6 +15,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from difftrain.versions import check_installed_versions  # noqa: E402
+
+check_installed_versions()  # a clear error now, not a traceback from inside a library later
+
 # Heavy imports (torch, diffusers) wait until a function is used, so `difftrain config
 # check` and `--help` answer at once.
 _EXPORTS = {

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from difftrain.training.trainer import train
 
     config = load_config(args.config, args.set)
-    train(config, resume=args.resume, progress=not args.no_progress)
+    train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change)
     return 0
 
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config (YAML)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=100")
     train.add_argument("--resume", metavar="latest|PATH", help="continue from the latest checkpoint or a checkpoint folder")
+    train.add_argument("--allow-data-change", action="store_true",
+                       help="resume although the data set differs from the one the checkpoint was trained on")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(run=_train)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from difftrain.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,8 @@ class TensorCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
-        os.replace(staging, path)
+        with atomic_path(path, sync=False) as tmp:  # an entry is cheap to recompute
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.safetensors")) if self.dir.is_dir() else 0

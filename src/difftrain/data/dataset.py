@@ -64,6 +64,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def sources(self) -> dict[str, RecordSource]:
+        """Every source this data set reads, by the config key that names it (for resume checks)."""
+        return {"data": self.source}
+
     def target_size(self, index: int) -> tuple[int, int]:
         return self.buckets(index) if self.buckets else (self.resolution, self.resolution)
 
@@ -226,6 +230,9 @@ class PairedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.main)
+
+    def sources(self) -> dict[str, RecordSource]:
+        return {"data": self.main.source, "dreambooth.class_data": self.companion.source}
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         epoch, batch, index = key

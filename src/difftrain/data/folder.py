@@ -32,6 +32,7 @@ class Record:
     # Upright size after EXIF rotation, from the decode the scan already does (aspect buckets need it).
     width: int = 0
     height: int = 0
+    captions: tuple[str, ...] | None = None  # all of them, when metadata.jsonl lists several
 
 
 @dataclass
@@ -52,30 +53,56 @@ class FolderScan:
         return lines
 
 
-def jsonl_entries(lines: Iterable[str], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
-    """(where, parsed value) for each non-blank line; lines that are not JSON go to `skipped`."""
-    for number, line in enumerate(lines, 1):
+def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) for each non-blank line of a file opened in binary mode; lines
+    that are not UTF-8 or not JSON go to `skipped` (a replaced character would silently
+    become part of a caption)."""
+    for number, raw in enumerate(lines, 1):
+        where = f"{label} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            skipped.append((where, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                                   "save the file as UTF-8"))
+            continue
         if not line.strip():
             continue
-        where = f"{label} line {number}"
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as exc:
             skipped.append((where, f"not valid JSON: {exc.msg}"))
 
 
-def _read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, str]:
-    captions: dict[Path, str] = {}
+@dataclass(frozen=True)
+class MetadataEntry:
+    caption: str  # the one caption `text`/`caption` gives
+    captions: list[str] | None  # a `captions` list (export_folder writes one for several captions), if any
+
+
+def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, MetadataEntry]:
+    """Every metadata.jsonl under `root`: image path -> its entry. The one reader of these files.
+
+    A second line for the same `file_name` is reported and ignored: the first one is kept.
+    """
+    entries: dict[Path, MetadataEntry] = {}
+    first_line: dict[Path, str] = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
-        lines = meta.read_text(encoding="utf-8", errors="replace").splitlines()
-        for where, entry in jsonl_entries(lines, str(meta.relative_to(root)), skipped):
-            name = entry.get("file_name") if isinstance(entry, dict) else None
-            caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
-            if not isinstance(name, str) or not isinstance(caption, str):
-                skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
-                continue
-            captions[(meta.parent / name).resolve()] = caption
-    return captions
+        with open(meta, "rb") as file:
+            for where, entry in jsonl_entries(file, str(meta.relative_to(root)), skipped):
+                name = entry.get("file_name") if isinstance(entry, dict) else None
+                caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
+                if not isinstance(name, str) or not isinstance(caption, str):
+                    skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
+                    continue
+                path = (meta.parent / name).resolve()
+                if path in entries:
+                    skipped.append((where, f"{name} is listed again; the caption of {first_line[path]} is kept"))
+                    continue
+                listed = entry.get("captions")
+                if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
+                    listed = None
+                entries[path], first_line[path] = MetadataEntry(caption, listed), where
+    return entries
 
 
 def _choose_caption_source(mode: str, root: Path, images: list[Path], extension: str) -> str:
@@ -102,7 +129,8 @@ def scan_folder(
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     source = _choose_caption_source(captions, root, images, caption_extension)
     skipped: list[tuple[str, str]] = []
-    by_path = _read_metadata(root, skipped) if source == "metadata" else {}
+    metadata = read_metadata(root, skipped) if source == "metadata" else {}
+    by_path = {path: entry.caption for path, entry in metadata.items()}
     if source == "metadata" and not by_path:
         raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
 
@@ -123,7 +151,8 @@ def scan_folder(
             caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else None
         if source != "none" and caption is None:
             missing.append(name)
-        records.append(Record(image_path, caption, width, height))
+        listed = metadata[image_path.resolve()].captions if image_path.resolve() in metadata else None
+        records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None))
 
     listed = {Path(p) for p in by_path}
     for absent in sorted(listed - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):

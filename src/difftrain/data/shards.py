@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterator
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from difftrain.atomic import write_bytes
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import IMAGE_EXTENSIONS
 from difftrain.data.sources import LIST_NAME, BadRecord, RawRecord, RecordSource
@@ -87,7 +88,7 @@ def build_shards(
     for note in writer.notes():
         log.warning(note)
     listing = out / LIST_NAME
-    _write_atomically(listing, "".join(f"{name}\n" for name in names).encode())
+    write_bytes(listing, "".join(f"{name}\n" for name in names).encode())
     return listing
 
 
@@ -114,7 +115,7 @@ def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = Tr
         used.add(name.lower())
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(target, record.data, sync=False)
+        write_bytes(target, record.data, sync=False)
         if record.captions:
             entry = {"file_name": name, "text": record.captions[0]}
             if len(record.captions) > 1:
@@ -123,7 +124,7 @@ def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = Tr
     if not used:
         raise _nothing_written(out, source, skipped)
     if lines:
-        _write_atomically(out / "metadata.jsonl", "".join(f"{line}\n" for line in lines).encode())
+        write_bytes(out / "metadata.jsonl", "".join(f"{line}\n" for line in lines).encode())
     return out
 
 
@@ -161,16 +162,6 @@ def _folder_name(key: str, index: int, width: int, extension: str, used: set[str
     while name.lower() in used:  # a later record's own key took the numbered name
         name, copy = f"{index:0{width}d}-{copy}{extension}", copy + 1
     return name
-
-
-def _write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
-    partial = path.with_name(f"{path.name}.tmp")
-    with open(partial, "wb") as file:
-        file.write(data)
-        if sync:
-            file.flush()
-            os.fsync(file.fileno())
-    os.replace(partial, path)
 
 
 class _ShardWriter:

@@ -25,7 +25,6 @@ import bisect
 import gzip
 import hashlib
 import json
-import os
 import tarfile
 import zlib
 from abc import ABC, abstractmethod
@@ -36,6 +35,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes, image_size_from_file
 
@@ -73,6 +73,11 @@ class RecordSource(ABC):
     @abstractmethod
     def read(self, index: int) -> RawRecord:
         """Record `index` (0 <= index < len); raises BadRecord if it cannot be read as stored."""
+
+    def stored_files(self) -> list[tuple[str, str, list[str]]]:
+        """(key, path, captions held outside the file) for each file the records come from
+        (resume compares them); a source with no files of its own lists none."""
+        return []
 
     def report_lines(self) -> list[str]:
         lines = [self.description]
@@ -157,34 +162,18 @@ class FileSource(RecordSource):
             raise BadRecord(f"{self._keys[index]}: cannot read file: {exc.strerror}") from None
         return RawRecord(self._keys[index], data, list(self._captions[index]))
 
-
-def _listed_caption_lists(root: Path) -> dict[Path, list[str]]:
-    """`captions` lists from metadata.jsonl (export_folder writes them beside `text` for several captions).
-
-    scan_folder reads one caption per image; this keeps the others, so shards -> folder ->
-    shards loses none. Bad lines were already reported by the scan.
-    """
-    found: dict[Path, list[str]] = {}
-    for meta in sorted(root.rglob("metadata.jsonl")):
-        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-                name, value = entry["file_name"], entry["captions"]
-                found[(meta.parent / name).resolve()] = caption_list(value)
-            except (ValueError, KeyError, TypeError, BadRecord):
-                continue
-    return found
+    def stored_files(self) -> list[tuple[str, str, list[str]]]:
+        return list(zip(self._keys, self._paths, self._captions))
 
 
 def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: int, progress: bool) -> FileSource:
     scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress)
-    lists = _listed_caption_lists(scan.root) if scan.caption_source == "metadata" else {}
     keys, paths, texts, sizes = [], [], [], []
     for record in scan.records:
-        listed = lists.get(record.path.resolve()) if lists else None
         keys.append(record.path.relative_to(scan.root).as_posix())
         paths.append(str(record.path))
-        texts.append(listed if listed is not None else caption_list(record.caption or ""))
+        texts.append(caption_list(list(record.captions)) if record.captions is not None
+                     else caption_list(record.caption or ""))
         sizes.append((record.width, record.height))
     uncaptioned = sum(not t for t in texts)
     description = _describe(
@@ -204,7 +193,7 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
     root = path.parent
     keys, paths, texts, sizes = [], [], [], []
     skipped: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", errors="replace") as file:
+    with open(path, "rb") as file:
         lines = tqdm(file, desc=f"indexing {path.name}", unit="line", disable=not progress, leave=False)
         for where, entry in jsonl_entries(lines, path.name, skipped):
             name = entry.get(image_key) if isinstance(entry, dict) else None
@@ -345,6 +334,9 @@ class ShardSource(RecordSource):
     def __len__(self) -> int:
         return self._ends[-1]
 
+    def stored_files(self) -> list[tuple[str, str, list[str]]]:
+        return [(label, path, []) for label, path in zip(self._labels, self._paths)]  # captions are inside
+
     def __getstate__(self) -> dict:
         # A worker process gets the index, not the parent's loaded shard (nor any open file: none is kept).
         state = self.__dict__.copy()
@@ -397,10 +389,7 @@ class ShardSource(RecordSource):
         index = self._index_shard(label, path)
         self.shards_indexed += 1
         if cache is not None:
-            index_dir.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(index))
-            os.replace(partial, cache)  # a half-written entry never has the final name
+            write_text(cache, json.dumps(index), sync=False)  # an index is cheap to rebuild
         return index
 
     def _index_shard(self, label: str, path: Path) -> dict:

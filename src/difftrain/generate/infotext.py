@@ -30,11 +30,10 @@ same, so the output stays A1111's format.
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
+from difftrain.atomic import atomic_path
 from difftrain.errors import DifftrainError
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111 writes and reads
@@ -182,14 +181,8 @@ def write_png(image, path: str | Path, infotext: str) -> Path:
     path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, infotext)  # tEXt when Latin-1 will do, iTXt (UTF-8) otherwise
-    # Beside the target, then renamed: a reader never sees half a PNG under the real name.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

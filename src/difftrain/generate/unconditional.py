@@ -18,7 +18,20 @@ class ModelNotFound(DifftrainError):
     pass
 
 
+def _refuse_text_to_image(path: Path) -> None:
+    """`sample` draws pixel-space models; a Stable Diffusion folder or run needs prompts."""
+    index = path / "model_index.json"
+    if (path / "text_encoder").is_dir() or (path / "vae").is_dir() or (
+        index.is_file() and "StableDiffusion" in index.read_text()
+    ):
+        raise ModelNotFound(
+            f"{path} is a text-to-image (Stable Diffusion) model; difftrain sample draws unconditional models. "
+            f'Use: difftrain generate {path} --prompt "..."'
+        )
+
+
 def _from_diffusers_folder(path: Path) -> tuple[UNet2DModel, dict]:
+    _refuse_text_to_image(path)
     unet = UNet2DModel.from_pretrained(path, subfolder="unet")
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     return unet, dict(scheduler.config)
@@ -43,6 +56,15 @@ def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DMo
     if (path / "unet").is_dir() and (path / "scheduler").is_dir():
         return _from_diffusers_folder(path)
     if (path / "config.yaml").is_file():  # a run folder
+        import yaml
+
+        method = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("method", "unconditional")
+        if method != "unconditional":
+            raise ModelNotFound(
+                f"{path} is a {method} run; difftrain sample draws unconditional models. "
+                + (f'Use: difftrain generate {path} --prompt "..."' if method != "vae" else
+                   "A VAE run has nothing to sample: use it as model.vae of a text2image run.")
+            )
         final = path / ("model" if use_ema else "model-no-ema")
         if not final.is_dir():
             final = path / "model"

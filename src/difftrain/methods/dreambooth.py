@@ -12,12 +12,12 @@ exactly the images a straight run would.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from difftrain.atomic import atomic_path
 from difftrain.generate.schedulers import make_scheduler
 from difftrain.methods.text2image import TextToImage
 
@@ -66,10 +66,8 @@ class DreamBooth(TextToImage):
                 width=size,
                 generator=torch.Generator(device="cpu").manual_seed(settings.class_seed + index),
             ).images[0]
-            final = folder / class_image_name(index)
-            staging = final.with_name(f".{final.name}.tmp")  # not an image suffix: a leftover is never scanned
-            image.save(staging, format="PNG")
-            os.replace(staging, final)  # a half-written PNG must never count as generated
+            with atomic_path(folder / class_image_name(index)) as tmp:  # half a PNG never counts as generated
+                image.save(tmp, format="PNG")
         pipe.to("cpu")
 
     def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:

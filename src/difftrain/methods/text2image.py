@@ -9,6 +9,7 @@ one (tested); with caching the VAE and text encoder never need to sit in memory.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -80,6 +81,9 @@ class TextToImage(Method):
         device = accelerator.device
         self.device, self.weight_dtype = device, weight_dtype
         self.num_records = len(dataset)
+        self.tag_frequency = _tag_frequency(getattr(dataset, "main", dataset))
+        # SD 2.x's OpenCLIP-H encoder is 1024 wide, SD 1.x's CLIP-L 768 (A1111 files them apart by ss_v2).
+        self.sd_version = "v2" if self.text_encoder.config.hidden_size == 1024 else "v1"
         # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
         _hold(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
         for module in (self.unet, self.text_encoder):
@@ -253,6 +257,11 @@ class TextToImage(Method):
             facts.update(rank=config.lora.rank, alpha=config.lora.alpha or config.lora.rank)
         if self.num_records is not None:
             facts["num_images"] = self.num_records
+            folder = Path(str(config.data.path)).name
+            facts["tag_frequency"] = json.dumps({folder: self.tag_frequency})
+            facts["dataset_dirs"] = json.dumps({folder: {"n_repeats": 1, "img_count": self.num_records}})
+        facts["output_name"] = Path(config.output_dir).name
+        facts["sd_version"] = getattr(self, "sd_version", "v1")
         return facts
 
     def save_model(self, modules, out_dir: Path) -> None:
@@ -342,3 +351,16 @@ def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 def _autocast_call(unet, enabled: bool, dtype: torch.dtype, x, t, embeds):
     with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
         return unet(x, t, encoder_hidden_states=embeds).sample
+
+
+def _tag_frequency(dataset) -> dict[str, int]:
+    """Comma-separated tags counted over the captions held outside the images (kohya's ss_tag_frequency)."""
+    counts: dict[str, int] = {}
+    fixed = getattr(dataset, "fixed_caption", None)
+    for _, _, captions in dataset.source.stored_files():
+        for caption in [fixed] if fixed else captions[:1]:
+            for tag in (t.strip() for t in caption.split(",")):
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+    return counts
+

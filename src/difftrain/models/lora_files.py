@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from difftrain.atomic import atomic_dir, atomic_path
 from difftrain.errors import DifftrainError
 from difftrain.models.file_metadata import string_metadata
 
@@ -327,16 +327,8 @@ def to_kohya(modules: list[Module]) -> dict[str, torch.Tensor]:
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target, then renamed: a crash never leaves half a LoRA under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **metadata})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **metadata})
     return path
 
 
@@ -357,7 +349,74 @@ def training_metadata(metadata: dict | None, kohya_name: str = "lora") -> dict[s
             # kohya's --resolution is "W,H"; one number means a square.
             out[ss] = f"{value},{value}" if plain == "resolution" and value.isdigit() else value
     out.setdefault("ss_network_module", "networks.lora")
-    out.setdefault("ss_output_name", kohya_name)
+    out.setdefault("ss_output_name", out.get("output_name", kohya_name))
+    return out
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the whole file, A1111's old 8-digit hash: sha256 of 64 KiB at 1 MiB), as kohya writes them."""
+    import hashlib
+
+    full = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            full.update(block)
+        file.seek(0x100000)
+        legacy = hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+    return full.hexdigest(), legacy
+
+
+def _tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """kohya's sshs_ hashes: of the tensor bytes only (after the header), so metadata edits keep them."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    start = 8 + int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[start:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str]:
+    """What kohya's sd-scripts write beside the weights, which A1111's LoRA browser and Civitai read.
+
+    Facts the caller may give: base_model (a path is reduced to its name, hashed when it is a
+    file, as kohya does: no user's folder layout leaks), sd_version ("v1" | "v2"),
+    prediction_type, output_name, tag_frequency ({folder: {tag: count}}), dataset_dirs.
+    """
+    out = dict(meta)
+    base = out.get("base_model", "")
+    if base and Path(base).exists():
+        if Path(base).is_file():
+            full, legacy = file_hashes(Path(base))
+            out.setdefault("ss_new_sd_model_hash", full)
+            out.setdefault("ss_sd_model_hash", legacy)
+        out["ss_sd_model_name"] = Path(base).name
+    v2 = out.get("sd_version") == "v2"
+    out.setdefault("ss_v2", str(v2))
+    out.setdefault("ss_base_model_version", "sd_v2" if v2 else "sd_v1")
+    conv = [m for m in modules if m.down.dim() == 4 and m.down.shape[-1] > 1]
+    if conv:
+        out.setdefault("ss_network_args", json.dumps({"conv_dim": str(conv[0].rank),
+                                                      "conv_alpha": str(_number(conv[0].alpha))}))
+    for key in ("tag_frequency", "dataset_dirs"):
+        if key in out:
+            out.setdefault(f"ss_{key}", out[key])
+    resolution = out.get("resolution", "512")
+    v_prediction = out.get("prediction_type") == "v_prediction"
+    architecture = ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
+    import datetime
+
+    out.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": out["ss_output_name"],
+        "modelspec.resolution": f"{resolution}x{resolution}" if resolution.isdigit() else resolution.replace(",", "x"),
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+    })
     return out
 
 
@@ -387,10 +446,11 @@ def save_lora(
     modules = [m for part, model in parts.items() for m in _modules_from_model(part, model, adapter_name)]
     main = _derived_config([m for m in modules if m.part == next(iter(parts))])
     info = {"rank": main["r"], "alpha": _number(main["lora_alpha"]), **(metadata or {})}
-    meta = training_metadata(info, stem)
+    meta = kohya_metadata(training_metadata(info, stem), modules)
     tensors, adapter_json = to_diffusers(modules)
     diffusers_path = _write(out_dir / DIFFUSERS_FILE, tensors, {**meta, ADAPTER_METADATA_KEY: adapter_json})
-    kohya_path = _write(out_dir / f"{stem}.safetensors", to_kohya(modules), meta)
+    kohya_tensors = to_kohya(modules)
+    kohya_path = _write(out_dir / f"{stem}.safetensors", kohya_tensors, {**meta, **_tensor_hashes(kohya_tensors)})
     return diffusers_path, kohya_path
 
 
@@ -481,10 +541,8 @@ def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
         pipe.load_lora_weights(str(lora_file), adapter_name="merge")
         pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
         pipe.unload_lora_weights()
-        pipe.save_pretrained(work / "model", safe_serialization=True)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(work / "model", out_dir)
+        with atomic_dir(out_dir) as staging:
+            pipe.save_pretrained(staging, safe_serialization=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir

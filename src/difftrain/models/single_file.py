@@ -13,13 +13,12 @@ tensor must be renamed: a key no rule covers is an error, never a silent drop.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from difftrain.atomic import atomic_path
 from difftrain.errors import DifftrainError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -209,16 +208,8 @@ def save_single_file(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed: a crash never leaves a half file under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

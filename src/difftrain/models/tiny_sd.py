@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from difftrain.atomic import atomic_dir
+
 # Whole-word tokens: the words our tests, the shapes set and the seeds' examples use.
 # Anything else still tokenizes, byte by byte.
 WORDS = (
@@ -156,6 +158,6 @@ def write_tiny_sd(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
     pipeline = StableDiffusionPipeline(
         **tiny_sd_components(seed, **sizes), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    out = Path(out_dir)
-    pipeline.save_pretrained(out, safe_serialization=True)
-    return out
+    with atomic_dir(out_dir) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)

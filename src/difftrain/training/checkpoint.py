@@ -1,10 +1,15 @@
 """Checkpoints as folders of named parts, written so that a crash never costs the last good one.
 
 A checkpoint is built in `checkpoints/.tmp-step-N/`, every file flushed to disk, and only
-then renamed to `checkpoints/step-N/` (a rename is atomic on POSIX file systems). A
-folder without the `.tmp-` prefix is therefore always complete; leftovers from a killed
-save are removed at the next start. Tensors go to safetensors and everything else to
-JSON, so loading a checkpoint never unpickles anything.
+then swapped in as `checkpoints/step-N/` (atomic.replace_dir: a step saved again keeps its
+old folder until the new one has the name). A folder without the `.tmp-` prefix is
+therefore always complete; leftovers from a killed save are removed at the next start.
+Tensors go to safetensors and everything else to JSON, so loading a checkpoint never
+unpickles anything.
+
+The step folders are one line of history: resuming from an earlier checkpoint moves the
+later ones to `checkpoints/abandoned/`, so `keep_last` prunes the branch being trained
+and `--resume latest` never jumps back to the one left behind.
 
 Layout of one checkpoint:
     state.json              step, data position, world size, LR schedule, counters
@@ -27,29 +32,21 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from difftrain.atomic import atomic_path, recover_dirs, replace_dir, write_text
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+ABANDONED = "abandoned"  # checkpoints of a branch left by resuming from an earlier one
 
 
 class CheckpointError(DifftrainError):
     pass
 
 
-def fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")):
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class CheckpointStore:
+    """The step-N folders of one run, always one line of history (see `adopt`)."""
+
     def __init__(self, root: str | Path, keep_last: int = 3):
         self.root = Path(root)
         self.keep_last = keep_last
@@ -80,8 +77,34 @@ class CheckpointStore:
         return self.root / f".tmp-step-{step:08d}"
 
     def clean_staging(self) -> None:
+        """After a crash: put back a checkpoint a killed re-save had moved aside, drop half-written ones."""
+        recover_dirs(self.root)
         for leftover in self.root.glob(".tmp-step-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def adopt(self, checkpoint: Path) -> list[Path]:
+        """Make `checkpoint` the tip of this run's history before training on from it.
+
+        Checkpoints after it here belong to the branch being abandoned (all of them, when
+        it comes from another folder); they move to `abandoned/` rather than being pruned
+        as "older" by step number or picked up by a later `--resume latest`. Returns the
+        moved folders.
+        """
+        checkpoint = checkpoint.resolve()
+        inside = checkpoint.parent == self.root.resolve()
+        step = int(STEP_DIR.match(checkpoint.name).group(1)) if inside and STEP_DIR.match(checkpoint.name) else -1
+        moved = []
+        for path in self.all():
+            if path.resolve() == checkpoint or (inside and int(STEP_DIR.match(path.name).group(1)) <= step):
+                continue
+            target = self.root / ABANDONED / path.name
+            copy = 1
+            while target.exists():
+                target, copy = self.root / ABANDONED / f"{path.name}-{copy}", copy + 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+        return moved
 
     def begin(self, step: int) -> Path:
         staging = self.staging_dir(step)
@@ -90,19 +113,16 @@ class CheckpointStore:
         return staging
 
     def commit(self, step: int) -> Path:
-        staging, final = self.staging_dir(step), self.root / f"step-{step:08d}"
-        fsync_tree(staging)
-        if final.exists():  # the same step saved again (e.g. after resume): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_tree(self.root)
+        # replace_dir keeps an existing step-N (the same step saved again) until the new one is in place.
+        final = replace_dir(self.staging_dir(step), self.root / f"step-{step:08d}")
         for old in self.all()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with atomic_path(path, sync=False) as tmp:  # the whole folder is flushed when it is committed
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +155,7 @@ def optimizer_from_parts(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    write_text(path, json.dumps(data, indent=2, sort_keys=True), sync=False)
 
 
 def read_json(path: Path) -> dict:

@@ -25,9 +25,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from difftrain.atomic import atomic_dir, recover_dirs
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.data import build_dataset, build_sampler
 from difftrain.data.dataset import make_loader
+from difftrain.data.fingerprint import describe_change, fingerprint
 from difftrain.data.sampler import Position
 from difftrain.generate.sampling import make_grid
 from difftrain.methods import build_method
@@ -64,7 +66,9 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, progress: bool = True, resume: str | None = None):
+    def __init__(
+        self, config: RunConfig, progress: bool = True, resume: str | None = None, allow_data_change: bool = False
+    ):
         if config.training.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "training.mixed_precision = 'fp16': fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'"
@@ -89,6 +93,7 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         # Refuse a run that cannot start before any model loads or any cache fills.
         self.resume = resume
+        self.allow_data_change = allow_data_change
         self._check_startable(resume)
 
         # Same initial weights on every process and for every process count.
@@ -96,6 +101,7 @@ class Trainer:
         self.method = build_method(config)
         self.method.prepare_data(self.accelerator, self.progress)
         self.dataset = build_dataset(config, progress=self.progress)
+        self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 
@@ -126,7 +132,13 @@ class Trainer:
         config, accelerator, resume = self.config, self.accelerator, self.resume
         self._prepare_run_dir(resuming=bool(resume))
         if resume:
-            self.load_checkpoint(self.store.resolve(resume))
+            path = self.store.resolve(resume)
+            self.load_checkpoint(path)
+            if self.main:
+                moved = self.store.adopt(path)
+                if moved:
+                    print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
+                          f"behind ({', '.join(p.name for p in moved)}) moved to {moved[0].parent}")
         self.sampler.start = self.position
         batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers))
         if config.log.tensorboard:
@@ -220,6 +232,7 @@ class Trainer:
     def _prepare_run_dir(self, resuming: bool) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            recover_dirs(self.run_dir)  # a final model a killed run was swapping in
             self.store.clean_staging()
             (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
             (self.run_dir / "data_report.txt").write_text("\n".join(self.dataset.source.report_lines()) + "\n")
@@ -274,11 +287,12 @@ class Trainer:
     def save_final_model(self) -> Path | None:
         model_dir = self.run_dir / "model"
         if self.main:
-            with self._with_ema() as modules:
-                self.method.save_model(modules, model_dir)
+            # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
+            with self._with_ema() as modules, atomic_dir(model_dir) as staging:
+                self.method.save_model(modules, staging)
             if self.emas:
-                modules = self.modules
-                self.method.save_model(modules, self.run_dir / "model-no-ema")
+                with atomic_dir(self.run_dir / "model-no-ema") as staging:
+                    self.method.save_model(self.modules, staging)
         self.accelerator.wait_for_everyone()
         return model_dir
 
@@ -332,7 +346,8 @@ class Trainer:
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
-            write_json(staging / "state.json", state)
+            write_json(staging / "data.json", self.data_fingerprints)
+            write_json(staging / "state.json", state)  # last: a folder with state.json is complete
             self.store.commit(self.step)
         accelerator.wait_for_everyone()
 
@@ -341,12 +356,7 @@ class Trainer:
         state = read_json(path / "state.json")
         saved = read_config(path)
         self._check_resumable(path)
-        if state.get("num_records", len(self.dataset)) != len(self.dataset):
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained on {state['num_records']} usable images, "
-                f"{self.config.data.path} now has {len(self.dataset)}; the data order would not continue. "
-                "Restore the data set or start a new output_dir."
-            )
+        self._check_same_data(path, state)
         if saved.training.max_steps != self.config.training.max_steps and self.config.training.lr_scheduler not in (
             "constant",
             "constant_with_warmup",
@@ -371,8 +381,34 @@ class Trainer:
         rng.restore(load_tensors(path / f"rng-rank{accelerator.process_index}.safetensors"), self.noise_generator)
         self.step = state["step"]
         self.position = Position(**state["position"])
+        if state.get("num_records", len(self.dataset)) != len(self.dataset):  # only with --allow-data-change
+            self.position = Position(self.position.epoch + 1, 0)  # the old order means nothing for new data
         if self.main:
             print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+
+
+    def _check_same_data(self, path: Path, state: dict) -> None:
+        """Refuse to continue on data other than the checkpoint's, naming what changed."""
+        saved = read_json(path / "data.json") if (path / "data.json").is_file() else {}
+        changes = []
+        for name, now in self.data_fingerprints.items():
+            section, _, key = name.partition(".")  # "data" -> data.path, "dreambooth.class_data" as named
+            where = getattr(getattr(self.config, section), key or "path")
+            difference = describe_change(saved[name], now) if name in saved else None
+            if difference:
+                changes.append(f"{name} ({where}): {difference}")
+        if not saved and state.get("num_records", len(self.dataset)) != len(self.dataset):  # checkpoints before data.json
+            changes.append(f"data ({self.config.data.path}): {state['num_records']:,} usable records then, "
+                           f"{len(self.dataset):,} now")
+        if not changes:
+            return
+        if not self.allow_data_change:
+            raise CheckpointError(
+                f"cannot resume from {path}: the data set is not the one it was trained on:\n  "
+                + "\n  ".join(changes)
+                + "\nRestore the data, start a new output_dir, or pass --allow-data-change to continue on purpose."
+            )
+        log.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changes))
 
 
 class _StopFlag:
@@ -421,6 +457,10 @@ def _scalar_config(config: RunConfig) -> dict:
     return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
 
 
-def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Train `config` to `training.max_steps`; `resume` is 'latest' or a checkpoint folder."""
-    return Trainer(config, progress=progress, resume=resume).run()
+def train(
+    config: RunConfig, resume: str | None = None, progress: bool = True, allow_data_change: bool = False
+) -> TrainResult:
+    """Train `config` to `training.max_steps`; `resume` is 'latest' or a checkpoint folder.
+
+    `allow_data_change` resumes although the data set differs from the checkpoint's."""
+    return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change).run()

@@ -1,0 +1,163 @@
+"""Files and folders written so that a crash never leaves half a one under the real name.
+
+Every writer in difftrain goes through here. A file is written beside its target under a
+hidden `.tmp` name (never an image or safetensors suffix, so no scan mistakes a leftover
+for data), flushed to disk, given the mode the user's umask asks for and renamed into
+place; a rename is atomic on POSIX file systems. A folder is built beside its target and
+swapped in by `replace_dir`, which keeps the old folder until the new one has its name, so
+at every instant one complete copy exists under a name `recover_dir` knows.
+
+This module is a leaf: it imports nothing of difftrain's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _current_umask() -> int:
+    # Linux reports it without changing it; elsewhere set-and-restore (racy only against
+    # another thread creating a file in that instant).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() would give a new file: temp-file helpers (and safetensors) use 0600."""
+    return 0o666 & ~_current_umask()
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def seal_tree(path: Path) -> None:
+    """Give every file under `path` the umask's mode and flush it, then every folder, deepest first."""
+    folders, mode = [path], file_mode()
+    for item in sorted(Path(path).rglob("*")):
+        if item.is_file():
+            os.chmod(item, mode)  # safetensors writes 0600: a UI running as another user could not read it
+            fsync_file(item)
+        elif item.is_dir():
+            folders.append(item)
+    for folder in reversed(folders):
+        fsync_dir(folder)
+
+
+def staging_name(path: Path, tag: str = "tmp") -> Path:
+    """A hidden sibling of `path`, unique to this process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{tag}")
+
+
+@contextmanager
+def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it becomes `path` in one rename.
+
+    `sync=False` skips the fsyncs, for data that is cheap to recompute (caches, indexes).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_name(path)
+    try:
+        yield tmp
+        if sync:
+            fsync_file(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+        if sync:
+            fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> Path:
+    with atomic_path(path, sync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str, sync: bool = True) -> Path:
+    return write_bytes(path, text.encode("utf-8"), sync)
+
+
+def _old_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def replace_dir(staging: Path, final: Path) -> Path:
+    """Make the complete folder `staging` the folder `final`, never with a moment of neither.
+
+    The old `final` is renamed aside first and deleted only once the new one has its name;
+    a crash between the two renames leaves the old one under `.NAME.old`, which
+    `recover_dir` puts back.
+    """
+    staging, final = Path(staging), Path(final)
+    seal_tree(staging)
+    old = _old_name(final)
+    if final.exists():
+        if old.exists():  # an earlier swap finished but died before it could clean up
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover_dir(final: Path) -> bool:
+    """Undo what a crash inside `replace_dir` left; True when the old folder had to be put back."""
+    final, old = Path(final), _old_name(Path(final))
+    if not old.exists():
+        return False
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+    os.replace(old, final)
+    return True
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `final` to build its replacement in; swapped in on success."""
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        replace_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def recover_dirs(parent: Path) -> None:
+    """After a crash: restore every folder in `parent` a killed `atomic_dir` had moved aside, and
+    delete the half-built replacements (the folders they were to replace are intact)."""
+    parent = Path(parent)
+    for old in parent.glob(".*.old"):
+        recover_dir(parent / old.name[1 : -len(".old")])
+    for leftover in parent.glob(".*.staging"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""What a data set is made of, compactly: enough to notice on resume that it changed, and to say how.
+
+Each file a source reads (an image, or a whole shard) is listed with its size and
+modification time, plus a checksum of any captions held outside it (metadata.jsonl,
+.txt files). Hashing contents would catch more but costs a full read of the data at every
+start; size + mtime is what rsync and make trust too. A copy that did not keep mtimes
+(`cp` without `-p`) reads as changed: resume with --allow-data-change after checking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+
+from difftrain.data.sources import RecordSource
+
+# Above this many files a checkpoint keeps only the digest: the file list would outweigh a LoRA.
+MAX_LISTED = 100_000
+
+
+def fingerprint(source: RecordSource) -> dict:
+    entries: dict[str, list[int]] = {}
+    for key, path, captions in source.stored_files():
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        entries[key] = [size, mtime, zlib.crc32("\x00".join(captions).encode("utf-8"))]
+    digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
+    return {"records": len(source), "files": len(entries), "digest": digest,
+            "entries": entries if len(entries) <= MAX_LISTED else None}
+
+
+def describe_change(saved: dict, now: dict) -> str | None:
+    """None when the two fingerprints agree, else one line naming what differs."""
+    if saved["digest"] == now["digest"]:
+        return None
+    if saved.get("entries") is None or now.get("entries") is None:
+        return f"{saved['files']:,} files then, {now['files']:,} now, and their sizes, times or captions differ"
+    old, new = saved["entries"], now["entries"]
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    common = set(old) & set(new)
+    changed = sorted(k for k in common if old[k][:2] != new[k][:2])
+    recaptioned = sorted(k for k in common if old[k][2] != new[k][2] and k not in changed)
+    parts = [
+        f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+        for names, what in ((added, "added"), (removed, "removed"), (changed, "changed size or time"),
+                            (recaptioned, "with other captions"))
+        if names
+    ]
+    return "; ".join(parts) or "the files are the same but were listed in another order"

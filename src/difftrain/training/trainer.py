@@ -386,7 +386,6 @@ class Trainer:
         if self.main:
             print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
 
-
     def _check_same_data(self, path: Path, state: dict) -> None:
         """Refuse to continue on data other than the checkpoint's, naming what changed."""
         saved = read_json(path / "data.json") if (path / "data.json").is_file() else {}

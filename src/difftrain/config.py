@@ -195,7 +195,7 @@ class VaeTrainConfig(Section):
 class OutputConfig(Section):
     single_file: bool = Field(False, description="also write model.safetensors in the A1111/ComfyUI layout")
     single_file_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
-    trained_only: bool = Field(False, description="save only the trained components (seed 002's option)")
+    trained_only: bool = Field(False, description="save only the trained components (e.g. the UNet alone for a UNet pretraining run)")
 
 
 class CheckpointConfig(Section):

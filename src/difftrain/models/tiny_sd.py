@@ -16,7 +16,7 @@ import torch
 
 from difftrain.atomic import atomic_dir
 
-# Whole-word tokens: the words our tests, the shapes set and the seeds' examples use.
+# Whole-word tokens: the words our tests, the shapes set and common tutorial prompts use.
 # Anything else still tokenizes, byte by byte.
 WORDS = (
     "a an the of in on with and photo picture painting style art drawing sks dog cat person face "

@@ -65,9 +65,9 @@ def seal_tree(path: Path) -> None:
         fsync_dir(folder)
 
 
-def staging_name(path: Path, tag: str = "tmp") -> Path:
+def staging_name(path: Path) -> Path:
     """A hidden sibling of `path`, unique to this process and call."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{tag}")
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 @contextmanager
@@ -126,16 +126,15 @@ def replace_dir(staging: Path, final: Path) -> Path:
     return final
 
 
-def recover_dir(final: Path) -> bool:
-    """Undo what a crash inside `replace_dir` left; True when the old folder had to be put back."""
+def recover_dir(final: Path) -> None:
+    """Undo what a crash inside `replace_dir` left: the old folder back if the new one never arrived."""
     final, old = Path(final), _old_name(Path(final))
     if not old.exists():
-        return False
+        return
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        return False
-    os.replace(old, final)
-    return True
+    else:
+        os.replace(old, final)
 
 
 @contextmanager

@@ -77,6 +77,7 @@ def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, s
 class MetadataEntry:
     caption: str  # the one caption `text`/`caption` gives
     captions: list[str] | None  # a `captions` list (export_folder writes one for several captions), if any
+    where: str  # "metadata.jsonl line N", for reports
 
 
 def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, MetadataEntry]:
@@ -85,7 +86,6 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, Meta
     A second line for the same `file_name` is reported and ignored: the first one is kept.
     """
     entries: dict[Path, MetadataEntry] = {}
-    first_line: dict[Path, str] = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
         with open(meta, "rb") as file:
             for where, entry in jsonl_entries(file, str(meta.relative_to(root)), skipped):
@@ -96,12 +96,12 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, Meta
                     continue
                 path = (meta.parent / name).resolve()
                 if path in entries:
-                    skipped.append((where, f"{name} is listed again; the caption of {first_line[path]} is kept"))
+                    skipped.append((where, f"{name} is listed again; the caption of {entries[path].where} is kept"))
                     continue
                 listed = entry.get("captions")
                 if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
                     listed = None
-                entries[path], first_line[path] = MetadataEntry(caption, listed), where
+                entries[path] = MetadataEntry(caption, listed, where)
     return entries
 
 
@@ -130,8 +130,7 @@ def scan_folder(
     source = _choose_caption_source(captions, root, images, caption_extension)
     skipped: list[tuple[str, str]] = []
     metadata = read_metadata(root, skipped) if source == "metadata" else {}
-    by_path = {path: entry.caption for path, entry in metadata.items()}
-    if source == "metadata" and not by_path:
+    if source == "metadata" and not metadata:
         raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
 
     records: list[Record] = []
@@ -143,19 +142,18 @@ def scan_folder(
         except BadImage as reason:
             skipped.append((name, str(reason)))
             continue
-        caption = None
+        caption, listed = None, None
         if source == "metadata":
-            caption = by_path.get(image_path.resolve())
+            entry = metadata.get(image_path.resolve())
+            caption, listed = (entry.caption, entry.captions) if entry else (None, None)
         elif source == "txt":
             text_file = image_path.with_suffix(caption_extension)
             caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else None
         if source != "none" and caption is None:
             missing.append(name)
-        listed = metadata[image_path.resolve()].captions if image_path.resolve() in metadata else None
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None))
 
-    listed = {Path(p) for p in by_path}
-    for absent in sorted(listed - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):
+    for absent in sorted(set(metadata) - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):
         if not absent.exists():
             skipped.append((str(absent), "listed in metadata.jsonl but the file does not exist"))
 

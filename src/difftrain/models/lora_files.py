@@ -18,6 +18,8 @@ every conversion is two small functions, not one per pair of formats.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import math
 import shutil
@@ -355,8 +357,6 @@ def training_metadata(metadata: dict | None, kohya_name: str = "lora") -> dict[s
 
 def file_hashes(path: Path) -> tuple[str, str]:
     """(sha256 of the whole file, A1111's old 8-digit hash: sha256 of 64 KiB at 1 MiB), as kohya writes them."""
-    import hashlib
-
     full = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -368,8 +368,6 @@ def file_hashes(path: Path) -> tuple[str, str]:
 
 def _tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """kohya's sshs_ hashes: of the tensor bytes only (after the header), so metadata edits keep them."""
-    import hashlib
-
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
@@ -406,8 +404,6 @@ def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str
     resolution = out.get("resolution", "512")
     v_prediction = out.get("prediction_type") == "v_prediction"
     architecture = ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
-    import datetime
-
     out.update({
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",

@@ -91,12 +91,12 @@ class CheckpointStore:
         moved folders.
         """
         checkpoint = checkpoint.resolve()
-        inside = checkpoint.parent == self.root.resolve()
-        step = int(STEP_DIR.match(checkpoint.name).group(1)) if inside and STEP_DIR.match(checkpoint.name) else -1
+        history = self.all()
+        # all() is sorted by step: what comes after `checkpoint` in it is the abandoned branch.
+        names = [p.name for p in history]
+        keep = names.index(checkpoint.name) + 1 if checkpoint.parent == self.root.resolve() else 0
         moved = []
-        for path in self.all():
-            if path.resolve() == checkpoint or (inside and int(STEP_DIR.match(path.name).group(1)) <= step):
-                continue
+        for path in history[keep:]:
             target = self.root / ABANDONED / path.name
             copy = 1
             while target.exists():

@@ -54,9 +54,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--skip-sd15", action="store_true")
     args = parser.parse_args()
-    from difftrain.generate.schedulers import make_scheduler
     from difftrain.generate.text2image import GenerateOptions, configure_pipeline
     from difftrain.models.tiny_sd import tiny_sd_components
+    from difftrain.sampling.schedulers import make_scheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device_name(device)}; {args.steps} steps, DPM++ 2M Karras, CFG 7, batch 1")

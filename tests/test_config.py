@@ -104,3 +104,34 @@ def test_cli_config_check(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml")))
 def test_every_shipped_config_is_valid(path):
     load_config(path)
+
+
+def test_each_method_has_only_its_own_sections():
+    with pytest.raises(ConfigError, match="section 'dreambooth' belongs to method dreambooth, and this run's method "
+                                          "is text2image"):
+        parse_config({"version": 2, "method": "text2image", "data": {"path": "x"}, "model": {"base": "b"},
+                      "dreambooth": {"instance_prompt": "sks"}})
+    with pytest.raises(ConfigError, match="section 'lora' belongs to method text2image / dreambooth"):
+        parse_config({"version": 2, "method": "textual_inversion", "data": {"path": "x"}, "model": {"base": "b"},
+                      "textual_inversion": {"token": "<t>", "initializer": "toy"}, "lora": {"enabled": True}})
+    config = parse_config({"method": "dreambooth", "data": {"path": "x"}, "model": {"base": "b"},
+                           "dreambooth": {"instance_prompt": "sks", "prior_preservation": False}})
+    assert type(config).__name__ == "DreamBoothRun" and config.lora.rank == 4 and not hasattr(config, "vae")
+    with pytest.raises(ConfigError, match="method = 'text2img' is not a method \\(did you mean 'text2image'\\?\\)"):
+        parse_config({"method": "text2img", "data": {"path": "x"}})
+
+
+def test_a_version_1_config_is_migrated_and_a_newer_one_refused():
+    from difftrain.config import CONFIG_VERSION
+
+    # Version 1 wrote every method's section, at its defaults, into every saved config.
+    old = {"method": "unconditional", "data": {"path": "x"}, "lora": {"enabled": False, "rank": 4},
+           "dreambooth": {"prior_preservation": True}, "vae": {"kl_weight": 1e-6}}
+    config = parse_config(old)
+    assert config.version == CONFIG_VERSION and "lora" not in config.model_dump()
+    # A section that held settings was ignored by version 1; now it is named rather than dropped.
+    with pytest.raises(ConfigError, match="section 'lora' belongs to method"):
+        parse_config({**old, "lora": {"enabled": True}})
+    with pytest.raises(ConfigError, match="config version 7 was written by a newer difftrain; this one reads "
+                                          f"versions 1 to {CONFIG_VERSION}"):
+        parse_config({"version": 7, "data": {"path": "x"}})

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
+from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
-from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 FAST = ["--steps", "3", "--width", "32", "--height", "32", "--no-progress"]
 
@@ -117,7 +116,7 @@ def test_img2img_starts_from_the_image(tiny_sd, tmp_path):  # noqa: F811
 
 
 def test_every_listed_scheduler_name_generates_a_finite_image(tiny_sd, tmp_path, capsys):  # noqa: F811
-    from difftrain.generate.schedulers import list_schedulers
+    from difftrain.sampling.schedulers import list_schedulers
 
     assert main(["generate", "--list-schedulers"]) == 0
     listed = capsys.readouterr().out

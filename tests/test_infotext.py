@@ -12,7 +12,7 @@ from difftrain.generate.infotext import (
     typed_params,
     write_png,
 )
-from difftrain.generate.schedulers import resolve_name
+from difftrain.sampling.schedulers import resolve_name
 
 PARAMS = {"Steps": 20, "Sampler": "DPM++ 2M Karras", "CFG scale": 7, "Seed": 1234, "Size": (512, 768)}
 

@@ -3,20 +3,20 @@ import json
 import pytest
 from diffusers import UNet2DModel
 
-from difftrain.config import ConfigError, ModelConfig
+from difftrain.config import ConfigError
 from difftrain.models.unet import UNET_PRESETS, build_unet
 
 
 @pytest.mark.parametrize("preset", list(UNET_PRESETS))
 def test_presets_build_at_the_data_resolution(preset):
-    unet = build_unet(ModelConfig(preset=preset), resolution=32)
+    unet = build_unet(preset, None, 3, resolution=32)
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3
 
 
 def test_unet_config_json_overrides_the_preset(tmp_path):
     reference = UNet2DModel(**UNET_PRESETS["tiny"], sample_size=8)
     reference.save_config(tmp_path)  # writes config.json the way diffusers does, with _class_name etc.
-    unet = build_unet(ModelConfig(unet_config=str(tmp_path / "config.json")), resolution=16)
+    unet = build_unet(None, str(tmp_path / "config.json"), 3, resolution=16)
     assert unet.config.block_out_channels == (16, 32) or list(unet.config.block_out_channels) == [16, 32]
     assert unet.config.sample_size == 16
 
@@ -25,7 +25,7 @@ def test_broken_unet_config_is_a_config_error(tmp_path):
     bad = tmp_path / "unet.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read .* as JSON"):
-        build_unet(ModelConfig(unet_config=str(bad)), resolution=16)
+        build_unet(None, str(bad), 3, resolution=16)
     bad.write_text(json.dumps({"block_out_channels": [16, 32], "down_block_types": ["NoSuchBlock2D"]}))
     with pytest.raises(ConfigError, match="cannot build a UNet2DModel"):
-        build_unet(ModelConfig(unet_config=str(bad)), resolution=16)
+        build_unet(None, str(bad), 3, resolution=16)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_text2image import assert_same_tensors, sd_config, tiny_sd, train_straight_and_interrupted  # noqa: F401
 
 from difftrain.cli import main
 from difftrain.config import load_config
-from test_text2image import assert_same_tensors, sd_config, tiny_sd, train_straight_and_interrupted  # noqa: F401
 
 LORA = {"enabled": True, "rank": 4, "init": "gaussian", "text_encoder": True}
 
@@ -42,7 +42,7 @@ def shapes_dir_of(run: Path) -> str:
 
 def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd):  # noqa: F811
     model = lora_run / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["lora.safetensors", "pytorch_lora_weights.safetensors", "scheduler"]
+    assert sorted(p.name for p in model.iterdir()) == ["difftrain.json", "lora.safetensors", "pytorch_lora_weights.safetensors", "scheduler"]
     with safe_open(model / "lora.safetensors", "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
@@ -211,7 +211,7 @@ def test_dreambooth_loss_weights_the_class_half(tiny_sd, shapes_dir, tmp_path): 
     batch = next(iter(__import__("difftrain.data.dataset", fromlist=["make_loader"]).make_loader(
         trainer.dataset, trainer.sampler, 0)))
     parts = method.batch_parts(batch, torch.Generator().manual_seed(0))
-    assert parts["captions"] == ["a photo of sks square"] * 2 + ["a photo of a square"] * 2
+    assert parts["caption"] == ["a photo of sks square"] * 2 + ["a photo of a square"] * 2
     assert torch.allclose(parts["sample_weights"], torch.tensor([0.5, 0.5, 0.25, 0.25]))
     assert parts["pixel_values"].shape[0] == 4
 
@@ -274,19 +274,20 @@ def test_textual_inversion_trains_under_bf16_with_its_vectors_exact(tiny_sd, sha
 
 
 def test_a_lora_run_generates_with_the_noise_settings_it_trained_with(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
-    from difftrain.generate.text2image import load_model
+    from difftrain import load_pipeline
 
     config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True}, noise={"prediction_type": "v_prediction"},
                        training={"max_steps": 1})
     assert main(["train", str(config), "--no-progress"]) == 0
-    loaded = load_model(str(tmp_path / "run"))
-    assert loaded.pipe.scheduler.config.prediction_type == "v_prediction"
-    assert loaded.run_loras and Path(loaded.run_loras[0][0]).is_file()
+    pipe = load_pipeline(tmp_path / "run")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.manifest.kind == "lora" and pipe.manifest.noise["prediction_type"] == "v_prediction"
+    assert pipe.get_active_adapters() == ["lora0"]  # the run's own adapter, loaded on its base
 
 
 def test_zero_terminal_snr_models_refuse_samplers_that_ignore_it():
     from difftrain.config import NoiseConfig
-    from difftrain.generate.schedulers import UnknownScheduler, make_scheduler
+    from difftrain.sampling.schedulers import UnknownScheduler, make_scheduler
     from difftrain.training.losses import build_noise_scheduler
 
     config = dict(build_noise_scheduler(NoiseConfig(zero_terminal_snr=True, prediction_type="v_prediction")).config)

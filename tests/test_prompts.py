@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from difftrain.generate.prompts import (
+from difftrain.models.tiny_sd import WORDS
+from difftrain.sampling.prompts import (
     BREAK,
     PromptError,
     encode_pair,
@@ -17,7 +18,6 @@ from difftrain.generate.prompts import (
     tokenize_weighted,
     weight_embeddings,
 )
-from difftrain.models.tiny_sd import WORDS
 
 # prompt -> runs; the first six are the web UI's own doctest examples
 PARSED = {

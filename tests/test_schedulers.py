@@ -8,11 +8,12 @@ import re
 
 import pytest
 import torch
+from oracle import MixtureOracle
 
 from difftrain.config import NoiseConfig
-from difftrain.generate import schedulers
-from difftrain.generate.sampling import denoise
-from difftrain.generate.schedulers import (
+from difftrain.sampling import schedulers
+from difftrain.sampling.loop import denoise
+from difftrain.sampling.schedulers import (
     CORE_SCHEDULERS,
     DISPLAY_NAMES,
     SCHEDULERS,
@@ -28,7 +29,6 @@ from difftrain.generate.schedulers import (
     resolve_name,
 )
 from difftrain.training.losses import build_noise_scheduler
-from oracle import MixtureOracle
 
 MEANS = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 SD_CONFIG = dict(build_noise_scheduler(NoiseConfig(beta_schedule="scaled_linear", prediction_type="epsilon")).config)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from PIL import Image
 
-from conftest import tiny_config, write_config
 from difftrain.cli import main
 from difftrain.config import load_config
 
@@ -88,21 +88,25 @@ def test_cached_and_uncached_runs_compute_the_same_loss(tiny_sd, shapes_dir, tmp
 
 
 def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir, tmp_path):
-    from difftrain.data import build_dataset
+    from dataclasses import replace
+
     from difftrain.methods.text2image import TextToImage
+    from difftrain.training.run_data import open_images
 
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
-    config = load_config(sd_config(tmp_path, data, tiny_sd, data={"random_flip": False}))
-    method = TextToImage(config)
-    first = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, True, progress=False)
+    cache = {"latents": True, "text": True}
+    config = load_config(sd_config(tmp_path, data, tiny_sd, data={"random_flip": False, "cache": cache}))
+    encoders = TextToImage(config).cache_encoders()
+    first = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert first["latents computed"] == 24 and first["texts computed"] == 13
     Image.new("RGB", (16, 16), (0, 0, 0)).save(data / "000005.png")
-    again = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, True, progress=False)
+    again = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert again["latents computed"] == 1 and again["latents found"] == 23 and again["texts computed"] == 0
     # A new resolution is a different latent for every image.
     config.data.resolution = 8
-    resized = build_dataset(config, progress=False).fill_cache(method, tmp_path / "cache", True, False, progress=False)
+    resized = open_images(config, progress=False).fill_cache(replace(encoders, texts=None), tmp_path / "cache",
+                                                             progress=False)
     assert resized["latents computed"] == 24
 
 
@@ -164,7 +168,7 @@ def test_from_scratch_unet_with_trained_text_encoder_and_its_own_lr(tiny_sd, sha
     assert trainer.method.unet.is_gradient_checkpointing
     trainer.run()
     saved = sorted(p.name for p in (tmp_path / "run" / "model").iterdir())
-    assert saved == ["scheduler", "text_encoder", "unet"]  # the trained parts only
+    assert saved == ["difftrain.json", "scheduler", "text_encoder", "unet"]  # the trained parts only
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "model" / "unet")
     assert list(unet.config.block_out_channels) == [16, 32]
 
@@ -194,7 +198,7 @@ def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
 
 
 def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd, tmp_path):
-    from difftrain.data import build_dataset, build_sampler
+    from difftrain.training.run_data import build_sampler, open_images
 
     data = tmp_path / "data"
     data.mkdir()
@@ -207,7 +211,7 @@ def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd
         tmp_path, data, tiny_sd, data={"resolution": 32, "buckets": {"enabled": True, "step": 8}},
         training={"batch_size": 2, "max_steps": 3},
     )
-    dataset = build_dataset(load_config(config), progress=False)
+    dataset = open_images(load_config(config), progress=False)
     batches = iter(build_sampler(load_config(config), dataset, 0, 1))
     shapes = set()
     for _ in range(6):
@@ -257,13 +261,13 @@ def test_config_errors_for_text2image_name_the_key(tmp_path, shapes_dir, tiny_sd
 
 
 def test_several_captions_per_image_are_drawn_per_sample_from_a_jsonl(tiny_sd, shapes_dir, tmp_path):
-    from difftrain.data import build_dataset
+    from difftrain.training.run_data import open_images
 
     lines = [json.dumps({"image": str(shapes_dir / f"{i:06d}.png"), "caption": [f"first {i}", f"second {i}"]})
              for i in range(6)]
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     config = load_config(sd_config(tmp_path, tmp_path / "data.jsonl", tiny_sd, data={"source": "jsonl"}))
-    dataset = build_dataset(config, progress=False)
+    dataset = open_images(config, progress=False)
     drawn = {dataset[(epoch, 0, 0)]["caption"] for epoch in range(12)}
     assert drawn == {"first 0", "second 0"}
     assert dataset[(3, 0, 0)]["caption"] == dataset[(3, 0, 0)]["caption"]  # seeded per (epoch, record)

@@ -6,6 +6,7 @@ The Python API mirrors the CLI one to one:
     result = train(load_config("configs/demo.yaml"))
     sample_grid(result.run_dir, num_images=16, scheduler="dpm++_2m", out="grid.png")
     generate("runs/sd-lora", GenerateOptions(prompt="a (red:1.2) fox", scheduler="DPM++ 2M Karras"), "outputs")
+    pipe = load_pipeline("runs/sd-lora")  # any model as a ready diffusers pipeline
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _EXPORTS = {
     "write_shapes_dataset": "difftrain.data.shapes",
     "scan_folder": "difftrain.data.folder",
     "generate": "difftrain.generate.text2image",
+    "load_pipeline": "difftrain.generate.loader",
     "GenerateOptions": "difftrain.generate.text2image",
     "options_from_png": "difftrain.generate.text2image",
     "load_sd": "difftrain.models.sd",

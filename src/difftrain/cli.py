@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from difftrain.generate.schedulers import CORE_SCHEDULERS
+    from difftrain.sampling.schedulers import CORE_SCHEDULERS
 
     if args.list_schedulers:
         print("\n".join(CORE_SCHEDULERS) + "\n(these and A1111's sampler names: difftrain generate --list-schedulers)")
@@ -81,7 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
     from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg
 
     if args.list_schedulers:
-        from difftrain.generate.schedulers import list_schedulers
+        from difftrain.sampling.schedulers import list_schedulers
 
         for display, short, what in list_schedulers():
             print(f"{display:24s} {short:22s} {what}")

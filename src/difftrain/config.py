@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from difftrain.errors import DifftrainError
+from difftrain.errors import ConfigError
 
-
-class ConfigError(DifftrainError):
-    """A config that cannot run; the message is meant for the user as it is."""
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config"]
 
 
 class Section(BaseModel):
@@ -215,7 +213,7 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> "SampleConfig":
-        from difftrain.generate.schedulers import UnknownScheduler, resolve_name
+        from difftrain.sampling.schedulers import UnknownScheduler, resolve_name
 
         try:
             resolve_name(self.scheduler)  # our short names and A1111's sampler names
@@ -229,17 +227,18 @@ class LogConfig(Section):
     tensorboard: bool = True
 
 
+CONFIG_VERSION = 2  # 2: each method has only its own sections (1 held every method's, defaults and all)
+
+
 class RunConfig(Section):
+    """The sections every run has; each method's class below adds its own and its rules."""
+
+    version: int = Field(CONFIG_VERSION, description="config schema version; older ones are migrated on load")
     output_dir: str = "runs/run"
     seed: int = 0
-    method: Literal["unconditional", "text2image", "dreambooth", "textual_inversion", "vae"] = "unconditional"
+    method: str
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    text2image: Text2ImageConfig = Field(default_factory=Text2ImageConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
-    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
-    vae: VaeTrainConfig = Field(default_factory=VaeTrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -248,73 +247,144 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
-    def _method_has_what_it_needs(self) -> "RunConfig":
-        model, data, method = self.model, self.data, self.method
-        latent = method in LATENT_METHODS
-        if latent and not model.base and not (model.unet and model.vae and model.text_encoder):
-            raise ValueError(
-                f"method {method}: set model.base (a diffusers folder, hub id or .safetensors file), "
-                "or all of model.unet, model.vae, model.text_encoder and model.tokenizer"
-            )
-        if latent and not model.base and not model.tokenizer:
-            raise ValueError(f"method {method}: without model.base, model.tokenizer must be set too")
-        if self.lora.enabled and method not in ("text2image", "dreambooth"):
-            raise ValueError(f"lora.enabled: LoRA adapts text2image or dreambooth training, not {method}")
-        if self.lora.enabled and (self.output.single_file or self.output.trained_only):
-            raise ValueError(
-                "output.single_file / output.trained_only with lora.enabled: a LoRA run writes the adapter files; "
-                "`difftrain lora merge` makes a full model from them"
-            )
-        if method == "dreambooth" and self.dreambooth.prior_preservation and data.buckets.enabled:
-            raise ValueError("data.buckets with dreambooth.prior_preservation: class images are square; turn buckets off")
-        if self.lora.enabled and self.lora.text_encoder and self.text2image.train_text_encoder:
-            raise ValueError(
-                "lora.text_encoder and text2image.train_text_encoder are both on: train the text encoder "
-                "through LoRA or fully, not both"
-            )
-        if method == "dreambooth":
-            db = self.dreambooth
-            if not db.instance_prompt:
-                raise ValueError("method dreambooth: set dreambooth.instance_prompt, e.g. 'a photo of sks dog'")
-            if db.prior_preservation and not (db.class_data and db.class_prompt):
-                raise ValueError(
-                    "dreambooth.prior_preservation: set dreambooth.class_data (a folder; missing images are "
-                    "generated) and dreambooth.class_prompt, or set prior_preservation: false"
-                )
-        if method == "textual_inversion":
-            ti = self.textual_inversion
-            if not (ti.token and ti.initializer):
-                raise ValueError("method textual_inversion: set textual_inversion.token and textual_inversion.initializer")
-            if data.cache.text:
-                raise ValueError("data.cache.text with textual_inversion: the new token's embedding changes as it trains")
-        if method == "vae" and data.buckets.enabled:
-            raise ValueError("method vae: train the VAE on square crops (data.buckets.enabled: false)")
-        if self.method == "vae" and not (model.vae or model.base):
-            raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
-        if data.cache.latents and data.crop == "random":
-            raise ValueError(
-                "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
-                "set data.crop: center (random_flip is fine, both flips are cached)"
-            )
-        if data.cache.text and (self.text2image.train_text_encoder or (self.lora.enabled and self.lora.text_encoder)):
-            raise ValueError(
-                "data.cache.text = true while the text encoder trains: the embeddings change "
-                "as it trains; turn one of them off"
-            )
-        if not latent and (data.cache.latents or data.cache.text):
-            raise ValueError(f"data.cache: caching latents/text is for latent methods, not {method}")
+    def _caching_is_for_latent_methods(self) -> "RunConfig":
+        if not isinstance(self, LatentRun) and (self.data.cache.latents or self.data.cache.text):
+            raise ValueError(f"data.cache: caching latents/text is for latent methods, not {self.method}")
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-LATENT_METHODS = ("text2image", "dreambooth", "textual_inversion")
+class UnconditionalRun(RunConfig):
+    method: Literal["unconditional"] = "unconditional"
+
+
+class VaeRun(RunConfig):
+    method: Literal["vae"] = "vae"
+    vae: VaeTrainConfig = Field(default_factory=VaeTrainConfig)
+
+    @model_validator(mode="after")
+    def _vae_rules(self) -> "VaeRun":
+        if self.data.buckets.enabled:
+            raise ValueError("method vae: train the VAE on square crops (data.buckets.enabled: false)")
+        if not (self.model.vae or self.model.base):
+            raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
+        return self
+
+
+class LatentRun(RunConfig):
+    """Stable Diffusion methods: a base model (or its parts), captions encoded by its text encoder."""
+
+    text2image: Text2ImageConfig = Field(default_factory=Text2ImageConfig)
+
+    @model_validator(mode="after")
+    def _latent_rules(self) -> "LatentRun":
+        model, data, method = self.model, self.data, self.method
+        if not model.base and not (model.unet and model.vae and model.text_encoder):
+            raise ValueError(
+                f"method {method}: set model.base (a diffusers folder, hub id or .safetensors file), "
+                "or all of model.unet, model.vae, model.text_encoder and model.tokenizer"
+            )
+        if not model.base and not model.tokenizer:
+            raise ValueError(f"method {method}: without model.base, model.tokenizer must be set too")
+        if data.cache.latents and data.crop == "random":
+            raise ValueError(
+                "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
+                "set data.crop: center (random_flip is fine, both flips are cached)"
+            )
+        if data.cache.text and self.trains_text_encoder:
+            raise ValueError(
+                "data.cache.text = true while the text encoder trains: the embeddings change "
+                "as it trains; turn one of them off"
+            )
+        return self
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.text2image.train_text_encoder
+
+
+class Text2ImageRun(LatentRun):
+    method: Literal["text2image"] = "text2image"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.text2image.train_text_encoder or (self.lora.enabled and self.lora.text_encoder)
+
+    @model_validator(mode="after")
+    def _lora_rules(self) -> "Text2ImageRun":
+        if self.lora.enabled and (self.output.single_file or self.output.trained_only):
+            raise ValueError(
+                "output.single_file / output.trained_only with lora.enabled: a LoRA run writes the adapter files; "
+                "`difftrain lora merge` makes a full model from them"
+            )
+        if self.lora.enabled and self.lora.text_encoder and self.text2image.train_text_encoder:
+            raise ValueError(
+                "lora.text_encoder and text2image.train_text_encoder are both on: train the text encoder "
+                "through LoRA or fully, not both"
+            )
+        return self
+
+
+class DreamBoothRun(Text2ImageRun):
+    method: Literal["dreambooth"] = "dreambooth"
+    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
+
+    @model_validator(mode="after")
+    def _dreambooth_rules(self) -> "DreamBoothRun":
+        db = self.dreambooth
+        if not db.instance_prompt:
+            raise ValueError("method dreambooth: set dreambooth.instance_prompt, e.g. 'a photo of sks dog'")
+        if db.prior_preservation and not (db.class_data and db.class_prompt):
+            raise ValueError(
+                "dreambooth.prior_preservation: set dreambooth.class_data (a folder; missing images are "
+                "generated) and dreambooth.class_prompt, or set prior_preservation: false"
+            )
+        if db.prior_preservation and self.data.buckets.enabled:
+            raise ValueError("data.buckets with dreambooth.prior_preservation: class images are square; turn buckets off")
+        return self
+
+
+class TextualInversionRun(LatentRun):
+    method: Literal["textual_inversion"] = "textual_inversion"
+    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return True  # the new token's vectors live in it
+
+    @model_validator(mode="after")
+    def _textual_inversion_rules(self) -> "TextualInversionRun":
+        ti = self.textual_inversion
+        if not (ti.token and ti.initializer):
+            raise ValueError("method textual_inversion: set textual_inversion.token and textual_inversion.initializer")
+        if self.data.cache.text:
+            raise ValueError("data.cache.text with textual_inversion: the new token's embedding changes as it trains")
+        return self
+
+
+# method name -> its config class: a new method adds its class here.
+METHOD_CONFIGS: dict[str, type[RunConfig]] = {
+    "unconditional": UnconditionalRun,
+    "text2image": Text2ImageRun,
+    "dreambooth": DreamBoothRun,
+    "textual_inversion": TextualInversionRun,
+    "vae": VaeRun,
+}
+AnyRunConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="method")]
+_ANY_RUN = TypeAdapter(AnyRunConfig)
+COMMON_SECTIONS = set(RunConfig.model_fields)
+
+
+LATENT_METHODS = tuple(name for name, cls in METHOD_CONFIGS.items() if issubclass(cls, LatentRun))
 
 # Keys that may change between a checkpoint and its resume: they do not alter what the
 # next optimizer step computes. Everything else must match, or resume would silently
 # continue a different run.
 RESUME_SAFE_KEYS = (
+    "version",
     "output_dir",
     "training.max_steps",
     "checkpoint.",
@@ -357,7 +427,12 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
             annotation = parent.model_fields[str(part)].annotation
             parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
         allowed = list(parent.model_fields)
-        guess = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        key = str(error["loc"][-1])
+        owners = [name for name, cls in METHOD_CONFIGS.items() if key in cls.model_fields]
+        if parent is model and owners:
+            return (f"section '{key}' belongs to method {' / '.join(owners)}, and this run's method is "
+                    f"{model.model_fields['method'].default}: remove it, or set method: {owners[0]}")
+        guess = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
         return f"unknown key '{location}'{hint}; allowed here: {', '.join(allowed)}"
     if error["type"] == "missing":
@@ -369,13 +444,67 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """A validated config of the method's own class; a config of an older version is migrated first."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    raw = migrate(raw, source)
+    method = raw.get("method")
+    if method not in METHOD_CONFIGS:
+        guess = difflib.get_close_matches(str(method), METHOD_CONFIGS, n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        raise ConfigError(f"{source}: method = {method!r} is not a method{hint}; choose one of {', '.join(METHOD_CONFIGS)}")
     try:
-        return RunConfig.model_validate(raw)
+        return _ANY_RUN.validate_python(raw)
     except ValidationError as exc:
-        lines = [_describe(error, RunConfig) for error in exc.errors()]
+        cls = METHOD_CONFIGS[method]
+        lines = [_describe({**error, "loc": error["loc"][1:]}, cls) for error in exc.errors()]
         raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """`raw` brought to CONFIG_VERSION, one version at a time; a newer version than ours is refused."""
+    raw = dict(raw)
+    raw.setdefault("method", "unconditional")
+    version = raw.get("version", 1)  # configs before versions were version 1
+    if not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{source}: version = {version!r}: config versions are whole numbers from 1")
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{source}: config version {version} was written by a newer difftrain; this one reads versions 1 to "
+            f"{CONFIG_VERSION}. Upgrade difftrain, or write the config for version {CONFIG_VERSION}"
+        )
+    while version < CONFIG_VERSION:
+        raw = MIGRATIONS[version](raw)
+        version += 1
+        raw["version"] = version
+    return raw
+
+
+def _drop_other_methods_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """1 -> 2: version 1 wrote every method's section into every run's config, at their defaults.
+
+    A section of another method that still holds its defaults said nothing and is dropped;
+    one with settings in it (ignored by version 1) is kept, so validation names it.
+    """
+    own = set(METHOD_CONFIGS[raw["method"]].model_fields) if raw["method"] in METHOD_CONFIGS else set()
+    for name, section in SECTIONS_OF_SOME_METHOD.items():
+        if name in raw and name not in own:
+            try:
+                unchanged = raw[name] is None or section.model_validate(raw[name]) == section()
+            except ValidationError:
+                unchanged = False
+            if unchanged:
+                del raw[name]
+    return raw
+
+
+SECTIONS_OF_SOME_METHOD: dict[str, type[Section]] = {
+    name: field.annotation
+    for cls in METHOD_CONFIGS.values()
+    for name, field in cls.model_fields.items()
+    if name not in COMMON_SECTIONS
+}
+MIGRATIONS = {1: _drop_other_methods_defaults}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -3,3 +3,7 @@
 
 class DifftrainError(ValueError):
     """An error the user can fix (a config key, a file, a path); str() is the whole message."""
+
+
+class ConfigError(DifftrainError):
+    """A setting that cannot work; the message names the config key and is meant for the user as it is."""

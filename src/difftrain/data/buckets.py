@@ -168,3 +168,13 @@ class BucketBatchSampler(ResumableBatches):
 
     def _epoch_reader(self, epoch: int) -> Callable[[int], Sequence[int]]:
         return self.epoch_batches(epoch).__getitem__
+
+
+class BucketLookup:
+    """index -> (width, height) of its bucket; a class (not a closure) so DataLoader workers can pickle it."""
+
+    def __init__(self, bucket_ids, sizes):
+        self.bucket_ids, self.sizes = bucket_ids, sizes
+
+    def __call__(self, index: int) -> tuple[int, int]:
+        return self.sizes[int(self.bucket_ids[index])]

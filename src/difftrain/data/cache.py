@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +24,21 @@ from safetensors.torch import load_file, save_file
 from difftrain.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheEncoders:
+    """What a method caches, and how to compute it: the data set calls these, never the method's models.
+
+    `latents` maps a pixel batch to the latent distribution (mean, std); `texts` maps captions
+    to embeddings. Either may be None (not cached). The tags identify the encoders (a weight
+    fingerprint, the context length): entries made by other encoders are never read.
+    """
+
+    latents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    texts: Callable[[list[str]], torch.Tensor] | None = None
+    latent_tag: str = ""
+    text_tag: str = ""
 
 
 def content_key(*parts) -> str:

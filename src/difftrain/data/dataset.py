@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from difftrain.data.cache import TensorCache, content_key, fingerprint
+from difftrain.data.cache import CacheEncoders, TensorCache, content_key
 from difftrain.data.images import BadImage, load_image_bytes
 from difftrain.data.sampler import ResumableBatches
 from difftrain.data.sources import BadRecord, RecordSource
@@ -134,21 +134,22 @@ class ImageDataset(Dataset):
             raise RuntimeError(f"text cache entry for {caption!r} missing under {self.text_cache.dir}; resume to refill")
         return entry
 
-    def fill_cache(self, method, cache_dir, latents: bool, text: bool, rank: int = 0, world_size: int = 1,
+    def fill_cache(self, encoders: CacheEncoders, cache_dir, rank: int = 0, world_size: int = 1,
                    progress: bool = True) -> dict[str, int]:
         """Encode what the cache lacks; this process takes every `world_size`-th record.
 
         Returns counts of entries computed and found. Afterwards items come from the cache.
         """
         counts = {"latents computed": 0, "latents found": 0, "texts computed": 0, "texts found": 0, "skipped": 0}
+        latents, text = encoders.latents is not None, encoders.texts is not None
         if latents:
             self.latent_cache = TensorCache(cache_dir, "latents")
-            self.latent_tag = fingerprint(method.vae)
+            self.latent_tag = encoders.latent_tag
             hashes = np.zeros((len(self), 32), dtype=np.uint8)  # not "S32": numpy strips trailing NUL bytes
             captions: list[tuple[str, ...]] = [()] * len(self)
         if text:
             self.text_cache = TensorCache(cache_dir, "text")
-            self.text_tag = content_key(fingerprint(method.tokenizer), fingerprint(method.text_encoder), method.max_length)
+            self.text_tag = encoders.text_tag
         pending_images: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         pending_texts: dict[str, str] = {}
 
@@ -156,7 +157,7 @@ class ImageDataset(Dataset):
             queue = pending_images.get(size, [])
             while queue and (force or len(queue) >= CACHE_BATCH):
                 chunk, queue[:] = queue[:CACHE_BATCH], queue[CACHE_BATCH:]
-                mean, std = method.latent_distribution(torch.stack([pixels for _, pixels in chunk]))
+                mean, std = encoders.latents(torch.stack([pixels for _, pixels in chunk]))
                 for (key, _), m, s in zip(chunk, mean, std):
                     self.latent_cache.put(key, {"mean": m, "std": s})
                 counts["latents computed"] += len(chunk)
@@ -165,7 +166,7 @@ class ImageDataset(Dataset):
             while pending_texts and (force or len(pending_texts) >= CACHE_BATCH):
                 chunk = list(pending_texts.items())[:CACHE_BATCH]
                 with torch.no_grad():
-                    embeds = method.encode_text([caption for _, caption in chunk])
+                    embeds = encoders.texts([caption for _, caption in chunk])
                 for (key, _), e in zip(chunk, embeds):
                     self.text_cache.put(key, {"embeds": e})
                     del pending_texts[key]
@@ -218,62 +219,66 @@ class ImageDataset(Dataset):
 
 
 class PairedDataset(Dataset):
-    """Each item of `main` with a companion item from `companion` under `class_` keys (DreamBooth's prior).
+    """Each item of `main` with a companion item from `companion` under `prefix` keys (DreamBooth's prior).
 
     The companion record is drawn from (seed, epoch, index), so pairs are reproducible and
-    survive resume; the read order and the epoch length are `main`'s.
+    survive resume; the read order and the epoch length are `main`'s. `companion_key` is the
+    config key naming the companion data, for resume checks.
     """
 
-    def __init__(self, main: ImageDataset, companion: ImageDataset):
+    def __init__(self, main: ImageDataset, companion: ImageDataset, companion_key: str, prefix: str):
         self.main, self.companion = main, companion
+        self.companion_key, self.prefix = companion_key, prefix
         self.source, self.buckets = main.source, main.buckets
 
     def __len__(self) -> int:
         return len(self.main)
 
     def sources(self) -> dict[str, RecordSource]:
-        return {"data": self.main.source, "dreambooth.class_data": self.companion.source}
+        return {"data": self.main.source, self.companion_key: self.companion.source}
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         epoch, batch, index = key
         partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class").randrange(len(self.companion))
         item = self.main[key]
         extra = self.companion[(epoch, batch, partner)]
-        item.update({f"class_{k}": v for k, v in extra.items() if k not in ("epoch", "batch", "skipped")})
+        item.update({f"{self.prefix}{k}": v for k, v in extra.items() if k not in BOOKKEEPING})
         item["skipped"] += extra["skipped"]
         return item
 
     def plain_pixels(self, index: int) -> torch.Tensor:
         return self.main.plain_pixels(index)
 
-    def fill_cache(self, method, cache_dir, latents, text, rank=0, world_size=1, progress=True) -> dict[str, int]:
-        counts = self.main.fill_cache(method, cache_dir, latents, text, rank, world_size, progress)
-        for name, value in self.companion.fill_cache(method, cache_dir, latents, text, rank, world_size, progress).items():
+    def fill_cache(self, encoders, cache_dir, rank=0, world_size=1, progress=True) -> dict[str, int]:
+        counts = self.main.fill_cache(encoders, cache_dir, rank, world_size, progress)
+        for name, value in self.companion.fill_cache(encoders, cache_dir, rank, world_size, progress).items():
             counts[name] += value
         return counts
 
 
+BOOKKEEPING = ("epoch", "batch", "skipped")  # where a batch sits in the read order, and records replaced
+
+
 def collate(items: list[dict]) -> dict:
-    batch = {
-        "captions": [item["caption"] for item in items],
-        "epoch": items[0]["epoch"],
-        "batch": items[0]["batch"],
-        "skipped": sum(item["skipped"] for item in items),
-    }
-    if "class_caption" in items[0]:
-        batch["class_captions"] = [item["class_caption"] for item in items]
-    for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds"):
-        for name in (key, f"class_{key}"):
-            if name in items[0]:
-                batch[name] = torch.stack([item[name] for item in items])
+    """Tensors stacked, every other field listed, under the item's own names (so "caption" holds a list).
+
+    Whatever a data set puts into its items reaches the method as it is: nothing here knows
+    which fields a method uses.
+    """
+    first = items[0]
+    batch = {"epoch": first["epoch"], "batch": first["batch"], "skipped": sum(item["skipped"] for item in items)}
+    for key, value in first.items():
+        if key not in BOOKKEEPING:
+            values = [item[key] for item in items]
+            batch[key] = torch.stack(values) if torch.is_tensor(value) else values
     return batch
 
 
-def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int, collate_fn=collate) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,

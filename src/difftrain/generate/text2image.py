@@ -9,7 +9,6 @@ syntax, chunking past 75 tokens and BREAK; LoRAs come from `--lora file:weight` 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import torch
 from PIL import Image
 
 from difftrain.errors import DifftrainError
-
-log = logging.getLogger(__name__)
 
 
 class GenerateError(DifftrainError):
@@ -41,7 +38,7 @@ class GenerateOptions:
     embeddings: list[str] = field(default_factory=list)
     lora_dir: str = "models/lora"
     use_ema: bool = True
-    clip_skip: int = 1
+    clip_skip: int | None = None  # None: what the model was trained with (its manifest), else 1
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 elsewhere
     attention_slicing: bool = False
     vae_tiling: bool = False
@@ -77,7 +74,7 @@ class GenerateOptions:
                                 "raise --steps or --strength")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
-        from difftrain.generate.schedulers import resolve_name
+        from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
 
@@ -92,103 +89,8 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-@dataclass
-class LoadedModel:
-    pipe: object
-    name: str  # for the infotext's "Model:"
-    run_loras: list[tuple[str, float]] = field(default_factory=list)  # a LoRA run's own adapter
-    run_embeddings: list[str] = field(default_factory=list)
-
-
-def load_model(model: str, use_ema: bool = True, dtype: torch.dtype = torch.float32,
-               config: str | None = None) -> LoadedModel:
-    """A StableDiffusionPipeline from a run folder, a diffusers folder, a hub id or a single file."""
-    from diffusers import StableDiffusionPipeline
-
-    path = Path(model)
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return _load_run(path, use_ema, dtype)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None)
-        return LoadedModel(pipe, path.name)
-    from difftrain.models.sd import load_sd
-
-    parts = load_sd(model, dtype=dtype, config=config)  # single file or hub id, with its clear errors
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    return LoadedModel(pipe, Path(model).stem if path.exists() else model)
-
-
-def _load_run(run: Path, use_ema: bool, dtype: torch.dtype) -> LoadedModel:
-    from difftrain.training.checkpoint import read_config
-
-    config = read_config(run)
-    if config.method in ("unconditional", "vae"):
-        raise GenerateError(f"{run} is a {config.method} run; `difftrain sample {run}` draws from it")
-    model_dir = run / ("model" if use_ema else "model-no-ema")
-    if not model_dir.is_dir():
-        model_dir = run / "model"
-    if not model_dir.is_dir():
-        raise GenerateError(f"{run} has no final model yet (no {model_dir}); finish or resume the run first")
-    adapter_run = config.lora.enabled or config.method == "textual_inversion"
-    if not adapter_run and (model_dir / "model_index.json").is_file():
-        loaded = load_model(str(model_dir), dtype=dtype)
-        loaded.name = run.name
-        return loaded
-    # An adapter run, or one that saved only its trained parts: the run's own base model (with
-    # its component overrides), its trained parts on top, and the scheduler it trained with.
-    from diffusers import StableDiffusionPipeline
-
-    from difftrain.models.sd import load_sd
-
-    model = config.model
-    trained = {name: str(model_dir / name) for name in ("unet", "text_encoder") if (model_dir / name).is_dir()}
-    parts = load_sd(model.base, unet=trained.get("unet", model.unet), vae=model.vae,
-                    text_encoder=trained.get("text_encoder", model.text_encoder), tokenizer=model.tokenizer,
-                    revision=model.revision, variant=model.variant, dtype=dtype)
-    scheduler = parts.scheduler
-    if (model_dir / "scheduler").is_dir():
-        import diffusers
-
-        saved = type(scheduler).load_config(model_dir / "scheduler")
-        scheduler = getattr(diffusers, saved["_class_name"]).from_config(saved)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    loaded = LoadedModel(pipe, run.name)
-    if config.lora.enabled:
-        loaded.run_loras = [(str(model_dir / "pytorch_lora_weights.safetensors"), 1.0)]
-    elif config.method == "textual_inversion":
-        loaded.run_embeddings = [str(model_dir / "learned_embeds.safetensors")]
-    return loaded
-
-
-def _apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
-    """Load LoRAs (each as its own adapter, at its weight) and embeddings; returns adapter names."""
-    from difftrain.models.lora_files import check_lora_fits
-
-    names, weights = [], []
-    for index, (lora, weight) in enumerate(loras):
-        check_lora_fits(pipe, lora)  # a LoRA for another model is refused with its keys and shapes
-        name = f"lora{index}"
-        pipe.load_lora_weights(lora, adapter_name=name)
-        names.append(name)
-        weights.append(weight)
-    if names:
-        pipe.set_adapters(names, adapter_weights=weights)
-    for embedding in embeddings:
-        from difftrain.models.embeddings import load_embedding
-
-        token, _ = load_embedding(embedding)
-        pipe.load_textual_inversion(embedding, token=token or Path(embedding).stem)
-    return names
-
-
 def _resolve_prompt_loras(prompt: str, lora_dir: str) -> tuple[str, list[tuple[str, float]]]:
-    from difftrain.generate.prompts import extract_lora_tags
+    from difftrain.sampling.prompts import extract_lora_tags
 
     text, tags = extract_lora_tags(prompt)
     found = []
@@ -227,7 +129,7 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
 
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
                     loras: list[tuple[str, float]]) -> dict:
-    from difftrain.generate.schedulers import display_name
+    from difftrain.sampling.schedulers import display_name
 
     params = {
         "Steps": options.steps,
@@ -237,7 +139,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         "Size": f"{width}x{height}",
         "Model": model_name,
     }
-    if options.clip_skip != 1:
+    if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
     if options.init_image:
         params["Denoising strength"] = options.strength
@@ -254,17 +156,21 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
     """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
     from difftrain.generate.infotext import format_infotext, write_png
-    from difftrain.generate.prompts import encode_pair
-    from difftrain.generate.schedulers import make_scheduler
+    from difftrain.generate.loader import load_pipeline, locate
+    from difftrain.sampling.prompts import encode_pair
+    from difftrain.sampling.schedulers import make_scheduler
+    from difftrain.sampling.text2image import draw
 
     options.check()
     device = _device()
     dtype = _dtype(options.precision, device)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
-    loaded = load_model(model, options.use_ema, dtype, options.config)
-    pipe = loaded.pipe
-    loras = loaded.run_loras + list(options.loras) + prompt_loras
-    _apply_adapters(pipe, loras, loaded.run_embeddings + list(options.embeddings))
+    _, manifest, _ = locate(model, options.use_ema)
+    if manifest is not None and manifest.kind == "unconditional":
+        raise GenerateError(f"{model} is a pixel-space (unconditional) model; `difftrain sample {model}` draws from it")
+    pipe = load_pipeline(model, list(options.loras) + prompt_loras, options.embeddings, dtype=dtype,
+                         use_ema=options.use_ema, config=options.config)
+    clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
     pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
     configure_pipeline(pipe, options, device)
     pipe.set_progress_bar_config(disable=not progress)
@@ -274,7 +180,7 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
     prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, options.negative_prompt))
     positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
-                                     pipe._execution_device, options.clip_skip)
+                                     pipe._execution_device, clip_skip)
     if options.init_image:
         from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -294,19 +200,9 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     first = max(taken, default=-1) + 1
     for iteration in range(options.n_iter):
         seeds = [options.seed + iteration * options.batch_size + i for i in range(options.batch_size)]
-        if hasattr(runner.scheduler, "noise_sampler_seed"):
-            # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
-            runner.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
-        images = runner(
-            prompt_embeds=positive.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
-            negative_prompt_embeds=negative.to(pipe.unet.dtype).repeat(len(seeds), 1, 1),
-            num_inference_steps=options.steps,
-            guidance_scale=options.guidance_scale,
-            generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
-            **extra,
-        ).images
+        images = draw(runner, positive, negative, seeds, options.steps, options.guidance_scale, **extra)
         for seed, image in zip(seeds, images):
-            params = infotext_params(options, seed, width, height, loaded.name, list(options.loras))
+            params = infotext_params(options, seed, width, height, pipe.model_name, list(options.loras))
             path = out / f"{first + len(written):05d}-{seed}.png"
             write_png(image, path, format_infotext(options.prompt, options.negative_prompt, params))
             written.append(path)
@@ -319,7 +215,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
 
     prompt, negative, params = parse_infotext(read_png_infotext(path))
     options = GenerateOptions(prompt=prompt, negative_prompt=negative)
-    from difftrain.generate.schedulers import resolve_name
+    from difftrain.sampling.schedulers import resolve_name
 
     if "Sampler" in params:  # A1111 1.9+ writes Karras/Exponential separately as "Schedule type"
         options.scheduler = resolve_name(params["Sampler"], params.get("Schedule type"))
@@ -352,4 +248,4 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-__all__ = ["GenerateOptions", "GenerateError", "generate", "options_from_png", "load_model"]
+__all__ = ["GenerateOptions", "GenerateError", "generate", "options_from_png"]

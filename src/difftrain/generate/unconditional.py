@@ -4,76 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from PIL import Image, ImageDraw
 
-from difftrain.errors import DifftrainError
-from difftrain.generate.sampling import make_grid
-from difftrain.generate.schedulers import CORE_SCHEDULERS
-from difftrain.methods.unconditional import sample_unet
-from difftrain.training.checkpoint import CheckpointStore, load_tensors, read_config, split_modules
+from difftrain.generate.loader import ModelNotFound, load_pipeline, locate
+from difftrain.sampling.images import make_grid
+from difftrain.sampling.loop import sample_unet
+from difftrain.sampling.schedulers import CORE_SCHEDULERS
 
 
-class ModelNotFound(DifftrainError):
-    pass
-
-
-def _refuse_text_to_image(path: Path) -> None:
-    """`sample` draws pixel-space models; a Stable Diffusion folder or run needs prompts."""
-    index = path / "model_index.json"
-    if (path / "text_encoder").is_dir() or (path / "vae").is_dir() or (
-        index.is_file() and "StableDiffusion" in index.read_text()
-    ):
+def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DModel, dict]:
+    """(unet, scheduler config) of a pixel-space model: a run, its latest checkpoint, or a diffusers folder."""
+    if not Path(path).exists():
+        raise ModelNotFound(f"{path}: no such run folder or diffusers model folder")
+    _, manifest, _ = locate(path, use_ema)
+    if manifest is None or manifest.kind not in ("unconditional", "vae"):  # a VAE is refused by the loader
         raise ModelNotFound(
             f"{path} is a text-to-image (Stable Diffusion) model; difftrain sample draws unconditional models. "
             f'Use: difftrain generate {path} --prompt "..."'
         )
-
-
-def _from_diffusers_folder(path: Path) -> tuple[UNet2DModel, dict]:
-    _refuse_text_to_image(path)
-    unet = UNet2DModel.from_pretrained(path, subfolder="unet")
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    return unet, dict(scheduler.config)
-
-
-def _from_checkpoint(run_dir: Path, use_ema: bool) -> tuple[UNet2DModel, dict]:
-    from difftrain.methods import build_method
-
-    checkpoint = CheckpointStore(run_dir / "checkpoints").latest()
-    if checkpoint is None:
-        raise ModelNotFound(f"{run_dir}: a run folder with neither a final model nor a checkpoint yet")
-    method = build_method(read_config(checkpoint))
-    source = "ema.safetensors" if use_ema and (checkpoint / "ema.safetensors").is_file() else "model.safetensors"
-    weights = split_modules(load_tensors(checkpoint / source))["unet"]
-    method.unet.load_state_dict(weights, strict=source == "model.safetensors")
-    return method.unet, dict(method.noise_scheduler.config)
-
-
-def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DModel, dict]:
-    """(unet, scheduler config) from a diffusers folder, a run folder, or a run's checkpoint."""
-    path = Path(path)
-    if (path / "unet").is_dir() and (path / "scheduler").is_dir():
-        return _from_diffusers_folder(path)
-    if (path / "config.yaml").is_file():  # a run folder
-        import yaml
-
-        method = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("method", "unconditional")
-        if method != "unconditional":
-            raise ModelNotFound(
-                f"{path} is a {method} run; difftrain sample draws unconditional models. "
-                + (f'Use: difftrain generate {path} --prompt "..."' if method != "vae" else
-                   "A VAE run has nothing to sample: use it as model.vae of a text2image run.")
-            )
-        final = path / ("model" if use_ema else "model-no-ema")
-        if not final.is_dir():
-            final = path / "model"
-        if (final / "unet").is_dir():
-            return _from_diffusers_folder(final)
-        return _from_checkpoint(path, use_ema)
-    raise ModelNotFound(
-        f"{path}: not a diffusers model folder (unet/ and scheduler/) nor a difftrain run folder (config.yaml)"
-    )
+    pipe = load_pipeline(path, use_ema=use_ema)
+    return pipe.unet, dict(pipe.scheduler.config)
 
 
 def sample_grid(

@@ -1,9 +1,11 @@
 """What a training method is, as far as the loop is concerned.
 
 The loop owns optimisation, precision, accumulation, EMA, checkpoints and logging. A
-method owns the rest: which modules exist and which of them train, how a batch becomes a
-loss, how to draw preview images, and what to write as the final model. Adding a method is
-adding one module that implements this class; the loop never changes.
+method owns the rest: the data it reads and how a batch is collated, which modules exist
+and which of them train (and which the speed options apply to), what its cache holds, how
+a batch becomes a loss, how to draw preview images, and what to write as the final model
+with the manifest that says how to load it. Adding a method is adding one module that
+implements this class and its config section; the loop, data/ and generate/ never change.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 from difftrain.config import RunConfig
+from difftrain.data.dataset import collate
 
 
 class Method(ABC):
@@ -39,6 +42,15 @@ class Method(ABC):
     def prepare_data(self, accelerator, progress: bool) -> None:
         """Runs before the data set is opened: make data that must exist first (DreamBooth's class images)."""
 
+    def build_dataset(self, progress: bool):
+        """The data this method trains on: by default the images of `data:`, one record per item."""
+        from difftrain.training.run_data import open_images
+
+        return open_images(self.config, progress=progress)
+
+    # How items become a batch; a plain function, so DataLoader workers can pickle it.
+    collate = staticmethod(collate)
+
     def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
         """Called once the device and data are known: move frozen parts, fill caches, pick previews."""
 
@@ -58,6 +70,10 @@ class Method(ABC):
     @abstractmethod
     def save_model(self, modules: dict[str, torch.nn.Module], out_dir: Path) -> None:
         """Write the final model in the ecosystem's format (a diffusers folder, LoRA file, ...)."""
+
+    @abstractmethod
+    def manifest(self) -> dict:
+        """What `save_model` writes, as `models.manifest` describes it: kind, base, adapters, noise, conditioning."""
 
     def describe(self) -> list[str]:
         """Lines for the run summary: model size and the like."""

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_path
-from difftrain.generate.schedulers import make_scheduler
 from difftrain.methods.text2image import TextToImage
+from difftrain.sampling.schedulers import make_scheduler
 
 PAIRED_KEYS = ("pixel_values", "latent_mean", "latent_std", "prompt_embeds")
 
@@ -70,16 +70,28 @@ class DreamBooth(TextToImage):
                 image.save(tmp, format="PNG")
         pipe.to("cpu")
 
+    def build_dataset(self, progress: bool):
+        """Instance images, all with the instance prompt; with prior preservation each paired with a class image."""
+        from difftrain.data.dataset import PairedDataset
+        from difftrain.training.run_data import open_images
+
+        settings = self.config.dreambooth
+        instances = open_images(self.config, caption=settings.instance_prompt, progress=progress)
+        if not settings.prior_preservation:
+            return instances
+        classes = open_images(self.config, path=settings.class_data, caption=settings.class_prompt, progress=progress)
+        return PairedDataset(instances, classes, companion_key="dreambooth.class_data", prefix="class_")
+
     def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:
         """Instance and class halves as one batch, with per-sample loss weights."""
-        if "class_captions" not in batch:
+        if "class_caption" not in batch:
             return batch
         merged = dict(batch)
         for key in PAIRED_KEYS:
             if key in batch:
                 merged[key] = torch.cat([batch[key], batch[f"class_{key}"]])
-        merged["captions"] = batch["captions"] + batch["class_captions"]
-        instance, prior = len(batch["captions"]), len(batch["class_captions"])
+        merged["caption"] = batch["caption"] + batch["class_caption"]
+        instance, prior = len(batch["caption"]), len(batch["class_caption"])
         weight = self.config.dreambooth.prior_loss_weight
         some = next(batch[k] for k in PAIRED_KEYS if k in batch)
         merged["sample_weights"] = torch.cat(

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from difftrain.generate.schedulers import make_scheduler
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
+from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
@@ -42,17 +42,19 @@ class TextToImage(Method):
         self.unet.requires_grad_(True)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(self.settings.train_text_encoder)
-        lora = config.lora
-        if lora.enabled:
+        # A LoRA on the UNet (and text encoder); Textual Inversion runs have no lora section.
+        self.lora = lora = config.lora if getattr(config, "lora", None) and config.lora.enabled else None
+        if lora:
             from difftrain.models.lora import add_lora
 
-            add_lora(self.unet, lora, lora.unet_targets, "unet")
+            shape = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
+            add_lora(self.unet, lora.unet_targets, "unet", **shape)
             if lora.text_encoder:
-                add_lora(self.text_encoder, lora, lora.text_encoder_targets, "text_encoder")
+                add_lora(self.text_encoder, lora.text_encoder_targets, "text_encoder", **shape)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
-        self.validation_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.validation_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_records: int | None = None
         self._saving_parts = None
 
@@ -60,7 +62,7 @@ class TextToImage(Method):
     @property
     def trains_text_encoder(self) -> bool:
         """Whether any text-encoder parameter trains (fully, or a LoRA on it)."""
-        return self.settings.train_text_encoder or (self.config.lora.enabled and self.config.lora.text_encoder)
+        return self.config.trains_text_encoder
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.unet}
@@ -90,25 +92,19 @@ class TextToImage(Method):
             _hold(module, device, weight_dtype)
         with torch.no_grad():
             self.empty_embedding = self.encode_text([""])[0].detach()
-        if self.config.sample.prompts:
-            prompts = [self.expand_prompt(p) for p in self.config.sample.prompts]
-            self.validation_embeddings = (
-                self.encode_text(prompts).detach(),
-                self.encode_text([self.config.sample.negative_prompt] * len(prompts)).detach(),
-            )
+        # Encoded now: with text caching on, the text encoder leaves memory below.
+        self.validation_embeddings = self.validation_conditioning(self.text_encoder)
         cache = self.config.data.cache
         if cache.latents or cache.text:
-            from difftrain.data import cache_dir
+            from difftrain.training.run_data import cache_dir
 
-            counts = dataset.fill_cache(
-                self, cache_dir(self.config), cache.latents, cache.text,
-                accelerator.process_index, accelerator.num_processes, progress,
-            )
+            encoders, folder = self.cache_encoders(), cache_dir(self.config)
+            counts = dataset.fill_cache(encoders, folder, accelerator.process_index, accelerator.num_processes, progress)
             accelerator.wait_for_everyone()  # every process's share is on disk before anyone reads
             if accelerator.num_processes > 1:
                 # A cache dir that is not shared (node-local disks) lacks the other ranks'
                 # shares: each process fills its own gaps (on a shared dir this finds none).
-                dataset.fill_cache(self, cache_dir(self.config), cache.latents, cache.text, 0, 1, False)
+                dataset.fill_cache(encoders, folder, 0, 1, False)
             if progress:
                 print("cache: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
         if cache.text:
@@ -119,6 +115,19 @@ class TextToImage(Method):
             self.vae.to("cpu")  # only validation decodes now; it visits the device for that
 
     # ----------------------------------------------------------------- encoders
+    def cache_encoders(self):
+        """The latent and text encoders the cache is filled with, tagged by what they compute."""
+        from difftrain.data.cache import CacheEncoders, content_key, fingerprint
+
+        cache = self.config.data.cache
+        encoders = CacheEncoders()
+        if cache.latents:
+            encoders.latents, encoders.latent_tag = self.latent_distribution, fingerprint(self.vae)
+        if cache.text:
+            encoders.texts = self.encode_text
+            encoders.text_tag = content_key(fingerprint(self.tokenizer), fingerprint(self.text_encoder), self.max_length)
+        return encoders
+
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
@@ -147,7 +156,7 @@ class TextToImage(Method):
 
     def loss(self, modules, batch, generator):
         batch = self.batch_parts(batch, generator)
-        batch_size = len(batch["captions"])
+        batch_size = len(batch["caption"])
         dropped = torch.rand(batch_size, generator=generator, device=generator.device) < self.settings.caption_dropout
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
@@ -158,7 +167,7 @@ class TextToImage(Method):
             embeds = batch["prompt_embeds"].to(self.device)
             embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
         else:
-            captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["captions"])]
+            captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
             embeds = self.encode_text(captions, modules.get("text_encoder"))
         unet = modules.get("unet", self.unet)
         embeds = embeds.to(latents.dtype)
@@ -204,39 +213,35 @@ class TextToImage(Method):
         return cls.from_config({**self.base_scheduler.config, **settings})
 
     @torch.no_grad()
+    def validation_conditioning(self, text_encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(positive, negative) per validation prompt, encoded as `difftrain generate` encodes them."""
+        from difftrain.sampling.prompts import encode_pair
+
+        sample = self.config.sample
+        return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), sample.negative_prompt,
+                            self.device, max_length=self.max_length)
+                for prompt in sample.prompts]
+
+    @torch.no_grad()
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
+        """One image per validation prompt, each from `seed`: what `difftrain generate` gives for it."""
+        from difftrain.sampling.text2image import draw
+
         sample = self.config.sample
         if not sample.prompts:
             return []
-        pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.noise_scheduler.config)))
+        pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
         pipe.set_progress_bar_config(disable=True)
-        unet = modules.get("unet", self.unet)
-        positive, negative = self.validation_embeddings
+        conditioning = self.validation_embeddings
         if "text_encoder" in modules:  # trained: the stored embeddings are stale
-            positive = self.encode_text([self.expand_prompt(p) for p in sample.prompts], modules["text_encoder"])
-            negative = self.encode_text([sample.negative_prompt] * len(sample.prompts), modules["text_encoder"])
+            conditioning = self.validation_conditioning(modules["text_encoder"])
         size = self.config.data.resolution
         home = self.vae.device
         self.vae.to(self.device)
-        # Under mixed precision the frozen parts are half precision and the UNet fp32;
-        # the pipeline hands tensors between them as they are, so autocast reconciles them.
-        mixed = self.weight_dtype != torch.float32
         try:
-            with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=mixed):
-                latents = pipe(
-                    prompt_embeds=positive.to(unet.dtype),
-                    negative_prompt_embeds=negative.to(unet.dtype),
-                    num_inference_steps=steps,
-                    guidance_scale=sample.guidance_scale,
-                    height=size,
-                    width=size,
-                    generator=torch.Generator(device="cpu").manual_seed(seed),
-                    output_type="latent",
-                ).images
-            # Decoded outside autocast, in the VAE's own dtype: SD's VAE overflows in fp16.
-            scale, shift = self.latent_scale
-            pixels = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
-            return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+            return [image for positive, negative in conditioning
+                    for image in draw(pipe, positive, negative, [seed], steps, sample.guidance_scale,
+                                      autocast=self.weight_dtype, width=size, height=size)]
         finally:
             self.vae.to(home)
 
@@ -253,8 +258,8 @@ class TextToImage(Method):
             "seed": config.seed,
             "prediction_type": str(self.noise_scheduler.config.prediction_type),
         }
-        if config.lora.enabled:
-            facts.update(rank=config.lora.rank, alpha=config.lora.alpha or config.lora.rank)
+        if self.lora:
+            facts.update(rank=self.lora.rank, alpha=self.lora.alpha or self.lora.rank)
         if self.num_records is not None:
             facts["num_images"] = self.num_records
             folder = Path(str(config.data.path)).name
@@ -266,10 +271,10 @@ class TextToImage(Method):
 
     def save_model(self, modules, out_dir: Path) -> None:
         output = self.config.output
-        if self.config.lora.enabled:
+        if self.lora:
             from difftrain.models.lora_files import save_lora
 
-            text_encoder = modules.get("text_encoder") if self.config.lora.text_encoder else None
+            text_encoder = modules.get("text_encoder") if self.lora.text_encoder else None
             save_lora(out_dir, modules.get("unet", self.unet), text_encoder, metadata=self.training_facts())
             self.saved_scheduler().save_pretrained(out_dir / "scheduler")  # how the adapter was trained to sample
             return
@@ -289,6 +294,34 @@ class TextToImage(Method):
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
             facts = {key: str(value) for key, value in self.training_facts().items()}
             save_single_file(unet, vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata=facts)
+
+    def manifest(self):
+        """How to load what `save_model` writes: on its own, or on the base model."""
+        from difftrain.models.manifest import Manifest, base_reference
+        from difftrain.models.noise import trained_settings
+
+        config, model = self.config, self.config.model
+        manifest = Manifest(
+            "stable-diffusion", self.name, scheduler="scheduler",
+            noise=trained_settings(self.noise_scheduler.config),
+            # Training encodes every caption to max_length tokens with the last layer's output.
+            conditioning={"max_length": self.max_length, "clip_skip": 1, "resolution": config.data.resolution},
+            trained={"steps": config.training.max_steps, "base": str(model.base)},
+        )
+        if self.lora:
+            manifest.kind = "lora"
+            manifest.loras = [{"file": "pytorch_lora_weights.safetensors", "weight": 1.0}]
+        elif config.output.trained_only:
+            manifest.kind = "stable-diffusion-parts"
+            manifest.components = list(self.trainable_modules())
+        self.describe_adapter(manifest)
+        if manifest.kind != "stable-diffusion":  # an adapter or partial model needs its base to load
+            manifest.base = base_reference(model.base, model.revision, model.variant, unet=model.unet,
+                                           vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
+        return manifest
+
+    def describe_adapter(self, manifest) -> None:
+        """Textual Inversion turns the manifest into an embedding's."""
 
     def _load_parts(self, load: set[str] | None = None):
         model = self.config.model

@@ -83,10 +83,6 @@ class TextualInversion(TextToImage):
         self.text_encoder.set_input_embeddings(self.new_tokens)
         self.templates = OBJECT_TEMPLATES if settings.learnable_property == "object" else STYLE_TEMPLATES
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return True
-
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder}
 
@@ -99,9 +95,9 @@ class TextualInversion(TextToImage):
 
     def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:
         words = " ".join(self.placeholders)
-        picks = torch.randint(0, len(self.templates), (len(batch["captions"]),), generator=generator,
+        picks = torch.randint(0, len(self.templates), (len(batch["caption"]),), generator=generator,
                               device=generator.device).tolist()
-        return {**batch, "captions": [self.templates[i].format(words) for i in picks]}
+        return {**batch, "caption": [self.templates[i].format(words) for i in picks]}
 
     def save_model(self, modules, out_dir: Path) -> None:
         from difftrain.models.embeddings import save_embedding
@@ -109,6 +105,10 @@ class TextualInversion(TextToImage):
         save_embedding(out_dir, self.placeholders[0], self.new_tokens.vectors.detach().float().cpu(),
                        metadata=self.training_facts())
         self.saved_scheduler().save_pretrained(out_dir / "scheduler")
+
+    def describe_adapter(self, manifest) -> None:
+        manifest.kind = "embedding"
+        manifest.embeddings = [{"file": "learned_embeds.safetensors", "token": self.placeholders[0]}]
 
     def speed_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder}  # gradients flow through the frozen UNet

@@ -8,10 +8,11 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from difftrain.generate.sampling import denoise, to_pil, unet_denoiser
-from difftrain.generate.schedulers import make_scheduler
 from difftrain.methods.base import Method
+from difftrain.models.manifest import Manifest
+from difftrain.models.noise import trained_settings
 from difftrain.models.unet import build_unet
+from difftrain.sampling.loop import sample_unet
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
@@ -20,7 +21,9 @@ class Unconditional(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.unet = build_unet(config.model, config.data.resolution)
+        self.unet = build_unet(
+            config.model.preset, config.model.unet_config, config.model.channels, config.data.resolution
+        )
         self.noise_scheduler = build_noise_scheduler(config.noise)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -39,12 +42,12 @@ class Unconditional(Method):
     def save_model(self, modules, out_dir: Path) -> None:
         DDPMPipeline(unet=modules["unet"], scheduler=self.noise_scheduler).save_pretrained(out_dir)
 
+    def manifest(self) -> Manifest:
+        return Manifest(
+            "unconditional", self.name, scheduler="scheduler",
+            noise=trained_settings(self.noise_scheduler.config),
+            conditioning={"resolution": self.config.data.resolution},
+            architecture={"unet": dict(self.unet.config), "scheduler": dict(self.noise_scheduler.config)},
+            trained={"steps": self.config.training.max_steps},
+        )
 
-def sample_unet(unet, scheduler_config, num_images: int, scheduler: str, steps: int, seed: int) -> list[Image.Image]:
-    device = next(unet.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (num_images, unet.config.in_channels, *size)
-    images = denoise(unet_denoiser(unet), make_scheduler(scheduler, scheduler_config), shape, steps, generator, device)
-    return to_pil(images)

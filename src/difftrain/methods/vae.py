@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from difftrain.generate.sampling import to_pil
 from difftrain.methods.base import Method
+from difftrain.models.manifest import Manifest
 from difftrain.models.sd import load_vae
+from difftrain.sampling.images import to_pil
 
 PREVIEW_IMAGES = 64  # also the images the latent scale is measured on
 
@@ -48,6 +49,9 @@ class VaeTraining(Method):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"autoencoder": self.autoencode}
 
+    def speed_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae}  # the trained module is a thin wrapper around it
+
     def setup(self, accelerator, weight_dtype, dataset, progress) -> None:
         self.device = accelerator.device
         count = min(PREVIEW_IMAGES, len(dataset))
@@ -67,6 +71,10 @@ class VaeTraining(Method):
         reconstructions = vae.decode(vae.encode(originals).latent_dist.mean).sample
         pairs = torch.stack([originals, reconstructions.clamp(-1, 1)], dim=1).flatten(0, 1)
         return to_pil(pairs)
+
+    def manifest(self) -> Manifest:
+        return Manifest("vae", self.name, conditioning={"resolution": self.config.data.resolution},
+                        trained={"steps": self.config.training.max_steps})
 
     @torch.no_grad()
     def save_model(self, modules, out_dir: Path) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from difftrain.config import ConfigError, LoraConfig
+from difftrain.errors import ConfigError
 
 PEFT_INIT = {"default": True, "gaussian": "gaussian"}
 
 
-def add_lora(module: torch.nn.Module, settings: LoraConfig, targets: list[str], name: str) -> None:
-    """Freeze `module` and add a trainable LoRA on the layers named `targets`."""
+def add_lora(
+    module: torch.nn.Module, targets: list[str], name: str, rank: int, alpha: float | None, dropout: float, init: str
+) -> None:
+    """Freeze `module` and add a trainable LoRA on the layers named `targets` (alpha None: alpha = rank)."""
     from peft import LoraConfig as PeftLoraConfig
 
     unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n, _ in module.named_modules())]
@@ -23,10 +25,10 @@ def add_lora(module: torch.nn.Module, settings: LoraConfig, targets: list[str], 
     module.requires_grad_(False)
     module.add_adapter(
         PeftLoraConfig(
-            r=settings.rank,
-            lora_alpha=settings.alpha or settings.rank,
-            lora_dropout=settings.dropout,
-            init_lora_weights=PEFT_INIT[settings.init],
+            r=rank,
+            lora_alpha=alpha or rank,
+            lora_dropout=dropout,
+            init_lora_weights=PEFT_INIT[init],
             target_modules=list(targets),
         )
     )

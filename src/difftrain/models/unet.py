@@ -7,7 +7,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from difftrain.config import ConfigError, ModelConfig
+from difftrain.errors import ConfigError
 
 # Sizes chosen by measurement on 2 CPU cores (see README): "tiny" is for tests (a step in
 # milliseconds), "small" learns the 32 px shapes demo in minutes, "base" is the DDPM
@@ -39,23 +39,24 @@ UNET_PRESETS: dict[str, dict] = {
 }
 
 
-def unet_config(model: ModelConfig, resolution: int) -> dict:
-    if model.unet_config:
-        path = Path(model.unet_config)
+def unet_config(preset: str | None, config_file: str | None, channels: int, resolution: int) -> dict:
+    """The UNet2DModel config of a preset (default "small") or a config file, at this size and channel count."""
+    if config_file:
+        path = Path(config_file)
         try:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"model.unet_config: cannot read {path} as JSON: {exc}") from None
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
-        config = dict(UNET_PRESETS[model.preset or "small"])
-    config.update(sample_size=resolution, in_channels=model.channels, out_channels=model.channels)
+        config = dict(UNET_PRESETS[preset or "small"])
+    config.update(sample_size=resolution, in_channels=channels, out_channels=channels)
     return config
 
 
-def build_unet(model: ModelConfig, resolution: int) -> UNet2DModel:
-    config = unet_config(model, resolution)
+def build_unet(preset: str | None, config_file: str | None, channels: int, resolution: int) -> UNet2DModel:
+    config = unet_config(preset, config_file, channels, resolution)
     try:
         return UNet2DModel(**config)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: cannot build a UNet2DModel from {model.unet_config or model.preset}: {exc}") from None
+        raise ConfigError(f"model: cannot build a UNet2DModel from {config_file or preset}: {exc}") from None

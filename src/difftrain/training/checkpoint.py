@@ -18,13 +18,13 @@ Layout of one checkpoint:
     ema.safetensors         EMA weights, same keys (when EMA is on)
     optimizer.safetensors   optimizer tensors; its param groups are in state.json
     rng-rank{R}.safetensors each process's random generators
+    difftrain.json          the model manifest: what `difftrain sample` needs to draw from it
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -35,9 +35,7 @@ from safetensors.torch import load_file, save_file
 from difftrain.atomic import atomic_path, recover_dirs, replace_dir, write_text
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-ABANDONED = "abandoned"  # checkpoints of a branch left by resuming from an earlier one
+from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
 
 
 class CheckpointError(DifftrainError):
@@ -52,14 +50,10 @@ class CheckpointStore:
         self.keep_last = keep_last
 
     def all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+        return checkpoint_dirs(self.root)
 
     def latest(self) -> Path | None:
-        complete = [p for p in self.all() if (p / "state.json").is_file()]
-        return complete[-1] if complete else None
+        return latest_checkpoint(self.root)
 
     def resolve(self, which: str) -> Path:
         """`latest` or a path to a checkpoint folder."""

@@ -11,28 +11,14 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from difftrain.config import NoiseConfig
-
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+from difftrain.models.noise import noise_scheduler
 
 
 def build_noise_scheduler(noise: NoiseConfig, base: dict | None = None) -> DDPMScheduler:
-    """The training noise schedule: the base model's (if any), with the config's settings on top.
-
-    Whatever is set here is also written into the saved model's scheduler config, so
-    whoever loads the model samples the way it was trained.
-    """
-    settings = dict(base or {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"})
-    if noise.num_train_timesteps is not None:
-        settings["num_train_timesteps"] = noise.num_train_timesteps
-    if noise.beta_schedule is not None:
-        settings["beta_schedule"] = BETA_SCHEDULES[noise.beta_schedule]
-        settings.pop("trained_betas", None)
-    if noise.prediction_type is not None:
-        settings["prediction_type"] = noise.prediction_type
-    if noise.zero_terminal_snr:
-        settings["rescale_betas_zero_snr"] = True
-        settings["timestep_spacing"] = "trailing"  # so sampling starts at the pure-noise step
-    return DDPMScheduler.from_config(settings)
+    """The training noise schedule: the base model's (if any), with the config's `noise:` settings on top."""
+    return noise_scheduler(
+        base, noise.num_train_timesteps, noise.beta_schedule, noise.prediction_type, noise.zero_terminal_snr
+    )
 
 
 def noisy_inputs(

@@ -50,14 +50,13 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
         torch.backends.cuda.matmul.allow_tf32 = training.allow_tf32
         torch.backends.cudnn.allow_tf32 = training.allow_tf32
     for name, module in modules.items():
-        inner = getattr(module, "vae", module)  # the VAE method trains a thin wrapper
         if training.gradient_checkpointing:
-            if hasattr(inner, "enable_gradient_checkpointing"):  # diffusers models
-                inner.enable_gradient_checkpointing()
-            elif hasattr(inner, "gradient_checkpointing_enable"):  # transformers models
-                inner.gradient_checkpointing_enable()
-        if hasattr(inner, "set_attn_processor"):
-            _set_attention(name, inner, training.attention)
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
+                module.gradient_checkpointing_enable()
+        if hasattr(module, "set_attn_processor"):
+            _set_attention(name, module, training.attention)
 
 
 def _set_attention(name: str, module, attention: str) -> None:

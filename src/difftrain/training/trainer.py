@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_dir, recover_dirs
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
-from difftrain.data import build_dataset, build_sampler
 from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint
 from difftrain.data.sampler import Position
-from difftrain.generate.sampling import make_grid
 from difftrain.methods import build_method
+from difftrain.sampling.images import make_grid
 from difftrain.training import rng
 from difftrain.training.checkpoint import (
     CheckpointError,
@@ -52,6 +51,7 @@ from difftrain.training.checkpoint import (
 from difftrain.training.ema import Ema
 from difftrain.training.optim import apply_speed_options, build_lr_schedule, build_optimizer
 from difftrain.training.report import plot_loss_curve, read_metrics
+from difftrain.training.run_data import build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Trainer:
         set_seed(config.seed)
         self.method = build_method(config)
         self.method.prepare_data(self.accelerator, self.progress)
-        self.dataset = build_dataset(config, progress=self.progress)
+        self.dataset = self.method.build_dataset(progress=self.progress)
         self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
@@ -140,7 +140,7 @@ class Trainer:
                     print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
                           f"behind ({', '.join(p.name for p in moved)}) moved to {moved[0].parent}")
         self.sampler.start = self.position
-        batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers))
+        batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers, self.method.collate))
         if config.log.tensorboard:
             accelerator.init_trackers("tensorboard", config=_scalar_config(config))
 
@@ -288,11 +288,14 @@ class Trainer:
         model_dir = self.run_dir / "model"
         if self.main:
             # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
+            manifest = self.method.manifest()
             with self._with_ema() as modules, atomic_dir(model_dir) as staging:
                 self.method.save_model(modules, staging)
+                manifest.with_weights("ema" if self.emas else "raw").write(staging)
             if self.emas:
                 with atomic_dir(self.run_dir / "model-no-ema") as staging:
                     self.method.save_model(self.modules, staging)
+                    manifest.with_weights("raw").write(staging)
         self.accelerator.wait_for_everyone()
         return model_dir
 
@@ -346,6 +349,7 @@ class Trainer:
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
+            self.method.manifest().write(staging)  # what `difftrain sample` needs to draw from the checkpoint
             write_json(staging / "data.json", self.data_fingerprints)
             write_json(staging / "state.json", state)  # last: a folder with state.json is complete
             self.store.commit(self.step)

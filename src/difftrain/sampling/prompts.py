@@ -111,12 +111,13 @@ def _weight(number: str, text: str) -> float:
         raise PromptError(f"prompt {text!r}: {number!r} is not a weight; write it as (words:1.2)") from None
 
 
-def _special_ids(tokenizer) -> tuple[int, int, int, int]:
-    """(chunk length, BOS, EOS, padding id) of a CLIP-style tokenizer."""
+def _special_ids(tokenizer, max_length: int | None = None) -> tuple[int, int, int, int]:
+    """(chunk length, BOS, EOS, padding id) of a CLIP-style tokenizer, for chunks of `max_length` ids
+    (default the tokenizer's model_max_length)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
         raise PromptError(f"{type(tokenizer).__name__} has no BOS/EOS token; weighted prompts need a CLIP tokenizer")
-    max_length = tokenizer.model_max_length
+    max_length = max_length or tokenizer.model_max_length
     # An unset model_max_length is a huge sentinel (1e30); chunks need the encoder's real window.
     if not 3 <= max_length <= 4096:
         raise PromptError(
@@ -127,15 +128,20 @@ def _special_ids(tokenizer) -> tuple[int, int, int, int]:
     return max_length - 2, bos, eos, pad
 
 
-def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+def tokenize_weighted(
+    tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK, max_length: int | None = None
+) -> list[Chunk]:
     """A prompt as 77-token chunks with per-token weights, split the way the web UI splits it.
+
+    Chunks are `max_length` ids long when given (a model trained on a shorter text context),
+    else the tokenizer's model_max_length.
 
     A chunk holds 75 prompt tokens. When one fills up mid-phrase and a comma lies within the last
     `comma_backtrack` tokens, the chunk ends after that comma and the phrase moves to the next
     chunk whole (0 turns this off). `BREAK` ends the chunk where it stands. The empty prompt is
     one chunk of BOS, EOS and padding.
     """
-    size, bos, eos, pad = _special_ids(tokenizer)
+    size, bos, eos, pad = _special_ids(tokenizer, max_length)
     parsed = parse_attention(text)
     pieces = tokenizer([piece for piece, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)
     comma = tokenizer.get_vocab().get(",</w>")  # None for a non-CLIP vocabulary: no backtracking
@@ -236,15 +242,18 @@ def encode_prompt(tokenizer, text_encoder, text: str, device, clip_skip: int = 1
 
 @torch.no_grad()
 def encode_pair(
-    tokenizer, text_encoder, prompt: str, negative: str | None, device, clip_skip: int = 1
+    tokenizer, text_encoder, prompt: str, negative: str | None, device, clip_skip: int = 1,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) conditioning of equal length, ready to stack for classifier-free guidance.
 
     The side with fewer chunks is padded with empty-prompt chunks, as the web UI pads it.
+    A prompt that fits one chunk gives exactly what training's plain tokenizer call gives.
     """
-    sides = [tokenize_weighted(tokenizer, prompt), tokenize_weighted(tokenizer, negative or "")]
+    chunks = lambda text: tokenize_weighted(tokenizer, text, max_length=max_length)  # noqa: E731
+    sides = [chunks(prompt), chunks(negative or "")]
     count = max(map(len, sides))
-    empty = tokenize_weighted(tokenizer, "")[0]
+    empty = chunks("")[0]
     sides = [side + [empty] * (count - len(side)) for side in sides]
     # One encoder call for both: each chunk is weighted on its own, so batching changes nothing.
     both = _encode_chunks(text_encoder, sides[0] + sides[1], device, clip_skip)

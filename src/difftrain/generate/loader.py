@@ -1,0 +1,201 @@
+"""One loader for inference: anything a user calls a model becomes a ready diffusers pipeline.
+
+`load_pipeline` takes a run folder (its final model, or for pixel models its latest
+checkpoint), a model folder with a `difftrain.json` manifest, a plain diffusers folder, a
+hub id or a single `.safetensors` file. What the model was trained with travels with it:
+the manifest's text context length becomes the tokenizer's `model_max_length` (which
+diffusers' own prompt encoding and ours both honour), its scheduler folder the sampler's
+noise settings, its adapters are loaded on its base. `generate`, `sample`, evaluation and
+the server load models through this and nothing else: none of them reads a training
+config or builds a training method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difftrain.errors import DifftrainError
+from difftrain.models.manifest import ADAPTER_KINDS, Manifest, legacy_manifest, read_manifest
+from difftrain.run_folder import CHECKPOINTS, final_model_dir, is_run_folder, latest_checkpoint
+
+
+class ModelNotFound(DifftrainError):
+    pass
+
+
+def load_pipeline(
+    source: str | Path,
+    loras: list[tuple[str, float]] = (),
+    embeddings: list[str] = (),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    use_ema: bool = True,
+    config: str | None = None,
+):
+    """A StableDiffusionPipeline (or a DDPMPipeline for pixel models) with `pipe.manifest` and `pipe.model_name`.
+
+    `loras` are (file, weight) pairs loaded after the model's own adapters, `embeddings`
+    Textual Inversion files; `use_ema` picks a run's EMA or raw weights; `config` is the
+    diffusers folder (or hub id) holding a single file's component configs.
+    """
+    folder, manifest, name = locate(source, use_ema)
+    if manifest is None:
+        pipe = _from_hub_or_single_file(str(source), dtype, config)
+        manifest = Manifest("stable-diffusion")
+    elif manifest.kind == "vae":
+        raise ModelNotFound(f"{source} is a VAE; use it as model.vae of a text2image run (it has nothing to sample)")
+    elif manifest.kind == "unconditional":
+        pipe = _unconditional(folder, manifest, use_ema)
+    elif manifest.kind in ADAPTER_KINDS:
+        pipe = _on_base(folder, manifest, dtype)
+    else:
+        pipe = _diffusers_folder(folder, dtype)
+    if manifest.kind != "unconditional":
+        _apply_conditioning(pipe, manifest)
+        own = [(str(folder / lora["file"]), lora["weight"]) for lora in manifest.loras]
+        own_embeddings = [str(folder / item["file"]) for item in manifest.embeddings]
+        apply_adapters(pipe, own + list(loras), own_embeddings + list(embeddings))
+    elif loras or embeddings:
+        raise ModelNotFound(f"{source} is a pixel-space model: LoRAs and embeddings apply to Stable Diffusion")
+    pipe.manifest, pipe.model_name = manifest, name
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def locate(source: str | Path, use_ema: bool = True) -> tuple[Path | None, Manifest | None, str]:
+    """(model folder, its manifest, display name); no folder and no manifest for a hub id or single file."""
+    path = Path(source)
+    if is_run_folder(path):
+        return _locate_in_run(path, use_ema)
+    if path.is_dir():
+        manifest = read_manifest(path) or _plain_folder_manifest(path)
+        return path, manifest, path.name
+    return None, None, path.stem if path.exists() else str(source)
+
+
+def _locate_in_run(run: Path, use_ema: bool) -> tuple[Path, Manifest, str]:
+    model_dir = final_model_dir(run, use_ema)
+    weights = "raw" if model_dir.name == "model-no-ema" else "ema"
+    if model_dir.is_dir():
+        return model_dir, read_manifest(model_dir) or legacy_manifest(run, model_dir, weights), run.name
+    checkpoint = latest_checkpoint(run / CHECKPOINTS)
+    if checkpoint is None:
+        raise ModelNotFound(f"{run}: a run folder with neither a final model nor a checkpoint yet")
+    manifest = read_manifest(checkpoint) or legacy_manifest(checkpoint, checkpoint, weights)
+    if manifest.kind != "unconditional":
+        raise ModelNotFound(f"{run} has no final model yet (no {model_dir}); finish or resume the run first")
+    return checkpoint, manifest, run.name
+
+
+def _plain_folder_manifest(path: Path) -> Manifest:
+    """A diffusers folder without a manifest: what its own files say it is."""
+    index = path / "model_index.json"
+    if index.is_file():
+        text = index.read_text()
+        if "StableDiffusion" not in text and (path / "unet").is_dir() and not (path / "text_encoder").is_dir():
+            return Manifest("unconditional", scheduler="scheduler")
+        return Manifest("stable-diffusion")
+    if (path / "unet").is_dir() and (path / "scheduler").is_dir() and not (path / "text_encoder").is_dir():
+        return Manifest("unconditional", scheduler="scheduler")
+    if (path / "config.json").is_file() and "AutoencoderKL" in (path / "config.json").read_text():
+        return Manifest("vae")
+    raise ModelNotFound(
+        f"{path}: not a model folder: no difftrain.json, no model_index.json, no unet/ and scheduler/, "
+        "and not a difftrain run folder (config.yaml)"
+    )
+
+
+def _diffusers_folder(folder: Path, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+
+
+def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):
+    from difftrain.models.sd import load_sd
+
+    return _pipeline(load_sd(spec, dtype=dtype, config=config))  # with its clear errors
+
+
+def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype):
+    """An adapter or partial model: its base (with any component overrides), its parts on top,
+    and the scheduler it trained with."""
+    from difftrain.models.sd import load_sd
+
+    base = manifest.base or {}
+    if not base.get("model") and not base.get("unet"):
+        raise ModelNotFound(f"{folder}: the manifest names no base model, and a {manifest.kind} needs one")
+    trained = {name: str(folder / name) for name in manifest.components}
+    parts = load_sd(
+        base.get("model"), unet=trained.get("unet", base.get("unet")), vae=base.get("vae"),
+        text_encoder=trained.get("text_encoder", base.get("text_encoder")), tokenizer=base.get("tokenizer"),
+        revision=base.get("revision"), variant=base.get("variant"), dtype=dtype,
+    )
+    if manifest.scheduler:
+        parts.scheduler = _saved_scheduler(folder / manifest.scheduler)
+    return _pipeline(parts)
+
+
+def _saved_scheduler(folder: Path):
+    import diffusers
+
+    saved = diffusers.DDPMScheduler.load_config(folder)  # any scheduler class reads any scheduler config
+    return getattr(diffusers, saved["_class_name"]).from_config(saved)
+
+
+def _pipeline(parts):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _unconditional(folder: Path, manifest: Manifest, use_ema: bool):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    if (folder / "unet").is_dir():
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder=manifest.scheduler or "scheduler")
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+    # A checkpoint: its weights, in the architecture the manifest records.
+    from safetensors.torch import load_file
+
+    unet = UNet2DModel.from_config(manifest.architecture["unet"])
+    weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
+    tensors = {key.removeprefix("unet."): value for key, value in load_file(folder / weights).items()
+               if key.startswith("unet.")}
+    # EMA files hold the parameters only; buffers keep their initial values, as in training.
+    unet.load_state_dict(tensors, strict=weights == "model.safetensors")
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(manifest.architecture["scheduler"]))
+
+
+def _apply_conditioning(pipe, manifest: Manifest) -> None:
+    """Encode prompts as the model was trained: a short training context stays short here."""
+    max_length = manifest.conditioning.get("max_length")
+    if max_length:
+        pipe.tokenizer.model_max_length = int(max_length)
+
+
+def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
+    """Load LoRAs (each as its own adapter, at its weight) and embeddings; returns the adapter names."""
+    from difftrain.models.embeddings import load_embedding
+    from difftrain.models.lora_files import check_lora_fits
+
+    names, weights = [], []
+    for index, (lora, weight) in enumerate(loras):
+        check_lora_fits(pipe, lora)  # a LoRA for another model is refused with its keys and shapes
+        name = f"lora{index}"
+        pipe.load_lora_weights(lora, adapter_name=name)
+        names.append(name)
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+    for embedding in embeddings:
+        token, _ = load_embedding(embedding)
+        pipe.load_textual_inversion(embedding, token=token or Path(embedding).stem)
+    return names

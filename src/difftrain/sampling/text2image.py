@@ -1,0 +1,51 @@
+"""Text-to-image sampling with a diffusers Stable Diffusion pipeline, from encoded prompts.
+
+Training previews and `difftrain generate` both draw through `draw`, so a preview is the
+image the command gives for the same prompt, seed, sampler and steps (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+
+@torch.no_grad()
+def draw(
+    pipe,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    autocast: torch.dtype | None = None,
+    **extra,
+) -> list[Image.Image]:
+    """One image per seed from conditioning [1, tokens, dim] (each image i starts from seed i's noise).
+
+    `extra` goes to the pipeline (width/height, or image/strength for img2img). `autocast`
+    runs the UNet under that dtype (training previews under mixed precision, where frozen
+    parts are half precision and the UNet fp32); the VAE then decodes outside it, in its own
+    dtype, since SD's VAE overflows in fp16.
+    """
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):
+        # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
+        pipe.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
+    dtype = pipe.unet.dtype
+    call = dict(
+        prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
+        negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        **extra,
+    )
+    if autocast is None or autocast == torch.float32:
+        return pipe(**call).images
+    device = pipe._execution_device
+    with torch.autocast(device.type, dtype=autocast):
+        latents = pipe(**call, output_type="latent").images
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")

@@ -1,0 +1,61 @@
+"""A run config's `data:` section opened as a data set, and its resumable batch order.
+
+Methods call these from `Method.build_dataset` (DreamBooth opens its class folder the same
+way); the loop calls `build_sampler`. The data package below knows nothing of run configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftrain.config import RunConfig
+from difftrain.data.dataset import ImageDataset
+from difftrain.data.sampler import EpochBatchSampler, ResumableBatches
+
+
+def open_images(
+    config: RunConfig, path: str | None = None, caption: str | None = None, progress: bool = True
+) -> ImageDataset:
+    """The images of `config.data`, or of the image folder `path`, transformed as `config.data` says.
+
+    `caption` gives every image the same caption (DreamBooth's instance or class prompt).
+    """
+    from difftrain.data.sources import open_source
+
+    data = config.data
+    records = open_source(
+        "folder" if path else data.source,
+        path or data.path,
+        image_key=data.image_key,
+        caption_key=data.caption_key,
+        captions="none" if path else data.captions,
+        caption_extension=data.caption_extension,
+        max_pixels=data.max_image_pixels,
+        index_dir=Path(cache_dir(config)) / "index",
+        progress=progress,
+    )
+    buckets = None
+    if data.buckets.enabled:
+        from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets
+
+        sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
+        buckets = BucketLookup(assign_buckets(records.sizes, sizes), sizes)
+    return ImageDataset(
+        records, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption
+    )
+
+
+def build_sampler(config: RunConfig, dataset: ImageDataset, rank: int, world_size: int) -> ResumableBatches:
+    batch_size, seed, shards = config.training.batch_size, config.seed, dataset.source.shard_sizes
+    if dataset.buckets is not None:
+        from difftrain.data.buckets import BucketBatchSampler
+
+        lookup = dataset.buckets
+        return BucketBatchSampler(
+            lookup.bucket_ids, batch_size, seed, rank, world_size, shard_sizes=shards, buckets=lookup.sizes
+        )
+    return EpochBatchSampler(len(dataset), batch_size, seed, rank=rank, world_size=world_size, shard_sizes=shards)
+
+
+def cache_dir(config: RunConfig) -> str:
+    return config.data.cache.dir or str(Path(config.output_dir) / "cache")

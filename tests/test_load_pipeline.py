@@ -42,13 +42,17 @@ def test_validation_images_are_what_generate_gives_with_a_short_text_context(tin
     run = tmp_path / "run"
     manifest = json.loads((run / "model" / "difftrain.json").read_text())
     assert manifest["kind"] == "stable-diffusion" and manifest["conditioning"]["max_length"] == 8
+    # diffusers loading the folder itself encodes prompts to 8 tokens too.
+    assert json.loads((run / "model" / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 8
     previews = grid_cells(run / "samples" / "step-00000002.png", len(PROMPTS), 16)
     for index, prompt in enumerate(PROMPTS):
         image = generated(run, prompt, tmp_path / "out", "euler_a", 4)
         assert np.abs(image.astype(int) - previews[index].astype(int)).max() <= 1, prompt
-    # Without the manifest's context length generate would encode 77 tokens: another image.
+    # Told nothing of the context length, generate encodes 77 tokens (what it did before): another image.
     manifest["conditioning"]["max_length"] = None
     (run / "model" / "difftrain.json").write_text(json.dumps(manifest))
+    tokenizer_config = run / "model" / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "model_max_length": 77}))
     image = generated(run, PROMPTS[0], tmp_path / "out", "euler_a", 4)
     assert np.abs(image.astype(int) - previews[0].astype(int)).max() > 1
 

@@ -143,7 +143,9 @@ class Text2ImageConfig(Section):
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = Field(None, gt=0, le=1, description="default: training.learning_rate")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
-    max_length: Optional[int] = Field(None, ge=2, description="tokenizer length; default the tokenizer's own")
+    max_length: Optional[int] = Field(
+        None, ge=2, description="text context in tokens; default the tokenizer's own. Saved with the model: generate uses it too"
+    )
 
 
 class LoraConfig(Section):

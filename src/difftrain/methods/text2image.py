@@ -287,7 +287,14 @@ class TextToImage(Method):
                 text_encoder.save_pretrained(out_dir / "text_encoder")
             self.saved_scheduler().save_pretrained(out_dir / "scheduler")
         else:
-            self.pipeline(modules, vae=vae, text_encoder=text_encoder).save_pretrained(out_dir, safe_serialization=True)
+            # The tokenizer saved says the context length trained with, so diffusers' own prompt
+            # encoding (which pads to model_max_length) conditions the model as training did.
+            length, self.tokenizer.model_max_length = self.tokenizer.model_max_length, self.max_length
+            try:
+                pipe = self.pipeline(modules, vae=vae, text_encoder=text_encoder)
+                pipe.save_pretrained(out_dir, safe_serialization=True)
+            finally:
+                self.tokenizer.model_max_length = length
         if output.single_file:
             from difftrain.models.single_file import save_single_file
 

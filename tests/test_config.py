@@ -135,3 +135,10 @@ def test_a_version_1_config_is_migrated_and_a_newer_one_refused():
     with pytest.raises(ConfigError, match="config version 7 was written by a newer difftrain; this one reads "
                                           f"versions 1 to {CONFIG_VERSION}"):
         parse_config({"version": 7, "data": {"path": "x"}})
+
+
+def test_a_rule_across_keys_is_one_plain_line():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"version": 2, "method": "unconditional", "data": {"path": "x", "cache": {"latents": True}}})
+    assert str(caught.value) == ("config: invalid config\n  data.cache: caching latents/text is for latent methods, "
+                                 "not unconditional")

@@ -73,8 +73,8 @@ def test_every_model_a_run_writes_explains_itself_and_loads_anywhere(tiny_sd, sh
 
     from difftrain import load_pipeline
 
-    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"max_steps": 1}, noise={"prediction_type": "v_prediction"},
-                       **settings)
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"max_steps": 1},
+                       noise={"prediction_type": "v_prediction"}, **settings)
     assert main(["train", str(config), "--no-progress"]) == 0
     for folder, weights in (("model", "ema"), ("model-no-ema", "raw")):
         manifest = json.loads((tmp_path / "run" / folder / "difftrain.json").read_text())

@@ -144,7 +144,8 @@ class Text2ImageConfig(Section):
     text_encoder_lr: Optional[float] = Field(None, gt=0, le=1, description="default: training.learning_rate")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
     max_length: Optional[int] = Field(
-        None, ge=2, description="text context in tokens; default the tokenizer's own. Saved with the model: generate uses it too"
+        None, ge=2,
+        description="text context in tokens; default the tokenizer's own. Saved with the model: generate uses it too",
     )
 
 
@@ -295,11 +296,6 @@ class LatentRun(RunConfig):
                 "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
                 "set data.crop: center (random_flip is fine, both flips are cached)"
             )
-        if data.cache.text and self.trains_text_encoder:
-            raise ValueError(
-                "data.cache.text = true while the text encoder trains: the embeddings change "
-                "as it trains; turn one of them off"
-            )
         return self
 
     @property
@@ -317,6 +313,11 @@ class Text2ImageRun(LatentRun):
 
     @model_validator(mode="after")
     def _lora_rules(self) -> "Text2ImageRun":
+        if self.data.cache.text and self.trains_text_encoder:
+            raise ValueError(
+                "data.cache.text = true while the text encoder trains: the embeddings change "
+                "as it trains; turn one of them off"
+            )
         if self.lora.enabled and (self.output.single_file or self.output.trained_only):
             raise ValueError(
                 "output.single_file / output.trained_only with lora.enabled: a LoRA run writes the adapter files; "
@@ -440,7 +441,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     if error["type"] == "missing":
         return f"missing key '{location}': it has no default and must be set"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(f"{location} ="):
+    if not location or message.startswith(f"{location} ="):  # a rule across keys names them itself
         return message
     return f"{location} = {error.get('input')!r}: {message}"
 
@@ -454,7 +455,9 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if method not in METHOD_CONFIGS:
         guess = difflib.get_close_matches(str(method), METHOD_CONFIGS, n=1)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-        raise ConfigError(f"{source}: method = {method!r} is not a method{hint}; choose one of {', '.join(METHOD_CONFIGS)}")
+        raise ConfigError(
+            f"{source}: method = {method!r} is not a method{hint}; choose one of {', '.join(METHOD_CONFIGS)}"
+        )
     try:
         return _ANY_RUN.validate_python(raw)
     except ValidationError as exc:

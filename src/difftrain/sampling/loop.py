@@ -50,7 +50,9 @@ def unet_denoiser(unet) -> Denoiser:
     return lambda x, t: unet(x, t).sample
 
 
-def sample_unet(unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int) -> list[Image.Image]:
+def sample_unet(
+    unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int
+) -> list[Image.Image]:
     """`num_images` from a pixel-space UNet2DModel, all from one generator seeded `seed`."""
     device = next(unet.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -42,7 +42,8 @@ def group_of(module: str) -> str:
     return "leaf" if parts[1] in LEAF else GROUP.get(parts[1], parts[1])
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package's own modules that `path` imports."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -50,12 +51,13 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-    return {name for name in found if name.startswith("difftrain") and name in modules}
+    return found & modules
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+    files = list(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files}
+    return {module_name(p): imports_of(p, modules) for p in files}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

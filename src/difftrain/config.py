@@ -312,7 +312,7 @@ class Text2ImageRun(LatentRun):
         return self.text2image.train_text_encoder or (self.lora.enabled and self.lora.text_encoder)
 
     @model_validator(mode="after")
-    def _lora_rules(self) -> "Text2ImageRun":
+    def _text_encoder_rules(self) -> "Text2ImageRun":
         if self.data.cache.text and self.trains_text_encoder:
             raise ValueError(
                 "data.cache.text = true while the text encoder trains: the embeddings change "

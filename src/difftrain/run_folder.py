@@ -1,7 +1,8 @@
 """Where things live in a run folder, for the trainer that writes it and the loaders that read it.
 
     <run>/config.yaml                 the run config
-    <run>/checkpoints/step-NNNNNNNN/  training state; complete once state.json is in it
+    <run>/checkpoints/step-NNNNNNNN/  training state; complete once state.json is in it; its
+                                      weight files key each module's tensors as "module.key"
     <run>/model/                      the final model (EMA weights when EMA is on)
     <run>/model-no-ema/               the raw weights, when EMA is on
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKPOINTS = "checkpoints"
@@ -31,6 +33,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     complete = [p for p in checkpoint_dirs(root) if (p / "state.json").is_file()]
     return complete[-1] if complete else None
+
+
+def join_modules(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{module: {key: tensor}} -> {"module.key": tensor}: one checkpoint file holds every module."""
+    return {f"{name}.{key}": value for name, tensors in parts.items() for key, value in tensors.items()}
+
+
+def split_modules(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The inverse of `join_modules`."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        name, rest = key.split(".", 1)
+        parts.setdefault(name, {})[rest] = value
+    return parts
 
 
 def final_model_dir(run: Path, use_ema: bool = True) -> Path:

@@ -13,16 +13,27 @@ config or builds a training method.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.models.manifest import ADAPTER_KINDS, Manifest, legacy_manifest, read_manifest
-from difftrain.run_folder import CHECKPOINTS, final_model_dir, is_run_folder, latest_checkpoint
+from difftrain.run_folder import CHECKPOINTS, final_model_dir, is_run_folder, latest_checkpoint, split_modules
 
 
 class ModelNotFound(DifftrainError):
     pass
+
+
+class Located(NamedTuple):
+    """Where a model is and what its manifest says; `folder` and `manifest` are None for a hub id or single file."""
+
+    source: str | Path
+    folder: Path | None
+    manifest: Manifest | None
+    name: str  # for display: the run's or folder's name, a file's stem, a hub id
+    use_ema: bool
 
 
 def load_pipeline(
@@ -40,7 +51,19 @@ def load_pipeline(
     Textual Inversion files; `use_ema` picks a run's EMA or raw weights; `config` is the
     diffusers folder (or hub id) holding a single file's component configs.
     """
-    folder, manifest, name = locate(source, use_ema)
+    return build_pipeline(locate(source, use_ema), loras, embeddings, device, dtype, config)
+
+
+def build_pipeline(
+    located: Located,
+    loras: list[tuple[str, float]] = (),
+    embeddings: list[str] = (),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+):
+    """`load_pipeline` for a model already located (a caller that checked its kind first reads nothing twice)."""
+    source, folder, manifest, name, use_ema = located
     if manifest is None:
         pipe = _from_hub_or_single_file(str(source), dtype, config)
         manifest = Manifest("stable-diffusion")
@@ -65,15 +88,14 @@ def load_pipeline(
     return pipe
 
 
-def locate(source: str | Path, use_ema: bool = True) -> tuple[Path | None, Manifest | None, str]:
-    """(model folder, its manifest, display name); no folder and no manifest for a hub id or single file."""
+def locate(source: str | Path, use_ema: bool = True) -> Located:
+    """Find the model folder `source` names and read (or, for an old run, derive) its manifest."""
     path = Path(source)
     if is_run_folder(path):
-        return _locate_in_run(path, use_ema)
+        return Located(source, *_locate_in_run(path, use_ema), use_ema)
     if path.is_dir():
-        manifest = read_manifest(path) or _plain_folder_manifest(path)
-        return path, manifest, path.name
-    return None, None, path.stem if path.exists() else str(source)
+        return Located(source, path, read_manifest(path) or _plain_folder_manifest(path), path.name, use_ema)
+    return Located(source, None, None, path.stem if path.exists() else str(source), use_ema)
 
 
 def _locate_in_run(run: Path, use_ema: bool) -> tuple[Path, Manifest, str]:
@@ -167,8 +189,7 @@ def _unconditional(folder: Path, manifest: Manifest, use_ema: bool):
 
     unet = UNet2DModel.from_config(manifest.architecture["unet"])
     weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
-    tensors = {key.removeprefix("unet."): value for key, value in load_file(folder / weights).items()
-               if key.startswith("unet.")}
+    tensors = split_modules(load_file(folder / weights))["unet"]
     # EMA files hold the parameters only; buffers keep their initial values, as in training.
     unet.load_state_dict(tensors, strict=weights == "model.safetensors")
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(manifest.architecture["scheduler"]))

@@ -156,7 +156,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
     """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
     from difftrain.generate.infotext import format_infotext, write_png
-    from difftrain.generate.loader import load_pipeline, locate
+    from difftrain.generate.loader import build_pipeline, locate
     from difftrain.sampling.prompts import encode_pair
     from difftrain.sampling.schedulers import make_scheduler
     from difftrain.sampling.text2image import draw
@@ -165,11 +165,11 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     device = _device()
     dtype = _dtype(options.precision, device)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
-    _, manifest, _ = locate(model, options.use_ema)
-    if manifest is not None and manifest.kind == "unconditional":
+    located = locate(model, options.use_ema)
+    if located.manifest is not None and located.manifest.kind == "unconditional":
         raise GenerateError(f"{model} is a pixel-space (unconditional) model; `difftrain sample {model}` draws from it")
-    pipe = load_pipeline(model, list(options.loras) + prompt_loras, options.embeddings, dtype=dtype,
-                         use_ema=options.use_ema, config=options.config)
+    pipe = build_pipeline(located, list(options.loras) + prompt_loras, options.embeddings, dtype=dtype,
+                          config=options.config)
     clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
     pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
     configure_pipeline(pipe, options, device)

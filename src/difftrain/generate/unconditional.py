@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusers import UNet2DModel
 from PIL import Image, ImageDraw
 
-from difftrain.generate.loader import ModelNotFound, load_pipeline, locate
+from difftrain.generate.loader import ModelNotFound, build_pipeline, locate
 from difftrain.sampling.images import make_grid
 from difftrain.sampling.loop import sample_unet
 from difftrain.sampling.schedulers import CORE_SCHEDULERS
@@ -17,13 +17,13 @@ def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DMo
     """(unet, scheduler config) of a pixel-space model: a run, its latest checkpoint, or a diffusers folder."""
     if not Path(path).exists():
         raise ModelNotFound(f"{path}: no such run folder or diffusers model folder")
-    _, manifest, _ = locate(path, use_ema)
-    if manifest is None or manifest.kind not in ("unconditional", "vae"):  # a VAE is refused by the loader
+    located = locate(path, use_ema)
+    if located.manifest is None or located.manifest.kind not in ("unconditional", "vae"):  # the loader refuses a VAE
         raise ModelNotFound(
             f"{path} is a text-to-image (Stable Diffusion) model; difftrain sample draws unconditional models. "
             f'Use: difftrain generate {path} --prompt "..."'
         )
-    pipe = load_pipeline(path, use_ema=use_ema)
+    pipe = build_pipeline(located)
     return pipe.unet, dict(pipe.scheduler.config)
 
 

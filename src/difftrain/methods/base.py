@@ -18,6 +18,7 @@ from PIL import Image
 
 from difftrain.config import RunConfig
 from difftrain.data.dataset import collate
+from difftrain.models.manifest import Manifest
 
 
 class Method(ABC):
@@ -72,7 +73,7 @@ class Method(ABC):
         """Write the final model in the ecosystem's format (a diffusers folder, LoRA file, ...)."""
 
     @abstractmethod
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """What `save_model` writes, as `models.manifest` describes it: kind, base, adapters, noise, conditioning."""
 
     def describe(self) -> list[str]:

@@ -313,7 +313,7 @@ class TextToImage(Method):
             noise=trained_settings(self.noise_scheduler.config),
             # Training encodes every caption to max_length tokens with the last layer's output.
             conditioning={"max_length": self.max_length, "clip_skip": 1, "resolution": config.data.resolution},
-            trained={"steps": config.training.max_steps, "base": str(model.base)},
+            trained={"steps": config.training.max_steps, "base": model.base},
         )
         if self.lora:
             manifest.kind = "lora"

@@ -68,9 +68,6 @@ class Manifest:
         write_text(path, self.to_json())
         return path
 
-    def with_weights(self, weights: str) -> "Manifest":
-        return Manifest(**{**asdict(self), "weights": weights})
-
 
 def _our_version() -> str:
     from importlib.metadata import PackageNotFoundError, version

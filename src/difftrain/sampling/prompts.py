@@ -250,7 +250,9 @@ def encode_pair(
     The side with fewer chunks is padded with empty-prompt chunks, as the web UI pads it.
     A prompt that fits one chunk gives exactly what training's plain tokenizer call gives.
     """
-    chunks = lambda text: tokenize_weighted(tokenizer, text, max_length=max_length)  # noqa: E731
+    def chunks(text: str) -> list[Chunk]:
+        return tokenize_weighted(tokenizer, text, max_length=max_length)
+
     sides = [chunks(prompt), chunks(negative or "")]
     count = max(map(len, sides))
     empty = chunks("")[0]

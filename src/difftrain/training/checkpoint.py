@@ -18,7 +18,7 @@ Layout of one checkpoint:
     ema.safetensors         EMA weights, same keys (when EMA is on)
     optimizer.safetensors   optimizer tensors; its param groups are in state.json
     rng-rank{R}.safetensors each process's random generators
-    difftrain.json          the model manifest: what `difftrain sample` needs to draw from it
+    difftrain.json          pixel models: the model manifest, so `difftrain sample` draws from it
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from difftrain.atomic import atomic_path, recover_dirs, replace_dir, write_text
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
-from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
+from difftrain.run_folder import ABANDONED, checkpoint_dirs, join_modules, latest_checkpoint, split_modules
 
 
 class CheckpointError(DifftrainError):
@@ -158,11 +158,6 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def join_modules(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{module: {key: tensor}} -> {"module.key": tensor}: one file holds every module."""
-    return {f"{name}.{key}": value for name, tensors in parts.items() for key, value in tensors.items()}
-
-
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train: all of a fully trained model, only the adapter of a LoRA one.
 
@@ -184,14 +179,6 @@ def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tenso
         parameters = dict(module.named_parameters())
         for name, value in tensors.items():
             parameters[name].copy_(value)
-
-
-def split_modules(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        name, rest = key.split(".", 1)
-        parts.setdefault(name, {})[rest] = value
-    return parts
 
 
 def read_config(checkpoint: Path) -> RunConfig:

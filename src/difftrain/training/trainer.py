@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -291,11 +291,11 @@ class Trainer:
             manifest = self.method.manifest()
             with self._with_ema() as modules, atomic_dir(model_dir) as staging:
                 self.method.save_model(modules, staging)
-                manifest.with_weights("ema" if self.emas else "raw").write(staging)
+                replace(manifest, weights="ema" if self.emas else "raw").write(staging)
             if self.emas:
                 with atomic_dir(self.run_dir / "model-no-ema") as staging:
                     self.method.save_model(self.modules, staging)
-                    manifest.with_weights("raw").write(staging)
+                    replace(manifest, weights="raw").write(staging)
         self.accelerator.wait_for_everyone()
         return model_dir
 
@@ -349,7 +349,9 @@ class Trainer:
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
-            self.method.manifest().write(staging)  # what `difftrain sample` needs to draw from the checkpoint
+            manifest = self.method.manifest()
+            if manifest.architecture:  # this checkpoint's weights alone make the model: `sample` can draw from it
+                manifest.write(staging)
             write_json(staging / "data.json", self.data_fingerprints)
             write_json(staging / "state.json", state)  # last: a folder with state.json is complete
             self.store.commit(self.step)

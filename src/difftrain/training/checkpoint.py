@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from difftrain.atomic import atomic_path, recover_dirs, replace_dir, write_text
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
-from difftrain.run_folder import ABANDONED, checkpoint_dirs, join_modules, latest_checkpoint, split_modules
+from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
 
 
 class CheckpointError(DifftrainError):

@@ -31,12 +31,12 @@ from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method
+from difftrain.run_folder import join_modules, split_modules
 from difftrain.sampling.images import make_grid
 from difftrain.training import rng
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
-    join_modules,
     load_tensors,
     load_trainable_state,
     optimizer_from_parts,
@@ -44,7 +44,6 @@ from difftrain.training.checkpoint import (
     read_config,
     read_json,
     save_tensors,
-    split_modules,
     trainable_state,
     write_json,
 )

@@ -1,6 +1,6 @@
-"""Text-to-image training steps/s and peak memory: difftrain (with and without the cache) against
-the loop the seeds write (VAE encode and text encode inside every step), in one process, on the
-same SD-shaped model, data and batch.
+"""Text-to-image training steps/s and peak memory: difftrain (with and without the cache, and with
+gradient checkpointing) against the loop the seeds write (VAE encode and text encode inside every
+step), in one process, on the same SD-shaped model, data and batch.
 
     .venv/bin/python benchmarks/text2image_step.py [--steps 20] [--batch 4] [--size 128]
 
@@ -72,9 +72,10 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     return steps / (time.perf_counter() - started)
 
 
-def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool) -> float:
-    return difftrain_run(model_dir, data_dir, out, steps, batch, size,
-                         data={"cache": {"latents": cache, "text": cache}})[0]
+def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool,
+                         checkpointing: bool = False) -> float:
+    return difftrain_run(model_dir, data_dir, out, steps, batch, size, data={"cache": {"latents": cache, "text": cache}},
+                         training={"gradient_checkpointing": checkpointing})[0]
 
 
 def main() -> None:
@@ -90,6 +91,8 @@ def main() -> None:
             model_dir, data_dir, out, args.steps, args.batch, args.size, False),
         "difftrain, cached latents + text": lambda out: difftrain_text2image(
             model_dir, data_dir, out, args.steps, args.batch, args.size, True),
+        "difftrain, cached + grad. checkpointing": lambda out: difftrain_text2image(
+            model_dir, data_dir, out, args.steps, args.batch, args.size, True, checkpointing=True),
     }
     # A short untimed baseline first, so no variant pays the process's first-use costs
     # (imports, allocator growth).

@@ -134,7 +134,7 @@ class TrainingConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema: EmaConfig = Field(default_factory=EmaConfig)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
     attention: Literal["sdpa", "xformers", "default"] = "sdpa"
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
 

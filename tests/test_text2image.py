@@ -299,3 +299,17 @@ def test_missing_bitsandbytes_and_xformers_are_named(tiny_sd, shapes_dir, tmp_pa
         config = sd_config(tmp_path, shapes_dir, tiny_sd, "x", training={"attention": "xformers"})
         assert main(["train", str(config)]) == 2
         assert "xformers" in capsys.readouterr().err
+
+
+def test_changed_data_is_refused_before_the_cache_fills(tiny_sd, shapes_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    config = sd_config(tmp_path, data, tiny_sd, data={"random_flip": False, "cache": {"latents": True}},
+                       training={"max_steps": 2}, checkpoint={"every_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    latents = tmp_path / "run" / "cache" / "latents"
+    before = sorted(latents.rglob("*.safetensors"))
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(data / "000005.png")
+    assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4", "--no-progress"]) == 2
+    assert "000005.png" in capsys.readouterr().err
+    assert sorted(latents.rglob("*.safetensors")) == before  # the changed image was never encoded

@@ -9,7 +9,8 @@ import pytest
 from difftrain.versions import VersionError, check_installed_versions
 
 
-def test_installed_set_passes():
+def test_installed_set_passes(monkeypatch):
+    monkeypatch.delenv("DIFFTRAIN_SKIP_VERSION_CHECK", raising=False)  # checked even where imports skipped it
     check_installed_versions()  # the suite runs on the lock: it must be inside the ranges
 
 

@@ -19,6 +19,7 @@ every conversion is two small functions, not one per pair of formats.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -356,7 +357,17 @@ def training_metadata(metadata: dict | None, kohya_name: str = "lora") -> dict[s
 
 
 def file_hashes(path: Path) -> tuple[str, str]:
-    """(sha256 of the whole file, A1111's old 8-digit hash: sha256 of 64 KiB at 1 MiB), as kohya writes them."""
+    """(sha256 of the whole file, A1111's old 8-digit hash: sha256 of 64 KiB at 1 MiB), as kohya writes them.
+
+    Remembered per (file, size, modification time): a run saving its EMA and raw LoRA reads a
+    multi-GB base checkpoint once, not twice.
+    """
+    stat = Path(path).stat()
+    return _file_hashes(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
     full = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -390,7 +401,7 @@ def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str
             full, legacy = file_hashes(Path(base))
             out.setdefault("ss_new_sd_model_hash", full)
             out.setdefault("ss_sd_model_hash", legacy)
-        out["ss_sd_model_name"] = Path(base).name
+        out["ss_sd_model_name"] = out["base_model"] = Path(base).name
     v2 = out.get("sd_version") == "v2"
     out.setdefault("ss_v2", str(v2))
     out.setdefault("ss_base_model_version", "sd_v2" if v2 else "sd_v1")

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from difftrain.atomic import atomic_dir, recover_dirs
+from difftrain.atomic import atomic_dir, recover_dirs, write_text
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint
@@ -101,6 +101,11 @@ class Trainer:
         self.method.prepare_data(self.accelerator, self.progress)
         self.dataset = self.method.build_dataset(progress=self.progress)
         self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
+        # Written into every checkpoint; it cannot change during the run, so it is serialised once.
+        self.data_json = json.dumps(self.data_fingerprints, separators=(",", ":"), sort_keys=True)
+        if resume:  # another data set is refused now, before any model is set up or any cache fills
+            checkpoint = self.store.resolve(resume)
+            self._check_same_data(checkpoint, read_json(checkpoint / "state.json"))
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 
@@ -351,7 +356,7 @@ class Trainer:
             manifest = self.method.manifest()
             if manifest.architecture:  # this checkpoint's weights alone make the model: `sample` can draw from it
                 manifest.write(staging)
-            write_json(staging / "data.json", self.data_fingerprints)
+            write_text(staging / "data.json", self.data_json, sync=False)
             write_json(staging / "state.json", state)  # last: a folder with state.json is complete
             self.store.commit(self.step)
         accelerator.wait_for_everyone()
@@ -361,7 +366,6 @@ class Trainer:
         state = read_json(path / "state.json")
         saved = read_config(path)
         self._check_resumable(path)
-        self._check_same_data(path, state)
         if saved.training.max_steps != self.config.training.max_steps and self.config.training.lr_scheduler not in (
             "constant",
             "constant_with_warmup",

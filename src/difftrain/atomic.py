@@ -102,6 +102,16 @@ def write_text(path: str | Path, text: str, sync: bool = True) -> Path:
     return write_bytes(path, text.encode("utf-8"), sync)
 
 
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None,
+                      sync: bool = True) -> Path:
+    """Tensors (moved to the CPU, made contiguous) as one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, sync) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
 def _old_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 

@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from difftrain.atomic import atomic_path
+from difftrain.atomic import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ class TensorCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)
-        with atomic_path(path, sync=False) as tmp:  # an entry is cheap to recompute
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        write_safetensors(path, tensors, sync=False)  # an entry is cheap to recompute
 
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.safetensors")) if self.dir.is_dir() else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.atomic import atomic_path
+from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
 from difftrain.models.file_metadata import string_metadata
 
@@ -43,14 +43,6 @@ def a1111_file_name(token: str) -> str:
     return f"{stem}.safetensors"
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
-    return path
-
-
 def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write out_dir/learned_embeds.safetensors (diffusers) and out_dir/<token>.safetensors
     (A1111/ComfyUI/kohya); returns both paths. `metadata` lands in both headers as strings."""
@@ -62,8 +54,9 @@ def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict
     meta.setdefault("token", token)
     meta.setdefault("num_vectors", str(vectors.shape[0]))
     out_dir = Path(out_dir)
-    diffusers_path = _write(out_dir / DIFFUSERS_FILE, {token: vectors}, meta)
-    a1111_path = _write(out_dir / a1111_name, {A1111_KEY: vectors}, meta)
+    meta = {"format": "pt", **meta}
+    diffusers_path = write_safetensors(out_dir / DIFFUSERS_FILE, {token: vectors}, meta)
+    a1111_path = write_safetensors(out_dir / a1111_name, {A1111_KEY: vectors}, meta)
     return diffusers_path, a1111_path
 
 

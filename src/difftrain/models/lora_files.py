@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.atomic import atomic_dir, atomic_path
+from difftrain.atomic import atomic_dir, write_safetensors
 from difftrain.errors import DifftrainError
 from difftrain.models.file_metadata import string_metadata
 
@@ -328,11 +328,7 @@ def to_kohya(modules: list[Module]) -> dict[str, torch.Tensor]:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **metadata})
-    return path
+    return write_safetensors(path, tensors, {"format": "pt", **metadata})
 
 
 def _number(value: float) -> int | float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.atomic import atomic_path
+from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -193,8 +193,6 @@ def save_single_file(
     `dtype` casts the floating-point weights (torch.float16 halves the file, the usual
     distribution format); `metadata` lands in the safetensors header as strings.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SingleFileError(f"{path}: a single-file checkpoint must end in .safetensors")
@@ -208,9 +206,7 @@ def save_single_file(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def load_single_file_components(

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from difftrain.atomic import atomic_path, recover_dirs, replace_dir, write_text
+from difftrain.atomic import recover_dirs, replace_dir, write_safetensors, write_text
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
 from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
@@ -115,8 +115,7 @@ class CheckpointStore:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path, sync=False) as tmp:  # the whole folder is flushed when it is committed
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    write_safetensors(path, tensors, sync=False)  # the whole folder is flushed when it is committed
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -52,6 +52,10 @@ lock:
 	  .venv-lock/bin/pip freeze --all --exclude-editable | grep -v -i -E '^(difftrain|pip)==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > $(LOCK)
 	rm -rf .venv-lock
 
+# The names of difftrain's requirements (dev included, torch apart), read from pyproject.toml.
+PY_NAMES := python3 -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	print(" ".join(n for n in (re.split(r"[<>=!~; \[]", r)[0] for r in p["dependencies"] + p["optional-dependencies"]["dev"]) if n != "torch"))'
+
 # The suite against the newest releases the registry offers, our upper bounds ignored: the
 # next breaking release shows here before a user meets it. Never changes the lock.
 test-latest:
@@ -59,8 +63,7 @@ test-latest:
 	python3 -m venv .venv-latest
 	.venv-latest/bin/pip install --quiet --upgrade "pip>=25"
 	.venv-latest/bin/pip install --quiet "$(TORCH_SPEC)"
-	.venv-latest/bin/pip install --quiet --upgrade diffusers transformers peft scipy torchsde accelerate safetensors \
-	  huggingface-hub pydantic pyyaml pillow numpy tqdm tensorboard pytest setuptools
+	.venv-latest/bin/pip install --quiet --upgrade $$($(PY_NAMES)) setuptools
 	.venv-latest/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|numpy|pydantic)=='
 	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest -q

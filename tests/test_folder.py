@@ -80,3 +80,14 @@ def test_metadata_lines_that_are_not_utf8_or_repeat_a_file_are_reported(tmp_path
     assert reasons["metadata.jsonl line 3"] == "a.png is listed again; the caption of metadata.jsonl line 1 is kept"
     report = "\n".join(scan.report_lines())
     assert "line 2" in report and "line 3" in report and "1 images have no caption" in report
+
+
+def test_a_txt_caption_that_is_not_utf8_is_reported_not_guessed(tmp_path):
+    make_image(tmp_path / "one.png")
+    make_image(tmp_path / "two.png")
+    (tmp_path / "one.txt").write_bytes("café au lait".encode("latin-1"))
+    (tmp_path / "two.txt").write_bytes("\ufeffa bom caption".encode("utf-8"))  # Windows Notepad's UTF-8
+    scan = scan_folder(tmp_path, progress=False)
+    assert {r.path.name: r.caption for r in scan.records} == {"one.png": None, "two.png": "a bom caption"}
+    assert "not valid UTF-8 (byte 3" in dict(scan.skipped)["one.txt"]
+    assert scan.missing_captions == ["one.png"]

@@ -105,6 +105,20 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, Meta
     return entries
 
 
+def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -> str | None:
+    """A .txt caption (a UTF-8 byte-order mark is dropped); one that is not UTF-8 is reported, not
+    guessed at: a replaced character would silently change what the model learns."""
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        skipped.append((str(path.relative_to(root)), f"not valid UTF-8 (byte {exc.start}: "
+                        f"{raw[exc.start:exc.start + 1]!r}); its image is used uncaptioned; save the file as UTF-8"))
+        return None
+
+
 def _choose_caption_source(mode: str, root: Path, images: list[Path], extension: str) -> str:
     if mode != "auto":
         return mode
@@ -147,8 +161,7 @@ def scan_folder(
             entry = metadata.get(image_path.resolve())
             caption, listed = (entry.caption, entry.captions) if entry else (None, None)
         elif source == "txt":
-            text_file = image_path.with_suffix(caption_extension)
-            caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else None
+            caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         if source != "none" and caption is None:
             missing.append(name)
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None))

@@ -4,8 +4,9 @@ Every `import difftrain...` in the source counts, including the ones inside func
 (deferred imports are still dependencies). The picture, bottom to top:
 
     leaf (errors, atomic, versions, run_folder, sampling)  <- anyone may import these
-    data -> models -> { config, training, methods }   (training a model)
-                   -> generate                         (using one: never training's internals)
+    data -> models -> generate -> evaluate             (using a model: never training's internals)
+                   -> { config, training, methods }   (training a model; evaluation during training
+                                                         measures through evaluate)
     cli, the package's own __init__                    (on top of everything)
 """
 
@@ -24,9 +25,10 @@ ALLOWED = {
     "leaf": set(),
     "data": set(),
     "models": {"data"},
-    "run": {"data", "models"},
+    "run": {"data", "models", "evaluate"},
     "generate": {"data", "models"},
-    "top": {"data", "models", "run", "generate"},
+    "evaluate": {"data", "models", "generate"},
+    "top": {"data", "models", "run", "generate", "evaluate"},
 }
 
 

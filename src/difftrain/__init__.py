@@ -7,6 +7,7 @@ The Python API mirrors the CLI one to one:
     sample_grid(result.run_dir, num_images=16, scheduler="dpm++_2m", out="grid.png")
     generate("runs/sd-lora", GenerateOptions(prompt="a (red:1.2) fox", scheduler="DPM++ 2M Karras"), "outputs")
     pipe = load_pipeline("runs/sd-lora")  # any model as a ready diffusers pipeline
+    evaluate("runs/demo", EvalOptions(reference="data/shapes", num_images=256), "runs/demo/eval")
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _EXPORTS = {
     "scan_folder": "difftrain.data.folder",
     "generate": "difftrain.generate.text2image",
     "load_pipeline": "difftrain.generate.loader",
+    "evaluate": "difftrain.evaluate.run",
+    "EvalOptions": "difftrain.evaluate.run",
     "GenerateOptions": "difftrain.generate.text2image",
     "options_from_png": "difftrain.generate.text2image",
     "load_sd": "difftrain.models.sd",

@@ -109,6 +109,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from difftrain.evaluate.run import EvalOptions, evaluate
+    from difftrain.evaluate.scores import Networks
+
+    networks = Networks(weights_dir=args.weights_dir, inception=args.inception_weights, alexnet=args.alexnet_weights,
+                        lpips=args.lpips_weights, clip_model=args.clip_model, device=args.device,
+                        batch_size=args.feature_batch_size)
+    options = EvalOptions(
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        reference=args.reference, reference_source=args.reference_source, reference_max=args.reference_max,
+        num_images=args.num_images, images_per_prompt=args.images_per_prompt, prompt=args.prompt,
+        prompts_file=args.prompts, negative_prompt=args.negative_prompt or "", seed=args.seed,
+        batch_size=args.batch_size, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.cfg,
+        width=args.width, height=args.height, use_ema=not args.no_ema, precision=args.precision, size=args.size,
+        cache_dir=args.cache_dir, save_reference=args.save_reference, networks=networks,
+    )
+    result = evaluate(args.target, options, args.out, progress=not args.no_progress)
+    print("\n".join(result.summary))
+    return 0
+
+
 def _lora_merge(args: argparse.Namespace) -> int:
     from difftrain.models.lora_files import merge_lora
 
@@ -236,6 +257,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true")
     gen.add_argument("--list-schedulers", action="store_true")
     gen.set_defaults(run=_generate)
+
+    ev = commands.add_parser("eval", help="FID, KID, IS, precision/recall, CLIP score and LPIPS diversity")
+    ev.add_argument("target", help="run folder, model folder, hub id, single file, or a folder of generated images")
+    ev.add_argument("--reference", help="real images: a folder, a data source path, or a statistics file")
+    ev.add_argument("--reference-source", default="folder", choices=["folder", "jsonl", "laion", "webdataset"])
+    ev.add_argument("--reference-max", type=int, help="use a seeded sample of this many reference images")
+    ev.add_argument("--save-reference", metavar="FILE", help="also write the reference statistics (.safetensors)")
+    ev.add_argument("--metrics", help="comma list of fid,kid,is,prc,clip,lpips (default: all the inputs allow)")
+    ev.add_argument("--num-images", type=int, default=64, help="images to generate (default 64)")
+    ev.add_argument("--images-per-prompt", type=int, default=4, help="seeds per prompt (default 4; LPIPS needs 2+)")
+    ev.add_argument("--prompt", help="one prompt for every image")
+    ev.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
+    ev.add_argument("--negative-prompt")
+    ev.add_argument("--seed", type=int, default=0, help="image i uses seed + i; also seeds caption sampling")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
+    ev.add_argument("--scheduler", help="as generate/sample take (default DPM++ 2M Karras / dpm++_2m)")
+    ev.add_argument("--steps", type=int)
+    ev.add_argument("--cfg", type=float)
+    ev.add_argument("--width", type=int)
+    ev.add_argument("--height", type=int)
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    ev.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
+    ev.add_argument("--size", type=int, help="evaluation resolution in px (default: the images' own)")
+    ev.add_argument("--clip-model", help="CLIP folder or hub id (default openai/clip-vit-large-patch14)")
+    ev.add_argument("--weights-dir", help="folder holding the metric networks' weight files by their standard names")
+    ev.add_argument("--inception-weights", metavar="FILE")
+    ev.add_argument("--alexnet-weights", metavar="FILE", help="LPIPS backbone (torchvision's AlexNet)")
+    ev.add_argument("--lpips-weights", metavar="FILE", help="LPIPS v0.1 linear heads (lpips' alex.pth)")
+    ev.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/difftrain/eval)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ev.add_argument("--feature-batch-size", type=int, default=32)
+    ev.add_argument("--out", default="eval", help="output folder (default eval/)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(run=_eval)
 
     lora = commands.add_parser("lora", help="merge or convert LoRA files").add_subparsers(dest="lora_command", required=True)
     merge = lora.add_parser("merge", help="bake a LoRA into a full diffusers model folder")

@@ -202,6 +202,43 @@ class OutputConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
+    keep_best: Optional[str] = Field(
+        None, description="a metric of eval.metrics (fid, kid, is, precision, recall, clip_score, lpips_diversity), "
+        "optionally with its direction (fid:min); keeps that checkpoint out of pruning and writes model-best/",
+    )
+
+
+# metric name in results -> the eval.metrics entry that computes it, and which way is better
+EVAL_RESULTS = {"fid": ("fid", "min"), "kid": ("kid", "min"), "is": ("is", "max"), "precision": ("prc", "max"),
+                "recall": ("prc", "max"), "clip_score": ("clip", "max"), "lpips_diversity": ("lpips", "max")}
+
+
+class EvalConfig(Section):
+    """Evaluation during training (off until every_steps is set); `difftrain eval` takes the same settings as flags."""
+
+    every_steps: Optional[int] = Field(None, ge=1, description="evaluate every this many steps and at the end")
+    metrics: list[Literal["fid", "kid", "is", "prc", "clip", "lpips"]] = Field(default_factory=lambda: ["fid", "kid"])
+    num_images: int = Field(128, ge=2, description="images drawn per evaluation")
+    images_per_prompt: int = Field(4, ge=1, description="text2image: seeds per prompt")
+    prompts: list[str] = Field(default_factory=list, description="text2image: default a seeded sample of the captions")
+    reference: Optional[str] = Field(None, description="real images; default data.path (read as data.source)")
+    reference_source: Optional[Literal["folder", "jsonl", "laion", "webdataset"]] = None
+    reference_max: Optional[int] = Field(2000, ge=2, description="a seeded sample of the reference, for speed")
+    scheduler: str = "dpm++_2m"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)
+    clip_model: Optional[str] = None
+    weights_dir: Optional[str] = None
+    inception_weights: Optional[str] = None
+    alexnet_weights: Optional[str] = None
+    lpips_weights: Optional[str] = None
+    cache_dir: Optional[str] = Field(None, description="reference feature cache; default ~/.cache/difftrain/eval")
+
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> "EvalConfig":
+        return _check_scheduler(self, "eval.scheduler")
 
 
 class SampleConfig(Section):
@@ -216,13 +253,17 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> "SampleConfig":
-        from difftrain.sampling.schedulers import UnknownScheduler, resolve_name
+        return _check_scheduler(self, "sample.scheduler")
 
-        try:
-            resolve_name(self.scheduler)  # our short names and A1111's sampler names
-        except UnknownScheduler as error:
-            raise ValueError(f"sample.scheduler = {self.scheduler!r}: {error}") from None
-        return self
+
+def _check_scheduler(section, key: str):
+    from difftrain.sampling.schedulers import UnknownScheduler, resolve_name
+
+    try:
+        resolve_name(section.scheduler)  # our short names and A1111's sampler names
+    except UnknownScheduler as error:
+        raise ValueError(f"{key} = {section.scheduler!r}: {error}") from None
+    return section
 
 
 class LogConfig(Section):
@@ -247,7 +288,24 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _keep_best_is_evaluated(self) -> "RunConfig":
+        best = self.checkpoint.keep_best
+        if best is None:
+            return self
+        name, _, direction = best.partition(":")
+        if name not in EVAL_RESULTS:
+            raise ValueError(f"checkpoint.keep_best = {best!r}: not a metric; choose one of {', '.join(EVAL_RESULTS)}")
+        if direction not in ("", "min", "max"):
+            raise ValueError(f"checkpoint.keep_best = {best!r}: the direction after ':' is min or max")
+        if self.eval.every_steps is None:
+            raise ValueError(f"checkpoint.keep_best = {best!r}: set eval.every_steps, so the metric is measured")
+        if EVAL_RESULTS[name][0] not in self.eval.metrics:
+            raise ValueError(f"checkpoint.keep_best = {best!r}: add {EVAL_RESULTS[name][0]} to eval.metrics")
+        return self
 
     @model_validator(mode="after")
     def _caching_is_for_latent_methods(self) -> "RunConfig":
@@ -273,6 +331,8 @@ class VaeRun(RunConfig):
             raise ValueError("method vae: train the VAE on square crops (data.buckets.enabled: false)")
         if not (self.model.vae or self.model.base):
             raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
+        if self.eval.every_steps is not None:
+            raise ValueError("eval.every_steps with method vae: a VAE draws no images to evaluate")
         return self
 
 
@@ -392,6 +452,7 @@ RESUME_SAFE_KEYS = (
     "training.max_steps",
     "checkpoint.",
     "sample.",
+    "eval.",  # evaluation draws with its own generators: it never changes the weights
     "log.",
     "data.num_workers",
     "data.path",

@@ -31,12 +31,14 @@ def check_installed_versions() -> None:
     problems = []
     for line in requirements:
         requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue  # an optional extra (dev) or another platform's requirement
+        optional = requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})
+        if optional and not requirement.marker.evaluate({"extra": "eval"}):
+            continue  # the dev extra, or another platform's requirement
         try:
             installed = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:
-            problems.append(f"{requirement.name} is not installed (difftrain needs {requirement.specifier})")
+            if not optional:  # a missing extra is reported by the command that needs it
+                problems.append(f"{requirement.name} is not installed (difftrain needs {requirement.specifier})")
             continue
         if not requirement.specifier.contains(installed, prereleases=True):
             problems.append(f"{requirement.name} {installed} is installed; difftrain works with {requirement.specifier}")

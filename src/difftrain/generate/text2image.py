@@ -153,45 +153,71 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     return params
 
 
+class Drawer:
+    """A model loaded once and set up as `options` say (sampler, precision, size, adapters, img2img).
+
+    `difftrain generate` and `difftrain eval` both draw through it, so an evaluation measures
+    the images the command gives. `extra_loras` are LoRAs named by prompt tags.
+    """
+
+    def __init__(self, model: str, options: GenerateOptions, extra_loras: list[tuple[str, float]] = (),
+                 progress: bool = True):
+        from difftrain.generate.loader import build_pipeline, locate
+        from difftrain.sampling.schedulers import make_scheduler
+
+        options.check()
+        self.options = options
+        device = _device()
+        located = locate(model, options.use_ema)
+        if located.manifest is not None and located.manifest.kind == "unconditional":
+            raise GenerateError(f"{model} is a pixel-space (unconditional) model; `difftrain sample {model}` draws from it")
+        pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
+                              dtype=_dtype(options.precision, device), config=options.config)
+        self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
+        pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
+        configure_pipeline(pipe, options, device)
+        pipe.set_progress_bar_config(disable=not progress)
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.width, self.height = options.width or native, options.height or native
+        self.pipe, self.model_name = pipe, pipe.model_name
+        if options.init_image:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            from difftrain.data.images import load_image
+
+            self.runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+            # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
+            init = load_image(options.init_image).resize((self.width, self.height), Image.Resampling.LANCZOS)
+            self.extra = {"image": init, "strength": options.strength}
+        else:
+            self.runner, self.extra = pipe, {"width": self.width, "height": self.height}
+
+    def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
+        """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
+        from difftrain.sampling.prompts import encode_pair
+        from difftrain.sampling.text2image import draw
+
+        pipe = self.pipe
+        # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
+        prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
+        positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
+                                         pipe._execution_device, self.clip_skip)
+        return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
+                    **self.extra)
+
+    def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
+        """A PNG carrying A1111's infotext for this image (`--from-png` repeats it)."""
+        from difftrain.generate.infotext import format_infotext, write_png
+
+        params = infotext_params(self.options, seed, self.width, self.height, self.model_name, list(self.options.loras))
+        return write_png(image, path, format_infotext(prompt, negative_prompt, params))
+
+
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
     """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
-    from difftrain.generate.infotext import format_infotext, write_png
-    from difftrain.generate.loader import build_pipeline, locate
-    from difftrain.sampling.prompts import encode_pair
-    from difftrain.sampling.schedulers import make_scheduler
-    from difftrain.sampling.text2image import draw
-
     options.check()
-    device = _device()
-    dtype = _dtype(options.precision, device)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
-    located = locate(model, options.use_ema)
-    if located.manifest is not None and located.manifest.kind == "unconditional":
-        raise GenerateError(f"{model} is a pixel-space (unconditional) model; `difftrain sample {model}` draws from it")
-    pipe = build_pipeline(located, list(options.loras) + prompt_loras, options.embeddings, dtype=dtype,
-                          config=options.config)
-    clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
-    pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
-    configure_pipeline(pipe, options, device)
-    pipe.set_progress_bar_config(disable=not progress)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width, height = options.width or native, options.height or native
-
-    # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
-    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, options.negative_prompt))
-    positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
-                                     pipe._execution_device, clip_skip)
-    if options.init_image:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
-        from difftrain.data.images import load_image
-
-        # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
-        init = load_image(options.init_image).resize((width, height), Image.Resampling.LANCZOS)
-        extra = {"image": init, "strength": options.strength}
-    else:
-        runner, extra = pipe, {"width": width, "height": height}
+    drawer = Drawer(model, options, prompt_loras, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -200,12 +226,9 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     first = max(taken, default=-1) + 1
     for iteration in range(options.n_iter):
         seeds = [options.seed + iteration * options.batch_size + i for i in range(options.batch_size)]
-        images = draw(runner, positive, negative, seeds, options.steps, options.guidance_scale, **extra)
-        for seed, image in zip(seeds, images):
-            params = infotext_params(options, seed, width, height, pipe.model_name, list(options.loras))
+        for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
             path = out / f"{first + len(written):05d}-{seed}.png"
-            write_png(image, path, format_infotext(options.prompt, options.negative_prompt, params))
-            written.append(path)
+            written.append(drawer.save(image, path, options.prompt, options.negative_prompt, seed))
     return written
 
 
@@ -248,4 +271,4 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-__all__ = ["GenerateOptions", "GenerateError", "generate", "options_from_png"]
+__all__ = ["Drawer", "GenerateOptions", "GenerateError", "generate", "options_from_png"]

@@ -68,6 +68,19 @@ class Method(ABC):
     ) -> list[Image.Image]:
         """Preview images from the given (unwrapped, eval-mode) modules, at a fixed seed."""
 
+    takes_prompts = False  # whether evaluation_images draws from prompts
+
+    def evaluation_images(
+        self, modules: dict[str, torch.nn.Module], prompts: list[str] | None, seed: int, scheduler: str, steps: int,
+        guidance_scale: float, batch_size: int,
+    ) -> list[Image.Image]:
+        """Images to measure during training (eval.every_steps), from the unwrapped eval-mode modules.
+
+        Image i uses seed + i (and prompts[i] when `takes_prompts`); all randomness comes
+        from generators seeded here, never the global one, so evaluating changes no weight.
+        """
+        raise NotImplementedError(f"method {self.name} draws nothing to evaluate")
+
     @abstractmethod
     def save_model(self, modules: dict[str, torch.nn.Module], out_dir: Path) -> None:
         """Write the final model in the ecosystem's format (a diffusers folder, LoRA file, ...)."""

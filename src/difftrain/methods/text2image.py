@@ -213,14 +213,14 @@ class TextToImage(Method):
         return cls.from_config({**self.base_scheduler.config, **settings})
 
     @torch.no_grad()
-    def validation_conditioning(self, text_encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(positive, negative) per validation prompt, encoded as `difftrain generate` encodes them."""
+    def validation_conditioning(self, text_encoder, prompts: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(positive, negative) per validation prompt (or per one of `prompts`), encoded as `difftrain generate` does."""
         from difftrain.sampling.prompts import encode_pair
 
         sample = self.config.sample
         return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), sample.negative_prompt,
                             self.device, max_length=self.max_length)
-                for prompt in sample.prompts]
+                for prompt in (sample.prompts if prompts is None else prompts)]
 
     @torch.no_grad()
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
@@ -244,6 +244,34 @@ class TextToImage(Method):
                                       autocast=self.weight_dtype, width=size, height=size)]
         finally:
             self.vae.to(home)
+
+    takes_prompts = True
+
+    @torch.no_grad()
+    def evaluation_images(self, modules, prompts, seed, scheduler, steps, guidance_scale, batch_size) -> list[Image.Image]:
+        """Image i for prompts[i] from seed + i; consecutive images of one prompt are drawn as one batch."""
+        from difftrain.sampling.text2image import draw
+
+        pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
+        pipe.set_progress_bar_config(disable=True)
+        text_encoder = modules.get("text_encoder", self.text_encoder)
+        size, home = self.config.data.resolution, self.vae.device
+        self.vae.to(self.device)
+        images: list[Image.Image] = []
+        try:
+            start = 0
+            while start < len(prompts):
+                end = start
+                while end < len(prompts) and prompts[end] == prompts[start] and end - start < batch_size:
+                    end += 1
+                (positive, negative), = self.validation_conditioning(text_encoder, [prompts[start]])
+                seeds = list(range(seed + start, seed + end))
+                images += draw(pipe, positive, negative, seeds, steps, guidance_scale, autocast=self.weight_dtype,
+                               width=size, height=size)
+                start = end
+        finally:
+            self.vae.to(home)
+        return images
 
     def training_facts(self) -> dict[str, str | int | float]:
         """What a file we write should say about how it was made (safetensors metadata)."""

@@ -12,7 +12,7 @@ from difftrain.methods.base import Method
 from difftrain.models.manifest import Manifest
 from difftrain.models.noise import trained_settings
 from difftrain.models.unet import build_unet
-from difftrain.sampling.loop import sample_unet
+from difftrain.sampling.loop import sample_unet, sample_unet_batched
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
@@ -38,6 +38,10 @@ class Unconditional(Method):
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         unet = modules["unet"]
         return sample_unet(unet, self.noise_scheduler.config, num_images, scheduler, steps, seed)
+
+    def evaluation_images(self, modules, prompts, seed, scheduler, steps, guidance_scale, batch_size) -> list[Image.Image]:
+        return sample_unet_batched(modules["unet"], self.noise_scheduler.config, len(prompts), scheduler, steps, seed,
+                                   batch_size)
 
     def save_model(self, modules, out_dir: Path) -> None:
         DDPMPipeline(unet=modules["unet"], scheduler=self.noise_scheduler).save_pretrained(out_dir)

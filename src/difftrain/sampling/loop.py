@@ -61,3 +61,19 @@ def sample_unet(
     shape = (num_images, unet.config.in_channels, *size)
     images = denoise(unet_denoiser(unet), make_scheduler(scheduler, scheduler_config), shape, steps, generator, device)
     return to_pil(images)
+
+
+def sample_unet_batched(
+    unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int, batch_size: int,
+    progress: bool = False,
+) -> list[Image.Image]:
+    """`num_images` in batches of `batch_size`, batch b from seed + b: the same images whatever else runs."""
+    from tqdm.auto import tqdm
+
+    images: list[Image.Image] = []
+    with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+        for batch, start in enumerate(range(0, num_images, batch_size)):
+            count = min(batch_size, num_images - start)
+            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + batch)
+            bar.update(count)
+    return images

@@ -48,6 +48,7 @@ class CheckpointStore:
     def __init__(self, root: str | Path, keep_last: int = 3):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_step: int | None = None  # the best checkpoint (checkpoint.keep_best): never pruned
 
     def all(self) -> list[Path]:
         return checkpoint_dirs(self.root)
@@ -109,8 +110,10 @@ class CheckpointStore:
     def commit(self, step: int) -> Path:
         # replace_dir keeps an existing step-N (the same step saved again) until the new one is in place.
         final = replace_dir(self.staging_dir(step), self.root / f"step-{step:08d}")
+        best = f"step-{self.keep_step:08d}" if self.keep_step is not None else None
         for old in self.all()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
 

@@ -48,6 +48,7 @@ from difftrain.training.checkpoint import (
     write_json,
 )
 from difftrain.training.ema import Ema
+from difftrain.training.evaluation import TrainingEvaluation
 from difftrain.training.optim import apply_speed_options, build_lr_schedule, build_optimizer
 from difftrain.training.report import plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
@@ -126,6 +127,7 @@ class Trainer:
             config.seed * 7919 + self.accelerator.process_index
         )
         self.sampler = build_sampler(config, self.dataset, self.accelerator.process_index, self.accelerator.num_processes)
+        self.evaluation = TrainingEvaluation(config, self.run_dir)
         self.skipped_at_read = 0
         self.step = 0
         self.position = Position()
@@ -192,6 +194,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
                 if self.step % config.sample.every_steps == 0 or last_step:
                     self.save_samples()
+                if self.evaluation.due(self.step, last_step):
+                    self.evaluate(bar)
                 if self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested:
                     self.save_checkpoint()
                 if stop.requested:
@@ -288,18 +292,33 @@ class Trainer:
                         tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
         self.accelerator.wait_for_everyone()
 
+    def evaluate(self, bar) -> None:
+        """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/."""
+        if self.main:
+            with self._with_ema() as modules:
+                values = self.evaluation.run(self.method, modules, self.step)
+                if values["best"]:
+                    self._write_model(modules, self.run_dir / "model-best", "ema" if self.emas else "raw")
+                    self.store.keep_step = self.step
+            self.evaluation.record(values, self.accelerator)
+            shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity") if k in values}
+            bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                      + f" ({values['seconds']:.0f} s)" + (" - best so far, saved to model-best/" if values["best"] else ""))
+        self.accelerator.wait_for_everyone()
+
+    def _write_model(self, modules: dict, folder: Path, weights: str) -> None:
+        # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
+        with atomic_dir(folder) as staging:
+            self.method.save_model(modules, staging)
+            replace(self.method.manifest(), weights=weights).write(staging)
+
     def save_final_model(self) -> Path | None:
         model_dir = self.run_dir / "model"
         if self.main:
-            # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
-            manifest = self.method.manifest()
-            with self._with_ema() as modules, atomic_dir(model_dir) as staging:
-                self.method.save_model(modules, staging)
-                replace(manifest, weights="ema" if self.emas else "raw").write(staging)
+            with self._with_ema() as modules:
+                self._write_model(modules, model_dir, "ema" if self.emas else "raw")
             if self.emas:
-                with atomic_dir(self.run_dir / "model-no-ema") as staging:
-                    self.method.save_model(self.modules, staging)
-                    replace(manifest, weights="raw").write(staging)
+                self._write_model(self.modules, self.run_dir / "model-no-ema", "raw")
         self.accelerator.wait_for_everyone()
         return model_dir
 
@@ -320,6 +339,9 @@ class Trainer:
             *[f"  model       {line}" for line in self.method.describe()],
             f"  samples     {self.run_dir / 'samples'} (latest: step-{self.step:08d}.png)",
             f"  loss curve  {self.run_dir / 'loss.png'}",
+            *([f"  evaluation  {self.run_dir / 'eval.png'} (numbers in metrics.jsonl)"] if self.evaluation.enabled else []),
+            *([f"  best        {self.evaluation.best['metric']} {self.evaluation.best['value']:.4g} at step "
+               f"{self.evaluation.best['step']}: {self.run_dir / 'model-best'}"] if self.evaluation.best else []),
             f"  checkpoint  {self.store.latest()}",
             f"  final model {model_dir}" + (" (EMA weights; raw weights in model-no-ema)" if self.emas else ""),
         ]
@@ -351,6 +373,7 @@ class Trainer:
                 "optimizer": optimizer_rest,
                 "ema": {name: ema.counters() for name, ema in self.emas.items()},
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "best": self.evaluation.best,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
             manifest = self.method.manifest()
@@ -390,6 +413,8 @@ class Trainer:
         rng.restore(load_tensors(path / f"rng-rank{accelerator.process_index}.safetensors"), self.noise_generator)
         self.step = state["step"]
         self.position = Position(**state["position"])
+        self.evaluation.best = state.get("best")
+        self.store.keep_step = (state.get("best") or {}).get("step")
         if state.get("num_records", len(self.dataset)) != len(self.dataset):  # only with --allow-data-change
             self.position = Position(self.position.epoch + 1, 0)  # the old order means nothing for new data
         if self.main:

@@ -1,0 +1,52 @@
+"""CLIP score (Hessel et al. 2021): how well an image matches its prompt, with any CLIP transformers loads.
+
+Per image: 100 x max(cos(image embedding, text embedding), 0), averaged; the x100 scale is
+torchmetrics' convention (the paper's w = 2.5 aside), so the numbers read like published
+"CLIP score" tables. The model comes from a local folder or a hub id (transformers' own
+cache, offline-first like every other weight here); prompts longer than its context are
+truncated, as torchmetrics does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.evaluate.weights import EvalError, offline
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default and the usual one in papers
+
+
+class ClipScorer:
+    def __init__(self, model: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu", batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(str(model)).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(str(model))
+        except (OSError, ValueError) as error:
+            hint = (" This machine is offline: download it once elsewhere (huggingface-cli download "
+                    f"{model}) into the Hugging Face cache, or give a local folder with --clip-model."
+                    if offline() else "")
+            raise EvalError(f"CLIP model {model}: cannot load it ({str(error).splitlines()[0]}).{hint}") from None
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.info = {"model": str(model), "scale": "100 x max(cos, 0) per image, mean"}
+
+    @torch.no_grad()
+    def scores(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """One score per (image, prompt) pair."""
+        if len(images) != len(prompts):
+            raise ValueError("one prompt per image")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            inputs = self.processor(text=prompts[batch], images=[im.convert("RGB") for im in images[batch]],
+                                    return_tensors="pt", padding=True, truncation=True).to(self.device)
+            image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+            cosine = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+            out.append(100 * cosine.clamp(min=0).cpu())
+        return torch.cat(out) if out else torch.zeros(0)

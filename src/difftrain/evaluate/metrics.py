@@ -1,0 +1,96 @@
+"""FID, KID, IS and precision/recall from Inception features, as torch-fidelity computes them.
+
+torch-fidelity's metric functions live in modules that import torchvision at the top (see
+inception.py), so the formulas are written here once more, line for line with its 0.4.0
+release and with its defaults: FID by the eigenvalues of sigma1·sigma2 in float64; KID as
+the unbiased MMD² with the cubic polynomial kernel over 100 subsets of 1,000 (fewer when
+fewer images are given, recorded in the result); IS over 10 splits of the unbiased logits,
+shuffled with seed 2020; precision/recall (Kynkäänniemi et al. 2019) with k = 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+KID_SUBSETS, KID_SUBSET_SIZE, KID_DEGREE, KID_COEF0 = 100, 1000, 3, 1.0
+IS_SPLITS, IS_SEED = 10, 2020
+PRC_NEIGHBOURS = 3
+FID_STABLE_COUNT = 2048  # below this many images the 2048-d covariance is rank-deficient and FID biased upwards
+
+
+@dataclass
+class Statistics:
+    """What FID needs of a set: the mean and covariance of its features (float64)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> "Statistics":
+        array = features.double().numpy()
+        return cls(array.mean(axis=0), np.cov(array, rowvar=False), len(array))
+
+
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """||mu_a - mu_b||² + Tr(Sa + Sb - 2 (Sa Sb)^½); the trace of the root from the eigenvalues of Sa·Sb."""
+    diff = a.mu - b.mu
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(a.sigma.dot(b.sigma)).astype("complex128")).real)
+    return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[1] + KID_COEF0) ** KID_DEGREE
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased estimate of MMD² between two equal-size samples under the polynomial kernel."""
+    m = len(x)
+    k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(generated: torch.Tensor, reference: torch.Tensor, subsets: int = KID_SUBSETS,
+                              subset_size: int = KID_SUBSET_SIZE, seed: int = 2020) -> dict:
+    """KID mean and std over random subsets (torch-fidelity's procedure; subset size capped at the set sizes)."""
+    x, y = generated.double().numpy(), reference.double().numpy()
+    size = min(subset_size, len(x), len(y))
+    if size < 2:
+        raise ValueError("KID needs at least 2 images on each side")
+    rng = np.random.RandomState(seed)
+    values = np.array([
+        mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
+        for _ in range(subsets)
+    ])
+    return {"mean": float(values.mean()), "std": float(values.std()), "subsets": subsets, "subset_size": size}
+
+
+def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = IS_SEED) -> dict:
+    """exp(E[KL(p(y|x) || p(y))]) per split, mean and std over the splits."""
+    n = len(logits)
+    splits = max(1, min(splits, n))
+    logits = logits[np.random.RandomState(seed).permutation(n)].double()
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        part = slice(i * n // splits, (i + 1) * n // splits)
+        q = p[part].mean(dim=0, keepdim=True)
+        scores.append((p[part] * (log_p[part] - q.log())).sum(dim=1).mean().exp().item())
+    return {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "splits": splits}
+
+
+def precision_recall(generated: torch.Tensor, reference: torch.Tensor, k: int = PRC_NEIGHBOURS) -> dict:
+    """Precision: share of generated images inside some reference image's k-NN ball; recall the other way round."""
+    generated, reference = generated.float(), reference.float()
+    if min(len(generated), len(reference)) <= k:
+        raise ValueError(f"precision/recall need more than k = {k} images on each side")
+    radius_generated = torch.cdist(generated, generated).kthvalue(k + 1, dim=1).values
+    radius_reference = torch.cdist(reference, reference).kthvalue(k + 1, dim=1).values
+    reference_to_generated = torch.cdist(reference, generated)
+    recall = (reference_to_generated <= radius_generated).any(dim=1).float().mean().item()
+    precision = (reference_to_generated.T <= radius_reference).any(dim=1).float().mean().item()
+    return {"precision": precision, "recall": recall, "k": k}

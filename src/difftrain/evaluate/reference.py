@@ -1,0 +1,175 @@
+"""Sets of real images and their Inception features, computed once per content.
+
+A reference is an image folder, a data source of ours (folder, jsonl, laion, webdataset)
+or a statistics file written by `save_reference` (or another tool's `.npz` with `mu` and
+`sigma`, which serves FID only). Its features are cached under a key made of every image's
+bytes (sha256), the network's weights and the resize rule: editing, adding or removing an
+image makes a new entry, and the second evaluation against the same data reads the cache.
+Unreadable records are skipped and listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftrain.evaluate.inception import RESIZE_RULE, InceptionFeatures
+from difftrain.evaluate.metrics import Statistics
+from difftrain.evaluate.weights import EvalError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageRecords:
+    """The usable records of a source (optionally a seeded sample of them), with what was skipped."""
+
+    source: object  # a data.sources.RecordSource
+    indices: list[int]
+    description: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def captions(self) -> list[list[str]]:
+        return [self.source.read(i).captions for i in self.indices]
+
+    def images(self) -> Iterator[tuple[object, Image.Image]]:
+        """(record, image) for each record that decodes; the others go to `skipped`."""
+        from difftrain.data.images import BadImage, load_image_bytes
+        from difftrain.data.sources import BadRecord
+
+        for index in self.indices:
+            try:
+                record = self.source.read(index)
+                yield record, load_image_bytes(record.data)
+            except (BadRecord, BadImage) as reason:
+                self.skipped.append((str(index), str(reason)))
+
+
+def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, seed: int = 0,
+                 progress: bool = False, **source_options) -> ImageRecords:
+    from difftrain.data.sources import open_source
+
+    source = open_source(kind, path, progress=progress, **source_options)
+    indices = list(range(len(source)))
+    if max_images is not None and max_images < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, max_images))
+    description = source.description + (f", a seeded sample of {len(indices):,}" if len(indices) < len(source) else "")
+    return ImageRecords(source, indices, description, list(source.skipped))
+
+
+@dataclass
+class Reference:
+    features: torch.Tensor | None  # [N, 2048]; None for a statistics file holding mu/sigma only
+    statistics: Statistics
+    description: str
+    skipped: list[tuple[str, str]]
+    cached: bool  # read from the cache (or a statistics file) rather than computed now
+    digest: str | None
+
+    @property
+    def count(self) -> int:
+        return self.statistics.count
+
+    def info(self) -> dict:
+        return {"source": self.description, "images": self.count, "skipped": len(self.skipped),
+                "content_sha256": self.digest, "from_cache": self.cached,
+                "features": "full" if self.features is not None else "mu/sigma only (FID only)"}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "difftrain" / "eval"
+
+
+def reference_features(records: ImageRecords, extractor: InceptionFeatures, size: int,
+                       cache_dir: str | Path | None = None, progress: bool = False) -> Reference:
+    """The features of `records` at `size`, from the cache when this exact content was seen before."""
+    from difftrain.atomic import write_safetensors
+    from safetensors import safe_open
+
+    digests = []
+    for index in records.indices:
+        try:
+            digests.append(hashlib.sha256(records.source.read(index).data).hexdigest())
+        except Exception:  # unreadable: features() skips and reports it; it takes no part in the key
+            digests.append("unreadable")
+    key = hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "images": digests, "weights": extractor.info["weights"]["sha256"],
+        "rule": RESIZE_RULE.format(size=size),
+    }).encode()).hexdigest()
+    cache = Path(cache_dir or default_cache_dir()) / f"reference-{key[:32]}.safetensors"
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as handle:
+            meta = handle.metadata()
+            features = handle.get_tensor("features")
+        skipped = [tuple(item) for item in json.loads(meta.get("skipped", "[]"))]
+        return Reference(features, Statistics.of(features), records.description, records.skipped + skipped, True, key)
+    before = len(records.skipped)
+    features, _ = extractor((image for _, image in records.images()), size, total=len(records),
+                            progress=progress, desc="reference features")
+    if len(features) < 2:
+        raise EvalError(f"reference {records.description}: {len(features)} usable image(s); FID needs many more")
+    write_safetensors(cache, {"features": features}, metadata={
+        "skipped": json.dumps(records.skipped[before:]), "source": records.description}, sync=False)
+    return Reference(features, Statistics.of(features), records.description, records.skipped, False, key)
+
+
+def save_reference(reference: Reference, path: str | Path, extractor_info: dict, size: int) -> Path:
+    """A statistics file any later `difftrain eval --reference FILE` reads: features, mu and sigma."""
+    from difftrain.atomic import write_safetensors
+
+    tensors = {"mu": torch.from_numpy(reference.statistics.mu), "sigma": torch.from_numpy(reference.statistics.sigma)}
+    if reference.features is not None:
+        tensors["features"] = reference.features
+    meta = {"format": "difftrain-reference", "version": str(CACHE_VERSION), "count": str(reference.count),
+            "size": str(size), "weights_sha256": extractor_info["weights"]["sha256"],
+            "source": reference.description, "content_sha256": reference.digest or ""}
+    return write_safetensors(path, tensors, metadata=meta)
+
+
+def load_statistics_file(path: str | Path, extractor_info: dict | None, size: int | None) -> tuple[Reference, int]:
+    """A file from `save_reference` (checked against our network and size), or an `.npz` with mu and sigma."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        count = 0  # unknown: such files do not record it
+        stats = Statistics(mu, sigma, count)
+        return Reference(None, stats, f"{path} (mu/sigma from another tool; weights unverified)", [], True, None), \
+            size or 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:
+        raise EvalError(f"{path}: not a statistics file ({error})") from None
+    if meta.get("format") != "difftrain-reference":
+        raise EvalError(f"{path}: not a difftrain statistics file (write one with difftrain eval --save-reference)")
+    if extractor_info and meta["weights_sha256"] != extractor_info["weights"]["sha256"]:
+        raise EvalError(f"{path} was computed with other Inception weights (sha256 {meta['weights_sha256'][:12]}..., "
+                        f"these are {extractor_info['weights']['sha256'][:12]}...): its numbers do not compare; "
+                        "compute the reference again from its images")
+    saved_size = int(meta["size"])
+    if size is not None and saved_size != size:
+        raise EvalError(f"{path} was computed at {saved_size} px and these images are {size} px; FID only compares "
+                        f"at the same size: generate at {saved_size} px or compute the reference again")
+    features = tensors.get("features")
+    stats = Statistics(tensors["mu"].double().numpy(), tensors["sigma"].double().numpy(), int(meta["count"]))
+    return Reference(features, stats, f"{path} ({meta.get('source', '')})", [], True,
+                     meta.get("content_sha256") or None), saved_size

@@ -1,0 +1,287 @@
+"""`difftrain eval`: draw images from a model (or take a folder of them) and measure them.
+
+A model is anything `load_pipeline` takes; Stable Diffusion models draw through
+`generate.Drawer` (the code `difftrain generate` runs), pixel models through the sampler
+`difftrain sample` runs. Outputs in the output folder: `eval.json` (every number with its
+settings), `report.html` (the numbers and one grid per prompt), `images/` (what was
+measured, PNGs with their parameters) and a one-screen summary on the terminal.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
+from difftrain.evaluate.scores import METRICS, NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small, write_json
+from difftrain.evaluate.weights import EvalError
+
+
+@dataclass
+class EvalOptions:
+    metrics: list[str] | None = None  # None: every metric the inputs allow
+    reference: str | None = None  # image folder, data source path, or statistics file (.safetensors / .npz)
+    reference_source: str = "folder"  # folder, jsonl, laion, webdataset
+    reference_max: int | None = None  # a seeded sample of the reference, for speed
+    num_images: int = 64
+    images_per_prompt: int = 4
+    prompt: str | None = None
+    prompts_file: str | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int = 8
+    scheduler: str | None = None  # default: generate's (SD) or sample's (pixel models)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    use_ema: bool = True
+    precision: str = "auto"
+    size: int | None = None  # evaluation resolution; default the images' own
+    cache_dir: str | None = None
+    save_reference: str | None = None
+    networks: Networks = field(default_factory=Networks)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    out_dir: Path
+    summary: list[str]
+
+
+def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: bool = True) -> EvalResult:
+    started = time.time()
+    out = Path(out_dir)
+    if options.prompts_file and options.prompt:
+        raise EvalError("give --prompt or --prompts, not both")
+    if options.num_images < 1 or options.images_per_prompt < 1:
+        raise EvalError("--num-images and --images-per-prompt must be at least 1")
+    if options.metrics is not None:
+        check_metrics(options.metrics)  # before any model loads
+    warnings: list[str] = []
+    reference_records = None
+    if options.reference and not _is_statistics_file(options.reference):
+        reference_records = open_records(options.reference, options.reference_source, options.reference_max,
+                                          options.seed, progress=progress)
+    is_folder = _is_image_folder(target)
+    if is_folder:
+        groups, generation = _read_folder(target, options, warnings, progress), {"source": str(target)}
+        has_prompts = any(group.prompt for group in groups)
+    else:
+        from difftrain.generate.loader import locate
+
+        located = locate(target, options.use_ema)
+        has_prompts = located.manifest is None or located.manifest.kind != "unconditional"
+    wanted = _wanted_metrics(options, has_prompts, warnings)
+    if options.networks.device == "auto":
+        options.networks.device = _device()
+    scorer = Scorer(wanted, options.networks)  # a missing network is reported before anything is drawn
+    if not is_folder:
+        groups, generation = _draw(located, options, reference_records, warnings, out / "images", progress)
+    if not any(group.images for group in groups):
+        raise EvalError(f"{target}: no images to evaluate")
+    size = options.size or _common_size(groups)
+    reference = None
+    if any(name in wanted for name in NEEDS_REFERENCE):
+        reference = _reference(options, reference_records, scorer, size, progress)
+        if reference.skipped:
+            warnings.append(f"reference: {len(reference.skipped)} unreadable image(s) skipped (listed in eval.json)")
+        for text in (warn_small(reference.count, "the reference") if reference.count else None,
+                     warn_small(sum(len(g.images) for g in groups), "the evaluated set")):
+            if text:
+                warnings.append(text)
+    if any(not info.get("standard", True) for info in _weight_infos(scorer.info)):
+        warnings.append("metric networks with other than the published weights: the numbers compare only with "
+                        "numbers from these same weights")
+    values = scorer.score(groups, size, reference, progress)
+    result = {
+        "target": str(target),
+        "metrics": values,
+        "generation": generation,
+        "reference": reference.info() | {"skipped_images": reference.skipped} if reference else None,
+        "settings": scorer.settings(size) | {"size": size, "seed": options.seed},
+        "warnings": warnings,
+        "seconds": round(time.time() - started, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", result)
+    from difftrain.evaluate.report import summary_lines, write_report
+
+    write_report(out, result, groups)
+    return EvalResult(values, out, summary_lines(result, out))
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_statistics_file(path: str) -> bool:
+    return Path(path).suffix in (".npz", ".safetensors") and Path(path).is_file()
+
+
+def _is_image_folder(target: str) -> bool:
+    path = Path(target)
+    if not path.is_dir():
+        return False
+    from difftrain.run_folder import is_run_folder
+
+    markers = ("difftrain.json", "model_index.json", "unet", "config.json")
+    return not is_run_folder(path) and not any((path / marker).exists() for marker in markers)
+
+
+def _weight_infos(info: dict) -> list[dict]:
+    return [value for network in info.values() if isinstance(network, dict)
+            for value in network.values() if isinstance(value, dict) and "standard" in value]
+
+
+def _wanted_metrics(options: EvalOptions, has_prompts: bool, warnings: list[str]) -> list[str]:
+    if options.metrics is not None:
+        wanted = check_metrics(options.metrics)
+        if not options.reference and any(name in NEEDS_REFERENCE for name in wanted):
+            raise EvalError(f"{', '.join(n for n in wanted if n in NEEDS_REFERENCE)} compare with real images: "
+                            "give --reference (an image folder, a data source or a statistics file)")
+        if "clip" in wanted and not has_prompts:
+            raise EvalError("clip score needs the prompts of the images: these images have none")
+        return wanted
+    wanted = [name for name in METRICS if (options.reference or name not in NEEDS_REFERENCE)
+              and (has_prompts or name != "clip")]
+    if not options.reference:
+        warnings.append("no --reference: FID, KID and precision/recall were not computed")
+    return wanted
+
+
+def _common_size(groups: list[Group]) -> int:
+    sizes = [min(image.size) for group in groups for image in group.images]
+    return max(set(sizes), key=sizes.count)
+
+
+def _reference(options: EvalOptions, records, scorer: Scorer, size: int, progress: bool) -> Reference:
+    if records is None:
+        reference, saved_size = load_statistics_file(options.reference, scorer.info.get("inception"), size)
+        return reference
+    reference = reference_features(records, scorer.inception, size, options.cache_dir, progress)
+    if options.save_reference:
+        save_reference(reference, options.save_reference, scorer.inception.info, size)
+    return reference
+
+
+# --------------------------------------------------------------------------- images to measure
+def prompt_list(count: int, per_prompt: int, seed: int, records=None, prompt: str | None = None,
+                prompts_file: str | None = None, prompts: list[str] | None = None,
+                warnings: list[str] | None = None) -> list[str]:
+    """The prompt of each of `count` images, `per_prompt` consecutive images sharing one.
+
+    From, in order: one `prompt`; the lines of `prompts_file` (blank ones skipped and counted);
+    a list of `prompts`; a seeded sample of the captions of `records`.
+    """
+    if prompt:
+        return [prompt] * count
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise EvalError(f"--prompts {path}: no such file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if len(prompts) < len(lines) and warnings is not None:
+            warnings.append(f"--prompts {path}: {len(lines) - len(prompts)} blank line(s) skipped")
+        if not prompts:
+            raise EvalError(f"--prompts {path}: no prompts in it")
+    if not prompts and records is not None:
+        captions = [c for c in records.captions() if c]
+        rng = random.Random(seed)
+        prompts = [rng.choice(rng.choice(captions)) for _ in range(math.ceil(count / per_prompt))] if captions else []
+    if not prompts:
+        raise EvalError("a text-to-image model needs prompts: give --prompt, --prompts FILE, "
+                        "or a captioned --reference to sample captions from")
+    return [prompts[(i // per_prompt) % len(prompts)] for i in range(count)]
+
+
+def _draw(located, options: EvalOptions, records, warnings: list[str], images_dir: Path,
+          progress: bool) -> tuple[list[Group], dict]:
+    target = str(located.source)
+    if located.manifest is not None and located.manifest.kind == "unconditional":
+        return _draw_unconditional(target, options, images_dir, progress)
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    plan = prompt_list(options.num_images, options.images_per_prompt, options.seed, records, options.prompt,
+                       options.prompts_file, warnings=warnings)
+    given = {"prompt": plan[0], "negative_prompt": options.negative_prompt, "seed": options.seed,
+             "use_ema": options.use_ema, "precision": options.precision, "width": options.width,
+             "height": options.height, "batch_size": options.batch_size}
+    for name, value in (("scheduler", options.scheduler), ("steps", options.steps),
+                        ("guidance_scale", options.guidance_scale)):
+        if value is not None:
+            given[name] = value
+    generate_options = GenerateOptions(**given)
+    drawer = Drawer(target, generate_options, progress=False)
+    groups: dict[str, Group] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=options.num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    plan = [(prompt, options.seed + i) for i, prompt in enumerate(plan)]
+    start = 0
+    while start < len(plan):  # one batch: consecutive images of the same prompt
+        prompt = plan[start][0]
+        end = start
+        while end < len(plan) and plan[end][0] == prompt and end - start < options.batch_size:
+            end += 1
+        seeds = [seed for _, seed in plan[start:end]]
+        group = groups.setdefault(prompt, Group(prompt))
+        for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
+            drawer.save(image, images_dir / f"{seed - options.seed:05d}-{seed}.png", prompt, options.negative_prompt, seed)
+            group.images.append(image)
+            group.seeds.append(seed)
+        bar.update(len(seeds))
+        start = end
+    bar.close()
+    generation = {"model": str(target), "kind": "stable-diffusion", "scheduler": generate_options.scheduler,
+                  "steps": generate_options.steps, "cfg": generate_options.guidance_scale,
+                  "size": f"{drawer.width}x{drawer.height}", "seeds": f"{options.seed}..{options.seed + len(plan) - 1}",
+                  "prompts": len(groups), "images_per_prompt": options.images_per_prompt,
+                  "ema": options.use_ema, "through": "difftrain generate's Drawer"}
+    return list(groups.values()), generation
+
+
+def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path, progress: bool) -> tuple[list[Group], dict]:
+    from difftrain.generate.unconditional import load_unconditional
+    from difftrain.sampling.loop import sample_unet_batched
+
+    unet, scheduler_config = load_unconditional(target, options.use_ema)
+    unet.eval().to(_device())
+    scheduler, steps = options.scheduler or "dpm++_2m", options.steps or 25
+    images = sample_unet_batched(unet, scheduler_config, options.num_images, scheduler, steps, options.seed,
+                                 options.batch_size, progress)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(images_dir / f"{index:05d}.png")
+    generation = {"model": str(target), "kind": "unconditional", "scheduler": scheduler, "steps": steps,
+                  "batch_size": options.batch_size, "seed": options.seed,
+                  "through": "difftrain sample's loop (batch b from seed + b)"}
+    return [Group(None, images)], generation
+
+
+def _read_folder(target: str, options: EvalOptions, warnings: list[str], progress: bool) -> list[Group]:
+    """Images already generated: each PNG's own prompt (its infotext), else its caption, else --prompt."""
+    from difftrain.generate.infotext import parse_infotext
+
+    records = open_records(target, "folder", None, options.seed, progress=progress)
+    if records.skipped:
+        warnings.append(f"{target}: {len(records.skipped)} unreadable file(s) skipped: "
+                        + "; ".join(f"{k}: {r}" for k, r in records.skipped[:3]))
+    groups: dict[str | None, Group] = {}
+    for record, image in records.images():
+        text = image.info.get("parameters")
+        prompt = parse_infotext(text)[0] if text else (record.captions[0] if record.captions else options.prompt)
+        groups.setdefault(prompt, Group(prompt)).images.append(image)
+    return list(groups.values())
+
+
+__all__ = ["EvalOptions", "EvalResult", "evaluate", "prompt_list"]

@@ -1,0 +1,145 @@
+"""Every metric of one set of images, from the networks loaded once: shared by `difftrain eval` and training.
+
+`Scorer` holds the networks a metric list needs (Inception for FID/KID/IS/precision-
+recall, CLIP for CLIP score, LPIPS for diversity) and turns groups of images (one group per
+prompt) into a flat dict of numbers plus the settings that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.evaluate import metrics as m
+from difftrain.evaluate.inception import RESIZE_RULE, InceptionFeatures
+from difftrain.evaluate.reference import Reference
+from difftrain.evaluate.weights import EvalError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("fid", "kid", "is", "prc", "clip", "lpips")
+NEEDS_REFERENCE = ("fid", "kid", "prc")
+INCEPTION_METRICS = ("fid", "kid", "is", "prc")
+# Which way is better, for keep_best and the report; kid/prc/is name their main number.
+DIRECTIONS = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
+              "clip_score": "max", "lpips_diversity": "max"}
+
+
+@dataclass
+class Group:
+    """Images drawn for one prompt (None for unconditional models)."""
+
+    prompt: str | None
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Networks:
+    """Where each network's weights are, and the device; nothing loads until a metric asks."""
+
+    weights_dir: str | None = None
+    inception: str | None = None
+    alexnet: str | None = None
+    lpips: str | None = None
+    clip_model: str | None = None
+    device: str = "cpu"
+    batch_size: int = 32
+
+
+class Scorer:
+    def __init__(self, wanted: list[str], networks: Networks):
+        self.wanted = check_metrics(wanted)
+        self.networks = networks
+        self.inception = self.clip = self.lpips = None
+        self.info: dict = {}
+        if any(name in self.wanted for name in INCEPTION_METRICS):
+            self.inception = InceptionFeatures(networks.inception, networks.weights_dir, networks.device,
+                                               networks.batch_size)
+            self.info["inception"] = self.inception.info
+        if "lpips" in self.wanted:
+            from difftrain.evaluate.lpips import load_lpips
+
+            self.lpips, self.info["lpips"] = load_lpips(networks.alexnet, networks.lpips, networks.weights_dir)
+            self.lpips.to(networks.device)
+        if "clip" in self.wanted:
+            from difftrain.evaluate.clip_score import DEFAULT_CLIP, ClipScorer
+
+            self.clip = ClipScorer(networks.clip_model or DEFAULT_CLIP, networks.device, networks.batch_size)
+            self.info["clip"] = self.clip.info
+
+    def score(self, groups: list[Group], size: int, reference: Reference | None, progress: bool = False) -> dict:
+        """{metric name: value} for the images in `groups`, evaluated at `size` px (see RESIZE_RULE)."""
+        images = [image for group in groups for image in group.images]
+        out: dict[str, float | int | None] = {"images": len(images)}
+        if self.inception is not None:
+            features, logits = self.inception(images, size, total=len(images), progress=progress,
+                                              desc="generated features")
+            if "is" in self.wanted:
+                score = m.inception_score(logits)
+                out.update({"is": score["mean"], "is_std": score["std"]})
+            if reference is not None:
+                out.update(self._against_reference(features, reference))
+        if self.clip is not None:
+            prompted = [(image, group.prompt) for group in groups if group.prompt for image in group.images]
+            if prompted:
+                scores = self.clip.scores(*map(list, zip(*prompted)))
+                out["clip_score"] = float(scores.mean())
+        if self.lpips is not None:
+            from difftrain.evaluate.lpips import pairwise_diversity
+
+            per_group = [pairwise_diversity(self.lpips, group.images) for group in groups]
+            per_group = [value for value in per_group if value is not None]
+            out["lpips_diversity"] = sum(per_group) / len(per_group) if per_group else None
+        return out
+
+    def _against_reference(self, features: torch.Tensor, reference: Reference) -> dict:
+        out: dict[str, float | int] = {}
+        if "fid" in self.wanted:
+            out["fid"] = m.frechet_distance(m.Statistics.of(features), reference.statistics)
+        if reference.features is None:
+            return out  # a mu/sigma file: FID only
+        if "kid" in self.wanted:
+            kid = m.kernel_inception_distance(features, reference.features)
+            out.update({"kid": kid["mean"], "kid_std": kid["std"], "kid_subset_size": kid["subset_size"]})
+        if "prc" in self.wanted and min(len(features), len(reference.features)) > m.PRC_NEIGHBOURS:
+            prc = m.precision_recall(features, reference.features)
+            out.update({"precision": prc["precision"], "recall": prc["recall"]})
+        return out
+
+    def settings(self, size: int) -> dict:
+        return {
+            "networks": self.info,
+            "resize_rule": RESIZE_RULE.format(size=size),
+            "fid": "Frechet distance of 2048-d pool features, float64, eigenvalues of sigma1.sigma2 (torch-fidelity's)",
+            "kid": f"unbiased MMD^2, cubic polynomial kernel, {m.KID_SUBSETS} subsets of min({m.KID_SUBSET_SIZE}, N)",
+            "is": f"{m.IS_SPLITS} splits of the unbiased logits, shuffled with seed {m.IS_SEED}",
+            "prc": f"Kynkaanniemi et al. 2019, k = {m.PRC_NEIGHBOURS}, on the 2048-d features",
+            "lpips": "mean LPIPS (AlexNet, v0.1) over all pairs of one prompt's images, averaged over prompts",
+        }
+
+
+def warn_small(count: int, what: str) -> str | None:
+    if count < m.FID_STABLE_COUNT:
+        return (f"{what} has {count} images; FID from fewer than {m.FID_STABLE_COUNT} is biased upwards and only "
+                "compares with FIDs at the same image count")
+    return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    import json
+
+    from difftrain.atomic import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n", sync=False)

@@ -1,0 +1,131 @@
+"""Evaluation during training: every `eval.every_steps`, measure the model as it is, and remember the best.
+
+The method draws (`Method.evaluation_images`), `evaluate.scores` measures, and the results
+go to metrics.jsonl, TensorBoard and `eval.png`. Evaluation must never change training: it
+runs inside a fork of every global random state (torch, CUDA, numpy, Python) and draws from
+generators of its own, so a run with evaluation on ends with bitwise the weights of one
+without (tested). The networks and the reference features load once, at the first
+evaluation; the reference comes from the content-keyed cache when the data was seen before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difftrain.config import EVAL_RESULTS, RunConfig
+
+
+@contextmanager
+def untouched_random_state():
+    """Whatever runs inside leaves torch's, CUDA's, numpy's and Python's global generators as they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class TrainingEvaluation:
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config, self.run_dir = config, run_dir
+        self.settings = config.eval
+        self.scorer = self.reference = self.prompts = None
+        keep = config.checkpoint.keep_best
+        if keep:
+            name, _, direction = keep.partition(":")
+            self.best_metric, self.direction = name, direction or EVAL_RESULTS[name][1]
+        else:
+            self.best_metric = self.direction = None
+        self.best: dict | None = None  # {"step", "value"}: saved in checkpoints, so resume keeps it
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.every_steps is not None
+
+    def due(self, step: int, last_step: bool) -> bool:
+        return self.enabled and (step % self.settings.every_steps == 0 or last_step)
+
+    def _setup(self, method) -> None:
+        from difftrain.evaluate.reference import open_records, reference_features
+        from difftrain.evaluate.run import prompt_list
+        from difftrain.evaluate.scores import Networks, Scorer
+
+        s, data = self.settings, self.config.data
+        networks = Networks(s.weights_dir, s.inception_weights, s.alexnet_weights, s.lpips_weights, s.clip_model,
+                            "cuda" if torch.cuda.is_available() else "cpu", s.batch_size)
+        self.scorer = Scorer(list(s.metrics), networks)
+        if s.reference:  # real images of the user's choosing
+            records = open_records(s.reference, s.reference_source or "folder", s.reference_max, s.seed)
+        else:  # the training data, read as training reads it
+            records = open_records(data.path, data.source, s.reference_max, s.seed, image_key=data.image_key,
+                                   caption_key=data.caption_key, captions=data.captions,
+                                   caption_extension=data.caption_extension)
+        if method.takes_prompts:
+            self.prompts = prompt_list(s.num_images, s.images_per_prompt, s.seed, records, prompts=list(s.prompts))
+        else:
+            self.prompts = [None] * s.num_images
+        if self.scorer.inception is not None and any(m in s.metrics for m in ("fid", "kid", "prc")):
+            self.reference = reference_features(records, self.scorer.inception, data.resolution, s.cache_dir)
+
+    def run(self, method, modules: dict, step: int) -> dict:
+        """Measure now; returns the metrics with `seconds` and whether this step is the best so far."""
+        from difftrain.evaluate.scores import Group
+
+        started = time.time()
+        s = self.settings
+        with untouched_random_state():
+            if self.scorer is None:
+                self._setup(method)
+            images = method.evaluation_images(modules, self.prompts, s.seed, s.scheduler, s.steps, s.guidance_scale,
+                                              s.batch_size)
+            groups: dict[str | None, Group] = {}
+            for prompt, image in zip(self.prompts, images):
+                groups.setdefault(prompt, Group(prompt)).images.append(image)
+            values = self.scorer.score(list(groups.values()), self.config.data.resolution, self.reference)
+        values = {"step": step, **values, "seconds": round(time.time() - started, 2)}
+        values["best"] = self._is_best(values, step)
+        return values
+
+    def _is_best(self, values: dict, step: int) -> bool:
+        value = values.get(self.best_metric) if self.best_metric else None
+        if value is None or not math.isfinite(value):
+            return False
+        better = self.best is None or (value < self.best["value"] if self.direction == "min" else value > self.best["value"])
+        if better:
+            self.best = {"step": step, "value": value, "metric": self.best_metric}
+        return better
+
+    def record(self, values: dict, accelerator) -> None:
+        """metrics.jsonl, TensorBoard and the eval.png curves."""
+        from difftrain.evaluate.report import plot_metric_curves
+
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        accelerator.log({f"eval/{k}": v for k, v in numbers.items() if k not in ("step",)}, step=values["step"])
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"eval": True, **values}) + "\n")
+        plot_metric_curves(read_eval_history(self.run_dir / "metrics.jsonl"), self.run_dir / "eval.png")
+
+
+def read_eval_history(path: Path) -> list[dict]:
+    """The evaluation lines of metrics.jsonl, one per step (a resumed run's repeat keeps the last)."""
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("eval"):
+                by_step[int(entry["step"])] = entry
+    return [by_step[s] for s in sorted(by_step)]

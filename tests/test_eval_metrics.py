@@ -1,0 +1,79 @@
+"""The metric formulas against what they must equal: closed forms, unbiasedness, limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from difftrain.evaluate.metrics import (
+    Statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    mmd2_unbiased,
+    precision_recall,
+)
+
+
+def test_frechet_distance_equals_the_closed_form_for_known_gaussians():
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + np.eye(d), b @ b.T + np.eye(d)
+    # ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), with the matrix root from scipy
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(Statistics(mu1, s1, 0), Statistics(mu2, s2, 0)) == pytest.approx(expected, rel=1e-9)
+    # diagonal covariances: sum (sqrt(a) - sqrt(b))^2 per dimension, plus the mean term
+    v1, v2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    diagonal = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    got = frechet_distance(Statistics(mu1, np.diag(v1), 0), Statistics(mu2, np.diag(v2), 0))
+    assert got == pytest.approx(diagonal, rel=1e-9)
+    assert frechet_distance(Statistics(mu1, s1, 0), Statistics(mu1, s1, 0)) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_samples_approaches_the_population_value():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=generator)
+    y = torch.randn(20000, 4, generator=generator) * 2 + 1  # N(1, 4 I)
+    # population: 4 * 1^2 + 4 * (1 - 2)^2 = 8
+    assert frechet_distance(Statistics.of(x), Statistics.of(y)) == pytest.approx(8.0, rel=0.05)
+
+
+def test_kid_is_unbiased_between_two_halves_of_one_distribution():
+    rng = np.random.default_rng(1)
+    # The unbiased MMD^2 averages to 0 over many draws of two samples of one law; the biased one does not.
+    draws = [mmd2_unbiased(rng.normal(size=(40, 8)), rng.normal(size=(40, 8))) for _ in range(300)]
+    assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(len(draws))
+    features = torch.randn(400, 64, generator=torch.Generator().manual_seed(2))
+    same = kernel_inception_distance(features[:200], features[200:], subsets=50, subset_size=100)
+    shifted = kernel_inception_distance(features[:200], features[200:] + 0.5, subsets=50, subset_size=100)
+    assert abs(same["mean"]) < 3 * same["std"]
+    assert shifted["mean"] > 10 * max(same["std"], 1e-9)
+    assert same["subset_size"] == 100
+    assert kernel_inception_distance(features[:30], features[30:60])["subset_size"] == 30  # capped at the set size
+
+
+def test_inception_score_limits():
+    # Every image confidently one of C classes, classes equally used: IS = C; all alike: IS = 1.
+    classes = 10
+    logits = torch.full((200, 1008), -50.0)
+    logits[torch.arange(200), torch.arange(200) % classes] = 50.0
+    assert inception_score(logits, splits=1)["mean"] == pytest.approx(classes, rel=1e-6)
+    assert inception_score(torch.zeros(100, 1008))["mean"] == pytest.approx(1.0)
+    assert inception_score(logits)["splits"] == 10
+
+
+def test_precision_and_recall_of_same_and_disjoint_sets():
+    features = torch.randn(100, 16, generator=torch.Generator().manual_seed(3))
+    same = precision_recall(features, features.clone())
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    far = precision_recall(features, features + 100.0)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    # a generated set that covers a quarter of the reference: precise, but low recall
+    reference = torch.randn(400, 2, generator=torch.Generator().manual_seed(4))
+    corner = reference[(reference[:, 0] > 0) & (reference[:, 1] > 0)]
+    half = precision_recall(corner, reference)
+    assert half["precision"] > 0.9 and half["recall"] < 0.5

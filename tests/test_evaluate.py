@@ -1,0 +1,384 @@
+"""`difftrain eval` and evaluation during training, on the real metric networks with random weights.
+
+The Inception network is torch-fidelity's own class and LPIPS our layout of lpips' one,
+both with weights the tests make (nothing is downloaded); the CLIP is a tiny one trained
+here for a few steps on the shapes captions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from conftest import tiny_config, write_config
+from difftrain.cli import main
+from difftrain.evaluate.inception import InceptionFeatures, prepare, write_random_inception
+from difftrain.evaluate.lpips import LPIPS, load_lpips, pairwise_diversity, to_tensor, write_random_lpips
+from difftrain.evaluate.metrics import Statistics, frechet_distance, kernel_inception_distance
+from difftrain.evaluate.weights import INCEPTION, EvalError, find_weights
+
+
+@pytest.fixture(scope="session")
+def networks(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("eval-networks")
+    write_random_inception(folder / "inception.safetensors")
+    write_random_lpips(folder)
+    return {"inception": folder / "inception.safetensors", "alexnet": folder / "alexnet.safetensors",
+            "lpips": folder / "lpips.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def inception(networks) -> InceptionFeatures:
+    return InceptionFeatures(networks["inception"], batch_size=48)
+
+
+@pytest.fixture(scope="session")
+def shapes32(tmp_path_factory) -> Path:
+    from difftrain.data.shapes import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes32"), num_images=48, size=32, seed=0)
+
+
+def _images(folder: Path) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def _flags(networks: dict[str, Path]) -> list[str]:
+    return ["--inception-weights", str(networks["inception"]), "--alexnet-weights", str(networks["alexnet"]),
+            "--lpips-weights", str(networks["lpips"]), "--no-progress"]
+
+
+# ----------------------------------------------------------------------------- the networks
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise_and_blur(inception, shapes32):
+    images = _images(shapes32)[:32]
+    rng = np.random.default_rng(0)
+
+    def noisy(image, sigma):
+        array = np.asarray(image, dtype=np.float64) + rng.normal(0, sigma, (32, 32, 3))
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+    sets = {"clean": images}
+    sets |= {f"noise {s}": [noisy(im, s) for im in images] for s in (10, 40, 100)}
+    sets |= {f"blur {r}": [im.filter(ImageFilter.GaussianBlur(r)) for im in images] for r in (0.6, 1.5, 3)}
+    everything = [im for group in sets.values() for im in group]
+    features, _ = inception(everything, 32)
+    by_set = dict(zip(sets, features.split(32)))
+    clean = by_set["clean"]
+    scale = np.trace(Statistics.of(clean).sigma)  # the eigenvalues of a rank-31 product leave rounding of ~1e-6 of this
+    assert frechet_distance(Statistics.of(clean), Statistics.of(clean.clone())) == pytest.approx(0, abs=1e-5 * scale)
+    for kind, levels in (("noise", (10, 40, 100)), ("blur", (0.6, 1.5, 3))):
+        fids = [frechet_distance(Statistics.of(clean), Statistics.of(by_set[f"{kind} {lv}"])) for lv in levels]
+        kids = [kernel_inception_distance(by_set[f"{kind} {lv}"], clean, subsets=20)["mean"] for lv in levels]
+        assert 0 < fids[0] < fids[1] < fids[2], (kind, fids)
+        assert kids[0] < kids[1] < kids[2], (kind, kids)
+
+
+def test_the_resize_rule_crops_to_a_square_and_resizes_both_sides_alike():
+    wide = Image.new("RGB", (60, 40), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 40))  # a blue band on the left, cropped away by the centre crop
+    array = prepare(wide, 32)
+    assert array.shape == (32, 32, 3) and array.dtype == np.uint8
+    assert (array[..., 0] > 250).all() and (array[..., 2] < 5).all()
+    assert prepare(Image.new("L", (32, 32), 7), 32)[0, 0].tolist() == [7, 7, 7]
+
+
+def test_lpips_is_a_distance_and_loads_the_reference_layouts(networks):
+    network, info = load_lpips(networks["alexnet"], networks["lpips"])
+    assert info["backbone"]["standard"] is False and info["min_size"] == 64
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    slight = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + 8, 0, 255).astype(np.uint8))
+    other = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    x = to_tensor([base, base, slight, other])
+    assert x.shape == (4, 3, 64, 64)  # upsampled to LPIPS' minimum size
+    d = network(x[[0, 0, 0]], x[[1, 2, 3]])
+    assert d[0] == 0 and 0 < d[1] < d[2]
+    assert network(x[[3]], x[[0]]).item() == pytest.approx(d[2].item(), rel=1e-5)  # symmetric
+    assert pairwise_diversity(network, [base, base, base]) == 0
+    assert pairwise_diversity(network, [base, other]) == pytest.approx(d[2].item(), rel=1e-5)
+    assert pairwise_diversity(network, [base]) is None
+    # The key names are torchvision's AlexNet (features.N) and lpips' heads (linK.model.1): those files load as they are.
+    assert {k for k in LPIPS().state_dict() if k.startswith("lin")} == {f"lin{i}.model.1.weight" for i in range(5)}
+    with pytest.raises(EvalError, match="do not fit"):
+        load_lpips(networks["lpips"], networks["lpips"])  # heads given as the backbone
+
+
+def test_missing_weights_offline_name_the_file_its_hash_and_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("DIFFTRAIN_INCEPTION_WEIGHTS", "DIFFTRAIN_WEIGHTS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(EvalError) as error:
+        find_weights(INCEPTION)
+    message = str(error.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in message and "6726825d" in message
+    assert "https://github.com/toshas/torch-fidelity/releases" in message and "offline" in message
+    # the libraries' own cache counts: a file in torch.hub's checkpoints folder is found
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION.filename
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert find_weights(INCEPTION) == cached
+    with pytest.raises(EvalError, match="does not exist"):
+        find_weights(INCEPTION, tmp_path / "nowhere.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, shapes32) -> Path:
+    """A CLIP of a few thousand parameters, trained contrastively on the shapes captions for 120 steps."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from difftrain.models.tiny_sd import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()]
+    images = [Image.open(shapes32 / row["file_name"]).convert("RGB") for row in rows]
+    captions = [row["text"] for row in rows]
+    batch = processor(text=captions, images=images, return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        pick = torch.randperm(len(rows), generator=order)[:24]
+        loss = model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
+                     pixel_values=batch["pixel_values"][pick], return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_ranks_matching_prompts_over_mismatched_ones(tiny_clip, shapes32):
+    from difftrain.data.shapes import COLOURS
+    from difftrain.evaluate.clip_score import ClipScorer
+
+    scorer = ClipScorer(tiny_clip)
+    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()]
+    images = [Image.open(shapes32 / row["file_name"]) for row in rows]
+    matching = [row["text"] for row in rows]
+    colours = list(COLOURS)
+    wrong = [text.replace(c, colours[(colours.index(c) + 2) % 4]) for text in matching for c in colours if c in text]
+    right, mismatched = scorer.scores(images, matching), scorer.scores(images, wrong)
+    assert right.min() >= 0 and right.max() <= 100
+    assert right.mean() > mismatched.mean() + 5
+    assert (right > mismatched).float().mean() > 0.8
+    with pytest.raises(EvalError, match="cannot load"):
+        ClipScorer(shapes32)  # a folder that holds no CLIP
+
+
+# ----------------------------------------------------------------------------- difftrain eval
+def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files(networks, shapes32, tmp_path, capsys):
+    from difftrain.data.shapes import write_shapes_dataset
+
+    generated = write_shapes_dataset(tmp_path / "generated", num_images=16, size=32, seed=7)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for path in sorted(shapes32.glob("*.png"))[:40]:
+        (reference / path.name).write_bytes(path.read_bytes())
+    (reference / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(reference / "odd-size.png")  # resized by the rule
+    cache = tmp_path / "cache"
+    argv = ["eval", str(generated), "--reference", str(reference), "--cache-dir", str(cache), *_flags(networks)]
+    # By default every metric the inputs allow: these images have captions, so CLIP score too, whose
+    # network is not on this offline machine. That is said before any work is done.
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 2
+    assert "CLIP model openai/clip-vit-large-patch14: cannot load it" in capsys.readouterr().err
+    assert not (tmp_path / "default").exists()
+    argv += ["--metrics", "fid,kid,is,prc,lpips"]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    shown = capsys.readouterr().out
+    first = json.loads((tmp_path / "first" / "eval.json").read_text())
+    metrics = first["metrics"]
+    assert metrics["images"] == 16 and metrics["fid"] > 0 and metrics["kid_subset_size"] == 16
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1 and metrics["is"] >= 1
+    assert metrics["lpips_diversity"] > 0  # the folder's captions group its images by prompt
+    assert "clip_score" not in metrics
+    assert first["reference"]["images"] == 41 and first["reference"]["from_cache"] is False
+    assert any("broken.png" in item[0] for item in first["reference"]["skipped_images"])
+    assert first["settings"]["networks"]["inception"]["weights"]["standard"] is False
+    assert "centre crop" in first["settings"]["resize_rule"] and first["settings"]["size"] == 32
+    assert any("41 images" in w and "2048" in w for w in first["warnings"])
+    assert "FID" in shown and "report" in shown
+    report = (tmp_path / "first" / "report.html").read_text()
+    assert "FID" in report and "grids/000.png" in report and (tmp_path / "first" / "grids" / "000.png").is_file()
+    # Again: the reference features come from the cache, and the numbers are the same.
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+    second = json.loads((tmp_path / "second" / "eval.json").read_text())
+    assert second["reference"]["from_cache"] is True
+    assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+    # Changing one reference image's bytes makes a new cache entry.
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(reference / "odd-size.png")
+    assert main([*argv[:-2], "--out", str(tmp_path / "third"), "--metrics", "fid"]) == 0
+    assert json.loads((tmp_path / "third" / "eval.json").read_text())["reference"]["from_cache"] is False
+
+
+def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(networks, shapes32, tmp_path, capsys):
+    stats = tmp_path / "shapes-stats.safetensors"
+    common = ["--cache-dir", str(tmp_path / "cache"), *_flags(networks), "--metrics", "fid,kid"]
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for path in sorted(shapes32.glob("*.png"))[40:]:
+        (generated / path.name).write_bytes(path.read_bytes())
+    assert main(["eval", str(generated), "--reference", str(shapes32), "--save-reference", str(stats),
+                 "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["eval", str(generated), "--reference", str(stats), "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = (json.loads((tmp_path / x / "eval.json").read_text())["metrics"] for x in ("a", "b"))
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and b["kid"] == pytest.approx(a["kid"], rel=1e-9)
+    # another tool's mu/sigma .npz: FID only
+    from safetensors.torch import load_file
+
+    saved = load_file(stats)
+    np.savez(tmp_path / "other.npz", mu=saved["mu"].numpy(), sigma=saved["sigma"].numpy())
+    assert main(["eval", str(generated), "--reference", str(tmp_path / "other.npz"), "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    c = json.loads((tmp_path / "c" / "eval.json").read_text())["metrics"]
+    assert c["fid"] == pytest.approx(a["fid"], rel=1e-6) and "kid" not in c
+    # statistics at another size, or from other Inception weights, do not compare: refused
+    capsys.readouterr()
+    assert main(["eval", str(generated), "--reference", str(stats), "--size", "64", "--out", str(tmp_path / "d"),
+                 *common]) == 2
+    assert "computed at 32 px" in capsys.readouterr().err
+    other_weights = tmp_path / "other-inception.safetensors"
+    write_random_inception(other_weights, seed=1)
+    flags = [*common]
+    flags[flags.index("--inception-weights") + 1] = str(other_weights)
+    assert main(["eval", str(generated), "--reference", str(stats), "--out", str(tmp_path / "e"), *flags]) == 2
+    assert "other Inception weights" in capsys.readouterr().err
+
+
+def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_path, capsys):
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    model = write_tiny_sd(tmp_path / "tiny-sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  \na blue square\n")
+    out = tmp_path / "eval"
+    argv = ["eval", str(model), "--prompts", str(prompts), "--num-images", "6", "--images-per-prompt", "3",
+            "--steps", "3", "--scheduler", "Euler a", "--metrics", "is,lpips", "--out", str(out), *_flags(networks)]
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["generation"]["prompts"] == 2 and result["generation"]["scheduler"] == "Euler a"
+    assert any("2 blank line(s) skipped" in w for w in result["warnings"])
+    assert result["metrics"]["images"] == 6 and result["metrics"]["lpips_diversity"] > 0
+    # image 4 is the second of "a blue square", seed 4: `difftrain generate` gives the same pixels
+    assert main(["generate", str(model), "--prompt", "a blue square", "--seed", "4", "--steps", "3",
+                 "--scheduler", "Euler a", "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
+    evaluated = np.asarray(Image.open(out / "images" / "00004-4.png"), dtype=np.int16)
+    generated = np.asarray(Image.open(next((tmp_path / "gen").glob("*.png"))), dtype=np.int16)
+    assert np.abs(evaluated - generated).max() <= 1
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    assert parse_infotext(read_png_infotext(out / "images" / "00004-4.png"))[0] == "a blue square"
+    capsys.readouterr()
+    assert main(["eval", str(model), "--metrics", "fid", "--prompt", "x", *_flags(networks),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "give --reference" in capsys.readouterr().err
+    assert main(["eval", str(model), "--metrics", "fid,sharpness", *_flags(networks)]) == 2
+    assert "unknown metric(s) sharpness" in capsys.readouterr().err
+    assert main(["eval", str(model), "--metrics", "is", *_flags(networks), "--out", str(tmp_path / "y")]) == 2
+    assert "needs prompts" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- during training
+def _eval_section(networks: dict[str, Path], cache: Path, **extra) -> dict:
+    return {"every_steps": 2, "num_images": 8, "metrics": ["fid", "kid", "lpips"], "steps": 3,
+            "scheduler": "ddim", "batch_size": 4, "reference_max": 24, "cache_dir": str(cache),
+            "inception_weights": str(networks["inception"]), "alexnet_weights": str(networks["alexnet"]),
+            "lpips_weights": str(networks["lpips"]), **extra}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(networks, shapes_dir, tmp_path):
+    from difftrain.config import load_config
+    from difftrain.training.evaluation import read_eval_history
+    from difftrain.training.trainer import train
+
+    plain = write_config(tmp_path / "plain.yaml", tiny_config(shapes_dir, tmp_path / "plain",
+                                                              checkpoint={"every_steps": 2, "keep_last": 1}))
+    train(load_config(plain), progress=False)
+    evaluated_config = tiny_config(shapes_dir, tmp_path / "evaluated", eval=_eval_section(networks, tmp_path / "cache"),
+                                   checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "kid"})
+    evaluated = write_config(tmp_path / "evaluated.yaml", evaluated_config)
+    random.seed(123)  # global generators must come out of evaluation as they went in
+    result = train(load_config(evaluated), progress=False)
+    plain_weights, evaluated_weights = _weights(tmp_path / "plain"), _weights(tmp_path / "evaluated")
+    assert all(torch.equal(plain_weights[k], evaluated_weights[k]) for k in plain_weights)
+
+    run = result.run_dir
+    history = read_eval_history(run / "metrics.jsonl")
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(h["fid"] > 0 and h["images"] == 8 and "lpips_diversity" in h for h in history)
+    assert (run / "eval.png").is_file() and (run / "model-best" / "difftrain.json").is_file()
+    best_step = min(history, key=lambda h: h["kid"])["step"]
+    state = json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["best"]["step"] == best_step and state["best"]["metric"] == "kid"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == sorted({f"step-{best_step:08d}", "step-00000004"})  # keep_last 1, plus the best
+
+    # The number in metrics.jsonl is what `difftrain eval` gives on the saved model with the same settings.
+    if best_step == 4:
+        out = tmp_path / "cli"
+        assert main(["eval", str(run / "model-best"), "--reference", str(shapes_dir), "--reference-max", "24",
+                     "--num-images", "8", "--batch-size", "4", "--steps", "3", "--scheduler", "ddim",
+                     "--metrics", "fid", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                     *_flags(networks)]) == 0
+        cli = json.loads((out / "eval.json").read_text())["metrics"]
+        assert cli["fid"] == pytest.approx(history[-1]["fid"], rel=1e-4)
+
+
+def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path):
+    from difftrain.config import load_config
+    from difftrain.training.trainer import train
+
+    section = _eval_section(networks, tmp_path / "cache", metrics=["fid"])
+    whole = write_config(tmp_path / "whole.yaml", tiny_config(
+        shapes_dir, tmp_path / "whole", eval=section, checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "fid"}))
+    train(load_config(whole), progress=False)
+    halves = tiny_config(shapes_dir, tmp_path / "halves", eval=section,
+                         checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "fid"})
+    halves["training"]["max_steps"] = 2
+    train(load_config(write_config(tmp_path / "first-half.yaml", halves)), progress=False)
+    halves["training"]["max_steps"] = 4
+    train(load_config(write_config(tmp_path / "second-half.yaml", halves)), progress=False, resume="latest")
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "halves")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = [json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())["best"]
+            for run in (tmp_path / "whole", tmp_path / "halves")]
+    assert best[0] == best[1]
+
+
+def test_eval_config_errors_name_the_key(shapes_dir, tmp_path, capsys):
+    config = tiny_config(shapes_dir, tmp_path / "r", checkpoint={"keep_best": "fid"})
+    assert main(["config", "check", str(write_config(tmp_path / "a.yaml", config))]) == 2
+    assert "checkpoint.keep_best = 'fid': set eval.every_steps" in capsys.readouterr().err
+    config = tiny_config(shapes_dir, tmp_path / "r", checkpoint={"keep_best": "clip_score"}, eval={"every_steps": 5})
+    assert main(["config", "check", str(write_config(tmp_path / "b.yaml", config))]) == 2
+    assert "add clip to eval.metrics" in capsys.readouterr().err
+    config = tiny_config(shapes_dir, tmp_path / "r", eval={"every_steps": 5, "metrics": ["fid", "sharpness"]})
+    assert main(["config", "check", str(write_config(tmp_path / "c.yaml", config))]) == 2
+    assert "eval.metrics.1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from difftrain.errors import ConfigError
+from difftrain.evaluate.names import METRICS, RESULTS
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config"]
 
@@ -208,16 +209,11 @@ class CheckpointConfig(Section):
     )
 
 
-# metric name in results -> the eval.metrics entry that computes it, and which way is better
-EVAL_RESULTS = {"fid": ("fid", "min"), "kid": ("kid", "min"), "is": ("is", "max"), "precision": ("prc", "max"),
-                "recall": ("prc", "max"), "clip_score": ("clip", "max"), "lpips_diversity": ("lpips", "max")}
-
-
 class EvalConfig(Section):
     """Evaluation during training (off until every_steps is set); `difftrain eval` takes the same settings as flags."""
 
     every_steps: Optional[int] = Field(None, ge=1, description="evaluate every this many steps and at the end")
-    metrics: list[Literal["fid", "kid", "is", "prc", "clip", "lpips"]] = Field(default_factory=lambda: ["fid", "kid"])
+    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: ["fid", "kid"])
     num_images: int = Field(128, ge=2, description="images drawn per evaluation")
     images_per_prompt: int = Field(4, ge=1, description="text2image: seeds per prompt")
     prompts: list[str] = Field(default_factory=list, description="text2image: default a seeded sample of the captions")
@@ -297,14 +293,14 @@ class RunConfig(Section):
         if best is None:
             return self
         name, _, direction = best.partition(":")
-        if name not in EVAL_RESULTS:
-            raise ValueError(f"checkpoint.keep_best = {best!r}: not a metric; choose one of {', '.join(EVAL_RESULTS)}")
+        if name not in RESULTS:
+            raise ValueError(f"checkpoint.keep_best = {best!r}: not a metric; choose one of {', '.join(RESULTS)}")
         if direction not in ("", "min", "max"):
             raise ValueError(f"checkpoint.keep_best = {best!r}: the direction after ':' is min or max")
         if self.eval.every_steps is None:
             raise ValueError(f"checkpoint.keep_best = {best!r}: set eval.every_steps, so the metric is measured")
-        if EVAL_RESULTS[name][0] not in self.eval.metrics:
-            raise ValueError(f"checkpoint.keep_best = {best!r}: add {EVAL_RESULTS[name][0]} to eval.metrics")
+        if RESULTS[name][0] not in self.eval.metrics:
+            raise ValueError(f"checkpoint.keep_best = {best!r}: add {RESULTS[name][0]} to eval.metrics")
         return self
 
     @model_validator(mode="after")

@@ -139,7 +139,7 @@ def save_reference(reference: Reference, path: str | Path, extractor_info: dict,
     return write_safetensors(path, tensors, metadata=meta)
 
 
-def load_statistics_file(path: str | Path, extractor_info: dict | None, size: int | None) -> tuple[Reference, int]:
+def load_statistics_file(path: str | Path, extractor_info: dict | None, size: int | None) -> Reference:
     """A file from `save_reference` (checked against our network and size), or an `.npz` with mu and sigma."""
     path = Path(path)
     if path.suffix == ".npz":
@@ -147,10 +147,8 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
             if "mu" not in data or "sigma" not in data:
                 raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        count = 0  # unknown: such files do not record it
-        stats = Statistics(mu, sigma, count)
-        return Reference(None, stats, f"{path} (mu/sigma from another tool; weights unverified)", [], True, None), \
-            size or 0
+        stats = Statistics(mu, sigma, 0)  # the count is unknown: such files do not record it
+        return Reference(None, stats, f"{path} (mu/sigma from another tool; weights unverified)", [], True, None)
     from safetensors import safe_open
 
     try:
@@ -172,4 +170,4 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
     features = tensors.get("features")
     stats = Statistics(tensors["mu"].double().numpy(), tensors["sigma"].double().numpy(), int(meta["count"]))
     return Reference(features, stats, f"{path} ({meta.get('source', '')})", [], True,
-                     meta.get("content_sha256") or None), saved_size
+                     meta.get("content_sha256") or None)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from difftrain.evaluate.scores import DIRECTIONS, Group
+from difftrain.evaluate.names import RESULTS
+from difftrain.evaluate.scores import Group
 from difftrain.sampling.images import make_grid
 
 NAMES = {"fid": "FID", "kid": "KID", "is": "Inception score", "precision": "precision", "recall": "recall",
@@ -31,7 +32,7 @@ def metric_rows(values: dict) -> list[tuple[str, str, str]]:
             text = _number(name, values[name])
             if f"{name}_std" in values:
                 text += f" ± {_number(name, values[f'{name}_std'])}"
-            rows.append((label, text, "lower is better" if DIRECTIONS[name] == "min" else "higher is better"))
+            rows.append((label, text, "lower is better" if RESULTS[name][1] == "min" else "higher is better"))
     return rows
 
 
@@ -92,7 +93,7 @@ def plot_metric_curves(history: list[dict], out: Path, size: tuple[int, int] = (
         points = [(h["step"], h[name]) for h in history if h.get(name) is not None and math.isfinite(h[name])]
         y0 = row * height
         draw.rectangle([left, y0 + top, width - right, y0 + height - bottom], outline=(160, 160, 160))
-        label = f"{NAMES[name]} ({'lower' if DIRECTIONS[name] == 'min' else 'higher'} is better)"
+        label = f"{NAMES[name]} ({'lower' if RESULTS[name][1] == 'min' else 'higher'} is better)"
         draw.text((left + 6, y0 + 4), label, fill=(30, 30, 30))
         if not points:
             continue

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
-from difftrain.evaluate.scores import METRICS, NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small, write_json
+from difftrain.evaluate.names import METRICS
+from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small, write_json
 from difftrain.evaluate.weights import EvalError
 
 
@@ -164,8 +165,7 @@ def _common_size(groups: list[Group]) -> int:
 
 def _reference(options: EvalOptions, records, scorer: Scorer, size: int, progress: bool) -> Reference:
     if records is None:
-        reference, saved_size = load_statistics_file(options.reference, scorer.info.get("inception"), size)
-        return reference
+        return load_statistics_file(options.reference, scorer.info.get("inception"), size)
     reference = reference_features(records, scorer.inception, size, options.cache_dir, progress)
     if options.save_reference:
         save_reference(reference, options.save_reference, scorer.inception.info, size)

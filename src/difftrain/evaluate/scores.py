@@ -16,17 +16,14 @@ from PIL import Image
 
 from difftrain.evaluate import metrics as m
 from difftrain.evaluate.inception import RESIZE_RULE, InceptionFeatures
+from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import Reference
 from difftrain.evaluate.weights import EvalError
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "kid", "is", "prc", "clip", "lpips")
 NEEDS_REFERENCE = ("fid", "kid", "prc")
 INCEPTION_METRICS = ("fid", "kid", "is", "prc")
-# Which way is better, for keep_best and the report; kid/prc/is name their main number.
-DIRECTIONS = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
-              "clip_score": "max", "lpips_diversity": "max"}
 
 
 @dataclass

@@ -66,7 +66,7 @@ def find_weights(spec: WeightsFile, given: str | Path | None = None, weights_dir
         if path.is_dir():
             path = path / spec.filename
         if not path.is_file():
-            raise EvalError(f"{spec.key} weights: {given} does not exist ({_where_to_get(spec)})")
+            raise EvalError(f"{spec.key} weights: {given} does not exist. {_where_to_get(spec)}")
         return path
     candidates = []
     if os.environ.get(spec.env):
@@ -89,7 +89,7 @@ def find_weights(spec: WeightsFile, given: str | Path | None = None, weights_dir
 
 
 def _where_to_get(spec: WeightsFile) -> str:
-    return (f"the file is {spec.filename} (sha256 {spec.sha256_prefix}...), from {spec.url}; put it in "
+    return (f"The file is {spec.filename} (sha256 {spec.sha256_prefix}...), from {spec.url}; put it in "
             f"$DIFFTRAIN_WEIGHTS_DIR or {_hub_cache()}, or name it with {spec.env} or the --weights-dir flag")
 
 

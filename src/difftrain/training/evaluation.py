@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftrain.config import EVAL_RESULTS, RunConfig
+from difftrain.config import RunConfig
+from difftrain.evaluate.names import RESULTS
 
 
 @contextmanager
@@ -44,7 +45,7 @@ class TrainingEvaluation:
         keep = config.checkpoint.keep_best
         if keep:
             name, _, direction = keep.partition(":")
-            self.best_metric, self.direction = name, direction or EVAL_RESULTS[name][1]
+            self.best_metric, self.direction = name, direction or RESULTS[name][1]
         else:
             self.best_metric = self.direction = None
         self.best: dict | None = None  # {"step", "value"}: saved in checkpoints, so resume keeps it

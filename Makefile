@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The exact versions every other package is installed at: what the test suite passed on.
 LOCK := requirements.lock
 
-.PHONY: setup demo test lock test-latest clean-demo mini-sd
+.PHONY: setup demo test lock test-latest test-parity clean-demo mini-sd
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,16 @@ test-latest:
 	.venv-latest/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|numpy|pydantic)=='
 	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest -q
+
+# Our metric code against torch-fidelity's and lpips' own (tests/test_eval_parity.py). They import
+# torchvision, which does not install beside the CPU torch of `make setup`; on x86_64 Linux the
+# matching pair is a CUDA build of several GB.
+test-parity: setup
+	test -x .venv-parity/bin/python || python3 -m venv .venv-parity
+	.venv-parity/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(EVAL_SPECS) | xargs .venv-parity/bin/pip install --quiet
+	.venv-parity/bin/pip install --quiet lpips==0.1.4 scipy safetensors packaging pytest pyyaml
+	PYTHONPATH=src DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-parity/bin/python -m pytest -q -p no:cacheprovider tests/test_eval_parity.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -30,16 +30,19 @@ import _common  # noqa: E402,F401  (offline, like every benchmark)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def extraction_rates(weights: Path, images: list, size: int, batches: list[int]) -> dict[int, float]:
+def extraction_rates(weights: Path, images: list, size: int, batches: list[int]) -> dict[str, float]:
+    """images/s by batch size, channels_last (what difftrain runs) and, as the baseline, torch-fidelity's contiguous layout."""
     from difftrain.evaluate.inception import InceptionFeatures
 
     rates = {}
-    for batch in batches:
+    for layout, batch in [("contiguous", 1), ("contiguous", 32)] + [("channels_last", b) for b in batches]:
         extractor = InceptionFeatures(weights, batch_size=batch)
+        if layout == "contiguous":
+            extractor.network = extractor.network.to(memory_format=torch.contiguous_format)
         extractor(images[:batch], size)  # warm-up
         started = time.perf_counter()
         extractor(images, size)
-        rates[batch] = len(images) / (time.perf_counter() - started)
+        rates[f"{layout}, batch {batch}"] = len(images) / (time.perf_counter() - started)
     return rates
 
 
@@ -81,10 +84,12 @@ def main() -> None:
     print(f"device: {_common.device_name(torch.device('cpu'))}; Inception weights random (same cost as the real ones)")
 
     images = to_pil(torch.rand(96, 3, 32, 32) * 2 - 1)
-    rates = extraction_rates(weights, images, 32, [1, 16, 32, 64])
-    print("\nInception features, 32 px images (resized to 299 inside the network):")
-    for batch, rate in rates.items():
-        print(f"  batch {batch:3d}: {rate:6.1f} images/s   x{rate / rates[1]:.2f} of batch 1")
+    rates = extraction_rates(weights, images, 32, [1, 4, 8, 32, 64])
+    print("\nInception features, 32 px images (resized to 299 inside the network), against torch-fidelity's own "
+          "layout at batch 32:")
+    baseline = rates["contiguous, batch 32"]
+    for name, rate in rates.items():
+        print(f"  {name:26s} {rate:6.1f} images/s   x{rate / baseline:.2f}")
 
     defaults = EvalConfig()
     evaluation = {"every_steps": args.every, "inception_weights": str(weights), "cache_dir": str(work / "cache"),

@@ -50,7 +50,7 @@ def test_metric_formulas_equal_torch_fidelity():
     assert (ours["precision"], ours["recall"]) == (precision, recall)
 
 
-def test_inception_features_equal_torch_fidelity_as_it_loads_itself(tmp_path):
+def test_inception_features_match_torch_fidelity_as_it_loads_itself(tmp_path):
     from safetensors.torch import load_file
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -62,7 +62,9 @@ def test_inception_features_equal_torch_fidelity_as_it_loads_itself(tmp_path):
     pixels = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
     pool, logits = InceptionFeatures(weights)([Image.fromarray(p) for p in pixels], 40)
     their_pool, their_logits = theirs(torch.from_numpy(pixels).permute(0, 3, 1, 2))
-    assert torch.equal(pool, their_pool) and torch.equal(logits, their_logits)
+    # ours runs channels_last (faster on CPU and GPU); the kernels round differently, by ~1e-6
+    assert torch.allclose(pool, their_pool, rtol=1e-5, atol=1e-6 * their_pool.abs().max().item())
+    assert torch.allclose(logits, their_logits, rtol=1e-5, atol=1e-6 * their_logits.abs().max().item())
 
 
 def test_lpips_equals_the_lpips_package():

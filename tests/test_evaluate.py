@@ -340,15 +340,16 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == sorted({f"step-{best_step:08d}", "step-00000004"})  # keep_last 1, plus the best
 
-    # The number in metrics.jsonl is what `difftrain eval` gives on the saved model with the same settings.
-    if best_step == 4:
-        out = tmp_path / "cli"
-        assert main(["eval", str(run / "model-best"), "--reference", str(shapes_dir), "--reference-max", "24",
-                     "--num-images", "8", "--batch-size", "4", "--steps", "3", "--scheduler", "ddim",
-                     "--metrics", "fid", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                     *_flags(networks)]) == 0
-        cli = json.loads((out / "eval.json").read_text())["metrics"]
-        assert cli["fid"] == pytest.approx(history[-1]["fid"], rel=1e-4)
+    # The last step's number is what `difftrain eval` gives on the final model (the same EMA weights) with the
+    # same settings: evaluation during training measures what users get.
+    out = tmp_path / "cli"
+    assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "8",
+                 "--batch-size", "4", "--steps", "3", "--scheduler", "ddim", "--metrics", "fid,kid",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *_flags(networks)]) == 0
+    cli = json.loads((out / "eval.json").read_text())
+    assert cli["reference"]["from_cache"] is True  # the run computed the same reference
+    assert cli["metrics"]["fid"] == pytest.approx(history[-1]["fid"], rel=1e-6)
+    assert cli["metrics"]["kid"] == pytest.approx(history[-1]["kid"], rel=1e-6)
 
 
 def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path):

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lpips-weights", metavar="FILE", help="LPIPS v0.1 linear heads (lpips' alex.pth)")
     ev.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/difftrain/eval)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    ev.add_argument("--feature-batch-size", type=int, default=32)
+    ev.add_argument("--feature-batch-size", type=int, help="images per Inception/CLIP batch (default 4 on CPU, 64 on CUDA)")
     ev.add_argument("--out", default="eval", help="output folder (default eval/)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=_eval)

@@ -20,7 +20,8 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default and the 
 
 
 class ClipScorer:
-    def __init__(self, model: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(self, model: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu",
+                 batch_size: int | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
         try:
@@ -31,7 +32,7 @@ class ClipScorer:
                     f"{model}) into the Hugging Face cache, or give a local folder with --clip-model."
                     if offline() else "")
             raise EvalError(f"CLIP model {model}: cannot load it ({str(error).splitlines()[0]}).{hint}") from None
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size = torch.device(device), batch_size or 32
         self.info = {"model": str(model), "scale": "100 x max(cos, 0) per image, mean"}
 
     @torch.no_grad()

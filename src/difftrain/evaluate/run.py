@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
+from tqdm.auto import tqdm
 
-from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
 from difftrain.evaluate.names import METRICS
+from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
 from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small, write_json
 from difftrain.evaluate.weights import EvalError
 
@@ -209,6 +209,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     if located.manifest is not None and located.manifest.kind == "unconditional":
         return _draw_unconditional(target, options, images_dir, progress)
     from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.text2image import prompt_batches
 
     plan = prompt_list(options.num_images, options.images_per_prompt, options.seed, records, options.prompt,
                        options.prompts_file, warnings=warnings)
@@ -222,25 +223,16 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     generate_options = GenerateOptions(**given)
     drawer = Drawer(target, generate_options, progress=False)
     groups: dict[str, Group] = {}
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=options.num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True)
     images_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(prompt, options.seed + i) for i, prompt in enumerate(plan)]
-    start = 0
-    while start < len(plan):  # one batch: consecutive images of the same prompt
-        prompt = plan[start][0]
-        end = start
-        while end < len(plan) and plan[end][0] == prompt and end - start < options.batch_size:
-            end += 1
-        seeds = [seed for _, seed in plan[start:end]]
+    for start, end in prompt_batches(plan, options.batch_size):
+        prompt, seeds = plan[start], list(range(options.seed + start, options.seed + end))
         group = groups.setdefault(prompt, Group(prompt))
         for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
             drawer.save(image, images_dir / f"{seed - options.seed:05d}-{seed}.png", prompt, options.negative_prompt, seed)
             group.images.append(image)
             group.seeds.append(seed)
         bar.update(len(seeds))
-        start = end
     bar.close()
     generation = {"model": str(target), "kind": "stable-diffusion", "scheduler": generate_options.scheduler,
                   "steps": generate_options.steps, "cfg": generate_options.guidance_scale,

@@ -52,7 +52,7 @@ class Networks:
     lpips: str | None = None
     clip_model: str | None = None
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int | None = None  # feature and CLIP batches; None: what suits the device
 
 
 class Scorer:

@@ -250,7 +250,7 @@ class TextToImage(Method):
     @torch.no_grad()
     def evaluation_images(self, modules, prompts, seed, scheduler, steps, guidance_scale, batch_size) -> list[Image.Image]:
         """Image i for prompts[i] from seed + i; consecutive images of one prompt are drawn as one batch."""
-        from difftrain.sampling.text2image import draw
+        from difftrain.sampling.text2image import draw, prompt_batches
 
         pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
         pipe.set_progress_bar_config(disable=True)
@@ -259,16 +259,10 @@ class TextToImage(Method):
         self.vae.to(self.device)
         images: list[Image.Image] = []
         try:
-            start = 0
-            while start < len(prompts):
-                end = start
-                while end < len(prompts) and prompts[end] == prompts[start] and end - start < batch_size:
-                    end += 1
-                (positive, negative), = self.validation_conditioning(text_encoder, [prompts[start]])
-                seeds = list(range(seed + start, seed + end))
-                images += draw(pipe, positive, negative, seeds, steps, guidance_scale, autocast=self.weight_dtype,
-                               width=size, height=size)
-                start = end
+            for start, end in prompt_batches(prompts, batch_size):
+                [(positive, negative)] = self.validation_conditioning(text_encoder, [prompts[start]])
+                images += draw(pipe, positive, negative, list(range(seed + start, seed + end)), steps, guidance_scale,
+                               autocast=self.weight_dtype, width=size, height=size)
         finally:
             self.vae.to(home)
         return images

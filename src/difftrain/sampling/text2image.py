@@ -6,8 +6,21 @@ image the command gives for the same prompt, seed, sampler and steps (tested).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from PIL import Image
+
+
+def prompt_batches(prompts: list, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of equal consecutive prompts, cut at `batch_size`: one batch each."""
+    start = 0
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and prompts[end] == prompts[start] and end - start < batch_size:
+            end += 1
+        yield start, end
+        start = end
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ class TrainingEvaluation:
 
         s, data = self.settings, self.config.data
         networks = Networks(s.weights_dir, s.inception_weights, s.alexnet_weights, s.lpips_weights, s.clip_model,
-                            "cuda" if torch.cuda.is_available() else "cpu", s.batch_size)
+                            "cuda" if torch.cuda.is_available() else "cpu")
         self.scorer = Scorer(list(s.metrics), networks)
         if s.reference:  # real images of the user's choosing
             records = open_records(s.reference, s.reference_source or "folder", s.reference_max, s.seed)

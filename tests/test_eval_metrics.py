@@ -10,6 +10,7 @@ import torch
 from difftrain.evaluate.metrics import (
     Statistics,
     frechet_distance,
+    frechet_distance_of,
     inception_score,
     kernel_inception_distance,
     mmd2_unbiased,
@@ -40,6 +41,19 @@ def test_frechet_distance_of_samples_approaches_the_population_value():
     y = torch.randn(20000, 4, generator=generator) * 2 + 1  # N(1, 4 I)
     # population: 4 * 1^2 + 4 * (1 - 2)^2 = 8
     assert frechet_distance(Statistics.of(x), Statistics.of(y)) == pytest.approx(8.0, rel=0.05)
+
+
+def test_the_small_set_route_gives_the_full_eigenproblem_value():
+    generator = torch.Generator().manual_seed(5)
+    reference = Statistics.of(torch.randn(600, 256, generator=generator) * 0.7 + 0.2)
+    few = torch.randn(40, 256, generator=generator)  # n < d: the n x n route
+    # equal up to the general eigensolver's rounding on a singular product (~1e-8 relative)
+    assert frechet_distance_of(few, reference) == pytest.approx(frechet_distance(Statistics.of(few), reference), rel=1e-6)
+    many = torch.randn(300, 256, generator=generator)  # n > d: the general one
+    assert frechet_distance_of(many, reference) == frechet_distance(Statistics.of(many), reference)
+    # a set against its own statistics: zero up to rounding (1e-9 of the covariance's trace)
+    own = Statistics.of(few)
+    assert abs(frechet_distance_of(few, own)) < 1e-8 * np.trace(own.sigma)
 
 
 def test_kid_is_unbiased_between_two_halves_of_one_distribution():

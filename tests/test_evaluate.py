@@ -184,6 +184,13 @@ def test_clip_score_ranks_matching_prompts_over_mismatched_ones(tiny_clip, shape
     assert (right > mismatched).float().mean() > 0.8
     with pytest.raises(EvalError, match="cannot load"):
         ClipScorer(shapes32)  # a folder that holds no CLIP
+    # through the command: a folder of images with their captions, CLIP score only (no reference needed)
+    out = shapes32.parent / "clip-eval"
+    assert main(["eval", str(shapes32), "--metrics", "clip", "--clip-model", str(tiny_clip), "--out", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["metrics"]["clip_score"] == pytest.approx(right.mean().item(), rel=1e-4)
+    assert result["settings"]["networks"]["clip"]["model"] == str(tiny_clip)
 
 
 # ----------------------------------------------------------------------------- difftrain eval
@@ -216,6 +223,7 @@ def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files
     assert first["reference"]["images"] == 41 and first["reference"]["from_cache"] is False
     assert any("broken.png" in item[0] for item in first["reference"]["skipped_images"])
     assert first["settings"]["networks"]["inception"]["weights"]["standard"] is False
+    assert any("other than the published weights" in w and "inception.safetensors" in w for w in first["warnings"])
     assert "centre crop" in first["settings"]["resize_rule"] and first["settings"]["size"] == 32
     assert any("41 images" in w and "2048" in w for w in first["warnings"])
     assert "FID" in shown and "report" in shown
@@ -244,6 +252,15 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     assert main(["eval", str(generated), "--reference", str(stats), "--out", str(tmp_path / "b"), *common]) == 0
     a, b = (json.loads((tmp_path / x / "eval.json").read_text())["metrics"] for x in ("a", "b"))
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and b["kid"] == pytest.approx(a["kid"], rel=1e-9)
+    # The same images as laion shards: the cache is keyed by content, so they cost nothing and give the same FID.
+    from difftrain.data.shards import build_shards
+    from difftrain.data.sources import open_source
+
+    shards = build_shards(open_source("folder", shapes32, progress=False), tmp_path / "laion", "laion", records_per_shard=20)
+    assert main(["eval", str(generated), "--reference", str(shards), "--reference-source", "laion",
+                 "--out", str(tmp_path / "laion-eval"), *common]) == 0
+    laion = json.loads((tmp_path / "laion-eval" / "eval.json").read_text())
+    assert laion["reference"]["from_cache"] is True and laion["metrics"]["fid"] == pytest.approx(a["fid"], rel=1e-12)
     # another tool's mu/sigma .npz: FID only
     from safetensors.torch import load_file
 
@@ -251,8 +268,9 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     np.savez(tmp_path / "other.npz", mu=saved["mu"].numpy(), sigma=saved["sigma"].numpy())
     assert main(["eval", str(generated), "--reference", str(tmp_path / "other.npz"), "--out", str(tmp_path / "c"),
                  *common]) == 0
-    c = json.loads((tmp_path / "c" / "eval.json").read_text())["metrics"]
-    assert c["fid"] == pytest.approx(a["fid"], rel=1e-6) and "kid" not in c
+    c = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert c["metrics"]["fid"] == pytest.approx(a["fid"], rel=1e-6) and "kid" not in c["metrics"]
+    assert any("mu and sigma only" in w for w in c["warnings"])
     # statistics at another size, or from other Inception weights, do not compare: refused
     capsys.readouterr()
     assert main(["eval", str(generated), "--reference", str(stats), "--size", "64", "--out", str(tmp_path / "d"),

@@ -98,9 +98,12 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
                      warn_small(sum(len(g.images) for g in groups), "the evaluated set")):
             if text:
                 warnings.append(text)
-    if any(not info.get("standard", True) for info in _weight_infos(scorer.info)):
-        warnings.append("metric networks with other than the published weights: the numbers compare only with "
-                        "numbers from these same weights")
+        if reference.features is None and any(name in wanted for name in ("kid", "prc")):
+            warnings.append("the reference statistics hold mu and sigma only: KID and precision/recall need its "
+                            "features (a file from --save-reference has them); FID only")
+    if scorer.custom_weights:
+        warnings.append(f"metric networks with other than the published weights ({', '.join(scorer.custom_weights)}): "
+                        "the numbers compare only with numbers from these same weights")
     values = scorer.score(groups, size, reference, progress)
     result = {
         "target": str(target),
@@ -135,11 +138,6 @@ def _is_image_folder(target: str) -> bool:
 
     markers = ("difftrain.json", "model_index.json", "unet", "config.json")
     return not is_run_folder(path) and not any((path / marker).exists() for marker in markers)
-
-
-def _weight_infos(info: dict) -> list[dict]:
-    return [value for network in info.values() if isinstance(network, dict)
-            for value in network.values() if isinstance(value, dict) and "standard" in value]
 
 
 def _wanted_metrics(options: EvalOptions, has_prompts: bool, warnings: list[str]) -> list[str]:

@@ -76,6 +76,14 @@ class Scorer:
             self.clip = ClipScorer(networks.clip_model or DEFAULT_CLIP, networks.device, networks.batch_size)
             self.info["clip"] = self.clip.info
 
+    @property
+    def custom_weights(self) -> list[str]:
+        """The weight files in use that are not the published ones."""
+        files = [self.info["inception"]["weights"]] if "inception" in self.info else []
+        if "lpips" in self.info:
+            files += [self.info["lpips"]["backbone"], self.info["lpips"]["head"]]
+        return [f["file"] for f in files if not f["standard"]]
+
     def score(self, groups: list[Group], size: int, reference: Reference | None, progress: bool = False) -> dict:
         """{metric name: value} for the images in `groups`, evaluated at `size` px (see RESIZE_RULE)."""
         images = [image for group in groups for image in group.images]
@@ -104,7 +112,7 @@ class Scorer:
     def _against_reference(self, features: torch.Tensor, reference: Reference) -> dict:
         out: dict[str, float | int] = {}
         if "fid" in self.wanted:
-            out["fid"] = m.frechet_distance(m.Statistics.of(features), reference.statistics)
+            out["fid"] = m.frechet_distance_of(features, reference.statistics)
         if reference.features is None:
             return out  # a mu/sigma file: FID only
         if "kid" in self.wanted:
@@ -119,7 +127,8 @@ class Scorer:
         return {
             "networks": self.info,
             "resize_rule": RESIZE_RULE.format(size=size),
-            "fid": "Frechet distance of 2048-d pool features, float64, eigenvalues of sigma1.sigma2 (torch-fidelity's)",
+            "fid": "Frechet distance of 2048-d pool features, float64, eigenvalues of sigma1.sigma2 (torch-fidelity's; "
+                   "by the equal n x n eigenproblem when n < 2048)",
             "kid": f"unbiased MMD^2, cubic polynomial kernel, {m.KID_SUBSETS} subsets of min({m.KID_SUBSET_SIZE}, N)",
             "is": f"{m.IS_SPLITS} splits of the unbiased logits, shuffled with seed {m.IS_SEED}",
             "prc": f"Kynkaanniemi et al. 2019, k = {m.PRC_NEIGHBOURS}, on the 2048-d features",

@@ -52,9 +52,13 @@ class ImageRecords:
         for index in self.indices:
             try:
                 record = self.source.read(index)
+            except BadRecord as reason:  # its message names the record
+                self.skipped.append((f"record {index}", str(reason)))
+                continue
+            try:
                 yield record, load_image_bytes(record.data)
-            except (BadRecord, BadImage) as reason:
-                self.skipped.append((str(index), str(reason)))
+            except BadImage as reason:
+                self.skipped.append((record.key, str(reason)))
 
 
 def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, seed: int = 0,
@@ -99,11 +103,13 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
     from difftrain.atomic import write_safetensors
     from safetensors import safe_open
 
+    from difftrain.data.sources import BadRecord
+
     digests = []
     for index in records.indices:
         try:
             digests.append(hashlib.sha256(records.source.read(index).data).hexdigest())
-        except Exception:  # unreadable: features() skips and reports it; it takes no part in the key
+        except BadRecord:  # unreadable: images() skips and reports it
             digests.append("unreadable")
     key = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "images": digests, "weights": extractor.info["weights"]["sha256"],

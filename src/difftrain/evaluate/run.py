@@ -9,6 +9,7 @@ measured, PNGs with their parameters) and a one-screen summary on the terminal.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difftrain.atomic import write_text
 from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
-from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small, write_json
+from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small
 from difftrain.evaluate.weights import EvalError
 
 
@@ -115,7 +117,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         "seconds": round(time.time() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "eval.json", result)
+    write_text(out / "eval.json", json.dumps(result, indent=2, default=str) + "\n", sync=False)
     from difftrain.evaluate.report import summary_lines, write_report
 
     write_report(out, result, groups)

@@ -7,9 +7,7 @@ prompt) into a flat dict of numbers plus the settings that produced them.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -19,8 +17,6 @@ from difftrain.evaluate.inception import RESIZE_RULE, InceptionFeatures
 from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import Reference
 from difftrain.evaluate.weights import EvalError
-
-log = logging.getLogger(__name__)
 
 NEEDS_REFERENCE = ("fid", "kid", "prc")
 INCEPTION_METRICS = ("fid", "kid", "is", "prc")
@@ -141,11 +137,3 @@ def warn_small(count: int, what: str) -> str | None:
         return (f"{what} has {count} images; FID from fewer than {m.FID_STABLE_COUNT} is biased upwards and only "
                 "compares with FIDs at the same image count")
     return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    import json
-
-    from difftrain.atomic import write_text
-
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n", sync=False)

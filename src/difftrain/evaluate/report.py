@@ -68,7 +68,7 @@ def write_report(out: Path, result: dict, groups: list[Group], columns: int = 8)
                        for k, v in {**result["generation"], **result["settings"]}.items())
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result["warnings"])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>difftrain eval: {html.escape(result['target'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td{{padding:2px 10px;vertical-align:top}}img{{image-rendering:pixelated}}</style>
+<style>body{{font-family:sans-serif;margin:2em}}td{{padding:2px 10px;vertical-align:top}}img{{image-rendering:pixelated;max-width:100%}}</style>
 </head><body><h1>difftrain eval</h1><p>{html.escape(result['target'])}: {result['metrics']['images']} images</p>
 <h2>Metrics</h2><table>{rows}</table>{f'<ul>{warnings}</ul>' if warnings else ''}
 <h2>Samples</h2>{''.join(sections)}

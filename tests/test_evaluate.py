@@ -370,6 +370,35 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     assert cli["metrics"]["kid"] == pytest.approx(history[-1]["kid"], rel=1e-6)
 
 
+def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
+    from difftrain.config import load_config
+    from difftrain.models.tiny_sd import write_tiny_sd
+    from difftrain.training.evaluation import read_eval_history
+    from difftrain.training.trainer import train
+
+    base = write_tiny_sd(tmp_path / "tiny-sd")
+    config = tiny_config(shapes_dir, tmp_path / "sd-run", method="text2image", model={"base": str(base)},
+                         eval=_eval_section(networks, tmp_path / "cache", num_images=4, images_per_prompt=2,
+                                            metrics=["fid", "kid", "lpips"], batch_size=2),
+                         checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "lpips_diversity"},
+                         sample={"every_steps": 1000, "prompts": ["a red circle"], "steps": 2, "scheduler": "ddim"})
+    config["model"].pop("preset")
+    config["training"].update(max_steps=2, learning_rate=1e-4, lr_warmup_steps=0)
+    run = train(load_config(write_config(tmp_path / "sd.yaml", config)), progress=False).run_dir
+    [history] = read_eval_history(run / "metrics.jsonl")
+    assert history["images"] == 4 and history["lpips_diversity"] > 0 and history["best"] is True
+    assert (run / "model-best" / "difftrain.json").is_file()
+    # The same prompts (a seeded sample of the captions), seeds, sampler and size through `difftrain eval`:
+    out = tmp_path / "cli"
+    assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "4",
+                 "--images-per-prompt", "2", "--batch-size", "2", "--steps", "3", "--scheduler", "ddim", "--cfg", "7.5",
+                 "--width", "16", "--height", "16", "--metrics", "fid,kid,lpips", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out), *_flags(networks)]) == 0
+    cli = json.loads((out / "eval.json").read_text())["metrics"]
+    for name in ("fid", "kid", "lpips_diversity"):
+        assert cli[name] == pytest.approx(history[name], rel=1e-4), name
+
+
 def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path):
     from difftrain.config import load_config
     from difftrain.training.trainer import train

@@ -420,6 +420,26 @@ def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_
     assert best[0] == best[1]
 
 
+def test_a_run_whose_metric_networks_are_missing_is_refused_before_it_trains(shapes_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch.hub cache
+    for name in ("DIFFTRAIN_INCEPTION_WEIGHTS", "DIFFTRAIN_WEIGHTS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    config = tiny_config(shapes_dir, tmp_path / "r", eval={"every_steps": 2})
+    assert main(["train", str(write_config(tmp_path / "r.yaml", config)), "--no-progress"]) == 2
+    assert "weights-inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    config = tiny_config(shapes_dir, tmp_path / "c", method="text2image", model={"base": str(write_tiny_sd(tmp_path / "sd"))},
+                         eval={"every_steps": 2, "metrics": ["clip"], "clip_model": "someone/not-cached-clip"})
+    config["model"].pop("preset")
+    assert main(["train", str(write_config(tmp_path / "c.yaml", config)), "--no-progress"]) == 2
+    assert "someone/not-cached-clip: not in the Hugging Face cache" in capsys.readouterr().err
+    config = tiny_config(shapes_dir, tmp_path / "u", eval={"every_steps": 2, "metrics": ["clip"]})
+    assert main(["train", str(write_config(tmp_path / "u.yaml", config)), "--no-progress"]) == 2
+    assert "an unconditional model draws without prompts" in capsys.readouterr().err
+
+
 def test_eval_config_errors_name_the_key(shapes_dir, tmp_path, capsys):
     config = tiny_config(shapes_dir, tmp_path / "r", checkpoint={"keep_best": "fid"})
     assert main(["config", "check", str(write_config(tmp_path / "a.yaml", config))]) == 2

@@ -318,6 +318,13 @@ class RunConfig(Section):
 class UnconditionalRun(RunConfig):
     method: Literal["unconditional"] = "unconditional"
 
+    @model_validator(mode="after")
+    def _no_prompts_to_score(self) -> "UnconditionalRun":
+        if "clip" in self.eval.metrics:
+            raise ValueError("eval.metrics: clip scores images against their prompts, and an unconditional model "
+                             "draws without prompts; remove clip")
+        return self
+
 
 class VaeRun(RunConfig):
     method: Literal["vae"] = "vae"

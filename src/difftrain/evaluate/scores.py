@@ -51,6 +51,21 @@ class Networks:
     batch_size: int | None = None  # feature and CLIP batches; None: what suits the device
 
 
+def check_networks(wanted: list[str], networks: Networks) -> None:
+    """Find every network `wanted` needs, loading none: a missing one is refused before work starts."""
+    from difftrain.evaluate.weights import ALEXNET, INCEPTION, LPIPS_HEAD, find_weights
+
+    if any(name in wanted for name in INCEPTION_METRICS):
+        find_weights(INCEPTION, networks.inception, networks.weights_dir)
+    if "lpips" in wanted:
+        find_weights(ALEXNET, networks.alexnet, networks.weights_dir)
+        find_weights(LPIPS_HEAD, networks.lpips, networks.weights_dir)
+    if "clip" in wanted:
+        from difftrain.evaluate.clip_score import DEFAULT_CLIP, check_available
+
+        check_available(networks.clip_model or DEFAULT_CLIP)
+
+
 class Scorer:
     def __init__(self, wanted: list[str], networks: Networks):
         self.wanted = check_metrics(wanted)

@@ -57,15 +57,27 @@ class TrainingEvaluation:
     def due(self, step: int, last_step: bool) -> bool:
         return self.enabled and (step % self.settings.every_steps == 0 or last_step)
 
+    def _networks(self):
+        from difftrain.evaluate.scores import Networks
+
+        s = self.settings
+        return Networks(s.weights_dir, s.inception_weights, s.alexnet_weights, s.lpips_weights, s.clip_model,
+                        "cuda" if torch.cuda.is_available() else "cpu")
+
+    def check(self) -> None:
+        """Refuse the run now, not at its first evaluation, when a metric's network cannot be had."""
+        if self.enabled:
+            from difftrain.evaluate.scores import check_networks
+
+            check_networks(list(self.settings.metrics), self._networks())
+
     def _setup(self, method) -> None:
         from difftrain.evaluate.reference import open_records, reference_features
         from difftrain.evaluate.run import prompt_list
-        from difftrain.evaluate.scores import Networks, Scorer
+        from difftrain.evaluate.scores import Scorer
 
         s, data = self.settings, self.config.data
-        networks = Networks(s.weights_dir, s.inception_weights, s.alexnet_weights, s.lpips_weights, s.clip_model,
-                            "cuda" if torch.cuda.is_available() else "cpu")
-        self.scorer = Scorer(list(s.metrics), networks)
+        self.scorer = Scorer(list(s.metrics), self._networks())
         if s.reference:  # real images of the user's choosing
             records = open_records(s.reference, s.reference_source or "folder", s.reference_max, s.seed)
         else:  # the training data, read as training reads it

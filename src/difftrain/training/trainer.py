@@ -95,6 +95,9 @@ class Trainer:
         self.resume = resume
         self.allow_data_change = allow_data_change
         self._check_startable(resume)
+        self.evaluation = TrainingEvaluation(config, self.run_dir)
+        if self.main:
+            self.evaluation.check()
 
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)
@@ -127,7 +130,6 @@ class Trainer:
             config.seed * 7919 + self.accelerator.process_index
         )
         self.sampler = build_sampler(config, self.dataset, self.accelerator.process_index, self.accelerator.num_processes)
-        self.evaluation = TrainingEvaluation(config, self.run_dir)
         self.skipped_at_read = 0
         self.step = 0
         self.position = Position()

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from PIL import Image, ImageFilter
 
-from conftest import tiny_config, write_config
 from difftrain.cli import main
 from difftrain.evaluate.inception import InceptionFeatures, prepare, write_random_inception
 from difftrain.evaluate.lpips import LPIPS, load_lpips, pairwise_diversity, to_tensor, write_random_lpips

@@ -100,9 +100,9 @@ def default_cache_dir() -> Path:
 def reference_features(records: ImageRecords, extractor: InceptionFeatures, size: int,
                        cache_dir: str | Path | None = None, progress: bool = False) -> Reference:
     """The features of `records` at `size`, from the cache when this exact content was seen before."""
-    from difftrain.atomic import write_safetensors
     from safetensors import safe_open
 
+    from difftrain.atomic import write_safetensors
     from difftrain.data.sources import BadRecord
 
     digests = []

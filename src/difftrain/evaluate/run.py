@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
 from difftrain.evaluate.names import METRICS
-from difftrain.evaluate.reference import Reference, load_statistics_file, open_records, reference_features, save_reference
+from difftrain.evaluate.reference import (
+    Reference,
+    load_statistics_file,
+    open_records,
+    reference_features,
+    save_reference,
+)
 from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small
 from difftrain.evaluate.weights import EvalError
 

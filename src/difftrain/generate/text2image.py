@@ -215,7 +215,6 @@ class Drawer:
 
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
     """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
-    options.check()
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
     drawer = Drawer(model, options, prompt_loras, progress)
     out = Path(out_dir)

@@ -1,0 +1,127 @@
+"""Where a training step's time goes, measured with torch's profiler, for the demo step and a text2image step.
+
+    .venv/bin/python benchmarks/profile_step.py [--steps 20] [--batch 4] [--size 128]
+
+Each run builds the real Trainer from a config (the demo's, and text2image on Stable
+Diffusion 1.5's shape at a quarter of its width, uncached), then drives the same calls its
+loop makes, one step at a time, inside `torch.profiler.profile` with a `record_function`
+range per phase: data loading, the method's loss (split by forward hooks into VAE encode,
+text encode and UNet forward), backward, optimizer, EMA, logging (the loss's `.item()`),
+plus one checkpoint save. The table is each phase's share of the profiled wall time; the
+first steps are warm-up and not profiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from _common import device_name, step_arguments, workspace
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("data loading", "VAE encode", "text encode", "UNet forward", "loss (rest)", "backward", "optimizer",
+          "EMA", "logging", "checkpoint")
+
+
+def _ranged(module: torch.nn.Module, name: str) -> None:
+    """Open a profiler range when `module` starts its forward and close it when it ends."""
+    open_ranges = []
+    module.register_forward_pre_hook(lambda *_: open_ranges.append(record_function(name).__enter__()))
+    module.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None))
+
+
+def profile_trainer(raw: dict, steps: int, warmup: int = 3) -> dict[str, float]:
+    from difftrain.config import parse_config
+    from difftrain.data.dataset import make_loader
+    from difftrain.training.trainer import Trainer
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(parse_config(raw), progress=False)
+    trainer._prepare_run_dir(resuming=False)
+    method, device = trainer.method, trainer.accelerator.device
+    vae, text_encoder = getattr(method, "vae", None), getattr(method, "text_encoder", None)
+    if vae is not None:
+        _ranged(vae.encoder, "VAE encode")
+    if text_encoder is not None:
+        _ranged(text_encoder, "text encode")
+    _ranged(trainer.modules["unet"], "UNet forward")
+    batches = iter(make_loader(trainer.dataset, trainer.sampler, 0, method.collate))
+
+    def step():
+        with record_function("data loading"):
+            batch = next(batches)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with record_function("loss (rest)"):
+            loss = method.loss(trainer.wrapped, batch, trainer.noise_generator)
+        with record_function("backward"):
+            trainer.accelerator.backward(loss)
+        with record_function("optimizer"):
+            if trainer.config.training.max_grad_norm:
+                trainer.accelerator.clip_grad_norm_(trainer.parameters, trainer.config.training.max_grad_norm)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.lr_schedule.step()
+        with record_function("EMA"):
+            for name, ema in trainer.emas.items():
+                ema.step(trainer.modules[name])
+        with record_function("logging"):
+            loss.detach().item()  # what the loop does every log.every_steps
+
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        started = time.perf_counter()
+        for trainer.step in range(1, steps + 1):
+            step()
+        with record_function("checkpoint"):
+            trainer.save_checkpoint()
+        wall = time.perf_counter() - started
+    totals = {event.key: event.cpu_time_total / 1e6 for event in prof.key_averages() if event.key in PHASES}
+    # Nested ranges: the loss's own range holds the encoders' and the UNet's; report its remainder.
+    inside = sum(totals.get(name, 0.0) for name in ("VAE encode", "text encode", "UNet forward"))
+    totals["loss (rest)"] = totals.get("loss (rest)", 0.0) - inside
+    totals["(unattributed)"] = wall - sum(totals.values())
+    return {"wall": wall, "steps": steps, **totals}
+
+
+def print_table(title: str, result: dict) -> None:
+    wall = result["wall"]
+    print(f"\n{title}: {result['steps']} steps + 1 checkpoint in {wall:.1f} s "
+          f"({result['steps'] / wall:.2f} steps/s including the checkpoint)")
+    for name in (*PHASES, "(unattributed)"):
+        if name in result:
+            print(f"  {name:16s} {result[name]:7.2f} s  {result[name] / wall:6.1%}")
+
+
+def main() -> None:
+    parser = step_arguments(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    space = workspace(args.size, args.batch)
+    print(f"device: {device_name(space.device)}")
+
+    from difftrain.data.shapes import write_shapes_dataset
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo.update(output_dir=str(space.work / "demo"))
+    demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
+    demo["log"]["tensorboard"] = False
+    print_table("demo step (unconditional, 1.5M-parameter UNet, 32 px, batch 16)", profile_trainer(demo, args.steps))
+
+    text2image = {
+        "output_dir": str(space.work / "t2i"), "method": "text2image",
+        "data": {"path": str(space.data_dir), "resolution": args.size, "random_flip": False},
+        "model": {"base": str(space.model_dir)},
+        "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4},
+        "log": {"tensorboard": False},
+    }
+    print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache)",
+                profile_trainer(text2image, args.steps))
+
+
+if __name__ == "__main__":
+    main()

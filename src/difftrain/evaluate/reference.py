@@ -41,8 +41,24 @@ class ImageRecords:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def captions(self) -> list[list[str]]:
-        return [self.source.read(i).captions for i in self.indices]
+    def sample_captions(self, count: int, seed: int) -> list[str]:
+        """`count` captions, each from a record drawn with replacement (seeded); reads only the records drawn.
+
+        Uncaptioned and unreadable records are passed over; [] when a run of draws finds no caption at all.
+        """
+        from difftrain.data.sources import BadRecord
+
+        rng, found, misses = random.Random(seed), [], 0
+        while len(found) < count and misses < max(100, 10 * count):
+            try:
+                captions = self.source.read(rng.choice(self.indices)).captions
+            except BadRecord:
+                captions = []
+            if captions:
+                found.append(rng.choice(captions))
+            else:
+                misses += 1
+        return found
 
     def images(self) -> Iterator[tuple[object, Image.Image]]:
         """(record, image) for each record that decodes; the others go to `skipped`."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,10 +198,8 @@ def prompt_list(count: int, per_prompt: int, seed: int, records=None, prompt: st
             warnings.append(f"--prompts {path}: {len(lines) - len(prompts)} blank line(s) skipped")
         if not prompts:
             raise EvalError(f"--prompts {path}: no prompts in it")
-    if not prompts and records is not None:
-        captions = [c for c in records.captions() if c]
-        rng = random.Random(seed)
-        prompts = [rng.choice(rng.choice(captions)) for _ in range(math.ceil(count / per_prompt))] if captions else []
+    if not prompts and records is not None and len(records):
+        prompts = records.sample_captions(math.ceil(count / per_prompt), seed)
     if not prompts:
         raise EvalError("a text-to-image model needs prompts: give --prompt, --prompts FILE, "
                         "or a captioned --reference to sample captions from")

@@ -78,7 +78,7 @@ test-latest:
 # Our metric code against torch-fidelity's and lpips' own (tests/test_eval_parity.py). They import
 # torchvision, which does not install beside the CPU torch of `make setup`; on x86_64 Linux the
 # matching pair is a CUDA build of several GB.
-test-parity: setup
+test-parity:
 	test -x .venv-parity/bin/python || python3 -m venv .venv-parity
 	.venv-parity/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(EVAL_SPECS) | xargs .venv-parity/bin/pip install --quiet

@@ -48,18 +48,20 @@ def frechet_distance_of(features: torch.Tensor, reference: Statistics) -> float:
     With fewer images than dimensions (64 against 2048 during training), S1 = AᵀA/(n-1) for
     the centred features A, and the non-zero eigenvalues of S1·S2 are those of the symmetric
     n x n matrix A·S2·Aᵀ/(n-1): the same value as the 2048 x 2048 eigenproblem (within 1e-7
-    relative of torch-fidelity's, tested) in 0.05 s instead of 3 s on a CPU, and without the
+    relative of torch-fidelity's, tested) in 0.02 s instead of 3.3 s on a CPU (eval_cost.py), and without the
     rounding a singular S1 leaves in the general eigenvalues.
     """
-    stats = Statistics.of(features)
     n, d = features.shape
     if n > d:
-        return frechet_distance(stats, reference)
-    centred = features.double().numpy() - stats.mu
+        return frechet_distance(Statistics.of(features), reference)
+    array = features.double().numpy()
+    mu = array.mean(axis=0)
+    centred = array - mu
     eigenvalues = np.linalg.eigvalsh(centred @ reference.sigma @ centred.T / (n - 1))
     tr_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-    diff = stats.mu - reference.mu
-    return float(diff.dot(diff) + np.trace(stats.sigma) + np.trace(reference.sigma) - 2 * tr_covmean)
+    trace = (centred**2).sum() / (n - 1)  # Tr(S1), without building the d x d S1
+    diff = mu - reference.mu
+    return float(diff.dot(diff) + trace + np.trace(reference.sigma) - 2 * tr_covmean)
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

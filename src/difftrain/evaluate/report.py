@@ -43,7 +43,8 @@ def summary_lines(result: dict, out: Path) -> list[str]:
     lines += [f"  {label:16s} {text:22s} ({better})" for label, text, better in metric_rows(values)]
     if result.get("reference"):
         ref = result["reference"]
-        lines.append(f"  reference        {ref['images']} images{' (cached)' if ref['from_cache'] else ''}: {ref['source']}")
+        cached = " (cached)" if ref["from_cache"] else ""
+        lines.append(f"  reference        {ref['images']} images{cached}: {ref['source']}")
     lines += [f"  warning: {text}" for text in result["warnings"]]
     lines.append(f"  report           {out / 'report.html'}  (numbers with settings: {out / 'eval.json'})")
     return lines

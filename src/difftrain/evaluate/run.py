@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,9 +88,10 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         located = locate(target, options.use_ema)
         has_prompts = located.manifest is None or located.manifest.kind != "unconditional"
     wanted = _wanted_metrics(options, has_prompts, warnings)
-    if options.networks.device == "auto":
-        options.networks.device = _device()
-    scorer = Scorer(wanted, options.networks)  # a missing network is reported before anything is drawn
+    networks = options.networks
+    if networks.device == "auto":
+        networks = replace(networks, device=_device())
+    scorer = Scorer(wanted, networks)  # a missing network is reported before anything is drawn
     if not is_folder:
         groups, generation = _draw(located, options, reference_records, warnings, out / "images", progress)
     if not any(group.images for group in groups):
@@ -224,7 +225,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
         if value is not None:
             given[name] = value
     generate_options = GenerateOptions(**given)
-    drawer = Drawer(target, generate_options, progress=False)
+    drawer = Drawer(located, generate_options, progress=False)
     groups: dict[str, Group] = {}
     bar = tqdm(total=options.num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,8 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
         prompt, seeds = plan[start], list(range(options.seed + start, options.seed + end))
         group = groups.setdefault(prompt, Group(prompt))
         for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
-            drawer.save(image, images_dir / f"{seed - options.seed:05d}-{seed}.png", prompt, options.negative_prompt, seed)
+            path = images_dir / f"{seed - options.seed:05d}-{seed}.png"
+            drawer.save(image, path, prompt, options.negative_prompt, seed)
             group.images.append(image)
             group.seeds.append(seed)
         bar.update(len(seeds))
@@ -245,7 +247,8 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     return list(groups.values()), generation
 
 
-def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path, progress: bool) -> tuple[list[Group], dict]:
+def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
+                        progress: bool) -> tuple[list[Group], dict]:
     from difftrain.generate.unconditional import load_unconditional
     from difftrain.sampling.loop import sample_unet_batched
 

@@ -69,7 +69,6 @@ def check_networks(wanted: list[str], networks: Networks) -> None:
 class Scorer:
     def __init__(self, wanted: list[str], networks: Networks):
         self.wanted = check_metrics(wanted)
-        self.networks = networks
         self.inception = self.clip = self.lpips = None
         self.info: dict = {}
         if any(name in self.wanted for name in INCEPTION_METRICS):
@@ -108,10 +107,11 @@ class Scorer:
             if reference is not None:
                 out.update(self._against_reference(features, reference))
         if self.clip is not None:
-            prompted = [(image, group.prompt) for group in groups if group.prompt for image in group.images]
+            prompted = [group for group in groups if group.prompt]
             if prompted:
-                scores = self.clip.scores(*map(list, zip(*prompted)))
-                out["clip_score"] = float(scores.mean())
+                images = [image for group in prompted for image in group.images]
+                prompts = [group.prompt for group in prompted for _ in group.images]
+                out["clip_score"] = float(self.clip.scores(images, prompts).mean())
         if self.lpips is not None:
             from difftrain.evaluate.lpips import pairwise_diversity
 

@@ -113,11 +113,6 @@ def sha256(path: str | Path) -> str:
     return file_hashes(Path(path))[0]
 
 
-def is_standard(spec: WeightsFile, path: Path) -> bool:
-    """Whether `path` holds the published weights (the numbers are then comparable with other tools')."""
-    return sha256(path).startswith(spec.sha256_prefix)
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
@@ -134,5 +129,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def weights_info(spec: WeightsFile, path: Path) -> dict:
-    """What eval.json records about a network's weights."""
-    return {"file": str(path), "sha256": sha256(path), "standard": is_standard(spec, path)}
+    """What eval.json records about a network's weights; `standard`: the published file, so the numbers
+    compare with other tools'."""
+    digest = sha256(path)
+    return {"file": str(path), "sha256": digest, "standard": digest.startswith(spec.sha256_prefix)}

@@ -160,17 +160,19 @@ class Drawer:
     the images the command gives. `extra_loras` are LoRAs named by prompt tags.
     """
 
-    def __init__(self, model: str, options: GenerateOptions, extra_loras: list[tuple[str, float]] = (),
+    def __init__(self, model, options: GenerateOptions, extra_loras: list[tuple[str, float]] = (),
                  progress: bool = True):
-        from difftrain.generate.loader import build_pipeline, locate
+        """`model`: anything `load_pipeline` takes, or the `Located` a caller already has."""
+        from difftrain.generate.loader import Located, build_pipeline, locate
         from difftrain.sampling.schedulers import make_scheduler
 
         options.check()
         self.options = options
         device = _device()
-        located = locate(model, options.use_ema)
+        located = model if isinstance(model, Located) else locate(model, options.use_ema)
         if located.manifest is not None and located.manifest.kind == "unconditional":
-            raise GenerateError(f"{model} is a pixel-space (unconditional) model; `difftrain sample {model}` draws from it")
+            raise GenerateError(f"{located.source} is a pixel-space (unconditional) model; "
+                                f"`difftrain sample {located.source}` draws from it")
         pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
                               dtype=_dtype(options.precision, device), config=options.config)
         self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
@@ -199,7 +201,8 @@ class Drawer:
 
         pipe = self.pipe
         # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
-        prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
+        prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer)
+                                   for text in (prompt, negative_prompt))
         positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
                                          pipe._execution_device, self.clip_skip)
         return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,

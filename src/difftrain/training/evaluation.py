@@ -114,7 +114,8 @@ class TrainingEvaluation:
         value = values.get(self.best_metric) if self.best_metric else None
         if value is None or not math.isfinite(value):
             return False
-        better = self.best is None or (value < self.best["value"] if self.direction == "min" else value > self.best["value"])
+        previous = None if self.best is None else self.best["value"]
+        better = previous is None or (value < previous if self.direction == "min" else value > previous)
         if better:
             self.best = {"step": step, "value": value, "metric": self.best_metric}
         return better

@@ -29,6 +29,7 @@ demo: setup
 	test -f data/shapes/metadata.jsonl || $(DIFFTRAIN) data shapes data/shapes
 	$(DIFFTRAIN) train configs/demo.yaml $$(ls runs/demo/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
 	$(DIFFTRAIN) sample runs/demo --num 16 --scheduler euler_a --steps 30 --seed 0 --out runs/demo/grid.png
+	$(DIFFTRAIN) data judge-shapes runs/demo/grid.png
 	$(DIFFTRAIN) sample runs/demo --num 8 --scheduler all --steps 30 --seed 0 --out runs/demo/schedulers.png
 
 # A whole Stable Diffusion from nothing on this CPU: a VAE, then a text-conditioned UNet on its latents.

@@ -88,7 +88,7 @@ def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch:
         trainer = Trainer(parse_config(raw), progress=False)
         trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
         result = trainer.run()
-    return steps / result.seconds, trainer
+    return steps / result.loop_seconds, trainer
 
 
 def step_arguments(description: str) -> argparse.ArgumentParser:

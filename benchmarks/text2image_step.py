@@ -105,8 +105,9 @@ def main() -> None:
     for name, (rate, peak) in results.items():
         print(f"{name:40s} {rate:8.2f} {rate / baseline_rate:7.2f} {peak / 2**20:9.0f} "
               f"{peak / max(baseline_memory, 1):7.2f}")
-    print("(steps/s: mean of two runs each, alternating order. difftrain's figure is its loop time: data, step\n"
-          " and logging (the final checkpoint is switched off); the cache's one-off fill and model loading are not in it.\n"
+    print("(steps/s: mean of two runs each, alternating order. difftrain's figure is the run summary's steps alone:\n"
+          " data, step and logging, without previews or checkpoints; the cache's one-off fill and model loading are\n"
+          " not in it.\n"
           " peak: the larger of the two runs, model loading included)")
 
 

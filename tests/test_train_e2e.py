@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,9 @@ def test_train_writes_everything_a_user_looks_for(make_config, tmp_path, capsys)
     run = tmp_path / "run"
     out = capsys.readouterr().out
     assert "run finished at step 4/4" in out and "final model" in out
+    speed = next(line for line in out.splitlines() if line.strip().startswith("speed"))
+    assert "steps/s" in speed and "images/s" in speed and "the steps alone" in speed
+    assert "start-up" in out and "compile" not in out  # eager on a CPU: training.compile auto
     assert (run / "config.yaml").is_file() and (run / "data_report.txt").is_file()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     assert Image.open(run / "loss.png").size == (640, 360)
@@ -78,6 +82,29 @@ def test_resume_is_bitwise_identical(make_config, tmp_path, num_workers, accumul
     assert main(["train", str(halves), "--no-progress"]) == 0
     assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=6", "--resume", "latest"]) == 0
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000006", tmp_path / "halves/checkpoints/step-00000006")
+
+
+def test_compiled_training_resumes_bitwise_and_refuses_to_mix_with_eager(make_config, tmp_path, capsys):
+    """training.compile: true runs the UNet through inductor; a compiled run resumes exactly, and an
+    eager run does not continue a compiled one (their kernels round differently)."""
+    sections = {"training": {"compile": True, "max_steps": 4}, "checkpoint": {"every_steps": 2},
+                "sample": {"every_steps": 2}}
+    straight = make_config("straight", **sections)
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    compiling = re.search(r"torch.compile: first step ([0-9.]+) s, about ([0-9]+) s of it compiling", out)
+    assert compiling and float(compiling[2]) >= 1, out  # inductor really ran: an eager first step takes milliseconds
+    state = json.loads((tmp_path / "straight/checkpoints/step-00000004/state.json").read_text())
+    assert state["compiled"] is True
+    assert len(list((tmp_path / "straight/samples").glob("*.png"))) == 2  # sampling runs eager beside the compiled step
+    halves = make_config("halves", **sections)
+    assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(halves), "--resume", "latest", "--set", "training.compile=false"]) == 2
+    assert "training.compile: checkpoint has True, this config has False" in capsys.readouterr().err
+    assert main(["train", str(halves), "--no-progress", "--resume", "latest"]) == 0
+    assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000004",
+                           tmp_path / "halves/checkpoints/step-00000004")
 
 
 def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
@@ -144,6 +171,18 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
+
+
+def test_compile_auto_is_eager_on_a_cpu_and_a_resumed_auto_run_keeps_its_checkpoints_choice():
+    from difftrain.config import TrainingConfig
+    from difftrain.training.optim import resolve_compile
+
+    auto = TrainingConfig(compile="auto", max_steps=5000)
+    assert resolve_compile(auto) is False  # no CUDA here: inductor does not pay on a CPU
+    assert resolve_compile(auto, recorded=True) is True  # written on a GPU: stays compiled, so resume is exact
+    assert resolve_compile(TrainingConfig(compile="auto", max_steps=5000), recorded=False) is False
+    assert resolve_compile(TrainingConfig(compile=True)) is True
+    assert resolve_compile(TrainingConfig(compile="false")) is False
 
 
 def test_resume_refuses_a_changed_data_set(make_config, tmp_path, shapes_dir, capsys):

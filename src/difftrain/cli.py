@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from difftrain.errors import DifftrainError
+
+_STARTED = time.perf_counter()  # the command's start: a run's start-up time counts from here
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -18,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from difftrain.training.trainer import train
 
     config = load_config(args.config, args.set)
-    train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change)
+    train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change,
+          started=_STARTED)
     return 0
 
 
@@ -154,6 +158,18 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_judge_shapes(args: argparse.Namespace) -> int:
+    from difftrain.data.shapes_judge import judge_grid
+
+    columns, _, rows = args.grid.partition("x")
+    verdicts = judge_grid(args.image, int(columns), int(rows or columns))
+    for number, verdict in enumerate(verdicts, 1):
+        print(f"  cell {number:2d}: {'clean  ' if verdict.clean else 'NOT OK '} {verdict.describe()}")
+    clean = sum(v.clean for v in verdicts)
+    print(f"{args.image}: {clean}/{len(verdicts)} cells are clean single-coloured shapes of the set")
+    return 0 if clean >= args.min_clean else 1
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from difftrain.data.folder import scan_folder
 
@@ -202,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size", type=int, default=32)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(run=_data_shapes)
+    judge = data.add_parser("judge-shapes", help="check a sample grid of a shapes model: one clean shape per cell?")
+    judge.add_argument("image", help="a grid written by `difftrain sample`")
+    judge.add_argument("--grid", default="4x4", help="columns x rows (default 4x4)")
+    judge.add_argument("--min-clean", type=int, default=0, help="exit 1 when fewer cells are clean")
+    judge.set_defaults(run=_data_judge_shapes)
     check = data.add_parser("check", help="scan an image folder and report usable, bad and uncaptioned files")
     check.add_argument("path")
     check.add_argument("--captions", default="auto", choices=["auto", "metadata", "txt", "none"])

@@ -138,6 +138,11 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
     attention: Literal["sdpa", "xformers", "default"] = "sdpa"
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
+    compile: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps, off on a CPU "
+                    "(where it did not pay: benchmarks/demo_levers.py)",
+    )
 
 
 class Text2ImageConfig(Section):

@@ -163,12 +163,15 @@ class TextToImage(Method):
         else:
             mean, std = self.latent_distribution(batch["pixel_values"])
         latents = self.to_latents(mean.to(self.device), std.to(self.device), generator)
-        if "prompt_embeds" in batch:
-            embeds = batch["prompt_embeds"].to(self.device)
-            embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
-        else:
+        if self.trains_text_encoder:  # the encoder being trained must see the dropped captions as "" itself
             captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
             embeds = self.encode_text(captions, modules.get("text_encoder"))
+        else:
+            # A frozen encoder's "" is the stored empty embedding: dropout is a tensor select,
+            # with no host-device sync (.tolist()) in the step, cached or not.
+            embeds = batch["prompt_embeds"] if "prompt_embeds" in batch else self.encode_text(batch["caption"])
+            embeds = embeds.to(self.device)
+            embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
         unet = modules.get("unet", self.unet)
         embeds = embeds.to(latents.dtype)
         # A frozen UNet in half precision is not wrapped by accelerate's autocast (only trained

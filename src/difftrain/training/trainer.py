@@ -49,7 +49,13 @@ from difftrain.training.checkpoint import (
 )
 from difftrain.training.ema import Ema
 from difftrain.training.evaluation import TrainingEvaluation
-from difftrain.training.optim import apply_speed_options, build_lr_schedule, build_optimizer
+from difftrain.training.optim import (
+    apply_speed_options,
+    build_lr_schedule,
+    build_optimizer,
+    compile_modules,
+    resolve_compile,
+)
 from difftrain.training.report import plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
 
@@ -63,12 +69,17 @@ class TrainResult:
     step: int
     loss: float | None
     seconds: float
+    loop_seconds: float = 0.0  # the steps alone: no samples, evaluation or checkpoints
+    startup_seconds: float = 0.0  # from the Trainer's creation (or `started`) to the first step
 
 
 class Trainer:
     def __init__(
-        self, config: RunConfig, progress: bool = True, resume: str | None = None, allow_data_change: bool = False
+        self, config: RunConfig, progress: bool = True, resume: str | None = None, allow_data_change: bool = False,
+        started: float | None = None,
     ):
+        # time.perf_counter() when the user asked for this run (the CLI passes its own start).
+        self.started = started if started is not None else time.perf_counter()
         if config.training.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "training.mixed_precision = 'fp16': fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'"
@@ -89,6 +100,7 @@ class Trainer:
             cpu=not _has_accelerator_device(),
         )
         self.main = self.accelerator.is_main_process
+        self.compiled = resolve_compile(config.training)
         self.progress = progress and self.main
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         # Refuse a run that cannot start before any model loads or any cache fills.
@@ -124,6 +136,8 @@ class Trainer:
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
         self.wrapped = dict(zip(self.modules, prepared[:-1]))
         self.optimizer = prepared[-1]
+        if self.compiled:
+            compile_modules(self.wrapped)
 
         device = self.accelerator.device
         self.noise_generator = torch.Generator(device=device).manual_seed(
@@ -160,7 +174,8 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        started, start_step = time.time(), self.step
+        timer = _LoopTimer(self.started)
+        start_step = self.step
         loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, None
         with _stop_on_first_interrupt(enabled=accelerator.num_processes == 1) as stop:
             while self.step < config.training.max_steps:
@@ -180,6 +195,7 @@ class Trainer:
                     loss_sum += loss.detach()
                     loss_count += 1
                     self.skipped_at_read += batch["skipped"]
+                timer.step_done()
                 if not accelerator.optimizer_step_was_skipped:
                     self.lr_schedule.step()
                 for name, ema in self.emas.items():
@@ -194,24 +210,26 @@ class Trainer:
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
-                if self.step % config.sample.every_steps == 0 or last_step:
-                    self.save_samples()
-                if self.evaluation.due(self.step, last_step):
-                    self.evaluate(bar)
-                if self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested:
-                    self.save_checkpoint()
+                with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
+                    if self.step % config.sample.every_steps == 0 or last_step:
+                        self.save_samples()
+                    if self.evaluation.due(self.step, last_step):
+                        self.evaluate(bar)
+                    if self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested:
+                        self.save_checkpoint()
                 if stop.requested:
                     bar.close()
                     print(f"interrupted: checkpoint saved at step {self.step}; --resume latest continues from here")
                     raise KeyboardInterrupt
         bar.close()
-        seconds = time.time() - started
+        seconds = timer.seconds()
         model_dir = self.save_final_model()
         accelerator.end_training()
         if self.main:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
-            self._print_summary(seconds, self.step - start_step, last_loss, model_dir)
-        return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds)
+            self._print_summary(timer, self.step - start_step, last_loss, model_dir)
+        return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
+                           timer.startup)
 
     # ----------------------------------------------------------------- outputs
     def _check_startable(self, resume: str | None) -> None:
@@ -233,6 +251,8 @@ class Trainer:
                 + "\n  ".join(conflicts)
                 + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
             )
+        # An explicit training.compile that differs is a config conflict above; `auto` follows the checkpoint.
+        self.compiled = resolve_compile(self.config.training, state.get("compiled", False))
         if state["world_size"] != self.accelerator.num_processes:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
@@ -269,6 +289,8 @@ class Trainer:
         """The unwrapped modules in eval mode, holding the EMA weights when EMA is on."""
         modules = self.modules
         with ExitStack() as stack:
+            if self.compiled:  # sampling's shapes and no-grad mode would each cost a compile of their own
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
             for name, ema in self.emas.items():
                 stack.enter_context(ema.swapped_into(modules[name]))
             for m in modules.values():
@@ -324,16 +346,21 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return model_dir
 
-    def _print_summary(self, seconds: float, steps_run: int, loss: float | None, model_dir: Path | None) -> None:
+    def _print_summary(self, timer: "_LoopTimer", steps_run: int, loss: float | None, model_dir: Path | None) -> None:
         config = self.config
-        rate = steps_run / seconds if seconds > 0 else float("nan")
         images = steps_run * config.training.batch_size * config.training.gradient_accumulation_steps
+        images *= self.accelerator.num_processes
+        loop = max(timer.loop_seconds(), 1e-9)
         lines = [
             "",
             f"difftrain: {config.method} run finished at step {self.step}/{config.training.max_steps}",
-            f"  time        {seconds / 60:.1f} min for {steps_run} steps ({rate:.2f} steps/s, "
-            f"{images * self.accelerator.num_processes / max(seconds, 1e-9):.1f} images/s over "
-            f"{self.accelerator.num_processes} process(es))",
+            f"  time        {timer.seconds() / 60:.1f} min for {steps_run} steps, start-up {timer.startup:.1f} s "
+            f"before the first step",
+            f"  speed       {steps_run / loop:.2f} steps/s, {images / loop:.1f} images/s over "
+            f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
+            f"took {timer.aside_seconds:.0f} s more)",
+            *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
+               f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
             f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
             f"{self.skipped_at_read} replaced at read time (this process)"
@@ -370,6 +397,7 @@ class Trainer:
                 "step": self.step,
                 "position": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "world_size": accelerator.num_processes,
+                "compiled": self.compiled,
                 "num_records": len(self.dataset),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "optimizer": optimizer_rest,
@@ -446,6 +474,39 @@ class Trainer:
         log.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changes))
 
 
+class _LoopTimer:
+    """Wall time of the loop, split into the steps themselves and the work beside them."""
+
+    def __init__(self, started: float):
+        self.loop_start = time.perf_counter()
+        self.startup = self.loop_start - started
+        self.first_step: float | None = None
+        self.aside_seconds = 0.0
+
+    def step_done(self) -> None:
+        if self.first_step is None:
+            self.first_step = time.perf_counter() - self.loop_start
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.aside_seconds += time.perf_counter() - begun
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.loop_start
+
+    def loop_seconds(self) -> float:
+        return self.seconds() - self.aside_seconds
+
+    def compile_seconds(self, steps: int) -> float:
+        """The first step's time beyond a typical step's: what compiling (and first-use warm-up) cost."""
+        typical = (self.loop_seconds() - self.first_step) / (steps - 1) if steps > 1 else 0.0
+        return max(self.first_step - typical, 0.0)
+
+
 class _StopFlag:
     requested = False
 
@@ -493,9 +554,12 @@ def _scalar_config(config: RunConfig) -> dict:
 
 
 def train(
-    config: RunConfig, resume: str | None = None, progress: bool = True, allow_data_change: bool = False
+    config: RunConfig, resume: str | None = None, progress: bool = True, allow_data_change: bool = False,
+    started: float | None = None,
 ) -> TrainResult:
     """Train `config` to `training.max_steps`; `resume` is 'latest' or a checkpoint folder.
 
-    `allow_data_change` resumes although the data set differs from the checkpoint's."""
-    return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change).run()
+    `allow_data_change` resumes although the data set differs from the checkpoint's; `started`
+    (a time.perf_counter() value) is when the run was asked for, the start of its start-up time."""
+    return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change,
+                   started=started).run()

@@ -1,0 +1,84 @@
+"""The demo's training step under each speed lever, against the step as configs/demo.yaml runs it.
+
+    .venv/bin/python benchmarks/demo_levers.py [--steps 12] [--compile]
+
+One step = the UNet's forward and backward on a batch of 32 px images plus fused AdamW, the
+part that is ~95 % of the demo's step (benchmarks/profile_step.py). Each lever is measured
+alone, in this process, alternating with the baseline: bf16 autocast (pays only where the
+CPU has bf16 instructions, e.g. AVX512-BF16 or AMX), channels_last, larger batches (as
+images/s: the number that decides how long a fixed number of training images takes), the
+other UNet presets, and with --compile torch.compile (inductor), whose compile time is
+printed apart from its step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from difftrain.models.unet import build_unet
+
+
+def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channels_last: bool = False,
+              compile: bool = False, steps: int = 12) -> tuple[float, float]:
+    """(seconds per step, seconds of the first two steps: compiling when compile is on)."""
+    torch.manual_seed(0)
+    unet = build_unet(preset, None, 3, 32)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, 32, 32)
+    t = torch.randint(0, 1000, (batch,))
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model = torch.compile(unet) if compile else unet
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t).sample
+        (out.float() - x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    step(), step()
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling on a CPU)")
+    args = parser.parse_args()
+    cpu_flags = open("/proc/cpuinfo").read() if torch.cuda.device_count() == 0 else ""
+    print(f"CPU, {torch.get_num_threads()} threads; bf16 instructions: "
+          f"{'yes' if 'avx512_bf16' in cpu_flags or 'amx_bf16' in cpu_flags else 'no'}")
+
+    levers = {
+        "bf16 autocast": dict(bf16=True),
+        "channels_last": dict(channels_last=True),
+        "batch 32": dict(batch=32),
+        "batch 64": dict(batch=64),
+        "batch 32 + bf16": dict(batch=32, bf16=True),
+        "preset tiny": dict(preset="tiny"),
+        **({"torch.compile": dict(compile=True)} if args.compile else {}),
+    }
+    print(f"\n{'lever':20s} {'ms/step':>8s} {'images/s':>9s} {'x base':>7s}   (base: preset small, batch 16, fp32)")
+    for name, options in levers.items():
+        # The baseline is re-measured beside each lever: this machine's speed drifts by ±10 %.
+        base, _ = step_time(steps=args.steps)
+        seconds, first = step_time(steps=args.steps, **options)
+        batch = options.get("batch", 16)
+        ratio = (batch / seconds) / (16 / base)
+        note = f"   first two steps {first:.0f} s (compiling)" if options.get("compile") else ""
+        print(f"{name:20s} {seconds * 1000:8.0f} {batch / seconds:9.0f} {ratio:7.2f}   base {base * 1000:.0f} ms{note}")
+    print("(x base: images/s against the baseline measured just before; 'preset tiny' is the test model, for scale)")
+
+
+if __name__ == "__main__":
+    main()

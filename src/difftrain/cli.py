@@ -26,6 +26,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_units(args: argparse.Namespace) -> list:
+    """One unit per --controlnet, paired in order with --control-image; the other lists give one value for
+    every unit or one per unit."""
+    from difftrain.generate.controlnet import ControlUnit
+    from difftrain.generate.text2image import parse_lora_arg
+
+    models = [parse_lora_arg(item) for item in args.controlnet or []]  # PATH[:SCALE], the --lora syntax
+    images = args.control_image or []
+    if len(images) != len(models):
+        raise DifftrainError(f"{len(models)} --controlnet and {len(images)} --control-image: give one image per "
+                             "ControlNet, in the same order")
+
+    def per_unit(values, default, flag):
+        values = values or [default]
+        if len(values) not in (1, len(models)):
+            raise DifftrainError(f"{flag}: give one value for all {len(models)} ControlNets or one for each")
+        return values * len(models) if len(values) == 1 else values
+
+    columns = zip(models, images, per_unit(args.preprocess, "none", "--preprocess"),
+                  per_unit(args.control_start, 0.0, "--control-start"),
+                  per_unit(args.control_end, 1.0, "--control-end"))
+    return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess, start=start, end=end,
+                        low_threshold=args.canny_low, high_threshold=args.canny_high)
+            for (path, scale), image, preprocess, start, end in columns]
+
+
 def _sample(args: argparse.Namespace) -> int:
     from difftrain.sampling.schedulers import CORE_SCHEDULERS
 
@@ -99,6 +125,10 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
+    if args.controlnet or args.control_image:
+        given["controlnets"] = _control_units(args)
+    if args.guess_mode:
+        given["guess_mode"] = True
     if args.strength is not None and not (args.init_image or args.from_png):
         raise DifftrainError("--strength applies to img2img: give --init-image too")
     if args.from_png:
@@ -272,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     gen.add_argument("--init-image", help="img2img: start from this image")
     gen.add_argument("--strength", type=float, help="img2img: how far from the init image (0-1, default 0.75)")
+    gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
+                     help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
+    gen.add_argument("--control-image", action="append", metavar="IMAGE", help="one per --controlnet, in order")
+    gen.add_argument("--preprocess", action="append", choices=["none", "canny"],
+                     help="what turns the control image into the condition (default none); once, or per ControlNet")
+    gen.add_argument("--control-start", action="append", type=float, metavar="F",
+                     help="share of the steps before a ControlNet acts (default 0); once, or per ControlNet")
+    gen.add_argument("--control-end", action="append", type=float, metavar="F",
+                     help="share of the steps after which it stops (default 1); once, or per ControlNet")
+    gen.add_argument("--canny-low", type=int, default=100, help="canny: lower threshold (default 100)")
+    gen.add_argument("--canny-high", type=int, default=200, help="canny: upper threshold (default 200)")
+    gen.add_argument("--guess-mode", action="store_true", help="A1111's 'ControlNet is more important'")
     gen.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs (offline)")
     gen.add_argument("--from-png", metavar="IMAGE", help="repeat the generation recorded in an image's parameters")
     gen.add_argument("--out", default="outputs", help="output folder (default outputs/)")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from difftrain.errors import DifftrainError
+from difftrain.generate.controlnet import ControlUnit
 
 
 class GenerateError(DifftrainError):
@@ -49,6 +50,8 @@ class GenerateOptions:
     init_image: str | None = None
     strength: float = 0.75
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
+    controlnets: list[ControlUnit] = field(default_factory=list)
+    guess_mode: bool = False  # A1111's "ControlNet is more important"
 
     def check(self) -> None:
         """Everything that can be refused before a model loads."""
@@ -74,6 +77,10 @@ class GenerateOptions:
                                 "raise --steps or --strength")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
+        for number, unit in enumerate(self.controlnets):
+            unit.check(number)
+        if self.guess_mode and not self.controlnets:
+            raise GenerateError("--guess-mode applies to ControlNets: give --controlnet and --control-image too")
         from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
@@ -150,6 +157,10 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Embeddings"] = " | ".join(options.embeddings)
     if not options.use_ema:
         params["EMA"] = "off"
+    if options.controlnets:
+        from difftrain.generate.controlnet import infotext_units
+
+        params.update(infotext_units(options.controlnets, options.guess_mode, width, height))
     return params
 
 
@@ -193,6 +204,23 @@ class Drawer:
             self.extra = {"image": init, "strength": options.strength}
         else:
             self.runner, self.extra = pipe, {"width": self.width, "height": self.height}
+        if options.controlnets:
+            self._add_controlnets(options, device, progress)
+
+    def _add_controlnets(self, options: GenerateOptions, device: torch.device, progress: bool) -> None:
+        from difftrain.generate import controlnet
+
+        pipe = self.pipe
+        nets = [controlnet.load_controlnet(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
+        images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
+        self.runner = controlnet.controlnet_pipeline(pipe, nets, img2img=bool(options.init_image))
+        if options.cpu_offload:
+            self.runner.enable_model_cpu_offload()
+        else:
+            self.runner.to(device)
+        self.runner.set_progress_bar_config(disable=not progress)
+        self.extra.update(controlnet.pipeline_arguments(options.controlnets, images, options.guess_mode,
+                                                        img2img=bool(options.init_image)))
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
@@ -259,6 +287,9 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if params.get("Embeddings"):
         options.embeddings = [item.strip() for item in str(params["Embeddings"]).split(" | ")]
     options.use_ema = params.get("EMA") != "off"
+    from difftrain.generate.controlnet import units_from_infotext
+
+    options.controlnets, options.guess_mode = units_from_infotext(params)
     return replace(options, **overrides)
 
 

@@ -1,0 +1,109 @@
+"""`difftrain generate --controlnet`: one or several ControlNets on the tiny Stable Diffusion, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from test_generate import FAST, pixels, run
+from test_text2image import tiny_sd  # noqa: F401  (the fixture)
+
+from difftrain.cli import main
+from difftrain.generate.controlnet import canny, crop_and_resize
+from difftrain.generate.infotext import parse_infotext, read_png_infotext
+from difftrain.models.tiny_sd import write_tiny_controlnet
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_sd, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+    folder = tmp_path_factory.mktemp("controlnets")
+    return (write_tiny_controlnet(tiny_sd, folder / "cn-a", seed=1),
+            write_tiny_controlnet(tiny_sd, folder / "cn-b", seed=2))
+
+
+@pytest.fixture(scope="module")
+def mask(tmp_path_factory) -> Path:
+    image = Image.new("RGB", (32, 32), "black")
+    ImageDraw.Draw(image).rectangle([2, 2, 14, 14], fill="white")  # a square in the top-left
+    path = tmp_path_factory.mktemp("control") / "mask.png"
+    image.save(path)
+    return path
+
+
+def test_scale_zero_gives_the_plain_image_and_a_scale_steers_it(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    prompt = ["--prompt", "a red circle"]
+    [plain] = run(tiny_sd, tmp_path / "plain", *prompt)
+    [off] = run(tiny_sd, tmp_path / "off", *prompt, "--controlnet", f"{controlnets[0]}:0", "--control-image", str(mask))
+    [on] = run(tiny_sd, tmp_path / "on", *prompt, "--controlnet", f"{controlnets[0]}:1.5", "--control-image", str(mask))
+    # Weight 0 adds zero residuals: the ControlNet pipeline then draws exactly the plain image.
+    assert np.array_equal(pixels(plain), pixels(off))
+    assert np.abs(pixels(plain) - pixels(on)).mean() > 1.0
+    # A window that ends before the first step leaves it no step to act on.
+    [late] = run(tiny_sd, tmp_path / "late", *prompt, "--controlnet", f"{controlnets[0]}:1.5",
+                 "--control-image", str(mask), "--control-start", "0.9", "--control-end", "1.0")
+    assert not np.array_equal(pixels(late), pixels(on))
+
+
+def test_two_controlnets_write_a1111_infotext_and_from_png_repeats_them(
+        tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    args = ["--prompt", "a blue square", "--controlnet", f"{controlnets[0]}:0.7", "--control-image", str(mask),
+            "--controlnet", f"{controlnets[1]}:1.2", "--control-image", str(mask),
+            "--preprocess", "canny", "--preprocess", "none", "--control-end", "0.5", "--control-end", "1"]
+    [first] = run(tiny_sd, tmp_path / "two", *args)
+    _, _, params = parse_infotext(read_png_infotext(first))
+    unit = params["ControlNet 0"]
+    assert unit.startswith("Module: canny, Model: cn-a [")
+    for part in ("Weight: 0.7", "Resize Mode: Crop and Resize", "Threshold A: 100", "Threshold B: 200",
+                 "Guidance Start: 0", "Guidance End: 0.5", "Control Mode: Balanced"):
+        assert part in unit, (part, unit)
+    assert params["ControlNet 1"].startswith("Module: none, Model: cn-b [") and "Weight: 1.2" in params["ControlNet 1"]
+    assert "Threshold A" not in params["ControlNet 1"]
+    assert main(["generate", str(tiny_sd), "--from-png", str(first), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    [again] = sorted((tmp_path / "again").glob("*.png"))
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_controlnet_with_img2img_and_guess_mode(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(init)
+    [image] = run(tiny_sd, tmp_path / "i2i", "--prompt", "a red circle", "--init-image", str(init),
+                  "--controlnet", str(controlnets[0]), "--control-image", str(mask), "--guess-mode")
+    _, _, params = parse_infotext(read_png_infotext(image))
+    assert "Control Mode: ControlNet is more important" in params["ControlNet 0"]
+    assert "Denoising strength" in params
+
+
+def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811
+    def refused(*args) -> str:
+        assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--out", str(tmp_path / "x"), *FAST,
+                     *args]) == 2
+        return capsys.readouterr().err
+
+    other = write_tiny_controlnet(tiny_sd, tmp_path / "wide", cross_attention_dim=48)
+    err = refused("--controlnet", str(other), "--control-image", str(mask))
+    assert "text conditioning width (cross_attention_dim) is 48, the model's UNet has 32" in err
+    assert "1 --controlnet and 0 --control-image" in refused("--controlnet", str(controlnets[0]))
+    assert "no such file" in refused("--controlnet", str(controlnets[0]), "--control-image", str(tmp_path / "nope.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert "--control-image" in refused("--controlnet", str(controlnets[0]), "--control-image", str(broken))
+    assert "need 0 <= start < end <= 1" in refused("--controlnet", str(controlnets[0]), "--control-image", str(mask),
+                                                   "--control-start", "0.6", "--control-end", "0.4")
+    assert "cannot load a ControlNet" in refused("--controlnet", str(tmp_path), "--control-image", str(mask))
+    assert "--guess-mode applies to ControlNets" in refused("--guess-mode")
+
+
+def test_canny_and_the_crop_and_resize_rule():
+    image = Image.new("RGB", (64, 32), "black")
+    ImageDraw.Draw(image).rectangle([16, 0, 47, 31], fill="white")  # the centre half is white
+    square = crop_and_resize(image, 32, 32)
+    assert square.size == (32, 32)
+    assert np.asarray(square.convert("L")).min() > 200  # the centre was kept, the black sides cropped
+    square = Image.new("RGB", (32, 32), "black")
+    ImageDraw.Draw(square).rectangle([8, 8, 23, 23], fill="white")
+    edges = np.asarray(canny(square, 100, 200).convert("L"))
+    assert set(np.unique(edges)) == {0, 255}
+    assert edges[8, 4:28].max() == 255 and edges[16, 16] == 0  # the square's top edge, not its inside

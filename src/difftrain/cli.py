@@ -200,6 +200,22 @@ def _data_judge_shapes(args: argparse.Namespace) -> int:
     return 0 if clean >= args.min_clean else 1
 
 
+def _export_controlnet(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import ControlNetModel
+
+    from difftrain.models.single_file import save_controlnet_single_file
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        net = ControlNetModel.from_pretrained(args.src)
+    except (OSError, ValueError) as exc:
+        raise DifftrainError(f"{args.src}: not a diffusers ControlNet folder ({str(exc).splitlines()[0]})") from None
+    out = save_controlnet_single_file(net, args.out, dtype=dtype)
+    print(f"wrote {out} ({args.dtype}, control_model.* keys: A1111's ControlNet extension and ComfyUI load it)")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from difftrain.data.folder import scan_folder
 
@@ -275,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_model_tiny_sd)
+
+    export = model.add_parser("export-controlnet", help="a diffusers ControlNet folder as one original-layout file")
+    export.add_argument("src", help="diffusers ControlNet folder")
+    export.add_argument("out", help="output .safetensors")
+    export.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    export.set_defaults(run=_export_controlnet)
 
     gen = commands.add_parser("generate", help="Stable Diffusion text-to-image / img2img, A1111-style")
     gen.add_argument("model", nargs="?", help="run folder, diffusers folder, hub id or single-file .safetensors")

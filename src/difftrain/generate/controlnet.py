@@ -64,11 +64,12 @@ def canny(image: Image.Image, low: int, high: int) -> Image.Image:
 
 
 def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover width x height, then centre-crop: A1111's default "Crop and Resize"."""
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    """Scale to cover width x height, then centre-crop: A1111's default "Crop and Resize", and
+    the rule training's centre crop follows (the same code)."""
+    from difftrain.data.transforms import resize_to_cover
+
+    image = resize_to_cover(image, (width, height))
+    left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 

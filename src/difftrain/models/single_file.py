@@ -2,7 +2,8 @@
 
 This is the file AUTOMATIC1111, ComfyUI, InvokeAI and diffusers' own `from_single_file`
 load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
-`cond_stage_model.transformer.text_model.*` (CLIP text encoder, the SD 1.x layout).
+`cond_stage_model.transformer.text_model.*` (CLIP text encoder, the SD 1.x layout); and a
+ControlNet alone as the `control_model.*` file of the original ControlNet release.
 
 The diffusers -> LDM renaming is the well-known one of diffusers'
 scripts/convert_diffusers_to_original_stable_diffusion.py, rewritten here as prefix tables
@@ -22,6 +23,7 @@ from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
 
 UNET_PREFIX = "model.diffusion_model."
+CONTROLNET_PREFIX = "control_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 
@@ -120,6 +122,34 @@ def vae_rules(keys) -> list[Rule]:
     return rules
 
 
+def controlnet_rules(keys) -> list[Rule]:
+    """The original ControlNet (lllyasviel's cldm) names: the UNet's encoder half as in the UNet,
+    plus the hint encoder (convolutions at the even places of one Sequential, SiLUs between),
+    one zero convolution per encoder output (`zero_convs.N.0`) and the middle's (`middle_block_out.0`)."""
+    encoder = [rule for rule in unet_rules(keys) if not rule[1].startswith(("output_blocks.", "out."))]
+    blocks = _indices(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    rules: list[Rule] = [
+        ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", ()),
+        *[(f"controlnet_cond_embedding.blocks.{k}.", f"input_hint_block.{2 * k + 2}.", ()) for k in blocks],
+        ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * len(blocks) + 2}.", ()),
+        *[(f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", ())
+          for i in _indices(keys, r"controlnet_down_blocks\.(\d+)\.")],
+        ("controlnet_mid_block.", "middle_block_out.0.", ()),
+    ]
+    return rules + encoder
+
+
+def controlnet_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _convert(state, controlnet_rules(state), CONTROLNET_PREFIX, "controlnet")
+
+
+def save_controlnet_single_file(controlnet, path: str | Path, dtype: torch.dtype | None = None,
+                                metadata: dict[str, str] | None = None) -> Path:
+    """A ControlNetModel as one .safetensors in the original `control_model.*` layout, the file
+    AUTOMATIC1111's ControlNet extension and ComfyUI load (and diffusers' from_single_file)."""
+    return _write(controlnet_to_ldm(controlnet.state_dict()), path, dtype, metadata)
+
+
 def _rename(key: str, rules: list[Rule]) -> str | None:
     for hf, ldm, inner in rules:
         if key.startswith(hf):
@@ -193,6 +223,11 @@ def save_single_file(
     `dtype` casts the floating-point weights (torch.float16 halves the file, the usual
     distribution format); `metadata` lands in the safetensors header as strings.
     """
+    return _write(to_ldm_state_dict(unet, vae, text_encoder), path, dtype, metadata)
+
+
+def _write(state: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype | None,
+           metadata: dict[str, str] | None) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SingleFileError(f"{path}: a single-file checkpoint must end in .safetensors")
@@ -201,7 +236,7 @@ def save_single_file(
     if bad:
         raise SingleFileError(f"{path}: metadata values must be strings (json.dumps them); not strings: {bad}")
     tensors = {}
-    for key, tensor in to_ldm_state_dict(unet, vae, text_encoder).items():
+    for key, tensor in state.items():
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

@@ -64,8 +64,18 @@ def test_cli_exports_a_folder_in_half_precision(controlnet, tmp_path, capsys):
     assert "must end in .safetensors" in capsys.readouterr().err
 
 
-def test_weights_outside_the_layout_are_refused_not_dropped():
+def test_weights_outside_the_layout_are_refused_not_dropped(controlnet):
     from difftrain.models.single_file import controlnet_to_ldm
 
     with pytest.raises(SingleFileError, match="no Stable Diffusion"):
-        controlnet_to_ldm({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1), "extra.weight": torch.zeros(1)})
+        controlnet_to_ldm({**controlnet.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+def test_a_condition_encoder_of_another_depth_is_refused(tmp_path):
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          cross_attention_dim=32, layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
+                          conditioning_embedding_out_channels=(16, 32))
+    with pytest.raises(SingleFileError, match="the original layout has 6"):
+        save_controlnet_single_file(net, tmp_path / "cn.safetensors")

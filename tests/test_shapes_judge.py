@@ -62,3 +62,5 @@ def test_cli_judges_a_grid_cell_by_cell(tmp_path):
     assert result.stdout.count("blue circle") == 3
     strict = subprocess.run(command + ["--min-clean", "4"], capture_output=True, text=True)
     assert strict.returncode == 1
+    bad = subprocess.run(command[:-1] + ["4by4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "give columns x rows" in bad.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from difftrain.errors import DifftrainError
 
-_STARTED = time.perf_counter()  # the command's start: a run's start-up time counts from here
+_STARTED = [time.perf_counter()]  # the command's start (reset by main): a run's start-up time counts from here
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change,
-          started=_STARTED)
+          started=_STARTED[0])
     return 0
 
 
@@ -125,6 +125,9 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
+    if not args.controlnet and (args.preprocess or args.control_start or args.control_end):
+        raise DifftrainError("--preprocess, --control-start and --control-end apply to ControlNets: give --controlnet "
+                             "and --control-image too")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
     if args.guess_mode:
@@ -192,6 +195,8 @@ def _data_judge_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes_judge import judge_grid
 
     columns, _, rows = args.grid.partition("x")
+    if not (columns.isdigit() and (rows or columns).isdigit() and int(columns) and int(rows or columns)):
+        raise DifftrainError(f"--grid {args.grid}: give columns x rows, e.g. 4x4")
     verdicts = judge_grid(args.image, int(columns), int(rows or columns))
     for number, verdict in enumerate(verdicts, 1):
         print(f"  cell {number:2d}: {'clean  ' if verdict.clean else 'NOT OK '} {verdict.describe()}")
@@ -408,6 +413,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _STARTED[0] = time.perf_counter()
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

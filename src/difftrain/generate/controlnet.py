@@ -99,9 +99,11 @@ def load_controlnet(spec: str, dtype: torch.dtype, unet):
                                   "(pickled .ckpt/.pth files are not loaded)")
         else:
             net = ControlNetModel.from_pretrained(spec, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ControlNetError(f"--controlnet {spec}: cannot load a ControlNet from it ({str(exc).splitlines()[0]})") \
-            from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        hint = (" A single file needs its diffusers config, fetched from the Hub (SD 1.5's) unless cached: offline, "
+                "or for another base, give the ControlNet as a diffusers folder." if path.suffix == ".safetensors" else "")
+        raise ControlNetError(f"--controlnet {spec}: cannot load a ControlNet from it "
+                              f"({str(exc).splitlines()[0]}).{hint}") from None
     check_fits(net, unet, spec)
     return net
 

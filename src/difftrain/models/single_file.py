@@ -128,6 +128,12 @@ def controlnet_rules(keys) -> list[Rule]:
     one zero convolution per encoder output (`zero_convs.N.0`) and the middle's (`middle_block_out.0`)."""
     encoder = [rule for rule in unet_rules(keys) if not rule[1].startswith(("output_blocks.", "out."))]
     blocks = _indices(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    if blocks != list(range(6)):
+        # cldm's hint encoder has 3 halvings (6 convolutions between in and out), and readers
+        # take its last convolution at input_hint_block.14: another depth has no original name.
+        raise SingleFileError(f"controlnet: its condition encoder has {len(blocks)} inner convolutions, the original "
+                              "layout has 6 (conditioning_embedding_out_channels of 4 entries, 8x down); save it as a "
+                              "diffusers folder instead")
     rules: list[Rule] = [
         ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", ()),
         *[(f"controlnet_cond_embedding.blocks.{k}.", f"input_hint_block.{2 * k + 2}.", ()) for k in blocks],

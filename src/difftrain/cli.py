@@ -13,8 +13,6 @@ from pathlib import Path
 
 from difftrain.errors import DifftrainError
 
-_STARTED = [time.perf_counter()]  # the command's start (reset by main): a run's start-up time counts from here
-
 
 def _train(args: argparse.Namespace) -> int:
     from difftrain.config import load_config
@@ -22,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change,
-          started=_STARTED[0])
+          started=args.started)
     return 0
 
 
@@ -413,8 +411,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _STARTED[0] = time.perf_counter()
+    started = time.perf_counter()  # a run's start-up time counts from here
     args = build_parser().parse_args(argv)
+    args.started = started
     _quiet_libraries()
     try:
         return args.run(args)

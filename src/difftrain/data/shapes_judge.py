@@ -30,7 +30,7 @@ MIN_MARGIN = 0.10
 @dataclass
 class Verdict:
     clean: bool
-    shape: str | None  # the shape named by its box fill, if any
+    shape: str | None  # the shape its outline overlaps best, if clearly one
     colour: str | None  # the nearest palette colour, if near enough
     problems: list[str]
 
@@ -53,8 +53,8 @@ def judge_image(image: Image.Image) -> Verdict:
         problems.append(f"shape covers {cover:.0%} of the image (training shapes cover 5-60%)")
         return Verdict(False, None, None, problems)
     pieces, count = ndimage.label(shape_mask)
-    largest = np.bincount(pieces.ravel())[1:].max()
-    if largest < 0.92 * shape_mask.sum():
+    sizes = np.bincount(pieces.ravel())[1:]
+    if sizes.max() < 0.92 * shape_mask.sum():
         problems.append(f"{count} separate pieces")
     shape_pixels = pixels[shape_mask]
     colour_value = np.median(shape_pixels, axis=0)
@@ -66,7 +66,7 @@ def judge_image(image: Image.Image) -> Verdict:
     if distance > 70:
         problems.append(f"colour {_rgb(colour_value)} is not a palette colour")
         colour = None
-    main_piece = pieces == 1 + np.argmax(np.bincount(pieces.ravel())[1:])
+    main_piece = pieces == 1 + np.argmax(sizes)
     rows, columns = np.nonzero(main_piece)
     height, width = np.ptp(rows) + 1, np.ptp(columns) + 1
     overlaps = shape_overlaps(main_piece[rows.min():rows.max() + 1, columns.min():columns.max() + 1])

@@ -86,9 +86,7 @@ def load_controlnet(spec: str, dtype: torch.dtype, unet):
     """A ControlNetModel from a folder, a run folder's model, a single file or a hub id, checked against `unet`."""
     from diffusers import ControlNetModel
 
-    path = Path(spec)
-    if path.is_dir() and (path / "model" / "config.json").is_file():  # a difftrain run folder
-        path = path / "model"
+    path = _local_folder(spec)
     try:
         if path.is_dir():
             net = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
@@ -179,19 +177,25 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
     return units, guess_mode
 
 
+def _local_folder(spec: str) -> Path:
+    """`spec` as a path; a difftrain run folder stands for its final model."""
+    from difftrain.run_folder import final_model_dir, is_run_folder
+
+    path = Path(spec)
+    return final_model_dir(path) if is_run_folder(path) else path
+
+
 def _model_name(spec: str) -> str:
     path = Path(spec)
-    if path.name == "model" and path.is_dir():
-        return path.parent.name
-    return path.stem if path.suffix == ".safetensors" else path.name
+    return path.stem if path.suffix == ".safetensors" else path.name  # a run's name, not its "model"
 
 
 @lru_cache(maxsize=32)  # one read of a large file per model and process, not one per image
 def model_hash(spec: str) -> str:
     """The first 8 hex digits of the weights file's SHA-256, the short hash A1111 shows beside a model."""
-    path = Path(spec)
+    path = _local_folder(spec)
     if path.is_dir():
-        candidates = sorted((path / "model" if (path / "model").is_dir() else path).glob("*.safetensors"))
+        candidates = sorted(path.glob("*.safetensors"))
         path = candidates[0] if candidates else path
     if not path.is_file():
         return "hub"

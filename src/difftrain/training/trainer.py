@@ -222,6 +222,7 @@ class Trainer:
                     print(f"interrupted: checkpoint saved at step {self.step}; --resume latest continues from here")
                     raise KeyboardInterrupt
         bar.close()
+        timer.stop()  # the final model's save and the summary are not the loop's time
         seconds = timer.seconds()
         model_dir = self.save_final_model()
         accelerator.end_training()
@@ -482,6 +483,7 @@ class _LoopTimer:
         self.startup = self.loop_start - started
         self.first_step: float | None = None
         self.aside_seconds = 0.0
+        self.ended: float | None = None
 
     def step_done(self) -> None:
         if self.first_step is None:
@@ -495,8 +497,11 @@ class _LoopTimer:
         finally:
             self.aside_seconds += time.perf_counter() - begun
 
+    def stop(self) -> None:
+        self.ended = time.perf_counter()
+
     def seconds(self) -> float:
-        return time.perf_counter() - self.loop_start
+        return (self.ended or time.perf_counter()) - self.loop_start
 
     def loop_seconds(self) -> float:
         return self.seconds() - self.aside_seconds

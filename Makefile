@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The exact versions every other package is installed at: what the test suite passed on.
 LOCK := requirements.lock
 
-.PHONY: setup demo test lock test-latest test-parity clean-demo mini-sd
+.PHONY: setup demo test lock test-latest test-parity clean-demo mini-sd mini-controlnet
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ mini-sd: setup
 	test -f models/mini-base/model_index.json || $(DIFFTRAIN) model tiny-sd models/mini-base
 	test -f runs/mini-vae/model/config.json || $(DIFFTRAIN) train configs/mini-sd/vae.yaml $$(ls runs/mini-vae/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
 	$(DIFFTRAIN) train configs/mini-sd/unet.yaml $$(ls runs/mini-sd/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
+
+# A mask ControlNet on the miniature SD (README "ControlNet"); builds the miniature SD first if missing.
+mini-controlnet: setup
+	test -f runs/mini-sd/model/model_index.json || $(MAKE) mini-sd
+	test -f data/shapes-mask/metadata.jsonl || $(DIFFTRAIN) data shapes data/shapes-mask --conditioning mask
+	$(DIFFTRAIN) train configs/mini-sd/controlnet.yaml $$(ls runs/mini-controlnet/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
+	$(PY) benchmarks/controlnet_control.py runs/mini-controlnet
 
 test: setup
 	$(PY) -m pytest -q

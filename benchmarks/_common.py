@@ -66,14 +66,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, **sections):
-    """A text2image run through the real Trainer; returns (steps/s of the loop, the trainer)."""
+def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int,
+                  method: str = "text2image", **sections):
+    """A run (text2image unless `method` says) through the real Trainer; returns (steps/s of the loop, the trainer)."""
     from difftrain.config import parse_config
     from difftrain.training.trainer import Trainer
 
     raw = {
         "output_dir": str(out),
-        "method": "text2image",
+        "method": method,
         "data": {"path": str(data_dir), "resolution": size, "random_flip": False},
         "model": {"base": str(model_dir)},
         "training": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "ema": {"enabled": False},
@@ -108,13 +109,13 @@ class Workspace:
     data_dir: Path
 
 
-def workspace(size: int, batch: int) -> Workspace:
-    """A temporary folder with the SD-quarter model and a shapes data set of 8 batches."""
+def workspace(size: int, batch: int, masks: bool = False) -> Workspace:
+    """A temporary folder with the SD-quarter model and a shapes data set of 8 batches (with masks: ControlNet data)."""
     from difftrain.data.shapes import write_shapes_dataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
-    data_dir = write_shapes_dataset(work / "data", num_images=8 * batch, size=size)
+    data_dir = write_shapes_dataset(work / "data", num_images=8 * batch, size=size, masks=masks)
     return Workspace(device, work, sd_quarter(work, size), data_dir)
 
 

@@ -11,7 +11,8 @@ from test_generate import FAST, pixels, run
 from test_text2image import tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
-from difftrain.generate.controlnet import canny, crop_and_resize
+from difftrain.data.conditioning import canny
+from difftrain.generate.controlnet import crop_and_resize
 from difftrain.generate.infotext import parse_infotext, read_png_infotext
 from difftrain.models.tiny_sd import write_tiny_controlnet
 

@@ -386,3 +386,21 @@ def test_accelerate_two_processes_train_and_resume(make_config, tmp_path):
 
     # A two-process checkpoint does not resume in one process: the shards would differ.
     assert main(["train", str(halves), "--set", "training.max_steps=6", "--resume", "latest"]) == 2
+
+
+def test_a_diverged_loss_stops_the_run_before_a_checkpoint_holds_it(make_config, tmp_path, capsys, monkeypatch):
+    from difftrain.methods.unconditional import Unconditional
+
+    original, calls = Unconditional.loss, []
+
+    def diverging(self, modules, batch, generator):  # the third step's forward overflows
+        calls.append(1)
+        loss = original(self, modules, batch, generator)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(Unconditional, "loss", diverging)
+    config = make_config(training={"max_steps": 8}, checkpoint={"every_steps": 2}, log={"every_steps": 5})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan by step 4" in err and "step-00000002, is from before it" in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]

@@ -32,9 +32,11 @@ def _control_units(args: argparse.Namespace) -> list:
 
     models = [parse_lora_arg(item) for item in args.controlnet or []]  # PATH[:SCALE], the --lora syntax
     images = args.control_image or []
+    if len(images) == len(models) + 1:  # the first image is for the model's own ControlNet (a ControlNet run's)
+        models.insert(0, (None, None))
     if len(images) != len(models):
         raise DifftrainError(f"{len(models)} --controlnet and {len(images)} --control-image: give one image per "
-                             "ControlNet, in the same order")
+                             "ControlNet, in the same order (and one more first for a ControlNet model's own)")
 
     def per_unit(values, default, flag):
         values = values or [default]
@@ -42,10 +44,11 @@ def _control_units(args: argparse.Namespace) -> list:
             raise DifftrainError(f"{flag}: give one value for all {len(models)} ControlNets or one for each")
         return values * len(models) if len(values) == 1 else values
 
-    columns = zip(models, images, per_unit(args.preprocess, "none", "--preprocess"),
+    columns = zip(models, images, per_unit(args.preprocess, None, "--preprocess"),
                   per_unit(args.control_start, 0.0, "--control-start"),
                   per_unit(args.control_end, 1.0, "--control-end"))
-    return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess, start=start, end=end,
+    return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess or ("none" if path else None),
+                        start=start, end=end,
                         low_threshold=args.canny_low, high_threshold=args.canny_high)
             for (path, scale), image, preprocess, start, end in columns]
 
@@ -123,9 +126,9 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
-    if not args.controlnet and (args.preprocess or args.control_start or args.control_end):
+    if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end):
         raise DifftrainError("--preprocess, --control-start and --control-end apply to ControlNets: give --controlnet "
-                             "and --control-image too")
+                             "and --control-image too (a ControlNet model needs --control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
     if args.guess_mode:
@@ -184,8 +187,9 @@ def _lora_convert(args: argparse.Namespace) -> int:
 def _data_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes import write_shapes_dataset
 
-    out = write_shapes_dataset(args.out, args.num, args.size, args.seed)
-    print(f"wrote {args.num} images of {args.size}x{args.size} px and metadata.jsonl to {out}")
+    out = write_shapes_dataset(args.out, args.num, args.size, args.seed, masks=args.conditioning == "mask")
+    extra = " with their masks in conditioning/" if args.conditioning else ""
+    print(f"wrote {args.num} images of {args.size}x{args.size} px{extra} and metadata.jsonl to {out}")
     return 0
 
 
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num", type=int, default=2400)
     shapes.add_argument("--size", type=int, default=32)
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--conditioning", choices=["mask"],
+                        help="also write each shape's mask, named by a conditioning_image column (ControlNet data)")
     shapes.set_defaults(run=_data_shapes)
     judge = data.add_parser("judge-shapes", help="check a sample grid of a shapes model: one clean shape per cell?")
     judge.add_argument("image", help="a grid written by `difftrain sample`")
@@ -329,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, help="img2img: how far from the init image (0-1, default 0.75)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
                      help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
-    gen.add_argument("--control-image", action="append", metavar="IMAGE", help="one per --controlnet, in order")
-    gen.add_argument("--preprocess", action="append", choices=["none", "canny"],
-                     help="what turns the control image into the condition (default none); once, or per ControlNet")
+    gen.add_argument("--control-image", action="append", metavar="IMAGE",
+                     help="one per --controlnet, in order; a ControlNet model (a controlnet run) takes the first")
+    gen.add_argument("--preprocess", action="append", choices=["none", "canny", "mask", "segmentation"],
+                     help="what turns the control image into the condition (default: none, or what a ControlNet "
+                          "model was trained with); once, or per ControlNet")
     gen.add_argument("--control-start", action="append", type=float, metavar="F",
                      help="share of the steps before a ControlNet acts (default 0); once, or per ControlNet")
     gen.add_argument("--control-end", action="append", type=float, metavar="F",

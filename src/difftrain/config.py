@@ -195,6 +195,45 @@ class TextualInversionConfig(Section):
     learnable_property: Literal["object", "style"] = "object"
 
 
+class ValidationPair(Section):
+    image: str = Field(description="a conditioning image (a mask, an edge map, or a photo for preprocess canny)")
+    prompt: str
+
+
+class ControlConfig(Section):
+    """What ControlNet and T2I-Adapter runs share: where each record's condition comes from, how it
+    is read, and what the previews draw."""
+
+    conditioning_column: str = Field(
+        "conditioning_image", description="metadata.jsonl / jsonl key naming each record's conditioning image file")
+    conditioning_dir: Optional[str] = Field(
+        None, description="instead: a folder holding each image's conditioning image under the image's relative name")
+    preprocess: Literal["none", "mask", "segmentation", "canny", "depth", "pose", "lineart"] = Field(
+        "none", description="what the model reads: the file as it is (none, mask, segmentation; masks are resized "
+                            "nearest), or computed after the crop: canny, or depth/pose/lineart through controlnet_aux")
+    canny_low_threshold: int = Field(100, ge=0, le=255)
+    canny_high_threshold: int = Field(200, ge=0, le=255)
+    annotator_path: Optional[str] = Field(None, description="depth/pose/lineart: a local folder with the annotator weights")
+    conditioning_scale: float = Field(1.0, gt=0, le=4, description="the residuals' weight, in training and the "
+                                                                   "validation pairs")
+    proportion_empty_prompts: float = Field(0.0, ge=0, le=1, description="share of captions replaced by '' "
+                                                                         "(diffusers' train_controlnet.py option)")
+    validation: list[ValidationPair] = Field(
+        default_factory=list, description="[{image, prompt}]: drawn at every sample step, with their agreement")
+
+
+class ControlNetConfig(ControlConfig):
+    model: Optional[str] = Field(
+        None, description="a ControlNet to continue training (folder, hub id, .safetensors); default: made from the "
+                          "base UNet (ControlNetModel.from_unet)")
+
+
+class T2IAdapterConfig(ControlConfig):
+    model: Optional[str] = Field(None, description="a T2I-Adapter to continue training (folder, hub id); default: new")
+    adapter_type: Literal["full_adapter", "light_adapter"] = "full_adapter"
+    num_res_blocks: int = Field(2, ge=1, le=8)
+
+
 class VaeTrainConfig(Section):
     kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term against the L1+L2 reconstruction")
 
@@ -420,6 +459,56 @@ class DreamBoothRun(Text2ImageRun):
         return self
 
 
+class ControlRun(LatentRun):
+    """A network beside the frozen UNet that reads a conditioning image: ControlNet, T2I-Adapter."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # optionally a LoRA on the frozen UNet, trained beside it
+
+    @property
+    def control(self) -> ControlConfig:
+        return getattr(self, self.method)
+
+    @model_validator(mode="after")
+    def _control_rules(self) -> "ControlRun":
+        method = self.method
+        if self.text2image.caption_dropout:
+            raise ValueError(f"text2image.caption_dropout with method {method}: set {method}.proportion_empty_prompts "
+                             "(diffusers' name for it) instead")
+        if self.text2image.train_text_encoder or self.lora.text_encoder:
+            raise ValueError(f"method {method} trains its network (and optionally a LoRA on the UNet); the text "
+                             "encoder stays frozen: turn text2image.train_text_encoder / lora.text_encoder off")
+        if self.output.trained_only:
+            raise ValueError(f"output.trained_only with method {method}: its own folder is all it writes")
+        if self.eval.every_steps is not None:
+            raise ValueError(f"eval.every_steps with method {method}: its measure is the agreement with the "
+                             f"conditioning images of {method}.validation, taken at every sample.every_steps")
+        control = self.control
+        if control.canny_low_threshold > control.canny_high_threshold:
+            raise ValueError(f"{method}.canny_low_threshold = {control.canny_low_threshold}: must not exceed "
+                             f"canny_high_threshold = {control.canny_high_threshold}")
+        for number, pair in enumerate(control.validation):
+            if not Path(pair.image).is_file():
+                raise ValueError(f"{method}.validation[{number}].image = {pair.image}: no such file")
+        return self
+
+
+class ControlNetRun(ControlRun):
+    method: Literal["controlnet"] = "controlnet"
+    controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
+
+
+class T2IAdapterRun(ControlRun):
+    method: Literal["t2i_adapter"] = "t2i_adapter"
+    t2i_adapter: T2IAdapterConfig = Field(default_factory=T2IAdapterConfig)
+
+    @model_validator(mode="after")
+    def _adapter_rules(self) -> "T2IAdapterRun":
+        if self.output.single_file:
+            raise ValueError("output.single_file with method t2i_adapter: a T2I-Adapter is written as a diffusers "
+                             "folder only; turn output.single_file off")
+        return self
+
+
 class TextualInversionRun(LatentRun):
     method: Literal["textual_inversion"] = "textual_inversion"
     textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
@@ -445,6 +534,8 @@ METHOD_CONFIGS: dict[str, type[RunConfig]] = {
     "dreambooth": DreamBoothRun,
     "textual_inversion": TextualInversionRun,
     "vae": VaeRun,
+    "controlnet": ControlNetRun,
+    "t2i_adapter": T2IAdapterRun,
 }
 AnyRunConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="method")]
 _ANY_RUN = TypeAdapter(AnyRunConfig)
@@ -463,6 +554,8 @@ RESUME_SAFE_KEYS = (
     "checkpoint.",
     "sample.",
     "eval.",  # evaluation draws with its own generators: it never changes the weights
+    "controlnet.validation",  # what previews draw, likewise
+    "t2i_adapter.validation",
     "log.",
     "data.num_workers",
     "data.path",

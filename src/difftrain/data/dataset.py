@@ -6,8 +6,8 @@ not the run was resumed in between. A record that turns out unreadable is replac
 next readable one and counted, never fatal.
 
 With caching on, `fill_cache` encodes every record once (VAE latents for each flip,
-text embeddings for each caption) and from then on items are read from the cache alone:
-the images are not opened again.
+text embeddings for each caption, conditioning images at the bucket's size) and from then
+on items are read from the cache alone: the images are not opened again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -23,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from difftrain.data.cache import CacheEncoders, TensorCache, content_key
+from difftrain.data.conditioning import Conditions
 from difftrain.data.images import BadImage, load_image_bytes
 from difftrain.data.sampler import ResumableBatches
 from difftrain.data.sources import BadRecord, RecordSource
-from difftrain.data.transforms import prepare_image_for_size
+from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class ImageDataset(Dataset):
         max_pixels: int,
         buckets: Callable[[int], tuple[int, int]] | None = None,
         fixed_caption: str | None = None,
+        conditions: Conditions | None = None,
     ):
         self.source = source
         self.resolution = resolution
@@ -53,12 +56,15 @@ class ImageDataset(Dataset):
         self.max_pixels = max_pixels
         self.buckets = buckets  # index -> (width, height) of its aspect bucket
         self.fixed_caption = fixed_caption  # DreamBooth: every image has the instance (or class) prompt
+        self.conditions = conditions  # ControlNet: items carry "conditioning_pixels", uint8 CHW
         # Filled by fill_cache:
         self.latent_cache: TensorCache | None = None
         self.text_cache: TensorCache | None = None
         self.latent_tag: str = ""
         self.text_tag: str = ""
         self.hashes: np.ndarray | None = None  # per record: sha256 of its image bytes
+        self.condition_cache: TensorCache | None = None
+        self.condition_hashes: np.ndarray | None = None  # per record: Conditions.digest
         self.captions: list[tuple[str, ...]] | None = None  # per record, when latents are cached
 
     def __len__(self) -> int:
@@ -73,12 +79,15 @@ class ImageDataset(Dataset):
 
     # ----------------------------------------------------------------- reading
     def _read(self, index: int):
-        """(record, image) for `index`, or for the next readable record; plus how many were skipped."""
+        """(position, record, image, conditioning image or None, records skipped) for `index`, or
+        for the next readable record."""
         for offset in range(len(self)):
             position = (index + offset) % len(self)
             try:
                 record = self.source.read(position)
-                return position, record, load_image_bytes(record.data, self.max_pixels), offset
+                image = load_image_bytes(record.data, self.max_pixels)
+                condition = self.conditions.load(record, image) if self.conditions else None
+                return position, record, image, condition, offset
             except (BadRecord, BadImage) as reason:
                 where = getattr(reason, "where", None) or f"record {position}"
                 log.warning("skipping %s at read time: %s", where, reason)
@@ -93,11 +102,16 @@ class ImageDataset(Dataset):
             position, entry, item["skipped"] = self._cached_latent(index, flipped)
             captions = self.captions[position]
             item.update(latent_mean=entry["mean"], latent_std=entry["std"])
+            if "conditioning" in entry:
+                item["conditioning_pixels"] = entry["conditioning"]
         else:
-            position, record, image, item["skipped"] = self._read(index)
+            position, record, image, condition, item["skipped"] = self._read(index)
             captions = tuple(record.captions)
-            pixels, _ = prepare_image_for_size(image, self.target_size(position), self.crop, self.flip, rng)
-            item["pixel_values"] = pixels
+            size = self.target_size(position)
+            plan = plan_crop(image.size, size, self.crop, self.flip, rng)  # one plan: image and condition alike
+            item["pixel_values"] = to_tensor(apply_plan(image, size, plan))
+            if condition is not None:
+                item["conditioning_pixels"] = self.conditions.transform(condition, image.size, size, plan)
         if self.fixed_caption is not None:
             captions = (self.fixed_caption,)
         caption = rng.choice(captions) if captions else ""
@@ -108,7 +122,7 @@ class ImageDataset(Dataset):
 
     def plain_pixels(self, index: int) -> torch.Tensor:
         """Record `index` centre-cropped, unflipped: for previews and the like."""
-        position, _, image, _ = self._read(index)
+        position, _, image, _, _ = self._read(index)
         return prepare_image_for_size(image, self.target_size(position), "center", False, random.Random(0))[0]
 
     # ----------------------------------------------------------------- cache
@@ -118,12 +132,20 @@ class ImageDataset(Dataset):
     def _text_key(self, caption: str) -> str:
         return content_key(caption, self.text_tag)
 
+    def _condition_key(self, position: int, size: tuple[int, int], flipped: bool) -> str:
+        return content_key(self.hashes[position].tobytes(), self.condition_hashes[position].tobytes(), list(size),
+                           flipped, "center", self.conditions.preprocess.tag())
+
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
-        """The cached latent of `index` or, if that record could not be encoded, of the next one that was."""
+        """The cached latent (and condition) of `index` or, if that record could not be encoded, of the
+        next one that was."""
         for offset in range(len(self)):
             position = (index + offset) % len(self)
-            digest = self.hashes[position].tobytes()
-            entry = self.latent_cache.get(self._latent_key(digest, self.target_size(position), flipped))
+            digest, size = self.hashes[position].tobytes(), self.target_size(position)
+            entry = self.latent_cache.get(self._latent_key(digest, size, flipped))
+            if entry is not None and self.condition_cache is not None:
+                condition = self.condition_cache.get(self._condition_key(position, size, flipped))
+                entry = None if condition is None else {**entry, "conditioning": condition["pixels"]}
             if entry is not None:
                 return position, entry, offset
         raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
@@ -142,11 +164,17 @@ class ImageDataset(Dataset):
         """
         counts = {"latents computed": 0, "latents found": 0, "texts computed": 0, "texts found": 0, "skipped": 0}
         latents, text = encoders.latents is not None, encoders.texts is not None
+        conditions = latents and self.conditions is not None  # cached beside the latents, never without them
         if latents:
             self.latent_cache = TensorCache(cache_dir, "latents")
             self.latent_tag = encoders.latent_tag
-            hashes = np.zeros((len(self), 32), dtype=np.uint8)  # not "S32": numpy strips trailing NUL bytes
+            # Set now: the condition keys read them while filling.
+            self.hashes = np.zeros((len(self), 32), dtype=np.uint8)  # not "S32": numpy strips trailing NUL bytes
             captions: list[tuple[str, ...]] = [()] * len(self)
+        if conditions:
+            self.condition_cache = TensorCache(cache_dir, "conditions")
+            self.condition_hashes = np.zeros((len(self), 32), dtype=np.uint8)
+            counts.update({"conditions computed": 0, "conditions found": 0})
         if text:
             self.text_cache = TensorCache(cache_dir, "text")
             self.text_tag = encoders.text_tag
@@ -185,20 +213,32 @@ class ImageDataset(Dataset):
             mine = index % world_size == rank
             if latents:
                 digest = hashlib.sha256(record.data).digest()
-                hashes[index], captions[index] = np.frombuffer(digest, dtype=np.uint8), tuple(record.captions)
-                size = self.target_size(index)
-                keys = [(self._latent_key(digest, size, f), f) for f in ((False, True) if self.flip else (False,))]
+                self.hashes[index], captions[index] = np.frombuffer(digest, dtype=np.uint8), tuple(record.captions)
+                size, flips = self.target_size(index), ((False, True) if self.flip else (False,))
+                keys = [(self._latent_key(digest, size, f), f) for f in flips]
                 missing = [(k, f) for k, f in keys if k not in self.latent_cache]
                 counts["latents found"] += len(keys) - len(missing)
-                if missing and mine:
+                missing_conditions = []
+                if conditions:
+                    self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
+                    condition_keys = [(self._condition_key(index, size, f), f) for f in flips]
+                    missing_conditions = [(k, f) for k, f in condition_keys if k not in self.condition_cache]
+                    counts["conditions found"] += len(condition_keys) - len(missing_conditions)
+                if (missing or missing_conditions) and mine:
                     try:
                         image = load_image_bytes(record.data, self.max_pixels)
+                        condition = self.conditions.load(record, image) if missing_conditions else None
                     except BadImage as reason:
                         log.warning("skipping record %d while caching: %s", index, reason)
                         counts["skipped"] += 1
                         continue
+                    plan = plan_crop(image.size, size, "center", False, random.Random(0))
+                    for key, flipped in missing_conditions:
+                        pixels = self.conditions.transform(condition, image.size, size, replace(plan, flipped=flipped))
+                        self.condition_cache.put(key, {"pixels": pixels})
+                        counts["conditions computed"] += 1
                     for key, flipped in missing:
-                        pixels, _ = prepare_image_for_size(image, size, "center", False, random.Random(0))
+                        pixels = to_tensor(apply_plan(image, size, plan))
                         pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
                     flush_images(size)
             if text and mine:
@@ -214,7 +254,7 @@ class ImageDataset(Dataset):
             flush_images(size, force=True)
         flush_texts(force=True)
         if latents:
-            self.hashes, self.captions = hashes, captions
+            self.captions = captions
         return counts
 
 

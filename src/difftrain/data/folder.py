@@ -2,8 +2,11 @@
 
 Captions come from Hugging Face style `metadata.jsonl` files (`file_name` relative to the
 jsonl's own folder, caption under `text`), from a `.txt` file beside each image, or not
-at all. Every image is decoded once here, so a bad file is found and reported before
-training starts rather than at step 40,000.
+at all. A record may have a second image, its conditioning image (ControlNet): a file
+named by a metadata column (diffusers' `conditioning_image`) or a file of the same name in
+a conditioning folder; those files are never training images themselves. Every image is
+decoded once here, so a bad file is found and reported before training starts rather
+than at step 40,000.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, image_size_from_file, load_image
 from difftrain.errors import DifftrainError
 
 CAPTION_KEYS = ("text", "caption")
@@ -33,6 +36,19 @@ class Record:
     width: int = 0
     height: int = 0
     captions: tuple[str, ...] | None = None  # all of them, when metadata.jsonl lists several
+    conditioning: Path | None = None  # its conditioning image file, when the scan looked for one
+
+
+@dataclass(frozen=True)
+class ConditioningFiles:
+    """Where each image's conditioning image is: a file named by `column` of its metadata entry,
+    or, when `folder` is set, the file with the image's relative name (any image extension) there."""
+
+    column: str = "conditioning_image"
+    folder: Path | None = None
+
+    def describe(self) -> str:
+        return f"folder {self.folder}" if self.folder else f"column {self.column!r}"
 
 
 @dataclass
@@ -42,6 +58,7 @@ class FolderScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     caption_source: str = "none"
     missing_captions: list[str] = field(default_factory=list)
+    conditioning_source: str | None = None  # how conditioning files were found; None: none were
 
     def report_lines(self) -> list[str]:
         lines = [f"{len(self.records)} usable images in {self.root} (captions: {self.caption_source})"]
@@ -78,10 +95,14 @@ class MetadataEntry:
     caption: str  # the one caption `text`/`caption` gives
     captions: list[str] | None  # a `captions` list (export_folder writes one for several captions), if any
     where: str  # "metadata.jsonl line N", for reports
+    conditioning: object = None  # the value of the conditioning column, as stored
 
 
-def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, MetadataEntry]:
+def read_metadata(root: Path, skipped: list[tuple[str, str]],
+                  conditioning_column: str | None = None) -> dict[Path, MetadataEntry]:
     """Every metadata.jsonl under `root`: image path -> its entry. The one reader of these files.
+
+    A conditioning column's value, when it is a string, is made a path relative to its jsonl's folder.
 
     A second line for the same `file_name` is reported and ignored: the first one is kept.
     """
@@ -101,7 +122,10 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]]) -> dict[Path, Meta
                 listed = entry.get("captions")
                 if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
                     listed = None
-                entries[path] = MetadataEntry(caption, listed, where)
+                value = entry.get(conditioning_column) if conditioning_column else None
+                if isinstance(value, str) and value:
+                    value = (meta.parent / value).resolve()
+                entries[path] = MetadataEntry(caption, listed, where, value)
     return entries
 
 
@@ -129,23 +153,63 @@ def _choose_caption_source(mode: str, root: Path, images: list[Path], extension:
     return "none"
 
 
+def conditioning_file(image: Path, name: str, value: object,
+                      files: ConditioningFiles) -> tuple[Path | None, str | None]:
+    """(the conditioning file of `image`, None) or (None, why it has none). `name` is the image's
+    path relative to the data, `value` its entry's conditioning column (a resolved path, if a string)."""
+    if files.folder is not None:
+        stem = files.folder / Path(name).with_suffix("")
+        candidates = (stem.with_suffix(ext) for ext in (Path(name).suffix, *IMAGE_EXTENSIONS))
+        found = [path for path in candidates if path.is_file()]
+        if not found:
+            return None, f"no conditioning image {stem}.* in the conditioning folder"
+        path = found[0]
+    elif value is None:
+        return None, f"its entry has no {files.column!r} (the conditioning image); add one, or drop the image"
+    elif not isinstance(value, Path):
+        return None, f"{files.column!r} must be a path string, found {type(value).__name__}"
+    else:
+        path = value
+    if not path.is_file():
+        return None, f"conditioning image {path} does not exist"
+    try:
+        image_size_from_file(path)
+    except BadImage as reason:
+        return None, f"conditioning image {path}: {reason}"
+    return path, None
+
+
 def scan_folder(
     root: str | Path,
     captions: str = "auto",
     caption_extension: str = ".txt",
     max_pixels: int = 64_000_000,
     progress: bool = True,
+    conditioning: ConditioningFiles | None = None,
 ) -> FolderScan:
-    """List every decodable image under `root` with its caption; report everything else."""
+    """List every decodable image under `root` with its caption (and conditioning file); report everything else.
+
+    With `conditioning` by column and no metadata entry holding that column, the records get
+    no conditioning file (`conditioning_source` None): the caller derives it from the image.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     source = _choose_caption_source(captions, root, images, caption_extension)
     skipped: list[tuple[str, str]] = []
-    metadata = read_metadata(root, skipped) if source == "metadata" else {}
+    column = conditioning.column if conditioning and conditioning.folder is None else None
+    wants_metadata = source == "metadata" or (column and any(root.rglob("metadata.jsonl")))
+    metadata = read_metadata(root, skipped, column) if wants_metadata else {}
     if source == "metadata" and not metadata:
         raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
+    if conditioning and column and not any(entry.conditioning is not None for entry in metadata.values()):
+        conditioning = None  # no file names one: conditioning images are computed from the images
+    if conditioning:
+        # Conditioning files are the records' second images, never records of their own.
+        held = {entry.conditioning for entry in metadata.values() if isinstance(entry.conditioning, Path)}
+        folder = conditioning.folder.resolve() if conditioning.folder else None
+        images = [p for p in images if p.resolve() not in held and not (folder and p.resolve().is_relative_to(folder))]
 
     records: list[Record] = []
     missing: list[str] = []
@@ -156,7 +220,14 @@ def scan_folder(
         except BadImage as reason:
             skipped.append((name, str(reason)))
             continue
-        caption, listed = None, None
+        caption, listed, condition = None, None, None
+        if conditioning:
+            entry = metadata.get(image_path.resolve())
+            value = entry.conditioning if entry else None
+            condition, problem = conditioning_file(image_path, name, value, conditioning)
+            if problem:
+                skipped.append((name, problem))
+                continue
         if source == "metadata":
             entry = metadata.get(image_path.resolve())
             caption, listed = (entry.caption, entry.captions) if entry else (None, None)
@@ -164,7 +235,8 @@ def scan_folder(
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         if source != "none" and caption is None:
             missing.append(name)
-        records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None))
+        records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
+                              condition))
 
     for absent in sorted(set(metadata) - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):
         if not absent.exists():
@@ -175,4 +247,4 @@ def scan_folder(
         raise DatasetError(
             f"no usable images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}){detail}"
         )
-    return FolderScan(root, records, skipped, source, missing)
+    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None)

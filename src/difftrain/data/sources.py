@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
-from difftrain.data.folder import DatasetError, jsonl_entries, scan_folder
+from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes, image_size_from_file
 
 KINDS = ("folder", "jsonl", "laion", "webdataset")
@@ -58,6 +58,7 @@ class RawRecord:
     key: str  # stable id for reports and caches: "cats/001.png", "part-00003.gz:17", "shard-000001.tar:000000017"
     data: bytes  # the encoded image exactly as stored
     captions: list[str]  # zero or more; the trainer picks one per sample
+    conditioning: bytes | None = None  # its conditioning image file, encoded, for sources that hold one
 
 
 class RecordSource(ABC):
@@ -66,6 +67,7 @@ class RecordSource(ABC):
     shard_sizes: list[int] | None  # None: cheap random access; else usable records per shard, in order
     sizes: np.ndarray  # (N, 2) int32 upright (width, height) per record
     uncaptioned: int  # records with no caption at all
+    has_conditioning: bool = False  # every record carries a conditioning image file
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -98,19 +100,32 @@ def open_source(
     max_pixels: int = 64_000_000,
     index_dir: str | Path | None = None,
     progress: bool = True,
+    conditioning: ConditioningFiles | None = None,
 ) -> RecordSource:
-    """Index the data at `path` stored as `kind` (one of KINDS); see the module docstring."""
+    """Index the data at `path` stored as `kind` (one of KINDS); see the module docstring.
+
+    With `conditioning`, each record also carries its conditioning image file (folder and
+    jsonl sources; see folder.ConditioningFiles); a record whose file is missing or has an
+    unreadable header is skipped and reported. If no record names one in the column, the
+    source carries none (`has_conditioning` False).
+    """
     if kind not in KINDS:
         raise DatasetError(f"data.source = {kind!r} is not a source kind; choose one of {', '.join(KINDS)}")
+    if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
+        raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
     if kind == "folder":
-        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress)
+        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning)
     if captions not in ("auto", "none"):
         raise DatasetError(
             f"data.captions = {captions!r} applies to folder sources only; with data.source = {kind} use "
             "auto (the captions stored in the data) or none"
         )
     if kind == "jsonl":
-        return _open_jsonl(Path(path), image_key, caption_key, captions != "none", max_pixels, progress)
+        return _open_jsonl(Path(path), image_key, caption_key, captions != "none", max_pixels, progress, conditioning)
+    if conditioning and conditioning.folder is not None:
+        raise DatasetError(f"conditioning images from a folder with data.source = {kind}: they are read beside "
+                           "folder and jsonl sources; export the data with `difftrain data build --format folder`, "
+                           "or compute them from the images with a preprocessor (canny)")
     cls = LaionSource if kind == "laion" else WebDatasetSource
     return cls(Path(path), captions != "none", max_pixels, Path(index_dir) if index_dir else None, progress)
 
@@ -143,8 +158,10 @@ class FileSource(RecordSource):
     """One image file per record: random access is one file read."""
 
     def __init__(self, description: str, keys: list[str], paths: list[str], captions: list[list[str]],
-                 sizes: list[tuple[int, int]], skipped: list[tuple[str, str]]):
+                 sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None):
         self.description = description
+        self._conditioning = conditioning
+        self.has_conditioning = conditioning is not None
         self.skipped = skipped
         self.shard_sizes = None
         self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
@@ -160,14 +177,25 @@ class FileSource(RecordSource):
         except OSError as exc:
             # A file can vanish or break between indexing and reading (disk, sync tools).
             raise BadRecord(f"{self._keys[index]}: cannot read file: {exc.strerror}") from None
-        return RawRecord(self._keys[index], data, list(self._captions[index]))
+        condition = None
+        if self._conditioning is not None:
+            try:
+                condition = Path(self._conditioning[index]).read_bytes()
+            except OSError as exc:
+                raise BadRecord(f"{self._keys[index]}: cannot read its conditioning image "
+                                f"{self._conditioning[index]}: {exc.strerror}") from None
+        return RawRecord(self._keys[index], data, list(self._captions[index]), condition)
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
-        return list(zip(self._keys, self._paths, self._captions))
+        files = list(zip(self._keys, self._paths, self._captions))
+        if self._conditioning is not None:  # a changed condition changes the data as much as a changed image
+            files += [(f"{key} (conditioning)", path, []) for key, path in zip(self._keys, self._conditioning)]
+        return files
 
 
-def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: int, progress: bool) -> FileSource:
-    scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress)
+def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: int, progress: bool,
+                 conditioning: ConditioningFiles | None) -> FileSource:
+    scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning)
     keys, paths, texts, sizes = [], [], [], []
     for record in scan.records:
         keys.append(record.path.relative_to(scan.root).as_posix())
@@ -176,22 +204,23 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
                      else caption_list(record.caption or ""))
         sizes.append((record.width, record.height))
     uncaptioned = sum(not t for t in texts)
-    description = _describe(
-        f"folder (captions: {scan.caption_source})", len(keys), "images", len(scan.skipped), uncaptioned,
-        where=str(root),
-    )
-    return FileSource(description, keys, paths, texts, sizes, scan.skipped)
+    head = f"folder (captions: {scan.caption_source}" + (
+        f", conditioning images: {scan.conditioning_source})" if scan.conditioning_source else ")")
+    description = _describe(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
+    conditions = [str(r.conditioning) for r in scan.records] if scan.conditioning_source else None
+    return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions)
 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,
-                progress: bool) -> FileSource:
+                progress: bool, conditioning: ConditioningFiles | None) -> FileSource:
     if not path.is_file():
         raise DatasetError(
             f"data.path: {path} is not a file; a jsonl source is one file with a JSON object per line, "
             f'e.g. {{"{image_key}": "images/001.jpg", "{caption_key}": "a cat"}}'
         )
     root = path.parent
-    keys, paths, texts, sizes = [], [], [], []
+    keys, paths, texts, sizes, wheres = [], [], [], [], []
+    conditions: list[object] = []  # per record: the conditioning column's value, a path if a string
     skipped: list[tuple[str, str]] = []
     with open(path, "rb") as file:
         lines = tqdm(file, desc=f"indexing {path.name}", unit="line", disable=not progress, leave=False)
@@ -226,12 +255,27 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
             paths.append(str(image))
             texts.append(captions)
             sizes.append((width, height))
+            wheres.append(where)
+            value = entry.get(conditioning.column) if conditioning else None
+            conditions.append((root / value).resolve() if isinstance(value, str) and value else value)
+    files = None
+    if conditioning and (conditioning.folder is not None or any(c is not None for c in conditions)):
+        files, kept = [], []
+        for i, (name, value) in enumerate(zip(keys, conditions)):
+            found, problem = conditioning_file(Path(paths[i]), name, value, conditioning)
+            if problem:
+                skipped.append((wheres[i], problem))
+            else:
+                files.append(str(found))
+                kept.append(i)
+        keys, paths, texts, sizes = ([column[i] for i in kept] for column in (keys, paths, texts, sizes))
     if not keys:
         detail = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else " (the file is empty)"
         raise DatasetError(f"no usable records in {path}{detail}")
     uncaptioned = sum(not t for t in texts)
-    description = _describe("jsonl", len(keys), "records", len(skipped), uncaptioned, where=str(path))
-    return FileSource(description, keys, paths, texts, sizes, skipped)
+    head = f"jsonl (conditioning images: {conditioning.describe()})" if files is not None else "jsonl"
+    description = _describe(head, len(keys), "records", len(skipped), uncaptioned, where=str(path))
+    return FileSource(description, keys, paths, texts, sizes, skipped, files)
 
 
 # --- shards -------------------------------------------------------------------------------

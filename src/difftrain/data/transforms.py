@@ -37,12 +37,14 @@ def covering_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[i
     return max(w, round(width * scale)), max(h, round(height * scale))
 
 
-def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+def resize_to_cover(image: Image.Image, size: tuple[int, int],
+                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     target = covering_size(image.size, size)
     if target == image.size:
         return image
     shrinking = target[0] < image.width or target[1] < image.height
-    return image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0 if shrinking else None)
+    gap = 3.0 if shrinking and resample != Image.Resampling.NEAREST else None
+    return image.resize(target, resample, reducing_gap=gap)
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -79,10 +81,23 @@ def prepare_image_for_size(
     resized image, before any flip (see CropPlan).
     """
     plan = plan_crop(image.size, size, crop, flip, rng)
-    image = resize_to_cover(image, size).crop(plan.box)
-    if plan.flipped:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image), plan.box
+    return to_tensor(apply_plan(image, size, plan)), plan.box
+
+
+def apply_plan(image: Image.Image, size: tuple[int, int], plan: CropPlan,
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize to cover, crop and flip as `plan` says. A companion image of its image's size
+    (a ControlNet condition) goes through this with its image's plan and lands on the same pixels."""
+    image = resize_to_cover(image, size, resample).crop(plan.box)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flipped else image
+
+
+def center_crop(image: Image.Image, size: tuple[int, int],
+                resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Cover `size` keeping the aspect ratio, then cut out its middle: training's centre crop (and
+    A1111's "Crop and Resize" for control images)."""
+    plan = plan_crop(image.size, size, "center", False, random.Random(0))  # (a centre crop draws nothing)
+    return apply_plan(image, size, plan, resample)
 
 
 def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random) -> torch.Tensor:

@@ -7,6 +7,7 @@
     clip_score.py CLIP score with any transformers CLIP
     reference.py  real-image sets and their features, cached by content; statistics files
     scores.py     every metric of one set of images, networks loaded once (eval and training)
+    control.py    agreement of an image with its ControlNet condition (mask IoU, edge F1)
     run.py        `difftrain eval`: draw (through generate's code) or read images, measure, report
     report.py     summary, report.html, metric curves
 """

@@ -14,33 +14,35 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from difftrain.errors import DifftrainError
+from difftrain.data.conditioning import Preprocess
+from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
-PREPROCESSORS = ("none", "canny")
-
-
-class ControlNetError(DifftrainError):
-    pass
+__all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
+CONTROL_KINDS = ("controlnet", "t2i-adapter")  # manifest kinds that carry their own control network
+# The model-based annotators need a weights folder, which generate does not take yet.
+PREPROCESSORS = ("none", "canny", "mask", "segmentation")
 
 
 @dataclass
 class ControlUnit:
-    model: str  # a diffusers ControlNet folder (or a run's), a hub id, or a single .safetensors file
+    # A diffusers ControlNet folder (or a run's), a hub id, or a single .safetensors file; None: the
+    # ControlNet of the model being drawn from (a ControlNet run's), which also fills in None
+    # scale and preprocess with what it was trained with.
+    model: str | None
     image: str
-    scale: float = 1.0
-    preprocess: str = "none"
+    scale: float | None = 1.0
+    preprocess: str | None = "none"
     start: float = 0.0  # the share of sampling steps before the ControlNet starts acting
     end: float = 1.0
     low_threshold: int = 100  # canny
     high_threshold: int = 200
 
     def check(self, number: int) -> None:
-        where = f"ControlNet {number} ({self.model})"
-        if self.preprocess not in PREPROCESSORS:
+        owner = self.model or "the model's own"
+        where = f"ControlNet {number} ({owner})"
+        if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
             raise ControlNetError(f"{where}: --preprocess {self.preprocess}: choose one of {', '.join(PREPROCESSORS)}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ControlNetError(f"{where}: --control-start {self.start} / --control-end {self.end}: "
@@ -55,87 +57,61 @@ class ControlUnit:
             raise ControlNetError(f"{where}: --control-image {self.image}: {reason}") from None
 
 
-def canny(image: Image.Image, low: int, high: int) -> Image.Image:
-    """OpenCV's Canny edges, white on black, as the ControlNet canny models were trained on."""
-    import cv2
+def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None, source) -> list[ControlUnit]:
+    """`units` with the model's own ControlNet (manifest kind "controlnet") in those that name none.
 
-    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
-    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+    A ControlNet model drawn without its ControlNet would be its base alone: refused.
+    """
+    from dataclasses import replace
+
+    mine = manifest is not None and manifest.kind in CONTROL_KINDS and manifest.controls
+    if not mine:
+        if any(unit.model is None for unit in units):
+            raise ControlNetError(f"{source} is not a ControlNet model: give --controlnet for each --control-image")
+        return units
+    trained = manifest.controls[0]
+    path = (folder / trained.get("folder", ".")).resolve()
+    if not any(unit.model is None or local_folder(unit.model).resolve() == path for unit in units):
+        raise ControlNetError(f"{source} is a {manifest.kind}: give --control-image (the first one is for it)")
+    resolved = []
+    for unit in units:
+        if unit.model is None:
+            chosen = unit.preprocess is not None  # the user's --preprocess brings the user's thresholds
+            unit = replace(
+                unit, model=str(path), scale=trained.get("scale", 1.0) if unit.scale is None else unit.scale,
+                preprocess=unit.preprocess if chosen else trained.get("preprocess", "none"),
+                low_threshold=unit.low_threshold if chosen else trained.get("low_threshold", unit.low_threshold),
+                high_threshold=unit.high_threshold if chosen else trained.get("high_threshold", unit.high_threshold))
+        resolved.append(unit)
+    return resolved
 
 
-def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+def crop_and_resize(image: Image.Image, width: int, height: int,
+                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Scale to cover width x height, then centre-crop: A1111's default "Crop and Resize", and
     the rule training's centre crop follows (the same code)."""
-    from difftrain.data.transforms import resize_to_cover
+    from difftrain.data.transforms import center_crop
 
-    image = resize_to_cover(image, (width, height))
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    return center_crop(image, (width, height), resample)
 
 
 def conditioning_image(unit: ControlUnit, width: int, height: int) -> Image.Image:
+    """The unit's image as its ControlNet reads it: cropped and resized, then preprocessed, as in training."""
     from difftrain.data.images import load_image
 
-    image = crop_and_resize(load_image(unit.image), width, height)
-    if unit.preprocess == "canny":
-        image = canny(image, unit.low_threshold, unit.high_threshold)
-    return image
+    preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
+    return preprocess(crop_and_resize(load_image(unit.image), width, height, preprocess.resample))
 
 
-def load_controlnet(spec: str, dtype: torch.dtype, unet):
-    """A ControlNetModel from a folder, a run folder's model, a single file or a hub id, checked against `unet`."""
-    from diffusers import ControlNetModel
-
-    path = _local_folder(spec)
-    try:
-        if path.is_dir():
-            net = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
-        elif path.suffix == ".safetensors":
-            net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
-        elif path.exists():
-            raise ControlNetError(f"--controlnet {spec}: a ControlNet is a folder or a .safetensors file "
-                                  "(pickled .ckpt/.pth files are not loaded)")
-        else:
-            net = ControlNetModel.from_pretrained(spec, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        hint = (" A single file needs its diffusers config, fetched from the Hub (SD 1.5's) unless cached: offline, "
-                "or for another base, give the ControlNet as a diffusers folder." if path.suffix == ".safetensors" else "")
-        raise ControlNetError(f"--controlnet {spec}: cannot load a ControlNet from it "
-                              f"({str(exc).splitlines()[0]}).{hint}") from None
-    check_fits(net, unet, spec)
-    return net
-
-
-def check_fits(net, unet, name: str) -> None:
-    """A ControlNet adds its residuals to this UNet's blocks: the widths must be the UNet's."""
-    pairs = [("cross_attention_dim", "text conditioning width"), ("in_channels", "latent channels"),
-             ("block_out_channels", "block widths")]
-    for key, meaning in pairs:
-        ours, theirs = _as_list(net.config[key]), _as_list(unet.config[key])
-        if ours != theirs:
-            raise ControlNetError(f"--controlnet {name}: its {meaning} ({key}) is {_show(ours)}, the model's UNet has "
-                                  f"{_show(theirs)}: it was trained for another base (an SD 1.x ControlNet on SD 1.x, "
-                                  "SD 2.x on SD 2.x)")
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _show(values: list) -> str:
-    return str(values[0]) if len(values) == 1 else str(tuple(values))
-
-
-def controlnet_pipeline(pipe, nets: list, img2img: bool):
-    """The text2image (or img2img) ControlNet pipeline around `pipe`'s own components."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
-
-    cls = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
-    return cls(**pipe.components, controlnet=nets[0] if len(nets) == 1 else nets)
-
-
-def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool) -> dict:
+def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,
+                       nets: list) -> dict:
     one = len(units) == 1
+    if any(is_adapter(net) for net in nets):
+        if guess_mode or any(u.start != 0.0 or u.end != 1.0 for u in units):
+            raise ControlNetError("--guess-mode, --control-start and --control-end apply to ControlNets; diffusers' "
+                                  "T2I-Adapter pipeline acts on every step")
+        return {"image": images[0] if one else images,
+                "adapter_conditioning_scale": units[0].scale if one else [u.scale for u in units]}
     return {
         "control_image" if img2img else "image": images[0] if one else images,
         "controlnet_conditioning_scale": units[0].scale if one else [u.scale for u in units],
@@ -177,14 +153,6 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
     return units, guess_mode
 
 
-def _local_folder(spec: str) -> Path:
-    """`spec` as a path; a difftrain run folder stands for its final model."""
-    from difftrain.run_folder import final_model_dir, is_run_folder
-
-    path = Path(spec)
-    return final_model_dir(path) if is_run_folder(path) else path
-
-
 def _model_name(spec: str) -> str:
     path = Path(spec)
     return path.stem if path.suffix == ".safetensors" else path.name  # a run's name, not its "model"
@@ -193,7 +161,7 @@ def _model_name(spec: str) -> str:
 @lru_cache(maxsize=32)  # one read of a large file per model and process, not one per image
 def model_hash(spec: str) -> str:
     """The first 8 hex digits of the weights file's SHA-256, the short hash A1111 shows beside a model."""
-    path = _local_folder(spec)
+    path = local_folder(spec)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
         path = candidates[0] if candidates else path

@@ -204,23 +204,27 @@ class Drawer:
             self.extra = {"image": init, "strength": options.strength}
         else:
             self.runner, self.extra = pipe, {"width": self.width, "height": self.height}
-        if options.controlnets:
+        if options.controlnets or pipe.manifest.kind in ("controlnet", "t2i-adapter"):
+            from difftrain.generate.controlnet import with_own_controlnet
+
+            options.controlnets = with_own_controlnet(options.controlnets, located.manifest, located.folder,
+                                                      located.source)
             self._add_controlnets(options, device, progress)
 
     def _add_controlnets(self, options: GenerateOptions, device: torch.device, progress: bool) -> None:
         from difftrain.generate import controlnet
 
         pipe = self.pipe
-        nets = [controlnet.load_controlnet(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
+        nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
         images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
-        self.runner = controlnet.controlnet_pipeline(pipe, nets, img2img=bool(options.init_image))
+        self.runner = controlnet.control_pipeline(pipe, nets, img2img=bool(options.init_image))
         if options.cpu_offload:
             self.runner.enable_model_cpu_offload()
         else:
             self.runner.to(device)
         self.runner.set_progress_bar_config(disable=not progress)
         self.extra.update(controlnet.pipeline_arguments(options.controlnets, images, options.guess_mode,
-                                                        img2img=bool(options.init_image)))
+                                                        img2img=bool(options.init_image), nets=nets))
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""

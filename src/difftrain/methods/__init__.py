@@ -14,6 +14,8 @@ METHODS: dict[str, str] = {
     "dreambooth": "difftrain.methods.dreambooth:DreamBooth",
     "textual_inversion": "difftrain.methods.textual_inversion:TextualInversion",
     "vae": "difftrain.methods.vae:VaeTraining",
+    "controlnet": "difftrain.methods.controlnet:ControlNetTraining",
+    "t2i_adapter": "difftrain.methods.t2i_adapter:T2IAdapterTraining",
 }
 
 

@@ -68,6 +68,10 @@ class Method(ABC):
     ) -> list[Image.Image]:
         """Preview images from the given (unwrapped, eval-mode) modules, at a fixed seed."""
 
+    def sample_scores(self, images: list[Image.Image]) -> dict[str, float]:
+        """Numbers about the preview images, logged beside them (ControlNet: agreement with the condition)."""
+        return {}
+
     takes_prompts = False  # whether evaluation_images draws from prompts
 
     def evaluation_images(

@@ -42,6 +42,8 @@ class TextToImage(Method):
         self.unet.requires_grad_(True)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(self.settings.train_text_encoder)
+        self.caption_dropout = self.settings.caption_dropout
+        self.add_modules()
         # A LoRA on the UNet (and text encoder); Textual Inversion runs have no lora section.
         self.lora = lora = config.lora if getattr(config, "lora", None) and config.lora.enabled else None
         if lora:
@@ -59,6 +61,9 @@ class TextToImage(Method):
         self._saving_parts = None
 
     # ----------------------------------------------------------------- what trains
+    def add_modules(self) -> None:
+        """Where a method adds what it trains beside the UNet (ControlNet), before a LoRA changes the UNet's layers."""
+
     @property
     def trains_text_encoder(self) -> bool:
         """Whether any text-encoder parameter trains (fully, or a LoRA on it)."""
@@ -109,7 +114,7 @@ class TextToImage(Method):
                 print("cache: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
         if cache.text:
             self.text_encoder = None  # embeddings for captions, "", and validation prompts are all computed
-        if cache.latents and not self.config.sample.prompts:
+        if cache.latents and not self.validation_prompts():
             self.vae = None  # reloaded from the base model only when the final model is saved
         elif cache.latents:
             self.vae.to("cpu")  # only validation decodes now; it visits the device for that
@@ -157,7 +162,7 @@ class TextToImage(Method):
     def loss(self, modules, batch, generator):
         batch = self.batch_parts(batch, generator)
         batch_size = len(batch["caption"])
-        dropped = torch.rand(batch_size, generator=generator, device=generator.device) < self.settings.caption_dropout
+        dropped = torch.rand(batch_size, generator=generator, device=generator.device) < self.caption_dropout
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
@@ -172,19 +177,22 @@ class TextToImage(Method):
             embeds = batch["prompt_embeds"] if "prompt_embeds" in batch else self.encode_text(batch["caption"])
             embeds = embeds.to(self.device)
             embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
-        unet = modules.get("unet", self.unet)
-        embeds = embeds.to(latents.dtype)
-        # A frozen UNet in half precision is not wrapped by accelerate's autocast (only trained
-        # modules are), so the call gets its own: Textual Inversion under fp16/bf16.
-        mixed = self.weight_dtype != torch.float32 and "unet" not in modules
         return denoising_loss(
             latents,
-            lambda x, t: _autocast_call(unet, mixed, self.weight_dtype, x, t, embeds),
+            self.denoiser(modules, batch, embeds.to(latents.dtype)),
             self.noise_scheduler,
             self.config.noise,
             generator,
             batch.get("sample_weights"),
         )
+
+    def denoiser(self, modules, batch: dict, embeds: torch.Tensor):
+        """(noisy latents, timesteps) -> the model's prediction; a ControlNet adds its residuals here."""
+        unet = modules.get("unet", self.unet)
+        # A frozen UNet in half precision is not wrapped by accelerate's autocast (only trained
+        # modules are), so the call gets its own: Textual Inversion and ControlNet under fp16/bf16.
+        mixed = self.weight_dtype != torch.float32 and "unet" not in modules
+        return lambda x, t: _autocast_call(unet, mixed, self.weight_dtype, x, t, embeds)
 
     # ----------------------------------------------------------------- outputs
     def pipeline(self, modules: dict[str, torch.nn.Module], scheduler=None, vae=None, text_encoder=None):
@@ -215,6 +223,9 @@ class TextToImage(Method):
             cls = DDIMScheduler  # PNDM (SD 1.5's) keeps the flag but samples the unrescaled schedule
         return cls.from_config({**self.base_scheduler.config, **settings})
 
+    def validation_prompts(self) -> list[str]:
+        return self.config.sample.prompts
+
     @torch.no_grad()
     def validation_conditioning(self, text_encoder, prompts: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(positive, negative) per validation prompt (or per one of `prompts`), encoded as `difftrain generate` does."""
@@ -223,7 +234,7 @@ class TextToImage(Method):
         sample = self.config.sample
         return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), sample.negative_prompt,
                             self.device, max_length=self.max_length)
-                for prompt in (sample.prompts if prompts is None else prompts)]
+                for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
     @torch.no_grad()
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
@@ -231,7 +242,7 @@ class TextToImage(Method):
         from difftrain.sampling.text2image import draw
 
         sample = self.config.sample
-        if not sample.prompts:
+        if not self.validation_prompts():
             return []
         pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
         pipe.set_progress_bar_config(disable=True)
@@ -242,11 +253,16 @@ class TextToImage(Method):
         home = self.vae.device
         self.vae.to(self.device)
         try:
-            return [image for positive, negative in conditioning
+            return [image for number, (positive, negative) in enumerate(conditioning)
                     for image in draw(pipe, positive, negative, [seed], steps, sample.guidance_scale,
-                                      autocast=self.weight_dtype, width=size, height=size)]
+                                      autocast=self.weight_dtype, width=size, height=size,
+                                      **self.validation_extras(number))]
         finally:
             self.vae.to(home)
+
+    def validation_extras(self, number: int) -> dict:
+        """What else the pipeline takes for validation prompt `number` (a ControlNet's image)."""
+        return {}
 
     takes_prompts = True
 
@@ -413,9 +429,9 @@ def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
             parameter.data = parameter.data.float()
 
 
-def _autocast_call(unet, enabled: bool, dtype: torch.dtype, x, t, embeds):
+def _autocast_call(unet, enabled: bool, dtype: torch.dtype, x, t, embeds, **residuals):
     with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-        return unet(x, t, encoder_hidden_states=embeds).sample
+        return unet(x, t, encoder_hidden_states=embeds, **residuals).sample
 
 
 def _tag_frequency(dataset) -> dict[str, int]:

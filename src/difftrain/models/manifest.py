@@ -32,8 +32,10 @@ KINDS = {
     "embedding": "a Textual Inversion embedding for the base model",
     "unconditional": "a pixel-space UNet2DModel and its noise scheduler",
     "vae": "an AutoencoderKL",
+    "controlnet": "a ControlNet (diffusers folder) for the base model, which it steers with a conditioning image",
+    "t2i-adapter": "a T2I-Adapter (diffusers folder) for the base model, which it steers with a conditioning image",
 }
-ADAPTER_KINDS = ("stable-diffusion-parts", "lora", "embedding")
+ADAPTER_KINDS = ("stable-diffusion-parts", "lora", "embedding", "controlnet", "t2i-adapter")
 
 
 class ManifestError(DifftrainError):
@@ -51,6 +53,9 @@ class Manifest:
     components: list[str] = field(default_factory=list)  # subfolders here that replace the base's
     loras: list[dict] = field(default_factory=list)  # {"file", "weight"}, relative to the folder
     embeddings: list[dict] = field(default_factory=list)  # {"file", "token"}
+    # ControlNets / T2I-Adapters here: {"folder" (relative to this one), "scale", "preprocess", canny's
+    # "low_threshold"/"high_threshold"}
+    controls: list[dict] = field(default_factory=list)
     scheduler: str | None = None  # subfolder holding the scheduler the model was trained with
     noise: dict = field(default_factory=dict)  # prediction_type, beta_schedule, ... as trained
     # What shaped the text conditioning in training; every consumer must use the same.

@@ -168,15 +168,16 @@ def write_tiny_controlnet(base_dir: str | Path, out_dir: str | Path, seed: int =
     """A ControlNet for the SD model in `base_dir`, made from its UNet as training starts one
     (`ControlNetModel.from_unet`), with its zero convolutions drawn random so that it steers
     from the start; `cross_attention_dim` gives it another text width (a misfit, for tests)."""
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from difftrain.models.control import controlnet_from_unet
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
     if cross_attention_dim:
         unet = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": cross_attention_dim})
     levels = len(AutoencoderKL.load_config(Path(base_dir) / "vae")["block_out_channels"])
-    # The condition image enters at pixel size and must reach the latent size: one halving per VAE level.
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+    net = controlnet_from_unet(unet, levels)
     for module in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
         torch.nn.init.normal_(module.weight, std=zero_conv_std)
     net.save_pretrained(out_dir)

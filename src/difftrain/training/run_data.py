@@ -9,16 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftrain.config import RunConfig
+from difftrain.data.conditioning import Conditions, Preprocess
 from difftrain.data.dataset import ImageDataset
+from difftrain.data.folder import ConditioningFiles
 from difftrain.data.sampler import EpochBatchSampler, ResumableBatches
 
 
 def open_images(
-    config: RunConfig, path: str | None = None, caption: str | None = None, progress: bool = True
+    config: RunConfig, path: str | None = None, caption: str | None = None, progress: bool = True,
+    conditioning: tuple[ConditioningFiles, Preprocess] | None = None,
 ) -> ImageDataset:
     """The images of `config.data`, or of the image folder `path`, transformed as `config.data` says.
 
-    `caption` gives every image the same caption (DreamBooth's instance or class prompt).
+    `caption` gives every image the same caption (DreamBooth's instance or class prompt);
+    `conditioning` gives every item its conditioning image too (ControlNet): from the files
+    the data names, or, when it names none, computed from the image by the preprocessor.
     """
     from difftrain.data.sources import open_source
 
@@ -33,7 +38,11 @@ def open_images(
         max_pixels=data.max_image_pixels,
         index_dir=Path(cache_dir(config)) / "index",
         progress=progress,
+        conditioning=conditioning[0] if conditioning else None,
     )
+    conditions = None
+    if conditioning:
+        conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels)
     buckets = None
     if data.buckets.enabled:
         from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets
@@ -41,7 +50,8 @@ def open_images(
         sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
         buckets = BucketLookup(assign_buckets(records.sizes, sizes), sizes)
     return ImageDataset(
-        records, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption
+        records, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption,
+        conditions,
     )
 
 

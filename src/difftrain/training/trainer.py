@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_dir, recover_dirs, write_text
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
+from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint
 from difftrain.data.sampler import Position
@@ -60,6 +61,10 @@ from difftrain.training.report import plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(DifftrainError):
+    pass
 
 
 @dataclass
@@ -205,17 +210,22 @@ class Trainer:
                 bar.update(1)
 
                 last_step = self.step == config.training.max_steps
+                checkpoint_due = self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested
+                if checkpoint_due and not torch.isfinite(loss_sum):  # never write a diverged checkpoint
+                    self._diverged(float(loss_sum), bar)
                 if self.step % config.log.every_steps == 0 or last_step:
                     last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+                    if not np.isfinite(last_loss):
+                        self._diverged(last_loss, bar)
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
                 with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
                     if self.step % config.sample.every_steps == 0 or last_step:
-                        self.save_samples()
+                        self.save_samples(bar)
                     if self.evaluation.due(self.step, last_step):
                         self.evaluate(bar)
-                    if self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested:
+                    if checkpoint_due:
                         self.save_checkpoint()
                 if stop.requested:
                     bar.close()
@@ -231,6 +241,17 @@ class Trainer:
             self._print_summary(timer, self.step - start_step, last_loss, model_dir)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
                            timer.startup)
+
+    def _diverged(self, loss: float, bar) -> None:
+        bar.close()
+        latest = self.store.latest()
+        where = f"the latest checkpoint, {latest.name}, is from before it" if latest else "no checkpoint was written"
+        precision = self.config.training.mixed_precision
+        hint = ("fp16 overflows where bf16 does not: set training.mixed_precision: bf16 (or no), "
+                if precision == "fp16" else "")
+        raise TrainingDiverged(
+            f"the loss became {loss} by step {self.step}: training diverged; {where}. {hint}Lower "
+            "training.learning_rate or keep training.max_grad_norm set, and resume with --resume latest")
 
     # ----------------------------------------------------------------- outputs
     def _check_startable(self, resume: str | None) -> None:
@@ -302,11 +323,19 @@ class Trainer:
                 for m in modules.values():
                     m.train()
 
-    def save_samples(self) -> None:
+    def save_samples(self, bar=None) -> None:
         sample = self.config.sample
         if self.main:
             with self._with_ema() as modules:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
+            scores = self.method.sample_scores(images) if images else {}
+            if scores:
+                self.accelerator.log({f"samples/{name}": value for name, value in scores.items()}, step=self.step)
+                (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+                with open(self.run_dir / "samples" / "scores.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": self.step, **scores}) + "\n")
+                (bar.write if bar is not None else print)(
+                    f"samples at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
             if images:  # a method with nothing to show (no validation prompts) returns none
                 grid = make_grid(images)
                 out = self.run_dir / "samples" / f"step-{self.step:08d}.png"

@@ -1,0 +1,139 @@
+"""Conditioning images (ControlNet): where a record's comes from, and how it follows its image.
+
+A record's conditioning image is a file it carries (see folder.ConditioningFiles) or, when
+the data holds none, the training image itself; a preprocessor may then turn it into what
+the model reads (canny edges, a depth map, a pose). It goes through exactly the transform
+its image goes through - the same cover-resize, crop box and flip - so an edge or a mask
+stays on the pixels it describes. A conditioning image of another size than its image is
+first stretched to the image's size, then cropped with it. Preprocessors run after the
+crop, at the training size: the same order `difftrain generate` uses, so a model sees at
+inference the edges it was trained on. Values are [0, 1], as diffusers' ControlNet
+pipelines feed them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftrain.data.folder import DatasetError
+from difftrain.data.images import BadImage, load_image_bytes
+from difftrain.data.transforms import CropPlan, apply_plan
+
+PASS_THROUGH = ("none", "mask", "segmentation")  # the file is the condition as it is
+# Model-based annotators, through controlnet_aux, with weights from a local folder.
+ANNOTATORS = {"depth": "MidasDetector", "pose": "OpenposeDetector", "lineart": "LineartDetector"}
+PREPROCESSORS = (*PASS_THROUGH, "canny", *ANNOTATORS)
+# Label maps must keep their exact colours: no interpolated in-between labels at the edges.
+NEAREST = ("mask", "segmentation")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What turns a (cropped) conditioning image into the condition: a name and its settings."""
+
+    name: str = "none"
+    low_threshold: int = 100  # canny
+    high_threshold: int = 200
+    annotator_path: str | None = None  # depth / pose / lineart: a local folder with the annotator's weights
+
+    def check(self, where: str) -> None:
+        if self.name not in PREPROCESSORS:
+            raise DatasetError(f"{where} = {self.name!r}: choose one of {', '.join(PREPROCESSORS)}")
+        if self.name in ANNOTATORS:
+            annotator(self.name, self.annotator_path, where)  # fails now, not at the first batch
+
+    @property
+    def computes(self) -> bool:
+        """Whether it makes a condition from any image (so the training image can be its input)."""
+        return self.name not in PASS_THROUGH
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return Image.Resampling.NEAREST if self.name in NEAREST else Image.Resampling.BICUBIC
+
+    def tag(self) -> list:
+        """What a cached condition depends on besides its image (annotator weights by folder name)."""
+        return [self.name, self.low_threshold, self.high_threshold, self.annotator_path]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self.name == "canny":
+            return canny(image, self.low_threshold, self.high_threshold)
+        if self.name in ANNOTATORS:
+            size = image.size
+            result = annotator(self.name, self.annotator_path, "preprocess")(
+                image, detect_resolution=min(size), image_resolution=min(size))
+            return result.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        return image
+
+
+def canny(image: Image.Image, low: int, high: int) -> Image.Image:
+    """OpenCV's Canny edges, white on black, as the ControlNet canny models were trained on."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+@lru_cache(maxsize=4)
+def annotator(name: str, path: str | None, where: str):
+    """controlnet_aux's detector for `name`, its weights read from the local folder `path`."""
+    if not path:
+        raise DatasetError(f"{where} = {name}: set the annotator's weights folder (a local copy of "
+                           "lllyasviel/Annotators); nothing is downloaded during training")
+    try:
+        import controlnet_aux
+    except ImportError:
+        raise DatasetError(f"{where} = {name} needs the controlnet_aux package (pip install controlnet_aux, "
+                           "which brings torchvision); or precompute the conditioning images and use "
+                           "preprocess none") from None
+    return getattr(controlnet_aux, ANNOTATORS[name]).from_pretrained(path)
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 CHW: how conditions are built and cached; the batch divides by 255."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class Conditions:
+    """Each record's conditioning image, decoded and transformed with its image.
+
+    `from_records`: the records carry a file each; otherwise the image is its own input
+    and the preprocessor must compute something from it.
+    """
+
+    def __init__(self, preprocess: Preprocess, from_records: bool, max_pixels: int):
+        if not from_records and not preprocess.computes:
+            raise DatasetError(
+                "no conditioning images: no record names one in the conditioning column and no conditioning "
+                "folder is set; add the column (e.g. \"conditioning_image\": \"conditioning/0001.png\" in "
+                "metadata.jsonl), set the folder, or a preprocess that computes them from the images (canny)")
+        self.preprocess, self.from_records, self.max_pixels = preprocess, from_records, max_pixels
+
+    def load(self, record, image: Image.Image) -> Image.Image:
+        """The record's conditioning image as stored; raises BadImage naming it if it cannot be read."""
+        if not self.from_records:
+            return image
+        if record.conditioning is None:
+            raise BadImage(f"{record.key}: no conditioning image")
+        try:
+            return load_image_bytes(record.conditioning, self.max_pixels)
+        except BadImage as reason:
+            raise BadImage(f"its conditioning image: {reason}") from None
+
+    def transform(self, condition: Image.Image, image_size: tuple[int, int], size: tuple[int, int],
+                  plan: CropPlan) -> torch.Tensor:
+        """uint8 CHW at `size`: stretched to its image's size if it differs, then `plan`, then the preprocessor."""
+        if condition.size != image_size:
+            condition = condition.resize(image_size, self.preprocess.resample)
+        return to_unit_tensor(self.preprocess(apply_plan(condition, size, plan, self.preprocess.resample)))
+
+    def digest(self, record) -> bytes:
+        """What a cached condition of this record depends on besides size and flip."""
+        data = record.conditioning if self.from_records and record.conditioning is not None else b""
+        return hashlib.sha256(data).digest()

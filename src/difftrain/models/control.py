@@ -1,0 +1,124 @@
+"""Networks that steer a frozen UNet with a conditioning image: ControlNet and T2I-Adapter.
+
+Made from a UNet for training, loaded from anywhere for inference, checked against the UNet
+they steer, and wrapped with their base into diffusers' pipelines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difftrain.errors import DifftrainError
+
+# diffusers' (and the original's) hint encoder widths; the list is cut to the VAE's depth below.
+HINT_CHANNELS = (16, 32, 96, 256)
+
+
+class ControlNetError(DifftrainError):
+    pass
+
+
+def controlnet_from_unet(unet, vae_levels: int, conditioning_channels: int = 3):
+    """A ControlNet initialised from `unet` (its encoder's weights, zero convolutions at zero).
+
+    The condition enters at pixel size and must reach the latent size: its encoder halves the
+    size once per VAE level beyond the first (SD's 4 levels: 16, 32, 96, 256, as released).
+    """
+    from diffusers import ControlNetModel
+
+    if vae_levels > len(HINT_CHANNELS):
+        raise ControlNetError(f"a VAE with {vae_levels} levels: the ControlNet's hint encoder has at most "
+                              f"{len(HINT_CHANNELS)}")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS[:vae_levels],
+                                     conditioning_channels=conditioning_channels)
+
+
+def adapter_for_unet(unet, vae_levels: int, adapter_type: str = "full_adapter", num_res_blocks: int = 2):
+    """A new T2I-Adapter for `unet`: one feature map per UNet level, at that level's width and size
+    (the first at the latent size: the condition is pixel-unshuffled by the VAE's factor)."""
+    from diffusers import T2IAdapter
+
+    return T2IAdapter(in_channels=3, channels=list(unet.config.block_out_channels), num_res_blocks=num_res_blocks,
+                      downscale_factor=2 ** (vae_levels - 1), adapter_type=adapter_type)
+
+
+def is_adapter(net) -> bool:
+    return type(net).__name__ in ("T2IAdapter", "MultiAdapter")
+
+
+def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"):
+    """A ControlNetModel or T2IAdapter from a folder, a run folder's model, a hub id or (ControlNet) a
+    single file, checked against `unet`. `what` names the setting it came from, for messages."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    path = local_folder(spec)
+    try:
+        if path.suffix == ".safetensors" and path.is_file():
+            net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+        elif path.exists() and not path.is_dir():
+            raise ControlNetError(f"{what} {spec}: a ControlNet is a folder or a .safetensors file "
+                                  "(pickled .ckpt/.pth files are not loaded)")
+        else:
+            where = path if path.is_dir() else spec
+            cls = T2IAdapter if ControlNetModel.load_config(where).get("_class_name") == "T2IAdapter" else ControlNetModel
+            net = cls.from_pretrained(where, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        hint = (" A single file needs its diffusers config, fetched from the Hub (SD 1.5's) unless cached: offline, "
+                "or for another base, give the ControlNet as a diffusers folder." if path.suffix == ".safetensors" else "")
+        raise ControlNetError(f"{what} {spec}: cannot load a ControlNet or T2I-Adapter from it "
+                              f"({str(exc).splitlines()[0]}).{hint}") from None
+    check_fits(net, unet, f"{what} {spec}")
+    return net
+
+
+def control_pipeline(pipe, nets: list, img2img: bool):
+    """The ControlNet (text2image or img2img) or T2I-Adapter pipeline around `pipe`'s own components."""
+    from diffusers import (StableDiffusionAdapterPipeline, StableDiffusionControlNetImg2ImgPipeline,
+                           StableDiffusionControlNetPipeline)
+
+    adapters = [net for net in nets if is_adapter(net)]
+    if adapters and len(adapters) != len(nets):
+        raise ControlNetError("ControlNets and T2I-Adapters together: diffusers has no pipeline for both; use one kind")
+    one = nets[0] if len(nets) == 1 else nets
+    if adapters:
+        if img2img:
+            raise ControlNetError("a T2I-Adapter with --init-image: diffusers has no img2img T2I-Adapter pipeline")
+        parts = {name: pipe.components[name] for name in
+                 ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")}
+        return StableDiffusionAdapterPipeline(**parts, adapter=one, requires_safety_checker=False)
+    cls = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
+    return cls(**pipe.components, controlnet=one, requires_safety_checker=False)
+
+
+def check_fits(net, unet, name: str) -> None:
+    """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's."""
+    if is_adapter(net):
+        pairs = [("channels", "block_out_channels", "feature widths")]
+    else:
+        pairs = [("cross_attention_dim", "cross_attention_dim", "text conditioning width"),
+                 ("in_channels", "in_channels", "latent channels"),
+                 ("block_out_channels", "block_out_channels", "block widths")]
+    for key, unet_key, meaning in pairs:
+        ours, theirs = _as_list(net.config[key]), _as_list(unet.config[unet_key])
+        if ours != theirs:
+            raise ControlNetError(f"{name}: its {meaning} ({key}) is {_show(ours)}, the model's UNet has "
+                                  f"{_show(theirs)}: it was trained for another base (an SD 1.x ControlNet on SD 1.x, "
+                                  "SD 2.x on SD 2.x)")
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _show(values: list) -> str:
+    return str(values[0]) if len(values) == 1 else str(tuple(values))
+
+
+def local_folder(spec: str) -> Path:
+    """`spec` as a path; a difftrain run folder stands for its final model."""
+    from difftrain.run_folder import final_model_dir, is_run_folder
+
+    path = Path(spec)
+    return final_model_dir(path) if is_run_folder(path) else path

@@ -1,0 +1,204 @@
+"""Conditioning images in the data layer: found, paired, transformed with their image, cached, reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.data.cache import CacheEncoders
+from difftrain.data.conditioning import Conditions, Preprocess
+from difftrain.data.dataset import ImageDataset
+from difftrain.data.folder import ConditioningFiles, DatasetError
+from difftrain.data.sources import open_source
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Asymmetric in every direction: any wrong crop offset or flip shows."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def paired_folder(root: Path, sizes: list[tuple[int, int]], condition_scale: float = 1.0) -> Path:
+    """Images of the given sizes, each with a conditioning image that is the same picture
+    (at `condition_scale` times its size) under conditioning/, named by the column."""
+    (root / "conditioning").mkdir(parents=True)
+    lines = []
+    for index, (width, height) in enumerate(sizes):
+        name = f"{index:03d}.png"
+        image = noise_image(width, height, index)
+        image.save(root / name)
+        scaled = (round(width * condition_scale), round(height * condition_scale))
+        image.resize(scaled, Image.Resampling.BICUBIC).save(root / "conditioning" / name)
+        lines.append(json.dumps({"file_name": name, "text": f"picture {index}",
+                                 "conditioning_image": f"conditioning/{name}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def dataset(root: Path, preprocess: str = "none", crop: str = "random", buckets=None, **files) -> ImageDataset:
+    source = open_source("folder", root, progress=False, conditioning=ConditioningFiles(**files))
+    conditions = Conditions(Preprocess(preprocess), source.has_conditioning, 64_000_000)
+    return ImageDataset(source, 16, crop, True, seed=3, max_pixels=64_000_000, buckets=buckets, conditions=conditions)
+
+
+def as_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    return ((pixels + 1) * 127.5).round().to(torch.uint8)
+
+
+def test_the_condition_gets_its_image_crop_and_flip_in_every_epoch_and_bucket(tmp_path):
+    root = paired_folder(tmp_path / "data", [(48, 24), (24, 40), (30, 30)])
+    source_check = open_source("folder", root, progress=False, conditioning=ConditioningFiles())
+    assert len(source_check) == 3 and source_check.has_conditioning  # conditioning/ holds no training images
+    assert "conditioning images: column 'conditioning_image'" in source_check.description
+    for crop, buckets in [("random", None), ("random", lambda index: [(24, 16), (16, 24), (16, 16)][index]),
+                          ("center", None)]:
+        data = dataset(root, crop=crop, buckets=buckets)
+        flipped = []
+        for epoch in range(6):
+            for index in range(3):
+                item = data[(epoch, 0, index)]
+                assert item["conditioning_pixels"].dtype == torch.uint8
+                assert item["conditioning_pixels"].shape == item["pixel_values"].shape
+                # The same picture, the same plan: identical pixels, so crop box and flip agree.
+                assert torch.equal(item["conditioning_pixels"], as_uint8(item["pixel_values"]))
+                flipped.append(torch.equal(item["pixel_values"], data.plain_pixels(index).flip(-1)))
+        if crop == "center":
+            assert any(flipped) and not all(flipped)  # both ways were exercised
+
+
+def test_a_condition_of_another_size_is_stretched_to_its_image_first(tmp_path):
+    root = paired_folder(tmp_path / "data", [(48, 24), (24, 40)], condition_scale=0.5)
+    data = dataset(root)
+    for epoch in range(4):
+        for index in range(2):
+            item = data[(epoch, 0, index)]
+            condition = item["conditioning_pixels"].float()
+            target = as_uint8(item["pixel_values"]).float()
+            mismatch = as_uint8(item["pixel_values"].flip(-1)).float()
+            # Half the resolution blurs it, but it lies on the same pixels: far closer than its mirror image.
+            assert (condition - target).abs().mean() < 0.6 * (condition - mismatch).abs().mean()
+
+
+def test_masks_keep_their_exact_values_through_resizing(tmp_path):
+    root = tmp_path / "data"
+    (root / "masks").mkdir(parents=True)
+    for index in range(2):
+        noise_image(40, 40, index).save(root / f"{index}.png")
+        mask = Image.new("RGB", (40, 40))
+        mask.paste((255, 255, 255), (5, 5, 25, 30))
+        mask.paste((10, 200, 30), (25, 0, 40, 12))  # a segmentation label colour
+        mask.save(root / "masks" / f"{index}.png")
+    data = dataset(root, preprocess="mask", folder=root / "masks")
+    assert len(data) == 2  # the masks under the data folder are not training images
+    colours = {tuple(c) for c in data[(0, 0, 0)]["conditioning_pixels"].reshape(3, -1).T.tolist()}
+    assert colours <= {(0, 0, 0), (255, 255, 255), (10, 200, 30)}
+
+
+def test_canny_is_computed_from_the_image_when_the_data_names_no_condition(tmp_path):
+    from difftrain.data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path / "shapes", num_images=4, size=32)
+    with pytest.raises(DatasetError, match="no conditioning images.*canny"):
+        dataset(root)  # preprocess none and no files: nothing to train on
+    data = dataset(root, preprocess="canny", crop="center")
+    item = data[(0, 0, 1)]
+    edges = item["conditioning_pixels"][0]
+    assert set(edges.unique().tolist()) == {0, 255}
+    # The edges are the shape's outline: on the boundary of the drawn pixels.
+    drawn = (item["pixel_values"].std(0) > 0.3) | ((item["pixel_values"] + 1).sum(0) < 4.5)
+    assert drawn[edges > 0].float().mean() > 0.4 and edges.float().mean() / 255 < 0.25
+
+
+def test_missing_and_unreadable_conditions_skip_their_records_and_say_so(tmp_path):
+    root = paired_folder(tmp_path / "data", [(20, 20)] * 5)
+    (root / "conditioning" / "001.png").unlink()
+    lines = (root / "metadata.jsonl").read_text().splitlines()
+    entry = json.loads(lines[2])
+    del entry["conditioning_image"]
+    lines[2] = json.dumps(entry)
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    source = open_source("folder", root, progress=False, conditioning=ConditioningFiles())
+    assert len(source) == 3
+    reasons = dict(source.skipped)
+    assert "conditioning image" in reasons["001.png"] and "does not exist" in reasons["001.png"]
+    assert "has no 'conditioning_image'" in reasons["002.png"]
+    # One that breaks after indexing is replaced at read time and counted, never fatal.
+    data = dataset(root)
+    (root / "conditioning" / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    keys = [source.read(i).key for i in range(3)]
+    broken = keys.index("003.png")
+    item = data[(0, 0, broken)]
+    assert item["skipped"] == 1 and item["caption"] != "picture 3"
+
+
+def test_jsonl_sources_and_conditioning_folders_pair_by_name(tmp_path):
+    root = paired_folder(tmp_path / "data", [(20, 20)] * 3)
+    jsonl = tmp_path / "data" / "list.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"{i:03d}.png", "caption": "x",
+                                         "hint": f"conditioning/{i:03d}.png"}) + "\n" for i in range(3)))
+    by_column = open_source("jsonl", jsonl, progress=False, conditioning=ConditioningFiles(column="hint"))
+    by_folder = open_source("jsonl", jsonl, progress=False,
+                            conditioning=ConditioningFiles(folder=tmp_path / "data" / "conditioning"))
+    for source in (by_column, by_folder):
+        assert source.has_conditioning
+        record = source.read(1)
+        assert record.conditioning == (root / "conditioning" / "001.png").read_bytes()
+    with pytest.raises(DatasetError, match="conditioning folder .* does not exist"):
+        open_source("folder", root, progress=False, conditioning=ConditioningFiles(folder=tmp_path / "nope"))
+
+
+def test_cached_conditions_follow_the_cached_latent_flip(tmp_path):
+    root = paired_folder(tmp_path / "data", [(24, 16), (16, 16), (16, 30)])
+    data = dataset(root, crop="center")
+    # A stand-in "VAE" whose latent is the pixels themselves: what was cached is visible.
+    encoders = CacheEncoders(latents=lambda pixels: (pixels, torch.zeros_like(pixels)), latent_tag="identity")
+    counts = data.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert counts["conditions computed"] == 6 and counts["latents computed"] == 6
+    uncached = dataset(root, crop="center")
+    for epoch in range(4):
+        for index in range(3):
+            item = data[(epoch, 0, index)]
+            assert "pixel_values" not in item
+            assert torch.equal(item["conditioning_pixels"], as_uint8(item["latent_mean"]))
+            # And it is what the uncached path gives for the same (epoch, index).
+            assert torch.equal(item["conditioning_pixels"], uncached[(epoch, 0, index)]["conditioning_pixels"])
+    again = dataset(root, crop="center").fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert again["conditions found"] == 6 and again["conditions computed"] == 0
+    canny = dataset(root, preprocess="canny", crop="center").fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert canny["conditions computed"] == 6  # another preprocessor: other entries
+
+
+def test_generate_and_training_crop_a_condition_the_same_way(tmp_path):
+    from difftrain.generate.controlnet import crop_and_resize
+
+    image = noise_image(50, 30, 1)
+    root = tmp_path / "data"
+    root.mkdir()
+    image.save(root / "a.png")
+    image.save(root / "hint.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x",
+                                                     "conditioning_image": "hint.png"}) + "\n")
+    source = open_source("folder", root, progress=False, conditioning=ConditioningFiles())
+    data = ImageDataset(source, 16, "center", False, 0, 64_000_000,
+                        conditions=Conditions(Preprocess("none"), True, 64_000_000))
+    trained = data[(0, 0, 0)]["conditioning_pixels"].permute(1, 2, 0).numpy()
+    assert np.array_equal(trained, np.asarray(crop_and_resize(image, 16, 16)))
+
+
+def test_resume_notices_a_changed_conditioning_image(tmp_path):
+    import os
+
+    from difftrain.data.fingerprint import describe_change, fingerprint
+
+    root = paired_folder(tmp_path / "data", [(20, 20)] * 3)
+    before = fingerprint(open_source("folder", root, progress=False, conditioning=ConditioningFiles()))
+    hint = root / "conditioning" / "001.png"
+    noise_image(20, 20, 9).save(hint)
+    os.utime(hint, ns=(1, 1))
+    after = fingerprint(open_source("folder", root, progress=False, conditioning=ConditioningFiles()))
+    assert "001.png (conditioning)" in describe_change(before, after)

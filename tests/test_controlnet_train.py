@@ -1,0 +1,211 @@
+"""method: controlnet on the tiny Stable Diffusion, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_text2image import assert_same_tensors, losses, sd_config, tiny_sd, train_straight_and_interrupted  # noqa: F401
+
+from difftrain.cli import main
+
+
+@pytest.fixture(scope="session")
+def mask_shapes(tmp_path_factory) -> Path:
+    from difftrain.data.shapes import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("mask-shapes"), num_images=24, size=16, seed=0, masks=True)
+
+
+def cn_config(tmp_path, data_dir, tiny_sd, name="run", controlnet=None, **sections):  # noqa: F811
+    control = {"preprocess": "mask", "validation": [
+        {"image": str(data_dir / "conditioning" / "000000.png"), "prompt": "a red circle"},
+        {"image": str(data_dir / "conditioning" / "000005.png"), "prompt": "a green square"}]}
+    control.update(controlnet or {})
+    return sd_config(tmp_path, data_dir, tiny_sd, name, method="controlnet", controlnet=control, **sections)
+
+
+def test_controlnet_run_writes_a_controlnet_diffusers_and_generate_load(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, controlnet={"proportion_empty_prompts": 0.2},
+                       sample={"every_steps": 3})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert "controlnet run finished at step 3/3" in out and "samples at step 3: control_mask_iou" in out
+    scores = [json.loads(line) for line in (run / "samples" / "scores.jsonl").read_text().splitlines()]
+    assert scores[-1]["step"] == 3 and 0.0 <= scores[-1]["control_mask_iou"] <= 1.0
+    assert Image.open(run / "samples" / "step-00000003.png").size[0] >= 32  # the two validation pairs
+
+    manifest = json.loads((run / "model" / "difftrain.json").read_text())
+    assert manifest["kind"] == "controlnet" and manifest["base"]["model"] == str(tiny_sd.resolve())
+    assert manifest["controls"] == [{"folder": ".", "scale": 1.0, "preprocess": "mask"}]
+    net = ControlNetModel.from_pretrained(run / "model")
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=net)
+    mask = Image.open(mask_shapes / "conditioning" / "000000.png")
+    image = pipe("a red circle", image=mask, num_inference_steps=2, height=16, width=16,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (16, 16)
+    # Only the ControlNet trained: it no longer equals a fresh copy of the UNet's encoder ...
+    fresh = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))
+    assert not torch.equal(net.controlnet_mid_block.weight, fresh.controlnet_mid_block.weight)
+    assert torch.equal(fresh.controlnet_mid_block.weight, torch.zeros_like(fresh.controlnet_mid_block.weight))
+    # ... and the checkpoint holds it alone.
+    assert {key.split(".")[0] for key in load_file(run / "checkpoints" / "step-00000003" / "model.safetensors")} \
+        == {"controlnet"}
+
+    # `generate` on the run: the first --control-image is for its ControlNet, preprocessed as trained.
+    drawn = tmp_path / "drawn"
+    assert main(["generate", str(run), "--prompt", "a red circle", "--control-image",
+                 str(mask_shapes / "conditioning" / "000000.png"), "--steps", "2", "--width", "16", "--height", "16",
+                 "--out", str(drawn), "--no-progress"]) == 0
+    [png] = sorted(drawn.glob("*.png"))
+    params = Image.open(png).info["parameters"]
+    assert 'ControlNet 0: "Module: mask' in params and f"{(run / 'model').resolve()} |" in params
+    again = tmp_path / "again"
+    assert main(["generate", str(run), "--from-png", str(png), "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next(again.glob("*.png")))))
+    assert main(["generate", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert "is a controlnet: give --control-image" in capsys.readouterr().err
+
+
+def test_controlnet_resume_is_exact_and_caching_changes_no_loss(tiny_sd, mask_shapes, tmp_path):  # noqa: F811
+    common = dict(controlnet={"proportion_empty_prompts": 0.3}, training={"max_steps": 4},
+                  checkpoint={"every_steps": 2})
+    make = lambda name: cn_config(tmp_path, mask_shapes, tiny_sd, name, **common)  # noqa: E731
+    assert_same_tensors(*train_straight_and_interrupted(make, tmp_path),
+                        names=("model.safetensors", "ema.safetensors", "optimizer.safetensors"))
+    cached = cn_config(tmp_path, mask_shapes, tiny_sd, "cached", data={"cache": {"latents": True, "text": True}},
+                       **common)
+    assert main(["train", str(cached), "--no-progress"]) == 0
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
+    # 24 images x 2 flips, their conditions likewise.
+    assert len(list((tmp_path / "cached" / "cache" / "conditions").rglob("*.safetensors"))) == 48
+
+
+def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_sd, mask_shapes, tmp_path):  # noqa: F811
+    from difftrain.config import load_config
+    from difftrain.training.trainer import train
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, lora={"enabled": True, "rank": 2},
+                       training={"mixed_precision": "bf16", "max_steps": 2})
+    result = train(load_config(config), progress=False)
+    assert np.isfinite(result.loss)
+    model = result.model_dir
+    assert (model / "pytorch_lora_weights.safetensors").is_file() and (model / "config.json").is_file()
+    controlnet = load_file(model / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in controlnet.values()} == {torch.float32}
+    assert json.loads((model / "difftrain.json").read_text())["loras"][0]["file"] == "pytorch_lora_weights.safetensors"
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "a red circle", "--control-image",
+                 str(mask_shapes / "conditioning" / "000001.png"), "--steps", "2", "--width", "16", "--height", "16",
+                 "--out", str(tmp_path / "drawn"), "--no-progress"]) == 0
+
+
+def test_t2i_adapter_is_the_same_method_with_another_network(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811
+    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
+
+    common = dict(t2i_adapter={"preprocess": "mask", "proportion_empty_prompts": 0.2, "validation": [
+        {"image": str(mask_shapes / "conditioning" / "000000.png"), "prompt": "a red circle"}]},
+        training={"max_steps": 4}, checkpoint={"every_steps": 2}, sample={"every_steps": 4},
+        data={"cache": {"latents": True, "text": True}})
+    make = lambda name: sd_config(tmp_path, mask_shapes, tiny_sd, name, method="t2i_adapter", **common)  # noqa: E731
+    assert_same_tensors(*train_straight_and_interrupted(make, tmp_path),
+                        names=("model.safetensors", "ema.safetensors", "optimizer.safetensors"))
+    assert "samples at step 4: control_mask_iou" in capsys.readouterr().out
+    model = tmp_path / "straight" / "model"
+    manifest = json.loads((model / "difftrain.json").read_text())
+    assert manifest["kind"] == "t2i-adapter" and manifest["controls"][0]["preprocess"] == "mask"
+    adapter = T2IAdapter.from_pretrained(model)
+    assert adapter.config.channels == [32, 64]  # one feature map per UNet level
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    parts = {k: v for k, v in base.components.items() if k != "image_encoder"}
+    pipe = StableDiffusionAdapterPipeline(**parts, adapter=adapter, requires_safety_checker=False)
+    mask = Image.open(mask_shapes / "conditioning" / "000000.png")
+    assert pipe("a red circle", image=mask, num_inference_steps=2, height=16, width=16).images[0].size == (16, 16)
+    drawn = tmp_path / "drawn"
+    assert main(["generate", str(tmp_path / "straight"), "--prompt", "a red circle", "--control-image",
+                 str(mask_shapes / "conditioning" / "000000.png"), "--steps", "2", "--width", "16", "--height", "16",
+                 "--out", str(drawn), "--no-progress"]) == 0
+    assert main(["generate", str(tmp_path / "straight"), "--prompt", "a red circle", "--control-image",
+                 str(mask_shapes / "conditioning" / "000000.png"), "--control-end", "0.5", "--out",
+                 str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "T2I-Adapter pipeline acts on every step" in capsys.readouterr().err
+
+
+def test_a_controlnet_with_the_standard_hint_encoder_also_writes_the_original_single_file(mask_shapes, tmp_path):
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    eight_x = write_tiny_sd(tmp_path / "sd8x", vae_channels=(8, 8, 8, 8))  # SD's 8x VAE: 32 px -> 4x4 latents
+    config = cn_config(tmp_path, mask_shapes, eight_x, data={"resolution": 32}, training={"max_steps": 2},
+                       output={"single_file": True, "single_file_dtype": "fp32"})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    model = tmp_path / "run" / "model"
+    with safe_open(model / "controlnet.safetensors", "pt") as handle:
+        keys, facts = set(handle.keys()), handle.metadata()
+    assert all(key.startswith("control_model.") for key in keys) and "control_model.input_hint_block.14.weight" in keys
+    assert facts["method"] == "controlnet" and facts["preprocess"] == "mask"
+    folder = ControlNetModel.from_pretrained(model)
+    back = ControlNetModel.from_single_file(str(model / "controlnet.safetensors"), config=str(model),
+                                            local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(folder.state_dict().values(), back.state_dict().values()))
+
+
+def test_controlnet_refusals_name_the_key_and_the_numbers(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811
+    from difftrain.models.tiny_sd import write_tiny_controlnet
+
+    wide = write_tiny_controlnet(tiny_sd, tmp_path / "wide", cross_attention_dim=48)
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "misfit", controlnet={"model": str(wide)})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "controlnet.model" in err and "cross_attention_dim) is 48" in err and "has 32" in err
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "single", output={"single_file": True})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "output.single_file" in capsys.readouterr().err and not (tmp_path / "single" / "checkpoints").exists()
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "dropout", text2image={"caption_dropout": 0.1})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "controlnet.proportion_empty_prompts" in capsys.readouterr().err
+
+    plain = mask_shapes.parent / "plain"
+    from difftrain.data.shapes import write_shapes_dataset
+
+    write_shapes_dataset(plain, num_images=4, size=16)
+    config = cn_config(tmp_path, plain, tiny_sd, "nocond", controlnet={"validation": []})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "no conditioning images" in capsys.readouterr().err
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "depth", controlnet={"preprocess": "depth"})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "annotator" in capsys.readouterr().err
+
+
+def test_agreement_scores_a_faithful_image_high_and_a_displaced_one_low():
+    import random
+
+    from PIL import ImageChops
+
+    from difftrain.data.conditioning import Preprocess
+    from difftrain.data.shapes import draw_shape_and_mask
+    from difftrain.evaluate.control import agreement
+
+    image, mask = draw_shape_and_mask(random.Random(1), 64, "red", "circle")
+    displaced = ImageChops.offset(image, 20, 20)  # the same shape, 20 px off (wrapping around)
+    name, faithful = agreement(Preprocess("mask"), mask, image)
+    assert name == "control_mask_iou" and faithful > 0.95
+    assert agreement(Preprocess("mask"), mask, displaced)[1] < 0.6
+    edges = Preprocess("canny")(image)
+    assert agreement(Preprocess("canny"), edges, image) == ("control_edge_f1", 1.0)
+    assert agreement(Preprocess("canny"), edges, displaced)[1] < 0.3
+    assert agreement(Preprocess("none"), mask, image) is None

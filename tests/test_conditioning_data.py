@@ -174,7 +174,7 @@ def test_cached_conditions_follow_the_cached_latent_flip(tmp_path):
 
 
 def test_generate_and_training_crop_a_condition_the_same_way(tmp_path):
-    from difftrain.generate.controlnet import crop_and_resize
+    from difftrain.data.transforms import center_crop
 
     image = noise_image(50, 30, 1)
     root = tmp_path / "data"
@@ -187,7 +187,7 @@ def test_generate_and_training_crop_a_condition_the_same_way(tmp_path):
     data = ImageDataset(source, 16, "center", False, 0, 64_000_000,
                         conditions=Conditions(Preprocess("none"), True, 64_000_000))
     trained = data[(0, 0, 0)]["conditioning_pixels"].permute(1, 2, 0).numpy()
-    assert np.array_equal(trained, np.asarray(crop_and_resize(image, 16, 16)))
+    assert np.array_equal(trained, np.asarray(center_crop(image, (16, 16))))
 
 
 def test_resume_notices_a_changed_conditioning_image(tmp_path):
@@ -202,3 +202,30 @@ def test_resume_notices_a_changed_conditioning_image(tmp_path):
     os.utime(hint, ns=(1, 1))
     after = fingerprint(open_source("folder", root, progress=False, conditioning=ConditioningFiles()))
     assert "001.png (conditioning)" in describe_change(before, after)
+
+
+def test_pairing_edge_cases_dotted_names_self_conditions_empty_values_and_huge_files(tmp_path):
+    root = tmp_path / "data"
+    (root / "hints" / "sub").mkdir(parents=True)
+    (root / "sub").mkdir()
+    for name in ("img.001.png", "img.png", "sub/a.png"):
+        noise_image(12, 12, len(name)).save(root / name)
+        noise_image(12, 12, 100 + len(name)).save(root / "hints" / name)
+    by_folder = open_source("folder", root, progress=False, conditioning=ConditioningFiles(folder=root / "hints"))
+    pairs = {by_folder.read(i).key: by_folder.read(i).conditioning for i in range(len(by_folder))}
+    assert set(pairs) == {"img.001.png", "img.png", "sub/a.png"}  # hints/ holds no training images
+    assert all(pairs[name] == (root / "hints" / name).read_bytes() for name in pairs)  # img.001 is not img
+
+    # A condition that is an image of the set itself (a tile ControlNet) stays a training image;
+    # an empty column value is reported as a missing one.
+    lines = [{"file_name": "img.png", "text": "a", "conditioning_image": "img.png"},
+             {"file_name": "img.001.png", "text": "b", "conditioning_image": ""},
+             {"file_name": "sub/a.png", "text": "c", "conditioning_image": "hints/sub/a.png"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    by_column = open_source("folder", root, progress=False, conditioning=ConditioningFiles())
+    assert sorted(by_column.read(i).key for i in range(len(by_column))) == ["img.png", "sub/a.png"]
+    assert "has no 'conditioning_image'" in dict(by_column.skipped)["img.001.png"]
+    # A conditioning image over the pixel limit is skipped at start, like an image would be.
+    Image.new("RGB", (300, 300)).save(root / "hints" / "sub" / "a.png")
+    small = open_source("folder", root, progress=False, max_pixels=10_000, conditioning=ConditioningFiles())
+    assert "decompression" in dict(small.skipped)["sub/a.png"] or "pixels" in dict(small.skipped)["sub/a.png"]

@@ -12,7 +12,7 @@ from test_text2image import tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
 from difftrain.data.conditioning import canny
-from difftrain.generate.controlnet import crop_and_resize
+from difftrain.data.transforms import center_crop
 from difftrain.generate.infotext import parse_infotext, read_png_infotext
 from difftrain.models.tiny_sd import write_tiny_controlnet
 
@@ -101,7 +101,7 @@ def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets
 def test_canny_and_the_crop_and_resize_rule():
     image = Image.new("RGB", (64, 32), "black")
     ImageDraw.Draw(image).rectangle([16, 0, 47, 31], fill="white")  # the centre half is white
-    square = crop_and_resize(image, 32, 32)
+    square = center_crop(image, (32, 32))
     assert square.size == (32, 32)
     assert np.asarray(square.convert("L")).min() > 200  # the centre was kept, the black sides cropped
     square = Image.new("RGB", (32, 32), "black")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,12 @@ def test_controlnet_run_writes_a_controlnet_diffusers_and_generate_load(tiny_sd,
                  "--out", str(drawn), "--no-progress"]) == 0
     [png] = sorted(drawn.glob("*.png"))
     params = Image.open(png).info["parameters"]
-    assert 'ControlNet 0: "Module: mask' in params and f"{(run / 'model').resolve()} |" in params
+    assert 'ControlNet 0: "Module: mask, Model: run [' in params and "ControlNet 0 files: (model) |" in params
+    # --from-png finds the run's own ControlNet through the model it is given, wherever the run moved.
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(run, moved)
     again = tmp_path / "again"
-    assert main(["generate", str(run), "--from-png", str(png), "--out", str(again), "--no-progress"]) == 0
+    assert main(["generate", str(moved), "--from-png", str(png), "--out", str(again), "--no-progress"]) == 0
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next(again.glob("*.png")))))
     assert main(["generate", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2
@@ -96,7 +100,8 @@ def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_
     from difftrain.training.trainer import train
 
     config = cn_config(tmp_path, mask_shapes, tiny_sd, lora={"enabled": True, "rank": 2},
-                       training={"mixed_precision": "bf16", "max_steps": 2})
+                       training={"mixed_precision": "bf16", "max_steps": 2, "gradient_checkpointing": True},
+                       noise={"snr_gamma": 5.0}, data={"buckets": {"enabled": True, "step": 8}})
     result = train(load_config(config), progress=False)
     assert np.isfinite(result.loss)
     model = result.model_dir
@@ -189,6 +194,34 @@ def test_controlnet_refusals_name_the_key_and_the_numbers(tiny_sd, mask_shapes, 
     config = cn_config(tmp_path, mask_shapes, tiny_sd, "depth", controlnet={"preprocess": "depth"})
     assert main(["train", str(config), "--no-progress"]) == 2
     assert "annotator" in capsys.readouterr().err
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "gone", controlnet={"validation": [
+        {"image": str(tmp_path / "gone.png"), "prompt": "a red circle"}]})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "controlnet.validation[0].image" in capsys.readouterr().err
+
+
+def test_t2i_adapters_fit_the_unet_they_steer(tiny_sd):  # noqa: F811
+    from diffusers import T2IAdapter, UNet2DConditionModel
+
+    from difftrain.models.control import ControlNetError, adapter_for_unet, check_fits
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")  # widths 32, 64
+    assert adapter_for_unet(unet, 2).config.channels == [32, 64]
+    with pytest.raises(ControlNetError, match="last two widths are equal"):
+        adapter_for_unet(unet, 2, "light_adapter")
+    # A released SD 1.x light adapter has channels 320, 640, 1280 and gives four maps: it fits SD's UNet.
+    sd_like = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [32, 64, 64],
+                                                "down_block_types": ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+                                                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2})
+    light = adapter_for_unet(sd_like, 2, "light_adapter", num_res_blocks=1)
+    assert light.config.channels == [32, 64]
+    check_fits(light, sd_like, "light")
+    features = light(torch.zeros(1, 3, 16, 16))
+    assert [f.shape[1] for f in features] == [32, 64, 64]
+    with pytest.raises(ControlNetError, match=r"feature widths \(channels\) is \(32, 64, 64\)"):
+        check_fits(light, unet, "light")
+    assert isinstance(light, T2IAdapter)
 
 
 def test_agreement_scores_a_faithful_image_high_and_a_displaced_one_low():

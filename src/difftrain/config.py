@@ -486,10 +486,7 @@ class ControlRun(LatentRun):
         if control.canny_low_threshold > control.canny_high_threshold:
             raise ValueError(f"{method}.canny_low_threshold = {control.canny_low_threshold}: must not exceed "
                              f"canny_high_threshold = {control.canny_high_threshold}")
-        for number, pair in enumerate(control.validation):
-            if not Path(pair.image).is_file():
-                raise ValueError(f"{method}.validation[{number}].image = {pair.image}: no such file")
-        return self
+        return self  # (validation images are checked when the run starts: resume may run where they moved)
 
 
 class ControlNetRun(ControlRun):

@@ -46,7 +46,7 @@ class Preprocess:
         if self.name not in PREPROCESSORS:
             raise DatasetError(f"{where} = {self.name!r}: choose one of {', '.join(PREPROCESSORS)}")
         if self.name in ANNOTATORS:
-            annotator(self.name, self.annotator_path, where)  # fails now, not at the first batch
+            annotator(self.name, self.annotator_path, where)  # fails now, not at the first batch (then cached)
 
     @property
     def computes(self) -> bool:
@@ -66,7 +66,7 @@ class Preprocess:
             return canny(image, self.low_threshold, self.high_threshold)
         if self.name in ANNOTATORS:
             size = image.size
-            result = annotator(self.name, self.annotator_path, "preprocess")(
+            result = annotator(self.name, self.annotator_path)(
                 image, detect_resolution=min(size), image_resolution=min(size))
             return result.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         return image
@@ -80,19 +80,33 @@ def canny(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-@lru_cache(maxsize=4)
-def annotator(name: str, path: str | None, where: str):
-    """controlnet_aux's detector for `name`, its weights read from the local folder `path`."""
+def annotator(name: str, path: str | None, where: str = "preprocess"):
+    """controlnet_aux's detector for `name`, its weights read from the local folder `path` (once per process)."""
     if not path:
         raise DatasetError(f"{where} = {name}: set the annotator's weights folder (a local copy of "
                            "lllyasviel/Annotators); nothing is downloaded during training")
     try:
-        import controlnet_aux
+        import controlnet_aux  # noqa: F401
     except ImportError:
         raise DatasetError(f"{where} = {name} needs the controlnet_aux package (pip install controlnet_aux, "
                            "which brings torchvision); or precompute the conditioning images and use "
                            "preprocess none") from None
+    return _load_annotator(name, path)
+
+
+@lru_cache(maxsize=4)
+def _load_annotator(name: str, path: str):
+    import controlnet_aux
+
     return getattr(controlnet_aux, ANNOTATORS[name]).from_pretrained(path)
+
+
+def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Preprocess) -> Image.Image:
+    """A whole conditioning image as a model reads it at `size`: centre-cropped (masks resized nearest),
+    then preprocessed. Validation pairs, `difftrain generate` and its measures all use this."""
+    from difftrain.data.transforms import center_crop
+
+    return preprocess(center_crop(image, size, preprocess.resample))
 
 
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:
@@ -107,8 +121,13 @@ class Conditions:
     and the preprocessor must compute something from it.
     """
 
-    def __init__(self, preprocess: Preprocess, from_records: bool, max_pixels: int):
+    def __init__(self, preprocess: Preprocess, from_records: bool, max_pixels: int, source_kind: str = "folder"):
         if not from_records and not preprocess.computes:
+            if source_kind in ("laion", "webdataset"):
+                raise DatasetError(
+                    f"no conditioning images: data.source = {source_kind} carries none (conditioning files are "
+                    "read beside folder and jsonl sources); export the data with `difftrain data build --format "
+                    "folder`, or use a preprocess that computes them from the images (canny)")
             raise DatasetError(
                 "no conditioning images: no record names one in the conditioning column and no conditioning "
                 "folder is set; add the column (e.g. \"conditioning_image\": \"conditioning/0001.png\" in "

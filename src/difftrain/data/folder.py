@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, image_size_from_file, load_image
+from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, check_size, image_size_from_file, load_image
 from difftrain.errors import DifftrainError
 
 CAPTION_KEYS = ("text", "caption")
@@ -96,13 +96,14 @@ class MetadataEntry:
     captions: list[str] | None  # a `captions` list (export_folder writes one for several captions), if any
     where: str  # "metadata.jsonl line N", for reports
     conditioning: object = None  # the value of the conditioning column, as stored
+    folder: Path | None = None  # the folder of its metadata.jsonl: relative paths are read from there
 
 
 def read_metadata(root: Path, skipped: list[tuple[str, str]],
                   conditioning_column: str | None = None) -> dict[Path, MetadataEntry]:
     """Every metadata.jsonl under `root`: image path -> its entry. The one reader of these files.
 
-    A conditioning column's value, when it is a string, is made a path relative to its jsonl's folder.
+    A conditioning column's value is kept as stored, with the folder it is relative to.
 
     A second line for the same `file_name` is reported and ignored: the first one is kept.
     """
@@ -123,9 +124,7 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]],
                 if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
                     listed = None
                 value = entry.get(conditioning_column) if conditioning_column else None
-                if isinstance(value, str) and value:
-                    value = (meta.parent / value).resolve()
-                entries[path] = MetadataEntry(caption, listed, where, value)
+                entries[path] = MetadataEntry(caption, listed, where, value, meta.parent)
     return entries
 
 
@@ -153,27 +152,38 @@ def _choose_caption_source(mode: str, root: Path, images: list[Path], extension:
     return "none"
 
 
-def conditioning_file(image: Path, name: str, value: object,
-                      files: ConditioningFiles) -> tuple[Path | None, str | None]:
-    """(the conditioning file of `image`, None) or (None, why it has none). `name` is the image's
-    path relative to the data, `value` its entry's conditioning column (a resolved path, if a string)."""
+def conditioning_path(base: Path, value: object) -> Path | None:
+    """A conditioning column's value as a file path (relative values are read from `base`); None if not a path."""
+    return (base / value).resolve() if isinstance(value, str) and value else None
+
+
+def conditioning_file(name: str, value: object, base: Path, files: ConditioningFiles,
+                      max_pixels: int) -> tuple[Path | None, str | None]:
+    """(the conditioning file of the image `name`, None) or (None, why it has none).
+
+    `name` is the image's path relative to the data (the conditioning folder pairs by it);
+    `value` its entry's conditioning column as stored, a path relative to `base`.
+    """
     if files.folder is not None:
-        stem = files.folder / Path(name).with_suffix("")
-        candidates = (stem.with_suffix(ext) for ext in (Path(name).suffix, *IMAGE_EXTENSIONS))
-        found = [path for path in candidates if path.is_file()]
-        if not found:
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            return None, (f"the conditioning folder pairs images by their path inside the data, and {name} is not "
+                          f"one; name its conditioning image in the {files.column!r} column instead")
+        stem = files.folder / relative.parent / relative.stem
+        candidates = [stem.parent / (stem.name + ext) for ext in (relative.suffix, *IMAGE_EXTENSIONS)]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if path is None:
             return None, f"no conditioning image {stem}.* in the conditioning folder"
-        path = found[0]
-    elif value is None:
+    elif value is None or value == "":
         return None, f"its entry has no {files.column!r} (the conditioning image); add one, or drop the image"
-    elif not isinstance(value, Path):
+    elif not isinstance(value, str):
         return None, f"{files.column!r} must be a path string, found {type(value).__name__}"
     else:
-        path = value
+        path = conditioning_path(base, value)
     if not path.is_file():
         return None, f"conditioning image {path} does not exist"
     try:
-        image_size_from_file(path)
+        check_size(*image_size_from_file(path), max_pixels)
     except BadImage as reason:
         return None, f"conditioning image {path}: {reason}"
     return path, None
@@ -206,8 +216,9 @@ def scan_folder(
     if conditioning and column and not any(entry.conditioning is not None for entry in metadata.values()):
         conditioning = None  # no file names one: conditioning images are computed from the images
     if conditioning:
-        # Conditioning files are the records' second images, never records of their own.
-        held = {entry.conditioning for entry in metadata.values() if isinstance(entry.conditioning, Path)}
+        # Conditioning files are the records' second images, not records of their own, unless an
+        # entry lists one as its file_name too (a condition that is an image of the set).
+        held = {conditioning_path(entry.folder, entry.conditioning) for entry in metadata.values()} - set(metadata)
         folder = conditioning.folder.resolve() if conditioning.folder else None
         images = [p for p in images if p.resolve() not in held and not (folder and p.resolve().is_relative_to(folder))]
 
@@ -223,8 +234,8 @@ def scan_folder(
         caption, listed, condition = None, None, None
         if conditioning:
             entry = metadata.get(image_path.resolve())
-            value = entry.conditioning if entry else None
-            condition, problem = conditioning_file(image_path, name, value, conditioning)
+            value, base = (entry.conditioning, entry.folder) if entry else (None, root)
+            condition, problem = conditioning_file(name, value, base, conditioning, max_pixels)
             if problem:
                 skipped.append((name, problem))
                 continue

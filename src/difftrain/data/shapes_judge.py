@@ -39,15 +39,21 @@ class Verdict:
         return name if self.clean else f"{name} ({'; '.join(self.problems)})"
 
 
-def judge_image(image: Image.Image) -> Verdict:
-    pixels = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+def background_and_foreground(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The median colour of the picture's 2-pixel border, and which pixels differ from it by more
+    than 60 in some channel: what is drawn on a plain background."""
     ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                            pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
     background = np.median(ring, axis=0)
+    return background, np.abs(pixels - background).max(axis=-1) > 60
+
+
+def judge_image(image: Image.Image) -> Verdict:
+    pixels = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    background, shape_mask = background_and_foreground(pixels)
     problems = []
     if background.min() < 190:
         problems.append(f"background not light ({_rgb(background)})")
-    shape_mask = np.abs(pixels - background).max(axis=-1) > 60
     cover = shape_mask.mean()
     if not 0.04 <= cover <= 0.65:
         problems.append(f"shape covers {cover:.0%} of the image (training shapes cover 5-60%)")

@@ -220,7 +220,7 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
         )
     root = path.parent
     keys, paths, texts, sizes, wheres = [], [], [], [], []
-    conditions: list[object] = []  # per record: the conditioning column's value, a path if a string
+    conditions: list[object] = []  # per record: the conditioning column's value as stored
     skipped: list[tuple[str, str]] = []
     with open(path, "rb") as file:
         lines = tqdm(file, desc=f"indexing {path.name}", unit="line", disable=not progress, leave=False)
@@ -256,13 +256,12 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
             texts.append(captions)
             sizes.append((width, height))
             wheres.append(where)
-            value = entry.get(conditioning.column) if conditioning else None
-            conditions.append((root / value).resolve() if isinstance(value, str) and value else value)
+            conditions.append(entry.get(conditioning.column) if conditioning else None)
     files = None
     if conditioning and (conditioning.folder is not None or any(c is not None for c in conditions)):
         files, kept = [], []
         for i, (name, value) in enumerate(zip(keys, conditions)):
-            found, problem = conditioning_file(Path(paths[i]), name, value, conditioning)
+            found, problem = conditioning_file(name, value, root, conditioning, max_pixels)
             if problem:
                 skipped.append((wheres[i], problem))
             else:

@@ -1,7 +1,7 @@
 """How well an image obeys its ControlNet condition: the number training shows beside the pictures.
 
 For a mask, the IoU between the mask and the generated image's foreground (the pixels far
-from the colour of its border); for canny edges, the F1 of the generated image's own edges
+from the colour of its border, as the shapes judge finds them); for canny edges, the F1 of the generated image's own edges
 against the condition's, each edge pixel counted as matched within a small distance. Other
 conditions (depth, pose, segmentation colours) have no preprocessor-free measure here.
 """
@@ -15,15 +15,14 @@ from PIL import Image
 
 from difftrain.data.conditioning import Preprocess, canny
 
-FOREGROUND_DISTANCE = 60  # RGB distance from the border colour that counts as "drawn"
 EDGE_TOLERANCE = 2  # pixels: an edge this close to a condition edge matches it
 
 
 def foreground(image: Image.Image) -> np.ndarray:
-    """Pixels farther than FOREGROUND_DISTANCE from the median colour of the image's border."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-    return np.linalg.norm(array - np.median(border, axis=0), axis=-1) > FOREGROUND_DISTANCE
+    """What is drawn on the image's plain background (the shapes judge's own test)."""
+    from difftrain.data.shapes_judge import background_and_foreground
+
+    return background_and_foreground(np.asarray(image.convert("RGB"), dtype=np.float32))[1]
 
 
 def mask_of(condition: Image.Image) -> np.ndarray:
@@ -71,8 +70,9 @@ def control_study(model: str, cases: list[tuple[str, str]], seeds: list[int], st
     as its control image) and by its base model alone (`base`, default the manifest's). Returns
     the mean mask IoU of both and the per-case values; with `out`, a picture per case there:
     the mask, then each seed's image with and without the ControlNet."""
+    from difftrain.data.conditioning import condition_image
     from difftrain.data.images import load_image
-    from difftrain.generate.controlnet import ControlUnit, crop_and_resize
+    from difftrain.generate.controlnet import ControlUnit
     from difftrain.generate.loader import locate
     from difftrain.generate.text2image import Drawer, GenerateOptions
 
@@ -85,7 +85,7 @@ def control_study(model: str, cases: list[tuple[str, str]], seeds: list[int], st
     for number, (mask_path, prompt) in enumerate(cases):
         unit = ControlUnit(model=None, image=mask_path, scale=None, preprocess=None)
         drawer = Drawer(located, GenerateOptions(prompt=prompt, controlnets=[unit], **common), progress=progress)
-        condition = crop_and_resize(load_image(mask_path), drawer.width, drawer.height, Image.Resampling.NEAREST)
+        condition = condition_image(load_image(mask_path), (drawer.width, drawer.height), Preprocess("mask"))
         drawn = {"with": drawer.draw(prompt, "", seeds), "without": plain.draw(prompt, "", seeds)}
         for key, images in drawn.items():
             results[key].append(float(np.mean([iou(mask_of(condition), foreground(image)) for image in images])))

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from difftrain.data.conditioning import Preprocess
+from difftrain.data.conditioning import ANNOTATORS, Preprocess, condition_image
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
 CONTROL_KINDS = ("controlnet", "t2i-adapter")  # manifest kinds that carry their own control network
+OWN = "(model)"  # how a PNG's infotext names the drawn model's own ControlNet
 # The model-based annotators need a weights folder, which generate does not take yet.
 PREPROCESSORS = ("none", "canny", "mask", "segmentation")
 
@@ -38,6 +39,7 @@ class ControlUnit:
     end: float = 1.0
     low_threshold: int = 100  # canny
     high_threshold: int = 200
+    own: bool = False  # the drawn model's own network (recorded as such, so --from-png finds it wherever it moved)
 
     def check(self, number: int) -> None:
         owner = self.model or "the model's own"
@@ -73,26 +75,22 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
     path = (folder / trained.get("folder", ".")).resolve()
     if not any(unit.model is None or local_folder(unit.model).resolve() == path for unit in units):
         raise ControlNetError(f"{source} is a {manifest.kind}: give --control-image (the first one is for it)")
+    trained_preprocess = trained.get("preprocess", "none")
     resolved = []
     for unit in units:
         if unit.model is None:
             chosen = unit.preprocess is not None  # the user's --preprocess brings the user's thresholds
+            if not chosen and trained_preprocess in ANNOTATORS:
+                raise ControlNetError(f"{source} was trained on {trained_preprocess} maps made by controlnet_aux, "
+                                      f"which generate does not run: give a {trained_preprocess} map as "
+                                      "--control-image with --preprocess none")
             unit = replace(
-                unit, model=str(path), scale=trained.get("scale", 1.0) if unit.scale is None else unit.scale,
-                preprocess=unit.preprocess if chosen else trained.get("preprocess", "none"),
+                unit, model=str(path), own=True, scale=trained.get("scale", 1.0) if unit.scale is None else unit.scale,
+                preprocess=unit.preprocess if chosen else trained_preprocess,
                 low_threshold=unit.low_threshold if chosen else trained.get("low_threshold", unit.low_threshold),
                 high_threshold=unit.high_threshold if chosen else trained.get("high_threshold", unit.high_threshold))
         resolved.append(unit)
     return resolved
-
-
-def crop_and_resize(image: Image.Image, width: int, height: int,
-                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
-    """Scale to cover width x height, then centre-crop: A1111's default "Crop and Resize", and
-    the rule training's centre crop follows (the same code)."""
-    from difftrain.data.transforms import center_crop
-
-    return center_crop(image, (width, height), resample)
 
 
 def conditioning_image(unit: ControlUnit, width: int, height: int) -> Image.Image:
@@ -100,7 +98,7 @@ def conditioning_image(unit: ControlUnit, width: int, height: int) -> Image.Imag
     from difftrain.data.images import load_image
 
     preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
-    return preprocess(crop_and_resize(load_image(unit.image), width, height, preprocess.resample))
+    return condition_image(load_image(unit.image), (width, height), preprocess)
 
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,
@@ -133,7 +131,7 @@ def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, heigh
         parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}", "Pixel Perfect: False",
                   f"Control Mode: {'ControlNet is more important' if guess_mode else 'Balanced'}"]
         params[f"ControlNet {number}"] = ", ".join(parts)
-        params[f"ControlNet {number} files"] = f"{unit.model} | {unit.image}"
+        params[f"ControlNet {number} files"] = f"{OWN if unit.own else unit.model} | {unit.image}"
     return params
 
 
@@ -143,7 +141,7 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
         fields = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ") if ": " in item)
         model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
         units.append(ControlUnit(
-            model=model, image=image, scale=float(fields.get("Weight", 1)),
+            model=None if model == OWN else model, image=image, scale=float(fields.get("Weight", 1)),
             preprocess=fields.get("Module", "none"), start=float(fields.get("Guidance Start", 0)),
             end=float(fields.get("Guidance End", 1)), low_threshold=int(fields.get("Threshold A", 100)),
             high_threshold=int(fields.get("Threshold B", 200)),
@@ -155,7 +153,9 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
 
 def _model_name(spec: str) -> str:
     path = Path(spec)
-    return path.stem if path.suffix == ".safetensors" else path.name  # a run's name, not its "model"
+    if path.name in ("model", "model-no-ema", "model-best"):  # a run's final model: the run's name
+        return path.parent.name
+    return path.stem if path.suffix == ".safetensors" else path.name
 
 
 @lru_cache(maxsize=32)  # one read of a large file per model and process, not one per image

@@ -86,14 +86,19 @@ class ControlNetTraining(TextToImage):
         super().setup(accelerator, weight_dtype, dataset, progress)
         self.net.to(accelerator.device)  # trained: stays fp32 whatever the compute dtype (made or loaded so)
         size = self.config.data.resolution
+        for number, pair in enumerate(self.control.validation):
+            if not Path(pair.image).is_file():
+                from difftrain.config import ConfigError
+
+                raise ConfigError(f"{self.name}.validation[{number}].image = {pair.image}: no such file")
         self.validation_images = [self._condition_at(pair.image, size) for pair in self.control.validation]
 
     def _condition_at(self, path: str, size: int) -> Image.Image:
         """A validation image as the ControlNet reads it: cropped like generate's, then preprocessed."""
+        from difftrain.data.conditioning import condition_image
         from difftrain.data.images import load_image
-        from difftrain.data.transforms import center_crop
 
-        return self.preprocess(center_crop(load_image(path), (size, size), self.preprocess.resample))
+        return condition_image(load_image(path), (size, size), self.preprocess)
 
     # ----------------------------------------------------------------- the objective
     def denoiser(self, modules, batch: dict, embeds: torch.Tensor):

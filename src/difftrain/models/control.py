@@ -40,8 +40,22 @@ def adapter_for_unet(unet, vae_levels: int, adapter_type: str = "full_adapter", 
     (the first at the latent size: the condition is pixel-unshuffled by the VAE's factor)."""
     from diffusers import T2IAdapter
 
-    return T2IAdapter(in_channels=3, channels=list(unet.config.block_out_channels), num_res_blocks=num_res_blocks,
+    widths = list(unet.config.block_out_channels)
+    if adapter_type == "light_adapter":
+        # A light adapter repeats its last width for one more level (SD's 320, 640, 1280 -> 4 maps).
+        if len(widths) < 2 or widths[-1] != widths[-2]:
+            raise ControlNetError(f"t2i_adapter.adapter_type light_adapter repeats its last width, so it needs a UNet "
+                                  f"whose last two widths are equal (SD's 1280, 1280); this one has {tuple(widths)}: "
+                                  "use full_adapter")
+        widths = widths[:-1]
+    return T2IAdapter(in_channels=3, channels=widths, num_res_blocks=num_res_blocks,
                       downscale_factor=2 ** (vae_levels - 1), adapter_type=adapter_type)
+
+
+def feature_widths(adapter) -> list[int]:
+    """The width of each feature map a T2I-Adapter gives, in the UNet's level order."""
+    channels = list(adapter.config.channels)
+    return channels + channels[-1:] if adapter.config.adapter_type == "light_adapter" else channels
 
 
 def is_adapter(net) -> bool:
@@ -95,13 +109,13 @@ def control_pipeline(pipe, nets: list, img2img: bool):
 def check_fits(net, unet, name: str) -> None:
     """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's."""
     if is_adapter(net):
-        pairs = [("channels", "block_out_channels", "feature widths")]
+        pairs = [("channels", feature_widths(net), "block_out_channels", "feature widths")]
     else:
-        pairs = [("cross_attention_dim", "cross_attention_dim", "text conditioning width"),
-                 ("in_channels", "in_channels", "latent channels"),
-                 ("block_out_channels", "block_out_channels", "block widths")]
-    for key, unet_key, meaning in pairs:
-        ours, theirs = _as_list(net.config[key]), _as_list(unet.config[unet_key])
+        pairs = [(key, net.config[key], key, meaning) for key, meaning in (
+            ("cross_attention_dim", "text conditioning width"), ("in_channels", "latent channels"),
+            ("block_out_channels", "block widths"))]
+    for key, value, unet_key, meaning in pairs:
+        ours, theirs = _as_list(value), _as_list(unet.config[unet_key])
         if ours != theirs:
             raise ControlNetError(f"{name}: its {meaning} ({key}) is {_show(ours)}, the model's UNet has "
                                   f"{_show(theirs)}: it was trained for another base (an SD 1.x ControlNet on SD 1.x, "

@@ -42,7 +42,8 @@ def open_images(
     )
     conditions = None
     if conditioning:
-        conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels)
+        conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels,
+                                "folder" if path else data.source)
     buckets = None
     if data.buckets.enabled:
         from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets

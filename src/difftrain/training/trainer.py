@@ -211,12 +211,12 @@ class Trainer:
 
                 last_step = self.step == config.training.max_steps
                 checkpoint_due = self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested
-                if checkpoint_due and not torch.isfinite(loss_sum):  # never write a diverged checkpoint
-                    self._diverged(float(loss_sum), bar)
+                if checkpoint_due:  # never write a diverged checkpoint
+                    self._check_finite(loss_sum, bar)
                 if self.step % config.log.every_steps == 0 or last_step:
                     last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
                     if not np.isfinite(last_loss):
-                        self._diverged(last_loss, bar)
+                        self._diverged(f"the loss became {last_loss}", bar)
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
@@ -242,7 +242,23 @@ class Trainer:
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
                            timer.startup)
 
-    def _diverged(self, loss: float, bar) -> None:
+    def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:
+        """Stop before a checkpoint if any process's recent losses or the weights are no longer finite.
+
+        Every process decides on the same reduced value (one stopping alone would leave the
+        others waiting in the checkpoint's collectives). The weights are checked too: a
+        non-finite gradient can reach them under a finite loss.
+        """
+        weights = torch.stack([p.detach().isfinite().all() for p in self.parameters]).all()
+        bad = torch.stack([~loss_sum.isfinite(), ~weights]).float().to(self.accelerator.device)
+        loss_bad, weights_bad = self.accelerator.reduce(bad, reduction="sum").tolist()
+        if loss_bad or weights_bad:
+            local = float(loss_sum)
+            what = (f"the loss became {local}" if not np.isfinite(local) else "another process's loss became "
+                    "non-finite") if loss_bad else "the weights became non-finite"
+            self._diverged(what, bar)
+
+    def _diverged(self, what: str, bar) -> None:
         bar.close()
         latest = self.store.latest()
         where = f"the latest checkpoint, {latest.name}, is from before it" if latest else "no checkpoint was written"
@@ -250,7 +266,7 @@ class Trainer:
         hint = ("fp16 overflows where bf16 does not: set training.mixed_precision: bf16 (or no), "
                 if precision == "fp16" else "")
         raise TrainingDiverged(
-            f"the loss became {loss} by step {self.step}: training diverged; {where}. {hint}Lower "
+            f"{what} by step {self.step}: training diverged; {where}. {hint}Lower "
             "training.learning_rate or keep training.max_grad_norm set, and resume with --resume latest")
 
     # ----------------------------------------------------------------- outputs

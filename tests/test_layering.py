@@ -4,7 +4,7 @@ Every `import difftrain...` in the source counts, including the ones inside func
 (deferred imports are still dependencies). The picture, bottom to top:
 
     leaf (errors, atomic, versions, run_folder, sampling)  <- anyone may import these
-    data -> models -> generate -> evaluate             (using a model: never training's internals)
+    data -> models -> generate -> evaluate, serve      (using a model: never training's internals)
                    -> { config, training, methods }   (training a model; evaluation during training
                                                          measures through evaluate)
     cli, the package's own __init__                    (on top of everything)
@@ -28,7 +28,8 @@ ALLOWED = {
     "run": {"data", "models", "evaluate"},
     "generate": {"data", "models"},
     "evaluate": {"data", "models", "generate"},
-    "top": {"data", "models", "run", "generate", "evaluate"},
+    "serve": {"data", "models", "generate"},
+    "top": {"data", "models", "run", "generate", "evaluate", "serve"},
 }
 
 

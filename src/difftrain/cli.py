@@ -193,6 +193,33 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from difftrain.serve.app import LOOPBACK, ServeSettings, create_app
+    from difftrain.serve.requests import Limits
+
+    users = []
+    for pair in (args.api_auth or "").split(","):
+        if pair:
+            user, sep, password = pair.partition(":")
+            if not sep or not user or not password:
+                raise DifftrainError(f"--api-auth {pair!r}: expected user:password[,user:password]")
+            users.append((user, password))
+    if args.host not in LOOPBACK and not (users or args.token) and not args.insecure:
+        raise DifftrainError(f"--host {args.host} listens beyond this machine: set --api-auth or --token, or "
+                             "--insecure if the network is yours alone")
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_batch_size=args.max_batch_size, max_n_iter=args.max_n_iter, max_queue=args.max_queue)
+    settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
+                             lora_dir=args.lora_dir, device=args.device, precision=args.precision, limits=limits)
+    app = create_app(settings)
+    import uvicorn
+
+    print(f"serving {', '.join(app.state.engine.models)} on http://{args.host}:{args.port}/sdapi/v1 "
+          f"({'credentials required' if settings.protected else 'no authentication'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _data_judge_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes_judge import judge_grid
 
@@ -353,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true")
     gen.add_argument("--list-schedulers", action="store_true")
     gen.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="AUTOMATIC1111's HTTP API (/sdapi/v1) and a job API over models")
+    serve.add_argument("models", nargs="+", metavar="MODEL", help="run folders, model folders or single files")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic credentials, as A1111's")
+    serve.add_argument("--token", help="a bearer token accepted instead (Authorization: Bearer TOKEN)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without credentials")
+    serve.add_argument("--lora-dir", default="models/lora", help="where <lora:name:w> finds name.safetensors")
+    serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--max-size", type=int, default=1024, help="largest width/height served (default 1024)")
+    serve.add_argument("--max-steps", type=int, default=150)
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-n-iter", type=int, default=16)
+    serve.add_argument("--max-queue", type=int, default=16, help="jobs waiting before new ones get HTTP 429")
+    serve.set_defaults(run=_serve)
 
     ev = commands.add_parser("eval", help="FID, KID, IS, precision/recall, CLIP score and LPIPS diversity")
     ev.add_argument("target", help="run folder, model folder, hub id, single file, or a folder of generated images")

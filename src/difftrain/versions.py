@@ -48,3 +48,13 @@ def check_installed_versions() -> None:
             + "\nInstall the tested set: pip install -r requirements.lock (from the difftrain repository), "
             "or pip install the versions named above."
         )
+
+
+def difftrain_version() -> str:
+    """This package's installed version ("unknown" when run from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("difftrain")
+    except PackageNotFoundError:
+        return "unknown"

@@ -174,16 +174,29 @@ def typed_params(params: dict[str, str]) -> dict[str, object]:
     return typed
 
 
-def write_png(image, path: str | Path, infotext: str) -> Path:
-    """Save a PIL image as PNG with `infotext` in its `parameters` chunk, atomically."""
+def _png_info(infotext: str):
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, infotext)  # tEXt when Latin-1 will do, iTXt (UTF-8) otherwise
+    return info
+
+
+def write_png(image, path: str | Path, infotext: str) -> Path:
+    """Save a PIL image as PNG with `infotext` in its `parameters` chunk, atomically."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(infotext))
     return path
+
+
+def png_bytes(image, infotext: str) -> bytes:
+    """The PNG `write_png` would write, in memory (what a server sends)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(infotext))
+    return buffer.getvalue()
 
 
 def read_png_infotext(path: str | Path) -> str:

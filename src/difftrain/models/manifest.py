@@ -21,6 +21,7 @@ import yaml
 
 from difftrain.atomic import write_text
 from difftrain.errors import DifftrainError
+from difftrain.versions import difftrain_version
 
 MANIFEST_FILE = "difftrain.json"
 FORMAT = "difftrain-model"
@@ -65,22 +66,13 @@ class Manifest:
     trained: dict = field(default_factory=dict)  # steps, difftrain version
 
     def to_json(self) -> str:
-        header = {"format": FORMAT, "version": VERSION, "written_by": f"difftrain {_our_version()}"}
+        header = {"format": FORMAT, "version": VERSION, "written_by": f"difftrain {difftrain_version()}"}
         return json.dumps({**header, **asdict(self)}, indent=2) + "\n"
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_FILE
         write_text(path, self.to_json())
         return path
-
-
-def _our_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("difftrain")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def base_reference(model: str | None, revision: str | None = None, variant: str | None = None, **parts) -> dict:

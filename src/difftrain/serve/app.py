@@ -1,0 +1,316 @@
+"""The HTTP side: AUTOMATIC1111's `/sdapi/v1/*` routes, our `/v1/jobs`, authentication and JSON errors.
+
+Every request is answered with JSON, errors included (`{"error", "detail", "field"?}`, never
+a traceback). With `--api-auth` or `--token` every route needs credentials, compared in
+constant time. Generation requests become jobs on the one queue: the A1111 routes wait for
+theirs (and cancel it when the client hangs up); `/v1/jobs` returns an id at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+# At module level: FastAPI reads the route functions' annotations by name from here.
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from difftrain.serve.engine import Engine, a1111_info
+from difftrain.serve.jobs import Job, JobQueue, QueueFull
+from difftrain.serve.requests import Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, decode_image
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeSettings:
+    models: list[str]
+    host: str = "127.0.0.1"
+    port: int = 7860
+    users: list[tuple[str, str]] = field(default_factory=list)  # --api-auth user:pass pairs
+    token: str | None = None  # --token: "Authorization: Bearer <token>"
+    lora_dir: str | None = "models/lora"
+    device: str | None = None
+    precision: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.users or self.token)
+
+
+def create_app(settings: ServeSettings, engine: Engine | None = None):
+    engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision)
+    queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
+
+    def authorised(request: Request) -> None:
+        if not settings.protected:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and settings.token and secrets.compare_digest(value, settings.token):
+            return
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                user, password = "", ""
+            # Every pair is compared, found or not, so timing tells nothing about which part was wrong.
+            matches = [secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(),
+                       p.encode()) for u, p in settings.users]
+            if any(matches):
+                return
+        raise _Unauthorised()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        queue.close()
+
+    app = FastAPI(title="difftrain serve", dependencies=[Depends(authorised)], docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+    app.state.engine, app.state.queue = engine, queue
+
+    # ----------------------------------------------------------------- errors, as JSON
+    @app.exception_handler(_Unauthorised)
+    async def _unauthorised(request, exc):
+        return JSONResponse({"error": "Unauthorized", "detail": "credentials required (HTTP Basic or Bearer)"},
+                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="difftrain"'})
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):
+        return JSONResponse({"error": "RequestError", "field": exc.field, "detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request, exc):
+        return JSONResponse({"error": "QueueFull", "detail": str(exc)}, status_code=429, headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "detail": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"{e['field'] or 'body'}: {e['detail']}" for e in errors)
+        return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        return JSONResponse({"error": "HTTPException", "detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=500)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None and request.headers.get("transfer-encoding"):
+                return JSONResponse({"error": "LengthRequired", "detail": "send a Content-Length"}, status_code=411)
+            if length is not None and int(length) > settings.limits.max_body_bytes:
+                return JSONResponse({"error": "PayloadTooLarge", "detail": f"body of {length} bytes; this server "
+                                     f"takes at most {settings.limits.max_body_bytes}"}, status_code=413)
+        return await call_next(request)
+
+    # ----------------------------------------------------------------- generation
+    async def _wait(request: Request, job: Job) -> dict:
+        while not job.done.is_set():
+            if await request.is_disconnected():
+                queue.cancel(job)  # a client gone frees the worker at the next step
+                break
+            await asyncio.sleep(0.05)
+        if job.failure is not None:
+            raise job.failure  # a RequestError names the field; anything else is a 500, as JSON
+        return job.result or {}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest, request: Request):
+        return await _wait(request, _submit(queue, engine, "txt2img", body, settings.limits))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest, request: Request):
+        return await _wait(request, _submit(queue, engine, "img2img", body, settings.limits))
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False):
+        job = queue.current
+        state = {"skipped": bool(job and job.skip), "interrupted": bool(job and job.interrupt),
+                 "job": job.id if job else "", "job_count": queue.waiting() + (1 if job else 0),
+                 "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.number if job else 0,
+                 "sampling_step": job.steps_done if job else 0, "sampling_steps": job.total_steps if job else 0}
+        return {"progress": job.progress if job else 0.0, "eta_relative": job.eta_relative if job else 0.0,
+                "state": state, "current_image": None, "textinfo": None}
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        if queue.current:
+            queue.current.interrupt = True
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip():
+        if queue.current:
+            queue.current.skip = True
+        return {}
+
+    # ----------------------------------------------------------------- our job API
+    @app.post("/v1/jobs", status_code=202)
+    def submit_job(body: dict):
+        kind = body.get("type", "txt2img")
+        if kind not in ("txt2img", "img2img"):
+            raise RequestError("type", f"{kind!r}: txt2img or img2img")
+        model = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
+        try:
+            parsed = model.model_validate(body.get("request", {}))
+        except ValueError as reason:
+            raise RequestError("request", str(reason).splitlines()[0]) from None
+        job = _submit(queue, engine, kind, parsed, settings.limits)
+        return _job_view(queue, job)
+
+    @app.get("/v1/jobs/{job_id}")
+    def job_status(job_id: str):
+        return _job_view(queue, _job(queue, job_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel_job(job_id: str):
+        job = _job(queue, job_id)
+        queue.cancel(job)
+        return _job_view(queue, job)
+
+    # ----------------------------------------------------------------- models and settings
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        return [{"title": m.title, "model_name": m.name, "hash": m.hash, "sha256": m.hash, "filename": str(m.spec),
+                 "config": None} for m in engine.models.values()]
+
+    @app.get("/sdapi/v1/options")
+    def get_options():
+        return {"sd_model_checkpoint": engine.current.title, "sd_checkpoint_hash": engine.current.hash,
+                "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_vae": "Automatic"}
+
+    @app.post("/sdapi/v1/options")
+    def set_options(body: dict):
+        if "sd_model_checkpoint" in body:
+            model = engine.find(str(body["sd_model_checkpoint"]))
+            engine.load(model)
+            engine.current = model
+        return None  # other keys are A1111 UI settings: accepted, with no effect here
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        from difftrain.sampling.schedulers import list_schedulers
+
+        return [{"name": row.display, "aliases": [row.name], "options": {}} for row in list_schedulers()]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers():
+        return [{"name": name.lower(), "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for name in ("Automatic", "Uniform", "Karras", "Exponential")]
+
+    @app.get("/sdapi/v1/loras")
+    def loras():
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+                for name, path in engine.lora_files().items()]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae():
+        return []  # each model brings its own VAE
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings():
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags():
+        return {"api": True, "nowebui": True, "listen": settings.host not in LOOPBACK, "port": settings.port,
+                "api_auth": bool(settings.users), "lora_dir": settings.lora_dir}
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info")
+    def script_info():
+        return []
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints():
+        return None  # the served models are the ones given at start
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras():
+        return None  # the LoRA folder is read at every request
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(body: dict):
+        from difftrain.generate.infotext import PARAMETERS_KEY, parse_infotext
+
+        image = decode_image(str(body.get("image", "")), "image")
+        text = image.info.get(PARAMETERS_KEY, "") if hasattr(image, "info") else ""
+        if not text:
+            return {"info": "", "items": {}, "parameters": {}}
+        prompt, negative, params = parse_infotext(text)
+        return {"info": text, "items": {PARAMETERS_KEY: text},
+                "parameters": {"Prompt": prompt, "Negative prompt": negative, **params}}
+
+    @app.get("/v1/stats")
+    def stats():
+        return {"queue": {"waiting": queue.waiting(), "running": queue.current is not None},
+                "prompt_cache": {"hits": engine.prompt_cache_hits, "misses": engine.prompt_cache_misses,
+                                 "entries": len(engine.prompt_cache), "limit": engine.prompt_cache_size}}
+
+    @app.get("/sdapi/v1/memory")
+    def memory():
+        import torch
+
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as handle:
+            resident = int(handle.read().split()[1]) * page
+        cuda = {"error": "no CUDA device"}
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            cuda = {"system": {"free": free, "used": total - free, "total": total},
+                    "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+        return {"ram": {"total": pages * page, "used": resident}, "cuda": cuda}
+
+    return app
+
+
+class _Unauthorised(Exception):
+    pass
+
+
+def _submit(queue: JobQueue, engine: Engine, kind: str, body: Txt2ImgRequest, limits: Limits) -> Job:
+    body.check(limits)
+    engine.precheck(body)  # a bad sampler, LoRA or model name is refused before it waits in the queue
+    return queue.submit(Job(kind, body))
+
+
+def _job(queue: JobQueue, job_id: str) -> Job:
+    job = queue.get(job_id)
+    if job is None:
+        raise RequestError("job", f"no job {job_id} (finished jobs are kept for a while, then forgotten)", 404)
+    return job
+
+
+def _job_view(queue: JobQueue, job: Job) -> dict:
+    return {"id": job.id, "type": job.kind, "state": job.state, "progress": job.progress,
+            "eta_relative": job.eta_relative, "queue_position": queue.position(job), "result": job.result,
+            "error": job.error}
+
+
+def _run(engine: Engine, job: Job, on_step) -> dict:
+    """A job drawn: A1111's response body (images base64 PNG with their infotext)."""
+    from difftrain.generate.infotext import png_bytes
+
+    request = job.request
+    drawn = engine.draw(request, on_step)
+    images = [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(drawn.images, drawn.infotexts)]
+    parameters = request.model_dump(exclude={"init_images"} if job.kind == "img2img" else None)
+    return {"images": images if request.send_images else [], "parameters": parameters,
+            "info": a1111_info(request, drawn)}

@@ -1,0 +1,269 @@
+"""The served models and how one request becomes images.
+
+Each model is located (and its manifest read) at start and loaded on first use; a request
+gets its own scheduler instance and its own generators, on a pipeline object built around
+the model's shared weights, so no request sees another's sampler settings. Prompts go
+through `difftrain generate`'s code: A1111's prompt syntax, the model's trained context
+length and clip skip, the same infotext in every PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from difftrain.errors import DifftrainError
+from difftrain.serve.requests import Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
+
+
+class ServeError(DifftrainError):
+    pass
+
+
+@dataclass
+class ServedModel:
+    spec: str  # what the user gave: a run folder, a model folder, a single file
+    located: object  # generate.loader.Located
+    pipe: object = None  # loaded on first use
+    loras: dict[str, str] = field(default_factory=dict)  # file -> adapter name, loaded into `pipe`
+
+    @property
+    def name(self) -> str:
+        return self.located.name
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(str(Path(self.spec).resolve()).encode()).hexdigest()[:10]
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]"
+
+
+@dataclass
+class Drawn:
+    images: list  # PIL images
+    seeds: list[int]
+    infotexts: list[str]
+    model: ServedModel | None = None
+    interrupted: bool = False
+
+
+class Engine:
+    """Models by name, one current (A1111's sd_model_checkpoint), drawn on one device."""
+
+    def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
+                 precision: str = "auto", prompt_cache_size: int = 256):
+        from difftrain.generate.loader import locate
+        from difftrain.generate.text2image import _dtype
+
+        if not specs:
+            raise ServeError("serve: give at least one model (run folder, model folder or single file)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _dtype(precision, self.device)
+        self.models: dict[str, ServedModel] = {}
+        for spec in specs:
+            located = locate(spec)
+            kind = located.manifest.kind if located.manifest else "stable-diffusion"
+            if kind in ("unconditional", "vae", "controlnet", "t2i-adapter"):
+                raise ServeError(f"serve {spec}: a {kind} model; serve draws Stable Diffusion text-to-image models "
+                                 "(LoRA and embedding runs included)")
+            model = ServedModel(spec, located)
+            if model.title in self.models:
+                raise ServeError(f"serve: {spec} is given twice")
+            self.models[model.title] = model
+        self.current = next(iter(self.models.values()))
+        self.lora_dir = Path(lora_dir) if lora_dir else None
+        # Text-encoder outputs by (model, prompt, negative, clip skip, active LoRAs): seed 001's
+        # "pre-compute common prompts"; a bot that repeats its prompt skips the text encoder.
+        self.prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.prompt_cache_size = prompt_cache_size
+        self.prompt_cache_hits = self.prompt_cache_misses = 0
+
+    # ----------------------------------------------------------------- models
+    def find(self, name: str) -> ServedModel:
+        """A served model by its title, name or spec; nothing outside the served list."""
+        for model in self.models.values():
+            if name in (model.title, model.name, model.spec):
+                return model
+        raise RequestError("sd_model_checkpoint", f"{name!r} is not served here; choose one of "
+                                                  f"{', '.join(self.models)}", status=404)
+
+    def load(self, model: ServedModel):
+        if model.pipe is None:
+            from difftrain.generate.loader import build_pipeline
+
+            pipe = build_pipeline(model.located, dtype=self.dtype)
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            model.pipe = pipe
+        return model.pipe
+
+    def lora_files(self) -> dict[str, Path]:
+        """The LoRAs a prompt may name: `<name>.safetensors` in the LoRA folder, and nothing else."""
+        if self.lora_dir is None or not self.lora_dir.is_dir():
+            return {}
+        return {path.stem: path for path in sorted(self.lora_dir.glob("*.safetensors"))}
+
+    # ----------------------------------------------------------------- drawing
+    def precheck(self, request: Txt2ImgRequest) -> None:
+        """What can be refused without drawing: the model override, the sampler, the prompt's LoRAs."""
+        from difftrain.sampling.prompts import extract_lora_tags
+
+        self._model_for(request)
+        self._scheduler_name(request)
+        files = self.lora_files()
+        for name, _ in extract_lora_tags(request.prompt)[1]:
+            _lora_file(files, name)
+
+    def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
+        override = request.override_settings.get("sd_model_checkpoint")
+        return self.find(str(override)) if override else self.current
+
+    @staticmethod
+    def _scheduler_name(request: Txt2ImgRequest) -> str:
+        from difftrain.sampling.schedulers import resolve_name
+
+        try:
+            return resolve_name(request.sampler, request.scheduler)
+        except DifftrainError as reason:
+            raise RequestError("sampler_name", str(reason)) from None
+
+    def draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None]) -> Drawn:
+        """All batch_size x n_iter images of `request` with the current model (or its override).
+
+        `on_step(pipe)` runs after every sampling step; it may set `pipe._interrupt` (stop this
+        image) and raise Skip / return an "interrupted" flag through `self.stop` (see jobs.py).
+        """
+        from difftrain.generate.infotext import format_infotext
+        from difftrain.generate.text2image import GenerateOptions, infotext_params
+        from difftrain.sampling.prompts import encode_pair, extract_lora_tags
+        from difftrain.sampling.schedulers import make_scheduler
+        from difftrain.sampling.text2image import draw
+
+        model = self._model_for(request)
+        pipe = self.load(model)
+        scheduler_name = self._scheduler_name(request)
+        try:
+            scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))
+        except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
+            raise RequestError("sampler_name", str(reason)) from None
+        text, tags = extract_lora_tags(request.prompt)
+        self._activate_loras(model, pipe, tags)
+        runner = self._runner(pipe, scheduler, isinstance(request, Img2ImgRequest))
+        clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or \
+            pipe.manifest.conditioning.get("clip_skip") or 1
+        key = (model.title, text, request.negative_prompt, clip_skip, tuple(tags))
+        if key in self.prompt_cache:
+            self.prompt_cache.move_to_end(key)
+            self.prompt_cache_hits += 1
+        else:
+            self.prompt_cache_misses += 1
+            self.prompt_cache[key] = encode_pair(pipe.tokenizer, pipe.text_encoder, text, request.negative_prompt,
+                                                 self.device, clip_skip)
+            while len(self.prompt_cache) > self.prompt_cache_size:
+                self.prompt_cache.popitem(last=False)
+        positive, negative = self.prompt_cache[key]
+        extra: dict = {"width": request.width, "height": request.height}
+        if isinstance(request, Img2ImgRequest):
+            init = decode_image(request.init_images[0], "init_images[0]")
+            extra = {"image": init.resize((request.width, request.height)), "strength": request.denoising_strength}
+
+        def step_end(pipeline, step, timestep, values):
+            on_step(pipeline)
+            return values
+
+        first_seed = request.seed if request.seed >= 0 else random.randrange(2**32 - request.batch_size * request.n_iter)
+        options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                                  scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
+                                  height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
+                                  clip_skip=clip_skip if clip_skip != 1 else None,
+                                  strength=getattr(request, "denoising_strength", 0.75),
+                                  init_image="(request)" if isinstance(request, Img2ImgRequest) else None)
+        drawn = Drawn([], [], [], model)
+        for iteration in range(request.n_iter):
+            seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
+            images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale,
+                          callback_on_step_end=step_end, **extra)
+            for seed, image in zip(seeds, images):
+                params = infotext_params(options, seed, request.width, request.height, model.name, [])
+                if isinstance(request, Img2ImgRequest):
+                    params.pop("Init image", None)  # it came in the request, not from a file
+                drawn.images.append(image)
+                drawn.seeds.append(seed)
+                drawn.infotexts.append(format_infotext(request.prompt, request.negative_prompt, params))
+            if getattr(runner, "_difftrain_stop", False):
+                drawn.interrupted = True
+                break
+        return drawn
+
+    def _runner(self, pipe, scheduler, img2img: bool):
+        """A pipeline object of its own around the model's weights, with this request's scheduler."""
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+        parts = {name: pipe.components[name] for name in
+                 ("vae", "text_encoder", "tokenizer", "unet", "safety_checker", "feature_extractor")}
+        runner = cls(**parts, scheduler=scheduler, requires_safety_checker=False)
+        runner.set_progress_bar_config(disable=True)
+        return runner
+
+    def _activate_loras(self, model: ServedModel, pipe, tags: list[tuple[str, float]]) -> None:
+        """The prompt's `<lora:name:weight>` tags, from the LoRA folder only; none leaves the model plain."""
+        from difftrain.models.lora_files import check_lora_fits
+
+        files = self.lora_files()
+        names, weights = [], []
+        for name, weight in tags:
+            path = str(_lora_file(files, name))
+            if path not in model.loras:
+                check_lora_fits(pipe, path)
+                adapter = f"lora{len(model.loras)}"
+                pipe.load_lora_weights(path, adapter_name=adapter)
+                model.loras[path] = adapter
+            names.append(model.loras[path])
+            weights.append(weight)
+        if model.loras:
+            if names:
+                pipe.enable_lora()
+                pipe.set_adapters(names, adapter_weights=weights)
+            else:
+                pipe.disable_lora()
+
+
+def _lora_file(files: dict[str, Path], name: str) -> Path:
+    if name not in files:  # a name is looked up among the folder's files, never joined into a path
+        raise RequestError("prompt", f"<lora:{name}> is not in this server's LoRA folder "
+                                     f"({', '.join(files) or 'none served'})")
+    return files[name]
+
+
+def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
+    """The `info` JSON string A1111 returns beside the images."""
+    from difftrain.versions import difftrain_version
+
+    model = drawn.model
+    return json.dumps({
+        "prompt": request.prompt, "all_prompts": [request.prompt] * len(drawn.images),
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * len(drawn.images),
+        "seed": drawn.seeds[0] if drawn.seeds else request.seed, "all_seeds": drawn.seeds,
+        "subseed": drawn.seeds[0] if drawn.seeds else -1, "all_subseeds": drawn.seeds, "subseed_strength": 0,
+        "width": request.width, "height": request.height, "sampler_name": request.sampler,
+        "scheduler": request.scheduler or "Automatic", "cfg_scale": request.cfg_scale, "steps": request.steps,
+        "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": model.name, "sd_model_hash": model.hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": drawn.infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "interrupted": drawn.interrupted, "version": f"difftrain {difftrain_version()}",
+    })

@@ -1,0 +1,169 @@
+"""One queue, one worker per device: jobs run first in, first out, each with its own progress.
+
+A job is a validated request and what became of it. The worker thread takes the oldest
+queued job and draws it; between sampling steps it counts progress and honours the job's
+flags: interrupt (stop now, keep what is drawn, as A1111's Interrupt), skip (end the
+current image, go on with the next batch) and cancel (a client gone or a DELETE: stop and
+return nothing). A full queue refuses new jobs (HTTP 429) instead of growing without bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from difftrain.errors import DifftrainError
+from difftrain.serve.requests import RequestError
+
+log = logging.getLogger(__name__)
+
+FINISHED_KEPT = 256  # finished jobs answerable by id; older ones are forgotten
+
+
+class QueueFull(DifftrainError):
+    pass
+
+
+@dataclass
+class Job:
+    kind: str  # "txt2img" or "img2img"
+    request: object  # a Txt2ImgRequest / Img2ImgRequest, checked
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    number: int = 0  # order of arrival
+    state: str = "queued"  # queued, running, done, interrupted, cancelled, failed
+    steps_done: int = 0
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: dict | None = None  # the A1111 response body
+    failure: Exception | None = None  # why it failed: a RequestError (the client's) or anything else (ours)
+    interrupt: bool = False
+    skip: bool = False
+    cancel: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+    @property
+    def total_steps(self) -> int:
+        request = self.request
+        steps = request.steps
+        if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule
+            steps = max(1, int(request.steps * request.denoising_strength))
+        return steps * request.n_iter
+
+    @property
+    def progress(self) -> float:
+        if self.state in ("done", "interrupted"):
+            return 1.0
+        return min(1.0, self.steps_done / max(self.total_steps, 1))
+
+    @property
+    def eta_relative(self) -> float:
+        """Seconds left, from the rate so far (A1111's estimate)."""
+        if self.state != "running" or not self.steps_done or self.started is None:
+            return 0.0
+        elapsed = time.time() - self.started
+        return elapsed / self.steps_done * (self.total_steps - self.steps_done)
+
+
+class JobQueue:
+    def __init__(self, run, max_queue: int):
+        """`run(job, on_step)` draws a job and returns its A1111 response body."""
+        self._run, self.max_queue = run, max_queue
+        self._queue: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Condition()
+        self._numbers = itertools.count()
+        self.current: Job | None = None
+        self._closing = False
+        self._worker = threading.Thread(target=self._work, name="difftrain-serve-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue holds {len(self._queue)} jobs, this server's limit; retry later")
+            job.number = next(self._numbers)
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            self._lock.notify()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """How many jobs run before this one (0: running or next)."""
+        with self._lock:
+            return next((i for i, queued in enumerate(self._queue) if queued is job), 0)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: a queued one never runs, a running one stops at its next step and returns nothing."""
+        with self._lock:
+            job.cancel = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, "cancelled")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            for job in list(self._queue):
+                job.cancel = True
+                self._finish(job, "cancelled")
+            self._queue.clear()
+            self._lock.notify_all()
+        self._worker.join(timeout=30)
+
+    # ----------------------------------------------------------------- the worker
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    return
+                job = self._queue.popleft()
+                job.state, job.started, self.current = "running", time.time(), job
+            try:
+                job.result = self._run(job, lambda pipe: self._on_step(job, pipe))
+                state = "cancelled" if job.cancel else "interrupted" if job.interrupt else "done"
+            except RequestError as reason:
+                job.failure, state = reason, "failed"
+            except Exception as reason:  # a worker that died would stall every later client
+                log.exception("job %s failed", job.id)
+                job.failure, state = reason, "failed"
+            with self._lock:
+                self.current = None
+                self._finish(job, state)
+
+    def _on_step(self, job: Job, pipe) -> None:
+        job.steps_done += 1
+        if job.cancel or job.interrupt:
+            pipe._interrupt = True  # diffusers' pipelines skip the remaining steps
+            pipe._difftrain_stop = True  # and the engine draws no further batch
+        elif job.skip:
+            job.skip = False
+            pipe._interrupt = True
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state, job.finished = state, time.time()
+        if state == "cancelled":
+            job.result = None
+        job.done.set()
+        finished = [key for key, old in self._jobs.items() if old.done.is_set()]
+        for key in finished[:-FINISHED_KEPT]:
+            del self._jobs[key]

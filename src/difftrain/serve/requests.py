@@ -1,0 +1,132 @@
+"""The request bodies of A1111's `/sdapi/v1/txt2img` and `img2img`, as its clients send them.
+
+Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
+are accepted at their defaults and refused, naming the field, when they ask for something
+(hires fix, face restoration, scripts). Limits are the server's, checked before a job is
+queued.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difftrain.errors import DifftrainError
+
+
+class RequestError(DifftrainError):
+    """A request that cannot be served as sent; `field` names what to change (HTTP 422)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.status = field, status
+
+
+@dataclass
+class Limits:
+    max_width: int = 1024
+    max_height: int = 1024
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_prompt_chars: int = 4000
+    max_queue: int = 16
+    max_body_bytes: int = 20 * 2**20
+
+
+class Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: Optional[str] = None
+    sampler_index: Optional[str] = None  # older clients' name for sampler_name
+    scheduler: Optional[str] = None  # A1111 1.9+ schedule type: Automatic, Karras, Exponential, Uniform
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+    # Accepted so clients can send them; refused when they ask for something (see `check`).
+    enable_hr: bool = False
+    restore_faces: Optional[bool] = False
+    tiling: Optional[bool] = False
+    subseed_strength: float = 0.0
+    script_name: Optional[str] = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    def check(self, limits: Limits) -> None:
+        for field, value, top in (("width", self.width, limits.max_width), ("height", self.height, limits.max_height)):
+            if not 64 <= value <= top or value % 8:
+                raise RequestError(field, f"{value}: must be a multiple of 8 from 64 to {top}")
+        for field, value, top in (("steps", self.steps, limits.max_steps),
+                                  ("batch_size", self.batch_size, limits.max_batch_size),
+                                  ("n_iter", self.n_iter, limits.max_n_iter)):
+            if not 1 <= value <= top:
+                raise RequestError(field, f"{value}: must be from 1 to {top} on this server")
+        for field in ("prompt", "negative_prompt"):
+            if len(getattr(self, field)) > limits.max_prompt_chars:
+                raise RequestError(field, f"longer than this server's {limits.max_prompt_chars} characters")
+        if not 0 <= self.cfg_scale <= 30:
+            raise RequestError("cfg_scale", f"{self.cfg_scale}: must be from 0 to 30")
+        unsupported = [("enable_hr", self.enable_hr, "hires fix"), ("restore_faces", self.restore_faces,
+                       "face restoration"), ("tiling", self.tiling, "tiling"),
+                       ("subseed_strength", self.subseed_strength, "variation seeds"),
+                       ("script_name", self.script_name, "scripts"),
+                       ("alwayson_scripts", self.alwayson_scripts, "always-on scripts (extensions)")]
+        for field, value, what in unsupported:
+            if value:
+                raise RequestError(field, f"{what} is not served by difftrain; leave it at its default")
+        if self.save_images:
+            raise RequestError("save_images", "this server keeps no images; they are returned in the response")
+
+    @property
+    def sampler(self) -> str:
+        return self.sampler_name or self.sampler_index or "Euler a"
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list)
+    denoising_strength: float = 0.75
+    mask: Optional[str] = None
+    resize_mode: int = 0
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if len(self.init_images) != 1:
+            raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")
+        if self.mask:
+            raise RequestError("mask", "inpainting is not served by difftrain yet")
+        if not 0.0 < self.denoising_strength <= 1.0:
+            raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
+        if int(self.steps * self.denoising_strength) < 1:
+            raise RequestError("denoising_strength", f"steps x strength = {self.steps} x {self.denoising_strength} "
+                                                     "runs no step; raise one of them")
+        decode_image(self.init_images[0], "init_images[0]")
+
+
+def decode_image(text: str, field: str):
+    """A base64 image (raw or a data URL) as RGB; URLs are never fetched."""
+    from difftrain.data.images import BadImage, load_image_bytes
+
+    if text.startswith(("http://", "https://", "file:")):
+        raise RequestError(field, "images are sent as base64 or data URLs; this server fetches no URL")
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "not valid base64") from None
+    try:
+        return load_image_bytes(data)
+    except BadImage as reason:
+        raise RequestError(field, str(reason)) from None

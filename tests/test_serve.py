@@ -1,0 +1,243 @@
+"""`difftrain serve` on loopback, driven by webuiapi (the most used A1111 client) and by plain HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from test_personalise import lora_run  # noqa: F401
+from test_text2image import tiny_sd  # noqa: F401
+
+from difftrain.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from difftrain.serve.app import create_app
+
+        settings.port = free_port()
+        self.app = create_app(settings)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "the server did not start"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
+    from difftrain.models.tiny_sd import write_tiny_sd
+    from difftrain.serve.app import ServeSettings
+    from difftrain.serve.requests import Limits
+
+    root = tmp_path_factory.mktemp("serve")
+    other = write_tiny_sd(root / "other", seed=3)
+    (root / "loras").mkdir()
+    (root / "loras" / "shapes.safetensors").write_bytes((lora_run / "model" / "lora.safetensors").read_bytes())
+    settings = ServeSettings(models=[str(tiny_sd), str(other)], lora_dir=str(root / "loras"),
+                             limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
+    running = Running(settings)
+    yield running
+    running.stop()
+
+
+def client(server):
+    import webuiapi
+
+    host, port = server.url.rsplit(":", 1)
+    return webuiapi.WebUIApi(host=host.split("//")[1], port=int(port), sampler="Euler a", steps=3)
+
+
+def test_webuiapi_txt2img_gives_what_generate_gives_with_its_infotext(server, tiny_sd, tmp_path):  # noqa: F811
+    from difftrain.generate.text2image import GenerateOptions, generate
+
+    api = client(server)
+    result = api.txt2img(prompt="a red (circle:1.2)", negative_prompt="blue", seed=5, width=64, height=64,
+                         cfg_scale=6.0)
+    assert len(result.images) == 1 and result.image.size == (64, 64)
+    assert result.info["all_seeds"] == [5] and result.info["sd_model_name"] == "sd"
+    text = result.image.info["parameters"]
+    assert text.startswith("a red (circle:1.2)\nNegative prompt: blue\n")
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 6.0, Seed: 5, Size: 64x64, Model: sd" in text
+    assert result.info["infotexts"] == [text]
+    # The same image `difftrain generate` draws for the same settings.
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red (circle:1.2)", negative_prompt="blue", steps=3,
+                                                    scheduler="Euler a", guidance_scale=6.0, seed=5, width=64,
+                                                    height=64), tmp_path, progress=False)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(result.image.convert("RGB")))
+    # A batch of two over two iterations: seeds 7..10, each PNG with its own.
+    batch = api.txt2img(prompt="a cat", seed=7, width=64, height=64, batch_size=2, n_iter=2)
+    assert batch.info["all_seeds"] == [7, 8, 9, 10]
+    assert [f"Seed: {seed}," in image.info["parameters"] for seed, image in zip(range(7, 11), batch.images)] == [True] * 4
+    # The repeated prompt's encoding came from the prompt cache; the image is the same as uncached.
+    before = requests.get(f"{server.url}/v1/stats").json()["prompt_cache"]
+    repeat = api.txt2img(prompt="a red (circle:1.2)", negative_prompt="blue", seed=5, width=64, height=64,
+                         cfg_scale=6.0)
+    after = requests.get(f"{server.url}/v1/stats").json()["prompt_cache"]
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert np.array_equal(np.asarray(repeat.image), np.asarray(result.image))
+    info = api.png_info(result.image)
+    assert info.parameters["Seed"] == "5" and info.parameters["Prompt"] == "a red (circle:1.2)"
+
+
+def test_webuiapi_img2img_samplers_models_and_loras(server):
+    api = client(server)
+    start = api.txt2img(prompt="a blue square", seed=1, width=64, height=64).image
+    out = api.img2img(images=[start], prompt="a blue square", seed=2, width=64, height=64, denoising_strength=0.5,
+                      steps=4)
+    assert out.image.size == (64, 64) and "Denoising strength: 0.5" in out.image.info["parameters"]
+    names = api.util_get_sampler_names()
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= set(names)
+    titles = api.util_get_model_names()
+    assert len(titles) == 2 and api.util_get_current_model().startswith("sd [")
+    other = next(title for title in titles if title.startswith("other"))
+    api.util_set_model(other)
+    assert api.util_get_current_model() == other
+    assert "Model: other" in api.txt2img(prompt="x", seed=1, width=64, height=64).image.info["parameters"]
+    api.util_set_model(next(title for title in titles if title.startswith("sd")))
+    assert [lora["name"] for lora in api.get_loras()] == ["shapes"]
+    plain = api.txt2img(prompt="a red circle", seed=3, width=64, height=64).image
+    tagged = api.txt2img(prompt="a red circle <lora:shapes:1>", seed=3, width=64, height=64).image
+    again = api.txt2img(prompt="a red circle", seed=3, width=64, height=64).image
+    assert not np.array_equal(np.asarray(plain), np.asarray(tagged))  # the LoRA acts ...
+    assert np.array_equal(np.asarray(plain), np.asarray(again))  # ... and only on the request that names it
+    assert "<lora:shapes:1>" in tagged.info["parameters"]
+
+
+def test_interrupt_progress_and_the_job_api(server):
+    api = client(server)
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(long=api.txt2img(
+        prompt="a slow one", seed=1, width=128, height=128, steps=40, n_iter=3)))
+    worker.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = api.get_progress()
+        if state["state"]["sampling_step"] >= 2:
+            break
+        time.sleep(0.05)
+    assert 0 < state["progress"] < 1 and state["state"]["job_count"] == 1
+    api.interrupt()
+    worker.join(timeout=60)
+    long = results["long"]
+    assert len(long.images) == 1 and long.info["interrupted"] is True  # the image in progress, no more
+
+    url = server.url
+    job = requests.post(f"{url}/v1/jobs", json={"type": "txt2img", "request": {
+        "prompt": "a queued one", "seed": 4, "width": 64, "height": 64, "steps": 3}}).json()
+    assert job["state"] in ("queued", "running")
+    while job["state"] in ("queued", "running"):
+        time.sleep(0.05)
+        job = requests.get(f"{url}/v1/jobs/{job['id']}").json()
+    assert job["state"] == "done" and job["progress"] == 1.0
+    image = Image.open(io.BytesIO(base64.b64decode(job["result"]["images"][0])))
+    assert "Seed: 4," in image.info["parameters"]
+    # A full queue says so (429) and recovers; a queued job can be cancelled.
+    busy = requests.post(f"{url}/v1/jobs", json={"request": {"prompt": "busy", "width": 128, "height": 128,
+                                                             "steps": 40}}).json()
+    while requests.get(f"{url}/v1/jobs/{busy['id']}").json()["state"] == "queued":
+        time.sleep(0.02)
+    queued = [requests.post(f"{url}/v1/jobs", json={"request": {"prompt": "q", "width": 64, "height": 64, "steps": 2}})
+              for _ in range(3)]
+    assert [r.status_code for r in queued] == [202, 202, 429]
+    assert queued[2].json()["error"] == "QueueFull" and queued[2].headers["Retry-After"]
+    cancelled = requests.delete(f"{url}/v1/jobs/{queued[1].json()['id']}").json()
+    assert cancelled["state"] == "cancelled" and cancelled["result"] is None
+    requests.delete(f"{url}/v1/jobs/{busy['id']}")
+    assert requests.get(f"{url}/v1/jobs/nope").status_code == 404
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"width": 70}, "width"), ({"steps": 500}, "steps"), ({"enable_hr": True}, "enable_hr"),
+    ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
+    ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+])
+def test_bad_requests_get_json_naming_the_field(server, payload, field):
+    response = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                                                       "steps": 2, **payload})
+    body = response.json()
+    assert response.status_code in (404, 422) and body["field"] == field and field in body["detail"]
+
+
+def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
+    url = f"{server.url}/sdapi/v1/img2img"
+    fetched = requests.post(url, json={"init_images": ["http://example.com/a.png"], "width": 64, "height": 64})
+    assert fetched.status_code == 422 and "fetches no URL" in fetched.json()["detail"]
+    broken = requests.post(url, json={"init_images": ["not base64!"], "width": 64, "height": 64})
+    assert broken.json()["field"] == "init_images[0]"
+    typed = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"width": "wide"})
+    assert typed.status_code == 422 and typed.json()["errors"][0]["field"] == "width"
+    assert "Traceback" not in typed.text
+    huge = requests.post(f"{server.url}/sdapi/v1/txt2img", data=b"{" + b" " * (21 * 2**20) + b"}",
+                         headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
+    import webuiapi
+
+    from difftrain.serve.app import ServeSettings
+
+    running = Running(ServeSettings(models=[str(tiny_sd)], users=[("ann", "s3cret"), ("bob", "pw")], token="tok"))
+    try:
+        url = f"{running.url}/sdapi/v1/options"
+        assert requests.get(url).status_code == 401
+        assert requests.get(url).headers["WWW-Authenticate"].startswith("Basic")
+        assert requests.get(url, auth=("ann", "wrong")).status_code == 401
+        assert requests.get(url, auth=("bob", "pw")).status_code == 200
+        assert requests.get(url, headers={"Authorization": "Bearer tok"}).status_code == 200
+        assert requests.get(url, headers={"Authorization": "Bearer nope"}).json()["error"] == "Unauthorized"
+        api = webuiapi.WebUIApi(port=int(running.url.rsplit(":", 1)[1]), username="ann", password="s3cret")
+        assert api.get_options()["sd_model_checkpoint"].startswith("sd [")
+    finally:
+        running.stop()
+
+
+def test_serve_command_listens_on_loopback_and_refuses_open_addresses(tiny_sd, capsys):  # noqa: F811
+    assert main(["serve", str(tiny_sd), "--host", "0.0.0.0"]) == 2
+    assert "--api-auth or --token" in capsys.readouterr().err
+    assert main(["serve", str(tiny_sd), "--api-auth", "nocolon"]) == 2
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "difftrain", "serve", str(tiny_sd), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline, samplers = time.time() + 60, None
+        while time.time() < deadline and samplers is None:
+            try:
+                samplers = requests.get(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=2).json()
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert samplers and any(row["name"] == "Euler a" for row in samplers)
+        flags = requests.get(f"http://127.0.0.1:{port}/sdapi/v1/cmd-flags").json()
+        assert flags["listen"] is False and flags["port"] == port
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=30)
+    assert "serving sd [" in out and f"127.0.0.1:{port}" in out

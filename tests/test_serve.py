@@ -18,36 +18,13 @@ from test_personalise import lora_run  # noqa: F401
 from test_text2image import tiny_sd  # noqa: F401
 
 from difftrain.cli import main
+from difftrain.serve.app import BackgroundServer
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread, on a free loopback port."""
-
-    def __init__(self, settings):
-        import uvicorn
-
-        from difftrain.serve.app import create_app
-
-        settings.port = free_port()
-        self.app = create_app(settings)
-        self.url = f"http://127.0.0.1:{settings.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started, "the server did not start"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +39,7 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     (root / "loras" / "shapes.safetensors").write_bytes((lora_run / "model" / "lora.safetensors").read_bytes())
     settings = ServeSettings(models=[str(tiny_sd), str(other)], lora_dir=str(root / "loras"),
                              limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
-    running = Running(settings)
+    running = BackgroundServer(settings)
     yield running
     running.stop()
 
@@ -204,7 +181,7 @@ def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
 
     from difftrain.serve.app import ServeSettings
 
-    running = Running(ServeSettings(models=[str(tiny_sd)], users=[("ann", "s3cret"), ("bob", "pw")], token="tok"))
+    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], users=[("ann", "s3cret"), ("bob", "pw")], token="tok"))
     try:
         url = f"{running.url}/sdapi/v1/options"
         assert requests.get(url).status_code == 401

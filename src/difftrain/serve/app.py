@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 # At module level: FastAPI reads the route functions' annotations by name from here.
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difftrain.serve.engine import Engine, a1111_info
@@ -116,6 +116,12 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
                 return JSONResponse({"error": "PayloadTooLarge", "detail": f"body of {length} bytes; this server "
                                      f"takes at most {settings.limits.max_body_bytes}"}, status_code=413)
         return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        from difftrain.serve.page import PAGE
+
+        return PAGE
 
     # ----------------------------------------------------------------- generation
     async def _wait(request: Request, job: Job) -> dict:
@@ -283,6 +289,38 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
 class _Unauthorised(Exception):
     pass
+
+
+class BackgroundServer:
+    """The server in a thread of this process, on a free loopback port if none is set: for tests,
+    benchmarks and notebooks. `url` is its address; `stop()` shuts it down."""
+
+    def __init__(self, settings: ServeSettings, engine: Engine | None = None, timeout: float = 60):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        if not settings.port or settings.port == 7860:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                settings.port = probe.getsockname()[1]
+        self.app = create_app(settings, engine)
+        self.url = f"http://{settings.host}:{settings.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=settings.host, port=settings.port,
+                                                    log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"the server did not start on {self.url}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
 
 
 def _submit(queue: JobQueue, engine: Engine, kind: str, body: Txt2ImgRequest, limits: Limits) -> Job:

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
-    from difftrain.models.tiny_sd import write_tiny_sd
+    from difftrain.models.tiny_sd import write_tiny_controlnet, write_tiny_sd
     from difftrain.serve.app import ServeSettings
     from difftrain.serve.requests import Limits
 
@@ -37,7 +37,9 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     other = write_tiny_sd(root / "other", seed=3)
     (root / "loras").mkdir()
     (root / "loras" / "shapes.safetensors").write_bytes((lora_run / "model" / "lora.safetensors").read_bytes())
-    settings = ServeSettings(models=[str(tiny_sd), str(other)], lora_dir=str(root / "loras"),
+    write_tiny_controlnet(tiny_sd, root / "controlnets" / "cn", seed=1)
+    settings = ServeSettings(models=[str(tiny_sd), str(other), str(lora_run)], lora_dir=str(root / "loras"),
+                             controlnet_dir=str(root / "controlnets"),
                              limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
     running = BackgroundServer(settings)
     yield running
@@ -92,7 +94,7 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     names = api.util_get_sampler_names()
     assert {"Euler a", "DPM++ 2M", "DDIM"} <= set(names)
     titles = api.util_get_model_names()
-    assert len(titles) == 2 and api.util_get_current_model().startswith("sd [")
+    assert len(titles) == 3 and api.util_get_current_model().startswith("sd [")
     other = next(title for title in titles if title.startswith("other"))
     api.util_set_model(other)
     assert api.util_get_current_model() == other
@@ -105,6 +107,38 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     assert not np.array_equal(np.asarray(plain), np.asarray(tagged))  # the LoRA acts ...
     assert np.array_equal(np.asarray(plain), np.asarray(again))  # ... and only on the request that names it
     assert "<lora:shapes:1>" in tagged.info["parameters"]
+    # A LoRA run keeps its own adapter under a prompt LoRA, and after it.
+    run = {"override_settings": {"sd_model_checkpoint": "run"}, "seed": 3, "width": 64, "height": 64}
+    own = api.txt2img(prompt="a red circle", **run).image
+    both = api.txt2img(prompt="a red circle <lora:shapes:0.5>", **run).image
+    own_again = api.txt2img(prompt="a red circle", **run).image
+    assert np.array_equal(np.asarray(own), np.asarray(own_again)) and not np.array_equal(np.asarray(own),
+                                                                                           np.asarray(both))
+    assert not np.array_equal(np.asarray(own), np.asarray(plain))  # the run's LoRA acts on its own
+
+
+def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server):
+    import webuiapi
+
+    api = client(server)
+    mask = Image.new("RGB", (64, 64))
+    mask.paste((255, 255, 255), (8, 8, 40, 40))
+    plain = api.txt2img(prompt="a red circle", seed=2, width=64, height=64).image
+    unit = webuiapi.ControlNetUnit(image=mask, module="none", model="cn [0123abcd]", weight=1.0)
+    # (alwayson_scripts given each time: webuiapi's default is one shared dict that its ControlNet
+    # code writes into, so without it the units leak into every later request of the process)
+    steered = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, controlnet_units=[unit],
+                          alwayson_scripts={}).image
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+    text = steered.info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: cn [' in text and "Weight: 1," in text
+    assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["cn"]}
+    bad = webuiapi.ControlNetUnit(image=mask, module="depth_midas", model="cn")
+    with pytest.raises(RuntimeError, match="module"):
+        api.txt2img(prompt="x", width=64, height=64, controlnet_units=[bad], alwayson_scripts={})
+    missing = webuiapi.ControlNetUnit(image=mask, module="none", model="../../cn")
+    with pytest.raises(RuntimeError, match=r"ControlNet folder \(cn\)"):
+        api.txt2img(prompt="x", width=64, height=64, controlnet_units=[missing], alwayson_scripts={})
 
 
 def test_interrupt_progress_and_the_job_api(server):
@@ -154,6 +188,8 @@ def test_interrupt_progress_and_the_job_api(server):
     ({"width": 70}, "width"), ({"steps": 500}, "steps"), ({"enable_hr": True}, "enable_hr"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+    ({"prompt": "a <lora:shapes:abc>"}, "prompt"), ({"seed": 2**40}, "seed"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": "two"}}, "override_settings.CLIP_stop_at_last_layers"),
 ])
 def test_bad_requests_get_json_naming_the_field(server, payload, field):
     response = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
@@ -174,6 +210,9 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
     huge = requests.post(f"{server.url}/sdapi/v1/txt2img", data=b"{" + b" " * (21 * 2**20) + b"}",
                          headers={"Content-Type": "application/json"})
     assert huge.status_code == 413
+    chunked = requests.post(f"{server.url}/sdapi/v1/txt2img", data=iter([b'{"prompt": ', b'"x"}']),
+                            headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 411 and chunked.json()["error"] == "LengthRequired"
 
 
 def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
@@ -190,6 +229,7 @@ def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
         assert requests.get(url, auth=("bob", "pw")).status_code == 200
         assert requests.get(url, headers={"Authorization": "Bearer tok"}).status_code == 200
         assert requests.get(url, headers={"Authorization": "Bearer nope"}).json()["error"] == "Unauthorized"
+        assert requests.get(url, headers={"Authorization": "Bearer \u00e9t\u00e9"}).status_code == 401
         api = webuiapi.WebUIApi(port=int(running.url.rsplit(":", 1)[1]), username="ann", password="s3cret")
         assert api.get_options()["sd_model_checkpoint"].startswith("sd [")
     finally:

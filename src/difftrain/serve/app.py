@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difftrain.serve.engine import Engine, a1111_info
@@ -37,6 +38,7 @@ class ServeSettings:
     users: list[tuple[str, str]] = field(default_factory=list)  # --api-auth user:pass pairs
     token: str | None = None  # --token: "Authorization: Bearer <token>"
     lora_dir: str | None = "models/lora"
+    controlnet_dir: str | None = "models/controlnet"
     device: str | None = None
     precision: str = "auto"
     limits: Limits = field(default_factory=Limits)
@@ -47,7 +49,8 @@ class ServeSettings:
 
 
 def create_app(settings: ServeSettings, engine: Engine | None = None):
-    engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision)
+    engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision,
+                              controlnet_dir=settings.controlnet_dir)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     def authorised(request: Request) -> None:
@@ -55,7 +58,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
             return
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and settings.token and secrets.compare_digest(value, settings.token):
+        if scheme.lower() == "bearer" and settings.token and secrets.compare_digest(value.encode(),
+                                                                                  settings.token.encode()):
             return
         if scheme.lower() == "basic":
             try:
@@ -81,8 +85,11 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     # ----------------------------------------------------------------- errors, as JSON
     @app.exception_handler(_Unauthorised)
     async def _unauthorised(request, exc):
-        return JSONResponse({"error": "Unauthorized", "detail": "credentials required (HTTP Basic or Bearer)"},
-                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="difftrain"'})
+        # Browsers (the page) can only answer Basic: offered when there are users to match it.
+        headers = {"WWW-Authenticate": 'Basic realm="difftrain"'} if settings.users else {}
+        detail = "credentials required (" + " or ".join(
+            (["HTTP Basic"] if settings.users else []) + (["Authorization: Bearer"] if settings.token else [])) + ")"
+        return JSONResponse({"error": "Unauthorized", "detail": detail}, status_code=401, headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
@@ -110,9 +117,11 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     async def _body_limit(request: Request, call_next):
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
-            if length is None and request.headers.get("transfer-encoding"):
-                return JSONResponse({"error": "LengthRequired", "detail": "send a Content-Length"}, status_code=411)
-            if length is not None and int(length) > settings.limits.max_body_bytes:
+            # A chunked body (with or without a Content-Length beside it) could be any size: refused.
+            if request.headers.get("transfer-encoding"):
+                return JSONResponse({"error": "LengthRequired", "detail": "send the body with a Content-Length, "
+                                     "not chunked"}, status_code=411)
+            if length is not None and (not length.isdigit() or int(length) > settings.limits.max_body_bytes):
                 return JSONResponse({"error": "PayloadTooLarge", "detail": f"body of {length} bytes; this server "
                                      f"takes at most {settings.limits.max_body_bytes}"}, status_code=413)
         return await call_next(request)
@@ -130,21 +139,26 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
                 queue.cancel(job)  # a client gone frees the worker at the next step
                 break
             await asyncio.sleep(0.05)
+        queue.forget(job)  # answered here: nobody asks for it by id
         if job.failure is not None:
             raise job.failure  # a RequestError names the field; anything else is a 500, as JSON
+        if job.state == "cancelled":
+            return JSONResponse({"error": "Cancelled", "detail": f"job {job.id} was cancelled"}, status_code=409)
         return job.result or {}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        return await _wait(request, _submit(queue, engine, "txt2img", body, settings.limits))
+        job = await run_in_threadpool(_submit, queue, engine, "txt2img", body, settings.limits)
+        return await _wait(request, job)
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request):
-        return await _wait(request, _submit(queue, engine, "img2img", body, settings.limits))
+        job = await run_in_threadpool(_submit, queue, engine, "img2img", body, settings.limits)
+        return await _wait(request, job)
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
-        job = queue.current
+        job = queue.current  # read once, as above
         state = {"skipped": bool(job and job.skip), "interrupted": bool(job and job.interrupt),
                  "job": job.id if job else "", "job_count": queue.waiting() + (1 if job else 0),
                  "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.number if job else 0,
@@ -154,14 +168,16 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
-        if queue.current:
-            queue.current.interrupt = True
+        job = queue.current  # read once: the worker may move on meanwhile
+        if job is not None:
+            job.interrupt = True
         return {}
 
     @app.post("/sdapi/v1/skip")
     def skip():
-        if queue.current:
-            queue.current.skip = True
+        job = queue.current
+        if job is not None:
+            job.skip = True
         return {}
 
     # ----------------------------------------------------------------- our job API
@@ -222,6 +238,18 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def loras():
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
                 for name, path in engine.lora_files().items()]
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models():
+        from difftrain.serve.control import control_models
+
+        return {"model_list": list(control_models(engine.controlnet_dir))}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules():
+        from difftrain.serve.control import MODULES
+
+        return {"module_list": list(MODULES)}
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
@@ -324,9 +352,10 @@ class BackgroundServer:
 
 
 def _submit(queue: JobQueue, engine: Engine, kind: str, body: Txt2ImgRequest, limits: Limits) -> Job:
+    """Checked and queued. The model is fixed now: a later switch (POST options) changes later jobs only."""
     body.check(limits)
-    engine.precheck(body)  # a bad sampler, LoRA or model name is refused before it waits in the queue
-    return queue.submit(Job(kind, body))
+    model = engine.precheck(body)  # a bad sampler, LoRA or model name is refused before it waits in the queue
+    return queue.submit(Job(kind, body, model=model))
 
 
 def _job(queue: JobQueue, job_id: str) -> Job:
@@ -347,7 +376,7 @@ def _run(engine: Engine, job: Job, on_step) -> dict:
     from difftrain.generate.infotext import png_bytes
 
     request = job.request
-    drawn = engine.draw(request, on_step)
+    drawn = engine.draw(request, on_step, job.model)
     images = [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(drawn.images, drawn.infotexts)]
     parameters = request.model_dump(exclude={"init_images"} if job.kind == "img2img" else None)
     return {"images": images if request.send_images else [], "parameters": parameters,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.requests import Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
@@ -33,7 +35,10 @@ class ServedModel:
     spec: str  # what the user gave: a run folder, a model folder, a single file
     located: object  # generate.loader.Located
     pipe: object = None  # loaded on first use
-    loras: dict[str, str] = field(default_factory=dict)  # file -> adapter name, loaded into `pipe`
+    loras: dict[str, str] = field(default_factory=dict)  # prompt LoRA file -> adapter name, loaded into `pipe`
+    # The model's own adapters (a LoRA run's), loaded with it: active in every request.
+    own_adapters: list[str] = field(default_factory=list)
+    own_weights: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -61,7 +66,7 @@ class Engine:
     """Models by name, one current (A1111's sd_model_checkpoint), drawn on one device."""
 
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
-                 precision: str = "auto", prompt_cache_size: int = 256):
+                 precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None):
         from difftrain.generate.loader import locate
         from difftrain.generate.text2image import _dtype
 
@@ -82,6 +87,9 @@ class Engine:
             self.models[model.title] = model
         self.current = next(iter(self.models.values()))
         self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
+        self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
+        self._loading = threading.Lock()  # a model switch (a handler) and the worker never load one twice
         # Text-encoder outputs by (model, prompt, negative, clip skip, active LoRAs): seed 001's
         # "pre-compute common prompts"; a bot that repeats its prompt skips the text encoder.
         self.prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -98,13 +106,18 @@ class Engine:
                                                   f"{', '.join(self.models)}", status=404)
 
     def load(self, model: ServedModel):
-        if model.pipe is None:
-            from difftrain.generate.loader import build_pipeline
+        with self._loading:
+            if model.pipe is None:
+                from difftrain.generate.loader import build_pipeline
 
-            pipe = build_pipeline(model.located, dtype=self.dtype)
-            pipe.to(self.device)
-            pipe.set_progress_bar_config(disable=True)
-            model.pipe = pipe
+                pipe = build_pipeline(model.located, dtype=self.dtype)
+                pipe.to(self.device)
+                pipe.set_progress_bar_config(disable=True)
+                # build_pipeline names a model's own LoRAs lora0, lora1, ... in manifest order.
+                own = pipe.manifest.loras
+                model.own_adapters = [f"lora{i}" for i in range(len(own))]
+                model.own_weights = [float(lora["weight"]) for lora in own]
+                model.pipe = pipe
         return model.pipe
 
     def lora_files(self) -> dict[str, Path]:
@@ -114,15 +127,25 @@ class Engine:
         return {path.stem: path for path in sorted(self.lora_dir.glob("*.safetensors"))}
 
     # ----------------------------------------------------------------- drawing
-    def precheck(self, request: Txt2ImgRequest) -> None:
-        """What can be refused without drawing: the model override, the sampler, the prompt's LoRAs."""
-        from difftrain.sampling.prompts import extract_lora_tags
+    def precheck(self, request: Txt2ImgRequest) -> ServedModel:
+        """What can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet units);
+        returns the model the request draws with."""
+        from difftrain.sampling.prompts import extract_lora_tags, parse_attention
+        from difftrain.serve.control import control_models, parse_units
 
-        self._model_for(request)
+        model = self._model_for(request)
         self._scheduler_name(request)
         files = self.lora_files()
-        for name, _ in extract_lora_tags(request.prompt)[1]:
-            _lora_file(files, name)
+        for field_name in ("prompt", "negative_prompt"):
+            try:
+                text, tags = extract_lora_tags(getattr(request, field_name))
+                parse_attention(text)
+            except DifftrainError as reason:
+                raise RequestError(field_name, str(reason)) from None
+            for name, _ in tags if field_name == "prompt" else ():
+                _lora_file(files, name)
+        parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
+        return model
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -137,11 +160,12 @@ class Engine:
         except DifftrainError as reason:
             raise RequestError("sampler_name", str(reason)) from None
 
-    def draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None]) -> Drawn:
+    def draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None],
+             model: ServedModel | None = None) -> Drawn:
         """All batch_size x n_iter images of `request` with the current model (or its override).
 
-        `on_step(pipe)` runs after every sampling step; it may set `pipe._interrupt` (stop this
-        image) and raise Skip / return an "interrupted" flag through `self.stop` (see jobs.py).
+        `on_step(pipe)` runs after every sampling step; it may set `pipe._interrupt` (ends the
+        image in progress) and `pipe._difftrain_stop` (no further batch), see jobs.py.
         """
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import GenerateOptions, infotext_params
@@ -149,7 +173,7 @@ class Engine:
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
-        model = self._model_for(request)
+        model = model or self._model_for(request)
         pipe = self.load(model)
         scheduler_name = self._scheduler_name(request)
         try:
@@ -158,16 +182,18 @@ class Engine:
             raise RequestError("sampler_name", str(reason)) from None
         text, tags = extract_lora_tags(request.prompt)
         self._activate_loras(model, pipe, tags)
+        # A multi-vector embedding's token stands for all its vectors, as in `difftrain generate`.
+        text, negative_text = (pipe.maybe_convert_prompt(part, pipe.tokenizer) for part in (text, request.negative_prompt))
         runner = self._runner(pipe, scheduler, isinstance(request, Img2ImgRequest))
         clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or \
             pipe.manifest.conditioning.get("clip_skip") or 1
-        key = (model.title, text, request.negative_prompt, clip_skip, tuple(tags))
+        key = (model.title, text, negative_text, clip_skip, tuple(tags))
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_pair(pipe.tokenizer, pipe.text_encoder, text, request.negative_prompt,
+            self.prompt_cache[key] = encode_pair(pipe.tokenizer, pipe.text_encoder, text, negative_text,
                                                  self.device, clip_skip)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
@@ -175,7 +201,20 @@ class Engine:
         extra: dict = {"width": request.width, "height": request.height}
         if isinstance(request, Img2ImgRequest):
             init = decode_image(request.init_images[0], "init_images[0]")
-            extra = {"image": init.resize((request.width, request.height)), "strength": request.denoising_strength}
+            # Resized as `difftrain generate --init-image` resizes it, so both draw the same image.
+            init = init.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            extra = {"image": init, "strength": request.denoising_strength}
+
+        units, conditions, guess_mode = self._control(request, model, pipe)
+        if units:
+            from difftrain.generate.controlnet import pipeline_arguments
+            from difftrain.models.control import control_pipeline
+
+            nets = [self.nets[(model.title, unit.model)] for unit in units]
+            img2img = isinstance(request, Img2ImgRequest)
+            runner = control_pipeline(runner, nets, img2img)
+            runner.set_progress_bar_config(disable=True)
+            extra.update(pipeline_arguments(units, conditions, guess_mode, img2img, nets))
 
         def step_end(pipeline, step, timestep, values):
             on_step(pipeline)
@@ -187,7 +226,8 @@ class Engine:
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
                                   clip_skip=clip_skip if clip_skip != 1 else None,
                                   strength=getattr(request, "denoising_strength", 0.75),
-                                  init_image="(request)" if isinstance(request, Img2ImgRequest) else None)
+                                  init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
+                                  controlnets=units, guess_mode=guess_mode)
         drawn = Drawn([], [], [], model)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
@@ -205,6 +245,22 @@ class Engine:
                 break
         return drawn
 
+    def _control(self, request: Txt2ImgRequest, model: ServedModel, pipe):
+        """The request's ControlNet units, their conditions at the output size, guess mode; networks loaded once."""
+        from difftrain.data.conditioning import Preprocess, condition_image
+        from difftrain.models.control import load_control
+        from difftrain.serve.control import control_models, parse_units
+
+        units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
+        conditions = []
+        for unit, image in zip(units, images):
+            key = (model.title, unit.model)
+            if key not in self.nets:
+                self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet").to(self.device)
+            preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
+            conditions.append(condition_image(image, (request.width, request.height), preprocess))
+        return units, conditions, guess_mode
+
     def _runner(self, pipe, scheduler, img2img: bool):
         """A pipeline object of its own around the model's weights, with this request's scheduler."""
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
@@ -217,26 +273,28 @@ class Engine:
         return runner
 
     def _activate_loras(self, model: ServedModel, pipe, tags: list[tuple[str, float]]) -> None:
-        """The prompt's `<lora:name:weight>` tags, from the LoRA folder only; none leaves the model plain."""
+        """The model's own adapters plus the prompt's `<lora:name:weight>` tags (from the LoRA folder only);
+        a prompt LoRA acts in the request that names it and no other."""
         from difftrain.models.lora_files import check_lora_fits
 
         files = self.lora_files()
-        names, weights = [], []
+        names, weights = list(model.own_adapters), list(model.own_weights)
         for name, weight in tags:
             path = str(_lora_file(files, name))
             if path not in model.loras:
                 check_lora_fits(pipe, path)
-                adapter = f"lora{len(model.loras)}"
+                adapter = f"prompt-lora{len(model.loras)}"  # apart from the model's own lora0, lora1, ...
                 pipe.load_lora_weights(path, adapter_name=adapter)
                 model.loras[path] = adapter
             names.append(model.loras[path])
             weights.append(weight)
-        if model.loras:
-            if names:
-                pipe.enable_lora()
-                pipe.set_adapters(names, adapter_weights=weights)
-            else:
-                pipe.disable_lora()
+        if not model.loras:
+            return  # only the model's own adapters exist, set when it was loaded
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        else:
+            pipe.disable_lora()
 
 
 def _lora_file(files: dict[str, Path], name: str) -> Path:
@@ -248,6 +306,7 @@ def _lora_file(files: dict[str, Path], name: str) -> Path:
 
 def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
     """The `info` JSON string A1111 returns beside the images."""
+    from difftrain.sampling.schedulers import display_name
     from difftrain.versions import difftrain_version
 
     model = drawn.model
@@ -257,7 +316,7 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "all_negative_prompts": [request.negative_prompt] * len(drawn.images),
         "seed": drawn.seeds[0] if drawn.seeds else request.seed, "all_seeds": drawn.seeds,
         "subseed": drawn.seeds[0] if drawn.seeds else -1, "all_subseeds": drawn.seeds, "subseed_strength": 0,
-        "width": request.width, "height": request.height, "sampler_name": request.sampler,
+        "width": request.width, "height": request.height, "sampler_name": display_name(request.sampler),
         "scheduler": request.scheduler or "Automatic", "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.hash, "sd_vae_name": None, "sd_vae_hash": None,

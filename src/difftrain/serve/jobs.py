@@ -22,21 +22,24 @@ from difftrain.serve.requests import RequestError
 
 log = logging.getLogger(__name__)
 
-FINISHED_KEPT = 256  # finished jobs answerable by id; older ones are forgotten
+FINISHED_KEPT = 64  # finished /v1/jobs answerable by id (with their images); older ones are forgotten
 
 
 class QueueFull(DifftrainError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: never compared field by field (its request may hold megabytes)
 class Job:
     kind: str  # "txt2img" or "img2img"
-    request: object  # a Txt2ImgRequest / Img2ImgRequest, checked
+    request: object  # a Txt2ImgRequest / Img2ImgRequest, checked; dropped when the job ends
+    model: object = None  # the served model, chosen when it was submitted
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     number: int = 0  # order of arrival
     state: str = "queued"  # queued, running, done, interrupted, cancelled, failed
     steps_done: int = 0
+    steps_per_image: int | None = None  # what the sampler runs, once it has said (2 x steps - 1 for Heun)
+    images: int = 1  # n_iter: batches drawn one after the other
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -51,13 +54,17 @@ class Job:
     def error(self) -> str | None:
         return None if self.failure is None else str(self.failure)
 
-    @property
-    def total_steps(self) -> int:
+    def __post_init__(self):
         request = self.request
+        self.images = request.n_iter
         steps = request.steps
         if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule
             steps = max(1, int(request.steps * request.denoising_strength))
-        return steps * request.n_iter
+        self._planned = steps  # until the sampler tells its own count
+
+    @property
+    def total_steps(self) -> int:
+        return (self.steps_per_image or self._planned) * self.images
 
     @property
     def progress(self) -> float:
@@ -143,6 +150,8 @@ class JobQueue:
                 state = "cancelled" if job.cancel else "interrupted" if job.interrupt else "done"
             except RequestError as reason:
                 job.failure, state = reason, "failed"
+            except DifftrainError as reason:  # ours to explain: a prompt, a LoRA that does not fit, ...
+                job.failure, state = RequestError("request", str(reason)), "failed"
             except Exception as reason:  # a worker that died would stall every later client
                 log.exception("job %s failed", job.id)
                 job.failure, state = reason, "failed"
@@ -150,7 +159,13 @@ class JobQueue:
                 self.current = None
                 self._finish(job, state)
 
+    def forget(self, job: Job) -> None:
+        """A finished job nobody will ask for again (an A1111 call answered): its images leave memory."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
     def _on_step(self, job: Job, pipe) -> None:
+        job.steps_per_image = getattr(pipe, "_num_timesteps", None) or job.steps_per_image
         job.steps_done += 1
         if job.cancel or job.interrupt:
             pipe._interrupt = True  # diffusers' pipelines skip the remaining steps
@@ -161,6 +176,7 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.finished = state, time.time()
+        job.request = None  # (init images can be megabytes; the result says what was drawn)
         if state == "cancelled":
             job.result = None
         job.done.set()

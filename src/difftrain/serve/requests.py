@@ -62,7 +62,7 @@ class Txt2ImgRequest(BaseModel):
     tiling: Optional[bool] = False
     subseed_strength: float = 0.0
     script_name: Optional[str] = None
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet units only (serve/control.py)
 
     def check(self, limits: Limits) -> None:
         for field, value, top in (("width", self.width, limits.max_width), ("height", self.height, limits.max_height)):
@@ -78,11 +78,15 @@ class Txt2ImgRequest(BaseModel):
                 raise RequestError(field, f"longer than this server's {limits.max_prompt_chars} characters")
         if not 0 <= self.cfg_scale <= 30:
             raise RequestError("cfg_scale", f"{self.cfg_scale}: must be from 0 to 30")
+        if not -1 <= self.seed < 2**32 - self.batch_size * self.n_iter:
+            raise RequestError("seed", f"{self.seed}: -1 (random) or from 0 to 2**32 - batch_size * n_iter")
+        clip_skip = self.override_settings.get("CLIP_stop_at_last_layers")
+        if clip_skip is not None and not (isinstance(clip_skip, int) and 1 <= clip_skip <= 12):
+            raise RequestError("override_settings.CLIP_stop_at_last_layers", f"{clip_skip!r}: an integer from 1 to 12")
         unsupported = [("enable_hr", self.enable_hr, "hires fix"), ("restore_faces", self.restore_faces,
                        "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("subseed_strength", self.subseed_strength, "variation seeds"),
-                       ("script_name", self.script_name, "scripts"),
-                       ("alwayson_scripts", self.alwayson_scripts, "always-on scripts (extensions)")]
+                       ("script_name", self.script_name, "scripts")]
         for field, value, what in unsupported:
             if value:
                 raise RequestError(field, f"{what} is not served by difftrain; leave it at its default")
@@ -106,6 +110,8 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")
         if self.mask:
             raise RequestError("mask", "inpainting is not served by difftrain yet")
+        if self.resize_mode != 0:
+            raise RequestError("resize_mode", f"{self.resize_mode}: only 0 (just resize) is served")
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         if int(self.steps * self.denoising_strength) < 1:

@@ -100,6 +100,11 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     assert api.util_get_current_model() == other
     assert "Model: other" in api.txt2img(prompt="x", seed=1, width=64, height=64).image.info["parameters"]
     api.util_set_model(next(title for title in titles if title.startswith("sd")))
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    skipped = api.txt2img(prompt="a cat", seed=1, width=64, height=64)
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2 and skipped.info["clip_skip"] == 2
+    assert "Clip skip: 2" in skipped.image.info["parameters"]
+    api.set_options({"CLIP_stop_at_last_layers": 1})
     assert [lora["name"] for lora in api.get_loras()] == ["shapes"]
     plain = api.txt2img(prompt="a red circle", seed=3, width=64, height=64).image
     tagged = api.txt2img(prompt="a red circle <lora:shapes:1>", seed=3, width=64, height=64).image

@@ -213,14 +213,19 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     @app.get("/sdapi/v1/options")
     def get_options():
         return {"sd_model_checkpoint": engine.current.title, "sd_checkpoint_hash": engine.current.hash,
-                "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_vae": "Automatic"}
+                "CLIP_stop_at_last_layers": engine.clip_skip or 1, "samples_format": "png", "sd_vae": "Automatic"}
 
     @app.post("/sdapi/v1/options")
     def set_options(body: dict):
+        clip_skip = body.get("CLIP_stop_at_last_layers")
+        if clip_skip is not None and not (isinstance(clip_skip, int) and 1 <= clip_skip <= 12):
+            raise RequestError("CLIP_stop_at_last_layers", f"{clip_skip!r}: an integer from 1 to 12")
         if "sd_model_checkpoint" in body:
             model = engine.find(str(body["sd_model_checkpoint"]))
             engine.load(model)
             engine.current = model
+        if clip_skip is not None:
+            engine.clip_skip = clip_skip  # for requests that do not set it in override_settings
         return None  # other keys are A1111 UI settings: accepted, with no effect here
 
     @app.get("/sdapi/v1/samplers")

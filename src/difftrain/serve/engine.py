@@ -60,6 +60,7 @@ class Drawn:
     infotexts: list[str]
     model: ServedModel | None = None
     interrupted: bool = False
+    clip_skip: int = 1
 
 
 class Engine:
@@ -89,6 +90,7 @@ class Engine:
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
+        self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
         self._loading = threading.Lock()  # a model switch (a handler) and the worker never load one twice
         # Text-encoder outputs by (model, prompt, negative, clip skip, active LoRAs): seed 001's
         # "pre-compute common prompts"; a bot that repeats its prompt skips the text encoder.
@@ -185,7 +187,7 @@ class Engine:
         # A multi-vector embedding's token stands for all its vectors, as in `difftrain generate`.
         text, negative_text = (pipe.maybe_convert_prompt(part, pipe.tokenizer) for part in (text, request.negative_prompt))
         runner = self._runner(pipe, scheduler, isinstance(request, Img2ImgRequest))
-        clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or \
+        clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip or \
             pipe.manifest.conditioning.get("clip_skip") or 1
         key = (model.title, text, negative_text, clip_skip, tuple(tags))
         if key in self.prompt_cache:
@@ -228,7 +230,7 @@ class Engine:
                                   strength=getattr(request, "denoising_strength", 0.75),
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
                                   controlnets=units, guess_mode=guess_mode)
-        drawn = Drawn([], [], [], model)
+        drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
             images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale,
@@ -323,6 +325,7 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": drawn.infotexts, "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": drawn.clip_skip,
+        "is_using_inpainting_conditioning": False,
         "interrupted": drawn.interrupted, "version": f"difftrain {difftrain_version()}",
     })

@@ -10,10 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 from test_personalise import lora_run  # noqa: F401
 from test_text2image import tiny_sd  # noqa: F401
 
@@ -38,8 +42,12 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     (root / "loras").mkdir()
     (root / "loras" / "shapes.safetensors").write_bytes((lora_run / "model" / "lora.safetensors").read_bytes())
     write_tiny_controlnet(tiny_sd, root / "controlnets" / "cn", seed=1)
+    (root / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              root / "embeddings" / "shiny.safetensors")  # A1111's layout: the token is the file name
+    save_file({"emb_params": torch.randn(1, 48)}, root / "embeddings" / "wide.safetensors")
     settings = ServeSettings(models=[str(tiny_sd), str(other), str(lora_run)], lora_dir=str(root / "loras"),
-                             controlnet_dir=str(root / "controlnets"),
+                             controlnet_dir=str(root / "controlnets"), embeddings_dir=str(root / "embeddings"),
                              limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
     running = BackgroundServer(settings)
     yield running
@@ -120,6 +128,21 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     assert np.array_equal(np.asarray(own), np.asarray(own_again)) and not np.array_equal(np.asarray(own),
                                                                                            np.asarray(both))
     assert not np.array_equal(np.asarray(own), np.asarray(plain))  # the run's LoRA acts on its own
+
+
+def test_embeddings_of_the_folder_that_fit_are_loaded_as_generate_loads_them(server, tiny_sd, tmp_path):  # noqa: F811
+    from difftrain.generate.text2image import GenerateOptions, generate
+
+    listed = requests.get(f"{server.url}/sdapi/v1/embeddings").json()
+    assert listed["loaded"]["shiny"]["vectors"] == 2 and "48-wide" in listed["skipped"]["wide"]
+    served = client(server).txt2img(prompt="a shiny circle", seed=4, width=64, height=64).image
+    folder = Path(server.app.state.engine.embeddings_dir)
+    options = dict(prompt="a shiny circle", steps=3, scheduler="Euler a", seed=4, width=64, height=64)
+    [with_it] = generate(str(tiny_sd), GenerateOptions(**options, embeddings=[str(folder / "shiny.safetensors")]),
+                         tmp_path / "with", progress=False)
+    [without] = generate(str(tiny_sd), GenerateOptions(**options), tmp_path / "without", progress=False)
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(Image.open(with_it).convert("RGB")))
+    assert not np.array_equal(np.asarray(served.convert("RGB")), np.asarray(Image.open(without).convert("RGB")))
 
 
 def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server):

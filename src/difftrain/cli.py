@@ -210,7 +210,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch_size, max_n_iter=args.max_n_iter, max_queue=args.max_queue)
     settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
-                             lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir, device=args.device,
+                             lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
+                             embeddings_dir=args.embeddings_dir, device=args.device,
                              precision=args.precision, limits=limits)
     app = create_app(settings)
     import uvicorn
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="a bearer token accepted instead (Authorization: Bearer TOKEN)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without credentials")
     serve.add_argument("--lora-dir", default="models/lora", help="where <lora:name:w> finds name.safetensors")
+    serve.add_argument("--embeddings-dir", default="models/embeddings",
+                       help="Textual Inversion embeddings (.safetensors) loaded into every served model they fit")
     serve.add_argument("--controlnet-dir", default="models/controlnet",
                        help="the ControlNets (folders or .safetensors) alwayson_scripts units may name")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")

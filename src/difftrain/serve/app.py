@@ -39,6 +39,7 @@ class ServeSettings:
     token: str | None = None  # --token: "Authorization: Bearer <token>"
     lora_dir: str | None = "models/lora"
     controlnet_dir: str | None = "models/controlnet"
+    embeddings_dir: str | None = "models/embeddings"
     device: str | None = None
     precision: str = "auto"
     limits: Limits = field(default_factory=Limits)
@@ -50,7 +51,7 @@ class ServeSettings:
 
 def create_app(settings: ServeSettings, engine: Engine | None = None):
     engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision,
-                              controlnet_dir=settings.controlnet_dir)
+                              controlnet_dir=settings.controlnet_dir, embeddings_dir=settings.embeddings_dir)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     def authorised(request: Request) -> None:
@@ -262,7 +263,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        model = engine.current
+        engine.load(model)  # embeddings are loaded with their model
+        return model.embeddings
 
     @app.get("/sdapi/v1/cmd-flags")
     def cmd_flags():

@@ -39,6 +39,8 @@ class ServedModel:
     # The model's own adapters (a LoRA run's), loaded with it: active in every request.
     own_adapters: list[str] = field(default_factory=list)
     own_weights: list[float] = field(default_factory=list)
+    # The embeddings folder's files as A1111's /embeddings lists them: loaded into this model, or why not.
+    embeddings: dict = field(default_factory=lambda: {"loaded": {}, "skipped": {}})
 
     @property
     def name(self) -> str:
@@ -67,7 +69,8 @@ class Engine:
     """Models by name, one current (A1111's sd_model_checkpoint), drawn on one device."""
 
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
-                 precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None):
+                 precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
+                 embeddings_dir: str | None = None):
         from difftrain.generate.loader import locate
         from difftrain.generate.text2image import _dtype
 
@@ -89,6 +92,7 @@ class Engine:
         self.current = next(iter(self.models.values()))
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
         self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
         self._loading = threading.Lock()  # a model switch (a handler) and the worker never load one twice
@@ -119,8 +123,31 @@ class Engine:
                 own = pipe.manifest.loras
                 model.own_adapters = [f"lora{i}" for i in range(len(own))]
                 model.own_weights = [float(lora["weight"]) for lora in own]
+                self._load_embeddings(model, pipe)
                 model.pipe = pipe
         return model.pipe
+
+    def _load_embeddings(self, model: ServedModel, pipe) -> None:
+        """Every `.safetensors` embedding of the embeddings folder that fits this model's text encoder,
+        as A1111 loads its embeddings folder (its token: the file's own, or the file name)."""
+        from difftrain.models.embeddings import load_embedding
+
+        if self.embeddings_dir is None or not self.embeddings_dir.is_dir():
+            return
+        width = pipe.text_encoder.config.hidden_size
+        for path in sorted(self.embeddings_dir.glob("*.safetensors")):  # never a pickle (.pt/.bin)
+            try:
+                token, vectors = load_embedding(path)
+            except DifftrainError as reason:
+                model.embeddings["skipped"][path.stem] = str(reason)
+                continue
+            if vectors.shape[-1] != width:
+                model.embeddings["skipped"][path.stem] = (f"{vectors.shape[-1]}-wide vectors, this model's text "
+                                                          f"encoder is {width} wide")
+                continue
+            pipe.load_textual_inversion(str(path), token=token or path.stem)
+            model.embeddings["loaded"][path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                                     "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
 
     def lora_files(self) -> dict[str, Path]:
         """The LoRAs a prompt may name: `<name>.safetensors` in the LoRA folder, and nothing else."""

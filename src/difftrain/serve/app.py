@@ -362,8 +362,8 @@ class BackgroundServer:
 def _submit(queue: JobQueue, engine: Engine, kind: str, body: Txt2ImgRequest, limits: Limits) -> Job:
     """Checked and queued. The model is fixed now: a later switch (POST options) changes later jobs only."""
     body.check(limits)
-    model = engine.precheck(body)  # a bad sampler, LoRA or model name is refused before it waits in the queue
-    return queue.submit(Job(kind, body, model=model))
+    prepared = engine.precheck(body)  # a bad sampler, LoRA or model name is refused before it waits in the queue
+    return queue.submit(Job(kind, body, prepared=prepared))
 
 
 def _job(queue: JobQueue, job_id: str) -> Job:
@@ -384,7 +384,7 @@ def _run(engine: Engine, job: Job, on_step) -> dict:
     from difftrain.generate.infotext import png_bytes
 
     request = job.request
-    drawn = engine.draw(request, on_step, job.model)
+    drawn = engine.draw(request, on_step, job.prepared)
     images = [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(drawn.images, drawn.infotexts)]
     parameters = request.model_dump(exclude={"init_images"} if job.kind == "img2img" else None)
     return {"images": images if request.send_images else [], "parameters": parameters,

@@ -56,6 +56,19 @@ class ServedModel:
 
 
 @dataclass
+class Prepared:
+    """What a request resolves to, worked out once when it is submitted (the worker draws from this,
+    nothing is decoded or looked up a second time)."""
+
+    model: ServedModel
+    loras: list[tuple[Path, float]]  # the prompt's <lora:name:w>, as files of the LoRA folder
+    units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
+    unit_images: list  # ... and their images as sent
+    guess_mode: bool
+    init_image: object = None  # img2img: the decoded image
+
+
+@dataclass
 class Drawn:
     images: list  # PIL images
     seeds: list[int]
@@ -156,25 +169,26 @@ class Engine:
         return {path.stem: path for path in sorted(self.lora_dir.glob("*.safetensors"))}
 
     # ----------------------------------------------------------------- drawing
-    def precheck(self, request: Txt2ImgRequest) -> ServedModel:
-        """What can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet units);
-        returns the model the request draws with."""
+    def precheck(self, request: Txt2ImgRequest) -> Prepared:
+        """Everything that can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet
+        units, the init image), resolved and decoded once for the worker."""
         from difftrain.sampling.prompts import extract_lora_tags, parse_attention
         from difftrain.serve.control import control_models, parse_units
 
         model = self._model_for(request)
         self._scheduler_name(request)
         files = self.lora_files()
+        loras = []
         for field_name in ("prompt", "negative_prompt"):
             try:
                 text, tags = extract_lora_tags(getattr(request, field_name))
                 parse_attention(text)
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
-            for name, _ in tags if field_name == "prompt" else ():
-                _lora_file(files, name)
-        parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
-        return model
+            loras += [(_lora_file(files, name), weight) for name, weight in (tags if field_name == "prompt" else ())]
+        units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
+        init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
+        return Prepared(model, loras, units, images, guess_mode, init)
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -190,7 +204,7 @@ class Engine:
             raise RequestError("sampler_name", str(reason)) from None
 
     def draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None],
-             model: ServedModel | None = None) -> Drawn:
+             prepared: Prepared | None = None) -> Drawn:
         """All batch_size x n_iter images of `request` with the current model (or its override).
 
         `on_step(pipe)` runs after every sampling step; it may set `pipe._interrupt` (ends the
@@ -202,7 +216,8 @@ class Engine:
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
-        model = model or self._model_for(request)
+        prepared = prepared or self.precheck(request)
+        model = prepared.model
         pipe = self.load(model)
         scheduler_name = self._scheduler_name(request)
         try:
@@ -210,7 +225,7 @@ class Engine:
         except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
             raise RequestError("sampler_name", str(reason)) from None
         text, tags = extract_lora_tags(request.prompt)
-        self._activate_loras(model, pipe, tags)
+        self._activate_loras(model, pipe, prepared.loras)
         # A multi-vector embedding's token stands for all its vectors, as in `difftrain generate`.
         text, negative_text = (pipe.maybe_convert_prompt(part, pipe.tokenizer) for part in (text, request.negative_prompt))
         runner = self._runner(pipe, scheduler, isinstance(request, Img2ImgRequest))
@@ -229,12 +244,12 @@ class Engine:
         positive, negative = self.prompt_cache[key]
         extra: dict = {"width": request.width, "height": request.height}
         if isinstance(request, Img2ImgRequest):
-            init = decode_image(request.init_images[0], "init_images[0]")
             # Resized as `difftrain generate --init-image` resizes it, so both draw the same image.
-            init = init.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            init = prepared.init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
             extra = {"image": init, "strength": request.denoising_strength}
 
-        units, conditions, guess_mode = self._control(request, model, pipe)
+        units, guess_mode = prepared.units, prepared.guess_mode
+        conditions = self._conditions(request, prepared, pipe)
         if units:
             from difftrain.generate.controlnet import pipeline_arguments
             from difftrain.models.control import control_pipeline
@@ -274,21 +289,19 @@ class Engine:
                 break
         return drawn
 
-    def _control(self, request: Txt2ImgRequest, model: ServedModel, pipe):
-        """The request's ControlNet units, their conditions at the output size, guess mode; networks loaded once."""
+    def _conditions(self, request: Txt2ImgRequest, prepared: Prepared, pipe) -> list:
+        """The ControlNet units' conditions at the output size; their networks loaded once per model."""
         from difftrain.data.conditioning import Preprocess, condition_image
         from difftrain.models.control import load_control
-        from difftrain.serve.control import control_models, parse_units
 
-        units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         conditions = []
-        for unit, image in zip(units, images):
-            key = (model.title, unit.model)
+        for unit, image in zip(prepared.units, prepared.unit_images):
+            key = (prepared.model.title, unit.model)
             if key not in self.nets:
                 self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet").to(self.device)
             preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
             conditions.append(condition_image(image, (request.width, request.height), preprocess))
-        return units, conditions, guess_mode
+        return conditions
 
     def _runner(self, pipe, scheduler, img2img: bool):
         """A pipeline object of its own around the model's weights, with this request's scheduler."""
@@ -301,15 +314,14 @@ class Engine:
         runner.set_progress_bar_config(disable=True)
         return runner
 
-    def _activate_loras(self, model: ServedModel, pipe, tags: list[tuple[str, float]]) -> None:
-        """The model's own adapters plus the prompt's `<lora:name:weight>` tags (from the LoRA folder only);
+    def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> None:
+        """The model's own adapters plus the prompt's LoRA files (found by precheck in the LoRA folder);
         a prompt LoRA acts in the request that names it and no other."""
         from difftrain.models.lora_files import check_lora_fits
 
-        files = self.lora_files()
         names, weights = list(model.own_adapters), list(model.own_weights)
-        for name, weight in tags:
-            path = str(_lora_file(files, name))
+        for file, weight in loras:
+            path = str(file)
             if path not in model.loras:
                 check_lora_fits(pipe, path)
                 adapter = f"prompt-lora{len(model.loras)}"  # apart from the model's own lora0, lora1, ...

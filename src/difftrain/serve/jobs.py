@@ -33,7 +33,7 @@ class QueueFull(DifftrainError):
 class Job:
     kind: str  # "txt2img" or "img2img"
     request: object  # a Txt2ImgRequest / Img2ImgRequest, checked; dropped when the job ends
-    model: object = None  # the served model, chosen when it was submitted
+    prepared: object = None  # engine.Prepared: its model, LoRA files, ControlNet units, decoded at submit
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     number: int = 0  # order of arrival
     state: str = "queued"  # queued, running, done, interrupted, cancelled, failed
@@ -176,7 +176,7 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.finished = state, time.time()
-        job.request = None  # (init images can be megabytes; the result says what was drawn)
+        job.request = job.prepared = None  # (init images can be megabytes; the result says what was drawn)
         if state == "cancelled":
             job.result = None
         job.done.set()

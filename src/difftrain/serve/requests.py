@@ -117,7 +117,7 @@ class Img2ImgRequest(Txt2ImgRequest):
         if int(self.steps * self.denoising_strength) < 1:
             raise RequestError("denoising_strength", f"steps x strength = {self.steps} x {self.denoising_strength} "
                                                      "runs no step; raise one of them")
-        decode_image(self.init_images[0], "init_images[0]")
+        # (the image itself is decoded once, by the engine's precheck)
 
 
 def decode_image(text: str, field: str):

@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The exact versions every other package is installed at: what the test suite passed on.
 LOCK := requirements.lock
 
-.PHONY: setup demo test lock test-latest test-parity clean-demo mini-sd mini-controlnet
+.PHONY: setup browser demo test lock test-latest test-parity clean-demo mini-sd mini-controlnet
 
 setup: $(VENV)/.installed
 
@@ -46,8 +46,17 @@ mini-controlnet: setup
 	$(DIFFTRAIN) train configs/mini-sd/controlnet.yaml $$(ls runs/mini-controlnet/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
 	$(PY) benchmarks/controlnet_control.py runs/mini-controlnet
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# The web page's test drives Debian's chromium; installed here where apt and root allow, else
+# that one test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "no chromium (Debian: apt install chromium): the page test will be skipped"
 
 # Re-resolve the lock: the newest releases inside pyproject.toml's ranges, installed into a
 # fresh virtualenv and frozen. Run `make test` on the result before committing it.

@@ -164,6 +164,52 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     return params
 
 
+@dataclass
+class Controls:
+    """ControlNet or T2I-Adapter units with their loaded networks and conditioning images (at the output size)."""
+    units: list[ControlUnit]
+    nets: list
+    images: list[Image.Image]
+    guess_mode: bool = False
+
+
+def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Image.Image | None = None,
+                    strength: float = 0.75, controls: Controls | None = None) -> tuple[object, dict]:
+    """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
+
+    `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
+    same image through either. `scheduler`: a sampler instance of the caller's own (the server
+    gives every request one); `init`: img2img from this image, resized to the output size as
+    A1111 does; `controls`: ControlNets or T2I-Adapters acting on every image.
+    """
+    runner, extra = pipe, {"width": width, "height": height}
+    if init is not None or scheduler is not None:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+        components = dict(pipe.components, **({"scheduler": scheduler} if scheduler is not None else {}))
+        cls = StableDiffusionPipeline if init is None else StableDiffusionImg2ImgPipeline
+        runner = cls(**components, requires_safety_checker=False)
+    if init is not None:
+        extra = {"image": init.resize((width, height), Image.Resampling.LANCZOS), "strength": strength}
+    if controls is not None:
+        from difftrain.generate.controlnet import pipeline_arguments
+        from difftrain.models.control import control_pipeline
+
+        runner = control_pipeline(runner, controls.nets, init is not None)
+        extra.update(pipeline_arguments(controls.units, controls.images, controls.guess_mode, init is not None,
+                                        controls.nets))
+    return runner, extra
+
+
+def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> tuple:
+    """The positive and negative conditioning of A1111-syntax prompts (without <lora:> tags)."""
+    from difftrain.sampling.prompts import encode_pair
+
+    # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
+    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
+    return encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt, pipe._execution_device, clip_skip)
+
+
 class Drawer:
     """A model loaded once and set up as `options` say (sampler, precision, size, adapters, img2img).
 
@@ -193,50 +239,35 @@ class Drawer:
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.width, self.height = options.width or native, options.height or native
         self.pipe, self.model_name = pipe, pipe.model_name
+        init = None
         if options.init_image:
-            from diffusers import StableDiffusionImg2ImgPipeline
-
             from difftrain.data.images import load_image
 
-            self.runner = StableDiffusionImg2ImgPipeline(**pipe.components)
             # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
-            init = load_image(options.init_image).resize((self.width, self.height), Image.Resampling.LANCZOS)
-            self.extra = {"image": init, "strength": options.strength}
-        else:
-            self.runner, self.extra = pipe, {"width": self.width, "height": self.height}
+            init = load_image(options.init_image)
+        controls = None
         if options.controlnets or pipe.manifest.kind in ("controlnet", "t2i-adapter"):
-            from difftrain.generate.controlnet import with_own_controlnet
+            from difftrain.generate import controlnet
 
-            options.controlnets = with_own_controlnet(options.controlnets, located.manifest, located.folder,
-                                                      located.source)
-            self._add_controlnets(options, device, progress)
-
-    def _add_controlnets(self, options: GenerateOptions, device: torch.device, progress: bool) -> None:
-        from difftrain.generate import controlnet
-
-        pipe = self.pipe
-        nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
-        images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
-        self.runner = controlnet.control_pipeline(pipe, nets, img2img=bool(options.init_image))
-        if options.cpu_offload:
-            self.runner.enable_model_cpu_offload()
-        else:
-            self.runner.to(device)
+            options.controlnets = controlnet.with_own_controlnet(options.controlnets, located.manifest,
+                                                                 located.folder, located.source)
+            nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
+            images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
+            controls = Controls(options.controlnets, nets, images, options.guess_mode)
+        self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,
+                                                  strength=options.strength, controls=controls)
+        if controls is not None:
+            if options.cpu_offload:
+                self.runner.enable_model_cpu_offload()
+            else:
+                self.runner.to(device)
         self.runner.set_progress_bar_config(disable=not progress)
-        self.extra.update(controlnet.pipeline_arguments(options.controlnets, images, options.guess_mode,
-                                                        img2img=bool(options.init_image), nets=nets))
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
-        from difftrain.sampling.prompts import encode_pair
         from difftrain.sampling.text2image import draw
 
-        pipe = self.pipe
-        # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
-        prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer)
-                                   for text in (prompt, negative_prompt))
-        positive, negative = encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt,
-                                         pipe._execution_device, self.clip_skip)
+        positive, negative = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
         return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
                     **self.extra)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.requests import Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
@@ -211,8 +210,9 @@ class Engine:
         image in progress) and `pipe._difftrain_stop` (no further batch), see jobs.py.
         """
         from difftrain.generate.infotext import format_infotext
-        from difftrain.generate.text2image import GenerateOptions, infotext_params
-        from difftrain.sampling.prompts import encode_pair, extract_lora_tags
+        from difftrain.generate.text2image import Controls, GenerateOptions, encode_prompts, infotext_params, \
+            sampling_runner
+        from difftrain.sampling.prompts import extract_lora_tags
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
@@ -226,39 +226,28 @@ class Engine:
             raise RequestError("sampler_name", str(reason)) from None
         text, tags = extract_lora_tags(request.prompt)
         self._activate_loras(model, pipe, prepared.loras)
-        # A multi-vector embedding's token stands for all its vectors, as in `difftrain generate`.
-        text, negative_text = (pipe.maybe_convert_prompt(part, pipe.tokenizer) for part in (text, request.negative_prompt))
-        runner = self._runner(pipe, scheduler, isinstance(request, Img2ImgRequest))
         clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip or \
             pipe.manifest.conditioning.get("clip_skip") or 1
-        key = (model.title, text, negative_text, clip_skip, tuple(tags))
+        # A prompt LoRA may change the text encoder, so the LoRA tags are part of the key.
+        key = (model.title, text, request.negative_prompt, clip_skip, tuple(tags))
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_pair(pipe.tokenizer, pipe.text_encoder, text, negative_text,
-                                                 self.device, clip_skip)
+            self.prompt_cache[key] = encode_prompts(pipe, text, request.negative_prompt, clip_skip)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
         positive, negative = self.prompt_cache[key]
-        extra: dict = {"width": request.width, "height": request.height}
-        if isinstance(request, Img2ImgRequest):
-            # Resized as `difftrain generate --init-image` resizes it, so both draw the same image.
-            init = prepared.init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-            extra = {"image": init, "strength": request.denoising_strength}
-
         units, guess_mode = prepared.units, prepared.guess_mode
-        conditions = self._conditions(request, prepared, pipe)
+        controls = None
         if units:
-            from difftrain.generate.controlnet import pipeline_arguments
-            from difftrain.models.control import control_pipeline
-
-            nets = [self.nets[(model.title, unit.model)] for unit in units]
-            img2img = isinstance(request, Img2ImgRequest)
-            runner = control_pipeline(runner, nets, img2img)
-            runner.set_progress_bar_config(disable=True)
-            extra.update(pipeline_arguments(units, conditions, guess_mode, img2img, nets))
+            nets = self._nets(prepared, pipe)
+            controls = Controls(units, nets, self._conditions(request, prepared), guess_mode)
+        runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
+                                        init=prepared.init_image, strength=getattr(request, "denoising_strength", 0.75),
+                                        controls=controls)
+        runner.set_progress_bar_config(disable=True)
 
         def step_end(pipeline, step, timestep, values):
             on_step(pipeline)
@@ -289,30 +278,24 @@ class Engine:
                 break
         return drawn
 
-    def _conditions(self, request: Txt2ImgRequest, prepared: Prepared, pipe) -> list:
-        """The ControlNet units' conditions at the output size; their networks loaded once per model."""
-        from difftrain.data.conditioning import Preprocess, condition_image
+    def _nets(self, prepared: Prepared, pipe) -> list:
+        """The units' networks, loaded once per (model, network)."""
         from difftrain.models.control import load_control
 
-        conditions = []
-        for unit, image in zip(prepared.units, prepared.unit_images):
+        for unit in prepared.units:
             key = (prepared.model.title, unit.model)
             if key not in self.nets:
                 self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet").to(self.device)
-            preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
-            conditions.append(condition_image(image, (request.width, request.height), preprocess))
-        return conditions
+        return [self.nets[(prepared.model.title, unit.model)] for unit in prepared.units]
 
-    def _runner(self, pipe, scheduler, img2img: bool):
-        """A pipeline object of its own around the model's weights, with this request's scheduler."""
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    @staticmethod
+    def _conditions(request: Txt2ImgRequest, prepared: Prepared) -> list:
+        """The units' conditioning images at the output size."""
+        from difftrain.data.conditioning import Preprocess, condition_image
 
-        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-        parts = {name: pipe.components[name] for name in
-                 ("vae", "text_encoder", "tokenizer", "unet", "safety_checker", "feature_extractor")}
-        runner = cls(**parts, scheduler=scheduler, requires_safety_checker=False)
-        runner.set_progress_bar_config(disable=True)
-        return runner
+        return [condition_image(image, (request.width, request.height),
+                                Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold))
+                for unit, image in zip(prepared.units, prepared.unit_images)]
 
     def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> None:
         """The model's own adapters plus the prompt's LoRA files (found by precheck in the LoRA folder);

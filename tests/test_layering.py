@@ -4,7 +4,7 @@ Every `import difftrain...` in the source counts, including the ones inside func
 (deferred imports are still dependencies). The picture, bottom to top:
 
     leaf (errors, atomic, versions, run_folder, sampling)  <- anyone may import these
-    data -> models -> generate -> evaluate, serve      (using a model: never training's internals)
+    data -> models -> generate -> evaluate, serve, export  (using a model: never training's internals)
                    -> { config, training, methods }   (training a model; evaluation during training
                                                          measures through evaluate)
     cli, the package's own __init__                    (on top of everything)
@@ -29,7 +29,8 @@ ALLOWED = {
     "generate": {"data", "models"},
     "evaluate": {"data", "models", "generate"},
     "serve": {"data", "models", "generate"},
-    "top": {"data", "models", "run", "generate", "evaluate", "serve"},
+    "export": {"data", "models", "generate"},
+    "top": {"data", "models", "run", "generate", "evaluate", "serve", "export"},
 }
 
 

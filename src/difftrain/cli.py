@@ -7,6 +7,7 @@ with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,8 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "n_iter": "n_iter", "lora_dir": "lora_dir", "clip_skip": "clip_skip", "precision": "precision",
     "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
     "cpu_offload": "cpu_offload", "compile": "compile", "channels_last": "channels_last",
-    "init_image": "init_image", "strength": "strength", "config": "config",
+    "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
+    "provider": "provider", "provider_fallback": "provider_fallback",
 }
 
 
@@ -236,6 +238,26 @@ def _data_judge_shapes(args: argparse.Namespace) -> int:
     return 0 if clean >= args.min_clean else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from difftrain.export.onnx import ExportOptions, export_onnx
+    from difftrain.generate.text2image import parse_lora_arg
+
+    options = ExportOptions(precision=args.precision, quantize=args.quantize,
+                            loras=[parse_lora_arg(item) for item in args.lora or ()], lora_scale=args.lora_scale,
+                            embeddings=list(args.embedding or ()), controlnet=args.controlnet,
+                            use_ema=not args.no_ema, config=args.config, opset=args.opset, exporter=args.exporter,
+                            min_psnr=args.min_psnr, force=args.force)
+    out = export_onnx(args.model, args.out, options, progress=not args.no_progress)
+    gate = json.loads((out / "difftrain.json").read_text())["export"].get("quality_gate")
+    verdict = ""
+    if gate:
+        verdict = (f"; quality gate {'passed' if gate['passed'] else 'FAILED (written with --force)'}: PSNR to fp32 "
+                   f"{gate['psnr_min']:.1f} dB at worst, {gate['psnr_mean']:.1f} mean, floor {gate['min_psnr']:.1f}")
+    print(f"wrote {out} (ONNX opset {args.opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
+          f"difftrain generate {out} --prompt ... runs it on ONNX Runtime")
+    return 0
+
+
 def _export_controlnet(args: argparse.Namespace) -> int:
     import torch
     from diffusers import ControlNetModel
@@ -336,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     export.set_defaults(run=_export_controlnet)
 
+    onnx = commands.add_parser("export", help="export a Stable Diffusion to ONNX for ONNX Runtime (fp32, fp16, int8)")
+    onnx.add_argument("model", help="run folder, model folder, hub id or single-file .safetensors")
+    onnx.add_argument("out", help="a new folder (diffusers' / Optimum's ONNX layout, with our manifest)")
+    onnx.add_argument("--to", default="onnx", choices=["onnx"])
+    onnx.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    onnx.add_argument("--quantize", choices=["int8"], help="dynamic int8 UNet, checked by the quality gate")
+    onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
+    onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
+    onnx.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merged into the weights; repeatable")
+    onnx.add_argument("--lora-scale", type=float, default=1.0, help="every LoRA merged at its weight x this")
+    onnx.add_argument("--embedding", action="append", metavar="FILE", help="Textual Inversion embedding, repeatable")
+    onnx.add_argument("--controlnet", action="store_true", help="the UNet takes ControlNet residuals as inputs")
+    onnx.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
+    onnx.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs")
+    onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    onnx.add_argument("--no-progress", action="store_true")
+    onnx.set_defaults(run=_export)
+
     gen = commands.add_parser("generate", help="Stable Diffusion text-to-image / img2img, A1111-style")
     gen.add_argument("model", nargs="?", help="run folder, diffusers folder, hub id or single-file .safetensors")
     gen.add_argument("--prompt", help="A1111 syntax: (word:1.3), [word], BREAK, <lora:name:0.8>")
@@ -377,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--canny-high", type=int, default=200, help="canny: upper threshold (default 200)")
     gen.add_argument("--guess-mode", action="store_true", help="A1111's 'ControlNet is more important'")
     gen.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs (offline)")
+    gen.add_argument("--backend", choices=["auto", "torch", "onnxruntime"],
+                     help="auto (default): ONNX Runtime for an ONNX export (difftrain export), torch otherwise")
+    gen.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"],
+                     help="ONNX Runtime execution provider (default auto: CUDA where onnxruntime has it)")
+    gen.add_argument("--provider-fallback", action="store_true", default=None,
+                     help="run on what there is when the provider asked for is missing, instead of refusing")
     gen.add_argument("--from-png", metavar="IMAGE", help="repeat the generation recorded in an image's parameters")
     gen.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     gen.add_argument("--no-progress", action="store_true")

@@ -44,14 +44,19 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     use_ema: bool = True,
     config: str | None = None,
+    provider: str = "auto",
+    provider_fallback: bool = False,
 ):
     """A StableDiffusionPipeline (or a DDPMPipeline for pixel models) with `pipe.manifest` and `pipe.model_name`.
 
     `loras` are (file, weight) pairs loaded after the model's own adapters, `embeddings`
     Textual Inversion files; `use_ema` picks a run's EMA or raw weights; `config` is the
-    diffusers folder (or hub id) holding a single file's component configs.
+    diffusers folder (or hub id) holding a single file's component configs; `provider` the
+    ONNX Runtime execution provider of an ONNX export (cpu, cuda, tensorrt; one this
+    onnxruntime lacks is refused unless `provider_fallback`).
     """
-    return build_pipeline(locate(source, use_ema), loras, embeddings, device, dtype, config)
+    return build_pipeline(locate(source, use_ema), loras, embeddings, device, dtype, config, provider,
+                          provider_fallback)
 
 
 def build_pipeline(
@@ -61,9 +66,13 @@ def build_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     config: str | None = None,
+    provider: str = "auto",
+    provider_fallback: bool = False,
 ):
     """`load_pipeline` for a model already located (a caller that checked its kind first reads nothing twice)."""
     source, folder, manifest, name, use_ema = located
+    if manifest is not None and manifest.kind == "onnx":
+        return _onnx(located, loras, embeddings, provider, provider_fallback)
     if manifest is None:
         pipe = _from_hub_or_single_file(str(source), dtype, config)
         manifest = Manifest("stable-diffusion")
@@ -117,6 +126,8 @@ def _plain_folder_manifest(path: Path) -> Manifest:
     index = path / "model_index.json"
     if index.is_file():
         text = index.read_text()
+        if "OnnxRuntimeModel" in text or "ORTStableDiffusion" in text:  # diffusers' or Optimum's ONNX export
+            return Manifest("onnx", scheduler="scheduler")
         if "StableDiffusion" not in text and (path / "unet").is_dir() and not (path / "text_encoder").is_dir():
             return Manifest("unconditional", scheduler="scheduler")
         return Manifest("stable-diffusion")
@@ -128,6 +139,19 @@ def _plain_folder_manifest(path: Path) -> Manifest:
         f"{path}: not a model folder: no difftrain.json, no model_index.json, no unet/ and scheduler/, "
         "and not a difftrain run folder (config.yaml)"
     )
+
+
+def _onnx(located: Located, loras, embeddings, provider: str, fallback: bool):
+    """An ONNX export: its graphs in ONNX Runtime sessions inside diffusers' pipeline."""
+    from difftrain.models.onnx import load_onnx_pipeline
+
+    if loras or embeddings:
+        raise ModelNotFound(f"{located.source} is an ONNX export: its weights are fixed; merge LoRAs and embeddings "
+                            "when exporting (difftrain export ... --lora FILE:WEIGHT --embedding FILE)")
+    pipe = load_onnx_pipeline(located.folder, provider, fallback)
+    _apply_conditioning(pipe, located.manifest)
+    pipe.manifest, pipe.model_name = located.manifest, located.name
+    return pipe
 
 
 def _diffusers_folder(folder: Path, dtype: torch.dtype):

@@ -52,6 +52,9 @@ class GenerateOptions:
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
     guess_mode: bool = False  # A1111's "ControlNet is more important"
+    backend: str = "auto"  # torch | onnxruntime; auto: onnxruntime for an ONNX export, torch otherwise
+    provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
+    provider_fallback: bool = False  # run on what there is when the provider asked for is missing
 
     def check(self) -> None:
         """Everything that can be refused before a model loads."""
@@ -79,6 +82,8 @@ class GenerateOptions:
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
         for number, unit in enumerate(self.controlnets):
             unit.check(number)
+        if self.backend not in ("auto", "torch", "onnxruntime"):
+            raise GenerateError(f"--backend {self.backend}: choose torch or onnxruntime")
         if self.guess_mode and not self.controlnets:
             raise GenerateError("--guess-mode applies to ControlNets: give --controlnet and --control-image too")
         from difftrain.sampling.schedulers import resolve_name
@@ -110,8 +115,29 @@ def _resolve_prompt_loras(prompt: str, lora_dir: str) -> tuple[str, list[tuple[s
     return text, found
 
 
+def _check_backend(located, options: GenerateOptions) -> None:
+    """An ONNX export runs on ONNX Runtime and a torch model on torch; the torch-only switches stay with torch."""
+    onnx = located.manifest is not None and located.manifest.kind == "onnx"
+    if options.backend == "onnxruntime" and not onnx:
+        raise GenerateError(f"--backend onnxruntime runs ONNX exports; {located.source} is a torch model: "
+                            f"difftrain export {located.source} OUT --to onnx, then generate from OUT")
+    if onnx and options.backend == "torch":
+        raise GenerateError(f"{located.source} is an ONNX export: it runs on --backend onnxruntime (or auto)")
+    if onnx:
+        torch_only = [flag for flag, on in (("--compile", options.compile), ("--cpu-offload", options.cpu_offload),
+                                            ("--attention-slicing", options.attention_slicing),
+                                            ("--vae-tiling", options.vae_tiling), ("--vae-slicing", options.vae_slicing),
+                                            ("--channels-last", options.channels_last),
+                                            ("--precision", options.precision != "auto")) if on]
+        if torch_only:
+            raise GenerateError(f"{', '.join(torch_only)}: torch switches; an ONNX export's precision is set when "
+                                "exporting (difftrain export --precision, --quantize)")
+
+
 def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> None:
     """Precision and the memory/speed switches; defaults are the fast path on a GPU, the safe one elsewhere."""
+    if getattr(pipe, "manifest", None) is not None and pipe.manifest.kind == "onnx":
+        return  # ONNX Runtime places and runs its own sessions
     dtype = _dtype(options.precision, device)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
@@ -230,8 +256,10 @@ class Drawer:
         if located.manifest is not None and located.manifest.kind == "unconditional":
             raise GenerateError(f"{located.source} is a pixel-space (unconditional) model; "
                                 f"`difftrain sample {located.source}` draws from it")
+        _check_backend(located, options)
         pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
-                              dtype=_dtype(options.precision, device), config=options.config)
+                              dtype=_dtype(options.precision, device), config=options.config,
+                              provider=options.provider, provider_fallback=options.provider_fallback)
         self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
         pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
         configure_pipeline(pipe, options, device)

@@ -35,6 +35,7 @@ KINDS = {
     "vae": "an AutoencoderKL",
     "controlnet": "a ControlNet (diffusers folder) for the base model, which it steers with a conditioning image",
     "t2i-adapter": "a T2I-Adapter (diffusers folder) for the base model, which it steers with a conditioning image",
+    "onnx": "a Stable Diffusion exported to ONNX graphs (diffusers' and Optimum's layout), run by ONNX Runtime",
 }
 ADAPTER_KINDS = ("stable-diffusion-parts", "lora", "embedding", "controlnet", "t2i-adapter")
 
@@ -64,6 +65,7 @@ class Manifest:
     # Pixel models: the UNet2DModel and scheduler configs, so a checkpoint's tensors load alone.
     architecture: dict = field(default_factory=dict)
     trained: dict = field(default_factory=dict)  # steps, difftrain version
+    export: dict = field(default_factory=dict)  # an exported model: format, precision, quantisation, its quality gate
 
     def to_json(self) -> str:
         header = {"format": FORMAT, "version": VERSION, "written_by": f"difftrain {difftrain_version()}"}

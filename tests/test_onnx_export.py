@@ -1,0 +1,140 @@
+"""`difftrain export --to onnx` and `generate --backend onnxruntime` on the tiny SD the tests build."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_personalise import lora_run  # noqa: F401
+from test_text2image import tiny_sd  # noqa: F401
+
+from difftrain.cli import main
+from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_sd, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    assert main(["export", str(tiny_sd), str(out), "--no-progress"]) == 0
+    return out
+
+
+def generate(model: Path, out: Path, *extra: str) -> list[Path]:
+    assert main(["generate", str(model), "--prompt", "a red circle", "--negative-prompt", "blue", "--steps", "5",
+                 "--seed", "3", "--out", str(out), "--no-progress", *extra]) == 0
+    return sorted(out.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_the_export_has_diffusers_layout_dynamic_axes_and_a_manifest(onnx_model):
+    import onnx
+
+    for part in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert (onnx_model / part / "model.onnx").is_file() and (onnx_model / part / "config.json").is_file()
+    assert (onnx_model / "tokenizer" / "tokenizer_config.json").is_file() and (onnx_model / "scheduler").is_dir()
+    index = json.loads((onnx_model / "model_index.json").read_text())
+    assert index["_class_name"] == "OnnxStableDiffusionPipeline" and index["unet"] == ["diffusers", "OnnxRuntimeModel"]
+    manifest = json.loads((onnx_model / "difftrain.json").read_text())
+    assert manifest["kind"] == "onnx" and manifest["export"]["opset"] == 17
+    assert manifest["export"]["exporter"] == "torchscript" and manifest["export"]["precision"] == "fp32"
+    unet = onnx.load(str(onnx_model / "unet" / "model.onnx"))
+    onnx.checker.check_model(unet)
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
+    assert shapes["sample"] == ["batch", 4, "height", "width"], shapes
+    assert shapes["encoder_hidden_states"][:2] == ["batch", "sequence"]
+    assert not list(onnx_model.parent.glob(".*partial*"))  # written whole, then renamed
+
+
+@pytest.mark.parametrize("extra", [(), ("--clip-skip", "2", "--batch-size", "2"), ("--width", "48", "--height", "64"),
+                                   ("--scheduler", "Euler a")], ids=["plain", "clip-skip-batch", "size", "euler-a"])
+def test_onnxruntime_draws_what_torch_draws_with_the_same_infotext(onnx_model, tiny_sd, tmp_path, extra):  # noqa: F811
+    torch_images = generate(tiny_sd, tmp_path / "torch", *extra)
+    onnx_images = generate(onnx_model, tmp_path / "onnx", *extra)
+    assert len(torch_images) == len(onnx_images) >= 1
+    for a, b in zip(torch_images, onnx_images):
+        assert pixels(a).shape == pixels(b).shape
+        # fp32 graphs: the same image up to float rounding (1/255 at most on this model)
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2, (a, b)
+        (pa, na, params_a), (pb, nb, params_b) = (parse_infotext(read_png_infotext(p)) for p in (a, b))
+        assert (pa, na) == (pb, nb)
+        assert {k: v for k, v in params_a.items() if k != "Model"} == {k: v for k, v in params_b.items() if k != "Model"}
+
+
+def test_img2img_on_onnxruntime_matches_torch(onnx_model, tiny_sd, tmp_path):  # noqa: F811
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(init)
+    extra = ("--init-image", str(init), "--strength", "0.6")
+    a, b = generate(tiny_sd, tmp_path / "torch", *extra), generate(onnx_model, tmp_path / "onnx", *extra)
+    assert np.abs(pixels(a[0]) - pixels(b[0])).max() <= 2
+
+
+def test_diffusers_own_onnx_pipeline_loads_the_export(onnx_model):
+    from diffusers import OnnxStableDiffusionPipeline
+
+    pipe = OnnxStableDiffusionPipeline.from_pretrained(onnx_model, provider="CPUExecutionProvider")
+    # diffusers' ONNX pipeline assumes SD's 8x VAE; the tiny one's is 2x, so 128 "px" asks for a 16-cell latent
+    image = pipe("a red circle", num_inference_steps=3, height=128, width=128,
+                 generator=np.random.RandomState(0)).images[0]
+    assert image.size == (32, 32) and np.isfinite(np.asarray(image, dtype=float)).all()
+
+
+def test_a_lora_run_exports_merged_at_its_scale(lora_run, tiny_sd, tmp_path):  # noqa: F811
+    merged, off = tmp_path / "merged", tmp_path / "off"
+    # x20: a 4-step LoRA moves this model's images by a few levels only; scaled up, its effect is plain to see
+    assert main(["export", str(lora_run), str(merged), "--lora-scale", "20", "--no-progress"]) == 0
+    assert main(["export", str(lora_run), str(off), "--lora-scale", "0", "--no-progress"]) == 0
+    lora_file = lora_run / "model" / "pytorch_lora_weights.safetensors"
+    with_lora = pixels(generate(tiny_sd, tmp_path / "run", "--lora", f"{lora_file}:20")[0])
+    assert np.abs(pixels(generate(merged, tmp_path / "m")[0]) - with_lora).max() <= 2
+    base_image = pixels(generate(tiny_sd, tmp_path / "base")[0])
+    assert np.abs(pixels(generate(off, tmp_path / "o")[0]) - base_image).max() <= 2
+    assert np.abs(with_lora - base_image).max() > 10  # the LoRA changes the image, so the two checks mean something
+    assert json.loads((merged / "difftrain.json").read_text())["loras"] == []  # baked in, nothing to load on top
+
+
+def test_int8_is_smaller_and_written_only_through_its_quality_gate(tiny_sd, tmp_path, capsys):  # noqa: F811
+    fp32, int8, strict = tmp_path / "fp32", tmp_path / "int8", tmp_path / "strict"
+    assert main(["export", str(tiny_sd), str(fp32), "--no-progress"]) == 0
+    assert main(["export", str(tiny_sd), str(int8), "--quantize", "int8", "--no-progress"]) == 0
+    assert "quality gate passed: PSNR to fp32" in capsys.readouterr().out
+    gate = json.loads((int8 / "difftrain.json").read_text())["export"]["quality_gate"]
+    assert gate["passed"] and gate["images"] == 8 and gate["psnr_min"] >= gate["min_psnr"] == 22.0
+    assert (int8 / "unet/model.onnx").stat().st_size < 0.5 * (fp32 / "unet/model.onnx").stat().st_size
+    generate(int8, tmp_path / "images")  # and it draws
+    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "int8 fails the quality gate: PSNR to fp32" in err and "--force" in err, err
+    assert not strict.exists() and not list(tmp_path.glob(".strict*"))
+    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--force",
+                 "--no-progress"]) == 0
+    assert json.loads((strict / "difftrain.json").read_text())["export"]["quality_gate"]["passed"] is False
+
+
+def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model, tiny_sd, tmp_path, capsys,  # noqa: F811
+                                                                      monkeypatch):
+    cases = [
+        ([str(tiny_sd), "--backend", "onnxruntime"], f"difftrain export {tiny_sd} OUT --to onnx"),
+        ([str(onnx_model), "--backend", "torch"], "it runs on --backend onnxruntime"),
+        ([str(onnx_model), "--compile"], "--compile: torch switches"),
+        ([str(onnx_model), "--lora", str(tiny_sd / "x.safetensors")], "merge LoRAs and embeddings when exporting"),
+        ([str(onnx_model), "--provider", "tensorrt"], "--provider-fallback"),
+    ]
+    for args, message in cases:
+        assert main(["generate", *args, "--prompt", "x", "--steps", "2", "--out", str(tmp_path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    generate(onnx_model, tmp_path / "fallback", "--provider", "tensorrt", "--provider-fallback")  # runs on the CPU
+    assert main(["export", str(tiny_sd), str(onnx_model), "--no-progress"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
+    assert main(["export", str(tiny_sd), str(tmp_path / "none"), "--no-progress"]) == 2
+    assert "pip install 'difftrain[onnx]'" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def main() -> None:
                 configure_pipeline(pipe, GenerateOptions(prompt="a red circle"), device)
             else:
                 pipe.to(device)
-            call = lambda: pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.0, width=size,
+            call = lambda pipe=pipe: pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.0, width=size,
                                 height=size, generator=torch.Generator().manual_seed(0))
             results[settings] = timed(call, args.steps, device)
             del pipe

@@ -63,4 +63,17 @@ def test_a_mask_controlnet_puts_the_shape_where_the_mask_is(mini_controlnet):
     study = control_study(str(run), cases, seeds=[0, 1], steps=10)
     # Measured when written: 0.87 with the ControlNet, 0.55 without (the full-size demo: 0.98 and 0.42).
     summary = f"IoU with the ControlNet {study['with']:.3f}, without {study['without']:.3f}"
+    print(summary)
     assert study["with"] > 0.7 and study["with"] > study["without"] + 0.2, summary
+
+
+def test_the_trained_mini_sd_passes_the_int8_quality_gate(mini_controlnet, tmp_path, capsys):
+    """int8 on a model that learned something, not only on random weights: the trained mini UNet's
+    export keeps its images (the gate's PSNR), and its ONNX fp32 export draws what torch draws."""
+    pytest.importorskip("onnxruntime")
+    _, root = mini_controlnet
+    model = root / "unet" / "model"
+    assert main(["export", str(model), str(tmp_path / "int8"), "--quantize", "int8", "--no-progress"]) == 0
+    gate = json.loads((tmp_path / "int8" / "difftrain.json").read_text())["export"]["quality_gate"]
+    print(f"mini SD int8: PSNR to fp32 {gate['psnr_min']} dB worst, {gate['psnr_mean']} mean")
+    assert gate["passed"] and gate["psnr_min"] >= 22.0, gate

@@ -110,11 +110,13 @@ def test_int8_is_smaller_and_written_only_through_its_quality_gate(tiny_sd, tmp_
     assert gate["passed"] and gate["images"] == 8 and gate["psnr_min"] >= gate["min_psnr"] == 22.0
     assert (int8 / "unet/model.onnx").stat().st_size < 0.5 * (fp32 / "unet/model.onnx").stat().st_size
     generate(int8, tmp_path / "images")  # and it draws
-    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--no-progress"]) == 2
+    quick = ["--gate-steps", "3"]  # the refusal and --force need no long gate
+    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", *quick,
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "int8 fails the quality gate: PSNR to fp32" in err and "--force" in err, err
     assert not strict.exists() and not list(tmp_path.glob(".strict*"))
-    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--force",
+    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--force", *quick,
                  "--no-progress"]) == 0
     assert json.loads((strict / "difftrain.json").read_text())["export"]["quality_gate"]["passed"] is False
 
@@ -138,3 +140,36 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
     assert main(["export", str(tiny_sd), str(tmp_path / "none"), "--no-progress"]) == 2
     assert "pip install 'difftrain[onnx]'" in capsys.readouterr().err
+
+
+def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(tiny_sd, tmp_path):  # noqa: F811
+    from difftrain.models.tiny_sd import write_tiny_controlnet
+
+    net = write_tiny_controlnet(tiny_sd, tmp_path / "controlnet", zero_conv_std=0.5)
+    control = tmp_path / "control.png"
+    Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype("uint8")).save(control)
+    assert main(["export", str(tiny_sd), str(tmp_path / "cn-onnx"), "--controlnet", "--no-progress"]) == 0
+    extra = ("--controlnet", str(net), "--control-image", str(control))
+    steered = pixels(generate(tiny_sd, tmp_path / "torch", *extra)[0])
+    # The ControlNet runs in torch and hands its residuals to the ONNX UNet.
+    assert np.abs(pixels(generate(tmp_path / "cn-onnx", tmp_path / "onnx", *extra)[0]) - steered).max() <= 2
+    plain = pixels(generate(tiny_sd, tmp_path / "plain")[0])
+    assert np.abs(steered - plain).max() > 10  # the ControlNet really steers
+    # Without a ControlNet, such a UNet gets zero residuals and draws the plain image.
+    assert np.abs(pixels(generate(tmp_path / "cn-onnx", tmp_path / "no-net")[0]) - plain).max() <= 2
+    # A UNet exported without those inputs says how to get them.
+    with pytest.raises(Exception, match="exported without ControlNet inputs; export it again with --controlnet"):
+        from difftrain.generate.controlnet import ControlUnit
+        from difftrain.generate.text2image import Drawer, GenerateOptions
+
+        plain_export = tmp_path / "plain-onnx"
+        assert main(["export", str(tiny_sd), str(plain_export), "--no-progress"]) == 0
+        options = GenerateOptions(prompt="", steps=2, controlnets=[ControlUnit(model=str(net), image=str(control))])
+        Drawer(plain_export, options, progress=False).draw("x", "", [0])
+
+    import onnx
+
+    assert main(["export", str(tiny_sd), str(tmp_path / "fp16"), "--precision", "fp16", "--no-progress"]) == 0
+    unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
+    assert {i.data_type for i in unet.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4

@@ -106,7 +106,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
     "cpu_offload": "cpu_offload", "compile": "compile", "channels_last": "channels_last",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
-    "provider": "provider", "provider_fallback": "provider_fallback",
+    "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache",
 }
 
 
@@ -246,7 +246,8 @@ def _export(args: argparse.Namespace) -> int:
                             loras=[parse_lora_arg(item) for item in args.lora or ()], lora_scale=args.lora_scale,
                             embeddings=list(args.embedding or ()), controlnet=args.controlnet,
                             use_ema=not args.no_ema, config=args.config, opset=args.opset, exporter=args.exporter,
-                            min_psnr=args.min_psnr, force=args.force)
+                            min_psnr=args.min_psnr, force=args.force, gate_steps=args.gate_steps,
+                            gate_size=args.gate_size)
     out = export_onnx(args.model, args.out, options, progress=not args.no_progress)
     gate = json.loads((out / "difftrain.json").read_text())["export"].get("quality_gate")
     verdict = ""
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--quantize", choices=["int8"], help="dynamic int8 UNet, checked by the quality gate")
     onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
+    onnx.add_argument("--gate-steps", type=int, default=12, help="int8: the quality gate's sampling steps")
+    onnx.add_argument("--gate-size", type=int, help="int8: the gate's image side (default the model's native size)")
     onnx.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merged into the weights; repeatable")
     onnx.add_argument("--lora-scale", type=float, default=1.0, help="every LoRA merged at its weight x this")
     onnx.add_argument("--embedding", action="append", metavar="FILE", help="Textual Inversion embedding, repeatable")
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cpu-offload", action="store_true", default=None)
     gen.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
     gen.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    gen.add_argument("--deepcache", type=int, metavar="N",
+                     help="run the whole UNet every N steps and reuse its deep features between (faster, "
+                          "slightly different images; see the README for the measured trade-off)")
     gen.add_argument("--init-image", help="img2img: start from this image")
     gen.add_argument("--strength", type=float, help="img2img: how far from the init image (0-1, default 0.75)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",

@@ -40,7 +40,7 @@ class ExportError(DifftrainError):
 @dataclass
 class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16 (fp16 graphs keep float32 inputs and outputs)
-    quantize: str | None = None  # None | int8 (the UNet, dynamic int8 through ONNX Runtime's quantiser)
+    quantize: str | None = None  # None | int8 (the UNet, static QDQ int8 through ONNX Runtime's quantiser)
     loras: list[tuple[str, float]] = field(default_factory=list)  # merged into the weights at these weights
     lora_scale: float = 1.0  # every LoRA (the model's own and --lora's) merged at weight x this
     embeddings: list[str] = field(default_factory=list)
@@ -51,6 +51,8 @@ class ExportOptions:
     exporter: str = "torchscript"  # torchscript | dynamo
     min_psnr: float | None = None  # int8: the quality gate's floor; None: quality.DEFAULT_MIN_PSNR
     force: bool = False  # write an int8 model that fails the gate
+    gate_steps: int = 12  # the gate's sampling steps
+    gate_size: int | None = None  # the gate's image side (default: the model's native size)
 
     def check(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -102,9 +104,9 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
         shutil.rmtree(reference, ignore_errors=True)
         shutil.copytree(temporary, reference)
         try:
-            _quantize(temporary / "unet" / "model.onnx")
+            _quantize(temporary / "unet" / "model.onnx", reference, options)
             _write_manifest(pipe, temporary, options, None)
-            gate = quality_gate(reference, temporary, min_psnr=options.min_psnr, progress=progress)
+            gate = quality_gate(reference, temporary, options.min_psnr, options.gate_steps, options.gate_size, progress)
         finally:
             shutil.rmtree(reference, ignore_errors=True)
         if not gate["passed"] and not options.force:
@@ -242,14 +244,32 @@ def _to_fp16(path: Path) -> None:
     _save(model, path)
 
 
-def _quantize(path: Path) -> None:
-    """Dynamic int8 of every MatMul, Gemm and Conv weight (activations quantised on the fly)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(path: Path, reference: Path, options: ExportOptions) -> None:
+    """Static int8 (QDQ) of the UNet's Conv, Gemm and weight MatMuls, activations calibrated on real inputs.
+
+    Static rather than dynamic: ONNX Runtime's dynamic int8 turns convolutions into ConvInteger,
+    which runs slower than fp32 on the CPU (measured on SD 1.5's UNet at 256 px: 0.6x the fp32
+    pipeline), while QDQ convolutions run on its int8 kernels (1.9x the fp32 UNet step on this
+    AVX-512 VNNI CPU). The calibration inputs are what the fp32 graphs' own sampling feeds the
+    UNet for prompts that are not the gate's.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    feeds = iter(_calibration_feeds(reference, options))
+
+    class Feeds(CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
 
     quantized = path.with_name("model.int8.onnx")
     external = (path.parent / "model.onnx_data").exists()
-    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, use_external_data_format=external,
-                     extra_options={"MatMulConstBOnly": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(path), str(quantized), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
     for item in list(path.parent.iterdir()):
         if item.name.startswith("model.onnx"):
             item.unlink()
@@ -257,8 +277,30 @@ def _quantize(path: Path) -> None:
 
     _save(onnx.load(str(quantized)), path)
     for item in list(path.parent.iterdir()):
-        if item.name.startswith("model.int8"):
+        if item.name.startswith("model.int8") or item.suffix == ".onnx" and item != path:
             item.unlink()
+
+
+CALIBRATION_PROMPTS = ("a photo of a red house by a lake", "a blue circle and a yellow square, detailed")
+
+
+def _calibration_feeds(reference: Path, options: ExportOptions) -> list[dict]:
+    """What the fp32 UNet is fed at every step of sampling the calibration prompts (both CFG halves)."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    drawer = Drawer(reference, GenerateOptions(prompt="", steps=options.gate_steps, width=options.gate_size,
+                                               height=options.gate_size), progress=False)
+    unet, feeds = drawer.pipe.unet, []
+    run = unet.run
+
+    def recording(names, feed):
+        feeds.append({name: value.detach().cpu().numpy().astype(unet.inputs[name]) for name, value in feed.items()})
+        return run(names, feed)
+
+    unet.run = recording
+    for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+        drawer.draw(prompt, "", [seed])
+    return feeds
 
 
 def _save(model, path: Path) -> None:

@@ -26,25 +26,32 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def draw_set(model: Path, prompts=PROMPTS, seeds=SEEDS, steps: int = STEPS, progress: bool = False) -> list:
+def draw_set(model: Path, steps: int = STEPS, size: int | None = None, progress: bool = False) -> list:
     from difftrain.generate.text2image import Drawer, GenerateOptions
 
-    drawer = Drawer(model, GenerateOptions(prompt="", steps=steps, scheduler="DPM++ 2M Karras"), progress=False)
+    options = GenerateOptions(prompt="", steps=steps, scheduler="DPM++ 2M Karras", width=size, height=size)
+    drawer = Drawer(model, options, progress=False)
     from tqdm import tqdm
 
     images = []
-    for prompt in tqdm(prompts, desc=f"quality gate: {Path(model).name}", unit="prompt", disable=not progress):
-        images += drawer.draw(prompt, "", list(seeds))
+    for prompt in tqdm(PROMPTS, desc=f"quality gate: {Path(model).name}", unit="prompt", disable=not progress):
+        images += drawer.draw(prompt, "", list(SEEDS))
     return images
 
 
-def quality_gate(reference: Path, candidate: Path, min_psnr: float | None = None, progress: bool = False) -> dict:
-    """PSNR of `candidate`'s images to `reference`'s over the fixed prompts and seeds, and the verdict."""
+def quality_gate(reference: Path, candidate: Path, min_psnr: float | None = None, steps: int = STEPS,
+                 size: int | None = None, progress: bool = False) -> dict:
+    """PSNR of `candidate`'s images to `reference`'s over the fixed prompts and seeds, and the verdict.
+
+    `size`: the images' side (default the model's native size; a smaller one makes the gate of a
+    large model affordable on a CPU, at the cost of measuring at a size it is not used at).
+    """
     floor = DEFAULT_MIN_PSNR if min_psnr is None else float(min_psnr)
-    scores = [psnr(a, b) for a, b in zip(draw_set(reference, progress=progress), draw_set(candidate, progress=progress))]
+    pairs = zip(draw_set(reference, steps, size, progress), draw_set(candidate, steps, size, progress))
+    scores = [psnr(a, b) for a, b in pairs]
     finite = [score for score in scores if math.isfinite(score)] or [99.0]
     worst = min(scores)
     return {"metric": "psnr_db", "psnr_min": round(min(finite) if math.isfinite(worst) else 99.0, 2),
             "psnr_mean": round(float(np.mean(finite)), 2), "min_psnr": floor, "images": len(scores),
-            "prompts": list(PROMPTS), "seeds": list(SEEDS), "steps": STEPS, "sampler": "DPM++ 2M Karras",
+            "prompts": list(PROMPTS), "seeds": list(SEEDS), "steps": steps, "size": size, "sampler": "DPM++ 2M Karras",
             "passed": worst >= floor}

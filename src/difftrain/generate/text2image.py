@@ -52,6 +52,7 @@ class GenerateOptions:
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
     guess_mode: bool = False  # A1111's "ControlNet is more important"
+    deepcache: int = 0  # > 1: the whole UNet every this many steps, its shallow blocks between (generate/deepcache.py)
     backend: str = "auto"  # torch | onnxruntime; auto: onnxruntime for an ONNX export, torch otherwise
     provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
     provider_fallback: bool = False  # run on what there is when the provider asked for is missing
@@ -82,6 +83,10 @@ class GenerateOptions:
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
         for number, unit in enumerate(self.controlnets):
             unit.check(number)
+        if self.deepcache < 0:
+            raise GenerateError(f"--deepcache {self.deepcache}: the number of steps between whole-UNet steps, >= 1")
+        if self.deepcache > 1 and self.compile:
+            raise GenerateError("--deepcache skips the UNet's deep blocks inside --compile's graph; use one of them")
         if self.backend not in ("auto", "torch", "onnxruntime"):
             raise GenerateError(f"--backend {self.backend}: choose torch or onnxruntime")
         if self.guess_mode and not self.controlnets:
@@ -128,7 +133,8 @@ def _check_backend(located, options: GenerateOptions) -> None:
                                             ("--attention-slicing", options.attention_slicing),
                                             ("--vae-tiling", options.vae_tiling), ("--vae-slicing", options.vae_slicing),
                                             ("--channels-last", options.channels_last),
-                                            ("--precision", options.precision != "auto")) if on]
+                                            ("--precision", options.precision != "auto"),
+                                            ("--deepcache", options.deepcache > 1)) if on]
         if torch_only:
             raise GenerateError(f"{', '.join(torch_only)}: torch switches; an ONNX export's precision is set when "
                                 "exporting (difftrain export --precision, --quantize)")
@@ -183,6 +189,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Embeddings"] = " | ".join(options.embeddings)
     if not options.use_ema:
         params["EMA"] = "off"
+    if options.deepcache > 1:
+        params["DeepCache"] = options.deepcache
     if options.controlnets:
         from difftrain.generate.controlnet import infotext_units
 
@@ -290,12 +298,22 @@ class Drawer:
             else:
                 self.runner.to(device)
         self.runner.set_progress_bar_config(disable=not progress)
+        self.deepcache = None
+        if options.deepcache > 1:
+            from difftrain.generate.deepcache import DeepCache
+
+            if controls is not None:
+                raise GenerateError("--deepcache skips the UNet's deep blocks, where a ControlNet's residuals go; "
+                                    "use it without ControlNets")
+            self.deepcache = DeepCache(pipe.unet, options.deepcache)
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
         from difftrain.sampling.text2image import draw
 
         positive, negative = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
+        if self.deepcache is not None:
+            self.deepcache.reset()  # each generation starts with a whole-UNet step
         return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
                     **self.extra)
 
@@ -338,7 +356,8 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
-                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float)}
+                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
+                  "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():
         if key in params:
             setattr(options, name, convert(params[key]))

@@ -1,0 +1,54 @@
+"""`generate --deepcache N`: the UNet's deep features reused between whole-UNet steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from test_text2image import tiny_sd  # noqa: F401
+
+from difftrain.cli import main
+from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+
+def test_the_shallow_path_on_fresh_deep_features_is_the_whole_unet(tiny_sd):  # noqa: F811
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.generate.deepcache import DeepCache
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    cache = DeepCache(unet, interval=2)
+    torch.manual_seed(0)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        whole = unet(x, 500, context).sample  # a whole step: keeps what enters the last up block
+        shallow = unet(x, 500, context).sample  # the next call skips the deep blocks, on those features
+    assert cache.full_calls == 1 and cache.calls == 2
+    # The same inputs, so the kept features are exactly what the deep blocks would give: the same output.
+    assert torch.allclose(whole, shallow, atol=1e-5), (whole - shallow).abs().max()
+
+
+def generate(model, out, *extra):
+    assert main(["generate", str(model), "--prompt", "a red circle", "--steps", "6", "--seed", "5",
+                 "--out", str(out), "--no-progress", *extra]) == 0
+    return sorted(out.glob("*.png"))[-1]
+
+
+def test_deepcache_changes_little_is_recorded_and_repeats_from_the_png(tiny_sd, tmp_path, capsys):  # noqa: F811
+    plain = generate(tiny_sd, tmp_path / "plain")
+    every = generate(tiny_sd, tmp_path / "every", "--deepcache", "1")  # 1: every step whole, the plain image
+    cached = generate(tiny_sd, tmp_path / "cached", "--deepcache", "3")
+    pixels = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (plain, every, cached)]
+    assert np.array_equal(pixels[0], pixels[1])
+    difference = np.abs(pixels[0] - pixels[2])
+    assert 0 < difference.mean() < 20, difference.mean()  # not the same image, but close to it
+    prompt, negative, params = parse_infotext(read_png_infotext(cached))
+    assert params["DeepCache"] == "3"
+    assert main(["generate", str(tiny_sd), "--from-png", str(cached), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    again = np.asarray(Image.open(sorted((tmp_path / "again").glob("*.png"))[0]).convert("RGB"), dtype=np.float64)
+    assert np.array_equal(again, pixels[2])
+    capsys.readouterr()
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--deepcache", "3", "--compile", "--out",
+                 str(tmp_path / "no"), "--no-progress"]) == 2
+    assert "--deepcache skips the UNet's deep blocks inside --compile's graph" in capsys.readouterr().err

@@ -84,42 +84,52 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     temporary = out.with_name(f".{out.name}.partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    graphs = _graphs(pipe, options.controlnet)
-    bar = _bar(len(graphs), progress)
-    for part, (module, inputs, names, outputs, axes) in graphs.items():
-        bar.set_description(f"exporting {part}")
-        _export(module, inputs, temporary / part / "model.onnx", names, outputs, axes, options)
-        bar.update()
-    bar.close()
-    residual_shapes = graphs["unet"][0].residual_shapes
-    _write_configs(pipe, temporary, residual_shapes)
-    if options.precision == "fp16":
-        for part in PARTS:
-            _to_fp16(temporary / part / "model.onnx")
-    gate = None
-    if options.quantize == "int8":
-        from difftrain.export.quality import quality_gate
-
-        reference = temporary.with_name(f".{out.name}.fp32")
-        shutil.rmtree(reference, ignore_errors=True)
-        shutil.copytree(temporary, reference)
-        try:
-            _quantize(temporary / "unet" / "model.onnx", reference, options)
-            _write_manifest(pipe, temporary, options, None)
-            gate = quality_gate(reference, temporary, options.min_psnr, options.gate_steps, options.gate_size, progress)
-        finally:
-            shutil.rmtree(reference, ignore_errors=True)
-        if not gate["passed"] and not options.force:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise ExportError(
-                f"int8 fails the quality gate: PSNR to fp32 {gate['psnr_min']:.1f} dB at worst "
-                f"(mean {gate['psnr_mean']:.1f}) < {gate['min_psnr']:.1f} dB over {gate['images']} images; "
-                "nothing written. Lower --min-psnr, export fp32 instead, or pass --force to write it anyway")
-    _write_manifest(pipe, temporary, options, gate)
+    try:
+        _write_folder(pipe, temporary, options, progress)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # a failed or interrupted export leaves nothing behind
+        raise
     if out.exists():
         out.rmdir()  # empty, checked above
     os.replace(temporary, out)
     return out
+
+
+def _write_folder(pipe, folder: Path, options: ExportOptions, progress: bool) -> None:
+    graphs = _graphs(pipe, options.controlnet)
+    bar = _bar(len(graphs), progress)
+    for part, (module, inputs, names, outputs, axes) in graphs.items():
+        bar.set_description(f"exporting {part}")
+        _export(module, inputs, folder / part / "model.onnx", names, outputs, axes, options)
+        bar.update()
+    bar.close()
+    _write_configs(pipe, folder, graphs["unet"][0].residual_shapes)
+    if options.precision == "fp16":
+        for part in PARTS:
+            _to_fp16(folder / part / "model.onnx")
+    _write_manifest(pipe, folder, options, None)
+    if options.quantize == "int8":
+        _write_manifest(pipe, folder, options, _quantize_through_gate(folder, options, progress))
+
+
+def _quantize_through_gate(folder: Path, options: ExportOptions, progress: bool) -> dict:
+    """int8 UNet in `folder`, checked against a copy of the fp32 graphs; refused when the gate fails."""
+    from difftrain.export.quality import quality_gate
+
+    reference = folder.with_name(folder.name.replace(".partial", ".fp32"))
+    shutil.rmtree(reference, ignore_errors=True)
+    shutil.copytree(folder, reference)
+    try:
+        _quantize(folder / "unet" / "model.onnx", reference, options)
+        gate = quality_gate(reference, folder, options.min_psnr, options.gate_steps, options.gate_size, progress)
+    finally:
+        shutil.rmtree(reference, ignore_errors=True)
+    if not gate["passed"] and not options.force:
+        raise ExportError(
+            f"int8 fails the quality gate: PSNR to fp32 {gate['psnr_min']:.1f} dB at worst "
+            f"(mean {gate['psnr_mean']:.1f}) < {gate['min_psnr']:.1f} dB over {gate['images']} images; "
+            "nothing written. Lower --min-psnr, export fp32 instead, or pass --force to write it anyway")
+    return gate
 
 
 class _UNetGraph(torch.nn.Module):

@@ -173,3 +173,28 @@ def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(
     unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
     assert {i.data_type for i in unet.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
     assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
+
+
+def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd, tmp_path):  # noqa: F811
+    import webuiapi
+
+    from difftrain.serve.app import BackgroundServer, ServeSettings
+
+    (tmp_path / "loras").mkdir()
+    running = BackgroundServer(ServeSettings(models=[str(onnx_model)], lora_dir=str(tmp_path / "loras")))
+    try:
+        host, port = running.url.rsplit(":", 1)
+        api = webuiapi.WebUIApi(host=host.split("//")[1], port=int(port), sampler="DPM++ 2M", steps=5)
+        served = api.txt2img(prompt="a red circle", negative_prompt="blue", seed=3, width=64, height=64,
+                             cfg_scale=7.0, alwayson_scripts={}).image
+        # A1111 reads "DPM++ 2M" with the Automatic schedule as Karras, and so does serve
+        [path] = generate(onnx_model, tmp_path / "direct", "--scheduler", "DPM++ 2M Karras", "--width", "64",
+                          "--height", "64")
+        assert np.array_equal(np.asarray(served.convert("RGB"), dtype=np.int16), pixels(path))
+        with pytest.raises(RuntimeError, match="is an ONNX export: its weights are fixed"):
+            from safetensors.torch import save_file
+
+            save_file({"x": __import__("torch").zeros(1)}, tmp_path / "loras" / "style.safetensors")
+            api.txt2img(prompt="a cat <lora:style:1>", width=64, height=64, alwayson_scripts={})
+    finally:
+        running.stop()

@@ -146,6 +146,11 @@ class Engine:
 
         if self.embeddings_dir is None or not self.embeddings_dir.is_dir():
             return
+        if pipe.manifest.kind == "onnx":
+            model.embeddings["skipped"].update({path.stem: "an ONNX export's vocabulary is fixed when it is exported "
+                                                           "(difftrain export --embedding)"
+                                                for path in self.embeddings_dir.glob("*.safetensors")})
+            return
         width = pipe.text_encoder.config.hidden_size
         for path in sorted(self.embeddings_dir.glob("*.safetensors")):  # never a pickle (.pt/.bin)
             try:
@@ -185,6 +190,9 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
             loras += [(_lora_file(files, name), weight) for name, weight in (tags if field_name == "prompt" else ())]
+        if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
+            raise RequestError("prompt", f"{model.title} is an ONNX export: its weights are fixed, so <lora:...> "
+                                         "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
         units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         return Prepared(model, loras, units, images, guess_mode, init)

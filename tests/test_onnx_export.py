@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_personalise import lora_run  # noqa: F401
 from test_text2image import tiny_sd  # noqa: F401
@@ -109,6 +110,8 @@ def test_int8_is_smaller_and_written_only_through_its_quality_gate(tiny_sd, tmp_
     gate = json.loads((int8 / "difftrain.json").read_text())["export"]["quality_gate"]
     assert gate["passed"] and gate["images"] == 8 and gate["psnr_min"] >= gate["min_psnr"] == 22.0
     assert (int8 / "unet/model.onnx").stat().st_size < 0.5 * (fp32 / "unet/model.onnx").stat().st_size
+    assert sorted(p.name for p in (int8 / "unet").iterdir()) == ["config.json", "model.onnx"]  # no staging left
+    assert not any(p.is_symlink() for p in int8.iterdir()) and not list(tmp_path.glob(".*"))  # nor the fp32 links
     generate(int8, tmp_path / "images")  # and it draws
     quick = ["--gate-steps", "3"]  # the refusal and --force need no long gate
     assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", *quick,
@@ -158,14 +161,16 @@ def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(
     # Without a ControlNet, such a UNet gets zero residuals and draws the plain image.
     assert np.abs(pixels(generate(tmp_path / "cn-onnx", tmp_path / "no-net")[0]) - plain).max() <= 2
     # A UNet exported without those inputs says how to get them.
-    with pytest.raises(Exception, match="exported without ControlNet inputs; export it again with --controlnet"):
-        from difftrain.generate.controlnet import ControlUnit
-        from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.generate.controlnet import ControlUnit
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.models.onnx import OnnxError
 
-        plain_export = tmp_path / "plain-onnx"
-        assert main(["export", str(tiny_sd), str(plain_export), "--no-progress"]) == 0
-        options = GenerateOptions(prompt="", steps=2, controlnets=[ControlUnit(model=str(net), image=str(control))])
-        Drawer(plain_export, options, progress=False).draw("x", "", [0])
+    plain_export = tmp_path / "plain-onnx"
+    assert main(["export", str(tiny_sd), str(plain_export), "--no-progress"]) == 0
+    options = GenerateOptions(prompt="", steps=2, controlnets=[ControlUnit(model=str(net), image=str(control))])
+    drawer = Drawer(plain_export, options, progress=False)
+    with pytest.raises(OnnxError, match="exported without ControlNet inputs; export it again with --controlnet"):
+        drawer.draw("x", "", [0])
 
     import onnx
 
@@ -191,10 +196,10 @@ def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd
         [path] = generate(onnx_model, tmp_path / "direct", "--scheduler", "DPM++ 2M Karras", "--width", "64",
                           "--height", "64")
         assert np.array_equal(np.asarray(served.convert("RGB"), dtype=np.int16), pixels(path))
-        with pytest.raises(RuntimeError, match="is an ONNX export: its weights are fixed"):
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            save_file({"x": __import__("torch").zeros(1)}, tmp_path / "loras" / "style.safetensors")
+        save_file({"x": torch.zeros(1)}, tmp_path / "loras" / "style.safetensors")
+        with pytest.raises(RuntimeError, match="is an ONNX export: its weights are fixed"):
             api.txt2img(prompt="a cat <lora:style:1>", width=64, height=64, alwayson_scripts={})
     finally:
         running.stop()

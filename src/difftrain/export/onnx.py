@@ -12,8 +12,9 @@ we add every hidden state of the text encoder (clip skip), the VAE encoder's dis
 the UNet's residual inputs.
 
 Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`, the one Optimum and
-diffusers' script use; on the tiny test UNet it takes 0.7 s where the dynamo exporter
-takes 18 s, and both give the same numbers. `--exporter dynamo` picks the other.
+diffusers' script use; `--exporter dynamo` picks the other. Both gave the tiny UNet's
+outputs to 1e-6 when tried once; the dynamo one took far longer to export it (~18 s against
+under a second, a one-off measurement, not a benchmark of the repository).
 """
 
 from __future__ import annotations
@@ -113,17 +114,28 @@ def _write_folder(pipe, folder: Path, options: ExportOptions, progress: bool) ->
 
 
 def _quantize_through_gate(folder: Path, options: ExportOptions, progress: bool) -> dict:
-    """int8 UNet in `folder`, checked against a copy of the fp32 graphs; refused when the gate fails."""
+    """An int8 UNet in `folder`, checked against the fp32 graphs; refused when the gate fails.
+
+    The fp32 reference is a sibling folder holding the fp32 UNet (moved, not copied) and links
+    to the other parts: nothing of SD 1.5's 4 GB is copied.
+    """
     from difftrain.export.quality import quality_gate
 
     reference = folder.with_name(folder.name.replace(".partial", ".fp32"))
     shutil.rmtree(reference, ignore_errors=True)
-    shutil.copytree(folder, reference)
+    reference.mkdir()
+    for item in folder.iterdir():
+        if item.name == "unet":
+            os.replace(item, reference / "unet")
+        else:
+            (reference / item.name).symlink_to(item.resolve())
     try:
-        _quantize(folder / "unet" / "model.onnx", reference, options)
+        (folder / "unet").mkdir()
+        shutil.copy2(reference / "unet" / "config.json", folder / "unet" / "config.json")
+        _quantize(reference / "unet" / "model.onnx", folder / "unet" / "model.onnx", reference, options)
         gate = quality_gate(reference, folder, options.min_psnr, options.gate_steps, options.gate_size, progress)
     finally:
-        shutil.rmtree(reference, ignore_errors=True)
+        shutil.rmtree(reference, ignore_errors=True)  # removes the links, not what they point to
     if not gate["passed"] and not options.force:
         raise ExportError(
             f"int8 fails the quality gate: PSNR to fp32 {gate['psnr_min']:.1f} dB at worst "
@@ -242,8 +254,7 @@ def _external_data_in_one_file(path: Path) -> None:
     for item in path.parent.iterdir():
         if item != path:
             item.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx_data", size_threshold=1024)
+    _save(model, path)
 
 
 def _to_fp16(path: Path) -> None:
@@ -254,15 +265,17 @@ def _to_fp16(path: Path) -> None:
     _save(model, path)
 
 
-def _quantize(path: Path, reference: Path, options: ExportOptions) -> None:
+def _quantize(source: Path, target: Path, reference: Path, options: ExportOptions) -> None:
     """Static int8 (QDQ) of the UNet's Conv, Gemm and weight MatMuls, activations calibrated on real inputs.
 
     Static rather than dynamic: ONNX Runtime's dynamic int8 turns convolutions into ConvInteger,
-    which runs slower than fp32 on the CPU (measured on SD 1.5's UNet at 256 px: 0.6x the fp32
-    pipeline), while QDQ convolutions run on its int8 kernels (1.9x the fp32 UNet step on this
-    AVX-512 VNNI CPU). The calibration inputs are what the fp32 graphs' own sampling feeds the
-    UNet for prompts that are not the gate's.
+    which ran slower than fp32 on this CPU (SD 1.5's shape at 256 px: 0.036 against 0.062
+    images/s, measured once with benchmarks/inference_backends.py before the switch; the
+    benchmark now runs the static path), while QDQ convolutions run on its int8 kernels (see
+    the benchmark's int8 rows). The calibration inputs are what the fp32 graphs' own sampling
+    feeds the UNet for prompts that are not the gate's.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
 
@@ -272,23 +285,17 @@ def _quantize(path: Path, reference: Path, options: ExportOptions) -> None:
         def get_next(self):
             return next(feeds, None)
 
-    quantized = path.with_name("model.int8.onnx")
-    external = (path.parent / "model.onnx_data").exists()
+    staging = target.parent / ".int8"  # the quantiser's own file layout, gathered into ours by _save
+    staging.mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(str(path), str(quantized), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(source), str(staging / "model.onnx"), Feeds(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
-    for item in list(path.parent.iterdir()):
-        if item.name.startswith("model.onnx"):
-            item.unlink()
-    import onnx
-
-    _save(onnx.load(str(quantized)), path)
-    for item in list(path.parent.iterdir()):
-        if item.name.startswith("model.int8") or item.suffix == ".onnx" and item != path:
-            item.unlink()
+                        use_external_data_format=(source.parent / "model.onnx_data").exists(),
+                        extra_options={"MatMulConstBOnly": True})
+    _save(onnx.load(str(staging / "model.onnx")), target)
+    shutil.rmtree(staging)
 
 
 CALIBRATION_PROMPTS = ("a photo of a red house by a lake", "a blue circle and a yellow square, detailed")

@@ -93,12 +93,13 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
     return resolved
 
 
-def conditioning_image(unit: ControlUnit, width: int, height: int) -> Image.Image:
-    """The unit's image as its ControlNet reads it: cropped and resized, then preprocessed, as in training."""
+def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.Image | None = None) -> Image.Image:
+    """The unit's image (its file, or `image` already decoded) as its ControlNet reads it: cropped and
+    resized, then preprocessed, as in training."""
     from difftrain.data.images import load_image
 
     preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
-    return condition_image(load_image(unit.image), (width, height), preprocess)
+    return condition_image(load_image(unit.image) if image is None else image, (width, height), preprocess)
 
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,

@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
-from difftrain.serve.requests import Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, decode_image
+from difftrain.serve.requests import Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, \
+    decode_image
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -219,8 +220,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     @app.post("/sdapi/v1/options")
     def set_options(body: dict):
         clip_skip = body.get("CLIP_stop_at_last_layers")
-        if clip_skip is not None and not (isinstance(clip_skip, int) and 1 <= clip_skip <= 12):
-            raise RequestError("CLIP_stop_at_last_layers", f"{clip_skip!r}: an integer from 1 to 12")
+        check_clip_skip(clip_skip, "CLIP_stop_at_last_layers")
         if "sd_model_checkpoint" in body:
             model = engine.find(str(body["sd_model_checkpoint"]))
             engine.load(model)

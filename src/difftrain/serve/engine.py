@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -45,11 +46,11 @@ class ServedModel:
     def name(self) -> str:
         return self.located.name
 
-    @property
+    @cached_property  # a path resolved and hashed once, not on every request that keys a cache by title
     def hash(self) -> str:
         return hashlib.sha256(str(Path(self.spec).resolve()).encode()).hexdigest()[:10]
 
-    @property
+    @cached_property
     def title(self) -> str:
         return f"{self.name} [{self.hash}]"
 
@@ -60,7 +61,10 @@ class Prepared:
     nothing is decoded or looked up a second time)."""
 
     model: ServedModel
-    loras: list[tuple[Path, float]]  # the prompt's <lora:name:w>, as files of the LoRA folder
+    scheduler: str  # the sampler's name, resolved
+    prompt: str  # without its <lora:...> tags
+    lora_tags: tuple  # the tags (name, weight): part of the prompt cache's key
+    loras: list[tuple[Path, float]]  # the tags' files in the LoRA folder
     units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
     unit_images: list  # ... and their images as sent
     guess_mode: bool
@@ -180,22 +184,23 @@ class Engine:
         from difftrain.serve.control import control_models, parse_units
 
         model = self._model_for(request)
-        self._scheduler_name(request)
-        files = self.lora_files()
-        loras = []
+        scheduler = self._scheduler_name(request)
+        parsed = {}
         for field_name in ("prompt", "negative_prompt"):
             try:
-                text, tags = extract_lora_tags(getattr(request, field_name))
-                parse_attention(text)
+                parsed[field_name] = extract_lora_tags(getattr(request, field_name))
+                parse_attention(parsed[field_name][0])
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
-            loras += [(_lora_file(files, name), weight) for name, weight in (tags if field_name == "prompt" else ())]
+        prompt, tags = parsed["prompt"]
+        files = self.lora_files()
+        loras = [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
             raise RequestError("prompt", f"{model.title} is an ONNX export: its weights are fixed, so <lora:...> "
                                          "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
         units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
-        return Prepared(model, loras, units, images, guess_mode, init)
+        return Prepared(model, scheduler, prompt, tuple(tags), loras, units, images, guess_mode, init)
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -220,30 +225,27 @@ class Engine:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import Controls, GenerateOptions, encode_prompts, infotext_params, \
             sampling_runner
-        from difftrain.sampling.prompts import extract_lora_tags
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
         prepared = prepared or self.precheck(request)
-        model = prepared.model
+        model, scheduler_name = prepared.model, prepared.scheduler
         pipe = self.load(model)
-        scheduler_name = self._scheduler_name(request)
         try:
             scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))
         except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
             raise RequestError("sampler_name", str(reason)) from None
-        text, tags = extract_lora_tags(request.prompt)
         self._activate_loras(model, pipe, prepared.loras)
         clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip or \
             pipe.manifest.conditioning.get("clip_skip") or 1
         # A prompt LoRA may change the text encoder, so the LoRA tags are part of the key.
-        key = (model.title, text, request.negative_prompt, clip_skip, tuple(tags))
+        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, prepared.lora_tags)
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_prompts(pipe, text, request.negative_prompt, clip_skip)
+            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
         positive, negative = self.prompt_cache[key]
@@ -299,10 +301,9 @@ class Engine:
     @staticmethod
     def _conditions(request: Txt2ImgRequest, prepared: Prepared) -> list:
         """The units' conditioning images at the output size."""
-        from difftrain.data.conditioning import Preprocess, condition_image
+        from difftrain.generate.controlnet import conditioning_image
 
-        return [condition_image(image, (request.width, request.height),
-                                Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold))
+        return [conditioning_image(unit, request.width, request.height, image)
                 for unit, image in zip(prepared.units, prepared.unit_images)]
 
     def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> None:

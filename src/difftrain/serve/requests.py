@@ -80,9 +80,8 @@ class Txt2ImgRequest(BaseModel):
             raise RequestError("cfg_scale", f"{self.cfg_scale}: must be from 0 to 30")
         if not -1 <= self.seed < 2**32 - self.batch_size * self.n_iter:
             raise RequestError("seed", f"{self.seed}: -1 (random) or from 0 to 2**32 - batch_size * n_iter")
-        clip_skip = self.override_settings.get("CLIP_stop_at_last_layers")
-        if clip_skip is not None and not (isinstance(clip_skip, int) and 1 <= clip_skip <= 12):
-            raise RequestError("override_settings.CLIP_stop_at_last_layers", f"{clip_skip!r}: an integer from 1 to 12")
+        check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
+                        "override_settings.CLIP_stop_at_last_layers")
         unsupported = [("enable_hr", self.enable_hr, "hires fix"), ("restore_faces", self.restore_faces,
                        "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("subseed_strength", self.subseed_strength, "variation seeds"),
@@ -118,6 +117,12 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError("denoising_strength", f"steps x strength = {self.steps} x {self.denoising_strength} "
                                                      "runs no step; raise one of them")
         # (the image itself is decoded once, by the engine's precheck)
+
+
+def check_clip_skip(value, field: str) -> None:
+    """A1111's CLIP_stop_at_last_layers, per request or for the server: unset, or 1 to 12."""
+    if value is not None and not (isinstance(value, int) and 1 <= value <= 12):
+        raise RequestError(field, f"{value!r}: an integer from 1 to 12")
 
 
 def decode_image(text: str, field: str):

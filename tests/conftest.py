@@ -6,8 +6,12 @@ import os
 import sys
 from pathlib import Path
 
+import json
+
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,3 +56,36 @@ def make_config(shapes_dir, tmp_path):
         return write_config(tmp_path / f"{name}.yaml", tiny_config(shapes_dir, tmp_path / name, **sections))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shapes32(tmp_path_factory) -> Path:
+    from difftrain.data.shapes import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes32"), num_images=48, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, shapes32) -> Path:
+    """A CLIP of a few thousand parameters, trained contrastively on the shapes captions for 120 steps."""
+    from difftrain.curate.tiny import tiny_clip as build
+
+    torch.manual_seed(0)
+    model, processor = build(32)
+    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()]
+    images = [Image.open(shapes32 / row["file_name"]).convert("RGB") for row in rows]
+    captions = [row["text"] for row in rows]
+    batch = processor(text=captions, images=images, return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        pick = torch.randperm(len(rows), generator=order)[:24]
+        loss = model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
+                     pixel_values=batch["pixel_values"][pick], return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

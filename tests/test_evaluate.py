@@ -38,13 +38,6 @@ def inception(networks) -> InceptionFeatures:
     return InceptionFeatures(networks["inception"], batch_size=48)
 
 
-@pytest.fixture(scope="session")
-def shapes32(tmp_path_factory) -> Path:
-    from difftrain.data.shapes import write_shapes_dataset
-
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes32"), num_images=48, size=32, seed=0)
-
-
 def _images(folder: Path) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
 
@@ -126,46 +119,6 @@ def test_missing_weights_offline_name_the_file_its_hash_and_where_to_get_it(tmp_
     assert find_weights(INCEPTION) == cached
     with pytest.raises(EvalError, match="does not exist"):
         find_weights(INCEPTION, tmp_path / "nowhere.pth")
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory, shapes32) -> Path:
-    """A CLIP of a few thousand parameters, trained contrastively on the shapes captions for 120 steps."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from difftrain.models.tiny_sd import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=32,
-    )
-    model = CLIPModel(config)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()]
-    images = [Image.open(shapes32 / row["file_name"]).convert("RGB") for row in rows]
-    captions = [row["text"] for row in rows]
-    batch = processor(text=captions, images=images, return_tensors="pt", padding=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        pick = torch.randperm(len(rows), generator=order)[:24]
-        loss = model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
-                     pixel_values=batch["pixel_values"][pick], return_loss=True).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def test_clip_score_ranks_matching_prompts_over_mismatched_ones(tiny_clip, shapes32):

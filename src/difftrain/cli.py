@@ -74,13 +74,33 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_build(args: argparse.Namespace) -> int:
-    from difftrain.data.shards import build_shards, export_folder
+def _source_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """PATH OUT and the options naming what PATH holds, for the commands that read any source."""
+    parser.add_argument("path", help="what to read: a folder, a jsonl file, a laion filelist, tar(s), or for "
+                        "--source hf a save_to_disk folder, parquet file(s) or glob, or a Hub id")
+    parser.add_argument("out", help=out_help)
+    parser.add_argument("--source", default="folder", choices=["folder", "jsonl", "laion", "webdataset", "hf"])
+    parser.add_argument("--image-key", default="image", help="jsonl: key of the image path; hf: the image column")
+    parser.add_argument("--caption-key", default="caption", help="jsonl: key of the caption; hf: the caption column")
+    parser.add_argument("--split", default="train", help="hf: the split to read")
+    parser.add_argument("--hf-config", help="hf: the Hub data set's configuration (subset) name")
+    parser.add_argument("--revision", help="hf: the Hub data set's branch, tag or commit")
+    parser.add_argument("--streaming", action="store_true", help="hf: stream the data instead of copying it first")
+
+
+def _open_source(args: argparse.Namespace, progress: bool = True):
+    from difftrain.data.hf import HFOptions
     from difftrain.data.sources import open_source
 
-    source = open_source(
-        args.source, args.path, image_key=args.image_key, caption_key=args.caption_key, progress=True
-    )
+    hf = HFOptions(args.image_key, args.caption_key, args.split, args.hf_config, args.revision, args.streaming)
+    return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
+                       progress=progress, hf=hf)
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from difftrain.data.shards import build_shards, export_folder
+
+    source = _open_source(args)
     if source.skipped:
         print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
     if args.format == "folder":
@@ -88,6 +108,76 @@ def _data_build(args: argparse.Namespace) -> int:
     else:
         out = build_shards(source, args.out, args.format, records_per_shard=args.per_shard, gzip=not args.no_gzip)
     print(f"wrote {len(source)} records from {source.description} to {out} ({args.format})")
+    return 0
+
+
+def _data_curate(args: argparse.Namespace) -> int:
+    from difftrain.curate.items import CurateOptions
+    from difftrain.curate.pipeline import curate
+    from difftrain.curate.report import counts
+
+    options = CurateOptions(
+        dedupe=tuple(k for k in args.dedupe.split(",") if k), phash_distance=args.phash_distance,
+        clip_duplicate=args.clip_duplicate, keep=args.keep, min_size=args.min_size, max_aspect=args.max_aspect,
+        min_file_size=args.min_file_size, max_file_size=args.max_file_size, clip_model=args.clip,
+        clip_min=args.clip_min, aesthetic=args.aesthetic, aesthetic_min=args.aesthetic_min,
+        captioner=args.caption, caption_mode=args.caption_mode, caption_prompt=args.caption_prompt,
+        caption_prefix=args.caption_prefix, caption_max_tokens=args.caption_max_tokens, format=args.format,
+        per_shard=args.per_shard, batch_size=args.batch_size, device=args.device, force=args.force,
+        shard=_shard_arg(args.shard), progress=not args.no_progress,
+        report_dir=Path(args.report) if args.report else None,
+        **({"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}),
+    )
+    result = curate(_open_source(args, progress=not args.no_progress), args.out, options)
+    if result is None:  # an accelerate rank other than 0: rank 0 reports
+        return 0
+    summary = counts(result.items)
+    dropped = ", ".join(f"{n} {step}" for step, n in summary["dropped"].items()) or "none"
+    where = f"cached features for records {result.items[0].index}-{result.items[-1].index}" if options.shard else (
+        f"wrote {summary['kept']} records to {result.out}; report in {result.report_dir}")
+    print(f"{summary['records']} records: {summary['kept']} kept, dropped: {dropped}. {where}")
+    return 0
+
+
+def _shard_arg(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise DifftrainError(f"--shard {text}: give it as i/N, e.g. 0/4") from None
+    return index, count
+
+
+def _data_download(args: argparse.Namespace) -> int:
+    from difftrain.data.download import REPORT_NAME, DownloadOptions, download, merge, summary_lines
+    from difftrain.data.sources import LIST_NAME
+
+    out = Path(args.out)
+    if args.merge_only:
+        report = merge(out)
+    else:
+        options = DownloadOptions(
+            url_col=args.url_col, caption_col=args.caption_col, format=args.format, per_shard=args.per_shard,
+            gzip=not args.no_gzip, workers=args.workers, timeout=args.timeout, retries=args.retries,
+            max_bytes=args.max_bytes, respect_opt_out=not args.ignore_opt_out, resize=args.resize,
+            resize_mode=args.resize_mode, upscale=args.upscale, encode_format=args.encode_format,
+            encode_quality=args.encode_quality, max_pixels=args.max_pixels, shard=_shard_arg(args.shard),
+            progress=not args.quiet,
+        )
+        result = download(args.urls, out, options)
+        whole = result.report is not None and result.report["rows"] == result.run["rows"]
+        if result.shards and not whole:  # part of the download: say what this run did, then the whole
+            print(f"this run, {len(result.shards)} shard(s): " + "; ".join(summary_lines(result.run)))
+        if result.report is None:
+            print(f"{result.done} of {result.total_shards} shards are done; the process that finishes the last one "
+                  f"writes {LIST_NAME} (or run this command again with --merge-only)")
+            return 0
+        report = result.report
+    print("\n".join(summary_lines(report)))
+    files = len(report["files"])
+    print(f"wrote {out / LIST_NAME} ({files} {report['plan']['format']} shard{'s' if files != 1 else ''}) and "
+          f"{out / REPORT_NAME}")
     return 0
 
 
@@ -337,15 +427,68 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_data_check)
 
     build = data.add_parser("build", help="convert a folder, jsonl, laion parts or webdataset tars into shards, or back")
-    build.add_argument("path", help="what to read: a folder, a jsonl file, a laion filelist, or tar(s)")
-    build.add_argument("out", help="output folder")
-    build.add_argument("--source", default="folder", choices=["folder", "jsonl", "laion", "webdataset"])
+    _source_arguments(build, "output folder")
     build.add_argument("--format", default="laion", choices=["laion", "webdataset", "folder"])
     build.add_argument("--per-shard", type=int, default=1000, help="records per part/tar (default 1000)")
     build.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
-    build.add_argument("--image-key", default="image", help="jsonl: key of the image path")
-    build.add_argument("--caption-key", default="caption", help="jsonl: key of the caption")
     build.set_defaults(run=_data_build)
+
+    down = data.add_parser("download", help="download a table of image URLs into laion parts or webdataset tars")
+    down.add_argument("urls", help="parquet, csv, tsv or jsonl with a url and a caption column, or a .txt of URLs")
+    down.add_argument("out", help="output folder; a re-run continues what is there")
+    down.add_argument("--url-col", default="url")
+    down.add_argument("--caption-col", default="caption", help="'' for no captions")
+    down.add_argument("--format", default="webdataset", choices=["webdataset", "laion"])
+    down.add_argument("--per-shard", type=int, default=1000, help="input rows per shard (default 1000)")
+    down.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
+    down.add_argument("--workers", type=int, default=16, help="download threads (default 16)")
+    down.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    down.add_argument("--retries", type=int, default=2, help="after timeouts, connection errors, 5xx, 429 (default 2)")
+    down.add_argument("--max-bytes", type=int, default=20_000_000, help="largest response read (default 20 MB)")
+    down.add_argument("--ignore-opt-out", action="store_true",
+                      help="also keep images whose server sends X-Robots-Tag: noai/noimageai/noindex/noimageindex")
+    down.add_argument("--resize", type=int, metavar="N", help="target side in px (default: keep the size)")
+    down.add_argument("--resize-mode", default="keep_ratio", choices=["keep_ratio", "center_crop", "border", "no"],
+                      help="keep_ratio: shorter side N; center_crop: N x N; border: longer side N, padded to N x N")
+    down.add_argument("--upscale", action="store_true", help="let --resize enlarge smaller images")
+    down.add_argument("--encode-format", default="jpg", choices=["jpg", "png", "webp"])
+    down.add_argument("--encode-quality", type=int, default=95, help="jpg/webp quality (default 95)")
+    down.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb guard (default 64M)")
+    down.add_argument("--shard", help="i/N: only the shards k with k %% N == i (default: RANK/WORLD_SIZE if set)")
+    down.add_argument("--merge-only", action="store_true",
+                      help="only write filelist.txt and download_report.json from the finished shards")
+    down.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
+    down.set_defaults(run=_data_download)
+
+    cur = data.add_parser("curate", help="filter, dedupe and caption a data set into a new one, with a report")
+    _source_arguments(cur, "output folder (the report goes beside it, in OUT-report)")
+    cur.add_argument("--format", default="folder", choices=["folder", "laion", "webdataset"], help="what to write")
+    cur.add_argument("--per-shard", type=int, default=1000, help="records per part/tar (shard formats)")
+    cur.add_argument("--dedupe", default="exact", help="comma list of exact, phash, clip ('' for none; default exact)")
+    cur.add_argument("--phash-distance", type=int, default=4, help="near-duplicates: at most this many of 64 bits apart")
+    cur.add_argument("--clip-duplicate", type=float, default=0.95, help="--dedupe clip: cosine at or above which two images are one")
+    cur.add_argument("--keep", default="largest", choices=["largest", "first"], help="which member of a duplicate group stays")
+    cur.add_argument("--min-size", type=int, default=0, help="drop images whose shorter side is below this (px)")
+    cur.add_argument("--max-aspect", type=float, help="drop images whose long/short side ratio is above this")
+    cur.add_argument("--min-file-size", type=int, default=0, help="bytes")
+    cur.add_argument("--max-file-size", type=int, help="bytes")
+    cur.add_argument("--clip", help="CLIP folder or hub id (default openai/clip-vit-large-patch14 when a step needs one)")
+    cur.add_argument("--clip-min", type=float, help="drop records whose image-caption CLIP cosine is below this (LAION: 0.28 with ViT-B/32)")
+    cur.add_argument("--aesthetic", help="LAION aesthetic predictor weights (.pth or .safetensors)")
+    cur.add_argument("--aesthetic-min", type=float, help="drop images scoring below this (the seed suggests 6.5)")
+    cur.add_argument("--caption", help="image-to-text model folder or hub id (BLIP, BLIP-2, GIT, Florence-2, ...)")
+    cur.add_argument("--caption-mode", default="fill-missing", choices=["replace", "fill-missing", "append"])
+    cur.add_argument("--caption-prompt", help="text the captioner starts from (Florence-2: <MORE_DETAILED_CAPTION>)")
+    cur.add_argument("--caption-prefix", default="", help="put in front of every caption, e.g. 'sks dog, '")
+    cur.add_argument("--caption-max-tokens", type=int, default=40)
+    cur.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    cur.add_argument("--device", default="cpu")
+    cur.add_argument("--cache-dir", help="where model outputs are kept by content (default ~/.cache/difftrain/curate)")
+    cur.add_argument("--report", help="report folder (default OUT-report)")
+    cur.add_argument("--shard", help="i/N: only fill the cache for slice i of N; a final run without it writes")
+    cur.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    cur.add_argument("--no-progress", action="store_true")
+    cur.set_defaults(run=_data_curate)
 
     model = commands.add_parser("model", help="make models").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("tiny-sd", help="write a tiny random Stable Diffusion (diffusers format) for tests")

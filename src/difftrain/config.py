@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from difftrain.errors import ConfigError
 from difftrain.evaluate.names import METRICS, RESULTS
@@ -42,13 +42,65 @@ class CacheConfig(Section):
     dir: Optional[str] = Field(None, description="cache folder; default <output_dir>/cache. Entries are keyed by content")
 
 
+class AugmentConfig(Section):
+    """Training-time augmentation with torchvision's parameter meanings (see difftrain.data.augment).
+
+    Everything is off by default: a run without this section draws exactly what it drew before.
+    """
+
+    crop_scale: Optional[tuple[float, float]] = Field(
+        None, description="random-resized crop: [min, max] share of the image's area, e.g. [0.8, 1.0]; it replaces "
+                          "data.crop (centre or random); null = off")
+    crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="random-resized crop: [min, max] aspect of the crop, relative to the output's "
+                                    "(1 = the bucket's own shape)")
+    rotation: float = Field(0.0, ge=0, le=180, description="rotate by a uniform angle in [-rotation, rotation] "
+                                                           "degrees, zoomed to keep the corners filled; 0 = off")
+    brightness: float = Field(0.0, ge=0, description="colour jitter: factor uniform in [max(0, 1-b), 1+b]; 0 = off")
+    contrast: float = Field(0.0, ge=0, description="colour jitter: factor uniform in [max(0, 1-c), 1+c]; 0 = off")
+    saturation: float = Field(0.0, ge=0, description="colour jitter: factor uniform in [max(0, 1-s), 1+s]; 0 = off")
+    hue: float = Field(0.0, ge=0, le=0.5, description="colour jitter: hue turned by a uniform share in [-h, h] of "
+                                                      "the circle; 0 = off")
+    probability: float = Field(1.0, ge=0, le=1, description="share of samples augmented; the rest get the plain "
+                                                            "crop and flip")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_is_a_share(cls, scale: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError("must be [min, max] with 0 < min <= max <= 1 (shares of the image's area)")
+        return scale
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_is_a_range(cls, ratio: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError("must be [min, max] with 0 < min <= max (aspect ratios, e.g. [0.75, 1.333])")
+        return ratio
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale is not None or any(
+            (self.rotation, self.brightness, self.contrast, self.saturation, self.hue))
+
+
 class DataConfig(Section):
-    source: Literal["folder", "jsonl", "laion", "webdataset"] = "folder"
-    path: str = Field(description="image folder, jsonl file, laion filelist, or webdataset tar(s)")
+    source: Literal["folder", "jsonl", "laion", "webdataset", "hf"] = "folder"
+    path: str = Field(description="image folder, jsonl file, laion filelist, webdataset tar(s), or for hf: a "
+                                  "save_to_disk folder, parquet file(s) or glob, or a Hub id")
     captions: Literal["auto", "metadata", "txt", "none"] = "auto"
     caption_extension: str = ".txt"
     image_key: str = Field("image", description="jsonl: the key holding the image path")
     caption_key: str = Field("caption", description="jsonl: the key holding the caption (a string or a list)")
+    image_column: str = Field("image", description="hf: the column holding the image (Image feature, bytes or a path)")
+    caption_column: Optional[str] = Field(
+        "caption", description="hf: the column holding the caption (a string or a list); null: no captions"
+    )
+    split: str = Field("train", description="hf: the split to read (of a saved DatasetDict or a Hub data set)")
+    hf_config: Optional[str] = Field(None, description="hf: the Hub data set's configuration (subset) name")
+    revision: Optional[str] = Field(None, description="hf: the Hub data set's branch, tag or commit")
+    streaming: bool = Field(False, description="hf: stream parquet or Hub data instead of copying it (data larger "
+                                               "than the disk); the first open reads it all once to index it")
     resolution: int = Field(32, ge=8, le=4096)
     crop: Literal["center", "random"] = "center"
     random_flip: bool = True
@@ -58,6 +110,7 @@ class DataConfig(Section):
     )
     buckets: BucketConfig = Field(default_factory=BucketConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
     def _resolution_fits_unet(self) -> "DataConfig":
@@ -68,9 +121,13 @@ class DataConfig(Section):
                 f"data.buckets.step = {self.buckets.step}: must divide data.resolution = {self.resolution} "
                 "(the square bucket is resolution x resolution)"
             )
-        if self.buckets.enabled and self.source in ("laion", "webdataset") and not self.cache.latents:
+        if self.streaming and self.source != "hf":
+            raise ValueError(f"data.streaming = true applies to data.source = hf, not {self.source}")
+        sharded = self.source in ("laion", "webdataset") or self.streaming
+        if self.buckets.enabled and sharded and not self.cache.latents:
+            kind = f"{self.source} streamed" if self.streaming else self.source
             raise ValueError(
-                f"data.buckets with data.source = {self.source}: batches of one bucket jump between shards, "
+                f"data.buckets with data.source = {kind}: batches of one bucket jump between shards, "
                 "and each jump rereads a shard; set data.cache.latents: true (training then reads the cache)"
             )
         return self
@@ -404,6 +461,13 @@ class LatentRun(RunConfig):
             raise ValueError(
                 "data.cache.latents = true with data.crop = random: a cached latent has one crop; "
                 "set data.crop: center (random_flip is fine, both flips are cached)"
+            )
+        if data.cache.latents and data.augment.active:
+            raise ValueError(
+                "data.augment with data.cache.latents = true: a latent cache stores one view of each image (its "
+                "centre crop, and its mirror image when data.random_flip is on), so every epoch would train on the "
+                "same frozen view; turn data.cache.latents off to augment, or keep the cache, remove data.augment "
+                "and rely on data.random_flip (both flips are cached, one is drawn per sample)"
             )
         return self
 

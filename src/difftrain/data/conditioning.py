@@ -3,7 +3,8 @@
 A record's conditioning image is a file it carries (see folder.ConditioningFiles) or, when
 the data holds none, the training image itself; a preprocessor may then turn it into what
 the model reads (canny edges, a depth map, a pose). It goes through exactly the transform
-its image goes through - the same cover-resize, crop box and flip - so an edge or a mask
+its image goes through - the same cover-resize, crop box and flip, and with data.augment the
+same random-resized crop and rotation (colour jitter is the image's alone) - so an edge or a mask
 stays on the pixels it describes. A conditioning image of another size than its image is
 first stretched to the image's size, then cropped with it. Preprocessors run after the
 crop, at the training size: the same order `difftrain generate` uses, so a model sees at
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difftrain.data.augment import AugmentPlan, place
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import BadImage, load_image_bytes
-from difftrain.data.transforms import CropPlan, apply_plan
+from difftrain.data.transforms import CropPlan
 
 PASS_THROUGH = ("none", "mask", "segmentation")  # the file is the condition as it is
 # Model-based annotators, through controlnet_aux, with weights from a local folder.
@@ -146,11 +148,11 @@ class Conditions:
             raise BadImage(f"its conditioning image: {reason}") from None
 
     def transform(self, condition: Image.Image, image_size: tuple[int, int], size: tuple[int, int],
-                  plan: CropPlan) -> torch.Tensor:
+                  plan: CropPlan | AugmentPlan) -> torch.Tensor:
         """uint8 CHW at `size`: stretched to its image's size if it differs, then `plan`, then the preprocessor."""
         if condition.size != image_size:
             condition = condition.resize(image_size, self.preprocess.resample)
-        return to_unit_tensor(self.preprocess(apply_plan(condition, size, plan, self.preprocess.resample)))
+        return to_unit_tensor(self.preprocess(place(condition, size, plan, self.preprocess.resample)))
 
     def digest(self, record) -> bytes:
         """What a cached condition of this record depends on besides size and flip."""

@@ -1,6 +1,6 @@
 """A torch Dataset over a record source, keyed by (epoch, batch, index) from the sampler.
 
-Each item's randomness (which caption, crop, flip) comes from a `random.Random` seeded by
+Each item's randomness (which caption, crop, flip, augmentation) comes from a `random.Random` seeded by
 (seed, epoch, index), so an item is the same whichever worker builds it and whether or
 not the run was resumed in between. A record that turns out unreadable is replaced by the
 next readable one and counted, never fatal.
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from difftrain.data.augment import Augment, plan_view, render
 from difftrain.data.cache import CacheEncoders, TensorCache, content_key
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import BadImage, load_image_bytes
@@ -47,6 +48,7 @@ class ImageDataset(Dataset):
         buckets: Callable[[int], tuple[int, int]] | None = None,
         fixed_caption: str | None = None,
         conditions: Conditions | None = None,
+        augment: Augment | None = None,
     ):
         self.source = source
         self.resolution = resolution
@@ -57,6 +59,7 @@ class ImageDataset(Dataset):
         self.buckets = buckets  # index -> (width, height) of its aspect bucket
         self.fixed_caption = fixed_caption  # DreamBooth: every image has the instance (or class) prompt
         self.conditions = conditions  # ControlNet: items carry "conditioning_pixels", uint8 CHW
+        self.augment = augment  # None: the plain crop and flip, drawn exactly as before augmentation existed
         # Filled by fill_cache:
         self.latent_cache: TensorCache | None = None
         self.text_cache: TensorCache | None = None
@@ -108,8 +111,8 @@ class ImageDataset(Dataset):
             position, record, image, condition, item["skipped"] = self._read(index)
             captions = tuple(record.captions)
             size = self.target_size(position)
-            plan = plan_crop(image.size, size, self.crop, self.flip, rng)  # one plan: image and condition alike
-            item["pixel_values"] = to_tensor(apply_plan(image, size, plan))
+            plan = plan_view(image.size, size, self.crop, self.flip, self.augment, rng)  # image and condition alike
+            item["pixel_values"] = to_tensor(render(image, size, plan))
             if condition is not None:
                 item["conditioning_pixels"] = self.conditions.transform(condition, image.size, size, plan)
         if self.fixed_caption is not None:

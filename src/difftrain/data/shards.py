@@ -167,9 +167,10 @@ def _folder_name(key: str, index: int, width: int, extension: str, used: set[str
 class _ShardWriter:
     """Numbered shards of at most `per_shard` records, each renamed into place when it is full."""
 
-    def __init__(self, out: Path, per_shard: int):
+    def __init__(self, out: Path, per_shard: int, first: int = 0):
         self.out = out
         self.per_shard = per_shard
+        self.first = first  # the first shard's number: a downloader writes shard k on its own
         self.names: list[str] = []
         self._raw: BinaryIO | None = None
         self._count = 0
@@ -191,15 +192,20 @@ class _ShardWriter:
         return []
 
     @property
+    def number(self) -> int:
+        """The number of the shard being written, or of the next one."""
+        return self.first + len(self.names)
+
+    @property
     def _partial(self) -> Path:
-        return self.out / f"{self.shard_name(len(self.names))}.tmp"
+        return self.out / f"{self.shard_name(self.number)}.tmp"
 
     def add(self, record: RawRecord) -> None:
         if self._raw is None:
             self._raw = open(self._partial, "wb")
             self._begin(self._raw)
             self._count = 0
-        self._write(record, self.per_shard * len(self.names) + self._count)
+        self._write(record, self.per_shard * self.number + self._count)
         self._count += 1
         if self._count == self.per_shard:
             self._seal()
@@ -211,7 +217,7 @@ class _ShardWriter:
         os.fsync(self._raw.fileno())
         self._raw.close()
         self._raw = None
-        name = self.shard_name(len(self.names))
+        name = self.shard_name(self.number)
         os.replace(self.out / f"{name}.tmp", self.out / name)
         self.names.append(name)
 
@@ -229,8 +235,8 @@ class _ShardWriter:
 
 
 class _LaionWriter(_ShardWriter):
-    def __init__(self, out: Path, per_shard: int, compress: bool):
-        super().__init__(out, per_shard)
+    def __init__(self, out: Path, per_shard: int, compress: bool, first: int = 0):
+        super().__init__(out, per_shard, first)
         self.compress = compress
         self._stream: BinaryIO | None = None
         self.dropped_captions = 0  # records whose extra captions the format has no room for
@@ -250,7 +256,12 @@ class _LaionWriter(_ShardWriter):
         self.flattened += clean != caption
         self.dropped_captions += len(record.captions) > 1
         assert self._stream is not None
-        self._stream.write(clean.encode("utf-8") + b"\t\t" + base64.b64encode(record.data) + b"\n")
+        self._stream.write(clean.encode("utf-8") + b"\t" + self.placeholder(record) + b"\t"
+                           + base64.b64encode(record.data) + b"\n")
+
+    def placeholder(self, record: RawRecord) -> bytes:
+        """The middle column, which readers skip: empty here; a downloader keeps its metadata JSON there."""
+        return b""
 
     def _end(self) -> None:
         if self.compress and self._stream is not None:
@@ -269,8 +280,8 @@ class _LaionWriter(_ShardWriter):
 
 
 class _TarWriter(_ShardWriter):
-    def __init__(self, out: Path, per_shard: int):
-        super().__init__(out, per_shard)
+    def __init__(self, out: Path, per_shard: int, first: int = 0):
+        super().__init__(out, per_shard, first)
         self._tar: tarfile.TarFile | None = None
 
     def shard_name(self, number: int) -> str:
@@ -280,13 +291,20 @@ class _TarWriter(_ShardWriter):
         self._tar = tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT)
 
     def _write(self, record: RawRecord, number: int) -> None:
-        key = f"{number:09d}"  # img2dataset's naming: no dots, sorts in order
+        key = self.sample_key(record, number)
         extension = image_extension(record)  # before anything is added: a bad record leaves no member behind
-        meta = json.dumps({"captions": record.captions, "source": record.key}, ensure_ascii=False).encode()
+        meta = json.dumps(self.metadata(record), ensure_ascii=False).encode()
         self._add(f"{key}{extension}", record.data)
         if record.captions:
             self._add(f"{key}.txt", record.captions[0].encode("utf-8"))
         self._add(f"{key}.json", meta)
+
+    def sample_key(self, record: RawRecord, number: int) -> str:
+        return f"{number:09d}"  # img2dataset's naming: no dots, sorts in order
+
+    def metadata(self, record: RawRecord) -> dict:
+        """The sample's .json member."""
+        return {"captions": record.captions, "source": record.key}
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)

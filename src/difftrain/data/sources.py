@@ -12,81 +12,39 @@ Two families:
   shard in memory, so a sampler that visits shard by shard reads each file once per
   epoch whatever the data set's size.
 
-Indexing a shard source streams each shard once with flat memory. With `index_dir`, each
-shard's index is cached under a hash of its path, size and mtime, so opening the same
-data again reads no shard, and a changed shard is indexed again on its own.
+Hugging Face data sets ("hf", data/hf.py) are either: an Arrow table with random access,
+or, streamed, a shard source whose shards are the stream's data files.
+
+What a record is, the RecordSource interface and the shard machinery (indexing each shard
+once, its cache under `index_dir`, one shard in memory) are in records.py, below every source.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import bisect
 import gzip
-import hashlib
 import json
 import tarfile
-import zlib
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from difftrain.atomic import write_text
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
-from difftrain.data.images import BadImage, check_size, image_size_from_bytes, image_size_from_file
+from difftrain.data.images import BadImage, check_size, image_size_from_file
+# The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
+from difftrain.data.records import BadRecord, RawRecord, RecordSource, ShardSource, _describe, _Entry, caption_list
 
-KINDS = ("folder", "jsonl", "laion", "webdataset")
+if TYPE_CHECKING:
+    from difftrain.data.hf import HFOptions
+
+KINDS = ("folder", "jsonl", "laion", "webdataset", "hf")
 # Image members of a webdataset sample, in order of preference when a sample has several.
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_NAME = "filelist.txt"  # what build_shards writes; a folder holding one is read through it
-INDEX_VERSION = 1  # bump when the cached index layout or meaning changes
-# Anything that means "this shard file is broken from here on"; the records before it still count.
-SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
-
-
-class BadRecord(Exception):
-    """A record that cannot be read as stored; str() is the one-line reason, naming the record."""
-
-
-@dataclass
-class RawRecord:
-    key: str  # stable id for reports and caches: "cats/001.png", "part-00003.gz:17", "shard-000001.tar:000000017"
-    data: bytes  # the encoded image exactly as stored
-    captions: list[str]  # zero or more; the trainer picks one per sample
-    conditioning: bytes | None = None  # its conditioning image file, encoded, for sources that hold one
-
-
-class RecordSource(ABC):
-    description: str  # one line for the run summary
-    skipped: list[tuple[str, str]]  # (where, reason) for everything left out while indexing
-    shard_sizes: list[int] | None  # None: cheap random access; else usable records per shard, in order
-    sizes: np.ndarray  # (N, 2) int32 upright (width, height) per record
-    uncaptioned: int  # records with no caption at all
-    has_conditioning: bool = False  # every record carries a conditioning image file
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def read(self, index: int) -> RawRecord:
-        """Record `index` (0 <= index < len); raises BadRecord if it cannot be read as stored."""
-
-    def stored_files(self) -> list[tuple[str, str, list[str]]]:
-        """(key, path, captions held outside the file) for each file the records come from
-        (resume compares them); a source with no files of its own lists none."""
-        return []
-
-    def report_lines(self) -> list[str]:
-        lines = [self.description]
-        if self.skipped:
-            lines.append(f"{len(self.skipped)} skipped:")
-            lines += [f"  {where}: {reason}" for where, reason in self.skipped]
-        return lines
 
 
 def open_source(
@@ -101,8 +59,11 @@ def open_source(
     index_dir: str | Path | None = None,
     progress: bool = True,
     conditioning: ConditioningFiles | None = None,
+    hf: HFOptions | None = None,
 ) -> RecordSource:
     """Index the data at `path` stored as `kind` (one of KINDS); see the module docstring.
+
+    `hf` says what to read from a Hugging Face data set (kind "hf", see data/hf.py).
 
     With `conditioning`, each record also carries its conditioning image file (folder and
     jsonl sources; see folder.ConditioningFiles); a record whose file is missing or has an
@@ -126,29 +87,13 @@ def open_source(
         raise DatasetError(f"conditioning images from a folder with data.source = {kind}: they are read beside "
                            "folder and jsonl sources; export the data with `difftrain data build --format folder`, "
                            "or compute them from the images with a preprocessor (canny)")
+    if kind == "hf":
+        from difftrain.data.hf import HFOptions, open_hf
+
+        return open_hf(str(path), hf or HFOptions(), captions != "none", max_pixels,
+                       Path(index_dir) if index_dir else None, progress)
     cls = LaionSource if kind == "laion" else WebDatasetSource
     return cls(Path(path), captions != "none", max_pixels, Path(index_dir) if index_dir else None, progress)
-
-
-def caption_list(value: object) -> list[str]:
-    """A stored caption value (a string or a list of strings) as a list without blank entries."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise BadRecord(f"a caption must be a string or a list of strings, found {type(value).__name__}")
-    return [item for item in value if item.strip()]
-
-
-def _describe(
-    head: str, count: int, noun: str, skipped: int, uncaptioned: int, shards: str = "", where: str = ""
-) -> str:
-    """e.g. "laion parts: 3 parts, 2,400 records, 2 skipped (see the data report) (data/laion/filelist.txt)"."""
-    text = f"{head}: " + (f"{shards}, " if shards else "") + f"{count:,} {noun}"
-    if uncaptioned:
-        text += f", {uncaptioned:,} without caption"
-    if skipped:
-        text += f", {skipped:,} skipped (see the data report)"
-    return text + (f" ({where})" if where else "")
 
 
 # --- files on disk ------------------------------------------------------------------------
@@ -311,154 +256,6 @@ def _open_binary(path: Path) -> BinaryIO:
         magic = file.read(2)
     # gzip.open owns the file it opens, so closing the stream closes the file too.
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
-
-
-@dataclass
-class _Entry:
-    position: int  # where in the shard: a line number (laion) or a sample ordinal (webdataset)
-    key: str
-    where: str  # how a report names it
-    record: RawRecord | None
-    problem: str | None = None
-
-
-class ShardSource(RecordSource):
-    """Records stored in shard files read front to back; one shard is held in memory at a time."""
-
-    kind = ""
-    shard_noun = "shard"
-    noun = "records"
-    position_noun = "record"
-
-    def __init__(self, path: Path, use_captions: bool, max_pixels: int, index_dir: Path | None, progress: bool):
-        self._use_captions = use_captions
-        self._max_pixels = max_pixels
-        shards, self.skipped = self._shard_list(path)
-        self.shards_indexed = 0  # shards streamed by this open
-        self.shards_from_cache = 0  # shards whose index came from index_dir
-        self.shard_loads = 0  # shards read by read() in this process
-        self._labels: list[str] = []
-        self._paths: list[str] = []
-        self._positions: list[np.ndarray] = []
-        sizes: list[np.ndarray] = []
-        self.uncaptioned = 0
-        bar = tqdm(shards, desc=f"indexing {self.kind} shards", unit="shard", disable=not progress, leave=False)
-        for label, shard in bar:
-            index = self._index(label, shard, index_dir)
-            self.skipped += [tuple(item) for item in index["skipped"]]
-            self.uncaptioned += index["uncaptioned"]
-            if index["positions"]:  # a shard with no usable record is left out of the order altogether
-                self._labels.append(label)
-                self._paths.append(str(shard))
-                self._positions.append(np.asarray(index["positions"], dtype=np.int64))
-                sizes.append(np.asarray(index["sizes"], dtype=np.int32).reshape(-1, 2))
-        if not self._positions:
-            detail = f"; e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
-            raise DatasetError(f"no usable records in {path}{detail}")
-        self.shard_sizes = [len(p) for p in self._positions]
-        self._ends = np.cumsum(self.shard_sizes).tolist()
-        self.sizes = np.concatenate(sizes)
-        counted = f"{len(self._labels)} {self.shard_noun}" + ("s" if len(self._labels) != 1 else "")
-        if len(shards) > len(self._labels):
-            counted += f" (and {len(shards) - len(self._labels)} with no usable record)"
-        self.description = _describe(
-            f"{self.kind} {self.shard_noun}s", len(self), self.noun, len(self.skipped), self.uncaptioned,
-            shards=counted, where=str(path),
-        )
-        self._loaded: tuple[int, list[RawRecord | str]] | None = None
-
-    # What a kind provides: its list of shards, and the entries of one shard in order.
-    def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
-        raise NotImplementedError
-
-    def _entries(self, label: str, path: Path) -> Iterator[_Entry]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return self._ends[-1]
-
-    def stored_files(self) -> list[tuple[str, str, list[str]]]:
-        return [(label, path, []) for label, path in zip(self._labels, self._paths)]  # captions are inside
-
-    def __getstate__(self) -> dict:
-        # A worker process gets the index, not the parent's loaded shard (nor any open file: none is kept).
-        state = self.__dict__.copy()
-        state["_loaded"] = None
-        return state
-
-    def read(self, index: int) -> RawRecord:
-        if not 0 <= index < len(self):
-            raise IndexError(f"record {index} is out of range for a source of {len(self)} records")
-        shard = bisect.bisect_right(self._ends, index)
-        if self._loaded is None or self._loaded[0] != shard:
-            self._loaded = None  # let the old shard go before the new one is read
-            self._loaded = (shard, self._load(shard))
-        item = self._loaded[1][index - (self._ends[shard - 1] if shard else 0)]
-        if isinstance(item, str):
-            raise BadRecord(item)
-        return item
-
-    def _load(self, shard: int) -> list[RawRecord | str]:
-        """Every usable record of one shard, in index order; a str stands for one that broke since."""
-        label, path, wanted = self._labels[shard], Path(self._paths[shard]), self._positions[shard]
-        self.shard_loads += 1
-        found: dict[int, RawRecord | str] = {}
-        targets = set(wanted.tolist())
-        broken = "the shard has fewer records than when it was indexed"
-        try:
-            for entry in self._entries(label, path):
-                if entry.position in targets:
-                    found[entry.position] = entry.record or f"{entry.where}: {entry.problem}"
-        except SHARD_ERRORS as exc:
-            broken = f"the shard is unreadable there: {exc}"
-        gone = f"is gone ({broken}); open the data again"
-        return [found.get(p) or f"{label}: {self.position_noun} {p} {gone}" for p in wanted.tolist()]
-
-    def _index(self, label: str, path: Path, index_dir: Path | None) -> dict:
-        cache = None
-        if index_dir is not None and path.is_file():  # a shard gone since listing is reported by the indexing
-            stat = path.stat()
-            identity = [INDEX_VERSION, self.kind, label, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-                        self._max_pixels, self._use_captions]
-            digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-            cache = index_dir / f"{self.kind}-{digest[:40]}.json"
-            try:
-                index = json.loads(cache.read_text())
-                if index.get("version") == INDEX_VERSION:
-                    self.shards_from_cache += 1
-                    return index
-            except (OSError, ValueError, AttributeError):
-                pass  # not cached yet, or a damaged entry: index the shard again
-        index = self._index_shard(label, path)
-        self.shards_indexed += 1
-        if cache is not None:
-            write_text(cache, json.dumps(index), sync=False)  # an index is cheap to rebuild
-        return index
-
-    def _index_shard(self, label: str, path: Path) -> dict:
-        positions: list[int] = []
-        sizes: list[tuple[int, int]] = []
-        skipped: list[tuple[str, str]] = []
-        uncaptioned = 0
-        try:
-            for entry in self._entries(label, path):
-                if entry.record is None:
-                    skipped.append((entry.where, entry.problem or "unreadable"))
-                    continue
-                try:
-                    width, height = image_size_from_bytes(entry.record.data)
-                    check_size(width, height, self._max_pixels)
-                except BadImage as reason:
-                    skipped.append((entry.where, str(reason)))
-                    continue
-                positions.append(entry.position)
-                sizes.append((width, height))
-                uncaptioned += not entry.record.captions
-        except SHARD_ERRORS as exc:
-            kept = f"the {len(positions)} records before it are used" if positions else "nothing in it is used"
-            skipped.append((label, f"unreadable: {exc}; {kept}"))
-        return {"version": INDEX_VERSION, "positions": positions, "sizes": sizes, "skipped": skipped,
-                "uncaptioned": uncaptioned}
 
 
 class LaionSource(ShardSource):

@@ -47,18 +47,34 @@ class ClipScorer:
         self.info = {"model": str(model), "scale": "100 x max(cos, 0) per image, mean"}
 
     @torch.no_grad()
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, D) float32 unit-length image embeddings."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(_unit(self.model.get_image_features(pixel_values=pixels)))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(N, D) float32 unit-length text embeddings; prompts past the context are truncated."""
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            tokens = self.processor(text=prompts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                    truncation=True).to(self.device)
+            out.append(_unit(self.model.get_text_features(input_ids=tokens["input_ids"],
+                                                          attention_mask=tokens["attention_mask"])))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
+
     def scores(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         """One score per (image, prompt) pair."""
         if len(images) != len(prompts):
             raise ValueError("one prompt per image")
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            inputs = self.processor(text=prompts[batch], images=[im.convert("RGB") for im in images[batch]],
-                                    return_tensors="pt", padding=True, truncation=True).to(self.device)
-            image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            image, text = (getattr(x, "pooler_output", x) for x in (image, text))
-            cosine = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
-            out.append(100 * cosine.clamp(min=0).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+        return 100 * cosine.clamp(min=0)
+
+
+def _unit(features) -> torch.Tensor:
+    features = getattr(features, "pooler_output", features)  # some transformers versions return an output object
+    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()

@@ -81,9 +81,11 @@ class TrainingEvaluation:
         if s.reference:  # real images of the user's choosing
             records = open_records(s.reference, s.reference_source or "folder", s.reference_max, s.seed)
         else:  # the training data, read as training reads it
+            from difftrain.training.run_data import hf_options
+
             records = open_records(data.path, data.source, s.reference_max, s.seed, image_key=data.image_key,
                                    caption_key=data.caption_key, captions=data.captions,
-                                   caption_extension=data.caption_extension)
+                                   caption_extension=data.caption_extension, hf=hf_options(data))
         if method.takes_prompts:
             self.prompts = prompt_list(s.num_images, s.images_per_prompt, s.seed, records, prompts=list(s.prompts))
         else:

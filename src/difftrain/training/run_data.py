@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difftrain.config import RunConfig
+from difftrain.config import DataConfig, RunConfig
+from difftrain.data.augment import Augment
 from difftrain.data.conditioning import Conditions, Preprocess
 from difftrain.data.dataset import ImageDataset
 from difftrain.data.folder import ConditioningFiles
+from difftrain.data.hf import HFOptions
 from difftrain.data.sampler import EpochBatchSampler, ResumableBatches
 
 
@@ -39,6 +41,7 @@ def open_images(
         index_dir=Path(cache_dir(config)) / "index",
         progress=progress,
         conditioning=conditioning[0] if conditioning else None,
+        hf=hf_options(data),
     )
     conditions = None
     if conditioning:
@@ -50,9 +53,10 @@ def open_images(
 
         sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
         buckets = BucketLookup(assign_buckets(records.sizes, sizes), sizes)
+    augment = Augment(**data.augment.model_dump()) if data.augment.active else None
     return ImageDataset(
         records, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption,
-        conditions,
+        conditions, augment,
     )
 
 
@@ -66,6 +70,11 @@ def build_sampler(config: RunConfig, dataset: ImageDataset, rank: int, world_siz
             lookup.bucket_ids, batch_size, seed, rank, world_size, shard_sizes=shards, buckets=lookup.sizes
         )
     return EpochBatchSampler(len(dataset), batch_size, seed, rank=rank, world_size=world_size, shard_sizes=shards)
+
+
+def hf_options(data: DataConfig) -> HFOptions:
+    """What `data:` says to read from a Hugging Face data set (data.source = hf)."""
+    return HFOptions(data.image_column, data.caption_column, data.split, data.hf_config, data.revision, data.streaming)
 
 
 def cache_dir(config: RunConfig) -> str:

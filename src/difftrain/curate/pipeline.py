@@ -1,0 +1,390 @@
+"""`difftrain data curate`: one pass of filters over any source, a curated copy, and a report.
+
+The steps, in the order they drop a record (each record is dropped by the first that
+rejects it, and the report says which, why, and with what score):
+
+1. read       the bytes, the image header and (when a later step needs pixels) a full decode;
+2. size       shorter side, aspect ratio and file size limits;
+3. clip       cosine between the CLIP image and caption embeddings below `clip_min`
+              (records without a caption are not judged, and counted as such);
+4. aesthetic  LAION's predictor on the CLIP image embedding below `aesthetic_min`;
+5. duplicates identical bytes, then perceptual hashes or CLIP embeddings closer than the
+              threshold; each group keeps one record by `keep` (largest: most pixels, then
+              most bytes, then first; first: first in source order). Duplicates are sought
+              among the records the quality filters kept, so a group is never lost because
+              the member it kept failed a later filter.
+6. caption    an image-to-text model writes captions for the records kept (`caption_mode`:
+              replace every caption, fill only missing ones, or append to what is there),
+              and `caption_prefix` (a trigger word) goes in front of every caption.
+
+Model outputs are cached by content (cache.py), so changing a threshold re-runs no model.
+With `shard=(i, n)` a process only fills the cache for its contiguous slice of the source
+(per-record steps only; nothing is written); the final run without a shard then finds
+every feature cached, judges duplicates across the whole set and writes the output.
+Under `accelerate launch` that split happens by itself: each rank fills its slice, and
+rank 0 writes once all are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difftrain.curate import dedupe
+from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
+from difftrain.curate.items import CurateOptions, CurateResult, Item
+from difftrain.curate.report import write_report
+from difftrain.curate.scorers import AestheticPredictor, Captioner, CurateError
+from difftrain.data.images import BadImage, image_size_from_bytes, load_image_bytes
+from difftrain.data.records import BadRecord, RawRecord, RecordSource
+
+class _Timer:
+    def __init__(self):
+        self.timings: dict[str, tuple[float, int]] = {}
+
+    def add(self, step: str, seconds: float, count: int) -> None:
+        total, counted = self.timings.get(step, (0.0, 0))
+        self.timings[step] = (total + seconds, counted + count)
+
+
+def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> CurateResult | None:
+    """Curate `source` into `out`; None on an `accelerate launch` rank other than 0 (rank 0 writes)."""
+    options.check()
+    if options.shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # cpu=True makes accelerate join a launched world over gloo; otherwise, with no GPU, each
+        # rank would run alone and all of them would write the output
+        state = PartialState(cpu=options.device == "cpu")
+        curate(source, out, replace(options, shard=(state.process_index, state.num_processes)))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+    out = Path(out)
+    final = options.shard is None
+    if final:
+        _prepare_output(out, options.force)
+    timer, cache = _Timer(), FeatureCache(options.cache_dir)
+    try:
+        items = _read(source, _slice(len(source), options.shard), options, timer)
+        _filter_sizes(items, options)
+        features = _Features(source, cache, options, timer)
+        features.measure([i for i in items if i.step is None])
+        _filter_scores(items, options)
+        if final:
+            started, candidates = time.perf_counter(), [i for i in items if i.step is None]
+            _drop_duplicates(candidates, features, options)
+            timer.add("dedupe", time.perf_counter() - started, len(candidates))
+        features.caption([i for i in items if i.step is None])
+    finally:
+        cache.close()
+    result = CurateResult(items, timer.timings)
+    if final:
+        result.out = _write_output(source, [i for i in items if i.step is None], out, options, timer)
+        result.report_dir = write_report(source, result, options, _report_dir(out, options))
+    return result
+
+
+def _slice(total: int, shard: tuple[int, int] | None) -> range:
+    # contiguous slices: shard sources are read front to back, each shard by one process
+    if shard is None:
+        return range(total)
+    index, count = shard
+    return range(total * index // count, total * (index + 1) // count)
+
+
+def _report_dir(out: Path, options: CurateOptions) -> Path:
+    # beside the output, not in it: a folder source would take the thumbnails for training images
+    return Path(options.report_dir) if options.report_dir else out.with_name(out.name + "-report")
+
+
+def _prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+
+def _read(source: RecordSource, indices: range, options: CurateOptions, timer: _Timer) -> list[Item]:
+    items, started = [], time.perf_counter()
+    for index in tqdm(indices, desc="reading", unit="img", disable=not options.progress):
+        try:
+            record = source.read(index)
+        except BadRecord as reason:
+            item = Item(index, f"#{index}")
+            item.drop("read", str(reason))
+            items.append(item)
+            continue
+        item = Item(index, record.key, list(record.captions), hashlib.sha256(record.data).hexdigest(),
+                    nbytes=len(record.data))
+        try:
+            item.width, item.height = image_size_from_bytes(record.data)
+        except BadImage as reason:
+            item.drop("read", str(reason))
+        items.append(item)
+    timer.add("read", time.perf_counter() - started, len(items))
+    if len(indices) == len(source):  # what the source left out while indexing is the whole run's to report
+        for where, reason in source.skipped:
+            items.append(Item(-1, where, step="read", reason=reason))
+    return items
+
+
+def _filter_sizes(items: list[Item], options: CurateOptions) -> None:
+    for item in items:
+        if item.step:
+            continue
+        short, long = sorted((item.width, item.height))
+        if short < options.min_size:
+            item.drop("size", f"shorter side {short} px < {options.min_size}")
+        elif options.max_aspect and long / max(short, 1) > options.max_aspect:
+            item.drop("size", f"aspect ratio {long / max(short, 1):.2f} > {options.max_aspect}")
+        elif item.nbytes < options.min_file_size:
+            item.drop("size", f"{item.nbytes} bytes < {options.min_file_size}")
+        elif options.max_file_size is not None and item.nbytes > options.max_file_size:
+            item.drop("size", f"{item.nbytes} bytes > {options.max_file_size}")
+
+
+def _filter_scores(items: list[Item], options: CurateOptions) -> None:
+    for item in items:
+        if item.step:
+            continue
+        clip, aesthetic = item.scores.get("clip"), item.scores.get("aesthetic")
+        if options.clip_min is not None and clip is not None and clip < options.clip_min:
+            item.drop("clip", f"CLIP image-caption cosine {clip:.3f} < {options.clip_min}")
+        elif options.aesthetic_min is not None and aesthetic is not None and aesthetic < options.aesthetic_min:
+            item.drop("aesthetic", f"aesthetic score {aesthetic:.2f} < {options.aesthetic_min}")
+
+
+def _drop_duplicates(items: list[Item], features: "_Features", options: CurateOptions) -> None:
+    def rank(position: int) -> tuple:
+        item = items[position]
+        return (item.index,) if options.keep == "first" else (-item.width * item.height, -item.nbytes, item.index)
+
+    def apply(groups: list[list[int]], what: str, score) -> None:
+        nonlocal items
+        for group in groups:
+            kept = min(group, key=rank)
+            for position in group:
+                if position != kept:
+                    items[position].drop("duplicate", f"{what} of {items[kept].key}")
+                    items[position].kept_instead = items[kept].index
+                    items[position].scores[f"{what}_score"] = score(position, kept)
+        items = [item for item in items if item.step is None]
+
+    apply(dedupe.exact_groups([item.sha256 for item in items]), "copy", lambda a, b: 0.0)
+    if "phash" in options.dedupe:
+        hashes = [features.phash[item.index] for item in items]
+        apply(dedupe.hash_groups(hashes, options.phash_distance), "near-duplicate",
+              lambda a, b: float((hashes[a] ^ hashes[b]).bit_count()))
+    if "clip" in options.dedupe:
+        vectors = np.stack([features.embeddings[item.index] for item in items]) if items else np.zeros((0, 1))
+        apply(dedupe.embedding_groups(vectors, options.clip_duplicate), "similar image",
+              lambda a, b: float(vectors[a] @ vectors[b]))
+
+
+class _Features:
+    """Runs (or finds in the cache) what the steps measure, in batches, one model load each."""
+
+    def __init__(self, source: RecordSource, cache: FeatureCache, options: CurateOptions, timer: _Timer):
+        self.source, self.cache, self.options, self.timer = source, cache, options, timer
+        self.phash: dict[int, int] = {}
+        self.embeddings: dict[int, np.ndarray] = {}  # kept only for CLIP dedupe: the rest is scored per batch
+        self._clip = self._aesthetic = self._captioner = None
+        if options.needs_clip:
+            self.clip_space = model_identity(options.clip_model)
+        if options.captioner:
+            self.caption_space = "caption:" + model_identity(options.captioner, options.caption_prompt,
+                                                             options.caption_max_tokens)
+
+    # -- loading each model once, and only when some record misses the cache
+    def clip(self):
+        if self._clip is None:
+            from difftrain.evaluate.clip_score import ClipScorer
+            from difftrain.evaluate.weights import EvalError
+
+            try:
+                self._clip = ClipScorer(self.options.clip_model, self.options.device, self.options.batch_size)
+            except EvalError as error:
+                raise CurateError(str(error)) from None
+        return self._clip
+
+    def aesthetic(self) -> AestheticPredictor:
+        if self._aesthetic is None:
+            self._aesthetic = AestheticPredictor(self.options.aesthetic)
+        return self._aesthetic
+
+    def captioner(self) -> Captioner:
+        if self._captioner is None:
+            o = self.options
+            self._captioner = Captioner(o.captioner, o.device, o.batch_size, o.caption_prompt, o.caption_max_tokens)
+        return self._captioner
+
+    def measure(self, items: list[Item]) -> None:
+        """phash, CLIP image embedding, caption cosine and aesthetic score of each item, as the steps need them."""
+        o = self.options
+        want_hash, want_clip = "phash" in o.dedupe, o.needs_clip
+        if o.aesthetic:
+            self.aesthetic()  # a wrong weights file fails now, before an hour of CLIP
+        if not (want_hash or want_clip):
+            return
+        progress = tqdm(total=len(items), desc="measuring", unit="img", disable=not o.progress)
+        for batch in _batches(items, o.batch_size):
+            hashes = self.cache.get("phash", [i.sha256 for i in batch]) if want_hash else {}
+            vectors = self.cache.get(f"clip-image:{self.clip_space}", [i.sha256 for i in batch]) if want_clip else {}
+            missing = [i for i in batch if (want_hash and i.sha256 not in hashes) or (want_clip and i.sha256 not in vectors)]
+            images = self._decode(missing)
+            if want_hash:
+                hashes.update(self._phashes(images, hashes))
+            if want_clip:
+                vectors.update(self._image_embeddings(images, vectors))
+            batch = [item for item in batch if item.step is None]  # a failed decode dropped some
+            for item in batch:
+                if want_hash:
+                    self.phash[item.index] = int.from_bytes(hashes[item.sha256], "big")
+            if want_clip and batch:
+                self._score(batch, np.stack([unpack_vector(vectors[item.sha256]) for item in batch]))
+            progress.update(len(batch))
+        progress.close()
+
+    def _decode(self, items: list[Item]) -> dict[str, tuple[Item, object]]:
+        started, images = time.perf_counter(), {}
+        for item in items:  # in source order: shard sources then read each shard once
+            try:
+                images[item.sha256] = (item, load_image_bytes(self.source.read(item.index).data, self.options.max_pixels))
+            except (BadRecord, BadImage) as reason:
+                item.drop("read", str(reason))
+        self.timer.add("decode", time.perf_counter() - started, len(items))
+        return images
+
+    def _phashes(self, images: dict, cached: dict[str, bytes]) -> dict[str, bytes]:
+        import imagehash
+
+        started = time.perf_counter()
+        found = {sha: int(str(imagehash.phash(image)), 16).to_bytes(8, "big")
+                 for sha, (_, image) in images.items() if sha not in cached}
+        self.cache.put("phash", found)
+        self.timer.add("phash", time.perf_counter() - started, len(found))
+        return found
+
+    def _image_embeddings(self, images: dict, cached: dict[str, bytes]) -> dict[str, bytes]:
+        todo = [sha for sha in images if sha not in cached]
+        if not todo:
+            return {}
+        started = time.perf_counter()
+        vectors = self.clip().image_embeddings([images[sha][1] for sha in todo]).numpy()
+        found = {sha: pack_vector(vector) for sha, vector in zip(todo, vectors)}
+        self.cache.put(f"clip-image:{self.clip_space}", found)
+        self.timer.add("clip image", time.perf_counter() - started, len(todo))
+        return found
+
+    def _score(self, items: list[Item], vectors: np.ndarray) -> None:
+        """The per-record CLIP scores of one batch; vectors are its (N, D) image embeddings."""
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        if "clip" in self.options.dedupe:
+            self.embeddings.update(zip((item.index for item in items), vectors))
+        if self.options.aesthetic:
+            started = time.perf_counter()
+            for item, score in zip(items, self.aesthetic()(torch.from_numpy(vectors)).tolist()):
+                item.scores["aesthetic"] = score
+            self.timer.add("aesthetic", time.perf_counter() - started, len(items))
+        if self.options.clip_min is not None:
+            captioned = [(item, vector) for item, vector in zip(items, vectors) if item.captions]
+            texts = self._text_embeddings([item.captions[0] for item, _ in captioned])
+            for (item, vector), text in zip(captioned, texts):
+                item.scores["clip"] = float(vector @ text)
+
+    def _text_embeddings(self, texts: list[str]) -> list[np.ndarray]:
+        """Unit-length CLIP embeddings of `texts`, from the cache where it has them."""
+        space = f"clip-text:{self.clip_space}"
+        cached = self.cache.get(space, [text_key(t) for t in texts])
+        todo = list(dict.fromkeys(t for t in texts if text_key(t) not in cached))
+        if todo:
+            started = time.perf_counter()
+            found = {text_key(t): pack_vector(v) for t, v in zip(todo, self.clip().text_embeddings(todo).numpy())}
+            self.cache.put(space, found)
+            cached.update(found)
+            self.timer.add("clip text", time.perf_counter() - started, len(todo))
+        vectors = [unpack_vector(cached[text_key(t)]) for t in texts]
+        return [v / max(np.linalg.norm(v), 1e-12) for v in vectors]
+
+    def caption(self, items: list[Item]) -> None:
+        o = self.options
+        if o.captioner:
+            todo = items if o.caption_mode != "fill-missing" else [i for i in items if not i.captions]
+            for batch in _batches(todo, o.batch_size):
+                found = self.cache.get(self.caption_space, [i.sha256 for i in batch])
+                missing = [i for i in batch if i.sha256 not in found]
+                if missing:
+                    images = self._decode(missing)
+                    started = time.perf_counter()
+                    written = self.captioner()([image for _, image in images.values()])
+                    made = {sha: text.encode() for sha, text in zip(images, written)}
+                    self.cache.put(self.caption_space, made)
+                    self.timer.add("caption", time.perf_counter() - started, len(made))
+                    found.update(made)
+                for item in batch:
+                    if item.step is None:
+                        item.new_captions = _combine(item.captions, found[item.sha256].decode(), o.caption_mode)
+        if o.caption_prefix:
+            for item in items:
+                if item.step is None:
+                    captions = item.new_captions if item.new_captions is not None else item.captions
+                    item.new_captions = [o.caption_prefix + c for c in captions] or [o.caption_prefix.strip()]
+
+
+def _combine(captions: list[str], written: str, mode: str) -> list[str]:
+    if mode == "append" and captions:
+        return [f"{c.rstrip().rstrip(',.')}, {written}" for c in captions]
+    return captions if mode == "fill-missing" and captions else [written]
+
+
+def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class _CuratedSource(RecordSource):
+    """The kept records of a source, with their new captions: what the shard and folder writers take."""
+
+    def __init__(self, source: RecordSource, kept: list[Item]):
+        self._source, self._kept = source, kept
+        self.description, self.skipped, self.shard_sizes = f"curated {source.description}", [], None
+        self.sizes = np.array([(i.width, i.height) for i in kept], dtype=np.int32).reshape(-1, 2)
+        self.uncaptioned = sum(not self._captions(i) for i in kept)
+
+    @staticmethod
+    def _captions(item: Item) -> list[str]:
+        return item.new_captions if item.new_captions is not None else item.captions
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def read(self, index: int) -> RawRecord:
+        item = self._kept[index]
+        record = self._source.read(item.index)
+        return RawRecord(record.key, record.data, self._captions(item), record.conditioning)
+
+
+def _write_output(source: RecordSource, kept: list[Item], out: Path, options: CurateOptions, timer: _Timer) -> Path:
+    from difftrain.data.shards import build_shards, export_folder
+
+    if not kept:
+        raise CurateError(f"every record was dropped, nothing to write to {out}: see the counts above and loosen "
+                          "a threshold")
+    started = time.perf_counter()
+    curated = _CuratedSource(source, kept)
+    if options.format == "folder":
+        written = export_folder(curated, out, progress=options.progress)
+    else:
+        written = build_shards(curated, out, options.format, options.per_shard, progress=options.progress)
+    timer.add("write", time.perf_counter() - started, len(kept))
+    return written

@@ -1,0 +1,340 @@
+"""`difftrain data curate` on data the tests make, with tiny CLIP / aesthetic / captioning models they train.
+
+The CLIP (conftest.tiny_clip) and the BLIP captioner here are trained for a few seconds on
+the shapes captions, enough for CLIP to tell a right caption from a wrong colour and for
+BLIP to caption shapes it was not trained on; the aesthetic predictor has LAION's exact
+layout with random weights, checked against the same arithmetic done by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.cli import main
+from difftrain.curate.tiny import laion_layout_predictor
+from difftrain.data.shapes import COLOURS
+from difftrain.data.sources import open_source
+
+MISMATCHED = range(10, 20)  # records whose caption names the wrong colour
+UNCAPTIONED = range(40, 48)  # records with no caption at all
+
+
+def _wrong_colour(text: str) -> str:
+    colours = list(COLOURS)
+    for colour in colours:
+        if colour in text:
+            return text.replace(colour, colours[(colours.index(colour) + 2) % 4])
+    raise AssertionError(text)
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory, shapes32) -> Path:
+    """The 48 shapes with 10 wrong captions and 8 missing ones, an exact copy, a resized JPEG copy,
+    a tiny image, a too-wide one and a broken file."""
+    folder = tmp_path_factory.mktemp("messy")
+    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()]
+    lines = []
+    for number, row in enumerate(rows):
+        shutil.copy(shapes32 / row["file_name"], folder / row["file_name"])
+        if number in UNCAPTIONED:
+            continue
+        text = _wrong_colour(row["text"]) if number in MISMATCHED else row["text"]
+        lines.append({"file_name": row["file_name"], "text": text})
+    shutil.copy(shapes32 / rows[1]["file_name"], folder / "dup_a.png")
+    lines.append({"file_name": "dup_a.png", "text": rows[1]["text"]})
+    Image.open(shapes32 / rows[2]["file_name"]).convert("RGB").resize((48, 48)).save(folder / "near_b.jpg", quality=70)
+    lines.append({"file_name": "near_b.jpg", "text": rows[2]["text"]})
+    Image.new("RGB", (8, 8), "red").save(folder / "small.png")
+    Image.new("RGB", (96, 32), "blue").save(folder / "wide.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 20)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def _curate(messy: Path, out: Path, *flags: str) -> dict:
+    assert main(["data", "curate", str(messy), str(out), "--cache-dir", str(out.parent / "cache"), "--no-progress",
+                 *flags]) == 0
+    return json.loads((out.parent / f"{out.name}-report" / "report.json").read_text())
+
+
+def _scores(out: Path) -> dict[str, dict]:
+    lines = (out.parent / f"{out.name}-report" / "scores.jsonl").read_text().splitlines()
+    return {row["key"]: row for row in map(json.loads, lines)}
+
+
+def test_sizes_copies_and_near_copies_are_dropped_with_reasons_and_the_rest_written(messy, tmp_path, capsys):
+    out = tmp_path / "clean"
+    report = _curate(messy, out, "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16",
+                     "--max-aspect", "2.5")
+    assert report["counts"] == {"records": 53, "kept": 48, "captioned": 0,
+                                "dropped": {"read": 1, "size": 2, "duplicate": 2}}
+    rows = _scores(out)
+    assert rows["broken.png"]["step"] == "read"
+    assert rows["small.png"]["reason"] == "shorter side 8 px < 16"
+    assert rows["wide.png"]["reason"] == "aspect ratio 3.00 > 2.5"
+    # identical bytes: the first in source order stays; a resized copy: the larger stays (--keep largest)
+    assert rows["dup_a.png"]["reason"] == "copy of 000001.png" and rows["dup_a.png"]["duplicate_of"] == "000001.png"
+    assert rows["000002.png"]["duplicate_of"] == "near_b.jpg"
+    assert rows["000002.png"]["scores"]["near-duplicate_score"] <= 1
+    assert "53 records: 48 kept, dropped: 1 read, 2 size, 2 duplicate." in capsys.readouterr().out
+    # the output is a folder difftrain reads, captions kept
+    written = open_source("folder", out, progress=False)
+    assert len(written) == 48 and written.uncaptioned == len(UNCAPTIONED)
+    assert sorted(p.name for p in out.glob("*.*") if p.suffix != ".jsonl")[-1] == "near_b.jpg"
+    report_dir = tmp_path / "clean-report"
+    with Image.open(report_dir / "histograms.png") as image:
+        assert image.size[0] == 520
+    sheet = (report_dir / "contact_sheet.html").read_text()
+    assert sheet.count("<img") == 48 + 2 + 2 + 2  # kept, size drops, duplicates each beside the one kept
+    assert "dropped: duplicate" in sheet and "kept instead" in sheet
+    # as shards: the same records, readable through the shard source
+    shards = tmp_path / "shards"
+    _curate(messy, shards, "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16",
+            "--max-aspect", "2.5", "--format", "webdataset", "--per-shard", "20")
+    assert len(open_source("webdataset", shards / "filelist.txt", progress=False)) == 48
+
+
+def test_clip_filter_drops_the_mismatched_captions_and_a_new_threshold_needs_no_model(messy, tiny_clip, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "clip"
+    report = _curate(messy, out, "--clip", str(tiny_clip), "--clip-min", "0.0")
+    rows = _scores(out)
+    right = [rows[f"{n:06d}.png"]["scores"]["clip"] for n in range(40) if n not in MISMATCHED]
+    wrong = [rows[f"{n:06d}.png"]["scores"]["clip"] for n in MISMATCHED]
+    assert "clip" not in rows[f"{UNCAPTIONED[0]:06d}.png"]["scores"]  # nothing to compare with
+    assert report["not_judged_by_clip"] == len(UNCAPTIONED) + 2  # and small.png, wide.png
+    threshold = (sum(right) / len(right) + sum(wrong) / len(wrong)) / 2
+    assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.2
+    # the same CLIP numbers as `difftrain eval`'s CLIP score (x100, clamped at 0)
+    from difftrain.evaluate.clip_score import ClipScorer
+
+    first = rows["000000.png"]
+    direct = ClipScorer(tiny_clip).scores([Image.open(messy / "000000.png")], first["captions"])
+    assert direct.item() == pytest.approx(100 * max(first["scores"]["clip"], 0), abs=0.2)
+
+    # a second run at the chosen threshold: every embedding is in the cache, so no CLIP is loaded
+    def no_model(*args, **kwargs):
+        raise AssertionError("CLIP loaded although every embedding was cached")
+
+    monkeypatch.setattr(ClipScorer, "__init__", no_model)
+    again = _curate(messy, tmp_path / "clip2", "--clip", str(tiny_clip), "--clip-min", f"{threshold:.4f}")
+    assert "clip image" not in again["timings"] and "clip text" not in again["timings"]
+    dropped = {row["key"] for row in again["dropped"] if row["step"] == "clip"}
+    mismatched = {f"{n:06d}.png" for n in MISMATCHED}
+    assert len(dropped & mismatched) >= 8 and len(dropped - mismatched) <= 2
+    assert all(row["reason"].startswith("CLIP image-caption cosine") for row in again["dropped"] if row["step"] == "clip")
+
+
+def test_aesthetic_scores_are_laions_arithmetic_and_the_threshold_drops_exactly_those_below(messy, tiny_clip,
+                                                                                             tmp_path):
+    from difftrain.curate.scorers import AestheticPredictor, CurateError
+    from difftrain.evaluate.clip_score import ClipScorer
+
+    torch.manual_seed(3)
+    mlp = laion_layout_predictor(32)
+    weights = tmp_path / "aesthetic.pth"
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, weights)
+    names = [f"{n:06d}.png" for n in range(48)]
+    with torch.no_grad():
+        embeddings = ClipScorer(tiny_clip).image_embeddings([Image.open(messy / name) for name in names])
+        expected = dict(zip(names, mlp(torch.nn.functional.normalize(embeddings, dim=-1)).squeeze(-1).tolist()))
+    threshold = sorted(expected.values())[24]
+    out = tmp_path / "pretty"
+    _curate(messy, out, "--clip", str(tiny_clip), "--aesthetic", str(weights), "--aesthetic-min", str(threshold))
+    rows = _scores(out)
+    for name in names:
+        assert rows[name]["scores"]["aesthetic"] == pytest.approx(expected[name], abs=2e-3)  # fp16 cache
+    below = {name for name, score in expected.items() if score < threshold}
+    assert {name for name in names if rows[name].get("step") == "aesthetic"} == below
+    # the first release's single Linear loads too; a predictor for another CLIP width is refused by name
+    torch.save({"weight": torch.ones(1, 32), "bias": torch.zeros(1)}, tmp_path / "v1.pth")
+    assert AestheticPredictor(tmp_path / "v1.pth")(torch.ones(2, 32)).shape == (2,)
+    torch.save({f"layers.{k}": v for k, v in laion_layout_predictor(768).state_dict().items()}, tmp_path / "l14.pth")
+    with pytest.raises(CurateError, match="takes 768-wide CLIP embeddings, the CLIP given makes 32"):
+        AestheticPredictor(tmp_path / "l14.pth")(embeddings)
+    # a pickle that would run code is refused, not executed
+    torch.save({"layers.0.weight": _Hostile()}, tmp_path / "hostile.pth")
+    with pytest.raises(CurateError, match="cannot read it"):
+        AestheticPredictor(tmp_path / "hostile.pth")
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory, shapes32) -> Path:
+    """A BLIP captioner trained for 150 steps on the first 36 shapes: it captions those right (the rest it has
+    never seen, and 4 seconds of training do not generalise far)."""
+    from difftrain.curate.tiny import tiny_blip as build
+
+    rows = [json.loads(line) for line in (shapes32 / "metadata.jsonl").read_text().splitlines()][:36]
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    torch.manual_seed(0)
+    model, processor = build(sorted({word for row in rows for word in row["text"].split()}), folder)
+    batch = processor(images=[Image.open(shapes32 / row["file_name"]).convert("RGB") for row in rows],
+                      text=[row["text"] for row in rows], return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_captions_fill_the_missing_ones_and_the_modes_and_trigger_word_apply(messy, shapes32, tiny_blip, tmp_path):
+    truth = {row["file_name"]: row["text"]
+             for row in map(json.loads, (shapes32 / "metadata.jsonl").read_text().splitlines())}
+    out = tmp_path / "filled"
+    report = _curate(messy, out, "--caption", str(tiny_blip), "--caption-prefix", "shp, ")
+    assert report["counts"]["captioned"] == 51  # every kept record: the trigger word goes everywhere
+    written = {row["file_name"]: row["text"] for row in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    unseen = [f"{n:06d}.png" for n in UNCAPTIONED]  # never in the captioner's training set
+    # the captions are what transformers' own generate gives for these images (greedy)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor, model = AutoProcessor.from_pretrained(tiny_blip), AutoModelForImageTextToText.from_pretrained(tiny_blip)
+    inputs = processor(images=[Image.open(messy / name).convert("RGB") for name in unseen], return_tensors="pt")
+    direct = processor.batch_decode(model.generate(**inputs, max_new_tokens=40, do_sample=False), skip_special_tokens=True)
+    assert [written[name] for name in unseen] == ["shp, " + text for text in direct]
+    assert all(text.startswith("a ") for text in direct)
+    assert written["000000.png"] == "shp, a red circle"  # fill-missing keeps the caption it had
+    assert written[f"{MISMATCHED[0]:06d}.png"] == "shp, " + _wrong_colour(truth[f"{MISMATCHED[0]:06d}.png"])
+    # replace: every caption is the model's (from the cache: same model, same images); append: both
+    replaced = tmp_path / "replaced"
+    _curate(messy, replaced, "--caption", str(tiny_blip), "--caption-mode", "replace")
+    rows = {row["file_name"]: row["text"] for row in map(json.loads, (replaced / "metadata.jsonl").read_text().splitlines())}
+    assert sum(rows[f"{n:06d}.png"] == truth[f"{n:06d}.png"] for n in MISMATCHED) >= 8  # wrong colours fixed
+    appended = tmp_path / "appended"
+    _curate(messy, appended, "--caption", str(tiny_blip), "--caption-mode", "append")
+    rows = {row["file_name"]: row["text"] for row in map(json.loads, (appended / "metadata.jsonl").read_text().splitlines())}
+    assert rows["000000.png"].startswith("a red circle, a ")
+
+
+def test_sharded_runs_fill_the_cache_and_the_final_run_matches_one_run(messy, tiny_clip, tmp_path, monkeypatch):
+    flags = ["--clip", str(tiny_clip), "--clip-min", "0.3", "--dedupe", "exact,clip", "--clip-duplicate", "0.99"]
+    for index in range(3):
+        assert main(["data", "curate", str(messy), str(tmp_path / "sharded"), "--cache-dir", str(tmp_path / "cache"),
+                     "--no-progress", "--shard", f"{index}/3", *flags]) == 0
+    assert not (tmp_path / "sharded").exists()  # a shard only fills the cache
+
+    from difftrain.evaluate.clip_score import ClipScorer
+
+    loaded = []
+    original = ClipScorer.__init__
+    monkeypatch.setattr(ClipScorer, "__init__", lambda self, *a, **k: (loaded.append(1), original(self, *a, **k))[1])
+    merged = _curate(messy, tmp_path / "sharded", *flags)
+    assert loaded == []  # every record's embeddings came from the shards
+    single = _curate(messy, tmp_path / "single", *flags[:-4], "--dedupe", "exact,clip", "--clip-duplicate", "0.99",
+                     "--cache-dir", str(tmp_path / "cache-single"))
+    assert merged["counts"] == single["counts"]
+    assert {r["key"]: r["reason"] for r in merged["dropped"]} == {r["key"]: r["reason"] for r in single["dropped"]}
+    assert any(r["reason"].startswith("similar image of") for r in merged["dropped"])
+
+
+def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, capsys):
+    cases = [
+        (["--aesthetic-min", "6.5"], "--aesthetic-min needs --aesthetic"),
+        (["--dedupe", "exact,fuzzy"], "--dedupe fuzzy: not a kind of duplicate"),
+        (["--shard", "3/2"], "--shard 3/2: give i/N with 0 <= i < N"),
+        (["--shard", "half"], "--shard half: give it as i/N"),
+        (["--clip", str(tmp_path), "--clip-min", "0.2"], "cannot load it"),
+        (["--aesthetic", str(tmp_path / "none.pth"), "--aesthetic-min", "5", "--clip", str(tmp_path)], "no such file"),
+        (["--min-size", "9999"], "every record was dropped"),
+    ]
+    for flags, message in cases:
+        assert main(["data", "curate", str(messy), str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                     "--no-progress", *flags]) == 2
+        assert message in capsys.readouterr().err, flags
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x.txt").write_text("mine")
+    assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_jsonl_source_with_a_caption_that_is_not_text_is_reported_not_fatal(messy, tmp_path):
+    lines = [json.dumps({"image": str(messy / "000000.png"), "caption": "a red circle"}),
+             json.dumps({"image": str(messy / "000003.png"), "caption": 17}),
+             json.dumps({"image": str(messy / "broken.png"), "caption": "broken"})]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["data", "curate", str(tmp_path / "list.jsonl"), str(out), "--source", "jsonl", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads((tmp_path / "out-report" / "report.json").read_text())
+    assert report["counts"]["kept"] == 1 and report["counts"]["dropped"] == {"read": 2}
+    reasons = {row["key"]: row["reason"] for row in report["dropped"]}
+    assert reasons == {"list.jsonl line 2": "'caption': a caption must be a string or a list of strings, found int",
+                       "list.jsonl line 3": f"{messy / 'broken.png'}: cannot read header: Truncated File Read"}
+
+
+def test_under_accelerate_launch_each_rank_takes_a_slice_and_rank_0_writes(messy, tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    out = tmp_path / "launched"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "-m", "difftrain", "data", "curate", str(messy), str(out), "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress", "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16"]
+    result = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("records:") == 1  # one summary: rank 0's
+    report = json.loads((tmp_path / "launched-report" / "report.json").read_text())
+    assert report["counts"] == {"records": 53, "kept": 49, "captioned": 0,
+                                "dropped": {"read": 1, "size": 1, "duplicate": 2}}
+    with sqlite3.connect(tmp_path / "cache" / "features.sqlite") as db:  # both slices' hashes, each image once
+        assert db.execute("SELECT COUNT(*) FROM features WHERE space = 'phash'").fetchone()[0] == 50
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="no chromium on this machine (Debian: apt install chromium)")
+def test_the_contact_sheet_shows_every_thumbnail_in_a_real_browser(messy, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "sheet"
+    _curate(messy, out, "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16")
+    sheet = tmp_path / "sheet-report" / "contact_sheet.html"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+                                             headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(sheet.as_uri())
+        shown = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth)")
+        headings = page.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
+        artefacts = Path(__file__).parent / "artefacts"
+        artefacts.mkdir(exist_ok=True)
+        page.screenshot(path=str(artefacts / "curate-contact-sheet.png"), full_page=True)
+        browser.close()
+    # 49 kept, small.png, two duplicates each beside the one kept; broken.png has no picture to show
+    assert len(shown) == 49 + 1 + 2 * 2
+    assert all(shown)  # every thumbnail decoded
+    assert sorted(set(shown)) == [8, 32, 48, 96]  # thumbnails never enlarge
+    assert headings == ["kept", "dropped: read", "dropped: size", "dropped: duplicate"]
+
+
+def test_a_hugging_face_dataset_is_curated_like_any_source(messy, tmp_path):
+    from datasets import Dataset, Image as ImageFeature
+
+    names = ["000000.png", "dup_a.png", "000001.png", "small.png"]
+    table = Dataset.from_dict({"image": [str(messy / n) for n in names], "text": ["a", "b", "c", "d"]})
+    table.cast_column("image", ImageFeature()).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "from-hf"
+    assert main(["data", "curate", str(tmp_path / "saved"), str(out), "--source", "hf", "--caption-key", "text",
+                 "--min-size", "16", "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows = _scores(out)
+    assert [row.get("reason", "") for row in rows.values()] == ["", "", "copy of row:1", "shorter side 8 px < 16"]
+    assert len(open_source("folder", out, progress=False)) == 2

@@ -108,6 +108,10 @@ class DataConfig(Section):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="larger images are skipped as decompression bombs"
     )
+    shard_mixing: int = Field(
+        1, ge=1, description="shard sources: how many shards an epoch reads interleaved, so each batch mixes "
+                             "them; every data process holds that many shards in memory"
+    )
     buckets: BucketConfig = Field(default_factory=BucketConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -124,6 +128,11 @@ class DataConfig(Section):
         if self.streaming and self.source != "hf":
             raise ValueError(f"data.streaming = true applies to data.source = hf, not {self.source}")
         sharded = self.source in ("laion", "webdataset") or self.streaming
+        if self.shard_mixing > 1 and not sharded:
+            raise ValueError(
+                f"data.shard_mixing = {self.shard_mixing} applies to shard sources (data.source = laion, webdataset, "
+                f"or hf with streaming), not {self.source}: its records are shuffled across the whole data set already"
+            )
         if self.buckets.enabled and sharded and not self.cache.latents:
             kind = f"{self.source} streamed" if self.streaming else self.source
             raise ValueError(

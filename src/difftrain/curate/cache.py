@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -30,9 +31,22 @@ class FeatureCache:
         self.path = folder / "features.sqlite"
         # Another process may hold the write lock for a batch; waiting a minute is cheaper than failing.
         self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS features (space TEXT, key TEXT, value BLOB, PRIMARY KEY (space, key))")
-        self._db.commit()
+        self._set_up(time.monotonic() + 60)
+
+    def _set_up(self, deadline: float) -> None:
+        # Switching to WAL needs the database to itself and does not wait on the busy timeout, so
+        # ranks opening a new cache together (accelerate launch) retry until the first has set it up.
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS features "
+                                 "(space TEXT, key TEXT, value BLOB, PRIMARY KEY (space, key))")
+                self._db.commit()
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get(self, space: str, keys: Iterable[str]) -> dict[str, bytes]:
         keys, found = list(dict.fromkeys(keys)), {}

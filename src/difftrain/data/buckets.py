@@ -18,6 +18,7 @@ from difftrain.data.sampler import (
     Position,
     ResumableBatches,
     ShardBlockedOrder,
+    check_shard_mixing,
     check_shard_sizes,
     seeded_rng,
 )
@@ -96,11 +97,12 @@ class BucketBatchSampler(ResumableBatches):
     """Yields batches of `(epoch, batch, record_index)` keys, each batch from one bucket.
 
     The same contract as EpochBatchSampler (`start`, `position_after`,
-    `batches_per_epoch`). Per epoch: the records in a seeded order (shard-blocked when
-    `shard_sizes` is given, else a full permutation); each bucket's records in that order,
-    cut into batches, the last one filled by wrapping around the bucket's own records (so
-    no record is dropped and every batch is full); the list of batches shuffled; padded by
-    wrapping to a multiple of `world_size`; rank r takes batches r, r + world_size, ...
+    `batches_per_epoch`). Per epoch: the records in a seeded order (shard-blocked over
+    groups of `shard_mixing` shards when `shard_sizes` is given, else a full
+    permutation); each bucket's records in that order, cut into batches, the last one
+    filled by wrapping around the bucket's own records (so no record is dropped and every
+    batch is full); the list of batches shuffled; padded by wrapping to a multiple of
+    `world_size`; rank r takes batches r, r + world_size, ...
 
     Note that the batch shuffle jumps between shards: with `shard_sizes`, each batch comes
     from few shards, but consecutive batches do not read shards front to back.
@@ -118,6 +120,7 @@ class BucketBatchSampler(ResumableBatches):
         world_size: int = 1,
         shard_sizes: Sequence[int] | None = None,
         buckets: Sequence[tuple[int, int]] | None = None,
+        shard_mixing: int = 1,
     ):
         bucket_ids = np.asarray(bucket_ids)
         if bucket_ids.ndim != 1 or len(bucket_ids) == 0:
@@ -131,6 +134,7 @@ class BucketBatchSampler(ResumableBatches):
         self.rank = rank
         self.world_size = world_size
         self.shard_sizes = None if shard_sizes is None else check_shard_sizes(shard_sizes, self.num_records)
+        self.shard_mixing = check_shard_mixing(shard_mixing)
         self.bucket_sizes = None if buckets is None else np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
         if self.bucket_sizes is not None and self.bucket_ids.max() >= len(self.bucket_sizes):
             raise ValueError(f"bucket id {self.bucket_ids.max()} but only {len(self.bucket_sizes)} buckets")
@@ -152,7 +156,7 @@ class BucketBatchSampler(ResumableBatches):
         if self.shard_sizes is None:
             order = seeded_rng(BUCKET_RECORDS, self.seed, epoch).permutation(self.num_records)
         else:
-            order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch).all()
+            order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch, self.shard_mixing).all()
         # A stable sort by bucket keeps each bucket's records in the epoch's order.
         grouped = order[np.argsort(self.bucket_ids[order], kind="stable")]
         batches, first = [], 0

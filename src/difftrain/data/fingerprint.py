@@ -5,6 +5,8 @@ modification time, plus a checksum of any captions held outside it (metadata.jso
 .txt files). Hashing contents would catch more but costs a full read of the data at every
 start; size + mtime is what rsync and make trust too. A copy that did not keep mtimes
 (`cp` without `-p`) reads as changed: resume with --allow-data-change after checking.
+A shard read from a URL is listed with what the remote says of it instead: its size and a
+checksum of its ETag or Last-Modified (remote.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import os
 import zlib
 
+from difftrain.data.remote import is_url, remote_identity
 from difftrain.data.sources import RecordSource
 
 # Above this many files a checkpoint keeps only the digest: the file list would outweigh a LoRA.
@@ -22,15 +25,26 @@ MAX_LISTED = 100_000
 def fingerprint(source: RecordSource) -> dict:
     entries: dict[str, list[int]] = {}
     for key, path, captions in source.stored_files():
-        try:
-            stat = os.stat(path)
-            size, mtime = stat.st_size, stat.st_mtime_ns
-        except OSError:
-            size, mtime = -1, -1
+        size, mtime = _size_and_time(path)
         entries[key] = [size, mtime, zlib.crc32("\x00".join(captions).encode("utf-8"))]
     digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
     return {"records": len(source), "files": len(entries), "digest": digest,
             "entries": entries if len(entries) <= MAX_LISTED else None}
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    """A file's size and mtime, or for a URL its size and a checksum of its version; -1 for what is unknown."""
+    if is_url(path):
+        found = remote_identity(path)
+        if found is None:
+            return -1, -1
+        _, size, version = found
+        return (-1 if size is None else size), (-1 if version is None else zlib.crc32(version.encode("utf-8")))
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 def describe_change(saved: dict, now: dict) -> str | None:

@@ -6,19 +6,23 @@ at all. A record may have a second image, its conditioning image (ControlNet): a
 named by a metadata column (diffusers' `conditioning_image`) or a file of the same name in
 a conditioning folder; those files are never training images themselves. Every image is
 decoded once here, so a bad file is found and reported before training starts rather
-than at step 40,000.
+than at step 40,000; with an `index_dir`, only images new or changed since the last scan
+are (folder_index.py).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, check_size, image_size_from_file, load_image
+from difftrain.data.folder_index import ImageChecks
+from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, check_size, image_size_from_file
 from difftrain.errors import DifftrainError
 
 CAPTION_KEYS = ("text", "caption")
@@ -59,6 +63,8 @@ class FolderScan:
     caption_source: str = "none"
     missing_captions: list[str] = field(default_factory=list)
     conditioning_source: str | None = None  # how conditioning files were found; None: none were
+    decoded: int = 0  # images this scan decoded
+    from_index: int = 0  # images whose decode outcome came from the index (unchanged since it was written)
 
     def report_lines(self) -> list[str]:
         lines = [f"{len(self.records)} usable images in {self.root} (captions: {self.caption_source})"]
@@ -99,8 +105,22 @@ class MetadataEntry:
     folder: Path | None = None  # the folder of its metadata.jsonl: relative paths are read from there
 
 
-def read_metadata(root: Path, skipped: list[tuple[str, str]],
-                  conditioning_column: str | None = None) -> dict[Path, MetadataEntry]:
+def path_resolver() -> Callable[[Path], Path]:
+    """Path.resolve, with each folder resolved once: a resolve walks every component (an lstat
+    each), which costs a scan more than anything else once decodes come from the index. For one
+    scan only: a folder or link may change before the next."""
+    folder = cache(Path.resolve)
+
+    def resolve(path: Path) -> Path:
+        if path.name in ("", "..") or path.is_symlink():
+            return path.resolve()
+        return folder(path.parent) / path.name
+
+    return resolve
+
+
+def read_metadata(root: Path, skipped: list[tuple[str, str]], conditioning_column: str | None = None,
+                  resolve: Callable[[Path], Path] = Path.resolve) -> dict[Path, MetadataEntry]:
     """Every metadata.jsonl under `root`: image path -> its entry. The one reader of these files.
 
     A conditioning column's value is kept as stored, with the folder it is relative to.
@@ -116,7 +136,7 @@ def read_metadata(root: Path, skipped: list[tuple[str, str]],
                 if not isinstance(name, str) or not isinstance(caption, str):
                     skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
                     continue
-                path = (meta.parent / name).resolve()
+                path = resolve(meta.parent / name)
                 if path in entries:
                     skipped.append((where, f"{name} is listed again; the caption of {entries[path].where} is kept"))
                     continue
@@ -196,8 +216,12 @@ def scan_folder(
     max_pixels: int = 64_000_000,
     progress: bool = True,
     conditioning: ConditioningFiles | None = None,
+    index_dir: str | Path | None = None,
 ) -> FolderScan:
     """List every decodable image under `root` with its caption (and conditioning file); report everything else.
+
+    With `index_dir`, images unchanged since the last scan (same size and mtime) are not
+    decoded again: their outcome comes from the folder's index there (folder_index.py).
 
     With `conditioning` by column and no metadata entry holding that column, the records get
     no conditioning file (`conditioning_source` None): the caller derives it from the image.
@@ -210,7 +234,8 @@ def scan_folder(
     skipped: list[tuple[str, str]] = []
     column = conditioning.column if conditioning and conditioning.folder is None else None
     wants_metadata = source == "metadata" or (column and any(root.rglob("metadata.jsonl")))
-    metadata = read_metadata(root, skipped, column) if wants_metadata else {}
+    resolve = path_resolver()
+    metadata = read_metadata(root, skipped, column, resolve) if wants_metadata else {}
     if source == "metadata" and not metadata:
         raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
     if conditioning and column and not any(entry.conditioning is not None for entry in metadata.values()):
@@ -220,27 +245,28 @@ def scan_folder(
         # entry lists one as its file_name too (a condition that is an image of the set).
         held = {conditioning_path(entry.folder, entry.conditioning) for entry in metadata.values()} - set(metadata)
         folder = conditioning.folder.resolve() if conditioning.folder else None
-        images = [p for p in images if p.resolve() not in held and not (folder and p.resolve().is_relative_to(folder))]
+        images = [p for p in images if resolve(p) not in held and not (folder and resolve(p).is_relative_to(folder))]
 
+    checks = ImageChecks(root, max_pixels, Path(index_dir) if index_dir is not None else None)
     records: list[Record] = []
     missing: list[str] = []
     for image_path in tqdm(images, desc="checking images", unit="img", disable=not progress, leave=False):
         name = str(image_path.relative_to(root))
-        try:
-            width, height = load_image(image_path, max_pixels).size
-        except BadImage as reason:
-            skipped.append((name, str(reason)))
+        outcome = checks.outcome(image_path, name)
+        if isinstance(outcome, str):
+            skipped.append((name, outcome))
             continue
+        width, height = outcome
         caption, listed, condition = None, None, None
         if conditioning:
-            entry = metadata.get(image_path.resolve())
+            entry = metadata.get(resolve(image_path))
             value, base = (entry.conditioning, entry.folder) if entry else (None, root)
             condition, problem = conditioning_file(name, value, base, conditioning, max_pixels)
             if problem:
                 skipped.append((name, problem))
                 continue
         if source == "metadata":
-            entry = metadata.get(image_path.resolve())
+            entry = metadata.get(resolve(image_path))
             caption, listed = (entry.caption, entry.captions) if entry else (None, None)
         elif source == "txt":
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
@@ -249,13 +275,17 @@ def scan_folder(
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
                               condition))
 
-    for absent in sorted(set(metadata) - {r.path.resolve() for r in records} - {root.joinpath(n).resolve() for n, _ in skipped}):
+    for absent in sorted(set(metadata) - {resolve(r.path) for r in records} - {resolve(root / n) for n, _ in skipped}):
         if not absent.exists():
             skipped.append((str(absent), "listed in metadata.jsonl but the file does not exist"))
 
+    checks.save()
+    if progress and checks.path is not None:
+        tqdm.write(checks.summary(), file=sys.stderr)
     if not records:
         detail = f"; {len(skipped)} files were unusable, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(
             f"no usable images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}){detail}"
         )
-    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None)
+    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None,
+                      checks.decoded, checks.from_index)

@@ -7,7 +7,9 @@ dispatch to all of them without an import cycle.
 Indexing a shard source streams each shard once with flat memory. With `index_dir`, each
 shard's index is cached under a hash of its path, size and mtime (or whatever
 `ShardSource._identity` says names a shard), so opening the same data again reads no
-shard, and a changed shard is indexed again on its own.
+shard, and a changed shard is indexed again on its own. A shard may be a URL (remote.py):
+it is then known by what the remote says of it, and one that could not be fetched is
+reported but not cached, so the next open tries it again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import tarfile
 import zlib
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,10 +31,12 @@ from tqdm.auto import tqdm
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes
+from difftrain.data.remote import ShardUnreachable, is_url, remote_identity
 
 INDEX_VERSION = 1  # bump when the cached index layout or meaning changes
 # Anything that means "this shard file is broken from here on"; the records before it still count.
 SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
+Shard = Path | str  # a local file, or a URL (always a str: a Path would fold its "//")
 
 
 class BadRecord(Exception):
@@ -105,14 +110,19 @@ class _Entry:
 
 
 class ShardSource(RecordSource):
-    """Records stored in shard files read front to back; one shard is held in memory at a time."""
+    """Records stored in shard files read front to back.
+
+    The last `shards_in_memory` shards read stay in memory (least recently used goes first):
+    1 suits the shard-blocked order, and a sampler that mixes K shards needs K, or each
+    switch between them would read a shard again.
+    """
 
     kind = ""
     shard_noun = "shard"
     noun = "records"
     position_noun = "record"
 
-    def __init__(self, path: Path, use_captions: bool, max_pixels: int, index_dir: Path | None, progress: bool):
+    def __init__(self, path: Shard, use_captions: bool, max_pixels: int, index_dir: Path | None, progress: bool):
         self._use_captions = use_captions
         self._max_pixels = max_pixels
         shards, self.skipped = self._shard_list(path)
@@ -147,13 +157,14 @@ class ShardSource(RecordSource):
             f"{self.kind} {self.shard_noun}s", len(self), self.noun, len(self.skipped), self.uncaptioned,
             shards=counted, where=str(path),
         )
-        self._loaded: tuple[int, list[RawRecord | str]] | None = None
+        self.shards_in_memory = 1
+        self._loaded: OrderedDict[int, list[RawRecord | str]] = OrderedDict()
 
     # What a kind provides: its list of shards, and the entries of one shard in order.
-    def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
         raise NotImplementedError
 
-    def _entries(self, label: str, path: Path) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -163,26 +174,33 @@ class ShardSource(RecordSource):
         return [(label, path, []) for label, path in zip(self._labels, self._paths)]  # captions are inside
 
     def __getstate__(self) -> dict:
-        # A worker process gets the index, not the parent's loaded shard (nor any open file: none is kept).
+        # A worker process gets the index, not the parent's loaded shards (nor any open file: none is kept).
         state = self.__dict__.copy()
-        state["_loaded"] = None
+        state["_loaded"] = OrderedDict()
         return state
 
     def read(self, index: int) -> RawRecord:
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} is out of range for a source of {len(self)} records")
         shard = bisect.bisect_right(self._ends, index)
-        if self._loaded is None or self._loaded[0] != shard:
-            self._loaded = None  # let the old shard go before the new one is read
-            self._loaded = (shard, self._load(shard))
-        item = self._loaded[1][index - (self._ends[shard - 1] if shard else 0)]
+        item = self._shard(shard)[index - (self._ends[shard - 1] if shard else 0)]
         if isinstance(item, str):
             raise BadRecord(item)
         return item
 
+    def _shard(self, shard: int) -> list[RawRecord | str]:
+        if shard in self._loaded:
+            self._loaded.move_to_end(shard)
+            return self._loaded[shard]
+        while len(self._loaded) >= self.shards_in_memory:
+            self._loaded.popitem(last=False)  # let old shards go before the new one is read
+        self._loaded[shard] = self._load(shard)
+        return self._loaded[shard]
+
     def _load(self, shard: int) -> list[RawRecord | str]:
         """Every usable record of one shard, in index order; a str stands for one that broke since."""
-        label, path, wanted = self._labels[shard], Path(self._paths[shard]), self._positions[shard]
+        label, location, wanted = self._labels[shard], self._paths[shard], self._positions[shard]
+        path = location if is_url(location) else Path(location)
         self.shard_loads += 1
         found: dict[int, RawRecord | str] = {}
         targets = set(wanted.tolist())
@@ -196,15 +214,20 @@ class ShardSource(RecordSource):
         gone = f"is gone ({broken}); open the data again"
         return [found.get(p) or f"{label}: {self.position_noun} {p} {gone}" for p in wanted.tolist()]
 
-    def _identity(self, label: str, path: Path) -> list | None:
-        """What a shard's cached index is keyed by: its path, size and mtime; None (not cached) if it is no file."""
+    def _identity(self, label: str, path: Shard) -> list | None:
+        """What a shard's cached index is keyed by: its path, size and mtime, or for a URL what the remote
+        says of it; None (not cached) if it is no file or the remote cannot say."""
+        if isinstance(path, str):
+            found = remote_identity(path)
+            return None if found is None else [INDEX_VERSION, self.kind, label, *found, self._max_pixels,
+                                                self._use_captions]
         if not path.is_file():  # a shard gone since listing is reported by the indexing
             return None
         stat = path.stat()
         return [INDEX_VERSION, self.kind, label, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
                 self._max_pixels, self._use_captions]
 
-    def _index(self, label: str, path: Path, index_dir: Path | None) -> dict:
+    def _index(self, label: str, path: Shard, index_dir: Path | None) -> dict:
         cache = None
         identity = self._identity(label, path) if index_dir is not None else None
         if identity is not None:
@@ -219,15 +242,17 @@ class ShardSource(RecordSource):
                 pass  # not cached yet, or a damaged entry: index the shard again
         index = self._index_shard(label, path)
         self.shards_indexed += 1
-        if cache is not None:
+        unreachable = index.pop("unreachable")
+        if cache is not None and not unreachable:  # a fetch that failed is tried again at the next open
             write_text(cache, json.dumps(index), sync=False)  # an index is cheap to rebuild
         return index
 
-    def _index_shard(self, label: str, path: Path) -> dict:
+    def _index_shard(self, label: str, path: Shard) -> dict:
         positions: list[int] = []
         sizes: list[tuple[int, int]] = []
         skipped: list[tuple[str, str]] = []
         uncaptioned = 0
+        unreachable = False
         try:
             for entry in self._entries(label, path):
                 if entry.record is None:
@@ -245,5 +270,6 @@ class ShardSource(RecordSource):
         except SHARD_ERRORS as exc:
             kept = f"the {len(positions)} records before it are used" if positions else "nothing in it is used"
             skipped.append((label, f"unreadable: {exc}; {kept}"))
+            unreachable = isinstance(exc, ShardUnreachable)
         return {"version": INDEX_VERSION, "positions": positions, "sizes": sizes, "skipped": skipped,
-                "uncaptioned": uncaptioned}
+                "uncaptioned": uncaptioned, "unreachable": unreachable}

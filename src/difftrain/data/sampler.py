@@ -7,8 +7,10 @@ state hidden in iterators or worker processes.
 
 Large data sets live in shards (tar files, gz parts) that are cheap to read front to back
 and expensive to seek in. Given `shard_sizes`, an epoch is shard-blocked: the shards in a
-seeded order, each shard's records shuffled among themselves. That order is computed
-lazily from O(num_shards) numbers plus one shard's permutation, so a sampler over a
+seeded order, cut into groups of `shard_mixing` consecutive shards, each group's records
+shuffled among themselves (with the default of 1, each shard's). A batch then draws from
+the few shards of one group, which a reader keeps open together. That order is computed
+lazily from O(num_shards) numbers plus one group's permutation, so a sampler over a
 billion records costs no more memory than one over a thousand.
 """
 
@@ -23,7 +25,7 @@ import torch
 
 # Each purpose draws from its own stream, so e.g. the shard order of epoch 3 never equals
 # the record order inside shard 3 of some other epoch by construction.
-SHARD_ORDER, SHARD_RECORDS, BUCKET_RECORDS, BUCKET_BATCHES = 1, 2, 3, 4
+SHARD_ORDER, SHARD_RECORDS, BUCKET_RECORDS, BUCKET_BATCHES, SHARD_MIXING = 1, 2, 3, 4, 5
 
 
 def seeded_rng(tag: int, seed: int, *key: int) -> np.random.Generator:
@@ -76,42 +78,63 @@ def check_shard_sizes(shard_sizes: Sequence[int], num_records: int) -> np.ndarra
     return sizes
 
 
-class ShardBlockedOrder:
-    """One epoch's order over sharded records, one shard's permutation in memory at a time.
+def check_shard_mixing(mixing: int) -> int:
+    if isinstance(mixing, bool) or not isinstance(mixing, (int, np.integer)) or mixing < 1:
+        raise ValueError(f"shard_mixing must be a whole number of shards >= 1, got {mixing!r}")
+    return int(mixing)
 
-    Record i lives in shard bisect_right(cumsum(sizes), i). Position p of the epoch is in
-    the shard at slot k of the seeded shard order, where the slots' start positions are a
-    cumsum over the permuted sizes; within the shard, a permutation seeded by (seed,
-    epoch, shard) picks the record.
+
+class ShardBlockedOrder:
+    """One epoch's order over sharded records, one group's permutation in memory at a time.
+
+    Record i lives in shard bisect_right(cumsum(sizes), i). The seeded shard order is cut
+    into groups of `mixing` consecutive slots (the last may hold fewer); position p of the
+    epoch is in the group whose start, a cumsum over the permuted sizes taken every
+    `mixing` slots, is the last one <= p. Within a group, each shard's records follow a
+    permutation seeded by (seed, epoch, shard), and a seeded interleaving (seed, epoch,
+    group) says which shard each position takes its next record from: together a uniform
+    permutation of the group's records, and with mixing = 1 exactly the shard's own order.
     """
 
-    def __init__(self, sizes: np.ndarray, seed: int, epoch: int):
-        self.sizes, self.seed, self.epoch = sizes, seed, epoch
+    def __init__(self, sizes: np.ndarray, seed: int, epoch: int, mixing: int = 1):
+        self.sizes, self.seed, self.epoch, self.mixing = sizes, seed, epoch, mixing
         self.first_record = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.shard_order = seeded_rng(SHARD_ORDER, seed, epoch).permutation(len(sizes))
-        self.slot_start = np.concatenate([[0], np.cumsum(sizes[self.shard_order])])
+        slot_start = np.concatenate([[0], np.cumsum(sizes[self.shard_order])])
+        self.group_start = slot_start[np.r_[np.arange(0, len(sizes), mixing), len(sizes)]]
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def shard_records(self, shard: int) -> np.ndarray:
         """The record indices of `shard`, in this epoch's order."""
-        if self._cached[0] != shard:
-            permutation = seeded_rng(SHARD_RECORDS, self.seed, self.epoch, shard).permutation(int(self.sizes[shard]))
-            self._cached = (shard, self.first_record[shard] + permutation)
+        permutation = seeded_rng(SHARD_RECORDS, self.seed, self.epoch, shard).permutation(int(self.sizes[shard]))
+        return self.first_record[shard] + permutation
+
+    def group_records(self, group: int) -> np.ndarray:
+        """The record indices of the shards in `group`, interleaved in this epoch's order."""
+        if self._cached[0] != group:
+            shards = self.shard_order[group * self.mixing : (group + 1) * self.mixing]
+            # Each shard's label once per record, shuffled: a uniform interleaving of the shards.
+            labels = np.repeat(np.arange(len(shards)), self.sizes[shards])
+            labels = seeded_rng(SHARD_MIXING, self.seed, self.epoch, group).permutation(labels)
+            records = np.empty(len(labels), dtype=np.int64)
+            # A stable sort lists each shard's positions in order, so its k-th position gets its k-th record.
+            records[np.argsort(labels, kind="stable")] = np.concatenate([self.shard_records(int(s)) for s in shards])
+            self._cached = (group, records)
         return self._cached[1]
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The records at `positions` (each in [0, num_records)) of the epoch."""
-        # side="right" skips empty shards: their slot starts where the next one does.
-        slots = np.searchsorted(self.slot_start, positions, side="right") - 1
+        # side="right" skips empty groups: each starts where the next one does.
+        groups = np.searchsorted(self.group_start, positions, side="right") - 1
         records = np.empty(len(positions), dtype=np.int64)
-        for slot in np.unique(slots):
-            where = slots == slot
-            records[where] = self.shard_records(int(self.shard_order[slot]))[positions[where] - self.slot_start[slot]]
+        for group in np.unique(groups):
+            where = groups == group
+            records[where] = self.group_records(int(group))[positions[where] - self.group_start[group]]
         return records
 
     def all(self) -> np.ndarray:
         """The whole epoch at once: O(num_records), for callers that need it anyway."""
-        return np.concatenate([self.shard_records(int(shard)) for shard in self.shard_order])
+        return np.concatenate([self.group_records(group) for group in range(len(self.group_start) - 1)])
 
 
 class EpochBatchSampler(ResumableBatches):
@@ -119,8 +142,8 @@ class EpochBatchSampler(ResumableBatches):
 
     Each epoch's permutation is padded by wrapping so every process gets the same number
     of full batches (no record is dropped; a few repeat), then rank r takes every
-    `world_size`-th index. With `shard_sizes` the permutation is shard-blocked (see the
-    module docstring) and never held in memory whole.
+    `world_size`-th index. With `shard_sizes` the permutation is shard-blocked, over groups
+    of `shard_mixing` shards (see the module docstring), and never held in memory whole.
     """
 
     def __init__(
@@ -131,6 +154,7 @@ class EpochBatchSampler(ResumableBatches):
         rank: int = 0,
         world_size: int = 1,
         shard_sizes: Sequence[int] | None = None,
+        shard_mixing: int = 1,
     ):
         if num_records < 1:
             raise ValueError("the sampler needs at least one record")
@@ -140,6 +164,7 @@ class EpochBatchSampler(ResumableBatches):
         self.rank = rank
         self.world_size = world_size
         self.shard_sizes = None if shard_sizes is None else check_shard_sizes(shard_sizes, num_records)
+        self.shard_mixing = check_shard_mixing(shard_mixing)
         self.batches_per_epoch = math.ceil(num_records / (batch_size * world_size))
         self.start = Position()
 
@@ -159,7 +184,7 @@ class EpochBatchSampler(ResumableBatches):
         if self.shard_sizes is None:
             indices = self.epoch_indices(epoch)
             return lambda b: indices[b * size : (b + 1) * size]
-        order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch)
+        order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch, self.shard_mixing)
         # This rank's k-th index is the padded epoch's position k * world + rank, and the
         # padding wraps, so position p reads record order[p mod num_records].
         within = np.arange(size, dtype=np.int64)

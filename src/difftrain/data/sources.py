@@ -10,7 +10,9 @@ Two families:
 - shards ("laion" gz parts, "webdataset" tars): cheap front to back, costly to seek.
   `shard_sizes` tells the sampler where the shard boundaries are, and `read` keeps one
   shard in memory, so a sampler that visits shard by shard reads each file once per
-  epoch whatever the data set's size.
+  epoch whatever the data set's size. Shards, and the list naming them, may also be
+  URLs (http(s)://, s3://, gs://; see remote.py); a list read from a URL names its
+  shards relative to that URL.
 
 Hugging Face data sets ("hf", data/hf.py) are either: an Arrow table with random access,
 or, streamed, a shard source whose shards are the stream's data files.
@@ -26,8 +28,9 @@ import binascii
 import gzip
 import json
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,7 +38,9 @@ from tqdm.auto import tqdm
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, check_size, image_size_from_file
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
-from difftrain.data.records import BadRecord, RawRecord, RecordSource, ShardSource, _describe, _Entry, caption_list
+from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, _describe, _Entry,
+                                    caption_list)
+from difftrain.data.remote import ShardUnreachable, is_url, join_url, open_url, read_text, url_name
 
 if TYPE_CHECKING:
     from difftrain.data.hf import HFOptions
@@ -75,7 +80,8 @@ def open_source(
     if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
         raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
     if kind == "folder":
-        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning)
+        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning,
+                            Path(index_dir) if index_dir else None)
     if captions not in ("auto", "none"):
         raise DatasetError(
             f"data.captions = {captions!r} applies to folder sources only; with data.source = {kind} use "
@@ -93,7 +99,8 @@ def open_source(
         return open_hf(str(path), hf or HFOptions(), captions != "none", max_pixels,
                        Path(index_dir) if index_dir else None, progress)
     cls = LaionSource if kind == "laion" else WebDatasetSource
-    return cls(Path(path), captions != "none", max_pixels, Path(index_dir) if index_dir else None, progress)
+    location = str(path) if is_url(path) else Path(path)
+    return cls(location, captions != "none", max_pixels, Path(index_dir) if index_dir else None, progress)
 
 
 # --- files on disk ------------------------------------------------------------------------
@@ -139,8 +146,9 @@ class FileSource(RecordSource):
 
 
 def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: int, progress: bool,
-                 conditioning: ConditioningFiles | None) -> FileSource:
-    scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning)
+                 conditioning: ConditioningFiles | None, index_dir: Path | None) -> FileSource:
+    scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning,
+                       index_dir=index_dir)
     keys, paths, texts, sizes = [], [], [], []
     for record in scan.records:
         keys.append(record.path.relative_to(scan.root).as_posix())
@@ -225,14 +233,42 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
 # --- shards -------------------------------------------------------------------------------
 
 
-def _read_list(list_file: Path, what: str) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
-    """(label, path) per non-empty line of a shard list; a missing shard is skipped and reported."""
-    shards: list[tuple[str, Path]] = []
-    skipped: list[tuple[str, str]] = []
-    text = list_file.read_text(encoding="utf-8", errors="replace")
+def _read_list(list_file: Shard, what: str) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    """(label, path or URL) per non-empty line of a shard list; a missing local shard is skipped and reported."""
+    if isinstance(list_file, str):
+        shards, skipped = _remote_list(list_file, what), []
+    else:
+        shards, skipped = _local_list(list_file, what)
+    if not shards:
+        detail = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else " (it lists nothing)"
+        raise DatasetError(f"no {what} to read in {list_file}{detail}")
+    return shards, skipped
+
+
+def _list_lines(text: str) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(text.splitlines(), 1):
         name = line.strip()
-        if not name or name.startswith("#"):
+        if name and not name.startswith("#"):
+            yield number, name
+
+
+def _remote_list(url: str, what: str) -> list[tuple[str, Shard]]:
+    """(label, URL) per line, a relative name read from the list's own URL. Unlike a local list's files, the
+    shards are not checked here (a request each): a missing one is reported by its indexing."""
+    try:
+        text = read_text(url)
+    except ShardUnreachable as exc:
+        raise DatasetError(f"data.path: {exc}; it should be a text file listing one {what} per line, "
+                           "relative to its URL or as full URLs") from None
+    return [(name, join_url(url, name)) for _, name in _list_lines(text)]
+
+
+def _local_list(list_file: Path, what: str) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    shards: list[tuple[str, Shard]] = []
+    skipped: list[tuple[str, str]] = []
+    for number, name in _list_lines(list_file.read_text(encoding="utf-8", errors="replace")):
+        if is_url(name):
+            shards.append((name, name))
             continue
         shard = Path(name)
         if not shard.is_absolute():
@@ -244,18 +280,24 @@ def _read_list(list_file: Path, what: str) -> tuple[list[tuple[str, Path]], list
                             f"{what} {name} does not exist (relative paths are read from {list_file.parent})"))
             continue
         shards.append((name, shard))
-    if not shards:
-        detail = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else " (it lists nothing)"
-        raise DatasetError(f"no {what} to read in {list_file}{detail}")
     return shards, skipped
 
 
-def _open_binary(path: Path) -> BinaryIO:
+def _open_raw(path: Shard) -> IO[bytes]:
+    return open_url(path) if isinstance(path, str) else open(path, "rb")
+
+
+@contextmanager
+def _open_binary(path: Shard) -> Iterator[IO[bytes]]:
     """`path` as a byte stream, gunzipped if its first bytes say gzip, whatever its name says."""
-    with open(path, "rb") as file:
-        magic = file.read(2)
-    # gzip.open owns the file it opens, so closing the stream closes the file too.
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
+    with _open_raw(path) as raw:
+        magic = raw.read(2)
+        raw.seek(0)
+        if magic != b"\x1f\x8b":
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped  # type: ignore[misc]
 
 
 class LaionSource(ShardSource):
@@ -265,7 +307,9 @@ class LaionSource(ShardSource):
     shard_noun = "part"
     position_noun = "line"
 
-    def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+        if isinstance(path, str):  # no folder to look into: a URL ending in / names the folder of a filelist
+            return _read_list(path + LIST_NAME if path.endswith("/") else path, "part")
         if path.is_dir():
             if not (path / LIST_NAME).is_file():
                 raise DatasetError(
@@ -280,7 +324,7 @@ class LaionSource(ShardSource):
             )
         return _read_list(path, "part")
 
-    def _entries(self, label: str, path: Path) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
         with _open_binary(path) as file:
             for number, line in enumerate(file, 1):
                 line = line.rstrip(b"\r\n")
@@ -309,7 +353,11 @@ class WebDatasetSource(ShardSource):
     noun = "samples"
     position_noun = "sample number"
 
-    def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+        if isinstance(path, str):  # a URL: one tar, else a list (a URL ending in / names the folder of one)
+            if url_name(path).endswith(TAR_SUFFIXES):
+                return [(url_name(path), path)], []
+            return _read_list(path + LIST_NAME if path.endswith("/") else path, "tar")
         if path.is_dir():
             if (path / LIST_NAME).is_file():
                 return _read_list(path / LIST_NAME, "tar")
@@ -329,8 +377,8 @@ class WebDatasetSource(ShardSource):
             return [(path.name, path)], []
         return _read_list(path, "tar")
 
-    def _entries(self, label: str, path: Path) -> Iterator[_Entry]:
-        with tarfile.open(path, mode="r|*") as tar:
+    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
+        with _open_raw(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for ordinal, (name, members) in enumerate(_tar_samples(tar)):
                 key, where = f"{label}:{name}", f"{label}:{name}"
                 image = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)

@@ -14,6 +14,7 @@ from difftrain.data.conditioning import Conditions, Preprocess
 from difftrain.data.dataset import ImageDataset
 from difftrain.data.folder import ConditioningFiles
 from difftrain.data.hf import HFOptions
+from difftrain.data.records import ShardSource
 from difftrain.data.sampler import EpochBatchSampler, ResumableBatches
 
 
@@ -43,6 +44,8 @@ def open_images(
         conditioning=conditioning[0] if conditioning else None,
         hf=hf_options(data),
     )
+    if isinstance(records, ShardSource):
+        records.shards_in_memory = data.shard_mixing  # the group build_sampler interleaves
     conditions = None
     if conditioning:
         conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels,
@@ -62,14 +65,18 @@ def open_images(
 
 def build_sampler(config: RunConfig, dataset: ImageDataset, rank: int, world_size: int) -> ResumableBatches:
     batch_size, seed, shards = config.training.batch_size, config.seed, dataset.source.shard_sizes
+    mixing = config.data.shard_mixing
     if dataset.buckets is not None:
         from difftrain.data.buckets import BucketBatchSampler
 
         lookup = dataset.buckets
         return BucketBatchSampler(
-            lookup.bucket_ids, batch_size, seed, rank, world_size, shard_sizes=shards, buckets=lookup.sizes
+            lookup.bucket_ids, batch_size, seed, rank, world_size, shard_sizes=shards, buckets=lookup.sizes,
+            shard_mixing=mixing,
         )
-    return EpochBatchSampler(len(dataset), batch_size, seed, rank=rank, world_size=world_size, shard_sizes=shards)
+    return EpochBatchSampler(
+        len(dataset), batch_size, seed, rank=rank, world_size=world_size, shard_sizes=shards, shard_mixing=mixing
+    )
 
 
 def hf_options(data: DataConfig) -> HFOptions:

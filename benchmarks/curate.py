@@ -106,7 +106,8 @@ def main() -> None:
                                              aesthetic_min)
             peaks[count] = max(peak, peak_again)
             print(f"\n{count:,} images of {args.image_size} px ({first['counts']['records']:,} records with copies): "
-                  f"{cold:.1f} s all steps, {first['counts']['kept']:,} kept; peak RSS {peak / 1024:.0f} MiB")
+                  f"{cold:.1f} s all steps, {first['counts']['kept']:,} kept; peak RSS {peaks[count] / 1024:.0f} MiB "
+                  "(the larger of its two runs, the figure the ratio below compares)")
             for step, t in first["timings"].items():
                 print(f"  {step:12s} {t['records']:7,} records  {t['per_second'] or 0:9,.0f} /s")
             print(f"  re-run with other thresholds: {warm:.1f} s (x{cold / warm:.1f} faster; model steps run: "

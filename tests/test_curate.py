@@ -89,7 +89,8 @@ def test_sizes_copies_and_near_copies_are_dropped_with_reasons_and_the_rest_writ
     assert sorted(p.name for p in out.glob("*.*") if p.suffix != ".jsonl")[-1] == "near_b.jpg"
     report_dir = tmp_path / "clean-report"
     with Image.open(report_dir / "histograms.png") as image:
-        assert image.size[0] == 520
+        assert image.size == (520, 220)  # one panel: no CLIP or aesthetic score was measured
+        assert (200, 70, 60) in {colour for _, colour in image.getcolors(4096)}  # the size drops' red bars
     sheet = (report_dir / "contact_sheet.html").read_text()
     assert sheet.count("<img") == 48 + 2 + 2 + 2  # kept, size drops, duplicates each beside the one kept
     assert "dropped: duplicate" in sheet and "kept instead" in sheet
@@ -338,3 +339,7 @@ def test_a_hugging_face_dataset_is_curated_like_any_source(messy, tmp_path):
     rows = _scores(out)
     assert [row.get("reason", "") for row in rows.values()] == ["", "", "copy of row:1", "shorter side 8 px < 16"]
     assert len(open_source("folder", out, progress=False)) == 2
+    # --dedupe '' asks for no duplicate search at all: the byte copy stays
+    assert main(["data", "curate", str(tmp_path / "saved"), str(tmp_path / "all"), "--source", "hf", "--dedupe", "",
+                 "--caption-key", "text", "--min-size", "16", "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len(open_source("folder", tmp_path / "all", progress=False)) == 3

@@ -156,6 +156,9 @@ def test_the_index_cache_is_keyed_by_what_the_server_says(served, server, tmp_pa
     second = open_source("webdataset", url, index_dir=tmp_path, progress=False)
     assert (second.shards_indexed, second.shards_from_cache) == (0, 3)
     assert server.gets() == ["/wds/filelist.txt"]  # each shard was asked about (HEAD), none read
+    heads = sum(n for (method, _), n in server.hits.items() if method == "HEAD")
+    fingerprint(second)  # resume's fingerprint takes what the open already asked
+    assert sum(n for (method, _), n in server.hits.items() if method == "HEAD") == heads == 3
     assert records(second) == records(first)
     # A shard the server reports changed (here its Last-Modified) is indexed again, on its own.
     tar = served / "wds" / "shard-000002.tar"

@@ -62,13 +62,30 @@ class CurateOptions:
             raise CurateError(f"--shard {self.shard[0]}/{self.shard[1]}: give i/N with 0 <= i < N")
         if self.aesthetic_min is not None and not self.aesthetic:
             raise CurateError("--aesthetic-min needs --aesthetic WEIGHTS (the LAION predictor's file)")
-        if self.clip_min is not None or self.aesthetic or "clip" in self.dedupe:
+        if self._uses_clip:
             self.clip_model = self.clip_model or _default_clip()
+        # an offline, uncached model fails now, not after a pass over the data
+        _check_available(self.clip_model if self._uses_clip else None, "CLIP model")
+        _check_available(self.captioner, "captioning model")
+
+    @property
+    def _uses_clip(self) -> bool:
+        return self.clip_min is not None or bool(self.aesthetic) or "clip" in self.dedupe
 
     @property
     def needs_clip(self) -> bool:
-        return self.clip_model is not None and (self.clip_min is not None or bool(self.aesthetic)
-                                                or "clip" in self.dedupe)
+        return self.clip_model is not None and self._uses_clip
+
+
+def _check_available(model: str | None, what: str) -> None:
+    from difftrain.evaluate.clip_score import check_available
+    from difftrain.evaluate.weights import EvalError
+
+    if model is not None:
+        try:
+            check_available(model, what)
+        except EvalError as error:
+            raise CurateError(str(error)) from None
 
 
 def _default_clip() -> str:
@@ -93,6 +110,11 @@ class Item:
     reason: str = ""
     kept_instead: int | None = None  # a duplicate: the position of the member kept
     new_captions: list[str] | None = None  # what the output holds, when captioning changed it
+
+    @property
+    def captions_out(self) -> list[str]:
+        """The captions the output holds."""
+        return self.new_captions if self.new_captions is not None else self.captions
 
     def drop(self, step: str, reason: str) -> None:
         self.step, self.reason = step, reason

@@ -180,7 +180,8 @@ def _drop_duplicates(items: list[Item], features: "_Features", options: CurateOp
                     items[position].scores[f"{what}_score"] = score(position, kept)
         items = [item for item in items if item.step is None]
 
-    apply(dedupe.exact_groups([item.sha256 for item in items]), "copy", lambda a, b: 0.0)
+    if "exact" in options.dedupe:
+        apply(dedupe.exact_groups([item.sha256 for item in items]), "copy", lambda a, b: 0.0)
     if "phash" in options.dedupe:
         hashes = [features.phash[item.index] for item in items]
         apply(dedupe.hash_groups(hashes, options.phash_distance), "near-duplicate",
@@ -337,8 +338,7 @@ class _Features:
         if o.caption_prefix:
             for item in items:
                 if item.step is None:
-                    captions = item.new_captions if item.new_captions is not None else item.captions
-                    item.new_captions = [o.caption_prefix + c for c in captions] or [o.caption_prefix.strip()]
+                    item.new_captions = [o.caption_prefix + c for c in item.captions_out] or [o.caption_prefix.strip()]
 
 
 def _combine(captions: list[str], written: str, mode: str) -> list[str]:
@@ -359,11 +359,7 @@ class _CuratedSource(RecordSource):
         self._source, self._kept = source, kept
         self.description, self.skipped, self.shard_sizes = f"curated {source.description}", [], None
         self.sizes = np.array([(i.width, i.height) for i in kept], dtype=np.int32).reshape(-1, 2)
-        self.uncaptioned = sum(not self._captions(i) for i in kept)
-
-    @staticmethod
-    def _captions(item: Item) -> list[str]:
-        return item.new_captions if item.new_captions is not None else item.captions
+        self.uncaptioned = sum(not i.captions_out for i in kept)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -371,7 +367,7 @@ class _CuratedSource(RecordSource):
     def read(self, index: int) -> RawRecord:
         item = self._kept[index]
         record = self._source.read(item.index)
-        return RawRecord(record.key, record.data, self._captions(item), record.conditioning)
+        return RawRecord(record.key, record.data, item.captions_out, record.conditioning)
 
 
 def _write_output(source: RecordSource, kept: list[Item], out: Path, options: CurateOptions, timer: _Timer) -> Path:

@@ -39,7 +39,7 @@ def write_report(source: RecordSource, result: CurateResult, options: CurateOpti
     write_text(folder / "report.json", json.dumps(_summary(source, result, options, keys), indent=2) + "\n")
     write_text(folder / "scores.jsonl", "".join(json.dumps(_row(item, keys)) + "\n" for item in items))
     plot_histograms(items, options, folder / "histograms.png")
-    write_text(folder / "contact_sheet.html", _contact_sheet(source, items, options, keys))
+    write_text(folder / "contact_sheet.html", _contact_sheet(source, items))
     return folder
 
 
@@ -137,7 +137,7 @@ def _histogram(title: str, kept: list[float], dropped: list[float], threshold: f
 
 
 # ----------------------------------------------------------------------------- contact sheet
-def _contact_sheet(source: RecordSource, items: list[Item], options: CurateOptions, keys: dict[int, str]) -> str:
+def _contact_sheet(source: RecordSource, items: list[Item]) -> str:
     by_index = {item.index: item for item in items}
     sections = [("kept", "nearest the thresholds first", _nearest_first([i for i in items if i.step is None], True))]
     for step in STEPS:
@@ -169,9 +169,8 @@ def _nearest_first(items: list[Item], kept: bool) -> list[Item]:
 
 def _card(source: RecordSource, item: Item, label: str = "") -> str:
     lines = [label, item.key, item.reason] + [f"{k} {v:.3g}" for k, v in item.scores.items()]
-    captions = item.new_captions if item.new_captions is not None else item.captions
-    if captions:
-        lines.append(f"“{captions[0][:80]}”")
+    if item.captions_out:
+        lines.append(f"“{item.captions_out[0][:80]}”")
     text = "<br>".join(html.escape(line) for line in lines if line)
     return f"<figure>{_thumbnail(source, item)}<figcaption>{text}</figcaption></figure>"
 

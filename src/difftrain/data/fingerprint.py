@@ -24,18 +24,20 @@ MAX_LISTED = 100_000
 
 def fingerprint(source: RecordSource) -> dict:
     entries: dict[str, list[int]] = {}
+    known = source.remote_versions()
     for key, path, captions in source.stored_files():
-        size, mtime = _size_and_time(path)
+        size, mtime = _size_and_time(path, known)
         entries[key] = [size, mtime, zlib.crc32("\x00".join(captions).encode("utf-8"))]
     digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
     return {"records": len(source), "files": len(entries), "digest": digest,
             "entries": entries if len(entries) <= MAX_LISTED else None}
 
 
-def _size_and_time(path: str) -> tuple[int, int]:
-    """A file's size and mtime, or for a URL its size and a checksum of its version; -1 for what is unknown."""
+def _size_and_time(path: str, known: dict[str, tuple | None]) -> tuple[int, int]:
+    """A file's size and mtime, or for a URL its size and a checksum of its version (from `known` when the
+    source asked the remote while opening); -1 for what is unknown."""
     if is_url(path):
-        found = remote_identity(path)
+        found = known[path] if path in known else remote_identity(path)
         if found is None:
             return -1, -1
         _, size, version = found

@@ -63,8 +63,6 @@ class FolderScan:
     caption_source: str = "none"
     missing_captions: list[str] = field(default_factory=list)
     conditioning_source: str | None = None  # how conditioning files were found; None: none were
-    decoded: int = 0  # images this scan decoded
-    from_index: int = 0  # images whose decode outcome came from the index (unchanged since it was written)
 
     def report_lines(self) -> list[str]:
         lines = [f"{len(self.records)} usable images in {self.root} (captions: {self.caption_source})"]
@@ -245,7 +243,8 @@ def scan_folder(
         # entry lists one as its file_name too (a condition that is an image of the set).
         held = {conditioning_path(entry.folder, entry.conditioning) for entry in metadata.values()} - set(metadata)
         folder = conditioning.folder.resolve() if conditioning.folder else None
-        images = [p for p in images if resolve(p) not in held and not (folder and resolve(p).is_relative_to(folder))]
+        images = [p for p in images
+                  if (path := resolve(p)) not in held and not (folder and path.is_relative_to(folder))]
 
     checks = ImageChecks(root, max_pixels, Path(index_dir) if index_dir is not None else None)
     records: list[Record] = []
@@ -258,15 +257,14 @@ def scan_folder(
             continue
         width, height = outcome
         caption, listed, condition = None, None, None
+        entry = metadata.get(resolve(image_path)) if metadata else None  # one resolve per image: an lstat each
         if conditioning:
-            entry = metadata.get(resolve(image_path))
             value, base = (entry.conditioning, entry.folder) if entry else (None, root)
             condition, problem = conditioning_file(name, value, base, conditioning, max_pixels)
             if problem:
                 skipped.append((name, problem))
                 continue
         if source == "metadata":
-            entry = metadata.get(resolve(image_path))
             caption, listed = (entry.caption, entry.captions) if entry else (None, None)
         elif source == "txt":
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
@@ -275,7 +273,8 @@ def scan_folder(
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
                               condition))
 
-    for absent in sorted(set(metadata) - {resolve(r.path) for r in records} - {resolve(root / n) for n, _ in skipped}):
+    listed_absent = set(metadata) - {resolve(r.path) for r in records} if metadata else set()
+    for absent in sorted(listed_absent - {resolve(root / n) for n, _ in skipped}):
         if not absent.exists():
             skipped.append((str(absent), "listed in metadata.jsonl but the file does not exist"))
 
@@ -287,5 +286,4 @@ def scan_folder(
         raise DatasetError(
             f"no usable images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}){detail}"
         )
-    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None,
-                      checks.decoded, checks.from_index)
+    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None)

@@ -346,7 +346,6 @@ class HFStreamSource(ShardSource):
     """A streamed data set read as shards: the stream's own, one data file each (see the module docstring)."""
 
     kind = "hf"
-    noun = "records"
     position_noun = "row"
 
     def __init__(self, stream: Any, labels: list[str], files: list[str], version: str, columns: _Columns,

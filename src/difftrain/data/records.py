@@ -71,6 +71,11 @@ class RecordSource(ABC):
         (resume compares them); a source with no files of its own lists none."""
         return []
 
+    def remote_versions(self) -> dict[str, tuple | None]:
+        """URL -> what the remote said of it while this source was opened (remote.remote_identity), so
+        the resume fingerprint need not ask every remote shard again."""
+        return {}
+
     def report_lines(self) -> list[str]:
         lines = [self.description]
         if self.skipped:
@@ -129,6 +134,7 @@ class ShardSource(RecordSource):
         self.shards_indexed = 0  # shards streamed by this open
         self.shards_from_cache = 0  # shards whose index came from index_dir
         self.shard_loads = 0  # shards read by read() in this process
+        self._remote_versions: dict[str, tuple | None] = {}
         self._labels: list[str] = []
         self._paths: list[str] = []
         self._positions: list[np.ndarray] = []
@@ -172,6 +178,9 @@ class ShardSource(RecordSource):
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         return [(label, path, []) for label, path in zip(self._labels, self._paths)]  # captions are inside
+
+    def remote_versions(self) -> dict[str, tuple | None]:
+        return self._remote_versions
 
     def __getstate__(self) -> dict:
         # A worker process gets the index, not the parent's loaded shards (nor any open file: none is kept).
@@ -218,7 +227,7 @@ class ShardSource(RecordSource):
         """What a shard's cached index is keyed by: its path, size and mtime, or for a URL what the remote
         says of it; None (not cached) if it is no file or the remote cannot say."""
         if isinstance(path, str):
-            found = remote_identity(path)
+            found = self._remote_versions[path] = remote_identity(path)
             return None if found is None else [INDEX_VERSION, self.kind, label, *found, self._max_pixels,
                                                 self._use_captions]
         if not path.is_file():  # a shard gone since listing is reported by the indexing

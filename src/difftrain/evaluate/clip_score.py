@@ -19,14 +19,14 @@ from difftrain.evaluate.weights import EvalError, offline
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default and the usual one in papers
 
 
-def check_available(model: str | Path) -> None:
-    """Refuse a CLIP that cannot be had offline, without loading it (training checks this before its first step)."""
+def check_available(model: str | Path, what: str = "CLIP model") -> None:
+    """Refuse a model that cannot be had offline, without loading it (training checks this before its first step)."""
     if Path(model).is_dir() or not offline():
         return
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(str(model), "config.json"), str):
-        raise EvalError(f"CLIP model {model}: not in the Hugging Face cache, and this machine is offline: download it "
+        raise EvalError(f"{what} {model}: not in the Hugging Face cache, and this machine is offline: download it "
                         f"once elsewhere (huggingface-cli download {model}), or give a local folder")
 
 

@@ -27,7 +27,8 @@ def test_folder_to_shards_to_folder_is_lossless(tmp_path, shapes_dir, format, sh
     listing = build_shards(folder, tmp_path / "shards", format, records_per_shard=10, progress=False)
     assert listing == tmp_path / "shards" / "filelist.txt"
     assert listing.read_text().split() == shard_names
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(shard_names + ["filelist.txt"])
+    sidecars = [f"{name}.index.json" for name in shard_names]  # each shard's index, beside it
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(shard_names + sidecars + ["filelist.txt"])
 
     shards = open_source(format, listing, progress=False)
     assert shards.shard_sizes == [10, 10, 4]
@@ -139,7 +140,7 @@ def test_an_interrupted_build_leaves_only_complete_shards_and_no_list(tmp_path, 
     source = Interrupted(open_source("folder", shapes_dir, progress=False), stop=15)
     with pytest.raises(KeyboardInterrupt):
         build_shards(source, tmp_path / "out", "laion", records_per_shard=10, progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-00000.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-00000.gz", "part-00000.gz.index.json"]
     assert len(gzip.decompress((tmp_path / "out" / "part-00000.gz").read_bytes()).splitlines()) == 10
 
 

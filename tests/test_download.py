@@ -249,6 +249,7 @@ def test_laion_parts_from_parquet_keep_every_column(tmp_path, server):
     source = open_source("laion", tmp_path / "out", progress=False)
     assert len(source) == 5 and source.shard_sizes == [2, 2, 1]
     assert source.sizes.tolist() == [[12, 12]] * 5
+    assert (source.shards_from_sidecar, source.shards_indexed) == (3, 0)  # each part's index is beside it
     assert [source.read(i).captions for i in range(5)] == [[f"picture {i}"] for i in range(5)]
     assert Image.open(io.BytesIO(source.read(0).data)).format == "PNG"
     lines = gzip.decompress((tmp_path / "out/part-00001.gz").read_bytes()).splitlines()
@@ -386,7 +387,10 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):
     assert [s["key"] for s in samples] == [f"{i:09d}" for i in range(10)]  # each row once, in order
     assert not list(out.glob("*.tmp"))
     assert (out / "filelist.txt").read_text().split() == [f"shard-{k:06d}.tar" for k in range(4)]
-    assert len(open_source("webdataset", out, progress=False)) == 10
+    opened = open_source("webdataset", out, progress=False)
+    assert len(opened) == 10
+    # Each shard's index was written with it, redone shards' too: the open reads no shard.
+    assert (opened.shards_from_sidecar, opened.shards_indexed) == (4, 0)
 
     with pytest.raises(DatasetError, match=r"other settings: per_shard 3 \(now 4\)"):
         download(urls, out, fast(per_shard=4))
@@ -410,6 +414,7 @@ def test_two_processes_share_out_and_match_one_run(tmp_path, server, monkeypatch
 
     def records(folder):
         source = open_source("webdataset", folder, progress=False)
+        assert source.shards_indexed == 0  # each process wrote the indexes of its own shards
         return [(r.key.partition(":")[2], r.captions, r.data) for r in map(source.read, range(len(source)))]
 
     assert records(tmp_path / "split") == records(tmp_path / "one")

@@ -66,6 +66,8 @@ def served(tmp_path_factory, shapes_dir) -> Path:
     images = open_source("folder", shapes_dir, progress=False)
     build_shards(images, root / "laion", "laion", records_per_shard=10, progress=False)
     build_shards(images, root / "wds", "webdataset", records_per_shard=10, progress=False)
+    for sidecar in root.glob("*/*.index.json"):
+        sidecar.unlink()  # these tests read the shards themselves; the sidecars' own test is below
     return root
 
 
@@ -204,3 +206,30 @@ def test_resume_notices_a_remote_shard_that_changed(served, server):
     part = served / "laion" / "part-00001.gz"
     os.utime(part, (part.stat().st_mtime + 20,) * 2)
     assert describe_change(before, fingerprint(source)) == "1 changed size or time (e.g. part-00001.gz)"
+
+
+def test_remote_shards_use_the_sidecars_beside_them_and_cache_them(tmp_path, shapes_dir):
+    build_shards(open_source("folder", shapes_dir, progress=False), tmp_path / "laion", "laion",
+                 records_per_shard=10, progress=False)
+    httpd = ShardServer(tmp_path)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url, cache = f"{httpd.url}/laion/filelist.txt", tmp_path / "cache"
+        first = open_source("laion", url, index_dir=cache, progress=False)
+        assert (first.shards_from_sidecar, first.shards_indexed, len(first)) == (3, 0, 24)
+        assert httpd.gets() == sorted(["/laion/filelist.txt"] + [f"/laion/part-0000{k}.gz.index.json"
+                                                                  for k in range(3)])  # no shard
+        httpd.hits.clear()
+        second = open_source("laion", url, index_dir=cache, progress=False)  # the cache: a HEAD a shard
+        assert (second.shards_from_cache, second.shards_from_sidecar, second.shards_indexed) == (3, 0, 0)
+        assert httpd.gets() == ["/laion/filelist.txt"]
+        # A shard whose size is not the sidecar's is read.
+        part = tmp_path / "laion" / "part-00001.gz"
+        part.write_bytes(part.read_bytes() + part.read_bytes())  # gzip members in a row: twice the records
+        third = open_source("laion", url, progress=False)
+        assert (third.shards_from_sidecar, third.shards_indexed, len(third)) == (2, 1, 34)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

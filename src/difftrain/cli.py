@@ -111,6 +111,25 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_index(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from difftrain.data.sources import LaionSource, WebDatasetSource
+
+    kind = {"laion": LaionSource, "webdataset": WebDatasetSource}[args.format]
+    shards, unlisted = kind._shard_list(kind.__new__(kind), Path(args.path))
+    for label, problem in unlisted:
+        print(f"not indexed: {label}: {problem}")
+    local = [Path(shard) for _, shard in shards if not isinstance(shard, str)]
+    if len(local) < len(shards):
+        raise DifftrainError(f"{args.path} lists shards by URL: index them where they are written, then upload "
+                             "each .index.json beside its shard")
+    for shard in tqdm(local, desc="indexing shards", unit="shard", disable=args.no_progress):
+        kind.write_sidecar(shard)
+    print(f"wrote {len(local)} index file(s) beside the shards of {args.path}: a run opens them without reading them")
+    return 0
+
+
 def _data_curate(args: argparse.Namespace) -> int:
     from difftrain.curate.items import CurateOptions
     from difftrain.curate.pipeline import curate
@@ -349,6 +368,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from difftrain.training.sharding import consolidate
+
+    written = consolidate(Path(args.checkpoint), Path(args.out) if args.out else None)
+    print("wrote " + ", ".join(str(p) for p in written) + " (whole tensors, the layout of an unsharded checkpoint)")
+    return 0
+
+
 def _export_controlnet(args: argparse.Namespace) -> int:
     import torch
     from diffusers import ControlNetModel
@@ -433,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
     build.set_defaults(run=_data_build)
 
+    index = data.add_parser("index", help="write the index beside laion parts or webdataset tars another tool wrote")
+    index.add_argument("path", help="laion filelist (or its folder), webdataset folder, .tar or list of tars")
+    index.add_argument("--format", required=True, choices=["laion", "webdataset"])
+    index.add_argument("--no-progress", action="store_true")
+    index.set_defaults(run=_data_index)
+
     down = data.add_parser("download", help="download a table of image URLs into laion parts or webdataset tars")
     down.add_argument("urls", help="parquet, csv, tsv or jsonl with a url and a caption column, or a .txt of URLs")
     down.add_argument("out", help="output folder; a re-run continues what is there")
@@ -489,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--force", action="store_true", help="replace OUT if it exists")
     cur.add_argument("--no-progress", action="store_true")
     cur.set_defaults(run=_data_curate)
+
+    checkpoint = commands.add_parser("checkpoint", help="work on training checkpoints").add_subparsers(
+        dest="checkpoint_command", required=True)
+    joined = checkpoint.add_parser("consolidate", help="join an FSDP checkpoint's per-process parts into whole files")
+    joined.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step-N)")
+    joined.add_argument("--out", help="write the files here instead of into the checkpoint folder")
+    joined.set_defaults(run=_checkpoint_consolidate)
 
     model = commands.add_parser("model", help="make models").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("tiny-sd", help="write a tiny random Stable Diffusion (diffusers format) for tests")

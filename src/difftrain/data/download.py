@@ -8,9 +8,11 @@ pass), decodes and checks each image through images.py, resizes and re-encodes i
 results are written in input order through shards.py's writers, so `open_source("laion" |
 "webdataset", OUT)` and `difftrain data build` read the output as they read their own.
 
-Each shard is renamed into place when complete, then its report (`reports/NNNNNN.json`:
-successes, failures with url and reason, bytes, times) is written. A shard with a report
-is done: a re-run skips it and redoes only the others, so a killed download continues
+Each shard is renamed into place when complete, its index written beside it at once
+(`shard-000000.tar.index.json`, see records.py: opening the output then reads no shard),
+then its report (`reports/NNNNNN.json`: successes, failures with url and reason, bytes,
+times) is written. A shard with a report is done: a re-run skips it and redoes only the
+others (shard file and index both written anew), so a killed download continues
 without duplicates. `--shard i/N` (or RANK/WORLD_SIZE from accelerate or torchrun) gives a
 process the shards k with k % N == i, so N processes share one OUT. Whichever process
 finishes and finds every shard done merges: it writes `download_report.json` and, last,
@@ -534,7 +536,7 @@ class ShardRun:
         self.writer: _ShardWriter = (_TarShard(out, per_shard, number) if options.format == "webdataset"
                                      else _LaionShard(out, per_shard, options.gzip, number))
         # A shard without a report is not done, even if a killed run renamed its file into place.
-        (out / self.writer.shard_name(number)).unlink(missing_ok=True)
+        self.writer.remove(number)  # the shard and its index
         self.started = started
         self.ok = 0
         self.bytes = 0

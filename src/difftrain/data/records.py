@@ -10,6 +10,26 @@ shard's index is cached under a hash of its path, size and mtime (or whatever
 shard, and a changed shard is indexed again on its own. A shard may be a URL (remote.py):
 it is then known by what the remote says of it, and one that could not be fetched is
 reported but not cached, so the next open tries it again.
+
+Shards written by difftrain (`data build`, `data download`) also carry their index beside
+them: `part-00000.gz.index.json` next to `part-00000.gz` (see `write_sidecar`), so even a
+run's first open over 10,000 shards reads one small JSON file per shard instead of every
+shard. An open takes the sidecar first (for a URL: after the cache, which costs no
+request), then the cache, then reads the shard.
+
+The sidecar is JSON, one per shard, so processes writing shards in parallel never share a
+file, and a shard rewritten by a resumed download gets its own new sidecar:
+  {"format": "difftrain-shard-index", "version": INDEX_VERSION, "kind": "laion" | "webdataset",
+   "label": the shard's file name, "size": its size in bytes, "mtime_ns": its mtime,
+   "positions": [...], "sizes": [width, height, width, height, ...] (one pair a position),
+   "skipped": [[where, reason], ...], "uncaptioned": count}
+that is, what the reader's own indexing finds with captions read and no pixel limit. It is
+trusted while a local shard has the size and mtime it records (a tar edited in place often
+keeps its size: tars are padded to blocks; a copy that keeps mtimes, `cp -p`, `rsync -a`,
+keeps its sidecars usable), and a remote shard the size (its ETag or time cannot be known
+when the sidecar is written); and only when it answers for this open's settings: a record
+over `max_pixels`, or skipped records when captions are not read (a bad caption may be
+why), send that shard to the reader instead.
 """
 
 from __future__ import annotations
@@ -17,6 +37,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
+import os
 import tarfile
 import zlib
 from abc import ABC, abstractmethod
@@ -31,9 +53,14 @@ from tqdm.auto import tqdm
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes
-from difftrain.data.remote import ShardUnreachable, is_url, remote_identity
+from difftrain.data.remote import ShardUnreachable, is_url, read_text, remote_identity
+
+log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # bump when the cached index layout or meaning changes
+SIDECAR_FORMAT = "difftrain-shard-index"
+SIDECAR_SUFFIX = ".index.json"  # part-00000.gz -> part-00000.gz.index.json
+_NO_PIXEL_LIMIT = 2**62  # a sidecar lists every record whose header reads; max_pixels is applied at open
 # Anything that means "this shard file is broken from here on"; the records before it still count.
 SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
 Shard = Path | str  # a local file, or a URL (always a str: a Path would fold its "//")
@@ -123,6 +150,7 @@ class ShardSource(RecordSource):
     """
 
     kind = ""
+    sidecars = False  # whether shards of this kind may carry their index beside them (write_sidecar)
     shard_noun = "shard"
     noun = "records"
     position_noun = "record"
@@ -133,6 +161,8 @@ class ShardSource(RecordSource):
         shards, self.skipped = self._shard_list(path)
         self.shards_indexed = 0  # shards streamed by this open
         self.shards_from_cache = 0  # shards whose index came from index_dir
+        self.shards_from_sidecar = 0  # shards whose index came from beside the shard (write_sidecar)
+        self._unusable_sidecars: list[tuple[str, str]] = []  # (file, why): said once, not once a shard
         self.shard_loads = 0  # shards read by read() in this process
         self._remote_versions: dict[str, tuple | None] = {}
         self._labels: list[str] = []
@@ -145,11 +175,16 @@ class ShardSource(RecordSource):
             index = self._index(label, shard, index_dir)
             self.skipped += [tuple(item) for item in index["skipped"]]
             self.uncaptioned += index["uncaptioned"]
-            if index["positions"]:  # a shard with no usable record is left out of the order altogether
+            if len(index["positions"]):  # a shard with no usable record is left out of the order altogether
                 self._labels.append(label)
                 self._paths.append(str(shard))
                 self._positions.append(np.asarray(index["positions"], dtype=np.int64))
                 sizes.append(np.asarray(index["sizes"], dtype=np.int32).reshape(-1, 2))
+        if self._unusable_sidecars:
+            (where, why), count = self._unusable_sidecars[0], len(self._unusable_sidecars)
+            log.warning("ignoring %d shard index file(s) this difftrain cannot use, e.g. %s (%s); those shards were "
+                        "read instead. Delete the files, or write the shards again with `difftrain data build`",
+                        count, where, why)
         if not self._positions:
             detail = f"; e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(f"no usable records in {path}{detail}")
@@ -181,6 +216,12 @@ class ShardSource(RecordSource):
 
     def remote_versions(self) -> dict[str, tuple | None]:
         return self._remote_versions
+
+    def report_lines(self) -> list[str]:
+        lines = super().report_lines()
+        lines.insert(1, f"shard indexes: {self.shards_from_sidecar} beside the shards, {self.shards_from_cache} "
+                        f"from the cache, {self.shards_indexed} read now")
+        return lines
 
     def __getstate__(self) -> dict:
         # A worker process gets the index, not the parent's loaded shards (nor any open file: none is kept).
@@ -237,6 +278,11 @@ class ShardSource(RecordSource):
                 self._max_pixels, self._use_captions]
 
     def _index(self, label: str, path: Shard, index_dir: Path | None) -> dict:
+        # A local sidecar costs a stat and one small read, less than the cache's key; a remote one costs a
+        # request, so a URL asks the cache first.
+        remote = isinstance(path, str)
+        if self.sidecars and not remote and (index := self._from_sidecar(label, path)) is not None:
+            return index
         cache = None
         identity = self._identity(label, path) if index_dir is not None else None
         if identity is not None:
@@ -249,6 +295,12 @@ class ShardSource(RecordSource):
                     return index
             except (OSError, ValueError, AttributeError):
                 pass  # not cached yet, or a damaged entry: index the shard again
+        if self.sidecars and remote and (index := self._from_sidecar(label, path)) is not None:
+            if cache is not None:
+                # the next open asks no sidecar again
+                write_text(cache, json.dumps({**index, "positions": index["positions"].tolist(),
+                                              "sizes": index["sizes"].tolist()}), sync=False)
+            return index
         index = self._index_shard(label, path)
         self.shards_indexed += 1
         unreachable = index.pop("unreachable")
@@ -282,3 +334,98 @@ class ShardSource(RecordSource):
             unreachable = isinstance(exc, ShardUnreachable)
         return {"version": INDEX_VERSION, "positions": positions, "sizes": sizes, "skipped": skipped,
                 "uncaptioned": uncaptioned, "unreachable": unreachable}
+
+    # --- the index beside each shard (see the module docstring) ---------------------------------
+
+    @classmethod
+    def write_sidecar(cls, shard: Path) -> Path:
+        """Index the local `shard` as this kind's reader would and write that beside it; return the sidecar.
+
+        For writers of shards (`data build`, `data download`), just after the shard got its final name.
+        """
+        reader = cls.__new__(cls)  # no shard list and no open: only what _entries and _index_shard read
+        reader._use_captions, reader._max_pixels = True, _NO_PIXEL_LIMIT
+        index = reader._index_shard(shard.name, shard)
+        del index["unreachable"]  # a local file: a break is a fact about the shard, kept in skipped
+        stat = shard.stat()
+        sidecar = {"format": SIDECAR_FORMAT, **index, "kind": cls.kind, "label": shard.name,
+                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                   "sizes": [side for pair in index["sizes"] for side in pair]}  # flat: half the time to read
+        # Not synced: a sidecar lost or torn by a crash is ignored at open (with a warning) and the shard read.
+        return write_text(sidecar_path(shard), json.dumps(sidecar, separators=(",", ":"), ensure_ascii=False),
+                          sync=False)
+
+    def _from_sidecar(self, label: str, path: Shard) -> dict | None:
+        """The shard's index from its sidecar, for this open's settings; None if there is none to trust."""
+        # Strings, not Paths: at 10,000 shards pathlib's own work is a good part of this loop.
+        where = sidecar_path(path) if isinstance(path, str) else os.fspath(path) + SIDECAR_SUFFIX
+        if where is None:
+            return None
+        try:
+            if isinstance(path, str):
+                text = read_text(where)  # first: without a sidecar (a 404) the shard's size is not needed
+                # [url, size, version]: asked by the cache lookup before, else now (and, as without a cache,
+                # not kept for the resume fingerprint)
+                found = self._remote_versions[path] if path in self._remote_versions else remote_identity(path)
+                size = None if found is None else found[1]
+                mtime = None  # a remote's times are its own: the size alone vouches (see the module docstring)
+            else:
+                stat = os.stat(path)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+                with open(where, "rb") as file:
+                    text = file.read()  # json reads UTF-8 bytes itself
+        except OSError:
+            return None  # no sidecar (the usual case for data not written by difftrain), or no shard
+        try:
+            index = self._checked_sidecar(json.loads(text))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+            self._unusable_sidecars.append((str(where), f"{type(exc).__name__}: {exc}"))
+            return None
+        # A remote that does not say a size cannot vouch for the sidecar either.
+        if index["size"] != size or (mtime is not None and index.get("mtime_ns") != mtime):
+            log.debug("%s: the shard changed since its sidecar was written; reading the shard", label)
+            return None
+        return self._for_settings(index, label)
+
+    def _checked_sidecar(self, raw: object) -> dict:
+        """`raw` if it is a sidecar of this kind and version in the layout it should have; else ValueError."""
+        if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
+            raise ValueError("no difftrain-shard-index format field")
+        if raw.get("version") != INDEX_VERSION or raw.get("kind") != self.kind:
+            raise ValueError(f"version {raw.get('version')} of kind {raw.get('kind')!r}, "
+                             f"expected version {INDEX_VERSION} of kind {self.kind!r}")
+        sizes = np.asarray(raw["sizes"], dtype=np.int64)
+        positions = np.asarray(raw["positions"], dtype=np.int64)
+        if positions.ndim != 1 or sizes.shape != (2 * len(positions),) or (sizes < 1).any():
+            raise ValueError("sizes is not a flat list of width, height for each of positions")
+        sizes = sizes.reshape(-1, 2)
+        skipped = [(str(where), str(reason)) for where, reason in raw["skipped"]]
+        if not isinstance(raw["label"], str) or not isinstance(raw["size"], int) or \
+                not isinstance(raw["uncaptioned"], int):
+            raise ValueError("label, size or uncaptioned of the wrong type")
+        return {**raw, "positions": positions, "sizes": sizes, "skipped": skipped}
+
+    def _for_settings(self, index: dict, label: str) -> dict | None:
+        """The sidecar as _index_shard would have found it with this open's label, captions and max_pixels;
+        None where it cannot say (the shard is read then, and its report is the reader's own)."""
+        sizes = index["sizes"]
+        if len(sizes) and int((sizes[:, 0] * sizes[:, 1]).max()) > self._max_pixels:
+            return None  # which records go, and why, is the reader's to report
+        skipped = index["skipped"]
+        if not self._use_captions and skipped:
+            return None  # built with captions read: a bad caption may be why a record was skipped
+        written = index["label"]
+        if written != label:  # a list naming the shard by another path: reports use the list's name
+            skipped = [(label + where[len(written):] if where.startswith(written) else where, reason)
+                       for where, reason in skipped]
+        self.shards_from_sidecar += 1
+        return {"version": INDEX_VERSION, "positions": index["positions"], "sizes": sizes.astype(np.int32),
+                "skipped": skipped,
+                "uncaptioned": index["uncaptioned"] if self._use_captions else len(index["positions"])}
+
+
+def sidecar_path(shard: Shard) -> Shard | None:
+    """Where the index of `shard` is kept beside it; None for a URL with a query (no name to add to)."""
+    if isinstance(shard, str):
+        return None if "?" in shard else shard + SIDECAR_SUFFIX
+    return shard.with_name(shard.name + SIDECAR_SUFFIX)

@@ -1,9 +1,10 @@
 """Writing any source out as shards (`difftrain data build`), or back out as an image folder.
 
 Image bytes are copied, never re-encoded, so folder -> shards -> folder gives the same
-files. Each shard is written under a `.tmp` name and renamed once complete, and the shard
-list (`filelist.txt`) is written last: a build that dies half way leaves nothing that
-reads as finished.
+files. Each shard is written under a `.tmp` name and renamed once complete, then its index
+is written beside it (`part-00000.gz.index.json`, see records.py), so opening the shards
+reads no shard; the shard list (`filelist.txt`) is written last: a build that dies half
+way leaves nothing that reads as finished.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from difftrain.atomic import write_bytes
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import IMAGE_EXTENSIONS
-from difftrain.data.sources import LIST_NAME, BadRecord, RawRecord, RecordSource
+from difftrain.data.records import ShardSource, sidecar_path
+from difftrain.data.sources import LIST_NAME, BadRecord, LaionSource, RawRecord, RecordSource, WebDatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,10 @@ def _folder_name(key: str, index: int, width: int, extension: str, used: set[str
 
 
 class _ShardWriter:
-    """Numbered shards of at most `per_shard` records, each renamed into place when it is full."""
+    """Numbered shards of at most `per_shard` records, each renamed into place when it is full, its index
+    written beside it at once (so whatever sees the shard done sees its index too)."""
+
+    reader: type[ShardSource]  # the source that reads these shards back, and so indexes them
 
     def __init__(self, out: Path, per_shard: int, first: int = 0):
         self.out = out
@@ -219,7 +224,16 @@ class _ShardWriter:
         self._raw = None
         name = self.shard_name(self.number)
         os.replace(self.out / f"{name}.tmp", self.out / name)
+        self.reader.write_sidecar(self.out / name)
         self.names.append(name)
+
+    def remove(self, number: int) -> None:
+        """Delete shard `number` and its index, if they are there (a download redoing an unfinished shard)."""
+        shard = self.out / self.shard_name(number)
+        shard.unlink(missing_ok=True)
+        sidecar = sidecar_path(shard)
+        assert isinstance(sidecar, Path)
+        sidecar.unlink(missing_ok=True)
 
     def finish(self) -> list[str]:
         if self._raw is not None and self._count:
@@ -235,6 +249,8 @@ class _ShardWriter:
 
 
 class _LaionWriter(_ShardWriter):
+    reader = LaionSource
+
     def __init__(self, out: Path, per_shard: int, compress: bool, first: int = 0):
         super().__init__(out, per_shard, first)
         self.compress = compress
@@ -280,6 +296,8 @@ class _LaionWriter(_ShardWriter):
 
 
 class _TarWriter(_ShardWriter):
+    reader = WebDatasetSource
+
     def __init__(self, out: Path, per_shard: int, first: int = 0):
         super().__init__(out, per_shard, first)
         self._tar: tarfile.TarFile | None = None

@@ -273,6 +273,9 @@ def _local_list(list_file: Path, what: str) -> tuple[list[tuple[str, Shard]], li
         shard = Path(name)
         if not shard.is_absolute():
             beside = list_file.parent / shard
+            if beside.is_file():  # the usual case, in one stat (a list may name 10,000 shards)
+                shards.append((name, beside))
+                continue
             # PaddleMIX filelists are often relative to where training starts, not to the list.
             shard = beside if beside.exists() or not shard.exists() else shard
         if not shard.is_file():
@@ -304,6 +307,7 @@ class LaionSource(ShardSource):
     """PaddleMIX laion400m parts: a filelist of parts, each line `caption \\t placeholder \\t base64 image`."""
 
     kind = "laion"
+    sidecars = True  # data build and data download write each shard's index beside it
     shard_noun = "part"
     position_noun = "line"
 
@@ -349,6 +353,7 @@ class WebDatasetSource(ShardSource):
     """webdataset tars: members grouped by key (path up to the first dot of the name) into samples."""
 
     kind = "webdataset"
+    sidecars = True  # data build and data download write each shard's index beside it
     shard_noun = "tar"
     noun = "samples"
     position_noun = "sample number"

@@ -211,6 +211,9 @@ def _unconditional(folder: Path, manifest: Manifest, use_ema: bool):
     # A checkpoint: its weights, in the architecture the manifest records.
     from safetensors.torch import load_file
 
+    if not (folder / "model.safetensors").is_file() and (folder / "shards.json").is_file():
+        raise ModelNotFound(f"{folder} is an FSDP checkpoint, written in per-process parts: join them first with "
+                        f"`difftrain checkpoint consolidate {folder}`")
     unet = UNet2DModel.from_config(manifest.architecture["unet"])
     weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
     tensors = split_modules(load_file(folder / weights))["unet"]

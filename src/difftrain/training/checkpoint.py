@@ -17,6 +17,8 @@ Layout of one checkpoint:
     model.safetensors       trainable weights, keys prefixed by module name
     ema.safetensors         EMA weights, same keys (when EMA is on)
     optimizer.safetensors   optimizer tensors; its param groups are in state.json
+    (under FSDP, model/ema/optimizer are written per process as `model-rank{R}.safetensors`, ...,
+    with shards.json saying which tensors are split: see training/sharding.py)
     rng-rank{R}.safetensors each process's random generators
     difftrain.json          pixel models: the model manifest, so `difftrain sample` draws from it
 """
@@ -36,6 +38,7 @@ from difftrain.atomic import recover_dirs, replace_dir, write_safetensors, write
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
 from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
+from difftrain.training.sharding import local
 
 
 class CheckpointError(DifftrainError):
@@ -118,7 +121,9 @@ class CheckpointStore:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    write_safetensors(path, tensors, sync=False)  # the whole folder is flushed when it is committed
+    """Under FSDP, of each sharded tensor the part this process holds."""
+    # sync=False: the whole folder is flushed when it is committed
+    write_safetensors(path, {name: local(value) for name, value in tensors.items()}, sync=False)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -180,7 +185,7 @@ def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tenso
     with torch.no_grad():
         parameters = dict(module.named_parameters())
         for name, value in tensors.items():
-            parameters[name].copy_(value)
+            local(parameters[name]).copy_(value)
 
 
 def read_config(checkpoint: Path) -> RunConfig:

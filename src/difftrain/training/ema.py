@@ -13,6 +13,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from difftrain.config import EmaConfig
+from difftrain.training.sharding import local
 
 
 class Ema:
@@ -34,14 +35,14 @@ class Ema:
         return self.inner.cur_decay_value if self.inner.cur_decay_value is not None else 0.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().contiguous() for name, p in zip(self.names, self.inner.shadow_params)}
+        return {name: p.detach() for name, p in zip(self.names, self.inner.shadow_params)}
 
     def counters(self) -> dict:
         return {"optimization_step": self.inner.optimization_step}
 
     def load(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
         for name, shadow in zip(self.names, self.inner.shadow_params):
-            shadow.data.copy_(tensors[name])
+            local(shadow.data).copy_(tensors[name])
         self.inner.optimization_step = counters["optimization_step"]
 
     @contextmanager

@@ -34,7 +34,7 @@ from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
 from difftrain.sampling.images import make_grid
-from difftrain.training import rng
+from difftrain.training import rng, sharding
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -76,6 +76,7 @@ class TrainResult:
     seconds: float
     loop_seconds: float = 0.0  # the steps alone: no samples, evaluation or checkpoints
     startup_seconds: float = 0.0  # from the Trainer's creation (or `started`) to the first step
+    state_bytes: int = 0  # trained weights + optimizer state this process held (under FSDP, its shards)
 
 
 class Trainer:
@@ -95,6 +96,7 @@ class Trainer:
             # accelerate keeps one global state per process; a second train() call from
             # Python (a notebook, the tests) with other precision settings must start clean.
             AcceleratorState._reset_state(reset_partial_state=True)
+        sharding.refuse_deepspeed()
         self.accelerator = Accelerator(
             mixed_precision=config.training.mixed_precision,
             gradient_accumulation_steps=config.training.gradient_accumulation_steps,
@@ -104,6 +106,8 @@ class Trainer:
             # on a machine with no GPU and runs N independent single-process trainings.
             cpu=not _has_accelerator_device(),
         )
+        sharding.honour_fsdp_on_cpu(self.accelerator)
+        self.sharded = sharding.is_sharded(self.accelerator)
         self.main = self.accelerator.is_main_process
         self.compiled = resolve_compile(config.training)
         self.progress = progress and self.main
@@ -134,13 +138,14 @@ class Trainer:
         self.method.setup(self.accelerator, _weight_dtype(self.accelerator), self.dataset, self.progress)
         self.modules = self.method.trainable_modules()
         groups = self.method.parameter_groups(config.training.learning_rate)
-        self.parameters = [p for group in groups for p in group["params"]]
         self.optimizer = build_optimizer(groups, config.training)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
-        self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
         self.wrapped = dict(zip(self.modules, prepared[:-1]))
         self.optimizer = prepared[-1]
+        # Taken after prepare: FSDP replaces each parameter with its sharded version.
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
         if self.compiled:
             compile_modules(self.wrapped)
 
@@ -240,7 +245,7 @@ class Trainer:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
             self._print_summary(timer, self.step - start_step, last_loss, model_dir)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
-                           timer.startup)
+                           timer.startup, sharding.state_bytes(self.parameters, self.optimizer))
 
     def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:
         """Stop before a checkpoint if any process's recent losses or the weights are no longer finite.
@@ -249,7 +254,7 @@ class Trainer:
         others waiting in the checkpoint's collectives). The weights are checked too: a
         non-finite gradient can reach them under a finite loss.
         """
-        weights = torch.stack([p.detach().isfinite().all() for p in self.parameters]).all()
+        weights = torch.stack([sharding.local(p).detach().isfinite().all() for p in self.parameters]).all()
         bad = torch.stack([~loss_sum.isfinite(), ~weights]).float().to(self.accelerator.device)
         loss_bad, weights_bad = self.accelerator.reduce(bad, reduction="sum").tolist()
         if loss_bad or weights_bad:
@@ -291,6 +296,11 @@ class Trainer:
             )
         # An explicit training.compile that differs is a config conflict above; `auto` follows the checkpoint.
         self.compiled = resolve_compile(self.config.training, state.get("compiled", False))
+        if state.get("sharded", False) != self.sharded:
+            written, now = (("FSDP", "data parallel") if not self.sharded else ("data parallel", "FSDP"))
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by a {written} run and this one is {now}; launch with "
+                "the accelerate config the run started with")
         if state["world_size"] != self.accelerator.num_processes:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
@@ -323,14 +333,27 @@ class Trainer:
                 handle.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
 
     @contextmanager
-    def _with_ema(self) -> Iterator[dict[str, torch.nn.Module]]:
-        """The unwrapped modules in eval mode, holding the EMA weights when EMA is on."""
+    def _modules_for_main(self, ema: bool = True) -> Iterator[dict[str, torch.nn.Module] | None]:
+        """The trained modules as rank 0 samples, evaluates and saves them: unwrapped, in eval mode,
+        holding the EMA weights when EMA is on (and `ema`). The other processes get None.
+
+        Every process must enter it: under FSDP they all take part in gathering the weights
+        into rank 0's unsharded copies.
+        """
+        if not (self.main or self.sharded):
+            yield None
+            return
         modules = self.modules
         with ExitStack() as stack:
             if self.compiled:  # sampling's shapes and no-grad mode would each cost a compile of their own
                 stack.enter_context(torch.compiler.set_stance("force_eager"))
-            for name, ema in self.emas.items():
-                stack.enter_context(ema.swapped_into(modules[name]))
+            for name, averaged in self.emas.items() if ema else ():
+                stack.enter_context(averaged.swapped_into(modules[name]))
+            if self.sharded:
+                modules = {name: sharding.plain_copy(m, keep=self.main) for name, m in modules.items()}
+                if not self.main:
+                    yield None
+                    return
             for m in modules.values():
                 m.eval()
             try:
@@ -341,9 +364,10 @@ class Trainer:
 
     def save_samples(self, bar=None) -> None:
         sample = self.config.sample
-        if self.main:
-            with self._with_ema() as modules:
+        with self._modules_for_main() as modules:
+            if modules is not None:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
+        if self.main:
             scores = self.method.sample_scores(images) if images else {}
             if scores:
                 self.accelerator.log({f"samples/{name}": value for name, value in scores.items()}, step=self.step)
@@ -364,12 +388,13 @@ class Trainer:
 
     def evaluate(self, bar) -> None:
         """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/."""
-        if self.main:
-            with self._with_ema() as modules:
+        with self._modules_for_main() as modules:
+            if modules is not None:
                 values = self.evaluation.run(self.method, modules, self.step)
                 if values["best"]:
                     self._write_model(modules, self.run_dir / "model-best", "ema" if self.emas else "raw")
                     self.store.keep_step = self.step
+        if self.main:
             self.evaluation.record(values, self.accelerator)
             shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity") if k in values}
             bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
@@ -384,11 +409,13 @@ class Trainer:
 
     def save_final_model(self) -> Path | None:
         model_dir = self.run_dir / "model"
-        if self.main:
-            with self._with_ema() as modules:
+        with self._modules_for_main() as modules:
+            if modules is not None:
                 self._write_model(modules, model_dir, "ema" if self.emas else "raw")
-            if self.emas:
-                self._write_model(self.modules, self.run_dir / "model-no-ema", "raw")
+        if self.emas:
+            with self._modules_for_main(ema=False) as modules:
+                if modules is not None:
+                    self._write_model(modules, self.run_dir / "model-no-ema", "raw")
         self.accelerator.wait_for_everyone()
         return model_dir
 
@@ -405,6 +432,9 @@ class Trainer:
             f"  speed       {steps_run / loop:.2f} steps/s, {images / loop:.1f} images/s over "
             f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
             f"took {timer.aside_seconds:.0f} s more)",
+            f"  memory      {sharding.state_bytes(self.parameters, self.optimizer) / 2**20:.2f} MiB of trained weights "
+            "and optimizer state per process" + (f" (FSDP: sharded over {self.accelerator.num_processes})"
+                                                 if self.sharded else ""),
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
                f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
@@ -430,20 +460,31 @@ class Trainer:
         if self.main:
             self.store.begin(self.step)
         accelerator.wait_for_everyone()
-        save_tensors(staging / f"rng-rank{accelerator.process_index}.safetensors", rng.capture(self.noise_generator))
+        # Decided together: a process raising alone would leave the others waiting at the next barrier.
+        unseen = torch.tensor([0.0 if staging.is_dir() else 1.0], device=accelerator.device)
+        unseen = int(accelerator.reduce(unseen, reduction="sum").item())
+        if unseen:
+            raise CheckpointError(
+                f"{staging}, which rank 0 created, does not exist for {unseen} process(es): the run folder is not "
+                "shared by every machine. Put output_dir on a file system they all mount (NFS, Lustre, a cloud "
+                "file store); difftrain does not support node-local run folders")
+        rank = accelerator.process_index
+        save_tensors(staging / f"rng-rank{rank}.safetensors", rng.capture(self.noise_generator))
+        parts, optimizer_rest = self._checkpoint_parts()
+        if self.sharded or self.main:  # under FSDP every process writes the part it holds
+            for part, tensors in parts.items():
+                save_tensors(staging / (sharding.part_file(part, rank) if self.sharded else f"{part}.safetensors"),
+                             tensors)
+            if self.sharded and self.main:
+                sharding.write_layout(staging, parts, accelerator.num_processes)
         accelerator.wait_for_everyone()
         if self.main:
-            modules = self.modules
-            save_tensors(staging / "model.safetensors", join_modules({n: trainable_state(m) for n, m in modules.items()}))
-            if self.emas:
-                save_tensors(staging / "ema.safetensors", join_modules({n: e.tensors() for n, e in self.emas.items()}))
-            optimizer_tensors, optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
-            save_tensors(staging / "optimizer.safetensors", optimizer_tensors)
             state = {
                 "step": self.step,
                 "position": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "world_size": accelerator.num_processes,
                 "compiled": self.compiled,
+                "sharded": self.sharded,
                 "num_records": len(self.dataset),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "optimizer": optimizer_rest,
@@ -460,6 +501,18 @@ class Trainer:
             self.store.commit(self.step)
         accelerator.wait_for_everyone()
 
+    def _checkpoint_parts(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """The training state's tensors by file (under FSDP, sharded), and the optimizer's other state."""
+        parts = {"model": join_modules({n: trainable_state(m) for n, m in self.modules.items()})}
+        if self.emas:
+            parts["ema"] = join_modules({n: e.tensors() for n, e in self.emas.items()})
+        parts["optimizer"], optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
+        return parts, optimizer_rest
+
+    def _read_part(self, path: Path, part: str, sharded: bool) -> dict[str, torch.Tensor]:
+        return load_tensors(path / (sharding.part_file(part, self.accelerator.process_index) if sharded
+                                    else f"{part}.safetensors"))
+
     def load_checkpoint(self, path: Path) -> None:
         accelerator = self.accelerator
         state = read_json(path / "state.json")
@@ -475,14 +528,16 @@ class Trainer:
                 self.config.training.max_steps,
                 self.config.training.lr_scheduler,
             )
-        weights = split_modules(load_tensors(path / "model.safetensors"))
+        sharded = state.get("sharded", False)
+        weights = split_modules(self._read_part(path, "model", sharded))
         for name, module in self.modules.items():
             load_trainable_state(module, weights.get(name, {}), f"{path}/model.safetensors [{name}]")
         if self.emas:
-            ema_weights = split_modules(load_tensors(path / "ema.safetensors"))
+            ema_weights = split_modules(self._read_part(path, "ema", sharded))
             for name, ema in self.emas.items():
                 ema.load(ema_weights[name], state["ema"][name])
-        self.optimizer.load_state_dict(optimizer_from_parts(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
+        optimizer_state = optimizer_from_parts(self._read_part(path, "optimizer", sharded), state["optimizer"])
+        self.optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer_state, self.parameters))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,165 @@
+"""Fully sharded training (FSDP 2, through accelerate): the few places the loop must know of it.
+
+Under FSDP each process holds 1/N of every trained weight, gradient and optimizer slot:
+torch's `fully_shard` turns each parameter into a DTensor split on its first dimension.
+What changes for difftrain:
+
+- Checkpoints are written sharded: each process writes the part it holds
+  (`model-rank{R}.safetensors`, `ema-...`, `optimizer-...`) and no process ever gathers the
+  whole optimizer. `consolidate` joins the parts into the usual unsharded files.
+- Samples, evaluation and the final model need whole modules: every process takes part in
+  gathering the weights and rank 0 gets a plain, unsharded copy of each module.
+- accelerate drops an FSDP config on a machine without a GPU (it then runs plain multi-CPU
+  data parallel and says nothing); torch's fully_shard runs over gloo, so
+  `honour_fsdp_on_cpu` keeps what the user asked for.
+
+We write our own sharded files rather than torch.distributed.checkpoint's, whose metadata is
+a pickle: a checkpoint stays safetensors + JSON and loading one never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+
+from difftrain.atomic import write_safetensors, write_text
+from difftrain.errors import DifftrainError
+
+SHARDED_PARTS = ("model", "ema", "optimizer")
+LAYOUT = "shards.json"  # which tensors of the parts are split, and over how many processes
+
+
+class ShardingError(DifftrainError):
+    pass
+
+
+def refuse_deepspeed() -> None:
+    """Before the Accelerator exists: a DeepSpeed launch would train, then write checkpoints that hold one
+    rank's partition of ZeRO's optimizer as if it were the whole; refuse it up front instead."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ShardingError(
+            "this run was launched with a DeepSpeed config, which difftrain does not train with yet (its checkpoints "
+            "do not know ZeRO's partitioned optimizer). Use FSDP, which shards the same state and is tested: "
+            "configs/accelerate/fsdp_shard_grad_op.yaml for ZeRO-2, fsdp_full_shard.yaml for ZeRO-3")
+
+
+def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Run FSDP on CPU processes (gloo) when the launch asked for it; accelerate would silently not."""
+    state = AcceleratorState()
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
+    if plugin.fsdp_version != 2:
+        raise ShardingError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                            "(version 1 wants a GPU); configs/accelerate/fsdp_*.yaml use 2")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    # As accelerate itself does for FSDP: each later AcceleratorState() copies PartialState's fields over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this process holds: all of it unless it is sharded."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like(reference: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """`part` (this process's piece, as read from a checkpoint) sharded as `reference` is."""
+    if not isinstance(reference, DTensor):
+        return part
+    return DTensor.from_local(part.to(reference.device), reference.device_mesh, reference.placements,
+                              shape=reference.shape, stride=reference.stride())
+
+
+def shard_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
+    """An optimizer state dict read from local parts, with each per-parameter slot sharded like its
+    parameter again (torch's load_state_dict would otherwise keep plain tensors beside DTensor weights)."""
+    for index, slots in state_dict["state"].items():
+        param = params[index]
+        for key, value in slots.items():
+            if torch.is_tensor(value) and value.shape == local(param).shape and value.dim() > 0:
+                slots[key] = like(param, value)
+    return state_dict
+
+
+def state_bytes(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of trained weights and optimizer state this process holds."""
+    held = sum(local(p).nbytes for p in parameters)
+    for slots in optimizer.state.values():
+        held += sum(local(v).nbytes for v in slots.values() if torch.is_tensor(v))
+    return held
+
+
+def plain_copy(module: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
+    """An unsharded copy of an FSDP module, for rank 0 to sample from and save.
+
+    Every process must call it (the weights are gathered from all of them); those with
+    `keep` False get None. The copy is rebuilt from the model's own config, which diffusers
+    and transformers models carry.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    whole = {name: value.full_tensor() if isinstance(value, DTensor) else value
+             for name, value in module.state_dict().items()}
+    if not keep:
+        return None
+    # fully_shard gives the module a subclass of its own class and FSDPModule; the model class is the other base.
+    base = next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ShardingError(f"cannot rebuild an unsharded {base.__name__} to sample from and save: FSDP training "
+                            "supports diffusers and transformers models (they carry their config)")
+    copy = base.from_config(config) if hasattr(base, "from_config") else base(config)
+    copy.load_state_dict(whole)
+    return copy.to(next(iter(whole.values())).device)
+
+
+def write_layout(folder: Path, parts: dict[str, dict[str, torch.Tensor]], world_size: int) -> None:
+    """Record, per part, which tensors are split on their first dimension (the rest are whole on every rank)."""
+    layout = {"world_size": world_size, "dim": 0,
+              "sharded": {part: sorted(k for k, v in tensors.items() if isinstance(v, DTensor))
+                          for part, tensors in parts.items()}}
+    write_text(folder / LAYOUT, json.dumps(layout, indent=1), sync=False)
+
+
+def part_file(part: str, rank: int) -> str:
+    return f"{part}-rank{rank}.safetensors"
+
+
+def consolidate(checkpoint: Path, out: Path | None = None) -> list[Path]:
+    """Join a sharded checkpoint's parts into model/ema/optimizer.safetensors (in `out`, default the
+    checkpoint itself): the layout an unsharded run writes, which `difftrain sample` and export read."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / LAYOUT).is_file():
+        raise ShardingError(f"{checkpoint} is not a sharded checkpoint (no {LAYOUT}); its files are already whole")
+    layout = json.loads((checkpoint / LAYOUT).read_text())
+    out = Path(out) if out is not None else checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for part, sharded in layout["sharded"].items():
+        files = [checkpoint / part_file(part, rank) for rank in range(layout["world_size"])]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ShardingError(f"{checkpoint} lacks {', '.join(missing)}: was every process's part written "
+                                "to this folder? (the run folder must be shared by all machines)")
+        pieces = [load_file(str(f)) for f in files]
+        split = set(sharded)
+        whole = {key: torch.cat([p[key] for p in pieces], dim=layout["dim"]) if key in split else value
+                 for key, value in pieces[0].items()}
+        written.append(write_safetensors(out / f"{part}.safetensors", whole))
+    return written

@@ -52,3 +52,7 @@ def test_deepcache_changes_little_is_recorded_and_repeats_from_the_png(tiny_sd, 
     assert main(["generate", str(tiny_sd), "--prompt", "x", "--deepcache", "3", "--compile", "--out",
                  str(tmp_path / "no"), "--no-progress"]) == 2
     assert "--deepcache skips the UNet's deep blocks inside --compile's graph" in capsys.readouterr().err
+    # With a ControlNet it is refused before anything loads (the ControlNet path does not even exist).
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--deepcache", "3", "--controlnet", str(tmp_path / "cn"),
+                 "--control-image", str(tmp_path / "mask.png"), "--out", str(tmp_path / "no"), "--no-progress"]) == 2
+    assert "where a ControlNet's residuals go" in capsys.readouterr().err

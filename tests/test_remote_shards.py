@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import threading
 from collections import Counter
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, write_config
 
 from difftrain.config import parse_config
 from difftrain.data import remote
@@ -191,12 +192,19 @@ def test_a_scheme_without_its_package_says_what_to_install(url, package):
         open_source("webdataset", url, progress=False)
 
 
-def test_a_run_config_opens_laion_parts_over_http(server, shapes_dir, tmp_path):
+def test_a_run_trains_on_laion_parts_over_http(server, shapes_dir, tmp_path):
+    from difftrain.cli import main
+
     data = {"source": "laion", "path": f"{server.url}/laion/filelist.txt"}
-    config = parse_config(tiny_config(shapes_dir, tmp_path / "run", data=data))
+    raw = tiny_config(shapes_dir, tmp_path / "run", data=data, training={"max_steps": 2})
+    config = parse_config(raw)
     dataset = open_images(config, progress=False)
     assert len(dataset) == 24 and dataset[0, 0, 5]["pixel_values"].shape == (3, 16, 16)
     assert open_images(config, progress=False).source.shards_from_cache == 3  # under the run's cache dir
+    assert main(["train", str(write_config(tmp_path / "run.yaml", raw)), "--no-progress"]) == 0
+    fingerprinted = json.loads((tmp_path / "run/checkpoints/step-00000002/data.json").read_text())["data"]
+    assert sorted(fingerprinted["entries"]) == ["part-00000.gz", "part-00001.gz", "part-00002.gz"]
+    assert (tmp_path / "run/model/unet/diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_resume_notices_a_remote_shard_that_changed(served, server):

@@ -81,6 +81,8 @@ class GenerateOptions:
                                 "raise --steps or --strength")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
+        if self.deepcache > 1 and self.controlnets:  # refused before any model loads
+            raise GenerateError(_DEEPCACHE_WITH_CONTROL)
         for number, unit in enumerate(self.controlnets):
             unit.check(number)
         if self.deepcache < 0:
@@ -94,6 +96,10 @@ class GenerateOptions:
         from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
+
+
+_DEEPCACHE_WITH_CONTROL = ("--deepcache skips the UNet's deep blocks, where a ControlNet's residuals go; "
+                           "use it without ControlNets")
 
 
 def _device() -> torch.device:
@@ -302,9 +308,8 @@ class Drawer:
         if options.deepcache > 1:
             from difftrain.generate.deepcache import DeepCache
 
-            if controls is not None:
-                raise GenerateError("--deepcache skips the UNet's deep blocks, where a ControlNet's residuals go; "
-                                    "use it without ControlNets")
+            if controls is not None:  # a ControlNet run's own model: known only once it is loaded
+                raise GenerateError(_DEEPCACHE_WITH_CONTROL)
             self.deepcache = DeepCache(pipe.unet, options.deepcache)
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -109,3 +110,17 @@ def test_a_deepspeed_launch_is_refused_before_anything_loads(make_config, monkey
     assert main(["train", str(make_config())]) == 2
     err = capsys.readouterr().err
     assert "DeepSpeed config, which difftrain does not train with yet" in err and "fsdp_shard_grad_op.yaml" in err
+
+
+def test_rank_0_rebuilds_models_from_their_config_and_wrappers_from_their_children(tiny_sd):  # noqa: F811
+    from diffusers import AutoencoderKL
+
+    from difftrain.methods.vae import Autoencode
+    from difftrain.training.sharding import ShardingError, _rebuilt
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    copy = _rebuilt(Autoencode(vae))
+    assert type(copy) is Autoencode and type(copy.vae) is AutoencoderKL and copy.vae.config == vae.config
+    assert copy.state_dict().keys() == Autoencode(vae).state_dict().keys()
+    with pytest.raises(ShardingError, match="cannot rebuild an unsharded Linear"):
+        _rebuilt(torch.nn.Linear(2, 2))

@@ -109,24 +109,34 @@ def plain_copy(module: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
     """An unsharded copy of an FSDP module, for rank 0 to sample from and save.
 
     Every process must call it (the weights are gathered from all of them); those with
-    `keep` False get None. The copy is rebuilt from the model's own config, which diffusers
-    and transformers models carry.
+    `keep` False get None. The copy is built empty (see `_rebuilt`) and given the gathered weights.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     whole = {name: value.full_tensor() if isinstance(value, DTensor) else value
              for name, value in module.state_dict().items()}
     if not keep:
         return None
-    # fully_shard gives the module a subclass of its own class and FSDPModule; the model class is the other base.
-    base = next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
-    config = getattr(module, "config", None)
-    if config is None:
-        raise ShardingError(f"cannot rebuild an unsharded {base.__name__} to sample from and save: FSDP training "
-                            "supports diffusers and transformers models (they carry their config)")
-    copy = base.from_config(config) if hasattr(base, "from_config") else base(config)
+    copy = _rebuilt(module)
     copy.load_state_dict(whole)
     return copy.to(next(iter(whole.values())).device)
+
+
+def _rebuilt(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module of `module`'s kind: diffusers and transformers models from their own config; a plain
+    wrapper (as the VAE method's Autoencode) by calling its class with its children, rebuilt, in order."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # fully_shard gives a module a subclass of its own class and FSDPModule; the model class is the other base.
+    base = next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+    config = getattr(module, "config", None)
+    if config is not None:
+        return base.from_config(config) if hasattr(base, "from_config") else base(config)
+    children = list(module.children())
+    try:
+        return base(*(_rebuilt(child) for child in children))
+    except TypeError as exc:
+        raise ShardingError(f"cannot rebuild an unsharded {base.__name__} to sample from and save ({exc}): FSDP "
+                            "training supports diffusers and transformers models, and wrappers built from them "
+                            "alone") from None
 
 
 def write_layout(folder: Path, parts: dict[str, dict[str, torch.Tensor]], world_size: int) -> None:

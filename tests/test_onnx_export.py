@@ -203,3 +203,20 @@ def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd
             api.txt2img(prompt="a cat <lora:style:1>", width=64, height=64, alwayson_scripts={})
     finally:
         running.stop()
+
+
+def test_the_int8_gate_holds_the_clip_score_when_a_clip_is_given(tiny_sd, tiny_clip, tmp_path, capsys):  # noqa: F811
+    quick = ["--quantize", "int8", "--gate-clip", str(tiny_clip), "--gate-steps", "2", "--min-psnr", "10", "--no-progress"]
+    assert main(["export", str(tiny_sd), str(tmp_path / "int8"), *quick]) == 0
+    gate = json.loads((tmp_path / "int8" / "difftrain.json").read_text())["export"]["quality_gate"]
+    assert gate["clip_model"] == str(tiny_clip) and gate["clip_passed"] and gate["passed"], gate
+    assert 0 <= gate["clip_score_int8"] <= 100 and gate["max_clip_drop"] == 1.0
+    assert gate["clip_drop"] == pytest.approx(gate["clip_score_fp32"] - gate["clip_score_int8"], abs=2e-3)
+    assert f"CLIP score {gate['clip_score_int8']:.2f} against fp32's" in capsys.readouterr().out
+    # A drop held below -100 points cannot be met: refused, naming the CLIP score and not the PSNR, which passed.
+    assert main(["export", str(tiny_sd), str(tmp_path / "strict"), *quick, "--max-clip-drop", "-100"]) == 2
+    err = capsys.readouterr().err
+    assert "int8 fails the quality gate: CLIP score" in err and "--max-clip-drop" in err and "PSNR" not in err, err
+    assert not (tmp_path / "strict").exists()
+    assert main(["export", str(tiny_sd), str(tmp_path / "fp32"), "--gate-clip", str(tiny_clip)]) == 2
+    assert "add --quantize int8" in capsys.readouterr().err

@@ -356,13 +356,16 @@ def _export(args: argparse.Namespace) -> int:
                             embeddings=list(args.embedding or ()), controlnet=args.controlnet,
                             use_ema=not args.no_ema, config=args.config, opset=args.opset, exporter=args.exporter,
                             min_psnr=args.min_psnr, force=args.force, gate_steps=args.gate_steps,
-                            gate_size=args.gate_size)
+                            gate_size=args.gate_size, gate_clip=args.gate_clip, max_clip_drop=args.max_clip_drop)
     out = export_onnx(args.model, args.out, options, progress=not args.no_progress)
     gate = json.loads((out / "difftrain.json").read_text())["export"].get("quality_gate")
     verdict = ""
     if gate:
         verdict = (f"; quality gate {'passed' if gate['passed'] else 'FAILED (written with --force)'}: PSNR to fp32 "
                    f"{gate['psnr_min']:.1f} dB at worst, {gate['psnr_mean']:.1f} mean, floor {gate['min_psnr']:.1f}")
+        if "clip_drop" in gate:
+            verdict += (f"; CLIP score {gate['clip_score_int8']:.2f} against fp32's {gate['clip_score_fp32']:.2f}, "
+                        f"allowed drop {gate['max_clip_drop']:.2f}")
     print(f"wrote {out} (ONNX opset {args.opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
           f"difftrain generate {out} --prompt ... runs it on ONNX Runtime")
     return 0
@@ -547,11 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("out", help="a new folder (diffusers' / Optimum's ONNX layout, with our manifest)")
     onnx.add_argument("--to", default="onnx", choices=["onnx"])
     onnx.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    onnx.add_argument("--quantize", choices=["int8"], help="dynamic int8 UNet, checked by the quality gate")
+    onnx.add_argument("--quantize", choices=["int8"], help="static int8 UNet (calibrated), checked by the quality gate")
     onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
     onnx.add_argument("--gate-steps", type=int, default=12, help="int8: the quality gate's sampling steps")
     onnx.add_argument("--gate-size", type=int, help="int8: the gate's image side (default the model's native size)")
+    onnx.add_argument("--gate-clip", metavar="MODEL",
+                      help="int8: also compare the gate images' CLIP score to fp32's with this CLIP (folder or hub id)")
+    onnx.add_argument("--max-clip-drop", type=float,
+                      help="int8 with --gate-clip: CLIP score points int8 may lose against fp32 (default 1.0)")
     onnx.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merged into the weights; repeatable")
     onnx.add_argument("--lora-scale", type=float, default=1.0, help="every LoRA merged at its weight x this")
     onnx.add_argument("--embedding", action="append", metavar="FILE", help="Textual Inversion embedding, repeatable")

@@ -54,6 +54,8 @@ class ExportOptions:
     force: bool = False  # write an int8 model that fails the gate
     gate_steps: int = 12  # the gate's sampling steps
     gate_size: int | None = None  # the gate's image side (default: the model's native size)
+    gate_clip: str | None = None  # int8: also hold the CLIP score of the gate's images (a folder or hub id)
+    max_clip_drop: float | None = None  # its allowed drop in points; None: quality.DEFAULT_MAX_CLIP_DROP
 
     def check(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -64,6 +66,12 @@ class ExportOptions:
             raise ExportError("--quantize int8 starts from the fp32 graphs; drop --precision fp16")
         if self.exporter not in ("torchscript", "dynamo"):
             raise ExportError(f"--exporter {self.exporter}: choose torchscript or dynamo")
+        if (self.gate_clip or self.max_clip_drop is not None) and not self.quantize:
+            raise ExportError("--gate-clip and --max-clip-drop belong to the int8 quality gate: add --quantize int8")
+        if self.gate_clip:
+            from difftrain.evaluate.clip_score import check_available
+
+            check_available(self.gate_clip)  # before minutes of export, not after
 
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
@@ -133,14 +141,20 @@ def _quantize_through_gate(folder: Path, options: ExportOptions, progress: bool)
         (folder / "unet").mkdir()
         shutil.copy2(reference / "unet" / "config.json", folder / "unet" / "config.json")
         _quantize(reference / "unet" / "model.onnx", folder / "unet" / "model.onnx", reference, options)
-        gate = quality_gate(reference, folder, options.min_psnr, options.gate_steps, options.gate_size, progress)
+        gate = quality_gate(reference, folder, options.min_psnr, options.gate_steps, options.gate_size, progress,
+                            options.gate_clip, options.max_clip_drop)
     finally:
         shutil.rmtree(reference, ignore_errors=True)  # removes the links, not what they point to
     if not gate["passed"] and not options.force:
-        raise ExportError(
-            f"int8 fails the quality gate: PSNR to fp32 {gate['psnr_min']:.1f} dB at worst "
-            f"(mean {gate['psnr_mean']:.1f}) < {gate['min_psnr']:.1f} dB over {gate['images']} images; "
-            "nothing written. Lower --min-psnr, export fp32 instead, or pass --force to write it anyway")
+        failed = []
+        if gate["psnr_min"] < gate["min_psnr"]:
+            failed.append(f"PSNR to fp32 {gate['psnr_min']:.1f} dB at worst (mean {gate['psnr_mean']:.1f}) < "
+                          f"{gate['min_psnr']:.1f} dB over {gate['images']} images (lower --min-psnr)")
+        if not gate.get("clip_passed", True):
+            failed.append(f"CLIP score {gate['clip_score_int8']:.2f} against fp32's {gate['clip_score_fp32']:.2f}, a "
+                          f"drop of {gate['clip_drop']:.2f} > {gate['max_clip_drop']:.2f} points (raise --max-clip-drop)")
+        raise ExportError(f"int8 fails the quality gate: {'; '.join(failed)}; nothing written. Export fp32 instead, "
+                          "or pass --force to write it anyway")
     return gate
 
 

@@ -3,6 +3,9 @@
 The images are compared through `difftrain generate`'s own drawing code (the Drawer), so
 the gate measures what users get. PSNR is taken on the 8-bit images, per image; the gate
 holds the worst one to the floor, since one prompt that breaks is what a user would see.
+Given a CLIP, the gate also scores both image sets against their prompts (evaluate's CLIP
+score, 0-100) and holds the int8 set's mean to at most `max_clip_drop` points below fp32's:
+PSNR says the pictures moved, CLIP score says whether they still show the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ PROMPTS = ("a red circle", "a blue square on a white background", "a green trian
 SEEDS = (0, 1)
 STEPS = 12
 DEFAULT_MIN_PSNR = 22.0  # dB on the final 8-bit images; see the README's table for what int8 gives
+DEFAULT_MAX_CLIP_DROP = 1.0  # CLIP score points (0-100 scale) int8 may lose against fp32, when a CLIP is given
 
 
 IDENTICAL = 99.0  # dB given to identical images, so the worst and the mean stay finite numbers
@@ -43,17 +47,35 @@ def draw_set(model: Path, steps: int = STEPS, size: int | None = None, progress:
 
 
 def quality_gate(reference: Path, candidate: Path, min_psnr: float | None = None, steps: int = STEPS,
-                 size: int | None = None, progress: bool = False) -> dict:
-    """PSNR of `candidate`'s images to `reference`'s over the fixed prompts and seeds, and the verdict.
+                 size: int | None = None, progress: bool = False, clip: str | None = None,
+                 max_clip_drop: float | None = None) -> dict:
+    """PSNR of `candidate`'s images to `reference`'s over the fixed prompts and seeds (and, with a `clip`
+    model, the drop of their CLIP score), and the verdict.
 
     `size`: the images' side (default the model's native size; a smaller one makes the gate of a
     large model affordable on a CPU, at the cost of measuring at a size it is not used at).
     """
     floor = DEFAULT_MIN_PSNR if min_psnr is None else float(min_psnr)
-    pairs = zip(draw_set(reference, steps, size, progress), draw_set(candidate, steps, size, progress))
-    scores = [psnr(a, b) for a, b in pairs]
+    originals, quantised = draw_set(reference, steps, size, progress), draw_set(candidate, steps, size, progress)
+    scores = [psnr(a, b) for a, b in zip(originals, quantised)]
     worst = min(scores)
-    return {"metric": "psnr_db", "psnr_min": round(worst, 2),
+    gate = {"metric": "psnr_db", "psnr_min": round(worst, 2),
             "psnr_mean": round(float(np.mean(scores)), 2), "min_psnr": floor, "images": len(scores),
             "prompts": list(PROMPTS), "seeds": list(SEEDS), "steps": steps, "size": size, "sampler": "DPM++ 2M Karras",
             "passed": worst >= floor}
+    if clip is not None:
+        gate.update(clip_gate(clip, originals, quantised, max_clip_drop))
+        gate["passed"] = gate["passed"] and gate["clip_passed"]
+    return gate
+
+
+def clip_gate(clip: str, originals: list, quantised: list, max_drop: float | None) -> dict:
+    """Mean CLIP score of each set against its prompts (in draw_set's order), and whether int8 kept it."""
+    from difftrain.evaluate.clip_score import ClipScorer
+
+    allowed = DEFAULT_MAX_CLIP_DROP if max_drop is None else float(max_drop)
+    scorer = ClipScorer(clip)
+    prompts = [prompt for prompt in PROMPTS for _ in SEEDS]
+    before, after = (float(scorer.scores(images, prompts).mean()) for images in (originals, quantised))
+    return {"clip_model": str(clip), "clip_score_fp32": round(before, 3), "clip_score_int8": round(after, 3),
+            "clip_drop": round(before - after, 3), "max_clip_drop": allowed, "clip_passed": before - after <= allowed}

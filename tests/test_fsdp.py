@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from difftrain.cli import main
@@ -80,7 +81,11 @@ def test_fsdp_trains_as_ddp_does_with_half_the_state_and_resumes_bitwise(tiny_sd
     final = load_file(str(tmp_path / "fsdp/model/unet/diffusion_pytorch_model.safetensors"))
     ema = load_file(str(tmp_path / "joined/ema.safetensors"))
     assert all(torch.equal(final[key.removeprefix("unet.")], value) for key, value in ema.items())
-    assert (tmp_path / "fsdp/model-no-ema/unet").is_dir()
+    raw = load_file(str(tmp_path / "fsdp/model-no-ema/unet/diffusion_pytorch_model.safetensors"))
+    joined_model = load_file(str(tmp_path / "joined/model.safetensors"))
+    assert all(torch.equal(raw[key.removeprefix("unet.")], value) for key, value in joined_model.items())
+    assert not all(torch.equal(raw[key.removeprefix("unet.")], value) for key, value in ema.items())
+    assert (tmp_path / "joined/config.yaml").is_file()  # consolidated elsewhere, it keeps what sample reads
 
     # 2 steps + resume to 4 under FSDP equals 4 straight, bit for bit, in every process's parts.
     _finish(resumed)
@@ -103,6 +108,17 @@ def test_consolidate_refuses_a_whole_checkpoint_and_a_missing_part(tmp_path, cap
     shutil.copy(__file__, tmp_path / "step-2" / "model-rank0.safetensors")
     assert main(["checkpoint", "consolidate", str(tmp_path / "step-2")]) == 2
     assert "lacks model-rank1.safetensors" in capsys.readouterr().err
+
+
+def test_fsdp_refuses_adapter_runs_on_every_rank_before_a_step(tiny_sd, shapes_dir, tmp_path, monkeypatch):  # noqa: F811
+    from difftrain.config import parse_config
+    from difftrain.training import sharding
+    from difftrain.training.trainer import Trainer
+
+    monkeypatch.setattr(sharding, "is_sharded", lambda accelerator: True)  # as under an FSDP launch
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora={"enabled": True, "rank": 2})
+    with pytest.raises(sharding.ShardingError, match="a LoRA run trains a few MB .* configs/accelerate/ddp.yaml"):
+        Trainer(parse_config(yaml.safe_load(config.read_text())), progress=False)
 
 
 def test_a_deepspeed_launch_is_refused_before_anything_loads(make_config, monkeypatch, capsys):

@@ -6,6 +6,7 @@ Every `import difftrain...` in the source counts, including the ones inside func
     leaf (errors, atomic, versions, run_folder, sampling)  <- anyone may import these
     data -> models -> generate -> evaluate, serve, export  (using a model: never training's internals)
     data, models, evaluate -> curate                    (filtering a data set with CLIP and friends)
+    generate, evaluate -> export                       (the int8 gate's CLIP score is evaluate's)
                    -> { config, training, methods }   (training a model; evaluation during training
                                                          measures through evaluate)
     cli, the package's own __init__                    (on top of everything)
@@ -30,7 +31,7 @@ ALLOWED = {
     "generate": {"data", "models"},
     "evaluate": {"data", "models", "generate"},
     "serve": {"data", "models", "generate"},
-    "export": {"data", "models", "generate"},
+    "export": {"data", "models", "generate", "evaluate"},
     "curate": {"data", "models", "evaluate"},
     "top": {"data", "models", "run", "generate", "evaluate", "serve", "export", "curate"},
 }

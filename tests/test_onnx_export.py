@@ -102,26 +102,38 @@ def test_a_lora_run_exports_merged_at_its_scale(lora_run, tiny_sd, tmp_path):  #
     assert json.loads((merged / "difftrain.json").read_text())["loras"] == []  # baked in, nothing to load on top
 
 
-def test_int8_is_smaller_and_written_only_through_its_quality_gate(onnx_model, tiny_sd, tmp_path, capsys):  # noqa: F811
+def test_int8_is_smaller_and_written_only_through_its_quality_gate(onnx_model, tiny_sd, tiny_clip, tmp_path,  # noqa: F811
+                                                                   capsys):
     fp32, int8, strict = onnx_model, tmp_path / "int8", tmp_path / "strict"
     # 6 steps instead of 12 for time; the trained mini SD passes the default gate (test_controlnet_demo.py).
-    assert main(["export", str(tiny_sd), str(int8), "--quantize", "int8", "--gate-steps", "6", "--no-progress"]) == 0
-    assert "quality gate passed: PSNR to fp32" in capsys.readouterr().out
+    clip = ["--gate-clip", str(tiny_clip)]
+    assert main(["export", str(tiny_sd), str(int8), "--quantize", "int8", "--gate-steps", "6", *clip,
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
     gate = json.loads((int8 / "difftrain.json").read_text())["export"]["quality_gate"]
     assert gate["passed"] and gate["images"] == 8 and gate["psnr_min"] >= gate["min_psnr"] == 22.0
+    # With a CLIP the gate also holds the CLIP score of the same images against their prompts.
+    assert "quality gate passed: PSNR to fp32" in out and f"CLIP score {gate['clip_score_int8']:.2f} against" in out
+    assert gate["clip_model"] == str(tiny_clip) and gate["clip_passed"] and gate["max_clip_drop"] == 1.0
+    assert 0 <= gate["clip_score_int8"] <= 100
+    assert gate["clip_drop"] == pytest.approx(gate["clip_score_fp32"] - gate["clip_score_int8"], abs=2e-3)
     assert (int8 / "unet/model.onnx").stat().st_size < 0.5 * (fp32 / "unet/model.onnx").stat().st_size
     assert sorted(p.name for p in (int8 / "unet").iterdir()) == ["config.json", "model.onnx"]  # no staging left
     assert not any(p.is_symlink() for p in int8.iterdir()) and not list(tmp_path.glob(".*"))  # nor the fp32 links
     generate(int8, tmp_path / "images")  # and it draws
     quick = ["--gate-steps", "3"]  # the refusal and --force need no long gate
-    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", *quick,
-                 "--no-progress"]) == 2
+    # Both measures held out of reach (a CLIP drop below -100 points cannot be met): refused, naming both.
+    assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", *quick, *clip,
+                 "--max-clip-drop", "-100", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "int8 fails the quality gate: PSNR to fp32" in err and "--force" in err, err
+    assert "; CLIP score" in err and "raise --max-clip-drop" in err, err
     assert not strict.exists() and not list(tmp_path.glob(".strict*"))
     assert main(["export", str(tiny_sd), str(strict), "--quantize", "int8", "--min-psnr", "200", "--force", *quick,
                  "--no-progress"]) == 0
     assert json.loads((strict / "difftrain.json").read_text())["export"]["quality_gate"]["passed"] is False
+    assert main(["export", str(tiny_sd), str(tmp_path / "plain"), *clip]) == 2  # the gate belongs to int8
+    assert "add --quantize int8" in capsys.readouterr().err
 
 
 def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model, tiny_sd, tmp_path, capsys,  # noqa: F811
@@ -203,20 +215,3 @@ def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd
             api.txt2img(prompt="a cat <lora:style:1>", width=64, height=64, alwayson_scripts={})
     finally:
         running.stop()
-
-
-def test_the_int8_gate_holds_the_clip_score_when_a_clip_is_given(tiny_sd, tiny_clip, tmp_path, capsys):  # noqa: F811
-    quick = ["--quantize", "int8", "--gate-clip", str(tiny_clip), "--gate-steps", "2", "--min-psnr", "10", "--no-progress"]
-    assert main(["export", str(tiny_sd), str(tmp_path / "int8"), *quick]) == 0
-    gate = json.loads((tmp_path / "int8" / "difftrain.json").read_text())["export"]["quality_gate"]
-    assert gate["clip_model"] == str(tiny_clip) and gate["clip_passed"] and gate["passed"], gate
-    assert 0 <= gate["clip_score_int8"] <= 100 and gate["max_clip_drop"] == 1.0
-    assert gate["clip_drop"] == pytest.approx(gate["clip_score_fp32"] - gate["clip_score_int8"], abs=2e-3)
-    assert f"CLIP score {gate['clip_score_int8']:.2f} against fp32's" in capsys.readouterr().out
-    # A drop held below -100 points cannot be met: refused, naming the CLIP score and not the PSNR, which passed.
-    assert main(["export", str(tiny_sd), str(tmp_path / "strict"), *quick, "--max-clip-drop", "-100"]) == 2
-    err = capsys.readouterr().err
-    assert "int8 fails the quality gate: CLIP score" in err and "--max-clip-drop" in err and "PSNR" not in err, err
-    assert not (tmp_path / "strict").exists()
-    assert main(["export", str(tiny_sd), str(tmp_path / "fp32"), "--gate-clip", str(tiny_clip)]) == 2
-    assert "add --quantize int8" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def _data_index(args: argparse.Namespace) -> int:
     from difftrain.data.sources import LaionSource, WebDatasetSource
 
     kind = {"laion": LaionSource, "webdataset": WebDatasetSource}[args.format]
-    shards, unlisted = kind._shard_list(kind.__new__(kind), Path(args.path))
+    shards, unlisted = kind.list_shards(Path(args.path))
     for label, problem in unlisted:
         print(f"not indexed: {label}: {problem}")
     local = [Path(shard) for _, shard in shards if not isinstance(shard, str)]

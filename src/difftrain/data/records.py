@@ -14,8 +14,8 @@ reported but not cached, so the next open tries it again.
 Shards written by difftrain (`data build`, `data download`) also carry their index beside
 them: `part-00000.gz.index.json` next to `part-00000.gz` (see `write_sidecar`), so even a
 run's first open over 10,000 shards reads one small JSON file per shard instead of every
-shard. An open takes the sidecar first (for a URL: after the cache, which costs no
-request), then the cache, then reads the shard.
+shard. An open takes the sidecar first (for a URL: after the cache, whose key costs one
+HEAD while the sidecar costs a GET), then the cache, then reads the shard.
 
 The sidecar is JSON, one per shard, so processes writing shards in parallel never share a
 file, and a shard rewritten by a resumed download gets its own new sidecar:
@@ -338,14 +338,24 @@ class ShardSource(RecordSource):
     # --- the index beside each shard (see the module docstring) ---------------------------------
 
     @classmethod
+    def _bare(cls) -> "ShardSource":
+        """A reader with no shard list and no open: enough for _shard_list, _entries and _index_shard."""
+        reader = cls.__new__(cls)
+        reader._use_captions, reader._max_pixels = True, _NO_PIXEL_LIMIT
+        return reader
+
+    @classmethod
+    def list_shards(cls, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+        """(label, shard) of every shard `path` names, and (entry, problem) of those it names wrongly."""
+        return cls._bare()._shard_list(path)
+
+    @classmethod
     def write_sidecar(cls, shard: Path) -> Path:
         """Index the local `shard` as this kind's reader would and write that beside it; return the sidecar.
 
         For writers of shards (`data build`, `data download`), just after the shard got its final name.
         """
-        reader = cls.__new__(cls)  # no shard list and no open: only what _entries and _index_shard read
-        reader._use_captions, reader._max_pixels = True, _NO_PIXEL_LIMIT
-        index = reader._index_shard(shard.name, shard)
+        index = cls._bare()._index_shard(shard.name, shard)
         del index["unreachable"]  # a local file: a break is a fact about the shard, kept in skipped
         stat = shard.stat()
         sidecar = {"format": SIDECAR_FORMAT, **index, "kind": cls.kind, "label": shard.name,

@@ -38,7 +38,7 @@ from difftrain.atomic import recover_dirs, replace_dir, write_safetensors, write
 from difftrain.config import RunConfig, parse_config
 from difftrain.errors import DifftrainError
 from difftrain.run_folder import ABANDONED, checkpoint_dirs, latest_checkpoint
-from difftrain.training.sharding import local
+from difftrain.training.sharding import local, plain_name
 
 
 class CheckpointError(DifftrainError):
@@ -171,7 +171,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     Frozen weights never change, so a checkpoint need not carry them (for a LoRA on SD
     1.5 that is 3 MB per checkpoint instead of 3.4 GB).
     """
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    return {plain_name(name): p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -183,7 +183,7 @@ def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tenso
             f" ({len(missing)} missing, {len(extra)} unexpected). Was it written with another model or adapter?"
         )
     with torch.no_grad():
-        parameters = dict(module.named_parameters())
+        parameters = {plain_name(name): p for name, p in module.named_parameters()}
         for name, value in tensors.items():
             local(parameters[name]).copy_(value)
 

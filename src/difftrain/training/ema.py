@@ -13,12 +13,12 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from difftrain.config import EmaConfig
-from difftrain.training.sharding import local
+from difftrain.training.sharding import local, plain_name
 
 
 class Ema:
     def __init__(self, model: torch.nn.Module, config: EmaConfig):
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [plain_name(name) for name, p in model.named_parameters() if p.requires_grad]
         self.inner = EMAModel(
             [p for p in model.parameters() if p.requires_grad],
             decay=config.decay,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,7 +34,6 @@ from torch.distributed.tensor import DTensor
 from difftrain.atomic import write_safetensors, write_text
 from difftrain.errors import DifftrainError
 
-SHARDED_PARTS = ("model", "ema", "optimizer")
 LAYOUT = "shards.json"  # which tensors of the parts are split, and over how many processes
 
 
@@ -73,6 +73,31 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def check_trainable(config, modules: dict[str, torch.nn.Module]) -> None:
+    """On every process, before any step: what FSDP cannot train here is refused by all ranks alike (one
+    raising alone, at its first sample, would leave the others waiting at the next barrier)."""
+    lora = getattr(config, "lora", None)
+    if (lora is not None and lora.enabled) or config.method == "textual_inversion":
+        what = "an embedding" if config.method == "textual_inversion" else "a LoRA"
+        raise ShardingError(f"FSDP shards whole modules; {what} run trains a few MB and gains nothing from it. "
+                            "Launch it with configs/accelerate/ddp.yaml (or --multi_gpu) instead")
+    for name, module in modules.items():
+        with torch.device("meta"):  # the structure only: no memory, no initialisation
+            rebuilt = _rebuilt(module)
+        if rebuilt.state_dict().keys() != module.state_dict().keys():
+            raise ShardingError(f"FSDP: the {name} module rebuilt from its config does not hold the trained one's "
+                                "weights, so rank 0 could not sample from or save it; train it without FSDP")
+
+
+WRAPPED = "_checkpoint_wrapped_module."  # torch's activation-checkpoint wrapper (fsdp_activation_checkpointing)
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as the unwrapped model has it: the activation-checkpoint wrapper FSDP puts around
+    blocks adds a level that named_parameters() shows (state_dict() hides it), and checkpoints must not."""
+    return name.replace(WRAPPED, "")
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of `tensor` this process holds: all of it unless it is sharded."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -86,14 +111,14 @@ def like(reference: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
                               shape=reference.shape, stride=reference.stride())
 
 
-def shard_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
-    """An optimizer state dict read from local parts, with each per-parameter slot sharded like its
-    parameter again (torch's load_state_dict would otherwise keep plain tensors beside DTensor weights)."""
+def shard_optimizer_state(state_dict: dict, params: list[torch.Tensor], checkpoint: Path) -> dict:
+    """An optimizer state dict read from local parts, with the slots the checkpoint's layout says were split
+    sharded like their parameter again (load_state_dict would otherwise keep plain tensors beside DTensors)."""
+    split = set(json.loads((checkpoint / LAYOUT).read_text())["sharded"]["optimizer"])
     for index, slots in state_dict["state"].items():
-        param = params[index]
         for key, value in slots.items():
-            if torch.is_tensor(value) and value.shape == local(param).shape and value.dim() > 0:
-                slots[key] = like(param, value)
+            if f"{index}.{key}" in split:
+                slots[key] = like(params[index], value)
     return state_dict
 
 
@@ -161,7 +186,10 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> list[Path]:
     out = Path(out) if out is not None else checkpoint
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for part, sharded in layout["sharded"].items():
+    # model last: a checkpoint with model.safetensors is taken as joined, so one stopped half-way is not
+    # (`difftrain sample` then says to consolidate, instead of drawing from the raw weights without the EMA)
+    for part in sorted(layout["sharded"], key=lambda name: name == "model"):
+        sharded = layout["sharded"][part]
         files = [checkpoint / part_file(part, rank) for rank in range(layout["world_size"])]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -172,4 +200,8 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> list[Path]:
         whole = {key: torch.cat([p[key] for p in pieces], dim=layout["dim"]) if key in split else value
                  for key, value in pieces[0].items()}
         written.append(write_safetensors(out / f"{part}.safetensors", whole))
+    if out != checkpoint:  # what `difftrain sample` reads beside the weights
+        for name in ("difftrain.json", "config.yaml"):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, out / name)
     return written

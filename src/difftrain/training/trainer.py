@@ -137,6 +137,8 @@ class Trainer:
         apply_speed_options(self.method.speed_modules(), config.training)
         self.method.setup(self.accelerator, _weight_dtype(self.accelerator), self.dataset, self.progress)
         self.modules = self.method.trainable_modules()
+        if self.sharded:
+            sharding.check_trainable(config, self.modules)
         groups = self.method.parameter_groups(config.training.learning_rate)
         self.optimizer = build_optimizer(groups, config.training)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
@@ -470,8 +472,8 @@ class Trainer:
                 "file store); difftrain does not support node-local run folders")
         rank = accelerator.process_index
         save_tensors(staging / f"rng-rank{rank}.safetensors", rng.capture(self.noise_generator))
-        parts, optimizer_rest = self._checkpoint_parts()
         if self.sharded or self.main:  # under FSDP every process writes the part it holds
+            parts, optimizer_rest = self._checkpoint_parts()
             for part, tensors in parts.items():
                 save_tensors(staging / (sharding.part_file(part, rank) if self.sharded else f"{part}.safetensors"),
                              tensors)
@@ -537,7 +539,9 @@ class Trainer:
             for name, ema in self.emas.items():
                 ema.load(ema_weights[name], state["ema"][name])
         optimizer_state = optimizer_from_parts(self._read_part(path, "optimizer", sharded), state["optimizer"])
-        self.optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer_state, self.parameters))
+        if sharded:
+            optimizer_state = sharding.shard_optimizer_state(optimizer_state, self.parameters, path)
+        self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])

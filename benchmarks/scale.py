@@ -59,10 +59,10 @@ def tiny_pngs(count: int = 16) -> list[bytes]:
 def write_parts(out: Path, shards: int, per_shard: int) -> Path:
     """`shards` gzip laion parts of `per_shard` records, each with its sidecar, and filelist.txt; the list."""
     from difftrain.data.records import RawRecord
-    from difftrain.data.shards import _LaionWriter
+    from difftrain.data.shards import LaionWriter
 
     out.mkdir(parents=True)
-    writer, images = _LaionWriter(out, per_shard, compress=True), tiny_pngs()
+    writer, images = LaionWriter(out, per_shard, compress=True), tiny_pngs()
     synced, os.fsync = os.fsync, lambda fd: None  # a throw-away set: 10,000 fsyncs would be most of the time
     try:
         for number in range(shards * per_shard):

@@ -343,3 +343,23 @@ def test_a_hugging_face_dataset_is_curated_like_any_source(messy, tmp_path):
     assert main(["data", "curate", str(tmp_path / "saved"), str(tmp_path / "all"), "--source", "hf", "--dedupe", "",
                  "--caption-key", "text", "--min-size", "16", "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert len(open_source("folder", tmp_path / "all", progress=False)) == 3
+
+
+def test_each_record_is_read_once_per_pass_and_decoded_once(messy, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from difftrain.curate import pipeline
+    from difftrain.curate.items import CurateOptions
+
+    source = open_source("folder", messy, progress=False)
+    reads, decodes, original_read, original_decode = Counter(), Counter(), source.read, pipeline.load_image_bytes
+    source.read = lambda index: (reads.update([index]), original_read(index))[1]
+    monkeypatch.setattr(pipeline, "load_image_bytes", lambda data, *a: (decodes.update([data]), original_decode(data, *a))[1])
+    options = CurateOptions(dedupe=("exact", "phash"), phash_distance=1, min_size=16, cache_dir=tmp_path / "cache",
+                            progress=False)
+    result = pipeline.curate(source, tmp_path / "out", options)
+    kept = {item.index for item in result.items if item.step is None}
+    # the read pass, the write (kept records only) and at most one thumbnail in the contact sheet
+    assert all(reads[i] <= 2 + (i in kept) for i in range(len(source))) and max(reads.values()) == 3
+    assert max(decodes.values()) == 1  # phash decodes each distinct image once: dup_a.png is 000001.png's bytes
+    assert len(decodes) == 50  # 48 shapes, near_b.jpg, wide.png (small.png fails the size limit, broken.png its header)

@@ -14,10 +14,11 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from http_server import LoopbackServer
 from PIL import Image
 
 from difftrain.cli import main
@@ -113,12 +114,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64  # socketserver's 5 drops the connects of 8+ workers at once: 1 s SYN retries
-
+class Server(LoopbackServer):
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -133,13 +131,8 @@ class Server(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with Server().running() as httpd:
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +183,7 @@ MIXED = [
 
 
 def test_every_failure_has_its_reason_and_the_rest_reads_back_as_webdataset(tmp_path, server):
-    rows = [{"url": server.base + path + "?t=mixed" if path.startswith("/") else path, "caption": f"row {i}",
+    rows = [{"url": server.url + path + "?t=mixed" if path.startswith("/") else path, "caption": f"row {i}",
              "license": f"cc-{i}", "score": i / 10} for i, (path, _) in enumerate(MIXED)]
     urls = write_jsonl(tmp_path / "urls.jsonl", rows)
     result = download(urls, tmp_path / "out", fast(resize=16, per_shard=8))
@@ -236,7 +229,7 @@ def test_laion_parts_from_parquet_keep_every_column(tmp_path, server):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = good_rows(server.base, "parquet", 5)
+    rows = good_rows(server.url, "parquet", 5)
     table = pa.table({"URL": [r["url"] for r in rows], "TEXT": [r["caption"] for r in rows],
                       "similarity": [0.31, 0.32, None, 0.34, 0.35],
                       "taken": pa.array([0, 1, 2, 3, 4], pa.timestamp("s"))})
@@ -286,7 +279,7 @@ def test_only_http_urls_with_a_host_are_fetched(url, reason):
 
 
 def test_cli_csv_and_its_errors(tmp_path, server, capsys):
-    rows = good_rows(server.base, "cli", 3) + [{"url": f"{server.base}/missing?t=cli", "caption": "gone", "id": 9}]
+    rows = good_rows(server.url, "cli", 3) + [{"url": f"{server.url}/missing?t=cli", "caption": "gone", "id": 9}]
     with open(tmp_path / "urls.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, ["id", "url", "caption"])
         writer.writeheader()
@@ -335,12 +328,12 @@ def test_bad_input_names_the_file_and_columns(tmp_path):
 
 
 def test_txt_input_and_bad_jsonl_lines(tmp_path, server):
-    (tmp_path / "urls.txt").write_text(f"{server.base}/img/20x20.png?t=txt\n\n  {server.base}/img/9x9.png?t=txt  \n")
+    (tmp_path / "urls.txt").write_text(f"{server.url}/img/20x20.png?t=txt\n\n  {server.url}/img/9x9.png?t=txt  \n")
     result = download(tmp_path / "urls.txt", tmp_path / "txt", fast())
     assert result.report["ok"] == 2
     assert open_source("webdataset", tmp_path / "txt", progress=False).sizes.tolist() == [[20, 20], [9, 9]]
 
-    lines = [json.dumps({"url": f"{server.base}/img/20x20.png?t=jsonl", "caption": "a"}), "{broken", "[1, 2]",
+    lines = [json.dumps({"url": f"{server.url}/img/20x20.png?t=jsonl", "caption": "a"}), "{broken", "[1, 2]",
              json.dumps({"caption": "no url"})]
     (tmp_path / "urls.jsonl").write_text("\n".join(lines) + "\n")
     report = download(tmp_path / "urls.jsonl", tmp_path / "jsonl", fast()).report
@@ -351,7 +344,7 @@ def test_txt_input_and_bad_jsonl_lines(tmp_path, server):
 
 
 def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):
-    urls = write_jsonl(tmp_path / "urls.jsonl", good_rows(server.base, "resume", 10))
+    urls = write_jsonl(tmp_path / "urls.jsonl", good_rows(server.url, "resume", 10))
     out = tmp_path / "out"
     stop_after = 5  # a kill mid-run: shard 1 (rows 3-5) is being written when it comes
     real_get = Fetcher.get
@@ -383,7 +376,7 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):
     fetched = {url.split("/img/")[1] for url in server.hits - before if url.endswith("?t=resume")}
     assert fetched == {f"{20 + i}x{16 + i}.png?t=resume" for i in (6, 7, 8, 9)}  # shards 0 and 1 untouched
     samples = tar_samples(out)
-    assert sorted(s["url"] for s in samples) == sorted(r["url"] for r in good_rows(server.base, "resume", 10))
+    assert sorted(s["url"] for s in samples) == sorted(r["url"] for r in good_rows(server.url, "resume", 10))
     assert [s["key"] for s in samples] == [f"{i:09d}" for i in range(10)]  # each row once, in order
     assert not list(out.glob("*.tmp"))
     assert (out / "filelist.txt").read_text().split() == [f"shard-{k:06d}.tar" for k in range(4)]
@@ -397,7 +390,7 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):
 
 
 def test_two_processes_share_out_and_match_one_run(tmp_path, server, monkeypatch):
-    urls = write_jsonl(tmp_path / "urls.jsonl", good_rows(server.base, "split", 9))
+    urls = write_jsonl(tmp_path / "urls.jsonl", good_rows(server.url, "split", 9))
     whole = download(urls, tmp_path / "one", fast(per_shard=2))
     assert whole.report["ok"] == 9
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import threading
 from collections import Counter
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import fsspec
 import pytest
 from conftest import tiny_config, write_config
+from http_server import LoopbackServer
 
 from difftrain.config import parse_config
 from difftrain.data import remote
@@ -25,18 +25,14 @@ from difftrain.data.sources import open_source
 from difftrain.training.run_data import open_images
 
 
-class ShardServer(ThreadingHTTPServer):
+class ShardServer(LoopbackServer):
     """Serves a folder, counts requests, and fails the paths it is told to."""
 
     def __init__(self, root: Path):
-        super().__init__(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
+        super().__init__(partial(_Handler, directory=str(root)))
         self.hits: Counter[tuple[str, str]] = Counter()  # (method, path)
         self.failures: Counter[str] = Counter()  # path: how many of its next requests are answered 503
         self.missing: set[str] = set()  # paths answered 404
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
 
     def gets(self) -> list[str]:
         return sorted(path for method, path in self.hits.elements() if method == "GET")
@@ -74,13 +70,8 @@ def served(tmp_path_factory, shapes_dir) -> Path:
 
 @pytest.fixture
 def server(served):
-    httpd = ShardServer(served)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with ShardServer(served).running() as httpd:
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
@@ -219,10 +210,7 @@ def test_resume_notices_a_remote_shard_that_changed(served, server):
 def test_remote_shards_use_the_sidecars_beside_them_and_cache_them(tmp_path, shapes_dir):
     build_shards(open_source("folder", shapes_dir, progress=False), tmp_path / "laion", "laion",
                  records_per_shard=10, progress=False)
-    httpd = ShardServer(tmp_path)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with ShardServer(tmp_path).running() as httpd:
         url, cache = f"{httpd.url}/laion/filelist.txt", tmp_path / "cache"
         first = open_source("laion", url, index_dir=cache, progress=False)
         assert (first.shards_from_sidecar, first.shards_indexed, len(first)) == (3, 0, 24)
@@ -237,7 +225,3 @@ def test_remote_shards_use_the_sidecars_beside_them_and_cache_them(tmp_path, sha
         part.write_bytes(part.read_bytes() + part.read_bytes())  # gzip members in a row: twice the records
         third = open_source("laion", url, progress=False)
         assert (third.shards_from_sidecar, third.shards_indexed, len(third)) == (2, 1, 34)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()

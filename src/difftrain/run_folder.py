@@ -16,6 +16,7 @@ from typing import Any
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKPOINTS = "checkpoints"
 ABANDONED = "abandoned"  # checkpoints of a branch left behind by resuming from an earlier one
+SHARD_LAYOUT = "shards.json"  # in an FSDP checkpoint: its weights are per-process parts (training/sharding.py)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from difftrain.curate.scorers import CurateError
+from difftrain.errors import DifftrainError
 
 DEDUPE_KINDS = ("exact", "phash", "clip")
 CAPTION_MODES = ("replace", "fill-missing", "append")
 FORMATS = ("folder", "laion", "webdataset")
+KEEP_RULES = ("largest", "first")
+
+
+class CurateError(DifftrainError):
+    """A curation setting or model that cannot be used; the message says which and why."""
 
 
 @dataclass
@@ -46,7 +51,7 @@ class CurateOptions:
         for kind in self.dedupe:
             if kind not in DEDUPE_KINDS:
                 raise CurateError(f"--dedupe {kind}: not a kind of duplicate; choose from {', '.join(DEDUPE_KINDS)}")
-        if self.keep not in ("largest", "first"):
+        if self.keep not in KEEP_RULES:
             raise CurateError(f"--keep {self.keep}: choose largest or first")
         if self.caption_mode not in CAPTION_MODES:
             raise CurateError(f"--caption-mode {self.caption_mode}: choose from {', '.join(CAPTION_MODES)}")

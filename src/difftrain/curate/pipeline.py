@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
-from difftrain.curate.items import CurateOptions, CurateResult, Item
+from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
 from difftrain.curate.report import write_report
-from difftrain.curate.scorers import AestheticPredictor, Captioner, CurateError
+from difftrain.curate.scorers import AestheticPredictor, Captioner
 from difftrain.data.images import BadImage, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import BadRecord, RawRecord, RecordSource
 
@@ -75,10 +75,8 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> Cur
         _prepare_output(out, options.force)
     timer, cache = _Timer(), FeatureCache(options.cache_dir)
     try:
-        items = _read(source, _slice(len(source), options.shard), options, timer)
-        _filter_sizes(items, options)
         features = _Features(source, cache, options, timer)
-        features.measure([i for i in items if i.step is None])
+        items = _read(source, _slice(len(source), options.shard), features)
         _filter_scores(items, options)
         if final:
             started, candidates = time.perf_counter(), [i for i in items if i.step is None]
@@ -114,15 +112,25 @@ def _prepare_output(out: Path, force: bool) -> None:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
 
 
-def _read(source: RecordSource, indices: range, options: CurateOptions, timer: _Timer) -> list[Item]:
-    items, started = [], time.perf_counter()
+def _read(source: RecordSource, indices: range, features: "_Features") -> list[Item]:
+    """Every record of `indices` as an Item, through the size limits and measured: one read each.
+
+    The bytes of the records the size limits keep wait, a batch at a time, for `features.measure`
+    to decode them; only that batch's bytes and images are held, whatever the source's size.
+    """
+    options, timer = features.options, features.timer
+    timer.add("read", 0.0, 0)  # first in the report's timings, as the step that runs first
+    items, batch, seconds = [], [], 0.0
+    keep_bytes = features.needs_pixels
     for index in tqdm(indices, desc="reading", unit="img", disable=not options.progress):
+        started = time.perf_counter()
         try:
             record = source.read(index)
         except BadRecord as reason:
             item = Item(index, f"#{index}")
             item.drop("read", str(reason))
             items.append(item)
+            seconds += time.perf_counter() - started
             continue
         item = Item(index, record.key, list(record.captions), hashlib.sha256(record.data).hexdigest(),
                     nbytes=len(record.data))
@@ -130,27 +138,34 @@ def _read(source: RecordSource, indices: range, options: CurateOptions, timer: _
             item.width, item.height = image_size_from_bytes(record.data)
         except BadImage as reason:
             item.drop("read", str(reason))
+        else:
+            _filter_size(item, options)
         items.append(item)
-    timer.add("read", time.perf_counter() - started, len(items))
+        seconds += time.perf_counter() - started
+        if item.step is None and keep_bytes:
+            batch.append((item, record.data))
+            if len(batch) == options.batch_size:
+                features.measure(batch)
+                batch = []
+    if batch:
+        features.measure(batch)
+    timer.add("read", seconds, len(items))
     if len(indices) == len(source):  # what the source left out while indexing is the whole run's to report
         for where, reason in source.skipped:
             items.append(Item(-1, where, step="read", reason=reason))
     return items
 
 
-def _filter_sizes(items: list[Item], options: CurateOptions) -> None:
-    for item in items:
-        if item.step:
-            continue
-        short, long = sorted((item.width, item.height))
-        if short < options.min_size:
-            item.drop("size", f"shorter side {short} px < {options.min_size}")
-        elif options.max_aspect and long / max(short, 1) > options.max_aspect:
-            item.drop("size", f"aspect ratio {long / max(short, 1):.2f} > {options.max_aspect}")
-        elif item.nbytes < options.min_file_size:
-            item.drop("size", f"{item.nbytes} bytes < {options.min_file_size}")
-        elif options.max_file_size is not None and item.nbytes > options.max_file_size:
-            item.drop("size", f"{item.nbytes} bytes > {options.max_file_size}")
+def _filter_size(item: Item, options: CurateOptions) -> None:
+    short, long = sorted((item.width, item.height))
+    if short < options.min_size:
+        item.drop("size", f"shorter side {short} px < {options.min_size}")
+    elif options.max_aspect and long / max(short, 1) > options.max_aspect:
+        item.drop("size", f"aspect ratio {long / max(short, 1):.2f} > {options.max_aspect}")
+    elif item.nbytes < options.min_file_size:
+        item.drop("size", f"{item.nbytes} bytes < {options.min_file_size}")
+    elif options.max_file_size is not None and item.nbytes > options.max_file_size:
+        item.drop("size", f"{item.nbytes} bytes > {options.max_file_size}")
 
 
 def _filter_scores(items: list[Item], options: CurateOptions) -> None:
@@ -205,6 +220,8 @@ class _Features:
         if options.captioner:
             self.caption_space = "caption:" + model_identity(options.captioner, options.caption_prompt,
                                                              options.caption_max_tokens)
+        if options.aesthetic:
+            self.aesthetic()  # a wrong weights file fails now, before an hour of CLIP
 
     # -- loading each model once, and only when some record misses the cache
     def clip(self):
@@ -229,41 +246,45 @@ class _Features:
             self._captioner = Captioner(o.captioner, o.device, o.batch_size, o.caption_prompt, o.caption_max_tokens)
         return self._captioner
 
-    def measure(self, items: list[Item]) -> None:
-        """phash, CLIP image embedding, caption cosine and aesthetic score of each item, as the steps need them."""
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether measuring decodes images (phash or CLIP), so the read pass hands it their bytes."""
+        return "phash" in self.options.dedupe or self.options.needs_clip
+
+    def measure(self, batch: list[tuple[Item, bytes]]) -> None:
+        """phash, CLIP image embedding, caption cosine and aesthetic score of one batch of (item, its bytes),
+        as the steps need them; an image is decoded only when the cache lacks something of it."""
         o = self.options
         want_hash, want_clip = "phash" in o.dedupe, o.needs_clip
-        if o.aesthetic:
-            self.aesthetic()  # a wrong weights file fails now, before an hour of CLIP
-        if not (want_hash or want_clip):
-            return
-        progress = tqdm(total=len(items), desc="measuring", unit="img", disable=not o.progress)
-        for batch in _batches(items, o.batch_size):
-            hashes = self.cache.get("phash", [i.sha256 for i in batch]) if want_hash else {}
-            vectors = self.cache.get(f"clip-image:{self.clip_space}", [i.sha256 for i in batch]) if want_clip else {}
-            missing = [i for i in batch if (want_hash and i.sha256 not in hashes) or (want_clip and i.sha256 not in vectors)]
-            images = self._decode(missing)
-            if want_hash:
-                hashes.update(self._phashes(images, hashes))
-            if want_clip:
-                vectors.update(self._image_embeddings(images, vectors))
-            batch = [item for item in batch if item.step is None]  # a failed decode dropped some
-            for item in batch:
-                if want_hash:
-                    self.phash[item.index] = int.from_bytes(hashes[item.sha256], "big")
-            if want_clip and batch:
-                self._score(batch, np.stack([unpack_vector(vectors[item.sha256]) for item in batch]))
-            progress.update(len(batch))
-        progress.close()
+        shas = [item.sha256 for item, _ in batch]
+        hashes = self.cache.get("phash", shas) if want_hash else {}
+        vectors = self.cache.get(f"clip-image:{self.clip_space}", shas) if want_clip else {}
+        missing = [(item, data) for item, data in batch
+                   if (want_hash and item.sha256 not in hashes) or (want_clip and item.sha256 not in vectors)]
+        images = self._decode(missing)
+        if want_hash:
+            hashes.update(self._phashes(images, hashes))
+        if want_clip:
+            vectors.update(self._image_embeddings(images, vectors))
+        items = [item for item, _ in batch if item.step is None]  # a failed decode dropped some
+        if want_hash:
+            for item in items:
+                self.phash[item.index] = int.from_bytes(hashes[item.sha256], "big")
+        if want_clip and items:
+            self._score(items, np.stack([unpack_vector(vectors[item.sha256]) for item in items]))
 
-    def _decode(self, items: list[Item]) -> dict[str, tuple[Item, object]]:
-        started, images = time.perf_counter(), {}
-        for item in items:  # in source order: shard sources then read each shard once
-            try:
-                images[item.sha256] = (item, load_image_bytes(self.source.read(item.index).data, self.options.max_pixels))
-            except (BadRecord, BadImage) as reason:
-                item.drop("read", str(reason))
-        self.timer.add("decode", time.perf_counter() - started, len(items))
+    def _decode(self, batch: list[tuple[Item, bytes]]) -> dict[str, object]:
+        """sha256 -> decoded image of each distinct content in `batch`; the items that fail to decode are dropped."""
+        started, images, failed = time.perf_counter(), {}, {}
+        for item, data in batch:
+            if item.sha256 not in images and item.sha256 not in failed:  # identical bytes decode alike: once
+                try:
+                    images[item.sha256] = load_image_bytes(data, self.options.max_pixels)
+                except BadImage as reason:
+                    failed[item.sha256] = str(reason)
+            if item.sha256 in failed:
+                item.drop("read", failed[item.sha256])
+        self.timer.add("decode", time.perf_counter() - started, len(batch))
         return images
 
     def _phashes(self, images: dict, cached: dict[str, bytes]) -> dict[str, bytes]:
@@ -271,7 +292,7 @@ class _Features:
 
         started = time.perf_counter()
         found = {sha: int(str(imagehash.phash(image)), 16).to_bytes(8, "big")
-                 for sha, (_, image) in images.items() if sha not in cached}
+                 for sha, image in images.items() if sha not in cached}
         self.cache.put("phash", found)
         self.timer.add("phash", time.perf_counter() - started, len(found))
         return found
@@ -281,7 +302,7 @@ class _Features:
         if not todo:
             return {}
         started = time.perf_counter()
-        vectors = self.clip().image_embeddings([images[sha][1] for sha in todo]).numpy()
+        vectors = self.clip().image_embeddings([images[sha] for sha in todo]).numpy()
         found = {sha: pack_vector(vector) for sha, vector in zip(todo, vectors)}
         self.cache.put(f"clip-image:{self.clip_space}", found)
         self.timer.add("clip image", time.perf_counter() - started, len(todo))
@@ -305,16 +326,16 @@ class _Features:
 
     def _text_embeddings(self, texts: list[str]) -> list[np.ndarray]:
         """Unit-length CLIP embeddings of `texts`, from the cache where it has them."""
-        space = f"clip-text:{self.clip_space}"
-        cached = self.cache.get(space, [text_key(t) for t in texts])
-        todo = list(dict.fromkeys(t for t in texts if text_key(t) not in cached))
+        space, keys = f"clip-text:{self.clip_space}", [text_key(t) for t in texts]
+        cached = self.cache.get(space, keys)
+        todo = list(dict.fromkeys(t for t, key in zip(texts, keys) if key not in cached))
         if todo:
             started = time.perf_counter()
             found = {text_key(t): pack_vector(v) for t, v in zip(todo, self.clip().text_embeddings(todo).numpy())}
             self.cache.put(space, found)
             cached.update(found)
             self.timer.add("clip text", time.perf_counter() - started, len(todo))
-        vectors = [unpack_vector(cached[text_key(t)]) for t in texts]
+        vectors = [unpack_vector(cached[key]) for key in keys]
         return [v / max(np.linalg.norm(v), 1e-12) for v in vectors]
 
     def caption(self, items: list[Item]) -> None:
@@ -325,9 +346,9 @@ class _Features:
                 found = self.cache.get(self.caption_space, [i.sha256 for i in batch])
                 missing = [i for i in batch if i.sha256 not in found]
                 if missing:
-                    images = self._decode(missing)
+                    images = self._decode(self._reread(missing))
                     started = time.perf_counter()
-                    written = self.captioner()([image for _, image in images.values()])
+                    written = self.captioner()(list(images.values()))
                     made = {sha: text.encode() for sha, text in zip(images, written)}
                     self.cache.put(self.caption_space, made)
                     self.timer.add("caption", time.perf_counter() - started, len(made))
@@ -339,6 +360,17 @@ class _Features:
             for item in items:
                 if item.step is None:
                     item.new_captions = [o.caption_prefix + c for c in item.captions_out] or [o.caption_prefix.strip()]
+
+    def _reread(self, items: list[Item]) -> list[tuple[Item, bytes]]:
+        """(item, its bytes) for a later pass, in source order (shard sources then read each shard once);
+        an item whose record cannot be read again is dropped."""
+        batch = []
+        for item in items:
+            try:
+                batch.append((item, self.source.read(item.index).data))
+            except BadRecord as reason:
+                item.drop("read", str(reason))
+        return batch
 
 
 def _combine(captions: list[str], written: str, mode: str) -> list[str]:

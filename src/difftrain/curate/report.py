@@ -144,13 +144,13 @@ def _contact_sheet(source: RecordSource, items: list[Item]) -> str:
         dropped = [i for i in items if i.step == step]
         if dropped:
             sections.append((f"dropped: {step}", f"{len(dropped)} records", _nearest_first(dropped, False)))
-    body = []
+    body, thumbnails = [], {}  # index -> <img>: a record shown twice (kept, and kept instead) is read once
     for title, note, chosen in sections:
         cards = []
         for item in chosen[:SHEET_MAX]:
-            cards.append(_card(source, item))
+            cards.append(_card(source, item, thumbnails))
             if item.kept_instead is not None:
-                cards.append(_card(source, by_index[item.kept_instead], label="kept instead"))
+                cards.append(_card(source, by_index[item.kept_instead], thumbnails, label="kept instead"))
         shown = f" (showing {min(len(chosen), SHEET_MAX)})" if len(chosen) > SHEET_MAX else ""
         body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}{shown}</p><div class=grid>{''.join(cards)}</div>")
     summary = html.escape(json.dumps(counts(items)))
@@ -167,12 +167,14 @@ def _nearest_first(items: list[Item], kept: bool) -> list[Item]:
     return sorted(items, key=score, reverse=not kept)
 
 
-def _card(source: RecordSource, item: Item, label: str = "") -> str:
+def _card(source: RecordSource, item: Item, thumbnails: dict[int, str], label: str = "") -> str:
     lines = [label, item.key, item.reason] + [f"{k} {v:.3g}" for k, v in item.scores.items()]
     if item.captions_out:
         lines.append(f"“{item.captions_out[0][:80]}”")
     text = "<br>".join(html.escape(line) for line in lines if line)
-    return f"<figure>{_thumbnail(source, item)}<figcaption>{text}</figcaption></figure>"
+    if item.index not in thumbnails:
+        thumbnails[item.index] = _thumbnail(source, item)
+    return f"<figure>{thumbnails[item.index]}<figcaption>{text}</figcaption></figure>"
 
 
 def _thumbnail(source: RecordSource, item: Item) -> str:

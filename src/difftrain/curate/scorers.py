@@ -11,11 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from difftrain.errors import DifftrainError
-
-
-class CurateError(DifftrainError):
-    """A curation setting or model that cannot be used; the message says which and why."""
+from difftrain.curate.items import CurateError
 
 
 class AestheticPredictor:

@@ -46,7 +46,8 @@ from urllib3.exceptions import ReadTimeoutError
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError, jsonl_entries
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes, load_image_bytes
-from difftrain.data.shards import FORMATS, _LaionWriter, _ShardWriter, _TarWriter
+from difftrain.data.remote import retrying
+from difftrain.data.shards import FORMATS, LaionWriter, ShardWriter, TarWriter
 from difftrain.data.sources import LIST_NAME, RawRecord
 
 log = logging.getLogger(__name__)
@@ -319,19 +320,16 @@ class Fetcher:
 
     def get(self, url: str) -> bytes:
         """The response body, or Failed; passing failures are tried again with a doubling pause."""
-        attempt = 0
-        while True:
-            try:
-                return self._get_once(url)
-            except Failed as failure:
-                if not failure.retry or attempt >= self.options.retries:
-                    if attempt:
-                        failure.detail += f" (after {attempt + 1} attempts)"
-                    raise
-                # An interrupted run must not wait out every pending retry before it can stop.
-                if self._closing.wait(self.options.backoff * 2**attempt):
-                    raise
-            attempt += 1
+        pauses = [self.options.backoff * 2**n for n in range(self.options.retries)]
+        try:
+            # _closing: an interrupted run must not wait out every pending retry before it can stop.
+            return retrying(lambda: self._get_once(url), pauses, lambda exc: isinstance(exc, Failed) and exc.retry,
+                            stop=self._closing)
+        except Failed as failure:
+            tries = failure.tries  # type: ignore[attr-defined]
+            if tries > 1:
+                failure.detail += f" (after {tries} attempts)"
+            raise
 
     def stop_retrying(self) -> None:
         self._closing.set()
@@ -439,9 +437,9 @@ def _decoded(data: bytes, max_pixels: int) -> Image.Image:
     try:
         width, height = image_size_from_bytes(data)
     except BadImage as exc:
-        # PIL's own bomb guard fires when the header is read; images.py names it so.
-        reason = "too many pixels" if str(exc).startswith("decompression bomb") else "not an image"
-        raise Failed(reason, str(exc)) from None
+        # PIL's own bomb guard fires when the header is read; images.py raises BadImage from within its handler.
+        bomb = isinstance(exc.__context__, Image.DecompressionBombError)
+        raise Failed("too many pixels" if bomb else "not an image", str(exc)) from None
     try:
         check_size(width, height, max_pixels)
     except BadImage as exc:
@@ -506,7 +504,7 @@ def download_row(row: Row, fetcher: Fetcher, options: DownloadOptions) -> Outcom
 # --- shards -------------------------------------------------------------------------------
 
 
-class _TarShard(_TarWriter):
+class _TarShard(TarWriter):
     def sample_key(self, record: RawRecord, number: int) -> str:
         assert isinstance(record, Downloaded)
         return record.meta["key"]  # the input row, not the count of successes before it
@@ -516,7 +514,7 @@ class _TarShard(_TarWriter):
         return {"captions": record.captions, **record.meta}
 
 
-class _LaionShard(_LaionWriter):
+class _LaionShard(LaionWriter):
     def placeholder(self, record: RawRecord) -> bytes:
         assert isinstance(record, Downloaded)
         # json.dumps escapes tabs and line breaks, so the line keeps its three columns.
@@ -533,7 +531,7 @@ class ShardRun:
     def __init__(self, out: Path, number: int, plan: dict, options: DownloadOptions, started: float):
         self.out, self.number, self.plan = out, number, plan
         per_shard = plan["per_shard"]
-        self.writer: _ShardWriter = (_TarShard(out, per_shard, number) if options.format == "webdataset"
+        self.writer: ShardWriter = (_TarShard(out, per_shard, number) if options.format == "webdataset"
                                      else _LaionShard(out, per_shard, options.gzip, number))
         # A shard without a report is not done, even if a killed run renamed its file into place.
         self.writer.remove(number)  # the shard and its index

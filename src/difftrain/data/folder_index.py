@@ -33,11 +33,16 @@ SETTLE_NS = 2_000_000_000
 Outcome = tuple[int, int] | str  # the upright (width, height), or why the image is skipped
 
 
+def keyed_path(index_dir: Path, kind: str, identity: list, suffix: str = ".json") -> Path:
+    """Where an index of `kind` is cached under `index_dir`: named by the hash of everything it depends on
+    (folders here, shards in records.py, Hugging Face tables in hf.py), so a change misses it."""
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    return index_dir / f"{kind}-{digest[:40]}{suffix}"
+
+
 def index_file(index_dir: Path, root: Path, max_pixels: int) -> Path:
     """Where the index of the folder `root` lives; max_pixels is part of the key since it decides skips."""
-    identity = [INDEX_VERSION, str(root.resolve()), max_pixels]
-    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    return index_dir / f"folder-{digest[:40]}.json"
+    return keyed_path(index_dir, "folder", [INDEX_VERSION, str(root.resolve()), max_pixels])
 
 
 def _valid_entry(entry: object) -> bool:

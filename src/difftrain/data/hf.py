@@ -41,7 +41,6 @@ optional extra (`pip install 'difftrain[data]'`).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_path
 from difftrain.data.folder import DatasetError
+from difftrain.data.folder_index import keyed_path
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes
 from difftrain.data.records import (
     INDEX_VERSION,
@@ -62,8 +62,8 @@ from difftrain.data.records import (
     RawRecord,
     RecordSource,
     ShardSource,
-    _describe,
-    _Entry,
+    describe_records,
+    ShardEntry,
     caption_list,
 )
 
@@ -263,7 +263,7 @@ def _open_table(datasets: Any, path: str, form: str, files: list[str], options: 
         detail = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else " (it has no rows)"
         raise DatasetError(f"no usable records in {where}{detail}")
     head = f"hf {_FORMS[form]}" + (f", split {split}" if split else "")
-    description = _describe(head, len(index["rows"]), "records", len(index["skipped"]), index["uncaptioned"],
+    description = describe_records(head, len(index["rows"]), "records", len(index["skipped"]), index["uncaptioned"],
                             where=path)
     # What resume compares: the user's parquet files, else the Arrow files the table maps.
     stored = files if form == "parquet" else [entry["filename"] for entry in table.cache_files]
@@ -302,7 +302,7 @@ def _cached_index(table: Any, columns: _Columns, split: str | None, max_pixels: 
     # The fingerprint changes with the data and with every operation on it (the column selection included).
     identity = [INDEX_VERSION, "hf", table._fingerprint, split, columns.image, columns.caption, str(columns.base),
                 max_pixels]
-    cache = index_dir / f"hf-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:40]}.npz"
+    cache = keyed_path(index_dir, "hf", identity, ".npz")
     try:
         with np.load(cache) as saved:
             return {"rows": saved["rows"], "sizes": saved["sizes"], **json.loads(str(saved["meta"]))}
@@ -371,7 +371,7 @@ class HFStreamSource(ShardSource):
         return [(label if Path(path).is_file() else f"{label}@{self._version}", path, [])
                 for label, path in zip(self._labels, self._paths)]
 
-    def _entries(self, label: str, path: Path) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Path) -> Iterator[ShardEntry]:
         import pyarrow
 
         shard = self._stream.shard(num_shards=self._stream.num_shards, index=self._numbers[label])
@@ -380,9 +380,9 @@ class HFStreamSource(ShardSource):
             for number, row in enumerate(_rows(shard.iter(batch_size=ROWS_PER_BATCH))):
                 key, where = f"{label}:{number}", f"{label} row {number}"
                 try:
-                    yield _Entry(number, key, where, self._columns.record(row, key))
+                    yield ShardEntry(number, key, where, self._columns.record(row, key))
                 except BadRecord as reason:
-                    yield _Entry(number, key, where, None, str(reason))
+                    yield ShardEntry(number, key, where, None, str(reason))
         except pyarrow.ArrowException as exc:  # a damaged file: the shard source keeps the rows before it
             raise OSError(f"{label}: {exc}") from exc
 

@@ -35,7 +35,6 @@ why), send that shard to the reader instead.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError
+from difftrain.data.folder_index import keyed_path
 from difftrain.data.images import BadImage, check_size, image_size_from_bytes
 from difftrain.data.remote import ShardUnreachable, is_url, read_text, remote_identity
 
@@ -120,7 +120,7 @@ def caption_list(value: object) -> list[str]:
     return [item for item in value if item.strip()]
 
 
-def _describe(
+def describe_records(
     head: str, count: int, noun: str, skipped: int, uncaptioned: int, shards: str = "", where: str = ""
 ) -> str:
     """e.g. "laion parts: 3 parts, 2,400 records, 2 skipped (see the data report) (data/laion/filelist.txt)"."""
@@ -133,7 +133,7 @@ def _describe(
 
 
 @dataclass
-class _Entry:
+class ShardEntry:
     position: int  # where in the shard: a line number (laion) or a sample ordinal (webdataset)
     key: str
     where: str  # how a report names it
@@ -194,7 +194,7 @@ class ShardSource(RecordSource):
         counted = f"{len(self._labels)} {self.shard_noun}" + ("s" if len(self._labels) != 1 else "")
         if len(shards) > len(self._labels):
             counted += f" (and {len(shards) - len(self._labels)} with no usable record)"
-        self.description = _describe(
+        self.description = describe_records(
             f"{self.kind} {self.shard_noun}s", len(self), self.noun, len(self.skipped), self.uncaptioned,
             shards=counted, where=str(path),
         )
@@ -205,7 +205,7 @@ class ShardSource(RecordSource):
     def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
         raise NotImplementedError
 
-    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -286,8 +286,7 @@ class ShardSource(RecordSource):
         cache = None
         identity = self._identity(label, path) if index_dir is not None else None
         if identity is not None:
-            digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-            cache = index_dir / f"{self.kind}-{digest[:40]}.json"
+            cache = keyed_path(index_dir, self.kind, identity)
             try:
                 index = json.loads(cache.read_text())
                 if index.get("version") == INDEX_VERSION:

@@ -22,9 +22,10 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import IO, Callable, TypeVar
+from typing import IO, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -124,16 +125,30 @@ def _is_http(url: str) -> bool:
     return urlsplit(url).scheme.lower() in ("http", "https")
 
 
-def _retrying(url: str, attempt: Callable[[], T]) -> T:
-    for delay in RETRY_DELAYS:
+def retrying(attempt: Callable[[], T], delays: Sequence[float], transient: Callable[[Exception], bool],
+             stop: threading.Event | None = None) -> T:
+    """attempt(), made again after each of `delays` while what it raises is `transient`. The last failure
+    propagates with `tries` (the attempts made) set on it; a `stop` set during a wait raises it at once."""
+    for tries, delay in enumerate((*delays, None), 1):
         try:
             return attempt()
-        except _Transient:
-            time.sleep(delay)
+        except Exception as exc:
+            exc.tries = tries  # type: ignore[attr-defined]
+            if delay is None or not transient(exc):
+                raise
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _retrying(url: str, attempt: Callable[[], T]) -> T:
     try:
-        return attempt()
+        return retrying(attempt, RETRY_DELAYS, lambda exc: isinstance(exc, _Transient))
     except _Transient as reason:
-        raise ShardUnreachable(f"cannot read {url}: {reason} ({len(RETRY_DELAYS) + 1} tries)") from None
+        tries = reason.tries  # type: ignore[attr-defined]
+        raise ShardUnreachable(f"cannot read {url}: {reason} ({tries} tries)") from None
 
 
 def _check(response: requests.Response, url: str) -> None:

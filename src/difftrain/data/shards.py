@@ -71,7 +71,7 @@ def build_shards(
     if records_per_shard < 1:
         raise DatasetError(f"records_per_shard = {records_per_shard}: a shard needs at least 1 record")
     out = _empty_folder(out_dir)
-    writer: _ShardWriter = _LaionWriter(out, records_per_shard, gzip) if format == "laion" else _TarWriter(
+    writer: ShardWriter = LaionWriter(out, records_per_shard, gzip) if format == "laion" else TarWriter(
         out, records_per_shard
     )
     skipped: list[str] = []
@@ -166,7 +166,7 @@ def _folder_name(key: str, index: int, width: int, extension: str, used: set[str
     return name
 
 
-class _ShardWriter:
+class ShardWriter:
     """Numbered shards of at most `per_shard` records, each renamed into place when it is full, its index
     written beside it at once (so whatever sees the shard done sees its index too)."""
 
@@ -248,7 +248,7 @@ class _ShardWriter:
             self._partial.unlink(missing_ok=True)
 
 
-class _LaionWriter(_ShardWriter):
+class LaionWriter(ShardWriter):
     reader = LaionSource
 
     def __init__(self, out: Path, per_shard: int, compress: bool, first: int = 0):
@@ -295,7 +295,7 @@ class _LaionWriter(_ShardWriter):
         return notes
 
 
-class _TarWriter(_ShardWriter):
+class TarWriter(ShardWriter):
     reader = WebDatasetSource
 
     def __init__(self, out: Path, per_shard: int, first: int = 0):

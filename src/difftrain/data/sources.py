@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, check_size, image_size_from_file
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
-from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, _describe, _Entry,
+from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, describe_records, ShardEntry,
                                     caption_list)
 from difftrain.data.remote import ShardUnreachable, is_url, join_url, open_url, read_text, url_name
 
@@ -159,7 +159,7 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
     uncaptioned = sum(not t for t in texts)
     head = f"folder (captions: {scan.caption_source}" + (
         f", conditioning images: {scan.conditioning_source})" if scan.conditioning_source else ")")
-    description = _describe(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
+    description = describe_records(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
     conditions = [str(r.conditioning) for r in scan.records] if scan.conditioning_source else None
     return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions)
 
@@ -226,7 +226,7 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
         raise DatasetError(f"no usable records in {path}{detail}")
     uncaptioned = sum(not t for t in texts)
     head = f"jsonl (conditioning images: {conditioning.describe()})" if files is not None else "jsonl"
-    description = _describe(head, len(keys), "records", len(skipped), uncaptioned, where=str(path))
+    description = describe_records(head, len(keys), "records", len(skipped), uncaptioned, where=str(path))
     return FileSource(description, keys, paths, texts, sizes, skipped, files)
 
 
@@ -328,7 +328,7 @@ class LaionSource(ShardSource):
             )
         return _read_list(path, "part")
 
-    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
         with _open_binary(path) as file:
             for number, line in enumerate(file, 1):
                 line = line.rstrip(b"\r\n")
@@ -338,15 +338,15 @@ class LaionSource(ShardSource):
                 columns = line.split(b"\t")
                 if len(columns) < 3:
                     problem = f"expected caption<TAB>placeholder<TAB>base64 image, found {len(columns)} column(s)"
-                    yield _Entry(number, key, where, None, problem)
+                    yield ShardEntry(number, key, where, None, problem)
                     continue
                 try:
                     data = base64.b64decode(columns[2].strip(), validate=True)
                 except (binascii.Error, ValueError):
-                    yield _Entry(number, key, where, None, "the image column is not valid base64")
+                    yield ShardEntry(number, key, where, None, "the image column is not valid base64")
                     continue
                 caption = columns[0].decode("utf-8", errors="replace") if self._use_captions else ""
-                yield _Entry(number, key, where, RawRecord(key, data, caption_list(caption)))
+                yield ShardEntry(number, key, where, RawRecord(key, data, caption_list(caption)))
 
 
 class WebDatasetSource(ShardSource):
@@ -382,7 +382,7 @@ class WebDatasetSource(ShardSource):
             return [(path.name, path)], []
         return _read_list(path, "tar")
 
-    def _entries(self, label: str, path: Shard) -> Iterator[_Entry]:
+    def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
         with _open_raw(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for ordinal, (name, members) in enumerate(_tar_samples(tar)):
                 key, where = f"{label}:{name}", f"{label}:{name}"
@@ -390,14 +390,14 @@ class WebDatasetSource(ShardSource):
                 if image is None:
                     found = ", ".join(f".{ext}" for ext in members)
                     problem = f"no image member (.{', .'.join(WDS_IMAGE_EXTENSIONS)}); it has {found}"
-                    yield _Entry(ordinal, key, where, None, problem)
+                    yield ShardEntry(ordinal, key, where, None, problem)
                     continue
                 try:
                     captions = self._captions(members)
                 except BadRecord as reason:
-                    yield _Entry(ordinal, key, where, None, str(reason))
+                    yield ShardEntry(ordinal, key, where, None, str(reason))
                     continue
-                yield _Entry(ordinal, key, where, RawRecord(key, members[image] or b"", captions))
+                yield ShardEntry(ordinal, key, where, RawRecord(key, members[image] or b"", captions))
 
     def _captions(self, members: dict[str, bytes | None]) -> list[str]:
         """`captions` in .json (what build_shards writes), else .txt, else .json `caption`/`text`."""

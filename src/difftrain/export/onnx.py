@@ -127,7 +127,7 @@ def _quantize_through_gate(folder: Path, options: ExportOptions, progress: bool)
     The fp32 reference is a sibling folder holding the fp32 UNet (moved, not copied) and links
     to the other parts: nothing of SD 1.5's 4 GB is copied.
     """
-    from difftrain.export.quality import quality_gate
+    from difftrain.export.quality import gate_drawer, quality_gate
 
     reference = folder.with_name(folder.name.replace(".partial", ".fp32"))
     shutil.rmtree(reference, ignore_errors=True)
@@ -140,8 +140,9 @@ def _quantize_through_gate(folder: Path, options: ExportOptions, progress: bool)
     try:
         (folder / "unet").mkdir()
         shutil.copy2(reference / "unet" / "config.json", folder / "unet" / "config.json")
-        _quantize(reference / "unet" / "model.onnx", folder / "unet" / "model.onnx", reference, options)
-        gate = quality_gate(reference, folder, options.min_psnr, options.gate_steps, options.gate_size, progress,
+        fp32 = gate_drawer(reference, options.gate_steps, options.gate_size)  # calibrates, then is the gate's reference
+        _quantize(reference / "unet" / "model.onnx", folder / "unet" / "model.onnx", fp32)
+        gate = quality_gate(fp32, folder, options.min_psnr, options.gate_steps, options.gate_size, progress,
                             options.gate_clip, options.max_clip_drop)
     finally:
         shutil.rmtree(reference, ignore_errors=True)  # removes the links, not what they point to
@@ -279,7 +280,7 @@ def _to_fp16(path: Path) -> None:
     _save(model, path)
 
 
-def _quantize(source: Path, target: Path, reference: Path, options: ExportOptions) -> None:
+def _quantize(source: Path, target: Path, fp32) -> None:
     """Static int8 (QDQ) of the UNet's Conv, Gemm and weight MatMuls, activations calibrated on real inputs.
 
     Static rather than dynamic: ONNX Runtime's dynamic int8 turns convolutions into ConvInteger,
@@ -293,7 +294,7 @@ def _quantize(source: Path, target: Path, reference: Path, options: ExportOption
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
 
-    feeds = iter(_calibration_feeds(reference, options))
+    feeds = iter(_calibration_feeds(fp32))
 
     class Feeds(CalibrationDataReader):
         def get_next(self):
@@ -315,12 +316,8 @@ def _quantize(source: Path, target: Path, reference: Path, options: ExportOption
 CALIBRATION_PROMPTS = ("a photo of a red house by a lake", "a blue circle and a yellow square, detailed")
 
 
-def _calibration_feeds(reference: Path, options: ExportOptions) -> list[dict]:
+def _calibration_feeds(drawer) -> list[dict]:
     """What the fp32 UNet is fed at every step of sampling the calibration prompts (both CFG halves)."""
-    from difftrain.generate.text2image import Drawer, GenerateOptions
-
-    drawer = Drawer(reference, GenerateOptions(prompt="", steps=options.gate_steps, width=options.gate_size,
-                                               height=options.gate_size), progress=False)
     unet, feeds = drawer.pipe.unet, []
     run = unet.run
 
@@ -329,8 +326,11 @@ def _calibration_feeds(reference: Path, options: ExportOptions) -> list[dict]:
         return run(names, feed)
 
     unet.run = recording
-    for seed, prompt in enumerate(CALIBRATION_PROMPTS):
-        drawer.draw(prompt, "", [seed])
+    try:
+        for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+            drawer.draw(prompt, "", [seed])
+    finally:
+        unet.run = run  # the same drawer draws the gate's reference images next
     return feeds
 
 

@@ -33,30 +33,37 @@ def psnr(a, b) -> float:
     return IDENTICAL if mse == 0 else min(IDENTICAL, 10 * math.log10(255.0**2 / mse))
 
 
-def draw_set(model: Path, steps: int = STEPS, size: int | None = None, progress: bool = False) -> list:
+def gate_drawer(model: Path, steps: int = STEPS, size: int | None = None):
+    """`generate`'s Drawer for `model` with the gate's sampler, steps and size."""
     from difftrain.generate.text2image import Drawer, GenerateOptions
 
     options = GenerateOptions(prompt="", steps=steps, scheduler="DPM++ 2M Karras", width=size, height=size)
-    drawer = Drawer(model, options, progress=False)
+    return Drawer(model, options, progress=False)
+
+
+def draw_set(drawer, label: str, progress: bool = False) -> list:
+    """The gate's prompts x seeds, drawn by `drawer` (see gate_drawer)."""
     from tqdm import tqdm
 
     images = []
-    for prompt in tqdm(PROMPTS, desc=f"quality gate: {Path(model).name}", unit="prompt", disable=not progress):
+    for prompt in tqdm(PROMPTS, desc=f"quality gate: {label}", unit="prompt", disable=not progress):
         images += drawer.draw(prompt, "", list(SEEDS))
     return images
 
 
-def quality_gate(reference: Path, candidate: Path, min_psnr: float | None = None, steps: int = STEPS,
+def quality_gate(reference, candidate: Path, min_psnr: float | None = None, steps: int = STEPS,
                  size: int | None = None, progress: bool = False, clip: str | None = None,
                  max_clip_drop: float | None = None) -> dict:
     """PSNR of `candidate`'s images to `reference`'s over the fixed prompts and seeds (and, with a `clip`
-    model, the drop of their CLIP score), and the verdict.
+    model, the drop of their CLIP score), and the verdict. `reference` is the fp32 model's gate_drawer (the
+    export calibrates the int8 UNet with it first: one load for both).
 
     `size`: the images' side (default the model's native size; a smaller one makes the gate of a
     large model affordable on a CPU, at the cost of measuring at a size it is not used at).
     """
     floor = DEFAULT_MIN_PSNR if min_psnr is None else float(min_psnr)
-    originals, quantised = draw_set(reference, steps, size, progress), draw_set(candidate, steps, size, progress)
+    originals = draw_set(reference, "fp32", progress)
+    quantised = draw_set(gate_drawer(candidate, steps, size), Path(candidate).name, progress)
     scores = [psnr(a, b) for a, b in zip(originals, quantised)]
     worst = min(scores)
     gate = {"metric": "psnr_db", "psnr_min": round(worst, 2),

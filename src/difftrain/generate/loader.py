@@ -19,7 +19,7 @@ import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.models.manifest import ADAPTER_KINDS, Manifest, legacy_manifest, read_manifest
-from difftrain.run_folder import CHECKPOINTS, final_model_dir, is_run_folder, latest_checkpoint, split_modules
+from difftrain.run_folder import CHECKPOINTS, SHARD_LAYOUT, final_model_dir, is_run_folder, latest_checkpoint, split_modules
 
 
 class ModelNotFound(DifftrainError):
@@ -211,7 +211,7 @@ def _unconditional(folder: Path, manifest: Manifest, use_ema: bool):
     # A checkpoint: its weights, in the architecture the manifest records.
     from safetensors.torch import load_file
 
-    if not (folder / "model.safetensors").is_file() and (folder / "shards.json").is_file():
+    if not (folder / "model.safetensors").is_file() and (folder / SHARD_LAYOUT).is_file():
         raise ModelNotFound(f"{folder} is an FSDP checkpoint, written in per-process parts: join them first with "
                         f"`difftrain checkpoint consolidate {folder}`")
     unet = UNet2DModel.from_config(manifest.architecture["unet"])

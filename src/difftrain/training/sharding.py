@@ -33,8 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from difftrain.atomic import write_safetensors, write_text
 from difftrain.errors import DifftrainError
+from difftrain.run_folder import SHARD_LAYOUT as LAYOUT  # which tensors of the parts are split, over how many
 
-LAYOUT = "shards.json"  # which tensors of the parts are split, and over how many processes
 
 
 class ShardingError(DifftrainError):
@@ -130,19 +130,22 @@ def state_bytes(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer
     return held
 
 
-def plain_copy(module: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
+def plain_copy(module: torch.nn.Module, keep: bool, device: torch.device) -> torch.nn.Module | None:
     """An unsharded copy of an FSDP module, for rank 0 to sample from and save.
 
     Every process must call it (the weights are gathered from all of them); those with
-    `keep` False get None. The copy is built empty (see `_rebuilt`) and given the gathered weights.
+    `keep` False get None. The copy is built empty (see `_rebuilt`), given the gathered weights and
+    moved to `device`.
     """
-    whole = {name: value.full_tensor() if isinstance(value, DTensor) else value
-             for name, value in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: gathered layer by layer into rank 0's CPU memory; the other ranks keep nothing of it.
+    whole = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not keep:
         return None
     copy = _rebuilt(module)
     copy.load_state_dict(whole)
-    return copy.to(next(iter(whole.values())).device)
+    return copy.to(device)
 
 
 def _rebuilt(module: torch.nn.Module) -> torch.nn.Module:

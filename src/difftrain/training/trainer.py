@@ -243,11 +243,12 @@ class Trainer:
         seconds = timer.seconds()
         model_dir = self.save_final_model()
         accelerator.end_training()
+        held = sharding.state_bytes(self.parameters, self.optimizer)
         if self.main:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
-            self._print_summary(timer, self.step - start_step, last_loss, model_dir)
+            self._print_summary(timer, self.step - start_step, last_loss, model_dir, held)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
-                           timer.startup, sharding.state_bytes(self.parameters, self.optimizer))
+                           timer.startup, held)
 
     def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:
         """Stop before a checkpoint if any process's recent losses or the weights are no longer finite.
@@ -352,7 +353,8 @@ class Trainer:
             for name, averaged in self.emas.items() if ema else ():
                 stack.enter_context(averaged.swapped_into(modules[name]))
             if self.sharded:
-                modules = {name: sharding.plain_copy(m, keep=self.main) for name, m in modules.items()}
+                device = self.accelerator.device
+                modules = {name: sharding.plain_copy(m, self.main, device) for name, m in modules.items()}
                 if not self.main:
                     yield None
                     return
@@ -421,7 +423,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return model_dir
 
-    def _print_summary(self, timer: "_LoopTimer", steps_run: int, loss: float | None, model_dir: Path | None) -> None:
+    def _print_summary(self, timer: "_LoopTimer", steps_run: int, loss: float | None, model_dir: Path | None,
+                       held: int) -> None:
         config = self.config
         images = steps_run * config.training.batch_size * config.training.gradient_accumulation_steps
         images *= self.accelerator.num_processes
@@ -434,7 +437,7 @@ class Trainer:
             f"  speed       {steps_run / loop:.2f} steps/s, {images / loop:.1f} images/s over "
             f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
             f"took {timer.aside_seconds:.0f} s more)",
-            f"  memory      {sharding.state_bytes(self.parameters, self.optimizer) / 2**20:.2f} MiB of trained weights "
+            f"  memory      {held / 2**20:.2f} MiB of trained weights "
             "and optimizer state per process" + (f" (FSDP: sharded over {self.accelerator.num_processes})"
                                                  if self.sharded else ""),
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
@@ -471,7 +474,7 @@ class Trainer:
                 "shared by every machine. Put output_dir on a file system they all mount (NFS, Lustre, a cloud "
                 "file store); difftrain does not support node-local run folders")
         rank = accelerator.process_index
-        save_tensors(staging / f"rng-rank{rank}.safetensors", rng.capture(self.noise_generator))
+        save_tensors(staging / sharding.part_file("rng", rank), rng.capture(self.noise_generator))
         if self.sharded or self.main:  # under FSDP every process writes the part it holds
             parts, optimizer_rest = self._checkpoint_parts()
             for part, tensors in parts.items():
@@ -545,7 +548,7 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        rng.restore(load_tensors(path / f"rng-rank{accelerator.process_index}.safetensors"), self.noise_generator)
+        rng.restore(load_tensors(path / sharding.part_file("rng", accelerator.process_index)), self.noise_generator)
         self.step = state["step"]
         self.position = Position(**state["position"])
         self.evaluation.best = state.get("best")

@@ -20,10 +20,12 @@ bytes a record costs: flat apart from the index (two int32 sizes and an int64 po
 and each shard's name and arrays).
 
 fsdp: the text2image run on SD 1.5's shape at a quarter width (sd_quarter, EMA on) with 2 CPU
-processes over gloo, launched as a user would, under DDP (`--multi_gpu`) and under FSDP
-(configs/accelerate/fsdp_full_shard.yaml): trained weights + optimizer state each process holds
-(the run summary's `memory` line), steps/s of the loop, and the checkpoint bytes rank 0 writes.
-The EMA weights (another 4 bytes a parameter, also sharded) are not in the memory figure.
+processes over gloo, launched as a user would, under DDP (`--multi_gpu`), FSDP
+(configs/accelerate/fsdp_full_shard.yaml) and DeepSpeed ZeRO-2 and ZeRO-3 with CPU offload
+(configs/accelerate/deepspeed_*.yaml): trained weights + optimizer state each process holds
+(the run summary's `memory` line; under ZeRO it counts the fp32 master partitions too), steps/s
+of the loop, and the checkpoint bytes rank 0 writes. The EMA weights (another 4 bytes a
+parameter, sharded under FSDP and ZeRO-3) are not in the memory figure.
 
 A section is one function taking the parsed arguments and a work folder; add one to SECTIONS.
 """
@@ -171,11 +173,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHES = {
     "DDP": ["--multi_gpu", "--num_processes", "2"],
     "FSDP full shard": ["--config_file", str(ROOT / "configs/accelerate/fsdp_full_shard.yaml")],
+    "ZeRO-2": ["--config_file", str(ROOT / "configs/accelerate/deepspeed_zero2.yaml")],
+    "ZeRO-3 offload": ["--config_file", str(ROOT / "configs/accelerate/deepspeed_zero3_offload.yaml")],
 }
 
 
 def sharded(args: argparse.Namespace, work: Path) -> None:
-    """The SD-quarter text2image run (EMA on) with 2 CPU processes over gloo, under DDP and under FSDP."""
+    """The SD-quarter text2image run (EMA on) with 2 CPU processes over gloo, under DDP, FSDP and ZeRO-2/3."""
     import re
 
     import yaml
@@ -189,7 +193,7 @@ def sharded(args: argparse.Namespace, work: Path) -> None:
           f"{args.fsdp_steps} steps, AdamW + EMA, 2 processes x 1 thread")
     rows = {}
     for name, launch in LAUNCHES.items():
-        config = work / f"{name.split()[0]}.yaml"
+        config = work / f"{name.split()[0].replace('-', '')}.yaml"
         config.write_text(yaml.safe_dump({
             "output_dir": str(work / config.stem), "method": "text2image", "seed": 0,
             "data": {"path": str(data), "resolution": args.fsdp_size},
@@ -227,7 +231,7 @@ def main() -> None:
     parser.add_argument("--memory-records", type=int, default=20_000)
     parser.add_argument("--memory-per-shard", type=int, default=100)
     parser.add_argument("--fsdp-steps", type=int, default=10)
-    parser.add_argument("--fsdp-size", type=int, default=64, help="image side of the DDP vs FSDP runs")
+    parser.add_argument("--fsdp-size", type=int, default=64, help="image side of the DDP, FSDP and ZeRO runs")
     parser.add_argument("--child-memory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:

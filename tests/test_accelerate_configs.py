@@ -15,7 +15,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 
 FOLDER = Path(__file__).parents[1] / "configs" / "accelerate"
@@ -69,10 +69,20 @@ def test_fsdp_configs_build_the_plugin_accelerate_would(name, reshard, checkpoin
 
 
 @pytest.mark.parametrize("name, stage, offload", [("deepspeed_zero2", 2, "none"), ("deepspeed_zero3_offload", 3, "cpu")])
-def test_deepspeed_configs_hold_valid_values(name, stage, offload):
-    # DeepSpeedPlugin itself needs the deepspeed package, which difftrain does not install.
-    config = load_config_from_file(str(FOLDER / f"{name}.yaml"))
-    assert config.distributed_type == DistributedType.DEEPSPEED
-    deepspeed = config.deepspeed_config
-    assert deepspeed["zero_stage"] == stage
-    assert deepspeed["offload_optimizer_device"] == deepspeed["offload_param_device"] == offload
+def test_deepspeed_configs_build_the_plugin_accelerate_would(name, stage, offload):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    launch = launch_command_parser().parse_args(["--config_file", str(FOLDER / f"{name}.yaml"), "--machine_rank", "1",
+                                                 "x.py"])
+    args, defaults, _ = _validate_launch_command(launch)
+    assert args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command sets it
+    _, env = prepare_deepspeed_cmd_env(args)
+    with mock.patch.dict(os.environ, env):
+        plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == stage
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == offload
+    # difftrain refuses zero3_init_flag (it would partition the frozen models as they load)
+    assert plugin.zero3_init_flag is False

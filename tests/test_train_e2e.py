@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -363,58 +362,6 @@ def test_same_seed_same_grid_and_checkpoint_fallback(make_config, tmp_path):
     shutil.rmtree(run / "model")  # as if the run were still going: sample its latest checkpoint
     _, from_checkpoint = sample_grid(run, num_images=2, scheduler="ddim", steps=3, seed=5)
     assert [i.tobytes() for i in from_checkpoint] == [i.tobytes() for i in first]
-
-
-def test_accelerate_two_processes_train_and_resume(make_config, tmp_path):
-    """Two CPU processes (gloo): sharded data, one writer, per-rank RNG, exact resume; and the same two
-    processes as two "machines" on loopback (`--num_machines 2`, one process each) train the same bits."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    train = ["-m", "difftrain", "train", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def start(config: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-        return subprocess.Popen(launch + list(launcher) + train + [str(config), *extra], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def wait(*processes: subprocess.Popen) -> None:
-        outputs = [p.communicate(timeout=300)[0] for p in processes]
-        for process, output in zip(processes, outputs):
-            assert process.returncode == 0, output[-3000:]
-
-    straight = make_config("straight", training={"max_steps": 4}, checkpoint={"every_steps": 2})
-    wait(start(straight))
-    halves = make_config("halves", training={"max_steps": 2}, checkpoint={"every_steps": 2})
-    nodes = make_config("two-machines", training={"max_steps": 2}, checkpoint={"every_steps": 2})
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    # On a CPU --multi_gpu is still needed: it makes accelerate start torchrun's static rendezvous at
-    # --main_process_ip:port instead of one plain process per command. All three start together.
-    machine = ("--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port)
-    wait(start(halves, launcher=("--main_process_port", "0")), start(nodes, launcher=(*machine, "--machine_rank", "0")),
-         start(nodes, launcher=(*machine, "--machine_rank", "1")))
-    step2 = "checkpoints/step-00000002"
-    # The second machine's rank wrote its random state into the one shared checkpoint, and every tensor matches.
-    assert sorted(p.name for p in (tmp_path / "two-machines" / step2).glob("rng-rank*")) == [
-        "rng-rank0.safetensors", "rng-rank1.safetensors"]
-    assert_same_checkpoint(tmp_path / "halves" / step2, tmp_path / "two-machines" / step2)
-    for name in ("rng-rank0.safetensors", "rng-rank1.safetensors"):
-        one, two = (load_file(str(tmp_path / run / step2 / name)) for run in ("halves", "two-machines"))
-        assert all(torch.equal(one[k], two[k]) for k in one), name
-    weights = "model/unet/diffusion_pytorch_model.safetensors"
-    one, two = load_file(str(tmp_path / "halves" / weights)), load_file(str(tmp_path / "two-machines" / weights))
-    assert all(torch.equal(one[k], two[k]) for k in one)
-    assert not list((tmp_path / "two-machines" / "checkpoints").glob(".tmp-*"))  # one writer finished the save
-
-    wait(start(halves, "--set", "training.max_steps=4", "--resume", "latest"))
-    final = tmp_path / "straight/checkpoints/step-00000004"
-    assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
-    assert json.loads((final / "state.json").read_text())["world_size"] == 2
-    assert_same_checkpoint(final, tmp_path / "halves/checkpoints/step-00000004")
-    assert (tmp_path / "straight/model/unet/diffusion_pytorch_model.safetensors").is_file()
-
-    # A two-process checkpoint does not resume in one process: the shards would differ.
-    assert main(["train", str(halves), "--set", "training.max_steps=6", "--resume", "latest"]) == 2
 
 
 def test_a_diverged_loss_stops_the_run_before_a_checkpoint_holds_it(make_config, tmp_path, capsys, monkeypatch):

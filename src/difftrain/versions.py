@@ -32,7 +32,7 @@ def check_installed_versions() -> None:
     for line in requirements:
         requirement = Requirement(line)
         optional = requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})
-        if optional and not any(requirement.marker.evaluate({"extra": extra}) for extra in ("eval", "onnx", "data")):
+        if optional and not any(requirement.marker.evaluate({"extra": extra}) for extra in ("eval", "onnx", "data", "deepspeed")):
             continue  # the dev extra, or another platform's requirement
         try:
             installed = metadata.version(requirement.name)

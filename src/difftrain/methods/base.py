@@ -95,5 +95,7 @@ class Method(ABC):
 
     def describe(self) -> list[str]:
         """Lines for the run summary: model size and the like."""
-        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in self.trainable_modules().items()}
+        # Under DeepSpeed ZeRO-3 a parameter is an empty placeholder; ds_numel is its size.
+        counts = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+                  for name, m in self.trainable_modules().items()}
         return [f"{name}: {count / 1e6:.2f}M trainable parameters" for name, count in counts.items()]

@@ -18,7 +18,9 @@ Layout of one checkpoint:
     ema.safetensors         EMA weights, same keys (when EMA is on)
     optimizer.safetensors   optimizer tensors; its param groups are in state.json
     (under FSDP, model/ema/optimizer are written per process as `model-rank{R}.safetensors`, ...,
-    with shards.json saying which tensors are split: see training/sharding.py)
+    with shards.json saying which tensors are split: see training/sharding.py; under DeepSpeed ZeRO
+    model and ema stay whole and each process writes its optimizer partition as
+    `optimizer-rank{R}.safetensors` + `.json`: see training/zero.py)
     rng-rank{R}.safetensors each process's random generators
     difftrain.json          pixel models: the model manifest, so `difftrain sample` draws from it
 """

@@ -7,7 +7,7 @@ the shadow weights by parameter name as safetensors, the counters as plain JSON.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -16,11 +16,20 @@ from difftrain.config import EmaConfig
 from difftrain.training.sharding import local, plain_name
 
 
+def trained_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class Ema:
-    def __init__(self, model: torch.nn.Module, config: EmaConfig):
+    """`held` gives the trained tensors this process holds, in parameter order: the parameters themselves,
+    or under DeepSpeed ZeRO-3 this process's partition of each (the EMA is then partitioned too)."""
+
+    def __init__(self, model: torch.nn.Module, config: EmaConfig,
+                 held: Callable[[torch.nn.Module], list[torch.Tensor]] = trained_parameters):
+        self.held = held
         self.names = [plain_name(name) for name, p in model.named_parameters() if p.requires_grad]
         self.inner = EMAModel(
-            [p for p in model.parameters() if p.requires_grad],
+            held(model),
             decay=config.decay,
             use_ema_warmup=config.warmup,
             power=config.power,
@@ -28,7 +37,7 @@ class Ema:
         )
 
     def step(self, model: torch.nn.Module) -> None:
-        self.inner.step([p for p in model.parameters() if p.requires_grad])
+        self.inner.step(self.held(model))
 
     @property
     def decay(self) -> float:
@@ -48,7 +57,7 @@ class Ema:
     @contextmanager
     def swapped_into(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Run `model` with the EMA weights for the duration, then put the trained ones back."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = self.held(model)
         self.inner.store(params)
         self.inner.copy_to(params)
         try:

@@ -41,16 +41,6 @@ class ShardingError(DifftrainError):
     pass
 
 
-def refuse_deepspeed() -> None:
-    """Before the Accelerator exists: a DeepSpeed launch would train, then write checkpoints that hold one
-    rank's partition of ZeRO's optimizer as if it were the whole; refuse it up front instead."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ShardingError(
-            "this run was launched with a DeepSpeed config, which difftrain does not train with yet (its checkpoints "
-            "do not know ZeRO's partitioned optimizer). Use FSDP, which shards the same state and is tested: "
-            "configs/accelerate/fsdp_shard_grad_op.yaml for ZeRO-2, fsdp_full_shard.yaml for ZeRO-3")
-
-
 def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """Run FSDP on CPU processes (gloo) when the launch asked for it; accelerate would silently not."""
     state = AcceleratorState()
@@ -76,17 +66,27 @@ def is_sharded(accelerator: Accelerator) -> bool:
 def check_trainable(config, modules: dict[str, torch.nn.Module]) -> None:
     """On every process, before any step: what FSDP cannot train here is refused by all ranks alike (one
     raising alone, at its first sample, would leave the others waiting at the next barrier)."""
+    refuse_adapters(config, "FSDP shards whole modules")
+    check_rebuildable(modules, "FSDP")
+
+
+def check_rebuildable(modules: dict[str, torch.nn.Module], engine: str) -> None:
+    """Rank 0 samples from and saves a plain copy of each module whose weights are split (see `rebuilt`)."""
+    for name, module in modules.items():
+        with torch.device("meta"):  # the structure only: no memory, no initialisation
+            copy = rebuilt(module)
+        if copy.state_dict().keys() != module.state_dict().keys():
+            raise ShardingError(f"{engine}: the {name} module rebuilt from its config does not hold the trained one's "
+                                f"weights, so rank 0 could not sample from or save it; train it without {engine}")
+
+
+def refuse_adapters(config, engine: str) -> None:
+    """A LoRA or an embedding trains a few MB: sharding its state gains nothing, and those runs are not built for it."""
     lora = getattr(config, "lora", None)
     if (lora is not None and lora.enabled) or config.method == "textual_inversion":
         what = "an embedding" if config.method == "textual_inversion" else "a LoRA"
-        raise ShardingError(f"FSDP shards whole modules; {what} run trains a few MB and gains nothing from it. "
+        raise ShardingError(f"{engine}; {what} run trains a few MB and gains nothing from it. "
                             "Launch it with configs/accelerate/ddp.yaml (or --multi_gpu) instead")
-    for name, module in modules.items():
-        with torch.device("meta"):  # the structure only: no memory, no initialisation
-            rebuilt = _rebuilt(module)
-        if rebuilt.state_dict().keys() != module.state_dict().keys():
-            raise ShardingError(f"FSDP: the {name} module rebuilt from its config does not hold the trained one's "
-                                "weights, so rank 0 could not sample from or save it; train it without FSDP")
 
 
 WRAPPED = "_checkpoint_wrapped_module."  # torch's activation-checkpoint wrapper (fsdp_activation_checkpointing)
@@ -134,7 +134,7 @@ def plain_copy(module: torch.nn.Module, keep: bool, device: torch.device) -> tor
     """An unsharded copy of an FSDP module, for rank 0 to sample from and save.
 
     Every process must call it (the weights are gathered from all of them); those with
-    `keep` False get None. The copy is built empty (see `_rebuilt`), given the gathered weights and
+    `keep` False get None. The copy is built empty (see `rebuilt`), given the gathered weights and
     moved to `device`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -143,12 +143,18 @@ def plain_copy(module: torch.nn.Module, keep: bool, device: torch.device) -> tor
     whole = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not keep:
         return None
-    copy = _rebuilt(module)
-    copy.load_state_dict(whole)
+    return copy_holding(module, whole, device)
+
+
+def copy_holding(module: torch.nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """A plain module of `module`'s kind (see `rebuilt`) holding `weights`, on `device`: rank 0's copy of a module
+    whose weights are split (FSDP, ZeRO-3), to sample from and save."""
+    copy = rebuilt(module)
+    copy.load_state_dict(weights)
     return copy.to(device)
 
 
-def _rebuilt(module: torch.nn.Module) -> torch.nn.Module:
+def rebuilt(module: torch.nn.Module) -> torch.nn.Module:
     """A new module of `module`'s kind: diffusers and transformers models from their own config; a plain
     wrapper (as the VAE method's Autoencode) by calling its class with its children, rebuilt, in order."""
     from torch.distributed.fsdp import FSDPModule
@@ -160,11 +166,11 @@ def _rebuilt(module: torch.nn.Module) -> torch.nn.Module:
         return base.from_config(config) if hasattr(base, "from_config") else base(config)
     children = list(module.children())
     try:
-        return base(*(_rebuilt(child) for child in children))
+        return base(*(rebuilt(child) for child in children))
     except TypeError as exc:
-        raise ShardingError(f"cannot rebuild an unsharded {base.__name__} to sample from and save ({exc}): FSDP "
-                            "training supports diffusers and transformers models, and wrappers built from them "
-                            "alone") from None
+        raise ShardingError(f"cannot rebuild an unsharded {base.__name__} to sample from and save ({exc}): with split "
+                            "weights (FSDP, ZeRO-3) difftrain trains diffusers and transformers models, and wrappers "
+                            "built from them alone") from None
 
 
 def write_layout(folder: Path, parts: dict[str, dict[str, torch.Tensor]], world_size: int) -> None:
@@ -184,6 +190,12 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> list[Path]:
     checkpoint itself): the layout an unsharded run writes, which `difftrain sample` and export read."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LAYOUT).is_file():
+        state = checkpoint / "state.json"
+        stage = json.loads(state.read_text()).get("zero_stage", 0) if state.is_file() else 0
+        if stage:
+            raise ShardingError(f"{checkpoint}: a DeepSpeed ZeRO-{stage} checkpoint's model and EMA are whole already "
+                                "(`difftrain sample` reads them); its optimizer partitions resume with the same "
+                                "number of processes")
         raise ShardingError(f"{checkpoint} is not a sharded checkpoint (no {LAYOUT}); its files are already whole")
     layout = json.loads((checkpoint / LAYOUT).read_text())
     out = Path(out) if out is not None else checkpoint

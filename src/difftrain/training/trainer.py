@@ -34,7 +34,7 @@ from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
 from difftrain.sampling.images import make_grid
-from difftrain.training import rng, sharding
+from difftrain.training import rng, sharding, zero
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -48,7 +48,7 @@ from difftrain.training.checkpoint import (
     trainable_state,
     write_json,
 )
-from difftrain.training.ema import Ema
+from difftrain.training.ema import Ema, trained_parameters
 from difftrain.training.evaluation import TrainingEvaluation
 from difftrain.training.optim import (
     apply_speed_options,
@@ -96,7 +96,7 @@ class Trainer:
             # accelerate keeps one global state per process; a second train() call from
             # Python (a notebook, the tests) with other precision settings must start clean.
             AcceleratorState._reset_state(reset_partial_state=True)
-        sharding.refuse_deepspeed()
+        zero.check_installed()
         self.accelerator = Accelerator(
             mixed_precision=config.training.mixed_precision,
             gradient_accumulation_steps=config.training.gradient_accumulation_steps,
@@ -107,9 +107,14 @@ class Trainer:
             cpu=not _has_accelerator_device(),
         )
         sharding.honour_fsdp_on_cpu(self.accelerator)
+        zero.honour_on_cpu(self.accelerator)
         self.sharded = sharding.is_sharded(self.accelerator)
+        # Before any model loads: DeepSpeed's batch, accumulation and clipping follow the run config.
+        self.zero_stage = zero.configure(self.accelerator, config) if zero.is_zero(self.accelerator) else 0
+        # The weights themselves are split: every process takes part in gathering them for samples and saves.
+        self.partitioned = self.sharded or self.zero_stage == 3
         self.main = self.accelerator.is_main_process
-        self.compiled = resolve_compile(config.training)
+        self.compiled = resolve_compile(config.training) and not self.zero_stage  # DeepSpeed: see zero.configure
         self.progress = progress and self.main
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         # Refuse a run that cannot start before any model loads or any cache fills.
@@ -139,15 +144,20 @@ class Trainer:
         self.modules = self.method.trainable_modules()
         if self.sharded:
             sharding.check_trainable(config, self.modules)
+        if self.zero_stage:
+            zero.check_trainable(self.modules, self.zero_stage)
         groups = self.method.parameter_groups(config.training.learning_rate)
         self.optimizer = build_optimizer(groups, config.training)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
         self.wrapped = dict(zip(self.modules, prepared[:-1]))
         self.optimizer = prepared[-1]
-        # Taken after prepare: FSDP replaces each parameter with its sharded version.
-        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.emas = {n: Ema(m, config.training.ema) for n, m in self.modules.items()} if config.training.ema.enabled else {}
+        # Taken after prepare: FSDP replaces each parameter with its sharded version, ZeRO steps fp32 partitions.
+        self.parameters = (zero.masters(self.optimizer) if self.zero_stage else
+                           [p for group in self.optimizer.param_groups for p in group["params"]])
+        held = zero.partition_views if self.zero_stage == 3 else trained_parameters
+        self.emas = ({n: Ema(m, config.training.ema, held) for n, m in self.modules.items()}
+                     if config.training.ema.enabled else {})
         if self.compiled:
             compile_modules(self.wrapped)
 
@@ -200,7 +210,7 @@ class Trainer:
                     with accelerator.accumulate(*self.wrapped.values()):
                         loss = self.method.loss(self.wrapped, batch, self.noise_generator)
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients and config.training.max_grad_norm:
+                        if accelerator.sync_gradients and config.training.max_grad_norm and not self.zero_stage:
                             accelerator.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +253,8 @@ class Trainer:
         seconds = timer.seconds()
         model_dir = self.save_final_model()
         accelerator.end_training()
-        held = sharding.state_bytes(self.parameters, self.optimizer)
+        held = (zero.state_bytes(self.modules, self.optimizer, self.zero_stage) if self.zero_stage
+                else sharding.state_bytes(self.parameters, self.optimizer))
         if self.main:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
             self._print_summary(timer, self.step - start_step, last_loss, model_dir, held)
@@ -258,7 +269,8 @@ class Trainer:
         non-finite gradient can reach them under a finite loss.
         """
         weights = torch.stack([sharding.local(p).detach().isfinite().all() for p in self.parameters]).all()
-        bad = torch.stack([~loss_sum.isfinite(), ~weights]).float().to(self.accelerator.device)
+        # .to: ZeRO's offloaded fp32 masters live in CPU memory while the loss is on the GPU.
+        bad = torch.stack([~loss_sum.isfinite(), ~weights.to(loss_sum.device)]).float().to(self.accelerator.device)
         loss_bad, weights_bad = self.accelerator.reduce(bad, reduction="sum").tolist()
         if loss_bad or weights_bad:
             local = float(loss_sum)
@@ -279,14 +291,32 @@ class Trainer:
 
     # ----------------------------------------------------------------- outputs
     def _check_startable(self, resume: str | None) -> None:
-        existing = self.store.latest()
-        if existing is not None and not resume:
+        problem = None
+        try:
+            existing = self.store.latest()
+            if existing is not None and not resume:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
+                    "add --resume latest to continue it, or set output_dir to a new folder"
+                )
+            if resume:
+                self._check_resumable(self.store.resolve(resume))
+        except CheckpointError as exc:
+            problem = exc
+        failing = self._processes_where(problem is not None)
+        if problem is not None:
+            raise problem
+        if failing:  # this process could start; another could not, and says why
             raise CheckpointError(
-                f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
-                "add --resume latest to continue it, or set output_dir to a new folder"
-            )
-        if resume:
-            self._check_resumable(self.store.resolve(resume))
+                f"{failing} other process(es) cannot start this run from {self.run_dir} (their error says why). If "
+                "this process sees a checkpoint they do not (or the other way round), the run folder is not shared "
+                "by every machine: put output_dir on a file system they all mount")
+
+    def _processes_where(self, flag: bool) -> int:
+        """How many processes have `flag`. Every process must call it: they decide together whether to stop,
+        since one raising alone would leave the others waiting at the next collective."""
+        flags = torch.tensor([float(flag)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(flags, reduction="sum").item())
 
     def _check_resumable(self, path: Path) -> None:
         state = read_json(path / "state.json")
@@ -299,8 +329,9 @@ class Trainer:
             )
         # An explicit training.compile that differs is a config conflict above; `auto` follows the checkpoint.
         self.compiled = resolve_compile(self.config.training, state.get("compiled", False))
-        if state.get("sharded", False) != self.sharded:
-            written, now = (("FSDP", "data parallel") if not self.sharded else ("data parallel", "FSDP"))
+        written = _parallelism(state.get("sharded", False), state.get("zero_stage", 0))
+        now = _parallelism(self.sharded, self.zero_stage)
+        if written != now:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by a {written} run and this one is {now}; launch with "
                 "the accelerate config the run started with")
@@ -340,10 +371,10 @@ class Trainer:
         """The trained modules as rank 0 samples, evaluates and saves them: unwrapped, in eval mode,
         holding the EMA weights when EMA is on (and `ema`). The other processes get None.
 
-        Every process must enter it: under FSDP they all take part in gathering the weights
-        into rank 0's unsharded copies.
+        Every process must enter it: under FSDP and ZeRO-3 they all take part in gathering the weights
+        into rank 0's plain copies.
         """
-        if not (self.main or self.sharded):
+        if not (self.main or self.partitioned):
             yield None
             return
         modules = self.modules
@@ -352,9 +383,9 @@ class Trainer:
                 stack.enter_context(torch.compiler.set_stance("force_eager"))
             for name, averaged in self.emas.items() if ema else ():
                 stack.enter_context(averaged.swapped_into(modules[name]))
-            if self.sharded:
-                device = self.accelerator.device
-                modules = {name: sharding.plain_copy(m, self.main, device) for name, m in modules.items()}
+            if self.partitioned:
+                device, copy = self.accelerator.device, sharding.plain_copy if self.sharded else zero.plain_copy
+                modules = {name: copy(m, self.main, device) for name, m in modules.items()}
                 if not self.main:
                     yield None
                     return
@@ -438,8 +469,10 @@ class Trainer:
             f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
             f"took {timer.aside_seconds:.0f} s more)",
             f"  memory      {held / 2**20:.2f} MiB of trained weights "
-            "and optimizer state per process" + (f" (FSDP: sharded over {self.accelerator.num_processes})"
-                                                 if self.sharded else ""),
+            "and optimizer state per process" + (f" ({_parallelism(self.sharded, self.zero_stage)}: "
+                                                 f"{'optimizer' if self.zero_stage in (1, 2) else 'weights and optimizer'}"
+                                                 f" split over {self.accelerator.num_processes})"
+                                                 if self.sharded or self.zero_stage else ""),
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
                f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
@@ -465,9 +498,7 @@ class Trainer:
         if self.main:
             self.store.begin(self.step)
         accelerator.wait_for_everyone()
-        # Decided together: a process raising alone would leave the others waiting at the next barrier.
-        unseen = torch.tensor([0.0 if staging.is_dir() else 1.0], device=accelerator.device)
-        unseen = int(accelerator.reduce(unseen, reduction="sum").item())
+        unseen = self._processes_where(not staging.is_dir())
         if unseen:
             raise CheckpointError(
                 f"{staging}, which rank 0 created, does not exist for {unseen} process(es): the run folder is not "
@@ -475,11 +506,15 @@ class Trainer:
                 "file store); difftrain does not support node-local run folders")
         rank = accelerator.process_index
         save_tensors(staging / sharding.part_file("rng", rank), rng.capture(self.noise_generator))
-        if self.sharded or self.main:  # under FSDP every process writes the part it holds
+        if self.zero_stage:  # every process writes its partition of the optimizer
+            zero.write_optimizer(staging, rank, *zero.optimizer_parts(self.optimizer))
+        optimizer_rest = None
+        if self.main or self.partitioned:  # under FSDP every process writes the part it holds
             parts, optimizer_rest = self._checkpoint_parts()
-            for part, tensors in parts.items():
-                save_tensors(staging / (sharding.part_file(part, rank) if self.sharded else f"{part}.safetensors"),
-                             tensors)
+            if self.main or self.sharded:  # at ZeRO-3 the other processes only helped gather
+                for part, tensors in parts.items():
+                    save_tensors(staging / (sharding.part_file(part, rank) if self.sharded else f"{part}.safetensors"),
+                                 tensors)
             if self.sharded and self.main:
                 sharding.write_layout(staging, parts, accelerator.num_processes)
         accelerator.wait_for_everyone()
@@ -490,6 +525,7 @@ class Trainer:
                 "world_size": accelerator.num_processes,
                 "compiled": self.compiled,
                 "sharded": self.sharded,
+                "zero_stage": self.zero_stage,
                 "num_records": len(self.dataset),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "optimizer": optimizer_rest,
@@ -506,11 +542,25 @@ class Trainer:
             self.store.commit(self.step)
         accelerator.wait_for_everyone()
 
-    def _checkpoint_parts(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-        """The training state's tensors by file (under FSDP, sharded), and the optimizer's other state."""
-        parts = {"model": join_modules({n: trainable_state(m) for n, m in self.modules.items()})}
-        if self.emas:
-            parts["ema"] = join_modules({n: e.tensors() for n, e in self.emas.items()})
+    def _checkpoint_parts(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
+        """The training state's tensors by file (under FSDP, sharded), and the optimizer's other state
+        (under ZeRO, None: each process writes its partition of the optimizer apart)."""
+        parts = {}
+        if self.zero_stage == 3:  # whole, gathered by every process for rank 0
+            device = self.accelerator.device
+            if self.emas:  # first: right after a step, as when samples are drawn with the EMA swapped in
+                ema = {}
+                for name, averaged in self.emas.items():
+                    with averaged.swapped_into(self.modules[name]):
+                        ema[name] = zero.gathered_state(self.modules[name], self.main, device)
+                parts["ema"] = join_modules(ema)
+            parts["model"] = join_modules({n: zero.gathered_state(m, self.main, device) for n, m in self.modules.items()})
+        else:
+            parts["model"] = join_modules({n: trainable_state(m) for n, m in self.modules.items()})
+            if self.emas:
+                parts["ema"] = join_modules({n: e.tensors() for n, e in self.emas.items()})
+        if self.zero_stage:
+            return parts, None
         parts["optimizer"], optimizer_rest = optimizer_to_parts(self.optimizer.state_dict())
         return parts, optimizer_rest
 
@@ -534,17 +584,25 @@ class Trainer:
                 self.config.training.lr_scheduler,
             )
         sharded = state.get("sharded", False)
-        weights = split_modules(self._read_part(path, "model", sharded))
-        for name, module in self.modules.items():
-            load_trainable_state(module, weights.get(name, {}), f"{path}/model.safetensors [{name}]")
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if self.zero_stage != 3:  # at ZeRO-3 the optimizer's fp32 masters restore the weight partitions
+            weights = split_modules(self._read_part(path, "model", sharded))
+            for name, module in self.modules.items():
+                load_trainable_state(module, weights.get(name, {}), f"{path}/model.safetensors [{name}]")
         if self.emas:
             ema_weights = split_modules(self._read_part(path, "ema", sharded))
             for name, ema in self.emas.items():
-                ema.load(ema_weights[name], state["ema"][name])
-        optimizer_state = optimizer_from_parts(self._read_part(path, "optimizer", sharded), state["optimizer"])
-        if sharded:
-            optimizer_state = sharding.shard_optimizer_state(optimizer_state, self.parameters, path)
-        self.optimizer.load_state_dict(optimizer_state)
+                held = ema_weights[name]
+                if self.zero_stage == 3:
+                    held = zero.partitions(self.modules[name], held)
+                ema.load(held, state["ema"][name])
+        if self.zero_stage:
+            zero.load_optimizer(self.optimizer, path, rank, world)
+        else:
+            optimizer_state = optimizer_from_parts(self._read_part(path, "optimizer", sharded), state["optimizer"])
+            if sharded:
+                optimizer_state = sharding.shard_optimizer_state(optimizer_state, self.parameters, path)
+            self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -654,6 +712,11 @@ def _has_accelerator_device() -> bool:
         or bool(mps and mps.is_available())
         or bool(xpu and xpu.is_available())
     )
+
+
+def _parallelism(sharded: bool, zero_stage: int) -> str:
+    """How a run held its training state across processes, as its checkpoints record it."""
+    return "FSDP" if sharded else f"DeepSpeed ZeRO-{zero_stage}" if zero_stage else "data parallel"
 
 
 def _weight_dtype(accelerator: Accelerator) -> torch.dtype:

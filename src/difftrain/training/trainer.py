@@ -460,6 +460,10 @@ class Trainer:
         images = steps_run * config.training.batch_size * config.training.gradient_accumulation_steps
         images *= self.accelerator.num_processes
         loop = max(timer.loop_seconds(), 1e-9)
+        parallelism, split = _parallelism(self.sharded, self.zero_stage), ""
+        if parallelism != "data parallel":
+            what = "optimizer" if self.zero_stage in (1, 2) else "weights and optimizer"
+            split = f" ({parallelism}: {what} split over {self.accelerator.num_processes})"
         lines = [
             "",
             f"difftrain: {config.method} run finished at step {self.step}/{config.training.max_steps}",
@@ -468,11 +472,7 @@ class Trainer:
             f"  speed       {steps_run / loop:.2f} steps/s, {images / loop:.1f} images/s over "
             f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
             f"took {timer.aside_seconds:.0f} s more)",
-            f"  memory      {held / 2**20:.2f} MiB of trained weights "
-            "and optimizer state per process" + (f" ({_parallelism(self.sharded, self.zero_stage)}: "
-                                                 f"{'optimizer' if self.zero_stage in (1, 2) else 'weights and optimizer'}"
-                                                 f" split over {self.accelerator.num_processes})"
-                                                 if self.sharded or self.zero_stage else ""),
+            f"  memory      {held / 2**20:.2f} MiB of trained weights and optimizer state per process{split}",
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
                f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
@@ -507,7 +507,7 @@ class Trainer:
         rank = accelerator.process_index
         save_tensors(staging / sharding.part_file("rng", rank), rng.capture(self.noise_generator))
         if self.zero_stage:  # every process writes its partition of the optimizer
-            zero.write_optimizer(staging, rank, *zero.optimizer_parts(self.optimizer))
+            zero.save_optimizer(self.optimizer, staging, rank)
         optimizer_rest = None
         if self.main or self.partitioned:  # under FSDP every process writes the part it holds
             parts, optimizer_rest = self._checkpoint_parts()

@@ -41,17 +41,20 @@ from difftrain.training.sharding import (
     ShardingError,
     check_rebuildable,
     copy_holding,
+    part_file,
     plain_name,
     refuse_adapters,
 )
+from difftrain.training.sharding import state_bytes as sharding_state_bytes
 
 # What of ZeRO's optimizer state dict is plain data (JSON); its tensors go to safetensors. Left out:
 # the loss scaler object (its numbers are kept apart) and the universal-checkpoint slice maps.
 _PLAIN = ("dynamic_loss_scale", "overflow", "clip_grad", "group_paddings", "param_alignment_paddings",
           "partition_count", "ds_version")
-# The torch optimizer's state and the fp32 master partitions, as ZeRO-1/2 and ZeRO-3 name them.
-_BASE = ("base_optimizer_state", "optimizer_state_dict")
-_MASTERS = ("single_partition_of_fp32_groups", "fp32_flat_groups")
+# Per stage, the keys of ZeRO's state dict holding the torch optimizer's state and the fp32 master partitions.
+_KEYS = {1: ("base_optimizer_state", "single_partition_of_fp32_groups"),
+         2: ("base_optimizer_state", "single_partition_of_fp32_groups"),
+         3: ("optimizer_state_dict", "fp32_flat_groups")}
 _SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
@@ -125,7 +128,8 @@ def configure(accelerator: Accelerator, config) -> int:
     if training.compile is True:
         raise ZeroError("training.compile: true under DeepSpeed is not supported (DeepSpeed's engine compiles by "
                         "its own rules); set it to auto or false")
-    zero_config = plugin.deepspeed_config.get("zero_optimization", {})
+    ds = plugin.deepspeed_config
+    zero_config = ds.get("zero_optimization", {})
     offload = {key: zero_config.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
     if "nvme" in offload.values():
         raise ZeroError("DeepSpeed's NVMe offload swaps the optimizer state out of the tensors difftrain's checkpoints "
@@ -133,7 +137,6 @@ def configure(accelerator: Accelerator, config) -> int:
     if training.optimizer == "adamw_8bit" and offload["offload_optimizer"] != "none":
         raise ZeroError("training.optimizer: adamw_8bit needs its state on the GPU, and this config offloads it to "
                         "the CPU; use adamw, or set offload_optimizer_device: none")
-    ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = training.batch_size
     ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
     ds["train_batch_size"] = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
@@ -165,33 +168,31 @@ def masters(optimizer) -> list[torch.Tensor]:
     return list(found if found is not None else zero.single_partition_of_fp32_groups)
 
 
-def optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """This process's partition of the optimizer: tensors for safetensors and the rest for JSON."""
+def save_optimizer(optimizer, folder: Path, rank: int) -> None:
+    """Write this process's partition of the optimizer: its tensors as safetensors, the rest as JSON."""
     zero = _zero_optimizer(optimizer)
     state = zero.state_dict()
-    base_key, masters_key = (next(k for k in keys if k in state) for keys in (_BASE, _MASTERS))
+    stage = int(state["zero_stage"])
+    base_key, masters_key = _KEYS[stage]
     tensors, base = optimizer_to_parts(state[base_key])
     tensors.update({f"master.{i}": t for i, t in enumerate(state[masters_key])})
-    rest = {"base": base, "base_key": base_key, "masters_key": masters_key, "masters": len(state[masters_key]),
-            "zero_stage": int(state["zero_stage"]), **{key: state[key] for key in _PLAIN if key in state},
+    rest = {"base": base, "zero_stage": stage, **{key: state[key] for key in _PLAIN if key in state},
             "loss_scaler": {key: getattr(zero.loss_scaler, key) for key in _SCALER if hasattr(zero.loss_scaler, key)}}
-    return tensors, rest
-
-
-def write_optimizer(folder: Path, rank: int, tensors: dict[str, torch.Tensor], rest: dict) -> None:
-    save_tensors(folder / f"optimizer-rank{rank}.safetensors", tensors)
-    write_text(folder / f"optimizer-rank{rank}.json", json.dumps(rest, indent=1), sync=False)
+    save_tensors(folder / part_file("optimizer", rank), tensors)
+    write_text((folder / part_file("optimizer", rank)).with_suffix(".json"), json.dumps(rest, indent=1), sync=False)
 
 
 def load_optimizer(optimizer, folder: Path, rank: int, world_size: int) -> None:
     """Give ZeRO's optimizer back this process's partition (fp32 masters, moments, loss scale); at stage 3
     that restores the weights too (ZeRO-3 refreshes its weight partitions from the masters)."""
     zero = _zero_optimizer(optimizer)
-    tensors = load_tensors(folder / f"optimizer-rank{rank}.safetensors")
-    rest = json.loads((folder / f"optimizer-rank{rank}.json").read_text())
+    tensors = load_tensors(folder / part_file("optimizer", rank))
+    rest = json.loads((folder / part_file("optimizer", rank)).with_suffix(".json").read_text())
+    base_key, masters_key = _KEYS[rest["zero_stage"]]
+    count = sum(key.startswith("master.") for key in tensors)
     state = {key: rest[key] for key in _PLAIN if key in rest}
-    state[rest["masters_key"]] = [tensors.pop(f"master.{i}") for i in range(rest["masters"])]
-    state[rest["base_key"]] = optimizer_from_parts(tensors, rest["base"])
+    state[masters_key] = [tensors.pop(f"master.{i}") for i in range(count)]
+    state[base_key] = optimizer_from_parts(tensors, rest["base"])
     state.update(zero_stage=rest["zero_stage"], loss_scaler=zero.loss_scaler)
     # ZeRO reads the entry of this process's data-parallel rank (the others are for changing the world size).
     zero.load_state_dict([state if r == rank else None for r in range(world_size)],
@@ -205,12 +206,8 @@ def load_optimizer(optimizer, folder: Path, rank: int, world_size: int) -> None:
 def state_bytes(modules: dict[str, torch.nn.Module], optimizer, stage: int) -> int:
     """Bytes this process holds of trained weights (see `held_parameters`), fp32 master partitions and
     optimizer slots."""
-    zero = _zero_optimizer(optimizer)
-    held = sum(t.nbytes for m in modules.values() for t in held_parameters(m, stage))
-    held += sum(t.nbytes for t in masters(optimizer))
-    for slots in zero.optimizer.state.values():
-        held += sum(v.nbytes for v in slots.values() if torch.is_tensor(v))
-    return held
+    held = [t for m in modules.values() for t in held_parameters(m, stage)] + masters(optimizer)
+    return sharding_state_bytes(held, _zero_optimizer(optimizer).optimizer)
 
 
 # ----------------------------------------------------------------- ZeRO-3: the weights are partitioned

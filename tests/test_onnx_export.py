@@ -102,6 +102,22 @@ def test_a_lora_run_exports_merged_at_its_scale(lora_run, tiny_sd, tmp_path):  #
     assert json.loads((merged / "difftrain.json").read_text())["loras"] == []  # baked in, nothing to load on top
 
 
+def assert_attention_core_in_fp32(path: Path) -> None:
+    """Weight MatMuls read int8 weights; attention's Q K^T, its softmax and the product with V take no
+    dequantized input, so ONNX Runtime cannot fuse them into QLinearMatMul / QLinearSoftmax."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    matmuls = [node for node in graph.node if node.op_type == "MatMul"]
+    weight_int8 = [node for node in matmuls if made_by.get(node.input[1]) == "DequantizeLinear"]
+    fp32_core = [node for node in matmuls if "DequantizeLinear" not in {made_by.get(name) for name in node.input}]
+    softmax = [node for node in graph.node if node.op_type == "Softmax"]
+    assert weight_int8 and fp32_core and softmax and len(weight_int8) + len(fp32_core) == len(matmuls)
+    assert len(fp32_core) == 2 * len(softmax)  # Q K^T and (.) V around each softmax
+    assert not [node for node in softmax if made_by.get(node.input[0]) == "DequantizeLinear"]
+
+
 def test_int8_is_smaller_and_written_only_through_its_quality_gate(onnx_model, tiny_sd, tiny_clip, tmp_path,  # noqa: F811
                                                                    capsys):
     fp32, int8, strict = onnx_model, tmp_path / "int8", tmp_path / "strict"
@@ -120,6 +136,7 @@ def test_int8_is_smaller_and_written_only_through_its_quality_gate(onnx_model, t
     assert (int8 / "unet/model.onnx").stat().st_size < 0.5 * (fp32 / "unet/model.onnx").stat().st_size
     assert sorted(p.name for p in (int8 / "unet").iterdir()) == ["config.json", "model.onnx"]  # no staging left
     assert not any(p.is_symlink() for p in int8.iterdir()) and not list(tmp_path.glob(".*"))  # nor the fp32 links
+    assert_attention_core_in_fp32(int8 / "unet/model.onnx")
     generate(int8, tmp_path / "images")  # and it draws
     quick = ["--gate-steps", "3"]  # the refusal and --force need no long gate
     # Both measures held out of reach (a CLIP drop below -100 points cannot be met): refused, naming both.

@@ -308,7 +308,7 @@ def _quantize(source: Path, target: Path, fp32) -> None:
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
                         use_external_data_format=(source.parent / "model.onnx_data").exists(),
-                        nodes_to_exclude=_attention_core(source), extra_options={"MatMulConstBOnly": True})
+                        nodes_to_exclude=_attention_core(source))
     _save(onnx.load(str(staging / "model.onnx")), target)
     shutil.rmtree(staging)
 
@@ -318,8 +318,8 @@ def _attention_core(path: Path) -> list[str]:
 
     Left in fp32. The quantiser otherwise puts them between Q/DQ pairs, which ONNX Runtime
     fuses into QLinearMatMul and QLinearSoftmax: at 512 px (4,096 tokens) those took 74 % of
-    the int8 UNet's time on this CPU, against 14 % for all the convolutions, and they round
-    the attention map itself to 8 bits.
+    the int8 UNet's time on this CPU, against 15 % for all the convolutions
+    (benchmarks/onnx_unet_ops.py), and they round the attention map itself to 8 bits.
     """
     import onnx
 

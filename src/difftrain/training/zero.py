@@ -107,36 +107,19 @@ def configure(accelerator: Accelerator, config) -> int:
     run config. Returns the ZeRO stage."""
     plugin = accelerator.state.deepspeed_plugin
     stage = int(plugin.zero_stage)
-    if stage == 3 and plugin.zero3_init_flag:
-        raise ZeroError("zero3_init_flag: true would partition every model transformers loads, the frozen text "
-                        "encoder too, which then cannot run outside DeepSpeed's engine; set zero3_init_flag: false "
-                        "in the accelerate config (the trained module is partitioned when training starts)")
     if stage == 3:
+        if plugin.zero3_init_flag:
+            raise ZeroError("zero3_init_flag: true would partition every model transformers loads, the frozen text "
+                            "encoder too, which then cannot run outside DeepSpeed's engine; set zero3_init_flag: "
+                            "false in the accelerate config (the trained module is partitioned when training starts)")
         # accelerate registers its DeepSpeed config with transformers at any stage; at stage 3 transformers then
         # partitions every model it loads (zero.Init) whatever zero3_init_flag says. The frozen models must load whole.
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
     refuse_adapters(config, "ZeRO partitions the optimizer state")
-    training = config.training
-    if training.mixed_precision != "no":
-        # accelerate drops its autocast under DeepSpeed and DeepSpeed casts the module itself: the frozen models'
-        # outputs and the saved weights would then be in another dtype than under DDP/FSDP. Not run here yet.
-        raise ZeroError(f"training.mixed_precision: {training.mixed_precision} under DeepSpeed is not supported yet "
-                        "(only fp32 was run); set it to 'no', or train with FSDP, which keeps fp32 weights with "
-                        f"{training.mixed_precision} compute (configs/accelerate/fsdp_shard_grad_op.yaml)")
-    if training.compile is True:
-        raise ZeroError("training.compile: true under DeepSpeed is not supported (DeepSpeed's engine compiles by "
-                        "its own rules); set it to auto or false")
-    ds = plugin.deepspeed_config
-    zero_config = ds.get("zero_optimization", {})
-    offload = {key: zero_config.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
-    if "nvme" in offload.values():
-        raise ZeroError("DeepSpeed's NVMe offload swaps the optimizer state out of the tensors difftrain's checkpoints "
-                        "and EMA read; offload to cpu (or none) instead")
-    if training.optimizer == "adamw_8bit" and offload["offload_optimizer"] != "none":
-        raise ZeroError("training.optimizer: adamw_8bit needs its state on the GPU, and this config offloads it to "
-                        "the CPU; use adamw, or set offload_optimizer_device: none")
+    ds, training = plugin.deepspeed_config, config.training
+    _refuse_unsupported(training, ds.get("zero_optimization", {}))
     ds["train_micro_batch_size_per_gpu"] = training.batch_size
     ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
     ds["train_batch_size"] = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
@@ -146,6 +129,26 @@ def configure(accelerator: Accelerator, config) -> int:
     ds["zero_allow_untested_optimizer"] = True
     ds["zero_force_ds_cpu_optimizer"] = False
     return stage
+
+
+def _refuse_unsupported(training, zero_config: dict) -> None:
+    """What the run config asks of ZeRO that difftrain does not run under it, refused with what to use instead."""
+    if training.mixed_precision != "no":
+        # accelerate drops its autocast under DeepSpeed and DeepSpeed casts the module itself: the frozen models'
+        # outputs and the saved weights would then be in another dtype than under DDP/FSDP. Not run here yet.
+        raise ZeroError(f"training.mixed_precision: {training.mixed_precision} under DeepSpeed is not supported yet "
+                        "(only fp32 was run); set it to 'no', or train with FSDP, which keeps fp32 weights with "
+                        f"{training.mixed_precision} compute (configs/accelerate/fsdp_shard_grad_op.yaml)")
+    if training.compile is True:
+        raise ZeroError("training.compile: true under DeepSpeed is not supported (DeepSpeed's engine compiles by "
+                        "its own rules); set it to auto or false")
+    offload = {key: zero_config.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+    if "nvme" in offload.values():
+        raise ZeroError("DeepSpeed's NVMe offload swaps the optimizer state out of the tensors difftrain's checkpoints "
+                        "and EMA read; offload to cpu (or none) instead")
+    if training.optimizer == "adamw_8bit" and offload["offload_optimizer"] != "none":
+        raise ZeroError("training.optimizer: adamw_8bit needs its state on the GPU, and this config offloads it to "
+                        "the CPU; use adamw, or set offload_optimizer_device: none")
 
 
 def check_trainable(modules: dict[str, torch.nn.Module], stage: int) -> None:
@@ -170,7 +173,7 @@ def masters(optimizer) -> list[torch.Tensor]:
 
 def save_optimizer(optimizer, folder: Path, rank: int) -> None:
     """Write this process's partition of the optimizer: its tensors as safetensors, the rest as JSON."""
-    zero = _zero_optimizer(optimizer)
+    zero, path = _zero_optimizer(optimizer), folder / part_file("optimizer", rank)
     state = zero.state_dict()
     stage = int(state["zero_stage"])
     base_key, masters_key = _KEYS[stage]
@@ -178,16 +181,16 @@ def save_optimizer(optimizer, folder: Path, rank: int) -> None:
     tensors.update({f"master.{i}": t for i, t in enumerate(state[masters_key])})
     rest = {"base": base, "zero_stage": stage, **{key: state[key] for key in _PLAIN if key in state},
             "loss_scaler": {key: getattr(zero.loss_scaler, key) for key in _SCALER if hasattr(zero.loss_scaler, key)}}
-    save_tensors(folder / part_file("optimizer", rank), tensors)
-    write_text((folder / part_file("optimizer", rank)).with_suffix(".json"), json.dumps(rest, indent=1), sync=False)
+    save_tensors(path, tensors)
+    write_text(path.with_suffix(".json"), json.dumps(rest, indent=1), sync=False)
 
 
 def load_optimizer(optimizer, folder: Path, rank: int, world_size: int) -> None:
     """Give ZeRO's optimizer back this process's partition (fp32 masters, moments, loss scale); at stage 3
     that restores the weights too (ZeRO-3 refreshes its weight partitions from the masters)."""
-    zero = _zero_optimizer(optimizer)
-    tensors = load_tensors(folder / part_file("optimizer", rank))
-    rest = json.loads((folder / part_file("optimizer", rank)).with_suffix(".json").read_text())
+    zero, path = _zero_optimizer(optimizer), folder / part_file("optimizer", rank)
+    tensors = load_tensors(path)
+    rest = json.loads(path.with_suffix(".json").read_text())
     base_key, masters_key = _KEYS[rest["zero_stage"]]
     count = sum(key.startswith("master.") for key in tensors)
     state = {key: rest[key] for key in _PLAIN if key in rest}

@@ -18,6 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def difftrain_cache(tmp_path_factory) -> Path:
+    """difftrain's cache (compiled kernels, default feature caches) beside pytest's temporary folders, never
+    in the home folder. It outlives a session, as the real cache does, so compiled kernels are reused."""
+    folder = tmp_path_factory.getbasetemp().parent / "difftrain-cache"
+    saved = os.environ.get("DIFFTRAIN_CACHE")
+    os.environ["DIFFTRAIN_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("DIFFTRAIN_CACHE")
+    else:
+        os.environ["DIFFTRAIN_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     from difftrain.data.shapes import write_shapes_dataset

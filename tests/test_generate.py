@@ -87,6 +87,10 @@ def test_lora_by_flag_and_by_prompt_tag_are_the_same_and_a_misfit_is_named(tiny_
     from_run = run(tmp_path / "run", tmp_path / "fromrun", "--prompt", "a red circle")[0]
     at_one = run(tiny_sd, tmp_path / "one", "--prompt", "a red circle", "--lora", str(lora))[0]
     assert np.abs(pixels(from_run) - pixels(at_one)).max() <= 1
+    # Fused projections would bypass the adapters on q, k and v: refused, with the way out.
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--lora", str(lora), "--fuse-qkv", "--out",
+                 str(tmp_path / "fused"), *FAST]) == 2
+    assert "fusing them would drop the LoRA" in capsys.readouterr().err
 
     from difftrain.models.tiny_sd import write_tiny_sd
 

@@ -3,7 +3,7 @@
 Every `import difftrain...` in the source counts, including the ones inside functions
 (deferred imports are still dependencies). The picture, bottom to top:
 
-    leaf (errors, atomic, versions, run_folder, sampling)  <- anyone may import these
+    leaf (errors, atomic, versions, run_folder, sampling, cache)  <- anyone may import these
     data -> models -> generate -> evaluate, serve, export  (using a model: never training's internals)
     data, models, evaluate -> curate                    (filtering a data set with CLIP and friends)
     generate, evaluate -> export                       (the int8 gate's CLIP score is evaluate's)
@@ -20,7 +20,7 @@ from pathlib import Path
 import difftrain
 
 PACKAGE = Path(difftrain.__file__).parent
-LEAF = {"errors", "atomic", "versions", "run_folder", "sampling"}
+LEAF = {"errors", "atomic", "versions", "run_folder", "sampling", "cache"}
 GROUP = {"config": "run", "training": "run", "methods": "run"}
 # group -> the groups it may import (besides itself and the leaf)
 ALLOWED = {

@@ -158,7 +158,7 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
     cases = [
         ([str(tiny_sd), "--backend", "onnxruntime"], f"difftrain export {tiny_sd} OUT --to onnx"),
         ([str(onnx_model), "--backend", "torch"], "it runs on --backend onnxruntime"),
-        ([str(onnx_model), "--compile"], "--compile: torch switches"),
+        ([str(onnx_model), "--compile", "--fuse-qkv"], "--compile, --fuse-qkv: torch switches"),
         ([str(onnx_model), "--lora", str(tiny_sd / "x.safetensors")], "merge LoRAs and embeddings when exporting"),
         ([str(onnx_model), "--provider", "tensorrt"], "--provider-fallback"),
     ]

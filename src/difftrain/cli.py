@@ -213,7 +213,8 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "cfg": "guidance_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
     "n_iter": "n_iter", "lora_dir": "lora_dir", "clip_skip": "clip_skip", "precision": "precision",
     "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
-    "cpu_offload": "cpu_offload", "compile": "compile", "channels_last": "channels_last",
+    "cpu_offload": "cpu_offload", "compile": "compile", "compile_mode": "compile_mode",
+    "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache",
 }
@@ -253,6 +254,10 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         options = GenerateOptions(**given)
     paths = generate(args.model, options, args.out, progress=not args.no_progress)
+    if options.compile:
+        from difftrain.generate.speed import compile_report
+
+        print(compile_report())
     print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, seeds "
           f"{options.seed}..{options.seed + len(paths) - 1}); each PNG carries its parameters (--from-png repeats it)")
     return 0
@@ -595,8 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tiling", action="store_true", default=None)
     gen.add_argument("--vae-slicing", action="store_true", default=None)
     gen.add_argument("--cpu-offload", action="store_true", default=None)
-    gen.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+    gen.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile the UNet and VAE decoder; kernels are kept in ~/.cache/difftrain for later runs")
+    gen.add_argument("--compile-mode", choices=["auto", "default", "reduce-overhead", "max-autotune",
+                                                "max-autotune-no-cudagraphs"],
+                     help="auto (default): reduce-overhead (CUDA graphs) on CUDA, default elsewhere")
     gen.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    gen.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
+                     help="one matmul for each attention's query/key/value (default: on for CUDA without LoRAs)")
     gen.add_argument("--deepcache", type=int, metavar="N",
                      help="run the whole UNet every N steps and reuse its deep features between (faster, "
                           "slightly different images; see the README for the measured trade-off)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difftrain.cache import cache_root
 from difftrain.errors import DifftrainError
 
 DEDUPE_KINDS = ("exact", "phash", "clip")
@@ -41,7 +42,7 @@ class CurateOptions:
     batch_size: int = 32
     device: str = "cpu"
     max_pixels: int = 64_000_000
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "difftrain" / "curate")
+    cache_dir: Path = field(default_factory=lambda: cache_root() / "curate")
     report_dir: Path | None = None  # default: <out>-report beside the output
     shard: tuple[int, int] | None = None
     force: bool = False

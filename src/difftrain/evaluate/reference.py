@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +108,9 @@ class Reference:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "difftrain" / "eval"
+    from difftrain.cache import cache_root
+
+    return cache_root() / "eval"
 
 
 def reference_features(records: ImageRecords, extractor: InceptionFeatures, size: int,

@@ -45,8 +45,10 @@ class GenerateOptions:
     vae_tiling: bool = False
     vae_slicing: bool = False
     cpu_offload: bool = False
-    compile: bool = False
+    compile: bool = False  # the UNet and VAE decoder through torch.compile (generate/speed.py)
+    compile_mode: str = "auto"  # auto: CUDA graphs (reduce-overhead) on CUDA, inductor's default elsewhere
     channels_last: bool | None = None  # None: on for CUDA
+    fuse_qkv: bool | None = None  # None: on for CUDA unless LoRA adapters or attention slicing are in
     init_image: str | None = None
     strength: float = 0.75
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
@@ -89,6 +91,12 @@ class GenerateOptions:
             raise GenerateError(f"--deepcache {self.deepcache}: the number of steps between whole-UNet steps, >= 1")
         if self.deepcache > 1 and self.compile:
             raise GenerateError("--deepcache skips the UNet's deep blocks inside --compile's graph; use one of them")
+        if self.compile_mode != "auto" and not self.compile:
+            raise GenerateError(f"--compile-mode {self.compile_mode} applies to --compile: give --compile too")
+        from difftrain.generate.speed import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise GenerateError(f"--compile-mode {self.compile_mode}: choose one of {', '.join(COMPILE_MODES)}")
         if self.backend not in ("auto", "torch", "onnxruntime"):
             raise GenerateError(f"--backend {self.backend}: choose torch or onnxruntime")
         if self.guess_mode and not self.controlnets:
@@ -139,6 +147,7 @@ def _check_backend(located, options: GenerateOptions) -> None:
                                             ("--attention-slicing", options.attention_slicing),
                                             ("--vae-tiling", options.vae_tiling), ("--vae-slicing", options.vae_slicing),
                                             ("--channels-last", options.channels_last),
+                                            ("--fuse-qkv", options.fuse_qkv),
                                             ("--precision", options.precision != "auto"),
                                             ("--deepcache", options.deepcache > 1)) if on]
         if torch_only:
@@ -150,9 +159,12 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
     """Precision and the memory/speed switches; defaults are the fast path on a GPU, the safe one elsewhere."""
     if getattr(pipe, "manifest", None) is not None and pipe.manifest.kind == "onnx":
         return  # ONNX Runtime places and runs its own sessions
+    from difftrain.generate.speed import compile_pipeline, fuse_qkv, resolve_compile_mode
+
     dtype = _dtype(options.precision, device)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
+    fuse_qkv(pipe, options.fuse_qkv, device, options.attention_slicing)
     if options.attention_slicing:
         pipe.enable_attention_slicing()
     if options.vae_tiling:
@@ -169,7 +181,7 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
     else:
         pipe.to(device)
     if options.compile:
-        pipe.unet = torch.compile(pipe.unet)
+        compile_pipeline(pipe, resolve_compile_mode(options.compile_mode, device))
 
 
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,

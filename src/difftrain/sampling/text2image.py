@@ -6,6 +6,7 @@ image the command gives for the same prompt, seed, sampler and steps (tested).
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -38,8 +39,7 @@ def draw(
 
     `extra` goes to the pipeline (width/height, or image/strength for img2img). `autocast`
     runs the UNet under that dtype (training previews under mixed precision, where frozen
-    parts are half precision and the UNet fp32); the VAE then decodes outside it, in its own
-    dtype, since SD's VAE overflows in fp16.
+    parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
@@ -51,14 +51,23 @@ def draw(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        output_type="latent",
         **extra,
     )
-    if autocast is None or autocast == torch.float32:
-        return pipe(**call).images
-    device = pipe._execution_device
-    with torch.autocast(device.type, dtype=autocast):
-        latents = pipe(**call, output_type="latent").images
-    vae = pipe.vae
+    with torch.autocast(pipe._execution_device.type, dtype=autocast, enabled=autocast not in (None, torch.float32)):
+        latents = pipe(**call).images
+    return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] from latents. A half-precision VAE that overflows (NaN or inf pixels, as SD's
+    VAE does on some images and SDXL's on most) moves to fp32 for good and decodes again, as A1111 does."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+    scaled = latents / vae.config.scaling_factor + shift
+    pixels = vae.decode(scaled.to(vae.dtype)).sample
+    half_torch_vae = vae.dtype == torch.float16 and next(vae.parameters(), None) is not None
+    if half_torch_vae and not torch.isfinite(pixels).all() and torch.isfinite(latents).all():
+        print("the VAE overflowed in fp16 (NaN or inf pixels): it decodes in fp32 from here on", file=sys.stderr)
+        vae.to(torch.float32)
+        pixels = vae.decode(scaled.float()).sample
+    return pixels

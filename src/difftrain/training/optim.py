@@ -75,7 +75,10 @@ def resolve_compile(training: TrainingConfig, recorded: bool | None = None) -> b
 
 def compile_modules(modules: dict[str, torch.nn.Module]) -> None:
     """Compile in place: the modules keep their class, parameter names and state-dict keys,
-    so checkpoints, EMA and saving see no wrapper."""
+    so checkpoints, EMA and saving see no wrapper. Kernels go to difftrain's cache, kept across runs."""
+    from difftrain.cache import use_compile_cache
+
+    use_compile_cache()
     for module in modules.values():
         module.compile()
 

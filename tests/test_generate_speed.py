@@ -1,0 +1,110 @@
+"""The torch backend's speed switches (generate/speed.py) change how fast an image comes, not which
+image: fused QKV projections, torch.compile of the UNet and VAE decoder with a kernel cache kept
+across runs, and the fp16 VAE's fall-back to fp32 when it overflows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.cli import main
+from difftrain.generate.text2image import Drawer, GenerateOptions
+from test_text2image import tiny_sd  # noqa: F401  (the fixture)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_fused_qkv_draws_the_same_images_with_one_projection_per_attention(tiny_sd):  # noqa: F811
+    from diffusers.models.attention_processor import Attention
+
+    from difftrain.generate.speed import fuse_qkv
+
+    plain = Drawer(str(tiny_sd), GenerateOptions(prompt="x", steps=4), progress=False)
+    fused = Drawer(str(tiny_sd), GenerateOptions(prompt="x", steps=4, fuse_qkv=True), progress=False)
+    attentions = [m for m in fused.pipe.unet.modules() if isinstance(m, Attention)]
+    assert attentions and all(type(a.processor).__name__ == "FusedAttnProcessor2_0" for a in attentions)
+    # Self-attention projects q, k and v in one matmul; cross-attention k and v (q reads other inputs).
+    assert all(hasattr(a, "to_kv" if a.is_cross_attention else "to_qkv") for a in attentions)
+    assert any(hasattr(m, "to_qkv") for m in fused.pipe.vae.modules())  # the VAE's mid-block attention too
+    assert not any(hasattr(m, "to_qkv") for m in plain.pipe.unet.modules())  # off by default on a CPU
+    one, two = (np.stack([np.asarray(im, dtype=np.int16) for im in d.draw("a red circle", "", [0, 1])])
+                for d in (plain, fused))
+    assert np.abs(one - two).max() <= 1
+    # On CUDA it is the default, except where the separate projections matter.
+    cuda = torch.device("cuda")
+    assert fuse_qkv(SimpleNamespace(unet=SimpleNamespace(peft_config={"lora0": None})), None, cuda, False) is False
+    assert fuse_qkv(SimpleNamespace(unet=SimpleNamespace()), None, cuda, attention_slicing=True) is False
+
+
+def test_an_fp16_vae_that_overflows_decodes_again_in_fp32(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "hot-vae"
+    shutil.copytree(tiny_sd, model)
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    with torch.no_grad():  # activations past fp16's 65504 right after the first conv; GroupNorm scales them back
+        vae.decoder.conv_in.weight *= 1e5
+        vae.decoder.conv_in.bias *= 1e5
+    vae.save_pretrained(model / "vae")
+    latents = torch.randn(1, 4, 16, 16) / vae.config.scaling_factor
+    with torch.no_grad():
+        assert torch.isfinite(vae.decode(latents).sample).all()
+        assert not torch.isfinite(vae.half().decode(latents.half()).sample).all()  # what fp16 alone would give
+
+    args = ["generate", str(model), "--prompt", "a red circle", "--steps", "4", "--no-progress"]
+    assert main([*args, "--precision", "fp16", "--out", str(tmp_path / "fp16")]) == 0
+    assert "the VAE overflowed in fp16 (NaN or inf pixels): it decodes in fp32" in capsys.readouterr().err
+    assert main([*args, "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
+    half, full = pixels(tmp_path / "fp16/00000-0.png"), pixels(tmp_path / "fp32/00000-0.png")
+    assert half.std() > 10 and np.abs(half - full).mean() < 1  # not the black of NaN pixels: fp32's image
+
+
+def test_compiled_unet_and_vae_draw_the_plain_images_and_a_later_run_compiles_from_the_cache(
+        difftrain_cache, tmp_path, monkeypatch, capsys):
+    """A model of one level each: inductor's cold compile of both graphs is ~30 s on 2 cores (the test
+    session's cache outlives it, as difftrain's does, so that is paid once on a machine)."""
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    model = write_tiny_sd(tmp_path / "one-level", unet_channels=(16,), vae_channels=(16,), sample_size=8)
+    cache = difftrain_cache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # as in a user's shell
+    args = ["generate", str(model), "--prompt", "a red circle", "--steps", "4", "--batch-size", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert f"of 2 graph(s) from the kernel cache in {cache / 'torch-compile'}" in capsys.readouterr().out
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "torch-compile")  # not inductor's /tmp default
+    assert (cache / "torch-compile" / "fxgraph").is_dir()
+    for name in ("00000-0.png", "00001-1.png"):
+        assert np.abs(pixels(tmp_path / "eager" / name) - pixels(tmp_path / "compiled" / name)).max() <= 1
+    # A later run finds both graphs compiled on disk: dynamo forgets this process's compiled code, as a
+    # new process would not have it (a subprocess run costs 8 s more of imports and shows the same).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert main([*args, "--compile", "--out", str(tmp_path / "later")]) == 0
+    assert "2 of 2 graph(s) from the kernel cache" in capsys.readouterr().out
+    assert np.array_equal(pixels(tmp_path / "compiled/00000-0.png"), pixels(tmp_path / "later/00000-0.png"))
+
+
+def test_compile_mode_needs_compile(tiny_sd, tmp_path, capsys):  # noqa: F811
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--compile-mode", "reduce-overhead",
+                 "--out", str(tmp_path)]) == 2
+    assert "--compile-mode reduce-overhead applies to --compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, mode", [("cuda", "reduce-overhead"), ("cpu", "default")])
+def test_compile_auto_takes_cuda_graphs_only_on_a_gpu(device, mode):
+    from difftrain.generate.speed import resolve_compile_mode
+
+    assert resolve_compile_mode("auto", torch.device(device)) == mode
+    assert resolve_compile_mode("max-autotune", torch.device(device)) == "max-autotune"

@@ -66,6 +66,10 @@ def test_an_fp16_vae_that_overflows_decodes_again_in_fp32(tiny_sd, tmp_path, cap
     assert main([*args, "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
     half, full = pixels(tmp_path / "fp16/00000-0.png"), pixels(tmp_path / "fp32/00000-0.png")
     assert half.std() > 10 and np.abs(half - full).mean() < 1  # not the black of NaN pixels: fp32's image
+    # Only the decoder moved: the next img2img of the same pipeline still encodes its fp16 image.
+    assert main([*args, "--precision", "fp16", "--init-image", str(tmp_path / "fp32/00000-0.png"), "--n-iter", "2",
+                 "--out", str(tmp_path / "img2img")]) == 0
+    assert len(list((tmp_path / "img2img").glob("*.png"))) == 2
 
 
 def test_compiled_unet_and_vae_draw_the_plain_images_and_a_later_run_compiles_from_the_cache(
@@ -96,10 +100,30 @@ def test_compiled_unet_and_vae_draw_the_plain_images_and_a_later_run_compiles_fr
     assert np.array_equal(pixels(tmp_path / "compiled/00000-0.png"), pixels(tmp_path / "later/00000-0.png"))
 
 
-def test_compile_mode_needs_compile(tiny_sd, tmp_path, capsys):  # noqa: F811
-    assert main(["generate", str(tiny_sd), "--prompt", "x", "--compile-mode", "reduce-overhead",
-                 "--out", str(tmp_path)]) == 2
-    assert "--compile-mode reduce-overhead applies to --compile" in capsys.readouterr().err
+def test_switches_that_cannot_work_together_are_refused_before_loading(tiny_sd, tmp_path, capsys):  # noqa: F811
+    cases = [(["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to --compile"),
+             (["--compile", "--cpu-offload"], "--compile with --cpu-offload"),
+             (["--fuse-qkv", "--attention-slicing"], "sliced attention runs the unfused projections")]
+    for flags, message in cases:
+        assert main(["generate", str(tiny_sd), "--prompt", "x", "--steps", "2", *flags, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+
+
+def test_under_cuda_graphs_the_unet_output_is_copied_out_of_the_graph_pool(tiny_sd):  # noqa: F811
+    """CUDA graphs replay into the same output buffer; the hook hands the pipeline a copy of its own."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from difftrain.generate.speed import _own_output, compile_pipeline
+
+    drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="x", steps=2), progress=False)
+    compile_pipeline(drawer.pipe, "reduce-overhead")  # compiles lazily: nothing runs here
+    assert _own_output in drawer.pipe.unet._forward_hooks.values()
+    pool = torch.ones(2, 4, 8, 8)
+    copied = _own_output(None, (), (pool, "kept"))
+    assert copied[1] == "kept" and torch.equal(copied[0], pool) and copied[0].data_ptr() != pool.data_ptr()
+    as_output = _own_output(None, (), UNet2DConditionOutput(sample=pool))
+    assert torch.equal(as_output[0], pool) and as_output[0].data_ptr() != pool.data_ptr()
 
 
 @pytest.mark.parametrize("device, mode", [("cuda", "reduce-overhead"), ("cpu", "default")])

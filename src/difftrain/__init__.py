@@ -17,6 +17,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+import difftrain.cache  # noqa: E402,F401  (reads TORCHINDUCTOR_CACHE_DIR before diffusers can set it)
 from difftrain.versions import check_installed_versions  # noqa: E402
 
 check_installed_versions()  # a clear error now, not a traceback from inside a library later

@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The user's own choice, read when difftrain is imported: importing diffusers later writes inductor's
+# default (/tmp/torchinductor_USER) into the environment, which is not a choice.
+_INDUCTOR_DIR_GIVEN = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
+
 
 def cache_root() -> Path:
     """difftrain's own cache: $DIFFTRAIN_CACHE, else $XDG_CACHE_HOME/difftrain, else ~/.cache/difftrain."""
@@ -15,16 +19,12 @@ def cache_root() -> Path:
 
 
 def use_compile_cache() -> Path:
-    """Where inductor keeps compiled kernels: difftrain's cache, unless TORCHINDUCTOR_CACHE_DIR names another.
+    """Where inductor keeps compiled kernels: difftrain's cache, unless TORCHINDUCTOR_CACHE_DIR was set.
 
     Inductor's own default is /tmp/torchinductor_USER, which many machines empty at reboot; a
-    second run that finds its kernels skips most of the compile (tiny SD's UNet on 2 CPU cores:
-    47 s the first time, 11 s after). Importing diffusers already writes inductor's default into
-    the environment, so a value equal to that default counts as unset.
+    second run that finds its kernels skips most of the compile (`generate --compile` reports
+    both). Inductor reads the variable on every use, so setting it before compiling is enough.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "torch-compile")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder = _INDUCTOR_DIR_GIVEN or str(cache_root() / "torch-compile")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return Path(folder)

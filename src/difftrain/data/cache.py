@@ -65,7 +65,8 @@ def fingerprint(obj) -> str:
             digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
         for name, tensor in sorted(obj.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a channels_last 1x1 conv weight counts as contiguous yet has a last stride != 1.
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     else:  # a tokenizer: vocabulary, merges, normalisation and special tokens all change the ids
         backend = getattr(obj, "backend_tokenizer", None)
         # to_str() writes the vocabulary in hash-map order, which changes between calls: re-sort it.

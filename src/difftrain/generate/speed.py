@@ -66,9 +66,6 @@ def fuse_qkv(pipe, requested: bool | None, device: torch.device, attention_slici
         raise DifftrainError("--fuse-qkv: the LoRA adapters loaded act on the separate query/key/value projections "
                              "and fusing them would drop the LoRA; bake it in first (difftrain lora merge) "
                              "or leave out --fuse-qkv")
-    elif requested and attention_slicing:
-        raise DifftrainError("--fuse-qkv and --attention-slicing: sliced attention runs the unfused projections; "
-                             "choose one")
     if requested:
         from diffusers import AutoencoderKL
 

@@ -91,6 +91,13 @@ class GenerateOptions:
             raise GenerateError(f"--deepcache {self.deepcache}: the number of steps between whole-UNet steps, >= 1")
         if self.deepcache > 1 and self.compile:
             raise GenerateError("--deepcache skips the UNet's deep blocks inside --compile's graph; use one of them")
+        if self.compile and self.cpu_offload:
+            raise GenerateError("--compile with --cpu-offload: offloading moves the UNet on and off the GPU around "
+                                "every call, inside what the compiled graph (and its CUDA graphs) would replay; "
+                                "use one of them")
+        if self.fuse_qkv and self.attention_slicing:
+            raise GenerateError("--fuse-qkv and --attention-slicing: sliced attention runs the unfused projections; "
+                                "choose one")
         if self.compile_mode != "auto" and not self.compile:
             raise GenerateError(f"--compile-mode {self.compile_mode} applies to --compile: give --compile too")
         from difftrain.generate.speed import COMPILE_MODES

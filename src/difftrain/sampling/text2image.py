@@ -56,18 +56,24 @@ def draw(
     )
     with torch.autocast(pipe._execution_device.type, dtype=autocast, enabled=autocast not in (None, torch.float32)):
         latents = pipe(**call).images
-    return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")
+    pixels = decode(pipe.vae, latents)
+    pipe.maybe_free_model_hooks()  # under --cpu-offload the VAE our decode moved to the GPU goes back
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] from latents. A half-precision VAE that overflows (NaN or inf pixels, as SD's
-    VAE does on some images and SDXL's on most) moves to fp32 for good and decodes again, as A1111 does."""
+    """Pixels in [-1, 1] from latents. A half-precision decoder that overflows (NaN or inf pixels, as
+    SD's VAE does on some images and SDXL's on most) moves to fp32 for good and decodes again, as
+    A1111 does. Only the decoding half moves: img2img still encodes in the pipeline's dtype."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     scaled = latents / vae.config.scaling_factor + shift
-    pixels = vae.decode(scaled.to(vae.dtype)).sample
-    half_torch_vae = vae.dtype == torch.float16 and next(vae.parameters(), None) is not None
-    if half_torch_vae and not torch.isfinite(pixels).all() and torch.isfinite(latents).all():
+    decoding = [part for part in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None))
+                if isinstance(part, torch.nn.Module)]  # an ONNX Runtime VAE has none: its dtype is fixed
+    dtype = next(decoding[-1].parameters()).dtype if decoding else vae.dtype
+    pixels = vae.decode(scaled.to(dtype)).sample
+    if dtype == torch.float16 and decoding and not torch.isfinite(pixels).all() and torch.isfinite(latents).all():
         print("the VAE overflowed in fp16 (NaN or inf pixels): it decodes in fp32 from here on", file=sys.stderr)
-        vae.to(torch.float32)
+        for part in decoding:
+            part.to(torch.float32)
         pixels = vae.decode(scaled.float()).sample
     return pixels

@@ -23,13 +23,9 @@ def difftrain_cache(tmp_path_factory) -> Path:
     """difftrain's cache (compiled kernels, default feature caches) beside pytest's temporary folders, never
     in the home folder. It outlives a session, as the real cache does, so compiled kernels are reused."""
     folder = tmp_path_factory.getbasetemp().parent / "difftrain-cache"
-    saved = os.environ.get("DIFFTRAIN_CACHE")
-    os.environ["DIFFTRAIN_CACHE"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("DIFFTRAIN_CACHE")
-    else:
-        os.environ["DIFFTRAIN_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFTRAIN_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

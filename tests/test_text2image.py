@@ -313,3 +313,15 @@ def test_changed_data_is_refused_before_the_cache_fills(tiny_sd, shapes_dir, tmp
     assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4", "--no-progress"]) == 2
     assert "000005.png" in capsys.readouterr().err
     assert sorted(latents.rglob("*.safetensors")) == before  # the changed image was never encoded
+
+
+def test_a_weight_fingerprint_does_not_depend_on_memory_layout():
+    """The cache's key hashes values in order: a channels_last copy of the same weights is the same model."""
+    from difftrain.data.cache import fingerprint
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 8, 1)
+    before = fingerprint(conv)
+    conv.to(memory_format=torch.channels_last)
+    assert conv.weight.stride()[-1] == 32  # a 1x1 kernel: "contiguous", yet its last stride is not 1
+    assert fingerprint(conv) == before

@@ -418,6 +418,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from difftrain.generate.speed import COMPILE_MODES  # no torch: --help stays instant
+
     parser = argparse.ArgumentParser(prog="difftrain", description="Train, sample and inspect diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -602,8 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cpu-offload", action="store_true", default=None)
     gen.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the UNet and VAE decoder; kernels are kept in ~/.cache/difftrain for later runs")
-    gen.add_argument("--compile-mode", choices=["auto", "default", "reduce-overhead", "max-autotune",
-                                                "max-autotune-no-cudagraphs"],
+    gen.add_argument("--compile-mode", choices=COMPILE_MODES,
                      help="auto (default): reduce-overhead (CUDA graphs) on CUDA, default elsewhere")
     gen.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     gen.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,

@@ -7,17 +7,18 @@ pipelines to the plain one's images on the CPU. The speed itself shows on a GPU.
 
 from __future__ import annotations
 
-import torch
+import os
 
 from difftrain.cache import use_compile_cache
 from difftrain.errors import DifftrainError
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# The VAE decoder runs once an image: CUDA graphs would hold a memory pool for it and save nothing.
-_WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+# The modes that record CUDA graphs, each with its twin without them (the VAE decoder's: it runs once an
+# image, so graphs would hold a memory pool for it and save nothing).
+_CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def resolve_compile_mode(mode: str, device: torch.device) -> str:
+def resolve_compile_mode(mode: str, device) -> str:
     """`auto`: CUDA graphs on a GPU (a UNet step is many small kernels whose launches they remove); plain elsewhere."""
     if mode != "auto":
         return mode
@@ -26,13 +27,15 @@ def resolve_compile_mode(mode: str, device: torch.device) -> str:
 
 def compile_pipeline(pipe, mode: str) -> None:
     """Compile the UNet and the VAE decoder in `mode` (each compiles on its first call)."""
+    import torch
+
     use_compile_cache()
     pipe.unet = torch.compile(pipe.unet, mode=mode)
-    if mode in _WITHOUT_GRAPHS:
+    if mode in _CUDA_GRAPH_MODES:
         # A CUDA graph writes each call's output into the same buffer. A scheduler that keeps the
         # raw prediction past the next call (x0-predicting models under DPM++) would read it overwritten.
         pipe.unet.register_forward_hook(_own_output)
-    pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=_WITHOUT_GRAPHS.get(mode, mode))
+    pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=_CUDA_GRAPH_MODES.get(mode, mode))
 
 
 def _own_output(module, args, output):
@@ -50,10 +53,10 @@ def compile_report() -> str:
     spent = float(dict(zip(names, seconds)).get("_compile.compile_inner", 0.0))
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
     return (f"torch.compile: {spent:.1f} s compiling; {hits} of {hits + misses} graph(s) from the kernel cache "
-            f"in {use_compile_cache()} (a later run reuses what this one compiled)")
+            f"in {os.environ['TORCHINDUCTOR_CACHE_DIR']} (a later run reuses what this one compiled)")
 
 
-def fuse_qkv(pipe, requested: bool | None, device: torch.device, attention_slicing: bool) -> bool:
+def fuse_qkv(pipe, requested: bool | None, device, attention_slicing: bool) -> bool:
     """Fuse each attention's query, key and value projections into one matmul (diffusers' own fusion).
 
     Default on a GPU, where three small GEMMs become one. LoRA adapters sit on the separate

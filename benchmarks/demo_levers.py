@@ -8,17 +8,26 @@ alone, in this process, alternating with the baseline: bf16 autocast (pays only 
 CPU has bf16 instructions, e.g. AVX512-BF16 or AMX), channels_last, larger batches (as
 images/s: the number that decides how long a fixed number of training images takes), the
 other UNet presets, and with --compile torch.compile (inductor), whose compile time is
-printed apart from its step time.
+printed apart from its step time. Last, the demo's own training loop (the real Trainer on
+configs/demo.yaml, --loop-steps steps, data, EMA and clipping included) in fp32 against
+`training.mixed_precision: auto`, alternating, as its run summary times it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from difftrain.data.shapes import write_shapes_dataset
 from difftrain.models.unet import build_unet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channels_last: bool = False,
@@ -50,10 +59,26 @@ def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channe
     return (time.perf_counter() - started) / steps, first
 
 
+def loop_rate(precision: str, steps: int, out: Path) -> tuple[float, str]:
+    """(steps/s of the demo's training loop, the precision accelerate ran) for `steps` steps."""
+    from difftrain.config import load_config
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(ROOT / "configs" / "demo.yaml", [
+        f"output_dir={out}", f"data.path={ROOT / 'data' / 'shapes'}", f"training.max_steps={steps}",
+        f"training.mixed_precision={precision}", "sample.every_steps=100000", "checkpoint.every_steps=100000"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(config, progress=False)
+        trainer.save_checkpoint = lambda: None  # the final checkpoint is I/O, not a step
+        result = trainer.run()
+    return steps / result.loop_seconds, trainer.accelerator.mixed_precision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling on a CPU)")
+    parser.add_argument("--loop-steps", type=int, default=150, help="steps per run of the demo's loop (0: skip it)")
     args = parser.parse_args()
     cpu_flags = open("/proc/cpuinfo").read() if torch.cuda.device_count() == 0 else ""
     print(f"CPU, {torch.get_num_threads()} threads; bf16 instructions: "
@@ -78,6 +103,20 @@ def main() -> None:
         note = f"   first two steps {first:.0f} s (compiling)" if options.get("compile") else ""
         print(f"{name:20s} {seconds * 1000:8.0f} {batch / seconds:9.0f} {ratio:7.2f}   base {base * 1000:.0f} ms{note}")
     print("(x base: images/s against the baseline measured just before; 'preset tiny' is the test model, for scale)")
+    if not args.loop_steps:
+        return
+    if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
+        write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
+    rates: dict[str, list[float]] = {"no": [], "auto": []}
+    ran: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as work:
+        for round_ in range(2):  # alternating, so neither profits from going second
+            for precision in ("no", "auto") if round_ == 0 else ("auto", "no"):
+                rate, ran[precision] = loop_rate(precision, args.loop_steps, Path(work) / f"{precision}-{round_}")
+                rates[precision].append(rate)
+    base, auto = (sum(rates[p]) / 2 for p in ("no", "auto"))
+    print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
+          f"mixed_precision auto ({ran['auto']} here) {auto:.2f} steps/s, x{auto / base:.2f}")
 
 
 if __name__ == "__main__":

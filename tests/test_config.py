@@ -66,6 +66,8 @@ def test_overrides_parse_yaml_values_and_validate(tmp_path):
     assert config.training.learning_rate == 3e-4
     assert config.training.ema.enabled is False
     assert config.seed == 7
+    # YAML 1.1 reads a bare no as false; for mixed_precision it means "no", in a file or a --set.
+    assert load_config(path, ["training.mixed_precision=no"]).training.mixed_precision == "no"
     with pytest.raises(ConfigError, match="unknown key 'training.nope'"):
         load_config(path, ["training.nope=1"])
     with pytest.raises(ConfigError, match="expected section.key=value"):

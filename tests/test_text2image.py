@@ -286,6 +286,21 @@ def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tin
     assert result.loss is not None and result.loss == result.loss  # finite, not NaN
 
 
+def test_the_frozen_vae_encodes_in_channels_last_to_the_latents_diffusers_gives(tiny_sd, shapes_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from difftrain.training.trainer import Trainer
+
+    method = Trainer(load_config(sd_config(tmp_path, shapes_dir, tiny_sd)), progress=False).method
+    weight = method.vae.encoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = method.latent_distribution(pixels)
+    with torch.no_grad():
+        plain = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae").encode(pixels).latent_dist
+    assert (mean - plain.mean).abs().max() < 1e-5 and (std - plain.std).abs().max() < 1e-5
+
+
 def test_missing_bitsandbytes_and_xformers_are_named(tiny_sd, shapes_dir, tmp_path, capsys):
     try:
         import bitsandbytes  # noqa: F401

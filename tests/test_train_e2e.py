@@ -178,6 +178,27 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
 
 
+def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from difftrain.config import TrainingConfig
+    from difftrain.training.optim import resolve_precision
+
+    auto = TrainingConfig(mixed_precision="auto")
+    assert resolve_precision(TrainingConfig(mixed_precision="bf16")) == "bf16"
+    assert resolve_precision(TrainingConfig()) == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert resolve_precision(auto) == expected, (avx512_bf16, amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed casts by itself: accelerate stays fp32
+    assert resolve_precision(auto) == "no"
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a T4: fp16 only, so fp32
+    assert resolve_precision(auto) == "no"
+
+
 def test_compile_auto_is_eager_on_a_cpu_and_a_resumed_auto_run_keeps_its_checkpoints_choice():
     from difftrain.config import TrainingConfig
     from difftrain.training.optim import resolve_compile
@@ -292,7 +313,8 @@ def test_written_files_follow_the_umask(make_config, tmp_path):
 def test_bf16_mixed_precision_on_cpu_and_fp16_refused(make_config, capsys):
     config = make_config(training={"max_steps": 2, "mixed_precision": "bf16", "gradient_accumulation_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
-    assert "final loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "final loss" in out and "  precision   bf16 autocast, trained weights fp32\n" in out
     if not torch.cuda.is_available():
         assert main(["train", str(config), "--set", "training.mixed_precision=fp16"]) == 2
         assert "fp16 needs a CUDA GPU" in capsys.readouterr().err

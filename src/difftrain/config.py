@@ -198,7 +198,11 @@ class TrainingConfig(Section):
     adam_epsilon: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        "no",
+        description="autocast dtype; auto = bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs "
+                    "with AVX512-BF16 or AMX), else no",
+    )
     ema: EmaConfig = Field(default_factory=EmaConfig)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
@@ -209,6 +213,12 @@ class TrainingConfig(Section):
         description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps, off on a CPU "
                     "(where it did not pay: benchmarks/demo_levers.py)",
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no".
+        return "no" if value is False else value
 
 
 class Text2ImageConfig(Section):

@@ -93,6 +93,7 @@ class TextToImage(Method):
         self.sd_version = "v2" if self.text_encoder.config.hidden_size == 1024 else "v1"
         # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
         _hold(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
+        encoder_channels_last(self.vae)
         for module in (self.unet, self.text_encoder):
             _hold(module, device, weight_dtype)
         with torch.no_grad():
@@ -135,7 +136,8 @@ class TextToImage(Method):
 
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        pixels = pixels.to(self.device, self.vae.dtype, memory_format=torch.channels_last)
+        dist = self.vae.encode(pixels).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def encode_text(self, captions: list[str], encoder: torch.nn.Module | None = None) -> torch.Tensor:
@@ -409,6 +411,18 @@ class TextToImage(Method):
         lines.append(f"noise: {self.noise_scheduler.config.prediction_type}, "
                      f"{self.noise_scheduler.config.beta_schedule}, {self.noise_scheduler.config.num_train_timesteps} steps")
         return lines
+
+
+def encoder_channels_last(vae) -> None:
+    """The frozen VAE encoder's convolutions in channels_last, the layout oneDNN and cuDNN compute in.
+
+    Encoding is 1.2-1.4x faster on a 2-core CPU (benchmarks/vae_encode.py) with latents within
+    1e-5. Saving is unaffected (diffusers and our single-file writer store contiguous copies),
+    and so are cache keys (data.cache.fingerprint reads values, not layout).
+    """
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
 
 
 def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

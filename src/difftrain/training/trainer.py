@@ -56,6 +56,7 @@ from difftrain.training.optim import (
     build_optimizer,
     compile_modules,
     resolve_compile,
+    resolve_precision,
 )
 from difftrain.training.report import plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
@@ -98,7 +99,7 @@ class Trainer:
             AcceleratorState._reset_state(reset_partial_state=True)
         zero.check_installed()
         self.accelerator = Accelerator(
-            mixed_precision=config.training.mixed_precision,
+            mixed_precision=resolve_precision(config.training),
             gradient_accumulation_steps=config.training.gradient_accumulation_steps,
             log_with="tensorboard" if config.log.tensorboard else None,
             project_dir=str(self.run_dir),
@@ -282,7 +283,7 @@ class Trainer:
         bar.close()
         latest = self.store.latest()
         where = f"the latest checkpoint, {latest.name}, is from before it" if latest else "no checkpoint was written"
-        precision = self.config.training.mixed_precision
+        precision = self.accelerator.mixed_precision
         hint = ("fp16 overflows where bf16 does not: set training.mixed_precision: bf16 (or no), "
                 if precision == "fp16" else "")
         raise TrainingDiverged(
@@ -472,6 +473,7 @@ class Trainer:
             f"  speed       {steps_run / loop:.2f} steps/s, {images / loop:.1f} images/s over "
             f"{self.accelerator.num_processes} process(es), the steps alone (samples, evaluation and checkpoints "
             f"took {timer.aside_seconds:.0f} s more)",
+            f"  precision   {_precision_line(self.accelerator.mixed_precision, config.training.mixed_precision)}",
             f"  memory      {held / 2**20:.2f} MiB of trained weights and optimizer state per process{split}",
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
                f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
@@ -717,6 +719,12 @@ def _has_accelerator_device() -> bool:
 def _parallelism(sharded: bool, zero_stage: int) -> str:
     """How a run held its training state across processes, as its checkpoints record it."""
     return "FSDP" if sharded else f"DeepSpeed ZeRO-{zero_stage}" if zero_stage else "data parallel"
+
+
+def _precision_line(used: str, asked: str) -> str:
+    name = {"no": "fp32", "bf16": "bf16 autocast, trained weights fp32",
+            "fp16": "fp16 autocast, trained weights fp32"}[used]
+    return f"{name} (mixed_precision: auto)" if asked == "auto" else name
 
 
 def _weight_dtype(accelerator: Accelerator) -> torch.dtype:

@@ -133,7 +133,7 @@ def configure(accelerator: Accelerator, config) -> int:
 
 def _refuse_unsupported(training, zero_config: dict) -> None:
     """What the run config asks of ZeRO that difftrain does not run under it, refused with what to use instead."""
-    if training.mixed_precision != "no":
+    if training.mixed_precision not in ("no", "auto"):  # auto is fp32 under DeepSpeed (optim.resolve_precision)
         # accelerate drops its autocast under DeepSpeed and DeepSpeed casts the module itself: the frozen models'
         # outputs and the saved weights would then be in another dtype than under DDP/FSDP. Not run here yet.
         raise ZeroError(f"training.mixed_precision: {training.mixed_precision} under DeepSpeed is not supported yet "

@@ -182,6 +182,7 @@ def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkey
     from difftrain.config import TrainingConfig
     from difftrain.training.optim import resolve_precision
 
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     auto = TrainingConfig(mixed_precision="auto")
     assert resolve_precision(TrainingConfig(mixed_precision="bf16")) == "bf16"
     assert resolve_precision(TrainingConfig()) == "no"
@@ -195,8 +196,22 @@ def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkey
     assert resolve_precision(auto) == "no"
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a T4: fp16 only, so fp32
+    # A T4 or V100 emulates bf16: torch says supported unless asked about native support.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert resolve_precision(auto) == "no"
+    assert resolve_precision(auto, recorded="bf16") == "bf16"  # a resumed run keeps its checkpoint's precision
+
+
+def test_a_resumed_auto_run_keeps_the_precision_its_checkpoint_trained_in(make_config, capsys):
+    config = make_config(training={"max_steps": 2})  # fp32, as every run before `auto` existed
+    assert main(["train", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    checkpoint = config.parent / "run" / "checkpoints" / "step-00000002"
+    assert json.loads((checkpoint / "state.json").read_text())["mixed_precision"] == "no"
+    # Whatever auto means on this machine, the run goes on as it started; no config conflict.
+    assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=3",
+                 "--set", "training.mixed_precision=auto"]) == 0
+    assert "  precision   fp32 (mixed_precision: auto)\n" in capsys.readouterr().out
 
 
 def test_compile_auto_is_eager_on_a_cpu_and_a_resumed_auto_run_keeps_its_checkpoints_choice():

@@ -661,6 +661,8 @@ def resume_conflicts(saved: RunConfig, current: RunConfig) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
             continue
+        if key == "training.mixed_precision" and "auto" in (old.get(key), new.get(key)):
+            continue  # a resumed `auto` keeps the checkpoint's precision; an explicit new value is the user's call
         if old.get(key) != new.get(key):
             conflicts.append(f"{key}: checkpoint has {old.get(key)!r}, this config has {new.get(key)!r}")
     return conflicts

@@ -75,20 +75,24 @@ def resolve_compile(training: TrainingConfig, recorded: bool | None = None) -> b
     return bool(training.compile)
 
 
-def resolve_precision(training: TrainingConfig) -> str:
+def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> str:
     """The autocast dtype accelerate runs: `auto` is bf16 where the hardware computes in bf16.
 
     That is a CUDA GPU with bf16 (Ampere and later) or a CPU with AVX512-BF16 or AMX; on such
     a CPU the demo's training loop runs x1.15 the steps/s and its samples are as clean (81 %
     against 73 % of 128 in fp32; benchmarks/demo_levers.py, README). Elsewhere bf16 is emulated
     and slower, so `auto` is fp32 there. Never under DeepSpeed, which casts by itself (zero.py).
+    A resumed `auto` run keeps the precision its checkpoint `recorded`, wherever it resumes.
     """
     if training.mixed_precision != "auto":
         return training.mixed_precision
+    if recorded:
+        return recorded
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return "no"
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        # Without the flag, torch counts a GPU that only emulates bf16 (a T4, a V100) as supporting it.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
     return "bf16" if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes) else "no"
 

@@ -98,8 +98,9 @@ class Trainer:
             # Python (a notebook, the tests) with other precision settings must start clean.
             AcceleratorState._reset_state(reset_partial_state=True)
         zero.check_installed()
+        self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         self.accelerator = Accelerator(
-            mixed_precision=resolve_precision(config.training),
+            mixed_precision=resolve_precision(config.training, self._checkpoint_precision(resume)),
             gradient_accumulation_steps=config.training.gradient_accumulation_steps,
             log_with="tensorboard" if config.log.tensorboard else None,
             project_dir=str(self.run_dir),
@@ -117,7 +118,6 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.compiled = resolve_compile(config.training) and not self.zero_stage  # DeepSpeed: see zero.configure
         self.progress = progress and self.main
-        self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         # Refuse a run that cannot start before any model loads or any cache fills.
         self.resume = resume
         self.allow_data_change = allow_data_change
@@ -318,6 +318,21 @@ class Trainer:
         since one raising alone would leave the others waiting at the next collective."""
         flags = torch.tensor([float(flag)], device=self.accelerator.device)
         return int(self.accelerator.reduce(flags, reduction="sum").item())
+
+    def _checkpoint_precision(self, resume: str | None) -> str | None:
+        """The precision the checkpoint to resume trained in, which `mixed_precision: auto` keeps.
+
+        Read before accelerate starts, since accelerate fixes the precision. None for a new run
+        or a checkpoint not found (the start-up check reports that).
+        """
+        if not resume or self.config.training.mixed_precision != "auto":
+            return None
+        try:
+            path = self.store.resolve(resume)
+            # Checkpoints from before `auto` record only their config's explicit value.
+            return read_json(path / "state.json").get("mixed_precision") or read_config(path).training.mixed_precision
+        except (DifftrainError, OSError, ValueError):
+            return None
 
     def _check_resumable(self, path: Path) -> None:
         state = read_json(path / "state.json")
@@ -526,6 +541,7 @@ class Trainer:
                 "position": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "world_size": accelerator.num_processes,
                 "compiled": self.compiled,
+                "mixed_precision": self.accelerator.mixed_precision,
                 "sharded": self.sharded,
                 "zero_stage": self.zero_stage,
                 "num_records": len(self.dataset),

@@ -174,14 +174,16 @@ def test_zero_trains_what_ddp_trains_through_a_resume_with_partitioned_state(run
     assert abs(ratio - (10 / 12 if stage == 2 else 12 / 12)) < 0.03, ratio
 
     # The model and EMA are whole, as rank 0 writes them in any run (at stage 3 gathered from all processes).
-    # Both ZeRO runs stopped at step 2 and resumed. ZeRO-2 with two processes is DDP bit for bit (a sum of two
-    # gradients has one order, and halving is exact); ZeRO-3 reduces in other buckets and offloads: float
-    # rounding, with Adam's lr steps on rounding-only gradients as under FSDP. A resume that lost the moments
-    # or the EMA's partitions would move most weights by about lr (1e-4), far past these bounds.
+    # Both ZeRO runs stopped at step 2 and resumed. ZeRO-2 with two processes reduces gradients as DDP does
+    # (a sum of two has one order, and halving is exact), but its fused AdamW steps one flat buffer, whose SIMD
+    # lanes round the moments' last bits otherwise than many tensors (below): weights within a few ulps, which
+    # some data sets round to bitwise equal and others do not. ZeRO-3 reduces in other buckets and offloads:
+    # float rounding, with Adam's lr steps on rounding-only gradients as under FSDP. A resume that lost the
+    # moments or the EMA's partitions would move most weights by about lr (1e-4), far past these bounds.
     step4, reference = root / f"{name}/checkpoints/step-00000004", root / "ddp/checkpoints/step-00000004"
     assert sorted(p.name for p in (root / name / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
     if stage == 2:
-        assert losses(root / name) == losses(root / "ddp")
+        assert torch.allclose(torch.tensor(losses(root / name)), torch.tensor(losses(root / "ddp")), rtol=1e-6, atol=0)
     assert torch.allclose(torch.tensor(losses(root / name)), torch.tensor(losses(root / "ddp")), rtol=1e-4, atol=1e-6)
     for part in ("model", "ema"):
         mine, theirs = load_file(str(step4 / f"{part}.safetensors")), load_file(str(reference / f"{part}.safetensors"))
@@ -189,8 +191,8 @@ def test_zero_trains_what_ddp_trains_through_a_resume_with_partitioned_state(run
         differences = torch.cat([(mine[k].double() - theirs[k].double()).abs().flatten() for k in theirs])
         print(name, part, "largest difference", differences.max().item(), "share over 1e-6",
               (differences > 1e-6).double().mean().item())
-        assert differences.max() == 0 if stage == 2 else differences.max() <= 4 * 1e-4, part
-        assert (differences > 1e-6).double().mean() < 0.01, part
+        assert differences.max() <= (2e-6 if stage == 2 else 4 * 1e-4), part
+        assert (differences > 1e-6).double().mean() < (1e-3 if stage == 2 else 0.01), part
     # Each process wrote its partition of the optimizer; together the fp32 masters are the model's weights.
     assert sorted(p.name for p in step4.glob("optimizer*")) == [
         f"optimizer-rank{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
@@ -213,15 +215,19 @@ def test_zero_trains_what_ddp_trains_through_a_resume_with_partitioned_state(run
         assert all(torch.equal(final[key.removeprefix("unet.")], value) for key, value in saved.items()), folder
 
     assert "resumed from" in runs.outputs[name]
-    if stage == 2:  # DDP's optimizer state after a resume at step 2, to the last bits, proves the resume exact
+    if stage == 2:  # DDP's optimizer state after a resume at step 2, to rounding, proves the resume kept it
         zero_moments, ddp_state = (torch.cat([load_file(str(step4 / f"optimizer-rank{r}.safetensors"))[f"0.{slot}"]
                                               for r in (0, 1)]) for slot in ("exp_avg", "exp_avg_sq")), \
             load_file(str(reference / "optimizer.safetensors"))
         count = len({key.split(".")[0] for key in ddp_state})
         for slot, zero_values in zip(("exp_avg", "exp_avg_sq"), zero_moments):
             ddp_values = torch.cat([ddp_state[f"{i}.{slot}"].flatten() for i in range(count)])  # parameter order
-            # Last bits only: the fused AdamW kernel meets one flat buffer in other SIMD lanes than many tensors.
-            torch.testing.assert_close(zero_values[:ddp_values.numel()], ddp_values, rtol=1e-6, atol=0, msg=slot)
+            # Last bits only: the fused AdamW kernel meets one flat buffer in other SIMD lanes than many tensors,
+            # and steps 3-4 see gradients of weights a few ulps apart. Moments reset or lost at the resume would
+            # differ by tens of percent.
+            scale = ddp_values.abs().max().item()
+            torch.testing.assert_close(zero_values[:ddp_values.numel()], ddp_values, rtol=1e-5, atol=1e-6 * scale,
+                                       msg=slot)
     # The model is whole: nothing to consolidate; resuming as data parallel is refused.
     assert main(["checkpoint", "consolidate", str(step4)]) == 2
     assert f"DeepSpeed ZeRO-{stage} checkpoint's model and EMA are whole" in capsys.readouterr().err

@@ -138,7 +138,8 @@ class TextToImage(Method):
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = pixels.to(self.device, self.vae.dtype, memory_format=torch.channels_last)
         dist = self.vae.encode(pixels).latent_dist
-        return dist.mean.float(), dist.std.float()
+        # Back to the usual layout: the latents feed the UNet, whose kernels (and rounding) follow its input's.
+        return dist.mean.float().contiguous(), dist.std.float().contiguous()
 
     def encode_text(self, captions: list[str], encoder: torch.nn.Module | None = None) -> torch.Tensor:
         encoder = encoder or self.text_encoder

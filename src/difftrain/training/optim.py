@@ -86,7 +86,7 @@ def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> 
     """
     if training.mixed_precision != "auto":
         return training.mixed_precision
-    if recorded:
+    if recorded in ("no", "fp16", "bf16"):
         return recorded
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return "no"

@@ -21,9 +21,12 @@ import io
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from _common import alternate
 
+from difftrain.config import TrainingConfig
 from difftrain.data.shapes import write_shapes_dataset
 from difftrain.models.unet import build_unet
 
@@ -59,8 +62,8 @@ def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channe
     return (time.perf_counter() - started) / steps, first
 
 
-def loop_rate(precision: str, steps: int, out: Path) -> tuple[float, str]:
-    """(steps/s of the demo's training loop, the precision accelerate ran) for `steps` steps."""
+def loop_rate(precision: str, steps: int, out: Path) -> float:
+    """Steps/s of the demo's training loop over `steps` steps."""
     from difftrain.config import load_config
     from difftrain.training.trainer import Trainer
 
@@ -71,7 +74,7 @@ def loop_rate(precision: str, steps: int, out: Path) -> tuple[float, str]:
         trainer = Trainer(config, progress=False)
         trainer.save_checkpoint = lambda: None  # the final checkpoint is I/O, not a step
         result = trainer.run()
-    return steps / result.loop_seconds, trainer.accelerator.mixed_precision
+    return steps / result.loop_seconds
 
 
 def main() -> None:
@@ -107,16 +110,17 @@ def main() -> None:
         return
     if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
         write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
-    rates: dict[str, list[float]] = {"no": [], "auto": []}
-    ran: dict[str, str] = {}
+    from difftrain.training.optim import resolve_precision
+
     with tempfile.TemporaryDirectory() as work:
-        for round_ in range(2):  # alternating, so neither profits from going second
-            for precision in ("no", "auto") if round_ == 0 else ("auto", "no"):
-                rate, ran[precision] = loop_rate(precision, args.loop_steps, Path(work) / f"{precision}-{round_}")
-                rates[precision].append(rate)
-    base, auto = (sum(rates[p]) / 2 for p in ("no", "auto"))
+        # alternate() reads only .work and .device: two runs each, alternating, so neither profits from going second.
+        space = SimpleNamespace(work=Path(work), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        results = alternate({precision: lambda out, precision=precision: loop_rate(precision, args.loop_steps, out)
+                             for precision in ("no", "auto")}, space)
+    (base, _), (auto, _) = results["no"], results["auto"]
+    ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
     print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
-          f"mixed_precision auto ({ran['auto']} here) {auto:.2f} steps/s, x{auto / base:.2f}")
+          f"mixed_precision auto ({ran} here) {auto:.2f} steps/s, x{auto / base:.2f}")
 
 
 if __name__ == "__main__":

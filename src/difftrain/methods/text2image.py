@@ -418,8 +418,9 @@ def encoder_channels_last(vae) -> None:
     """The frozen VAE encoder's convolutions in channels_last, the layout oneDNN and cuDNN compute in.
 
     Encoding on a 2-core CPU is x1.52 faster at SD-quarter width and x1.14 at SD's own width
-    (benchmarks/vae_encode.py), with latents within 1e-5. Saving is unaffected (diffusers and our single-file writer store contiguous copies),
-    and so are cache keys (data.cache.fingerprint reads values, not layout).
+    (benchmarks/vae_encode.py), with latents within 1e-5. Saving is unaffected (diffusers and
+    our single-file writer store contiguous copies), and so are cache keys (data.cache.fingerprint
+    reads values, not layout).
     """
     for module in (vae.encoder, vae.quant_conv):
         if module is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -15,6 +17,13 @@ from typing import Callable
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits: the SD-shaped models in them are GBs."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 class PeakMemory:
@@ -62,13 +71,36 @@ def sd_quarter(work: Path, size: int) -> Path:
                          text_hidden=192, text_layers=6, sample_size=size, layers_per_block=2)
 
 
+def sd15_shaped(seed: int = 0):
+    """SD 1.5's UNet, VAE and CLIP-L text encoder shapes, random weights, with the tiny tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftrain.models.tiny_sd import SD_SCHEDULER, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
 def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int,
-                  method: str = "text2image", **sections):
-    """A run (text2image unless `method` says) through the real Trainer; returns (steps/s of the loop, the trainer)."""
+                  method: str = "text2image", after_first_step: bool = False, **sections):
+    """A run (text2image unless `method` says) through the real Trainer; returns (steps/s of the loop, the trainer).
+
+    `after_first_step`: the rate of the steps after the first, which holds compiling and first-use warm-up.
+    """
     from difftrain.config import parse_config
     from difftrain.training.trainer import Trainer
 
@@ -89,6 +121,8 @@ def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch:
         trainer = Trainer(parse_config(raw), progress=False)
         trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
         result = trainer.run()
+    if after_first_step:
+        return (steps - 1) / (result.loop_seconds - result.first_step_seconds), trainer
     return steps / result.loop_seconds, trainer
 
 
@@ -109,14 +143,20 @@ class Workspace:
     data_dir: Path
 
 
-def workspace(size: int, batch: int, masks: bool = False) -> Workspace:
-    """A temporary folder with the SD-quarter model and a shapes data set of 8 batches (with masks: ControlNet data)."""
+def workspace(size: int, batch: int, masks: bool = False, model: str = "quarter") -> Workspace:
+    """A temporary folder with a shapes data set of 8 batches (with masks: ControlNet data) and the
+    SD-quarter model, or with `model="sd15"` one of SD 1.5's full shape."""
     from difftrain.data.shapes import write_shapes_dataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    work = Path(tempfile.mkdtemp(prefix="difftrain-bench-"))
+    work = scratch("difftrain-bench-")
     data_dir = write_shapes_dataset(work / "data", num_images=8 * batch, size=size, masks=masks)
-    return Workspace(device, work, sd_quarter(work, size), data_dir)
+    if model == "sd15":
+        model_dir = work / "sd15"
+        sd15_shaped().save_pretrained(model_dir, safe_serialization=True)
+    else:
+        model_dir = sd_quarter(work, size)
+    return Workspace(device, work, model_dir, data_dir)
 
 
 def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, rounds: int = 2) -> dict[str, tuple[float, int]]:

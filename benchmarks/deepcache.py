@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +41,11 @@ def main() -> None:
 
     models = [(m, args.size) for m in args.model or ()]
     if not models:
-        from generate_speed import sd15_shaped
+        from _common import scratch, sd15_shaped
 
         from difftrain.models.tiny_sd import write_tiny_sd
 
-        work = Path(tempfile.mkdtemp(prefix="difftrain-deepcache-"))
+        work = scratch("difftrain-deepcache-")
         sd15_shaped().save_pretrained(work / "sd15", safe_serialization=True)
         models = [(str(write_tiny_sd(work / "tiny")), args.size), (str(work / "sd15"), args.size or 256)]
     print(f"{args.steps} steps, DPM++ 2M Karras, CFG 7, {len(PROMPTS)} images per setting, CPU")

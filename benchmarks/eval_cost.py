@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def main() -> None:
     from difftrain.evaluate.inception import write_random_inception
     from difftrain.sampling.images import to_pil
 
-    work = Path(tempfile.mkdtemp(prefix="difftrain-eval-bench-"))
+    work = _common.scratch("difftrain-eval-bench-")
     weights = write_random_inception(work / "inception.safetensors")
     print(f"device: {_common.device_name(torch.device('cpu'))}; Inception weights random (same cost as the real ones)")
 

@@ -17,27 +17,7 @@ import argparse
 import time
 
 import torch
-from _common import device_name
-
-
-def sd15_shaped(seed: int = 0):
-    """SD 1.5's UNet, VAE and CLIP-L text encoder shapes, random weights, with the tiny tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from difftrain.models.tiny_sd import SD_SCHEDULER, build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+from _common import device_name, sd15_shaped
 
 
 def timed(call, steps: int, device) -> tuple[float, float, float]:

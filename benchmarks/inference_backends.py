@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def tiny(out: Path) -> None:
 
 
 def sd15(out: Path) -> None:
-    from generate_speed import sd15_shaped
+    from _common import sd15_shaped
 
     sd15_shaped().save_pretrained(out, safe_serialization=True)
 
@@ -122,7 +121,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"{args.steps} steps, DPM++ 2M Karras, CFG 7, batch 1; each backend in its own process")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="difftrain-backends-"))
+    from _common import scratch
+
+    work = Path(args.work) if args.work else scratch("difftrain-backends-")
     plans = [("tiny SD", "tiny", tiny, [32], 32, 12)]
     if not args.skip_sd15:
         plans.append(("SD 1.5 shape", "sd15", sd15, [int(s) for s in args.sizes.split(",")], args.gate_size,

@@ -20,10 +20,8 @@ import io
 import os
 import random
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,7 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="difftrain-serve-"))
+    from _common import scratch
+
+    work = scratch("difftrain-serve-")
     model = str(write_tiny_sd(work / "tiny"))
 
     # ----- phase 1: many clients

@@ -19,8 +19,15 @@ import torch
 from _common import alternate, device_name, difftrain_run, step_arguments, workspace
 
 
-def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device) -> float:
-    """The loop as the seeds (and diffusers' train_text_to_image.py) write it."""
+def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device,
+                     precision: str = "no", lora_rank: int = 0, after_first_step: bool = False) -> float:
+    """The loop as the seeds (and diffusers' train_text_to_image.py) write it; steps/s.
+
+    Mixed precision and LoRA as diffusers' scripts do them: the frozen VAE and text encoder (and
+    under LoRA the frozen UNet) cast to the half type, autocast around the UNet, a gradient scaler
+    for fp16, and peft adapters on to_q/to_k/to_v/to_out.0 trained in fp32.
+    `after_first_step`: the rate of the steps after the first (cuDNN autotuning, allocator growth).
+    """
     import json
 
     import numpy as np
@@ -28,12 +35,29 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(device).train()
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=half)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=half)
+    text_encoder.to(device).requires_grad_(False)
+    vae.to(device).requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=half if lora_rank else None)
+    unet.train()
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False).to(device)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        trained = [p for p in unet.parameters() if p.requires_grad]
+        for parameter in trained:
+            parameter.data = parameter.data.float()
+    else:
+        unet.to(device)
+        trained = list(unet.parameters())
     scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     records = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
 
     class Folder(torch.utils.data.Dataset):
@@ -48,13 +72,13 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     loader = torch.utils.data.DataLoader(Folder(), batch_size=batch, shuffle=True, drop_last=True)
     batches = iter(())
     started = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         try:
             pixels, captions = next(batches)
         except StopIteration:
             batches = iter(loader)
             pixels, captions = next(batches)
-        pixels = pixels.to(device)
+        pixels = pixels.to(device, half)
         ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
@@ -62,14 +86,20 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
             embeds = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, embeds).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
+            prediction = unet(scheduler.add_noise(latents, noise, t), t, embeds).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad()
+        if step == 0 and after_first_step:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - started)
+    return (steps - 1 if after_first_step else steps) / (time.perf_counter() - started)
 
 
 def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool,

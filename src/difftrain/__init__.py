@@ -12,6 +12,7 @@ The Python API mirrors the CLI one to one:
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import Any
 
@@ -21,6 +22,16 @@ import difftrain.cache  # noqa: E402,F401  (reads TORCHINDUCTOR_CACHE_DIR before
 from difftrain.versions import check_installed_versions  # noqa: E402
 
 check_installed_versions()  # a clear error now, not a traceback from inside a library later
+
+
+def _not_the_empty_fp32_warning(record: logging.LogRecord) -> bool:
+    """diffusers 0.42 warns "modules ... that should be kept in float32: []" on every cast of a model
+    to a dtype (`from_pretrained(torch_dtype=...)` and pipeline casts included), when nothing is to be
+    kept; each bf16/fp16 run printed it. The warning with modules in the list still shows."""
+    return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_not_the_empty_fp32_warning)
 
 # Heavy imports (torch, diffusers) wait until a function is used, so `difftrain config
 # check` and `--help` answer at once.

@@ -78,6 +78,7 @@ class TrainResult:
     loop_seconds: float = 0.0  # the steps alone: no samples, evaluation or checkpoints
     startup_seconds: float = 0.0  # from the Trainer's creation (or `started`) to the first step
     state_bytes: int = 0  # trained weights + optimizer state this process held (under FSDP, its shards)
+    first_step_seconds: float = 0.0  # the loop's first step: compiling and first-use warm-up land here
 
 
 class Trainer:
@@ -260,7 +261,7 @@ class Trainer:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
             self._print_summary(timer, self.step - start_step, last_loss, model_dir, held)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
-                           timer.startup, held)
+                           timer.startup, held, timer.first_step or 0.0)
 
     def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:
         """Stop before a checkpoint if any process's recent losses or the weights are no longer finite.

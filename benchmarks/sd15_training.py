@@ -1,0 +1,88 @@
+"""Stable Diffusion 1.5-shaped text-to-image training on a GPU: steps/s and peak memory of difftrain
+(without and with the cache) against the loop diffusers' scripts write, for each batch, precision and
+full fine-tune or LoRA, in one process on the same model, data and batch.
+
+    .venv/bin/python benchmarks/sd15_training.py [--batches 1,4] [--precisions bf16,fp16]
+        [--methods full,lora] [--rank 8] [--steps 30] [--size 512] [--compile] [--quarter]
+
+The model is SD 1.5's UNet, VAE and CLIP-L text encoder with random weights (timing only: nothing
+is judged). Rates leave out each run's first step (cuDNN autotuning, allocator growth, compiling);
+peak memory is the CUDA peak allocation over the run, model loading included. `--compile` adds a
+row for difftrain with `training.compile: true` on the cached step. Under fp16 the plain loop
+casts the VAE to fp16 as the scripts do, while difftrain keeps it in fp32 (SD's VAE overflows in
+fp16), so uncached fp16 rows compare a little more work against less. On a CPU (no fp16 there)
+`--quarter --size 64` runs the same code on SD's quarter-width shape, as a check that it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+from pathlib import Path
+
+from _common import PeakMemory, device_name, difftrain_run, workspace
+from text2image_step import seeds_style_loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--precisions", default="bf16,fp16")
+    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--compile", action="store_true", help="add difftrain with training.compile: true (cached)")
+    parser.add_argument("--quarter", action="store_true", help="SD's quarter-width shape instead of SD 1.5's")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    space = workspace(args.size, max(batches), model="quarter" if args.quarter else "sd15")
+    if space.device.type != "cuda" and "fp16" in args.precisions:
+        parser.error("fp16 needs a CUDA GPU: give --precisions bf16 on a CPU")
+    print(f"device: {device_name(space.device)}; {'SD quarter width' if args.quarter else 'SD 1.5 shape'} at "
+          f"{args.size} px, {args.steps} steps per run (rates leave out the first), LoRA rank {args.rank}")
+    print(f"\n{'batch':>5s} {'precision':9s} {'method':6s} {'variant':34s} {'steps/s':>8s} {'x plain':>7s} "
+          f"{'peak MiB':>9s} {'x plain':>7s}", flush=True)
+    for batch in batches:
+        for precision in args.precisions.split(","):
+            for method in args.methods.split(","):
+                rows = measure(space, args, batch, precision, method)
+                base_rate, base_peak = rows["plain loop (diffusers' script)"]
+                for variant, (rate, peak) in rows.items():
+                    print(f"{batch:5d} {precision:9s} {method:6s} {variant:34s} {rate:8.2f} {rate / base_rate:7.2f} "
+                          f"{peak / 2**20:9.0f} {peak / max(base_peak, 1):7.2f}", flush=True)
+
+
+def measure(space, args, batch: int, precision: str, method: str) -> dict[str, tuple[float, int]]:
+    """Each variant once, in a fixed order: on a GPU the rates repeat to a few percent, unlike a CPU's."""
+    lora = {"lora": {"enabled": True, "rank": args.rank}} if method == "lora" else {}
+    cache_dir = str(space.work / f"cache-{precision}")
+
+    def difftrain(out: Path, cache: bool, compiled: bool = False) -> float:
+        data = {"cache": {"latents": cache, "text": cache, "dir": cache_dir}}
+        training = {"mixed_precision": precision, "compile": compiled}
+        return difftrain_run(space.model_dir, space.data_dir, out, args.steps, batch, args.size,
+                             after_first_step=True, data=data, training=training, **lora)[0]
+
+    variants = {
+        "plain loop (diffusers' script)": lambda out: seeds_style_loop(
+            space.model_dir, space.data_dir, args.steps, batch, args.size, space.device, precision,
+            args.rank if method == "lora" else 0, after_first_step=True),
+        "difftrain, no cache": lambda out: difftrain(out, cache=False),
+        "difftrain, cached latents + text": lambda out: difftrain(out, cache=True),
+    }
+    if args.compile:
+        variants["difftrain, cached + compiled"] = lambda out: difftrain(out, cache=True, compiled=True)
+    results = {}
+    for number, (name, run) in enumerate(variants.items()):
+        gc.collect()  # the last run's model, or its memory counts in this run's start
+        with PeakMemory(space.device) as memory, contextlib.redirect_stdout(io.StringIO()):
+            rate = run(space.work / f"run-{batch}-{precision}-{method}-{number}")
+        results[name] = (rate, memory.peak)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -119,7 +119,10 @@ def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch:
         raw.setdefault(section, {}).update(values)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(parse_config(raw), progress=False)
-        trainer.save_checkpoint = lambda: None  # the loop always checkpoints its last step; that is I/O, not a step
+        # The loop always checkpoints its last step and writes the final model: I/O, not steps, and
+        # at SD 1.5's size 4 GB a run.
+        trainer.save_checkpoint = lambda: None
+        trainer.save_final_model = lambda: None
         result = trainer.run()
     if after_first_step:
         return (steps - 1) / (result.loop_seconds - result.first_step_seconds), trainer

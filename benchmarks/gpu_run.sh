@@ -1,19 +1,21 @@
 #!/bin/bash
-# On the lent GPU machine (device tool), in one call:
-#   run(command="bash benchmarks/gpu_run.sh [table|generate] [sd15_training.py options]",
-#       carry=[".whl"], timeout_s=570)
+# On the lent GPU machine (device tool), one call per line:
+#   run(command="bash benchmarks/gpu_run.sh table", carry=[".whl"], timeout_s=570)
+#   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --compile", carry=[".whl"], ...)
+#   run(command="bash benchmarks/gpu_run.sh generate", carry=[".whl"], ...)
 # after benchmarks/gpu_wheels.sh has filled .whl/ here. Installs the wheels beside the image's
 # CUDA torch, checks that difftrain imports, then runs the GPU figures into $OUT (the logs come back):
-#   table     issue 17's table: benchmarks/sd15_training.py, SD 1.5's shape at 512 px, batch 1 and 4,
-#             bf16 and fp16, full and LoRA, difftrain (no cache, cached, cached + compiled) against the
-#             plain loop; ~6-8 min on an H200 by estimate (never run yet: give the call its 570 s).
+#   table     issue 17's table, benchmarks/sd15_training.py (options after `table` go to it; by
+#             default SD 1.5's shape at 512 px, batch 1 and 4, bf16 and fp16, full and LoRA,
+#             difftrain without and with the cache against the plain loop). Never run yet: the
+#             8 combinations' time is a guess (model loading dominates), so rows print as they come.
+#             --compile compiles the SD UNet once per row (minutes each): give it one combination.
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
-#             against diffusers' fp16 pipeline). One per call: each fills most of a call's 10 minutes.
+#             against diffusers' fp16 pipeline).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-table}
 shift || true
-table_options=${*:---compile}  # e.g. "--batches 4 --precisions bf16" to fit a short lease
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -24,9 +26,10 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers'
       'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" \
     2>&1 | tee -a "$out/gpu.txt" || exit 1
 cd benchmarks
-if [ "$what" = table ]; then
-    timeout 520 python3 sd15_training.py $table_options 2>&1 | grep -v "Loading weights" | tee "$out/sd15_training.txt"
-fi
-if [ "$what" = generate ]; then
-    timeout 300 python3 generate_speed.py --compile --steps 20 2>&1 | tee "$out/generate_speed.txt"
-fi
+case "$what" in
+    table) timeout 520 python3 sd15_training.py "$@" 2>&1 | grep --line-buffered -v "Loading weights" \
+               | tee "$out/sd15_training.txt" ;;
+    generate) timeout 520 python3 generate_speed.py --compile --steps 20 2>&1 | tee "$out/generate_speed.txt" ;;
+    *) echo "gpu_run.sh: table or generate, not $what"; exit 2 ;;
+esac
+exit $?  # under pipefail: the benchmark's own status (124 when timeout stopped it)

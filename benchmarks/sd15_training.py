@@ -7,7 +7,8 @@ full fine-tune or LoRA, in one process on the same model, data and batch.
 
 The model is SD 1.5's UNet, VAE and CLIP-L text encoder with random weights (timing only: nothing
 is judged). Rates leave out each run's first step (cuDNN autotuning, allocator growth, compiling);
-peak memory is the CUDA peak allocation over the run, model loading included. `--compile` adds a
+peak memory is the CUDA peak allocation over the run, model loading included. The cache is
+filled once per precision before the first row, so no row's time or memory holds the fill. `--compile` adds a
 row for difftrain with `training.compile: true` on the cached step. Under fp16 the plain loop
 casts the VAE to fp16 as the scripts do, while difftrain keeps it in fp32 (SD's VAE overflows in
 fp16), so uncached fp16 rows compare a little more work against less. On a CPU (no fp16 there)
@@ -22,6 +23,7 @@ import gc
 import io
 from pathlib import Path
 
+import torch
 from _common import PeakMemory, device_name, difftrain_run, workspace
 from text2image_step import seeds_style_loop
 
@@ -37,12 +39,18 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add difftrain with training.compile: true (cached)")
     parser.add_argument("--quarter", action="store_true", help="SD's quarter-width shape instead of SD 1.5's")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be 2 or more: the first step is left out of the rates")
+    if not torch.cuda.is_available() and "fp16" in args.precisions:
+        parser.error("fp16 needs a CUDA GPU: give --precisions bf16 on a CPU")
     batches = [int(b) for b in args.batches.split(",")]
     space = workspace(args.size, max(batches), model="quarter" if args.quarter else "sd15")
-    if space.device.type != "cuda" and "fp16" in args.precisions:
-        parser.error("fp16 needs a CUDA GPU: give --precisions bf16 on a CPU")
     print(f"device: {device_name(space.device)}; {'SD quarter width' if args.quarter else 'SD 1.5 shape'} at "
           f"{args.size} px, {args.steps} steps per run (rates leave out the first), LoRA rank {args.rank}")
+    for precision in args.precisions.split(","):  # the cache filled once, untimed: no row pays for it
+        with contextlib.redirect_stdout(io.StringIO()):
+            difftrain_run(space.model_dir, space.data_dir, space.work / f"fill-{precision}", 2, max(batches),
+                          args.size, data=cache_section(space, precision, True), training={"mixed_precision": precision})
     print(f"\n{'batch':>5s} {'precision':9s} {'method':6s} {'variant':34s} {'steps/s':>8s} {'x plain':>7s} "
           f"{'peak MiB':>9s} {'x plain':>7s}", flush=True)
     for batch in batches:
@@ -55,16 +63,21 @@ def main() -> None:
                           f"{peak / 2**20:9.0f} {peak / max(base_peak, 1):7.2f}", flush=True)
 
 
+def cache_section(space, precision: str, cache: bool) -> dict:
+    return {"cache": {"latents": cache, "text": cache, "dir": str(space.work / f"cache-{precision}")}}
+
+
 def measure(space, args, batch: int, precision: str, method: str) -> dict[str, tuple[float, int]]:
     """Each variant once, in a fixed order: on a GPU the rates repeat to a few percent, unlike a CPU's."""
     lora = {"lora": {"enabled": True, "rank": args.rank}} if method == "lora" else {}
-    cache_dir = str(space.work / f"cache-{precision}")
 
     def difftrain(out: Path, cache: bool, compiled: bool = False) -> float:
-        data = {"cache": {"latents": cache, "text": cache, "dir": cache_dir}}
+        if compiled:
+            torch._dynamo.reset()  # a fresh compile per row, as in a process of its own
         training = {"mixed_precision": precision, "compile": compiled}
         return difftrain_run(space.model_dir, space.data_dir, out, args.steps, batch, args.size,
-                             after_first_step=True, data=data, training=training, **lora)[0]
+                             after_first_step=True, data=cache_section(space, precision, cache), training=training,
+                             **lora)[0]
 
     variants = {
         "plain loop (diffusers' script)": lambda out: seeds_style_loop(

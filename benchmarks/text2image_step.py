@@ -25,7 +25,9 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
 
     Mixed precision and LoRA as diffusers' scripts do them: the frozen VAE and text encoder (and
     under LoRA the frozen UNet) cast to the half type, autocast around the UNet, a gradient scaler
-    for fp16, and peft adapters on to_q/to_k/to_v/to_out.0 trained in fp32.
+    for fp16, and peft adapters on to_q/to_k/to_v/to_out.0, upcast to fp32 under fp16 only (peft
+    gives them the base layer's dtype; train_text_to_image_lora.py casts them for fp16 alone).
+    TF32 on, as difftrain's runs set it for the process.
     `after_first_step`: the rate of the steps after the first (cuDNN autotuning, allocator growth).
     """
     import json
@@ -36,6 +38,8 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     from transformers import CLIPTextModel, CLIPTokenizer
 
     half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=half)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=half)
@@ -50,8 +54,9 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         trained = [p for p in unet.parameters() if p.requires_grad]
-        for parameter in trained:
-            parameter.data = parameter.data.float()
+        if precision == "fp16":
+            for parameter in trained:
+                parameter.data = parameter.data.float()
     else:
         unet.to(device)
         trained = list(unet.parameters())

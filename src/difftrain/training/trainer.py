@@ -671,6 +671,8 @@ class _LoopTimer:
 
     def step_done(self) -> None:
         if self.first_step is None:
+            if torch.cuda.is_available():  # once: the first step's kernels are its time, not the second's
+                torch.cuda.synchronize()
             self.first_step = time.perf_counter() - self.loop_start
 
     @contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,7 +34,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 def test_train_writes_everything_a_user_looks_for(make_config, tmp_path, capsys):
     config = make_config(
-        training={"max_steps": 4},
+        training={"max_steps": 4, "mixed_precision": "auto"},
         sample={"every_steps": 2},
         log={"every_steps": 1, "tensorboard": True},
     )
@@ -49,6 +50,12 @@ def test_train_writes_everything_a_user_looks_for(make_config, tmp_path, capsys)
     assert Image.open(run / "loss.png").size == (640, 360)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert list(run.rglob("events.out.tfevents*"))
+    from difftrain.config import TrainingConfig
+    from difftrain.training.optim import resolve_precision
+
+    hparams = yaml.safe_load(next(run.rglob("hparams.yml")).read_text())  # accelerate's copy of TensorBoard's hparams
+    assert hparams["training.mixed_precision"] == "auto" and hparams["ran.compile"] is False
+    assert hparams["ran.mixed_precision"] == resolve_precision(TrainingConfig(mixed_precision="auto"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["loss"] > 0 for m in metrics)

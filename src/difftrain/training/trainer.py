@@ -188,7 +188,9 @@ class Trainer:
         self.sampler.start = self.position
         batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers, self.method.collate))
         if config.log.tensorboard:
-            accelerator.init_trackers("tensorboard", config=_scalar_config(config))
+            # `ran.*`: what the `auto` settings resolved to, beside the configured values
+            ran = {"ran.mixed_precision": accelerator.mixed_precision, "ran.compile": self.compiled}
+            accelerator.init_trackers("tensorboard", config={**_scalar_config(config), **ran})
 
         bar = tqdm(
             total=config.training.max_steps,

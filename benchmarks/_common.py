@@ -146,15 +146,15 @@ class Workspace:
     data_dir: Path
 
 
-def workspace(size: int, batch: int, masks: bool = False, model: str = "quarter") -> Workspace:
+def workspace(size: int, batch: int, masks: bool = False, sd15: bool = False) -> Workspace:
     """A temporary folder with a shapes data set of 8 batches (with masks: ControlNet data) and the
-    SD-quarter model, or with `model="sd15"` one of SD 1.5's full shape."""
+    SD-quarter model, or with `sd15` one of SD 1.5's full shape."""
     from difftrain.data.shapes import write_shapes_dataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = scratch("difftrain-bench-")
     data_dir = write_shapes_dataset(work / "data", num_images=8 * batch, size=size, masks=masks)
-    if model == "sd15":
+    if sd15:
         model_dir = work / "sd15"
         sd15_shaped().save_pretrained(model_dir, safe_serialization=True)
     else:

@@ -7,8 +7,8 @@
 # CUDA torch, checks that difftrain imports, then runs the GPU figures into $OUT (the logs come back):
 #   table     issue 17's table, benchmarks/sd15_training.py (options after `table` go to it; by
 #             default SD 1.5's shape at 512 px, batch 1 and 4, bf16 and fp16, full and LoRA,
-#             difftrain without and with the cache against the plain loop). Never run yet: the
-#             8 combinations' time is a guess (model loading dominates), so rows print as they come.
+#             difftrain without and with the cache against the plain loop). Never run yet: how long
+#             the 8 combinations take is a guess (24 loads of a 4 GB model), so rows print as they come.
 #             --compile compiles the SD UNet once per row (minutes each): give it one combination.
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).

@@ -44,17 +44,18 @@ def main() -> None:
     if not torch.cuda.is_available() and "fp16" in args.precisions:
         parser.error("fp16 needs a CUDA GPU: give --precisions bf16 on a CPU")
     batches = [int(b) for b in args.batches.split(",")]
-    space = workspace(args.size, max(batches), model="quarter" if args.quarter else "sd15")
+    precisions = args.precisions.split(",")
+    space = workspace(args.size, max(batches), sd15=not args.quarter)
     print(f"device: {device_name(space.device)}; {'SD quarter width' if args.quarter else 'SD 1.5 shape'} at "
           f"{args.size} px, {args.steps} steps per run (rates leave out the first), LoRA rank {args.rank}")
-    for precision in args.precisions.split(","):  # the cache filled once, untimed: no row pays for it
+    for precision in precisions:  # the cache filled once, untimed: no row pays for it
         with contextlib.redirect_stdout(io.StringIO()):
             difftrain_run(space.model_dir, space.data_dir, space.work / f"fill-{precision}", 2, max(batches),
                           args.size, data=cache_section(space, precision, True), training={"mixed_precision": precision})
     print(f"\n{'batch':>5s} {'precision':9s} {'method':6s} {'variant':34s} {'steps/s':>8s} {'x plain':>7s} "
           f"{'peak MiB':>9s} {'x plain':>7s}", flush=True)
     for batch in batches:
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             for method in args.methods.split(","):
                 rows = measure(space, args, batch, precision, method)
                 base_rate, base_peak = rows["plain loop (diffusers' script)"]
@@ -68,7 +69,8 @@ def cache_section(space, precision: str, cache: bool) -> dict:
 
 
 def measure(space, args, batch: int, precision: str, method: str) -> dict[str, tuple[float, int]]:
-    """Each variant once, in a fixed order: on a GPU the rates repeat to a few percent, unlike a CPU's."""
+    """Each variant once, in a fixed order, where text2image_step.py alternates two rounds: a GPU's
+    rates are expected to be steadier than this CPU's (not yet measured: rerun a row to check)."""
     lora = {"lora": {"enabled": True, "rank": args.rank}} if method == "lora" else {}
 
     def difftrain(out: Path, cache: bool, compiled: bool = False) -> float:

@@ -12,6 +12,8 @@
 #             --compile compiles the SD UNet once per row (minutes each): give it one combination.
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).
+# GPU_TIMEOUT (seconds, default 520) bounds the benchmark; logs are appended, so two calls of this
+# script in one device command (the table, then a --compile row with the time left) share a file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-table}
@@ -27,9 +29,9 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers'
     2>&1 | tee -a "$out/gpu.txt" || exit 1
 cd benchmarks
 case "$what" in
-    table) timeout 520 python3 sd15_training.py "$@" 2>&1 | grep --line-buffered -v "Loading weights" \
-               | tee "$out/sd15_training.txt" ;;
-    generate) timeout 520 python3 generate_speed.py --compile --steps 20 2>&1 | tee "$out/generate_speed.txt" ;;
+    table) timeout "${GPU_TIMEOUT:-520}" python3 sd15_training.py "$@" 2>&1 | grep --line-buffered -v "Loading weights" \
+               | tee -a "$out/sd15_training.txt" ;;
+    generate) timeout "${GPU_TIMEOUT:-520}" python3 generate_speed.py --compile --steps 20 2>&1 | tee -a "$out/generate_speed.txt" ;;
     *) echo "gpu_run.sh: table or generate, not $what"; exit 2 ;;
 esac
 exit $?  # under pipefail: the benchmark's own status (124 when timeout stopped it)

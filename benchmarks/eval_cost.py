@@ -1,7 +1,7 @@
 """What evaluation costs: Inception feature extraction in images/s, and its share of the demo's training time.
 
     python benchmarks/eval_cost.py                 # defaults: 300 demo steps, eval every 100
-    python benchmarks/eval_cost.py --steps 2100 --every 500   # the whole demo
+    python benchmarks/eval_cost.py --steps 1500 --every 500   # the whole demo
 
 Part 1 times torch-fidelity's InceptionV3 (random weights: the same arithmetic as the real
 ones) in its own layout and in ours at several batch sizes, and the FID of a small set by
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="eval.every_steps")
     parser.add_argument("--num-images", type=int, default=None, help="eval.num_images (default: the config's)")
     parser.add_argument("--reference-max", type=int, default=None, help="eval.reference_max (default: the config's)")
-    parser.add_argument("--demo-steps", type=int, default=2100)
+    parser.add_argument("--demo-steps", type=int, default=1500)
     parser.add_argument("--demo-every", type=int, default=500)
     args = parser.parse_args()
 

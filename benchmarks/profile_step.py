@@ -110,7 +110,8 @@ def main() -> None:
     demo.update(output_dir=str(space.work / "demo"))
     demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
     demo["log"]["tensorboard"] = False
-    print_table("demo step (unconditional, 1.5M-parameter UNet, 32 px, batch 16)", profile_trainer(demo, args.steps))
+    print_table("demo step (class-conditional, 1.5M-parameter UNet, 32 px, batch 16)",
+                profile_trainer(demo, args.steps))
 
     text2image = {
         "output_dir": str(space.work / "t2i"), "method": "text2image",

@@ -324,6 +324,25 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     assert cli["metrics"]["kid"] == pytest.approx(history[-1]["kid"], rel=1e-6)
 
 
+def test_a_class_models_evaluation_in_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
+    """Both draw every class in turn at the model's guidance (model.class_guidance, kept in its manifest)."""
+    from difftrain.config import load_config
+    from difftrain.training.evaluation import read_eval_history
+    from difftrain.training.trainer import train
+
+    config = tiny_config(shapes_dir, tmp_path / "classes", model={"preset": "tiny", "classes": "captions"},
+                         eval=_eval_section(networks, tmp_path / "cache", metrics=["fid"]))
+    run = train(load_config(write_config(tmp_path / "classes.yaml", config)), progress=False).run_dir
+    history = read_eval_history(run / "metrics.jsonl")
+    out = tmp_path / "cli"
+    assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "8",
+                 "--batch-size", "4", "--steps", "3", "--scheduler", "ddim", "--metrics", "fid",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *_flags(networks)]) == 0
+    cli = json.loads((out / "eval.json").read_text())
+    assert cli["generation"]["classes"] == 12 and cli["generation"]["cfg"] == 3.0
+    assert cli["metrics"]["fid"] == pytest.approx(history[-1]["fid"], rel=1e-6)
+
+
 def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
     from difftrain.config import load_config
     from difftrain.models.tiny_sd import write_tiny_sd

@@ -66,11 +66,15 @@ def _sample(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.scheduler == "all":
-        scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema)
+        scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema, classes=args.classes,
+                        guidance_scale=args.cfg)
         print(f"wrote {out} (one row per sampler: {', '.join(CORE_SCHEDULERS)}; {args.steps} steps, seed {args.seed})")
         return 0
-    sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema)
-    print(f"wrote {out} ({args.num} images, {args.scheduler}, {args.steps} steps, seed {args.seed})")
+    _, images = sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema,
+                            classes=args.classes, guidance_scale=args.cfg)
+    drawn = [image.info["class"] for image in images if "class" in image.info]
+    classes = f"; classes in turn: {', '.join(dict.fromkeys(drawn))}" if drawn else ""
+    print(f"wrote {out} ({args.num} images, {args.scheduler}, {args.steps} steps, seed {args.seed}{classes})")
     return 0
 
 
@@ -440,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights rather than the EMA ones")
+    sample.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                        help="a class-conditional model: draw this class (repeat for several, in turn; default all)")
+    sample.add_argument("--cfg", type=float,
+                        help="a class-conditional model's guidance scale (default: its training previews')")
     sample.add_argument("--list-schedulers", action="store_true", help="print the sampler names and exit")
     sample.set_defaults(run=_sample)
 

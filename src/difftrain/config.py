@@ -147,6 +147,12 @@ class ModelConfig(Section):
     preset: Optional[Literal["tiny", "small", "base"]] = "small"
     unet_config: Optional[str] = Field(None, description="a diffusers UNet2DModel config JSON; overrides preset")
     channels: int = Field(3, ge=1, le=4)
+    # Class conditioning (unconditional method): a label per image, drawn with classifier-free guidance.
+    classes: Union[Literal["captions"], list[str], None] = Field(
+        None, description="'captions': one class per distinct caption; or the class names; none: unconditional")
+    class_dropout: float = Field(0.1, ge=0, lt=1,
+                                 description="share of labels trained as 'no class', which guidance needs")
+    class_guidance: float = Field(3.0, ge=1, description="classifier-free guidance of previews, eval and sample")
     # Stable Diffusion: a base model, and any component replaced one by one
     base: Optional[str] = Field(None, description="diffusers folder, hub id, or single-file .safetensors")
     unet: Optional[str] = Field(None, description="component folder, or a UNet2DConditionModel config .json (random init)")
@@ -423,6 +429,17 @@ class RunConfig(Section):
             raise ValueError(f"checkpoint.keep_best = {best!r}: set eval.every_steps, so the metric is measured")
         if RESULTS[name][0] not in self.eval.metrics:
             raise ValueError(f"checkpoint.keep_best = {best!r}: add {RESULTS[name][0]} to eval.metrics")
+        return self
+
+    @model_validator(mode="after")
+    def _classes_are_for_pixel_models(self) -> "RunConfig":
+        if self.model.classes is not None and not isinstance(self, UnconditionalRun):
+            raise ValueError(f"model.classes: class labels condition the unconditional method's pixel UNet; "
+                             f"method {self.method} conditions on its captions' text instead: remove model.classes")
+        if isinstance(self.model.classes, list):
+            names = [c.strip() for c in self.model.classes]
+            if not names or not all(names) or len(set(names)) != len(names):
+                raise ValueError("model.classes: give distinct, non-empty class names (or 'captions')")
         return self
 
     @model_validator(mode="after")

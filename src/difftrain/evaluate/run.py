@@ -249,19 +249,23 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
 
 def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
                         progress: bool) -> tuple[list[Group], dict]:
-    from difftrain.generate.unconditional import load_unconditional
+    from difftrain.generate.unconditional import draw_settings, load_unconditional
     from difftrain.sampling.loop import sample_unet_batched
 
-    unet, scheduler_config = load_unconditional(target, options.use_ema)
-    unet.eval().to(_device())
+    model = load_unconditional(target, options.use_ema)
+    model.unet.eval().to(_device())
     scheduler, steps = options.scheduler or "dpm++_2m", options.steps or 25
-    images = sample_unet_batched(unet, scheduler_config, options.num_images, scheduler, steps, options.seed,
-                                 options.batch_size, progress)
+    # A class model: every class in turn, guided at --cfg or as its training previews were.
+    guidance = options.guidance_scale if model.classes else None  # an unconditional model ignores --cfg, as before
+    settings = draw_settings(model, options.num_images, guidance_scale=guidance)
+    images = sample_unet_batched(model.unet, model.scheduler_config, options.num_images, scheduler, steps,
+                                 options.seed, options.batch_size, progress, **settings)
     images_dir.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         image.save(images_dir / f"{index:05d}.png")
     generation = {"model": str(target), "kind": "unconditional", "scheduler": scheduler, "steps": steps,
                   "batch_size": options.batch_size, "seed": options.seed,
+                  **({"classes": len(model.classes), "cfg": settings["guidance_scale"]} if settings else {}),
                   "through": "difftrain sample's loop (batch b from seed + b)"}
     return [Group(None, images)], generation
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from diffusers import UNet2DModel
 from PIL import Image, ImageDraw
 
 from difftrain.generate.loader import ModelNotFound, build_pipeline, locate
 from difftrain.sampling.images import make_grid
-from difftrain.sampling.loop import sample_unet
+from difftrain.sampling.loop import UnknownClass, cycle_labels, sample_unet
 from difftrain.sampling.schedulers import CORE_SCHEDULERS
 
 
-def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DModel, dict]:
-    """(unet, scheduler config) of a pixel-space model: a run, its latest checkpoint, or a diffusers folder."""
+class PixelModel(NamedTuple):
+    unet: UNet2DModel
+    scheduler_config: dict
+    classes: list[str] | None  # a class-conditional model's class names, from its manifest
+    guidance_scale: float  # the guidance it was previewed with in training (1: none)
+
+
+def load_unconditional(path: str | Path, use_ema: bool = True) -> PixelModel:
+    """A pixel-space model: a run, its latest checkpoint, or a diffusers folder."""
     if not Path(path).exists():
         raise ModelNotFound(f"{path}: no such run folder or diffusers model folder")
     located = locate(path, use_ema)
@@ -24,7 +32,26 @@ def load_unconditional(path: str | Path, use_ema: bool = True) -> tuple[UNet2DMo
             f'Use: difftrain generate {path} --prompt "..."'
         )
     pipe = build_pipeline(located)
-    return pipe.unet, dict(pipe.scheduler.config)
+    conditioning = located.manifest.conditioning
+    classes = conditioning.get("classes")
+    if pipe.unet.config.num_class_embeds and not classes:
+        raise ModelNotFound(f"{path}: its UNet is class-conditional, but no difftrain.json beside it names the "
+                            "classes (conditioning.classes), so nothing says which label draws what")
+    return PixelModel(pipe.unet, dict(pipe.scheduler.config), classes, conditioning.get("guidance_scale", 1.0))
+
+
+def draw_settings(model: PixelModel, count: int, classes: list[str] | None = None,
+                  guidance_scale: float | None = None) -> dict:
+    """sample_unet's labels and guidance for `count` images: the `classes` asked for (default every
+    class) in turn, guided at `guidance_scale` (default: as in training's previews)."""
+    if model.classes is None:
+        if classes or guidance_scale is not None:
+            asked = f"--class {classes[0]}" if classes else f"--cfg {guidance_scale}"
+            raise UnknownClass(f"{asked}: this model draws without classes, so there is nothing to ask for or guide "
+                               "towards (train one with model.classes)")
+        return {}
+    scale = model.guidance_scale if guidance_scale is None else guidance_scale
+    return {"labels": cycle_labels(model.classes, count, classes), "guidance_scale": scale}
 
 
 def sample_grid(
@@ -36,11 +63,20 @@ def sample_grid(
     out: str | Path | None = None,
     use_ema: bool = True,
     scale: int | None = None,
+    classes: list[str] | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[Image.Image, list[Image.Image]]:
-    """Generate `num_images` at `seed` and return (grid, images); the grid is saved to `out` if given."""
-    unet, scheduler_config = load_unconditional(model, use_ema)
-    unet.eval()
-    images = sample_unet(unet, scheduler_config, num_images, scheduler, steps, seed)
+    """Generate `num_images` at `seed` and return (grid, images); the grid is saved to `out` if given.
+
+    A class-conditional model draws the `classes` named (default: all) in turn, each image's
+    class in its `info["class"]`.
+    """
+    loaded = load_unconditional(model, use_ema)
+    loaded.unet.eval()
+    settings = draw_settings(loaded, num_images, classes, guidance_scale)
+    images = sample_unet(loaded.unet, loaded.scheduler_config, num_images, scheduler, steps, seed, **settings)
+    for image, label in zip(images, settings.get("labels", ())):
+        image.info["class"] = loaded.classes[label]
     grid = make_grid(images, scale=scale)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -55,13 +91,16 @@ def scheduler_sheet(
     seed: int = 0,
     out: str | Path | None = None,
     use_ema: bool = True,
+    classes: list[str] | None = None,
+    guidance_scale: float | None = None,
 ) -> Image.Image:
     """One labelled row per sampler, same seed and steps: to see at a glance which suits a model."""
-    unet, scheduler_config = load_unconditional(model, use_ema)
-    unet.eval()
+    loaded = load_unconditional(model, use_ema)
+    loaded.unet.eval()
+    settings = draw_settings(loaded, num_images, classes, guidance_scale)
     label_width, rows = 120, []
     for name in CORE_SCHEDULERS:
-        images = sample_unet(unet, scheduler_config, num_images, name, steps, seed)
+        images = sample_unet(loaded.unet, loaded.scheduler_config, num_images, name, steps, seed, **settings)
         row = make_grid(images, columns=num_images, scale=max(1, 64 // images[0].size[0]))
         labelled = Image.new("RGB", (row.width + label_width, row.height), "white")
         labelled.paste(row, (label_width, 0))

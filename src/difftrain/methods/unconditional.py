@@ -1,19 +1,30 @@
-"""Unconditional pixel-space diffusion: a UNet2DModel learns to denoise the images themselves."""
+"""Pixel-space diffusion: a UNet2DModel learns to denoise the images themselves.
+
+With `model.classes` it is class-conditional: each image's caption names its class, a share
+of labels (`model.class_dropout`) is trained as the extra "no class" label, and sampling
+guides from that towards the asked class (classifier-free guidance). On the shapes demo this
+reached the unconditional recipe's share of clean images in ~1,500 steps instead of 2,100,
+every clean image of the class asked for (README, "Measured").
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
+from difftrain.errors import ConfigError
 from difftrain.methods.base import Method
 from difftrain.models.manifest import Manifest
 from difftrain.models.noise import trained_settings
 from difftrain.models.unet import build_unet
-from difftrain.sampling.loop import sample_unet, sample_unet_batched
+from difftrain.sampling.loop import cycle_labels, sample_unet, sample_unet_batched
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
+
+log = logging.getLogger(__name__)
 
 
 class Unconditional(Method):
@@ -21,37 +32,108 @@ class Unconditional(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.unet = build_unet(
-            config.model.preset, config.model.unet_config, config.model.channels, config.data.resolution
-        )
+        self.classes: list[str] | None = None  # class names, known once the data is open
+        self.unet = None if config.model.classes else self._build_unet()
         self.noise_scheduler = build_noise_scheduler(config.noise)
+        self._unknown_captions: set[str] = set()
+
+    def _build_unet(self, num_class_embeds: int | None = None):
+        model = self.config.model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)  # the same initial weights whether or not the data was opened first
+            return build_unet(model.preset, model.unet_config, model.channels, self.config.data.resolution,
+                              num_class_embeds)
+
+    def build_dataset(self, progress: bool):
+        dataset = super().build_dataset(progress)
+        if self.config.model.classes:
+            self.classes = resolve_classes(self.config.model.classes, dataset.source.stored_files())
+            self.unet = self._build_unet(len(self.classes) + 1)  # the last embedding is "no class"
+        return dataset
+
+    def describe(self) -> list[str]:
+        if self.classes is None:
+            return super().describe()
+        shown = ", ".join(self.classes[:4]) + (", ..." if len(self.classes) > 4 else "")
+        return super().describe() + [f"{len(self.classes)} classes ({shown}), "
+                                     f"sampled with guidance {self.config.model.class_guidance}"]
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet}
 
     def loss(self, modules, batch, generator):
         unet = modules["unet"]
-        return denoising_loss(
-            batch["pixel_values"], lambda x, t: unet(x, t).sample, self.noise_scheduler, self.config.noise, generator
-        )
+        if self.classes is None:
+            return denoising_loss(batch["pixel_values"], lambda x, t: unet(x, t).sample, self.noise_scheduler,
+                                  self.config.noise, generator)
+        labels = self._labels(batch["caption"]).to(generator.device)
+        drop = self.config.model.class_dropout
+        dropped = torch.rand(labels.shape, generator=generator, device=generator.device) < drop
+        labels = torch.where(dropped, len(self.classes), labels).to(batch["pixel_values"].device)
+        return denoising_loss(batch["pixel_values"], lambda x, t: unet(x, t, class_labels=labels).sample,
+                              self.noise_scheduler, self.config.noise, generator)
+
+    def _labels(self, captions: list[str]) -> torch.Tensor:
+        """Class indices of a batch's captions; an uncaptioned image, or one whose caption is no class
+        (possible only where captions live inside shards, unchecked at start), trains as "no class"."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        for caption in captions:
+            if caption and caption not in index and caption not in self._unknown_captions:
+                self._unknown_captions.add(caption)
+                log.warning("caption %r is not one of model.classes: its images train as 'no class'", caption)
+        return torch.tensor([index.get(caption, len(self.classes)) for caption in captions])
+
+    def _draw(self, count: int) -> dict:
+        """The labels and guidance of `count` images: every class in turn (none for an unconditional model).
+        Evaluation guides at model.class_guidance too, not eval.guidance_scale (text2image's, 7.5 by default)."""
+        if self.classes is None:
+            return {}
+        return {"labels": cycle_labels(self.classes, count), "guidance_scale": self.config.model.class_guidance}
 
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         unet = modules["unet"]
-        return sample_unet(unet, self.noise_scheduler.config, num_images, scheduler, steps, seed)
+        return sample_unet(unet, self.noise_scheduler.config, num_images, scheduler, steps, seed,
+                           **self._draw(num_images))
 
     def evaluation_images(self, modules, prompts, seed, scheduler, steps, guidance_scale, batch_size) -> list[Image.Image]:
-        return sample_unet_batched(modules["unet"], self.noise_scheduler.config, len(prompts), scheduler, steps, seed,
-                                   batch_size)
+        unet = modules["unet"]
+        return sample_unet_batched(unet, self.noise_scheduler.config, len(prompts), scheduler, steps, seed,
+                                   batch_size, **self._draw(len(prompts)))
 
     def save_model(self, modules, out_dir: Path) -> None:
         DDPMPipeline(unet=modules["unet"], scheduler=self.noise_scheduler).save_pretrained(out_dir)
 
     def manifest(self) -> Manifest:
+        conditioning = {"resolution": self.config.data.resolution}
+        if self.classes is not None:
+            conditioning.update(classes=self.classes, guidance_scale=self.config.model.class_guidance)
         return Manifest(
             "unconditional", self.name, scheduler="scheduler",
             noise=trained_settings(self.noise_scheduler.config),
-            conditioning={"resolution": self.config.data.resolution},
+            conditioning=conditioning,
             architecture={"unet": dict(self.unet.config), "scheduler": dict(self.noise_scheduler.config)},
             trained={"steps": self.config.training.max_steps},
         )
 
+
+def resolve_classes(setting: str | list[str], files: list[tuple[str, str, list[str]]]) -> list[str]:
+    """The class names `model.classes` means, checked against the captions the data keeps beside its images.
+
+    `files` is the source's (key, path, captions) list. 'captions' takes every distinct caption,
+    sorted; a list must hold every caption the data has.
+    """
+    captions = {caption: path for _, path, texts in files for caption in texts if caption}
+    if setting != "captions":
+        setting = [name.strip() for name in setting]
+    if setting == "captions":
+        if not captions:
+            raise ConfigError("model.classes: captions: this data has no captions beside its images (shards and "
+                              "Hugging Face tables keep them inside, unread at start); list the class names in "
+                              "model.classes instead")
+        return sorted(captions)
+    missing = [caption for caption in captions if caption not in setting]
+    if missing:
+        examples = "; ".join(f"{caption!r} ({captions[caption]})" for caption in missing[:3])
+        raise ConfigError(f"model.classes: {len(missing)} caption(s) of the data are no class in the list, e.g. "
+                          f"{examples}: add them to model.classes, or set model.classes: captions")
+    return setting

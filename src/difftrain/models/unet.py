@@ -54,8 +54,11 @@ def unet_config(preset: str | None, config_file: str | None, channels: int, reso
     return config
 
 
-def build_unet(preset: str | None, config_file: str | None, channels: int, resolution: int) -> UNet2DModel:
+def build_unet(preset: str | None, config_file: str | None, channels: int, resolution: int,
+               num_class_embeds: int | None = None) -> UNet2DModel:
     config = unet_config(preset, config_file, channels, resolution)
+    if num_class_embeds:
+        config["num_class_embeds"] = num_class_embeds
     try:
         return UNet2DModel(**config)
     except (TypeError, ValueError) as exc:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from difftrain.errors import DifftrainError
 from difftrain.sampling.images import to_pil
 from difftrain.sampling.schedulers import make_scheduler
 
@@ -46,26 +47,46 @@ def denoise(
     return x.clamp(-1, 1)
 
 
-def unet_denoiser(unet) -> Denoiser:
-    return lambda x, t: unet(x, t).sample
+def unet_denoiser(unet, labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> Denoiser:
+    """A pixel UNet as a denoiser; with class `labels`, classifier-free guided towards them.
+
+    A class-conditional UNet's last class embedding is "no class" (what training drops labels
+    to), so guidance is u + w (c - u) with u its prediction for that class, both halves in one
+    batch. At `guidance_scale` 1 that is the conditional prediction alone, computed alone.
+    """
+    if labels is None:
+        return lambda x, t: unet(x, t).sample
+    if guidance_scale == 1:
+        return lambda x, t: unet(x, t, class_labels=labels).sample
+    both = torch.cat([labels, torch.full_like(labels, unet.config.num_class_embeds - 1)])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return guided
 
 
 def sample_unet(
-    unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int
+    unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int,
+    labels: list[int] | None = None, guidance_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """`num_images` from a pixel-space UNet2DModel, all from one generator seeded `seed`."""
+    """`num_images` from a pixel-space UNet2DModel, all from one generator seeded `seed`; image i
+    of class `labels[i]` when the UNet is class-conditional."""
     device = next(unet.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     shape = (num_images, unet.config.in_channels, *size)
-    images = denoise(unet_denoiser(unet), make_scheduler(scheduler, scheduler_config), shape, steps, generator, device)
+    label_tensor = None if labels is None else torch.tensor(labels, device=device)
+    denoiser = unet_denoiser(unet, label_tensor, guidance_scale)
+    images = denoise(denoiser, make_scheduler(scheduler, scheduler_config), shape, steps, generator, device)
     return to_pil(images)
 
 
 def sample_unet_batched(
     unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int, batch_size: int,
-    progress: bool = False,
+    progress: bool = False, labels: list[int] | None = None, guidance_scale: float = 1.0,
 ) -> list[Image.Image]:
     """`num_images` in batches of `batch_size`, batch b from seed + b: the same images whatever else runs."""
     from tqdm.auto import tqdm
@@ -74,6 +95,21 @@ def sample_unet_batched(
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
         for batch, start in enumerate(range(0, num_images, batch_size)):
             count = min(batch_size, num_images - start)
-            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + batch)
+            chunk = None if labels is None else labels[start:start + count]
+            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + batch, chunk, guidance_scale)
             bar.update(count)
     return images
+
+
+class UnknownClass(DifftrainError):
+    pass
+
+
+def cycle_labels(classes: list[str], count: int, wanted: list[str] | None = None) -> list[int]:
+    """Labels for `count` images: the `wanted` class names (default: every class) in turn."""
+    wanted = wanted or classes
+    unknown = [name for name in wanted if name not in classes]
+    if unknown:
+        raise UnknownClass(f"no class {', '.join(map(repr, unknown))}; this model's classes: "
+                           f"{', '.join(map(repr, classes))}")
+    return [classes.index(wanted[i % len(wanted)]) for i in range(count)]

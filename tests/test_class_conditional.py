@@ -30,7 +30,7 @@ def test_a_class_run_records_its_classes_and_samples_the_ones_asked_for(make_con
     # diffusers loads the UNet as it is: 12 classes and the "no class" label
     unet = UNet2DModel.from_pretrained(run / "model", subfolder="unet")
     assert unet.config.num_class_embeds == 13
-    assert Image.open(run / "samples" / "step-00000002.png").size[0] > 0
+    assert Image.open(run / "samples" / "step-00000002.png").size == (2 * 128 + 6, 2 * 128 + 6)  # 4 previews
     capsys.readouterr()
 
     out = tmp_path / "grid.png"
@@ -47,6 +47,9 @@ def test_a_class_run_records_its_classes_and_samples_the_ones_asked_for(make_con
     assert [i.tobytes() for i in guided] == [i.tobytes() for i in images]  # the default is the manifest's guidance
     _, other = sample_grid(run, num_images=3, scheduler="ddim", steps=3, seed=4, guidance_scale=6)
     assert [i.tobytes() for i in other] != [i.tobytes() for i in images]
+    _, red = sample_grid(run, num_images=1, scheduler="ddim", steps=3, seed=4, classes=["a red circle"])
+    _, blue = sample_grid(run, num_images=1, scheduler="ddim", steps=3, seed=4, classes=["a blue square"])
+    assert red[0].tobytes() != blue[0].tobytes()  # same noise, another label: another image
     shutil.rmtree(run / "model")  # as if the run were still going: its latest checkpoint draws the same
     _, from_checkpoint = sample_grid(run, num_images=3, scheduler="ddim", steps=3, seed=4)
     assert [i.tobytes() for i in from_checkpoint] == [i.tobytes() for i in images]
@@ -93,10 +96,7 @@ def test_a_class_config_on_a_text_to_image_run_is_refused():
 
 
 def test_guidance_is_u_plus_w_times_c_minus_u_and_one_is_the_conditional_prediction():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                       num_class_embeds=4).eval()
+    unet = _class_unet()
     x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor(10), torch.tensor([0, 2])
     with torch.no_grad():
         conditional = unet(x, t, class_labels=labels).sample
@@ -105,3 +105,88 @@ def test_guidance_is_u_plus_w_times_c_minus_u_and_one_is_the_conditional_predict
         guided = unet_denoiser(unet, labels, 3.0)(x, t)
     assert torch.allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
     assert not torch.allclose(conditional, unconditional, atol=1e-3)  # the label changes the prediction
+
+
+def test_training_labels_are_the_captions_classes_and_dropped_labels_the_last(make_config):
+    """The loss's labels use the convention sampling guides with: index len(classes) is "no class"."""
+    from types import SimpleNamespace
+
+    from difftrain.config import load_config
+    from difftrain.methods import build_method
+
+    seen = []
+
+    def unet(x, t, class_labels=None):
+        seen.append(class_labels.tolist())
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    captions = ["a red circle", "a blue square", "", "a red circle"]
+    batch = {"pixel_values": torch.zeros(4, 3, 16, 16), "caption": captions}
+    red, blue = CLASSES.index("a red circle"), CLASSES.index("a blue square")
+    for dropout, guidance, expected in ((0.0, 1.0, [red, blue, 12, red]), (0.99, 3.0, [12, 12, 12, 12])):
+        config = make_config(model={"preset": "tiny", "classes": "captions", "class_dropout": dropout,
+                                    "class_guidance": guidance})
+        method = build_method(load_config(config))
+        method.build_dataset(progress=False)
+        method.loss({"unet": unet}, batch, torch.Generator().manual_seed(0))
+        assert seen.pop() == expected  # an uncaptioned image trains as "no class" too
+
+
+def test_batched_sampling_gives_each_batch_its_own_labels():
+    from difftrain.sampling.loop import sample_unet, sample_unet_batched
+
+    unet = _class_unet()
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+    batched = sample_unet_batched(unet, config, 3, "ddim", 2, 7, 2, labels=[0, 1, 2], guidance_scale=2.0)
+    one_by_one = (sample_unet(unet, config, 2, "ddim", 2, 7, [0, 1], 2.0)
+                  + sample_unet(unet, config, 1, "ddim", 2, 8, [2], 2.0))
+    assert [i.tobytes() for i in batched] == [i.tobytes() for i in one_by_one]
+    assert batched[2].tobytes() != sample_unet(unet, config, 1, "ddim", 2, 8, [0], 2.0)[0].tobytes()
+
+
+def _class_unet() -> UNet2DModel:
+    """A random 8 px UNet2DModel with three classes and "no class"."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                       num_class_embeds=4).eval()
+
+
+def test_resuming_on_data_with_other_classes_is_refused_even_when_the_data_may_change(make_config, tmp_path, capsys):
+    from difftrain.data.shapes import write_shapes_dataset
+
+    config = make_config(model={"preset": "tiny", "classes": "captions"}, training={"max_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    fewer = write_shapes_dataset(tmp_path / "fewer", num_images=6, size=16, seed=0)  # 6 of the 12 classes
+    capsys.readouterr()
+    assert main(["train", str(config), "--no-progress", "--resume", "latest", "--allow-data-change",
+                 "--set", "training.max_steps=4", "--set", f"data.path={fewer}"]) == 2
+    error = capsys.readouterr().err
+    assert "it was trained on the classes 12 (a blue circle, a blue square" in error
+    assert "this data gives 6 (a blue circle, a green circle" in error
+
+
+def test_a_manifest_whose_classes_do_not_fit_the_unet_is_named(make_config, tmp_path, capsys):
+    config = make_config(model={"preset": "tiny", "classes": "captions"}, training={"max_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    manifest_file = tmp_path / "run" / "model" / "difftrain.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["conditioning"]["classes"] = manifest["conditioning"]["classes"][:5]
+    manifest_file.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run" / "model"), "--steps", "2"]) == 2
+    assert "names 5 classes, which needs a UNet with 6 class embeddings (the last: no class); its UNet has 13" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("model, data, message", [
+    ({"class_guidance": 2}, {}, "model.class_guidance: it applies to class-conditional models"),
+    ({"classes": "captions"}, {"captions": "none"}, "each image's caption names its class, and data.captions is none"),
+    ({"classes": "captions", "class_dropout": 0}, {}, "only dropped labels train"),
+    ({"classes": ["a cat", "a cat"]}, {}, "give distinct, non-empty class names"),
+])
+def test_class_settings_that_cannot_work_are_refused_naming_the_key(model, data, message):
+    from difftrain.config import parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"method": "unconditional", "data": {"path": "d", **data}, "model": model})

@@ -436,10 +436,25 @@ class RunConfig(Section):
         if self.model.classes is not None and not isinstance(self, UnconditionalRun):
             raise ValueError(f"model.classes: class labels condition the unconditional method's pixel UNet; "
                              f"method {self.method} conditions on its captions' text instead: remove model.classes")
-        if isinstance(self.model.classes, list):
-            names = [c.strip() for c in self.model.classes]
+        model = self.model
+        if model.classes is None:
+            defaults = ModelConfig()
+            for key in ("class_dropout", "class_guidance"):
+                if getattr(model, key) != getattr(defaults, key):
+                    raise ValueError(f"model.{key}: it applies to class-conditional models; set model.classes "
+                                     "(captions, or the class names) or remove it")
+            return self
+        if isinstance(model.classes, list):
+            names = [c.strip() for c in model.classes]
             if not names or not all(names) or len(set(names)) != len(names):
                 raise ValueError("model.classes: give distinct, non-empty class names (or 'captions')")
+        if self.data.captions == "none":
+            raise ValueError("model.classes: each image's caption names its class, and data.captions is none; "
+                             "read the captions (data.captions: auto) or remove model.classes")
+        if model.class_dropout == 0 and model.class_guidance != 1:
+            raise ValueError(f"model.class_guidance = {model.class_guidance} with model.class_dropout = 0: guidance "
+                             "steers away from the 'no class' prediction, which only dropped labels train; "
+                             "set class_dropout (0.1 is usual) or class_guidance: 1")
         return self
 
     @model_validator(mode="after")
@@ -656,6 +671,7 @@ RESUME_SAFE_KEYS = (
     "log.",
     "data.num_workers",
     "data.path",
+    "model.class_guidance",  # what previews and the manifest sample with
     "data.cache.",
     "output.",
 )

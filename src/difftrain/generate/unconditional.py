@@ -34,9 +34,13 @@ def load_unconditional(path: str | Path, use_ema: bool = True) -> PixelModel:
     pipe = build_pipeline(located)
     conditioning = located.manifest.conditioning
     classes = conditioning.get("classes")
-    if pipe.unet.config.num_class_embeds and not classes:
+    embeddings = pipe.unet.config.num_class_embeds
+    if embeddings and not classes:
         raise ModelNotFound(f"{path}: its UNet is class-conditional, but no difftrain.json beside it names the "
                             "classes (conditioning.classes), so nothing says which label draws what")
+    if classes and embeddings != len(classes) + 1:
+        raise ModelNotFound(f"{path}: difftrain.json names {len(classes)} classes, which needs a UNet with "
+                            f"{len(classes) + 1} class embeddings (the last: no class); its UNet has {embeddings or 0}")
     return PixelModel(pipe.unet, dict(pipe.scheduler.config), classes, conditioning.get("guidance_scale", 1.0))
 
 
@@ -50,6 +54,8 @@ def draw_settings(model: PixelModel, count: int, classes: list[str] | None = Non
             raise UnknownClass(f"{asked}: this model draws without classes, so there is nothing to ask for or guide "
                                "towards (train one with model.classes)")
         return {}
+    if guidance_scale is not None and guidance_scale < 0:
+        raise UnknownClass(f"--cfg {guidance_scale}: guidance is 0 (no class) or more (1: the class alone, 3 usual)")
     scale = model.guidance_scale if guidance_scale is None else guidance_scale
     return {"labels": cycle_labels(model.classes, count, classes), "guidance_scale": scale}
 

@@ -52,6 +52,10 @@ class Method(ABC):
     # How items become a batch; a plain function, so DataLoader workers can pickle it.
     collate = staticmethod(collate)
 
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint this method cannot continue, before anything loads (the data may have
+        changed under --allow-data-change)."""
+
     def setup(self, accelerator, weight_dtype: torch.dtype, dataset, progress: bool) -> None:
         """Called once the device and data are known: move frozen parts, fill caches, pick previews."""
 

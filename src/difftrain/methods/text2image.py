@@ -55,6 +55,7 @@ class TextToImage(Method):
                 add_lora(self.text_encoder, lora.text_encoder_targets, "text_encoder", **shape)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
+        self.encode_channels_last = False  # setup decides, by device
         self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
         self.validation_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_records: int | None = None
@@ -93,7 +94,8 @@ class TextToImage(Method):
         self.sd_version = "v2" if self.text_encoder.config.hidden_size == 1024 else "v1"
         # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
         _hold(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
-        if device.type == "cpu":  # slower on a GPU: see encoder_channels_last
+        self.encode_channels_last = device.type == "cpu"  # slower on a GPU: see encoder_channels_last
+        if self.encode_channels_last:
             encoder_channels_last(self.vae)
         for module in (self.unet, self.text_encoder):
             _hold(module, device, weight_dtype)
@@ -137,9 +139,8 @@ class TextToImage(Method):
 
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        channels_last = self.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        pixels = pixels.to(self.device, self.vae.dtype,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.encode_channels_last else torch.contiguous_format
+        pixels = pixels.to(self.device, self.vae.dtype, memory_format=layout)
         dist = self.vae.encode(pixels).latent_dist
         # Back to the usual layout: the latents feed the UNet, whose kernels (and rounding) follow its input's.
         return dist.mean.float().contiguous(), dist.std.float().contiguous()

@@ -4,7 +4,7 @@ With `model.classes` it is class-conditional: each image's caption names its cla
 of labels (`model.class_dropout`) is trained as the extra "no class" label, and sampling
 guides from that towards the asked class (classifier-free guidance). On the shapes demo this
 reached the unconditional recipe's share of clean images in ~1,500 steps instead of 2,100,
-every clean image of the class asked for (README, "Measured").
+every clean image of the class asked for (README, the end of "Samplers").
 """
 
 from __future__ import annotations
@@ -51,11 +51,22 @@ class Unconditional(Method):
             self.unet = self._build_unet(len(self.classes) + 1)  # the last embedding is "no class"
         return dataset
 
+    def check_resume(self, checkpoint: Path) -> None:
+        from difftrain.models.manifest import read_manifest
+        from difftrain.training.checkpoint import CheckpointError
+
+        manifest = read_manifest(checkpoint)
+        saved = manifest.conditioning.get("classes") if manifest else None
+        if manifest is not None and saved != self.classes:
+            raise CheckpointError(
+                f"cannot resume from {checkpoint}: it was trained on the classes {_listed(saved)}, this data gives "
+                f"{_listed(self.classes)}; a label means its class only in the list it was trained with. Restore the "
+                "data (or model.classes), or start a new output_dir.")
+
     def describe(self) -> list[str]:
         if self.classes is None:
             return super().describe()
-        shown = ", ".join(self.classes[:4]) + (", ..." if len(self.classes) > 4 else "")
-        return super().describe() + [f"{len(self.classes)} classes ({shown}), "
+        return super().describe() + [f"classes {_listed(self.classes)}, "
                                      f"sampled with guidance {self.config.model.class_guidance}"]
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -78,9 +89,10 @@ class Unconditional(Method):
         (possible only where captions live inside shards, unchecked at start), trains as "no class"."""
         index = {name: i for i, name in enumerate(self.classes)}
         for caption in captions:
-            if caption and caption not in index and caption not in self._unknown_captions:
+            if caption not in index and caption not in self._unknown_captions:
                 self._unknown_captions.add(caption)
-                log.warning("caption %r is not one of model.classes: its images train as 'no class'", caption)
+                what = f"caption {caption!r} is not one of model.classes" if caption else "an image has no caption"
+                log.warning("%s: its images train as 'no class'", what)
         return torch.tensor([index.get(caption, len(self.classes)) for caption in captions])
 
     def _draw(self, count: int) -> dict:
@@ -137,3 +149,9 @@ def resolve_classes(setting: str | list[str], files: list[tuple[str, str, list[s
         raise ConfigError(f"model.classes: {len(missing)} caption(s) of the data are no class in the list, e.g. "
                           f"{examples}: add them to model.classes, or set model.classes: captions")
     return setting
+
+
+def _listed(classes: list[str] | None) -> str:
+    if not classes:
+        return "(none: unconditional)"
+    return f"{len(classes)} ({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''})"

@@ -138,6 +138,7 @@ class Trainer:
         if resume:  # another data set is refused now, before any model is set up or any cache fills
             checkpoint = self.store.resolve(resume)
             self._check_same_data(checkpoint, read_json(checkpoint / "state.json"))
+            self.method.check_resume(checkpoint)
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 

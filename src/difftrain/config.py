@@ -153,6 +153,16 @@ class ModelConfig(Section):
     class_dropout: float = Field(0.1, ge=0, lt=1,
                                  description="share of labels trained as 'no class', which guidance needs")
     class_guidance: float = Field(3.0, ge=1, description="classifier-free guidance of previews, eval and sample")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_class_names(cls, classes: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        if not isinstance(classes, list):
+            return classes
+        names = [name.strip() for name in classes]
+        if not names or not all(names) or len(set(names)) != len(names):
+            raise ValueError("give distinct, non-empty class names (or 'captions')")
+        return names
     # Stable Diffusion: a base model, and any component replaced one by one
     base: Optional[str] = Field(None, description="diffusers folder, hub id, or single-file .safetensors")
     unet: Optional[str] = Field(None, description="component folder, or a UNet2DConditionModel config .json (random init)")
@@ -438,16 +448,11 @@ class RunConfig(Section):
                              f"method {self.method} conditions on its captions' text instead: remove model.classes")
         model = self.model
         if model.classes is None:
-            defaults = ModelConfig()
             for key in ("class_dropout", "class_guidance"):
-                if getattr(model, key) != getattr(defaults, key):
+                if getattr(model, key) != ModelConfig.model_fields[key].default:
                     raise ValueError(f"model.{key}: it applies to class-conditional models; set model.classes "
                                      "(captions, or the class names) or remove it")
             return self
-        if isinstance(model.classes, list):
-            names = [c.strip() for c in model.classes]
-            if not names or not all(names) or len(set(names)) != len(names):
-                raise ValueError("model.classes: give distinct, non-empty class names (or 'captions')")
         if self.data.captions == "none":
             raise ValueError("model.classes: each image's caption names its class, and data.captions is none; "
                              "read the captions (data.captions: auto) or remove model.classes")

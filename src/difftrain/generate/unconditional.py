@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from difftrain.generate.loader import ModelNotFound, build_pipeline, locate
 from difftrain.sampling.images import make_grid
-from difftrain.sampling.loop import UnknownClass, cycle_labels, sample_unet
+from difftrain.errors import DifftrainError
+from difftrain.sampling.loop import UnknownClass, class_draw, sample_unet
 from difftrain.sampling.schedulers import CORE_SCHEDULERS
 
 
@@ -55,9 +56,8 @@ def draw_settings(model: PixelModel, count: int, classes: list[str] | None = Non
                                "towards (train one with model.classes)")
         return {}
     if guidance_scale is not None and guidance_scale < 0:
-        raise UnknownClass(f"--cfg {guidance_scale}: guidance is 0 (no class) or more (1: the class alone, 3 usual)")
-    scale = model.guidance_scale if guidance_scale is None else guidance_scale
-    return {"labels": cycle_labels(model.classes, count, classes), "guidance_scale": scale}
+        raise DifftrainError(f"--cfg {guidance_scale}: guidance is 0 (no class) or more (1: the class alone, 3 usual)")
+    return class_draw(model.classes, count, model.guidance_scale if guidance_scale is None else guidance_scale, classes)
 
 
 def sample_grid(

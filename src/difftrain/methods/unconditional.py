@@ -21,7 +21,7 @@ from difftrain.methods.base import Method
 from difftrain.models.manifest import Manifest
 from difftrain.models.noise import trained_settings
 from difftrain.models.unet import build_unet
-from difftrain.sampling.loop import cycle_labels, sample_unet, sample_unet_batched
+from difftrain.sampling.loop import class_draw, sample_unet, sample_unet_batched
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Unconditional(Method):
     def __init__(self, config):
         super().__init__(config)
         self.classes: list[str] | None = None  # class names, known once the data is open
+        self._class_index: dict[str, int] = {}  # name -> label, for the loss
         self.unet = None if config.model.classes else self._build_unet()
         self.noise_scheduler = build_noise_scheduler(config.noise)
         self._unknown_captions: set[str] = set()
@@ -48,6 +49,7 @@ class Unconditional(Method):
         dataset = super().build_dataset(progress)
         if self.config.model.classes:
             self.classes = resolve_classes(self.config.model.classes, dataset.source.stored_files())
+            self._class_index = {name: label for label, name in enumerate(self.classes)}
             self.unet = self._build_unet(len(self.classes) + 1)  # the last embedding is "no class"
         return dataset
 
@@ -87,7 +89,7 @@ class Unconditional(Method):
     def _labels(self, captions: list[str]) -> torch.Tensor:
         """Class indices of a batch's captions; an uncaptioned image, or one whose caption is no class
         (possible only where captions live inside shards, unchecked at start), trains as "no class"."""
-        index = {name: i for i, name in enumerate(self.classes)}
+        index = self._class_index
         for caption in captions:
             if caption not in index and caption not in self._unknown_captions:
                 self._unknown_captions.add(caption)
@@ -98,9 +100,7 @@ class Unconditional(Method):
     def _draw(self, count: int) -> dict:
         """The labels and guidance of `count` images: every class in turn (none for an unconditional model).
         Evaluation guides at model.class_guidance too, not eval.guidance_scale (text2image's, 7.5 by default)."""
-        if self.classes is None:
-            return {}
-        return {"labels": cycle_labels(self.classes, count), "guidance_scale": self.config.model.class_guidance}
+        return {} if self.classes is None else class_draw(self.classes, count, self.config.model.class_guidance)
 
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         unet = modules["unet"]
@@ -132,11 +132,9 @@ def resolve_classes(setting: str | list[str], files: list[tuple[str, str, list[s
     """The class names `model.classes` means, checked against the captions the data keeps beside its images.
 
     `files` is the source's (key, path, captions) list. 'captions' takes every distinct caption,
-    sorted; a list must hold every caption the data has.
+    sorted; a list (its names stripped by the config) must hold every caption the data has.
     """
     captions = {caption: path for _, path, texts in files for caption in texts if caption}
-    if setting != "captions":
-        setting = [name.strip() for name in setting]
     if setting == "captions":
         if not captions:
             raise ConfigError("model.classes: captions: this data has no captions beside its images (shards and "

@@ -105,11 +105,12 @@ class UnknownClass(DifftrainError):
     pass
 
 
-def cycle_labels(classes: list[str], count: int, wanted: list[str] | None = None) -> list[int]:
-    """Labels for `count` images: the `wanted` class names (default: every class) in turn."""
+def class_draw(classes: list[str], count: int, guidance_scale: float, wanted: list[str] | None = None) -> dict:
+    """sample_unet's labels and guidance for `count` images of a class-conditional model: the
+    `wanted` class names (default: every class) in turn."""
     wanted = wanted or classes
     unknown = [name for name in wanted if name not in classes]
     if unknown:
         raise UnknownClass(f"no class {', '.join(map(repr, unknown))}; this model's classes: "
                            f"{', '.join(map(repr, classes))}")
-    return [classes.index(wanted[i % len(wanted)]) for i in range(count)]
+    return {"labels": [classes.index(wanted[i % len(wanted)]) for i in range(count)], "guidance_scale": guidance_scale}

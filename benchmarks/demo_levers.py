@@ -62,19 +62,30 @@ def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channe
     return (time.perf_counter() - started) / steps, first
 
 
-def loop_rate(precision: str, steps: int, out: Path) -> float:
-    """Steps/s of the demo's training loop over `steps` steps."""
+def loop_rate(overrides: list[str], steps: int, out: Path) -> float:
+    """Steps/s of the demo's training loop over `steps` steps, with `overrides` (KEY=VALUE) on configs/demo.yaml."""
     from difftrain.config import load_config
     from difftrain.training.trainer import Trainer
 
     config = load_config(ROOT / "configs" / "demo.yaml", [
         f"output_dir={out}", f"data.path={ROOT / 'data' / 'shapes'}", f"training.max_steps={steps}",
-        f"training.mixed_precision={precision}", "sample.every_steps=100000", "checkpoint.every_steps=100000"])
+        "sample.every_steps=100000", "checkpoint.every_steps=100000", *overrides])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(config, progress=False)
         trainer.save_checkpoint = lambda: None  # the final checkpoint is I/O, not a step
         result = trainer.run()
     return steps / result.loop_seconds
+
+
+def alternate_loops(variants: dict[str, list[str]], steps: int) -> dict[str, tuple[float, float]]:
+    """The demo's loop under each variant's overrides, two runs each, alternating: {name: (steps/s, peak)}."""
+    if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
+        write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
+    with tempfile.TemporaryDirectory() as work:
+        # alternate() reads only .work and .device: two runs each, alternating, so neither profits from going second.
+        space = SimpleNamespace(work=Path(work), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return alternate({name: lambda out, overrides=overrides: loop_rate(overrides, steps, out)
+                          for name, overrides in variants.items()}, space)
 
 
 def main() -> None:
@@ -108,15 +119,10 @@ def main() -> None:
     print("(x base: images/s against the baseline measured just before; 'preset tiny' is the test model, for scale)")
     if not args.loop_steps:
         return
-    if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
-        write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
     from difftrain.training.optim import resolve_precision
 
-    with tempfile.TemporaryDirectory() as work:
-        # alternate() reads only .work and .device: two runs each, alternating, so neither profits from going second.
-        space = SimpleNamespace(work=Path(work), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        results = alternate({precision: lambda out, precision=precision: loop_rate(precision, args.loop_steps, out)
-                             for precision in ("no", "auto")}, space)
+    results = alternate_loops({precision: [f"training.mixed_precision={precision}"] for precision in ("no", "auto")},
+                              args.loop_steps)
     (base, _), (auto, _) = results["no"], results["auto"]
     ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
     print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/shapes_quality.py runs/demo [other runs or model folders ...] [--seeds 4] [--cfg G] [--no-ema]
 
 Each model draws 16 images per seed (Euler ancestral, 30 steps, EMA weights: what `make demo`
-draws, seed 0 being its grid) and every image is judged alone; a class-conditional model draws
+draws, seed 0 being its grid; --scheduler and --steps change the sampler) and every image is judged alone; a class-conditional model draws
 its classes in turn at its guidance (or --cfg), and the judge's colour and shape also say
 whether each image is the class asked for. One grid is 16 coin flips; 128 images (--seeds 8)
 tell two training recipes apart far better, and even then a training seed can move a run's
@@ -18,13 +18,13 @@ from difftrain.data.shapes_judge import judge_image
 from difftrain.generate.unconditional import sample_grid
 
 
-def clean_share(model: str, seeds: int, guidance_scale: float | None = None,
-                use_ema: bool = True) -> tuple[float, int, float | None]:
+def clean_share(model: str, seeds: int, guidance_scale: float | None = None, use_ema: bool = True,
+                scheduler: str = "euler_a", steps: int = 30) -> tuple[float, int, float | None]:
     """(share of clean images over all seeds, clean cells of the seed-0 grid, and for a
     class-conditional model the share that are clean and of the class asked for, else None)."""
     verdicts, asked = [], []
     for seed in range(seeds):
-        _, images = sample_grid(model, num_images=16, scheduler="euler_a", steps=30, seed=seed,
+        _, images = sample_grid(model, num_images=16, scheduler=scheduler, steps=steps, seed=seed,
                                 guidance_scale=guidance_scale, use_ema=use_ema)
         judged = [judge_image(image) for image in images]
         verdicts.append([verdict.clean for verdict in judged])
@@ -39,9 +39,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--cfg", type=float, help="a class-conditional model's guidance (default: its training's)")
     parser.add_argument("--no-ema", action="store_true", help="a run's or checkpoint's raw weights, not the EMA ones")
+    parser.add_argument("--scheduler", default="euler_a", help="the sampler (difftrain sample --scheduler names)")
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps")
     args = parser.parse_args()
     for model in args.models:
-        share, grid, of_class = clean_share(model, args.seeds, args.cfg, use_ema=not args.no_ema)
+        share, grid, of_class = clean_share(model, args.seeds, args.cfg, use_ema=not args.no_ema,
+                                            scheduler=args.scheduler, steps=args.steps)
         asked = "" if of_class is None else f", {of_class:.0%} clean and of the class asked for"
         print(f"{model}: {share:.0%} clean of {16 * args.seeds}, seed-0 grid {grid}/16{asked}")
 

@@ -93,6 +93,14 @@ def test_resume_conflicts_ignore_safe_keys_and_name_the_rest():
     assert any(c.startswith("noise.prediction_type") for c in conflicts)
 
 
+def test_resume_accepts_the_old_attention_default_under_auto_and_names_a_real_change():
+    before_auto = parse_config({**BASE, "training": {"attention": "sdpa"}})  # what checkpoints before `auto` recorded
+    assert resume_conflicts(before_auto, parse_config(BASE)) == []
+    classic = parse_config({**BASE, "training": {"attention": "default"}})
+    assert resume_conflicts(classic, parse_config(BASE)) == [
+        "training.attention: checkpoint has 'default', this config has 'auto'"]
+
+
 def test_cli_config_check(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**BASE, "training": {"batch_size": 0}}))

@@ -222,7 +222,11 @@ class TrainingConfig(Section):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
-    attention: Literal["sdpa", "xformers", "default"] = "sdpa"
+    attention: Literal["auto", "sdpa", "xformers", "default"] = Field(
+        "auto",
+        description="attention kernel: sdpa = torch's; default = diffusers' classic; auto = sdpa, but the classic kernel "
+                    "for sequences of up to 256 tokens under bf16 on a CPU, where it is 1.1-2.6x faster",
+    )
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
     compile: Union[Literal["auto"], bool] = Field(
         "auto",
@@ -701,6 +705,8 @@ def resume_conflicts(saved: RunConfig, current: RunConfig) -> list[str]:
             continue
         if key == "training.mixed_precision" and "auto" in (old.get(key), new.get(key)):
             continue  # a resumed `auto` keeps the checkpoint's precision; an explicit new value is the user's call
+        if key == "training.attention" and {old.get(key), new.get(key)} == {"sdpa", "auto"}:
+            continue  # checkpoints from before `auto` recorded the old default, sdpa: the kernel changes rounding only
         if old.get(key) != new.get(key):
             conflicts.append(f"{key}: checkpoint has {old.get(key)!r}, this config has {new.get(key)!r}")
     return conflicts

@@ -8,6 +8,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from difftrain.config import ConfigError, TrainingConfig
+from difftrain.training.attention import set_attention
 
 
 def build_optimizer(groups: list[dict], training: TrainingConfig) -> torch.optim.Optimizer:
@@ -57,8 +58,7 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
                 module.enable_gradient_checkpointing()
             elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
                 module.gradient_checkpointing_enable()
-        if hasattr(module, "set_attn_processor"):
-            _set_attention(name, module, training.attention)
+        set_attention(name, module, training.attention)
 
 
 def resolve_compile(training: TrainingConfig, recorded: bool | None = None) -> bool:
@@ -105,20 +105,3 @@ def compile_modules(modules: dict[str, torch.nn.Module]) -> None:
     use_compile_cache()
     for module in modules.values():
         module.compile()
-
-
-def _set_attention(name: str, module, attention: str) -> None:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if attention == "xformers":
-        try:
-            module.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as exc:
-            raise ConfigError(
-                f"training.attention = xformers: cannot use it for {name} ({exc}); "
-                "install xformers for your torch/CUDA, or use sdpa (as fast on torch 2)"
-            ) from None
-    elif attention == "sdpa":
-        module.set_attn_processor(AttnProcessor2_0())
-    else:
-        module.set_attn_processor(AttnProcessor())

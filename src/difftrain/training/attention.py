@@ -1,0 +1,63 @@
+"""Which attention kernel the trained models run: `training.attention`."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from difftrain.errors import ConfigError
+
+# Up to this many query tokens, diffusers' classic kernel (matmul, softmax, matmul) beat torch's
+# SDPA under bf16 on a CPU by 1.1-2.6x, forward and backward, at 64-256 tokens and head sizes
+# 10-96; from 1,024 tokens SDPA was faster (x0.6-0.8). benchmarks/attention_kernels.py.
+CPU_BF16_CLASSIC_MAX_TOKENS = 256
+
+
+class AutoAttention:
+    """torch's SDPA, except short sequences under bf16 autocast on a CPU, which go to the classic kernel.
+
+    On a CPU torch's bf16 SDPA kernel is slow for short sequences with small heads (5.4 ms
+    against 1.8 ms for the demo's 64 tokens of 4 heads of 24, forward and backward): the demo's
+    training step runs x1.14-1.18 faster with the classic kernel there. The choice is per call
+    and depends only on the device, the autocast dtype and the sequence length, so a run and its
+    resume pick the same kernel. In fp32 and on a GPU it is plain SDPA.
+    """
+
+    def __init__(self):
+        self.sdpa, self.classic = AttnProcessor2_0(), AttnProcessor()
+
+    # The signature names `temb` because diffusers passes only the keywords a processor declares.
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        processor = self.classic if _short_cpu_bf16(hidden_states) else self.sdpa
+        return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def _short_cpu_bf16(hidden_states: torch.Tensor) -> bool:
+    if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+    return torch.get_autocast_dtype("cpu") == torch.bfloat16 and tokens <= CPU_BF16_CLASSIC_MAX_TOKENS
+
+
+def set_attention(name: str, module: torch.nn.Module, attention: str) -> None:
+    """Give every diffusers attention layer in `module` the kernel `attention` names.
+
+    Layer by layer rather than through `set_attn_processor`, which UNet2DModel (the pixel
+    models) does not have.
+    """
+    layers = [layer for layer in module.modules() if isinstance(layer, Attention)]
+    if not layers:  # a transformers text encoder: its attention is its own
+        return
+    if attention == "xformers":
+        try:
+            module.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise ConfigError(
+                f"training.attention = xformers: cannot use it for {name} ({exc}); "
+                "install xformers for your torch/CUDA, or use sdpa (as fast on torch 2)"
+            ) from None
+        return
+    make = {"auto": AutoAttention, "sdpa": AttnProcessor2_0, "default": AttnProcessor}[attention]
+    for layer in layers:
+        layer.set_processor(make())

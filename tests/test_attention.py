@@ -1,0 +1,62 @@
+"""training.attention: which kernel each diffusers attention layer runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from difftrain.config import TrainingConfig
+from difftrain.models.unet import build_unet
+from difftrain.training.attention import CPU_BF16_CLASSIC_MAX_TOKENS, AutoAttention
+from difftrain.training.optim import apply_speed_options
+
+
+def _outputs(tokens: int, bf16: bool, spatial: bool = False) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = Attention(32, heads=4, dim_head=8, residual_connection=spatial, norm_num_groups=8 if spatial else None)
+    side = int(tokens ** 0.5)
+    x = torch.randn(2, 32, side, side) if spatial else torch.randn(2, tokens, 32)
+    outputs = {}
+    for name, processor in (("auto", AutoAttention()), ("classic", AttnProcessor()), ("sdpa", AttnProcessor2_0())):
+        layer.set_processor(processor)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outputs[name] = layer(x)
+    return outputs
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_auto_runs_the_classic_kernel_for_short_sequences_under_cpu_bf16_and_sdpa_otherwise(spatial):
+    short = _outputs(64, bf16=True, spatial=spatial)
+    # The two kernels round differently in bf16, so a bitwise match says which one ran.
+    assert not torch.equal(short["classic"], short["sdpa"])
+    assert torch.equal(short["auto"], short["classic"])
+    longer = _outputs(1024, bf16=True, spatial=spatial)  # past CPU_BF16_CLASSIC_MAX_TOKENS: SDPA is faster there
+    assert 1024 > CPU_BF16_CLASSIC_MAX_TOKENS and torch.equal(longer["auto"], longer["sdpa"])
+    fp32 = _outputs(64, bf16=False, spatial=spatial)
+    assert torch.equal(fp32["auto"], fp32["sdpa"])
+
+
+def test_training_attention_reaches_every_attention_layer_of_a_pixel_unet():
+    # UNet2DModel has no set_attn_processor: the setting used to pass it by.
+    unet = build_unet("small", None, 3, 32)
+    expected = {"auto": AutoAttention, "sdpa": AttnProcessor2_0, "default": AttnProcessor}
+    for choice, kind in expected.items():
+        apply_speed_options({"unet": unet}, TrainingConfig(attention=choice))
+        processors = [layer.processor for layer in unet.modules() if isinstance(layer, Attention)]
+        assert len(processors) == 4 and all(type(p) is kind for p in processors), choice
+    assert TrainingConfig().attention == "auto"
+
+
+def test_a_unet_trained_with_auto_attention_runs_on_its_own_in_diffusers(tmp_path):
+    # The kernel is a training-time choice: it is not saved, and the saved model loads with diffusers' own.
+    from diffusers import UNet2DModel
+
+    unet = build_unet("small", None, 3, 32)
+    apply_speed_options({"unet": unet}, TrainingConfig())
+    unet.save_pretrained(tmp_path)
+    loaded = UNet2DModel.from_pretrained(tmp_path)
+    assert all(not isinstance(layer.processor, AutoAttention) for layer in loaded.modules() if isinstance(layer, Attention))
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t).sample, unet(x, t).sample, atol=1e-5)

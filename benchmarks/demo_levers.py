@@ -77,7 +77,7 @@ def loop_rate(overrides: list[str], steps: int, out: Path) -> float:
     return steps / result.loop_seconds
 
 
-def alternate_loops(variants: dict[str, list[str]], steps: int) -> dict[str, tuple[float, float]]:
+def alternate_loops(variants: dict[str, list[str]], steps: int) -> dict[str, tuple[float, int]]:
     """The demo's loop under each variant's overrides, two runs each, alternating: {name: (steps/s, peak)}."""
     if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
         write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)

@@ -1,6 +1,6 @@
 """Where a training step's time goes, measured with torch's profiler, for the demo step and a text2image step.
 
-    .venv/bin/python benchmarks/profile_step.py [--steps 20] [--batch 4] [--size 128]
+    .venv/bin/python benchmarks/profile_step.py [--steps 20] [--batch 4] [--size 128] [--ops N] [--attention KERNEL]
 
 Each run builds the real Trainer from a config (the demo's, and text2image on Stable
 Diffusion 1.5's shape at a quarter of its width, uncached), then drives the same calls its
@@ -8,7 +8,9 @@ loop makes, one step at a time, inside `torch.profiler.profile` with a `record_f
 range per phase: data loading, the method's loss (split by forward hooks into VAE encode,
 text encode and UNet forward), backward, optimizer, EMA, logging (the loss's `.item()`),
 plus one checkpoint save. The table is each phase's share of the profiled wall time; the
-first steps are warm-up and not profiled.
+first steps are warm-up and not profiled. `--ops N` also prints the N operators with the most
+self time (what found the bf16 attention kernel that `training.attention: auto` replaces on a
+CPU); `--attention` runs both steps with that `training.attention`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _ranged(module: torch.nn.Module, name: str) -> None:
     module.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None))
 
 
-def profile_trainer(raw: dict, steps: int, warmup: int = 3) -> dict[str, float]:
+def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dict[str, float]:
     from difftrain.config import parse_config
     from difftrain.data.dataset import make_loader
     from difftrain.training.trainer import Trainer
@@ -81,6 +83,8 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3) -> dict[str, float]:
         with record_function("checkpoint"):
             trainer.save_checkpoint()
         wall = time.perf_counter() - started
+    if ops:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=ops))
     totals = {event.key: event.cpu_time_total / 1e6 for event in prof.key_averages() if event.key in PHASES}
     # Nested ranges: the loss's own range holds the encoders' and the UNet's; report its remainder.
     inside = sum(totals.get(name, 0.0) for name in ("VAE encode", "text encode", "UNet forward"))
@@ -100,6 +104,9 @@ def print_table(title: str, result: dict) -> None:
 
 def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=0, help="also print the N operators with the most self time")
+    parser.add_argument("--attention", choices=("auto", "sdpa", "default"), default="auto",
+                        help="training.attention of both steps")
     args = parser.parse_args()
     space = workspace(args.size, args.batch)
     print(f"device: {device_name(space.device)}")
@@ -110,18 +117,20 @@ def main() -> None:
     demo.update(output_dir=str(space.work / "demo"))
     demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
     demo["log"]["tensorboard"] = False
+    demo["training"]["attention"] = args.attention
     print_table("demo step (class-conditional, 1.5M-parameter UNet, 32 px, batch 16)",
-                profile_trainer(demo, args.steps))
+                profile_trainer(demo, args.steps, ops=args.ops))
 
     text2image = {
         "output_dir": str(space.work / "t2i"), "method": "text2image",
         "data": {"path": str(space.data_dir), "resolution": args.size, "random_flip": False},
         "model": {"base": str(space.model_dir)},
-        "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4},
+        "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4,
+                     "attention": args.attention},
         "log": {"tensorboard": False},
     }
     print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache)",
-                profile_trainer(text2image, args.steps))
+                profile_trainer(text2image, args.steps, ops=args.ops))
 
 
 if __name__ == "__main__":

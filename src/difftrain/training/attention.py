@@ -8,17 +8,17 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from difftrain.errors import ConfigError
 
 # Up to this many query tokens, diffusers' classic kernel (matmul, softmax, matmul) beat torch's
-# SDPA under bf16 on a CPU by 1.1-2.6x, forward and backward, at 64-256 tokens and head sizes
-# 10-96; from 1,024 tokens SDPA was faster (x0.6-0.8). benchmarks/attention_kernels.py.
+# SDPA under bf16 on a CPU by 1.2-2.6x, forward and backward, at 64-256 tokens and head sizes
+# 10-96; from 1,024 tokens SDPA was faster (x0.7-0.9). benchmarks/attention_kernels.py.
 CPU_BF16_CLASSIC_MAX_TOKENS = 256
 
 
 class AutoAttention:
     """torch's SDPA, except short sequences under bf16 autocast on a CPU, which go to the classic kernel.
 
-    On a CPU torch's bf16 SDPA kernel is slow for short sequences with small heads (5.4 ms
-    against 1.8 ms for the demo's 64 tokens of 4 heads of 24, forward and backward): the demo's
-    training step runs x1.14-1.18 faster with the classic kernel there. The choice is per call
+    On a CPU torch's bf16 SDPA kernel is slow for short sequences with small heads (9.1 ms
+    against 3.6 ms for a layer of the demo's, 64 tokens of 4 heads of 24, forward and backward):
+    the demo's training loop runs x1.12 faster with the classic kernel there (attention_kernels.py). The choice is per call
     and depends only on the device, the autocast dtype and the sequence length, so a run and its
     resume pick the same kernel. In fp32 and on a GPU it is plain SDPA.
     """

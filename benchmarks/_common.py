@@ -6,10 +6,12 @@ import argparse
 import atexit
 import contextlib
 import io
+import multiprocessing
 import os
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -162,18 +164,35 @@ def workspace(size: int, batch: int, masks: bool = False, sd15: bool = False) ->
     return Workspace(device, work, model_dir, data_dir)
 
 
-def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, rounds: int = 2) -> dict[str, tuple[float, int]]:
+def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, rounds: int = 2,
+              fresh_processes: bool = False) -> dict[str, tuple[float, int]]:
     """Run every variant `rounds` times, in alternating order so neither profits from going second.
 
     Each variant is called with a fresh output folder and returns steps/s. Returns, per
-    variant, the mean steps/s and the larger peak memory.
+    variant, the mean steps/s and the larger peak memory. `fresh_processes` runs each call in a
+    new (spawned) Python process, for comparisons with a plain loop: a difftrain run tunes
+    process-wide state that cannot be undone (training.keep_host_memory raises glibc's malloc
+    thresholds), which a baseline in the same process would otherwise inherit. Variants must
+    then be picklable: functools.partial of module-level functions, not lambdas.
     """
     rates: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, list[int]] = {name: [] for name in variants}
     order = list(variants)
     for round_ in range(rounds):
         for number, name in enumerate(order if round_ % 2 == 0 else order[::-1]):
-            with PeakMemory(space.device) as memory:
-                rates[name].append(variants[name](space.work / f"run-{round_}-{number}"))
-            peaks[name].append(memory.peak)
+            call = (variants[name], space.device, space.work / f"run-{round_}-{number}")
+            if fresh_processes:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rate, peak = pool.submit(measured, *call).result()
+            else:
+                rate, peak = measured(*call)
+            rates[name].append(rate)
+            peaks[name].append(peak)
     return {name: (sum(rates[name]) / rounds, max(peaks[name])) for name in variants}
+
+
+def measured(variant: Callable[[Path], float], device: torch.device, out: Path) -> tuple[float, int]:
+    """A variant's steps/s and the peak memory it added."""
+    with PeakMemory(device) as memory:
+        rate = variant(out)
+    return rate, memory.peak

@@ -10,7 +10,9 @@ images/s: the number that decides how long a fixed number of training images tak
 other UNet presets, and with --compile torch.compile (inductor), whose compile time is
 printed apart from its step time. Last, the demo's own training loop (the real Trainer on
 configs/demo.yaml, --loop-steps steps, data, EMA and clipping included) in fp32 against
-`training.mixed_precision: auto`, alternating, as its run summary times it.
+`training.mixed_precision: auto`, alternating, as its run summary times it; then that loop with
+`training.keep_host_memory` off and on, each run in a fresh process (the setting is process-wide
+and one-way).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import io
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,15 +80,16 @@ def loop_rate(overrides: list[str], steps: int, out: Path) -> float:
     return steps / result.loop_seconds
 
 
-def alternate_loops(variants: dict[str, list[str]], steps: int) -> dict[str, tuple[float, int]]:
+def alternate_loops(variants: dict[str, list[str]], steps: int,
+                    fresh_processes: bool = False) -> dict[str, tuple[float, int]]:
     """The demo's loop under each variant's overrides, two runs each, alternating: {name: (steps/s, peak)}."""
     if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
         write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
     with tempfile.TemporaryDirectory() as work:
         # alternate() reads only .work and .device: two runs each, alternating, so neither profits from going second.
         space = SimpleNamespace(work=Path(work), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        return alternate({name: lambda out, overrides=overrides: loop_rate(overrides, steps, out)
-                          for name, overrides in variants.items()}, space)
+        return alternate({name: partial(loop_rate, overrides, steps) for name, overrides in variants.items()}, space,
+                         fresh_processes=fresh_processes)
 
 
 def main() -> None:
@@ -127,6 +131,11 @@ def main() -> None:
     ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
     print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
           f"mixed_precision auto ({ran} here) {auto:.2f} steps/s, x{auto / base:.2f}")
+    results = alternate_loops({keep: [f"training.keep_host_memory={keep}"] for keep in ("false", "true")},
+                              args.loop_steps, fresh_processes=True)
+    (released, _), (kept, _) = results["false"], results["true"]
+    print(f"demo training loop, each run in a fresh process: freed host memory returned to the OS (glibc's default) "
+          f"{released:.2f} steps/s, kept (training.keep_host_memory) {kept:.2f} steps/s, x{kept / released:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Where a training step's time goes, measured with torch's profiler, for the demo step and a text2image step.
 
     .venv/bin/python benchmarks/profile_step.py [--steps 20] [--batch 4] [--size 128] [--ops N] [--attention KERNEL]
+        [--precision no|bf16] [--only demo|text2image] [--keep-host-memory auto|true|false]
 
 Each run builds the real Trainer from a config (the demo's, and text2image on Stable
 Diffusion 1.5's shape at a quarter of its width, uncached), then drives the same calls its
@@ -10,13 +11,17 @@ text encode and UNet forward), backward, optimizer, EMA, logging (the loss's `.i
 plus one checkpoint save. The table is each phase's share of the profiled wall time; the
 first steps are warm-up and not profiled. `--ops N` also prints the N operators with the most
 self time (what found the bf16 attention kernel that `training.attention: auto` replaces on a
-CPU); `--attention` runs both steps with that `training.attention`.
+CPU); `--attention` runs both steps with that `training.attention`; `--precision` is the text2image
+step's `training.mixed_precision` (the demo's config says `auto`). Each table ends with the page
+faults and system time a step costs the host: what `training.keep_host_memory` removes (compare a
+run with `--keep-host-memory false`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import resource
 import time
 from pathlib import Path
 
@@ -76,7 +81,16 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dic
 
     for _ in range(warmup):
         step()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+    # What training.keep_host_memory removes: freed blocks faulted back in, page by page, every
+    # step. Counted outside the profiler, whose own event buffers fault in pages as they grow.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(warmup):
+        step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    host = {"page faults a step": (after.ru_minflt - usage.ru_minflt) / warmup,
+            "system time a step": (after.ru_stime - usage.ru_stime) / warmup}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         started = time.perf_counter()
         for trainer.step in range(1, steps + 1):
             step()
@@ -90,7 +104,7 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dic
     inside = sum(totals.get(name, 0.0) for name in ("VAE encode", "text encode", "UNet forward"))
     totals["loss (rest)"] = totals.get("loss (rest)", 0.0) - inside
     totals["(unattributed)"] = wall - sum(totals.values())
-    return {"wall": wall, "steps": steps, **totals}
+    return {"wall": wall, "steps": steps, "host": host, **totals}
 
 
 def print_table(title: str, result: dict) -> None:
@@ -100,6 +114,9 @@ def print_table(title: str, result: dict) -> None:
     for name in (*PHASES, "(unattributed)"):
         if name in result:
             print(f"  {name:16s} {result[name]:7.2f} s  {result[name] / wall:6.1%}")
+    host = result["host"]
+    print(f"  host memory: {host['page faults a step']:,.0f} page faults and "
+          f"{host['system time a step'] * 1000:.0f} ms of system time a step")
 
 
 def main() -> None:
@@ -107,29 +124,49 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=0, help="also print the N operators with the most self time")
     parser.add_argument("--attention", choices=("auto", "sdpa", "default"), default="auto",
                         help="training.attention of both steps")
+    parser.add_argument("--precision", choices=("no", "bf16", "auto"), default="no",
+                        help="training.mixed_precision of the text2image step")
+    parser.add_argument("--only", choices=("demo", "text2image"), help="profile one of the two steps")
+    parser.add_argument("--keep-host-memory", choices=("auto", "true", "false"), default="auto",
+                        help="training.keep_host_memory of both steps (false: glibc's malloc defaults, whose page "
+                             "faults the table's last line counts)")
     args = parser.parse_args()
     space = workspace(args.size, args.batch)
     print(f"device: {device_name(space.device)}")
+    if args.only != "text2image":
+        profile_demo(space, args)
+    if args.only != "demo":
+        profile_text2image(space, args)
 
+
+def host_setting(args) -> bool | str:
+    return {"true": True, "false": False}.get(args.keep_host_memory, "auto")
+
+
+def profile_demo(space, args) -> None:
     from difftrain.data.shapes import write_shapes_dataset
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     demo.update(output_dir=str(space.work / "demo"))
     demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
     demo["log"]["tensorboard"] = False
-    demo["training"]["attention"] = args.attention
+    demo["training"].update(attention=args.attention, keep_host_memory=host_setting(args))
     print_table("demo step (class-conditional, 1.5M-parameter UNet, 32 px, batch 16)",
                 profile_trainer(demo, args.steps, ops=args.ops))
 
+
+def profile_text2image(space, args) -> None:
     text2image = {
         "output_dir": str(space.work / "t2i"), "method": "text2image",
         "data": {"path": str(space.data_dir), "resolution": args.size, "random_flip": False},
         "model": {"base": str(space.model_dir)},
         "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4,
-                     "attention": args.attention},
+                     "attention": args.attention, "mixed_precision": args.precision,
+                     "keep_host_memory": host_setting(args)},
         "log": {"tensorboard": False},
     }
-    print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache)",
+    print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache, "
+                f"precision {args.precision})",
                 profile_trainer(text2image, args.steps, ops=args.ops))
 
 

@@ -1,8 +1,11 @@
 """Text-to-image training steps/s and peak memory: difftrain (with and without the cache, and with
 gradient checkpointing) against the loop the seeds write (VAE encode and text encode inside every
-step), in one process, on the same SD-shaped model, data and batch.
+step), in one benchmark run, on the same SD-shaped model, data, batch and precision. Each run of a
+variant is a fresh process: difftrain's runs set process-wide state the baseline must not inherit
+(training.keep_host_memory).
 
-    .venv/bin/python benchmarks/text2image_step.py [--steps 60] [--batch 4] [--size 128]
+    .venv/bin/python benchmarks/text2image_step.py [--steps 60] [--batch 4] [--size 128] [--precision bf16]
+        [--rounds 2]
 
 Peak memory is the peak CUDA allocation on a GPU; on a CPU it is the peak resident set size
 above what the process held before that variant started (sampled every 5 ms).
@@ -10,9 +13,8 @@ above what the process held before that variant started (sampled every 5 ms).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,10 +109,18 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     return (steps - 1 if after_first_step else steps) / (time.perf_counter() - started)
 
 
-def difftrain_text2image(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, size: int, cache: bool,
-                         checkpointing: bool = False) -> float:
-    return difftrain_run(model_dir, data_dir, out, steps, batch, size, data={"cache": {"latents": cache, "text": cache}},
-                         training={"gradient_checkpointing": checkpointing})[0]
+def plain_loop(out: Path, **loop) -> float:
+    """seeds_style_loop as a benchmark variant (it writes nothing to `out`)."""
+    return seeds_style_loop(**loop)
+
+
+def difftrain_text2image(out: Path, model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, cache: bool,
+                         checkpointing: bool = False, precision: str = "no",
+                         keep_host_memory: bool | str = "auto") -> float:
+    return difftrain_run(model_dir, data_dir, out, steps, batch, size, after_first_step=True,
+                         data={"cache": {"latents": cache, "text": cache}},
+                         training={"gradient_checkpointing": checkpointing, "mixed_precision": precision,
+                                   "keep_host_memory": keep_host_memory})[0]
 
 
 def main() -> None:
@@ -118,36 +128,44 @@ def main() -> None:
     # 60, not the shared 20: each run's first steps (kernel choice, allocator growth) weigh on 20
     # steps and moved the ratios by up to 0.25 between runs.
     parser.set_defaults(steps=60)
+    parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="both loops: frozen parts in this type and autocast around the UNet (bf16: what "
+                             "`mixed_precision: auto` picks on a CPU with AVX512-BF16 or AMX)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, in alternating order")
     args = parser.parse_args()
+    precision = args.precision
     space = workspace(args.size, args.batch)
     model_dir, data_dir, device = space.model_dir, space.data_dir, space.device
-    print(f"device: {device_name(device)}; {args.steps} steps of batch {args.batch} at {args.size} px")
+    print(f"device: {device_name(device)}; {args.steps} steps of batch {args.batch} at {args.size} px, "
+          f"precision {precision}")
 
     baseline = "seeds-style loop (encode every step)"
+    shared = dict(model_dir=model_dir, data_dir=data_dir, steps=args.steps, batch=args.batch, size=args.size,
+                  precision=precision)
     variants = {
-        baseline: lambda out: seeds_style_loop(model_dir, data_dir, args.steps, args.batch, args.size, device),
-        "difftrain, no cache": lambda out: difftrain_text2image(
-            model_dir, data_dir, out, args.steps, args.batch, args.size, False),
-        "difftrain, cached latents + text": lambda out: difftrain_text2image(
-            model_dir, data_dir, out, args.steps, args.batch, args.size, True),
-        "difftrain, cached + grad. checkpointing": lambda out: difftrain_text2image(
-            model_dir, data_dir, out, args.steps, args.batch, args.size, True, checkpointing=True),
+        baseline: partial(plain_loop, device=device, after_first_step=True, **shared),
+        "difftrain, no cache": partial(difftrain_text2image, cache=False, **shared),
+        "difftrain, no cache, host memory released": partial(difftrain_text2image, cache=False,
+                                                             keep_host_memory=False, **shared),
+        "difftrain, cached latents + text": partial(difftrain_text2image, cache=True, **shared),
+        "difftrain, cached + grad. checkpointing": partial(difftrain_text2image, cache=True, checkpointing=True,
+                                                           **shared),
     }
-    # A short untimed baseline first, so no variant pays the process's first-use costs
-    # (imports, allocator growth).
-    with contextlib.redirect_stdout(io.StringIO()):
-        seeds_style_loop(model_dir, data_dir, 3, args.batch, args.size, device)
-    results = alternate(variants, space)
-
+    # Every run in a fresh process: the baseline gets glibc's malloc as a user's script does
+    # (difftrain keeps freed host memory, training.keep_host_memory), and no variant inherits
+    # another's warm state. The rates leave out each run's first step, where a fresh process
+    # builds its kernels.
+    results = alternate(variants, space, rounds=args.rounds, fresh_processes=True)
     baseline_rate, baseline_memory = results[baseline]
-    print(f"\n{'variant':40s} {'steps/s':>8s} {'x base':>7s} {'peak MiB':>9s} {'x base':>7s}")
+    print(f"\n{'variant':44s} {'steps/s':>8s} {'x base':>7s} {'peak MiB':>9s} {'x base':>7s}")
     for name, (rate, peak) in results.items():
-        print(f"{name:40s} {rate:8.2f} {rate / baseline_rate:7.2f} {peak / 2**20:9.0f} "
+        print(f"{name:44s} {rate:8.2f} {rate / baseline_rate:7.2f} {peak / 2**20:9.0f} "
               f"{peak / max(baseline_memory, 1):7.2f}")
-    print("(steps/s: mean of two runs each, alternating order. difftrain's figure is the run summary's steps alone:\n"
-          " data, step and logging, without previews or checkpoints; the cache's one-off fill and model loading are\n"
-          " not in it.\n"
-          " peak: the larger of the two runs, model loading included)")
+    print(f"(steps/s: mean of {args.rounds} runs each, alternating order, each run in a fresh process, its first\n"
+          " step left out. difftrain's figure is the run summary's steps alone: data, step and logging, without\n"
+          " previews or checkpoints; the cache's one-off fill and model loading are not in it. 'host memory\n"
+          " released': training.keep_host_memory off, glibc's malloc defaults as in the baseline.\n"
+          " peak: the largest of the runs, model loading included)")
 
 
 if __name__ == "__main__":

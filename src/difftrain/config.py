@@ -233,6 +233,11 @@ class TrainingConfig(Section):
         description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps, off on a CPU "
                     "(where it did not pay: benchmarks/demo_levers.py)",
     )
+    keep_host_memory: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="keep the host memory a step frees for the next one (glibc malloc thresholds) instead of faulting "
+                    "it back in every step; auto = when training on a CPU. The process keeps its peak resident size",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -679,6 +684,7 @@ RESUME_SAFE_KEYS = (
     "t2i_adapter.validation",
     "log.",
     "data.num_workers",
+    "training.keep_host_memory",  # where freed memory goes, not what is computed
     "data.path",
     "model.class_guidance",  # what previews and the manifest sample with
     "data.cache.",

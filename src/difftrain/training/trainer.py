@@ -34,7 +34,7 @@ from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
 from difftrain.sampling.images import make_grid
-from difftrain.training import rng, sharding, zero
+from difftrain.training import host_memory, rng, sharding, zero
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -109,6 +109,8 @@ class Trainer:
             # on a machine with no GPU and runs N independent single-process trainings.
             cpu=not _has_accelerator_device(),
         )
+        # Before any model loads, so loading's and the first step's blocks are reused too.
+        self.host_memory = host_memory.configure(config.training.keep_host_memory, self.accelerator.device)
         sharding.honour_fsdp_on_cpu(self.accelerator)
         zero.honour_on_cpu(self.accelerator)
         self.sharded = sharding.is_sharded(self.accelerator)
@@ -494,6 +496,7 @@ class Trainer:
             f"took {timer.aside_seconds:.0f} s more)",
             f"  precision   {_precision_line(self.accelerator.mixed_precision, config.training.mixed_precision)}",
             f"  memory      {held / 2**20:.2f} MiB of trained weights and optimizer state per process{split}",
+            f"  host memory freed memory {self.host_memory}",
             *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
                f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",

@@ -139,10 +139,6 @@ def main() -> None:
         profile_text2image(space, args)
 
 
-def host_setting(args) -> bool | str:
-    return {"true": True, "false": False}.get(args.keep_host_memory, "auto")
-
-
 def profile_demo(space, args) -> None:
     from difftrain.data.shapes import write_shapes_dataset
 
@@ -150,7 +146,7 @@ def profile_demo(space, args) -> None:
     demo.update(output_dir=str(space.work / "demo"))
     demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
     demo["log"]["tensorboard"] = False
-    demo["training"].update(attention=args.attention, keep_host_memory=host_setting(args))
+    demo["training"].update(attention=args.attention, keep_host_memory=args.keep_host_memory)
     print_table("demo step (class-conditional, 1.5M-parameter UNet, 32 px, batch 16)",
                 profile_trainer(demo, args.steps, ops=args.ops))
 
@@ -162,7 +158,7 @@ def profile_text2image(space, args) -> None:
         "model": {"base": str(space.model_dir)},
         "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4,
                      "attention": args.attention, "mixed_precision": args.precision,
-                     "keep_host_memory": host_setting(args)},
+                     "keep_host_memory": args.keep_host_memory},
         "log": {"tensorboard": False},
     }
     print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache, "

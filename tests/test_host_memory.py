@@ -15,11 +15,11 @@ from difftrain.config import TrainingConfig, parse_config, resume_conflicts
 from difftrain.training.host_memory import configure, wanted
 
 # Frees and re-allocates a 64 MiB tensor ten times and prints the page faults that cost, first
-# with glibc's defaults, then after keep_freed_memory(). In a fresh process: the setting is
+# with glibc's defaults, then after a CPU run's configure(). In a fresh process: the setting is
 # process-wide and one-way, and the test process may already hold it from a training test.
 FAULTS = """
 import resource, sys, torch
-from difftrain.training.host_memory import keep_freed_memory
+from difftrain.training.host_memory import configure
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -29,7 +29,7 @@ def faults():
 
 faults()  # the first use of torch's allocation paths
 default = faults()
-print(keep_freed_memory())
+print(configure("auto", torch.device("cpu")))
 faults()  # the block is faulted in once more, then kept
 print(default, faults())
 """

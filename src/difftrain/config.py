@@ -677,6 +677,7 @@ RESUME_SAFE_KEYS = (
     "version",
     "output_dir",
     "training.max_steps",
+    "training.keep_host_memory",  # where freed memory goes, not what is computed
     "checkpoint.",
     "sample.",
     "eval.",  # evaluation draws with its own generators: it never changes the weights
@@ -684,7 +685,6 @@ RESUME_SAFE_KEYS = (
     "t2i_adapter.validation",
     "log.",
     "data.num_workers",
-    "training.keep_host_memory",  # where freed memory goes, not what is computed
     "data.path",
     "model.class_guidance",  # what previews and the manifest sample with
     "data.cache.",

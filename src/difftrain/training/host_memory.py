@@ -19,7 +19,6 @@ the rest of the process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 import torch
@@ -30,17 +29,20 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free hea
 
 
 _kept = False  # whether this process's thresholds were raised: there is no going back
+KEPT = "kept for the next step"
 
 
 def configure(setting: bool | str, device: torch.device) -> str:
     """Apply `training.keep_host_memory` for a run on `device`; returns what the run summary says."""
     global _kept
     if wanted(setting, device):
-        said = keep_freed_memory()
-        _kept = _kept or said.startswith("kept")
-        return said
+        refused = _raise_thresholds()
+        if refused:
+            return f"returned to the OS ({refused})"
+        _kept = True
+        return f"{KEPT} (glibc malloc thresholds raised; resident size stays at its peak)"
     if _kept:
-        return "kept for the next step (an earlier run in this process raised glibc's thresholds: that is one-way)"
+        return f"{KEPT} (an earlier run in this process raised glibc's thresholds: that is one-way)"
     return "returned to the OS (malloc's defaults)"
 
 
@@ -49,11 +51,11 @@ def wanted(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cpu" if setting == "auto" else bool(setting)
 
 
-def keep_freed_memory() -> str:
-    """Raise glibc's mmap and trim thresholds for this process; returns what the run summary says."""
+def _raise_thresholds() -> str | None:
+    """Raise glibc's mmap and trim thresholds for this process; None when done, else why not."""
     if platform.libc_ver()[0] != "glibc":
-        return f"returned to the OS (not glibc's malloc, {platform.system()}: nothing to tune)"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return f"not glibc's malloc, {platform.system()}: nothing to tune"
+    libc = ctypes.CDLL(None)  # the process's own symbols, glibc's mallopt among them
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        return "returned to the OS (glibc refused the malloc thresholds)"
-    return "kept for the next step (glibc malloc thresholds raised; resident size stays at its peak)"
+        return "glibc refused the malloc thresholds"
+    return None

@@ -221,17 +221,39 @@ def test_a_resumed_auto_run_keeps_the_precision_its_checkpoint_trained_in(make_c
     assert "  precision   fp32 (mixed_precision: auto)\n" in capsys.readouterr().out
 
 
-def test_compile_auto_is_eager_on_a_cpu_and_a_resumed_auto_run_keeps_its_checkpoints_choice():
-    from difftrain.config import TrainingConfig
-    from difftrain.training.optim import resolve_compile
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's rule")
+def test_compile_auto_on_a_cpu_is_long_bf16_sd_unet_runs_only_and_a_resumed_auto_run_keeps_its_checkpoints_choice(
+        monkeypatch):
+    from difftrain.config import parse_config
+    from difftrain.training.optim import CPU_COMPILE_MIN_STEPS, resolve_compile
 
-    auto = TrainingConfig(compile="auto", max_steps=5000)
-    assert resolve_compile(auto) is torch.cuda.is_available()  # inductor does not pay on a CPU
-    assert resolve_compile(TrainingConfig(compile="auto", max_steps=10)) is False  # too short to earn it back
-    assert resolve_compile(auto, recorded=True) is True  # written on a GPU: stays compiled, so resume is exact
-    assert resolve_compile(TrainingConfig(compile="auto", max_steps=5000), recorded=False) is False
-    assert resolve_compile(TrainingConfig(compile=True)) is True
-    assert resolve_compile(TrainingConfig(compile="false")) is False
+    def config(method="text2image", steps=CPU_COMPILE_MIN_STEPS, compile="auto", **sections):
+        latent = {"model": {"base": "sd"}} if method != "unconditional" else {}
+        return parse_config({"method": method, "data": {"path": "d"}, **latent,
+                             "training": {"compile": compile, "max_steps": steps}, **sections})
+
+    long_sd = config()
+    assert resolve_compile(long_sd, "bf16") is True  # ~36 ms a step: pays a cold compile (optim.py)
+    dreambooth = config(method="dreambooth",
+                        dreambooth={"instance_prompt": "a photo of sks dog", "prior_preservation": False})
+    assert resolve_compile(dreambooth, "bf16") is True  # the same UNet, trained whole
+    # Eager wherever inductor did not pay or was not measured to: fp32, the demo's pixel UNet, LoRA, a text
+    # encoder trained beside the UNet, a ControlNet, and runs too short to earn the compile back.
+    assert resolve_compile(long_sd, "no") is False
+    assert resolve_compile(config(method="unconditional"), "bf16") is False
+    assert resolve_compile(config(lora={"enabled": True}), "bf16") is False
+    assert resolve_compile(config(text2image={"train_text_encoder": True}), "bf16") is False
+    assert resolve_compile(config(method="controlnet"), "bf16") is False
+    assert resolve_compile(config(steps=CPU_COMPILE_MIN_STEPS - 1), "bf16") is False
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")  # no C++ compiler for inductor's CPU code: eager rather than fail at step 1
+    assert resolve_compile(long_sd, "bf16") is False
+    monkeypatch.undo()
+    # A resumed auto run does what its checkpoint recorded, so resume is exact; an explicit setting is obeyed.
+    assert resolve_compile(long_sd, "bf16", recorded=False) is False
+    assert resolve_compile(config(steps=10), "no", recorded=True) is True
+    assert resolve_compile(config(steps=10, compile=True), "no") is True
+    assert resolve_compile(config(compile="false"), "bf16") is False
 
 
 def test_resume_refuses_a_changed_data_set(make_config, tmp_path, shapes_dir, capsys):

@@ -1,7 +1,8 @@
 """Exponential moving average of the trained weights, on top of diffusers' EMAModel.
 
-We keep diffusers' update rule (decay warm-up included) and add what checkpoints need:
-the shadow weights by parameter name as safetensors, the counters as plain JSON.
+We keep diffusers' decay schedule (warm-up included) and its state, and add what checkpoints
+need: the shadow weights by parameter name as safetensors, the counters as plain JSON. The update
+itself is ours (`Ema.step`): one fused lerp per tensor instead of diffusers' three passes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ class Ema:
             inv_gamma=1.0,
         )
 
+    @torch.no_grad()
     def step(self, model: torch.nn.Module) -> None:
-        self.inner.step(self.held(model))
+        """diffusers' EMAModel.step, with its update `shadow -= (1 - decay) * (shadow - param)` as one
+        lerp per tensor: diffusers makes three passes over every weight (sub, mul, sub_) and two
+        temporaries, which on SD 1.5's UNet at a quarter width took 27 ms a step on this project's 2-core
+        CPU against 15 ms (`benchmarks/optimizer_step.py`). lerp rounds once where diffusers rounds
+        twice, so the shadow weights may differ from diffusers' in the last bit."""
+        inner = self.inner
+        inner.optimization_step += 1
+        inner.cur_decay_value = inner.get_decay(inner.optimization_step)
+        torch._foreach_lerp_(inner.shadow_params, self.held(model), 1 - inner.cur_decay_value)
 
     @property
     def decay(self) -> float:

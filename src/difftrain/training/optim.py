@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 
 import torch
 from diffusers.optimization import get_scheduler
 
-from difftrain.config import ConfigError, TrainingConfig
+from difftrain.config import ConfigError, RunConfig, Text2ImageRun, TrainingConfig
 from difftrain.training.attention import set_attention
 
 
@@ -36,6 +38,25 @@ def build_optimizer(groups: list[dict], training: TrainingConfig) -> torch.optim
     return torch.optim.AdamW(groups, fused=fusable or None, **kwargs)
 
 
+def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> None:
+    """accelerate's clip_grad_norm_, except where the gradients are whole on a CPU: there the norm is
+    on the host already, so gradients within `max_norm` are left as they are instead of multiplied by
+    1.0 (torch multiplies always, to spare a GPU the sync). Bit for bit the same gradients; one pass
+    over them less: 11 against 20 ms a step for SD 1.5's UNet at a quarter width on this project's CPU
+    (`benchmarks/optimizer_step.py`). The demo's gradients stayed within its 1.0 in all of its first 400
+    steps."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.device.type != "cpu" or accelerator.distributed_type not in (DistributedType.NO,
+                                                                                 DistributedType.MULTI_CPU):
+        accelerator.clip_grad_norm_(parameters, max_norm)
+        return
+    accelerator.unscale_gradients()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if max_norm / (norm + 1e-6) < 1:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+
+
 def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig):
     # Counted in optimizer steps: the loop calls step() once per update, whatever the
     # accumulation or the number of processes.
@@ -61,18 +82,37 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
         set_attention(name, module, training.attention)
 
 
-def resolve_compile(training: TrainingConfig, recorded: bool | None = None) -> bool:
-    """Whether the trained modules run through torch.compile.
+# On a CPU inductor pays where autocast's casts and the elementwise work between the matmuls are a
+# real share of the step, and a run is long enough to earn the compile back. SD 1.5's UNet at a
+# quarter width, 128 px, batch 4, cached, bf16, six paired runs on 2 CPU cores: x1.01-1.30 a step,
+# ~36 ms saved on average, for ~4 min of cold compiling (~40 s from the kernel cache). A cold
+# compile is earned back after ~6,500 steps; 10,000 leaves room for the slower pairs. In fp32 the
+# same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README).
+CPU_COMPILE_MIN_STEPS = 10_000
 
-    `auto` compiles on a CUDA GPU for runs long enough to earn the compile time back (a
-    minute or two for an SD UNet) and never on a CPU: there inductor made the demo's UNet
-    step 1.05x faster for 87 s of compiling, break-even after ~10,000 steps, and 0.97x under
-    bf16 (benchmarks/demo_levers.py --compile). A resumed `auto` run keeps the choice its
-    checkpoint `recorded`: compiled and eager kernels round differently, and resume is exact.
+
+def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = None) -> bool:
+    """Whether the trained modules run through torch.compile (`precision`: the autocast that runs).
+
+    `auto` compiles on a CUDA GPU for runs long enough to earn the compile time back (a minute or
+    two for an SD UNet). On a CPU, only a whole Stable Diffusion UNet trained under bf16 for
+    CPU_COMPILE_MIN_STEPS or more (measured above), where a C++ compiler is installed. A resumed
+    `auto` run keeps the choice its checkpoint `recorded`: compiled and eager kernels round
+    differently, and resume is exact.
     """
-    if training.compile == "auto":
-        return recorded if recorded is not None else torch.cuda.is_available() and training.max_steps >= 1000
-    return bool(training.compile)
+    training = config.training
+    if training.compile != "auto":
+        return bool(training.compile)
+    if recorded is not None:
+        return recorded
+    if torch.cuda.is_available():
+        return training.max_steps >= 1000
+    whole_unet_alone = (isinstance(config, Text2ImageRun) and not config.lora.enabled
+                        and not config.trains_text_encoder)
+    # Inductor writes C++ for a CPU: without a compiler on the machine the run would fail at its first step.
+    has_compiler = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+    return (precision == "bf16" and whole_unet_alone and training.max_steps >= CPU_COMPILE_MIN_STEPS
+            and has_compiler)
 
 
 def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> str:
@@ -103,5 +143,8 @@ def compile_modules(modules: dict[str, torch.nn.Module]) -> None:
     from difftrain.cache import use_compile_cache
 
     use_compile_cache()
+    # diffusers' upsampling asks is_torch_version (an lru_cache) on every call; dynamo traces through the
+    # cache and says so in a long warning a run would print for nothing: the answer is a constant.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
     for module in modules.values():
         module.compile()

@@ -54,6 +54,7 @@ from difftrain.training.optim import (
     apply_speed_options,
     build_lr_schedule,
     build_optimizer,
+    clip_gradients,
     compile_modules,
     resolve_compile,
     resolve_precision,
@@ -119,7 +120,8 @@ class Trainer:
         # The weights themselves are split: every process takes part in gathering them for samples and saves.
         self.partitioned = self.sharded or self.zero_stage == 3
         self.main = self.accelerator.is_main_process
-        self.compiled = resolve_compile(config.training) and not self.zero_stage  # DeepSpeed: see zero.configure
+        self.compiled = (resolve_compile(config, self.accelerator.mixed_precision)
+                         and not self.zero_stage)  # DeepSpeed: see zero.configure
         self.progress = progress and self.main
         # Refuse a run that cannot start before any model loads or any cache fills.
         self.resume = resume
@@ -218,7 +220,7 @@ class Trainer:
                         loss = self.method.loss(self.wrapped, batch, self.noise_generator)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and config.training.max_grad_norm and not self.zero_stage:
-                            accelerator.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
+                            clip_gradients(accelerator, self.parameters, config.training.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     loss_sum += loss.detach()
@@ -350,7 +352,8 @@ class Trainer:
                 + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
             )
         # An explicit training.compile that differs is a config conflict above; `auto` follows the checkpoint.
-        self.compiled = resolve_compile(self.config.training, state.get("compiled", False))
+        self.compiled = resolve_compile(self.config, self.accelerator.mixed_precision,
+                                        state.get("compiled", False))
         written = _parallelism(state.get("sharded", False), state.get("zero_stage", 0))
         now = _parallelism(self.sharded, self.zero_stage)
         if written != now:

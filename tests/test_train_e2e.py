@@ -238,12 +238,14 @@ def test_compile_auto_on_a_cpu_is_long_bf16_sd_unet_runs_only_and_a_resumed_auto
                         dreambooth={"instance_prompt": "a photo of sks dog", "prior_preservation": False})
     assert resolve_compile(dreambooth, "bf16") is True  # the same UNet, trained whole
     # Eager wherever inductor did not pay or was not measured to: fp32, the demo's pixel UNet, LoRA, a text
-    # encoder trained beside the UNet, a ControlNet, and runs too short to earn the compile back.
+    # encoder trained beside the UNet, a ControlNet, buckets, and runs too short to earn the compile back.
     assert resolve_compile(long_sd, "no") is False
     assert resolve_compile(config(method="unconditional"), "bf16") is False
     assert resolve_compile(config(lora={"enabled": True}), "bf16") is False
     assert resolve_compile(config(text2image={"train_text_encoder": True}), "bf16") is False
     assert resolve_compile(config(method="controlnet"), "bf16") is False
+    bucketed = config(data={"path": "d", "resolution": 128, "buckets": {"enabled": True}})
+    assert resolve_compile(bucketed, "bf16") is False  # every bucket's shape would compile again
     assert resolve_compile(config(steps=CPU_COMPILE_MIN_STEPS - 1), "bf16") is False
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", "")  # no C++ compiler for inductor's CPU code: eager rather than fail at step 1

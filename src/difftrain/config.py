@@ -230,9 +230,10 @@ class TrainingConfig(Section):
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
     compile: Union[Literal["auto"], bool] = Field(
         "auto",
-        description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps; on a CPU only "
-                    "for a whole SD UNet trained in bf16 for 10000+ steps (x1.01-1.30 a step there; fp32 and the "
-                    "demo's pixel UNet did not pay: benchmarks/text2image_step.py --compile, demo_levers.py)",
+        description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps; on a CPU "
+                    "only for a whole SD UNet trained in bf16 at one size for 10000+ steps (x1.01-1.30 a step there; "
+                    "fp32 and the demo's pixel UNet did not pay: benchmarks/text2image_step.py --compile, "
+                    "demo_levers.py)",
     )
     keep_host_memory: Union[Literal["auto"], bool] = Field(
         "auto",

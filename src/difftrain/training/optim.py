@@ -95,8 +95,9 @@ def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = N
     """Whether the trained modules run through torch.compile (`precision`: the autocast that runs).
 
     `auto` compiles on a CUDA GPU for runs long enough to earn the compile time back (a minute or
-    two for an SD UNet). On a CPU, only a whole Stable Diffusion UNet trained under bf16 for
-    CPU_COMPILE_MIN_STEPS or more (measured above), where a C++ compiler is installed. A resumed
+    two for an SD UNet). On a CPU, only a whole Stable Diffusion UNet trained under bf16 at one
+    image size (no buckets) for CPU_COMPILE_MIN_STEPS or more (measured above), where a C++
+    compiler is installed. A resumed
     `auto` run keeps the choice its checkpoint `recorded`: compiled and eager kernels round
     differently, and resume is exact.
     """
@@ -109,9 +110,10 @@ def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = N
         return training.max_steps >= 1000
     whole_unet_alone = (isinstance(config, Text2ImageRun) and not config.lora.enabled
                         and not config.trains_text_encoder)
+    one_shape = not config.data.buckets.enabled  # measured at one shape; each bucket's shape compiles again
     # Inductor writes C++ for a CPU: without a compiler on the machine the run would fail at its first step.
     has_compiler = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
-    return (precision == "bf16" and whole_unet_alone and training.max_steps >= CPU_COMPILE_MIN_STEPS
+    return (precision == "bf16" and whole_unet_alone and one_shape and training.max_steps >= CPU_COMPILE_MIN_STEPS
             and has_compiler)
 
 

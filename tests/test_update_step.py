@@ -48,12 +48,16 @@ def test_clip_gradients_matches_torch_bit_for_bit(limit):
         model(inputs).square().sum().backward()
     trained = [p for p in mine.parameters() if p.requires_grad]
     before = [p.grad.clone() for p in trained]
+    versions = [p.grad._version for p in trained]  # bumped by every in-place write, torch's multiply by 1.0 too
     norm = torch.nn.utils.get_total_norm(before)
     assert (norm > limit) == (limit == 0.01)  # the two cases are what their names say
 
     clip_gradients(Accelerator(cpu=True), trained, limit)
     torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], limit)
-    for p, q, original in zip(trained, (p for p in reference.parameters() if p.requires_grad), before):
+    for p, q, original, version in zip(trained, (p for p in reference.parameters() if p.requires_grad), before,
+                                       versions):
         assert torch.equal(p.grad, q.grad)
         assert torch.equal(p.grad, original) == (limit == 1000.0)
+        assert (p.grad._version == version) == (limit == 1000.0)  # within the limit: not a pass over them
+    assert all(q.grad._version > 0 for q in reference.parameters() if q.requires_grad)  # torch's always writes
     assert torch.nn.utils.get_total_norm([p.grad for p in trained]) == pytest.approx(min(limit, norm.item()), rel=1e-5)

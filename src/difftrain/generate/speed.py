@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from difftrain.cache import use_compile_cache
+from difftrain.cache import prepare_compile
 from difftrain.errors import DifftrainError
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -29,7 +29,7 @@ def compile_pipeline(pipe, mode: str) -> None:
     """Compile the UNet and the VAE decoder in `mode` (each compiles on its first call)."""
     import torch
 
-    use_compile_cache()
+    prepare_compile()
     pipe.unet = torch.compile(pipe.unet, mode=mode)
     if mode in _CUDA_GRAPH_MODES:
         # A CUDA graph writes each call's output into the same buffer. A scheduler that keeps the

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import torch
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
 from difftrain.config import ConfigError, RunConfig, Text2ImageRun, TrainingConfig
@@ -44,16 +44,14 @@ def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: 
     1.0 (torch multiplies always, to spare a GPU the sync). Bit for bit the same gradients; one pass
     over them less: 11 against 20 ms a step for SD 1.5's UNet at a quarter width on this project's CPU
     (`benchmarks/optimizer_step.py`). The demo's gradients stayed within its 1.0 in all of its first 400
-    steps."""
-    from accelerate.utils import DistributedType
-
+    steps (a one-off check, norms 0.16-0.33)."""
     if accelerator.device.type != "cpu" or accelerator.distributed_type not in (DistributedType.NO,
                                                                                  DistributedType.MULTI_CPU):
         accelerator.clip_grad_norm_(parameters, max_norm)
         return
     accelerator.unscale_gradients()
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    if max_norm / (norm + 1e-6) < 1:
+    if max_norm / (norm + 1e-6) < 1:  # torch's own coefficient, which it clamps to 1
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
 
 
@@ -97,9 +95,8 @@ def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = N
     `auto` compiles on a CUDA GPU for runs long enough to earn the compile time back (a minute or
     two for an SD UNet). On a CPU, only a whole Stable Diffusion UNet trained under bf16 at one
     image size (no buckets) for CPU_COMPILE_MIN_STEPS or more (measured above), where a C++
-    compiler is installed. A resumed
-    `auto` run keeps the choice its checkpoint `recorded`: compiled and eager kernels round
-    differently, and resume is exact.
+    compiler is installed. A resumed `auto` run keeps the choice its checkpoint `recorded`:
+    compiled and eager kernels round differently, and resume is exact.
     """
     training = config.training
     if training.compile != "auto":
@@ -111,10 +108,13 @@ def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = N
     whole_unet_alone = (isinstance(config, Text2ImageRun) and not config.lora.enabled
                         and not config.trains_text_encoder)
     one_shape = not config.data.buckets.enabled  # measured at one shape; each bucket's shape compiles again
-    # Inductor writes C++ for a CPU: without a compiler on the machine the run would fail at its first step.
-    has_compiler = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
     return (precision == "bf16" and whole_unet_alone and one_shape and training.max_steps >= CPU_COMPILE_MIN_STEPS
-            and has_compiler)
+            and _has_cpp_compiler())
+
+
+def _has_cpp_compiler() -> bool:
+    """Inductor writes C++ for a CPU: without a compiler the run would fail at its first step."""
+    return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "clang++", "c++") if name)
 
 
 def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> str:
@@ -142,11 +142,8 @@ def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> 
 def compile_modules(modules: dict[str, torch.nn.Module]) -> None:
     """Compile in place: the modules keep their class, parameter names and state-dict keys,
     so checkpoints, EMA and saving see no wrapper. Kernels go to difftrain's cache, kept across runs."""
-    from difftrain.cache import use_compile_cache
+    from difftrain.cache import prepare_compile
 
-    use_compile_cache()
-    # diffusers' upsampling asks is_torch_version (an lru_cache) on every call; dynamo traces through the
-    # cache and says so in a long warning a run would print for nothing: the answer is a constant.
-    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
+    prepare_compile()
     for module in modules.values():
         module.compile()

@@ -10,7 +10,8 @@ images/s: the number that decides how long a fixed number of training images tak
 other UNet presets, and with --compile torch.compile (inductor), whose compile time is
 printed apart from its step time. Last, the demo's own training loop (the real Trainer on
 configs/demo.yaml, --loop-steps steps, data, EMA and clipping included) in fp32 against
-`training.mixed_precision: auto`, alternating, as its run summary times it; then that loop with
+`training.mixed_precision: auto`, alternating, as its run summary times it; then with the UNet
+preset it had before ("small") against its own ("mini"); then that loop with
 `training.keep_host_memory` off and on, each run in a fresh process (the setting is process-wide
 and one-way).
 """
@@ -36,7 +37,7 @@ from difftrain.models.unet import build_unet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_time(preset: str = "small", batch: int = 16, bf16: bool = False, channels_last: bool = False,
+def step_time(preset: str = "mini", batch: int = 16, bf16: bool = False, channels_last: bool = False,
               compile: bool = False, steps: int = 12) -> tuple[float, float]:
     """(seconds per step, seconds of the first two steps: compiling when compile is on)."""
     torch.manual_seed(0)
@@ -108,10 +109,12 @@ def main() -> None:
         "batch 32": dict(batch=32),
         "batch 64": dict(batch=64),
         "batch 32 + bf16": dict(batch=32, bf16=True),
+        "preset small": dict(preset="small"),
         "preset tiny": dict(preset="tiny"),
-        **({"torch.compile": dict(compile=True)} if args.compile else {}),
+        **({"torch.compile": dict(compile=True), "bf16 + torch.compile": dict(bf16=True, compile=True)}
+           if args.compile else {}),
     }
-    print(f"\n{'lever':20s} {'ms/step':>8s} {'images/s':>9s} {'x base':>7s}   (base: preset small, batch 16, fp32)")
+    print(f"\n{'lever':20s} {'ms/step':>8s} {'images/s':>9s} {'x base':>7s}   (base: preset mini, batch 16, fp32)")
     for name, options in levers.items():
         # The baseline is re-measured beside each lever: this machine's speed drifts by ±10 %.
         base, _ = step_time(steps=args.steps)
@@ -120,7 +123,8 @@ def main() -> None:
         ratio = (batch / seconds) / (16 / base)
         note = f"   first two steps {first:.0f} s (compiling)" if options.get("compile") else ""
         print(f"{name:20s} {seconds * 1000:8.0f} {batch / seconds:9.0f} {ratio:7.2f}   base {base * 1000:.0f} ms{note}")
-    print("(x base: images/s against the baseline measured just before; 'preset tiny' is the test model, for scale)")
+    print("(x base: images/s against the baseline measured just before; 'preset small' is the demo's before, "
+          "'preset tiny' the test model, for scale)")
     if not args.loop_steps:
         return
     from difftrain.training.optim import resolve_precision
@@ -131,6 +135,10 @@ def main() -> None:
     ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
     print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
           f"mixed_precision auto ({ran} here) {auto:.2f} steps/s, x{auto / base:.2f}")
+    results = alternate_loops({preset: [f"model.preset={preset}"] for preset in ("small", "mini")}, args.loop_steps)
+    (small, _), (mini, _) = results["small"], results["mini"]
+    print(f"demo training loop, preset small (the demo's before) {small:.2f} steps/s, mini (the demo's) "
+          f"{mini:.2f} steps/s, x{mini / small:.2f}")
     results = alternate_loops({keep: [f"training.keep_host_memory={keep}"] for keep in ("false", "true")},
                               args.loop_steps, fresh_processes=True)
     (released, _), (kept, _) = results["false"], results["true"]

@@ -147,7 +147,8 @@ def profile_demo(space, args) -> None:
     demo["data"]["path"] = str(write_shapes_dataset(space.work / "shapes32", num_images=512, size=32))
     demo["log"]["tensorboard"] = False
     demo["training"].update(attention=args.attention, keep_host_memory=args.keep_host_memory)
-    print_table("demo step (class-conditional, 1.5M-parameter UNet, 32 px, batch 16)",
+    print_table(f"demo step (class-conditional, UNet preset {demo['model']['preset']}, 32 px, "
+                f"batch {demo['training']['batch_size']})",
                 profile_trainer(demo, args.steps, ops=args.ops))
 
 

@@ -1,9 +1,10 @@
 import json
+import typing
 
 import pytest
 from diffusers import UNet2DModel
 
-from difftrain.config import ConfigError
+from difftrain.config import ConfigError, ModelConfig
 from difftrain.models.unet import UNET_PRESETS, build_unet
 
 
@@ -11,6 +12,11 @@ from difftrain.models.unet import UNET_PRESETS, build_unet
 def test_presets_build_at_the_data_resolution(preset):
     unet = build_unet(preset, None, 3, resolution=32)
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3
+
+
+def test_the_config_offers_every_preset():
+    offered = typing.get_args(typing.get_args(ModelConfig.model_fields["preset"].annotation)[0])
+    assert set(offered) == set(UNET_PRESETS)
 
 
 def test_unet_config_json_overrides_the_preset(tmp_path):

@@ -144,7 +144,7 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     # unconditional (pixel-space UNet2DModel)
-    preset: Optional[Literal["tiny", "small", "base"]] = "small"
+    preset: Optional[Literal["tiny", "mini", "small", "base"]] = "small"
     unet_config: Optional[str] = Field(None, description="a diffusers UNet2DModel config JSON; overrides preset")
     channels: int = Field(3, ge=1, le=4)
     # Class conditioning (unconditional method): a label per image, drawn with classifier-free guidance.

@@ -92,6 +92,26 @@ def test_without_the_terminal_clamp_heun_diverges_on_cosine(monkeypatch):
     assert distance_to_data("heun", "cosine", "epsilon") > 0.4
 
 
+def test_ddim_steps_with_the_noise_of_its_clipped_prediction():
+    """Guidance pushes a predicted x0 past [-1, 1]. DDIM clips it (clip_sample is on in the
+    configs difftrain trains) and must then step with the noise that the clipped x0 implies;
+    with diffusers' default, the unclipped one's, x_t leaves the schedule's scale (max 13.5 here)."""
+    train_scheduler = build_noise_scheduler(NoiseConfig(beta_schedule="cosine", prediction_type="v_prediction"))
+    assert train_scheduler.config.clip_sample
+    alphas_cumprod = train_scheduler.alphas_cumprod
+    largest_input = []
+
+    def overshooting(x, t):  # the exact v of a predicted x0 of 3 everywhere
+        signal, noise = alphas_cumprod[int(t)].sqrt(), (1 - alphas_cumprod[int(t)]).sqrt()
+        largest_input.append(float(x.abs().max()))
+        return signal * (x - signal * 3.0) / noise - noise * 3.0
+
+    sampler = make_scheduler("ddim", train_scheduler.config)
+    samples = denoise(overshooting, sampler, (1, 3, 8, 8), 30, torch.Generator().manual_seed(0))
+    assert torch.all(samples == 1.0)
+    assert max(largest_input) < 4.0, largest_input  # the starting noise's largest value is 3.5
+
+
 def test_without_a_begin_index_karras_runs_off_the_schedule(monkeypatch):
     """Repeated timesteps (Karras sigmas on cosine) need the begin index that denoise() sets."""
     import diffusers

@@ -38,8 +38,13 @@ def denoise(
         scheduler.set_begin_index(0)
     x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
     x = x * scheduler.init_noise_sigma
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    extra = {"generator": generator} if takes_generator else {}
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if "generator" in accepted else {}
+    if "use_clipped_model_output" in accepted:
+        # DDIM clips its predicted x0 (clip_sample, on in DDPM-trained configs) but by default steps
+        # with the noise of the unclipped one. Guidance pushes x0 past [-1, 1], and the two then
+        # disagree: the demo drew 1 clean shape in 48 that way, 30 with the noise re-derived.
+        extra["use_clipped_model_output"] = True
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t).to(dtype)
         prediction = model(model_input, t).float()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from difftrain.errors import ConfigError
 from difftrain.evaluate.names import METRICS, RESULTS
+from difftrain.models.unet import UNET_PRESETS
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config"]
 
@@ -142,9 +143,12 @@ class DataConfig(Section):
         return self
 
 
+UnetPreset = Literal[tuple(UNET_PRESETS)]
+
+
 class ModelConfig(Section):
     # unconditional (pixel-space UNet2DModel)
-    preset: Optional[Literal["tiny", "mini", "small", "base"]] = "small"
+    preset: Optional[UnetPreset] = "small"
     unet_config: Optional[str] = Field(None, description="a diffusers UNet2DModel config JSON; overrides preset")
     channels: int = Field(3, ge=1, le=4)
     # Class conditioning (unconditional method): a label per image, drawn with classifier-free guidance.

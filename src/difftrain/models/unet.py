@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from diffusers import UNet2DModel
+from typing import TYPE_CHECKING
 
 from difftrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 # Sizes chosen by measurement on 2 CPU cores (see README): "tiny" is for tests (a step in
 # milliseconds); "mini" is the demo's: at 32 px it learns the shapes set in fewer minutes than
 # "small", at two thirds of its width and under half its parameters (x1.5 the steps/s, and more
 # clean shapes per step, README "Samplers"); "small", the default, was the demo's before; "base"
 # is the DDPM CIFAR-10 shape for a GPU.
+_SMALL = dict(
+    block_out_channels=(24, 48, 96),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=24,
+)
 UNET_PRESETS: dict[str, dict] = {
     "tiny": dict(
         block_out_channels=(16, 32),
@@ -22,22 +32,8 @@ UNET_PRESETS: dict[str, dict] = {
         layers_per_block=1,
         norm_num_groups=8,
     ),
-    "mini": dict(
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=32,
-    ),
-    "small": dict(
-        block_out_channels=(24, 48, 96),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=24,
-    ),
+    "mini": dict(_SMALL, block_out_channels=(16, 32, 64), attention_head_dim=32),  # small, narrower
+    "small": _SMALL,
     "base": dict(
         block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -66,6 +62,8 @@ def unet_config(preset: str | None, config_file: str | None, channels: int, reso
 
 def build_unet(preset: str | None, config_file: str | None, channels: int, resolution: int,
                num_class_embeds: int | None = None) -> UNet2DModel:
+    from diffusers import UNet2DModel  # here, not at import: the config module reads the presets' names
+
     config = unet_config(preset, config_file, channels, resolution)
     if num_class_embeds:
         config["num_class_embeds"] = num_class_embeds

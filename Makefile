@@ -46,8 +46,12 @@ mini-controlnet: setup
 	$(DIFFTRAIN) train configs/mini-sd/controlnet.yaml $$(ls runs/mini-controlnet/checkpoints/step-*/state.json >/dev/null 2>&1 && echo --resume latest)
 	$(PY) benchmarks/controlnet_control.py runs/mini-controlnet
 
+# Test files are shared between TEST_WORKERS processes (pytest-xdist), a file's tests on one worker so its
+# module fixtures are built once; conftest.py splits torch's threads between the workers.
+TEST_WORKERS ?= 2
+
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The web page's test drives Debian's chromium; installed here where apt and root allow, else
 # that one test is skipped with the reason.
@@ -90,7 +94,7 @@ test-latest:
 	$(EVAL_SPECS) | sed 's/[<>=!~;].*//' | xargs .venv-latest/bin/pip install --quiet --no-deps --upgrade
 	.venv-latest/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|numpy|pydantic)=='
-	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest -q
+	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Our metric code against torch-fidelity's and lpips' own (tests/test_eval_parity.py). They import
 # torchvision, which does not install beside the CPU torch of `make setup`; on x86_64 Linux the

@@ -17,12 +17,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in each of pytest-xdist's worker processes (make test)
+if WORKER:
+    # Each worker with every core would put twice as many threads as cores on the machine, and OpenMP
+    # threads that wait for a busy core spin: the cores are shared out instead. The processes a test
+    # starts get the same count, since a sum split over another number of threads rounds differently
+    # (the resume tests compare a killed subprocess's weights with this process's bit for bit).
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def difftrain_cache(tmp_path_factory) -> Path:
     """difftrain's cache (compiled kernels, default feature caches) beside pytest's temporary folders, never
-    in the home folder. It outlives a session, as the real cache does, so compiled kernels are reused."""
-    folder = tmp_path_factory.getbasetemp().parent / "difftrain-cache"
+    in the home folder. It outlives a session, as the real cache does, so compiled kernels are reused; the
+    workers of one session share it (inductor writes its cache entries atomically)."""
+    session_folder = tmp_path_factory.getbasetemp().parent if WORKER else tmp_path_factory.getbasetemp()
+    folder = session_folder.parent / "difftrain-cache"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIFFTRAIN_CACHE", str(folder))
         yield folder

@@ -207,7 +207,8 @@ def test_captions_fill_the_missing_ones_and_the_modes_and_trigger_word_apply(mes
 
     processor, model = AutoProcessor.from_pretrained(tiny_blip), AutoModelForImageTextToText.from_pretrained(tiny_blip)
     inputs = processor(images=[Image.open(messy / name).convert("RGB") for name in unseen], return_tensors="pt")
-    direct = processor.batch_decode(model.generate(**inputs, max_new_tokens=40, do_sample=False), skip_special_tokens=True)
+    # 31: what the curate's 40 leaves room for in the tiny decoder's 32 positions after the start token
+    direct = processor.batch_decode(model.generate(**inputs, max_new_tokens=31, do_sample=False), skip_special_tokens=True)
     assert [written[name] for name in unseen] == ["shp, " + text for text in direct]
     assert all(text.startswith("a ") for text in direct)
     assert written["000000.png"] == "shp, a red circle"  # fill-missing keeps the caption it had
@@ -221,6 +222,25 @@ def test_captions_fill_the_missing_ones_and_the_modes_and_trigger_word_apply(mes
     _curate(messy, appended, "--caption", str(tiny_blip), "--caption-mode", "append")
     rows = {row["file_name"]: row["text"] for row in map(json.loads, (appended / "metadata.jsonl").read_text().splitlines())}
     assert rows["000000.png"].startswith("a red circle, a ")
+
+
+def test_a_captioner_that_never_ends_its_caption_stops_at_its_position_table(shapes32, tmp_path):
+    """An untrained decoder rarely writes its end token: asked for more tokens than its 32 positions hold,
+    it gives its longest caption instead of an index error from deep inside its embedding."""
+    from difftrain.curate.scorers import Captioner
+    from difftrain.curate.tiny import tiny_blip as build
+
+    model, processor = build(["a", "red", "circle"], tmp_path / "blip")
+    head = model.text_decoder.cls.predictions.decoder
+    with torch.no_grad():  # a head that always writes "a"
+        head.weight.zero_()
+        head.bias.zero_()[processor.tokenizer.convert_tokens_to_ids("a")] = 1.0
+    model.save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    captioner = Captioner(tmp_path / "blip", max_new_tokens=100)
+    captions = captioner([Image.open(shapes32 / "000000.png"), Image.open(shapes32 / "000001.png")])
+    lengths = [len(processor.tokenizer(text, add_special_tokens=False).input_ids) for text in captions]
+    assert lengths == [31, 31], captions  # 32 positions less the start token
 
 
 def test_sharded_runs_fill_the_cache_and_the_final_run_matches_one_run(messy, tiny_clip, tmp_path, monkeypatch):

@@ -107,6 +107,16 @@ class Captioner:
         self.device, self.batch_size = device, batch_size
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
+    def _room(self, inputs) -> int:
+        """max_new_tokens, less what would run past the text decoder's position table: a model that never
+        writes its end token (a small or young one) would otherwise fail with an index error in its
+        embedding instead of giving its longest caption."""
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if positions is None:
+            return self.max_new_tokens
+        prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1  # else the start token alone
+        return max(1, min(self.max_new_tokens, positions - prompt))
+
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> list[str]:
         captions = []
@@ -114,6 +124,6 @@ class Captioner:
             batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
             extra = {"text": [self.prompt] * len(batch)} if self.prompt else {}
             inputs = self.processor(images=batch, return_tensors="pt", **extra).to(self.device)
-            tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+            tokens = self.model.generate(**inputs, max_new_tokens=self._room(inputs), do_sample=False, num_beams=1)
             captions += [" ".join(text.split()) for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
         return captions

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in each of pytest-xdist's worker processes (make test)
 if WORKER:
-    # Each worker with every core would put twice as many threads as cores on the machine, and OpenMP
-    # threads that wait for a busy core spin: the cores are shared out instead. The processes a test
+    # Each worker with every core would put twice as many threads as cores on the machine: the cores
+    # are shared out instead (measured with one thread a worker: 7.6 min, README). The processes a test
     # starts get the same count, since a sum split over another number of threads rounds differently
     # (the resume tests compare a killed subprocess's weights with this process's bit for bit).
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))

@@ -76,16 +76,19 @@ def test_compiled_unet_and_vae_draw_the_plain_images_and_a_later_run_compiles_fr
         difftrain_cache, tmp_path, monkeypatch, capsys):
     """A model of one level each: inductor's cold compile of both graphs is ~30 s on 2 cores (the test
     session's cache outlives it, as difftrain's does, so that is paid once on a machine)."""
+    from torch._dynamo.utils import counters
+
     from difftrain.models.tiny_sd import write_tiny_sd
 
-    from torch._dynamo.utils import counters
+    def forget_compiled_code():
+        torch._dynamo.reset()
+        counters.clear()
 
     model = write_tiny_sd(tmp_path / "one-level", unet_channels=(16,), vae_channels=(16,), sample_size=8)
     kernels = difftrain_cache / "torch-compile"
     # The report counts this process's compiles, as a `difftrain generate` process has only its own;
     # a test worker may have compiled something else before.
-    torch._dynamo.reset()
-    counters.clear()
+    forget_compiled_code()
     monkeypatch.setattr("difftrain.cache._INDUCTOR_DIR_GIVEN", None)  # as where TORCHINDUCTOR_CACHE_DIR is unset
     args = ["generate", str(model), "--prompt", "a red circle", "--steps", "4", "--batch-size", "2", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "eager")]) == 0
@@ -97,8 +100,7 @@ def test_compiled_unet_and_vae_draw_the_plain_images_and_a_later_run_compiles_fr
         assert np.abs(pixels(tmp_path / "eager" / name) - pixels(tmp_path / "compiled" / name)).max() <= 1
     # A later run finds both graphs compiled on disk: dynamo forgets this process's compiled code, as a
     # new process would not have it (a subprocess run costs 8 s more of imports and shows the same).
-    torch._dynamo.reset()
-    counters.clear()
+    forget_compiled_code()
     assert main([*args, "--compile", "--out", str(tmp_path / "later")]) == 0
     assert "2 of 2 graph(s) from the kernel cache" in capsys.readouterr().out
     assert np.array_equal(pixels(tmp_path / "compiled/00000-0.png"), pixels(tmp_path / "later/00000-0.png"))

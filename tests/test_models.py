@@ -1,10 +1,9 @@
 import json
-import typing
 
 import pytest
 from diffusers import UNet2DModel
 
-from difftrain.config import ConfigError, ModelConfig
+from difftrain.config import ConfigError, parse_config
 from difftrain.models.unet import UNET_PRESETS, build_unet
 
 
@@ -14,9 +13,14 @@ def test_presets_build_at_the_data_resolution(preset):
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3
 
 
-def test_the_config_offers_every_preset():
-    offered = typing.get_args(typing.get_args(ModelConfig.model_fields["preset"].annotation)[0])
-    assert set(offered) == set(UNET_PRESETS)
+def test_every_preset_is_a_config_choice_and_another_name_is_refused_naming_them(tmp_path):
+    base = {"output_dir": str(tmp_path), "data": {"path": str(tmp_path)}}
+    for preset in UNET_PRESETS:
+        assert parse_config({**base, "model": {"preset": preset}}).model.preset == preset
+    with pytest.raises(ConfigError) as refused:
+        parse_config({**base, "model": {"preset": "minii"}})
+    assert "model.preset = 'minii'" in str(refused.value)
+    assert all(f"'{preset}'" in str(refused.value) for preset in UNET_PRESETS)
 
 
 def test_unet_config_json_overrides_the_preset(tmp_path):

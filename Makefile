@@ -49,9 +49,10 @@ mini-controlnet: setup
 # Test files are shared between TEST_WORKERS processes (pytest-xdist), a file's tests on one worker so its
 # module fixtures are built once; conftest.py splits torch's threads between the workers.
 TEST_WORKERS ?= 2
+PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist loadfile
 
 test: setup browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The web page's test drives Debian's chromium; installed here where apt and root allow, else
 # that one test is skipped with the reason.
@@ -94,7 +95,7 @@ test-latest:
 	$(EVAL_SPECS) | sed 's/[<>=!~;].*//' | xargs .venv-latest/bin/pip install --quiet --no-deps --upgrade
 	.venv-latest/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|numpy|pydantic)=='
-	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	DIFFTRAIN_SKIP_VERSION_CHECK=1 .venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # Our metric code against torch-fidelity's and lpips' own (tests/test_eval_parity.py). They import
 # torchvision, which does not install beside the CPU torch of `make setup`; on x86_64 Linux the

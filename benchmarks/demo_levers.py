@@ -7,13 +7,14 @@ part that is ~95 % of the demo's step (benchmarks/profile_step.py). Each lever i
 alone, in this process, alternating with the baseline: bf16 autocast (pays only where the
 CPU has bf16 instructions, e.g. AVX512-BF16 or AMX), channels_last, larger batches (as
 images/s: the number that decides how long a fixed number of training images takes), the
-other UNet presets, and with --compile torch.compile (inductor), whose compile time is
-printed apart from its step time. Last, the demo's own training loop (the real Trainer on
-configs/demo.yaml, --loop-steps steps, data, EMA and clipping included) in fp32 against
-`training.mixed_precision: auto`, alternating, as its run summary times it; then with the UNet
-preset it had before ("small") against its own ("mini"); then that loop with
-`training.keep_host_memory` off and on, each run in a fresh process (the setting is process-wide
-and one-way).
+other UNet presets, one thread instead of the process's (how the step scales with cores), and
+with --compile torch.compile (inductor), whose compile time is printed apart from its step
+time; then the base step's FLOPs and the rate it computes them at. Last, the demo's own
+training loop (the real Trainer on configs/demo.yaml, --loop-steps steps, data, EMA and
+clipping included) in fp32 against `training.mixed_precision: auto`, alternating, as its run
+summary times it; then with the UNet preset it had before ("small") against its own ("mini");
+then that loop with `training.keep_host_memory` off and on, each run in a fresh process (the
+setting is process-wide and one-way).
 """
 
 from __future__ import annotations
@@ -38,8 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_time(preset: str = "mini", batch: int = 16, bf16: bool = False, channels_last: bool = False,
-              compile: bool = False, steps: int = 12) -> tuple[float, float]:
-    """(seconds per step, seconds of the first two steps: compiling when compile is on)."""
+              compile: bool = False, threads: int | None = None, steps: int = 12) -> tuple[float, float]:
+    """(seconds per step, seconds of the first two steps: compiling when compile is on).
+    `threads`: torch's intra-op threads for this measurement (default: the process's)."""
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return step_time(preset, batch, bf16, channels_last, compile, None, steps)
+        finally:
+            torch.set_num_threads(before)
     torch.manual_seed(0)
     unet = build_unet(preset, None, 3, 32)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
@@ -64,6 +73,16 @@ def step_time(preset: str = "mini", batch: int = 16, bf16: bool = False, channel
     for _ in range(steps):
         step()
     return (time.perf_counter() - started) / steps, first
+
+
+def step_flops(batch: int = 16) -> float:
+    """FLOPs of the demo UNet's forward and backward on one batch, as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_unet("mini", None, 3, 32)
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))).sample.pow(2).mean().backward()
+    return counter.get_total_flops()
 
 
 def loop_rate(overrides: list[str], steps: int, out: Path) -> float:
@@ -111,6 +130,8 @@ def main() -> None:
         "batch 32 + bf16": dict(batch=32, bf16=True),
         "preset small": dict(preset="small"),
         "preset tiny": dict(preset="tiny"),
+        # How the step scales with cores: two one-thread runs side by side (a sweep) each get about this rate.
+        **({"one thread": dict(threads=1)} if torch.get_num_threads() > 1 else {}),
         **({"torch.compile": dict(compile=True), "bf16 + torch.compile": dict(bf16=True, compile=True)}
            if args.compile else {}),
     }
@@ -125,6 +146,9 @@ def main() -> None:
         print(f"{name:20s} {seconds * 1000:8.0f} {batch / seconds:9.0f} {ratio:7.2f}   base {base * 1000:.0f} ms{note}")
     print("(x base: images/s against the baseline measured just before; 'preset small' is the demo's before, "
           "'preset tiny' the test model, for scale)")
+    flops, (base, _) = step_flops(), step_time(steps=args.steps)
+    print(f"base step: {flops / 1e9:.1f} GFLOP (forward + backward, FlopCounterMode), "
+          f"{flops / base / 1e9:.0f} GFLOP/s over the whole step (optimizer included)")
     if not args.loop_steps:
         return
     from difftrain.training.optim import resolve_precision

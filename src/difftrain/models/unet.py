@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 # Sizes chosen by measurement on 2 CPU cores (see README): "tiny" is for tests (a step in
 # milliseconds); "mini" is the demo's: at 32 px it learns the shapes set in fewer minutes than
 # "small", at two thirds of its width and under half its parameters (x1.5 the steps/s, and more
-# clean shapes per step: README, "a narrower UNet, and the demo within 3 minutes"); "small", the default, was the demo's before; "base"
-# is the DDPM CIFAR-10 shape for a GPU.
+# clean shapes per step: README, "a narrower UNet, and the demo within 3 minutes"); "small", the
+# default, was the demo's before; "base" is the DDPM CIFAR-10 shape for a GPU.
 _SMALL = dict(
     block_out_channels=(24, 48, 96),
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),

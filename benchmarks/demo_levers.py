@@ -12,7 +12,8 @@ with --compile torch.compile (inductor), whose compile time is printed apart fro
 time; then the base step's FLOPs and the rate it computes them at. Last, the demo's own
 training loop (the real Trainer on configs/demo.yaml, --loop-steps steps, data, EMA and
 clipping included) in fp32 against `training.mixed_precision: auto`, alternating, as its run
-summary times it; then with the UNet preset it had before ("small") against its own ("mini");
+summary times it; then with the UNet preset it had before ("small") against its own ("mini"), and with the
+optimizer it had before (AdamW) against its own (Muon, whose Newton-Schulz matmuls cost time);
 then that loop with `training.keep_host_memory` off and on, each run in a fresh process (the
 setting is process-wide and one-way).
 """
@@ -163,6 +164,10 @@ def main() -> None:
     (small, _), (mini, _) = results["small"], results["mini"]
     print(f"demo training loop, preset small (the demo's before) {small:.2f} steps/s, mini (the demo's) "
           f"{mini:.2f} steps/s, x{mini / small:.2f}")
+    results = alternate_loops({name: [f"training.optimizer={name}"] for name in ("adamw", "muon")}, args.loop_steps)
+    (adamw, _), (muon, _) = results["adamw"], results["muon"]
+    print(f"demo training loop, optimizer adamw (the demo's before) {adamw:.2f} steps/s, muon (the demo's) "
+          f"{muon:.2f} steps/s, x{muon / adamw:.2f}")
     results = alternate_loops({keep: [f"training.keep_host_memory={keep}"] for keep in ("false", "true")},
                               args.loop_steps, fresh_processes=True)
     (released, _), (kept, _) = results["false"], results["true"]

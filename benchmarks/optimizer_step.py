@@ -6,7 +6,9 @@ parameters and gradients.
 
 - clipping: torch's clip_grad_norm_ (what accelerate calls) against difftrain's clip_gradients, with
   gradients within the limit (the usual case: it then skips torch's multiply by 1.0) and beyond it;
-- AdamW: torch's default (per-tensor on CPU), foreach, and fused, which difftrain uses;
+- AdamW: torch's default (per-tensor on CPU), foreach, and fused, which difftrain uses; then
+  `training.optimizer: muon` (Muon on the hidden matrices, fused AdamW on the rest), here and on
+  the demo's UNet (`mini`, 0.69M parameters), where Muon's Newton-Schulz matmuls weigh more;
 - EMA: diffusers' EMAModel.step (per tensor, and foreach) against difftrain's Ema.step (one lerp).
 """
 
@@ -42,15 +44,24 @@ def report(title: str, results: dict[str, float]) -> None:
         print(f"  {name:42s} {seconds * 1000:8.1f} ms/step   x{base / seconds:5.2f} against {base_name}")
 
 
+def muon_step(unet: torch.nn.Module):
+    from difftrain.training.muon import MuonWithAdamW, split_for_muon
+
+    groups = split_for_muon([{"params": list(unet.parameters())}], {"unet": unet})
+    return MuonWithAdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     from accelerate import Accelerator
+    from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
     from difftrain.config import EmaConfig
     from difftrain.models.tiny_sd import tiny_sd_components
+    from difftrain.models.unet import unet_config
     from difftrain.training.ema import Ema
     from difftrain.training.host_memory import configure
     from difftrain.training.optim import clip_gradients
@@ -85,7 +96,15 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=1e-4, **options)
         adamw[name] = timed(optimizer.step, args.repeats, device)
         del optimizer
+    adamw["muon (difftrain)"] = timed(muon_step(unet), args.repeats, device)
     report("AdamW", adamw)
+    demo_unet = UNet2DModel(**unet_config("mini", None, 3, 32), num_class_embeds=13).to(device)
+    for p in demo_unet.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, device=device) * 1e-3
+    report("the demo's UNet (mini, 0.69M parameters)", {
+        "fused AdamW": timed(torch.optim.AdamW(demo_unet.parameters(), lr=1e-3, fused=True).step, args.repeats,
+                             device),
+        "muon (difftrain)": timed(muon_step(demo_unet), args.repeats, device)})
 
     ema = {}
     for foreach in (False, True):

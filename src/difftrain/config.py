@@ -224,7 +224,12 @@ class TrainingConfig(Section):
                     "with AVX512-BF16 or AMX), else no",
     )
     ema: EmaConfig = Field(default_factory=EmaConfig)
-    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
+    optimizer: Literal["adamw", "adamw_8bit", "muon"] = Field(
+        "adamw",
+        description="adamw_8bit needs bitsandbytes; muon = Muon on the trained models' hidden weight matrices, AdamW "
+                    "(these betas, eps, weight decay) on the rest, the same learning rate: for full training, not "
+                    "LoRA or textual inversion",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
     attention: Literal["auto", "sdpa", "xformers", "default"] = Field(
         "auto",
@@ -475,6 +480,16 @@ class RunConfig(Section):
             raise ValueError(f"model.class_guidance = {model.class_guidance} with model.class_dropout = 0: guidance "
                              "steers away from the 'no class' prediction, which only dropped labels train; "
                              "set class_dropout (0.1 is usual) or class_guidance: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _muon_is_for_whole_models(self) -> "RunConfig":
+        lora = getattr(self, "lora", None)
+        if self.training.optimizer == "muon" and (self.method == "textual_inversion" or (lora and lora.enabled)):
+            what = "textual inversion trains embedding vectors" if self.method == "textual_inversion" else \
+                "a LoRA trains low-rank factors"
+            raise ValueError(f"training.optimizer = muon is for a model's own weight matrices, and {what}: "
+                             "set training.optimizer: adamw")
         return self
 
     @model_validator(mode="after")

@@ -119,6 +119,11 @@ class Trainer:
         self.zero_stage = zero.configure(self.accelerator, config) if zero.is_zero(self.accelerator) else 0
         # The weights themselves are split: every process takes part in gathering them for samples and saves.
         self.partitioned = self.sharded or self.zero_stage == 3
+        if config.training.optimizer == "muon" and (self.sharded or self.zero_stage):
+            raise ConfigError(
+                "training.optimizer = muon orthogonalises each weight matrix whole, and this launch splits them "
+                f"({'FSDP' if self.sharded else f'DeepSpeed ZeRO-{self.zero_stage}'}): use training.optimizer: "
+                "adamw, or launch with configs/accelerate/ddp.yaml (DDP keeps every matrix whole)")
         self.main = self.accelerator.is_main_process
         self.compiled = (resolve_compile(config, self.accelerator.mixed_precision)
                          and not self.zero_stage)  # DeepSpeed: see zero.configure
@@ -154,7 +159,7 @@ class Trainer:
         if self.zero_stage:
             zero.check_trainable(self.modules, self.zero_stage)
         groups = self.method.parameter_groups(config.training.learning_rate)
-        self.optimizer = build_optimizer(groups, config.training)
+        self.optimizer = build_optimizer(groups, config.training, self.modules)
         self.lr_schedule = build_lr_schedule(self.optimizer, config.training)
         prepared = self.accelerator.prepare(*self.modules.values(), self.optimizer)
         self.wrapped = dict(zip(self.modules, prepared[:-1]))

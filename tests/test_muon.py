@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from diffusers import UNet2DModel
 from difftrain.cli import main
 from difftrain.config import ConfigError, parse_config
 from difftrain.training.muon import MuonWithAdamW, orthogonalize, split_for_muon
+from test_text2image import tiny_sd  # noqa: F401  (a fixture)
 
 
 def test_orthogonalize_keeps_the_singular_vectors_and_evens_out_the_values():
@@ -158,3 +160,41 @@ def test_muon_is_refused_for_a_lora_or_an_embedding(method, section):
     with pytest.raises(ConfigError, match="training.optimizer = muon is for a model's own weight matrices.*"
                                           "set training.optimizer: adamw"):
         parse_config(raw)
+
+
+def test_muon_is_refused_under_fsdp_before_any_model_loads(make_config, monkeypatch):
+    import yaml
+
+    from difftrain.training import sharding
+    from difftrain.training.trainer import Trainer
+
+    monkeypatch.setattr(sharding, "is_sharded", lambda accelerator: True)  # as under an FSDP launch
+    config = parse_config(yaml.safe_load(make_config(training={"optimizer": "muon"}).read_text()))
+    with pytest.raises(ConfigError, match="muon orthogonalises each weight matrix whole, and this launch splits them "
+                                          r"\(FSDP\).*configs/accelerate/ddp.yaml"):
+        Trainer(config, progress=False)
+
+
+def test_a_text2image_run_trains_the_unet_and_text_encoder_with_muon(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    """UNet2DConditionModel and CLIP through the same split: their matrices move by Muon's step, the token and
+    position embeddings (nn.Embedding) keep AdamW's slots, and the model saved is a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from test_text2image import sd_config
+
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"optimizer": "muon", "max_steps": 2},
+                       text2image={"train_text_encoder": True})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    checkpoint = tmp_path / "run/checkpoints/step-00000002"
+    slots = load_file(str(checkpoint / "optimizer.safetensors"))
+    groups = json.loads((checkpoint / "state.json").read_text())["optimizer"]["param_groups"]
+    assert [(group["muon"], group["lr"]) for group in groups] == [(True, 1e-4), (False, 1e-4)] * 2  # UNet, CLIP
+    for group in groups:
+        for index in group["params"]:
+            assert f"{index}.{'momentum_buffer' if group['muon'] else 'exp_avg'}" in slots
+    # CLIP's AdamW tensors are its norms and biases and two tables: the token and position embeddings
+    assert sum(slots[f"{index}.exp_avg"].ndim == 2 for index in groups[3]["params"]) == 2
+    before = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "run/model-no-ema", subfolder="unet").state_dict()
+    name = "down_blocks.0.resnets.0.conv1.weight"
+    assert not torch.equal(before[name], after[name])

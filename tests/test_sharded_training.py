@@ -54,7 +54,8 @@ def _state_mib(output: str) -> float:
 def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F811
     """tiny SD text2image with EMA, 2 processes a run: 4 steps under DDP and FSDP, and FSDP's step-2
     checkpoint resumed to step 4 in a second folder; ZeRO-2 and ZeRO-3 (CPU offload) train 2 steps and
-    resume to 4 in their own folder; two one-process "machines" on loopback train 2 steps. Each engine's
+    resume to 4 in their own folder; two one-process "machines" on loopback train 2 steps; DDP with
+    training.optimizer: muon trains 4 steps, and 2 resumed to 4 in a second folder. Each engine's
     runs follow one another and the engines run side by side, which keeps both cores busy to the end.
     max_grad_norm 0.05 is below this model's early gradient norms, so every engine's clipping takes part."""
     tmp = tmp_path_factory.mktemp("parallel")
@@ -95,8 +96,16 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         (tmp / "unshared.out").write_text(f"exit {done.returncode}\n{done.stdout}{done.stderr}")
         return output
 
+    def muon() -> str:  # DDP with training.optimizer: muon, straight and resumed at step 2
+        muon_sections = dict(sections, training={**sections["training"], "optimizer": "muon"})
+        output = _finish(_launch(sd_config(tmp, shapes_dir, tiny_sd, "muon", **muon_sections)))[0]
+        halves = sd_config(tmp, shapes_dir, tiny_sd, "muon-halves", **muon_sections)
+        _finish(_launch(halves, *halfway))
+        _finish(_launch(halves, *resume))
+        return output
+
     chains = {"ddp": ddp, "fsdp": fsdp, "zero2": lambda: zero(2, ZERO2),
-              "zero3": lambda: zero(3, ZERO3), "two-machines": machines}
+              "zero3": lambda: zero(3, ZERO3), "two-machines": machines, "muon": muon}
     with ThreadPoolExecutor(len(chains)) as pool:
         futures = {name: pool.submit(chain) for name, chain in chains.items()}
         outputs = {name: future.result() for name, future in futures.items()}
@@ -248,6 +257,19 @@ def test_two_machines_on_loopback_train_what_one_machine_does(runs, capsys):
     # A two-process checkpoint does not resume in one process: the data shards and random streams would differ.
     assert main(["train", str(runs.ddp), "--set", "training.max_steps=6", "--resume", "latest"]) == 2
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_muon_under_ddp_resumes_bitwise_and_differs_from_adamw(runs):
+    """Every rank orthogonalises the same all-reduced momentum, so the whole state is rank 0's to save."""
+    straight, resumed = (runs.root / run / "checkpoints/step-00000004" for run in ("muon", "muon-halves"))
+    _assert_same_tensors(straight, resumed, ["model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                                             "rng-rank0.safetensors", "rng-rank1.safetensors"])
+    assert [group["muon"] for group in json.loads((straight / "state.json").read_text())["optimizer"]["param_groups"]
+            ] == [True, False]
+    adamw = load_file(str(runs.root / "ddp/checkpoints/step-00000004/model.safetensors"))
+    muon = load_file(str(straight / "model.safetensors"))
+    assert not torch.equal(adamw["unet.down_blocks.0.resnets.0.conv1.weight"],
+                           muon["unet.down_blocks.0.resnets.0.conv1.weight"])
 
 
 def test_a_run_folder_one_process_cannot_see_stops_every_process_at_resume(runs):

@@ -56,12 +56,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     from accelerate import Accelerator
-    from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
     from difftrain.config import EmaConfig
     from difftrain.models.tiny_sd import tiny_sd_components
-    from difftrain.models.unet import unet_config
+    from difftrain.models.unet import build_unet
     from difftrain.training.ema import Ema
     from difftrain.training.host_memory import configure
     from difftrain.training.optim import clip_gradients
@@ -98,7 +97,7 @@ def main() -> None:
         del optimizer
     adamw["muon (difftrain)"] = timed(muon_step(unet), args.repeats, device)
     report("AdamW", adamw)
-    demo_unet = UNet2DModel(**unet_config("mini", None, 3, 32), num_class_embeds=13).to(device)
+    demo_unet = build_unet("mini", None, 3, 32, num_class_embeds=13).to(device)
     for p in demo_unet.parameters():
         p.grad = torch.randn(p.shape, generator=generator, device=device) * 1e-3
     report("the demo's UNet (mini, 0.69M parameters)", {

@@ -203,17 +203,25 @@ def test_dreambooth_generates_exactly_the_missing_class_images_and_trains_with_m
 
 
 def test_dreambooth_loss_weights_the_class_half(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.data.dataset import make_loader
+    from difftrain.methods.text2image import tokenize
     from difftrain.training.trainer import Trainer
 
     config = load_config(dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"batch_size": 2}))
     trainer = Trainer(config, progress=False)
     method = trainer.method
-    batch = next(iter(__import__("difftrain.data.dataset", fromlist=["make_loader"]).make_loader(
-        trainer.dataset, trainer.sampler, 0)))
+    batch = next(iter(make_loader(trainer.dataset, trainer.sampler, 0, method.collate)))
     parts = method.batch_parts(batch, torch.Generator().manual_seed(0))
     assert parts["caption"] == ["a photo of sks square"] * 2 + ["a photo of a square"] * 2
     assert torch.allclose(parts["sample_weights"], torch.tensor([0.5, 0.5, 0.25, 0.25]))
     assert parts["pixel_values"].shape[0] == 4
+    # Both halves' captions were tokenised in the loader and joined like the pixels: the loss is
+    # the one tokenising in the step gives.
+    assert torch.equal(parts["input_ids"], tokenize(method.tokenizer, parts["caption"], method.max_length))
+    in_step = {key: value for key, value in batch.items() if not key.endswith("input_ids")}
+    with torch.no_grad():
+        losses = [method.loss(trainer.wrapped, b, torch.Generator().manual_seed(0)) for b in (batch, in_step)]
+    assert torch.equal(*losses)
 
 
 def test_dreambooth_with_lora_and_resume_is_exact(tiny_sd, shapes_dir, tmp_path):  # noqa: F811

@@ -299,6 +299,33 @@ def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tin
     assert 0 < result.first_step_seconds < result.loop_seconds and result.startup_seconds > 0
 
 
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_captions_tokenised_in_the_data_loader_give_the_step_the_same_loss(train_text_encoder, tiny_sd, shapes_dir,
+                                                                           tmp_path):
+    from difftrain.data.dataset import make_loader
+    from difftrain.methods.text2image import tokenize
+    from difftrain.training.trainer import Trainer
+
+    config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, text2image={
+        "caption_dropout": 0.5, "train_text_encoder": train_text_encoder}))
+    trainer = Trainer(config, progress=False)
+    method = trainer.method
+    # In a worker process: the collate function and its tokenizer travel by pickle.
+    batch = next(iter(make_loader(trainer.dataset, trainer.sampler, 1, method.collate)))
+    assert torch.equal(batch["input_ids"], tokenize(method.tokenizer, batch["caption"], method.max_length))
+    seed = 1  # its first draw drops some captions of the four and keeps others: both branches of the select
+    dropped = (torch.rand(4, generator=torch.Generator().manual_seed(seed)) < 0.5).tolist()
+    assert any(dropped) and not all(dropped)
+    in_step = {key: value for key, value in batch.items() if key != "input_ids"}
+    with torch.no_grad():
+        losses = [method.loss(trainer.wrapped, b, torch.Generator().manual_seed(seed)) for b in (batch, in_step)]
+    assert torch.equal(*losses)
+    # With the text cached, the batch brings embeddings and nothing tokenises.
+    cached = Trainer(load_config(sd_config(tmp_path, shapes_dir, tiny_sd, "cached", data={"cache": {"text": True}})),
+                     progress=False)
+    assert "input_ids" not in next(iter(make_loader(cached.dataset, cached.sampler, 0, cached.method.collate)))
+
+
 def test_the_frozen_vae_encodes_in_channels_last_to_the_latents_diffusers_gives(tiny_sd, shapes_dir, tmp_path):
     from diffusers import AutoencoderKL
 

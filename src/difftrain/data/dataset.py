@@ -317,12 +317,16 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int, collate_fn=collate) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int, collate_fn=collate,
+                pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` (for a CUDA device): batches in page-locked memory, so the step's non_blocking
+    copies to the GPU run asynchronously; from pageable memory the host waits for each copy."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_fn,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
     )

@@ -21,7 +21,7 @@ from difftrain.atomic import atomic_path
 from difftrain.methods.text2image import TextToImage
 from difftrain.sampling.schedulers import make_scheduler
 
-PAIRED_KEYS = ("pixel_values", "latent_mean", "latent_std", "prompt_embeds")
+PAIRED_KEYS = ("pixel_values", "latent_mean", "latent_std", "prompt_embeds", "input_ids")
 
 
 def class_image_name(index: int) -> str:
@@ -93,8 +93,8 @@ class DreamBooth(TextToImage):
         merged["caption"] = batch["caption"] + batch["class_caption"]
         instance, prior = len(batch["caption"]), len(batch["class_caption"])
         weight = self.config.dreambooth.prior_loss_weight
-        some = next(batch[k] for k in PAIRED_KEYS if k in batch)
-        merged["sample_weights"] = torch.cat(
-            [torch.full((instance,), 1.0 / instance), torch.full((prior,), weight / prior)]
-        ).to(some.device)
+        device = next(batch[k] for k in PAIRED_KEYS if k in batch).device
+        # Made on the device: a host tensor's .to(device) would wait for the GPU every step.
+        merged["sample_weights"] = torch.cat([torch.full((instance,), 1.0 / instance, device=device),
+                                              torch.full((prior,), weight / prior, device=device)])
         return merged

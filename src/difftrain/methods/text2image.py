@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
 from difftrain.sampling.schedulers import make_scheduler
@@ -23,6 +25,9 @@ from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 class TextToImage(Method):
     name = "text2image"
+    # The captions a batch trains on are the data's own, so the data loader can tokenise them;
+    # Textual Inversion writes its own in the step.
+    captions_from_data = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -57,6 +62,7 @@ class TextToImage(Method):
         self.weight_dtype = torch.float32
         self.encode_channels_last = False  # setup decides, by device
         self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
+        self.empty_ids: torch.Tensor | None = None  # and its token ids, for a text encoder in training
         self.validation_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_records: int | None = None
         self._saving_parts = None
@@ -101,6 +107,11 @@ class TextToImage(Method):
             _hold(module, device, weight_dtype)
         with torch.no_grad():
             self.empty_embedding = self.encode_text([""])[0].detach()
+        self.empty_ids = tokenize(self.tokenizer, [""], self.max_length).to(device)
+        if self.captions_from_data and not self.config.data.cache.text:
+            # Token ids come with the batch (tokenised in the loader's workers when there are any)
+            # and reach the device beside the pixels, not as a blocking copy in the middle of the step.
+            self.collate = partial(tokenized_collate, tokenizer=self.tokenizer, max_length=self.max_length)
         # Encoded now: with text caching on, the text encoder leaves memory below.
         self.validation_embeddings = self.validation_conditioning(self.text_encoder)
         cache = self.config.data.cache
@@ -145,11 +156,13 @@ class TextToImage(Method):
         # Back to the usual layout: the latents feed the UNet, whose kernels (and rounding) follow its input's.
         return dist.mean.float().contiguous(), dist.std.float().contiguous()
 
-    def encode_text(self, captions: list[str], encoder: torch.nn.Module | None = None) -> torch.Tensor:
+    def encode_text(self, captions: list[str] | None, encoder: torch.nn.Module | None = None,
+                    ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of `captions`, or of their token `ids` where the data loader made them."""
         encoder = encoder or self.text_encoder
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
+        if ids is None:
+            ids = tokenize(self.tokenizer, captions, self.max_length)
+        ids = ids.to(self.device)
         with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
             return encoder(ids)[0]
 
@@ -175,13 +188,17 @@ class TextToImage(Method):
         else:
             mean, std = self.latent_distribution(batch["pixel_values"])
         latents = self.to_latents(mean.to(self.device), std.to(self.device), generator)
+        ids = batch.get("input_ids")
         if self.trains_text_encoder:  # the encoder being trained must see the dropped captions as "" itself
-            captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
-            embeds = self.encode_text(captions, modules.get("text_encoder"))
+            if ids is None:  # captions written in the step (Textual Inversion)
+                captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
+            else:  # a tensor select, with no host-device sync (.tolist()) in the step
+                captions, ids = None, torch.where(dropped.to(ids.device)[:, None], self.empty_ids.to(ids.device), ids)
+            embeds = self.encode_text(captions, modules.get("text_encoder"), ids)
         else:
             # A frozen encoder's "" is the stored empty embedding: dropout is a tensor select,
             # with no host-device sync (.tolist()) in the step, cached or not.
-            embeds = batch["prompt_embeds"] if "prompt_embeds" in batch else self.encode_text(batch["caption"])
+            embeds = batch["prompt_embeds"] if "prompt_embeds" in batch else self.encode_text(batch["caption"], ids=ids)
             embeds = embeds.to(self.device)
             embeds = torch.where(dropped.to(self.device)[:, None, None], self.empty_embedding.to(embeds.dtype), embeds)
         return denoising_loss(
@@ -416,6 +433,22 @@ class TextToImage(Method):
         lines.append(f"noise: {self.noise_scheduler.config.prediction_type}, "
                      f"{self.noise_scheduler.config.beta_schedule}, {self.noise_scheduler.config.num_train_timesteps} steps")
         return lines
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+    """Token ids as the text encoder trains on them: padded to `max_length`, longer captions cut."""
+    return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def tokenized_collate(items: list[dict], tokenizer, max_length: int) -> dict:
+    """`collate`, plus the token ids of each list of captions: "caption" -> "input_ids", and a paired
+    data set's "class_caption" -> "class_input_ids". A module-level function (bound with
+    functools.partial), so DataLoader workers can pickle it."""
+    batch = collate(items)
+    for key in [key for key in batch if key == "caption" or key.endswith("_caption")]:
+        batch[key.removesuffix("caption") + "input_ids"] = tokenize(tokenizer, batch[key], max_length)
+    return batch
 
 
 def encoder_channels_last(vae) -> None:

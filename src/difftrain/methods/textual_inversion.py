@@ -58,6 +58,7 @@ class NewTokenEmbedding(torch.nn.Module):
 
 class TextualInversion(TextToImage):
     name = "textual_inversion"
+    captions_from_data = False  # batch_parts writes each caption from a template
 
     def __init__(self, config):
         super().__init__(config)

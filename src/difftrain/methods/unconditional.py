@@ -10,12 +10,14 @@ every clean image of the class asked for (README, the end of "Samplers").
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
+from difftrain.data.dataset import collate
 from difftrain.errors import ConfigError
 from difftrain.methods.base import Method
 from difftrain.models.manifest import Manifest
@@ -51,6 +53,9 @@ class Unconditional(Method):
             self.classes = resolve_classes(self.config.model.classes, dataset.source.stored_files())
             self._class_index = {name: label for label, name in enumerate(self.classes)}
             self.unet = self._build_unet(len(self.classes) + 1)  # the last embedding is "no class"
+            # Labels come with the batch and reach the device beside the pixels, not as a blocking
+            # copy of a host tensor in the step (a wait for a GPU every step).
+            self.collate = partial(labelled_collate, class_index=self._class_index, no_class=len(self.classes))
         return dataset
 
     def check_resume(self, checkpoint: Path) -> None:
@@ -79,23 +84,25 @@ class Unconditional(Method):
         if self.classes is None:
             return denoising_loss(batch["pixel_values"], lambda x, t: unet(x, t).sample, self.noise_scheduler,
                                   self.config.noise, generator)
-        labels = self._labels(batch["caption"]).to(generator.device)
+        self._warn_unknown(batch["caption"])
+        labels = batch.get("class_labels")
+        if labels is None:  # a batch from the plain collate
+            labels = class_labels(batch["caption"], self._class_index, len(self.classes))
+        labels = labels.to(generator.device)
         drop = self.config.model.class_dropout
         dropped = torch.rand(labels.shape, generator=generator, device=generator.device) < drop
         labels = torch.where(dropped, len(self.classes), labels).to(batch["pixel_values"].device)
         return denoising_loss(batch["pixel_values"], lambda x, t: unet(x, t, class_labels=labels).sample,
                               self.noise_scheduler, self.config.noise, generator)
 
-    def _labels(self, captions: list[str]) -> torch.Tensor:
-        """Class indices of a batch's captions; an uncaptioned image, or one whose caption is no class
-        (possible only where captions live inside shards, unchecked at start), trains as "no class"."""
-        index = self._class_index
+    def _warn_unknown(self, captions: list[str]) -> None:
+        """Once per caption: an uncaptioned image, or one whose caption is no class (possible only
+        where captions live inside shards, unchecked at start), trains as "no class"."""
         for caption in captions:
-            if caption not in index and caption not in self._unknown_captions:
+            if caption not in self._class_index and caption not in self._unknown_captions:
                 self._unknown_captions.add(caption)
                 what = f"caption {caption!r} is not one of model.classes" if caption else "an image has no caption"
                 log.warning("%s: its images train as 'no class'", what)
-        return torch.tensor([index.get(caption, len(self.classes)) for caption in captions])
 
     def _draw(self, count: int) -> dict:
         """The labels and guidance of `count` images: every class in turn (none for an unconditional model).
@@ -126,6 +133,19 @@ class Unconditional(Method):
             architecture={"unet": dict(self.unet.config), "scheduler": dict(self.noise_scheduler.config)},
             trained={"steps": self.config.training.max_steps},
         )
+
+
+def class_labels(captions: list[str], class_index: dict[str, int], no_class: int) -> torch.Tensor:
+    """Each caption's class label; a caption that names no class gets `no_class`."""
+    return torch.tensor([class_index.get(caption, no_class) for caption in captions])
+
+
+def labelled_collate(items: list[dict], class_index: dict[str, int], no_class: int) -> dict:
+    """`collate`, plus "class_labels" from the captions. Module-level (bound with functools.partial),
+    so DataLoader workers can pickle it."""
+    batch = collate(items)
+    batch["class_labels"] = class_labels(batch["caption"], class_index, no_class)
+    return batch
 
 
 def resolve_classes(setting: str | list[str], files: list[tuple[str, str, list[str]]]) -> list[str]:

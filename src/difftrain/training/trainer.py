@@ -196,7 +196,8 @@ class Trainer:
                     print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
                           f"behind ({', '.join(p.name for p in moved)}) moved to {moved[0].parent}")
         self.sampler.start = self.position
-        batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers, self.method.collate))
+        batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers, self.method.collate,
+                                   pin_memory=accelerator.device.type == "cuda"))
         if config.log.tensorboard:
             # `ran.*`: what the `auto` settings resolved to, beside the configured values
             ran = {"ran.mixed_precision": accelerator.mixed_precision, "ran.compile": self.compiled}

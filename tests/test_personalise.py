@@ -159,6 +159,24 @@ def test_textual_inversion_learns_only_its_rows_and_the_token_works_after_loadin
     assert image(base, "a photo of <shape>").shape == (16, 16, 3)
 
 
+def test_textual_inversion_draws_its_templates_as_token_ids_on_the_device(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from difftrain.data.dataset import make_loader
+    from difftrain.methods.text2image import tokenize
+    from difftrain.training.trainer import Trainer
+
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
+                       textual_inversion={"token": "<shape>", "initializer": "square", "num_vectors": 2})
+    trainer = Trainer(load_config(config), progress=False)
+    method = trainer.method
+    batch = next(iter(make_loader(trainer.dataset, trainer.sampler, 0, method.collate)))
+    assert "input_ids" not in batch  # the data's captions are not what it trains on
+    parts = method.batch_parts(batch, torch.Generator().manual_seed(0))
+    picks = torch.randint(0, len(method.templates), (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    captions = [method.templates[i].format("<shape> <shape>_1") for i in picks]
+    assert len(set(captions)) > 1
+    assert torch.equal(parts["input_ids"], tokenize(method.tokenizer, captions, method.max_length))
+
+
 def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
     config = sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
                        textual_inversion={"token": "dog", "initializer": "square"})

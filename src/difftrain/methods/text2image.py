@@ -26,7 +26,7 @@ from difftrain.training.losses import build_noise_scheduler, denoising_loss
 class TextToImage(Method):
     name = "text2image"
     # The captions a batch trains on are the data's own, so the data loader can tokenise them;
-    # Textual Inversion writes its own in the step.
+    # Textual Inversion trains on its templates instead (ids picked in batch_parts).
     captions_from_data = True
 
     def __init__(self, config):
@@ -190,7 +190,7 @@ class TextToImage(Method):
         latents = self.to_latents(mean.to(self.device), std.to(self.device), generator)
         ids = batch.get("input_ids")
         if self.trains_text_encoder:  # the encoder being trained must see the dropped captions as "" itself
-            if ids is None:  # captions written in the step (Textual Inversion)
+            if ids is None:  # a batch from the plain collate
                 captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
             else:  # a tensor select, with no host-device sync (.tolist()) in the step
                 captions, ids = None, torch.where(dropped.to(ids.device)[:, None], self.empty_ids.to(ids.device), ids)

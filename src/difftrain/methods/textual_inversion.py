@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from difftrain.config import ConfigError
-from difftrain.methods.text2image import TextToImage
+from difftrain.methods.text2image import TextToImage, tokenize
 
 # The prompt templates of the Textual Inversion paper's code (as in diffusers' example).
 OBJECT_TEMPLATES = (
@@ -58,7 +58,7 @@ class NewTokenEmbedding(torch.nn.Module):
 
 class TextualInversion(TextToImage):
     name = "textual_inversion"
-    captions_from_data = False  # batch_parts writes each caption from a template
+    captions_from_data = False  # each caption is a template, drawn in the step (batch_parts)
 
     def __init__(self, config):
         super().__init__(config)
@@ -94,11 +94,18 @@ class TextualInversion(TextToImage):
         """`<token>` in a prompt stands for all its vectors, as diffusers' load_textual_inversion does it."""
         return prompt.replace(self.placeholders[0], " ".join(self.placeholders))
 
-    def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:
+    def setup(self, accelerator, weight_dtype, dataset, progress) -> None:
+        super().setup(accelerator, weight_dtype, dataset, progress)
+        # Every caption this run trains on, tokenised once: a step picks rows on the device, where
+        # writing the picked templates out would wait for the GPU (.tolist()) every step.
         words = " ".join(self.placeholders)
+        self.template_ids = tokenize(self.tokenizer, [template.format(words) for template in self.templates],
+                                     self.max_length).to(accelerator.device)
+
+    def batch_parts(self, batch: dict, generator: torch.Generator) -> dict:
         picks = torch.randint(0, len(self.templates), (len(batch["caption"]),), generator=generator,
-                              device=generator.device).tolist()
-        return {**batch, "caption": [self.templates[i].format(words) for i in picks]}
+                              device=generator.device)
+        return {**batch, "input_ids": self.template_ids[picks.to(self.template_ids.device)]}
 
     def save_model(self, modules, out_dir: Path) -> None:
         from difftrain.models.embeddings import save_embedding

@@ -37,7 +37,7 @@ class HostTraffic(TorchDispatchMode):
 
 
 def step_traffic(config_path, monkeypatch) -> HostTraffic:
-    """The host traffic of one step (loss, backward, optimizer) on a batch from the run's own loader,
+    """The host traffic of one step (loss, backward, optimizer, schedule, EMA) on a batch from the run's own loader,
     after a first step (lazy set-up such as the scheduler's tables moving to the device is allowed)."""
     from difftrain.training.trainer import Trainer
 
@@ -45,11 +45,14 @@ def step_traffic(config_path, monkeypatch) -> HostTraffic:
         trainer = Trainer(load_config(config_path), progress=False)
     batches = iter(make_loader(trainer.dataset, trainer.sampler, 0, trainer.method.collate))
 
-    def step(batch):
+    def step(batch):  # the loop's per-step work (clipping aside: on a CPU it reads the norm, on a GPU it does not)
         loss = trainer.method.loss(trainer.wrapped, batch, trainer.noise_generator)
         loss.backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.lr_schedule.step()
+        for name, ema in trainer.emas.items():
+            ema.step(trainer.modules[name])
 
     step(next(batches))
     batch = next(batches)  # the loader's work (decoding, tokenising) is the host's, outside the step

@@ -73,9 +73,16 @@ def sd_quarter(work: Path, size: int) -> Path:
                          text_hidden=192, text_layers=6, sample_size=size, layers_per_block=2)
 
 
+def sd15_unet():
+    """SD 1.5's UNet shape, random weights: diffusers' defaults are SD 1.5's UNet."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+
+
 def sd15_shaped(seed: int = 0):
     """SD 1.5's UNet, VAE and CLIP-L text encoder shapes, random weights, with the tiny tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from difftrain.models.tiny_sd import SD_SCHEDULER, build_clip_tokenizer
@@ -87,7 +94,7 @@ def sd15_shaped(seed: int = 0):
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         sample_size=512)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet
+    unet = sd15_unet()
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

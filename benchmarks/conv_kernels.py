@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from _common import scratch, sd15_shaped, sd_quarter
+from _common import scratch, sd15_unet, sd_quarter
 
 convolution_backward = torch.ops.aten.convolution_backward
 
@@ -39,7 +39,7 @@ def recorded_convolutions(model: str, size: int, batch: int) -> Counter:
         from diffusers import UNet2DConditionModel
 
         if model == "sd15":
-            unet = sd15_shaped().unet
+            unet = sd15_unet()  # the UNet alone: its convolutions are all this measures
         else:
             unet = UNet2DConditionModel.from_pretrained(sd_quarter(scratch("difftrain-bench-"), size), subfolder="unet")
         inputs = dict(sample=torch.randn(batch, 4, size // 8, size // 8), timestep=torch.tensor(500),

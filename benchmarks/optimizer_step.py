@@ -45,10 +45,12 @@ def report(title: str, results: dict[str, float]) -> None:
 
 
 def muon_step(unet: torch.nn.Module):
-    from difftrain.training.muon import MuonWithAdamW, split_for_muon
+    """The step of the optimizer a run with `training.optimizer: muon` builds for this UNet."""
+    from difftrain.config import TrainingConfig
+    from difftrain.training.optim import build_optimizer
 
-    groups = split_for_muon([{"params": list(unet.parameters())}], {"unet": unet})
-    return MuonWithAdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step
+    training = TrainingConfig(optimizer="muon", learning_rate=1e-4)
+    return build_optimizer([{"params": list(unet.parameters())}], training, {"unet": unet}).step
 
 
 def main() -> None:

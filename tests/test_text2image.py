@@ -319,7 +319,13 @@ def test_captions_tokenised_in_the_data_loader_give_the_step_the_same_loss(train
     in_step = {key: value for key, value in batch.items() if key != "input_ids"}
     with torch.no_grad():
         losses = [method.loss(trainer.wrapped, b, torch.Generator().manual_seed(seed)) for b in (batch, in_step)]
+        # The reference for the dropout itself: those captions written as "" and tokenised in the step,
+        # with nothing dropped (the draw is still made, so every later draw is the same).
+        blanked = {**in_step, "caption": ["" if drop else caption for drop, caption in zip(dropped, batch["caption"])]}
+        method.caption_dropout = 0.0
+        reference = method.loss(trainer.wrapped, blanked, torch.Generator().manual_seed(seed))
     assert torch.equal(*losses)
+    assert torch.equal(losses[0], reference)
     # With the text cached, the batch brings embeddings and nothing tokenises.
     cached = Trainer(load_config(sd_config(tmp_path, shapes_dir, tiny_sd, "cached", data={"cache": {"text": True}})),
                      progress=False)

@@ -188,13 +188,15 @@ class TextToImage(Method):
         else:
             mean, std = self.latent_distribution(batch["pixel_values"])
         latents = self.to_latents(mean.to(self.device), std.to(self.device), generator)
-        ids = batch.get("input_ids")
-        if self.trains_text_encoder:  # the encoder being trained must see the dropped captions as "" itself
-            if ids is None:  # a batch from the plain collate
-                captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
-            else:  # a tensor select, with no host-device sync (.tolist()) in the step
-                captions, ids = None, torch.where(dropped.to(ids.device)[:, None], self.empty_ids.to(ids.device), ids)
-            embeds = self.encode_text(captions, modules.get("text_encoder"), ids)
+        ids = batch.get("input_ids")  # tokenised by the data loader; absent in a batch from the plain collate
+        if self.trains_text_encoder:
+            # The encoder being trained must see the dropped captions as "" itself: the empty caption's
+            # ids selected in, a tensor select with no host-device sync (.tolist()) in the step.
+            if ids is None:
+                ids = tokenize(self.tokenizer, batch["caption"], self.max_length)
+            ids = ids.to(self.device)
+            ids = torch.where(dropped.to(self.device)[:, None], self.empty_ids, ids)
+            embeds = self.encode_text(None, modules.get("text_encoder"), ids)
         else:
             # A frozen encoder's "" is the stored empty embedding: dropout is a tensor select,
             # with no host-device sync (.tolist()) in the step, cached or not.

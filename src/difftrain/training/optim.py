@@ -38,8 +38,6 @@ def build_optimizer(groups: list[dict], training: TrainingConfig,
     return torch.optim.AdamW(groups, fused=fits_fused_adamw(params) or None, **kwargs)
 
 
-
-
 def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> None:
     """accelerate's clip_grad_norm_, except where the gradients are whole on a CPU: there the norm is
     on the host already, so gradients within `max_norm` are left as they are instead of multiplied by

@@ -2,6 +2,7 @@
 # On the lent GPU machine (device tool), one call per line:
 #   run(command="bash benchmarks/gpu_run.sh table", carry=[".whl"], timeout_s=570)
 #   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --compile", carry=[".whl"], ...)
+#   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --methods full --workers 4", ...)
 #   run(command="bash benchmarks/gpu_run.sh generate", carry=[".whl"], ...)
 # after benchmarks/gpu_wheels.sh has filled .whl/ here. Installs the wheels beside the image's
 # CUDA torch, checks that difftrain imports, then runs the GPU figures into $OUT (the logs come back):
@@ -10,6 +11,7 @@
 #             difftrain without and with the cache against the plain loop). Never run yet: how long
 #             the 8 combinations take is a guess (24 loads of a 4 GB model), so rows print as they come.
 #             --compile compiles the SD UNet once per row (minutes each): give it one combination.
+#             --workers N adds the uncached step with N data loader processes (data.num_workers, default 0).
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).
 # GPU_TIMEOUT (seconds, default 520) bounds the benchmark; logs are appended, so two calls of this

@@ -3,15 +3,18 @@
 full fine-tune or LoRA, in one process on the same model, data and batch.
 
     .venv/bin/python benchmarks/sd15_training.py [--batches 1,4] [--precisions bf16,fp16]
-        [--methods full,lora] [--rank 8] [--steps 30] [--size 512] [--compile] [--quarter]
+        [--methods full,lora] [--rank 8] [--steps 30] [--size 512] [--compile] [--workers N] [--quarter]
 
 The model is SD 1.5's UNet, VAE and CLIP-L text encoder with random weights (timing only: nothing
 is judged). Rates leave out each run's first step (cuDNN autotuning, allocator growth, compiling);
-peak memory is the CUDA peak allocation over the run, model loading included. The cache is
-filled once per precision before the first row, so no row's time or memory holds the fill. `--compile` adds a
-row for difftrain with `training.compile: true` on the cached step. Under fp16 the plain loop
-casts the VAE to fp16 as the scripts do, while difftrain keeps it in fp32 (SD's VAE overflows in
-fp16), so uncached fp16 rows compare a little more work against less. On a CPU (no fp16 there)
+peak memory is the CUDA peak allocation over the run, model loading included. The cache is filled
+once per precision before the first row, so no row's time or memory holds the fill. `--compile`
+adds a row for difftrain with `training.compile: true` on the cached step; `--workers N` one for
+the uncached step with `data.num_workers: N` (the default 0 loads each batch in the training
+process, between the step's kernel launches, as the plain loop and diffusers' scripts do; on a CPU
+the workers' memory is not in the row's peak). Under fp16 the plain loop casts the VAE to fp16 as
+the scripts do, while difftrain keeps it in fp32 (SD's VAE overflows in fp16), so uncached fp16
+rows compare a little more work against less. On a CPU (no fp16 there)
 `--quarter --size 64` runs the same code on SD's quarter-width shape, as a check that it runs.
 """
 
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--compile", action="store_true", help="add difftrain with training.compile: true (cached)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="add difftrain without the cache and with this many data loader processes")
     parser.add_argument("--quarter", action="store_true", help="SD's quarter-width shape instead of SD 1.5's")
     args = parser.parse_args()
     if args.steps < 2:
@@ -51,7 +56,7 @@ def main() -> None:
     for precision in precisions:  # the cache filled once, untimed: no row pays for it
         with contextlib.redirect_stdout(io.StringIO()):
             difftrain_run(space.model_dir, space.data_dir, space.work / f"fill-{precision}", 2, max(batches),
-                          args.size, data=cache_section(space, precision, True), training={"mixed_precision": precision})
+                          args.size, **data_sections(space, precision, True), training={"mixed_precision": precision})
     print(f"\n{'batch':>5s} {'precision':9s} {'method':6s} {'variant':34s} {'steps/s':>8s} {'x plain':>7s} "
           f"{'peak MiB':>9s} {'x plain':>7s}", flush=True)
     for batch in batches:
@@ -64,8 +69,9 @@ def main() -> None:
                           f"{peak / 2**20:9.0f} {peak / max(base_peak, 1):7.2f}", flush=True)
 
 
-def cache_section(space, precision: str, cache: bool) -> dict:
-    return {"cache": {"latents": cache, "text": cache, "dir": str(space.work / f"cache-{precision}")}}
+def data_sections(space, precision: str, cache: bool, workers: int = 0) -> dict:
+    return {"data": {"cache": {"latents": cache, "text": cache, "dir": str(space.work / f"cache-{precision}")},
+                     "num_workers": workers}}
 
 
 def measure(space, args, batch: int, precision: str, method: str) -> dict[str, tuple[float, int]]:
@@ -73,19 +79,21 @@ def measure(space, args, batch: int, precision: str, method: str) -> dict[str, t
     rates are expected to be steadier than this CPU's (not yet measured: rerun a row to check)."""
     lora = {"lora": {"enabled": True, "rank": args.rank}} if method == "lora" else {}
 
-    def difftrain(out: Path, cache: bool, compiled: bool = False) -> float:
+    def difftrain(out: Path, cache: bool, compiled: bool = False, workers: int = 0) -> float:
         if compiled:
             torch._dynamo.reset()  # a fresh compile per row, as in a process of its own
         training = {"mixed_precision": precision, "compile": compiled}
         return difftrain_run(space.model_dir, space.data_dir, out, args.steps, batch, args.size,
-                             after_first_step=True, data=cache_section(space, precision, cache), training=training,
-                             **lora)[0]
+                             after_first_step=True, **data_sections(space, precision, cache, workers),
+                             training=training, **lora)[0]
 
     variants = {
         "plain loop (diffusers' script)": lambda out: seeds_style_loop(
             space.model_dir, space.data_dir, args.steps, batch, args.size, space.device, precision,
             args.rank if method == "lora" else 0, after_first_step=True),
         "difftrain, no cache": lambda out: difftrain(out, cache=False),
+        **({f"difftrain, no cache, {args.workers} workers": lambda out: difftrain(out, cache=False, workers=args.workers)}
+           if args.workers else {}),
         "difftrain, cached latents + text": lambda out: difftrain(out, cache=True),
     }
     if args.compile:

@@ -26,7 +26,9 @@ def _outputs(tokens: int, bf16: bool, spatial: bool = False) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("spatial", [False, True])
-def test_auto_runs_the_classic_kernel_for_short_sequences_under_cpu_bf16_and_sdpa_otherwise(spatial):
+def test_auto_runs_the_classic_kernel_for_short_sequences_under_cpu_bf16_and_sdpa_otherwise(spatial, monkeypatch):
+    # As on a CPU with AVX512-BF16, whatever this one has.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     short = _outputs(64, bf16=True, spatial=spatial)
     # The two kernels round differently in bf16, so a bitwise match says which one ran.
     assert not torch.equal(short["classic"], short["sdpa"])
@@ -35,6 +37,11 @@ def test_auto_runs_the_classic_kernel_for_short_sequences_under_cpu_bf16_and_sdp
     assert 1024 > CPU_BF16_CLASSIC_MAX_TOKENS and torch.equal(longer["auto"], longer["sdpa"])
     fp32 = _outputs(64, bf16=False, spatial=spatial)
     assert torch.equal(fp32["auto"], fp32["sdpa"])
+    # Where the CPU only emulates bf16 (AVX2) SDPA is the faster kernel at every length.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    emulated = _outputs(64, bf16=True, spatial=spatial)
+    assert torch.equal(emulated["auto"], emulated["sdpa"])
 
 
 def test_training_attention_reaches_every_attention_layer_of_a_pixel_unet():
@@ -48,9 +55,12 @@ def test_training_attention_reaches_every_attention_layer_of_a_pixel_unet():
     assert TrainingConfig().attention == "auto"
 
 
-def test_a_unet_set_to_auto_attention_loads_in_diffusers_with_its_stock_kernel_and_draws_the_same(tmp_path):
+def test_a_unet_set_to_auto_attention_loads_in_diffusers_with_its_stock_kernel_and_draws_the_same(
+        tmp_path, monkeypatch):
     # The kernel is a training-time choice: it is not saved, and the saved model loads with diffusers' own.
     from diffusers import UNet2DModel
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # where auto picks the classic kernel
 
     unet = build_unet("small", None, 3, 32)
     apply_speed_options({"unet": unet}, TrainingConfig())

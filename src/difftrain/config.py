@@ -234,7 +234,8 @@ class TrainingConfig(Section):
     attention: Literal["auto", "sdpa", "xformers", "default"] = Field(
         "auto",
         description="attention kernel: sdpa = torch's; default = diffusers' classic; auto = sdpa, but the classic kernel "
-                    "for sequences of up to 256 tokens under bf16 on a CPU, where it is 1.2-2.6x faster",
+                    "for sequences of up to 256 tokens under bf16 on a CPU with bf16 arithmetic (AVX512-BF16, AMX), "
+                    "where it is 1.2-2.6x faster",
     )
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
     compile: Union[Literal["auto"], bool] = Field(

@@ -6,21 +6,26 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from difftrain.errors import ConfigError
+from difftrain.training.hardware import cpu_computes_bf16
 
 # Up to this many query tokens, diffusers' classic kernel (matmul, softmax, matmul) beat torch's
-# SDPA under bf16 on a CPU by 1.2-2.6x, forward and backward, at 64-256 tokens and head sizes
-# 10-96; from 1,024 tokens SDPA was faster (x0.7-0.9). benchmarks/attention_kernels.py.
+# SDPA under bf16 on a CPU with bf16 arithmetic by 1.2-2.6x, forward and backward, at 64-256 tokens
+# and head sizes 10-96; from 1,024 tokens SDPA was faster (x0.7-0.9). Where the CPU emulates bf16
+# (AVX2), SDPA was the faster at every shape (x0.37-0.83 of the classic kernel's time).
+# benchmarks/attention_kernels.py.
 CPU_BF16_CLASSIC_MAX_TOKENS = 256
 
 
 class AutoAttention:
-    """torch's SDPA, except short sequences under bf16 autocast on a CPU, which go to the classic kernel.
+    """torch's SDPA, except short sequences under bf16 autocast on a CPU with bf16 arithmetic, which go
+    to the classic kernel.
 
-    On a CPU torch's bf16 SDPA kernel is slow for short sequences with small heads (9.1 ms
-    against 3.6 ms for a layer of the demo's, 64 tokens of 4 heads of 24, forward and backward):
-    the demo's training loop runs x1.12 faster with the classic kernel there (attention_kernels.py). The choice is per call
-    and depends only on the device, the autocast dtype and the sequence length, so a run and its
-    resume pick the same kernel. In fp32 and on a GPU it is plain SDPA.
+    There torch's bf16 SDPA kernel is slow for short sequences with small heads (9.1 ms against
+    3.6 ms for a layer of the demo's, 64 tokens of 4 heads of 24, forward and backward): the demo's
+    training loop runs x1.12 faster with the classic kernel (attention_kernels.py). The choice is
+    per call and depends only on the device, the autocast dtype, the sequence length and the CPU's
+    instruction set, so a run and its resume on the same machine pick the same kernel. In fp32, on a
+    CPU that emulates bf16 and on a GPU it is plain SDPA.
     """
 
     def __init__(self):
@@ -37,7 +42,8 @@ def _short_cpu_bf16(hidden_states: torch.Tensor) -> bool:
     if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
-    return torch.get_autocast_dtype("cpu") == torch.bfloat16 and tokens <= CPU_BF16_CLASSIC_MAX_TOKENS
+    return (torch.get_autocast_dtype("cpu") == torch.bfloat16 and tokens <= CPU_BF16_CLASSIC_MAX_TOKENS
+            and cpu_computes_bf16())
 
 
 def set_attention(name: str, module: torch.nn.Module, attention: str) -> None:

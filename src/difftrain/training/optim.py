@@ -11,6 +11,7 @@ from diffusers.optimization import get_scheduler
 
 from difftrain.config import ConfigError, RunConfig, Text2ImageRun, TrainingConfig
 from difftrain.training.attention import set_attention
+from difftrain.training.hardware import cpu_computes_bf16
 from difftrain.training.muon import MuonWithAdamW, fits_fused_adamw, split_for_muon
 
 
@@ -135,8 +136,7 @@ def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> 
     if torch.cuda.is_available():
         # Without the flag, torch counts a GPU that only emulates bf16 (a T4, a V100) as supporting it.
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
-    return "bf16" if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes) else "no"
+    return "bf16" if cpu_computes_bf16() else "no"
 
 
 def compile_modules(modules: dict[str, torch.nn.Module]) -> None:

@@ -47,11 +47,11 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=half)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=half)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=half)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=half)
     text_encoder.to(device).requires_grad_(False)
     vae.to(device).requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=half if lora_rank else None)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=half if lora_rank else None)
     unet.train()
     if lora_rank:
         from peft import LoraConfig

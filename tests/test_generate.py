@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,14 @@ def test_same_seed_same_image_and_batches_use_seed_plus_i(tiny_sd, tmp_path):  #
         difference = np.abs(pixels(single[0]).astype(int) - pixels(path).astype(int))
         assert difference.max() <= 2, (i, difference.max())
     assert np.abs(pixels(batch[0]).astype(int) - pixels(batch[1]).astype(int)).max() > 10  # seeds differ
+
+
+def test_generate_shows_no_future_warning(tiny_sd, tmp_path):  # noqa: F811
+    # Python shows a FutureWarning to every user (diffusers' pipelines used to give one for `torch_dtype=`).
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run(tiny_sd, tmp_path, "--prompt", "a red circle")
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
 
 
 def test_png_carries_a1111_infotext_and_from_png_repeats_the_image(tiny_sd, tmp_path):  # noqa: F811

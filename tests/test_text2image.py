@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -297,6 +298,28 @@ def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tin
     assert result.loss is not None and result.loss == result.loss  # finite, not NaN
     # The timings the step benchmarks read (rates after the first step leave its warm-up out).
     assert 0 < result.first_step_seconds < result.loop_seconds and result.startup_seconds > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="deepspeed gives its CPU notice only without a GPU")
+def test_deepspeeds_cpu_notice_shows_only_in_a_deepspeed_launch(monkeypatch):
+    # Saving a text encoder makes accelerate import deepspeed, which then printed its accelerator
+    # guess ("Setting accelerator to CPU ...") in every text-to-image run on a CPU.
+    import difftrain  # noqa: F401  (its filter)
+    from deepspeed.accelerator import real_accelerator
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("DeepSpeed")
+    logger.addHandler(handler)
+    try:
+        for deepspeed_launch in ("false", "true"):
+            monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", deepspeed_launch)
+            monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # guess again, as a fresh process does
+            real_accelerator.get_accelerator()
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage()[:27] for r in records] == ["Setting accelerator to CPU."]  # the launch's only
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])

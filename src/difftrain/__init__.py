@@ -13,6 +13,7 @@ The Python API mirrors the CLI one to one:
 from __future__ import annotations
 
 import logging
+import os
 from importlib import import_module
 from typing import Any
 
@@ -32,6 +33,19 @@ def _not_the_empty_fp32_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_not_the_empty_fp32_warning)
+
+
+def _not_deepspeeds_cpu_notice(record: logging.LogRecord) -> bool:
+    """Where deepspeed is installed, accelerate imports it whenever transformers saves a model (to check
+    for its engine), and on a machine without a GPU deepspeed then prints "Setting accelerator to CPU.
+    If you have GPU or other accelerator, we were unable to detect it." to stdout: every text-to-image
+    run on a CPU showed it. Outside a DeepSpeed launch deepspeed's accelerator is never used; inside
+    one the notice still shows."""
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            or "Setting accelerator to CPU" not in record.getMessage())
+
+
+logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_notice)  # deepspeed's logger, by the name it gives it
 
 # Heavy imports (torch, diffusers) wait until a function is used, so `difftrain config
 # check` and `--help` answer at once.

@@ -157,7 +157,7 @@ def _onnx(located: Located, loras, embeddings, provider: str, fallback: bool):
 def _diffusers_folder(folder: Path, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+    return StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None)
 
 
 def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):

@@ -40,12 +40,16 @@ def test_same_seed_same_image_and_batches_use_seed_plus_i(tiny_sd, tmp_path):  #
     assert np.abs(pixels(batch[0]).astype(int) - pixels(batch[1]).astype(int)).max() > 10  # seeds differ
 
 
-def test_generate_shows_no_future_warning(tiny_sd, tmp_path):  # noqa: F811
+def test_generate_shows_no_future_warning_and_no_bar_under_no_progress(tiny_sd, tmp_path, capsys):  # noqa: F811
     # Python shows a FutureWarning to every user (diffusers' pipelines used to give one for `torch_dtype=`).
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         run(tiny_sd, tmp_path, "--prompt", "a red circle")
     assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
+    assert "it/s" not in capsys.readouterr().err  # not even diffusers' "Loading pipeline components" bar
+    from diffusers.utils.logging import is_progress_bar_enabled
+
+    assert is_progress_bar_enabled()  # that switch is diffusers' process-wide one: put back for the next caller
 
 
 def test_png_carries_a1111_infotext_and_from_png_repeats_the_image(tiny_sd, tmp_path):  # noqa: F811

@@ -76,7 +76,7 @@ class ExportOptions:
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
     """Export `source` (anything `load_pipeline` takes) into the folder `out`, written whole or not at all."""
-    from difftrain.generate.loader import load_pipeline
+    from difftrain.generate.loader import load_pipeline, loading_bar
 
     options = options or ExportOptions()
     options.check()
@@ -84,7 +84,8 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new folder")
-    pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
+    with loading_bar(progress):
+        pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
     if pipe.manifest.kind == "unconditional":
         raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
     if getattr(pipe.unet, "peft_config", None) or getattr(pipe.text_encoder, "peft_config", None):

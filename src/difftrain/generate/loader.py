@@ -12,8 +12,9 @@ config or builds a training method.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -57,6 +58,24 @@ def load_pipeline(
     """
     return build_pipeline(locate(source, use_ema), loras, embeddings, device, dtype, config, provider,
                           provider_fallback)
+
+
+@contextmanager
+def loading_bar(shown: bool) -> Iterator[None]:
+    """diffusers' "Loading pipeline components" bar, off inside when not `shown` (a command's --no-progress).
+
+    The switch is process-wide in diffusers and reads no environment variable, so it is put back after.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    was_shown = diffusers_logging.is_progress_bar_enabled()
+    if not shown:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown:
+            diffusers_logging.enable_progress_bar()
 
 
 def build_pipeline(

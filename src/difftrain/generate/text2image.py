@@ -279,7 +279,7 @@ class Drawer:
     def __init__(self, model, options: GenerateOptions, extra_loras: list[tuple[str, float]] = (),
                  progress: bool = True):
         """`model`: anything `load_pipeline` takes, or the `Located` a caller already has."""
-        from difftrain.generate.loader import Located, build_pipeline, locate
+        from difftrain.generate.loader import Located, build_pipeline, loading_bar, locate
         from difftrain.sampling.schedulers import make_scheduler
 
         options.check()
@@ -290,9 +290,10 @@ class Drawer:
             raise GenerateError(f"{located.source} is a pixel-space (unconditional) model; "
                                 f"`difftrain sample {located.source}` draws from it")
         _check_backend(located, options)
-        pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
-                              dtype=_dtype(options.precision, device), config=options.config,
-                              provider=options.provider, provider_fallback=options.provider_fallback)
+        with loading_bar(progress):
+            pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
+                                  dtype=_dtype(options.precision, device), config=options.config,
+                                  provider=options.provider, provider_fallback=options.provider_fallback)
         self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
         pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
         configure_pipeline(pipe, options, device)

@@ -282,7 +282,11 @@ def test_serve_command_listens_on_loopback_and_refuses_open_addresses(tiny_sd, c
         assert samplers and any(row["name"] == "Euler a" for row in samplers)
         flags = requests.get(f"http://127.0.0.1:{port}/sdapi/v1/cmd-flags").json()
         assert flags["listen"] is False and flags["port"] == port
+        drawn = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img",  # loads the model: its first request
+                              json={"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}, timeout=60)
+        assert len(drawn.json()["images"]) == 1
     finally:
         process.terminate()
-        out, _ = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
     assert "serving sd [" in out and f"127.0.0.1:{port}" in out
+    assert "it/s" not in err  # no progress bar in a server's log, not even diffusers' pipeline loading bar

@@ -130,9 +130,10 @@ class Engine:
     def load(self, model: ServedModel):
         with self._loading:
             if model.pipe is None:
-                from difftrain.generate.loader import build_pipeline
+                from difftrain.generate.loader import build_pipeline, loading_bar
 
-                pipe = build_pipeline(model.located, dtype=self.dtype)
+                with loading_bar(False):  # a server's log is no terminal
+                    pipe = build_pipeline(model.located, dtype=self.dtype)
                 pipe.to(self.device)
                 pipe.set_progress_bar_config(disable=True)
                 # build_pipeline names a model's own LoRAs lora0, lora1, ... in manifest order.

@@ -277,8 +277,6 @@ def test_several_captions_per_image_are_drawn_per_sample_from_a_jsonl(tiny_sd, s
 
 
 def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tiny_sd, shapes_dir, tmp_path):
-    import logging
-
     from difftrain.training.trainer import Trainer
 
     config = load_config(sd_config(tmp_path, shapes_dir, tiny_sd, training={"mixed_precision": "bf16"}))
@@ -298,6 +296,38 @@ def test_frozen_parts_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(tin
     assert result.loss is not None and result.loss == result.loss  # finite, not NaN
     # The timings the step benchmarks read (rates after the first step leave its warm-up out).
     assert 0 < result.first_step_seconds < result.loop_seconds and result.startup_seconds > 0
+
+
+def test_frozen_weights_reach_the_device_already_in_the_compute_dtype(tiny_sd):  # noqa: F811
+    """A LoRA run's frozen UNet crosses to the device in bf16, tensor by tensor: moved in fp32 and cast
+    there, the whole fp32 UNet sat on the GPU once, the run's peak memory. The meta device stands in for
+    a GPU; every copy onto it is recorded with the dtype it arrives in."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from difftrain.methods.text2image import _hold
+
+    class Arrivals(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].device.type != "meta" and out.device.type == "meta":
+                self.dtypes.append(out.dtype)
+            return out
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").requires_grad_(False)
+    unet.conv_out.weight.requires_grad_(True)  # as an adapter's weights: trained, so kept in fp32
+    tensors = sum(1 for _ in unet.parameters()) + sum(1 for _ in unet.buffers())
+    with Arrivals() as arrivals:
+        _hold(unet, torch.device("meta"), torch.bfloat16)
+    # Every tensor arrives in bf16; only the trained weight then comes again in fp32, its kept value.
+    assert arrivals.dtypes.count(torch.bfloat16) == tensors and arrivals.dtypes.count(torch.float32) == 1
+    trained = unet.conv_out.weight
+    assert trained.requires_grad and trained.device.type == "meta" and trained.dtype == torch.float32
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="deepspeed gives its CPU notice only without a GPU")

@@ -474,13 +474,18 @@ def _hold(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     Half-precision trainable parameters are what gives diffusers' scripts their fp16
     "Attempting to unscale FP16 gradients" crash; here they cannot exist.
     """
-    module.to(device)
     if any(not p.requires_grad for p in module.parameters()) and module.dtype != dtype:
         # Trainable values are kept exactly (a round trip through half precision would round them).
-        kept = {p: p.data.float().clone() for p in module.parameters() if p.requires_grad}
-        module.to(dtype=dtype)  # (diffusers warns on any .to(dtype), even a no-op: only when needed)
-        for parameter, value in kept.items():
-            parameter.data = value
+        kept = {name: p.data.float().clone() for name, p in module.named_parameters() if p.requires_grad}
+        # Moved and cast tensor by tensor, so the device never holds the frozen weights in fp32: moved
+        # first, a LoRA run's whole fp32 UNet sat on the GPU, which was the run's peak memory (the GPU
+        # table's LoRA rows, README). diffusers warns on any .to(dtype), even a no-op: only when needed.
+        module.to(device, dtype)
+        parameters = dict(module.named_parameters())  # by name: a move may give a module new Parameter objects
+        for name, value in kept.items():
+            parameters[name].data = value.to(device)
+    else:
+        module.to(device)
     for parameter in module.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()

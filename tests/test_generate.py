@@ -41,15 +41,21 @@ def test_same_seed_same_image_and_batches_use_seed_plus_i(tiny_sd, tmp_path):  #
 
 
 def test_generate_shows_no_future_warning_and_no_bar_under_no_progress(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     # Python shows a FutureWarning to every user (diffusers' pipelines used to give one for `torch_dtype=`).
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         run(tiny_sd, tmp_path, "--prompt", "a red circle")
     assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
-    assert "it/s" not in capsys.readouterr().err  # not even diffusers' "Loading pipeline components" bar
-    from diffusers.utils.logging import is_progress_bar_enabled
-
-    assert is_progress_bar_enabled()  # that switch is diffusers' process-wide one: put back for the next caller
+    # Not even diffusers' "Loading pipeline components" or transformers' "Loading weights" bar, in this
+    # process too, where transformers was imported before any command could set its environment.
+    transformers_logging.enable_progress_bar()
+    run(tiny_sd, tmp_path / "again", "--prompt", "a red circle")
+    assert "it/s" not in capsys.readouterr().err
+    # Their switches are the libraries' process-wide ones: put back for the next caller.
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
 
 
 def test_png_carries_a1111_infotext_and_from_png_repeats_the_image(tiny_sd, tmp_path):  # noqa: F811

@@ -62,20 +62,24 @@ def load_pipeline(
 
 @contextmanager
 def loading_bar(shown: bool) -> Iterator[None]:
-    """diffusers' "Loading pipeline components" bar, off inside when not `shown` (a command's --no-progress).
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars, off inside when
+    not `shown` (a command's --no-progress, a server).
 
-    The switch is process-wide in diffusers and reads no environment variable, so it is put back after.
+    Each library's switch is process-wide, and diffusers' reads no environment variable (transformers'
+    reads HF_HUB_DISABLE_PROGRESS_BARS once, at import), so both are put back after.
     """
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    was_shown = diffusers_logging.is_progress_bar_enabled()
+    switches = [library for library in (diffusers_logging, transformers_logging) if library.is_progress_bar_enabled()]
     if not shown:
-        diffusers_logging.disable_progress_bar()
+        for library in switches:
+            library.disable_progress_bar()
     try:
         yield
     finally:
-        if was_shown:
-            diffusers_logging.enable_progress_bar()
+        for library in switches:
+            library.enable_progress_bar()
 
 
 def build_pipeline(

@@ -1,7 +1,9 @@
 """A training step asks nothing of the host: it builds no tensor from host data (on a GPU that
-is a blocking copy, a wait for every kernel queued before it) and reads no value back (`.item()`,
-`.tolist()`, which wait likewise). What the step needs from the host (token ids, class labels)
-comes with the batch from the data loader. Checked here on a CPU, where the same calls are made."""
+is a blocking copy, a wait for every kernel queued before it), reads no value back (`.item()`,
+`.tolist()`, which wait likewise) and makes no tensor whose size depends on values (a boolean
+mask's indexing, `nonzero`, `unique`: the host waits for the size). What the step needs from the
+host (token ids, class labels) comes with the batch from the data loader. Checked here on a CPU,
+where the same calls are made."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from difftrain.config import load_config
 from difftrain.data.dataset import make_loader
 
 
+SIZED_BY_VALUES = (torch.ops.aten.nonzero, torch.ops.aten.masked_select, torch.ops.aten._unique2,
+                   torch.ops.aten.unique_dim, torch.ops.aten.unique_consecutive)
+
+
 class HostTraffic(TorchDispatchMode):
     """Tensors made from host data (aten.lift_fresh: `torch.tensor(...)`, a tokenizer's
     return_tensors="pt") and values read back to the host, while active."""
@@ -33,6 +39,11 @@ class HostTraffic(TorchDispatchMode):
             self.made.append(tuple(args[0].shape))
         if func.overloadpacket is torch.ops.aten._local_scalar_dense:
             self.read.append("item")
+        # An output whose size depends on the values (boolean-mask indexing, nonzero, unique): on a GPU
+        # the host must read that size back before it can queue anything after.
+        if func.overloadpacket in SIZED_BY_VALUES or (
+                func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            self.read.append(str(func))
         return func(*args, **(kwargs or {}))
 
 

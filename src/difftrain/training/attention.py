@@ -11,7 +11,7 @@ from difftrain.training.hardware import cpu_computes_bf16
 # Up to this many query tokens, diffusers' classic kernel (matmul, softmax, matmul) beat torch's
 # SDPA under bf16 on a CPU with bf16 arithmetic by 1.2-2.6x, forward and backward, at 64-256 tokens
 # and head sizes 10-96; from 1,024 tokens SDPA was faster (x0.7-0.9). Where the CPU emulates bf16
-# (AVX2), SDPA was the faster at every shape (x0.37-0.83 of the classic kernel's time).
+# (AVX2), SDPA was the faster at every shape (x0.21-0.83 of the classic kernel's time).
 # benchmarks/attention_kernels.py.
 CPU_BF16_CLASSIC_MAX_TOKENS = 256
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import peft
@@ -74,6 +75,25 @@ def trained(tiny_dir, tmp_path_factory):
     diffusers_file, kohya_file = save_lora(out, pipe.unet, pipe.text_encoder, metadata=FACTS, kohya_name="tiny_style")
     files = {"dir": out, "diffusers": diffusers_file, "kohya": kohya_file}
     return {"pipe": pipe, **files, "image": image(pipe), "embeds": prompt_embeds(pipe)}
+
+
+def test_saving_asks_nothing_of_the_hub(tiny_dir, tmp_path, monkeypatch):
+    # peft's default save_embedding_layers="auto" looked the base model up on the Hub at every save of
+    # a text encoder's adapter: transformers names the adapter's base after the encoder's name_or_path,
+    # which is the hub id (or a pipeline folder without a config.json) when training loads it by subfolder.
+    import peft.utils.save_and_load as peft_save
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked: {args}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
+    pipe = load_pipe(tiny_dir)
+    pipe.text_encoder.name_or_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # as a base given by hub id
+    add_lora(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor peft's "Could not find a config file" when the lookup fails offline
+        written = save_lora(tmp_path, pipe.unet, pipe.text_encoder)
+    assert all(path.stat().st_size > 0 for path in written)
 
 
 def test_files_are_named_as_the_tools_expect(trained):

@@ -261,7 +261,10 @@ def _modules_from_model(part: str, model, adapter_name: str) -> list[Module]:
             f"{part} has no LoRA adapter {adapter_name!r}: add one with {part}.add_adapter(peft.LoraConfig(...)) "
             "before saving, or pass None for a part that is not trained"
         )
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # save_embedding_layers="auto" (peft's default) asks the Hub whether the base model's config.json
+    # exists, a network request at every save (a wait on a machine without access, a warning offline).
+    # A LoRA file never holds whole embedding matrices: odd weights are refused just below.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     odd = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if odd:
         raise LoraFileError(

@@ -12,6 +12,7 @@ Run in-process (`train_with_record_noise`) or as a script under `accelerate laun
 from __future__ import annotations
 
 import sys
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -75,8 +76,30 @@ def train_with_record_noise(config_path: str | Path) -> None:
     trainer = Trainer(load_config(config_path), progress=False)
     last = _LastKeys()
     _recording(trainer.sampler, last)
-    with _patched_noise(last):
+    with _patched_noise(last), _wrappers_gone_before_the_process_group(trainer):
         trainer.run()
+
+
+@contextmanager
+def _wrappers_gone_before_the_process_group(trainer) -> Iterator[None]:
+    """Under DDP, no wrapper may outlive the process group: its reducer would destroy the group while
+    holding the GIL, which can deadlock with gloo's worker threads at exit (Trainer._end_processes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrappers = [weakref.ref(m) for m in trainer.wrapped.values() if isinstance(m, DistributedDataParallel)]
+    destroy, alive = torch.distributed.destroy_process_group, []
+
+    def checked(*args, **kwargs):
+        alive.append(sum(wrapper() is not None for wrapper in wrappers))
+        return destroy(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = checked
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+    if wrappers:
+        assert alive == [0], f"DDP wrappers alive when the process group was destroyed: {alive}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ method needs is behind `Method`; everything that must survive a crash is in
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -267,14 +268,28 @@ class Trainer:
         timer.stop()  # the final model's save and the summary are not the loop's time
         seconds = timer.seconds()
         model_dir = self.save_final_model()
-        accelerator.end_training()
         held = (zero.state_bytes(self.modules, self.optimizer, self.zero_stage) if self.zero_stage
                 else sharding.state_bytes(self.parameters, self.optimizer))
+        self._end_processes()
         if self.main:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
             self._print_summary(timer, self.step - start_step, last_loss, model_dir, held)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
                            timer.startup, held, timer.first_step or 0.0)
+
+    def _end_processes(self) -> None:
+        """Drop the DDP/FSDP/DeepSpeed wrappers, then the process group.
+
+        A DDP wrapper's reducer holds the process group. Left to die last, with the trainer, it ran
+        the group's destructor while holding the GIL; that destructor joins gloo's worker threads, and
+        a worker still releasing a finished collective's tensors needs the GIL: a 2-process CPU run
+        hung at exit once in the test suite (pytorch/pytorch#56297). Dropped first, the wrappers leave
+        the group to torch.distributed, which destroys it with the GIL released.
+        """
+        self.wrapped = dict(self.modules)
+        self.accelerator.free_memory()  # accelerate's own references to the wrappers (and DeepSpeed's engine)
+        gc.collect()  # a DDP wrapper sits in reference cycles (its hooks)
+        self.accelerator.end_training()
 
     def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:
         """Stop before a checkpoint if any process's recent losses or the weights are no longer finite.

@@ -284,11 +284,13 @@ class Trainer:
         the group's destructor while holding the GIL; that destructor joins gloo's worker threads, and
         a worker still releasing a finished collective's tensors needs the GIL: a 2-process CPU run
         hung at exit once in the test suite (pytorch/pytorch#56297). Dropped first, the wrappers leave
-        the group to torch.distributed, which destroys it with the GIL released.
+        the group to torch.distributed, which destroys it with the GIL released. A single process has
+        no wrapper and no group: nothing to drop.
         """
-        self.wrapped = dict(self.modules)
-        self.accelerator.free_memory()  # accelerate's own references to the wrappers (and DeepSpeed's engine)
-        gc.collect()  # a DDP wrapper sits in reference cycles (its hooks)
+        if self.accelerator.num_processes > 1:
+            self.wrapped = dict(self.modules)
+            self.accelerator.free_memory()  # accelerate's own references to the wrappers (and DeepSpeed's engine)
+            gc.collect()  # a DDP wrapper sits in reference cycles (its hooks); free_memory collects before it lets go
         self.accelerator.end_training()
 
     def _check_finite(self, loss_sum: torch.Tensor, bar) -> None:

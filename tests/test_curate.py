@@ -301,19 +301,19 @@ def test_a_jsonl_source_with_a_caption_that_is_not_text_is_reported_not_fatal(me
 
 
 def test_under_accelerate_launch_each_rank_takes_a_slice_and_rank_0_writes(messy, tmp_path):
-    import os
     import sqlite3
     import subprocess
-    import sys
+
+    from launches import accelerate_launch, finish
 
     out = tmp_path / "launched"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "-m", "difftrain", "data", "curate", str(messy), str(out), "--cache-dir", str(tmp_path / "cache"),
-              "--no-progress", "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16"]
-    result = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("records:") == 1  # one summary: rank 0's
+    launched = accelerate_launch("--multi_gpu", "--num_processes", "2", "-m", "difftrain", "data", "curate",
+                                 str(messy), str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                                 "--dedupe", "exact,phash", "--phash-distance", "1", "--min-size", "16",
+                                 stderr=subprocess.PIPE)
+    stdout, stderr = finish(launched)
+    assert launched.returncode == 0, stderr[-3000:]
+    assert stdout.count("records:") == 1  # one summary: rank 0's
     report = json.loads((tmp_path / "launched-report" / "report.json").read_text())
     assert report["counts"] == {"records": 53, "kept": 49, "captioned": 0,
                                 "dropped": {"read": 1, "size": 1, "duplicate": 2}}

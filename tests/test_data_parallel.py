@@ -10,9 +10,7 @@ by record instead (tests/data_parallel_probe.py) they agree to float rounding.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from data_parallel_probe import train_with_record_noise
+from launches import accelerate_launch, finish
 from difftrain.data.buckets import BucketBatchSampler
 from difftrain.data.sampler import EpochBatchSampler
 
@@ -59,10 +58,7 @@ def test_bucketed_ranks_read_what_one_process_reads_with_gradient_accumulation()
 
 
 def _launch_two(config: Path) -> subprocess.Popen:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0", str(PROBE), str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(PROBE), str(config))
 
 
 def _differences(a: Path, b: Path) -> dict[str, float]:
@@ -84,7 +80,7 @@ def test_two_processes_of_batch_4_train_like_one_process_of_batch_8(make_config,
     two = make_config("two", training={"batch_size": 4})
     launched = _launch_two(two)  # the single process below trains while this one imports
     train_with_record_noise(make_config("one", training={"batch_size": 8}))
-    output, _ = launched.communicate(timeout=300)
+    output, _ = finish(launched)
     assert launched.returncode == 0, output[-3000:]
 
     step = "checkpoints/step-00000004"

@@ -5,12 +5,10 @@ process, write checkpoints that stay safetensors, and resume exactly. One fixtur
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from difftrain.cli import main
+from launches import accelerate_launch, finish
 from test_text2image import losses, sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +33,11 @@ def _launch(config: Path, *extra: str, accelerate_config: Path | None = None,
             ) -> subprocess.Popen:
     if accelerate_config:
         how = ("--config_file", str(accelerate_config), "--main_process_port", "0")
-    command = [sys.executable, "-m", "accelerate.commands.launch", *how,
-               "-m", "difftrain", "train", "--no-progress", str(config), *extra]
-    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return accelerate_launch(*how, "-m", "difftrain", "train", "--no-progress", str(config), *extra)
 
 
 def _finish(*processes: subprocess.Popen) -> list[str]:
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    outputs = [finish(p)[0] for p in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
     return outputs
@@ -88,12 +84,12 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
     def ddp() -> str:
         output = _finish(_launch(config("ddp")))[0]
         # Then resumed with rank 1 seeing none of its checkpoints, as on a machine that does not share the folder.
-        unshared = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", "0", str(Path(__file__).with_name("unshared_folder_probe.py")), "train",
-                    "--no-progress", str(tmp / "ddp.yaml"), "--set", "training.max_steps=6", "--resume", "latest"]
-        done = subprocess.run(unshared, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=120)  # a process left waiting at a collective would hang here
-        (tmp / "unshared.out").write_text(f"exit {done.returncode}\n{done.stdout}{done.stderr}")
+        probe = Path(__file__).with_name("unshared_folder_probe.py")
+        unshared = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
+                                     "train", "--no-progress", str(tmp / "ddp.yaml"), "--set", "training.max_steps=6",
+                                     "--resume", "latest")
+        output_unshared = finish(unshared, timeout=120)[0]  # a process left waiting at a collective would hang here
+        (tmp / "unshared.out").write_text(f"exit {unshared.returncode}\n{output_unshared}")
         return output
 
     def muon() -> str:  # DDP with training.optimizer: muon, straight and resumed at step 2

@@ -215,9 +215,52 @@ def test_dreambooth_generates_exactly_the_missing_class_images_and_trains_with_m
     again = dreambooth_config(tmp_path, shapes_dir, tiny_sd, "again", training={"batch_size": 1, "max_steps": 1})
     assert main(["train", str(again), "--no-progress"]) == 0
     assert (tmp_path / "class" / class_image_name(1)).read_bytes() == first
+    # They are the images `difftrain generate` draws from the base model with the class settings: one batch
+    # of dreambooth.class_batch_size (4), seeds class_seed (0) + i.
+    assert main(["generate", str(tiny_sd), "--prompt", "a photo of a square", "--negative-prompt", "", "--seed", "0",
+                 "--batch-size", "4", "--steps", "2", "--scheduler", "dpm++_2m", "--cfg", "7.5", "--width", "16",
+                 "--height", "16", "--out", str(tmp_path / "generated"), "--no-progress"]) == 0
+    generated = sorted((tmp_path / "generated").glob("*.png"))
+    for i in (1, 3):
+        drawn = np.asarray(Image.open(tmp_path / "class" / class_image_name(i)))
+        assert np.array_equal(np.asarray(Image.open(generated[i])), drawn), i
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+
+
+def test_class_images_are_drawn_in_fixed_batches_under_the_runs_autocast(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from difftrain.methods import build_method
+    from difftrain.methods.dreambooth import class_image_batches, class_image_name
+
+    # The batches holding a missing image, whole, so image i is always drawn beside the same seeds.
+    assert class_image_batches([1, 2, 9], count=10, batch_size=4) == [range(0, 4), range(8, 10)]
+    assert class_image_batches([], count=10, batch_size=4) == []
+
+    class ConvolutionDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    config = load_config(dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"mixed_precision": "bf16"},
+                                           dreambooth={"num_class_images": 2}))
+    method = build_method(config)
+    weights = {name: value.clone() for name, value in method.unet.state_dict().items()}
+    with ConvolutionDtypes() as seen:
+        method.generate_class_images(tmp_path / "class", [range(0, 2)], torch.device("cpu"), torch.bfloat16, False)
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == [class_image_name(0), class_image_name(1)]
+    # The UNet ran in bf16 (2 steps x 2 images' guided batch), the VAE decoded in fp32; the weights training
+    # starts from were neither cast nor changed.
+    assert seen.seen.count(torch.bfloat16) > 0 and torch.float32 in seen.seen
+    assert all(value.dtype == torch.float32 and torch.equal(value, weights[name])
+               for name, value in method.unet.state_dict().items())
 
 
 def test_dreambooth_loss_weights_the_class_half(tiny_sd, shapes_dir, tmp_path):  # noqa: F811

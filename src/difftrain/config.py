@@ -299,6 +299,7 @@ class DreamBoothConfig(Section):
     class_guidance_scale: float = Field(7.5, ge=0)
     class_scheduler: str = "dpm++_2m"
     class_seed: int = Field(0, description="image i is generated from seed class_seed + i")
+    class_batch_size: int = Field(4, ge=1, description="class images drawn per batch, in fixed groups (0-3, 4-7, ...)")
 
 
 class TextualInversionConfig(Section):

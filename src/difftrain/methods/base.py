@@ -40,8 +40,9 @@ class Method(ABC):
         """Modules gradient checkpointing and the attention kernel apply to: those gradients flow through."""
         return self.trainable_modules()
 
-    def prepare_data(self, accelerator, progress: bool) -> None:
-        """Runs before the data set is opened: make data that must exist first (DreamBooth's class images)."""
+    def prepare_data(self, accelerator, compute_dtype: torch.dtype, progress: bool) -> None:
+        """Runs before the data set is opened: make data that must exist first (DreamBooth's class images),
+        under the run's autocast dtype `compute_dtype`."""
 
     def build_dataset(self, progress: bool):
         """The data this method trains on: by default the images of `data:`, one record per item."""

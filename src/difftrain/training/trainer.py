@@ -140,7 +140,7 @@ class Trainer:
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)
         self.method = build_method(config)
-        self.method.prepare_data(self.accelerator, self.progress)
+        self.method.prepare_data(self.accelerator, _weight_dtype(self.accelerator), self.progress)
         self.dataset = self.method.build_dataset(progress=self.progress)
         self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
         # Written into every checkpoint; it cannot change during the run, so it is serialised once.

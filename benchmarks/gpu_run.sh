@@ -4,6 +4,7 @@
 #   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --compile", carry=[".whl"], ...)
 #   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --methods full --workers 4", ...)
 #   run(command="bash benchmarks/gpu_run.sh generate", carry=[".whl"], ...)
+#   run(command="bash benchmarks/gpu_run.sh class", carry=[".whl"], ...)
 # after benchmarks/gpu_wheels.sh has filled .whl/ here. Installs the wheels beside the image's
 # CUDA torch, checks that difftrain imports, then runs the GPU figures into $OUT (the logs come back):
 #   table     issue 17's table, benchmarks/sd15_training.py (options after `table` go to it; by
@@ -14,6 +15,8 @@
 #             --workers N adds the uncached step with N data loader processes (data.num_workers, default 0).
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).
+#   class     benchmarks/class_images.py on SD 1.5's shape at 512 px: DreamBooth's class images in
+#             batches of 4 under fp16 against one fp32 image at a time.
 # GPU_TIMEOUT (seconds, default 520) bounds the benchmark; logs are appended, so two calls of this
 # script in one device command (the table, then a --compile row with the time left) share a file.
 set -uo pipefail
@@ -34,6 +37,8 @@ case "$what" in
     table) timeout "${GPU_TIMEOUT:-520}" python3 sd15_training.py "$@" 2>&1 | grep --line-buffered -v "Loading weights" \
                | tee -a "$out/sd15_training.txt" ;;
     generate) timeout "${GPU_TIMEOUT:-520}" python3 generate_speed.py --compile --steps 20 2>&1 | tee -a "$out/generate_speed.txt" ;;
-    *) echo "gpu_run.sh: table or generate, not $what"; exit 2 ;;
+    class) timeout "${GPU_TIMEOUT:-520}" python3 class_images.py --sd15 --size 512 --images 16 --steps 25 2>&1 \
+               | tee -a "$out/class_images.txt" ;;
+    *) echo "gpu_run.sh: table, generate or class, not $what"; exit 2 ;;
 esac
 exit $?  # under pipefail: the benchmark's own status (124 when timeout stopped it)

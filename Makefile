@@ -47,9 +47,10 @@ mini-controlnet: setup
 	$(PY) benchmarks/controlnet_control.py runs/mini-controlnet
 
 # Test files are shared between TEST_WORKERS processes (pytest-xdist), a file's tests on one worker so its
-# module fixtures are built once; conftest.py splits torch's threads between the workers.
+# module fixtures are built once, the slowest files first (conftest.py's order, which
+# --no-loadscope-reorder keeps); conftest.py splits torch's threads between the workers.
 TEST_WORKERS ?= 2
-PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)

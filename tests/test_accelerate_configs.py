@@ -86,3 +86,19 @@ def test_deepspeed_configs_build_the_plugin_accelerate_would(name, stage, offloa
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == offload
     # difftrain refuses zero3_init_flag (it would partition the frozen models as they load)
     assert plugin.zero3_init_flag is False
+
+
+def test_fsdp_1_is_refused_with_the_key_to_set():
+    """FSDP 1 is accelerate's default when a config names no fsdp_version; on a GPU accelerate would run it,
+    after difftrain built the optimizer on parameters FSDP 1 then replaces."""
+    from difftrain.training.sharding import ShardingError, check_launch
+
+    args = _launch_args(FOLDER / "fsdp_full_shard.yaml")
+    ours = prepare_multi_gpu_env(args)
+    with mock.patch.dict(os.environ, ours):
+        check_launch()  # version 2
+    for version in ({"FSDP_VERSION": "1"}, {}):
+        env = {key: value for key, value in ours.items() if key != "FSDP_VERSION"} | version
+        with mock.patch.dict(os.environ, env, clear=True):
+            with pytest.raises(ShardingError, match="fsdp_version 1 .*set fsdp_version: 2 in the accelerate config"):
+                check_launch()

@@ -48,15 +48,25 @@ def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
     if not asked or state.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
-    if plugin.fsdp_version != 2:
-        raise ShardingError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
-                            "(version 1 wants a GPU); configs/accelerate/fsdp_*.yaml use 2")
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     # As accelerate itself does for FSDP: each later AcceleratorState() copies PartialState's fields over its own.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def check_launch() -> None:
+    """Refuse an FSDP 1 launch (accelerate's default when the config names no fsdp_version), on any device,
+    before the Accelerator is built: on a CPU accelerate itself then fails with a traceback, and on a GPU
+    it wraps FSDP 1 modules into flat parameters after the optimizer was built (difftrain builds it before
+    `prepare`; only accelerate's FSDP 2 path points it at the new parameters), so nothing would train.
+    The checkpoints and rank 0's whole copies here are FSDP 2's (DTensor) too."""
+    version = os.environ.get("FSDP_VERSION", "1")  # what `accelerate launch` exports, and the plugin reads
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2":
+        raise ShardingError(f"FSDP: this launch asks for fsdp_version {version} (accelerate's default when the config "
+                            "names none); difftrain shards with FSDP 2: set fsdp_version: 2 in the accelerate "
+                            "config's fsdp_config (configs/accelerate/fsdp_*.yaml do)")
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

@@ -101,6 +101,7 @@ class Trainer:
             # Python (a notebook, the tests) with other precision settings must start clean.
             AcceleratorState._reset_state(reset_partial_state=True)
         zero.check_installed()
+        sharding.check_launch()
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(config.training, self._checkpoint_precision(resume)),

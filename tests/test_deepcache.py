@@ -28,6 +28,31 @@ def test_the_shallow_path_on_fresh_deep_features_is_the_whole_unet(tiny_sd):  # 
     assert torch.allclose(whole, shallow, atol=1e-5), (whole - shallow).abs().max()
 
 
+def test_the_cache_survives_the_offload_hook_being_put_back_after_each_generation(tiny_sd):  # noqa: F811
+    """--cpu-offload: after every pipeline call diffusers removes accelerate's hook (restoring the forward it
+    wrapped) and adds it again. Done here with accelerate's own hook functions, as on a GPU."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.generate.deepcache import DeepCache
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    add_hook_to_module(unet, ModelHook())
+    cache = DeepCache(unet, interval=2)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        for generation in range(2):
+            cache.reset()
+            for _ in range(4):
+                unet(x, 500, context)
+            remove_hook_from_module(unet)  # what maybe_free_model_hooks does at the end of a call
+            add_hook_to_module(unet, ModelHook())
+    # The second generation's 4 calls went through the cache too (2 whole ones in each generation). Without
+    # the re-wrap they never reached it: 0 calls, and every step ran the whole UNet.
+    assert (cache.calls, cache.full_calls) == (4, 4)
+    assert hasattr(unet, "_hf_hook")  # the offload hook is still in place, under the cache
+
+
 def generate(model, out, *extra):
     assert main(["generate", str(model), "--prompt", "a red circle", "--steps", "6", "--seed", "5",
                  "--out", str(out), "--no-progress", *extra]) == 0

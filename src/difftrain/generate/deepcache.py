@@ -31,6 +31,13 @@ class DeepCache:
 
     def reset(self) -> None:
         self.calls, self.deep = 0, None
+        if self.unet.forward != self.forward:
+            # Under --cpu-offload the pipeline re-installs accelerate's offload hook after every call
+            # (maybe_free_model_hooks): removing it puts back the forward the hook first wrapped, which
+            # is the UNet's own, so this wrapper was gone from the second generation on. Wrapped again,
+            # around the new hook.
+            self._forward = self.unet.forward
+            self.unet.forward = self.forward
 
     def _keep(self, module, args, kwargs):
         self.deep = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

@@ -183,6 +183,14 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
+    # A checkpoint written on a GPU holds a CUDA noise generator's state, which a CPU generator cannot take:
+    # refused before anything loads, rather than failing after the weights did.
+    state_file = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["device"] == "cpu"
+    state_file.write_text(json.dumps({**state, "device": "cuda"}))
+    assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4"]) == 2
+    assert "written on a cuda device and this run is on cpu" in capsys.readouterr().err
 
 
 def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):

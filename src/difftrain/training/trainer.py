@@ -384,6 +384,12 @@ class Trainer:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by a {written} run and this one is {now}; launch with "
                 "the accelerate config the run started with")
+        written_on, device = state.get("device", self.accelerator.device.type), self.accelerator.device.type
+        if written_on != device:  # a CPU generator's state is not a CUDA one's: restoring it would fail late
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written on a {written_on} device and this run is on {device}; "
+                "an exact resume continues the noise generator of the device kind it was written on. Resume on "
+                f"a {written_on} device, or start a new run whose model.base is a model this run saved")
         if state["world_size"] != self.accelerator.num_processes:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
@@ -574,6 +580,7 @@ class Trainer:
                 "step": self.step,
                 "position": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "world_size": accelerator.num_processes,
+                "device": accelerator.device.type,  # whose noise generator the rng parts hold
                 "compiled": self.compiled,
                 "mixed_precision": self.accelerator.mixed_precision,
                 "sharded": self.sharded,

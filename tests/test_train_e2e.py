@@ -193,6 +193,20 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     assert "written on a cuda device and this run is on cpu" in capsys.readouterr().err
 
 
+def test_the_process_group_waits_as_long_as_the_config_says(make_config):
+    """accelerate passes the handler's timeout to init_process_group (to_kwargs keeps what differs from its
+    default, NCCL's 10 minutes); a resume may change it."""
+    from datetime import timedelta
+
+    from difftrain.config import RESUME_SAFE_KEYS, load_config
+    from difftrain.training.trainer import Trainer
+
+    for sections, minutes in (({}, 30), ({"training": {"process_timeout_minutes": 90}}, 90)):
+        trainer = Trainer(load_config(make_config(**sections)), progress=False)
+        assert trainer.accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}
+    assert "training.process_timeout_minutes" in RESUME_SAFE_KEYS
+
+
 def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
     from difftrain.config import TrainingConfig
     from difftrain.training.optim import resolve_precision

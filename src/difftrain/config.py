@@ -250,6 +250,11 @@ class TrainingConfig(Section):
         description="keep the host memory a step frees for the next one (glibc malloc thresholds) instead of faulting "
                     "it back in every step; auto = when training on a CPU. The process keeps its peak resident size",
     )
+    process_timeout_minutes: int = Field(
+        30, ge=1,
+        description="how long a process of a multi-process run waits at a barrier, for instance while rank 0 alone "
+                    "evaluates or saves, before the launch is aborted (NCCL's own default is 10 minutes)",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -701,6 +706,7 @@ RESUME_SAFE_KEYS = (
     "output_dir",
     "training.max_steps",
     "training.keep_host_memory",  # where freed memory goes, not what is computed
+    "training.process_timeout_minutes",
     "checkpoint.",
     "sample.",
     "eval.",  # evaluation draws with its own generators: it never changes the weights

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_dir, recover_dirs, write_text
@@ -111,6 +112,9 @@ class Trainer:
             # Without this, accelerate ignores a torchrun/`accelerate launch --multi_gpu` world
             # on a machine with no GPU and runs N independent single-process trainings.
             cpu=not _has_accelerator_device(),
+            # Rank 0 alone evaluates and writes the final model while the others wait at a barrier: under
+            # NCCL's default 10 minutes, an evaluation of a few thousand images would abort the launch.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=config.training.process_timeout_minutes))],
         )
         # Before any model loads, so loading's and the first step's blocks are reused too.
         self.host_memory = host_memory.configure(config.training.keep_host_memory, self.accelerator.device)

@@ -167,6 +167,21 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     generate(onnx_model, tmp_path / "fallback", "--provider", "tensorrt", "--provider-fallback")  # runs on the CPU
+    # onnxruntime-gpu lists CUDA even where its libraries fail to load, and then runs the session on the CPU:
+    # listed here too, and this CPU build does the same.
+    import onnxruntime
+
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    assert main(["generate", str(onnx_model), "--provider", "cuda", "--prompt", "x", "--steps", "2", "--out",
+                 str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lists CUDAExecutionProvider but could not start it" in err and "--provider-fallback" in err
+    from difftrain.models.onnx import load_onnx_pipeline
+
+    assert load_onnx_pipeline(onnx_model, "auto").onnx_providers == ["CPUExecutionProvider"]  # what runs, said
+    assert "could not start CUDAExecutionProvider: running on CPUExecutionProvider" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main(["export", str(tiny_sd), str(onnx_model), "--no-progress"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed

@@ -13,6 +13,7 @@ torch backend at the same seed.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,16 @@ def load_onnx_pipeline(folder: Path, provider: str = "auto", fallback: bool = Fa
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=OnnxUNet(folder / "unet", chosen),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.onnx_providers = chosen
+    active = pipe.unet.session.get_providers()
+    if chosen[0] not in active:
+        # Listed as available, yet not started: onnxruntime-gpu lists CUDA (and TensorRT) even where their
+        # libraries fail to load, logs that, and runs the session on the CPU.
+        if provider != "auto" and not fallback:
+            raise OnnxError(f"--provider {provider}: ONNX Runtime lists {chosen[0]} but could not start it (its log "
+                            "above says why: usually CUDA or cuDNN libraries it cannot load); fix that, or pass "
+                            f"--provider-fallback to run on {active[0]}")
+        print(f"ONNX Runtime could not start {chosen[0]}: running on {active[0]}", file=sys.stderr)
+    pipe.onnx_providers = active
     return pipe
 
 

@@ -243,6 +243,20 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
     assert chunked.status_code == 411 and chunked.json()["error"] == "LengthRequired"
 
 
+def test_memory_reports_the_process_and_asks_no_gpu_it_does_not_serve_on(server, monkeypatch):
+    memory = requests.get(f"{server.url}/sdapi/v1/memory").json()
+    assert memory["ram"]["total"] > memory["ram"]["used"] > 0
+    assert memory["cuda"] == {"error": "not serving on a CUDA device"}
+
+    def asked(*args):
+        raise RuntimeError("a GPU the server does not use was asked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host, serving on its CPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", asked)
+    answer = requests.get(f"{server.url}/sdapi/v1/memory")
+    assert answer.status_code == 200 and answer.json()["cuda"] == memory["cuda"]
+
+
 def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
     import webuiapi
 

@@ -313,11 +313,13 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         with open("/proc/self/statm") as handle:
             resident = int(handle.read().split()[1]) * page
-        cuda = {"error": "no CUDA device"}
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
+        cuda = {"error": "not serving on a CUDA device"}
+        if engine.device.type == "cuda":  # the serving GPU (--device cuda:1), not the current one; none on a CPU
+            device = engine.device
+            free, total = torch.cuda.mem_get_info(device)
             cuda = {"system": {"free": free, "used": total - free, "total": total},
-                    "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+                    "active": {"current": torch.cuda.memory_allocated(device),
+                               "peak": torch.cuda.max_memory_allocated(device)}}
         return {"ram": {"total": pages * page, "used": resident}, "cuda": cuda}
 
     return app

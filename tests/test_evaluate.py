@@ -247,7 +247,11 @@ def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_p
     out = tmp_path / "eval"
     argv = ["eval", str(model), "--prompts", str(prompts), "--num-images", "6", "--images-per-prompt", "3",
             "--steps", "3", "--scheduler", "Euler a", "--metrics", "is,lpips", "--out", str(out), *_flags(networks)]
-    assert main(argv) == 0
+    # --device is where it draws as well as where it measures: a device that is not there is refused first.
+    assert main([*argv, "--device", "cuda:3"]) == 2
+    assert "--device cuda:3: there is no such CUDA device here" in capsys.readouterr().err
+    assert not (out / "images").exists()
+    assert main([*argv, "--device", "cpu"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["generation"]["prompts"] == 2 and result["generation"]["scheduler"] == "Euler a"
     assert any("2 blank line(s) skipped" in w for w in result["warnings"])

@@ -88,6 +88,9 @@ def test_bad_sizes_and_unknown_schedulers_are_refused_before_any_work(tmp_path, 
     assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--scheduler", "Euler b"]) == 2
     err = capsys.readouterr().err
     assert "Euler b" in err and "DPM++ 2M Karras" in err
+    for device, message in (("gpu", "not a device"), ("cuda:3", "there is no such CUDA device here")):
+        assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--device", device]) == 2
+        assert f"--device {device}: {message}" in capsys.readouterr().err
 
 
 def test_lora_by_flag_and_by_prompt_tag_are_the_same_and_a_misfit_is_named(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811

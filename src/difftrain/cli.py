@@ -220,7 +220,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "cpu_offload": "cpu_offload", "compile": "compile", "compile_mode": "compile_mode",
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
-    "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache",
+    "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
 }
 
 
@@ -606,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
     gen.add_argument("--clip-skip", type=int)
     gen.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    gen.add_argument("--device", help="auto (default: CUDA where there is a GPU), cpu, cuda, cuda:1 ...")
     gen.add_argument("--attention-slicing", action="store_true", default=None)
     gen.add_argument("--vae-tiling", action="store_true", default=None)
     gen.add_argument("--vae-slicing", action="store_true", default=None)
@@ -698,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alexnet-weights", metavar="FILE", help="LPIPS backbone (torchvision's AlexNet)")
     ev.add_argument("--lpips-weights", metavar="FILE", help="LPIPS v0.1 linear heads (lpips' alex.pth)")
     ev.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/difftrain/eval)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ev.add_argument("--device", default="auto", help="where it generates and measures: auto, cpu, cuda, cuda:1 ...")
     ev.add_argument("--feature-batch-size", type=int, help="images per Inception/CLIP batch (default 4 on CPU, 64 on CUDA)")
     ev.add_argument("--out", default="eval", help="output folder (default eval/)")
     ev.add_argument("--no-progress", action="store_true")

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
@@ -29,6 +28,7 @@ from difftrain.evaluate.reference import (
 )
 from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small
 from difftrain.evaluate.weights import EvalError
+from difftrain.generate.text2image import resolve_device
 
 
 @dataclass
@@ -88,9 +88,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         located = locate(target, options.use_ema)
         has_prompts = located.manifest is None or located.manifest.kind != "unconditional"
     wanted = _wanted_metrics(options, has_prompts, warnings)
-    networks = options.networks
-    if networks.device == "auto":
-        networks = replace(networks, device=_device())
+    networks = replace(options.networks, device=str(resolve_device(options.networks.device)))
     scorer = Scorer(wanted, networks)  # a missing network is reported before anything is drawn
     if not is_folder:
         groups, generation = _draw(located, options, reference_records, warnings, out / "images", progress)
@@ -128,10 +126,6 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
 
     write_report(out, result, groups)
     return EvalResult(values, out, summary_lines(result, out))
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _is_statistics_file(path: str) -> bool:
@@ -219,7 +213,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
                        options.prompts_file, warnings=warnings)
     given = {"prompt": plan[0], "negative_prompt": options.negative_prompt, "seed": options.seed,
              "use_ema": options.use_ema, "precision": options.precision, "width": options.width,
-             "height": options.height, "batch_size": options.batch_size}
+             "height": options.height, "batch_size": options.batch_size, "device": options.networks.device}
     for name, value in (("scheduler", options.scheduler), ("steps", options.steps),
                         ("guidance_scale", options.guidance_scale)):
         if value is not None:
@@ -253,7 +247,7 @@ def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
     from difftrain.sampling.loop import sample_unet_batched
 
     model = load_unconditional(target, options.use_ema)
-    model.unet.eval().to(_device())
+    model.unet.eval().to(resolve_device(options.networks.device))
     scheduler, steps = options.scheduler or "dpm++_2m", options.steps or 25
     # A class model: every class in turn, guided at --cfg or as its training previews were.
     guidance = options.guidance_scale if model.classes else None  # an unconditional model ignores --cfg, as before

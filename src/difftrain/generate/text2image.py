@@ -58,6 +58,7 @@ class GenerateOptions:
     backend: str = "auto"  # torch | onnxruntime; auto: onnxruntime for an ONNX export, torch otherwise
     provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
     provider_fallback: bool = False  # run on what there is when the provider asked for is missing
+    device: str = "auto"  # auto: CUDA where there is a GPU, else the CPU; or cpu, cuda, cuda:1 ...
 
     def check(self) -> None:
         """Everything that can be refused before a model loads."""
@@ -81,6 +82,7 @@ class GenerateOptions:
         if self.init_image and int(self.steps * self.strength) < 1:
             raise GenerateError(f"img2img runs steps x strength = {self.steps} x {self.strength} < 1 steps; "
                                 "raise --steps or --strength")
+        resolve_device(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
         if self.deepcache > 1 and self.controlnets:  # refused before any model loads
@@ -117,8 +119,18 @@ _DEEPCACHE_WITH_CONTROL = ("--deepcache skips the UNet's deep blocks, where a Co
                            "use it without ControlNets")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device `name` (auto, cpu, cuda, cuda:1 ...) names; auto is CUDA where there is a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name}: not a device; give auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise GenerateError(f"--device {name}: there is no such CUDA device here "
+                            f"({torch.cuda.device_count()} visible); use auto or cpu")
+    return device
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -284,7 +296,7 @@ class Drawer:
 
         options.check()
         self.options = options
-        device = _device()
+        device = resolve_device(options.device)
         located = model if isinstance(model, Located) else locate(model, options.use_ema)
         if located.manifest is not None and located.manifest.kind == "unconditional":
             raise GenerateError(f"{located.source} is a pixel-space (unconditional) model; "

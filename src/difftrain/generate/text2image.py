@@ -196,7 +196,7 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
     if options.cpu_offload:
         if device.type != "cuda":
             raise GenerateError("--cpu-offload moves parts between the GPU and the CPU; there is no GPU here")
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     if options.compile:
@@ -332,7 +332,7 @@ class Drawer:
                                                   strength=options.strength, controls=controls)
         if controls is not None:
             if options.cpu_offload:
-                self.runner.enable_model_cpu_offload()
+                self.runner.enable_model_cpu_offload(device=device)
             else:
                 self.runner.to(device)
         self.runner.set_progress_bar_config(disable=not progress)

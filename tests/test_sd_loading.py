@@ -114,6 +114,10 @@ def test_parts_that_do_not_fit(tiny, tmp_path):
     path.write_text(json.dumps({**config, "in_channels": 3, "out_channels": 3}))
     with pytest.raises(ModelLoadError, match=r"unet in_channels 3 / out_channels 3 .* vae latent_channels 4"):
         load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
+    # sd-v1-5-inpainting's shape: refused by name, not left to fail in a convolution at the first step or draw.
+    path.write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(ModelLoadError, match=r"an inpainting UNet \(9 input channels.*stable-diffusion-v1-5 rather"):
+        load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
 
 
 def test_missing_and_wrong_paths(tiny, tmp_path):

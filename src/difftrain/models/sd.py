@@ -354,8 +354,14 @@ def _check_fit(parts: dict, origin: dict[str, str]) -> None:
             )
     if unet is not None and vae is not None:
         latent = vae.config.latent_channels
-        # Inpainting UNets also take the masked image latents and the mask: 2 * latent + 1.
-        if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
+        if unet.config.in_channels == 2 * latent + 1 and unet.config.out_channels == latent:
+            # It also takes the masked image's latents and the mask: training would feed it latents alone, and the
+            # text-to-image pipeline sizes its noise by in_channels, both failing deep in a convolution.
+            raise ModelLoadError(
+                f"{origin['unet']}: an inpainting UNet ({unet.config.in_channels} input channels: the latents, the "
+                "masked image's latents and the mask); difftrain trains and draws text-to-image models: use the "
+                "model it was made from (stable-diffusion-v1-5 rather than sd-v1-5-inpainting)")
+        if unet.config.in_channels != latent or unet.config.out_channels != latent:
             raise ModelLoadError(
                 f"the parts do not fit: unet in_channels {unet.config.in_channels} / out_channels "
                 f"{unet.config.out_channels} ({origin['unet']}) != vae latent_channels {latent} ({origin['vae']})"

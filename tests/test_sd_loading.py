@@ -116,8 +116,30 @@ def test_parts_that_do_not_fit(tiny, tmp_path):
         load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
     # sd-v1-5-inpainting's shape: refused by name, not left to fail in a convolution at the first step or draw.
     path.write_text(json.dumps({**config, "in_channels": 9}))
-    with pytest.raises(ModelLoadError, match=r"an inpainting UNet \(9 input channels.*stable-diffusion-v1-5 rather"):
+    with pytest.raises(ModelLoadError, match=r"9 input channels, an inpainting model .*stable-diffusion-v1-5 rather"):
         load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
+
+
+def test_sdxl_and_inpainting_models_are_refused_by_name_before_any_weight_loads(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "xl"
+    shutil.copytree(tiny, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # nothing may be read
+    with pytest.raises(ModelLoadError, match=r"a StableDiffusionXLPipeline; difftrain trains and draws Stable Diffusion 1"):
+        load_sd(str(folder))
+    # Single files, by the keys diffusers tells model types apart with (their shapes only are read first).
+    xl = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}, xl)
+    with pytest.raises(ModelLoadError, match=r"sdxl.safetensors: its keys are those of a 'xl_base' checkpoint"):
+        load_sd(str(xl))
+    inpainting = tmp_path / "inpainting.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, inpainting)
+    with pytest.raises(ModelLoadError, match=r"inpainting.safetensors: an inpainting model"):
+        load_sd(str(inpainting))
 
 
 def test_missing_and_wrong_paths(tiny, tmp_path):

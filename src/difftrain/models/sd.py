@@ -92,6 +92,8 @@ def _locate_base(spec: str) -> _Where:
             "or a .safetensors checkpoint"
         )
     if path.is_dir():
+        if (path / "model_index.json").is_file():
+            _check_pipeline_kind(str(path), path / "model_index.json")
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
             return _Where("pipeline", str(path))
         raise ModelLoadError(f"base: {path} is not a diffusers pipeline folder (no model_index.json, no unet/)")
@@ -136,11 +138,14 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
         marker = "tokenizer_config.json" if name == "tokenizer" else "config.json"
         candidates = [("model_index.json", name)] + ([(f"{name}/{marker}", name), (marker, None)] if name else [])
         for filename, subfolder in candidates:
-            if isinstance(try_to_load_from_cache(repo, filename, revision=revision), str):
+            cached = try_to_load_from_cache(repo, filename, revision=revision)
+            if isinstance(cached, str):
+                if filename == "model_index.json":
+                    _check_pipeline_kind(repo, Path(cached))
                 return subfolder
         raise _offline_error(role, repo)
     try:
-        hf_hub_download(repo, "model_index.json", revision=revision)
+        _check_pipeline_kind(repo, Path(hf_hub_download(repo, "model_index.json", revision=revision)))
         return name
     except LocalEntryNotFoundError:
         raise _offline_error(role, repo) from None
@@ -150,6 +155,37 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
         return None
     except (HfHubHTTPError, OSError) as exc:
         raise ModelLoadError(f"{role}: cannot reach hub repo {repo!r}: {_first_line(exc)}") from None
+
+
+# What difftrain trains and draws: Stable Diffusion 1.x and 2.x, a UNet conditioned by one CLIP text encoder.
+NOT_SD = "difftrain trains and draws Stable Diffusion 1.x and 2.x models (one text encoder, a UNet)"
+INPAINTING = ("an inpainting model (its UNet also takes the masked image's latents and the mask); difftrain trains "
+              "and draws text-to-image models: use the model it was made from (stable-diffusion-v1-5 rather than "
+              "sd-v1-5-inpainting)")
+
+
+def _check_pipeline_kind(where: str, index_file: Path) -> None:
+    """Refuse SDXL, SD 3, Flux and other pipelines by their model_index.json, before any weight loads."""
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return  # the loaders below say what is wrong with the folder
+    kind = index.get("_class_name", "a pipeline")
+    if "text_encoder_2" in index or "transformer" in index or ("unet" not in index and "prior" in index):
+        raise ModelLoadError(f"{where}: a {kind}; {NOT_SD}")
+    if "Inpaint" in kind:
+        raise ModelLoadError(f"{where}: a {kind}, {INPAINTING}")
+
+
+def _check_single_file_kind(path: str, header: dict) -> None:
+    """Refuse what a single file's keys say is not SD 1.x/2.x (SDXL, SD 3, ...) before its weights are read."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    kind = infer_diffusers_model_type(header)
+    if kind.startswith("inpainting"):
+        raise ModelLoadError(f"{path}: {INPAINTING}")
+    if kind not in ("v1", "v2"):
+        raise ModelLoadError(f"{path}: its keys are those of a {kind!r} checkpoint (diffusers' name for it); {NOT_SD}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -222,7 +258,10 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
             raise ModelLoadError(f"config: {folder} is not a diffusers pipeline folder (no unet/config.json)")
         return str(folder)
     guessed = config is None
-    repo = fetch_diffusers_config(_header(path, allow_pickle))["pretrained_model_name_or_path"] if guessed else config
+    if guessed:
+        header = _header(path, allow_pickle)
+        _check_single_file_kind(path, header)
+    repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"] if guessed else config
     try:
         configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
         return snapshot_download(repo, allow_patterns=configs_only, local_files_only=_offline())
@@ -355,12 +394,9 @@ def _check_fit(parts: dict, origin: dict[str, str]) -> None:
     if unet is not None and vae is not None:
         latent = vae.config.latent_channels
         if unet.config.in_channels == 2 * latent + 1 and unet.config.out_channels == latent:
-            # It also takes the masked image's latents and the mask: training would feed it latents alone, and the
-            # text-to-image pipeline sizes its noise by in_channels, both failing deep in a convolution.
-            raise ModelLoadError(
-                f"{origin['unet']}: an inpainting UNet ({unet.config.in_channels} input channels: the latents, the "
-                "masked image's latents and the mask); difftrain trains and draws text-to-image models: use the "
-                "model it was made from (stable-diffusion-v1-5 rather than sd-v1-5-inpainting)")
+            # Training would feed it latents alone, and the text-to-image pipeline sizes its noise by
+            # in_channels: both would fail deep in a convolution.
+            raise ModelLoadError(f"{origin['unet']}: {unet.config.in_channels} input channels, {INPAINTING}")
         if unet.config.in_channels != latent or unet.config.out_channels != latent:
             raise ModelLoadError(
                 f"the parts do not fit: unet in_channels {unet.config.in_channels} / out_channels "

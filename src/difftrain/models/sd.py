@@ -140,12 +140,14 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
         for filename, subfolder in candidates:
             cached = try_to_load_from_cache(repo, filename, revision=revision)
             if isinstance(cached, str):
-                if filename == "model_index.json":
+                if filename == "model_index.json" and name is None:  # a part may come from any pipeline
                     _check_pipeline_kind(repo, Path(cached))
                 return subfolder
         raise _offline_error(role, repo)
     try:
-        _check_pipeline_kind(repo, Path(hf_hub_download(repo, "model_index.json", revision=revision)))
+        index = hf_hub_download(repo, "model_index.json", revision=revision)
+        if name is None:
+            _check_pipeline_kind(repo, Path(index))
         return name
     except LocalEntryNotFoundError:
         raise _offline_error(role, repo) from None

@@ -103,6 +103,47 @@ def test_per_component_loaders_and_load_sd_agree(tiny_pipe, tiny_dir, single_fil
     assert type(ours.scheduler).__name__ == "DDIMScheduler" and str(single_file) in ours.source
 
 
+def test_sd2s_open_clip_encoder_is_written_in_open_clip_names_and_diffusers_reads_it_back(tiny_pipe, tmp_path):
+    """SD 2.x files hold OpenCLIP's names (AUTOMATIC1111 tells an SD 2 file by them, ComfyUI's SD 2 loader reads
+    only them); the SD 1.x layout there loaded only in diffusers. A gelu CLIP stands in for OpenCLIP ViT-H."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**tiny_pipe.text_encoder.config.to_dict(), "hidden_act": "gelu"}))
+    pipe = StableDiffusionPipeline(**{**tiny_pipe.components, "text_encoder": text_encoder})
+    pipe.save_pretrained(tmp_path / "configs")
+    path = save_single_file(pipe.unet, pipe.vae, text_encoder, tmp_path / "sd2.safetensors")
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys  # A1111's SD 2 test
+    assert "cond_stage_model.model.positional_embedding" in keys and "cond_stage_model.model.ln_final.bias" in keys
+    assert not any(key.startswith("cond_stage_model.transformer.") for key in keys)
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "configs"),
+                                                      local_files_only=True, safety_checker=None)
+    assert_same_weights(text_encoder, loaded.text_encoder)
+
+
+def test_sd2s_dropped_last_open_clip_block_is_written_for_the_tools_that_build_all_24():
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftrain.models.single_file import open_clip_to_ldm
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=23, num_attention_heads=2,
+                                         hidden_act="gelu", vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    ldm = open_clip_to_ldm(model.state_dict())
+    block = "cond_stage_model.model.transformer.resblocks."
+    copied = [key for key in ldm if key.startswith(block + "23.")]
+    assert len(copied) == 12 and all(torch.equal(ldm[key], ldm[key.replace(".23.", ".22.")]) for key in copied)
+    back = convert_open_clip_checkpoint(model, ldm)  # diffusers skips block 23 by name, as in SD 2's own files
+    back = {k.removeprefix("text_model."): v for k, v in back.items() if k != "text_projection.weight"}
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[key], value) for key, value in state.items())
+
+
 def test_sd15_layout_four_levels_two_layers():
     """SD 1.5's UNet and VAE shapes (on the meta device: no memory) get SD 1.5's names and
     counts, and diffusers' own LDM reader maps every one of them back."""

@@ -1,9 +1,10 @@
 """Stable Diffusion as ONE .safetensors with the original (LDM/CompVis) key names.
 
 This is the file AUTOMATIC1111, ComfyUI, InvokeAI and diffusers' own `from_single_file`
-load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
-`cond_stage_model.transformer.text_model.*` (CLIP text encoder, the SD 1.x layout); and a
-ControlNet alone as the `control_model.*` file of the original ControlNet release.
+load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text encoder,
+`cond_stage_model.transformer.text_model.*` for SD 1.x's CLIP and OpenCLIP's own names under
+`cond_stage_model.model.*` for SD 2.x's; and a ControlNet alone as the `control_model.*` file
+of the original ControlNet release.
 
 The diffusers -> LDM renaming is the well-known one of diffusers'
 scripts/convert_diffusers_to_original_stable_diffusion.py, rewritten here as prefix tables
@@ -26,6 +27,11 @@ UNET_PREFIX = "model.diffusion_model."
 CONTROLNET_PREFIX = "control_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# transformers' CLIP names -> OpenCLIP's, inside a block (the query, key and value are joined apart).
+OPEN_CLIP_BLOCK = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+OPEN_CLIP_H_BLOCKS = 24  # SD 2.x's encoder: diffusers' copy keeps the first 23, the output SD reads
 
 # Inside a block, the names that differ (diffusers -> LDM). Unlisted names are the same.
 UNET_RESNET = (
@@ -207,10 +213,50 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {TEXT_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
+def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x's text encoder (OpenCLIP ViT-H, held by diffusers in transformers' CLIP layout) under the
+    OpenCLIP names SD 2 checkpoints use: AUTOMATIC1111 tells an SD 2 file by them, and ComfyUI's SD 2
+    loader reads only keys under `cond_stage_model.model.`. The reverse of diffusers' own
+    convert_open_clip_checkpoint (tested through it)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias")}
+    blocks = len({key.split(".")[2] for key in state if key.startswith("encoder.layers.")})
+    for block in range(blocks):
+        ours, theirs = f"encoder.layers.{block}.", f"transformer.resblocks.{block}."
+        for kind in ("weight", "bias"):
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{ours}self_attn.{part}_proj.{kind}") for part in ("q", "k", "v")])
+        for key in [key for key in state if key.startswith(ours)]:
+            name = key.removeprefix(ours)
+            for diffusers_name, open_clip_name in OPEN_CLIP_BLOCK:
+                name = name.replace(diffusers_name, open_clip_name)
+            out[theirs + name] = state.pop(key)
+    if state:
+        raise SingleFileError(f"text encoder: no OpenCLIP name for {sorted(state)[:3]}")
+    if blocks == OPEN_CLIP_H_BLOCKS - 1:
+        # The block diffusers dropped and the projection SD never uses: AUTOMATIC1111 and ComfyUI build the
+        # whole OpenCLIP model, so they are written as kohya's converter writes them (a copy of the block before,
+        # an identity); every loader then reads the penultimate block's output, as SD 2 trained on.
+        last, dropped = f"transformer.resblocks.{blocks - 1}.", f"transformer.resblocks.{blocks}."
+        out |= {dropped + key.removeprefix(last): value.clone() for key, value in out.items() if key.startswith(last)}
+    width = out["token_embedding.weight"].shape[1]
+    # diffusers reads the width of the query, key and value rows from the projection's first dimension.
+    out["text_projection"] = torch.eye(width, dtype=out["token_embedding.weight"].dtype)
+    return {OPEN_CLIP_PREFIX + key: value for key, value in out.items()}
+
+
+def is_open_clip(text_encoder) -> bool:
+    """SD 2.x's OpenCLIP encoder, told from SD 1.x's OpenAI CLIP by its activation (gelu, not quick_gelu)."""
+    return getattr(text_encoder.config, "hidden_act", None) == "gelu"
+
+
 def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     """All three models' weights under their LDM names (tensors shared, not copied)."""
     parts = [unet_to_ldm(unet.state_dict()), vae_to_ldm(vae.state_dict())]
-    parts.append(text_encoder_to_ldm(text_encoder.state_dict()))
+    convert = open_clip_to_ldm if is_open_clip(text_encoder) else text_encoder_to_ldm
+    parts.append(convert(text_encoder.state_dict()))
     merged = {k: v for part in parts for k, v in part.items()}
     assert len(merged) == sum(map(len, parts)), "the three prefixes cannot collide"
     return merged

@@ -53,6 +53,23 @@ def test_original_key_layout_and_diffusers_reads_it_back_exactly(controlnet, tmp
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_generate_loads_a_single_file_offline_as_a_controlnet_for_its_unet(controlnet, tmp_path, monkeypatch):
+    """The config comes from the UNet it steers, not the Hub: diffusers would fetch SD 1.5's canny ControlNet's,
+    which offline fails and for any other base has the wrong widths (this tiny one's, here)."""
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.models.control import load_control
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                layers_per_block=1, attention_head_dim=4, norm_num_groups=32)
+    path = save_controlnet_single_file(controlnet, tmp_path / "cn.safetensors")
+    loaded = load_control(str(path), torch.float32, unet)
+    ours, theirs = controlnet.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_cli_exports_a_folder_in_half_precision(controlnet, tmp_path, capsys):
     controlnet.save_pretrained(tmp_path / "folder")
     out = tmp_path / "cn-fp16.safetensors"

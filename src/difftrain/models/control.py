@@ -6,6 +6,7 @@ they steer, and wrapped with their base into diffusers' pipelines.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
     path = local_folder(spec)
     try:
         if path.suffix == ".safetensors" and path.is_file():
-            net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+            with tempfile.TemporaryDirectory() as config:
+                net = ControlNetModel.from_single_file(str(path), config=_config_for(unet, Path(config)),
+                                                       local_files_only=True, torch_dtype=dtype)
         elif path.exists() and not path.is_dir():
             raise ControlNetError(f"{what} {spec}: a ControlNet is a folder or a .safetensors file "
                                   "(pickled .ckpt/.pth files are not loaded)")
@@ -79,12 +82,24 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
             cls = T2IAdapter if ControlNetModel.load_config(where).get("_class_name") == "T2IAdapter" else ControlNetModel
             net = cls.from_pretrained(where, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        hint = (" A single file needs its diffusers config, fetched from the Hub (SD 1.5's) unless cached: offline, "
-                "or for another base, give the ControlNet as a diffusers folder." if path.suffix == ".safetensors" else "")
+        hint = (" A single file is read as a ControlNet for this UNet (the original release's layout, the standard "
+                "condition encoder); another kind needs its diffusers folder." if path.suffix == ".safetensors" else "")
         raise ControlNetError(f"{what} {spec}: cannot load a ControlNet or T2I-Adapter from it "
                               f"({str(exc).splitlines()[0]}).{hint}") from None
     check_fits(net, unet, f"{what} {spec}")
     return net
+
+
+def _config_for(unet, folder: Path) -> str:
+    """The diffusers config of a ControlNet that steers `unet`, written into `folder`. A single file holds
+    weights only, and diffusers otherwise fetches SD 1.5's canny ControlNet config from the Hub: offline that
+    fails, and an SD 2.x ControlNet (difftrain's own export from an SD 2 base too) got SD 1.5's widths."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    with init_empty_weights():  # the structure only: no memory
+        ControlNetModel.from_unet(unet, load_weights_from_unet=False).save_config(folder)
+    return str(folder)
 
 
 def control_pipeline(pipe, nets: list, img2img: bool):

@@ -120,6 +120,15 @@ def test_parts_that_do_not_fit(tiny, tmp_path):
         load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
 
 
+def test_an_sd2_single_file_says_which_configs_describe_it(caplog):
+    from difftrain.models.sd import _check_single_file_kind
+
+    # SD 2.x's cross-attention width is 1024; 512 px epsilon and 768 px v-prediction files have the same keys.
+    key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    _check_single_file_kind("sd2.safetensors", {key: torch.empty(320, 1024, device="meta")})
+    assert "768 px, v-prediction" in caplog.text and "config: stabilityai/stable-diffusion-2-1-base" in caplog.text
+
+
 def test_sdxl_and_inpainting_models_are_refused_by_name_before_any_weight_loads(tiny, tmp_path):
     from safetensors.torch import save_file
 

@@ -144,6 +144,24 @@ def test_sd2s_dropped_last_open_clip_block_is_written_for_the_tools_that_build_a
     assert all(torch.equal(back[key], value) for key, value in state.items())
 
 
+def test_a_lora_run_on_a_single_file_base_records_its_config_and_generate_loads_it_offline(tiny_dir, single_file,
+                                                                                           shapes_dir, tmp_path):
+    """model.config describes a single-file base (offline diffusers could only guess a hub repo it lacks); the run's
+    manifest keeps it, so `generate RUN` rebuilds the base as training loaded it."""
+    from test_text2image import sd_config
+
+    from difftrain.cli import main
+    from difftrain.models.manifest import read_manifest
+
+    config = sd_config(tmp_path, shapes_dir, single_file, model={"config": str(tiny_dir)},
+                       lora={"enabled": True, "init": "gaussian"}, training={"max_steps": 1, "batch_size": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert read_manifest(tmp_path / "run" / "model").base["config"] == str(tiny_dir)
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "a red circle", "--steps", "2", "--width", "32",
+                 "--height", "32", "--out", str(tmp_path / "drawn"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == 1
+
+
 def test_sd15_layout_four_levels_two_layers():
     """SD 1.5's UNet and VAE shapes (on the meta device: no memory) get SD 1.5's names and
     counts, and diffusers' own LDM reader maps every one of them back."""

@@ -175,6 +175,9 @@ class ModelConfig(Section):
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None
+    config: Optional[str] = Field(
+        None, description="single-file base: the diffusers folder or hub id with its configs (default: diffusers' "
+                          "guess from its keys, which takes every SD 2.x file for SD 2.1 768 v-prediction)")
 
 
 class NoiseConfig(Section):

@@ -104,7 +104,7 @@ def build_pipeline(
     elif manifest.kind == "unconditional":
         pipe = _unconditional(folder, manifest, use_ema)
     elif manifest.kind in ADAPTER_KINDS:
-        pipe = _on_base(folder, manifest, dtype)
+        pipe = _on_base(folder, manifest, dtype, config)
     else:
         pipe = _diffusers_folder(folder, dtype)
     if manifest.kind != "unconditional":
@@ -189,9 +189,10 @@ def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):
     return _pipeline(load_sd(spec, dtype=dtype, config=config))  # with its clear errors
 
 
-def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype):
+def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype, config: str | None = None):
     """An adapter or partial model: its base (with any component overrides), its parts on top,
-    and the scheduler it trained with."""
+    and the scheduler it trained with. `config` (else the one the run recorded) describes a
+    single-file base."""
     from difftrain.models.sd import load_sd
 
     base = manifest.base or {}
@@ -201,7 +202,7 @@ def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype):
     parts = load_sd(
         base.get("model"), unet=trained.get("unet", base.get("unet")), vae=base.get("vae"),
         text_encoder=trained.get("text_encoder", base.get("text_encoder")), tokenizer=base.get("tokenizer"),
-        revision=base.get("revision"), variant=base.get("variant"), dtype=dtype,
+        revision=base.get("revision"), variant=base.get("variant"), dtype=dtype, config=config or base.get("config"),
     )
     if manifest.scheduler:
         parts.scheduler = _saved_scheduler(folder / manifest.scheduler)

@@ -391,7 +391,8 @@ class TextToImage(Method):
         self.describe_adapter(manifest)
         if manifest.kind != "stable-diffusion":  # an adapter or partial model needs its base to load
             manifest.base = base_reference(model.base, model.revision, model.variant, unet=model.unet,
-                                           vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
+                                           vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                           config=model.config)
         return manifest
 
     def describe_adapter(self, manifest) -> None:
@@ -407,6 +408,7 @@ class TextToImage(Method):
             tokenizer=model.tokenizer,
             revision=model.revision,
             variant=model.variant,
+            config=model.config,
             load=load,
         )
 

@@ -10,6 +10,7 @@ embeddings only the UNet is needed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from difftrain.errors import DifftrainError
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 MODELS = ("unet", "vae", "text_encoder")
@@ -188,6 +191,10 @@ def _check_single_file_kind(path: str, header: dict) -> None:
         raise ModelLoadError(f"{path}: {INPAINTING}")
     if kind not in ("v1", "v2"):
         raise ModelLoadError(f"{path}: its keys are those of a {kind!r} checkpoint (diffusers' name for it); {NOT_SD}")
+    if kind == "v2":  # the keys of SD 2.x at 512 px (epsilon) and at 768 px (v-prediction) are the same
+        log.warning("%s: an SD 2.x file, described with stabilityai/stable-diffusion-2-1's configs (768 px, "
+                    "v-prediction). For a 512 px epsilon model (SD 2.0/2.1-base and their fine-tunes) give "
+                    "config: stabilityai/stable-diffusion-2-1-base (model.config, --config)", path)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,11 +17,13 @@ import psutil
 def accelerate_launch(*arguments: str, stderr: int = subprocess.STDOUT) -> subprocess.Popen:
     """`accelerate launch *arguments` with one thread per process (its output piped; stderr into it by default)."""
     return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *arguments],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str | None]:
-    """(stdout, stderr) once the launch ends; past `timeout` seconds it is killed with its workers and the test fails."""
+    """(stdout, stderr) once the launch ends; past `timeout` seconds it is killed with its workers, and the
+    test fails."""
     try:
         return process.communicate(timeout=timeout)
     except BaseException as stopped:

@@ -131,8 +131,9 @@ def test_sd2s_dropped_last_open_clip_block_is_written_for_the_tools_that_build_a
     from difftrain.models.single_file import open_clip_to_ldm
 
     torch.manual_seed(0)
-    model = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=23, num_attention_heads=2,
-                                         hidden_act="gelu", vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=23,
+                                         num_attention_heads=2, hidden_act="gelu", vocab_size=100, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1))
     ldm = open_clip_to_ldm(model.state_dict())
     block = "cond_stage_model.model.transformer.resblocks."
     copied = [key for key in ldm if key.startswith(block + "23.")]

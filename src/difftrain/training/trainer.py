@@ -114,7 +114,8 @@ class Trainer:
             cpu=not _has_accelerator_device(),
             # Rank 0 alone evaluates and writes the final model while the others wait at a barrier: under
             # NCCL's default 10 minutes, an evaluation of a few thousand images would abort the launch.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=config.training.process_timeout_minutes))],
+            kwargs_handlers=[InitProcessGroupKwargs(
+                timeout=timedelta(minutes=config.training.process_timeout_minutes))],
         )
         # Before any model loads, so loading's and the first step's blocks are reused too.
         self.host_memory = host_memory.configure(config.training.keep_host_memory, self.accelerator.device)

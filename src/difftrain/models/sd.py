@@ -266,11 +266,11 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
         if not (folder / "unet" / "config.json").is_file():
             raise ModelLoadError(f"config: {folder} is not a diffusers pipeline folder (no unet/config.json)")
         return str(folder)
-    guessed = config is None
+    guessed, repo = config is None, config
     if guessed:
         header = _header(path, allow_pickle)
         _check_single_file_kind(path, header)
-    repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"] if guessed else config
+        repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"]
     try:
         configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
         return snapshot_download(repo, allow_patterns=configs_only, local_files_only=_offline())

@@ -22,6 +22,7 @@ import torch
 
 from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
+from difftrain.sampling.prompts import is_open_clip
 
 UNET_PREFIX = "model.diffusion_model."
 CONTROLNET_PREFIX = "control_model."
@@ -245,11 +246,6 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # diffusers reads the width of the query, key and value rows from the projection's first dimension.
     out["text_projection"] = torch.eye(width, dtype=out["token_embedding.weight"].dtype)
     return {OPEN_CLIP_PREFIX + key: value for key, value in out.items()}
-
-
-def is_open_clip(text_encoder) -> bool:
-    """SD 2.x's OpenCLIP encoder, told from SD 1.x's OpenAI CLIP by its activation (gelu, not quick_gelu)."""
-    return getattr(text_encoder.config, "hidden_act", None) == "gelu"
 
 
 def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:

@@ -13,12 +13,16 @@ modules/sd_hijack_clip.py, modules/extra_networks.py):
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import NamedTuple
 
 import torch
 
 from difftrain.errors import DifftrainError
+
+log = logging.getLogger(__name__)
+_told_open_clip: list[bool] = []  # the clip-skip notice, once a process
 
 BREAK = ("BREAK", -1.0)
 # bracket -> the factor it applies to everything inside it
@@ -209,10 +213,24 @@ def _hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int) -> torch.Ten
             f"chunks of {ids.shape[1]} tokens but the text encoder takes at most "
             f"{text_encoder.config.max_position_embeddings}; the tokenizer's model_max_length does not match it"
         )
+    if clip_skip > 1 and is_open_clip(text_encoder):
+        # SD 2.x's encoder already stops at OpenCLIP's penultimate block, and AUTOMATIC1111 does not apply
+        # "Clip skip" to it: A1111's own images of SD 2 models (their PNGs say "Clip skip: 2" when the setting
+        # is on) and its API's override_settings draw as with 1.
+        if not _told_open_clip:
+            _told_open_clip.append(True)
+            log.warning("clip skip %d ignored: SD 2.x's OpenCLIP text encoder takes none, as in AUTOMATIC1111",
+                        clip_skip)
+        clip_skip = 1
     if clip_skip == 1:
         return text_encoder(input_ids=ids).last_hidden_state
     output = text_encoder(input_ids=ids, output_hidden_states=True)
     return _final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])
+
+
+def is_open_clip(text_encoder) -> bool:
+    """SD 2.x's OpenCLIP encoder, told from SD 1.x's OpenAI CLIP by its activation (gelu, not quick_gelu)."""
+    return getattr(text_encoder.config, "hidden_act", None) == "gelu"
 
 
 def _final_layer_norm(text_encoder) -> torch.nn.Module:

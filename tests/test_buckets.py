@@ -145,3 +145,26 @@ def test_target_size_is_the_records_bucket():
     assert [sampler.target_size(i) for i in range(3)] == [(640, 384), (512, 512), (384, 640)]
     with pytest.raises(ValueError, match="buckets="):
         BucketBatchSampler(np.array([0, 1]), 2, seed=0).target_size(0)
+
+
+def test_a_record_read_in_place_of_a_broken_one_takes_the_broken_ones_bucket(tmp_path):
+    """Indexed from the header, an image can break later (truncated in a shard, replaced on disk). The next
+    readable record stands in, and must come out at the size of the batch it is in: in another aspect's
+    bucket its own size would not stack with the rest ("stack expects each tensor to be equal size")."""
+    import torch
+    from PIL import Image
+
+    from difftrain.data.dataset import ImageDataset
+    from difftrain.data.sources import open_source
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, size in (("0-wide.png", (48, 32)), ("1-tall.png", (32, 48)), ("2-wide.png", (48, 32))):
+        Image.new("RGB", size, (200, 30, 30)).save(root / name)
+    source = open_source("folder", root, progress=False)
+    buckets = {0: (24, 16), 1: (16, 24), 2: (24, 16)}  # (width, height) by record
+    data = ImageDataset(source, 16, "center", False, 0, 64_000_000, buckets=buckets.__getitem__)
+    (root / "0-wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # broken after indexing
+    stand_in, same_bucket = data[(0, 0, 0)], data[(0, 0, 2)]
+    assert stand_in["skipped"] == 1 and stand_in["pixel_values"].shape == same_bucket["pixel_values"].shape
+    torch.stack([stand_in["pixel_values"], same_bucket["pixel_values"]])  # the batch they make

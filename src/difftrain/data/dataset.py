@@ -110,7 +110,9 @@ class ImageDataset(Dataset):
         else:
             position, record, image, condition, item["skipped"] = self._read(index)
             captions = tuple(record.captions)
-            size = self.target_size(position)
+            # The requested record's bucket, which the batch shares: a record read in place of an unreadable
+            # one may have another aspect (cover-cropping fits any), and a batch of two sizes cannot stack.
+            size = self.target_size(index)
             plan = plan_view(image.size, size, self.crop, self.flip, self.augment, rng)  # image and condition alike
             item["pixel_values"] = to_tensor(render(image, size, plan))
             if condition is not None:
@@ -125,8 +127,8 @@ class ImageDataset(Dataset):
 
     def plain_pixels(self, index: int) -> torch.Tensor:
         """Record `index` centre-cropped, unflipped: for previews and the like."""
-        position, _, image, _, _ = self._read(index)
-        return prepare_image_for_size(image, self.target_size(position), "center", False, random.Random(0))[0]
+        _, _, image, _, _ = self._read(index)
+        return prepare_image_for_size(image, self.target_size(index), "center", False, random.Random(0))[0]
 
     # ----------------------------------------------------------------- cache
     def _latent_key(self, digest: bytes, size: tuple[int, int], flipped: bool) -> str:
@@ -141,16 +143,20 @@ class ImageDataset(Dataset):
 
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
         """The cached latent (and condition) of `index` or, if that record could not be encoded, of the
-        next one that was."""
+        next one of its bucket that was (its batch stacks latents of one size)."""
+        wanted, skipped = self.target_size(index), 0
         for offset in range(len(self)):
             position = (index + offset) % len(self)
             digest, size = self.hashes[position].tobytes(), self.target_size(position)
+            if size != wanted:
+                continue
             entry = self.latent_cache.get(self._latent_key(digest, size, flipped))
             if entry is not None and self.condition_cache is not None:
                 condition = self.condition_cache.get(self._condition_key(position, size, flipped))
                 entry = None if condition is None else {**entry, "conditioning": condition["pixels"]}
             if entry is not None:
-                return position, entry, offset
+                return position, entry, skipped
+            skipped += 1
         raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
 
     def _cached_text(self, caption: str) -> dict:

@@ -37,6 +37,19 @@ def test_metadata_captions_recursive_and_bad_files_reported(tmp_path):
     assert "2 usable images" in report and "broken.png" in report
 
 
+def test_a_bom_keeps_the_first_caption_and_tool_folders_are_not_data(tmp_path):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.jfif")  # Chrome's name for the JPEGs it saves
+    make_image(tmp_path / "@eaDir" / "a.png" / "SYNOFILE_THUMB_M.jpg")  # a Synology NAS's thumbnails
+    make_image(tmp_path / "__MACOSX" / "._a.png")
+    make_image(tmp_path / ".thumbnails" / "a.png")
+    lines = [json.dumps({"file_name": "a.png", "text": "first"}), json.dumps({"file_name": "b.jfif", "text": "second"})]
+    (tmp_path / "metadata.jsonl").write_bytes("\r\n".join(lines).encode("utf-8-sig"))  # as Windows Notepad saves it
+    scan = scan_folder(tmp_path, progress=False)
+    assert {r.path.name: r.caption for r in scan.records} == {"a.png": "first", "b.jfif": "second"}
+    assert scan.skipped == []
+
+
 def test_txt_captions_and_missing_ones_counted(tmp_path):
     make_image(tmp_path / "one.png")
     make_image(tmp_path / "two.png")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftrain.data.images import BadImage, load_image
+from difftrain.data.images import BadImage, image_size_from_bytes, load_image, load_image_bytes
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -79,6 +79,24 @@ def test_exif_rotation_is_applied(tmp_path):
     assert top[2] > 200 and top[0] < 60  # the blue strip is now on top
 
 
+def test_a_damaged_exif_block_is_not_a_damaged_picture():
+    """Damaged the way cameras and editors damage them (3 random bytes of an orientation-6 block): PIL's
+    ImageOps.exif_transpose rewrote the block and raised struct.error, past every except, and a whole scan,
+    training run or download stopped on one photo."""
+    import random
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0110], exif[0x0131] = 6, "maker", "model", "software"
+    raw, rng = bytearray(exif.tobytes()), random.Random(98)
+    for _ in range(3):
+        raw[rng.randrange(8, len(raw))] = rng.randrange(256)
+    out = io.BytesIO()
+    Image.new("RGB", (20, 40), (200, 10, 10)).save(out, "JPEG", exif=bytes(raw))
+    with pytest.warns(UserWarning):  # PIL's own "Corrupt EXIF data" notices
+        loaded = load_image_bytes(out.getvalue())
+        assert loaded.mode == "RGB" and loaded.size == image_size_from_bytes(out.getvalue())
+
+
 @pytest.mark.parametrize("mode", ["L", "1", "P", "CMYK", "LA"])
 def test_modes_become_rgb(tmp_path, mode):
     source = Image.new("RGB", (8, 8), (200, 30, 30)).convert(mode)
@@ -117,6 +135,19 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     pixels = np.asarray(load_image(path))
     assert pixels.shape == (4, 4, 3)
     assert 125 <= int(pixels[0, 0, 0]) <= 130  # half of full scale, not 255
+
+
+def test_a_dark_sixteen_bit_image_stays_dark_and_one_transparent_colour_is_white(tmp_path):
+    dark = tmp_path / "dark.png"  # 16 bits whose values all sit below 256: near black, not bright
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(dark)
+    assert Image.open(dark).mode.startswith("I")
+    assert int(np.asarray(load_image(dark))[0, 0, 0]) == 1
+    keyed = tmp_path / "keyed.png"  # an RGB PNG with one colour marked transparent (PNG optimisers write these)
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    image.putpixel((0, 0), (200, 100, 50))
+    image.save(keyed, transparency=(10, 20, 30))
+    pixels = np.asarray(load_image(keyed))
+    assert tuple(pixels[2, 2]) == (255, 255, 255) and tuple(pixels[0, 0]) == (200, 100, 50)
 
 
 def test_gif_first_frame_and_other_formats(tmp_path):

@@ -74,6 +74,16 @@ class FolderScan:
         return lines
 
 
+# Folders that hold other programs' copies of the images, never training data: Synology's thumbnails,
+# macOS's resource forks in zip files.
+TOOL_FOLDERS = ("@eaDir", "__MACOSX", "$RECYCLE.BIN")
+
+
+def _hidden(relative: Path) -> bool:
+    """A dot-file, or anything under a dot-folder or a tool's folder (relative to the data folder)."""
+    return any(part.startswith(".") or part in TOOL_FOLDERS for part in relative.parts)
+
+
 def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
     """(where, parsed value) for each non-blank line of a file opened in binary mode; lines
     that are not UTF-8 or not JSON go to `skipped` (a replaced character would silently
@@ -81,7 +91,9 @@ def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, s
     for number, raw in enumerate(lines, 1):
         where = f"{label} line {number}"
         try:
-            line = raw.decode("utf-8")
+            # utf-8-sig on the first line: Windows Notepad and PowerShell 5 start files with a BOM, which
+            # json.loads refuses, and the first record then lost its caption.
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             skipped.append((where, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                                    "save the file as UTF-8"))
@@ -227,7 +239,8 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not _hidden(p.relative_to(root)))
     source = _choose_caption_source(captions, root, images, caption_extension)
     skipped: list[tuple[str, str]] = []
     column = conditioning.column if conditioning and conditioning.folder is None else None

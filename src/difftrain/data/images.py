@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
 
 
 class BadImage(Exception):
@@ -26,17 +26,19 @@ class BadImage(Exception):
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: scale the real range to 8 bits instead of clipping at 255.
+        # 16-bit and float greyscale: scale the real range to 8 bits instead of clipping at 255. A 16-bit image
+        # is always out of 65535 (a dark one too); "I" (32-bit) is how PIL opens some 16-bit PNGs as well, and
+        # says nothing of its range: out of 65535 when a value needs it, else out of 255.
         array = np.asarray(image, dtype=np.float64)
         if mode != "F":
-            array = array / (65535.0 if array.max() > 255 else 255.0)
+            array = array / (65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0)
         array = np.clip(array, 0.0, 1.0)
         return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8), "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    if mode in ("P", "RGB", "L") and "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette entry or one colour marked transparent: white, as alpha is
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent pixels become white, as most viewers show them, not black garbage.
         rgba = image.convert("RGBA")
@@ -114,14 +116,24 @@ def _opened(source: str | Path | BinaryIO, failing: str) -> Iterator[Image.Image
         raise BadImage(f"cannot {failing}: {exc}") from None
 
 
+# EXIF orientation -> the transpose that makes the picture upright (ImageOps.exif_transpose's table).
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        # The base getexif reads what open() (or load()) parsed; PNG's own would decode the pixels.
+        return Image.Image.getexif(image).get(ExifTags.Base.Orientation)
+    except Exception:  # a broken EXIF block is not a broken picture: take the stored orientation
+        return None
+
+
 def _header_size(source: BinaryIO) -> tuple[int, int]:
     with _opened(source, "read header") as image:
         width, height = image.size
-        try:
-            # The base getexif reads only what open() parsed; PNG's own would decode the pixels.
-            orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation)
-        except Exception:  # a broken EXIF block is not a broken picture: take the stored size
-            orientation = None
+        orientation = _orientation(image)
     # Orientations 5-8 turn the picture a quarter, so the upright image is height x width.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -131,5 +143,8 @@ def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
         check_size(*image.size, max_pixels)
         image.seek(0)  # first frame of an animated GIF/WebP
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image).copy()
+        # Transposed here rather than by ImageOps.exif_transpose, which rewrites the EXIF block and raised
+        # struct.error on a damaged one (past every except above: a whole scan or run stopped on one photo).
+        orientation = _orientation(image)
+        upright = image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
+        return _to_rgb(upright).copy()

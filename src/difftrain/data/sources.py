@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 KINDS = ("folder", "jsonl", "laion", "webdataset", "hf")
 # Image members of a webdataset sample, in order of preference when a sample has several.
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_NAME = "filelist.txt"  # what build_shards writes; a folder holding one is read through it
 

@@ -82,3 +82,20 @@ def test_wide_image_into_a_square_is_cropped_on_its_long_side_only():
     assert {right - left for (left, _, right, _) in boxes} == {32}
     assert min(left for (left, *_) in boxes) >= 0 and max(right for (*_, right, _) in boxes) <= 96
     assert len(boxes) > 10
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_it_is_resized():
+    """A 600x4 strip covering 64x64 would resize whole to 9600x64 (a 3000x4 one to 384000x512 at 512 px, 0.6 GB)
+    to keep 64x64 of it: the crop's source box alone is resized, to what the whole resize and crop give."""
+    from difftrain.data.transforms import EXTREME_COVER, apply_plan, plan_crop, resize_to_cover
+
+    rng = np.random.default_rng(0)
+    strip = Image.fromarray(rng.integers(0, 256, (4, 600, 3), dtype=np.uint8))
+    for crop, seed in (("center", 0), ("random", 3)):
+        plan = plan_crop(strip.size, (64, 64), crop, True, random.Random(seed))
+        assert plan.resized[0] * plan.resized[1] > EXTREME_COVER * 64 * 64
+        whole = resize_to_cover(strip, (64, 64)).crop(plan.box)
+        whole = whole.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flipped else whole
+        difference = np.abs(np.asarray(apply_plan(strip, (64, 64), plan), dtype=int) - np.asarray(whole, dtype=int))
+        assert difference.shape == (64, 64, 3) and difference.mean() < 1 and difference.max() <= 8, (
+            crop, difference.mean(), difference.max())

@@ -29,6 +29,11 @@ class CropPlan:
     flipped: bool
 
 
+# Covering a target with more than this many times its pixels happens only at extreme aspect ratios
+# (an ordinary photo covers at most ~2x): apply_plan then resizes the cropped part alone.
+EXTREME_COVER = 16
+
+
 def covering_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
     """The smallest resize of `image_size`, keeping its aspect ratio, that covers `size`."""
     (width, height), (w, h) = image_size, size
@@ -88,7 +93,14 @@ def apply_plan(image: Image.Image, size: tuple[int, int], plan: CropPlan,
                resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize to cover, crop and flip as `plan` says. A companion image of its image's size
     (a ControlNet condition) goes through this with its image's plan and lands on the same pixels."""
-    image = resize_to_cover(image, size, resample).crop(plan.box)
+    (width, height), (left, top, right, bottom) = plan.resized, plan.box
+    if width * height > EXTREME_COVER * size[0] * size[1]:
+        # An extreme aspect ratio (a 3000x4 divider covering 512x512 resizes to 384000x512, 0.6 GB, and a
+        # 5000x1 one to 3.9 GB, enough to kill a worker): resize only the part the crop keeps.
+        x, y = image.width / width, image.height / height
+        image = image.resize(size, resample, box=(left * x, top * y, right * x, bottom * y))
+    else:
+        image = resize_to_cover(image, size, resample).crop(plan.box)
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flipped else image
 
 

@@ -56,6 +56,22 @@ def write_parquet(table, folder, parts: int):
     return folder
 
 
+def test_parquet_written_without_hugging_face_metadata_reads_its_image_structs(tmp_path, shapes_dir):
+    """pandas, pyarrow and polars write an image column as a plain {bytes, path} struct (no Image feature)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = [json.loads(line) for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()][:5]
+    images = [{"bytes": (shapes_dir / e["file_name"]).read_bytes(), "path": e["file_name"]} for e in entries]
+    (tmp_path / "plain").mkdir()
+    pq.write_table(pa.table({"image": images, "caption": [e["text"] for e in entries]}),
+                   tmp_path / "plain" / "part-0.parquet")
+    source = open_source("hf", tmp_path / "plain", progress=False)
+    assert len(source) == 5 and source.skipped == []
+    assert [source.read(i).captions for i in range(5)] == [[e["text"]] for e in entries]
+    assert source.read(0).data == images[0]["bytes"]
+
+
 def read_all(source):
     return [source.read(i) for i in range(len(source))]
 

@@ -191,7 +191,12 @@ def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) ->
     if isinstance(feature, datasets.Image):
         # The stored bytes rather than a PIL image: difftrain's checks (bombs, EXIF, modes) decode them.
         return table.cast_column(columns.image, datasets.Image(decode=False))
-    if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype in _BYTES_OR_PATHS):
+    # pandas, pyarrow and polars write an image column as a plain {bytes, path} struct, without the
+    # Hugging Face metadata that would make it an Image feature; _image_bytes reads it the same.
+    stored = getattr(feature.get("bytes"), "dtype", None) if isinstance(feature, dict) else None
+    image_struct = stored in ("binary", "large_binary")
+    if feature is not None and not image_struct and not (
+            isinstance(feature, datasets.Value) and feature.dtype in _BYTES_OR_PATHS):
         raise DatasetError(f"data.image_column = {columns.image!r}: in {where} it holds {feature}, not images; "
                            "name a column of images (the Image feature), image bytes or image paths")
     return table

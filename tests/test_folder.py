@@ -50,6 +50,16 @@ def test_a_bom_keeps_the_first_caption_and_tool_folders_are_not_data(tmp_path):
     assert scan.skipped == []
 
 
+def test_a_subfolders_metadata_leaves_the_other_images_their_caption_files(tmp_path):
+    make_image(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_text("a caption file")
+    make_image(tmp_path / "sub" / "a.png")
+    (tmp_path / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "from metadata"}))
+    scan = scan_folder(tmp_path, progress=False)
+    assert {r.path.name: r.caption for r in scan.records} == {"x.png": "a caption file", "a.png": "from metadata"}
+    assert scan.missing_captions == []
+
+
 def test_txt_captions_and_missing_ones_counted(tmp_path):
     make_image(tmp_path / "one.png")
     make_image(tmp_path / "two.png")

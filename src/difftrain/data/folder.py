@@ -279,6 +279,10 @@ def scan_folder(
                 continue
         if source == "metadata":
             caption, listed = (entry.caption, entry.captions) if entry else (None, None)
+            if entry is None and captions == "auto" and image_path.with_suffix(caption_extension).is_file():
+                # A metadata.jsonl (a subfolder's, say) does not speak for the images it does not list:
+                # their caption files still caption them, as with no metadata.jsonl at all.
+                caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         elif source == "txt":
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         if source != "none" and caption is None:

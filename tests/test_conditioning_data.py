@@ -136,6 +136,15 @@ def test_missing_and_unreadable_conditions_skip_their_records_and_say_so(tmp_pat
     assert item["skipped"] == 1 and item["caption"] != "picture 3"
 
 
+def test_a_condition_turned_a_quarter_against_its_image_is_skipped_not_stretched(tmp_path, caplog):
+    root = paired_folder(tmp_path / "data", [(48, 24), (48, 24)])
+    noise_image(24, 48, 0).save(root / "conditioning" / "000.png")  # made from the photo before EXIF turned it
+    data = dataset(root, crop="center")
+    item = data[(0, 0, 0)]
+    assert item["skipped"] == 1 and item["caption"] == "picture 1"
+    assert "conditioning image is 24x48, the image 48x24 upright: one of them is turned a quarter" in caplog.text
+
+
 def test_jsonl_sources_and_conditioning_folders_pair_by_name(tmp_path):
     root = paired_folder(tmp_path / "data", [(20, 20)] * 3)
     jsonl = tmp_path / "data" / "list.jsonl"

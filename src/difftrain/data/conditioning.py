@@ -143,9 +143,16 @@ class Conditions:
         if record.conditioning is None:
             raise BadImage(f"{record.key}: no conditioning image")
         try:
-            return load_image_bytes(record.conditioning, self.max_pixels)
+            condition = load_image_bytes(record.conditioning, self.max_pixels)
         except BadImage as reason:
             raise BadImage(f"its conditioning image: {reason}") from None
+        if condition.size == image.size[::-1] and image.width != image.height:
+            # A map made from the stored pixels of a photo that EXIF turns upright (or the reverse): stretched
+            # onto the image it would no longer line up with it.
+            raise BadImage(f"its conditioning image is {condition.width}x{condition.height}, the image "
+                           f"{image.width}x{image.height} upright: one of them is turned a quarter (EXIF rotation "
+                           "applied to one only); save both upright")
+        return condition
 
     def transform(self, condition: Image.Image, image_size: tuple[int, int], size: tuple[int, int],
                   plan: CropPlan | AugmentPlan) -> torch.Tensor:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from difftrain.data.transforms import CropPlan, apply_plan, plan_crop
+from difftrain.data.transforms import CropPlan, apply_plan, plan_crop, resample_box, source_box
 
 RRC_TRIES = 10  # torchvision's RandomResizedCrop.get_params
 KERNEL_REACH = 2  # pixels: bicubic's support radius, so a patch's edge never stands in for the image beyond it
@@ -108,13 +108,6 @@ def random_resized_box(image_size: tuple[int, int], size: tuple[int, int], scale
     return left, top, left + w, top + h
 
 
-def source_box(image_size: tuple[int, int], plan: CropPlan) -> tuple[float, float, float, float]:
-    """A plain crop's box (in the cover-resized image) in the source image's pixels."""
-    scale_x, scale_y = plan.resized[0] / image_size[0], plan.resized[1] / image_size[1]
-    left, top, right, bottom = plan.box
-    return left / scale_x, top / scale_y, right / scale_x, bottom / scale_y
-
-
 def plan_jitter(augment: Augment, rng: random.Random) -> tuple[tuple[str, float], ...]:
     """ColorJitter.get_params: a random order of the adjustments in use, then their factors."""
     ranges = {
@@ -149,14 +142,6 @@ def place(image: Image.Image, size: tuple[int, int], plan: CropPlan | AugmentPla
     else:
         image = resample_box(image, plan.box, size, resample)
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flipped else image
-
-
-def resample_box(image: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int],
-                 resample: Image.Resampling) -> Image.Image:
-    """`box` of `image` resized to `size` in one antialiased resize (as resize_to_cover does)."""
-    shrinking = box[2] - box[0] > size[0] or box[3] - box[1] > size[1]
-    gap = 3.0 if shrinking and resample != Image.Resampling.NEAREST else None
-    return image.resize(size, resample, box=box, reducing_gap=gap)
 
 
 def rotation_zoom(image_size: tuple[int, int], box: tuple[float, float, float, float], size: tuple[int, int],

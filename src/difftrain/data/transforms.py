@@ -93,15 +93,28 @@ def apply_plan(image: Image.Image, size: tuple[int, int], plan: CropPlan,
                resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize to cover, crop and flip as `plan` says. A companion image of its image's size
     (a ControlNet condition) goes through this with its image's plan and lands on the same pixels."""
-    (width, height), (left, top, right, bottom) = plan.resized, plan.box
-    if width * height > EXTREME_COVER * size[0] * size[1]:
+    if plan.resized[0] * plan.resized[1] > EXTREME_COVER * size[0] * size[1]:
         # An extreme aspect ratio (a 3000x4 divider covering 512x512 resizes to 384000x512, 0.6 GB, and a
         # 5000x1 one to 3.9 GB, enough to kill a worker): resize only the part the crop keeps.
-        x, y = image.width / width, image.height / height
-        image = image.resize(size, resample, box=(left * x, top * y, right * x, bottom * y))
+        image = resample_box(image, source_box(image.size, plan), size, resample)
     else:
         image = resize_to_cover(image, size, resample).crop(plan.box)
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flipped else image
+
+
+def source_box(image_size: tuple[int, int], plan: CropPlan) -> tuple[float, float, float, float]:
+    """A plain crop's box (in the cover-resized image) in the source image's pixels."""
+    scale_x, scale_y = plan.resized[0] / image_size[0], plan.resized[1] / image_size[1]
+    left, top, right, bottom = plan.box
+    return left / scale_x, top / scale_y, right / scale_x, bottom / scale_y
+
+
+def resample_box(image: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int],
+                 resample: Image.Resampling) -> Image.Image:
+    """`box` of `image` resized to `size` in one antialiased resize (as resize_to_cover does)."""
+    shrinking = box[2] - box[0] > size[0] or box[3] - box[1] > size[1]
+    gap = 3.0 if shrinking and resample != Image.Resampling.NEAREST else None
+    return image.resize(size, resample, box=box, reducing_gap=gap)
 
 
 def center_crop(image: Image.Image, size: tuple[int, int],

@@ -161,13 +161,13 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(tiny):
         encode_prompt(tokenizer, encoder, "a red dog", "cpu", clip_skip=3)
 
 
-def test_clip_skip_leaves_sd2s_open_clip_encoder_as_automatic1111_does(tiny, caplog, monkeypatch):
+def test_clip_skip_leaves_sd2s_open_clip_encoder_as_automatic1111_does(tiny, caplog):
     """A1111 applies "Clip skip" to SD 1.x's CLIP only; its SD 2 images say "Clip skip: 2" and are drawn as 1."""
     from transformers import CLIPTextModel
 
     from difftrain.sampling import prompts
 
-    monkeypatch.setattr(prompts, "_told_open_clip", [])  # the notice is once a process
+    prompts._clip_skip_ignored.cache_clear()  # the notice is once a process
     tokenizer, encoder = tiny
     torch.manual_seed(0)
     open_clip = CLIPTextModel(type(encoder.config)(**{**encoder.config.to_dict(), "hidden_act": "gelu"})).eval()

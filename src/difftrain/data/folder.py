@@ -277,13 +277,11 @@ def scan_folder(
             if problem:
                 skipped.append((name, problem))
                 continue
-        if source == "metadata":
-            caption, listed = (entry.caption, entry.captions) if entry else (None, None)
-            if entry is None and captions == "auto" and image_path.with_suffix(caption_extension).is_file():
-                # A metadata.jsonl (a subfolder's, say) does not speak for the images it does not list:
-                # their caption files still caption them, as with no metadata.jsonl at all.
-                caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
-        elif source == "txt":
+        if source == "metadata" and entry is not None:
+            caption, listed = entry.caption, entry.captions
+        elif source == "txt" or (source == "metadata" and captions == "auto"):
+            # With captions: auto, a metadata.jsonl (a subfolder's, say) does not speak for the images it
+            # does not list: their caption files still caption them, as with no metadata.jsonl at all.
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         if source != "none" and caption is None:
             missing.append(name)

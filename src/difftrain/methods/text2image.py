@@ -19,6 +19,7 @@ from PIL import Image
 from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
+from difftrain.sampling.prompts import is_open_clip
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
@@ -96,8 +97,8 @@ class TextToImage(Method):
         self.device, self.weight_dtype = device, weight_dtype
         self.num_records = len(dataset)
         self.tag_frequency = _tag_frequency(getattr(dataset, "main", dataset))
-        # SD 2.x's OpenCLIP-H encoder is 1024 wide, SD 1.x's CLIP-L 768 (A1111 files them apart by ss_v2).
-        self.sd_version = "v2" if self.text_encoder.config.hidden_size == 1024 else "v1"
+        # SD 2.x's OpenCLIP-H encoder or SD 1.x's CLIP-L (A1111 files them apart by ss_v2).
+        self.sd_version = "v2" if is_open_clip(self.text_encoder) else "v1"
         # SD's VAE overflows in fp16 (the reason for the "fp16-fix" VAEs): it stays fp32 then.
         _hold(self.vae, device, weight_dtype if weight_dtype != torch.float16 else torch.float32)
         self.encode_channels_last = device.type == "cpu"  # slower on a GPU: see encoder_channels_last

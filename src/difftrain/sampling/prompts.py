@@ -13,6 +13,7 @@ modules/sd_hijack_clip.py, modules/extra_networks.py):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import NamedTuple
@@ -22,7 +23,6 @@ import torch
 from difftrain.errors import DifftrainError
 
 log = logging.getLogger(__name__)
-_told_open_clip: list[bool] = []  # the clip-skip notice, once a process
 
 BREAK = ("BREAK", -1.0)
 # bracket -> the factor it applies to everything inside it
@@ -217,15 +217,17 @@ def _hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int) -> torch.Ten
         # SD 2.x's encoder already stops at OpenCLIP's penultimate block, and AUTOMATIC1111 does not apply
         # "Clip skip" to it: A1111's own images of SD 2 models (their PNGs say "Clip skip: 2" when the setting
         # is on) and its API's override_settings draw as with 1.
-        if not _told_open_clip:
-            _told_open_clip.append(True)
-            log.warning("clip skip %d ignored: SD 2.x's OpenCLIP text encoder takes none, as in AUTOMATIC1111",
-                        clip_skip)
+        _clip_skip_ignored(clip_skip)
         clip_skip = 1
     if clip_skip == 1:
         return text_encoder(input_ids=ids).last_hidden_state
     output = text_encoder(input_ids=ids, output_hidden_states=True)
     return _final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])
+
+
+@functools.cache  # said once a process (for each value), not at every prompt a server encodes
+def _clip_skip_ignored(clip_skip: int) -> None:
+    log.warning("clip skip %d ignored: SD 2.x's OpenCLIP text encoder takes none, as in AUTOMATIC1111", clip_skip)
 
 
 def is_open_clip(text_encoder) -> bool:

@@ -88,11 +88,11 @@ class Engine:
                  precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
                  embeddings_dir: str | None = None):
         from difftrain.generate.loader import locate
-        from difftrain.generate.text2image import _dtype
+        from difftrain.generate.text2image import _dtype, resolve_device
 
         if not specs:
             raise ServeError("serve: give at least one model (run folder, model folder or single file)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         self.dtype = _dtype(precision, self.device)
         self.models: dict[str, ServedModel] = {}
         for spec in specs:

@@ -21,6 +21,7 @@ import io
 
 import torch
 from _common import workspace
+from text2image_step import PlainLoop
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PHASES = ("loss", "backward", "optimizer", "EMA", "clipping")
@@ -73,38 +74,12 @@ def difftrain_step(space, size: int, batch: int) -> dict[str, Count]:
 
 
 def plain_step(space, size: int, batch: int) -> dict[str, Count]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    load = dict(pretrained_model_name_or_path=space.model_dir)
-    tokenizer, text_encoder = CLIPTokenizer.from_pretrained(**load, subfolder="tokenizer"), \
-        CLIPTextModel.from_pretrained(**load, subfolder="text_encoder").requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(**load, subfolder="vae").requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(**load, subfolder="unet").train()
-    scheduler = DDPMScheduler.from_pretrained(**load, subfolder="scheduler")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, foreach=True)
+    """text2image_step.py's plain loop, one step after a first, AdamW as CUDA runs it (foreach)."""
+    loop = PlainLoop.build(space.model_dir, torch.device("cpu"), foreach=True)
     pixels, captions = torch.rand(batch, 3, size, size) * 2 - 1, ["a red circle"] * batch
-
-    def step(counts: dict) -> None:
-        with counts["loss"]:
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                embeds = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-            prediction = unet(scheduler.add_noise(latents, noise, t), t, embeds).sample
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-        with counts["backward"]:
-            loss.backward()
-        with counts["optimizer"]:
-            optimizer.step()
-            optimizer.zero_grad()
-
-    step(collections.defaultdict(contextlib.nullcontext))
+    loop.step(pixels, captions)
     counts = {phase: Count() for phase in PHASES}
-    step(counts)
+    loop.step(pixels, captions, counts.__getitem__)
     return counts
 
 

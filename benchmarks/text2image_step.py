@@ -17,58 +17,106 @@ above what the process held before that variant started (sampled every 5 ms).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import alternate, device_name, difftrain_run, step_arguments, workspace
 
 
-def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device,
-                     precision: str = "no", lora_rank: int = 0, after_first_step: bool = False) -> float:
-    """The loop as the seeds (and diffusers' train_text_to_image.py) write it; steps/s.
+@dataclass
+class PlainLoop:
+    """The models and state of the loop as the seeds (and diffusers' train_text_to_image.py) write it.
 
     Mixed precision and LoRA as diffusers' scripts do them: the frozen VAE and text encoder (and
     under LoRA the frozen UNet) cast to the half type, autocast around the UNet, a gradient scaler
     for fp16, and peft adapters on to_q/to_k/to_v/to_out.0, upcast to fp32 under fp16 only (peft
     gives them the base layer's dtype; train_text_to_image_lora.py casts them for fp16 alone).
     TF32 on, as difftrain's runs set it for the process.
+    """
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    half: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def build(cls, model_dir: Path, device, precision: str = "no", lora_rank: int = 0,
+              foreach: bool | None = None) -> PlainLoop:
+        """`foreach`: AdamW's implementation (None: torch's default, foreach on CUDA, per tensor on a CPU)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=half)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=half)
+        text_encoder.to(device).requires_grad_(False)
+        vae.to(device).requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=half if lora_rank else None)
+        unet.train()
+        if lora_rank:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False).to(device)
+            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            trained = [p for p in unet.parameters() if p.requires_grad]
+            if precision == "fp16":
+                for parameter in trained:
+                    parameter.data = parameter.data.float()
+        else:
+            unet.to(device)
+            trained = list(unet.parameters())
+        return cls(tokenizer, text_encoder, vae, unet, DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
+                   torch.optim.AdamW(trained, lr=1e-4, foreach=foreach),
+                   torch.amp.GradScaler(device.type, enabled=precision == "fp16"), half, device)
+
+    def step(self, pixels: torch.Tensor, captions: list[str], phase=lambda name: contextlib.nullcontext()) -> None:
+        """One training step on a batch; `phase(name)` wraps the "loss", "backward" and "optimizer" parts."""
+        with phase("loss"):
+            pixels = pixels.to(self.device, self.half)
+            ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            with torch.no_grad():
+                latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+                embeds = self.text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+            with torch.autocast(self.device.type, dtype=self.half, enabled=self.half != torch.float32):
+                prediction = self.unet(self.scheduler.add_noise(latents, noise, t), t, embeds).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        with phase("backward"):
+            self.scaler.scale(loss).backward()
+        with phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+
+
+def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, device,
+                     precision: str = "no", lora_rank: int = 0, after_first_step: bool = False) -> float:
+    """PlainLoop's steps over the data set as the seeds load it; steps/s.
+
     `after_first_step`: the rate of the steps after the first (cuDNN autotuning, allocator growth).
     """
     import json
 
     import numpy as np
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from PIL import Image
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=half)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=half)
-    text_encoder.to(device).requires_grad_(False)
-    vae.to(device).requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=half if lora_rank else None)
-    unet.train()
-    if lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False).to(device)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        trained = [p for p in unet.parameters() if p.requires_grad]
-        if precision == "fp16":
-            for parameter in trained:
-                parameter.data = parameter.data.float()
-    else:
-        unet.to(device)
-        trained = list(unet.parameters())
-    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    optimizer = torch.optim.AdamW(trained, lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loop = PlainLoop.build(model_dir, device, precision, lora_rank)
     records = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
 
     class Folder(torch.utils.data.Dataset):
@@ -89,21 +137,7 @@ def seeds_style_loop(model_dir: Path, data_dir: Path, steps: int, batch: int, si
         except StopIteration:
             batches = iter(loader)
             pixels, captions = next(batches)
-        pixels = pixels.to(device, half)
-        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            embeds = text_encoder(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
-            prediction = unet(scheduler.add_noise(latents, noise, t), t, embeds).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
+        loop.step(pixels, list(captions))
         if step == 0 and after_first_step:
             if device.type == "cuda":
                 torch.cuda.synchronize()

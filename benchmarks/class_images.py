@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from _common import device_name, workspace
+from _common import alternate, device_name, workspace
 
 from difftrain.config import parse_config
 from difftrain.methods import build_method
@@ -47,7 +48,6 @@ def main() -> None:
                        "class_steps": args.steps},
     }))
     before, now = "one at a time, fp32", f"batches of {args.batch}, {precision}"
-    variants = {before: (1, torch.float32), now: (args.batch, DTYPES[precision])}
     print(f"device: {device_name(space.device)}; {'SD 1.5 shape' if args.sd15 else 'SD quarter width'} at "
           f"{args.size} px, {args.images} class images of {args.steps} steps with guidance")
 
@@ -60,17 +60,13 @@ def main() -> None:
         return args.images / (time.perf_counter() - start)
 
     rate(args.batch, DTYPES[precision], space.work / "warm-up")  # first-use costs (kernels, allocator) off the clock
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.rounds):
-        for name in list(variants)[:: 1 if round_ % 2 == 0 else -1]:
-            rates[name].append(rate(*variants[name], space.work / f"class-{round_}-{name[:3]}"))
-    base = sum(rates[before]) / args.rounds
+    results = alternate({before: partial(rate, 1, torch.float32), now: partial(rate, args.batch, DTYPES[precision])},
+                        space, rounds=args.rounds)
+    base = results[before][0]
     print(f"\n{'variant':26s} {'images/s':>9s} {'x before':>8s}")
-    for name, measured in rates.items():
-        mean = sum(measured) / args.rounds
+    for name, (mean, _) in results.items():
         print(f"{name:26s} {mean:9.2f} {mean / base:8.2f}")
     print(f"(mean of {args.rounds} rounds, alternating order)")
-
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -114,3 +115,41 @@ def test_a_txt_caption_that_is_not_utf8_is_reported_not_guessed(tmp_path):
     assert {r.path.name: r.caption for r in scan.records} == {"one.png": None, "two.png": "a bom caption"}
     assert "not valid UTF-8 (byte 3" in dict(scan.skipped)["one.txt"]
     assert scan.missing_captions == ["one.png"]
+
+
+def test_metadata_csv_captions_are_read_as_datasets_imagefolder_reads_them(tmp_path, monkeypatch):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    make_image(tmp_path / "c.png")
+    rows = ['file_name,text,score', 'a.png,"a cat, sitting ""politely""\non a mat",5', 'b.png,plain,3',
+            'c.png,,1', 'gone.png,missing file,2']
+    (tmp_path / "metadata.csv").write_bytes("\r\n".join(rows).encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    scan = scan_folder(tmp_path, progress=False)
+    assert scan.caption_source == "metadata"
+    ours = {r.path.name: r.caption for r in scan.records}
+    assert ours == {"a.png": 'a cat, sitting "politely"\non a mat', "b.png": "plain", "c.png": ""}
+    assert dict(scan.skipped)[str((tmp_path / "gone.png").resolve())] == (
+        "listed in metadata.csv line 6 but the file does not exist")
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    (tmp_path / "metadata.csv").write_bytes("\r\n".join(rows[:4]).encode("utf-8-sig"))  # imagefolder needs every file
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train")
+    assert {Path(row["image"].filename).name: row["text"] or "" for row in theirs} == ours
+
+
+def test_metadata_csv_problems_name_the_file(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("name,text\na.png,x\n")
+    with pytest.raises(DatasetError, match=r"no usable metadata.jsonl or metadata.csv entries under .*: "
+                                           r"metadata.csv: has no 'file_name' column \(its header: name, text\)"):
+        scan_folder(tmp_path, progress=False)
+
+    (tmp_path / "metadata.csv").write_bytes(b"file_name,text\na.png,caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(DatasetError, match=r"metadata.csv: not valid UTF-8 \(byte 24"):
+        scan_folder(tmp_path, progress=False)
+    assert scan_folder(tmp_path, captions="txt", progress=False).records[0].caption is None
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}))
+    with pytest.raises(DatasetError, match="holds both metadata.jsonl and metadata.csv; keep one of them"):
+        scan_folder(tmp_path, progress=False)

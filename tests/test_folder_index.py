@@ -236,4 +236,4 @@ def test_resolving_each_folder_once_matches_a_full_resolve(tmp_path, monkeypatch
     monkeypatch.setattr(folder_module, "path_resolver", lambda: Path.resolve)
     assert ours == fresh(root)
     assert dict(zip(ours["keys"], ours["captions"])) == {"b.png": ["bee"], "linked.png": ["ay"], "real/a.png": ["ay"]}
-    assert [reason for _, reason in ours["skipped"]] == ["listed in metadata.jsonl but the file does not exist"]
+    assert [reason for _, reason in ours["skipped"]] == ["listed in metadata.jsonl line 3 but the file does not exist"]

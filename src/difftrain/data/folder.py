@@ -1,8 +1,8 @@
 """Reading an image folder into records: which files are images and what their captions are.
 
-Captions come from Hugging Face style `metadata.jsonl` files (`file_name` relative to the
-jsonl's own folder, caption under `text`), from a `.txt` file beside each image, or not
-at all. A record may have a second image, its conditioning image (ControlNet): a file
+Captions come from Hugging Face style metadata files, `metadata.jsonl` or `metadata.csv`
+(`file_name` relative to the file's own folder, caption under `text`), from a `.txt` file
+beside each image, or not at all. A record may have a second image, its conditioning image (ControlNet): a file
 named by a metadata column (diffusers' `conditioning_image`) or a file of the same name in
 a conditioning folder; those files are never training images themselves. Every image is
 decoded once here, so a bad file is found and reported before training starts rather
@@ -12,6 +12,8 @@ are (folder_index.py).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ class Record:
     # Upright size after EXIF rotation, from the decode the scan already does (aspect buckets need it).
     width: int = 0
     height: int = 0
-    captions: tuple[str, ...] | None = None  # all of them, when metadata.jsonl lists several
+    captions: tuple[str, ...] | None = None  # all of them, when a metadata.jsonl lists several
     conditioning: Path | None = None  # its conditioning image file, when the scan looked for one
 
 
@@ -106,13 +108,48 @@ def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, s
             skipped.append((where, f"not valid JSON: {exc.msg}"))
 
 
+def csv_entries(raw: bytes, label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
+    """(where, row as a dict) for each row of a metadata.csv, as `jsonl_entries` for a jsonl; a file
+    that is not UTF-8 or has no `file_name` column is reported whole."""
+    try:
+        text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
+    except UnicodeDecodeError as exc:
+        skipped.append((label, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                               "save the file as UTF-8"))
+        return
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    if "file_name" not in (rows.fieldnames or ()):
+        skipped.append((label, f"has no 'file_name' column (its header: {', '.join(rows.fieldnames or ())}); "
+                               "the first row must name the columns, e.g. file_name,text"))
+        return
+    try:
+        for row in rows:
+            # line_num counts the file's lines, so a caption spanning lines still gives where its row ends.
+            yield f"{label} line {rows.line_num}", row
+    except csv.Error as exc:
+        skipped.append((f"{label} line {rows.line_num}", f"not valid CSV: {exc}; the rest of the file is not read"))
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def metadata_files(root: Path) -> list[Path]:
+    """Every metadata file under `root`, sorted; a folder with both kinds is refused, as datasets' imagefolder does."""
+    found = sorted(path for name in METADATA_FILES for path in root.rglob(name) if not _hidden(path.relative_to(root)))
+    folders = [path.parent for path in found]
+    both = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if both:
+        raise DatasetError(f"{both[0]} holds both metadata.jsonl and metadata.csv; keep one of them")
+    return found
+
+
 @dataclass(frozen=True)
 class MetadataEntry:
     caption: str  # the one caption `text`/`caption` gives
     captions: list[str] | None  # a `captions` list (export_folder writes one for several captions), if any
-    where: str  # "metadata.jsonl line N", for reports
+    where: str  # "metadata.jsonl line N" (or .csv), for reports
     conditioning: object = None  # the value of the conditioning column, as stored
-    folder: Path | None = None  # the folder of its metadata.jsonl: relative paths are read from there
+    folder: Path | None = None  # the folder of its metadata file: relative paths are read from there
 
 
 def path_resolver() -> Callable[[Path], Path]:
@@ -131,16 +168,19 @@ def path_resolver() -> Callable[[Path], Path]:
 
 def read_metadata(root: Path, skipped: list[tuple[str, str]], conditioning_column: str | None = None,
                   resolve: Callable[[Path], Path] = Path.resolve) -> dict[Path, MetadataEntry]:
-    """Every metadata.jsonl under `root`: image path -> its entry. The one reader of these files.
+    """Every metadata.jsonl and metadata.csv under `root`: image path -> its entry. The one reader of these files.
 
     A conditioning column's value is kept as stored, with the folder it is relative to.
 
     A second line for the same `file_name` is reported and ignored: the first one is kept.
     """
     entries: dict[Path, MetadataEntry] = {}
-    for meta in sorted(root.rglob("metadata.jsonl")):
+    for meta in metadata_files(root):
+        label = str(meta.relative_to(root))
         with open(meta, "rb") as file:
-            for where, entry in jsonl_entries(file, str(meta.relative_to(root)), skipped):
+            rows = (csv_entries(file.read(), label, skipped) if meta.suffix == ".csv"
+                    else jsonl_entries(file, label, skipped))
+            for where, entry in rows:
                 name = entry.get("file_name") if isinstance(entry, dict) else None
                 caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
                 if not isinstance(name, str) or not isinstance(caption, str):
@@ -175,7 +215,7 @@ def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -
 def _choose_caption_source(mode: str, root: Path, images: list[Path], extension: str) -> str:
     if mode != "auto":
         return mode
-    if any(root.rglob("metadata.jsonl")):
+    if metadata_files(root):
         return "metadata"
     if any(image.with_suffix(extension).is_file() for image in images):
         return "txt"
@@ -244,11 +284,12 @@ def scan_folder(
     source = _choose_caption_source(captions, root, images, caption_extension)
     skipped: list[tuple[str, str]] = []
     column = conditioning.column if conditioning and conditioning.folder is None else None
-    wants_metadata = source == "metadata" or (column and any(root.rglob("metadata.jsonl")))
+    wants_metadata = source == "metadata" or (column and metadata_files(root))
     resolve = path_resolver()
     metadata = read_metadata(root, skipped, column, resolve) if wants_metadata else {}
     if source == "metadata" and not metadata:
-        raise DatasetError(f"data.captions = metadata, but no usable metadata.jsonl entries under {root}")
+        why = f": {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DatasetError(f"no usable metadata.jsonl or metadata.csv entries under {root}{why}")
     if conditioning and column and not any(entry.conditioning is not None for entry in metadata.values()):
         conditioning = None  # no file names one: conditioning images are computed from the images
     if conditioning:
@@ -280,8 +321,8 @@ def scan_folder(
         if source == "metadata" and entry is not None:
             caption, listed = entry.caption, entry.captions
         elif source == "txt" or (source == "metadata" and captions == "auto"):
-            # With captions: auto, a metadata.jsonl (a subfolder's, say) does not speak for the images it
-            # does not list: their caption files still caption them, as with no metadata.jsonl at all.
+            # With captions: auto, a metadata file (a subfolder's, say) does not speak for the images it
+            # does not list: their caption files still caption them, as with no metadata file at all.
             caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
         if source != "none" and caption is None:
             missing.append(name)
@@ -291,7 +332,7 @@ def scan_folder(
     listed_absent = set(metadata) - {resolve(r.path) for r in records} if metadata else set()
     for absent in sorted(listed_absent - {resolve(root / n) for n, _ in skipped}):
         if not absent.exists():
-            skipped.append((str(absent), "listed in metadata.jsonl but the file does not exist"))
+            skipped.append((str(absent), f"listed in {metadata[absent].where} but the file does not exist"))
 
     checks.save()
     if progress and checks.path is not None:

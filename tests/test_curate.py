@@ -318,7 +318,7 @@ def test_under_accelerate_launch_each_rank_takes_a_slice_and_rank_0_writes(messy
     assert report["counts"] == {"records": 53, "kept": 49, "captioned": 0,
                                 "dropped": {"read": 1, "size": 1, "duplicate": 2}}
     with sqlite3.connect(tmp_path / "cache" / "features.sqlite") as db:  # both slices' hashes, each image once
-        assert db.execute("SELECT COUNT(*) FROM features WHERE space = 'phash'").fetchone()[0] == 50
+        assert db.execute("SELECT COUNT(*) FROM features WHERE space = 'phash:srgb'").fetchone()[0] == 50
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),

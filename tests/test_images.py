@@ -159,3 +159,66 @@ def test_gif_first_frame_and_other_formats(tmp_path):
         path = tmp_path / f"x.{ext}"
         Image.new("RGB", (6, 6), (0, 0, 255)).save(path)
         assert load_image(path).size == (6, 6)
+
+
+def adobe_rgb_profile() -> bytes:
+    """An ICC v2 display profile with Adobe RGB (1998)'s primaries (D50-adapted, as the profile stores
+    them) and its 563/256 gamma, written byte by byte: no such file ships with PIL."""
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    name = b"Test Adobe RGB (1998)"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(name) + 1) + name + b"\0" + bytes(4 + 4 + 2 + 1 + 67)
+    gamma = b"curv\0\0\0\0" + struct.pack(">IH", 1, 563) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.60974, 0.31111, 0.01947)),
+            (b"gXYZ", xyz(0.20528, 0.62567, 0.06087)), (b"bXYZ", xyz(0.14919, 0.06322, 0.74457)),
+            (b"rTRC", gamma), (b"gTRC", gamma), (b"bTRC", gamma), (b"cprt", b"text\0\0\0\0none\0")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+              + bytes(24) + struct.pack(">I", 0) + xyz(0.9642, 1.0, 0.8249)[8:] + bytes(4) + bytes(16) + bytes(28))
+    assert len(header) == 128
+    return header + table + data
+
+
+def adobe_to_srgb(rgb) -> np.ndarray:
+    """Adobe RGB (1998) 8-bit values to sRGB ones by the two standards' own formulas (D65, no ICC)."""
+    linear = (np.asarray(rgb, dtype=np.float64) / 255.0) ** (563 / 256)
+    to_xyz = np.array([[0.57667, 0.18556, 0.18823], [0.29734, 0.62736, 0.07529], [0.02703, 0.07069, 0.99134]])
+    to_srgb = np.linalg.inv(np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]))
+    srgb = np.clip(to_srgb @ to_xyz @ linear, 0.0, 1.0)
+    encoded = np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+    return encoded * 255.0
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_an_embedded_colour_profile_is_applied(tmp_path, kind):
+    colours = [(60, 170, 80), (200, 120, 40), (128, 128, 128), (30, 60, 200)]
+    picture = Image.new("RGB", (4, 1))
+    picture.putdata(colours)
+    picture = picture.resize((32, 8), Image.NEAREST)
+    path = tmp_path / f"wide.{kind}"
+    picture.save(path, icc_profile=adobe_rgb_profile(), **({"quality": 100, "subsampling": 0} if kind == "jpeg" else {}))
+
+    pixels = np.asarray(load_image(path), dtype=np.float64)
+    for i, colour in enumerate(colours):
+        got = pixels[4, 8 * i + 4]
+        tolerance = 2.5 if kind == "png" else 4.0  # a JPEG at quality 100 still moves a value or two
+        assert np.abs(got - adobe_to_srgb(colour)).max() <= tolerance, (colour, got, adobe_to_srgb(colour))
+    assert np.abs(pixels[4, 4] - colours[0]).max() > 20  # Adobe RGB's green really is another green in sRGB
+
+    # An sRGB profile, a damaged one, and one that does not fit the image leave the pixels as stored.
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for profile, image in [(srgb, picture), (b"not a profile", picture), (adobe_rgb_profile(), picture.convert("L"))]:
+        image.save(tmp_path / "stored.png", icc_profile=profile)
+        assert np.array_equal(np.asarray(load_image(tmp_path / "stored.png")), np.asarray(image.convert("RGB")))

@@ -44,8 +44,12 @@ from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, te
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
 from difftrain.curate.report import write_report
 from difftrain.curate.scorers import AestheticPredictor, Captioner
-from difftrain.data.images import BadImage, image_size_from_bytes, load_image_bytes
+from difftrain.data.images import DECODE_VERSION, BadImage, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import BadRecord, RawRecord, RecordSource
+# Features computed from decoded pixels are kept per decode version: a decode that changes (colour profiles
+# applied) must not be served a feature of the old pixels.
+PHASH_SPACE = f"phash:{DECODE_VERSION}"
+
 
 class _Timer:
     def __init__(self):
@@ -217,9 +221,10 @@ class _Features:
         self._clip = self._aesthetic = self._captioner = None
         if options.needs_clip:
             self.clip_space = model_identity(options.clip_model)
+            self.image_space = f"clip-image:{DECODE_VERSION}:{self.clip_space}"
         if options.captioner:
             self.caption_space = "caption:" + model_identity(options.captioner, options.caption_prompt,
-                                                             options.caption_max_tokens)
+                                                             options.caption_max_tokens, DECODE_VERSION)
         if options.aesthetic:
             self.aesthetic()  # a wrong weights file fails now, before an hour of CLIP
 
@@ -257,8 +262,8 @@ class _Features:
         o = self.options
         want_hash, want_clip = "phash" in o.dedupe, o.needs_clip
         shas = [item.sha256 for item, _ in batch]
-        hashes = self.cache.get("phash", shas) if want_hash else {}
-        vectors = self.cache.get(f"clip-image:{self.clip_space}", shas) if want_clip else {}
+        hashes = self.cache.get(PHASH_SPACE, shas) if want_hash else {}
+        vectors = self.cache.get(self.image_space, shas) if want_clip else {}
         missing = [(item, data) for item, data in batch
                    if (want_hash and item.sha256 not in hashes) or (want_clip and item.sha256 not in vectors)]
         images = self._decode(missing)
@@ -293,7 +298,7 @@ class _Features:
         started = time.perf_counter()
         found = {sha: int(str(imagehash.phash(image)), 16).to_bytes(8, "big")
                  for sha, image in images.items() if sha not in cached}
-        self.cache.put("phash", found)
+        self.cache.put(PHASH_SPACE, found)
         self.timer.add("phash", time.perf_counter() - started, len(found))
         return found
 
@@ -304,7 +309,7 @@ class _Features:
         started = time.perf_counter()
         vectors = self.clip().image_embeddings([images[sha] for sha in todo]).numpy()
         found = {sha: pack_vector(vector) for sha, vector in zip(todo, vectors)}
-        self.cache.put(f"clip-image:{self.clip_space}", found)
+        self.cache.put(self.image_space, found)
         self.timer.add("clip image", time.perf_counter() - started, len(todo))
         return found
 

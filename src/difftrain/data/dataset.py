@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from difftrain.data.augment import Augment, plan_view, render
 from difftrain.data.cache import CacheEncoders, TensorCache, content_key
 from difftrain.data.conditioning import Conditions
-from difftrain.data.images import BadImage, load_image_bytes
+from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.sampler import ResumableBatches
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
@@ -132,14 +132,14 @@ class ImageDataset(Dataset):
 
     # ----------------------------------------------------------------- cache
     def _latent_key(self, digest: bytes, size: tuple[int, int], flipped: bool) -> str:
-        return content_key(digest, list(size), flipped, "center", self.latent_tag)
+        return content_key(digest, list(size), flipped, "center", DECODE_VERSION, self.latent_tag)
 
     def _text_key(self, caption: str) -> str:
         return content_key(caption, self.text_tag)
 
     def _condition_key(self, position: int, size: tuple[int, int], flipped: bool) -> str:
         return content_key(self.hashes[position].tobytes(), self.condition_hashes[position].tobytes(), list(size),
-                           flipped, "center", self.conditions.preprocess.tag())
+                           flipped, "center", DECODE_VERSION, self.conditions.preprocess.tag())
 
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
         """The cached latent (and condition) of `index` or, if that record could not be encoded, of the

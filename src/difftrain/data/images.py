@@ -2,8 +2,9 @@
 
 Every oddity a scraped folder (or a shard's record) holds ends here as either an RGB
 `PIL.Image` or a `BadImage` with a one-line reason; nothing from deep inside PIL reaches
-the user. Sizes can also be read from the header alone, which is what indexing a large
-data set for aspect-ratio buckets needs.
+the user. Pixels are in sRGB: an embedded colour profile (a phone's Display P3, a camera's
+Adobe RGB, a print CMYK) is applied, as browsers and viewers apply it. Sizes can also be read
+from the header alone, which is what indexing a large data set for aspect-ratio buckets needs.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import io
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+# What a decode means; caches of what is computed from decoded pixels (latents) key on it.
+# "srgb": embedded colour profiles applied (before, a profile was ignored).
+DECODE_VERSION = "srgb"
 
 
 class BadImage(Exception):
@@ -46,6 +51,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     # L, 1, P, CMYK, YCbCr, LAB, HSV: PIL's converters are exact enough.
     return image.convert("RGB")
+
+
+@lru_cache(maxsize=32)
+def _to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from an embedded profile to sRGB for images of `mode`; None for an sRGB profile (nothing to
+    do) and for one that is damaged or does not fit the mode: the picture is then taken as stored, as for EXIF."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
+            return None
+        # Perceptual, the profile's default intent and what viewers use for photos.
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGBA" if mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def _in_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
+    transform = _to_srgb(profile, image.mode) if profile and image.mode in ("RGB", "RGBA", "CMYK", "L") else None
+    if transform is None:
+        return image
+    try:
+        return ImageCms.applyTransform(image, transform)
+    except (ImageCms.PyCMSError, ValueError):
+        return image
 
 
 def check_size(width: int, height: int, max_pixels: int) -> None:
@@ -147,4 +176,4 @@ def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
         # struct.error on a damaged one (past every except above: a whole scan or run stopped on one photo).
         orientation = _orientation(image)
         upright = image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
-        return _to_rgb(upright).copy()
+        return _to_rgb(_in_srgb(upright, image.info.get("icc_profile"))).copy()

@@ -121,6 +121,29 @@ def test_bucket_batches_mix_the_shards_too():
         assert classes >= expected and (mixing > 1 or classes == 1.0)
 
 
+def test_bucket_batches_read_each_shard_about_once_an_epoch(tmp_path):
+    source = open_source("laion", make_laion(tmp_path, parts=12, per_part=40), progress=False)
+    # Three buckets of uneven size, scattered over the shards, the rarest about one batch a shard.
+    buckets = np.random.default_rng(0).choice(3, size=len(source), p=[0.6, 0.3, 0.1])
+    sampler = BucketBatchSampler(buckets, 4, seed=3, shard_sizes=source.shard_sizes)
+    batches = sampler.epoch_batches(0)
+    assert len(batches) == sum(-(-int(c) // 4) for c in np.bincount(buckets))  # ceil(records / 4) a bucket
+    assert all(len(set(buckets[batch].tolist())) == 1 for batch in batches)
+    assert set(batches.ravel().tolist()) == set(range(len(source)))  # a bucket's last batch repeats, none is lost
+
+    def loads(order) -> int:
+        source.shard_loads, source._loaded = 0, type(source._loaded)()
+        for batch in order:
+            [source.read(int(i)) for i in batch]
+        return source.shard_loads
+
+    source.shards_in_memory = 2  # what training holds with buckets: this group's shard and the last one's
+    walked = loads(batches)
+    # The same batches in a shuffled order, as before they were cut group by group: a shard at nearly every batch.
+    shuffled = loads(batches[np.random.default_rng(1).permutation(len(batches))])
+    assert walked <= 18 and shuffled > 4 * walked, (walked, shuffled)
+
+
 def test_sampler_rejects_a_bad_shard_mixing():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="shard_mixing must be a whole number of shards >= 1"):
@@ -188,12 +211,18 @@ def test_a_run_config_sets_the_sampler_and_the_shards_in_memory(tmp_path):
     assert dataset.source.shards_in_memory == 3
     sampler = build_sampler(config, dataset, rank=0, world_size=1)
     assert isinstance(sampler, EpochBatchSampler) and sampler.shard_mixing == 3
+    raw["data"]["buckets"] = {"enabled": True, "step": 8}
+    dataset = open_images(parse_config(raw), progress=False)
+    assert dataset.source.shards_in_memory == 6  # a group's shards, and the group's before it
+    sampler = build_sampler(parse_config(raw), dataset, rank=0, world_size=1)
+    assert isinstance(sampler, BucketBatchSampler) and sampler.shard_sizes.tolist() == [3, 3, 3, 3]
 
 
-def test_mixed_laion_run_resumes_exactly(make_config, tmp_path, shapes_dir):
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
+def test_mixed_laion_run_resumes_exactly(make_config, tmp_path, shapes_dir, buckets):
     folder = open_source("folder", shapes_dir, progress=False)
     listing = build_shards(folder, tmp_path / "shards", "laion", records_per_shard=4, progress=False)
-    data = {"source": "laion", "path": str(listing), "shard_mixing": 3}
+    data = {"source": "laion", "path": str(listing), "shard_mixing": 3, "buckets": {"enabled": buckets, "step": 8}}
     # 24 records in 6 shards, 6 batches an epoch: the resume is mid-epoch and the run crosses into the next.
     straight = make_config("straight", data=data, training={"max_steps": 9}, checkpoint={"every_steps": 3})
     assert main(["train", str(straight), "--no-progress"]) == 0

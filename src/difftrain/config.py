@@ -134,12 +134,6 @@ class DataConfig(Section):
                 f"data.shard_mixing = {self.shard_mixing} applies to shard sources (data.source = laion, webdataset, "
                 f"or hf with streaming), not {self.source}: its records are shuffled across the whole data set already"
             )
-        if self.buckets.enabled and sharded and not self.cache.latents:
-            kind = f"{self.source} streamed" if self.streaming else self.source
-            raise ValueError(
-                f"data.buckets with data.source = {kind}: batches of one bucket jump between shards, "
-                "and each jump rereads a shard; set data.cache.latents: true (training then reads the cache)"
-            )
         return self
 
 

@@ -97,15 +97,13 @@ class BucketBatchSampler(ResumableBatches):
     """Yields batches of `(epoch, batch, record_index)` keys, each batch from one bucket.
 
     The same contract as EpochBatchSampler (`start`, `position_after`,
-    `batches_per_epoch`). Per epoch: the records in a seeded order (shard-blocked over
-    groups of `shard_mixing` shards when `shard_sizes` is given, else a full
-    permutation); each bucket's records in that order, cut into batches, the last one
+    `batches_per_epoch`). Per epoch, without `shard_sizes`: the records in a seeded
+    permutation; each bucket's records in that order, cut into batches, the last one
     filled by wrapping around the bucket's own records (so no record is dropped and every
-    batch is full); the list of batches shuffled; padded by wrapping to a multiple of
-    `world_size`; rank r takes batches r, r + world_size, ...
-
-    Note that the batch shuffle jumps between shards: with `shard_sizes`, each batch comes
-    from few shards, but consecutive batches do not read shards front to back.
+    batch is full); the list of batches shuffled. With `shard_sizes` the epoch walks the
+    shard-blocked order group by group instead (`_sharded_batches`), so reading stays
+    front to back through the shards. Either way the batches are padded by wrapping to a
+    multiple of `world_size`, and rank r takes batches r, r + world_size, ...
 
     `buckets` (the list `bucket_ids` indexes, e.g. from make_buckets) is optional; with it,
     `target_size(index)` tells the dataset what (width, height) to make a record.
@@ -153,10 +151,12 @@ class BucketBatchSampler(ResumableBatches):
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """This rank's batches for `epoch`: (batches_per_epoch, batch_size) record indices."""
-        if self.shard_sizes is None:
-            order = seeded_rng(BUCKET_RECORDS, self.seed, epoch).permutation(self.num_records)
-        else:
-            order = ShardBlockedOrder(self.shard_sizes, self.seed, epoch, self.shard_mixing).all()
+        stacked = self._batches(epoch) if self.shard_sizes is None else self._sharded_batches(epoch)
+        padded = stacked[np.arange(self.batches_per_epoch * self.world_size) % len(stacked)]
+        return padded[self.rank :: self.world_size]
+
+    def _batches(self, epoch: int) -> np.ndarray:
+        order = seeded_rng(BUCKET_RECORDS, self.seed, epoch).permutation(self.num_records)
         # A stable sort by bucket keeps each bucket's records in the epoch's order.
         grouped = order[np.argsort(self.bucket_ids[order], kind="stable")]
         batches, first = [], 0
@@ -166,9 +166,35 @@ class BucketBatchSampler(ResumableBatches):
                 batches.append(grouped[first + wrapped].reshape(-1, self.batch_size))
             first += count
         stacked = np.concatenate(batches)
-        stacked = stacked[seeded_rng(BUCKET_BATCHES, self.seed, epoch).permutation(len(stacked))]
-        padded = stacked[np.arange(self.batches_per_epoch * self.world_size) % len(stacked)]
-        return padded[self.rank :: self.world_size]
+        return stacked[seeded_rng(BUCKET_BATCHES, self.seed, epoch).permutation(len(stacked))]
+
+    def _sharded_batches(self, epoch: int) -> np.ndarray:
+        """The epoch's batches group by group of the shard-blocked order, so a reader holding the current
+        group's shards and the previous group's (2 x shard_mixing) reads each shard about once an epoch.
+
+        Each group's records join their bucket's queue in the epoch's order; every full batch the
+        queues then hold is this group's, and the group's batches are shuffled among themselves. A
+        bucket's remainder waits for its next records, usually the next group's (a bucket rarer than
+        one batch a group spans more, and its batches reread an older shard). At the end of the
+        epoch a bucket's remainder is filled by repeating itself: the last group's shards are still
+        held. Each bucket yields ceil(records / batch_size) batches, as without shards.
+        """
+        size, order = self.batch_size, ShardBlockedOrder(self.shard_sizes, self.seed, epoch, self.shard_mixing)
+        waiting: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(self.bucket_counts)
+        sections = []
+        for group in range(len(order.group_start) - 1):
+            records = order.group_records(group)
+            buckets = self.bucket_ids[records]
+            full = []
+            for bucket in np.unique(buckets):
+                queue = np.concatenate([waiting[bucket], records[buckets == bucket]])
+                cut = len(queue) // size * size
+                full.append(queue[:cut].reshape(-1, size))
+                waiting[bucket] = queue[cut:]
+            batches = np.concatenate(full) if full else np.empty((0, size), dtype=np.int64)
+            sections.append(batches[seeded_rng(BUCKET_BATCHES, self.seed, epoch, group).permutation(len(batches))])
+        sections += [np.resize(queue, size)[None] for queue in waiting if len(queue)]
+        return np.concatenate(sections)
 
     def _epoch_reader(self, epoch: int) -> Callable[[int], Sequence[int]]:
         return self.epoch_batches(epoch).__getitem__

@@ -45,7 +45,9 @@ def open_images(
         hf=hf_options(data),
     )
     if isinstance(records, ShardSource):
-        records.shards_in_memory = data.shard_mixing  # the group build_sampler interleaves
+        # The group build_sampler interleaves; with buckets also the group before it, whose last records wait in
+        # batches the next group completes (BucketBatchSampler._sharded_batches).
+        records.shards_in_memory = data.shard_mixing * (2 if data.buckets.enabled else 1)
     conditions = None
     if conditioning:
         conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels,

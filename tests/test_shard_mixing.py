@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 import pickle
 import tracemalloc
 
@@ -231,3 +232,21 @@ def test_mixed_laion_run_resumes_exactly(make_config, tmp_path, shapes_dir, buck
     assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=9", "--resume", "latest"]) == 0
     step = "checkpoints/step-00000009"
     assert_same_checkpoint(tmp_path / "straight" / step, tmp_path / "halves" / step)
+
+
+def test_a_checkpoint_of_another_order_rule_resumes_at_the_next_epoch(make_config, tmp_path, shapes_dir, capsys):
+    folder = open_source("folder", shapes_dir, progress=False)
+    listing = build_shards(folder, tmp_path / "shards", "laion", records_per_shard=4, progress=False)
+    data = {"source": "laion", "path": str(listing), "buckets": {"enabled": True, "step": 8}}
+    run = make_config("run", data=data, training={"max_steps": 3}, checkpoint={"every_steps": 3})
+    assert main(["train", str(run), "--no-progress"]) == 0
+    state_file = tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert (state["order_rule"], state["position"]) == (2, {"epoch": 0, "batch": 3})
+    del state["order_rule"]  # as a checkpoint from before the rule changed, mid-epoch
+    state_file.write_text(json.dumps(state))
+    assert main(["train", str(run), "--no-progress", "--set", "training.max_steps=4", "--resume", "latest"]) == 0
+    assert "another rule than the one step-00000003 was trained with; training goes on from the start of epoch 1" in (
+        capsys.readouterr().out)
+    later = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert later["position"] == {"epoch": 1, "batch": 1}

@@ -133,6 +133,8 @@ class BucketBatchSampler(ResumableBatches):
         self.world_size = world_size
         self.shard_sizes = None if shard_sizes is None else check_shard_sizes(shard_sizes, self.num_records)
         self.shard_mixing = check_shard_mixing(shard_mixing)
+        if self.shard_sizes is not None:
+            self.order_rule = 2  # batched group by group since 2026-12-05; one shuffle of all batches before
         self.bucket_sizes = None if buckets is None else np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
         if self.bucket_sizes is not None and self.bucket_ids.max() >= len(self.bucket_sizes):
             raise ValueError(f"bucket id {self.bucket_ids.max()} but only {len(self.bucket_sizes)} buckets")

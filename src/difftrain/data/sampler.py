@@ -49,6 +49,9 @@ class ResumableBatches:
 
     batches_per_epoch: int
     start: Position
+    # Which rule drew the order; a checkpoint keeps it, so a resume whose order rule changed starts a new epoch
+    # rather than continuing mid-epoch into another order (records repeated or missed). Bump when a rule changes.
+    order_rule: int = 1
 
     def _epoch_reader(self, epoch: int) -> Callable[[int], Sequence[int]]:
         """A function batch -> this rank's record indices, for one epoch."""

@@ -591,6 +591,7 @@ class Trainer:
                 "sharded": self.sharded,
                 "zero_stage": self.zero_stage,
                 "num_records": len(self.dataset),
+                "order_rule": self.sampler.order_rule,
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "optimizer": optimizer_rest,
                 "ema": {name: ema.counters() for name, ema in self.emas.items()},
@@ -677,6 +678,11 @@ class Trainer:
         self.store.keep_step = (state.get("best") or {}).get("step")
         if state.get("num_records", len(self.dataset)) != len(self.dataset):  # only with --allow-data-change
             self.position = Position(self.position.epoch + 1, 0)  # the old order means nothing for new data
+        elif state.get("order_rule", 1) != self.sampler.order_rule and self.position.batch:
+            self.position = Position(self.position.epoch + 1, 0)
+            if self.main:
+                print(f"note: this difftrain draws the batch order by another rule than the one {path.name} was "
+                      f"trained with; training goes on from the start of epoch {self.position.epoch}")
         if self.main:
             print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
 

@@ -272,7 +272,8 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
         (["--shard", "half"], "--shard half: give it as i/N"),
         (["--clip", str(tmp_path), "--clip-min", "0.2"], "cannot load it"),
         (["--aesthetic", str(tmp_path / "none.pth"), "--aesthetic-min", "5", "--clip", str(tmp_path)], "no such file"),
-        (["--min-size", "9999"], "every record was dropped"),
+        (["--min-size", "9999"], "every record was dropped (1 read, 52 size), nothing written to"),
+        (["--clip-min", "28"], "--clip-min 28.0: a cosine of image and caption, in [-1, 1]"),
     ]
     for flags, message in cases:
         assert main(["data", "curate", str(messy), str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
@@ -283,6 +284,25 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
     assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--no-progress",
                  "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+    # Every record dropped: the report with the scores is still written; OUT is not created.
+    assert (tmp_path / "out-report" / "report.json").is_file() and not (tmp_path / "out").exists()
+
+    # --force never deletes the data being curated: not the source itself, nor a folder above it.
+    before = sorted(path.name for path in messy.iterdir())
+    for out in (messy, messy.parent):
+        assert main(["data", "curate", str(messy), str(out), "--force", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache")]) == 2
+        assert "holds the data being curated" in capsys.readouterr().err
+    assert sorted(path.name for path in messy.iterdir()) == before
+
+    # A run that fails after --force was given leaves OUT as it was.
+    assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--force", "--min-size", "9999",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (tmp_path / "taken" / "x.txt").read_text() == "mine"
+    assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--force", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert not (tmp_path / "taken" / "x.txt").exists() and (tmp_path / "taken" / "metadata.jsonl").is_file()
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_a_jsonl_source_with_a_caption_that_is_not_text_is_reported_not_fatal(messy, tmp_path):
@@ -383,3 +403,21 @@ def test_each_record_is_read_once_per_pass_and_decoded_once(messy, tmp_path, mon
     assert all(reads[i] <= 2 + (i in kept) for i in range(len(source))) and max(reads.values()) == 3
     assert max(decodes.values()) == 1  # phash decodes each distinct image once: dup_a.png is 000001.png's bytes
     assert len(decodes) == 50  # 48 shapes, near_b.jpg, wide.png (small.png fails the size limit, broken.png its header)
+
+
+def test_an_image_cut_short_after_its_header_is_dropped_without_any_model(tmp_path):
+    import io as _io
+
+    from PIL import Image
+
+    photo = _io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(photo, "JPEG", quality=90)
+    (tmp_path / "whole.jpg").write_bytes(photo.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(photo.getvalue()[: len(photo.getvalue()) // 2])  # header intact
+    lines = [json.dumps({"image": str(tmp_path / name), "caption": name}) for name in ("whole.jpg", "cut.jpg")]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "curate", str(tmp_path / "list.jsonl"), str(tmp_path / "out"), "--source", "jsonl",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0  # exact dedupe only: no decode needed
+    report = json.loads((tmp_path / "out-report" / "report.json").read_text())
+    assert report["counts"]["kept"] == 1 and report["counts"]["dropped"] == {"read": 1}
+    assert "truncated" in report["dropped"][0]["reason"]

@@ -136,7 +136,7 @@ def _data_index(args: argparse.Namespace) -> int:
 
 def _data_curate(args: argparse.Namespace) -> int:
     from difftrain.curate.items import CurateOptions
-    from difftrain.curate.pipeline import curate
+    from difftrain.curate.pipeline import curate, shard_slice
     from difftrain.curate.report import counts
 
     options = CurateOptions(
@@ -151,12 +151,14 @@ def _data_curate(args: argparse.Namespace) -> int:
         report_dir=Path(args.report) if args.report else None,
         **({"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}),
     )
-    result = curate(_open_source(args, progress=not args.no_progress), args.out, options)
+    source = _open_source(args, progress=not args.no_progress)
+    result = curate(source, args.out, options)
     if result is None:  # an accelerate rank other than 0: rank 0 reports
         return 0
     summary = counts(result.items)
     dropped = ", ".join(f"{n} {step}" for step, n in summary["dropped"].items()) or "none"
-    where = f"cached features for records {result.items[0].index}-{result.items[-1].index}" if options.shard else (
+    measured = shard_slice(len(source), options.shard)
+    where = f"cached features for records {measured.start}-{measured.stop - 1}" if options.shard else (
         f"wrote {summary['kept']} records to {result.out}; report in {result.report_dir}")
     print(f"{summary['records']} records: {summary['kept']} kept, dropped: {dropped}. {where}")
     return 0

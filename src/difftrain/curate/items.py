@@ -58,6 +58,9 @@ class CurateOptions:
             raise CurateError(f"--caption-mode {self.caption_mode}: choose from {', '.join(CAPTION_MODES)}")
         if self.format not in FORMATS:
             raise CurateError(f"--format {self.format}: choose from {', '.join(FORMATS)}")
+        if self.clip_min is not None and not -1 <= self.clip_min <= 1:
+            raise CurateError(f"--clip-min {self.clip_min}: a cosine of image and caption, in [-1, 1] (0.2-0.3 is "
+                              "usual; `difftrain eval` reports CLIP score as 100 x the cosine)")
         if not 0 < self.clip_duplicate <= 1:
             raise CurateError(f"--clip-duplicate {self.clip_duplicate}: a cosine, in (0, 1]")
         if not 0 <= self.phash_distance <= 32:

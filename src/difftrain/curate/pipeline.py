@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
-from difftrain.curate.report import write_report
+from difftrain.curate.report import counts, write_report
 from difftrain.curate.scorers import AestheticPredictor, Captioner
-from difftrain.data.images import DECODE_VERSION, BadImage, image_size_from_bytes, load_image_bytes
+from difftrain.data.images import DECODE_VERSION, BadImage, check_decodes, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import BadRecord, RawRecord, RecordSource
+from difftrain.data.remote import is_url
 # Features computed from decoded pixels are kept per decode version: a decode that changes (colour profiles
 # applied) must not be served a feature of the old pixels.
 PHASH_SPACE = f"phash:{DECODE_VERSION}"
@@ -76,11 +77,11 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> Cur
     out = Path(out)
     final = options.shard is None
     if final:
-        _prepare_output(out, options.force)
+        _check_output(out, options.force, source)
     timer, cache = _Timer(), FeatureCache(options.cache_dir)
     try:
         features = _Features(source, cache, options, timer)
-        items = _read(source, _slice(len(source), options.shard), features)
+        items = _read(source, shard_slice(len(source), options.shard), features)
         _filter_scores(items, options)
         if final:
             started, candidates = time.perf_counter(), [i for i in items if i.step is None]
@@ -91,12 +92,18 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> Cur
         cache.close()
     result = CurateResult(items, timer.timings)
     if final:
-        result.out = _write_output(source, [i for i in items if i.step is None], out, options, timer)
+        kept = [i for i in items if i.step is None]
+        result.out = _write_output(source, kept, out, options, timer) if kept else None
         result.report_dir = write_report(source, result, options, _report_dir(out, options))
+        if not kept:
+            dropped = ", ".join(f"{n} {step}" for step, n in counts(items)["dropped"].items())
+            raise CurateError(f"every record was dropped ({dropped}), nothing written to {out}; the scores are in "
+                              f"{result.report_dir}: loosen a threshold")
     return result
 
 
-def _slice(total: int, shard: tuple[int, int] | None) -> range:
+def shard_slice(total: int, shard: tuple[int, int] | None) -> range:
+    """The records a `--shard i/N` process measures."""
     # contiguous slices: shard sources are read front to back, each shard by one process
     if shard is None:
         return range(total)
@@ -109,11 +116,30 @@ def _report_dir(out: Path, options: CurateOptions) -> Path:
     return Path(options.report_dir) if options.report_dir else out.with_name(out.name + "-report")
 
 
-def _prepare_output(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+def _check_output(out: Path, force: bool, source: RecordSource) -> None:
+    """Refuse, before any work, an OUT that is in use: not empty without --force, or holding the data being
+    curated (--force would replace it with the output)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if not force:
+        raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
+    held = [os.path.realpath(out), os.path.abspath(out)]
+    for _, path, _ in source.stored_files():
+        if not is_url(path) and any(os.path.abspath(path) == root or os.path.abspath(path).startswith(root + os.sep)
+                                    for root in held):
+            raise CurateError(f"{out} holds the data being curated ({path}); --force would delete it. Give another "
+                              "folder for the output")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Put the finished output in OUT's place; what OUT held (allowed by --force) goes only now."""
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+    os.replace(staging, out)
 
 
 def _read(source: RecordSource, indices: range, features: "_Features") -> list[Item]:
@@ -140,6 +166,8 @@ def _read(source: RecordSource, indices: range, features: "_Features") -> list[I
                     nbytes=len(record.data))
         try:
             item.width, item.height = image_size_from_bytes(record.data)
+            if not keep_bytes:  # else measuring decodes it (and drops it if it cannot)
+                check_decodes(record.data, options.max_pixels)
         except BadImage as reason:
             item.drop("read", str(reason))
         else:
@@ -410,14 +438,19 @@ class _CuratedSource(RecordSource):
 def _write_output(source: RecordSource, kept: list[Item], out: Path, options: CurateOptions, timer: _Timer) -> Path:
     from difftrain.data.shards import build_shards, export_folder
 
-    if not kept:
-        raise CurateError(f"every record was dropped, nothing to write to {out}: see the counts above and loosen "
-                          "a threshold")
     started = time.perf_counter()
     curated = _CuratedSource(source, kept)
-    if options.format == "folder":
-        written = export_folder(curated, out, progress=options.progress)
-    else:
-        written = build_shards(curated, out, options.format, options.per_shard, progress=options.progress)
+    # Written beside OUT and moved in whole: a run that fails half-way leaves OUT as it was.
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        if options.format == "folder":
+            written = export_folder(curated, staging, progress=options.progress)
+        else:
+            written = build_shards(curated, staging, options.format, options.per_shard, progress=options.progress)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     timer.add("write", time.perf_counter() - started, len(kept))
-    return written
+    return out / written.relative_to(staging)

@@ -109,6 +109,18 @@ def load_image_bytes(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     return _decode(io.BytesIO(data), max_pixels)
 
 
+def check_decodes(data: bytes, max_pixels: int = 64_000_000) -> None:
+    """Raise BadImage unless the whole image decodes, cheaply: a JPEG at 1/8 scale (libjpeg still reads every
+    byte, so truncation and broken data show), for a check that need not keep the pixels."""
+    if not data:
+        raise BadImage("empty image (0 bytes)")
+    with _opened(io.BytesIO(data), "decode") as image:
+        check_size(*image.size, max_pixels)
+        if image.format == "JPEG":
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+
+
 def image_size_from_bytes(data: bytes) -> tuple[int, int]:
     """(width, height) as `load_image_bytes` would return it, from the header only (no pixel decode)."""
     if not data:

@@ -212,6 +212,28 @@ def test_interrupt_progress_and_the_job_api(server):
     assert requests.get(f"{url}/v1/jobs/nope").status_code == 404
 
 
+def test_a_client_that_hangs_up_cancels_its_job(server):
+    queue = server.app.state.queue
+    body = b'{"prompt": "abandoned", "seed": 2, "width": 128, "height": 128, "steps": 40, "n_iter": 3}'
+    host, port = server.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline, job = time.time() + 60, None
+        while time.time() < deadline:  # (a job of an earlier test may still run first)
+            running = queue.current
+            request = running.request if running is not None else None
+            if request is not None and request.prompt == "abandoned" and running.steps_done >= 2:
+                job = running
+                break
+            time.sleep(0.02)
+        assert job is not None
+    # The socket is closed: the job stops at its next step instead of drawing 3 x 40 steps for nobody.
+    assert job.done.wait(60)
+    assert job.state == "cancelled" and job.steps_done < job.total_steps
+    assert queue.get(job.id) is None  # forgotten, as an answered A1111 call is
+
+
 @pytest.mark.parametrize("payload,field", [
     ({"width": 70}, "width"), ({"steps": 500}, "steps"), ({"enable_hr": True}, "enable_hr"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),

@@ -340,7 +340,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"serving {', '.join(app.state.engine.models)} on http://{args.host}:{args.port}/sdapi/v1 "
           f"({'credentials required' if settings.protected else 'no authentication'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Ctrl+C: clients waiting on a job hold their connections; after 5 s they are cut and their jobs cancelled.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
 

@@ -115,18 +115,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     async def _unexpected(request, exc):
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=500)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            # A chunked body (with or without a Content-Length beside it) could be any size: refused.
-            if request.headers.get("transfer-encoding"):
-                return JSONResponse({"error": "LengthRequired", "detail": "send the body with a Content-Length, "
-                                     "not chunked"}, status_code=411)
-            if length is not None and (not length.isdigit() or int(length) > settings.limits.max_body_bytes):
-                return JSONResponse({"error": "PayloadTooLarge", "detail": f"body of {length} bytes; this server "
-                                     f"takes at most {settings.limits.max_body_bytes}"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, max_bytes=settings.limits.max_body_bytes)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -136,12 +125,15 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     # ----------------------------------------------------------------- generation
     async def _wait(request: Request, job: Job) -> dict:
-        while not job.done.is_set():
-            if await request.is_disconnected():
-                queue.cancel(job)  # a client gone frees the worker at the next step
-                break
-            await asyncio.sleep(0.05)
-        queue.forget(job)  # answered here: nobody asks for it by id
+        try:
+            while not job.done.is_set():
+                if await request.is_disconnected():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            if not job.done.is_set():  # the client is gone (or the server stops): free the worker at the next step
+                queue.cancel(job)
+            queue.forget(job)  # answered here: nobody asks for it by id
         if job.failure is not None:
             raise job.failure  # a RequestError names the field; anything else is a 500, as JSON
         if job.state == "cancelled":
@@ -329,6 +321,31 @@ class _Unauthorised(Exception):
     pass
 
 
+class _BodyLimit:
+    """Bodies with a Content-Length within the limit only; as plain ASGI, so the app still sees a client hang up
+    (Starlette's BaseHTTPMiddleware, behind @app.middleware, hides the disconnect from request.is_disconnected)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+            length = headers.get("content-length")
+            refusal = None
+            # A chunked body (with or without a Content-Length beside it) could be any size: refused.
+            if headers.get("transfer-encoding"):
+                refusal = JSONResponse({"error": "LengthRequired", "detail": "send the body with a Content-Length, "
+                                        "not chunked"}, status_code=411)
+            elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                refusal = JSONResponse({"error": "PayloadTooLarge", "detail": f"body of {length} bytes; this server "
+                                        f"takes at most {self.max_bytes}"}, status_code=413)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BackgroundServer:
     """The server in a thread of this process, on a free loopback port if none is set: for tests,
     benchmarks and notebooks. `url` is its address; `stop()` shuts it down."""
@@ -347,7 +364,7 @@ class BackgroundServer:
         self.app = create_app(settings, engine)
         self.url = f"http://{settings.host}:{settings.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=settings.host, port=settings.port,
-                                                    log_level="error"))
+                                                    log_level="error", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + timeout

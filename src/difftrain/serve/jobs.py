@@ -126,8 +126,11 @@ class JobQueue:
                 self._finish(job, "cancelled")
 
     def close(self) -> None:
+        """Stop: queued jobs are cancelled and the running one stops at its next step."""
         with self._lock:
             self._closing = True
+            if self.current is not None:
+                self.current.cancel = True
             for job in list(self._queue):
                 job.cancel = True
                 self._finish(job, "cancelled")
@@ -154,7 +157,10 @@ class JobQueue:
                 job.failure, state = RequestError("request", str(reason)), "failed"
             except Exception as reason:  # a worker that died would stall every later client
                 log.exception("job %s failed", job.id)
-                job.failure, state = reason, "failed"
+                # Kept without its traceback: the frames would hold the failed step's tensors (after an
+                # out-of-memory error, the very memory the next job needs) for as long as the job is kept.
+                job.failure, state = reason.with_traceback(None), "failed"
+                _release_device_memory()
             with self._lock:
                 self.current = None
                 self._finish(job, state)
@@ -183,3 +189,10 @@ class JobQueue:
         finished = [key for key, old in self._jobs.items() if old.done.is_set()]
         for key in finished[:-FINISHED_KEPT]:
             del self._jobs[key]
+
+
+def _release_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -42,6 +42,14 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     (root / "loras").mkdir()
     (root / "loras" / "shapes.safetensors").write_bytes((lora_run / "model" / "lora.safetensors").read_bytes())
     write_tiny_controlnet(tiny_sd, root / "controlnets" / "cn", seed=1)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from difftrain.models.control import adapter_for_unet
+
+    torch.manual_seed(0)
+    levels = len(AutoencoderKL.load_config(tiny_sd / "vae")["block_out_channels"])
+    adapter_for_unet(UNet2DConditionModel.from_pretrained(tiny_sd / "unet"), levels, num_res_blocks=1).save_pretrained(
+        root / "controlnets" / "adapter")
     (root / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
               root / "embeddings" / "shiny.safetensors")  # A1111's layout: the token is the file name
@@ -160,12 +168,16 @@ def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server
     assert not np.array_equal(np.asarray(plain), np.asarray(steered))
     text = steered.info["parameters"]
     assert 'ControlNet 0: "Module: none, Model: cn [' in text and "Weight: 1," in text
-    assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["cn"]}
+    assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["adapter", "cn"]}
+    # A T2I-Adapter unit draws through diffusers' adapter pipeline, whose step hook is the older one.
+    adapted = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, alwayson_scripts={},
+                          controlnet_units=[webuiapi.ControlNetUnit(image=mask, module="none", model="adapter")]).image
+    assert not np.array_equal(np.asarray(plain), np.asarray(adapted))
     bad = webuiapi.ControlNetUnit(image=mask, module="depth_midas", model="cn")
     with pytest.raises(RuntimeError, match="module"):
         api.txt2img(prompt="x", width=64, height=64, controlnet_units=[bad], alwayson_scripts={})
     missing = webuiapi.ControlNetUnit(image=mask, module="none", model="../../cn")
-    with pytest.raises(RuntimeError, match=r"ControlNet folder \(cn\)"):
+    with pytest.raises(RuntimeError, match=r"ControlNet folder \(adapter, cn\)"):
         api.txt2img(prompt="x", width=64, height=64, controlnet_units=[missing], alwayson_scripts={})
 
 
@@ -263,6 +275,37 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
     chunked = requests.post(f"{server.url}/sdapi/v1/txt2img", data=iter([b'{"prompt": ', b'"x"}']),
                             headers={"Content-Type": "application/json"})
     assert chunked.status_code == 411 and chunked.json()["error"] == "LengthRequired"
+    mask = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(mask, "PNG")
+    for weight, status in ((None, 200), ("strong", 422)):  # null is the extension's default; text is refused
+        unit = {"model": "cn", "image": base64.b64encode(mask.getvalue()).decode(), "weight": weight}
+        answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={
+            "prompt": "x", "width": 64, "height": 64, "steps": 2, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert answer.status_code == status, answer.text
+    assert answer.json()["field"] == "alwayson_scripts.controlnet.args[0].weight"
+    # A decompression bomb in a request: a 20,000 x 20,000 PNG is a few hundred KB.
+    bomb = io.BytesIO()
+    Image.new("L", (20_000, 20_000)).save(bomb, "PNG")
+    refused = requests.post(url, json={"init_images": [base64.b64encode(bomb.getvalue()).decode()], "width": 64,
+                                       "height": 64})
+    assert refused.status_code == 422 and "exceeds" in refused.json()["detail"]
+
+
+def test_png_info_reads_the_file_as_sent_and_wrapped_base64(server):
+    from difftrain.generate.infotext import png_bytes
+    from difftrain.serve.requests import Limits, Txt2ImgRequest
+
+    text = "a fox\nSteps: 3, Sampler: Euler, CFG scale: 6.0, Seed: 7, Size: 64x64"
+    transparent = Image.open(io.BytesIO(png_bytes(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), text)))
+    sent = png_bytes(transparent, text)
+    assert Image.open(io.BytesIO(sent)).mode == "RGBA"
+    answer = requests.post(f"{server.url}/sdapi/v1/png-info", json={"image": base64.encodebytes(sent).decode()})
+    assert answer.status_code == 200 and answer.json()["info"] == text  # line-wrapped base64, an RGBA PNG
+    assert answer.json()["parameters"]["Seed"] == "7"
+    # The last seeds A1111 takes, and its default sampler.
+    Txt2ImgRequest(seed=2**32 - 1).check(Limits())
+    Txt2ImgRequest(seed=2**32 - 4, batch_size=2, n_iter=2).check(Limits())
+    assert Txt2ImgRequest().sampler == "Euler"
 
 
 def test_memory_reports_the_process_and_asks_no_gpu_it_does_not_serve_on(server, monkeypatch):

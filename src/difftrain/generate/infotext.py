@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import BinaryIO
 from pathlib import Path
 
 from difftrain.atomic import atomic_path
@@ -199,24 +200,28 @@ def png_bytes(image, infotext: str) -> bytes:
     return buffer.getvalue()
 
 
-def read_png_infotext(path: str | Path) -> str:
-    """The `parameters` text of a PNG written by A1111, difftrain or any tool that follows them."""
+def read_png_infotext(source: str | Path | BinaryIO, name: str | None = None) -> str:
+    """The `parameters` text of a PNG written by A1111, difftrain or any tool that follows them (a file, or
+    `name`d bytes in a file object)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = Path(source) if isinstance(source, (str, Path)) else source
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             image.load()  # text chunks after the image data are read only with it
             text = getattr(image, "text", {}).get(PARAMETERS_KEY)
             kind = image.format
     except FileNotFoundError:
-        raise InfotextError(f"{path}: no such file") from None
+        raise InfotextError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise InfotextError(f"{path}: not an image") from None
+        raise InfotextError(f"{name}: not an image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InfotextError(f"{name}: cannot be read ({exc})") from None
     if kind != "PNG":
-        raise InfotextError(f"{path}: a {kind} image; infotext is read from PNG files only")
+        raise InfotextError(f"{name}: a {kind} image; infotext is read from PNG files only")
     if text is None:
         raise InfotextError(
-            f"{path}: no {PARAMETERS_KEY!r} text chunk (not saved by A1111 or difftrain, or its metadata was stripped)"
+            f"{name}: no {PARAMETERS_KEY!r} text chunk (not saved by A1111 or difftrain, or its metadata was stripped)"
         )
     return text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import os
 import secrets
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
 from difftrain.serve.requests import Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, \
-    decode_image
+    decode_base64
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -282,10 +283,13 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict):
-        from difftrain.generate.infotext import PARAMETERS_KEY, parse_infotext
+        from difftrain.generate.infotext import PARAMETERS_KEY, InfotextError, parse_infotext, read_png_infotext
 
-        image = decode_image(str(body.get("image", "")), "image")
-        text = image.info.get(PARAMETERS_KEY, "") if hasattr(image, "info") else ""
+        data = decode_base64(str(body.get("image", "")), "image")
+        try:  # read from the file as sent: decoding to RGB would drop its text (an RGBA or colour-managed PNG)
+            text = read_png_infotext(io.BytesIO(data), "image")
+        except InfotextError:
+            text = ""  # not a PNG, or no infotext: A1111 answers empty too
         if not text:
             return {"info": "", "items": {}, "parameters": {}}
         prompt, negative, params = parse_infotext(text)

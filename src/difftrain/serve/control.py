@@ -14,6 +14,7 @@ from difftrain.serve.requests import RequestError, decode_image
 
 MODULES = ("none", "canny", "mask", "segmentation")  # the extension's preprocessor names we run
 GUESS_MODES = (2, "ControlNet is more important")
+MAX_UNITS = 8  # each holds a decoded image until its job runs; the extension itself offers 3 by default
 
 
 def control_models(folder: Path | None) -> dict[str, Path]:
@@ -37,6 +38,9 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list, boo
     args = entry.get("args", []) if isinstance(entry, dict) else None
     if not isinstance(args, list):
         raise RequestError("alwayson_scripts.controlnet.args", "must be a list of units")
+    if len(args) > MAX_UNITS:
+        raise RequestError("alwayson_scripts.controlnet.args", f"{len(args)} units: this server takes at most "
+                                                               f"{MAX_UNITS}")
     units, images, guess_mode = [], [], False
     for number, arg in enumerate(args):
         field = f"alwayson_scripts.controlnet.args[{number}]"
@@ -57,13 +61,24 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list, boo
             image = image.get("image")
         if not isinstance(image, str) or not image:
             raise RequestError(f"{field}.image", "each enabled unit needs its image (base64)")
-        start, end = float(arg.get("guidance_start", 0.0)), float(arg.get("guidance_end", 1.0))
+        start, end = _number(arg, "guidance_start", 0.0, field), _number(arg, "guidance_end", 1.0, field)
         if not 0.0 <= start < end <= 1.0:
             raise RequestError(f"{field}.guidance_start", f"{start}..{end}: need 0 <= start < end <= 1")
-        low, high = float(arg.get("threshold_a", -1)), float(arg.get("threshold_b", -1))
-        units.append(ControlUnit(model=str(models[name]), image="(request)", scale=float(arg.get("weight", 1.0)),
+        low, high = _number(arg, "threshold_a", -1, field), _number(arg, "threshold_b", -1, field)
+        units.append(ControlUnit(model=str(models[name]), image="(request)", scale=_number(arg, "weight", 1.0, field),
                                  preprocess=module, start=start, end=end,
                                  low_threshold=int(low) if low > 0 else 100, high_threshold=int(high) if high > 0 else 200))
         images.append(decode_image(image, f"{field}.image"))
         guess_mode = guess_mode or arg.get("control_mode") in GUESS_MODES
     return units, images, guess_mode
+
+
+def _number(arg: dict, key: str, default: float, field: str) -> float:
+    """A unit's numeric setting; absent or null is the extension's default."""
+    value = arg.get(key)
+    if value is None:
+        return float(default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{field}.{key}", f"{value!r}: a number") from None

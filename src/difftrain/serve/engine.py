@@ -9,6 +9,8 @@ length and clip skip, the same infotext in every PNG.
 
 from __future__ import annotations
 
+import inspect
+
 import hashlib
 import json
 import random
@@ -264,6 +266,11 @@ class Engine:
             on_step(pipeline)
             return values
 
+        if "callback_on_step_end" in inspect.signature(runner.__call__).parameters:
+            hooks = {"callback_on_step_end": step_end}
+        else:  # StableDiffusionAdapterPipeline keeps diffusers' older hook, and no interrupt: it stops between images
+            hooks = {"callback": lambda step, timestep, latents: on_step(runner), "callback_steps": 1}
+
         first_seed = request.seed if request.seed >= 0 else random.randrange(2**32 - request.batch_size * request.n_iter)
         options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
@@ -275,8 +282,7 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale,
-                          callback_on_step_end=step_end, **extra)
+            images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale, **hooks, **extra)
             for seed, image in zip(seeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [])
                 if isinstance(request, Img2ImgRequest):

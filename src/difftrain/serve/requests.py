@@ -78,7 +78,7 @@ class Txt2ImgRequest(BaseModel):
                 raise RequestError(field, f"longer than this server's {limits.max_prompt_chars} characters")
         if not 0 <= self.cfg_scale <= 30:
             raise RequestError("cfg_scale", f"{self.cfg_scale}: must be from 0 to 30")
-        if not -1 <= self.seed < 2**32 - self.batch_size * self.n_iter:
+        if not -1 <= self.seed <= 2**32 - self.batch_size * self.n_iter:  # the last image's seed is 2**32 - 1
             raise RequestError("seed", f"{self.seed}: -1 (random) or from 0 to 2**32 - batch_size * n_iter")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
@@ -94,7 +94,7 @@ class Txt2ImgRequest(BaseModel):
 
     @property
     def sampler(self) -> str:
-        return self.sampler_name or self.sampler_index or "Euler a"
+        return self.sampler_name or self.sampler_index or "Euler"  # A1111's API default (sampler_index)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -125,19 +125,29 @@ def check_clip_skip(value, field: str) -> None:
         raise RequestError(field, f"{value!r}: an integer from 1 to 12")
 
 
+# A request's image (init image, control image) is decoded when the job is queued and held until it runs; a few
+# KB of PNG can decode to gigabytes, so the cap is far below training's: 4096 x 4096, ~50 MB as RGB.
+REQUEST_MAX_PIXELS = 4096 * 4096
+
+
 def decode_image(text: str, field: str):
     """A base64 image (raw or a data URL) as RGB; URLs are never fetched."""
     from difftrain.data.images import BadImage, load_image_bytes
 
+    try:
+        return load_image_bytes(decode_base64(text, field), REQUEST_MAX_PIXELS)
+    except BadImage as reason:
+        raise RequestError(field, str(reason)) from None
+
+
+def decode_base64(text: str, field: str) -> bytes:
+    """The bytes of a base64 file (raw or a data URL); URLs are never fetched."""
     if text.startswith(("http://", "https://", "file:")):
         raise RequestError(field, "images are sent as base64 or data URLs; this server fetches no URL")
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
-        data = base64.b64decode(text, validate=True)
+        # Line breaks allowed (base64.encodebytes and many tools wrap at 76 characters), nothing else that is not base64.
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "not valid base64") from None
-    try:
-        return load_image_bytes(data)
-    except BadImage as reason:
-        raise RequestError(field, str(reason)) from None

@@ -114,8 +114,12 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     other = next(title for title in titles if title.startswith("other"))
     api.util_set_model(other)
     assert api.util_get_current_model() == other
-    assert "Model: other" in api.txt2img(prompt="x", seed=1, width=64, height=64).image.info["parameters"]
+    drawn_by_other = api.txt2img(prompt="x", seed=1, width=64, height=64).image
+    assert "Model: other" in drawn_by_other.info["parameters"]
+    engine = server.app.state.engine
+    assert [model.pipe is not None for model in engine.models.values()] == [False, True, False]  # one in memory
     api.util_set_model(next(title for title in titles if title.startswith("sd")))
+    assert [model.pipe is not None for model in engine.models.values()] == [True, False, False]
     api.set_options({"CLIP_stop_at_last_layers": 2})
     skipped = api.txt2img(prompt="a cat", seed=1, width=64, height=64)
     assert api.get_options()["CLIP_stop_at_last_layers"] == 2 and skipped.info["clip_skip"] == 2
@@ -193,7 +197,7 @@ def test_interrupt_progress_and_the_job_api(server):
         if state["state"]["sampling_step"] >= 2:
             break
         time.sleep(0.05)
-    assert 0 < state["progress"] < 1 and state["state"]["job_count"] == 1
+    assert 0 < state["progress"] < 1 and (state["state"]["job_no"], state["state"]["job_count"]) == (0, 3)
     api.interrupt()
     worker.join(timeout=60)
     long = results["long"]

@@ -334,7 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
                              lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
                              embeddings_dir=args.embeddings_dir, device=args.device,
-                             precision=args.precision, limits=limits)
+                             precision=args.precision, models_in_memory=args.models_in_memory, limits=limits)
     app = create_app(settings)
     import uvicorn
 
@@ -672,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=8)
     serve.add_argument("--max-n-iter", type=int, default=16)
     serve.add_argument("--max-queue", type=int, default=16, help="jobs waiting before new ones get HTTP 429")
+    serve.add_argument("--models-in-memory", type=int, default=1,
+                       help="loaded models kept (A1111's sd_checkpoints_limit); the least recently used goes first")
     serve.set_defaults(run=_serve)
 
     ev = commands.add_parser("eval", help="FID, KID, IS, precision/recall, CLIP score and LPIPS diversity")

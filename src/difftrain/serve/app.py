@@ -44,6 +44,7 @@ class ServeSettings:
     embeddings_dir: str | None = "models/embeddings"
     device: str | None = None
     precision: str = "auto"
+    models_in_memory: int = 1  # loaded models kept; the least recently used beyond it is let go
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -53,7 +54,8 @@ class ServeSettings:
 
 def create_app(settings: ServeSettings, engine: Engine | None = None):
     engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision,
-                              controlnet_dir=settings.controlnet_dir, embeddings_dir=settings.embeddings_dir)
+                              controlnet_dir=settings.controlnet_dir, embeddings_dir=settings.embeddings_dir,
+                              models_in_memory=settings.models_in_memory)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     def authorised(request: Request) -> None:
@@ -155,8 +157,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def progress(skip_current_image: bool = False):
         job = queue.current  # read once, as above
         state = {"skipped": bool(job and job.skip), "interrupted": bool(job and job.interrupt),
-                 "job": job.id if job else "", "job_count": queue.waiting() + (1 if job else 0),
-                 "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.number if job else 0,
+                 # As A1111: job_no is the batch drawing now (0-based) of the job's job_count = n_iter batches.
+                 "job": job.id if job else "", "job_count": job.images if job else 0,
+                 "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.images_done if job else 0,
                  "sampling_step": job.steps_done if job else 0, "sampling_steps": job.total_steps if job else 0}
         return {"progress": job.progress if job else 0.0, "eta_relative": job.eta_relative if job else 0.0,
                 "state": state, "current_image": None, "textinfo": None}
@@ -208,7 +211,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     @app.get("/sdapi/v1/options")
     def get_options():
         return {"sd_model_checkpoint": engine.current.title, "sd_checkpoint_hash": engine.current.hash,
-                "CLIP_stop_at_last_layers": engine.clip_skip or 1, "samples_format": "png", "sd_vae": "Automatic"}
+                "CLIP_stop_at_last_layers": engine.clip_skip or engine.current.own_clip_skip, "samples_format": "png",
+                "sd_vae": "Automatic"}
 
     @app.post("/sdapi/v1/options")
     def set_options(body: dict):
@@ -218,8 +222,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
             model = engine.find(str(body["sd_model_checkpoint"]))
             engine.load(model)
             engine.current = model
-        if clip_skip is not None:
-            engine.clip_skip = clip_skip  # for requests that do not set it in override_settings
+        # For requests that do not set it in override_settings. The current model's own value, as GET options
+        # reports it, pins nothing: a client that posts back what it read keeps each model's own.
+        if clip_skip is not None and not (engine.clip_skip is None and clip_skip == engine.current.own_clip_skip):
+            engine.clip_skip = clip_skip
         return None  # other keys are A1111 UI settings: accepted, with no effect here
 
     @app.get("/sdapi/v1/samplers")

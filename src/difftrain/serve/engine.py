@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from difftrain.errors import DifftrainError
+from difftrain.serve.jobs import release_device_memory
 from difftrain.serve.requests import Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
 
 
@@ -55,6 +56,12 @@ class ServedModel:
     @cached_property
     def title(self) -> str:
         return f"{self.name} [{self.hash}]"
+
+    @property
+    def own_clip_skip(self) -> int:
+        """The clip skip the model was trained with (its manifest), what its requests use unless one is set."""
+        manifest = self.located.manifest
+        return (manifest.conditioning.get("clip_skip") if manifest is not None else None) or 1
 
 
 @dataclass
@@ -88,7 +95,7 @@ class Engine:
 
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
                  precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
-                 embeddings_dir: str | None = None):
+                 embeddings_dir: str | None = None, models_in_memory: int = 1):
         from difftrain.generate.loader import locate
         from difftrain.generate.text2image import _dtype, resolve_device
 
@@ -114,6 +121,10 @@ class Engine:
         self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
         self._loading = threading.Lock()  # a model switch (a handler) and the worker never load one twice
+        # Loaded models, least recently used first: beyond `models_in_memory` (A1111's sd_checkpoints_limit,
+        # also 1 by default) the oldest is let go, so clients switching models cannot fill the device.
+        self.models_in_memory = models_in_memory
+        self._loaded: OrderedDict[str, ServedModel] = OrderedDict()
         # Text-encoder outputs by (model, prompt, negative, clip skip, active LoRAs): seed 001's
         # "pre-compute common prompts"; a bot that repeats its prompt skips the text encoder.
         self.prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -131,6 +142,10 @@ class Engine:
 
     def load(self, model: ServedModel):
         with self._loading:
+            self._loaded.pop(model.title, None)
+            self._loaded[model.title] = model
+            while len(self._loaded) > max(self.models_in_memory, 1):
+                self._unload(self._loaded.popitem(last=False)[1])
             if model.pipe is None:
                 from difftrain.generate.loader import build_pipeline, loading_bar
 
@@ -145,6 +160,13 @@ class Engine:
                 self._load_embeddings(model, pipe)
                 model.pipe = pipe
         return model.pipe
+
+    def _unload(self, model: ServedModel) -> None:
+        """Let a model go (a job drawing with it keeps its own reference until it ends); loaded again when asked."""
+        model.pipe, model.loras, model.embeddings = None, {}, {"loaded": {}, "skipped": {}}
+        for key in [key for key in self.nets if key[0] == model.title]:
+            del self.nets[key]
+        release_device_memory()
 
     def _load_embeddings(self, model: ServedModel, pipe) -> None:
         """Every `.safetensors` embedding of the embeddings folder that fits this model's text encoder,

@@ -67,6 +67,11 @@ class Job:
         return (self.steps_per_image or self._planned) * self.images
 
     @property
+    def images_done(self) -> int:
+        """Batches (n_iter) drawn whole so far."""
+        return min(self.images, self.steps_done // max(self.steps_per_image or self._planned, 1))
+
+    @property
     def progress(self) -> float:
         if self.state in ("done", "interrupted"):
             return 1.0
@@ -160,7 +165,7 @@ class JobQueue:
                 # Kept without its traceback: the frames would hold the failed step's tensors (after an
                 # out-of-memory error, the very memory the next job needs) for as long as the job is kept.
                 job.failure, state = reason.with_traceback(None), "failed"
-                _release_device_memory()
+                release_device_memory()
             with self._lock:
                 self.current = None
                 self._finish(job, state)
@@ -191,7 +196,8 @@ class JobQueue:
             del self._jobs[key]
 
 
-def _release_device_memory() -> None:
+def release_device_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back, after a failure or a model let go."""
     import torch
 
     if torch.cuda.is_available():

@@ -247,3 +247,28 @@ def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd
             api.txt2img(prompt="a cat <lora:style:1>", width=64, height=64, alwayson_scripts={})
     finally:
         running.stop()
+
+
+def test_fp16_conversion_of_a_graph_with_external_weights_leaves_no_fp32_file(tmp_path, monkeypatch):
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from difftrain.export import onnx as export_onnx
+
+    weight = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)  # 256 KB in fp32
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "model.onnx"
+    # As SD 1.5's UNet: past the limit in fp32 (3.4 GB), under it in fp16 (1.7 GB).
+    monkeypatch.setattr(export_onnx, "EXTERNAL_FROM", 200_000)
+    export_onnx._save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert (tmp_path / "model.onnx_data").stat().st_size == weight.nbytes
+    export_onnx._to_fp16(path)
+    assert not (tmp_path / "model.onnx_data").exists()
+    assert onnx.load(str(path)).graph.initializer[0].data_type == TensorProto.FLOAT16
+    x = np.ones((1, 256), np.float32)
+    y = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ weight).max() < 0.05 * np.abs(x @ weight).max()

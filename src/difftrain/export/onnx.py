@@ -277,7 +277,12 @@ def _to_fp16(path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    # Given the path, it infers shapes with infer_shapes_path: infer_shapes on a loaded model serialises it whole,
+    # past protobuf's 2 GB for SD 1.5's fp32 UNet (3.4 GB).
+    model = convert_float_to_float16(str(path), keep_io_types=True)
+    # The fp32 weights file goes: loaded into `model` now, and the fp16 UNet (1.7 GB) is saved inline, which
+    # would leave it behind; a model still past 2 GB would be appended to it.
+    (path.parent / "model.onnx_data").unlink(missing_ok=True)
     _save(model, path)
 
 
@@ -351,12 +356,15 @@ def _calibration_feeds(drawer) -> list[dict]:
     return feeds
 
 
+EXTERNAL_FROM = 2**31 - 2**24  # weights bytes from which a graph keeps them in model.onnx_data (protobuf's 2 GB)
+
+
 def _save(model, path: Path) -> None:
     import onnx
 
     # Summed from the tensors: protobuf 7 cannot even measure a message past 2 GB (ByteSize raises
     # EncodeError), and SD 1.5's fp32 UNet, loaded with its weights, is 3.4 GB.
-    big = sum(len(tensor.raw_data) for tensor in model.graph.initializer) >= 2**31 - 2**24
+    big = sum(len(tensor.raw_data) for tensor in model.graph.initializer) >= EXTERNAL_FROM
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location="model.onnx_data" if big else None)
 

@@ -12,6 +12,7 @@ from PIL import Image
 from test_text2image import sd_config, tiny_sd  # noqa: F401
 
 from difftrain.cli import main
+from difftrain.generate.loader import ModelNotFound
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -89,6 +90,10 @@ def test_every_model_a_run_writes_explains_itself_and_loads_anywhere(tiny_sd, sh
     assert pipe.manifest.kind == kind and pipe.scheduler.config.prediction_type == "v_prediction"
     if kind == "stable-diffusion":  # and diffusers itself is not disturbed by the manifest
         assert StableDiffusionPipeline.from_pretrained(moved).unet is not None
+    # The EMA folder asked for raw weights says where they are rather than drawing the EMA ones.
+    with pytest.raises(ModelNotFound, match=r"holds a run's EMA weights; for its raw ones \(--no-ema\) give "
+                                            r".*run/model-no-ema"):
+        load_pipeline(tmp_path / "run" / "model", use_ema=False)
 
 
 def test_load_pipeline_takes_a_plain_diffusers_folder_and_a_single_file(tiny_sd, tmp_path):  # noqa: F811

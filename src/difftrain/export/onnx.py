@@ -82,8 +82,8 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     options.check()
     onnxruntime()  # refuse early, with the extra to install, not after a minute of exporting
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists{' and is not empty' if out.is_dir() else ' as a file'}; choose a new folder")
     with loading_bar(progress):
         pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
     if pipe.manifest.kind == "unconditional":

@@ -126,7 +126,14 @@ def locate(source: str | Path, use_ema: bool = True) -> Located:
     if is_run_folder(path):
         return Located(source, *_locate_in_run(path, use_ema), use_ema)
     if path.is_dir():
-        return Located(source, path, read_manifest(path) or _plain_folder_manifest(path), path.name, use_ema)
+        manifest = read_manifest(path)
+        if not use_ema and manifest is not None and manifest.weights == "ema" and not (path / "state.json").is_file():
+            # A run's model/ folder holds its EMA weights only (a checkpoint holds both): silently drawing them
+            # would answer another question.
+            raw = path.parent / "model-no-ema"
+            where = f"{raw}" if raw.is_dir() else "the run folder"
+            raise ModelNotFound(f"{source} holds a run's EMA weights; for its raw ones (--no-ema) give {where}")
+        return Located(source, path, manifest or _plain_folder_manifest(path), path.name, use_ema)
     return Located(source, None, None, path.stem if path.exists() else str(source), use_ema)
 
 

@@ -41,10 +41,14 @@ def hash_groups(hashes: list[int], max_distance: int, bits: int = 64) -> list[li
     return links.groups()
 
 
-def embedding_groups(embeddings: np.ndarray, min_cosine: float) -> list[list[int]]:
+def embedding_groups(embeddings: np.ndarray, min_cosine: float, progress: bool = False) -> list[list[int]]:
     """Records linked by unit-length embeddings with cosine >= min_cosine (transitively)."""
+    from tqdm.auto import tqdm
+
     links = _Links(len(embeddings))
-    for start in range(0, len(embeddings), _BLOCK):
+    # Quadratic: a million embeddings take about an hour on a CPU, so the bar counts blocks of rows.
+    for start in tqdm(range(0, len(embeddings), _BLOCK), desc="similar images", unit="block",
+                      disable=not progress or len(embeddings) <= _BLOCK, leave=False):
         block = embeddings[start:start + _BLOCK] @ embeddings[start:].T  # upper triangle of the matrix only
         rows, columns = np.nonzero(block >= min_cosine)
         for row, column in zip(rows.tolist(), columns.tolist()):

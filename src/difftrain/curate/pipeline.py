@@ -235,7 +235,7 @@ def _drop_duplicates(items: list[Item], features: "_Features", options: CurateOp
               lambda a, b: float((hashes[a] ^ hashes[b]).bit_count()))
     if "clip" in options.dedupe:
         vectors = np.stack([features.embeddings[item.index] for item in items]) if items else np.zeros((0, 1))
-        apply(dedupe.embedding_groups(vectors, options.clip_duplicate), "similar image",
+        apply(dedupe.embedding_groups(vectors, options.clip_duplicate, options.progress), "similar image",
               lambda a, b: float(vectors[a] @ vectors[b]))
 
 
@@ -375,6 +375,7 @@ class _Features:
         o = self.options
         if o.captioner:
             todo = items if o.caption_mode != "fill-missing" else [i for i in items if not i.captions]
+            bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not o.progress)
             for batch in _batches(todo, o.batch_size):
                 found = self.cache.get(self.caption_space, [i.sha256 for i in batch])
                 missing = [i for i in batch if i.sha256 not in found]
@@ -389,6 +390,8 @@ class _Features:
                 for item in batch:
                     if item.step is None:
                         item.new_captions = _combine(item.captions, found[item.sha256].decode(), o.caption_mode)
+                bar.update(len(batch))
+            bar.close()
         if o.caption_prefix:
             for item in items:
                 if item.step is None:

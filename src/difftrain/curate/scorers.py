@@ -125,5 +125,9 @@ class Captioner:
             extra = {"text": [self.prompt] * len(batch)} if self.prompt else {}
             inputs = self.processor(images=batch, return_tensors="pt", **extra).to(self.device)
             tokens = self.model.generate(**inputs, max_new_tokens=self._room(inputs), do_sample=False, num_beams=1)
+            prompt = inputs.get("input_ids")
+            if prompt is not None and tokens.shape[1] > prompt.shape[1] and torch.equal(
+                    tokens[:, :prompt.shape[1]], prompt.to(tokens.device)):
+                tokens = tokens[:, prompt.shape[1]:]  # a decoder-only model (LLaVA, Qwen2-VL) repeats its prompt first
             captions += [" ".join(text.split()) for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
         return captions

@@ -421,3 +421,28 @@ def test_an_image_cut_short_after_its_header_is_dropped_without_any_model(tmp_pa
     report = json.loads((tmp_path / "out-report" / "report.json").read_text())
     assert report["counts"]["kept"] == 1 and report["counts"]["dropped"] == {"read": 1}
     assert "truncated" in report["dropped"][0]["reason"]
+
+
+def test_a_record_that_breaks_before_it_is_written_is_counted_not_written(messy, tmp_path):
+    from difftrain.curate.items import CurateOptions
+    from difftrain.curate.pipeline import curate
+    from difftrain.curate.report import counts
+    from difftrain.data.records import BadRecord
+    from difftrain.data.sources import open_source
+
+    source = open_source("folder", messy, progress=False)
+    reads = {}
+    plain_read = source.read
+
+    def read(index):  # record 0 reads once (measured), then its file is gone (the write)
+        reads[index] = reads.get(index, 0) + 1
+        if index == 0 and reads[index] > 1:
+            raise BadRecord("000000.png: deleted while curating")
+        return plain_read(index)
+
+    source.read = read
+    result = curate(source, tmp_path / "out", CurateOptions(cache_dir=tmp_path / "cache", progress=False))
+    summary = counts(result.items)
+    written = [path for path in (tmp_path / "out").iterdir() if path.suffix in (".png", ".jpg")]
+    assert summary["dropped"]["read"] == 2 and summary["kept"] == len(written)  # the broken file and this one
+    assert not (tmp_path / "out" / "000000.png").exists()

@@ -434,7 +434,11 @@ class _CuratedSource(RecordSource):
 
     def read(self, index: int) -> RawRecord:
         item = self._kept[index]
-        record = self._source.read(item.index)
+        try:
+            record = self._source.read(item.index)
+        except BadRecord as reason:  # gone or changed since it was measured: the writer skips it, the counts say so
+            item.drop("read", str(reason))
+            raise
         return RawRecord(record.key, record.data, item.captions_out, record.conditioning)
 
 

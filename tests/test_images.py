@@ -206,7 +206,8 @@ def test_an_embedded_colour_profile_is_applied(tmp_path, kind):
     picture.putdata(colours)
     picture = picture.resize((32, 8), Image.NEAREST)
     path = tmp_path / f"wide.{kind}"
-    picture.save(path, icc_profile=adobe_rgb_profile(), **({"quality": 100, "subsampling": 0} if kind == "jpeg" else {}))
+    quality = {"quality": 100, "subsampling": 0} if kind == "jpeg" else {}
+    picture.save(path, icc_profile=adobe_rgb_profile(), **quality)
 
     pixels = np.asarray(load_image(path), dtype=np.float64)
     for i, colour in enumerate(colours):

@@ -62,7 +62,8 @@ def _to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
         if ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
             return None
         # Perceptual, the profile's default intent and what viewers use for photos.
-        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGBA" if mode == "RGBA" else "RGB")
+        output = "RGBA" if mode == "RGBA" else "RGB"
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, output)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
 

@@ -274,7 +274,6 @@ def _external_data_in_one_file(path: Path) -> None:
 
 
 def _to_fp16(path: Path) -> None:
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # Given the path, it infers shapes with infer_shapes_path: infer_shapes on a loaded model serialises it whole,

@@ -147,7 +147,7 @@ def decode_base64(text: str, field: str) -> bytes:
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
-        # Line breaks allowed (base64.encodebytes and many tools wrap at 76 characters), nothing else that is not base64.
+        # Line breaks allowed (base64.encodebytes and many tools wrap at 76 characters), nothing else.
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "not valid base64") from None

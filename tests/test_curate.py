@@ -264,7 +264,7 @@ def test_sharded_runs_fill_the_cache_and_the_final_run_matches_one_run(messy, ti
     assert any(r["reason"].startswith("similar image of") for r in merged["dropped"])
 
 
-def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, capsys):
+def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, capsys, monkeypatch):
     cases = [
         (["--aesthetic-min", "6.5"], "--aesthetic-min needs --aesthetic"),
         (["--dedupe", "exact,fuzzy"], "--dedupe fuzzy: not a kind of duplicate"),
@@ -287,13 +287,23 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
     # Every record dropped: the report with the scores is still written; OUT is not created.
     assert (tmp_path / "out-report" / "report.json").is_file() and not (tmp_path / "out").exists()
 
-    # --force never deletes the data being curated: not the source itself, nor a folder above it.
+    # --force never deletes the data being curated: not the source itself, nor a folder above it, nor one
+    # reached through a link, nor the jsonl a source was listed in; nor the folder the command runs in.
     before = sorted(path.name for path in messy.iterdir())
-    for out in (messy, messy.parent):
-        assert main(["data", "curate", str(messy), str(out), "--force", "--no-progress",
+    (tmp_path / "linked").symlink_to(messy)
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "list.jsonl").write_text(json.dumps({"image": str(messy / "000000.png"), "caption": "x"}))
+    for source, out in [(messy, messy), (messy, messy.parent), (tmp_path / "linked", messy),
+                        (tmp_path / "list" / "list.jsonl", tmp_path / "list")]:
+        kind = ["--source", "jsonl"] if source.suffix == ".jsonl" else []
+        assert main(["data", "curate", str(source), str(out), "--force", "--no-progress", *kind,
                      "--cache-dir", str(tmp_path / "cache")]) == 2
-        assert "holds the data being curated" in capsys.readouterr().err
+        assert "holds the data being curated" in capsys.readouterr().err, (source, out)
     assert sorted(path.name for path in messy.iterdir()) == before
+    monkeypatch.chdir(tmp_path / "list")
+    assert main(["data", "curate", str(messy), ".", "--force", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "is the current folder or holds it" in capsys.readouterr().err
 
     # A run that fails after --force was given leaves OUT as it was.
     assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--force", "--min-size", "9999",
@@ -302,7 +312,7 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
     assert main(["data", "curate", str(messy), str(tmp_path / "taken"), "--force", "--no-progress",
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     assert not (tmp_path / "taken" / "x.txt").exists() and (tmp_path / "taken" / "metadata.jsonl").is_file()
-    assert not list(tmp_path.glob(".*.partial"))
+    assert not (tmp_path / "taken" / ".difftrain-partial").exists()
 
 
 def test_a_jsonl_source_with_a_caption_that_is_not_text_is_reported_not_fatal(messy, tmp_path):

@@ -152,7 +152,7 @@ def _data_curate(args: argparse.Namespace) -> int:
         **({"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}),
     )
     source = _open_source(args, progress=not args.no_progress)
-    result = curate(source, args.out, options)
+    result = curate(source, args.out, options, inputs=(args.path,))
     if result is None:  # an accelerate rank other than 0: rank 0 reports
         return 0
     summary = counts(result.items)

@@ -50,6 +50,7 @@ from difftrain.data.remote import is_url
 # Features computed from decoded pixels are kept per decode version: a decode that changes (colour profiles
 # applied) must not be served a feature of the old pixels.
 PHASH_SPACE = f"phash:{DECODE_VERSION}"
+STAGING = ".difftrain-partial"  # the output being written, inside OUT
 
 
 class _Timer:
@@ -61,8 +62,10 @@ class _Timer:
         self.timings[step] = (total + seconds, counted + count)
 
 
-def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> CurateResult | None:
-    """Curate `source` into `out`; None on an `accelerate launch` rank other than 0 (rank 0 writes)."""
+def curate(source: RecordSource, out: str | Path, options: CurateOptions,
+           inputs: tuple[str | Path, ...] = ()) -> CurateResult | None:
+    """Curate `source` into `out`; None on an `accelerate launch` rank other than 0 (rank 0 writes).
+    `inputs`: files the source was opened from (a jsonl list), which OUT must not hold either."""
     options.check()
     if options.shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
@@ -70,14 +73,14 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions) -> Cur
         # cpu=True makes accelerate join a launched world over gloo; otherwise, with no GPU, each
         # rank would run alone and all of them would write the output
         state = PartialState(cpu=options.device == "cpu")
-        curate(source, out, replace(options, shard=(state.process_index, state.num_processes)))
+        curate(source, out, replace(options, shard=(state.process_index, state.num_processes)), inputs)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     final = options.shard is None
     if final:
-        _check_output(out, options.force, source)
+        _check_output(out, options.force, [path for _, path, _ in source.stored_files()] + [str(p) for p in inputs])
     timer, cache = _Timer(), FeatureCache(options.cache_dir)
     try:
         features = _Features(source, cache, options, timer)
@@ -116,30 +119,28 @@ def _report_dir(out: Path, options: CurateOptions) -> Path:
     return Path(options.report_dir) if options.report_dir else out.with_name(out.name + "-report")
 
 
-def _check_output(out: Path, force: bool, source: RecordSource) -> None:
-    """Refuse, before any work, an OUT that is in use: not empty without --force, or holding the data being
-    curated (--force would replace it with the output)."""
+def _check_output(out: Path, force: bool, inputs: list[str]) -> None:
+    """Refuse, before any work, an OUT that is in use: the current folder or one above it, not empty without
+    --force, or holding the data being curated (--force would replace it with the output)."""
+    here = os.getcwd()
+    if here == str(out) or here.startswith(str(out).rstrip(os.sep) + os.sep):
+        raise CurateError(f"{out} is the current folder or holds it; give OUT as a folder of its own")
     if not (out.exists() or out.is_symlink()):
         return
-    if out.is_dir() and not any(out.iterdir()):
+    if not out.is_dir():
+        raise CurateError(f"{out} is a file; give OUT as a folder")
+    if not any(entry.name != STAGING for entry in out.iterdir()):  # empty, or what a failed run left
         return
     if not force:
         raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
-    held = [os.path.realpath(out), os.path.abspath(out)]
-    for _, path, _ in source.stored_files():
-        if not is_url(path) and any(os.path.abspath(path) == root or os.path.abspath(path).startswith(root + os.sep)
-                                    for root in held):
-            raise CurateError(f"{out} holds the data being curated ({path}); --force would delete it. Give another "
-                              "folder for the output")
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Put the finished output in OUT's place; what OUT held (allowed by --force) goes only now."""
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
-    os.replace(staging, out)
+    roots = {str(out), os.path.realpath(out)}
+    for path in inputs:
+        if is_url(path):
+            continue
+        for form in {os.path.abspath(path), os.path.realpath(path)}:  # a source reached through a link too
+            if any(form == root or form.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+                raise CurateError(f"{out} holds the data being curated ({path}); --force would delete it. Give "
+                                  "another folder for the output")
 
 
 def _read(source: RecordSource, indices: range, features: "_Features") -> list[Item]:
@@ -443,21 +444,29 @@ class _CuratedSource(RecordSource):
 
 
 def _write_output(source: RecordSource, kept: list[Item], out: Path, options: CurateOptions, timer: _Timer) -> Path:
+    """Write into a hidden folder inside OUT, then swap it in: a run that fails leaves OUT as it was, and
+    only OUT need be writable (a mounted volume, a folder in a read-only parent)."""
     from difftrain.data.shards import build_shards, export_folder
 
     started = time.perf_counter()
     curated = _CuratedSource(source, kept)
-    # Written beside OUT and moved in whole: a run that fails half-way leaves OUT as it was.
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         if options.format == "folder":
             written = export_folder(curated, staging, progress=options.progress)
         else:
             written = build_shards(curated, staging, options.format, options.per_shard, progress=options.progress)
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(out if created else staging, ignore_errors=True)
+        raise
+    for old in out.iterdir():  # what --force replaces goes only now
+        if old.name != STAGING:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    for new in staging.iterdir():
+        os.replace(new, out / new.name)
+    staging.rmdir()
     timer.add("write", time.perf_counter() - started, len(kept))
     return out / written.relative_to(staging)

@@ -198,10 +198,20 @@ def test_interrupt_progress_and_the_job_api(server):
             break
         time.sleep(0.05)
     assert 0 < state["progress"] < 1 and (state["state"]["job_no"], state["state"]["job_count"]) == (0, 3)
+    # A model switch waits for the job in progress: it never lets go of the model a job is drawing with.
+    titles = api.util_get_model_names()
+    other = next(title for title in titles if title.startswith("other"))
+    switch = threading.Thread(target=lambda: api.util_set_model(other))
+    switch.start()
+    time.sleep(0.5)
+    assert switch.is_alive()
     api.interrupt()
     worker.join(timeout=60)
+    switch.join(timeout=60)
     long = results["long"]
     assert len(long.images) == 1 and long.info["interrupted"] is True  # the image in progress, no more
+    assert "Model: sd" in long.images[0].info["parameters"] and api.util_get_current_model() == other
+    api.util_set_model(next(title for title in titles if title.startswith("sd")))
 
     url = server.url
     job = requests.post(f"{url}/v1/jobs", json={"type": "txt2img", "request": {

@@ -263,7 +263,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     @app.get("/sdapi/v1/embeddings")
     def embeddings():
         model = engine.current
-        engine.load(model)  # embeddings are loaded with their model
+        if model.pipe is None:
+            engine.load(model)  # embeddings are loaded with their model
         return model.embeddings
 
     @app.get("/sdapi/v1/cmd-flags")

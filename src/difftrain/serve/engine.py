@@ -120,7 +120,10 @@ class Engine:
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
         self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
-        self._loading = threading.Lock()  # a model switch (a handler) and the worker never load one twice
+        # Held while a job draws and while a model loads: a switch from a handler (POST options) waits for the job
+        # in progress, as in A1111, so it never lets go of, or loads beside, a model a job is using. Re-entrant:
+        # the worker loads its job's model while holding it.
+        self._busy = threading.RLock()
         # Loaded models, least recently used first: beyond `models_in_memory` (A1111's sd_checkpoints_limit,
         # also 1 by default) the oldest is let go, so clients switching models cannot fill the device.
         self.models_in_memory = models_in_memory
@@ -141,16 +144,20 @@ class Engine:
                                                   f"{', '.join(self.models)}", status=404)
 
     def load(self, model: ServedModel):
-        with self._loading:
+        with self._busy:
             self._loaded.pop(model.title, None)
             self._loaded[model.title] = model
             while len(self._loaded) > max(self.models_in_memory, 1):
-                self._unload(self._loaded.popitem(last=False)[1])
+                self._unload(self._loaded.popitem(last=False)[1])  # before the new one: one model's memory at a time
             if model.pipe is None:
                 from difftrain.generate.loader import build_pipeline, loading_bar
 
-                with loading_bar(False):  # a server's log is no terminal
-                    pipe = build_pipeline(model.located, dtype=self.dtype)
+                try:
+                    with loading_bar(False):  # a server's log is no terminal
+                        pipe = build_pipeline(model.located, dtype=self.dtype)
+                except BaseException:
+                    self._loaded.pop(model.title, None)
+                    raise
                 pipe.to(self.device)
                 pipe.set_progress_bar_config(disable=True)
                 # build_pipeline names a model's own LoRAs lora0, lora1, ... in manifest order.
@@ -247,13 +254,16 @@ class Engine:
         `on_step(pipe)` runs after every sampling step; it may set `pipe._interrupt` (ends the
         image in progress) and `pipe._difftrain_stop` (no further batch), see jobs.py.
         """
+        with self._busy:
+            return self._draw(request, on_step, prepared or self.precheck(request))
+
+    def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import Controls, GenerateOptions, encode_prompts, infotext_params, \
             sampling_runner
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
-        prepared = prepared or self.precheck(request)
         model, scheduler_name = prepared.model, prepared.scheduler
         pipe = self.load(model)
         try:

@@ -219,6 +219,12 @@ def test_an_embedded_colour_profile_is_applied(tmp_path, kind):
     # An sRGB profile, a damaged one, and one that does not fit the image leave the pixels as stored.
     from PIL import ImageCms
 
+    # One colour marked transparent (PNG's tRNS) is still white under a profile.
+    keyed = Image.new("RGB", (4, 4), (0, 0, 0))
+    keyed.putpixel((0, 0), (200, 50, 50))
+    keyed.save(tmp_path / "keyed.png", icc_profile=adobe_rgb_profile(), transparency=(0, 0, 0))
+    assert (np.asarray(load_image(tmp_path / "keyed.png"))[1:, 1:] == 255).all()
+
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     for profile, image in [(srgb, picture), (b"not a profile", picture), (adobe_rgb_profile(), picture.convert("L"))]:
         image.save(tmp_path / "stored.png", icc_profile=profile)

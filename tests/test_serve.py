@@ -316,6 +316,11 @@ def test_png_info_reads_the_file_as_sent_and_wrapped_base64(server):
     answer = requests.post(f"{server.url}/sdapi/v1/png-info", json={"image": base64.encodebytes(sent).decode()})
     assert answer.status_code == 200 and answer.json()["info"] == text  # line-wrapped base64, an RGBA PNG
     assert answer.json()["parameters"]["Seed"] == "7"
+    large = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(large, "PNG")  # 20 MP: its text is read only by decoding it
+    refused = requests.post(f"{server.url}/sdapi/v1/png-info",
+                            json={"image": base64.b64encode(large.getvalue()).decode()})
+    assert refused.status_code == 422 and "5000x4000 pixels" in refused.json()["detail"]
     # The last seeds A1111 takes, and its default sampler.
     Txt2ImgRequest(seed=2**32 - 1).check(Limits())
     Txt2ImgRequest(seed=2**32 - 4, batch_size=2, n_iter=2).check(Limits())

@@ -135,7 +135,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 def metadata_files(root: Path) -> list[Path]:
     """Every metadata file under `root`, sorted; a folder with both kinds is refused, as datasets' imagefolder does."""
-    found = sorted(path for name in METADATA_FILES for path in root.rglob(name) if not _hidden(path.relative_to(root)))
+    found = sorted(path for path in root.rglob("metadata.*")
+                   if path.name in METADATA_FILES and not _hidden(path.relative_to(root)))
     folders = [path.parent for path in found]
     both = sorted({folder for folder in folders if folders.count(folder) > 1})
     if both:
@@ -166,16 +167,17 @@ def path_resolver() -> Callable[[Path], Path]:
     return resolve
 
 
-def read_metadata(root: Path, skipped: list[tuple[str, str]], conditioning_column: str | None = None,
+def read_metadata(root: Path, files: list[Path], skipped: list[tuple[str, str]], conditioning_column: str | None = None,
                   resolve: Callable[[Path], Path] = Path.resolve) -> dict[Path, MetadataEntry]:
-    """Every metadata.jsonl and metadata.csv under `root`: image path -> its entry. The one reader of these files.
+    """Every metadata.jsonl and metadata.csv (`files`, under `root`): image path -> its entry. The one reader of
+    these files.
 
     A conditioning column's value is kept as stored, with the folder it is relative to.
 
     A second line for the same `file_name` is reported and ignored: the first one is kept.
     """
     entries: dict[Path, MetadataEntry] = {}
-    for meta in metadata_files(root):
+    for meta in files:
         label = str(meta.relative_to(root))
         with open(meta, "rb") as file:
             rows = (csv_entries(file.read(), label, skipped) if meta.suffix == ".csv"
@@ -212,10 +214,10 @@ def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -
         return None
 
 
-def _choose_caption_source(mode: str, root: Path, images: list[Path], extension: str) -> str:
+def _choose_caption_source(mode: str, metadata: list[Path], images: list[Path], extension: str) -> str:
     if mode != "auto":
         return mode
-    if metadata_files(root):
+    if metadata:
         return "metadata"
     if any(image.with_suffix(extension).is_file() for image in images):
         return "txt"
@@ -281,16 +283,17 @@ def scan_folder(
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                     and not _hidden(p.relative_to(root)))
-    source = _choose_caption_source(captions, root, images, caption_extension)
+    files = metadata_files(root)
+    source = _choose_caption_source(captions, files, images, caption_extension)
     skipped: list[tuple[str, str]] = []
     column = conditioning.column if conditioning and conditioning.folder is None else None
-    wants_metadata = source == "metadata" or (column and metadata_files(root))
+    wants_metadata = source == "metadata" or (column and files)
     resolve = path_resolver()
-    metadata = read_metadata(root, skipped, column, resolve) if wants_metadata else {}
+    metadata = read_metadata(root, files, skipped, column, resolve) if wants_metadata else {}
     if source == "metadata" and not metadata:
         why = f": {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(f"no usable metadata.jsonl or metadata.csv entries under {root}{why}")
-    if conditioning and column and not any(entry.conditioning is not None for entry in metadata.values()):
+    if conditioning and column and not any(entry.conditioning not in (None, "") for entry in metadata.values()):
         conditioning = None  # no file names one: conditioning images are computed from the images
     if conditioning:
         # Conditioning files are the records' second images, not records of their own, unless an

@@ -189,4 +189,7 @@ def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
         # struct.error on a damaged one (past every except above: a whole scan or run stopped on one photo).
         orientation = _orientation(image)
         upright = image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
+        if "transparency" in image.info and upright.mode in ("P", "RGB", "L"):
+            # One colour marked transparent: as alpha before the colour transform, which keeps no such mark.
+            upright = upright.convert("RGBA")
         return _to_rgb(_in_srgb(upright, image.info.get("icc_profile"))).copy()

@@ -119,6 +119,7 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
     from safetensors import safe_open
 
     from difftrain.atomic import write_safetensors
+    from difftrain.data.images import DECODE_VERSION
     from difftrain.data.sources import BadRecord
 
     digests = []
@@ -128,7 +129,8 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
         except BadRecord:  # unreadable: images() skips and reports it
             digests.append("unreadable")
     key = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION, "images": digests, "weights": extractor.info["weights"]["sha256"],
+        "version": CACHE_VERSION, "decode": DECODE_VERSION, "images": digests,
+        "weights": extractor.info["weights"]["sha256"],
         "rule": RESIZE_RULE.format(size=size),
     }).encode()).hexdigest()
     cache = Path(cache_dir or default_cache_dir()) / f"reference-{key[:32]}.safetensors"

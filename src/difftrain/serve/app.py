@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
-from difftrain.serve.requests import Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, \
-    decode_base64
+from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, \
+    check_clip_skip, decode_base64
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -290,9 +290,16 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict):
+        from difftrain.data.images import BadImage, image_size_from_bytes
         from difftrain.generate.infotext import PARAMETERS_KEY, InfotextError, parse_infotext, read_png_infotext
 
         data = decode_base64(str(body.get("image", "")), "image")
+        try:
+            width, height = image_size_from_bytes(data)
+        except BadImage:
+            width = height = 0  # not an image PIL knows: no infotext, below
+        if width * height > REQUEST_MAX_PIXELS:  # reading its text decodes it
+            raise RequestError("image", f"{width}x{height} pixels: this server reads at most {REQUEST_MAX_PIXELS:,}")
         try:  # read from the file as sent: decoding to RGB would drop its text (an RGBA or colour-managed PNG)
             text = read_png_infotext(io.BytesIO(data), "image")
         except InfotextError:

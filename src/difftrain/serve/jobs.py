@@ -164,6 +164,7 @@ class JobQueue:
                 log.exception("job %s failed", job.id)
                 # Kept without its traceback: the frames would hold the failed step's tensors (after an
                 # out-of-memory error, the very memory the next job needs) for as long as the job is kept.
+                reason.__context__ = reason.__cause__ = None  # (their tracebacks would hold the frames too)
                 job.failure, state = reason.with_traceback(None), "failed"
                 release_device_memory()
             with self._lock:

@@ -27,6 +27,7 @@ from difftrain.data.augment import Augment, plan_view, render
 from difftrain.data.cache import CacheEncoders, TensorCache, content_key
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
+from difftrain.data.packed import PackedLists
 from difftrain.data.sampler import ResumableBatches
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
@@ -68,7 +69,7 @@ class ImageDataset(Dataset):
         self.hashes: np.ndarray | None = None  # per record: sha256 of its image bytes
         self.condition_cache: TensorCache | None = None
         self.condition_hashes: np.ndarray | None = None  # per record: Conditions.digest
-        self.captions: list[tuple[str, ...]] | None = None  # per record, when latents are cached
+        self.captions: PackedLists | None = None  # per record, when latents are cached
 
     def __len__(self) -> int:
         return len(self.source)
@@ -263,7 +264,7 @@ class ImageDataset(Dataset):
             flush_images(size, force=True)
         flush_texts(force=True)
         if latents:
-            self.captions = captions
+            self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
         return counts
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, check_size, image_size_from_file
+from difftrain.data.packed import PackedLists, PackedStrings
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
 from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, describe_records, ShardEntry,
                                     caption_list)
@@ -112,13 +113,14 @@ class FileSource(RecordSource):
     def __init__(self, description: str, keys: list[str], paths: list[str], captions: list[list[str]],
                  sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None):
         self.description = description
-        self._conditioning = conditioning
         self.has_conditioning = conditioning is not None
         self.skipped = skipped
         self.shard_sizes = None
         self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
         self.uncaptioned = sum(not c for c in captions)
-        self._keys, self._paths, self._captions = keys, paths, captions
+        # Packed: each DataLoader worker shares them instead of copying them as it reads (packed.py).
+        self._keys, self._paths, self._captions = PackedStrings(keys), PackedStrings(paths), PackedLists(captions)
+        self._conditioning = None if conditioning is None else PackedStrings(conditioning)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -136,7 +138,7 @@ class FileSource(RecordSource):
             except OSError as exc:
                 raise BadRecord(f"{self._keys[index]}: cannot read its conditioning image "
                                 f"{self._conditioning[index]}: {exc.strerror}") from None
-        return RawRecord(self._keys[index], data, list(self._captions[index]), condition)
+        return RawRecord(self._keys[index], data, self._captions[index], condition)
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         files = list(zip(self._keys, self._paths, self._captions))

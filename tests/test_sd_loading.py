@@ -234,3 +234,46 @@ def test_single_file_and_config_of_different_models(tiny, tiny_file, tmp_path):
     with pytest.raises(ModelLoadError, match=r"unet: .*tiny\.safetensors is another architecture than .*other/unet: "
                        r"\S+attn2\.to_k\.weight is torch\.Size\(\[32, 32\]\) in the file but the config expects"):
         load_sd(str(tiny_file), config=str(other), load={"unet"})
+
+
+def hub_cache(root, repo: str, folder) -> None:
+    """`folder` as huggingface_hub's cache holds a downloaded repo: models--owner--name/snapshots/<commit>/, with
+    refs/main naming the commit (what an earlier `huggingface-cli download` leaves on a machine now offline)."""
+    entry = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_offline_from_the_hf_cache_and_are_checked_by_kind(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    hub_cache(cache, "someone/tiny-sd", tiny)
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny, xl)
+    index = json.loads((xl / "model_index.json").read_text()) | {
+        "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (xl / "model_index.json").write_text(json.dumps(index))
+    hub_cache(cache, "someone/tiny-xl", xl)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    from_hub, from_folder = load_sd("someone/tiny-sd"), load_sd(str(tiny))
+    assert equal(from_hub.unet, from_folder.unet.state_dict()) and equal(from_hub.vae, from_folder.vae.state_dict())
+    assert equal(load_sd(str(tiny), vae="someone/tiny-sd").vae, from_folder.vae.state_dict())  # a part by hub id
+    with pytest.raises(ModelLoadError, match=r"someone/tiny-xl: a StableDiffusionXLPipeline; difftrain trains"):
+        load_sd("someone/tiny-xl")
+    # What users run: `difftrain generate owner/name` draws what the same folder on disk draws.
+    import numpy as np
+    from PIL import Image
+
+    from difftrain.cli import main
+
+    drawn = {}
+    for name, model in (("hub", "someone/tiny-sd"), ("folder", str(tiny))):
+        assert main(["generate", model, "--prompt", "a red circle", "--steps", "2", "--width", "64", "--height", "64",
+                     "--seed", "3", "--out", str(tmp_path / name), "--no-progress"]) == 0
+        drawn[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))))
+    assert np.array_equal(drawn["hub"], drawn["folder"])

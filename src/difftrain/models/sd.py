@@ -317,10 +317,30 @@ def _transformers_class(where: _Where, kind: str, revision: str | None):
     import transformers
 
     if kind == "tokenizer":
-        return transformers.AutoTokenizer
+        # The class its tokenizer_config.json names (CLIPTokenizer for every SD), not AutoTokenizer: offline,
+        # AutoTokenizer also asks for tokenizer/config.json, which SD repos lack, and a cache filled by
+        # `huggingface-cli download` cannot say it is missing, so loading failed on a machine with the model.
+        return getattr(transformers, _tokenizer_class(where, revision) or "", transformers.AutoTokenizer)
     config = transformers.AutoConfig.from_pretrained(where.path, subfolder=where.subfolder or "", revision=revision)
     arch = (config.architectures or [None])[0]
     return getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
+
+
+def _tokenizer_class(where: _Where, revision: str | None) -> str | None:
+    """`tokenizer_class` of the tokenizer's tokenizer_config.json (a local folder's, or a hub repo's through the
+    HF cache or a download); None when it cannot be read."""
+    filename = f"{where.subfolder}/tokenizer_config.json" if where.subfolder else "tokenizer_config.json"
+    try:
+        if where.kind == "hub":
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(where.path, filename, revision=revision)
+        else:
+            path = Path(where.path) / filename
+        found = json.loads(Path(path).read_text()).get("tokenizer_class")
+    except Exception:  # noqa: BLE001 - any failure leaves the choice to AutoTokenizer, which then says what is wrong
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _from_pretrained(name: str, where: _Where, dtype, revision, variant) -> Any:

@@ -229,3 +229,15 @@ def test_an_embedded_colour_profile_is_applied(tmp_path, kind):
     for profile, image in [(srgb, picture), (b"not a profile", picture), (adobe_rgb_profile(), picture.convert("L"))]:
         image.save(tmp_path / "stored.png", icc_profile=profile)
         assert np.array_equal(np.asarray(load_image(tmp_path / "stored.png")), np.asarray(image.convert("RGB")))
+
+
+def test_a_pixel_limit_above_pils_own_is_the_one_that_counts(tmp_path, monkeypatch):
+    from difftrain.data.sources import open_source
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # PIL's ~89M, scaled down: it refuses past 2,000 pixels
+    Image.new("RGB", (100, 50), (10, 200, 30)).save(tmp_path / "wide.png")
+    source = open_source("folder", tmp_path, max_pixels=6_000, progress=False)  # the user allows 6,000
+    assert len(source) == 1 and source.skipped == []
+    assert load_image(tmp_path / "wide.png", max_pixels=6_000).size == (100, 50)
+    with pytest.raises(BadImage, match="exceeds data.max_image_pixels=4000"):
+        load_image(tmp_path / "wide.png", max_pixels=4_000)  # ours still decides

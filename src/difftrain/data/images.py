@@ -78,6 +78,15 @@ def _in_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
         return image
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Let PIL open images up to `max_pixels` (data.max_image_pixels above its default): PIL refuses any image past
+    twice its own limit (~179M pixels) before our check runs, so a larger limit set by the user did nothing. The
+    limit only ever grows, process-wide; our own check (check_size) still applies everywhere."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and max_pixels > 2 * limit:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+
+
 def check_size(width: int, height: int, max_pixels: int) -> None:
     """Raise BadImage for a size no training image should have; the header alone tells."""
     if width < 1 or height < 1:

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
-from difftrain.data.images import BadImage, check_size, image_size_from_file
+from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
 from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, describe_records, ShardEntry,
@@ -78,6 +78,7 @@ def open_source(
     """
     if kind not in KINDS:
         raise DatasetError(f"data.source = {kind!r} is not a source kind; choose one of {', '.join(KINDS)}")
+    allow_pixels(max_pixels)
     if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
         raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
     if kind == "folder":

@@ -97,6 +97,7 @@ def test_lpips_is_a_distance_and_loads_the_reference_layouts(networks):
     assert pairwise_diversity(network, [base, base, base]) == 0
     assert pairwise_diversity(network, [base, other]) == pytest.approx(d[2].item(), rel=1e-5)
     assert pairwise_diversity(network, [base]) is None
+    assert pairwise_diversity(network, [base, other.resize((48, 40))]) > 0  # sizes differ: compared at the first's
     # The key names are torchvision's AlexNet (features.N) and lpips' heads (linK.model.1): those files load as they are.
     assert {k for k in LPIPS().state_dict() if k.startswith("lin")} == {f"lin{i}.model.1.weight" for i in range(5)}
     with pytest.raises(EvalError, match="do not fit"):
@@ -180,6 +181,8 @@ def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files
     assert any("other than the published weights" in w and "inception.safetensors" in w for w in first["warnings"])
     assert "centre crop" in first["settings"]["resize_rule"] and first["settings"]["size"] == 32
     assert any("41 images" in w and "2048" in w for w in first["warnings"])
+    assert any("this IS is capped at 1" in w for w in first["warnings"])  # 16 images in 10 splits
+    assert any("precision/recall of 16 images against 41" in w for w in first["warnings"])
     assert "FID" in shown and "report" in shown
     report = (tmp_path / "first" / "report.html").read_text()
     assert "FID" in report and "grids/000.png" in report and (tmp_path / "first" / "grids" / "000.png").is_file()
@@ -188,6 +191,11 @@ def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files
     second = json.loads((tmp_path / "second" / "eval.json").read_text())
     assert second["reference"]["from_cache"] is True
     assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+    # A report may not go inside the folder it measures, and a report folder is not measured by its grids.
+    assert main([*argv, "--out", str(generated / "report")]) == 2
+    assert "is inside the folder being measured" in capsys.readouterr().err
+    assert main([argv[0], str(tmp_path / "first"), *argv[2:], "--out", str(tmp_path / "again")]) == 2
+    assert f"is an eval report of {generated} (it holds grids, not the images)" in capsys.readouterr().err
     # Changing one reference image's bytes makes a new cache entry.
     Image.new("RGB", (32, 32), (1, 2, 3)).save(reference / "odd-size.png")
     assert main([*argv[:-2], "--out", str(tmp_path / "third"), "--metrics", "fid"]) == 0
@@ -273,6 +281,15 @@ def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_p
     assert "unknown metric(s) sharpness" in capsys.readouterr().err
     assert main(["eval", str(model), "--metrics", "is", *_flags(networks), "--out", str(tmp_path / "y")]) == 2
     assert "needs prompts" in capsys.readouterr().err
+    assert main(["eval", str(model), "--metrics", "is", "--prompt", "a fox <lora:shapes:1>", *_flags(networks),
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "names a LoRA: evaluate the LoRA's run folder" in capsys.readouterr().err
+
+
+def test_clip_reads_a_prompt_without_its_a1111_syntax():
+    from difftrain.evaluate.scores import plain_text
+
+    assert plain_text("a (red:1.3) [fox] BREAK in the \\(snow\\) <lora:shapes:0.8>") == "a red fox in the (snow)"
 
 
 # ----------------------------------------------------------------------------- during training

@@ -108,6 +108,9 @@ def pairwise_diversity(network: LPIPS, images: list[Image.Image], batch_size: in
     """Mean LPIPS over all pairs of `images` (one prompt's images); None for fewer than two."""
     if len(images) < 2:
         return None
+    size = images[0].size
+    # One prompt's images of several sizes (a folder of earlier outputs): compared at the first one's size.
+    images = [image if image.size == size else image.resize(size, Image.BICUBIC) for image in images]
     x = to_tensor(images).to(next(network.parameters()).device)
     pairs = list(combinations(range(len(images)), 2))
     distances = []

@@ -18,6 +18,7 @@ import torch
 KID_SUBSETS, KID_SUBSET_SIZE, KID_DEGREE, KID_COEF0 = 100, 1000, 3, 1.0
 IS_SPLITS, IS_SEED = 10, 2020
 PRC_NEIGHBOURS = 3
+IS_STABLE_SPLIT = 1000  # images a split: below it IS is bounded by the split size (5,000 a split in the usual 50k/10)
 FID_STABLE_COUNT = 2048  # below this many images the 2048-d covariance is rank-deficient and FID biased upwards
 
 
@@ -88,7 +89,9 @@ def kernel_inception_distance(generated: torch.Tensor, reference: torch.Tensor, 
         mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
         for _ in range(subsets)
     ])
-    return {"mean": float(values.mean()), "std": float(values.std()), "subsets": subsets, "subset_size": size}
+    # Subsets as large as both sets are the sets themselves, reordered: their spread says nothing (0 up to rounding).
+    spread = None if size == len(x) == len(y) else float(values.std())
+    return {"mean": float(values.mean()), "std": spread, "subsets": subsets, "subset_size": size}
 
 
 def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = IS_SEED) -> dict:

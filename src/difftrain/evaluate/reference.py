@@ -76,7 +76,12 @@ class ImageRecords:
                 self.skipped.append((record.key, str(reason)))
 
 
-def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, seed: int = 0,
+# The seed of the reference's sample (--reference-max): fixed, not the generation seed, so FIDs measured with other
+# seeds (or by other runs) compare against the same images, and the reference's cached features are found again.
+REFERENCE_SEED = 0
+
+
+def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, seed: int = REFERENCE_SEED,
                  progress: bool = False, **source_options) -> ImageRecords:
     from difftrain.data.sources import open_source
 

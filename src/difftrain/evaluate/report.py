@@ -30,7 +30,7 @@ def metric_rows(values: dict) -> list[tuple[str, str, str]]:
     for name, label in NAMES.items():
         if name in values:
             text = _number(name, values[name])
-            if f"{name}_std" in values:
+            if values.get(f"{name}_std") is not None:  # (None: KID's subsets were the whole sets, no spread)
                 text += f" ± {_number(name, values[f'{name}_std'])}"
             rows.append((label, text, "lower is better" if RESULTS[name][1] == "min" else "higher is better"))
     return rows

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
+from difftrain.evaluate import metrics as m
 from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import (
     Reference,
@@ -29,6 +30,7 @@ from difftrain.evaluate.reference import (
 from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small
 from difftrain.evaluate.weights import EvalError
 from difftrain.generate.text2image import resolve_device
+from difftrain.sampling.prompts import extract_lora_tags
 
 
 @dataclass
@@ -77,9 +79,18 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     reference_records = None
     if options.reference and not _is_statistics_file(options.reference):
         reference_records = open_records(options.reference, options.reference_source, options.reference_max,
-                                          options.seed, progress=progress)
+                                          progress=progress)
     is_folder = _is_image_folder(target)
     if is_folder:
+        if (Path(target) / "eval.json").is_file():  # an earlier eval's output: its images, never its grids
+            if not (Path(target) / "images").is_dir():
+                measured = json.loads((Path(target) / "eval.json").read_text()).get("target")
+                raise EvalError(f"{target} is an eval report of {measured} (it holds grids, not the images): "
+                                "measure that instead")
+            target = str(Path(target) / "images")
+        if out.resolve() == Path(target).resolve() or Path(target).resolve() in out.resolve().parents:
+            raise EvalError(f"--out {out} is inside the folder being measured ({target}): its report and grids "
+                            "would be measured next time; give --out another folder")
         groups, generation = _read_folder(target, options, warnings, progress), {"source": str(target)}
         has_prompts = any(group.prompt for group in groups)
     else:
@@ -107,6 +118,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         if reference.features is None and any(name in wanted for name in ("kid", "prc")):
             warnings.append("the reference statistics hold mu and sigma only: KID and precision/recall need its "
                             "features (a file from --save-reference has them); FID only")
+    warnings += _count_warnings(wanted, groups, reference, options)
     if scorer.custom_weights:
         warnings.append(f"metric networks with other than the published weights ({', '.join(scorer.custom_weights)}): "
                         "the numbers compare only with numbers from these same weights")
@@ -126,6 +138,34 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
 
     write_report(out, result, groups)
     return EvalResult(values, out, summary_lines(result, out))
+
+
+def _count_warnings(wanted: list[str], groups: list[Group], reference, options: EvalOptions) -> list[str]:
+    """What the image counts make of the metrics: refused where a metric cannot be computed, said where it is
+    bounded or skewed by them."""
+    count = sum(len(group.images) for group in groups)
+    if count < 2 and any(name in wanted for name in ("fid", "kid", "prc")):
+        raise EvalError(f"{count} image(s): FID, KID and precision/recall need at least 2 (raise --num-images)")
+    warnings = []
+    per_split = count // min(m.IS_SPLITS, count)
+    if "is" in wanted and per_split < m.IS_STABLE_SPLIT:
+        warnings.append(f"Inception score from {count} images in splits of {per_split}: a split's score cannot exceed "
+                        f"its image count, so this IS is capped at {per_split} (published IS use 50,000 images)")
+    prompts = [group for group in groups if group.prompt]
+    if prompts and any(len(group.images) > 1 for group in prompts) and "fid" in wanted:
+        warnings.append(f"{count} images from {len(prompts)} prompts: FID from several images a prompt covers fewer "
+                        "prompts than the reference and reads higher than one image a prompt (COCO FID's rule); "
+                        "--images-per-prompt 1 for FID, more for LPIPS diversity")
+    features = getattr(reference, "features", None)
+    if "prc" in wanted and features is not None:
+        ratio = max(count, len(features)) / max(min(count, len(features)), 1)
+        if min(count, len(features)) <= m.PRC_NEIGHBOURS:
+            warnings.append(f"precision/recall need more than {m.PRC_NEIGHBOURS} images on each side: not computed")
+        elif ratio > 2:
+            warnings.append(f"precision/recall of {count} images against {len(features)}: k-NN radii depend on each "
+                            "set's density, so unequal sizes skew them (recall reads high for a small generated set); "
+                            "compare equal sizes (--reference-max)")
+    return warnings
 
 
 def _is_statistics_file(path: str) -> bool:
@@ -211,6 +251,10 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
 
     plan = prompt_list(options.num_images, options.images_per_prompt, options.seed, records, options.prompt,
                        options.prompts_file, warnings=warnings)
+    tagged = next((prompt for prompt in plan if extract_lora_tags(prompt)[1]), None)
+    if tagged is not None:
+        raise EvalError(f"prompt {tagged!r} names a LoRA: evaluate the LoRA's run folder (its model carries it), "
+                        "not a <lora:...> tag, which eval would read as words")
     given = {"prompt": plan[0], "negative_prompt": options.negative_prompt, "seed": options.seed,
              "use_ema": options.use_ema, "precision": options.precision, "width": options.width,
              "height": options.height, "batch_size": options.batch_size, "device": options.networks.device}
@@ -268,7 +312,7 @@ def _read_folder(target: str, options: EvalOptions, warnings: list[str], progres
     """Images already generated: each PNG's own prompt (its infotext), else its caption, else --prompt."""
     from difftrain.generate.infotext import parse_infotext
 
-    records = open_records(target, "folder", None, options.seed, progress=progress)
+    records = open_records(target, "folder", None, progress=progress)
     if records.skipped:
         warnings.append(f"{target}: {len(records.skipped)} unreadable file(s) skipped: "
                         + "; ".join(f"{k}: {r}" for k, r in records.skipped[:3]))

@@ -110,7 +110,7 @@ class Scorer:
             prompted = [group for group in groups if group.prompt]
             if prompted:
                 images = [image for group in prompted for image in group.images]
-                prompts = [group.prompt for group in prompted for _ in group.images]
+                prompts = [plain_text(group.prompt) for group in prompted for _ in group.images]
                 out["clip_score"] = float(self.clip.scores(images, prompts).mean())
         if self.lpips is not None:
             from difftrain.evaluate.lpips import pairwise_diversity
@@ -145,6 +145,15 @@ class Scorer:
             "prc": f"Kynkaanniemi et al. 2019, k = {m.PRC_NEIGHBOURS}, on the 2048-d features",
             "lpips": "mean LPIPS (AlexNet, v0.1) over all pairs of one prompt's images, averaged over prompts",
         }
+
+
+def plain_text(prompt: str) -> str:
+    """A prompt as CLIP should read it: A1111's syntax gone (`(red:1.3)` -> `red`, `[fox]` -> `fox`, BREAK and
+    `<lora:...>` tags dropped), since the text encoder would otherwise score the brackets and numbers."""
+    from difftrain.sampling.prompts import extract_lora_tags, parse_attention
+
+    text, _ = extract_lora_tags(prompt)
+    return " ".join("".join(part if weight >= 0 else " " for part, weight in parse_attention(text)).split())
 
 
 def warn_small(count: int, what: str) -> str | None:

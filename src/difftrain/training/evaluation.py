@@ -79,11 +79,11 @@ class TrainingEvaluation:
         s, data = self.settings, self.config.data
         self.scorer = Scorer(list(s.metrics), self._networks())
         if s.reference:  # real images of the user's choosing
-            records = open_records(s.reference, s.reference_source or "folder", s.reference_max, s.seed)
+            records = open_records(s.reference, s.reference_source or "folder", s.reference_max)
         else:  # the training data, read as training reads it
             from difftrain.training.run_data import hf_options
 
-            records = open_records(data.path, data.source, s.reference_max, s.seed, image_key=data.image_key,
+            records = open_records(data.path, data.source, s.reference_max, image_key=data.image_key,
                                    caption_key=data.caption_key, captions=data.captions,
                                    caption_extension=data.caption_extension, hf=hf_options(data))
         if method.takes_prompts:

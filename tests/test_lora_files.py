@@ -175,18 +175,25 @@ def test_kohya_file_through_diffusers_kohya_path(tiny_dir, trained):
     torch.testing.assert_close(prompt_embeds(pipe), trained["embeds"])
 
 
-def test_metadata_in_both_files(trained):
-    for path in (trained["diffusers"], trained["kohya"]):
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
-        assert meta["ss_sd_model_name"] == "tiny-sd" and meta["base_model"] == "tiny-sd"
-        assert meta["ss_resolution"] == "32,32"
-        assert meta["ss_max_train_steps"] == "100" and meta["ss_num_train_images"] == "12"
-        assert meta["ss_network_module"] == "networks.lora" and meta["ss_output_name"] == "tiny_style"
-    with safe_open(str(trained["kohya"]), "pt") as f:
-        # diffusers refuses a kohya file that also carries its adapter config.
-        assert "lora_adapter_metadata" not in f.metadata()
+def test_metadata_in_both_files(trained, tmp_path):
+    metas = {}
+    for kind in ("diffusers", "kohya"):
+        with safe_open(str(trained[kind]), "pt") as f:
+            metas[kind] = f.metadata()
+        assert metas[kind]["base_model"] == "tiny-sd" and metas[kind]["rank"] == "4"
+    meta = metas["kohya"]
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+    assert meta["ss_sd_model_name"] == "tiny-sd" and meta["ss_resolution"] == "32,32"
+    assert meta["ss_max_train_steps"] == "100" and meta["ss_num_train_images"] == "12"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_output_name"] == "tiny_style"
+    assert "lora_adapter_metadata" not in meta  # diffusers refuses a kohya file that also carries its adapter config
+    # kohya's fields only where kohya's keys are: a diffusers-keyed file holding them is listed as a kohya LoRA by
+    # Civitai and LoRA browsers, and A1111 and ComfyUI cannot load its keys.
+    assert not any(key.startswith(("ss_", "sshs_", "modelspec.")) for key in metas["diffusers"])
+    # Converted back to kohya's keys, the file says kohya's facts again, made from ours.
+    with safe_open(str(convert_lora(trained["diffusers"], tmp_path / "back", to="kohya")), "pt") as f:
+        back = f.metadata()
+    assert back["ss_network_dim"] == "4" and back["ss_output_name"] == "tiny_style" and len(back["sshs_model_hash"]) == 64
 
 
 def test_load_lora_state_detects_formats(trained, tiny_dir):
@@ -208,7 +215,8 @@ def test_convert_round_trips(trained, tmp_path):
     tensors, meta, _ = load_lora_state(again)
     assert tensors.keys() == original.keys()
     assert all(torch.equal(tensors[k], original[k]) and tensors[k].dtype == original[k].dtype for k in tensors)
-    assert meta == original_meta
+    dated = "modelspec.date"  # when the kohya fields were written: now, for the converted file
+    assert {k: v for k, v in meta.items() if k != dated} == {k: v for k, v in original_meta.items() if k != dated}
 
     # And our diffusers file converts to exactly our kohya file.
     direct, _, _ = load_lora_state(convert_lora(trained["diffusers"], tmp_path / "direct.safetensors", to="kohya"))
@@ -245,15 +253,27 @@ def test_patterns_and_rslora_survive_every_format(tiny_dir, tmp_path):
     converted = load_pipe(tiny_dir)
     converted.load_lora_weights(str(convert_lora(kohya_file, tmp_path / "converted", to="diffusers")))
     np.testing.assert_allclose(image(converted), want, atol=1e-6)
+    # What `difftrain generate --lora` and serve load through: the kohya file at every module's own alpha.
+    from difftrain.generate.loader import apply_adapters
+
+    ours = load_pipe(tiny_dir)
+    apply_adapters(ours, [(str(kohya_file), 1.0)], [])
+    np.testing.assert_allclose(image(ours), want, atol=1e-6)
 
 
-def test_peft_file_from_diffusers_save_lora_adapter(trained, tmp_path):
+def test_peft_file_from_diffusers_save_lora_adapter(tiny_dir, trained, tmp_path):
     trained["pipe"].unet.save_lora_adapter(tmp_path)  # peft keys, no "unet." prefix
     tensors, _, fmt = load_lora_state(tmp_path)
     assert fmt == "peft" and "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
     kohya = load_file(convert_lora(tmp_path, tmp_path / "k.safetensors", to="kohya"))
     ours = {k: v for k, v in load_file(trained["kohya"]).items() if k.startswith("lora_unet_")}
     assert kohya.keys() == ours.keys() and all(torch.equal(kohya[k], ours[k]) for k in ours)
+    # generate and serve load it too (diffusers alone looks for "unet."-prefixed keys and loads nothing).
+    from difftrain.generate.loader import apply_adapters
+
+    pipe = load_pipe(tiny_dir)
+    assert apply_adapters(pipe, [(str(tmp_path), 1.0)], []) == ["lora0"]
+    assert "lora0" in pipe.get_list_adapters()["unet"]
 
 
 def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):

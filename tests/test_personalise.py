@@ -52,6 +52,7 @@ def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd)
     # the SD version, tags, tensor hashes and the modelspec block.
     assert metadata["ss_sd_model_name"] == Path(tiny_sd).name and metadata["ss_output_name"] == "run"
     assert metadata["ss_v2"] == "False" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_v_parameterization"] == "False" and "ss_zero_terminal_snr" not in metadata
     tags = json.loads(metadata["ss_tag_frequency"])
     assert list(tags) == [Path(shapes_dir_of(lora_run)).name] and sum(next(iter(tags.values())).values()) == 24
     assert json.loads(metadata["ss_dataset_dirs"])[next(iter(tags))]["img_count"] == 24
@@ -352,6 +353,10 @@ def test_a_lora_run_generates_with_the_noise_settings_it_trained_with(tiny_sd, s
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.manifest.kind == "lora" and pipe.manifest.noise["prediction_type"] == "v_prediction"
     assert pipe.get_active_adapters() == ["lora0"]  # the run's own adapter, loaded on its base
+    with safe_open(tmp_path / "run" / "model" / "lora.safetensors", "pt") as handle:
+        metadata = handle.metadata()  # as kohya writes a v-prediction LoRA's
+    assert metadata["ss_v_parameterization"] == "True" and metadata["ss_base_model_version"] == "sd_v1_v"
+    assert metadata["modelspec.prediction_type"] == "v"
 
 
 def test_zero_terminal_snr_models_refuse_samplers_that_ignore_it():

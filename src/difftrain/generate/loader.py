@@ -263,13 +263,12 @@ def _apply_conditioning(pipe, manifest: Manifest) -> None:
 def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
     """Load LoRAs (each as its own adapter, at its weight) and embeddings; returns the adapter names."""
     from difftrain.models.embeddings import load_embedding
-    from difftrain.models.lora_files import check_lora_fits
+    from difftrain.models.lora_files import load_lora_adapter
 
     names, weights = [], []
     for index, (lora, weight) in enumerate(loras):
-        check_lora_fits(pipe, lora)  # a LoRA for another model is refused with its keys and shapes
         name = f"lora{index}"
-        pipe.load_lora_weights(lora, adapter_name=name)
+        load_lora_adapter(pipe, lora, name)
         names.append(name)
         weights.append(weight)
     if names:

@@ -325,6 +325,7 @@ class TextToImage(Method):
             "batch_size": config.training.batch_size,
             "seed": config.seed,
             "prediction_type": str(self.noise_scheduler.config.prediction_type),
+            "zero_terminal_snr": bool(config.noise.zero_terminal_snr),
         }
         if self.lora:
             facts.update(rank=self.lora.rank, alpha=self.lora.alpha or self.lora.rank)

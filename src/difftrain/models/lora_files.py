@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import math
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -386,6 +385,15 @@ def _tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
             "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
+KOHYA_ONLY = ("ss_", "sshs_", "modelspec.")  # kohya's fields: LoRA browsers take a file holding them for a kohya one
+
+
+def _plain(meta: dict[str, str]) -> dict[str, str]:
+    """The metadata a diffusers-format file keeps: ours, not kohya's, since A1111 and ComfyUI cannot load its keys
+    and Civitai and LoRA browsers would list it as a kohya LoRA."""
+    return {key: value for key, value in meta.items() if not key.startswith(KOHYA_ONLY)}
+
+
 def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str]:
     """What kohya's sd-scripts write beside the weights, which A1111's LoRA browser and Civitai read.
 
@@ -402,8 +410,12 @@ def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str
             out.setdefault("ss_sd_model_hash", legacy)
         out["ss_sd_model_name"] = out["base_model"] = Path(base).name
     v2 = out.get("sd_version") == "v2"
+    v_prediction = out.get("prediction_type") == "v_prediction"
     out.setdefault("ss_v2", str(v2))
-    out.setdefault("ss_base_model_version", "sd_v2" if v2 else "sd_v1")
+    out.setdefault("ss_base_model_version", ("sd_v2" if v2 else "sd_v1") + ("_v" if v_prediction else ""))
+    out.setdefault("ss_v_parameterization", str(v_prediction))
+    if out.get("zero_terminal_snr") == "True":
+        out.setdefault("ss_zero_terminal_snr", "True")
     conv = [m for m in modules if m.down.dim() == 4 and m.down.shape[-1] > 1]
     if conv:
         out.setdefault("ss_network_args", json.dumps({"conv_dim": str(conv[0].rank),
@@ -412,7 +424,6 @@ def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str
         if key in out:
             out.setdefault(f"ss_{key}", out[key])
     resolution = out.get("resolution", "512")
-    v_prediction = out.get("prediction_type") == "v_prediction"
     architecture = ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
     out.update({
         "modelspec.sai_model_spec": "1.0.0",
@@ -451,17 +462,18 @@ def save_lora(
         raise LoraFileError("save_lora: pass the unet and/or the text encoder that carry the LoRA adapter")
     modules = [m for part, model in parts.items() for m in _modules_from_model(part, model, adapter_name)]
     main = _derived_config([m for m in modules if m.part == next(iter(parts))])
-    info = {"rank": main["r"], "alpha": _number(main["lora_alpha"]), **(metadata or {})}
+    info = {"rank": main["r"], "alpha": _number(main["lora_alpha"]), "output_name": stem, **(metadata or {})}
     meta = kohya_metadata(training_metadata(info, stem), modules)
     tensors, adapter_json = to_diffusers(modules)
-    diffusers_path = _write(out_dir / DIFFUSERS_FILE, tensors, {**meta, ADAPTER_METADATA_KEY: adapter_json})
+    diffusers_path = _write(out_dir / DIFFUSERS_FILE, tensors, {**_plain(meta), ADAPTER_METADATA_KEY: adapter_json})
     kohya_tensors = to_kohya(modules)
     kohya_path = _write(out_dir / f"{stem}.safetensors", kohya_tensors, {**meta, **_tensor_hashes(kohya_tensors)})
     return diffusers_path, kohya_path
 
 
 def convert_lora(src, dst, to: str) -> Path:
-    """Rewrite a LoRA file in the other key format ("kohya" | "diffusers"); metadata kept.
+    """Rewrite a LoRA file in the other key format ("kohya" | "diffusers"); metadata kept, kohya's
+    fields (ss_*, modelspec.*) in kohya files only, made from ours when the source has none.
 
     diffusers' lora_adapter_metadata is rebuilt from the alphas (a kohya file keeps
     alphas as tensors and must not carry it: diffusers refuses a file with both)."""
@@ -475,9 +487,12 @@ def convert_lora(src, dst, to: str) -> Path:
     modules = _modules(tensors, metadata, fmt, src)
     meta = {k: v for k, v in metadata.items() if k not in ("format", ADAPTER_METADATA_KEY)}
     if to == "kohya":
-        return _write(dst, to_kohya(modules), meta)
+        kohya_tensors = to_kohya(modules)
+        if not any(key.startswith("ss_") for key in meta):  # a diffusers file of ours: its facts, in kohya's names
+            meta = {**kohya_metadata(training_metadata(meta, dst.stem), modules), **_tensor_hashes(kohya_tensors)}
+        return _write(dst, kohya_tensors, meta)
     tensors, adapter_json = to_diffusers(modules)
-    return _write(dst, tensors, {**meta, ADAPTER_METADATA_KEY: adapter_json})
+    return _write(dst, tensors, {**_plain(meta), ADAPTER_METADATA_KEY: adapter_json})
 
 
 # ---------------------------------------------------------------- applying
@@ -525,6 +540,18 @@ def check_lora_fits(pipe_or_components, lora_path) -> None:
         )
 
 
+def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
+    """Load a LoRA of any format difftrain reads into `pipe` as `adapter_name`, checked to fit first.
+
+    Always through the diffusers format: its header carries each module's alpha, which diffusers'
+    own kohya path reduces to one per component (a resized or block-weighted kohya LoRA would draw at
+    the wrong strength), and a peft file saved without its part prefix would load nothing."""
+    check_lora_fits(pipe, lora_path)  # a LoRA for another model is refused with its keys and shapes
+    with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
+        pipe.load_lora_weights(str(convert_lora(lora_path, Path(work) / "lora", to="diffusers")),
+                               adapter_name=adapter_name)
+
+
 def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
     """Bake a LoRA (any format) into the diffusers folder `base_dir`, written as a new diffusers
     folder `out_dir` (W += scale * alpha/rank * up @ down); `out_dir` must not hold anything."""
@@ -537,18 +564,10 @@ def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
         pipe = DiffusionPipeline.from_pretrained(str(base_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LoraFileError(f"{base_dir}: not a diffusers model folder ({e})") from None
-    check_lora_fits(pipe, lora_path)
+    load_lora_adapter(pipe, lora_path, "merge")
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+    pipe.unload_lora_weights()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        # Always through the diffusers format: its header carries per-module alphas, which
-        # diffusers' kohya path reduces to one alpha per component.
-        lora_file = convert_lora(lora_path, work / "lora", to="diffusers")
-        pipe.load_lora_weights(str(lora_file), adapter_name="merge")
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
-        pipe.unload_lora_weights()
-        with atomic_dir(out_dir) as staging:
-            pipe.save_pretrained(staging, safe_serialization=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with atomic_dir(out_dir) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
     return out_dir

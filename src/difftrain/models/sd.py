@@ -191,10 +191,6 @@ def _check_single_file_kind(path: str, header: dict) -> None:
         raise ModelLoadError(f"{path}: {INPAINTING}")
     if kind not in ("v1", "v2"):
         raise ModelLoadError(f"{path}: its keys are those of a {kind!r} checkpoint (diffusers' name for it); {NOT_SD}")
-    if kind == "v2":  # the keys of SD 2.x at 512 px (epsilon) and at 768 px (v-prediction) are the same
-        log.warning("%s: an SD 2.x file, described with stabilityai/stable-diffusion-2-1's configs (768 px, "
-                    "v-prediction). For a 512 px epsilon model (SD 2.0/2.1-base and their fine-tunes) give "
-                    "config: stabilityai/stable-diffusion-2-1-base (model.config, --config)", path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -406,6 +402,38 @@ def _scheduler(where: _Where | None, config_dir: str | None, revision: str | Non
     return cls.from_config(config), f"{cls.__name__} from {location}/scheduler"
 
 
+def _sd2_parameterization(path: str, unet, scheduler):
+    """An SD 2.x single file's prediction type, as AUTOMATIC1111 finds it: SD 2.x at 512 px (epsilon) and at 768 px
+    (v-prediction) have the same keys, and diffusers' guess describes both with 2-1's 768 px v configs.
+
+    A `.yaml` beside the file (how 768 px files are shipped, and what A1111 reads first) says it with
+    `parameterization: "v"`; without one the UNet itself is asked, as A1111 does: at t = 999, from a constant
+    latent, a v model's output lies far below its input, an epsilon model's near it."""
+    beside = Path(path).with_suffix(".yaml")
+    how = f"{beside.name} beside it"
+    if beside.is_file():
+        predicts_v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", beside.read_text(errors="replace"),
+                               re.MULTILINE) is not None
+    else:
+        predicts_v, how = predicts_v_for_sd2(unet), "its UNet's answer at t = 999 (A1111's test)"
+    prediction = "v_prediction" if predicts_v else "epsilon"
+    if not predicts_v:
+        unet.register_to_config(sample_size=64)  # 512 px, not 2-1's 768, by default
+    log.info("%s: an SD 2.x file; %s says %s", path, how, prediction)
+    return type(scheduler).from_config(scheduler.config, prediction_type=prediction)
+
+
+def predicts_v_for_sd2(unet) -> bool:
+    """AUTOMATIC1111's `is_using_v_parameterization_for_sd2`, on a diffusers UNet: latent and text all 0.5, t = 999;
+    v-prediction when the output's mean lies more than 1 below the input's."""
+    parameter = next(unet.parameters())
+    with torch.no_grad():
+        latent = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=parameter.device, dtype=parameter.dtype)
+        text = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=parameter.device, dtype=parameter.dtype)
+        out = unet(latent, torch.tensor([999], device=parameter.device), encoder_hidden_states=text).sample
+    return (out.float() - latent.float()).mean().item() < -1
+
+
 # ---------------------------------------------------------------- the whole
 
 
@@ -503,6 +531,10 @@ def load_sd(
 
     _check_fit(parts, origin)
     scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
+    if base_where is not None and base_where.kind == "single_file" and config is None and parts.get("unet") is not None \
+            and parts["unet"].config.cross_attention_dim == 1024:
+        scheduler = _sd2_parameterization(base_where.path, parts["unet"], scheduler)
+        origin["scheduler"] += f", {scheduler.config.prediction_type}"
     return SDComponents(
         unet=parts.get("unet"),
         vae=parts.get("vae"),

@@ -348,15 +348,14 @@ class Engine:
     def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> None:
         """The model's own adapters plus the prompt's LoRA files (found by precheck in the LoRA folder);
         a prompt LoRA acts in the request that names it and no other."""
-        from difftrain.models.lora_files import check_lora_fits
+        from difftrain.models.lora_files import load_lora_adapter
 
         names, weights = list(model.own_adapters), list(model.own_weights)
         for file, weight in loras:
             path = str(file)
             if path not in model.loras:
-                check_lora_fits(pipe, path)
                 adapter = f"prompt-lora{len(model.loras)}"  # apart from the model's own lora0, lora1, ...
-                pipe.load_lora_weights(path, adapter_name=adapter)
+                load_lora_adapter(pipe, path, adapter)
                 model.loras[path] = adapter
             names.append(model.loras[path])
             weights.append(weight)

@@ -100,6 +100,14 @@ def test_load_embedding_round_trips(saved, vectors, tmp_path):
     assert token is None and torch.equal(got, vectors)
     one_diffusers, _ = save_embedding(tmp_path / "one", "<one>", vectors[0])
     assert load_embedding(one_diffusers)[1].shape == (1, 32)
+    # One key under another file name: the file name is the word, as A1111 and ComfyUI read it ("clip_l" is
+    # how SD 1.x embeddings from SDXL-era tools name their vectors; renamed diffusers files keep "<token>").
+    for key in ("clip_l", "*", "<cat-toy>"):
+        save_file({key: vectors}, tmp_path / "my-style.safetensors")
+        assert load_embedding(tmp_path / "my-style.safetensors")[0] is None
+    save_file({"clip_g": torch.zeros(2, 1280)}, tmp_path / "big.safetensors")
+    with pytest.raises(EmbeddingFileError, match="an SDXL embedding"):
+        load_embedding(tmp_path / "big.safetensors")
 
 
 def test_clear_errors(tmp_path, vectors):

@@ -81,8 +81,8 @@ def _read(path: Path) -> dict:
 def load_embedding(path) -> tuple[str | None, torch.Tensor]:
     """(token, vectors [n, dim]) of a diffusers or A1111 embedding (.safetensors, .bin or .pt).
 
-    Token is None for the A1111 layouts, whose token is the file name (`path.stem`).
-    A folder means its learned_embeds.safetensors."""
+    Token is None where the file name (`path.stem`) is the token: the A1111 layouts, and a one-key file of any
+    other name (A1111 and ComfyUI take the file name whatever its key). A folder means its learned_embeds.safetensors."""
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_FILE
@@ -100,7 +100,12 @@ def load_embedding(path) -> tuple[str | None, torch.Tensor]:
         if isinstance(params, dict) and len(params) == 1:
             return None, _vectors(next(iter(params.values())), str(path))
     if len(state) == 1:
-        token, vectors = next(iter(state.items()))
+        key, vectors = next(iter(state.items()))
+        if key == "clip_g":
+            raise EmbeddingFileError(f"{path}: an SDXL embedding (clip_g alone); SDXL is not supported")
+        # The file name is the trigger word, as in A1111 and ComfyUI, unless the file is diffusers' own
+        # learned_embeds.*, whose key is its token; a key such as "*" or "clip_l" is no word anyone types.
+        token = key if path.stem.startswith("learned_embeds") else None
         return token, _vectors(vectors, str(path))
     raise EmbeddingFileError(
         f"{path}: not a Textual Inversion embedding for one text encoder (keys {sorted(state)[:5]}); expected "

@@ -120,13 +120,46 @@ def test_parts_that_do_not_fit(tiny, tmp_path):
         load_sd(str(tiny), unet=str(path), load={"unet", "vae"})
 
 
-def test_an_sd2_single_file_says_which_configs_describe_it(caplog):
-    from difftrain.models.sd import _check_single_file_kind
+def test_an_sd2_single_files_prediction_type_is_found_as_a1111_finds_it(tmp_path, monkeypatch, caplog):
+    """SD 2.x at 512 px (epsilon) and at 768 px (v) have the same keys. A .yaml beside the file says which, else
+    the UNet is asked at t = 999. The stand-in UNet's output is set through its last layer: a constant c, so
+    A1111's test reads c - 0.5 (v-prediction below -1)."""
+    import logging
 
-    # SD 2.x's cross-attention width is 1024; 512 px epsilon and 768 px v-prediction files have the same keys.
-    key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    _check_single_file_kind("sd2.safetensors", {key: torch.empty(320, 1024, device="meta")})
-    assert "768 px, v-prediction" in caplog.text and "config: stabilityai/stable-diffusion-2-1-base" in caplog.text
+    import huggingface_hub.constants
+
+    from difftrain.models.single_file import save_single_file
+    from difftrain.models.tiny_sd import tiny_sd_components
+
+    parts = tiny_sd_components(text_hidden=1024, text_layers=1, layers_per_block=2)  # SD 2's key says 1024 wide
+    folder = tmp_path / "sd2"
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    # diffusers guesses stabilityai/stable-diffusion-2-1 for any SD 2 file: its configs, from an HF cache.
+    hub_cache(tmp_path / "hub", "stabilityai/stable-diffusion-2-1", folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    caplog.set_level(logging.INFO, logger="difftrain.models.sd")
+    unet = parts["unet"]
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        for constant, expected in ((0.5, "epsilon"), (-1.0, "v_prediction")):
+            unet.conv_out.bias.fill_(constant)
+            path = save_single_file(unet, parts["vae"], parts["text_encoder"], tmp_path / f"sd2-{constant}.safetensors")
+            loaded = load_sd(str(path), load={"unet"})
+            assert loaded.scheduler.config.prediction_type == expected
+            assert loaded.unet.config.sample_size == (64 if expected == "epsilon" else unet.config.sample_size)
+            assert f"its UNet's answer at t = 999 (A1111's test) says {expected}" in caplog.text
+    # A .yaml beside the file is read first, as A1111 reads it (a 768 px file ships with v2-inference-v.yaml).
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n    timesteps: 1000\n')
+    unet.conv_out.bias.data.fill_(0.5)  # the UNet would say epsilon
+    save_single_file(unet, parts["vae"], parts["text_encoder"], path)
+    assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
+    assert "sd2--1.0.yaml beside it says v_prediction" in caplog.text
+    # Given configs speak for the file: nothing is guessed.
+    assert load_sd(str(path), load={"unet"}, config=str(folder)).scheduler.config.prediction_type == "epsilon"
 
 
 def test_sdxl_and_inpainting_models_are_refused_by_name_before_any_weight_loads(tiny, tmp_path):

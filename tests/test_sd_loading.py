@@ -158,6 +158,11 @@ def test_an_sd2_single_files_prediction_type_is_found_as_a1111_finds_it(tmp_path
     save_single_file(unet, parts["vae"], parts["text_encoder"], path)
     assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
     assert "sd2--1.0.yaml beside it says v_prediction" in caplog.text
+    path.with_suffix(".yaml").unlink()
+    from safetensors.torch import load_file, save_file
+
+    save_file({**load_file(path), "v_pred": torch.tensor([])}, path)  # Forge's and ComfyUI's marker
+    assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
     # Given configs speak for the file: nothing is guessed.
     assert load_sd(str(path), load={"unet"}, config=str(folder)).scheduler.config.prediction_type == "epsilon"
 

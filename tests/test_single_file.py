@@ -247,3 +247,44 @@ def test_unknown_layout_is_refused_not_dropped():
     )
     with pytest.raises(SingleFileError, match=r"unet: 4 weights have no Stable Diffusion \(LDM\) name"):
         unet_to_ldm(unet.state_dict())
+
+
+def test_a_v_prediction_file_carries_its_ldm_config_and_marker_and_loads_back_as_v(tiny_pipe, tmp_path, monkeypatch):
+    """The keys cannot say v-prediction: the .yaml beside the file (A1111 reads it first) and `v_pred` do. diffusers
+    builds the model from that yaml (`original_config`) as the pipeline it came from; difftrain reads it back as v."""
+    import huggingface_hub.constants
+    import yaml
+    from diffusers import StableDiffusionPipeline
+    from test_sd_loading import hub_cache
+
+    from difftrain.models.sd import load_sd
+
+    noise = {**tiny_pipe.scheduler.config, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    path = save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tmp_path / "v.safetensors",
+                            noise=noise)
+    with safe_open(path, framework="pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())  # Forge's and ComfyUI's markers
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+    params = config["model"]["params"]
+    assert params["parameterization"] == "v" and params["linear_end"] == noise["beta_end"]
+    assert params["cond_stage_config"]["target"] == "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+    theirs = StableDiffusionPipeline.from_single_file(
+        str(path), original_config=str(path.with_suffix(".yaml")), text_encoder=tiny_pipe.text_encoder,
+        tokenizer=tiny_pipe.tokenizer, local_files_only=True, safety_checker=None)
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
+                "cross_attention_dim", "in_channels"):
+        assert theirs.unet.config[key] == tiny_pipe.unet.config[key], key
+    assert theirs.vae.config.block_out_channels == tiny_pipe.vae.config.block_out_channels
+    assert_same_weights(tiny_pipe.unet, theirs.unet)  # (diffusers takes the models from it, not the parameterization)
+    # difftrain's own loader, with the configs diffusers guesses for an SD 1.x file from an HF cache.
+    tiny_pipe.save_pretrained(tmp_path / "hub-source")
+    hub_cache(tmp_path / "hub2", "stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "hub-source")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub2"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
+    path.with_suffix(".yaml").unlink()  # an epsilon SD 1.x file has no yaml; its marker alone still says v
+    assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
+    plain = save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tmp_path / "eps.safetensors",
+                             noise=dict(tiny_pipe.scheduler.config))
+    assert not plain.with_suffix(".yaml").exists()
+    assert load_sd(str(plain), load={"unet"}).scheduler.config.prediction_type == "epsilon"

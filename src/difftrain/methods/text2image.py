@@ -369,7 +369,8 @@ class TextToImage(Method):
 
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
             facts = {key: str(value) for key, value in self.training_facts().items()}
-            save_single_file(unet, vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata=facts)
+            save_single_file(unet, vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata=facts,
+                             noise=dict(self.saved_scheduler().config))
 
     def manifest(self):
         """How to load what `save_model` writes: on its own, or on the base model."""

@@ -402,24 +402,31 @@ def _scheduler(where: _Where | None, config_dir: str | None, revision: str | Non
     return cls.from_config(config), f"{cls.__name__} from {location}/scheduler"
 
 
-def _sd2_parameterization(path: str, unet, scheduler):
-    """An SD 2.x single file's prediction type, as AUTOMATIC1111 finds it: SD 2.x at 512 px (epsilon) and at 768 px
-    (v-prediction) have the same keys, and diffusers' guess describes both with 2-1's 768 px v configs.
+def _single_file_parameterization(path: str, unet, scheduler):
+    """A single file's prediction type, which its keys cannot say, as the tools that read such files find it.
 
-    A `.yaml` beside the file (how 768 px files are shipped, and what A1111 reads first) says it with
-    `parameterization: "v"`; without one the UNet itself is asked, as A1111 does: at t = 999, from a constant
-    latent, a v model's output lies far below its input, an epsilon model's near it."""
+    diffusers' guess describes an SD 1.x file with SD 1.5's configs (epsilon) and any SD 2.x file with
+    2-1's (768 px, v), though SD 2.x at 512 px (epsilon) has the same keys. In order: a `.yaml` beside
+    the file (AUTOMATIC1111 reads it first; difftrain writes one for v and SD 2.x models) with
+    `parameterization: "v"` or without; a `v_pred` key in the file (Forge's and ComfyUI's marker);
+    for SD 2.x the UNet itself, asked as A1111 asks it; else the guessed configs' own."""
     beside = Path(path).with_suffix(".yaml")
-    how = f"{beside.name} beside it"
+    sd2 = unet.config.cross_attention_dim == 1024
     if beside.is_file():
+        how = f"{beside.name} beside it"
         predicts_v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", beside.read_text(errors="replace"),
                                re.MULTILINE) is not None
+    elif Path(path).suffix.lower() == ".safetensors" and "v_pred" in _safetensors(path, lambda f, k: None,
+                                                                                   lambda key: key == "v_pred"):
+        how, predicts_v = "its v_pred key", True
+    elif sd2:
+        how, predicts_v = "its UNet's answer at t = 999 (A1111's test)", predicts_v_for_sd2(unet)
     else:
-        predicts_v, how = predicts_v_for_sd2(unet), "its UNet's answer at t = 999 (A1111's test)"
+        return scheduler
     prediction = "v_prediction" if predicts_v else "epsilon"
-    if not predicts_v:
+    if sd2 and not predicts_v:
         unet.register_to_config(sample_size=64)  # 512 px, not 2-1's 768, by default
-    log.info("%s: an SD 2.x file; %s says %s", path, how, prediction)
+    log.info("%s: %s says %s", path, how, prediction)
     return type(scheduler).from_config(scheduler.config, prediction_type=prediction)
 
 
@@ -531,9 +538,8 @@ def load_sd(
 
     _check_fit(parts, origin)
     scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
-    if base_where is not None and base_where.kind == "single_file" and config is None and parts.get("unet") is not None \
-            and parts["unet"].config.cross_attention_dim == 1024:
-        scheduler = _sd2_parameterization(base_where.path, parts["unet"], scheduler)
+    if base_where is not None and base_where.kind == "single_file" and config is None and parts.get("unet") is not None:
+        scheduler = _single_file_parameterization(base_where.path, parts["unet"], scheduler)
         origin["scheduler"] += f", {scheduler.config.prediction_type}"
     return SDComponents(
         unet=parts.get("unet"),

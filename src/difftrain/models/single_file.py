@@ -265,13 +265,81 @@ def save_single_file(
     path: str | Path,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    noise: dict | None = None,
 ) -> Path:
     """Write unet + vae + text_encoder as one LDM-keyed .safetensors at `path`, atomically.
 
     `dtype` casts the floating-point weights (torch.float16 halves the file, the usual
     distribution format); `metadata` lands in the safetensors header as strings.
+
+    `noise` (the scheduler's config) says what the model predicts, which its keys cannot. A
+    v-prediction model and any SD 2.x model get their LDM config beside the file (PATH.yaml,
+    what AUTOMATIC1111 reads before guessing, and what ComfyUI's config loader and diffusers'
+    `original_config` take); a v-prediction or zero-terminal-SNR model also carries the empty
+    `v_pred` / `ztsnr` keys Forge and ComfyUI look for.
     """
-    return _write(to_ldm_state_dict(unet, vae, text_encoder), path, dtype, metadata)
+    state = to_ldm_state_dict(unet, vae, text_encoder)
+    v_prediction = bool(noise) and noise.get("prediction_type") == "v_prediction"
+    if v_prediction:
+        state["v_pred"] = torch.tensor([])
+    if noise and noise.get("rescale_betas_zero_snr"):
+        state["ztsnr"] = torch.tensor([])
+    written = _write(state, path, dtype, metadata)
+    if v_prediction or is_open_clip(text_encoder):
+        import yaml
+
+        from difftrain.atomic import write_text
+
+        config = ldm_config(unet, vae, text_encoder, noise or {})
+        write_text(written.with_suffix(".yaml"), yaml.safe_dump(config, sort_keys=False))
+    return written
+
+
+def ldm_config(unet, vae, text_encoder, noise: dict) -> dict:
+    """The original LDM inference config (v1-inference.yaml, v2-inference[-v].yaml) describing these models."""
+    u, v = unet.config, vae.config
+    base = u.block_out_channels[0]
+    heads = u.attention_head_dim if isinstance(u.attention_head_dim, int) else u.attention_head_dim[0]
+    depth = u.transformer_layers_per_block
+    unet_params = {
+        "use_checkpoint": True, "image_size": u.sample_size, "in_channels": u.in_channels,
+        "out_channels": u.out_channels, "model_channels": base,
+        # LDM counts a level by its downsampling factor: attention at levels 0-2 is [1, 2, 4].
+        "attention_resolutions": [2**i for i, kind in enumerate(u.down_block_types) if "CrossAttn" in kind],
+        "num_res_blocks": u.layers_per_block, "channel_mult": [c // base for c in u.block_out_channels],
+        "use_spatial_transformer": True, "transformer_depth": depth if isinstance(depth, int) else list(depth),
+        "context_dim": u.cross_attention_dim, "legacy": False,
+    }
+    if u.use_linear_projection:  # SD 2.x: heads of 64 channels; diffusers' attention_head_dim counts heads there
+        unet_params.update(num_head_channels=base // heads, use_linear_in_transformer=True)
+    else:
+        unet_params["num_heads"] = heads  # SD 1.x: diffusers' attention_head_dim is the number of heads
+    ch = v.block_out_channels[0]
+    ddconfig = {"double_z": True, "z_channels": v.latent_channels, "resolution": v.sample_size, "in_channels": 3,
+                "out_ch": 3, "ch": ch, "ch_mult": [c // ch for c in v.block_out_channels],
+                "num_res_blocks": v.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
+    open_clip = is_open_clip(text_encoder)
+    cond_stage = ({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                   "params": {"freeze": True, "layer": "penultimate"}} if open_clip
+                  else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"})
+    params = {
+        "linear_start": float(noise.get("beta_start", 0.00085)), "linear_end": float(noise.get("beta_end", 0.012)),
+        "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": int(noise.get("num_train_timesteps", 1000)),
+        "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": u.sample_size, "channels": u.in_channels,
+        "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+        "scale_factor": float(v.scaling_factor), "use_ema": False,
+    }
+    if noise.get("prediction_type") == "v_prediction":
+        params["parameterization"] = "v"
+    params |= {
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
+                               "params": {"embed_dim": v.latent_channels, "monitor": "val/rec_loss",
+                                          "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": cond_stage,
+    }
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
 
 
 def _write(state: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype | None,

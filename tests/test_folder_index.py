@@ -62,9 +62,10 @@ def open_folder(root: Path, index_dir: Path | None, **options):
 
 def snapshot(source) -> dict:
     """Everything a folder source hands training and reports."""
-    return {"description": source.description, "keys": source._keys, "paths": source._paths,
-            "captions": source._captions, "sizes": source.sizes.tolist(), "skipped": source.skipped,
-            "conditioning": source._conditioning}
+    conditioning = source._conditioning
+    return {"description": source.description, "keys": list(source._keys), "paths": list(source._paths),
+            "captions": list(source._captions), "sizes": source.sizes.tolist(), "skipped": source.skipped,
+            "conditioning": None if conditioning is None else list(conditioning)}
 
 
 def fresh(root: Path, **options) -> dict:
@@ -93,7 +94,7 @@ def test_max_pixels_keys_its_own_index(tmp_path, decodes):
     decodes.clear()
     source = open_folder(root, index, max_pixels=100)  # only the 8x8 image is within the limit now
     assert sum(decodes.values()) == 10
-    assert source._keys == ["small.png"] and snapshot(source) == fresh(root, max_pixels=100)
+    assert list(source._keys) == ["small.png"] and snapshot(source) == fresh(root, max_pixels=100)
 
 
 def test_modified_added_deleted_and_corrupted_files_are_seen(tmp_path, decodes):

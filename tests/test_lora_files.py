@@ -274,6 +274,30 @@ def test_peft_file_from_diffusers_save_lora_adapter(tiny_dir, trained, tmp_path)
     pipe = load_pipe(tiny_dir)
     assert apply_adapters(pipe, [(str(tmp_path), 1.0)], []) == ["lora0"]
     assert "lora0" in pipe.get_list_adapters()["unet"]
+    want = image(pipe)
+    # The same adapter in older spellings: a PeftModel's ("base_model.model." first) and diffusers' attention-
+    # processor files from before peft ("attn1.processor.to_q_lora.down.weight").
+    import re
+
+    peft_keys = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    spellings = {
+        "peftmodel": {f"base_model.model.{k}": v for k, v in peft_keys.items()},
+        "attn-procs": {re.sub(r"\.(to_[qkv]|to_out)(\.0)?\.lora_([AB])\.weight$",
+                              lambda m: f".processor.{m[1]}_lora.{'down' if m[3] == 'A' else 'up'}.weight", k): v
+                       for k, v in peft_keys.items()},
+    }
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight" in (
+        spellings["attn-procs"])
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        config = f.metadata()["lora_adapter_metadata"]
+    (tmp_path / "peftmodel").mkdir()
+    save_file(spellings["peftmodel"], tmp_path / "peftmodel" / "adapter_model.safetensors")
+    (tmp_path / "peftmodel" / "adapter_config.json").write_text(config)  # its alpha, as save_pretrained keeps it
+    save_file(spellings["attn-procs"], tmp_path / "attn-procs.safetensors", metadata={"lora_adapter_metadata": config})
+    for path in (tmp_path / "peftmodel" / "adapter_model.safetensors", tmp_path / "attn-procs.safetensors"):
+        pipe = load_pipe(tiny_dir)
+        apply_adapters(pipe, [(str(path), 1.0)], [])
+        np.testing.assert_allclose(image(pipe), want, atol=1e-6, err_msg=path.name)
 
 
 def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -170,12 +171,34 @@ def _detect(tensors: dict[str, torch.Tensor]) -> str | None:
     return "peft" if not any(prefixed) else None
 
 
+# Older spellings of the same matrices, read as today's: diffusers' attention-processor files (save_attn_procs,
+# before peft: "...attn1.processor.to_q_lora.down.weight") and a PeftModel's own ("base_model.model." first).
+OLD_SPELLINGS = [
+    (re.compile(r"\.processor\.(to_[qkv])_lora\.(down|up)\.weight$"), r".\1.lora.\2.weight"),
+    (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora.\1.weight"),
+]
+
+
+def _today(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix("base_model.model.")
+        for pattern, replacement in OLD_SPELLINGS:
+            key = pattern.sub(replacement, key)
+        renamed[key] = tensor
+    return renamed
+
+
 def load_lora_state(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """(tensors, header metadata, format) of a LoRA file, format "kohya" | "diffusers" | "peft".
 
     A folder means its pytorch_lora_weights.safetensors, as in diffusers."""
     path = _resolve(path)
     tensors, metadata = _read(path)
+    tensors = _today(tensors)
+    beside = path.parent / "adapter_config.json"  # a PeftModel's save_pretrained keeps its LoraConfig there
+    if ADAPTER_METADATA_KEY not in metadata and beside.is_file():
+        metadata = {**metadata, ADAPTER_METADATA_KEY: beside.read_text()}
     fmt = _detect(tensors)
     if fmt is None:
         odd = [k for k in tensors if not k.endswith(tuple(KOHYA_SUFFIX) + tuple(DIFFUSERS_SUFFIX))] or list(tensors)

@@ -356,3 +356,17 @@ def test_save_lora_refuses_what_it_cannot_write(tiny_dir, tmp_path):
     with pytest.raises(LoraFileError, match="kohya_name"):
         save_lora(tmp_path, pipe.unet, kohya_name="pytorch_lora_weights")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_attention_lora_on_sd2s_encoder_is_warned_of(caplog):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftrain.models.lora import warn_partial_open_clip_attention
+
+    config = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    open_clip = CLIPTextModel(CLIPTextConfig(**config, hidden_act="gelu"))  # SD 2's OpenCLIP, in small
+    assert warn_partial_open_clip_attention(open_clip, ["q_proj", "v_proj"])
+    assert "AUTOMATIC1111 applies a text-encoder LoRA on SD 2.x only where" in caplog.text
+    assert not warn_partial_open_clip_attention(open_clip, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+    assert not warn_partial_open_clip_attention(open_clip, ["fc1", "fc2"])  # no attention layer: nothing skipped
+    assert not warn_partial_open_clip_attention(CLIPTextModel(CLIPTextConfig(**config)), ["q_proj"])  # SD 1.x CLIP

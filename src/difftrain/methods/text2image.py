@@ -53,12 +53,13 @@ class TextToImage(Method):
         # A LoRA on the UNet (and text encoder); Textual Inversion runs have no lora section.
         self.lora = lora = config.lora if getattr(config, "lora", None) and config.lora.enabled else None
         if lora:
-            from difftrain.models.lora import add_lora
+            from difftrain.models.lora import add_lora, warn_partial_open_clip_attention
 
             shape = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
             add_lora(self.unet, lora.unet_targets, "unet", **shape)
             if lora.text_encoder:
                 add_lora(self.text_encoder, lora.text_encoder_targets, "text_encoder", **shape)
+                warn_partial_open_clip_attention(self.text_encoder, lora.text_encoder_targets)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.encode_channels_last = False  # setup decides, by device

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from difftrain.errors import ConfigError
 
 PEFT_INIT = {"default": True, "gaussian": "gaussian"}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+log = logging.getLogger(__name__)
+
+
+def warn_partial_open_clip_attention(text_encoder, targets: list[str]) -> bool:
+    """SD 2.x's OpenCLIP keeps q, k and v in one matrix (its LDM file, what A1111 and ComfyUI load): A1111 applies
+    an attention LoRA there only when q, k, v and out are all trained, and skips it silently otherwise."""
+    from difftrain.sampling.prompts import is_open_clip
+
+    chosen = [target for target in ATTENTION if target in targets]
+    if not chosen or len(chosen) == len(ATTENTION) or not is_open_clip(text_encoder):
+        return False
+    log.warning("lora.text_encoder_targets trains %s of SD 2.x's attention: AUTOMATIC1111 applies a text-encoder "
+                "LoRA on SD 2.x only where q_proj, k_proj, v_proj and out_proj are all trained, and would skip these "
+                "layers; train all four (the default) for the LoRA to act the same there", ", ".join(chosen))
+    return True
 
 
 def add_lora(

@@ -388,3 +388,24 @@ def test_serve_command_listens_on_loopback_and_refuses_open_addresses(tiny_sd, c
         out, err = process.communicate(timeout=30)
     assert "serving sd [" in out and f"127.0.0.1:{port}" in out
     assert "it/s" not in err  # no progress bar in a server's log, not even diffusers' pipeline loading bar
+
+
+def test_finished_jobs_are_kept_within_a_byte_budget(monkeypatch):
+    from difftrain.serve import jobs
+    from difftrain.serve.requests import Txt2ImgRequest
+
+    monkeypatch.setattr(jobs, "FINISHED_BYTES", 2_500)
+    queue = jobs.JobQueue(lambda job, on_step: {"images": ["x" * 1_000]}, max_queue=8)
+    try:
+        done = []
+        for _ in range(4):
+            job = queue.submit(jobs.Job("txt2img", Txt2ImgRequest()))
+            assert job.done.wait(10)
+            done.append(job)
+        # 4 results of 1,000 bytes against 2,500: the oldest two go, the newest two stay answerable.
+        assert [queue.get(job.id) is not None for job in done] == [False, False, True, True]
+        monkeypatch.setattr(jobs, "FINISHED_BYTES", 10)
+        last = queue.submit(jobs.Job("txt2img", Txt2ImgRequest()))
+        assert last.done.wait(10) and queue.get(last.id) is last  # the newest is kept whatever its size
+    finally:
+        queue.close()

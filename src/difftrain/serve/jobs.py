@@ -23,6 +23,7 @@ from difftrain.serve.requests import RequestError
 log = logging.getLogger(__name__)
 
 FINISHED_KEPT = 64  # finished /v1/jobs answerable by id (with their images); older ones are forgotten
+FINISHED_BYTES = 256 * 2**20  # and at most this much of their images (one job may hold 128 PNGs of 1024 px)
 
 
 class QueueFull(DifftrainError):
@@ -195,6 +196,16 @@ class JobQueue:
         finished = [key for key, old in self._jobs.items() if old.done.is_set()]
         for key in finished[:-FINISHED_KEPT]:
             del self._jobs[key]
+        finished, held = finished[-FINISHED_KEPT:], sum(map(self._result_bytes, finished[-FINISHED_KEPT:]))
+        for key in finished[:-1]:  # the newest is always kept: its client has yet to ask for it
+            if held <= FINISHED_BYTES:
+                break
+            held -= self._result_bytes(key)
+            del self._jobs[key]
+
+    def _result_bytes(self, key: str) -> int:
+        result = self._jobs[key].result or {}
+        return sum(len(image) for image in result.get("images", []))
 
 
 def release_device_memory() -> None:

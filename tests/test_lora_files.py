@@ -370,3 +370,13 @@ def test_a_partial_attention_lora_on_sd2s_encoder_is_warned_of(caplog):
     assert not warn_partial_open_clip_attention(open_clip, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
     assert not warn_partial_open_clip_attention(open_clip, ["fc1", "fc2"])  # no attention layer: nothing skipped
     assert not warn_partial_open_clip_attention(CLIPTextModel(CLIPTextConfig(**config)), ["q_proj"])  # SD 1.x CLIP
+
+
+def test_kohya_metadata_of_an_sd2_v_prediction_lora():
+    from difftrain.models.lora_files import kohya_metadata, training_metadata
+
+    meta = kohya_metadata(training_metadata({"sd_version": "v2", "prediction_type": "v_prediction",
+                                             "zero_terminal_snr": "True", "resolution": "768"}, "sd2-style"), [])
+    assert (meta["ss_v2"], meta["ss_base_model_version"], meta["ss_v_parameterization"]) == ("True", "sd_v2_v", "True")
+    assert meta["ss_zero_terminal_snr"] == "True" and meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and meta["modelspec.resolution"] == "768x768"

@@ -88,6 +88,31 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, BIG, "image/jpeg")
         elif path == "/bomb.png":
             self.reply(200, png(300, 300), "image/png")
+        elif path == "/trickle.png":  # a byte every 0.2 s of a 1,000-byte body: only a total deadline stops it
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif path == "/odd-length.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "\u00b2".encode().decode("latin-1"))  # b"\xc2\xb2": "²"
+            self.end_headers()
+            self.wfile.write(png(8, 8))
+        elif path == "/bad-redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://[::1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/busy":  # 429 with Retry-After the first time
+            if hits == 1:
+                self.reply(429, b"later", "text/plain", headers={"Retry-After": "1"})
+            else:
+                self.reply(200, png(12, 12), "image/png")
         elif path == "/optout.png":
             self.reply(200, png(20, 20), "image/png", headers={"X-Robots-Tag": "noimageai, nofollow"})
         else:
@@ -146,7 +171,7 @@ def no_proxy(monkeypatch):
 def fast(**overrides) -> DownloadOptions:
     """Small timeouts and pauses, so the failures cost milliseconds."""
     settings = dict(workers=8, timeout=0.5, retries=2, backoff=0.01, max_bytes=100_000, max_pixels=50_000,
-                    progress=False)
+                    progress=False, allow_private=True)  # the test server is on loopback
     settings.update(overrides)
     return DownloadOptions(**settings)
 
@@ -284,8 +309,9 @@ def test_cli_csv_and_its_errors(tmp_path, server, capsys):
         writer = csv.DictWriter(file, ["id", "url", "caption"])
         writer.writeheader()
         writer.writerows(rows)
-    argv = ["data", "download", str(tmp_path / "urls.csv"), str(tmp_path / "out"), "--quiet", "--workers", "4",
-            "--timeout", "2", "--format", "laion", "--no-gzip", "--resize", "10", "--resize-mode", "border"]
+    argv = ["data", "download", str(tmp_path / "urls.csv"), str(tmp_path / "out"), "--quiet", "--allow-private",
+            "--workers", "4", "--timeout", "2", "--format", "laion", "--no-gzip", "--resize", "10",
+            "--resize-mode", "border"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 rows: 3 ok, 1 failed (http 404: 1)" in printed and "images/s" in printed and "MB/s" in printed
@@ -414,3 +440,59 @@ def test_two_processes_share_out_and_match_one_run(tmp_path, server, monkeypatch
     assert (tmp_path / "split/filelist.txt").read_text() == (tmp_path / "one/filelist.txt").read_text()
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["data", "download", str(urls), str(tmp_path / "split"), "--merge-only"]) == 0
+
+
+def test_one_odd_server_fails_its_row_and_never_stops_the_run(tmp_path, server):
+    fetcher = Fetcher(fast(timeout=1.0, retries=0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(Failed) as trickle:
+            fetcher.get(f"{server.url}/trickle.png?t=odd")
+        assert trickle.value.reason == "timeout" and time.monotonic() - started < 3  # not 200 s of bytes
+        assert fetcher.get(f"{server.url}/odd-length.png?t=odd").startswith(b"\x89PNG")  # "²" is no length
+        with pytest.raises(Failed) as redirect:
+            fetcher.get(f"{server.url}/bad-redirect?t=odd")
+        assert redirect.value.reason == "bad response"
+    finally:
+        fetcher.close()
+    # A 429's Retry-After is waited for, not the 0.01 s backoff.
+    patient = Fetcher(fast(retries=1))
+    try:
+        started = time.monotonic()
+        assert patient.get(f"{server.url}/busy?t=odd").startswith(b"\x89PNG")
+        assert time.monotonic() - started >= 0.9
+    finally:
+        patient.close()
+
+
+def test_private_addresses_are_refused_unless_allowed(tmp_path, server):
+    import requests
+
+    from difftrain.data.download import _check_redirect
+
+    guarded = Fetcher(fast(allow_private=False, retries=0))
+    try:
+        with pytest.raises(Failed) as refused:
+            guarded.get(f"{server.url}/img/20x16.png?t=private")
+        assert refused.value.reason == "private address" and "127.0.0.1" in refused.value.detail
+    finally:
+        guarded.close()
+    # A public URL that redirects inward (a cloud's metadata service) is refused at the redirect.
+    response = requests.Response()
+    response.status_code, response.url = 302, "http://example.com/cat.jpg"
+    response.headers["Location"] = "http://169.254.169.254/latest/meta-data/"
+    with pytest.raises(Failed, match="169.254.169.254 is 169.254.169.254, not a public address"):
+        _check_redirect(response)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"url": f"{server.url}/img/20x16.png?t=p", "caption": "x"}])
+    with pytest.raises(DatasetError, match=r"none of the 1 rows .* could be downloaded \(private address: 1\)"):
+        download(rows, tmp_path / "out", fast(allow_private=False))
+
+
+def test_a_csv_with_a_long_caption_and_a_bad_byte_reports_the_row(tmp_path, server):
+    long_caption = "a " * 100_000  # past csv's own 131,072-character cell limit
+    lines = ["url,caption", f"{server.url}/img/20x16.png?t=csv,{long_caption}",
+             f"{server.url}/img/21x17.png?t=csv,caf\xe9"]
+    (tmp_path / "rows.csv").write_bytes("\n".join(lines[:2]).encode() + b"\n" + lines[2].encode("latin-1") + b"\n")
+    result = download(tmp_path / "rows.csv", tmp_path / "out", fast())
+    assert result.report["ok"] == 1 and result.report["failures_by_reason"] == {"bad row": 1}
+    assert "data row 2 is not valid UTF-8" in json.dumps(result.report["examples"])

@@ -188,6 +188,7 @@ def _data_download(args: argparse.Namespace) -> int:
             max_bytes=args.max_bytes, respect_opt_out=not args.ignore_opt_out, resize=args.resize,
             resize_mode=args.resize_mode, upscale=args.upscale, encode_format=args.encode_format,
             encode_quality=args.encode_quality, max_pixels=args.max_pixels, shard=_shard_arg(args.shard),
+            allow_private=args.allow_private,
             progress=not args.quiet,
         )
         result = download(args.urls, out, options)
@@ -508,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--encode-format", default="jpg", choices=["jpg", "png", "webp"])
     down.add_argument("--encode-quality", type=int, default=95, help="jpg/webp quality (default 95)")
     down.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb guard (default 64M)")
+    down.add_argument("--allow-private", action="store_true",
+                      help="fetch from loopback and private addresses too (refused by default: a URL list from "
+                           "elsewhere must not reach into this machine's network)")
     down.add_argument("--shard", help="i/N: only the shards k with k %% N == i (default: RANK/WORLD_SIZE if set)")
     down.add_argument("--merge-only", action="store_true",
                       help="only write filelist.txt and download_report.json from the finished shards")

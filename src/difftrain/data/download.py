@@ -28,11 +28,13 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,7 +47,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError, jsonl_entries
-from difftrain.data.images import BadImage, check_size, image_size_from_bytes, load_image_bytes
+from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_bytes, load_image_bytes
 from difftrain.data.remote import retrying
 from difftrain.data.shards import FORMATS, LaionWriter, ShardWriter, TarWriter
 from difftrain.data.sources import LIST_NAME, RawRecord
@@ -89,6 +91,7 @@ class DownloadOptions:
     encode_format: str = "jpg"
     encode_quality: int = 95  # jpg and webp; png is lossless
     max_pixels: int = 64_000_000  # decompression-bomb guard, as data.max_image_pixels
+    allow_private: bool = False  # fetch from loopback, private and link-local addresses too (a list you trust)
     shard: tuple[int, int] | None = None  # (i, N): only the shards k with k % N == i
     progress: bool = True
 
@@ -212,7 +215,10 @@ def _parquet_items(path: Path) -> Iterator[tuple[int, dict | str]]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[list[str]]:
-    with open(path, newline="", encoding="utf-8-sig") as file:
+    # csv's own 131,072-character cell limit stopped a whole file at one long caption; a byte that is not UTF-8
+    # is kept (as a surrogate) for its row to be reported, not the file refused.
+    csv.field_size_limit(2**31 - 1)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         yield from (fields for fields in csv.reader(file, delimiter=delimiter) if fields)
 
 
@@ -228,8 +234,19 @@ def _csv_items(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict | s
     for index, fields in enumerate(rows):
         if len(fields) != len(header):
             yield index, f"{path.name} data row {index + 1} has {len(fields)} fields, the header {len(header)}"
+        elif not _utf8(fields):
+            yield index, f"{path.name} data row {index + 1} is not valid UTF-8; save the file as UTF-8"
         else:
             yield index, dict(zip(header, fields))
+
+
+def _utf8(fields: list[str]) -> bool:
+    try:
+        for text in fields:
+            text.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate: a byte the file held that is not UTF-8
+        return False
+    return True
 
 
 def _nonblank_lines(path: Path) -> int:
@@ -308,6 +325,22 @@ def check_url(url: str) -> None:
         raise Failed("bad url", "no host name")
 
 
+def check_host(host: str) -> None:
+    """Refuse a host that resolves to no public address (loopback, private, link-local such as a cloud's
+    169.254.169.254 metadata service): a URL list from elsewhere must not reach into this machine's network."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise Failed("unknown host", f"{host}: {exc}") from None  # final: a name that does not resolve stays so
+    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    if private:
+        raise Failed("private address", f"{host} is {', '.join(private)}, not a public address "
+                                        "(--allow-private fetches from a list you trust)")
+
+
 class Fetcher:
     """HTTP GETs with one requests.Session per worker thread (a Session is not thread-safe)."""
 
@@ -346,6 +379,9 @@ class Fetcher:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
             session.max_redirects = self.options.max_redirects
+            session.trust_env = False  # no proxy or .netrc of this machine's environment applies to a URL list
+            if not self.options.allow_private:
+                session.hooks["response"].append(_check_redirect)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -354,18 +390,24 @@ class Fetcher:
     def _get_once(self, url: str) -> bytes:
         # requests' timeout bounds each wait; the deadline bounds a server that trickles bytes.
         deadline = time.monotonic() + self.options.timeout
+        if not self.options.allow_private:
+            check_host(urlsplit(url).hostname or "")
         try:
             with self._session().get(url, timeout=self.options.timeout, stream=True) as response:
                 self._check_response(response)
                 return self._read_body(response, deadline)
         except requests.RequestException as exc:
             raise _request_failure(exc, self.options) from None
+        except (ValueError, UnicodeError, HTTPException) as exc:  # a malformed redirect or header, say
+            raise Failed("bad response", f"{type(exc).__name__}: {exc}") from None
 
     def _check_response(self, response: requests.Response) -> None:
         status = response.status_code
         if not 200 <= status < 300:
-            raise Failed(f"http {status}", f"{response.url} answered {status} {response.reason}",
-                         retry=status >= 500 or status == 429)
+            failure = Failed(f"http {status}", f"{response.url} answered {status} {response.reason}",
+                             retry=status >= 500 or status == 429)
+            failure.pause = _retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            raise failure
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type.startswith("text/"):
             raise Failed("not an image", f"the server sent {content_type} (a web page or text), not an image")
@@ -377,19 +419,40 @@ class Fetcher:
             if refused:
                 raise Failed("opted out", f"X-Robots-Tag: {', '.join(refused)} (--ignore-opt-out fetches it)")
         length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.options.max_bytes:
+        if length.isascii() and length.isdigit() and int(length) > self.options.max_bytes:
             raise Failed("too large", f"Content-Length {int(length):,} bytes is over --max-bytes "
                                       f"{self.options.max_bytes:,}")
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         body = bytearray()
-        for chunk in response.iter_content(_CHUNK):
+        # read1 returns what has arrived (at least a byte) instead of waiting for a whole chunk, so a server
+        # that trickles a byte at a time meets the deadline within one read timeout, not after 64 KiB of them.
+        raw = response.raw
+        chunks = (iter(lambda: raw.read1(_CHUNK, decode_content=True), b"") if hasattr(raw, "read1")
+                  else response.iter_content(_CHUNK))
+        for chunk in chunks:
             body += chunk
             if len(body) > self.options.max_bytes:
                 raise Failed("too large", f"over --max-bytes {self.options.max_bytes:,} bytes; stopped reading")
             if time.monotonic() > deadline:
                 raise Failed("timeout", f"the body took over --timeout {self.options.timeout:g} s", retry=True)
         return bytes(body)
+
+
+def _check_redirect(response: requests.Response, *args, **kwargs) -> None:
+    """A response hook: a redirect is followed only to a public address (a public URL may point inward)."""
+    if response.is_redirect:
+        target = urlsplit(requests.compat.urljoin(response.url, response.headers.get("Location", "")))
+        if target.scheme.lower() in SCHEMES and target.hostname:
+            check_host(target.hostname)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a 429/503's Retry-After asks for (a number of seconds; an HTTP date counts as a minute), at most
+    a minute: a server may ask for hours, and one row is not worth holding a worker that long."""
+    if not value:
+        return None
+    return min(float(value), 60.0) if value.strip().isdigit() else 60.0
 
 
 def _request_failure(exc: requests.RequestException, options: DownloadOptions) -> Failed:
@@ -402,6 +465,8 @@ def _request_failure(exc: requests.RequestException, options: DownloadOptions) -
     # A read timeout inside the body arrives as a ConnectionError wrapping urllib3's ReadTimeoutError.
     if isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
         return Failed("timeout", f"no answer within --timeout {options.timeout:g} s", retry=True)
+    if isinstance(exc, requests.exceptions.SSLError):  # a certificate that is wrong now is wrong in a second
+        return Failed("tls error", str(exc))
     return Failed("connection error", str(exc), retry=True)
 
 
@@ -491,6 +556,9 @@ def download_row(row: Row, fetcher: Fetcher, options: DownloadOptions) -> Outcom
         encoded = _encoded(image, options)
     except Failed as failure:
         return Outcome(row, len(data), failure=failure)
+    except Exception as exc:  # noqa: BLE001 - one row, whatever broke it, must not stop days of downloading
+        log.debug("row %d (%s) failed unexpectedly", row.index, row.url, exc_info=True)
+        return Outcome(row, len(data), failure=Failed("error", f"{type(exc).__name__}: {exc}"))
     key = f"{row.index:09d}"
     meta = {**row.extra, "url": row.url, "key": key, "sha256": hashlib.sha256(data).hexdigest(),
             "original_width": original.width, "original_height": original.height,
@@ -588,6 +656,7 @@ def download(urls: str | Path, out: str | Path, options: DownloadOptions | None 
     module docstring. Merges (filelist.txt, download_report.json) when every shard is then done."""
     options = options or DownloadOptions()
     options.check()
+    allow_pixels(options.max_pixels)
     table = UrlTable(urls, options.url_col, options.caption_col)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -662,6 +731,9 @@ def _download_shards(table: UrlTable, out: Path, plan: dict, todo: list[int], op
                     reports.append(current.finish())
                     ok_before += current.ok
                     shard_started = reports[-1]["finished"]
+                    if options.progress and bar.disable:  # no terminal (a batch job's log): a line a shard instead
+                        print(f"download: shard {reports[-1]['shard']} done; {bar.n:,} of {total:,} rows so far, "
+                              f"{ok_before:,} ok", file=sys.stderr, flush=True)
                 current = ShardRun(out, number, plan, options, shard_started)
             current.add(outcome)
             bar.update()
@@ -708,8 +780,10 @@ def merge(out: str | Path) -> dict:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise DatasetError(f"{out}: {len(missing)} of {plan['shards']} shards are not finished (shards {shown}); "
                            "run the download again (each --shard i/N that has not finished), then --merge-only")
-    for leftover in out.glob("*.tmp"):  # from a killed run; every shard is done, so none is being written
-        leftover.unlink(missing_ok=True)
+    # A killed run's shards (not the hidden staging files other processes' atomic writes may hold open now).
+    for leftover in out.glob("*.tmp"):
+        if not leftover.name.startswith("."):
+            leftover.unlink(missing_ok=True)
     ordered = [reports[k] for k in range(plan["shards"])]
     spans = [(r["started"], r["finished"]) for r in ordered]
     report = {"version": REPORT_VERSION, "input": plan["input"], **totals(ordered, _busy_seconds(spans)),
@@ -723,10 +797,19 @@ def merge(out: str | Path) -> dict:
     return report
 
 
-def _read_reports(out: Path) -> dict[int, dict]:
+def _read_reports(out: Path, per_reason: int = 3) -> dict[int, dict]:
+    """Every shard's report, each with only its first `per_reason` failures of each reason kept: a LAION-sized
+    run fails hundreds of millions of rows, and merging must not hold them all."""
     reports = {}
     for path in sorted((out / REPORTS_DIR).glob("*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
+        seen: Counter[str] = Counter()
+        kept = []
+        for failure in report.get("failures", []):
+            seen[failure["reason"]] += 1
+            if seen[failure["reason"]] <= per_reason:
+                kept.append(failure)
+        report["failures"] = kept
         reports[report["shard"]] = report
     return reports
 

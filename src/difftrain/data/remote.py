@@ -128,7 +128,8 @@ def _is_http(url: str) -> bool:
 def retrying(attempt: Callable[[], T], delays: Sequence[float], transient: Callable[[Exception], bool],
              stop: threading.Event | None = None) -> T:
     """attempt(), made again after each of `delays` while what it raises is `transient`. The last failure
-    propagates with `tries` (the attempts made) set on it; a `stop` set during a wait raises it at once."""
+    propagates with `tries` (the attempts made) set on it; a `stop` set during a wait raises it at once.
+    A failure carrying a `pause` (a server's Retry-After) waits that long instead, when it is longer."""
     for tries, delay in enumerate((*delays, None), 1):
         try:
             return attempt()
@@ -136,6 +137,7 @@ def retrying(attempt: Callable[[], T], delays: Sequence[float], transient: Calla
             exc.tries = tries  # type: ignore[attr-defined]
             if delay is None or not transient(exc):
                 raise
+            delay = max(delay, getattr(exc, "pause", None) or 0.0)
             if stop is None:
                 time.sleep(delay)
             elif stop.wait(delay):

@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterator
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from difftrain.atomic import write_bytes
+from difftrain.atomic import fsync_dir, write_bytes
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import IMAGE_EXTENSIONS
 from difftrain.data.records import ShardSource, sidecar_path
@@ -224,6 +224,7 @@ class ShardWriter:
         self._raw = None
         name = self.shard_name(self.number)
         os.replace(self.out / f"{name}.tmp", self.out / name)
+        fsync_dir(self.out)  # the rename lands on disk before the report that says the shard is done
         self.reader.write_sidecar(self.out / name)
         self.names.append(name)
 

@@ -104,3 +104,27 @@ def test_sharded_sampler_memory_is_flat_in_the_data_set_size():
     assert middle[0][0][:2] == (7, 48_828)
     # Rank 3's batch reads global positions 3, 11, 19, ...: within one shard of 10,000.
     assert len({shard_of(i, sizes) for (_, _, i) in first[0]}) == 1
+
+
+class Records:
+    """Ten records, each its own index (the sampler hands out (epoch, batch, index) keys)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, key) -> int:
+        return key[2]
+
+
+def test_starting_the_loader_draws_nothing_from_the_global_rng():
+    """A resume starts a new loader after restoring the RNG; a draw there (DataLoader's worker base seed) would
+    shift every later use of the global generator, dropout on a CPU among them, against a run that never stopped."""
+    import torch
+
+    from difftrain.data.dataset import make_loader
+
+    for workers in (0, 2):
+        before = torch.get_rng_state()
+        batches = iter(make_loader(Records(), EpochBatchSampler(10, 2, seed=0), workers, collate_fn=list))
+        assert next(batches) and torch.equal(torch.get_rng_state(), before), workers
+        del batches

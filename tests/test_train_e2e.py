@@ -148,22 +148,30 @@ def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "killed/checkpoints/step-00000008")
 
 
-def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, tmp_path, how):
+    """Ctrl-C as a terminal sends it, to the whole process group, data workers included; SIGTERM as a scheduler
+    preempting the job sends it, to the trainer."""
     straight = make_config("straight", training={"max_steps": 8}, checkpoint={"every_steps": 100})
     assert main(["train", str(straight), "--no-progress"]) == 0
 
-    stopped = make_config("stopped", training={"max_steps": 8}, checkpoint={"every_steps": 2}, sample={"every_steps": 1, "steps": 60})
+    stopped = make_config("stopped", training={"max_steps": 8}, checkpoint={"every_steps": 2},
+                          sample={"every_steps": 1, "steps": 60}, data={"num_workers": 2 if how == "ctrl-c" else 0})
     process = subprocess.Popen(
         [sys.executable, "-m", "difftrain", "train", str(stopped), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,
     )
     first = tmp_path / "stopped/checkpoints/step-00000002/state.json"
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "checkpoint saved at step" in output

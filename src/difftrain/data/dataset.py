@@ -336,4 +336,17 @@ def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int, c
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        # Its own generator: the workers' base seed drawn from the global one would shift the training RNG by a
+        # draw at every resume (nothing a worker does is random by it: records are seeded by epoch and index).
+        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_leave_stops_to_the_trainer if num_workers else None,
     )
+
+
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: workers that died of it stopped the run with
+    "DataLoader worker exited unexpectedly" instead of letting it finish the step and save a checkpoint."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -755,7 +755,8 @@ class _StopFlag:
 
 @contextmanager
 def _stop_on_first_interrupt(enabled: bool) -> Iterator[_StopFlag]:
-    """The first Ctrl-C asks the loop to finish its step and checkpoint; a second one stops at once.
+    """The first Ctrl-C (or SIGTERM: a scheduler's preemption, `docker stop`, `kill`) asks the loop to finish
+    its step and checkpoint; a second one stops at once.
 
     Only for a single process: with several, the others would not see the flag.
     """
@@ -763,17 +764,22 @@ def _stop_on_first_interrupt(enabled: bool) -> Iterator[_StopFlag]:
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    previous = {}
 
     def request_stop(signum, frame):
         flag.requested = True
-        signal.signal(signal.SIGINT, previous)
-        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step and saving a checkpoint ({name} again to stop now)", flush=True)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, request_stop)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _has_accelerator_device() -> bool:

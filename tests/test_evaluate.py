@@ -314,8 +314,9 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     plain = write_config(tmp_path / "plain.yaml", tiny_config(shapes_dir, tmp_path / "plain",
                                                               checkpoint={"every_steps": 2, "keep_last": 1}))
     train(load_config(plain), progress=False)
+    # Checkpoints every 4 steps, evaluation every 2: a best found between checkpoints gets its checkpoint then.
     evaluated_config = tiny_config(shapes_dir, tmp_path / "evaluated", eval=_eval_section(networks, tmp_path / "cache"),
-                                   checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "kid"})
+                                   checkpoint={"every_steps": 4, "keep_last": 1, "keep_best": "kid:max"})
     evaluated = write_config(tmp_path / "evaluated.yaml", evaluated_config)
     random.seed(123)  # global generators must come out of evaluation as they went in
     result = train(load_config(evaluated), progress=False)
@@ -327,7 +328,7 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     assert [h["step"] for h in history] == [2, 4]
     assert all(h["fid"] > 0 and h["images"] == 8 and "lpips_diversity" in h for h in history)
     assert (run / "eval.png").is_file() and (run / "model-best" / "difftrain.json").is_file()
-    best_step = min(history, key=lambda h: h["kid"])["step"]
+    best_step = max(history, key=lambda h: h["kid"])["step"]  # (the worse one: step 2 here, between checkpoints)
     state = json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["best"]["step"] == best_step and state["best"]["metric"] == "kid"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))

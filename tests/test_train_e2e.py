@@ -187,10 +187,11 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     config = make_config(training={"max_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
     capsys.readouterr()
-    code = main(["train", str(config), "--resume", "latest", "--set", "training.learning_rate=0.5", "--set", "training.max_steps=4"])
+    code = main(["train", str(config), "--resume", "latest", "--set", "training.batch_size=8", "--set",
+                 "training.max_steps=4"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "cannot resume" in err and "training.learning_rate: checkpoint has 0.001, this config has 0.5" in err
+    assert "cannot resume" in err and "training.batch_size: checkpoint has 4, this config has 8" in err
     # A checkpoint written on a GPU holds a CUDA noise generator's state, which a CPU generator cannot take:
     # refused before anything loads, rather than failing after the weights did.
     state_file = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.json"
@@ -199,6 +200,23 @@ def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, ca
     state_file.write_text(json.dumps({**state, "device": "cuda"}))
     assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=4"]) == 2
     assert "written on a cuda device and this run is on cpu" in capsys.readouterr().err
+
+
+def test_a_resume_may_lower_the_learning_rate_but_not_start_past_max_steps(make_config, tmp_path, capsys):
+    """What a divergence message advises: lower the rate (or clip) and resume. Every group's rate and the
+    schedule's base scale by the same factor, so warmup goes on where it was."""
+    config = make_config(training={"max_steps": 2, "lr_warmup_steps": 4}, checkpoint={"every_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    first = json.loads((tmp_path / "run/checkpoints/step-00000002/state.json").read_text())["lr_schedule"]
+    capsys.readouterr()
+    assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=4",
+                 "--set", "training.learning_rate=0.0005", "--set", "training.max_grad_norm=0.5"]) == 0
+    assert "training.learning_rate 0.001 -> 0.0005: every rate x0.5" in capsys.readouterr().out
+    later = json.loads((tmp_path / "run/checkpoints/step-00000004/state.json").read_text())["lr_schedule"]
+    assert later["base_lrs"] == [rate * 0.5 for rate in first["base_lrs"]] and later["last_epoch"] == 4
+    assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=3",
+                 "--set", "training.learning_rate=0.0005"]) == 2
+    assert "it is at step 4, past training.max_steps = 3" in capsys.readouterr().err
 
 
 def test_the_process_group_waits_as_long_as_the_config_says(make_config):

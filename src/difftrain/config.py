@@ -702,6 +702,8 @@ RESUME_SAFE_KEYS = (
     "version",
     "output_dir",
     "training.max_steps",
+    "training.learning_rate",  # after a divergence: the trainer rescales the restored rates and schedule
+    "training.max_grad_norm",  # clipping from here on; nothing restored depends on it
     "training.keep_host_memory",  # where freed memory goes, not what is computed
     "training.process_timeout_minutes",
     "checkpoint.",

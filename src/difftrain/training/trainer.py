@@ -262,8 +262,11 @@ class Trainer:
                 with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
                     if self.step % config.sample.every_steps == 0 or last_step:
                         self.save_samples(bar)
-                    if self.evaluation.due(self.step, last_step):
-                        self.evaluate(bar)
+                    if self.evaluation.due(self.step, last_step) and self.evaluate(bar) and not checkpoint_due:
+                        # A new best between checkpoint steps: its checkpoint is written now, so keep_best has
+                        # one to keep (else the last best's would be pruned and the new one never written).
+                        self._check_finite(loss_sum, bar)
+                        checkpoint_due = True
                     if checkpoint_due:
                         self.save_checkpoint()
                 if stop.requested:
@@ -325,9 +328,22 @@ class Trainer:
                 if precision == "fp16" else "")
         raise TrainingDiverged(
             f"{what} by step {self.step}: training diverged; {where}. {hint}Lower "
-            "training.learning_rate or keep training.max_grad_norm set, and resume with --resume latest")
+            "training.learning_rate or set training.max_grad_norm (both may change on resume), and resume with "
+            "--resume latest")
 
     # ----------------------------------------------------------------- outputs
+    def _rescale_learning_rate(self, saved: float) -> None:
+        """training.learning_rate changed on resume (after a divergence, say): every group's rate, and the base
+        the schedule scales from, by the same factor, so warmup and decay go on where they were."""
+        factor = self.config.training.learning_rate / saved
+        self.lr_schedule.base_lrs = [rate * factor for rate in self.lr_schedule.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.main:
+            print(f"training.learning_rate {saved:g} -> {self.config.training.learning_rate:g}: every rate x{factor:g}")
+
     def _check_startable(self, resume: str | None) -> None:
         problem = None
         try:
@@ -395,6 +411,10 @@ class Trainer:
                 f"cannot resume from {path}: it was written on a {written_on} device and this run is on {device}; "
                 "an exact resume continues the noise generator of the device kind it was written on. Resume on "
                 f"a {written_on} device, or start a new run whose model.base is a model this run saved")
+        written_in = state.get("mixed_precision")
+        if written_in and written_in != self.accelerator.mixed_precision and self.main:  # allowed: the user's call
+            print(f"note: {path.name} was trained in {written_in}, this run goes on in "
+                  f"{self.accelerator.mixed_precision}")
         if state["world_size"] != self.accelerator.num_processes:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
@@ -406,8 +426,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             recover_dirs(self.run_dir)  # a final model a killed run was swapping in
             self.store.clean_staging()
-            (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
-            (self.run_dir / "data_report.txt").write_text("\n".join(self.dataset.source.report_lines()) + "\n")
+            # Atomic: users often resume with this very file, which a full disk must not leave truncated.
+            write_text(self.run_dir / "config.yaml", self.config.to_yaml())
+            write_text(self.run_dir / "data_report.txt", "\n".join(self.dataset.source.report_lines()) + "\n")
             if self.dataset.source.skipped:
                 log.warning(
                     "%d unusable records skipped; the list is in %s",
@@ -481,11 +502,14 @@ class Trainer:
                         tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
         self.accelerator.wait_for_everyone()
 
-    def evaluate(self, bar) -> None:
-        """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/."""
+    def evaluate(self, bar) -> bool:
+        """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/. Returns
+        whether this is a new best, on every process."""
+        best = [False]
         with self._modules_for_main() as modules:
             if modules is not None:
                 values = self.evaluation.run(self.method, modules, self.step)
+                best = [bool(values["best"])]
                 if values["best"]:
                     self._write_model(modules, self.run_dir / "model-best", "ema" if self.emas else "raw")
                     self.store.keep_step = self.step
@@ -494,7 +518,12 @@ class Trainer:
             shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity") if k in values}
             bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
                       + f" ({values['seconds']:.0f} s)" + (" - best so far, saved to model-best/" if values["best"] else ""))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(best)
         self.accelerator.wait_for_everyone()
+        return best[0]
 
     def _write_model(self, modules: dict, folder: Path, weights: str) -> None:
         # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
@@ -669,13 +698,21 @@ class Trainer:
                 optimizer_state = sharding.shard_optimizer_state(optimizer_state, self.parameters, path)
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if saved.training.learning_rate != self.config.training.learning_rate:
+            self._rescale_learning_rate(saved.training.learning_rate)
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
         rng.restore(load_tensors(path / sharding.part_file("rng", accelerator.process_index)), self.noise_generator)
         self.step = state["step"]
+        if self.step > self.config.training.max_steps:
+            raise CheckpointError(f"cannot resume from {path}: it is at step {self.step}, past training.max_steps = "
+                                  f"{self.config.training.max_steps}; raise max_steps, or use the run's model as it is")
         self.position = Position(**state["position"])
-        self.evaluation.best = state.get("best")
-        self.store.keep_step = (state.get("best") or {}).get("step")
+        best = state.get("best")
+        # A best of another metric (eval.keep_best changed on resume) would be compared with the new metric's values.
+        same_metric = best is None or best.get("metric", self.evaluation.best_metric) == self.evaluation.best_metric
+        self.evaluation.best = best if same_metric else None
+        self.store.keep_step = (self.evaluation.best or {}).get("step")
         if state.get("num_records", len(self.dataset)) != len(self.dataset):  # only with --allow-data-change
             self.position = Position(self.position.epoch + 1, 0)  # the old order means nothing for new data
         elif state.get("order_rule", 1) != self.sampler.order_rule and self.position.batch:

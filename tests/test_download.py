@@ -475,6 +475,17 @@ def test_private_addresses_are_refused_unless_allowed(tmp_path, server):
         with pytest.raises(Failed) as refused:
             guarded.get(f"{server.url}/img/20x16.png?t=private")
         assert refused.value.reason == "private address" and "127.0.0.1" in refused.value.detail
+        # A URL whose host reads one way to the check and another to the connection is refused unfetched;
+        # an internationalised host name is the same host to both.
+        with pytest.raises(Failed) as confusing:
+            guarded.get("http://127.0.0.1\\@example.com/latest/meta-data/")
+        assert confusing.value.reason == "bad url" and "reads differently" in confusing.value.detail
+        from urllib3.util import parse_url
+
+        from difftrain.data.download import _ascii_host
+
+        prepared = requests.Request("GET", "http://Bücher.example/katze.jpg").prepare().url
+        assert parse_url(prepared).host == _ascii_host("bücher.example") == "xn--bcher-kva.example"
     finally:
         guarded.close()
     # A public URL that redirects inward (a cloud's metadata service) is refused at the redirect.

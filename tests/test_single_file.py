@@ -281,7 +281,8 @@ def test_a_v_prediction_file_carries_its_ldm_config_and_marker_and_loads_back_as
     hub_cache(tmp_path / "hub2", "stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "hub-source")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub2"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
+    reloaded = load_sd(str(path), load={"unet"}).scheduler.config
+    assert reloaded.prediction_type == "v_prediction" and reloaded.rescale_betas_zero_snr  # (from its ztsnr key)
     path.with_suffix(".yaml").unlink()  # an epsilon SD 1.x file has no yaml; its marker alone still says v
     assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
     plain = save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tmp_path / "eps.safetensors",

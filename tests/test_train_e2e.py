@@ -211,7 +211,7 @@ def test_a_resume_may_lower_the_learning_rate_but_not_start_past_max_steps(make_
     capsys.readouterr()
     assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=4",
                  "--set", "training.learning_rate=0.0005", "--set", "training.max_grad_norm=0.5"]) == 0
-    assert "training.learning_rate 0.001 -> 0.0005: every rate x0.5" in capsys.readouterr().out
+    assert "training.learning_rate 0.001 -> 0.0005: rates x0.5" in capsys.readouterr().out
     later = json.loads((tmp_path / "run/checkpoints/step-00000004/state.json").read_text())["lr_schedule"]
     assert later["base_lrs"] == [rate * 0.5 for rate in first["base_lrs"]] and later["last_epoch"] == 4
     assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=3",

@@ -348,5 +348,4 @@ def _leave_stops_to_the_trainer(worker_id: int) -> None:
     "DataLoader worker exited unexpectedly" instead of letting it finish the step and save a checkpoint."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (SIGTERM stays: the loader's own shutdown terminates workers)

@@ -34,16 +34,18 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from PIL import Image
 from tqdm.auto import tqdm
 from urllib3.exceptions import ReadTimeoutError
+from urllib3.util import parse_url
 
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError, jsonl_entries
@@ -334,7 +336,8 @@ def check_host(host: str) -> None:
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError) as exc:
-        raise Failed("unknown host", f"{host}: {exc}") from None  # final: a name that does not resolve stays so
+        # Final, a name that does not resolve stays so; but a resolver overwhelmed by 64 threads says "try again".
+        raise Failed("unknown host", f"{host}: {exc}", retry=getattr(exc, "errno", None) == socket.EAI_AGAIN) from None
     private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
     if private:
         raise Failed("private address", f"{host} is {', '.join(private)}, not a public address "
@@ -379,7 +382,9 @@ class Fetcher:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
             session.max_redirects = self.options.max_redirects
-            session.trust_env = False  # no proxy or .netrc of this machine's environment applies to a URL list
+            # No .netrc credentials of this machine go to the hosts a URL list names (an auth of its own stops
+            # requests looking them up); its proxy and CA settings still apply.
+            session.auth = _no_credentials
             if not self.options.allow_private:
                 session.hooks["response"].append(_check_redirect)
             self._local.session = session
@@ -391,13 +396,23 @@ class Fetcher:
         # requests' timeout bounds each wait; the deadline bounds a server that trickles bytes.
         deadline = time.monotonic() + self.options.timeout
         if not self.options.allow_private:
-            check_host(urlsplit(url).hostname or "")
+            host = urlsplit(url).hostname or ""
+            # The host checked must be the host connected to: "http://10.0.0.5\\@example.com/" is example.com to
+            # urlsplit and 10.0.0.5 to urllib3, which requests connects with.
+            connected = (parse_url(requests.Request("GET", url).prepare().url).host or "").strip("[]").lower()
+            if connected != _ascii_host(host):
+                raise Failed("bad url", f"{url}: its host reads differently to different URL parsers")
+            check_host(host)
         try:
             with self._session().get(url, timeout=self.options.timeout, stream=True) as response:
                 self._check_response(response)
                 return self._read_body(response, deadline)
         except requests.RequestException as exc:
             raise _request_failure(exc, self.options) from None
+        except ReadTimeoutError:  # read1 is urllib3's own reader: its errors come unwrapped by requests
+            raise Failed("timeout", f"no answer within --timeout {self.options.timeout:g} s", retry=True) from None
+        except (urllib3.exceptions.HTTPError, IncompleteRead) as exc:  # reset or cut off mid-body
+            raise Failed("connection error", f"{type(exc).__name__}: {exc}", retry=True) from None
         except (ValueError, UnicodeError, HTTPException) as exc:  # a malformed redirect or header, say
             raise Failed("bad response", f"{type(exc).__name__}: {exc}") from None
 
@@ -437,6 +452,18 @@ class Fetcher:
             if time.monotonic() > deadline:
                 raise Failed("timeout", f"the body took over --timeout {self.options.timeout:g} s", retry=True)
         return bytes(body)
+
+
+def _ascii_host(host: str) -> str:
+    """A host name as it goes on the wire (an internationalised one in punycode, as requests sends it)."""
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return host.lower()
+
+
+def _no_credentials(request):
+    return request
 
 
 def _check_redirect(response: requests.Response, *args, **kwargs) -> None:
@@ -719,7 +746,8 @@ def _download_shards(table: UrlTable, out: Path, plan: dict, todo: list[int], op
                dynamic_ncols=True)
     reports: list[dict] = []
     current: ShardRun | None = None
-    ok_before = 0  # successes in the shards already finished by this call
+    ok_before = rows_done = 0  # successes in the shards already finished by this call; rows seen (a disabled bar
+    # counts none)
     # Each shard's span starts where the one before ended: the spans of one process never overlap.
     shard_started = time.time()
     try:
@@ -732,10 +760,11 @@ def _download_shards(table: UrlTable, out: Path, plan: dict, todo: list[int], op
                     ok_before += current.ok
                     shard_started = reports[-1]["finished"]
                     if options.progress and bar.disable:  # no terminal (a batch job's log): a line a shard instead
-                        print(f"download: shard {reports[-1]['shard']} done; {bar.n:,} of {total:,} rows so far, "
-                              f"{ok_before:,} ok", file=sys.stderr, flush=True)
+                        print(f"download: shard {reports[-1]['shard']} done; {rows_done:,} of {total:,} rows so "
+                              f"far, {ok_before:,} ok", file=sys.stderr, flush=True)
                 current = ShardRun(out, number, plan, options, shard_started)
             current.add(outcome)
+            rows_done += 1
             bar.update()
             bar.set_postfix(ok=ok_before + current.ok, failed=bar.n - ok_before - current.ok, refresh=False)
         if current is not None:

@@ -19,7 +19,8 @@ class PackedStrings(Sequence[str]):
     """An immutable list of str in a UTF-8 buffer and offsets: `len`, indexing (one item or a slice), iteration."""
 
     def __init__(self, items: Iterable[str]):
-        encoded = [item.encode("utf-8") for item in items]
+        # surrogatepass: a Linux file name that is not UTF-8 reaches Python as lone surrogates, and must survive.
+        encoded = [item.encode("utf-8", "surrogatepass") for item in items]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(item) for item in encoded], out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -35,7 +36,7 @@ class PackedStrings(Sequence[str]):
             index += count
         if not 0 <= index < count:
             raise IndexError(f"index {index} out of range for {count} strings")
-        return self._buffer[self._offsets[index]:self._offsets[index + 1]].tobytes().decode("utf-8")
+        return self._buffer[self._offsets[index]:self._offsets[index + 1]].tobytes().decode("utf-8", "surrogatepass")
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
@@ -45,7 +46,7 @@ class PackedLists(Sequence[list[str]]):
     """An immutable list of lists of str (each record's captions), packed the same way."""
 
     def __init__(self, items: Iterable[Sequence[str]]):
-        self._packed = PackedStrings(json.dumps(list(item), ensure_ascii=False) for item in items)
+        self._packed = PackedStrings(json.dumps(list(item)) for item in items)  # ASCII escapes keep any str
 
     def __len__(self) -> int:
         return len(self._packed)

@@ -512,7 +512,11 @@ def convert_lora(src, dst, to: str) -> Path:
     if to == "kohya":
         kohya_tensors = to_kohya(modules)
         if not any(key.startswith("ss_") for key in meta):  # a diffusers file of ours: its facts, in kohya's names
-            meta = {**kohya_metadata(training_metadata(meta, dst.stem), modules), **_tensor_hashes(kohya_tensors)}
+            # A file from elsewhere says nothing of its SD version: its cross-attention width does (1024: SD 2.x).
+            sd2 = any(m.part == "unet" and "attn2.to_k" in m.module and m.down.shape[1] == 1024 for m in modules)
+            facts = {"sd_version": "v2" if sd2 else "v1", **meta}
+            made = kohya_metadata(training_metadata(facts, dst.stem), modules)
+            meta = {**{k: v for k, v in made.items() if k in meta or k not in facts}, **_tensor_hashes(kohya_tensors)}
         return _write(dst, kohya_tensors, meta)
     tensors, adapter_json = to_diffusers(modules)
     return _write(dst, tensors, {**_plain(meta), ADAPTER_METADATA_KEY: adapter_json})

@@ -408,16 +408,19 @@ def _single_file_parameterization(path: str, unet, scheduler):
     diffusers' guess describes an SD 1.x file with SD 1.5's configs (epsilon) and any SD 2.x file with
     2-1's (768 px, v), though SD 2.x at 512 px (epsilon) has the same keys. In order: a `.yaml` beside
     the file (AUTOMATIC1111 reads it first; difftrain writes one for v and SD 2.x models) with
-    `parameterization: "v"` or without; a `v_pred` key in the file (Forge's and ComfyUI's marker);
-    for SD 2.x the UNet itself, asked as A1111 asks it; else the guessed configs' own."""
+    `parameterization: "v"` or without; a `v_pred` key in the file (Forge's marker; ComfyUI reads it for
+    SDXL only); for SD 2.x the UNet itself, asked as A1111 asks it; else the guessed configs' own. A `ztsnr`
+    key says the model was trained with zero terminal SNR."""
     beside = Path(path).with_suffix(".yaml")
     sd2 = unet.config.cross_attention_dim == 1024
+    markers = (_safetensors(path, lambda f, k: None, lambda key: key in ("v_pred", "ztsnr"))
+               if Path(path).suffix.lower() == ".safetensors" else {})
+    if "ztsnr" in markers:  # trained with zero terminal SNR: sampling must rescale its betas the same way
+        scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
     if beside.is_file():
         how = f"{beside.name} beside it"
-        predicts_v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", beside.read_text(errors="replace"),
-                               re.MULTILINE) is not None
-    elif Path(path).suffix.lower() == ".safetensors" and "v_pred" in _safetensors(path, lambda f, k: None,
-                                                                                   lambda key: key == "v_pred"):
+        predicts_v = _yaml_parameterization(beside) == "v"
+    elif "v_pred" in markers:
         how, predicts_v = "its v_pred key", True
     elif sd2:
         how, predicts_v = "its UNet's answer at t = 999 (A1111's test)", predicts_v_for_sd2(unet)
@@ -428,6 +431,19 @@ def _single_file_parameterization(path: str, unet, scheduler):
         unet.register_to_config(sample_size=64)  # 512 px, not 2-1's 768, by default
     log.info("%s: %s says %s", path, how, prediction)
     return type(scheduler).from_config(scheduler.config, prediction_type=prediction)
+
+
+def _yaml_parameterization(path: Path) -> str | None:
+    """model.params.parameterization of an LDM config yaml ("v", or None for LDM's default, eps)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(errors="replace"))
+        value = config["model"]["params"].get("parameterization")
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        log.warning("%s: not an LDM config yaml (model.params); its parameterization is taken as eps", path)
+        return None
+    return str(value) if value is not None else None
 
 
 def predicts_v_for_sd2(unet) -> bool:

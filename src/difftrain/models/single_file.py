@@ -276,7 +276,7 @@ def save_single_file(
     v-prediction model and any SD 2.x model get their LDM config beside the file (PATH.yaml,
     what AUTOMATIC1111 reads before guessing, and what ComfyUI's config loader and diffusers'
     `original_config` take); a v-prediction or zero-terminal-SNR model also carries the empty
-    `v_pred` / `ztsnr` keys Forge and ComfyUI look for.
+    `v_pred` / `ztsnr` keys Forge looks for (ComfyUI, for SDXL models only), which difftrain reads back.
     """
     state = to_ldm_state_dict(unet, vae, text_encoder)
     v_prediction = bool(noise) and noise.get("prediction_type") == "v_prediction"

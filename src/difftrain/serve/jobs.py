@@ -197,11 +197,12 @@ class JobQueue:
         for key in finished[:-FINISHED_KEPT]:
             del self._jobs[key]
         finished, held = finished[-FINISHED_KEPT:], sum(map(self._result_bytes, finished[-FINISHED_KEPT:]))
-        for key in finished[:-1]:  # the newest is always kept: its client has yet to ask for it
+        for key in finished:  # oldest first; the job just finished is always kept: its client has yet to ask for it
             if held <= FINISHED_BYTES:
                 break
-            held -= self._result_bytes(key)
-            del self._jobs[key]
+            if key != job.id:
+                held -= self._result_bytes(key)
+                del self._jobs[key]
 
     def _result_bytes(self, key: str) -> int:
         result = self._jobs[key].result or {}

@@ -335,14 +335,22 @@ class Trainer:
     def _rescale_learning_rate(self, saved: float) -> None:
         """training.learning_rate changed on resume (after a divergence, say): every group's rate, and the base
         the schedule scales from, by the same factor, so warmup and decay go on where they were."""
-        factor = self.config.training.learning_rate / saved
-        self.lr_schedule.base_lrs = [rate * factor for rate in self.lr_schedule.base_lrs]
-        for group in self.optimizer.param_groups:
+        new = self.config.training.learning_rate
+        # A group with a rate of its own (text2image.text_encoder_lr) keeps it: each parameter's factor is what
+        # the method's groups give it under the new rate against the old.
+        factor_of = {id(param): after["lr"] / before["lr"]
+                     for before, after in zip(self.method.parameter_groups(saved), self.method.parameter_groups(new))
+                     for param in before["params"]}
+        groups = self.optimizer.param_groups
+        factors = [factor_of.get(id(group["params"][0]), new / saved) if group["params"] else new / saved
+                   for group in groups]
+        self.lr_schedule.base_lrs = [rate * factor for rate, factor in zip(self.lr_schedule.base_lrs, factors)]
+        for group, factor in zip(groups, factors):
             group["lr"] *= factor
             if "initial_lr" in group:
                 group["initial_lr"] *= factor
         if self.main:
-            print(f"training.learning_rate {saved:g} -> {self.config.training.learning_rate:g}: every rate x{factor:g}")
+            print(f"training.learning_rate {saved:g} -> {new:g}: rates x{new / saved:g} (a group's own rate kept)")
 
     def _check_startable(self, resume: str | None) -> None:
         problem = None

@@ -172,6 +172,13 @@ def test_from_scratch_unet_with_trained_text_encoder_and_its_own_lr(tiny_sd, sha
     assert saved == ["difftrain.json", "scheduler", "text_encoder", "unet"]  # the trained parts only
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "model" / "unet")
     assert list(unet.config.block_out_channels) == [16, 32]
+    # A resume that halves training.learning_rate halves the UNet's rate; the text encoder keeps its own.
+    lowered = load_config(config).model_copy(deep=True)
+    lowered.training.learning_rate = 5e-5
+    resumed = Trainer(lowered, progress=False, resume="latest")
+    resumed.load_checkpoint(resumed.store.resolve("latest"))
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([5e-5, 1e-5])
+    assert resumed.lr_schedule.base_lrs == pytest.approx([5e-5, 1e-5])
 
 
 def train_straight_and_interrupted(make_config, tmp_path: Path, steps: int = 4) -> tuple[Path, Path]:

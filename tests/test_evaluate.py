@@ -328,7 +328,8 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     assert [h["step"] for h in history] == [2, 4]
     assert all(h["fid"] > 0 and h["images"] == 8 and "lpips_diversity" in h for h in history)
     assert (run / "eval.png").is_file() and (run / "model-best" / "difftrain.json").is_file()
-    best_step = max(history, key=lambda h: h["kid"])["step"]  # (the worse one: step 2 here, between checkpoints)
+    best_step = max(history, key=lambda h: h["kid"])["step"]
+    assert best_step == 2  # (the worse one), between checkpoints: the path under test
     state = json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["best"]["step"] == best_step and state["best"]["metric"] == "kid"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))

@@ -42,12 +42,13 @@ def test_a_bom_keeps_the_first_caption_and_tool_folders_are_not_data(tmp_path):
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "b.jfif")  # Chrome's name for the JPEGs it saves
     make_image(tmp_path / "@eaDir" / "a.png" / "SYNOFILE_THUMB_M.jpg")  # a Synology NAS's thumbnails
-    make_image(tmp_path / "__MACOSX" / "._a.png")
+    make_image(tmp_path / "__MACOSX" / "a.png")
     make_image(tmp_path / ".thumbnails" / "a.png")
     lines = [json.dumps({"file_name": "a.png", "text": "first"}), json.dumps({"file_name": "b.jfif", "text": "second"})]
     (tmp_path / "metadata.jsonl").write_bytes("\r\n".join(lines).encode("utf-8-sig"))  # as Windows Notepad saves it
     scan = scan_folder(tmp_path, progress=False)
-    assert {r.path.name: r.caption for r in scan.records} == {"a.png": "first", "b.jfif": "second"}
+    found = {str(r.path.relative_to(tmp_path)): r.caption for r in scan.records}
+    assert found == {"a.png": "first", "b.jfif": "second"}
     assert scan.skipped == []
 
 
@@ -121,13 +122,14 @@ def test_metadata_csv_captions_are_read_as_datasets_imagefolder_reads_them(tmp_p
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "b.png")
     make_image(tmp_path / "c.png")
-    rows = ['file_name,text,score', 'a.png,"a cat, sitting ""politely""\non a mat",5', 'b.png,plain,3',
+    rows = ['file_name,text,score', 'a.png,"a cat, sitting ""politely""\non a mat",5', f'b.png,{"plain " * 30_000},3',
             'c.png,,1', 'gone.png,missing file,2']
     (tmp_path / "metadata.csv").write_bytes("\r\n".join(rows).encode("utf-8-sig"))  # Excel's "CSV UTF-8"
     scan = scan_folder(tmp_path, progress=False)
     assert scan.caption_source == "metadata"
     ours = {r.path.name: r.caption for r in scan.records}
-    assert ours == {"a.png": 'a cat, sitting "politely"\non a mat', "b.png": "plain", "c.png": ""}
+    # (b's caption is past csv's own 131,072-character cell limit)
+    assert ours == {"a.png": 'a cat, sitting "politely"\non a mat', "b.png": "plain " * 30_000, "c.png": ""}
     assert dict(scan.skipped)[str((tmp_path / "gone.png").resolve())] == (
         "listed in metadata.csv line 6 but the file does not exist")
 

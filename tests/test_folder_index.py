@@ -61,7 +61,10 @@ def open_folder(root: Path, index_dir: Path | None, **options):
 
 
 def snapshot(source) -> dict:
-    """Everything a folder source hands training and reports."""
+    """Everything a folder source hands training and reports (its per-record strings packed: workers share them)."""
+    from difftrain.data.packed import PackedLists, PackedStrings
+
+    assert isinstance(source._keys, PackedStrings) and isinstance(source._captions, PackedLists)
     conditioning = source._conditioning
     return {"description": source.description, "keys": list(source._keys), "paths": list(source._paths),
             "captions": list(source._captions), "sizes": source.sizes.tolist(), "skipped": source.skipped,

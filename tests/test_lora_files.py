@@ -275,6 +275,7 @@ def test_peft_file_from_diffusers_save_lora_adapter(tiny_dir, trained, tmp_path)
     assert apply_adapters(pipe, [(str(tmp_path), 1.0)], []) == ["lora0"]
     assert "lora0" in pipe.get_list_adapters()["unet"]
     want = image(pipe)
+    assert not np.allclose(want, image(load_pipe(tiny_dir)))  # the adapter acts: the comparisons below mean something
     # The same adapter in older spellings: a PeftModel's ("base_model.model." first) and diffusers' attention-
     # processor files from before peft ("attn1.processor.to_q_lora.down.weight").
     import re

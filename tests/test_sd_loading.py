@@ -284,7 +284,7 @@ def hub_cache(root, repo: str, folder) -> None:
     (entry / "refs" / "main").write_text(commit)
 
 
-def test_hub_ids_load_offline_from_the_hf_cache_and_are_checked_by_kind(tiny, tmp_path, monkeypatch):
+def test_hub_ids_load_offline_from_the_hf_cache_and_are_checked_by_kind(tiny, tiny_b, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
@@ -300,7 +300,8 @@ def test_hub_ids_load_offline_from_the_hf_cache_and_are_checked_by_kind(tiny, tm
 
     from_hub, from_folder = load_sd("someone/tiny-sd"), load_sd(str(tiny))
     assert equal(from_hub.unet, from_folder.unet.state_dict()) and equal(from_hub.vae, from_folder.vae.state_dict())
-    assert equal(load_sd(str(tiny), vae="someone/tiny-sd").vae, from_folder.vae.state_dict())  # a part by hub id
+    hub_cache(cache, "someone/other-sd", tiny_b)
+    assert equal(load_sd(str(tiny), vae="someone/other-sd").vae, weights(tiny_b, "vae"))  # a part by hub id
     with pytest.raises(ModelLoadError, match=r"someone/tiny-xl: a StableDiffusionXLPipeline; difftrain trains"):
         load_sd("someone/tiny-xl")
     # What users run: `difftrain generate owner/name` draws what the same folder on disk draws.

@@ -157,9 +157,11 @@ def _data_curate(args: argparse.Namespace) -> int:
         return 0
     summary = counts(result.items)
     dropped = ", ".join(f"{n} {step}" for step, n in summary["dropped"].items()) or "none"
-    measured = shard_slice(len(source), options.shard)
-    where = f"cached features for records {measured.start}-{measured.stop - 1}" if options.shard else (
-        f"wrote {summary['kept']} records to {result.out}; report in {result.report_dir}")
+    if options.shard:
+        measured = shard_slice(len(source), options.shard)
+        where = f"cached features for records {measured.start}-{measured.stop - 1}"
+    else:
+        where = f"wrote {summary['kept']} records to {result.out}; report in {result.report_dir}"
     print(f"{summary['records']} records: {summary['kept']} kept, dropped: {dropped}. {where}")
     return 0
 

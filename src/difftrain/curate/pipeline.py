@@ -80,7 +80,7 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions,
     out = Path(os.path.abspath(out))
     final = options.shard is None
     if final:
-        _check_output(out, options.force, [path for _, path, _ in source.stored_files()] + [str(p) for p in inputs])
+        _check_output(out, options.force, source, inputs)
     timer, cache = _Timer(), FeatureCache(options.cache_dir)
     try:
         features = _Features(source, cache, options, timer)
@@ -119,11 +119,10 @@ def _report_dir(out: Path, options: CurateOptions) -> Path:
     return Path(options.report_dir) if options.report_dir else out.with_name(out.name + "-report")
 
 
-def _check_output(out: Path, force: bool, inputs: list[str]) -> None:
+def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple) -> None:
     """Refuse, before any work, an OUT that is in use: the current folder or one above it, not empty without
     --force, or holding the data being curated (--force would replace it with the output)."""
-    here = os.getcwd()
-    if here == str(out) or here.startswith(str(out).rstrip(os.sep) + os.sep):
+    if Path.cwd().is_relative_to(out):
         raise CurateError(f"{out} is the current folder or holds it; give OUT as a folder of its own")
     if not (out.exists() or out.is_symlink()):
         return
@@ -133,14 +132,14 @@ def _check_output(out: Path, force: bool, inputs: list[str]) -> None:
         return
     if not force:
         raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
-    roots = {str(out), os.path.realpath(out)}
-    for path in inputs:
-        if is_url(path):
-            continue
-        for form in {os.path.abspath(path), os.path.realpath(path)}:  # a source reached through a link too
-            if any(form == root or form.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
-                raise CurateError(f"{out} holds the data being curated ({path}); --force would delete it. Give "
-                                  "another folder for the output")
+    roots = {out, out.resolve()}
+    # The files' folders, not each file: one resolve a folder (a source reached through a link too).
+    folders = {Path(os.path.abspath(path)).parent
+               for path in [*(path for _, path, _ in source.stored_files()), *map(str, inputs)] if not is_url(path)}
+    for folder in folders:
+        if any(form.is_relative_to(root) for form in (folder, folder.resolve()) for root in roots):
+            raise CurateError(f"{out} holds the data being curated ({folder}); --force would delete it. Give "
+                              "another folder for the output")
 
 
 def _read(source: RecordSource, indices: range, features: "_Features") -> list[Item]:
@@ -167,12 +166,11 @@ def _read(source: RecordSource, indices: range, features: "_Features") -> list[I
                     nbytes=len(record.data))
         try:
             item.width, item.height = image_size_from_bytes(record.data)
-            if not keep_bytes:  # else measuring decodes it (and drops it if it cannot)
+            _filter_size(item, options)
+            if item.step is None and not keep_bytes:  # a kept record; else measuring decodes it (and drops it)
                 check_decodes(record.data, options.max_pixels)
         except BadImage as reason:
             item.drop("read", str(reason))
-        else:
-            _filter_size(item, options)
         items.append(item)
         seconds += time.perf_counter() - started
         if item.step is None and keep_bytes:

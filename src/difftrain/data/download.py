@@ -48,7 +48,7 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import parse_url
 
 from difftrain.atomic import write_text
-from difftrain.data.folder import DatasetError, jsonl_entries
+from difftrain.data.folder import DatasetError, csv_rows, jsonl_entries
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_bytes, load_image_bytes
 from difftrain.data.remote import retrying
 from difftrain.data.shards import FORMATS, LaionWriter, ShardWriter, TarWriter
@@ -217,11 +217,9 @@ def _parquet_items(path: Path) -> Iterator[tuple[int, dict | str]]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[list[str]]:
-    # csv's own 131,072-character cell limit stopped a whole file at one long caption; a byte that is not UTF-8
-    # is kept (as a surrogate) for its row to be reported, not the file refused.
-    csv.field_size_limit(2**31 - 1)
+    # A byte that is not UTF-8 is kept (as a surrogate) for its row to be reported, not the file refused.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-        yield from (fields for fields in csv.reader(file, delimiter=delimiter) if fields)
+        yield from (fields for fields in csv_rows(file, delimiter) if fields)
 
 
 def _survey_csv(path: Path, delimiter: str = ",") -> tuple[list[str], int]:
@@ -309,9 +307,10 @@ _ITEMS: dict[str, Callable[[Path], Iterator[tuple[int, dict | str]]]] = {
 class Failed(Exception):
     """One row that gave no record: `reason` is a short category (counted), `detail` the specifics."""
 
-    def __init__(self, reason: str, detail: str, retry: bool = False):
+    def __init__(self, reason: str, detail: str, retry: bool = False, pause: float | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail, self.retry = reason, detail, retry
+        self.pause = pause  # how long the server asked to wait before a retry (Retry-After), if it did
 
 
 def check_url(url: str) -> None:
@@ -419,10 +418,8 @@ class Fetcher:
     def _check_response(self, response: requests.Response) -> None:
         status = response.status_code
         if not 200 <= status < 300:
-            failure = Failed(f"http {status}", f"{response.url} answered {status} {response.reason}",
-                             retry=status >= 500 or status == 429)
-            failure.pause = _retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
-            raise failure
+            raise Failed(f"http {status}", f"{response.url} answered {status} {response.reason}",
+                         retry=status >= 500 or status == 429, pause=_retry_after(response.headers.get("Retry-After")))
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type.startswith("text/"):
             raise Failed("not an image", f"the server sent {content_type} (a web page or text), not an image")

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -86,6 +87,19 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part in TOOL_FOLDERS for part in relative.parts)
 
 
+def not_utf8(raw: bytes, exc: UnicodeDecodeError, consequence: str = "") -> str:
+    """Why a file's bytes are refused (never guessed at: a replaced character would silently change a caption)."""
+    then = f"{consequence}; " if consequence else ""
+    return f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); {then}save the file as UTF-8"
+
+
+def csv_rows(lines: Iterable[str], delimiter: str = ",", reader=csv.reader):
+    """`reader` (csv.reader, csv.DictReader) with no cell-size limit: csv's own 131,072 characters stopped a whole
+    file at one long caption."""
+    csv.field_size_limit(2**31 - 1)
+    return reader(lines, delimiter=delimiter)
+
+
 def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
     """(where, parsed value) for each non-blank line of a file opened in binary mode; lines
     that are not UTF-8 or not JSON go to `skipped` (a replaced character would silently
@@ -97,8 +111,7 @@ def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, s
             # json.loads refuses, and the first record then lost its caption.
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            skipped.append((where, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
-                                   "save the file as UTF-8"))
+            skipped.append((where, not_utf8(raw, exc)))
             continue
         if not line.strip():
             continue
@@ -114,10 +127,9 @@ def csv_entries(raw: bytes, label: str, skipped: list[tuple[str, str]]) -> Itera
     try:
         text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as exc:
-        skipped.append((label, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
-                               "save the file as UTF-8"))
+        skipped.append((label, not_utf8(raw, exc)))
         return
-    rows = csv.DictReader(io.StringIO(text, newline=""))
+    rows = csv_rows(io.StringIO(text, newline=""), reader=csv.DictReader)
     if "file_name" not in (rows.fieldnames or ()):
         skipped.append((label, f"has no 'file_name' column (its header: {', '.join(rows.fieldnames or ())}); "
                                "the first row must name the columns, e.g. file_name,text"))
@@ -133,12 +145,11 @@ def csv_entries(raw: bytes, label: str, skipped: list[tuple[str, str]]) -> Itera
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
-def metadata_files(root: Path) -> list[Path]:
-    """Every metadata file under `root`, sorted; a folder with both kinds is refused, as datasets' imagefolder does."""
-    found = sorted(path for path in root.rglob("metadata.*")
-                   if path.name in METADATA_FILES and not _hidden(path.relative_to(root)))
-    folders = [path.parent for path in found]
-    both = sorted({folder for folder in folders if folders.count(folder) > 1})
+def metadata_files(paths: Iterable[Path]) -> list[Path]:
+    """The metadata files among a folder's `paths` (visible ones), sorted; a folder with both kinds is refused, as
+    datasets' imagefolder does."""
+    found = sorted(path for path in paths if path.name in METADATA_FILES)
+    both = sorted(folder for folder, count in Counter(path.parent for path in found).items() if count > 1)
     if both:
         raise DatasetError(f"{both[0]} holds both metadata.jsonl and metadata.csv; keep one of them")
     return found
@@ -209,8 +220,7 @@ def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -
     try:
         return raw.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        skipped.append((str(path.relative_to(root)), f"not valid UTF-8 (byte {exc.start}: "
-                        f"{raw[exc.start:exc.start + 1]!r}); its image is used uncaptioned; save the file as UTF-8"))
+        skipped.append((str(path.relative_to(root)), not_utf8(raw, exc, "its image is used uncaptioned")))
         return None
 
 
@@ -281,9 +291,9 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                    and not _hidden(p.relative_to(root)))
-    files = metadata_files(root)
+    visible = [p for p in root.rglob("*") if not _hidden(p.relative_to(root))]  # one walk: images and metadata
+    images = sorted(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = metadata_files(visible)
     source = _choose_caption_source(captions, files, images, caption_extension)
     skipped: list[tuple[str, str]] = []
     column = conditioning.column if conditioning and conditioning.folder is None else None

@@ -31,7 +31,7 @@ class BadImage(Exception):
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
+    if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float greyscale: scale the real range to 8 bits instead of clipping at 255. A 16-bit image
@@ -42,9 +42,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             array = array / (65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0)
         array = np.clip(array, 0.0, 1.0)
         return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8), "L").convert("RGB")
-    if mode in ("P", "RGB", "L") and "transparency" in image.info:
-        image = image.convert("RGBA")  # a palette entry or one colour marked transparent: white, as alpha is
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # (one colour marked transparent came as RGBA: _decode)
         # Transparent pixels become white, as most viewers show them, not black garbage.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

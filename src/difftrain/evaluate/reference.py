@@ -81,14 +81,14 @@ class ImageRecords:
 REFERENCE_SEED = 0
 
 
-def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, seed: int = REFERENCE_SEED,
-                 progress: bool = False, **source_options) -> ImageRecords:
+def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, progress: bool = False,
+                 **source_options) -> ImageRecords:
     from difftrain.data.sources import open_source
 
     source = open_source(kind, path, progress=progress, **source_options)
     indices = list(range(len(source)))
     if max_images is not None and max_images < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, max_images))
+        indices = sorted(random.Random(REFERENCE_SEED).sample(indices, max_images))
     description = source.description + (f", a seeded sample of {len(indices):,}" if len(indices) < len(source) else "")
     return ImageRecords(source, indices, description, list(source.skipped))
 

@@ -537,7 +537,10 @@ def check_lora_fits(pipe_or_components, lora_path) -> None:
     shapes do not fit its layer (a LoRA made for another model)."""
     path = _resolve(lora_path)
     tensors, metadata, fmt = load_lora_state(path)
-    modules = _modules(tensors, metadata, fmt, path)
+    _check_fit(pipe_or_components, _modules(tensors, metadata, fmt, path), path)
+
+
+def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> None:
     components = _components(pipe_or_components)
     # Flat kohya-style names on both sides: exact whatever format the file came in.
     layers = {}
@@ -573,10 +576,14 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
     Always through the diffusers format: its header carries each module's alpha, which diffusers'
     own kohya path reduces to one per component (a resized or block-weighted kohya LoRA would draw at
     the wrong strength), and a peft file saved without its part prefix would load nothing."""
-    check_lora_fits(pipe, lora_path)  # a LoRA for another model is refused with its keys and shapes
+    path = _resolve(lora_path)
+    tensors, metadata, fmt = load_lora_state(path)  # read and parsed once, for the check and the load
+    modules = _modules(tensors, metadata, fmt, path)
+    _check_fit(pipe, modules, path)  # a LoRA for another model is refused with its keys and shapes
+    tensors, adapter_json = to_diffusers(modules)
     with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
-        pipe.load_lora_weights(str(convert_lora(lora_path, Path(work) / "lora", to="diffusers")),
-                               adapter_name=adapter_name)
+        written = _write(Path(work) / DIFFUSERS_FILE, tensors, {ADAPTER_METADATA_KEY: adapter_json})
+        pipe.load_lora_weights(str(written), adapter_name=adapter_name)
 
 
 def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:

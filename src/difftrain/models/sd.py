@@ -402,7 +402,7 @@ def _scheduler(where: _Where | None, config_dir: str | None, revision: str | Non
     return cls.from_config(config), f"{cls.__name__} from {location}/scheduler"
 
 
-def _single_file_parameterization(path: str, unet, scheduler):
+def _single_file_parameterization(path: str, unet, scheduler, keys):
     """A single file's prediction type, which its keys cannot say, as the tools that read such files find it.
 
     diffusers' guess describes an SD 1.x file with SD 1.5's configs (epsilon) and any SD 2.x file with
@@ -413,8 +413,7 @@ def _single_file_parameterization(path: str, unet, scheduler):
     key says the model was trained with zero terminal SNR."""
     beside = Path(path).with_suffix(".yaml")
     sd2 = unet.config.cross_attention_dim == 1024
-    markers = (_safetensors(path, lambda f, k: None, lambda key: key in ("v_pred", "ztsnr"))
-               if Path(path).suffix.lower() == ".safetensors" else {})
+    markers = {key for key in ("v_pred", "ztsnr") if key in keys}
     if "ztsnr" in markers:  # trained with zero terminal SNR: sampling must rescale its betas the same way
         scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
     if beside.is_file():
@@ -555,7 +554,8 @@ def load_sd(
     _check_fit(parts, origin)
     scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
     if base_where is not None and base_where.kind == "single_file" and config is None and parts.get("unet") is not None:
-        scheduler = _single_file_parameterization(base_where.path, parts["unet"], scheduler)
+        keys = base_checkpoint if base_checkpoint is not None else _header(base_where.path, allow_pickle)
+        scheduler = _single_file_parameterization(base_where.path, parts["unet"], scheduler, keys)
         origin["scheduler"] += f", {scheduler.config.prediction_type}"
     return SDComponents(
         unet=parts.get("unet"),

@@ -271,8 +271,8 @@ class Engine:
         except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
             raise RequestError("sampler_name", str(reason)) from None
         self._activate_loras(model, pipe, prepared.loras)
-        clip_skip = int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip or \
-            pipe.manifest.conditioning.get("clip_skip") or 1
+        clip_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
+                     or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the LoRA tags are part of the key.
         key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, prepared.lora_tags)
         if key in self.prompt_cache:

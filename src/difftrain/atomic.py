@@ -170,3 +170,59 @@ def recover_dirs(parent: Path) -> None:
         recover_dir(parent / old.name[1 : -len(".old")])
     for leftover in parent.glob(".*.staging"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# For a folder whose parent may not be writable (a mounted volume): its new entries are built in a hidden
+# folder inside it and swapped in entry by entry, through a journal that makes the swap resumable.
+CONTENTS_STAGING = ".difftrain-partial"  # the new entries while they are written
+CONTENTS_OLD = ".difftrain-replaced"  # the old entries while the new ones move in
+_STAGED = ".complete"  # in CONTENTS_STAGING: every new entry is written
+_MOVED = ".complete"  # in CONTENTS_OLD: every old entry has left the folder
+
+
+def replace_contents(final: Path) -> None:
+    """Make the entries of `final` those written into `final / CONTENTS_STAGING`.
+
+    Nothing is deleted before every new entry is complete on disk and every old one set aside, so a crash
+    at any instant leaves either the old entries or the new ones once `recover_contents` has run.
+    """
+    staging = Path(final) / CONTENTS_STAGING
+    seal_tree(staging)
+    write_bytes(staging / _STAGED, b"")
+    _roll_forward(Path(final))
+
+
+def _roll_forward(final: Path) -> None:
+    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
+    if not (old / _MOVED).exists():
+        old.mkdir(exist_ok=True)
+        for entry in final.iterdir():
+            if entry.name not in (CONTENTS_STAGING, CONTENTS_OLD):
+                os.replace(entry, old / entry.name)
+        write_bytes(old / _MOVED, b"")
+    for entry in staging.iterdir():
+        if entry.name != _STAGED:
+            os.replace(entry, final / entry.name)
+    fsync_dir(final)
+    shutil.rmtree(staging)
+    shutil.rmtree(old)
+
+
+def recover_contents(final: Path) -> bool:
+    """Finish or undo a `replace_contents` a crash interrupted; True if there was one.
+
+    Complete new entries are swapped in; a half-written set is deleted and the old entries stay.
+    """
+    final = Path(final)
+    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
+    if (staging / _STAGED).exists():
+        _roll_forward(final)
+        return True
+    found = staging.exists() or old.exists()
+    if old.exists():  # not reached by replace_contents without a complete staging; put back what is there
+        for entry in old.iterdir():
+            if entry.name != _MOVED and not (final / entry.name).exists():
+                os.replace(entry, final / entry.name)
+        shutil.rmtree(old)
+    shutil.rmtree(staging, ignore_errors=True)
+    return found

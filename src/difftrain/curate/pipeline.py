@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difftrain.atomic import CONTENTS_STAGING, replace_contents
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
@@ -47,10 +48,10 @@ from difftrain.curate.scorers import AestheticPredictor, Captioner
 from difftrain.data.images import DECODE_VERSION, BadImage, check_decodes, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import BadRecord, RawRecord, RecordSource
 from difftrain.data.remote import is_url
+from difftrain.data.sources import finish_interrupted_curate
 # Features computed from decoded pixels are kept per decode version: a decode that changes (colour profiles
 # applied) must not be served a feature of the old pixels.
 PHASH_SPACE = f"phash:{DECODE_VERSION}"
-STAGING = ".difftrain-partial"  # the output being written, inside OUT
 
 
 class _Timer:
@@ -128,7 +129,8 @@ def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple) -
         return
     if not out.is_dir():
         raise CurateError(f"{out} is a file; give OUT as a folder")
-    if not any(entry.name != STAGING for entry in out.iterdir()):  # empty, or what a failed run left
+    finish_interrupted_curate(out)
+    if not any(out.iterdir()):
         return
     if not force:
         raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
@@ -450,7 +452,7 @@ def _write_output(source: RecordSource, kept: list[Item], out: Path, options: Cu
     curated = _CuratedSource(source, kept)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / STAGING
+    staging = out / CONTENTS_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if options.format == "folder":
@@ -460,11 +462,7 @@ def _write_output(source: RecordSource, kept: list[Item], out: Path, options: Cu
     except BaseException:
         shutil.rmtree(out if created else staging, ignore_errors=True)
         raise
-    for old in out.iterdir():  # what --force replaces goes only now
-        if old.name != STAGING:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-    for new in staging.iterdir():
-        os.replace(new, out / new.name)
-    staging.rmdir()
+    relative = written.relative_to(staging)
+    replace_contents(out)  # what --force replaces goes only now
     timer.add("write", time.perf_counter() - started, len(kept))
-    return out / written.relative_to(staging)
+    return out / relative

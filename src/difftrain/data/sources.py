@@ -27,6 +27,7 @@ import base64
 import binascii
 import gzip
 import json
+import sys
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import IO, TYPE_CHECKING, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, recover_contents
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
@@ -51,6 +53,20 @@ KINDS = ("folder", "jsonl", "laion", "webdataset", "hf")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_NAME = "filelist.txt"  # what build_shards writes; a folder holding one is read through it
+
+
+def finish_interrupted_curate(path: str | Path) -> None:
+    """A folder `difftrain data curate` was killed while filling is put right before it is read: reading it
+    as it is would train on part of the old data and part of the new."""
+    if is_url(str(path)) or not Path(path).is_dir():
+        return
+    try:
+        if recover_contents(Path(path)):
+            print(f"note: {path} held an interrupted curate output; it was finished or undone", file=sys.stderr)
+    except OSError as error:
+        raise DatasetError(f"{path} holds an interrupted curate output ({CONTENTS_STAGING} or {CONTENTS_OLD}) that "
+                           f"could not be put right ({error}); run `difftrain data curate` into it again with "
+                           "write access") from None
 
 
 def open_source(
@@ -81,6 +97,7 @@ def open_source(
     allow_pixels(max_pixels)
     if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
         raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
+    finish_interrupted_curate(path)
     if kind == "folder":
         return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning,
                             Path(index_dir) if index_dir else None)

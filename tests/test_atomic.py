@@ -1,0 +1,99 @@
+"""A folder's contents replaced from inside it survive a crash at every step of the swap."""
+
+import os
+
+import pytest
+from PIL import Image
+
+from difftrain import atomic
+from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, recover_contents, replace_contents
+from difftrain.data.sources import open_source
+
+
+class Crash(Exception):
+    pass
+
+
+def _contents(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _folder_with_staged_output(root):
+    out = root / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("old a")
+    (out / "sub" / "x.txt").write_text("old x")
+    staging = out / CONTENTS_STAGING
+    (staging / "sub").mkdir(parents=True)
+    (staging / "b.txt").write_text("new b")
+    (staging / "sub" / "x.txt").write_text("new x")
+    (staging / "metadata.jsonl").write_text("new metadata")
+    return out
+
+
+OLD = {"a.txt": "old a", "sub/x.txt": "old x"}
+NEW = {"b.txt": "new b", "sub/x.txt": "new x", "metadata.jsonl": "new metadata"}
+
+
+def test_a_crash_at_any_rename_leaves_the_old_entries_or_the_new_ones(tmp_path, monkeypatch):
+    real_replace, outcomes = os.replace, []
+    for crash_at in range(20):
+        calls = []
+
+        def replace(src, dst, crash_at=crash_at, calls=calls):
+            if len(calls) == crash_at:
+                raise Crash()
+            calls.append(src)
+            real_replace(src, dst)
+
+        out = _folder_with_staged_output(tmp_path / str(crash_at))
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        try:
+            replace_contents(out)
+            finished = True
+        except Crash:
+            finished = False
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        if finished:
+            assert not recover_contents(out)
+            assert _contents(out) == NEW
+            break
+        assert recover_contents(out)
+        contents = _contents(out)
+        assert contents in (OLD, NEW), (crash_at, contents)
+        assert not (out / CONTENTS_STAGING).exists() and not (out / CONTENTS_OLD).exists()
+        outcomes.append(contents == NEW)
+    # the first rename writes the marker: before it the old entries stay, after it the new ones arrive
+    assert outcomes[0] is False and all(outcomes[1:]) and len(outcomes) >= 6, outcomes
+
+
+def test_a_half_written_output_is_deleted_and_the_old_entries_stay(tmp_path):
+    out = _folder_with_staged_output(tmp_path)  # no completion marker: the writer died mid-way
+    assert recover_contents(out)
+    assert _contents(out) == OLD
+
+
+def test_reading_a_folder_a_killed_curate_left_finishes_the_swap_first(tmp_path, capsys):
+    out = tmp_path / "data"
+    (out / CONTENTS_STAGING).mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(out / "old.png")
+    for name in ("new1.png", "new2.png"):
+        Image.new("RGB", (8, 8), "blue").save(out / CONTENTS_STAGING / name)
+    (out / CONTENTS_STAGING / ".complete").write_bytes(b"")
+    (out / CONTENTS_OLD).mkdir()  # killed after setting the old image aside, before noting it
+    os.replace(out / "old.png", out / CONTENTS_OLD / "old.png")
+    source = open_source("folder", out, captions="none", progress=False)
+    assert len(source) == 2 and sorted(p.name for p in out.iterdir()) == ["new1.png", "new2.png"]
+    assert "held an interrupted curate output" in capsys.readouterr().err
+
+
+def test_an_interrupted_output_that_cannot_be_put_right_names_the_folder(tmp_path, monkeypatch):
+    out = _folder_with_staged_output(tmp_path)
+    (out / CONTENTS_STAGING / ".complete").write_bytes(b"")
+
+    def read_only(path, *args):  # what a read-only mount answers (this test may run as root, who could write)
+        raise PermissionError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(atomic.os, "replace", read_only)
+    with pytest.raises(ValueError, match=f"{out} holds an interrupted curate output .* write access"):
+        open_source("folder", out, captions="none", progress=False)

@@ -507,3 +507,36 @@ def test_a_csv_with_a_long_caption_and_a_bad_byte_reports_the_row(tmp_path, serv
     result = download(tmp_path / "rows.csv", tmp_path / "out", fast())
     assert result.report["ok"] == 1 and result.report["failures_by_reason"] == {"bad row": 1}
     assert "data row 2 is not valid UTF-8" in json.dumps(result.report["examples"])
+
+
+def test_a_name_that_resolves_public_for_the_check_and_private_for_the_connection_is_refused(server, monkeypatch):
+    import socket
+
+    # DNS rebinding: the name server answers a public address to the check and loopback to the connection.
+    real_getaddrinfo, answers = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        answers.append(port)
+        address = "93.184.216.34" if len(answers) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = server.url.rsplit(":", 1)[1]
+    hits_before = sum(server.hits.values())
+    guarded = Fetcher(fast(allow_private=False, retries=0))
+    try:
+        with pytest.raises(Failed) as refused:
+            guarded.get(f"http://rebind.example:{port}/img/20x16.png?t=rebind")
+    finally:
+        guarded.close()
+    assert refused.value.reason == "private address", refused.value
+    assert "rebind.example connected to 127.0.0.1" in refused.value.detail
+    assert len(answers) == 2 and sum(server.hits.values()) == hits_before  # resolved twice, nothing sent
+    # The same name, allowed, reaches the server: the refusal was the peer check's, not a failed connection.
+    allowed = Fetcher(fast(allow_private=True, retries=0))
+    try:
+        assert allowed.get(f"http://rebind.example:{port}/img/20x16.png?t=rebind")[:4] == b"\x89PNG"
+    finally:
+        allowed.close()

@@ -329,7 +329,6 @@ def check_url(url: str) -> None:
 def check_host(host: str) -> None:
     """Refuse a host that resolves to no public address (loopback, private, link-local such as a cloud's
     169.254.169.254 metadata service): a URL list from elsewhere must not reach into this machine's network."""
-    import ipaddress
     import socket
 
     try:
@@ -337,10 +336,60 @@ def check_host(host: str) -> None:
     except (socket.gaierror, UnicodeError) as exc:
         # Final, a name that does not resolve stays so; but a resolver overwhelmed by 64 threads says "try again".
         raise Failed("unknown host", f"{host}: {exc}", retry=getattr(exc, "errno", None) == socket.EAI_AGAIN) from None
-    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    private = sorted(a for a in addresses if not _is_public(a))
     if private:
         raise Failed("private address", f"{host} is {', '.join(private)}, not a public address "
                                         "(--allow-private fetches from a list you trust)")
+
+
+def _is_public(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_global  # "::ffff:10.0.0.1" is 10.0.0.1
+
+
+class _PublicPeer:
+    """A connection that closes at once if the address it reached is not public.
+
+    check_host resolves a name before the request; the connection resolves it again, and a name server that
+    answers a public address the first time and 10.0.0.1 the second (DNS rebinding) would get past the check
+    alone. The socket's own peer is what was really reached, so it is checked too, before a byte is sent.
+    """
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        peer = sock.getpeername()[0]
+        if not _is_public(peer):
+            sock.close()
+            raise Failed("private address", f"{self.host} connected to {peer}, not a public address "
+                                            "(--allow-private fetches from a list you trust)")
+        return sock
+
+
+class _PublicHTTPConnection(_PublicPeer, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _PublicHTTPSConnection(_PublicPeer, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _PublicHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PublicHTTPConnection
+
+
+class _PublicHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PublicHTTPSConnection
+
+
+class _PublicOnlyAdapter(requests.adapters.HTTPAdapter):
+    """Direct connections reach public addresses only. Through a proxy the proxy resolves and connects, and the
+    socket's peer is the proxy, so those connections keep the name check alone."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PublicHTTPPool, "https": _PublicHTTPSPool}
 
 
 class Fetcher:
@@ -386,6 +435,8 @@ class Fetcher:
             session.auth = _no_credentials
             if not self.options.allow_private:
                 session.hooks["response"].append(_check_redirect)
+                for scheme in SCHEMES:
+                    session.mount(f"{scheme}://", _PublicOnlyAdapter())
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)

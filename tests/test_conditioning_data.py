@@ -143,6 +143,27 @@ def test_a_condition_turned_a_quarter_against_its_image_is_skipped_not_stretched
     item = data[(0, 0, 0)]
     assert item["skipped"] == 1 and item["caption"] == "picture 1"
     assert "conditioning image is 24x48, the image 48x24 upright: one of them is turned a quarter" in caplog.text
+    # A half-size map of the turned photo, and a map of another shape (a square crop), are caught the same way.
+    for size, reason in [((12, 24), "conditioning image is 12x24, the image 48x24 upright: one of them is turned"),
+                         ((24, 24), "conditioning image is 24x24, the image 48x24: another shape, so they cannot "
+                                    "line up")]:
+        noise_image(*size, 0).save(root / "conditioning" / "000.png")
+        caplog.clear()
+        item = dataset(root, crop="center")[(0, 0, 0)]
+        assert item["skipped"] == 1 and reason in caplog.text, caplog.text
+
+
+def test_canny_finds_an_edge_between_colours_of_equal_brightness():
+    from difftrain.data.conditioning import canny
+
+    # Red and green of one grey level: a grey-scale Canny sees nothing here; A1111's, on the colours, an edge.
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:, :16] = (150, 0, 0)
+    image[:, 16:] = (0, 76, 0)
+    assert np.ptp(np.asarray(Image.fromarray(image).convert("L"))) <= 1
+    edges = np.asarray(canny(Image.fromarray(image), 100, 200))[..., 0]
+    assert edges[:, 14:18].max() == 255 and edges[:, 14:18].astype(bool).any(axis=1).all()
+    assert edges[:, :12].max() == 0 and edges[:, 20:].max() == 0
 
 
 def test_jsonl_sources_and_conditioning_folders_pair_by_name(tmp_path):

@@ -48,7 +48,7 @@ def test_scale_zero_gives_the_plain_image_and_a_scale_steers_it(tiny_sd, control
 
 
 def test_two_controlnets_write_a1111_infotext_and_from_png_repeats_them(
-        tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+        tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811
     args = ["--prompt", "a blue square", "--controlnet", f"{controlnets[0]}:0.7", "--control-image", str(mask),
             "--controlnet", f"{controlnets[1]}:1.2", "--control-image", str(mask),
             "--preprocess", "canny", "--preprocess", "none", "--control-end", "0.5", "--control-end", "1"]
@@ -65,6 +65,23 @@ def test_two_controlnets_write_a1111_infotext_and_from_png_repeats_them(
                  "--no-progress"]) == 0
     [again] = sorted((tmp_path / "again").glob("*.png"))
     assert np.array_equal(pixels(first), pixels(again))
+    # Another tool's PNG names its units' models but no files we can find: refused, not drawn without them.
+    import re
+
+    from PIL.PngImagePlugin import PngInfo
+
+    text = re.sub(r', ControlNet 0 files: "[^"]*"|, ControlNet 0 files: [^,]*', "", read_png_infotext(first))
+    assert "ControlNet 0 files" not in text and "ControlNet 0:" in text
+    info = PngInfo()
+    info.add_text("parameters", text)
+    foreign = tmp_path / "foreign.png"
+    Image.open(first).save(foreign, pnginfo=info)
+    assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 2
+    assert "ControlNet 0 (cn-a [" in capsys.readouterr().err
+    # Units given on the command line replace the PNG's.
+    assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "g"), "--no-progress",
+                 "--controlnet", str(controlnets[1]), "--control-image", str(mask)]) == 0
 
 
 def test_controlnet_with_img2img_and_guess_mode(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
@@ -75,6 +92,9 @@ def test_controlnet_with_img2img_and_guess_mode(tiny_sd, controlnets, mask, tmp_
     _, _, params = parse_infotext(read_png_infotext(image))
     assert "Control Mode: ControlNet is more important" in params["ControlNet 0"]
     assert "Denoising strength" in params
+    [balanced] = run(tiny_sd, tmp_path / "balanced", "--prompt", "a red circle", "--init-image", str(init),
+                     "--controlnet", str(controlnets[0]), "--control-image", str(mask))
+    assert np.abs(pixels(image) - pixels(balanced)).mean() > 0.5  # guess mode reached the pipeline
 
 
 def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811

@@ -242,3 +242,45 @@ def test_agreement_scores_a_faithful_image_high_and_a_displaced_one_low():
     assert agreement(Preprocess("canny"), edges, image) == ("control_edge_f1", 1.0)
     assert agreement(Preprocess("canny"), edges, displaced)[1] < 0.3
     assert agreement(Preprocess("none"), mask, image) is None
+
+
+def test_a_grey_scale_adapter_draws_and_trains_and_the_wrong_kind_is_named(tiny_sd, mask_shapes, tmp_path,  # noqa: F811
+                                                                           capsys):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from difftrain.data.conditioning import grey
+    from difftrain.models.control import ControlNetError, adapter_for_unet, check_fits
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    rgb = adapter_for_unet(unet, 2, num_res_blocks=1)
+    torch.manual_seed(0)
+    one = type(rgb).from_config({**rgb.config, "in_channels": 1})  # as TencentARC's canny and sketch adapters
+    one.save_pretrained(tmp_path / "grey-adapter")
+    condition = str(mask_shapes / "conditioning" / "000000.png")
+    assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--controlnet", str(tmp_path / "grey-adapter"),
+                 "--control-image", condition, "--steps", "2", "--width", "16", "--height", "16",
+                 "--out", str(tmp_path / "drawn"), "--no-progress"]) == 0
+    config = sd_config(tmp_path, mask_shapes, tiny_sd, "grey", method="t2i_adapter", training={"max_steps": 2},
+                       t2i_adapter={"model": str(tmp_path / "grey-adapter"), "preprocess": "mask",
+                                    "validation": [{"image": condition, "prompt": "a red circle"}]},
+                       sample={"every_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "samples at step 2: control_mask_iou" in capsys.readouterr().out
+    # Training reads the condition as the pipeline does: PIL's own grey, exactly.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(pixels).convert("L"))
+    assert np.array_equal(grey(torch.from_numpy(pixels).permute(2, 0, 1))[0].numpy(), expected)
+
+    # The wrong kind of network, or a file that is none, is named with what to do.
+    wrong = cn_config(tmp_path, mask_shapes, tiny_sd, "wrong", controlnet={"model": str(tmp_path / "grey-adapter")})
+    assert main(["train", str(wrong), "--no-progress"]) == 2
+    assert "is a T2I-Adapter, not a ControlNet: method t2i_adapter continues it" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down.alpha": torch.tensor(1.0)}, tmp_path / "not-a-controlnet.safetensors")
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet", str(tmp_path / "not-a-controlnet.safetensors"),
+                 "--control-image", condition, "--out", str(tmp_path / "y"), "--no-progress"]) == 2
+    assert "cannot load a ControlNet or T2I-Adapter from it" in capsys.readouterr().err
+    four = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=4)
+    with pytest.raises(ControlNetError, match="its condition has 4 channels; difftrain feeds 3"):
+        check_fits(four, unet, "four")

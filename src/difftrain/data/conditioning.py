@@ -5,8 +5,9 @@ the data holds none, the training image itself; a preprocessor may then turn it 
 the model reads (canny edges, a depth map, a pose). It goes through exactly the transform
 its image goes through - the same cover-resize, crop box and flip, and with data.augment the
 same random-resized crop and rotation (colour jitter is the image's alone) - so an edge or a mask
-stays on the pixels it describes. A conditioning image of another size than its image is
-first stretched to the image's size, then cropped with it. Preprocessors run after the
+stays on the pixels it describes. A conditioning image of another size but the same shape as its
+image (a half-size map) is first scaled to the image's size, then cropped with it; one of another
+shape is skipped and reported, as it cannot line up. Preprocessors run after the
 crop, at the training size: the same order `difftrain generate` uses, so a model sees at
 inference the edges it was trained on. Values are [0, 1], as diffusers' ControlNet
 pipelines feed them.
@@ -61,7 +62,8 @@ class Preprocess:
 
     def tag(self) -> list:
         """What a cached condition depends on besides its image (annotator weights by folder name)."""
-        return [self.name, self.low_threshold, self.high_threshold, self.annotator_path]
+        return [self.name, self.low_threshold, self.high_threshold, self.annotator_path,
+                *(["rgb"] if self.name == "canny" else [])]  # canny's maps once came from grey
 
     def __call__(self, image: Image.Image) -> Image.Image:
         if self.name == "canny":
@@ -75,10 +77,12 @@ class Preprocess:
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:
-    """OpenCV's Canny edges, white on black, as the ControlNet canny models were trained on."""
+    """OpenCV's Canny edges, white on black, as the ControlNet canny models were trained on: of the colour
+    image, as the original annotator, A1111 and controlnet_aux run it (OpenCV takes each pixel's strongest
+    channel gradient), so an edge between two colours of equal brightness is found."""
     import cv2
 
-    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
@@ -109,6 +113,19 @@ def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Prepr
     from difftrain.data.transforms import center_crop
 
     return preprocess(center_crop(image, size, preprocess.resample))
+
+
+def _same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether `size` scales onto `other` within rounding: a pixel, or 1 % of the side."""
+    scaled_width = size[0] * other[1] / size[1]
+    return abs(scaled_width - other[0]) <= max(1.0, 0.01 * other[0])
+
+
+def grey(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N)CHW RGB as uint8 one-channel grey, exactly as PIL's convert("L") gives it at inference (ITU-R
+    601-2 luma in PIL's 16-bit fixed point)."""
+    red, green, blue = pixels.to(torch.int32).unbind(-3)
+    return ((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
 
 
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:
@@ -146,12 +163,14 @@ class Conditions:
             condition = load_image_bytes(record.conditioning, self.max_pixels)
         except BadImage as reason:
             raise BadImage(f"its conditioning image: {reason}") from None
-        if condition.size == image.size[::-1] and image.width != image.height:
-            # A map made from the stored pixels of a photo that EXIF turns upright (or the reverse): stretched
-            # onto the image it would no longer line up with it.
-            raise BadImage(f"its conditioning image is {condition.width}x{condition.height}, the image "
-                           f"{image.width}x{image.height} upright: one of them is turned a quarter (EXIF rotation "
-                           "applied to one only); save both upright")
+        if not _same_shape(condition.size, image.size):
+            shown = f"its conditioning image is {condition.width}x{condition.height}, the image {image.width}x{image.height}"
+            if _same_shape(condition.size, image.size[::-1]):
+                # A map made from the stored pixels of a photo that EXIF turns upright (or the reverse).
+                raise BadImage(f"{shown} upright: one of them is turned a quarter (EXIF rotation applied to one "
+                               "only); save both upright")
+            # Stretched onto its image, an edge or a mask would land off the pixels it describes.
+            raise BadImage(f"{shown}: another shape, so they cannot line up; crop or pad both alike")
         return condition
 
     def transform(self, condition: Image.Image, image_size: tuple[int, int], size: tuple[int, int],

@@ -104,7 +104,11 @@ def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,
                        nets: list) -> dict:
+    from difftrain.models.control import condition_channels
+
     one = len(units) == 1
+    # A grey-scale adapter's image goes as grey: diffusers' adapter pipeline keeps the channels it is given.
+    images = [image.convert("L") if condition_channels(net) == 1 else image for image, net in zip(images, nets)]
     if any(is_adapter(net) for net in nets):
         if guess_mode or any(u.start != 0.0 or u.end != 1.0 for u in units):
             raise ControlNetError("--guess-mode, --control-start and --control-end apply to ControlNets; diffusers' "
@@ -138,7 +142,12 @@ def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, heigh
 
 def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool]:
     units, guess_mode, number = [], False, 0
-    while f"ControlNet {number}" in params and f"ControlNet {number} files" in params:
+    while f"ControlNet {number}" in params:
+        if f"ControlNet {number} files" not in params:  # another tool's PNG: its model and image are not ours to find
+            model = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ")
+                         if ": " in item).get("Model", "unnamed")
+            raise ControlNetError(f"the PNG's ControlNet {number} ({model}) names no files difftrain can find: give "
+                                  "--controlnet and --control-image for each of its units to draw it again")
         fields = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ") if ": " in item)
         model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
         units.append(ControlUnit(

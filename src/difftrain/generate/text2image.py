@@ -408,7 +408,8 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     options.use_ema = params.get("EMA") != "off"
     from difftrain.generate.controlnet import units_from_infotext
 
-    options.controlnets, options.guess_mode = units_from_infotext(params)
+    if "controlnets" not in overrides:  # units given on the command line replace the PNG's
+        options.controlnets, options.guess_mode = units_from_infotext(params)
     return replace(options, **overrides)
 
 

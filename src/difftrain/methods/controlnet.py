@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from difftrain.data.conditioning import Preprocess
+from difftrain.data.conditioning import Preprocess, grey
 from difftrain.data.folder import ConditioningFiles
 from difftrain.methods.base import Method
 from difftrain.methods.text2image import TextToImage, _autocast_call
@@ -42,13 +42,15 @@ class ControlNetTraining(TextToImage):
         self.validation_images: list[Image.Image] = []
 
     def add_modules(self) -> None:
-        from difftrain.models.control import load_control
+        from difftrain.models.control import condition_channels, load_control
 
         if self.control.model:
-            self.net = load_control(self.control.model, torch.float32, self.unet, what=f"{self.name}.model")
+            self.net = load_control(self.control.model, torch.float32, self.unet, what=f"{self.name}.model",
+                                    kind=self.kind)
         else:
             self.net = self.new_network()
         self.net.requires_grad_(True)
+        self.grey = condition_channels(self.net) == 1  # a grey-scale adapter continued (new networks read RGB)
 
     def new_network(self):
         from difftrain.models.control import controlnet_from_unet
@@ -83,15 +85,17 @@ class ControlNetTraining(TextToImage):
                 controlnet_rules(self.net.state_dict())
             except SingleFileError as reason:
                 raise ConfigError(f"output.single_file: {reason}") from None
-        super().setup(accelerator, weight_dtype, dataset, progress)
-        self.net.to(accelerator.device)  # trained: stays fp32 whatever the compute dtype (made or loaded so)
-        size = self.config.data.resolution
-        for number, pair in enumerate(self.control.validation):
+        for number, pair in enumerate(self.control.validation):  # before the latent cache fills, not hours after
             if not Path(pair.image).is_file():
                 from difftrain.config import ConfigError
 
                 raise ConfigError(f"{self.name}.validation[{number}].image = {pair.image}: no such file")
+        super().setup(accelerator, weight_dtype, dataset, progress)
+        self.net.to(accelerator.device)  # trained: stays fp32 whatever the compute dtype (made or loaded so)
+        size = self.config.data.resolution
         self.validation_images = [self._condition_at(pair.image, size) for pair in self.control.validation]
+        if self.grey:
+            self.validation_images = [image.convert("L") for image in self.validation_images]
 
     def _condition_at(self, path: str, size: int) -> Image.Image:
         """A validation image as the ControlNet reads it: cropped like generate's, then preprocessed."""
@@ -103,7 +107,10 @@ class ControlNetTraining(TextToImage):
     # ----------------------------------------------------------------- the objective
     def denoiser(self, modules, batch: dict, embeds: torch.Tensor):
         unet, net = modules.get("unet", self.unet), modules[self.name]
-        condition = batch["conditioning_pixels"].to(self.device, torch.float32) / 255.0
+        condition = batch["conditioning_pixels"]
+        if self.grey:
+            condition = grey(condition)
+        condition = condition.to(self.device, torch.float32) / 255.0
         mixed = self.weight_dtype != torch.float32 and "unet" not in modules
         dtype = self.weight_dtype
 

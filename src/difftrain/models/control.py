@@ -63,12 +63,19 @@ def is_adapter(net) -> bool:
     return type(net).__name__ in ("T2IAdapter", "MultiAdapter")
 
 
-def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"):
+KINDS = {"controlnet": "ControlNet", "t2i-adapter": "T2I-Adapter"}
+
+
+def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet", kind: str | None = None):
     """A ControlNetModel or T2IAdapter from a folder, a run folder's model, a hub id or (ControlNet) a
-    single file, checked against `unet`. `what` names the setting it came from, for messages."""
+    single file, checked against `unet`. `what` names the setting it came from, for messages; `kind`
+    (controlnet or t2i-adapter), if given, is the only kind accepted."""
     from diffusers import ControlNetModel, T2IAdapter
 
     path = local_folder(spec)
+    if kind == "t2i-adapter" and path.suffix == ".safetensors":
+        raise ControlNetError(f"{what} {spec}: a T2I-Adapter is loaded from its diffusers folder (config.json and "
+                              "weights); a single file is read as a ControlNet")
     try:
         if path.suffix == ".safetensors" and path.is_file():
             with tempfile.TemporaryDirectory() as config:
@@ -81,11 +88,15 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
             where = path if path.is_dir() else spec
             cls = T2IAdapter if ControlNetModel.load_config(where).get("_class_name") == "T2IAdapter" else ControlNetModel
             net = cls.from_pretrained(where, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # the last two: not a ControlNet file
         hint = (" A single file is read as a ControlNet for this UNet (the original release's layout, the standard "
                 "condition encoder); another kind needs its diffusers folder." if path.suffix == ".safetensors" else "")
         raise ControlNetError(f"{what} {spec}: cannot load a ControlNet or T2I-Adapter from it "
-                              f"({str(exc).splitlines()[0]}).{hint}") from None
+                              f"({(str(exc).splitlines() or [type(exc).__name__])[0]}).{hint}") from None
+    found = "t2i-adapter" if is_adapter(net) else "controlnet"
+    if kind is not None and found != kind:
+        raise ControlNetError(f"{what} {spec} is a {KINDS[found]}, not a {KINDS[kind]}: method "
+                              f"{found.replace('-', '_')} continues it")
     check_fits(net, unet, f"{what} {spec}")
     return net
 
@@ -121,8 +132,20 @@ def control_pipeline(pipe, nets: list, img2img: bool):
     return cls(**pipe.components, controlnet=one, requires_safety_checker=False)
 
 
+def condition_channels(net) -> int:
+    """How many channels the network's condition has: 3 (RGB), or 1 for the grey-scale T2I-Adapters
+    (TencentARC's canny and sketch)."""
+    return int(net.config["in_channels" if is_adapter(net) else "conditioning_channels"])
+
+
 def check_fits(net, unet, name: str) -> None:
-    """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's."""
+    """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's.
+    And its condition must be one the pipelines can feed it."""
+    channels, allowed = condition_channels(net), (1, 3) if is_adapter(net) else (3,)
+    if channels not in allowed:
+        # diffusers' ControlNet pipelines convert every condition to RGB; its adapter pipeline keeps grey as grey
+        raise ControlNetError(f"{name}: its condition has {channels} channels; difftrain feeds "
+                              f"{' or '.join(map(str, allowed))} (an RGB{' or grey' if len(allowed) > 1 else ''} image)")
     if is_adapter(net):
         pairs = [("channels", feature_widths(net), "block_out_channels", "feature widths")]
     else:

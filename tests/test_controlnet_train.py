@@ -278,8 +278,8 @@ def test_a_grey_scale_adapter_draws_and_trains_and_the_wrong_kind_is_named(tiny_
     from safetensors.torch import save_file
 
     save_file({"lora_unet_down.alpha": torch.tensor(1.0)}, tmp_path / "not-a-controlnet.safetensors")
-    assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet", str(tmp_path / "not-a-controlnet.safetensors"),
-                 "--control-image", condition, "--out", str(tmp_path / "y"), "--no-progress"]) == 2
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet",
+                 str(tmp_path / "not-a-controlnet.safetensors"), "--control-image", condition, "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     assert "cannot load a ControlNet or T2I-Adapter from it" in capsys.readouterr().err
     four = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=4)
     with pytest.raises(ControlNetError, match="its condition has 4 channels; difftrain feeds 3"):

@@ -164,7 +164,8 @@ class Conditions:
         except BadImage as reason:
             raise BadImage(f"its conditioning image: {reason}") from None
         if not _same_shape(condition.size, image.size):
-            shown = f"its conditioning image is {condition.width}x{condition.height}, the image {image.width}x{image.height}"
+            shown = (f"its conditioning image is {condition.width}x{condition.height}, "
+                     f"the image {image.width}x{image.height}")
             if _same_shape(condition.size, image.size[::-1]):
                 # A map made from the stored pixels of a photo that EXIF turns upright (or the reverse).
                 raise BadImage(f"{shown} upright: one of them is turned a quarter (EXIF rotation applied to one "

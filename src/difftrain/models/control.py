@@ -144,8 +144,8 @@ def check_fits(net, unet, name: str) -> None:
     channels, allowed = condition_channels(net), (1, 3) if is_adapter(net) else (3,)
     if channels not in allowed:
         # diffusers' ControlNet pipelines convert every condition to RGB; its adapter pipeline keeps grey as grey
-        raise ControlNetError(f"{name}: its condition has {channels} channels; difftrain feeds "
-                              f"{' or '.join(map(str, allowed))} (an RGB{' or grey' if len(allowed) > 1 else ''} image)")
+        fed = "1 or 3 (a grey or an RGB image)" if len(allowed) > 1 else "3 (an RGB image)"
+        raise ControlNetError(f"{name}: its condition has {channels} channels; difftrain feeds {fed}")
     if is_adapter(net):
         pairs = [("channels", feature_widths(net), "block_out_channels", "feature widths")]
     else:

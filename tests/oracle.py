@@ -16,7 +16,8 @@ class MixtureOracle:
     def __init__(self, points: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str, spread: float = 0.1):
         self.points = points.double()  # (K, C, H, W) component means, in [-1, 1]
         self.spread = spread
-        self.alphas_cumprod = alphas_cumprod.double()
+        # A zero-terminal-SNR schedule ends at exactly 0; the samplers floor that step at 2^-24, so does the oracle.
+        self.alphas_cumprod = alphas_cumprod.double().clamp(min=2.0**-24)
         self.prediction_type = prediction_type
         sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_sigmas = sigmas.log()

@@ -209,3 +209,61 @@ def test_sample_on_a_stable_diffusion_model_points_to_generate(tiny_sd, tmp_path
     assert main(["sample", str(tiny_sd), "--num", "1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "difftrain generate" in err and "Traceback" not in err
+
+
+def test_a_zero_terminal_snr_model_draws_with_the_default_sampler_and_ddim(tiny_sd, tmp_path):  # noqa: F811
+    """diffusers' pipelines set no begin index: Karras sigmas that repeat t = 999 (as a zero-terminal-SNR
+    model's do) ran off the end, and the clamped-then-rescaled betas gave NaN, black images."""
+    import json
+    import shutil
+
+    model = tmp_path / "ztsnr"
+    shutil.copytree(tiny_sd, model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    config_file.write_text(json.dumps(config))
+    for sampler in (None, "DDIM", "DPM++ 2M", "Euler a"):
+        chosen = ["--scheduler", sampler] if sampler else []  # None: the default, DPM++ 2M Karras
+        [image] = run(model, tmp_path / f"out-{sampler}", "--prompt", "a red circle", "--steps", "25", *chosen)
+        assert pixels(image).std() > 5, sampler  # not the flat black of NaN latents
+
+
+def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_path, caplog):  # noqa: F811
+    import shutil
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+    from difftrain.models.manifest import Manifest
+
+    model = tmp_path / "skip2"
+    shutil.copytree(tiny_sd, model)
+    Manifest("stable-diffusion", method="text2image", conditioning={"clip_skip": 2}).write(model)
+    [karras] = run(model, tmp_path / "karras", "--prompt", "a red circle")  # default DPM++ 2M Karras
+    _, _, params = parse_infotext(read_png_infotext(karras))
+    # Schedule type apart (1.9+ reads a missing one as Automatic: Karras for DPM++ 2M), and the clip skip the
+    # model was trained with, which A1111 and civitai need to draw it again.
+    assert (params["Sampler"], params["Schedule type"], params["Clip skip"]) == ("DPM++ 2M", "Karras", "2")
+    [uniform] = run(model, tmp_path / "uniform", "--prompt", "a red circle", "--scheduler", "dpm++_2m")
+    _, _, params = parse_infotext(read_png_infotext(uniform))
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Uniform")
+
+    # Seed -1 is random, as in A1111 and the server; the PNG records the seed drawn.
+    [first] = run(model, tmp_path / "random1", "--prompt", "a red circle", "--seed", "-1")
+    [second] = run(model, tmp_path / "random2", "--prompt", "a red circle", "--seed", "-1")
+    seeds = [int(parse_infotext(read_png_infotext(p))[2]["Seed"]) for p in (first, second)]
+    assert min(seeds) >= 0 and seeds[0] != seeds[1] and first.name.endswith(f"-{seeds[0]}.png")
+
+    # Another tool's PNG: a sampler given on the command line replaces one we lack; features we lack are named.
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Align Your Steps, "
+                                "CFG scale: 7, Seed: 5, Size: 32x32, Hires upscale: 2, Variation seed: 9")
+    foreign = tmp_path / "foreign.png"
+    Image.new("RGB", (32, 32)).save(foreign, pnginfo=info)
+    assert main(["generate", str(model), "--from-png", str(foreign), "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 2  # Align Your Steps: no such schedule here
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(model), "--from-png", str(foreign), "--scheduler", "euler",
+                     "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert "Hires upscale: 2, Variation seed: 9 not repeated" in caplog.text

@@ -34,8 +34,9 @@ MEANS = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 -
 SD_CONFIG = dict(build_noise_scheduler(NoiseConfig(beta_schedule="scaled_linear", prediction_type="epsilon")).config)
 
 
-def distance_to_data(name: str, beta_schedule: str, prediction_type: str, steps: int = 20) -> float:
-    train_scheduler = build_noise_scheduler(NoiseConfig(beta_schedule=beta_schedule, prediction_type=prediction_type))
+def distance_to_data(name: str, beta_schedule: str, prediction_type: str, steps: int = 20, **noise) -> float:
+    train_scheduler = build_noise_scheduler(NoiseConfig(beta_schedule=beta_schedule, prediction_type=prediction_type,
+                                                        **noise))
     oracle = MixtureOracle(MEANS, train_scheduler.alphas_cumprod, prediction_type, spread=0.1)
     sampler = make_scheduler(name, train_scheduler.config)
     samples = denoise(oracle, sampler, (8, 3, 8, 8), steps, torch.Generator().manual_seed(0))
@@ -84,6 +85,65 @@ def test_every_sampler_lands_on_the_data(name, beta_schedule, prediction_type):
     distance = distance_to_data(name, beta_schedule, prediction_type)
     where = f"{name} on {beta_schedule}/{prediction_type}"
     assert distance < LIMIT, f"{where}: worst sample is {distance:.3f} from the data"
+
+
+# runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+ZTSNR = dict(build_noise_scheduler(NoiseConfig(zero_terminal_snr=True, prediction_type="v_prediction")).config)
+
+
+def _takes_zero_snr(name: str) -> bool:
+    try:
+        make_scheduler(name, ZTSNR)
+        return True
+    except UnknownScheduler:
+        return False
+
+
+@pytest.mark.parametrize("name", [name for name in available_schedulers(ZTSNR) if _takes_zero_snr(name)])
+def test_zero_terminal_snr_models_sample_from_their_pure_noise_step(name):
+    """Every sampler that takes a zero-terminal-SNR model lands on the data: the rescaled betas were once
+    clamped and rescaled again (NaN at the end: black images), and Karras sigmas repeated t = 999 and ran off."""
+    sampler = make_scheduler(name, ZTSNR)
+    sampler.set_timesteps(20)
+    if hasattr(sampler, "sigmas") and sampler.sigmas.numel() > 1:
+        assert float(sampler.sigmas[0]) > 4000  # the pure-noise step's sigma, 2^12 at the samplers' floor
+    else:
+        assert int(sampler.timesteps[0]) == 999  # trailing: the first step is the pure-noise one
+    distance = distance_to_data(name, "linear", "v_prediction", zero_terminal_snr=True)
+    assert distance < LIMIT, f"{name} on a zero-terminal-SNR model: worst sample is {distance:.3f} from the data"
+
+
+def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names():
+    """k-diffusion samplers from t = 999 (SD's sigma 14.6), DDIM from t = 951 + offset as A1111's 'uniform'
+    DDIM; a model whose config says "leading" (as training writes it) gets no other placement."""
+    for spacing in ("leading", "linspace", "trailing"):
+        config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
+        for name in ("euler", "euler_a", "dpm++_2m", "dpm++_2m_karras", "unipc", "heun"):
+            sampler = make_scheduler(name, config)
+            sampler.set_timesteps(20)
+            assert float(sampler.sigmas[0]) == pytest.approx(14.61, abs=0.01), (name, spacing)
+        ddim = make_scheduler("ddim", config)
+        ddim.set_timesteps(20)
+        assert ddim.timesteps[:3].tolist() == [951, 901, 851], spacing
+
+
+def test_a_loaded_config_keeps_what_it_lacked_once_set_on_top():
+    """SD 1.5's PNDM config lacks prediction_type and timestep_spacing; diffusers marks them as defaults and
+    from_config used to drop a v_prediction set on top, training epsilon without a word."""
+    import json
+
+    from diffusers import PNDMScheduler
+
+    from difftrain.models.noise import noise_scheduler
+
+    loaded = PNDMScheduler.from_config(json.loads(json.dumps(SD15_SCHEDULER)))
+    assert set(loaded.config["_use_default_values"]) >= {"prediction_type", "timestep_spacing"}
+    trained = noise_scheduler(dict(loaded.config), prediction_type="v_prediction", zero_terminal_snr=True)
+    assert trained.config.prediction_type == "v_prediction" and trained.config.timestep_spacing == "trailing"
+    assert make_scheduler("euler", dict(trained.config)).config.prediction_type == "v_prediction"
 
 
 def test_without_the_terminal_clamp_heun_diverges_on_cosine(monkeypatch):

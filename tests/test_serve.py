@@ -79,7 +79,7 @@ def test_webuiapi_txt2img_gives_what_generate_gives_with_its_infotext(server, ti
     assert result.info["all_seeds"] == [5] and result.info["sd_model_name"] == "sd"
     text = result.image.info["parameters"]
     assert text.startswith("a red (circle:1.2)\nNegative prompt: blue\n")
-    assert "Steps: 3, Sampler: Euler a, CFG scale: 6.0, Seed: 5, Size: 64x64, Model: sd" in text
+    assert "Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 6.0, Seed: 5, Size: 64x64, Model: sd" in text
     assert result.info["infotexts"] == [text]
     # The same image `difftrain generate` draws for the same settings.
     [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red (circle:1.2)", negative_prompt="blue", steps=3,

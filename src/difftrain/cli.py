@@ -230,7 +230,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg
+    from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg, with_seed
 
     if args.list_schedulers:
         from difftrain.sampling.schedulers import list_schedulers
@@ -262,6 +262,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise DifftrainError("generate: give --prompt (or --from-png IMAGE to repeat an image's generation)")
     else:
         options = GenerateOptions(**given)
+    options = with_seed(options)  # here, so the seeds printed below are the ones drawn
     paths = generate(args.model, options, args.out, progress=not args.no_progress)
     if options.compile:
         from difftrain.generate.speed import compile_report

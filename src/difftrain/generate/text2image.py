@@ -9,6 +9,7 @@ syntax, chunking past 75 tokens and BREAK; LoRAs come from `--lora file:weight` 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
+
+log = logging.getLogger(__name__)
 
 
 class GenerateError(DifftrainError):
@@ -205,11 +208,11 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
 
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
                     loras: list[tuple[str, float]]) -> dict:
-    from difftrain.sampling.schedulers import display_name
+    from difftrain.sampling.schedulers import a1111_sampler
 
     params = {
         "Steps": options.steps,
-        "Sampler": display_name(options.scheduler),  # A1111's name, so A1111 reads it too
+        **a1111_sampler(options.scheduler),  # A1111's names, so A1111 reads them too
         "CFG scale": options.guidance_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -358,12 +361,15 @@ class Drawer:
         """A PNG carrying A1111's infotext for this image (`--from-png` repeats it)."""
         from difftrain.generate.infotext import format_infotext, write_png
 
-        params = infotext_params(self.options, seed, self.width, self.height, self.model_name, list(self.options.loras))
+        used = replace(self.options, clip_skip=self.clip_skip)  # the model's own clip skip too, as A1111 records it
+        params = infotext_params(used, seed, self.width, self.height, self.model_name, list(self.options.loras))
         return write_png(image, path, format_infotext(prompt, negative_prompt, params))
 
 
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
-    """Generate batch_size x n_iter images with seeds seed + i; write PNGs with infotext; return their paths."""
+    """Generate batch_size x n_iter images with seeds seed + i (seed -1: a random one, as in A1111); write PNGs
+    with infotext; return their paths."""
+    options = with_seed(options)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
     drawer = Drawer(model, options, prompt_loras, progress)
     out = Path(out_dir)
@@ -380,6 +386,21 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     return written
 
 
+def with_seed(options: GenerateOptions) -> GenerateOptions:
+    """`options` with seed -1 (A1111's "random") replaced by a random seed that leaves room for every image."""
+    if options.seed >= 0:
+        return options
+    import random
+
+    return replace(options, seed=random.randrange(2**32 - options.batch_size * options.n_iter))
+
+
+# A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
+NOT_REPEATED = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Variation seed",
+                "Variation seed strength", "Seed resize from", "RNG", "ENSD", "Eta", "Refiner", "Face restoration",
+                "Tiling", "Noise multiplier", "Sigma min", "Sigma max", "Pad conds")
+
+
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     """The options an image of ours (or A1111's) was generated with, from its `parameters` chunk."""
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
@@ -388,8 +409,12 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     options = GenerateOptions(prompt=prompt, negative_prompt=negative)
     from difftrain.sampling.schedulers import resolve_name
 
-    if "Sampler" in params:  # A1111 1.9+ writes Karras/Exponential separately as "Schedule type"
+    if "Sampler" in params and "scheduler" not in overrides:  # 1.9+ writes Karras etc. as "Schedule type"
         options.scheduler = resolve_name(params["Sampler"], params.get("Schedule type"))
+    dropped = [key for key in NOT_REPEATED if key in params]
+    if dropped:
+        log.warning("%s: %s not repeated (difftrain generate has no such setting): the image will differ",
+                    path, ", ".join(f"{key}: {params[key]}" for key in dropped))
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),

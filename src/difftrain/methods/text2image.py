@@ -20,7 +20,7 @@ from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
 from difftrain.sampling.prompts import is_open_clip
-from difftrain.sampling.schedulers import make_scheduler
+from difftrain.sampling.schedulers import make_scheduler, plain_config
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
@@ -249,7 +249,7 @@ class TextToImage(Method):
             from diffusers import DDIMScheduler
 
             cls = DDIMScheduler  # PNDM (SD 1.5's) keeps the flag but samples the unrescaled schedule
-        return cls.from_config({**self.base_scheduler.config, **settings})
+        return cls.from_config({**plain_config(self.base_scheduler.config), **settings})
 
     def validation_prompts(self) -> list[str]:
         return self.config.sample.prompts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from diffusers import DDPMScheduler
 
+from difftrain.sampling.schedulers import plain_config
+
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PIXEL_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
 # The keys of a scheduler config that say how a model was trained (the rest say how to sample).
@@ -22,7 +24,7 @@ def noise_scheduler(
     Whatever is set here is also written into the saved model's scheduler config, so
     whoever loads the model samples the way it was trained.
     """
-    settings = dict(base or PIXEL_DEFAULTS)
+    settings = plain_config(base or PIXEL_DEFAULTS)
     if num_train_timesteps is not None:
         settings["num_train_timesteps"] = num_train_timesteps
     if beta_schedule is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from difftrain.errors import DifftrainError
+from difftrain.sampling.schedulers import plain_config
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ def _single_file_parameterization(path: str, unet, scheduler, keys):
     sd2 = unet.config.cross_attention_dim == 1024
     markers = {key for key in ("v_pred", "ztsnr") if key in keys}
     if "ztsnr" in markers:  # trained with zero terminal SNR: sampling must rescale its betas the same way
-        scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+        scheduler = type(scheduler).from_config(plain_config(scheduler.config), rescale_betas_zero_snr=True)
     if beside.is_file():
         how = f"{beside.name} beside it"
         predicts_v = _yaml_parameterization(beside) == "v"
@@ -429,7 +430,7 @@ def _single_file_parameterization(path: str, unet, scheduler, keys):
     if sd2 and not predicts_v:
         unet.register_to_config(sample_size=64)  # 512 px, not 2-1's 768, by default
     log.info("%s: %s says %s", path, how, prediction)
-    return type(scheduler).from_config(scheduler.config, prediction_type=prediction)
+    return type(scheduler).from_config(plain_config(scheduler.config), prediction_type=prediction)
 
 
 def _yaml_parameterization(path: Path) -> str | None:

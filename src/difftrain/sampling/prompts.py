@@ -267,7 +267,8 @@ def encode_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) conditioning of equal length, ready to stack for classifier-free guidance.
 
-    The side with fewer chunks is padded with empty-prompt chunks, as the web UI pads it.
+    The side with fewer chunks is padded with empty-prompt chunks, as the web UI does with its "Pad conds"
+    option (by default it runs the two sides as separate UNet calls; diffusers' pipelines take one shape).
     A prompt that fits one chunk gives exactly what training's plain tokenizer call gives.
     """
     def chunks(text: str) -> list[Chunk]:

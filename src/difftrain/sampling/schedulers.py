@@ -36,6 +36,7 @@ Two samplers need a package difftrain does not install: LMS (scipy) and DPM++ SD
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import re
@@ -211,6 +212,16 @@ def resolve_name(name: str, schedule_type: str | None = None) -> str:
     return _BY_KEY[_key(combined)]
 
 
+def a1111_sampler(name: str) -> dict[str, str]:
+    """A sampler as A1111 1.9+ writes it in an infotext: `Sampler` and `Schedule type` apart. Without a
+    schedule type 1.9+ reads "Automatic", Karras for DPM++ 2M: a plain DPM++ 2M must say Uniform."""
+    display = display_name(name)
+    for schedule in _SCHEDULE_SETTINGS:
+        if display.endswith(f" {schedule}"):
+            return {"Sampler": display[: -len(schedule) - 1], "Schedule type": schedule}
+    return {"Sampler": display, "Schedule type": "Uniform"}
+
+
 def display_name(name: str) -> str:
     """A1111's name for a sampler (what goes after `Sampler:` in an infotext)."""
     return DISPLAY_NAMES[resolve_name(name)]
@@ -251,6 +262,16 @@ def available_schedulers(base_config: dict | None = None) -> list[str]:
     ]
 
 
+def plain_config(config) -> dict:
+    """A scheduler config as a dict in which every value counts as set.
+
+    diffusers lists the keys a loaded config lacked under `_use_default_values`, and `from_config`
+    then drops them for the new class's defaults: SD 1.5's PNDM config, which lacks
+    `prediction_type` and `timestep_spacing`, would take back an epsilon or a spacing set on top of it.
+    """
+    return {key: value for key, value in dict(config).items() if key != "_use_default_values"}
+
+
 def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     """Betas whose cumulative alpha never falls below the sigma_max the samplers can handle.
 
@@ -263,7 +284,9 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     import diffusers
     import torch
 
-    reference = diffusers.DDPMScheduler.from_config(base_config)
+    if base_config.get("rescale_betas_zero_snr"):  # ends at SNR 0 by design; each sampler floors that step itself
+        return None
+    reference = diffusers.DDPMScheduler.from_config(plain_config(base_config))
     alphas_cumprod = reference.alphas_cumprod.double()
     floor = 1.0 / (1.0 + math.exp(-2 * LAMBDA_MIN))
     if float(alphas_cumprod.min()) >= floor:
@@ -289,14 +312,48 @@ def scheduler_settings(name: str, base_config: dict) -> tuple[type, dict]:
             f"{DISPLAY_NAMES[short]} ({class_name}) needs the Python package {package!r}, which is not installed: "
             f"pip install {package}"
         )
-    settings = dict(settings)
+    settings = {**settings, **_spacing(class_name, base_config)}
     if class_name != "DDPMScheduler" and (betas := clamped_terminal_betas(base_config)) is not None:
         settings["trained_betas"] = betas
     return getattr(diffusers, class_name), settings
 
 
+def _spacing(class_name: str, base_config: dict) -> dict:
+    """Where a sampler's steps fall, as A1111 places them, whatever spacing the model's config names: its
+    k-diffusion samplers from t = 999 down to 0 evenly ("linspace"), DDIM and PLMS on 1000 / steps strides
+    from t = 1 ("leading", offset 1). A zero-terminal-SNR model starts at its pure-noise step ("trailing")."""
+    if class_name in ("DDPMScheduler", "LCMScheduler"):  # not A1111's; their own config's placement
+        return {}
+    if base_config.get("rescale_betas_zero_snr"):
+        return {"timestep_spacing": "trailing"}
+    if class_name in ("DDIMScheduler", "PNDMScheduler"):
+        return {"timestep_spacing": "leading", "steps_offset": 1}
+    return {"timestep_spacing": "linspace"}
+
+
+@functools.cache  # one subclass per scheduler class
+def _from_first_step(cls: type) -> type:
+    """`cls`, counting its steps from the first timestep once they are set.
+
+    Without a begin index diffusers finds the first step by value and, where a timestep repeats (Karras
+    sigmas above the schedule's highest, as a zero-terminal-SNR model's are), takes the second occurrence and
+    runs off the end. img2img pipelines set their own begin index after set_timesteps, which still wins.
+    """
+    if not hasattr(cls, "set_begin_index"):
+        return cls
+
+    @functools.wraps(cls.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        cls.set_timesteps(self, *args, **kwargs)
+        self.set_begin_index(0)
+
+    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
 def make_scheduler(name: str, base_config: dict):
-    cls, settings = scheduler_settings(name, dict(base_config))
+    base_config = plain_config(base_config)
+    cls, settings = scheduler_settings(name, base_config)
     accepted = set(inspect.signature(cls.__init__).parameters)
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in accepted:
         # Building it anyway would sample the unrescaled schedule: a different model than trained.
@@ -304,4 +361,4 @@ def make_scheduler(name: str, base_config: dict):
             f"{name} ({cls.__name__}) cannot sample a zero-terminal-SNR model; use ddim, euler, euler_a, "
             "dpm++_2m or unipc"
         )
-    return cls.from_config(dict(base_config), **{k: v for k, v in settings.items() if k in accepted})
+    return _from_first_step(cls).from_config(base_config, **{k: v for k, v in settings.items() if k in accepted})

@@ -284,3 +284,37 @@ def test_a_grey_scale_adapter_draws_and_trains_and_the_wrong_kind_is_named(tiny_
     four = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=4)
     with pytest.raises(ControlNetError, match="its condition has 4 channels; difftrain feeds 3"):
         check_fits(four, unet, "four")
+
+
+def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_one(tiny_sd, mask_shapes,  # noqa: F811
+                                                                                   tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from difftrain.models.control import with_weight_applied
+
+    # The fold is exact: the copy at weight 1 gives what the original gives at 0.5.
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.normal_(conv.bias, std=0.1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
+                  controlnet_cond=torch.rand(1, 3, 16, 16), return_dict=False)
+    half = net(**inputs, conditioning_scale=0.5)
+    folded = with_weight_applied(net, 0.5)(**inputs, conditioning_scale=1.0)
+    for a, b in zip([*half[0], half[1]], [*folded[0], folded[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "half", controlnet={"conditioning_scale": 0.5},
+                       training={"max_steps": 2, "ema": {"enabled": False}})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    model = tmp_path / "half" / "model"
+    assert json.loads((model / "difftrain.json").read_text())["controls"][0]["scale"] == 1.0
+    [state] = (tmp_path / "half" / "checkpoints").glob("step-*/model.safetensors")
+    trained = {key.split("controlnet.", 1)[-1]: value for key, value in load_file(state).items()}
+    saved = load_file(model / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(saved["controlnet_mid_block.weight"], trained["controlnet_mid_block.weight"] * 0.5)
+    assert torch.equal(saved["controlnet_cond_embedding.conv_in.weight"],
+                       trained["controlnet_cond_embedding.conv_in.weight"])  # the rest as trained

@@ -164,8 +164,18 @@ class ControlNetTraining(TextToImage):
         return {name: sum(value for _, value in values) / len(values)}
 
     # ----------------------------------------------------------------- outputs
+    def saved_scale(self) -> float:
+        """The weight the saved network is to be drawn at: 1, its training weight being in its zero convolutions."""
+        return 1.0
+
+    def network_to_save(self, net):
+        from difftrain.models.control import with_weight_applied
+
+        scale = self.control.conditioning_scale
+        return net if scale == 1.0 else with_weight_applied(net, scale)
+
     def save_model(self, modules, out_dir: Path) -> None:
-        net = modules.get(self.name, self.net)
+        net = self.network_to_save(modules.get(self.name, self.net))
         out_dir.mkdir(parents=True, exist_ok=True)
         net.save_pretrained(out_dir, safe_serialization=True)
         self.saved_scheduler().save_pretrained(out_dir / "scheduler")
@@ -184,8 +194,7 @@ class ControlNetTraining(TextToImage):
 
     def describe_adapter(self, manifest) -> None:
         manifest.kind = self.kind  # (text2image's manifest then names the base it needs)
-        manifest.controls = [{"folder": ".", "scale": self.control.conditioning_scale,
-                              "preprocess": self.preprocess.name}]
+        manifest.controls = [{"folder": ".", "scale": self.saved_scale(), "preprocess": self.preprocess.name}]
         if self.preprocess.name == "canny":
             manifest.controls[0].update(low_threshold=self.preprocess.low_threshold,
                                         high_threshold=self.preprocess.high_threshold)

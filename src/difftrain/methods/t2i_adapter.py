@@ -29,6 +29,20 @@ class T2IAdapterTraining(ControlNetTraining):
         # diffusers' adapters have no gradient checkpointing; the UNet the gradients pass through does.
         return {"unet": self.unet}
 
+    def saved_scale(self) -> float:
+        # An adapter's features leave through residual blocks, not one linear layer: its weight cannot be folded
+        # into the file, so the manifest carries it (difftrain's generate and serve apply it).
+        return self.control.conditioning_scale
+
+    def network_to_save(self, net):
+        return net
+
+    def describe(self) -> list[str]:
+        scale = self.control.conditioning_scale
+        note = [f"t2i_adapter.conditioning_scale {scale:g} is recorded in difftrain.json only: set the adapter's "
+                f"weight to {scale:g} in diffusers, A1111 or ComfyUI"] if scale != 1.0 else []
+        return super().describe() + note
+
     def residuals(self, net, x, t, embeds, condition) -> dict:
         scale = self.control.conditioning_scale
         # A fresh list per call: the UNet pops its entries as it uses them.

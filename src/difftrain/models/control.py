@@ -53,6 +53,20 @@ def adapter_for_unet(unet, vae_levels: int, adapter_type: str = "full_adapter", 
                       downscale_factor=2 ** (vae_levels - 1), adapter_type=adapter_type)
 
 
+def with_weight_applied(controlnet, weight: float):
+    """A copy of `controlnet` that gives at weight 1 what it gives at `weight`: its zero convolutions (the
+    1x1 convolutions every residual leaves through, the only place the weight acts) scaled. Exact, so a
+    ControlNet trained at another weight loads in diffusers, A1111 and ComfyUI at their default of 1."""
+    import copy
+
+    baked = copy.deepcopy(controlnet)
+    with torch.no_grad():
+        for conv in [*baked.controlnet_down_blocks, baked.controlnet_mid_block]:
+            conv.weight.mul_(weight)
+            conv.bias.mul_(weight)
+    return baked
+
+
 def feature_widths(adapter) -> list[int]:
     """The width of each feature map a T2I-Adapter gives, in the UNet's level order."""
     channels = list(adapter.config.channels)

@@ -118,6 +118,50 @@ def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets
     assert "apply to ControlNets" in refused("--preprocess", "canny")
 
 
+def test_control_modes_and_resize_modes_as_a1111_has_them(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    import torch
+    from diffusers import ControlNetModel
+
+    from difftrain.data.conditioning import Preprocess, condition_image
+    from difftrain.generate.controlnet import _soft_injection
+
+    # "My prompt is more important": each residual weighed 0.825^(12 - i) on SD's 12 (here n - i), the middle 1.
+    net = ControlNetModel.from_pretrained(controlnets[0])
+    inputs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(1, 77, 32), controlnet_cond=torch.rand(1, 3, 16, 16),
+                  return_dict=False)
+    plain_down, plain_mid = net(**inputs)
+    _soft_injection(net, True)
+    soft_down, soft_mid = net(**inputs)
+    count = len(plain_down)
+    for i, (soft, plain) in enumerate(zip(soft_down, plain_down)):
+        torch.testing.assert_close(soft, plain * 0.825 ** (count - i))
+    assert torch.equal(soft_mid, plain_mid)
+    _soft_injection(net, False)  # switched off, not piled up
+    assert all(torch.equal(a, b) for a, b in zip(net(**inputs)[0], plain_down))
+
+    args = ["--prompt", "a red circle", "--controlnet", f"{controlnets[0]}:1.5", "--control-image", str(mask)]
+    [balanced] = run(tiny_sd, tmp_path / "balanced", *args)
+    [prompt] = run(tiny_sd, tmp_path / "prompt", *args, "--control-mode", "prompt", "--control-resize", "fill")
+    assert np.abs(pixels(balanced) - pixels(prompt)).mean() > 0.5
+    _, _, params = parse_infotext(read_png_infotext(prompt))
+    assert "Resize Mode: Resize and Fill" in params["ControlNet 0"]
+    assert "Control Mode: My prompt is more important" in params["ControlNet 0"]
+    assert main(["generate", str(tiny_sd), "--from-png", str(prompt), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(pixels(prompt), pixels(next((tmp_path / "again").glob("*.png"))))
+
+    # The three resize modes on a wide image with a white middle half, drawn at a square.
+    wide = Image.new("RGB", (64, 32), (0, 0, 255))
+    ImageDraw.Draw(wide).rectangle([16, 0, 47, 31], fill="white")
+    crop, resize, fill = (np.asarray(condition_image(wide, (32, 32), Preprocess("none"), mode))
+                          for mode in ("crop", "resize", "fill"))
+    assert crop.min() > 200  # the white middle, cover and cut
+    assert resize[:, 1].tolist() == [[0, 0, 255]] * 32 and resize[:, 16].min() > 200  # stretched whole
+    # fitted inside (32 x 16 in the middle rows), the rest the median of its border: the blue ends' colour
+    assert fill[8:24, 16].min() > 200 and fill[0, 16].tolist() == fill[31, 16].tolist() == [0, 0, 255]
+
+
 def test_canny_and_the_crop_and_resize_rule():
     image = Image.new("RGB", (64, 32), "black")
     ImageDraw.Draw(image).rectangle([16, 0, 47, 31], fill="white")  # the centre half is white

@@ -172,6 +172,13 @@ def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server
     assert not np.array_equal(np.asarray(plain), np.asarray(steered))
     text = steered.info["parameters"]
     assert 'ControlNet 0: "Module: none, Model: cn [' in text and "Weight: 1," in text
+    # webuiapi's default resize mode is the extension's "Resize and Fill", and it is what was drawn.
+    assert "Resize Mode: Resize and Fill" in text and "Control Mode: Balanced" in text
+    prompt_first = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, alwayson_scripts={},
+                               controlnet_units=[webuiapi.ControlNetUnit(image=mask, module="none", model="cn",
+                                                                         control_mode=1)]).image
+    assert "Control Mode: My prompt is more important" in prompt_first.info["parameters"]
+    assert not np.array_equal(np.asarray(prompt_first), np.asarray(steered))
     assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["adapter", "cn"]}
     # A T2I-Adapter unit draws through diffusers' adapter pipeline, whose step hook is the older one.
     adapted = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, alwayson_scripts={},
@@ -297,6 +304,13 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
             "prompt": "x", "width": 64, "height": 64, "steps": 2, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
         assert answer.status_code == status, answer.text
     assert answer.json()["field"] == "alwayson_scripts.controlnet.args[0].weight"
+    unit = {"model": "cn", "image": base64.b64encode(mask.getvalue()).decode()}
+    for units, field, words in [([{**unit, "resize_mode": "Stretch"}], "args[0].resize_mode", "'Just Resize'"),
+                                ([{**unit, "control_mode": 2}, unit], "args", "some units and not others")]:
+        answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={
+            "prompt": "x", "width": 64, "height": 64, "steps": 2, "alwayson_scripts": {"controlnet": {"args": units}}})
+        assert answer.status_code == 422 and answer.json()["field"] == f"alwayson_scripts.controlnet.{field}"
+        assert words in answer.json()["detail"], answer.text
     # A decompression bomb in a request: a 20,000 x 20,000 PNG is a few hundred KB.
     bomb = io.BytesIO()
     Image.new("L", (20_000, 20_000)).save(bomb, "PNG")

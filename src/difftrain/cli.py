@@ -47,11 +47,13 @@ def _control_units(args: argparse.Namespace) -> list:
 
     columns = zip(models, images, per_unit(args.preprocess, None, "--preprocess"),
                   per_unit(args.control_start, 0.0, "--control-start"),
-                  per_unit(args.control_end, 1.0, "--control-end"))
+                  per_unit(args.control_end, 1.0, "--control-end"),
+                  per_unit(args.control_resize, "crop", "--control-resize"),
+                  per_unit(args.control_mode, "balanced", "--control-mode"))
     return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess or ("none" if path else None),
-                        start=start, end=end,
-                        low_threshold=args.canny_low, high_threshold=args.canny_high)
-            for (path, scale), image, preprocess, start, end in columns]
+                        start=start, end=end, low_threshold=args.canny_low, high_threshold=args.canny_high,
+                        resize=resize, mode=mode)
+            for (path, scale), image, preprocess, start, end, resize, mode in columns]
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -247,9 +249,11 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
-    if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end):
-        raise DifftrainError("--preprocess, --control-start and --control-end apply to ControlNets: give --controlnet "
-                             "and --control-image too (a ControlNet model needs --control-image alone)")
+    if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end
+                                                         or args.control_resize or args.control_mode):
+        raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize and --control-mode apply "
+                             "to ControlNets: give --controlnet and --control-image too (a ControlNet model needs "
+                             "--control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
     if args.guess_mode:
@@ -646,7 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the steps after which it stops (default 1); once, or per ControlNet")
     gen.add_argument("--canny-low", type=int, default=100, help="canny: lower threshold (default 100)")
     gen.add_argument("--canny-high", type=int, default=200, help="canny: upper threshold (default 200)")
-    gen.add_argument("--guess-mode", action="store_true", help="A1111's 'ControlNet is more important'")
+    gen.add_argument("--control-resize", action="append", choices=["crop", "resize", "fill"],
+                     help="how the control image meets the output size, as A1111's resize modes: crop (Crop and "
+                          "Resize, default), resize (Just Resize), fill (Resize and Fill); once, or per ControlNet")
+    gen.add_argument("--control-mode", action="append", choices=["balanced", "prompt", "control"],
+                     help="A1111's control modes: balanced (default), prompt (My prompt is more important), "
+                          "control (ControlNet is more important); once, or per ControlNet")
+    gen.add_argument("--guess-mode", action="store_true", help="A1111's 'ControlNet is more important' for every "
+                                                               "ControlNet (--control-mode control)")
     gen.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs (offline)")
     gen.add_argument("--backend", choices=["auto", "torch", "onnxruntime"],
                      help="auto (default): ONNX Runtime for an ONNX export (difftrain export), torch otherwise")

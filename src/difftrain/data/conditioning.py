@@ -107,12 +107,31 @@ def _load_annotator(name: str, path: str):
     return getattr(controlnet_aux, ANNOTATORS[name]).from_pretrained(path)
 
 
-def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Preprocess) -> Image.Image:
-    """A whole conditioning image as a model reads it at `size`: centre-cropped (masks resized nearest),
-    then preprocessed. Validation pairs, `difftrain generate` and its measures all use this."""
+# A1111's ControlNet resize modes by our short names. Training crops, so "crop" is what models learn from.
+RESIZE_MODES = {"crop": "Crop and Resize", "resize": "Just Resize", "fill": "Resize and Fill"}
+
+
+def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Preprocess,
+                    resize: str = "crop") -> Image.Image:
+    """A whole conditioning image as a model reads it at `size` (masks resized nearest): "crop" covers the
+    size and cuts out the middle, "resize" stretches it, then the preprocessor runs; "fill" fits it inside,
+    preprocessed, and pads the rest with the median colour of its border, as A1111's extension does (padding
+    first would draw an edge along the seam). Validation pairs, `difftrain generate` and its measures all use
+    this."""
     from difftrain.data.transforms import center_crop
 
-    return preprocess(center_crop(image, size, preprocess.resample))
+    if resize == "crop":
+        return preprocess(center_crop(image, size, preprocess.resample))
+    if resize == "resize":
+        return preprocess(image.resize(size, preprocess.resample))
+    scale = min(size[0] / image.width, size[1] / image.height)
+    inner = preprocess(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                    preprocess.resample)).convert("RGB")
+    pixels = np.asarray(inner)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    canvas = Image.new("RGB", size, tuple(int(v) for v in np.median(border, axis=0)))
+    canvas.paste(inner, ((size[0] - inner.width) // 2, (size[1] - inner.height) // 2))
+    return canvas
 
 
 def _same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:

@@ -1,10 +1,14 @@
 """ControlNet for `difftrain generate`: one or several ControlNets, each with its image, scale and window.
 
 A unit is what AUTOMATIC1111's ControlNet extension calls one: a model, a conditioning
-image (optionally run through a preprocessor first), a weight and the share of the sampling
-steps it acts on. The conditioning image follows the extension's default "Crop and Resize"
-rule: scaled to cover the output size, then centre-cropped to it. Each PNG records its
-units in the extension's own infotext format, plus the paths `--from-png` needs.
+image (optionally run through a preprocessor first), a weight, the share of the sampling
+steps it acts on, a resize mode and a control mode. The conditioning image follows the
+extension's resize modes (default "Crop and Resize": scaled to cover the output size, then
+centre-cropped to it). The control modes are the extension's: "My prompt is more important"
+weighs the residuals 0.825^(12 - i) from the deepest block out, on both halves of the guidance
+batch; "ControlNet is more important" is that weighting on the prompt's half alone, which is
+diffusers' guess mode (its 10^(-1 + i/12) is the same curve). Each PNG records its units in
+the extension's own infotext format, plus the paths `--from-png` needs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from difftrain.data.conditioning import ANNOTATORS, Preprocess, condition_image
+from difftrain.data.conditioning import ANNOTATORS, RESIZE_MODES, Preprocess, condition_image
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
@@ -24,6 +28,8 @@ CONTROL_KINDS = ("controlnet", "t2i-adapter")  # manifest kinds that carry their
 OWN = "(model)"  # how a PNG's infotext names the drawn model's own ControlNet
 # The model-based annotators need a weights folder, which generate does not take yet.
 PREPROCESSORS = ("none", "canny", "mask", "segmentation")
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "control": "ControlNet is more important"}
 
 
 @dataclass
@@ -40,12 +46,18 @@ class ControlUnit:
     low_threshold: int = 100  # canny
     high_threshold: int = 200
     own: bool = False  # the drawn model's own network (recorded as such, so --from-png finds it wherever it moved)
+    resize: str = "crop"  # a key of RESIZE_MODES
+    mode: str = "balanced"  # a key of CONTROL_MODES
 
     def check(self, number: int) -> None:
         owner = self.model or "the model's own"
         where = f"ControlNet {number} ({owner})"
         if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
             raise ControlNetError(f"{where}: --preprocess {self.preprocess}: choose one of {', '.join(PREPROCESSORS)}")
+        if self.resize not in RESIZE_MODES:
+            raise ControlNetError(f"{where}: --control-resize {self.resize}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.mode not in CONTROL_MODES:
+            raise ControlNetError(f"{where}: --control-mode {self.mode}: choose one of {', '.join(CONTROL_MODES)}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ControlNetError(f"{where}: --control-start {self.start} / --control-end {self.end}: "
                                   "need 0 <= start < end <= 1")
@@ -99,7 +111,8 @@ def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.
     from difftrain.data.images import load_image
 
     preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
-    return condition_image(load_image(unit.image) if image is None else image, (width, height), preprocess)
+    return condition_image(load_image(unit.image) if image is None else image, (width, height), preprocess,
+                           unit.resize)
 
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,
@@ -107,21 +120,49 @@ def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], gues
     from difftrain.models.control import condition_channels
 
     one = len(units) == 1
+    modes = ["control" if guess_mode else unit.mode for unit in units]
     # A grey-scale adapter's image goes as grey: diffusers' adapter pipeline keeps the channels it is given.
     images = [image.convert("L") if condition_channels(net) == 1 else image for image, net in zip(images, nets)]
     if any(is_adapter(net) for net in nets):
-        if guess_mode or any(u.start != 0.0 or u.end != 1.0 for u in units):
-            raise ControlNetError("--guess-mode, --control-start and --control-end apply to ControlNets; diffusers' "
-                                  "T2I-Adapter pipeline acts on every step")
+        if set(modes) != {"balanced"} or any(u.start != 0.0 or u.end != 1.0 for u in units):
+            raise ControlNetError("--guess-mode, --control-mode, --control-start and --control-end apply to "
+                                  "ControlNets; diffusers' T2I-Adapter pipeline acts on every step, balanced")
         return {"image": images[0] if one else images,
                 "adapter_conditioning_scale": units[0].scale if one else [u.scale for u in units]}
+    if "control" in modes and set(modes) != {"control"}:
+        raise ControlNetError("'ControlNet is more important' (guess mode) acts on every ControlNet of a drawing in "
+                              "diffusers: give it to all units or to none")
+    soft = {}
+    for net, mode in zip(nets, modes):
+        if soft.setdefault(id(net), mode == "prompt") != (mode == "prompt"):
+            raise ControlNetError("one ControlNet in two units with different control modes: load it once per mode")
+        _soft_injection(net, mode == "prompt")
     return {
         "control_image" if img2img else "image": images[0] if one else images,
         "controlnet_conditioning_scale": units[0].scale if one else [u.scale for u in units],
         "control_guidance_start": [u.start for u in units],
         "control_guidance_end": [u.end for u in units],
-        "guess_mode": guess_mode,
+        "guess_mode": modes[0] == "control",
     }
+
+
+def _soft_injection(net, on: bool) -> None:
+    """Weigh `net`'s residuals as A1111's "My prompt is more important" does, from now until turned off.
+
+    A forward hook, registered once per network and switched by a flag, so a server that keeps a network
+    loaded across requests sets each request's mode without piling up hooks.
+    """
+    if not hasattr(net, "_difftrain_soft_hook"):
+        net._difftrain_soft_hook = net.register_forward_hook(_weigh_residuals)
+    net._difftrain_soft = on
+
+
+def _weigh_residuals(net, args, output):
+    if not getattr(net, "_difftrain_soft", False):
+        return output
+    down, mid = output[0], output[1]
+    count = len(down)  # SD's 12: the shallowest at 0.825^12, the deepest 1, the middle block 1
+    return ([residual * 0.825 ** (count - i) for i, residual in enumerate(down)], mid, *output[2:])
 
 
 def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, height: int) -> dict[str, str]:
@@ -129,12 +170,12 @@ def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, heigh
     params = {}
     for number, unit in enumerate(units):
         parts = [f"Module: {unit.preprocess}", f"Model: {_model_name(unit.model)} [{model_hash(unit.model)}]",
-                 f"Weight: {unit.scale:g}", "Resize Mode: Crop and Resize", "Low Vram: False",
+                 f"Weight: {unit.scale:g}", f"Resize Mode: {RESIZE_MODES[unit.resize]}", "Low Vram: False",
                  f"Processor Res: {min(width, height)}"]
         if unit.preprocess == "canny":
             parts += [f"Threshold A: {unit.low_threshold}", f"Threshold B: {unit.high_threshold}"]
         parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}", "Pixel Perfect: False",
-                  f"Control Mode: {'ControlNet is more important' if guess_mode else 'Balanced'}"]
+                  f"Control Mode: {CONTROL_MODES['control' if guess_mode else unit.mode]}"]
         params[f"ControlNet {number}"] = ", ".join(parts)
         params[f"ControlNet {number} files"] = f"{OWN if unit.own else unit.model} | {unit.image}"
     return params
@@ -155,10 +196,15 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
             preprocess=fields.get("Module", "none"), start=float(fields.get("Guidance Start", 0)),
             end=float(fields.get("Guidance End", 1)), low_threshold=int(fields.get("Threshold A", 100)),
             high_threshold=int(fields.get("Threshold B", 200)),
+            resize=_key_of(RESIZE_MODES, fields.get("Resize Mode"), "crop"),
+            mode=_key_of(CONTROL_MODES, fields.get("Control Mode"), "balanced"),
         ))
-        guess_mode = fields.get("Control Mode") == "ControlNet is more important"
         number += 1
     return units, guess_mode
+
+
+def _key_of(names: dict[str, str], shown: str | None, default: str) -> str:
+    return next((key for key, name in names.items() if name == shown), default)
 
 
 def _model_name(spec: str) -> str:

@@ -1,7 +1,7 @@
 """ControlNet units as AUTOMATIC1111's ControlNet extension receives them, in `alwayson_scripts`.
 
 `{"ControlNet": {"args": [{"enabled", "image", "module", "model", "weight", "guidance_start",
-"guidance_end", "threshold_a", "threshold_b", "control_mode"}, ...]}}` becomes the control units
+"guidance_end", "threshold_a", "threshold_b", "resize_mode", "control_mode"}, ...]}}` becomes the control units
 `difftrain generate` draws with. Models are looked up by name among the ControlNets of the
 server's ControlNet folder (the extension's "name [hash]" is accepted), never as paths.
 """
@@ -13,7 +13,12 @@ from pathlib import Path
 from difftrain.serve.requests import RequestError, decode_image
 
 MODULES = ("none", "canny", "mask", "segmentation")  # the extension's preprocessor names we run
-GUESS_MODES = (2, "ControlNet is more important")
+# The extension's values (its API takes the index or the name; older versions' names too) -> ours.
+RESIZE_VALUES = {0: "resize", "Just Resize": "resize", 1: "crop", "Crop and Resize": "crop",
+                 "Scale to Fit (Inner Fit)": "crop", 2: "fill", "Resize and Fill": "fill",
+                 "Envelope (Outer Fit)": "fill"}
+MODE_VALUES = {0: "balanced", "Balanced": "balanced", 1: "prompt", "My prompt is more important": "prompt",
+               2: "control", "ControlNet is more important": "control"}
 MAX_UNITS = 8  # each holds a decoded image until its job runs; the extension itself offers 3 by default
 
 
@@ -26,8 +31,8 @@ def control_models(folder: Path | None) -> dict[str, Path]:
     return found
 
 
-def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list, bool]:
-    """(control units, their images as sent, guess mode) of a request's `alwayson_scripts`."""
+def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list]:
+    """(control units, their images as sent) of a request's `alwayson_scripts`."""
     from difftrain.generate.controlnet import ControlUnit
 
     unknown = [name for name in scripts if name.lower() != "controlnet"]
@@ -41,7 +46,7 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list, boo
     if len(args) > MAX_UNITS:
         raise RequestError("alwayson_scripts.controlnet.args", f"{len(args)} units: this server takes at most "
                                                                f"{MAX_UNITS}")
-    units, images, guess_mode = [], [], False
+    units, images = [], []
     for number, arg in enumerate(args):
         field = f"alwayson_scripts.controlnet.args[{number}]"
         if not isinstance(arg, dict):
@@ -65,12 +70,28 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list, boo
         if not 0.0 <= start < end <= 1.0:
             raise RequestError(f"{field}.guidance_start", f"{start}..{end}: need 0 <= start < end <= 1")
         low, high = _number(arg, "threshold_a", -1, field), _number(arg, "threshold_b", -1, field)
+        mode = "control" if arg.get("guessmode") else _choice(arg, "control_mode", MODE_VALUES, "balanced", field)
         units.append(ControlUnit(model=str(models[name]), image="(request)", scale=_number(arg, "weight", 1.0, field),
-                                 preprocess=module, start=start, end=end,
-                                 low_threshold=int(low) if low > 0 else 100, high_threshold=int(high) if high > 0 else 200))
+                                 preprocess=module, start=start, end=end, low_threshold=int(low) if low > 0 else 100,
+                                 high_threshold=int(high) if high > 0 else 200,
+                                 resize=_choice(arg, "resize_mode", RESIZE_VALUES, "crop", field), mode=mode))
         images.append(decode_image(image, f"{field}.image"))
-        guess_mode = guess_mode or arg.get("control_mode") in GUESS_MODES
-    return units, images, guess_mode
+    modes = {unit.mode for unit in units}
+    if "control" in modes and len(modes) > 1:
+        raise RequestError("alwayson_scripts.controlnet.args", "'ControlNet is more important' on some units and "
+                                                               "not others: diffusers applies it to all or none")
+    return units, images
+
+
+def _choice(arg: dict, key: str, values: dict, default: str, field: str) -> str:
+    """A unit's named setting (the extension's index or name); absent or null is the extension's default."""
+    value = arg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, str)) or isinstance(value, bool) or value not in values:
+        names = ", ".join(f"{name!r}" for name in values if isinstance(name, str))
+        raise RequestError(f"{field}.{key}", f"{value!r}: one of {names} (or its index)")
+    return values[value]
 
 
 def _number(arg: dict, key: str, default: float, field: str) -> float:

@@ -75,8 +75,7 @@ class Prepared:
     lora_tags: tuple  # the tags (name, weight): part of the prompt cache's key
     loras: list[tuple[Path, float]]  # the tags' files in the LoRA folder
     units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
-    unit_images: list  # ... and their images as sent
-    guess_mode: bool
+    unit_images: list  # ... and their images as sent (each unit carries its control mode)
     init_image: object = None  # img2img: the decoded image
 
 
@@ -230,9 +229,9 @@ class Engine:
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
             raise RequestError("prompt", f"{model.title} is an ONNX export: its weights are fixed, so <lora:...> "
                                          "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
-        units, images, guess_mode = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
+        units, images = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
-        return Prepared(model, scheduler, prompt, tuple(tags), loras, units, images, guess_mode, init)
+        return Prepared(model, scheduler, prompt, tuple(tags), loras, units, images, init)
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -284,11 +283,11 @@ class Engine:
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
         positive, negative = self.prompt_cache[key]
-        units, guess_mode = prepared.units, prepared.guess_mode
+        units = prepared.units
         controls = None
         if units:
             nets = self._nets(prepared, pipe)
-            controls = Controls(units, nets, self._conditions(request, prepared), guess_mode)
+            controls = Controls(units, nets, self._conditions(request, prepared))
         runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
                                         init=prepared.init_image, strength=getattr(request, "denoising_strength", 0.75),
                                         controls=controls)
@@ -310,7 +309,7 @@ class Engine:
                                   clip_skip=clip_skip if clip_skip != 1 else None,
                                   strength=getattr(request, "denoising_strength", 0.75),
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
-                                  controlnets=units, guess_mode=guess_mode)
+                                  controlnets=units)
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]

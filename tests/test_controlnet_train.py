@@ -95,7 +95,8 @@ def test_controlnet_resume_is_exact_and_caching_changes_no_loss(tiny_sd, mask_sh
     assert len(list((tmp_path / "cached" / "cache" / "conditions").rglob("*.safetensors"))) == 48
 
 
-def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_sd, mask_shapes, tmp_path):  # noqa: F811
+def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_sd, mask_shapes, tmp_path,  # noqa: F811
+                                                                           caplog):
     from difftrain.config import load_config
     from difftrain.training.trainer import train
 
@@ -112,6 +113,16 @@ def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_
     assert main(["generate", str(tmp_path / "run"), "--prompt", "a red circle", "--control-image",
                  str(mask_shapes / "conditioning" / "000001.png"), "--steps", "2", "--width", "16", "--height", "16",
                  "--out", str(tmp_path / "drawn"), "--no-progress"]) == 0
+    # As another model's unit it brings its preprocessor, and says its LoRA stays behind.
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--controlnet", str(tmp_path / "run"),
+                     "--control-image", str(mask_shapes / "conditioning" / "000001.png"), "--steps", "2", "--width",
+                     "16", "--height", "16", "--out", str(tmp_path / "unit"), "--no-progress"]) == 0
+    assert "trained beside a LoRA on its base's UNet, which a --controlnet unit does not load" in caplog.text
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    [drawn] = (tmp_path / "unit").glob("*.png")
+    assert parse_infotext(read_png_infotext(drawn))[2]["ControlNet 0"].startswith("Module: mask,")
 
 
 def test_t2i_adapter_is_the_same_method_with_another_network(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811

@@ -50,7 +50,8 @@ def _control_units(args: argparse.Namespace) -> list:
                   per_unit(args.control_end, 1.0, "--control-end"),
                   per_unit(args.control_resize, "crop", "--control-resize"),
                   per_unit(args.control_mode, "balanced", "--control-mode"))
-    return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess or ("none" if path else None),
+    # (no --preprocess: the ControlNet's own, when it is a difftrain run's, else none)
+    return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess,
                         start=start, end=end, low_threshold=args.canny_low, high_threshold=args.canny_high,
                         resize=resize, mode=mode)
             for (path, scale), image, preprocess, start, end, resize, mode in columns]

@@ -14,6 +14,7 @@ the extension's own infotext format, plus the paths `--from-png` needs.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from difftrain.data.conditioning import ANNOTATORS, RESIZE_MODES, Preprocess, co
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
+log = logging.getLogger(__name__)
 CONTROL_KINDS = ("controlnet", "t2i-adapter")  # manifest kinds that carry their own control network
 OWN = "(model)"  # how a PNG's infotext names the drawn model's own ControlNet
 # The model-based annotators need a weights folder, which generate does not take yet.
@@ -79,6 +81,7 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
     from dataclasses import replace
 
     mine = manifest is not None and manifest.kind in CONTROL_KINDS and manifest.controls
+    units = [_as_trained(unit) if unit.model is not None else unit for unit in units]
     if not mine:
         if any(unit.model is None for unit in units):
             raise ControlNetError(f"{source} is not a ControlNet model: give --controlnet for each --control-image")
@@ -103,6 +106,34 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
                 high_threshold=unit.high_threshold if chosen else trained.get("high_threshold", unit.high_threshold))
         resolved.append(unit)
     return resolved
+
+
+def _as_trained(unit: ControlUnit) -> ControlUnit:
+    """A unit naming another ControlNet: a difftrain ControlNet run's preprocessor (and canny thresholds)
+    unless --preprocess was given, and a warning if the run also trained a UNet LoRA, which steers only the
+    model it was trained beside."""
+    from dataclasses import replace
+
+    from difftrain.models.manifest import read_manifest
+
+    folder = local_folder(unit.model)
+    theirs = read_manifest(folder) if folder.is_dir() else None
+    if theirs is None or theirs.kind not in CONTROL_KINDS or not theirs.controls:
+        return unit if unit.preprocess is not None else replace(unit, preprocess="none")
+    if theirs.loras:
+        log.warning("%s was trained beside a LoRA on its base's UNet, which a --controlnet unit does not load: draw "
+                    "with the run itself as the model (difftrain generate %s --control-image ...) to have both",
+                    unit.model, unit.model)
+    if unit.preprocess is not None:
+        return unit
+    trained = theirs.controls[0]
+    if trained.get("preprocess") in ANNOTATORS:
+        raise ControlNetError(f"{unit.model} was trained on {trained['preprocess']} maps made by controlnet_aux, "
+                              f"which generate does not run: give a {trained['preprocess']} map as its "
+                              "--control-image with --preprocess none")
+    return replace(unit, preprocess=trained.get("preprocess", "none"),
+                   low_threshold=trained.get("low_threshold", unit.low_threshold),
+                   high_threshold=trained.get("high_threshold", unit.high_threshold))
 
 
 def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.Image | None = None) -> Image.Image:

@@ -120,6 +120,23 @@ def test_a_full_chunk_ends_at_a_recent_comma(tiny):
     assert len(prompt_tokens(tokenize_weighted(tokenizer, far)[0], eos)) == 75
 
 
+def test_a_multi_vector_embedding_moves_to_the_next_chunk_whole(tiny):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny[0])
+    tokenizer.add_tokens(["<sq>", "<sq>_1", "<sq>_2"])  # as diffusers loads a 3-vector embedding
+    vectors = tokenizer.convert_tokens_to_ids(["<sq>", "<sq>_1", "<sq>_2"])
+    eos = tokenizer.eos_token_id
+    # 73 words, then the embedding: two of its vectors would fit the first chunk, the third not.
+    first, second = tokenize_weighted(tokenizer, words(73) + " <sq> <sq>_1 <sq>_2 " + words(3, start=73),
+                                      comma_backtrack=0)
+    assert len(prompt_tokens(first, eos)) == 73
+    assert prompt_tokens(second, eos)[:3] == vectors
+    # Where it fits, nothing moves.
+    [whole] = tokenize_weighted(tokenizer, words(72) + " <sq> <sq>_1 <sq>_2")
+    assert prompt_tokens(whole, eos)[-3:] == vectors
+
+
 def test_break_starts_a_new_chunk_and_weights_follow_tokens(tiny):
     tokenizer, _ = tiny
     eos = tokenizer.eos_token_id

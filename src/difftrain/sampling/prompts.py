@@ -149,6 +149,7 @@ def tokenize_weighted(
     parsed = parse_attention(text)
     pieces = tokenizer([piece for piece, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)
     comma = tokenizer.get_vocab().get(",</w>")  # None for a non-CLIP vocabulary: no backtracking
+    runs = _embedding_runs(tokenizer)
 
     chunks: list[Chunk] = []
     current: list[tuple[int, float]] = []
@@ -178,12 +179,26 @@ def tokenize_weighted(
                 del current[last_comma + 1 :]
                 close()
                 current.extend(moved)
-            if len(current) == size:
-                close()
+            if len(current) == size or (current and len(current) + runs.get(token, 1) > size):
+                close()  # (a multi-vector embedding moves to the next chunk whole, as in the web UI)
             current.append((token, weight))
     if current or not chunks:
         close()
     return chunks
+
+
+def _embedding_runs(tokenizer) -> dict[int, int]:
+    """The first token of each multi-vector embedding and its number of vectors: diffusers loads one as
+    the tokens `<tok>`, `<tok>_1`, `<tok>_2`, ... which a prompt then holds side by side."""
+    added = tokenizer.get_added_vocab()
+    runs = {}
+    for text, token in added.items():
+        count = 1
+        while f"{text}_{count}" in added:
+            count += 1
+        if count > 1:
+            runs[token] = count
+    return runs
 
 
 def weight_embeddings(z: torch.Tensor, weights: torch.Tensor, restore_mean: bool = True) -> torch.Tensor:

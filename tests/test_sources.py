@@ -306,3 +306,17 @@ def test_clear_errors_for_missing_or_empty_data(tmp_path):
     write_tar(tmp_path / "bad.tar", [("a.txt", b"no image anywhere")])
     with pytest.raises(DatasetError, match=r"no usable records in .*bad.tar; e.g. bad.tar:a: no image member"):
         open_source("webdataset", tmp_path / "bad.tar", progress=False)
+
+
+def test_a_caption_with_half_an_emoji_is_kept_readable_not_fatal(tmp_path):
+    from difftrain.data.fingerprint import fingerprint
+
+    # Scraped JSON often cuts an emoji in half: "\ud83d" decodes to a lone surrogate, which no UTF-8 write,
+    # hash or tokenizer takes.
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a cat \\ud83d"}\n')
+    (tmp_path / "list.jsonl").write_text('{"image": "0.png", "caption": ["a dog \\ud83d", "fine"]}\n')
+    folder = open_source("folder", tmp_path, progress=False)
+    listed = open_source("jsonl", tmp_path / "list.jsonl", progress=False)
+    assert folder.read(0).captions == ["a cat \ufffd"] and listed.read(0).captions == ["a dog \ufffd", "fine"]
+    assert fingerprint(folder) and fingerprint(listed)

@@ -117,7 +117,17 @@ def caption_list(value: object) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise BadRecord(f"a caption must be a string or a list of strings, found {type(value).__name__}")
-    return [item for item in value if item.strip()]
+    return [_encodable(item) for item in value if item.strip()]
+
+
+def _encodable(text: str) -> str:
+    """`text` with each lone surrogate (half an emoji cut off in scraped JSON, "\\ud83d") as U+FFFD: one would
+    stop the tokenizer, the fingerprint and every file write mid-run."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def describe_records(

@@ -259,3 +259,49 @@ def test_pairing_edge_cases_dotted_names_self_conditions_empty_values_and_huge_f
     Image.new("RGB", (300, 300)).save(root / "hints" / "sub" / "a.png")
     small = open_source("folder", root, progress=False, max_pixels=10_000, conditioning=ConditioningFiles())
     assert "decompression" in dict(small.skipped)["sub/a.png"] or "pixels" in dict(small.skipped)["sub/a.png"]
+
+
+def test_a_record_that_breaks_at_decode_gets_a_stand_in_latent_in_its_own_bucket(tmp_path):
+    """A header-only check lets a cut-off JPEG through; alone in its bucket it used to leave the cached run
+    nothing to read there (and a resume the same). It gets what the uncached path reads in its place."""
+    import io
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for index in range(3):
+        noise_image(16, 16, index).save(root / f"{index}.png")
+    wide = io.BytesIO()
+    noise_image(256, 64, 9).save(wide, "JPEG", quality=95)
+    (root / "3.jpg").write_bytes(wide.getvalue()[: len(wide.getvalue()) // 2])  # the header survives
+    (root / "list.jsonl").write_text("".join(json.dumps({"image": name, "caption": "x"}) + "\n"
+                                            for name in ("0.png", "1.png", "2.png", "3.jpg")))
+    source = open_source("jsonl", root / "list.jsonl", progress=False)
+    assert len(source) == 4  # jsonl sources check headers only
+    sizes = {0: (16, 16), 1: (16, 16), 2: (16, 16), 3: (32, 8)}
+    data = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
+    encoders = CacheEncoders(latents=lambda pixels: (pixels, torch.zeros_like(pixels)), latent_tag="identity")
+    counts = data.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert counts["skipped"] == 1 and counts["latents computed"] == 4
+    uncached = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
+    item, plain = data[(0, 0, 3)], uncached[(0, 0, 3)]
+    assert item["latent_mean"].shape == (3, 8, 32)  # its own bucket's size
+    assert torch.equal(item["latent_mean"], plain["pixel_values"]) and plain["skipped"] == 1
+    again = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
+    assert again.fill_cache(encoders, tmp_path / "cache", progress=False)["latents computed"] == 0  # resumes
+
+
+def test_images_waiting_for_the_encoder_stay_within_a_budget_whatever_the_buckets(tmp_path, monkeypatch):
+    from difftrain.data import dataset as dataset_module
+
+    root = paired_folder(tmp_path / "data", [(16, 16), (32, 8), (8, 32), (16, 16), (24, 16)])
+    monkeypatch.setattr(dataset_module, "PENDING_VALUES", 3 * 16 * 16 * 2)  # two 16 x 16 views
+    batches = []
+
+    def encode(pixels):
+        batches.append(len(pixels))
+        return pixels, torch.zeros_like(pixels)
+
+    data = dataset(root, crop="center", buckets=lambda index: [(16, 16), (32, 8), (8, 32), (16, 16), (24, 16)][index])
+    counts = data.fill_cache(CacheEncoders(latents=encode, latent_tag="identity"), tmp_path / "cache", progress=False)
+    assert counts["latents computed"] == 10 and sum(batches) == 10
+    assert max(batches) <= 2 and len(batches) >= 5  # without the budget: 4 batches, one per bucket, at the end

@@ -35,6 +35,7 @@ from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_s
 log = logging.getLogger(__name__)
 
 CACHE_BATCH = 16
+PENDING_VALUES = CACHE_BATCH * 3 * 1024 * 1024  # pixels waiting to be encoded: ~200 MB of float32 at most
 
 
 class ImageDataset(Dataset):
@@ -160,6 +161,9 @@ class ImageDataset(Dataset):
             skipped += 1
         raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
 
+    def _flips(self) -> tuple[bool, ...]:
+        return (False, True) if self.flip else (False,)
+
     def _cached_text(self, caption: str) -> dict:
         entry = self.text_cache.get(self._text_key(caption))
         if entry is None:
@@ -210,21 +214,45 @@ class ImageDataset(Dataset):
                     del pending_texts[key]
                 counts["texts computed"] += len(chunk)
 
+        def queue_views(image, condition, size, missing, missing_conditions):
+            """The centre-cropped views (and conditions) of `image` at `size` the cache lacks, to encode."""
+            plan = plan_crop(image.size, size, "center", False, random.Random(0))
+            for key, flipped in missing_conditions:
+                pixels = self.conditions.transform(condition, image.size, size, replace(plan, flipped=flipped))
+                self.condition_cache.put(key, {"pixels": pixels})
+                counts["conditions computed"] += 1
+            for key, flipped in missing:
+                pixels = to_tensor(apply_plan(image, size, plan))
+                pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
+            flush_images(size)
+            # Rare buckets never fill a batch: past the budget the fullest waiting queue goes as it is, so
+            # memory stays bounded however many buckets there are.
+            while sum(pixels.numel() for queue in pending_images.values() for _, pixels in queue) > PENDING_VALUES:
+                flush_images(max(pending_images, key=lambda s: len(pending_images[s]) * s[0] * s[1]), force=True)
+
         # Every process walks all records (cheap when nothing is missing) so each knows
         # every record's hash; only its own share is encoded.
+        # Records that cannot be encoded get a stand-in under their own keys: the next readable record, as
+        # the uncached path reads it in their place. Without one a bucket it alone filled would have nothing.
+        unreadable: list[tuple[int, list, list]] = []
         bar = tqdm(range(len(self)), desc="filling cache", unit="rec", disable=not progress, dynamic_ncols=True)
         for index in bar:
+            mine = index % world_size == rank
             try:
                 record = self.source.read(index)
             except BadRecord as reason:
                 log.warning("skipping record %d while caching: %s", index, reason)
                 counts["skipped"] += 1
+                if latents and mine:  # its keys are those of an all-zero digest, which no readable record has
+                    size = self.target_size(index)
+                    unreadable.append((index, [(self._latent_key(bytes(32), size, f), f) for f in self._flips()],
+                                       [(self._condition_key(index, size, f), f) for f in self._flips()]
+                                       if conditions else []))
                 continue
-            mine = index % world_size == rank
             if latents:
                 digest = hashlib.sha256(record.data).digest()
                 self.hashes[index], captions[index] = np.frombuffer(digest, dtype=np.uint8), tuple(record.captions)
-                size, flips = self.target_size(index), ((False, True) if self.flip else (False,))
+                size, flips = self.target_size(index), self._flips()
                 keys = [(self._latent_key(digest, size, f), f) for f in flips]
                 missing = [(k, f) for k, f in keys if k not in self.latent_cache]
                 counts["latents found"] += len(keys) - len(missing)
@@ -241,16 +269,9 @@ class ImageDataset(Dataset):
                     except BadImage as reason:
                         log.warning("skipping record %d while caching: %s", index, reason)
                         counts["skipped"] += 1
+                        unreadable.append((index, missing, missing_conditions))
                         continue
-                    plan = plan_crop(image.size, size, "center", False, random.Random(0))
-                    for key, flipped in missing_conditions:
-                        pixels = self.conditions.transform(condition, image.size, size, replace(plan, flipped=flipped))
-                        self.condition_cache.put(key, {"pixels": pixels})
-                        counts["conditions computed"] += 1
-                    for key, flipped in missing:
-                        pixels = to_tensor(apply_plan(image, size, plan))
-                        pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
-                    flush_images(size)
+                    queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
                 wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record.captions
                 for caption in sorted(set(wanted_captions) | {""}):
@@ -260,6 +281,9 @@ class ImageDataset(Dataset):
                         continue
                     pending_texts[key] = caption
                 flush_texts()
+        for index, missing, missing_conditions in unreadable:
+            _, _, image, condition, _ = self._read(index)  # the record the uncached path reads in its place
+            queue_views(image, condition, self.target_size(index), missing, missing_conditions)
         for size in list(pending_images):
             flush_images(size, force=True)
         flush_texts(force=True)

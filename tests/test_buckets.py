@@ -123,7 +123,7 @@ def test_bucket_resume_continues_the_same_sequence():
     resumed.start = resumed.position_after(*straight[6][0][:2])
     assert resumed.start == Position(1, 3)
     assert take(resumed, 5) == straight[7:]
-    assert all(type(i) is int for batch in straight for (_, _, i) in batch)  # plain ints, as keys
+    assert all(type(key[2]) is int for batch in straight for key in batch)  # plain ints, as keys
 
 
 def test_sharded_bucket_order_keeps_a_buckets_batches_within_few_shards():

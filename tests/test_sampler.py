@@ -128,3 +128,36 @@ def test_starting_the_loader_draws_nothing_from_the_global_rng():
         batches = iter(make_loader(Records(), EpochBatchSampler(10, 2, seed=0), workers, collate_fn=list))
         assert next(batches) and torch.equal(torch.get_rng_state(), before), workers
         del batches
+
+
+def test_a_record_repeated_in_its_batch_draws_its_own_view_each_time(tmp_path):
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from difftrain.data.buckets import BucketBatchSampler
+    from difftrain.data.dataset import ImageDataset
+    from difftrain.data.sampler import batch_keys
+    from difftrain.data.sources import open_source
+
+    assert batch_keys(2, 5, [7, 7, 3, 7]) == [(2, 5, 7), (2, 5, 7, 1), (2, 5, 3), (2, 5, 7, 2)]
+    # One wide image alone in its bucket fills a batch of 4 by itself: four different views, not one four times.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": name, "text": "x", "captions": ["one", "two", "three", "four"]}) + "\n"
+        for name in ("wide.png", "a.png", "b.png", "c.png", "d.png")))
+    source = open_source("folder", tmp_path, progress=False)
+    wide = [record.key for record in map(source.read, range(len(source)))].index("wide.png")
+    ids = np.array([int(i != wide) for i in range(len(source))])
+    sampler = BucketBatchSampler(ids, 4, seed=0, buckets=[(32, 16), (16, 16)])
+    data = ImageDataset(source, 16, "random", True, seed=0, max_pixels=10**8, buckets=sampler.target_size)
+    [alone] = [keys for keys, _ in zip(sampler, range(sampler.batches_per_epoch)) if keys[0][2] == wide]
+    items = [data[key] for key in alone]
+    views = {(item["caption"], item["pixel_values"].numpy().tobytes()) for item in items}
+    assert len(alone) == 4 and len(views) == 4, [key for key in alone]
+    assert all(torch.equal(data[key]["pixel_values"], item["pixel_values"]) for key, item in zip(alone, items))

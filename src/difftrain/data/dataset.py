@@ -98,9 +98,9 @@ class ImageDataset(Dataset):
                 log.warning("skipping %s at read time: %s", where, reason)
         raise RuntimeError("every record in the data set became unreadable during training")
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict:
-        epoch, batch, index = key
-        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        epoch, batch, index, *copy = key  # a copy number for a record repeated within its batch (sampler.batch_keys)
+        rng = random.Random(f"{self.seed}/{epoch}/{index}" + "".join(f"/{c}" for c in copy))
         item = {"epoch": epoch, "batch": batch, "skipped": 0}
         if self.hashes is not None:  # latents cached: the image is never opened
             flipped = self.flip and rng.random() < 0.5
@@ -311,9 +311,10 @@ class PairedDataset(Dataset):
     def sources(self) -> dict[str, RecordSource]:
         return {"data": self.main.source, self.companion_key: self.companion.source}
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict:
-        epoch, batch, index = key
-        partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class").randrange(len(self.companion))
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        epoch, batch, index, *copy = key
+        partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class" + "".join(f"/{c}" for c in copy)
+                                ).randrange(len(self.companion))
         item = self.main[key]
         extra = self.companion[(epoch, batch, partner)]
         item.update({f"{self.prefix}{k}": v for k, v in extra.items() if k not in BOOKKEEPING})

@@ -41,6 +41,17 @@ class Position:
     batch: int = 0
 
 
+def batch_keys(epoch: int, batch: int, indices: Sequence[int]) -> list[tuple[int, ...]]:
+    """The data set's keys for one batch: (epoch, batch, index), and a copy number after a record that repeats
+    in it (a bucket smaller than a batch is filled out with its own records), so each copy draws its own
+    flip, crop and caption rather than being the same view again."""
+    keys, seen = [], {}
+    for index in map(int, indices):
+        copy = seen[index] = seen.get(index, -1) + 1
+        keys.append((epoch, batch, index) if copy == 0 else (epoch, batch, index, copy))
+    return keys
+
+
 class ResumableBatches:
     """The iteration contract shared by the samplers: `start`, `__iter__`, `position_after`.
 
@@ -57,12 +68,12 @@ class ResumableBatches:
         """A function batch -> this rank's record indices, for one epoch."""
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         epoch, batch = self.start.epoch, self.start.batch
         while True:
             read = self._epoch_reader(epoch)
             for b in range(batch, self.batches_per_epoch):
-                yield [(epoch, b, int(index)) for index in read(b)]
+                yield batch_keys(epoch, b, read(b))
             epoch, batch = epoch + 1, 0
 
     def position_after(self, epoch: int, batch: int) -> Position:

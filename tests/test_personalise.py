@@ -117,6 +117,9 @@ def test_under_mixed_precision_frozen_weights_are_half_and_adapters_fp32(tiny_sd
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert all(p.dtype == torch.bfloat16 for p in frozen)
+    # In training mode from the first step (loaded models come in eval mode, where transformers' gradient
+    # checkpointing and any dropout do nothing), not only after the first preview.
+    assert all(m.training for module in trainer.modules.values() for m in module.modules())
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
         id(p) for m in (unet, trainer.method.text_encoder) for p in m.parameters() if p.requires_grad
     }
@@ -130,6 +133,17 @@ def test_unknown_lora_target_names_the_key_and_the_real_layers(tiny_sd, shapes_d
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "lora.unet_targets" in err and "to_qq" in err and "to_q" in err
+    # A layer a LoRA file cannot hold (peft would wrap an embedding, then the final save would fail), or a
+    # block rather than a layer: refused before the first step.
+    for name, section in [("embedding", {"text_encoder": True,
+                                         "text_encoder_targets": ["q_proj", "token_embedding"]}),
+                          ("block", {"unet_targets": ["attn1"]})]:
+        config = sd_config(tmp_path, shapes_dir, tiny_sd, name, lora={"enabled": True, **section})
+        assert main(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert ("token_embedding is of type Embedding, not Linear or Conv2d" if name == "embedding" else
+                "attn1 is of type Attention, not Linear or Conv2d") in err, err
+        assert not (tmp_path / name / "checkpoints").exists()
 
 
 def test_textual_inversion_learns_only_its_rows_and_the_token_works_after_loading(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
@@ -178,7 +192,8 @@ def test_textual_inversion_draws_its_templates_as_token_ids_on_the_device(tiny_s
     assert torch.equal(parts["input_ids"], tokenize(method.tokenizer, captions, method.max_length))
 
 
-def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer(
+        tiny_sd, shapes_dir, tmp_path, capsys, caplog):  # noqa: F811
     config = sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
                        textual_inversion={"token": "dog", "initializer": "square"})
     assert main(["train", str(config)]) == 2
@@ -187,6 +202,46 @@ def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer
                        textual_inversion={"token": "<x>", "initializer": "zebra"})
     assert main(["train", str(config)]) == 2
     assert "exactly one" in capsys.readouterr().err
+    # A token that cannot be saved as the A1111 file, refused before the run rather than at its final save;
+    # and settings that would do nothing for it.
+    for name, token, words in [("c", "<my toy>", "one word without spaces"), ("d", "<*>", "nothing usable")]:
+        config = sd_config(tmp_path, shapes_dir, tiny_sd, name, method="textual_inversion",
+                           textual_inversion={"token": token, "initializer": "square"})
+        assert main(["train", str(config)]) == 2
+        assert f"textual_inversion.token: token {token!r}: " in (err := capsys.readouterr().err) and words in err
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, "e", method="textual_inversion", output={"single_file": True},
+                       textual_inversion={"token": "<x>", "initializer": "square"},
+                       text2image={"text_encoder_lr": 1e-3})
+    assert main(["train", str(config)]) == 2
+    assert "text2image.text_encoder_lr, output.single_file with textual_inversion" in capsys.readouterr().err
+    # A token whose A1111 file name is a word: A1111 would use the embedding wherever the word is written.
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, "f", method="textual_inversion", training={"max_steps": 1},
+                       textual_inversion={"token": "<circle>", "initializer": "square"})
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(config), "--no-progress"]) == 0
+    assert "saved for AUTOMATIC1111 as circle.safetensors, and 'circle' is a word" in caplog.text
+    assert "text_encoder: 32 trainable parameters (beside " in capsys.readouterr().out  # one vector, not the encoder
+
+
+def test_dreambooth_counts_the_users_own_class_images_and_says_when_the_folder_holds_more(
+        tiny_sd, shapes_dir, tmp_path, caplog):  # noqa: F811
+    from difftrain.methods.dreambooth import class_image_name
+
+    (tmp_path / "class").mkdir()
+    for i in range(3):  # kohya-style regularisation images of the user's own
+        Image.new("RGB", (16, 16), (0, i * 60, 0)).save(tmp_path / "class" / f"reg-{i}.jpg")
+    config = dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"batch_size": 1, "max_steps": 1})
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(config), "--no-progress"]) == 0
+    names = sorted(p.name for p in (tmp_path / "class").iterdir())
+    assert names == [class_image_name(0), "reg-0.jpg", "reg-1.jpg", "reg-2.jpg"]  # 4 in all: one drawn
+    assert "holds" not in caplog.text
+    for i in range(3, 5):
+        Image.new("RGB", (16, 16), (0, 0, i * 40)).save(tmp_path / "class" / f"reg-{i}.jpg")
+    again = dreambooth_config(tmp_path, shapes_dir, tiny_sd, "again", training={"batch_size": 1, "max_steps": 1})
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(again), "--no-progress"]) == 0
+    assert "holds 6 images, more than num_class_images 4: all 6 train as the class prior" in caplog.text
 
 
 def dreambooth_config(tmp_path, shapes_dir, tiny_sd, name="run", **sections):  # noqa: F811

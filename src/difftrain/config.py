@@ -675,6 +675,14 @@ class TextualInversionRun(LatentRun):
             raise ValueError("method textual_inversion: set textual_inversion.token and textual_inversion.initializer")
         if self.data.cache.text:
             raise ValueError("data.cache.text with textual_inversion: the new token's embedding changes as it trains")
+        # Settings that would do nothing here: said, not silently ignored.
+        idle = [key for key, value in (("text2image.train_text_encoder", self.text2image.train_text_encoder),
+                                       ("text2image.text_encoder_lr", self.text2image.text_encoder_lr),
+                                       ("output.single_file", self.output.single_file),
+                                       ("output.trained_only", self.output.trained_only)) if value]
+        if idle:
+            raise ValueError(f"{', '.join(idle)} with textual_inversion: it trains the new token's vectors alone "
+                             "(at training.learning_rate) and writes them as embedding files; remove the setting")
         return self
 
 

@@ -101,6 +101,16 @@ class Method(ABC):
     def describe(self) -> list[str]:
         """Lines for the run summary: model size and the like."""
         # Under DeepSpeed ZeRO-3 a parameter is an empty placeholder; ds_numel is its size.
-        counts = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
-                  for name, m in self.trainable_modules().items()}
-        return [f"{name}: {count / 1e6:.2f}M trainable parameters" for name, count in counts.items()]
+        def size(m: torch.nn.Module, trained: bool) -> int:
+            return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad == trained)
+
+        lines = []
+        for name, module in self.trainable_modules().items():
+            frozen = size(module, False)  # a LoRA's base, the text encoder around a new token's vectors
+            lines.append(f"{name}: {_millions(size(module, True))} trainable parameters"
+                         + (f" (beside {_millions(frozen)} frozen)" if frozen else ""))
+        return lines
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 10_000 else f"{count:,}"

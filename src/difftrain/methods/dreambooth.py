@@ -12,6 +12,8 @@ and produces exactly the images a straight run would.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from difftrain.atomic import atomic_path
 from difftrain.methods.text2image import TextToImage
 from difftrain.sampling.schedulers import make_scheduler
 
+log = logging.getLogger(__name__)
 PAIRED_KEYS = ("pixel_values", "latent_mean", "latent_std", "prompt_embeds", "input_ids")
 
 
@@ -28,8 +31,28 @@ def class_image_name(index: int) -> str:
     return f"class-{index:05d}.png"
 
 
+CLASS_NAME = re.compile(r"class-\d{5}\.png")  # what class_image_name writes
+
+
 def missing_class_images(folder: Path, count: int) -> list[int]:
     return [i for i in range(count) if not (folder / class_image_name(i)).is_file()]
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The images a folder source would read from `folder` (hidden files and folders left out)."""
+    from difftrain.data.images import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+
+
+def generated_count(folder: Path, wanted: int) -> int:
+    """How many class images to generate: as in diffusers' script, images of the user's own (regularisation
+    images, kohya-style) count toward `wanted`, and only the rest is drawn."""
+    theirs = [p for p in folder_images(folder) if p.parent != folder or not CLASS_NAME.fullmatch(p.name)]
+    return max(0, wanted - len(theirs))
 
 
 def class_image_batches(missing: list[int], count: int, batch_size: int) -> list[range]:
@@ -50,12 +73,19 @@ class DreamBooth(TextToImage):
         settings = self.config.dreambooth
         if settings.prior_preservation:
             folder = Path(settings.class_data)
-            missing = missing_class_images(folder, settings.num_class_images)
-            batches = class_image_batches(missing, settings.num_class_images, settings.class_batch_size)
+            count = generated_count(folder, settings.num_class_images)
+            missing = missing_class_images(folder, count)
+            batches = class_image_batches(missing, count, settings.class_batch_size)
             mine = batches[accelerator.process_index :: accelerator.num_processes]
             if mine:
                 self.generate_class_images(folder, mine, accelerator.device, compute_dtype, progress)
         accelerator.wait_for_everyone()
+        held = len(folder_images(Path(settings.class_data))) if settings.prior_preservation else 0
+        if held > settings.num_class_images and accelerator.is_main_process:
+            log.warning("dreambooth.class_data %s holds %d images, more than num_class_images %d: all %d train as the "
+                        "class prior (images of an earlier run with more, or another class prompt, included); move "
+                        "the extra ones out to train on %d", settings.class_data, held, settings.num_class_images,
+                        held, settings.num_class_images)
 
     @torch.no_grad()
     def generate_class_images(self, folder: Path, batches: list[range], device, compute_dtype: torch.dtype,

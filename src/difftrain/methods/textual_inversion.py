@@ -9,12 +9,16 @@ bit-identical by construction (tested). Captions come from object or style templ
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from difftrain.config import ConfigError
 from difftrain.methods.text2image import TextToImage, tokenize
+from difftrain.models.embeddings import EmbeddingFileError, check_token
+
+log = logging.getLogger(__name__)
 
 # The prompt templates of the Textual Inversion paper's code (as in diffusers' example).
 OBJECT_TEMPLATES = (
@@ -64,6 +68,16 @@ class TextualInversion(TextToImage):
         super().__init__(config)
         settings = config.textual_inversion
         self.placeholders = [settings.token] + [f"{settings.token}_{i}" for i in range(1, settings.num_vectors)]
+        try:
+            file_name = check_token(settings.token)
+        except EmbeddingFileError as reason:
+            raise ConfigError(f"textual_inversion.token: {reason}") from None
+        stem = Path(file_name).stem
+        if len(self.tokenizer.encode(stem, add_special_tokens=False)) == 1:
+            # A1111 finds an embedding by its file name anywhere in a prompt.
+            log.warning("textual_inversion.token %r is saved for AUTOMATIC1111 as %s, and %r is a word of the "
+                        "tokenizer: in A1111 every prompt with that word would use the embedding; a token such as "
+                        "'<%s-emb>' avoids it", settings.token, file_name, stem, stem)
         vocab = self.tokenizer.get_vocab()
         # A word the tokenizer already spells as one token would keep its old meaning in prompts.
         clashes = [t for t in self.placeholders

@@ -43,13 +43,19 @@ def a1111_file_name(token: str) -> str:
     return f"{stem}.safetensors"
 
 
+def check_token(token: str) -> str:
+    """The A1111 file name `token` will be saved under; refused now if it cannot be (a training run checks
+    before its first step, not after its last)."""
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise EmbeddingFileError(f"token {token!r}: must be one word without spaces, e.g. '<my-style>'")
+    return a1111_file_name(token)
+
+
 def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write out_dir/learned_embeds.safetensors (diffusers) and out_dir/<token>.safetensors
     (A1111/ComfyUI/kohya); returns both paths. `metadata` lands in both headers as strings."""
-    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
-        raise EmbeddingFileError(f"token {token!r}: must be one word without spaces, e.g. '<my-style>'")
+    a1111_name = check_token(token)  # before writing anything: no half-saved pair
     vectors = _vectors(vectors, f"embedding {token!r}")
-    a1111_name = a1111_file_name(token)  # before writing anything: no half-saved pair
     meta = string_metadata(metadata, EmbeddingFileError, "embedding")
     meta.setdefault("token", token)
     meta.setdefault("num_vectors", str(vectors.shape[0]))

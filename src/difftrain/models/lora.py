@@ -34,13 +34,22 @@ def add_lora(
     """Freeze `module` and add a trainable LoRA on the layers named `targets` (alpha None: alpha = rank)."""
     from peft import LoraConfig as PeftLoraConfig
 
-    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n, _ in module.named_modules())]
-    if unknown:
-        layers = [n.split(".") for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    def matches(target: str) -> list[torch.nn.Module]:
+        return [m for n, m in module.named_modules() if n == target or n.endswith(f".{target}")]
+
+    layer_types = (torch.nn.Linear, torch.nn.Conv2d)
+    unknown = [t for t in targets if not matches(t)]
+    # peft also wraps embeddings, and refuses attention blocks or norms deep inside; a LoRA file holds Linear and
+    # Conv2d layers only, so anything else would train for the whole run and then fail to save.
+    other = {t: sorted({type(m).__name__ for m in matches(t) if not isinstance(m, layer_types)}) for t in targets}
+    other = {t: kinds for t, kinds in other.items() if kinds}
+    if unknown or other:
+        layers = [n.split(".") for n, m in module.named_modules() if isinstance(m, layer_types)]
         leaves = sorted({".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in layers})
         key = "lora.unet_targets" if name == "unet" else "lora.text_encoder_targets"
-        raise ConfigError(f"{key}: no layer of the {name} is called {unknown}; its Linear/Conv2d layers are named "
-                          f"{', '.join(leaves[:30])}")
+        problem = (f"no layer of the {name} is called {unknown}" if unknown else
+                   "; ".join(f"{t} is of type {', '.join(kinds)}, not Linear or Conv2d" for t, kinds in other.items()))
+        raise ConfigError(f"{key}: {problem}; its Linear/Conv2d layers are named {', '.join(leaves[:30])}")
     module.requires_grad_(False)
     module.add_adapter(
         PeftLoraConfig(

@@ -161,6 +161,10 @@ class Trainer:
         apply_speed_options(self.method.speed_modules(), config.training)
         self.method.setup(self.accelerator, _weight_dtype(self.accelerator), self.dataset, self.progress)
         self.modules = self.method.trainable_modules()
+        for module in self.modules.values():
+            # Loaded models come in eval mode, and transformers' gradient checkpointing (and any dropout) acts
+            # only in training mode: from the first step, not from the first preview on.
+            module.train()
         if self.sharded:
             sharding.check_trainable(config, self.modules)
         if self.zero_stage:

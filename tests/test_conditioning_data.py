@@ -261,9 +261,10 @@ def test_pairing_edge_cases_dotted_names_self_conditions_empty_values_and_huge_f
     assert "decompression" in dict(small.skipped)["sub/a.png"] or "pixels" in dict(small.skipped)["sub/a.png"]
 
 
-def test_a_record_that_breaks_at_decode_gets_a_stand_in_latent_in_its_own_bucket(tmp_path):
+def test_a_record_that_breaks_at_decode_is_read_as_its_stand_in_in_its_own_bucket(tmp_path):
     """A header-only check lets a cut-off JPEG through; alone in its bucket it used to leave the cached run
-    nothing to read there (and a resume the same). It gets what the uncached path reads in its place."""
+    nothing to read there (and a resume the same). It reads what the uncached path reads in its place, with
+    that record's caption, and once the file is mended, its own pixels."""
     import io
 
     root = tmp_path / "data"
@@ -273,21 +274,33 @@ def test_a_record_that_breaks_at_decode_gets_a_stand_in_latent_in_its_own_bucket
     wide = io.BytesIO()
     noise_image(256, 64, 9).save(wide, "JPEG", quality=95)
     (root / "3.jpg").write_bytes(wide.getvalue()[: len(wide.getvalue()) // 2])  # the header survives
-    (root / "list.jsonl").write_text("".join(json.dumps({"image": name, "caption": "x"}) + "\n"
+    (root / "list.jsonl").write_text("".join(json.dumps({"image": name, "caption": f"caption {name}"}) + "\n"
                                             for name in ("0.png", "1.png", "2.png", "3.jpg")))
     source = open_source("jsonl", root / "list.jsonl", progress=False)
     assert len(source) == 4  # jsonl sources check headers only
     sizes = {0: (16, 16), 1: (16, 16), 2: (16, 16), 3: (32, 8)}
-    data = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
-    encoders = CacheEncoders(latents=lambda pixels: (pixels, torch.zeros_like(pixels)), latent_tag="identity")
-    counts = data.fill_cache(encoders, tmp_path / "cache", progress=False)
-    assert counts["skipped"] == 1 and counts["latents computed"] == 4
+
+    def cached() -> tuple[ImageDataset, dict]:
+        data = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
+        encoders = CacheEncoders(latents=lambda pixels: (pixels, torch.zeros_like(pixels)), latent_tag="identity",
+                                 texts=lambda captions: torch.zeros(len(captions), 2), text_tag="zeros")
+        return data, data.fill_cache(encoders, tmp_path / "cache", progress=False)
+
+    data, counts = cached()
+    assert counts["skipped"] == 1 and counts["latents computed"] == 4  # three own, one stand-in at 32 x 8
     uncached = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
     item, plain = data[(0, 0, 3)], uncached[(0, 0, 3)]
     assert item["latent_mean"].shape == (3, 8, 32)  # its own bucket's size
-    assert torch.equal(item["latent_mean"], plain["pixel_values"]) and plain["skipped"] == 1
-    again = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
-    assert again.fill_cache(encoders, tmp_path / "cache", progress=False)["latents computed"] == 0  # resumes
+    assert torch.equal(item["latent_mean"], plain["pixel_values"]) and item["caption"] == plain["caption"]
+    assert item["caption"] == "caption 0.png" and item["skipped"] == plain["skipped"] == 1
+    assert cached()[1]["latents computed"] == 0  # a resume finds it all
+    (root / "3.jpg").write_bytes(wide.getvalue())  # mended: its own latent, not the stand-in's, from now on
+    source = open_source("jsonl", root / "list.jsonl", progress=False)
+    data, counts = cached()
+    assert counts["latents computed"] == 1 and data[(0, 0, 3)]["caption"] == "caption 3.jpg"
+    assert torch.equal(data[(0, 0, 3)]["latent_mean"],
+                       ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000,
+                                    buckets=sizes.get)[(0, 0, 3)]["pixel_values"])
 
 
 def test_images_waiting_for_the_encoder_stay_within_a_budget_whatever_the_buckets(tmp_path, monkeypatch):

@@ -144,22 +144,26 @@ class ImageDataset(Dataset):
                            flipped, "center", DECODE_VERSION, self.conditions.preprocess.tag())
 
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
-        """The cached latent (and condition) of `index` or, if that record could not be encoded, of the
-        next one of its bucket that was (its batch stacks latents of one size)."""
-        wanted, skipped = self.target_size(index), 0
-        for offset in range(len(self)):
-            position = (index + offset) % len(self)
-            digest, size = self.hashes[position].tobytes(), self.target_size(position)
-            if size != wanted:
-                continue
-            entry = self.latent_cache.get(self._latent_key(digest, size, flipped))
-            if entry is not None and self.condition_cache is not None:
-                condition = self.condition_cache.get(self._condition_key(position, size, flipped))
-                entry = None if condition is None else {**entry, "conditioning": condition["pixels"]}
-            if entry is not None:
-                return position, entry, skipped
-            skipped += 1
-        raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty; resume the run to fill it again")
+        """The cached latent (and condition) of `index` or, for a record that could not be encoded, of the record
+        the uncached path reads in its place, at this record's size (its batch stacks latents of one size):
+        fill_cache encoded that one under its own content keys."""
+        wanted = self.target_size(index)
+        entry = self._cached_entry(index, wanted, flipped)
+        if entry is not None:
+            return index, entry, 0
+        position, _, _, _, skipped = self._read(index)  # rare: only records that would not decode
+        entry = self._cached_entry(position, wanted, flipped) if position != index else None
+        if entry is None:
+            raise RuntimeError(f"the latent cache under {self.latent_cache.dir} lacks record {index} (or the record "
+                               "read in its place); resume the run to fill it again")
+        return position, entry, skipped
+
+    def _cached_entry(self, position: int, size: tuple[int, int], flipped: bool) -> dict | None:
+        entry = self.latent_cache.get(self._latent_key(self.hashes[position].tobytes(), size, flipped))
+        if entry is not None and self.condition_cache is not None:
+            condition = self.condition_cache.get(self._condition_key(position, size, flipped))
+            entry = None if condition is None else {**entry, "conditioning": condition["pixels"]}
+        return entry
 
     def _flips(self) -> tuple[bool, ...]:
         return (False, True) if self.flip else (False,)
@@ -232,9 +236,10 @@ class ImageDataset(Dataset):
 
         # Every process walks all records (cheap when nothing is missing) so each knows
         # every record's hash; only its own share is encoded.
-        # Records that cannot be encoded get a stand-in under their own keys: the next readable record, as
-        # the uncached path reads it in their place. Without one a bucket it alone filled would have nothing.
-        unreadable: list[tuple[int, list, list]] = []
+        # A record that cannot be encoded is read, as in the uncached path, as the next readable record: that
+        # one is encoded at this record's size too (under its own content keys), or a bucket the record alone
+        # filled would have nothing to read. Which records those are is found again at every start.
+        unreadable: list[int] = []
         bar = tqdm(range(len(self)), desc="filling cache", unit="rec", disable=not progress, dynamic_ncols=True)
         for index in bar:
             mine = index % world_size == rank
@@ -243,11 +248,8 @@ class ImageDataset(Dataset):
             except BadRecord as reason:
                 log.warning("skipping record %d while caching: %s", index, reason)
                 counts["skipped"] += 1
-                if latents and mine:  # its keys are those of an all-zero digest, which no readable record has
-                    size = self.target_size(index)
-                    unreadable.append((index, [(self._latent_key(bytes(32), size, f), f) for f in self._flips()],
-                                       [(self._condition_key(index, size, f), f) for f in self._flips()]
-                                       if conditions else []))
+                if latents and mine:
+                    unreadable.append(index)
                 continue
             if latents:
                 digest = hashlib.sha256(record.data).digest()
@@ -269,7 +271,7 @@ class ImageDataset(Dataset):
                     except BadImage as reason:
                         log.warning("skipping record %d while caching: %s", index, reason)
                         counts["skipped"] += 1
-                        unreadable.append((index, missing, missing_conditions))
+                        unreadable.append(index)
                         continue
                     queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
@@ -281,9 +283,14 @@ class ImageDataset(Dataset):
                         continue
                     pending_texts[key] = caption
                 flush_texts()
-        for index, missing, missing_conditions in unreadable:
-            _, _, image, condition, _ = self._read(index)  # the record the uncached path reads in its place
-            queue_views(image, condition, self.target_size(index), missing, missing_conditions)
+        for index in unreadable:
+            position, _, image, condition, _ = self._read(index)  # the record the uncached path reads instead
+            size, digest = self.target_size(index), self.hashes[position].tobytes()
+            missing = [(key, f) for f in self._flips()
+                       if (key := self._latent_key(digest, size, f)) not in self.latent_cache]
+            missing_conditions = [(key, f) for f in self._flips() if conditions
+                                  and (key := self._condition_key(position, size, f)) not in self.condition_cache]
+            queue_views(image, condition, size, missing, missing_conditions)
         for size in list(pending_images):
             flush_images(size, force=True)
         flush_texts(force=True)

@@ -67,6 +67,28 @@ def test_a_crash_at_any_rename_leaves_the_old_entries_or_the_new_ones(tmp_path, 
     assert outcomes[0] is False and all(outcomes[1:]) and len(outcomes) >= 6, outcomes
 
 
+def test_a_crash_while_deleting_the_old_entries_leaves_the_new_ones(tmp_path, monkeypatch):
+    """Once the old entries are set aside as trash only deletions remain; a kill among them must not be read
+    as a swap that never happened (which would put old entries back beside new ones)."""
+    real_rmtree = atomic.shutil.rmtree
+    for crash_on in range(2):  # deleting the emptied staging folder, then the trash
+        out = _folder_with_staged_output(tmp_path / str(crash_on))
+        calls = []
+
+        def rmtree(path, *args, crash_on=crash_on, calls=calls, **kwargs):
+            calls.append(path)
+            if len(calls) == crash_on + 1:
+                raise Crash()
+            real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+        with pytest.raises(Crash):
+            replace_contents(out)
+        monkeypatch.setattr(atomic.shutil, "rmtree", real_rmtree)
+        assert recover_contents(out) and _contents(out) == NEW
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_half_written_output_is_deleted_and_the_old_entries_stay(tmp_path):
     out = _folder_with_staged_output(tmp_path)  # no completion marker: the writer died mid-way
     assert recover_contents(out)
@@ -83,7 +105,7 @@ def test_reading_a_folder_a_killed_curate_left_finishes_the_swap_first(tmp_path,
     (out / CONTENTS_OLD).mkdir()  # killed after setting the old image aside, before noting it
     os.replace(out / "old.png", out / CONTENTS_OLD / "old.png")
     source = open_source("folder", out, captions="none", progress=False)
-    assert len(source) == 2 and sorted(p.name for p in out.iterdir()) == ["new1.png", "new2.png"]
+    assert len(source) == 2 and sorted(p.name for p in out.iterdir()) == [".difftrain-lock", "new1.png", "new2.png"]
     assert "held an interrupted curate output" in capsys.readouterr().err
 
 
@@ -97,3 +119,26 @@ def test_an_interrupted_output_that_cannot_be_put_right_names_the_folder(tmp_pat
     monkeypatch.setattr(atomic.os, "replace", read_only)
     with pytest.raises(ValueError, match=f"{out} holds an interrupted curate output .* write access"):
         open_source("folder", out, captions="none", progress=False)
+
+
+def test_a_reader_waits_for_a_curate_still_writing_instead_of_deleting_its_work(tmp_path, capsys):
+    import threading
+    import time
+
+    from difftrain.atomic import contents_lock
+
+    out = tmp_path / "data"
+    (out / CONTENTS_STAGING).mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(out / "old.png")
+    Image.new("RGB", (8, 8), "blue").save(out / CONTENTS_STAGING / "new.png")  # being written: no marker yet
+    opened = []
+    with contents_lock(out):  # the writer
+        reader = threading.Thread(target=lambda: opened.append(open_source("folder", out, captions="none",
+                                                                           progress=False)))
+        reader.start()
+        time.sleep(0.5)
+        assert reader.is_alive() and (out / CONTENTS_STAGING / "new.png").exists()  # waiting, nothing deleted
+        replace_contents(out)  # the writer finishes
+    reader.join(10)
+    assert len(opened[0]) == 1 and sorted(p.name for p in out.glob("*.png")) == ["new.png"]
+    assert "waiting for a `difftrain data curate` writing into" in capsys.readouterr().err

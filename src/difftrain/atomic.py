@@ -176,12 +176,40 @@ def recover_dirs(parent: Path) -> None:
 # folder inside it and swapped in entry by entry, through a journal that makes the swap resumable.
 CONTENTS_STAGING = ".difftrain-partial"  # the new entries while they are written
 CONTENTS_OLD = ".difftrain-replaced"  # the old entries while the new ones move in
+CONTENTS_TRASH = ".difftrain-trash"  # the old entries once the swap is done, until deleted
+CONTENTS_LOCK = ".difftrain-lock"  # held by whoever writes, swaps or repairs the folder's contents
+BOOKKEEPING = (CONTENTS_STAGING, CONTENTS_OLD, CONTENTS_TRASH, CONTENTS_LOCK)
 _STAGED = ".complete"  # in CONTENTS_STAGING: every new entry is written
 _MOVED = ".complete"  # in CONTENTS_OLD: every old entry has left the folder
 
 
+@contextmanager
+def contents_lock(final: Path, waiting_note: str | None = None) -> Iterator[None]:
+    """Hold the folder's lock (a file inside it): one writer or repairer at a time, across processes.
+    `waiting_note` is printed if another holds it, before waiting for it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(Path(final) / CONTENTS_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting_note:
+                import sys
+
+                print(waiting_note, file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def replace_contents(final: Path) -> None:
-    """Make the entries of `final` those written into `final / CONTENTS_STAGING`.
+    """Make the entries of `final` those written into `final / CONTENTS_STAGING` (call it holding
+    `contents_lock`).
 
     Nothing is deleted before every new entry is complete on disk and every old one set aside, so a crash
     at any instant leaves either the old entries or the new ones once `recover_contents` has run.
@@ -193,36 +221,50 @@ def replace_contents(final: Path) -> None:
 
 
 def _roll_forward(final: Path) -> None:
-    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
+    staging, old, trash = final / CONTENTS_STAGING, final / CONTENTS_OLD, final / CONTENTS_TRASH
     if not (old / _MOVED).exists():
         old.mkdir(exist_ok=True)
         for entry in final.iterdir():
-            if entry.name not in (CONTENTS_STAGING, CONTENTS_OLD):
+            if entry.name not in BOOKKEEPING:
                 os.replace(entry, old / entry.name)
         write_bytes(old / _MOVED, b"")
     for entry in staging.iterdir():
         if entry.name != _STAGED:
             os.replace(entry, final / entry.name)
     fsync_dir(final)
-    shutil.rmtree(staging)
-    shutil.rmtree(old)
+    os.replace(old, trash)  # the one step that marks the swap done: from here on only deletions remain
+    _clear(final)
+
+
+def _clear(final: Path) -> None:
+    shutil.rmtree(final / CONTENTS_STAGING, ignore_errors=True)
+    shutil.rmtree(final / CONTENTS_TRASH, ignore_errors=True)
 
 
 def recover_contents(final: Path) -> bool:
-    """Finish or undo a `replace_contents` a crash interrupted; True if there was one.
+    """Finish or undo a `replace_contents` a crash interrupted; True if there was one (call it holding
+    `contents_lock`, so a writer still at work is not taken for a crashed one).
 
     Complete new entries are swapped in; a half-written set is deleted and the old entries stay.
     """
     final = Path(final)
-    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
+    staging, old, trash = final / CONTENTS_STAGING, final / CONTENTS_OLD, final / CONTENTS_TRASH
+    if trash.exists():  # the swap was done; only its clean-up was cut short
+        _clear(final)
+        return True
     if (staging / _STAGED).exists():
         _roll_forward(final)
         return True
     found = staging.exists() or old.exists()
-    if old.exists():  # not reached by replace_contents without a complete staging; put back what is there
+    if old.exists():  # set aside without a complete new set (not a state replace_contents leaves): put it back
         for entry in old.iterdir():
             if entry.name != _MOVED and not (final / entry.name).exists():
                 os.replace(entry, final / entry.name)
         shutil.rmtree(old)
     shutil.rmtree(staging, ignore_errors=True)
     return found
+
+
+def interrupted_contents(final: Path) -> bool:
+    """Whether `final` holds what an interrupted (or running) `replace_contents` leaves."""
+    return any((Path(final) / name).exists() for name in (CONTENTS_STAGING, CONTENTS_OLD, CONTENTS_TRASH))

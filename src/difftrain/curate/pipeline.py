@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difftrain.atomic import CONTENTS_STAGING, replace_contents
+from difftrain.atomic import BOOKKEEPING, CONTENTS_STAGING, contents_lock, replace_contents
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
@@ -130,7 +130,7 @@ def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple) -
     if not out.is_dir():
         raise CurateError(f"{out} is a file; give OUT as a folder")
     finish_interrupted_curate(out)
-    if not any(out.iterdir()):
+    if not any(entry.name not in BOOKKEEPING for entry in out.iterdir()):
         return
     if not force:
         raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")
@@ -453,16 +453,19 @@ def _write_output(source: RecordSource, kept: list[Item], out: Path, options: Cu
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = out / CONTENTS_STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        if options.format == "folder":
-            written = export_folder(curated, staging, progress=options.progress)
-        else:
-            written = build_shards(curated, staging, options.format, options.per_shard, progress=options.progress)
-    except BaseException:
-        shutil.rmtree(out if created else staging, ignore_errors=True)
-        raise
-    relative = written.relative_to(staging)
-    replace_contents(out)  # what --force replaces goes only now
+    # Held while writing too: a training run that opens OUT meanwhile waits rather than taking the staging
+    # folder for a killed run's and deleting it.
+    with contents_lock(out, f"waiting for another `difftrain data curate` writing into {out}"):
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if options.format == "folder":
+                written = export_folder(curated, staging, progress=options.progress)
+            else:
+                written = build_shards(curated, staging, options.format, options.per_shard, progress=options.progress)
+        except BaseException:
+            shutil.rmtree(out if created else staging, ignore_errors=True)
+            raise
+        relative = written.relative_to(staging)
+        replace_contents(out)  # what --force replaces goes only now
     timer.add("write", time.perf_counter() - started, len(kept))
     return out / relative

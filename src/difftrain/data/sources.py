@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, recover_contents
+from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, contents_lock, interrupted_contents, recover_contents
 from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
@@ -58,11 +58,14 @@ LIST_NAME = "filelist.txt"  # what build_shards writes; a folder holding one is 
 def finish_interrupted_curate(path: str | Path) -> None:
     """A folder `difftrain data curate` was killed while filling is put right before it is read: reading it
     as it is would train on part of the old data and part of the new."""
-    if is_url(str(path)) or not Path(path).is_dir():
+    if is_url(str(path)) or not Path(path).is_dir() or not interrupted_contents(Path(path)):
         return
     try:
-        if recover_contents(Path(path)):
-            print(f"note: {path} held an interrupted curate output; it was finished or undone", file=sys.stderr)
+        # The lock tells a curate still writing (wait for it) from a killed one (put right), and lets the
+        # processes of one training run repair the folder one at a time.
+        with contents_lock(Path(path), f"waiting for a `difftrain data curate` writing into {path}"):
+            if recover_contents(Path(path)):
+                print(f"note: {path} held an interrupted curate output; it was finished or undone", file=sys.stderr)
     except OSError as error:
         raise DatasetError(f"{path} holds an interrupted curate output ({CONTENTS_STAGING} or {CONTENTS_OLD}) that "
                            f"could not be put right ({error}); run `difftrain data curate` into it again with "

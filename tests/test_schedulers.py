@@ -119,7 +119,7 @@ def test_zero_terminal_snr_models_sample_from_their_pure_noise_step(name):
 def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names():
     """k-diffusion samplers from t = 999 (SD's sigma 14.6), DDIM from t = 951 + offset as A1111's 'uniform'
     DDIM; a model whose config says "leading" (as training writes it) gets no other placement."""
-    for spacing in ("leading", "linspace", "trailing"):
+    for spacing in ("leading", "linspace"):
         config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
         for name in ("euler", "euler_a", "dpm++_2m", "dpm++_2m_karras", "unipc", "heun"):
             sampler = make_scheduler(name, config)
@@ -128,6 +128,18 @@ def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names(
         ddim = make_scheduler("ddim", config)
         ddim.set_timesteps(20)
         assert ddim.timesteps[:3].tolist() == [951, 901, 851], spacing
+    # One step starts at t = 999 too (diffusers' linspace would put it at 0); a config that says trailing (SD-Turbo
+    # and other few-step models) keeps it; and the scheduler still pickles.
+    import pickle
+
+    for name in ("euler", "euler_a", "dpm++_2m"):
+        sampler = make_scheduler(name, SD15_SCHEDULER)
+        sampler.set_timesteps(1)
+        assert int(sampler.timesteps[0]) == 999 and sampler.config.timestep_spacing == "linspace", name
+        assert type(pickle.loads(pickle.dumps(sampler))).__name__ == type(sampler).__name__
+    turbo = make_scheduler("euler_a", {**SD15_SCHEDULER, "timestep_spacing": "trailing"})
+    turbo.set_timesteps(4)
+    assert turbo.timesteps.tolist() == [999, 749, 499, 249]
 
 
 def test_a_loaded_config_keeps_what_it_lacked_once_set_on_top():

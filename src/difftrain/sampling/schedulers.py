@@ -324,7 +324,9 @@ def _spacing(class_name: str, base_config: dict) -> dict:
     from t = 1 ("leading", offset 1). A zero-terminal-SNR model starts at its pure-noise step ("trailing")."""
     if class_name in ("DDPMScheduler", "LCMScheduler"):  # not A1111's; their own config's placement
         return {}
-    if base_config.get("rescale_betas_zero_snr"):
+    # A config that says "trailing" means it (zero-terminal-SNR models, SD-Turbo and the few-step distilled
+    # models): their first step must be the pure-noise one, as A1111 places it too.
+    if base_config.get("rescale_betas_zero_snr") or base_config.get("timestep_spacing") == "trailing":
         return {"timestep_spacing": "trailing"}
     if class_name in ("DDIMScheduler", "PNDMScheduler"):
         return {"timestep_spacing": "leading", "steps_offset": 1}
@@ -343,12 +345,24 @@ def _from_first_step(cls: type) -> type:
         return cls
 
     @functools.wraps(cls.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        cls.set_timesteps(self, *args, **kwargs)
+    def set_timesteps(self, num_inference_steps=None, *args, **kwargs):
+        # diffusers' "linspace" puts a single step at t = 0; A1111's evenly spaced steps start at t = 999.
+        single = num_inference_steps == 1 and self.config.get("timestep_spacing") == "linspace"
+        if single:
+            self.register_to_config(timestep_spacing="trailing")
+        try:
+            cls.set_timesteps(self, num_inference_steps, *args, **kwargs)
+        finally:
+            if single:
+                self.register_to_config(timestep_spacing="linspace")
         self.set_begin_index(0)
 
-    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+    # Named for what _class_name records (the parent's), found for pickling under a name of its own.
+    name = f"_FromFirstStep{cls.__name__}"
+    subclass = type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": __name__,
+                                           "__qualname__": name})
+    globals()[name] = subclass
+    return subclass
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -298,7 +298,7 @@ def test_a_grey_scale_adapter_draws_and_trains_and_the_wrong_kind_is_named(tiny_
 
 
 def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_one(tiny_sd, mask_shapes,  # noqa: F811
-                                                                                   tmp_path):
+                                                                                   tmp_path, caplog):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from difftrain.models.control import with_weight_applied
@@ -322,10 +322,17 @@ def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_o
                        training={"max_steps": 2, "ema": {"enabled": False}})
     assert main(["train", str(config), "--no-progress"]) == 0
     model = tmp_path / "half" / "model"
-    assert json.loads((model / "difftrain.json").read_text())["controls"][0]["scale"] == 1.0
+    control = json.loads((model / "difftrain.json").read_text())["controls"][0]
+    assert control["scale"] == 1.0 and control["folded_scale"] == 0.5
     [state] = (tmp_path / "half" / "checkpoints").glob("step-*/model.safetensors")
     trained = {key.split("controlnet.", 1)[-1]: value for key, value in load_file(state).items()}
     saved = load_file(model / "diffusion_pytorch_model.safetensors")
     assert torch.equal(saved["controlnet_mid_block.weight"], trained["controlnet_mid_block.weight"] * 0.5)
     assert torch.equal(saved["controlnet_cond_embedding.conv_in.weight"],
                        trained["controlnet_cond_embedding.conv_in.weight"])  # the rest as trained
+    # Continued at the same weight, it would train at 0.25 of its first strength: said.
+    more = cn_config(tmp_path, mask_shapes, tiny_sd, "more", training={"max_steps": 1},
+                     controlnet={"conditioning_scale": 0.5, "model": str(tmp_path / "half")})
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(more), "--no-progress"]) == 0
+    assert "saved folded into its weights: at controlnet.conditioning_scale 0.5 this run trains it at 0.25" in caplog.text

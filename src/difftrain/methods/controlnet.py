@@ -15,6 +15,7 @@ what the network is, how its output enters the UNet, and the pipeline that draws
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ from difftrain.data.conditioning import Preprocess, grey
 from difftrain.data.folder import ConditioningFiles
 from difftrain.methods.base import Method
 from difftrain.methods.text2image import TextToImage, _autocast_call
+
+
+log = logging.getLogger(__name__)
 
 
 class ControlNetTraining(TextToImage):
@@ -47,10 +51,27 @@ class ControlNetTraining(TextToImage):
         if self.control.model:
             self.net = load_control(self.control.model, torch.float32, self.unet, what=f"{self.name}.model",
                                     kind=self.kind)
+            self._note_folded_weight()
         else:
             self.net = self.new_network()
         self.net.requires_grad_(True)
         self.grey = condition_channels(self.net) == 1  # a grey-scale adapter continued (new networks read RGB)
+
+    def _note_folded_weight(self) -> None:
+        """A difftrain ControlNet saved from a run at another conditioning_scale carries that weight in its zero
+        convolutions: a continued run's own weight multiplies it."""
+        from difftrain.models.control import local_folder
+        from difftrain.models.manifest import read_manifest
+
+        folder = local_folder(self.control.model)
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        folded = (manifest.controls[0].get("folded_scale", 1.0) if manifest is not None and manifest.controls
+                  else 1.0)
+        if folded != 1.0 and self.control.conditioning_scale != 1.0:
+            log.warning("%s.model %s was trained at conditioning_scale %g, saved folded into its weights: at "
+                        "%s.conditioning_scale %g this run trains it at %g of its original strength", self.name,
+                        self.control.model, folded, self.name, self.control.conditioning_scale,
+                        folded * self.control.conditioning_scale)
 
     def new_network(self):
         from difftrain.models.control import controlnet_from_unet
@@ -195,6 +216,8 @@ class ControlNetTraining(TextToImage):
     def describe_adapter(self, manifest) -> None:
         manifest.kind = self.kind  # (text2image's manifest then names the base it needs)
         manifest.controls = [{"folder": ".", "scale": self.saved_scale(), "preprocess": self.preprocess.name}]
+        if self.saved_scale() != self.control.conditioning_scale:  # folded into the weights (network_to_save)
+            manifest.controls[0]["folded_scale"] = self.control.conditioning_scale
         if self.preprocess.name == "canny":
             manifest.controls[0].update(low_threshold=self.preprocess.low_threshold,
                                         high_threshold=self.preprocess.high_threshold)

@@ -335,4 +335,5 @@ def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_o
                      controlnet={"conditioning_scale": 0.5, "model": str(tmp_path / "half")})
     with caplog.at_level("WARNING"):
         assert main(["train", str(more), "--no-progress"]) == 0
-    assert "saved folded into its weights: at controlnet.conditioning_scale 0.5 this run trains it at 0.25" in caplog.text
+    assert ("saved folded into its weights: at controlnet.conditioning_scale 0.5 this run trains it at 0.25"
+            in caplog.text)

@@ -501,3 +501,18 @@ def test_a_diverged_loss_stops_the_run_before_a_checkpoint_holds_it(make_config,
     err = capsys.readouterr().err
     assert "the loss became nan by step 4" in err and "step-00000002, is from before it" in err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]
+
+
+def test_each_process_draws_noise_from_a_stream_apart_from_its_global_one():
+    """seed + rank seeds the global generator (dropout masks); the noise generator's seed must not repeat it
+    (the old seed * 7919 + rank did, at the default seed 0), nor another process's."""
+    import torch
+
+    from difftrain.training.trainer import noise_seed
+
+    seeds = {(seed, rank): noise_seed(seed, rank) for seed in (0, 1, 42) for rank in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(value != seed + rank for (seed, rank), value in seeds.items())
+    # the first draws differ from the global generator's of the same process
+    assert not torch.equal(torch.randn(8, generator=torch.Generator().manual_seed(noise_seed(0, 1))),
+                           torch.randn(8, generator=torch.Generator().manual_seed(0 + 1)))

@@ -185,9 +185,10 @@ class Trainer:
             compile_modules(self.wrapped)
 
         device = self.accelerator.device
+        # Its own stream: seeded as set_seed seeds the global one (seed + rank, which seed 0 made equal to the
+        # old seed * 7919 + rank), noise and timesteps would repeat the draws of dropout masks.
         self.noise_generator = torch.Generator(device=device).manual_seed(
-            config.seed * 7919 + self.accelerator.process_index
-        )
+            noise_seed(config.seed, self.accelerator.process_index))
         self.sampler = build_sampler(config, self.dataset, self.accelerator.process_index, self.accelerator.num_processes)
         self.skipped_at_read = 0
         self.step = 0
@@ -244,10 +245,10 @@ class Trainer:
                     loss_count += 1
                     self.skipped_at_read += batch["skipped"]
                 timer.step_done()
-                if not accelerator.optimizer_step_was_skipped:
+                if not accelerator.optimizer_step_was_skipped:  # (fp16's scaler skips a step that overflowed)
                     self.lr_schedule.step()
-                for name, ema in self.emas.items():
-                    ema.step(self.modules[name])
+                    for name, ema in self.emas.items():
+                        ema.step(self.modules[name])
                 self.step += 1
                 self.position = self.sampler.position_after(batch["epoch"], batch["batch"])
                 bar.update(1)
@@ -757,6 +758,13 @@ class Trainer:
                 + "\nRestore the data, start a new output_dir, or pass --allow-data-change to continue on purpose."
             )
         log.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changes))
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """The seed of a process's noise and timestep generator, apart from every process's global seed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, 0x6E6F697365]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _LoopTimer:

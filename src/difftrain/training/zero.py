@@ -198,8 +198,12 @@ def load_optimizer(optimizer, folder: Path, rank: int, world_size: int) -> None:
     state[base_key] = optimizer_from_parts(tensors, rest["base"])
     state.update(zero_stage=rest["zero_stage"], loss_scaler=zero.loss_scaler)
     # ZeRO reads the entry of this process's data-parallel rank (the others are for changing the world size).
+    # It also takes back the saved clip_grad, over this run's max_grad_norm (which a resume may change): kept.
+    clip = getattr(zero, "clip_grad", None)
     zero.load_state_dict([state if r == rank else None for r in range(world_size)],
                          load_optimizer_states=True, load_from_fp32_weights=True)
+    if clip is not None:
+        zero.clip_grad = clip
     for key, value in rest["loss_scaler"].items():
         setattr(zero.loss_scaler, key, value)
     if hasattr(zero, "checkpoint_event_epilogue"):  # ZeRO-3: gather the parameters it keeps whole, as after a step

@@ -516,3 +516,21 @@ def test_each_process_draws_noise_from_a_stream_apart_from_its_global_one():
     # the first draws differ from the global generator's of the same process
     assert not torch.equal(torch.randn(8, generator=torch.Generator().manual_seed(noise_seed(0, 1))),
                            torch.randn(8, generator=torch.Generator().manual_seed(0 + 1)))
+
+
+def test_machines_agree_on_the_data_by_records_sizes_and_captions_not_file_times(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from difftrain.data.fingerprint import fingerprint, layout
+    from difftrain.data.sources import open_source
+
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"a {name}")
+    before = layout({"data": fingerprint(open_source("folder", tmp_path, progress=False))})
+    os.utime(tmp_path / "a.png", (1, 1))  # copied without -p: the same data
+    assert layout({"data": fingerprint(open_source("folder", tmp_path, progress=False))}) == before
+    (tmp_path / "b.txt").write_text("another caption")
+    assert layout({"data": fingerprint(open_source("folder", tmp_path, progress=False))}) != before

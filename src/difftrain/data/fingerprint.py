@@ -33,6 +33,15 @@ def fingerprint(source: RecordSource) -> dict:
             "entries": entries if len(entries) <= MAX_LISTED else None}
 
 
+def layout(fingerprints: dict[str, dict]) -> str:
+    """What must agree between machines reading the same data under the same record indices: the records, the
+    files and their sizes and captions, not their times (a copy without `-p` is the same data)."""
+    parts = [(name, fp["records"], fp["files"],
+              sorted((key, size, captions) for key, (size, _, captions) in (fp["entries"] or {}).items()))
+             for name, fp in sorted(fingerprints.items())]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
 def _size_and_time(path: str, known: dict[str, tuple | None]) -> tuple[int, int]:
     """A file's size and mtime, or for a URL its size and a checksum of its version (from `known` when the
     source asked the remote while opening); -1 for what is unknown."""

@@ -8,6 +8,7 @@ method needs is behind `Method`; everything that must survive a crash is in
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from difftrain.atomic import atomic_dir, recover_dirs, write_text
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
-from difftrain.data.fingerprint import describe_change, fingerprint
+from difftrain.data.fingerprint import describe_change, fingerprint, layout
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
@@ -151,10 +152,18 @@ class Trainer:
         self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
         # Written into every checkpoint; it cannot change during the run, so it is serialised once.
         self.data_json = json.dumps(self.data_fingerprints, separators=(",", ":"), sort_keys=True)
-        if resume:  # another data set is refused now, before any model is set up or any cache fills
-            checkpoint = self.store.resolve(resume)
-            self._check_same_data(checkpoint, read_json(checkpoint / "state.json"))
-            self.method.check_resume(checkpoint)
+        problem = None
+        try:
+            if resume:  # another data set is refused now, before any model is set up or any cache fills
+                checkpoint = self.store.resolve(resume)
+                self._check_same_data(checkpoint, read_json(checkpoint / "state.json"))
+                self.method.check_resume(checkpoint)
+        except DifftrainError as exc:  # raised on every process together, or the others would wait forever
+            problem = exc
+        self._decide_together(problem, "cannot resume this run (their error says why)")
+        # A machine whose copy of the data differs would read other records under the same indices.
+        self._same_everywhere(layout(self.data_fingerprints), "see other data (other records, files, sizes or "
+                                                              "captions): give every machine the same copy of it")
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)
 
@@ -370,14 +379,30 @@ class Trainer:
                 self._check_resumable(self.store.resolve(resume))
         except CheckpointError as exc:
             problem = exc
+        self._decide_together(problem, f"cannot start this run from {self.run_dir} (their error says why). If this "
+                                       "process sees a checkpoint they do not (or the other way round), the run folder "
+                                       "is not shared by every machine: put output_dir on a file system they all mount")
+        if resume:  # a node's stale view of the folder (an NFS cache) could name an older checkpoint for "latest"
+            self._same_everywhere(self.store.resolve(resume).name, f"resolve --resume {resume} to another checkpoint: "
+                                                                   "put output_dir on a file system every machine "
+                                                                   "sees the same")
+
+    def _decide_together(self, problem: Exception | None, others: str) -> None:
+        """Raise `problem` here, and an error on every other process, if any process has one."""
         failing = self._processes_where(problem is not None)
         if problem is not None:
             raise problem
         if failing:  # this process could start; another could not, and says why
-            raise CheckpointError(
-                f"{failing} other process(es) cannot start this run from {self.run_dir} (their error says why). If "
-                "this process sees a checkpoint they do not (or the other way round), the run folder is not shared "
-                "by every machine: put output_dir on a file system they all mount")
+            raise CheckpointError(f"{failing} other process(es) {others}")
+
+    def _same_everywhere(self, value: str, otherwise: str) -> None:
+        """Refuse, on every process, a `value` that is not the same on all of them."""
+        if self.accelerator.num_processes == 1:
+            return
+        digest = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "big")
+        digests = self.accelerator.gather(torch.tensor([digest], dtype=torch.int64, device=self.accelerator.device))
+        if len(set(digests.tolist())) > 1:
+            raise CheckpointError(f"the processes of this run {otherwise}")
 
     def _processes_where(self, flag: bool) -> int:
         """How many processes have `flag`. Every process must call it: they decide together whether to stop,
@@ -762,8 +787,6 @@ class Trainer:
 
 def noise_seed(seed: int, rank: int) -> int:
     """The seed of a process's noise and timestep generator, apart from every process's global seed."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, rank, 0x6E6F697365]).generate_state(1, np.uint64)[0] >> 1)
 
 

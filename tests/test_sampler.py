@@ -2,6 +2,7 @@ import bisect
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from difftrain.data.sampler import EpochBatchSampler, Position
 
@@ -161,3 +162,35 @@ def test_a_record_repeated_in_its_batch_draws_its_own_view_each_time(tmp_path):
     views = {(item["caption"], item["pixel_values"].numpy().tobytes()) for item in items}
     assert len(alone) == 4 and len(views) == 4, [key for key in alone]
     assert all(torch.equal(data[key]["pixel_values"], item["pixel_values"]) for key, item in zip(alone, items))
+
+
+def test_tagged_captions_are_shuffled_and_thinned_as_kohya_does_with_the_trigger_kept_first(tmp_path):
+    import json
+    import random
+
+    from PIL import Image
+
+    from difftrain.config import ConfigError, parse_config
+    from difftrain.data.captions import CaptionTags
+    from difftrain.data.dataset import ImageDataset
+    from difftrain.data.sources import open_source
+
+    tags = CaptionTags(shuffle=True, keep=1, dropout=0.25)
+    caption = "sks, 1girl, red hair, smile, outdoors, sky, tree, hat"
+    drawn = [tags(caption, random.Random(i)) for i in range(400)]
+    assert all(text.split(", ")[0] == "sks" for text in drawn)  # the trigger stays first
+    assert len({text for text in drawn}) > 100  # orders and subsets vary
+    kept = sum(len(text.split(", ")) - 1 for text in drawn) / (400 * 7)
+    assert 0.70 < kept < 0.80  # each later tag survives with probability 0.75
+    assert tags(caption, random.Random(3)) == tags(caption, random.Random(3))  # from the item's seeded generator
+    assert CaptionTags(keep=2)(" a ,b,, c ", random.Random(0)) == "a, b, c"  # inactive: tidied, same order
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": caption}) + "\n")
+    data = ImageDataset(open_source("folder", tmp_path, progress=False), 16, "center", False, seed=0,
+                        max_pixels=10**8, caption_tags=tags)
+    epochs = [data[(epoch, 0, 0)]["caption"] for epoch in range(6)]
+    assert len(set(epochs)) > 1 and epochs == [data[(epoch, 0, 0)]["caption"] for epoch in range(6)]  # resumable
+    base = {"method": "text2image", "data": {"path": "x", "cache": {"text": True}}, "model": {"base": "b"}}
+    with pytest.raises(ConfigError, match="shuffle_caption / caption_tag_dropout_rate with data.cache.text"):
+        parse_config({**base, "text2image": {"shuffle_caption": True}})

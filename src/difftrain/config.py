@@ -264,6 +264,11 @@ class Text2ImageConfig(Section):
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = Field(None, gt=0, le=1, description="default: training.learning_rate")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
+    # kohya-ss's options for captions of comma-separated tags (booru style), under kohya's names
+    shuffle_caption: bool = Field(False, description="shuffle a caption's comma-separated tags each time it is drawn")
+    keep_tokens: int = Field(0, ge=0, description="the first N tags stay first, in place (a trigger word)")
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, lt=1,
+                                            description="drop each tag after the kept ones with this probability")
     max_length: Optional[int] = Field(
         None, ge=2,
         description="text context in tokens; default the tokenizer's own. Saved with the model: generate uses it too",
@@ -565,6 +570,14 @@ class LatentRun(RunConfig):
     def trains_text_encoder(self) -> bool:
         return self.text2image.train_text_encoder
 
+    @model_validator(mode="after")
+    def _caption_tag_rules(self) -> "LatentRun":
+        t2i = self.text2image
+        if (t2i.shuffle_caption or t2i.caption_tag_dropout_rate) and self.data.cache.text:
+            raise ValueError("text2image.shuffle_caption / caption_tag_dropout_rate with data.cache.text: a cached "
+                             "embedding is of one order of the tags; turn the text cache off to vary them")
+        return self
+
 
 class Text2ImageRun(LatentRun):
     method: Literal["text2image"] = "text2image"
@@ -678,6 +691,9 @@ class TextualInversionRun(LatentRun):
         # Settings that would do nothing here: said, not silently ignored.
         idle = [key for key, value in (("text2image.train_text_encoder", self.text2image.train_text_encoder),
                                        ("text2image.text_encoder_lr", self.text2image.text_encoder_lr),
+                                       ("text2image.shuffle_caption", self.text2image.shuffle_caption),
+                                       ("text2image.caption_tag_dropout_rate",
+                                        self.text2image.caption_tag_dropout_rate),
                                        ("output.single_file", self.output.single_file),
                                        ("output.trained_only", self.output.trained_only)) if value]
         if idle:

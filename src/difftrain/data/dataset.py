@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from difftrain.data.augment import Augment, plan_view, render
 from difftrain.data.cache import CacheEncoders, TensorCache, content_key
+from difftrain.data.captions import CaptionTags
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.packed import PackedLists
@@ -51,6 +52,7 @@ class ImageDataset(Dataset):
         fixed_caption: str | None = None,
         conditions: Conditions | None = None,
         augment: Augment | None = None,
+        caption_tags: CaptionTags | None = None,
     ):
         self.source = source
         self.resolution = resolution
@@ -60,6 +62,7 @@ class ImageDataset(Dataset):
         self.max_pixels = max_pixels
         self.buckets = buckets  # index -> (width, height) of its aspect bucket
         self.fixed_caption = fixed_caption  # DreamBooth: every image has the instance (or class) prompt
+        self.caption_tags = caption_tags if caption_tags is not None and caption_tags.active else None
         self.conditions = conditions  # ControlNet: items carry "conditioning_pixels", uint8 CHW
         self.augment = augment  # None: the plain crop and flip, drawn exactly as before augmentation existed
         # Filled by fill_cache:
@@ -122,6 +125,8 @@ class ImageDataset(Dataset):
         if self.fixed_caption is not None:
             captions = (self.fixed_caption,)
         caption = rng.choice(captions) if captions else ""
+        if self.caption_tags is not None and caption:
+            caption = self.caption_tags(caption, rng)
         item["caption"] = caption
         if self.text_cache is not None:
             item["prompt_embeds"] = self._cached_text(caption)["embeds"]

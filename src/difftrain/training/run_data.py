@@ -10,6 +10,7 @@ from pathlib import Path
 
 from difftrain.config import DataConfig, RunConfig
 from difftrain.data.augment import Augment
+from difftrain.data.captions import CaptionTags
 from difftrain.data.conditioning import Conditions, Preprocess
 from difftrain.data.dataset import ImageDataset
 from difftrain.data.folder import ConditioningFiles
@@ -59,9 +60,11 @@ def open_images(
         sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
         buckets = BucketLookup(assign_buckets(records.sizes, sizes), sizes)
     augment = Augment(**data.augment.model_dump()) if data.augment.active else None
+    t2i = getattr(config, "text2image", None)  # (Stable Diffusion methods; a pixel model's captions name classes)
+    tags = CaptionTags(t2i.shuffle_caption, t2i.keep_tokens, t2i.caption_tag_dropout_rate) if t2i else None
     return ImageDataset(
         records, data.resolution, data.crop, data.random_flip, config.seed, data.max_image_pixels, buckets, caption,
-        conditions, augment,
+        conditions, augment, tags,
     )
 
 

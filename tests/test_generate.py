@@ -246,6 +246,10 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
     [uniform] = run(model, tmp_path / "uniform", "--prompt", "a red circle", "--scheduler", "dpm++_2m")
     _, _, params = parse_infotext(read_png_infotext(uniform))
     assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Uniform")
+    assert "Pad conds" not in params
+    # A prompt of two chunks against a one-chunk negative: padded, which A1111 does only with "Pad conds".
+    [long] = run(model, tmp_path / "long", "--prompt", "red circle " * 41, "--negative-prompt", "blue")
+    assert parse_infotext(read_png_infotext(long))[2]["Pad conds"] == "True"
 
     # Seed -1 is random, as in A1111 and the server; the PNG records the seed drawn.
     [first] = run(model, tmp_path / "random1", "--prompt", "a red circle", "--seed", "-1")

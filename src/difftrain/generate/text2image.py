@@ -207,7 +207,7 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
 
 
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
-                    loras: list[tuple[str, float]]) -> dict:
+                    loras: list[tuple[str, float]], pad_conds: bool = False) -> dict:
     from difftrain.sampling.schedulers import a1111_sampler
 
     params = {
@@ -220,6 +220,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     }
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
+    if pad_conds:
+        params["Pad conds"] = True
     if options.init_image:
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
@@ -273,6 +275,15 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
         extra.update(pipeline_arguments(controls.units, controls.images, controls.guess_mode, init is not None,
                                         controls.nets))
     return runner, extra
+
+
+def pads_conds(pipe, prompt: str, negative_prompt: str) -> bool:
+    """Whether one side of the guidance pair gets empty chunks to match the other's length, which A1111 does
+    only with its "Pad conds" option (its infotext then says so): a PNG without it would be redrawn unpadded."""
+    from difftrain.sampling.prompts import tokenize_weighted
+
+    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
+    return len(tokenize_weighted(pipe.tokenizer, prompt)) != len(tokenize_weighted(pipe.tokenizer, negative_prompt))
 
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> tuple:
@@ -361,8 +372,12 @@ class Drawer:
         """A PNG carrying A1111's infotext for this image (`--from-png` repeats it)."""
         from difftrain.generate.infotext import format_infotext, write_png
 
+        from difftrain.sampling.prompts import extract_lora_tags
+
         used = replace(self.options, clip_skip=self.clip_skip)  # the model's own clip skip too, as A1111 records it
-        params = infotext_params(used, seed, self.width, self.height, self.model_name, list(self.options.loras))
+        padded = pads_conds(self.pipe, extract_lora_tags(prompt)[0], negative_prompt)
+        params = infotext_params(used, seed, self.width, self.height, self.model_name, list(self.options.loras),
+                                 padded)
         return write_png(image, path, format_infotext(prompt, negative_prompt, params))
 
 
@@ -398,7 +413,7 @@ def with_seed(options: GenerateOptions) -> GenerateOptions:
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Variation seed",
                 "Variation seed strength", "Seed resize from", "RNG", "ENSD", "Eta", "Refiner", "Face restoration",
-                "Tiling", "Noise multiplier", "Sigma min", "Sigma max", "Pad conds")
+                "Tiling", "Noise multiplier", "Sigma min", "Sigma max")
 
 
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:

@@ -258,8 +258,8 @@ class Engine:
 
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
-        from difftrain.generate.text2image import Controls, GenerateOptions, encode_prompts, infotext_params, \
-            sampling_runner
+        from difftrain.generate.text2image import (Controls, GenerateOptions, encode_prompts, infotext_params,
+                                                   pads_conds, sampling_runner)
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
@@ -311,11 +311,12 @@ class Engine:
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
                                   controlnets=units)
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
+        padded = pads_conds(pipe, prepared.prompt, request.negative_prompt)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
             images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale, **hooks, **extra)
             for seed, image in zip(seeds, images):
-                params = infotext_params(options, seed, request.width, request.height, model.name, [])
+                params = infotext_params(options, seed, request.width, request.height, model.name, [], padded)
                 if isinstance(request, Img2ImgRequest):
                     params.pop("Init image", None)  # it came in the request, not from a file
                 drawn.images.append(image)

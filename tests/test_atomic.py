@@ -15,7 +15,9 @@ class Crash(Exception):
 
 
 def _contents(folder):
-    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The folder's content: every file but the swap's own bookkeeping (hidden, which no data reader reads)."""
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith(".difftrain-")}
 
 
 def _folder_with_staged_output(root):
@@ -142,3 +144,28 @@ def test_a_reader_waits_for_a_curate_still_writing_instead_of_deleting_its_work(
     reader.join(10)
     assert len(opened[0]) == 1 and sorted(p.name for p in out.glob("*.png")) == ["new.png"]
     assert "waiting for a `difftrain data curate` writing into" in capsys.readouterr().err
+
+
+def test_a_trash_an_earlier_swap_could_not_delete_does_not_stop_or_confuse_the_next(tmp_path, monkeypatch):
+    from difftrain.atomic import CONTENTS_TRASH
+
+    out = _folder_with_staged_output(tmp_path)
+    (out / CONTENTS_TRASH / "held").mkdir(parents=True)  # files a reader held open on NFS
+    (out / CONTENTS_TRASH / "held" / "x").write_text("old")
+    real_rmtree = atomic.shutil.rmtree
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda path, *a, **k: None if path.name.startswith(CONTENTS_TRASH)
+                        else real_rmtree(path, *a, **k))  # trash deletions keep failing
+    replace_contents(out)
+    assert _contents(out) == NEW  # the stale trash's entries are not content (hidden), and nothing old came back
+    assert not (out / CONTENTS_OLD).exists() and not (out / CONTENTS_STAGING).exists()
+    # A swap cut short with old entries set aside beside a stale trash is rolled forward, not taken for done.
+    out = _folder_with_staged_output(tmp_path / "second")
+    (out / CONTENTS_TRASH).mkdir()
+    (out / CONTENTS_STAGING / ".complete").write_bytes(b"")
+    (out / CONTENTS_OLD).mkdir()
+    for name in ("a.txt", "sub"):
+        os.replace(out / name, out / CONTENTS_OLD / name)
+    (out / CONTENTS_OLD / ".complete").write_bytes(b"")
+    os.replace(out / CONTENTS_STAGING / "b.txt", out / "b.txt")  # phase 2 had begun
+    monkeypatch.setattr(atomic.shutil, "rmtree", real_rmtree)
+    assert recover_contents(out) and _contents(out) == NEW

@@ -337,3 +337,5 @@ def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_o
         assert main(["train", str(more), "--no-progress"]) == 0
     assert ("saved folded into its weights: at controlnet.conditioning_scale 0.5 this run trains it at 0.25"
             in caplog.text)
+    continued = json.loads((tmp_path / "more" / "model" / "difftrain.json").read_text())["controls"][0]
+    assert continued["folded_scale"] == 0.25

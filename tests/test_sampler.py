@@ -184,6 +184,8 @@ def test_tagged_captions_are_shuffled_and_thinned_as_kohya_does_with_the_trigger
     assert 0.70 < kept < 0.80  # each later tag survives with probability 0.75
     assert tags(caption, random.Random(3)) == tags(caption, random.Random(3))  # from the item's seeded generator
     assert CaptionTags(keep=2)(" a ,b,, c ", random.Random(0)) == "a, b, c"  # inactive: tidied, same order
+    sentence = "a photo of sks dog"  # no tags: never shuffled nor dropped whole
+    assert {CaptionTags(True, 0, 0.9)(sentence, random.Random(i)) for i in range(50)} == {sentence}
 
     Image.new("RGB", (16, 16), "red").save(tmp_path / "0.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": caption}) + "\n")

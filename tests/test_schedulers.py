@@ -136,7 +136,14 @@ def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names(
         sampler = make_scheduler(name, SD15_SCHEDULER)
         sampler.set_timesteps(1)
         assert int(sampler.timesteps[0]) == 999 and sampler.config.timestep_spacing == "linspace", name
-        assert type(pickle.loads(pickle.dumps(sampler))).__name__ == type(sampler).__name__
+        assert type(pickle.loads(pickle.dumps(sampler))) is type(sampler)
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import pickle, sys; s = pickle.loads(sys.stdin.buffer.read()); "
+                             "print(type(s).__qualname__, s.timesteps.tolist())"],
+                            input=pickle.dumps(sampler), capture_output=True, check=True)  # a fresh process
+    assert loaded.stdout.decode().split()[0] == "_FromFirstStepDPMSolverMultistepScheduler"
     turbo = make_scheduler("euler_a", {**SD15_SCHEDULER, "timestep_spacing": "trailing"})
     turbo.set_timesteps(4)
     assert turbo.timesteps.tolist() == [999, 749, 499, 249]

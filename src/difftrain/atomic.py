@@ -176,11 +176,19 @@ def recover_dirs(parent: Path) -> None:
 # folder inside it and swapped in entry by entry, through a journal that makes the swap resumable.
 CONTENTS_STAGING = ".difftrain-partial"  # the new entries while they are written
 CONTENTS_OLD = ".difftrain-replaced"  # the old entries while the new ones move in
-CONTENTS_TRASH = ".difftrain-trash"  # the old entries once the swap is done, until deleted
+CONTENTS_TRASH = ".difftrain-trash"  # the old entries once the swap is done, until deleted (a prefix)
 CONTENTS_LOCK = ".difftrain-lock"  # held by whoever writes, swaps or repairs the folder's contents
-BOOKKEEPING = (CONTENTS_STAGING, CONTENTS_OLD, CONTENTS_TRASH, CONTENTS_LOCK)
 _STAGED = ".complete"  # in CONTENTS_STAGING: every new entry is written
 _MOVED = ".complete"  # in CONTENTS_OLD: every old entry has left the folder
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether an entry of a swapped folder is the swap's own, not content."""
+    return name in (CONTENTS_STAGING, CONTENTS_OLD, CONTENTS_LOCK) or name.startswith(CONTENTS_TRASH)
+
+
+def _trashes(final: Path) -> list[Path]:
+    return sorted(final.glob(f"{CONTENTS_TRASH}*"))
 
 
 @contextmanager
@@ -221,24 +229,27 @@ def replace_contents(final: Path) -> None:
 
 
 def _roll_forward(final: Path) -> None:
-    staging, old, trash = final / CONTENTS_STAGING, final / CONTENTS_OLD, final / CONTENTS_TRASH
+    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
     if not (old / _MOVED).exists():
         old.mkdir(exist_ok=True)
         for entry in final.iterdir():
-            if entry.name not in BOOKKEEPING:
+            if not is_bookkeeping(entry.name):
                 os.replace(entry, old / entry.name)
         write_bytes(old / _MOVED, b"")
     for entry in staging.iterdir():
         if entry.name != _STAGED:
             os.replace(entry, final / entry.name)
     fsync_dir(final)
-    os.replace(old, trash)  # the one step that marks the swap done: from here on only deletions remain
+    # The one step that marks the swap done (from here on only deletions remain), to a name no earlier trash
+    # holds: one a failed deletion left (files held open on NFS) would make the rename fail.
+    os.replace(old, final / f"{CONTENTS_TRASH}-{uuid.uuid4().hex[:8]}")
     _clear(final)
 
 
 def _clear(final: Path) -> None:
-    shutil.rmtree(final / CONTENTS_STAGING, ignore_errors=True)
-    shutil.rmtree(final / CONTENTS_TRASH, ignore_errors=True)
+    shutil.rmtree(final / CONTENTS_STAGING, ignore_errors=True)  # first: a trash without it means "done"
+    for trash in _trashes(final):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def recover_contents(final: Path) -> bool:
@@ -248,11 +259,12 @@ def recover_contents(final: Path) -> bool:
     Complete new entries are swapped in; a half-written set is deleted and the old entries stay.
     """
     final = Path(final)
-    staging, old, trash = final / CONTENTS_STAGING, final / CONTENTS_OLD, final / CONTENTS_TRASH
-    if trash.exists():  # the swap was done; only its clean-up was cut short
+    staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
+    marker_only = not staging.exists() or all(entry.name == _STAGED for entry in staging.iterdir())
+    if _trashes(final) and not old.exists() and marker_only:  # done; only its clean-up was cut short
         _clear(final)
         return True
-    if (staging / _STAGED).exists():
+    if (staging / _STAGED).exists() or (old / _MOVED).exists():
         _roll_forward(final)
         return True
     found = staging.exists() or old.exists()
@@ -267,4 +279,5 @@ def recover_contents(final: Path) -> bool:
 
 def interrupted_contents(final: Path) -> bool:
     """Whether `final` holds what an interrupted (or running) `replace_contents` leaves."""
-    return any((Path(final) / name).exists() for name in (CONTENTS_STAGING, CONTENTS_OLD, CONTENTS_TRASH))
+    final = Path(final)
+    return (final / CONTENTS_STAGING).exists() or (final / CONTENTS_OLD).exists() or bool(_trashes(final))

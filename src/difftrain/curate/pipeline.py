@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difftrain.atomic import BOOKKEEPING, CONTENTS_STAGING, contents_lock, replace_contents
+from difftrain.atomic import CONTENTS_STAGING, contents_lock, is_bookkeeping, replace_contents
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
@@ -130,7 +130,7 @@ def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple) -
     if not out.is_dir():
         raise CurateError(f"{out} is a file; give OUT as a folder")
     finish_interrupted_curate(out)
-    if not any(entry.name not in BOOKKEEPING for entry in out.iterdir()):
+    if all(is_bookkeeping(entry.name) for entry in out.iterdir()):
         return
     if not force:
         raise CurateError(f"{out} already exists and is not empty: give a new folder, or --force to replace it")

@@ -2,7 +2,8 @@
 
 Each time a record is drawn its tags after the first `keep` may be shuffled and each of them
 dropped with a probability, from the item's own seeded generator, so a resumed run draws the
-same captions as an uninterrupted one.
+same captions as an uninterrupted one. A caption without a comma is left as it is (kohya would
+drop a single tag whole, an unasked caption dropout), and so are DreamBooth's fixed prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class CaptionTags:
         return self.shuffle or self.dropout > 0
 
     def __call__(self, caption: str, rng: random.Random) -> str:
+        if "," not in caption:  # a sentence, or a single tag: nothing to shuffle, and never dropped whole
+            return caption
         tags = [tag.strip() for tag in caption.split(",")]
         kept, rest = tags[: self.keep], tags[self.keep:]
         if self.shuffle:

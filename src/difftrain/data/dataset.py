@@ -125,7 +125,7 @@ class ImageDataset(Dataset):
         if self.fixed_caption is not None:
             captions = (self.fixed_caption,)
         caption = rng.choice(captions) if captions else ""
-        if self.caption_tags is not None and caption:
+        if self.caption_tags is not None and caption and self.fixed_caption is None:
             caption = self.caption_tags(caption, rng)
         item["caption"] = caption
         if self.text_cache is not None:
@@ -150,18 +150,18 @@ class ImageDataset(Dataset):
 
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
         """The cached latent (and condition) of `index` or, for a record that could not be encoded, of the record
-        the uncached path reads in its place, at this record's size (its batch stacks latents of one size):
-        fill_cache encoded that one under its own content keys."""
+        the uncached path reads in its place: the first after it with an entry at this record's size (its batch
+        stacks latents of one size). fill_cache encoded that one there; the records between did not decode, so
+        nothing need be decoded here to find it."""
         wanted = self.target_size(index)
-        entry = self._cached_entry(index, wanted, flipped)
-        if entry is not None:
-            return index, entry, 0
-        position, _, _, _, skipped = self._read(index)  # rare: only records that would not decode
-        entry = self._cached_entry(position, wanted, flipped) if position != index else None
-        if entry is None:
-            raise RuntimeError(f"the latent cache under {self.latent_cache.dir} lacks record {index} (or the record "
-                               "read in its place); resume the run to fill it again")
-        return position, entry, skipped
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)
+            # An all-zero hash is a record that could not even be read: it has no entries of its own.
+            entry = self._cached_entry(position, wanted, flipped) if self.hashes[position].any() else None
+            if entry is not None:
+                return position, entry, offset
+        raise RuntimeError(f"the latent cache under {self.latent_cache.dir} is empty at {wanted[0]}x{wanted[1]}; "
+                           "resume the run to fill it again")
 
     def _cached_entry(self, position: int, size: tuple[int, int], flipped: bool) -> dict | None:
         entry = self.latent_cache.get(self._latent_key(self.hashes[position].tobytes(), size, flipped))
@@ -289,8 +289,12 @@ class ImageDataset(Dataset):
                     pending_texts[key] = caption
                 flush_texts()
         for index in unreadable:
-            position, _, image, condition, _ = self._read(index)  # the record the uncached path reads instead
-            size, digest = self.target_size(index), self.hashes[position].tobytes()
+            position, record, image, condition, _ = self._read(index)  # what the uncached path reads instead
+            digest = hashlib.sha256(record.data).digest()  # (a read that failed in the walk may succeed now)
+            self.hashes[position] = np.frombuffer(digest, dtype=np.uint8)
+            if conditions:
+                self.condition_hashes[position] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
+            size = self.target_size(index)
             missing = [(key, f) for f in self._flips()
                        if (key := self._latent_key(digest, size, f)) not in self.latent_cache]
             missing_conditions = [(key, f) for f in self._flips() if conditions

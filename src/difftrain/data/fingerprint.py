@@ -29,17 +29,14 @@ def fingerprint(source: RecordSource) -> dict:
         size, mtime = _size_and_time(path, known)
         entries[key] = [size, mtime, zlib.crc32("\x00".join(captions).encode("utf-8"))]
     digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
+    # What must agree between machines reading the same data under the same record indices: the records, the
+    # files by name (an absolute cache path differs between machines) and their sizes and captions, not their
+    # times (a copy without `-p` is the same data). Not kept in checkpoints: the caller takes it out.
+    shape = sorted((os.path.basename(key) if os.path.isabs(key) else key, size, captions)
+                   for key, (size, _, captions) in entries.items())
     return {"records": len(source), "files": len(entries), "digest": digest,
-            "entries": entries if len(entries) <= MAX_LISTED else None}
-
-
-def layout(fingerprints: dict[str, dict]) -> str:
-    """What must agree between machines reading the same data under the same record indices: the records, the
-    files and their sizes and captions, not their times (a copy without `-p` is the same data)."""
-    parts = [(name, fp["records"], fp["files"],
-              sorted((key, size, captions) for key, (size, _, captions) in (fp["entries"] or {}).items()))
-             for name, fp in sorted(fingerprints.items())]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+            "entries": entries if len(entries) <= MAX_LISTED else None,
+            "layout": hashlib.sha256(repr((len(source), shape)).encode()).hexdigest()}
 
 
 def _size_and_time(path: str, known: dict[str, tuple | None]) -> tuple[int, int]:

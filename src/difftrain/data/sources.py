@@ -58,13 +58,16 @@ LIST_NAME = "filelist.txt"  # what build_shards writes; a folder holding one is 
 def finish_interrupted_curate(path: str | Path) -> None:
     """A folder `difftrain data curate` was killed while filling is put right before it is read: reading it
     as it is would train on part of the old data and part of the new."""
-    if is_url(str(path)) or not Path(path).is_dir() or not interrupted_contents(Path(path)):
+    if is_url(str(path)):
+        return
+    path = Path(path) if Path(path).is_dir() else Path(path).parent  # a shard output's filelist.txt: its folder
+    if not interrupted_contents(path):
         return
     try:
         # The lock tells a curate still writing (wait for it) from a killed one (put right), and lets the
         # processes of one training run repair the folder one at a time.
-        with contents_lock(Path(path), f"waiting for a `difftrain data curate` writing into {path}"):
-            if recover_contents(Path(path)):
+        with contents_lock(path, f"waiting for a `difftrain data curate` writing into {path}"):
+            if recover_contents(path):
                 print(f"note: {path} held an interrupted curate output; it was finished or undone", file=sys.stderr)
     except OSError as error:
         raise DatasetError(f"{path} holds an interrupted curate output ({CONTENTS_STAGING} or {CONTENTS_OLD}) that "

@@ -67,6 +67,7 @@ class ControlNetTraining(TextToImage):
         manifest = read_manifest(folder) if folder.is_dir() else None
         folded = (manifest.controls[0].get("folded_scale", 1.0) if manifest is not None and manifest.controls
                   else 1.0)
+        self.inherited_scale = folded  # what the saved network carries in its weights already
         if folded != 1.0 and self.control.conditioning_scale != 1.0:
             log.warning("%s.model %s was trained at conditioning_scale %g, saved folded into its weights: at "
                         "%s.conditioning_scale %g this run trains it at %g of its original strength", self.name,
@@ -216,8 +217,10 @@ class ControlNetTraining(TextToImage):
     def describe_adapter(self, manifest) -> None:
         manifest.kind = self.kind  # (text2image's manifest then names the base it needs)
         manifest.controls = [{"folder": ".", "scale": self.saved_scale(), "preprocess": self.preprocess.name}]
-        if self.saved_scale() != self.control.conditioning_scale:  # folded into the weights (network_to_save)
-            manifest.controls[0]["folded_scale"] = self.control.conditioning_scale
+        own = self.control.conditioning_scale if self.saved_scale() != self.control.conditioning_scale else 1.0
+        folded = getattr(self, "inherited_scale", 1.0) * own
+        if folded != 1.0:  # in the weights: this run's own (network_to_save) times what it started from
+            manifest.controls[0]["folded_scale"] = folded
         if self.preprocess.name == "canny":
             manifest.controls[0].update(low_threshold=self.preprocess.low_threshold,
                                         high_threshold=self.preprocess.high_threshold)

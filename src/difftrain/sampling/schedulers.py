@@ -357,12 +357,24 @@ def _from_first_step(cls: type) -> type:
                 self.register_to_config(timestep_spacing="linspace")
         self.set_begin_index(0)
 
-    # Named for what _class_name records (the parent's), found for pickling under a name of its own.
-    name = f"_FromFirstStep{cls.__name__}"
+    # Named for what _class_name records (the parent's), found for pickling under a name of its own (in a fresh
+    # process through the module's __getattr__).
+    name = f"{_SUBCLASS}{cls.__name__}"
     subclass = type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": __name__,
                                            "__qualname__": name})
     globals()[name] = subclass
     return subclass
+
+
+_SUBCLASS = "_FromFirstStep"
+
+
+def __getattr__(name: str):
+    if name.startswith(_SUBCLASS):
+        import diffusers
+
+        return _from_first_step(getattr(diffusers, name[len(_SUBCLASS):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -32,7 +32,7 @@ from difftrain.atomic import atomic_dir, recover_dirs, write_text
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
-from difftrain.data.fingerprint import describe_change, fingerprint, layout
+from difftrain.data.fingerprint import describe_change, fingerprint
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
@@ -150,6 +150,7 @@ class Trainer:
         self.method.prepare_data(self.accelerator, _weight_dtype(self.accelerator), self.progress)
         self.dataset = self.method.build_dataset(progress=self.progress)
         self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
+        data_layout = repr(sorted((name, fp.pop("layout")) for name, fp in self.data_fingerprints.items()))
         # Written into every checkpoint; it cannot change during the run, so it is serialised once.
         self.data_json = json.dumps(self.data_fingerprints, separators=(",", ":"), sort_keys=True)
         problem = None
@@ -162,7 +163,7 @@ class Trainer:
             problem = exc
         self._decide_together(problem, "cannot resume this run (their error says why)")
         # A machine whose copy of the data differs would read other records under the same indices.
-        self._same_everywhere(layout(self.data_fingerprints), "see other data (other records, files, sizes or "
+        self._same_everywhere(data_layout, "see other data (other records, files, sizes or "
                                                               "captions): give every machine the same copy of it")
         # From here on each process draws its own noise, timesteps and dropout masks.
         set_seed(config.seed, device_specific=True)

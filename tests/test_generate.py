@@ -223,8 +223,8 @@ def test_a_zero_terminal_snr_model_draws_with_the_default_sampler_and_ddim(tiny_
     config = json.loads(config_file.read_text())
     config.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
     config_file.write_text(json.dumps(config))
-    for sampler in (None, "DDIM", "DPM++ 2M", "Euler a"):
-        chosen = ["--scheduler", sampler] if sampler else []  # None: the default, DPM++ 2M Karras
+    for sampler in (None, "DDIM"):  # the default (DPM++ 2M Karras) ran off its end; DDIM drew black
+        chosen = ["--scheduler", sampler] if sampler else []
         [image] = run(model, tmp_path / f"out-{sampler}", "--prompt", "a red circle", "--steps", "25", *chosen)
         assert pixels(image).std() > 5, sampler  # not the flat black of NaN latents
 

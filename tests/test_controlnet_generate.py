@@ -82,6 +82,9 @@ def test_two_controlnets_write_a1111_infotext_and_from_png_repeats_them(
     # Units given on the command line replace the PNG's.
     assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "g"), "--no-progress",
                  "--controlnet", str(controlnets[1]), "--control-image", str(mask)]) == 0
+    [replaced] = (tmp_path / "g").glob("*.png")
+    _, _, params = parse_infotext(read_png_infotext(replaced))
+    assert "Model: cn-b [" in params["ControlNet 0"] and "ControlNet 1" not in params
 
 
 def test_controlnet_with_img2img_and_guess_mode(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811

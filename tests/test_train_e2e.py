@@ -523,14 +523,14 @@ def test_machines_agree_on_the_data_by_records_sizes_and_captions_not_file_times
 
     from PIL import Image
 
-    from difftrain.data.fingerprint import fingerprint
+    from difftrain.data.fingerprint import fingerprint_and_layout
     from difftrain.data.sources import open_source
 
     for name in ("a", "b"):
         Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
         (tmp_path / f"{name}.txt").write_text(f"a {name}")
     def layout():
-        return fingerprint(open_source("folder", tmp_path, progress=False))["layout"]
+        return fingerprint_and_layout(open_source("folder", tmp_path, progress=False))[1]
 
     before = layout()
     os.utime(tmp_path / "a.png", (1, 1))  # copied without -p: the same data

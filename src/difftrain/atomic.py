@@ -178,8 +178,8 @@ CONTENTS_STAGING = ".difftrain-partial"  # the new entries while they are writte
 CONTENTS_OLD = ".difftrain-replaced"  # the old entries while the new ones move in
 CONTENTS_TRASH = ".difftrain-trash"  # the old entries once the swap is done, until deleted (a prefix)
 CONTENTS_LOCK = ".difftrain-lock"  # held by whoever writes, swaps or repairs the folder's contents
-_STAGED = ".complete"  # in CONTENTS_STAGING: every new entry is written
-_MOVED = ".complete"  # in CONTENTS_OLD: every old entry has left the folder
+# In CONTENTS_STAGING: every new entry is written; in CONTENTS_OLD: every old entry has left the folder.
+_COMPLETE = ".complete"
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -224,20 +224,20 @@ def replace_contents(final: Path) -> None:
     """
     staging = Path(final) / CONTENTS_STAGING
     seal_tree(staging)
-    write_bytes(staging / _STAGED, b"")
+    write_bytes(staging / _COMPLETE, b"")
     _roll_forward(Path(final))
 
 
 def _roll_forward(final: Path) -> None:
     staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
-    if not (old / _MOVED).exists():
+    if not (old / _COMPLETE).exists():
         old.mkdir(exist_ok=True)
         for entry in final.iterdir():
             if not is_bookkeeping(entry.name):
                 os.replace(entry, old / entry.name)
-        write_bytes(old / _MOVED, b"")
+        write_bytes(old / _COMPLETE, b"")
     for entry in staging.iterdir():
-        if entry.name != _STAGED:
+        if entry.name != _COMPLETE:
             os.replace(entry, final / entry.name)
     fsync_dir(final)
     # The one step that marks the swap done (from here on only deletions remain), to a name no earlier trash
@@ -260,17 +260,17 @@ def recover_contents(final: Path) -> bool:
     """
     final = Path(final)
     staging, old = final / CONTENTS_STAGING, final / CONTENTS_OLD
-    marker_only = not staging.exists() or all(entry.name == _STAGED for entry in staging.iterdir())
+    marker_only = not staging.exists() or all(entry.name == _COMPLETE for entry in staging.iterdir())
     if _trashes(final) and not old.exists() and marker_only:  # done; only its clean-up was cut short
         _clear(final)
         return True
-    if (staging / _STAGED).exists() or (old / _MOVED).exists():
+    if (staging / _COMPLETE).exists() or (old / _COMPLETE).exists():
         _roll_forward(final)
         return True
     found = staging.exists() or old.exists()
     if old.exists():  # set aside without a complete new set (not a state replace_contents leaves): put it back
         for entry in old.iterdir():
-            if entry.name != _MOVED and not (final / entry.name).exists():
+            if entry.name != _COMPLETE and not (final / entry.name).exists():
                 os.replace(entry, final / entry.name)
         shutil.rmtree(old)
     shutil.rmtree(staging, ignore_errors=True)

@@ -29,7 +29,7 @@ from difftrain.data.captions import CaptionTags
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.packed import PackedLists
-from difftrain.data.sampler import ResumableBatches
+from difftrain.data.sampler import ResumableBatches, copy_suffix
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
 
@@ -103,7 +103,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, ...]) -> dict:
         epoch, batch, index, *copy = key  # a copy number for a record repeated within its batch (sampler.batch_keys)
-        rng = random.Random(f"{self.seed}/{epoch}/{index}" + "".join(f"/{c}" for c in copy))
+        rng = random.Random(f"{self.seed}/{epoch}/{index}{copy_suffix(copy)}")
         item = {"epoch": epoch, "batch": batch, "skipped": 0}
         if self.hashes is not None:  # latents cached: the image is never opened
             flipped = self.flip and rng.random() < 0.5
@@ -202,12 +202,15 @@ class ImageDataset(Dataset):
             self.text_cache = TensorCache(cache_dir, "text")
             self.text_tag = encoders.text_tag
         pending_images: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+        pending_values = 0  # of all the queues together
         pending_texts: dict[str, str] = {}
 
         def flush_images(size, force=False):
+            nonlocal pending_values
             queue = pending_images.get(size, [])
             while queue and (force or len(queue) >= CACHE_BATCH):
                 chunk, queue[:] = queue[:CACHE_BATCH], queue[CACHE_BATCH:]
+                pending_values -= sum(pixels.numel() for _, pixels in chunk)
                 mean, std = encoders.latents(torch.stack([pixels for _, pixels in chunk]))
                 for (key, _), m, s in zip(chunk, mean, std):
                     self.latent_cache.put(key, {"mean": m, "std": s})
@@ -225,6 +228,7 @@ class ImageDataset(Dataset):
 
         def queue_views(image, condition, size, missing, missing_conditions):
             """The centre-cropped views (and conditions) of `image` at `size` the cache lacks, to encode."""
+            nonlocal pending_values
             plan = plan_crop(image.size, size, "center", False, random.Random(0))
             for key, flipped in missing_conditions:
                 pixels = self.conditions.transform(condition, image.size, size, replace(plan, flipped=flipped))
@@ -233,10 +237,11 @@ class ImageDataset(Dataset):
             for key, flipped in missing:
                 pixels = to_tensor(apply_plan(image, size, plan))
                 pending_images.setdefault(size, []).append((key, pixels.flip(-1) if flipped else pixels))
+                pending_values += pixels.numel()
             flush_images(size)
             # Rare buckets never fill a batch: past the budget the fullest waiting queue goes as it is, so
             # memory stays bounded however many buckets there are.
-            while sum(pixels.numel() for queue in pending_images.values() for _, pixels in queue) > PENDING_VALUES:
+            while pending_values > PENDING_VALUES:
                 flush_images(max(pending_images, key=lambda s: len(pending_images[s]) * s[0] * s[1]), force=True)
 
         # Every process walks all records (cheap when nothing is missing) so each knows
@@ -329,8 +334,8 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, ...]) -> dict:
         epoch, batch, index, *copy = key
-        partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class" + "".join(f"/{c}" for c in copy)
-                                ).randrange(len(self.companion))
+        partner = random.Random(f"{self.main.seed}/{epoch}/{index}/class{copy_suffix(copy)}").randrange(
+            len(self.companion))
         item = self.main[key]
         extra = self.companion[(epoch, batch, partner)]
         item.update({f"{self.prefix}{k}": v for k, v in extra.items() if k not in BOOKKEEPING})

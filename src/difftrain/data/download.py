@@ -50,6 +50,7 @@ from urllib3.util import parse_url
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError, csv_rows, jsonl_entries
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_bytes, load_image_bytes
+from difftrain.data.records import is_utf8
 from difftrain.data.remote import retrying
 from difftrain.data.shards import FORMATS, LaionWriter, ShardWriter, TarWriter
 from difftrain.data.sources import LIST_NAME, RawRecord
@@ -234,19 +235,12 @@ def _csv_items(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict | s
     for index, fields in enumerate(rows):
         if len(fields) != len(header):
             yield index, f"{path.name} data row {index + 1} has {len(fields)} fields, the header {len(header)}"
-        elif not _utf8(fields):
+        elif not all(map(is_utf8, fields)):  # a surrogate: a byte the file held that is not UTF-8
             yield index, f"{path.name} data row {index + 1} is not valid UTF-8; save the file as UTF-8"
         else:
             yield index, dict(zip(header, fields))
 
 
-def _utf8(fields: list[str]) -> bool:
-    try:
-        for text in fields:
-            text.encode("utf-8")
-    except UnicodeEncodeError:  # a surrogate: a byte the file held that is not UTF-8
-        return False
-    return True
 
 
 def _nonblank_lines(path: Path) -> int:

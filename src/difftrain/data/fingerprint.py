@@ -23,20 +23,24 @@ MAX_LISTED = 100_000
 
 
 def fingerprint(source: RecordSource) -> dict:
+    return fingerprint_and_layout(source)[0]
+
+
+def fingerprint_and_layout(source: RecordSource) -> tuple[dict, str]:
+    """The fingerprint a checkpoint keeps, and the source's layout: what must agree between machines reading
+    the same data under the same record indices (records, files by name, sizes, captions; not their times, as a
+    copy without `-p` is the same data, nor an absolute cache path, which differs between machines)."""
     entries: dict[str, list[int]] = {}
     known = source.remote_versions()
     for key, path, captions in source.stored_files():
         size, mtime = _size_and_time(path, known)
         entries[key] = [size, mtime, zlib.crc32("\x00".join(captions).encode("utf-8"))]
     digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
-    # What must agree between machines reading the same data under the same record indices: the records, the
-    # files by name (an absolute cache path differs between machines) and their sizes and captions, not their
-    # times (a copy without `-p` is the same data). Not kept in checkpoints: the caller takes it out.
     shape = sorted((os.path.basename(key) if os.path.isabs(key) else key, size, captions)
                    for key, (size, _, captions) in entries.items())
-    return {"records": len(source), "files": len(entries), "digest": digest,
-            "entries": entries if len(entries) <= MAX_LISTED else None,
-            "layout": hashlib.sha256(repr((len(source), shape)).encode()).hexdigest()}
+    return ({"records": len(source), "files": len(entries), "digest": digest,
+             "entries": entries if len(entries) <= MAX_LISTED else None},
+            hashlib.sha256(repr((len(source), shape)).encode()).hexdigest())
 
 
 def _size_and_time(path: str, known: dict[str, tuple | None]) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, check_size, image_
 from difftrain.errors import DifftrainError
 
 CAPTION_KEYS = ("text", "caption")
+csv.field_size_limit(2**31 - 1)  # for csv_rows: csv's own 131,072 characters stopped a file at one long caption
 
 
 class DatasetError(DifftrainError):
@@ -87,6 +88,16 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part in TOOL_FOLDERS for part in relative.parts)
 
 
+def visible_files(root: Path) -> list[Path]:
+    """Everything under `root` a folder source looks at: hidden and tool folders left out."""
+    return [p for p in Path(root).rglob("*") if not _hidden(p.relative_to(root))]
+
+
+def image_paths(paths: Iterable[Path]) -> list[Path]:
+    """The image files among `paths`, sorted: what a folder source trains on."""
+    return sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def not_utf8(raw: bytes, exc: UnicodeDecodeError, consequence: str = "") -> str:
     """Why a file's bytes are refused (never guessed at: a replaced character would silently change a caption)."""
     then = f"{consequence}; " if consequence else ""
@@ -96,7 +107,6 @@ def not_utf8(raw: bytes, exc: UnicodeDecodeError, consequence: str = "") -> str:
 def csv_rows(lines: Iterable[str], delimiter: str = ",", reader=csv.reader):
     """`reader` (csv.reader, csv.DictReader) with no cell-size limit: csv's own 131,072 characters stopped a whole
     file at one long caption."""
-    csv.field_size_limit(2**31 - 1)
     return reader(lines, delimiter=delimiter)
 
 
@@ -291,8 +301,8 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
-    visible = [p for p in root.rglob("*") if not _hidden(p.relative_to(root))]  # one walk: images and metadata
-    images = sorted(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    visible = visible_files(root)  # one walk: images and metadata
+    images = image_paths(visible)
     files = metadata_files(visible)
     source = _choose_caption_source(captions, files, images, caption_extension)
     skipped: list[tuple[str, str]] = []

@@ -120,14 +120,20 @@ def caption_list(value: object) -> list[str]:
     return [_encodable(item) for item in value if item.strip()]
 
 
-def _encodable(text: str) -> str:
-    """`text` with each lone surrogate (half an emoji cut off in scraped JSON, "\\ud83d") as U+FFFD: one would
-    stop the tokenizer, the fingerprint and every file write mid-run."""
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: not if it holds a lone surrogate (a byte read with surrogateescape, or
+    half an emoji cut off in scraped JSON)."""
     try:
         text.encode("utf-8")
-        return text
+        return True
     except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return False
+
+
+def _encodable(text: str) -> str:
+    """`text` with each lone surrogate as U+FFFD: one would stop the tokenizer, the fingerprint and every file
+    write mid-run."""
+    return text if is_utf8(text) else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def describe_records(

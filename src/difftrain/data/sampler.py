@@ -52,6 +52,11 @@ def batch_keys(epoch: int, batch: int, indices: Sequence[int]) -> list[tuple[int
     return keys
 
 
+def copy_suffix(copy: Sequence[int]) -> str:
+    """What a key's copy number (batch_keys) adds to an item's seed: nothing for a first copy."""
+    return "".join(f"/{c}" for c in copy)
+
+
 class ResumableBatches:
     """The iteration contract shared by the samplers: `start`, `__iter__`, `position_after`.
 

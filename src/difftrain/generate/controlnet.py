@@ -212,15 +212,15 @@ def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, heigh
     return params
 
 
-def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool]:
-    units, guess_mode, number = [], False, 0
+def units_from_infotext(params: dict[str, str]) -> list[ControlUnit]:
+    """The units a PNG's infotext records (each with its control mode, "ControlNet is more important" included)."""
+    units, number = [], 0
     while f"ControlNet {number}" in params:
-        if f"ControlNet {number} files" not in params:  # another tool's PNG: its model and image are not ours to find
-            model = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ")
-                         if ": " in item).get("Model", "unnamed")
-            raise ControlNetError(f"the PNG's ControlNet {number} ({model}) names no files difftrain can find: give "
-                                  "--controlnet and --control-image for each of its units to draw it again")
         fields = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ") if ": " in item)
+        if f"ControlNet {number} files" not in params:  # another tool's PNG: its model and image are not ours to find
+            raise ControlNetError(f"the PNG's ControlNet {number} ({fields.get('Model', 'unnamed')}) names no files "
+                                  "difftrain can find: give --controlnet and --control-image for each of its units to "
+                                  "draw it again")
         model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
         units.append(ControlUnit(
             model=None if model == OWN else model, image=image, scale=float(fields.get("Weight", 1)),
@@ -231,7 +231,7 @@ def units_from_infotext(params: dict[str, str]) -> tuple[list[ControlUnit], bool
             mode=_key_of(CONTROL_MODES, fields.get("Control Mode"), "balanced"),
         ))
         number += 1
-    return units, guess_mode
+    return units
 
 
 def _key_of(names: dict[str, str], shown: str | None, default: str) -> str:

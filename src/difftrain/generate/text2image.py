@@ -363,21 +363,19 @@ class Drawer:
         from difftrain.sampling.text2image import draw
 
         positive, negative = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
+        self.padded = pads_conds(self.pipe, prompt, negative_prompt)  # for the infotext of what save() writes
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
                     **self.extra)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
-        """A PNG carrying A1111's infotext for this image (`--from-png` repeats it)."""
+        """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""
         from difftrain.generate.infotext import format_infotext, write_png
 
-        from difftrain.sampling.prompts import extract_lora_tags
-
         used = replace(self.options, clip_skip=self.clip_skip)  # the model's own clip skip too, as A1111 records it
-        padded = pads_conds(self.pipe, extract_lora_tags(prompt)[0], negative_prompt)
         params = infotext_params(used, seed, self.width, self.height, self.model_name, list(self.options.loras),
-                                 padded)
+                                 self.padded)
         return write_png(image, path, format_infotext(prompt, negative_prompt, params))
 
 
@@ -449,7 +447,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     from difftrain.generate.controlnet import units_from_infotext
 
     if "controlnets" not in overrides:  # units given on the command line replace the PNG's
-        options.controlnets, options.guess_mode = units_from_infotext(params)
+        options.controlnets = units_from_infotext(params)
     return replace(options, **overrides)
 
 

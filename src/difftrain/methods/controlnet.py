@@ -37,6 +37,7 @@ class ControlNetTraining(TextToImage):
 
     def __init__(self, config):
         self.control = config.control  # this method's section: controlnet, or t2i_adapter
+        self.inherited_scale = 1.0  # the weight a continued network carries in its weights already (add_modules)
         super().__init__(config)
         self.caption_dropout = self.control.proportion_empty_prompts
         if not self.lora:
@@ -67,7 +68,7 @@ class ControlNetTraining(TextToImage):
         manifest = read_manifest(folder) if folder.is_dir() else None
         folded = (manifest.controls[0].get("folded_scale", 1.0) if manifest is not None and manifest.controls
                   else 1.0)
-        self.inherited_scale = folded  # what the saved network carries in its weights already
+        self.inherited_scale = folded
         if folded != 1.0 and self.control.conditioning_scale != 1.0:
             log.warning("%s.model %s was trained at conditioning_scale %g, saved folded into its weights: at "
                         "%s.conditioning_scale %g this run trains it at %g of its original strength", self.name,
@@ -129,10 +130,10 @@ class ControlNetTraining(TextToImage):
     # ----------------------------------------------------------------- the objective
     def denoiser(self, modules, batch: dict, embeds: torch.Tensor):
         unet, net = modules.get("unet", self.unet), modules[self.name]
-        condition = batch["conditioning_pixels"]
-        if self.grey:
+        condition = batch["conditioning_pixels"].to(self.device)
+        if self.grey:  # (on the device: a host conversion of the whole batch every step would be in the way)
             condition = grey(condition)
-        condition = condition.to(self.device, torch.float32) / 255.0
+        condition = condition.to(torch.float32) / 255.0
         mixed = self.weight_dtype != torch.float32 and "unet" not in modules
         dtype = self.weight_dtype
 
@@ -186,15 +187,19 @@ class ControlNetTraining(TextToImage):
         return {name: sum(value for _, value in values) / len(values)}
 
     # ----------------------------------------------------------------- outputs
+    # A ControlNet's residuals leave through linear zero convolutions, so its training weight is folded into them
+    # when saved (and drawn at 1); an adapter's cannot be, and its manifest carries the weight instead.
+    folds_scale = True
+
     def saved_scale(self) -> float:
-        """The weight the saved network is to be drawn at: 1, its training weight being in its zero convolutions."""
-        return 1.0
+        """The weight the saved network is to be drawn at."""
+        return 1.0 if self.folds_scale else self.control.conditioning_scale
 
     def network_to_save(self, net):
         from difftrain.models.control import with_weight_applied
 
         scale = self.control.conditioning_scale
-        return net if scale == 1.0 else with_weight_applied(net, scale)
+        return with_weight_applied(net, scale) if self.folds_scale and scale != 1.0 else net
 
     def save_model(self, modules, out_dir: Path) -> None:
         net = self.network_to_save(modules.get(self.name, self.net))
@@ -217,8 +222,7 @@ class ControlNetTraining(TextToImage):
     def describe_adapter(self, manifest) -> None:
         manifest.kind = self.kind  # (text2image's manifest then names the base it needs)
         manifest.controls = [{"folder": ".", "scale": self.saved_scale(), "preprocess": self.preprocess.name}]
-        own = self.control.conditioning_scale if self.saved_scale() != self.control.conditioning_scale else 1.0
-        folded = getattr(self, "inherited_scale", 1.0) * own
+        folded = self.inherited_scale * (self.control.conditioning_scale if self.folds_scale else 1.0)
         if folded != 1.0:  # in the weights: this run's own (network_to_save) times what it started from
             manifest.controls[0]["folded_scale"] = folded
         if self.preprocess.name == "canny":

@@ -39,19 +39,16 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
 
 
 def folder_images(folder: Path) -> list[Path]:
-    """The images a folder source would read from `folder` (hidden files and folders left out)."""
-    from difftrain.data.images import IMAGE_EXTENSIONS
+    """The images a folder source would read from `folder`."""
+    from difftrain.data.folder import image_paths, visible_files
 
-    if not folder.is_dir():
-        return []
-    return [path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    return image_paths(visible_files(folder)) if folder.is_dir() else []
 
 
-def generated_count(folder: Path, wanted: int) -> int:
+def generated_count(folder: Path, images: list[Path], wanted: int) -> int:
     """How many class images to generate: as in diffusers' script, images of the user's own (regularisation
-    images, kohya-style) count toward `wanted`, and only the rest is drawn."""
-    theirs = [p for p in folder_images(folder) if p.parent != folder or not CLASS_NAME.fullmatch(p.name)]
+    images, kohya-style) among the folder's `images` count toward `wanted`, and only the rest is drawn."""
+    theirs = [p for p in images if p.parent != folder or not CLASS_NAME.fullmatch(p.name)]
     return max(0, wanted - len(theirs))
 
 
@@ -71,16 +68,18 @@ class DreamBooth(TextToImage):
     def prepare_data(self, accelerator, compute_dtype: torch.dtype, progress: bool) -> None:
         """Generate the class images the class folder lacks; each process draws every world_size-th batch."""
         settings = self.config.dreambooth
+        held = 0
         if settings.prior_preservation:
             folder = Path(settings.class_data)
-            count = generated_count(folder, settings.num_class_images)
+            images = folder_images(folder)
+            count = generated_count(folder, images, settings.num_class_images)
             missing = missing_class_images(folder, count)
+            held = len(images) + len(missing)  # once every process has drawn its share
             batches = class_image_batches(missing, count, settings.class_batch_size)
             mine = batches[accelerator.process_index :: accelerator.num_processes]
             if mine:
                 self.generate_class_images(folder, mine, accelerator.device, compute_dtype, progress)
         accelerator.wait_for_everyone()
-        held = len(folder_images(Path(settings.class_data))) if settings.prior_preservation else 0
         if held > settings.num_class_images and accelerator.is_main_process:
             log.warning("dreambooth.class_data %s holds %d images, more than num_class_images %d: all %d train as the "
                         "class prior (images of an earlier run with more, or another class prompt, included); move "

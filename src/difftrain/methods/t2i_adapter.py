@@ -29,13 +29,7 @@ class T2IAdapterTraining(ControlNetTraining):
         # diffusers' adapters have no gradient checkpointing; the UNet the gradients pass through does.
         return {"unet": self.unet}
 
-    def saved_scale(self) -> float:
-        # An adapter's features leave through residual blocks, not one linear layer: its weight cannot be folded
-        # into the file, so the manifest carries it (difftrain's generate and serve apply it).
-        return self.control.conditioning_scale
-
-    def network_to_save(self, net):
-        return net
+    folds_scale = False  # its features leave through residual blocks, not one linear layer
 
     def describe(self) -> list[str]:
         scale = self.control.conditioning_scale

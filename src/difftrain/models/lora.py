@@ -38,10 +38,11 @@ def add_lora(
         return [m for n, m in module.named_modules() if n == target or n.endswith(f".{target}")]
 
     layer_types = (torch.nn.Linear, torch.nn.Conv2d)
-    unknown = [t for t in targets if not matches(t)]
+    found = {t: matches(t) for t in targets}
+    unknown = [t for t in targets if not found[t]]
     # peft also wraps embeddings, and refuses attention blocks or norms deep inside; a LoRA file holds Linear and
     # Conv2d layers only, so anything else would train for the whole run and then fail to save.
-    other = {t: sorted({type(m).__name__ for m in matches(t) if not isinstance(m, layer_types)}) for t in targets}
+    other = {t: sorted({type(m).__name__ for m in found[t] if not isinstance(m, layer_types)}) for t in targets}
     other = {t: kinds for t, kinds in other.items() if kinds}
     if unknown or other:
         layers = [n.split(".") for n, m in module.named_modules() if isinstance(m, layer_types)]

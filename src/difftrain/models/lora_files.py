@@ -518,8 +518,13 @@ def convert_lora(src, dst, to: str) -> Path:
             made = kohya_metadata(training_metadata(facts, dst.stem), modules)
             meta = {**{k: v for k, v in made.items() if k in meta or k not in facts}, **_tensor_hashes(kohya_tensors)}
         return _write(dst, kohya_tensors, meta)
+    return _write_diffusers(dst, modules, _plain(meta))
+
+
+def _write_diffusers(dst: Path, modules, metadata: dict[str, str]) -> Path:
+    """`modules` as a diffusers LoRA file, with their ranks and alphas in its adapter header."""
     tensors, adapter_json = to_diffusers(modules)
-    return _write(dst, tensors, {**_plain(meta), ADAPTER_METADATA_KEY: adapter_json})
+    return _write(dst, tensors, {**metadata, ADAPTER_METADATA_KEY: adapter_json})
 
 
 # ---------------------------------------------------------------- applying
@@ -580,9 +585,8 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
     tensors, metadata, fmt = load_lora_state(path)  # read and parsed once, for the check and the load
     modules = _modules(tensors, metadata, fmt, path)
     _check_fit(pipe, modules, path)  # a LoRA for another model is refused with its keys and shapes
-    tensors, adapter_json = to_diffusers(modules)
     with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
-        written = _write(Path(work) / DIFFUSERS_FILE, tensors, {ADAPTER_METADATA_KEY: adapter_json})
+        written = _write_diffusers(Path(work) / DIFFUSERS_FILE, modules, {})
         pipe.load_lora_weights(str(written), adapter_name=adapter_name)
 
 

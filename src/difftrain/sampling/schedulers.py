@@ -286,7 +286,7 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
 
     if base_config.get("rescale_betas_zero_snr"):  # ends at SNR 0 by design; each sampler floors that step itself
         return None
-    reference = diffusers.DDPMScheduler.from_config(plain_config(base_config))
+    reference = diffusers.DDPMScheduler.from_config(base_config)  # (make_scheduler passes a plain config)
     alphas_cumprod = reference.alphas_cumprod.double()
     floor = 1.0 / (1.0 + math.exp(-2 * LAMBDA_MIN))
     if float(alphas_cumprod.min()) >= floor:

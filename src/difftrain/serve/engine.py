@@ -279,10 +279,11 @@ class Engine:
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip)
+            self.prompt_cache[key] = (*encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip),
+                                      pads_conds(pipe, prepared.prompt, request.negative_prompt))
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
-        positive, negative = self.prompt_cache[key]
+        positive, negative, padded = self.prompt_cache[key]
         units = prepared.units
         controls = None
         if units:
@@ -311,7 +312,6 @@ class Engine:
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
                                   controlnets=units)
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
-        padded = pads_conds(pipe, prepared.prompt, request.negative_prompt)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
             images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale, **hooks, **extra)

@@ -32,7 +32,7 @@ from difftrain.atomic import atomic_dir, recover_dirs, write_text
 from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
 from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
-from difftrain.data.fingerprint import describe_change, fingerprint
+from difftrain.data.fingerprint import describe_change, fingerprint_and_layout
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
@@ -149,8 +149,9 @@ class Trainer:
         self.method = build_method(config)
         self.method.prepare_data(self.accelerator, _weight_dtype(self.accelerator), self.progress)
         self.dataset = self.method.build_dataset(progress=self.progress)
-        self.data_fingerprints = {name: fingerprint(s) for name, s in self.dataset.sources().items()}
-        data_layout = repr(sorted((name, fp.pop("layout")) for name, fp in self.data_fingerprints.items()))
+        fingerprints = {name: fingerprint_and_layout(s) for name, s in self.dataset.sources().items()}
+        self.data_fingerprints = {name: fp for name, (fp, _) in fingerprints.items()}
+        data_layout = repr(sorted((name, layout) for name, (_, layout) in fingerprints.items()))
         # Written into every checkpoint; it cannot change during the run, so it is serialised once.
         self.data_json = json.dumps(self.data_fingerprints, separators=(",", ":"), sort_keys=True)
         problem = None

@@ -145,14 +145,20 @@ def test_aesthetic_scores_are_laions_arithmetic_and_the_threshold_drops_exactly_
     with torch.no_grad():
         embeddings = ClipScorer(tiny_clip).image_embeddings([Image.open(messy / name) for name in names])
         expected = dict(zip(names, mlp(torch.nn.functional.normalize(embeddings, dim=-1)).squeeze(-1).tolist()))
-    threshold = sorted(expected.values())[24]
+        # What curate scores: the embeddings as its cache stores them (float16), then LAION's arithmetic.
+        stored = embeddings.half().float()
+        scored = dict(zip(names, mlp(torch.nn.functional.normalize(stored, dim=-1)).squeeze(-1).tolist()))
+    # Between two scores, never on one: a score lying on the threshold would land on either side by rounding.
+    ordered = sorted(scored.values())
+    threshold = (ordered[23] + ordered[24]) / 2
     out = tmp_path / "pretty"
     _curate(messy, out, "--clip", str(tiny_clip), "--aesthetic", str(weights), "--aesthetic-min", str(threshold))
     rows = _scores(out)
     for name in names:
         assert rows[name]["scores"]["aesthetic"] == pytest.approx(expected[name], abs=2e-3)  # fp16 cache
-    below = {name for name, score in expected.items() if score < threshold}
-    assert {name for name in names if rows[name].get("step") == "aesthetic"} == below
+        assert rows[name]["scores"]["aesthetic"] == pytest.approx(scored[name], abs=1e-5)
+    below = {name for name, score in scored.items() if score < threshold}
+    assert len(below) == 24 and {name for name in names if rows[name].get("step") == "aesthetic"} == below
     # the first release's single Linear loads too; a predictor for another CLIP width is refused by name
     torch.save({"weight": torch.ones(1, 32), "bias": torch.zeros(1)}, tmp_path / "v1.pth")
     assert AestheticPredictor(tmp_path / "v1.pth")(torch.ones(2, 32)).shape == (2,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -32,13 +33,13 @@ def settle(root: Path, when: int = HOUR_AGO) -> None:
 def decodes(monkeypatch) -> Counter:
     """Counts each full decode by file name."""
     counts: Counter = Counter()
-    real = folder_index.load_image
+    real = folder_index.decode_outcome
 
     def counting(path, max_pixels=MAX_PIXELS):
         counts[Path(path).name] += 1
         return real(path, max_pixels)
 
-    monkeypatch.setattr(folder_index, "load_image", counting)
+    monkeypatch.setattr(folder_index, "decode_outcome", counting)
     return counts
 
 
@@ -68,7 +69,8 @@ def snapshot(source) -> dict:
     conditioning = source._conditioning
     return {"description": source.description, "keys": list(source._keys), "paths": list(source._paths),
             "captions": list(source._captions), "sizes": source.sizes.tolist(), "skipped": source.skipped,
-            "conditioning": None if conditioning is None else list(conditioning)}
+            "conditioning": None if conditioning is None else list(conditioning),
+            "digests": [source.known_record(index)[0].hex() for index in range(len(source))]}
 
 
 def fresh(root: Path, **options) -> dict:
@@ -87,6 +89,22 @@ def test_second_open_decodes_nothing_and_opens_the_same_source(tmp_path, decodes
     assert snapshot(second) == first == fresh(root)
     reasons = dict(second.skipped)
     assert reasons["empty.png"] == "empty file (0 bytes)" and "corrupt.png" in reasons and "truncated.png" in reasons
+    # What the latent cache keys on, known without reading the files again.
+    assert second.known_record(0) == (hashlib.sha256((root / "000000.png").read_bytes()).digest(),
+                                      second.read(0).captions)
+
+
+def test_an_index_written_before_digests_hashes_its_images_without_decoding_them(tmp_path, decodes):
+    root, index = folder(tmp_path / "data"), tmp_path / "index"
+    open_folder(root, index)
+    path = index_file(index, root, MAX_PIXELS)
+    stored = json.loads(path.read_text())
+    stored["files"] = {name: entry[:3] for name, entry in stored["files"].items()}
+    path.write_text(json.dumps(stored))
+    decodes.clear()
+    reopened = snapshot(open_folder(root, index))
+    assert not decodes and reopened == fresh(root)
+    assert all(len(entry) == 4 for name, entry in read_index(path).items() if name.startswith("0"))
 
 
 def test_max_pixels_keys_its_own_index(tmp_path, decodes):

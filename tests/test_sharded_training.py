@@ -51,7 +51,8 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
     """tiny SD text2image with EMA, 2 processes a run: 4 steps under DDP and FSDP, and FSDP's step-2
     checkpoint resumed to step 4 in a second folder; ZeRO-2 and ZeRO-3 (CPU offload) train 2 steps and
     resume to 4 in their own folder; two one-process "machines" on loopback train 2 steps; DDP with
-    training.optimizer: muon trains 4 steps, and 2 resumed to 4 in a second folder. Each engine's
+    training.optimizer: muon trains 4 steps, and in a second folder is stopped at 3 by a signal to one process
+    and resumed to 4. Each engine's
     runs follow one another and the engines run side by side, which keeps both cores busy to the end.
     max_grad_norm 0.05 is below this model's early gradient norms, so every engine's clipping takes part."""
     tmp = tmp_path_factory.mktemp("parallel")
@@ -92,11 +93,16 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         (tmp / "unshared.out").write_text(f"exit {unshared.returncode}\n{output_unshared}")
         return output
 
-    def muon() -> str:  # DDP with training.optimizer: muon, straight and resumed at step 2
+    def muon() -> str:  # DDP with training.optimizer: muon, straight, and stopped by a signal at step 3 and resumed
         muon_sections = dict(sections, training={**sections["training"], "optimizer": "muon"})
         output = _finish(_launch(sd_config(tmp, shapes_dir, tiny_sd, "muon", **muon_sections)))[0]
         halves = sd_config(tmp, shapes_dir, tiny_sd, "muon-halves", **muon_sections)
-        _finish(_launch(halves, *halfway))
+        probe = Path(__file__).with_name("signal_probe.py")
+        signalled = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
+                                      "train", "--no-progress", str(halves))
+        output_signalled = finish(signalled, timeout=120)[0]
+        checkpoints = sorted(p.name for p in (tmp / "muon-halves/checkpoints").glob("step-*"))
+        (tmp / "signalled.out").write_text(f"exit {signalled.returncode}\n{' '.join(checkpoints)}\n{output_signalled}")
         _finish(_launch(halves, *resume))
         return output
 
@@ -255,8 +261,18 @@ def test_two_machines_on_loopback_train_what_one_machine_does(runs, capsys):
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
 
 
+def test_a_signal_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(runs):
+    """Rank 1 alone gets SIGTERM during step 2 (signal_probe.py): the processes agree to stop after step 3,
+    each saying so, with a checkpoint there that resumes to the straight run's bits (the test below)."""
+    exit_line, checkpoints, output = (runs.root / "signalled.out").read_text().split("\n", 2)
+    assert exit_line != "exit 0" and checkpoints == "step-00000002 step-00000003", (checkpoints, output[-3000:])
+    assert output.count("interrupted: checkpoint saved at step 3; --resume latest continues from here") == 2
+    assert output.count("SIGTERM: finishing this step") == 1
+
+
 def test_muon_under_ddp_resumes_bitwise_and_differs_from_adamw(runs):
-    """Every rank orthogonalises the same all-reduced momentum, so the whole state is rank 0's to save."""
+    """Every rank orthogonalises the same all-reduced momentum, so the whole state is rank 0's to save; resumed
+    from the checkpoint a signal stopped it at, step 3."""
     straight, resumed = (runs.root / run / "checkpoints/step-00000004" for run in ("muon", "muon-halves"))
     _assert_same_tensors(straight, resumed, ["model.safetensors", "ema.safetensors", "optimizer.safetensors",
                                              "rng-rank0.safetensors", "rng-rank1.safetensors"])

@@ -88,8 +88,12 @@ def test_cached_and_uncached_runs_compute_the_same_loss(tiny_sd, shapes_dir, tmp
     assert len(list((tmp_path / "cached" / "cache" / "text").rglob("*.safetensors"))) == 13
 
 
-def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir, tmp_path):
+def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir, tmp_path, monkeypatch):
+    import hashlib
+    from collections import Counter
     from dataclasses import replace
+
+    from difftrain.data.sources import FileSource
 
     from difftrain.methods.text2image import TextToImage
     from difftrain.training.run_data import open_images
@@ -99,16 +103,25 @@ def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir,
     cache = {"latents": True, "text": True}
     config = load_config(sd_config(tmp_path, data, tiny_sd, data={"random_flip": False, "cache": cache}))
     encoders = TextToImage(config).cache_encoders()
+    reads = Counter()
+    real_read = FileSource.read
+    monkeypatch.setattr(FileSource, "read", lambda source, index: reads.update([index]) or real_read(source, index))
     first = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert first["latents computed"] == 24 and first["texts computed"] == 13
+    assert reads == Counter(range(24))  # read to be encoded, never to be hashed: the folder scan hashed them
+    reads.clear()
     Image.new("RGB", (16, 16), (0, 0, 0)).save(data / "000005.png")
     again = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert again["latents computed"] == 1 and again["latents found"] == 23 and again["texts computed"] == 0
-    # A new resolution is a different latent for every image.
+    assert reads == Counter([5])  # a start with a full cache reads only what changed
+    # A new resolution is a different latent for every image; one changed between the scan and the encode is
+    # encoded, and keyed, as read.
     config.data.resolution = 8
-    resized = open_images(config, progress=False).fill_cache(replace(encoders, texts=None), tmp_path / "cache",
-                                                             progress=False)
+    data_set = open_images(config, progress=False)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(data / "000007.png")
+    resized = data_set.fill_cache(replace(encoders, texts=None), tmp_path / "cache", progress=False)
     assert resized["latents computed"] == 24
+    assert data_set.hashes[7].tobytes() == hashlib.sha256((data / "000007.png").read_bytes()).digest()
 
 
 @pytest.mark.parametrize("shard_format", ["laion", "webdataset"])

@@ -151,12 +151,12 @@ def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, tmp_path, how):
     """Ctrl-C as a terminal sends it, to the whole process group, data workers included; SIGTERM as a scheduler
-    preempting the job sends it, to the trainer."""
+    preempting the job sends it (SLURM: to every process of the job, data workers included)."""
     straight = make_config("straight", training={"max_steps": 8}, checkpoint={"every_steps": 100})
     assert main(["train", str(straight), "--no-progress"]) == 0
 
     stopped = make_config("stopped", training={"max_steps": 8}, checkpoint={"every_steps": 2},
-                          sample={"every_steps": 1, "steps": 60}, data={"num_workers": 2 if how == "ctrl-c" else 0})
+                          sample={"every_steps": 1, "steps": 60}, data={"num_workers": 2})
     process = subprocess.Popen(
         [sys.executable, "-m", "difftrain", "train", str(stopped), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -168,10 +168,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, 
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline:
         time.sleep(0.05)
-    if how == "ctrl-c":
-        os.killpg(process.pid, signal.SIGINT)
-    else:
-        process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "checkpoint saved at step" in output
@@ -181,6 +178,24 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, 
 
     assert main(["train", str(stopped), "--no-progress", "--resume", "latest"]) == 0
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "stopped/checkpoints/step-00000008")
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(make_config, tmp_path, monkeypatch, capsys):
+    from difftrain.training import trainer
+
+    step_done, steps = trainer._LoopTimer.step_done, []
+
+    def signalled_at_step_2(timer) -> None:
+        steps.append(len(steps) + 1)
+        if steps[-1] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        step_done(timer)
+
+    monkeypatch.setattr(trainer._LoopTimer, "step_done", signalled_at_step_2)
+    assert main(["train", str(make_config(training={"max_steps": 2})), "--no-progress"]) == 0
+    assert "SIGTERM: finishing this step" in capsys.readouterr().out
+    assert (tmp_path / "run/model/model_index.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
 
 
 def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, capsys):

@@ -245,47 +245,70 @@ class ImageDataset(Dataset):
                 flush_images(max(pending_images, key=lambda s: len(pending_images[s]) * s[0] * s[1]), force=True)
 
         # Every process walks all records (cheap when nothing is missing) so each knows
-        # every record's hash; only its own share is encoded.
+        # every record's hash; only its own share is encoded. A record whose hash and captions the source
+        # knows (a folder scan hashed it) is not even read unless something of it is missing.
         # A record that cannot be encoded is read, as in the uncached path, as the next readable record: that
         # one is encoded at this record's size too (under its own content keys), or a bucket the record alone
         # filled would have nothing to read. Which records those are is found again at every start.
+        reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
+
+        def views(index: int, digest: bytes, size) -> tuple[list, list]:
+            """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
+            `digest`, that the cache lacks."""
+            self.hashes[index] = np.frombuffer(digest, dtype=np.uint8)
+            missing = [(key, f) for f in self._flips()
+                       if (key := self._latent_key(digest, size, f)) not in self.latent_cache]
+            missing_conditions = [(key, f) for f in self._flips() if conditions
+                                  and (key := self._condition_key(index, size, f)) not in self.condition_cache]
+            return missing, missing_conditions
+
         unreadable: list[int] = []
+
+        def skip(index: int, reason: Exception, encoded_here: bool) -> None:
+            log.warning("skipping record %d while caching: %s", index, reason)
+            counts["skipped"] += 1
+            if encoded_here:
+                unreadable.append(index)
+
         bar = tqdm(range(len(self)), desc="filling cache", unit="rec", disable=not progress, dynamic_ncols=True)
         for index in bar:
             mine = index % world_size == rank
+            known = None if reads_records else self.source.known_record(index)
             try:
-                record = self.source.read(index)
+                record = self.source.read(index) if known is None else None
             except BadRecord as reason:
-                log.warning("skipping record %d while caching: %s", index, reason)
-                counts["skipped"] += 1
-                if latents and mine:
-                    unreadable.append(index)
+                skip(index, reason, latents and mine)
                 continue
+            record_captions = record.captions if known is None else known[1]
             if latents:
-                digest = hashlib.sha256(record.data).digest()
-                self.hashes[index], captions[index] = np.frombuffer(digest, dtype=np.uint8), tuple(record.captions)
-                size, flips = self.target_size(index), self._flips()
-                keys = [(self._latent_key(digest, size, f), f) for f in flips]
-                missing = [(k, f) for k, f in keys if k not in self.latent_cache]
-                counts["latents found"] += len(keys) - len(missing)
-                missing_conditions = []
+                captions[index] = tuple(record_captions)
+                size = self.target_size(index)
                 if conditions:
                     self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
-                    condition_keys = [(self._condition_key(index, size, f), f) for f in flips]
-                    missing_conditions = [(k, f) for k, f in condition_keys if k not in self.condition_cache]
-                    counts["conditions found"] += len(condition_keys) - len(missing_conditions)
+                digest = hashlib.sha256(record.data).digest() if known is None else known[0]
+                missing, missing_conditions = views(index, digest, size)
+                if (missing or missing_conditions) and mine and record is None:
+                    try:
+                        record = self.source.read(index)
+                    except BadRecord as reason:
+                        skip(index, reason, True)
+                        continue
+                    if (fresh := hashlib.sha256(record.data).digest()) != digest:
+                        # Changed since the folder scan: its keys are those of the bytes read now.
+                        missing, missing_conditions = views(index, fresh, size)
+                counts["latents found"] += len(self._flips()) - len(missing)
+                if conditions:
+                    counts["conditions found"] += len(self._flips()) - len(missing_conditions)
                 if (missing or missing_conditions) and mine:
                     try:
                         image = load_image_bytes(record.data, self.max_pixels)
                         condition = self.conditions.load(record, image) if missing_conditions else None
                     except BadImage as reason:
-                        log.warning("skipping record %d while caching: %s", index, reason)
-                        counts["skipped"] += 1
-                        unreadable.append(index)
+                        skip(index, reason, True)
                         continue
                     queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
-                wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record.captions
+                wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record_captions
                 for caption in sorted(set(wanted_captions) | {""}):
                     key = self._text_key(caption)
                     if key in self.text_cache or key in pending_texts:
@@ -295,15 +318,10 @@ class ImageDataset(Dataset):
                 flush_texts()
         for index in unreadable:
             position, record, image, condition, _ = self._read(index)  # what the uncached path reads instead
-            digest = hashlib.sha256(record.data).digest()  # (a read that failed in the walk may succeed now)
-            self.hashes[position] = np.frombuffer(digest, dtype=np.uint8)
             if conditions:
                 self.condition_hashes[position] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
-            size = self.target_size(index)
-            missing = [(key, f) for f in self._flips()
-                       if (key := self._latent_key(digest, size, f)) not in self.latent_cache]
-            missing_conditions = [(key, f) for f in self._flips() if conditions
-                                  and (key := self._condition_key(position, size, f)) not in self.condition_cache]
+            # (a read that failed in the walk may succeed now)
+            missing, missing_conditions = views(position, hashlib.sha256(record.data).digest(), self.target_size(index))
             queue_views(image, condition, size, missing, missing_conditions)
         for size in list(pending_images):
             flush_images(size, force=True)
@@ -390,8 +408,12 @@ def make_loader(dataset: Dataset, sampler: ResumableBatches, num_workers: int, c
 
 
 def _leave_stops_to_the_trainer(worker_id: int) -> None:
-    """A terminal's Ctrl-C reaches the whole process group: workers that died of it stopped the run with
-    "DataLoader worker exited unexpectedly" instead of letting it finish the step and save a checkpoint."""
+    """A terminal's Ctrl-C reaches the whole process group, and a scheduler's SIGTERM (SLURM's preemption) every
+    process of the job: workers that died of it stopped the run with "DataLoader worker exited unexpectedly"
+    instead of letting it finish the step and save a checkpoint. A worker still ends with its loader: the
+    loader's shutdown tells it to, and torch's watchdog ends it once the trainer is gone (the loader's SIGTERM
+    comes only after those, for a worker that did not end)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (SIGTERM stays: the loader's own shutdown terminates workers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

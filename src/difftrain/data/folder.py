@@ -45,6 +45,7 @@ class Record:
     height: int = 0
     captions: tuple[str, ...] | None = None  # all of them, when a metadata.jsonl lists several
     conditioning: Path | None = None  # its conditioning image file, when the scan looked for one
+    digest: bytes | None = None  # SHA-256 of the image file's bytes as the scan decoded them
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,7 @@ def scan_folder(
     missing: list[str] = []
     for image_path in tqdm(images, desc="checking images", unit="img", disable=not progress, leave=False):
         name = str(image_path.relative_to(root))
-        outcome = checks.outcome(image_path, name)
+        outcome, digest = checks.outcome(image_path, name)
         if isinstance(outcome, str):
             skipped.append((name, outcome))
             continue
@@ -350,7 +351,7 @@ def scan_folder(
         if source != "none" and caption is None:
             missing.append(name)
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
-                              condition))
+                              condition, digest))
 
     listed_absent = set(metadata) - {resolve(r.path) for r in records} if metadata else set()
     for absent in sorted(listed_absent - {resolve(root / n) for n, _ in skipped}):

@@ -4,9 +4,10 @@ Decoding every image is what makes a folder scan slow (a 1M-photo folder takes h
 it is the only costly part: listing, captions and conditioning files are read afresh every
 time. So the index holds, per image (its path relative to the folder), the file's size and
 mtime in ns with the decode's outcome: the upright (width, height), or the reason it is
-skipped. An entry counts only while size and mtime still match; images that are new or
-changed are decoded again, and files gone from the folder drop out when the index is
-rewritten.
+skipped, and the SHA-256 of the bytes decoded. An entry counts only while size and mtime
+still match; images that are new or changed are decoded again, and files gone from the
+folder drop out when the index is rewritten. The hash is what the latent cache's keys are
+made of, so a cached run's start reads no image it has already encoded (dataset.py).
 
 Ranks share the file: it is replaced in one atomic rename, so a reader sees a complete old
 or new index, never half of one, and two ranks writing at once each write a complete one
@@ -21,7 +22,7 @@ import logging
 import time
 from pathlib import Path
 from difftrain.atomic import write_text
-from difftrain.data.images import BadImage, load_image
+from difftrain.data.images import BadImage, load_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ INDEX_VERSION = 1  # bump when what an entry means changes (e.g. load_image acce
 SETTLE_NS = 2_000_000_000
 
 Outcome = tuple[int, int] | str  # the upright (width, height), or why the image is skipped
+DIGEST_HEX = 64  # a SHA-256 as hex
 
 
 def keyed_path(index_dir: Path, kind: str, identity: list, suffix: str = ".json") -> Path:
@@ -46,15 +48,20 @@ def index_file(index_dir: Path, root: Path, max_pixels: int) -> Path:
 
 
 def _valid_entry(entry: object) -> bool:
-    if not (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry[:2])):
+    # A skipped image's entry has no digest; so has an image's in an index written before digests were kept
+    # (its outcome is used, its bytes are hashed again).
+    if not (isinstance(entry, list) and len(entry) in (3, 4) and all(type(v) is int for v in entry[:2])):
         return False
     outcome = entry[2]
-    return isinstance(outcome, str) or (
-        isinstance(outcome, list) and len(outcome) == 2 and all(type(v) is int and v > 0 for v in outcome))
+    if isinstance(outcome, str):
+        return len(entry) == 3
+    digest_ok = len(entry) == 3 or (isinstance(entry[3], str) and len(entry[3]) == DIGEST_HEX)
+    return digest_ok and isinstance(outcome, list) and len(outcome) == 2 and all(type(v) is int and v > 0
+                                                                                  for v in outcome)
 
 
 def read_index(path: Path) -> dict[str, list]:
-    """name -> [size, mtime_ns, [width, height] or reason] from the index at `path`; an absent,
+    """name -> [size, mtime_ns, [width, height] or reason, sha256 hex] from the index at `path`; an absent,
     damaged or other-version file reads as empty, so it is rebuilt."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -65,12 +72,38 @@ def read_index(path: Path) -> dict[str, list]:
     return {name: entry for name, entry in stored["files"].items() if _valid_entry(entry)}
 
 
-def decode_outcome(image: Path, max_pixels: int) -> Outcome:
-    """The check every training image passes: a full decode (truncation shows only there)."""
+def _read(image: Path) -> bytes | str:
+    """The file's bytes, or why they cannot be read (the reasons load_image gives)."""
     try:
-        return load_image(image, max_pixels).size
+        data = image.read_bytes()
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    return data or "empty file (0 bytes)"
+
+
+def decode_outcome(image: Path, max_pixels: int) -> list:
+    """The check every training image passes, a full decode (truncation shows only there), as the end of an
+    index entry: [[width, height], SHA-256 hex of the bytes decoded (hashed here, where they are in memory
+    anyway)], or [why it is skipped]."""
+    data = _read(image)
+    if isinstance(data, str):
+        return [data]
+    try:
+        return [list(load_image_bytes(data, max_pixels).size), hashlib.sha256(data).hexdigest()]
     except BadImage as reason:
-        return str(reason)
+        return [str(reason)]
+
+
+def _with_digest(entry: list, image: Path) -> list:
+    """An unchanged image's entry from an index without digests, with its digest (its bytes hashed, not decoded)."""
+    data = _read(image)
+    return entry if isinstance(data, str) else [*entry, hashlib.sha256(data).hexdigest()]
+
+
+def _as_found(end: list) -> tuple[Outcome, bytes | None]:
+    """An entry's end ([size, digest], [size] or [reason]) as (outcome, digest bytes or None)."""
+    outcome, digest = end[0], end[1] if len(end) > 1 else None
+    return (tuple(outcome) if isinstance(outcome, list) else outcome), (bytes.fromhex(digest) if digest else None)
 
 
 class ImageChecks:
@@ -84,23 +117,25 @@ class ImageChecks:
         self.decoded = 0
         self.from_index = 0
 
-    def outcome(self, image: Path, name: str) -> Outcome:
+    def outcome(self, image: Path, name: str) -> tuple[Outcome, bytes | None]:
+        """(the decode's outcome, the SHA-256 of the image's bytes; None for a skipped image)."""
         try:
             stat = image.stat()
         except OSError:  # gone since listing: the decode reports why, and there is nothing to remember
             self.decoded += 1
-            return decode_outcome(image, self._max_pixels)
+            return _as_found(decode_outcome(image, self._max_pixels))
         # Stamped before the decode: a file rewritten during it mismatches next time, so it is never trusted stale.
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = self._known.get(name)
         if entry is not None and entry[:2] == stamp:
             self.from_index += 1
+            if len(entry) == 3 and isinstance(entry[2], list):
+                entry = _with_digest(entry, image)
         else:
             self.decoded += 1
-            found = decode_outcome(image, self._max_pixels)
-            entry = [*stamp, list(found) if isinstance(found, tuple) else found]
+            entry = [*stamp, *decode_outcome(image, self._max_pixels)]
         self._seen[name] = entry
-        return tuple(entry[2]) if isinstance(entry[2], list) else entry[2]
+        return _as_found(entry[2:])
 
     def save(self) -> None:
         """Rewrite the index with the images this scan saw (so removed files are forgotten), if anything changed."""

@@ -93,6 +93,12 @@ class RecordSource(ABC):
     def read(self, index: int) -> RawRecord:
         """Record `index` (0 <= index < len); raises BadRecord if it cannot be read as stored."""
 
+    def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
+        """What the latent cache needs of record `index` without reading it, the SHA-256 of its data and its
+        captions, when this source already holds both (a folder scan hashes each image it decodes); None: the
+        cache reads the record."""
+        return None
+
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         """(key, path, captions held outside the file) for each file the records come from
         (resume compares them); a source with no files of its own lists none."""

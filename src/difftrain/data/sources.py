@@ -135,7 +135,8 @@ class FileSource(RecordSource):
     """One image file per record: random access is one file read."""
 
     def __init__(self, description: str, keys: list[str], paths: list[str], captions: list[list[str]],
-                 sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None):
+                 sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None,
+                 digests: list[bytes | None] | None = None):
         self.description = description
         self.has_conditioning = conditioning is not None
         self.skipped = skipped
@@ -145,6 +146,9 @@ class FileSource(RecordSource):
         # Packed: each DataLoader worker shares them instead of copying them as it reads (packed.py).
         self._keys, self._paths, self._captions = PackedStrings(keys), PackedStrings(paths), PackedLists(captions)
         self._conditioning = None if conditioning is None else PackedStrings(conditioning)
+        # Each file's SHA-256 where the folder scan hashed it (all zeros: not known), 32 bytes a record.
+        self._digests = None if digests is None else np.frombuffer(
+            b"".join(d or bytes(32) for d in digests), dtype=np.uint8).reshape(-1, 32)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -164,6 +168,11 @@ class FileSource(RecordSource):
                                 f"{self._conditioning[index]}: {exc.strerror}") from None
         return RawRecord(self._keys[index], data, self._captions[index], condition)
 
+    def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
+        if self._digests is None or not self._digests[index].any():
+            return None
+        return self._digests[index].tobytes(), self._captions[index]
+
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         files = list(zip(self._keys, self._paths, self._captions))
         if self._conditioning is not None:  # a changed condition changes the data as much as a changed image
@@ -175,19 +184,20 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
                  conditioning: ConditioningFiles | None, index_dir: Path | None) -> FileSource:
     scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning,
                        index_dir=index_dir)
-    keys, paths, texts, sizes = [], [], [], []
+    keys, paths, texts, sizes, digests = [], [], [], [], []
     for record in scan.records:
         keys.append(record.path.relative_to(scan.root).as_posix())
         paths.append(str(record.path))
         texts.append(caption_list(list(record.captions)) if record.captions is not None
                      else caption_list(record.caption or ""))
         sizes.append((record.width, record.height))
+        digests.append(record.digest)
     uncaptioned = sum(not t for t in texts)
     head = f"folder (captions: {scan.caption_source}" + (
         f", conditioning images: {scan.conditioning_source})" if scan.conditioning_source else ")")
     description = describe_records(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
     conditions = [str(r.conditioning) for r in scan.records] if scan.conditioning_source else None
-    return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions)
+    return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions, digests)
 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,

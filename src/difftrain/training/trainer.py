@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -64,6 +62,7 @@ from difftrain.training.optim import (
 )
 from difftrain.training.report import plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
+from difftrain.training.stopping import stop_on_first_signal
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,8 @@ class Trainer:
         timer = _LoopTimer(self.started)
         start_step = self.step
         loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, None
-        with _stop_on_first_interrupt(enabled=accelerator.num_processes == 1) as stop:
+        with stop_on_first_signal() as stop:
+            stop.agree(accelerator.device)
             while self.step < config.training.max_steps:
                 for _ in range(config.training.gradient_accumulation_steps):
                     batch = next(batches)
@@ -265,7 +265,8 @@ class Trainer:
                 bar.update(1)
 
                 last_step = self.step == config.training.max_steps
-                checkpoint_due = self.step % config.checkpoint.every_steps == 0 or last_step or stop.requested
+                stopping = stop.due()
+                checkpoint_due = self.step % config.checkpoint.every_steps == 0 or last_step or stopping
                 if checkpoint_due:  # never write a diverged checkpoint
                     self._check_finite(loss_sum, bar)
                 if self.step % config.log.every_steps == 0 or last_step:
@@ -285,7 +286,7 @@ class Trainer:
                         checkpoint_due = True
                     if checkpoint_due:
                         self.save_checkpoint()
-                if stop.requested:
+                if stopping and not last_step:
                     bar.close()
                     print(f"interrupted: checkpoint saved at step {self.step}; --resume latest continues from here")
                     raise KeyboardInterrupt
@@ -829,39 +830,6 @@ class _LoopTimer:
         """The first step's time beyond a typical step's: what compiling (and first-use warm-up) cost."""
         typical = (self.loop_seconds() - self.first_step) / (steps - 1) if steps > 1 else 0.0
         return max(self.first_step - typical, 0.0)
-
-
-class _StopFlag:
-    requested = False
-
-
-@contextmanager
-def _stop_on_first_interrupt(enabled: bool) -> Iterator[_StopFlag]:
-    """The first Ctrl-C (or SIGTERM: a scheduler's preemption, `docker stop`, `kill`) asks the loop to finish
-    its step and checkpoint; a second one stops at once.
-
-    Only for a single process: with several, the others would not see the flag.
-    """
-    flag = _StopFlag()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {}
-
-    def request_stop(signum, frame):
-        flag.requested = True
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step and saving a checkpoint ({name} again to stop now)", flush=True)
-
-    for number in (signal.SIGINT, signal.SIGTERM):
-        previous[number] = signal.signal(number, request_stop)
-    try:
-        yield flag
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _has_accelerator_device() -> bool:

@@ -4,7 +4,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from difftrain.data.buckets import BucketBatchSampler, assign_buckets, make_buckets
+import math
+
+from difftrain.data.buckets import BucketBatchSampler, assign_buckets, make_buckets, no_upscale_buckets
 from difftrain.data.sampler import Position
 
 
@@ -31,6 +33,45 @@ def test_kohya_style_bounds_give_kohyas_buckets():
         (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),
         (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256),
     ]  # fmt: skip
+
+
+def kohya_no_upscale(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """sd-scripts' BucketManager.select_bucket with no_upscale, one image at a time, as it reads."""
+    def round_to_steps(x):
+        x = int(x + 0.5)
+        return x - x % step
+
+    aspect, max_area = width / height, resolution * resolution
+    if width * height > max_area:
+        resized_width = math.sqrt(max_area * aspect)
+        resized_height = max_area / resized_width
+        b_width_rounded = round_to_steps(resized_width)
+        b_height_in_wr = round_to_steps(b_width_rounded / aspect)
+        ar_width_rounded = b_width_rounded / b_height_in_wr
+        b_height_rounded = round_to_steps(resized_height)
+        b_width_in_hr = round_to_steps(b_height_rounded * aspect)
+        ar_height_rounded = b_width_in_hr / b_height_rounded
+        if abs(ar_width_rounded - aspect) < abs(ar_height_rounded - aspect):
+            resized = (b_width_rounded, int(b_width_rounded / aspect + 0.5))
+        else:
+            resized = (int(b_height_rounded * aspect + 0.5), b_height_rounded)
+    else:
+        resized = (width, height)
+    return resized[0] - resized[0] % step, resized[1] - resized[1] % step
+
+
+def test_no_upscale_buckets_are_kohyas_and_never_enlarge():
+    rng = np.random.default_rng(0)
+    sizes = np.concatenate([rng.integers(64, 3000, (500, 2)), [[300, 200], [1920, 1080], [1000, 1000], [512, 512]]])
+    ids, buckets = no_upscale_buckets(sizes, 512, 64)
+    assert len(buckets) == len(set(buckets)) and len(ids) == len(sizes)
+    for (width, height), bucket in zip(sizes.tolist(), ids):
+        assert buckets[bucket] == kohya_no_upscale(width, height, 512, 64), (width, height)
+        bucket_width, bucket_height = buckets[bucket]
+        assert bucket_width <= width and bucket_height <= height and bucket_width * bucket_height <= 512 * 512
+    assert [buckets[i] for i in ids[-4:]] == [(256, 192), (640, 384), (512, 512), (512, 512)]
+    # A side shorter than a step is the one enlargement (sd-scripts makes a 0-pixel bucket).
+    assert no_upscale_buckets(np.array([[40, 100]]), 512, 64)[1] == [(64, 64)]
 
 
 def test_bad_bucket_settings_are_refused():

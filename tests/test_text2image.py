@@ -245,6 +245,29 @@ def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd
     assert main(["train", str(config), "--no-progress"]) == 0
 
 
+def test_no_upscale_buckets_train_each_image_at_its_own_size_or_smaller(tiny_sd, tmp_path, capsys):
+    from difftrain.training.run_data import build_sampler, open_images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [(24, 17)] * 3 + [(41, 24)] * 3 + [(64, 64)] * 2 + [(20, 12)]
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (i * 20, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a red square")
+    path = sd_config(tmp_path, data, tiny_sd, training={"batch_size": 2, "max_steps": 3},
+                     data={"resolution": 32, "buckets": {"enabled": True, "step": 8, "no_upscale": True}})
+    config = load_config(path)
+    dataset = open_images(config, progress=False)
+    sampler = build_sampler(config, dataset, 0, 1)
+    shapes = {tuple(dataset[key]["pixel_values"].shape) for batch in sampler.epoch_batches(0)
+              for key in [(0, 0, int(index)) for index in batch]}
+    # Within 32 x 32 pixels floored to 8s; 64 x 64 scaled to 32 x 32 first.
+    assert shapes == {(3, 16, 24), (3, 24, 40), (3, 32, 32), (3, 8, 16)}
+    assert main(["train", str(path), "--no-progress"]) == 0
+    assert ("buckets     4 in use, 3 records in the fullest; 1 hold fewer records than a batch (2)"
+            in capsys.readouterr().out)
+
+
 def test_vae_method_trains_and_saves_an_autoencoder_diffusers_loads(shapes_dir, tmp_path):
     from diffusers import AutoencoderKL
 

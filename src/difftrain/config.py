@@ -29,6 +29,10 @@ class BucketConfig(Section):
     enabled: bool = Field(False, description="aspect-ratio buckets instead of square crops")
     step: int = Field(64, ge=8, description="bucket sides are multiples of this (pixels)")
     max_ratio: float = Field(2.0, ge=1.0, le=8.0, description="widest/tallest bucket allowed")
+    no_upscale: bool = Field(False, description="kohya's bucket_no_upscale: each image gets a bucket of its own size "
+                                                "(sides floored to `step`; larger than resolution**2 pixels: scaled "
+                                                "down to that area first), so no image is enlarged; max_ratio does "
+                                                "not apply")
 
     @model_validator(mode="after")
     def _step_fits_vae(self) -> "BucketConfig":

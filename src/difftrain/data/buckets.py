@@ -93,6 +93,38 @@ def assign_buckets(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]) -> np.
     return order[np.where(take_upper, upper, lower)]
 
 
+def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """kohya's `bucket_no_upscale`: (the bucket index of each (width, height) in `sizes`, the buckets).
+
+    Each image gets a bucket of its own size: within resolution**2 pixels it keeps its scale, and its
+    bucket is its size with each side floored to a multiple of `step`; a larger image is first scaled to
+    that area at its own aspect, rounded to whole steps along the side that keeps the aspect closer
+    (kohya's arithmetic, its rounding included), then floored the same way. A side shorter than `step`
+    gets `step`: the one case that enlarges. The image is then scaled down to cover its bucket and
+    cropped, as for any bucket (kohya crops a small image without scaling it).
+    """
+    wide = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    width, height = wide[:, 0], wide[:, 1]
+    aspect, area = width / height, float(resolution) ** 2
+
+    def steps(x):  # kohya's round_to_steps: to the nearest pixel, then down to a multiple of step
+        x = np.floor(x + 0.5)
+        return np.maximum(x - x % step, step)
+
+    scaled_width = np.sqrt(area * aspect)
+    by_width = steps(scaled_width)  # rounded along the width, the height following
+    by_height = steps(area / scaled_width)
+    width_first = (np.abs(by_width / steps(by_width / aspect) - aspect)
+                   < np.abs(steps(by_height * aspect) / by_height - aspect))
+    large = width * height > area
+    resized_width = np.where(large, np.where(width_first, by_width, np.floor(by_height * aspect + 0.5)), width)
+    resized_height = np.where(large, np.where(width_first, np.floor(by_width / aspect + 0.5), by_height), height)
+    own = np.stack([np.maximum(resized_width - resized_width % step, step),
+                    np.maximum(resized_height - resized_height % step, step)], axis=1).astype(np.int64)
+    buckets, ids = np.unique(own, axis=0, return_inverse=True)
+    return ids.reshape(-1), [(int(w), int(h)) for w, h in buckets]
+
+
 class BucketBatchSampler(ResumableBatches):
     """Yields batches of `(epoch, batch, record_index)` keys, each batch from one bucket.
 
@@ -143,6 +175,16 @@ class BucketBatchSampler(ResumableBatches):
         self.num_batches = int(sum(math.ceil(c / batch_size) for c in self.bucket_counts))
         self.batches_per_epoch = math.ceil(self.num_batches / world_size)
         self.start = Position()
+
+    def describe(self) -> str:
+        """One line for the run summary: how many buckets hold records, and how many are smaller than a batch."""
+        used = self.bucket_counts[self.bucket_counts > 0]
+        small = int((used < self.batch_size).sum())
+        line = f"{len(used)} in use, {int(used.max())} records in the fullest"
+        if small:
+            line += (f"; {small} hold fewer records than a batch ({self.batch_size}), so their batches repeat "
+                     "records, each copy with its own flip, crop and caption")
+        return line
 
     def target_size(self, index: int) -> tuple[int, int]:
         """(width, height) of record `index`'s bucket."""

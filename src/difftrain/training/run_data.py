@@ -55,10 +55,14 @@ def open_images(
                                 "folder" if path else data.source)
     buckets = None
     if data.buckets.enabled:
-        from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets
+        from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets, no_upscale_buckets
 
-        sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
-        buckets = BucketLookup(assign_buckets(records.sizes, sizes), sizes)
+        if data.buckets.no_upscale:
+            ids, sizes = no_upscale_buckets(records.sizes, data.resolution, data.buckets.step)
+        else:
+            sizes = make_buckets(data.resolution, data.buckets.step, max_ratio=data.buckets.max_ratio)
+            ids = assign_buckets(records.sizes, sizes)
+        buckets = BucketLookup(ids, sizes)
     augment = Augment(**data.augment.model_dump()) if data.augment.active else None
     t2i = getattr(config, "text2image", None)  # (Stable Diffusion methods; a pixel model's captions name classes)
     tags = CaptionTags(t2i.shuffle_caption, t2i.keep_tokens, t2i.caption_tag_dropout_rate) if t2i else None

@@ -611,6 +611,7 @@ class Trainer:
             f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
             f"{self.skipped_at_read} replaced at read time (this process)"
             + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped else ""),
+            *([f"  buckets     {self.sampler.describe()}"] if self.dataset.buckets is not None else []),
             *[f"  model       {line}" for line in self.method.describe()],
             f"  samples     {self.run_dir / 'samples'} (latest: step-{self.step:08d}.png)",
             f"  loss curve  {self.run_dir / 'loss.png'}",

@@ -196,3 +196,39 @@ def test_tagged_captions_are_shuffled_and_thinned_as_kohya_does_with_the_trigger
     base = {"method": "text2image", "data": {"path": "x", "cache": {"text": True}}, "model": {"base": "b"}}
     with pytest.raises(ConfigError, match="shuffle_caption / caption_tag_dropout_rate with data.cache.text"):
         parse_config({**base, "text2image": {"shuffle_caption": True}})
+
+
+@pytest.mark.parametrize("kind", ["plain", "shards", "buckets"])
+@pytest.mark.parametrize("written_by, world", [(2, 1), (1, 3), (4, 2), (2, 3)])
+def test_a_position_moves_to_another_number_of_processes_skipping_nothing(kind, written_by, world):
+    """Every record the old processes had yet to read in the epoch is read by the new ones, and no more than
+    world - 1 batches' worth of what they had read is read again (beside the padding of the epoch's end)."""
+    from difftrain.data.buckets import BucketBatchSampler
+
+    records, size, seed = 96, 4, 5
+    ids = np.random.default_rng(0).integers(0, 3, records)
+
+    def sampler(rank, processes):
+        if kind == "buckets":
+            return BucketBatchSampler(ids, size, seed, rank, processes)
+        return EpochBatchSampler(records, size, seed, rank=rank, world_size=processes,
+                                 shard_sizes=[24] * 4 if kind == "shards" else None)
+
+    def epoch_read(processes, position):
+        """(records the processes read in epoch 1 before `position`, from it to the epoch's end)."""
+        before, rest = [], []
+        for rank in range(processes):
+            ranked = sampler(rank, processes)
+            keys = [key[:3] for batch in take(ranked, 2 * ranked.batches_per_epoch) for key in batch if key[0] == 1]
+            before += [index for _, batch, index in keys if batch < position.batch]
+            rest += [index for _, batch, index in keys if batch >= position.batch]
+        return before, rest
+
+    ranked = sampler(0, world)
+    for batch in range(sampler(0, written_by).batches_per_epoch):
+        moved = ranked.position_for_world(Position(1, batch), written_by)
+        assert moved.epoch == 1
+        old_before, old_rest = epoch_read(written_by, Position(1, batch))
+        new_before, new_rest = epoch_read(world, moved)
+        assert set(old_rest) - set(old_before) <= set(new_rest)
+        assert len(set(new_rest) & set(old_before)) < world * size + ranked.batches_per_epoch * world * size - records

@@ -246,7 +246,7 @@ def test_zero_trains_what_ddp_trains_through_a_resume_with_partitioned_state(run
     assert f"written by a DeepSpeed ZeRO-{stage} run and this one is data parallel" in capsys.readouterr().err
 
 
-def test_two_machines_on_loopback_train_what_one_machine_does(runs, capsys):
+def test_two_machines_on_loopback_train_what_one_machine_does(runs):
     """`--num_machines 2`, one process each, against one machine of two processes: the data shard and the
     random stream follow the global rank, so the shared checkpoint matches bit for bit."""
     one, two = (runs.root / run / "checkpoints/step-00000002" for run in ("ddp", "two-machines"))
@@ -256,9 +256,20 @@ def test_two_machines_on_loopback_train_what_one_machine_does(runs, capsys):
     _assert_same_tensors(one, two, ["model.safetensors", "ema.safetensors", "optimizer.safetensors",
                                     "rng-rank0.safetensors", "rng-rank1.safetensors"], every_rng=True)
     assert not list((runs.root / "two-machines" / "checkpoints").glob(".tmp-*"))  # one writer finished the save
-    # A two-process checkpoint does not resume in one process: the data shards and random streams would differ.
-    assert main(["train", str(runs.ddp), "--set", "training.max_steps=6", "--resume", "latest"]) == 2
-    assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_a_data_parallel_checkpoint_resumes_in_another_number_of_processes(runs, tmp_path, capsys):
+    """Two processes' step-4 checkpoint goes on in one: from the same point of the epoch's order (2 batches of
+    3 a process read, so 2 x 2 of 6 for one), with its weights and optimizer state; a sharded one is refused."""
+    shutil.copytree(runs.root / "ddp", tmp_path / "ddp")
+    shutil.rmtree(tmp_path / "ddp/model")
+    assert main(["train", str(runs.ddp), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}", "--set",
+                 "training.max_steps=6", "--resume", str(tmp_path / "ddp/checkpoints/step-00000004")]) == 0
+    out = capsys.readouterr().out
+    assert "written by 2 process(es) and this run has 1: each step now trains on 4 images (was 8)" in out
+    assert "(epoch 1, batch 2 of 6 a process)" in out and "run finished at step 6/6" in out
+    state = json.loads((tmp_path / "ddp/checkpoints/step-00000006/state.json").read_text())
+    assert state["world_size"] == 1 and state["position"] == {"epoch": 1, "batch": 4}
 
 
 def test_a_signal_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(runs):

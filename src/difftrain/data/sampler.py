@@ -64,6 +64,7 @@ class ResumableBatches:
     """
 
     batches_per_epoch: int
+    world_size: int  # processes sharing each epoch's order
     start: Position
     # Which rule drew the order; a checkpoint keeps it, so a resume whose order rule changed starts a new epoch
     # rather than continuing mid-epoch into another order (records repeated or missed). Bump when a rule changes.
@@ -80,6 +81,17 @@ class ResumableBatches:
             for b in range(batch, self.batches_per_epoch):
                 yield batch_keys(epoch, b, read(b))
             epoch, batch = epoch + 1, 0
+
+    def position_for_world(self, position: Position, written_by: int) -> Position:
+        """`position`, reached by `written_by` processes, for this sampler's number: the same point of the epoch.
+
+        Every sampler here cuts one global order an epoch and gives process r every world_size-th piece
+        of it, so after `batch` batches the processes together have read batch x world_size batches' worth;
+        this count of processes goes on from there, rounded down so no record is skipped (a few may be
+        read twice).
+        """
+        batch = position.batch * written_by // self.world_size
+        return Position(position.epoch, batch) if batch < self.batches_per_epoch else Position(position.epoch + 1, 0)
 
     def position_after(self, epoch: int, batch: int) -> Position:
         """Where reading resumes once batch `batch` of `epoch` has been consumed."""

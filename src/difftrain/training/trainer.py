@@ -456,11 +456,11 @@ class Trainer:
         if written_in and written_in != self.accelerator.mixed_precision and self.main:  # allowed: the user's call
             print(f"note: {path.name} was trained in {written_in}, this run goes on in "
                   f"{self.accelerator.mixed_precision}")
-        if state["world_size"] != self.accelerator.num_processes:
+        if state["world_size"] != self.accelerator.num_processes and now != "data parallel":
             raise CheckpointError(
-                f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
-                f"this run has {self.accelerator.num_processes}; the data shards and random streams would differ"
-            )
+                f"cannot resume from {path}: it was written by {state['world_size']} process(es) under {written}, "
+                f"which splits the weights and optimizer state per process, and this run has "
+                f"{self.accelerator.num_processes}; launch {state['world_size']} processes")
 
     def _prepare_run_dir(self, resuming: bool) -> None:
         if self.main:
@@ -744,12 +744,19 @@ class Trainer:
             self._rescale_learning_rate(saved.training.learning_rate)
         if state.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        rng.restore(load_tensors(path / sharding.part_file("rng", accelerator.process_index)), self.noise_generator)
         self.step = state["step"]
+        if rank < state["world_size"]:
+            rng.restore(load_tensors(path / sharding.part_file("rng", rank)), self.noise_generator)
+        else:  # a process the checkpoint's run did not have: streams of its own, apart from every other one's
+            fresh = noise_seed(self.config.seed + self.step, rank) % 2**32  # (numpy takes 32-bit seeds)
+            set_seed(fresh)
+            self.noise_generator.manual_seed(noise_seed(fresh, rank))
         if self.step > self.config.training.max_steps:
             raise CheckpointError(f"cannot resume from {path}: it is at step {self.step}, past training.max_steps = "
                                   f"{self.config.training.max_steps}; raise max_steps, or use the run's model as it is")
         self.position = Position(**state["position"])
+        if state["world_size"] != world:
+            self.position = self._position_for_world(path, state["world_size"])
         best = state.get("best")
         # A best of another metric (eval.keep_best changed on resume) would be compared with the new metric's values.
         same_metric = best is None or best.get("metric", self.evaluation.best_metric) == self.evaluation.best_metric
@@ -764,6 +771,19 @@ class Trainer:
                       f"trained with; training goes on from the start of epoch {self.position.epoch}")
         if self.main:
             print(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+
+    def _position_for_world(self, path: Path, written_by: int) -> Position:
+        """The checkpoint's position in this run's number of processes, with a note of what changes."""
+        moved = self.sampler.position_for_world(self.position, written_by)
+        if self.main:
+            per_step = self.config.training.batch_size * self.config.training.gradient_accumulation_steps
+            print(f"note: {path.name} was written by {written_by} process(es) and this run has "
+                  f"{self.accelerator.num_processes}: each step now trains on {per_step * self.accelerator.num_processes}"
+                  f" images (was {per_step * written_by}) at the same learning rate, the data order goes on where "
+                  f"it stopped (epoch {moved.epoch}, batch {moved.batch} of {self.sampler.batches_per_epoch} a "
+                  f"process), and processes the run did not have start random streams of their own; the run "
+                  f"continues, but not bit for bit as {written_by} process(es) would have")
+        return moved
 
     def _check_same_data(self, path: Path, state: dict) -> None:
         """Refuse to continue on data other than the checkpoint's, naming what changed."""

@@ -1,6 +1,7 @@
 """Data at LAION scale: how long a run over many shards takes to open them, and what the index costs in memory.
 
-    .venv/bin/python benchmarks/scale.py [--only startup|memory|fsdp] [--shards 10000] [--per-shard 2] [--cold-shards N]
+    .venv/bin/python benchmarks/scale.py [--only startup|memory|fsdp|sampler] [--shards 10000] [--per-shard 2]
+        [--cold-shards N] [--sampler-records 20000000]
 
 start-up: writes `--shards` tiny laion parts (`--per-shard` small PNGs each) through `data build`'s writer,
 which puts each part's index beside it, then opens them as a run does, in one process:
@@ -26,6 +27,9 @@ processes over gloo, launched as a user would, under DDP (`--multi_gpu`), FSDP
 (the run summary's `memory` line; under ZeRO it counts the fp32 master partitions too), steps/s
 of the loop, and the checkpoint bytes rank 0 writes. The EMA weights (another 4 bytes a
 parameter, sharded under FSDP and ZeRO-3) are not in the memory figure.
+
+sampler: one epoch's order of `--sampler-records` records (20M), as the sampler keeps it now (an array)
+and as it did before (lists of Python ints): seconds and peak resident growth, in one process.
 
 A section is one function taking the parsed arguments and a work folder; add one to SECTIONS.
 """
@@ -218,8 +222,45 @@ def sharded(args: argparse.Namespace, work: Path) -> None:
         print(f"{name:<18} {held:30.2f} {speed:8.2f} {written:25.1f}  x{held / base_held:.2f} x{speed / base_speed:.2f}")
 
 
+def sampler(args: argparse.Namespace, work: Path) -> None:
+    """The per-epoch order of `--sampler-records` records (no shards, no buckets): time and peak memory growth of
+    drawing one epoch's order and its first batch, as an array (now) and as lists of Python ints (before)."""
+    import math
+
+    import torch
+    from _common import PeakMemory
+
+    from difftrain.data.sampler import EpochBatchSampler
+
+    records, batch, world = args.sampler_records, 16, 2
+
+    def as_lists() -> list[int]:  # the order as difftrain drew it before 2026-12-06
+        order = torch.randperm(records, generator=torch.Generator().manual_seed(0 * 1_000_003 + 0)).tolist()
+        total = math.ceil(records / (batch * world)) * batch * world
+        indices = (order * math.ceil(total / len(order)))[:total][0::world]
+        return indices[:batch]
+
+    def as_array() -> list[int]:
+        ranked = EpochBatchSampler(records, batch, seed=0, rank=0, world_size=world)
+        return list(next(iter(ranked)))
+
+    rows = {}
+    for name, draw in (("array (now)", as_array), ("lists (before)", as_lists)):  # lists last: freed ints stay
+        with PeakMemory(torch.device("cpu")) as peak:
+            started = time.perf_counter()
+            first = draw()
+            seconds = time.perf_counter() - started
+        rows[name] = (seconds, peak.peak / 2**20, first)
+    assert [key[2] for key in rows["array (now)"][2]] == rows["lists (before)"][2]  # the same order
+    print(f"one epoch's order of {records:,} records, batch {batch}, rank 0 of {world}")
+    before_s, before_mib, _ = rows["lists (before)"]
+    for name, (seconds, mib, _) in rows.items():
+        print(f"{name:<16} {seconds:6.2f} s {mib:8.0f} MiB peak growth   x{before_s / seconds:.1f} faster, "
+              f"x{before_mib / max(mib, 1):.1f} less memory")
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
-    "startup": startup, "memory": memory, "fsdp": sharded}
+    "startup": startup, "memory": memory, "fsdp": sharded, "sampler": sampler}
 
 
 def main() -> None:
@@ -232,6 +273,7 @@ def main() -> None:
     parser.add_argument("--memory-per-shard", type=int, default=100)
     parser.add_argument("--fsdp-steps", type=int, default=10)
     parser.add_argument("--fsdp-size", type=int, default=64, help="image side of the DDP, FSDP and ZeRO runs")
+    parser.add_argument("--sampler-records", type=int, default=20_000_000)
     parser.add_argument("--child-memory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:

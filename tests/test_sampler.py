@@ -232,3 +232,18 @@ def test_a_position_moves_to_another_number_of_processes_skipping_nothing(kind, 
         new_before, new_rest = epoch_read(world, moved)
         assert set(old_rest) - set(old_before) <= set(new_rest)
         assert len(set(new_rest) & set(old_before)) < world * size + ranked.batches_per_epoch * world * size - records
+
+
+@pytest.mark.parametrize("records, batch, world", [(10, 2, 2), (97, 4, 3), (64, 8, 1)])
+def test_the_epoch_order_is_the_one_checkpoints_were_written_with(records, batch, world):
+    """The order as it was drawn before it was kept as an array (lists of Python ints), for resumed runs."""
+    import math
+
+    import torch
+
+    for rank in range(world):
+        sampler = EpochBatchSampler(records, batch, seed=7, rank=rank, world_size=world)
+        for epoch in range(3):
+            order = torch.randperm(records, generator=torch.Generator().manual_seed(7 * 1_000_003 + epoch)).tolist()
+            total = sampler.batches_per_epoch * batch * world
+            assert sampler.epoch_indices(epoch) == (order * math.ceil(total / records))[:total][rank::world]

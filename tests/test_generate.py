@@ -271,3 +271,15 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
         assert main(["generate", str(model), "--from-png", str(foreign), "--scheduler", "euler",
                      "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     assert "Hires upscale: 2, Variation seed: 9 not repeated" in caplog.text
+    # Chunks of unequal count without "Pad conds": A1111 drew the sides apart; ours pads, and says so. Our own
+    # padded PNG says "Pad conds", so repeating it is silent.
+    info = PngInfo()
+    info.add_text("parameters", f"{'red circle ' * 41}\nNegative prompt: blue\nSteps: 2, Sampler: Euler, CFG scale: 7, "
+                                "Seed: 5, Size: 32x32")
+    Image.new("RGB", (32, 32)).save(foreign, pnginfo=info)
+    for png, said in ((foreign, True), (long, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["generate", str(model), "--from-png", str(png), "--out", str(tmp_path / "h"),
+                         "--no-progress"]) == 0
+        assert ("does not say 'Pad conds'" in caplog.text) is said, png

@@ -62,6 +62,7 @@ class GenerateOptions:
     provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
     provider_fallback: bool = False  # run on what there is when the provider asked for is missing
     device: str = "auto"  # auto: CUDA where there is a GPU, else the CPU; or cpu, cuda, cuda:1 ...
+    unpadded_png: bool = False  # --from-png of a PNG whose infotext does not say "Pad conds"
 
     def check(self) -> None:
         """Everything that can be refused before a model loads."""
@@ -310,6 +311,7 @@ class Drawer:
 
         options.check()
         self.options = options
+        self.unpadded_png = options.unpadded_png  # warned of at the first padded draw
         device = resolve_device(options.device)
         located = model if isinstance(model, Located) else locate(model, options.use_ema)
         if located.manifest is not None and located.manifest.kind == "unconditional":
@@ -364,6 +366,11 @@ class Drawer:
 
         positive, negative = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
         self.padded = pads_conds(self.pipe, prompt, negative_prompt)  # for the infotext of what save() writes
+        if self.padded and self.unpadded_png:
+            self.unpadded_png = False  # (said once)
+            log.warning("the PNG's prompt and negative prompt differ in 75-token chunks and its infotext does not say "
+                        "'Pad conds': A1111 drew them as two separate batches, diffusers' pipelines need one shape, so "
+                        "the shorter side is padded with empty chunks and the image will differ a little")
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
@@ -444,6 +451,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if params.get("Embeddings"):
         options.embeddings = [item.strip() for item in str(params["Embeddings"]).split(" | ")]
     options.use_ema = params.get("EMA") != "off"
+    options.unpadded_png = "Pad conds" not in params
     from difftrain.generate.controlnet import units_from_infotext
 
     if "controlnets" not in overrides:  # units given on the command line replace the PNG's

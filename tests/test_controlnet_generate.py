@@ -118,6 +118,8 @@ def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets
                                                    "--control-start", "0.6", "--control-end", "0.4")
     assert "cannot load a ControlNet" in refused("--controlnet", str(tmp_path), "--control-image", str(mask))
     assert "--guess-mode applies to ControlNets" in refused("--guess-mode")
+    assert "--guess-mode is --control-mode control for every ControlNet" in refused(
+        "--controlnet", str(controlnets[0]), "--control-image", str(mask), "--guess-mode", "--control-mode", "prompt")
     assert "apply to ControlNets" in refused("--preprocess", "canny")
 
 

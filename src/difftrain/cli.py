@@ -233,6 +233,8 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg, with_seed
 
     if args.list_schedulers:
@@ -257,8 +259,6 @@ def _generate(args: argparse.Namespace) -> int:
                              "--control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
-    if args.guess_mode:
-        given["guess_mode"] = True
     if args.strength is not None and not (args.init_image or args.from_png):
         raise DifftrainError("--strength applies to img2img: give --init-image too")
     if args.from_png:
@@ -267,6 +267,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise DifftrainError("generate: give --prompt (or --from-png IMAGE to repeat an image's generation)")
     else:
         options = GenerateOptions(**given)
+    if args.guess_mode:  # --control-mode control for every unit, the command line's or the PNG's
+        if not options.controlnets:
+            raise DifftrainError("--guess-mode applies to ControlNets: give --controlnet and --control-image too")
+        if set(args.control_mode or ["control"]) != {"control"}:
+            raise DifftrainError("--guess-mode is --control-mode control for every ControlNet: give one or the other")
+        options = replace(options, controlnets=[replace(unit, mode="control") for unit in options.controlnets])
     options = with_seed(options)  # here, so the seeds printed below are the ones drawn
     paths = generate(args.model, options, args.out, progress=not args.no_progress)
     if options.compile:

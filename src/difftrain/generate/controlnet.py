@@ -146,12 +146,11 @@ def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.
                            unit.resize)
 
 
-def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], guess_mode: bool, img2img: bool,
-                       nets: list) -> dict:
+def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], img2img: bool, nets: list) -> dict:
     from difftrain.models.control import condition_channels
 
     one = len(units) == 1
-    modes = ["control" if guess_mode else unit.mode for unit in units]
+    modes = [unit.mode for unit in units]
     # A grey-scale adapter's image goes as grey: diffusers' adapter pipeline keeps the channels it is given.
     images = [image.convert("L") if condition_channels(net) == 1 else image for image, net in zip(images, nets)]
     if any(is_adapter(net) for net in nets):
@@ -196,7 +195,7 @@ def _weigh_residuals(net, args, output):
     return ([residual * 0.825 ** (count - i) for i, residual in enumerate(down)], mid, *output[2:])
 
 
-def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, height: int) -> dict[str, str]:
+def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[str, str]:
     """`ControlNet N` entries as A1111's ControlNet extension writes them, and our paths for --from-png."""
     params = {}
     for number, unit in enumerate(units):
@@ -206,7 +205,7 @@ def infotext_units(units: list[ControlUnit], guess_mode: bool, width: int, heigh
         if unit.preprocess == "canny":
             parts += [f"Threshold A: {unit.low_threshold}", f"Threshold B: {unit.high_threshold}"]
         parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}", "Pixel Perfect: False",
-                  f"Control Mode: {CONTROL_MODES['control' if guess_mode else unit.mode]}"]
+                  f"Control Mode: {CONTROL_MODES[unit.mode]}"]
         params[f"ControlNet {number}"] = ", ".join(parts)
         params[f"ControlNet {number} files"] = f"{OWN if unit.own else unit.model} | {unit.image}"
     return params

@@ -56,7 +56,6 @@ class GenerateOptions:
     strength: float = 0.75
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
-    guess_mode: bool = False  # A1111's "ControlNet is more important"
     deepcache: int = 0  # > 1: the whole UNet every this many steps, its shallow blocks between (generate/deepcache.py)
     backend: str = "auto"  # torch | onnxruntime; auto: onnxruntime for an ONNX export, torch otherwise
     provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
@@ -112,8 +111,6 @@ class GenerateOptions:
             raise GenerateError(f"--compile-mode {self.compile_mode}: choose one of {', '.join(COMPILE_MODES)}")
         if self.backend not in ("auto", "torch", "onnxruntime"):
             raise GenerateError(f"--backend {self.backend}: choose torch or onnxruntime")
-        if self.guess_mode and not self.controlnets:
-            raise GenerateError("--guess-mode applies to ControlNets: give --controlnet and --control-image too")
         from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
@@ -237,7 +234,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.controlnets:
         from difftrain.generate.controlnet import infotext_units
 
-        params.update(infotext_units(options.controlnets, options.guess_mode, width, height))
+        params.update(infotext_units(options.controlnets, width, height))
     return params
 
 
@@ -247,7 +244,6 @@ class Controls:
     units: list[ControlUnit]
     nets: list
     images: list[Image.Image]
-    guess_mode: bool = False
 
 
 def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Image.Image | None = None,
@@ -273,8 +269,7 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
         from difftrain.models.control import control_pipeline
 
         runner = control_pipeline(runner, controls.nets, init is not None)
-        extra.update(pipeline_arguments(controls.units, controls.images, controls.guess_mode, init is not None,
-                                        controls.nets))
+        extra.update(pipeline_arguments(controls.units, controls.images, init is not None, controls.nets))
     return runner, extra
 
 
@@ -343,7 +338,7 @@ class Drawer:
                                                                  located.folder, located.source)
             nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
             images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
-            controls = Controls(options.controlnets, nets, images, options.guess_mode)
+            controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,
                                                   strength=options.strength, controls=controls)
         if controls is not None:

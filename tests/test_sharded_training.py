@@ -56,8 +56,8 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
     runs follow one another and the engines run side by side, which keeps both cores busy to the end.
     max_grad_norm 0.05 is below this model's early gradient norms, so every engine's clipping takes part."""
     tmp = tmp_path_factory.mktemp("parallel")
-    sections = dict(training={"max_steps": 4, "ema": {"decay": 0.9}, "max_grad_norm": 0.05},
-                    checkpoint={"every_steps": 2})
+    sections = dict(training={"max_steps": 4, "ema": {"decay": 0.9}, "max_grad_norm": 0.05, "batch_size": 2,
+                              "gradient_accumulation_steps": 2}, checkpoint={"every_steps": 2})
     config = lambda name: sd_config(tmp, shapes_dir, tiny_sd, name, **sections)  # noqa: E731
     halfway, resume = ("--set", "training.max_steps=2"), ("--resume", "latest")
     resumed = {"fsdp": config("fsdp-halves"), "zero2": config("zero2"), "zero3": config("zero3")}
@@ -267,9 +267,9 @@ def test_a_data_parallel_checkpoint_resumes_in_another_number_of_processes(runs,
                  "training.max_steps=6", "--resume", str(tmp_path / "ddp/checkpoints/step-00000004")]) == 0
     out = capsys.readouterr().out
     assert "written by 2 process(es) and this run has 1: each step now trains on 4 images (was 8)" in out
-    assert "(epoch 1, batch 2 of 6 a process)" in out and "run finished at step 6/6" in out
+    assert "(epoch 1, batch 4 of 12 a process)" in out and "run finished at step 6/6" in out
     state = json.loads((tmp_path / "ddp/checkpoints/step-00000006/state.json").read_text())
-    assert state["world_size"] == 1 and state["position"] == {"epoch": 1, "batch": 4}
+    assert state["world_size"] == 1 and state["position"] == {"epoch": 1, "batch": 8}
 
 
 def test_a_signal_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(runs):

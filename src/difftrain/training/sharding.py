@@ -41,11 +41,15 @@ class ShardingError(DifftrainError):
     pass
 
 
+def launch_asks_for_fsdp() -> bool:
+    """What `accelerate launch` with an FSDP config exported, readable before the Accelerator is built."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """Run FSDP on CPU processes (gloo) when the launch asked for it; accelerate would silently not."""
     state = AcceleratorState()
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
+    if not launch_asks_for_fsdp() or state.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
     if accelerator.mixed_precision != "no":
@@ -63,7 +67,7 @@ def check_launch() -> None:
     `prepare`; only accelerate's FSDP 2 path points it at the new parameters), so nothing would train.
     The checkpoints and rank 0's whole copies here are FSDP 2's (DTensor) too."""
     version = os.environ.get("FSDP_VERSION", "1")  # what `accelerate launch` exports, and the plugin reads
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2":
+    if launch_asks_for_fsdp() and version != "2":
         raise ShardingError(f"FSDP: this launch asks for fsdp_version {version} (accelerate's default when the config "
                             "names none); difftrain shards with FSDP 2: set fsdp_version: 2 in the accelerate "
                             "config's fsdp_config (configs/accelerate/fsdp_*.yaml do)")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_dir, recover_dirs, write_text
@@ -106,7 +106,10 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(config.training, self._checkpoint_precision(resume)),
-            gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+            # Under FSDP each micro-batch's gradients are reduce-scattered at once: skipping the sync between
+            # optimizer steps (as for DDP) would leave every process holding whole, unsharded gradients.
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.training.gradient_accumulation_steps, sync_each_batch=sharding.launch_asks_for_fsdp()),
             log_with="tensorboard" if config.log.tensorboard else None,
             project_dir=str(self.run_dir),
             # Without this, accelerate ignores a torchrun/`accelerate launch --multi_gpu` world

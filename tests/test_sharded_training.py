@@ -386,3 +386,19 @@ def test_a_deepspeed_launch_without_deepspeed_names_the_extra(make_config, monke
     monkeypatch.setitem(__import__("sys").modules, "deepspeed", None)  # as if not installed
     assert main(["train", str(make_config())]) == 2
     assert "deepspeed is not installed: pip install -e '.[deepspeed]'" in capsys.readouterr().err
+
+
+def test_fsdp_under_half_precision_reduces_gradients_in_fp32():
+    """accelerate's FSDP policy for bf16 reduce-scatters in bf16; DDP reduces fp32 gradients. The weights are
+    still gathered and computed in bf16. (A bf16 FSDP launch on 2 CPU processes trained with it, by hand.)"""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from difftrain.training.sharding import reduce_in_fp32
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's own
+    reduce_in_fp32(SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin)))
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
+                                                                             torch.bfloat16)

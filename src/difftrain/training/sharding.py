@@ -46,6 +46,21 @@ def launch_asks_for_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def reduce_in_fp32(accelerator: Accelerator) -> None:
+    """Under FSDP with bf16 or fp16, reduce-scatter gradients in fp32, as DDP reduces them: accelerate's policy
+    reduces in the half type, where eight bits of mantissa (bf16) lose the small gradients of a large sum.
+    The weights are still gathered and computed in the half type; only the gradient traffic doubles."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if not is_sharded(accelerator) or policy is None or getattr(policy, "reduce_dtype", None) in (None, torch.float32):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
+        cast_forward_inputs=policy.cast_forward_inputs)
+
+
 def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """Run FSDP on CPU processes (gloo) when the launch asked for it; accelerate would silently not."""
     state = AcceleratorState()

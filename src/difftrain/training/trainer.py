@@ -125,6 +125,7 @@ class Trainer:
         sharding.honour_fsdp_on_cpu(self.accelerator)
         zero.honour_on_cpu(self.accelerator)
         self.sharded = sharding.is_sharded(self.accelerator)
+        sharding.reduce_in_fp32(self.accelerator)
         # Before any model loads: DeepSpeed's batch, accumulation and clipping follow the run config.
         self.zero_stage = zero.configure(self.accelerator, config) if zero.is_zero(self.accelerator) else 0
         # The weights themselves are split: every process takes part in gathering them for samples and saves.

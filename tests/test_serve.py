@@ -54,6 +54,8 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
               root / "embeddings" / "shiny.safetensors")  # A1111's layout: the token is the file name
     save_file({"emb_params": torch.randn(1, 48)}, root / "embeddings" / "wide.safetensors")
+    # Its token is one "shiny" brings (shiny, shiny_1): diffusers refuses it, and the model must still load.
+    save_file({"emb_params": torch.randn(1, 32)}, root / "embeddings" / "shiny_1.safetensors")
     settings = ServeSettings(models=[str(tiny_sd), str(other), str(lora_run)], lora_dir=str(root / "loras"),
                              controlnet_dir=str(root / "controlnets"), embeddings_dir=str(root / "embeddings"),
                              limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
@@ -132,6 +134,19 @@ def test_webuiapi_img2img_samplers_models_and_loras(server):
     assert not np.array_equal(np.asarray(plain), np.asarray(tagged))  # the LoRA acts ...
     assert np.array_equal(np.asarray(plain), np.asarray(again))  # ... and only on the request that names it
     assert "<lora:shapes:1>" in tagged.info["parameters"]
+    # A LoRA file written again (a new epoch under its name) is loaded again, as A1111 does: zeroed, it draws
+    # the plain image; restored, the tagged one.
+    from safetensors.torch import load_file, save_file
+
+    file = Path(server.app.state.engine.lora_dir) / "shapes.safetensors"
+    original = file.read_bytes()
+    save_file({key: torch.zeros_like(value) for key, value in load_file(file).items()}, file)
+    os.utime(file, ns=(10**18, 10**18))
+    zeroed = api.txt2img(prompt="a red circle <lora:shapes:1>", seed=3, width=64, height=64).image
+    file.write_bytes(original)
+    assert np.array_equal(np.asarray(zeroed), np.asarray(plain))
+    restored = api.txt2img(prompt="a red circle <lora:shapes:1>", seed=3, width=64, height=64).image
+    assert np.array_equal(np.asarray(restored), np.asarray(tagged))
     # A LoRA run keeps its own adapter under a prompt LoRA, and after it.
     run = {"override_settings": {"sd_model_checkpoint": "run"}, "seed": 3, "width": 64, "height": 64}
     own = api.txt2img(prompt="a red circle", **run).image
@@ -147,6 +162,7 @@ def test_embeddings_of_the_folder_that_fit_are_loaded_as_generate_loads_them(ser
 
     listed = requests.get(f"{server.url}/sdapi/v1/embeddings").json()
     assert listed["loaded"]["shiny"]["vectors"] == 2 and "48-wide" in listed["skipped"]["wide"]
+    assert "diffusers did not load it" in listed["skipped"]["shiny_1"]
     served = client(server).txt2img(prompt="a shiny circle", seed=4, width=64, height=64).image
     folder = Path(server.app.state.engine.embeddings_dir)
     options = dict(prompt="a shiny circle", steps=3, scheduler="Euler a", seed=4, width=64, height=64)
@@ -250,7 +266,7 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
     body = b'{"prompt": "abandoned", "seed": 2, "width": 128, "height": 128, "steps": 40, "n_iter": 3}'
     host, port = server.url.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline, job = time.time() + 60, None
         while time.time() < deadline:  # (a job of an earlier test may still run first)
@@ -319,6 +335,30 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
     assert refused.status_code == 422 and "exceeds" in refused.json()["detail"]
 
 
+def test_a_loopback_server_answers_its_own_names_and_reads_requests_as_a1111_does(server):
+    # DNS rebinding (another name pointed at 127.0.0.1) and posts from other sites' pages are refused.
+    rebound = requests.get(f"{server.url}/sdapi/v1/options", headers={"Host": "rebound.example:7860"})
+    assert rebound.status_code == 421 and "answers only 127.0.0.1" in rebound.json()["detail"]
+    for origin, status in (("https://evil.example", 403), ("null", 403), (server.url, 200)):
+        answer = requests.post(f"{server.url}/sdapi/v1/interrupt", headers={"Origin": origin})
+        assert answer.status_code == status, (origin, answer.text)
+    # null is "the default" (A1111 declares every field optional); no scheduler is Automatic, and a schedule
+    # in the sampler's name wins over the scheduler field.
+    body = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "seed": 2, "sampler_name": "DPM++ 2M"}
+    drawn = {}
+    for name, extra in (("nulls", {"negative_prompt": None, "override_settings": None, "alwayson_scripts": None}),
+                        ("karras", {"scheduler": "Karras"}), ("named", {"sampler_name": "DPM++ 2M Karras",
+                                                                         "scheduler": "Karras"}),
+                        ("uniform", {"scheduler": "Uniform"})):
+        answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**body, **extra})
+        assert answer.status_code == 200, (name, answer.text)
+        drawn[name] = answer.json()["images"][0]
+    assert drawn["nulls"] == drawn["karras"] == drawn["named"] != drawn["uniform"]
+    # Our job API names the field a request got wrong.
+    job = requests.post(f"{server.url}/v1/jobs", json={"request": {"width": "wide"}})
+    assert job.status_code == 422 and job.json()["field"] == "request.width", job.text
+
+
 def test_png_info_reads_the_file_as_sent_and_wrapped_base64(server):
     from difftrain.generate.infotext import png_bytes
     from difftrain.serve.requests import Limits, Txt2ImgRequest
@@ -329,7 +369,7 @@ def test_png_info_reads_the_file_as_sent_and_wrapped_base64(server):
     assert Image.open(io.BytesIO(sent)).mode == "RGBA"
     answer = requests.post(f"{server.url}/sdapi/v1/png-info", json={"image": base64.encodebytes(sent).decode()})
     assert answer.status_code == 200 and answer.json()["info"] == text  # line-wrapped base64, an RGBA PNG
-    assert answer.json()["parameters"]["Seed"] == "7"
+    assert answer.json()["parameters"]["Seed"] == "7" and answer.json()["items"] == {}  # A1111 keeps it out of items
     large = io.BytesIO()
     Image.new("L", (5000, 4000)).save(large, "PNG")  # 20 MP: its text is read only by decoding it
     refused = requests.post(f"{server.url}/sdapi/v1/png-info",

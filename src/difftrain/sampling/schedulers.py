@@ -187,9 +187,11 @@ def resolve_name(name: str, schedule_type: str | None = None) -> str:
             "(or their display names, e.g. 'DPM++ 2M Karras', in any case; see --list-schedulers)"
         )
     short = _BY_KEY[key]
-    if schedule_type is None or _key(schedule_type) == "uniform":
-        return short
     display = DISPLAY_NAMES[short]
+    # A schedule in the sampler's own name wins over the schedule type, as in A1111 ("DPM++ 2M Karras", "Karras").
+    if schedule_type is None or _key(schedule_type) == "uniform" or display.endswith(tuple(
+            f" {schedule}" for schedule in _SCHEDULE_SETTINGS)):
+        return short
     schedule = _key(schedule_type).title()
     if schedule == "Automatic":
         schedule = _AUTOMATIC_SCHEDULE.get(display)

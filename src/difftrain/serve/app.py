@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +31,25 @@ from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits,
     check_clip_skip, decode_base64
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _loopback_name(host_and_port: str) -> bool:
+    """Whether a Host header or an Origin's host ("127.0.0.1:7860", "[::1]:7860", "localhost") names loopback."""
+    host = host_and_port.rsplit("]", 1)[0].lstrip("[") if host_and_port.startswith("[") else host_and_port.split(":")[0]
+    return host.lower() in LOOPBACK
+
+
+def _refuse_other_sites(request: Request) -> None:
+    """A server on loopback answers loopback names only. A web page the user opens elsewhere can still reach
+    it: through a name of its own that it re-points at 127.0.0.1 (DNS rebinding: the Host header gives it
+    away) or by posting across sites (its Origin does), to queue jobs, read results or interrupt them."""
+    if not _loopback_name(request.headers.get("host", "")):
+        raise StarletteHTTPException(421, "this server listens on loopback and answers only 127.0.0.1, localhost "
+                                          "or [::1] as its host name")
+    origin = request.headers.get("origin")
+    if origin and not _loopback_name(origin.partition("://")[2]):  # ("null": a sandboxed or local file page)
+        raise StarletteHTTPException(403, f"a request from the web page of {origin} is refused: this server on "
+                                          "loopback answers its own page and local clients")
 
 
 @dataclass
@@ -59,6 +79,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     def authorised(request: Request) -> None:
+        if settings.host in LOOPBACK:
+            _refuse_other_sites(request)
         if not settings.protected:
             return
         header = request.headers.get("authorization", "")
@@ -187,8 +209,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         model = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
         try:
             parsed = model.model_validate(body.get("request", {}))
-        except ValueError as reason:
-            raise RequestError("request", str(reason).splitlines()[0]) from None
+        except ValidationError as reason:
+            error = reason.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise RequestError(f"request.{field}" if field else "request", f"{field or 'request'}: {error['msg']}") from None
         job = _submit(queue, engine, kind, parsed, settings.limits)
         return _job_view(queue, job)
 
@@ -291,7 +315,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict):
         from difftrain.data.images import BadImage, image_size_from_bytes
-        from difftrain.generate.infotext import PARAMETERS_KEY, InfotextError, parse_infotext, read_png_infotext
+        from difftrain.generate.infotext import InfotextError, parse_infotext, read_png_infotext
 
         data = decode_base64(str(body.get("image", "")), "image")
         try:
@@ -307,7 +331,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         if not text:
             return {"info": "", "items": {}, "parameters": {}}
         prompt, negative, params = parse_infotext(text)
-        return {"info": text, "items": {PARAMETERS_KEY: text},
+        return {"info": text, "items": {},  # A1111 lists the PNG's other text chunks there, not its parameters
                 "parameters": {"Prompt": prompt, "Negative prompt": negative, **params}}
 
     @app.get("/v1/stats")

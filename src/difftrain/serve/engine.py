@@ -13,6 +13,7 @@ import inspect
 
 import hashlib
 import json
+import os
 import random
 import threading
 import time
@@ -38,7 +39,9 @@ class ServedModel:
     spec: str  # what the user gave: a run folder, a model folder, a single file
     located: object  # generate.loader.Located
     pipe: object = None  # loaded on first use
-    loras: dict[str, str] = field(default_factory=dict)  # prompt LoRA file -> adapter name, loaded into `pipe`
+    # Prompt LoRA file -> (adapter name, the file's mtime when loaded), loaded into `pipe`, least recently used first.
+    loras: OrderedDict[str, tuple[str, int]] = field(default_factory=OrderedDict)
+    adapters_loaded: int = 0  # prompt adapters ever loaded into `pipe`: each gets a name of its own
     # The model's own adapters (a LoRA run's), loaded with it: active in every request.
     own_adapters: list[str] = field(default_factory=list)
     own_weights: list[float] = field(default_factory=list)
@@ -72,7 +75,6 @@ class Prepared:
     model: ServedModel
     scheduler: str  # the sampler's name, resolved
     prompt: str  # without its <lora:...> tags
-    lora_tags: tuple  # the tags (name, weight): part of the prompt cache's key
     loras: list[tuple[Path, float]]  # the tags' files in the LoRA folder
     units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
     unit_images: list  # ... and their images as sent (each unit carries its control mode)
@@ -169,7 +171,7 @@ class Engine:
 
     def _unload(self, model: ServedModel) -> None:
         """Let a model go (a job drawing with it keeps its own reference until it ends); loaded again when asked."""
-        model.pipe, model.loras, model.embeddings = None, {}, {"loaded": {}, "skipped": {}}
+        model.pipe, model.loras, model.embeddings = None, OrderedDict(), {"loaded": {}, "skipped": {}}
         for key in [key for key in self.nets if key[0] == model.title]:
             del self.nets[key]
         release_device_memory()
@@ -197,7 +199,11 @@ class Engine:
                 model.embeddings["skipped"][path.stem] = (f"{vectors.shape[-1]}-wide vectors, this model's text "
                                                           f"encoder is {width} wide")
                 continue
-            pipe.load_textual_inversion(str(path), token=token or path.stem)
+            try:
+                pipe.load_textual_inversion(str(path), token=token or path.stem)
+            except (ValueError, RuntimeError) as reason:  # e.g. a token the vocabulary has (a TI run's own)
+                model.embeddings["skipped"][path.stem] = f"diffusers did not load it: {reason}"
+                continue
             model.embeddings["loaded"][path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                                      "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
 
@@ -231,7 +237,7 @@ class Engine:
                                          "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
         units, images = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
-        return Prepared(model, scheduler, prompt, tuple(tags), loras, units, images, init)
+        return Prepared(model, scheduler, prompt, loras, units, images, init)
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -241,8 +247,8 @@ class Engine:
     def _scheduler_name(request: Txt2ImgRequest) -> str:
         from difftrain.sampling.schedulers import resolve_name
 
-        try:
-            return resolve_name(request.sampler, request.scheduler)
+        try:  # A1111 1.9+ reads a request without a scheduler as Automatic (Karras for DPM++ 2M)
+            return resolve_name(request.sampler, request.scheduler or "Automatic")
         except DifftrainError as reason:
             raise RequestError("sampler_name", str(reason)) from None
 
@@ -269,11 +275,12 @@ class Engine:
             scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))
         except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
             raise RequestError("sampler_name", str(reason)) from None
-        self._activate_loras(model, pipe, prepared.loras)
+        adapters = self._activate_loras(model, pipe, prepared.loras)
         clip_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
                      or model.own_clip_skip)
-        # A prompt LoRA may change the text encoder, so the LoRA tags are part of the key.
-        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, prepared.lora_tags)
+        # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
+        # new one) and their weights are part of the key.
+        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters)
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
@@ -345,27 +352,42 @@ class Engine:
         return [conditioning_image(unit, request.width, request.height, image)
                 for unit, image in zip(prepared.units, prepared.unit_images)]
 
-    def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> None:
-        """The model's own adapters plus the prompt's LoRA files (found by precheck in the LoRA folder);
-        a prompt LoRA acts in the request that names it and no other."""
+    def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> tuple:
+        """The model's own adapters plus the prompt's LoRA files (found by precheck in the LoRA folder); a prompt
+        LoRA acts in the request that names it and no other. A file written again since it was loaded (a new
+        epoch under the same name) is loaded again, as A1111 does; beyond MAX_PROMPT_LORAS the least recently
+        used is let go, so a client walking through a folder of LoRAs does not fill the device.
+        Returns the (adapter, weight) pairs now active."""
         from difftrain.models.lora_files import load_lora_adapter
 
         names, weights = list(model.own_adapters), list(model.own_weights)
         for file, weight in loras:
             path = str(file)
-            if path not in model.loras:
-                adapter = f"prompt-lora{len(model.loras)}"  # apart from the model's own lora0, lora1, ...
+            stamp = os.stat(path).st_mtime_ns
+            adapter, loaded_at = model.loras.get(path, (None, None))
+            if loaded_at != stamp:
+                if adapter is not None:
+                    pipe.delete_adapters(adapter)
+                adapter = f"prompt-lora{model.adapters_loaded}"  # apart from the model's own lora0, lora1, ...
+                model.adapters_loaded += 1
                 load_lora_adapter(pipe, path, adapter)
-                model.loras[path] = adapter
-            names.append(model.loras[path])
+                model.loras[path] = (adapter, stamp)
+            model.loras.move_to_end(path)
+            names.append(adapter)
             weights.append(weight)
-        if not model.loras:
-            return  # only the model's own adapters exist, set when it was loaded
-        if names:
-            pipe.enable_lora()
-            pipe.set_adapters(names, adapter_weights=weights)
-        else:
-            pipe.disable_lora()
+        wanted = {str(file) for file, _ in loras}
+        for path in [p for p in model.loras if p not in wanted][:max(0, len(model.loras) - MAX_PROMPT_LORAS)]:
+            pipe.delete_adapters(model.loras.pop(path)[0])
+        if model.loras or model.adapters_loaded:
+            if names:
+                pipe.enable_lora()
+                pipe.set_adapters(names, adapter_weights=weights)
+            else:
+                pipe.disable_lora()
+        return tuple(zip(names, weights))
+
+
+MAX_PROMPT_LORAS = 16  # prompt LoRAs kept loaded in a model, least recently used let go beyond
 
 
 def _lora_file(files: dict[str, Path], name: str) -> Path:

@@ -13,7 +13,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difftrain.errors import DifftrainError
 
@@ -63,6 +63,12 @@ class Txt2ImgRequest(BaseModel):
     subseed_strength: float = 0.0
     script_name: Optional[str] = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet units only (serve/control.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body: Any) -> Any:
+        """A1111 declares every field optional, so clients send `"seed": null` for "the default"."""
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
     def check(self, limits: Limits) -> None:
         for field, value, top in (("width", self.width, limits.max_width), ("height", self.height, limits.max_height)):

@@ -92,3 +92,17 @@ def test_precision_and_recall_of_same_and_disjoint_sets():
     corner = reference[(reference[:, 0] > 0) & (reference[:, 1] > 0)]
     half = precision_recall(corner, reference)
     assert half["precision"] > 0.9 and half["recall"] < 0.5
+
+
+def test_precision_and_recall_in_row_blocks_equal_the_whole_matrices(monkeypatch):
+    """Blocks of rows keep memory at PRC_ROWS x N (a 50k reference's whole matrix is 10 GB)."""
+    import difftrain.evaluate.metrics as metrics
+
+    generated = torch.randn(150, 8, generator=torch.Generator().manual_seed(5))
+    reference = torch.randn(230, 8, generator=torch.Generator().manual_seed(6)) * 1.3
+    radius_g = torch.cdist(generated, generated).kthvalue(4, dim=1).values
+    radius_r = torch.cdist(reference, reference).kthvalue(4, dim=1).values
+    whole = {"recall": (torch.cdist(reference, generated) <= radius_g).any(dim=1).float().mean().item(),
+             "precision": (torch.cdist(generated, reference) <= radius_r).any(dim=1).float().mean().item(), "k": 3}
+    monkeypatch.setattr(metrics, "PRC_ROWS", 17)
+    assert precision_recall(generated, reference) == whole and 0 < whole["precision"] < 1 and 0 < whole["recall"] < 1

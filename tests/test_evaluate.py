@@ -233,6 +233,11 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     c = json.loads((tmp_path / "c" / "eval.json").read_text())
     assert c["metrics"]["fid"] == pytest.approx(a["fid"], rel=1e-6) and "kid" not in c["metrics"]
     assert any("mu and sigma only" in w for w in c["warnings"])
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))  # another network's features
+    capsys.readouterr()
+    assert main(["eval", str(generated), "--reference", str(tmp_path / "small.npz"), "--out", str(tmp_path / "s"),
+                 *common]) == 2
+    assert "are not statistics of InceptionV3's 2048-d pool features" in capsys.readouterr().err
     # statistics at another size, or from other Inception weights, do not compare: refused
     capsys.readouterr()
     assert main(["eval", str(generated), "--reference", str(stats), "--size", "64", "--out", str(tmp_path / "d"),

@@ -177,13 +177,20 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
                  str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "lists CUDAExecutionProvider but could not start it" in err and "--provider-fallback" in err
-    from difftrain.models.onnx import load_onnx_pipeline
+    from difftrain.models.onnx import OnnxError, load_onnx_pipeline
 
-    assert load_onnx_pipeline(onnx_model, "auto").onnx_providers == ["CPUExecutionProvider"]  # what runs, said
+    loaded = load_onnx_pipeline(onnx_model, "auto")
+    assert loaded.onnx_providers == ["CPUExecutionProvider"]  # what runs, said
     assert "could not start CUDAExecutionProvider: running on CPUExecutionProvider" in capsys.readouterr().err
+    # Traced at a latent its upsampler halves evenly, the graph has no path for an odd one, which torch's UNet
+    # takes (SD at 520 px: a 65-latent side); refused by name, not by ONNX Runtime's shape error.
+    with pytest.raises(OnnxError, match="latents whose sides are multiples of 2 only, and this one is 9x8"):
+        loaded.unet(torch.zeros(1, 4, 8, 9), 1, torch.zeros(1, 77, 32))
     monkeypatch.undo()
     assert main(["export", str(tiny_sd), str(onnx_model), "--no-progress"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["export", str(onnx_model), str(tmp_path / "again"), "--no-progress"]) == 2
+    assert "already an ONNX export; export again from the torch model" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
     assert main(["export", str(tiny_sd), str(tmp_path / "none"), "--no-progress"]) == 2
     assert "pip install 'difftrain[onnx]'" in capsys.readouterr().err
@@ -221,6 +228,11 @@ def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(
     assert main(["export", str(tiny_sd), str(tmp_path / "fp16"), "--precision", "fp16", "--no-progress"]) == 0
     unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
     assert {i.data_type for i in unet.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    # The timestep's sinusoidal embedding stays fp32, as torch's fp16 UNet computes it.
+    inferred = onnx.shape_inference.infer_shapes(unet)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    waves = [node for node in unet.graph.node if "/time_proj/" in node.name and node.op_type in ("Sin", "Cos")]
+    assert waves and {types[node.input[0]] for node in waves} == {onnx.TensorProto.FLOAT}
     assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
 
 

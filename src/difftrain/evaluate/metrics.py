@@ -113,9 +113,23 @@ def precision_recall(generated: torch.Tensor, reference: torch.Tensor, k: int = 
     generated, reference = generated.float(), reference.float()
     if min(len(generated), len(reference)) <= k:
         raise ValueError(f"precision/recall need more than k = {k} images on each side")
-    radius_generated = torch.cdist(generated, generated).kthvalue(k + 1, dim=1).values
-    radius_reference = torch.cdist(reference, reference).kthvalue(k + 1, dim=1).values
-    reference_to_generated = torch.cdist(reference, generated)
-    recall = (reference_to_generated <= radius_generated).any(dim=1).float().mean().item()
-    precision = (reference_to_generated.T <= radius_reference).any(dim=1).float().mean().item()
+    radius_generated, radius_reference = _kth_radius(generated, k), _kth_radius(reference, k)
+    recall = _share_inside(reference, generated, radius_generated)
+    precision = _share_inside(generated, reference, radius_reference)
     return {"precision": precision, "recall": recall, "k": k}
+
+
+PRC_ROWS = 10_000  # rows of a distance matrix at a time, as torch-fidelity: a 50k x 50k one would be 10 GB
+
+
+def _kth_radius(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point (itself is the first)."""
+    return torch.cat([torch.cdist(points[i:i + PRC_ROWS], points).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(points), PRC_ROWS)])
+
+
+def _share_inside(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor) -> float:
+    """The share of `points` within `radius` of some centre."""
+    inside = torch.cat([(torch.cdist(points[i:i + PRC_ROWS], centres) <= radius).any(dim=1)
+                        for i in range(0, len(points), PRC_ROWS)])
+    return inside.float().mean().item()

@@ -176,6 +176,9 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
             if "mu" not in data or "sigma" not in data:
                 raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        if mu.shape != (2048,) or sigma.shape != (2048, 2048):  # InceptionV3's pool features, as FID's tools save
+            raise EvalError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of InceptionV3's "
+                            "2048-d pool features (mu (2048,), sigma (2048, 2048)); another network's cannot compare")
         stats = Statistics(mu, sigma, 0)  # the count is unknown: such files do not record it
         return Reference(None, stats, f"{path} (mu/sigma from another tool; weights unverified)", [], True, None)
     from safetensors import safe_open

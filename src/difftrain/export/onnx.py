@@ -88,6 +88,11 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
         pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
     if pipe.manifest.kind == "unconditional":
         raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
+    if pipe.manifest.kind == "onnx":  # traced through ONNX Runtime, every output would be a constant
+        raise ExportError(f"{source}: already an ONNX export; export again from the torch model it came from")
+    if pipe.unet.config.get("time_cond_proj_dim") is not None:
+        raise ExportError(f"{source}: its UNet takes a guidance embedding (time_cond_proj_dim, an LCM-distilled "
+                          "model), which the exported graph has no input for; draw it with the torch model")
     if getattr(pipe.unet, "peft_config", None) or getattr(pipe.text_encoder, "peft_config", None):
         pipe.fuse_lora(lora_scale=options.lora_scale)  # x the adapters' own weights (the manifest's and --lora's)
         pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
@@ -278,7 +283,13 @@ def _to_fp16(path: Path) -> None:
 
     # Given the path, it infers shapes with infer_shapes_path: infer_shapes on a loaded model serialises it whole,
     # past protobuf's 2 GB for SD 1.5's fp32 UNet (3.4 GB).
-    model = convert_float_to_float16(str(path), keep_io_types=True)
+    # The sinusoidal timestep embedding stays fp32, as torch's fp16 UNet computes it: sin and cos of t x 10^-k
+    # in fp16 are off by up to 0.3 near t = 1000.
+    import onnx
+
+    names = [node.name for node in onnx.load(str(path), load_external_data=False).graph.node]
+    model = convert_float_to_float16(str(path), keep_io_types=True,
+                                     node_block_list=[name for name in names if "/time_proj/" in name])
     # The fp32 weights file goes: loaded into `model` now, and the fp16 UNet (1.7 GB) is saved inline, which
     # would leave it behind; a model still past 2 GB would be appended to it.
     (path.parent / "model.onnx_data").unlink(missing_ok=True)

@@ -148,6 +148,14 @@ class OnnxUNet(_Part):
                 return_dict: bool = True, **_):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        # Traced at a latent every upsampler halves evenly, the graph has no odd-size path (diffusers' UNet picks
+        # its upsampling size in Python at run time): ONNX Runtime would fail deep inside with mismatched shapes.
+        cell = 2 ** (len(self.config["block_out_channels"]) - 1)
+        if sample.shape[2] % cell or sample.shape[3] % cell:
+            raise OnnxError(f"{self.folder}: an ONNX UNet draws latents whose sides are multiples of {cell} only, "
+                            f"and this one is {sample.shape[3]}x{sample.shape[2]}: give a width and height that make "
+                            f"them so (multiples of {cell * 8} px with Stable Diffusion's VAE, e.g. 512, 576, 640), "
+                            "or use the torch model")
         timestep = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
         feed = {"sample": sample.float(), "timestep": timestep.contiguous(),
                 "encoder_hidden_states": encoder_hidden_states.float()}

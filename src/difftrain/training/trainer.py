@@ -560,7 +560,9 @@ class Trainer:
                     self.store.keep_step = self.step
         if self.main:
             self.evaluation.record(values, self.accelerator)
-            shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity") if k in values}
+            # (an LPIPS diversity of prompts drawn once each is None: no pair to compare)
+            shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity")
+                     if values.get(k) is not None}
             bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
                       + f" ({values['seconds']:.0f} s)" + (" - best so far, saved to model-best/" if values["best"] else ""))
         if self.accelerator.num_processes > 1:

@@ -274,11 +274,12 @@ def test_a_record_that_breaks_at_decode_is_read_as_its_stand_in_in_its_own_bucke
     wide = io.BytesIO()
     noise_image(256, 64, 9).save(wide, "JPEG", quality=95)
     (root / "3.jpg").write_bytes(wide.getvalue()[: len(wide.getvalue()) // 2])  # the header survives
+    # First: the records after it in the walk are of another size, which its stand-in must not take.
     (root / "list.jsonl").write_text("".join(json.dumps({"image": name, "caption": f"caption {name}"}) + "\n"
-                                            for name in ("0.png", "1.png", "2.png", "3.jpg")))
+                                            for name in ("3.jpg", "0.png", "1.png", "2.png")))
     source = open_source("jsonl", root / "list.jsonl", progress=False)
     assert len(source) == 4  # jsonl sources check headers only
-    sizes = {0: (16, 16), 1: (16, 16), 2: (16, 16), 3: (32, 8)}
+    sizes = {0: (32, 8), 1: (16, 16), 2: (16, 16), 3: (16, 16)}
 
     def cached() -> tuple[ImageDataset, dict]:
         data = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
@@ -289,7 +290,7 @@ def test_a_record_that_breaks_at_decode_is_read_as_its_stand_in_in_its_own_bucke
     data, counts = cached()
     assert counts["skipped"] == 1 and counts["latents computed"] == 4  # three own, one stand-in at 32 x 8
     uncached = ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000, buckets=sizes.get)
-    item, plain = data[(0, 0, 3)], uncached[(0, 0, 3)]
+    item, plain = data[(0, 0, 0)], uncached[(0, 0, 0)]
     assert item["latent_mean"].shape == (3, 8, 32)  # its own bucket's size
     assert torch.equal(item["latent_mean"], plain["pixel_values"]) and item["caption"] == plain["caption"]
     assert item["caption"] == "caption 0.png" and item["skipped"] == plain["skipped"] == 1
@@ -297,10 +298,10 @@ def test_a_record_that_breaks_at_decode_is_read_as_its_stand_in_in_its_own_bucke
     (root / "3.jpg").write_bytes(wide.getvalue())  # mended: its own latent, not the stand-in's, from now on
     source = open_source("jsonl", root / "list.jsonl", progress=False)
     data, counts = cached()
-    assert counts["latents computed"] == 1 and data[(0, 0, 3)]["caption"] == "caption 3.jpg"
-    assert torch.equal(data[(0, 0, 3)]["latent_mean"],
+    assert counts["latents computed"] == 1 and data[(0, 0, 0)]["caption"] == "caption 3.jpg"
+    assert torch.equal(data[(0, 0, 0)]["latent_mean"],
                        ImageDataset(source, 16, "center", False, seed=3, max_pixels=64_000_000,
-                                    buckets=sizes.get)[(0, 0, 3)]["pixel_values"])
+                                    buckets=sizes.get)[(0, 0, 0)]["pixel_values"])
 
 
 def test_images_waiting_for_the_encoder_stay_within_a_budget_whatever_the_buckets(tmp_path, monkeypatch):

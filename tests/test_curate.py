@@ -8,6 +8,7 @@ layout with random weights, checked against the same arithmetic done by hand.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -280,6 +281,8 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
         (["--aesthetic", str(tmp_path / "none.pth"), "--aesthetic-min", "5", "--clip", str(tmp_path)], "no such file"),
         (["--min-size", "9999"], "every record was dropped (1 read, 52 size), nothing written to"),
         (["--clip-min", "28"], "--clip-min 28.0: a cosine of image and caption, in [-1, 1]"),
+        (["--batch-size", "0"], "--batch-size 0 / --per-shard 1000: give at least 1"),
+        (["--report", str(tmp_path / "out" / "report")], "its thumbnails would be read as training images"),
     ]
     for flags, message in cases:
         assert main(["data", "curate", str(messy), str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
@@ -462,3 +465,21 @@ def test_a_record_that_breaks_before_it_is_written_is_counted_not_written(messy,
     written = [path for path in (tmp_path / "out").iterdir() if path.suffix in (".png", ".jpg")]
     assert summary["dropped"]["read"] == 2 and summary["kept"] == len(written)  # the broken file and this one
     assert not (tmp_path / "out" / "000000.png").exists()
+    # A file rewritten between its measure and its write: not written with the other image's scores.
+    changed = {1: Image.new("RGB", (48, 48), (9, 200, 9))}
+
+    def read_changed(index):
+        reads[index] = reads.get(index, 0) + 1
+        record = plain_read(index)
+        if index in changed and reads[index] > 1:
+            replaced = io.BytesIO()
+            changed[index].save(replaced, "PNG")
+            record.data = replaced.getvalue()
+        return record
+
+    reads.clear()
+    source.read = read_changed
+    result = curate(source, tmp_path / "again", CurateOptions(cache_dir=tmp_path / "cache", progress=False))
+    dropped = {item.key: item.reason for item in result.items if item.step == "read"}
+    assert "changed since it was measured in this run" in dropped["000001.png"]
+    assert not (tmp_path / "again" / "000001.png").exists()

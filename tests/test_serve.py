@@ -359,6 +359,18 @@ def test_a_loopback_server_answers_its_own_names_and_reads_requests_as_a1111_doe
     assert job.status_code == 422 and job.json()["field"] == "request.width", job.text
 
 
+def test_a_name_a_proxy_keeps_is_answered_once_allowed(tiny_sd):  # noqa: F811
+    from difftrain.serve.app import ServeSettings
+
+    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], allowed_hosts=["Studio.lan"], port=0))
+    try:
+        for host, status in (("studio.lan:8080", 200), ("other.lan", 421), ("[::1]:7860", 200)):
+            answer = requests.get(f"{running.url}/sdapi/v1/options", headers={"Host": host})
+            assert answer.status_code == status, (host, answer.text)
+    finally:
+        running.stop()
+
+
 def test_png_info_reads_the_file_as_sent_and_wrapped_base64(server):
     from difftrain.generate.infotext import png_bytes
     from difftrain.serve.requests import Limits, Txt2ImgRequest

@@ -349,7 +349,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
                              lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
                              embeddings_dir=args.embeddings_dir, device=args.device,
-                             precision=args.precision, models_in_memory=args.models_in_memory, limits=limits)
+                             precision=args.precision, models_in_memory=args.models_in_memory, limits=limits,
+                             allowed_hosts=args.allow_host or [])
     app = create_app(settings)
     import uvicorn
 
@@ -685,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic credentials, as A1111's")
     serve.add_argument("--token", help="a bearer token accepted instead (Authorization: Bearer TOKEN)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without credentials")
+    serve.add_argument("--allow-host", action="append", metavar="NAME",
+                       help="on loopback, also answer this Host name (a reverse proxy that keeps the Host header); "
+                            "repeatable. Other names are refused (DNS rebinding)")
     serve.add_argument("--lora-dir", default="models/lora", help="where <lora:name:w> finds name.safetensors")
     serve.add_argument("--embeddings-dir", default="models/embeddings",
                        help="Textual Inversion embeddings (.safetensors) loaded into every served model they fit")

@@ -50,7 +50,8 @@ def embedding_groups(embeddings: np.ndarray, min_cosine: float, progress: bool =
     for start in tqdm(range(0, len(embeddings), _BLOCK), desc="similar images", unit="block",
                       disable=not progress or len(embeddings) <= _BLOCK, leave=False):
         block = embeddings[start:start + _BLOCK] @ embeddings[start:].T  # upper triangle of the matrix only
-        rows, columns = np.nonzero(block >= min_cosine)
+        # (an image's unit vector, rounded, can have a cosine of 0.99999994 with itself: 1.0 must still match)
+        rows, columns = np.nonzero(block >= min_cosine - 1e-6)
         for row, column in zip(rows.tolist(), columns.tolist()):
             if column > row:
                 links.join(start + row, start + column)

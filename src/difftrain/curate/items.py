@@ -63,6 +63,8 @@ class CurateOptions:
                               "usual; `difftrain eval` reports CLIP score as 100 x the cosine)")
         if not 0 < self.clip_duplicate <= 1:
             raise CurateError(f"--clip-duplicate {self.clip_duplicate}: a cosine, in (0, 1]")
+        if self.batch_size < 1 or self.per_shard < 1:
+            raise CurateError(f"--batch-size {self.batch_size} / --per-shard {self.per_shard}: give at least 1")
         if not 0 <= self.phash_distance <= 32:
             raise CurateError(f"--phash-distance {self.phash_distance}: give 0 to 32 bits (of 64)")
         if self.max_aspect is not None and self.max_aspect < 1:

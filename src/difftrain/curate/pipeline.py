@@ -68,20 +68,23 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions,
     """Curate `source` into `out`; None on an `accelerate launch` rank other than 0 (rank 0 writes).
     `inputs`: files the source was opened from (a jsonl list), which OUT must not hold either."""
     options.check()
-    if options.shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    out = Path(os.path.abspath(out))
+    final = options.shard is None
+    if final:  # before any work, on every process alike, so all of them stop together
+        _check_output(out, options.force, source, inputs, _report_dir(out, options))
+    if final and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        # cpu=True makes accelerate join a launched world over gloo; otherwise, with no GPU, each
-        # rank would run alone and all of them would write the output
-        state = PartialState(cpu=options.device == "cpu")
+        # cpu=True makes accelerate join a launched world over gloo; otherwise, with no GPU, each rank would run
+        # alone and all of them would write the output. Slices take unequal time (a re-run finds some cached):
+        # the barrier waits as long as the work may take, not the collectives' default 30 minutes.
+        state = PartialState(cpu=options.device == "cpu", timeout=timedelta(hours=48))
         curate(source, out, replace(options, shard=(state.process_index, state.num_processes)), inputs)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-    out = Path(os.path.abspath(out))
-    final = options.shard is None
-    if final:
-        _check_output(out, options.force, source, inputs)
     timer, cache = _Timer(), FeatureCache(options.cache_dir)
     try:
         features = _Features(source, cache, options, timer)
@@ -120,11 +123,16 @@ def _report_dir(out: Path, options: CurateOptions) -> Path:
     return Path(options.report_dir) if options.report_dir else out.with_name(out.name + "-report")
 
 
-def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple) -> None:
+def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple, report: Path) -> None:
     """Refuse, before any work, an OUT that is in use: the current folder or one above it, not empty without
-    --force, or holding the data being curated (--force would replace it with the output)."""
+    --force, or holding the data being curated (--force would replace it with the output); and a report
+    folder inside OUT (its contact sheets and histograms would become training images)."""
     if Path.cwd().is_relative_to(out):
         raise CurateError(f"{out} is the current folder or holds it; give OUT as a folder of its own")
+    report = Path(os.path.abspath(report))
+    if report.is_relative_to(out) or report.resolve().is_relative_to(out.resolve()):
+        raise CurateError(f"--report {report} is inside OUT {out}; its thumbnails would be read as training images "
+                          "(and the swap of OUT replaces it): give a folder outside OUT")
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
@@ -404,13 +412,28 @@ class _Features:
         batch = []
         for item in items:
             try:
-                batch.append((item, self.source.read(item.index).data))
+                batch.append((item, _measured_bytes(self.source, item)))
             except BadRecord as reason:
                 item.drop("read", str(reason))
         return batch
 
 
+def _measured_bytes(source: RecordSource, item: Item) -> bytes:
+    data = source.read(item.index).data
+    _check_unchanged(data, item)
+    return data
+
+
+def _check_unchanged(data: bytes, item: Item) -> None:
+    """A record read again must be the one measured: its scores, and the captions cached under its hash, are
+    those bytes'."""
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise BadRecord(f"{item.key}: changed since it was measured in this run; curate again to measure it")
+
+
 def _combine(captions: list[str], written: str, mode: str) -> list[str]:
+    if not written.strip():  # the captioner wrote nothing: the record keeps what it had
+        return captions
     if mode == "append" and captions:
         return [f"{c.rstrip().rstrip(',.')}, {written}" for c in captions]
     return captions if mode == "fill-missing" and captions else [written]
@@ -437,6 +460,7 @@ class _CuratedSource(RecordSource):
         item = self._kept[index]
         try:
             record = self._source.read(item.index)
+            _check_unchanged(record.data, item)
         except BadRecord as reason:  # gone or changed since it was measured: the writer skips it, the counts say so
             item.drop("read", str(reason))
             raise

@@ -320,8 +320,9 @@ class ImageDataset(Dataset):
             position, record, image, condition, _ = self._read(index)  # what the uncached path reads instead
             if conditions:
                 self.condition_hashes[position] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
+            size = self.target_size(index)  # the broken record's: its batch stacks latents of that size
             # (a read that failed in the walk may succeed now)
-            missing, missing_conditions = views(position, hashlib.sha256(record.data).digest(), self.target_size(index))
+            missing, missing_conditions = views(position, hashlib.sha256(record.data).digest(), size)
             queue_views(image, condition, size, missing, missing_conditions)
         for size in list(pending_images):
             flush_images(size, force=True)

@@ -283,13 +283,7 @@ def _to_fp16(path: Path) -> None:
 
     # Given the path, it infers shapes with infer_shapes_path: infer_shapes on a loaded model serialises it whole,
     # past protobuf's 2 GB for SD 1.5's fp32 UNet (3.4 GB).
-    # The sinusoidal timestep embedding stays fp32, as torch's fp16 UNet computes it: sin and cos of t x 10^-k
-    # in fp16 are off by up to 0.3 near t = 1000.
-    import onnx
-
-    names = [node.name for node in onnx.load(str(path), load_external_data=False).graph.node]
-    model = convert_float_to_float16(str(path), keep_io_types=True,
-                                     node_block_list=[name for name in names if "/time_proj/" in name])
+    model = convert_float_to_float16(str(path), keep_io_types=True)
     # The fp32 weights file goes: loaded into `model` now, and the fp16 UNet (1.7 GB) is saved inline, which
     # would leave it behind; a model still past 2 GB would be appended to it.
     (path.parent / "model.onnx_data").unlink(missing_ok=True)

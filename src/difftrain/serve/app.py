@@ -33,21 +33,22 @@ from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits,
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _loopback_name(host_and_port: str) -> bool:
-    """Whether a Host header or an Origin's host ("127.0.0.1:7860", "[::1]:7860", "localhost") names loopback."""
+def _host_name(host_and_port: str) -> str:
+    """The name of a Host header or an Origin's host ("127.0.0.1:7860", "[::1]:7860", "localhost")."""
     host = host_and_port.rsplit("]", 1)[0].lstrip("[") if host_and_port.startswith("[") else host_and_port.split(":")[0]
-    return host.lower() in LOOPBACK
+    return host.lower()
 
 
-def _refuse_other_sites(request: Request) -> None:
-    """A server on loopback answers loopback names only. A web page the user opens elsewhere can still reach
-    it: through a name of its own that it re-points at 127.0.0.1 (DNS rebinding: the Host header gives it
-    away) or by posting across sites (its Origin does), to queue jobs, read results or interrupt them."""
-    if not _loopback_name(request.headers.get("host", "")):
+def _refuse_other_sites(request: Request, allowed: set[str]) -> None:
+    """A server on loopback answers loopback names (and `allowed`, a proxy's) only. A web page the user opens
+    elsewhere can still reach it: through a name of its own that it re-points at 127.0.0.1 (DNS rebinding: the
+    Host header gives it away) or by posting across sites (its Origin does), to queue jobs, read results or
+    interrupt them."""
+    if _host_name(request.headers.get("host", "")) not in allowed:
         raise StarletteHTTPException(421, "this server listens on loopback and answers only 127.0.0.1, localhost "
-                                          "or [::1] as its host name")
+                                          "or [::1] as its host name (--allow-host NAME for a proxy's)")
     origin = request.headers.get("origin")
-    if origin and not _loopback_name(origin.partition("://")[2]):  # ("null": a sandboxed or local file page)
+    if origin and _host_name(origin.partition("://")[2]) not in allowed:  # ("null": a sandboxed or local page)
         raise StarletteHTTPException(403, f"a request from the web page of {origin} is refused: this server on "
                                           "loopback answers its own page and local clients")
 
@@ -66,6 +67,7 @@ class ServeSettings:
     precision: str = "auto"
     models_in_memory: int = 1  # loaded models kept; the least recently used beyond it is let go
     limits: Limits = field(default_factory=Limits)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered on loopback besides its own
 
     @property
     def protected(self) -> bool:
@@ -78,9 +80,11 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
                               models_in_memory=settings.models_in_memory)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
+    allowed = {*LOOPBACK, *(name.lower() for name in settings.allowed_hosts)}
+
     def authorised(request: Request) -> None:
         if settings.host in LOOPBACK:
-            _refuse_other_sites(request)
+            _refuse_other_sites(request, allowed)
         if not settings.protected:
             return
         header = request.headers.get("authorization", "")

@@ -245,10 +245,13 @@ class Engine:
 
     @staticmethod
     def _scheduler_name(request: Txt2ImgRequest) -> str:
-        from difftrain.sampling.schedulers import resolve_name
+        from difftrain.sampling.schedulers import SCHEDULERS, resolve_name
 
-        try:  # A1111 1.9+ reads a request without a scheduler as Automatic (Karras for DPM++ 2M)
-            return resolve_name(request.sampler, request.scheduler or "Automatic")
+        # A1111 1.9+ reads a request without a scheduler as Automatic (Karras for DPM++ 2M); one of our short
+        # names (dpm++_2m) says its schedule already.
+        automatic = None if request.sampler in SCHEDULERS else "Automatic"
+        try:
+            return resolve_name(request.sampler, request.scheduler or automatic)
         except DifftrainError as reason:
             raise RequestError("sampler_name", str(reason)) from None
 
@@ -363,15 +366,19 @@ class Engine:
         names, weights = list(model.own_adapters), list(model.own_weights)
         for file, weight in loras:
             path = str(file)
-            stamp = os.stat(path).st_mtime_ns
-            adapter, loaded_at = model.loras.get(path, (None, None))
-            if loaded_at != stamp:
-                if adapter is not None:
-                    pipe.delete_adapters(adapter)
+            try:
+                stamp = os.stat(path).st_mtime_ns
+            except OSError as reason:  # removed since the request was checked
+                raise RequestError("prompt", f"<lora:{file.stem}>: cannot read {path}: {reason.strerror}") from None
+            old, loaded_at = model.loras.get(path, (None, None))
+            adapter = old
+            if loaded_at != stamp:  # new, or written again: loaded under a new name before the old one goes
                 adapter = f"prompt-lora{model.adapters_loaded}"  # apart from the model's own lora0, lora1, ...
                 model.adapters_loaded += 1
                 load_lora_adapter(pipe, path, adapter)
                 model.loras[path] = (adapter, stamp)
+                if old is not None:
+                    pipe.delete_adapters(old)
             model.loras.move_to_end(path)
             names.append(adapter)
             weights.append(weight)

@@ -66,7 +66,7 @@ class StopRequest:
 
 @contextmanager
 def stop_on_first_signal() -> Iterator[StopRequest]:
-    """The first Ctrl-C (or SIGTERM) sets `signalled`; a second one stops at once."""
+    """The first Ctrl-C (or SIGTERM) sets `signalled`; a second Ctrl-C stops at once, more SIGTERMs change nothing."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -74,11 +74,14 @@ def stop_on_first_signal() -> Iterator[StopRequest]:
     previous = {}
 
     def request_stop(signum, frame):
+        if request.signalled:  # a second SIGTERM: a scheduler's and torchrun's agent's, a moment apart
+            return
         request.signalled = True
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        # Only Ctrl-C gets its old meaning back (a second one stops at once). SIGTERM comes twice under SLURM with
+        # torchrun (SLURM signals every process, the agent passes its own on), and must not kill the save.
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step and saving a checkpoint ({name} again to stop now)", flush=True)
+        print(f"\n{name}: finishing this step and saving a checkpoint (Ctrl-C to stop now)", flush=True)
 
     for number in (signal.SIGINT, signal.SIGTERM):
         previous[number] = signal.signal(number, request_stop)

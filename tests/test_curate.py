@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -483,3 +484,19 @@ def test_a_record_that_breaks_before_it_is_written_is_counted_not_written(messy,
     dropped = {item.key: item.reason for item in result.items if item.step == "read"}
     assert "changed since it was measured in this run" in dropped["000001.png"]
     assert not (tmp_path / "again" / "000001.png").exists()
+
+
+def test_identical_images_match_at_a_cosine_of_one_and_an_empty_caption_keeps_the_old():
+    from difftrain.curate.cache import pack_vector, unpack_vector
+    from difftrain.curate.dedupe import embedding_groups
+    from difftrain.curate.pipeline import _combine
+
+    rng = np.random.default_rng(0)
+    vectors = [unpack_vector(pack_vector(v)) for v in rng.standard_normal((200, 32)).astype(np.float32)]
+    units = np.stack([v / np.linalg.norm(v) for v in vectors + vectors[:100]])  # the first 100 twice, as cached
+    groups = embedding_groups(units, 1.0)
+    assert sorted(sorted(group) for group in groups if len(group) > 1) == [[i, 200 + i] for i in range(100)]
+    # A captioner that wrote nothing (its end token first) leaves the record's captions as they were.
+    for mode in ("replace", "append", "fill-missing"):
+        assert _combine(["a red circle"], " ", mode) == ["a red circle"]
+    assert _combine([], "", "fill-missing") == []

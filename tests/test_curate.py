@@ -486,7 +486,7 @@ def test_a_record_that_breaks_before_it_is_written_is_counted_not_written(messy,
     assert not (tmp_path / "again" / "000001.png").exists()
 
 
-def test_identical_images_match_at_a_cosine_of_one_and_an_empty_caption_keeps_the_old():
+def test_identical_images_match_at_a_cosine_of_one_and_an_empty_caption_keeps_the_old(monkeypatch):
     from difftrain.curate.cache import pack_vector, unpack_vector
     from difftrain.curate.dedupe import embedding_groups
     from difftrain.curate.pipeline import _combine
@@ -496,6 +496,16 @@ def test_identical_images_match_at_a_cosine_of_one_and_an_empty_caption_keeps_th
     units = np.stack([v / np.linalg.norm(v) for v in vectors + vectors[:100]])  # the first 100 twice, as cached
     groups = embedding_groups(units, 1.0)
     assert sorted(sorted(group) for group in groups if len(group) > 1) == [[i, 200 + i] for i in range(100)]
+    # In tiles of rows and columns (memory flat in the number of images), the groups of the whole matrix.
+    import difftrain.curate.dedupe as dedupe
+
+    near = units[:60] + 0.35 * rng.standard_normal((60, 32)).astype(np.float32) / np.sqrt(32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    mixed = np.concatenate([units[:60], near])
+    whole = sorted(map(sorted, embedding_groups(mixed, 0.9)))
+    monkeypatch.setattr(dedupe, "_BLOCK", 7)
+    monkeypatch.setattr(dedupe, "_COLUMNS", 11)
+    assert sorted(map(sorted, embedding_groups(mixed, 0.9))) == whole and any(len(group) > 1 for group in whole)
     # A captioner that wrote nothing (its end token first) leaves the record's captions as they were.
     for mode in ("replace", "append", "fill-missing"):
         assert _combine(["a red circle"], " ", mode) == ["a red circle"]

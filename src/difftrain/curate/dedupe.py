@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-_BLOCK = 512  # rows per block of the cosine matrix: 512 x 20k float32 is 40 MB
+_BLOCK = 512  # rows per block of the cosine matrix
+_COLUMNS = 16_384  # columns per tile: 512 x 16k float32 is 32 MB, whatever the number of images
 
 
 def exact_groups(digests: list[str]) -> list[list[int]]:
@@ -49,12 +50,15 @@ def embedding_groups(embeddings: np.ndarray, min_cosine: float, progress: bool =
     # Quadratic: a million embeddings take about an hour on a CPU, so the bar counts blocks of rows.
     for start in tqdm(range(0, len(embeddings), _BLOCK), desc="similar images", unit="block",
                       disable=not progress or len(embeddings) <= _BLOCK, leave=False):
-        block = embeddings[start:start + _BLOCK] @ embeddings[start:].T  # upper triangle of the matrix only
-        # (an image's unit vector, rounded, can have a cosine of 0.99999994 with itself: 1.0 must still match)
-        rows, columns = np.nonzero(block >= min_cosine - 1e-6)
-        for row, column in zip(rows.tolist(), columns.tolist()):
-            if column > row:
-                links.join(start + row, start + column)
+        rows_of = embeddings[start:start + _BLOCK]
+        # The upper triangle only, in tiles: a block against every later row would be 2 GB at a million images.
+        for first in range(start, len(embeddings), _COLUMNS):
+            tile = rows_of @ embeddings[first:first + _COLUMNS].T
+            # (an image's unit vector, rounded, can have a cosine of 0.99999994 with itself: 1.0 must still match)
+            rows, columns = np.nonzero(tile >= min_cosine - 1e-6)
+            for row, column in zip((rows + start).tolist(), (columns + first).tolist()):
+                if column > row:
+                    links.join(row, column)
     return links.groups()
 
 

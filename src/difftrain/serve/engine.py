@@ -119,7 +119,8 @@ class Engine:
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
-        self.nets: dict[tuple[str, str], object] = {}  # (model title, ControlNet path) -> loaded network
+        # (model title, ControlNet path) -> loaded network, least recently used first
+        self.nets: OrderedDict[tuple[str, str], object] = OrderedDict()
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
         # Held while a job draws and while a model loads: a switch from a handler (POST options) waits for the job
         # in progress, as in A1111, so it never lets go of, or loads beside, a model a job is using. Re-entrant:
@@ -338,14 +339,20 @@ class Engine:
         return drawn
 
     def _nets(self, prepared: Prepared, pipe) -> list:
-        """The units' networks, loaded once per (model, network)."""
+        """The units' networks, loaded once per (model, network); beyond MAX_CONTROLNETS the least recently used
+        is let go (a job drawing with it keeps its own reference), so a client walking through a folder of
+        ControlNets does not fill the device."""
         from difftrain.models.control import load_control
 
-        for unit in prepared.units:
-            key = (prepared.model.title, unit.model)
+        keys = [(prepared.model.title, unit.model) for unit in prepared.units]
+        for key, unit in zip(keys, prepared.units):
             if key not in self.nets:
                 self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet").to(self.device)
-        return [self.nets[(prepared.model.title, unit.model)] for unit in prepared.units]
+            self.nets.move_to_end(key)
+        nets = [self.nets[key] for key in keys]
+        while len(self.nets) > max(MAX_CONTROLNETS, len(set(keys))):
+            self.nets.popitem(last=False)
+        return nets
 
     @staticmethod
     def _conditions(request: Txt2ImgRequest, prepared: Prepared) -> list:
@@ -395,6 +402,7 @@ class Engine:
 
 
 MAX_PROMPT_LORAS = 16  # prompt LoRAs kept loaded in a model, least recently used let go beyond
+MAX_CONTROLNETS = 4  # ControlNets kept loaded over all models, least recently used let go beyond
 
 
 def _lora_file(files: dict[str, Path], name: str) -> Path:

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/folder_index.py [--images 20000] [--size 32] [--changed 200] [--noise]
 
-Writes `--images` shapes PNGs (with `--noise`, JPEGs of noise instead: a photo's bytes, ~0.4 MB at 512 px), waits out the index's settle time (a file written in the
+Writes `--images` shapes PNGs (with `--noise`, JPEGs of noise instead: a photo's bytes, ~0.4 MB at
+512 px), waits out the index's settle time (a file written in the
 last 2 s is not trusted, so a real data set's old files are what is measured), then opens
 the folder as training does, in one process: without an index (how every start went
 before), the first start with an index (builds it), the second (reads it), and a third
@@ -75,7 +76,8 @@ def main() -> None:
         else:
             write_shapes_dataset(root, num_images=args.images, size=args.size)
         megabytes = sum(p.stat().st_size for p in root.iterdir()) / 2**20
-        print(f"wrote {args.images:,} {args.size} px images ({megabytes:,.0f} MB) in {time.perf_counter() - started:.1f} s")
+        print(f"wrote {args.images:,} {args.size} px images ({megabytes:,.0f} MB) in "
+              f"{time.perf_counter() - started:.1f} s")
         time.sleep(SETTLE_NS / 1e9)
 
         plain, expected = timed_open(root, None)

@@ -216,7 +216,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         except ValidationError as reason:
             error = reason.errors()[0]
             field = ".".join(str(part) for part in error["loc"])
-            raise RequestError(f"request.{field}" if field else "request", f"{field or 'request'}: {error['msg']}") from None
+            raise RequestError(f"request.{field}" if field else "request",
+                               f"{field or 'request'}: {error['msg']}") from None
         job = _submit(queue, engine, kind, parsed, settings.limits)
         return _job_view(queue, job)
 

@@ -783,9 +783,10 @@ class Trainer:
         moved = self.sampler.position_for_world(self.position, written_by)
         if self.main:
             per_step = self.config.training.batch_size * self.config.training.gradient_accumulation_steps
-            print(f"note: {path.name} was written by {written_by} process(es) and this run has "
-                  f"{self.accelerator.num_processes}: each step now trains on {per_step * self.accelerator.num_processes}"
-                  f" images (was {per_step * written_by}) at the same learning rate, the data order goes on where "
+            now = self.accelerator.num_processes
+            print(f"note: {path.name} was written by {written_by} process(es) and this run has {now}: each step "
+                  f"now trains on {per_step * now} images (was {per_step * written_by}) at the same learning rate, "
+                  f"the data order goes on where "
                   f"it stopped (epoch {moved.epoch}, batch {moved.batch} of {self.sampler.batches_per_epoch} a "
                   f"process), and processes the run did not have start random streams of their own; the run "
                   f"continues, but not bit for bit as {written_by} process(es) would have")

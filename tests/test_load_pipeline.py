@@ -90,10 +90,20 @@ def test_every_model_a_run_writes_explains_itself_and_loads_anywhere(tiny_sd, sh
     assert pipe.manifest.kind == kind and pipe.scheduler.config.prediction_type == "v_prediction"
     if kind == "stable-diffusion":  # and diffusers itself is not disturbed by the manifest
         assert StableDiffusionPipeline.from_pretrained(moved).unet is not None
+    else:  # copied to a machine without its base: the message names the manifest entry to fix
+        manifest = json.loads((moved / "difftrain.json").read_text())
+        manifest["base"]["model"] = str(tmp_path / "gone")
+        (moved / "difftrain.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelNotFound, match=r"on a base model that does not load: .*difftrain.json"):
+            load_pipeline(moved)
     # The EMA folder asked for raw weights says where they are rather than drawing the EMA ones.
     with pytest.raises(ModelNotFound, match=r"holds a run's EMA weights; for its raw ones \(--no-ema\) give "
                                             r".*run/model-no-ema"):
         load_pipeline(tmp_path / "run" / "model", use_ema=False)
+    # A run whose raw weights are missing (stopped between the two writes) does not answer --no-ema with EMA ones.
+    shutil.rmtree(tmp_path / "run" / "model-no-ema")
+    with pytest.raises(ModelNotFound, match=r"its raw weights \(model-no-ema/\) are missing"):
+        load_pipeline(tmp_path / "run", use_ema=False)
 
 
 def test_load_pipeline_takes_a_plain_diffusers_folder_and_a_single_file(tiny_sd, tmp_path):  # noqa: F811

@@ -163,7 +163,11 @@ def test_an_sd2_single_files_prediction_type_is_found_as_a1111_finds_it(tmp_path
 
     save_file({**load_file(path), "v_pred": torch.tensor([])}, path)  # Forge's and ComfyUI's marker
     assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
-    # Given configs speak for the file: nothing is guessed.
+    # Given configs describe the architecture; the file's own marker (or yaml) still says v, and only without
+    # one do the configs' scheduler speak: the UNet is not asked (here it would say v).
+    assert load_sd(str(path), load={"unet"}, config=str(folder)).scheduler.config.prediction_type == "v_prediction"
+    unet.conv_out.bias.data.fill_(-1.0)
+    save_single_file(unet, parts["vae"], parts["text_encoder"], path)
     assert load_sd(str(path), load={"unet"}, config=str(folder)).scheduler.config.prediction_type == "epsilon"
 
 

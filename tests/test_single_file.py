@@ -283,6 +283,18 @@ def test_a_v_prediction_file_carries_its_ldm_config_and_marker_and_loads_back_as
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     reloaded = load_sd(str(path), load={"unet"}).scheduler.config
     assert reloaded.prediction_type == "v_prediction" and reloaded.rescale_betas_zero_snr  # (from its ztsnr key)
+    # Configs given (config=, as the offline message advises) do not silence the file's yaml and markers; on SD
+    # 1.5's PNDM, which cannot rescale to zero SNR, DDIM samples it.
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    pndm = StableDiffusionPipeline.from_pretrained(tmp_path / "hub-source", safety_checker=None)
+    pndm.scheduler = PNDMScheduler.from_config(pndm.scheduler.config)
+    pndm.save_pretrained(tmp_path / "pndm-source")
+    for source in ("hub-source", "pndm-source"):
+        given = load_sd(str(path), load={"unet"}, config=str(tmp_path / source)).scheduler
+        assert given.config.prediction_type == "v_prediction" and given.config.rescale_betas_zero_snr, source
+        assert float(given.alphas_cumprod[-1]) < 1e-6, source  # the schedule really reaches zero SNR
+    assert isinstance(given, DDIMScheduler)
     path.with_suffix(".yaml").unlink()  # an epsilon SD 1.x file has no yaml; its marker alone still says v
     assert load_sd(str(path), load={"unet"}).scheduler.config.prediction_type == "v_prediction"
     plain = save_single_file(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tmp_path / "eps.safetensors",

@@ -141,7 +141,12 @@ def _locate_in_run(run: Path, use_ema: bool) -> tuple[Path, Manifest, str]:
     model_dir = final_model_dir(run, use_ema)
     weights = "raw" if model_dir.name == "model-no-ema" else "ema"
     if model_dir.is_dir():
-        return model_dir, read_manifest(model_dir) or legacy_manifest(run, model_dir, weights), run.name
+        manifest = read_manifest(model_dir)
+        if manifest is not None and not use_ema and manifest.weights == "ema":
+            # EMA was on but model-no-ema/ is missing (a run stopped between its two writes): not the EMA instead.
+            raise ModelNotFound(f"{run}: its raw weights (model-no-ema/) are missing, only the EMA ones (model/) are "
+                                "there; draw those (without --no-ema), or resume the run to write both")
+        return model_dir, manifest or legacy_manifest(run, model_dir, weights), run.name
     checkpoint = latest_checkpoint(run / CHECKPOINTS)
     if checkpoint is None:
         raise ModelNotFound(f"{run}: a run folder with neither a final model nor a checkpoint yet")
@@ -185,9 +190,11 @@ def _onnx(located: Located, loras, embeddings, provider: str, fallback: bool):
 
 
 def _diffusers_folder(folder: Path, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+    from difftrain.models.sd import load_sd
 
-    return StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None)
+    # Through load_sd, not the pipeline class: its checks (an SDXL or inpainting folder refused by name, parts
+    # that do not fit, missing weights) answer with a message rather than a traceback at draw time.
+    return _pipeline(load_sd(str(folder), dtype=dtype))
 
 
 def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):
@@ -200,17 +207,23 @@ def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype, config: str |
     """An adapter or partial model: its base (with any component overrides), its parts on top,
     and the scheduler it trained with. `config` (else the one the run recorded) describes a
     single-file base."""
-    from difftrain.models.sd import load_sd
+    from difftrain.models.sd import ModelLoadError, load_sd
 
     base = manifest.base or {}
     if not base.get("model") and not base.get("unet"):
         raise ModelNotFound(f"{folder}: the manifest names no base model, and a {manifest.kind} needs one")
     trained = {name: str(folder / name) for name in manifest.components}
-    parts = load_sd(
-        base.get("model"), unet=trained.get("unet", base.get("unet")), vae=base.get("vae"),
-        text_encoder=trained.get("text_encoder", base.get("text_encoder")), tokenizer=base.get("tokenizer"),
-        revision=base.get("revision"), variant=base.get("variant"), dtype=dtype, config=config or base.get("config"),
-    )
+    try:
+        parts = load_sd(
+            base.get("model"), unet=trained.get("unet", base.get("unet")), vae=base.get("vae"),
+            text_encoder=trained.get("text_encoder", base.get("text_encoder")), tokenizer=base.get("tokenizer"),
+            revision=base.get("revision"), variant=base.get("variant"), dtype=dtype,
+            config=config or base.get("config"),
+        )
+    except ModelLoadError as reason:  # a folder copied to another machine names a base that is not there
+        raise ModelNotFound(f"{folder} is a {manifest.kind} on a base model that does not load: {reason}. The base "
+                            f"is named in {folder / 'difftrain.json'} (\"base\"); put it there, or edit that "
+                            "entry to where the base is on this machine") from None
     if manifest.scheduler:
         parts.scheduler = _saved_scheduler(folder / manifest.scheduler)
     return _pipeline(parts)

@@ -8,7 +8,6 @@ one (tested); with caching the VAE and text encoder never need to sit in memory.
 
 from __future__ import annotations
 
-import inspect
 import json
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
 from difftrain.sampling.prompts import is_open_clip
-from difftrain.sampling.schedulers import make_scheduler, plain_config
+from difftrain.sampling.schedulers import make_scheduler, plain_config, zero_snr_capable
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
 
 
@@ -245,10 +244,8 @@ class TextToImage(Method):
             if key in self.noise_scheduler.config
         }
         cls = type(self.base_scheduler)
-        if settings.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
-            from diffusers import DDIMScheduler
-
-            cls = DDIMScheduler  # PNDM (SD 1.5's) keeps the flag but samples the unrescaled schedule
+        if settings.get("rescale_betas_zero_snr"):
+            cls = zero_snr_capable(cls)
         return cls.from_config({**plain_config(self.base_scheduler.config), **settings})
 
     def validation_prompts(self) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from difftrain.errors import DifftrainError
-from difftrain.sampling.schedulers import plain_config
+from difftrain.sampling.schedulers import plain_config, zero_snr_capable
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def _scheduler(where: _Where | None, config_dir: str | None, revision: str | Non
     return cls.from_config(config), f"{cls.__name__} from {location}/scheduler"
 
 
-def _single_file_parameterization(path: str, unet, scheduler, keys):
+def _single_file_parameterization(path: str, unet, scheduler, keys, config_given: bool = False):
     """A single file's prediction type, which its keys cannot say, as the tools that read such files find it.
 
     diffusers' guess describes an SD 1.x file with SD 1.5's configs (epsilon) and any SD 2.x file with
@@ -411,23 +411,25 @@ def _single_file_parameterization(path: str, unet, scheduler, keys):
     the file (AUTOMATIC1111 reads it first; difftrain writes one for v and SD 2.x models) with
     `parameterization: "v"` or without; a `v_pred` key in the file (Forge's marker; ComfyUI reads it for
     SDXL only); for SD 2.x the UNet itself, asked as A1111 asks it; else the guessed configs' own. A `ztsnr`
-    key says the model was trained with zero terminal SNR."""
+    key says the model was trained with zero terminal SNR. With configs given (`config_given`) the UNet is
+    not asked: those configs' scheduler speaks for it unless the file or its yaml says otherwise."""
     beside = Path(path).with_suffix(".yaml")
     sd2 = unet.config.cross_attention_dim == 1024
     markers = {key for key in ("v_pred", "ztsnr") if key in keys}
     if "ztsnr" in markers:  # trained with zero terminal SNR: sampling must rescale its betas the same way
-        scheduler = type(scheduler).from_config(plain_config(scheduler.config), rescale_betas_zero_snr=True)
+        cls = zero_snr_capable(type(scheduler))
+        scheduler = cls.from_config(plain_config(scheduler.config), rescale_betas_zero_snr=True)
     if beside.is_file():
         how = f"{beside.name} beside it"
         predicts_v = _yaml_parameterization(beside) == "v"
     elif "v_pred" in markers:
         how, predicts_v = "its v_pred key", True
-    elif sd2:
+    elif sd2 and not config_given:
         how, predicts_v = "its UNet's answer at t = 999 (A1111's test)", predicts_v_for_sd2(unet)
     else:
         return scheduler
     prediction = "v_prediction" if predicts_v else "epsilon"
-    if sd2 and not predicts_v:
+    if sd2 and not predicts_v and not config_given:
         unet.register_to_config(sample_size=64)  # 512 px, not 2-1's 768, by default
     log.info("%s: %s says %s", path, how, prediction)
     return type(scheduler).from_config(plain_config(scheduler.config), prediction_type=prediction)
@@ -554,9 +556,9 @@ def load_sd(
 
     _check_fit(parts, origin)
     scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
-    if base_where is not None and base_where.kind == "single_file" and config is None and parts.get("unet") is not None:
+    if base_where is not None and base_where.kind == "single_file" and parts.get("unet") is not None:
         keys = base_checkpoint if base_checkpoint is not None else _header(base_where.path, allow_pickle)
-        scheduler = _single_file_parameterization(base_where.path, parts["unet"], scheduler, keys)
+        scheduler = _single_file_parameterization(base_where.path, parts["unet"], scheduler, keys, config is not None)
         origin["scheduler"] += f", {scheduler.config.prediction_type}"
     return SDComponents(
         unet=parts.get("unet"),

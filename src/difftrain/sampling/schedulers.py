@@ -274,6 +274,16 @@ def plain_config(config) -> dict:
     return {key: value for key, value in dict(config).items() if key != "_use_default_values"}
 
 
+def zero_snr_capable(cls: type) -> type:
+    """`cls`, or DDIM where `cls` cannot rescale its betas to zero terminal SNR: PNDM (SD 1.5's) keeps the flag
+    in its config but samples the unrescaled schedule."""
+    if "rescale_betas_zero_snr" in inspect.signature(cls).parameters:
+        return cls
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler
+
+
 def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     """Betas whose cumulative alpha never falls below the sigma_max the samplers can handle.
 

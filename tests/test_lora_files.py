@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -194,6 +195,16 @@ def test_metadata_in_both_files(trained, tmp_path):
     with safe_open(str(convert_lora(trained["diffusers"], tmp_path / "back", to="kohya")), "pt") as f:
         back = f.metadata()
     assert back["ss_network_dim"] == "4" and back["ss_output_name"] == "tiny_style" and len(back["sshs_model_hash"]) == 64
+    # A kohya file converted to kohya's keys again holds the hash of the tensors as written, not its source's.
+    from safetensors.torch import load_file, save_file
+
+    halved = tmp_path / "halved.safetensors"
+    save_file({k: v.half() for k, v in load_file(trained["kohya"]).items()}, halved, metadata=meta)
+    with safe_open(str(convert_lora(halved, tmp_path / "again", to="kohya")), "pt") as f:
+        again = f.metadata()
+    payload = (tmp_path / "again.safetensors").read_bytes()
+    start = 8 + int.from_bytes(payload[:8], "little")
+    assert again["sshs_model_hash"] == hashlib.sha256(payload[start:]).hexdigest() != meta["sshs_model_hash"]
 
 
 def test_load_lora_state_detects_formats(trained, tiny_dir):

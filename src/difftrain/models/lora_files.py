@@ -516,8 +516,10 @@ def convert_lora(src, dst, to: str) -> Path:
             sd2 = any(m.part == "unet" and "attn2.to_k" in m.module and m.down.shape[1] == 1024 for m in modules)
             facts = {"sd_version": "v2" if sd2 else "v1", **meta}
             made = kohya_metadata(training_metadata(facts, dst.stem), modules)
-            meta = {**{k: v for k, v in made.items() if k in meta or k not in facts}, **_tensor_hashes(kohya_tensors)}
-        return _write(dst, kohya_tensors, meta)
+            meta = {k: v for k, v in made.items() if k in meta or k not in facts}
+        # Hashes of the tensors as written (A1111 shows sshs_model_hash as the LoRA's hash, civitai matches on
+        # it): a kohya source's own no longer hold once its tensors are rewritten (fp16 alphas become fp32).
+        return _write(dst, kohya_tensors, {**meta, **_tensor_hashes(kohya_tensors)})
     return _write_diffusers(dst, modules, _plain(meta))
 
 

@@ -392,3 +392,49 @@ def test_kohya_metadata_of_an_sd2_v_prediction_lora():
     assert (meta["ss_v2"], meta["ss_base_model_version"], meta["ss_v_parameterization"]) == ("True", "sd_v2_v", "True")
     assert meta["ss_zero_terminal_snr"] == "True" and meta["modelspec.prediction_type"] == "v"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and meta["modelspec.resolution"] == "768x768"
+
+
+def test_a_1x1_conv_lora_fits_a_linear_layer_and_the_other_way_round(tiny_dir, tmp_path):
+    """SD 2.x's proj_in/proj_out: 1x1 convolutions in kohya's layout ([rank, in, 1, 1]), Linear in diffusers'
+    (use_linear_projection); each file draws on the other model as A1111 and ComfyUI draw it."""
+    import json as json_module
+
+    from safetensors.torch import save_file
+
+    from difftrain.models.lora_files import load_lora_adapter
+
+    def lora(folder, four_d: bool):
+        generator = torch.Generator().manual_seed(1)
+        tensors = {}
+        for block in ("down_blocks_0_attentions_0", "up_blocks_1_attentions_0"):
+            for proj in ("proj_in", "proj_out"):
+                key = f"lora_unet_{block}_{proj}"
+                down, up = torch.randn(2, 32, generator=generator), torch.randn(32, 2, generator=generator) * 0.5
+                if four_d:
+                    down, up = down[:, :, None, None], up[:, :, None, None]
+                tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(2.0)}
+        save_file(tensors, folder)
+        return folder
+
+    for linear in (False, True):
+        model = tmp_path / f"linear-{linear}"
+        pipe = load_pipe(tiny_dir)
+        config = json_module.loads((tiny_dir / "unet" / "config.json").read_text())
+        if config.get("use_linear_projection", False) != linear:  # the other layout of the same weights
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_config({**config, "use_linear_projection": linear})
+            state = {k: (v.flatten(1) if linear and v.ndim == 4 and "proj_" in k else
+                         v[:, :, None, None] if not linear and v.ndim == 2 and "proj_" in k else v)
+                     for k, v in pipe.unet.state_dict().items()}
+            unet.load_state_dict(state)
+            pipe.unet = unet
+        pipe.save_pretrained(model)
+        drawn = {}
+        for four_d in (False, True):
+            pipe = load_pipe(model)
+            load_lora_adapter(pipe, lora(tmp_path / f"lora-{linear}-{four_d}.safetensors", four_d), "x")
+            drawn[four_d] = image(pipe)
+        assert np.abs(drawn[False] - drawn[True]).max() < 1e-5, linear
+        assert np.abs(drawn[True] - image(load_pipe(model))).max() > 1e-3  # (the LoRA acts)

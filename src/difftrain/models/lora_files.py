@@ -26,7 +26,7 @@ import math
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -547,7 +547,20 @@ def check_lora_fits(pipe_or_components, lora_path) -> None:
     _check_fit(pipe_or_components, _modules(tensors, metadata, fmt, path), path)
 
 
-def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> None:
+def _as_layer_shape(m: Module, weight: torch.Tensor) -> Module:
+    """`m` in its layer's shape where a 1x1 convolution and a Linear are one map: SD 2.x's proj_in/proj_out are
+    1x1 convolutions in kohya's and the original layout (use_linear_projection off) and Linear in diffusers',
+    and its LoRAs store [rank, in, 1, 1] where diffusers' layer wants [rank, in] (A1111 and ComfyUI reshape
+    the same way)."""
+    if m.down.ndim == 4 and weight.ndim == 2 and m.down.shape[2:] == m.up.shape[2:] == (1, 1):
+        return replace(m, down=m.down.flatten(1), up=m.up.flatten(1))
+    if m.down.ndim == 2 and weight.ndim == 4 and weight.shape[2:] == (1, 1):
+        return replace(m, down=m.down[:, :, None, None], up=m.up[:, :, None, None])
+    return m
+
+
+def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> list[Module]:
+    """`modules` in the shapes of the base model's layers; LoraFileError naming those that do not fit."""
     components = _components(pipe_or_components)
     # Flat kohya-style names on both sides: exact whatever format the file came in.
     layers = {}
@@ -555,10 +568,13 @@ def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> None:
         if model is not None:
             for name, layer in model.named_modules():
                 layers[kohya_name(part, _strip_text_model(part, name))] = getattr(layer, "base_layer", layer)
-    bad = []
+    bad, fitted = [], []
     for m in modules:
         layer = layers.get(kohya_name(m.part, m.module))
         weight = getattr(layer, "weight", None)
+        if weight is not None:
+            m = _as_layer_shape(m, weight)
+            fitted.append(m)
         if weight is None:
             bad.append(f"{m.key}: no layer {m.part}.{m.module} in the base model")
         elif (
@@ -575,6 +591,7 @@ def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> None:
             f"{path}: {len(bad)} of {len(modules)} LoRA modules do not fit the base model "
             "(a LoRA trained for a different model?): " + "; ".join(bad[:5]) + more
         )
+    return fitted
 
 
 def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
@@ -586,7 +603,7 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
     path = _resolve(lora_path)
     tensors, metadata, fmt = load_lora_state(path)  # read and parsed once, for the check and the load
     modules = _modules(tensors, metadata, fmt, path)
-    _check_fit(pipe, modules, path)  # a LoRA for another model is refused with its keys and shapes
+    modules = _check_fit(pipe, modules, path)  # a LoRA for another model is refused with its keys and shapes
     with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
         written = _write_diffusers(Path(work) / DIFFUSERS_FILE, modules, {})
         pipe.load_lora_weights(str(written), adapter_name=adapter_name)

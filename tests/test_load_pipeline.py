@@ -106,8 +106,13 @@ def test_every_model_a_run_writes_explains_itself_and_loads_anywhere(tiny_sd, sh
         load_pipeline(tmp_path / "run", use_ema=False)
 
 
-def test_load_pipeline_takes_a_plain_diffusers_folder_and_a_single_file(tiny_sd, tmp_path):  # noqa: F811
+def test_load_pipeline_takes_a_plain_diffusers_folder_and_a_single_file(tiny_sd, tmp_path, monkeypatch):  # noqa: F811
     from difftrain import load_pipeline
+    from difftrain.generate.loader import locate
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sd").symlink_to(tiny_sd)
+    assert locate("~/sd").folder == tmp_path / "sd"  # a home-relative path is a local folder, not a hub id
     from difftrain.models.single_file import save_single_file
 
     pipe = load_pipeline(tiny_sd)

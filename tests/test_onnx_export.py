@@ -167,6 +167,7 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     generate(onnx_model, tmp_path / "fallback", "--provider", "tensorrt", "--provider-fallback")  # runs on the CPU
+    generate(onnx_model, tmp_path / "raw", "--no-ema")  # an export of a model no run trained has no EMA to refuse
     # onnxruntime-gpu lists CUDA even where its libraries fail to load, and then runs the session on the CPU:
     # listed here too, and this CPU build does the same.
     import onnxruntime

@@ -122,16 +122,17 @@ def build_pipeline(
 
 def locate(source: str | Path, use_ema: bool = True) -> Located:
     """Find the model folder `source` names and read (or, for an old run, derive) its manifest."""
-    path = Path(source)
+    path = Path(source).expanduser()
     if is_run_folder(path):
         return Located(source, *_locate_in_run(path, use_ema), use_ema)
     if path.is_dir():
         manifest = read_manifest(path)
-        if not use_ema and manifest is not None and manifest.weights == "ema" and not (path / "state.json").is_file():
+        if (not use_ema and manifest is not None and manifest.method and manifest.weights == "ema"
+                and not (path / "state.json").is_file()):
             # A run's model/ folder holds its EMA weights only (a checkpoint holds both): silently drawing them
-            # would answer another question.
+            # would answer another question. (A model no run trained, a hub one exported, has no other weights.)
             raw = path.parent / "model-no-ema"
-            where = f"{raw}" if raw.is_dir() else "the run folder"
+            where = f"{raw}" if raw.is_dir() and path.name == "model" else "the run folder"
             raise ModelNotFound(f"{source} holds a run's EMA weights; for its raw ones (--no-ema) give {where}")
         return Located(source, path, manifest or _plain_folder_manifest(path), path.name, use_ema)
     return Located(source, None, None, path.stem if path.exists() else str(source), use_ema)

@@ -14,15 +14,20 @@ import sys
 from difftrain.cli import main
 from difftrain.training import trainer
 
+def signalling_step_done(step: int, signum: int = signal.SIGTERM):
+    """The trainer's `_LoopTimer.step_done`, sending this process `signum` as its `step`-th step ends."""
+    step_done, done = trainer._LoopTimer.step_done, []
+
+    def signalling(timer) -> None:
+        done.append(timer)
+        if len(done) == step:
+            os.kill(os.getpid(), signum)
+        step_done(timer)
+
+    return signalling
+
+
 if __name__ == "__main__":
     if os.environ.get("RANK") == "1":
-        step_done, steps = trainer._LoopTimer.step_done, []
-
-        def signalled_at_step_2(timer) -> None:
-            steps.append(len(steps) + 1)
-            if steps[-1] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            step_done(timer)
-
-        trainer._LoopTimer.step_done = signalled_at_step_2
+        trainer._LoopTimer.step_done = signalling_step_done(2)
     raise SystemExit(main(sys.argv[1:]))

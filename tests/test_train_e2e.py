@@ -181,17 +181,11 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, 
 
 
 def test_a_signal_during_the_last_step_lets_the_run_finish(make_config, tmp_path, monkeypatch, capsys):
+    from signal_probe import signalling_step_done
+
     from difftrain.training import trainer
 
-    step_done, steps = trainer._LoopTimer.step_done, []
-
-    def signalled_at_step_2(timer) -> None:
-        steps.append(len(steps) + 1)
-        if steps[-1] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        step_done(timer)
-
-    monkeypatch.setattr(trainer._LoopTimer, "step_done", signalled_at_step_2)
+    monkeypatch.setattr(trainer._LoopTimer, "step_done", signalling_step_done(2))
     assert main(["train", str(make_config(training={"max_steps": 2})), "--no-progress"]) == 0
     assert "SIGTERM: finishing this step" in capsys.readouterr().out
     assert (tmp_path / "run/model/model_index.json").exists()

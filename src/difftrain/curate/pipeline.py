@@ -412,16 +412,12 @@ class _Features:
         batch = []
         for item in items:
             try:
-                batch.append((item, _measured_bytes(self.source, item)))
+                data = self.source.read(item.index).data
+                _check_unchanged(data, item)
+                batch.append((item, data))
             except BadRecord as reason:
                 item.drop("read", str(reason))
         return batch
-
-
-def _measured_bytes(source: RecordSource, item: Item) -> bytes:
-    data = source.read(item.index).data
-    _check_unchanged(data, item)
-    return data
 
 
 def _check_unchanged(data: bytes, item: Item) -> None:

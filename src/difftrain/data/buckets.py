@@ -107,9 +107,11 @@ def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[n
     width, height = wide[:, 0], wide[:, 1]
     aspect, area = width / height, float(resolution) ** 2
 
-    def steps(x):  # kohya's round_to_steps: to the nearest pixel, then down to a multiple of step
-        x = np.floor(x + 0.5)
+    def down(x):  # to a multiple of step, at least one step
         return np.maximum(x - x % step, step)
+
+    def steps(x):  # kohya's round_to_steps: to the nearest pixel, then down to a multiple of step
+        return down(np.floor(x + 0.5))
 
     scaled_width = np.sqrt(area * aspect)
     by_width = steps(scaled_width)  # rounded along the width, the height following
@@ -119,8 +121,7 @@ def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[n
     large = width * height > area
     resized_width = np.where(large, np.where(width_first, by_width, np.floor(by_height * aspect + 0.5)), width)
     resized_height = np.where(large, np.where(width_first, np.floor(by_width / aspect + 0.5), by_height), height)
-    own = np.stack([np.maximum(resized_width - resized_width % step, step),
-                    np.maximum(resized_height - resized_height % step, step)], axis=1).astype(np.int64)
+    own = np.stack([down(resized_width), down(resized_height)], axis=1).astype(np.int64)
     buckets, ids = np.unique(own, axis=0, return_inverse=True)
     return ids.reshape(-1), [(int(w), int(h)) for w, h in buckets]
 

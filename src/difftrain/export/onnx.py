@@ -76,7 +76,7 @@ class ExportOptions:
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
     """Export `source` (anything `load_pipeline` takes) into the folder `out`, written whole or not at all."""
-    from difftrain.generate.loader import load_pipeline, loading_bar
+    from difftrain.generate.loader import load_pipeline, loading_bar, locate
 
     options = options or ExportOptions()
     options.check()
@@ -84,12 +84,15 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists{' and is not empty' if out.is_dir() else ' as a file'}; choose a new folder")
+    # Refused from the manifest, before any weight loads (an ONNX export would build all its sessions first).
+    manifest = locate(source, options.use_ema).manifest
+    kind = manifest.kind if manifest is not None else None
+    if kind == "unconditional":
+        raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
+    if kind == "onnx":  # traced through ONNX Runtime, every output would be a constant
+        raise ExportError(f"{source}: already an ONNX export; export again from the torch model it came from")
     with loading_bar(progress):
         pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
-    if pipe.manifest.kind == "unconditional":
-        raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
-    if pipe.manifest.kind == "onnx":  # traced through ONNX Runtime, every output would be a constant
-        raise ExportError(f"{source}: already an ONNX export; export again from the torch model it came from")
     if pipe.unet.config.get("time_cond_proj_dim") is not None:
         raise ExportError(f"{source}: its UNet takes a guidance embedding (time_cond_proj_dim, an LCM-distilled "
                           "model), which the exported graph has no input for; draw it with the torch model")

@@ -572,12 +572,12 @@ def _check_fit(pipe_or_components, modules: list[Module], path: Path) -> list[Mo
     for m in modules:
         layer = layers.get(kohya_name(m.part, m.module))
         weight = getattr(layer, "weight", None)
-        if weight is not None:
-            m = _as_layer_shape(m, weight)
-            fitted.append(m)
         if weight is None:
             bad.append(f"{m.key}: no layer {m.part}.{m.module} in the base model")
-        elif (
+            continue
+        m = _as_layer_shape(m, weight)
+        fitted.append(m)
+        if (
             m.down.ndim != weight.ndim
             or m.up.shape[1] != m.rank
             or m.down.shape[1] != weight.shape[1]

@@ -393,7 +393,7 @@ def make_scheduler(name: str, base_config: dict):
     base_config = plain_config(base_config)
     cls, settings = scheduler_settings(name, base_config)
     accepted = set(inspect.signature(cls.__init__).parameters)
-    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in accepted:
+    if base_config.get("rescale_betas_zero_snr") and zero_snr_capable(cls) is not cls:
         # Building it anyway would sample the unrescaled schedule: a different model than trained.
         raise UnknownScheduler(
             f"{name} ({cls.__name__}) cannot sample a zero-terminal-SNR model; use ddim, euler, euler_a, "

@@ -173,6 +173,7 @@ class Engine:
     def _unload(self, model: ServedModel) -> None:
         """Let a model go (a job drawing with it keeps its own reference until it ends); loaded again when asked."""
         model.pipe, model.loras, model.embeddings = None, OrderedDict(), {"loaded": {}, "skipped": {}}
+        model.adapters_loaded = 0  # a new pipe has none
         for key in [key for key in self.nets if key[0] == model.title]:
             del self.nets[key]
         release_device_memory()
@@ -392,7 +393,7 @@ class Engine:
         wanted = {str(file) for file, _ in loras}
         for path in [p for p in model.loras if p not in wanted][:max(0, len(model.loras) - MAX_PROMPT_LORAS)]:
             pipe.delete_adapters(model.loras.pop(path)[0])
-        if model.loras or model.adapters_loaded:
+        if model.adapters_loaded:  # (else only the model's own adapters exist, set when it was loaded)
             if names:
                 pipe.enable_lora()
                 pipe.set_adapters(names, adapter_weights=weights)

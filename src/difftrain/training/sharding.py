@@ -19,6 +19,7 @@ a pickle: a checkpoint stays safetensors + JSON and loading one never unpickles 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,11 +55,7 @@ def reduce_in_fp32(accelerator: Accelerator) -> None:
     policy = getattr(plugin, "mixed_precision_policy", None)
     if not is_sharded(accelerator) or policy is None or getattr(policy, "reduce_dtype", None) in (None, torch.float32):
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(
-        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
-        cast_forward_inputs=policy.cast_forward_inputs)
+    plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
 def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:

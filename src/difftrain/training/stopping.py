@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+
 class StopRequest:
     """Whether this process was told to stop, and (with several processes) whether all of them stop now."""
 
@@ -26,6 +27,7 @@ class StopRequest:
         self.signalled = False  # set by the signal handler
         self._device: torch.device | None = None  # where the all-reduce runs; None: one process
         self._pending: tuple | None = None  # (what to wait on, the answer), started at the last step
+        self._pinned: torch.Tensor | None = None  # on a GPU, where the answer lands (read before it is reused)
 
     def agree(self, device: torch.device) -> None:
         """From now on every process calls `due` at every step: processes stop together."""
@@ -42,11 +44,12 @@ class StopRequest:
         told = torch.full((1,), int(self.signalled), dtype=torch.int32, device=self._device)  # (a kernel, no copy)
         if told.is_cuda:
             torch.distributed.all_reduce(told, op=torch.distributed.ReduceOp.MAX)  # queued on the stream
-            answer = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            answer.copy_(told, non_blocking=True)
+            if self._pinned is None:
+                self._pinned = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            self._pinned.copy_(told, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            self._pending = (done, answer)
+            self._pending = (done, self._pinned)
         else:
             work = torch.distributed.all_reduce(told, op=torch.distributed.ReduceOp.MAX, async_op=True)
             self._pending = (work, told)

@@ -229,7 +229,30 @@ def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(
     assert main(["export", str(tiny_sd), str(tmp_path / "fp16"), "--precision", "fp16", "--no-progress"]) == 0
     unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
     assert {i.data_type for i in unet.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    for part in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
+        onnx.checker.check_model(onnx.load(str(tmp_path / "fp16" / part / "model.onnx")))  # topologically sorted
+    # The timestep's sinusoidal embedding is computed in fp32: 0.14 off near t = 1,000 when it was fp16.
+    assert time_embedding_error(unet, tiny_sd / "unet") < 1e-3
     assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
+
+
+def time_embedding_error(unet, config_dir: Path) -> float:
+    """Largest difference between what an exported UNet feeds its time embedding and diffusers' fp64 value."""
+    import onnx
+    import onnxruntime
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    config = json.loads((config_dir / "config.json").read_text())
+    linear_1 = next(node for node in unet.graph.node if "time_embedding/linear_1" in node.name)
+    unet.graph.output.append(onnx.helper.make_tensor_value_info(linear_1.input[0], onnx.TensorProto.FLOAT16, None))
+    session = onnxruntime.InferenceSession(unet.SerializeToString(), providers=["CPUExecutionProvider"])
+    timesteps = np.array([999.0, 923.47, 1.0], np.float32)  # Karras and Euler schedules give fractional ones
+    fed = session.run([linear_1.input[0]], {
+        "sample": np.zeros((3, 4, 8, 8), np.float32), "timestep": timesteps,
+        "encoder_hidden_states": np.zeros((3, 77, config["cross_attention_dim"]), np.float32)})[0]
+    exact = get_timestep_embedding(torch.from_numpy(timesteps).double(), fed.shape[1], flip_sin_to_cos=True,
+                                   downscale_freq_shift=config["freq_shift"])
+    return float(np.abs(fed.astype(np.float64) - exact.numpy()).max())
 
 
 def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd, tmp_path):  # noqa: F811

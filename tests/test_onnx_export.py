@@ -94,9 +94,11 @@ def test_a_lora_run_exports_merged_at_its_scale(lora_run, tiny_sd, tmp_path):  #
     assert main(["export", str(lora_run), str(merged), "--lora-scale", "20", "--no-progress"]) == 0
     assert main(["export", str(lora_run), str(off), "--lora-scale", "0", "--no-progress"]) == 0
     lora_file = lora_run / "model" / "pytorch_lora_weights.safetensors"
-    with_lora = pixels(generate(tiny_sd, tmp_path / "run", "--lora", f"{lora_file}:20")[0])
+    # The exports keep the run's training size (16 px) as their default; the base model's is 32 px.
+    size = ("--width", "16", "--height", "16")
+    with_lora = pixels(generate(tiny_sd, tmp_path / "run", "--lora", f"{lora_file}:20", *size)[0])
     assert np.abs(pixels(generate(merged, tmp_path / "m")[0]) - with_lora).max() <= 2
-    base_image = pixels(generate(tiny_sd, tmp_path / "base")[0])
+    base_image = pixels(generate(tiny_sd, tmp_path / "base", *size)[0])
     assert np.abs(pixels(generate(off, tmp_path / "o")[0]) - base_image).max() <= 2
     assert np.abs(with_lora - base_image).max() > 10  # the LoRA changes the image, so the two checks mean something
     assert json.loads((merged / "difftrain.json").read_text())["loras"] == []  # baked in, nothing to load on top

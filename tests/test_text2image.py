@@ -72,6 +72,11 @@ def test_finetune_saves_a_pipeline_diffusers_loads_and_runs(tiny_sd, shapes_dir,
         run / "model" / "model.safetensors", config=str(run / "model"), local_files_only=True
     )
     assert torch.allclose(single.unet.conv_in.weight.float(), pipe.unet.conv_in.weight, atol=1e-3)
+    # `generate` draws at the size the run trained and previewed at (16 px), not the base UNet's 32 px.
+    assert main(["generate", str(run), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "drawn"),
+                 "--no-progress"]) == 0
+    [drawn] = (tmp_path / "drawn").glob("*.png")
+    assert Image.open(drawn).size == (16, 16) and pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
 
 
 def test_cached_and_uncached_runs_compute_the_same_loss(tiny_sd, shapes_dir, tmp_path):

@@ -204,6 +204,16 @@ def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> 
         compile_pipeline(pipe, resolve_compile_mode(options.compile_mode, device))
 
 
+def default_size(pipe) -> int:
+    """The side drawn when none is asked: the size the model was trained at, as its previews were drawn.
+
+    A fine-tune of SD 1.5 at 768 px keeps the base UNet's `sample_size` (512 px); what it learnt, and
+    what its training previews show, is 768 px. A model without that record draws at its native size.
+    """
+    trained = pipe.manifest.conditioning.get("resolution")
+    return int(trained) if trained else pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
                     loras: list[tuple[str, float]], pad_conds: bool = False) -> dict:
     from difftrain.sampling.schedulers import a1111_sampler
@@ -321,7 +331,7 @@ class Drawer:
         pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
         configure_pipeline(pipe, options, device)
         pipe.set_progress_bar_config(disable=not progress)
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        native = default_size(pipe)
         self.width, self.height = options.width or native, options.height or native
         self.pipe, self.model_name = pipe, pipe.model_name
         init = None

@@ -34,7 +34,7 @@ class GenerateOptions:
     scheduler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
     seed: int = 0
-    width: int | None = None  # default: the model's native size
+    width: int | None = None  # default: the size it was trained at (default_size)
     height: int | None = None
     batch_size: int = 1
     n_iter: int = 1

@@ -224,6 +224,28 @@ def test_hub_id_offline_fails_fast_and_clearly():
     assert "local diffusers folder" in message
 
 
+def test_a_mistyped_local_path_is_named_as_such_not_looked_up_on_the_hub(tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from difftrain.models import sd
+
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError) as error:
+        load_sd("runs/my-rnu")  # a hub id's shape, but runs/ is here
+    assert time.monotonic() - start < 5
+    assert str(error.value) == ("base: runs/my-rnu does not exist (check the path; runs/ holds my-run; runs/ is a "
+                                "local folder, so this is read as a local path, not a hub id)")
+    with pytest.raises(ModelLoadError, match=r"base: \./runs/my-rnu does not exist \(check the path; runs/ holds "
+                                             r"my-run\)$"):
+        load_sd("./runs/my-rnu")
+    # Online, a hub id that cannot be fetched blames the connection, not HF_HUB_OFFLINE.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "the Hugging Face Hub could not be reached" in str(sd._offline_error("base", "a/b"))
+
+
 def test_single_file_base_and_override(tiny, tiny_b, tiny_file):
     sd = load_sd(str(tiny_file), config=str(tiny))
     for name in ("unet", "vae", "text_encoder"):

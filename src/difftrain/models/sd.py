@@ -74,9 +74,12 @@ def _offline() -> bool:
 
 
 def _offline_error(role: str, spec: str) -> ModelLoadError:
+    """The hub id is in no local cache and cannot be fetched: offline by setting, or the Hub unreachable."""
+    why = ("network access is off (HF_HUB_OFFLINE=1)" if _offline() else
+           "the Hugging Face Hub could not be reached (no network, or a proxy in the way)")
     return ModelLoadError(
         f"{role}: {spec!r} is not a local path, and as a Hugging Face Hub id it is not in the local HF cache; "
-        "network access is off (HF_HUB_OFFLINE=1). Download it once with network access, "
+        f"{why}. Download it once with network access, "
         "or give the path of a local diffusers folder or .safetensors file"
     )
 
@@ -105,10 +108,25 @@ def _locate_base(spec: str) -> _Where:
 
 
 def _locate_missing(role: str, spec: str) -> _Where:
+    """A hub id, or a local path that is not there (named with the nearest names beside it).
+
+    `runs/my-rnu` has a hub id's shape, but where `runs/` is a local folder it is a mistyped
+    path: looking it up on the Hub would only wait out the retries and then blame the network.
+    """
     looks_like_file = spec.startswith((".", "~")) or spec.endswith((".json",) + SINGLE_FILE_SUFFIXES)
-    if HUB_ID.match(spec) and not looks_like_file:
+    parent = Path(spec).expanduser().parent
+    local_parent = "/" in spec and parent.is_dir()
+    if HUB_ID.match(spec) and not looks_like_file and not local_parent:
         return _Where("hub", spec)
-    raise ModelLoadError(f"{role}: {spec} does not exist (check the path)")
+    hint = ""
+    if parent.is_dir():
+        import difflib
+
+        near = difflib.get_close_matches(Path(spec).name, [p.name for p in parent.iterdir()], n=3, cutoff=0.6)
+        hint = f"; {parent}/ holds {', '.join(near)}" if near else ""
+    if HUB_ID.match(spec) and local_parent:
+        hint += f"; {parent}/ is a local folder, so this is read as a local path, not a hub id"
+    raise ModelLoadError(f"{role}: {spec} does not exist (check the path{hint})")
 
 
 def _locate_part(name: str, spec: str) -> _Where:

@@ -219,7 +219,8 @@ def test_a_weight_scales_its_token_then_the_chunk_mean_is_restored(tiny):
 
 def test_encode_pair_pads_the_shorter_side_with_empty_chunks(tiny):
     tokenizer, encoder = tiny
-    positive, negative = encode_pair(tokenizer, encoder, words(200), "blurry", "cpu")
+    positive, negative, padded = encode_pair(tokenizer, encoder, words(200), "blurry", "cpu")
+    assert padded  # A1111's "Pad conds"
     assert positive.shape == negative.shape == (1, 3 * 77, encoder.config.hidden_size)
 
     blurry = encode_prompt(tokenizer, encoder, "blurry", "cpu")
@@ -229,8 +230,8 @@ def test_encode_pair_pads_the_shorter_side_with_empty_chunks(tiny):
     assert torch.allclose(negative[:, 154:], empty, atol=1e-6)
     assert torch.allclose(positive, encode_prompt(tokenizer, encoder, words(200), "cpu"), atol=1e-6)
 
-    short, none = encode_pair(tokenizer, encoder, "a dog", None, "cpu")
-    assert short.shape == none.shape == (1, 77, encoder.config.hidden_size)
+    short, none, padded = encode_pair(tokenizer, encoder, "a dog", None, "cpu")
+    assert short.shape == none.shape == (1, 77, encoder.config.hidden_size) and not padded
 
 
 @pytest.mark.parametrize(

@@ -283,17 +283,10 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
     return runner, extra
 
 
-def pads_conds(pipe, prompt: str, negative_prompt: str) -> bool:
-    """Whether one side of the guidance pair gets empty chunks to match the other's length, which A1111 does
-    only with its "Pad conds" option (its infotext then says so): a PNG without it would be redrawn unpadded."""
-    from difftrain.sampling.prompts import tokenize_weighted
-
-    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
-    return len(tokenize_weighted(pipe.tokenizer, prompt)) != len(tokenize_weighted(pipe.tokenizer, negative_prompt))
-
-
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> tuple:
-    """The positive and negative conditioning of A1111-syntax prompts (without <lora:> tags)."""
+    """The positive and negative conditioning of A1111-syntax prompts (without <lora:> tags), and whether one
+    side was padded to the other's length, which A1111 does only with its "Pad conds" option (its infotext then
+    says so): a PNG without it would be redrawn unpadded."""
     from difftrain.sampling.prompts import encode_pair
 
     # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
@@ -369,8 +362,8 @@ class Drawer:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
         from difftrain.sampling.text2image import draw
 
-        positive, negative = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
-        self.padded = pads_conds(self.pipe, prompt, negative_prompt)  # for the infotext of what save() writes
+        # `padded` goes into the infotext of what save() writes
+        positive, negative, self.padded = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
         if self.padded and self.unpadded_png:
             self.unpadded_png = False  # (said once)
             log.warning("the PNG's prompt and negative prompt differ in 75-token chunks and its infotext does not say "

@@ -100,7 +100,7 @@ class DreamBooth(TextToImage):
         pipe = self.pipeline({"unet": self.unet}, make_scheduler(settings.class_scheduler, dict(self.base_scheduler.config)))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        positive, negative = encode_pair(self.tokenizer, self.text_encoder, settings.class_prompt, None, device,
+        positive, negative, _ = encode_pair(self.tokenizer, self.text_encoder, settings.class_prompt, None, device,
                                          max_length=self.max_length)
         size = self.config.data.resolution
         paths = {index: folder / class_image_name(index) for batch in batches for index in batch}

@@ -258,7 +258,7 @@ class TextToImage(Method):
 
         sample = self.config.sample
         return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), sample.negative_prompt,
-                            self.device, max_length=self.max_length)
+                            self.device, max_length=self.max_length)[:2]
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
     @torch.no_grad()

@@ -279,24 +279,25 @@ def encode_prompt(tokenizer, text_encoder, text: str, device, clip_skip: int = 1
 def encode_pair(
     tokenizer, text_encoder, prompt: str, negative: str | None, device, clip_skip: int = 1,
     max_length: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) conditioning of equal length, ready to stack for classifier-free guidance.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(positive, negative, padded): conditioning of equal length, ready to stack for classifier-free guidance.
 
     The side with fewer chunks is padded with empty-prompt chunks, as the web UI does with its "Pad conds"
-    option (by default it runs the two sides as separate UNet calls; diffusers' pipelines take one shape).
-    A prompt that fits one chunk gives exactly what training's plain tokenizer call gives.
+    option (by default it runs the two sides as separate UNet calls; diffusers' pipelines take one shape);
+    `padded` says whether it was, which A1111's infotext records. A prompt that fits one chunk gives
+    exactly what training's plain tokenizer call gives.
     """
     def chunks(text: str) -> list[Chunk]:
         return tokenize_weighted(tokenizer, text, max_length=max_length)
 
-    sides = [chunks(prompt), chunks(negative or "")]
-    count = max(map(len, sides))
+    unpadded = [chunks(prompt), chunks(negative or "")]
+    count = max(map(len, unpadded))
     empty = chunks("")[0]
-    sides = [side + [empty] * (count - len(side)) for side in sides]
+    sides = [side + [empty] * (count - len(side)) for side in unpadded]
     # One encoder call for both: each chunk is weighted on its own, so batching changes nothing.
     both = _encode_chunks(text_encoder, sides[0] + sides[1], device, clip_skip)
     positive, negative_z = both.chunk(2, dim=1)
-    return positive, negative_z
+    return positive, negative_z, len(unpadded[0]) != len(unpadded[1])
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:

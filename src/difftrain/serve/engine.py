@@ -270,7 +270,7 @@ class Engine:
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (Controls, GenerateOptions, encode_prompts, infotext_params,
-                                                   pads_conds, sampling_runner)
+                                                   sampling_runner)
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
@@ -291,8 +291,7 @@ class Engine:
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = (*encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip),
-                                      pads_conds(pipe, prepared.prompt, request.negative_prompt))
+            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
         positive, negative, padded = self.prompt_cache[key]

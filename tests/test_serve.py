@@ -475,3 +475,40 @@ def test_finished_jobs_are_kept_within_a_byte_budget(monkeypatch):
         assert last.done.wait(10) and queue.get(last.id) is last  # the newest is kept whatever its size
     finally:
         queue.close()
+
+
+def test_prompt_loras_and_controlnets_past_their_caps_are_let_go_and_load_again(server, monkeypatch):
+    import webuiapi
+
+    from difftrain.serve import engine as serve_engine
+
+    monkeypatch.setattr(serve_engine, "MAX_PROMPT_LORAS", 1)
+    monkeypatch.setattr(serve_engine, "MAX_CONTROLNETS", 1)
+    api, engine = client(server), server.app.state.engine
+    api.util_set_model(next(title for title in api.util_get_model_names() if title.startswith("sd")))
+    folder = Path(engine.lora_dir)
+    second = folder / "second.safetensors"
+    second.write_bytes((folder / "shapes.safetensors").read_bytes())
+    try:
+        sized = {"seed": 3, "width": 64, "height": 64}
+        first = api.txt2img(prompt="a red circle <lora:shapes:1>", **sized).image
+        api.txt2img(prompt="a red circle <lora:second:1>", **sized)
+        model = engine.current
+        assert [Path(path).stem for path in model.loras] == ["second"]  # shapes let go ...
+        assert len(model.pipe.get_list_adapters()["unet"]) == 1  # ... and its adapter deleted
+        again = api.txt2img(prompt="a red circle <lora:shapes:1>", **sized).image
+        assert np.array_equal(np.asarray(again), np.asarray(first))  # loaded again as it was
+    finally:
+        second.unlink()
+    mask = Image.new("RGB", (64, 64))
+    mask.paste((255, 255, 255), (8, 8, 40, 40))
+
+    def steered(net: str) -> np.ndarray:
+        unit = webuiapi.ControlNetUnit(image=mask, module="none", model=net)
+        return np.asarray(api.txt2img(prompt="a red circle", controlnet_units=[unit], alwayson_scripts={},
+                                      **sized).image)
+
+    by_cn = steered("cn")
+    steered("adapter")
+    assert [Path(net).name for _, net in engine.nets] == ["adapter"]  # the least recently used ControlNet let go
+    assert np.array_equal(steered("cn"), by_cn)

@@ -232,6 +232,22 @@ def test_captions_fill_the_missing_ones_and_the_modes_and_trigger_word_apply(mes
     assert rows["000000.png"].startswith("a red circle, a ")
 
 
+def test_the_clip_filter_judges_the_captions_the_output_will_hold(messy, tiny_clip, tiny_blip, tmp_path):
+    _curate(messy, tmp_path / "judged", "--clip", str(tiny_clip), "--clip-min", "-1")
+    judged = _scores(tmp_path / "judged")
+    right = [judged[f"{n:06d}.png"]["scores"]["clip"] for n in range(40) if n not in MISMATCHED]
+    wrong = [judged[f"{n:06d}.png"]["scores"]["clip"] for n in MISMATCHED]
+    threshold = f"{(sum(right) / len(right) + sum(wrong) / len(wrong)) / 2:.4f}"
+    # The wrong colours are captioned anew (replace): judged on the new captions, they pass; the uncaptioned
+    # records get captions and are judged too.
+    report = _curate(messy, tmp_path / "replaced", "--clip", str(tiny_clip), "--clip-min", threshold,
+                     "--caption", str(tiny_blip), "--caption-mode", "replace")
+    dropped = {row["key"] for row in report["dropped"] if row["step"] == "clip"}
+    assert len(dropped & {f"{n:06d}.png" for n in MISMATCHED}) <= 2 and report["not_judged_by_clip"] == 0
+    rows = _scores(tmp_path / "replaced")
+    assert all("clip" in rows[f"{n:06d}.png"]["scores"] for n in UNCAPTIONED)
+
+
 def test_a_captioner_that_never_ends_its_caption_stops_at_its_position_table(shapes32, tmp_path):
     """An untrained decoder rarely writes its end token: asked for more tokens than its 32 positions hold,
     it gives its longest caption instead of an index error from deep inside its embedding."""

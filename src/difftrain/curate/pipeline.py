@@ -5,17 +5,20 @@ rejects it, and the report says which, why, and with what score):
 
 1. read       the bytes, the image header and (when a later step needs pixels) a full decode;
 2. size       shorter side, aspect ratio and file size limits;
-3. clip       cosine between the CLIP image and caption embeddings below `clip_min`
-              (records without a caption are not judged, and counted as such);
-4. aesthetic  LAION's predictor on the CLIP image embedding below `aesthetic_min`;
+3. aesthetic  LAION's predictor on the CLIP image embedding below `aesthetic_min`;
+   caption    (drops nothing) an image-to-text model writes captions for the records kept
+              (`caption_mode`: replace every caption, fill only missing ones, or append to
+              what is there), and `caption_prefix` (a trigger word) goes in front of every
+              caption;
+4. clip       cosine between the CLIP image embedding and its best caption's below
+              `clip_min`, judged on the captions the output will hold (a caption about to be
+              replaced is not judged; records left without one are not judged, and counted);
 5. duplicates identical bytes, then perceptual hashes or CLIP embeddings closer than the
               threshold; each group keeps one record by `keep` (largest: most pixels, then
               most bytes, then first; first: first in source order). Duplicates are sought
               among the records the quality filters kept, so a group is never lost because
-              the member it kept failed a later filter.
-6. caption    an image-to-text model writes captions for the records kept (`caption_mode`:
-              replace every caption, fill only missing ones, or append to what is there),
-              and `caption_prefix` (a trigger word) goes in front of every caption.
+              the member it kept failed a later filter. (So near-duplicates are captioned
+              too; identical bytes once.)
 
 Model outputs are cached by content (cache.py), so changing a threshold re-runs no model.
 With `shard=(i, n)` a process only fills the cache for its contiguous slice of the source
@@ -89,12 +92,15 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions,
     try:
         features = _Features(source, cache, options, timer)
         items = _read(source, shard_slice(len(source), options.shard), features)
-        _filter_scores(items, options)
+        _filter_aesthetic(items, options)
+        features.caption([i for i in items if i.step is None])
+        if options.clip_min is not None:
+            features.score_captions([i for i in items if i.step is None])
+            _filter_clip(items, options)
         if final:
             started, candidates = time.perf_counter(), [i for i in items if i.step is None]
             _drop_duplicates(candidates, features, options)
             timer.add("dedupe", time.perf_counter() - started, len(candidates))
-        features.caption([i for i in items if i.step is None])
     finally:
         cache.close()
     result = CurateResult(items, timer.timings)
@@ -209,15 +215,20 @@ def _filter_size(item: Item, options: CurateOptions) -> None:
         item.drop("size", f"{item.nbytes} bytes > {options.max_file_size}")
 
 
-def _filter_scores(items: list[Item], options: CurateOptions) -> None:
+def _filter_aesthetic(items: list[Item], options: CurateOptions) -> None:
+    if options.aesthetic_min is None:
+        return
     for item in items:
-        if item.step:
-            continue
-        clip, aesthetic = item.scores.get("clip"), item.scores.get("aesthetic")
-        if options.clip_min is not None and clip is not None and clip < options.clip_min:
-            item.drop("clip", f"CLIP image-caption cosine {clip:.3f} < {options.clip_min}")
-        elif options.aesthetic_min is not None and aesthetic is not None and aesthetic < options.aesthetic_min:
+        aesthetic = item.scores.get("aesthetic")
+        if item.step is None and aesthetic is not None and aesthetic < options.aesthetic_min:
             item.drop("aesthetic", f"aesthetic score {aesthetic:.2f} < {options.aesthetic_min}")
+
+
+def _filter_clip(items: list[Item], options: CurateOptions) -> None:
+    for item in items:
+        clip = item.scores.get("clip")
+        if item.step is None and clip is not None and clip < options.clip_min:
+            item.drop("clip", f"CLIP image-caption cosine {clip:.3f} < {options.clip_min}")
 
 
 def _drop_duplicates(items: list[Item], features: "_Features", options: CurateOptions) -> None:
@@ -294,7 +305,7 @@ class _Features:
         return "phash" in self.options.dedupe or self.options.needs_clip
 
     def measure(self, batch: list[tuple[Item, bytes]]) -> None:
-        """phash, CLIP image embedding, caption cosine and aesthetic score of one batch of (item, its bytes),
+        """phash, CLIP image embedding and aesthetic score of one batch of (item, its bytes),
         as the steps need them; an image is decoded only when the cache lacks something of it."""
         o = self.options
         want_hash, want_clip = "phash" in o.dedupe, o.needs_clip
@@ -360,11 +371,17 @@ class _Features:
             for item, score in zip(items, self.aesthetic()(torch.from_numpy(vectors)).tolist()):
                 item.scores["aesthetic"] = score
             self.timer.add("aesthetic", time.perf_counter() - started, len(items))
-        if self.options.clip_min is not None:
-            captioned = [(item, vector) for item, vector in zip(items, vectors) if item.captions]
-            texts = self._text_embeddings([item.captions[0] for item, _ in captioned])
-            for (item, vector), text in zip(captioned, texts):
-                item.scores["clip"] = float(vector @ text)
+
+    def score_captions(self, items: list[Item]) -> None:
+        """Each captioned record's CLIP cosine between its image and its best caption of those the output holds
+        (all embeddings from the cache: the images' since measure, the captions' once computed)."""
+        for batch in _batches([item for item in items if item.captions_out], self.options.batch_size):
+            vectors = self.cache.get(self.image_space, [item.sha256 for item in batch])
+            texts = iter(self._text_embeddings([caption for item in batch for caption in item.captions_out]))
+            for item in batch:
+                image = unpack_vector(vectors[item.sha256])
+                image = image / max(np.linalg.norm(image), 1e-12)
+                item.scores["clip"] = max(float(image @ next(texts)) for _ in item.captions_out)
 
     def _text_embeddings(self, texts: list[str]) -> list[np.ndarray]:
         """Unit-length CLIP embeddings of `texts`, from the cache where it has them."""

@@ -58,7 +58,7 @@ def _summary(source: RecordSource, result: CurateResult, options: CurateOptions,
         "output": str(result.out),
         "settings": settings,
         "counts": counts(result.items),
-        "not_judged_by_clip": (sum(not item.captions for item in result.items if item.step in (None, "duplicate"))
+        "not_judged_by_clip": (sum(not item.captions_out for item in result.items if item.step in (None, "duplicate"))
                                if options.clip_min is not None else 0),
         "timings": {step: {"seconds": round(seconds, 3), "records": n,
                            "per_second": round(n / seconds, 1) if seconds > 0 else None}

@@ -362,7 +362,7 @@ class _Features:
         return found
 
     def _score(self, items: list[Item], vectors: np.ndarray) -> None:
-        """The per-record CLIP scores of one batch; vectors are its (N, D) image embeddings."""
+        """The aesthetic scores and dedupe embeddings of one batch; vectors are its (N, D) CLIP image embeddings."""
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         if "clip" in self.options.dedupe:
             self.embeddings.update(zip((item.index for item in items), vectors))

@@ -16,6 +16,7 @@ import os
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 # At module level: FastAPI reads the route functions' annotations by name from here.
 from fastapi import Depends, FastAPI, Request
@@ -33,10 +34,17 @@ from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits,
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _host_name(host_and_port: str) -> str:
-    """The name of a Host header or an Origin's host ("127.0.0.1:7860", "[::1]:7860", "localhost")."""
-    host = host_and_port.rsplit("]", 1)[0].lstrip("[") if host_and_port.startswith("[") else host_and_port.split(":")[0]
-    return host.lower()
+def _host_name(url_or_host: str) -> str:
+    """The lower-case name in a Host header ("127.0.0.1:7860", "[::1]:7860") or an Origin ("http://localhost")."""
+    try:
+        return urlsplit(url_or_host if "://" in url_or_host else f"//{url_or_host}").hostname or ""
+    except ValueError:  # a malformed IPv6 literal: no name of ours
+        return ""
+
+
+def _field_name(loc) -> str:
+    """A pydantic error's location as the field's dotted name ("alwayson_scripts.controlnet.args[0]" parts)."""
+    return ".".join(str(part) for part in loc if part != "body")
 
 
 def _refuse_other_sites(request: Request, allowed: set[str]) -> None:
@@ -48,7 +56,7 @@ def _refuse_other_sites(request: Request, allowed: set[str]) -> None:
         raise StarletteHTTPException(421, "this server listens on loopback and answers only 127.0.0.1, localhost "
                                           "or [::1] as its host name (--allow-host NAME for a proxy's)")
     origin = request.headers.get("origin")
-    if origin and _host_name(origin.partition("://")[2]) not in allowed:  # ("null": a sandboxed or local page)
+    if origin and _host_name(origin) not in allowed:  # ("null": a sandboxed or local page)
         raise StarletteHTTPException(403, f"a request from the web page of {origin} is refused: this server on "
                                           "loopback answers its own page and local clients")
 
@@ -132,7 +140,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "detail": e["msg"]} for e in exc.errors()]
+        errors = [{"field": _field_name(e["loc"]), "detail": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"{e['field'] or 'body'}: {e['detail']}" for e in errors)
         return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, status_code=422)
 
@@ -215,7 +223,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
             parsed = model.model_validate(body.get("request", {}))
         except ValidationError as reason:
             error = reason.errors()[0]
-            field = ".".join(str(part) for part in error["loc"])
+            field = _field_name(error["loc"])
             raise RequestError(f"request.{field}" if field else "request",
                                f"{field or 'request'}: {error['msg']}") from None
         job = _submit(queue, engine, kind, parsed, settings.limits)

@@ -133,6 +133,27 @@ def test_a_manifest_from_a_newer_difftrain_is_refused_by_version(tiny_sd, tmp_pa
         load_pipeline(folder)
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"loras": {"file": "a.safetensors"}}, "loras is {'file': 'a.safetensors'}; it must be a list"),
+    ({"loras": [{"file": "a.safetensors", "weight": "0.8"}]}, "loras[0].weight is '0.8'; it must be a number"),
+    ({"embeddings": ["cat.safetensors"]}, "embeddings[0] is 'cat.safetensors'; it must be an object"),
+    ({"conditioning": {"clip_skip": "2"}}, "conditioning.clip_skip is '2'; it must be a whole number >= 1 or null"),
+    ({"conditioning": {"resolution": 0}}, "conditioning.resolution is 0; it must be a whole number"),
+    ({"weights": "best"}, "weights is 'best'; it must be \"ema\" or \"raw\""),
+    ({"base": "runwayml/stable-diffusion-v1-5"}, "base is 'runwayml/stable-diffusion-v1-5'; it must be an object or null"),
+])
+def test_a_hand_edited_manifest_is_refused_by_the_field_it_got_wrong(tiny_sd, tmp_path, fields, message):  # noqa: F811
+    from difftrain import load_pipeline
+    from difftrain.models.manifest import ManifestError
+
+    folder = shutil.copytree(tiny_sd, tmp_path / "model")
+    manifest = {"format": "difftrain-model", "version": 1, "kind": "stable-diffusion", **fields}
+    (folder / "difftrain.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError) as refused:
+        load_pipeline(folder)
+    assert str(refused.value).startswith(f"{folder / 'difftrain.json'}: {message}")
+
+
 def test_a_pixel_model_samples_from_its_manifest_and_refuses_generate(make_config, tmp_path, capsys):
     assert main(["train", str(make_config(training={"max_steps": 2})), "--no-progress"]) == 0
     run = tmp_path / "run"

@@ -114,8 +114,51 @@ def parse_manifest(raw: dict, where: str) -> Manifest:
         )
     if raw.get("kind") not in KINDS:
         raise ManifestError(f"{where}: kind {raw.get('kind')!r} is not one of {', '.join(KINDS)}")
-    known = set(Manifest.__dataclass_fields__)
-    return Manifest(**{key: value for key, value in raw.items() if key in known})
+    known = {key: value for key, value in raw.items() if key in Manifest.__dataclass_fields__}
+    _check_types(known, where)
+    return Manifest(**known)
+
+
+# What a hand-edited or damaged manifest must still hold for the loaders to read it: the field's
+# JSON types, and the keys each listed entry is read by.
+_FIELD_TYPES = {"method": (str, type(None)), "weights": (str,), "base": (dict, type(None)), "components": (list,),
+                "loras": (list,), "embeddings": (list,), "controls": (list,), "scheduler": (str, type(None)),
+                "noise": (dict,), "conditioning": (dict,), "architecture": (dict,), "trained": (dict,),
+                "export": (dict,)}
+_ENTRY_KEYS = {"loras": {"file": str, "weight": (int, float)}, "embeddings": {"file": str}, "controls": {},
+               "components": None}
+_CONDITIONING_INTS = ("max_length", "clip_skip", "resolution")
+
+
+def _check_types(fields: dict, where: str) -> None:
+    """Refuse, by field, what the loaders would otherwise fail on deep inside (a string weight, a list for a dict)."""
+    def json_name(types) -> str:
+        names = {str: "a string", dict: "an object", list: "a list", int: "a number", float: "a number",
+                 type(None): "null"}
+        return " or ".join(dict.fromkeys(names[t] for t in (types if isinstance(types, tuple) else (types,))))
+
+    for key, value in fields.items():
+        if key != "kind" and not isinstance(value, _FIELD_TYPES[key]):  # (kind: checked by name above)
+            raise ManifestError(f"{where}: {key} is {value!r:.60}; it must be {json_name(_FIELD_TYPES[key])}")
+    if fields.get("weights", "ema") not in ("ema", "raw"):
+        raise ManifestError(f"{where}: weights is {fields['weights']!r}; it must be \"ema\" or \"raw\"")
+    for key, required in _ENTRY_KEYS.items():
+        for number, entry in enumerate(fields.get(key, [])):
+            if required is None:  # a list of names
+                if not isinstance(entry, str):
+                    raise ManifestError(f"{where}: {key}[{number}] is {entry!r:.60}; it must be a string")
+                continue
+            if not isinstance(entry, dict):
+                raise ManifestError(f"{where}: {key}[{number}] is {entry!r:.60}; it must be an object")
+            for name, types in required.items():
+                if not isinstance(entry.get(name), types) or isinstance(entry.get(name), bool):
+                    raise ManifestError(f"{where}: {key}[{number}].{name} is {entry.get(name)!r:.60}; it must be "
+                                        f"{json_name(types)}")
+    for name in _CONDITIONING_INTS:
+        value = fields.get("conditioning", {}).get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ManifestError(f"{where}: conditioning.{name} is {value!r:.60}; it must be a whole number >= 1 "
+                                "or null")
 
 
 def legacy_manifest(run_dir: Path, model_dir: Path, weights: str) -> Manifest:

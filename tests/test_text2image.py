@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, write_config
@@ -127,6 +128,39 @@ def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir,
     resized = data_set.fill_cache(replace(encoders, texts=None), tmp_path / "cache", progress=False)
     assert resized["latents computed"] == 24
     assert data_set.hashes[7].tobytes() == hashlib.sha256((data / "000007.png").read_bytes()).digest()
+
+
+def test_a_cached_start_over_unchanged_shards_reads_no_shard(tiny_sd, shapes_dir, tmp_path):
+    import os
+
+    from difftrain.methods.text2image import TextToImage
+    from difftrain.training.run_data import open_images
+
+    shards = tmp_path / "shards"
+    assert main(["data", "build", str(shapes_dir), str(shards), "--format", "webdataset", "--per-shard", "10"]) == 0
+    config = load_config(sd_config(tmp_path, shards / "filelist.txt", tiny_sd,
+                                   data={"source": "webdataset", "captions": "auto", "random_flip": False,
+                                         "cache": {"latents": True, "text": True}}))
+    encoders = TextToImage(config).cache_encoders()
+    first = open_images(config, progress=False)
+    counts = first.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert counts["latents computed"] == 24 and first.source.shard_loads == 3
+    again = open_images(config, progress=False)
+    counts = again.fill_cache(encoders, tmp_path / "cache", progress=False)
+    # Hashes and captions from the first walk's summary: no shard read, the same keys and captions.
+    assert counts["latents found"] == 24 and counts["texts computed"] == 0 and again.source.shard_loads == 0
+    assert np.array_equal(again.hashes, first.hashes) and list(again.captions) == list(first.captions)
+    # A shard written again is a new fingerprint: the walk reads the data again, and keys what it reads.
+    shard = sorted(shards.glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    changed = open_images(config, progress=False)
+    changed.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert changed.source.shard_loads == 3 and np.array_equal(changed.hashes, first.hashes)
+    # Captions off: another summary (every record uncaptioned), not the first one's captions.
+    config.data.captions = "none"
+    uncaptioned = open_images(config, progress=False)
+    uncaptioned.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert uncaptioned.source.shard_loads == 3 and set(map(tuple, uncaptioned.captions)) == {()}
 
 
 @pytest.mark.parametrize("shard_format", ["laion", "webdataset"])

@@ -29,6 +29,7 @@ from difftrain.data.captions import CaptionTags
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.packed import PackedLists
+from difftrain.data.record_summary import load_summary, save_summary, summary_path
 from difftrain.data.sampler import ResumableBatches, copy_suffix
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
@@ -251,6 +252,9 @@ class ImageDataset(Dataset):
         # one is encoded at this record's size too (under its own content keys), or a bucket the record alone
         # filled would have nothing to read. Which records those are is found again at every start.
         reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
+        # What an earlier walk over the same data learnt, for a source that holds no hashes of its own.
+        summary_file = summary_path(cache_dir, self.source) if latents and not reads_records else None
+        summary = load_summary(summary_file, len(self)) if summary_file is not None else None
 
         def views(index: int, digest: bytes, size) -> tuple[list, list]:
             """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
@@ -274,6 +278,8 @@ class ImageDataset(Dataset):
         for index in bar:
             mine = index % world_size == rank
             known = None if reads_records else self.source.known_record(index)
+            if known is None and summary is not None:
+                known = summary.known_record(index)
             try:
                 record = self.source.read(index) if known is None else None
             except BadRecord as reason:
@@ -329,6 +335,8 @@ class ImageDataset(Dataset):
         flush_texts(force=True)
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
+        if summary_file is not None and summary is None:
+            save_summary(summary_file, self.hashes, self.captions)
         return counts
 
 

@@ -41,6 +41,17 @@ class PackedStrings(Sequence[str]):
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
 
+    @classmethod
+    def from_arrays(cls, offsets: np.ndarray, buffer: np.ndarray) -> PackedStrings:
+        """The strings `arrays()` gave, without encoding them again."""
+        packed = cls(())
+        packed._offsets, packed._buffer = offsets, buffer
+        return packed
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, UTF-8 buffer): what `from_arrays` takes back, to store on disk."""
+        return self._offsets, self._buffer
+
 
 class PackedLists(Sequence[list[str]]):
     """An immutable list of lists of str (each record's captions), packed the same way."""
@@ -58,3 +69,12 @@ class PackedLists(Sequence[list[str]]):
 
     def __iter__(self) -> Iterator[list[str]]:
         return (json.loads(text) for text in self._packed)
+
+    @classmethod
+    def from_arrays(cls, offsets: np.ndarray, buffer: np.ndarray) -> PackedLists:
+        packed = cls(())
+        packed._packed = PackedStrings.from_arrays(offsets, buffer)
+        return packed
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._packed.arrays()

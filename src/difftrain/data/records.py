@@ -93,6 +93,10 @@ class RecordSource(ABC):
     def read(self, index: int) -> RawRecord:
         """Record `index` (0 <= index < len); raises BadRecord if it cannot be read as stored."""
 
+    # What decides each record's captions besides the files themselves (open_source's arguments): part of the
+    # key of the cache's record summary (record_summary.py).
+    settings: str = ""
+
     def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
         """What the latent cache needs of record `index` without reading it, the SHA-256 of its data and its
         captions, when this source already holds both (a folder scan hashes each image it decodes); None: the

@@ -104,9 +104,17 @@ def open_source(
     if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
         raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
     finish_interrupted_curate(path)
+    source = _open_kind(kind, path, image_key, caption_key, captions, caption_extension, max_pixels,
+                        Path(index_dir) if index_dir else None, progress, conditioning, hf)
+    source.settings = repr((kind, image_key, caption_key, captions, caption_extension, max_pixels, hf))
+    return source
+
+
+def _open_kind(kind: str, path: str | Path, image_key: str, caption_key: str, captions: str, caption_extension: str,
+               max_pixels: int, index_dir: Path | None, progress: bool, conditioning: ConditioningFiles | None,
+               hf: HFOptions | None) -> RecordSource:
     if kind == "folder":
-        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning,
-                            Path(index_dir) if index_dir else None)
+        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning, index_dir)
     if captions not in ("auto", "none"):
         raise DatasetError(
             f"data.captions = {captions!r} applies to folder sources only; with data.source = {kind} use "
@@ -121,11 +129,10 @@ def open_source(
     if kind == "hf":
         from difftrain.data.hf import HFOptions, open_hf
 
-        return open_hf(str(path), hf or HFOptions(), captions != "none", max_pixels,
-                       Path(index_dir) if index_dir else None, progress)
+        return open_hf(str(path), hf or HFOptions(), captions != "none", max_pixels, index_dir, progress)
     cls = LaionSource if kind == "laion" else WebDatasetSource
     location = str(path) if is_url(path) else Path(path)
-    return cls(location, captions != "none", max_pixels, Path(index_dir) if index_dir else None, progress)
+    return cls(location, captions != "none", max_pixels, index_dir, progress)
 
 
 # --- files on disk ------------------------------------------------------------------------

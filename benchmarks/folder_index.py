@@ -12,7 +12,10 @@ wall and CPU seconds: the scan is one thread, so CPU time is the steadier figure
 
 Then a cached run's start after the scan: the latent cache's walk over every record with the
 cache full (a stand-in encoder fills it first), as it went before the scan kept each file's
-hash (every image read and hashed again) and as it goes now (no image read).
+hash (every image read and hashed again) and as it goes now (no image read). Last, the same
+images as webdataset shards: the walk of the first cached start (every shard read and hashed),
+and of the next one, which takes the hashes and captions that walk left in the cache
+(record_summary.py) and reads no shard.
 """
 
 from __future__ import annotations
@@ -93,22 +96,15 @@ def main() -> None:
             print(f"{label:<30} {wall:8.2f} {cpu:8.2f}  {first[0] / wall:5.1f}x {first[1] / cpu:5.1f}x")
         print(f"first start: {args.images / first[0]:,.0f} images/s wall")
         cached_start(source, Path(tmp) / "cache")
+        shard_start(source, Path(tmp))
 
 
 def cached_start(source, cache: Path) -> None:
     """The latent cache walk with the cache full: reading and hashing every record against the scan's hashes."""
-    from difftrain.data.cache import CacheEncoders
-    from difftrain.data.dataset import ImageDataset
-
-    def walk(**known) -> tuple[float, float]:
-        data = ImageDataset(source, 16, "center", False, 0, 64_000_000)
+    def walk(**known) -> tuple[tuple[float, float], dict]:
         with patched(source, **known):
-            wall, cpu = time.perf_counter(), time.process_time()
-            counts = data.fill_cache(encoders, cache, progress=False)
-            return (time.perf_counter() - wall, time.process_time() - cpu), counts
+            return timed_walk(source, cache)
 
-    small = lambda pixels: pixels[:, :, ::8, ::8].contiguous()  # noqa: E731  (the cache walk is measured, not the VAE)
-    encoders = CacheEncoders(latents=lambda pixels: (small(pixels), small(pixels)), latent_tag="bench")
     filled, counts = walk()
     assert counts["latents computed"] == len(source)
     (read_all, counts_read), (now, counts_now) = walk(known_record=lambda index: None), walk()
@@ -116,6 +112,46 @@ def cached_start(source, cache: Path) -> None:
     print(f"\ncached start (cache walk, {len(source):,} records, cache full) {'wall s':>8} {'CPU s':>8}")
     print(f"{'every record read and hashed (before)':<52} {read_all[0]:8.2f} {read_all[1]:8.2f}")
     print(f"{'hashes from the folder scan (now)':<52} {now[0]:8.2f} {now[1]:8.2f}  "
+          f"{read_all[0] / now[0]:5.1f}x {read_all[1] / now[1]:5.1f}x")
+
+
+def timed_walk(source, cache: Path) -> tuple[tuple[float, float], dict]:
+    """((wall s, CPU s), counts) of one latent cache walk over `source` at 16 px, with a stand-in encoder."""
+    from difftrain.data.cache import CacheEncoders
+    from difftrain.data.dataset import ImageDataset
+
+    small = lambda pixels: pixels[:, :, ::8, ::8].contiguous()  # noqa: E731  (the cache walk is measured, not the VAE)
+    encoders = CacheEncoders(latents=lambda pixels: (small(pixels), small(pixels)), latent_tag="bench")
+    data = ImageDataset(source, 16, "center", False, 0, 64_000_000)
+    wall, cpu = time.perf_counter(), time.process_time()
+    counts = data.fill_cache(encoders, cache, progress=False)
+    return (time.perf_counter() - wall, time.process_time() - cpu), counts
+
+
+def shard_start(folder_source, work: Path) -> None:
+    """The cache walk with the cache full over the same images as webdataset shards: every shard read and hashed
+    (each start before the record summary), and hashes from the summary the walk before left (no shard read)."""
+    import shutil
+
+    from difftrain.data.shards import build_shards
+    from difftrain.data.sources import open_source
+
+    def opened():
+        return open_source("webdataset", work / "shards" / "filelist.txt", progress=False)
+
+    build_shards(folder_source, work / "shards", "webdataset", records_per_shard=1000, progress=False)
+    cache = work / "shard-cache"
+    _, filled = timed_walk(opened(), cache)
+    assert filled["latents computed"] == len(folder_source)
+    shutil.rmtree(cache / "records")  # as if this difftrain kept none
+    (read_all, counts_read), now_source = timed_walk(opened(), cache), opened()
+    now, counts_now = timed_walk(now_source, cache)
+    assert counts_read["latents found"] == counts_now["latents found"] == len(folder_source)
+    assert now_source.shard_loads == 0
+    print(f"\ncached start over {len(now_source.shard_sizes)} webdataset shards of the same records "
+          f"{'wall s':>8} {'CPU s':>8}")
+    print(f"{'every shard read and hashed (before)':<52} {read_all[0]:8.2f} {read_all[1]:8.2f}")
+    print(f"{'hashes from the record summary (now)':<52} {now[0]:8.2f} {now[1]:8.2f}  "
           f"{read_all[0] / now[0]:5.1f}x {read_all[1] / now[1]:5.1f}x")
 
 

@@ -115,6 +115,7 @@ def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir,
     first = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert first["latents computed"] == 24 and first["texts computed"] == 13
     assert reads == Counter(range(24))  # read to be encoded, never to be hashed: the folder scan hashed them
+    assert not (tmp_path / "cache" / "records").exists()  # so no record summary either (record_summary.py)
     reads.clear()
     Image.new("RGB", (16, 16), (0, 0, 0)).save(data / "000005.png")
     again = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)

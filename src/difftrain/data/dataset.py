@@ -255,6 +255,7 @@ class ImageDataset(Dataset):
         # What an earlier walk over the same data learnt, for a source that holds no hashes of its own.
         summary_file = summary_path(cache_dir, self.source) if latents and not reads_records else None
         summary = load_summary(summary_file, len(self)) if summary_file is not None else None
+        hashed_here = False  # whether a record was read to be hashed: then a summary is worth writing
 
         def views(index: int, digest: bytes, size) -> tuple[list, list]:
             """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
@@ -292,6 +293,7 @@ class ImageDataset(Dataset):
                 if conditions:
                     self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
                 digest = hashlib.sha256(record.data).digest() if known is None else known[0]
+                hashed_here |= known is None
                 missing, missing_conditions = views(index, digest, size)
                 if (missing or missing_conditions) and mine and record is None:
                     try:
@@ -335,7 +337,7 @@ class ImageDataset(Dataset):
         flush_texts(force=True)
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
-        if summary_file is not None and summary is None:
+        if summary_file is not None and summary is None and hashed_here:
             save_summary(summary_file, self.hashes, self.captions)
         return counts
 

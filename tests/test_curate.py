@@ -114,6 +114,12 @@ def test_clip_filter_drops_the_mismatched_captions_and_a_new_threshold_needs_no_
     assert report["not_judged_by_clip"] == len(UNCAPTIONED) + 2  # and small.png, wide.png
     threshold = (sum(right) / len(right) + sum(wrong) / len(wrong)) / 2
     assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.2
+    # A trigger word goes on after the filter: it changes no score, and an uncaptioned record stays unjudged.
+    prefixed = _curate(messy, tmp_path / "prefixed", "--clip", str(tiny_clip), "--clip-min", "0.0",
+                       "--caption-prefix", "sks, ")
+    assert {key: row["scores"].get("clip") for key, row in _scores(tmp_path / "prefixed").items()} == \
+        {key: row["scores"].get("clip") for key, row in rows.items()}
+    assert prefixed["not_judged_by_clip"] == report["not_judged_by_clip"]
     # the same CLIP numbers as `difftrain eval`'s CLIP score (x100, clamped at 0)
     from difftrain.evaluate.clip_score import ClipScorer
 

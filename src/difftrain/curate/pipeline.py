@@ -8,8 +8,8 @@ rejects it, and the report says which, why, and with what score):
 3. aesthetic  LAION's predictor on the CLIP image embedding below `aesthetic_min`;
    caption    (drops nothing) an image-to-text model writes captions for the records kept
               (`caption_mode`: replace every caption, fill only missing ones, or append to
-              what is there), and `caption_prefix` (a trigger word) goes in front of every
-              caption;
+              what is there); `caption_prefix` (a trigger word) goes in front of every
+              caption last, after the CLIP filter, which it would skew;
 4. clip       cosine between the CLIP image embedding and its best caption's below
               `clip_min`, judged on the captions the output will hold (a caption about to be
               replaced is not judged; records left without one are not judged, and counted);
@@ -92,15 +92,18 @@ def curate(source: RecordSource, out: str | Path, options: CurateOptions,
     try:
         features = _Features(source, cache, options, timer)
         items = _read(source, shard_slice(len(source), options.shard), features)
-        _filter_aesthetic(items, options)
+        _filter_below(items, "aesthetic", options.aesthetic_min, "aesthetic score {:.2f} < {}")
         features.caption([i for i in items if i.step is None])
         if options.clip_min is not None:
-            features.score_captions([i for i in items if i.step is None])
-            _filter_clip(items, options)
+            # Those the aesthetic filter dropped too, on their own captions: the report shows every score, and a
+            # lower --aesthetic-min next time finds their text embeddings cached.
+            features.score_captions([i for i in items if i.step in (None, "aesthetic")])
+            _filter_below(items, "clip", options.clip_min, "CLIP image-caption cosine {:.3f} < {}")
         if final:
             started, candidates = time.perf_counter(), [i for i in items if i.step is None]
             _drop_duplicates(candidates, features, options)
             timer.add("dedupe", time.perf_counter() - started, len(candidates))
+        features.add_prefix(items)
     finally:
         cache.close()
     result = CurateResult(items, timer.timings)
@@ -215,20 +218,14 @@ def _filter_size(item: Item, options: CurateOptions) -> None:
         item.drop("size", f"{item.nbytes} bytes > {options.max_file_size}")
 
 
-def _filter_aesthetic(items: list[Item], options: CurateOptions) -> None:
-    if options.aesthetic_min is None:
+def _filter_below(items: list[Item], score: str, minimum: float | None, reason: str) -> None:
+    """Drop the kept records whose `score` is below `minimum` (records without that score are not judged)."""
+    if minimum is None:
         return
     for item in items:
-        aesthetic = item.scores.get("aesthetic")
-        if item.step is None and aesthetic is not None and aesthetic < options.aesthetic_min:
-            item.drop("aesthetic", f"aesthetic score {aesthetic:.2f} < {options.aesthetic_min}")
-
-
-def _filter_clip(items: list[Item], options: CurateOptions) -> None:
-    for item in items:
-        clip = item.scores.get("clip")
-        if item.step is None and clip is not None and clip < options.clip_min:
-            item.drop("clip", f"CLIP image-caption cosine {clip:.3f} < {options.clip_min}")
+        value = item.scores.get(score)
+        if item.step is None and value is not None and value < minimum:
+            item.drop(score, reason.format(value, minimum))
 
 
 def _drop_duplicates(items: list[Item], features: "_Features", options: CurateOptions) -> None:
@@ -363,7 +360,7 @@ class _Features:
 
     def _score(self, items: list[Item], vectors: np.ndarray) -> None:
         """The aesthetic scores and dedupe embeddings of one batch; vectors are its (N, D) CLIP image embeddings."""
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        vectors = _unit(vectors)
         if "clip" in self.options.dedupe:
             self.embeddings.update(zip((item.index for item in items), vectors))
         if self.options.aesthetic:
@@ -379,8 +376,7 @@ class _Features:
             vectors = self.cache.get(self.image_space, [item.sha256 for item in batch])
             texts = iter(self._text_embeddings([caption for item in batch for caption in item.captions_out]))
             for item in batch:
-                image = unpack_vector(vectors[item.sha256])
-                image = image / max(np.linalg.norm(image), 1e-12)
+                image = _unit(unpack_vector(vectors[item.sha256]))
                 item.scores["clip"] = max(float(image @ next(texts)) for _ in item.captions_out)
 
     def _text_embeddings(self, texts: list[str]) -> list[np.ndarray]:
@@ -394,8 +390,7 @@ class _Features:
             self.cache.put(space, found)
             cached.update(found)
             self.timer.add("clip text", time.perf_counter() - started, len(todo))
-        vectors = [unpack_vector(cached[key]) for key in keys]
-        return [v / max(np.linalg.norm(v), 1e-12) for v in vectors]
+        return [_unit(unpack_vector(cached[key])) for key in keys]
 
     def caption(self, items: list[Item]) -> None:
         o = self.options
@@ -418,10 +413,14 @@ class _Features:
                         item.new_captions = _combine(item.captions, found[item.sha256].decode(), o.caption_mode)
                 bar.update(len(batch))
             bar.close()
-        if o.caption_prefix:
-            for item in items:
-                if item.step is None:
-                    item.new_captions = [o.caption_prefix + c for c in item.captions_out] or [o.caption_prefix.strip()]
+
+    def add_prefix(self, items: list[Item]) -> None:
+        """The trigger word in front of every kept record's captions: after the CLIP filter, which judges what the
+        captions say of the image, not a made-up token."""
+        prefix = self.options.caption_prefix
+        for item in items:
+            if prefix and item.step is None:
+                item.new_captions = [prefix + c for c in item.captions_out] or [prefix.strip()]
 
     def _reread(self, items: list[Item]) -> list[tuple[Item, bytes]]:
         """(item, its bytes) for a later pass, in source order (shard sources then read each shard once);
@@ -435,6 +434,11 @@ class _Features:
             except BadRecord as reason:
                 item.drop("read", str(reason))
         return batch
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` (one, or one per row) scaled to unit length."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 def _check_unchanged(data: bytes, item: Item) -> None:

@@ -28,7 +28,7 @@ from difftrain.data.records import BadRecord, RecordSource
 
 SHEET_MAX = 60  # thumbnails per section: enough to judge a threshold, small enough to open anywhere
 THUMB = 128
-STEPS = ("read", "size", "clip", "aesthetic", "duplicate")
+STEPS = ("read", "size", "aesthetic", "clip", "duplicate")  # the order they drop a record in
 _KEPT, _DROPPED = (60, 150, 90), (200, 70, 60)
 
 
@@ -58,8 +58,8 @@ def _summary(source: RecordSource, result: CurateResult, options: CurateOptions,
         "output": str(result.out),
         "settings": settings,
         "counts": counts(result.items),
-        "not_judged_by_clip": (sum(not item.captions_out for item in result.items if item.step in (None, "duplicate"))
-                               if options.clip_min is not None else 0),
+        "not_judged_by_clip": (sum("clip" not in item.scores for item in result.items
+                                   if item.step in (None, "duplicate")) if options.clip_min is not None else 0),
         "timings": {step: {"seconds": round(seconds, 3), "records": n,
                            "per_second": round(n / seconds, 1) if seconds > 0 else None}
                     for step, (seconds, n) in result.timings.items()},

@@ -245,7 +245,13 @@ def time_embedding_error(unet, config_dir: Path) -> float:
     from diffusers.models.embeddings import get_timestep_embedding
 
     config = json.loads((config_dir / "config.json").read_text())
-    linear_1 = next(node for node in unet.graph.node if "time_embedding/linear_1" in node.name)
+    reached = {"timestep"}  # the first layer with weights the timestep reaches: the time embedding's linear_1
+    for node in unet.graph.node:
+        if reached.intersection(node.input):
+            if node.op_type in ("Gemm", "MatMul"):
+                linear_1 = node
+                break
+            reached.update(node.output)
     unet.graph.output.append(onnx.helper.make_tensor_value_info(linear_1.input[0], onnx.TensorProto.FLOAT16, None))
     session = onnxruntime.InferenceSession(unet.SerializeToString(), providers=["CPUExecutionProvider"])
     timesteps = np.array([999.0, 923.47, 1.0], np.float32)  # Karras and Euler schedules give fractional ones
@@ -255,6 +261,24 @@ def time_embedding_error(unet, config_dir: Path) -> float:
     exact = get_timestep_embedding(torch.from_numpy(timesteps).double(), fed.shape[1], flip_sin_to_cos=True,
                                    downscale_freq_shift=config["freq_shift"])
     return float(np.abs(fed.astype(np.float64) - exact.numpy()).max())
+
+
+def test_the_dynamo_exporters_fp16_unet_keeps_only_the_timestep_path_in_fp32(tiny_sd, tmp_path, capsys):  # noqa: F811
+    import onnx
+
+    assert main(["export", str(tiny_sd), str(tmp_path / "17"), "--exporter", "dynamo", "--opset", "17"]) == 2
+    assert "give --opset 18 or more, or leave --opset out" in capsys.readouterr().err
+    assert main(["export", str(tiny_sd), str(tmp_path / "fp16"), "--exporter", "dynamo", "--precision", "fp16",
+                 "--no-progress"]) == 0
+    unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
+    # Its node names carry no module path: the path is found by structure, not the whole UNet left in fp32.
+    weights = {i.name: i.data_type for i in unet.graph.initializer if len(i.dims) > 1}
+    assert [name for name, kind in weights.items() if kind == onnx.TensorProto.FLOAT] == ["unsqueeze_1"]  # frequencies
+    assert time_embedding_error(unet, tiny_sd / "unet") < 1e-3
+    for part in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
+        onnx.checker.check_model(onnx.load(str(tmp_path / "fp16" / part / "model.onnx")))
+    plain = pixels(generate(tiny_sd, tmp_path / "plain")[0])
+    assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
 
 
 def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd, tmp_path):  # noqa: F811

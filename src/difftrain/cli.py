@@ -394,7 +394,7 @@ def _export(args: argparse.Namespace) -> int:
         if "clip_drop" in gate:
             verdict += (f"; CLIP score {gate['clip_score_int8']:.2f} against fp32's {gate['clip_score_fp32']:.2f}, "
                         f"allowed drop {gate['max_clip_drop']:.2f}")
-    print(f"wrote {out} (ONNX opset {args.opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
+    print(f"wrote {out} (ONNX opset {options.opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
           f"difftrain generate {out} --prompt ... runs it on ONNX Runtime")
     return 0
 
@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--controlnet", action="store_true", help="the UNet takes ControlNet residuals as inputs")
     onnx.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
     onnx.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs")
-    onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument("--opset", type=int, help="ONNX opset (default 17; 18 with --exporter dynamo, its least)")
     onnx.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     onnx.add_argument("--no-progress", action="store_true")
     onnx.set_defaults(run=_export)

@@ -20,6 +20,7 @@ under a second, a one-off measurement, not a benchmark of the repository).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -31,7 +32,12 @@ import torch
 from difftrain.errors import DifftrainError
 from difftrain.models.onnx import PARTS, onnxruntime
 
+log = logging.getLogger(__name__)
+
 OPSET = 17
+# torch's dynamo exporter writes opset-18 operators (Split's num_outputs) and cannot convert its Pad down to 17:
+# at 17 its graphs failed ONNX's checker and ONNX Runtime's loader.
+DYNAMO_OPSET = 18
 
 
 class ExportError(DifftrainError):
@@ -48,7 +54,7 @@ class ExportOptions:
     controlnet: bool = False  # the UNet takes ControlNet residuals as inputs
     use_ema: bool = True
     config: str | None = None  # single files: the diffusers folder holding their configs
-    opset: int = OPSET
+    opset: int | None = None  # None: OPSET, or DYNAMO_OPSET with the dynamo exporter
     exporter: str = "torchscript"  # torchscript | dynamo
     min_psnr: float | None = None  # int8: the quality gate's floor; None: quality.DEFAULT_MIN_PSNR
     force: bool = False  # write an int8 model that fails the gate
@@ -66,6 +72,11 @@ class ExportOptions:
             raise ExportError("--quantize int8 starts from the fp32 graphs; drop --precision fp16")
         if self.exporter not in ("torchscript", "dynamo"):
             raise ExportError(f"--exporter {self.exporter}: choose torchscript or dynamo")
+        if self.opset is None:
+            self.opset = DYNAMO_OPSET if self.exporter == "dynamo" else OPSET
+        if self.exporter == "dynamo" and self.opset < DYNAMO_OPSET:
+            raise ExportError(f"--opset {self.opset} with --exporter dynamo: it writes opset-{DYNAMO_OPSET} operators; "
+                              f"give --opset {DYNAMO_OPSET} or more, or leave --opset out")
         if (self.gate_clip or self.max_clip_drop is not None) and not self.quantize:
             raise ExportError("--gate-clip and --max-clip-drop belong to the int8 quality gate: add --quantize int8")
         if self.gate_clip:
@@ -304,17 +315,23 @@ def _timestep_path(path: Path) -> list[str]:
     The sinusoidal embedding takes sin and cos of timestep x frequency, up to ~1,000 radians, where
     fp16's spacing is 0.5: computed in fp16 its values were off by up to 0.3 near t = 1,000 (0.14 on
     the tiny test UNet). The Constant nodes feeding the path (the frequencies) stay fp32 with it.
+    The path ends at the first layer with weights (a Gemm, MatMul or Conv), found by the graph's
+    structure: the dynamo exporter's node names carry no module path.
     """
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     reached, path_nodes = {"timestep"}, []
     for node in graph.node:  # ONNX lists nodes in topological order
-        if "time_embedding/" not in node.name and reached.intersection(node.input):
+        if node.op_type not in ("Gemm", "MatMul", "Conv") and reached.intersection(node.input):
             path_nodes.append(node)
             reached.update(node.output)
+    if len(path_nodes) > 64 or any(not node.name for node in path_nodes):  # not the small path this expects
+        log.warning("%s: the timestep's path to the time embedding was not found (%d nodes); it is converted to "
+                    "fp16 with the rest", path, len(path_nodes))
+        return []
     inputs = {name for node in path_nodes for name in node.input}
-    constants = [n.name for n in graph.node if n.op_type == "Constant" and inputs.issuperset(n.output)]
+    constants = [n.name for n in graph.node if n.op_type == "Constant" and n.name and inputs.issuperset(n.output)]
     return [n.name for n in path_nodes] + constants
 
 
@@ -324,15 +341,25 @@ def _without_fp16_round_trips(graph, kept_fp32: list[str]) -> None:
     The converter casts every blocked node's output to fp16 and back to fp32 for the next blocked
     node, which rounds the value on its way as if the node were not blocked at all.
     """
+    from onnx import AttributeProto, TensorProto
+
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for node in graph.node for a in node.attribute):
+        return  # control flow reads outer names from inside its bodies, which the rewiring below does not follow
     producer = {output: node for node in graph.node for output in node.output}
-    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == 1}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+
+    def cast_to(name: str) -> int | None:
+        """The type a Cast node makes `name` of, None if `name` is not a Cast's output."""
+        node = producer.get(name)
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
 
     def fp32_source(name: str) -> str | None:
         """The fp32 value the fp16 `name` was cast from, if `name` is such a cast."""
-        cast = producer.get(name)
-        if cast is None or cast.op_type != "Cast" or cast.attribute[0].i != 10:
+        if cast_to(name) != TensorProto.FLOAT16:
             return None
-        source = cast.input[0]
+        source = producer[name].input[0]
         return source if source in fp32_inputs or source.endswith("_cast_to_fp16") else None
 
     blocked = set(kept_fp32)
@@ -340,11 +367,8 @@ def _without_fp16_round_trips(graph, kept_fp32: list[str]) -> None:
         if node.name not in blocked:
             continue
         for i, name in enumerate(node.input):
-            cast = producer.get(name)
-            if cast is not None and cast.op_type == "Cast" and cast.attribute[0].i == 1:
-                source = fp32_source(cast.input[0])
-                if source is not None:
-                    node.input[i] = source
+            if cast_to(name) == TensorProto.FLOAT and (source := fp32_source(producer[name].input[0])) is not None:
+                node.input[i] = source
     _drop_unread_casts(graph)
 
 

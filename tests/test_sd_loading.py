@@ -328,6 +328,13 @@ def test_hub_ids_load_offline_from_the_hf_cache_and_are_checked_by_kind(tiny, ti
     assert equal(from_hub.unet, from_folder.unet.state_dict()) and equal(from_hub.vae, from_folder.vae.state_dict())
     hub_cache(cache, "someone/other-sd", tiny_b)
     assert equal(load_sd(str(tiny), vae="someone/other-sd").vae, weights(tiny_b, "vae"))  # a part by hub id
+    # A local folder named like the owner does not hide a cached hub id (a missing local path would be named).
+    (tmp_path / "work" / "someone").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert equal(load_sd("someone/tiny-sd").unet, from_folder.unet.state_dict())
+    with pytest.raises(ModelLoadError, match="someone/ is a local folder, so this is read as a local path"):
+        load_sd("someone/not-cached")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError, match=r"someone/tiny-xl: a StableDiffusionXLPipeline; difftrain trains"):
         load_sd("someone/tiny-xl")
     # What users run: `difftrain generate owner/name` draws what the same folder on disk draws.

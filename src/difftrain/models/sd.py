@@ -112,11 +112,12 @@ def _locate_missing(role: str, spec: str) -> _Where:
 
     `runs/my-rnu` has a hub id's shape, but where `runs/` is a local folder it is a mistyped
     path: looking it up on the Hub would only wait out the retries and then blame the network.
+    Unless the HF cache holds that id: a `stabilityai/` folder beside a cached stabilityai model.
     """
     looks_like_file = spec.startswith((".", "~")) or spec.endswith((".json",) + SINGLE_FILE_SUFFIXES)
     parent = Path(spec).expanduser().parent
     local_parent = "/" in spec and parent.is_dir()
-    if HUB_ID.match(spec) and not looks_like_file and not local_parent:
+    if HUB_ID.match(spec) and not looks_like_file and (not local_parent or _in_hf_cache(spec)):
         return _Where("hub", spec)
     hint = ""
     if parent.is_dir():
@@ -127,6 +128,12 @@ def _locate_missing(role: str, spec: str) -> _Where:
     if HUB_ID.match(spec) and local_parent:
         hint += f"; {parent}/ is a local folder, so this is read as a local path, not a hub id"
     raise ModelLoadError(f"{role}: {spec} does not exist (check the path{hint})")
+
+
+def _in_hf_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in ("model_index.json", "config.json"))
 
 
 def _locate_part(name: str, spec: str) -> _Where:

@@ -29,7 +29,7 @@ from difftrain.data.captions import CaptionTags
 from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.packed import PackedLists
-from difftrain.data.record_summary import load_summary, save_summary, summary_path
+from difftrain.data.record_summary import SummaryLookup
 from difftrain.data.sampler import ResumableBatches, copy_suffix
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
@@ -253,9 +253,7 @@ class ImageDataset(Dataset):
         # filled would have nothing to read. Which records those are is found again at every start.
         reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
         # What an earlier walk over the same data learnt, for a source that holds no hashes of its own.
-        summary_file = summary_path(cache_dir, self.source) if latents and not reads_records else None
-        summary = load_summary(summary_file, len(self)) if summary_file is not None else None
-        hashed_here = False  # whether a record was read to be hashed: then a summary is worth writing
+        summaries = SummaryLookup(cache_dir, self.source) if latents and not reads_records else None
 
         def views(index: int, digest: bytes, size) -> tuple[list, list]:
             """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
@@ -279,8 +277,8 @@ class ImageDataset(Dataset):
         for index in bar:
             mine = index % world_size == rank
             known = None if reads_records else self.source.known_record(index)
-            if known is None and summary is not None:
-                known = summary.known_record(index)
+            if known is None and summaries is not None:
+                known = summaries.known_record(index)
             try:
                 record = self.source.read(index) if known is None else None
             except BadRecord as reason:
@@ -293,7 +291,8 @@ class ImageDataset(Dataset):
                 if conditions:
                     self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
                 digest = hashlib.sha256(record.data).digest() if known is None else known[0]
-                hashed_here |= known is None
+                if known is None and summaries is not None:
+                    summaries.read_to_hash = True
                 missing, missing_conditions = views(index, digest, size)
                 if (missing or missing_conditions) and mine and record is None:
                     try:
@@ -302,8 +301,10 @@ class ImageDataset(Dataset):
                         skip(index, reason, True)
                         continue
                     if (fresh := hashlib.sha256(record.data).digest()) != digest:
-                        # Changed since the folder scan: its keys are those of the bytes read now.
+                        # Changed since the folder scan (or the summary): its keys are those of the bytes read now.
                         missing, missing_conditions = views(index, fresh, size)
+                        if summaries is not None:
+                            summaries.stale = True
                 counts["latents found"] += len(self._flips()) - len(missing)
                 if conditions:
                     counts["conditions found"] += len(self._flips()) - len(missing_conditions)
@@ -337,8 +338,8 @@ class ImageDataset(Dataset):
         flush_texts(force=True)
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
-        if summary_file is not None and summary is None and hashed_here:
-            save_summary(summary_file, self.hashes, self.captions)
+        if summaries is not None:
+            summaries.finish(self.hashes, self.captions, write=rank == 0)  # the same file from every process
         return counts
 
 

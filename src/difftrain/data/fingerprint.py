@@ -38,7 +38,8 @@ def fingerprint_and_layout(source: RecordSource) -> tuple[dict, str]:
     digest = hashlib.sha256(repr(sorted(entries.items())).encode()).hexdigest()
     shape = sorted((os.path.basename(key) if os.path.isabs(key) else key, size, captions)
                    for key, (size, _, captions) in entries.items())
-    return ({"records": len(source), "files": len(entries), "digest": digest,
+    unversioned = sum(-1 in (size, mtime) for size, mtime, _ in entries.values())  # unknown: a change goes unseen
+    return ({"records": len(source), "files": len(entries), "digest": digest, "unversioned": unversioned,
              "entries": entries if len(entries) <= MAX_LISTED else None},
             hashlib.sha256(repr((len(source), shape)).encode()).hexdigest())
 

@@ -78,6 +78,19 @@ class RawRecord:
     conditioning: bytes | None = None  # its conditioning image file, encoded, for sources that hold one
 
 
+class KnownRecords:
+    """Per record, what the latent cache needs of it without reading it: the SHA-256 of its data (all zeros where
+    it is not known) and its captions. A folder scan's (sources.FileSource), or an earlier walk's (record_summary)."""
+
+    def __init__(self, hashes: np.ndarray, captions):
+        self.hashes, self.captions = hashes, captions  # (N, 32) uint8; a sequence of caption lists
+
+    def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
+        if not self.hashes[index].any():
+            return None
+        return self.hashes[index].tobytes(), self.captions[index]
+
+
 class RecordSource(ABC):
     description: str  # one line for the run summary
     skipped: list[tuple[str, str]]  # (where, reason) for everything left out while indexing

@@ -41,8 +41,8 @@ from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
-from difftrain.data.records import (BadRecord, RawRecord, RecordSource, Shard, ShardSource, describe_records, ShardEntry,
-                                    caption_list)
+from difftrain.data.records import (BadRecord, KnownRecords, RawRecord, RecordSource, Shard, ShardEntry, ShardSource,
+                                    caption_list, describe_records)
 from difftrain.data.remote import ShardUnreachable, is_url, join_url, open_url, read_text, url_name
 
 if TYPE_CHECKING:
@@ -154,8 +154,8 @@ class FileSource(RecordSource):
         self._keys, self._paths, self._captions = PackedStrings(keys), PackedStrings(paths), PackedLists(captions)
         self._conditioning = None if conditioning is None else PackedStrings(conditioning)
         # Each file's SHA-256 where the folder scan hashed it (all zeros: not known), 32 bytes a record.
-        self._digests = None if digests is None else np.frombuffer(
-            b"".join(d or bytes(32) for d in digests), dtype=np.uint8).reshape(-1, 32)
+        self._known = None if digests is None else KnownRecords(np.frombuffer(
+            b"".join(d or bytes(32) for d in digests), dtype=np.uint8).reshape(-1, 32), self._captions)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -176,9 +176,7 @@ class FileSource(RecordSource):
         return RawRecord(self._keys[index], data, self._captions[index], condition)
 
     def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
-        if self._digests is None or not self._digests[index].any():
-            return None
-        return self._digests[index].tobytes(), self._captions[index]
+        return None if self._known is None else self._known.known_record(index)
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         files = list(zip(self._keys, self._paths, self._captions))

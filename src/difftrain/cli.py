@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
     onnx.add_argument("--gate-steps", type=int, default=12, help="int8: the quality gate's sampling steps")
-    onnx.add_argument("--gate-size", type=int, help="int8: the gate's image side (default the model's native size)")
+    onnx.add_argument("--gate-size", type=int, help="int8: the gate's image side (default: the size the model was trained at)")
     onnx.add_argument("--gate-clip", metavar="MODEL",
                       help="int8: also compare the gate images' CLIP score to fp32's with this CLIP (folder or hub id)")
     onnx.add_argument("--max-clip-drop", type=float,

@@ -59,7 +59,7 @@ class ExportOptions:
     min_psnr: float | None = None  # int8: the quality gate's floor; None: quality.DEFAULT_MIN_PSNR
     force: bool = False  # write an int8 model that fails the gate
     gate_steps: int = 12  # the gate's sampling steps
-    gate_size: int | None = None  # the gate's image side (default: the model's native size)
+    gate_size: int | None = None  # the gate's image side (default: generate's, the size the model was trained at)
     gate_clip: str | None = None  # int8: also hold the CLIP score of the gate's images (a folder or hub id)
     max_clip_drop: float | None = None  # its allowed drop in points; None: quality.DEFAULT_MAX_CLIP_DROP
 

@@ -58,7 +58,7 @@ def quality_gate(reference, candidate: Path, min_psnr: float | None = None, step
     model, the drop of their CLIP score), and the verdict. `reference` is the fp32 model's gate_drawer (the
     export calibrates the int8 UNet with it first: one load for both).
 
-    `size`: the images' side (default the model's native size; a smaller one makes the gate of a
+    `size`: the images' side (default generate's: the size the model was trained at; a smaller one makes the gate of a
     large model affordable on a CPU, at the cost of measuring at a size it is not used at).
     """
     floor = DEFAULT_MIN_PSNR if min_psnr is None else float(min_psnr)

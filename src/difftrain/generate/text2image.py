@@ -324,8 +324,8 @@ class Drawer:
         pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
         configure_pipeline(pipe, options, device)
         pipe.set_progress_bar_config(disable=not progress)
-        native = default_size(pipe)
-        self.width, self.height = options.width or native, options.height or native
+        size = default_size(pipe)
+        self.width, self.height = options.width or size, options.height or size
         self.pipe, self.model_name = pipe, pipe.model_name
         init = None
         if options.init_image:

@@ -138,7 +138,7 @@ def _check_types(fields: dict, where: str) -> None:
         return " or ".join(dict.fromkeys(names[t] for t in (types if isinstance(types, tuple) else (types,))))
 
     for key, value in fields.items():
-        if key != "kind" and not isinstance(value, _FIELD_TYPES[key]):  # (kind: checked by name above)
+        if not isinstance(value, _FIELD_TYPES.get(key, object)):  # (kind: checked by name above)
             raise ManifestError(f"{where}: {key} is {value!r:.60}; it must be {json_name(_FIELD_TYPES[key])}")
     if fields.get("weights", "ema") not in ("ema", "raw"):
         raise ManifestError(f"{where}: weights is {fields['weights']!r}; it must be \"ema\" or \"raw\"")

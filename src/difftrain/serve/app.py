@@ -43,7 +43,7 @@ def _host_name(url_or_host: str) -> str:
 
 
 def _field_name(loc) -> str:
-    """A pydantic error's location as the field's dotted name ("alwayson_scripts.controlnet.args[0]" parts)."""
+    """A pydantic error's location as the field's dotted name ("alwayson_scripts.controlnet.args.0")."""
     return ".".join(str(part) for part in loc if part != "body")
 
 

@@ -137,20 +137,39 @@ def test_a_cached_start_over_unchanged_shards_reads_no_shard(tiny_sd, shapes_dir
     from difftrain.methods.text2image import TextToImage
     from difftrain.training.run_data import open_images
 
+    import io
+    import tarfile
+
     shards = tmp_path / "shards"
     assert main(["data", "build", str(shapes_dir), str(shards), "--format", "webdataset", "--per-shard", "10"]) == 0
+    # One PNG cut short after its header: indexed (its size reads), but it does not decode.
+    tar_path = sorted(shards.glob("*.tar"))[1]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        images = [member.name for member, _ in members if member.name.endswith(".png")]
+        for member, payload in members:
+            if member.name == images[2]:  # the shard's third record, the data set's 13th
+                payload = payload[:60]
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
     config = load_config(sd_config(tmp_path, shards / "filelist.txt", tiny_sd,
                                    data={"source": "webdataset", "captions": "auto", "random_flip": False,
                                          "cache": {"latents": True, "text": True}}))
     encoders = TextToImage(config).cache_encoders()
     first = open_images(config, progress=False)
     counts = first.fill_cache(encoders, tmp_path / "cache", progress=False)
-    assert counts["latents computed"] == 24 and first.source.shard_loads == 3
+    assert counts["latents computed"] == 23 and counts["skipped"] == 1 and first.source.shard_loads == 3
     again = open_images(config, progress=False)
     counts = again.fill_cache(encoders, tmp_path / "cache", progress=False)
-    # Hashes and captions from the first walk's summary: no shard read, the same keys and captions.
-    assert counts["latents found"] == 24 and counts["texts computed"] == 0 and again.source.shard_loads == 0
-    assert np.array_equal(again.hashes, first.hashes) and list(again.captions) == list(first.captions)
+    # Hashes and captions from the first walk's summary: no shard read, the broken record skipped unread, the same
+    # keys and captions, and the same latent drawn in the broken record's place.
+    assert counts["latents found"] == 23 and counts["skipped"] == 1 and counts["texts computed"] == 0
+    assert again.source.shard_loads == 0
+    assert list(again.captions) == [c if i != 12 else [] for i, c in enumerate(first.captions)]
+    broken = next(i for i in range(24) if not again.hashes[i].any())
+    assert broken == 12 and np.array_equal(np.delete(again.hashes, 12, 0), np.delete(first.hashes, 12, 0))
+    assert again._cached_latent(12, False)[:1] == first._cached_latent(12, False)[:1] == (13,)
     # A shard written again is a new fingerprint: the walk reads the data again, and keys what it reads.
     shard = sorted(shards.glob("*.tar"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))

@@ -279,6 +279,10 @@ class ImageDataset(Dataset):
             known = None if reads_records else self.source.known_record(index)
             if known is None and summaries is not None:
                 known = summaries.known_record(index)
+                if summaries.known_broken(index):
+                    skip(index, BadImage(f"record {index} did not decode at an earlier start (the cache's record "
+                                         "summary says)"), latents and mine)
+                    continue
             try:
                 record = self.source.read(index) if known is None else None
             except BadRecord as reason:
@@ -314,6 +318,8 @@ class ImageDataset(Dataset):
                         condition = self.conditions.load(record, image) if missing_conditions else None
                     except BadImage as reason:
                         skip(index, reason, True)
+                        if summaries is not None:
+                            summaries.broken[index] = True
                         continue
                     queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
@@ -326,6 +332,10 @@ class ImageDataset(Dataset):
                     pending_texts[key] = caption
                 flush_texts()
         for index in unreadable:
+            if summaries is not None and (position := summaries.replacement(index, self.hashes)) is not None:
+                missing, missing_conditions = views(position, self.hashes[position].tobytes(), self.target_size(index))
+                if not missing and not missing_conditions:
+                    continue  # encoded in its place at an earlier start: nothing need be read
             position, record, image, condition, _ = self._read(index)  # what the uncached path reads instead
             if conditions:
                 self.condition_hashes[position] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
@@ -339,7 +349,7 @@ class ImageDataset(Dataset):
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
         if summaries is not None:
-            summaries.finish(self.hashes, self.captions, write=rank == 0)  # the same file from every process
+            summaries.finish(self.hashes, self.captions, write=world_size == 1)  # (each decoded only its share)
         return counts
 
 

@@ -3,11 +3,13 @@
 Filling the cache walks every record to key it by its content's SHA-256 and to collect its
 captions. A folder's scan already holds both (folder_index.py); shard, jsonl and Hugging Face
 sources do not, so each start of a cached run read the whole data set again: every shard,
-downloaded again when it is a URL, and on every process. After a walk, each process writes
+downloaded again when it is a URL, and on every process. After a walk, difftrain writes
 the hashes and captions it found into the cache directory, keyed by the source's fingerprint
 (each file's size and time, or a remote's size and ETag: fingerprint.py, as resume trusts
 them) and the settings that decide a record's captions; the next start over the same data
-reads that file and only the records it lacks (unreadable ones, found again each start).
+reads that file and only the records it lacks. It is written by a walk of one process (a
+launch's second walk, in which each process takes every record), which alone has decoded
+every record it needed and so knows which do not decode.
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ SUMMARY_VERSION = 1  # bump when what a summary holds, or how records are hashed
 class SummaryLookup:
     """The cache's summary of `source`, looked for at the first record the source does not know itself (a
     folder's scan knows them all: its data is then never fingerprinted here), and written after a walk that had
-    to read records to hash them. A record found changed under an unchanged fingerprint makes it stale."""
+    to read records to hash them. A record found changed under an unchanged fingerprint makes it stale.
+
+    It also marks the records whose bytes did not decode (BadImage: a JPEG cut short after its header),
+    which the next start skips without reading, as it does the reads in between to find the record
+    read in their place. A record that could not be read at all (BadRecord: perhaps a passing I/O
+    error) is not marked: it is tried again at each start.
+    """
 
     def __init__(self, cache_dir: str | Path, source: RecordSource):
         self.cache_dir, self.source = cache_dir, source
         self.path: Path | None = None
         self.summary: KnownRecords | None = None
+        self.summary_broken: np.ndarray | None = None
+        self.broken = np.zeros(len(source), dtype=bool)  # found in this walk
         self.looked = False
         self.read_to_hash = False  # a record was read to be hashed in this walk
         self.stale = False
@@ -45,17 +55,33 @@ class SummaryLookup:
         if not self.looked:
             self.looked = True
             self.path = summary_path(self.cache_dir, self.source)
-            self.summary = load_summary(self.path, len(self.source)) if self.path is not None else None
+            if self.path is not None and (found := load_summary(self.path, len(self.source))) is not None:
+                self.summary, self.summary_broken = found
         return self.summary.known_record(index) if self.summary is not None else None
 
+    def known_broken(self, index: int) -> bool:
+        """Whether the summary says record `index` does not decode (known_record was asked first)."""
+        return self.summary_broken is not None and bool(self.summary_broken[index])
+
+    def replacement(self, index: int, hashes: np.ndarray) -> int | None:
+        """The record read in place of the broken `index` (the next that decodes, as ImageDataset._read finds
+        it), when the summary and this walk know it without reading; None: read to find it."""
+        for offset in range(1, len(hashes)):
+            position = (index + offset) % len(hashes)
+            if self.broken[position] or self.known_broken(position):
+                continue
+            return position if hashes[position].any() else None
+        return None
+
     def finish(self, hashes: np.ndarray, captions: PackedLists, write: bool) -> None:
-        """After the walk: drop a stale summary; with `write` (one process), save a new one if it was worth it."""
+        """After the walk: drop a stale summary; with `write` (a walk that decoded every record it had to, so
+        knows every broken one), save a new one if it was worth it and no other process has yet."""
         if self.path is None:
             return
         if self.stale:
             self.path.unlink(missing_ok=True)
-        elif write and self.summary is None and self.read_to_hash:
-            save_summary(self.path, hashes, captions)
+        elif write and self.summary is None and self.read_to_hash and not self.path.exists():
+            save_summary(self.path, hashes, captions, self.broken)
 
 
 def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
@@ -71,15 +97,17 @@ def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
     return Path(cache_dir) / "records" / f"{key}.npz"
 
 
-def load_summary(path: Path, count: int) -> KnownRecords | None:
-    """The summary at `path` if there is a usable one for `count` records; a damaged one is ignored (walked again)."""
+def load_summary(path: Path, count: int) -> tuple[KnownRecords, np.ndarray] | None:
+    """(known records, broken flags) from `path` if it holds a usable summary for `count` records; a damaged one
+    is ignored (the records are walked again)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            hashes, offsets, buffer = stored["hashes"], stored["offsets"], stored["buffer"]
+            hashes, offsets, buffer, broken = stored["hashes"], stored["offsets"], stored["buffer"], stored["broken"]
         whole = (hashes.dtype == np.uint8 and hashes.shape == (count, 32) and offsets.dtype == np.int64
-                 and offsets.shape == (count + 1,) and buffer.dtype == np.uint8 and offsets[-1] == len(buffer))
+                 and offsets.shape == (count + 1,) and buffer.dtype == np.uint8 and offsets[-1] == len(buffer)
+                 and broken.dtype == bool and broken.shape == (count,))
     except Exception as reason:  # noqa: BLE001  (empty, cut short, not a zip: EOFError, BadZipFile, ...)
         whole, reason_text = False, f"{type(reason).__name__}: {reason}"
     else:
@@ -87,10 +115,10 @@ def load_summary(path: Path, count: int) -> KnownRecords | None:
     if not whole:
         log.warning("ignoring the record summary %s (%s): the records are read again", path, reason_text)
         return None
-    return KnownRecords(hashes, PackedLists.from_arrays(offsets, buffer))
+    return KnownRecords(hashes, PackedLists.from_arrays(offsets, buffer)), broken
 
 
-def save_summary(path: Path, hashes: np.ndarray, captions: PackedLists) -> None:
+def save_summary(path: Path, hashes: np.ndarray, captions: PackedLists, broken: np.ndarray) -> None:
     offsets, buffer = captions.arrays()
     with atomic_path(path, sync=False) as staging, open(staging, "wb") as out:  # a cache: a lost one is walked again
-        np.savez(out, hashes=hashes, offsets=offsets, buffer=buffer)
+        np.savez(out, hashes=hashes, offsets=offsets, buffer=buffer, broken=broken)

@@ -153,6 +153,11 @@ def test_image_column_of_paths_bytes_or_path_only_image_values(tmp_path, shapes_
     assert [r.captions for r in read_all(raw)] == [["one", "uno"], ["two"], []] and raw.uncaptioned == 1
     named = open_source("hf", path, hf=HFOptions(image_column="picture", caption_column=None), progress=False)
     assert [r.data for r in read_all(named)] == stored
+    # Image files the table names are not in the data's fingerprint: such sources get no record summary.
+    from difftrain.data.record_summary import summary_path
+
+    assert by_path.reads_unlisted_files and named.reads_unlisted_files and not raw.reads_unlisted_files
+    assert summary_path(tmp_path, by_path) is None and summary_path(tmp_path, raw) is not None
 
 
 def test_clear_errors_for_columns_paths_and_hub_ids_offline(tmp_path, shapes_dir, monkeypatch):

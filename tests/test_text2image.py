@@ -182,7 +182,16 @@ def test_a_cached_start_over_unchanged_shards_reads_no_shard(tiny_sd, shapes_dir
     cut = open_images(config, progress=False)
     cut.fill_cache(encoders, tmp_path / "cache", progress=False)
     assert cut.source.shard_loads == 3 and np.array_equal(cut.hashes, first.hashes)
-    assert open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False) == counts
+    mended = open_images(config, progress=False)
+    assert mended.fill_cache(encoders, tmp_path / "cache", progress=False) == counts
+    assert mended.source.shard_loads == 0
+    # One process of several decodes only its share, so cannot know every broken record: it writes no summary;
+    # the launch's second walk, in which each process takes every record, does.
+    shared = tmp_path / "launch-cache"
+    open_images(config, progress=False).fill_cache(encoders, shared, rank=1, world_size=2, progress=False)
+    assert not (shared / "records").exists()
+    open_images(config, progress=False).fill_cache(encoders, shared, rank=0, world_size=1, progress=False)
+    assert len(list((shared / "records").glob("*.npz"))) == 1
     # Captions off: another summary (every record uncaptioned), not the first one's captions.
     config.data.captions = "none"
     uncaptioned = open_images(config, progress=False)

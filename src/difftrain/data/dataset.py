@@ -227,6 +227,16 @@ class ImageDataset(Dataset):
                     del pending_texts[key]
                 counts["texts computed"] += len(chunk)
 
+        def queue_texts(record_captions):
+            wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record_captions
+            for caption in sorted(set(wanted_captions) | {""}):
+                key = self._text_key(caption)
+                if key in self.text_cache or key in pending_texts:
+                    counts["texts found"] += key in self.text_cache
+                    continue
+                pending_texts[key] = caption
+            flush_texts()
+
         def queue_views(image, condition, size, missing, missing_conditions):
             """The centre-cropped views (and conditions) of `image` at `size` the cache lacks, to encode."""
             nonlocal pending_values
@@ -323,20 +333,19 @@ class ImageDataset(Dataset):
                         continue
                     queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
-                wanted_captions = [self.fixed_caption] if self.fixed_caption is not None else record_captions
-                for caption in sorted(set(wanted_captions) | {""}):
-                    key = self._text_key(caption)
-                    if key in self.text_cache or key in pending_texts:
-                        counts["texts found"] += key in self.text_cache
-                        continue
-                    pending_texts[key] = caption
-                flush_texts()
+                queue_texts(record_captions)
+        for size in list(pending_images):  # on disk before the look for what the broken records need
+            flush_images(size, force=True)
         for index in unreadable:
             if summaries is not None and (position := summaries.replacement(index, self.hashes)) is not None:
                 missing, missing_conditions = views(position, self.hashes[position].tobytes(), self.target_size(index))
                 if not missing and not missing_conditions:
                     continue  # encoded in its place at an earlier start: nothing need be read
             position, record, image, condition, _ = self._read(index)  # what the uncached path reads instead
+            if latents and not self.hashes[position].any():  # failed to read in the walk, read now: its captions
+                captions[position] = tuple(record.captions)
+                if text:
+                    queue_texts(record.captions)
             if conditions:
                 self.condition_hashes[position] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
             size = self.target_size(index)  # the broken record's: its batch stacks latents of that size

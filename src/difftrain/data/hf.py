@@ -241,6 +241,9 @@ class HFSource(RecordSource):
         self.uncaptioned = index["uncaptioned"]
         self.shard_sizes = None
         self.description = description
+        # An Image column from an image folder holds paths, not bytes (as a column of paths does).
+        first = table[int(self._rows[0])].get(columns.image) if len(self._rows) else None
+        self.reads_unlisted_files = isinstance(first, str) or (isinstance(first, dict) and not first.get("bytes"))
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -20,8 +20,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import PIL
 
 from difftrain.atomic import atomic_path
+from difftrain.data.images import DECODE_VERSION
 from difftrain.data.packed import PackedLists
 from difftrain.data.records import KnownRecords, RecordSource
 
@@ -64,8 +66,11 @@ class SummaryLookup:
         return self.summary_broken is not None and bool(self.summary_broken[index])
 
     def replacement(self, index: int, hashes: np.ndarray) -> int | None:
-        """The record read in place of the broken `index` (the next that decodes, as ImageDataset._read finds
-        it), when the summary and this walk know it without reading; None: read to find it."""
+        """The record read in place of `index`, one that does not decode (the next that does, as
+        ImageDataset._read finds it), when the summary and this walk know it without reading; None: read to
+        find it. A record that could not be read at all is read again (the read may succeed now)."""
+        if not (self.broken[index] or self.known_broken(index)):
+            return None
         for offset in range(1, len(hashes)):
             position = (index + offset) % len(hashes)
             if self.broken[position] or self.known_broken(position):
@@ -75,24 +80,32 @@ class SummaryLookup:
 
     def finish(self, hashes: np.ndarray, captions: PackedLists, write: bool) -> None:
         """After the walk: drop a stale summary; with `write` (a walk that decoded every record it had to, so
-        knows every broken one), save a new one if it was worth it and no other process has yet."""
+        knows every broken one), save a new one if it was worth it."""
         if self.path is None:
             return
         if self.stale:
             self.path.unlink(missing_ok=True)
-        elif write and self.summary is None and self.read_to_hash and not self.path.exists():
-            save_summary(self.path, hashes, captions, self.broken)
+        elif write and self.summary is None and self.read_to_hash:  # (a damaged one is replaced)
+            try:
+                save_summary(self.path, hashes, captions, self.broken)
+            except OSError as reason:  # a cache: the next start reads the data again, as before
+                log.warning("could not write the record summary %s: %s", self.path, reason)
 
 
 def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
     """Where the summary of `source` as it is now lives; None where a change could go unseen (a remote shard
-    that says neither its size nor its version), so that every start reads such data, as before."""
+    that says neither its size nor its version, or a table's image files), so that every start reads such data,
+    as before."""
     from difftrain.data.fingerprint import fingerprint
 
+    if source.reads_unlisted_files:
+        return None
     found = fingerprint(source)
     if found["unversioned"]:
         return None
-    identity = [SUMMARY_VERSION, found["digest"], len(source), type(source).__name__, source.settings]
+    # Whether an image decodes (the broken flags) depends on the decoder too; which record is where, on the index.
+    identity = [SUMMARY_VERSION, found["digest"], len(source), type(source).__name__, source.settings,
+                DECODE_VERSION, PIL.__version__, hashlib.sha256(source.sizes.tobytes()).hexdigest()]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     return Path(cache_dir) / "records" / f"{key}.npz"
 

@@ -109,6 +109,9 @@ class RecordSource(ABC):
     # What decides each record's captions besides the files themselves (open_source's arguments): part of the
     # key of the cache's record summary (record_summary.py).
     settings: str = ""
+    # Whether records are read from files that stored_files does not list (a table's image paths): a change to
+    # them goes unseen by the fingerprint, so such a source gets no record summary.
+    reads_unlisted_files: bool = False
 
     def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
         """What the latent cache needs of record `index` without reading it, the SHA-256 of its data and its

@@ -199,6 +199,47 @@ def test_a_cached_start_over_unchanged_shards_reads_no_shard(tiny_sd, shapes_dir
     assert uncaptioned.source.shard_loads == 3 and set(map(tuple, uncaptioned.captions)) == {()}
 
 
+def test_records_that_do_not_decode_are_replaced_unread_by_what_the_uncached_path_reads(tiny_sd, tmp_path):
+    import io
+    import tarfile
+
+    from difftrain.methods.text2image import TextToImage
+    from difftrain.training.run_data import open_images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):  # landscape and portrait in turn: two buckets
+        Image.new("RGB", (64, 32) if i % 2 else (32, 64), (i * 20, 0, 0)).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"shape {i}")
+    shards = tmp_path / "shards"
+    assert main(["data", "build", str(data), str(shards), "--format", "webdataset", "--per-shard", "12"]) == 0
+    [tar_path] = shards.glob("*.tar")
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    images = [member.name for member, _ in members if member.name.endswith(".png")]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, payload in members:
+            if member.name in images[5:7]:  # records 5 and 6 cut short after their headers
+                payload = payload[:60]
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    config = load_config(sd_config(tmp_path, shards / "filelist.txt", tiny_sd,
+                                   data={"source": "webdataset", "captions": "auto", "random_flip": False,
+                                         "resolution": 32, "buckets": {"enabled": True, "step": 8},
+                                         "cache": {"latents": True, "text": True}}))
+    encoders = TextToImage(config).cache_encoders()
+    open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
+    cached = open_images(config, progress=False)
+    counts = cached.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert cached.source.shard_loads == 0 and counts["skipped"] == 2 and counts["latents computed"] == 0
+    # Records 5 and 6 are drawn as the uncached path reads them: 7, the next that decodes, at their own buckets,
+    # which for 6 is not 7's.
+    uncached = open_images(config, progress=False)
+    assert uncached.target_size(6) != uncached.target_size(7)
+    assert cached._cached_latent(5, False)[0] == uncached._read(5)[0] == 7
+    assert cached._cached_latent(6, False)[0] == uncached._read(6)[0] == 7
+
+
 @pytest.mark.parametrize("shard_format", ["laion", "webdataset"])
 def test_trains_from_shards_and_reports_a_corrupt_record(shard_format, tiny_sd, shapes_dir, tmp_path, capsys):
     import tarfile

@@ -394,6 +394,26 @@ def test_kohya_metadata_of_an_sd2_v_prediction_lora():
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and meta["modelspec.resolution"] == "768x768"
 
 
+def test_a_file_from_elsewhere_converted_to_kohya_is_labelled_by_its_widths(tmp_path):
+    from safetensors.torch import save_file
+
+    from difftrain.models.lora_files import convert_lora
+
+    def text_encoder_only(width: int) -> Path:  # a diffusers-format file with only text-encoder layers
+        path = tmp_path / f"te-{width}.safetensors"
+        save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, width),
+                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(width, 4)},
+                  path)
+        return path
+
+    from safetensors import safe_open
+
+    for width, v2 in ((1024, "True"), (768, "False")):  # SD 2.x's OpenCLIP-H, SD 1.x's CLIP-L
+        converted = convert_lora(text_encoder_only(width), tmp_path / f"kohya-{width}.safetensors", "kohya")
+        with safe_open(str(converted), "pt") as file:
+            assert file.metadata()["ss_v2"] == v2
+
+
 def test_a_1x1_conv_lora_fits_a_linear_layer_and_the_other_way_round(tiny_dir, tmp_path):
     """SD 2.x's proj_in/proj_out: 1x1 convolutions in kohya's layout ([rank, in, 1, 1]), Linear in diffusers'
     (use_linear_projection); each file draws on the other model as A1111 and ComfyUI draw it."""

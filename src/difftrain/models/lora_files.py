@@ -512,15 +512,24 @@ def convert_lora(src, dst, to: str) -> Path:
     if to == "kohya":
         kohya_tensors = to_kohya(modules)
         if not any(key.startswith("ss_") for key in meta):  # a diffusers file of ours: its facts, in kohya's names
-            # A file from elsewhere says nothing of its SD version: its cross-attention width does (1024: SD 2.x).
-            sd2 = any(m.part == "unet" and "attn2.to_k" in m.module and m.down.shape[1] == 1024 for m in modules)
-            facts = {"sd_version": "v2" if sd2 else "v1", **meta}
+            facts = {"sd_version": _sd_version(modules), **meta}
             made = kohya_metadata(training_metadata(facts, dst.stem), modules)
             meta = {k: v for k, v in made.items() if k in meta or k not in facts}
         # Hashes of the tensors as written (A1111 shows sshs_model_hash as the LoRA's hash, civitai matches on
         # it): a kohya source's own no longer hold once its tensors are rewritten (fp16 alphas become fp32).
         return _write(dst, kohya_tensors, {**meta, **_tensor_hashes(kohya_tensors)})
     return _write_diffusers(dst, modules, _plain(meta))
+
+
+def _sd_version(modules: list[Module]) -> str:
+    """"v2" or "v1" by the widths a file's layers take: a file from elsewhere does not say. SD 2.x's
+    cross-attention context and its OpenCLIP text encoder are 1,024 wide; SD 1.x's are 768."""
+    for m in modules:
+        takes_context = m.part == "unet" and "attn2.to_k" in m.module
+        takes_text = m.part == "text_encoder" and m.module.endswith(("q_proj", "k_proj", "v_proj", "fc1"))
+        if takes_context or takes_text:
+            return "v2" if m.down.shape[1] == 1024 else "v1"
+    return "v1"
 
 
 def _write_diffusers(dst: Path, modules, metadata: dict[str, str]) -> Path:

@@ -414,6 +414,28 @@ def test_a_file_from_elsewhere_converted_to_kohya_is_labelled_by_its_widths(tmp_
             assert file.metadata()["ss_v2"] == v2
 
 
+def test_an_alpha_pattern_key_with_or_without_text_model_finds_its_layer(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from difftrain.models.lora_files import convert_lora
+
+    layer = "encoder.layers.0.self_attn.{}_proj"
+    tensors = {}
+    for name in ("q", "k"):
+        tensors[f"text_encoder.text_model.{layer.format(name)}.lora_A.weight"] = torch.zeros(4, 32)
+        tensors[f"text_encoder.text_model.{layer.format(name)}.lora_B.weight"] = torch.zeros(32, 4)
+    for written in (f"text_model.{layer.format('q')}", layer.format("q")):
+        header = {"text_encoder.r": 4, "text_encoder.lora_alpha": 4, "text_encoder.alpha_pattern": {written: 8}}
+        path = tmp_path / "te.safetensors"
+        save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps(header)})
+        kohya = load_file(convert_lora(path, tmp_path / "kohya.safetensors", "kohya"))
+        alphas = {key: float(value) for key, value in kohya.items() if key.endswith(".alpha")}
+        assert alphas == {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": 8.0,
+                          "lora_te_text_model_encoder_layers_0_self_attn_k_proj.alpha": 4.0}, written
+
+
 def test_a_1x1_conv_lora_fits_a_linear_layer_and_the_other_way_round(tiny_dir, tmp_path):
     """SD 2.x's proj_in/proj_out: 1x1 convolutions in kohya's layout ([rank, in, 1, 1]), Linear in diffusers'
     (use_linear_projection); each file draws on the other model as A1111 and ComfyUI draw it."""

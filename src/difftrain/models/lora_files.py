@@ -268,7 +268,10 @@ def _modules(tensors: dict, metadata: dict[str, str], fmt: str, path: Path) -> l
             part, module = ("text_encoder" if _text_encoder_guess(stem) else "unet"), stem
         config = _part_config(metadata, part if fmt == "diffusers" else None)
         module = _strip_text_model(part, module)
-        out.append(Module(part, module, g["down"], g["up"], _peft_alpha(config, module, g["down"].shape[0]), g["key"]))
+        # Matched as peft matches its patterns, a suffix of the layer's whole path: an alpha_pattern key written with
+        # or without CLIP's text_model. finds it.
+        alpha = _peft_alpha(config, _with_text_model(part, module), g["down"].shape[0])
+        out.append(Module(part, module, g["down"], g["up"], alpha, g["key"]))
     return out
 
 

@@ -399,7 +399,7 @@ def test_a_file_from_elsewhere_converted_to_kohya_is_labelled_by_its_widths(tmp_
 
     from difftrain.models.lora_files import convert_lora
 
-    def text_encoder_only(width: int) -> Path:  # a diffusers-format file with only text-encoder layers
+    def text_encoder_only(width: int):  # a diffusers-format file with only text-encoder layers
         path = tmp_path / f"te-{width}.safetensors"
         save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, width),
                    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(width, 4)},

@@ -398,6 +398,14 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
     cli = json.loads((out / "eval.json").read_text())["metrics"]
     for name in ("fid", "kid", "lpips_diversity"):
         assert cli[name] == pytest.approx(history[name], rel=1e-4), name
+    # With latents and text cached (the encoders leave the device in training) and no previews, evaluation
+    # still has both encoders, and the same run measures the same.
+    config.update(output_dir=str(tmp_path / "cached-run"), sample={"every_steps": 1000, "prompts": []},
+                  data={**config["data"], "cache": {"latents": True, "text": True}})
+    cached = train(load_config(write_config(tmp_path / "cached.yaml", config)), progress=False).run_dir
+    [cached_history] = read_eval_history(cached / "metrics.jsonl")
+    for name in ("fid", "kid", "lpips_diversity"):
+        assert cached_history[name] == pytest.approx(history[name], rel=1e-3), name
 
 
 def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path):

@@ -128,12 +128,16 @@ class TextToImage(Method):
                 dataset.fill_cache(encoders, folder, 0, 1, False)
             if progress:
                 print("cache: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
-        if cache.text:
+        # Evaluation encodes prompts drawn from the captions and decodes what it draws: it keeps both encoders.
+        evaluates = self.config.eval.every_steps is not None
+        if cache.text and not evaluates:
             self.text_encoder = None  # embeddings for captions, "", and validation prompts are all computed
-        if cache.latents and not self.validation_prompts():
+        elif cache.text:
+            self.text_encoder.to("cpu")  # it visits the device for evaluation
+        if cache.latents and not self.validation_prompts() and not evaluates:
             self.vae = None  # reloaded from the base model only when the final model is saved
         elif cache.latents:
-            self.vae.to("cpu")  # only validation decodes now; it visits the device for that
+            self.vae.to("cpu")  # only validation and evaluation decode now; it visits the device for that
 
     # ----------------------------------------------------------------- encoders
     def cache_encoders(self):
@@ -299,8 +303,11 @@ class TextToImage(Method):
         pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
         pipe.set_progress_bar_config(disable=True)
         text_encoder = modules.get("text_encoder", self.text_encoder)
-        size, home = self.config.data.resolution, self.vae.device
-        self.vae.to(self.device)
+        size = self.config.data.resolution
+        # Parked on the CPU when the cache does their work in training (prepare): on the device while drawing.
+        homes = [(module, module.device) for module in (self.vae, text_encoder)]
+        for module, _ in homes:
+            module.to(self.device)
         images: list[Image.Image] = []
         try:
             for start, end in prompt_batches(prompts, batch_size):
@@ -308,7 +315,8 @@ class TextToImage(Method):
                 images += draw(pipe, positive, negative, list(range(seed + start, seed + end)), steps, guidance_scale,
                                autocast=self.weight_dtype, width=size, height=size)
         finally:
-            self.vae.to(home)
+            for module, home in homes:
+                module.to(home)
         return images
 
     def training_facts(self) -> dict[str, str | int | float]:

@@ -198,3 +198,15 @@ def test_a_text2image_run_trains_the_unet_and_text_encoder_with_muon(tiny_sd, sh
     after = UNet2DConditionModel.from_pretrained(tmp_path / "run/model-no-ema", subfolder="unet").state_dict()
     name = "down_blocks.0.resnets.0.conv1.weight"
     assert not torch.equal(before[name], after[name])
+
+
+def test_adamw_is_fused_except_under_fp16_where_a_skipped_step_must_be_seen():
+    from difftrain.config import TrainingConfig
+    from difftrain.training.optim import build_optimizer
+
+    unet = _tiny_unet()
+    fused = {precision: build_optimizer([{"params": list(unet.parameters())}],
+                                        TrainingConfig(mixed_precision=precision), {"unet": unet}).defaults["fused"]
+             for precision in ("no", "bf16", "fp16")}
+    # GradScaler calls a fused AdamW's step even on an overflow, so accelerate would not see the step skipped.
+    assert fused == {"no": True, "bf16": True, "fp16": None}

@@ -36,7 +36,10 @@ def build_optimizer(groups: list[dict], training: TrainingConfig,
     if training.optimizer == "muon":
         return MuonWithAdamW(split_for_muon(groups, modules), **kwargs)
     params = [p for group in groups for p in group["params"]]
-    return torch.optim.AdamW(groups, fused=fits_fused_adamw(params) or None, **kwargs)
+    # Under fp16 GradScaler hands a fused AdamW the overflow check and calls its step every time, so accelerate
+    # cannot tell a skipped step (huggingface/accelerate#4242): the LR schedule and EMA would advance on it.
+    fused = fits_fused_adamw(params) and training.mixed_precision != "fp16"
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> None:

@@ -79,6 +79,21 @@ def test_exif_rotation_is_applied(tmp_path):
     assert top[2] > 200 and top[0] < 60  # the blue strip is now on top
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_the_header_size_is_the_upright_size_the_decode_gives(fmt):
+    import io
+
+    from difftrain.data.images import image_size_from_bytes, load_image_bytes
+
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = io.BytesIO()
+    image.save(stored, fmt, exif=exif.tobytes())
+    # (Pillow's TIFF reader turns the size on open itself: turned again, a portrait TIFF went to a landscape bucket.)
+    assert image_size_from_bytes(stored.getvalue()) == load_image_bytes(stored.getvalue(), 10**6).size == (20, 40)
+
+
 def test_a_damaged_exif_block_is_not_a_damaged_picture():
     """Damaged the way cameras and editors damage them (3 random bytes of an orientation-6 block): PIL's
     ImageOps.exif_transpose rewrote the block and raised struct.error, past every except, and a whole scan,

@@ -182,7 +182,8 @@ def _orientation(image: Image.Image) -> int | None:
 def _header_size(source: BinaryIO) -> tuple[int, int]:
     with _opened(source, "read header") as image:
         width, height = image.size
-        orientation = _orientation(image)
+        # Pillow's TIFF reader gives the upright size on open already (and turns the pixels as it loads them).
+        orientation = _orientation(image) if image.format != "TIFF" else None
     # Orientations 5-8 turn the picture a quarter, so the upright image is height x width.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 

@@ -72,6 +72,8 @@ def test_no_upscale_buckets_are_kohyas_and_never_enlarge():
     assert [buckets[i] for i in ids[-4:]] == [(256, 192), (640, 384), (512, 512), (512, 512)]
     # A side shorter than a step is the one enlargement (sd-scripts makes a 0-pixel bucket).
     assert no_upscale_buckets(np.array([[40, 100]]), 512, 64)[1] == [(64, 64)]
+    # ... and where it would take a long, thin image's bucket past the pixel budget, the long side is cut to fit.
+    assert no_upscale_buckets(np.array([[20000, 50], [50, 20000]]), 512, 64)[1] == [(64, 4096), (4096, 64)]
 
 
 def test_bad_bucket_settings_are_refused():

@@ -320,3 +320,22 @@ def test_a_caption_with_half_an_emoji_is_kept_readable_not_fatal(tmp_path):
     listed = open_source("jsonl", tmp_path / "list.jsonl", progress=False)
     assert folder.read(0).captions == ["a cat \ufffd"] and listed.read(0).captions == ["a dog \ufffd", "fine"]
     assert fingerprint(folder) and fingerprint(listed)
+
+
+def test_a_run_of_records_broken_after_indexing_is_passed_with_one_warning(tmp_path, caplog):
+    import logging
+
+    from difftrain.data.dataset import ImageDataset
+
+    for i in range(6):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    source = open_source("folder", tmp_path, progress=False)
+    for i in (1, 2, 3):  # broken after the scan
+        (tmp_path / f"{i}.png").write_bytes(b"not an image any more")
+    data = ImageDataset(source, 16, "center", False, 0, 64_000_000)
+    with caplog.at_level(logging.WARNING):
+        position, *_, offset = data._read(1)
+    assert (position, offset) == (4, 3)
+    [line] = [r.getMessage() for r in caplog.records if "at read time" in r.getMessage()]
+    assert line.startswith("skipping 3 unreadable records from 1 at read time (") and line.endswith(
+        "reading record 4 in its place")

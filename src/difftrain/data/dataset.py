@@ -90,17 +90,22 @@ class ImageDataset(Dataset):
     def _read(self, index: int):
         """(position, record, image, conditioning image or None, records skipped) for `index`, or
         for the next readable record."""
+        first_failure = ""
         for offset in range(len(self)):
             position = (index + offset) % len(self)
             try:
                 record = self.source.read(position)
                 image = load_image_bytes(record.data, self.max_pixels)
                 condition = self.conditions.load(record, image) if self.conditions else None
-                return position, record, image, condition, offset
             except (BadRecord, BadImage) as reason:
-                where = getattr(reason, "where", None) or f"record {position}"
-                log.warning("skipping %s at read time: %s", where, reason)
-        raise RuntimeError("every record in the data set became unreadable during training")
+                first_failure = first_failure or f"{getattr(reason, 'where', None) or f'record {position}'}: {reason}"
+                continue
+            if offset:  # one line however many were passed (a shard that broke whole is thousands)
+                passed = f"{offset} unreadable records from {index}" if offset > 1 else f"record {index}"
+                log.warning("skipping %s at read time (%s); reading record %d in its place", passed, first_failure,
+                            position)
+            return position, record, image, condition, offset
+        raise RuntimeError(f"every record in the data set became unreadable during training ({first_failure})")
 
     def __getitem__(self, key: tuple[int, ...]) -> dict:
         epoch, batch, index, *copy = key  # a copy number for a record repeated within its batch (sampler.batch_keys)

@@ -192,6 +192,20 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(make_config, tmp_path
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
 
 
+def test_a_signal_writes_the_checkpoint_before_any_sample_or_evaluation(make_config, tmp_path, monkeypatch, capsys):
+    from signal_probe import signalling_step_done
+
+    from difftrain.training import trainer
+
+    monkeypatch.setattr(trainer._LoopTimer, "step_done", signalling_step_done(2))
+    config = make_config(training={"max_steps": 4}, checkpoint={"every_steps": 100}, sample={"every_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 130
+    assert "checkpoint saved at step 2" in capsys.readouterr().out
+    # A scheduler's grace would not outlast the drawing: step 2's preview is left out, its checkpoint written.
+    assert sorted(p.name for p in (tmp_path / "run/samples").glob("step-*.png")) == ["step-00000001.png"]
+    assert (tmp_path / "run/checkpoints/step-00000002/state.json").exists()
+
+
 def test_resume_refuses_a_config_that_changes_training(make_config, tmp_path, capsys):
     config = make_config(training={"max_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0

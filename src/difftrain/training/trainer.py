@@ -280,18 +280,23 @@ class Trainer:
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                # Stopped by a signal: the checkpoint first and alone. A scheduler's grace (SLURM's KillWait, 30 s)
+                # would not outlast minutes of drawing, and the checkpoint would be lost with it.
+                interrupted = stopping and not last_step
                 with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
-                    if self.step % config.sample.every_steps == 0 or last_step:
+                    if (self.step % config.sample.every_steps == 0 or last_step) and not interrupted:
                         self.save_samples(bar)
-                    if self.evaluation.due(self.step, last_step) and self.evaluate(bar) and not checkpoint_due:
+                    if (not interrupted and self.evaluation.due(self.step, last_step) and self.evaluate(bar)
+                            and not checkpoint_due):
                         # A new best between checkpoint steps: its checkpoint is written now, so keep_best has
                         # one to keep (else the last best's would be pruned and the new one never written).
                         self._check_finite(loss_sum, bar)
                         checkpoint_due = True
                     if checkpoint_due:
                         self.save_checkpoint()
-                if stopping and not last_step:
+                if interrupted:
                     bar.close()
+                    self._finish_trackers()
                     print(f"interrupted: checkpoint saved at step {self.step}; --resume latest continues from here")
                     raise KeyboardInterrupt
         bar.close()
@@ -340,8 +345,14 @@ class Trainer:
                     "non-finite") if loss_bad else "the weights became non-finite"
             self._diverged(what, bar)
 
+    def _finish_trackers(self) -> None:
+        """Flush TensorBoard and the others on a run that stops early (their writers buffer up to minutes)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def _diverged(self, what: str, bar) -> None:
         bar.close()
+        self._finish_trackers()
         latest = self.store.latest()
         where = f"the latest checkpoint, {latest.name}, is from before it" if latest else "no checkpoint was written"
         precision = self.accelerator.mixed_precision

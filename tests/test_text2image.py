@@ -602,3 +602,14 @@ def test_a_weight_fingerprint_does_not_depend_on_memory_layout():
     conv.to(memory_format=torch.channels_last)
     assert conv.weight.stride()[-1] == 32  # a 1x1 kernel: "contiguous", yet its last stride is not 1
     assert fingerprint(conv) == before
+
+
+def test_a_run_without_preview_prompts_never_swaps_in_weights_to_draw_none(tiny_sd, shapes_dir, tmp_path, monkeypatch):
+    from difftrain.methods.text2image import TextToImage
+
+    calls = []  # (sample is called inside the swap: with EMA, a copy of every trained weight)
+    monkeypatch.setattr(TextToImage, "sample", lambda *args: calls.append("drawn") or [])
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, sample={"every_steps": 1, "prompts": []},
+                       training={"max_steps": 2, "ema": {"enabled": True}})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "drawn" not in calls and not (tmp_path / "run" / "samples").exists()

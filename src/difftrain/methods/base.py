@@ -73,6 +73,10 @@ class Method(ABC):
     ) -> list[Image.Image]:
         """Preview images from the given (unwrapped, eval-mode) modules, at a fixed seed."""
 
+    def draws_samples(self) -> bool:
+        """Whether `sample` has anything to draw: if not, the trainer skips the previews' weight swap or gather."""
+        return True
+
     def sample_scores(self, images: list[Image.Image]) -> dict[str, float]:
         """Numbers about the preview images, logged beside them (ControlNet: agreement with the condition)."""
         return {}

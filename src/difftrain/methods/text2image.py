@@ -266,6 +266,9 @@ class TextToImage(Method):
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
     @torch.no_grad()
+    def draws_samples(self) -> bool:
+        return bool(self.validation_prompts())
+
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         """One image per validation prompt, each from `seed`: what `difftrain generate` gives for it."""
         from difftrain.sampling.text2image import draw

@@ -284,7 +284,8 @@ class Trainer:
                 # would not outlast minutes of drawing, and the checkpoint would be lost with it.
                 interrupted = stopping and not last_step
                 with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
-                    if (self.step % config.sample.every_steps == 0 or last_step) and not interrupted:
+                    sample_due = self.step % config.sample.every_steps == 0 or last_step
+                    if sample_due and not interrupted and self.method.draws_samples():  # (an EMA swap costs a copy)
                         self.save_samples(bar)
                     if (not interrupted and self.evaluation.due(self.step, last_step) and self.evaluate(bar)
                             and not checkpoint_due):

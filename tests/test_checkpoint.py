@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from difftrain.training.checkpoint import CheckpointStore, optimizer_from_parts, optimizer_to_parts
@@ -30,9 +31,30 @@ def test_half_written_checkpoint_is_never_latest_and_is_cleaned(tmp_path):
     assert not staging.exists()
 
 
-def test_keep_last_prunes_the_oldest(tmp_path):
+def test_keep_last_prunes_the_oldest(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path, keep_last=2)
     for step in (1, 2, 3):
         (store.begin(step) / "state.json").write_text("{}")
         store.commit(step)
     assert [p.name for p in store.all()] == ["step-00000002", "step-00000003"]
+    # Pruning renames before it deletes: one killed halfway leaves a name the next start clears, never a step-N
+    # whose state.json outlived some of its weights.
+    from difftrain.training import checkpoint
+
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed(path, ignore_errors=False):  # the process dies as it starts deleting the pruned checkpoint
+        if str(path).endswith(".pruned"):
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    (store.begin(4) / "state.json").write_text("{}")
+    store.commit(4)
+    (store.begin(5) / "state.json").write_text("{}")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(5)
+    monkeypatch.undo()
+    assert [p.name for p in store.all()] == ["step-00000004", "step-00000005"]
+    store.clean_staging()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]

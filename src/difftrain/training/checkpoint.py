@@ -118,7 +118,11 @@ class CheckpointStore:
         best = f"step-{self.keep_step:08d}" if self.keep_step is not None else None
         for old in self.all()[: -self.keep_last]:
             if old.name != best:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first: a kill during the deletion leaves a name clean_staging removes, not a step-N whose
+                # state.json survived some of its weights (which --resume would take for whole).
+                doomed = self.root / f".tmp-{old.name}.pruned"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         return final
 
 

@@ -429,6 +429,28 @@ def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_
     assert best[0] == best[1]
 
 
+def test_a_resume_from_an_earlier_checkpoint_sets_aside_the_left_branchs_model_best(networks, shapes_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from signal_probe import signalling_step_done
+
+    from difftrain.training import trainer
+
+    config = write_config(tmp_path / "run.yaml", tiny_config(
+        shapes_dir, tmp_path / "run", eval=_eval_section(networks, tmp_path / "cache", metrics=["fid"]),
+        checkpoint={"every_steps": 2, "keep_last": 2, "keep_best": "fid"}))
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    # As when the branch's best came at step 4 (the first evaluation, at 2, is always a best).
+    manifest = json.loads((run / "model-best" / "difftrain.json").read_text())
+    manifest["trained"]["at_step"] = 4
+    (run / "model-best" / "difftrain.json").write_text(json.dumps(manifest))
+    assert json.loads((run / "checkpoints/step-00000002/state.json").read_text())["best"]["step"] == 2
+    monkeypatch.setattr(trainer._LoopTimer, "step_done", signalling_step_done(1))  # stop after one step
+    assert main(["train", str(config), "--no-progress", "--resume", str(run / "checkpoints/step-00000002")]) == 130
+    assert "model-best-step-00000004" in capsys.readouterr().out
+    assert not (run / "model-best").exists() and (run / "checkpoints/abandoned/model-best-step-00000004").is_dir()
+
+
 def test_a_run_whose_metric_networks_are_missing_is_refused_before_it_trains(shapes_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch.hub cache
     for name in ("DIFFTRAIN_INCEPTION_WEIGHTS", "DIFFTRAIN_WEIGHTS_DIR"):

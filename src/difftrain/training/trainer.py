@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from difftrain.methods import build_method
 from difftrain.run_folder import join_modules, split_modules
 from difftrain.sampling.images import make_grid
 from difftrain.training import host_memory, rng, sharding, zero
+from difftrain.run_folder import ABANDONED
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -217,7 +219,7 @@ class Trainer:
             path = self.store.resolve(resume)
             self.load_checkpoint(path)
             if self.main:
-                moved = self.store.adopt(path)
+                moved = self.store.adopt(path) + self._adopt_best()
                 if moved:
                     print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
                           f"behind ({', '.join(p.name for p in moved)}) moved to {moved[0].parent}")
@@ -345,6 +347,31 @@ class Trainer:
             what = (f"the loss became {local}" if not np.isfinite(local) else "another process's loss became "
                     "non-finite") if loss_bad else "the weights became non-finite"
             self._diverged(what, bar)
+
+    def _adopt_best(self) -> list[Path]:
+        """model-best/ written on the branch a resume leaves behind (not the best the checkpoint restored) moves to
+        the abandoned checkpoints beside it, so that model-best/ and the run summary's best name the same step."""
+        from difftrain.models.manifest import read_manifest
+
+        folder = self.run_dir / "model-best"
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        written_at = manifest.trained.get("at_step") if manifest is not None else None
+        restored = self.evaluation.best["step"] if self.evaluation.best else None
+        if written_at is None or written_at == restored:  # (an older run's model-best says no step: kept)
+            return []
+        target = self.store.root / ABANDONED / f"model-best-step-{written_at:08d}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(folder, target)
+        return [target]
+
+    def _best_weights(self) -> str:
+        """Where the best step's weights are: model-best/, or, when that was written on a branch a resume left
+        behind, the best step's checkpoint (keep_best keeps it)."""
+        if (self.run_dir / "model-best").is_dir():
+            return str(self.run_dir / "model-best")
+        checkpoint = self.store.root / f"step-{self.evaluation.best['step']:08d}"
+        return f"{checkpoint} (its checkpoint; model-best/ was written on the branch the resume left behind)"
 
     def _finish_trackers(self) -> None:
         """Flush TensorBoard and the others on a run that stops early (their writers buffer up to minutes)."""
@@ -588,7 +615,9 @@ class Trainer:
         # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
         with atomic_dir(folder) as staging:
             self.method.save_model(modules, staging)
-            replace(self.method.manifest(), weights=weights).write(staging)
+            manifest = self.method.manifest()
+            manifest.trained = {**manifest.trained, "at_step": self.step}  # (what a resume checks model-best by)
+            replace(manifest, weights=weights).write(staging)
 
     def save_final_model(self) -> Path | None:
         model_dir = self.run_dir / "model"
@@ -635,7 +664,7 @@ class Trainer:
             f"  loss curve  {self.run_dir / 'loss.png'}",
             *([f"  evaluation  {self.run_dir / 'eval.png'} (numbers in metrics.jsonl)"] if self.evaluation.enabled else []),
             *([f"  best        {self.evaluation.best['metric']} {self.evaluation.best['value']:.4g} at step "
-               f"{self.evaluation.best['step']}: {self.run_dir / 'model-best'}"] if self.evaluation.best else []),
+               f"{self.evaluation.best['step']}: {self._best_weights()}"] if self.evaluation.best else []),
             f"  checkpoint  {self.store.latest()}",
             f"  final model {model_dir}" + (" (EMA weights; raw weights in model-no-ema)" if self.emas else ""),
         ]

@@ -265,10 +265,10 @@ class TextToImage(Method):
                             self.device, max_length=self.max_length)[:2]
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
-    @torch.no_grad()
     def draws_samples(self) -> bool:
         return bool(self.validation_prompts())
 
+    @torch.no_grad()
     def sample(self, modules, num_images, scheduler, steps, seed) -> list[Image.Image]:
         """One image per validation prompt, each from `seed`: what `difftrain generate` gives for it."""
         from difftrain.sampling.text2image import draw

@@ -34,10 +34,9 @@ from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint_and_layout
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method
-from difftrain.run_folder import join_modules, split_modules
+from difftrain.run_folder import ABANDONED, join_modules, split_modules
 from difftrain.sampling.images import make_grid
 from difftrain.training import host_memory, rng, sharding, zero
-from difftrain.run_folder import ABANDONED
 from difftrain.training.checkpoint import (
     CheckpointError,
     CheckpointStore,

@@ -21,10 +21,12 @@ and of the next one, which takes the hashes and captions that walk left in the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -102,7 +104,7 @@ def main() -> None:
 def cached_start(source, cache: Path) -> None:
     """The latent cache walk with the cache full: reading and hashing every record against the scan's hashes."""
     def walk(**known) -> tuple[tuple[float, float], dict]:
-        with patched(source, **known):
+        with mock.patch.multiple(source, **known) if known else contextlib.nullcontext():
             return timed_walk(source, cache)
 
     filled, counts = walk()
@@ -153,21 +155,6 @@ def shard_start(folder_source, work: Path) -> None:
     print(f"{'every shard read and hashed (before)':<52} {read_all[0]:8.2f} {read_all[1]:8.2f}")
     print(f"{'hashes from the record summary (now)':<52} {now[0]:8.2f} {now[1]:8.2f}  "
           f"{read_all[0] / now[0]:5.1f}x {read_all[1] / now[1]:5.1f}x")
-
-
-class patched:
-    """Attributes of `target` replaced for a with-block."""
-
-    def __init__(self, target, **values):
-        self.target, self.values = target, values
-
-    def __enter__(self):
-        for name, value in self.values.items():
-            setattr(self.target, name, value)
-
-    def __exit__(self, *exc):
-        for name in self.values:
-            delattr(self.target, name)
 
 
 if __name__ == "__main__":

@@ -394,7 +394,7 @@ def _export(args: argparse.Namespace) -> int:
         if "clip_drop" in gate:
             verdict += (f"; CLIP score {gate['clip_score_int8']:.2f} against fp32's {gate['clip_score_fp32']:.2f}, "
                         f"allowed drop {gate['max_clip_drop']:.2f}")
-    print(f"wrote {out} (ONNX opset {options.opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
+    print(f"wrote {out} (ONNX opset {options.resolved_opset}, {args.precision}{', int8 UNet' if args.quantize else ''}{verdict}); "
           f"difftrain generate {out} --prompt ... runs it on ONNX Runtime")
     return 0
 

@@ -267,8 +267,8 @@ class ImageDataset(Dataset):
         # one is encoded at this record's size too (under its own content keys), or a bucket the record alone
         # filled would have nothing to read. Which records those are is found again at every start.
         reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
-        # What an earlier walk over the same data learnt, for a source that holds no hashes of its own.
-        summaries = SummaryLookup(cache_dir, self.source) if latents and not reads_records else None
+        # What the source knows of each record, or an earlier walk over the same data learnt (record_summary.py).
+        known_records = SummaryLookup(cache_dir, self.source, enabled=latents, reads_records=reads_records)
 
         def views(index: int, digest: bytes, size) -> tuple[list, list]:
             """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
@@ -291,13 +291,11 @@ class ImageDataset(Dataset):
         bar = tqdm(range(len(self)), desc="filling cache", unit="rec", disable=not progress, dynamic_ncols=True)
         for index in bar:
             mine = index % world_size == rank
-            known = None if reads_records else self.source.known_record(index)
-            if known is None and summaries is not None:
-                known = summaries.known_record(index)
-                if summaries.known_broken(index):
-                    skip(index, BadImage(f"record {index} did not decode at an earlier start (the cache's record "
-                                         "summary says)"), latents and mine)
-                    continue
+            known, broken = known_records.lookup(index)
+            if broken:
+                skip(index, BadImage(f"record {index} did not decode at an earlier start (the cache's record "
+                                     "summary says)"), latents and mine)
+                continue
             try:
                 record = self.source.read(index) if known is None else None
             except BadRecord as reason:
@@ -310,8 +308,7 @@ class ImageDataset(Dataset):
                 if conditions:
                     self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
                 digest = hashlib.sha256(record.data).digest() if known is None else known[0]
-                if known is None and summaries is not None:
-                    summaries.read_to_hash = True
+                known_records.read_to_hash |= known is None
                 missing, missing_conditions = views(index, digest, size)
                 if (missing or missing_conditions) and mine and record is None:
                     try:
@@ -322,8 +319,7 @@ class ImageDataset(Dataset):
                     if (fresh := hashlib.sha256(record.data).digest()) != digest:
                         # Changed since the folder scan (or the summary): its keys are those of the bytes read now.
                         missing, missing_conditions = views(index, fresh, size)
-                        if summaries is not None:
-                            summaries.stale = True
+                        known_records.stale = True
                 counts["latents found"] += len(self._flips()) - len(missing)
                 if conditions:
                     counts["conditions found"] += len(self._flips()) - len(missing_conditions)
@@ -333,8 +329,7 @@ class ImageDataset(Dataset):
                         condition = self.conditions.load(record, image) if missing_conditions else None
                     except BadImage as reason:
                         skip(index, reason, True)
-                        if summaries is not None:
-                            summaries.broken[index] = True
+                        known_records.broken[index] = True
                         continue
                     queue_views(image, condition, size, missing, missing_conditions)
             if text and mine:
@@ -342,7 +337,7 @@ class ImageDataset(Dataset):
         for size in list(pending_images):  # on disk before the look for what the broken records need
             flush_images(size, force=True)
         for index in unreadable:
-            if summaries is not None and (position := summaries.replacement(index, self.hashes)) is not None:
+            if (position := known_records.replacement(index, self.hashes)) is not None:
                 missing, missing_conditions = views(position, self.hashes[position].tobytes(), self.target_size(index))
                 if not missing and not missing_conditions:
                     continue  # encoded in its place at an earlier start: nothing need be read
@@ -362,8 +357,7 @@ class ImageDataset(Dataset):
         flush_texts(force=True)
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
-        if summaries is not None:
-            summaries.finish(self.hashes, self.captions, write=world_size == 1)  # (each decoded only its share)
+        known_records.finish(self.hashes, self.captions, write=world_size == 1)  # (each decoded only its share)
         return counts
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ SUMMARY_VERSION = 1  # bump when what a summary holds, or how records are hashed
 
 
 class SummaryLookup:
-    """The cache's summary of `source`, looked for at the first record the source does not know itself (a
+    """What the cache's walk knows of each record without reading it: what `source` knows (a folder scan's hashes),
+    else the cache's summary of `source`, looked for at the first record the source does not know itself (a
     folder's scan knows them all: its data is then never fingerprinted here), and written after a walk that had
     to read records to hash them. A record found changed under an unchanged fingerprint makes it stale.
 
@@ -43,8 +45,10 @@ class SummaryLookup:
     error) is not marked: it is tried again at each start.
     """
 
-    def __init__(self, cache_dir: str | Path, source: RecordSource):
-        self.cache_dir, self.source = cache_dir, source
+    def __init__(self, cache_dir: str | Path, source: RecordSource, enabled: bool = True, reads_records: bool = False):
+        """`enabled` False: only what the source knows (no summary is read or written); `reads_records`: not even
+        that (every record is read)."""
+        self.cache_dir, self.source, self.enabled, self.reads_records = cache_dir, source, enabled, reads_records
         self.path: Path | None = None
         self.summary: KnownRecords | None = None
         self.summary_broken: np.ndarray | None = None
@@ -53,23 +57,29 @@ class SummaryLookup:
         self.read_to_hash = False  # a record was read to be hashed in this walk
         self.stale = False
 
-    def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
+    def lookup(self, index: int) -> tuple[tuple[bytes, list[str]] | None, bool]:
+        """(record `index`'s hash and captions if the source or the summary knows them, whether the summary says
+        it does not decode)."""
+        if self.reads_records:
+            return None, False
+        known = self.source.known_record(index)
+        if known is not None or not self.enabled:
+            return known, False
         if not self.looked:
             self.looked = True
             self.path = summary_path(self.cache_dir, self.source)
             if self.path is not None and (found := load_summary(self.path, len(self.source))) is not None:
                 self.summary, self.summary_broken = found
-        return self.summary.known_record(index) if self.summary is not None else None
+        return (self.summary.known_record(index) if self.summary is not None else None), self.known_broken(index)
 
     def known_broken(self, index: int) -> bool:
-        """Whether the summary says record `index` does not decode (known_record was asked first)."""
         return self.summary_broken is not None and bool(self.summary_broken[index])
 
     def replacement(self, index: int, hashes: np.ndarray) -> int | None:
         """The record read in place of `index`, one that does not decode (the next that does, as
         ImageDataset._read finds it), when the summary and this walk know it without reading; None: read to
         find it. A record that could not be read at all is read again (the read may succeed now)."""
-        if not (self.broken[index] or self.known_broken(index)):
+        if not self.enabled or not (self.broken[index] or self.known_broken(index)):
             return None
         for offset in range(1, len(hashes)):
             position = (index + offset) % len(hashes)
@@ -81,7 +91,7 @@ class SummaryLookup:
     def finish(self, hashes: np.ndarray, captions: PackedLists, write: bool) -> None:
         """After the walk: drop a stale summary; with `write` (a walk that decoded every record it had to, so
         knows every broken one), save a new one if it was worth it."""
-        if self.path is None:
+        if not self.enabled or self.path is None:
             return
         if self.stale:
             self.path.unlink(missing_ok=True)
@@ -95,7 +105,18 @@ class SummaryLookup:
 def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
     """Where the summary of `source` as it is now lives; None where a change could go unseen (a remote shard
     that says neither its size nor its version, or a table's image files), so that every start reads such data,
-    as before."""
+    as before. Worked out once per opened source: a launch fills the cache twice, and each time is a stat of
+    every file (kept beside the source, not in it, so that DataLoader workers are not sent it)."""
+    if source not in _KEYS:
+        _KEYS[source] = _summary_key(source)
+    key = _KEYS[source]
+    return None if key is None else Path(cache_dir) / "records" / f"{key}.npz"
+
+
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _summary_key(source: RecordSource) -> str | None:
     from difftrain.data.fingerprint import fingerprint
 
     if source.reads_unlisted_files:
@@ -106,8 +127,7 @@ def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
     # Whether an image decodes (the broken flags) depends on the decoder too; which record is where, on the index.
     identity = [SUMMARY_VERSION, found["digest"], len(source), type(source).__name__, source.settings,
                 DECODE_VERSION, PIL.__version__, hashlib.sha256(source.sizes.tobytes()).hexdigest()]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    return Path(cache_dir) / "records" / f"{key}.npz"
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 
 
 def load_summary(path: Path, count: int) -> tuple[KnownRecords, np.ndarray] | None:

@@ -63,6 +63,10 @@ class ExportOptions:
     gate_clip: str | None = None  # int8: also hold the CLIP score of the gate's images (a folder or hub id)
     max_clip_drop: float | None = None  # its allowed drop in points; None: quality.DEFAULT_MAX_CLIP_DROP
 
+    @property
+    def resolved_opset(self) -> int:
+        return self.opset or (DYNAMO_OPSET if self.exporter == "dynamo" else OPSET)
+
     def check(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"--precision {self.precision}: choose fp32 or fp16")
@@ -72,9 +76,7 @@ class ExportOptions:
             raise ExportError("--quantize int8 starts from the fp32 graphs; drop --precision fp16")
         if self.exporter not in ("torchscript", "dynamo"):
             raise ExportError(f"--exporter {self.exporter}: choose torchscript or dynamo")
-        if self.opset is None:
-            self.opset = DYNAMO_OPSET if self.exporter == "dynamo" else OPSET
-        if self.exporter == "dynamo" and self.opset < DYNAMO_OPSET:
+        if self.exporter == "dynamo" and self.resolved_opset < DYNAMO_OPSET:
             raise ExportError(f"--opset {self.opset} with --exporter dynamo: it writes opset-{DYNAMO_OPSET} operators; "
                               f"give --opset {DYNAMO_OPSET} or more, or leave --opset out")
         if (self.gate_clip or self.max_clip_drop is not None) and not self.quantize:
@@ -270,11 +272,11 @@ def _export(module, inputs, path: Path, names, outputs, axes, options: ExportOpt
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the graph is checked below
             torch.onnx.export(module, inputs, str(path), input_names=names, output_names=outputs, dynamic_axes=axes,
-                              opset_version=options.opset, dynamo=options.exporter == "dynamo",
+                              opset_version=options.resolved_opset, dynamo=options.exporter == "dynamo",
                               do_constant_folding=True)
     except Exception as reason:  # the exporter's own errors name the operator; we name the part
         inner = type(next(module.children())).__name__
-        raise ExportError(f"exporting {path.parent.name} ({inner}) to ONNX opset {options.opset} failed: {type(reason).__name__}: "
+        raise ExportError(f"exporting {path.parent.name} ({inner}) to ONNX opset {options.resolved_opset} failed: {type(reason).__name__}: "
                           f"{str(reason).splitlines()[0] if str(reason) else ''}") from None
     _external_data_in_one_file(path)
 
@@ -505,7 +507,7 @@ def _write_manifest(pipe, folder: Path, options: ExportOptions, gate: dict | Non
                        scheduler="scheduler")
     manifest.trained = {**manifest.trained, "difftrain": difftrain_version()}
     manifest.export = {"format": "onnx", "source": pipe.model_name, "precision": options.precision,
-                       "quantize": options.quantize, "opset": options.opset, "exporter": options.exporter,
+                       "quantize": options.quantize, "opset": options.resolved_opset, "exporter": options.exporter,
                        "onnx": onnx.__version__, "torch": torch.__version__, "controlnet_inputs": options.controlnet,
                        "loras_merged": [[str(path), weight] for path, weight in options.loras], "lora_scale": options.lora_scale,
                        "quality_gate": gate}

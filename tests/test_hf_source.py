@@ -105,6 +105,11 @@ def test_save_to_disk_folder_dataset_dict_split_and_index_cache(tmp_path, shapes
         patch.setattr(hf, "_index_table", lambda *args: pytest.fail("indexed again"))
         again = open_source("hf", tmp_path / "saved", index_dir=tmp_path / "index", progress=False)
     assert np.array_equal(again.sizes, source.sizes) and again.skipped == source.skipped
+    with monkeypatch.context() as patch:  # sizes read from headers under another meaning are not reused
+        patch.setattr(hf, "HEADER_SIZE_VERSION", "next")
+        patch.setattr(hf, "_index_table", lambda *args: pytest.fail("indexed again"))
+        with pytest.raises(pytest.fail.Exception, match="indexed again"):
+            open_source("hf", tmp_path / "saved", index_dir=tmp_path / "index", progress=False)
 
     datasets.DatasetDict({"train": table, "test": table.select(range(5))}).save_to_disk(str(tmp_path / "dict"))
     test = open_source("hf", tmp_path / "dict", hf=HFOptions(split="test"), progress=False)

@@ -219,6 +219,13 @@ def test_index_cache_reads_no_shard_the_second_time_and_reindexes_a_changed_one(
     assert (third.shards_indexed, third.shards_from_cache) == (1, 2)
     assert third.shard_sizes == [4, 1, 4] and third.sizes[4].tolist() == [30, 3]
     assert third.read(4).captions == ["new"]
+    # Sizes read from headers under another meaning (a fix to how they are read) are not reused.
+    import difftrain.data.records as records
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records, "HEADER_SIZE_VERSION", "next")
+        fourth = open_source("laion", filelist, index_dir=cache, progress=False)
+    assert (fourth.shards_indexed, fourth.shards_from_cache) == (3, 0)
 
 
 def test_one_shard_in_memory_and_sequential_reads_load_each_shard_once(tmp_path):

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from difftrain.atomic import atomic_path
 from difftrain.data.folder import DatasetError
 from difftrain.data.folder_index import keyed_path
-from difftrain.data.images import BadImage, check_size, image_size_from_bytes
+from difftrain.data.images import HEADER_SIZE_VERSION, BadImage, check_size, image_size_from_bytes
 from difftrain.data.records import (
     INDEX_VERSION,
     BadRecord,
@@ -308,7 +308,7 @@ def _cached_index(table: Any, columns: _Columns, split: str | None, max_pixels: 
     if index_dir is None:
         return _index_table(table, columns, split, max_pixels, progress)
     # The fingerprint changes with the data and with every operation on it (the column selection included).
-    identity = [INDEX_VERSION, "hf", table._fingerprint, split, columns.image, columns.caption, str(columns.base),
+    identity = [INDEX_VERSION, HEADER_SIZE_VERSION, "hf", table._fingerprint, split, columns.image, columns.caption, str(columns.base),
                 max_pixels]
     cache = keyed_path(index_dir, "hf", identity, ".npz")
     try:
@@ -370,8 +370,8 @@ class HFStreamSource(ShardSource):
     def _identity(self, label: str, path: Path) -> list | None:
         # A local file is known by its path, size and mtime; a Hub file by the data set's resolved version
         # (datasets pins it to the commit it resolved), which changes with any file of the data set.
-        found = super()._identity(label, path) or [INDEX_VERSION, self.kind, self._version, label, self._max_pixels,
-                                                   self._use_captions]
+        found = super()._identity(label, path) or [INDEX_VERSION, HEADER_SIZE_VERSION, self.kind, self._version, label,
+                                                   self._max_pixels, self._use_captions]
         return [*found, self._columns.image, self._columns.caption]
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:

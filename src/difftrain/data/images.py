@@ -23,6 +23,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", "
 # What a decode means; caches of what is computed from decoded pixels (latents) key on it.
 # "srgb": embedded colour profiles applied (before, a profile was ignored).
 DECODE_VERSION = "srgb"
+# What a header-only size means; caches of sizes read from headers (shard and table indexes) key on it.
+# "tiff-upright": a TIFF's EXIF orientation no longer turned a second time (Pillow's reader already has).
+HEADER_SIZE_VERSION = "tiff-upright"
 
 
 class BadImage(Exception):

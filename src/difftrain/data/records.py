@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from difftrain.atomic import write_text
 from difftrain.data.folder import DatasetError
 from difftrain.data.folder_index import keyed_path
-from difftrain.data.images import BadImage, check_size, image_size_from_bytes
+from difftrain.data.images import HEADER_SIZE_VERSION, BadImage, check_size, image_size_from_bytes
 from difftrain.data.remote import ShardUnreachable, is_url, read_text, remote_identity
 
 log = logging.getLogger(__name__)
@@ -311,13 +311,13 @@ class ShardSource(RecordSource):
         says of it; None (not cached) if it is no file or the remote cannot say."""
         if isinstance(path, str):
             found = self._remote_versions[path] = remote_identity(path)
-            return None if found is None else [INDEX_VERSION, self.kind, label, *found, self._max_pixels,
-                                                self._use_captions]
+            return None if found is None else [INDEX_VERSION, HEADER_SIZE_VERSION, self.kind, label, *found,
+                                                self._max_pixels, self._use_captions]
         if not path.is_file():  # a shard gone since listing is reported by the indexing
             return None
         stat = path.stat()
-        return [INDEX_VERSION, self.kind, label, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-                self._max_pixels, self._use_captions]
+        return [INDEX_VERSION, HEADER_SIZE_VERSION, self.kind, label, str(path.resolve()), stat.st_size,
+                stat.st_mtime_ns, self._max_pixels, self._use_captions]
 
     def _index(self, label: str, path: Shard, index_dir: Path | None) -> dict:
         # A local sidecar costs a stat and one small read, less than the cache's key; a remote one costs a

@@ -100,6 +100,13 @@ class SummaryLookup:
                 save_summary(self.path, hashes, captions, self.broken)
             except OSError as reason:  # a cache: the next start reads the data again, as before
                 log.warning("could not write the record summary %s: %s", self.path, reason)
+                return
+            # The same data read the same way, as it was before it changed (shards added, a file written again):
+            # never asked for again, so it goes rather than piling up with every change.
+            place = self.path.name.split("-")[0]
+            for older in self.path.parent.glob(f"{place}-*.npz"):
+                if older != self.path:
+                    older.unlink(missing_ok=True)
 
 
 def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
@@ -110,7 +117,12 @@ def summary_path(cache_dir: str | Path, source: RecordSource) -> Path | None:
     if source not in _KEYS:
         _KEYS[source] = _summary_key(source)
     key = _KEYS[source]
-    return None if key is None else Path(cache_dir) / "records" / f"{key}.npz"
+    if key is None:
+        return None
+    # Named by where the data is and how it is read, then by what it holds, so a new summary of the same
+    # place replaces the old one (SummaryLookup.finish).
+    place = hashlib.sha256(json.dumps([type(source).__name__, source.location, source.settings]).encode())
+    return Path(cache_dir) / "records" / f"{place.hexdigest()[:16]}-{key}.npz"
 
 
 _KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -109,6 +109,7 @@ class RecordSource(ABC):
     # What decides each record's captions besides the files themselves (open_source's arguments): part of the
     # key of the cache's record summary (record_summary.py).
     settings: str = ""
+    location: str = ""  # where the data is (open_source's path, resolved where it is local)
     # Whether records are read from files that stored_files does not list (a table's image paths): a change to
     # them goes unseen by the fingerprint, so such a source gets no record summary.
     reads_unlisted_files: bool = False

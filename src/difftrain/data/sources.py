@@ -107,6 +107,7 @@ def open_source(
     source = _open_kind(kind, path, image_key, caption_key, captions, caption_extension, max_pixels,
                         Path(index_dir) if index_dir else None, progress, conditioning, hf)
     source.settings = repr((kind, image_key, caption_key, captions, caption_extension, max_pixels, hf))
+    source.location = str(Path(path).resolve()) if Path(path).exists() else str(path)
     return source
 
 

@@ -188,11 +188,20 @@ def test_a_cached_start_over_unchanged_shards_reads_no_shard(tiny_sd, shapes_dir
     assert mended.source.shard_loads == 0
     # One process of several decodes only its share, so cannot know every broken record: it writes no summary;
     # the launch's second walk, in which each process takes every record, does.
+    # That second walk reuses the hashes of its process's first one: it reads only what its cache lacks, here the
+    # shard of the broken record, which the other process decoded.
     shared = tmp_path / "launch-cache"
-    open_images(config, progress=False).fill_cache(encoders, shared, rank=1, world_size=2, progress=False)
+    processes = [open_images(config, progress=False) for _ in range(2)]
+    for rank, process in enumerate(processes):
+        process.fill_cache(encoders, shared, rank=rank, world_size=2, progress=False)
     assert not (shared / "records").exists()
-    open_images(config, progress=False).fill_cache(encoders, shared, rank=0, world_size=1, progress=False)
+    loads = processes[1].source.shard_loads
+    assert processes[1].fill_cache(encoders, shared, rank=0, world_size=1, progress=False) == counts
+    assert processes[1].source.shard_loads - loads == 1 and np.array_equal(processes[1].hashes, first.hashes)
     assert len(list((shared / "records").glob("*.npz"))) == 1
+    after_launch = open_images(config, progress=False)
+    assert after_launch.fill_cache(encoders, shared, progress=False) == counts  # the broken record known
+    assert after_launch.source.shard_loads == 0
     # Captions off: another summary (every record uncaptioned), not the first one's captions.
     config.data.captions = "none"
     uncaptioned = open_images(config, progress=False)

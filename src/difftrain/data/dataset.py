@@ -75,6 +75,7 @@ class ImageDataset(Dataset):
         self.condition_cache: TensorCache | None = None
         self.condition_hashes: np.ndarray | None = None  # per record: Conditions.digest
         self.captions: PackedLists | None = None  # per record, when latents are cached
+        self.last_walk: SummaryLookup | None = None  # what the last fill_cache learnt of each record
 
     def __len__(self) -> int:
         return len(self.source)
@@ -268,7 +269,9 @@ class ImageDataset(Dataset):
         # filled would have nothing to read. Which records those are is found again at every start.
         reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
         # What the source knows of each record, or an earlier walk over the same data learnt (record_summary.py).
-        known_records = SummaryLookup(cache_dir, self.source, enabled=latents, reads_records=reads_records)
+        # A launch's second walk reuses its first one's hashes: each process read every record then.
+        known_records = SummaryLookup(cache_dir, self.source, enabled=latents, reads_records=reads_records,
+                                      earlier=self.last_walk if latents else None)
 
         def views(index: int, digest: bytes, size) -> tuple[list, list]:
             """The (key, flip) of each latent and condition at `size` of the record at `index`, whose data has
@@ -358,6 +361,7 @@ class ImageDataset(Dataset):
         if latents:
             self.captions = PackedLists(captions)  # read by every worker: shared, not copied (packed.py)
         known_records.finish(self.hashes, self.captions, write=world_size == 1)  # (each decoded only its share)
+        self.last_walk = known_records if latents else None
         return counts
 
 

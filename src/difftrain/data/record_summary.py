@@ -9,7 +9,8 @@ the hashes and captions it found into the cache directory, keyed by the source's
 them) and the settings that decide a record's captions; the next start over the same data
 reads that file and only the records it lacks. It is written by a walk of one process (a
 launch's second walk, in which each process takes every record), which alone has decoded
-every record it needed and so knows which do not decode.
+every record it needed and so knows which do not decode. That second walk reuses the hashes
+its process's first, sharded walk read, so it reads only what the cache lacks.
 """
 
 from __future__ import annotations
@@ -45,17 +46,23 @@ class SummaryLookup:
     error) is not marked: it is tried again at each start.
     """
 
-    def __init__(self, cache_dir: str | Path, source: RecordSource, enabled: bool = True, reads_records: bool = False):
+    def __init__(self, cache_dir: str | Path, source: RecordSource, enabled: bool = True, reads_records: bool = False,
+                 earlier: SummaryLookup | None = None):
         """`enabled` False: only what the source knows (no summary is read or written); `reads_records`: not even
-        that (every record is read)."""
+        that (every record is read). `earlier`: the lookup of this process's previous walk over the same source
+        (a launch's first, sharded walk), whose hashes and broken records this walk need not read again."""
         self.cache_dir, self.source, self.enabled, self.reads_records = cache_dir, source, enabled, reads_records
         self.path: Path | None = None
         self.summary: KnownRecords | None = None
         self.summary_broken: np.ndarray | None = None
         self.broken = np.zeros(len(source), dtype=bool)  # found in this walk
         self.looked = False
-        self.read_to_hash = False  # a record was read to be hashed in this walk
+        self.earlier = earlier.walked if earlier is not None else None
+        self.earlier_broken = earlier.broken if earlier is not None else None
+        # a record was read to be hashed in this walk (or the earlier one, whose hashes this one reuses)
+        self.read_to_hash = earlier is not None and earlier.read_to_hash
         self.stale = False
+        self.walked: KnownRecords | None = None  # this walk's hashes and captions, once it is over
 
     def lookup(self, index: int) -> tuple[tuple[bytes, list[str]] | None, bool]:
         """(record `index`'s hash and captions if the source or the summary knows them, whether the summary says
@@ -65,12 +72,21 @@ class SummaryLookup:
         known = self.source.known_record(index)
         if known is not None or not self.enabled:
             return known, False
+        if self.earlier is not None:
+            if self.earlier_broken[index]:
+                self.broken[index] = True  # as found again: this walk's summary holds it
+                return None, True
+            if (known := self.earlier.known_record(index)) is not None:
+                return known, False
+        self._look()
+        return (self.summary.known_record(index) if self.summary is not None else None), self.known_broken(index)
+
+    def _look(self) -> None:
         if not self.looked:
             self.looked = True
             self.path = summary_path(self.cache_dir, self.source)
             if self.path is not None and (found := load_summary(self.path, len(self.source))) is not None:
                 self.summary, self.summary_broken = found
-        return (self.summary.known_record(index) if self.summary is not None else None), self.known_broken(index)
 
     def known_broken(self, index: int) -> bool:
         return self.summary_broken is not None and bool(self.summary_broken[index])
@@ -91,6 +107,9 @@ class SummaryLookup:
     def finish(self, hashes: np.ndarray, captions: PackedLists, write: bool) -> None:
         """After the walk: drop a stale summary; with `write` (a walk that decoded every record it had to, so
         knows every broken one), save a new one if it was worth it."""
+        self.walked = KnownRecords(hashes, captions)
+        if self.enabled and self.earlier is not None:
+            self._look()  # a walk that knew every record from the earlier one looked for no summary
         if not self.enabled or self.path is None:
             return
         if self.stale:

@@ -58,3 +58,31 @@ def test_keep_last_prunes_the_oldest(tmp_path, monkeypatch):
     assert [p.name for p in store.all()] == ["step-00000004", "step-00000005"]
     store.clean_staging()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_every_generator_round_trips_through_safetensors_accelerators_included(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from difftrain.training import rng
+
+    # No accelerator here: Apple's stands in with a CPU generator behind its get/set_rng_state, which is all
+    # capture and restore ask of one (dropout's masks on MPS come from it).
+    mps_generator = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: mps_generator.get_state())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: mps_generator.set_state(state))
+
+    def draws(noise):
+        return (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=noise).item(),
+                torch.rand(1, generator=mps_generator).item())
+
+    noise = torch.Generator().manual_seed(3)
+    random.gauss(0, 1), np.random.randn()  # a cached second Gaussian in both
+    save_file(rng.capture(noise), tmp_path / "rng.safetensors")
+    expected = draws(noise)
+    draws(noise)
+    rng.restore(load_file(tmp_path / "rng.safetensors"), noise)
+    assert draws(noise) == expected

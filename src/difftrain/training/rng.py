@@ -25,9 +25,17 @@ def capture(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
     state["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     state["numpy_pos"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
     state["numpy_gauss"] = torch.tensor([gauss], dtype=torch.float64)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    for name, backend in _accelerators():
+        state[name] = backend.get_rng_state()
     return state
+
+
+def _accelerators():
+    """(name, torch module) of each accelerator this process can use: its generator draws dropout's masks."""
+    for name in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, name, None)
+        if backend is not None and backend.is_available():
+            yield name, backend
 
 
 def restore(state: dict[str, torch.Tensor], noise_generator: torch.Generator) -> None:
@@ -38,5 +46,6 @@ def restore(state: dict[str, torch.Tensor], noise_generator: torch.Generator) ->
     pos, numpy_has_gauss = (int(v) for v in state["numpy_pos"].tolist())
     numpy_keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", numpy_keys, pos, numpy_has_gauss, float(state["numpy_gauss"][0])))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    for name, backend in _accelerators():
+        if name in state:
+            backend.set_rng_state(state[name])

@@ -156,3 +156,28 @@ def test_a_rule_across_keys_is_one_plain_line():
         parse_config({"version": 2, "method": "unconditional", "data": {"path": "x", "cache": {"latents": True}}})
     assert str(caught.value) == ("config: invalid config\n  data.cache: caching latents/text is for latent methods, "
                                  "not unconditional")
+
+
+def test_method_rules_that_would_fail_late_or_lose_work_are_refused_at_load(tmp_path):
+    sd = {"version": 2, "data": {"path": "x"}, "model": {"base": "m"}}
+    # A fully trained text encoder in a LoRA run: lost at the save (a LoRA run writes adapters).
+    message = errors_of({**sd, "method": "text2image", "lora": {"enabled": True},
+                         "text2image": {"train_text_encoder": True}})
+    assert "text2image.train_text_encoder with lora.enabled" in message and "lora.text_encoder: true" in message
+    dreambooth = {**sd, "method": "dreambooth", "dreambooth": {"instance_prompt": "a sks dog", "class_prompt": "a dog",
+                                                               "class_data": str(tmp_path / "class")}}
+    parse_config(dreambooth)
+    message = errors_of({**dreambooth, "dreambooth": {**dreambooth["dreambooth"], "class_scheduler": "dpm++2m"}})
+    assert "dreambooth.class_scheduler = 'dpm++2m'" in message and "dpm++_2m" in message
+    (tmp_path / "class").write_text("not a folder")
+    assert "dreambooth.class_data = " in errors_of(dreambooth) and "is a file" in errors_of(dreambooth)
+
+
+@pytest.mark.parametrize("method, section", [("textual_inversion", {"token": "<t>", "initializer": "toy"}),
+                                             ("controlnet", {})])
+def test_a_frozen_unet_keeps_its_base_noise_settings(method, section):
+    run = {"version": 2, "data": {"path": "x"}, "model": {"base": "m"}, "method": method, method: section}
+    parse_config(run)
+    message = errors_of({**run, "noise": {"prediction_type": "v_prediction", "zero_terminal_snr": True}})
+    assert (f"noise.prediction_type, noise.zero_terminal_snr with method {method}: the UNet stays frozen" in message)
+    parse_config({**run, "noise": {"snr_gamma": 5.0, "noise_offset": 0.05}})  # the loss's weighting is the run's own

@@ -74,20 +74,22 @@ def test_every_model_a_run_writes_explains_itself_and_loads_anywhere(tiny_sd, sh
 
     from difftrain import load_pipeline
 
-    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"max_steps": 1},
-                       noise={"prediction_type": "v_prediction"}, **settings)
+    # Textual Inversion leaves the UNet frozen: it keeps its base's target (config refuses another).
+    prediction = "epsilon" if kind == "embedding" else "v_prediction"
+    noise = {} if kind == "embedding" else {"noise": {"prediction_type": prediction}}
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, training={"max_steps": 1}, **noise, **settings)
     assert main(["train", str(config), "--no-progress"]) == 0
     for folder, weights in (("model", "ema"), ("model-no-ema", "raw")):
         manifest = json.loads((tmp_path / "run" / folder / "difftrain.json").read_text())
         assert manifest["format"] == "difftrain-model" and manifest["version"] == 1
         assert (manifest["kind"], manifest["weights"]) == (kind, weights)
-        assert manifest["noise"]["prediction_type"] == "v_prediction"
+        assert manifest["noise"]["prediction_type"] == prediction
         assert files <= {p.name for p in (tmp_path / "run" / folder).iterdir()}
         assert (manifest["base"] is None) == (kind == "stable-diffusion")
     # The model folder alone, moved away from its run, still loads: the manifest names its base.
     moved = shutil.copytree(tmp_path / "run" / "model", tmp_path / "elsewhere")
     pipe = load_pipeline(moved)
-    assert pipe.manifest.kind == kind and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.manifest.kind == kind and pipe.scheduler.config.prediction_type == prediction
     if kind == "stable-diffusion":  # and diffusers itself is not disturbed by the manifest
         assert StableDiffusionPipeline.from_pretrained(moved).unet is not None
     else:  # copied to a machine without its base: the message names the manifest entry to fix

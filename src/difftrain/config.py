@@ -423,13 +423,14 @@ class SampleConfig(Section):
         return _check_scheduler(self, "sample.scheduler")
 
 
-def _check_scheduler(section, key: str):
+def _check_scheduler(section, key: str, name: str | None = None):
     from difftrain.sampling.schedulers import UnknownScheduler, resolve_name
 
+    name = section.scheduler if name is None else name
     try:
-        resolve_name(section.scheduler)  # our short names and A1111's sampler names
+        resolve_name(name)  # our short names and A1111's sampler names
     except UnknownScheduler as error:
-        raise ValueError(f"{key} = {section.scheduler!r}: {error}") from None
+        raise ValueError(f"{key} = {name!r}: {error}") from None
     return section
 
 
@@ -603,10 +604,14 @@ class Text2ImageRun(LatentRun):
                 "output.single_file / output.trained_only with lora.enabled: a LoRA run writes the adapter files; "
                 "`difftrain lora merge` makes a full model from them"
             )
-        if self.lora.enabled and self.lora.text_encoder and self.text2image.train_text_encoder:
+        if self.lora.enabled and self.text2image.train_text_encoder:
+            # A LoRA run writes adapters: a fully trained text encoder would be lost at the save, and the LoRA,
+            # trained beside it, would draw otherwise on the base model. (diffusers' LoRA scripts' flag of this
+            # name means LoRA on the text encoder.)
             raise ValueError(
-                "lora.text_encoder and text2image.train_text_encoder are both on: train the text encoder "
-                "through LoRA or fully, not both"
+                "text2image.train_text_encoder with lora.enabled: a LoRA run saves adapters, so a fully trained "
+                "text encoder would be lost; set lora.text_encoder: true (LoRA on the text encoder, what "
+                "diffusers' --train_text_encoder means in its LoRA scripts) and train_text_encoder: false"
             )
         return self
 
@@ -627,7 +632,23 @@ class DreamBoothRun(Text2ImageRun):
             )
         if db.prior_preservation and self.data.buckets.enabled:
             raise ValueError("data.buckets with dreambooth.prior_preservation: class images are square; turn buckets off")
+        if db.prior_preservation and Path(db.class_data).exists() and not Path(db.class_data).is_dir():
+            raise ValueError(f"dreambooth.class_data = {db.class_data!r} is a file; it is the folder class images "
+                             "are read from and generated into")
+        _check_scheduler(db, "dreambooth.class_scheduler", db.class_scheduler)
         return self
+
+
+def _frozen_unet_noise(run) -> None:
+    """A method that leaves the UNet's weights as they are cannot change what it predicts: a noise schedule or
+    target other than its base's would train against what it never gives, and be saved with the output."""
+    noise = run.noise
+    changed = [f"noise.{key}" for key in ("num_train_timesteps", "beta_schedule", "prediction_type")
+               if getattr(noise, key) is not None] + (["noise.zero_terminal_snr"] if noise.zero_terminal_snr else [])
+    if changed:
+        raise ValueError(f"{', '.join(changed)} with method {run.method}: the UNet stays frozen and keeps predicting "
+                         "what its base model was trained to; remove the setting (the base's own are used; a "
+                         "single-file base of another kind takes model.config)")
 
 
 class ControlRun(LatentRun):
@@ -657,6 +678,7 @@ class ControlRun(LatentRun):
         if control.canny_low_threshold > control.canny_high_threshold:
             raise ValueError(f"{method}.canny_low_threshold = {control.canny_low_threshold}: must not exceed "
                              f"canny_high_threshold = {control.canny_high_threshold}")
+        _frozen_unet_noise(self)
         return self  # (validation images are checked when the run starts: resume may run where they moved)
 
 
@@ -703,6 +725,7 @@ class TextualInversionRun(LatentRun):
         if idle:
             raise ValueError(f"{', '.join(idle)} with textual_inversion: it trains the new token's vectors alone "
                              "(at training.learning_rate) and writes them as embedding files; remove the setting")
+        _frozen_unet_noise(self)
         return self
 
 

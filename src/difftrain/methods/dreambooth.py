@@ -71,6 +71,9 @@ class DreamBooth(TextToImage):
         held = 0
         if settings.prior_preservation:
             folder = Path(settings.class_data)
+            # Every process lists the folder before any writes to it: one that listed it after another had drawn
+            # a batch would plan a shorter list, split it otherwise, and leave batches undrawn.
+            accelerator.wait_for_everyone()
             images = folder_images(folder)
             count = generated_count(folder, images, settings.num_class_images)
             missing = missing_class_images(folder, count)

@@ -6,6 +6,7 @@ import json
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -152,10 +153,26 @@ def test_batched_sampling_gives_each_batch_its_own_labels():
     unet = _class_unet()
     config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
     batched = sample_unet_batched(unet, config, 3, "ddim", 2, 7, 2, labels=[0, 1, 2], guidance_scale=2.0)
-    one_by_one = (sample_unet(unet, config, 2, "ddim", 2, 7, [0, 1], 2.0)
-                  + sample_unet(unet, config, 1, "ddim", 2, 8, [2], 2.0))
-    assert [i.tobytes() for i in batched] == [i.tobytes() for i in one_by_one]
-    assert batched[2].tobytes() != sample_unet(unet, config, 1, "ddim", 2, 8, [0], 2.0)[0].tobytes()
+    pieces = (sample_unet(unet, config, 2, "ddim", 2, 7, [0, 1], 2.0)
+              + sample_unet(unet, config, 1, "ddim", 2, 9, [2], 2.0))
+    assert [i.tobytes() for i in batched] == [i.tobytes() for i in pieces]
+    assert batched[2].tobytes() != sample_unet(unet, config, 1, "ddim", 2, 9, [0], 2.0)[0].tobytes()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_image_i_comes_from_seed_plus_i_whatever_the_batch_size(scheduler):
+    """So an evaluation's images do not change with its batch size, and seed 1's are not seed 0's shifted by one."""
+    from difftrain.sampling.loop import sample_unet_batched
+
+    unet = _class_unet()
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+    draws = {size: np.stack([np.asarray(image, dtype=int) for image in
+                             sample_unet_batched(unet, config, 4, scheduler, 3, 7, size, labels=[0, 1, 2, 0])])
+             for size in (1, 4)}
+    assert np.abs(draws[1] - draws[4]).max() <= 1  # (batched kernels may round otherwise)
+    later = np.stack([np.asarray(image, dtype=int) for image in
+                      sample_unet_batched(unet, config, 2, scheduler, 3, 8, 2, labels=[1, 2])])
+    assert np.abs(later - draws[4][1:3]).max() <= 1  # seed 8's first image is seed 7's second
 
 
 def _class_unet() -> UNet2DModel:

@@ -382,7 +382,9 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
                          eval=_eval_section(networks, tmp_path / "cache", num_images=4, images_per_prompt=2,
                                             metrics=["fid", "kid", "lpips"], batch_size=2),
                          checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "lpips_diversity"},
-                         sample={"every_steps": 1000, "prompts": ["a red circle"], "steps": 2, "scheduler": "ddim"})
+                         # The previews' negative prompt is theirs: evaluation draws with eval.negative_prompt ("").
+                         sample={"every_steps": 1000, "prompts": ["a red circle"], "steps": 2, "scheduler": "ddim",
+                                 "negative_prompt": "a blue square"})
     config["model"].pop("preset")
     config["training"].update(max_steps=2, learning_rate=1e-4, lr_warmup_steps=0)
     run = train(load_config(write_config(tmp_path / "sd.yaml", config)), progress=False).run_dir
@@ -469,6 +471,36 @@ def test_a_run_whose_metric_networks_are_missing_is_refused_before_it_trains(sha
     config = tiny_config(shapes_dir, tmp_path / "u", eval={"every_steps": 2, "metrics": ["clip"]})
     assert main(["train", str(write_config(tmp_path / "u.yaml", config)), "--no-progress"]) == 2
     assert "an unconditional model draws without prompts" in capsys.readouterr().err
+
+
+def test_a_reference_or_prompts_that_cannot_be_had_refuse_the_run_before_it_trains(networks, shapes_dir, tmp_path,
+                                                                                     capsys):
+    """Found at the first evaluation, these stopped a run hours in, before that step's checkpoint was written."""
+    config = tiny_config(shapes_dir, tmp_path / "r", eval=_eval_section(networks, tmp_path / "cache",
+                                                                         reference=str(tmp_path / "no-such-folder")))
+    assert main(["train", str(write_config(tmp_path / "r.yaml", config)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.reference: {tmp_path / 'no-such-folder'} is not a folder" in err and "data.path" not in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    config = tiny_config(shapes_dir, tmp_path / "c", method="text2image", model={"base": str(write_tiny_sd(tmp_path / "sd"))},
+                         eval=_eval_section(networks, tmp_path / "cache"))
+    config["model"].pop("preset")
+    config["data"]["captions"] = "none"
+    assert main(["train", str(write_config(tmp_path / "c.yaml", config)), "--no-progress"]) == 2
+    assert "needs prompts: set eval.prompts" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_prompts_sampled_from_captions_repeat_no_record_while_any_is_left(shapes_dir):
+    from difftrain.evaluate.reference import open_records
+
+    records = open_records(shapes_dir)
+    captions = records.sample_captions(len(records), seed=3)
+    every = {tuple(records.source.read(i).captions) for i in records.indices}
+    assert len(captions) == len(records) and len(set(captions)) == len(every)
+    assert records.sample_captions(len(records), seed=3) == captions != records.sample_captions(len(records), seed=4)
 
 
 def test_eval_config_errors_name_the_key(shapes_dir, tmp_path, capsys):

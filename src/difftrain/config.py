@@ -388,6 +388,8 @@ class EvalConfig(Section):
     num_images: int = Field(64, ge=2, description="images drawn per evaluation (the same count every time)")
     images_per_prompt: int = Field(4, ge=1, description="text2image: seeds per prompt")
     prompts: list[str] = Field(default_factory=list, description="text2image: default a seeded sample of the captions")
+    negative_prompt: str = Field("", description="text2image: as `difftrain eval --negative-prompt` (not "
+                                                 "sample.negative_prompt, the previews')")
     reference: Optional[str] = Field(None, description="real images; default data.path (read as data.source)")
     reference_source: Optional[Literal["folder", "jsonl", "laion", "webdataset"]] = None
     reference_max: Optional[int] = Field(2000, ge=2, description="a seeded sample of the reference, for speed")

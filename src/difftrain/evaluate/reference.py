@@ -41,16 +41,19 @@ class ImageRecords:
         return len(self.indices)
 
     def sample_captions(self, count: int, seed: int) -> list[str]:
-        """`count` captions, each from a record drawn with replacement (seeded); reads only the records drawn.
+        """`count` captions, each from a record drawn (seeded): every record once, in a shuffled order, before
+        any twice (FID against COCO-style captions wants distinct images' captions); reads only the records drawn.
 
         Uncaptioned and unreadable records are passed over; [] when a run of draws finds no caption at all.
         """
         from difftrain.data.sources import BadRecord
 
         rng, found, misses = random.Random(seed), [], 0
+        order = rng.sample(self.indices, len(self.indices))
         while len(found) < count and misses < max(100, 10 * count):
+            index = order[len(found) + misses] if len(found) + misses < len(order) else rng.choice(self.indices)
             try:
-                captions = self.source.read(rng.choice(self.indices)).captions
+                captions = self.source.read(index).captions
             except BadRecord:
                 captions = []
             if captions:
@@ -82,10 +85,18 @@ REFERENCE_SEED = 0
 
 
 def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, progress: bool = False,
-                 **source_options) -> ImageRecords:
+                 setting: str = "data.path", **source_options) -> ImageRecords:
+    """The records at `path`; `setting`: what the user calls `path` (eval.reference, --reference), which a
+    message about it names."""
+    from difftrain.data.folder import DatasetError
     from difftrain.data.sources import open_source
 
-    source = open_source(kind, path, progress=progress, **source_options)
+    try:
+        source = open_source(kind, path, progress=progress, **source_options)
+    except DatasetError as error:
+        if setting == "data.path":
+            raise
+        raise DatasetError(str(error).replace("data.path", setting)) from None
     indices = list(range(len(source)))
     if max_images is not None and max_images < len(indices):
         indices = sorted(random.Random(REFERENCE_SEED).sample(indices, max_images))

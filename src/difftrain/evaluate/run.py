@@ -79,7 +79,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     reference_records = None
     if options.reference and not _is_statistics_file(options.reference):
         reference_records = open_records(options.reference, options.reference_source, options.reference_max,
-                                          progress=progress)
+                                          progress=progress, setting="--reference")
     is_folder = _is_image_folder(target)
     if is_folder:
         if (Path(target) / "eval.json").is_file():  # an earlier eval's output: its images, never its grids
@@ -304,7 +304,7 @@ def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
     generation = {"model": str(target), "kind": "unconditional", "scheduler": scheduler, "steps": steps,
                   "batch_size": options.batch_size, "seed": options.seed,
                   **({"classes": len(model.classes), "cfg": settings["guidance_scale"]} if settings else {}),
-                  "through": "difftrain sample's loop (batch b from seed + b)"}
+                  "through": "difftrain sample's loop (image i from seed + i)"}
     return [Group(None, images)], generation
 
 

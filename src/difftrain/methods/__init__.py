@@ -19,6 +19,10 @@ METHODS: dict[str, str] = {
 }
 
 
-def build_method(config: RunConfig) -> Method:
+def method_class(config: RunConfig) -> type[Method]:
     module, name = METHODS[config.method].split(":")
-    return getattr(importlib.import_module(module), name)(config)
+    return getattr(importlib.import_module(module), name)
+
+
+def build_method(config: RunConfig) -> Method:
+    return method_class(config)(config)

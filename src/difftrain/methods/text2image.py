@@ -256,12 +256,14 @@ class TextToImage(Method):
         return self.config.sample.prompts
 
     @torch.no_grad()
-    def validation_conditioning(self, text_encoder, prompts: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(positive, negative) per validation prompt (or per one of `prompts`), encoded as `difftrain generate` does."""
+    def validation_conditioning(self, text_encoder, prompts: list[str] | None = None,
+                                negative_prompt: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(positive, negative) per validation prompt (or per one of `prompts`, against `negative_prompt` rather
+        than the previews' sample.negative_prompt), encoded as `difftrain generate` does."""
         from difftrain.sampling.prompts import encode_pair
 
-        sample = self.config.sample
-        return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), sample.negative_prompt,
+        negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
+        return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), negative,
                             self.device, max_length=self.max_length)[:2]
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
@@ -314,7 +316,8 @@ class TextToImage(Method):
         images: list[Image.Image] = []
         try:
             for start, end in prompt_batches(prompts, batch_size):
-                [(positive, negative)] = self.validation_conditioning(text_encoder, [prompts[start]])
+                [(positive, negative)] = self.validation_conditioning(text_encoder, [prompts[start]],
+                                                                      self.config.eval.negative_prompt)
                 images += draw(pipe, positive, negative, list(range(seed + start, seed + end)), steps, guidance_scale,
                                autocast=self.weight_dtype, width=size, height=size)
         finally:

@@ -11,6 +11,7 @@ import inspect
 from typing import Callable
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from difftrain.errors import DifftrainError
@@ -26,17 +27,19 @@ def denoise(
     scheduler,
     shape: tuple[int, ...],
     steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Run `scheduler` from pure noise for `steps` steps; returns samples clamped to [-1, 1]."""
+    """Run `scheduler` from pure noise for `steps` steps; returns samples clamped to [-1, 1]. `generator`: one
+    for the whole batch, or one per sample (an ancestral sampler's noise then comes from each sample's own too)."""
     scheduler.set_timesteps(steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         # Without it a scheduler finds its place by looking the first timestep up, and a
         # schedule that repeats a timestep starts one step late and runs off the end.
         scheduler.set_begin_index(0)
-    x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    home = (generator[0] if isinstance(generator, list) else generator).device
+    x = randn_tensor(shape, generator=generator, device=home, dtype=torch.float32).to(device)
     x = x * scheduler.init_noise_sigma
     accepted = inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if "generator" in accepted else {}
@@ -77,10 +80,10 @@ def sample_unet(
     unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int,
     labels: list[int] | None = None, guidance_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """`num_images` from a pixel-space UNet2DModel, all from one generator seeded `seed`; image i
-    of class `labels[i]` when the UNet is class-conditional."""
+    """`num_images` from a pixel-space UNet2DModel, image i from a generator of its own seeded `seed + i` (so
+    from the same seed however the images are batched), of class `labels[i]` when the UNet is class-conditional."""
     device = next(unet.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     shape = (num_images, unet.config.in_channels, *size)
@@ -94,15 +97,15 @@ def sample_unet_batched(
     unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int, batch_size: int,
     progress: bool = False, labels: list[int] | None = None, guidance_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """`num_images` in batches of `batch_size`, batch b from seed + b: the same images whatever else runs."""
+    """`num_images` in batches of `batch_size`, image i from seed + i: the same images whatever the batch size."""
     from tqdm.auto import tqdm
 
     images: list[Image.Image] = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-        for batch, start in enumerate(range(0, num_images, batch_size)):
+        for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             chunk = None if labels is None else labels[start:start + count]
-            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + batch, chunk, guidance_scale)
+            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + start, chunk, guidance_scale)
             bar.update(count)
     return images
 

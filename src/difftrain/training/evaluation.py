@@ -4,8 +4,10 @@ The method draws (`Method.evaluation_images`), `evaluate.scores` measures, and t
 go to metrics.jsonl, TensorBoard and `eval.png`. Evaluation must never change training: it
 runs inside a fork of every global random state (torch, CUDA, numpy, Python) and draws from
 generators of its own, so a run with evaluation on ends with bitwise the weights of one
-without (tested). The networks and the reference features load once, at the first
-evaluation; the reference comes from the content-keyed cache when the data was seen before.
+without (tested). The reference images are opened and the prompts chosen when the run starts
+(a bad setting stops it then, not hours later); the networks and the reference features load
+once, at the first evaluation; the reference comes from the content-keyed cache when the data
+was seen before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from difftrain.config import RunConfig
 from difftrain.evaluate.names import RESULTS
+from difftrain.evaluate.weights import EvalError
 
 
 @contextmanager
@@ -41,7 +44,7 @@ class TrainingEvaluation:
     def __init__(self, config: RunConfig, run_dir: Path):
         self.config, self.run_dir = config, run_dir
         self.settings = config.eval
-        self.scorer = self.reference = self.prompts = None
+        self.scorer = self.reference = self.prompts = self.records = None
         keep = config.checkpoint.keep_best
         if keep:
             name, _, direction = keep.partition(":")
@@ -64,34 +67,51 @@ class TrainingEvaluation:
         return Networks(s.weights_dir, s.inception_weights, s.alexnet_weights, s.lpips_weights, s.clip_model,
                         "cuda" if torch.cuda.is_available() else "cpu")
 
-    def check(self) -> None:
-        """Refuse the run now, not at its first evaluation, when a metric's network cannot be had."""
+    def check(self, takes_prompts: bool) -> None:
+        """Refuse the run now, not at its first evaluation (after hours of training, and before the checkpoint of
+        that step), when a metric's network, the reference images or the prompts cannot be had."""
         if self.enabled:
             from difftrain.evaluate.scores import check_networks
 
             check_networks(list(self.settings.metrics), self._networks())
+            self._plan(takes_prompts)
 
-    def _setup(self, method) -> None:
-        from difftrain.evaluate.reference import open_records, reference_features
+    def _plan(self, takes_prompts: bool) -> None:
+        """The reference records, and the prompt of each image drawn (None for a method without prompts)."""
+        from difftrain.evaluate.reference import open_records
         from difftrain.evaluate.run import prompt_list
-        from difftrain.evaluate.scores import Scorer
 
         s, data = self.settings, self.config.data
-        self.scorer = Scorer(list(s.metrics), self._networks())
         if s.reference:  # real images of the user's choosing
-            records = open_records(s.reference, s.reference_source or "folder", s.reference_max)
+            self.records = open_records(s.reference, s.reference_source or "folder", s.reference_max,
+                                        setting="eval.reference")
         else:  # the training data, read as training reads it
             from difftrain.training.run_data import hf_options
 
-            records = open_records(data.path, data.source, s.reference_max, image_key=data.image_key,
-                                   caption_key=data.caption_key, captions=data.captions,
-                                   caption_extension=data.caption_extension, hf=hf_options(data))
-        if method.takes_prompts:
-            self.prompts = prompt_list(s.num_images, s.images_per_prompt, s.seed, records, prompts=list(s.prompts))
+            self.records = open_records(data.path, data.source, s.reference_max, image_key=data.image_key,
+                                        caption_key=data.caption_key, captions=data.captions,
+                                        caption_extension=data.caption_extension, hf=hf_options(data))
+        if takes_prompts:
+            try:
+                self.prompts = prompt_list(s.num_images, s.images_per_prompt, s.seed, self.records,
+                                           prompts=list(s.prompts))
+            except EvalError:
+                raise EvalError("evaluation of a text-to-image run needs prompts: set eval.prompts, or point "
+                                "eval.reference at captioned images to sample captions from") from None
         else:
             self.prompts = [None] * s.num_images
+
+    def _setup(self, method) -> None:
+        from difftrain.evaluate.reference import reference_features
+        from difftrain.evaluate.scores import Scorer
+
+        s = self.settings
+        self.scorer = Scorer(list(s.metrics), self._networks())
+        if self.records is None:
+            self._plan(method.takes_prompts)
         if self.scorer.inception is not None and any(m in s.metrics for m in ("fid", "kid", "prc")):
-            self.reference = reference_features(records, self.scorer.inception, data.resolution, s.cache_dir)
+            self.reference = reference_features(self.records, self.scorer.inception, self.config.data.resolution,
+                                                s.cache_dir)
 
     def run(self, method, modules: dict, step: int) -> dict:
         """Measure now; returns the metrics with `seconds` and whether this step is the best so far."""

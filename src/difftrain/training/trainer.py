@@ -33,7 +33,7 @@ from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint_and_layout
 from difftrain.data.sampler import Position
-from difftrain.methods import build_method
+from difftrain.methods import build_method, method_class
 from difftrain.run_folder import ABANDONED, join_modules, split_modules
 from difftrain.sampling.images import make_grid
 from difftrain.training import host_memory, rng, sharding, zero
@@ -146,7 +146,7 @@ class Trainer:
         self._check_startable(resume)
         self.evaluation = TrainingEvaluation(config, self.run_dir)
         if self.main:
-            self.evaluation.check()
+            self.evaluation.check(method_class(config).takes_prompts)
 
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)

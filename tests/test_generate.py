@@ -283,3 +283,43 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
             assert main(["generate", str(model), "--from-png", str(png), "--out", str(tmp_path / "h"),
                          "--no-progress"]) == 0
         assert ("does not say 'Pad conds'" in caplog.text) is said, png
+
+
+def test_a1111_settings_we_cannot_repeat_are_named_and_the_rng_is_recorded(tiny_sd, tmp_path, caplog):  # noqa: F811
+    from PIL.PngImagePlugin import PngInfo
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    # Our noise is A1111's "RNG: CPU" (a CPU generator per seed): said, as A1111 reads a missing RNG as its GPU's.
+    [ours] = run(tiny_sd, tmp_path / "ours", "--prompt", "a red circle")
+    assert parse_infotext(read_png_infotext(ours))[2]["RNG"] == "CPU"
+
+    def repeat(parameters: str, *flags) -> int:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        png = tmp_path / "a1111.png"
+        Image.new("RGB", (32, 32)).save(png, pnginfo=info)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            return main(["generate", str(tiny_sd), "--from-png", str(png), "--out", str(tmp_path / "again"),
+                         "--no-progress", *flags])
+
+    a1111 = "a red circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x32, Version: v1.10.1"
+    assert repeat(a1111) == 0 and "RNG: GPU not repeated" in caplog.text
+    assert repeat(a1111 + ", RNG: CPU") == 0 and "RNG" not in caplog.text
+    assert repeat(a1111 + ", Eta DDIM: 0.5, Emphasis: No norm, TI hashes: \"easyneg: 1234\"") == 0
+    assert "Eta DDIM: 0.5, Emphasis: No norm not repeated" in caplog.text and "--embedding" in caplog.text
+    # An img2img PNG records no init image: drawn from text, and said. A hires-fix PNG's strength is its
+    # second pass's, not an img2img strength (0 was refused as --strength 0).
+    assert repeat(a1111 + ", Denoising strength: 0.5") == 0 and "give --init-image" in caplog.text
+    assert repeat(a1111 + ", Denoising strength: 0, Hires upscale: 2") == 0 and "init-image" not in caplog.text
+    # Prompt editing and alternation are read as text here: said, not silently misread.
+    with caplog.at_level("WARNING"):
+        run(tiny_sd, tmp_path / "edit", "--prompt", "a [red:blue:0.5] [circle|square]")
+    assert "[red:blue:0.5], [circle|square]: A1111's prompt editing" in caplog.text
+    # At CFG 1 the negative side is not drawn, so a long negative prompt pads nothing.
+    [unguided] = run(tiny_sd, tmp_path / "cfg1", "--prompt", "a red circle", "--negative-prompt", "blue " * 80,
+                     "--cfg", "1")
+    [plain] = run(tiny_sd, tmp_path / "cfg1-plain", "--prompt", "a red circle", "--cfg", "1")
+    assert "Pad conds" not in parse_infotext(read_png_infotext(unguided))[2]
+    assert np.array_equal(pixels(unguided), pixels(plain))

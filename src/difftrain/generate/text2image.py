@@ -230,6 +230,9 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Clip skip"] = options.clip_skip
     if pad_conds:
         params["Pad conds"] = True
+    # The starting noise (and an ancestral sampler's) comes from a CPU generator per seed, as A1111's "CPU" option
+    # draws it; A1111 reads a missing RNG as its default, the GPU's.
+    params["RNG"] = "CPU"
     if options.init_image:
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
@@ -310,6 +313,7 @@ class Drawer:
         options.check()
         self.options = options
         self.unpadded_png = options.unpadded_png  # warned of at the first padded draw
+        self.warned: set[str] = set()  # prompts whose unsupported A1111 syntax was said
         device = resolve_device(options.device)
         located = model if isinstance(model, Located) else locate(model, options.use_ema)
         if located.manifest is not None and located.manifest.kind == "unconditional":
@@ -362,8 +366,17 @@ class Drawer:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
         from difftrain.sampling.text2image import draw
 
+        from difftrain.sampling.prompts import unsupported_syntax
+
+        if (unsupported := unsupported_syntax(prompt)) and prompt not in self.warned:
+            self.warned.add(prompt)
+            log.warning("%s: A1111's prompt editing, alternation and AND are not done here; read as plain text (in "
+                        "[ ], at weight 1/1.1), so the image differs from the web UI's", ", ".join(unsupported))
+        # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
+        guided = self.options.guidance_scale > 1
         # `padded` goes into the infotext of what save() writes
-        positive, negative, self.padded = encode_prompts(self.pipe, prompt, negative_prompt, self.clip_skip)
+        positive, negative, self.padded = encode_prompts(self.pipe, prompt, negative_prompt if guided else "",
+                                                         self.clip_skip)
         if self.padded and self.unpadded_png:
             self.unpadded_png = False  # (said once)
             log.warning("the PNG's prompt and negative prompt differ in 75-token chunks and its infotext does not say "
@@ -415,8 +428,11 @@ def with_seed(options: GenerateOptions) -> GenerateOptions:
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Variation seed",
-                "Variation seed strength", "Seed resize from", "RNG", "ENSD", "Eta", "Refiner", "Face restoration",
-                "Tiling", "Noise multiplier", "Sigma min", "Sigma max")
+                "Variation seed strength", "Seed resize from", "ENSD", "Eta", "Eta DDIM", "Refiner",
+                "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
+                "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
+                "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
+HIRES = ("Hires upscale", "Hires resize")  # A1111's "Denoising strength" is then the hires pass's
 
 
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
@@ -433,10 +449,25 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if dropped:
         log.warning("%s: %s not repeated (difftrain generate has no such setting): the image will differ",
                     path, ", ".join(f"{key}: {params[key]}" for key in dropped))
+    # A1111 writes its version and leaves RNG out for its default, GPU noise; an older PNG of ours says neither.
+    rng = params.get("RNG", "GPU" if "Version" in params else "CPU")
+    if rng != "CPU":
+        log.warning("%s: RNG: %s not repeated: difftrain draws A1111's CPU noise (its 'RNG: CPU' option), so the "
+                    "image will differ", path, rng)
+    if params.get("TI hashes") and not params.get("Embeddings"):
+        log.warning("%s: its prompt names Textual Inversion embeddings (TI hashes: %s): give each file with "
+                    "--embedding, or their names are read as plain words", path, params["TI hashes"])
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
+    elif "Denoising strength" in params and not any(key in params for key in HIRES):
+        if "init_image" not in overrides:
+            log.warning("%s: an img2img or inpainting image (Denoising strength %s, no init image recorded): give "
+                        "--init-image to repeat it; without one it is drawn from text alone", path,
+                        params["Denoising strength"])
+    img2img = params.get("Init image") or "init_image" in overrides
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
-                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
+                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+                  **({"Denoising strength": ("strength", float)} if img2img else {}),
                   "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():
         if key in params:

@@ -128,6 +128,13 @@ def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names(
         ddim = make_scheduler("ddim", config)
         ddim.set_timesteps(20)
         assert ddim.timesteps[:3].tolist() == [951, 901, 851], spacing
+        # DPM++ on the Uniform schedule steps where Euler (and k-diffusion) does: down to t = 0, then sigma 0;
+        # diffusers' multistep linspace ended at sigma 0.34 at 10 steps.
+        euler, dpm = make_scheduler("euler", config), make_scheduler("dpm++_2m_sde", config)
+        euler.set_timesteps(10)
+        dpm.set_timesteps(10)
+        assert dpm.sigmas.numpy() == pytest.approx(euler.sigmas.numpy(), rel=2e-3), spacing
+        assert dpm.timesteps.tolist()[-1] == 0 and len(dpm.timesteps) == 10
     # One step starts at t = 999 too (diffusers' linspace would put it at 0); a config that says trailing (SD-Turbo
     # and other few-step models) keeps it; and the scheduler still pickles.
     import pickle

@@ -24,9 +24,13 @@ Not mapped, because diffusers implements no such scheduler (asking for one raise
   (SGM Uniform, Simple, Polyexponential, KL Optimal, Align Your Steps, Normal, DDIM, Beta),
   and Karras/Exponential on a sampler whose diffusers class has no such sigmas (Euler a).
 
+DPM++ 2M (and 2M SDE) on the Uniform schedule takes A1111's (k-diffusion's) steps, n from t = 999 to 0,
+where diffusers' multistep "linspace" spacing takes n of n + 1 and leaves out t = 0; that is what A1111
+gives DPM++ 3M SDE, whose next-to-last sigma it drops, so 3M SDE keeps it.
+
 Same algorithm, not the same pictures: noise comes from a different generator (A1111's
 SDE samplers draw Brownian-tree noise, diffusers' multistep SDE draws plain Gaussian
-noise), DPM2 and DPM++ 3M SDE keep the next-to-last sigma that A1111 drops, and UniPC keeps
+noise), DPM2, DPM2 a and DPM++ 3M SDE Karras keep the next-to-last sigma that A1111 drops, and UniPC keeps
 diffusers' defaults (bh2, order 2) where A1111 uses bh1, order 3.
 
 Two samplers need a package difftrain does not install: LMS (scipy) and DPM++ SDE
@@ -358,6 +362,15 @@ def _from_first_step(cls: type) -> type:
 
     @functools.wraps(cls.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, *args, **kwargs):
+        if num_inference_steps and _uniform_by_timesteps(self) and not args and "timesteps" not in kwargs:
+            # diffusers' multistep "linspace" takes n of n + 1 points and drops t = 0: its last step jumped from
+            # sigma 0.34 to 0 at 10 steps. A1111's Uniform (k-diffusion's) takes n from t = 999 to 0, as Euler does.
+            last = self.config.num_train_timesteps - 1
+            kwargs["timesteps"] = [round(last - i * last / max(num_inference_steps - 1, 1))
+                                   for i in range(num_inference_steps)]
+            cls.set_timesteps(self, None, **kwargs)
+            self.set_begin_index(0)
+            return
         # diffusers' "linspace" puts a single step at t = 0; A1111's evenly spaced steps start at t = 999.
         single = num_inference_steps == 1 and self.config.get("timestep_spacing") == "linspace"
         if single:
@@ -379,6 +392,16 @@ def _from_first_step(cls: type) -> type:
 
 
 _SUBCLASS = "_FromFirstStep"
+# Sigma schedules of their own (Karras, exponential, ...): a custom timestep list is refused with them.
+_OWN_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+
+
+def _uniform_by_timesteps(scheduler) -> bool:
+    """Whether `scheduler` is DPM-Solver++ multistep (A1111's DPM++ 2M, 2M SDE) on its Uniform schedule. Not 3M
+    SDE: A1111 drops its next-to-last sigma (t = 0 here), which is what diffusers' own spacing gives."""
+    config = scheduler.config
+    return (type(scheduler).__mro__[1].__name__ == _DPM and config.get("timestep_spacing") == "linspace"
+            and config.get("solver_order") != 3 and not any(config.get(key) for key in _OWN_SIGMAS))
 
 
 def __getattr__(name: str):

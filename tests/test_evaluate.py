@@ -134,7 +134,9 @@ def test_clip_score_ranks_matching_prompts_over_mismatched_ones(tiny_clip, shape
     colours = list(COLOURS)
     wrong = [text.replace(c, colours[(colours.index(c) + 2) % 4]) for text in matching for c in colours if c in text]
     right, mismatched = scorer.scores(images, matching), scorer.scores(images, wrong)
-    assert right.min() >= 0 and right.max() <= 100
+    assert right.abs().max() <= 100
+    # A set's score is torchmetrics': the mean of 100 x cos, then clamped at 0 (not each pair clamped first).
+    assert scorer.score(images, wrong) == pytest.approx(max(mismatched.mean().item(), 0.0), rel=1e-6)
     assert right.mean() > mismatched.mean() + 5
     assert (right > mismatched).float().mean() > 0.8
     with pytest.raises(EvalError, match="cannot load"):
@@ -238,6 +240,18 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     assert main(["eval", str(generated), "--reference", str(tmp_path / "small.npz"), "--out", str(tmp_path / "s"),
                  *common]) == 2
     assert "are not statistics of InceptionV3's 2048-d pool features" in capsys.readouterr().err
+    np.savez(tmp_path / "pickled.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))  # needs unpickling
+    assert main(["eval", str(generated), "--reference", str(tmp_path / "pickled.npz"), "--out", str(tmp_path / "p"),
+                 *common]) == 2
+    assert "not a statistics .npz of plain arrays" in capsys.readouterr().err
+    # --save-reference writes safetensors, so it must be named so (an .npz name could not be read back), and it
+    # needs a reference to compute (one that is a statistics file already has nothing to save)
+    for flags, said in ((["--reference", str(shapes32), "--save-reference", str(tmp_path / "x.npz")],
+                         "give the file a .safetensors name"),
+                        (["--reference", str(stats), "--save-reference", str(tmp_path / "x.safetensors")],
+                         "is one already")):
+        assert main(["eval", str(generated), *flags, "--out", str(tmp_path / "n"), *common]) == 2
+        assert said in capsys.readouterr().err
     # statistics at another size, or from other Inception weights, do not compare: refused
     capsys.readouterr()
     assert main(["eval", str(generated), "--reference", str(stats), "--size", "64", "--out", str(tmp_path / "d"),
@@ -278,6 +292,17 @@ def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_p
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
 
     assert parse_infotext(read_png_infotext(out / "images" / "00004-4.png"))[0] == "a blue square"
+    # Drawn again into the same --out with other seeds: the earlier images go (`difftrain eval OUT` measures the
+    # folder, and would have mixed them in); a folder of images no eval wrote is refused, never emptied.
+    again = [*argv[:argv.index("--num-images")], "--num-images", "3", *argv[argv.index("--num-images") + 2:]]
+    assert main([*again, "--seed", "10", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000-10.png", "00001-11.png", "00002-12.png"]
+    foreign = tmp_path / "foreign-out"
+    (foreign / "images").mkdir(parents=True)
+    (foreign / "images" / "mine.png").write_bytes(b"x")
+    assert main([*argv[:argv.index("--out")], "--out", str(foreign), *_flags(networks)]) == 2
+    assert "holds files that no earlier eval wrote" in capsys.readouterr().err
+    assert (foreign / "images" / "mine.png").exists()
     capsys.readouterr()
     assert main(["eval", str(model), "--metrics", "fid", "--prompt", "x", *_flags(networks),
                  "--out", str(tmp_path / "x")]) == 2
@@ -513,3 +538,13 @@ def test_eval_config_errors_name_the_key(shapes_dir, tmp_path, capsys):
     config = tiny_config(shapes_dir, tmp_path / "r", eval={"every_steps": 5, "metrics": ["fid", "sharpness"]})
     assert main(["config", "check", str(write_config(tmp_path / "c.yaml", config))]) == 2
     assert "eval.metrics.1" in capsys.readouterr().err
+
+
+def test_our_inception_leaves_no_empty_torch_fidelity_package_behind():
+    """A user's own `import torch_fidelity` later in the process must get the real package (or its real error)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from difftrain.evaluate.inception import _inception_class; _inception_class(); "
+            "print('torch_fidelity' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -44,7 +44,7 @@ class ClipScorer:
                     if offline() else "")
             raise EvalError(f"CLIP model {model}: cannot load it ({str(error).splitlines()[0]}).{hint}") from None
         self.device, self.batch_size = torch.device(device), batch_size or 32
-        self.info = {"model": str(model), "scale": "100 x max(cos, 0) per image, mean"}
+        self.info = {"model": str(model), "scale": "max(mean of 100 x cos, 0), as torchmetrics' CLIPScore"}
 
     @torch.no_grad()
     def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
@@ -68,11 +68,15 @@ class ClipScorer:
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
 
     def scores(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        """One score per (image, prompt) pair."""
+        """100 x the cosine of each (image, prompt) pair."""
         if len(images) != len(prompts):
             raise ValueError("one prompt per image")
-        cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
-        return 100 * cosine.clamp(min=0)
+        return 100 * (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> float:
+        """The CLIP score of a set: the mean of `scores`, then clamped at 0, as torchmetrics computes it (clamping
+        each pair first read higher wherever some cosines are negative, as early in training)."""
+        return max(float(self.scores(images, prompts).mean()), 0.0)
 
 
 def _unit(features) -> torch.Tensor:

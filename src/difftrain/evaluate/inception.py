@@ -14,6 +14,7 @@ One forward pass gives both the 2048-d pool features (FID, KID, precision/recall
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import sys
@@ -33,7 +34,9 @@ RESIZE_RULE = ("RGB; not square: centre crop to a square; then PIL bicubic to {s
                "then torch-fidelity's TensorFlow-1 bilinear resize to 299 px inside the network")
 
 
+@functools.cache
 def _inception_class():
+    stub = None
     if "torch_fidelity" not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
@@ -43,9 +46,14 @@ def _inception_class():
         package = types.ModuleType("torch_fidelity")
         package.__path__ = list(spec.submodule_search_locations)
         package.__spec__ = spec
-        sys.modules["torch_fidelity"] = package
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+        sys.modules["torch_fidelity"] = stub = package
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    finally:
+        if stub is not None and sys.modules.get("torch_fidelity") is stub:
+            # Gone again, so a later `import torch_fidelity` in this process (a user's, with torchvision
+            # installed) gets the whole package rather than this empty one.
+            del sys.modules["torch_fidelity"]
     return FeatureExtractorInceptionV3
 
 

@@ -5,7 +5,10 @@ inception.py), so the formulas are written here once more, line for line with it
 release and with its defaults: FID by the eigenvalues of sigma1·sigma2 in float64; KID as
 the unbiased MMD² with the cubic polynomial kernel over 100 subsets of 1,000 (fewer when
 fewer images are given, recorded in the result); IS over 10 splits of the unbiased logits,
-shuffled with seed 2020; precision/recall (Kynkäänniemi et al. 2019) with k = 3.
+shuffled with seed 2020; precision/recall (Kynkäänniemi et al. 2019) with k = 3, on the
+same Inception pool features (torch-fidelity's own default for precision/recall is VGG-16's
+fc2 features, as the paper's: our numbers compare with each other, not with ones published
+from VGG features).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -183,10 +184,13 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
     """A file from `save_reference` (checked against our network and size), or an `.npz` with mu and sigma."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "mu" not in data or "sigma" not in data:
+                    raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
+                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:  # not an npz, or one that needs unpickling
+            raise EvalError(f"{path}: not a statistics .npz of plain arrays ({str(error).splitlines()[0]})") from None
         if mu.shape != (2048,) or sigma.shape != (2048, 2048):  # InceptionV3's pool features, as FID's tools save
             raise EvalError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of InceptionV3's "
                             "2048-d pool features (mu (2048,), sigma (2048, 2048)); another network's cannot compare")

@@ -75,6 +75,13 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         raise EvalError("--num-images and --images-per-prompt must be at least 1")
     if options.metrics is not None:
         check_metrics(options.metrics)  # before any model loads
+    if options.save_reference:
+        if Path(options.save_reference).suffix != ".safetensors":
+            raise EvalError(f"--save-reference {options.save_reference}: statistics are written as safetensors; "
+                            "give the file a .safetensors name")
+        if not options.reference or _is_statistics_file(options.reference):
+            raise EvalError("--save-reference writes the statistics of a --reference folder or data set; "
+                            f"{'none was given' if not options.reference else options.reference + ' is one already'}")
     warnings: list[str] = []
     reference_records = None
     if options.reference and not _is_statistics_file(options.reference):
@@ -102,7 +109,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     networks = replace(options.networks, device=str(resolve_device(options.networks.device)))
     scorer = Scorer(wanted, networks)  # a missing network is reported before anything is drawn
     if not is_folder:
-        groups, generation = _draw(located, options, reference_records, warnings, out / "images", progress)
+        groups, generation = _draw(located, options, reference_records, warnings, _fresh_images_dir(out), progress)
     if not any(group.images for group in groups):
         raise EvalError(f"{target}: no images to evaluate")
     size = options.size or _common_size(groups)
@@ -166,6 +173,19 @@ def _count_warnings(wanted: list[str], groups: list[Group], reference, options: 
                             "set's density, so unequal sizes skew them (recall reads high for a small generated set); "
                             "compare equal sizes (--reference-max)")
     return warnings
+
+
+def _fresh_images_dir(out: Path) -> Path:
+    """`out/images`, emptied of an earlier eval's images (a later `difftrain eval OUT` measures them all, and
+    another model's or seed's would be mixed in); a folder of images not ours is refused, never emptied."""
+    images = out / "images"
+    earlier = sorted(images.glob("*")) if images.is_dir() else []
+    if earlier and not (out / "eval.json").is_file():
+        raise EvalError(f"--out {out}: {images} holds files that no earlier eval wrote; give --out a new folder")
+    for path in earlier:
+        if path.suffix == ".png" and path.is_file():
+            path.unlink()
+    return images
 
 
 def _is_statistics_file(path: str) -> bool:

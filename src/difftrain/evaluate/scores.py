@@ -111,7 +111,7 @@ class Scorer:
             if prompted:
                 images = [image for group in prompted for image in group.images]
                 prompts = [plain_text(group.prompt) for group in prompted for _ in group.images]
-                out["clip_score"] = float(self.clip.scores(images, prompts).mean())
+                out["clip_score"] = self.clip.score(images, prompts)
         if self.lpips is not None:
             from difftrain.evaluate.lpips import pairwise_diversity
 

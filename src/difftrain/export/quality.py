@@ -83,6 +83,6 @@ def clip_gate(clip: str, originals: list, quantised: list, max_drop: float | Non
     allowed = DEFAULT_MAX_CLIP_DROP if max_drop is None else float(max_drop)
     scorer = ClipScorer(clip)
     prompts = [prompt for prompt in PROMPTS for _ in SEEDS]
-    before, after = (float(scorer.scores(images, prompts).mean()) for images in (originals, quantised))
+    before, after = (scorer.score(images, prompts) for images in (originals, quantised))
     return {"clip_model": str(clip), "clip_score_fp32": round(before, 3), "clip_score_int8": round(after, 3),
             "clip_drop": round(before - after, 3), "max_clip_drop": allowed, "clip_passed": before - after <= allowed}

@@ -63,7 +63,11 @@ def test_an_old_checkpoint_samples_the_same_pixels_and_resumes(legacy):
     out = legacy / "grid.png"
     assert main(["sample", "runs/uncond", "--num", "4", "--steps", "4", "--seed", "0", "--scheduler", "euler",
                  "--out", str(out)]) == 0
-    assert_same_pixels(out, FIXTURE / "expected" / "uncond-checkpoint.png")
+    # Since 2026-12-06 image i is drawn from seed + i (it was one generator for the grid), so only the first cell,
+    # seed 0's first draw either way, is still the old commit's; Euler adds no noise after the start.
+    first_cell = (slice(2, 130), slice(2, 130))  # make_grid: a 2 px gutter, 16 px samples shown at 128
+    difference = np.abs(pixels(out)[first_cell] - pixels(FIXTURE / "expected" / "uncond-checkpoint.png")[first_cell])
+    assert difference.max() <= 1, difference.max()
     config = legacy / "runs" / "uncond" / "checkpoints" / "step-00000002" / "config.yaml"
     # The data was written again just now (same pixels, new file times): the resume check sees that.
     resume = ["--resume", "latest", "--allow-data-change", "--set", "training.max_steps=4", "--no-progress"]

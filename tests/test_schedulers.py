@@ -282,6 +282,11 @@ def test_short_and_display_names_agree():
         ("Euler", "Uniform", "euler"),
         ("Euler", "Karras", "euler_karras"),
         ("LMS", None, "lms"),
+        ("DPM++ 2M", "Exponential", "dpm++_2m_exponential"),  # 1.9+ combines any sampler with any schedule type
+        ("Heun", "Exponential", "heun_exponential"),
+        ("DDIM", "Karras", "ddim"),  # A1111 records the dropdown's schedule type and ignores it for these
+        ("UniPC", "Karras", "unipc"),
+        ("PLMS", "Exponential", "plms"),
     ],
 )
 def test_a1111_schedule_types(sampler, schedule_type, name):

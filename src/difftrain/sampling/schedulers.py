@@ -57,20 +57,20 @@ _SDE = {"algorithm_type": "sde-dpmsolver++"}
 _SAMPLERS: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("DDPM", "DDPMScheduler", {}, ()),
     ("DDIM", "DDIMScheduler", {}, ()),
-    ("Euler", "EulerDiscreteScheduler", {}, ("Karras",)),
+    ("Euler", "EulerDiscreteScheduler", {}, ("Karras", "Exponential")),
     ("Euler a", "EulerAncestralDiscreteScheduler", {}, ()),
-    ("Heun", "HeunDiscreteScheduler", {}, ("Karras",)),
-    ("DPM++ 2M", _DPM, {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("Karras",)),
+    ("Heun", "HeunDiscreteScheduler", {}, ("Karras", "Exponential")),
+    ("DPM++ 2M", _DPM, {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("Karras", "Exponential")),
     ("UniPC", "UniPCMultistepScheduler", {}, ()),
     # CompVis' PLMS is PNDM without its Runge-Kutta warm-up steps.
     ("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ()),
-    ("LMS", "LMSDiscreteScheduler", {}, ("Karras",)),
-    ("DPM2", "KDPM2DiscreteScheduler", {}, ("Karras",)),
-    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("Karras",)),
+    ("LMS", "LMSDiscreteScheduler", {}, ("Karras", "Exponential")),
+    ("DPM2", "KDPM2DiscreteScheduler", {}, ("Karras", "Exponential")),
+    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("Karras", "Exponential")),
     ("DPM++ 2M SDE", _DPM, {**_SDE, "solver_order": 2}, ("Karras", "Exponential")),
     ("DPM++ 2M SDE Heun", _DPM, {**_SDE, "solver_order": 2, "solver_type": "heun"}, ("Karras", "Exponential")),
     ("DPM++ 3M SDE", _DPM, {**_SDE, "solver_order": 3}, ("Karras", "Exponential")),
-    ("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("Karras",)),
+    ("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("Karras", "Exponential")),
     # Second order (its default); it reaches sigma 0 only with a first-order last step, which
     # diffusers would otherwise force with a warning.
     ("DPM++ 2S", "DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "lower_order_final": True}, ()),
@@ -80,6 +80,7 @@ _SAMPLERS: list[tuple[str, str, dict, tuple[str, ...]]] = [
 ]
 
 _SCHEDULE_SETTINGS = {"Karras": {"use_karras_sigmas": True}, "Exponential": {"use_exponential_sigmas": True}}
+_TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")  # A1111's sd_samplers_timesteps: no schedule types
 
 # What diffusers does not implement, by A1111 name: why, and what comes closest.
 UNSUPPORTED: dict[str, str] = {
@@ -193,8 +194,9 @@ def resolve_name(name: str, schedule_type: str | None = None) -> str:
     short = _BY_KEY[key]
     display = DISPLAY_NAMES[short]
     # A schedule in the sampler's own name wins over the schedule type, as in A1111 ("DPM++ 2M Karras", "Karras").
-    if schedule_type is None or _key(schedule_type) == "uniform" or display.endswith(tuple(
-            f" {schedule}" for schedule in _SCHEDULE_SETTINGS)):
+    # Its timestep samplers place their own steps: A1111 records whatever schedule type was selected, and ignores it.
+    if schedule_type is None or _key(schedule_type) == "uniform" or display in _TIMESTEP_SAMPLERS or display.endswith(
+            tuple(f" {schedule}" for schedule in _SCHEDULE_SETTINGS)):
         return short
     schedule = _key(schedule_type).title()
     if schedule == "Automatic":

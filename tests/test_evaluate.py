@@ -225,6 +225,15 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
                  "--out", str(tmp_path / "laion-eval"), *common]) == 0
     laion = json.loads((tmp_path / "laion-eval" / "eval.json").read_text())
     assert laion["reference"]["from_cache"] is True and laion["metrics"]["fid"] == pytest.approx(a["fid"], rel=1e-12)
+    # A jsonl reference whose lines name their fields otherwise (Hugging Face's metadata.jsonl: file_name, text)
+    jsonl = ["eval", str(generated), "--reference", str(shapes32 / "metadata.jsonl"), "--reference-source", "jsonl"]
+    capsys.readouterr()
+    assert main([*jsonl, "--out", str(tmp_path / "j"), *common]) == 2
+    assert "set --reference-image-key if yours differs" in capsys.readouterr().err
+    assert main([*jsonl, "--reference-image-key", "file_name", "--reference-caption-key", "text",
+                 "--out", str(tmp_path / "j"), *common]) == 0
+    assert json.loads((tmp_path / "j" / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(a["fid"],
+                                                                                                      rel=1e-12)
     # another tool's mu/sigma .npz: FID only
     from safetensors.torch import load_file
 

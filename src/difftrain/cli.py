@@ -294,6 +294,7 @@ def _eval(args: argparse.Namespace) -> int:
     options = EvalOptions(
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
         reference=args.reference, reference_source=args.reference_source, reference_max=args.reference_max,
+        reference_image_key=args.reference_image_key, reference_caption_key=args.reference_caption_key,
         num_images=args.num_images, images_per_prompt=args.images_per_prompt, prompt=args.prompt,
         prompts_file=args.prompts, negative_prompt=args.negative_prompt or "", seed=args.seed,
         batch_size=args.batch_size, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.cfg,
@@ -708,7 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="FID, KID, IS, precision/recall, CLIP score and LPIPS diversity")
     ev.add_argument("target", help="run folder, model folder, hub id, single file, or a folder of generated images")
     ev.add_argument("--reference", help="real images: a folder, a data source path, or a statistics file")
-    ev.add_argument("--reference-source", default="folder", choices=["folder", "jsonl", "laion", "webdataset"])
+    ev.add_argument("--reference-source", default="folder", choices=["folder", "jsonl", "laion", "webdataset", "hf"])
+    ev.add_argument("--reference-image-key", help="a jsonl reference's image key, an hf one's image column "
+                                                  "(default image)")
+    ev.add_argument("--reference-caption-key", help="a jsonl reference's caption key, an hf one's caption column "
+                                                    "(default caption)")
     ev.add_argument("--reference-max", type=int, help="use a seeded sample of this many reference images")
     ev.add_argument("--save-reference", metavar="FILE", help="also write the reference statistics (.safetensors)")
     ev.add_argument("--metrics", help="comma list of fid,kid,is,prc,clip,lpips (default: all the inputs allow)")

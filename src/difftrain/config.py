@@ -391,7 +391,10 @@ class EvalConfig(Section):
     negative_prompt: str = Field("", description="text2image: as `difftrain eval --negative-prompt` (not "
                                                  "sample.negative_prompt, the previews')")
     reference: Optional[str] = Field(None, description="real images; default data.path (read as data.source)")
-    reference_source: Optional[Literal["folder", "jsonl", "laion", "webdataset"]] = None
+    reference_source: Optional[Literal["folder", "jsonl", "laion", "webdataset", "hf"]] = None
+    reference_image_key: Optional[str] = Field(None, description="a jsonl reference's image key, an hf one's column")
+    reference_caption_key: Optional[str] = Field(None, description="a jsonl reference's caption key, an hf one's "
+                                                                    "column")
     reference_max: Optional[int] = Field(2000, ge=2, description="a seeded sample of the reference, for speed")
     scheduler: str = "dpm++_2m"
     steps: int = Field(15, ge=1, le=1000)

@@ -85,10 +85,23 @@ class ImageRecords:
 REFERENCE_SEED = 0
 
 
+def keyed_options(kind: str, image_key: str | None, caption_key: str | None) -> dict:
+    """open_records' options naming a reference's image and caption fields: a jsonl line's keys, a Hugging Face
+    table's columns; None: the source's defaults ("image", "caption")."""
+    if kind == "jsonl":
+        return {key: value for key, value in (("image_key", image_key), ("caption_key", caption_key)) if value}
+    if kind == "hf":
+        from difftrain.data.hf import HFOptions
+
+        return {"hf": HFOptions(image_column=image_key or "image", caption_column=caption_key or "caption")}
+    return {}
+
+
 def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, progress: bool = False,
                  setting: str = "data.path", **source_options) -> ImageRecords:
     """The records at `path`; `setting`: what the user calls `path` (eval.reference, --reference), which a
-    message about it names."""
+    message about it names, with the keys that name its fields beside it (eval.reference_image_key,
+    --reference-image-key)."""
     from difftrain.data.folder import DatasetError
     from difftrain.data.sources import open_source
 
@@ -97,7 +110,10 @@ def open_records(path: str | Path, kind: str = "folder", max_images: int | None 
     except DatasetError as error:
         if setting == "data.path":
             raise
-        raise DatasetError(str(error).replace("data.path", setting)) from None
+        message, joint = str(error), "-" if setting.startswith("--") else "_"
+        for field in ("image_key", "caption_key"):
+            message = message.replace(field, f"{setting}{joint}{field.replace('_', joint)}")
+        raise DatasetError(message.replace("data.path", setting)) from None
     indices = list(range(len(source)))
     if max_images is not None and max_images < len(indices):
         indices = sorted(random.Random(REFERENCE_SEED).sample(indices, max_images))

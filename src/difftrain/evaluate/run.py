@@ -22,6 +22,7 @@ from difftrain.evaluate import metrics as m
 from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import (
     Reference,
+    keyed_options,
     load_statistics_file,
     open_records,
     reference_features,
@@ -37,7 +38,9 @@ from difftrain.sampling.prompts import extract_lora_tags
 class EvalOptions:
     metrics: list[str] | None = None  # None: every metric the inputs allow
     reference: str | None = None  # image folder, data source path, or statistics file (.safetensors / .npz)
-    reference_source: str = "folder"  # folder, jsonl, laion, webdataset
+    reference_source: str = "folder"  # folder, jsonl, laion, webdataset, hf
+    reference_image_key: str | None = None  # a jsonl reference's image key, an hf one's image column
+    reference_caption_key: str | None = None
     reference_max: int | None = None  # a seeded sample of the reference, for speed
     num_images: int = 64
     images_per_prompt: int = 4
@@ -86,7 +89,9 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     reference_records = None
     if options.reference and not _is_statistics_file(options.reference):
         reference_records = open_records(options.reference, options.reference_source, options.reference_max,
-                                          progress=progress, setting="--reference")
+                                          progress=progress, setting="--reference",
+                                          **keyed_options(options.reference_source, options.reference_image_key,
+                                                          options.reference_caption_key))
     is_folder = _is_image_folder(target)
     if is_folder:
         if (Path(target) / "eval.json").is_file():  # an earlier eval's output: its images, never its grids

@@ -78,13 +78,14 @@ class TrainingEvaluation:
 
     def _plan(self, takes_prompts: bool) -> None:
         """The reference records, and the prompt of each image drawn (None for a method without prompts)."""
-        from difftrain.evaluate.reference import open_records
+        from difftrain.evaluate.reference import keyed_options, open_records
         from difftrain.evaluate.run import prompt_list
 
         s, data = self.settings, self.config.data
         if s.reference:  # real images of the user's choosing
-            self.records = open_records(s.reference, s.reference_source or "folder", s.reference_max,
-                                        setting="eval.reference")
+            kind = s.reference_source or "folder"
+            self.records = open_records(s.reference, kind, s.reference_max, setting="eval.reference",
+                                        **keyed_options(kind, s.reference_image_key, s.reference_caption_key))
         else:  # the training data, read as training reads it
             from difftrain.training.run_data import hf_options
 

@@ -128,6 +128,9 @@ def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names(
         ddim = make_scheduler("ddim", config)
         ddim.set_timesteps(20)
         assert ddim.timesteps[:3].tolist() == [951, 901, 851], spacing
+        # A count 1000 does not divide: A1111 steps on all of range(0, 1000, 33) + 1, 31 steps for 30.
+        ddim.set_timesteps(30)
+        assert ddim.timesteps.tolist() == list(range(991, 0, -33)), spacing
         # DPM++ on the Uniform schedule steps where Euler (and k-diffusion) does: down to t = 0, then sigma 0;
         # diffusers' multistep linspace ended at sigma 0.34 at 10 steps.
         euler, dpm = make_scheduler("euler", config), make_scheduler("dpm++_2m_sde", config)

@@ -359,7 +359,7 @@ def _from_first_step(cls: type) -> type:
     sigmas above the schedule's highest, as a zero-terminal-SNR model's are), takes the second occurrence and
     runs off the end. img2img pipelines set their own begin index after set_timesteps, which still wins.
     """
-    if not hasattr(cls, "set_begin_index"):
+    if not hasattr(cls, "set_begin_index") and cls.__name__ != "DDIMScheduler":  # (DDIM: for A1111's steps)
         return cls
 
     @functools.wraps(cls.set_timesteps)
@@ -382,7 +382,18 @@ def _from_first_step(cls: type) -> type:
         finally:
             if single:
                 self.register_to_config(timestep_spacing="linspace")
-        self.set_begin_index(0)
+        if num_inference_steps and _a1111_ddim(self):
+            # A1111's DDIM steps on range(0, 1000, 1000 // n) + 1, every point of it: 31 steps when 30 are asked
+            # for (stride 33), where diffusers takes 30 from 991 down to 34. The step's own stride,
+            # 1000 // num_inference_steps, is the same 33 either way.
+            import torch
+
+            total = self.config.num_train_timesteps
+            steps = torch.arange(0, total, total // num_inference_steps, device=self.timesteps.device).flip(0)
+            steps = steps + self.config.steps_offset
+            self.timesteps = steps[steps < total]  # (one past the schedule's end, as 3 steps' 1000, is left out)
+        if hasattr(self, "set_begin_index"):
+            self.set_begin_index(0)
 
     # Named for what _class_name records (the parent's), found for pickling under a name of its own (in a fresh
     # process through the module's __getattr__).
@@ -396,6 +407,12 @@ def _from_first_step(cls: type) -> type:
 _SUBCLASS = "_FromFirstStep"
 # Sigma schedules of their own (Karras, exponential, ...): a custom timestep list is refused with them.
 _OWN_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+
+
+def _a1111_ddim(scheduler) -> bool:
+    config = scheduler.config
+    return (type(scheduler).__mro__[1].__name__ == "DDIMScheduler" and config.get("timestep_spacing") == "leading"
+            and config.get("steps_offset") == 1)
 
 
 def _uniform_by_timesteps(scheduler) -> bool:

@@ -186,10 +186,30 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(make_config, tmp_path
     from difftrain.training import trainer
 
     monkeypatch.setattr(trainer._LoopTimer, "step_done", signalling_step_done(2))
-    assert main(["train", str(make_config(training={"max_steps": 2})), "--no-progress"]) == 0
+    assert main(["train", str(make_config(training={"max_steps": 2}, sample={"every_steps": 1})),
+                 "--no-progress"]) == 0
     assert "SIGTERM: finishing this step" in capsys.readouterr().out
     assert (tmp_path / "run/model/model_index.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    # The last step's preview is left out too: the checkpoint and the model first, within the grace.
+    assert sorted(p.name for p in (tmp_path / "run/samples").glob("step-*.png")) == ["step-00000001.png"]
+
+
+def test_previews_that_fail_cost_neither_the_checkpoint_nor_the_run(make_config, tmp_path, monkeypatch, capsys):
+    """A GPU out of memory while drawing a preview (or evaluating) lost the step's checkpoint and ended the run."""
+    from difftrain.methods.unconditional import Unconditional
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of torch's message)")
+
+    monkeypatch.setattr(Unconditional, "sample", out_of_memory)
+    config = make_config(training={"max_steps": 4}, checkpoint={"every_steps": 2}, sample={"every_steps": 2})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "previews at step 2 failed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB); training " \
+           "goes on" in out
+    assert (tmp_path / "run/checkpoints/step-00000002/state.json").exists()
+    assert (tmp_path / "run/model/model_index.json").exists()
 
 
 def test_a_signal_writes_the_checkpoint_before_any_sample_or_evaluation(make_config, tmp_path, monkeypatch, capsys):

@@ -281,14 +281,13 @@ class Trainer:
                     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                     self._log_scalars(last_loss)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
-                # Stopped by a signal: the checkpoint first and alone. A scheduler's grace (SLURM's KillWait, 30 s)
-                # would not outlast minutes of drawing, and the checkpoint would be lost with it.
+                # Stopped by a signal (at the last step too): the checkpoint first and alone. A scheduler's grace
+                # (SLURM's KillWait, 30 s) would not outlast minutes of drawing, and the checkpoint would be lost.
                 interrupted = stopping and not last_step
                 with timer.aside():  # samples, evaluation and checkpoints are not the loop's speed
-                    sample_due = self.step % config.sample.every_steps == 0 or last_step
-                    if sample_due and not interrupted and self.method.draws_samples():  # (an EMA swap costs a copy)
-                        self.save_samples(bar)
-                    if (not interrupted and self.evaluation.due(self.step, last_step) and self.evaluate(bar)
+                    # Evaluation before the checkpoint (keep_best must know this step's result), previews after it:
+                    # what goes wrong in either is reported and training goes on (_survivable), never the checkpoint.
+                    if (not stopping and self.evaluation.due(self.step, last_step) and self.evaluate(bar)
                             and not checkpoint_due):
                         # A new best between checkpoint steps: its checkpoint is written now, so keep_best has
                         # one to keep (else the last best's would be pruned and the new one never written).
@@ -296,6 +295,9 @@ class Trainer:
                         checkpoint_due = True
                     if checkpoint_due:
                         self.save_checkpoint()
+                    sample_due = self.step % config.sample.every_steps == 0 or last_step
+                    if sample_due and not stopping and self.method.draws_samples():  # (an EMA swap costs a copy)
+                        self.save_samples(bar)
                 if interrupted:
                     bar.close()
                     self._finish_trackers()
@@ -561,8 +563,28 @@ class Trainer:
                 for m in modules.values():
                     m.train()
 
+    @contextmanager
+    def _survivable(self, what: str, bar=None) -> Iterator[None]:
+        """Previews and evaluation are not worth the run: an error in them (a GPU out of memory while drawing) is
+        reported, and training goes on. Around one process's own work only, so every process still meets the
+        collectives after it."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            message = f"{what} at step {self.step} failed ({type(error).__name__}: {reason}); training goes on"
+            log.error("%s", message, exc_info=log.isEnabledFor(logging.DEBUG))
+            (bar.write if bar is not None else print)(message)
+
     def save_samples(self, bar=None) -> None:
         sample = self.config.sample
+        with self._survivable("previews", bar):
+            self._draw_samples(sample, bar)
+        self.accelerator.wait_for_everyone()
+
+    def _draw_samples(self, sample, bar) -> None:
         with self._modules_for_main() as modules:
             if modules is not None:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
@@ -583,20 +605,19 @@ class Trainer:
                 for tracker in self.accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
-        self.accelerator.wait_for_everyone()
 
     def evaluate(self, bar) -> bool:
         """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/. Returns
         whether this is a new best, on every process."""
-        best = [False]
-        with self._modules_for_main() as modules:
+        best, values = [False], None
+        with self._survivable("evaluation", bar), self._modules_for_main() as modules:
             if modules is not None:
                 values = self.evaluation.run(self.method, modules, self.step)
                 best = [bool(values["best"])]
                 if values["best"]:
                     self._write_model(modules, self.run_dir / "model-best", "ema" if self.emas else "raw")
                     self.store.keep_step = self.step
-        if self.main:
+        if self.main and values is not None:
             self.evaluation.record(values, self.accelerator)
             # (an LPIPS diversity of prompts drawn once each is None: no pair to compare)
             shown = {k: values[k] for k in ("fid", "kid", "is", "clip_score", "lpips_diversity")

@@ -580,3 +580,44 @@ def test_machines_agree_on_the_data_by_records_sizes_and_captions_not_file_times
     assert layout() == before
     (tmp_path / "b.txt").write_text("another caption")
     assert layout() != before
+
+
+def test_two_trainings_never_write_one_run_folder_at_once(make_config, tmp_path, capsys):
+    import fcntl
+
+    from difftrain.training.trainer import RUN_LOCK
+
+    config = make_config(training={"max_steps": 2})
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / RUN_LOCK, "a") as held:  # as a first `difftrain train` of this run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["train", str(config), "--no-progress"]) == 2
+        assert "another difftrain train is writing to" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["train", str(config), "--no-progress"]) == 0  # once it has ended
+    assert main(["train", str(config), "--resume", "latest", "--set", "training.max_steps=3", "--no-progress"]) == 0
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'file'}", "--no-progress"]) == 2
+    assert "is a file; give a folder for the run" in capsys.readouterr().err
+
+
+def test_a_damaged_or_misnamed_checkpoint_is_refused_naming_it(make_config, tmp_path, capsys):
+    import shutil
+
+    config = make_config(training={"max_steps": 4})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(checkpoints / "step-00000002", checkpoints / "step-00000002.bak")  # a user's backup copy
+    capsys.readouterr()
+    assert main(["train", str(config), "--resume", str(checkpoints / "step-00000002.bak"), "--no-progress"]) == 2
+    assert "under another name than step-N" in capsys.readouterr().err
+    latest = checkpoints / "step-00000004"
+    weights = next(latest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:50])  # an interrupted copy of the run folder
+    resume = ["train", str(config), "--resume", "latest", "--set", "training.max_steps=6", "--no-progress"]
+    assert main(resume) == 2
+    assert f"checkpoint file {weights} is damaged" in capsys.readouterr().err
+    (latest / "state.json").write_text('{"step": 4, "posit')
+    assert main(resume) == 2
+    assert f"checkpoint file {latest / 'state.json'} is damaged" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from difftrain.atomic import recover_dirs, replace_dir, write_safetensors, write_text
@@ -71,6 +72,10 @@ class CheckpointStore:
         path = Path(which)
         if not (path / "state.json").is_file():
             raise CheckpointError(f"--resume {which}: not a checkpoint folder (no state.json inside)")
+        if path.resolve().parent == self.root.resolve() and path.resolve() not in {p.resolve() for p in self.all()}:
+            # (adopt orders this run's history by step-N names: a copy named otherwise has no place in it)
+            raise CheckpointError(f"--resume {which}: a copy inside this run's checkpoints/ under another name than "
+                                  "step-N; resume from the step-N folder, or move the copy out of checkpoints/")
         return path
 
     def staging_dir(self, step: int) -> Path:
@@ -135,7 +140,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint is missing {path.name} ({path.parent})")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:  # cut short (a copy interrupted), or not safetensors at all
+        raise CheckpointError(_damaged(path, error)) from None
+
+
+def _damaged(path: Path, error: Exception) -> str:
+    return (f"checkpoint file {path} is damaged ({str(error).splitlines()[0] or type(error).__name__}); resume from "
+            f"an earlier checkpoint: --resume {path.parent.parent}/step-...")
 
 
 def optimizer_to_parts(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -168,7 +181,10 @@ def write_json(path: Path, data: dict) -> None:
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint is missing {path.name} ({path.parent})")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise CheckpointError(_damaged(path, error)) from None
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -959,5 +959,37 @@ def train(
 
     `allow_data_change` resumes although the data set differs from the checkpoint's; `started`
     (a time.perf_counter() value) is when the run was asked for, the start of its start-up time."""
-    return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change,
-                   started=started).run()
+    with run_lock(Path(config.output_dir)):
+        return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change,
+                       started=started).run()
+
+
+RUN_LOCK = ".train-lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One `difftrain train` per run folder at a time (the launch's first process holds it): two at once (a
+    requeued job overlapping its first, a second terminal's --resume) wrote the same checkpoints over each other,
+    pruned each other's, and cleared each other's half-written saves."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file; give a folder for the run (or a path that does not exist)")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another difftrain train is writing to {run_dir} (it holds {run_dir / RUN_LOCK}): "
+                              "wait for it to end, or give this run another output_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

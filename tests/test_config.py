@@ -181,3 +181,12 @@ def test_a_frozen_unet_keeps_its_base_noise_settings(method, section):
     message = errors_of({**run, "noise": {"prediction_type": "v_prediction", "zero_terminal_snr": True}})
     assert (f"noise.prediction_type, noise.zero_terminal_snr with method {method}: the UNet stays frozen" in message)
     parse_config({**run, "noise": {"snr_gamma": 5.0, "noise_offset": 0.05}})  # the loss's weighting is the run's own
+
+
+def test_settings_that_crashed_inside_numpy_or_the_lr_schedule_are_refused_at_load():
+    assert "seed = -1" in errors_of({**BASE, "seed": -1})
+    assert "seed = 4294967296" in errors_of({**BASE, "seed": 2**32})
+    polynomial = {"lr_scheduler": "polynomial", "max_steps": 100}
+    assert "keep it below max_steps = 100" in errors_of({**BASE, "training": {**polynomial, "lr_warmup_steps": 100}})
+    assert "decays to 1e-7" in errors_of({**BASE, "training": {**polynomial, "learning_rate": 1e-8}})
+    parse_config({**BASE, "training": {**polynomial, "lr_warmup_steps": 99}, "seed": 2**32 - 1})

@@ -232,6 +232,18 @@ class TrainingConfig(Section):
                     "LoRA or textual inversion",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
+
+    @model_validator(mode="after")
+    def _polynomial_has_room(self) -> "TrainingConfig":
+        # diffusers' polynomial decay divides by the steps after warm-up and ends at lr 1e-7: past either, it
+        # raised from inside the schedule (the first after the whole run had trained, with nothing saved).
+        if self.lr_scheduler == "polynomial" and self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(f"training.lr_warmup_steps = {self.lr_warmup_steps}: lr_scheduler polynomial decays over "
+                             f"the steps after warm-up; keep it below max_steps = {self.max_steps}")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= 1e-7:
+            raise ValueError(f"training.learning_rate = {self.learning_rate}: lr_scheduler polynomial decays to 1e-7; "
+                             "use a higher rate or another lr_scheduler")
+        return self
     attention: Literal["auto", "sdpa", "xformers", "default"] = Field(
         "auto",
         description="attention kernel: sdpa = torch's; default = diffusers' classic; auto = sdpa, but the classic kernel "
@@ -452,7 +464,7 @@ class RunConfig(Section):
 
     version: int = Field(CONFIG_VERSION, description="config schema version; older ones are migrated on load")
     output_dir: str = "runs/run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="NumPy's seeds are 32-bit: no -1 (A1111's 'random') here")
     method: str
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)

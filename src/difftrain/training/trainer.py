@@ -805,7 +805,13 @@ class Trainer:
             optimizer_state = optimizer_from_parts(self._read_part(path, "optimizer", sharded), state["optimizer"])
             if sharded:
                 optimizer_state = sharding.shard_optimizer_state(optimizer_state, self.parameters, path)
+            # Loading takes each group's settings from the checkpoint, `fused` too: a bf16 run's fused AdamW
+            # resumed under fp16 would hide the scaler's skipped steps (build_optimizer), so this run's stays.
+            fused = [group.get("fused") for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(optimizer_state)
+            for group, built in zip(self.optimizer.param_groups, fused):
+                if "fused" in group:
+                    group["fused"] = built
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if saved.training.learning_rate != self.config.training.learning_rate:
             self._rescale_learning_rate(saved.training.learning_rate)

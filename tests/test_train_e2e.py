@@ -260,6 +260,8 @@ def test_a_resume_may_lower_the_learning_rate_but_not_start_past_max_steps(make_
     assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=3",
                  "--set", "training.learning_rate=0.0005"]) == 2
     assert "it is at step 4, past training.max_steps = 3" in capsys.readouterr().err
+    # Refused before any model loads, and before config.yaml, the file users resume with, takes its settings.
+    assert "max_steps: 4" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_the_process_group_waits_as_long_as_the_config_says(make_config):

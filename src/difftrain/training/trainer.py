@@ -213,10 +213,14 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to max_steps, from the checkpoint named at construction if any."""
         config, accelerator, resume = self.config, self.accelerator, self.resume
-        self._prepare_run_dir(resuming=bool(resume))
+        self._recover_run_dir()
         if resume:
             path = self.store.resolve(resume)
             self.load_checkpoint(path)
+        # Written once the checkpoint has loaded: a refused resume must not leave its settings in config.yaml, the
+        # file users resume with.
+        self._write_run_files()
+        if resume:
             if self.main:
                 moved = self.store.adopt(path) + self._adopt_best()
                 if moved:
@@ -474,6 +478,9 @@ class Trainer:
 
     def _check_resumable(self, path: Path) -> None:
         state = read_json(path / "state.json")
+        if state.get("step", 0) > self.config.training.max_steps:
+            raise CheckpointError(f"cannot resume from {path}: it is at step {state['step']}, past training.max_steps "
+                                  f"= {self.config.training.max_steps}; raise max_steps, or use the run's model as it is")
         conflicts = resume_conflicts(read_config(path), self.config)
         if conflicts:
             raise CheckpointError(
@@ -506,11 +513,15 @@ class Trainer:
                 f"which splits the weights and optimizer state per process, and this run has "
                 f"{self.accelerator.num_processes}; launch {state['world_size']} processes")
 
-    def _prepare_run_dir(self, resuming: bool) -> None:
+    def _recover_run_dir(self) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             recover_dirs(self.run_dir)  # a final model a killed run was swapping in
             self.store.clean_staging()
+        self.accelerator.wait_for_everyone()
+
+    def _write_run_files(self) -> None:
+        if self.main:
             # Atomic: users often resume with this very file, which a full disk must not leave truncated.
             write_text(self.run_dir / "config.yaml", self.config.to_yaml())
             write_text(self.run_dir / "data_report.txt", "\n".join(self.dataset.source.report_lines()) + "\n")
@@ -824,9 +835,6 @@ class Trainer:
             fresh = noise_seed(self.config.seed + self.step, rank) % 2**32  # (numpy takes 32-bit seeds)
             set_seed(fresh)
             self.noise_generator.manual_seed(noise_seed(fresh, rank))
-        if self.step > self.config.training.max_steps:
-            raise CheckpointError(f"cannot resume from {path}: it is at step {self.step}, past training.max_steps = "
-                                  f"{self.config.training.max_steps}; raise max_steps, or use the run's model as it is")
         self.position = Position(**state["position"])
         if state["world_size"] != world:
             self.position = self._position_for_world(path, state["world_size"])

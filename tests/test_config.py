@@ -190,3 +190,8 @@ def test_settings_that_crashed_inside_numpy_or_the_lr_schedule_are_refused_at_lo
     assert "keep it below max_steps = 100" in errors_of({**BASE, "training": {**polynomial, "lr_warmup_steps": 100}})
     assert "decays to 1e-7" in errors_of({**BASE, "training": {**polynomial, "learning_rate": 1e-8}})
     parse_config({**BASE, "training": {**polynomial, "lr_warmup_steps": 99}, "seed": 2**32 - 1})
+
+
+def test_a_caption_extension_gets_its_dot_and_an_empty_one_is_refused():
+    assert parse_config({"data": {"path": "x", "caption_extension": "caption"}}).data.caption_extension == ".caption"
+    assert "'' is no file extension" in errors_of({"data": {"path": "x", "caption_extension": ""}})

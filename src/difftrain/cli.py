@@ -15,6 +15,48 @@ from pathlib import Path
 from difftrain.errors import DifftrainError
 
 
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` (to `high`), refused with the bound it misses."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: give {low}" + (f" to {high}" if high is not None else
+                                                                       " or more"))
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a float that is a number (nan and inf made black images and NaN weights)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
+_finite.__name__ = "number"
+
+
+def _caption_suffix(text: str) -> str:
+    from difftrain.config import caption_suffix
+
+    try:
+        return caption_suffix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+_SEED = _whole(-1, 2**63 - 1)  # -1: a random one (generate); torch's generators take 64 bits
+
+
 def _train(args: argparse.Namespace) -> int:
     from difftrain.config import load_config
     from difftrain.training.trainer import train
@@ -212,9 +254,18 @@ def _data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_folder(path: str | Path, what: str) -> None:
+    """Refuse to write `what` over a file or into a folder holding anything (the writers replace it whole)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DifftrainError(f"{path} exists{'' if path.is_dir() else ' (a file)'}: {what} would replace it; give a "
+                             "new folder")
+
+
 def _model_tiny_sd(args: argparse.Namespace) -> int:
     from difftrain.models.tiny_sd import write_tiny_sd
 
+    _new_folder(args.out, "the tiny model")
     out = write_tiny_sd(args.out, seed=args.seed)
     print(f"wrote a tiny random-weight Stable Diffusion pipeline (diffusers format) to {out}")
     return 0
@@ -317,6 +368,10 @@ def _lora_merge(args: argparse.Namespace) -> int:
 def _lora_convert(args: argparse.Namespace) -> int:
     from difftrain.models.lora_files import convert_lora
 
+    if Path(args.dst).suffix != ".safetensors":
+        raise DifftrainError(f"{args.dst}: a LoRA file is written as .safetensors; give the name with it")
+    if Path(args.dst).exists() and Path(args.dst).resolve() == Path(args.src).resolve():
+        raise DifftrainError(f"{args.dst} is the file being converted; write the {args.to} keys to another file")
     out = convert_lora(args.src, args.dst, to=args.to)
     print(f"wrote {out} ({args.to} keys)")
     return 0
@@ -325,6 +380,7 @@ def _lora_convert(args: argparse.Namespace) -> int:
 def _data_shapes(args: argparse.Namespace) -> int:
     from difftrain.data.shapes import write_shapes_dataset
 
+    _new_folder(args.out, "the shapes set")
     out = write_shapes_dataset(args.out, args.num, args.size, args.seed, masks=args.conditioning == "mask")
     extra = " with their masks in conditioning/" if args.conditioning else ""
     print(f"wrote {args.num} images of {args.size}x{args.size} px{extra} and metadata.jsonl to {out}")
@@ -345,6 +401,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not (users or args.token) and not args.insecure:
         raise DifftrainError(f"--host {args.host} listens beyond this machine: set --api-auth or --token, or "
                              "--insecure if the network is yours alone")
+    from difftrain.models.sd import check_exists
+
+    for model in args.models:
+        check_exists("model", model)
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--controlnet-dir", args.controlnet_dir),
+                         ("--embeddings-dir", args.embeddings_dir)):
+        if folder and not Path(folder).is_dir():
+            raise DifftrainError(f"{flag} {folder}: no such folder")
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch_size, max_n_iter=args.max_n_iter, max_queue=args.max_queue)
     settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
@@ -368,6 +432,16 @@ def _data_judge_shapes(args: argparse.Namespace) -> int:
     columns, _, rows = args.grid.partition("x")
     if not (columns.isdigit() and (rows or columns).isdigit() and int(columns) and int(rows or columns)):
         raise DifftrainError(f"--grid {args.grid}: give columns x rows, e.g. 4x4")
+    from difftrain.data.images import BadImage, image_size_from_file, load_image
+
+    try:
+        load_image(args.image)
+        width, height = image_size_from_file(args.image)
+    except BadImage as reason:
+        raise DifftrainError(f"{args.image}: {reason}") from None
+    if width // int(columns) < 8 or height // int(rows or columns) < 8:
+        raise DifftrainError(f"--grid {args.grid}: cells of {width // int(columns)}x{height // int(rows or columns)} "
+                             f"px in a {width}x{height} image; give the grid's own columns x rows")
     verdicts = judge_grid(args.image, int(columns), int(rows or columns))
     for number, verdict in enumerate(verdicts, 1):
         print(f"  cell {number:2d}: {'clean  ' if verdict.clean else 'NOT OK '} {verdict.describe()}")
@@ -458,15 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw a grid of samples from a run or a diffusers folder")
     sample.add_argument("model", nargs="?", help="run folder or diffusers model folder")
-    sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    sample.add_argument("--num", type=_whole(1), default=16, help="number of images (default 16)")
     sample.add_argument("--scheduler", default="dpm++_2m", help="sampler name (see --list-schedulers), or 'all' for one row per sampler")
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=_whole(1), default=25)
+    sample.add_argument("--seed", type=_SEED, default=0)
     sample.add_argument("--out", default="grid.png")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights rather than the EMA ones")
     sample.add_argument("--class", dest="classes", action="append", metavar="NAME",
                         help="a class-conditional model: draw this class (repeat for several, in turn; default all)")
-    sample.add_argument("--cfg", type=float,
+    sample.add_argument("--cfg", type=_finite,
                         help="a class-conditional model's guidance scale (default: its training previews')")
     sample.add_argument("--list-schedulers", action="store_true", help="print the sampler names and exit")
     sample.set_defaults(run=_sample)
@@ -474,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="make or inspect data sets").add_subparsers(dest="data_command", required=True)
     shapes = data.add_parser("shapes", help="write the synthetic coloured-shapes set")
     shapes.add_argument("out")
-    shapes.add_argument("--num", type=int, default=2400)
-    shapes.add_argument("--size", type=int, default=32)
+    shapes.add_argument("--num", type=_whole(1), default=2400)
+    shapes.add_argument("--size", type=_whole(8, 4096), default=32)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--conditioning", choices=["mask"],
                         help="also write each shape's mask, named by a conditioning_image column (ControlNet data)")
@@ -483,12 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     judge = data.add_parser("judge-shapes", help="check a sample grid of a shapes model: one clean shape per cell?")
     judge.add_argument("image", help="a grid written by `difftrain sample`")
     judge.add_argument("--grid", default="4x4", help="columns x rows (default 4x4)")
-    judge.add_argument("--min-clean", type=int, default=0, help="exit 1 when fewer cells are clean")
+    judge.add_argument("--min-clean", type=_whole(0), default=0, help="exit 1 when fewer cells are clean")
     judge.set_defaults(run=_data_judge_shapes)
     check = data.add_parser("check", help="scan an image folder and report usable, bad and uncaptioned files")
     check.add_argument("path")
     check.add_argument("--captions", default="auto", choices=["auto", "metadata", "txt", "none"])
-    check.add_argument("--caption-extension", default=".txt")
+    check.add_argument("--caption-extension", default=".txt", type=_caption_suffix)
     check.set_defaults(run=_data_check)
 
     build = data.add_parser("build", help="convert a folder, jsonl, laion parts or webdataset tars into shards, or back")
@@ -558,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--caption-prompt", help="text the captioner starts from (Florence-2: <MORE_DETAILED_CAPTION>)")
     cur.add_argument("--caption-prefix", default=Curate.caption_prefix, help="put in front of every caption, e.g. 'sks dog, '")
     cur.add_argument("--caption-max-tokens", type=int, default=Curate.caption_max_tokens)
-    cur.add_argument("--batch-size", type=int, default=Curate.batch_size, help="images per model call")
+    cur.add_argument("--batch-size", type=_whole(1), default=Curate.batch_size, help="images per model call")
     cur.add_argument("--device", default=Curate.device)
     cur.add_argument("--cache-dir", help="where model outputs are kept by content (default ~/.cache/difftrain/curate)")
     cur.add_argument("--report", help="report folder (default OUT-report)")
@@ -594,14 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--quantize", choices=["int8"], help="static int8 UNet (calibrated), checked by the quality gate")
     onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
-    onnx.add_argument("--gate-steps", type=int, default=12, help="int8: the quality gate's sampling steps")
-    onnx.add_argument("--gate-size", type=int, help="int8: the gate's image side (default: the size the model was trained at)")
+    onnx.add_argument("--gate-steps", type=_whole(1), default=12, help="int8: the quality gate's sampling steps")
+    onnx.add_argument("--gate-size", type=_whole(64), help="int8: the gate's image side (default: the size the model was trained at)")
     onnx.add_argument("--gate-clip", metavar="MODEL",
                       help="int8: also compare the gate images' CLIP score to fp32's with this CLIP (folder or hub id)")
     onnx.add_argument("--max-clip-drop", type=float,
                       help="int8 with --gate-clip: CLIP score points int8 may lose against fp32 (default 1.0)")
     onnx.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merged into the weights; repeatable")
-    onnx.add_argument("--lora-scale", type=float, default=1.0, help="every LoRA merged at its weight x this")
+    onnx.add_argument("--lora-scale", type=_finite, default=1.0, help="every LoRA merged at its weight x this")
     onnx.add_argument("--embedding", action="append", metavar="FILE", help="Textual Inversion embedding, repeatable")
     onnx.add_argument("--controlnet", action="store_true", help="the UNet takes ControlNet residuals as inputs")
     onnx.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
@@ -617,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt")
     gen.add_argument("--steps", type=int)
     gen.add_argument("--scheduler", help="our short names or A1111's sampler names (see --list-schedulers)")
-    gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--cfg", type=_finite, help="guidance scale (default 7)")
+    gen.add_argument("--seed", type=_SEED)
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--batch-size", type=int)
@@ -645,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the whole UNet every N steps and reuse its deep features between (faster, "
                           "slightly different images; see the README for the measured trade-off)")
     gen.add_argument("--init-image", help="img2img: start from this image")
-    gen.add_argument("--strength", type=float, help="img2img: how far from the init image (0-1, default 0.75)")
+    gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
                      help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
     gen.add_argument("--control-image", action="append", metavar="IMAGE",
@@ -653,9 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preprocess", action="append", choices=["none", "canny", "mask", "segmentation"],
                      help="what turns the control image into the condition (default: none, or what a ControlNet "
                           "model was trained with); once, or per ControlNet")
-    gen.add_argument("--control-start", action="append", type=float, metavar="F",
+    gen.add_argument("--control-start", action="append", type=_finite, metavar="F",
                      help="share of the steps before a ControlNet acts (default 0); once, or per ControlNet")
-    gen.add_argument("--control-end", action="append", type=float, metavar="F",
+    gen.add_argument("--control-end", action="append", type=_finite, metavar="F",
                      help="share of the steps after which it stops (default 1); once, or per ControlNet")
     gen.add_argument("--canny-low", type=int, default=100, help="canny: lower threshold (default 100)")
     gen.add_argument("--canny-high", type=int, default=200, help="canny: upper threshold (default 200)")
@@ -683,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="AUTOMATIC1111's HTTP API (/sdapi/v1) and a job API over models")
     serve.add_argument("models", nargs="+", metavar="MODEL", help="run folders, model folders or single files")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--port", type=_whole(0, 65535), default=7860)
     serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic credentials, as A1111's")
     serve.add_argument("--token", help="a bearer token accepted instead (Authorization: Bearer TOKEN)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without credentials")
@@ -697,12 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the ControlNets (folders or .safetensors) alwayson_scripts units may name")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    serve.add_argument("--max-size", type=int, default=1024, help="largest width/height served (default 1024)")
-    serve.add_argument("--max-steps", type=int, default=150)
-    serve.add_argument("--max-batch-size", type=int, default=8)
-    serve.add_argument("--max-n-iter", type=int, default=16)
-    serve.add_argument("--max-queue", type=int, default=16, help="jobs waiting before new ones get HTTP 429")
-    serve.add_argument("--models-in-memory", type=int, default=1,
+    serve.add_argument("--max-size", type=_whole(64), default=1024, help="largest width/height served (default 1024)")
+    serve.add_argument("--max-steps", type=_whole(1), default=150)
+    serve.add_argument("--max-batch-size", type=_whole(1), default=8)
+    serve.add_argument("--max-n-iter", type=_whole(1), default=16)
+    serve.add_argument("--max-queue", type=_whole(1), default=16, help="jobs waiting before new ones get HTTP 429")
+    serve.add_argument("--models-in-memory", type=_whole(1), default=1,
                        help="loaded models kept (A1111's sd_checkpoints_limit); the least recently used goes first")
     serve.set_defaults(run=_serve)
 
@@ -714,24 +788,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default image)")
     ev.add_argument("--reference-caption-key", help="a jsonl reference's caption key, an hf one's caption column "
                                                     "(default caption)")
-    ev.add_argument("--reference-max", type=int, help="use a seeded sample of this many reference images")
+    ev.add_argument("--reference-max", type=_whole(2), help="use a seeded sample of this many reference images")
     ev.add_argument("--save-reference", metavar="FILE", help="also write the reference statistics (.safetensors)")
     ev.add_argument("--metrics", help="comma list of fid,kid,is,prc,clip,lpips (default: all the inputs allow)")
-    ev.add_argument("--num-images", type=int, default=64, help="images to generate (default 64)")
-    ev.add_argument("--images-per-prompt", type=int, default=4, help="seeds per prompt (default 4; LPIPS needs 2+)")
+    ev.add_argument("--num-images", type=_whole(1), default=64, help="images to generate (default 64)")
+    ev.add_argument("--images-per-prompt", type=_whole(1), default=4, help="seeds per prompt (default 4; LPIPS needs 2+)")
     ev.add_argument("--prompt", help="one prompt for every image")
     ev.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
     ev.add_argument("--negative-prompt")
-    ev.add_argument("--seed", type=int, default=0, help="image i uses seed + i; also seeds caption sampling")
-    ev.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
+    ev.add_argument("--seed", type=_SEED, default=0, help="image i uses seed + i; also seeds caption sampling")
+    ev.add_argument("--batch-size", type=_whole(1), default=8, help="images per generation batch")
     ev.add_argument("--scheduler", help="as generate/sample take (default DPM++ 2M Karras / dpm++_2m)")
-    ev.add_argument("--steps", type=int)
-    ev.add_argument("--cfg", type=float)
+    ev.add_argument("--steps", type=_whole(1))
+    ev.add_argument("--cfg", type=_finite)
     ev.add_argument("--width", type=int)
     ev.add_argument("--height", type=int)
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     ev.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
-    ev.add_argument("--size", type=int, help="evaluation resolution in px (default: the images' own)")
+    ev.add_argument("--size", type=_whole(8), help="evaluation resolution in px (default: the images' own)")
     ev.add_argument("--clip-model", help="CLIP folder or hub id (default openai/clip-vit-large-patch14)")
     ev.add_argument("--weights-dir", help="folder holding the metric networks' weight files by their standard names")
     ev.add_argument("--inception-weights", metavar="FILE")
@@ -739,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lpips-weights", metavar="FILE", help="LPIPS v0.1 linear heads (lpips' alex.pth)")
     ev.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/difftrain/eval)")
     ev.add_argument("--device", default="auto", help="where it generates and measures: auto, cpu, cuda, cuda:1 ...")
-    ev.add_argument("--feature-batch-size", type=int, help="images per Inception/CLIP batch (default 4 on CPU, 64 on CUDA)")
+    ev.add_argument("--feature-batch-size", type=_whole(1), help="images per Inception/CLIP batch (default 4 on CPU, 64 on CUDA)")
     ev.add_argument("--out", default="eval", help="output folder (default eval/)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=_eval)
@@ -749,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("base", help="diffusers model folder")
     merge.add_argument("lora", help="LoRA file or folder (diffusers or kohya/A1111 keys)")
     merge.add_argument("out", help="new folder for the merged model")
-    merge.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    merge.add_argument("--scale", type=_finite, default=1.0, help="LoRA strength (default 1.0)")
     merge.set_defaults(run=_lora_merge)
     convert = lora.add_parser("convert", help="convert a LoRA between diffusers and kohya/A1111 keys")
     convert.add_argument("src")

@@ -89,12 +89,27 @@ class AugmentConfig(Section):
             (self.rotation, self.brightness, self.contrast, self.saturation, self.hue))
 
 
+def caption_suffix(value: str) -> str:
+    """A caption file's extension with its dot ("caption" is ".caption", as kohya writes it with one); an empty
+    or dotted-path one is refused (it found no captions, or crashed in Path.with_suffix)."""
+    suffix = value if value.startswith(".") else f".{value}"
+    if len(suffix) < 2 or suffix.endswith(".") or ".." in suffix or "/" in suffix or "\\" in suffix:
+        raise ValueError(f"{value!r} is no file extension; give one such as .txt or .caption")
+    return suffix
+
+
 class DataConfig(Section):
     source: Literal["folder", "jsonl", "laion", "webdataset", "hf"] = "folder"
     path: str = Field(description="image folder, jsonl file, laion filelist, webdataset tar(s), or for hf: a "
                                   "save_to_disk folder, parquet file(s) or glob, or a Hub id")
     captions: Literal["auto", "metadata", "txt", "none"] = "auto"
     caption_extension: str = ".txt"
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _with_its_dot(cls, value: str) -> str:
+        return caption_suffix(value)
+
     image_key: str = Field("image", description="jsonl: the key holding the image path")
     caption_key: str = Field("caption", description="jsonl: the key holding the caption (a string or a list)")
     image_column: str = Field("image", description="hf: the column holding the image (Image feature, bytes or a path)")

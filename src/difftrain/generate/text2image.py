@@ -10,6 +10,7 @@ syntax, chunking past 75 tokens and BREAK; LoRAs come from `--lora file:weight` 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -493,9 +494,14 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(text).is_file():
+                raise GenerateError(f"{text}: the weight after the last colon, {weight!r}, is not a number") from None
+        else:
+            if not math.isfinite(value):  # a NaN weight drew black images and wrote NaN weights
+                raise GenerateError(f"{text}: give a finite weight")
+            return path, value
     return text, 1.0
 
 

@@ -29,7 +29,8 @@ class EmbeddingFileError(DifftrainError):
 
 
 def _vectors(vectors, where: str) -> torch.Tensor:
-    if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2) or not vectors.is_floating_point():
+    if (not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2) or not vectors.is_floating_point()
+            or 0 in vectors.shape):
         shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
         raise EmbeddingFileError(f"{where}: embedding vectors must be a float tensor [n_vectors, dim], got {shape}")
     return (vectors[None] if vectors.ndim == 1 else vectors).detach().cpu().contiguous()

@@ -107,6 +107,13 @@ def _locate_base(spec: str) -> _Where:
     return _locate_missing("base", spec)
 
 
+def check_exists(role: str, spec: str) -> None:
+    """Refuse now a model `spec` that is neither here nor shaped like a hub id (a server would start and then fail
+    every request); what it holds is checked when it loads."""
+    if not Path(spec).expanduser().exists():
+        _locate_missing(role, spec)
+
+
 def _locate_missing(role: str, spec: str) -> _Where:
     """A hub id, or a local path that is not there (named with the nearest names beside it).
 

@@ -1,0 +1,82 @@
+"""Bad input on the command line gets one line naming the flag, file or key and what to do (exit 2), never a
+traceback from inside torch, PIL or diffusers, and never a silently wrong result or a deleted file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_text2image import tiny_sd  # noqa: F401  (the fixture)
+
+from difftrain.cli import main
+
+
+def refused(argv: list[str], capsys, said: str) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit for a bad value
+        main(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["sample", "run", "--num", "0"], "argument --num: 0: give 1 or more"),  # (a traceback from the sampler)
+    (["sample", "run", "--steps", "0"], "argument --steps: 0: give 1 or more"),  # (pure noise, exit 0)
+    (["sample", "run", "--cfg", "nan"], "argument --cfg: nan: give a finite number"),  # (black cells)
+    (["generate", "m", "--prompt", "x", "--seed", "99999999999999999999"], "give -1 to"),
+    (["eval", "m", "--batch-size", "0"], "argument --batch-size: 0: give 1 or more"),
+    (["lora", "merge", "m", "l.safetensors", "out", "--scale", "inf"], "argument --scale: inf: give a finite"),
+    (["serve", "m", "--port", "99999"], "argument --port: 99999: give 0 to 65535"),
+    (["serve", "m", "--max-size", "0"], "argument --max-size: 0: give 64 or more"),
+    (["data", "check", "d", "--caption-extension", ""], "'' is no file extension"),
+])
+def test_numbers_and_names_out_of_range_are_refused_naming_the_flag(argv, said, capsys):
+    refused(argv, capsys, said)
+
+
+def test_writers_never_replace_what_is_there(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("important")
+    assert main(["model", "tiny-sd", str(precious)]) == 2  # it was deleted, and a model written in its place
+    assert "exists (a file): the tiny model would replace it" in capsys.readouterr().err
+    assert precious.read_text() == "important"
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "notes.txt").write_text("keep")
+    assert main(["data", "shapes", str(tmp_path / "set"), "--num", "2", "--size", "16"]) == 2
+    assert (tmp_path / "set" / "notes.txt").read_text() == "keep"
+    assert main(["data", "shapes", str(tmp_path / "new"), "--num", "2", "--size", "16"]) == 0
+
+
+def test_file_arguments_that_cannot_work_are_refused_before_any_work(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from difftrain.models.embeddings import save_embedding
+
+    source = tmp_path / "lora.safetensors"
+    source.write_bytes(b"")
+    for dst, said in ((source, "is the file being converted"), (tmp_path / "out.txt", "written as .safetensors")):
+        assert main(["lora", "convert", str(source), str(dst), "--to", "kohya"]) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert main(["data", "judge-shapes", str(tmp_path / "broken.png")]) == 2  # (a PIL traceback)
+    assert f"{tmp_path / 'broken.png'}: " in capsys.readouterr().err
+    # (it served, and failed every request): in a process of its own, so that a server that starts cannot hang here
+    for args, said in (([str(tmp_path / "no-such-model")], "no-such-model does not exist"),
+                       ([str(tiny_sd), "--lora-dir", str(tmp_path / "nope")], "--lora-dir")):
+        served = subprocess.run([sys.executable, "-m", "difftrain", "serve", *args, "--port", "0"],
+                                capture_output=True, text=True, timeout=120)
+        assert served.returncode == 2 and said in served.stderr
+    # An embedding for another base model, or one token twice: named, not diffusers' traceback.
+    wide, _ = save_embedding(tmp_path / "wide", "<wide>", torch.zeros(1, 768))
+    narrow, _ = save_embedding(tmp_path / "narrow", "<narrow>", torch.zeros(1, 32))
+    draw = ["generate", str(tiny_sd), "--prompt", "a <narrow>", "--steps", "1", "--width", "32", "--height", "32",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*draw, "--embedding", str(wide)]) == 2
+    assert "768-wide vectors, and this model's text encoder is 32 wide" in capsys.readouterr().err
+    assert main([*draw, "--embedding", str(narrow), "--embedding", str(narrow)]) == 2
+    assert "give each once" in capsys.readouterr().err
+    assert main([*draw, "--embedding", str(narrow)]) == 0
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"")
+    for weight, said in (("nan", "give a finite weight"), ("abc", "'abc', is not a number")):
+        assert main([*draw, "--lora", f"{lora}:{weight}"]) == 2
+        assert said in capsys.readouterr().err

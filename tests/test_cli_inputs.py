@@ -80,3 +80,41 @@ def test_file_arguments_that_cannot_work_are_refused_before_any_work(tiny_sd, tm
     for weight, said in (("nan", "give a finite weight"), ("abc", "'abc', is not a number")):
         assert main([*draw, "--lora", f"{lora}:{weight}"]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_malformed_files_are_named_not_tracebacks(tiny_sd, shapes_dir, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    binary = next(shapes_dir.glob("*.png"))
+    assert main(["config", "check", str(binary)]) == 2  # (UnicodeDecodeError)
+    assert "not a text file" in capsys.readouterr().err
+    (tmp_path / "unet.json").write_text("[1, 2]")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{path: {shapes_dir}}}\nmodel: {{unet_config: {tmp_path / 'unet.json'}}}\n")
+    assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'run'}", "--no-progress"]) == 2
+    assert "holds a JSON list, not the object" in capsys.readouterr().err
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Sampler: Euler, CFG scale: abc, Seed: 5, Size: 32x32")
+    Image.new("RGB", (32, 32)).save(tmp_path / "bad.png", pnginfo=info)
+    assert main(["generate", str(tiny_sd), "--from-png", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "its infotext says CFG scale: 'abc', not a number" in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    for argv in (["generate", "m", "--prompt", "x", "--out", str(tmp_path / "a-file")],
+                 ["eval", "m", "--out", str(tmp_path / "a-file")]):
+        assert main(argv) == 2
+        assert "is a file; give a folder for the output" in capsys.readouterr().err
+    assert main(["sample", "m", "--out", str(tmp_path / "grid.txt")]) == 2  # (PIL's error, after the sampling)
+    assert "give a .png, .jpg or .webp name" in capsys.readouterr().err
+
+
+def test_a_model_folder_of_another_kind_given_as_a_controlnet_is_named(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "control.png")
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet", str(tiny_sd / "unet"), "--control-image",
+                 str(tmp_path / "control.png"), "--steps", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "holds a UNet2DConditionModel, not a ControlNet or T2I-Adapter" in capsys.readouterr().err  # (meta tensors)

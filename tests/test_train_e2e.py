@@ -602,6 +602,11 @@ def test_two_trainings_never_write_one_run_folder_at_once(make_config, tmp_path,
     capsys.readouterr()
     assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'file'}", "--no-progress"]) == 2
     assert "is a file; give a folder for the run" in capsys.readouterr().err
+    data = tmp_path / "own-data"
+    data.mkdir()
+    assert main(["train", str(config), "--set", f"data.path={data}", "--set", f"output_dir={data / 'run'}",
+                 "--no-progress"]) == 2
+    assert "is inside data.path" in capsys.readouterr().err
 
 
 def test_a_damaged_or_misnamed_checkpoint_is_refused_naming_it(make_config, tmp_path, capsys):

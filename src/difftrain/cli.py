@@ -110,6 +110,8 @@ def _sample(args: argparse.Namespace) -> int:
     from difftrain.generate.unconditional import sample_grid, scheduler_sheet
 
     out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or out.is_dir():
+        raise DifftrainError(f"--out {out}: the grid is one image file; give a .png, .jpg or .webp name")
     if args.scheduler == "all":
         scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema, classes=args.classes,
                         guidance_scale=args.cfg)
@@ -296,6 +298,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise DifftrainError("generate: give a model (run folder, diffusers folder, hub id or .safetensors file)")
+    _out_folder(args.out)
     given = {field: getattr(args, dest) for dest, field in GENERATE_FIELDS.items() if getattr(args, dest) is not None}
     if args.lora:
         given["loras"] = [parse_lora_arg(item) for item in args.lora]
@@ -335,7 +338,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_folder(out: str | None) -> None:
+    """--out names a folder (generate's images, eval's report): a file there is refused before any work."""
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise DifftrainError(f"--out {out} is a file; give a folder for the output")
+
+
 def _eval(args: argparse.Namespace) -> int:
+    _out_folder(args.out)
     from difftrain.evaluate.run import EvalOptions, evaluate
     from difftrain.evaluate.scores import Networks
 

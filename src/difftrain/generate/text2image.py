@@ -472,9 +472,14 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
                   "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():
         if key in params:
-            setattr(options, name, convert(params[key]))
+            try:
+                setattr(options, name, convert(params[key]))
+            except ValueError:
+                raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not a number") from None
     if "Size" in params:
-        width, height = str(params["Size"]).split("x")
+        width, _, height = str(params["Size"]).partition("x")
+        if not (width.strip().isdigit() and height.strip().isdigit()):
+            raise GenerateError(f"{path}: its infotext says Size: {params['Size']!r}, not WIDTHxHEIGHT")
         options.width, options.height = int(width), int(height)
     if params.get("Lora files"):
         options.loras = [parse_lora_arg(item.strip()) for item in str(params["Lora files"]).split(" | ")]

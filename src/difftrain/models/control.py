@@ -100,7 +100,11 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
                                   "(pickled .ckpt/.pth files are not loaded)")
         else:
             where = path if path.is_dir() else spec
-            cls = T2IAdapter if ControlNetModel.load_config(where).get("_class_name") == "T2IAdapter" else ControlNetModel
+            class_name = ControlNetModel.load_config(where).get("_class_name")
+            if class_name not in ("ControlNetModel", "T2IAdapter"):  # (a UNet folder loaded as meta tensors)
+                raise ControlNetError(f"{what} {spec} holds a {class_name or 'model without a _class_name'}, not a "
+                                      "ControlNet or T2I-Adapter")
+            cls = T2IAdapter if class_name == "T2IAdapter" else ControlNetModel
             net = cls.from_pretrained(where, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # the last two: not a ControlNet file
         hint = (" A single file is read as a ControlNet for this UNet (the original release's layout, the standard "

@@ -50,9 +50,12 @@ def unet_config(preset: str | None, config_file: str | None, channels: int, reso
     if config_file:
         path = Path(config_file)
         try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
             raise ConfigError(f"model.unet_config: cannot read {path} as JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"model.unet_config: {path} holds a JSON {type(config).__name__}, not the object of a "
+                              "UNet2DModel config (its config.json)")
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
         config = dict(UNET_PRESETS[preset or "small"])

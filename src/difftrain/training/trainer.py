@@ -973,6 +973,7 @@ def train(
 
     `allow_data_change` resumes although the data set differs from the checkpoint's; `started`
     (a time.perf_counter() value) is when the run was asked for, the start of its start-up time."""
+    check_output_dir(config)
     with run_lock(Path(config.output_dir)):
         return Trainer(config, progress=progress, resume=resume, allow_data_change=allow_data_change,
                        started=started).run()
@@ -981,13 +982,24 @@ def train(
 RUN_LOCK = ".train-lock"
 
 
+def check_output_dir(config: RunConfig) -> None:
+    """Refuse a run folder that is a file, or one inside the image folder it trains on (its previews would be
+    read as training images at the next start)."""
+    run_dir = Path(config.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file; give a folder for the run (or a path that does not exist)")
+    data = Path(config.data.path)
+    if config.data.source == "folder" and data.is_dir() and data.resolve() in [run_dir.resolve(),
+                                                                               *run_dir.resolve().parents]:
+        raise ConfigError(f"output_dir {run_dir} is inside data.path {data}: its samples and checkpoints would be "
+                          "read as training images; put the run elsewhere")
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One `difftrain train` per run folder at a time (the launch's first process holds it): two at once (a
     requeued job overlapping its first, a second terminal's --resume) wrote the same checkpoints over each other,
     pruned each other's, and cleared each other's half-written saves."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} is a file; give a folder for the run (or a path that does not exist)")
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock

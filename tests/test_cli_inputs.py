@@ -118,3 +118,19 @@ def test_a_model_folder_of_another_kind_given_as_a_controlnet_is_named(tiny_sd, 
     assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet", str(tiny_sd / "unet"), "--control-image",
                  str(tmp_path / "control.png"), "--steps", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "holds a UNet2DConditionModel, not a ControlNet or T2I-Adapter" in capsys.readouterr().err  # (meta tensors)
+
+
+def test_a_file_of_another_kind_given_as_a_model_says_what_it_is(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 8)}, tmp_path / "style.safetensors")
+    save_file({"emb_params": torch.zeros(1, 768)}, tmp_path / "word.safetensors")
+    save_file({"control_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, tmp_path / "canny.safetensors")
+    for name, said in (("style", "is a LoRA, not a model: give a base model, and the file with --lora"),
+                       ("word", "is a Textual Inversion embedding"), ("canny", "is a ControlNet, not a model")):
+        # (each was "an SD 1.5 model whose configs are not cached")
+        assert main(["generate", str(tmp_path / f"{name}.safetensors"), "--prompt", "x",
+                     "--out", str(tmp_path / "o")]) == 2
+        assert said in capsys.readouterr().err, name
+    assert main(["sample", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "is a file; difftrain sample draws pixel models" in capsys.readouterr().err

@@ -262,7 +262,7 @@ def test_single_file_without_config_offline(tiny_file):
         load_sd(str(tiny_file))
     message = str(error.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message and "not in the local HF cache" in message
-    assert "config=<local diffusers folder" in message
+    assert "--config <a local diffusers folder" in message
 
 
 def test_pickles_need_consent(tiny, tiny_file, tmp_path):

@@ -26,6 +26,9 @@ def load_unconditional(path: str | Path, use_ema: bool = True) -> PixelModel:
     """A pixel-space model: a run, its latest checkpoint, or a diffusers folder."""
     if not Path(path).exists():
         raise ModelNotFound(f"{path}: no such run folder or diffusers model folder")
+    if Path(path).is_file():  # (any file was "a text-to-image model", a PNG or a LoRA too)
+        raise ModelNotFound(f"{path} is a file; difftrain sample draws pixel models from a run folder or a diffusers "
+                            "folder (a Stable Diffusion single file: difftrain generate)")
     located = locate(path, use_ema)
     if located.manifest is None or located.manifest.kind not in ("unconditional", "vae"):  # the loader refuses a VAE
         raise ModelNotFound(

@@ -219,11 +219,23 @@ def _check_single_file_kind(path: str, header: dict) -> None:
     """Refuse what a single file's keys say is not SD 1.x/2.x (SDXL, SD 3, ...) before its weights are read."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
+    keys = list(header)
+    # diffusers' guess falls back to SD 1.x for any file, so a LoRA was "an SD 1.5 model whose configs are missing".
+    if any("lora_" in key or ".lora." in key for key in keys):
+        raise ModelLoadError(f"{path} is a LoRA, not a model: give a base model, and the file with --lora")
+    if any(key.startswith(("control_model.", "controlnet_")) for key in keys):
+        raise ModelLoadError(f"{path} is a ControlNet, not a model: give a base model, and the file with --controlnet")
+    if 0 < len(keys) <= 2 and all("." not in key for key in keys):  # emb_params, string_to_param, clip_l/g, a token
+        raise ModelLoadError(f"{path} is a Textual Inversion embedding: give a base model, and the file with "
+                             "--embedding")
     kind = infer_diffusers_model_type(header)
     if kind.startswith("inpainting"):
         raise ModelLoadError(f"{path}: {INPAINTING}")
     if kind not in ("v1", "v2"):
         raise ModelLoadError(f"{path}: its keys are those of a {kind!r} checkpoint (diffusers' name for it); {NOT_SD}")
+    if not any(key.startswith("model.diffusion_model.") for key in keys):
+        raise ModelLoadError(f"{path} holds no Stable Diffusion UNet weights (no model.diffusion_model.* keys): "
+                             "not a single-file checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -307,8 +319,8 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
         why = f"its keys say it is a {repo} model" if guessed else f"config={repo!r}"
         raise ModelLoadError(
             f"{path}: a single file holds weights only; the configs come from a diffusers model ({why}), "
-            f"which is not in the local HF cache and network access is off. Pass config=<local diffusers folder "
-            f"of the same architecture>, or run once with network access"
+            f"which is not in the local HF cache and network access is off. Give --config <a local diffusers "
+            f"folder of the same architecture> (config= in Python), or run once with network access"
         ) from None
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot get the diffusers configs from {repo!r}: {_first_line(exc)}") from None

@@ -557,3 +557,18 @@ def test_our_inception_leaves_no_empty_torch_fidelity_package_behind():
     code = ("import sys; from difftrain.evaluate.inception import _inception_class; _inception_class(); "
             "print('torch_fidelity' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_the_report_shows_a_sample_of_a_large_evaluation(tmp_path):
+    """An FID-30k run (one image per prompt) wrote 30k grids; 50k unconditional images one 2.5 GB grid."""
+    from difftrain.evaluate.report import REPORT_GROUPS, REPORT_IMAGES, write_report
+    from difftrain.evaluate.scores import Group
+
+    tile = Image.new("RGB", (8, 8), (200, 0, 0))
+    groups = [Group(f"prompt {i}", [tile]) for i in range(REPORT_GROUPS + 8)]
+    result = {"metrics": {"images": len(groups)}, "target": "model", "generation": {}, "settings": {}, "warnings": []}
+    page = write_report(tmp_path / "many", result, groups).read_text()
+    assert len(list((tmp_path / "many" / "grids").glob("*.png"))) == REPORT_GROUPS and "8 more prompts" in page
+    write_report(tmp_path / "one", result, [Group(None, [tile] * (REPORT_IMAGES * 4))])
+    grid = Image.open(tmp_path / "one" / "grids" / "000.png")
+    assert grid.size == (8 * (128 + 2) + 2, REPORT_IMAGES // 8 * (128 + 2) + 2)  # 8 columns of 8 px shown at 128

@@ -50,19 +50,28 @@ def summary_lines(result: dict, out: Path) -> list[str]:
     return lines
 
 
+# A report shows a sample of what was measured: an FID-30k run with one image per prompt made 30k grid files, and
+# 50k unconditional images one grid of 2.5 GB.
+REPORT_GROUPS, REPORT_IMAGES = 32, 64
+
+
 def write_report(out: Path, result: dict, groups: list[Group], columns: int = 8) -> Path:
-    """report.html beside eval.json: the numbers, how they were made, and a grid per prompt (grids/*.png)."""
+    """report.html beside eval.json: the numbers, how they were made, and a grid per prompt (grids/*.png) for the
+    first REPORT_GROUPS prompts, of at most REPORT_IMAGES images each."""
     grids = out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
     sections = []
-    for index, group in enumerate(groups):
-        if not group.images:
-            continue
+    shown = [group for group in groups if group.images]
+    for index, group in enumerate(shown[:REPORT_GROUPS]):
         path = grids / f"{index:03d}.png"
-        make_grid(group.images, columns=min(columns, len(group.images))).save(path)
+        images = group.images[:REPORT_IMAGES]
+        make_grid(images, columns=min(columns, len(images))).save(path)
         title = html.escape(group.prompt) if group.prompt else "unconditional samples"
         seeds = f" (seeds {group.seeds[0]}..{group.seeds[-1]})" if group.seeds else ""
-        sections.append(f"<h3>{title}{seeds}</h3><img src='grids/{path.name}' alt='{title}'>")
+        more = f" (the first {len(images)} of {len(group.images)})" if len(images) < len(group.images) else ""
+        sections.append(f"<h3>{title}{seeds}{more}</h3><img src='grids/{path.name}' alt='{title}'>")
+    if len(shown) > REPORT_GROUPS:
+        sections.append(f"<p>... and {len(shown) - REPORT_GROUPS} more prompts (every image is in images/)</p>")
     rows = "".join(f"<tr><td>{label}</td><td>{text}</td><td>{better}</td></tr>"
                    for label, text, better in metric_rows(result["metrics"]))
     settings = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"

@@ -691,8 +691,10 @@ class Trainer:
             + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped else ""),
             *([f"  buckets     {self.sampler.describe()}"] if self.dataset.buckets is not None else []),
             *[f"  model       {line}" for line in self.method.describe()],
-            f"  samples     {self.run_dir / 'samples'} (latest: step-{self.step:08d}.png)",
-            f"  loss curve  {self.run_dir / 'loss.png'}",
+            # (only what is there: no previews without prompts, no curve from fewer than two logged losses)
+            *[f"  samples     {self.run_dir / 'samples'} (latest: {latest.name})"
+              for latest in sorted((self.run_dir / "samples").glob("step-*.png"))[-1:]],
+            *([f"  loss curve  {self.run_dir / 'loss.png'}"] if (self.run_dir / "loss.png").is_file() else []),
             *([f"  evaluation  {self.run_dir / 'eval.png'} (numbers in metrics.jsonl)"] if self.evaluation.enabled else []),
             *([f"  best        {self.evaluation.best['metric']} {self.evaluation.best['value']:.4g} at step "
                f"{self.evaluation.best['step']}: {self._best_weights()}"] if self.evaluation.best else []),

@@ -30,6 +30,7 @@ def refused(argv: list[str], capsys, said: str) -> None:
     (["serve", "m", "--port", "99999"], "argument --port: 99999: give 0 to 65535"),
     (["serve", "m", "--max-size", "0"], "argument --max-size: 0: give 64 or more"),
     (["data", "check", "d", "--caption-extension", ""], "'' is no file extension"),
+    (["export", "m", "out", "--opset", "5"], "argument --opset: 5: give 14 or more"),  # (pages of TorchScript)
 ])
 def test_numbers_and_names_out_of_range_are_refused_naming_the_flag(argv, said, capsys):
     refused(argv, capsys, said)
@@ -134,3 +135,10 @@ def test_a_file_of_another_kind_given_as_a_model_says_what_it_is(tmp_path, capsy
         assert said in capsys.readouterr().err, name
     assert main(["sample", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "g.png")]) == 2
     assert "is a file; difftrain sample draws pixel models" in capsys.readouterr().err
+
+
+def test_export_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
+    assert main(["export", "m", str(tmp_path / "o"), "--min-psnr", "30"]) == 2  # (silently ignored)
+    assert "--min-psnr: the int8 quality gate's settings; add --quantize int8" in capsys.readouterr().err
+    assert main(["export", "m", str(tmp_path / "o"), "--config", str(tmp_path / "nope")]) == 2
+    assert "--config" in capsys.readouterr().err

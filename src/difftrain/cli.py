@@ -464,6 +464,14 @@ def _export(args: argparse.Namespace) -> int:
     from difftrain.export.onnx import ExportOptions, export_onnx
     from difftrain.generate.text2image import parse_lora_arg
 
+    gate = [flag for flag, given in (("--min-psnr", args.min_psnr is not None), ("--force", args.force),
+                                     ("--gate-size", args.gate_size is not None), ("--gate-clip", args.gate_clip),
+                                     ("--max-clip-drop", args.max_clip_drop is not None)) if given]
+    if gate and not args.quantize:
+        raise DifftrainError(f"{', '.join(gate)}: the int8 quality gate's settings; add --quantize int8, or leave "
+                             "them out")
+    if args.config and not Path(args.config).is_dir():
+        raise DifftrainError(f"--config {args.config}: no such folder (a diffusers folder with the model's configs)")
     options = ExportOptions(precision=args.precision, quantize=args.quantize,
                             loras=[parse_lora_arg(item) for item in args.lora or ()], lora_scale=args.lora_scale,
                             embeddings=list(args.embedding or ()), controlnet=args.controlnet,
@@ -676,13 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--to", default="onnx", choices=["onnx"])
     onnx.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     onnx.add_argument("--quantize", choices=["int8"], help="static int8 UNet (calibrated), checked by the quality gate")
-    onnx.add_argument("--min-psnr", type=float, help="int8: the quality gate's floor in dB (default 22)")
+    onnx.add_argument("--min-psnr", type=_finite, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
     onnx.add_argument("--gate-steps", type=_whole(1), default=12, help="int8: the quality gate's sampling steps")
     onnx.add_argument("--gate-size", type=_whole(64), help="int8: the gate's image side (default: the size the model was trained at)")
     onnx.add_argument("--gate-clip", metavar="MODEL",
                       help="int8: also compare the gate images' CLIP score to fp32's with this CLIP (folder or hub id)")
-    onnx.add_argument("--max-clip-drop", type=float,
+    onnx.add_argument("--max-clip-drop", type=_finite,
                       help="int8 with --gate-clip: CLIP score points int8 may lose against fp32 (default 1.0)")
     onnx.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merged into the weights; repeatable")
     onnx.add_argument("--lora-scale", type=_finite, default=1.0, help="every LoRA merged at its weight x this")
@@ -690,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--controlnet", action="store_true", help="the UNet takes ControlNet residuals as inputs")
     onnx.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of its EMA ones")
     onnx.add_argument("--config", metavar="DIR", help="single-file model: a diffusers folder with its configs")
-    onnx.add_argument("--opset", type=int, help="ONNX opset (default 17; 18 with --exporter dynamo, its least)")
+    onnx.add_argument("--opset", type=_whole(14), help="ONNX opset (default 17; 18 with --exporter dynamo, its least)")
     onnx.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     onnx.add_argument("--no-progress", action="store_true")
     onnx.set_defaults(run=_export)

@@ -397,6 +397,10 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FOLDERS = {"--lora-dir": "models/lora", "--embeddings-dir": "models/embeddings",
+                 "--controlnet-dir": "models/controlnet"}  # A1111's layout
+
+
 def _serve(args: argparse.Namespace) -> int:
     from difftrain.serve.app import LOOPBACK, ServeSettings, create_app
     from difftrain.serve.requests import Limits
@@ -417,7 +421,8 @@ def _serve(args: argparse.Namespace) -> int:
         check_exists("model", model)
     for flag, folder in (("--lora-dir", args.lora_dir), ("--controlnet-dir", args.controlnet_dir),
                          ("--embeddings-dir", args.embeddings_dir)):
-        if folder and not Path(folder).is_dir():
+        # (the defaults, A1111's models/ folders, may be absent: nothing of that kind is served then)
+        if folder != SERVE_FOLDERS[flag] and not Path(folder).is_dir():
             raise DifftrainError(f"{flag} {folder}: no such folder")
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch_size, max_n_iter=args.max_n_iter, max_queue=args.max_queue)
@@ -650,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--caption-prompt", help="text the captioner starts from (Florence-2: <MORE_DETAILED_CAPTION>)")
     cur.add_argument("--caption-prefix", default=Curate.caption_prefix, help="put in front of every caption, e.g. 'sks dog, '")
     cur.add_argument("--caption-max-tokens", type=int, default=Curate.caption_max_tokens)
-    cur.add_argument("--batch-size", type=_whole(1), default=Curate.batch_size, help="images per model call")
+    cur.add_argument("--batch-size", type=int, default=Curate.batch_size, help="images per model call")
     cur.add_argument("--device", default=Curate.device)
     cur.add_argument("--cache-dir", help="where model outputs are kept by content (default ~/.cache/difftrain/curate)")
     cur.add_argument("--report", help="report folder (default OUT-report)")
@@ -782,10 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-host", action="append", metavar="NAME",
                        help="on loopback, also answer this Host name (a reverse proxy that keeps the Host header); "
                             "repeatable. Other names are refused (DNS rebinding)")
-    serve.add_argument("--lora-dir", default="models/lora", help="where <lora:name:w> finds name.safetensors")
-    serve.add_argument("--embeddings-dir", default="models/embeddings",
+    serve.add_argument("--lora-dir", default=SERVE_FOLDERS["--lora-dir"], help="where <lora:name:w> finds name.safetensors")
+    serve.add_argument("--embeddings-dir", default=SERVE_FOLDERS["--embeddings-dir"],
                        help="Textual Inversion embeddings (.safetensors) loaded into every served model they fit")
-    serve.add_argument("--controlnet-dir", default="models/controlnet",
+    serve.add_argument("--controlnet-dir", default=SERVE_FOLDERS["--controlnet-dir"],
                        help="the ControlNets (folders or .safetensors) alwayson_scripts units may name")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])

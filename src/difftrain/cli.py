@@ -787,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-host", action="append", metavar="NAME",
                        help="on loopback, also answer this Host name (a reverse proxy that keeps the Host header); "
                             "repeatable. Other names are refused (DNS rebinding)")
-    serve.add_argument("--lora-dir", default=SERVE_FOLDERS["--lora-dir"], help="where <lora:name:w> finds name.safetensors")
+    serve.add_argument("--lora-dir", default=SERVE_FOLDERS["--lora-dir"],
+                       help="where <lora:name:w> finds name.safetensors")
     serve.add_argument("--embeddings-dir", default=SERVE_FOLDERS["--embeddings-dir"],
                        help="Textual Inversion embeddings (.safetensors) loaded into every served model they fit")
     serve.add_argument("--controlnet-dir", default=SERVE_FOLDERS["--controlnet-dir"],

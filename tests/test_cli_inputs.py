@@ -142,3 +142,5 @@ def test_export_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert "--min-psnr: the int8 quality gate's settings; add --quantize int8" in capsys.readouterr().err
     assert main(["export", "m", str(tmp_path / "o"), "--config", str(tmp_path / "nope")]) == 2
     assert "--config" in capsys.readouterr().err
+    assert main(["eval", "m", "--weights-dir", str(tmp_path / "nope")]) == 2  # (ignored, then a download tried)
+    assert "--weights-dir" in capsys.readouterr().err

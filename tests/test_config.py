@@ -195,3 +195,11 @@ def test_settings_that_crashed_inside_numpy_or_the_lr_schedule_are_refused_at_lo
 def test_a_caption_extension_gets_its_dot_and_an_empty_one_is_refused():
     assert parse_config({"data": {"path": "x", "caption_extension": "caption"}}).data.caption_extension == ".caption"
     assert "'' is no file extension" in errors_of({"data": {"path": "x", "caption_extension": ""}})
+
+
+def test_a_key_given_twice_and_a_setting_a_method_ignores_are_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data: {path: x}\ntraining:\n  max_steps: 10\n  max_steps: 20\n")  # the last one won
+    with pytest.raises(ConfigError, match="the key 'max_steps' is given twice"):
+        load_config(twice)
+    assert "output.single_file with method unconditional" in errors_of({**BASE, "output": {"single_file": True}})

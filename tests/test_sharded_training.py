@@ -304,7 +304,10 @@ def test_a_run_folder_one_process_cannot_see_stops_every_process_at_resume(runs)
 
 
 def test_consolidate_refuses_a_whole_checkpoint_and_a_missing_part(tmp_path, capsys):
+    assert main(["checkpoint", "consolidate", str(tmp_path / "step-2")]) == 2  # (it said "already whole")
+    assert "not a checkpoint folder" in capsys.readouterr().err
     (tmp_path / "step-2").mkdir()
+    (tmp_path / "step-2" / "state.json").write_text("{}")
     assert main(["checkpoint", "consolidate", str(tmp_path / "step-2")]) == 2
     assert "not a sharded checkpoint" in capsys.readouterr().err
     (tmp_path / "step-2" / "shards.json").write_text(json.dumps({"world_size": 2, "dim": 0, "sharded": {"model": []}}))

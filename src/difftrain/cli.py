@@ -346,6 +346,8 @@ def _out_folder(out: str | None) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     _out_folder(args.out)
+    if args.weights_dir and not Path(args.weights_dir).is_dir():  # (ignored, and then a download was tried)
+        raise DifftrainError(f"--weights-dir {args.weights_dir}: no such folder")
     from difftrain.evaluate.run import EvalOptions, evaluate
     from difftrain.evaluate.scores import Networks
 

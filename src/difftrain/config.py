@@ -556,6 +556,9 @@ class UnconditionalRun(RunConfig):
         if "clip" in self.eval.metrics:
             raise ValueError("eval.metrics: clip scores images against their prompts, and an unconditional model "
                              "draws without prompts; remove clip")
+        if self.output.single_file:  # (it was ignored)
+            raise ValueError("output.single_file with method unconditional: the single file is A1111's and ComfyUI's "
+                             "Stable Diffusion checkpoint; a pixel model is written as a diffusers folder only")
         return self
 
 
@@ -936,13 +939,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one won, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (" (a folder: give the .yaml inside it)"
                                                                if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:

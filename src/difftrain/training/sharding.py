@@ -215,6 +215,8 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> list[Path]:
     """Join a sharded checkpoint's parts into model/ema/optimizer.safetensors (in `out`, default the
     checkpoint itself): the layout an unsharded run writes, which `difftrain sample` and export read."""
     checkpoint = Path(checkpoint)
+    if not (checkpoint / "state.json").is_file():
+        raise ShardingError(f"{checkpoint}: not a checkpoint folder (no state.json inside)")
     if not (checkpoint / LAYOUT).is_file():
         state = checkpoint / "state.json"
         stage = json.loads(state.read_text()).get("zero_stage", 0) if state.is_file() else 0

@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Iterator
 
 
+def occupied(path: str | Path) -> bool:
+    """Whether a writer that fills a new folder at `path` would replace something: a file, or a folder holding
+    anything."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def _current_umask() -> int:
     # Linux reports it without changing it; elsewhere set-and-restore (racy only against
     # another thread creating a file in that instant).

@@ -258,8 +258,10 @@ def _data_download(args: argparse.Namespace) -> int:
 
 def _new_folder(path: str | Path, what: str) -> None:
     """Refuse to write `what` over a file or into a folder holding anything (the writers replace it whole)."""
+    from difftrain.atomic import occupied
+
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if occupied(path):
         raise DifftrainError(f"{path} exists{'' if path.is_dir() else ' (a file)'}: {what} would replace it; give a "
                              "new folder")
 

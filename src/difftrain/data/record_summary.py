@@ -59,6 +59,9 @@ class SummaryLookup:
         self.looked = False
         self.earlier = earlier.walked if earlier is not None else None
         self.earlier_broken = earlier.broken if earlier is not None else None
+        if earlier is not None and earlier.looked and earlier.cache_dir == cache_dir:  # its summary, read once
+            self.looked, self.path = True, earlier.path
+            self.summary, self.summary_broken = earlier.summary, earlier.summary_broken
         # a record was read to be hashed in this walk (or the earlier one, whose hashes this one reuses)
         self.read_to_hash = earlier is not None and earlier.read_to_hash
         self.stale = False

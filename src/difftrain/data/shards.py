@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterator
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from difftrain.atomic import fsync_dir, write_bytes
+from difftrain.atomic import fsync_dir, occupied, write_bytes
 from difftrain.data.folder import DatasetError
 from difftrain.data.images import IMAGE_EXTENSIONS
 from difftrain.data.records import ShardSource, sidecar_path
@@ -147,7 +147,7 @@ def _records(source: RecordSource, description: str, progress: bool, skipped: li
 
 def _empty_folder(out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise DatasetError(
             f"{out} already exists and is not empty; write to a new folder (a build never mixes with older files)"
         )

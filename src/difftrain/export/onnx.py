@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from difftrain.atomic import occupied
 from difftrain.errors import DifftrainError
 from difftrain.models.onnx import PARTS, onnxruntime
 
@@ -95,7 +96,7 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     options.check()
     onnxruntime()  # refuse early, with the extra to install, not after a minute of exporting
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise ExportError(f"{out}: exists{' and is not empty' if out.is_dir() else ' as a file'}; choose a new folder")
     # Refused from the manifest, before any weight loads (an ONNX export would build all its sessions first).
     manifest = locate(source, options.use_ema).manifest

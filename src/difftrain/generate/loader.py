@@ -287,17 +287,16 @@ def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) 
         weights.append(weight)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
-    from difftrain.models.embeddings import EmbeddingFileError
+    from difftrain.models.embeddings import EmbeddingFileError, width_misfit
 
-    width, given = pipe.text_encoder.config.hidden_size, {}
+    given: dict[str, str] = {}
     for embedding in embeddings:
         token, vectors = load_embedding(embedding)
         token = token or Path(embedding).stem
         if token in given:
             raise EmbeddingFileError(f"{embedding}: its token {token!r} is {given[token]}'s too; give each once")
-        if vectors.shape[-1] != width:  # (diffusers' own message left its placeholders unfilled)
-            raise EmbeddingFileError(f"{embedding}: {vectors.shape[-1]}-wide vectors, and this model's text encoder "
-                                     f"is {width} wide: an embedding made for another base model")
+        if misfit := width_misfit(vectors, pipe.text_encoder):  # (diffusers' message left its placeholders unfilled)
+            raise EmbeddingFileError(f"{embedding}: {misfit}: an embedding made for another base model")
         if token in pipe.tokenizer.get_vocab():
             raise EmbeddingFileError(f"{embedding}: {token!r} is a word this model's tokenizer has already; rename "
                                      "the file (its name is the token, as in A1111)")

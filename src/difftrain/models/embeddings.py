@@ -36,6 +36,14 @@ def _vectors(vectors, where: str) -> torch.Tensor:
     return (vectors[None] if vectors.ndim == 1 else vectors).detach().cpu().contiguous()
 
 
+def width_misfit(vectors: torch.Tensor, text_encoder) -> str | None:
+    """Why `vectors` cannot go into `text_encoder` (an embedding made for another base model), or None."""
+    width = text_encoder.config.hidden_size
+    if vectors.shape[-1] == width:
+        return None
+    return f"{vectors.shape[-1]}-wide vectors, and this model's text encoder is {width} wide"
+
+
 def a1111_file_name(token: str) -> str:
     """`<cat-toy>` -> `cat-toy.safetensors`: the trigger word A1111/ComfyUI users will type."""
     stem = UNSAFE_IN_FILE_NAMES.sub("", token).strip(". ")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.atomic import atomic_dir, write_safetensors
+from difftrain.atomic import atomic_dir, occupied, write_safetensors
 from difftrain.errors import DifftrainError
 from difftrain.models.file_metadata import string_metadata
 
@@ -627,7 +627,7 @@ def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
     from diffusers import DiffusionPipeline
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if occupied(out_dir):
         raise LoraFileError(f"{out_dir}: exists and is not empty; merge into a new folder")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(base_dir), local_files_only=True)

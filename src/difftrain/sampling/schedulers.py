@@ -409,9 +409,14 @@ _SUBCLASS = "_FromFirstStep"
 _OWN_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
 
 
+def _diffusers_class(scheduler) -> str:
+    """The diffusers class a _from_first_step subclass wraps."""
+    return type(scheduler).__mro__[1].__name__
+
+
 def _a1111_ddim(scheduler) -> bool:
     config = scheduler.config
-    return (type(scheduler).__mro__[1].__name__ == "DDIMScheduler" and config.get("timestep_spacing") == "leading"
+    return (_diffusers_class(scheduler) == "DDIMScheduler" and config.get("timestep_spacing") == "leading"
             and config.get("steps_offset") == 1)
 
 
@@ -419,7 +424,7 @@ def _uniform_by_timesteps(scheduler) -> bool:
     """Whether `scheduler` is DPM-Solver++ multistep (A1111's DPM++ 2M, 2M SDE) on its Uniform schedule. Not 3M
     SDE: A1111 drops its next-to-last sigma (t = 0 here), which is what diffusers' own spacing gives."""
     config = scheduler.config
-    return (type(scheduler).__mro__[1].__name__ == _DPM and config.get("timestep_spacing") == "linspace"
+    return (_diffusers_class(scheduler) == _DPM and config.get("timestep_spacing") == "linspace"
             and config.get("solver_order") != 3 and not any(config.get(key) for key in _OWN_SIGMAS))
 
 

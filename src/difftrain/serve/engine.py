@@ -181,7 +181,7 @@ class Engine:
     def _load_embeddings(self, model: ServedModel, pipe) -> None:
         """Every `.safetensors` embedding of the embeddings folder that fits this model's text encoder,
         as A1111 loads its embeddings folder (its token: the file's own, or the file name)."""
-        from difftrain.models.embeddings import load_embedding
+        from difftrain.models.embeddings import load_embedding, width_misfit
 
         if self.embeddings_dir is None or not self.embeddings_dir.is_dir():
             return
@@ -190,16 +190,14 @@ class Engine:
                                                            "(difftrain export --embedding)"
                                                 for path in self.embeddings_dir.glob("*.safetensors")})
             return
-        width = pipe.text_encoder.config.hidden_size
         for path in sorted(self.embeddings_dir.glob("*.safetensors")):  # never a pickle (.pt/.bin)
             try:
                 token, vectors = load_embedding(path)
             except DifftrainError as reason:
                 model.embeddings["skipped"][path.stem] = str(reason)
                 continue
-            if vectors.shape[-1] != width:
-                model.embeddings["skipped"][path.stem] = (f"{vectors.shape[-1]}-wide vectors, this model's text "
-                                                          f"encoder is {width} wide")
+            if misfit := width_misfit(vectors, pipe.text_encoder):
+                model.embeddings["skipped"][path.stem] = misfit
                 continue
             try:
                 pipe.load_textual_inversion(str(path), token=token or path.stem)

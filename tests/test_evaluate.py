@@ -572,3 +572,37 @@ def test_the_report_shows_a_sample_of_a_large_evaluation(tmp_path):
     write_report(tmp_path / "one", result, [Group(None, [tile] * (REPORT_IMAGES * 4))])
     grid = Image.open(tmp_path / "one" / "grids" / "000.png")
     assert grid.size == (8 * (128 + 2) + 2, REPORT_IMAGES // 8 * (128 + 2) + 2)  # 8 columns of 8 px shown at 128
+
+
+def test_eval_keeps_image_names_not_images_and_measures_what_held_images_measure(networks, shapes32, tmp_path):
+    """FID-30k at 512 px held ~24 GB of images until the end: eval now holds names and reads each image when a
+    metric takes it, decoded as before, so the numbers are those of the images held in memory."""
+    from difftrain.evaluate.run import EvalOptions, _read_folder
+    from difftrain.evaluate.scores import Group, Networks, Scorer, StoredImages
+
+    folder = tmp_path / "twelve"
+    folder.mkdir()
+    for path in sorted(shapes32.glob("*.png"))[:12]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "metadata.jsonl").write_text((shapes32 / "metadata.jsonl").read_text())  # captions: groups by prompt
+    groups = _read_folder(str(folder), EvalOptions(), [], progress=False)
+    assert sum(len(group.images) for group in groups) == 12
+    assert all(isinstance(group.images, StoredImages) for group in groups)
+    assert [size for group in groups for size in group.sizes()] == [(32, 32)] * 12
+    held = [Group(group.prompt, list(group.images)) for group in groups]
+    assert all(isinstance(image, Image.Image) for group in held for image in group.images)
+    scorer = Scorer(["is", "lpips"], Networks(inception=str(networks["inception"]), alexnet=str(networks["alexnet"]),
+                                              lpips=str(networks["lpips"])))
+    stored, in_memory = scorer.score(groups, 32, None), scorer.score(held, 32, None)
+    assert stored == in_memory and stored["images"] == 12 and stored["is"] >= 1
+
+
+def test_lpips_diversity_of_a_large_group_compares_a_seeded_sample_of_its_images():
+    """All pairs of 50k unconditional images are 1.25e9 LPIPS evaluations, their tensors far past memory."""
+    from difftrain.evaluate.scores import LPIPS_MAX_IMAGES, diversity_sample
+
+    images = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(LPIPS_MAX_IMAGES + 50)]
+    sample = diversity_sample(images)
+    assert len(sample) == LPIPS_MAX_IMAGES and len({image.getpixel((0, 0)) for image in sample}) == LPIPS_MAX_IMAGES
+    assert [image.getpixel((0, 0)) for image in diversity_sample(images)] == [im.getpixel((0, 0)) for im in sample]
+    assert diversity_sample(images[:LPIPS_MAX_IMAGES]) == images[:LPIPS_MAX_IMAGES]

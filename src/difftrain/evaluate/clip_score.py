@@ -1,14 +1,16 @@
 """CLIP score (Hessel et al. 2021): how well an image matches its prompt, with any CLIP transformers loads.
 
-Per image: 100 x max(cos(image embedding, text embedding), 0), averaged; the x100 scale is
-torchmetrics' convention (the paper's w = 2.5 aside), so the numbers read like published
-"CLIP score" tables. The model comes from a local folder or a hub id (transformers' own
-cache, offline-first like every other weight here); prompts longer than its context are
-truncated, as torchmetrics does.
+The mean over images of 100 x cos(image embedding, text embedding), clamped at 0, as
+torchmetrics' CLIPScore computes it; the x100 scale is its convention (the paper's w = 2.5
+aside), so the numbers read like published "CLIP score" tables. The model comes from a local
+folder or a hub id (transformers' own cache, offline-first like every other weight here);
+prompts longer than its context are truncated, as torchmetrics does.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -47,11 +49,10 @@ class ClipScorer:
         self.info = {"model": str(model), "scale": "max(mean of 100 x cos, 0), as torchmetrics' CLIPScore"}
 
     @torch.no_grad()
-    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
-        """(N, D) float32 unit-length image embeddings."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+    def image_embeddings(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        """(N, D) float32 unit-length image embeddings; `images` is read a batch at a time."""
+        out, images = [], iter(images)
+        while batch := [im.convert("RGB") for im in itertools.islice(images, self.batch_size)]:
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
             out.append(_unit(self.model.get_image_features(pixel_values=pixels)))
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
@@ -67,13 +68,14 @@ class ClipScorer:
                                                           attention_mask=tokens["attention_mask"])))
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
 
-    def scores(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    def scores(self, images: Iterable[Image.Image], prompts: list[str]) -> torch.Tensor:
         """100 x the cosine of each (image, prompt) pair."""
-        if len(images) != len(prompts):
+        embedded = self.image_embeddings(images)
+        if len(embedded) != len(prompts):
             raise ValueError("one prompt per image")
-        return 100 * (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+        return 100 * (embedded * self.text_embeddings(prompts)).sum(dim=-1)
 
-    def score(self, images: list[Image.Image], prompts: list[str]) -> float:
+    def score(self, images: Iterable[Image.Image], prompts: list[str]) -> float:
         """The CLIP score of a set: the mean of `scores`, then clamped at 0, as torchmetrics computes it (clamping
         each pair first read higher wherever some cosines are negative, as early in training)."""
         return max(float(self.scores(images, prompts).mean()), 0.0)

@@ -63,8 +63,14 @@ class ImageRecords:
                 misses += 1
         return found
 
-    def images(self) -> Iterator[tuple[object, Image.Image]]:
-        """(record, image) for each record that decodes; the others go to `skipped`."""
+    def image(self, index: int) -> Image.Image:
+        """Record `index`'s image again, decoded as `images` decoded it."""
+        from difftrain.data.images import load_image_bytes
+
+        return load_image_bytes(self.source.read(index).data)
+
+    def images(self) -> Iterator[tuple[int, object, Image.Image]]:
+        """(index, record, image) for each record that decodes; the others go to `skipped`."""
         from difftrain.data.images import BadImage, load_image_bytes
         from difftrain.data.sources import BadRecord
 
@@ -75,7 +81,7 @@ class ImageRecords:
                 self.skipped.append((f"record {index}", str(reason)))
                 continue
             try:
-                yield record, load_image_bytes(record.data)
+                yield index, record, load_image_bytes(record.data)
             except BadImage as reason:
                 self.skipped.append((record.key, str(reason)))
 
@@ -174,7 +180,7 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
         skipped = [tuple(item) for item in json.loads(meta.get("skipped", "[]"))]
         return Reference(features, Statistics.of(features), records.description, records.skipped + skipped, True, key)
     before = len(records.skipped)
-    features, _ = extractor((image for _, image in records.images()), size, total=len(records),
+    features, _ = extractor((image for _, _, image in records.images()), size, total=len(records),
                             progress=progress, desc="reference features")
     if len(features) < 2:
         raise EvalError(f"reference {records.description}: {len(features)} usable image(s); FID needs many more")

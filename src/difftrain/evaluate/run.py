@@ -28,7 +28,16 @@ from difftrain.evaluate.reference import (
     reference_features,
     save_reference,
 )
-from difftrain.evaluate.scores import NEEDS_REFERENCE, Group, Networks, Scorer, check_metrics, warn_small
+from difftrain.evaluate.scores import (
+    NEEDS_REFERENCE,
+    Group,
+    Networks,
+    Scorer,
+    StoredImages,
+    check_metrics,
+    read_png,
+    warn_small,
+)
 from difftrain.evaluate.weights import EvalError
 from difftrain.generate.text2image import resolve_device
 from difftrain.sampling.prompts import extract_lora_tags
@@ -224,7 +233,7 @@ def _wanted_metrics(options: EvalOptions, has_prompts: bool, warnings: list[str]
 
 
 def _common_size(groups: list[Group]) -> int:
-    sizes = [min(image.size) for group in groups for image in group.images]
+    sizes = [min(size) for group in groups for size in group.sizes()]
     return max(set(sizes), key=sizes.count)
 
 
@@ -294,11 +303,11 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     images_dir.mkdir(parents=True, exist_ok=True)
     for start, end in prompt_batches(plan, options.batch_size):
         prompt, seeds = plan[start], list(range(options.seed + start, options.seed + end))
-        group = groups.setdefault(prompt, Group(prompt))
+        group = groups.setdefault(prompt, Group(prompt, StoredImages(read_png)))
         for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
             path = images_dir / f"{seed - options.seed:05d}-{seed}.png"
             drawer.save(image, path, prompt, options.negative_prompt, seed)
-            group.images.append(image)
+            group.images.append(path, image.size)
             group.seeds.append(seed)
         bar.update(len(seeds))
     bar.close()
@@ -313,7 +322,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
 def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
                         progress: bool) -> tuple[list[Group], dict]:
     from difftrain.generate.unconditional import draw_settings, load_unconditional
-    from difftrain.sampling.loop import sample_unet_batched
+    from difftrain.sampling.loop import sample_unet_batches
 
     model = load_unconditional(target, options.use_ema)
     model.unet.eval().to(resolve_device(options.networks.device))
@@ -321,11 +330,14 @@ def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
     # A class model: every class in turn, guided at --cfg or as its training previews were.
     guidance = options.guidance_scale if model.classes else None  # an unconditional model ignores --cfg, as before
     settings = draw_settings(model, options.num_images, guidance_scale=guidance)
-    images = sample_unet_batched(model.unet, model.scheduler_config, options.num_images, scheduler, steps,
-                                 options.seed, options.batch_size, progress, **settings)
     images_dir.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        image.save(images_dir / f"{index:05d}.png")
+    images = StoredImages(read_png)
+    for batch in sample_unet_batches(model.unet, model.scheduler_config, options.num_images, scheduler, steps,
+                                     options.seed, options.batch_size, progress, **settings):
+        for image in batch:
+            path = images_dir / f"{len(images):05d}.png"
+            image.save(path)
+            images.append(path, image.size)
     generation = {"model": str(target), "kind": "unconditional", "scheduler": scheduler, "steps": steps,
                   "batch_size": options.batch_size, "seed": options.seed,
                   **({"classes": len(model.classes), "cfg": settings["guidance_scale"]} if settings else {}),
@@ -342,10 +354,10 @@ def _read_folder(target: str, options: EvalOptions, warnings: list[str], progres
         warnings.append(f"{target}: {len(records.skipped)} unreadable file(s) skipped: "
                         + "; ".join(f"{k}: {r}" for k, r in records.skipped[:3]))
     groups: dict[str | None, Group] = {}
-    for record, image in records.images():
+    for index, record, image in records.images():
         text = image.info.get("parameters")
         prompt = parse_infotext(text)[0] if text else (record.captions[0] if record.captions else options.prompt)
-        groups.setdefault(prompt, Group(prompt)).images.append(image)
+        groups.setdefault(prompt, Group(prompt, StoredImages(records.image))).images.append(index, image.size)
     return list(groups.values())
 
 

@@ -7,6 +7,9 @@ prompt) into a flat dict of numbers plus the settings that produced them.
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +25,46 @@ NEEDS_REFERENCE = ("fid", "kid", "prc")
 INCEPTION_METRICS = ("fid", "kid", "is", "prc")
 
 
+class StoredImages(Sequence):
+    """Images kept where they were written, not in memory: each is read again when a metric or the report takes it.
+
+    FID-30k at 512 px held about 24 GB of images until the end; this holds their names and sizes. `read` turns a
+    key (a path, a record index) into the image, decoded exactly as when it was first seen.
+    """
+
+    def __init__(self, read: Callable[[object], Image.Image]):
+        self._read, self._keys, self.sizes = read, [], []
+
+    def append(self, key, size: tuple[int, int]) -> None:
+        self._keys.append(key)
+        self.sizes.append(size)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._read(key) for key in self._keys[index]]
+        return self._read(self._keys[index])
+
+
+def read_png(path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
 @dataclass
 class Group:
-    """Images drawn for one prompt (None for unconditional models)."""
+    """Images drawn for one prompt (None for unconditional models): a list, or StoredImages."""
 
     prompt: str | None
-    images: list[Image.Image] = field(default_factory=list)
+    images: Sequence[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Each image's (width, height), without reading stored images."""
+        return self.images.sizes if isinstance(self.images, StoredImages) else [image.size for image in self.images]
 
 
 def check_metrics(names: list[str]) -> list[str]:
@@ -96,10 +132,11 @@ class Scorer:
 
     def score(self, groups: list[Group], size: int, reference: Reference | None, progress: bool = False) -> dict:
         """{metric name: value} for the images in `groups`, evaluated at `size` px (see RESIZE_RULE)."""
-        images = [image for group in groups for image in group.images]
-        out: dict[str, float | int | None] = {"images": len(images)}
+        count = sum(len(group.images) for group in groups)
+        out: dict[str, float | int | None] = {"images": count}
         if self.inception is not None:
-            features, logits = self.inception(images, size, total=len(images), progress=progress,
+            images = itertools.chain.from_iterable(group.images for group in groups)  # one at a time
+            features, logits = self.inception(images, size, total=count, progress=progress,
                                               desc="generated features")
             if "is" in self.wanted:
                 score = m.inception_score(logits)
@@ -109,13 +146,13 @@ class Scorer:
         if self.clip is not None:
             prompted = [group for group in groups if group.prompt]
             if prompted:
-                images = [image for group in prompted for image in group.images]
+                images = itertools.chain.from_iterable(group.images for group in prompted)
                 prompts = [plain_text(group.prompt) for group in prompted for _ in group.images]
                 out["clip_score"] = self.clip.score(images, prompts)
         if self.lpips is not None:
             from difftrain.evaluate.lpips import pairwise_diversity
 
-            per_group = [pairwise_diversity(self.lpips, group.images) for group in groups]
+            per_group = [pairwise_diversity(self.lpips, diversity_sample(group.images)) for group in groups]
             per_group = [value for value in per_group if value is not None]
             out["lpips_diversity"] = sum(per_group) / len(per_group) if per_group else None
         return out
@@ -143,8 +180,21 @@ class Scorer:
             "kid": f"unbiased MMD^2, cubic polynomial kernel, {m.KID_SUBSETS} subsets of min({m.KID_SUBSET_SIZE}, N)",
             "is": f"{m.IS_SPLITS} splits of the unbiased logits, shuffled with seed {m.IS_SEED}",
             "prc": f"Kynkaanniemi et al. 2019, k = {m.PRC_NEIGHBOURS}, on the 2048-d features",
-            "lpips": "mean LPIPS (AlexNet, v0.1) over all pairs of one prompt's images, averaged over prompts",
+            "lpips": "mean LPIPS (AlexNet, v0.1) over all pairs of one prompt's images (of a seeded sample of "
+                     f"{LPIPS_MAX_IMAGES} where it has more), averaged over prompts",
         }
+
+
+# All pairs of 50k unconditional images are 1.25e9 LPIPS evaluations (and the images held as float tensors): past this
+# many images a group's diversity is measured on a seeded sample of them, all pairs of which are 4,950.
+LPIPS_MAX_IMAGES, LPIPS_SEED = 100, 0
+
+
+def diversity_sample(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The images LPIPS diversity compares: all of a group's, or a seeded sample of LPIPS_MAX_IMAGES of them."""
+    if len(images) <= LPIPS_MAX_IMAGES:
+        return list(images)
+    return [images[i] for i in sorted(random.Random(LPIPS_SEED).sample(range(len(images)), LPIPS_MAX_IMAGES))]
 
 
 def plain_text(prompt: str) -> str:

@@ -8,7 +8,7 @@ come out wrong through it. This loop does the three calls every scheduler expect
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -98,16 +98,23 @@ def sample_unet_batched(
     progress: bool = False, labels: list[int] | None = None, guidance_scale: float = 1.0,
 ) -> list[Image.Image]:
     """`num_images` in batches of `batch_size`, image i from seed + i: the same images whatever the batch size."""
+    return [image for batch in sample_unet_batches(unet, scheduler_config, num_images, scheduler, steps, seed,
+                                                   batch_size, progress, labels, guidance_scale) for image in batch]
+
+
+def sample_unet_batches(
+    unet, scheduler_config: dict, num_images: int, scheduler: str, steps: int, seed: int, batch_size: int,
+    progress: bool = False, labels: list[int] | None = None, guidance_scale: float = 1.0,
+) -> Iterator[list[Image.Image]]:
+    """sample_unet_batched's images a batch at a time, for a caller that writes them out rather than holds them."""
     from tqdm.auto import tqdm
 
-    images: list[Image.Image] = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             chunk = None if labels is None else labels[start:start + count]
-            images += sample_unet(unet, scheduler_config, count, scheduler, steps, seed + start, chunk, guidance_scale)
+            yield sample_unet(unet, scheduler_config, count, scheduler, steps, seed + start, chunk, guidance_scale)
             bar.update(count)
-    return images
 
 
 class UnknownClass(DifftrainError):

@@ -405,6 +405,10 @@ def test_a_class_models_evaluation_in_training_measures_what_difftrain_eval_meas
     assert cli["metrics"]["fid"] == pytest.approx(history[-1]["fid"], rel=1e-6)
 
 
+# The second span of each is two 75-token chunks (BREAK) at strong weights: a change the tiny model shows.
+EDITED = ["a [red circle:(blue square:1.8) BREAK (green:1.8):1]", "a [(blue:1.8)|red BREAK (square:1.8)]"]
+
+
 def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
     from difftrain.config import load_config
     from difftrain.models.tiny_sd import write_tiny_sd
@@ -413,8 +417,9 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
 
     base = write_tiny_sd(tmp_path / "tiny-sd")
     config = tiny_config(shapes_dir, tmp_path / "sd-run", method="text2image", model={"base": str(base)},
+                         # A1111's prompt editing and alternation, drawn step by step on both sides.
                          eval=_eval_section(networks, tmp_path / "cache", num_images=4, images_per_prompt=2,
-                                            metrics=["fid", "kid", "lpips"], batch_size=2),
+                                            metrics=["fid", "kid", "lpips"], batch_size=2, prompts=EDITED),
                          checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "lpips_diversity"},
                          # The previews' negative prompt is theirs: evaluation draws with eval.negative_prompt ("").
                          sample={"every_steps": 1000, "prompts": ["a red circle"], "steps": 2, "scheduler": "ddim",
@@ -425,9 +430,11 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
     [history] = read_eval_history(run / "metrics.jsonl")
     assert history["images"] == 4 and history["lpips_diversity"] > 0 and history["best"] is True
     assert (run / "model-best" / "difftrain.json").is_file()
-    # The same prompts (a seeded sample of the captions), seeds, sampler and size through `difftrain eval`:
-    out = tmp_path / "cli"
+    # The same prompts, seeds, sampler and size through `difftrain eval`:
+    out, prompts = tmp_path / "cli", tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(EDITED) + "\n")
     assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "4",
+                 "--prompts", str(prompts),
                  "--images-per-prompt", "2", "--batch-size", "2", "--steps", "3", "--scheduler", "ddim", "--cfg", "7.5",
                  "--width", "16", "--height", "16", "--metrics", "fid,kid,lpips", "--cache-dir", str(tmp_path / "cache"),
                  "--out", str(out), *_flags(networks)]) == 0

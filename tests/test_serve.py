@@ -101,6 +101,14 @@ def test_webuiapi_txt2img_gives_what_generate_gives_with_its_infotext(server, ti
     assert np.array_equal(np.asarray(repeat.image), np.asarray(result.image))
     info = api.png_info(result.image)
     assert info.parameters["Seed"] == "5" and info.parameters["Prompt"] == "a red (circle:1.2)"
+    # Prompt editing through the server's own step callback (which can interrupt) is generate's too.
+    edited = api.txt2img(prompt="a [blue:red:1] (circle:1.2)", negative_prompt="blue", seed=5, width=64, height=64,
+                         cfg_scale=6.0)
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a [blue:red:1] (circle:1.2)", negative_prompt="blue",
+                                                    steps=3, scheduler="Euler a", guidance_scale=6.0, seed=5, width=64,
+                                                    height=64), tmp_path / "edited", progress=False)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(edited.image.convert("RGB")))
+    assert not np.array_equal(np.asarray(edited.image), np.asarray(result.image))
 
 
 def test_webuiapi_img2img_samplers_models_and_loras(server):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
+from difftrain.sampling.prompt_schedule import ScheduledConditioning
 
 log = logging.getLogger(__name__)
 
@@ -287,15 +288,20 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
     return runner, extra
 
 
-def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> tuple:
-    """The positive and negative conditioning of A1111-syntax prompts (without <lora:> tags), and whether one
-    side was padded to the other's length, which A1111 does only with its "Pad conds" option (its infotext then
-    says so): a PNG without it would be redrawn unpadded."""
+def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int) -> ScheduledConditioning:
+    """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a `steps`-step draw (one
+    span unless they use prompt editing or alternation). Its `padded` says whether a side was padded to the
+    other's length, which A1111 does only with its "Pad conds" option (its infotext then says so): a PNG
+    without it would be redrawn unpadded."""
+    from difftrain.sampling.prompt_schedule import encode_schedule
     from difftrain.sampling.prompts import encode_pair
 
-    # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
-    prompt, negative_prompt = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (prompt, negative_prompt))
-    return encode_pair(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt, pipe._execution_device, clip_skip)
+    def encode(positive: str, negative: str) -> tuple:
+        # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
+        positive, negative = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (positive, negative))
+        return encode_pair(pipe.tokenizer, pipe.text_encoder, positive, negative, pipe._execution_device, clip_skip)
+
+    return encode_schedule(encode, prompt, negative_prompt, steps)
 
 
 class Drawer:
@@ -369,15 +375,15 @@ class Drawer:
 
         from difftrain.sampling.prompts import unsupported_syntax
 
-        if (unsupported := unsupported_syntax(prompt)) and prompt not in self.warned:
+        if unsupported_syntax(prompt) and prompt not in self.warned:
             self.warned.add(prompt)
-            log.warning("%s: A1111's prompt editing, alternation and AND are not done here; read as plain text (in "
-                        "[ ], at weight 1/1.1), so the image differs from the web UI's", ", ".join(unsupported))
+            log.warning("AND: A1111's composable prompts are not done here; the AND is read as a word, so the "
+                        "image differs from the web UI's")
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
-        # `padded` goes into the infotext of what save() writes
-        positive, negative, self.padded = encode_prompts(self.pipe, prompt, negative_prompt if guided else "",
-                                                         self.clip_skip)
+        conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
+                                      self.options.steps)
+        self.padded = conditioning.padded  # goes into the infotext of what save() writes
         if self.padded and self.unpadded_png:
             self.unpadded_png = False  # (said once)
             log.warning("the PNG's prompt and negative prompt differ in 75-token chunks and its infotext does not say "
@@ -385,8 +391,8 @@ class Drawer:
                         "the shorter side is padded with empty chunks and the image will differ a little")
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
-        return draw(self.runner, positive, negative, seeds, self.options.steps, self.options.guidance_scale,
-                    **self.extra)
+        return draw(self.runner, *conditioning.first, seeds, self.options.steps, self.options.guidance_scale,
+                    schedule=conditioning, **self.extra)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
         """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""

@@ -18,6 +18,7 @@ from PIL import Image
 from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
+from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import is_open_clip
 from difftrain.sampling.schedulers import make_scheduler, plain_config, zero_snr_capable
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
@@ -64,7 +65,7 @@ class TextToImage(Method):
         self.encode_channels_last = False  # setup decides, by device
         self.empty_embedding: torch.Tensor | None = None  # the "" caption, for caption dropout
         self.empty_ids: torch.Tensor | None = None  # and its token ids, for a text encoder in training
-        self.validation_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.validation_embeddings: list[ScheduledConditioning] = []
         self.num_records: int | None = None
         self._saving_parts = None
 
@@ -114,7 +115,7 @@ class TextToImage(Method):
             # and reach the device beside the pixels, not as a blocking copy in the middle of the step.
             self.collate = partial(tokenized_collate, tokenizer=self.tokenizer, max_length=self.max_length)
         # Encoded now: with text caching on, the text encoder leaves memory below.
-        self.validation_embeddings = self.validation_conditioning(self.text_encoder)
+        self.validation_embeddings = self.validation_conditioning(self.text_encoder, self.config.sample.steps)
         cache = self.config.data.cache
         if cache.latents or cache.text:
             from difftrain.training.run_data import cache_dir
@@ -256,15 +257,20 @@ class TextToImage(Method):
         return self.config.sample.prompts
 
     @torch.no_grad()
-    def validation_conditioning(self, text_encoder, prompts: list[str] | None = None,
-                                negative_prompt: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(positive, negative) per validation prompt (or per one of `prompts`, against `negative_prompt` rather
-        than the previews' sample.negative_prompt), encoded as `difftrain generate` does."""
+    def validation_conditioning(self, text_encoder, steps: int, prompts: list[str] | None = None,
+                                negative_prompt: str | None = None) -> list[ScheduledConditioning]:
+        """The conditioning of each validation prompt (or of each of `prompts`, against `negative_prompt` rather
+        than the previews' sample.negative_prompt) for a `steps`-step draw, encoded as `difftrain generate` does,
+        A1111's prompt editing included."""
+        from difftrain.sampling.prompt_schedule import encode_schedule
         from difftrain.sampling.prompts import encode_pair
 
+        def encode(positive: str, negative: str) -> tuple:
+            return encode_pair(self.tokenizer, text_encoder, self.expand_prompt(positive), negative, self.device,
+                               max_length=self.max_length)
+
         negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
-        return [encode_pair(self.tokenizer, text_encoder, self.expand_prompt(prompt), negative,
-                            self.device, max_length=self.max_length)[:2]
+        return [encode_schedule(encode, prompt, negative, steps)
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
     def draws_samples(self) -> bool:
@@ -280,15 +286,15 @@ class TextToImage(Method):
             return []
         pipe = self.pipeline(modules, make_scheduler(scheduler, dict(self.saved_scheduler().config)))
         pipe.set_progress_bar_config(disable=True)
-        conditioning = self.validation_embeddings
+        conditioning = self.validation_embeddings  # for sample.steps, the steps the trainer draws previews in
         if "text_encoder" in modules:  # trained: the stored embeddings are stale
-            conditioning = self.validation_conditioning(modules["text_encoder"])
+            conditioning = self.validation_conditioning(modules["text_encoder"], steps)
         size = self.config.data.resolution
         home = self.vae.device
         self.vae.to(self.device)
         try:
-            return [image for number, (positive, negative) in enumerate(conditioning)
-                    for image in draw(pipe, positive, negative, [seed], steps, sample.guidance_scale,
+            return [image for number, spans in enumerate(conditioning)
+                    for image in draw(pipe, *spans.first, [seed], steps, sample.guidance_scale, schedule=spans,
                                       autocast=self.weight_dtype, width=size, height=size,
                                       **self.validation_extras(number))]
         finally:
@@ -316,10 +322,10 @@ class TextToImage(Method):
         images: list[Image.Image] = []
         try:
             for start, end in prompt_batches(prompts, batch_size):
-                [(positive, negative)] = self.validation_conditioning(text_encoder, [prompts[start]],
-                                                                      self.config.eval.negative_prompt)
-                images += draw(pipe, positive, negative, list(range(seed + start, seed + end)), steps, guidance_scale,
-                               autocast=self.weight_dtype, width=size, height=size)
+                [spans] = self.validation_conditioning(text_encoder, steps, [prompts[start]],
+                                                       self.config.eval.negative_prompt)
+                images += draw(pipe, *spans.first, list(range(seed + start, seed + end)), steps, guidance_scale,
+                               schedule=spans, autocast=self.weight_dtype, width=size, height=size)
         finally:
             for module, home in homes:
                 module.to(home)

@@ -49,19 +49,14 @@ _ATTENTION = re.compile(
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-# The web UI's prompt editing (`[from:to:when]`, `[to:when]`), alternation (`[a|b]`) and composable `AND`,
-# which it resolves per sampling step before any weighting. Not done here: found to be said, not misread silently.
-_UNESCAPED_GROUP = re.compile(r"(?<!\\)\[((?:[^\[\]\\]|\\.)*)(?<!\\)\]")
-_SCHEDULED = re.compile(r":\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+# The web UI's composable `AND` (Composable Diffusion: a guided step per part), not done here: found to be said,
+# not misread silently. Its prompt editing and alternation are prompt_schedule.py's.
 _AND = re.compile(r"\bAND\b")
 
 
 def unsupported_syntax(prompt: str) -> list[str]:
-    """The web UI's per-step prompt syntax in `prompt`, each as it is written, which encode_prompt reads as
-    plain (down-weighted) text rather than as the web UI does."""
-    found = [f"[{body}]" for body in _UNESCAPED_GROUP.findall(prompt)
-             if _SCHEDULED.search(body) or "|" in body]
-    return found + (["AND"] if _AND.search(prompt) else [])
+    """The web UI's syntax in `prompt` that is read here as plain text rather than as the web UI reads it."""
+    return ["AND"] if _AND.search(prompt) else []
 
 
 class PromptError(DifftrainError):

@@ -6,11 +6,16 @@ image the command gives for the same prompt, seed, sampler and steps (tested).
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Iterator
 
 import torch
 from PIL import Image
+
+from difftrain.sampling.prompt_schedule import ScheduledConditioning
+
+log = logging.getLogger(__name__)
 
 
 def prompt_batches(prompts: list, batch_size: int) -> Iterator[tuple[int, int]]:
@@ -33,6 +38,7 @@ def draw(
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
+    schedule: ScheduledConditioning | None = None,
     **extra,
 ) -> list[Image.Image]:
     """One image per seed from conditioning [1, tokens, dim] (each image i starts from seed i's noise).
@@ -40,11 +46,15 @@ def draw(
     `extra` goes to the pipeline (width/height, or image/strength for img2img). `autocast`
     runs the UNet under that dtype (training previews under mixed precision, where frozen
     parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
+    `schedule`: A1111 prompt editing, whose first span is `positive`/`negative`; each later span
+    replaces the conditioning after the step the one before it ends.
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
         pipe.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
     dtype = pipe.unet.dtype
+    if schedule is not None and len(schedule.pairs) > 1:
+        extra = _swapping_spans(pipe, schedule, len(seeds), dtype, extra)
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
         negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),
@@ -59,6 +69,31 @@ def draw(
     pixels = decode(pipe.vae, latents)
     pipe.maybe_free_model_hooks()  # under --cpu-offload the VAE our decode moved to the GPU goes back
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def _swapping_spans(pipe, schedule: ScheduledConditioning, count: int, dtype: torch.dtype, extra: dict) -> dict:
+    """`extra` with a step-end callback that puts the next span's conditioning in the pipeline's place (after the
+    caller's own callback, if any), laid out as the pipeline lays it out: [negative, positive] when guided."""
+    import inspect
+
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        log.warning("prompt editing and alternation need diffusers' callback_on_step_end, which %s lacks: the prompt "
+                    "is drawn as it reads at step 1", type(pipe).__name__)
+        return extra
+    outer, current = extra.get("callback_on_step_end"), [0]
+
+    def step_end(pipeline, step, timestep, values):
+        values = outer(pipeline, step, timestep, values) if outer is not None else values
+        index = schedule.index_at(step + 1)
+        if index != current[0]:
+            current[0] = index
+            positive, negative = (side.to(pipeline._execution_device, dtype).repeat(count, 1, 1)
+                                  for side in schedule.pairs[index])
+            values["prompt_embeds"] = (torch.cat([negative, positive]) if pipeline.do_classifier_free_guidance
+                                       else positive)
+        return values
+
+    return {**extra, "callback_on_step_end": step_end}
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

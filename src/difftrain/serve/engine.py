@@ -282,17 +282,18 @@ class Engine:
         clip_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
                      or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
-        # new one) and their weights are part of the key.
-        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters)
+        # new one) and their weights are part of the key; the steps place a prompt edit's spans.
+        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, request.steps)
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip)
+            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip,
+                                                    request.steps)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
-        positive, negative, padded = self.prompt_cache[key]
+        conditioning = self.prompt_cache[key]
         units = prepared.units
         controls = None
         if units:
@@ -323,9 +324,11 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            images = draw(runner, positive, negative, seeds, request.steps, request.cfg_scale, **hooks, **extra)
+            images = draw(runner, *conditioning.first, seeds, request.steps, request.cfg_scale, schedule=conditioning,
+                          **hooks, **extra)
             for seed, image in zip(seeds, images):
-                params = infotext_params(options, seed, request.width, request.height, model.name, [], padded)
+                params = infotext_params(options, seed, request.width, request.height, model.name, [],
+                                         conditioning.padded)
                 if isinstance(request, Img2ImgRequest):
                     params.pop("Init image", None)  # it came in the request, not from a file
                 drawn.images.append(image)

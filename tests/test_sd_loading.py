@@ -224,6 +224,30 @@ def test_hub_id_offline_fails_fast_and_clearly():
     assert "local diffusers folder" in message
 
 
+def test_an_unreachable_hub_is_found_out_at_once_not_after_its_retries(monkeypatch):
+    """Online by setting, but the Hub's host refuses (here a loopback port nobody listens on): huggingface_hub
+    retried for ~25 s before our message; one probe now says it at once."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from difftrain.models import sd
+
+    with socket.socket() as placeholder:  # a port just freed: nothing listens there
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for name in sd.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="the Hugging Face Hub could not be reached"):
+        load_sd("someone/not-cached")
+    assert time.monotonic() - start < 5
+    assert sd._unreachable(f"http://127.0.0.1:{port}") is True
+
+
 def test_a_mistyped_local_path_is_named_as_such_not_looked_up_on_the_hub(tiny, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -9,6 +9,7 @@ embeddings only the UNet is needed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -67,15 +68,45 @@ class _Where:
         return f"{what.get(self.kind, 'random init from')} {self.path}{sub}"
 
 
-def _offline() -> bool:
+def _offline_by_setting() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _offline() -> bool:
+    """Hub ids come from the HF cache alone: offline by setting, or the Hub's host cannot be reached. Without that
+    probe, a hub id on a machine with no network waited out huggingface_hub's ~25 s of retries for every file,
+    cached or not, before its message."""
+    from huggingface_hub import constants
+
+    return _offline_by_setting() or _unreachable(constants.ENDPOINT)
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.cache
+def _unreachable(endpoint: str) -> bool:
+    """Whether a TCP connection to `endpoint` fails within 3 s (once per process). Behind a proxy the proxy resolves
+    the host, so nothing is probed."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
+    except (OSError, ValueError):  # no such host, no route, refused, or no host at all in the URL
+        log.info("the Hugging Face Hub (%s) cannot be reached: hub ids are looked up in the HF cache only", endpoint)
+        return True
+    return False
+
+
 def _offline_error(role: str, spec: str) -> ModelLoadError:
     """The hub id is in no local cache and cannot be fetched: offline by setting, or the Hub unreachable."""
-    why = ("network access is off (HF_HUB_OFFLINE=1)" if _offline() else
+    why = ("network access is off (HF_HUB_OFFLINE=1)" if _offline_by_setting() else
            "the Hugging Face Hub could not be reached (no network, or a proxy in the way)")
     return ModelLoadError(
         f"{role}: {spec!r} is not a local path, and as a Hugging Face Hub id it is not in the local HF cache; "
@@ -375,7 +406,7 @@ def _tokenizer_class(where: _Where, revision: str | None) -> str | None:
         if where.kind == "hub":
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(where.path, filename, revision=revision)
+            path = hf_hub_download(where.path, filename, revision=revision, local_files_only=_offline())
         else:
             path = Path(where.path) / filename
         found = json.loads(Path(path).read_text()).get("tokenizer_class")
@@ -389,7 +420,7 @@ def _from_pretrained(name: str, where: _Where, dtype, revision, variant) -> Any:
 
     kwargs: dict[str, Any] = {"subfolder": where.subfolder} if where.subfolder else {}
     if where.kind == "hub":
-        kwargs["revision"] = revision
+        kwargs.update(revision=revision, local_files_only=_offline())
     try:
         if name == "tokenizer":
             return _transformers_class(where, name, kwargs.get("revision")).from_pretrained(where.path, **kwargs)

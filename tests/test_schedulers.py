@@ -116,6 +116,56 @@ def test_zero_terminal_snr_models_sample_from_their_pure_noise_step(name):
     assert distance < LIMIT, f"{name} on a zero-terminal-SNR model: worst sample is {distance:.3f} from the data"
 
 
+def _a1111_timestep_sampler(kind: str, eps, x: torch.Tensor, alphas_cumprod: torch.Tensor, count: int):
+    """A1111 1.6+'s DDIM and PLMS (modules/sd_samplers_timesteps_impl.py, eta 0) restated from their published
+    formulas: the points clip(range(0, 1000, 1000 // n) + 1, 0, 999), a step from each to the one below."""
+    points = torch.clip(torch.arange(0, 1000, 1000 // count) + 1, 0, 999)
+    alphas = alphas_cumprod[points].double()
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(points[:-1], (1, 0))].double()
+
+    def to_prev(e_t, index, x):
+        a_t, a_prev = alphas[index], alphas_prev[index]
+        pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+        return a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e_t
+
+    old: list[torch.Tensor] = []
+    for i in range(len(points) - 1):
+        index = len(points) - 1 - i
+        e_t = eps(x, int(points[index]))
+        if kind == "ddim":
+            x = to_prev(e_t, index, x)
+            continue
+        if not old:  # pseudo improved Euler: the next point's eps too
+            e_prime = (e_t + eps(to_prev(e_t, index, x), int(points[max(index - 1, 0)]))) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = to_prev(e_prime, index, x)
+        old = (old + [e_t])[-3:]
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ddim", "plms"])
+def test_ddim_and_plms_draw_what_a1111s_own_loops_draw(kind):
+    """Not only the same timesteps: the same sample, from each step's eps of a toy model, at step counts 1000
+    divides (20: 19 steps) and does not (30, 7). diffusers' leading spacing took n steps from t = 958 for 30."""
+    def eps(x, t):
+        return 0.3 * torch.sin(x * (1 + t / 1000)) + 0.1 * x
+
+    start = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for count in (20, 30, 7):
+        sampler = make_scheduler(kind, SD15_SCHEDULER)
+        sampler.set_timesteps(count)
+        x = start.clone()
+        for t in sampler.timesteps:
+            x = sampler.step(eps(x, int(t)), t, x).prev_sample
+        expected = _a1111_timestep_sampler(kind, eps, start.clone(), sampler.alphas_cumprod, count)
+        assert torch.allclose(x, expected, atol=1e-5), (kind, count, float((x - expected).abs().max()))
+
+
 def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names():
     """k-diffusion samplers from t = 999 (SD's sigma 14.6), DDIM from t = 951 + offset as A1111's 'uniform'
     DDIM; a model whose config says "leading" (as training writes it) gets no other placement."""
@@ -128,9 +178,12 @@ def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names(
         ddim = make_scheduler("ddim", config)
         ddim.set_timesteps(20)
         assert ddim.timesteps[:3].tolist() == [951, 901, 851], spacing
-        # A count 1000 does not divide: A1111 steps on all of range(0, 1000, 33) + 1, 31 steps for 30.
+        # A1111 (1.6+) steps from the top of range(0, 1000, 1000 // n) + 1 down to its second point: 30 from
+        # t = 991 for 30 (its last lands on t = 1), 19 from t = 951 for 20.
         ddim.set_timesteps(30)
-        assert ddim.timesteps.tolist() == list(range(991, 0, -33)), spacing
+        assert ddim.timesteps.tolist() == list(range(991, 1, -33)), spacing
+        ddim.set_timesteps(20)
+        assert ddim.timesteps.tolist() == list(range(951, 1, -50)), spacing
         # DPM++ on the Uniform schedule steps where Euler (and k-diffusion) does: down to t = 0, then sigma 0;
         # diffusers' multistep linspace ended at sigma 0.34 at 10 steps.
         euler, dpm = make_scheduler("euler", config), make_scheduler("dpm++_2m_sde", config)

@@ -359,7 +359,7 @@ def _from_first_step(cls: type) -> type:
     sigmas above the schedule's highest, as a zero-terminal-SNR model's are), takes the second occurrence and
     runs off the end. img2img pipelines set their own begin index after set_timesteps, which still wins.
     """
-    if not hasattr(cls, "set_begin_index") and cls.__name__ != "DDIMScheduler":  # (DDIM: for A1111's steps)
+    if not hasattr(cls, "set_begin_index") and cls.__name__ not in _TIMESTEP_CLASSES:  # (these: A1111's steps)
         return cls
 
     @functools.wraps(cls.set_timesteps)
@@ -382,16 +382,8 @@ def _from_first_step(cls: type) -> type:
         finally:
             if single:
                 self.register_to_config(timestep_spacing="linspace")
-        if num_inference_steps and _a1111_ddim(self):
-            # A1111's DDIM steps on range(0, 1000, 1000 // n) + 1, every point of it: 31 steps when 30 are asked
-            # for (stride 33), where diffusers takes 30 from 991 down to 34. The step's own stride,
-            # 1000 // num_inference_steps, is the same 33 either way.
-            import torch
-
-            total = self.config.num_train_timesteps
-            steps = torch.arange(0, total, total // num_inference_steps, device=self.timesteps.device).flip(0)
-            steps = steps + self.config.steps_offset
-            self.timesteps = steps[steps < total]  # (one past the schedule's end, as 3 steps' 1000, is left out)
+        if num_inference_steps and _a1111_timestep_sampler(self):
+            _place_a1111_timesteps(self, num_inference_steps)
         if hasattr(self, "set_begin_index"):
             self.set_begin_index(0)
 
@@ -414,10 +406,39 @@ def _diffusers_class(scheduler) -> str:
     return type(scheduler).__mro__[1].__name__
 
 
-def _a1111_ddim(scheduler) -> bool:
+_TIMESTEP_CLASSES = ("DDIMScheduler", "PNDMScheduler")  # A1111's DDIM and PLMS
+
+
+def _a1111_timestep_sampler(scheduler) -> bool:
+    """DDIM or PLMS on a Stable-Diffusion-style schedule, whose chain ends short of alpha 1 (set_alpha_to_one
+    off, as SD's configs say). A pixel model's ends on the clean sample, which A1111's last step (to t = 1)
+    would leave a step of noise short of."""
     config = scheduler.config
-    return (_diffusers_class(scheduler) == "DDIMScheduler" and config.get("timestep_spacing") == "leading"
-            and config.get("steps_offset") == 1)
+    return (_diffusers_class(scheduler) in _TIMESTEP_CLASSES and config.get("timestep_spacing") == "leading"
+            and config.get("steps_offset") == 1 and config.get("skip_prk_steps", True)
+            and not config.get("set_alpha_to_one", True))
+
+
+def _place_a1111_timesteps(scheduler, count: int) -> None:
+    """A1111's (1.6+, sd_samplers_timesteps) DDIM and PLMS steps. On the points T = clip(range(0, 1000, 1000 //
+    count) + 1, 0, 999) they step from T[-1] down to T[1], each to the point below, so the last step lands on
+    t = 1: 30 steps from t = 991 for 30 asked, but 19 from t = 951 for 20 (1000 // 20 leaves no point past 951).
+    diffusers' "leading" took `count` steps from t = 958 (30) down to t = 1 and then to t = 0. The stride a
+    step takes, 1000 // count, is the same; where T's last point is clipped to 999 (3, 9, 27 or 37 steps) A1111's
+    first step lands one timestep higher than here."""
+    import numpy as np
+    import torch
+
+    total = scheduler.config.num_train_timesteps
+    points = np.clip(np.arange(0, total, total // count) + scheduler.config.steps_offset, 0, total - 1)
+    if len(points) < 2:  # one step: A1111 would take none
+        return
+    if _diffusers_class(scheduler) == "PNDMScheduler":  # PLMS: its first step also visits the next point
+        scheduler._timesteps = points[1:]
+        steps = np.concatenate([points[1:-1], points[-2:-1], points[-1:]])[::-1]
+    else:
+        steps = points[1:][::-1]
+    scheduler.timesteps = torch.from_numpy(steps.astype(np.int64).copy()).to(scheduler.timesteps.device)
 
 
 def _uniform_by_timesteps(scheduler) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,12 +24,6 @@ from test_text2image import tiny_sd  # noqa: F401
 
 from difftrain.cli import main
 from difftrain.serve.app import BackgroundServer
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -440,11 +435,19 @@ def test_serve_command_listens_on_loopback_and_refuses_open_addresses(tiny_sd, c
     assert main(["serve", str(tiny_sd), "--host", "0.0.0.0"]) == 2
     assert "--api-auth or --token" in capsys.readouterr().err
     assert main(["serve", str(tiny_sd), "--api-auth", "nocolon"]) == 2
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "difftrain", "serve", str(tiny_sd), "--port", str(port)],
+    with socket.socket() as taken:  # a port another server holds: said before any model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(tiny_sd), "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot listen there" in capsys.readouterr().err
+    # --port 0: a free port, and the address printed is the one it listens on.
+    process = subprocess.Popen([sys.executable, "-m", "difftrain", "serve", str(tiny_sd), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
+        first = process.stdout.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/sdapi/v1", first).group(1))
+        assert port != 0
         deadline, samplers = time.time() + 60, None
         while time.time() < deadline and samplers is None:
             try:
@@ -460,7 +463,7 @@ def test_serve_command_listens_on_loopback_and_refuses_open_addresses(tiny_sd, c
     finally:
         process.terminate()
         out, err = process.communicate(timeout=30)
-    assert "serving sd [" in out and f"127.0.0.1:{port}" in out
+    assert first.startswith("serving sd [")
     assert "it/s" not in err  # no progress bar in a server's log, not even diffusers' pipeline loading bar
 
 

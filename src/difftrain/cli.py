@@ -430,7 +430,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise DifftrainError(f"{flag} {folder}: no such folder")
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch_size, max_n_iter=args.max_n_iter, max_queue=args.max_queue)
-    settings = ServeSettings(models=args.models, host=args.host, port=args.port, users=users, token=args.token,
+    # Bound here, before any model loads: a port in use is said at once, and --port 0's port is known to print.
+    listening = _listening_socket(args.host, args.port)
+    port = listening.getsockname()[1]
+    settings = ServeSettings(models=args.models, host=args.host, port=port, users=users, token=args.token,
                              lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
                              embeddings_dir=args.embeddings_dir, device=args.device,
                              precision=args.precision, models_in_memory=args.models_in_memory, limits=limits,
@@ -438,11 +441,28 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     import uvicorn
 
-    print(f"serving {', '.join(app.state.engine.models)} on http://{args.host}:{args.port}/sdapi/v1 "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join(app.state.engine.models)} on http://{host}:{port}/sdapi/v1 "
           f"({'credentials required' if settings.protected else 'no authentication'})", flush=True)
     # Ctrl+C: clients waiting on a job hold their connections; after 5 s they are cut and their jobs cancelled.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[listening])
     return 0
+
+
+def _listening_socket(host: str, port: int):
+    """A TCP socket bound to host:port (0: any free port), as uvicorn would bind it."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as error:
+        raise DifftrainError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
+                             "another server may hold the port: give another --port, or 0 for any free one") from None
+    listening.set_inheritable(True)
+    return listening
 
 
 def _data_judge_shapes(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
@@ -85,6 +86,8 @@ def test_bad_sizes_and_unknown_schedulers_are_refused_before_any_work(tmp_path, 
     # No model exists at this path: the refusal must come first.
     assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--width", "100"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--width", "100000"]) == 2
+    assert "--width 100000: at most 8192 px" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "none"), "--prompt", "x", "--scheduler", "Euler b"]) == 2
     err = capsys.readouterr().err
     assert "Euler b" in err and "DPM++ 2M Karras" in err
@@ -384,3 +387,20 @@ def test_prompt_editing_swaps_the_conditioning_at_a1111s_steps(tiny_sd, tmp_path
     assert np.array_equal(np.asarray(drawer.draw("a [red:blue:3] circle", "ugly", [3])[0]), np.asarray(plain[0]))
     # The early steps set the picture: blue for two of three steps is not the red circle.
     assert not np.array_equal(np.asarray(drawer.draw("a [blue:red:1] circle", "ugly", [3])[0]), np.asarray(plain[0]))
+
+
+def test_running_out_of_memory_is_a_message_not_a_traceback(tiny_sd, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """What a GPU says when a size or batch does not fit (here raised where drawing would raise it)."""
+    from difftrain.generate.text2image import Drawer
+
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.6 GiB total)")
+
+    monkeypatch.setattr(Drawer, "draw", too_big)
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB" in err and "--batch-size" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(Drawer, "draw", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is still a bug to see whole
+        main(["generate", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "other"), *FAST])

@@ -896,6 +896,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """A device or host allocation that failed: torch's OutOfMemoryError (a RuntimeError), its CPU allocator's
+    RuntimeError, or Python's MemoryError."""
+    text = str(error)
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower())
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a run's start-up time counts from here
     args = build_parser().parse_args(argv)
@@ -905,6 +913,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except DifftrainError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: out of memory ({first[:200]}). Ask for less at once: a smaller size or batch (generate, sample, "
+              "eval: --width/--height, --batch-size; train: training.batch_size, gradient_checkpointing, "
+              "mixed_precision), or --cpu-offload where the command has it", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

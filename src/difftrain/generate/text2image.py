@@ -28,6 +28,10 @@ class GenerateError(DifftrainError):
     pass
 
 
+# A side past this is a typo, not a picture: attention over (100000 / 8)^2 latents asked for terabytes.
+MAX_SIDE = 8192
+
+
 @dataclass
 class GenerateOptions:
     prompt: str
@@ -71,6 +75,9 @@ class GenerateOptions:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise GenerateError(f"--{name} {value}: must be a positive multiple of 8 (the VAE works in 8 px cells)")
+            if value is not None and value > MAX_SIDE:
+                raise GenerateError(f"--{name} {value}: at most {MAX_SIDE} px (SD draws 512 to 1024; past that, "
+                                    "generate at its size and upscale)")
         if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
             raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
         if not 0.0 < self.strength <= 1.0:

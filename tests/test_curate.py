@@ -305,6 +305,7 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
         (["--min-size", "9999"], "every record was dropped (1 read, 52 size), nothing written to"),
         (["--clip-min", "28"], "--clip-min 28.0: a cosine of image and caption, in [-1, 1]"),
         (["--batch-size", "0"], "--batch-size 0 / --per-shard 1000: give at least 1"),
+        (["--caption-mode", "replace"], "--caption-mode set how a captioner writes, and none was given: add --caption"),
         (["--report", str(tmp_path / "out" / "report")], "its thumbnails would be read as training images"),
     ]
     for flags, message in cases:

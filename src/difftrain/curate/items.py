@@ -73,6 +73,11 @@ class CurateOptions:
             raise CurateError(f"--shard {self.shard[0]}/{self.shard[1]}: give i/N with 0 <= i < N")
         if self.aesthetic_min is not None and not self.aesthetic:
             raise CurateError("--aesthetic-min needs --aesthetic WEIGHTS (the LAION predictor's file)")
+        captioning = [flag for flag, given in (("--caption-mode", self.caption_mode != "fill-missing"),
+                                               ("--caption-prompt", self.caption_prompt)) if given]
+        if captioning and not self.captioner:  # (--caption-prefix needs none: it goes before the captions there are)
+            raise CurateError(f"{' and '.join(captioning)} set how a captioner writes, and none was given: "
+                              "add --caption MODEL")
         if self._uses_clip:
             self.clip_model = self.clip_model or _default_clip()
         # an offline, uncached model fails now, not after a pass over the data

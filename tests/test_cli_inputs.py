@@ -144,3 +144,19 @@ def test_export_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     assert main(["eval", "m", "--weights-dir", str(tmp_path / "nope")]) == 2  # (ignored, then a download tried)
     assert "--weights-dir" in capsys.readouterr().err
+
+
+def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhere(tmp_path, capsys):
+    from PIL import Image
+
+    for argv in (["data", "check", str(tmp_path / "none")], ["data", "build", str(tmp_path / "none"),
+                                                              str(tmp_path / "out")]):
+        assert main(argv) == 2
+        assert f"error: PATH: {tmp_path / 'none'} is not a folder; create it or point PATH at your images" in \
+            capsys.readouterr().err  # (it named data.path, a config key these commands do not take)
+    (tmp_path / "set").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "set" / "a.png")
+    (tmp_path / "set" / "b.png").symlink_to(tmp_path / "moved-away.png")
+    assert main(["data", "check", str(tmp_path / "set")]) == 0
+    out = capsys.readouterr().out
+    assert "1 usable images" in out and f"b.png: a link to {tmp_path / 'moved-away.png'}, which does not exist" in out

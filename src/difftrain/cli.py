@@ -148,10 +148,20 @@ def _open_source(args: argparse.Namespace, progress: bool = True):
                        progress=progress, hf=hf)
 
 
+def _as_path_argument(error: DifftrainError) -> DifftrainError:
+    """A data error of a command that takes the data as its PATH argument: named as that, not as data.path, the
+    config key the same code names in a run."""
+    return type(error)(str(error).replace("data.path", "PATH"))
+
+
 def _data_build(args: argparse.Namespace) -> int:
+    from difftrain.data.folder import DatasetError
     from difftrain.data.shards import build_shards, export_folder
 
-    source = _open_source(args)
+    try:
+        source = _open_source(args)
+    except DatasetError as error:
+        raise _as_path_argument(error) from None
     if source.skipped:
         print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
     if args.format == "folder":
@@ -546,9 +556,12 @@ def _export_controlnet(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from difftrain.data.folder import scan_folder
+    from difftrain.data.folder import DatasetError, scan_folder
 
-    scan = scan_folder(args.path, args.captions, args.caption_extension)
+    try:
+        scan = scan_folder(args.path, args.captions, args.caption_extension)
+    except DatasetError as error:
+        raise _as_path_argument(error) from None
     print("\n".join(scan.report_lines()))
     return 0
 

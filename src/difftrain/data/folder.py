@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -306,7 +307,10 @@ def scan_folder(
     images = image_paths(visible)
     files = metadata_files(visible)
     source = _choose_caption_source(captions, files, images, caption_extension)
-    skipped: list[tuple[str, str]] = []
+    # image_paths() keeps files only: an image name whose link leads nowhere would be left out unsaid.
+    skipped: list[tuple[str, str]] = [(str(path.relative_to(root)), f"a link to {os.readlink(path)}, which does not exist")
+                                      for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS
+                                      and path.is_symlink() and not path.exists()]
     column = conditioning.column if conditioning and conditioning.folder is None else None
     wants_metadata = source == "metadata" or (column and files)
     resolve = path_resolver()

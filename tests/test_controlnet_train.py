@@ -295,6 +295,12 @@ def test_a_grey_scale_adapter_draws_and_trains_and_the_wrong_kind_is_named(tiny_
     four = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=4)
     with pytest.raises(ControlNetError, match="its condition has 4 channels; difftrain feeds 3"):
         check_fits(four, unet, "four")
+    # SD's hint encoder (8x down) on the tiny model's 2x VAE: named, not a tensor-size traceback mid-draw.
+    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "eight-times")
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--controlnet", str(tmp_path / "eight-times"),
+                 "--control-image", condition, "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert ("it shrinks its condition 8x, and this model's VAE makes a latent of every 2x2 pixels"
+            in capsys.readouterr().err)
 
 
 def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_one(tiny_sd, mask_shapes,  # noqa: F811

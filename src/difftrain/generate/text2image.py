@@ -357,7 +357,8 @@ class Drawer:
 
             options.controlnets = controlnet.with_own_controlnet(options.controlnets, located.manifest,
                                                                  located.folder, located.source)
-            nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet) for unit in options.controlnets]
+            nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet, latent_scale=pipe.vae_scale_factor)
+                    for unit in options.controlnets]
             images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,

@@ -51,7 +51,7 @@ class ControlNetTraining(TextToImage):
 
         if self.control.model:
             self.net = load_control(self.control.model, torch.float32, self.unet, what=f"{self.name}.model",
-                                    kind=self.kind)
+                                    kind=self.kind, latent_scale=2 ** (len(self.vae.config.block_out_channels) - 1))
             self._note_folded_weight()
         else:
             self.net = self.new_network()

@@ -80,10 +80,12 @@ def is_adapter(net) -> bool:
 KINDS = {"controlnet": "ControlNet", "t2i-adapter": "T2I-Adapter"}
 
 
-def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet", kind: str | None = None):
+def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet", kind: str | None = None,
+                 latent_scale: int | None = None):
     """A ControlNetModel or T2IAdapter from a folder, a run folder's model, a hub id or (ControlNet) a
-    single file, checked against `unet`. `what` names the setting it came from, for messages; `kind`
-    (controlnet or t2i-adapter), if given, is the only kind accepted."""
+    single file, checked against `unet` (and, given, the VAE's `latent_scale`, pixels per latent). `what`
+    names the setting it came from, for messages; `kind` (controlnet or t2i-adapter), if given, is the
+    only kind accepted."""
     from diffusers import ControlNetModel, T2IAdapter
 
     path = local_folder(spec)
@@ -115,7 +117,7 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
     if kind is not None and found != kind:
         raise ControlNetError(f"{what} {spec} is a {KINDS[found]}, not a {KINDS[kind]}: method "
                               f"{found.replace('-', '_')} continues it")
-    check_fits(net, unet, f"{what} {spec}")
+    check_fits(net, unet, f"{what} {spec}", latent_scale)
     return net
 
 
@@ -156,9 +158,22 @@ def condition_channels(net) -> int:
     return int(net.config["in_channels" if is_adapter(net) else "conditioning_channels"])
 
 
-def check_fits(net, unet, name: str) -> None:
-    """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's.
-    And its condition must be one the pipelines can feed it."""
+def condition_scale(net) -> int:
+    """How many condition pixels make one latent: a ControlNet's hint encoder halves the size at each block past
+    its first, an adapter pixel-unshuffles by its downscale_factor."""
+    if is_adapter(net):
+        return int(net.config.get("downscale_factor", 8))
+    return 2 ** (len(net.config["conditioning_embedding_out_channels"]) - 1)
+
+
+def check_fits(net, unet, name: str, latent_scale: int | None = None) -> None:
+    """A ControlNet adds its residuals to this UNet's blocks, an adapter its features: the widths must be the UNet's,
+    and the condition, shrunk by the network's own factor, must come out at the latent size (`latent_scale`, the
+    VAE's factor, when known). And its condition must be one the pipelines can feed it."""
+    if latent_scale is not None and condition_scale(net) != latent_scale:
+        raise ControlNetError(f"{name}: it shrinks its condition {condition_scale(net)}x, and this model's VAE makes "
+                              f"a latent of every {latent_scale}x{latent_scale} pixels: it was made for a base with "
+                              "another VAE")
     channels, allowed = condition_channels(net), (1, 3) if is_adapter(net) else (3,)
     if channels not in allowed:
         # diffusers' ControlNet pipelines convert every condition to RGB; its adapter pipeline keeps grey as grey

@@ -348,7 +348,8 @@ class Engine:
         keys = [(prepared.model.title, unit.model) for unit in prepared.units]
         for key, unit in zip(keys, prepared.units):
             if key not in self.nets:
-                self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet").to(self.device)
+                self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet",
+                                              latent_scale=pipe.vae_scale_factor).to(self.device)
             self.nets.move_to_end(key)
         nets = [self.nets[key] for key in keys]
         while len(self.nets) > max(MAX_CONTROLNETS, len(set(keys))):

@@ -163,6 +163,7 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
         ([str(onnx_model), "--compile", "--fuse-qkv"], "--compile, --fuse-qkv: torch switches"),
         ([str(onnx_model), "--lora", str(tiny_sd / "x.safetensors")], "merge LoRAs and embeddings when exporting"),
         ([str(onnx_model), "--provider", "tensorrt"], "--provider-fallback"),
+        ([str(tiny_sd), "--provider", "cuda"], "--provider: ONNX Runtime's; "),  # (ignored before)
     ]
     for args, message in cases:
         assert main(["generate", *args, "--prompt", "x", "--steps", "2", "--out", str(tmp_path), "--no-progress"]) == 2

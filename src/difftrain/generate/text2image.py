@@ -182,6 +182,12 @@ def _check_backend(located, options: GenerateOptions) -> None:
         if torch_only:
             raise GenerateError(f"{', '.join(torch_only)}: torch switches; an ONNX export's precision is set when "
                                 "exporting (difftrain export --precision, --quantize)")
+    else:
+        onnx_only = [flag for flag, on in (("--provider", options.provider != "auto"),
+                                           ("--provider-fallback", options.provider_fallback)) if on]
+        if onnx_only:  # (they were ignored: a torch model runs where --device says)
+            raise GenerateError(f"{', '.join(onnx_only)}: ONNX Runtime's; {located.source} is a torch model, which "
+                                "runs where --device says (--device cuda, cpu)")
 
 
 def configure_pipeline(pipe, options: GenerateOptions, device: torch.device) -> None:

@@ -18,7 +18,6 @@ from difftrain.models.lora_files import (
     check_lora_fits,
     convert_lora,
     load_lora_state,
-    merge_lora,
     save_lora,
 )
 
@@ -313,7 +312,9 @@ def test_peft_file_from_diffusers_save_lora_adapter(tiny_dir, trained, tmp_path)
 
 
 def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):
-    merged_dir = merge_lora(tiny_dir, trained["kohya"], 0.5, tmp_path / "merged")
+    from difftrain.generate.merge import merge_loras
+
+    merged_dir = merge_loras(str(tiny_dir), [(trained["kohya"], 0.5)], tmp_path / "merged", progress=False)
     merged = load_pipe(merged_dir)
     assert not any("lora" in k for k in merged.unet.state_dict())
     with_lora = load_pipe(tiny_dir)
@@ -325,7 +326,7 @@ def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(LoraFileError, match="exists and is not empty"):
-        merge_lora(tiny_dir, trained["kohya"], 1.0, tmp_path / "busy")
+        merge_loras(str(tiny_dir), [(trained["kohya"], 1.0)], tmp_path / "busy", progress=False)
 
 
 def test_check_lora_fits(tiny_dir, trained, tmp_path):

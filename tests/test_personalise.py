@@ -90,6 +90,15 @@ def test_merge_then_sample_equals_the_lora_at_that_scale(lora_run, tiny_sd, tmp_
     pipe.load_lora_weights(lora_run / "model")
     pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=0.5)
     np.testing.assert_allclose(merged, image(pipe), atol=1e-4)
+    # Run folders on either side: the LoRA run as the LoRA, and as the model, whose own LoRA goes in too (at its
+    # weight 1, so with another 0.5 of the same LoRA: 1.5).
+    assert main(["lora", "merge", str(tiny_sd), str(lora_run), str(tmp_path / "from-run"), "--scale", "0.5",
+                 "--no-progress"]) == 0
+    np.testing.assert_allclose(image(StableDiffusionPipeline.from_pretrained(tmp_path / "from-run")), merged, atol=1e-6)
+    assert main(["lora", "merge", str(lora_run), str(lora_run), str(tmp_path / "both"), "--scale", "0.5",
+                 "--no-progress"]) == 0
+    pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=1.5)
+    np.testing.assert_allclose(image(StableDiffusionPipeline.from_pretrained(tmp_path / "both")), image(pipe), atol=1e-4)
 
 
 def test_convert_round_trip_through_the_cli(lora_run, tmp_path):

@@ -382,9 +382,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _lora_merge(args: argparse.Namespace) -> int:
-    from difftrain.models.lora_files import merge_lora
+    from difftrain.generate.merge import merge_loras
 
-    out = merge_lora(args.base, args.lora, args.scale, args.out)
+    out = merge_loras(args.base, [(args.lora, args.scale)], args.out, progress=not args.no_progress)
     print(f"wrote {out}: {args.base} with {args.lora} baked in at scale {args.scale}")
     return 0
 
@@ -881,10 +881,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     lora = commands.add_parser("lora", help="merge or convert LoRA files").add_subparsers(dest="lora_command", required=True)
     merge = lora.add_parser("merge", help="bake a LoRA into a full diffusers model folder")
-    merge.add_argument("base", help="diffusers model folder")
-    merge.add_argument("lora", help="LoRA file or folder (diffusers or kohya/A1111 keys)")
+    merge.add_argument("base", help="the model: a diffusers folder, a single file, a hub id or a run folder (a LoRA "
+                                    "or Textual Inversion run's own adapter is baked in too)")
+    merge.add_argument("lora", help="LoRA file or folder (diffusers or kohya/A1111 keys), or a LoRA run folder")
     merge.add_argument("out", help="new folder for the merged model")
     merge.add_argument("--scale", type=_finite, default=1.0, help="LoRA strength (default 1.0)")
+    merge.add_argument("--no-progress", action="store_true")
     merge.set_defaults(run=_lora_merge)
     convert = lora.add_parser("convert", help="convert a LoRA between diffusers and kohya/A1111 keys")
     convert.add_argument("src")

@@ -90,7 +90,7 @@ class ExportOptions:
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
     """Export `source` (anything `load_pipeline` takes) into the folder `out`, written whole or not at all."""
-    from difftrain.generate.loader import load_pipeline, loading_bar, locate
+    from difftrain.generate.loader import load_merged, locate
 
     options = options or ExportOptions()
     options.check()
@@ -105,14 +105,11 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
         raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
     if kind == "onnx":  # traced through ONNX Runtime, every output would be a constant
         raise ExportError(f"{source}: already an ONNX export; export again from the torch model it came from")
-    with loading_bar(progress):
-        pipe = load_pipeline(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config)
+    pipe = load_merged(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config,
+                       lora_scale=options.lora_scale, progress=progress)
     if pipe.unet.config.get("time_cond_proj_dim") is not None:
         raise ExportError(f"{source}: its UNet takes a guidance embedding (time_cond_proj_dim, an LCM-distilled "
                           "model), which the exported graph has no input for; draw it with the torch model")
-    if getattr(pipe.unet, "peft_config", None) or getattr(pipe.text_encoder, "peft_config", None):
-        pipe.fuse_lora(lora_scale=options.lora_scale)  # x the adapters' own weights (the manifest's and --lora's)
-        pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     temporary = out.with_name(f".{out.name}.partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)

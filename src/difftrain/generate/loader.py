@@ -274,15 +274,39 @@ def _apply_conditioning(pipe, manifest: Manifest) -> None:
         pipe.tokenizer.model_max_length = int(max_length)
 
 
+def load_merged(source: str | Path, loras: list[tuple[str, float]] = (), embeddings: list[str] = (),
+                use_ema: bool = True, config: str | None = None, lora_scale: float = 1.0, progress: bool = True):
+    """`load_pipeline`'s pipeline with every LoRA (the model's own and `loras`) baked into the weights at its weight
+    x `lora_scale`, and the LoRA layers gone: what an export or a merged folder writes."""
+    with loading_bar(progress):
+        pipe = load_pipeline(source, loras, embeddings, use_ema=use_ema, config=config)
+    if getattr(pipe.unet, "peft_config", None) or getattr(getattr(pipe, "text_encoder", None), "peft_config", None):
+        pipe.fuse_lora(lora_scale=lora_scale)  # x the adapters' own weights (set_adapters)
+        pipe.unload_lora_weights()  # the fused weights stay
+    return pipe
+
+
+def lora_file(spec: str | Path) -> str | Path:
+    """A LoRA as given (a file, or a folder holding diffusers' file), or a LoRA run folder's own file."""
+    if not is_run_folder(Path(spec)):
+        return spec
+    located = locate(spec)
+    if located.manifest is None or located.manifest.kind != "lora" or not located.manifest.loras:
+        raise ModelNotFound(f"{spec}: a {located.manifest.kind if located.manifest else 'model'} run folder, not a "
+                            "LoRA run's: give a LoRA file, or the folder of a run that trained one")
+    return str(located.folder / located.manifest.loras[0]["file"])
+
+
 def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
-    """Load LoRAs (each as its own adapter, at its weight) and embeddings; returns the adapter names."""
+    """Load LoRAs (each as its own adapter, at its weight; a LoRA run folder for its LoRA) and embeddings; returns
+    the adapter names."""
     from difftrain.models.embeddings import load_embedding
     from difftrain.models.lora_files import load_lora_adapter
 
     names, weights = [], []
     for index, (lora, weight) in enumerate(loras):
         name = f"lora{index}"
-        load_lora_adapter(pipe, lora, name)
+        load_lora_adapter(pipe, lora_file(lora), name)
         names.append(name)
         weights.append(weight)
     if names:

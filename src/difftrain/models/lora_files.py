@@ -1,4 +1,4 @@
-"""LoRA files in the formats our users load, and conversion and merging between them.
+"""LoRA files in the formats our users load, and conversion between them (merging: generate/merge.py).
 
 Training holds the adapter in peft (`model.add_adapter(LoraConfig(...))`); `save_lora` writes
 it twice:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.atomic import atomic_dir, occupied, write_safetensors
+from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
 from difftrain.models.file_metadata import string_metadata
 
@@ -619,24 +619,3 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
     with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
         written = _write_diffusers(Path(work) / DIFFUSERS_FILE, modules, {})
         pipe.load_lora_weights(str(written), adapter_name=adapter_name)
-
-
-def merge_lora(base_dir, lora_path, scale: float, out_dir) -> Path:
-    """Bake a LoRA (any format) into the diffusers folder `base_dir`, written as a new diffusers
-    folder `out_dir` (W += scale * alpha/rank * up @ down); `out_dir` must not hold anything."""
-    from diffusers import DiffusionPipeline
-
-    out_dir = Path(out_dir)
-    if occupied(out_dir):
-        raise LoraFileError(f"{out_dir}: exists and is not empty; merge into a new folder")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(base_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise LoraFileError(f"{base_dir}: not a diffusers model folder ({e})") from None
-    load_lora_adapter(pipe, lora_path, "merge")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
-    pipe.unload_lora_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out_dir) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
-    return out_dir

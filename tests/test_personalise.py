@@ -98,7 +98,8 @@ def test_merge_then_sample_equals_the_lora_at_that_scale(lora_run, tiny_sd, tmp_
     assert main(["lora", "merge", str(lora_run), str(lora_run), str(tmp_path / "both"), "--scale", "0.5",
                  "--no-progress"]) == 0
     pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=1.5)
-    np.testing.assert_allclose(image(StableDiffusionPipeline.from_pretrained(tmp_path / "both")), image(pipe), atol=1e-4)
+    both = image(StableDiffusionPipeline.from_pretrained(tmp_path / "both"))
+    np.testing.assert_allclose(both, image(pipe), atol=1e-4)
 
 
 def test_convert_round_trip_through_the_cli(lora_run, tmp_path):

@@ -246,6 +246,13 @@ def test_an_unreachable_hub_is_found_out_at_once_not_after_its_retries(monkeypat
         load_sd("someone/not-cached")
     assert time.monotonic() - start < 5
     assert sd._unreachable(f"http://127.0.0.1:{port}") is True
+    # The metric and captioning models' hub ids too (CLIP): refused at once, before any work.
+    from difftrain.evaluate.clip_score import check_available
+    from difftrain.evaluate.weights import EvalError
+
+    monkeypatch.delenv("DIFFTRAIN_OFFLINE", raising=False)
+    with pytest.raises(EvalError, match="not in the Hugging Face cache, and this machine is offline"):
+        check_available("someone/a-clip")
 
 
 def test_a_mistyped_local_path_is_named_as_such_not_looked_up_on_the_hub(tiny, tmp_path, monkeypatch):

@@ -95,14 +95,16 @@ class Captioner:
                  max_new_tokens: int = 40):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from difftrain.evaluate.weights import offline
+        from difftrain.evaluate.weights import hub_models_offline
 
+        cached_only = hub_models_offline()
         try:
-            self.processor = AutoProcessor.from_pretrained(str(model))
-            self.model = AutoModelForImageTextToText.from_pretrained(str(model)).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(str(model), local_files_only=cached_only)
+            self.model = AutoModelForImageTextToText.from_pretrained(str(model), local_files_only=cached_only)
+            self.model = self.model.to(device).eval()
         except (OSError, ValueError, KeyError) as error:
             hint = (" This machine is offline: download it once elsewhere (huggingface-cli download "
-                    f"{model}), or give a local folder." if offline() else "")
+                    f"{model}), or give a local folder." if cached_only else "")
             raise CurateError(f"captioning model {model}: cannot load it ({str(error).splitlines()[0]}).{hint}") from None
         self.device, self.batch_size = device, batch_size
         self.prompt, self.max_new_tokens = prompt, max_new_tokens

@@ -16,19 +16,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from difftrain.evaluate.weights import EvalError, offline
+from difftrain.evaluate.weights import EvalError, hub_models_offline
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default and the usual one in papers
 
 
 def check_available(model: str | Path, what: str = "CLIP model") -> None:
     """Refuse a model that cannot be had offline, without loading it (training checks this before its first step)."""
-    if Path(model).is_dir() or not offline():
+    if Path(model).is_dir() or not hub_models_offline():
         return
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(str(model), "config.json"), str):
-        raise EvalError(f"{what} {model}: not in the Hugging Face cache, and this machine is offline: download it "
+        raise EvalError(f"{what} {model}: not in the Hugging Face cache, and this machine is offline (or cannot reach "
+                        "the Hub): download it "
                         f"once elsewhere (huggingface-cli download {model}), or give a local folder")
 
 
@@ -37,13 +38,14 @@ class ClipScorer:
                  batch_size: int | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
+        cached_only = hub_models_offline()
         try:
-            self.model = CLIPModel.from_pretrained(str(model)).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(str(model))
+            self.model = CLIPModel.from_pretrained(str(model), local_files_only=cached_only).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(str(model), local_files_only=cached_only)
         except (OSError, ValueError) as error:
             hint = (" This machine is offline: download it once elsewhere (huggingface-cli download "
                     f"{model}) into the Hugging Face cache, or give a local folder with --clip-model."
-                    if offline() else "")
+                    if cached_only else "")
             raise EvalError(f"CLIP model {model}: cannot load it ({str(error).splitlines()[0]}).{hint}") from None
         self.device, self.batch_size = torch.device(device), batch_size or 32
         self.info = {"model": str(model), "scale": "max(mean of 100 x cos, 0), as torchmetrics' CLIPScore"}

@@ -59,6 +59,14 @@ def offline() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "DIFFTRAIN_OFFLINE"))
 
 
+def hub_models_offline() -> bool:
+    """Hub models (CLIP, captioners) come from the HF cache alone: offline by setting, or the Hub unreachable (one
+    probe; without it each load waited out huggingface_hub's ~25 s of retries, cached or not)."""
+    from difftrain.models.sd import hub_offline
+
+    return offline() or hub_offline()
+
+
 def find_weights(spec: WeightsFile, given: str | Path | None = None, weights_dir: str | Path | None = None) -> Path:
     """The file holding `spec`'s weights (see the module docstring for the search order)."""
     if given:

@@ -74,7 +74,7 @@ def _offline_by_setting() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     """Hub ids come from the HF cache alone: offline by setting, or the Hub's host cannot be reached. Without that
     probe, a hub id on a machine with no network waited out huggingface_hub's ~25 s of retries for every file,
     cached or not, before its message."""
@@ -201,7 +201,7 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     role = name or "base"
-    if _offline():
+    if hub_offline():
         marker = "tokenizer_config.json" if name == "tokenizer" else "config.json"
         candidates = [("model_index.json", name)] + ([(f"{name}/{marker}", name), (marker, None)] if name else [])
         for filename, subfolder in candidates:
@@ -345,7 +345,7 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
         repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"]
     try:
         configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
-        return snapshot_download(repo, allow_patterns=configs_only, local_files_only=_offline())
+        return snapshot_download(repo, allow_patterns=configs_only, local_files_only=hub_offline())
     except LocalEntryNotFoundError:
         why = f"its keys say it is a {repo} model" if guessed else f"config={repo!r}"
         raise ModelLoadError(
@@ -406,7 +406,7 @@ def _tokenizer_class(where: _Where, revision: str | None) -> str | None:
         if where.kind == "hub":
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(where.path, filename, revision=revision, local_files_only=_offline())
+            path = hf_hub_download(where.path, filename, revision=revision, local_files_only=hub_offline())
         else:
             path = Path(where.path) / filename
         found = json.loads(Path(path).read_text()).get("tokenizer_class")
@@ -420,7 +420,7 @@ def _from_pretrained(name: str, where: _Where, dtype, revision, variant) -> Any:
 
     kwargs: dict[str, Any] = {"subfolder": where.subfolder} if where.subfolder else {}
     if where.kind == "hub":
-        kwargs.update(revision=revision, local_files_only=_offline())
+        kwargs.update(revision=revision, local_files_only=hub_offline())
     try:
         if name == "tokenizer":
             return _transformers_class(where, name, kwargs.get("revision")).from_pretrained(where.path, **kwargs)

@@ -30,6 +30,7 @@ from difftrain.data.conditioning import Conditions
 from difftrain.data.images import DECODE_VERSION, BadImage, load_image_bytes
 from difftrain.data.packed import PackedLists
 from difftrain.data.record_summary import SummaryLookup
+from difftrain.data.records import read_order
 from difftrain.data.sampler import ResumableBatches, copy_suffix
 from difftrain.data.sources import BadRecord, RecordSource
 from difftrain.data.transforms import apply_plan, plan_crop, prepare_image_for_size, to_tensor
@@ -90,10 +91,9 @@ class ImageDataset(Dataset):
     # ----------------------------------------------------------------- reading
     def _read(self, index: int):
         """(position, record, image, conditioning image or None, records skipped) for `index`, or
-        for the next readable record."""
+        for the record read in its place (records.read_order)."""
         first_failure = ""
-        for offset in range(len(self)):
-            position = (index + offset) % len(self)
+        for offset, position in enumerate(read_order(index, len(self))):
             try:
                 record = self.source.read(position)
                 image = load_image_bytes(record.data, self.max_pixels)
@@ -102,9 +102,9 @@ class ImageDataset(Dataset):
                 first_failure = first_failure or f"{getattr(reason, 'where', None) or f'record {position}'}: {reason}"
                 continue
             if offset:  # one line however many were passed (a shard that broke whole is thousands)
-                passed = f"{offset} unreadable records from {index}" if offset > 1 else f"record {index}"
-                log.warning("skipping %s at read time (%s); reading record %d in its place", passed, first_failure,
-                            position)
+                others = f" ({offset - 1} tried in its place were unreadable too)" if offset > 1 else ""
+                log.warning("skipping record %d at read time (%s); reading record %d in its place%s", index,
+                            first_failure, position, others)
             return position, record, image, condition, offset
         raise RuntimeError(f"every record in the data set became unreadable during training ({first_failure})")
 
@@ -158,11 +158,10 @@ class ImageDataset(Dataset):
     def _cached_latent(self, index: int, flipped: bool) -> tuple[int, dict, int]:
         """The cached latent (and condition) of `index` or, for a record that could not be encoded, of the record
         the uncached path reads in its place: the first after it with an entry at this record's size (its batch
-        stacks latents of one size). fill_cache encoded that one there; the records between did not decode, so
-        nothing need be decoded here to find it."""
+        stacks latents of one size). fill_cache encoded that one there; the records before it in read_order did not
+        decode, so nothing need be decoded here to find it."""
         wanted = self.target_size(index)
-        for offset in range(len(self)):
-            position = (index + offset) % len(self)
+        for offset, position in enumerate(read_order(index, len(self))):
             # An all-zero hash is a record that could not even be read: it has no entries of its own.
             entry = self._cached_entry(position, wanted, flipped) if self.hashes[position].any() else None
             if entry is not None:

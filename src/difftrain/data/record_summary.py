@@ -27,7 +27,7 @@ import PIL
 from difftrain.atomic import atomic_path
 from difftrain.data.images import DECODE_VERSION
 from difftrain.data.packed import PackedLists
-from difftrain.data.records import KnownRecords, RecordSource
+from difftrain.data.records import KnownRecords, RecordSource, read_order
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,13 @@ class SummaryLookup:
         return self.summary_broken is not None and bool(self.summary_broken[index])
 
     def replacement(self, index: int, hashes: np.ndarray) -> int | None:
-        """The record read in place of `index`, one that does not decode (the next that does, as
+        """The record read in place of `index`, one that does not decode (the first in read_order that does, as
         ImageDataset._read finds it), when the summary and this walk know it without reading; None: read to
         find it. A record that could not be read at all is read again (the read may succeed now)."""
         if not self.enabled or not (self.broken[index] or self.known_broken(index)):
             return None
-        for offset in range(1, len(hashes)):
-            position = (index + offset) % len(hashes)
-            if self.broken[position] or self.known_broken(position):
+        for position in read_order(index, len(hashes)):
+            if position == index or self.broken[position] or self.known_broken(position):
                 continue
             return position if hashes[position].any() else None
         return None

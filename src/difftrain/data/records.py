@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import os
 import tarfile
 import zlib
@@ -136,6 +137,34 @@ class RecordSource(ABC):
             lines.append(f"{len(self.skipped)} skipped:")
             lines += [f"  {where}: {reason}" for where, reason in self.skipped]
         return lines
+
+
+def read_order(index: int, count: int) -> Iterator[int]:
+    """Where to read for record `index`: itself, then every other record once, in an order scattered by `index`.
+
+    A record that cannot be read is replaced by the first readable one in this order. Searching on from
+    `index + 1` gave a whole broken shard (a thousand records) one and the same replacement, a thousand copies
+    of one image an epoch; each broken record now probes its own places (double hashing: a start and a stride
+    prime to `count`, both from `index`). Deterministic, so the cached and uncached paths and every process agree.
+    """
+    yield index
+    start, stride = _mix(index) % count, 1 + _mix(index + count) % max(count - 1, 1)
+    while math.gcd(stride, count) != 1:
+        stride += 1
+    for step in range(count):
+        if (position := (start + step * stride) % count) != index:
+            yield position
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: neighbouring integers to unrelated 64-bit ones."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def caption_list(value: object) -> list[str]:

@@ -197,8 +197,17 @@ def test_cached_conditions_follow_the_cached_latent_flip(tmp_path):
             assert torch.equal(item["conditioning_pixels"], as_uint8(item["latent_mean"]))
             # And it is what the uncached path gives for the same (epoch, index).
             assert torch.equal(item["conditioning_pixels"], uncached[(epoch, 0, index)]["conditioning_pixels"])
-    again = dataset(root, crop="center").fill_cache(encoders, tmp_path / "cache", progress=False)
-    assert again["conditions found"] == 6 and again["conditions computed"] == 0
+    # Again: the folder scan hashed each conditioning file as it hashes each image, so nothing is read to find
+    # the cached entries (every record was read at each start).
+    second = dataset(root, crop="center")
+    reads = []
+    second.source.read = lambda index, read=second.source.read: reads.append(index) or read(index)
+    again = second.fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert again["conditions found"] == 6 and again["conditions computed"] == 0 and reads == []
+    # A conditioning file changed since: its new hash, so its entries are computed again, and only its.
+    noise_image(16, 16, 99).save(root / "conditioning" / "001.png")
+    changed = dataset(root, crop="center").fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert changed["conditions computed"] == 2 and changed["latents computed"] == 0
     canny = dataset(root, preprocess="canny", crop="center").fill_cache(encoders, tmp_path / "cache", progress=False)
     assert canny["conditions computed"] == 6  # another preprocessor: other entries
 

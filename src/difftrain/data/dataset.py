@@ -176,6 +176,12 @@ class ImageDataset(Dataset):
             entry = None if condition is None else {**entry, "conditioning": condition["pixels"]}
         return entry
 
+    def _condition_digest(self, index: int, record) -> bytes:
+        """Conditions.digest of record `index`; from the source's hash of its file when the record was not read."""
+        if record is None and self.conditions.from_records:
+            return self.source.known_condition(index)
+        return self.conditions.digest(record)
+
     def _flips(self) -> tuple[bool, ...]:
         return (False, True) if self.flip else (False,)
 
@@ -266,7 +272,8 @@ class ImageDataset(Dataset):
         # A record that cannot be encoded is read, as in the uncached path, as the next readable record: that
         # one is encoded at this record's size too (under its own content keys), or a bucket the record alone
         # filled would have nothing to read. Which records those are is found again at every start.
-        reads_records = conditions and self.conditions.from_records  # a stored condition is hashed from its file
+        # A stored condition is hashed from its file, unless the source knows every hash (a folder scan's index).
+        reads_records = conditions and self.conditions.from_records and not self.source.knows_conditions
         # What the source knows of each record, or an earlier walk over the same data learnt (record_summary.py).
         # A launch's second walk reuses its first one's hashes: each process read every record then.
         known_records = SummaryLookup(cache_dir, self.source, enabled=latents, reads_records=reads_records,
@@ -308,7 +315,7 @@ class ImageDataset(Dataset):
                 captions[index] = tuple(record_captions)
                 size = self.target_size(index)
                 if conditions:
-                    self.condition_hashes[index] = np.frombuffer(self.conditions.digest(record), dtype=np.uint8)
+                    self.condition_hashes[index] = np.frombuffer(self._condition_digest(index, record), dtype=np.uint8)
                 digest = hashlib.sha256(record.data).digest() if known is None else known[0]
                 known_records.read_to_hash |= known is None
                 missing, missing_conditions = views(index, digest, size)

@@ -47,6 +47,7 @@ class Record:
     captions: tuple[str, ...] | None = None  # all of them, when a metadata.jsonl lists several
     conditioning: Path | None = None  # its conditioning image file, when the scan looked for one
     digest: bytes | None = None  # SHA-256 of the image file's bytes as the scan decoded them
+    condition_digest: bytes | None = None  # the same of its conditioning image file
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,11 @@ def scan_folder(
             if problem:
                 skipped.append((name, problem))
                 continue
+            # Decoded once and remembered like the image, so a cached start need not read it to know its hash.
+            condition_outcome, condition_digest = checks.outcome(condition, f"conditioning:{condition}")
+            if isinstance(condition_outcome, str):
+                skipped.append((name, f"conditioning image {condition}: {condition_outcome}"))
+                continue
         if source == "metadata" and entry is not None:
             caption, listed = entry.caption, entry.captions
         elif source == "txt" or (source == "metadata" and captions == "auto"):
@@ -355,7 +361,7 @@ def scan_folder(
         if source != "none" and caption is None:
             missing.append(name)
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
-                              condition, digest))
+                              condition, digest, condition_digest if conditioning else None))
 
     listed_absent = set(metadata) - {resolve(r.path) for r in records} if metadata else set()
     for absent in sorted(listed_absent - {resolve(root / n) for n, _ in skipped}):

@@ -121,6 +121,12 @@ class RecordSource(ABC):
         cache reads the record."""
         return None
 
+    knows_conditions: bool = False  # known_condition answers for every record
+
+    def known_condition(self, index: int) -> bytes | None:
+        """The SHA-256 of record `index`'s conditioning file without reading it, when the source holds it."""
+        return None
+
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         """(key, path, captions held outside the file) for each file the records come from
         (resume compares them); a source with no files of its own lists none."""

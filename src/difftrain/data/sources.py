@@ -144,7 +144,7 @@ class FileSource(RecordSource):
 
     def __init__(self, description: str, keys: list[str], paths: list[str], captions: list[list[str]],
                  sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None,
-                 digests: list[bytes | None] | None = None):
+                 digests: list[bytes | None] | None = None, condition_digests: list[bytes | None] | None = None):
         self.description = description
         self.has_conditioning = conditioning is not None
         self.skipped = skipped
@@ -157,6 +157,9 @@ class FileSource(RecordSource):
         # Each file's SHA-256 where the folder scan hashed it (all zeros: not known), 32 bytes a record.
         self._known = None if digests is None else KnownRecords(np.frombuffer(
             b"".join(d or bytes(32) for d in digests), dtype=np.uint8).reshape(-1, 32), self._captions)
+        # Its conditioning file's, where the scan hashed every one (else the cache reads the records to hash them).
+        self.knows_conditions = bool(condition_digests) and all(condition_digests)
+        self._condition_digests = b"".join(condition_digests) if self.knows_conditions else None
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -179,6 +182,9 @@ class FileSource(RecordSource):
     def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
         return None if self._known is None else self._known.known_record(index)
 
+    def known_condition(self, index: int) -> bytes | None:
+        return None if self._condition_digests is None else self._condition_digests[32 * index:32 * (index + 1)]
+
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         files = list(zip(self._keys, self._paths, self._captions))
         if self._conditioning is not None:  # a changed condition changes the data as much as a changed image
@@ -190,7 +196,7 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
                  conditioning: ConditioningFiles | None, index_dir: Path | None) -> FileSource:
     scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning,
                        index_dir=index_dir)
-    keys, paths, texts, sizes, digests = [], [], [], [], []
+    keys, paths, texts, sizes, digests, condition_digests = [], [], [], [], [], []
     for record in scan.records:
         keys.append(record.path.relative_to(scan.root).as_posix())
         paths.append(str(record.path))
@@ -198,12 +204,14 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
                      else caption_list(record.caption or ""))
         sizes.append((record.width, record.height))
         digests.append(record.digest)
+        condition_digests.append(record.condition_digest)
     uncaptioned = sum(not t for t in texts)
     head = f"folder (captions: {scan.caption_source}" + (
         f", conditioning images: {scan.conditioning_source})" if scan.conditioning_source else ")")
     description = describe_records(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
     conditions = [str(r.conditioning) for r in scan.records] if scan.conditioning_source else None
-    return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions, digests)
+    return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions, digests,
+                      condition_digests if conditions is not None else None)
 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -433,3 +434,34 @@ def test_zero_terminal_snr_models_refuse_samplers_that_ignore_it():
     assert float(make_scheduler("euler", config).alphas_cumprod[-1]) < 1e-6
     with pytest.raises(UnknownScheduler, match="zero-terminal-SNR"):
         make_scheduler("heun", config)
+
+
+def test_two_processes_draw_the_class_images_between_them_and_train(tiny_sd, shapes_dir, tmp_path):  # noqa: F811
+    """A real two-process launch: every process lists the class folder before any draws into it (a late one
+    planned a shorter list and left batches undrawn), each draws every other batch, and the run trains on all."""
+    from launches import accelerate_launch, finish
+
+    from difftrain.methods.dreambooth import class_image_name
+
+    (tmp_path / "class").mkdir()
+    Image.new("RGB", (16, 16), (0, 90, 0)).save(tmp_path / "class" / class_image_name(2))  # the user's own
+    kept = (tmp_path / "class" / class_image_name(2)).read_bytes()
+    config = dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"batch_size": 1, "max_steps": 2},
+                               dreambooth={"num_class_images": 6, "class_batch_size": 2})
+    launched = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", "-m",
+                                 "difftrain", "train", "--no-progress", str(config))
+    output, _ = finish(launched, timeout=240)
+    assert launched.returncode == 0, output[-3000:]
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == [class_image_name(i) for i in range(6)]
+    assert (tmp_path / "class" / class_image_name(2)).read_bytes() == kept
+    assert "dreambooth run finished at step 2/2" in output
+    # The same images one process draws: each image comes from its own seed, whoever drew it.
+    alone = tmp_path / "alone"
+    shutil.copytree(tmp_path / "class", alone)
+    for i in (0, 5):
+        (alone / class_image_name(i)).unlink()
+    again = dreambooth_config(tmp_path, shapes_dir, tiny_sd, "again", training={"batch_size": 1, "max_steps": 1},
+                              dreambooth={"num_class_images": 6, "class_batch_size": 2, "class_data": str(alone)})
+    assert main(["train", str(again), "--no-progress"]) == 0
+    for i in (0, 5):
+        assert (alone / class_image_name(i)).read_bytes() == (tmp_path / "class" / class_image_name(i)).read_bytes()

@@ -121,6 +121,8 @@ def test_misfits_and_bad_inputs_are_refused_with_what_to_do(tiny_sd, controlnets
     assert "--guess-mode is --control-mode control for every ControlNet" in refused(
         "--controlnet", str(controlnets[0]), "--control-image", str(mask), "--guess-mode", "--control-mode", "prompt")
     assert "apply to ControlNets" in refused("--preprocess", "canny")
+    assert "a ControlNet or T2I-Adapter adds its residuals to two halves only" in refused(
+        "--controlnet", str(controlnets[0]), "--control-image", str(mask), "--prompt", "a red circle AND a square")
 
 
 def test_control_modes_and_resize_modes_as_a1111_has_them(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811

@@ -316,10 +316,6 @@ def test_a1111_settings_we_cannot_repeat_are_named_and_the_rng_is_recorded(tiny_
     # second pass's, not an img2img strength (0 was refused as --strength 0).
     assert repeat(a1111 + ", Denoising strength: 0.5") == 0 and "give --init-image" in caplog.text
     assert repeat(a1111 + ", Denoising strength: 0, Hires upscale: 2") == 0 and "init-image" not in caplog.text
-    # Composable AND is read as text here: said, not silently misread.
-    with caplog.at_level("WARNING"):
-        run(tiny_sd, tmp_path / "and", "--prompt", "a red circle AND a blue square")
-    assert "AND: A1111's composable prompts are not done here" in caplog.text
     # At CFG 1 the negative side is not drawn, so a long negative prompt pads nothing.
     [unguided] = run(tiny_sd, tmp_path / "cfg1", "--prompt", "a red circle", "--negative-prompt", "blue " * 80,
                      "--cfg", "1")
@@ -404,3 +400,36 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tiny_sd, tmp_path, c
     monkeypatch.setattr(Drawer, "draw", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is still a bug to see whole
         main(["generate", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "other"), *FAST])
+
+
+def test_and_composes_the_guidance_of_its_parts_as_a1111(tiny_sd, tmp_path, capsys):  # noqa: F811
+    """uncond + cfg x sum(w_i x (cond_i - uncond)): halves of one prompt are that prompt, a weight of 2 is twice the
+    CFG, and every UNet call runs the uncond half and each part (here 1 + 2)."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.prompt_schedule import composable_parts
+
+    assert composable_parts("a cat AND  a hat:0.6 AND (red:1.2)") == [("a cat", 1.0), ("  a hat", 0.6),
+                                                                       (" (red:1.2)", 1.0)]
+
+    def drawer(cfg: float) -> Drawer:
+        return Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=3, width=32, height=32, guidance_scale=cfg),
+                      progress=False)
+
+    def pixels_of(draw: Drawer, prompt: str) -> np.ndarray:
+        return np.asarray(draw.draw(prompt, "", [4])[0]).astype(int)
+
+    five, ten = drawer(5.0), drawer(10.0)
+    batches = []
+    five.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    plain = pixels_of(five, "a red circle")
+    halves = pixels_of(five, "a red circle:0.5 AND a red circle:0.5")
+    assert batches == [2] * 3 + [3] * 3  # CFG's two halves; then uncond and the two parts
+    assert np.abs(halves - plain).max() <= 2  # (a batch of three takes other kernels than one of two)
+    assert np.abs(pixels_of(five, "a red circle:2") - pixels_of(ten, "a red circle")).max() <= 2
+    assert np.abs(pixels_of(five, "a red circle AND a blue square") - plain).max() > 2
+    assert np.array_equal(pixels_of(five, "a red circle:1"), plain)  # one part at weight 1: plain guidance
+    # What cannot compose is said before drawing.
+    assert main(["generate", str(tiny_sd), "--prompt", "a red circle AND a blue square", "--cfg", "1",
+                 "--out", str(tmp_path / "cfg1"), *FAST]) == 2
+    assert "AND or a prompt weight (1, 1) composes prompts, and it needs classifier-free guidance" in \
+        capsys.readouterr().err

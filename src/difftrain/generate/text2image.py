@@ -307,12 +307,12 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, step
     other's length, which A1111 does only with its "Pad conds" option (its infotext then says so): a PNG
     without it would be redrawn unpadded."""
     from difftrain.sampling.prompt_schedule import encode_schedule
-    from difftrain.sampling.prompts import encode_pair
+    from difftrain.sampling.prompts import encode_texts
 
-    def encode(positive: str, negative: str) -> tuple:
+    def encode(texts: list[str]) -> tuple[list[torch.Tensor], bool]:
         # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
-        positive, negative = (pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in (positive, negative))
-        return encode_pair(pipe.tokenizer, pipe.text_encoder, positive, negative, pipe._execution_device, clip_skip)
+        texts = [pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in texts]
+        return encode_texts(pipe.tokenizer, pipe.text_encoder, texts, pipe._execution_device, clip_skip)
 
     return encode_schedule(encode, prompt, negative_prompt, steps)
 
@@ -333,7 +333,6 @@ class Drawer:
         options.check()
         self.options = options
         self.unpadded_png = options.unpadded_png  # warned of at the first padded draw
-        self.warned: set[str] = set()  # prompts whose unsupported A1111 syntax was said
         device = resolve_device(options.device)
         located = model if isinstance(model, Located) else locate(model, options.use_ema)
         if located.manifest is not None and located.manifest.kind == "unconditional":
@@ -387,12 +386,6 @@ class Drawer:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
         from difftrain.sampling.text2image import draw
 
-        from difftrain.sampling.prompts import unsupported_syntax
-
-        if unsupported_syntax(prompt) and prompt not in self.warned:
-            self.warned.add(prompt)
-            log.warning("AND: A1111's composable prompts are not done here; the AND is read as a word, so the "
-                        "image differs from the web UI's")
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
         conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,

@@ -263,11 +263,11 @@ class TextToImage(Method):
         than the previews' sample.negative_prompt) for a `steps`-step draw, encoded as `difftrain generate` does,
         A1111's prompt editing included."""
         from difftrain.sampling.prompt_schedule import encode_schedule
-        from difftrain.sampling.prompts import encode_pair
+        from difftrain.sampling.prompts import encode_texts
 
-        def encode(positive: str, negative: str) -> tuple:
-            return encode_pair(self.tokenizer, text_encoder, self.expand_prompt(positive), negative, self.device,
-                               max_length=self.max_length)
+        def encode(texts: list[str]) -> tuple[list[torch.Tensor], bool]:
+            return encode_texts(self.tokenizer, text_encoder, [self.expand_prompt(text) for text in texts],
+                                self.device, max_length=self.max_length)
 
         negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
         return [encode_schedule(encode, prompt, negative, steps)

@@ -9,12 +9,17 @@ its `(weights)` are read afterwards, per step, by `prompts.encode_pair`.
 
 Steps are counted as the web UI counts them: one per UNet call (a second-order sampler such as
 Heun calls it twice a step), step i taking the first entry whose end is >= i.
+
+`AND` composes prompts (Composable Diffusion, as the web UI does it): `a cat AND a hat:0.6`
+guides toward each part at its weight, uncond + cfg x sum(w_i x (cond_i - uncond)); a prompt
+that ends in `:number` is one part at that weight. Each part has its own schedule.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,49 +88,71 @@ def _text_at(node, step: int, steps: int) -> str:
     return "".join(_text_at(child, step, steps) for child in node.children)
 
 
-def is_scheduled(prompt: str, steps: int) -> bool:
-    return len(prompt_schedule(prompt, steps)) > 1
+# The web UI's own: AND as a word, and a part's weight a number after its last colon.
+_AND = re.compile(r"\bAND\b")
+_WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """The parts of a prompt between its ANDs, each with its weight (1 when it names none)."""
+    parts = []
+    for part in _AND.split(prompt):
+        text, weight = _WEIGHT.search(part).groups()
+        parts.append((text, float(weight) if weight is not None else 1.0))
+    return parts
 
 
 @dataclass
 class ScheduledConditioning:
-    """(positive, negative) conditioning per span of steps: `pairs[k]` conditions steps i <= `ends[k]`.
+    """Conditioning per span of steps: `pairs[k]` = (positives [parts, tokens, dim], negative [1, tokens, dim])
+    conditions steps i <= `ends[k]`; `weights`, one per AND part, say how their guidance adds up.
 
-    Each pair is padded to itself only, as the web UI pads a step's prompt and negative prompt
+    Each span is padded to itself only, as the web UI pads a step's prompt and negative prompt
     ("Pad conds"); spans may differ in length, which the UNet's cross-attention takes.
     """
 
     ends: list[int]
     pairs: list[tuple[torch.Tensor, torch.Tensor]]
-    padded: bool  # some span's two sides differed in 75-token chunks and the shorter was padded
+    padded: bool  # some span's sides differed in 75-token chunks and the shorter was padded
+    weights: list[float] = field(default_factory=lambda: [1.0])
 
     def index_at(self, step: int) -> int:
         return next((k for k, end in enumerate(self.ends) if step <= end), len(self.ends) - 1)
 
     @property
+    def composable(self) -> bool:
+        """Guided toward several parts, or one at another weight than 1: not one positive's plain guidance."""
+        return self.weights != [1.0]
+
+    @property
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pairs[0]
+        """The first span's first part and negative: what a pipeline is given (the rest is swapped in)."""
+        positives, negative = self.pairs[0]
+        return positives[:1], negative
 
 
-def encode_schedule(encode_pair, prompt: str, negative_prompt: str, steps: int) -> ScheduledConditioning:
-    """Both prompts' schedules merged, each span's pair through `encode_pair(prompt, negative) -> (pos, neg,
-    padded)`; a pair repeated across spans is encoded once."""
-    positive, negative = prompt_schedule(prompt, steps), prompt_schedule(negative_prompt, steps)
-    ends = sorted({end for end, _ in positive} | {end for end, _ in negative})
+def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int) -> ScheduledConditioning:
+    """Every part's and the negative prompt's schedules merged, each span through `encode([*parts, negative]) ->
+    (their conditionings, padded)` (prompts.encode_texts); a span repeated is encoded once."""
+    parts = composable_parts(prompt)
+    schedules = [prompt_schedule(text, steps) for text, _ in parts]
+    negative = prompt_schedule(negative_prompt, steps)
+    ends = sorted({end for schedule in [*schedules, negative] for end, _ in schedule})
 
     def text_at(schedule, step):
         return next(text for end, text in schedule if step <= end)
 
-    encoded: dict[tuple[str, str], tuple] = {}
+    encoded: dict[tuple, tuple] = {}
     pairs, padded = [], False
     for end in ends:
-        texts = (text_at(positive, end), text_at(negative, end))
+        texts = (tuple(text_at(schedule, end) for schedule in schedules), text_at(negative, end))
         if texts not in encoded:
-            encoded[texts] = encode_pair(*texts)
-        pos, neg, was_padded = encoded[texts]
-        pairs.append((pos, neg))
+            conditionings, was_padded = encode([*texts[0], texts[1]])
+            encoded[texts] = torch.cat(conditionings[:-1]), conditionings[-1], was_padded
+        positives, negative_z, was_padded = encoded[texts]
+        pairs.append((positives, negative_z))
         padded |= was_padded
-    return ScheduledConditioning(ends, pairs, padded)
+    return ScheduledConditioning(ends, pairs, padded, [weight for _, weight in parts])
 
 
-__all__ = ["GRAMMAR", "ScheduledConditioning", "encode_schedule", "is_scheduled", "prompt_schedule"]
+__all__ = ["GRAMMAR", "ScheduledConditioning", "composable_parts", "encode_schedule", "prompt_schedule"]

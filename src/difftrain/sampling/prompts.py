@@ -49,16 +49,6 @@ _ATTENTION = re.compile(
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-# The web UI's composable `AND` (Composable Diffusion: a guided step per part), not done here: found to be said,
-# not misread silently. Its prompt editing and alternation are prompt_schedule.py's.
-_AND = re.compile(r"\bAND\b")
-
-
-def unsupported_syntax(prompt: str) -> list[str]:
-    """The web UI's syntax in `prompt` that is read here as plain text rather than as the web UI reads it."""
-    return ["AND"] if _AND.search(prompt) else []
-
-
 class PromptError(DifftrainError):
     pass
 
@@ -297,17 +287,24 @@ def encode_pair(
     `padded` says whether it was, which A1111's infotext records. A prompt that fits one chunk gives
     exactly what training's plain tokenizer call gives.
     """
-    def chunks(text: str) -> list[Chunk]:
-        return tokenize_weighted(tokenizer, text, max_length=max_length)
+    (positive, negative_z), padded = encode_texts(tokenizer, text_encoder, [prompt, negative or ""], device, clip_skip,
+                                                  max_length)
+    return positive, negative_z, padded
 
-    unpadded = [chunks(prompt), chunks(negative or "")]
+
+@torch.no_grad()
+def encode_texts(
+    tokenizer, text_encoder, texts: list[str], device, clip_skip: int = 1, max_length: int | None = None,
+) -> tuple[list[torch.Tensor], bool]:
+    """Each text's conditioning [1, 77 * chunks, hidden], all padded with empty-prompt chunks to the most chunks
+    any has (encode_pair's rule), and whether any was padded."""
+    unpadded = [tokenize_weighted(tokenizer, text, max_length=max_length) for text in texts]
     count = max(map(len, unpadded))
-    empty = chunks("")[0]
-    sides = [side + [empty] * (count - len(side)) for side in unpadded]
-    # One encoder call for both: each chunk is weighted on its own, so batching changes nothing.
-    both = _encode_chunks(text_encoder, sides[0] + sides[1], device, clip_skip)
-    positive, negative_z = both.chunk(2, dim=1)
-    return positive, negative_z, len(unpadded[0]) != len(unpadded[1])
+    empty = tokenize_weighted(tokenizer, "", max_length=max_length)[0]
+    chunks = [chunk for side in unpadded for chunk in side + [empty] * (count - len(side))]
+    # One encoder call for all: each chunk is weighted on its own, so batching changes nothing.
+    together = _encode_chunks(text_encoder, chunks, device, clip_skip)
+    return list(together.chunk(len(texts), dim=1)), len({len(side) for side in unpadded}) > 1
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:

@@ -6,6 +6,7 @@ image the command gives for the same prompt, seed, sampler and steps (tested).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Iterator
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
+from difftrain.sampling.prompts import PromptError
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,17 @@ def draw(
     runs the UNet under that dtype (training previews under mixed precision, where frozen
     parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
     `schedule`: A1111 prompt editing, whose first span is `positive`/`negative`; each later span
-    replaces the conditioning after the step the one before it ends.
+    replaces the conditioning after the step the one before it ends; and its AND parts (composed in the UNet's
+    place, see _composing_parts).
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
         pipe.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
     dtype = pipe.unet.dtype
-    if schedule is not None and len(schedule.pairs) > 1:
+    composing = contextlib.nullcontext()
+    if schedule is not None and schedule.composable:
+        composing = _composing_parts(pipe, schedule, guidance_scale)  # (it takes every span's conditioning)
+    elif schedule is not None and len(schedule.pairs) > 1:
         extra = _swapping_spans(pipe, schedule, len(seeds), dtype, extra)
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
@@ -64,7 +70,8 @@ def draw(
         output_type="latent",
         **extra,
     )
-    with torch.autocast(pipe._execution_device.type, dtype=autocast, enabled=autocast not in (None, torch.float32)):
+    with composing, torch.autocast(pipe._execution_device.type, dtype=autocast,
+                                   enabled=autocast not in (None, torch.float32)):
         latents = pipe(**call).images
     pixels = decode(pipe.vae, latents)
     pipe.maybe_free_model_hooks()  # under --cpu-offload the VAE our decode moved to the GPU goes back
@@ -94,6 +101,48 @@ def _swapping_spans(pipe, schedule: ScheduledConditioning, count: int, dtype: to
         return values
 
     return {**extra, "callback_on_step_end": step_end}
+
+
+@contextlib.contextmanager
+def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: float):
+    """The UNet, for one draw, as A1111's composable diffusion: each call runs the uncond half and every AND part,
+    and answers [uncond, uncond + sum(w_i x (cond_i - uncond))], which the pipeline's guidance turns into
+    uncond + cfg x sum(w_i x (cond_i - uncond)). Every call is a step (A1111 counts so), and takes its span's
+    conditioning from `schedule` itself."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    why = ("it needs classifier-free guidance (--cfg above 1)" if guidance_scale <= 1
+           or pipe.unet.config.get("time_cond_proj_dim") is not None else
+           "a ControlNet or T2I-Adapter adds its residuals to two halves only"
+           if hasattr(pipe, "controlnet") or hasattr(pipe, "adapter") else None)
+    if why:
+        raise PromptError(f"AND or a prompt weight ({', '.join(f'{w:g}' for w in schedule.weights)}) composes "
+                          f"prompts, and {why}; drop the AND, or the ':weight' at the prompt's end")
+    unet, original, calls = pipe.unet, pipe.unet.forward, [0]
+    weights = torch.tensor(schedule.weights)
+
+    def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        half = sample.shape[0] // 2
+        positives, negative = schedule.pairs[schedule.index_at(calls[0])]
+        calls[0] += 1
+        parts = len(positives)
+        conditioning = torch.cat([negative.expand(half, -1, -1),
+                                  positives.repeat_interleave(half, dim=0)]).to(encoder_hidden_states)
+        inputs = torch.cat([sample[:half], *[sample[half:]] * parts])
+        if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == sample.shape[0]:
+            timestep = torch.cat([timestep[:half], *[timestep[half:]] * parts])
+        predicted = original(inputs, timestep, conditioning, *args, return_dict=False, **kwargs)[0]
+        uncond, conds = predicted[:half], predicted[half:].unflatten(0, (parts, half))
+        shape = (parts,) + (1,) * (conds.ndim - 1)
+        text = uncond + (weights.to(conds).view(shape) * (conds - uncond)).sum(0)
+        result = torch.cat([uncond, text])
+        return (result,) if not return_dict else UNet2DConditionOutput(sample=result)
+
+    unet.forward = forward
+    try:
+        yield
+    finally:
+        unet.forward = original
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

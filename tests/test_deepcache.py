@@ -81,3 +81,20 @@ def test_deepcache_changes_little_is_recorded_and_repeats_from_the_png(tiny_sd, 
     assert main(["generate", str(tiny_sd), "--prompt", "x", "--deepcache", "3", "--controlnet", str(tmp_path / "cn"),
                  "--control-image", str(tmp_path / "mask.png"), "--out", str(tmp_path / "no"), "--no-progress"]) == 2
     assert "where a ControlNet's residuals go" in capsys.readouterr().err
+
+
+def test_a_prompt_edit_or_alternation_gets_a_whole_unet_step_when_its_text_changes(tiny_sd):  # noqa: F811
+    """Deep features kept from one span's conditioning are not the next's: where the text changes the UNet runs
+    whole, so [red|blue] at interval 3 over 6 steps is whole at every call from the third (it changes at each)."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    def whole_calls(prompt: str) -> int:
+        drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=6, width=32, height=32, deepcache=3),
+                        progress=False)
+        drawer.draw(prompt, "", [5])
+        return drawer.deepcache.full_calls
+
+    assert whole_calls("a red circle") == 2  # calls 0 and 3
+    assert whole_calls("a [red:blue:3] circle") == 3  # blue from call 4: 0, 3 and 4
+    assert whole_calls("a [red|blue] circle") == 5  # 0, then every change: 2, 3, 4, 5
+    assert whole_calls("a red circle AND a blue square") == 2  # AND alone changes nothing from step to step

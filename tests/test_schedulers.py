@@ -164,6 +164,19 @@ def test_ddim_and_plms_draw_what_a1111s_own_loops_draw(kind):
             x = sampler.step(eps(x, int(t)), t, x).prev_sample
         expected = _a1111_timestep_sampler(kind, eps, start.clone(), sampler.alphas_cumprod, count)
         assert torch.allclose(x, expected, atol=1e-5), (kind, count, float((x - expected).abs().max()))
+    # Where A1111 clips its top point to 999 (PLMS stepped past the schedule's end there), and from a base model
+    # whose own sampler is another (an Euler config: DDIM's defaults would end the chain at alpha 1).
+    for count in (3, 9, 27, 36, 37, 150):
+        sampler = make_scheduler(kind, SD15_SCHEDULER)
+        sampler.set_timesteps(count)
+        x = start.clone()
+        for t in sampler.timesteps:
+            x = sampler.step(eps(x, int(t)), t, x).prev_sample
+        assert torch.isfinite(x).all(), count
+    euler_config = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "skip_prk_steps")}
+    sampler = make_scheduler(kind, {**euler_config, "_class_name": "EulerDiscreteScheduler"})
+    sampler.set_timesteps(20)
+    assert sampler.timesteps.tolist()[-1] == 51 and len(sampler.timesteps) == 19 + (kind == "plms")
 
 
 def test_a1111_samplers_start_where_a1111_does_whatever_spacing_the_model_names():

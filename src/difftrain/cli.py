@@ -455,23 +455,28 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving {', '.join(app.state.engine.models)} on http://{host}:{port}/sdapi/v1 "
           f"({'credentials required' if settings.protected else 'no authentication'})", flush=True)
     # Ctrl+C: clients waiting on a job hold their connections; after 5 s they are cut and their jobs cancelled.
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[listening])
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[listening])
+    except KeyboardInterrupt:  # Ctrl+C is how a server is stopped (uvicorn.run swallows it too)
+        pass
     return 0
 
 
 def _listening_socket(host: str, port: int):
-    """A TCP socket bound to host:port (0: any free port), as uvicorn would bind it."""
+    """A TCP socket listening on host:port (0: any free port), bound as uvicorn's Config.bind_socket binds one (IPv6
+    for an address with a colon, else IPv4: `localhost` is 127.0.0.1), and listening at once, so a second server
+    started beside it is refused here rather than after loading its models."""
     import socket
 
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        listening = socket.socket(family, kind, proto)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind(address)
+        listening.bind((host, port))
+        listening.listen(2048)
     except OSError as error:
+        listening.close()
         raise DifftrainError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
                              "another server may hold the port: give another --port, or 0 for any free one") from None
-    listening.set_inheritable(True)
     return listening
 
 

@@ -97,7 +97,7 @@ class Captioner:
 
         from difftrain.evaluate.weights import hub_models_offline
 
-        cached_only = hub_models_offline()
+        cached_only = not Path(model).is_dir() and hub_models_offline()  # (a folder needs no Hub)
         try:
             self.processor = AutoProcessor.from_pretrained(str(model), local_files_only=cached_only)
             self.model = AutoModelForImageTextToText.from_pretrained(str(model), local_files_only=cached_only)

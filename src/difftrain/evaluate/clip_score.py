@@ -38,7 +38,7 @@ class ClipScorer:
                  batch_size: int | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
-        cached_only = hub_models_offline()
+        cached_only = not Path(model).is_dir() and hub_models_offline()  # (a folder needs no Hub)
         try:
             self.model = CLIPModel.from_pretrained(str(model), local_files_only=cached_only).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(str(model), local_files_only=cached_only)

@@ -197,12 +197,19 @@ def diversity_sample(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [images[i] for i in sorted(random.Random(LPIPS_SEED).sample(range(len(images)), LPIPS_MAX_IMAGES))]
 
 
+# A prompt edit's last text is the one at the last of this many steps (a fraction of them, or a step number below).
+CLIP_SCHEDULE_STEPS = 1000
+
+
 def plain_text(prompt: str) -> str:
     """A prompt as CLIP should read it: A1111's syntax gone (`(red:1.3)` -> `red`, `[fox]` -> `fox`, BREAK and
-    `<lora:...>` tags dropped), since the text encoder would otherwise score the brackets and numbers."""
+    `<lora:...>` tags dropped; a prompt edit as its last text, `[cat:dog:0.5]` -> `dog`; AND parts joined, their
+    weights dropped), since the text encoder would otherwise score the brackets and numbers."""
+    from difftrain.sampling.prompt_schedule import composable_parts, prompt_schedule
     from difftrain.sampling.prompts import extract_lora_tags, parse_attention
 
     text, _ = extract_lora_tags(prompt)
+    text = ", ".join(prompt_schedule(part, CLIP_SCHEDULE_STEPS)[-1][1] for part, _ in composable_parts(text))
     return " ".join("".join(part if weight >= 0 else " " for part, weight in parse_attention(text)).split())
 
 

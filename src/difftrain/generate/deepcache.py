@@ -28,6 +28,12 @@ class DeepCache:
         self._forward = unet.forward
         unet.up_blocks[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
         unet.forward = self.forward
+        unet.feature_cache = self  # what draw() tells when the conditioning changes mid-draw (refresh)
+
+    def refresh(self) -> None:
+        """The next call runs the whole UNet: the conditioning changed (a prompt edit's next span, an alternation),
+        and the kept deep features were made from the old one."""
+        self.deep = None
 
     def reset(self) -> None:
         self.calls, self.deep = 0, None

@@ -19,7 +19,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
-from difftrain.sampling.prompt_schedule import ScheduledConditioning
+from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,8 @@ class Controls:
 
 
 def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Image.Image | None = None,
-                    strength: float = 0.75, controls: Controls | None = None) -> tuple[object, dict]:
+                    strength: float = 0.75, controls: Controls | None = None, steps: int | None = None
+                    ) -> tuple[object, dict]:
     """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
 
     `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
@@ -292,6 +293,11 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
         runner = cls(**components, requires_safety_checker=False)
     if init is not None:
         extra = {"image": init.resize((width, height), Image.Resampling.LANCZOS), "strength": strength}
+        if steps is not None and (taken := img2img_steps(scheduler or pipe.scheduler, steps, strength)) < 1:
+            # A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20): the tail img2img
+            # keeps can be empty where steps x strength is 1.
+            raise GenerateError(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to "
+                                f"take ({taken}); raise the strength or the steps")
     if controls is not None:
         from difftrain.generate.controlnet import pipeline_arguments
         from difftrain.models.control import control_pipeline
@@ -301,9 +307,21 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
     return runner, extra
 
 
+def img2img_steps(scheduler, steps: int, strength: float) -> int:
+    """How many of `scheduler`'s timesteps diffusers' img2img runs for `steps` at `strength` (its get_timesteps:
+    the tail that int(steps x strength) leaves)."""
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)  # (the caller's keeps its own timesteps)
+    scheduler.set_timesteps(steps)
+    begin = (steps - min(int(steps * strength), steps)) * scheduler.order
+    return len(scheduler.timesteps[begin:])
+
+
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int) -> ScheduledConditioning:
-    """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a `steps`-step draw (one
-    span unless they use prompt editing or alternation). Its `padded` says whether a side was padded to the
+    """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a schedule of `steps`
+    (schedule_steps: the sampler's steps, twice for a second-order one; one span unless they use prompt editing
+    or alternation). Its `padded` says whether a side was padded to the
     other's length, which A1111 does only with its "Pad conds" option (its infotext then says so): a PNG
     without it would be redrawn unpadded."""
     from difftrain.sampling.prompt_schedule import encode_schedule
@@ -367,7 +385,7 @@ class Drawer:
             images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,
-                                                  strength=options.strength, controls=controls)
+                                                  strength=options.strength, controls=controls, steps=options.steps)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -389,7 +407,7 @@ class Drawer:
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
         conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
-                                      self.options.steps)
+                                      schedule_steps(self.runner.scheduler, self.options.steps))
         self.padded = conditioning.padded  # goes into the infotext of what save() writes
         if self.padded and self.unpadded_png:
             self.unpadded_png = False  # (said once)

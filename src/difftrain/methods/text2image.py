@@ -18,7 +18,7 @@ from PIL import Image
 from difftrain.data.dataset import collate
 from difftrain.methods.base import Method
 from difftrain.models.sd import load_sd
-from difftrain.sampling.prompt_schedule import ScheduledConditioning
+from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 from difftrain.sampling.prompts import is_open_clip
 from difftrain.sampling.schedulers import make_scheduler, plain_config, zero_snr_capable
 from difftrain.training.losses import build_noise_scheduler, denoising_loss
@@ -115,7 +115,9 @@ class TextToImage(Method):
             # and reach the device beside the pixels, not as a blocking copy in the middle of the step.
             self.collate = partial(tokenized_collate, tokenizer=self.tokenizer, max_length=self.max_length)
         # Encoded now: with text caching on, the text encoder leaves memory below.
-        self.validation_embeddings = self.validation_conditioning(self.text_encoder, self.config.sample.steps)
+        sampler = make_scheduler(self.config.sample.scheduler, dict(self.saved_scheduler().config))
+        self.validation_embeddings = self.validation_conditioning(self.text_encoder,
+                                                                  schedule_steps(sampler, self.config.sample.steps))
         cache = self.config.data.cache
         if cache.latents or cache.text:
             from difftrain.training.run_data import cache_dir
@@ -260,8 +262,8 @@ class TextToImage(Method):
     def validation_conditioning(self, text_encoder, steps: int, prompts: list[str] | None = None,
                                 negative_prompt: str | None = None) -> list[ScheduledConditioning]:
         """The conditioning of each validation prompt (or of each of `prompts`, against `negative_prompt` rather
-        than the previews' sample.negative_prompt) for a `steps`-step draw, encoded as `difftrain generate` does,
-        A1111's prompt editing included."""
+        than the previews' sample.negative_prompt) for a prompt schedule of `steps` (prompt_schedule.schedule_steps),
+        encoded as `difftrain generate` does, A1111's prompt editing and AND included."""
         from difftrain.sampling.prompt_schedule import encode_schedule
         from difftrain.sampling.prompts import encode_texts
 
@@ -288,7 +290,7 @@ class TextToImage(Method):
         pipe.set_progress_bar_config(disable=True)
         conditioning = self.validation_embeddings  # for sample.steps, the steps the trainer draws previews in
         if "text_encoder" in modules:  # trained: the stored embeddings are stale
-            conditioning = self.validation_conditioning(modules["text_encoder"], steps)
+            conditioning = self.validation_conditioning(modules["text_encoder"], schedule_steps(pipe.scheduler, steps))
         size = self.config.data.resolution
         home = self.vae.device
         self.vae.to(self.device)
@@ -322,8 +324,8 @@ class TextToImage(Method):
         images: list[Image.Image] = []
         try:
             for start, end in prompt_batches(prompts, batch_size):
-                [spans] = self.validation_conditioning(text_encoder, steps, [prompts[start]],
-                                                       self.config.eval.negative_prompt)
+                [spans] = self.validation_conditioning(text_encoder, schedule_steps(pipe.scheduler, steps),
+                                                       [prompts[start]], self.config.eval.negative_prompt)
                 images += draw(pipe, *spans.first, list(range(seed + start, seed + end)), steps, guidance_scale,
                                schedule=spans, autocast=self.weight_dtype, width=size, height=size)
         finally:

@@ -88,20 +88,31 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AL
 
 @functools.cache
 def _unreachable(endpoint: str) -> bool:
-    """Whether a TCP connection to `endpoint` fails within 3 s (once per process). Behind a proxy the proxy resolves
-    the host, so nothing is probed."""
+    """Whether a TCP connection to `endpoint`, name lookup included, fails within about 3 s (once per process). Behind
+    a proxy the proxy resolves the host, so nothing is probed."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return False
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
-    except (OSError, ValueError):  # no such host, no route, refused, or no host at all in the URL
+    url, reached = urlparse(endpoint), []
+
+    def connect() -> None:
+        try:
+            address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
+            socket.create_connection(address, timeout=3).close()
+            reached.append(True)
+        except (OSError, ValueError):  # no such host, no route, refused, or no host at all in the URL
+            pass
+
+    # In a thread: the name lookup takes no timeout, and a dead resolver holds it for tens of seconds.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout=4)
+    if not reached:
         log.info("the Hugging Face Hub (%s) cannot be reached: hub ids are looked up in the HF cache only", endpoint)
-        return True
-    return False
+    return not reached
 
 
 def _offline_error(role: str, spec: str) -> ModelLoadError:

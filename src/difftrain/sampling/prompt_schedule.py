@@ -44,6 +44,12 @@ def _parser():
     return lark.Lark(GRAMMAR, maybe_placeholders=True)
 
 
+def schedule_steps(scheduler, steps: int) -> int:
+    """The steps a prompt's schedule spans when `scheduler` draws `steps`: A1111 sizes it for twice the steps with a
+    second-order sampler (Heun, DPM2, DPM++ SDE: diffusers' `order` 2), whose two UNet calls a step it counts."""
+    return steps * int(getattr(scheduler, "order", 1))
+
+
 def _when(number: str, steps: int) -> int:
     """The last step of a `[from:to:when]`'s `from`: `0.25` is a quarter of `steps`, `5` step 5."""
     value = float(number) * steps if "." in number else float(number)
@@ -155,4 +161,5 @@ def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int) -> Sc
     return ScheduledConditioning(ends, pairs, padded, [weight for _, weight in parts])
 
 
-__all__ = ["GRAMMAR", "ScheduledConditioning", "composable_parts", "encode_schedule", "prompt_schedule"]
+__all__ = ["GRAMMAR", "ScheduledConditioning", "composable_parts", "encode_schedule", "prompt_schedule",
+           "schedule_steps"]

@@ -347,7 +347,11 @@ def _spacing(class_name: str, base_config: dict) -> dict:
     if base_config.get("rescale_betas_zero_snr") or base_config.get("timestep_spacing") == "trailing":
         return {"timestep_spacing": "trailing"}
     if class_name in ("DDIMScheduler", "PNDMScheduler"):
-        return {"timestep_spacing": "leading", "steps_offset": 1}
+        # A Stable Diffusion schedule (steps_offset 1 or set_alpha_to_one off, as SD's configs say, whatever their
+        # class) ends short of alpha 1, as A1111's DDIM and PLMS do (_place_a1111_timesteps); a pixel model's
+        # (DDPM's, offset 0) ends on the clean sample.
+        sd_style = base_config.get("steps_offset") == 1 or base_config.get("set_alpha_to_one") is False
+        return {"timestep_spacing": "leading", "steps_offset": 1, **({"set_alpha_to_one": False} if sd_style else {})}
     return {"timestep_spacing": "linspace"}
 
 
@@ -424,15 +428,19 @@ def _place_a1111_timesteps(scheduler, count: int) -> None:
     count) + 1, 0, 999) they step from T[-1] down to T[1], each to the point below, so the last step lands on
     t = 1: 30 steps from t = 991 for 30 asked, but 19 from t = 951 for 20 (1000 // 20 leaves no point past 951).
     diffusers' "leading" took `count` steps from t = 958 (30) down to t = 1 and then to t = 0. The stride a
-    step takes, 1000 // count, is the same; where T's last point is clipped to 999 (3, 9, 27 or 37 steps) A1111's
-    first step lands one timestep higher than here."""
+    step takes, 1000 // count, is the same. Where T's last point is clipped to 999 (3, 9, 27, 36, 37 and 101 or
+    more steps) A1111's first DDIM step lands one timestep higher than here, and PLMS keeps diffusers' steps."""
     import numpy as np
     import torch
 
     total = scheduler.config.num_train_timesteps
-    points = np.clip(np.arange(0, total, total // count) + scheduler.config.steps_offset, 0, total - 1)
+    points = np.arange(0, total, total // count) + scheduler.config.steps_offset
+    clipped = points[-1] > total - 1  # (at 3, 9, 27, 36, 37 and 101 or more steps)
+    points = np.clip(points, 0, total - 1)
     if len(points) < 2:  # one step: A1111 would take none
         return
+    if clipped and _diffusers_class(scheduler) == "PNDMScheduler":
+        return  # PNDM's second call steps a stride back up from the point below the top: to 1000, past the end
     if _diffusers_class(scheduler) == "PNDMScheduler":  # PLMS: its first step also visits the next point
         scheduler._timesteps = points[1:]
         steps = np.concatenate([points[1:-1], points[-2:-1], points[-1:]])[::-1]

@@ -94,6 +94,7 @@ def _swapping_spans(pipe, schedule: ScheduledConditioning, count: int, dtype: to
         index = schedule.index_at(step + 1)
         if index != current[0]:
             current[0] = index
+            _refresh_feature_cache(pipeline.unet)
             positive, negative = (side.to(pipeline._execution_device, dtype).repeat(count, 1, 1)
                                   for side in schedule.pairs[index])
             values["prompt_embeds"] = (torch.cat([negative, positive]) if pipeline.do_classifier_free_guidance
@@ -101,6 +102,12 @@ def _swapping_spans(pipe, schedule: ScheduledConditioning, count: int, dtype: to
         return values
 
     return {**extra, "callback_on_step_end": step_end}
+
+
+def _refresh_feature_cache(unet) -> None:
+    """A cache of deep features across steps (generate's DeepCache) made from one conditioning is not the next's."""
+    if (cache := getattr(unet, "feature_cache", None)) is not None:
+        cache.refresh()
 
 
 @contextlib.contextmanager
@@ -123,7 +130,10 @@ def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: floa
 
     def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         half = sample.shape[0] // 2
-        positives, negative = schedule.pairs[schedule.index_at(calls[0])]
+        index = schedule.index_at(calls[0])
+        if calls[0] and index != schedule.index_at(calls[0] - 1):
+            _refresh_feature_cache(unet)
+        positives, negative = schedule.pairs[index]
         calls[0] += 1
         parts = len(positives)
         conditioning = torch.cat([negative.expand(half, -1, -1),

@@ -267,8 +267,9 @@ class Engine:
 
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
-        from difftrain.generate.text2image import (Controls, GenerateOptions, encode_prompts, infotext_params,
-                                                   sampling_runner)
+        from difftrain.generate.text2image import (Controls, GenerateError, GenerateOptions, encode_prompts,
+                                                   infotext_params, sampling_runner)
+        from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.sampling.text2image import draw
 
@@ -283,14 +284,14 @@ class Engine:
                      or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
         # new one) and their weights are part of the key; the steps place a prompt edit's spans.
-        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, request.steps)
+        steps = schedule_steps(scheduler, request.steps)
+        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps)
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             self.prompt_cache_hits += 1
         else:
             self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip,
-                                                    request.steps)
+            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip, steps)
             while len(self.prompt_cache) > self.prompt_cache_size:
                 self.prompt_cache.popitem(last=False)
         conditioning = self.prompt_cache[key]
@@ -299,9 +300,13 @@ class Engine:
         if units:
             nets = self._nets(prepared, pipe)
             controls = Controls(units, nets, self._conditions(request, prepared))
-        runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
-                                        init=prepared.init_image, strength=getattr(request, "denoising_strength", 0.75),
-                                        controls=controls)
+        try:
+            runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
+                                            init=prepared.init_image,
+                                            strength=getattr(request, "denoising_strength", 0.75), controls=controls,
+                                            steps=request.steps)
+        except GenerateError as reason:
+            raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
 
         def step_end(pipeline, step, timestep, values):

@@ -329,8 +329,8 @@ def test_clip_reads_a_prompt_without_its_a1111_syntax():
     from difftrain.evaluate.scores import plain_text
 
     assert plain_text("a (red:1.3) [fox] BREAK in the \\(snow\\) <lora:shapes:0.8>") == "a red fox in the (snow)"
-    # Prompt editing as the text the last steps draw, AND parts joined without their weights.
-    assert plain_text("a [red:blue:0.5] circle AND a square:0.6") == "a blue circle, a square"
+    # Prompt editing as the text the last steps draw; a caption's "AND" and trailing ":30" are words.
+    assert plain_text("a [red:blue:0.5] clock AND a square at 10:30") == "a blue clock AND a square at 10:30"
 
 
 # ----------------------------------------------------------------------------- during training

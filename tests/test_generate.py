@@ -444,6 +444,18 @@ def test_and_composes_the_guidance_of_its_parts_as_a1111(tiny_sd, tmp_path, caps
     assert np.abs(pixels_of(five, "a red circle:2") - pixels_of(ten, "a red circle")).max() <= 2
     assert np.abs(pixels_of(five, "a red circle AND a blue square") - plain).max() > 2
     assert np.array_equal(pixels_of(five, "a red circle:1"), plain)  # one part at weight 1: plain guidance
+    # Parts of other lengths are stacked as A1111 stacks them (each padded with its last vector) and run apart
+    # from the uncond half, which keeps its own length: nothing is "Pad conds"-padded.
+    batches.clear()
+    long = "a cat AND " + "red " * 90
+    five.draw(long, "", [4])
+    assert batches == [1, 2] * 3 and five.padded is False
+    assert "forward" not in five.pipe.unet.__dict__  # the UNet's own forward again, no instance attribute left
+    # Evaluation reads captions as data: "at 10:30" is a time, not a weight of 30 (compose=False).
+    literal = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=3, width=32, height=32, guidance_scale=5.0,
+                                                   compose=False), progress=False)
+    assert np.array_equal(pixels_of(literal, "a red circle"), plain)
+    assert not np.array_equal(pixels_of(literal, "a red circle:2"), pixels_of(five, "a red circle:2"))
     # What cannot compose is said before drawing.
     assert main(["generate", str(tiny_sd), "--prompt", "a red circle AND a blue square", "--cfg", "1",
                  "--out", str(tmp_path / "cfg1"), *FAST]) == 2

@@ -79,7 +79,8 @@ def control_study(model: str, cases: list[tuple[str, str]], seeds: list[int], st
     located = locate(model)
     if base is None:
         base = ((located.manifest.base if located.manifest else None) or {}).get("model")
-    common = dict(steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, width=size, height=size)
+    common = dict(steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, width=size, height=size,
+                  compose=False)  # (captions: a trailing ":30" is a time, not a weight)
     plain = Drawer(base, GenerateOptions(prompt="", **common), progress=progress)
     results = {"with": [], "without": []}
     for number, (mask_path, prompt) in enumerate(cases):

@@ -289,7 +289,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     if tagged is not None:
         raise EvalError(f"prompt {tagged!r} names a LoRA: evaluate the LoRA's run folder (its model carries it), "
                         "not a <lora:...> tag, which eval would read as words")
-    given = {"prompt": plan[0], "negative_prompt": options.negative_prompt, "seed": options.seed,
+    given = {"prompt": plan[0], "negative_prompt": options.negative_prompt, "seed": options.seed, "compose": False,
              "use_ema": options.use_ema, "precision": options.precision, "width": options.width,
              "height": options.height, "batch_size": options.batch_size, "device": options.networks.device}
     for name, value in (("scheduler", options.scheduler), ("steps", options.steps),

@@ -203,13 +203,13 @@ CLIP_SCHEDULE_STEPS = 1000
 
 def plain_text(prompt: str) -> str:
     """A prompt as CLIP should read it: A1111's syntax gone (`(red:1.3)` -> `red`, `[fox]` -> `fox`, BREAK and
-    `<lora:...>` tags dropped; a prompt edit as its last text, `[cat:dog:0.5]` -> `dog`; AND parts joined, their
-    weights dropped), since the text encoder would otherwise score the brackets and numbers."""
-    from difftrain.sampling.prompt_schedule import composable_parts, prompt_schedule
+    `<lora:...>` tags dropped; a prompt edit as its last text, `[cat:dog:0.5]` -> `dog`), since the text encoder
+    would otherwise score the brackets and numbers. AND stays a word, as evaluation draws it (captions are data)."""
+    from difftrain.sampling.prompt_schedule import prompt_schedule
     from difftrain.sampling.prompts import extract_lora_tags, parse_attention
 
     text, _ = extract_lora_tags(prompt)
-    text = ", ".join(prompt_schedule(part, CLIP_SCHEDULE_STEPS)[-1][1] for part, _ in composable_parts(text))
+    text = prompt_schedule(text, CLIP_SCHEDULE_STEPS)[-1][1]
     return " ".join("".join(part if weight >= 0 else " " for part, weight in parse_attention(text)).split())
 
 

@@ -64,6 +64,7 @@ class GenerateOptions:
     controlnets: list[ControlUnit] = field(default_factory=list)
     deepcache: int = 0  # > 1: the whole UNet every this many steps, its shallow blocks between (generate/deepcache.py)
     backend: str = "auto"  # torch | onnxruntime; auto: onnxruntime for an ONNX export, torch otherwise
+    compose: bool = True  # AND and a trailing ":weight" composed as A1111 does; eval reads captions as plain text
     provider: str = "auto"  # ONNX Runtime's execution provider: auto, cpu, cuda, tensorrt
     provider_fallback: bool = False  # run on what there is when the provider asked for is missing
     device: str = "auto"  # auto: CUDA where there is a GPU, else the CPU; or cpu, cuda, cuda:1 ...
@@ -318,7 +319,8 @@ def img2img_steps(scheduler, steps: int, strength: float) -> int:
     return len(scheduler.timesteps[begin:])
 
 
-def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int) -> ScheduledConditioning:
+def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int,
+                   composable: bool = True) -> ScheduledConditioning:
     """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a schedule of `steps`
     (schedule_steps: the sampler's steps, twice for a second-order one; one span unless they use prompt editing
     or alternation). Its `padded` says whether a side was padded to the
@@ -327,12 +329,12 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, step
     from difftrain.sampling.prompt_schedule import encode_schedule
     from difftrain.sampling.prompts import encode_texts
 
-    def encode(texts: list[str]) -> tuple[list[torch.Tensor], bool]:
+    def encode(texts: list[str], pad: bool) -> tuple[list[torch.Tensor], bool]:
         # A multi-vector embedding's token stands for all its vectors ("<tok>" -> "<tok> <tok>_1 ...").
         texts = [pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in texts]
-        return encode_texts(pipe.tokenizer, pipe.text_encoder, texts, pipe._execution_device, clip_skip)
+        return encode_texts(pipe.tokenizer, pipe.text_encoder, texts, pipe._execution_device, clip_skip, pad=pad)
 
-    return encode_schedule(encode, prompt, negative_prompt, steps)
+    return encode_schedule(encode, prompt, negative_prompt, steps, composable)
 
 
 class Drawer:
@@ -407,7 +409,7 @@ class Drawer:
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
         conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
-                                      schedule_steps(self.runner.scheduler, self.options.steps))
+                                      schedule_steps(self.runner.scheduler, self.options.steps), self.options.compose)
         self.padded = conditioning.padded  # goes into the infotext of what save() writes
         if self.padded and self.unpadded_png:
             self.unpadded_png = False  # (said once)

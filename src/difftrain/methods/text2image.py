@@ -115,9 +115,11 @@ class TextToImage(Method):
             # and reach the device beside the pixels, not as a blocking copy in the middle of the step.
             self.collate = partial(tokenized_collate, tokenizer=self.tokenizer, max_length=self.max_length)
         # Encoded now: with text caching on, the text encoder leaves memory below.
-        sampler = make_scheduler(self.config.sample.scheduler, dict(self.saved_scheduler().config))
-        self.validation_embeddings = self.validation_conditioning(self.text_encoder,
-                                                                  schedule_steps(sampler, self.config.sample.steps))
+        steps = self.config.sample.steps
+        if self.validation_prompts():  # (a run without previews needs no preview sampler, nor its dependencies)
+            steps = schedule_steps(make_scheduler(self.config.sample.scheduler, dict(self.saved_scheduler().config)),
+                                   steps)
+        self.validation_embeddings = self.validation_conditioning(self.text_encoder, steps)
         cache = self.config.data.cache
         if cache.latents or cache.text:
             from difftrain.training.run_data import cache_dir
@@ -260,19 +262,20 @@ class TextToImage(Method):
 
     @torch.no_grad()
     def validation_conditioning(self, text_encoder, steps: int, prompts: list[str] | None = None,
-                                negative_prompt: str | None = None) -> list[ScheduledConditioning]:
+                                negative_prompt: str | None = None, composable: bool = True
+                                ) -> list[ScheduledConditioning]:
         """The conditioning of each validation prompt (or of each of `prompts`, against `negative_prompt` rather
         than the previews' sample.negative_prompt) for a prompt schedule of `steps` (prompt_schedule.schedule_steps),
         encoded as `difftrain generate` does, A1111's prompt editing and AND included."""
         from difftrain.sampling.prompt_schedule import encode_schedule
         from difftrain.sampling.prompts import encode_texts
 
-        def encode(texts: list[str]) -> tuple[list[torch.Tensor], bool]:
+        def encode(texts: list[str], pad: bool) -> tuple[list[torch.Tensor], bool]:
             return encode_texts(self.tokenizer, text_encoder, [self.expand_prompt(text) for text in texts],
-                                self.device, max_length=self.max_length)
+                                self.device, max_length=self.max_length, pad=pad)
 
         negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
-        return [encode_schedule(encode, prompt, negative, steps)
+        return [encode_schedule(encode, prompt, negative, steps, composable)
                 for prompt in (self.validation_prompts() if prompts is None else prompts)]
 
     def draws_samples(self) -> bool:
@@ -325,7 +328,8 @@ class TextToImage(Method):
         try:
             for start, end in prompt_batches(prompts, batch_size):
                 [spans] = self.validation_conditioning(text_encoder, schedule_steps(pipe.scheduler, steps),
-                                                       [prompts[start]], self.config.eval.negative_prompt)
+                                                       [prompts[start]], self.config.eval.negative_prompt,
+                                                       composable=False)  # (captions, as difftrain eval reads them)
                 images += draw(pipe, *spans.first, list(range(seed + start, seed + end)), steps, guidance_scale,
                                schedule=spans, autocast=self.weight_dtype, width=size, height=size)
         finally:

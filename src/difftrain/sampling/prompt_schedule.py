@@ -137,10 +137,18 @@ class ScheduledConditioning:
         return positives[:1], negative
 
 
-def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int) -> ScheduledConditioning:
-    """Every part's and the negative prompt's schedules merged, each span through `encode([*parts, negative]) ->
-    (their conditionings, padded)` (prompts.encode_texts); a span repeated is encoded once."""
-    parts = composable_parts(prompt)
+def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int,
+                    composable: bool = True) -> ScheduledConditioning:
+    """Every part's and the negative prompt's schedules merged, each span through `encode(texts, pad) -> (their
+    conditionings, padded)` (prompts.encode_texts); a span repeated is encoded once.
+
+    One part at weight 1 is padded as a pair ("Pad conds"). Several (or a weight) are encoded at their own lengths
+    and the parts stacked as A1111 stacks them, each padded by repeating its last vector; the negative stays at its
+    own length (the UNet runs it apart when the lengths differ, as A1111 does without "Pad conds").
+    Without `composable` (captions read as data: evaluation) AND and a trailing `:number` are plain text.
+    """
+    parts = composable_parts(prompt) if composable else [(prompt, 1.0)]
+    together = [weight for _, weight in parts] == [1.0]
     schedules = [prompt_schedule(text, steps) for text, _ in parts]
     negative = prompt_schedule(negative_prompt, steps)
     ends = sorted({end for schedule in [*schedules, negative] for end, _ in schedule})
@@ -153,12 +161,19 @@ def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int) -> Sc
     for end in ends:
         texts = (tuple(text_at(schedule, end) for schedule in schedules), text_at(negative, end))
         if texts not in encoded:
-            conditionings, was_padded = encode([*texts[0], texts[1]])
-            encoded[texts] = torch.cat(conditionings[:-1]), conditionings[-1], was_padded
+            conditionings, was_padded = encode([*texts[0], texts[1]], together)
+            encoded[texts] = _stacked(conditionings[:-1]), conditionings[-1], was_padded
         positives, negative_z, was_padded = encoded[texts]
         pairs.append((positives, negative_z))
         padded |= was_padded
     return ScheduledConditioning(ends, pairs, padded, [weight for _, weight in parts])
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[parts, tokens, dim]: each part padded to the longest by repeating its last vector (A1111's stack_conds)."""
+    longest = max(part.shape[1] for part in parts)
+    return torch.cat([torch.cat([part, part[:, -1:].expand(-1, longest - part.shape[1], -1)], dim=1)
+                      for part in parts])
 
 
 __all__ = ["GRAMMAR", "ScheduledConditioning", "composable_parts", "encode_schedule", "prompt_schedule",

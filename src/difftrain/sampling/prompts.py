@@ -295,16 +295,18 @@ def encode_pair(
 @torch.no_grad()
 def encode_texts(
     tokenizer, text_encoder, texts: list[str], device, clip_skip: int = 1, max_length: int | None = None,
+    pad: bool = True,
 ) -> tuple[list[torch.Tensor], bool]:
-    """Each text's conditioning [1, 77 * chunks, hidden], all padded with empty-prompt chunks to the most chunks
-    any has (encode_pair's rule), and whether any was padded."""
+    """Each text's conditioning [1, 77 * chunks, hidden] and whether any was padded: with `pad`, all padded with
+    empty-prompt chunks to the most chunks any has (encode_pair's rule); else each at its own length."""
     unpadded = [tokenize_weighted(tokenizer, text, max_length=max_length) for text in texts]
-    count = max(map(len, unpadded))
+    count = max(map(len, unpadded)) if pad else 0
     empty = tokenize_weighted(tokenizer, "", max_length=max_length)[0]
-    chunks = [chunk for side in unpadded for chunk in side + [empty] * (count - len(side))]
+    sides = [side + [empty] * (count - len(side)) for side in unpadded]
     # One encoder call for all: each chunk is weighted on its own, so batching changes nothing.
-    together = _encode_chunks(text_encoder, chunks, device, clip_skip)
-    return list(together.chunk(len(texts), dim=1)), len({len(side) for side in unpadded}) > 1
+    together = _encode_chunks(text_encoder, [chunk for side in sides for chunk in side], device, clip_skip)
+    lengths = [sum(len(chunk.ids) for chunk in side) for side in sides]
+    return list(together.split(lengths, dim=1)), pad and len({len(side) for side in unpadded}) > 1
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:

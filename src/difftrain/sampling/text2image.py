@@ -59,6 +59,7 @@ def draw(
     composing = contextlib.nullcontext()
     if schedule is not None and schedule.composable:
         composing = _composing_parts(pipe, schedule, guidance_scale)  # (it takes every span's conditioning)
+        positive = negative  # a placeholder of the negative's shape: the parts may be of another length
     elif schedule is not None and len(schedule.pairs) > 1:
         extra = _swapping_spans(pipe, schedule, len(seeds), dtype, extra)
     call = dict(
@@ -125,24 +126,35 @@ def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: floa
     if why:
         raise PromptError(f"AND or a prompt weight ({', '.join(f'{w:g}' for w in schedule.weights)}) composes "
                           f"prompts, and {why}; drop the AND, or the ':weight' at the prompt's end")
-    unet, original, calls = pipe.unet, pipe.unet.forward, [0]
+    unet, calls = pipe.unet, [0]
+    # Put back as found: accelerate's offload hook (an instance attribute) or none (the class's own forward).
+    had_own, original = "forward" in unet.__dict__, unet.forward
     weights = torch.tensor(schedule.weights)
+
+    def run(sample, timestep, conditioning, args, kwargs) -> torch.Tensor:
+        return original(sample, timestep, conditioning.to(sample.device), *args, return_dict=False, **kwargs)[0]
 
     def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         half = sample.shape[0] // 2
         index = schedule.index_at(calls[0])
         if calls[0] and index != schedule.index_at(calls[0] - 1):
             _refresh_feature_cache(unet)
-        positives, negative = schedule.pairs[index]
+        positives, negative = (side.to(encoder_hidden_states.dtype) for side in schedule.pairs[index])
         calls[0] += 1
         parts = len(positives)
-        conditioning = torch.cat([negative.expand(half, -1, -1),
-                                  positives.repeat_interleave(half, dim=0)]).to(encoder_hidden_states)
-        inputs = torch.cat([sample[:half], *[sample[half:]] * parts])
+        uncond_t = text_t = timestep
         if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == sample.shape[0]:
-            timestep = torch.cat([timestep[:half], *[timestep[half:]] * parts])
-        predicted = original(inputs, timestep, conditioning, *args, return_dict=False, **kwargs)[0]
-        uncond, conds = predicted[:half], predicted[half:].unflatten(0, (parts, half))
+            uncond_t, text_t = timestep[:half], torch.cat([timestep[half:]] * parts)
+        texts, conditioning = torch.cat([sample[half:]] * parts), positives.repeat_interleave(half, dim=0)
+        if negative.shape[1] == positives.shape[1]:  # one batch
+            both_t = uncond_t if not torch.is_tensor(timestep) or not timestep.ndim else torch.cat([uncond_t, text_t])
+            predicted = run(torch.cat([sample[:half], texts]), both_t,
+                            torch.cat([negative.expand(half, -1, -1), conditioning]), args, kwargs)
+            uncond, conds = predicted[:half], predicted[half:]
+        else:  # of two lengths: apart, as A1111 runs them without "Pad conds"
+            uncond = run(sample[:half], uncond_t, negative.expand(half, -1, -1), args, kwargs)
+            conds = run(texts, text_t, conditioning, args, kwargs)
+        conds = conds.unflatten(0, (parts, half))
         shape = (parts,) + (1,) * (conds.ndim - 1)
         text = uncond + (weights.to(conds).view(shape) * (conds - uncond)).sum(0)
         result = torch.cat([uncond, text])
@@ -152,7 +164,11 @@ def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: floa
     try:
         yield
     finally:
-        unet.forward = original
+        if unet.__dict__.get("forward") is forward:  # (an offload hook put back during the call stays)
+            if had_own:
+                unet.forward = original
+            else:
+                del unet.forward
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ class DreamBooth(TextToImage):
         """Draw `batches` of class images as `difftrain generate` draws (image i from seed class_seed + i) and
         write the missing ones. The UNet runs under the run's autocast, as diffusers' script samples its class
         images in fp16 on a GPU; its weights are the ones training starts from, so they are not cast."""
-        from difftrain.sampling.prompts import encode_pair
+        from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.text2image import draw
 
         settings = self.config.dreambooth
@@ -103,16 +103,17 @@ class DreamBooth(TextToImage):
         pipe = self.pipeline({"unet": self.unet}, make_scheduler(settings.class_scheduler, dict(self.base_scheduler.config)))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        positive, negative, _ = encode_pair(self.tokenizer, self.text_encoder, settings.class_prompt, None, device,
-                                         max_length=self.max_length)
+        # As generate encodes it (A1111 syntax, prompt editing and AND), before setup has moved anything: on `device`.
+        [spans] = self.validation_conditioning(self.text_encoder, schedule_steps(pipe.scheduler, settings.class_steps),
+                                               [settings.class_prompt], "", device=device)
         size = self.config.data.resolution
         paths = {index: folder / class_image_name(index) for batch in batches for index in batch}
         missing = {index for index, path in paths.items() if not path.is_file()}
         with tqdm(total=len(missing), desc="class images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for batch in batches:
-                images = draw(pipe, positive, negative, [settings.class_seed + index for index in batch],
+                images = draw(pipe, *spans.first, [settings.class_seed + index for index in batch],
                               settings.class_steps, settings.class_guidance_scale, autocast=compute_dtype,
-                              width=size, height=size)
+                              width=size, height=size, schedule=spans)
                 for index, image in zip(batch, images):
                     if index in missing:  # an image the user put there is theirs
                         with atomic_path(paths[index]) as tmp:  # half a PNG never counts as generated

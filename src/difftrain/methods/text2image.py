@@ -262,7 +262,7 @@ class TextToImage(Method):
 
     @torch.no_grad()
     def validation_conditioning(self, text_encoder, steps: int, prompts: list[str] | None = None,
-                                negative_prompt: str | None = None, composable: bool = True
+                                negative_prompt: str | None = None, composable: bool = True, device=None
                                 ) -> list[ScheduledConditioning]:
         """The conditioning of each validation prompt (or of each of `prompts`, against `negative_prompt` rather
         than the previews' sample.negative_prompt) for a prompt schedule of `steps` (prompt_schedule.schedule_steps),
@@ -272,7 +272,7 @@ class TextToImage(Method):
 
         def encode(texts: list[str], pad: bool) -> tuple[list[torch.Tensor], bool]:
             return encode_texts(self.tokenizer, text_encoder, [self.expand_prompt(text) for text in texts],
-                                self.device, max_length=self.max_length, pad=pad)
+                                device or self.device, max_length=self.max_length, pad=pad)
 
         negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
         return [encode_schedule(encode, prompt, negative, steps, composable)

@@ -256,3 +256,17 @@ def test_a_pixel_limit_above_pils_own_is_the_one_that_counts(tmp_path, monkeypat
     assert load_image(tmp_path / "wide.png", max_pixels=6_000).size == (100, 50)
     with pytest.raises(BadImage, match="exceeds data.max_image_pixels=4000"):
         load_image(tmp_path / "wide.png", max_pixels=4_000)  # ours still decides
+
+
+def test_a_png_whose_exif_follows_its_pixels_is_sized_upright_from_its_header_alone():
+    """Some editors write a PNG's eXIf chunk after IDAT, where open() does not look and load() does: the header
+    size was the stored one while the decoded image was turned a quarter, so its bucket and pixels disagreed."""
+    stored = png_bytes(Image.new("RGB", (40, 20), (200, 0, 0)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turned a quarter
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    end = stored.rindex(b"IEND") - 4
+    trailing = stored[:end] + chunk + stored[end:]
+    assert load_image_bytes(trailing).size == image_size_from_bytes(trailing) == (20, 40)
+    assert image_size_from_bytes(stored) == (40, 20)  # without one, the stored size

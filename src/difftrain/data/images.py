@@ -190,8 +190,31 @@ def _header_size(source: BinaryIO) -> tuple[int, int]:
         width, height = image.size
         # Pillow's TIFF reader gives the upright size on open already (and turns the pixels as it loads them).
         orientation = _orientation(image) if image.format != "TIFF" else None
+        trailing = image.format == "PNG" and orientation is None and "exif" not in image.info
+    if trailing:  # a PNG may keep its EXIF after the pixels, where open() does not look (load() does)
+        orientation = _png_trailing_orientation(source)
     # Orientations 5-8 turn the picture a quarter, so the upright image is height x width.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _png_trailing_orientation(source: BinaryIO) -> int | None:
+    """The orientation in an eXIf chunk after a PNG's image data, found by stepping over the chunks' headers (the
+    pixels are skipped, not read); None without one. Decoding sees it (load() reads the chunks after IDAT), so a
+    header-only size must too, or the bucket and the decoded image disagree by a quarter turn."""
+    try:
+        source.seek(8)
+        while header := source.read(8):
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(source.read(length))
+                return exif.get(ExifTags.Base.Orientation)
+            if kind == b"IEND" or len(header) < 8:
+                return None
+            source.seek(length + 4, io.SEEK_CUR)  # the data and its CRC
+    except Exception:  # a damaged tail is the decode's to report; the header's size stands
+        return None
+    return None
 
 
 def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:

@@ -329,3 +329,31 @@ def test_images_waiting_for_the_encoder_stay_within_a_budget_whatever_the_bucket
     counts = data.fill_cache(CacheEncoders(latents=encode, latent_tag="identity"), tmp_path / "cache", progress=False)
     assert counts["latents computed"] == 10 and sum(batches) == 10
     assert max(batches) <= 2 and len(batches) >= 5  # without the budget: 4 batches, one per bucket, at the end
+
+
+def test_a_label_map_keeps_its_stored_colours_whatever_its_colour_profile(tmp_path):
+    """A segmentation map saved with an ICC profile (Adobe RGB here) was turned to sRGB like a photo: every label
+    colour moved, and the labels with it. Label maps (mask, segmentation) are read as stored, in training and in
+    generate; a photo's condition still is colour-managed."""
+    from test_images import adobe_rgb_profile
+
+    from difftrain.data.images import load_image, load_image_bytes
+    from difftrain.generate.controlnet import ControlUnit, conditioning_image
+
+    labels = [(60, 170, 80), (200, 120, 40), (30, 60, 200), (255, 0, 0)]
+    label_map = Image.new("RGB", (4, 1))
+    label_map.putdata(labels)
+    label_map = label_map.resize((16, 16), Image.Resampling.NEAREST)
+    root = paired_folder(tmp_path / "data", [(16, 16)])
+    label_map.save(root / "conditioning" / "000.png", icc_profile=adobe_rgb_profile())
+    stored = {tuple(c) for c in np.asarray(label_map).reshape(-1, 3)}
+    for preprocess, managed in (("segmentation", False), ("none", True)):
+        data = dataset(root, preprocess=preprocess, crop="center")
+        record = data.source.read(0)
+        condition = data.conditions.load(record, load_image_bytes(record.data))
+        assert ({tuple(c) for c in np.asarray(condition).reshape(-1, 3)} == stored) is not managed, preprocess
+    unit = ControlUnit(model=None, image=str(root / "conditioning" / "000.png"), scale=1.0, preprocess="segmentation")
+    drawn = conditioning_image(unit, 16, 16)
+    assert {tuple(c) for c in np.asarray(drawn).reshape(-1, 3)} == stored
+    assert np.abs(np.asarray(load_image(root / "conditioning" / "000.png"), dtype=int)
+                  - np.asarray(label_map, dtype=int)).max() > 20  # a photo's decode still converts it

@@ -57,13 +57,19 @@ class Preprocess:
         return self.name not in PASS_THROUGH
 
     @property
+    def colour_managed(self) -> bool:
+        """Whether the file is turned to sRGB by its ICC profile: not a label map, whose colours are the labels."""
+        return self.name not in NEAREST
+
+    @property
     def resample(self) -> Image.Resampling:
         return Image.Resampling.NEAREST if self.name in NEAREST else Image.Resampling.BICUBIC
 
     def tag(self) -> list:
         """What a cached condition depends on besides its image (annotator weights by folder name)."""
         return [self.name, self.low_threshold, self.high_threshold, self.annotator_path,
-                *(["rgb"] if self.name == "canny" else [])]  # canny's maps once came from grey
+                *(["rgb"] if self.name == "canny" else []),  # canny's maps once came from grey
+                *(["unmanaged"] if not self.colour_managed else [])]  # label maps were once converted to sRGB
 
     def __call__(self, image: Image.Image) -> Image.Image:
         if self.name == "canny":
@@ -179,7 +185,7 @@ class Conditions:
         if record.conditioning is None:
             raise BadImage(f"{record.key}: no conditioning image")
         try:
-            condition = load_image_bytes(record.conditioning, self.max_pixels)
+            condition = load_image_bytes(record.conditioning, self.max_pixels, self.preprocess.colour_managed)
         except BadImage as reason:
             raise BadImage(f"its conditioning image: {reason}") from None
         if not _same_shape(condition.size, image.size):

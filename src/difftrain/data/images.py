@@ -101,8 +101,9 @@ def check_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
-    """Open, fully decode and normalise `path` to an upright RGB image.
+def load_image(path: str | Path, max_pixels: int = 64_000_000, colour_managed: bool = True) -> Image.Image:
+    """Open, fully decode and normalise `path` to an upright RGB image (in sRGB, from its ICC profile, unless not
+    `colour_managed`: a label map's colours are labels, which a conversion would shift).
 
     Raises BadImage for empty, truncated, unreadable or oversized files.
     """
@@ -113,14 +114,14 @@ def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
         raise BadImage(f"cannot read file: {exc.strerror}") from None
     if size == 0:
         raise BadImage("empty file (0 bytes)")
-    return _decode(path, max_pixels)
+    return _decode(path, max_pixels, colour_managed)
 
 
-def load_image_bytes(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+def load_image_bytes(data: bytes, max_pixels: int = 64_000_000, colour_managed: bool = True) -> Image.Image:
     """`load_image` for encoded bytes held in memory (a shard record): same checks, same result."""
     if not data:
         raise BadImage("empty image (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels)
+    return _decode(io.BytesIO(data), max_pixels, colour_managed)
 
 
 def check_decodes(data: bytes, max_pixels: int = 64_000_000) -> None:
@@ -217,7 +218,7 @@ def _png_trailing_orientation(source: BinaryIO) -> int | None:
     return None
 
 
-def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
+def _decode(source: str | Path | BinaryIO, max_pixels: int, colour_managed: bool = True) -> Image.Image:
     with _opened(source, "decode") as image:
         check_size(*image.size, max_pixels)
         image.seek(0)  # first frame of an animated GIF/WebP
@@ -229,4 +230,5 @@ def _decode(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
         if "transparency" in image.info and upright.mode in ("P", "RGB", "L"):
             # One colour marked transparent: as alpha before the colour transform, which keeps no such mark.
             upright = upright.convert("RGBA")
-        return _to_rgb(_in_srgb(upright, image.info.get("icc_profile"))).copy()
+        profile = image.info.get("icc_profile") if colour_managed else None
+        return _to_rgb(_in_srgb(upright, profile)).copy()

@@ -142,8 +142,9 @@ def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.
     from difftrain.data.images import load_image
 
     preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
-    return condition_image(load_image(unit.image) if image is None else image, (width, height), preprocess,
-                           unit.resize)
+    if image is None:
+        image = load_image(unit.image, colour_managed=preprocess.colour_managed)
+    return condition_image(image, (width, height), preprocess, unit.resize)
 
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], img2img: bool, nets: list) -> dict:

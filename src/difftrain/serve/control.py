@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difftrain.data.conditioning import Preprocess
 from difftrain.serve.requests import RequestError, decode_image
 
 MODULES = ("none", "canny", "mask", "segmentation")  # the extension's preprocessor names we run
@@ -75,7 +76,7 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list]:
                                  preprocess=module, start=start, end=end, low_threshold=int(low) if low > 0 else 100,
                                  high_threshold=int(high) if high > 0 else 200,
                                  resize=_choice(arg, "resize_mode", RESIZE_VALUES, "crop", field), mode=mode))
-        images.append(decode_image(image, f"{field}.image"))
+        images.append(decode_image(image, f"{field}.image", Preprocess(module).colour_managed))
     modes = {unit.mode for unit in units}
     if "control" in modes and len(modes) > 1:
         raise RequestError("alwayson_scripts.controlnet.args", "'ControlNet is more important' on some units and "

@@ -136,12 +136,13 @@ def check_clip_skip(value, field: str) -> None:
 REQUEST_MAX_PIXELS = 4096 * 4096
 
 
-def decode_image(text: str, field: str):
-    """A base64 image (raw or a data URL) as RGB; URLs are never fetched."""
+def decode_image(text: str, field: str, colour_managed: bool = True):
+    """A base64 image (raw or a data URL) as RGB (a label map's colours as stored: not `colour_managed`); URLs are
+    never fetched."""
     from difftrain.data.images import BadImage, load_image_bytes
 
     try:
-        return load_image_bytes(decode_base64(text, field), REQUEST_MAX_PIXELS)
+        return load_image_bytes(decode_base64(text, field), REQUEST_MAX_PIXELS, colour_managed)
     except BadImage as reason:
         raise RequestError(field, str(reason)) from None
 

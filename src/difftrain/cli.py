@@ -752,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="Stable Diffusion text-to-image / img2img, A1111-style")
     gen.add_argument("model", nargs="?", help="run folder, diffusers folder, hub id or single-file .safetensors")
-    gen.add_argument("--prompt", help="A1111 syntax: (word:1.3), [word], BREAK, <lora:name:0.8>")
+    gen.add_argument("--prompt", help="A1111 syntax: (word:1.3), [word], BREAK, <lora:name:0.8>, prompt editing "
+                                      "[from:to:0.5], alternation [a|b], a AND b:0.6")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--steps", type=int)
     gen.add_argument("--scheduler", help="our short names or A1111's sampler names (see --list-schedulers)")

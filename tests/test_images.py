@@ -270,3 +270,13 @@ def test_a_png_whose_exif_follows_its_pixels_is_sized_upright_from_its_header_al
     trailing = stored[:end] + chunk + stored[end:]
     assert load_image_bytes(trailing).size == image_size_from_bytes(trailing) == (20, 40)
     assert image_size_from_bytes(stored) == (40, 20)  # without one, the stored size
+
+
+def test_a_16_bit_grey_png_with_a_transparent_value_shows_it_white():
+    """8-bit transparency became white (as viewers show it); a 16-bit grey PNG's tRNS value was drawn as its grey."""
+    values = np.full((4, 4), 1000, dtype=np.uint16)
+    values[0, 0] = 5000
+    buffer = io.BytesIO()
+    Image.frombytes("I;16", (4, 4), values.tobytes()).save(buffer, format="PNG", transparency=5000)
+    pixels = np.asarray(load_image_bytes(buffer.getvalue()))
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[0, 1].tolist() == [4, 4, 4]  # 1000 / 65535 x 255

@@ -32,7 +32,8 @@ class BadImage(Exception):
     """A file that cannot become a training image; str() is the reason."""
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, transparent: int | None = None) -> Image.Image:
+    """RGB; `transparent`: the grey value a 16-bit PNG marks transparent (its tRNS), white here as alpha is."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -42,11 +43,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # says nothing of its range: out of 65535 when a value needs it, else out of 255.
         # float32 and in place: a 64-megapixel frame is 256 MB a copy (float64 copies took ~2 GB in one worker).
         array = np.array(image, dtype=np.float32)
+        clear = array == transparent if isinstance(transparent, int) and mode != "F" else None
         if mode != "F":
             array /= 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
         np.clip(array, 0.0, 1.0, out=array)
         array *= 255.0
         array += 0.5
+        if clear is not None:
+            array[clear] = 255.0
         return Image.fromarray(array.astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # (one colour marked transparent came as RGBA: _decode)
         # Transparent pixels become white, as most viewers show them, not black garbage.
@@ -231,4 +235,4 @@ def _decode(source: str | Path | BinaryIO, max_pixels: int, colour_managed: bool
             # One colour marked transparent: as alpha before the colour transform, which keeps no such mark.
             upright = upright.convert("RGBA")
         profile = image.info.get("icc_profile") if colour_managed else None
-        return _to_rgb(_in_srgb(upright, profile)).copy()
+        return _to_rgb(_in_srgb(upright, profile), image.info.get("transparency")).copy()

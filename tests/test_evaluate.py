@@ -600,6 +600,13 @@ def test_eval_keeps_image_names_not_images_and_measures_what_held_images_measure
     assert [size for group in groups for size in group.sizes()] == [(32, 32)] * 12
     held = [Group(group.prompt, list(group.images)) for group in groups]
     assert all(isinstance(image, Image.Image) for group in held for image in group.images)
+    # What is read back is the folder's images, each once (not only what the same reader reads twice).
+    from difftrain.data.images import load_image
+
+    def pixels(images) -> list[bytes]:
+        return sorted(np.asarray(image).tobytes() for image in images)
+
+    assert pixels(image for group in held for image in group.images) == pixels(map(load_image, folder.glob("*.png")))
     scorer = Scorer(["is", "lpips"], Networks(inception=str(networks["inception"]), alexnet=str(networks["alexnet"]),
                                               lpips=str(networks["lpips"])))
     stored, in_memory = scorer.score(groups, 32, None), scorer.score(held, 32, None)

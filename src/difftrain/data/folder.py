@@ -305,13 +305,15 @@ def scan_folder(
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
     visible = visible_files(root)  # one walk: images and metadata
-    images = image_paths(visible)
+    named = [path for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
+    images = image_paths(named)
     files = metadata_files(visible)
     source = _choose_caption_source(captions, files, images, caption_extension)
-    # image_paths() keeps files only: an image name whose link leads nowhere would be left out unsaid.
-    skipped: list[tuple[str, str]] = [(str(path.relative_to(root)), f"a link to {os.readlink(path)}, which does not exist")
-                                      for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS
-                                      and path.is_symlink() and not path.exists()]
+    # image_paths() keeps files only: an image name whose link leads nowhere would be left out unsaid. (Only the
+    # names that are not files are looked at again: no second system call per image.)
+    dangling = [path for path in sorted(set(named) - set(images)) if path.is_symlink() and not path.exists()]
+    skipped = [(str(path.relative_to(root)), f"a link to {os.readlink(path)}, which does not exist")
+               for path in dangling]
     column = conditioning.column if conditioning and conditioning.folder is None else None
     wants_metadata = source == "metadata" or (column and files)
     resolve = path_resolver()

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
+from difftrain.data.images import load_image
 from difftrain.evaluate import metrics as m
 from difftrain.evaluate.names import METRICS
 from difftrain.evaluate.reference import (
@@ -35,7 +36,6 @@ from difftrain.evaluate.scores import (
     Scorer,
     StoredImages,
     check_metrics,
-    read_png,
     warn_small,
 )
 from difftrain.evaluate.weights import EvalError
@@ -303,7 +303,7 @@ def _draw(located, options: EvalOptions, records, warnings: list[str], images_di
     images_dir.mkdir(parents=True, exist_ok=True)
     for start, end in prompt_batches(plan, options.batch_size):
         prompt, seeds = plan[start], list(range(options.seed + start, options.seed + end))
-        group = groups.setdefault(prompt, Group(prompt, StoredImages(read_png)))
+        group = groups.setdefault(prompt, Group(prompt, StoredImages(load_image)))
         for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
             path = images_dir / f"{seed - options.seed:05d}-{seed}.png"
             drawer.save(image, path, prompt, options.negative_prompt, seed)
@@ -331,7 +331,7 @@ def _draw_unconditional(target: str, options: EvalOptions, images_dir: Path,
     guidance = options.guidance_scale if model.classes else None  # an unconditional model ignores --cfg, as before
     settings = draw_settings(model, options.num_images, guidance_scale=guidance)
     images_dir.mkdir(parents=True, exist_ok=True)
-    images = StoredImages(read_png)
+    images = StoredImages(load_image)
     for batch in sample_unet_batches(model.unet, model.scheduler_config, options.num_images, scheduler, steps,
                                      options.seed, options.batch_size, progress, **settings):
         for image in batch:

@@ -48,12 +48,6 @@ class StoredImages(Sequence):
         return self._read(self._keys[index])
 
 
-def read_png(path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
-
-
 @dataclass
 class Group:
     """Images drawn for one prompt (None for unconditional models): a list, or StoredImages."""

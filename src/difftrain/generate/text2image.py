@@ -323,9 +323,8 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, step
                    composable: bool = True) -> ScheduledConditioning:
     """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a schedule of `steps`
     (schedule_steps: the sampler's steps, twice for a second-order one; one span unless they use prompt editing
-    or alternation). Its `padded` says whether a side was padded to the
-    other's length, which A1111 does only with its "Pad conds" option (its infotext then says so): a PNG
-    without it would be redrawn unpadded."""
+    or alternation). Its `padded` says whether a side was padded to the other's length, which A1111 does only
+    with its "Pad conds" option (its infotext then says so): a PNG without it would be redrawn unpadded."""
     from difftrain.sampling.prompt_schedule import encode_schedule
     from difftrain.sampling.prompts import encode_texts
 
@@ -418,8 +417,7 @@ class Drawer:
                         "the shorter side is padded with empty chunks and the image will differ a little")
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
-        return draw(self.runner, *conditioning.first, seeds, self.options.steps, self.options.guidance_scale,
-                    schedule=conditioning, **self.extra)
+        return draw(self.runner, conditioning, seeds, self.options.steps, self.options.guidance_scale, **self.extra)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
         """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""

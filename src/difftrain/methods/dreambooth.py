@@ -111,9 +111,9 @@ class DreamBooth(TextToImage):
         missing = {index for index, path in paths.items() if not path.is_file()}
         with tqdm(total=len(missing), desc="class images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for batch in batches:
-                images = draw(pipe, *spans.first, [settings.class_seed + index for index in batch],
+                images = draw(pipe, spans, [settings.class_seed + index for index in batch],
                               settings.class_steps, settings.class_guidance_scale, autocast=compute_dtype,
-                              width=size, height=size, schedule=spans)
+                              width=size, height=size)
                 for index, image in zip(batch, images):
                     if index in missing:  # an image the user put there is theirs
                         with atomic_path(paths[index]) as tmp:  # half a PNG never counts as generated

@@ -299,7 +299,7 @@ class TextToImage(Method):
         self.vae.to(self.device)
         try:
             return [image for number, spans in enumerate(conditioning)
-                    for image in draw(pipe, *spans.first, [seed], steps, sample.guidance_scale, schedule=spans,
+                    for image in draw(pipe, spans, [seed], steps, sample.guidance_scale,
                                       autocast=self.weight_dtype, width=size, height=size,
                                       **self.validation_extras(number))]
         finally:
@@ -330,8 +330,8 @@ class TextToImage(Method):
                 [spans] = self.validation_conditioning(text_encoder, schedule_steps(pipe.scheduler, steps),
                                                        [prompts[start]], self.config.eval.negative_prompt,
                                                        composable=False)  # (captions, as difftrain eval reads them)
-                images += draw(pipe, *spans.first, list(range(seed + start, seed + end)), steps, guidance_scale,
-                               schedule=spans, autocast=self.weight_dtype, width=size, height=size)
+                images += draw(pipe, spans, list(range(seed + start, seed + end)), steps, guidance_scale,
+                               autocast=self.weight_dtype, width=size, height=size)
         finally:
             for module, home in homes:
                 module.to(home)

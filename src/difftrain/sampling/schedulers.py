@@ -433,15 +433,15 @@ def _place_a1111_timesteps(scheduler, count: int) -> None:
     import numpy as np
     import torch
 
-    total = scheduler.config.num_train_timesteps
+    total, plms = scheduler.config.num_train_timesteps, _diffusers_class(scheduler) == "PNDMScheduler"
     points = np.arange(0, total, total // count) + scheduler.config.steps_offset
-    clipped = points[-1] > total - 1  # (at 3, 9, 27, 36, 37 and 101 or more steps)
-    points = np.clip(points, 0, total - 1)
     if len(points) < 2:  # one step: A1111 would take none
         return
-    if clipped and _diffusers_class(scheduler) == "PNDMScheduler":
-        return  # PNDM's second call steps a stride back up from the point below the top: to 1000, past the end
-    if _diffusers_class(scheduler) == "PNDMScheduler":  # PLMS: its first step also visits the next point
+    if points[-1] > total - 1:  # clipped
+        if plms:
+            return  # PNDM's second call steps a stride back up from the point below the top: to 1000, past the end
+        points[-1] = total - 1
+    if plms:  # its first step also visits the next point
         scheduler._timesteps = points[1:]
         steps = np.concatenate([points[1:-1], points[-2:-1], points[-1:]])[::-1]
     else:

@@ -34,34 +34,34 @@ def prompt_batches(prompts: list, batch_size: int) -> Iterator[tuple[int, int]]:
 @torch.no_grad()
 def draw(
     pipe,
-    positive: torch.Tensor,
-    negative: torch.Tensor,
+    conditioning: ScheduledConditioning,
     seeds: list[int],
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
-    schedule: ScheduledConditioning | None = None,
     **extra,
 ) -> list[Image.Image]:
-    """One image per seed from conditioning [1, tokens, dim] (each image i starts from seed i's noise).
+    """One image per seed from encoded prompts (prompt_schedule.encode_schedule; each image i starts from seed
+    i's noise).
 
     `extra` goes to the pipeline (width/height, or image/strength for img2img). `autocast`
     runs the UNet under that dtype (training previews under mixed precision, where frozen
     parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
-    `schedule`: A1111 prompt editing, whose first span is `positive`/`negative`; each later span
-    replaces the conditioning after the step the one before it ends; and its AND parts (composed in the UNet's
-    place, see _composing_parts).
+    The pipeline is given the first span; each later span (A1111 prompt editing) replaces it after the step
+    the one before it ends, and AND parts are composed in the UNet's place (_composing_parts).
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
         pipe.scheduler.noise_sampler_seed = seeds if len(seeds) > 1 else seeds[0]
     dtype = pipe.unet.dtype
+    positives, negative = conditioning.pairs[0]
+    positive = positives[:1]  # (the first AND part: composing replaces it anyway)
     composing = contextlib.nullcontext()
-    if schedule is not None and schedule.composable:
-        composing = _composing_parts(pipe, schedule, guidance_scale)  # (it takes every span's conditioning)
+    if conditioning.composable:
+        composing = _composing_parts(pipe, conditioning, guidance_scale)  # (it takes every span's conditioning)
         positive = negative  # a placeholder of the negative's shape: the parts may be of another length
-    elif schedule is not None and len(schedule.pairs) > 1:
-        extra = _swapping_spans(pipe, schedule, len(seeds), dtype, extra)
+    elif len(conditioning.pairs) > 1:
+        extra = _swapping_spans(pipe, conditioning, len(seeds), dtype, extra)
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
         negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),
@@ -131,29 +131,28 @@ def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: floa
     had_own, original = "forward" in unet.__dict__, unet.forward
     weights = torch.tensor(schedule.weights)
 
-    def run(sample, timestep, conditioning, args, kwargs) -> torch.Tensor:
-        return original(sample, timestep, conditioning.to(sample.device), *args, return_dict=False, **kwargs)[0]
-
     def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         half = sample.shape[0] // 2
         index = schedule.index_at(calls[0])
         if calls[0] and index != schedule.index_at(calls[0] - 1):
             _refresh_feature_cache(unet)
-        positives, negative = (side.to(encoder_hidden_states.dtype) for side in schedule.pairs[index])
         calls[0] += 1
+        positives, negative = (side.to(encoder_hidden_states) for side in schedule.pairs[index])
         parts = len(positives)
-        uncond_t = text_t = timestep
-        if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == sample.shape[0]:
-            uncond_t, text_t = timestep[:half], torch.cat([timestep[half:]] * parts)
-        texts, conditioning = torch.cat([sample[half:]] * parts), positives.repeat_interleave(half, dim=0)
+        batched = torch.is_tensor(timestep) and timestep.ndim > 0  # (SD's pipelines give one timestep for all)
+
+        def run(rows: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+            """The UNet on these rows of the pipeline's batch: the uncond half's, or the text half's again."""
+            return original(sample[rows], timestep[rows] if batched else timestep, conditioning, *args,
+                            return_dict=False, **kwargs)[0]
+
+        uncond_rows, text_rows = torch.arange(half), torch.arange(half, 2 * half).repeat(parts)  # part by part
+        uncond_z, text_z = negative.expand(half, -1, -1), positives.repeat_interleave(half, dim=0)
         if negative.shape[1] == positives.shape[1]:  # one batch
-            both_t = uncond_t if not torch.is_tensor(timestep) or not timestep.ndim else torch.cat([uncond_t, text_t])
-            predicted = run(torch.cat([sample[:half], texts]), both_t,
-                            torch.cat([negative.expand(half, -1, -1), conditioning]), args, kwargs)
+            predicted = run(torch.cat([uncond_rows, text_rows]), torch.cat([uncond_z, text_z]))
             uncond, conds = predicted[:half], predicted[half:]
         else:  # of two lengths: apart, as A1111 runs them without "Pad conds"
-            uncond = run(sample[:half], uncond_t, negative.expand(half, -1, -1), args, kwargs)
-            conds = run(texts, text_t, conditioning, args, kwargs)
+            uncond, conds = run(uncond_rows, uncond_z), run(text_rows, text_z)
         conds = conds.unflatten(0, (parts, half))
         shape = (parts,) + (1,) * (conds.ndim - 1)
         text = uncond + (weights.to(conds).view(shape) * (conds - uncond)).sum(0)

@@ -329,8 +329,7 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            images = draw(runner, *conditioning.first, seeds, request.steps, request.cfg_scale, schedule=conditioning,
-                          **hooks, **extra)
+            images = draw(runner, conditioning, seeds, request.steps, request.cfg_scale, **hooks, **extra)
             for seed, image in zip(seeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [],
                                          conditioning.padded)

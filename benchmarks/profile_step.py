@@ -49,7 +49,8 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dic
 
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(parse_config(raw), progress=False)
-    trainer._prepare_run_dir(resuming=False)
+    trainer._recover_run_dir()
+    trainer._write_run_files()
     method, device = trainer.method, trainer.accelerator.device
     vae, text_encoder = getattr(method, "vae", None), getattr(method, "text_encoder", None)
     if vae is not None:

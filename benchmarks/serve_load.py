@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
+    if args.size < 64 or args.size % 8:
+        parser.error(f"--size {args.size}: the server draws multiples of 8 from 64 px")
     from _common import scratch
 
     work = scratch("difftrain-serve-")

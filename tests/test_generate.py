@@ -279,7 +279,8 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
     with caplog.at_level("WARNING"):
         assert main(["generate", str(model), "--from-png", str(foreign), "--scheduler", "euler",
                      "--out", str(tmp_path / "g"), "--no-progress"]) == 0
-    assert "Hires upscale: 2, Variation seed: 9 not repeated" in caplog.text
+    assert "Sampler: DPM++ 2M" not in caplog.text and "Variation seed: 9 not repeated" in caplog.text
+    assert "Hires" not in caplog.text  # the hires fix is repeated (test_hires.py)
     # Chunks of unequal count without "Pad conds": A1111 drew the sides apart; ours pads, and says so. Our own
     # padded PNG says "Pad conds", so repeating it is silent.
     info = PngInfo()
@@ -319,9 +320,9 @@ def test_a1111_settings_we_cannot_repeat_are_named_and_the_rng_is_recorded(tiny_
     assert repeat(a1111 + ", Eta DDIM: 0.5, Emphasis: No norm, TI hashes: \"easyneg: 1234\"") == 0
     assert "Eta DDIM: 0.5, Emphasis: No norm not repeated" in caplog.text and "--embedding" in caplog.text
     # An img2img PNG records no init image: drawn from text, and said. A hires-fix PNG's strength is its
-    # second pass's, not an img2img strength (0 was refused as --strength 0).
+    # second pass's, not an img2img strength.
     assert repeat(a1111 + ", Denoising strength: 0.5") == 0 and "give --init-image" in caplog.text
-    assert repeat(a1111 + ", Denoising strength: 0, Hires upscale: 2") == 0 and "init-image" not in caplog.text
+    assert repeat(a1111 + ", Denoising strength: 0.5, Hires upscale: 2") == 0 and "init-image" not in caplog.text
     # At CFG 1 the negative side is not drawn, so a long negative prompt pads nothing.
     [unguided] = run(tiny_sd, tmp_path / "cfg1", "--prompt", "a red circle", "--negative-prompt", "blue " * 80,
                      "--cfg", "1")

@@ -325,8 +325,11 @@ def _generate(args: argparse.Namespace) -> int:
                              "--control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
-    if args.strength is not None and not (args.init_image or args.from_png):
-        raise DifftrainError("--strength applies to img2img: give --init-image too")
+    hires = _hires(args)
+    if hires is not None:
+        given["hires"] = hires
+    if args.strength is not None and not (args.init_image or args.from_png or hires):
+        raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
     if args.from_png:
         options = options_from_png(args.from_png, **given)
     elif "prompt" not in given:
@@ -348,6 +351,26 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, seeds "
           f"{options.seed}..{options.seed + len(paths) - 1}); each PNG carries its parameters (--from-png repeats it)")
     return 0
+
+
+def _hires(args: argparse.Namespace):
+    """The hires fix the command line asks for: --hires-scale or --hires-resize turns it on."""
+    from difftrain.generate.hires import Hires
+
+    if args.hires_scale is None and args.hires_resize is None:
+        if args.hires_upscaler is not None or args.hires_steps is not None:
+            raise DifftrainError("--hires-upscaler and --hires-steps set the hires fix: give --hires-scale or "
+                                 "--hires-resize too")
+        return None
+    resize = (0, 0)
+    if args.hires_resize is not None:
+        width, _, height = args.hires_resize.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise DifftrainError(f"--hires-resize {args.hires_resize}: give WIDTHxHEIGHT in pixels, 0 for a side "
+                                 "that follows the other (e.g. 1024x0)")
+        resize = (int(width), int(height))
+    return Hires(scale=2.0 if args.hires_scale is None else args.hires_scale, resize=resize,
+                 upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps or 0)
 
 
 def _out_folder(out: str | None) -> None:
@@ -581,7 +604,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from difftrain.generate.speed import COMPILE_MODES  # no torch: --help stays instant
+    from difftrain.generate.hires import UPSCALERS  # (neither imports torch: --help stays instant)
+    from difftrain.generate.speed import COMPILE_MODES
 
     parser = argparse.ArgumentParser(prog="difftrain", description="Train, sample and inspect diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -785,7 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the whole UNet every N steps and reuse its deep features between (faster, "
                           "slightly different images; see the README for the measured trade-off)")
     gen.add_argument("--init-image", help="img2img: start from this image")
-    gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75)")
+    gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75); "
+                                                      "with the hires fix, its second pass's denoising strength")
+    gen.add_argument("--hires-scale", type=_finite, metavar="X",
+                     help="A1111's hires fix: draw, upscale X times (e.g. 2), redraw as img2img at --strength")
+    gen.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of a scale (0: follow "
+                                                             "the other side)")
+    gen.add_argument("--hires-upscaler", choices=UPSCALERS, metavar="NAME",
+                     help=f"hires fix upscaler (default Latent): {', '.join(UPSCALERS)}")
+    gen.add_argument("--hires-steps", type=int, metavar="N", help="hires fix second pass steps (default: --steps)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
                      help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
     gen.add_argument("--control-image", action="append", metavar="IMAGE",

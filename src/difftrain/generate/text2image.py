@@ -19,6 +19,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
+from difftrain.generate.hires import Hires
 from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class GenerateOptions:
     channels_last: bool | None = None  # None: on for CUDA
     fuse_qkv: bool | None = None  # None: on for CUDA unless LoRA adapters or attention slicing are in
     init_image: str | None = None
-    strength: float = 0.75
+    strength: float = 0.75  # img2img's, or the hires pass's (A1111's one "Denoising strength")
+    hires: Hires | None = None  # A1111's hires fix (generate/hires.py)
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
     deepcache: int = 0  # > 1: the whole UNet every this many steps, its shallow blocks between (generate/deepcache.py)
@@ -95,6 +97,12 @@ class GenerateOptions:
         if self.init_image and int(self.steps * self.strength) < 1:
             raise GenerateError(f"img2img runs steps x strength = {self.steps} x {self.strength} < 1 steps; "
                                 "raise --steps or --strength")
+        if self.hires is not None:
+            if self.init_image or self.controlnets:
+                raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
+                                    "--controlnet (A1111's img2img has none either)")
+            if self.width and self.height:
+                self.hires.check(self.width, self.height, MAX_SIDE)
         resolve_device(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
@@ -252,6 +260,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.init_image:
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
+    if options.hires is not None:
+        params.update(options.hires.infotext(options.strength))
     if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
         params["Lora files"] = " | ".join(f"{p}:{w}" for p, w in loras)
     if options.embeddings:
@@ -387,6 +397,11 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,
                                                   strength=options.strength, controls=controls, steps=options.steps)
+        self.hires_target = None
+        if options.hires is not None:
+            if controls is not None:  # a ControlNet run's own model: known only once it is loaded
+                raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
+            self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -403,7 +418,7 @@ class Drawer:
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
-        from difftrain.sampling.text2image import draw
+        from difftrain.sampling.text2image import draw, sample
 
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
@@ -417,7 +432,17 @@ class Drawer:
                         "the shorter side is padded with empty chunks and the image will differ a little")
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
-        return draw(self.runner, conditioning, seeds, self.options.steps, self.options.guidance_scale, **self.extra)
+        options = self.options
+        if options.hires is None:
+            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, **self.extra)
+        from difftrain.generate.hires import second_pass
+
+        latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, **self.extra)
+        if options.hires.steps not in (0, options.steps):  # a prompt edit's spans are placed in the pass's own steps
+            conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
+                                          schedule_steps(self.runner.scheduler, options.hires.steps), options.compose)
+        return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
+                           options.hires, self.hires_target, options.strength)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
         """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""
@@ -459,12 +484,12 @@ def with_seed(options: GenerateOptions) -> GenerateOptions:
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
-NOT_REPEATED = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Variation seed",
+NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint",
+                "Hires CFG Scale", "Variation seed",
                 "Variation seed strength", "Seed resize from", "ENSD", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
-HIRES = ("Hires upscale", "Hires resize")  # A1111's "Denoising strength" is then the hires pass's
 
 
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
@@ -489,14 +514,18 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if params.get("TI hashes") and not params.get("Embeddings"):
         log.warning("%s: its prompt names Textual Inversion embeddings (TI hashes: %s): give each file with "
                     "--embedding, or their names are read as plain words", path, params["TI hashes"])
+    try:
+        options.hires = Hires.from_infotext(params)  # its "Denoising strength" is then the hires pass's
+    except DifftrainError as reason:
+        raise GenerateError(f"{path}: {reason}") from None
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
-    elif "Denoising strength" in params and not any(key in params for key in HIRES):
+    elif "Denoising strength" in params and options.hires is None:
         if "init_image" not in overrides:
             log.warning("%s: an img2img or inpainting image (Denoising strength %s, no init image recorded): give "
                         "--init-image to repeat it; without one it is drawn from text alone", path,
                         params["Denoising strength"])
-    img2img = params.get("Init image") or "init_image" in overrides
+    img2img = params.get("Init image") or "init_image" in overrides or options.hires is not None
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
                   **({"Denoising strength": ("strength", float)} if img2img else {}),

@@ -42,7 +42,21 @@ def draw(
     **extra,
 ) -> list[Image.Image]:
     """One image per seed from encoded prompts (prompt_schedule.encode_schedule; each image i starts from seed
-    i's noise).
+    i's noise): `sample`'s latents, decoded."""
+    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, **extra))
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    conditioning: ScheduledConditioning,
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    autocast: torch.dtype | None = None,
+    **extra,
+) -> torch.Tensor:
+    """The latents of one image per seed from encoded prompts (each image i starts from seed i's noise).
 
     `extra` goes to the pipeline (width/height, or image/strength for img2img). `autocast`
     runs the UNet under that dtype (training previews under mixed precision, where frozen
@@ -73,7 +87,11 @@ def draw(
     )
     with composing, torch.autocast(pipe._execution_device.type, dtype=autocast,
                                    enabled=autocast not in (None, torch.float32)):
-        latents = pipe(**call).images
+        return pipe(**call).images
+
+
+@torch.no_grad()
+def to_images(pipe, latents: torch.Tensor) -> list[Image.Image]:
     pixels = decode(pipe.vae, latents)
     pipe.maybe_free_model_hooks()  # under --cpu-offload the VAE our decode moved to the GPU goes back
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")

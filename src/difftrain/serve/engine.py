@@ -236,6 +236,8 @@ class Engine:
             raise RequestError("prompt", f"{model.title} is an ONNX export: its weights are fixed, so <lora:...> "
                                          "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
         units, images = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
+        if units and request.enable_hr:
+            raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         return Prepared(model, scheduler, prompt, loras, units, images, init)
 
@@ -267,11 +269,12 @@ class Engine:
 
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
-        from difftrain.generate.text2image import (Controls, GenerateError, GenerateOptions, encode_prompts,
-                                                   infotext_params, sampling_runner)
+        from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
+                                                   encode_prompts, infotext_params, sampling_runner)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
-        from difftrain.sampling.text2image import draw
+        from difftrain.generate.hires import second_pass
+        from difftrain.sampling.text2image import sample, to_images
 
         model, scheduler_name = prepared.model, prepared.scheduler
         pipe = self.load(model)
@@ -284,18 +287,25 @@ class Engine:
                      or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
         # new one) and their weights are part of the key; the steps place a prompt edit's spans.
-        steps = schedule_steps(scheduler, request.steps)
-        key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps)
-        if key in self.prompt_cache:
-            self.prompt_cache.move_to_end(key)
-            self.prompt_cache_hits += 1
-        else:
-            self.prompt_cache_misses += 1
-            self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip, steps)
-            while len(self.prompt_cache) > self.prompt_cache_size:
-                self.prompt_cache.popitem(last=False)
-        conditioning = self.prompt_cache[key]
+        def encoded(steps: int):
+            key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps)
+            if key in self.prompt_cache:
+                self.prompt_cache.move_to_end(key)
+                self.prompt_cache_hits += 1
+            else:
+                self.prompt_cache_misses += 1
+                self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip,
+                                                        steps)
+                while len(self.prompt_cache) > self.prompt_cache_size:
+                    self.prompt_cache.popitem(last=False)
+            return self.prompt_cache[key]
+
+        conditioning = encoded(schedule_steps(scheduler, request.steps))
         units = prepared.units
+        hires = request.hires if not isinstance(request, Img2ImgRequest) else None
+        if hires is not None:
+            target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
+            hires_conditioning = encoded(schedule_steps(scheduler, hires.steps or request.steps))
         controls = None
         if units:
             nets = self._nets(prepared, pipe)
@@ -303,7 +313,7 @@ class Engine:
         try:
             runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
                                             init=prepared.init_image,
-                                            strength=getattr(request, "denoising_strength", 0.75), controls=controls,
+                                            strength=request.denoising_strength, controls=controls,
                                             steps=request.steps)
         except GenerateError as reason:
             raise RequestError("denoising_strength", str(reason)) from None
@@ -311,6 +321,8 @@ class Engine:
 
         def step_end(pipeline, step, timestep, values):
             on_step(pipeline)
+            if getattr(pipeline, "_difftrain_stop", False):  # (the hires pass runs a pipeline of its own)
+                runner._difftrain_stop = True
             return values
 
         if "callback_on_step_end" in inspect.signature(runner.__call__).parameters:
@@ -323,13 +335,19 @@ class Engine:
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
                                   clip_skip=clip_skip if clip_skip != 1 else None,
-                                  strength=getattr(request, "denoising_strength", 0.75),
+                                  strength=request.denoising_strength,
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
-                                  controlnets=units)
+                                  controlnets=units, hires=hires)
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            images = draw(runner, conditioning, seeds, request.steps, request.cfg_scale, **hooks, **extra)
+            latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, **hooks, **extra)
+            # An interrupted first pass is kept as it is, as A1111 keeps it.
+            if hires is not None and not getattr(runner, "_interrupt", False):
+                images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
+                                     hires, target, request.denoising_strength, **hooks)
+            else:
+                images = to_images(runner, latents)
             for seed, image in zip(seeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [],
                                          conditioning.padded)
@@ -435,7 +453,8 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},
+        "denoising_strength": request.denoising_strength if isinstance(request, Img2ImgRequest) or request.enable_hr
+        else None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": drawn.infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": drawn.clip_skip,
         "is_using_inpainting_conditioning": False,

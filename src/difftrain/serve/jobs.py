@@ -61,7 +61,10 @@ class Job:
         steps = request.steps
         if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule
             steps = max(1, int(request.steps * request.denoising_strength))
-        self._planned = steps  # until the sampler tells its own count
+        self.passes = 1 + (self.kind == "txt2img" and request.enable_hr)
+        if self.passes == 2:  # the hires fix's second pass, its steps taken exactly (generate/hires.py)
+            steps += request.hr_second_pass_steps or request.steps
+        self._planned = steps  # until the sampler tells its own count (of one pass: the plan stays for two)
 
     @property
     def total_steps(self) -> int:
@@ -178,7 +181,8 @@ class JobQueue:
             self._jobs.pop(job.id, None)
 
     def _on_step(self, job: Job, pipe) -> None:
-        job.steps_per_image = getattr(pipe, "_num_timesteps", None) or job.steps_per_image
+        if job.passes == 1:
+            job.steps_per_image = getattr(pipe, "_num_timesteps", None) or job.steps_per_image
         job.steps_done += 1
         if job.cancel or job.interrupt:
             pipe._interrupt = True  # diffusers' pipelines skip the remaining steps

@@ -2,7 +2,7 @@
 
 Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
 are accepted at their defaults and refused, naming the field, when they ask for something
-(hires fix, face restoration, scripts). Limits are the server's, checked before a job is
+(face restoration, scripts, a hires pass with its own sampler or prompt). Limits are the server's, checked before a job is
 queued.
 """
 
@@ -56,8 +56,21 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     save_images: bool = False
+    denoising_strength: float = 0.75  # the hires pass's (txt2img), img2img's
+    enable_hr: bool = False  # A1111's hires fix (generate/hires.py)
+    hr_scale: float = 2.0
+    hr_upscaler: Optional[str] = None  # None: Latent, A1111's default mode
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
     # Accepted so clients can send them; refused when they ask for something (see `check`).
-    enable_hr: bool = False
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_checkpoint_name: Optional[str] = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
     restore_faces: Optional[bool] = False
     tiling: Optional[bool] = False
     subseed_strength: float = 0.0
@@ -88,15 +101,55 @@ class Txt2ImgRequest(BaseModel):
             raise RequestError("seed", f"{self.seed}: -1 (random) or from 0 to 2**32 - batch_size * n_iter")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
-        unsupported = [("enable_hr", self.enable_hr, "hires fix"), ("restore_faces", self.restore_faces,
-                       "face restoration"), ("tiling", self.tiling, "tiling"),
+        unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("subseed_strength", self.subseed_strength, "variation seeds"),
-                       ("script_name", self.script_name, "scripts")]
+                       ("script_name", self.script_name, "scripts"),
+                       ("hr_sampler_name", self.hr_sampler_name not in (None, "", self.sampler), "a hires sampler of "
+                        "its own"),
+                       ("hr_scheduler", self.hr_scheduler not in (None, "", self.scheduler or "Automatic"),
+                        "a hires schedule type of its own"),
+                       ("hr_prompt", self.hr_prompt not in ("", self.prompt), "a hires prompt of its own"),
+                       ("hr_negative_prompt", self.hr_negative_prompt not in ("", self.negative_prompt),
+                        "a hires negative prompt of its own"),
+                       ("hr_checkpoint_name", self.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
+                        "a hires checkpoint of its own"),
+                       ("firstphase_width", self.firstphase_width or self.firstphase_height,
+                        "the pre-1.0 hires fix (first phase size); give width, height and hr_scale or hr_resize_x/y")]
         for field, value, what in unsupported:
             if value:
                 raise RequestError(field, f"{what} is not served by difftrain; leave it at its default")
+        if self.enable_hr:
+            self._check_hires(limits)
         if self.save_images:
             raise RequestError("save_images", "this server keeps no images; they are returned in the response")
+
+    def _check_hires(self, limits: Limits) -> None:
+        if not 0.0 < self.denoising_strength <= 1.0:
+            raise RequestError("denoising_strength", f"{self.denoising_strength}: the hires pass's, in (0, 1]")
+        if not 0 <= self.hr_second_pass_steps <= limits.max_steps:
+            raise RequestError("hr_second_pass_steps", f"{self.hr_second_pass_steps}: 0 (the steps') to "
+                                                       f"{limits.max_steps} on this server")
+        from difftrain.generate.hires import HiresError
+
+        sizing = "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
+        try:
+            width, height = self.hires.check(self.width, self.height, max(limits.max_width, limits.max_height)).size
+        except HiresError as reason:
+            field = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x"}
+            raise RequestError(field.get(reason.setting, sizing), str(reason)) from None
+        if width > limits.max_width or height > limits.max_height:
+            raise RequestError(sizing, f"the hires fix draws {width}x{height}: this server draws at most "
+                                       f"{limits.max_width}x{limits.max_height}")
+
+    @property
+    def hires(self):
+        """The hires fix asked for, or None."""
+        from difftrain.generate.hires import Hires
+
+        if not self.enable_hr:
+            return None
+        return Hires(scale=self.hr_scale, resize=(self.hr_resize_x, self.hr_resize_y),
+                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps)
 
     @property
     def sampler(self) -> str:
@@ -105,11 +158,12 @@ class Txt2ImgRequest(BaseModel):
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)
-    denoising_strength: float = 0.75
     mask: Optional[str] = None
     resize_mode: int = 0
 
     def check(self, limits: Limits) -> None:
+        if self.enable_hr:  # (A1111's img2img has no such field: a client sends it to txt2img)
+            raise RequestError("enable_hr", "the hires fix is txt2img's; img2img draws at width x height")
         super().check(limits)
         if len(self.init_images) != 1:
             raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")

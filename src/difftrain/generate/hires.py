@@ -1,0 +1,191 @@
+"""A1111's hires fix: draw at the model's size, upscale, then redraw the larger image as img2img.
+
+Sizes, steps and upscalers follow A1111's `StableDiffusionProcessingTxt2Img` (1.6+): the target
+is the first pass's size times `scale`, or `resize` (one side 0: kept to the first pass's aspect;
+both given: scaled to cover them, the latents then cropped to them). The second pass runs exactly
+`steps` steps (0: the first pass's count) of a schedule int(steps / strength) long, as A1111's
+`setup_img2img_steps` does when it is handed steps, from fresh noise of each image's seed (A1111
+makes a new `ImageRNG` for it). `generate` and `serve` both draw it through `second_pass`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from difftrain.errors import DifftrainError
+
+if TYPE_CHECKING:
+    import torch
+
+# A1111's shared.latent_upscale_modes: the latents themselves interpolated.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# A1111's image upscalers that need no model of their own: the first image decoded, resized, encoded again.
+IMAGE_UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
+
+
+class HiresError(DifftrainError):
+    """`setting`: the one to change (upscaler, steps, resize, scale; size: the scale or resize gives too much)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the first pass's latents are upscaled to, and how many latent cells each side then loses."""
+    width: int
+    height: int
+    truncate_x: int = 0
+    truncate_y: int = 0
+    cell: int = 8  # pixels a latent stands for (the VAE's scale factor; A1111's opt_f)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) the latents are interpolated to, before the crop."""
+        return self.height // self.cell, self.width // self.cell
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The final image's pixels: what the cropped latents decode to."""
+        return ((self.width // self.cell - self.truncate_x) * self.cell,
+                (self.height // self.cell - self.truncate_y) * self.cell)
+
+
+@dataclass(frozen=True)
+class Hires:
+    scale: float = 2.0
+    resize: tuple[int, int] = (0, 0)  # A1111's hr_resize_x/y: 0 on both sides means `scale`
+    upscaler: str = "Latent"  # A1111's default latent upscale mode
+    steps: int = 0  # the second pass's; 0: the first pass's
+
+    def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
+        """The target of a first pass of this size, or the reason there is none, naming the option."""
+        if self.upscaler not in UPSCALERS:
+            raise HiresError("upscaler", f"hires upscaler {self.upscaler!r}: choose one of {', '.join(UPSCALERS)} (model "
+                             "upscalers such as ESRGAN are not built in)")
+        if self.steps < 0:
+            raise HiresError("steps", f"hires steps {self.steps}: 0 (the first pass's) or more")
+        if min(self.resize) < 0:
+            raise HiresError("resize", f"hires resize {self.resize[0]}x{self.resize[1]}: sides are 0 (follow the other) or more")
+        if self.resize == (0, 0) and not self.scale > 0:
+            raise HiresError("scale", f"hires scale {self.scale}: must be above 0")
+        target = self.target(width, height, cell)
+        out_width, out_height = target.size
+        if min(out_width, out_height) < cell or max(out_width, out_height) > max_side:
+            raise HiresError("size", f"hires fix to {out_width}x{out_height} px from {width}x{height}: each side must be "
+                             f"from {cell} to {max_side} px")
+        return target
+
+    def target(self, width: int, height: int, cell: int = 8) -> Target:
+        """A1111's calculate_target_resolution."""
+        resize_x, resize_y = self.resize
+        if resize_x == 0 and resize_y == 0:
+            return Target(int(width * self.scale), int(height * self.scale), cell=cell)
+        if resize_y == 0:
+            return Target(resize_x, resize_x * height // width, cell=cell)
+        if resize_x == 0:
+            return Target(resize_y * width // height, resize_y, cell=cell)
+        if width / height < resize_x / resize_y:
+            up_x, up_y = resize_x, resize_x * height // width
+        else:
+            up_x, up_y = resize_y * width // height, resize_y
+        return Target(up_x, up_y, (up_x - resize_x) // cell, (up_y - resize_y) // cell, cell)
+
+    def infotext(self, strength: float) -> dict:
+        """A1111's keys for it ("Denoising strength" is the second pass's)."""
+        size = {"Hires upscale": self.scale} if self.resize == (0, 0) else {
+            "Hires resize": f"{self.resize[0]}x{self.resize[1]}"}
+        return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
+                "Hires upscaler": self.upscaler}
+
+    @classmethod
+    def from_infotext(cls, params: dict) -> Hires | None:
+        """The hires fix an infotext records, or None when it records none."""
+        if "Hires upscale" not in params and "Hires resize" not in params:
+            return None
+        from difftrain.generate.infotext import parse_size
+
+        try:
+            resize = parse_size(str(params["Hires resize"])) if "Hires resize" in params else (0, 0)
+            return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
+                       upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)))
+        except (ValueError, DifftrainError):
+            raise HiresError("infotext", "its infotext's hires fix is unreadable: " + ", ".join(
+                f"{key}: {params[key]!r}" for key in ("Hires upscale", "Hires resize", "Hires steps") if key in params)
+            ) from None
+
+
+def pass_steps(steps: int, strength: float) -> tuple[int, float]:
+    """The schedule length and the diffusers img2img strength that take exactly `steps` steps from its
+    (len - steps)th point on, as A1111 (`setup_img2img_steps` with steps given) does."""
+    length = int(steps / min(strength, 0.999))
+    # diffusers takes int(length x strength) steps: half a step above keeps float error from losing one
+    return length, min(1.0, (steps + 0.5) / length)
+
+
+def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target) -> torch.Tensor:
+    """The first pass's latents at the target size, cropped as A1111 crops them."""
+    import torch
+    if hires.upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+        latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
+    else:
+        latents = _through_images(pipe, latents, IMAGE_UPSCALERS[hires.upscaler], target)
+    ty, tx = target.truncate_y, target.truncate_x
+    return latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
+
+
+def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> torch.Tensor:
+    """Decode, resize as A1111's resize_image does with that upscaler, encode again."""
+    from difftrain.sampling.text2image import to_images
+
+    # (the encoder takes whole cells; A1111 encodes the odd size and loses the remainder)
+    size = (target.latent_size[1] * target.cell, target.latent_size[0] * target.cell)
+    resized = []
+    for image in to_images(pipe, latents):
+        if resample is not None:  # the upscaler's own step, then Lanczos to the exact size
+            scale = max(size[0] / image.width, size[1] / image.height)
+            image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+        resized.append(image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image)
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(resized).to(pipe._execution_device, vae.dtype)
+    # The posterior's mean, not a sample: A1111 samples with its global RNG, which no seed repeats.
+    encoded = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((encoded - shift) * vae.config.scaling_factor).to(latents.dtype)
+
+
+def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
+                hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
+                **hooks) -> list[Image.Image]:
+    """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
+
+    `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
+    `hooks`: step callbacks, as the first pass had them."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from difftrain.sampling.text2image import sample, to_images
+
+    img2img = StableDiffusionImg2ImgPipeline(**runner.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(**getattr(runner, "_progress_bar_config", {}))
+    length, pass_strength = pass_steps(hires.steps or steps, strength)
+    with torch.no_grad():
+        upscaled = upscale(runner, latents, hires, target)
+    if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
+        feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
+    latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, image=upscaled,
+                     strength=pass_strength, **hooks)
+    return to_images(img2img, latents)

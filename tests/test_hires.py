@@ -1,0 +1,141 @@
+"""A1111's hires fix: its sizes, steps and noise, through generate, --from-png and the server's API."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_generate import pixels, run
+from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
+
+from difftrain.cli import main
+from difftrain.generate.hires import Hires, HiresError, Target, pass_steps
+
+
+def test_target_sizes_are_a1111s():
+    """calculate_target_resolution's cases: a scale, one side of a resize (the other kept to the aspect), both
+    sides (scaled to cover them, then the latents cropped to them)."""
+    assert Hires(scale=2).target(64, 48) == Target(128, 96)
+    assert Hires(scale=1.3).target(512, 512) == Target(665, 665) and Target(665, 665).size == (664, 664)
+    assert Hires(resize=(100, 0)).target(64, 48) == Target(100, 75)
+    assert Hires(resize=(0, 96)).target(64, 48) == Target(128, 96)
+    assert Hires(resize=(128, 128)).target(64, 48) == Target(170, 128, 5, 0)  # 8 px cells, as SD's
+    assert Hires(resize=(128, 128)).target(64, 48).size == (128, 128)
+    assert Hires(resize=(128, 256)).target(64, 48).size == (128, 256)
+    for hires, setting in ((Hires(upscaler="R-ESRGAN 4x+"), "upscaler"), (Hires(scale=0), "scale"),
+                           (Hires(scale=300), "size"), (Hires(steps=-1), "steps"), (Hires(resize=(-8, 0)), "resize")):
+        with pytest.raises(HiresError) as caught:
+            hires.check(64, 64, 8192)
+        assert caught.value.setting == setting
+
+
+def test_the_second_pass_takes_exactly_its_steps_from_a1111s_point():
+    """A1111 (setup_img2img_steps, handed steps) runs `steps` steps of a schedule int(steps / strength) long: the
+    diffusers strength pass_steps gives makes img2img take as many, whatever the float error."""
+    from diffusers import EulerDiscreteScheduler
+
+    from difftrain.generate.text2image import img2img_steps
+
+    for steps, strength in ((20, 0.7), (10, 0.5), (7, 0.33), (3, 1.0), (15, 0.999), (1, 0.05), (25, 0.35), (28, 0.3)):
+        length, diffusers_strength = pass_steps(steps, strength)
+        assert length == int(steps / min(strength, 0.999))
+        assert img2img_steps(EulerDiscreteScheduler(), length, diffusers_strength) == steps, (steps, strength)
+
+
+def test_the_hires_pass_redraws_the_upscaled_latents_from_fresh_seed_noise(tiny_sd):  # noqa: F811
+    """What the UNet is given: the first pass at 32 px, then the second at 64 px, whose first input is the first
+    pass's latents interpolated as A1111's "Latent" upscaler does, noised with a new draw of the seed's noise (A1111
+    makes a new ImageRNG) to the schedule's (length - steps)th sigma."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions, encode_prompts
+    from difftrain.sampling.text2image import sample
+
+    options = GenerateOptions(prompt="", steps=3, width=32, height=32, guidance_scale=5.0, scheduler="Euler",
+                              strength=0.5, hires=Hires(scale=2, steps=2))
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    seen = []
+    hook = drawer.pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    [image] = drawer.draw("a red circle", "", [7])
+    assert image.size == (64, 64)
+    cell = drawer.pipe.vae_scale_factor
+    assert [tuple(x.shape[2:]) for x in seen] == [(32 // cell,) * 2] * 3 + [(64 // cell,) * 2] * 2
+    hook.remove()
+    first = sample(drawer.runner, encode_prompts(drawer.pipe, "a red circle", "", 1, 3), [7], 3, 5.0, **drawer.extra)
+    upscaled = torch.nn.functional.interpolate(first, scale_factor=2, mode="bilinear")
+    schedule = copy.deepcopy(drawer.runner.scheduler)
+    schedule.set_timesteps(4)  # int(2 / 0.5)
+    sigma = schedule.sigmas[4 - 2]
+    noise = torch.randn((1, *upscaled.shape[1:]), generator=torch.Generator().manual_seed(7))
+    expected = (upscaled + noise * sigma) / (sigma**2 + 1) ** 0.5  # Euler's scaled model input
+    assert torch.allclose(seen[3], expected.expand(2, -1, -1, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "None"])
+def test_image_upscalers_decode_resize_and_encode_again(tiny_sd, upscaler):  # noqa: F811
+    """A resize to 64x64 from 32x24: covered at 85x64, the latents cropped to 64x64."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    options = GenerateOptions(prompt="", steps=2, width=32, height=24, scheduler="Euler",
+                              hires=Hires(resize=(64, 64), upscaler=upscaler))
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    seen = []
+    drawer.pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    [image] = drawer.draw("a red circle", "", [7])
+    cell = drawer.pipe.vae_scale_factor
+    assert image.size == (64, 64) and seen[-1] == (64 // cell, 64 // cell) and seen[0] == (24 // cell, 32 // cell)
+    assert np.asarray(image).std() > 1  # an image, not a blank
+
+
+def test_generate_writes_the_hires_fix_into_the_png_and_repeats_it(tiny_sd, tmp_path, caplog):  # noqa: F811
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    hires = ("--hires-scale", "2", "--hires-steps", "2", "--strength", "0.5")
+    [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--seed", "3", *hires)
+    params = parse_infotext(read_png_infotext(path))[2]
+    assert Image.open(path).size == (64, 64) and params["Size"] == "32x32"  # A1111's Size is the first pass's
+    assert (params["Denoising strength"], params["Hires upscale"], params["Hires steps"], params["Hires upscaler"]) == \
+        ("0.5", "2.0", "2", "Latent")
+    assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    [again] = sorted((tmp_path / "b").glob("*.png"))
+    assert np.array_equal(pixels(again), pixels(path))
+    # Without the hires fix: another picture, at the first pass's size.
+    [plain] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--seed", "3")
+    assert Image.open(plain).size == (32, 32)
+    # A1111's own PNG: its hires keys are repeated, not warned of.
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x24, "
+                                "Denoising strength: 0.6, Hires resize: 64x0, Hires upscaler: Latent (nearest), "
+                                "RNG: CPU")
+    foreign = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 48)).save(foreign, pnginfo=info)
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "d"),
+                     "--no-progress"]) == 0
+    assert "not repeated" not in caplog.text and "init-image" not in caplog.text
+    [repeated] = sorted((tmp_path / "d").glob("*.png"))
+    params = parse_infotext(read_png_infotext(repeated))[2]
+    assert Image.open(repeated).size == (64, 48) and params["Hires resize"] == "64x0"
+    assert params["Hires upscaler"] == "Latent (nearest)" and params["Denoising strength"] == "0.6"
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--hires-steps", "2"), "give --hires-scale or --hires-resize"),
+    (("--hires-resize", "64by64"), "--hires-resize 64by64: give WIDTHxHEIGHT"),
+    (("--hires-scale", "1000"), "from 8 to 8192 px"),
+    (("--hires-scale", "2", "--init-image", "{image}"), "without --init-image"),
+    (("--hires-scale", "2", "--strength", "0"), "--strength 0.0"),
+])
+def test_bad_hires_options_are_named(tiny_sd, tmp_path, capsys, flags, said):  # noqa: F811
+    image = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    flags = [flag.format(image=image) for flag in flags]
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "o"), *FAST_ARGS, *flags]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
+
+
+FAST_ARGS = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]

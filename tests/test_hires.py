@@ -139,3 +139,37 @@ def test_bad_hires_options_are_named(tiny_sd, tmp_path, capsys, flags, said):  #
 
 
 FAST_ARGS = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+
+
+def test_prompt_edits_are_placed_in_each_passs_own_steps(tiny_sd):  # noqa: F811
+    """A1111 schedules the hires pass's conditioning for its own steps: `[red:blue:0.5]` ends red at step 1 of the
+    first pass's 2 (red for both: A1111 swaps after the step a span ends) and at step 2 of a 4-step second pass."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.prompts import encode_pair
+
+    drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=2, width=32, height=32, scheduler="Euler",
+                                                  negative_prompt="ugly", hires=Hires(scale=1.5, steps=4)),
+                    progress=False)
+    seen = []
+    drawer.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    pipe = drawer.pipe
+
+    def encoded(text: str) -> torch.Tensor:
+        positive, negative, _ = encode_pair(pipe.tokenizer, pipe.text_encoder, text, "ugly", "cpu")
+        return torch.cat([negative, positive])
+
+    red, blue = encoded("a red circle"), encoded("a blue circle")
+    drawer.draw("a [red:blue:0.5] circle", "ugly", [3])
+    assert [next(name for name, z in (("red", red), ("blue", blue)) if torch.equal(z, call)) for call in seen] == \
+        ["red", "red"] + ["red", "red", "red", "blue"]
+
+
+def test_deepcache_starts_the_hires_pass_with_a_whole_unet_step(tiny_sd):  # noqa: F811
+    """DeepCache's deep features are of the first pass's size: the second pass's first step runs the whole UNet."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=2, width=32, height=32, scheduler="Euler",
+                                                  deepcache=3, hires=Hires(scale=2, steps=2)), progress=False)
+    [image] = drawer.draw("a red circle", "", [3])
+    assert image.size == (64, 64) and drawer.deepcache.full_calls == 2  # each pass's first of its two

@@ -56,7 +56,8 @@ def test_the_export_has_diffusers_layout_dynamic_axes_and_a_manifest(onnx_model)
 
 
 @pytest.mark.parametrize("extra", [(), ("--clip-skip", "2", "--batch-size", "2"), ("--width", "48", "--height", "64"),
-                                   ("--scheduler", "Euler a")], ids=["plain", "clip-skip-batch", "size", "euler-a"])
+                                   ("--scheduler", "Euler a"), ("--hires-scale", "1.5", "--hires-upscaler", "Lanczos")],
+                         ids=["plain", "clip-skip-batch", "size", "euler-a", "hires"])
 def test_onnxruntime_draws_what_torch_draws_with_the_same_infotext(onnx_model, tiny_sd, tmp_path, extra):  # noqa: F811
     torch_images = generate(tiny_sd, tmp_path / "torch", *extra)
     onnx_images = generate(onnx_model, tmp_path / "onnx", *extra)

@@ -313,7 +313,8 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
 
 @pytest.mark.parametrize("payload,field", [
     ({"width": 70}, "width"), ({"steps": 500}, "steps"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
@@ -551,3 +552,33 @@ def test_prompt_loras_and_controlnets_past_their_caps_are_let_go_and_load_again(
     steered("adapter")
     assert [Path(net).name for _, net in engine.nets] == ["adapter"]  # the least recently used ControlNet let go
     assert np.array_equal(steered("cn"), by_cn)
+
+
+def test_an_interrupt_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the_batches(server):
+    """As A1111: interrupted in the first pass, the image is that pass's; a stop asked during the second pass (a
+    pipeline of its own) still ends the job's later batches. A job's progress counts both passes."""
+    from difftrain.serve import jobs
+    from difftrain.serve.requests import Txt2ImgRequest
+
+    engine = server.app.state.engine
+    request = Txt2ImgRequest(prompt="x", steps=3, width=64, height=64, enable_hr=True, hr_second_pass_steps=2,
+                             denoising_strength=0.5, n_iter=2, seed=1)
+    assert jobs.Job("txt2img", request).total_steps == (3 + 2) * 2
+    calls = []
+
+    def interrupt_first(pipe):
+        calls.append(type(pipe).__name__)
+        pipe._interrupt = True
+
+    drawn = engine.draw(request, interrupt_first)
+    assert [image.size for image in drawn.images] == [(64, 64)] * 2 and "Img2Img" not in "".join(calls)
+
+    def stop_in_second_pass(pipe):
+        calls.append(type(pipe).__name__)
+        if "Img2Img" in calls[-1]:
+            pipe._interrupt = pipe._difftrain_stop = True
+
+    calls.clear()
+    drawn = engine.draw(request, stop_in_second_pass)
+    assert drawn.interrupted and [image.size for image in drawn.images] == [(128, 128)]
+    assert calls == ["StableDiffusionPipeline"] * 3 + ["StableDiffusionImg2ImgPipeline"]

@@ -73,19 +73,20 @@ class Hires:
     def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
         """The target of a first pass of this size, or the reason there is none, naming the option."""
         if self.upscaler not in UPSCALERS:
-            raise HiresError("upscaler", f"hires upscaler {self.upscaler!r}: choose one of {', '.join(UPSCALERS)} (model "
-                             "upscalers such as ESRGAN are not built in)")
+            raise HiresError("upscaler", f"hires upscaler {self.upscaler!r}: choose one of {', '.join(UPSCALERS)} "
+                                         "(model upscalers such as ESRGAN are not built in)")
         if self.steps < 0:
             raise HiresError("steps", f"hires steps {self.steps}: 0 (the first pass's) or more")
         if min(self.resize) < 0:
-            raise HiresError("resize", f"hires resize {self.resize[0]}x{self.resize[1]}: sides are 0 (follow the other) or more")
+            raise HiresError("resize", f"hires resize {self.resize[0]}x{self.resize[1]}: each side 0 (follows the "
+                                       "other) or more")
         if self.resize == (0, 0) and not self.scale > 0:
             raise HiresError("scale", f"hires scale {self.scale}: must be above 0")
         target = self.target(width, height, cell)
         out_width, out_height = target.size
         if min(out_width, out_height) < cell or max(out_width, out_height) > max_side:
-            raise HiresError("size", f"hires fix to {out_width}x{out_height} px from {width}x{height}: each side must be "
-                             f"from {cell} to {max_side} px")
+            raise HiresError("size", f"hires fix to {out_width}x{out_height} px from {width}x{height}: each side "
+                                     f"must be from {cell} to {max_side} px")
         return target
 
     def target(self, width: int, height: int, cell: int = 8) -> Target:

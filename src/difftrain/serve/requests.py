@@ -2,8 +2,8 @@
 
 Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
 are accepted at their defaults and refused, naming the field, when they ask for something
-(face restoration, scripts, a hires pass with its own sampler or prompt). Limits are the server's, checked before a job is
-queued.
+(face restoration, scripts, a hires pass with its own sampler or prompt). Limits are the
+server's, checked before a job is queued.
 """
 
 from __future__ import annotations

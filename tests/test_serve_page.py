@@ -48,6 +48,15 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd):  # noqa:
             reused = {field: page.input_value(f"#{field}") for field in ("prompt", "seed", "steps", "sampler_name")}
             assert page.get_attribute("figure a", "download") == "difftrain-11.png"
             assert page.inner_text("#status") == "done"
+            # The hires fix: the newest figure comes first.
+            page.check("#enable_hr")
+            page.fill("#hr_scale", "1.5")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('figure img').length == 2", timeout=60_000)
+            hires = page.get_attribute("figure img", "src")
+            page.uncheck("#enable_hr")
+            page.locator("figure button").first.click()  # its settings, the checkbox included
+            hires_reused = page.is_checked("#enable_hr"), page.input_value("#hr_scale")
             browser.close()
     finally:
         running.stop()
@@ -56,5 +65,8 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd):  # noqa:
     assert "Steps: 3, Sampler: DPM++ 2M" in image.info["parameters"] and "Seed: 11," in image.info["parameters"]
     assert caption == image.info["parameters"]
     assert reused == {"prompt": "a red circle", "seed": "11", "steps": "3", "sampler_name": "DPM++ 2M"}
+    hires = Image.open(io.BytesIO(base64.b64decode(hires.split(",", 1)[1])))
+    assert hires.size == (96, 96) and "Denoising strength: 0.7, Hires upscale: 1.5" in hires.info["parameters"]
+    assert hires_reused == (True, "1.5")
     assert outside == []  # nothing from a CDN or anywhere else: the page works offline
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

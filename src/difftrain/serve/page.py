@@ -14,6 +14,7 @@ PAGE = """<!doctype html>
   form { width: 320px; padding: 16px; background: #f4f4f6; box-sizing: border-box; }
   label { display: block; margin: 8px 0 2px; font-weight: 600; }
   input, select, textarea, button { width: 100%; box-sizing: border-box; font: inherit; padding: 4px; }
+  input[type=checkbox] { width: auto; margin: 8px 0; }
   .row { display: flex; gap: 8px; } .row > div { flex: 1; }
   button { margin-top: 12px; padding: 8px; font-weight: 600; }
   main { flex: 1; padding: 16px; }
@@ -49,6 +50,12 @@ PAGE = """<!doctype html>
     <div><label for="seed">Seed</label><input id="seed" type="number" value="-1"></div>
     <div><label for="batch_size">Batch</label><input id="batch_size" type="number" min="1" value="1"></div>
   </div>
+  <div class="row">
+    <div><label for="enable_hr">Hires fix</label><input id="enable_hr" type="checkbox"></div>
+    <div><label for="hr_scale">Upscale</label><input id="hr_scale" type="number" step="0.25" value="2"></div>
+    <div><label for="denoising_strength">Denoise</label>
+      <input id="denoising_strength" type="number" step="0.05" min="0.05" max="1" value="0.7"></div>
+  </div>
   <button id="generate" type="submit">Generate</button>
 </form>
 <main>
@@ -59,8 +66,12 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 const fields = ["prompt", "negative_prompt", "sampler_name", "steps", "cfg_scale", "width", "height", "seed",
-                "batch_size"];
-const numbers = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size"]);
+                "batch_size", "enable_hr", "hr_scale", "denoising_strength"];
+const numbers = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size", "hr_scale",
+                         "denoising_strength"]);
+const checkboxes = new Set(["enable_hr"]);
+const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name) ? Number($(name).value)
+  : $(name).value;
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -89,14 +100,17 @@ async function load() {
 
 function request() {
   const body = {};
-  for (const name of fields) body[name] = numbers.has(name) ? Number($(name).value) : $(name).value;
+  for (const name of fields) body[name] = read(name);
   if ($("lora").value) body.prompt += ` <lora:${$("lora").value}:${$("lora_weight").value}>`;
   body.override_settings = {sd_model_checkpoint: $("model").value};
   return body;
 }
 
 function reuse(parameters) {
-  for (const name of fields) if (name in parameters) $(name).value = parameters[name];
+  for (const name of fields) {
+    if (!(name in parameters)) continue;
+    if (checkboxes.has(name)) $(name).checked = Boolean(parameters[name]); else $(name).value = parameters[name];
+  }
   const model = (parameters.override_settings || {}).sd_model_checkpoint;
   if (model) $("model").value = model;
   $("lora").value = "";

@@ -294,6 +294,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
+    "variation_seed": "variation_seed", "variation_strength": "variation_strength",
 }
 
 
@@ -348,8 +349,11 @@ def _generate(args: argparse.Namespace) -> int:
         from difftrain.generate.speed import compile_report
 
         print(compile_report())
+    variation = (f", variation seeds {options.variation_seed}.. at {options.variation_strength:g}"
+                 if options.variation_strength else "")
     print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, seeds "
-          f"{options.seed}..{options.seed + len(paths) - 1}); each PNG carries its parameters (--from-png repeats it)")
+          f"{options.seed}..{options.seed + len(paths) - 1}{variation}); each PNG carries its parameters "
+          "(--from-png repeats it)")
     return 0
 
 
@@ -783,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", help="our short names or A1111's sampler names (see --list-schedulers)")
     gen.add_argument("--cfg", type=_finite, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=_SEED)
+    gen.add_argument("--variation-seed", type=_SEED, metavar="N",
+                     help="A1111's variation seed: image i's noise is slerped toward seed N + i's (-1: random)")
+    gen.add_argument("--variation-strength", type=_finite, metavar="F",
+                     help="how far toward the variation seed's noise (0-1; default 0, no variation)")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--batch-size", type=int)

@@ -150,7 +150,7 @@ def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target) -> torch.
 
 def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> torch.Tensor:
     """Decode, resize as A1111's resize_image does with that upscaler, encode again."""
-    from difftrain.sampling.text2image import to_images
+    from difftrain.sampling.text2image import to_images, to_latents
 
     # (the encoder takes whole cells; A1111 encodes the odd size and loses the remainder)
     size = (target.latent_size[1] * target.cell, target.latent_size[0] * target.cell)
@@ -160,21 +160,17 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
             scale = max(size[0] / image.width, size[1] / image.height)
             image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
         resized.append(image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image)
-    vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(resized).to(pipe._execution_device, vae.dtype)
-    # The posterior's mean, not a sample: A1111 samples with its global RNG, which no seed repeats.
-    encoded = vae.encode(pixels).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((encoded - shift) * vae.config.scaling_factor).to(latents.dtype)
+    return to_latents(pipe, resized).to(latents.dtype)
 
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                **hooks) -> list[Image.Image]:
+                variation=None, **hooks) -> list[Image.Image]:
     """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
 
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
-    `hooks`: step callbacks, as the first pass had them."""
+    `variation`: the first pass's variation seeds, which A1111 mixes into this pass's noise too; `hooks`: step
+    callbacks, as the first pass had them."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -187,6 +183,6 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
         upscaled = upscale(runner, latents, hires, target)
     if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
         feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
-    latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, image=upscaled,
+    latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, variation, image=upscaled,
                      strength=pass_strength, **hooks)
     return to_images(img2img, latents)

@@ -41,6 +41,8 @@ class GenerateOptions:
     scheduler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
     seed: int = 0
+    variation_seed: int = -1  # A1111's variation seed (subseed): image i's noise slerped toward subseed + i's ...
+    variation_strength: float = 0.0  # ... this far (0: not at all; sampling/variation.py)
     width: int | None = None  # default: the size it was trained at (default_size)
     height: int | None = None
     batch_size: int = 1
@@ -85,6 +87,10 @@ class GenerateOptions:
             raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
         if not 0.0 < self.strength <= 1.0:
             raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
+        if not 0.0 <= self.variation_strength <= 1.0:
+            raise GenerateError(f"--variation-strength {self.variation_strength}: must be from 0 to 1")
+        if self.variation_seed < -1:
+            raise GenerateError(f"--variation-seed {self.variation_seed}: -1 (random) or a seed from 0")
         if self.init_image and not Path(self.init_image).is_file():
             raise GenerateError(f"--init-image {self.init_image}: no such file")
         if self.init_image:
@@ -250,6 +256,9 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         "Size": f"{width}x{height}",
         "Model": model_name,
     }
+    if options.variation_strength:  # image i's subseed is the variation seed + i, as its seed is the seed + i
+        params["Variation seed"] = options.variation_seed + seed - options.seed
+        params["Variation seed strength"] = options.variation_strength
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
     if pad_conds:
@@ -303,7 +312,10 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
         cls = StableDiffusionPipeline if init is None else StableDiffusionImg2ImgPipeline
         runner = cls(**components, requires_safety_checker=False)
     if init is not None:
-        extra = {"image": init.resize((width, height), Image.Resampling.LANCZOS), "strength": strength}
+        from difftrain.sampling.text2image import to_latents
+
+        extra = {"image": to_latents(pipe, [init.resize((width, height), Image.Resampling.LANCZOS)]),
+                 "strength": strength}
         if steps is not None and (taken := img2img_steps(scheduler or pipe.scheduler, steps, strength)) < 1:
             # A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20): the tail img2img
             # keeps can be empty where steps x strength is 1.
@@ -433,16 +445,19 @@ class Drawer:
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
+        variation = variation_of(options, seeds)
         if options.hires is None:
-            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, **self.extra)
+            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
+                        **self.extra)
         from difftrain.generate.hires import second_pass
 
-        latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, **self.extra)
+        latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
+                         **self.extra)
         if options.hires.steps not in (0, options.steps):  # a prompt edit's spans are placed in the pass's own steps
             conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
                                           schedule_steps(self.runner.scheduler, options.hires.steps), options.compose)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
-                           options.hires, self.hires_target, options.strength)
+                           options.hires, self.hires_target, options.strength, variation=variation)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
         """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""
@@ -475,18 +490,30 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
 
 
 def with_seed(options: GenerateOptions) -> GenerateOptions:
-    """`options` with seed -1 (A1111's "random") replaced by a random seed that leaves room for every image."""
-    if options.seed >= 0:
-        return options
+    """`options` with seed -1 (A1111's "random") replaced by a random seed that leaves room for every image; a
+    variation seed too, when a variation is asked for."""
     import random
 
-    return replace(options, seed=random.randrange(2**32 - options.batch_size * options.n_iter))
+    room = 2**32 - options.batch_size * options.n_iter
+    if options.seed < 0:
+        options = replace(options, seed=random.randrange(room))
+    if options.variation_seed < 0 and options.variation_strength:
+        options = replace(options, variation_seed=random.randrange(room))
+    return options
+
+
+def variation_of(options: GenerateOptions, seeds: list[int]):
+    """The variation seeds of these images (the variation seed + i for seed + i), or None without a variation."""
+    from difftrain.sampling.variation import Variation
+
+    if not options.variation_strength:
+        return None
+    return Variation([options.variation_seed + seed - options.seed for seed in seeds], options.variation_strength)
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint",
-                "Hires CFG Scale", "Variation seed",
-                "Variation seed strength", "Seed resize from", "ENSD", "Eta", "Eta DDIM", "Refiner",
+                "Hires CFG Scale", "Seed resize from", "ENSD", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
@@ -527,7 +554,8 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
                         params["Denoising strength"])
     img2img = params.get("Init image") or "init_image" in overrides or options.hires is not None
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
-                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+                  "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Variation seed": ("variation_seed", int),
+                  "Variation seed strength": ("variation_strength", float),
                   **({"Denoising strength": ("strength", float)} if img2img else {}),
                   "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():

@@ -16,6 +16,7 @@ from PIL import Image
 
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import PromptError
+from difftrain.sampling.variation import Variation, first_noise, mixing_added_noise
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,12 @@ def draw(
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
+    variation: Variation | None = None,
     **extra,
 ) -> list[Image.Image]:
     """One image per seed from encoded prompts (prompt_schedule.encode_schedule; each image i starts from seed
     i's noise): `sample`'s latents, decoded."""
-    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, **extra))
+    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, variation, **extra))
 
 
 @torch.no_grad()
@@ -54,6 +56,7 @@ def sample(
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
+    variation: Variation | None = None,
     **extra,
 ) -> torch.Tensor:
     """The latents of one image per seed from encoded prompts (each image i starts from seed i's noise).
@@ -62,7 +65,8 @@ def sample(
     runs the UNet under that dtype (training previews under mixed precision, where frozen
     parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
     The pipeline is given the first span; each later span (A1111 prompt editing) replaces it after the step
-    the one before it ends, and AND parts are composed in the UNet's place (_composing_parts).
+    the one before it ends, and AND parts are composed in the UNet's place (_composing_parts). `variation`:
+    A1111's variation seeds (sampling/variation.py), for text-to-image and img2img (`strength` in `extra`).
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
@@ -76,18 +80,40 @@ def sample(
         positive = negative  # a placeholder of the negative's shape: the parts may be of another length
     elif len(conditioning.pairs) > 1:
         extra = _swapping_spans(pipe, conditioning, len(seeds), dtype, extra)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    if torch.is_tensor(extra.get("image")) and "strength" in extra and len(extra["image"]) == 1 < len(seeds):
+        # img2img's start latents for every image (diffusers repeats one with a FutureWarning)
+        extra = {**extra, "image": extra["image"].expand(len(seeds), -1, -1, -1)}
+    noise_mixing = contextlib.nullcontext()
+    if variation is not None and variation.strength and "strength" in extra:
+        noise_mixing = mixing_added_noise(pipe.scheduler, variation)
+    elif variation is not None and variation.strength:
+        extra = {**extra, "latents": first_noise(pipe, generators, extra["width"], extra["height"], variation)
+                 .to(pipe._execution_device, dtype)}
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
         negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        generator=generators,
         output_type="latent",
         **extra,
     )
-    with composing, torch.autocast(pipe._execution_device.type, dtype=autocast,
+    with composing, noise_mixing, torch.autocast(pipe._execution_device.type, dtype=autocast,
                                    enabled=autocast not in (None, torch.float32)):
         return pipe(**call).images
+
+
+@torch.no_grad()
+def to_latents(pipe, images: list[Image.Image]) -> torch.Tensor:
+    """The latents img2img starts from: the VAE posterior's mean. diffusers' img2img samples the posterior with the
+    seed's generator, so the noise it then adds is that generator's second draw; A1111 adds its first (and samples
+    the posterior with its unseeded global generator)."""
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(images).to(pipe._execution_device, vae.dtype)
+    encoded = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (encoded - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()

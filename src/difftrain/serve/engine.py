@@ -87,6 +87,7 @@ class Drawn:
     seeds: list[int]
     infotexts: list[str]
     model: ServedModel | None = None
+    subseeds: list[int] = field(default_factory=list)
     interrupted: bool = False
     clip_skip: int = 1
 
@@ -270,7 +271,7 @@ class Engine:
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
-                                                   encode_prompts, infotext_params, sampling_runner)
+                                                   encode_prompts, infotext_params, sampling_runner, variation_of)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.generate.hires import second_pass
@@ -330,8 +331,12 @@ class Engine:
         else:  # StableDiffusionAdapterPipeline keeps diffusers' older hook, and no interrupt: it stops between images
             hooks = {"callback": lambda step, timestep, latents: on_step(runner), "callback_steps": 1}
 
-        first_seed = request.seed if request.seed >= 0 else random.randrange(2**32 - request.batch_size * request.n_iter)
+        room = 2**32 - request.batch_size * request.n_iter
+        first_seed = request.seed if request.seed >= 0 else random.randrange(room)
+        first_subseed = request.subseed if request.subseed >= 0 else random.randrange(room)  # (A1111 draws it too)
         options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                                  seed=first_seed, variation_seed=first_subseed,
+                                  variation_strength=request.subseed_strength,
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
                                   clip_skip=clip_skip if clip_skip != 1 else None,
@@ -341,11 +346,13 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, **hooks, **extra)
+            variation = variation_of(options, seeds)
+            latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, variation=variation,
+                             **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
-                                     hires, target, request.denoising_strength, **hooks)
+                                     hires, target, request.denoising_strength, variation=variation, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, image in zip(seeds, images):
@@ -355,6 +362,7 @@ class Engine:
                     params.pop("Init image", None)  # it came in the request, not from a file
                 drawn.images.append(image)
                 drawn.seeds.append(seed)
+                drawn.subseeds.append(first_subseed + seed - first_seed)
                 drawn.infotexts.append(format_infotext(request.prompt, request.negative_prompt, params))
             if getattr(runner, "_difftrain_stop", False):
                 drawn.interrupted = True
@@ -447,7 +455,8 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "negative_prompt": request.negative_prompt,
         "all_negative_prompts": [request.negative_prompt] * len(drawn.images),
         "seed": drawn.seeds[0] if drawn.seeds else request.seed, "all_seeds": drawn.seeds,
-        "subseed": drawn.seeds[0] if drawn.seeds else -1, "all_subseeds": drawn.seeds, "subseed_strength": 0,
+        "subseed": drawn.subseeds[0] if drawn.subseeds else request.subseed, "all_subseeds": drawn.subseeds,
+        "subseed_strength": request.subseed_strength,
         "width": request.width, "height": request.height, "sampler_name": display_name(request.sampler),
         "scheduler": request.scheduler or "Automatic", "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,

@@ -73,7 +73,10 @@ class Txt2ImgRequest(BaseModel):
     firstphase_height: int = 0
     restore_faces: Optional[bool] = False
     tiling: Optional[bool] = False
+    subseed: int = -1  # A1111's variation seed (sampling/variation.py)
     subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     script_name: Optional[str] = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet units only (serve/control.py)
 
@@ -97,12 +100,17 @@ class Txt2ImgRequest(BaseModel):
                 raise RequestError(field, f"longer than this server's {limits.max_prompt_chars} characters")
         if not 0 <= self.cfg_scale <= 30:
             raise RequestError("cfg_scale", f"{self.cfg_scale}: must be from 0 to 30")
-        if not -1 <= self.seed <= 2**32 - self.batch_size * self.n_iter:  # the last image's seed is 2**32 - 1
-            raise RequestError("seed", f"{self.seed}: -1 (random) or from 0 to 2**32 - batch_size * n_iter")
+        for field in ("seed", "subseed"):  # the last image's is 2**32 - 1
+            if not -1 <= getattr(self, field) <= 2**32 - self.batch_size * self.n_iter:
+                raise RequestError(field, f"{getattr(self, field)}: -1 (random) or from 0 to 2**32 - batch_size * "
+                                          "n_iter")
+        if not 0 <= self.subseed_strength <= 1:
+            raise RequestError("subseed_strength", f"{self.subseed_strength}: from 0 to 1")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
         unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
-                       ("subseed_strength", self.subseed_strength, "variation seeds"),
+                       ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
+                        "resizing a seed's noise from another size"),
                        ("script_name", self.script_name, "scripts"),
                        ("hr_sampler_name", self.hr_sampler_name not in (None, "", self.sampler), "a hires sampler of "
                         "its own"),

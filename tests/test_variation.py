@@ -1,0 +1,118 @@
+"""A1111's variation seeds: image i's noise slerped toward subseed + i's, in text-to-image, img2img and the hires
+fix; written to the PNG, repeated from it, and served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_generate import pixels, run
+from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
+
+from difftrain.cli import main
+from difftrain.generate.hires import Hires
+from difftrain.generate.text2image import Drawer, GenerateOptions
+
+
+def drawn(model, seeds=(7,), scheduler="Euler", **settings) -> list[np.ndarray]:
+    options = GenerateOptions(prompt="", steps=3, width=32, height=32, scheduler=scheduler, seed=seeds[0], **settings)
+    images = Drawer(str(model), options, progress=False).draw("a red circle", "", list(seeds))
+    return [np.asarray(image, dtype=np.int16) for image in images]
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("mode", [{}, {"hires": Hires(scale=1.5, steps=2)}, {"init_image": "{init}"}],
+                         ids=["txt2img", "hires", "img2img"])
+def test_strength_0_is_the_seeds_noise_and_1_the_variation_seeds(tiny_sd, tmp_path, mode):  # noqa: F811
+    """With a sampler that adds no noise of its own (Euler), all an image's randomness is its starting (or, for
+    img2img and the hires pass, added) noise: strength 1 draws seed + i's image from variation seed + i."""
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(init)
+    mode = {key: str(init) if value == "{init}" else value for key, value in mode.items()}
+    plain = drawn(tiny_sd, (7, 8), **mode)
+    assert all(np.array_equal(a, b) for a, b in zip(drawn(tiny_sd, (7, 8), variation_seed=20, **mode), plain))
+    others = drawn(tiny_sd, (20, 21), **mode)
+    full = drawn(tiny_sd, (7, 8), variation_seed=20, variation_strength=1.0, **mode)
+    assert all(close(a, b) for a, b in zip(full, others))
+    half = drawn(tiny_sd, (7, 8), variation_seed=20, variation_strength=0.5, **mode)
+    assert all(np.abs(h - p).max() > 10 and np.abs(h - o).max() > 10 for h, p, o in zip(half, plain, others))
+
+
+def test_an_ancestral_sampler_goes_on_with_the_seeds_generator(tiny_sd):  # noqa: F811
+    """A1111 draws the seed's noise from its generator and leaves it there for the sampler: a nearly-zero variation
+    is the plain image (a generator not moved past the first draw would give the sampler that noise again)."""
+    plain = drawn(tiny_sd, (7,), scheduler="Euler a")
+    slight = drawn(tiny_sd, (7,), scheduler="Euler a", variation_seed=20, variation_strength=1e-6)
+    assert close(slight[0], plain[0])
+    # ... and the variation seed's starting noise does not make its plain image: the ancestral noise is seed 7's.
+    full = drawn(tiny_sd, (7,), scheduler="Euler a", variation_seed=20, variation_strength=1.0)
+    assert np.abs(full[0] - drawn(tiny_sd, (20,), scheduler="Euler a")[0]).max() > 10
+
+
+def test_the_png_records_each_images_variation_seed_and_repeats_it(tiny_sd, tmp_path, caplog):  # noqa: F811
+    from PIL.PngImagePlugin import PngInfo
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    paths = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--seed", "3", "--batch-size", "2",
+                "--variation-seed", "40", "--variation-strength", "0.3")
+    params = [parse_infotext(read_png_infotext(path))[2] for path in paths]
+    assert [(p["Seed"], p["Variation seed"], p["Variation seed strength"]) for p in params] == \
+        [("3", "40", "0.3"), ("4", "41", "0.3")]
+    assert main(["generate", str(tiny_sd), "--from-png", str(paths[1]), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    [again] = sorted((tmp_path / "b").glob("*.png"))
+    assert close(pixels(again), pixels(paths[1]))  # (alone, not in a batch of two: other kernels)
+    # A random variation seed is drawn and recorded, as a random seed is.
+    [random] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--variation-seed", "-1",
+                   "--variation-strength", "0.3")
+    assert int(parse_infotext(read_png_infotext(random))[2]["Variation seed"]) >= 0
+    # A1111's own PNG: its variation seed is repeated, not warned of.
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32, "
+                                "Variation seed: 40, Variation seed strength: 0.3, RNG: CPU")
+    foreign = tmp_path / "a1111.png"
+    Image.new("RGB", (32, 32)).save(foreign, pnginfo=info)
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--scheduler", "euler", "--out",
+                     str(tmp_path / "d"), "--no-progress"]) == 0
+    assert "not repeated" not in caplog.text
+    [repeated] = sorted((tmp_path / "d").glob("*.png"))
+    assert parse_infotext(read_png_infotext(repeated))[2]["Variation seed"] == "40"
+    assert main(["generate", str(tiny_sd), "--prompt", "x", "--variation-strength", "2", "--out",
+                 str(tmp_path / "e")]) == 2
+
+
+def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path):  # noqa: F811
+    import base64
+    import io
+
+    import requests
+
+    from difftrain.generate.text2image import generate
+    from difftrain.serve.app import BackgroundServer, ServeSettings
+
+    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)]))
+    try:
+        body = {"prompt": "a red circle", "seed": 5, "subseed": 9, "subseed_strength": 0.4, "steps": 3,
+                "width": 64, "height": 64, "sampler_name": "Euler"}
+        reply = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body).json()
+        refused = [requests.post(f"{running.url}/sdapi/v1/txt2img", json={**body, **change}).json()["field"]
+                   for change in ({"subseed_strength": 2}, {"seed_resize_from_h": 64}, {"subseed": -2})]
+    finally:
+        running.stop()
+    served = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
+    info = __import__("json").loads(reply["info"])
+    assert info["all_subseeds"] == [9] and info["subseed_strength"] == 0.4
+    assert "Seed: 5, Size: 64x64, Model: sd, Variation seed: 9, Variation seed strength: 0.4" in \
+        served.info["parameters"]
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler", seed=5,
+                                                    variation_seed=9, variation_strength=0.4, width=64, height=64),
+                      tmp_path, progress=False)
+    assert np.array_equal(pixels(path), np.asarray(served.convert("RGB"), dtype=np.int16))
+    assert refused == ["subseed_strength", "seed_resize_from_h", "subseed"]
+    torch.manual_seed(0)  # (nothing here should depend on torch's global generator)

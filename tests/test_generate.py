@@ -129,10 +129,10 @@ def test_img2img_starts_from_the_image(tiny_sd, tmp_path, capsys):  # noqa: F811
     init = tmp_path / "init.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
     common = ["--prompt", "a red circle", "--init-image", str(init), "--steps", "10"]
-    weak = run(tiny_sd, tmp_path / "weak", *common, "--strength", "0.3")
+    weak = run(tiny_sd, tmp_path / "weak", *common, "--strength", "0.1")
     strong = run(tiny_sd, tmp_path / "strong", *common, "--strength", "1.0")
     text = Image.open(weak[0]).info["parameters"]
-    assert "Denoising strength: 0.3" in text
+    assert "Denoising strength: 0.1" in text
     # The tiny VAE has random weights, so compare with the init image as it comes back through it.
     from diffusers import StableDiffusionPipeline
 
@@ -146,7 +146,7 @@ def test_img2img_starts_from_the_image(tiny_sd, tmp_path, capsys):  # noqa: F811
     # to several prompts.
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        batch = run(tiny_sd, tmp_path / "batch", *common, "--strength", "0.3", "--batch-size", "2")
+        batch = run(tiny_sd, tmp_path / "batch", *common, "--strength", "0.1", "--batch-size", "2")
     assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
     assert np.abs(pixels(batch[0]) - pixels(weak[0])).max() <= 2  # image 0 of a batch is the image alone
     # DDIM takes A1111's 19 steps for 20: at strength 0.05 the tail img2img keeps is empty (a traceback from
@@ -469,3 +469,26 @@ def test_and_composes_the_guidance_of_its_parts_as_a1111(tiny_sd, tmp_path, caps
                  "--out", str(tmp_path / "cfg1"), *FAST]) == 2
     assert "AND or a prompt weight (1, 1) composes prompts, and it needs classifier-free guidance" in \
         capsys.readouterr().err
+
+
+def test_img2img_takes_a1111s_steps(tiny_sd, tmp_path):  # noqa: F811
+    """A1111's k-diffusion samplers take int(steps x strength) + 1 steps of img2img, the first at the schedule's
+    (steps - that)th timestep (diffusers took one fewer, from one point lower); DDIM, PLMS and UniPC, A1111's
+    timestep samplers with a loop of their own, keep diffusers' (the tail int(steps x strength) leaves of A1111's
+    9 DDIM steps for 10). Even steps x strength < 1 takes a step."""
+    import copy
+
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    for scheduler, steps, strength, taken in (("Euler", 10, 0.3, 4), ("DPM++ 2M Karras", 10, 0.55, 6),
+                                               ("Euler", 4, 0.1, 1), ("Euler", 10, 1.0, 10), ("DDIM", 10, 0.3, 2)):
+        drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=steps, width=32, height=32, strength=strength,
+                                                      scheduler=scheduler, init_image=str(init)), progress=False)
+        timesteps = []
+        drawer.pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(float(args[1])))
+        drawer.draw("a red circle", "", [1])
+        schedule = copy.deepcopy(drawer.runner.scheduler)
+        schedule.set_timesteps(steps)
+        assert len(timesteps) == taken and timesteps[0] == float(schedule.timesteps[-taken]), scheduler

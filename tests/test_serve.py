@@ -582,3 +582,20 @@ def test_an_interrupt_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the
     drawn = engine.draw(request, stop_in_second_pass)
     assert drawn.interrupted and [image.size for image in drawn.images] == [(128, 128)]
     assert calls == ["StableDiffusionPipeline"] * 3 + ["StableDiffusionImg2ImgPipeline"]
+
+
+def test_img2img_that_leaves_no_step_is_refused_before_it_queues(server):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    body = {"prompt": "x", "init_images": [base64.b64encode(png.getvalue()).decode()], "width": 64, "height": 64,
+            "sampler_name": "DDIM", "steps": 20, "denoising_strength": 0.05}
+    queued = len(server.app.state.queue._jobs) if hasattr(server.app.state, "queue") else None
+    response = requests.post(f"{server.url}/v1/jobs", json={"type": "img2img", "request": body})
+    assert response.status_code == 422 and response.json()["field"] == "denoising_strength"
+    assert "no step to take" in response.json()["detail"]
+    if queued is not None:
+        assert len(server.app.state.queue._jobs) == queued  # no job was made
+    # A1111's Euler takes int(4 x 0.1) + 1 = 1 step: drawn, not refused.
+    drawn = requests.post(f"{server.url}/sdapi/v1/img2img", json={**body, "sampler_name": "Euler", "steps": 4,
+                                                                    "denoising_strength": 0.1})
+    assert drawn.status_code == 200 and len(drawn.json()["images"]) == 1

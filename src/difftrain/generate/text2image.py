@@ -100,9 +100,6 @@ class GenerateOptions:
                 load_image(self.init_image)
             except BadImage as reason:
                 raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
-        if self.init_image and int(self.steps * self.strength) < 1:
-            raise GenerateError(f"img2img runs steps x strength = {self.steps} x {self.strength} < 1 steps; "
-                                "raise --steps or --strength")
         if self.hires is not None:
             if self.init_image or self.controlnets:
                 raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
@@ -294,9 +291,8 @@ class Controls:
     images: list[Image.Image]
 
 
-def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Image.Image | None = None,
-                    strength: float = 0.75, controls: Controls | None = None, steps: int | None = None
-                    ) -> tuple[object, dict]:
+def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None, init: Image.Image | None = None,
+                    strength: float = 0.75, controls: Controls | None = None) -> tuple[object, dict]:
     """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
 
     `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
@@ -315,12 +311,7 @@ def sampling_runner(pipe, width: int, height: int, *, scheduler=None, init: Imag
         from difftrain.sampling.text2image import to_latents
 
         extra = {"image": to_latents(pipe, [init.resize((width, height), Image.Resampling.LANCZOS)]),
-                 "strength": strength}
-        if steps is not None and (taken := img2img_steps(scheduler or pipe.scheduler, steps, strength)) < 1:
-            # A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20): the tail img2img
-            # keeps can be empty where steps x strength is 1.
-            raise GenerateError(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to "
-                                f"take ({taken}); raise the strength or the steps")
+                 "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
     if controls is not None:
         from difftrain.generate.controlnet import pipeline_arguments
         from difftrain.models.control import control_pipeline
@@ -339,6 +330,19 @@ def img2img_steps(scheduler, steps: int, strength: float) -> int:
     scheduler.set_timesteps(steps)
     begin = (steps - min(int(steps * strength), steps)) * scheduler.order
     return len(scheduler.timesteps[begin:])
+
+
+def img2img_strength(scheduler, steps: int, strength: float) -> float:
+    """The strength diffusers' img2img is given for A1111's steps (schedulers.img2img_strength), refused where it
+    leaves no step: A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20), and the tail
+    img2img keeps can then be empty where steps x strength is about 1."""
+    from difftrain.sampling.schedulers import img2img_strength as a1111_strength
+
+    given = a1111_strength(scheduler, steps, strength)
+    if (taken := img2img_steps(scheduler, steps, given)) < 1:
+        raise GenerateError(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to "
+                            f"take ({taken}); raise the strength or the steps")
+    return given
 
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int,
@@ -407,8 +411,8 @@ class Drawer:
                     for unit in options.controlnets]
             images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
-        self.runner, self.extra = sampling_runner(pipe, self.width, self.height, init=init,
-                                                  strength=options.strength, controls=controls, steps=options.steps)
+        self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
+                                                  strength=options.strength, controls=controls)
         self.hires_target = None
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded

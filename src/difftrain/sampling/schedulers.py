@@ -449,6 +449,22 @@ def _place_a1111_timesteps(scheduler, count: int) -> None:
     scheduler.timesteps = torch.from_numpy(steps.astype(np.int64).copy()).to(scheduler.timesteps.device)
 
 
+# A1111's timestep samplers (sd_samplers_timesteps) and the samplers that are not A1111's at all.
+_OWN_IMG2IMG = (*_TIMESTEP_CLASSES, "UniPCMultistepScheduler", "DDPMScheduler", "LCMScheduler")
+
+
+def img2img_strength(scheduler, steps: int, strength: float) -> float:
+    """The strength diffusers' img2img is given so that it takes A1111's img2img steps. A1111's k-diffusion samplers
+    run int(min(strength, 0.999) x steps) + 1 steps from the schedule's (steps - that)th sigma; diffusers runs
+    int(steps x strength), from one point lower. DDIM, PLMS and UniPC, A1111's timestep samplers, run a loop of
+    their own (noise put at one timestep, the first step taken at the one below), which diffusers' pipelines do
+    not: they keep diffusers' steps, as DDPM and LCM do."""
+    if type(scheduler).__name__ in _OWN_IMG2IMG:
+        return strength
+    taken = min(steps, int(min(strength, 0.999) * steps) + 1)
+    return min(1.0, (taken + 0.5) / steps)  # (half a step above: float error must not lose one)
+
+
 def _uniform_by_timesteps(scheduler) -> bool:
     """Whether `scheduler` is DPM-Solver++ multistep (A1111's DPM++ 2M, 2M SDE) on its Uniform schedule. Not 3M
     SDE: A1111 drops its next-to-last sigma (t = 0 here), which is what diffusers' own spacing gives."""

@@ -239,8 +239,33 @@ class Engine:
         units, images = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         if units and request.enable_hr:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
-        init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
+        init = None
+        if isinstance(request, Img2ImgRequest):
+            init = decode_image(request.init_images[0], "init_images[0]")
+            self._check_img2img_steps(model, scheduler, request)
         return Prepared(model, scheduler, prompt, loras, units, images, init)
+
+    @staticmethod
+    def _check_img2img_steps(model: ServedModel, scheduler_name: str, request: Img2ImgRequest) -> None:
+        """Whether the sampler takes a step at this strength, from the model's scheduler config (the loaded model's,
+        or its folder's): refused before the job queues. A model without either is checked when drawn."""
+        from difftrain.generate.text2image import img2img_strength
+        from difftrain.sampling.schedulers import make_scheduler
+
+        config = dict(model.pipe.scheduler.config) if model.pipe is not None else None
+        saved = model.located.folder / "scheduler" / "scheduler_config.json" if model.located.folder else None
+        if config is None and saved is not None and saved.is_file():
+            config = json.loads(saved.read_text())
+        if config is None:
+            return
+        try:
+            scheduler = make_scheduler(scheduler_name, config)
+        except DifftrainError as reason:
+            raise RequestError("sampler_name", str(reason)) from None
+        try:
+            img2img_strength(scheduler, request.steps, request.denoising_strength)
+        except DifftrainError as reason:
+            raise RequestError("denoising_strength", str(reason)) from None
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -312,10 +337,9 @@ class Engine:
             nets = self._nets(prepared, pipe)
             controls = Controls(units, nets, self._conditions(request, prepared))
         try:
-            runner, extra = sampling_runner(pipe, request.width, request.height, scheduler=scheduler,
-                                            init=prepared.init_image,
-                                            strength=request.denoising_strength, controls=controls,
-                                            steps=request.steps)
+            runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
+                                            init=prepared.init_image, strength=request.denoising_strength,
+                                            controls=controls)
         except GenerateError as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)

@@ -59,8 +59,8 @@ class Job:
         request = self.request
         self.images = request.n_iter
         steps = request.steps
-        if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule
-            steps = max(1, int(request.steps * request.denoising_strength))
+        if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule, a step more (A1111's)
+            steps = min(steps, int(request.steps * min(request.denoising_strength, 0.999)) + 1)
         self.passes = 1 + (self.kind == "txt2img" and request.enable_hr)
         if self.passes == 2:  # the hires fix's second pass, its steps taken exactly (generate/hires.py)
             steps += request.hr_second_pass_steps or request.steps

@@ -181,10 +181,7 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError("resize_mode", f"{self.resize_mode}: only 0 (just resize) is served")
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
-        if int(self.steps * self.denoising_strength) < 1:
-            raise RequestError("denoising_strength", f"steps x strength = {self.steps} x {self.denoising_strength} "
-                                                     "runs no step; raise one of them")
-        # (the image itself is decoded once, by the engine's precheck)
+        # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)
 
 
 def check_clip_skip(value, field: str) -> None:

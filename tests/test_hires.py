@@ -15,6 +15,16 @@ from difftrain.cli import main
 from difftrain.generate.hires import Hires, HiresError, Target, pass_steps
 
 
+def a1111_png(path, settings: str):
+    """A PNG as A1111 writes it: "a red circle", Euler at 2 steps, seed 5, CPU noise, and these settings."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", f"a red circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, {settings}, RNG: CPU")
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    return path
+
+
 def test_target_sizes_are_a1111s():
     """calculate_target_resolution's cases: a scale, one side of a resize (the other kept to the aspect), both
     sides (scaled to cover them, then the latents cropped to them)."""
@@ -104,14 +114,8 @@ def test_generate_writes_the_hires_fix_into_the_png_and_repeats_it(tiny_sd, tmp_
     [plain] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--seed", "3")
     assert Image.open(plain).size == (32, 32)
     # A1111's own PNG: its hires keys are repeated, not warned of.
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", "a red circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x24, "
-                                "Denoising strength: 0.6, Hires resize: 64x0, Hires upscaler: Latent (nearest), "
-                                "RNG: CPU")
-    foreign = tmp_path / "a1111.png"
-    Image.new("RGB", (64, 48)).save(foreign, pnginfo=info)
+    foreign = a1111_png(tmp_path / "a1111.png", "Size: 32x24, Denoising strength: 0.6, Hires resize: 64x0, "
+                                                "Hires upscaler: Latent (nearest)")
     with caplog.at_level("WARNING"):
         assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "d"),
                      "--no-progress"]) == 0
@@ -141,9 +145,16 @@ def test_bad_hires_options_are_named(tiny_sd, tmp_path, capsys, flags, said):  #
 FAST_ARGS = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
 
 
-def test_prompt_edits_are_placed_in_each_passs_own_steps(tiny_sd):  # noqa: F811
-    """A1111 schedules the hires pass's conditioning for its own steps: `[red:blue:0.5]` ends red at step 1 of the
-    first pass's 2 (red for both: A1111 swaps after the step a span ends) and at step 2 of a 4-step second pass."""
+def test_a_prompt_edits_timeline_goes_on_into_the_hires_pass(tiny_sd):  # noqa: F811
+    """A1111 1.6+'s timeline: the second pass follows the first, so `[red:blue:0.5]` (red for both of the first
+    pass's 2 steps: A1111 swaps after the step a span ends) is blue throughout a 4-step second pass, and
+    `[red:blue:1.5]`, red for the whole first pass, swaps after step 2 of the second."""
+    from difftrain.sampling.prompt_schedule import prompt_schedule
+
+    # The web UI's doctests with a hires pass (get_learned_conditioning_prompt_schedules([p], 10, 10)).
+    assert prompt_schedule("a [b:.5] c", 10, first_pass=10) == [(10, "a b c")]
+    assert prompt_schedule("a [b:1.5] c", 10, first_pass=10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule("a [b:c:25] d", 10, first_pass=20) == [(5, "a b d"), (10, "a c d")]
     from difftrain.generate.text2image import Drawer, GenerateOptions
     from difftrain.sampling.prompts import encode_pair
 
@@ -160,9 +171,15 @@ def test_prompt_edits_are_placed_in_each_passs_own_steps(tiny_sd):  # noqa: F811
         return torch.cat([negative, positive])
 
     red, blue = encoded("a red circle"), encoded("a blue circle")
+
+    def names() -> list[str]:
+        return [next(name for name, z in (("red", red), ("blue", blue)) if torch.equal(z, call)) for call in seen]
+
     drawer.draw("a [red:blue:0.5] circle", "ugly", [3])
-    assert [next(name for name, z in (("red", red), ("blue", blue)) if torch.equal(z, call)) for call in seen] == \
-        ["red", "red"] + ["red", "red", "red", "blue"]
+    assert names() == ["red", "red"] + ["blue"] * 4
+    seen.clear()
+    drawer.draw("a [red:blue:1.5] circle", "ugly", [3])
+    assert names() == ["red", "red"] + ["red", "red", "red", "blue"]
 
 
 def test_deepcache_starts_the_hires_pass_with_a_whole_unet_step(tiny_sd):  # noqa: F811
@@ -173,3 +190,47 @@ def test_deepcache_starts_the_hires_pass_with_a_whole_unet_step(tiny_sd):  # noq
                                                   deepcache=3, hires=Hires(scale=2, steps=2)), progress=False)
     [image] = drawer.draw("a red circle", "", [3])
     assert image.size == (64, 64) and drawer.deepcache.full_calls == 2  # each pass's first of its two
+
+
+def test_a_pngs_hires_fix_takes_the_command_lines_changes(tiny_sd, tmp_path, caplog, capsys):  # noqa: F811
+    """Each --hires-* flag replaces the PNG's own setting (an A1111 PNG's model upscaler, which we lack, is named
+    with the flag that picks another); with --init-image the PNG's hires fix is left out, and said."""
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    png = a1111_png(tmp_path / "a1111.png", "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, "
+                                            "Hires upscaler: R-ESRGAN 4x+")
+
+    def repeat(out: str, *flags) -> int:
+        return main(["generate", str(tiny_sd), "--from-png", str(png), "--out", str(tmp_path / out), "--no-progress",
+                     *flags])
+
+    assert repeat("a") == 2 and "--hires-upscaler: hires upscaler 'R-ESRGAN 4x+'" in capsys.readouterr().err
+    assert repeat("b", "--hires-upscaler", "Lanczos") == 0
+    params = parse_infotext(read_png_infotext(next((tmp_path / "b").glob("*.png"))))[2]
+    assert (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"]) == ("2.0", "2", "Lanczos")
+    assert repeat("c", "--hires-upscaler", "Latent", "--hires-scale", "1.5") == 0
+    [image] = (tmp_path / "c").glob("*.png")
+    assert Image.open(image).size == (48, 48) and "Hires steps: 2" in Image.open(image).info["parameters"]
+    with caplog.at_level("WARNING"):
+        assert repeat("d", "--init-image", str(png)) == 0
+    assert "hires fix is not repeated with --init-image" in caplog.text
+    assert Image.open(next((tmp_path / "d").glob("*.png"))).size == (32, 32)
+
+
+def test_a_hires_pass_that_cannot_be_drawn_is_refused_naming_the_flag(tiny_sd, tmp_path, capsys):  # noqa: F811
+    """One hires step at strength 0.5 is a schedule of 2, of which A1111's DDIM places 1 step, leaving the pass
+    none; a tiny strength makes a schedule past the model's 1000 steps; a cover past the size limit (8192 wide for
+    8192x8192 from 1024x64) is refused before anything is drawn, as is an infinite scale."""
+    base = ["generate", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "o"), "--no-progress", "--steps", "2"]
+    assert main([*base, "--hires-scale", "2", "--strength", "0.5", "--hires-steps", "1", "--scheduler", "DDIM"]) == 2
+    assert "--hires-steps: the hires pass's 1 step(s) at strength 0.5 leave this sampler no" in capsys.readouterr().err
+    assert main([*base, "--hires-scale", "2", "--strength", "0.5", "--hires-steps", "1", "--width", "32",
+                 "--height", "32"]) == 0  # (the default sampler takes its one step)
+    assert main([*base, "--hires-scale", "2", "--strength", "0.01", "--hires-steps", "25"]) == 2
+    assert "--strength: the hires pass's 25 steps at strength 0.01 make a schedule of 2500" in capsys.readouterr().err
+    assert main([*base, "--width", "1024", "--height", "64", "--hires-resize", "8192x8192"]) == 2
+    assert "upscaled to" in capsys.readouterr().err
+    assert Hires(resize=(8192, 8192)).target(1024, 64).width > 8192  # (what the check guards)
+    with pytest.raises(HiresError) as caught:  # (the command line's --hires-scale takes finite numbers only)
+        Hires(scale=float("inf")).check(64, 64, 8192)
+    assert caught.value.setting == "scale"

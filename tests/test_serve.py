@@ -554,9 +554,10 @@ def test_prompt_loras_and_controlnets_past_their_caps_are_let_go_and_load_again(
     assert np.array_equal(steered("cn"), by_cn)
 
 
-def test_an_interrupt_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the_batches(server):
-    """As A1111: interrupted in the first pass, the image is that pass's; a stop asked during the second pass (a
-    pipeline of its own) still ends the job's later batches. A job's progress counts both passes."""
+def test_a_skip_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the_batches(server):
+    """Skipped in the first pass, the image is that pass's (A1111 returns an interrupted first pass so); a stop
+    asked during the second pass (a pipeline of its own) still ends the job's later batches. A job's progress
+    counts both passes."""
     from difftrain.serve import jobs
     from difftrain.serve.requests import Txt2ImgRequest
 
@@ -566,11 +567,11 @@ def test_an_interrupt_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the
     assert jobs.Job("txt2img", request).total_steps == (3 + 2) * 2
     calls = []
 
-    def interrupt_first(pipe):
+    def skip_first(pipe):  # jobs.py: a skip ends the image in progress, and the job goes on
         calls.append(type(pipe).__name__)
         pipe._interrupt = True
 
-    drawn = engine.draw(request, interrupt_first)
+    drawn = engine.draw(request, skip_first)
     assert [image.size for image in drawn.images] == [(64, 64)] * 2 and "Img2Img" not in "".join(calls)
 
     def stop_in_second_pass(pipe):

@@ -61,8 +61,9 @@ def test_the_png_records_each_images_variation_seed_and_repeats_it(tiny_sd, tmp_
     paths = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--seed", "3", "--batch-size", "2",
                 "--variation-seed", "40", "--variation-strength", "0.3")
     params = [parse_infotext(read_png_infotext(path))[2] for path in paths]
+    # As A1111 numbers them: variations of one picture, every image at the seed, the variation seed counting up.
     assert [(p["Seed"], p["Variation seed"], p["Variation seed strength"]) for p in params] == \
-        [("3", "40", "0.3"), ("4", "41", "0.3")]
+        [("3", "40", "0.3"), ("3", "41", "0.3")]
     assert main(["generate", str(tiny_sd), "--from-png", str(paths[1]), "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 0
     [again] = sorted((tmp_path / "b").glob("*.png"))
@@ -99,7 +100,7 @@ def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path
     running = BackgroundServer(ServeSettings(models=[str(tiny_sd)]))
     try:
         body = {"prompt": "a red circle", "seed": 5, "subseed": 9, "subseed_strength": 0.4, "steps": 3,
-                "width": 64, "height": 64, "sampler_name": "Euler"}
+                "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 2}
         reply = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body).json()
         refused = [requests.post(f"{running.url}/sdapi/v1/txt2img", json={**body, **change}).json()["field"]
                    for change in ({"subseed_strength": 2}, {"seed_resize_from_h": 64}, {"subseed": -2})]
@@ -107,12 +108,15 @@ def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path
         running.stop()
     served = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
     info = __import__("json").loads(reply["info"])
-    assert info["all_subseeds"] == [9] and info["subseed_strength"] == 0.4
+    assert info["all_seeds"] == [5, 5] and info["all_subseeds"] == [9, 10] and info["subseed_strength"] == 0.4
     assert "Seed: 5, Size: 64x64, Model: sd, Variation seed: 9, Variation seed strength: 0.4" in \
         served.info["parameters"]
-    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler", seed=5,
-                                                    variation_seed=9, variation_strength=0.4, width=64, height=64),
-                      tmp_path, progress=False)
-    assert np.array_equal(pixels(path), np.asarray(served.convert("RGB"), dtype=np.int16))
+    paths = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler", seed=5,
+                                                   variation_seed=9, variation_strength=0.4, width=64, height=64,
+                                                   batch_size=2), tmp_path, progress=False)
+    second = Image.open(io.BytesIO(base64.b64decode(reply["images"][1])))
+    assert np.array_equal(pixels(paths[0]), np.asarray(served.convert("RGB"), dtype=np.int16))
+    assert np.array_equal(pixels(paths[1]), np.asarray(second.convert("RGB"), dtype=np.int16))
+    assert "Seed: 5, Size: 64x64, Model: sd, Variation seed: 10," in second.info["parameters"]
     assert refused == ["subseed_strength", "seed_resize_from_h", "subseed"]
     torch.manual_seed(0)  # (nothing here should depend on torch's global generator)

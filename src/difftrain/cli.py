@@ -301,6 +301,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
 def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from difftrain.generate.hires import Hires
     from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg, with_seed
 
     if args.list_schedulers:
@@ -326,13 +327,25 @@ def _generate(args: argparse.Namespace) -> int:
                              "--control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
-    hires = _hires(args)
-    if hires is not None:
-        given["hires"] = hires
-    if args.strength is not None and not (args.init_image or args.from_png or hires):
+    hires = _hires_flags(args)
+    turns_on = "scale" in hires or "resize" in hires
+    if hires and not (turns_on or args.from_png):
+        raise DifftrainError("--hires-upscaler and --hires-steps set the hires fix: give --hires-scale or "
+                             "--hires-resize too")
+    if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
+    if turns_on and not args.from_png:
+        given["hires"] = Hires(**hires)
     if args.from_png:
         options = options_from_png(args.from_png, **given)
+        if hires:  # each flag given replaces the PNG's own setting
+            if options.hires is None and not turns_on:
+                raise DifftrainError(f"{args.from_png} has no hires fix to change: give --hires-scale or "
+                                     "--hires-resize to add one")
+            base = options.hires or Hires()
+            if "scale" in hires and "resize" not in hires:
+                base = replace(base, resize=(0, 0))  # (a resize wins over a scale)
+            options = replace(options, hires=replace(base, **hires))
     elif "prompt" not in given:
         raise DifftrainError("generate: give --prompt (or --from-png IMAGE to repeat an image's generation)")
     else:
@@ -349,32 +362,27 @@ def _generate(args: argparse.Namespace) -> int:
         from difftrain.generate.speed import compile_report
 
         print(compile_report())
-    variation = (f", variation seeds {options.variation_seed}.. at {options.variation_strength:g}"
-                 if options.variation_strength else "")
-    print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, seeds "
-          f"{options.seed}..{options.seed + len(paths) - 1}{variation}); each PNG carries its parameters "
-          "(--from-png repeats it)")
+    last = len(paths) - 1
+    seeds = (f"seed {options.seed}, variation seeds {options.variation_seed}..{options.variation_seed + last} at "
+             f"{options.variation_strength:g}" if options.variation_strength else
+             f"seeds {options.seed}..{options.seed + last}")
+    print(f"wrote {len(paths)} image(s) to {args.out} ({options.scheduler}, {options.steps} steps, {seeds}); each "
+          "PNG carries its parameters (--from-png repeats it)")
     return 0
 
 
-def _hires(args: argparse.Namespace):
-    """The hires fix the command line asks for: --hires-scale or --hires-resize turns it on."""
-    from difftrain.generate.hires import Hires
-
-    if args.hires_scale is None and args.hires_resize is None:
-        if args.hires_upscaler is not None or args.hires_steps is not None:
-            raise DifftrainError("--hires-upscaler and --hires-steps set the hires fix: give --hires-scale or "
-                                 "--hires-resize too")
-        return None
-    resize = (0, 0)
+def _hires_flags(args: argparse.Namespace) -> dict:
+    """The hires fix settings given on the command line (generate.hires.Hires fields); --hires-scale or
+    --hires-resize turns it on."""
+    given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
+                                               ("steps", args.hires_steps)) if value is not None}
     if args.hires_resize is not None:
         width, _, height = args.hires_resize.partition("x")
         if not (width.isdigit() and height.isdigit()):
             raise DifftrainError(f"--hires-resize {args.hires_resize}: give WIDTHxHEIGHT in pixels, 0 for a side "
                                  "that follows the other (e.g. 1024x0)")
-        resize = (int(width), int(height))
-    return Hires(scale=2.0 if args.hires_scale is None else args.hires_scale, resize=resize,
-                 upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps or 0)
+        given["resize"] = (int(width), int(height))
+    return given
 
 
 def _out_folder(out: str | None) -> None:

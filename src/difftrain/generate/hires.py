@@ -10,6 +10,7 @@ makes a new `ImageRNG` for it). `generate` and `serve` both draw it through `sec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,13 +81,18 @@ class Hires:
         if min(self.resize) < 0:
             raise HiresError("resize", f"hires resize {self.resize[0]}x{self.resize[1]}: each side 0 (follows the "
                                        "other) or more")
-        if self.resize == (0, 0) and not self.scale > 0:
+        if self.resize == (0, 0) and not (self.scale > 0 and math.isfinite(self.scale)):
             raise HiresError("scale", f"hires scale {self.scale}: must be above 0")
+        if max(self.resize) > max_side or (self.resize == (0, 0) and self.scale * max(width, height) > max_side):
+            raise HiresError("size", f"hires fix past {max_side} px from {width}x{height}: each side must be from "
+                                     f"{cell} to {max_side} px")
         target = self.target(width, height, cell)
         out_width, out_height = target.size
-        if min(out_width, out_height) < cell or max(out_width, out_height) > max_side:
-            raise HiresError("size", f"hires fix to {out_width}x{out_height} px from {width}x{height}: each side "
-                                     f"must be from {cell} to {max_side} px")
+        # (the latents are upscaled to cover a resize, then cropped: the covering size must fit too)
+        if min(out_width, out_height) < cell or max(out_width, out_height, target.width, target.height) > max_side:
+            raise HiresError("size", f"hires fix to {out_width}x{out_height} px (upscaled to {target.width}x"
+                                     f"{target.height} before the crop) from {width}x{height}: each side must be from "
+                                     f"{cell} to {max_side} px")
         return target
 
     def target(self, width: int, height: int, cell: int = 8) -> Target:
@@ -130,15 +136,32 @@ class Hires:
 
 def pass_steps(steps: int, strength: float) -> tuple[int, float]:
     """The schedule length and the diffusers img2img strength that take exactly `steps` steps from its
-    (len - steps)th point on, as A1111 (`setup_img2img_steps` with steps given) does."""
+    (len - steps)th point on, as A1111 (`setup_img2img_steps` with steps given) does with its k-diffusion samplers.
+    (A1111's DDIM and PLMS place one step fewer at many counts, so these take one fewer.)"""
     length = int(steps / min(strength, 0.999))
     # diffusers takes int(length x strength) steps: half a step above keeps float error from losing one
     return length, min(1.0, (steps + 0.5) / length)
 
 
+def check_pass(scheduler, steps: int, strength: float) -> None:
+    """Whether `scheduler` can take the second pass of `steps` at `strength`: its schedule within the model's
+    timesteps, and a step to take."""
+    from difftrain.generate.text2image import img2img_steps
+
+    length, pass_strength = pass_steps(steps, strength)
+    most = scheduler.config.num_train_timesteps
+    if length > most:
+        raise HiresError("strength", f"the hires pass's {steps} steps at strength {strength} make a schedule of "
+                                     f"{length} steps, past the model's {most}; raise the strength")
+    if img2img_steps(scheduler, length, pass_strength) < 1:
+        raise HiresError("steps", f"the hires pass's {steps} step(s) at strength {strength} leave this sampler no "
+                                  "step to take; raise the hires steps or the strength")
+
+
 def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target) -> torch.Tensor:
     """The first pass's latents at the target size, cropped as A1111 crops them."""
     import torch
+
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
@@ -154,12 +177,17 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
 
     # (the encoder takes whole cells; A1111 encodes the odd size and loses the remainder)
     size = (target.latent_size[1] * target.cell, target.latent_size[0] * target.cell)
+    lanczos = Image.Resampling.LANCZOS
     resized = []
     for image in to_images(pipe, latents):
-        if resample is not None:  # the upscaler's own step, then Lanczos to the exact size
-            scale = max(size[0] / image.width, size[1] / image.height)
+        scale = max(target.width / image.width, target.height / image.height)
+        if resample is not None and scale > 1:  # the upscaler's own step, to whole 8 px cells (A1111's Upscaler)
             image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        resized.append(image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image)
+            cells = (int(image.width // 8 * 8), int(image.height // 8 * 8))
+            image = image.resize(cells, lanczos) if image.size != cells else image
+        for exact in ((target.width, target.height), size):  # resize_image's, then the encoder's whole cells
+            image = image.resize(exact, lanczos) if image.size != exact else image
+        resized.append(image)
     return to_latents(pipe, resized).to(latents.dtype)
 
 

@@ -9,6 +9,7 @@ syntax, chunking past 75 tokens and BREAK; LoRAs come from `--lora file:weight` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
-from difftrain.generate.hires import Hires
+from difftrain.generate.hires import Hires, HiresError
 from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class GenerateOptions:
                 raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
                                     "--controlnet (A1111's img2img has none either)")
             if self.width and self.height:
-                self.hires.check(self.width, self.height, MAX_SIDE)
+                with hires_flags():
+                    self.hires.check(self.width, self.height, MAX_SIDE)
         resolve_device(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
@@ -135,6 +137,17 @@ class GenerateOptions:
         from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
+
+
+@contextlib.contextmanager
+def hires_flags():
+    """A hires fix refused names the command line's flag for what to change."""
+    flags = {"upscaler": "--hires-upscaler", "steps": "--hires-steps", "resize": "--hires-resize",
+             "scale": "--hires-scale", "strength": "--strength"}
+    try:
+        yield
+    except HiresError as reason:
+        raise GenerateError(f"{flags.get(reason.setting, '--hires-scale or --hires-resize')}: {reason}") from None
 
 
 _DEEPCACHE_WITH_CONTROL = ("--deepcache skips the UNet's deep blocks, where a ControlNet's residuals go; "
@@ -242,7 +255,8 @@ def default_size(pipe) -> int:
 
 
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
-                    loras: list[tuple[str, float]], pad_conds: bool = False) -> dict:
+                    loras: list[tuple[str, float]], pad_conds: bool = False, subseed: int | None = None) -> dict:
+    """A1111's infotext parameters of one image (`subseed`: its variation seed, batch_seeds')."""
     from difftrain.sampling.schedulers import a1111_sampler
 
     params = {
@@ -253,8 +267,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         "Size": f"{width}x{height}",
         "Model": model_name,
     }
-    if options.variation_strength:  # image i's subseed is the variation seed + i, as its seed is the seed + i
-        params["Variation seed"] = options.variation_seed + seed - options.seed
+    if options.variation_strength:
+        params["Variation seed"] = options.variation_seed if subseed is None else subseed
         params["Variation seed strength"] = options.variation_strength
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
@@ -346,11 +360,12 @@ def img2img_strength(scheduler, steps: int, strength: float) -> float:
 
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int,
-                   composable: bool = True) -> ScheduledConditioning:
+                   composable: bool = True, first_pass: int | None = None) -> ScheduledConditioning:
     """The conditioning of A1111-syntax prompts (without <lora:> tags) for each span of a schedule of `steps`
     (schedule_steps: the sampler's steps, twice for a second-order one; one span unless they use prompt editing
     or alternation). Its `padded` says whether a side was padded to the other's length, which A1111 does only
-    with its "Pad conds" option (its infotext then says so): a PNG without it would be redrawn unpadded."""
+    with its "Pad conds" option (its infotext then says so): a PNG without it would be redrawn unpadded.
+    `first_pass`: a hires fix's second pass follows that many steps (prompt_schedule)."""
     from difftrain.sampling.prompt_schedule import encode_schedule
     from difftrain.sampling.prompts import encode_texts
 
@@ -359,7 +374,7 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, step
         texts = [pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in texts]
         return encode_texts(pipe.tokenizer, pipe.text_encoder, texts, pipe._execution_device, clip_skip, pad=pad)
 
-    return encode_schedule(encode, prompt, negative_prompt, steps, composable)
+    return encode_schedule(encode, prompt, negative_prompt, steps, composable, first_pass)
 
 
 class Drawer:
@@ -417,7 +432,11 @@ class Drawer:
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
-            self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
+            from difftrain.generate.hires import check_pass
+
+            with hires_flags():
+                self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
+                check_pass(self.runner.scheduler, options.hires.steps or options.steps, options.strength)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -432,8 +451,10 @@ class Drawer:
                 raise GenerateError(_DEEPCACHE_WITH_CONTROL)
             self.deepcache = DeepCache(pipe.unet, options.deepcache)
 
-    def draw(self, prompt: str, negative_prompt: str, seeds: list[int]) -> list[Image.Image]:
-        """One image per seed for `prompt` (A1111 syntax, without <lora:> tags)."""
+    def draw(self, prompt: str, negative_prompt: str, seeds: list[int],
+             subseeds: list[int] | None = None) -> list[Image.Image]:
+        """One image per seed for `prompt` (A1111 syntax, without <lora:> tags); `subseeds`: their variation seeds
+        (batch_seeds'), under a variation strength."""
         from difftrain.sampling.text2image import draw, sample
 
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
@@ -449,7 +470,7 @@ class Drawer:
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
-        variation = variation_of(options, seeds)
+        variation = variation_of(options, subseeds or [options.variation_seed + i for i in range(len(seeds))])
         if options.hires is None:
             return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
                         **self.extra)
@@ -457,25 +478,27 @@ class Drawer:
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
                          **self.extra)
-        if options.hires.steps not in (0, options.steps):  # a prompt edit's spans are placed in the pass's own steps
+        if "[" in prompt + negative_prompt:  # a prompt edit's timeline goes on into the second pass
             conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
-                                          schedule_steps(self.runner.scheduler, options.hires.steps), options.compose)
+                                          schedule_steps(self.runner.scheduler, options.hires.steps or options.steps),
+                                          options.compose, schedule_steps(self.runner.scheduler, options.steps))
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, variation=variation)
 
-    def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int) -> Path:
+    def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
+             subseed: int | None = None) -> Path:
         """A PNG carrying A1111's infotext for this image, one `draw` drew (`--from-png` repeats it)."""
         from difftrain.generate.infotext import format_infotext, write_png
 
         used = replace(self.options, clip_skip=self.clip_skip)  # the model's own clip skip too, as A1111 records it
         params = infotext_params(used, seed, self.width, self.height, self.model_name, list(self.options.loras),
-                                 self.padded)
+                                 self.padded, subseed)
         return write_png(image, path, format_infotext(prompt, negative_prompt, params))
 
 
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
-    """Generate batch_size x n_iter images with seeds seed + i (seed -1: a random one, as in A1111); write PNGs
-    with infotext; return their paths."""
+    """Generate batch_size x n_iter images with seeds seed + i (seed -1: a random one, as in A1111; batch_seeds);
+    write PNGs with infotext; return their paths."""
     options = with_seed(options)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
     drawer = Drawer(model, options, prompt_loras, progress)
@@ -486,10 +509,10 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
     taken = [int(p.name.split("-", 1)[0]) for p in out.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
     first = max(taken, default=-1) + 1
     for iteration in range(options.n_iter):
-        seeds = [options.seed + iteration * options.batch_size + i for i in range(options.batch_size)]
-        for seed, image in zip(seeds, drawer.draw(prompt, options.negative_prompt, seeds)):
+        seeds, subseeds = batch_seeds(options, iteration)
+        for seed, subseed, image in zip(seeds, subseeds, drawer.draw(prompt, options.negative_prompt, seeds, subseeds)):
             path = out / f"{first + len(written):05d}-{seed}.png"
-            written.append(drawer.save(image, path, options.prompt, options.negative_prompt, seed))
+            written.append(drawer.save(image, path, options.prompt, options.negative_prompt, seed, subseed))
     return written
 
 
@@ -506,13 +529,19 @@ def with_seed(options: GenerateOptions) -> GenerateOptions:
     return options
 
 
-def variation_of(options: GenerateOptions, seeds: list[int]):
-    """The variation seeds of these images (the variation seed + i for seed + i), or None without a variation."""
+def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], list[int]]:
+    """The seeds and variation seeds of batch `iteration`, as A1111 numbers them: image i of the run takes seed + i
+    and variation seed + i, but under a variation strength every image keeps the seed (variations of one picture)."""
+    indices = range(iteration * options.batch_size, (iteration + 1) * options.batch_size)
+    stride = 0 if options.variation_strength else 1
+    return [options.seed + stride * i for i in indices], [options.variation_seed + i for i in indices]
+
+
+def variation_of(options: GenerateOptions, subseeds: list[int]):
+    """The images' variation (their variation seeds at the options' strength), or None without one."""
     from difftrain.sampling.variation import Variation
 
-    if not options.variation_strength:
-        return None
-    return Variation([options.variation_seed + seed - options.seed for seed in seeds], options.variation_strength)
+    return Variation(list(subseeds), options.variation_strength) if options.variation_strength else None
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
@@ -549,6 +578,10 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
         options.hires = Hires.from_infotext(params)  # its "Denoising strength" is then the hires pass's
     except DifftrainError as reason:
         raise GenerateError(f"{path}: {reason}") from None
+    if options.hires is not None and ("init_image" in overrides or overrides.get("controlnets")):
+        log.warning("%s: its hires fix is not repeated with --init-image or --controlnet (A1111's img2img has none)",
+                    path)
+        options.hires = None
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
     elif "Denoising strength" in params and options.hires is None:

@@ -8,7 +8,9 @@ a single text for every step, as there. What the schedule yields is still A1111 
 its `(weights)` are read afterwards, per step, by `prompts.encode_pair`.
 
 Steps are counted as the web UI counts them: one per UNet call (a second-order sampler such as
-Heun calls it twice a step), step i taking the first entry whose end is >= i.
+Heun calls it twice a step), step i taking the first entry whose end is >= i. A hires fix's
+second pass (`first_pass` steps before it) goes on where the first ended, as the web UI's
+timeline does since 1.6: `1.5` is half way through the second pass, `25` its step 5 after 20.
 
 `AND` composes prompts (Composable Diffusion, as the web UI does it): `a cat AND a hat:0.6`
 guides toward each part at its weight, uncond + cfg x sum(w_i x (cond_i - uncond)); a prompt
@@ -50,23 +52,30 @@ def schedule_steps(scheduler, steps: int) -> int:
     return steps * int(getattr(scheduler, "order", 1))
 
 
-def _when(number: str, steps: int) -> int:
-    """The last step of a `[from:to:when]`'s `from`: `0.25` is a quarter of `steps`, `5` step 5."""
-    value = float(number) * steps if "." in number else float(number)
+def _when(number: str, steps: int, first_pass: int | None = None) -> int:
+    """The last step of a `[from:to:when]`'s `from`: `0.25` is a quarter of `steps`, `5` step 5; in a hires pass
+    after `first_pass` steps, `1.25` a quarter of it and `25` its step 5 after 20 (<= 0: `to` throughout)."""
+    if "." in number:
+        value = (float(number) - (0.0 if first_pass is None else 1.0)) * steps
+    else:
+        value = float(number) - (first_pass or 0)
     return min(steps, int(value))
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(end step, text)] for a prompt drawn in `steps` steps; one entry when it edits nothing.
+def prompt_schedule(prompt: str, steps: int, first_pass: int | None = None) -> list[tuple[int, str]]:
+    """[(end step, text)] for a prompt drawn in `steps` steps (of a hires fix's second pass, after `first_pass`
+    steps); one entry when it edits nothing.
 
     >>> prompt_schedule("a [b:c:0.5]", 10)
     [(5, 'a b'), (10, 'a c')]
+    >>> prompt_schedule("a [b:c:1.5]", 10, first_pass=10)
+    [(5, 'a b'), (10, 'a c')]
     """
-    return list(_schedule(prompt, steps))
+    return list(_schedule(prompt, steps, first_pass))
 
 
 @functools.lru_cache(maxsize=1024)
-def _schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
+def _schedule(prompt: str, steps: int, first_pass: int | None = None) -> tuple[tuple[int, str], ...]:
     """prompt_schedule's, kept for the next draw of the same prompt (generate's next batch, eval's next seeds):
     Earley parsing is superlinear, 11 ms for 83 characters and 1.8 s for 1,300 (benchmarks/prompt_schedule.py)."""
     import lark
@@ -79,24 +88,24 @@ def _schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
         return ((steps, prompt),)
     ends = {steps}
     for node in tree.iter_subtrees():
-        if node.data == "scheduled" and (when := _when(node.children[-2], steps)) >= 1:
+        if node.data == "scheduled" and (when := _when(node.children[-2], steps, first_pass)) >= 1:
             ends.add(when)
         elif node.data == "alternate":
             ends.update(range(1, steps + 1))
-    return tuple((end, _text_at(tree, end, steps)) for end in sorted(ends))
+    return tuple((end, _text_at(tree, end, steps, first_pass)) for end in sorted(ends))
 
 
-def _text_at(node, step: int, steps: int) -> str:
+def _text_at(node, step: int, steps: int, first_pass: int | None) -> str:
     if node is None:
         return ""
     if isinstance(node, str):  # a lark Token (a str)
         return str(node)
     if node.data == "scheduled":
         before, after, _, number, _ = node.children
-        return _text_at(before if step <= _when(number, steps) else after, step, steps)
+        return _text_at(before if step <= _when(number, steps, first_pass) else after, step, steps, first_pass)
     if node.data == "alternate":
-        return _text_at(node.children[(step - 1) % len(node.children)], step, steps)
-    return "".join(_text_at(child, step, steps) for child in node.children)
+        return _text_at(node.children[(step - 1) % len(node.children)], step, steps, first_pass)
+    return "".join(_text_at(child, step, steps, first_pass) for child in node.children)
 
 
 # The web UI's own: AND as a word, and a part's weight a number after its last colon.
@@ -136,8 +145,8 @@ class ScheduledConditioning:
         return self.weights != [1.0]
 
 
-def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int,
-                    composable: bool = True) -> ScheduledConditioning:
+def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int, composable: bool = True,
+                    first_pass: int | None = None) -> ScheduledConditioning:
     """Every part's and the negative prompt's schedules merged, each span through `encode(texts, pad) -> (their
     conditionings, padded)` (prompts.encode_texts); a span repeated is encoded once.
 
@@ -145,11 +154,12 @@ def encode_schedule(encode, prompt: str, negative_prompt: str, steps: int,
     and the parts stacked as A1111 stacks them, each padded by repeating its last vector; the negative stays at its
     own length (the UNet runs it apart when the lengths differ, as A1111 does without "Pad conds").
     Without `composable` (captions read as data: evaluation) AND and a trailing `:number` are plain text.
+    `first_pass`: the steps of the pass before, for a hires fix's second pass (prompt_schedule).
     """
     parts = composable_parts(prompt) if composable else [(prompt, 1.0)]
     together = [weight for _, weight in parts] == [1.0]
-    schedules = [prompt_schedule(text, steps) for text, _ in parts]
-    negative = prompt_schedule(negative_prompt, steps)
+    schedules = [prompt_schedule(text, steps, first_pass) for text, _ in parts]
+    negative = prompt_schedule(negative_prompt, steps, first_pass)
     ends = sorted({end for schedule in [*schedules, negative] for end, _ in schedule})
 
     def text_at(schedule, step):

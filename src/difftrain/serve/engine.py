@@ -239,19 +239,22 @@ class Engine:
         units, images = parse_units(request.alwayson_scripts, control_models(self.controlnet_dir))
         if units and request.enable_hr:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
-        init = None
-        if isinstance(request, Img2ImgRequest):
-            init = decode_image(request.init_images[0], "init_images[0]")
-            self._check_img2img_steps(model, scheduler, request)
+        init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
+        self._check_steps(model, scheduler, request)
         return Prepared(model, scheduler, prompt, loras, units, images, init)
 
     @staticmethod
-    def _check_img2img_steps(model: ServedModel, scheduler_name: str, request: Img2ImgRequest) -> None:
-        """Whether the sampler takes a step at this strength, from the model's scheduler config (the loaded model's,
-        or its folder's): refused before the job queues. A model without either is checked when drawn."""
+    def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
+        """Whether the sampler takes a step in img2img or the hires pass at this strength, from the model's
+        scheduler config (the loaded model's, or its folder's): refused before the job queues. A model without either
+        is checked when drawn."""
+        from difftrain.generate.hires import HiresError, check_pass
         from difftrain.generate.text2image import img2img_strength
         from difftrain.sampling.schedulers import make_scheduler
 
+        img2img = isinstance(request, Img2ImgRequest)
+        if not (img2img or request.enable_hr):
+            return
         config = dict(model.pipe.scheduler.config) if model.pipe is not None else None
         saved = model.located.folder / "scheduler" / "scheduler_config.json" if model.located.folder else None
         if config is None and saved is not None and saved.is_file():
@@ -263,9 +266,14 @@ class Engine:
         except DifftrainError as reason:
             raise RequestError("sampler_name", str(reason)) from None
         try:
-            img2img_strength(scheduler, request.steps, request.denoising_strength)
+            if img2img:
+                img2img_strength(scheduler, request.steps, request.denoising_strength)
+            else:
+                check_pass(scheduler, request.hr_second_pass_steps or request.steps, request.denoising_strength)
         except DifftrainError as reason:
-            raise RequestError("denoising_strength", str(reason)) from None
+            field = "hr_second_pass_steps" if isinstance(reason, HiresError) and reason.setting == "steps" else \
+                "denoising_strength"
+            raise RequestError(field, str(reason)) from None
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -296,7 +304,8 @@ class Engine:
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
-                                                   encode_prompts, infotext_params, sampling_runner, variation_of)
+                                                   batch_seeds, encode_prompts, infotext_params, sampling_runner,
+                                                   variation_of)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.generate.hires import second_pass
@@ -313,15 +322,15 @@ class Engine:
                      or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
         # new one) and their weights are part of the key; the steps place a prompt edit's spans.
-        def encoded(steps: int):
-            key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps)
+        def encoded(steps: int, first_pass: int | None = None):
+            key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps, first_pass)
             if key in self.prompt_cache:
                 self.prompt_cache.move_to_end(key)
                 self.prompt_cache_hits += 1
             else:
                 self.prompt_cache_misses += 1
                 self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip,
-                                                        steps)
+                                                        steps, first_pass=first_pass)
                 while len(self.prompt_cache) > self.prompt_cache_size:
                     self.prompt_cache.popitem(last=False)
             return self.prompt_cache[key]
@@ -330,8 +339,15 @@ class Engine:
         units = prepared.units
         hires = request.hires if not isinstance(request, Img2ImgRequest) else None
         if hires is not None:
+            from difftrain.generate.hires import check_pass
+
+            # (checked before it queued unless the model is a single file, whose scheduler config comes with it)
             target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
-            hires_conditioning = encoded(schedule_steps(scheduler, hires.steps or request.steps))
+            check_pass(scheduler, hires.steps or request.steps, request.denoising_strength)
+            hires_conditioning = conditioning  # (one text throughout, unless the prompt edits it)
+            if "[" in prepared.prompt + request.negative_prompt:
+                hires_conditioning = encoded(schedule_steps(scheduler, hires.steps or request.steps),
+                                             schedule_steps(scheduler, request.steps))
         controls = None
         if units:
             nets = self._nets(prepared, pipe)
@@ -369,8 +385,8 @@ class Engine:
                                   controlnets=units, hires=hires)
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
-            seeds = [first_seed + iteration * request.batch_size + i for i in range(request.batch_size)]
-            variation = variation_of(options, seeds)
+            seeds, subseeds = batch_seeds(options, iteration)
+            variation = variation_of(options, subseeds)
             latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, variation=variation,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
@@ -379,14 +395,14 @@ class Engine:
                                      hires, target, request.denoising_strength, variation=variation, **hooks)
             else:
                 images = to_images(runner, latents)
-            for seed, image in zip(seeds, images):
+            for seed, subseed, image in zip(seeds, subseeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [],
-                                         conditioning.padded)
+                                         conditioning.padded, subseed)
                 if isinstance(request, Img2ImgRequest):
                     params.pop("Init image", None)  # it came in the request, not from a file
                 drawn.images.append(image)
                 drawn.seeds.append(seed)
-                drawn.subseeds.append(first_subseed + seed - first_seed)
+                drawn.subseeds.append(subseed)
                 drawn.infotexts.append(format_infotext(request.prompt, request.negative_prompt, params))
             if getattr(runner, "_difftrain_stop", False):
                 drawn.interrupted = True

@@ -112,9 +112,10 @@ class Txt2ImgRequest(BaseModel):
                        ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
                         "resizing a seed's noise from another size"),
                        ("script_name", self.script_name, "scripts"),
-                       ("hr_sampler_name", self.hr_sampler_name not in (None, "", self.sampler), "a hires sampler of "
-                        "its own"),
-                       ("hr_scheduler", self.hr_scheduler not in (None, "", self.scheduler or "Automatic"),
+                       ("hr_sampler_name", self.hr_sampler_name not in (None, "", "Use same sampler", self.sampler),
+                        "a hires sampler of its own"),
+                       ("hr_scheduler", self.hr_scheduler not in (None, "", "Use same scheduler",
+                                                                   self.scheduler or "Automatic"),
                         "a hires schedule type of its own"),
                        ("hr_prompt", self.hr_prompt not in ("", self.prompt), "a hires prompt of its own"),
                        ("hr_negative_prompt", self.hr_negative_prompt not in ("", self.negative_prompt),

@@ -47,7 +47,7 @@ def test_the_second_pass_takes_exactly_its_steps_from_a1111s_point():
     diffusers strength pass_steps gives makes img2img take as many, whatever the float error."""
     from diffusers import EulerDiscreteScheduler
 
-    from difftrain.generate.text2image import img2img_steps
+    from difftrain.sampling.schedulers import img2img_steps
 
     for steps, strength in ((20, 0.7), (10, 0.5), (7, 0.33), (3, 1.0), (15, 0.999), (1, 0.05), (25, 0.35), (28, 0.3)):
         length, diffusers_strength = pass_steps(steps, strength)

@@ -146,7 +146,7 @@ def pass_steps(steps: int, strength: float) -> tuple[int, float]:
 def check_pass(scheduler, steps: int, strength: float) -> None:
     """Whether `scheduler` can take the second pass of `steps` at `strength`: its schedule within the model's
     timesteps, and a step to take."""
-    from difftrain.generate.text2image import img2img_steps
+    from difftrain.sampling.schedulers import img2img_steps
 
     length, pass_strength = pass_steps(steps, strength)
     most = scheduler.config.num_train_timesteps

@@ -335,21 +335,11 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
     return runner, extra
 
 
-def img2img_steps(scheduler, steps: int, strength: float) -> int:
-    """How many of `scheduler`'s timesteps diffusers' img2img runs for `steps` at `strength` (its get_timesteps:
-    the tail that int(steps x strength) leaves)."""
-    import copy
-
-    scheduler = copy.deepcopy(scheduler)  # (the caller's keeps its own timesteps)
-    scheduler.set_timesteps(steps)
-    begin = (steps - min(int(steps * strength), steps)) * scheduler.order
-    return len(scheduler.timesteps[begin:])
-
-
 def img2img_strength(scheduler, steps: int, strength: float) -> float:
     """The strength diffusers' img2img is given for A1111's steps (schedulers.img2img_strength), refused where it
     leaves no step: A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20), and the tail
     img2img keeps can then be empty where steps x strength is about 1."""
+    from difftrain.sampling.schedulers import img2img_steps
     from difftrain.sampling.schedulers import img2img_strength as a1111_strength
 
     given = a1111_strength(scheduler, steps, strength)

@@ -453,6 +453,17 @@ def _place_a1111_timesteps(scheduler, count: int) -> None:
 _OWN_IMG2IMG = (*_TIMESTEP_CLASSES, "UniPCMultistepScheduler", "DDPMScheduler", "LCMScheduler")
 
 
+def img2img_steps(scheduler, steps: int, strength: float) -> int:
+    """How many of `scheduler`'s timesteps diffusers' img2img runs for `steps` at `strength` (its get_timesteps:
+    the tail that int(steps x strength) leaves)."""
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)  # (the caller's keeps its own timesteps)
+    scheduler.set_timesteps(steps)
+    begin = (steps - min(int(steps * strength), steps)) * scheduler.order
+    return len(scheduler.timesteps[begin:])
+
+
 def img2img_strength(scheduler, steps: int, strength: float) -> float:
     """The strength diffusers' img2img is given so that it takes A1111's img2img steps. A1111's k-diffusion samplers
     run int(min(strength, 0.999) x steps) + 1 steps from the schedule's (steps - that)th sigma; diffusers runs

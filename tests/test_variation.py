@@ -120,3 +120,60 @@ def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path
     assert "Seed: 5, Size: 64x64, Model: sd, Variation seed: 10," in second.info["parameters"]
     assert refused == ["subseed_strength", "seed_resize_from_h", "subseed"]
     torch.manual_seed(0)  # (nothing here should depend on torch's global generator)
+
+
+def test_ensd_moves_only_an_ancestral_samplers_own_noise(tiny_sd, tmp_path):  # noqa: F811
+    """A1111's eta noise seed delta: the starting noise is still the seed's, the sampler's own from seed + ENSD. So
+    Euler's images do not move, in text-to-image and img2img; Euler a's do, to what diffusers' pipeline draws from
+    the seed's noise and a generator of seed + ENSD."""
+    from diffusers import StableDiffusionPipeline
+
+    from difftrain.generate.text2image import encode_prompts
+    from difftrain.sampling.text2image import to_images
+
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(init)
+    for mode in ({}, {"init_image": str(init)}):
+        assert np.array_equal(drawn(tiny_sd, ensd=31337, **mode)[0], drawn(tiny_sd, **mode)[0])
+        assert np.abs(drawn(tiny_sd, scheduler="Euler a", ensd=31337, **mode)[0]
+                      - drawn(tiny_sd, scheduler="Euler a", **mode)[0]).max() > 10
+    options = GenerateOptions(prompt="", steps=3, width=32, height=32, scheduler="Euler a", seed=7, ensd=31337)
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    [ours] = drawer.draw("a red circle", "", [7])
+    pipe = StableDiffusionPipeline(**drawer.runner.components, requires_safety_checker=False)
+    conditioning = encode_prompts(pipe, "a red circle", "", 1, 3)
+    positive, negative = conditioning.pairs[0]
+    cell = pipe.vae_scale_factor
+    start = torch.randn((1, 4, 32 // cell, 32 // cell), generator=torch.Generator().manual_seed(7))
+    latents = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=3, guidance_scale=7.0,
+                   width=32, height=32, latents=start, generator=torch.Generator().manual_seed(7 + 31337),
+                   output_type="latent").images
+    [by_hand] = to_images(pipe, latents)  # (decoded as ours are)
+    assert close(np.asarray(ours, dtype=np.int16), np.asarray(by_hand, dtype=np.int16))
+
+
+def test_ensd_is_written_repeated_and_served(tiny_sd, tmp_path):  # noqa: F811
+    import base64
+    import io
+
+    import requests
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+    from difftrain.serve.app import BackgroundServer, ServeSettings
+
+    [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--scheduler", "Euler a", "--ensd", "31337")
+    assert parse_infotext(read_png_infotext(path))[2]["ENSD"] == "31337"
+    assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "b").glob("*.png"))), pixels(path))
+    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)]))
+    try:
+        body = {"prompt": "a red circle", "seed": 0, "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler a",
+                "override_settings": {"eta_noise_seed_delta": 31337}}
+        reply = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body).json()
+        bad = requests.post(f"{running.url}/sdapi/v1/txt2img",
+                            json={**body, "override_settings": {"eta_noise_seed_delta": "x"}}).json()
+    finally:
+        running.stop()
+    served = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
+    assert "ENSD: 31337" in served.info["parameters"]
+    assert bad["field"] == "override_settings.eta_noise_seed_delta"

@@ -294,7 +294,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
-    "variation_seed": "variation_seed", "variation_strength": "variation_strength",
+    "variation_seed": "variation_seed", "variation_strength": "variation_strength", "ensd": "ensd",
 }
 
 
@@ -799,6 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A1111's variation seed: image i's noise is slerped toward seed N + i's (-1: random)")
     gen.add_argument("--variation-strength", type=_finite, metavar="F",
                      help="how far toward the variation seed's noise (0-1; default 0, no variation)")
+    gen.add_argument("--ensd", type=_whole(0, 2**32), metavar="N",
+                     help="A1111's eta noise seed delta: an ancestral sampler's noise from seed + N (e.g. 31337)")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--batch-size", type=int)

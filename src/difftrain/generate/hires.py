@@ -193,12 +193,12 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                variation=None, **hooks) -> list[Image.Image]:
+                noise=None, **hooks) -> list[Image.Image]:
     """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
 
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
-    `variation`: the first pass's variation seeds, which A1111 mixes into this pass's noise too; `hooks`: step
-    callbacks, as the first pass had them."""
+    `noise`: the first pass's variation seeds and ENSD (seed_noise.SeedNoise), which A1111 applies to this pass's
+    noise too; `hooks`: step callbacks, as the first pass had them."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -211,6 +211,6 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
         upscaled = upscale(runner, latents, hires, target)
     if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
         feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
-    latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, variation, image=upscaled,
+    latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, noise, image=upscaled,
                      strength=pass_strength, **hooks)
     return to_images(img2img, latents)

@@ -43,7 +43,8 @@ class GenerateOptions:
     guidance_scale: float = 7.0
     seed: int = 0
     variation_seed: int = -1  # A1111's variation seed (subseed): image i's noise slerped toward subseed + i's ...
-    variation_strength: float = 0.0  # ... this far (0: not at all; sampling/variation.py)
+    variation_strength: float = 0.0  # ... this far (0: not at all; sampling/seed_noise.py)
+    ensd: int = 0  # A1111's eta noise seed delta: an ancestral sampler's noise from seed + ensd
     width: int | None = None  # default: the size it was trained at (default_size)
     height: int | None = None
     batch_size: int = 1
@@ -90,6 +91,8 @@ class GenerateOptions:
             raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
         if not 0.0 <= self.variation_strength <= 1.0:
             raise GenerateError(f"--variation-strength {self.variation_strength}: must be from 0 to 1")
+        if self.ensd < 0:
+            raise GenerateError(f"--ensd {self.ensd}: 0 (none) or more")
         if self.variation_seed < -1:
             raise GenerateError(f"--variation-seed {self.variation_seed}: -1 (random) or a seed from 0")
         if self.init_image and not Path(self.init_image).is_file():
@@ -270,6 +273,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.variation_strength:
         params["Variation seed"] = options.variation_seed if subseed is None else subseed
         params["Variation seed strength"] = options.variation_strength
+    if options.ensd:
+        params["ENSD"] = options.ensd
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
     if pad_conds:
@@ -460,20 +465,20 @@ class Drawer:
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
-        variation = variation_of(options, subseeds or [options.variation_seed + i for i in range(len(seeds))])
+        noise = noise_of(options, subseeds or [options.variation_seed + i for i in range(len(seeds))])
         if options.hires is None:
-            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
+            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                         **self.extra)
         from difftrain.generate.hires import second_pass
 
-        latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, variation=variation,
+        latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
         if "[" in prompt + negative_prompt:  # a prompt edit's timeline goes on into the second pass
             conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
                                           schedule_steps(self.runner.scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
-                           options.hires, self.hires_target, options.strength, variation=variation)
+                           options.hires, self.hires_target, options.strength, noise=noise)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:
@@ -527,16 +532,19 @@ def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], li
     return [options.seed + stride * i for i in indices], [options.variation_seed + i for i in indices]
 
 
-def variation_of(options: GenerateOptions, subseeds: list[int]):
-    """The images' variation (their variation seeds at the options' strength), or None without one."""
-    from difftrain.sampling.variation import Variation
+def noise_of(options: GenerateOptions, subseeds: list[int]):
+    """The images' noise options (their variation seeds at the options' strength, the ENSD), or None where their
+    noise is plainly their seeds'."""
+    from difftrain.sampling.seed_noise import SeedNoise
 
-    return Variation(list(subseeds), options.variation_strength) if options.variation_strength else None
+    if not (options.variation_strength or options.ensd):
+        return None
+    return SeedNoise(list(subseeds), options.variation_strength, options.ensd)
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint",
-                "Hires CFG Scale", "Seed resize from", "ENSD", "Eta", "Eta DDIM", "Refiner",
+                "Hires CFG Scale", "Seed resize from", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
@@ -582,7 +590,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     img2img = params.get("Init image") or "init_image" in overrides or options.hires is not None
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Variation seed": ("variation_seed", int),
-                  "Variation seed strength": ("variation_strength", float),
+                  "Variation seed strength": ("variation_strength", float), "ENSD": ("ensd", int),
                   **({"Denoising strength": ("strength", float)} if img2img else {}),
                   "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():

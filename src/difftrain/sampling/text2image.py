@@ -16,7 +16,7 @@ from PIL import Image
 
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import PromptError
-from difftrain.sampling.variation import Variation, first_noise, mixing_added_noise
+from difftrain.sampling.seed_noise import SeedNoise
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ def draw(
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
-    variation: Variation | None = None,
+    noise: SeedNoise | None = None,
     **extra,
 ) -> list[Image.Image]:
     """One image per seed from encoded prompts (prompt_schedule.encode_schedule; each image i starts from seed
     i's noise): `sample`'s latents, decoded."""
-    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, variation, **extra))
+    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, noise, **extra))
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def sample(
     steps: int,
     guidance_scale: float,
     autocast: torch.dtype | None = None,
-    variation: Variation | None = None,
+    noise: SeedNoise | None = None,
     **extra,
 ) -> torch.Tensor:
     """The latents of one image per seed from encoded prompts (each image i starts from seed i's noise).
@@ -65,8 +65,9 @@ def sample(
     runs the UNet under that dtype (training previews under mixed precision, where frozen
     parts are half precision and the UNet fp32); the VAE decodes outside it, in its own dtype.
     The pipeline is given the first span; each later span (A1111 prompt editing) replaces it after the step
-    the one before it ends, and AND parts are composed in the UNet's place (_composing_parts). `variation`:
-    A1111's variation seeds (sampling/variation.py), for text-to-image and img2img (`strength` in `extra`).
+    the one before it ends, and AND parts are composed in the UNet's place (_composing_parts). `noise`:
+    A1111's variation seeds and ENSD (sampling/seed_noise.py), for text-to-image and img2img (`strength` in
+    `extra`).
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
@@ -85,11 +86,12 @@ def sample(
         # img2img's start latents for every image (diffusers repeats one with a FutureWarning)
         extra = {**extra, "image": extra["image"].expand(len(seeds), -1, -1, -1)}
     noise_mixing = contextlib.nullcontext()
-    if variation is not None and variation.strength and "strength" in extra:
-        noise_mixing = mixing_added_noise(pipe.scheduler, variation)
-    elif variation is not None and variation.strength:
-        extra = {**extra, "latents": first_noise(pipe, generators, extra["width"], extra["height"], variation)
-                 .to(pipe._execution_device, dtype)}
+    if noise is not None and "strength" in extra:
+        generators = noise.sampler_generators(seeds, generators)
+        noise_mixing = noise.added_noise(pipe.scheduler, seeds, generators)
+    elif noise is not None:
+        latents, generators = noise.first_noise(pipe, seeds, extra["width"], extra["height"])
+        extra = {**extra, "latents": latents.to(pipe._execution_device, dtype)}
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
         negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),

@@ -305,7 +305,7 @@ class Engine:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
                                                    batch_seeds, encode_prompts, infotext_params, sampling_runner,
-                                                   variation_of)
+                                                   noise_of)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
         from difftrain.generate.hires import second_pass
@@ -377,6 +377,7 @@ class Engine:
         options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                   seed=first_seed, variation_seed=first_subseed,
                                   variation_strength=request.subseed_strength,
+                                  ensd=int(request.override_settings.get("eta_noise_seed_delta") or 0),
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
                                   clip_skip=clip_skip if clip_skip != 1 else None,
@@ -386,13 +387,13 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
-            variation = variation_of(options, subseeds)
-            latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, variation=variation,
+            noise = noise_of(options, subseeds)
+            latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, noise=noise,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
-                                     hires, target, request.denoising_strength, variation=variation, **hooks)
+                                     hires, target, request.denoising_strength, noise=noise, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):

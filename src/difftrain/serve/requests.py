@@ -108,6 +108,9 @@ class Txt2ImgRequest(BaseModel):
             raise RequestError("subseed_strength", f"{self.subseed_strength}: from 0 to 1")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
+        ensd = self.override_settings.get("eta_noise_seed_delta")
+        if ensd is not None and not (isinstance(ensd, int) and 0 <= ensd < 2**32):
+            raise RequestError("override_settings.eta_noise_seed_delta", f"{ensd!r}: an integer from 0")
         unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
                         "resizing a seed's noise from another size"),

@@ -330,6 +330,10 @@ def test_a1111_settings_we_cannot_repeat_are_named_and_the_rng_is_recorded(tiny_
     # second pass's, not an img2img strength.
     assert repeat(a1111 + ", Denoising strength: 0.5") == 0 and "give --init-image" in caplog.text
     assert repeat(a1111 + ", Denoising strength: 0.5, Hires upscale: 2") == 0 and "init-image" not in caplog.text
+    # A1111 before 1.6 placed prompt edits on its old timeline (and reads such PNGs so): said.
+    old = "a [red:blue:0.5] circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x32, Version: v1.5.1"
+    assert repeat(old) == 0 and "prompt editing timeline was the old one" in caplog.text
+    assert repeat(old.replace("v1.5.1", "v1.6.0")) == 0 and "timeline" not in caplog.text
     # At CFG 1 the negative side is not drawn, so a long negative prompt pads nothing.
     [unguided] = run(tiny_sd, tmp_path / "cfg1", "--prompt", "a red circle", "--negative-prompt", "blue " * 80,
                      "--cfg", "1")

@@ -135,6 +135,9 @@ def test_ensd_moves_only_an_ancestral_samplers_own_noise(tiny_sd, tmp_path):  # 
     Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(init)
     for mode in ({}, {"init_image": str(init)}):
         assert np.array_equal(drawn(tiny_sd, ensd=31337, **mode)[0], drawn(tiny_sd, **mode)[0])
+        # A1111's SDE samplers draw from a Brownian tree of the seeds, which ENSD leaves alone: so here too.
+        assert np.array_equal(drawn(tiny_sd, scheduler="DPM++ 2M SDE", ensd=31337, **mode)[0],
+                              drawn(tiny_sd, scheduler="DPM++ 2M SDE", **mode)[0])
         assert np.abs(drawn(tiny_sd, scheduler="Euler a", ensd=31337, **mode)[0]
                       - drawn(tiny_sd, scheduler="Euler a", **mode)[0]).max() > 10
     options = GenerateOptions(prompt="", steps=3, width=32, height=32, scheduler="Euler a", seed=7, ensd=31337)
@@ -163,6 +166,8 @@ def test_ensd_is_written_repeated_and_served(tiny_sd, tmp_path):  # noqa: F811
 
     [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--scheduler", "Euler a", "--ensd", "31337")
     assert parse_infotext(read_png_infotext(path))[2]["ENSD"] == "31337"
+    [euler] = run(tiny_sd, tmp_path / "e", "--prompt", "a red circle", "--scheduler", "Euler", "--ensd", "31337")
+    assert "ENSD" not in parse_infotext(read_png_infotext(euler))[2]  # (A1111 writes it where it acts)
     assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert np.array_equal(pixels(next((tmp_path / "b").glob("*.png"))), pixels(path))
     running = BackgroundServer(ServeSettings(models=[str(tiny_sd)]))
@@ -171,9 +176,29 @@ def test_ensd_is_written_repeated_and_served(tiny_sd, tmp_path):  # noqa: F811
                 "override_settings": {"eta_noise_seed_delta": 31337}}
         reply = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body).json()
         bad = requests.post(f"{running.url}/sdapi/v1/txt2img",
-                            json={**body, "override_settings": {"eta_noise_seed_delta": "x"}}).json()
+                            json={**body, "override_settings": {"eta_noise_seed_delta": True}}).json()
+        # The server-wide option, as A1111 clients set it, for requests that do not override it.
+        assert requests.post(f"{running.url}/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).ok
+        assert requests.get(f"{running.url}/sdapi/v1/options").json()["eta_noise_seed_delta"] == 31337
+        by_option = requests.post(f"{running.url}/sdapi/v1/txt2img", json={**body, "override_settings": {}}).json()
     finally:
         running.stop()
     served = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
     assert "ENSD: 31337" in served.info["parameters"]
     assert bad["field"] == "override_settings.eta_noise_seed_delta"
+    assert reply["images"][0] == by_option["images"][0]
+    [direct] = run(tiny_sd, tmp_path / "d", "--prompt", "a red circle", "--scheduler", "Euler a", "--ensd", "31337",
+                   "--seed", "0", "--width", "64", "--height", "64")
+    assert np.array_equal(pixels(direct), np.asarray(served.convert("RGB"), dtype=np.int16))
+
+
+def test_slerp_is_a1111s_over_the_rows():
+    """A1111's slerp normalises over dim 1 of an image's (C, H, W) noise: two orthogonal columns meet half way at
+    45 degrees; over another dim the norms would divide by zero."""
+    from difftrain.sampling.seed_noise import slerp
+
+    low, high = torch.tensor([[[1.0], [0.0]]]), torch.tensor([[[0.0], [1.0]]])
+    assert torch.allclose(slerp(0.5, low, high), torch.tensor([[[0.5**0.5], [0.5**0.5]]]))
+    assert torch.allclose(slerp(0.25, low, high), torch.tensor([[[np.cos(np.pi / 8)], [np.sin(np.pi / 8)]]]).float())
+    near = low + 1e-4 * high  # nearly parallel: A1111's linear fallback, `low` weighed by the value
+    assert torch.allclose(slerp(0.3, near, low), near * 0.3 + low * 0.7)

@@ -340,8 +340,8 @@ def _generate(args: argparse.Namespace) -> int:
         options = options_from_png(args.from_png, **given)
         if hires:  # each flag given replaces the PNG's own setting
             if options.hires is None and not turns_on:
-                raise DifftrainError(f"{args.from_png} has no hires fix to change: give --hires-scale or "
-                                     "--hires-resize to add one")
+                raise DifftrainError(f"{args.from_png} has no hires fix to change (or it is left out with "
+                                     "--init-image and --controlnet): give --hires-scale or --hires-resize to add one")
             base = options.hires or Hires()
             if "scale" in hires and "resize" not in hires:
                 base = replace(base, resize=(0, 0))  # (a resize wins over a scale)
@@ -799,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A1111's variation seed: image i's noise is slerped toward seed N + i's (-1: random)")
     gen.add_argument("--variation-strength", type=_finite, metavar="F",
                      help="how far toward the variation seed's noise (0-1; default 0, no variation)")
-    gen.add_argument("--ensd", type=_whole(0, 2**32), metavar="N",
+    gen.add_argument("--ensd", type=_whole(-(2**32), 2**32), metavar="N",
                      help="A1111's eta noise seed delta: an ancestral sampler's noise from seed + N (e.g. 31337)")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)

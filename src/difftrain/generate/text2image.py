@@ -91,8 +91,6 @@ class GenerateOptions:
             raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
         if not 0.0 <= self.variation_strength <= 1.0:
             raise GenerateError(f"--variation-strength {self.variation_strength}: must be from 0 to 1")
-        if self.ensd < 0:
-            raise GenerateError(f"--ensd {self.ensd}: 0 (none) or more")
         if self.variation_seed < -1:
             raise GenerateError(f"--variation-seed {self.variation_seed}: -1 (random) or a seed from 0")
         if self.init_image and not Path(self.init_image).is_file():
@@ -260,7 +258,7 @@ def default_size(pipe) -> int:
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
                     loras: list[tuple[str, float]], pad_conds: bool = False, subseed: int | None = None) -> dict:
     """A1111's infotext parameters of one image (`subseed`: its variation seed, batch_seeds')."""
-    from difftrain.sampling.schedulers import a1111_sampler
+    from difftrain.sampling.schedulers import a1111_sampler, takes_ensd
 
     params = {
         "Steps": options.steps,
@@ -273,7 +271,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.variation_strength:
         params["Variation seed"] = options.variation_seed if subseed is None else subseed
         params["Variation seed strength"] = options.variation_strength
-    if options.ensd:
+    if options.ensd and takes_ensd(options.scheduler):  # (A1111 too writes it only where it acts)
         params["ENSD"] = options.ensd
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
@@ -533,18 +531,20 @@ def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], li
 
 
 def noise_of(options: GenerateOptions, subseeds: list[int]):
-    """The images' noise options (their variation seeds at the options' strength, the ENSD), or None where their
-    noise is plainly their seeds'."""
+    """The images' noise options (their variation seeds at the options' strength, the ENSD where the sampler takes
+    it), or None where their noise is plainly their seeds'."""
+    from difftrain.sampling.schedulers import takes_ensd
     from difftrain.sampling.seed_noise import SeedNoise
 
-    if not (options.variation_strength or options.ensd):
+    ensd = options.ensd if takes_ensd(options.scheduler) else 0
+    if not (options.variation_strength or ensd):
         return None
-    return SeedNoise(list(subseeds), options.variation_strength, options.ensd)
+    return SeedNoise(list(subseeds), options.variation_strength, ensd)
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint",
-                "Hires CFG Scale", "Seed resize from", "Eta", "Eta DDIM", "Refiner",
+                "Hires CFG Scale", "Seed resize from", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
@@ -569,6 +569,10 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if rng != "CPU":
         log.warning("%s: RNG: %s not repeated: difftrain draws A1111's CPU noise (its 'RNG: CPU' option), so the "
                     "image will differ", path, rng)
+    if "[" in prompt + negative and _version(params.get("Version")) < (1, 6) and "Old prompt editing timelines" \
+            not in params:  # A1111 reads a PNG before 1.6 with the old timelines (infotext_versions.backcompat)
+        log.warning("%s: drawn by A1111 %s, whose prompt editing timeline was the old one: the edits may fall on "
+                    "other steps", path, params["Version"])
     if params.get("TI hashes") and not params.get("Embeddings"):
         log.warning("%s: its prompt names Textual Inversion embeddings (TI hashes: %s): give each file with "
                     "--embedding, or their names are read as plain words", path, params["TI hashes"])
@@ -615,6 +619,14 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if "controlnets" not in overrides:  # units given on the command line replace the PNG's
         options.controlnets = units_from_infotext(params)
     return replace(options, **overrides)
+
+
+def _version(text) -> tuple[int, ...]:
+    """A1111's "Version: v1.5.1" as (1, 5, 1); ours and none as the newest."""
+    import re
+
+    match = re.match(r"v?(\d+)\.(\d+)", str(text or ""))
+    return (int(match.group(1)), int(match.group(2))) if match else (999,)
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

@@ -230,6 +230,17 @@ def a1111_sampler(name: str) -> dict[str, str]:
     return {"Sampler": display, "Schedule type": "Uniform"}
 
 
+# Samplers that draw noise of their own from the images' generators, which A1111's ENSD re-seeds. A1111's SDE samplers
+# draw theirs from a Brownian tree of the seeds, which ENSD leaves alone (diffusers' multistep SDE draws from the
+# generators: ENSD is kept from them, so that they too draw what they draw without one).
+_GENERATOR_NOISE = ("Euler a", "DPM2 a", "LCM", "DDPM")
+
+
+def takes_ensd(name: str) -> bool:
+    """Whether A1111's eta noise seed delta moves what this sampler draws."""
+    return a1111_sampler(name)["Sampler"] in _GENERATOR_NOISE
+
+
 def display_name(name: str) -> str:
     """A1111's name for a sampler (what goes after `Sampler:` in an infotext)."""
     return DISPLAY_NAMES[resolve_name(name)]

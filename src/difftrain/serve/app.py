@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
 from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, \
-    check_clip_skip, decode_base64
+    check_clip_skip, check_ensd, decode_base64
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -249,12 +249,14 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def get_options():
         return {"sd_model_checkpoint": engine.current.title, "sd_checkpoint_hash": engine.current.hash,
                 "CLIP_stop_at_last_layers": engine.clip_skip or engine.current.own_clip_skip, "samples_format": "png",
-                "sd_vae": "Automatic"}
+                "sd_vae": "Automatic", "eta_noise_seed_delta": engine.ensd}
 
     @app.post("/sdapi/v1/options")
     def set_options(body: dict):
         clip_skip = body.get("CLIP_stop_at_last_layers")
         check_clip_skip(clip_skip, "CLIP_stop_at_last_layers")
+        ensd = body.get("eta_noise_seed_delta")
+        check_ensd(ensd, "eta_noise_seed_delta")
         if "sd_model_checkpoint" in body:
             model = engine.find(str(body["sd_model_checkpoint"]))
             engine.load(model)
@@ -263,6 +265,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         # reports it, pins nothing: a client that posts back what it read keeps each model's own.
         if clip_skip is not None and not (engine.clip_skip is None and clip_skip == engine.current.own_clip_skip):
             engine.clip_skip = clip_skip
+        if ensd is not None:
+            engine.ensd = ensd
         return None  # other keys are A1111 UI settings: accepted, with no effect here
 
     @app.get("/sdapi/v1/samplers")

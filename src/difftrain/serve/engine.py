@@ -123,6 +123,7 @@ class Engine:
         # (model title, ControlNet path) -> loaded network, least recently used first
         self.nets: OrderedDict[tuple[str, str], object] = OrderedDict()
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
+        self.ensd = 0  # A1111's eta_noise_seed_delta option
         # Held while a job draws and while a model loads: a switch from a handler (POST options) waits for the job
         # in progress, as in A1111, so it never lets go of, or loads beside, a model a job is using. Re-entrant:
         # the worker loads its job's model while holding it.
@@ -377,7 +378,7 @@ class Engine:
         options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                   seed=first_seed, variation_seed=first_subseed,
                                   variation_strength=request.subseed_strength,
-                                  ensd=int(request.override_settings.get("eta_noise_seed_delta") or 0),
+                                  ensd=int(request.override_settings.get("eta_noise_seed_delta", self.ensd)),
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
                                   clip_skip=clip_skip if clip_skip != 1 else None,

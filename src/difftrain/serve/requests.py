@@ -108,9 +108,7 @@ class Txt2ImgRequest(BaseModel):
             raise RequestError("subseed_strength", f"{self.subseed_strength}: from 0 to 1")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
-        ensd = self.override_settings.get("eta_noise_seed_delta")
-        if ensd is not None and not (isinstance(ensd, int) and 0 <= ensd < 2**32):
-            raise RequestError("override_settings.eta_noise_seed_delta", f"{ensd!r}: an integer from 0")
+        check_ensd(self.override_settings.get("eta_noise_seed_delta"), "override_settings.eta_noise_seed_delta")
         unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
                         "resizing a seed's noise from another size"),
@@ -186,6 +184,12 @@ class Img2ImgRequest(Txt2ImgRequest):
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)
+
+
+def check_ensd(value, field: str) -> None:
+    """A1111's eta_noise_seed_delta, per request or for the server: unset, or an integer."""
+    if value is not None and not (type(value) is int and abs(value) < 2**32):  # (not a JSON true)
+        raise RequestError(field, f"{value!r}: an integer")
 
 
 def check_clip_skip(value, field: str) -> None:

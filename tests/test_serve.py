@@ -600,3 +600,8 @@ def test_img2img_that_leaves_no_step_is_refused_before_it_queues(server):
     drawn = requests.post(f"{server.url}/sdapi/v1/img2img", json={**body, "sampler_name": "Euler", "steps": 4,
                                                                     "denoising_strength": 0.1})
     assert drawn.status_code == 200 and len(drawn.json()["images"]) == 1
+    # A hires pass of one step at 0.5 is a schedule of 2, of which A1111's DDIM places one: none left for it.
+    hires = {"prompt": "x", "width": 64, "height": 64, "sampler_name": "DDIM", "steps": 2, "enable_hr": True,
+             "hr_second_pass_steps": 1, "denoising_strength": 0.5}
+    response = requests.post(f"{server.url}/v1/jobs", json={"type": "txt2img", "request": hires})
+    assert response.status_code == 422 and response.json()["field"] == "hr_second_pass_steps"

@@ -249,7 +249,7 @@ class Engine:
         """Whether the sampler takes a step in img2img or the hires pass at this strength, from the model's
         scheduler config (the loaded model's, or its folder's): refused before the job queues. A model without either
         is checked when drawn."""
-        from difftrain.generate.hires import HiresError, check_pass
+        from difftrain.generate.hires import check_pass
         from difftrain.generate.text2image import img2img_strength
         from difftrain.sampling.schedulers import make_scheduler
 
@@ -266,15 +266,14 @@ class Engine:
             scheduler = make_scheduler(scheduler_name, config)
         except DifftrainError as reason:
             raise RequestError("sampler_name", str(reason)) from None
-        try:
-            if img2img:
-                img2img_strength(scheduler, request.steps, request.denoising_strength)
-            else:
+        if not img2img:
+            with request.hires_fields():
                 check_pass(scheduler, request.hr_second_pass_steps or request.steps, request.denoising_strength)
+            return
+        try:
+            img2img_strength(scheduler, request.steps, request.denoising_strength)
         except DifftrainError as reason:
-            field = "hr_second_pass_steps" if isinstance(reason, HiresError) and reason.setting == "steps" else \
-                "denoising_strength"
-            raise RequestError(field, str(reason)) from None
+            raise RequestError("denoising_strength", str(reason)) from None
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
@@ -303,13 +302,13 @@ class Engine:
             return self._draw(request, on_step, prepared or self.precheck(request))
 
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
+        from difftrain.generate.hires import second_pass
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
-                                                   batch_seeds, encode_prompts, infotext_params, sampling_runner,
-                                                   noise_of)
+                                                   batch_seeds, encode_prompts, infotext_params, noise_of,
+                                                   sampling_runner)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import make_scheduler
-        from difftrain.generate.hires import second_pass
         from difftrain.sampling.text2image import sample, to_images
 
         model, scheduler_name = prepared.model, prepared.scheduler
@@ -342,9 +341,9 @@ class Engine:
         if hires is not None:
             from difftrain.generate.hires import check_pass
 
-            # (checked before it queued unless the model is a single file, whose scheduler config comes with it)
-            target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
-            check_pass(scheduler, hires.steps or request.steps, request.denoising_strength)
+            with request.hires_fields():  # (checked before it queued too, unless the model is a single file)
+                target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
+                check_pass(scheduler, hires.steps or request.steps, request.denoising_strength)
             hires_conditioning = conditioning  # (one text throughout, unless the prompt edits it)
             if "[" in prepared.prompt + request.negative_prompt:
                 hires_conditioning = encoded(schedule_steps(scheduler, hires.steps or request.steps),

@@ -59,7 +59,8 @@ class Job:
         request = self.request
         self.images = request.n_iter
         steps = request.steps
-        if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule, a step more (A1111's)
+        if self.kind == "img2img":  # img2img runs the last `strength` share of the schedule (a step more: A1111's
+            # k-diffusion samplers; the sampler tells its own count once it starts)
             steps = min(steps, int(request.steps * min(request.denoising_strength, 0.999)) + 1)
         self.passes = 1 + (self.kind == "txt2img" and request.enable_hr)
         if self.passes == 2:  # the hires fix's second pass, its steps taken exactly (generate/hires.py)

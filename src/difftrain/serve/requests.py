@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -139,17 +140,25 @@ class Txt2ImgRequest(BaseModel):
         if not 0 <= self.hr_second_pass_steps <= limits.max_steps:
             raise RequestError("hr_second_pass_steps", f"{self.hr_second_pass_steps}: 0 (the steps') to "
                                                        f"{limits.max_steps} on this server")
+        with self.hires_fields():
+            width, height = self.hires.check(self.width, self.height, max(limits.max_width, limits.max_height)).size
+        if width > limits.max_width or height > limits.max_height:
+            raise RequestError("hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x",
+                               f"the hires fix draws {width}x{height}: this server draws at most "
+                               f"{limits.max_width}x{limits.max_height}")
+
+    @contextlib.contextmanager
+    def hires_fields(self):
+        """A hires fix refused names the request's field for what to change."""
         from difftrain.generate.hires import HiresError
 
-        sizing = "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
+        fields = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x",
+                  "strength": "denoising_strength"}
         try:
-            width, height = self.hires.check(self.width, self.height, max(limits.max_width, limits.max_height)).size
+            yield
         except HiresError as reason:
-            field = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x"}
-            raise RequestError(field.get(reason.setting, sizing), str(reason)) from None
-        if width > limits.max_width or height > limits.max_height:
-            raise RequestError(sizing, f"the hires fix draws {width}x{height}: this server draws at most "
-                                       f"{limits.max_width}x{limits.max_height}")
+            sizing = "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
+            raise RequestError(fields.get(reason.setting, sizing), str(reason)) from None
 
     @property
     def hires(self):

@@ -13,6 +13,7 @@ from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
 from difftrain.generate.hires import Hires, HiresError, Target, pass_steps
+from difftrain.generate.text2image import Drawer, GenerateOptions
 
 
 def a1111_png(path, settings: str):
@@ -234,3 +235,37 @@ def test_a_hires_pass_that_cannot_be_drawn_is_refused_naming_the_flag(tiny_sd, t
     with pytest.raises(HiresError) as caught:  # (the command line's --hires-scale takes finite numbers only)
         Hires(scale=float("inf")).check(64, 64, 8192)
     assert caught.value.setting == "scale"
+
+
+def test_a_hires_sampler_of_its_own(tiny_sd, tmp_path, caplog):  # noqa: F811
+    """--hires-sampler draws the second pass with another sampler, made from the model's own scheduler config: the
+    first pass's DPM++ 2M Karras leaves no Karras sigmas on the second pass's Euler (its timesteps are Euler's).
+    Written as A1111 writes it, repeated, and served from hr_sampler_name."""
+    import copy
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    options = GenerateOptions(prompt="", steps=3, width=32, height=32, scheduler="DPM++ 2M Karras", strength=0.5,
+                              hires=Hires(scale=2, steps=2, sampler="Euler"))
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    timesteps = []
+    drawer.pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(float(args[1])))
+    drawer.draw("a red circle", "", [1])
+    euler = copy.deepcopy(drawer.hires_scheduler)
+    assert type(euler).__name__ == "EulerDiscreteScheduler" and not euler.config.use_karras_sigmas
+    euler.set_timesteps(4)  # int(2 / 0.5)
+    assert timesteps[3:] == [float(t) for t in euler.timesteps[-2:]]
+    [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--scheduler", "DPM++ 2M Karras",
+                 "--hires-scale", "2", "--hires-sampler", "Euler a", "--hires-steps", "2")
+    params = parse_infotext(read_png_infotext(path))[2]
+    assert (params["Hires sampler"], params["Hires schedule type"]) == ("Euler a", "Uniform")
+    assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "b").glob("*.png"))), pixels(path))
+    foreign = a1111_png(tmp_path / "a1111.png", "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2, "
+                                                "Hires sampler: DPM++ 2M, Hires schedule type: Karras")
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / "c"),
+                     "--no-progress"]) == 0
+    assert "not repeated" not in caplog.text
+    params = parse_infotext(read_png_infotext(next((tmp_path / "c").glob("*.png"))))[2]
+    assert (params["Hires sampler"], params["Hires schedule type"]) == ("DPM++ 2M", "Karras")

@@ -120,6 +120,18 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
                                                     width=64, height=64, strength=0.6,
                                                     hires=Hires(scale=1.5, steps=2)), tmp_path, progress=False)
     assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(result.image.convert("RGB")))
+    # A hires sampler of its own ("Use same sampler" is A1111's UI's word for none).
+    own = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                      hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras")
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras" in own.image.info["parameters"]
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler a", seed=5,
+                                                    width=64, height=64, strength=0.6,
+                                                    hires=Hires(scale=1.5, steps=2, sampler="dpm++_2m_karras")),
+                      tmp_path / "own", progress=False)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(own.image.convert("RGB")))
+    same = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                       hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="Use same sampler")
+    assert np.array_equal(np.asarray(same.image), np.asarray(result.image))
     # img2img has no hires fix in A1111's API: asked there, it is refused, naming the field.
     png = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(png, format="PNG")
@@ -315,7 +327,8 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
     ({"width": 70}, "width"), ({"steps": 500}, "steps"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
-    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_prompt": "another"}, "hr_prompt"),
     ({"enable_hr": True, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),

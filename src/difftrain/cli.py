@@ -330,8 +330,8 @@ def _generate(args: argparse.Namespace) -> int:
     hires = _hires_flags(args)
     turns_on = "scale" in hires or "resize" in hires
     if hires and not (turns_on or args.from_png):
-        raise DifftrainError("--hires-upscaler and --hires-steps set the hires fix: give --hires-scale or "
-                             "--hires-resize too")
+        raise DifftrainError("--hires-upscaler, --hires-steps and --hires-sampler set the hires fix: give "
+                             "--hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
     if turns_on and not args.from_png:
@@ -375,7 +375,8 @@ def _hires_flags(args: argparse.Namespace) -> dict:
     """The hires fix settings given on the command line (generate.hires.Hires fields); --hires-scale or
     --hires-resize turns it on."""
     given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
-                                               ("steps", args.hires_steps)) if value is not None}
+                                               ("steps", args.hires_steps), ("sampler", args.hires_sampler))
+             if value is not None}
     if args.hires_resize is not None:
         width, _, height = args.hires_resize.partition("x")
         if not (width.isdigit() and height.isdigit()):
@@ -836,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-upscaler", choices=UPSCALERS, metavar="NAME",
                      help=f"hires fix upscaler (default Latent): {', '.join(UPSCALERS)}")
     gen.add_argument("--hires-steps", type=int, metavar="N", help="hires fix second pass steps (default: --steps)")
+    gen.add_argument("--hires-sampler", metavar="NAME", help="hires fix second pass sampler (default: --scheduler)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
                      help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
     gen.add_argument("--control-image", action="append", metavar="IMAGE",

@@ -70,9 +70,17 @@ class Hires:
     resize: tuple[int, int] = (0, 0)  # A1111's hr_resize_x/y: 0 on both sides means `scale`
     upscaler: str = "Latent"  # A1111's default latent upscale mode
     steps: int = 0  # the second pass's; 0: the first pass's
+    sampler: str | None = None  # the second pass's (a schedulers name); None: the first pass's
 
     def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
         """The target of a first pass of this size, or the reason there is none, naming the option."""
+        if self.sampler is not None:
+            from difftrain.sampling.schedulers import resolve_name
+
+            try:
+                resolve_name(self.sampler)
+            except DifftrainError as reason:
+                raise HiresError("sampler", f"hires sampler: {reason}") from None
         if self.upscaler not in UPSCALERS:
             raise HiresError("upscaler", f"hires upscaler {self.upscaler!r}: choose one of {', '.join(UPSCALERS)} "
                                          "(model upscalers such as ESRGAN are not built in)")
@@ -114,8 +122,13 @@ class Hires:
         """A1111's keys for it ("Denoising strength" is the second pass's)."""
         size = {"Hires upscale": self.scale} if self.resize == (0, 0) else {
             "Hires resize": f"{self.resize[0]}x{self.resize[1]}"}
+        sampler = {}
+        if self.sampler is not None:
+            from difftrain.sampling.schedulers import a1111_sampler
+
+            sampler = {f"Hires {key.lower()}": value for key, value in a1111_sampler(self.sampler).items()}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
-                "Hires upscaler": self.upscaler}
+                "Hires upscaler": self.upscaler, **sampler}
 
     @classmethod
     def from_infotext(cls, params: dict) -> Hires | None:
@@ -123,15 +136,21 @@ class Hires:
         if "Hires upscale" not in params and "Hires resize" not in params:
             return None
         from difftrain.generate.infotext import parse_size
+        from difftrain.sampling.schedulers import resolve_name
 
         try:
             resize = parse_size(str(params["Hires resize"])) if "Hires resize" in params else (0, 0)
+            sampler = params.get("Hires sampler")
+            if sampler is not None or "Hires schedule type" in params:  # (A1111 writes them where they differ)
+                sampler = resolve_name(str(sampler or params.get("Sampler")),
+                                       params.get("Hires schedule type", params.get("Schedule type")))
             return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
-                       upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)))
-        except (ValueError, DifftrainError):
-            raise HiresError("infotext", "its infotext's hires fix is unreadable: " + ", ".join(
-                f"{key}: {params[key]!r}" for key in ("Hires upscale", "Hires resize", "Hires steps") if key in params)
-            ) from None
+                       upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)),
+                       sampler=sampler)
+        except (ValueError, DifftrainError) as reason:
+            keys = ("Hires upscale", "Hires resize", "Hires steps", "Hires sampler", "Hires schedule type")
+            raise HiresError("infotext", "its infotext's hires fix is unreadable (" + ", ".join(
+                f"{key}: {params[key]!r}" for key in keys if key in params) + f"): {reason}") from None
 
 
 def pass_steps(steps: int, strength: float) -> tuple[int, float]:
@@ -141,6 +160,14 @@ def pass_steps(steps: int, strength: float) -> tuple[int, float]:
     length = int(steps / min(strength, 0.999))
     # diffusers takes int(length x strength) steps: half a step above keeps float error from losing one
     return length, min(1.0, (steps + 0.5) / length)
+
+
+def pass_scheduler(hires: Hires, scheduler, model_config: dict):
+    """The second pass's sampler: the first pass's `scheduler`, or the hires sampler made from the model's own
+    scheduler config (not the first sampler's, whose Karras or spacing settings would carry over)."""
+    from difftrain.sampling.schedulers import make_scheduler
+
+    return scheduler if hires.sampler is None else make_scheduler(hires.sampler, model_config)
 
 
 def check_pass(scheduler, steps: int, strength: float) -> None:
@@ -193,9 +220,10 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                noise=None, **hooks) -> list[Image.Image]:
+                noise=None, scheduler=None, **hooks) -> list[Image.Image]:
     """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
 
+    `scheduler`: the pass's own sampler (pass_scheduler), else the runner's;
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
     `noise`: the first pass's variation seeds and ENSD (seed_noise.SeedNoise), which A1111 applies to this pass's
     noise too; `hooks`: step callbacks, as the first pass had them."""
@@ -204,7 +232,8 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
 
     from difftrain.sampling.text2image import sample, to_images
 
-    img2img = StableDiffusionImg2ImgPipeline(**runner.components, requires_safety_checker=False)
+    components = dict(runner.components, **({"scheduler": scheduler} if scheduler is not None else {}))
+    img2img = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
     img2img.set_progress_bar_config(**getattr(runner, "_progress_bar_config", {}))
     length, pass_strength = pass_steps(hires.steps or steps, strength)
     with torch.no_grad():

@@ -144,7 +144,7 @@ class GenerateOptions:
 def hires_flags():
     """A hires fix refused names the command line's flag for what to change."""
     flags = {"upscaler": "--hires-upscaler", "steps": "--hires-steps", "resize": "--hires-resize",
-             "scale": "--hires-scale", "strength": "--strength"}
+             "scale": "--hires-scale", "strength": "--strength", "sampler": "--hires-sampler"}
     try:
         yield
     except HiresError as reason:
@@ -271,7 +271,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.variation_strength:
         params["Variation seed"] = options.variation_seed if subseed is None else subseed
         params["Variation seed strength"] = options.variation_strength
-    if options.ensd and takes_ensd(options.scheduler):  # (A1111 too writes it only where it acts)
+    samplers = [options.scheduler, *([options.hires.sampler] if options.hires and options.hires.sampler else [])]
+    if options.ensd and any(map(takes_ensd, samplers)):  # (A1111 too writes it only where it acts)
         params["ENSD"] = options.ensd
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
@@ -397,7 +398,8 @@ class Drawer:
                                   dtype=_dtype(options.precision, device), config=options.config,
                                   provider=options.provider, provider_fallback=options.provider_fallback)
         self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
-        pipe.scheduler = make_scheduler(options.scheduler, dict(pipe.scheduler.config))
+        model_scheduler = dict(pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(options.scheduler, model_scheduler)
         configure_pipeline(pipe, options, device)
         pipe.set_progress_bar_config(disable=not progress)
         size = default_size(pipe)
@@ -421,15 +423,16 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls)
-        self.hires_target = None
+        self.hires_target = self.hires_scheduler = None
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
-            from difftrain.generate.hires import check_pass
+            from difftrain.generate.hires import check_pass, pass_scheduler
 
             with hires_flags():
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
-                check_pass(self.runner.scheduler, options.hires.steps or options.steps, options.strength)
+                self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
+                check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -463,7 +466,8 @@ class Drawer:
         if self.deepcache is not None:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
-        noise = noise_of(options, subseeds or [options.variation_seed + i for i in range(len(seeds))])
+        subseeds = subseeds or [options.variation_seed + i for i in range(len(seeds))]
+        noise = noise_of(options, subseeds)
         if options.hires is None:
             return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                         **self.extra)
@@ -473,10 +477,13 @@ class Drawer:
                          **self.extra)
         if "[" in prompt + negative_prompt:  # a prompt edit's timeline goes on into the second pass
             conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
-                                          schedule_steps(self.runner.scheduler, options.hires.steps or options.steps),
+                                          schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
+        # (the ENSD as the pass's own sampler takes it)
+        hires_noise = noise_of(replace(options, scheduler=options.hires.sampler or options.scheduler), subseeds)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
-                           options.hires, self.hires_target, options.strength, noise=noise)
+                           options.hires, self.hires_target, options.strength, noise=hires_noise,
+                           scheduler=self.hires_scheduler)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:
@@ -543,7 +550,7 @@ def noise_of(options: GenerateOptions, subseeds: list[int]):
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
-NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint",
+NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires checkpoint",
                 "Hires CFG Scale", "Seed resize from", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -249,7 +249,7 @@ class Engine:
         """Whether the sampler takes a step in img2img or the hires pass at this strength, from the model's
         scheduler config (the loaded model's, or its folder's): refused before the job queues. A model without either
         is checked when drawn."""
-        from difftrain.generate.hires import check_pass
+        from difftrain.generate.hires import check_pass, pass_scheduler
         from difftrain.generate.text2image import img2img_strength
         from difftrain.sampling.schedulers import make_scheduler
 
@@ -268,6 +268,7 @@ class Engine:
             raise RequestError("sampler_name", str(reason)) from None
         if not img2img:
             with request.hires_fields():
+                scheduler = pass_scheduler(request.hires, scheduler, config)
                 check_pass(scheduler, request.hr_second_pass_steps or request.steps, request.denoising_strength)
             return
         try:
@@ -339,14 +340,15 @@ class Engine:
         units = prepared.units
         hires = request.hires if not isinstance(request, Img2ImgRequest) else None
         if hires is not None:
-            from difftrain.generate.hires import check_pass
+            from difftrain.generate.hires import check_pass, pass_scheduler
 
             with request.hires_fields():  # (checked before it queued too, unless the model is a single file)
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
-                check_pass(scheduler, hires.steps or request.steps, request.denoising_strength)
+                hires_scheduler = pass_scheduler(hires, scheduler, dict(pipe.scheduler.config))
+                check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
             hires_conditioning = conditioning  # (one text throughout, unless the prompt edits it)
             if "[" in prepared.prompt + request.negative_prompt:
-                hires_conditioning = encoded(schedule_steps(scheduler, hires.steps or request.steps),
+                hires_conditioning = encoded(schedule_steps(hires_scheduler, hires.steps or request.steps),
                                              schedule_steps(scheduler, request.steps))
         controls = None
         if units:
@@ -388,12 +390,15 @@ class Engine:
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
             noise = noise_of(options, subseeds)
+            hires_noise = noise_of(replace(options, scheduler=hires.sampler or scheduler_name), subseeds) if hires \
+                else None
             latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, noise=noise,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
-                                     hires, target, request.denoising_strength, noise=noise, **hooks)
+                                     hires, target, request.denoising_strength, noise=hires_noise,
+                                     scheduler=hires_scheduler, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):

@@ -2,7 +2,7 @@
 
 Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
 are accepted at their defaults and refused, naming the field, when they ask for something
-(face restoration, scripts, a hires pass with its own sampler or prompt). Limits are the
+(face restoration, scripts, a hires pass with its own prompt). Limits are the
 server's, checked before a job is queued.
 """
 
@@ -114,11 +114,6 @@ class Txt2ImgRequest(BaseModel):
                        ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
                         "resizing a seed's noise from another size"),
                        ("script_name", self.script_name, "scripts"),
-                       ("hr_sampler_name", self.hr_sampler_name not in (None, "", "Use same sampler", self.sampler),
-                        "a hires sampler of its own"),
-                       ("hr_scheduler", self.hr_scheduler not in (None, "", "Use same scheduler",
-                                                                   self.scheduler or "Automatic"),
-                        "a hires schedule type of its own"),
                        ("hr_prompt", self.hr_prompt not in ("", self.prompt), "a hires prompt of its own"),
                        ("hr_negative_prompt", self.hr_negative_prompt not in ("", self.negative_prompt),
                         "a hires negative prompt of its own"),
@@ -153,7 +148,7 @@ class Txt2ImgRequest(BaseModel):
         from difftrain.generate.hires import HiresError
 
         fields = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x",
-                  "strength": "denoising_strength"}
+                  "strength": "denoising_strength", "sampler": "hr_sampler_name"}
         try:
             yield
         except HiresError as reason:
@@ -168,7 +163,27 @@ class Txt2ImgRequest(BaseModel):
         if not self.enable_hr:
             return None
         return Hires(scale=self.hr_scale, resize=(self.hr_resize_x, self.hr_resize_y),
-                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps)
+                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps, sampler=self.hr_sampler)
+
+    @property
+    def hr_sampler(self) -> str | None:
+        """The hires pass's own sampler, resolved (A1111: hr_sampler_name or the sampler, in hr_scheduler or the
+        schedule type), or None where it is the first pass's."""
+        from difftrain.sampling.schedulers import SCHEDULERS, resolve_name
+
+        same = (None, "", "Use same sampler", "Use same scheduler")
+        sampler = self.hr_sampler_name if self.hr_sampler_name not in same else None
+        schedule = self.hr_scheduler if self.hr_scheduler not in same else None
+        if sampler is None and schedule is None:
+            return None
+        name = sampler or self.sampler
+        automatic = None if name in SCHEDULERS else "Automatic"
+        try:
+            resolved = resolve_name(name, schedule or self.scheduler or automatic)
+            first = resolve_name(self.sampler, self.scheduler or (None if self.sampler in SCHEDULERS else "Automatic"))
+        except DifftrainError as reason:
+            raise RequestError("hr_sampler_name" if sampler else "hr_scheduler", str(reason)) from None
+        return None if resolved == first else resolved
 
     @property
     def sampler(self) -> str:

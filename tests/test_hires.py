@@ -156,31 +156,35 @@ def test_a_prompt_edits_timeline_goes_on_into_the_hires_pass(tiny_sd):  # noqa: 
     assert prompt_schedule("a [b:.5] c", 10, first_pass=10) == [(10, "a b c")]
     assert prompt_schedule("a [b:1.5] c", 10, first_pass=10) == [(5, "a  c"), (10, "a b c")]
     assert prompt_schedule("a [b:c:25] d", 10, first_pass=20) == [(5, "a b d"), (10, "a c d")]
-    from difftrain.generate.text2image import Drawer, GenerateOptions
-    from difftrain.sampling.prompts import encode_pair
-
     drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=2, width=32, height=32, scheduler="Euler",
                                                   negative_prompt="ugly", hires=Hires(scale=1.5, steps=4)),
                     progress=False)
-    seen = []
-    drawer.pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
-    pipe = drawer.pipe
-
-    def encoded(text: str) -> torch.Tensor:
-        positive, negative, _ = encode_pair(pipe.tokenizer, pipe.text_encoder, text, "ugly", "cpu")
-        return torch.cat([negative, positive])
-
-    red, blue = encoded("a red circle"), encoded("a blue circle")
-
-    def names() -> list[str]:
-        return [next(name for name, z in (("red", red), ("blue", blue)) if torch.equal(z, call)) for call in seen]
-
+    names = conditioning_names(drawer, {"red": "a red circle", "blue": "a blue circle"})
     drawer.draw("a [red:blue:0.5] circle", "ugly", [3])
     assert names() == ["red", "red"] + ["blue"] * 4
-    seen.clear()
     drawer.draw("a [red:blue:1.5] circle", "ugly", [3])
     assert names() == ["red", "red"] + ["red", "red", "red", "blue"]
+
+
+def conditioning_names(drawer, texts: dict[str, str]):
+    """A function naming the text (with the negative prompt "ugly") the UNet was given at each call since the last
+    time it was asked."""
+    from difftrain.sampling.prompts import encode_pair
+
+    pipe, seen = drawer.pipe, []
+    pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    encoded = {}
+    for name, text in texts.items():
+        positive, negative, _ = encode_pair(pipe.tokenizer, pipe.text_encoder, text, "ugly", "cpu")
+        encoded[name] = torch.cat([negative, positive])
+
+    def names() -> list[str]:
+        called = [next(name for name, z in encoded.items() if torch.equal(z, call)) for call in seen]
+        seen.clear()
+        return called
+
+    return names
 
 
 def test_deepcache_starts_the_hires_pass_with_a_whole_unet_step(tiny_sd):  # noqa: F811
@@ -269,3 +273,27 @@ def test_a_hires_sampler_of_its_own(tiny_sd, tmp_path, caplog):  # noqa: F811
     assert "not repeated" not in caplog.text
     params = parse_infotext(read_png_infotext(next((tmp_path / "c").glob("*.png"))))[2]
     assert (params["Hires sampler"], params["Hires schedule type"]) == ("DPM++ 2M", "Karras")
+
+
+def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
+    """The second pass draws --hires-prompt (A1111's hr_prompt; "" is the prompt), written as "Hires prompt" where it
+    differs and repeated; its <lora:> tags must be the prompt's, as the LoRAs act on both passes."""
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    options = GenerateOptions(prompt="a red circle", steps=2, width=32, height=32, scheduler="Euler",
+                              negative_prompt="ugly", hires=Hires(scale=1.5, steps=3, prompt="a blue circle"))
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    names = conditioning_names(drawer, {"red": "a red circle", "blue": "a blue circle"})
+    drawer.draw("a red circle", "ugly", [3])
+    assert names() == ["red"] * 2 + ["blue"] * 3
+    [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
+                 "a blue circle, detailed")
+    assert parse_infotext(read_png_infotext(path))[2]["Hires prompt"] == "a blue circle, detailed"
+    assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "b").glob("*.png"))), pixels(path))
+    [same] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
+                 "a red circle")
+    assert "Hires prompt" not in parse_infotext(read_png_infotext(same))[2]  # (written where it differs)
+    assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
+                 "a <lora:detail:1> circle", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "hires prompt's <lora:...> tags" in capsys.readouterr().err

@@ -111,27 +111,35 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
     from difftrain.generate.text2image import GenerateOptions, generate
 
     api = client(server)
+
+    def generated(image, name: str, **hires) -> bool:
+        """Whether `generate` draws the served image with these hires settings."""
+        [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler a", seed=5,
+                                                        width=64, height=64, strength=0.6,
+                                                        hires=Hires(scale=1.5, steps=2, **hires)),
+                          tmp_path / name, progress=False)
+        return np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image.convert("RGB")))
+
     result = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                          hr_second_pass_steps=2, denoising_strength=0.6)  # webuiapi sends hr_upscaler Latent
     assert result.image.size == (96, 96) and result.info["width"] == 64 and result.info["denoising_strength"] == 0.6
     text = result.image.info["parameters"]
     assert "Size: 64x64" in text and "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2" in text
-    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler a", seed=5,
-                                                    width=64, height=64, strength=0.6,
-                                                    hires=Hires(scale=1.5, steps=2)), tmp_path, progress=False)
-    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(result.image.convert("RGB")))
+    assert generated(result.image, "plain")
     # A hires sampler of its own ("Use same sampler" is A1111's UI's word for none).
     own = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                       hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras")
     assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras" in own.image.info["parameters"]
-    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler a", seed=5,
-                                                    width=64, height=64, strength=0.6,
-                                                    hires=Hires(scale=1.5, steps=2, sampler="dpm++_2m_karras")),
-                      tmp_path / "own", progress=False)
-    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(own.image.convert("RGB")))
+    assert generated(own.image, "own", sampler="dpm++_2m_karras")
     same = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                        hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="Use same sampler")
     assert np.array_equal(np.asarray(same.image), np.asarray(result.image))
+    # A hires prompt of its own.
+    blue = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                       hr_second_pass_steps=2, denoising_strength=0.6, hr_prompt="a blue circle")
+    assert "Hires prompt: a blue circle" in blue.image.info["parameters"]
+    assert generated(blue.image, "blue", prompt="a blue circle")
+    assert not np.array_equal(np.asarray(blue.image), np.asarray(result.image))
     # img2img has no hires fix in A1111's API: asked there, it is refused, naming the field.
     png = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(png, format="PNG")
@@ -328,7 +336,7 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),
-    ({"enable_hr": True, "hr_prompt": "another"}, "hr_prompt"),
+    ({"enable_hr": True, "hr_prompt": "x <lora:shapes:1>"}, "hr_prompt"),
     ({"enable_hr": True, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),

@@ -330,8 +330,8 @@ def _generate(args: argparse.Namespace) -> int:
     hires = _hires_flags(args)
     turns_on = "scale" in hires or "resize" in hires
     if hires and not (turns_on or args.from_png):
-        raise DifftrainError("--hires-upscaler, --hires-steps and --hires-sampler set the hires fix: give "
-                             "--hires-scale or --hires-resize too")
+        raise DifftrainError("--hires-upscaler, --hires-steps, --hires-sampler and --hires-prompt set the hires fix: "
+                             "give --hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
     if turns_on and not args.from_png:
@@ -375,7 +375,9 @@ def _hires_flags(args: argparse.Namespace) -> dict:
     """The hires fix settings given on the command line (generate.hires.Hires fields); --hires-scale or
     --hires-resize turns it on."""
     given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
-                                               ("steps", args.hires_steps), ("sampler", args.hires_sampler))
+                                               ("steps", args.hires_steps), ("sampler", args.hires_sampler),
+                                               ("prompt", args.hires_prompt),
+                                               ("negative_prompt", args.hires_negative_prompt))
              if value is not None}
     if args.hires_resize is not None:
         width, _, height = args.hires_resize.partition("x")
@@ -838,6 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"hires fix upscaler (default Latent): {', '.join(UPSCALERS)}")
     gen.add_argument("--hires-steps", type=int, metavar="N", help="hires fix second pass steps (default: --steps)")
     gen.add_argument("--hires-sampler", metavar="NAME", help="hires fix second pass sampler (default: --scheduler)")
+    gen.add_argument("--hires-prompt", metavar="TEXT", help="hires fix second pass prompt (default: --prompt)")
+    gen.add_argument("--hires-negative-prompt", metavar="TEXT", help="its negative prompt (default: --negative-prompt)")
     gen.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
                      help="a ControlNet (folder, run, hub id, .safetensors) and its weight; repeatable")
     gen.add_argument("--control-image", action="append", metavar="IMAGE",

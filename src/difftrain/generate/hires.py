@@ -71,6 +71,8 @@ class Hires:
     upscaler: str = "Latent"  # A1111's default latent upscale mode
     steps: int = 0  # the second pass's; 0: the first pass's
     sampler: str | None = None  # the second pass's (a schedulers name); None: the first pass's
+    prompt: str = ""  # the second pass's; "": the first pass's (A1111's hr_prompt)
+    negative_prompt: str = ""
 
     def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
         """The target of a first pass of this size, or the reason there is none, naming the option."""
@@ -118,8 +120,8 @@ class Hires:
             up_x, up_y = resize_y * width // height, resize_y
         return Target(up_x, up_y, (up_x - resize_x) // cell, (up_y - resize_y) // cell, cell)
 
-    def infotext(self, strength: float) -> dict:
-        """A1111's keys for it ("Denoising strength" is the second pass's)."""
+    def infotext(self, strength: float, prompt: str, negative_prompt: str) -> dict:
+        """A1111's keys for it ("Denoising strength" is the second pass's; a prompt where it differs)."""
         size = {"Hires upscale": self.scale} if self.resize == (0, 0) else {
             "Hires resize": f"{self.resize[0]}x{self.resize[1]}"}
         sampler = {}
@@ -127,8 +129,11 @@ class Hires:
             from difftrain.sampling.schedulers import a1111_sampler
 
             sampler = {f"Hires {key.lower()}": value for key, value in a1111_sampler(self.sampler).items()}
+        prompts = {key: text for key, text, first in (("Hires prompt", self.prompt, prompt),
+                                                      ("Hires negative prompt", self.negative_prompt, negative_prompt))
+                   if text and text != first}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
-                "Hires upscaler": self.upscaler, **sampler}
+                "Hires upscaler": self.upscaler, **sampler, **prompts}
 
     @classmethod
     def from_infotext(cls, params: dict) -> Hires | None:
@@ -146,7 +151,8 @@ class Hires:
                                        params.get("Hires schedule type", params.get("Schedule type")))
             return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
                        upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)),
-                       sampler=sampler)
+                       sampler=sampler, prompt=str(params.get("Hires prompt", "")),
+                       negative_prompt=str(params.get("Hires negative prompt", "")))
         except (ValueError, DifftrainError) as reason:
             keys = ("Hires upscale", "Hires resize", "Hires steps", "Hires sampler", "Hires schedule type")
             raise HiresError("infotext", "its infotext's hires fix is unreadable (" + ", ".join(

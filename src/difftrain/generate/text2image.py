@@ -175,6 +175,18 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def hires_prompt(text: str, prompt: str) -> str:
+    """A hires prompt without its <lora:> tags, which must be the prompt's own: the LoRAs are loaded for both
+    passes (A1111 would switch them between the passes)."""
+    from difftrain.sampling.prompts import extract_lora_tags
+
+    stripped, tags = extract_lora_tags(text)
+    if text and tags != extract_lora_tags(prompt)[1]:
+        raise GenerateError(f"the hires prompt's <lora:...> tags ({tags}) differ from the prompt's: give it the "
+                            "prompt's own tags (the LoRAs act on both passes)")
+    return stripped
+
+
 def _resolve_prompt_loras(prompt: str, lora_dir: str) -> tuple[str, list[tuple[str, float]]]:
     from difftrain.sampling.prompts import extract_lora_tags
 
@@ -285,7 +297,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
     if options.hires is not None:
-        params.update(options.hires.infotext(options.strength))
+        params.update(options.hires.infotext(options.strength, options.prompt, options.negative_prompt))
     if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
         params["Lora files"] = " | ".join(f"{p}:{w}" for p, w in loras)
     if options.embeddings:
@@ -423,12 +435,13 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls)
-        self.hires_target = self.hires_scheduler = None
+        self.hires_target = self.hires_scheduler = self.hires_prompt = None
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
             from difftrain.generate.hires import check_pass, pass_scheduler
 
+            self.hires_prompt = hires_prompt(options.hires.prompt, options.prompt)
             with hires_flags():
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
                 self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
@@ -475,8 +488,11 @@ class Drawer:
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
-        if "[" in prompt + negative_prompt:  # a prompt edit's timeline goes on into the second pass
-            conditioning = encode_prompts(self.pipe, prompt, negative_prompt if guided else "", self.clip_skip,
+        hires_text = self.hires_prompt or prompt  # (A1111's hr_prompt: "" is the first pass's)
+        hires_negative = options.hires.negative_prompt or negative_prompt
+        if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prompt, negative_prompt):
+            # its own prompts, or a prompt edit's timeline going on into the second pass
+            conditioning = encode_prompts(self.pipe, hires_text, hires_negative if guided else "", self.clip_skip,
                                           schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
         # (the ENSD as the pass's own sampler takes it)
@@ -550,7 +566,7 @@ def noise_of(options: GenerateOptions, subseeds: list[int]):
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
-NOT_REPEATED = ("Hires prompt", "Hires negative prompt", "Hires checkpoint",
+NOT_REPEATED = ("Hires checkpoint",
                 "Hires CFG Scale", "Seed resize from", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",

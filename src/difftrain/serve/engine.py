@@ -79,6 +79,7 @@ class Prepared:
     units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
     unit_images: list  # ... and their images as sent (each unit carries its control mode)
     init_image: object = None  # img2img: the decoded image
+    hires_prompt: str = ""  # the hires pass's own prompt without its <lora:...> tags (the prompt's); "": the prompt
 
 
 @dataclass
@@ -225,13 +226,16 @@ class Engine:
         model = self._model_for(request)
         scheduler = self._scheduler_name(request)
         parsed = {}
-        for field_name in ("prompt", "negative_prompt"):
+        for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             try:
                 parsed[field_name] = extract_lora_tags(getattr(request, field_name))
                 parse_attention(parsed[field_name][0])
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
+        if request.enable_hr and request.hr_prompt and parsed["hr_prompt"][1] != tags:
+            raise RequestError("hr_prompt", "its <lora:...> tags differ from the prompt's: give it the prompt's own "
+                                            "(the LoRAs act on both passes)")
         files = self.lora_files()
         loras = [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
@@ -242,7 +246,7 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init)
+        return Prepared(model, scheduler, prompt, loras, units, images, init, parsed["hr_prompt"][0])
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
@@ -323,15 +327,16 @@ class Engine:
                      or model.own_clip_skip)
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
         # new one) and their weights are part of the key; the steps place a prompt edit's spans.
-        def encoded(steps: int, first_pass: int | None = None):
-            key = (model.title, prepared.prompt, request.negative_prompt, clip_skip, adapters, steps, first_pass)
+        def encoded(steps: int, first_pass: int | None = None, prompt: str | None = None, negative: str | None = None):
+            prompt = prepared.prompt if prompt is None else prompt
+            negative = request.negative_prompt if negative is None else negative
+            key = (model.title, prompt, negative, clip_skip, adapters, steps, first_pass)
             if key in self.prompt_cache:
                 self.prompt_cache.move_to_end(key)
                 self.prompt_cache_hits += 1
             else:
                 self.prompt_cache_misses += 1
-                self.prompt_cache[key] = encode_prompts(pipe, prepared.prompt, request.negative_prompt, clip_skip,
-                                                        steps, first_pass=first_pass)
+                self.prompt_cache[key] = encode_prompts(pipe, prompt, negative, clip_skip, steps, first_pass=first_pass)
                 while len(self.prompt_cache) > self.prompt_cache_size:
                     self.prompt_cache.popitem(last=False)
             return self.prompt_cache[key]
@@ -346,10 +351,13 @@ class Engine:
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
                 hires_scheduler = pass_scheduler(hires, scheduler, dict(pipe.scheduler.config))
                 check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
-            hires_conditioning = conditioning  # (one text throughout, unless the prompt edits it)
-            if "[" in prepared.prompt + request.negative_prompt:
+            hires_text = prepared.hires_prompt or prepared.prompt  # (A1111's hr_prompt: "" is the prompt)
+            hires_negative = request.hr_negative_prompt or request.negative_prompt
+            hires_conditioning = conditioning  # (one text throughout, unless the prompts edit it or differ)
+            if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prepared.prompt,
+                                                                                     request.negative_prompt):
                 hires_conditioning = encoded(schedule_steps(hires_scheduler, hires.steps or request.steps),
-                                             schedule_steps(scheduler, request.steps))
+                                             schedule_steps(scheduler, request.steps), hires_text, hires_negative)
         controls = None
         if units:
             nets = self._nets(prepared, pipe)

@@ -2,7 +2,7 @@
 
 Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
 are accepted at their defaults and refused, naming the field, when they ask for something
-(face restoration, scripts, a hires pass with its own prompt). Limits are the
+(face restoration, scripts, a hires pass with its own checkpoint). Limits are the
 server's, checked before a job is queued.
 """
 
@@ -96,7 +96,7 @@ class Txt2ImgRequest(BaseModel):
                                   ("n_iter", self.n_iter, limits.max_n_iter)):
             if not 1 <= value <= top:
                 raise RequestError(field, f"{value}: must be from 1 to {top} on this server")
-        for field in ("prompt", "negative_prompt"):
+        for field in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             if len(getattr(self, field)) > limits.max_prompt_chars:
                 raise RequestError(field, f"longer than this server's {limits.max_prompt_chars} characters")
         if not 0 <= self.cfg_scale <= 30:
@@ -114,9 +114,6 @@ class Txt2ImgRequest(BaseModel):
                        ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
                         "resizing a seed's noise from another size"),
                        ("script_name", self.script_name, "scripts"),
-                       ("hr_prompt", self.hr_prompt not in ("", self.prompt), "a hires prompt of its own"),
-                       ("hr_negative_prompt", self.hr_negative_prompt not in ("", self.negative_prompt),
-                        "a hires negative prompt of its own"),
                        ("hr_checkpoint_name", self.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
                         "a hires checkpoint of its own"),
                        ("firstphase_width", self.firstphase_width or self.firstphase_height,
@@ -163,7 +160,8 @@ class Txt2ImgRequest(BaseModel):
         if not self.enable_hr:
             return None
         return Hires(scale=self.hr_scale, resize=(self.hr_resize_x, self.hr_resize_y),
-                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps, sampler=self.hr_sampler)
+                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps, sampler=self.hr_sampler,
+                     prompt=self.hr_prompt, negative_prompt=self.hr_negative_prompt)
 
     @property
     def hr_sampler(self) -> str | None:

@@ -159,24 +159,23 @@ def test_a_prompt_edits_timeline_goes_on_into_the_hires_pass(tiny_sd):  # noqa: 
     drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="", steps=2, width=32, height=32, scheduler="Euler",
                                                   negative_prompt="ugly", hires=Hires(scale=1.5, steps=4)),
                     progress=False)
-    names = conditioning_names(drawer, {"red": "a red circle", "blue": "a blue circle"})
+    names = conditioning_names(drawer, {"red": ("a red circle", "ugly"), "blue": ("a blue circle", "ugly")})
     drawer.draw("a [red:blue:0.5] circle", "ugly", [3])
     assert names() == ["red", "red"] + ["blue"] * 4
     drawer.draw("a [red:blue:1.5] circle", "ugly", [3])
     assert names() == ["red", "red"] + ["red", "red", "red", "blue"]
 
 
-def conditioning_names(drawer, texts: dict[str, str]):
-    """A function naming the text (with the negative prompt "ugly") the UNet was given at each call since the last
-    time it was asked."""
+def conditioning_names(drawer, texts: dict[str, tuple[str, str]]):
+    """A function naming the (prompt, negative prompt) the UNet was given at each call since it was last asked."""
     from difftrain.sampling.prompts import encode_pair
 
     pipe, seen = drawer.pipe, []
     pipe.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
     encoded = {}
-    for name, text in texts.items():
-        positive, negative, _ = encode_pair(pipe.tokenizer, pipe.text_encoder, text, "ugly", "cpu")
+    for name, (text, negative_text) in texts.items():
+        positive, negative, _ = encode_pair(pipe.tokenizer, pipe.text_encoder, text, negative_text, "cpu")
         encoded[name] = torch.cat([negative, positive])
 
     def names() -> list[str]:
@@ -273,6 +272,26 @@ def test_a_hires_sampler_of_its_own(tiny_sd, tmp_path, caplog):  # noqa: F811
     assert "not repeated" not in caplog.text
     params = parse_infotext(read_png_infotext(next((tmp_path / "c").glob("*.png"))))[2]
     assert (params["Hires sampler"], params["Hires schedule type"]) == ("DPM++ 2M", "Karras")
+    # A1111's hires schedule defaults to the first pass's: Euler a in Karras, which we lack, is drawn without it, and
+    # a hires sampler we lack altogether leaves the second pass the first's; both said, neither refused.
+    for settings, said in (("Schedule type: Karras, Hires sampler: Euler a", "without its schedule type Karras"),
+                           ("Hires sampler: Restart", "hires sampler is not repeated")):
+        foreign = a1111_png(tmp_path / "a1111.png", f"Size: 32x32, {settings}, Hires upscale: 2, Hires steps: 2")
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["generate", str(tiny_sd), "--from-png", str(foreign), "--out", str(tmp_path / said),
+                         "--no-progress"]) == 0
+        assert said in caplog.text
+    # A sampler that cannot sample the model (PLMS a zero-terminal-SNR one) is a hires sampler error, which the
+    # command line and the server name as --hires-sampler and hr_sampler_name.
+    from diffusers import DDIMScheduler
+
+    from difftrain.generate.hires import pass_scheduler
+
+    zero_snr = dict(DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config)
+    with pytest.raises(HiresError, match="hires sampler plms: .*cannot sample a zero-terminal-SNR") as caught:
+        pass_scheduler(Hires(sampler="plms"), None, zero_snr)
+    assert caught.value.setting == "sampler"
 
 
 def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
@@ -283,7 +302,7 @@ def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
     options = GenerateOptions(prompt="a red circle", steps=2, width=32, height=32, scheduler="Euler",
                               negative_prompt="ugly", hires=Hires(scale=1.5, steps=3, prompt="a blue circle"))
     drawer = Drawer(str(tiny_sd), options, progress=False)
-    names = conditioning_names(drawer, {"red": "a red circle", "blue": "a blue circle"})
+    names = conditioning_names(drawer, {"red": ("a red circle", "ugly"), "blue": ("a blue circle", "ugly")})
     drawer.draw("a red circle", "ugly", [3])
     assert names() == ["red"] * 2 + ["blue"] * 3
     [path] = run(tiny_sd, tmp_path / "a", "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
@@ -294,6 +313,20 @@ def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
     [same] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
                  "a red circle")
     assert "Hires prompt" not in parse_infotext(read_png_infotext(same))[2]  # (written where it differs)
+    # A negative prompt of its own conditions the second pass, and is repeated.
+    drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=2, width=32, height=32,
+                                                  scheduler="Euler", negative_prompt="ugly",
+                                                  hires=Hires(scale=1.5, steps=2, negative_prompt="blurry, dark")),
+                    progress=False)
+    names = conditioning_names(drawer, {"ugly": ("a red circle", "ugly"), "dark": ("a red circle", "blurry, dark")})
+    drawer.draw("a red circle", "ugly", [3])
+    assert names() == ["ugly"] * 2 + ["dark"] * 2
+    [negative] = run(tiny_sd, tmp_path / "n", "--prompt", "a red circle", "--negative-prompt", "ugly", "--hires-scale",
+                     "2", "--hires-negative-prompt", "blurry, dark")
+    assert parse_infotext(read_png_infotext(negative))[2]["Hires negative prompt"] == "blurry, dark"
+    assert main(["generate", str(tiny_sd), "--from-png", str(negative), "--out", str(tmp_path / "n2"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "n2").glob("*.png"))), pixels(negative))
     assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
                  "a <lora:detail:1> circle", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
-    assert "hires prompt's <lora:...> tags" in capsys.readouterr().err
+    assert "--hires-prompt: its <lora:...> tags" in capsys.readouterr().err

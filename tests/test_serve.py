@@ -134,6 +134,11 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
     same = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                        hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="Use same sampler")
     assert np.array_equal(np.asarray(same.image), np.asarray(result.image))
+    # An old-style sampler name's schedule type carries over to the hires sampler, as A1111's API splits it off.
+    karras = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                         hr_second_pass_steps=2, denoising_strength=0.6, sampler_name="DPM++ 2M Karras",
+                         hr_sampler_name="Euler")
+    assert "Hires sampler: Euler, Hires schedule type: Karras" in karras.image.info["parameters"]
     # A hires prompt of its own.
     blue = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                        hr_second_pass_steps=2, denoising_strength=0.6, hr_prompt="a blue circle")
@@ -336,6 +341,8 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler", "hr_scheduler": "Align Your Steps"}, "hr_scheduler"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler", "sampler_name": "DPM++ 2S a"}, "sampler_name"),
     ({"enable_hr": True, "hr_prompt": "x <lora:shapes:1>"}, "hr_prompt"),
     ({"enable_hr": True, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),

@@ -330,8 +330,8 @@ def _generate(args: argparse.Namespace) -> int:
     hires = _hires_flags(args)
     turns_on = "scale" in hires or "resize" in hires
     if hires and not (turns_on or args.from_png):
-        raise DifftrainError("--hires-upscaler, --hires-steps, --hires-sampler and --hires-prompt set the hires fix: "
-                             "give --hires-scale or --hires-resize too")
+        raise DifftrainError("--hires-upscaler, --hires-steps, --hires-sampler and --hires-(negative-)prompt set the "
+                             "hires fix: give --hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
     if turns_on and not args.from_png:

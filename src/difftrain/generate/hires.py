@@ -11,6 +11,7 @@ makes a new `ImageRNG` for it). `generate` and `serve` both draw it through `sec
 from __future__ import annotations
 
 import math
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ from difftrain.errors import DifftrainError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # A1111's shared.latent_upscale_modes: the latents themselves interpolated.
 LATENT_UPSCALERS = {
@@ -141,14 +144,13 @@ class Hires:
         if "Hires upscale" not in params and "Hires resize" not in params:
             return None
         from difftrain.generate.infotext import parse_size
-        from difftrain.sampling.schedulers import resolve_name
 
         try:
             resize = parse_size(str(params["Hires resize"])) if "Hires resize" in params else (0, 0)
             sampler = params.get("Hires sampler")
             if sampler is not None or "Hires schedule type" in params:  # (A1111 writes them where they differ)
-                sampler = resolve_name(str(sampler or params.get("Sampler")),
-                                       params.get("Hires schedule type", params.get("Schedule type")))
+                sampler = _pass_sampler(str(sampler or params.get("Sampler")),
+                                        params.get("Hires schedule type", params.get("Schedule type")))
             return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
                        upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)),
                        sampler=sampler, prompt=str(params.get("Hires prompt", "")),
@@ -157,6 +159,25 @@ class Hires:
             keys = ("Hires upscale", "Hires resize", "Hires steps", "Hires sampler", "Hires schedule type")
             raise HiresError("infotext", "its infotext's hires fix is unreadable (" + ", ".join(
                 f"{key}: {params[key]!r}" for key in keys if key in params) + f"): {reason}") from None
+
+
+def _pass_sampler(name: str, schedule: str | None) -> str | None:
+    """A PNG's hires sampler as far as we have it: without its schedule type, or none (the first pass's), said."""
+    from difftrain.sampling.schedulers import resolve_name
+
+    for schedule_type in (schedule, None):
+        try:
+            resolved = resolve_name(name, schedule_type)
+        except DifftrainError as reason:
+            missing = reason
+            continue
+        if schedule_type != schedule:
+            log.warning("its hires sampler %s is drawn without its schedule type %s (%s); --hires-sampler picks "
+                        "another", name, schedule, missing)
+        return resolved
+    log.warning("its hires sampler is not repeated (%s): the second pass draws with the first pass's; "
+                "--hires-sampler picks another", missing)
+    return None
 
 
 def pass_steps(steps: int, strength: float) -> tuple[int, float]:
@@ -173,7 +194,10 @@ def pass_scheduler(hires: Hires, scheduler, model_config: dict):
     scheduler config (not the first sampler's, whose Karras or spacing settings would carry over)."""
     from difftrain.sampling.schedulers import make_scheduler
 
-    return scheduler if hires.sampler is None else make_scheduler(hires.sampler, model_config)
+    try:
+        return scheduler if hires.sampler is None else make_scheduler(hires.sampler, model_config)
+    except DifftrainError as reason:  # (a package it needs, a model it cannot sample)
+        raise HiresError("sampler", f"hires sampler {hires.sampler}: {reason}") from None
 
 
 def check_pass(scheduler, steps: int, strength: float) -> None:

@@ -181,8 +181,8 @@ def hires_prompt(text: str, prompt: str) -> str:
     from difftrain.sampling.prompts import extract_lora_tags
 
     stripped, tags = extract_lora_tags(text)
-    if text and tags != extract_lora_tags(prompt)[1]:
-        raise GenerateError(f"the hires prompt's <lora:...> tags ({tags}) differ from the prompt's: give it the "
+    if text and sorted(tags) != sorted(extract_lora_tags(prompt)[1]):
+        raise GenerateError(f"--hires-prompt: its <lora:...> tags ({tags}) differ from the prompt's: give it the "
                             "prompt's own tags (the LoRAs act on both passes)")
     return stripped
 
@@ -488,7 +488,7 @@ class Drawer:
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
-        hires_text = self.hires_prompt or prompt  # (A1111's hr_prompt: "" is the first pass's)
+        hires_text = self.hires_prompt if options.hires.prompt else prompt  # (A1111's hr_prompt: "" is the prompt)
         hires_negative = options.hires.negative_prompt or negative_prompt
         if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prompt, negative_prompt):
             # its own prompts, or a prompt edit's timeline going on into the second pass

@@ -233,7 +233,7 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
-        if request.enable_hr and request.hr_prompt and parsed["hr_prompt"][1] != tags:
+        if request.enable_hr and request.hr_prompt and sorted(parsed["hr_prompt"][1]) != sorted(tags):
             raise RequestError("hr_prompt", "its <lora:...> tags differ from the prompt's: give it the prompt's own "
                                             "(the LoRAs act on both passes)")
         files = self.lora_files()
@@ -351,7 +351,7 @@ class Engine:
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
                 hires_scheduler = pass_scheduler(hires, scheduler, dict(pipe.scheduler.config))
                 check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
-            hires_text = prepared.hires_prompt or prepared.prompt  # (A1111's hr_prompt: "" is the prompt)
+            hires_text = prepared.hires_prompt if request.hr_prompt else prepared.prompt  # ("": the prompt)
             hires_negative = request.hr_negative_prompt or request.negative_prompt
             hires_conditioning = conditioning  # (one text throughout, unless the prompts edit it or differ)
             if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prepared.prompt,

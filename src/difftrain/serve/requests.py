@@ -64,17 +64,17 @@ class Txt2ImgRequest(BaseModel):
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
-    # Accepted so clients can send them; refused when they ask for something (see `check`).
-    hr_sampler_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None  # None (or "Use same sampler"): the first pass's
     hr_scheduler: Optional[str] = None
-    hr_prompt: str = ""
+    hr_prompt: str = ""  # "": the first pass's
     hr_negative_prompt: str = ""
+    # Accepted so clients can send them; refused when they ask for something (see `check`).
     hr_checkpoint_name: Optional[str] = None
     firstphase_width: int = 0
     firstphase_height: int = 0
     restore_faces: Optional[bool] = False
     tiling: Optional[bool] = False
-    subseed: int = -1  # A1111's variation seed (sampling/variation.py)
+    subseed: int = -1  # A1111's variation seed (sampling/seed_noise.py)
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
@@ -174,13 +174,23 @@ class Txt2ImgRequest(BaseModel):
         schedule = self.hr_scheduler if self.hr_scheduler not in same else None
         if sampler is None and schedule is None:
             return None
-        name = sampler or self.sampler
-        automatic = None if name in SCHEDULERS else "Automatic"
         try:
-            resolved = resolve_name(name, schedule or self.scheduler or automatic)
             first = resolve_name(self.sampler, self.scheduler or (None if self.sampler in SCHEDULERS else "Automatic"))
         except DifftrainError as reason:
-            raise RequestError("hr_sampler_name" if sampler else "hr_scheduler", str(reason)) from None
+            raise RequestError("sampler_name", str(reason)) from None
+        name = sampler or self.sampler
+        # A1111's hr_scheduler defaults to the request's schedule type, which its API takes from an old-style sampler
+        # name ("DPM++ 2M Karras") when none (or Automatic) is sent.
+        suffix = next((kind for kind in ("Karras", "Exponential") if self.sampler.endswith(f" {kind}")), None)
+        first_schedule = self.scheduler if (self.scheduler or "automatic").lower() != "automatic" else suffix
+        try:
+            resolve_name(name)
+        except DifftrainError as reason:
+            raise RequestError("hr_sampler_name" if sampler else "sampler_name", str(reason)) from None
+        try:
+            resolved = resolve_name(name, schedule or first_schedule or (None if name in SCHEDULERS else "Automatic"))
+        except DifftrainError as reason:
+            raise RequestError("hr_scheduler" if schedule else "hr_sampler_name", str(reason)) from None
         return None if resolved == first else resolved
 
     @property

@@ -294,7 +294,7 @@ def test_a_hires_sampler_of_its_own(tiny_sd, tmp_path, caplog):  # noqa: F811
     assert caught.value.setting == "sampler"
 
 
-def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
+def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys, caplog):  # noqa: F811
     """The second pass draws --hires-prompt (A1111's hr_prompt; "" is the prompt), written as "Hires prompt" where it
     differs and repeated; its <lora:> tags must be the prompt's, as the LoRAs act on both passes."""
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
@@ -310,6 +310,11 @@ def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
     assert parse_infotext(read_png_infotext(path))[2]["Hires prompt"] == "a blue circle, detailed"
     assert main(["generate", str(tiny_sd), "--from-png", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert np.array_equal(pixels(next((tmp_path / "b").glob("*.png"))), pixels(path))
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a new prompt beside the PNG's own hires prompt: said
+        assert main(["generate", str(tiny_sd), "--from-png", str(path), "--prompt", "a green square", "--out",
+                     str(tmp_path / "b2"), "--no-progress"]) == 0
+    assert "its hires prompt ('a blue circle, detailed') is kept" in caplog.text
     [same] = run(tiny_sd, tmp_path / "c", "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
                  "a red circle")
     assert "Hires prompt" not in parse_infotext(read_png_infotext(same))[2]  # (written where it differs)
@@ -330,3 +335,18 @@ def test_a_hires_prompt_of_its_own(tiny_sd, tmp_path, capsys):  # noqa: F811
     assert main(["generate", str(tiny_sd), "--prompt", "a red circle", "--hires-scale", "2", "--hires-prompt",
                  "a <lora:detail:1> circle", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
     assert "--hires-prompt: its <lora:...> tags" in capsys.readouterr().err
+
+
+def test_ensd_follows_the_hires_passs_own_sampler(tiny_sd):  # noqa: F811
+    """Euler draws no noise of its own, Euler a does: with an Euler first pass and an Euler a second pass, an ENSD
+    moves the image (through the second pass only); the other way round it moves it too, and with Euler in both
+    it does not."""
+    def image(first: str, second: str, ensd: int) -> np.ndarray:
+        options = GenerateOptions(prompt="", steps=3, width=32, height=32, scheduler=first, ensd=ensd, seed=4,
+                                  hires=Hires(scale=1.5, steps=3, sampler=second))  # (at 2 steps Euler a's own
+        # noise, added at the first step only, barely shows on this random model)
+        return np.asarray(Drawer(str(tiny_sd), options, progress=False).draw("a red circle", "", [4])[0], np.int16)
+
+    for first, second, moves in (("Euler", "Euler a", True), ("Euler a", "Euler", True), ("Euler", "Euler", False)):
+        moved = bool(np.abs(image(first, second, 31337) - image(first, second, 0)).max() > 10)
+        assert moved is moves, (first, second)

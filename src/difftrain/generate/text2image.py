@@ -607,6 +607,9 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
         log.warning("%s: its hires fix is not repeated with --init-image or --controlnet (A1111's img2img has none)",
                     path)
         options.hires = None
+    if options.hires is not None and options.hires.prompt and overrides.get("prompt", prompt) != prompt:
+        log.warning("%s: its hires prompt (%r) is kept for the second pass beside the new --prompt; give "
+                    "--hires-prompt to change it too", path, options.hires.prompt)
     if params.get("Init image"):
         options.init_image = str(params["Init image"])
     elif "Denoising strength" in params and options.hires is None:

@@ -10,8 +10,8 @@ makes a new `ImageRNG` for it). `generate` and `serve` both draw it through `sec
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -96,9 +96,6 @@ class Hires:
                                        "other) or more")
         if self.resize == (0, 0) and not (self.scale > 0 and math.isfinite(self.scale)):
             raise HiresError("scale", f"hires scale {self.scale}: must be above 0")
-        if max(self.resize) > max_side or (self.resize == (0, 0) and self.scale * max(width, height) > max_side):
-            raise HiresError("size", f"hires fix past {max_side} px from {width}x{height}: each side must be from "
-                                     f"{cell} to {max_side} px")
         target = self.target(width, height, cell)
         out_width, out_height = target.size
         # (the latents are upscaled to cover a resize, then cropped: the covering size must fit too)
@@ -178,6 +175,14 @@ def _pass_sampler(name: str, schedule: str | None) -> str | None:
     log.warning("its hires sampler is not repeated (%s): the second pass draws with the first pass's; "
                 "--hires-sampler picks another", missing)
     return None
+
+
+def pass_prompts(hires: Hires, own_prompt: str, prompt: str, negative_prompt: str) -> tuple[str, str] | None:
+    """The (prompt, negative prompt) the second pass encodes for itself (`own_prompt`: the hires prompt without its
+    <lora:> tags), or None where the first pass's conditioning serves: the same texts, without a prompt edit whose
+    timeline goes on into the second pass."""
+    texts = (own_prompt if hires.prompt else prompt, hires.negative_prompt or negative_prompt)
+    return texts if "[" in "".join(texts) or texts != (prompt, negative_prompt) else None
 
 
 def pass_steps(steps: int, strength: float) -> tuple[int, float]:

@@ -338,6 +338,7 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         cls = StableDiffusionPipeline if init is None else StableDiffusionImg2ImgPipeline
         runner = cls(**components, requires_safety_checker=False)
     if init is not None:
+        from difftrain.sampling.schedulers import img2img_strength
         from difftrain.sampling.text2image import to_latents
 
         extra = {"image": to_latents(pipe, [init.resize((width, height), Image.Resampling.LANCZOS)]),
@@ -349,20 +350,6 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         runner = control_pipeline(runner, controls.nets, init is not None)
         extra.update(pipeline_arguments(controls.units, controls.images, init is not None, controls.nets))
     return runner, extra
-
-
-def img2img_strength(scheduler, steps: int, strength: float) -> float:
-    """The strength diffusers' img2img is given for A1111's steps (schedulers.img2img_strength), refused where it
-    leaves no step: A1111's DDIM and PLMS take one step fewer than asked at many counts (19 for 20), and the tail
-    img2img keeps can then be empty where steps x strength is about 1."""
-    from difftrain.sampling.schedulers import img2img_steps
-    from difftrain.sampling.schedulers import img2img_strength as a1111_strength
-
-    given = a1111_strength(scheduler, steps, strength)
-    if (taken := img2img_steps(scheduler, steps, given)) < 1:
-        raise GenerateError(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to "
-                            f"take ({taken}); raise the strength or the steps")
-    return given
 
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int, steps: int,
@@ -484,19 +471,15 @@ class Drawer:
         if options.hires is None:
             return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                         **self.extra)
-        from difftrain.generate.hires import second_pass
+        from difftrain.generate.hires import pass_prompts, second_pass
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
-        hires_text = self.hires_prompt if options.hires.prompt else prompt  # (A1111's hr_prompt: "" is the prompt)
-        hires_negative = options.hires.negative_prompt or negative_prompt
-        if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prompt, negative_prompt):
-            # its own prompts, or a prompt edit's timeline going on into the second pass
-            conditioning = encode_prompts(self.pipe, hires_text, hires_negative if guided else "", self.clip_skip,
+        if own := pass_prompts(options.hires, self.hires_prompt, prompt, negative_prompt):
+            conditioning = encode_prompts(self.pipe, own[0], own[1] if guided else "", self.clip_skip,
                                           schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
-        # (the ENSD as the pass's own sampler takes it)
-        hires_noise = noise_of(replace(options, scheduler=options.hires.sampler or options.scheduler), subseeds)
+        hires_noise = noise_of(options, subseeds, options.hires.sampler)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
                            scheduler=self.hires_scheduler)
@@ -553,13 +536,13 @@ def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], li
     return [options.seed + stride * i for i in indices], [options.variation_seed + i for i in indices]
 
 
-def noise_of(options: GenerateOptions, subseeds: list[int]):
+def noise_of(options: GenerateOptions, subseeds: list[int], sampler: str | None = None):
     """The images' noise options (their variation seeds at the options' strength, the ENSD where the sampler takes
-    it), or None where their noise is plainly their seeds'."""
+    it: `sampler`, a hires pass's own, or the options'), or None where their noise is plainly their seeds'."""
     from difftrain.sampling.schedulers import takes_ensd
     from difftrain.sampling.seed_noise import SeedNoise
 
-    ensd = options.ensd if takes_ensd(options.scheduler) else 0
+    ensd = options.ensd if takes_ensd(sampler or options.scheduler) else 0
     if not (options.variation_strength or ensd):
         return None
     return SeedNoise(list(subseeds), options.variation_strength, ensd)

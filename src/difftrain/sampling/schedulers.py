@@ -163,6 +163,10 @@ class UnsupportedScheduler(UnknownScheduler):
     """An A1111 sampler (or sampler + schedule type) that diffusers does not implement."""
 
 
+class NoStepLeft(DifftrainError):
+    """img2img at a strength that leaves the sampler no step to take."""
+
+
 class MissingSchedulerDependency(DifftrainError):
     pass
 
@@ -480,11 +484,16 @@ def img2img_strength(scheduler, steps: int, strength: float) -> float:
     run int(min(strength, 0.999) x steps) + 1 steps from the schedule's (steps - that)th sigma; diffusers runs
     int(steps x strength), from one point lower. DDIM, PLMS and UniPC, A1111's timestep samplers, run a loop of
     their own (noise put at one timestep, the first step taken at the one below), which diffusers' pipelines do
-    not: they keep diffusers' steps, as DDPM and LCM do."""
-    if type(scheduler).__name__ in _OWN_IMG2IMG:
-        return strength
-    taken = min(steps, int(min(strength, 0.999) * steps) + 1)
-    return min(1.0, (taken + 0.5) / steps)  # (half a step above: float error must not lose one)
+    not: they keep diffusers' steps, as DDPM and LCM do. Refused where that leaves no step: A1111's DDIM and PLMS
+    take one step fewer than asked at many counts (19 for 20), and the tail img2img keeps can then be empty."""
+    given = strength
+    if type(scheduler).__name__ not in _OWN_IMG2IMG:
+        taken = min(steps, int(min(strength, 0.999) * steps) + 1)
+        given = min(1.0, (taken + 0.5) / steps)  # (half a step above: float error must not lose one)
+    if (left := img2img_steps(scheduler, steps, given)) < 1:
+        raise NoStepLeft(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to take "
+                         f"({left}); raise the strength or the steps")
+    return given
 
 
 def _uniform_by_timesteps(scheduler) -> bool:

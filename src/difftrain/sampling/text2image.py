@@ -32,20 +32,10 @@ def prompt_batches(prompts: list, batch_size: int) -> Iterator[tuple[int, int]]:
         start = end
 
 
-@torch.no_grad()
-def draw(
-    pipe,
-    conditioning: ScheduledConditioning,
-    seeds: list[int],
-    steps: int,
-    guidance_scale: float,
-    autocast: torch.dtype | None = None,
-    noise: SeedNoise | None = None,
-    **extra,
-) -> list[Image.Image]:
-    """One image per seed from encoded prompts (prompt_schedule.encode_schedule; each image i starts from seed
-    i's noise): `sample`'s latents, decoded."""
-    return to_images(pipe, sample(pipe, conditioning, seeds, steps, guidance_scale, autocast, noise, **extra))
+def draw(pipe, *args, **kwargs) -> list[Image.Image]:
+    """One image per seed from encoded prompts (prompt_schedule.encode_schedule): `sample(pipe, ...)`'s latents
+    decoded."""
+    return to_images(pipe, sample(pipe, *args, **kwargs))
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -254,8 +254,7 @@ class Engine:
         scheduler config (the loaded model's, or its folder's): refused before the job queues. A model without either
         is checked when drawn."""
         from difftrain.generate.hires import check_pass, pass_scheduler
-        from difftrain.generate.text2image import img2img_strength
-        from difftrain.sampling.schedulers import make_scheduler
+        from difftrain.sampling.schedulers import img2img_strength, make_scheduler
 
         img2img = isinstance(request, Img2ImgRequest)
         if not (img2img or request.enable_hr):
@@ -309,11 +308,11 @@ class Engine:
     def _draw(self, request: Txt2ImgRequest, on_step: Callable[[object], None], prepared: Prepared) -> Drawn:
         from difftrain.generate.hires import second_pass
         from difftrain.generate.infotext import format_infotext
-        from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateError, GenerateOptions,
+        from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateOptions,
                                                    batch_seeds, encode_prompts, infotext_params, noise_of,
                                                    sampling_runner)
         from difftrain.sampling.prompt_schedule import schedule_steps
-        from difftrain.sampling.schedulers import make_scheduler
+        from difftrain.sampling.schedulers import NoStepLeft, make_scheduler
         from difftrain.sampling.text2image import sample, to_images
 
         model, scheduler_name = prepared.model, prepared.scheduler
@@ -345,19 +344,16 @@ class Engine:
         units = prepared.units
         hires = request.hires if not isinstance(request, Img2ImgRequest) else None
         if hires is not None:
-            from difftrain.generate.hires import check_pass, pass_scheduler
+            from difftrain.generate.hires import check_pass, pass_prompts, pass_scheduler
 
             with request.hires_fields():  # (checked before it queued too, unless the model is a single file)
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
                 hires_scheduler = pass_scheduler(hires, scheduler, dict(pipe.scheduler.config))
                 check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
-            hires_text = prepared.hires_prompt if request.hr_prompt else prepared.prompt  # ("": the prompt)
-            hires_negative = request.hr_negative_prompt or request.negative_prompt
-            hires_conditioning = conditioning  # (one text throughout, unless the prompts edit it or differ)
-            if "[" in hires_text + hires_negative or (hires_text, hires_negative) != (prepared.prompt,
-                                                                                     request.negative_prompt):
+            hires_conditioning = conditioning
+            if own := pass_prompts(hires, prepared.hires_prompt, prepared.prompt, request.negative_prompt):
                 hires_conditioning = encoded(schedule_steps(hires_scheduler, hires.steps or request.steps),
-                                             schedule_steps(scheduler, request.steps), hires_text, hires_negative)
+                                             schedule_steps(scheduler, request.steps), *own)
         controls = None
         if units:
             nets = self._nets(prepared, pipe)
@@ -366,7 +362,7 @@ class Engine:
             runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
                                             init=prepared.init_image, strength=request.denoising_strength,
                                             controls=controls)
-        except GenerateError as reason:
+        except NoStepLeft as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
 
@@ -398,8 +394,7 @@ class Engine:
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
             noise = noise_of(options, subseeds)
-            hires_noise = noise_of(replace(options, scheduler=hires.sampler or scheduler_name), subseeds) if hires \
-                else None
+            hires_noise = noise_of(options, subseeds, hires.sampler) if hires else None
             latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, noise=noise,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.

@@ -138,6 +138,28 @@ def difftrain_run(model_dir: Path, data_dir: Path, out: Path, steps: int, batch:
     return steps / result.loop_seconds, trainer
 
 
+COMPILE_SCOPES = ("blocks", "model")
+
+
+def add_compile_option(parser: argparse.ArgumentParser, runs: str) -> None:
+    """`--compile [blocks,model]`: `runs` again with training.compile: true, once per compile scope given."""
+    def scopes(text: str) -> list[str]:
+        chosen = [scope for scope in text.split(",") if scope]
+        unknown = sorted(set(chosen) - set(COMPILE_SCOPES))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: a scope is one of {', '.join(COMPILE_SCOPES)}")
+        return chosen
+
+    parser.add_argument("--compile", nargs="?", const=",".join(COMPILE_SCOPES), default="", type=scopes,
+                        metavar="SCOPES", help=f"add {runs} with training.compile: true, once per "
+                                              "training.compile_scope listed (blocks, model; bare: both)")
+
+
+def compile_settings(scope: str | None) -> dict:
+    """The training section's compile settings for a run compiled at `scope`, or eager for None."""
+    return {"compile": True, "compile_scope": scope} if scope else {"compile": False}
+
+
 def step_arguments(description: str) -> argparse.ArgumentParser:
     """The options every training-step benchmark takes."""
     parser = argparse.ArgumentParser(description=description)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the lent GPU machine (device tool), one call per line:
 #   run(command="bash benchmarks/gpu_run.sh table", carry=[".whl"], timeout_s=570)
-#   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --compile", carry=[".whl"], ...)
+#   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --compile blocks", carry=[".whl"], ...)
 #   run(command="bash benchmarks/gpu_run.sh table --batches 4 --precisions bf16 --methods full --workers 4", ...)
 #   run(command="bash benchmarks/gpu_run.sh generate", carry=[".whl"], ...)
 #   run(command="bash benchmarks/gpu_run.sh class", carry=[".whl"], ...)
@@ -10,8 +10,10 @@
 #   table     issue 17's table, benchmarks/sd15_training.py (options after `table` go to it; by
 #             default SD 1.5's shape at 512 px, batch 1 and 4, bf16 and fp16, full and LoRA,
 #             difftrain without and with the cache against the plain loop). Never run yet: how long
-#             the 8 combinations take is a guess (24 loads of a 4 GB model), so rows print as they come.
-#             --compile compiles the SD UNet once per row (minutes each): give it one combination.
+#             the 8 combinations took 310 s on an H200 (2026-12-04); rows print as they come.
+#             --compile [blocks,model] compiles the SD UNet once per row and scope: give it one combination.
+#             The whole UNet (model) did not compile in 235 s there; its transformer blocks alone (blocks)
+#             compile in about a third of the time on a CPU, so run blocks first.
 #             --workers N adds the uncached step with N data loader processes (data.num_workers, default 0).
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).

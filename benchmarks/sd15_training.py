@@ -3,15 +3,17 @@
 full fine-tune or LoRA, in one process on the same model, data and batch.
 
     .venv/bin/python benchmarks/sd15_training.py [--batches 1,4] [--precisions bf16,fp16]
-        [--methods full,lora] [--rank 8] [--steps 30] [--size 512] [--compile] [--workers N] [--quarter]
+        [--methods full,lora] [--rank 8] [--steps 30] [--size 512] [--compile [blocks,model]]
+        [--workers N] [--quarter]
 
 The model is SD 1.5's UNet, VAE and CLIP-L text encoder with random weights (timing only: nothing
 is judged). Rates leave out each run's first step (cuDNN autotuning, allocator growth, compiling);
 peak memory is the CUDA peak allocation over the run, model loading included. The cache is filled
 once per precision before the first row, so no row's time or memory holds the fill. `--compile`
-adds a row for difftrain with `training.compile: true` on the cached step; `--workers N` one for
-the uncached step with `data.num_workers: N` (the default 0 loads each batch in the training
-process, between the step's kernel launches, as the plain loop and diffusers' scripts do; on a CPU
+adds a row for difftrain with `training.compile: true` on the cached step per
+`training.compile_scope` listed (bare: both; `blocks`, SD's transformer blocks alone, compiles in a
+quarter of the time on a CPU); `--workers N` one for the uncached step with `data.num_workers: N`
+(the default 0 loads each batch in the training process, between the step's kernel launches, as the plain loop and diffusers' scripts do; on a CPU
 the workers' memory is not in the row's peak). Under fp16 the plain loop casts the VAE to fp16 as
 the scripts do, while difftrain keeps it in fp32 (SD's VAE overflows in fp16), so uncached fp16
 rows compare a little more work against less. On a CPU (no fp16 there)
@@ -24,10 +26,11 @@ import argparse
 import contextlib
 import gc
 import io
+from functools import partial
 from pathlib import Path
 
 import torch
-from _common import PeakMemory, device_name, difftrain_run, workspace
+from _common import PeakMemory, add_compile_option, compile_settings, device_name, difftrain_run, workspace
 from text2image_step import seeds_style_loop
 
 
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--compile", action="store_true", help="add difftrain with training.compile: true (cached)")
+    add_compile_option(parser, "difftrain's cached run")
     parser.add_argument("--workers", type=int, default=0,
                         help="add difftrain without the cache and with this many data loader processes")
     parser.add_argument("--quarter", action="store_true", help="SD's quarter-width shape instead of SD 1.5's")
@@ -79,10 +82,10 @@ def measure(space, args, batch: int, precision: str, method: str) -> dict[str, t
     rates are expected to be steadier than this CPU's (not yet measured: rerun a row to check)."""
     lora = {"lora": {"enabled": True, "rank": args.rank}} if method == "lora" else {}
 
-    def difftrain(out: Path, cache: bool, compiled: bool = False, workers: int = 0) -> float:
-        if compiled:
+    def difftrain(out: Path, cache: bool, compile_scope: str | None = None, workers: int = 0) -> float:
+        if compile_scope:
             torch._dynamo.reset()  # a fresh compile per row, as in a process of its own
-        training = {"mixed_precision": precision, "compile": compiled}
+        training = {"mixed_precision": precision, **compile_settings(compile_scope)}
         return difftrain_run(space.model_dir, space.data_dir, out, args.steps, batch, args.size,
                              after_first_step=True, **data_sections(space, precision, cache, workers),
                              training=training, **lora)[0]
@@ -96,8 +99,8 @@ def measure(space, args, batch: int, precision: str, method: str) -> dict[str, t
            if args.workers else {}),
         "difftrain, cached latents + text": lambda out: difftrain(out, cache=True),
     }
-    if args.compile:
-        variants["difftrain, cached + compiled"] = lambda out: difftrain(out, cache=True, compiled=True)
+    for scope in args.compile:
+        variants[f"difftrain, cached + compiled {scope}"] = partial(difftrain, cache=True, compile_scope=scope)
     results = {}
     for number, (name, run) in enumerate(variants.items()):
         gc.collect()  # the last run's model, or its memory counts in this run's start

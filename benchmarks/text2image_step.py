@@ -5,11 +5,12 @@ variant is a fresh process: difftrain's runs set process-wide state the baseline
 (training.keep_host_memory).
 
     .venv/bin/python benchmarks/text2image_step.py [--steps 60] [--batch 4] [--size 128] [--precision bf16]
-        [--rounds 2] [--compile]
+        [--rounds 2] [--compile [blocks,model]]
 
-`--compile` adds difftrain's two runs with `training.compile: true` (the UNet through inductor; the
-first step, which compiles, is left out as in every run: ~4 min the first time on 2 CPU cores,
-~40 s a run from the kernel cache after that).
+`--compile` adds difftrain's two runs with `training.compile: true`, once per `training.compile_scope`
+listed (bare: both; the first step, which compiles, is left out as in every run). Compiling the whole
+UNet (`model`) takes ~4 min the first time on 2 CPU cores, ~40 s a run from the kernel cache after that;
+only its transformer blocks (`blocks`), ~60 s and ~15 s.
 
 Peak memory is the peak CUDA allocation on a GPU; on a CPU it is the peak resident set size
 above what the process held before that variant started (sampled every 5 ms).
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import alternate, device_name, difftrain_run, step_arguments, workspace
+from _common import (add_compile_option, alternate, compile_settings, device_name, difftrain_run, step_arguments,
+                     workspace)
 
 
 @dataclass
@@ -154,11 +156,11 @@ def plain_loop(out: Path, **loop) -> float:
 
 def difftrain_text2image(out: Path, model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, cache: bool,
                          checkpointing: bool = False, precision: str = "no",
-                         keep_host_memory: bool | str = "auto", compile: bool = False) -> float:
+                         keep_host_memory: bool | str = "auto", compile_scope: str | None = None) -> float:
     return difftrain_run(model_dir, data_dir, out, steps, batch, size, after_first_step=True,
                          data={"cache": {"latents": cache, "text": cache}},
                          training={"gradient_checkpointing": checkpointing, "mixed_precision": precision,
-                                   "keep_host_memory": keep_host_memory, "compile": compile})[0]
+                                   "keep_host_memory": keep_host_memory, **compile_settings(compile_scope)})[0]
 
 
 def main() -> None:
@@ -170,7 +172,7 @@ def main() -> None:
                         help="both loops: frozen parts in this type and autocast around the UNet (bf16: what "
                              "`mixed_precision: auto` picks on a CPU with AVX512-BF16 or AMX)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, in alternating order")
-    parser.add_argument("--compile", action="store_true", help="add difftrain's runs with training.compile: true")
+    add_compile_option(parser, "difftrain's runs with and without the cache")
     args = parser.parse_args()
     precision = args.precision
     space = workspace(args.size, args.batch)
@@ -190,9 +192,11 @@ def main() -> None:
         "difftrain, cached + grad. checkpointing": partial(difftrain_text2image, cache=True, checkpointing=True,
                                                            **shared),
     }
-    if args.compile:
-        variants["difftrain, no cache, compiled"] = partial(difftrain_text2image, cache=False, compile=True, **shared)
-        variants["difftrain, cached, compiled"] = partial(difftrain_text2image, cache=True, compile=True, **shared)
+    for scope in args.compile:
+        variants[f"difftrain, no cache, compiled {scope}"] = partial(difftrain_text2image, cache=False,
+                                                                     compile_scope=scope, **shared)
+        variants[f"difftrain, cached, compiled {scope}"] = partial(difftrain_text2image, cache=True,
+                                                                   compile_scope=scope, **shared)
     # Every run in a fresh process: the baseline gets glibc's malloc as a user's script does
     # (difftrain keeps freed host memory, training.keep_host_memory), and no variant inherits
     # another's warm state. The rates leave out each run's first step, where a fresh process

@@ -76,3 +76,19 @@ def test_a_unet_set_to_auto_attention_loads_in_diffusers_with_its_stock_kernel_a
             trained, stock = unet(x, t).sample.float(), loaded(x, t).sample.float()
     assert not torch.equal(trained, stock)
     assert (trained - stock).abs().max() < 0.05 * stock.abs().max()
+
+
+def test_auto_attention_traces_into_one_graph_for_torch_compile():
+    """The CPU probe is asked when the processor is made: inside the call, torch.compile could not trace
+    it and broke the graph at every attention layer, so a compiled SD UNet ran largely eager. The real probe,
+    not a stand-in: a Python stand-in is traceable, torch.cpu's own is not."""
+    layer = Attention(32, heads=4, dim_head=8)
+    layer.set_processor(AutoAttention())
+
+    def forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(torch.randn(2, 64, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

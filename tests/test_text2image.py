@@ -347,7 +347,27 @@ def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
     assert_same_tensors(*train_straight_and_interrupted(make, tmp_path), names=("model.safetensors", "ema.safetensors"))
 
 
-def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd, tmp_path):
+def test_compiling_only_the_repeated_blocks_trains_resumes_exactly_and_saves_the_usual_keys(tiny_sd, shapes_dir,
+                                                                                          tmp_path, capsys):
+    """training.compile_scope: blocks compiles the UNet's transformer blocks alone (diffusers' regional
+    compilation); the rest runs eager, checkpoints keep plain keys, resume is exact, and the scope is a
+    setting a resume may not change (the kernels round differently)."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(training={"max_steps": 4, "compile": True, "compile_scope": "blocks"},
+                  checkpoint={"every_steps": 2})
+    make = lambda name: sd_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    straight, resumed = train_straight_and_interrupted(make, tmp_path)
+    out = capsys.readouterr().out
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock"
+                 for m in UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").modules())
+    assert blocks > 0 and out.count(f"torch.compile (unet: {blocks} BasicTransformerBlock blocks)") == 3, out
+    assert_same_tensors(straight, resumed, names=("model.safetensors", "optimizer.safetensors"))
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "model", subfolder="unet")
+    assert not any("_orig_mod" in key for key in saved.state_dict())
+    assert main(["train", str(make("resumed")), "--resume", "latest", "--set", "training.compile_scope=model"]) == 2
+    assert "training.compile_scope: checkpoint has 'blocks', this config has 'model'" in capsys.readouterr().err
+
     from difftrain.training.run_data import build_sampler, open_images
 
     data = tmp_path / "data"

@@ -104,7 +104,7 @@ def test_compiled_training_resumes_bitwise_and_refuses_to_mix_with_eager(make_co
     straight = make_config("straight", **sections)
     assert main(["train", str(straight), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    compiling = re.search(r"torch.compile: first step ([0-9.]+) s, about ([0-9]+) s of it compiling", out)
+    compiling = re.search(r"torch.compile \(unet whole\): first step ([0-9.]+) s, about ([0-9]+) s of it compiling", out)
     assert compiling and float(compiling[2]) >= 1, out  # inductor really ran: an eager first step takes milliseconds
     state = json.loads((tmp_path / "straight/checkpoints/step-00000004/state.json").read_text())
     assert state["compiled"] is True
@@ -312,6 +312,25 @@ def test_a_resumed_auto_run_keeps_the_precision_its_checkpoint_trained_in(make_c
     assert main(["train", str(config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=3",
                  "--set", "training.mixed_precision=auto"]) == 0
     assert "  precision   fp32 (mixed_precision: auto)\n" in capsys.readouterr().out
+
+
+def test_a_resumed_auto_run_compiles_as_its_checkpoint_did_before_its_first_step(make_config, capsys):
+    """`auto` follows the checkpoint's recorded choice when the modules are compiled (or not), at
+    construction: deciding after the checkpoint loaded left the modules as the new config's rule made them."""
+    from difftrain.config import load_config
+    from difftrain.training.trainer import Trainer
+
+    config = make_config(training={"max_steps": 2})  # the pixel UNet: `auto` is eager on a CPU
+    assert main(["train", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    state_file = config.parent / "run" / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["compiled"] is False
+    state_file.write_text(json.dumps({**state, "compiled": True}))  # as a run whose `auto` compiled writes it
+    trainer = Trainer(load_config(config), resume="latest", progress=False)
+    assert trainer.compiled is True
+    assert trainer.wrapped["unet"]._compiled_call_impl is not None  # compiled before any step, not only said to be
+    assert trainer.compiled_parts == ["unet whole"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's rule")

@@ -30,11 +30,14 @@ class AutoAttention:
 
     def __init__(self):
         self.sdpa, self.classic = AttnProcessor2_0(), AttnProcessor()
+        # Asked once, here: torch.compile cannot trace torch.cpu's probes, and a probe inside the call broke
+        # every compiled graph at every attention layer (a compiled SD UNet ran largely eager).
+        self.cpu_has_bf16 = cpu_computes_bf16()
 
     # The signature names `temb` because diffusers passes only the keywords a processor declares.
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
-        processor = self.classic if _short_cpu_bf16(hidden_states) else self.sdpa
+        processor = self.classic if self.cpu_has_bf16 and _short_cpu_bf16(hidden_states) else self.sdpa
         return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
@@ -42,8 +45,7 @@ def _short_cpu_bf16(hidden_states: torch.Tensor) -> bool:
     if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
-    return (torch.get_autocast_dtype("cpu") == torch.bfloat16 and tokens <= CPU_BF16_CLASSIC_MAX_TOKENS
-            and cpu_computes_bf16())
+    return torch.get_autocast_dtype("cpu") == torch.bfloat16 and tokens <= CPU_BF16_CLASSIC_MAX_TOKENS
 
 
 def set_attention(name: str, module: torch.nn.Module, attention: str) -> None:

@@ -93,11 +93,12 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
 
 # On a CPU inductor pays where autocast's casts and the elementwise work between the matmuls are a
 # real share of the step, and a run is long enough to earn the compile back. SD 1.5's UNet at a
-# quarter width, 128 px, batch 4, cached, bf16, six paired runs on 2 CPU cores: x1.01-1.30 a step,
-# ~36 ms saved on average, for ~4 min of cold compiling (~40 s from the kernel cache). A cold
-# compile is earned back after ~6,500 steps; 10,000 leaves room for the slower pairs. In fp32 the
-# same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README).
-CPU_COMPILE_MIN_STEPS = 10_000
+# quarter width, 128 px, batch 4, bf16, 2 CPU cores, 2026-12-06 (once the attention kernel choice no
+# longer broke the graph at every layer): x1.23 a step cached (~92 ms saved of ~500), x1.21 uncached,
+# for 234 s of cold compiling (~40 s from the kernel cache), earned back after ~2,500 steps; 4,000
+# leaves room for slower runs. In fp32 the same step ran x0.94 and the demo's pixel UNet x0.97
+# (benchmarks/text2image_step.py --compile, README).
+CPU_COMPILE_MIN_STEPS = 4_000
 
 
 def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = None) -> bool:
@@ -149,11 +150,28 @@ def resolve_precision(training: TrainingConfig, recorded: str | None = None) -> 
     return "bf16" if cpu_computes_bf16() else "no"
 
 
-def compile_modules(modules: dict[str, torch.nn.Module]) -> None:
+def compile_modules(modules: dict[str, torch.nn.Module], scope: str = "model") -> list[str]:
     """Compile in place: the modules keep their class, parameter names and state-dict keys,
-    so checkpoints, EMA and saving see no wrapper. Kernels go to difftrain's cache, kept across runs."""
+    so checkpoints, EMA and saving see no wrapper. Kernels go to difftrain's cache, kept across runs.
+
+    `scope` "blocks" compiles only the blocks a diffusers model repeats (diffusers' regional compilation:
+    one compile per block shape, reused by every block of that shape); a module without them is compiled
+    whole. Returns what was compiled, a phrase per module, for the run summary.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
     from difftrain.cache import prepare_compile
 
     prepare_compile()
-    for module in modules.values():
-        module.compile()
+    compiled = []
+    for name, module in modules.items():
+        model = extract_model_from_parallel(module, keep_torch_compile=False)  # DDP and FSDP wrap the model
+        blocks = getattr(model, "_repeated_blocks", None) if scope == "blocks" else None
+        found = [sub for sub in model.modules() if type(sub).__name__ in (blocks or ())]
+        if found:
+            model.compile_repeated_blocks()
+            compiled.append(f"{name}: {len(found)} {'/'.join(blocks)} blocks")
+        else:
+            module.compile()
+            compiled.append(f"{name} whole")
+    return compiled

@@ -18,7 +18,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -105,8 +105,9 @@ class Trainer:
         zero.check_installed()
         sharding.check_launch()
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+        recorded = self._recorded_choices(resume)
         self.accelerator = Accelerator(
-            mixed_precision=resolve_precision(config.training, self._checkpoint_precision(resume)),
+            mixed_precision=resolve_precision(config.training, recorded.get("mixed_precision")),
             # Under FSDP each micro-batch's gradients are reduce-scattered at once: skipping the sync between
             # optimizer steps (as for DDP) would leave every process holding whole, unsharded gradients.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -137,7 +138,7 @@ class Trainer:
                 f"({'FSDP' if self.sharded else f'DeepSpeed ZeRO-{self.zero_stage}'}): use training.optimizer: "
                 "adamw, or launch with configs/accelerate/ddp.yaml (DDP keeps every matrix whole)")
         self.main = self.accelerator.is_main_process
-        self.compiled = (resolve_compile(config, self.accelerator.mixed_precision)
+        self.compiled = (resolve_compile(config, self.accelerator.mixed_precision, recorded.get("compiled"))
                          and not self.zero_stage)  # DeepSpeed: see zero.configure
         self.progress = progress and self.main
         # Refuse a run that cannot start before any model loads or any cache fills.
@@ -196,8 +197,7 @@ class Trainer:
         held = zero.partition_views if self.zero_stage == 3 else trained_parameters
         self.emas = ({n: Ema(m, config.training.ema, held) for n, m in self.modules.items()}
                      if config.training.ema.enabled else {})
-        if self.compiled:
-            compile_modules(self.wrapped)
+        self.compiled_parts = compile_modules(self.wrapped, config.training.compile_scope) if self.compiled else []
 
         device = self.accelerator.device
         # Its own stream: seeded as set_seed seeds the global one (seed + rank, which seed 0 made equal to the
@@ -461,20 +461,23 @@ class Trainer:
         flags = torch.tensor([float(flag)], device=self.accelerator.device)
         return int(self.accelerator.reduce(flags, reduction="sum").item())
 
-    def _checkpoint_precision(self, resume: str | None) -> str | None:
-        """The precision the checkpoint to resume trained in, which `mixed_precision: auto` keeps.
+    def _recorded_choices(self, resume: str | None) -> dict[str, Any]:
+        """What the `auto` settings resolved to in the checkpoint to resume, which a resumed run keeps:
+        `mixed_precision` and `compiled` (kernels of either kind round differently).
 
-        Read before accelerate starts, since accelerate fixes the precision. None for a new run
-        or a checkpoint not found (the start-up check reports that).
+        Read before accelerate starts, since accelerate fixes the precision, and before any module
+        compiles. Empty for a new run or a checkpoint not found (the start-up check reports that).
         """
-        if not resume or self.config.training.mixed_precision != "auto":
-            return None
+        if not resume:
+            return {}
         try:
             path = self.store.resolve(resume)
-            # Checkpoints from before `auto` record only their config's explicit value.
-            return read_json(path / "state.json").get("mixed_precision") or read_config(path).training.mixed_precision
+            state = read_json(path / "state.json")
+            # Checkpoints from before `auto` record only their config's explicit precision.
+            return {"mixed_precision": state.get("mixed_precision") or read_config(path).training.mixed_precision,
+                    "compiled": state.get("compiled", False)}
         except (DifftrainError, OSError, ValueError):
-            return None
+            return {}
 
     def _check_resumable(self, path: Path) -> None:
         state = read_json(path / "state.json")
@@ -488,9 +491,8 @@ class Trainer:
                 + "\n  ".join(conflicts)
                 + "\nUse the checkpoint's config (it is saved in that folder) or start a new output_dir."
             )
-        # An explicit training.compile that differs is a config conflict above; `auto` follows the checkpoint.
-        self.compiled = resolve_compile(self.config, self.accelerator.mixed_precision,
-                                        state.get("compiled", False))
+        # An explicit training.compile that differs is a config conflict above; `auto` followed the checkpoint
+        # when the modules compiled (_recorded_choices).
         written = _parallelism(state.get("sharded", False), state.get("zero_stage", 0))
         now = _parallelism(self.sharded, self.zero_stage)
         if written != now:
@@ -683,8 +685,8 @@ class Trainer:
             f"  precision   {_precision_line(self.accelerator.mixed_precision, config.training.mixed_precision)}",
             f"  memory      {held / 2**20:.2f} MiB of trained weights and optimizer state per process{split}",
             f"  host memory freed memory {self.host_memory}",
-            *([f"  compile     torch.compile: first step {timer.first_step:.1f} s, about "
-               f"{timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
+            *([f"  compile     torch.compile ({', '.join(self.compiled_parts)}): first step {timer.first_step:.1f} s, "
+               f"about {timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
             f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
             f"{self.skipped_at_read} replaced at read time (this process)"

@@ -9,11 +9,11 @@
 # CUDA torch, checks that difftrain imports, then runs the GPU figures into $OUT (the logs come back):
 #   table     issue 17's table, benchmarks/sd15_training.py (options after `table` go to it; by
 #             default SD 1.5's shape at 512 px, batch 1 and 4, bf16 and fp16, full and LoRA,
-#             difftrain without and with the cache against the plain loop). Never run yet: how long
-#             the 8 combinations took 310 s on an H200 (2026-12-04); rows print as they come.
+#             difftrain without and with the cache against the plain loop). The 8 combinations
+#             took 310 s on an H200 (2026-12-04); rows print as they come.
 #             --compile [blocks,model] compiles the SD UNet once per row and scope: give it one combination.
 #             The whole UNet (model) did not compile in 235 s there; its transformer blocks alone (blocks)
-#             compile in about a third of the time on a CPU, so run blocks first.
+#             compile in a quarter of the time on a CPU (60 s against 234 s), so run blocks first.
 #             --workers N adds the uncached step with N data loader processes (data.num_workers, default 0).
 #   generate  benchmarks/generate_speed.py --compile (difftrain generate's defaults and --compile
 #             against diffusers' fp16 pipeline).

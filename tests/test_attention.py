@@ -83,7 +83,9 @@ def test_auto_attention_traces_into_one_graph_for_torch_compile():
     it and broke the graph at every attention layer, so a compiled SD UNet ran largely eager. The real probe,
     not a stand-in: a Python stand-in is traceable, torch.cpu's own is not."""
     layer = Attention(32, heads=4, dim_head=8)
-    layer.set_processor(AutoAttention())
+    processor = AutoAttention()
+    processor.cpu_has_bf16 = True  # the classic-kernel path a bf16 CPU takes, traced on any CPU
+    layer.set_processor(processor)
 
     def forward(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):

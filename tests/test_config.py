@@ -101,6 +101,13 @@ def test_resume_accepts_the_old_attention_default_under_auto_and_names_a_real_ch
         "training.attention: checkpoint has 'default', this config has 'auto'"]
 
 
+def test_the_compile_scope_conflicts_only_where_a_run_compiles():
+    blocks = parse_config({**BASE, "training": {"compile_scope": "blocks"}})
+    assert resume_conflicts(parse_config(BASE), blocks) == [
+        "training.compile_scope: checkpoint has 'model', this config has 'blocks'"]
+    assert resume_conflicts(parse_config(BASE), blocks, compiled=False) == []  # both eager: it decides nothing
+
+
 def test_cli_config_check(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**BASE, "training": {"batch_size": 0}}))

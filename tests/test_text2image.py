@@ -368,6 +368,24 @@ def test_compiling_only_the_repeated_blocks_trains_resumes_exactly_and_saves_the
     assert main(["train", str(make("resumed")), "--resume", "latest", "--set", "training.compile_scope=model"]) == 2
     assert "training.compile_scope: checkpoint has 'blocks', this config has 'model'" in capsys.readouterr().err
 
+
+def test_blocks_wrapped_by_fsdp_are_still_the_blocks_compiled(tiny_sd):
+    """FSDP 2 turns each block it wraps into a subclass named FSDP<name>: found by ancestry, not by name."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from difftrain.training.optim import compile_modules
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    for block in blocks:  # as torch's fully_shard does
+        block.__class__ = type(f"FSDP{BasicTransformerBlock.__name__}", (BasicTransformerBlock,), {})
+    assert compile_modules({"unet": unet}, "blocks") == [f"unet: {len(blocks)} BasicTransformerBlock blocks"]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert unet._compiled_call_impl is None and unet.conv_in._compiled_call_impl is None  # the rest eager
+
+
+def test_bucketing_gives_portrait_and_landscape_images_their_own_buckets(tiny_sd, tmp_path):
     from difftrain.training.run_data import build_sampler, open_images
 
     data = tmp_path / "data"

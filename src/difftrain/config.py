@@ -824,8 +824,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_conflicts(saved: RunConfig, current: RunConfig) -> list[str]:
-    """The settings that differ between a checkpoint's run and this one in a way that matters."""
+def resume_conflicts(saved: RunConfig, current: RunConfig, compiled: bool = True) -> list[str]:
+    """The settings that differ between a checkpoint's run and this one in a way that matters.
+
+    `compiled`: whether either run compiles; if neither does, the compile scope decides nothing.
+    """
     old, new = flatten(saved.model_dump(mode="json")), flatten(current.model_dump(mode="json"))
     conflicts = []
     for key in sorted(set(old) | set(new)):
@@ -833,6 +836,8 @@ def resume_conflicts(saved: RunConfig, current: RunConfig) -> list[str]:
             continue
         if key == "training.mixed_precision" and "auto" in (old.get(key), new.get(key)):
             continue  # a resumed `auto` keeps the checkpoint's precision; an explicit new value is the user's call
+        if key == "training.compile_scope" and not compiled:
+            continue
         if key == "training.attention" and {old.get(key), new.get(key)} == {"sdpa", "auto"}:
             continue  # checkpoints from before `auto` recorded the old default, sdpa: the kernel changes rounding only
         if old.get(key) != new.get(key):

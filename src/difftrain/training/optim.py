@@ -166,11 +166,15 @@ def compile_modules(modules: dict[str, torch.nn.Module], scope: str = "model") -
     compiled = []
     for name, module in modules.items():
         model = extract_model_from_parallel(module, keep_torch_compile=False)  # DDP and FSDP wrap the model
-        blocks = getattr(model, "_repeated_blocks", None) if scope == "blocks" else None
-        found = [sub for sub in model.modules() if type(sub).__name__ in (blocks or ())]
+        blocks = set(getattr(model, "_repeated_blocks", None) or ()) if scope == "blocks" else set()
+        # By the classes' ancestry, not the class name alone (diffusers' compile_repeated_blocks): FSDP 2 turns
+        # each block it wraps into a subclass named FSDP<name>.
+        found = {sub: kind for sub in model.modules() for kind in (blocks & {c.__name__ for c in type(sub).__mro__})}
         if found:
-            model.compile_repeated_blocks()
-            compiled.append(f"{name}: {len(found)} {'/'.join(blocks)} blocks")
+            for sub in found:
+                sub.compile()
+            kinds = sorted(set(found.values()))
+            compiled.append(f"{name}: {len(found)} {'/'.join(kinds)} blocks")
         else:
             module.compile()
             compiled.append(f"{name} whole")

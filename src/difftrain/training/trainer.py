@@ -484,7 +484,7 @@ class Trainer:
         if state.get("step", 0) > self.config.training.max_steps:
             raise CheckpointError(f"cannot resume from {path}: it is at step {state['step']}, past training.max_steps "
                                   f"= {self.config.training.max_steps}; raise max_steps, or use the run's model as it is")
-        conflicts = resume_conflicts(read_config(path), self.config)
+        conflicts = resume_conflicts(read_config(path), self.config, state.get("compiled", False) or self.compiled)
         if conflicts:
             raise CheckpointError(
                 f"cannot resume from {path}: the config differs in settings that change training:\n  "

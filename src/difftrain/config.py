@@ -269,7 +269,7 @@ class TrainingConfig(Section):
     compile: Union[Literal["auto"], bool] = Field(
         "auto",
         description="torch.compile the trained modules; auto = on a CUDA GPU for runs of 1000+ steps; on a CPU "
-                    "only for a whole SD UNet trained in bf16 at one size for 4000+ steps (x1.2 a step there; "
+                    "only for a whole SD UNet trained in bf16 at one size for 5000+ steps (x1.1-1.2 a step there; "
                     "fp32 and the demo's pixel UNet did not pay: benchmarks/text2image_step.py --compile, "
                     "demo_levers.py)",
     )

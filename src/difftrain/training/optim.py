@@ -94,11 +94,11 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
 # On a CPU inductor pays where autocast's casts and the elementwise work between the matmuls are a
 # real share of the step, and a run is long enough to earn the compile back. SD 1.5's UNet at a
 # quarter width, 128 px, batch 4, bf16, 2 CPU cores, 2026-12-06 (once the attention kernel choice no
-# longer broke the graph at every layer): x1.23 a step cached (~92 ms saved of ~500), x1.21 uncached,
-# for 234 s of cold compiling (~40 s from the kernel cache), earned back after ~2,500 steps; 4,000
-# leaves room for slower runs. In fp32 the same step ran x0.94 and the demo's pixel UNet x0.97
-# (benchmarks/text2image_step.py --compile, README).
-CPU_COMPILE_MIN_STEPS = 4_000
+# longer broke the graph at every layer), two runs: x1.13-1.23 a step cached (46-92 ms saved of
+# ~400-500), x1.10-1.21 uncached, for 234 s of cold compiling (~40 s from the kernel cache), earned
+# back after 2,500-5,100 steps (~3,400 at the mean); 5,000 leaves room for the slower runs. In fp32
+# the same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README).
+CPU_COMPILE_MIN_STEPS = 5_000
 
 
 def resolve_compile(config: RunConfig, precision: str, recorded: bool | None = None) -> bool:

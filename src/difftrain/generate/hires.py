@@ -39,7 +39,8 @@ UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 
 
 class HiresError(DifftrainError):
-    """`setting`: the one to change (upscaler, steps, resize, scale; size: the scale or resize gives too much)."""
+    """`setting`: the one to change (upscaler, steps, resize, scale, strength, sampler, prompt; size: the scale or
+    resize gives too much)."""
 
     def __init__(self, setting: str, message: str):
         super().__init__(message)
@@ -175,6 +176,18 @@ def _pass_sampler(name: str, schedule: str | None) -> str | None:
     log.warning("its hires sampler is not repeated (%s): the second pass draws with the first pass's; "
                 "--hires-sampler picks another", missing)
     return None
+
+
+def checked_pass_prompt(text: str, prompt: str) -> str:
+    """A hires prompt without its <lora:> tags, which must be the prompt's own (in any order): the LoRAs are
+    loaded for both passes (A1111 would switch them between the passes)."""
+    from difftrain.sampling.prompts import extract_lora_tags
+
+    stripped, tags = extract_lora_tags(text)
+    if text and sorted(tags) != sorted(extract_lora_tags(prompt)[1]):
+        raise HiresError("prompt", f"its <lora:...> tags ({tags}) differ from the prompt's: give it the prompt's own "
+                                   "tags (the LoRAs act on both passes)")
+    return stripped
 
 
 def pass_prompts(hires: Hires, own_prompt: str, prompt: str, negative_prompt: str) -> tuple[str, str] | None:

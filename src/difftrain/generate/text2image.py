@@ -144,7 +144,8 @@ class GenerateOptions:
 def hires_flags():
     """A hires fix refused names the command line's flag for what to change."""
     flags = {"upscaler": "--hires-upscaler", "steps": "--hires-steps", "resize": "--hires-resize",
-             "scale": "--hires-scale", "strength": "--strength", "sampler": "--hires-sampler"}
+             "scale": "--hires-scale", "strength": "--strength", "sampler": "--hires-sampler",
+             "prompt": "--hires-prompt"}
     try:
         yield
     except HiresError as reason:
@@ -173,18 +174,6 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def hires_prompt(text: str, prompt: str) -> str:
-    """A hires prompt without its <lora:> tags, which must be the prompt's own: the LoRAs are loaded for both
-    passes (A1111 would switch them between the passes)."""
-    from difftrain.sampling.prompts import extract_lora_tags
-
-    stripped, tags = extract_lora_tags(text)
-    if text and sorted(tags) != sorted(extract_lora_tags(prompt)[1]):
-        raise GenerateError(f"--hires-prompt: its <lora:...> tags ({tags}) differ from the prompt's: give it the "
-                            "prompt's own tags (the LoRAs act on both passes)")
-    return stripped
 
 
 def _resolve_prompt_loras(prompt: str, lora_dir: str) -> tuple[str, list[tuple[str, float]]]:
@@ -426,10 +415,10 @@ class Drawer:
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
-            from difftrain.generate.hires import check_pass, pass_scheduler
+            from difftrain.generate.hires import check_pass, checked_pass_prompt, pass_scheduler
 
-            self.hires_prompt = hires_prompt(options.hires.prompt, options.prompt)
             with hires_flags():
+                self.hires_prompt = checked_pass_prompt(options.hires.prompt, options.prompt)
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
                 self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
                 check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)

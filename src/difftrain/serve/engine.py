@@ -220,6 +220,7 @@ class Engine:
     def precheck(self, request: Txt2ImgRequest) -> Prepared:
         """Everything that can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet
         units, the init image), resolved and decoded once for the worker."""
+        from difftrain.generate.hires import checked_pass_prompt
         from difftrain.sampling.prompts import extract_lora_tags, parse_attention
         from difftrain.serve.control import control_models, parse_units
 
@@ -233,9 +234,8 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
-        if request.enable_hr and request.hr_prompt and sorted(parsed["hr_prompt"][1]) != sorted(tags):
-            raise RequestError("hr_prompt", "its <lora:...> tags differ from the prompt's: give it the prompt's own "
-                                            "(the LoRAs act on both passes)")
+        with request.hires_fields():
+            hires_prompt = checked_pass_prompt(request.hr_prompt if request.enable_hr else "", request.prompt)
         files = self.lora_files()
         loras = [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
@@ -246,7 +246,7 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init, parsed["hr_prompt"][0])
+        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt)
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:

@@ -145,7 +145,7 @@ class Txt2ImgRequest(BaseModel):
         from difftrain.generate.hires import HiresError
 
         fields = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x",
-                  "strength": "denoising_strength", "sampler": "hr_sampler_name"}
+                  "strength": "denoising_strength", "sampler": "hr_sampler_name", "prompt": "hr_prompt"}
         try:
             yield
         except HiresError as reason:

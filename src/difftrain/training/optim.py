@@ -169,12 +169,12 @@ def compile_modules(modules: dict[str, torch.nn.Module], scope: str = "model") -
         blocks = set(getattr(model, "_repeated_blocks", None) or ()) if scope == "blocks" else set()
         # By the classes' ancestry, not the class name alone (diffusers' compile_repeated_blocks): FSDP 2 turns
         # each block it wraps into a subclass named FSDP<name>.
-        found = {sub: kind for sub in model.modules() for kind in (blocks & {c.__name__ for c in type(sub).__mro__})}
+        kinds = {sub: blocks & {c.__name__ for c in type(sub).__mro__} for sub in model.modules()}
+        found = [sub for sub, kind in kinds.items() if kind]
         if found:
             for sub in found:
                 sub.compile()
-            kinds = sorted(set(found.values()))
-            compiled.append(f"{name}: {len(found)} {'/'.join(kinds)} blocks")
+            compiled.append(f"{name}: {len(found)} {'/'.join(sorted(set().union(*kinds.values())))} blocks")
         else:
             module.compile()
             compiled.append(f"{name} whole")

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--steps 20] [--batch 4] [--size 128] [--ops N] [--attention KERNEL]
         [--precision no|bf16] [--only demo|text2image] [--keep-host-memory auto|true|false]
+        [--cache] [--compile model|blocks]
 
 Each run builds the real Trainer from a config (the demo's, and text2image on Stable
 Diffusion 1.5's shape at a quarter of its width, uncached), then drives the same calls its
@@ -14,7 +15,10 @@ self time (what found the bf16 attention kernel that `training.attention: auto` 
 CPU); `--attention` runs both steps with that `training.attention`; `--precision` is the text2image
 step's `training.mixed_precision` (the demo's config says `auto`). Each table ends with the page
 faults and system time a step costs the host: what `training.keep_host_memory` removes (compare a
-run with `--keep-host-memory false`).
+run with `--keep-host-memory false`). `--cache` profiles the text2image step on cached latents and
+text (the cache is filled before profiling), `--compile` with `training.compile: true` at that scope;
+a compiled UNet's forward is not split off (a hook inside the compiled frame would change its
+graph) and shows in "loss (rest)".
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import device_name, step_arguments, workspace
+from _common import COMPILE_SCOPES, compile_settings, device_name, step_arguments, workspace
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +47,10 @@ def _ranged(module: torch.nn.Module, name: str) -> None:
 
 
 def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dict[str, float]:
+    """The phases' seconds over `steps` profiled steps of the Trainer `raw` configures."""
     from difftrain.config import parse_config
     from difftrain.data.dataset import make_loader
+    from difftrain.training.optim import clip_gradients
     from difftrain.training.trainer import Trainer
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -57,7 +63,8 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dic
         _ranged(vae.encoder, "VAE encode")
     if text_encoder is not None:
         _ranged(text_encoder, "text encode")
-    _ranged(trainer.modules["unet"], "UNet forward")
+    if not trainer.compiled:
+        _ranged(trainer.modules["unet"], "UNet forward")
     batches = iter(make_loader(trainer.dataset, trainer.sampler, 0, method.collate))
 
     def step():
@@ -70,7 +77,7 @@ def profile_trainer(raw: dict, steps: int, warmup: int = 3, ops: int = 0) -> dic
             trainer.accelerator.backward(loss)
         with record_function("optimizer"):
             if trainer.config.training.max_grad_norm:
-                trainer.accelerator.clip_grad_norm_(trainer.parameters, trainer.config.training.max_grad_norm)
+                clip_gradients(trainer.accelerator, trainer.parameters, trainer.config.training.max_grad_norm)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
             trainer.lr_schedule.step()
@@ -131,6 +138,8 @@ def main() -> None:
     parser.add_argument("--keep-host-memory", choices=("auto", "true", "false"), default="auto",
                         help="training.keep_host_memory of both steps (false: glibc's malloc defaults, whose page "
                              "faults the table's last line counts)")
+    parser.add_argument("--cache", action="store_true", help="the text2image step on cached latents and text")
+    parser.add_argument("--compile", choices=COMPILE_SCOPES, help="the text2image step compiled at this scope")
     args = parser.parse_args()
     space = workspace(args.size, args.batch)
     print(f"device: {device_name(space.device)}")
@@ -156,15 +165,17 @@ def profile_demo(space, args) -> None:
 def profile_text2image(space, args) -> None:
     text2image = {
         "output_dir": str(space.work / "t2i"), "method": "text2image",
-        "data": {"path": str(space.data_dir), "resolution": args.size, "random_flip": False},
+        "data": {"path": str(space.data_dir), "resolution": args.size, "random_flip": False,
+                 "cache": {"latents": args.cache, "text": args.cache}},
         "model": {"base": str(space.model_dir)},
         "training": {"max_steps": 10 * args.steps, "batch_size": args.batch, "learning_rate": 1e-4,
                      "attention": args.attention, "mixed_precision": args.precision,
-                     "keep_host_memory": args.keep_host_memory},
+                     "keep_host_memory": args.keep_host_memory, **compile_settings(args.compile)},
         "log": {"tensorboard": False},
     }
-    print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, no cache, "
-                f"precision {args.precision})",
+    compiled = f", compiled {args.compile}" if args.compile else ""
+    print_table(f"text2image step (SD 1.5 at a quarter width, {args.size} px, batch {args.batch}, "
+                f"{'cached' if args.cache else 'no cache'}, precision {args.precision}{compiled})",
                 profile_trainer(text2image, args.steps, ops=args.ops))
 
 

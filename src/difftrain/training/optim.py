@@ -166,6 +166,7 @@ def compile_modules(modules: dict[str, torch.nn.Module], scope: str = "model") -
     compiled = []
     for name, module in modules.items():
         model = extract_model_from_parallel(module, keep_torch_compile=False)  # DDP and FSDP wrap the model
+        options = _training_compile_options(model)
         blocks = set(getattr(model, "_repeated_blocks", None) or ()) if scope == "blocks" else set()
         # By the classes' ancestry, not the class name alone (diffusers' compile_repeated_blocks): FSDP 2 turns
         # each block it wraps into a subclass named FSDP<name>.
@@ -173,9 +174,24 @@ def compile_modules(modules: dict[str, torch.nn.Module], scope: str = "model") -
         found = [sub for sub, kind in kinds.items() if kind]
         if found:
             for sub in found:
-                sub.compile()
+                sub.compile(options=options)
             compiled.append(f"{name}: {len(found)} {'/'.join(sorted(set().union(*kinds.values())))} blocks")
         else:
-            module.compile()
+            module.compile(options=options)
             compiled.append(f"{name} whole")
     return compiled
+
+
+def _training_compile_options(model: torch.nn.Module) -> dict:
+    """Inductor's settings for compiling `model` to train.
+
+    On a CPU inductor computes every convolution in channels_last (its layout optimization), so the
+    weight gradients of the 3x3 convolutions come out channels_last too, and autograd copies each into
+    its contiguous parameter's layout every step: ~35 ms of a ~400 ms cached SD-quarter step in bf16
+    (`benchmarks/profile_step.py --cache --compile model`). Without the optimization that step ran
+    x1.05-1.12 faster in three runs (`benchmarks/compile_layout.py`, 2026-12-06); a graph pass that kept
+    channels_last and handed autograd contiguous gradients instead ran x0.92 of it (a one-off run).
+    A GPU keeps inductor's choice (not measured there).
+    """
+    parameter = next(model.parameters(), None)
+    return {"layout_optimization": False} if parameter is not None and parameter.device.type == "cpu" else {}

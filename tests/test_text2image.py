@@ -394,7 +394,7 @@ class _Convolutions(torch.nn.Sequential):
 
 def test_a_model_compiled_to_train_on_a_cpu_hands_autograd_gradients_in_its_parameters_layout():
     """Inductor's channels_last convolutions gave 3x3 weight gradients a layout of their own, which autograd
-    copied into the parameters' every step (~30 ms of a cached SD-quarter step on a CPU)."""
+    copied into the parameters' every step (~33 ms of a cached SD-quarter step on a CPU)."""
     from difftrain.training.optim import compile_modules
 
     torch.manual_seed(0)

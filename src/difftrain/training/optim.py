@@ -97,7 +97,9 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
 # longer broke the graph at every layer), two runs: x1.13-1.23 a step cached (46-92 ms saved of
 # ~400-500), x1.10-1.21 uncached, for 234 s of cold compiling (~40 s from the kernel cache), earned
 # back after 2,500-5,100 steps (~3,400 at the mean); 5,000 leaves room for the slower runs. In fp32
-# the same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README).
+# the same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README);
+# without inductor's layout optimization (_training_compile_options) fp32 ran x1.10 cached, x1.01 uncached in
+# one run, on a CPU where `auto` would pick bf16: fp32 stays eager until measured where it is the default.
 CPU_COMPILE_MIN_STEPS = 5_000
 
 
@@ -187,7 +189,7 @@ def _training_compile_options(model: torch.nn.Module) -> dict:
 
     On a CPU inductor computes every convolution in channels_last (its layout optimization), so the
     weight gradients of the 3x3 convolutions come out channels_last too, and autograd copies each into
-    its contiguous parameter's layout every step: ~35 ms of a ~400 ms cached SD-quarter step in bf16
+    its contiguous parameter's layout every step: ~33 ms of a ~400 ms cached SD-quarter step in bf16
     (`benchmarks/profile_step.py --cache --compile model`). Without the optimization that step ran
     x1.05-1.12 faster in three runs (`benchmarks/compile_layout.py`, 2026-12-06); a graph pass that kept
     channels_last and handed autograd contiguous gradients instead ran x0.92 of it (a one-off run).

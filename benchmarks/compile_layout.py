@@ -18,18 +18,17 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from _common import alternate, device_name, difftrain_run, step_arguments, workspace
+from _common import alternate, device_name, step_arguments, workspace
+from text2image_step import difftrain_text2image
 
 
-def compiled_step(out: Path, model_dir: Path, data_dir: Path, steps: int, batch: int, size: int, precision: str,
-                  layout_optimization: bool) -> float:
+def compiled_step(out: Path, layout_optimization: bool, **run) -> float:
+    """text2image_step.py's difftrain run, cached and compiled whole, with or without the optimization."""
     from difftrain.training import optim
 
     if layout_optimization:  # inductor's own default: no options of ours
         optim._training_compile_options = lambda model: {}
-    return difftrain_run(model_dir, data_dir, out, steps, batch, size, after_first_step=True,
-                         data={"cache": {"latents": True, "text": True}},
-                         training={"mixed_precision": precision, "compile": True, "compile_scope": "model"})[0]
+    return difftrain_text2image(out, cache=True, compile_scope="model", **run)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
         [--cache] [--compile model|blocks]
 
 Each run builds the real Trainer from a config (the demo's, and text2image on Stable
-Diffusion 1.5's shape at a quarter of its width, uncached), then drives the same calls its
+Diffusion 1.5's shape at a quarter of its width, uncached unless `--cache`), then drives the same calls its
 loop makes, one step at a time, inside `torch.profiler.profile` with a `record_function`
 range per phase: data loading, the method's loss (split by forward hooks into VAE encode,
 text encode and UNet forward), backward, optimizer, EMA, logging (the loss's `.item()`),

@@ -89,7 +89,7 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         unshared = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
                                      "train", "--no-progress", str(tmp / "ddp.yaml"), "--set", "training.max_steps=6",
                                      "--resume", "latest")
-        output_unshared = finish(unshared, timeout=120)[0]  # a process left waiting at a collective would hang here
+        output_unshared = finish(unshared)[0]  # a process left waiting at a collective would hang here
         (tmp / "unshared.out").write_text(f"exit {unshared.returncode}\n{output_unshared}")
         return output
 
@@ -100,7 +100,7 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         probe = Path(__file__).with_name("signal_probe.py")
         signalled = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
                                       "train", "--no-progress", str(halves))
-        output_signalled = finish(signalled, timeout=120)[0]
+        output_signalled = finish(signalled)[0]
         checkpoints = sorted(p.name for p in (tmp / "muon-halves/checkpoints").glob("step-*"))
         (tmp / "signalled.out").write_text(f"exit {signalled.returncode}\n{' '.join(checkpoints)}\n{output_signalled}")
         _finish(_launch(halves, *resume))

@@ -19,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from difftrain.cli import quiet_libraries
+
+    quiet_libraries()  # `make mini-controlnet` runs this after the CLI: the same quiet output (no torchvision notices)
     from difftrain.data.shapes import COLOURS, SHAPES, draw_shape_and_mask
     from difftrain.evaluate.control import control_study
 

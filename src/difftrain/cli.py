@@ -964,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """transformers/diffusers chatter (per-file load bars, torchvision notices) hides our own progress."""
     import os
 
@@ -985,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a run's start-up time counts from here
     args = build_parser().parse_args(argv)
     args.started = started
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.run(args)
     except DifftrainError as error:

@@ -18,7 +18,10 @@ from typing import Callable
 
 import torch
 
+from difftrain.cli import quiet_libraries
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+quiet_libraries()  # the tables, not transformers' weight-loading bars and torchvision notices (as the CLI)
 
 
 def scratch(prefix: str) -> Path:

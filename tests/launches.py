@@ -24,7 +24,7 @@ def accelerate_launch(*arguments: str, stderr: int = subprocess.STDOUT) -> subpr
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str | None]:
     """(stdout, stderr) once the launch ends; past `timeout` seconds it is killed with its workers, and the
     test fails. 300 s: on a slow hour of a 2-core machine, with the sharded fixture's 12 processes side by
-    side, a launch that errors at once still took over 120 s to end (2026-12-06); a hang never ends."""
+    side, a launch whose processes stop with an error as they start took over 120 s to end (2026-12-06)."""
     try:
         return process.communicate(timeout=timeout)
     except BaseException as stopped:

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -196,12 +196,23 @@ def workspace(size: int, batch: int, masks: bool = False, sd15: bool = False) ->
     return Workspace(device, work, model_dir, data_dir)
 
 
+class Rates(NamedTuple):
+    """A variant's rate in each round of alternate(), in round order, and the largest peak memory of its runs."""
+
+    runs: list[float]
+    peak: int
+
+    @property
+    def rate(self) -> float:
+        return sum(self.runs) / len(self.runs)
+
+
 def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, rounds: int = 2,
-              fresh_processes: bool = False) -> dict[str, tuple[float, int]]:
+              fresh_processes: bool = False) -> dict[str, Rates]:
     """Run every variant `rounds` times, in alternating order so neither profits from going second.
 
     Each variant is called with a fresh output folder and returns steps/s. Returns, per
-    variant, the mean steps/s and the larger peak memory. `fresh_processes` runs each call in a
+    variant, its rate in each round and the larger peak memory. `fresh_processes` runs each call in a
     new (spawned) Python process, for comparisons with a plain loop: a difftrain run tunes
     process-wide state that cannot be undone (training.keep_host_memory raises glibc's malloc
     thresholds), which a baseline in the same process would otherwise inherit. Variants must
@@ -220,7 +231,35 @@ def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, ro
                 rate, peak = measured(*call)
             rates[name].append(rate)
             peaks[name].append(peak)
-    return {name: (sum(rates[name]) / rounds, max(peaks[name])) for name in variants}
+    return {name: Rates(rates[name], max(peaks[name])) for name in variants}
+
+
+def print_rates(results: dict[str, Rates], baseline: str, unit: str = "steps/s", memory: bool = True,
+                columns: dict[str, dict[str, str]] | None = None) -> None:
+    """alternate()'s table: each variant's mean rate and its ratio to the baseline's mean, the lowest and
+    highest ratio of one round (a run against the baseline's run of the same round), and with `memory` the
+    peak and its ratio. `columns`: more columns before the rates, {header: {variant: text}}.
+
+    The per-round range is the machine's noise made visible: on a shared CPU whose speed swings for
+    minutes at a time, two rounds of one benchmark have put a lever on both sides of x1.00.
+    """
+    base = results[baseline]
+    columns = columns or {}
+    header = ["variant", *columns, unit, "x base", "rounds", *(["peak MiB", "x base"] if memory else [])]
+    rows = [header]
+    for name, result in results.items():
+        ratios = [run / base_run for run, base_run in zip(result.runs, base.runs)]
+        spread = "-" if name == baseline else f"{min(ratios):.2f}-{max(ratios):.2f}"
+        rows.append([name, *(cells[name] for cells in columns.values()), f"{result.rate:.2f}",
+                     f"{result.rate / base.rate:.2f}", spread,
+                     *([f"{result.peak / 2**20:.0f}", f"{result.peak / max(base.peak, 1):.2f}"] if memory else [])])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    print()
+    for row in rows:
+        print(row[0].ljust(widths[0]) + "".join(f"  {cell:>{width}}" for cell, width in zip(row[1:], widths[1:])))
+    print(f"({unit}: mean of {len(base.runs)} runs each, alternating order. rounds: the lowest and highest x base\n"
+          " of one round, a run against the baseline's run of that round" + ("; peak: the largest of the runs" if memory
+                                                                            else "") + ")")
 
 
 def measured(variant: Callable[[Path], float], device: torch.device, out: Path) -> tuple[float, int]:

@@ -72,7 +72,7 @@ def main() -> None:
         return
     results = alternate_loops({kernel: [f"training.attention={kernel}"] for kernel in ("sdpa", "auto")},
                               args.loop_steps)
-    (sdpa, _), (auto, _) = results["sdpa"], results["auto"]
+    sdpa, auto = results["sdpa"].rate, results["auto"].rate
     print(f"\ndemo training loop (mixed_precision auto), {args.loop_steps} steps, mean of 2 runs each: "
           f"attention sdpa {sdpa:.2f} steps/s, auto {auto:.2f} steps/s, x{auto / sdpa:.2f}")
 

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import alternate, device_name, workspace
+from _common import alternate, device_name, print_rates, workspace
 
 from difftrain.config import parse_config
 from difftrain.methods import build_method
@@ -62,11 +62,7 @@ def main() -> None:
     rate(args.batch, DTYPES[precision], space.work / "warm-up")  # first-use costs (kernels, allocator) off the clock
     results = alternate({before: partial(rate, 1, torch.float32), now: partial(rate, args.batch, DTYPES[precision])},
                         space, rounds=args.rounds)
-    base = results[before][0]
-    print(f"\n{'variant':26s} {'images/s':>9s} {'x before':>8s}")
-    for name, (mean, _) in results.items():
-        print(f"{name:26s} {mean:9.2f} {mean / base:8.2f}")
-    print(f"(mean of {args.rounds} rounds, alternating order)")
+    print_rates(results, before, unit="images/s", memory=False)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from _common import alternate, device_name, step_arguments, workspace
+from _common import alternate, device_name, print_rates, step_arguments, workspace
 from text2image_step import difftrain_text2image
 
 
@@ -45,12 +45,8 @@ def main() -> None:
     baseline = "layout optimization on (torch's default)"
     variants = {baseline: partial(compiled_step, layout_optimization=True, **shared),
                 "layout optimization off (difftrain's)": partial(compiled_step, layout_optimization=False, **shared)}
-    results = alternate(variants, space, rounds=args.rounds, fresh_processes=True)
-    base = results[baseline][0]
-    print(f"\n{'variant':42s} {'steps/s':>8s} {'x base':>7s}")
-    for name, (rate, _) in results.items():
-        print(f"{name:42s} {rate:8.2f} {rate / base:7.2f}")
-    print(f"(mean of {args.rounds} runs each, alternating order, each in a fresh process, its first step left out)")
+    print_rates(alternate(variants, space, rounds=args.rounds, fresh_processes=True), baseline, memory=False)
+    print("(each run in a fresh process, its first step left out)")
 
 
 if __name__ == "__main__":

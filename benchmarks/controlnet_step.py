@@ -11,7 +11,7 @@ growth on a CPU).
 
 from __future__ import annotations
 
-from _common import alternate, device_name, difftrain_run, step_arguments, workspace
+from _common import alternate, device_name, difftrain_run, print_rates, step_arguments, workspace
 
 
 def main() -> None:
@@ -33,13 +33,8 @@ def main() -> None:
     }
     print(f"device: {device_name(space.device)}; {args.steps} steps of batch {args.batch} at {args.size} px")
     run(space.work / "warm-up", "controlnet", controlnet=control)  # first-use costs paid by no variant
-    results = alternate(variants, space)
-    base_rate, base_memory = results[baseline]
-    print(f"\n{'variant':36s} {'steps/s':>8s} {'x base':>7s} {'peak MiB':>9s} {'x base':>7s}")
-    for name, (rate, peak) in results.items():
-        print(f"{name:36s} {rate:8.2f} {rate / base_rate:7.2f} {peak / 2**20:9.0f} {peak / max(base_memory, 1):7.2f}")
-    print("(steps/s: mean of two runs each, alternating order; the run summary's steps alone. peak: the larger "
-          "of the two, model loading included)")
+    print_rates(alternate(variants, space), baseline)
+    print("(the run summary's steps alone; peak: model loading included)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from _common import alternate
+from _common import Rates, alternate
 
 from difftrain.config import TrainingConfig
 from difftrain.data.shapes import write_shapes_dataset
@@ -102,8 +102,8 @@ def loop_rate(overrides: list[str], steps: int, out: Path) -> float:
 
 
 def alternate_loops(variants: dict[str, list[str]], steps: int,
-                    fresh_processes: bool = False) -> dict[str, tuple[float, int]]:
-    """The demo's loop under each variant's overrides, two runs each, alternating: {name: (steps/s, peak)}."""
+                    fresh_processes: bool = False) -> dict[str, Rates]:
+    """The demo's loop under each variant's overrides, two runs each, alternating: {name: its Rates}."""
     if not (ROOT / "data" / "shapes" / "metadata.jsonl").is_file():
         write_shapes_dataset(ROOT / "data" / "shapes", num_images=2400)
     with tempfile.TemporaryDirectory() as work:
@@ -156,21 +156,21 @@ def main() -> None:
 
     results = alternate_loops({precision: [f"training.mixed_precision={precision}"] for precision in ("no", "auto")},
                               args.loop_steps)
-    (base, _), (auto, _) = results["no"], results["auto"]
+    base, auto = results["no"].rate, results["auto"].rate
     ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
     print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
           f"mixed_precision auto ({ran} here) {auto:.2f} steps/s, x{auto / base:.2f}")
     results = alternate_loops({preset: [f"model.preset={preset}"] for preset in ("small", "mini")}, args.loop_steps)
-    (small, _), (mini, _) = results["small"], results["mini"]
+    small, mini = results["small"].rate, results["mini"].rate
     print(f"demo training loop, preset small (the demo's before) {small:.2f} steps/s, mini (the demo's) "
           f"{mini:.2f} steps/s, x{mini / small:.2f}")
     results = alternate_loops({name: [f"training.optimizer={name}"] for name in ("adamw", "muon")}, args.loop_steps)
-    (adamw, _), (muon, _) = results["adamw"], results["muon"]
+    adamw, muon = results["adamw"].rate, results["muon"].rate
     print(f"demo training loop, optimizer adamw (the demo's before) {adamw:.2f} steps/s, muon (the demo's) "
           f"{muon:.2f} steps/s, x{muon / adamw:.2f}")
     results = alternate_loops({keep: [f"training.keep_host_memory={keep}"] for keep in ("false", "true")},
                               args.loop_steps, fresh_processes=True)
-    (released, _), (kept, _) = results["false"], results["true"]
+    released, kept = results["false"].rate, results["true"].rate
     print(f"demo training loop, each run in a fresh process: freed host memory returned to the OS (glibc's default) "
           f"{released:.2f} steps/s, kept (training.keep_host_memory) {kept:.2f} steps/s, x{kept / released:.2f}")
 

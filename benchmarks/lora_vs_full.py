@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _common import alternate, device_name, difftrain_run, step_arguments, workspace
+from _common import alternate, device_name, difftrain_run, print_rates, step_arguments, workspace
 
 
 def main() -> None:
@@ -43,13 +43,9 @@ def main() -> None:
         f"LoRA r={args.rank}": run({"lora": {"enabled": True, "rank": args.rank}}, sizes[f"LoRA r={args.rank}"]),
     }, space)
 
-    base_rate, base_peak = results["full fine-tune"]
-    print(f"\n{'variant':16s} {'trainable':>12s} {'optimizer state':>16s} {'steps/s':>8s} {'x full':>7s} "
-          f"{'peak MiB':>9s} {'x full':>7s}")
-    for name, (rate, peak) in results.items():
-        print(f"{name:16s} {sizes[name]['trainable']:12,d} {sizes[name]['state']:16,d} {rate:8.2f} "
-              f"{rate / base_rate:7.2f} {peak / 2**20:9.0f} {peak / max(base_peak, 1):7.2f}")
-    print("(steps/s: mean of two runs each, alternating order; peak: the larger of the two)")
+    print_rates(results, "full fine-tune", columns={
+        "trainable": {name: f"{size['trainable']:,d}" for name, size in sizes.items()},
+        "optimizer state": {name: f"{size['state']:,d}" for name, size in sizes.items()}})
 
 
 if __name__ == "__main__":

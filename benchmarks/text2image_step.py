@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import (add_compile_option, alternate, compile_settings, device_name, difftrain_run, step_arguments,
-                     workspace)
+from _common import (add_compile_option, alternate, compile_settings, device_name, difftrain_run, print_rates,
+                     step_arguments, workspace)
 
 
 @dataclass
@@ -201,17 +201,11 @@ def main() -> None:
     # (difftrain keeps freed host memory, training.keep_host_memory), and no variant inherits
     # another's warm state. The rates leave out each run's first step, where a fresh process
     # builds its kernels.
-    results = alternate(variants, space, rounds=args.rounds, fresh_processes=True)
-    baseline_rate, baseline_memory = results[baseline]
-    print(f"\n{'variant':44s} {'steps/s':>8s} {'x base':>7s} {'peak MiB':>9s} {'x base':>7s}")
-    for name, (rate, peak) in results.items():
-        print(f"{name:44s} {rate:8.2f} {rate / baseline_rate:7.2f} {peak / 2**20:9.0f} "
-              f"{peak / max(baseline_memory, 1):7.2f}")
-    print(f"(steps/s: mean of {args.rounds} runs each, alternating order, each run in a fresh process, its first\n"
-          " step left out. difftrain's figure is the run summary's steps alone: data, step and logging, without\n"
-          " previews or checkpoints; the cache's one-off fill and model loading are not in it. 'host memory\n"
-          " released': training.keep_host_memory off, glibc's malloc defaults as in the baseline.\n"
-          " peak: the largest of the runs, model loading included)")
+    print_rates(alternate(variants, space, rounds=args.rounds, fresh_processes=True), baseline)
+    print("(each run in a fresh process, its first step left out. difftrain's figure is the run summary's steps\n"
+          " alone: data, step and logging, without previews or checkpoints; the cache's one-off fill and model\n"
+          " loading are not in it. 'host memory released': training.keep_host_memory off, glibc's malloc defaults\n"
+          " as in the baseline. peak: model loading included)")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,11 @@ def apply_speed_options(modules: dict[str, torch.nn.Module], training: TrainingC
 # quarter width, 128 px, batch 4, bf16, 2 CPU cores, 2026-12-06 (once the attention kernel choice no
 # longer broke the graph at every layer), two runs: x1.13-1.23 a step cached (46-92 ms saved of
 # ~400-500), x1.10-1.21 uncached, for 234 s of cold compiling (~40 s from the kernel cache), earned
-# back after 2,500-5,100 steps (~3,400 at the mean); 5,000 leaves room for the slower runs. In fp32
-# the same step ran x0.94 and the demo's pixel UNet x0.97 (benchmarks/text2image_step.py --compile, README);
-# without inductor's layout optimization (_training_compile_options) fp32 ran x1.10 cached, x1.01 uncached in
-# one run, on a CPU where `auto` would pick bf16: fp32 stays eager until measured where it is the default.
+# back after 2,500-5,100 steps (~3,400 at the mean); 5,000 leaves room for the slower runs. In fp32,
+# without inductor's layout optimization (_training_compile_options), the same step ran x1.10 cached and
+# x1.01 uncached in one run on that CPU; on an AVX2 CPU, where `auto` means fp32, x1.19 / x1.09 in one run
+# and x0.96 / x0.94 in the next, an hour apart, for 300 s of cold compiling (2026-12-06/07, README): fp32
+# stays eager. The demo's pixel UNet gained x1.03-1.06 (bf16, 2026-12-05): too little for its short runs.
 CPU_COMPILE_MIN_STEPS = 5_000
 
 

@@ -211,7 +211,7 @@ def alternate(variants: dict[str, Callable[[Path], float]], space: Workspace, ro
               fresh_processes: bool = False) -> dict[str, Rates]:
     """Run every variant `rounds` times, in alternating order so neither profits from going second.
 
-    Each variant is called with a fresh output folder and returns steps/s. Returns, per
+    Each variant is called with a fresh output folder and returns its rate (steps/s, images/s). Returns, per
     variant, its rate in each round and the larger peak memory. `fresh_processes` runs each call in a
     new (spawned) Python process, for comparisons with a plain loop: a difftrain run tunes
     process-wide state that cannot be undone (training.keep_host_memory raises glibc's malloc
@@ -257,9 +257,9 @@ def print_rates(results: dict[str, Rates], baseline: str, unit: str = "steps/s",
     print()
     for row in rows:
         print(row[0].ljust(widths[0]) + "".join(f"  {cell:>{width}}" for cell, width in zip(row[1:], widths[1:])))
+    peak_note = "; peak: the largest of the runs" if memory else ""
     print(f"({unit}: mean of {len(base.runs)} runs each, alternating order. rounds: the lowest and highest x base\n"
-          " of one round, a run against the baseline's run of that round" + ("; peak: the largest of the runs" if memory
-                                                                            else "") + ")")
+          f" of one round, a run against the baseline's run of that round{peak_note})")
 
 
 def measured(variant: Callable[[Path], float], device: torch.device, out: Path) -> tuple[float, int]:

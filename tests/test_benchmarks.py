@@ -3,6 +3,7 @@ current internals: it drives the loop's own calls, so a renamed private step bro
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,3 +35,34 @@ def test_a_benchmark_table_shows_each_rounds_ratio_to_the_baselines_run_of_that_
     assert lines[1].split() == ["plain", "eager", "0.90", "1.00", "-", "100", "1.00"]
     assert lines[2].split() == ["lever", "compiled", "1.00", "1.11", "0.95-1.31", "150", "1.50"]
     assert "mean of 2 runs each" in lines[3]
+
+
+def test_the_suite_cpu_plugin_counts_each_files_cpu_in_its_process_and_its_children(tmp_path):
+    """A real pytest-xdist run of two files: one spends its CPU in a child process, the other in its own."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    burn = "sum(i * i for i in range(4_000_000))"
+    (tmp_path / "test_child.py").write_text(
+        f"import subprocess, sys\n\ndef test_child():\n    subprocess.run([sys.executable, '-c', '{burn}'], check=True)\n")
+    (tmp_path / "test_own.py").write_text(f"def test_own():\n    {burn}\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "suite_cpu", "-n", "2", "-q", "-p", "no:cacheprovider",
+                           "-c", str(tmp_path / "pytest.ini"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("test_")}
+    child, own = rows["test_child.py"], rows["test_own.py"]
+    assert float(child[1]) > 0.2 and float(child[3]) > 0.2, done.stdout  # CPU s, and all of it in children
+    assert float(own[1]) > 0.2 and float(own[3]) == 0.0, done.stdout
+    assert "all tests" in done.stdout and "CPU seconds by test file" in done.stdout
+
+
+def test_the_suite_cpu_table_ranks_files_by_cpu_and_sums_the_rest(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from suite_cpu import table
+
+    rows = [("tests/a.py::one", 1.0, 3.0, 5.0), ("tests/b.py::one", 2.0, 0.0, 2.0), ("tests/a.py::two", 1.0, 0.0, 1.0),
+            ("tests/c.py::one", 1.0, 0.0, 9.0)]
+    lines = table(rows, top=2)
+    assert lines[1].split() == ["tests/a.py", "5.0", "62.5%", "3.0", "6.0", "2"]
+    assert lines[2].split() == ["tests/b.py", "2.0", "25.0%", "0.0", "2.0", "1"]
+    assert lines[3].split()[:6] == ["the", "other", "1", "files", "1.0", "12.5%"]
+    assert lines[4].split()[:3] == ["all", "tests", "8.0"]

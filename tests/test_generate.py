@@ -278,7 +278,7 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
 
     info = PngInfo()
     info.add_text("parameters", "a red circle\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Align Your Steps, "
-                                "CFG scale: 7, Seed: 5, Size: 32x32, Hires upscale: 2, Seed resize from: 64x64")
+                                "CFG scale: 7, Seed: 5, Size: 32x32, Hires upscale: 2, Tiling: True")
     foreign = tmp_path / "foreign.png"
     Image.new("RGB", (32, 32)).save(foreign, pnginfo=info)
     assert main(["generate", str(model), "--from-png", str(foreign), "--out", str(tmp_path / "f"),
@@ -286,7 +286,7 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
     with caplog.at_level("WARNING"):
         assert main(["generate", str(model), "--from-png", str(foreign), "--scheduler", "euler",
                      "--out", str(tmp_path / "g"), "--no-progress"]) == 0
-    assert "Seed resize from: 64x64 not repeated" in caplog.text
+    assert "Tiling: True not repeated" in caplog.text
     assert "Hires" not in caplog.text  # the hires fix is repeated (test_hires.py)
     # Chunks of unequal count without "Pad conds": A1111 drew the sides apart; ours pads, and says so. Our own
     # padded PNG says "Pad conds", so repeating it is silent.

@@ -103,7 +103,10 @@ def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path
                 "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 2}
         reply = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body).json()
         refused = [requests.post(f"{running.url}/sdapi/v1/txt2img", json={**body, **change}).json()["field"]
-                   for change in ({"subseed_strength": 2}, {"seed_resize_from_h": 64}, {"subseed": -2})]
+                   for change in ({"subseed_strength": 2}, {"seed_resize_from_w": 64, "seed_resize_from_h": 4},
+                                  {"subseed": -2})]
+        resized = requests.post(f"{running.url}/sdapi/v1/txt2img", json={
+            **body, "batch_size": 1, "seed_resize_from_w": 96, "seed_resize_from_h": 64}).json()
     finally:
         running.stop()
     served = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
@@ -119,7 +122,72 @@ def test_variation_seeds_are_drawn_the_same_through_the_server(tiny_sd, tmp_path
     assert np.array_equal(pixels(paths[1]), np.asarray(second.convert("RGB"), dtype=np.int16))
     assert "Seed: 5, Size: 64x64, Model: sd, Variation seed: 10," in second.info["parameters"]
     assert refused == ["subseed_strength", "seed_resize_from_h", "subseed"]
+    # A1111's seed resize, as generate draws it (one image: a batch of one runs other kernels than a batch of two)
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler", seed=5,
+                                                    variation_seed=9, variation_strength=0.4, width=64, height=64,
+                                                    seed_resize_from=(96, 64)), tmp_path / "resized", progress=False)
+    served = Image.open(io.BytesIO(base64.b64decode(resized["images"][0])))
+    assert np.array_equal(pixels(path), np.asarray(served.convert("RGB"), dtype=np.int16))
+    assert "Seed resize from: 96x64" in served.info["parameters"]
+    info = __import__("json").loads(resized["info"])
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (96, 64)
     torch.manual_seed(0)  # (nothing here should depend on torch's global generator)
+
+
+def test_seed_resize_puts_the_centre_of_the_seeds_noise_at_another_size_on_this_ones_centre():
+    """A1111's rule (processing.py): the seed's noise drawn at the other size from a fresh generator of the seed
+    (and the variation seed's too, slerped), its centre written over the centre of the noise the seed's own
+    generator draws first at this size; where the other size is larger by an odd number, the last row or column
+    keeps its own noise (A1111's floor division)."""
+    from difftrain.sampling.seed_noise import SeedNoise, slerp
+
+    def randn(shape, seed):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    own = randn((1, 4, 8, 8), 7)
+    assert torch.equal(SeedNoise([0], resize_from=(8, 8)).mix(own, [7]), own)  # the same size: nothing moves
+    smaller = SeedNoise([0], resize_from=(4, 6)).mix(own, [7])[0]
+    assert torch.equal(smaller[:, 2:6, 1:7], randn((4, 4, 6), 7))
+    border = torch.ones(8, 8, dtype=torch.bool)
+    border[2:6, 1:7] = False
+    assert torch.equal(smaller[:, border], own[0][:, border])
+    larger = SeedNoise([0], resize_from=(13, 11)).mix(own, [7])[0]
+    assert torch.equal(larger[:, :7, :7], randn((4, 13, 11), 7)[:, 3:10, 2:9])
+    assert torch.equal(larger[:, 7], own[0][:, 7]) and torch.equal(larger[:, :, 7], own[0][:, :, 7])
+    varied = SeedNoise([20], strength=0.5, resize_from=(4, 6)).mix(own, [7])[0]
+    assert torch.equal(varied[:, 2:6, 1:7], slerp(0.5, randn((4, 4, 6), 7), randn((4, 4, 6), 20)))
+    assert torch.equal(varied[:, border], own[0][:, border])
+
+
+def test_a_seed_resized_from_a_size_keeps_that_sizes_picture_in_the_middle(tiny_sd, tmp_path, caplog,  # noqa: F811
+                                                                            capsys):
+    """What the option is for: a seed's 32x32 picture drawn again at 48x32, its noise resized from 32x32, keeps
+    the 32x32 picture's middle; it is recorded in the PNG as A1111 writes it, and repeated from there."""
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    square = drawn(tiny_sd, (7,))[0]
+    # At the size it was drawn at, a seed resized from that size is the seed's own noise.
+    assert np.array_equal(drawn(tiny_sd, (7,), seed_resize_from=(32, 32))[0], square)
+    [wide] = run(tiny_sd, tmp_path / "wide", "--prompt", "a red circle", "--seed", "7", "--steps", "3",
+                 "--scheduler", "Euler", "--width", "48", "--height", "32", "--seed-resize-from", "32x32")
+    [plain] = run(tiny_sd, tmp_path / "plain", "--prompt", "a red circle", "--seed", "7", "--steps", "3",
+                  "--scheduler", "Euler", "--width", "48", "--height", "32")
+    middle = lambda image: image[8:24, 16:32].astype(float)  # noqa: E731  (away from the UNet's padded edges)
+    resized_gap, plain_gap = (np.abs(middle(pixels(image)) - middle(np.pad(square, ((0, 0), (8, 8), (0, 0))))).mean()
+                              for image in (wide, plain))
+    assert resized_gap < plain_gap / 2, (resized_gap, plain_gap)
+    params = parse_infotext(read_png_infotext(wide))[2]
+    assert params["Seed resize from"] == "32x32"
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(tiny_sd), "--from-png", str(wide), "--out", str(tmp_path / "again"),
+                     "--no-progress"]) == 0
+    assert "not repeated" not in caplog.text
+    assert np.array_equal(pixels(sorted((tmp_path / "again").glob("*.png"))[0]), pixels(wide))
+    capsys.readouterr()
+    for value, said in (("32", "give WIDTHxHEIGHT in pixels"), ("4x16", "4x16: each side from 8 to 8192 px")):
+        assert main(["generate", str(tiny_sd), "--prompt", "x", "--seed-resize-from", value, "--out",
+                     str(tmp_path / "bad")]) == 2
+        assert f"--seed-resize-from {value}" in (err := capsys.readouterr().err) and said in err, err
 
 
 def test_ensd_moves_only_an_ancestral_samplers_own_noise(tiny_sd, tmp_path):  # noqa: F811

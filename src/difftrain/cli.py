@@ -302,7 +302,8 @@ def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from difftrain.generate.hires import Hires
-    from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg, with_seed
+    from difftrain.generate.text2image import (GenerateOptions, generate, options_from_png, parse_lora_arg,
+                                               parse_size, with_seed)
 
     if args.list_schedulers:
         from difftrain.sampling.schedulers import list_schedulers
@@ -320,6 +321,11 @@ def _generate(args: argparse.Namespace) -> int:
         given["embeddings"] = list(args.embedding)
     if args.no_ema:
         given["use_ema"] = False
+    if args.seed_resize_from is not None:
+        given["seed_resize_from"] = parse_size(args.seed_resize_from)
+        if given["seed_resize_from"] is None:
+            raise DifftrainError(f"--seed-resize-from {args.seed_resize_from}: give WIDTHxHEIGHT in pixels "
+                                 "(e.g. 512x512)")
     if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end
                                                          or args.control_resize or args.control_mode):
         raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize and --control-mode apply "
@@ -374,17 +380,18 @@ def _generate(args: argparse.Namespace) -> int:
 def _hires_flags(args: argparse.Namespace) -> dict:
     """The hires fix settings given on the command line (generate.hires.Hires fields); --hires-scale or
     --hires-resize turns it on."""
+    from difftrain.generate.text2image import parse_size
+
     given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
                                                ("steps", args.hires_steps), ("sampler", args.hires_sampler),
                                                ("prompt", args.hires_prompt),
                                                ("negative_prompt", args.hires_negative_prompt))
              if value is not None}
     if args.hires_resize is not None:
-        width, _, height = args.hires_resize.partition("x")
-        if not (width.isdigit() and height.isdigit()):
+        given["resize"] = parse_size(args.hires_resize)
+        if given["resize"] is None:
             raise DifftrainError(f"--hires-resize {args.hires_resize}: give WIDTHxHEIGHT in pixels, 0 for a side "
                                  "that follows the other (e.g. 1024x0)")
-        given["resize"] = (int(width), int(height))
     return given
 
 
@@ -804,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how far toward the variation seed's noise (0-1; default 0, no variation)")
     gen.add_argument("--ensd", type=_whole(-(2**32), 2**32), metavar="N",
                      help="A1111's eta noise seed delta: an ancestral sampler's noise from seed + N (e.g. 31337)")
+    gen.add_argument("--seed-resize-from", metavar="WxH",
+                     help="A1111's seed resize: each seed's noise as at this size, centred, so a seed keeps its "
+                          "composition at another --width/--height")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--batch-size", type=int)

@@ -45,6 +45,8 @@ class GenerateOptions:
     variation_seed: int = -1  # A1111's variation seed (subseed): image i's noise slerped toward subseed + i's ...
     variation_strength: float = 0.0  # ... this far (0: not at all; sampling/seed_noise.py)
     ensd: int = 0  # A1111's eta noise seed delta: an ancestral sampler's noise from seed + ensd
+    seed_resize_from: tuple[int, int] | None = None  # A1111's "Seed resize from" (width, height): each seed's noise
+    # drawn as at that size and centred, so a seed keeps its composition at another size (sampling/seed_noise.py)
     width: int | None = None  # default: the size it was trained at (default_size)
     height: int | None = None
     batch_size: int = 1
@@ -93,6 +95,9 @@ class GenerateOptions:
             raise GenerateError(f"--variation-strength {self.variation_strength}: must be from 0 to 1")
         if self.variation_seed < -1:
             raise GenerateError(f"--variation-seed {self.variation_seed}: -1 (random) or a seed from 0")
+        if self.seed_resize_from and not all(8 <= side <= MAX_SIDE for side in self.seed_resize_from):
+            raise GenerateError(f"--seed-resize-from {self.seed_resize_from[0]}x{self.seed_resize_from[1]}: each side "
+                                f"from 8 to {MAX_SIDE} px, the size the seed was drawn at")
         if self.init_image and not Path(self.init_image).is_file():
             raise GenerateError(f"--init-image {self.init_image}: no such file")
         if self.init_image:
@@ -272,6 +277,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.variation_strength:
         params["Variation seed"] = options.variation_seed if subseed is None else subseed
         params["Variation seed strength"] = options.variation_strength
+    if options.seed_resize_from:
+        params["Seed resize from"] = "{}x{}".format(*options.seed_resize_from)
     samplers = [options.scheduler, *([options.hires.sampler] if options.hires and options.hires.sampler else [])]
     if options.ensd and any(map(takes_ensd, samplers)):  # (A1111 too writes it only where it acts)
         params["ENSD"] = options.ensd
@@ -456,7 +463,7 @@ class Drawer:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
         subseeds = subseeds or [options.variation_seed + i for i in range(len(seeds))]
-        noise = noise_of(options, subseeds)
+        noise = noise_of(options, subseeds, cell=self.pipe.vae_scale_factor)
         if options.hires is None:
             return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                         **self.extra)
@@ -468,7 +475,7 @@ class Drawer:
             conditioning = encode_prompts(self.pipe, own[0], own[1] if guided else "", self.clip_skip,
                                           schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
-        hires_noise = noise_of(options, subseeds, options.hires.sampler)
+        hires_noise = noise_of(options, subseeds, options.hires.sampler, self.pipe.vae_scale_factor)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
                            scheduler=self.hires_scheduler)
@@ -525,21 +532,23 @@ def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], li
     return [options.seed + stride * i for i in indices], [options.variation_seed + i for i in indices]
 
 
-def noise_of(options: GenerateOptions, subseeds: list[int], sampler: str | None = None):
+def noise_of(options: GenerateOptions, subseeds: list[int], sampler: str | None = None, cell: int = 8):
     """The images' noise options (their variation seeds at the options' strength, the ENSD where the sampler takes
-    it: `sampler`, a hires pass's own, or the options'), or None where their noise is plainly their seeds'."""
+    it: `sampler`, a hires pass's own, or the options', the size the seeds' noise is drawn at in latents of `cell`
+    pixels), or None where their noise is plainly their seeds'."""
     from difftrain.sampling.schedulers import takes_ensd
     from difftrain.sampling.seed_noise import SeedNoise
 
     ensd = options.ensd if takes_ensd(sampler or options.scheduler) else 0
-    if not (options.variation_strength or ensd):
+    resize = options.seed_resize_from and (options.seed_resize_from[1] // cell, options.seed_resize_from[0] // cell)
+    if not (options.variation_strength or ensd or resize):
         return None
-    return SeedNoise(list(subseeds), options.variation_strength, ensd)
+    return SeedNoise(list(subseeds), options.variation_strength, ensd, resize or None)
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
 NOT_REPEATED = ("Hires checkpoint",
-                "Hires CFG Scale", "Seed resize from", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
+                "Hires CFG Scale", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
@@ -601,11 +610,15 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
                 setattr(options, name, convert(params[key]))
             except ValueError:
                 raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not a number") from None
-    if "Size" in params:
-        width, _, height = str(params["Size"]).partition("x")
-        if not (width.strip().isdigit() and height.strip().isdigit()):
-            raise GenerateError(f"{path}: its infotext says Size: {params['Size']!r}, not WIDTHxHEIGHT")
-        options.width, options.height = int(width), int(height)
+    for key, name in (("Size", "width"), ("Seed resize from", "seed_resize_from")):
+        if key in params:
+            size = parse_size(str(params[key]))
+            if size is None:
+                raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not WIDTHxHEIGHT")
+            if name == "width":
+                options.width, options.height = size
+            elif min(size) > 0:  # (A1111 writes none where it is off)
+                options.seed_resize_from = size
     if params.get("Lora files"):
         options.loras = [parse_lora_arg(item.strip()) for item in str(params["Lora files"]).split(" | ")]
     if params.get("Embeddings"):
@@ -617,6 +630,12 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     if "controlnets" not in overrides:  # units given on the command line replace the PNG's
         options.controlnets = units_from_infotext(params)
     return replace(options, **overrides)
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """"512x768" (A1111's Size and Seed resize from, --hires-resize) as (512, 768); None where it is not that."""
+    width, _, height = (side.strip() for side in text.partition("x"))
+    return (int(width), int(height)) if width.isdigit() and height.isdigit() else None
 
 
 def _version(text) -> tuple[int, ...]:

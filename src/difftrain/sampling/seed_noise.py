@@ -5,7 +5,9 @@ the first draw of its seed's generator. A variation mixes it with the first draw
 its variation seed, `slerp(strength, noise, subnoise)`. What a sampler draws after that (an
 ancestral sampler's noise) comes from the seed's generator, going on, or with an ENSD from a fresh
 generator of seed + ENSD. img2img (and the hires fix's second pass) draws the noise it adds the same
-way.
+way. "Seed resize from" draws the seed's (and variation seed's) noise at another size, from fresh
+generators, and puts its centre on the centre of the seed's noise at this size: the composition a seed
+gave at one size, kept at another.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ class SeedNoise:
     subseeds: list[int]  # each image's variation seed
     strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's
     ensd: int = 0  # A1111's eta noise seed delta: the sampler's own noise from seed + this
+    resize_from: tuple[int, int] | None = None  # "Seed resize from": the (rows, columns) of latents it was drawn at
 
-    def mix(self, noise: torch.Tensor) -> torch.Tensor:
-        """A batch of seed noise (B, C, H, W), each image slerped toward its variation seed's."""
-        if not self.strength:
+    def mix(self, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """A batch of seed noise (B, C, H, W), each image's drawn at `resize_from` and centred where one is
+        given, and slerped toward its variation seed's."""
+        if not self.strength and self.resize_from in (None, tuple(noise.shape[2:])):
             return noise
         mixed = []
-        for image_noise, subseed in zip(noise, self.subseeds):
-            subnoise = torch.randn(image_noise.shape, generator=torch.Generator().manual_seed(subseed))
-            mixed.append(slerp(self.strength, image_noise.float().cpu(), subnoise))
+        for image_noise, seed, subseed in zip(noise, seeds, self.subseeds):
+            image_noise = image_noise.float().cpu()
+            shape = image_noise.shape if self.resize_from is None else (image_noise.shape[0], *self.resize_from)
+            own = image_noise if shape == image_noise.shape else _randn(shape, seed)
+            if self.strength:
+                own = slerp(self.strength, own, _randn(shape, subseed))
+            mixed.append(own if shape == image_noise.shape else centred(own, image_noise))
         return torch.stack(mixed).to(noise)
 
     def sampler_generators(self, seeds: list[int], generators: list[torch.Generator]) -> list[torch.Generator]:
@@ -44,7 +52,7 @@ class SeedNoise:
         shape = (1, pipe.unet.config.in_channels, height // cell, width // cell)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
-        return self.mix(noise), self.sampler_generators(seeds, generators)
+        return self.mix(noise, seeds), self.sampler_generators(seeds, generators)
 
     @contextlib.contextmanager
     def added_noise(self, scheduler, seeds: list[int], generators: list[torch.Generator]):
@@ -55,11 +63,10 @@ class SeedNoise:
 
         def add_noise(samples, noise, timesteps):
             if self.ensd:  # the pipeline drew from the seed + ENSD generators: the seeds' own draw instead
-                noise = torch.cat([torch.randn((1, *noise.shape[1:]), generator=torch.Generator().manual_seed(seed))
-                                   for seed in seeds]).to(noise)
+                noise = torch.cat([_randn((1, *noise.shape[1:]), seed) for seed in seeds]).to(noise)
                 for generator, seed in zip(generators, seeds):
                     generator.manual_seed(seed + self.ensd)
-            return original(samples, self.mix(noise), timesteps)
+            return original(samples, self.mix(noise, seeds), timesteps)
 
         scheduler.add_noise = add_noise
         try:
@@ -69,6 +76,22 @@ class SeedNoise:
                 scheduler.add_noise = original
             else:
                 del scheduler.add_noise  # (the class's method again)
+
+
+def _randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def centred(small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`noise` (C, H, W) with `small`'s centre over its centre, as A1111 writes it (processing.py): its floor
+    division leaves the last row or column of `noise` its own where `small` is larger by an odd number."""
+    noise = noise.clone()
+    dy, dx = (noise.shape[1] - small.shape[1]) // 2, (noise.shape[2] - small.shape[2]) // 2
+    h = small.shape[1] if dy >= 0 else small.shape[1] + 2 * dy
+    w = small.shape[2] if dx >= 0 else small.shape[2] + 2 * dx
+    ty, tx, dy, dx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    noise[:, ty:ty + h, tx:tx + w] = small[:, dy:dy + h, dx:dx + w]
+    return noise
 
 
 def slerp(value: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -383,6 +383,7 @@ class Engine:
         options = GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                   seed=first_seed, variation_seed=first_subseed,
                                   variation_strength=request.subseed_strength,
+                                  seed_resize_from=request.seed_resize_from,
                                   ensd=int(request.override_settings.get("eta_noise_seed_delta", self.ensd)),
                                   scheduler=scheduler_name, guidance_scale=request.cfg_scale, width=request.width,
                                   height=request.height, batch_size=request.batch_size, n_iter=request.n_iter,
@@ -393,8 +394,8 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
-            noise = noise_of(options, subseeds)
-            hires_noise = noise_of(options, subseeds, hires.sampler) if hires else None
+            noise = noise_of(options, subseeds, cell=pipe.vae_scale_factor)
+            hires_noise = noise_of(options, subseeds, hires.sampler, pipe.vae_scale_factor) if hires else None
             latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, noise=noise,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
@@ -510,7 +511,7 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "scheduler": request.scheduler or "Automatic", "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": request.seed_resize_from_w, "seed_resize_from_h": request.seed_resize_from_h,
         "denoising_strength": request.denoising_strength if isinstance(request, Img2ImgRequest) or request.enable_hr
         else None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": drawn.infotexts, "styles": [],

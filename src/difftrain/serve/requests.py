@@ -107,12 +107,14 @@ class Txt2ImgRequest(BaseModel):
                                           "n_iter")
         if not 0 <= self.subseed_strength <= 1:
             raise RequestError("subseed_strength", f"{self.subseed_strength}: from 0 to 1")
+        for field, side, top in (("seed_resize_from_w", 0, limits.max_width),
+                                 ("seed_resize_from_h", 1, limits.max_height)):
+            if self.seed_resize_from and not 8 <= self.seed_resize_from[side] <= top:
+                raise RequestError(field, f"{self.seed_resize_from[side]}: from 8 to {top} on this server (-1: off)")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
         check_ensd(self.override_settings.get("eta_noise_seed_delta"), "override_settings.eta_noise_seed_delta")
         unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
-                       ("seed_resize_from_h", max(self.seed_resize_from_h, self.seed_resize_from_w) > 0,
-                        "resizing a seed's noise from another size"),
                        ("script_name", self.script_name, "scripts"),
                        ("hr_checkpoint_name", self.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
                         "a hires checkpoint of its own"),
@@ -151,6 +153,12 @@ class Txt2ImgRequest(BaseModel):
         except HiresError as reason:
             sizing = "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
             raise RequestError(fields.get(reason.setting, sizing), str(reason)) from None
+
+    @property
+    def seed_resize_from(self) -> tuple[int, int] | None:
+        """(width, height) the seeds' noise is drawn at, as A1111 reads the two: on where both are above 0."""
+        size = (self.seed_resize_from_w, self.seed_resize_from_h)
+        return size if min(size) > 0 else None
 
     @property
     def hires(self):

@@ -3,7 +3,7 @@
     PYTHONPATH=benchmarks PYTEST_ADDOPTS="-p suite_cpu" make test
 
 On 2 cores the suite is CPU-bound, and its wall times mislead: a test beside the multi-process fixture
-waits for a core (the FID test took 215 s there and 16 s alone), and a test that launches processes spends
+waits for a core (the FID test took 215 s there and 19 s alone), and a test that launches processes spends
 its CPU in them. This counts each test's CPU seconds (setup, call and teardown; a module's fixture falls to
 the first test that uses it) in its own process and in the child processes it waited for (getrusage), on
 each pytest-xdist worker, and prints the files by CPU seconds at the end of the run. Child processes a test

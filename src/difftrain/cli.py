@@ -302,8 +302,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from difftrain.generate.hires import Hires
-    from difftrain.generate.text2image import (GenerateOptions, generate, options_from_png, parse_lora_arg,
-                                               parse_size, with_seed)
+    from difftrain.generate.text2image import GenerateOptions, generate, options_from_png, parse_lora_arg, with_seed
 
     if args.list_schedulers:
         from difftrain.sampling.schedulers import list_schedulers
@@ -322,10 +321,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.no_ema:
         given["use_ema"] = False
     if args.seed_resize_from is not None:
-        given["seed_resize_from"] = parse_size(args.seed_resize_from)
-        if given["seed_resize_from"] is None:
-            raise DifftrainError(f"--seed-resize-from {args.seed_resize_from}: give WIDTHxHEIGHT in pixels "
-                                 "(e.g. 512x512)")
+        given["seed_resize_from"] = _size_flag("--seed-resize-from", args.seed_resize_from, " (e.g. 512x512)")
     if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end
                                                          or args.control_resize or args.control_mode):
         raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize and --control-mode apply "
@@ -380,19 +376,24 @@ def _generate(args: argparse.Namespace) -> int:
 def _hires_flags(args: argparse.Namespace) -> dict:
     """The hires fix settings given on the command line (generate.hires.Hires fields); --hires-scale or
     --hires-resize turns it on."""
-    from difftrain.generate.text2image import parse_size
-
     given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
                                                ("steps", args.hires_steps), ("sampler", args.hires_sampler),
                                                ("prompt", args.hires_prompt),
                                                ("negative_prompt", args.hires_negative_prompt))
              if value is not None}
     if args.hires_resize is not None:
-        given["resize"] = parse_size(args.hires_resize)
-        if given["resize"] is None:
-            raise DifftrainError(f"--hires-resize {args.hires_resize}: give WIDTHxHEIGHT in pixels, 0 for a side "
-                                 "that follows the other (e.g. 1024x0)")
+        given["resize"] = _size_flag("--hires-resize", args.hires_resize,
+                                     ", 0 for a side that follows the other (e.g. 1024x0)")
     return given
+
+
+def _size_flag(flag: str, value: str, hint: str) -> tuple[int, int]:
+    """A WIDTHxHEIGHT flag's (width, height), or an error that names the flag and says how to write it."""
+    from difftrain.generate.text2image import parse_size
+
+    if (size := parse_size(value)) is None:
+        raise DifftrainError(f"{flag} {value}: give WIDTHxHEIGHT in pixels{hint}")
+    return size
 
 
 def _out_folder(out: str | None) -> None:

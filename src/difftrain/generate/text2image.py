@@ -463,7 +463,7 @@ class Drawer:
             self.deepcache.reset()  # each generation starts with a whole-UNet step
         options = self.options
         subseeds = subseeds or [options.variation_seed + i for i in range(len(seeds))]
-        noise = noise_of(options, subseeds, cell=self.pipe.vae_scale_factor)
+        noise = noise_of(options, subseeds, self.pipe.vae_scale_factor)
         if options.hires is None:
             return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                         **self.extra)
@@ -475,7 +475,7 @@ class Drawer:
             conditioning = encode_prompts(self.pipe, own[0], own[1] if guided else "", self.clip_skip,
                                           schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
-        hires_noise = noise_of(options, subseeds, options.hires.sampler, self.pipe.vae_scale_factor)
+        hires_noise = noise_of(options, subseeds, self.pipe.vae_scale_factor, options.hires.sampler)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
                            scheduler=self.hires_scheduler)
@@ -532,10 +532,10 @@ def batch_seeds(options: GenerateOptions, iteration: int) -> tuple[list[int], li
     return [options.seed + stride * i for i in indices], [options.variation_seed + i for i in indices]
 
 
-def noise_of(options: GenerateOptions, subseeds: list[int], sampler: str | None = None, cell: int = 8):
+def noise_of(options: GenerateOptions, subseeds: list[int], cell: int, sampler: str | None = None):
     """The images' noise options (their variation seeds at the options' strength, the ENSD where the sampler takes
     it: `sampler`, a hires pass's own, or the options', the size the seeds' noise is drawn at in latents of `cell`
-    pixels), or None where their noise is plainly their seeds'."""
+    pixels, the pipeline's VAE factor), or None where their noise is plainly their seeds'."""
     from difftrain.sampling.schedulers import takes_ensd
     from difftrain.sampling.seed_noise import SeedNoise
 
@@ -543,7 +543,7 @@ def noise_of(options: GenerateOptions, subseeds: list[int], sampler: str | None 
     resize = options.seed_resize_from and (options.seed_resize_from[1] // cell, options.seed_resize_from[0] // cell)
     if not (options.variation_strength or ensd or resize):
         return None
-    return SeedNoise(list(subseeds), options.variation_strength, ensd, resize or None)
+    return SeedNoise(list(subseeds), options.variation_strength, ensd, resize)
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
@@ -610,15 +610,15 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
                 setattr(options, name, convert(params[key]))
             except ValueError:
                 raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not a number") from None
-    for key, name in (("Size", "width"), ("Seed resize from", "seed_resize_from")):
-        if key in params:
-            size = parse_size(str(params[key]))
-            if size is None:
-                raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not WIDTHxHEIGHT")
-            if name == "width":
-                options.width, options.height = size
-            elif min(size) > 0:  # (A1111 writes none where it is off)
-                options.seed_resize_from = size
+    def size_of(key: str) -> tuple[int, int]:
+        if (size := parse_size(str(params[key]))) is None:
+            raise GenerateError(f"{path}: its infotext says {key}: {params[key]!r}, not WIDTHxHEIGHT")
+        return size
+
+    if "Size" in params:
+        options.width, options.height = size_of("Size")
+    if "Seed resize from" in params and min(resize := size_of("Seed resize from")) > 0:  # (A1111 writes none off)
+        options.seed_resize_from = resize
     if params.get("Lora files"):
         options.loras = [parse_lora_arg(item.strip()) for item in str(params["Lora files"]).split(" | ")]
     if params.get("Embeddings"):

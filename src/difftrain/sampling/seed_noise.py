@@ -83,7 +83,7 @@ def _randn(shape, seed: int) -> torch.Tensor:
 
 
 def centred(small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """`noise` (C, H, W) with `small`'s centre over its centre, as A1111 writes it (processing.py): its floor
+    """`noise` (C, H, W) with `small`'s centre over its centre, as A1111 writes it (modules/rng.py): its floor
     division leaves the last row or column of `noise` its own where `small` is larger by an odd number."""
     noise = noise.clone()
     dy, dx = (noise.shape[1] - small.shape[1]) // 2, (noise.shape[2] - small.shape[2]) // 2

@@ -394,8 +394,8 @@ class Engine:
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
-            noise = noise_of(options, subseeds, cell=pipe.vae_scale_factor)
-            hires_noise = noise_of(options, subseeds, hires.sampler, pipe.vae_scale_factor) if hires else None
+            noise = noise_of(options, subseeds, pipe.vae_scale_factor)
+            hires_noise = noise_of(options, subseeds, pipe.vae_scale_factor, hires.sampler) if hires else None
             latents = sample(runner, conditioning, seeds, request.steps, request.cfg_scale, noise=noise,
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.

@@ -107,10 +107,10 @@ class Txt2ImgRequest(BaseModel):
                                           "n_iter")
         if not 0 <= self.subseed_strength <= 1:
             raise RequestError("subseed_strength", f"{self.subseed_strength}: from 0 to 1")
-        for field, side, top in (("seed_resize_from_w", 0, limits.max_width),
-                                 ("seed_resize_from_h", 1, limits.max_height)):
-            if self.seed_resize_from and not 8 <= self.seed_resize_from[side] <= top:
-                raise RequestError(field, f"{self.seed_resize_from[side]}: from 8 to {top} on this server (-1: off)")
+        for field, side, top in zip(("seed_resize_from_w", "seed_resize_from_h"), self.seed_resize_from or (),
+                                    (limits.max_width, limits.max_height)):
+            if not 8 <= side <= top:
+                raise RequestError(field, f"{side}: from 8 to {top} on this server (-1: off)")
         check_clip_skip(self.override_settings.get("CLIP_stop_at_last_layers"),
                         "override_settings.CLIP_stop_at_last_layers")
         check_ensd(self.override_settings.get("eta_noise_seed_delta"), "override_settings.eta_noise_seed_delta")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from test_generate import pixels, run
 from test_text2image import sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
-from difftrain.generate.hires import Hires, HiresError, Target, pass_steps
+from difftrain.generate.hires import Hires, HiresError, Target, model_upscaler, pass_steps
 from difftrain.generate.text2image import Drawer, GenerateOptions
 
 
@@ -26,7 +27,7 @@ def a1111_png(path, settings: str):
     return path
 
 
-def test_target_sizes_are_a1111s():
+def test_target_sizes_are_a1111s(tmp_path):
     """calculate_target_resolution's cases: a scale, one side of a resize (the other kept to the aspect), both
     sides (scaled to cover them, then the latents cropped to them)."""
     assert Hires(scale=2).target(64, 48) == Target(128, 96)
@@ -36,11 +37,14 @@ def test_target_sizes_are_a1111s():
     assert Hires(resize=(128, 128)).target(64, 48) == Target(170, 128, 5, 0)  # 8 px cells, as SD's
     assert Hires(resize=(128, 128)).target(64, 48).size == (128, 128)
     assert Hires(resize=(128, 256)).target(64, 48).size == (128, 256)
-    for hires, setting in ((Hires(upscaler="R-ESRGAN 4x+"), "upscaler"), (Hires(scale=0), "scale"),
-                           (Hires(scale=300), "size"), (Hires(steps=-1), "steps"), (Hires(resize=(-8, 0)), "resize")):
+    for hires, setting in ((Hires(scale=0), "scale"), (Hires(scale=300), "size"), (Hires(steps=-1), "steps"),
+                           (Hires(resize=(-8, 0)), "resize")):
         with pytest.raises(HiresError) as caught:
             hires.check(64, 64, 8192)
         assert caught.value.setting == setting
+    with pytest.raises(HiresError) as caught:  # a name that is no built-in upscaler nor a file in the folder
+        model_upscaler(Hires(upscaler="R-ESRGAN 4x+"), tmp_path)
+    assert caught.value.setting == "upscaler" and "Latent, " in str(caught.value)
 
 
 def test_the_second_pass_takes_exactly_its_steps_from_a1111s_point():
@@ -197,8 +201,9 @@ def test_deepcache_starts_the_hires_pass_with_a_whole_unet_step(tiny_sd):  # noq
 
 
 def test_a_pngs_hires_fix_takes_the_command_lines_changes(tiny_sd, tmp_path, caplog, capsys):  # noqa: F811
-    """Each --hires-* flag replaces the PNG's own setting (an A1111 PNG's model upscaler, which we lack, is named
-    with the flag that picks another); with --init-image the PNG's hires fix is left out, and said."""
+    """Each --hires-* flag replaces the PNG's own setting (an A1111 PNG's model upscaler, absent from the upscaler
+    folder, is named with the flag that picks another); with --init-image the PNG's hires fix is left out, and
+    said."""
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
 
     png = a1111_png(tmp_path / "a1111.png", "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, "
@@ -208,7 +213,9 @@ def test_a_pngs_hires_fix_takes_the_command_lines_changes(tiny_sd, tmp_path, cap
         return main(["generate", str(tiny_sd), "--from-png", str(png), "--out", str(tmp_path / out), "--no-progress",
                      *flags])
 
-    assert repeat("a") == 2 and "--hires-upscaler: hires upscaler 'R-ESRGAN 4x+'" in capsys.readouterr().err
+    assert repeat("a") == 2
+    assert "--hires-upscaler: hires upscaler 'R-ESRGAN 4x+' is not one of Latent, " in (err := capsys.readouterr().err)
+    assert "no such model file (RealESRGAN_x4plus.pth) in models/upscalers" in err
     assert repeat("b", "--hires-upscaler", "Lanczos") == 0
     params = parse_infotext(read_png_infotext(next((tmp_path / "b").glob("*.png"))))[2]
     assert (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"]) == ("2.0", "2", "Lanczos")
@@ -219,6 +226,40 @@ def test_a_pngs_hires_fix_takes_the_command_lines_changes(tiny_sd, tmp_path, cap
         assert repeat("d", "--init-image", str(png)) == 0
     assert "hires fix is not repeated with --init-image" in caplog.text
     assert Image.open(next((tmp_path / "d").glob("*.png"))).size == (32, 32)
+
+
+def test_a_model_upscaler_found_by_its_a1111_name_or_path_enlarges_the_first_pass(tiny_sd, tmp_path):  # noqa: F811
+    """An A1111 PNG's "R-ESRGAN 4x+" is RealESRGAN_x4plus.pth in --upscaler-dir (below it, as in A1111's models
+    folder). A compact Real-ESRGAN of zero weights is exactly the nearest enlargement: its hires fix draws what the
+    Nearest upscaler draws (to A1111's 8-bit truncation), unlike Lanczos; a file given by path is written by its
+    A1111 name, which --from-png finds again."""
+    from safetensors.torch import save_file
+
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    folder = tmp_path / "models" / "RealESRGAN"
+    folder.mkdir(parents=True)
+    layers = {f"body.{i}.weight": torch.zeros(8, 3 if i == 0 else 8, 3, 3) for i in (0, 2)}
+    layers.update({"body.4.weight": torch.zeros(48, 8, 3, 3), "body.1.weight": torch.zeros(8),
+                   "body.3.weight": torch.zeros(8), **{f"body.{i}.bias": torch.zeros(8 if i < 4 else 48)
+                                                        for i in (0, 2, 4)}})
+    torch.save({"params": layers}, folder / "RealESRGAN_x4plus.pth")
+    save_file(layers, tmp_path / "4x-Zero.safetensors")
+    png = a1111_png(tmp_path / "a1111.png", "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, "
+                                            "Hires upscaler: R-ESRGAN 4x+")
+    base = ["generate", str(tiny_sd), "--no-progress"]
+    assert main([*base, "--from-png", str(png), "--upscaler-dir", str(tmp_path / "models"), "--out",
+                 str(tmp_path / "named")]) == 0
+    for upscaler in ("Nearest", "Lanczos", str(tmp_path / "4x-Zero.safetensors")):
+        assert main([*base, "--from-png", str(png), "--hires-upscaler", upscaler, "--out",
+                     str(tmp_path / Path(upscaler).stem)]) == 0
+    drawn = {name: pixels(next((tmp_path / name).glob("*.png"))) for name in ("named", "Nearest", "Lanczos", "4x-Zero")}
+    assert drawn["named"].shape == (64, 64, 3) and np.array_equal(drawn["named"], drawn["4x-Zero"])
+    to_nearest = np.abs(drawn["named"] - drawn["Nearest"]).mean()
+    assert to_nearest < 0.5 * np.abs(drawn["named"] - drawn["Lanczos"]).mean(), to_nearest
+    info = {name: parse_infotext(read_png_infotext(next((tmp_path / name).glob("*.png"))))[2]["Hires upscaler"]
+            for name in ("named", "4x-Zero")}
+    assert info == {"named": "R-ESRGAN 4x+", "4x-Zero": "4x-Zero"}
 
 
 def test_a_hires_pass_that_cannot_be_drawn_is_refused_naming_the_flag(tiny_sd, tmp_path, capsys):  # noqa: F811

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_personalise import lora_run  # noqa: F401
 from test_text2image import tiny_sd  # noqa: F401
+from test_upscalers import original_esrgan
 
 from difftrain.cli import main
 from difftrain.serve.app import BackgroundServer
@@ -51,8 +52,11 @@ def server(tiny_sd, lora_run, tmp_path_factory):  # noqa: F811
     save_file({"emb_params": torch.randn(1, 48)}, root / "embeddings" / "wide.safetensors")
     # Its token is one "shiny" brings (shiny, shiny_1): diffusers refuses it, and the model must still load.
     save_file({"emb_params": torch.randn(1, 32)}, root / "embeddings" / "shiny_1.safetensors")
+    (root / "upscalers" / "ESRGAN").mkdir(parents=True)  # A1111's models folder: ESRGAN/ and RealESRGAN/ below
+    torch.save(original_esrgan(), root / "upscalers" / "ESRGAN" / "4x-Tiny.pth")
     settings = ServeSettings(models=[str(tiny_sd), str(other), str(lora_run)], lora_dir=str(root / "loras"),
                              controlnet_dir=str(root / "controlnets"), embeddings_dir=str(root / "embeddings"),
+                             upscaler_dir=str(root / "upscalers"),
                              limits=Limits(max_width=128, max_height=128, max_steps=40, max_queue=2))
     running = BackgroundServer(settings)
     yield running
@@ -112,10 +116,10 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
 
     api = client(server)
 
-    def generated(image, name: str, **hires) -> bool:
+    def generated(image, name: str, upscaler_dir: str = "models/upscalers", **hires) -> bool:
         """Whether `generate` draws the served image with these hires settings."""
         [path] = generate(str(tiny_sd), GenerateOptions(prompt="a red circle", steps=3, scheduler="Euler a", seed=5,
-                                                        width=64, height=64, strength=0.6,
+                                                        width=64, height=64, strength=0.6, upscaler_dir=upscaler_dir,
                                                         hires=Hires(scale=1.5, steps=2, **hires)),
                           tmp_path / name, progress=False)
         return np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image.convert("RGB")))
@@ -126,6 +130,16 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
     text = result.image.info["parameters"]
     assert "Size: 64x64" in text and "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2" in text
     assert generated(result.image, "plain")
+    # A model upscaler of the server's folder, by the name /upscalers lists.
+    listed = {entry["name"]: entry for entry in api.get_upscalers()}
+    assert list(listed)[:3] == ["None", "Lanczos", "Nearest"] and listed["4x-Tiny"]["scale"] == 4
+    assert [mode["name"] for mode in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
+    esrgan = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                         hr_second_pass_steps=2, denoising_strength=0.6, hr_upscaler="4x-Tiny")
+    assert "Hires upscaler: 4x-Tiny" in esrgan.image.info["parameters"]
+    folder = str(Path(listed["4x-Tiny"]["model_path"]).parents[1])
+    assert generated(esrgan.image, "esrgan", folder, upscaler="4x-Tiny")
+    assert not np.array_equal(np.asarray(esrgan.image), np.asarray(result.image))
     # A hires sampler of its own ("Use same sampler" is A1111's UI's word for none).
     own = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
                       hr_second_pass_steps=2, denoising_strength=0.6, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras")
@@ -339,6 +353,7 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
 @pytest.mark.parametrize("payload,field", [
     ({"width": 70}, "width"), ({"steps": 500}, "steps"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_upscaler": "upscalers/ESRGAN/4x-Tiny.pth"}, "hr_upscaler"),  # a name, never a path
     ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_sampler_name": "Euler", "hr_scheduler": "Align Your Steps"}, "hr_scheduler"),

@@ -288,7 +288,8 @@ def _model_tiny_sd(args: argparse.Namespace) -> int:
 GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "scheduler": "scheduler",
     "cfg": "guidance_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
-    "n_iter": "n_iter", "lora_dir": "lora_dir", "clip_skip": "clip_skip", "precision": "precision",
+    "n_iter": "n_iter", "lora_dir": "lora_dir", "upscaler_dir": "upscaler_dir", "clip_skip": "clip_skip",
+    "precision": "precision",
     "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
     "cpu_offload": "cpu_offload", "compile": "compile", "compile_mode": "compile_mode",
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
@@ -458,7 +459,24 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
 
 SERVE_FOLDERS = {"--lora-dir": "models/lora", "--embeddings-dir": "models/embeddings",
-                 "--controlnet-dir": "models/controlnet"}  # A1111's layout
+                 "--controlnet-dir": "models/controlnet", "--upscaler-dir": "models/upscalers"}  # A1111's layout
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    from difftrain.errors import UpscalerError
+    from difftrain.generate.text2image import resolve_device
+    from difftrain.generate.upscale import upscale_files
+
+    _out_folder(args.out)
+    try:
+        written, skipped = upscale_files(args.images, args.upscaler, args.out, args.scale, args.upscaler_dir,
+                                         resolve_device(args.device), tile=args.tile, progress=not args.no_progress)
+    except UpscalerError as reason:  # (its messages start with the setting: upscaler, scale or tile)
+        raise DifftrainError(f"--{reason}") from None
+    for image, reason in skipped:
+        print(f"skipped {image}: {reason}", file=sys.stderr)
+    print(f"wrote {len(written)} image(s) to {args.out}" + (f"; {len(skipped)} skipped" if skipped else ""))
+    return 0 if written else 2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -480,7 +498,7 @@ def _serve(args: argparse.Namespace) -> int:
     for model in args.models:
         check_exists("model", model)
     for flag, folder in (("--lora-dir", args.lora_dir), ("--controlnet-dir", args.controlnet_dir),
-                         ("--embeddings-dir", args.embeddings_dir)):
+                         ("--embeddings-dir", args.embeddings_dir), ("--upscaler-dir", args.upscaler_dir)):
         # (the defaults, A1111's models/ folders, may be absent: nothing of that kind is served then)
         if folder != SERVE_FOLDERS[flag] and not Path(folder).is_dir():
             raise DifftrainError(f"{flag} {folder}: no such folder")
@@ -491,7 +509,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = listening.getsockname()[1]
     settings = ServeSettings(models=args.models, host=args.host, port=port, users=users, token=args.token,
                              lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
-                             embeddings_dir=args.embeddings_dir, device=args.device,
+                             embeddings_dir=args.embeddings_dir, upscaler_dir=args.upscaler_dir, device=args.device,
                              precision=args.precision, models_in_memory=args.models_in_memory, limits=limits,
                              allowed_hosts=args.allow_host or [])
     app = create_app(settings)
@@ -772,6 +790,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     export.set_defaults(run=_export_controlnet)
 
+    up = commands.add_parser("upscale", help="enlarge images with ESRGAN, Real-ESRGAN or Lanczos, as A1111's Extras")
+    up.add_argument("images", nargs="+", help="image files")
+    up.add_argument("--upscaler", required=True, metavar="NAME|FILE",
+                    help="a model upscaler's A1111 name in --upscaler-dir (e.g. 'R-ESRGAN 4x+') or its "
+                         ".pth/.safetensors file; or Lanczos or Nearest (with --scale)")
+    up.add_argument("--scale", type=_finite, help="enlarge this many times (default: the model's own factor)")
+    up.add_argument("--upscaler-dir", default="models/upscalers", help="where names are looked for")
+    up.add_argument("--out", required=True, help="folder for the PNGs")
+    up.add_argument("--tile", type=int, default=192, help="tile side in px, 0: the whole image at once (default 192, "
+                                                          "A1111's)")
+    up.add_argument("--device", default="auto")
+    up.add_argument("--no-progress", action="store_true")
+    up.set_defaults(run=_upscale)
+
     onnx = commands.add_parser("export", help="export a Stable Diffusion to ONNX for ONNX Runtime (fp32, fp16, int8)")
     onnx.add_argument("model", help="run folder, model folder, hub id or single-file .safetensors")
     onnx.add_argument("out", help="a new folder (diffusers' / Optimum's ONNX layout, with our manifest)")
@@ -847,8 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A1111's hires fix: draw, upscale X times (e.g. 2), redraw as img2img at --strength")
     gen.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of a scale (0: follow "
                                                              "the other side)")
-    gen.add_argument("--hires-upscaler", choices=UPSCALERS, metavar="NAME",
-                     help=f"hires fix upscaler (default Latent): {', '.join(UPSCALERS)}")
+    gen.add_argument("--hires-upscaler", metavar="NAME|FILE",
+                     help=f"hires fix upscaler (default Latent): {', '.join(UPSCALERS)}, or a model upscaler (ESRGAN, "
+                          "Real-ESRGAN): its A1111 name in --upscaler-dir (e.g. 'R-ESRGAN 4x+', '4x-UltraSharp') or "
+                          "its .pth/.safetensors file")
+    gen.add_argument("--upscaler-dir", help="where --hires-upscaler (or a PNG's) looks for a model upscaler by name "
+                                            "(default models/upscalers; A1111's models folder works)")
     gen.add_argument("--hires-steps", type=int, metavar="N", help="hires fix second pass steps (default: --steps)")
     gen.add_argument("--hires-sampler", metavar="NAME", help="hires fix second pass sampler (default: --scheduler)")
     gen.add_argument("--hires-prompt", metavar="TEXT", help="hires fix second pass prompt (default: --prompt)")
@@ -903,6 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Textual Inversion embeddings (.safetensors) loaded into every served model they fit")
     serve.add_argument("--controlnet-dir", default=SERVE_FOLDERS["--controlnet-dir"],
                        help="the ControlNets (folders or .safetensors) alwayson_scripts units may name")
+    serve.add_argument("--upscaler-dir", default=SERVE_FOLDERS["--upscaler-dir"],
+                       help="model upscalers (ESRGAN, Real-ESRGAN .pth/.safetensors) hr_upscaler may name")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     serve.add_argument("--max-size", type=_whole(64), default=1024, help="largest width/height served (default 1024)")

@@ -7,3 +7,8 @@ class DifftrainError(ValueError):
 
 class ConfigError(DifftrainError):
     """A setting that cannot work; the message names the config key and is meant for the user as it is."""
+
+
+class UpscalerError(DifftrainError):
+    """An upscaler file that is absent, unreadable or no network this toolkit knows; the message starts with the
+    setting (upscaler, scale, tile), so a command line can name its flag."""

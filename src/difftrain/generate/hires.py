@@ -13,11 +13,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from difftrain.errors import DifftrainError
+from difftrain.errors import DifftrainError, UpscalerError
+# (IMAGE_UPSCALERS: the first image decoded, resized, encoded again)
+from difftrain.generate.upscale import IMAGE_UPSCALERS, a1111_name, find_upscaler, load, upscale_once
+from difftrain.generate.upscale import upscale as upscale_image
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +37,6 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# A1111's image upscalers that need no model of their own: the first image decoded, resized, encoded again.
-IMAGE_UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 
 
@@ -79,7 +81,8 @@ class Hires:
     negative_prompt: str = ""
 
     def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
-        """The target of a first pass of this size, or the reason there is none, naming the option."""
+        """The target of a first pass of this size, or the reason there is none, naming the option. (A model
+        upscaler's file is found by model_upscaler, which knows where to look.)"""
         if self.sampler is not None:
             from difftrain.sampling.schedulers import resolve_name
 
@@ -87,9 +90,6 @@ class Hires:
                 resolve_name(self.sampler)
             except DifftrainError as reason:
                 raise HiresError("sampler", f"hires sampler: {reason}") from None
-        if self.upscaler not in UPSCALERS:
-            raise HiresError("upscaler", f"hires upscaler {self.upscaler!r}: choose one of {', '.join(UPSCALERS)} "
-                                         "(model upscalers such as ESRGAN are not built in)")
         if self.steps < 0:
             raise HiresError("steps", f"hires steps {self.steps}: 0 (the first pass's) or more")
         if min(self.resize) < 0:
@@ -134,7 +134,7 @@ class Hires:
                                                       ("Hires negative prompt", self.negative_prompt, negative_prompt))
                    if text and text != first}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
-                "Hires upscaler": self.upscaler, **sampler, **prompts}
+                "Hires upscaler": a1111_name(self.upscaler), **sampler, **prompts}
 
     @classmethod
     def from_infotext(cls, params: dict) -> Hires | None:
@@ -233,20 +233,45 @@ def check_pass(scheduler, steps: int, strength: float) -> None:
                                   "step to take; raise the hires steps or the strength")
 
 
-def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target) -> torch.Tensor:
-    """The first pass's latents at the target size, cropped as A1111 crops them."""
+def model_upscaler(hires: Hires, folder: str | Path | None, paths: bool = True) -> Path | None:
+    """The file of a hires fix's model upscaler (an A1111 name in `folder`, or where `paths` a file's path), read
+    once so that a file that is no upscaler is refused before drawing; None for the upscalers without a model."""
+    if hires.upscaler in UPSCALERS:
+        return None
+    try:
+        path = find_upscaler(hires.upscaler, folder, paths)
+        load(path)
+    except UpscalerError as reason:
+        raise HiresError("upscaler", f"hires upscaler {hires.upscaler!r} is not one of {', '.join(UPSCALERS)}, nor "
+                                     f"a model upscaler here: {reason}") from None
+    return path
+
+
+def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target, model: Path | None = None) -> torch.Tensor:
+    """The first pass's latents at the target size, cropped as A1111 crops them; `model`: the upscaler's file
+    (model_upscaler), where it has one."""
     import torch
 
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
     else:
-        latents = _through_images(pipe, latents, IMAGE_UPSCALERS[hires.upscaler], target)
+        latents = _through_images(pipe, latents, _one_pass(hires.upscaler, model, latents.device), target)
     ty, tx = target.truncate_y, target.truncate_x
     return latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
 
 
-def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> torch.Tensor:
+def _one_pass(upscaler: str, model: Path | None, device):
+    """What one pass of A1111's Upscaler does to an image at a scale: (image, scale) -> image; None for "None"."""
+    if model is not None:
+        network = load(model).to(device)
+        return lambda image, scale: upscale_once(network, image)
+    if (resample := IMAGE_UPSCALERS[upscaler]) is None:
+        return None
+    return lambda image, scale: image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+
+
+def _through_images(pipe, latents: torch.Tensor, one_pass, target: Target) -> torch.Tensor:
     """Decode, resize as A1111's resize_image does with that upscaler, encode again."""
     from difftrain.sampling.text2image import to_images, to_latents
 
@@ -256,10 +281,8 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
     resized = []
     for image in to_images(pipe, latents):
         scale = max(target.width / image.width, target.height / image.height)
-        if resample is not None and scale > 1:  # the upscaler's own step, to whole 8 px cells (A1111's Upscaler)
-            image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-            cells = (int(image.width // 8 * 8), int(image.height // 8 * 8))
-            image = image.resize(cells, lanczos) if image.size != cells else image
+        if one_pass is not None and scale > 1:  # the upscaler's own passes, to whole 8 px cells (A1111's Upscaler)
+            image = upscale_image(lambda picture: one_pass(picture, scale), image, scale)
         for exact in ((target.width, target.height), size):  # resize_image's, then the encoder's whole cells
             image = image.resize(exact, lanczos) if image.size != exact else image
         resized.append(image)
@@ -268,13 +291,13 @@ def _through_images(pipe, latents: torch.Tensor, resample, target: Target) -> to
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                noise=None, scheduler=None, **hooks) -> list[Image.Image]:
+                noise=None, scheduler=None, model: Path | None = None, **hooks) -> list[Image.Image]:
     """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
 
     `scheduler`: the pass's own sampler (pass_scheduler), else the runner's;
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
     `noise`: the first pass's variation seeds and ENSD (seed_noise.SeedNoise), which A1111 applies to this pass's
-    noise too; `hooks`: step callbacks, as the first pass had them."""
+    noise too; `model`: the upscaler's file (model_upscaler); `hooks`: step callbacks, as the first pass had them."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -285,7 +308,7 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
     img2img.set_progress_bar_config(**getattr(runner, "_progress_bar_config", {}))
     length, pass_strength = pass_steps(hires.steps or steps, strength)
     with torch.no_grad():
-        upscaled = upscale(runner, latents, hires, target)
+        upscaled = upscale(runner, latents, hires, target, model)
     if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
         feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
     latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, noise, image=upscaled,

@@ -20,7 +20,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
-from difftrain.generate.hires import Hires, HiresError
+from difftrain.generate.hires import Hires, HiresError, model_upscaler
 from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class GenerateOptions:
     loras: list[tuple[str, float]] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
     lora_dir: str = "models/lora"
+    upscaler_dir: str = "models/upscalers"  # where a hires fix's model upscaler named as A1111 names it is looked for
     use_ema: bool = True
     clip_skip: int | None = None  # None: what the model was trained with (its manifest), else 1
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 elsewhere
@@ -111,9 +112,10 @@ class GenerateOptions:
             if self.init_image or self.controlnets:
                 raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
                                     "--controlnet (A1111's img2img has none either)")
-            if self.width and self.height:
-                with hires_flags():
+            with hires_flags():
+                if self.width and self.height:
                     self.hires.check(self.width, self.height, MAX_SIDE)
+                model_upscaler(self.hires, self.upscaler_dir)  # (before a model loads)
         resolve_device(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
@@ -418,7 +420,7 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls)
-        self.hires_target = self.hires_scheduler = self.hires_prompt = None
+        self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_model = None
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
@@ -429,6 +431,7 @@ class Drawer:
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
                 self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
                 check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)
+                self.hires_model = model_upscaler(options.hires, options.upscaler_dir)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -478,7 +481,7 @@ class Drawer:
         hires_noise = noise_of(options, subseeds, self.pipe.vae_scale_factor, options.hires.sampler)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
-                           scheduler=self.hires_scheduler)
+                           scheduler=self.hires_scheduler, model=self.hires_model)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:

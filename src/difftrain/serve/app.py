@@ -71,6 +71,7 @@ class ServeSettings:
     lora_dir: str | None = "models/lora"
     controlnet_dir: str | None = "models/controlnet"
     embeddings_dir: str | None = "models/embeddings"
+    upscaler_dir: str | None = "models/upscalers"
     device: str | None = None
     precision: str = "auto"
     models_in_memory: int = 1  # loaded models kept; the least recently used beyond it is let go
@@ -85,7 +86,7 @@ class ServeSettings:
 def create_app(settings: ServeSettings, engine: Engine | None = None):
     engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision,
                               controlnet_dir=settings.controlnet_dir, embeddings_dir=settings.embeddings_dir,
-                              models_in_memory=settings.models_in_memory)
+                              models_in_memory=settings.models_in_memory, upscaler_dir=settings.upscaler_dir)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     allowed = {*LOOPBACK, *(name.lower() for name in settings.allowed_hosts)}
@@ -284,6 +285,23 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def loras():
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
                 for name, path in engine.lora_files().items()]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        from difftrain.generate.upscale import IMAGE_UPSCALERS, upscaler_files
+
+        plain = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                 for name in IMAGE_UPSCALERS]
+        # (the scale A1111 lists: 4 for its ESRGAN folder's files whatever they hold, 2 for R-ESRGAN 2x+)
+        return plain + [{"name": name, "model_name": name, "model_path": str(path), "model_url": None,
+                         "scale": 2 if name == "R-ESRGAN 2x+" else 4}
+                        for name, path in upscaler_files(engine.upscaler_dir).items()]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        from difftrain.generate.hires import LATENT_UPSCALERS
+
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @app.get("/controlnet/model_list")
     def controlnet_models():

@@ -80,6 +80,7 @@ class Prepared:
     unit_images: list  # ... and their images as sent (each unit carries its control mode)
     init_image: object = None  # img2img: the decoded image
     hires_prompt: str = ""  # the hires pass's own prompt without its <lora:...> tags (the prompt's); "": the prompt
+    hires_model: Path | None = None  # the hires fix's model upscaler file, in the upscaler folder
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Engine:
 
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
                  precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
-                 embeddings_dir: str | None = None, models_in_memory: int = 1):
+                 embeddings_dir: str | None = None, models_in_memory: int = 1, upscaler_dir: str | None = None):
         from difftrain.generate.loader import locate
         from difftrain.generate.text2image import _dtype, resolve_device
 
@@ -121,6 +122,7 @@ class Engine:
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
+        self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         # (model title, ControlNet path) -> loaded network, least recently used first
         self.nets: OrderedDict[tuple[str, str], object] = OrderedDict()
         self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers option; None: each model's own
@@ -220,7 +222,7 @@ class Engine:
     def precheck(self, request: Txt2ImgRequest) -> Prepared:
         """Everything that can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet
         units, the init image), resolved and decoded once for the worker."""
-        from difftrain.generate.hires import checked_pass_prompt
+        from difftrain.generate.hires import checked_pass_prompt, model_upscaler
         from difftrain.sampling.prompts import extract_lora_tags, parse_attention
         from difftrain.serve.control import control_models, parse_units
 
@@ -234,8 +236,11 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
+        hires_model = None
         with request.hires_fields():
             hires_prompt = checked_pass_prompt(request.hr_prompt if request.enable_hr else "", request.prompt)
+            if request.enable_hr and not isinstance(request, Img2ImgRequest):  # (a name, never a client's path)
+                hires_model = model_upscaler(request.hires, self.upscaler_dir, paths=False)
         files = self.lora_files()
         loras = [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
@@ -246,7 +251,7 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt)
+        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_model)
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
@@ -402,7 +407,7 @@ class Engine:
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
                                      hires, target, request.denoising_strength, noise=hires_noise,
-                                     scheduler=hires_scheduler, **hooks)
+                                     scheduler=hires_scheduler, model=prepared.hires_model, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):

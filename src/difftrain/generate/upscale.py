@@ -1,0 +1,233 @@
+"""AUTOMATIC1111's model upscalers: found by the names its UI and PNGs use, run in its tiles, to its sizes.
+
+A name is a file's stem in the upscalers folder (A1111 lists its ESRGAN folder so: "4x-UltraSharp"),
+or one of A1111's Real-ESRGAN names ("R-ESRGAN 4x+" is RealESRGAN_x4plus.pth there); `generate` also
+takes a file's path. The image goes through the network as A1111 1.8+ runs it (modules/upscaler_utils
+`upscale_with_model` on the CPU path, images.split_grid and combine_grid): channels in BGR order,
+tiles of 192 px overlapping by 8 (its ESRGAN_tile and ESRGAN_tile_overlap defaults), each tile's
+output clipped and truncated to 8 bits, the tiles blended over the overlap with a linear mask; then
+`Upscaler.upscale`'s loop: up to three passes until the image covers the target, a Lanczos resize to
+it (each side floored to whole 8 px).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from PIL import Image
+
+from difftrain.errors import UpscalerError
+
+if TYPE_CHECKING:
+    import torch
+
+SUFFIXES = (".safetensors", ".pth", ".pt")  # an upscaler's files (A1111's ESRGAN folder: .pth, .pt, .safetensors)
+# A1111's image upscalers that need no model of their own (resize_image's "None": a plain Lanczos resize at the end).
+IMAGE_UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+TILE, OVERLAP = 192, 8  # A1111's ESRGAN_tile and ESRGAN_tile_overlap defaults
+# A1111's Real-ESRGAN names and the files its realesrgan_model.py downloads for them.
+REAL_ESRGAN = {
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+}
+
+
+def is_path(value: str) -> bool:
+    """Whether an upscaler setting names a file rather than an A1111 name (a folder in it, or a weights suffix)."""
+    return "/" in value or "\\" in value or value.lower().endswith(SUFFIXES)
+
+
+def a1111_name(value: str) -> str:
+    """The name A1111 knows an upscaler file by (its Real-ESRGAN name, else the stem); a name stays itself."""
+    if not is_path(value):
+        return value
+    stem = Path(value).stem
+    return next((name for name, file in REAL_ESRGAN.items() if file == stem), stem)
+
+
+def upscaler_files(folder: str | Path | None) -> dict[str, Path]:
+    """A1111 name -> file, for every upscaler file in `folder` and in its ESRGAN/ and RealESRGAN/ (so A1111's
+    models folder works, without taking its checkpoints and LoRAs for upscalers)."""
+    if folder is None:
+        return {}
+    places = [Path(folder), Path(folder) / "ESRGAN", Path(folder) / "RealESRGAN"]
+    files = sorted(path for place in places if place.is_dir() for path in place.iterdir()
+                   if path.suffix.lower() in SUFFIXES and path.is_file())
+    return {a1111_name(str(path)): path for path in files}
+
+
+def find_upscaler(value: str, folder: str | Path | None, paths: bool = True) -> Path:
+    """The file an upscaler setting names: a path (where `paths`), or an A1111 name in `folder`."""
+    if paths and is_path(value):
+        if not Path(value).is_file():
+            raise UpscalerError(f"upscaler {value} does not exist")
+        if Path(value).suffix.lower() not in SUFFIXES:
+            raise UpscalerError(f"upscaler {value}: give a {', '.join(SUFFIXES)} file")
+        return Path(value)
+    found = upscaler_files(folder)
+    if value in found:
+        return found[value]
+    expected = f" ({REAL_ESRGAN[value]}.pth)" if value in REAL_ESRGAN else ""
+    listed = f"; there: {', '.join(found)}" if found else ""
+    raise UpscalerError(f"upscaler {value!r}: no such model file{expected} in {folder}{listed}")
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(path: Path, stamp: tuple[int, int]):
+    from difftrain.models.upscalers import load_upscaler
+
+    return load_upscaler(path)
+
+
+def load(path: Path):
+    """The network in `path`, kept while the file is unchanged (a server draws many images with one)."""
+    stat = path.stat()
+    return _loaded(path.resolve(), (stat.st_size, stat.st_mtime_ns))
+
+
+def split_grid(image: Image.Image, tile: int, overlap: int) -> list[tuple[int, list[tuple[int, Image.Image]]]]:
+    """A1111's images.split_grid: rows of (y, [(x, tile)]), spread evenly; an image smaller than a tile is one
+    tile padded with black before it (A1111 crops from a negative offset)."""
+    cols = max(1, math.ceil((image.width - overlap) / (tile - overlap)))  # (A1111 draws nothing at 8 px or less)
+    rows = max(1, math.ceil((image.height - overlap) / (tile - overlap)))
+    dx = (image.width - tile) / (cols - 1) if cols > 1 else 0
+    dy = (image.height - tile) / (rows - 1) if rows > 1 else 0
+    grid = []
+    for row in range(rows):
+        y = image.height - tile if int(row * dy) + tile >= image.height else int(row * dy)
+        tiles = []
+        for col in range(cols):
+            x = image.width - tile if int(col * dx) + tile >= image.width else int(col * dx)
+            tiles.append((x, image.crop((x, y, x + tile, y + tile))))
+        grid.append((y, tiles))
+    return grid
+
+
+def combine_grid(grid: list, tile: int, size: tuple[int, int], overlap: int) -> Image.Image:
+    """A1111's images.combine_grid: each tile pasted over the one before it through a linear ramp `overlap` wide."""
+    import numpy as np
+
+    ramp = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)
+    mask_w = Image.fromarray(np.repeat(ramp[None, :], tile, axis=0), "L")
+    mask_h = Image.fromarray(np.repeat(ramp[:, None], size[0], axis=1), "L")
+    combined = Image.new("RGB", size)
+    for y, row in grid:
+        line = Image.new("RGB", (size[0], tile))
+        for x, piece in row:
+            if x == 0:
+                line.paste(piece, (0, 0))
+                continue
+            line.paste(piece.crop((0, 0, overlap, tile)), (x, 0), mask=mask_w)
+            line.paste(piece.crop((overlap, 0, tile, tile)), (x + overlap, 0))
+        if y == 0:
+            combined.paste(line, (0, 0))
+            continue
+        combined.paste(line.crop((0, 0, size[0], overlap)), (0, y), mask=mask_h)
+        combined.paste(line.crop((0, overlap, size[0], tile)), (0, y + overlap))
+    return combined
+
+
+def _run(network, image: Image.Image) -> Image.Image:
+    """A1111's upscale_pil_patch: BGR in [0, 1] through the network, clipped and truncated to 8 bits, RGB again."""
+    import numpy as np
+    import torch
+
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1)) / 255
+    parameter = next(network.parameters())
+    with torch.inference_mode():
+        out = network(torch.from_numpy(bgr)[None].to(parameter.device, parameter.dtype))[0]
+    pixels = np.clip(255.0 * np.moveaxis(out.float().cpu().numpy(), 0, 2), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(pixels[:, :, ::-1]), "RGB")
+
+
+def upscale_once(network: torch.nn.Module, image: Image.Image, tile: int = TILE, overlap: int = OVERLAP
+                 ) -> Image.Image:
+    """One pass of the network over `image` in A1111's tiles (tile 0: the whole image at once)."""
+    if tile <= 0:
+        return _run(network, image)
+    grid = split_grid(image, tile, overlap)
+    factor = None
+    outputs = []
+    for y, row in grid:
+        pieces = []
+        for x, piece in row:
+            out = _run(network, piece)
+            factor = out.width // piece.width
+            pieces.append((x * factor, out))
+        outputs.append((y * factor, pieces))
+    return combine_grid(outputs, tile * factor, (image.width * factor, image.height * factor), overlap * factor)
+
+
+def upscale(one_pass: Callable[[Image.Image], Image.Image], image: Image.Image, scale: float) -> Image.Image:
+    """A1111's Upscaler.upscale: `one_pass` (a model's, or a resize by `scale`) until the image covers `scale`
+    times its size (at most three passes), then a Lanczos resize to that size floored to whole 8 px."""
+    target = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    for index in range(3):
+        if image.width >= target[0] and image.height >= target[1] and (index > 0 or scale != 1):
+            break
+        before = image.size
+        image = one_pass(image)
+        if image.size == before:
+            break
+    return image if image.size == target else image.resize(target, Image.Resampling.LANCZOS)
+
+
+def upscale_files(images: list[str | Path], upscaler: str, out: str | Path, scale: float | None = None,
+                  folder: str | Path | None = "models/upscalers", device: torch.device | str = "cpu", tile: int = TILE,
+                  overlap: int = OVERLAP, progress: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """A1111's Extras "Upscale by": each image enlarged `scale` times (default: the model's own factor) by a model
+    upscaler or Lanczos/Nearest, written to `out` as PNG keeping its `parameters` text, with A1111's
+    "postprocessing" text beside it. Returns (files written, (image, why) for each image skipped): one unreadable
+    image does not stop the rest."""
+    from PIL.PngImagePlugin import PngInfo
+    from tqdm.auto import tqdm
+
+    from difftrain.atomic import atomic_path
+    from difftrain.data.images import BadImage, load_image
+    if upscaler in IMAGE_UPSCALERS:
+        if IMAGE_UPSCALERS[upscaler] is None or scale is None:
+            raise UpscalerError(f"upscaler {upscaler}: give a model upscaler, or Lanczos or Nearest with a scale")
+        name, network = upscaler, None
+    else:
+        path = find_upscaler(upscaler, folder)
+        name, network = a1111_name(str(path)), load(path).to(device)
+        scale = float(network.scale) if scale is None else scale
+    if not (0 < scale <= 16 and math.isfinite(scale)):
+        raise UpscalerError(f"scale {scale}: from above 0 to 16")
+    if 0 < tile <= 2 * overlap:
+        raise UpscalerError(f"tile {tile}: 0 (the whole image at once) or above {2 * overlap} px")
+
+    def one_pass(picture: Image.Image) -> Image.Image:
+        if network is not None:
+            return upscale_once(network, picture, tile, overlap)
+        size = (int(picture.width * scale), int(picture.height * scale))
+        return picture.resize(size, resample=IMAGE_UPSCALERS[upscaler])
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for source in tqdm(images, desc=f"upscaling x{scale:g} ({name})", unit="img", disable=not progress):
+        try:
+            image = load_image(source)
+        except BadImage as reason:
+            skipped.append((str(source), str(reason)))
+            continue
+        info = PngInfo()
+        with Image.open(source) as original:  # (A1111 keeps the image's generation parameters)
+            if isinstance(original.info.get("parameters"), str):
+                info.add_text("parameters", original.info["parameters"])
+        info.add_text("postprocessing", f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}")
+        target = out / f"{Path(source).stem}.png"
+        if target in written:  # (two images of one name from different folders)
+            target = out / f"{Path(source).stem}-{len(written)}.png"
+        with atomic_path(target) as tmp:
+            upscale(one_pass, image, scale).save(tmp, format="PNG", pnginfo=info)
+        written.append(target)
+    return written, skipped

@@ -58,6 +58,21 @@ def as_real_esrgan(state: dict, doublings: int = 2) -> dict[str, torch.Tensor]:
     return renamed
 
 
+def as_first_release(state: dict) -> dict[str, torch.Tensor]:
+    """The same 4x tensors under the first ESRGAN release's names (RRDB_ESRGAN_x4.pth)."""
+    names = {"conv_first": "conv_first", "conv_body": "trunk_conv", "conv_up1": "upconv1", "conv_up2": "upconv2",
+             "conv_hr": "HRconv", "conv_last": "conv_last"}
+    renamed = {}
+    for key, tensor in as_real_esrgan(state).items():
+        layer, kind = key.rsplit(".", 1)
+        if layer.startswith("body."):
+            _, block, rdb, conv = layer.split(".")
+            renamed[f"RRDB_trunk.{block}.RDB{rdb[3:]}.{conv}.{kind}"] = tensor
+        else:
+            renamed[f"{names[layer]}.{kind}"] = tensor
+    return renamed
+
+
 def esrgan_by_hand(state: dict, x: torch.Tensor, doublings: int = 2) -> torch.Tensor:
     """The original ESRGAN's forward, written from its definition over the original names."""
     def conv(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -85,7 +100,8 @@ def esrgan_by_hand(state: dict, x: torch.Tensor, doublings: int = 2) -> torch.Te
 
 def test_original_and_real_esrgan_files_load_into_the_network_they_hold(tmp_path):
     """4x and 2x original-layout files (the community's 4x-UltraSharp kind), and the same weights in Real-ESRGAN's
-    layout under params_ema as its releases ship them, compute the hand-written ESRGAN forward."""
+    layout under params_ema as its releases ship them (and for 4x in the first release's), compute the hand-written
+    ESRGAN forward."""
     x = torch.rand(1, 3, 12, 10)
     for doublings in (2, 1):
         state = original_esrgan(doublings)
@@ -93,7 +109,11 @@ def test_original_and_real_esrgan_files_load_into_the_network_they_hold(tmp_path
         torch.save(state, tmp_path / "original.pth")
         torch.save({"params_ema": as_real_esrgan(state, doublings), "params": {}}, tmp_path / "real.pth")
         save_file(as_real_esrgan(state, doublings), tmp_path / "real.safetensors")
-        for name in ("original.pth", "real.pth", "real.safetensors"):
+        names = ["original.pth", "real.pth", "real.safetensors"]
+        if doublings == 2:
+            torch.save(as_first_release(state), tmp_path / "RRDB_ESRGAN_x4.pth")
+            names.append("RRDB_ESRGAN_x4.pth")
+        for name in names:
             network = load_upscaler(tmp_path / name)
             assert network.scale == 2**doublings, name
             assert torch.allclose(network(x), expected, atol=1e-5), name

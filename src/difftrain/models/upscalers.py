@@ -5,12 +5,14 @@ and the like). The reference code (BasicSR, spandrel) needs torchvision, which d
 beside our torch, and each network is a few convolutions: so they are written here, with the
 reference's parameter names, and a file's layout decides which one it is and its sizes.
 
-Three layouts are read:
+Four layouts are read:
 - Real-ESRGAN's RRDBNet (`conv_first`, `body.N.rdb1.conv1`, ..., `conv_last`), the plain state dict
   or under `params_ema` / `params` as its releases ship it. Its 2x and 1x models take the image
   pixel-unshuffled (12 or 48 input channels) and still upsample twice.
 - The original ESRGAN's (`model.0`, `model.1.sub.N.RDB1.conv1.0`, ...; 4x-UltraSharp and most
   community models): the same network, one nearest-neighbour x2 and convolution per factor of 2.
+- ESRGAN's first release (`RRDB_trunk.N.RDB1.conv1`, `trunk_conv`, `upconv1`, `HRconv`:
+  RRDB_ESRGAN_x4.pth, A1111's "ESRGAN_4x").
 - SRVGGNetCompact (`body.0` ... with PReLUs; realesr-general-x4v3, realesr-animevideov3).
 
 `.safetensors` are read as tensors; anything else (`.pth`, `.pt`) with torch.load(weights_only=True),
@@ -152,11 +154,27 @@ def _from_original_esrgan(state: dict) -> dict:
     return renamed
 
 
+# The first ESRGAN release's own names (RRDB_ESRGAN_x4.pth, A1111's "ESRGAN_4x") as Real-ESRGAN's.
+_FIRST_RELEASE = [(r"RRDB_trunk\.(\d+)\.RDB(\d)\.", r"body.\1.rdb\2."), (r"trunk_conv\.", "conv_body."),
+                  (r"upconv(\d)\.", r"conv_up\1."), (r"HRconv\.", "conv_hr.")]
+
+
+def _from_first_release(state: dict) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        for pattern, name in _FIRST_RELEASE:
+            key = re.sub(rf"^{pattern}", name, key)
+        renamed[key] = value
+    return renamed
+
+
 def network_for(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], nn.Module]:
     """(the state under the names of the network it is the weights of; that network, built at the sizes the
     state holds, its weights not yet loaded)."""
     if "model.0.weight" in state and "model.1.sub.0.RDB1.conv1.0.weight" in state:
         state = _from_original_esrgan(state)
+    elif "RRDB_trunk.0.RDB1.conv1.weight" in state:
+        state = _from_first_release(state)
     if "conv_first.weight" in state:
         first = state["conv_first.weight"]
         unshuffle = math.isqrt(first.shape[1] // state["conv_last.weight"].shape[0])

@@ -167,6 +167,47 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
     assert response.status_code == 422 and response.json()["field"] == "enable_hr"
 
 
+def test_webuiapi_extras_upscale_as_the_upscale_command_does(server, tmp_path, capsys):
+    """A1111's Extras API (extra-single-image, extra-batch-images) through webuiapi: the folder's ESRGAN by name,
+    "Upscale by" and "Upscale to" with its crop, a second upscaler blended in; the same pixels as `difftrain
+    upscale`, the source PNG's parameters kept beside the postprocessing text; face restoration and paths refused."""
+    from PIL.PngImagePlugin import PngInfo
+
+    api = client(server)
+    [tiny] = [entry for entry in api.get_upscalers() if entry["name"] == "4x-Tiny"]
+    folder = str(Path(tiny["model_path"]).parents[1])
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Seed: 5, Size: 40x24")
+    source.save(tmp_path / "source.png", pnginfo=info)
+    sent = Image.open(tmp_path / "source.png")
+    result = api.extra_single_image(sent, upscaler_1="4x-Tiny", upscaling_resize=4)
+    assert result.image.size == (160, 96)
+    assert result.info == "<p>Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny</p>"
+    assert result.image.info["parameters"] == "a red circle\nSteps: 2, Seed: 5, Size: 40x24"
+    assert main(["upscale", str(tmp_path / "source.png"), "--upscaler", "4x-Tiny", "--upscaler-dir", folder,
+                 "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    written = Image.open(tmp_path / "cli" / "source.png")
+    assert np.array_equal(np.asarray(written), np.asarray(result.image.convert("RGB")))
+    assert written.info["postprocessing"] == result.image.info["postprocessing"]
+    to = api.extra_single_image(sent, resize_mode=1, upscaling_resize_w=64, upscaling_resize_h=64,
+                                upscaler_1="4x-Tiny", upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
+    assert to.image.size == (64, 64) and to.info == (
+        "<p>Postprocess upscale to: 64x64, Postprocess crop to: 64x64, Postprocess upscaler: 4x-Tiny, "
+        "Postprocess upscaler 2: Lanczos</p>")
+    batch = api.extra_batch_images([sent, sent.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], upscaler_1="Lanczos",
+                                   upscaling_resize=2)
+    assert [image.size for image in batch.images] == [(80, 48), (80, 48)]
+    url = f"{server.url}/sdapi/v1/extra-single-image"
+    for payload, field in (({"gfpgan_visibility": 0.5, "upscaler_1": "Lanczos"}, "gfpgan_visibility"),
+                           ({"upscaler_1": "upscalers/ESRGAN/4x-Tiny.pth"}, "upscaler_1"),
+                           ({"upscaler_1": "4x-Tiny", "upscaling_resize": 200}, "upscaling_resize"),
+                           ({"upscaler_1": "Lanczos", "image": "not base64!"}, "image")):
+        body = {"image": base64.b64encode((tmp_path / "source.png").read_bytes()).decode(), **payload}
+        answer = requests.post(url, json=body)
+        assert answer.status_code in (404, 422) and answer.json()["field"] == field, (payload, answer.text)
+
+
 def test_webuiapi_img2img_samplers_models_and_loras(server):
     api = client(server)
     start = api.txt2img(prompt="a blue square", seed=1, width=64, height=64).image

@@ -465,13 +465,18 @@ SERVE_FOLDERS = {"--lora-dir": "models/lora", "--embeddings-dir": "models/embedd
 def _upscale(args: argparse.Namespace) -> int:
     from difftrain.errors import UpscalerError
     from difftrain.generate.text2image import resolve_device
-    from difftrain.generate.upscale import upscale_files
+    from difftrain.generate.upscale import ImageUpscaler, upscale_files
 
     _out_folder(args.out)
+    size = _size_flag("--resize", args.resize, " (e.g. 1024x1024)") if args.resize else None
     try:
-        written, skipped = upscale_files(args.images, args.upscaler, args.out, args.scale, args.upscaler_dir,
-                                         resolve_device(args.device), tile=args.tile, progress=not args.no_progress)
-    except UpscalerError as reason:  # (its messages start with the setting: upscaler, scale or tile)
+        device = resolve_device(args.device)
+        first = ImageUpscaler.find(args.upscaler, args.upscaler_dir, device)
+        second = ImageUpscaler.find(args.upscaler_2, args.upscaler_dir, device) if args.upscaler_2 else None
+        written, skipped = upscale_files(args.images, args.out, first, progress=not args.no_progress,
+                                         scale=args.scale, size=size, crop=not args.no_crop, second=second,
+                                         visibility=args.upscaler_2_visibility, tile=args.tile)
+    except UpscalerError as reason:  # (its messages start with the setting: upscaler, scale, resize or tile)
         raise DifftrainError(f"--{reason}") from None
     for image, reason in skipped:
         print(f"skipped {image}: {reason}", file=sys.stderr)
@@ -796,6 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a model upscaler's A1111 name in --upscaler-dir (e.g. 'R-ESRGAN 4x+') or its "
                          ".pth/.safetensors file; or Lanczos or Nearest (with --scale)")
     up.add_argument("--scale", type=_finite, help="enlarge this many times (default: the model's own factor)")
+    up.add_argument("--resize", metavar="WxH", help="enlarge to cover this size instead, cut to it around the middle")
+    up.add_argument("--no-crop", action="store_true", help="with --resize: keep the covering image whole")
+    up.add_argument("--upscaler-2", metavar="NAME|FILE", help="a second upscaler blended in (A1111's Upscaler 2)")
+    up.add_argument("--upscaler-2-visibility", type=_finite, default=0.5, metavar="X",
+                    help="its share of the result (default 0.5)")
     up.add_argument("--upscaler-dir", default="models/upscalers", help="where names are looked for")
     up.add_argument("--out", required=True, help="folder for the PNGs")
     up.add_argument("--tile", type=int, default=192, help="tile side in px, 0: the whole image at once (default 192, "

@@ -20,8 +20,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError, UpscalerError
 # (IMAGE_UPSCALERS: the first image decoded, resized, encoded again)
-from difftrain.generate.upscale import IMAGE_UPSCALERS, a1111_name, find_upscaler, load, upscale_once
-from difftrain.generate.upscale import upscale as upscale_image
+from difftrain.generate.upscale import IMAGE_UPSCALERS, ImageUpscaler, a1111_name
 
 if TYPE_CHECKING:
     import torch
@@ -233,22 +232,22 @@ def check_pass(scheduler, steps: int, strength: float) -> None:
                                   "step to take; raise the hires steps or the strength")
 
 
-def model_upscaler(hires: Hires, folder: str | Path | None, paths: bool = True) -> Path | None:
-    """The file of a hires fix's model upscaler (an A1111 name in `folder`, or where `paths` a file's path), read
-    once so that a file that is no upscaler is refused before drawing; None for the upscalers without a model."""
+def model_upscaler(hires: Hires, folder: str | Path | None, paths: bool = True,
+                   device: torch.device | str = "cpu") -> ImageUpscaler | None:
+    """A hires fix's model upscaler (an A1111 name in `folder`, or where `paths` a file's path), loaded on `device`,
+    so that a file that is no upscaler is refused before drawing; None for the upscalers without a model."""
     if hires.upscaler in UPSCALERS:
         return None
     try:
-        path = find_upscaler(hires.upscaler, folder, paths)
-        load(path)
+        return ImageUpscaler.find(hires.upscaler, folder, device, paths)
     except UpscalerError as reason:
         raise HiresError("upscaler", f"hires upscaler {hires.upscaler!r} is not one of {', '.join(UPSCALERS)}, nor "
                                      f"a model upscaler here: {reason}") from None
-    return path
 
 
-def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target, model: Path | None = None) -> torch.Tensor:
-    """The first pass's latents at the target size, cropped as A1111 crops them; `model`: the upscaler's file
+def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target,
+            upscaler: ImageUpscaler | None = None) -> torch.Tensor:
+    """The first pass's latents at the target size, cropped as A1111 crops them; `upscaler`: its model upscaler
     (model_upscaler), where it has one."""
     import torch
 
@@ -256,22 +255,12 @@ def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target, model: Pa
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
     else:
-        latents = _through_images(pipe, latents, _one_pass(hires.upscaler, model, latents.device), target)
+        latents = _through_images(pipe, latents, upscaler or ImageUpscaler(hires.upscaler), target)
     ty, tx = target.truncate_y, target.truncate_x
     return latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
 
 
-def _one_pass(upscaler: str, model: Path | None, device):
-    """What one pass of A1111's Upscaler does to an image at a scale: (image, scale) -> image; None for "None"."""
-    if model is not None:
-        network = load(model).to(device)
-        return lambda image, scale: upscale_once(network, image)
-    if (resample := IMAGE_UPSCALERS[upscaler]) is None:
-        return None
-    return lambda image, scale: image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-
-
-def _through_images(pipe, latents: torch.Tensor, one_pass, target: Target) -> torch.Tensor:
+def _through_images(pipe, latents: torch.Tensor, upscaler: ImageUpscaler, target: Target) -> torch.Tensor:
     """Decode, resize as A1111's resize_image does with that upscaler, encode again."""
     from difftrain.sampling.text2image import to_images, to_latents
 
@@ -281,8 +270,8 @@ def _through_images(pipe, latents: torch.Tensor, one_pass, target: Target) -> to
     resized = []
     for image in to_images(pipe, latents):
         scale = max(target.width / image.width, target.height / image.height)
-        if one_pass is not None and scale > 1:  # the upscaler's own passes, to whole 8 px cells (A1111's Upscaler)
-            image = upscale_image(lambda picture: one_pass(picture, scale), image, scale)
+        if scale > 1:  # the upscaler's own passes, to whole 8 px cells (A1111's Upscaler)
+            image = upscaler.enlarge(image, scale)
         for exact in ((target.width, target.height), size):  # resize_image's, then the encoder's whole cells
             image = image.resize(exact, lanczos) if image.size != exact else image
         resized.append(image)
@@ -291,13 +280,13 @@ def _through_images(pipe, latents: torch.Tensor, one_pass, target: Target) -> to
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                noise=None, scheduler=None, model: Path | None = None, **hooks) -> list[Image.Image]:
+                noise=None, scheduler=None, upscaler: ImageUpscaler | None = None, **hooks) -> list[Image.Image]:
     """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
 
     `scheduler`: the pass's own sampler (pass_scheduler), else the runner's;
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
     `noise`: the first pass's variation seeds and ENSD (seed_noise.SeedNoise), which A1111 applies to this pass's
-    noise too; `model`: the upscaler's file (model_upscaler); `hooks`: step callbacks, as the first pass had them."""
+    noise too; `upscaler`: its model upscaler (model_upscaler); `hooks`: step callbacks, as the first pass had them."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -308,7 +297,7 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
     img2img.set_progress_bar_config(**getattr(runner, "_progress_bar_config", {}))
     length, pass_strength = pass_steps(hires.steps or steps, strength)
     with torch.no_grad():
-        upscaled = upscale(runner, latents, hires, target, model)
+        upscaled = upscale(runner, latents, hires, target, upscaler)
     if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
         feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
     latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, noise, image=upscaled,

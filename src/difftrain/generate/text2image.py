@@ -420,7 +420,7 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls)
-        self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_model = None
+        self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_upscaler = None
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
@@ -431,7 +431,7 @@ class Drawer:
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
                 self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
                 check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)
-                self.hires_model = model_upscaler(options.hires, options.upscaler_dir)
+                self.hires_upscaler = model_upscaler(options.hires, options.upscaler_dir, device=device)
         if controls is not None:
             if options.cpu_offload:
                 self.runner.enable_model_cpu_offload(device=device)
@@ -481,7 +481,7 @@ class Drawer:
         hires_noise = noise_of(options, subseeds, self.pipe.vae_scale_factor, options.hires.sampler)
         return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
-                           scheduler=self.hires_scheduler, model=self.hires_model)
+                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:

@@ -179,11 +179,94 @@ def upscale(one_pass: Callable[[Image.Image], Image.Image], image: Image.Image, 
     return image if image.size == target else image.resize(target, Image.Resampling.LANCZOS)
 
 
-def upscale_files(images: list[str | Path], upscaler: str, out: str | Path, scale: float | None = None,
-                  folder: str | Path | None = "models/upscalers", device: torch.device | str = "cpu", tile: int = TILE,
-                  overlap: int = OVERLAP, progress: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
-    """A1111's Extras "Upscale by": each image enlarged `scale` times (default: the model's own factor) by a model
-    upscaler or Lanczos/Nearest, written to `out` as PNG keeping its `parameters` text, with A1111's
+class ImageUpscaler:
+    """One of A1111's image upscalers, ready to enlarge: None, Lanczos, Nearest or a model's network."""
+
+    def __init__(self, name: str, network: torch.nn.Module | None = None):
+        self.name, self.network = name, network
+
+    @classmethod
+    def find(cls, setting: str, folder: str | Path | None, device: torch.device | str = "cpu",
+             paths: bool = True) -> ImageUpscaler:
+        """The upscaler a setting names (find_upscaler), its network loaded on `device`."""
+        if setting in IMAGE_UPSCALERS:
+            return cls(setting)
+        path = find_upscaler(setting, folder, paths)
+        return cls(a1111_name(str(path)), load(path).to(device))
+
+    @property
+    def scale(self) -> int | None:
+        """The network's own factor (None for a resize)."""
+        return None if self.network is None else self.network.scale
+
+    def enlarge(self, image: Image.Image, scale: float, tile: int = TILE, overlap: int = OVERLAP) -> Image.Image:
+        """A1111's Upscaler.upscale with this upscaler (its "None" gives the image back as it is)."""
+        resample = IMAGE_UPSCALERS.get(self.name)
+        if self.network is None and resample is None:
+            return image
+
+        def one_pass(picture: Image.Image) -> Image.Image:
+            if self.network is not None:
+                return upscale_once(self.network, picture, tile, overlap)
+            return picture.resize((int(picture.width * scale), int(picture.height * scale)), resample=resample)
+
+        return upscale(one_pass, image, scale)
+
+
+def check_extras(first: ImageUpscaler, scale: float | None = None, size: tuple[int, int] | None = None,
+                 tile: int = TILE) -> float:
+    """The scale `extras` enlarges by (the model's own where none is given), or the setting that cannot work."""
+    by = scale if scale is not None else float(first.scale or 0)
+    if size is None and not (0 < by <= 16 and math.isfinite(by)):
+        raise UpscalerError(f"scale {scale}: from above 0 to 16" if scale is not None else
+                            f"scale: {first.name} has no factor of its own; give one")
+    if size is not None and not all(8 <= side <= 8192 for side in size):
+        raise UpscalerError(f"resize {size[0]}x{size[1]}: each side from 8 to 8192 px")
+    if 0 < tile <= 2 * OVERLAP:
+        raise UpscalerError(f"tile {tile}: 0 (the whole image at once) or above {2 * OVERLAP} px")
+    return by
+
+
+def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None, size: tuple[int, int] | None = None,
+           crop: bool = True, second: ImageUpscaler | None = None, visibility: float = 0.0,
+           tile: int = TILE) -> tuple[Image.Image, dict]:
+    """A1111's Extras "Upscale" (scripts/postprocessing_upscale.py): `image` enlarged `scale` times (default: the
+    first model's own factor), or to cover `size` and, where `crop`, cut to it around the middle; a second
+    upscaler's result blended in at `visibility`. Returns the image and the infotext A1111 writes for it."""
+    params: dict = {}
+
+    def enlarged(upscaler: ImageUpscaler) -> Image.Image:
+        if size is not None:
+            params["Postprocess upscale to"] = f"{size[0]}x{size[1]}"
+            result = upscaler.enlarge(image, max(size[0] / image.width, size[1] / image.height), tile)
+            if crop:
+                canvas = Image.new("RGB", size)
+                canvas.paste(result, (size[0] // 2 - result.width // 2, size[1] // 2 - result.height // 2))
+                params["Postprocess crop to"] = f"{size[0]}x{size[1]}"
+                result = canvas
+            return result
+        params["Postprocess upscale by"] = f"{by:g}"
+        return upscaler.enlarge(image, by, tile)
+
+    by = check_extras(first, scale, size, tile)
+    result = enlarged(first)
+    params["Postprocess upscaler"] = first.name
+    if second is not None and visibility > 0:
+        result = Image.blend(result, enlarged(second).convert(result.mode), visibility)
+        params["Postprocess upscaler 2"] = second.name
+    return result, params
+
+
+def postprocessing_text(params: dict) -> str:
+    """A1111's "postprocessing" text: its extras' settings as `key: value` pairs."""
+    from difftrain.generate.infotext import quote
+
+    return ", ".join(f"{key}: {quote(str(value))}" for key, value in params.items())
+
+
+def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscaler, progress: bool = True,
+                  **settings) -> tuple[list[Path], list[tuple[str, str]]]:
+    """`extras` over image files, each written to `out` as PNG keeping its `parameters` text, with A1111's
     "postprocessing" text beside it. Returns (files written, (image, why) for each image skipped): one unreadable
     image does not stop the rest."""
     from PIL.PngImagePlugin import PngInfo
@@ -191,43 +274,26 @@ def upscale_files(images: list[str | Path], upscaler: str, out: str | Path, scal
 
     from difftrain.atomic import atomic_path
     from difftrain.data.images import BadImage, load_image
-    if upscaler in IMAGE_UPSCALERS:
-        if IMAGE_UPSCALERS[upscaler] is None or scale is None:
-            raise UpscalerError(f"upscaler {upscaler}: give a model upscaler, or Lanczos or Nearest with a scale")
-        name, network = upscaler, None
-    else:
-        path = find_upscaler(upscaler, folder)
-        name, network = a1111_name(str(path)), load(path).to(device)
-        scale = float(network.scale) if scale is None else scale
-    if not (0 < scale <= 16 and math.isfinite(scale)):
-        raise UpscalerError(f"scale {scale}: from above 0 to 16")
-    if 0 < tile <= 2 * overlap:
-        raise UpscalerError(f"tile {tile}: 0 (the whole image at once) or above {2 * overlap} px")
-
-    def one_pass(picture: Image.Image) -> Image.Image:
-        if network is not None:
-            return upscale_once(network, picture, tile, overlap)
-        size = (int(picture.width * scale), int(picture.height * scale))
-        return picture.resize(size, resample=IMAGE_UPSCALERS[upscaler])
-
+    check_extras(first, settings.get("scale"), settings.get("size"), settings.get("tile", TILE))  # before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    for source in tqdm(images, desc=f"upscaling x{scale:g} ({name})", unit="img", disable=not progress):
+    for source in tqdm(images, desc=f"upscaling ({first.name})", unit="img", disable=not progress):
         try:
             image = load_image(source)
         except BadImage as reason:
             skipped.append((str(source), str(reason)))
             continue
+        result, params = extras(image, first, **settings)
         info = PngInfo()
         with Image.open(source) as original:  # (A1111 keeps the image's generation parameters)
             if isinstance(original.info.get("parameters"), str):
                 info.add_text("parameters", original.info["parameters"])
-        info.add_text("postprocessing", f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}")
+        info.add_text("postprocessing", postprocessing_text(params))
         target = out / f"{Path(source).stem}.png"
         if target in written:  # (two images of one name from different folders)
             target = out / f"{Path(source).stem}-{len(written)}.png"
         with atomic_path(target) as tmp:
-            upscale(one_pass, image, scale).save(tmp, format="PNG", pnginfo=info)
+            result.save(tmp, format="PNG", pnginfo=info)
         written.append(target)
     return written, skipped

@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
-from difftrain.serve.requests import REQUEST_MAX_PIXELS, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, \
-    check_clip_skip, check_ensd, decode_base64
+from difftrain.serve.requests import REQUEST_MAX_PIXELS, ExtrasBatchImagesRequest, ExtrasSingleImageRequest, \
+    Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, check_ensd, decode_base64
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -187,6 +187,21 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     async def img2img(body: Img2ImgRequest, request: Request):
         job = await run_in_threadpool(_submit, queue, engine, "img2img", body, settings.limits)
         return await _wait(request, job)
+
+    @app.post("/sdapi/v1/extra-single-image")
+    def extra_single_image(body: ExtrasSingleImageRequest):
+        source = _decoded(body.image, "image")
+        [image], text = engine.upscale(body, [source])
+        return {"html_info": _html_info(text), "image": _png_base64(image, {**source.info, "postprocessing": text})}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    def extra_batch_images(body: ExtrasBatchImagesRequest):
+        if not body.imageList:
+            raise RequestError("imageList", "no images: send at least one {data, name}")
+        images = [_decoded(item.data, f"imageList[{i}].data") for i, item in enumerate(body.imageList)]
+        upscaled, text = engine.upscale(body, images)
+        return {"html_info": _html_info(text), "images": [_png_base64(image, {**source.info, "postprocessing": text})
+                                                          for source, image in zip(images, upscaled)]}
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
@@ -473,6 +488,42 @@ def _job_view(queue: JobQueue, job: Job) -> dict:
     return {"id": job.id, "type": job.kind, "state": job.state, "progress": job.progress,
             "eta_relative": job.eta_relative, "queue_position": queue.position(job), "result": job.result,
             "error": job.error}
+
+
+def _decoded(text: str, field: str):
+    """A request's image, decoded, with the text chunks its PNG carried (A1111 keeps them on an upscaled image)."""
+    import io
+
+    from PIL import Image
+
+    from difftrain.serve.requests import decode_image
+
+    image = decode_image(text, field)
+    with Image.open(io.BytesIO(decode_base64(text, field))) as source:
+        image.info = {key: value for key, value in source.info.items() if isinstance(value, str)}
+    return image
+
+
+def _png_base64(image, texts: dict) -> str:
+    """A PNG, base64, carrying `texts` as text chunks."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in texts.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _html_info(text: str) -> str:
+    """A1111's plaintext_to_html of the postprocessing text."""
+    import html
+
+    return f"<p>{html.escape(text)}</p>"
 
 
 def _run(engine: Engine, job: Job, on_step) -> dict:

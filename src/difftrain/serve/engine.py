@@ -21,13 +21,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.jobs import release_device_memory
-from difftrain.serve.requests import Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
+from difftrain.serve.requests import ExtrasRequest, Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
+
+if TYPE_CHECKING:
+    from difftrain.generate.upscale import ImageUpscaler
 
 
 class ServeError(DifftrainError):
@@ -80,7 +83,7 @@ class Prepared:
     unit_images: list  # ... and their images as sent (each unit carries its control mode)
     init_image: object = None  # img2img: the decoded image
     hires_prompt: str = ""  # the hires pass's own prompt without its <lora:...> tags (the prompt's); "": the prompt
-    hires_model: Path | None = None  # the hires fix's model upscaler file, in the upscaler folder
+    hires_upscaler: ImageUpscaler | None = None  # the hires fix's model upscaler, from the upscaler folder
 
 
 @dataclass
@@ -212,6 +215,36 @@ class Engine:
             model.embeddings["loaded"][path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                                      "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
 
+    def upscale(self, request: ExtrasRequest, images: list) -> tuple[list, str]:
+        """A1111's Extras over decoded `images`: the upscaled images and the postprocessing text, run while no job
+        draws (A1111 holds its queue lock for them too)."""
+        from difftrain.errors import UpscalerError
+        from difftrain.generate.upscale import ImageUpscaler, check_extras, extras, postprocessing_text
+
+        request.check()
+        for image in images:
+            request.check_output(*image.size)
+        visibility = request.extras_upscaler_2_visibility
+        second = visibility > 0 and request.upscaler_2 != "None"
+        found = {}
+        for name in ("upscaler_1", "upscaler_2")[:1 + second]:
+            try:  # (by name among the folder's files, never a client's path)
+                found[name] = ImageUpscaler.find(getattr(request, name), self.upscaler_dir, self.device, paths=False)
+            except UpscalerError as reason:
+                raise RequestError(name, str(reason)) from None
+        scale = request.upscaling_resize if request.size is None else None
+        try:
+            check_extras(found["upscaler_1"], scale, request.size)
+        except UpscalerError as reason:
+            raise RequestError("upscaling_resize" if scale else "upscaling_resize_w", str(reason)) from None
+        upscaled, params = [], {}
+        with self._busy:
+            for image in images:
+                result, params = extras(image, found["upscaler_1"], scale, request.size, request.upscaling_crop,
+                                        found.get("upscaler_2"), visibility)
+                upscaled.append(result)
+        return upscaled, postprocessing_text(params)
+
     def lora_files(self) -> dict[str, Path]:
         """The LoRAs a prompt may name: `<name>.safetensors` in the LoRA folder, and nothing else."""
         if self.lora_dir is None or not self.lora_dir.is_dir():
@@ -236,11 +269,11 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
-        hires_model = None
+        hires_upscaler = None
         with request.hires_fields():
             hires_prompt = checked_pass_prompt(request.hr_prompt if request.enable_hr else "", request.prompt)
             if request.enable_hr and not isinstance(request, Img2ImgRequest):  # (a name, never a client's path)
-                hires_model = model_upscaler(request.hires, self.upscaler_dir, paths=False)
+                hires_upscaler = model_upscaler(request.hires, self.upscaler_dir, paths=False, device=self.device)
         files = self.lora_files()
         loras = [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
@@ -251,7 +284,7 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_model)
+        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_upscaler)
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
@@ -407,7 +440,7 @@ class Engine:
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
                                      hires, target, request.denoising_strength, noise=hires_noise,
-                                     scheduler=hires_scheduler, model=prepared.hires_model, **hooks)
+                                     scheduler=hires_scheduler, upscaler=prepared.hires_upscaler, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):

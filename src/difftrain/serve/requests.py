@@ -39,9 +39,17 @@ class Limits:
     max_body_bytes: int = 20 * 2**20
 
 
-class Txt2ImgRequest(BaseModel):
+class _A1111Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body: Any) -> Any:
+        """A1111 declares every field optional, so clients send `"seed": null` for "the default"."""
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
+
+
+class Txt2ImgRequest(_A1111Body):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
@@ -80,12 +88,6 @@ class Txt2ImgRequest(BaseModel):
     seed_resize_from_w: int = -1
     script_name: Optional[str] = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet units only (serve/control.py)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, body: Any) -> Any:
-        """A1111 declares every field optional, so clients send `"seed": null` for "the default"."""
-        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
     def check(self, limits: Limits) -> None:
         for field, value, top in (("width", self.width, limits.max_width), ("height", self.height, limits.max_height)):
@@ -224,6 +226,62 @@ class Img2ImgRequest(Txt2ImgRequest):
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)
+
+
+EXTRAS_MAX_SIDE = 4096  # an upscaled image's sides at most (A1111 has no limit; a server needs one)
+
+
+class ExtrasRequest(_A1111Body):
+    """A1111's Extras (ExtrasBaseRequest): its Upscale part; face restoration is refused."""
+
+    resize_mode: int = 0  # 0: upscaling_resize times; 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+    def check(self) -> None:
+        for field in ("gfpgan_visibility", "codeformer_visibility"):
+            if getattr(self, field) > 0:
+                raise RequestError(field, "face restoration is not served by difftrain; leave it at 0")
+        if self.resize_mode not in (0, 1):
+            raise RequestError("resize_mode", f"{self.resize_mode}: 0 (upscaling_resize times) or 1 (to "
+                                              "upscaling_resize_w x upscaling_resize_h)")
+        if not 0 <= self.extras_upscaler_2_visibility <= 1:
+            raise RequestError("extras_upscaler_2_visibility", f"{self.extras_upscaler_2_visibility}: from 0 to 1")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return (self.upscaling_resize_w, self.upscaling_resize_h) if self.resize_mode == 1 else None
+
+    def check_output(self, width: int, height: int) -> None:
+        """The upscaled size of a width x height image within EXTRAS_MAX_SIDE (the field to change named)."""
+        size = self.size or (int(width * self.upscaling_resize), int(height * self.upscaling_resize))
+        if max(size) > EXTRAS_MAX_SIDE:
+            field = "upscaling_resize" if self.resize_mode == 0 else "upscaling_resize_w"
+            raise RequestError(field, f"{width}x{height} upscaled to {size[0]}x{size[1]}: this server upscales to "
+                                      f"at most {EXTRAS_MAX_SIDE} px a side")
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    image: str = ""
+
+
+class ExtrasFile(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    imageList: list[ExtrasFile] = Field(default_factory=list)  # noqa: N815 (A1111's field name)
 
 
 def check_ensd(value, field: str) -> None:

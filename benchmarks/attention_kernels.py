@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from demo_levers import alternate_loops
+from demo_levers import compare_loops
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 # (batch, query tokens, channels, heads, text tokens or None for self-attention)
@@ -70,11 +70,7 @@ def main() -> None:
             print(f"{shape:40s} {'bf16' if bf16 else 'fp32':>9s} {sdpa:8.2f} {classic:8.2f} {sdpa / classic:12.2f}")
     if not args.loop_steps:
         return
-    results = alternate_loops({kernel: [f"training.attention={kernel}"] for kernel in ("sdpa", "auto")},
-                              args.loop_steps)
-    sdpa, auto = results["sdpa"].rate, results["auto"].rate
-    print(f"\ndemo training loop (mixed_precision auto), {args.loop_steps} steps, mean of 2 runs each: "
-          f"attention sdpa {sdpa:.2f} steps/s, auto {auto:.2f} steps/s, x{auto / sdpa:.2f}")
+    compare_loops("training.attention", ("sdpa", "auto"), args.loop_steps, "mixed_precision auto")
 
 
 if __name__ == "__main__":

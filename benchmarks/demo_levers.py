@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from _common import Rates, alternate
+from _common import Rates, alternate, print_rates
 
 from difftrain.config import TrainingConfig
 from difftrain.data.shapes import write_shapes_dataset
@@ -113,6 +113,13 @@ def alternate_loops(variants: dict[str, list[str]], steps: int,
                          fresh_processes=fresh_processes)
 
 
+def compare_loops(key: str, values: tuple[str, ...], steps: int, note: str, fresh_processes: bool = False) -> None:
+    """The demo's loop at each value of the config `key`, alternating, as print_rates' table against the first."""
+    print(f"\ndemo training loop, {steps} steps a run, {key} ({note}):")
+    results = alternate_loops({value: [f"{key}={value}"] for value in values}, steps, fresh_processes)
+    print_rates(results, values[0], memory=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -154,26 +161,14 @@ def main() -> None:
         return
     from difftrain.training.optim import resolve_precision
 
-    results = alternate_loops({precision: [f"training.mixed_precision={precision}"] for precision in ("no", "auto")},
-                              args.loop_steps)
-    base, auto = results["no"].rate, results["auto"].rate
-    ran = resolve_precision(TrainingConfig(mixed_precision="auto"))
-    print(f"\ndemo training loop, {args.loop_steps} steps, mean of 2 runs each: fp32 {base:.2f} steps/s, "
-          f"mixed_precision auto ({ran} here) {auto:.2f} steps/s, x{auto / base:.2f}")
-    results = alternate_loops({preset: [f"model.preset={preset}"] for preset in ("small", "mini")}, args.loop_steps)
-    small, mini = results["small"].rate, results["mini"].rate
-    print(f"demo training loop, preset small (the demo's before) {small:.2f} steps/s, mini (the demo's) "
-          f"{mini:.2f} steps/s, x{mini / small:.2f}")
-    results = alternate_loops({name: [f"training.optimizer={name}"] for name in ("adamw", "muon")}, args.loop_steps)
-    adamw, muon = results["adamw"].rate, results["muon"].rate
-    print(f"demo training loop, optimizer adamw (the demo's before) {adamw:.2f} steps/s, muon (the demo's) "
-          f"{muon:.2f} steps/s, x{muon / adamw:.2f}")
-    results = alternate_loops({keep: [f"training.keep_host_memory={keep}"] for keep in ("false", "true")},
-                              args.loop_steps, fresh_processes=True)
-    released, kept = results["false"].rate, results["true"].rate
-    print(f"demo training loop, each run in a fresh process: freed host memory returned to the OS (glibc's default) "
-          f"{released:.2f} steps/s, kept (training.keep_host_memory) {kept:.2f} steps/s, x{kept / released:.2f}")
-
+    auto = resolve_precision(TrainingConfig(mixed_precision="auto"))
+    compare_loops("training.mixed_precision", ("no", "auto"), args.loop_steps, f"no is fp32, auto is {auto} here")
+    compare_loops("model.preset", ("small", "mini"), args.loop_steps, "small: the demo's before; mini: the demo's")
+    compare_loops("training.optimizer", ("adamw", "muon"), args.loop_steps,
+                  "adamw: the demo's before; muon: the demo's")
+    compare_loops("training.keep_host_memory", ("false", "true"), args.loop_steps,
+                  "each run in a fresh process; false: freed memory returned to the OS, glibc's default",
+                  fresh_processes=True)
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,7 @@ PAGE = """<!doctype html>
     <div><label for="denoising_strength">Denoise</label>
       <input id="denoising_strength" type="number" step="0.05" min="0.05" max="1" value="0.7"></div>
   </div>
+  <label for="hr_upscaler">Hires upscaler</label><select id="hr_upscaler"></select>
   <button id="generate" type="submit">Generate</button>
 </form>
 <main>
@@ -66,7 +67,7 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 const fields = ["prompt", "negative_prompt", "sampler_name", "steps", "cfg_scale", "width", "height", "seed",
-                "batch_size", "enable_hr", "hr_scale", "denoising_strength"];
+                "batch_size", "enable_hr", "hr_scale", "denoising_strength", "hr_upscaler"];
 const numbers = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size", "hr_scale",
                          "denoising_strength"]);
 const checkboxes = new Set(["enable_hr"]);
@@ -89,8 +90,11 @@ function fill(select, items, value, label) {
 }
 
 async function load() {
-  const [samplers, models, loras, options] = await Promise.all([
-    api("/sdapi/v1/samplers"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/loras"), api("/sdapi/v1/options")]);
+  const [samplers, models, loras, options, latent, upscalers] = await Promise.all([
+    api("/sdapi/v1/samplers"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/loras"), api("/sdapi/v1/options"),
+    api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
+  // A1111's list: the latent modes, then None, Lanczos, Nearest and the server's model upscalers (ESRGAN ...).
+  fill($("hr_upscaler"), [...latent, ...upscalers], (u) => u.name, (u) => u.name);
   fill($("sampler_name"), samplers, (s) => s.name, (s) => s.name);
   $("sampler_name").value = "Euler a";
   fill($("model"), models, (m) => m.title, (m) => m.title);

@@ -391,3 +391,50 @@ def test_ensd_follows_the_hires_passs_own_sampler(tiny_sd):  # noqa: F811
     for first, second, moves in (("Euler", "Euler a", True), ("Euler a", "Euler", True), ("Euler", "Euler", False)):
         moved = bool(np.abs(image(first, second, 31337) - image(first, second, 0)).max() > 10)
         assert moved is moves, (first, second)
+
+
+def test_a_hires_checkpoint_of_its_own_draws_the_second_pass_with_that_model(tiny_sd, tmp_path, capsys):  # noqa: F811
+    """A1111's hr_checkpoint_name: the first pass on the model, the second on the other one (its UNet and text
+    encoder, none of the first's); written as `Hires checkpoint` and repeated by --from-png. An A1111 PNG's
+    checkpoint title that is no model here is refused naming the flag; "Use same checkpoint" is none."""
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    other = write_tiny_sd(tmp_path / "other", seed=3)
+    options = GenerateOptions(prompt="a red circle", steps=2, width=32, height=32, scheduler="Euler",
+                              hires=Hires(scale=2, steps=2, checkpoint=str(other)))
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    calls = {"first unet": 0, "first text": 0, "second unet": 0, "second text": 0}
+
+    def counting(name):
+        def hook(module, args, output):
+            calls[name] += 1
+        return hook
+
+    for name, module in (("first unet", drawer.pipe.unet), ("first text", drawer.pipe.text_encoder),
+                         ("second unet", drawer.hires_pipe.unet), ("second text", drawer.hires_pipe.text_encoder)):
+        module.register_forward_hook(counting(name))
+    [image] = drawer.draw("a red circle", "", [5])
+    assert image.size == (64, 64) and calls["first unet"] == calls["second unet"] == 2  # (CFG in one batch)
+    assert calls["first text"] >= 1 and calls["second text"] >= 1
+
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--steps", "2", "--width", "32", "--height", "32",
+            "--scheduler", "Euler", "--seed", "5", "--hires-scale", "2", "--hires-steps", "2", "--no-progress"]
+    assert main([*base, "--hires-checkpoint", str(other), "--out", str(tmp_path / "own")]) == 0
+    assert main([*base, "--out", str(tmp_path / "same")]) == 0
+    [own], [same] = (tmp_path / "own").glob("*.png"), (tmp_path / "same").glob("*.png")
+    assert np.array_equal(pixels(own), np.asarray(image, dtype=np.int16))  # the command draws what the Drawer drew
+    assert np.abs(pixels(own) - pixels(same)).mean() > 1
+    assert parse_infotext(read_png_infotext(own))[2]["Hires checkpoint"] == str(other)
+    assert main(["generate", str(tiny_sd), "--from-png", str(own), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "again").glob("*.png"))), pixels(own))
+
+    titled = a1111_png(tmp_path / "titled.png", "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2, "
+                                                "Hires steps: 2, Hires checkpoint: v1-5 [6ce0161689]")
+    repeat = ["generate", str(tiny_sd), "--from-png", str(titled), "--out", str(tmp_path / "titled"), "--no-progress"]
+    assert main(repeat) == 2
+    assert ("--hires-checkpoint: v1-5 [6ce0161689] does not exist (check the path); an A1111 checkpoint title: give "
+            "that model's path with --hires-checkpoint") in capsys.readouterr().err
+    assert main([*repeat, "--hires-checkpoint", str(other)]) == 0
+    assert Hires.from_infotext({"Hires upscale": "2", "Hires checkpoint": "Use same checkpoint"}).checkpoint == ""

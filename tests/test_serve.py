@@ -130,6 +130,16 @@ def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F8
     text = result.image.info["parameters"]
     assert "Size: 64x64" in text and "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2" in text
     assert generated(result.image, "plain")
+    # A hires checkpoint of its own (hr_checkpoint_name): another served model, by its title.
+    [other] = [entry for entry in api.get_sd_models() if entry["model_name"] == "other"]
+    checkpoint = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                             hr_second_pass_steps=2, denoising_strength=0.6, hr_checkpoint_name=other["title"])
+    assert f"Hires checkpoint: {other['title']}" in checkpoint.image.info["parameters"]
+    assert generated(checkpoint.image, "checkpoint", checkpoint=other["filename"])
+    assert not np.array_equal(np.asarray(checkpoint.image), np.asarray(result.image))
+    same = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                       hr_second_pass_steps=2, denoising_strength=0.6, hr_checkpoint_name="Use same checkpoint")
+    assert np.array_equal(np.asarray(same.image), np.asarray(result.image))
     # A model upscaler of the server's folder, by the name /upscalers lists.
     listed = {entry["name"]: entry for entry in api.get_upscalers()}
     assert list(listed)[:3] == ["None", "Lanczos", "Nearest"] and listed["4x-Tiny"]["scale"] == 4
@@ -394,6 +404,7 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
 @pytest.mark.parametrize("payload,field", [
     ({"width": 70}, "width"), ({"steps": 500}, "steps"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_checkpoint_name": "/etc/passwd"}, "hr_checkpoint_name"),
     ({"enable_hr": True, "hr_upscaler": "upscalers/ESRGAN/4x-Tiny.pth"}, "hr_upscaler"),  # a name, never a path
     ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),

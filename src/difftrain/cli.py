@@ -333,8 +333,8 @@ def _generate(args: argparse.Namespace) -> int:
     hires = _hires_flags(args)
     turns_on = "scale" in hires or "resize" in hires
     if hires and not (turns_on or args.from_png):
-        raise DifftrainError("--hires-upscaler, --hires-steps, --hires-sampler and --hires-(negative-)prompt set the "
-                             "hires fix: give --hires-scale or --hires-resize too")
+        raise DifftrainError("--hires-upscaler, --hires-steps, --hires-sampler, --hires-checkpoint and "
+                             "--hires-(negative-)prompt set the hires fix: give --hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
     if turns_on and not args.from_png:
@@ -379,7 +379,7 @@ def _hires_flags(args: argparse.Namespace) -> dict:
     --hires-resize turns it on."""
     given = {field: value for field, value in (("scale", args.hires_scale), ("upscaler", args.hires_upscaler),
                                                ("steps", args.hires_steps), ("sampler", args.hires_sampler),
-                                               ("prompt", args.hires_prompt),
+                                               ("prompt", args.hires_prompt), ("checkpoint", args.hires_checkpoint),
                                                ("negative_prompt", args.hires_negative_prompt))
              if value is not None}
     if args.hires_resize is not None:
@@ -896,6 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--upscaler-dir", help="where --hires-upscaler (or a PNG's) looks for a model upscaler by name "
                                             "(default models/upscalers; A1111's models folder works)")
     gen.add_argument("--hires-steps", type=int, metavar="N", help="hires fix second pass steps (default: --steps)")
+    gen.add_argument("--hires-checkpoint", metavar="MODEL", help="hires fix second pass model (A1111's hires "
+                                                                 "checkpoint; default the model's)")
     gen.add_argument("--hires-sampler", metavar="NAME", help="hires fix second pass sampler (default: --scheduler)")
     gen.add_argument("--hires-prompt", metavar="TEXT", help="hires fix second pass prompt (default: --prompt)")
     gen.add_argument("--hires-negative-prompt", metavar="TEXT", help="its negative prompt (default: --negative-prompt)")

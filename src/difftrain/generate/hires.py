@@ -78,6 +78,7 @@ class Hires:
     sampler: str | None = None  # the second pass's (a schedulers name); None: the first pass's
     prompt: str = ""  # the second pass's; "": the first pass's (A1111's hr_prompt)
     negative_prompt: str = ""
+    checkpoint: str = ""  # the second pass's model (A1111's hr_checkpoint_name); "": the first pass's
 
     def check(self, width: int, height: int, max_side: int, cell: int = 8) -> Target:
         """The target of a first pass of this size, or the reason there is none, naming the option. (A model
@@ -133,7 +134,8 @@ class Hires:
                                                       ("Hires negative prompt", self.negative_prompt, negative_prompt))
                    if text and text != first}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
-                "Hires upscaler": a1111_name(self.upscaler), **sampler, **prompts}
+                "Hires upscaler": a1111_name(self.upscaler), **sampler, **prompts,
+                **({"Hires checkpoint": self.checkpoint} if self.checkpoint else {})}
 
     @classmethod
     def from_infotext(cls, params: dict) -> Hires | None:
@@ -151,11 +153,17 @@ class Hires:
             return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
                        upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)),
                        sampler=sampler, prompt=str(params.get("Hires prompt", "")),
-                       negative_prompt=str(params.get("Hires negative prompt", "")))
+                       negative_prompt=str(params.get("Hires negative prompt", "")),
+                       checkpoint=same_checkpoint(str(params.get("Hires checkpoint", ""))))
         except (ValueError, DifftrainError) as reason:
             keys = ("Hires upscale", "Hires resize", "Hires steps", "Hires sampler", "Hires schedule type")
             raise HiresError("infotext", "its infotext's hires fix is unreadable (" + ", ".join(
                 f"{key}: {params[key]!r}" for key in keys if key in params) + f"): {reason}") from None
+
+
+def same_checkpoint(name: str) -> str:
+    """A1111's hr_checkpoint_name as a model to load: "" for the first pass's ("Use same checkpoint" in its UI)."""
+    return "" if name in ("", "Use same checkpoint") else name
 
 
 def _pass_sampler(name: str, schedule: str | None) -> str | None:
@@ -246,21 +254,22 @@ def model_upscaler(hires: Hires, folder: str | Path | None, paths: bool = True,
 
 
 def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target,
-            upscaler: ImageUpscaler | None = None) -> torch.Tensor:
+            upscaler: ImageUpscaler | None = None, decoder=None) -> torch.Tensor:
     """The first pass's latents at the target size, cropped as A1111 crops them; `upscaler`: its model upscaler
-    (model_upscaler), where it has one."""
+    (model_upscaler), where it has one. An image upscaler decodes with `decoder` (the first pass's pipeline where
+    the second has a checkpoint of its own; default `pipe`) and encodes again with `pipe`."""
     import torch
 
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
     else:
-        latents = _through_images(pipe, latents, upscaler or ImageUpscaler(hires.upscaler), target)
+        latents = _through_images(decoder or pipe, pipe, latents, upscaler or ImageUpscaler(hires.upscaler), target)
     ty, tx = target.truncate_y, target.truncate_x
     return latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
 
 
-def _through_images(pipe, latents: torch.Tensor, upscaler: ImageUpscaler, target: Target) -> torch.Tensor:
+def _through_images(decoder, encoder, latents: torch.Tensor, upscaler: ImageUpscaler, target: Target) -> torch.Tensor:
     """Decode, resize as A1111's resize_image does with that upscaler, encode again."""
     from difftrain.sampling.text2image import to_images, to_latents
 
@@ -268,20 +277,22 @@ def _through_images(pipe, latents: torch.Tensor, upscaler: ImageUpscaler, target
     size = (target.latent_size[1] * target.cell, target.latent_size[0] * target.cell)
     lanczos = Image.Resampling.LANCZOS
     resized = []
-    for image in to_images(pipe, latents):
+    for image in to_images(decoder, latents):
         scale = max(target.width / image.width, target.height / image.height)
         if scale > 1:  # the upscaler's own passes, to whole 8 px cells (A1111's Upscaler)
             image = upscaler.enlarge(image, scale)
         for exact in ((target.width, target.height), size):  # resize_image's, then the encoder's whole cells
             image = image.resize(exact, lanczos) if image.size != exact else image
         resized.append(image)
-    return to_latents(pipe, resized).to(latents.dtype)
+    return to_latents(encoder, resized).to(latents.dtype)
 
 
 def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], steps: int, guidance_scale: float,
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
-                noise=None, scheduler=None, upscaler: ImageUpscaler | None = None, **hooks) -> list[Image.Image]:
-    """The images of the hires pass over a first pass's `latents` (drawn by `runner` at `steps` steps).
+                noise=None, scheduler=None, upscaler: ImageUpscaler | None = None, first=None,
+                **hooks) -> list[Image.Image]:
+    """The images of the hires pass over a first pass's `latents` (drawn at `steps` steps), drawn by `runner`: the
+    first pass's, or with a hires checkpoint that model's, `first` then being the first pass's (its VAE decodes).
 
     `scheduler`: the pass's own sampler (pass_scheduler), else the runner's;
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);
@@ -297,7 +308,7 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
     img2img.set_progress_bar_config(**getattr(runner, "_progress_bar_config", {}))
     length, pass_strength = pass_steps(hires.steps or steps, strength)
     with torch.no_grad():
-        upscaled = upscale(runner, latents, hires, target, upscaler)
+        upscaled = upscale(runner, latents, hires, target, upscaler, first)
     if (feature_cache := getattr(runner.unet, "feature_cache", None)) is not None:
         feature_cache.reset()  # DeepCache: its deep features are of the first pass's size
     latents = sample(img2img, conditioning, seeds, length, guidance_scale, autocast, noise, image=upscaled,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -116,6 +117,15 @@ class GenerateOptions:
                 if self.width and self.height:
                     self.hires.check(self.width, self.height, MAX_SIDE)
                 model_upscaler(self.hires, self.upscaler_dir)  # (before a model loads)
+            if self.hires.checkpoint:
+                from difftrain.models.sd import check_exists
+
+                try:
+                    check_exists("--hires-checkpoint", self.hires.checkpoint)
+                except DifftrainError as reason:  # e.g. an A1111 PNG's "name [hash]", a file of its models folder
+                    titled = re.fullmatch(r".+ \[[0-9a-f]{8,10}\]", self.hires.checkpoint)
+                    raise GenerateError(f"{reason}" + ("; an A1111 checkpoint title: give that model's path with "
+                                                       "--hires-checkpoint" if titled else "")) from None
         resolve_device(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise GenerateError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
@@ -151,6 +161,7 @@ class GenerateOptions:
 def hires_flags():
     """A hires fix refused names the command line's flag for what to change."""
     flags = {"upscaler": "--hires-upscaler", "steps": "--hires-steps", "resize": "--hires-resize",
+             "checkpoint": "--hires-checkpoint",
              "scale": "--hires-scale", "strength": "--strength", "sampler": "--hires-sampler",
              "prompt": "--hires-prompt"}
     try:
@@ -421,15 +432,22 @@ class Drawer:
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls)
         self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_upscaler = None
+        self.hires_pipe, self.hires_clip_skip = pipe, self.clip_skip  # the second pass's model: the first's ...
         if options.hires is not None:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError("the hires fix draws without ControlNets: leave out --hires-*")
             from difftrain.generate.hires import check_pass, checked_pass_prompt, pass_scheduler
 
+            first_scheduler, pass_config = self.runner.scheduler, model_scheduler
+            if options.hires.checkpoint:  # ... or a checkpoint of its own (A1111's hr_checkpoint_name)
+                self.hires_pipe = self._second_model(options, extra_loras, device, progress)
+                self.hires_clip_skip = options.clip_skip or self.hires_pipe.manifest.conditioning.get("clip_skip") or 1
+                pass_config = dict(self.hires_pipe.scheduler.config)
+                first_scheduler = make_scheduler(options.scheduler, pass_config)
             with hires_flags():
                 self.hires_prompt = checked_pass_prompt(options.hires.prompt, options.prompt)
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
-                self.hires_scheduler = pass_scheduler(options.hires, self.runner.scheduler, model_scheduler)
+                self.hires_scheduler = pass_scheduler(options.hires, first_scheduler, pass_config)
                 check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)
                 self.hires_upscaler = model_upscaler(options.hires, options.upscaler_dir, device=device)
         if controls is not None:
@@ -445,6 +463,29 @@ class Drawer:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError(_DEEPCACHE_WITH_CONTROL)
             self.deepcache = DeepCache(pipe.unet, options.deepcache)
+
+    def _second_model(self, options: GenerateOptions, extra_loras, device: torch.device, progress: bool):
+        """The hires pass's own model, with the first's LoRAs and embeddings (A1111 applies them to it too); its
+        latents must be the first model's."""
+        from difftrain.generate.loader import build_pipeline, loading_bar, locate
+
+        located = locate(options.hires.checkpoint, options.use_ema)
+        kind = located.manifest.kind if located.manifest is not None else "stable-diffusion"
+        if kind not in ("stable-diffusion", "lora", "dreambooth", "textual-inversion"):
+            raise GenerateError(f"--hires-checkpoint {options.hires.checkpoint}: a {kind} model; give a Stable "
+                                "Diffusion model for the second pass")
+        with loading_bar(progress):
+            second = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
+                                    dtype=_dtype(options.precision, device), config=options.config)
+        first = self.pipe
+        shapes = [(pipeline.unet.config.in_channels, pipeline.vae.config.latent_channels, pipeline.vae_scale_factor)
+                  for pipeline in (first, second)]
+        if shapes[0] != shapes[1]:
+            raise GenerateError(f"--hires-checkpoint {options.hires.checkpoint}: its latents (UNet input channels, "
+                                f"VAE channels, VAE scale) {shapes[1]} are not the first model's {shapes[0]}")
+        configure_pipeline(second, options, device)
+        second.set_progress_bar_config(disable=not progress)
+        return second
 
     def draw(self, prompt: str, negative_prompt: str, seeds: list[int],
              subseeds: list[int] | None = None) -> list[Image.Image]:
@@ -474,14 +515,18 @@ class Drawer:
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
-        if own := pass_prompts(options.hires, self.hires_prompt, prompt, negative_prompt):
-            conditioning = encode_prompts(self.pipe, own[0], own[1] if guided else "", self.clip_skip,
+        own = pass_prompts(options.hires, self.hires_prompt, prompt, negative_prompt)
+        if own or self.hires_pipe is not self.pipe:  # (another model: its own text encoder)
+            own = own or (prompt, negative_prompt)
+            conditioning = encode_prompts(self.hires_pipe, own[0], own[1] if guided else "", self.hires_clip_skip,
                                           schedule_steps(self.hires_scheduler, options.hires.steps or options.steps),
                                           options.compose, schedule_steps(self.runner.scheduler, options.steps))
         hires_noise = noise_of(options, subseeds, self.pipe.vae_scale_factor, options.hires.sampler)
-        return second_pass(self.runner, latents, conditioning, seeds, options.steps, options.guidance_scale,
+        second = self.runner if self.hires_pipe is self.pipe else self.hires_pipe
+        return second_pass(second, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
-                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler)
+                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler,
+                           first=None if second is self.runner else self.runner)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:
@@ -550,8 +595,7 @@ def noise_of(options: GenerateOptions, subseeds: list[int], cell: int, sampler: 
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
-NOT_REPEATED = ("Hires checkpoint",
-                "Hires CFG Scale", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
+NOT_REPEATED = ("Hires CFG Scale", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -84,6 +84,7 @@ class Prepared:
     init_image: object = None  # img2img: the decoded image
     hires_prompt: str = ""  # the hires pass's own prompt without its <lora:...> tags (the prompt's); "": the prompt
     hires_upscaler: ImageUpscaler | None = None  # the hires fix's model upscaler, from the upscaler folder
+    hires_model: ServedModel | None = None  # the hires pass's own model (hr_checkpoint_name), among the served
 
 
 @dataclass
@@ -145,13 +146,12 @@ class Engine:
         self.prompt_cache_hits = self.prompt_cache_misses = 0
 
     # ----------------------------------------------------------------- models
-    def find(self, name: str) -> ServedModel:
-        """A served model by its title, name or spec; nothing outside the served list."""
+    def find(self, name: str, field: str = "sd_model_checkpoint") -> ServedModel:
+        """A served model by its title, name or spec; nothing outside the served list (refused naming `field`)."""
         for model in self.models.values():
             if name in (model.title, model.name, model.spec):
                 return model
-        raise RequestError("sd_model_checkpoint", f"{name!r} is not served here; choose one of "
-                                                  f"{', '.join(self.models)}", status=404)
+        raise RequestError(field, f"{name!r} is not served here; choose one of {', '.join(self.models)}", status=404)
 
     def load(self, model: ServedModel):
         with self._busy:
@@ -269,7 +269,10 @@ class Engine:
             except DifftrainError as reason:
                 raise RequestError(field_name, str(reason)) from None
         prompt, tags = parsed["prompt"]
-        hires_upscaler = None
+        hires_upscaler = hires_model = None
+        if request.enable_hr and request.hires is not None and request.hires.checkpoint:
+            hires_model = self.find(request.hires.checkpoint, "hr_checkpoint_name")
+            hires_model = None if hires_model is model else hires_model
         with request.hires_fields():
             hires_prompt = checked_pass_prompt(request.hr_prompt if request.enable_hr else "", request.prompt)
             if request.enable_hr and not isinstance(request, Img2ImgRequest):  # (a name, never a client's path)
@@ -284,7 +287,8 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_upscaler)
+        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_upscaler,
+                        hires_model)
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
@@ -362,18 +366,23 @@ class Engine:
         adapters = self._activate_loras(model, pipe, prepared.loras)
         clip_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
                      or model.own_clip_skip)
+        first = (model, pipe, clip_skip, adapters)
+
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
-        # new one) and their weights are part of the key; the steps place a prompt edit's spans.
-        def encoded(steps: int, first_pass: int | None = None, prompt: str | None = None, negative: str | None = None):
+        # new one) and their weights are part of the key; the steps place a prompt edit's spans. `on`: the model
+        # (with its pipeline, clip skip and adapters) that encodes: the first pass's, or the hires checkpoint.
+        def encoded(steps: int, first_pass: int | None = None, prompt: str | None = None, negative: str | None = None,
+                    on: tuple = first):
             prompt = prepared.prompt if prompt is None else prompt
             negative = request.negative_prompt if negative is None else negative
-            key = (model.title, prompt, negative, clip_skip, adapters, steps, first_pass)
+            (which, encoder, skip, active) = on
+            key = (which.title, prompt, negative, skip, active, steps, first_pass)
             if key in self.prompt_cache:
                 self.prompt_cache.move_to_end(key)
                 self.prompt_cache_hits += 1
             else:
                 self.prompt_cache_misses += 1
-                self.prompt_cache[key] = encode_prompts(pipe, prompt, negative, clip_skip, steps, first_pass=first_pass)
+                self.prompt_cache[key] = encode_prompts(encoder, prompt, negative, skip, steps, first_pass=first_pass)
                 while len(self.prompt_cache) > self.prompt_cache_size:
                     self.prompt_cache.popitem(last=False)
             return self.prompt_cache[key]
@@ -381,17 +390,29 @@ class Engine:
         conditioning = encoded(schedule_steps(scheduler, request.steps))
         units = prepared.units
         hires = request.hires if not isinstance(request, Img2ImgRequest) else None
+        second, hires_pipe = first, None
         if hires is not None:
             from difftrain.generate.hires import check_pass, pass_prompts, pass_scheduler
 
+            pass_first_scheduler, pass_config = scheduler, dict(pipe.scheduler.config)
+            if prepared.hires_model is not None:  # A1111's hr_checkpoint_name: the second pass on that model
+                hires = replace(hires, checkpoint=prepared.hires_model.title)
+                hires_pipe = self.load(prepared.hires_model)  # (this job keeps the first model's pipe)
+                hires_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
+                              or prepared.hires_model.own_clip_skip)
+                second = (prepared.hires_model, hires_pipe, hires_skip,
+                          self._activate_loras(prepared.hires_model, hires_pipe, prepared.loras))
+                pass_config = dict(hires_pipe.scheduler.config)
+                pass_first_scheduler = make_scheduler(scheduler_name, pass_config)
             with request.hires_fields():  # (checked before it queued too, unless the model is a single file)
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
-                hires_scheduler = pass_scheduler(hires, scheduler, dict(pipe.scheduler.config))
+                hires_scheduler = pass_scheduler(hires, pass_first_scheduler, pass_config)
                 check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
             hires_conditioning = conditioning
-            if own := pass_prompts(hires, prepared.hires_prompt, prepared.prompt, request.negative_prompt):
+            own = pass_prompts(hires, prepared.hires_prompt, prepared.prompt, request.negative_prompt)
+            if own or second is not first:  # (another model: its own text encoder)
                 hires_conditioning = encoded(schedule_steps(hires_scheduler, hires.steps or request.steps),
-                                             schedule_steps(scheduler, request.steps), *own)
+                                             schedule_steps(scheduler, request.steps), *(own or ()), on=second)
         controls = None
         if units:
             nets = self._nets(prepared, pipe)
@@ -403,6 +424,10 @@ class Engine:
         except NoStepLeft as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
+        hires_runner = runner
+        if hires_pipe is not None:
+            hires_runner, _ = sampling_runner(hires_pipe, request.width, request.height, request.steps,
+                                              scheduler=pass_first_scheduler)
 
         def step_end(pipeline, step, timestep, values):
             on_step(pipeline)
@@ -438,9 +463,10 @@ class Engine:
                              **hooks, **extra)
             # An interrupted first pass is kept as it is, as A1111 keeps it.
             if hires is not None and not getattr(runner, "_interrupt", False):
-                images = second_pass(runner, latents, hires_conditioning, seeds, request.steps, request.cfg_scale,
-                                     hires, target, request.denoising_strength, noise=hires_noise,
-                                     scheduler=hires_scheduler, upscaler=prepared.hires_upscaler, **hooks)
+                images = second_pass(hires_runner, latents, hires_conditioning, seeds, request.steps,
+                                     request.cfg_scale, hires, target, request.denoising_strength, noise=hires_noise,
+                                     scheduler=hires_scheduler, upscaler=prepared.hires_upscaler,
+                                     first=None if hires_runner is runner else runner, **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):

@@ -2,7 +2,7 @@
 
 Clients send every field A1111 knows (webuiapi sends ~50); the ones we do not implement
 are accepted at their defaults and refused, naming the field, when they ask for something
-(face restoration, scripts, a hires pass with its own checkpoint). Limits are the
+(face restoration, scripts, inpainting masks). Limits are the
 server's, checked before a job is queued.
 """
 
@@ -118,8 +118,6 @@ class Txt2ImgRequest(_A1111Body):
         check_ensd(self.override_settings.get("eta_noise_seed_delta"), "override_settings.eta_noise_seed_delta")
         unsupported = [("restore_faces", self.restore_faces, "face restoration"), ("tiling", self.tiling, "tiling"),
                        ("script_name", self.script_name, "scripts"),
-                       ("hr_checkpoint_name", self.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
-                        "a hires checkpoint of its own"),
                        ("firstphase_width", self.firstphase_width or self.firstphase_height,
                         "the pre-1.0 hires fix (first phase size); give width, height and hr_scale or hr_resize_x/y")]
         for field, value, what in unsupported:
@@ -165,13 +163,14 @@ class Txt2ImgRequest(_A1111Body):
     @property
     def hires(self):
         """The hires fix asked for, or None."""
-        from difftrain.generate.hires import Hires
+        from difftrain.generate.hires import Hires, same_checkpoint
 
         if not self.enable_hr:
             return None
         return Hires(scale=self.hr_scale, resize=(self.hr_resize_x, self.hr_resize_y),
                      upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps, sampler=self.hr_sampler,
-                     prompt=self.hr_prompt, negative_prompt=self.hr_negative_prompt)
+                     prompt=self.hr_prompt, negative_prompt=self.hr_negative_prompt,
+                     checkpoint=same_checkpoint(self.hr_checkpoint_name or ""))
 
     @property
     def hr_sampler(self) -> str | None:

@@ -50,8 +50,9 @@ def test_the_suite_cpu_plugin_counts_each_files_cpu_in_its_process_and_its_child
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("test_")}
     child, own = rows["test_child.py"], rows["test_own.py"]
-    assert float(child[1]) > 0.2 and float(child[3]) > 0.2, done.stdout  # CPU s, and all of it in children
-    assert float(own[1]) > 0.2 and float(own[3]) == 0.0, done.stdout
+    # CPU s (printed to 0.1 s; the burn is ~0.15-0.3 s by the machine), all of it in children or none of it.
+    assert float(child[3]) >= 0.1 and float(child[3]) >= float(child[1]) - 0.1, done.stdout
+    assert float(own[1]) >= 0.1 and float(own[3]) == 0.0, done.stdout
     assert "all tests" in done.stdout and "CPU seconds by test file" in done.stdout
 
 

@@ -274,6 +274,9 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
     assert result.info["postprocessing"] == "Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny"
     assert main([*base, "--upscaler", "Lanczos", "--scale", "1.5", "--out", str(tmp_path / "lanczos")]) == 0
     assert Image.open(tmp_path / "lanczos" / "drawn.png").size == (56, 32)  # 60x36 floored to whole 8 px, as A1111
+    assert main([*base, "--upscaler", "None", "--scale", "2", "--out", str(tmp_path / "none")]) == 0
+    unchanged = Image.open(tmp_path / "none" / "drawn.png")  # A1111's None does nothing, and says nothing
+    assert unchanged.size == (40, 24) and "postprocessing" not in unchanged.info
     for flags, message in ((["--upscaler", "Lanczos"], "--scale: Lanczos has no factor of its own; give one"),
                            (["--upscaler", "R-ESRGAN 4x+"], "--upscaler 'R-ESRGAN 4x+': no such model file"),
                            (["--upscaler", "4x-Tiny", "--scale", "40"], "--scale 40.0: from above 0 to 16"),

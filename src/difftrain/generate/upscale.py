@@ -249,6 +249,8 @@ def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None,
         return upscaler.enlarge(image, by, tile)
 
     by = check_extras(first, scale, size, tile)
+    if first.network is None and IMAGE_UPSCALERS.get(first.name) is None:
+        return image, {}  # A1111's "None" as Upscaler 1: the Upscale script does nothing
     result = enlarged(first)
     params["Postprocess upscaler"] = first.name
     if second is not None and visibility > 0:
@@ -289,7 +291,8 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
         with Image.open(source) as original:  # (A1111 keeps the image's generation parameters)
             if isinstance(original.info.get("parameters"), str):
                 info.add_text("parameters", original.info["parameters"])
-        info.add_text("postprocessing", postprocessing_text(params))
+        if params:
+            info.add_text("postprocessing", postprocessing_text(params))
         target = out / f"{Path(source).stem}.png"
         if target in written:  # (two images of one name from different folders)
             target = out / f"{Path(source).stem}-{len(written)}.png"

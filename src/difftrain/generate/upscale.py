@@ -147,21 +147,27 @@ def _run(network, image: Image.Image) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[:, :, ::-1]), "RGB")
 
 
-def upscale_once(network: torch.nn.Module, image: Image.Image, tile: int = TILE, overlap: int = OVERLAP
-                 ) -> Image.Image:
-    """One pass of the network over `image` in A1111's tiles (tile 0: the whole image at once)."""
+def upscale_once(network: torch.nn.Module, image: Image.Image, tile: int = TILE, overlap: int = OVERLAP,
+                 progress: bool = False) -> Image.Image:
+    """One pass of the network over `image` in A1111's tiles (tile 0: the whole image at once); `progress`: a bar
+    over the tiles (a large image through a 4x ESRGAN takes minutes on a CPU)."""
     if tile <= 0:
         return _run(network, image)
+    from tqdm.auto import tqdm
+
     grid = split_grid(image, tile, overlap)
     factor = None
     outputs = []
-    for y, row in grid:
-        pieces = []
-        for x, piece in row:
-            out = _run(network, piece)
-            factor = out.width // piece.width
-            pieces.append((x * factor, out))
-        outputs.append((y * factor, pieces))
+    with tqdm(total=sum(len(row) for _, row in grid), desc="tiles", unit="tile", leave=False,
+              disable=not progress) as bar:
+        for y, row in grid:
+            pieces = []
+            for x, piece in row:
+                out = _run(network, piece)
+                factor = out.width // piece.width
+                pieces.append((x * factor, out))
+                bar.update()
+            outputs.append((y * factor, pieces))
     return combine_grid(outputs, tile * factor, (image.width * factor, image.height * factor), overlap * factor)
 
 
@@ -199,7 +205,8 @@ class ImageUpscaler:
         """The network's own factor (None for a resize)."""
         return None if self.network is None else self.network.scale
 
-    def enlarge(self, image: Image.Image, scale: float, tile: int = TILE, overlap: int = OVERLAP) -> Image.Image:
+    def enlarge(self, image: Image.Image, scale: float, tile: int = TILE, overlap: int = OVERLAP,
+                progress: bool = False) -> Image.Image:
         """A1111's Upscaler.upscale with this upscaler (its "None" gives the image back as it is)."""
         resample = IMAGE_UPSCALERS.get(self.name)
         if self.network is None and resample is None:
@@ -207,7 +214,7 @@ class ImageUpscaler:
 
         def one_pass(picture: Image.Image) -> Image.Image:
             if self.network is not None:
-                return upscale_once(self.network, picture, tile, overlap)
+                return upscale_once(self.network, picture, tile, overlap, progress)
             return picture.resize((int(picture.width * scale), int(picture.height * scale)), resample=resample)
 
         return upscale(one_pass, image, scale)
@@ -229,7 +236,7 @@ def check_extras(first: ImageUpscaler, scale: float | None = None, size: tuple[i
 
 def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None, size: tuple[int, int] | None = None,
            crop: bool = True, second: ImageUpscaler | None = None, visibility: float = 0.0,
-           tile: int = TILE) -> tuple[Image.Image, dict]:
+           tile: int = TILE, progress: bool = False) -> tuple[Image.Image, dict]:
     """A1111's Extras "Upscale" (scripts/postprocessing_upscale.py): `image` enlarged `scale` times (default: the
     first model's own factor), or to cover `size` and, where `crop`, cut to it around the middle; a second
     upscaler's result blended in at `visibility`. Returns the image and the infotext A1111 writes for it."""
@@ -238,7 +245,8 @@ def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None,
     def enlarged(upscaler: ImageUpscaler) -> Image.Image:
         if size is not None:
             params["Postprocess upscale to"] = f"{size[0]}x{size[1]}"
-            result = upscaler.enlarge(image, max(size[0] / image.width, size[1] / image.height), tile)
+            result = upscaler.enlarge(image, max(size[0] / image.width, size[1] / image.height), tile, OVERLAP,
+                                      progress)
             if crop:
                 canvas = Image.new("RGB", size)
                 canvas.paste(result, (size[0] // 2 - result.width // 2, size[1] // 2 - result.height // 2))
@@ -246,7 +254,7 @@ def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None,
                 result = canvas
             return result
         params["Postprocess upscale by"] = f"{by:g}"
-        return upscaler.enlarge(image, by, tile)
+        return upscaler.enlarge(image, by, tile, OVERLAP, progress)
 
     by = check_extras(first, scale, size, tile)
     if first.network is None and IMAGE_UPSCALERS.get(first.name) is None:
@@ -286,7 +294,7 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
         except BadImage as reason:
             skipped.append((str(source), str(reason)))
             continue
-        result, params = extras(image, first, **settings)
+        result, params = extras(image, first, progress=progress, **settings)
         info = PngInfo()
         with Image.open(source) as original:  # (A1111 keeps the image's generation parameters)
             if isinstance(original.info.get("parameters"), str):

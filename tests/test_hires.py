@@ -395,12 +395,13 @@ def test_ensd_follows_the_hires_passs_own_sampler(tiny_sd):  # noqa: F811
 
 def test_a_hires_checkpoint_of_its_own_draws_the_second_pass_with_that_model(tiny_sd, tmp_path, capsys):  # noqa: F811
     """A1111's hr_checkpoint_name: the first pass on the model, the second on the other one (its UNet and text
-    encoder, none of the first's); written as `Hires checkpoint` and repeated by --from-png. An A1111 PNG's
-    checkpoint title that is no model here is refused naming the flag; "Use same checkpoint" is none."""
+    encoder, of another width, none of the first's); written as `Hires checkpoint` and repeated by --from-png. An
+    A1111 PNG's checkpoint title that is no model here is refused naming the flag; "Use same checkpoint" is none;
+    a model of other latents is refused."""
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
     from difftrain.models.tiny_sd import write_tiny_sd
 
-    other = write_tiny_sd(tmp_path / "other", seed=3)
+    other = write_tiny_sd(tmp_path / "other", seed=3, text_hidden=48)  # (another text width, as SD 2.x's to 1.x's)
     options = GenerateOptions(prompt="a red circle", steps=2, width=32, height=32, scheduler="Euler",
                               hires=Hires(scale=2, steps=2, checkpoint=str(other)))
     drawer = Drawer(str(tiny_sd), options, progress=False)
@@ -438,3 +439,6 @@ def test_a_hires_checkpoint_of_its_own_draws_the_second_pass_with_that_model(tin
             "that model's path with --hires-checkpoint") in capsys.readouterr().err
     assert main([*repeat, "--hires-checkpoint", str(other)]) == 0
     assert Hires.from_infotext({"Hires upscale": "2", "Hires checkpoint": "Use same checkpoint"}).checkpoint == ""
+    wide = write_tiny_sd(tmp_path / "wide", seed=4, latent_channels=8)
+    assert main([*base, "--hires-checkpoint", str(wide), "--out", str(tmp_path / "wide-out")]) == 2
+    assert "--hires-checkpoint: hires checkpoint " in (err := capsys.readouterr().err) and "(8, 8, 2)" in err

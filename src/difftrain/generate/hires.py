@@ -161,6 +161,16 @@ class Hires:
                 f"{key}: {params[key]!r}" for key in keys if key in params) + f"): {reason}") from None
 
 
+def check_second_model(first, second, name: str) -> None:
+    """A hires checkpoint's pipeline takes the first pass's latents: the same UNet input and VAE channels and
+    scale (SD 1.x and 2.x alike), or the reason it does not, naming the setting."""
+    shapes = [(pipeline.unet.config.in_channels, pipeline.vae.config.latent_channels, pipeline.vae_scale_factor)
+              for pipeline in (first, second)]
+    if shapes[0] != shapes[1]:
+        raise HiresError("checkpoint", f"hires checkpoint {name}: its latents (UNet input channels, VAE channels, "
+                                       f"VAE scale) {shapes[1]} are not the first model's {shapes[0]}")
+
+
 def same_checkpoint(name: str) -> str:
     """A1111's hr_checkpoint_name as a model to load: "" for the first pass's ("Use same checkpoint" in its UI)."""
     return "" if name in ("", "Use same checkpoint") else name

@@ -467,6 +467,7 @@ class Drawer:
     def _second_model(self, options: GenerateOptions, extra_loras, device: torch.device, progress: bool):
         """The hires pass's own model, with the first's LoRAs and embeddings (A1111 applies them to it too); its
         latents must be the first model's."""
+        from difftrain.generate.hires import check_second_model
         from difftrain.generate.loader import build_pipeline, loading_bar, locate
 
         located = locate(options.hires.checkpoint, options.use_ema)
@@ -477,12 +478,8 @@ class Drawer:
         with loading_bar(progress):
             second = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
                                     dtype=_dtype(options.precision, device), config=options.config)
-        first = self.pipe
-        shapes = [(pipeline.unet.config.in_channels, pipeline.vae.config.latent_channels, pipeline.vae_scale_factor)
-                  for pipeline in (first, second)]
-        if shapes[0] != shapes[1]:
-            raise GenerateError(f"--hires-checkpoint {options.hires.checkpoint}: its latents (UNet input channels, "
-                                f"VAE channels, VAE scale) {shapes[1]} are not the first model's {shapes[0]}")
+        with hires_flags():
+            check_second_model(self.pipe, second, options.hires.checkpoint)
         configure_pipeline(second, options, device)
         second.set_progress_bar_config(disable=not progress)
         return second

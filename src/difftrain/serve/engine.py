@@ -392,7 +392,7 @@ class Engine:
         hires = request.hires if not isinstance(request, Img2ImgRequest) else None
         second, hires_pipe = first, None
         if hires is not None:
-            from difftrain.generate.hires import check_pass, pass_prompts, pass_scheduler
+            from difftrain.generate.hires import check_pass, check_second_model, pass_prompts, pass_scheduler
 
             pass_first_scheduler, pass_config = scheduler, dict(pipe.scheduler.config)
             if prepared.hires_model is not None:  # A1111's hr_checkpoint_name: the second pass on that model
@@ -404,6 +404,8 @@ class Engine:
                           self._activate_loras(prepared.hires_model, hires_pipe, prepared.loras))
                 pass_config = dict(hires_pipe.scheduler.config)
                 pass_first_scheduler = make_scheduler(scheduler_name, pass_config)
+                with request.hires_fields():
+                    check_second_model(pipe, hires_pipe, prepared.hires_model.title)
             with request.hires_fields():  # (checked before it queued too, unless the model is a single file)
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
                 hires_scheduler = pass_scheduler(hires, pass_first_scheduler, pass_config)

@@ -147,6 +147,7 @@ class Txt2ImgRequest(_A1111Body):
         from difftrain.generate.hires import HiresError
 
         fields = {"upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "resize": "hr_resize_x",
+                  "checkpoint": "hr_checkpoint_name",
                   "strength": "denoising_strength", "sampler": "hr_sampler_name", "prompt": "hr_prompt"}
         try:
             yield

@@ -274,6 +274,14 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
     assert result.info["postprocessing"] == "Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny"
     assert main([*base, "--upscaler", "Lanczos", "--scale", "1.5", "--out", str(tmp_path / "lanczos")]) == 0
     assert Image.open(tmp_path / "lanczos" / "drawn.png").size == (56, 32)  # 60x36 floored to whole 8 px, as A1111
+    (tmp_path / "folder").mkdir()  # a folder stands for its images
+    for name in ("b.png", "a.jpg"):
+        Image.new("RGB", (16, 8), (90, 90, 200)).save(tmp_path / "folder" / name)
+    (tmp_path / "folder" / "notes.txt").write_text("not an image")
+    assert main(["upscale", str(tmp_path / "folder"), "--upscaler", "Nearest", "--scale", "2", "--out",
+                 str(tmp_path / "from-folder"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "from-folder").iterdir()) == ["a.png", "b.png"]
+    assert Image.open(tmp_path / "from-folder" / "a.png").size == (32, 16)
     assert main([*base, "--upscaler", "None", "--scale", "2", "--out", str(tmp_path / "none")]) == 0
     unchanged = Image.open(tmp_path / "none" / "drawn.png")  # A1111's None does nothing, and says nothing
     assert unchanged.size == (40, 24) and "postprocessing" not in unchanged.info

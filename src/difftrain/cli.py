@@ -796,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export_controlnet)
 
     up = commands.add_parser("upscale", help="enlarge images with ESRGAN, Real-ESRGAN or Lanczos, as A1111's Extras")
-    up.add_argument("images", nargs="+", help="image files")
+    up.add_argument("images", nargs="+", help="image files, or folders of them")
     up.add_argument("--upscaler", required=True, metavar="NAME|FILE",
                     help="a model upscaler's A1111 name in --upscaler-dir (e.g. 'R-ESRGAN 4x+') or its "
                          ".pth/.safetensors file; or Lanczos or Nearest (with --scale)")

@@ -276,15 +276,20 @@ def postprocessing_text(params: dict) -> str:
 
 def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscaler, progress: bool = True,
                   **settings) -> tuple[list[Path], list[tuple[str, str]]]:
-    """`extras` over image files, each written to `out` as PNG keeping its `parameters` text, with A1111's
-    "postprocessing" text beside it. Returns (files written, (image, why) for each image skipped): one unreadable
-    image does not stop the rest."""
+    """`extras` over image files (a folder: its images), each written to `out` as PNG keeping its `parameters` text,
+    with A1111's "postprocessing" text beside it. Returns (files written, (image, why) for each image skipped): one
+    unreadable image does not stop the rest."""
     from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
     from difftrain.atomic import atomic_path
-    from difftrain.data.images import BadImage, load_image
+    from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+
     check_extras(first, settings.get("scale"), settings.get("size"), settings.get("tile", TILE))  # before any work
+    # A folder stands for its images (not those of folders under it), in name order.
+    images = [path for source in map(Path, images) for path in (
+        sorted(inside for inside in source.iterdir() if inside.suffix.lower() in IMAGE_EXTENSIONS and inside.is_file())
+        if source.is_dir() else [source])]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []

@@ -472,9 +472,11 @@ class Drawer:
 
         located = locate(options.hires.checkpoint, options.use_ema)
         kind = located.manifest.kind if located.manifest is not None else "stable-diffusion"
-        if kind not in ("stable-diffusion", "lora", "dreambooth", "textual-inversion"):
+        # Runs and files of every Stable Diffusion kind (whole, parts, LoRA, embedding) draw it; an ONNX export cannot,
+        # the second pass being diffusers' torch img2img.
+        if kind in ("unconditional", "vae", "controlnet", "t2i-adapter", "onnx"):
             raise GenerateError(f"--hires-checkpoint {options.hires.checkpoint}: a {kind} model; give a Stable "
-                                "Diffusion model for the second pass")
+                                "Diffusion model (a folder, a run, a single file) for the second pass")
         with loading_bar(progress):
             second = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
                                     dtype=_dtype(options.precision, device), config=options.config)

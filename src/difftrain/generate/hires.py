@@ -264,17 +264,17 @@ def model_upscaler(hires: Hires, folder: str | Path | None, paths: bool = True,
 
 
 def upscale(pipe, latents: torch.Tensor, hires: Hires, target: Target,
-            upscaler: ImageUpscaler | None = None, decoder=None) -> torch.Tensor:
+            upscaler: ImageUpscaler | None = None, first=None) -> torch.Tensor:
     """The first pass's latents at the target size, cropped as A1111 crops them; `upscaler`: its model upscaler
-    (model_upscaler), where it has one. An image upscaler decodes with `decoder` (the first pass's pipeline where
-    the second has a checkpoint of its own; default `pipe`) and encodes again with `pipe`."""
+    (model_upscaler), where it has one. An image upscaler decodes with `first` (the first pass's pipeline;
+    default `pipe`) and encodes again with `pipe` (the second pass's: another VAE under a hires checkpoint)."""
     import torch
 
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         latents = torch.nn.functional.interpolate(latents, size=target.latent_size, mode=mode, antialias=antialias)
     else:
-        latents = _through_images(decoder or pipe, pipe, latents, upscaler or ImageUpscaler(hires.upscaler), target)
+        latents = _through_images(first or pipe, pipe, latents, upscaler or ImageUpscaler(hires.upscaler), target)
     ty, tx = target.truncate_y, target.truncate_x
     return latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
 
@@ -301,8 +301,8 @@ def second_pass(runner, latents: torch.Tensor, conditioning, seeds: list[int], s
                 hires: Hires, target: Target, strength: float, autocast: torch.dtype | None = None,
                 noise=None, scheduler=None, upscaler: ImageUpscaler | None = None, first=None,
                 **hooks) -> list[Image.Image]:
-    """The images of the hires pass over a first pass's `latents` (drawn at `steps` steps), drawn by `runner`: the
-    first pass's, or with a hires checkpoint that model's, `first` then being the first pass's (its VAE decodes).
+    """The images of the hires pass over a first pass's `latents` (drawn at `steps` steps by `first`, whose VAE
+    decodes them), drawn by `runner`: `first` itself, or with a hires checkpoint that model's.
 
     `scheduler`: the pass's own sampler (pass_scheduler), else the runner's;
     `conditioning`: the prompts encoded for the second pass's steps (schedule_steps of hires.steps or steps);

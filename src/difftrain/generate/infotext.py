@@ -175,23 +175,38 @@ def typed_params(params: dict[str, str]) -> dict[str, object]:
     return typed
 
 
-def _png_info(infotext: str):
+def _png_info(infotext: str | dict[str, str]):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, infotext)  # tEXt when Latin-1 will do, iTXt (UTF-8) otherwise
+    for key, text in ({PARAMETERS_KEY: infotext} if isinstance(infotext, str) else infotext).items():
+        info.add_text(key, text)  # tEXt when Latin-1 will do, iTXt (UTF-8) otherwise
     return info
 
 
-def write_png(image, path: str | Path, infotext: str) -> Path:
-    """Save a PIL image as PNG with `infotext` in its `parameters` chunk, atomically."""
+def text_chunks(data: bytes) -> dict[str, str]:
+    """A PNG's text chunks (those after the image data too), {} for other images or bytes PIL cannot read:
+    what A1111 keeps on an image it postprocesses."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return dict(getattr(image, "text", {}))  # (PNG's `text` reads the chunks after the image data too)
+    except Exception:  # (the image's own decode reports what is wrong with it)
+        return {}
+
+
+def write_png(image, path: str | Path, infotext: str | dict[str, str]) -> Path:
+    """Save a PIL image as PNG with `infotext` in its `parameters` chunk (or {key: text} chunks), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=_png_info(infotext))
     return path
 
 
-def png_bytes(image, infotext: str) -> bytes:
+def png_bytes(image, infotext: str | dict[str, str]) -> bytes:
     """The PNG `write_png` would write, in memory (what a server sends)."""
     import io
 

@@ -524,8 +524,7 @@ class Drawer:
         second = self.runner if self.hires_pipe is self.pipe else self.hires_pipe
         return second_pass(second, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
-                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler,
-                           first=None if second is self.runner else self.runner)
+                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler, first=self.runner)
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:

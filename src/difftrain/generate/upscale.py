@@ -279,11 +279,10 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
     """`extras` over image files (a folder: its images), each written to `out` as PNG keeping its `parameters` text,
     with A1111's "postprocessing" text beside it. Returns (files written, (image, why) for each image skipped): one
     unreadable image does not stop the rest."""
-    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
-    from difftrain.atomic import atomic_path
-    from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+    from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image_bytes
+    from difftrain.generate.infotext import PARAMETERS_KEY, text_chunks, write_png
 
     check_extras(first, settings.get("scale"), settings.get("size"), settings.get("tile", TILE))  # before any work
     # A folder stands for its images (not those of folders under it), in name order.
@@ -295,21 +294,18 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
     written, skipped = [], []
     for source in tqdm(images, desc=f"upscaling ({first.name})", unit="img", disable=not progress):
         try:
-            image = load_image(source)
-        except BadImage as reason:
-            skipped.append((str(source), str(reason)))
+            data = Path(source).read_bytes()
+            image = load_image_bytes(data)
+        except (OSError, BadImage) as reason:
+            skipped.append((str(source), str(reason) if isinstance(reason, BadImage) else reason.strerror))
             continue
         result, params = extras(image, first, progress=progress, **settings)
-        info = PngInfo()
-        with Image.open(source) as original:  # (A1111 keeps the image's generation parameters)
-            if isinstance(original.info.get("parameters"), str):
-                info.add_text("parameters", original.info["parameters"])
+        # A1111 keeps the image's generation parameters beside what it did to it.
+        texts = {key: text for key, text in text_chunks(data).items() if key == PARAMETERS_KEY}
         if params:
-            info.add_text("postprocessing", postprocessing_text(params))
+            texts["postprocessing"] = postprocessing_text(params)
         target = out / f"{Path(source).stem}.png"
         if target in written:  # (two images of one name from different folders)
             target = out / f"{Path(source).stem}-{len(written)}.png"
-        with atomic_path(target) as tmp:
-            result.save(tmp, format="PNG", pnginfo=info)
-        written.append(target)
+        written.append(write_png(result, target, texts))
     return written, skipped

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from difftrain.serve.engine import Engine, a1111_info
 from difftrain.serve.jobs import Job, JobQueue, QueueFull
 from difftrain.serve.requests import REQUEST_MAX_PIXELS, ExtrasBatchImagesRequest, ExtrasSingleImageRequest, \
-    Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, check_ensd, decode_base64
+    Img2ImgRequest, Limits, RequestError, Txt2ImgRequest, check_clip_skip, check_ensd, decode_base64, decode_image
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -190,7 +190,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.post("/sdapi/v1/extra-single-image")
     def extra_single_image(body: ExtrasSingleImageRequest):
-        source = _decoded(body.image, "image")
+        source = decode_image(body.image, "image", keep_text=True)
         [image], text = engine.upscale(body, [source])
         return {"html_info": _html_info(text), "image": _png_base64(image, {**source.info, "postprocessing": text})}
 
@@ -198,7 +198,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def extra_batch_images(body: ExtrasBatchImagesRequest):
         if not body.imageList:
             raise RequestError("imageList", "no images: send at least one {data, name}")
-        images = [_decoded(item.data, f"imageList[{i}].data") for i, item in enumerate(body.imageList)]
+        images = [decode_image(item.data, f"imageList[{i}].data", keep_text=True)
+                  for i, item in enumerate(body.imageList)]
         upscaled, text = engine.upscale(body, images)
         return {"html_info": _html_info(text), "images": [_png_base64(image, {**source.info, "postprocessing": text})
                                                           for source, image in zip(images, upscaled)]}
@@ -490,33 +491,11 @@ def _job_view(queue: JobQueue, job: Job) -> dict:
             "error": job.error}
 
 
-def _decoded(text: str, field: str):
-    """A request's image, decoded, with the text chunks its PNG carried (A1111 keeps them on an upscaled image)."""
-    import io
-
-    from PIL import Image
-
-    from difftrain.serve.requests import decode_image
-
-    image = decode_image(text, field)
-    with Image.open(io.BytesIO(decode_base64(text, field))) as source:
-        image.info = {key: value for key, value in source.info.items() if isinstance(value, str)}
-    return image
-
-
-def _png_base64(image, texts: dict) -> str:
+def _png_base64(image, texts: dict[str, str]) -> str:
     """A PNG, base64, carrying `texts` as text chunks."""
-    import io
+    from difftrain.generate.infotext import png_bytes
 
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in texts.items():
-        if isinstance(value, str):
-            info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(png_bytes(image, texts)).decode()
 
 
 def _html_info(text: str) -> str:

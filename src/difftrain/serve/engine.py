@@ -364,8 +364,7 @@ class Engine:
         except DifftrainError as reason:  # e.g. a sampler that cannot draw this model's noise schedule
             raise RequestError("sampler_name", str(reason)) from None
         adapters = self._activate_loras(model, pipe, prepared.loras)
-        clip_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
-                     or model.own_clip_skip)
+        clip_skip = self._clip_skip(request, model)
         first = (model, pipe, clip_skip, adapters)
 
         # A prompt LoRA may change the text encoder, so the adapters (a file's, reloaded when it changes, gets a
@@ -398,9 +397,7 @@ class Engine:
             if prepared.hires_model is not None:  # A1111's hr_checkpoint_name: the second pass on that model
                 hires = replace(hires, checkpoint=prepared.hires_model.title)
                 hires_pipe = self.load(prepared.hires_model)  # (this job keeps the first model's pipe)
-                hires_skip = (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
-                              or prepared.hires_model.own_clip_skip)
-                second = (prepared.hires_model, hires_pipe, hires_skip,
+                second = (prepared.hires_model, hires_pipe, self._clip_skip(request, prepared.hires_model),
                           self._activate_loras(prepared.hires_model, hires_pipe, prepared.loras))
                 pass_config = dict(hires_pipe.scheduler.config)
                 pass_first_scheduler = make_scheduler(scheduler_name, pass_config)
@@ -467,8 +464,8 @@ class Engine:
             if hires is not None and not getattr(runner, "_interrupt", False):
                 images = second_pass(hires_runner, latents, hires_conditioning, seeds, request.steps,
                                      request.cfg_scale, hires, target, request.denoising_strength, noise=hires_noise,
-                                     scheduler=hires_scheduler, upscaler=prepared.hires_upscaler,
-                                     first=None if hires_runner is runner else runner, **hooks)
+                                     scheduler=hires_scheduler, upscaler=prepared.hires_upscaler, first=runner,
+                                     **hooks)
             else:
                 images = to_images(runner, latents)
             for seed, subseed, image in zip(seeds, subseeds, images):
@@ -484,6 +481,11 @@ class Engine:
                 drawn.interrupted = True
                 break
         return drawn
+
+    def _clip_skip(self, request: Txt2ImgRequest, model: ServedModel) -> int:
+        """The request's CLIP_stop_at_last_layers, else the server's option, else what `model` was trained with."""
+        return (int(request.override_settings.get("CLIP_stop_at_last_layers") or 0) or self.clip_skip
+                or model.own_clip_skip)
 
     def _nets(self, prepared: Prepared, pipe) -> list:
         """The units' networks, loaded once per (model, network); beyond MAX_CONTROLNETS the least recently used

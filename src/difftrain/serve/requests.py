@@ -301,15 +301,20 @@ def check_clip_skip(value, field: str) -> None:
 REQUEST_MAX_PIXELS = 4096 * 4096
 
 
-def decode_image(text: str, field: str, colour_managed: bool = True):
+def decode_image(text: str, field: str, colour_managed: bool = True, keep_text: bool = False):
     """A base64 image (raw or a data URL) as RGB (a label map's colours as stored: not `colour_managed`); URLs are
-    never fetched."""
+    never fetched. `keep_text`: its PNG text chunks in its `info` (A1111 keeps them on an image it upscales)."""
     from difftrain.data.images import BadImage, load_image_bytes
+    from difftrain.generate.infotext import text_chunks
 
+    data = decode_base64(text, field)
     try:
-        return load_image_bytes(decode_base64(text, field), REQUEST_MAX_PIXELS, colour_managed)
+        image = load_image_bytes(data, REQUEST_MAX_PIXELS, colour_managed)
     except BadImage as reason:
         raise RequestError(field, str(reason)) from None
+    if keep_text:
+        image.info = text_chunks(data)
+    return image
 
 
 def decode_base64(text: str, field: str) -> bytes:

@@ -291,3 +291,25 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
                            (["--upscaler", "4x-Tiny", "--tile", "12"], "--tile 12: 0 (the whole image")):
         assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err, flags
+
+
+def test_text_chunks_after_the_image_data_are_kept():
+    """Tools may write a PNG's text after its image data (PIL's `info` alone misses it); `text_chunks` reads both."""
+    import io
+    import zlib
+
+    from difftrain.generate.infotext import text_chunks
+
+    from PIL.PngImagePlugin import PngInfo
+
+    buffer = io.BytesIO()
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Seed: 5, Size: 8x8")
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    body = b"tEXt" + b"postprocessing\x00Postprocess upscaler: Lanczos"
+    late = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    data = data[:-12] + late + data[-12:]  # before IEND, after IDAT
+    assert text_chunks(data) == {"parameters": "a red circle\nSteps: 2, Seed: 5, Size: 8x8",
+                                 "postprocessing": "Postprocess upscaler: Lanczos"}
+    assert text_chunks(b"not an image") == {}

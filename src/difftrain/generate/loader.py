@@ -37,6 +37,15 @@ class Located(NamedTuple):
     use_ema: bool
 
 
+# Models that are not a text-to-image Stable Diffusion: `serve` serves none, and none is a hires checkpoint.
+NOT_TEXT_TO_IMAGE = ("unconditional", "vae", "controlnet", "t2i-adapter")
+
+
+def clip_skip_of(pipe, asked: int | None = None) -> int:
+    """The clip skip a model draws with: the one asked for, else the one it was trained with, else 1."""
+    return asked or pipe.manifest.conditioning.get("clip_skip") or 1
+
+
 def load_pipeline(
     source: str | Path,
     loras: list[tuple[str, float]] = (),

@@ -389,7 +389,7 @@ class Drawer:
     def __init__(self, model, options: GenerateOptions, extra_loras: list[tuple[str, float]] = (),
                  progress: bool = True):
         """`model`: anything `load_pipeline` takes, or the `Located` a caller already has."""
-        from difftrain.generate.loader import Located, build_pipeline, loading_bar, locate
+        from difftrain.generate.loader import Located, build_pipeline, clip_skip_of, loading_bar, locate
         from difftrain.sampling.schedulers import make_scheduler
 
         options.check()
@@ -405,7 +405,7 @@ class Drawer:
             pipe = build_pipeline(located, list(options.loras) + list(extra_loras), options.embeddings,
                                   dtype=_dtype(options.precision, device), config=options.config,
                                   provider=options.provider, provider_fallback=options.provider_fallback)
-        self.clip_skip = options.clip_skip or pipe.manifest.conditioning.get("clip_skip") or 1
+        self.clip_skip = clip_skip_of(pipe, options.clip_skip)
         model_scheduler = dict(pipe.scheduler.config)
         pipe.scheduler = make_scheduler(options.scheduler, model_scheduler)
         configure_pipeline(pipe, options, device)
@@ -441,7 +441,7 @@ class Drawer:
             first_scheduler, pass_config = self.runner.scheduler, model_scheduler
             if options.hires.checkpoint:  # ... or a checkpoint of its own (A1111's hr_checkpoint_name)
                 self.hires_pipe = self._second_model(options, extra_loras, device, progress)
-                self.hires_clip_skip = options.clip_skip or self.hires_pipe.manifest.conditioning.get("clip_skip") or 1
+                self.hires_clip_skip = clip_skip_of(self.hires_pipe, options.clip_skip)
                 pass_config = dict(self.hires_pipe.scheduler.config)
                 first_scheduler = make_scheduler(options.scheduler, pass_config)
             with hires_flags():
@@ -468,13 +468,13 @@ class Drawer:
         """The hires pass's own model, with the first's LoRAs and embeddings (A1111 applies them to it too); its
         latents must be the first model's."""
         from difftrain.generate.hires import check_second_model
-        from difftrain.generate.loader import build_pipeline, loading_bar, locate
+        from difftrain.generate.loader import NOT_TEXT_TO_IMAGE, build_pipeline, loading_bar, locate
 
         located = locate(options.hires.checkpoint, options.use_ema)
         kind = located.manifest.kind if located.manifest is not None else "stable-diffusion"
         # Runs and files of every Stable Diffusion kind (whole, parts, LoRA, embedding) draw it; an ONNX export cannot,
         # the second pass being diffusers' torch img2img.
-        if kind in ("unconditional", "vae", "controlnet", "t2i-adapter", "onnx"):
+        if kind in (*NOT_TEXT_TO_IMAGE, "onnx"):
             raise GenerateError(f"--hires-checkpoint {options.hires.checkpoint}: a {kind} model; give a Stable "
                                 "Diffusion model (a folder, a run, a single file) for the second pass")
         with loading_bar(progress):

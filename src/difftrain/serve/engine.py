@@ -104,7 +104,7 @@ class Engine:
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
                  precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
                  embeddings_dir: str | None = None, models_in_memory: int = 1, upscaler_dir: str | None = None):
-        from difftrain.generate.loader import locate
+        from difftrain.generate.loader import NOT_TEXT_TO_IMAGE, locate
         from difftrain.generate.text2image import _dtype, resolve_device
 
         if not specs:
@@ -115,7 +115,7 @@ class Engine:
         for spec in specs:
             located = locate(spec)
             kind = located.manifest.kind if located.manifest else "stable-diffusion"
-            if kind in ("unconditional", "vae", "controlnet", "t2i-adapter"):
+            if kind in NOT_TEXT_TO_IMAGE:
                 raise ServeError(f"serve {spec}: a {kind} model; serve draws Stable Diffusion text-to-image models "
                                  "(LoRA and embedding runs included)")
             model = ServedModel(spec, located)

@@ -700,3 +700,45 @@ def test_img2img_that_leaves_no_step_is_refused_before_it_queues(server):
              "hr_second_pass_steps": 1, "denoising_strength": 0.5}
     response = requests.post(f"{server.url}/v1/jobs", json={"type": "txt2img", "request": hires})
     assert response.status_code == 422 and response.json()["field"] == "hr_second_pass_steps"
+
+
+def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path):  # noqa: F811
+    """A1111's API defaults (only masked, no padding, masked content "fill", blur 4) against `difftrain generate`
+    with the same settings; bad inpainting fields are refused by name."""
+    from PIL import ImageDraw
+
+    api = client(server)
+    init = Image.new("RGB", (96, 64), (200, 30, 30))
+    ImageDraw.Draw(init).ellipse((10, 10, 40, 50), fill=(20, 20, 220))
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 0))  # a transparent mask: its alpha marks the area
+    ImageDraw.Draw(mask).rectangle((50, 20, 70, 40), fill=(255, 255, 255, 255))
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    served = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4, width=64, height=64,
+                         denoising_strength=0.8, steps=4)
+    assert served.image.size == (96, 64)  # "only masked": the box drawn at 64 x 64, pasted back into the image
+    text = served.image.info["parameters"]
+    assert "Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0" in text and "Mask: " not in text
+    assert main(["generate", str(tiny_sd), "--prompt", "a blue square", "--init-image", str(tmp_path / "init.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--only-masked", "--only-masked-padding", "0",
+                 "--masked-content", "fill", "--scheduler", "Euler a", "--steps", "4", "--strength", "0.8",
+                 "--seed", "4", "--width", "64", "--height", "64", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    [drawn] = sorted((tmp_path / "out").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(served.image.convert("RGB")))
+    whole = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4, width=64, height=64,
+                        denoising_strength=0.8, steps=4, inpaint_full_res=False, inpainting_fill=1).image
+    assert whole.size == (64, 64)  # the whole image, drawn at the request's size
+    url, body = f"{server.url}/sdapi/v1/img2img", {"init_images": [_b64(init)], "mask": _b64(mask), "steps": 2,
+                                                    "width": 64, "height": 64}
+    for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),
+                                ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64")]:
+        answer = requests.post(url, json={**body, field: value})
+        assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
+            answer.text
+
+
+def _b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -294,6 +294,8 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "cpu_offload": "cpu_offload", "compile": "compile", "compile_mode": "compile_mode",
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
     "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
+    "mask": "mask", "mask_blur": "mask_blur", "masked_content": "masked_content", "invert_mask": "invert_mask",
+    "only_masked": "only_masked", "only_masked_padding": "only_masked_padding",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
     "variation_seed": "variation_seed", "variation_strength": "variation_strength", "ensd": "ensd",
 }
@@ -337,6 +339,11 @@ def _generate(args: argparse.Namespace) -> int:
                              "--hires-(negative-)prompt set the hires fix: give --hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
+    inpainting = [flag for flag in ("mask_blur", "masked_content", "invert_mask", "only_masked", "only_masked_padding")
+                  if getattr(args, flag) is not None]
+    if inpainting and not (args.mask or args.from_png):
+        raise DifftrainError(f"--{inpainting[0].replace('_', '-')} applies to inpainting: give --mask (and "
+                             "--init-image) too")
     if turns_on and not args.from_png:
         given["hires"] = Hires(**hires)
     if args.from_png:
@@ -885,6 +892,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", help="img2img: start from this image")
     gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75); "
                                                       "with the hires fix, its second pass's denoising strength")
+    gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw only where this image is white (or, with a "
+                                                    "transparent background, opaque); the rest stays the init image's")
+    gen.add_argument("--mask-blur", type=int, metavar="PX", help="soften the mask's edge (default 4, A1111's)")
+    gen.add_argument("--masked-content", metavar="MODE", help="what the masked area starts from (A1111's Masked "
+                                                                "content): fill, original (default), 'latent noise', "
+                                                                "'latent nothing'")
+    gen.add_argument("--invert-mask", action="store_true", default=None,
+                     help="redraw what the mask leaves black (A1111's Inpaint not masked)")
+    gen.add_argument("--only-masked", action="store_true", default=None,
+                     help="draw only the mask's box, at the output size, and paste it back (A1111's Inpaint area: "
+                          "Only masked): more detail for a small area")
+    gen.add_argument("--only-masked-padding", type=int, metavar="PX", help="px around the mask's box (default 32)")
     gen.add_argument("--hires-scale", type=_finite, metavar="X",
                      help="A1111's hires fix: draw, upscale X times (e.g. 2), redraw as img2img at --strength")
     gen.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of a scale (0: follow "

@@ -69,6 +69,12 @@ class GenerateOptions:
     fuse_qkv: bool | None = None  # None: on for CUDA unless LoRA adapters or attention slicing are in
     init_image: str | None = None
     strength: float = 0.75  # img2img's, or the hires pass's (A1111's one "Denoising strength")
+    mask: str | None = None  # inpainting (generate/inpaint.py): white (or opaque) is redrawn
+    mask_blur: int = 4  # px, A1111's default
+    masked_content: str = "original"  # fill | original | latent noise | latent nothing (inpaint.FILLS)
+    invert_mask: bool = False  # A1111's "Inpaint not masked"
+    only_masked: bool = False  # A1111's "Inpaint area: Only masked": the mask's box drawn at the output size
+    only_masked_padding: int = 32  # px around the mask's box
     hires: Hires | None = None  # A1111's hires fix (generate/hires.py)
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
@@ -109,6 +115,8 @@ class GenerateOptions:
                 load_image(self.init_image)
             except BadImage as reason:
                 raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
+        if self.mask:
+            self.check_mask()
         if self.hires is not None:
             if self.init_image or self.controlnets:
                 raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
@@ -155,6 +163,21 @@ class GenerateOptions:
         from difftrain.sampling.schedulers import resolve_name
 
         resolve_name(self.scheduler)  # an unknown name lists the valid ones
+
+    def check_mask(self) -> None:
+        from difftrain.generate.inpaint import FILLS, load_mask
+
+        if not self.init_image:
+            raise GenerateError("--mask marks what img2img redraws: give --init-image too")
+        if not Path(self.mask).is_file():
+            raise GenerateError(f"--mask {self.mask}: no such file")
+        load_mask(self.mask, f"--mask {self.mask}")
+        if not 0 <= self.mask_blur <= 64:
+            raise GenerateError(f"--mask-blur {self.mask_blur}: from 0 to 64 px (A1111's range)")
+        if self.masked_content not in FILLS:
+            raise GenerateError(f"--masked-content {self.masked_content!r}: choose one of {', '.join(FILLS)}")
+        if not 0 <= self.only_masked_padding <= 256:
+            raise GenerateError(f"--only-masked-padding {self.only_masked_padding}: from 0 to 256 px (A1111's range)")
 
 
 @contextlib.contextmanager
@@ -305,6 +328,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.init_image:
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
+    if options.mask:
+        params.update(inpaint_infotext(options))
     if options.hires is not None:
         params.update(options.hires.infotext(options.strength, options.prompt, options.negative_prompt))
     if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
@@ -322,6 +347,25 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     return params
 
 
+def inpainting_of(options: GenerateOptions, init: Image.Image, mask: Image.Image, width: int, height: int):
+    """The init image and mask made ready as `options` say (generate/inpaint.py)."""
+    from difftrain.generate.inpaint import prepare
+
+    return prepare(init, mask, width, height, (options.mask_blur, options.mask_blur), options.invert_mask,
+                   options.masked_content, options.only_masked, options.only_masked_padding)
+
+
+def inpaint_infotext(options: GenerateOptions) -> dict:
+    """A1111's inpainting keys (and the mask file and masked content, ours, for --from-png)."""
+    params = {"Mask blur": options.mask_blur}
+    if options.invert_mask:
+        params["Mask mode"] = "Inpaint not masked"
+    if options.only_masked:
+        params.update({"Inpaint area": "Only masked", "Masked area padding": options.only_masked_padding})
+    params.update({"Mask": options.mask, "Masked content": options.masked_content})
+    return params
+
+
 @dataclass
 class Controls:
     """ControlNet or T2I-Adapter units with their loaded networks and conditioning images (at the output size)."""
@@ -331,13 +375,14 @@ class Controls:
 
 
 def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None, init: Image.Image | None = None,
-                    strength: float = 0.75, controls: Controls | None = None) -> tuple[object, dict]:
+                    strength: float = 0.75, controls: Controls | None = None, inpainting=None) -> tuple[object, dict]:
     """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
 
     `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
     same image through either. `scheduler`: a sampler instance of the caller's own (the server
     gives every request one); `init`: img2img from this image, resized to the output size as
-    A1111 does; `controls`: ControlNets or T2I-Adapters acting on every image.
+    A1111 does; `controls`: ControlNets or T2I-Adapters acting on every image; `inpainting`: img2img redraws
+    only its mask (generate/inpaint.py: the caller lays each image over the original with its `finish`).
     """
     runner, extra = pipe, {"width": width, "height": height}
     if init is not None or scheduler is not None:
@@ -350,8 +395,13 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         from difftrain.sampling.schedulers import img2img_strength
         from difftrain.sampling.text2image import to_latents
 
-        extra = {"image": to_latents(pipe, [init.resize((width, height), Image.Resampling.LANCZOS)]),
+        start = init.resize((width, height), Image.Resampling.LANCZOS) if inpainting is None else inpainting.image
+        extra = {"image": to_latents(pipe, [start]),
                  "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
+        if inpainting is not None:
+            from difftrain.sampling.masked import LatentMask
+
+            extra["mask"] = LatentMask(inpainting.latent_mask(*extra["image"].shape[-2:]), inpainting.fill)
     if controls is not None:
         from difftrain.generate.controlnet import pipeline_arguments
         from difftrain.models.control import control_pipeline
@@ -429,8 +479,16 @@ class Drawer:
                     for unit in options.controlnets]
             images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
+        self.inpainting = None
+        if options.mask:
+            from difftrain.generate.inpaint import check_model, load_mask
+
+            check_model(pipe)
+            self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
+                                            self.width, self.height)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
-                                                  strength=options.strength, controls=controls)
+                                                  strength=options.strength, controls=controls,
+                                                  inpainting=self.inpainting)
         self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_upscaler = None
         self.hires_pipe, self.hires_clip_skip = pipe, self.clip_skip  # the second pass's model: the first's ...
         if options.hires is not None:
@@ -508,8 +566,9 @@ class Drawer:
         subseeds = subseeds or [options.variation_seed + i for i in range(len(seeds))]
         noise = noise_of(options, subseeds, self.pipe.vae_scale_factor)
         if options.hires is None:
-            return draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
-                        **self.extra)
+            images = draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
+                          **self.extra)
+            return images if self.inpainting is None else [self.inpainting.finish(image) for image in images]
         from difftrain.generate.hires import pass_prompts, second_pass
 
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
@@ -596,7 +655,27 @@ def noise_of(options: GenerateOptions, subseeds: list[int], cell: int, sampler: 
 NOT_REPEATED = ("Hires CFG Scale", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
-                "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final", "Mask blur")
+                "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final")
+
+
+def options_from_inpaint_infotext(path, options: GenerateOptions, params: dict, mask_given: bool) -> None:
+    """An inpainting's settings read back (its mask from our "Mask" key, unless --mask gives one)."""
+    if params.get("Mask") and not mask_given:
+        options.mask = str(params["Mask"])
+    if not (options.mask or mask_given):
+        if "Mask blur" in params:
+            log.warning("%s: an inpainting (Mask blur %s) without its mask recorded: give --mask to repeat it; "
+                        "without one the whole image is redrawn", path, params["Mask blur"])
+        return
+    try:
+        options.mask_blur = int(params.get("Mask blur", options.mask_blur))
+        options.only_masked_padding = int(params.get("Masked area padding", options.only_masked_padding))
+    except ValueError:
+        raise GenerateError(f"{path}: its infotext says Mask blur: {params.get('Mask blur')!r}, Masked area padding: "
+                            f"{params.get('Masked area padding')!r}: not whole numbers") from None
+    options.invert_mask = params.get("Mask mode") == "Inpaint not masked"
+    options.only_masked = params.get("Inpaint area") == "Only masked"
+    options.masked_content = str(params.get("Masked content", options.masked_content))
 
 
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
@@ -644,6 +723,8 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
                         "--init-image to repeat it; without one it is drawn from text alone", path,
                         params["Denoising strength"])
     img2img = params.get("Init image") or "init_image" in overrides or options.hires is not None
+    if img2img and options.hires is None:
+        options_from_inpaint_infotext(path, options, params, "mask" in overrides)
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Variation seed": ("variation_seed", int),
                   "Variation seed strength": ("variation_strength", float), "ENSD": ("ensd", int),

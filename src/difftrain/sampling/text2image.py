@@ -14,9 +14,11 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from difftrain.sampling.masked import LatentMask, keeping_unmasked
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import PromptError
 from difftrain.sampling.seed_noise import SeedNoise
+from difftrain.sampling.unet_forward import replaced_forward
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def sample(
     guidance_scale: float,
     autocast: torch.dtype | None = None,
     noise: SeedNoise | None = None,
+    mask: LatentMask | None = None,
     **extra,
 ) -> torch.Tensor:
     """The latents of one image per seed from encoded prompts (each image i starts from seed i's noise).
@@ -57,7 +60,7 @@ def sample(
     The pipeline is given the first span; each later span (A1111 prompt editing) replaces it after the step
     the one before it ends, and AND parts are composed in the UNet's place (_composing_parts). `noise`:
     A1111's variation seeds and ENSD (sampling/seed_noise.py), for text-to-image and img2img (`strength` in
-    `extra`).
+    `extra`). `mask`: img2img redraws only there (inpainting, sampling/masked.py).
     """
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from this seed, not from the generators.
@@ -75,6 +78,10 @@ def sample(
     if torch.is_tensor(extra.get("image")) and "strength" in extra and len(extra["image"]) == 1 < len(seeds):
         # img2img's start latents for every image (diffusers repeats one with a FutureWarning)
         extra = {**extra, "image": extra["image"].expand(len(seeds), -1, -1, -1)}
+    masking = contextlib.nullcontext()
+    if mask is not None:
+        init = mask.start(extra["image"], seeds)
+        extra, masking = {**extra, "image": init}, keeping_unmasked(pipe, init, mask.redraw)
     noise_mixing = contextlib.nullcontext()
     if noise is not None and "strength" in extra:
         generators = noise.sampler_generators(seeds, generators)
@@ -91,9 +98,10 @@ def sample(
         output_type="latent",
         **extra,
     )
-    with composing, noise_mixing, torch.autocast(pipe._execution_device.type, dtype=autocast,
-                                   enabled=autocast not in (None, torch.float32)):
-        return pipe(**call).images
+    with composing, masking, noise_mixing, torch.autocast(pipe._execution_device.type, dtype=autocast,
+                                                          enabled=autocast not in (None, torch.float32)):
+        latents = pipe(**call).images
+    return latents if mask is None else mask.blend(latents, init)
 
 
 @torch.no_grad()
@@ -163,47 +171,40 @@ def _composing_parts(pipe, schedule: ScheduledConditioning, guidance_scale: floa
         raise PromptError(f"AND or a prompt weight ({', '.join(f'{w:g}' for w in schedule.weights)}) composes "
                           f"prompts, and {why}; drop the AND, or the ':weight' at the prompt's end")
     unet, calls = pipe.unet, [0]
-    # Put back as found: accelerate's offload hook (an instance attribute) or none (the class's own forward).
-    had_own, original = "forward" in unet.__dict__, unet.forward
     weights = torch.tensor(schedule.weights)
 
-    def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
-        half = sample.shape[0] // 2
-        index = schedule.index_at(calls[0])
-        if calls[0] and index != schedule.index_at(calls[0] - 1):
-            _refresh_feature_cache(unet)
-        calls[0] += 1
-        positives, negative = (side.to(encoder_hidden_states) for side in schedule.pairs[index])
-        parts = len(positives)
-        batched = torch.is_tensor(timestep) and timestep.ndim > 0  # (SD's pipelines give one timestep for all)
+    def wrap(original):
+        def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+            half = sample.shape[0] // 2
+            index = schedule.index_at(calls[0])
+            if calls[0] and index != schedule.index_at(calls[0] - 1):
+                _refresh_feature_cache(unet)
+            calls[0] += 1
+            positives, negative = (side.to(encoder_hidden_states) for side in schedule.pairs[index])
+            parts = len(positives)
+            batched = torch.is_tensor(timestep) and timestep.ndim > 0  # (SD's pipelines give one timestep for all)
 
-        def run(rows: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-            """The UNet on these rows of the pipeline's batch: the uncond half's, or the text half's again."""
-            return original(sample[rows], timestep[rows] if batched else timestep, conditioning, *args,
-                            return_dict=False, **kwargs)[0]
+            def run(rows: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+                """The UNet on these rows of the pipeline's batch: the uncond half's, or the text half's again."""
+                return original(sample[rows], timestep[rows] if batched else timestep, conditioning, *args,
+                                return_dict=False, **kwargs)[0]
 
-        uncond_rows, text_rows = torch.arange(half), torch.arange(half, 2 * half).repeat(parts)  # part by part
-        uncond_z, text_z = negative.expand(half, -1, -1), positives.repeat_interleave(half, dim=0)
-        if negative.shape[1] == positives.shape[1]:  # one batch
-            predicted = run(torch.cat([uncond_rows, text_rows]), torch.cat([uncond_z, text_z]))
-            uncond, conds = predicted[:half], predicted[half:]
-        else:  # of two lengths: apart, as A1111 runs them without "Pad conds"
-            uncond, conds = run(uncond_rows, uncond_z), run(text_rows, text_z)
-        conds = conds.unflatten(0, (parts, half))
-        shape = (parts,) + (1,) * (conds.ndim - 1)
-        text = uncond + (weights.to(conds).view(shape) * (conds - uncond)).sum(0)
-        result = torch.cat([uncond, text])
-        return (result,) if not return_dict else UNet2DConditionOutput(sample=result)
+            uncond_rows, text_rows = torch.arange(half), torch.arange(half, 2 * half).repeat(parts)  # part by part
+            uncond_z, text_z = negative.expand(half, -1, -1), positives.repeat_interleave(half, dim=0)
+            if negative.shape[1] == positives.shape[1]:  # one batch
+                predicted = run(torch.cat([uncond_rows, text_rows]), torch.cat([uncond_z, text_z]))
+                uncond, conds = predicted[:half], predicted[half:]
+            else:  # of two lengths: apart, as A1111 runs them without "Pad conds"
+                uncond, conds = run(uncond_rows, uncond_z), run(text_rows, text_z)
+            conds = conds.unflatten(0, (parts, half))
+            shape = (parts,) + (1,) * (conds.ndim - 1)
+            text = uncond + (weights.to(conds).view(shape) * (conds - uncond)).sum(0)
+            result = torch.cat([uncond, text])
+            return (result,) if not return_dict else UNet2DConditionOutput(sample=result)
+        return forward
 
-    unet.forward = forward
-    try:
+    with replaced_forward(unet, wrap):
         yield
-    finally:
-        if unet.__dict__.get("forward") is forward:  # (an offload hook put back during the call stays)
-            if had_own:
-                unet.forward = original
-            else:
-                del unet.forward
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.jobs import release_device_memory
-from difftrain.serve.requests import ExtrasRequest, Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image
+from difftrain.serve.requests import (ExtrasRequest, Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image,
+                                      decode_mask)
 
 if TYPE_CHECKING:
     from difftrain.generate.upscale import ImageUpscaler
@@ -82,6 +83,7 @@ class Prepared:
     units: list  # ControlNet units (generate.controlnet.ControlUnit) ...
     unit_images: list  # ... and their images as sent (each unit carries its control mode)
     init_image: object = None  # img2img: the decoded image
+    inpainting: object = None  # img2img with a mask: its image and mask made ready (generate.inpaint.Inpainting)
     hires_prompt: str = ""  # the hires pass's own prompt without its <lora:...> tags (the prompt's); "": the prompt
     hires_upscaler: ImageUpscaler | None = None  # the hires fix's model upscaler, from the upscaler folder
     hires_model: ServedModel | None = None  # the hires pass's own model (hr_checkpoint_name), among the served
@@ -286,9 +288,19 @@ class Engine:
         if units and request.enable_hr:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
+        inpainting = None
+        if init is not None and request.mask:
+            from difftrain.generate.inpaint import FILLS, InpaintError, prepare
+
+            try:
+                inpainting = prepare(init, decode_mask(request.mask, "mask"), request.width, request.height,
+                                     request.blur, bool(request.inpainting_mask_invert), FILLS[request.inpainting_fill],
+                                     request.inpaint_full_res, request.inpaint_full_res_padding)
+            except InpaintError as reason:
+                raise RequestError("mask", str(reason)) from None
         self._check_steps(model, scheduler, request)
-        return Prepared(model, scheduler, prompt, loras, units, images, init, hires_prompt, hires_upscaler,
-                        hires_model)
+        return Prepared(model, scheduler, prompt, loras, units, images, init, inpainting, hires_prompt,
+                        hires_upscaler, hires_model)
 
     @staticmethod
     def _check_steps(model: ServedModel, scheduler_name: str, request: Txt2ImgRequest) -> None:
@@ -416,10 +428,17 @@ class Engine:
         if units:
             nets = self._nets(prepared, pipe)
             controls = Controls(units, nets, self._conditions(request, prepared))
+        if prepared.inpainting is not None:
+            from difftrain.generate.inpaint import InpaintError, check_model
+
+            try:
+                check_model(pipe)
+            except InpaintError as reason:
+                raise RequestError("mask", str(reason)) from None
         try:
             runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
                                             init=prepared.init_image, strength=request.denoising_strength,
-                                            controls=controls)
+                                            controls=controls, inpainting=prepared.inpainting)
         except NoStepLeft as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
@@ -452,7 +471,7 @@ class Engine:
                                   clip_skip=clip_skip if clip_skip != 1 else None,
                                   strength=request.denoising_strength,
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
-                                  controlnets=units, hires=hires)
+                                  controlnets=units, hires=hires, **_inpaint_options(request, prepared.inpainting))
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
@@ -468,11 +487,14 @@ class Engine:
                                      **hooks)
             else:
                 images = to_images(runner, latents)
+            if prepared.inpainting is not None:
+                images = [prepared.inpainting.finish(image) for image in images]
             for seed, subseed, image in zip(seeds, subseeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [],
                                          conditioning.padded, subseed)
                 if isinstance(request, Img2ImgRequest):
                     params.pop("Init image", None)  # it came in the request, not from a file
+                    params.pop("Mask", None)  # (so did the mask)
                 drawn.images.append(image)
                 drawn.seeds.append(seed)
                 drawn.subseeds.append(subseed)
@@ -587,3 +609,12 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "is_using_inpainting_conditioning": False,
         "interrupted": drawn.interrupted, "version": f"difftrain {difftrain_version()}",
     })
+
+
+def _inpaint_options(request: Txt2ImgRequest, inpainting) -> dict:
+    """The GenerateOptions fields of a request's inpainting, for its infotext."""
+    if inpainting is None:
+        return {}
+    return dict(mask="(request)", mask_blur=request.blur[0], masked_content=inpainting.fill,
+                invert_mask=bool(request.inpainting_mask_invert), only_masked=inpainting.paste_to is not None,
+                only_masked_padding=request.inpaint_full_res_padding)

@@ -210,8 +210,17 @@ class Txt2ImgRequest(_A1111Body):
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)
-    mask: Optional[str] = None
     resize_mode: int = 0
+    # Inpainting (generate/inpaint.py), with A1111's API defaults: "Only masked" with no padding, masked content 0.
+    mask: Optional[str] = None
+    mask_blur: Optional[int] = None  # both sides' blur when given
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0  # fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: Optional[float] = None
 
     def check(self, limits: Limits) -> None:
         if self.enable_hr:  # (A1111's img2img has no such field: a client sends it to txt2img)
@@ -220,12 +229,36 @@ class Img2ImgRequest(Txt2ImgRequest):
         if len(self.init_images) != 1:
             raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")
         if self.mask:
-            raise RequestError("mask", "inpainting is not served by difftrain yet")
+            self.check_inpainting()
         if self.resize_mode != 0:
             raise RequestError("resize_mode", f"{self.resize_mode}: only 0 (just resize) is served")
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)
+
+    @property
+    def blur(self) -> tuple[int, int]:
+        return (self.mask_blur, self.mask_blur) if self.mask_blur is not None else (self.mask_blur_x, self.mask_blur_y)
+
+    def check_inpainting(self) -> None:
+        for name, value in (("mask_blur", self.mask_blur), ("mask_blur_x", self.mask_blur_x),
+                            ("mask_blur_y", self.mask_blur_y)):
+            if value is not None and not 0 <= value <= 64:
+                raise RequestError(name, f"{value}: from 0 to 64 px")
+        if self.blur[0] != self.blur[1]:
+            raise RequestError("mask_blur_y", f"{self.blur[1]} beside mask_blur_x {self.blur[0]}: one blur for both "
+                                              "sides is served; send mask_blur")
+        if self.inpainting_fill not in range(4):
+            raise RequestError("inpainting_fill", f"{self.inpainting_fill}: 0 fill, 1 original, 2 latent noise, 3 "
+                                                  "latent nothing")
+        if not 0 <= self.inpaint_full_res_padding <= 256:
+            raise RequestError("inpaint_full_res_padding", f"{self.inpaint_full_res_padding}: from 0 to 256 px")
+        if self.inpainting_mask_invert not in (0, 1):
+            raise RequestError("inpainting_mask_invert", f"{self.inpainting_mask_invert}: 0 (inpaint masked) or 1 "
+                                                         "(inpaint not masked)")
+        if self.initial_noise_multiplier not in (None, 1.0):
+            raise RequestError("initial_noise_multiplier", f"{self.initial_noise_multiplier}: only 1 (A1111's "
+                                                           "default) is served")
 
 
 EXTRAS_MAX_SIDE = 4096  # an upscaled image's sides at most (A1111 has no limit; a server needs one)
@@ -315,6 +348,18 @@ def decode_image(text: str, field: str, colour_managed: bool = True, keep_text: 
     if keep_text:
         image.info = text_chunks(data)
     return image
+
+
+def decode_mask(text: str, field: str):
+    """A base64 inpainting mask, its alpha kept (generate.inpaint.load_mask)."""
+    import io
+
+    from difftrain.generate.inpaint import InpaintError, load_mask
+
+    try:
+        return load_mask(io.BytesIO(decode_base64(text, field)), field, REQUEST_MAX_PIXELS)
+    except InpaintError as reason:
+        raise RequestError(field, str(reason).removeprefix(f"{field}: ")) from None
 
 
 def decode_base64(text: str, field: str) -> bytes:

@@ -1,0 +1,92 @@
+"""Sampling that keeps the init image's latents outside a mask (A1111's inpainting blend), for any sampler.
+
+A1111 blends each denoised estimate with the init latents (CFGDenoiser: denoised x nmask + init x mask). The
+diffusers schedulers take the UNet's prediction, not an estimate, so the blend is done on the prediction: where
+the init is kept, the UNet answers the prediction whose estimate is the init latents (keeping_unmasked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from difftrain.sampling.unet_forward import replaced_forward
+
+
+@dataclass
+class LatentMask:
+    """What img2img redraws: `redraw` is 1 there and 0 where the init latents stay, (1, 1, h, w) at the latents'
+    size; `fill` is A1111's masked content (generate/inpaint.py)."""
+    redraw: torch.Tensor
+    fill: str = "original"
+
+    def start(self, latents: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        return start_latents(latents, 1 - self.redraw.to(latents), self.fill, seeds)
+
+    def blend(self, latents: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+        """A1111's last blend of the sampled latents with the init ones."""
+        redraw = self.redraw.to(latents)
+        return latents * redraw + init.to(latents) * (1 - redraw)
+
+
+def start_latents(latents: torch.Tensor, keep: torch.Tensor, fill_mode: str, seeds: list[int]) -> torch.Tensor:
+    """The init latents of each seed's image: "latent noise" puts the seed's noise in the redrawn area (A1111's
+    create_random_tensors), "latent nothing" zeros; `keep` is 1 outside the mask."""
+    if fill_mode == "latent nothing":
+        return latents * keep
+    if fill_mode == "latent noise":
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed))
+                             for seed in seeds])
+        return latents * keep + noise.to(latents) * (1 - keep)
+    return latents
+
+
+def _sigma_now(scheduler, timestep) -> torch.Tensor:
+    """The noise level (sigma, k-diffusion's) of the sample the UNet is given now, as the scheduler scaled it: its
+    sigma of this step where it keeps them by step (Euler, DPM++, Heun, LMS; DPM2's second call is at its
+    interpolated sigma), else from the timestep (DDIM, PNDM)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas):
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+        if index is None:
+            matches = (scheduler.timesteps == torch.as_tensor(timestep).to(scheduler.timesteps)).nonzero()
+            index = int(matches[0]) if len(matches) else None
+        if index is not None:
+            if getattr(scheduler, "sigmas_interpol", None) is not None and not scheduler.state_in_first_order:
+                sigmas = scheduler.sigmas_interpol
+            return torch.as_tensor(sigmas[index], dtype=torch.float64)
+    alpha = scheduler.alphas_cumprod[int(torch.as_tensor(timestep).flatten()[0])].double()
+    return ((1 - alpha) / alpha).sqrt()
+
+
+@contextlib.contextmanager
+def keeping_unmasked(pipe, init: torch.Tensor, redraw: torch.Tensor):
+    """The UNet, for one draw, answers so that every denoised estimate is `init` where `redraw` is 0. The sample it
+    is given is the scheduler's x / sqrt(sigma^2 + 1) (alpha-scaled, whatever the sampler), so an estimate x0 comes
+    from an epsilon e as (sample - s e) / a, with a = 1 / sqrt(sigma^2 + 1) and s = sigma a; the prediction that
+    gives x0 = init is (sample - a init) / s (v: (a sample - init) / s). Guidance is affine in the two halves'
+    predictions, so replacing each half's gives the guided prediction replaced the same way."""
+    scheduler, kind = pipe.scheduler, pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def wrap(original):
+        def forward(sample, timestep, *args, return_dict: bool = True, **kwargs):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            predicted = original(sample, timestep, *args, return_dict=False, **kwargs)[0]
+            sigma = _sigma_now(scheduler, timestep)
+            a = float(1 / (sigma ** 2 + 1).sqrt())
+            s = float(sigma) * a
+            target = init.to(sample).repeat(sample.shape[0] // init.shape[0], 1, 1, 1)
+            kept = {"epsilon": lambda: (sample - a * target) / s, "v_prediction": lambda: (a * sample - target) / s,
+                    "sample": lambda: target}[kind]()
+            mask = redraw.to(sample)
+            result = predicted * mask + kept * (1 - mask)
+            return (result,) if not return_dict else UNet2DConditionOutput(sample=result)
+        return forward
+
+    with replaced_forward(pipe.unet, wrap):
+        yield

@@ -1,0 +1,234 @@
+"""Inpainting as A1111's img2img inpaint tab: the mask's preparation by A1111's rules, the sampler-side blend that
+keeps every denoised estimate on the init latents outside the mask (checked against each scheduler's own x0),
+and `difftrain generate --mask` end to end on the tiny SD."""
+
+from __future__ import annotations
+
+from inspect import signature
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_text2image import tiny_sd  # noqa: F401  (the fixture)
+
+from difftrain.cli import main
+from difftrain.generate.inpaint import (InpaintError, binary_mask, check_model, crop_region, expand_crop_region, fill,
+                                        load_mask, prepare, resize_and_fill)
+from difftrain.sampling.masked import LatentMask, keeping_unmasked
+
+
+def _pictures(tmp_path, size=(64, 48), box=(30, 10, 50, 30)):
+    init = Image.new("RGB", size, (200, 30, 30))
+    ImageDraw.Draw(init).rectangle((0, 0, 20, size[1] - 1), fill=(20, 20, 220))
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    return init, mask
+
+
+# ----------------------------------------------------------------------------- the mask, by A1111's rules
+def test_a_transparent_masks_alpha_marks_the_area_and_an_opaque_one_its_brightness():
+    rgba = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
+    rgba.putdata([(0, 0, 0, 0), (255, 255, 255, 100), (0, 0, 0, 129), (9, 9, 9, 255)])
+    assert list(binary_mask(rgba).getdata()) == [0, 0, 255, 255]  # alpha cut at 128, colour ignored
+    opaque = Image.new("RGBA", (2, 1), (255, 255, 255, 255))
+    opaque.putpixel((1, 0), (0, 0, 0, 255))
+    assert list(binary_mask(opaque).getdata()) == [255, 0]  # all opaque: its brightness, as it is
+    assert list(binary_mask(Image.new("L", (1, 1), 77)).getdata()) == [77]
+
+
+def test_the_crop_box_grows_to_the_drawing_aspect_inside_the_image():
+    # A1111's own example: a 128x32 box drawn at 512x512 becomes 128x128.
+    assert expand_crop_region((100, 200, 228, 232), 512, 512, 1024, 1024) == (100, 152, 228, 280)
+    # Against the top edge it slides down instead of leaving the image.
+    assert expand_crop_region((100, 0, 228, 32), 512, 512, 1024, 1024) == (100, 0, 228, 128)
+    # A tall box for a wide drawing grows in x, against the right edge.
+    assert expand_crop_region((90, 10, 100, 30), 64, 32, 100, 100) == (60, 10, 100, 30)
+    mask = Image.new("L", (50, 40))
+    mask.paste(255, (10, 12, 20, 18))
+    assert crop_region(mask, 0) == (10, 12, 20, 18) and crop_region(mask, 15) == (0, 0, 35, 33)
+    assert crop_region(Image.new("L", (8, 8)), 4) is None
+
+
+def test_resize_and_fill_stretches_the_edges_into_the_bands():
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 40, 1))  # a red top row
+    filled = np.asarray(resize_and_fill(wide, 32, 32))
+    assert filled.shape == (32, 32, 3)
+    assert (filled[:8, :, 0] > 200).all() and (filled[-8:, :, 2] > 200).all()  # top band red, bottom band blue
+
+
+def test_fill_paints_the_masked_area_with_the_colours_around_it():
+    image = Image.new("RGB", (64, 64), (250, 10, 10))
+    image.paste((10, 10, 250), (24, 24, 40, 40))  # blue where the mask is
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (24, 24, 40, 40))
+    filled = np.asarray(fill(image, mask)).astype(int)
+    inside, outside = filled[24:40, 24:40], filled[:16]
+    assert inside[..., 0].min() > 200 and inside[..., 2].max() < 60  # red now, from around it
+    assert np.abs(outside - [250, 10, 10]).max() <= 1
+
+
+def test_prepare_blurs_with_a1111s_kernel_and_lays_the_original_over_what_is_outside(tmp_path):
+    init, mask = _pictures(tmp_path)
+    ready = prepare(init, load_mask(tmp_path / "mask.png", "mask"), 64, 48, blur=(4, 4))
+    blurred = np.asarray(ready.mask).astype(int)
+    # cv2's kernel for radius 4 is 21 taps (A1111's 2 * int(2.5 * 4 + 0.5) + 1): it reaches 10 px past the edge.
+    assert blurred[20, 40] == 255 and blurred[20, 50 + 10] > 0 and blurred[20, 50 + 11] == 0
+    # The overlay: the original wherever twice the blurred mask is still 0, see-through where it reaches 255.
+    alpha = np.asarray(ready.overlay)[..., 3].astype(int)
+    assert np.array_equal(alpha, 255 - np.clip(blurred * 2, 0, 255))
+    green = ready.finish(Image.new("RGB", (64, 48), (0, 255, 0)))
+    kept = alpha == 255
+    assert np.array_equal(np.asarray(green)[kept], np.asarray(init)[kept]) and kept.sum() > 1400
+    assert (np.asarray(green)[alpha == 0] == [0, 255, 0]).all()
+    # The latents' mask: the 8x reduction of the blurred mask, rounded (A1111's nmask).
+    redraw = ready.latent_mask(6, 8)
+    assert redraw.shape == (1, 1, 6, 8) and set(redraw.unique().tolist()) == {0.0, 1.0}
+    assert redraw[0, 0, 2, 4] == 1 and redraw[0, 0, 0, 0] == 0
+
+
+def test_only_masked_draws_the_box_at_the_output_size_and_pastes_it_back(tmp_path):
+    init, mask = _pictures(tmp_path, size=(96, 96), box=(40, 40, 55, 50))
+    ready = prepare(init, mask, 32, 32, blur=(0, 0), only_masked=True, padding=2)
+    # The box 40..56 x 40..51 padded by 2 (38..58 x 38..53), grown to a square: 20 x 20 at (38, 36), 2 rows
+    # above and 3 below.
+    assert ready.paste_to == (38, 36, 20, 20)
+    assert ready.image.size == (32, 32) and ready.mask.size == (32, 32)
+    back = np.asarray(ready.finish(Image.new("RGB", (32, 32), (0, 255, 0))))
+    assert back.shape == (96, 96, 3)
+    assert (back[42:48, 42:52] == [0, 255, 0]).all()  # the mask's area: the drawn box, put back
+    assert np.array_equal(back[:30], np.asarray(init)[:30])  # outside it: the original
+    assert prepare(init, Image.new("L", (96, 96)), 32, 32, only_masked=True) is None  # blank: plain img2img
+
+
+# ----------------------------------------------------------------------------- the sampler-side blend
+class _RandomUNet(torch.nn.Module):
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        out = torch.randn(sample.shape, generator=torch.Generator().manual_seed(int(float(timestep) * 7)))
+        return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("name", ["Euler a", "Euler", "DDIM", "Heun", "LMS", "DPM2", "DPM++ 2M Karras", "DPM++ 2M"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_every_denoised_estimate_is_the_init_latents_outside_the_mask(tiny_sd, name, prediction):  # noqa: F811
+    """The blend is A1111's (denoised x nmask + init x mask) whatever the sampler: each scheduler's own x0 from the
+    replaced prediction is the init latents where they are kept, and untouched where redrawn."""
+    from diffusers import DDPMScheduler
+
+    from difftrain.sampling.schedulers import make_scheduler
+
+    config = dict(DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").config, prediction_type=prediction)
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(8)
+    init = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    redraw = torch.zeros(1, 1, 6, 6)
+    redraw[..., 2:5, 1:4] = 1
+    pipe = SimpleNamespace(unet=_RandomUNet(), scheduler=scheduler)
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma
+    keep = redraw.expand_as(init) == 0
+    with keeping_unmasked(pipe, init, redraw):
+        for index, t in enumerate(scheduler.timesteps[:5]):
+            model_input = scheduler.scale_model_input(x, t)
+            predicted = pipe.unet(model_input, t).sample
+            raw = _RandomUNet()(model_input, t).sample
+            assert torch.equal(predicted[~keep], raw[~keep])  # the redrawn area: the UNet's own prediction
+            if hasattr(scheduler, "convert_model_output"):  # DPM++ (multistep): its x0 before the step
+                if scheduler.step_index is None:
+                    scheduler._init_step_index(t)
+                x0 = scheduler.convert_model_output(predicted, sample=x)
+                step = scheduler.step(predicted, t, x)
+            else:
+                drawn = {"generator": torch.Generator().manual_seed(index)} if "generator" in signature(
+                    scheduler.step).parameters else {}  # (an ancestral sampler's noise)
+                step = scheduler.step(predicted, t, x, **drawn)
+                x0 = step.pred_original_sample
+            torch.testing.assert_close(x0[keep], init[keep], rtol=1e-4, atol=1e-4)
+            x = step.prev_sample
+    assert "forward" not in pipe.unet.__dict__  # the UNet's own forward, put back
+
+
+def test_the_final_blend_and_the_latent_fills():
+    init = torch.ones(2, 4, 3, 3)
+    mask = LatentMask(torch.tensor([[[[0, 1, 0], [0, 1, 0], [0, 0, 0]]]], dtype=torch.float32), "latent nothing")
+    start = mask.start(init, [5, 6])
+    assert start[:, :, :2, 1].abs().sum() == 0 and (start[:, :, 2] == 1).all()
+    noisy = LatentMask(mask.redraw, "latent noise").start(init, [5, 6])
+    seed_noise = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(noisy[1, :, 0, 1], seed_noise[:, 0, 1]) and (noisy[:, :, 0, 0] == 1).all()
+    assert torch.equal(LatentMask(mask.redraw, "original").start(init, [5, 6]), init)
+    sampled = torch.full_like(init, 7.0)
+    blended = mask.blend(sampled, init)
+    assert (blended[:, :, 0, 1] == 7).all() and (blended[:, :, 0, 0] == 1).all()
+
+
+# ----------------------------------------------------------------------------- the command
+def _outputs(folder):
+    return sorted(folder.glob("*.png"))
+
+
+def test_generate_inpaints_only_the_mask_and_from_png_repeats_it(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
+
+    init, mask = _pictures(tmp_path)
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"),
+            "--steps", "4", "--width", "64", "--height", "48", "--seed", "3", "--no-progress"]
+    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "a")]) == 0
+    [drawn] = _outputs(tmp_path / "a")
+    out = np.asarray(Image.open(drawn).convert("RGB")).astype(int)
+    alpha = np.asarray(prepare(init, mask, 64, 48).overlay)[..., 3]
+    assert np.array_equal(out[alpha == 255], np.asarray(init)[alpha == 255])  # outside: pixel for pixel
+    assert np.abs(out - np.asarray(init))[np.asarray(mask) > 0].mean() > 10  # inside: redrawn
+    _, _, params = parse_infotext(read_png_infotext(drawn))
+    assert params["Mask blur"] == "4" and params["Masked content"] == "original" and "Inpaint area" not in params
+    # --from-png draws it again, pixel for pixel; a setting given with it replaces the PNG's.
+    assert main(["generate", str(tiny_sd), "--from-png", str(drawn), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    [again] = _outputs(tmp_path / "b")
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(drawn)))
+    # Every masked content and "only masked" draw; each differs from plain img2img inside the mask only.
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    plain = np.asarray(Image.open(_outputs(tmp_path / "plain")[0]).convert("RGB")).astype(int)
+    assert np.abs(plain - np.asarray(init)).max() > 10  # (plain img2img redraws everywhere)
+    for extra in (["--masked-content", "fill"], ["--masked-content", "latent noise", "--scheduler", "DDIM"],
+                  ["--masked-content", "latent nothing", "--mask-blur", "0"],
+                  ["--only-masked", "--only-masked-padding", "4"]):
+        folder = tmp_path / extra[1].replace(" ", "-")
+        assert main([*base, "--mask", str(tmp_path / "mask.png"), *extra, "--out", str(folder)]) == 0
+        image = Image.open(_outputs(folder)[0])
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+        assert np.array_equal(pixels[:, :8], np.asarray(init)[:, :8]), extra  # far from the mask: the init's
+        assert np.abs(pixels - np.asarray(init))[np.asarray(mask) > 0].mean() > 10, extra
+    assert "Inpaint area: Only masked, Masked area padding: 4" in image.info["parameters"]
+    # Inverted (unblurred): what the mask leaves black is redrawn, and the mask's area stays.
+    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--invert-mask", "--mask-blur", "0", "--out",
+                 str(tmp_path / "inv")]) == 0
+    inverted = Image.open(_outputs(tmp_path / "inv")[0])
+    assert "Mask mode: Inpaint not masked" in inverted.info["parameters"]
+    pixels = np.asarray(inverted.convert("RGB")).astype(int)
+    assert np.array_equal(pixels[10:31, 30:51], np.asarray(init)[10:31, 30:51])
+    assert np.abs(pixels - np.asarray(init))[:, :25].mean() > 10
+
+
+def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_path, capsys):  # noqa: F811
+    _pictures(tmp_path)
+    base = ["generate", str(tiny_sd), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o")]
+    init = ["--init-image", str(tmp_path / "init.png")]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    for flags, words in [
+        (["--mask", str(tmp_path / "mask.png")], "--mask marks what img2img redraws: give --init-image too"),
+        ([*init, "--mask-blur", "8"], "--mask-blur applies to inpainting: give --mask"),
+        ([*init, "--mask", str(tmp_path / "mask.png"), "--masked-content", "noise"], "--masked-content 'noise'"),
+        ([*init, "--mask", str(tmp_path / "mask.png"), "--mask-blur", "99"], "--mask-blur 99: from 0 to 64"),
+        ([*init, "--mask", str(tmp_path / "broken.png")], f"--mask {tmp_path / 'broken.png'}: not a mask"),
+        ([*init, "--mask", str(tmp_path / "none.png")], "no such file"),
+    ]:
+        assert main([*base, *flags]) == 2, flags
+        assert words in capsys.readouterr().err, flags
+    nine = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=9)),
+                           vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)))
+    with pytest.raises(InpaintError, match="9 input channels: an inpainting model"):
+        check_model(nine)

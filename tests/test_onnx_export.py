@@ -77,6 +77,15 @@ def test_img2img_on_onnxruntime_matches_torch(onnx_model, tiny_sd, tmp_path):  #
     extra = ("--init-image", str(init), "--strength", "0.6")
     a, b = generate(tiny_sd, tmp_path / "torch", *extra), generate(onnx_model, tmp_path / "onnx", *extra)
     assert np.abs(pixels(a[0]) - pixels(b[0])).max() <= 2
+    # Inpainting too: the blend wraps the ONNX UNet's forward as it wraps torch's.
+    mask = Image.new("L", (32, 32))
+    mask.paste(255, (14, 8, 30, 24))
+    mask.save(tmp_path / "mask.png")
+    extra = (*extra, "--mask", str(tmp_path / "mask.png"), "--masked-content", "latent noise", "--mask-blur", "2")
+    a, b = generate(tiny_sd, tmp_path / "torch-inpaint", *extra), generate(onnx_model, tmp_path / "onnx-inpaint", *extra)
+    assert np.abs(pixels(a[0]) - pixels(b[0])).max() <= 2
+    resized = Image.open(init).convert("RGB").resize(Image.open(a[0]).size, Image.Resampling.LANCZOS)
+    assert np.array_equal(pixels(a[0])[:, :2], np.asarray(resized)[:, :2])  # far from the mask: the init's
 
 
 def test_diffusers_own_onnx_pipeline_loads_the_export(onnx_model):

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 from test_text2image import tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
-from difftrain.generate.inpaint import (InpaintError, binary_mask, check_model, crop_region, expand_crop_region, fill,
-                                        load_mask, prepare, resize_and_fill)
+from difftrain.generate.inpaint import (binary_mask, crop_region, expand_crop_region, fill, load_mask, prepare,
+                                        resize_and_fill)
 from difftrain.sampling.masked import LatentMask, keeping_unmasked
 
 
@@ -228,7 +228,88 @@ def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_
     ]:
         assert main([*base, *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags
-    nine = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=9)),
-                           vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)))
-    with pytest.raises(InpaintError, match="9 input channels: an inpainting model"):
-        check_model(nine)
+
+
+# ----------------------------------------------------------------------------- inpainting models (9 channels)
+@pytest.fixture(scope="module")
+def inpainting_sd(tiny_sd, tmp_path_factory):  # noqa: F811
+    """The tiny SD with an inpainting UNet (latents, mask, masked image's latents: 9 input channels), as
+    sd-v1-5-inpainting's diffusers folder is laid out."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("inpainting") / "sd"
+    shutil.copytree(tiny_sd, folder)
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config({**UNet2DConditionModel.load_config(folder / "unet"), "in_channels": 9}
+                                     ).save_pretrained(folder / "unet")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
+    return folder
+
+
+def _unet_inputs(drawer) -> list[torch.Tensor]:
+    seen = []
+    drawer.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    return seen
+
+
+def test_an_inpainting_model_is_given_the_mask_and_the_masked_image_as_a1111_gives_them(inpainting_sd, tmp_path):
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.text2image import encode_pixels
+
+    init, mask = _pictures(tmp_path)
+    # Text to image: the whole image masked (ones) and a grey image's latents, on every call (both CFG halves).
+    drawer = Drawer(str(inpainting_sd), GenerateOptions(prompt="a red circle", steps=3, width=64, height=48),
+                    progress=False)
+    seen = _unet_inputs(drawer)
+    [image] = drawer.draw("a red circle", "", [1])
+    grey = encode_pixels(drawer.pipe, torch.zeros(1, 3, 48, 64))
+    size = (48 // drawer.pipe.vae_scale_factor, 64 // drawer.pipe.vae_scale_factor)
+    assert len(seen) == 3 and all(x.shape == (2, 9, *size) for x in seen)
+    assert all((x[:, 4] == 1).all() and torch.allclose(x[:, 5:], grey.expand(2, -1, -1, -1)) for x in seen)
+    # Inpainting: the rounded mask (nearest to the latents' size) and the latents of the image with it zeroed.
+    options = GenerateOptions(prompt="a red circle", steps=4, width=64, height=48,
+                              init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"),
+                              masked_content="fill")
+    drawer = Drawer(str(inpainting_sd), options, progress=False)
+    seen = _unet_inputs(drawer)
+    [image] = drawer.draw("a red circle", "", [1])
+    ready = prepare(init, mask, 64, 48, fill_mode="fill")
+    rounded = torch.from_numpy(np.around(np.asarray(ready.mask, dtype=np.float32) / 255))[None, None]
+    pixels = torch.from_numpy(np.asarray(ready.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    masked = encode_pixels(drawer.pipe, pixels * (1 - rounded))
+    small = torch.nn.functional.interpolate(rounded, size=size)
+    assert len(seen) == 4  # int(4 x 0.75) + 1 steps of the schedule's tail (A1111's img2img steps)
+    for x in seen:
+        assert torch.equal(x[:, 4:5], small.expand(2, -1, -1, -1))
+        torch.testing.assert_close(x[:, 5:], masked.expand(2, -1, -1, -1), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(masked, encode_pixels(drawer.pipe, pixels))  # (the mask's zeros took part)
+    alpha = np.asarray(ready.overlay)[..., 3]
+    assert np.array_equal(np.asarray(image)[alpha == 255], np.asarray(init)[alpha == 255])
+
+
+def test_an_inpainting_models_single_file_draws_with_its_base_models_configs(inpainting_sd, tiny_sd,  # noqa: F811
+                                                                          tmp_path):
+    """sd-v1-5-inpainting.safetensors with --config of the v1-5 folder: the UNet takes the file's 9 channels, and
+    draws what the diffusers folder draws. Training still refuses it, by name."""
+    from diffusers import StableDiffusionPipeline
+
+    from difftrain.models.sd import ModelLoadError, load_sd
+    from difftrain.models.single_file import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(inpainting_sd, safety_checker=None, requires_safety_checker=False)
+    save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "inpainting.safetensors")
+    _pictures(tmp_path)
+    drawn = []
+    for model, extra in ((inpainting_sd, []), (tmp_path / "inpainting.safetensors", ["--config", str(tiny_sd)])):
+        out = tmp_path / f"out-{len(drawn)}"
+        assert main(["generate", str(model), "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"),
+                     "--mask", str(tmp_path / "mask.png"), "--steps", "3", "--width", "64", "--height", "48",
+                     "--seed", "2", "--out", str(out), "--no-progress", *extra]) == 0
+        drawn.append(np.asarray(Image.open(_outputs(out)[0]).convert("RGB")).astype(int))
+    assert np.abs(drawn[0] - drawn[1]).max() <= 1
+    with pytest.raises(ModelLoadError, match="StableDiffusionInpaintPipeline, an inpainting model .* trains"):
+        load_sd(str(inpainting_sd))

@@ -9,8 +9,8 @@ the prediction is replaced by the one whose estimate is the init latents there),
 latents are blended once more, and the decoded image is laid over the original through the
 blurred mask, so what is outside the mask comes back pixel for pixel.
 
-Not built: inpainting models of 9 input channels (sd-v1-5-inpainting), which condition on
-the masked image too; they are refused by name.
+Inpainting models (sd-v1-5-inpainting's 9-channel UNet) are given the mask and the masked
+image's latents too (sampling/text2image.image_conditioning), as A1111 gives them.
 """
 
 from __future__ import annotations
@@ -204,12 +204,3 @@ def prepare(init: Image.Image, mask: Image.Image, width: int, height: int, blur:
     if fill_mode != "original":
         image = fill(image, mask)
     return Inpainting(image, mask.convert("L"), overlay.convert("RGBA"), paste_to, fill_mode)
-
-
-def check_model(pipe) -> None:
-    """Refuse what this inpainting does not draw, before any work."""
-    channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
-    if channels != latent:
-        raise InpaintError(f"this model's UNet takes {channels} input channels: an inpainting model (it conditions on "
-                           "the masked image), which is not supported yet; inpaint with the base model it was made "
-                           "from")

@@ -202,15 +202,15 @@ def _onnx(located: Located, loras, embeddings, provider: str, fallback: bool):
 def _diffusers_folder(folder: Path, dtype: torch.dtype):
     from difftrain.models.sd import load_sd
 
-    # Through load_sd, not the pipeline class: its checks (an SDXL or inpainting folder refused by name, parts
-    # that do not fit, missing weights) answer with a message rather than a traceback at draw time.
-    return _pipeline(load_sd(str(folder), dtype=dtype))
+    # Through load_sd, not the pipeline class: its checks (an SDXL folder refused by name, parts that do not fit,
+    # missing weights) answer with a message rather than a traceback at draw time. Inpainting models draw.
+    return _pipeline(load_sd(str(folder), dtype=dtype, inpainting=True))
 
 
 def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):
     from difftrain.models.sd import load_sd
 
-    return _pipeline(load_sd(spec, dtype=dtype, config=config))  # with its clear errors
+    return _pipeline(load_sd(spec, dtype=dtype, config=config, inpainting=True))  # with its clear errors
 
 
 def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype, config: str | None = None):

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -400,8 +401,15 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
                  "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
         if inpainting is not None:
             from difftrain.sampling.masked import LatentMask
+            from difftrain.sampling.text2image import image_conditioning, is_inpainting_model
 
-            extra["mask"] = LatentMask(inpainting.latent_mask(*extra["image"].shape[-2:]), inpainting.fill)
+            size = tuple(extra["image"].shape[-2:])
+            conditioning = None
+            if is_inpainting_model(pipe):  # the masked image too (A1111 rounds the mask for it)
+                pixels = pipe.image_processor.preprocess(inpainting.image)
+                mask = torch.from_numpy(np.around(np.asarray(inpainting.mask, dtype=np.float32) / 255))[None, None]
+                conditioning = image_conditioning(pipe, size, pixels, mask)
+            extra["mask"] = LatentMask(inpainting.latent_mask(*size), inpainting.fill, conditioning)
     if controls is not None:
         from difftrain.generate.controlnet import pipeline_arguments
         from difftrain.models.control import control_pipeline
@@ -481,9 +489,8 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.inpainting = None
         if options.mask:
-            from difftrain.generate.inpaint import check_model, load_mask
+            from difftrain.generate.inpaint import load_mask
 
-            check_model(pipe)
             self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
                                             self.width, self.height)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,

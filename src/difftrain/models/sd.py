@@ -131,7 +131,7 @@ def _has_component(folder: Path, name: str) -> bool:
     return any((folder / m).is_file() for m in marker)
 
 
-def _locate_base(spec: str) -> _Where:
+def _locate_base(spec: str, inpainting: bool = False) -> _Where:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -142,7 +142,7 @@ def _locate_base(spec: str) -> _Where:
         )
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            _check_pipeline_kind(str(path), path / "model_index.json")
+            _check_pipeline_kind(str(path), path / "model_index.json", inpainting)
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
             return _Where("pipeline", str(path))
         raise ModelLoadError(f"base: {path} is not a diffusers pipeline folder (no model_index.json, no unet/)")
@@ -206,7 +206,7 @@ def _locate_part(name: str, spec: str) -> _Where:
     return _locate_missing(name, spec)
 
 
-def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | None:
+def _hub_subfolder(repo: str, name: str | None, revision: str | None, inpainting: bool = False) -> str | None:
     """A hub repo is either a whole pipeline (use its `name`/ subfolder) or one component."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -219,13 +219,13 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
             cached = try_to_load_from_cache(repo, filename, revision=revision)
             if isinstance(cached, str):
                 if filename == "model_index.json" and name is None:  # a part may come from any pipeline
-                    _check_pipeline_kind(repo, Path(cached))
+                    _check_pipeline_kind(repo, Path(cached), inpainting)
                 return subfolder
         raise _offline_error(role, repo)
     try:
         index = hf_hub_download(repo, "model_index.json", revision=revision)
         if name is None:
-            _check_pipeline_kind(repo, Path(index))
+            _check_pipeline_kind(repo, Path(index), inpainting)
         return name
     except LocalEntryNotFoundError:
         raise _offline_error(role, repo) from None
@@ -239,13 +239,14 @@ def _hub_subfolder(repo: str, name: str | None, revision: str | None) -> str | N
 
 # What difftrain trains and draws: Stable Diffusion 1.x and 2.x, a UNet conditioned by one CLIP text encoder.
 NOT_SD = "difftrain trains and draws Stable Diffusion 1.x and 2.x models (one text encoder, a UNet)"
-INPAINTING = ("an inpainting model (its UNet also takes the masked image's latents and the mask); difftrain trains "
-              "and draws text-to-image models: use the model it was made from (stable-diffusion-v1-5 rather than "
-              "sd-v1-5-inpainting)")
+INPAINTING = ("an inpainting model (its UNet also takes the masked image's latents and the mask); difftrain draws "
+              "with it (generate, serve) but trains text-to-image models: train the model it was made from "
+              "(stable-diffusion-v1-5 rather than sd-v1-5-inpainting)")
 
 
-def _check_pipeline_kind(where: str, index_file: Path) -> None:
-    """Refuse SDXL, SD 3, Flux and other pipelines by their model_index.json, before any weight loads."""
+def _check_pipeline_kind(where: str, index_file: Path, inpainting: bool = False) -> None:
+    """Refuse SDXL, SD 3, Flux and other pipelines by their model_index.json, before any weight loads (and an
+    inpainting pipeline unless `inpainting`: drawing takes one, training does not)."""
     try:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError):
@@ -253,11 +254,11 @@ def _check_pipeline_kind(where: str, index_file: Path) -> None:
     kind = index.get("_class_name", "a pipeline")
     if "text_encoder_2" in index or "transformer" in index or ("unet" not in index and "prior" in index):
         raise ModelLoadError(f"{where}: a {kind}; {NOT_SD}")
-    if "Inpaint" in kind:
+    if "Inpaint" in kind and not inpainting:
         raise ModelLoadError(f"{where}: a {kind}, {INPAINTING}")
 
 
-def _check_single_file_kind(path: str, header: dict) -> None:
+def _check_single_file_kind(path: str, header: dict, inpainting: bool = False) -> None:
     """Refuse what a single file's keys say is not SD 1.x/2.x (SDXL, SD 3, ...) before its weights are read."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
@@ -271,9 +272,9 @@ def _check_single_file_kind(path: str, header: dict) -> None:
         raise ModelLoadError(f"{path} is a Textual Inversion embedding: give a base model, and the file with "
                              "--embedding")
     kind = infer_diffusers_model_type(header)
-    if kind.startswith("inpainting"):
+    if kind.startswith("inpainting") and not inpainting:
         raise ModelLoadError(f"{path}: {INPAINTING}")
-    if kind not in ("v1", "v2"):
+    if kind not in ("v1", "v2", "inpainting", "inpainting_v2"):
         raise ModelLoadError(f"{path}: its keys are those of a {kind!r} checkpoint (diffusers' name for it); {NOT_SD}")
     if not any(key.startswith("model.diffusion_model.") for key in keys):
         raise ModelLoadError(f"{path} holds no Stable Diffusion UNet weights (no model.diffusion_model.* keys): "
@@ -333,7 +334,7 @@ def _keep_for(names: set[str]):
     return lambda key: not key.startswith(skip) and not key.startswith("model_ema.")
 
 
-def _single_file_config(path: str, config: str | None, allow_pickle: bool = False) -> str:
+def _single_file_config(path: str, config: str | None, allow_pickle: bool = False, inpainting: bool = False) -> str:
     """A local folder holding the diffusers configs (and tokenizer) for a single file.
 
     The file has weights only. diffusers guesses a hub repo from its keys (SD 1.x ->
@@ -352,7 +353,7 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
     guessed, repo = config is None, config
     if guessed:
         header = _header(path, allow_pickle)
-        _check_single_file_kind(path, header)
+        _check_single_file_kind(path, header, inpainting)
         repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"]
     try:
         configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
@@ -548,7 +549,7 @@ def predicts_v_for_sd2(unet) -> bool:
 # ---------------------------------------------------------------- the whole
 
 
-def _check_fit(parts: dict, origin: dict[str, str]) -> None:
+def _check_fit(parts: dict, origin: dict[str, str], inpainting: bool = False) -> None:
     unet, vae, text = parts.get("unet"), parts.get("vae"), parts.get("text_encoder")
     if unet is not None and text is not None:
         width = getattr(text.config, "hidden_size", None) or getattr(text.config, "d_model", None)
@@ -561,15 +562,19 @@ def _check_fit(parts: dict, origin: dict[str, str]) -> None:
             )
     if unet is not None and vae is not None:
         latent = vae.config.latent_channels
-        if unet.config.in_channels == 2 * latent + 1 and unet.config.out_channels == latent:
-            # Training would feed it latents alone, and the text-to-image pipeline sizes its noise by
-            # in_channels: both would fail deep in a convolution.
-            raise ModelLoadError(f"{origin['unet']}: {unet.config.in_channels} input channels, {INPAINTING}")
-        if unet.config.in_channels != latent or unet.config.out_channels != latent:
+        if is_inpainting_unet(unet, latent):
+            if not inpainting:  # training would feed it latents alone: it would fail deep in a convolution
+                raise ModelLoadError(f"{origin['unet']}: {unet.config.in_channels} input channels, {INPAINTING}")
+        elif unet.config.in_channels != latent or unet.config.out_channels != latent:
             raise ModelLoadError(
                 f"the parts do not fit: unet in_channels {unet.config.in_channels} / out_channels "
                 f"{unet.config.out_channels} ({origin['unet']}) != vae latent_channels {latent} ({origin['vae']})"
             )
+
+
+def is_inpainting_unet(unet, latent_channels: int) -> bool:
+    """A UNet that takes the latents, the mask and the masked image's latents (sd-v1-5-inpainting's 9 channels)."""
+    return unet.config.in_channels == 2 * latent_channels + 1 and unet.config.out_channels == latent_channels
 
 
 def load_sd(
@@ -585,13 +590,14 @@ def load_sd(
     load: set[str] | None = None,
     config: str | None = None,
     allow_pickle: bool = False,
+    inpainting: bool = False,
 ) -> SDComponents:
     """Load a Stable Diffusion model's parts, each from its override or else from `base`.
 
     `revision` and `variant` apply to the base. `config` (a local diffusers folder or hub id)
     describes a single-file base; without it, diffusers' guess from the file's keys is used,
     which needs that model's configs in the HF cache or the network. `allow_pickle` lets a
-    trusted .ckpt/.pt/.pth be read.
+    trusted .ckpt/.pt/.pth be read. `inpainting`: an inpainting model (9-channel UNet) is taken, for drawing.
     """
     overrides = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
     wanted = set(COMPONENTS if load is None else load) - {"scheduler"}
@@ -602,16 +608,16 @@ def load_sd(
         if missing:
             raise ModelLoadError(f"base: no base model, so {missing} must be given explicitly (or give a base)")
     # Every path given is checked, even for a part not loaded now: a typo should not wait.
-    base_where = _locate_base(str(base)) if base is not None else None
+    base_where = _locate_base(str(base), inpainting) if base is not None else None
     located = {n: _locate_part(n, str(spec)) for n, spec in overrides.items() if spec is not None}
     parts_where = {n: w for n, w in located.items() if n in wanted}
     if base_where is not None and base_where.kind == "hub":
-        base_where.subfolder = _hub_subfolder(base_where.path, None, revision)  # fails fast offline
+        base_where.subfolder = _hub_subfolder(base_where.path, None, revision, inpainting)  # fails fast offline
     for name, where in parts_where.items():
         if where.kind == "hub":
             where.subfolder = _hub_subfolder(where.path, name, None)
 
-    config_dir = _config_dir(base_where, parts_where, config, allow_pickle)
+    config_dir = _config_dir(base_where, parts_where, config, allow_pickle, inpainting)
     base_checkpoint = None
     if base_where is not None and base_where.kind == "single_file":
         from_base = {n for n in wanted if n not in parts_where}
@@ -640,7 +646,7 @@ def load_sd(
             parts[name] = _from_pretrained(name, where, dtype, None, None)
         origin[name] = where.describe()
 
-    _check_fit(parts, origin)
+    _check_fit(parts, origin, inpainting)
     scheduler, origin["scheduler"] = _scheduler(base_where, config_dir, revision)
     if base_where is not None and base_where.kind == "single_file" and parts.get("unet") is not None:
         keys = base_checkpoint if base_checkpoint is not None else _header(base_where.path, allow_pickle)
@@ -656,14 +662,15 @@ def load_sd(
     )
 
 
-def _config_dir(base: _Where | None, parts: dict[str, _Where], config: str | None, allow_pickle: bool) -> str | None:
+def _config_dir(base: _Where | None, parts: dict[str, _Where], config: str | None, allow_pickle: bool,
+                inpainting: bool = False) -> str | None:
     """The local folder whose configs describe single files (they hold weights only)."""
     if not (base is not None and base.kind == "single_file") and all(w.kind != "single_file" for w in parts.values()):
         return None
     if base is None:
         raise ModelLoadError("a single-file part needs a base model whose configs describe it; give base")
     if base.kind == "single_file":
-        return _single_file_config(base.path, config, allow_pickle)
+        return _single_file_config(base.path, config, allow_pickle, inpainting)
     if base.kind == "hub":
         return _single_file_config(base.path, base.path)
     return base.path

@@ -389,7 +389,8 @@ def load_single_file_components(
         lacks = f"{name}: {where} lacks weights that {config_dir}/{name} describes"
         try:
             if name == "unet":
-                loaded[name] = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
+                loaded[name] = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common,
+                                                                     **_input_channels(checkpoint, config_dir))
             elif name == "vae":
                 loaded[name] = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
             elif name == "text_encoder":
@@ -408,6 +409,18 @@ def load_single_file_components(
         if dtype is torch.float32:
             loaded[name].float()
     return loaded
+
+
+def _input_channels(checkpoint: dict, config_dir: str) -> dict:
+    """{"in_channels": n} where the file's UNet takes other inputs than its config's: an inpainting model's 9
+    (latents, mask, masked image) beside the base model's config folder of 4 (sd-v1-5-inpainting with v1-5's)."""
+    import json
+
+    weight = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
+    config = Path(config_dir) / "unet" / "config.json"
+    if weight is None or not config.is_file() or json.loads(config.read_text())["in_channels"] == weight.shape[1]:
+        return {}
+    return {"in_channels": int(weight.shape[1])}
 
 
 def _text_encoder_class(config_dir: str):

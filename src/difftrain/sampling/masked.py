@@ -21,6 +21,7 @@ class LatentMask:
     size; `fill` is A1111's masked content (generate/inpaint.py)."""
     redraw: torch.Tensor
     fill: str = "original"
+    conditioning: torch.Tensor | None = None  # an inpainting model's (sampling/text2image.image_conditioning)
 
     def start(self, latents: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         return start_latents(latents, 1 - self.redraw.to(latents), self.fill, seeds)
@@ -89,4 +90,19 @@ def keeping_unmasked(pipe, init: torch.Tensor, redraw: torch.Tensor):
         return forward
 
     with replaced_forward(pipe.unet, wrap):
+        yield
+
+
+
+@contextlib.contextmanager
+def with_image_conditioning(unet, conditioning: torch.Tensor):
+    """An inpainting model's UNet, for one draw, given `conditioning` (mask and masked-image latents, one row for
+    every image) after the latents on every call, as A1111 concatenates its c_concat."""
+    def wrap(original):
+        def forward(sample, *args, **kwargs):
+            extra = conditioning.to(sample).expand(sample.shape[0], -1, -1, -1)
+            return original(torch.cat([sample, extra], dim=1), *args, **kwargs)
+        return forward
+
+    with replaced_forward(unet, wrap):
         yield

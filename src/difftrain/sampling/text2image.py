@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from difftrain.sampling.masked import LatentMask, keeping_unmasked
+from difftrain.sampling.masked import LatentMask, keeping_unmasked, with_image_conditioning
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import PromptError
 from difftrain.sampling.seed_noise import SeedNoise
@@ -89,6 +89,9 @@ def sample(
     elif noise is not None:
         latents, generators = noise.first_noise(pipe, seeds, extra["width"], extra["height"])
         extra = {**extra, "latents": latents.to(pipe._execution_device, dtype)}
+    conditioned = contextlib.nullcontext()
+    if is_inpainting_model(pipe):
+        extra, conditioned = _conditioning_inpainting_model(pipe, seeds, generators, dtype, mask, extra)
     call = dict(
         prompt_embeds=positive.to(dtype).repeat(len(seeds), 1, 1),
         negative_prompt_embeds=negative.to(dtype).repeat(len(seeds), 1, 1),
@@ -98,10 +101,37 @@ def sample(
         output_type="latent",
         **extra,
     )
-    with composing, masking, noise_mixing, torch.autocast(pipe._execution_device.type, dtype=autocast,
-                                                          enabled=autocast not in (None, torch.float32)):
+    # (the conditioning innermost: composing and the blend call the UNet with latents alone)
+    with conditioned, composing, masking, noise_mixing, torch.autocast(
+            pipe._execution_device.type, dtype=autocast, enabled=autocast not in (None, torch.float32)):
         latents = pipe(**call).images
     return latents if mask is None else mask.blend(latents, init)
+
+
+def is_inpainting_model(pipe) -> bool:
+    """sd-v1-5-inpainting's kind: a UNet that takes the mask and the masked image's latents beside the latents."""
+    latent = pipe.vae.config.latent_channels
+    return pipe.unet.config.in_channels == 2 * latent + 1 and pipe.unet.config.out_channels == latent
+
+
+def _conditioning_inpainting_model(pipe, seeds: list[int], generators: list, dtype: torch.dtype,
+                                   mask: LatentMask | None, extra: dict) -> tuple[dict, object]:
+    """An inpainting model's image conditioning on every UNet call: its mask's (inpainting), else the whole image
+    masked, as A1111 gives it in text-to-image and img2img. In text-to-image the pipeline would size its noise by the
+    UNet's input channels: the latents' noise is drawn here as it draws it for the latents alone."""
+    if "strength" in extra:
+        size = tuple(extra["image"].shape[-2:])
+    else:
+        size = (extra["height"] // pipe.vae_scale_factor, extra["width"] // pipe.vae_scale_factor)
+        if "latents" not in extra:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            shape = (len(seeds), pipe.vae.config.latent_channels, *size)
+            extra = {**extra, "latents": randn_tensor(shape, generator=generators, device=pipe._execution_device,
+                                                       dtype=dtype)}
+    conditioning = mask.conditioning if mask is not None and mask.conditioning is not None else \
+        image_conditioning(pipe, size)
+    return extra, with_image_conditioning(pipe.unet, conditioning)
 
 
 @torch.no_grad()
@@ -109,11 +139,30 @@ def to_latents(pipe, images: list[Image.Image]) -> torch.Tensor:
     """The latents img2img starts from: the VAE posterior's mean. diffusers' img2img samples the posterior with the
     seed's generator, so the noise it then adds is that generator's second draw; A1111 adds its first (and samples
     the posterior with its unseeded global generator)."""
+    return encode_pixels(pipe, pipe.image_processor.preprocess(images))
+
+
+@torch.no_grad()
+def encode_pixels(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Latents (the posterior's mean, scaled) of pixels in [-1, 1], (n, 3, H, W)."""
     vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(images).to(pipe._execution_device, vae.dtype)
-    encoded = vae.encode(pixels).latent_dist.mode()
+    encoded = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (encoded - shift) * vae.config.scaling_factor
+
+
+def image_conditioning(pipe, size: tuple[int, int], pixels: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What an inpainting model takes beside the latents (A1111's inpainting_image_conditioning): the mask at the
+    latents' `size` (nearest) and the latents of `pixels` ([-1, 1], 1 x 3 x H x W) with the masked area zeroed.
+    Without a mask (text-to-image, img2img) the whole image is masked: a mask of ones and a grey image's latents."""
+    height, width = size
+    if mask is None:
+        pixels = torch.zeros(1, 3, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
+        mask = torch.ones(1, 1, *pixels.shape[-2:])
+    latents = encode_pixels(pipe, pixels * (1 - mask))
+    small = torch.nn.functional.interpolate(mask, size=size).to(latents)
+    return torch.cat([small, latents], dim=1)
 
 
 @torch.no_grad()

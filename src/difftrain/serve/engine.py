@@ -428,13 +428,6 @@ class Engine:
         if units:
             nets = self._nets(prepared, pipe)
             controls = Controls(units, nets, self._conditions(request, prepared))
-        if prepared.inpainting is not None:
-            from difftrain.generate.inpaint import InpaintError, check_model
-
-            try:
-                check_model(pipe)
-            except InpaintError as reason:
-                raise RequestError("mask", str(reason)) from None
         try:
             runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
                                             init=prepared.init_image, strength=request.denoising_strength,

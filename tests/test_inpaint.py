@@ -38,6 +38,11 @@ def test_a_transparent_masks_alpha_marks_the_area_and_an_opaque_one_its_brightne
     opaque.putpixel((1, 0), (0, 0, 0, 255))
     assert list(binary_mask(opaque).getdata()) == [255, 0]  # all opaque: its brightness, as it is
     assert list(binary_mask(Image.new("L", (1, 1), 77)).getdata()) == [77]
+    grey_alpha = Image.new("LA", (2, 1), (0, 0))
+    grey_alpha.putpixel((1, 0), (0, 200))
+    assert list(binary_mask(grey_alpha).getdata()) == [0, 255]  # a grey mask's alpha counts too
+    sixteen = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert list(binary_mask(sixteen).getdata()) == [0, 128, 255]  # 16 bits scaled, not clipped
 
 
 def test_the_crop_box_grows_to_the_drawing_aspect_inside_the_image():
@@ -112,43 +117,66 @@ class _RandomUNet(torch.nn.Module):
         return (out,) if not return_dict else SimpleNamespace(sample=out)
 
 
-@pytest.mark.parametrize("name", ["Euler a", "Euler", "DDIM", "Heun", "LMS", "DPM2", "DPM++ 2M Karras", "DPM++ 2M"])
+def _all_samplers() -> list[str]:
+    from difftrain.sampling.schedulers import SCHEDULERS
+
+    return sorted(SCHEDULERS)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_every_denoised_estimate_is_the_init_latents_outside_the_mask(tiny_sd, name, prediction):  # noqa: F811
+def test_every_denoised_estimate_is_the_init_latents_outside_the_mask(tiny_sd, prediction):  # noqa: F811
     """The blend is A1111's (denoised x nmask + init x mask) whatever the sampler: each scheduler's own x0 from the
-    replaced prediction is the init latents where they are kept, and untouched where redrawn."""
+    replaced prediction is the init latents where they are kept, and untouched where redrawn. Every sampler
+    difftrain builds, from an img2img start (its begin index), with both halves of classifier-free guidance."""
     from diffusers import DDPMScheduler
 
     from difftrain.sampling.schedulers import make_scheduler
 
     config = dict(DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").config, prediction_type=prediction)
-    scheduler = make_scheduler(name, config)
-    scheduler.set_timesteps(8)
     init = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
     redraw = torch.zeros(1, 1, 6, 6)
     redraw[..., 2:5, 1:4] = 1
-    pipe = SimpleNamespace(unet=_RandomUNet(), scheduler=scheduler)
-    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma
-    keep = redraw.expand_as(init) == 0
-    with keeping_unmasked(pipe, init, redraw):
-        for index, t in enumerate(scheduler.timesteps[:5]):
-            model_input = scheduler.scale_model_input(x, t)
-            predicted = pipe.unet(model_input, t).sample
-            raw = _RandomUNet()(model_input, t).sample
-            assert torch.equal(predicted[~keep], raw[~keep])  # the redrawn area: the UNet's own prediction
-            if hasattr(scheduler, "convert_model_output"):  # DPM++ (multistep): its x0 before the step
-                if scheduler.step_index is None:
-                    scheduler._init_step_index(t)
-                x0 = scheduler.convert_model_output(predicted, sample=x)
-                step = scheduler.step(predicted, t, x)
-            else:
+    keep = redraw.expand(2, 4, 6, 6) == 0
+    checked = []
+    for name in _all_samplers():
+        if prediction == "v_prediction" and name.startswith("lcm"):
+            continue  # (LCM's consistency parameterisation: epsilon only here)
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(8)
+        begin = 2 * scheduler.order  # as img2img begins, a few steps in
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        pipe = SimpleNamespace(unet=_RandomUNet(), scheduler=scheduler)
+        x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma
+        with keeping_unmasked(pipe, init, redraw):
+            for index, t in enumerate(scheduler.timesteps[begin:begin + 5]):
+                model_input = scheduler.scale_model_input(x, t)
+                halves = pipe.unet(torch.cat([model_input] * 2), t).sample  # [uncond, cond]
+                raw = _RandomUNet()(torch.cat([model_input] * 2), t).sample
+                assert torch.equal(halves[~keep], raw[~keep]), name  # the redrawn area: the UNet's own prediction
+                predicted = halves[:1] + 7.5 * (halves[1:] - halves[:1])
+                x0 = None
+                if hasattr(scheduler, "convert_model_output"):  # multistep (DPM++ 2M, UniPC, DEIS): x0 first
+                    if scheduler.step_index is None:
+                        scheduler._init_step_index(t)
+                    x0 = scheduler.convert_model_output(predicted, sample=x)
+                    if scheduler.config.get("algorithm_type") == "deis":  # (it answers in its own form: back to x0)
+                        alpha, sigma = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[scheduler.step_index])
+                        x0 = (x - sigma * x0) / alpha
                 drawn = {"generator": torch.Generator().manual_seed(index)} if "generator" in signature(
                     scheduler.step).parameters else {}  # (an ancestral sampler's noise)
                 step = scheduler.step(predicted, t, x, **drawn)
-                x0 = step.pred_original_sample
-            torch.testing.assert_close(x0[keep], init[keep], rtol=1e-4, atol=1e-4)
-            x = step.prev_sample
-    assert "forward" not in pipe.unet.__dict__  # the UNet's own forward, put back
+                if x0 is None:  # (LCM's "denoised" is its boundary-conditioned x0: c_skip is ~1e-5 this far in)
+                    x0 = step.denoised if hasattr(step, "denoised") else getattr(step, "pred_original_sample", None)
+                if x0 is None:  # PLMS: no x0 of its own; the call's, at the timestep's alpha (DDIM's definition)
+                    alpha = scheduler.alphas_cumprod[int(t)]
+                    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+                    x0 = (x - s * predicted) / a if prediction == "epsilon" else a * x - s * predicted
+                torch.testing.assert_close(x0[keep[:1]], init[keep[:1]], rtol=1e-4, atol=2e-4, msg=name)
+                x = step.prev_sample
+        assert "forward" not in pipe.unet.__dict__  # the UNet's own forward, put back
+        checked.append(name)
+    assert len(checked) >= 36, checked
 
 
 def test_the_final_blend_and_the_latent_fills():
@@ -166,6 +194,32 @@ def test_the_final_blend_and_the_latent_fills():
 
 
 # ----------------------------------------------------------------------------- the command
+def test_while_a_draw_samples_every_estimate_keeps_the_init_latents_outside_the_mask(tiny_sd, tmp_path):  # noqa: F811
+    """The blend wired into `generate`'s sampling, not only the final blend and the overlay: Euler's own x0 of every
+    step, recorded in the pipeline's scheduler, is the init latents where the mask keeps them."""
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+
+    _pictures(tmp_path)
+    options = GenerateOptions(prompt="a red circle", steps=6, width=64, height=48, scheduler="Euler", seed=1,
+                              init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"), mask_blur=0)
+    drawer = Drawer(str(tiny_sd), options, progress=False)
+    estimates, step = [], drawer.runner.scheduler.step
+
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        estimates.append(out[1] if isinstance(out, tuple) else out.pred_original_sample)
+        return out
+
+    drawer.runner.scheduler.step = recording
+    drawer.draw("a red circle", "", [1])
+    init, redraw = drawer.extra["image"], drawer.extra["mask"].redraw
+    keep = redraw.expand_as(init) == 0
+    assert len(estimates) == 5 and 0 < keep.float().mean() < 1  # int(6 x 0.75) + 1 steps
+    for estimate in estimates:
+        torch.testing.assert_close(estimate[keep], init[keep], rtol=1e-4, atol=1e-4)
+    assert all((estimate[~keep] - init[~keep]).abs().max() > 0.01 for estimate in estimates)
+
+
 def _outputs(folder):
     return sorted(folder.glob("*.png"))
 

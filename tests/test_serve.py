@@ -736,6 +736,13 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
         answer = requests.post(url, json={**body, field: value})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text
+    # "Only masked" draws the box alone, which whole-picture control images would not line up with.
+    unit = {"model": "cn", "image": _b64(mask.convert("RGB"))}
+    answer = requests.post(url, json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 422 and answer.json()["field"] == "inpaint_full_res", answer.text
+    answer = requests.post(url, json={**body, "inpaint_full_res": False, "alwayson_scripts": {"controlnet": {
+        "args": [unit]}}})
+    assert answer.status_code == 200, answer.text
 
 
 def _b64(image) -> str:

@@ -50,8 +50,13 @@ def load_mask(source, name: str, max_pixels: int = 64_000_000) -> Image.Image:
 
 
 def binary_mask(image: Image.Image) -> Image.Image:
-    """A1111's create_binary_mask: an RGBA image with any transparency is its alpha, cut at 128; anything else
-    its luminance as it is."""
+    """A1111's create_binary_mask: an image with any transparency is its alpha, cut at 128; anything else its
+    luminance as it is. (A grey or palette image with transparency counts as RGBA, and a 16-bit one is scaled to
+    8 bits: A1111's convert("L") would clip its greys to white.)"""
+    if image.mode in ("LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         return image.split()[-1].convert("L").point(lambda value: 255 if value > 128 else 0)
     return image.convert("L")

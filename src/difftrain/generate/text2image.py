@@ -181,6 +181,11 @@ class GenerateOptions:
             raise GenerateError(f"--only-masked-padding {self.only_masked_padding}: from 0 to 256 px (A1111's range)")
 
 
+# Not built: A1111's ControlNet extension crops each control image to the box as well.
+ONLY_MASKED_CONTROL = ("the control images cover the whole picture and \"only masked\" draws the mask's box alone, "
+                       "so they would not line up; inpaint the whole picture: ")
+
+
 @contextlib.contextmanager
 def hires_flags():
     """A hires fix refused names the command line's flag for what to change."""
@@ -493,6 +498,8 @@ class Drawer:
 
             self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
                                             self.width, self.height)
+            if controls is not None and self.inpainting is not None and self.inpainting.paste_to is not None:
+                raise GenerateError(f"--only-masked with ControlNets: {ONLY_MASKED_CONTROL}leave out --only-masked")
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
                                                   inpainting=self.inpainting)
@@ -674,8 +681,10 @@ def options_from_inpaint_infotext(path, options: GenerateOptions, params: dict, 
             log.warning("%s: an inpainting (Mask blur %s) without its mask recorded: give --mask to repeat it; "
                         "without one the whole image is redrawn", path, params["Mask blur"])
         return
+    # A1111 writes its blur only when there is one; ours always.
+    blur = params.get("Mask blur", 0 if "Version" in params else options.mask_blur)
     try:
-        options.mask_blur = int(params.get("Mask blur", options.mask_blur))
+        options.mask_blur = int(blur)
         options.only_masked_padding = int(params.get("Masked area padding", options.only_masked_padding))
     except ValueError:
         raise GenerateError(f"{path}: its infotext says Mask blur: {params.get('Mask blur')!r}, Masked area padding: "

@@ -45,9 +45,16 @@ def start_latents(latents: torch.Tensor, keep: torch.Tensor, fill_mode: str, see
 
 
 def _sigma_now(scheduler, timestep) -> torch.Tensor:
-    """The noise level (sigma, k-diffusion's) of the sample the UNet is given now, as the scheduler scaled it: its
-    sigma of this step where it keeps them by step (Euler, DPM++, Heun, LMS; DPM2's second call is at its
-    interpolated sigma), else from the timestep (DDIM, PNDM)."""
+    """The noise level (sigma, k-diffusion's) of the sample the UNet is given now, as the scheduler scaled it.
+
+    A scheduler that steps in sigma space (Euler, Heun, LMS, DPM2, DPM++ SDE: its init_noise_sigma is above 1)
+    divides its sample by sqrt(sigma^2 + 1) for the UNet: that scale is read back from it, which holds for the
+    second call of a two-call step too (DPM2 a's interpolated sigma, DPM++ SDE's midpoint). One that steps in the
+    UNet's own space (DPM++ 2M, UniPC, DEIS) keeps its sigma of each step; before its first step that is the
+    one img2img began at; DDIM and PLMS have only timesteps."""
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0:
+        scale = float(scheduler.scale_model_input(torch.ones(1), timestep).flatten()[0])
+        return torch.tensor(max(1 / scale ** 2 - 1, 0.0), dtype=torch.float64).sqrt()
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and len(sigmas):
         index = getattr(scheduler, "step_index", None)
@@ -57,8 +64,6 @@ def _sigma_now(scheduler, timestep) -> torch.Tensor:
             matches = (scheduler.timesteps == torch.as_tensor(timestep).to(scheduler.timesteps)).nonzero()
             index = int(matches[0]) if len(matches) else None
         if index is not None:
-            if getattr(scheduler, "sigmas_interpol", None) is not None and not scheduler.state_in_first_order:
-                sigmas = scheduler.sigmas_interpol
             return torch.as_tensor(sigmas[index], dtype=torch.float64)
     alpha = scheduler.alphas_cumprod[int(torch.as_tensor(timestep).flatten()[0])].double()
     return ((1 - alpha) / alpha).sqrt()

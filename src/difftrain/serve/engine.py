@@ -289,6 +289,10 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         inpainting = None
+        if init is not None and request.mask and units and request.inpaint_full_res:
+            from difftrain.generate.text2image import ONLY_MASKED_CONTROL
+
+            raise RequestError("inpaint_full_res", f"with ControlNet units: {ONLY_MASKED_CONTROL}send false")
         if init is not None and request.mask:
             from difftrain.generate.inpaint import FILLS, InpaintError, prepare
 

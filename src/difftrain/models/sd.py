@@ -561,6 +561,8 @@ def _check_fit(parts: dict, origin: dict[str, str], inpainting: bool = False) ->
                 f"text_encoder hidden size {width} ({origin['text_encoder']})"
             )
     if unet is not None and vae is not None:
+        from difftrain.sampling.masked import is_inpainting_unet
+
         latent = vae.config.latent_channels
         if is_inpainting_unet(unet, latent):
             if not inpainting:  # training would feed it latents alone: it would fail deep in a convolution
@@ -570,11 +572,6 @@ def _check_fit(parts: dict, origin: dict[str, str], inpainting: bool = False) ->
                 f"the parts do not fit: unet in_channels {unet.config.in_channels} / out_channels "
                 f"{unet.config.out_channels} ({origin['unet']}) != vae latent_channels {latent} ({origin['vae']})"
             )
-
-
-def is_inpainting_unet(unet, latent_channels: int) -> bool:
-    """A UNet that takes the latents, the mask and the masked image's latents (sd-v1-5-inpainting's 9 channels)."""
-    return unet.config.in_channels == 2 * latent_channels + 1 and unet.config.out_channels == latent_channels
 
 
 def load_sd(

@@ -98,6 +98,10 @@ def keeping_unmasked(pipe, init: torch.Tensor, redraw: torch.Tensor):
         yield
 
 
+def is_inpainting_unet(unet, latent_channels: int) -> bool:
+    """A UNet that takes the latents, the mask and the masked image's latents (sd-v1-5-inpainting's 9 channels)."""
+    return unet.config.in_channels == 2 * latent_channels + 1 and unet.config.out_channels == latent_channels
+
 
 @contextlib.contextmanager
 def with_image_conditioning(unet, conditioning: torch.Tensor):

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from difftrain.sampling.masked import LatentMask, keeping_unmasked, with_image_conditioning
+from difftrain.sampling.masked import LatentMask, is_inpainting_unet, keeping_unmasked, with_image_conditioning
 from difftrain.sampling.prompt_schedule import ScheduledConditioning
 from difftrain.sampling.prompts import PromptError
 from difftrain.sampling.seed_noise import SeedNoise
@@ -110,8 +110,7 @@ def sample(
 
 def is_inpainting_model(pipe) -> bool:
     """sd-v1-5-inpainting's kind: a UNet that takes the mask and the masked image's latents beside the latents."""
-    latent = pipe.vae.config.latent_channels
-    return pipe.unet.config.in_channels == 2 * latent + 1 and pipe.unet.config.out_channels == latent
+    return is_inpainting_unet(pipe.unet, pipe.vae.config.latent_channels)
 
 
 def _conditioning_inpainting_model(pipe, seeds: list[int], generators: list, dtype: torch.dtype,

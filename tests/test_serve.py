@@ -732,7 +732,8 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
     url, body = f"{server.url}/sdapi/v1/img2img", {"init_images": [_b64(init)], "mask": _b64(mask), "steps": 2,
                                                     "width": 64, "height": 64}
     for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),
-                                ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64")]:
+                                ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64"),
+                                ("mask_round", False, "rounded mask")]:
         answer = requests.post(url, json={**body, field: value})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text

@@ -221,6 +221,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: Optional[float] = None
+    mask_round: bool = True  # A1111 1.8+: the binary mask and latent mask rounded
 
     def check(self, limits: Limits) -> None:
         if self.enable_hr:  # (A1111's img2img has no such field: a client sends it to txt2img)
@@ -256,6 +257,8 @@ class Img2ImgRequest(Txt2ImgRequest):
         if self.inpainting_mask_invert not in (0, 1):
             raise RequestError("inpainting_mask_invert", f"{self.inpainting_mask_invert}: 0 (inpaint masked) or 1 "
                                                          "(inpaint not masked)")
+        if not self.mask_round:
+            raise RequestError("mask_round", "false: only A1111's default, a rounded mask, is served")
         if self.initial_noise_multiplier not in (None, 1.0):
             raise RequestError("initial_noise_multiplier", f"{self.initial_noise_multiplier}: only 1 (A1111's "
                                                            "default) is served")

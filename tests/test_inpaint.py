@@ -108,6 +108,14 @@ def test_only_masked_draws_the_box_at_the_output_size_and_pastes_it_back(tmp_pat
     assert (back[42:48, 42:52] == [0, 255, 0]).all()  # the mask's area: the drawn box, put back
     assert np.array_equal(back[:30], np.asarray(init)[:30])  # outside it: the original
     assert prepare(init, Image.new("L", (96, 96)), 32, 32, only_masked=True) is None  # blank: plain img2img
+    # A ControlNet's image is made at the init image's size and cut to the same box.
+    gradient = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8)[None, :, None] * 2, (96, 1, 3)))
+    sizes = []
+    fitted = ready.fit(lambda w, h: sizes.append((w, h)) or gradient)
+    assert sizes == [(96, 96)]
+    assert np.array_equal(np.asarray(fitted), np.asarray(resize_and_fill(gradient.crop((38, 36, 58, 56)), 32, 32)))
+    assert prepare(init, mask, 32, 32).fit(lambda w, h: sizes.append((w, h)) or gradient) is gradient
+    assert sizes[-1] == (32, 32)  # the whole picture: made at the drawing size
 
 
 # ----------------------------------------------------------------------------- the sampler-side blend
@@ -367,3 +375,29 @@ def test_an_inpainting_models_single_file_draws_with_its_base_models_configs(inp
     assert np.abs(drawn[0] - drawn[1]).max() <= 1
     with pytest.raises(ModelLoadError, match="StableDiffusionInpaintPipeline, an inpainting model .* trains"):
         load_sd(str(inpainting_sd))
+
+
+def test_a_served_inpainting_model_draws_what_generate_draws(inpainting_sd, tmp_path):
+    import webuiapi
+
+    from difftrain.serve.app import BackgroundServer, ServeSettings
+    from difftrain.serve.requests import Limits
+
+    init, mask = _pictures(tmp_path, size=(64, 64))
+    running = BackgroundServer(ServeSettings(models=[str(inpainting_sd)], limits=Limits(max_width=128, max_height=128)))
+    try:
+        host, port = running.url.rsplit(":", 1)
+        api = webuiapi.WebUIApi(host=host.split("//")[1], port=int(port), sampler="Euler a", steps=3)
+        served = api.img2img(images=[init], mask_image=mask, prompt="a red circle", seed=5, width=64, height=64,
+                             denoising_strength=0.9, inpaint_full_res=False, inpainting_fill=1).image
+        drawn_from_text = api.txt2img(prompt="a red circle", seed=5, width=64, height=64).image
+    finally:
+        running.stop()
+    base = ["generate", str(inpainting_sd), "--prompt", "a red circle", "--scheduler", "Euler a", "--steps", "3",
+            "--seed", "5", "--width", "64", "--height", "64", "--no-progress"]
+    assert main([*base, "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--strength", "0.9", "--out", str(tmp_path / "inpainted")]) == 0
+    assert main([*base, "--out", str(tmp_path / "text")]) == 0
+    for image, folder in ((served, "inpainted"), (drawn_from_text, "text")):
+        mine = Image.open(_outputs(tmp_path / folder)[0]).convert("RGB")
+        assert np.array_equal(np.asarray(mine), np.asarray(image.convert("RGB"))), folder

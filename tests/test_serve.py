@@ -705,6 +705,7 @@ def test_img2img_that_leaves_no_step_is_refused_before_it_queues(server):
 def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path):  # noqa: F811
     """A1111's API defaults (only masked, no padding, masked content "fill", blur 4) against `difftrain generate`
     with the same settings; bad inpainting fields are refused by name."""
+    import webuiapi
     from PIL import ImageDraw
 
     api = client(server)
@@ -737,13 +738,23 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
         answer = requests.post(url, json={**body, field: value})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text
-    # "Only masked" draws the box alone, which whole-picture control images would not line up with.
-    unit = {"model": "cn", "image": _b64(mask.convert("RGB"))}
-    answer = requests.post(url, json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
-    assert answer.status_code == 422 and answer.json()["field"] == "inpaint_full_res", answer.text
-    answer = requests.post(url, json={**body, "inpaint_full_res": False, "alwayson_scripts": {"controlnet": {
-        "args": [unit]}}})
-    assert answer.status_code == 200, answer.text
+    # With a ControlNet, "only masked" cuts the control image to the mask's box as it cuts the init image: the
+    # server draws what generate draws.
+    control = Image.new("RGB", (96, 64))
+    ImageDraw.Draw(control).rectangle((45, 15, 75, 45), fill=(255, 255, 255))
+    control.save(tmp_path / "control.png")
+    unit = webuiapi.ControlNetUnit(image=control, module="none", model="cn")
+    served = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4, width=64, height=64,
+                         denoising_strength=0.8, steps=4, controlnet_units=[unit],
+                         alwayson_scripts={}).image  # (webuiapi fills its default dict otherwise)
+    assert main(["generate", str(tiny_sd), "--prompt", "a blue square", "--init-image", str(tmp_path / "init.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--only-masked", "--only-masked-padding", "0",
+                 "--masked-content", "fill", "--scheduler", "Euler a", "--steps", "4", "--strength", "0.8",
+                 "--seed", "4", "--width", "64", "--height", "64", "--controlnet",
+                 str(Path(server.app.state.engine.controlnet_dir) / "cn"), "--control-image",
+                 str(tmp_path / "control.png"), "--out", str(tmp_path / "cn"), "--no-progress"]) == 0
+    [drawn] = sorted((tmp_path / "cn").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(served.convert("RGB")))
 
 
 def _b64(image) -> str:

@@ -162,6 +162,15 @@ class Inpainting:
         reduced = np.asarray(self.mask.convert("RGB").resize((width, height)), dtype=np.float32)[:, :, 0] / 255
         return torch.from_numpy(np.around(reduced))[None, None]
 
+    def fit(self, make) -> Image.Image:
+        """An image to draw beside this one (a ControlNet's), `make(width, height)`: at the drawing size, or for
+        "only masked" made at the init image's size and cut to the box as the init image is (A1111's ControlNet
+        extension cuts its maps so)."""
+        if self.paste_to is None:
+            return make(*self.image.size)
+        x, y, w, h = self.paste_to
+        return resize_and_fill(make(*self.overlay.size).crop((x, y, x + w, y + h)), *self.image.size)
+
     def finish(self, image: Image.Image) -> Image.Image:
         """A drawn image put back: the box pasted where it came from, then the original laid over it."""
         if self.paste_to is not None:

@@ -181,11 +181,6 @@ class GenerateOptions:
             raise GenerateError(f"--only-masked-padding {self.only_masked_padding}: from 0 to 256 px (A1111's range)")
 
 
-# Not built: A1111's ControlNet extension crops each control image to the box as well.
-ONLY_MASKED_CONTROL = ("the control images cover the whole picture and \"only masked\" draws the mask's box alone, "
-                       "so they would not line up; inpaint the whole picture: ")
-
-
 @contextlib.contextmanager
 def hires_flags():
     """A hires fix refused names the command line's flag for what to change."""
@@ -372,6 +367,16 @@ def inpaint_infotext(options: GenerateOptions) -> dict:
     return params
 
 
+def control_image(unit: ControlUnit, width: int, height: int, inpainting=None, image: Image.Image | None = None):
+    """A ControlNet unit's conditioning image for a drawing of width x height; under an inpainting's "only masked",
+    made at the init image's size and cut to the mask's box as the init image is, so the two line up."""
+    from difftrain.generate.controlnet import conditioning_image
+
+    if inpainting is None:
+        return conditioning_image(unit, width, height, image)
+    return inpainting.fit(lambda w, h: conditioning_image(unit, w, h, image))
+
+
 @dataclass
 class Controls:
     """ControlNet or T2I-Adapter units with their loaded networks and conditioning images (at the output size)."""
@@ -482,6 +487,12 @@ class Drawer:
 
             # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
             init = load_image(options.init_image)
+        self.inpainting = None
+        if options.mask:
+            from difftrain.generate.inpaint import load_mask
+
+            self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
+                                            self.width, self.height)
         controls = None
         if options.controlnets or pipe.manifest.kind in ("controlnet", "t2i-adapter"):
             from difftrain.generate import controlnet
@@ -490,16 +501,8 @@ class Drawer:
                                                                  located.folder, located.source)
             nets = [controlnet.load_control(unit.model, pipe.unet.dtype, pipe.unet, latent_scale=pipe.vae_scale_factor)
                     for unit in options.controlnets]
-            images = [controlnet.conditioning_image(unit, self.width, self.height) for unit in options.controlnets]
+            images = [control_image(unit, self.width, self.height, self.inpainting) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
-        self.inpainting = None
-        if options.mask:
-            from difftrain.generate.inpaint import load_mask
-
-            self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
-                                            self.width, self.height)
-            if controls is not None and self.inpainting is not None and self.inpainting.paste_to is not None:
-                raise GenerateError(f"--only-masked with ControlNets: {ONLY_MASKED_CONTROL}leave out --only-masked")
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
                                                   inpainting=self.inpainting)

@@ -289,10 +289,6 @@ class Engine:
             raise RequestError("enable_hr", "the hires fix draws without ControlNet units; send one or the other")
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         inpainting = None
-        if init is not None and request.mask and units and request.inpaint_full_res:
-            from difftrain.generate.text2image import ONLY_MASKED_CONTROL
-
-            raise RequestError("inpaint_full_res", f"with ControlNet units: {ONLY_MASKED_CONTROL}send false")
         if init is not None and request.mask:
             from difftrain.generate.inpaint import FILLS, InpaintError, prepare
 
@@ -525,10 +521,10 @@ class Engine:
 
     @staticmethod
     def _conditions(request: Txt2ImgRequest, prepared: Prepared) -> list:
-        """The units' conditioning images at the output size."""
-        from difftrain.generate.controlnet import conditioning_image
+        """The units' conditioning images at the output size (cut to the mask's box under "only masked")."""
+        from difftrain.generate.text2image import control_image
 
-        return [conditioning_image(unit, request.width, request.height, image)
+        return [control_image(unit, request.width, request.height, prepared.inpainting, image)
                 for unit, image in zip(prepared.units, prepared.unit_images)]
 
     def _activate_loras(self, model: ServedModel, pipe, loras: list[tuple[Path, float]]) -> tuple:

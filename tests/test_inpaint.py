@@ -332,6 +332,10 @@ def test_an_inpainting_model_is_given_the_mask_and_the_masked_image_as_a1111_giv
     size = (48 // drawer.pipe.vae_scale_factor, 64 // drawer.pipe.vae_scale_factor)
     assert len(seen) == 3 and all(x.shape == (2, 9, *size) for x in seen)
     assert all((x[:, 4] == 1).all() and torch.allclose(x[:, 5:], grey.expand(2, -1, -1, -1)) for x in seen)
+    encodes = []
+    drawer.pipe.vae.encoder.register_forward_pre_hook(lambda module, args: encodes.append(1))
+    assert np.array_equal(np.asarray(drawer.draw("a red circle", "", [1])[0]), np.asarray(image))
+    assert encodes == []  # the grey image's latents are encoded once for this VAE and size, not every draw
     # Inpainting: the rounded mask (nearest to the latents' size) and the latents of the image with it zeroed.
     options = GenerateOptions(prompt="a red circle", steps=4, width=64, height=48,
                               init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"),

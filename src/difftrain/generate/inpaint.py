@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from difftrain.data.transforms import center_crop
 from difftrain.errors import DifftrainError
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,6 @@ def resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
     return result
 
 
-def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize mode 1 ("Crop and resize"): cover, centred, the overhang cut off."""
-    ratio, source_ratio = width / height, image.width / image.height
-    source_w = width if ratio > source_ratio else image.width * height // image.height
-    source_h = height if ratio <= source_ratio else image.height * width // image.width
-    resized = image.resize((source_w, source_h), Image.Resampling.LANCZOS)
-    result = Image.new(image.mode, (width, height))
-    result.paste(resized, box=(width // 2 - source_w // 2, height // 2 - source_h // 2))
-    return result
-
-
 @dataclass
 class Inpainting:
     """One init image and mask made ready to draw at width x height."""
@@ -161,6 +151,20 @@ class Inpainting:
         """1 where the latents are redrawn, 0 where the init image's are kept: A1111's nmask (rounded), (1, 1, h, w)."""
         reduced = np.asarray(self.mask.convert("RGB").resize((width, height)), dtype=np.float32)[:, :, 0] / 255
         return torch.from_numpy(np.around(reduced))[None, None]
+
+    def latent_mask_for(self, pipe, pixels: torch.Tensor, latents: torch.Tensor):
+        """What sampling needs of this inpainting (sampling/masked.LatentMask) for `pipe`, whose VAE turned `pixels`
+        (this image, [-1, 1]) into `latents`: for an inpainting model, the masked image's conditioning too (A1111
+        rounds the mask for it)."""
+        from difftrain.sampling.masked import LatentMask
+        from difftrain.sampling.text2image import image_conditioning, is_inpainting_model
+
+        size = tuple(latents.shape[-2:])
+        conditioning = None
+        if is_inpainting_model(pipe):
+            rounded = torch.from_numpy(np.around(np.asarray(self.mask, dtype=np.float32) / 255))[None, None]
+            conditioning = image_conditioning(pipe, size, pixels, rounded)
+        return LatentMask(self.latent_mask(*size), self.fill, conditioning)
 
     def fit(self, make) -> Image.Image:
         """An image to draw beside this one (a ControlNet's), `make(width, height)`: at the drawing size, or for
@@ -176,7 +180,7 @@ class Inpainting:
         if self.paste_to is not None:
             x, y, w, h = self.paste_to
             base = Image.new("RGBA", self.overlay.size)
-            base.paste(resize_and_crop(image, w, h), (x, y))
+            base.paste(center_crop(image, (w, h), Image.Resampling.LANCZOS), (x, y))  # A1111's resize mode 1
             image = base
         image = image.convert("RGBA")
         image.alpha_composite(self.overlay)

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -404,22 +403,14 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         runner = cls(**components, requires_safety_checker=False)
     if init is not None:
         from difftrain.sampling.schedulers import img2img_strength
-        from difftrain.sampling.text2image import to_latents
+        from difftrain.sampling.text2image import encode_pixels
 
         start = init.resize((width, height), Image.Resampling.LANCZOS) if inpainting is None else inpainting.image
-        extra = {"image": to_latents(pipe, [start]),
+        pixels = pipe.image_processor.preprocess(start)
+        extra = {"image": encode_pixels(pipe, pixels),
                  "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
         if inpainting is not None:
-            from difftrain.sampling.masked import LatentMask
-            from difftrain.sampling.text2image import image_conditioning, is_inpainting_model
-
-            size = tuple(extra["image"].shape[-2:])
-            conditioning = None
-            if is_inpainting_model(pipe):  # the masked image too (A1111 rounds the mask for it)
-                pixels = pipe.image_processor.preprocess(inpainting.image)
-                mask = torch.from_numpy(np.around(np.asarray(inpainting.mask, dtype=np.float32) / 255))[None, None]
-                conditioning = image_conditioning(pipe, size, pixels, mask)
-            extra["mask"] = LatentMask(inpainting.latent_mask(*size), inpainting.fill, conditioning)
+            extra["mask"] = inpainting.latent_mask_for(pipe, pixels, extra["image"])
     if controls is not None:
         from difftrain.generate.controlnet import pipeline_arguments
         from difftrain.models.control import control_pipeline

@@ -58,11 +58,8 @@ def _sigma_now(scheduler, timestep) -> torch.Tensor:
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and len(sigmas):
         index = getattr(scheduler, "step_index", None)
-        if index is None:
+        if index is None:  # (img2img sets where it begins; without it, the timestep's alpha below is the same sigma)
             index = getattr(scheduler, "begin_index", None)
-        if index is None:
-            matches = (scheduler.timesteps == torch.as_tensor(timestep).to(scheduler.timesteps)).nonzero()
-            index = int(matches[0]) if len(matches) else None
         if index is not None:
             return torch.as_tensor(sigmas[index], dtype=torch.float64)
     alpha = scheduler.alphas_cumprod[int(torch.as_tensor(timestep).flatten()[0])].double()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import weakref
 from typing import Iterator
 
 import torch
@@ -150,18 +151,27 @@ def encode_pixels(pipe, pixels: torch.Tensor) -> torch.Tensor:
     return (encoded - shift) * vae.config.scaling_factor
 
 
+_GREY_CONDITIONING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE -> {(size, dtype, device): ..}
+
+
 def image_conditioning(pipe, size: tuple[int, int], pixels: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """What an inpainting model takes beside the latents (A1111's inpainting_image_conditioning): the mask at the
     latents' `size` (nearest) and the latents of `pixels` ([-1, 1], 1 x 3 x H x W) with the masked area zeroed.
-    Without a mask (text-to-image, img2img) the whole image is masked: a mask of ones and a grey image's latents."""
+    Without a mask (text-to-image, img2img) the whole image is masked: a mask of ones and a grey image's latents,
+    encoded once per VAE, size and dtype (every draw of a batch loop would otherwise encode it again)."""
     height, width = size
     if mask is None:
-        pixels = torch.zeros(1, 3, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
-        mask = torch.ones(1, 1, *pixels.shape[-2:])
+        cached = _GREY_CONDITIONING.setdefault(pipe.vae, {})
+        key = (size, pipe.vae.dtype, str(pipe._execution_device))
+        if key not in cached:
+            grey = torch.zeros(1, 3, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
+            cached[key] = image_conditioning(pipe, size, grey, torch.ones(1, 1, *grey.shape[-2:]))
+        return cached[key]
     latents = encode_pixels(pipe, pixels * (1 - mask))
     small = torch.nn.functional.interpolate(mask, size=size).to(latents)
     return torch.cat([small, latents], dim=1)
+
 
 
 @torch.no_grad()

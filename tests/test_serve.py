@@ -727,9 +727,14 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                  "--no-progress"]) == 0
     [drawn] = sorted((tmp_path / "out").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(served.image.convert("RGB")))
+    assert not {"init_images", "mask"} & served.parameters.keys()  # A1111 echoes neither unless asked
     whole = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4, width=64, height=64,
-                        denoising_strength=0.8, steps=4, inpaint_full_res=False, inpainting_fill=1).image
-    assert whole.size == (64, 64)  # the whole image, drawn at the request's size
+                        denoising_strength=0.8, steps=4, inpaint_full_res=False, inpainting_fill=1,
+                        include_init_images=True)
+    assert whole.image.size == (64, 64)  # the whole image, drawn at the request's size
+    sent = whole.parameters["init_images"][0], whole.parameters["mask"]  # as webuiapi sent them: data URLs
+    echoed = [Image.open(io.BytesIO(base64.b64decode(text.split(",")[-1]))) for text in sent]
+    assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(echoed, (init, mask))] == [True, True]
     url, body = f"{server.url}/sdapi/v1/img2img", {"init_images": [_b64(init)], "mask": _b64(mask), "steps": 2,
                                                     "width": 64, "height": 64}
     for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),

@@ -7,6 +7,7 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +15,10 @@ from test_text2image import tiny_sd  # noqa: F401
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTEFACTS = Path(__file__).parent / "artefacts"  # the page's screenshot is kept here (git-ignored)
+
+
+def _image(data_url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian: apt install chromium)")
@@ -28,14 +33,21 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     torch.save(original_esrgan(), tmp_path / "upscalers" / "4x-Tiny.pth")
     running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], upscaler_dir=str(tmp_path / "upscalers")))
     outside: list[str] = []
+    jobs: list[dict] = []  # the bodies the page posts to /v1/jobs
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             page.on("request", lambda request: None if request.url.startswith((running.url, "data:"))
                     else outside.append(request.url))
+            page.on("request", lambda request: jobs.append(request.post_data_json)
+                    if request.method == "POST" and request.url.endswith("/v1/jobs") else None)
             page.goto(running.url + "/")
             page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 10")
+            page.click("#tab_img2img")
+            page.click("#generate")
+            no_image = page.inner_text("#status")
+            page.click("#tab_txt2img")
             page.fill("#prompt", "a red circle")
             for field, value in (("steps", "3"), ("width", "64"), ("height", "64"), ("seed", "11")):
                 page.fill(f"#{field}", value)
@@ -53,30 +65,83 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             reused = {field: page.input_value(f"#{field}") for field in ("prompt", "seed", "steps", "sampler_name")}
             assert page.get_attribute("figure a", "download") == "difftrain-11.png"
             assert page.inner_text("#status") == "done"
+            # img2img: the image sent from the gallery, a stroke painted across its middle (shown at 6x its size).
+            page.click("figure button.send")
+            page.wait_for_function("document.querySelector('#mask').width == 64")
+            mode = page.get_attribute("body", "data-mode")
+            box = page.locator("#mask").bounding_box()
+            at = lambda x, y: (box["x"] + x * box["width"] / 64, box["y"] + y * box["height"] / 64)  # noqa: E731
+            page.mouse.move(*at(16, 32))
+            page.mouse.down()
+            page.mouse.move(*at(32, 32), steps=4)
+            page.mouse.move(*at(48, 32), steps=4)
+            page.mouse.up()
+            page.fill("#denoising_strength", "0.9")
+            page.select_option("#inpainting_fill", "latent noise")  # new content where painted, plainly
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('figure img').length == 2", timeout=60_000)
+            inpainted, inpaint_caption = page.get_attribute("figure img", "src"), page.inner_text("figure figcaption")
+            page.screenshot(path=str(ARTEFACTS / "serve-page-inpaint.png"), full_page=True)
+            page.select_option("#inpainting_fill", "original")
+            page.fill("#mask_blur", "9")
+            page.click("#tab_txt2img")
+            page.locator("figure button.reuse").first.click()
+            inpaint_reused = [page.get_attribute("body", "data-mode"), *map(page.input_value, (
+                "#inpainting_fill", "#mask_blur", "#denoising_strength", "#inpaint_full_res"))]
+            page.click("#tab_txt2img")
             # The hires fix, through the server's ESRGAN: the newest figure comes first.
             upscalers = page.eval_on_selector_all("#hr_upscaler option", "options => options.map(o => o.value)")
             page.check("#enable_hr")
             page.fill("#hr_scale", "1.5")
             page.select_option("#hr_upscaler", "4x-Tiny")
             page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('figure img').length == 2", timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('figure img').length == 3", timeout=60_000)
             hires = page.get_attribute("figure img", "src")
             page.uncheck("#enable_hr")
             page.locator("figure button").first.click()  # its settings, the checkbox included
             hires_reused = [page.is_checked("#enable_hr"), *map(page.input_value, ("#hr_scale", "#hr_upscaler"))]
+            # An uploaded image is drawn at its own size, to a multiple of 8; the mask canvas takes its size.
+            Image.new("RGB", (50, 41), "red").save(tmp_path / "upload.png")
+            page.click("#tab_img2img")
+            page.set_input_files("#init_image", str(tmp_path / "upload.png"))
+            page.wait_for_function("document.querySelector('#mask').width == 50")
+            uploaded = [page.input_value("#width"), page.input_value("#height"), page.evaluate(
+                "document.querySelector('#mask').height")]
             browser.close()
     finally:
         running.stop()
-    image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+    image = _image(source)
     assert image.size == (64, 64)
     assert "Steps: 3, Sampler: DPM++ 2M" in image.info["parameters"] and "Seed: 11," in image.info["parameters"]
     assert caption == image.info["parameters"]
     assert reused == {"prompt": "a red circle", "seed": "11", "steps": "3", "sampler_name": "DPM++ 2M"}
-    hires = Image.open(io.BytesIO(base64.b64decode(hires.split(",", 1)[1])))
-    assert hires.size == (96, 96) and "Denoising strength: 0.7, Hires upscale: 1.5" in hires.info["parameters"]
+    hires = _image(hires)
+    # (one Denoise field serves both tabs: the inpainting's 0.9, reused, is the hires fix's too)
+    assert hires.size == (96, 96) and "Denoising strength: 0.9, Hires upscale: 1.5" in hires.info["parameters"]
     assert "Hires upscaler: 4x-Tiny" in hires.info["parameters"]
     assert upscalers[:2] == ["Latent", "Latent (antialiased)"] and upscalers[-4:] == ["None", "Lanczos", "Nearest",
                                                                                       "4x-Tiny"]
     assert hires_reused == [True, "1.5", "4x-Tiny"]
-    assert outside == []  # nothing from a CDN or anywhere else: the page works offline
+    assert outside == []
+    assert no_image.startswith("error: img2img needs an image")
+    # The inpainting: the gallery's image itself and the stroke, on the image's own pixels, sent as a mask.
+    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", "txt2img"]
+    sent = jobs[1]["request"]
+    assert "enable_hr" not in sent and (sent["mask_blur"], sent["inpainting_fill"], sent["inpaint_full_res"],
+                                        sent["denoising_strength"]) == (4, 2, False, 0.9)
+    init = np.asarray(_image(sent["init_images"][0]).convert("RGB"))
+    assert np.array_equal(init, np.asarray(image.convert("RGB")))
+    mask = np.asarray(_image(sent["mask"]).convert("L"))
+    rows, columns = np.nonzero(mask > 128)
+    assert mask.shape == (64, 64) and set(np.unique(mask)) >= {0, 255}
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) in [
+        (y0, y1, x0, x1) for y0 in (25, 26, 27) for y1 in (37, 38) for x0 in (9, 10, 11) for x1 in (53, 54)]
+    drawn = np.asarray(_image(inpainted).convert("RGB"))
+    far = np.r_[0:12, 53:64]  # rows the blurred mask (a 21-px kernel about rows 26-38) leaves whole
+    assert np.array_equal(drawn[far], init[far])
+    assert np.abs(drawn[28:37, 12:52].astype(int) - init[28:37, 12:52]).mean() > 10
+    for text in ("Denoising strength: 0.9", "Mask blur: 4", "Masked content: latent noise"):
+        assert text in inpaint_caption
+    assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
+    assert uploaded == ["48", "40", 41]  # nothing from a CDN or anywhere else: the page works offline
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

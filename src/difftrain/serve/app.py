@@ -512,6 +512,7 @@ def _run(engine: Engine, job: Job, on_step) -> dict:
     request = job.request
     drawn = engine.draw(request, on_step, job.prepared)
     images = [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(drawn.images, drawn.infotexts)]
-    parameters = request.model_dump(exclude={"init_images"} if job.kind == "img2img" else None)
+    leave_out = {"init_images", "mask"} if job.kind == "img2img" and not request.include_init_images else None
+    parameters = request.model_dump(exclude=leave_out)
     return {"images": images if request.send_images else [], "parameters": parameters,
             "info": a1111_info(request, drawn)}

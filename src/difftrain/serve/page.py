@@ -2,6 +2,9 @@
 
 It speaks the server's own API: the lists from `/sdapi/v1/*`, each generation a job on
 `/v1/jobs` polled for its progress, so the page and any other client wait in the same queue.
+Its img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted
+on it with the mouse: white strokes on a canvas of the image's own size, sent as a black and white
+PNG (what A1111's API takes), so a stroke lands on the same pixels however the image is shown.
 """
 
 PAGE = """<!doctype html>
@@ -25,10 +28,19 @@ PAGE = """<!doctype html>
   figure img { width: 100%; image-rendering: pixelated; }
   figcaption { font-size: 11px; white-space: pre-wrap; word-break: break-word; color: #444; }
   figure a, figure button { font-size: 12px; margin-right: 8px; width: auto; padding: 2px 6px; }
+  .tabs { display: flex; gap: 4px; } .tabs button { margin: 0 0 8px; }
+  .tabs button.active { background: #333; color: #fff; }
+  body[data-mode=img2img] .txt2img-only, body[data-mode=txt2img] .img2img-only { display: none; }
+  #sketch { position: relative; display: inline-block; margin: 8px 0; line-height: 0; background: #eee; }
+  #sketch img, #sketch canvas { width: 384px; image-rendering: pixelated; }
+  #mask { position: absolute; left: 0; top: 0; opacity: 0.55; cursor: crosshair; touch-action: none; }
+  #img2img .row { max-width: 640px; align-items: end; }
 </style>
 </head>
-<body>
+<body data-mode="txt2img">
 <form id="form">
+  <div class="tabs"><button type="button" id="tab_txt2img" class="active">txt2img</button>
+    <button type="button" id="tab_img2img">img2img</button></div>
   <label for="prompt">Prompt</label>
   <textarea id="prompt" rows="3" placeholder="a red circle"></textarea>
   <label for="negative_prompt">Negative prompt</label>
@@ -51,15 +63,37 @@ PAGE = """<!doctype html>
     <div><label for="batch_size">Batch</label><input id="batch_size" type="number" min="1" value="1"></div>
   </div>
   <div class="row">
-    <div><label for="enable_hr">Hires fix</label><input id="enable_hr" type="checkbox"></div>
-    <div><label for="hr_scale">Upscale</label><input id="hr_scale" type="number" step="0.25" value="2"></div>
+    <div class="txt2img-only"><label for="enable_hr">Hires fix</label><input id="enable_hr" type="checkbox"></div>
+    <div class="txt2img-only"><label for="hr_scale">Upscale</label>
+      <input id="hr_scale" type="number" step="0.25" value="2"></div>
     <div><label for="denoising_strength">Denoise</label>
       <input id="denoising_strength" type="number" step="0.05" min="0.05" max="1" value="0.7"></div>
   </div>
-  <label for="hr_upscaler">Hires upscaler</label><select id="hr_upscaler"></select>
+  <div class="txt2img-only"><label for="hr_upscaler">Hires upscaler</label><select id="hr_upscaler"></select></div>
   <button id="generate" type="submit">Generate</button>
 </form>
 <main>
+  <section id="img2img" class="img2img-only">
+    <label for="init_image">Image (paint on it to inpaint: the painted part is redrawn)</label>
+    <input id="init_image" type="file" accept="image/*" style="width: auto">
+    <div><div id="sketch"><img id="init_view" alt="the image to redraw"><canvas id="mask"></canvas></div></div>
+    <div class="row">
+      <div><label for="brush">Brush (px of the image)</label><input id="brush" type="number" min="1" value="12"></div>
+      <div><button type="button" id="clear_mask">Clear mask</button></div>
+      <div><label for="mask_blur">Mask blur</label><input id="mask_blur" type="number" min="0" max="64" value="4"></div>
+      <div><label for="inpainting_mask_invert">Mask mode</label><select id="inpainting_mask_invert">
+        <option value="0">Inpaint masked</option><option value="1">Inpaint not masked</option></select></div>
+    </div>
+    <div class="row">
+      <div><label for="inpainting_fill">Masked content</label><select id="inpainting_fill">
+        <option value="0">fill</option><option value="1" selected>original</option>
+        <option value="2">latent noise</option><option value="3">latent nothing</option></select></div>
+      <div><label for="inpaint_full_res">Inpaint area</label><select id="inpaint_full_res">
+        <option value="false">Whole picture</option><option value="true">Only masked</option></select></div>
+      <div><label for="inpaint_full_res_padding">Only masked padding</label>
+        <input id="inpaint_full_res_padding" type="number" min="0" max="256" value="32"></div>
+    </div>
+  </section>
   <progress id="progress" max="1" value="0"></progress>
   <div id="status"></div>
   <div id="gallery"></div>
@@ -67,12 +101,20 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 const fields = ["prompt", "negative_prompt", "sampler_name", "steps", "cfg_scale", "width", "height", "seed",
-                "batch_size", "enable_hr", "hr_scale", "denoising_strength", "hr_upscaler"];
+                "batch_size", "denoising_strength"];
+// Each tab's own fields, with A1111's UI defaults for an inpaint (the API's differ: its area is "only masked").
+const tabFields = {txt2img: ["enable_hr", "hr_scale", "hr_upscaler"],
+                   img2img: ["mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
+                             "inpaint_full_res_padding"]};
 const numbers = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size", "hr_scale",
-                         "denoising_strength"]);
+                         "denoising_strength", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
+                         "inpaint_full_res_padding"]);
 const checkboxes = new Set(["enable_hr"]);
 const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name) ? Number($(name).value)
-  : $(name).value;
+  : name === "inpaint_full_res" ? $(name).value === "true" : $(name).value;
+let mode = "txt2img";
+let initImage = null;  // the img2img image, a data URL
+let painted = false;
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -102,18 +144,83 @@ async function load() {
   fill($("lora"), loras, (l) => l.name, (l) => l.name);
 }
 
+function setMode(name) {
+  mode = name;
+  document.body.dataset.mode = name;
+  for (const tab of ["txt2img", "img2img"]) $("tab_" + tab).classList.toggle("active", tab === name);
+}
+
+function setImage(dataUrl) {
+  initImage = dataUrl;
+  $("init_view").src = dataUrl;
+}
+
+// The mask canvas takes the image's own size: one canvas pixel is one image pixel, however it is shown.
+$("init_view").addEventListener("load", () => {
+  const image = $("init_view"), mask = $("mask");
+  mask.width = image.naturalWidth; mask.height = image.naturalHeight;
+  clearMask();
+  // Drawn at the image's size, to a multiple of 8 (A1111's sizes are).
+  $("width").value = Math.max(8, Math.floor(image.naturalWidth / 8) * 8);
+  $("height").value = Math.max(8, Math.floor(image.naturalHeight / 8) * 8);
+});
+
+function clearMask() {
+  $("mask").getContext("2d").clearRect(0, 0, $("mask").width, $("mask").height);
+  painted = false;
+}
+
+let last = null;  // the stroke's previous point, in image pixels
+function imagePoint(event) {
+  const mask = $("mask"), box = mask.getBoundingClientRect();
+  return [(event.clientX - box.left) * mask.width / box.width, (event.clientY - box.top) * mask.height / box.height];
+}
+function paint(event) {
+  const context = $("mask").getContext("2d"), point = imagePoint(event);
+  context.strokeStyle = context.fillStyle = "#fff";
+  context.lineWidth = Number($("brush").value);
+  context.lineCap = context.lineJoin = "round";
+  context.beginPath();
+  context.moveTo(...(last || point));
+  context.lineTo(...point);
+  context.stroke();
+  last = point;
+  painted = true;
+}
+$("mask").addEventListener("pointerdown", (event) => { $("mask").setPointerCapture(event.pointerId); paint(event); });
+$("mask").addEventListener("pointermove", (event) => { if (last) paint(event); });
+for (const end of ["pointerup", "pointercancel"]) $("mask").addEventListener(end, () => { last = null; });
+
+function maskImage() {  // white where painted on black, opaque: what A1111's API reads as a mask
+  if (!painted) return null;
+  const out = document.createElement("canvas");
+  out.width = $("mask").width; out.height = $("mask").height;
+  const context = out.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, out.width, out.height);
+  context.drawImage($("mask"), 0, 0);
+  return out.toDataURL("image/png");
+}
+
 function request() {
   const body = {};
-  for (const name of fields) body[name] = read(name);
+  for (const name of [...fields, ...tabFields[mode]]) body[name] = read(name);
   if ($("lora").value) body.prompt += ` <lora:${$("lora").value}:${$("lora_weight").value}>`;
   body.override_settings = {sd_model_checkpoint: $("model").value};
+  if (mode === "img2img") {
+    body.init_images = [initImage];
+    const mask = maskImage();
+    if (mask) body.mask = mask;
+  }
   return body;
 }
 
-function reuse(parameters) {
-  for (const name of fields) {
+function reuse(parameters, kind) {
+  setMode(kind);
+  for (const name of [...fields, ...tabFields[kind]]) {
     if (!(name in parameters)) continue;
-    if (checkboxes.has(name)) $(name).checked = Boolean(parameters[name]); else $(name).value = parameters[name];
+    if (checkboxes.has(name)) $(name).checked = Boolean(parameters[name]);
+    else $(name).value = String(parameters[name]);
   }
   const model = (parameters.override_settings || {}).sd_model_checkpoint;
   if (model) $("model").value = model;
@@ -133,20 +240,38 @@ function show(job) {
     download.href = img.src; download.download = `difftrain-${info.all_seeds[index]}.png`;
     download.textContent = "Download PNG";
     const again = document.createElement("button");
-    again.type = "button"; again.textContent = "Reuse settings";
-    again.onclick = () => reuse({...job.result.parameters, seed: info.all_seeds[index], batch_size: 1});
-    figure.append(img, caption, download, again);
+    again.type = "button"; again.textContent = "Reuse settings"; again.className = "reuse";
+    again.onclick = () => reuse({...job.result.parameters, seed: info.all_seeds[index], batch_size: 1}, job.type);
+    const send = document.createElement("button");
+    send.type = "button"; send.textContent = "Send to img2img"; send.className = "send";
+    send.onclick = () => { setImage(img.src); setMode("img2img"); };
+    figure.append(img, caption, download, again, send);
     $("gallery").prepend(figure);
   });
 }
 
+$("tab_txt2img").onclick = () => setMode("txt2img");
+$("tab_img2img").onclick = () => setMode("img2img");
+$("clear_mask").onclick = clearMask;
+$("init_image").addEventListener("change", () => {
+  const file = $("init_image").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => setImage(reader.result);
+  reader.readAsDataURL(file);
+});
+
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  if (mode === "img2img" && !initImage) {
+    $("status").textContent = "error: img2img needs an image: upload one or send one from the gallery";
+    return;
+  }
   $("generate").disabled = true;
   $("status").textContent = "queued";
   try {
     let job = await api("/v1/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
-                                     body: JSON.stringify({type: "txt2img", request: request()})});
+                                     body: JSON.stringify({type: mode, request: request()})});
     while (job.state === "queued" || job.state === "running") {
       await new Promise((resolve) => setTimeout(resolve, 200));
       job = await api(`/v1/jobs/${job.id}`);

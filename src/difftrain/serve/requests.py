@@ -222,6 +222,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: Optional[float] = None
     mask_round: bool = True  # A1111 1.8+: the binary mask and latent mask rounded
+    include_init_images: bool = False  # the response's parameters echo init_images and mask (A1111: not by default)
 
     def check(self, limits: Limits) -> None:
         if self.enable_hr:  # (A1111's img2img has no such field: a client sends it to txt2img)

@@ -160,3 +160,14 @@ def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhe
     assert main(["data", "check", str(tmp_path / "set")]) == 0
     out = capsys.readouterr().out
     assert "1 usable images" in out and f"b.png: a link to {tmp_path / 'moved-away.png'}, which does not exist" in out
+
+
+def test_a_bad_config_is_answered_before_the_trainer_and_torch_are_imported(tmp_path):
+    """(Their imports take ~7 s on a 2-core CPU: a mistyped key was said only after them.)"""
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {path: data/shapes}\ntraining: {max_step: 10}\n")
+    probe = ("import sys; from difftrain.cli import main; code = main(['train', sys.argv[1]]); "
+             "print(code, *(name in sys.modules for name in ('torch', 'difftrain.training.trainer')))")
+    ran = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.split() == ["2", "False", "False"], ran.stdout + ran.stderr
+    assert "training.max_step" in ran.stderr

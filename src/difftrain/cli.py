@@ -59,9 +59,10 @@ _SEED = _whole(-1, 2**63 - 1)  # -1: a random one (generate); torch's generators
 
 def _train(args: argparse.Namespace) -> int:
     from difftrain.config import load_config
+
+    config = load_config(args.config, args.set)  # before the trainer's imports (seconds): a bad key is said at once
     from difftrain.training.trainer import train
 
-    config = load_config(args.config, args.set)
     train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change,
           started=args.started)
     return 0
@@ -107,11 +108,11 @@ def _sample(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise DifftrainError("sample: give a run folder or a diffusers model folder")
-    from difftrain.generate.unconditional import sample_grid, scheduler_sheet
-
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or out.is_dir():
         raise DifftrainError(f"--out {out}: the grid is one image file; give a .png, .jpg or .webp name")
+    from difftrain.generate.unconditional import sample_grid, scheduler_sheet
+
     if args.scheduler == "all":
         scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema, classes=args.classes,
                         guidance_scale=args.cfg)

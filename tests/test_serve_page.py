@@ -88,6 +88,10 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.locator("figure button.reuse").first.click()
             inpaint_reused = [page.get_attribute("body", "data-mode"), *map(page.input_value, (
                 "#inpainting_fill", "#mask_blur", "#denoising_strength", "#inpaint_full_res"))]
+            page.check("#soft_inpainting")
+            soft_sent = page.evaluate("request().alwayson_scripts")
+            page.locator("figure button.reuse").first.click()  # (that image was not soft-inpainted)
+            soft_reused = page.is_checked("#soft_inpainting")
             page.click("#tab_txt2img")
             # The hires fix, through the server's ESRGAN: the newest figure comes first.
             upscalers = page.eval_on_selector_all("#hr_upscaler option", "options => options.map(o => o.value)")
@@ -143,5 +147,6 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     for text in ("Denoising strength: 0.9", "Mask blur: 4", "Masked content: latent noise"):
         assert text in inpaint_caption
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
+    assert soft_sent == {"soft inpainting": {"args": [True]}} and soft_reused is False
     assert uploaded == ["48", "40", 41]  # nothing from a CDN or anywhere else: the page works offline
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

@@ -302,6 +302,22 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
 }
 
 
+SOFT_INPAINTING_FLAGS = [  # SoftInpainting's fields (--soft-schedule-bias ...) and what they do (A1111's help)
+    ("schedule_bias", "when the original is preserved while denoising: above 1 early, below 1 late (default 1)"),
+    ("preservation_strength", "how strongly partly masked content keeps the original (default 0.5)"),
+    ("transition_contrast_boost", "the contrast kept where the two blend, 1 to 32 (default 4)"),
+    ("mask_influence", "how much the mask biases the difference threshold, 0 to 1 (default 0)"),
+    ("difference_threshold", "how much a region may change and still show the original blended in (default 0.5)"),
+    ("difference_contrast", "how sharp the change from blended to not blended is (default 2)"),
+]
+
+
+def _soft_inpainting(args: argparse.Namespace) -> dict:
+    """The --soft-* settings given (SoftInpainting's field names)."""
+    return {setting: getattr(args, f"soft_{setting}") for setting, _ in SOFT_INPAINTING_FLAGS
+            if getattr(args, f"soft_{setting}") is not None}
+
+
 def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -340,11 +356,19 @@ def _generate(args: argparse.Namespace) -> int:
                              "--hires-(negative-)prompt set the hires fix: give --hires-scale or --hires-resize too")
     if args.strength is not None and not (args.init_image or args.from_png or turns_on):
         raise DifftrainError("--strength applies to img2img and the hires fix: give --init-image or --hires-scale too")
-    inpainting = [flag for flag in ("mask_blur", "masked_content", "invert_mask", "only_masked", "only_masked_padding")
-                  if getattr(args, flag) is not None]
+    inpainting = [flag for flag in ("mask_blur", "masked_content", "invert_mask", "only_masked", "only_masked_padding",
+                                    "soft_inpainting") if getattr(args, flag) is not None]
     if inpainting and not (args.mask or args.from_png):
         raise DifftrainError(f"--{inpainting[0].replace('_', '-')} applies to inpainting: give --mask (and "
                              "--init-image) too")
+    soft = _soft_inpainting(args)
+    if soft and not (args.soft_inpainting or args.from_png):
+        raise DifftrainError(f"--soft-{next(iter(soft)).replace('_', '-')} sets soft inpainting: give "
+                             "--soft-inpainting too")
+    if args.soft_inpainting:
+        from difftrain.sampling.soft_inpaint import SoftInpainting
+
+        given["soft_inpainting"] = SoftInpainting(**soft)  # (with --from-png: instead of the PNG's)
     if turns_on and not args.from_png:
         given["hires"] = Hires(**hires)
     if args.from_png:
@@ -357,6 +381,10 @@ def _generate(args: argparse.Namespace) -> int:
             if "scale" in hires and "resize" not in hires:
                 base = replace(base, resize=(0, 0))  # (a resize wins over a scale)
             options = replace(options, hires=replace(base, **hires))
+        if soft and not args.soft_inpainting:  # each flag given replaces the PNG's own setting
+            if options.soft_inpainting is None:
+                raise DifftrainError(f"{args.from_png} was not soft-inpainted: give --soft-inpainting to add it")
+            options = replace(options, soft_inpainting=replace(options.soft_inpainting, **soft))
     elif "prompt" not in given:
         raise DifftrainError("generate: give --prompt (or --from-png IMAGE to repeat an image's generation)")
     else:
@@ -905,6 +933,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw only the mask's box, at the output size, and paste it back (A1111's Inpaint area: "
                           "Only masked): more detail for a small area")
     gen.add_argument("--only-masked-padding", type=int, metavar="PX", help="px around the mask's box (default 32)")
+    gen.add_argument("--soft-inpainting", action="store_true", default=None,
+                     help="A1111's soft inpainting: the blurred mask's grey edge blends the new content into the old "
+                          "(a large --mask-blur suits it); its six settings below, A1111's defaults otherwise")
+    for setting, what in SOFT_INPAINTING_FLAGS:
+        gen.add_argument(f"--soft-{setting.replace('_', '-')}", type=float, metavar="X",
+                         help=f"soft inpainting: {what}")
     gen.add_argument("--hires-scale", type=_finite, metavar="X",
                      help="A1111's hires fix: draw, upscale X times (e.g. 2), redraw as img2img at --strength")
     gen.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of a scale (0: follow "

@@ -11,6 +11,9 @@ blurred mask, so what is outside the mask comes back pixel for pixel.
 
 Inpainting models (sd-v1-5-inpainting's 9-channel UNet) are given the mask and the masked
 image's latents too (sampling/text2image.image_conditioning), as A1111 gives them.
+
+Soft inpainting (sampling/soft_inpaint.py) keeps the mask's greys instead of rounding them, and
+lays the original over each result through a mask of how far that result's latents moved.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from difftrain.data.transforms import center_crop
 from difftrain.errors import DifftrainError
+from difftrain.sampling.soft_inpaint import SoftInpainting
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +54,18 @@ def load_mask(source, name: str, max_pixels: int = 64_000_000) -> Image.Image:
     return image
 
 
-def binary_mask(image: Image.Image) -> Image.Image:
-    """A1111's create_binary_mask: an image with any transparency is its alpha, cut at 128; anything else its
-    luminance as it is. (A grey or palette image with transparency counts as RGBA, and a 16-bit one is scaled to
-    8 bits: A1111's convert("L") would clip its greys to white.)"""
+def binary_mask(image: Image.Image, round_alpha: bool = True) -> Image.Image:
+    """A1111's create_binary_mask: an image with any transparency is its alpha, cut at 128 (as it is without
+    `round_alpha`: soft inpainting); anything else its luminance as it is. (A grey or palette image with
+    transparency counts as RGBA, and a 16-bit one is scaled to 8 bits: A1111's convert("L") would clip its greys
+    to white.)"""
     if image.mode in ("LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        return image.split()[-1].convert("L").point(lambda value: 255 if value > 128 else 0)
+        alpha = image.split()[-1].convert("L")
+        return alpha.point(lambda value: 255 if value > 128 else 0) if round_alpha else alpha
     return image.convert("L")
 
 
@@ -138,6 +144,13 @@ def resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
     return result
 
 
+def overlay_of(original: Image.Image, mask: Image.Image) -> Image.Image:
+    """`original` where `mask` is black, transparent where white (RGBA): what is laid over a drawn image."""
+    overlay = Image.new("RGBa", original.size)
+    overlay.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    return overlay.convert("RGBA")
+
+
 @dataclass
 class Inpainting:
     """One init image and mask made ready to draw at width x height."""
@@ -146,25 +159,29 @@ class Inpainting:
     overlay: Image.Image  # the original outside the mask (RGBA, the init image's size), laid over each result
     paste_to: tuple[int, int, int, int] | None  # "only masked": where the drawn box goes back (x, y, w, h)
     fill: str
+    original: Image.Image | None = None  # the init image at the overlay's size (soft inpainting lays it again)
+    soft: SoftInpainting | None = None
 
     def latent_mask(self, height: int, width: int) -> torch.Tensor:
-        """1 where the latents are redrawn, 0 where the init image's are kept: A1111's nmask (rounded), (1, 1, h, w)."""
+        """1 where the latents are redrawn, 0 where the init image's are kept: A1111's nmask (rounded, unless soft),
+        (1, 1, h, w)."""
         reduced = np.asarray(self.mask.convert("RGB").resize((width, height)), dtype=np.float32)[:, :, 0] / 255
-        return torch.from_numpy(np.around(reduced))[None, None]
+        return torch.from_numpy(reduced if self.soft is not None else np.around(reduced))[None, None]
 
     def latent_mask_for(self, pipe, pixels: torch.Tensor, latents: torch.Tensor):
         """What sampling needs of this inpainting (sampling/masked.LatentMask) for `pipe`, whose VAE turned `pixels`
         (this image, [-1, 1]) into `latents`: for an inpainting model, the masked image's conditioning too (A1111
-        rounds the mask for it)."""
+        rounds the mask for it, unless soft)."""
         from difftrain.sampling.masked import LatentMask
         from difftrain.sampling.text2image import image_conditioning, is_inpainting_model
 
         size = tuple(latents.shape[-2:])
         conditioning = None
         if is_inpainting_model(pipe):
-            rounded = torch.from_numpy(np.around(np.asarray(self.mask, dtype=np.float32) / 255))[None, None]
-            conditioning = image_conditioning(pipe, size, pixels, rounded)
-        return LatentMask(self.latent_mask(*size), self.fill, conditioning)
+            mask = np.asarray(self.mask, dtype=np.float32) / 255
+            mask = torch.from_numpy(mask if self.soft is not None else np.around(mask))[None, None]
+            conditioning = image_conditioning(pipe, size, pixels, mask)
+        return LatentMask(self.latent_mask(*size), self.fill, conditioning, self.soft)
 
     def fit(self, make) -> Image.Image:
         """An image to draw beside this one (a ControlNet's), `make(width, height)`: at the drawing size, or for
@@ -175,28 +192,39 @@ class Inpainting:
         x, y, w, h = self.paste_to
         return resize_and_fill(make(*self.overlay.size).crop((x, y, x + w, y + h)), *self.image.size)
 
-    def finish(self, image: Image.Image) -> Image.Image:
-        """A drawn image put back: the box pasted where it came from, then the original laid over it."""
+    def finish(self, image: Image.Image, changed: np.ndarray | None = None) -> Image.Image:
+        """A drawn image put back: the box pasted where it came from, then the original laid over it. `changed`:
+        soft inpainting's mask of this image (sampling/soft_inpaint.composite_masks), through which the original
+        is laid instead of the painted mask (resized to the drawing, blurred and put into the box as A1111 does)."""
+        overlay = self.overlay
+        if changed is not None:
+            mask = resize_and_fill(Image.fromarray(changed), *self.image.size).filter(ImageFilter.GaussianBlur(4))
+            overlay = overlay_of(self.original, self._put_back(mask, Image.new("L", self.original.size)))
         if self.paste_to is not None:
-            x, y, w, h = self.paste_to
-            base = Image.new("RGBA", self.overlay.size)
-            base.paste(center_crop(image, (w, h), Image.Resampling.LANCZOS), (x, y))  # A1111's resize mode 1
-            image = base
+            image = self._put_back(image, Image.new("RGBA", self.overlay.size))
         image = image.convert("RGBA")
-        image.alpha_composite(self.overlay)
+        image.alpha_composite(overlay)
         return image.convert("RGB")
+
+    def _put_back(self, drawn: Image.Image, base: Image.Image) -> Image.Image:
+        """`drawn` (the drawing's size) on `base` where the box came from, or itself for the whole picture."""
+        if self.paste_to is None:
+            return drawn
+        x, y, w, h = self.paste_to
+        base.paste(center_crop(drawn, (w, h), Image.Resampling.LANCZOS), (x, y))  # A1111's resize mode 1
+        return base
 
 
 def prepare(init: Image.Image, mask: Image.Image, width: int, height: int, blur: tuple[int, int] = (4, 4),
             invert: bool = False, fill_mode: str = "original", only_masked: bool = False,
-            padding: int = 32) -> Inpainting | None:
+            padding: int = 32, soft: SoftInpainting | None = None) -> Inpainting | None:
     """A1111's img2img init for an inpaint: `init` an RGB image, `mask` as loaded (white or opaque: redraw). None
     for a blank mask under "only masked", which A1111 too draws as plain img2img."""
     if fill_mode not in FILLS:
         raise InpaintError(f"masked content {fill_mode!r}: choose one of {', '.join(FILLS)}")
     if mask.size != init.size:  # A1111's canvas draws the mask on the image itself; a file of its own may differ
         mask = mask.resize(init.size, Image.Resampling.LANCZOS)
-    mask = binary_mask(mask)
+    mask = binary_mask(mask, round_alpha=soft is None)
     if invert:
         mask = ImageOps.invert(mask)
     mask = blur_mask(mask, *blur)
@@ -217,8 +245,6 @@ def prepare(init: Image.Image, mask: Image.Image, width: int, height: int, blur:
         overlay_mask = Image.fromarray(np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8))
         paste_to, init = None, init.resize((width, height), Image.Resampling.LANCZOS)
         image = init
-    overlay = Image.new("RGBa", init.size)
-    overlay.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(overlay_mask.convert("L")))
     if fill_mode != "original":
         image = fill(image, mask)
-    return Inpainting(image, mask.convert("L"), overlay.convert("RGBA"), paste_to, fill_mode)
+    return Inpainting(image, mask.convert("L"), overlay_of(init, overlay_mask), paste_to, fill_mode, init, soft)

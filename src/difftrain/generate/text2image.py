@@ -23,6 +23,7 @@ from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
 from difftrain.generate.hires import Hires, HiresError, model_upscaler
 from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
+from difftrain.sampling.soft_inpaint import SoftInpainting
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class GenerateOptions:
     invert_mask: bool = False  # A1111's "Inpaint not masked"
     only_masked: bool = False  # A1111's "Inpaint area: Only masked": the mask's box drawn at the output size
     only_masked_padding: int = 32  # px around the mask's box
+    soft_inpainting: SoftInpainting | None = None  # A1111's soft inpainting (sampling/soft_inpaint.py)
     hires: Hires | None = None  # A1111's hires fix (generate/hires.py)
     config: str | None = None  # single-file model: a diffusers folder (or hub id) holding its configs
     controlnets: list[ControlUnit] = field(default_factory=list)
@@ -117,6 +119,8 @@ class GenerateOptions:
                 raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
         if self.mask:
             self.check_mask()
+        elif self.soft_inpainting is not None:
+            raise GenerateError("--soft-inpainting applies to inpainting: give --mask (and --init-image) too")
         if self.hires is not None:
             if self.init_image or self.controlnets:
                 raise GenerateError("the hires fix is text-to-image's second pass: give it without --init-image and "
@@ -178,6 +182,8 @@ class GenerateOptions:
             raise GenerateError(f"--masked-content {self.masked_content!r}: choose one of {', '.join(FILLS)}")
         if not 0 <= self.only_masked_padding <= 256:
             raise GenerateError(f"--only-masked-padding {self.only_masked_padding}: from 0 to 256 px (A1111's range)")
+        for setting, why in self.soft_inpainting.problems() if self.soft_inpainting is not None else []:
+            raise GenerateError(f"--soft-{setting.replace('_', '-')} {why} (A1111's range)")
 
 
 @contextlib.contextmanager
@@ -352,7 +358,16 @@ def inpainting_of(options: GenerateOptions, init: Image.Image, mask: Image.Image
     from difftrain.generate.inpaint import prepare
 
     return prepare(init, mask, width, height, (options.mask_blur, options.mask_blur), options.invert_mask,
-                   options.masked_content, options.only_masked, options.only_masked_padding)
+                   options.masked_content, options.only_masked, options.only_masked_padding, options.soft_inpainting)
+
+
+def put_back(inpainting, images: list[Image.Image], latents: torch.Tensor, extra: dict, seeds: list[int]) -> list:
+    """Images an inpainting drew from `latents` laid back into its init image (generate/inpaint.Inpainting.finish),
+    under soft inpainting each through the mask of how far its own latents moved. `extra`: sampling_runner's."""
+    if inpainting is None:
+        return images
+    changed = extra["mask"].composite_masks(latents, extra["image"], seeds)
+    return [inpainting.finish(image, None if changed is None else changed[index]) for index, image in enumerate(images)]
 
 
 def inpaint_infotext(options: GenerateOptions) -> dict:
@@ -363,7 +378,7 @@ def inpaint_infotext(options: GenerateOptions) -> dict:
     if options.only_masked:
         params.update({"Inpaint area": "Only masked", "Masked area padding": options.only_masked_padding})
     params.update({"Mask": options.mask, "Masked content": options.masked_content})
-    return params
+    return params | (options.soft_inpainting.infotext() if options.soft_inpainting is not None else {})
 
 
 def control_image(unit: ControlUnit, width: int, height: int, inpainting=None, image: Image.Image | None = None):
@@ -556,7 +571,7 @@ class Drawer:
              subseeds: list[int] | None = None) -> list[Image.Image]:
         """One image per seed for `prompt` (A1111 syntax, without <lora:> tags); `subseeds`: their variation seeds
         (batch_seeds'), under a variation strength."""
-        from difftrain.sampling.text2image import draw, sample
+        from difftrain.sampling.text2image import sample, to_images
 
         # At CFG <= 1 the pipeline draws without the negative side: a long negative prompt must not pad the prompt.
         guided = self.options.guidance_scale > 1
@@ -573,14 +588,12 @@ class Drawer:
         options = self.options
         subseeds = subseeds or [options.variation_seed + i for i in range(len(seeds))]
         noise = noise_of(options, subseeds, self.pipe.vae_scale_factor)
-        if options.hires is None:
-            images = draw(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
-                          **self.extra)
-            return images if self.inpainting is None else [self.inpainting.finish(image) for image in images]
-        from difftrain.generate.hires import pass_prompts, second_pass
-
         latents = sample(self.runner, conditioning, seeds, options.steps, options.guidance_scale, noise=noise,
                          **self.extra)
+        if options.hires is None:
+            return put_back(self.inpainting, to_images(self.runner, latents), latents, self.extra, seeds)
+        from difftrain.generate.hires import pass_prompts, second_pass
+
         own = pass_prompts(options.hires, self.hires_prompt, prompt, negative_prompt)
         if own or self.hires_pipe is not self.pipe:  # (another model: its own text encoder)
             own = own or (prompt, negative_prompt)
@@ -686,6 +699,10 @@ def options_from_inpaint_infotext(path, options: GenerateOptions, params: dict, 
     options.invert_mask = params.get("Mask mode") == "Inpaint not masked"
     options.only_masked = params.get("Inpaint area") == "Only masked"
     options.masked_content = str(params.get("Masked content", options.masked_content))
+    try:
+        options.soft_inpainting = SoftInpainting.from_infotext(params)
+    except ValueError:
+        raise GenerateError(f"{path}: its infotext's soft inpainting settings are not numbers") from None
 
 
 def options_from_png(path: str | Path, **overrides) -> GenerateOptions:

@@ -82,7 +82,7 @@ def sample(
     masking = contextlib.nullcontext()
     if mask is not None:
         init = mask.start(extra["image"], seeds)
-        extra, masking = {**extra, "image": init}, keeping_unmasked(pipe, init, mask.redraw)
+        extra, masking = {**extra, "image": init}, keeping_unmasked(pipe, init, mask.redraw, mask.soft)
     noise_mixing = contextlib.nullcontext()
     if noise is not None and "strength" in extra:
         generators = noise.sampler_generators(seeds, generators)

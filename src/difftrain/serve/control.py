@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftrain.data.conditioning import Preprocess
-from difftrain.serve.requests import RequestError, decode_image
+from difftrain.serve.requests import SOFT_INPAINTING, RequestError, decode_image
 
 MODULES = ("none", "canny", "mask", "segmentation")  # the extension's preprocessor names we run
 # The extension's values (its API takes the index or the name; older versions' names too) -> ours.
@@ -36,11 +36,11 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list]:
     """(control units, their images as sent) of a request's `alwayson_scripts`."""
     from difftrain.generate.controlnet import ControlUnit
 
-    unknown = [name for name in scripts if name.lower() != "controlnet"]
+    unknown = [name for name in scripts if name.lower() not in ("controlnet", SOFT_INPAINTING)]
     if unknown:
-        raise RequestError("alwayson_scripts", f"{', '.join(unknown)}: only the ControlNet extension's units are "
-                                               "served by difftrain")
-    entry = next(iter(scripts.values()), None) or {}
+        raise RequestError("alwayson_scripts", f"{', '.join(unknown)}: only the ControlNet extension's units and "
+                                               "soft inpainting are served by difftrain")
+    entry = next((value for name, value in scripts.items() if name.lower() == "controlnet"), None) or {}
     args = entry.get("args", []) if isinstance(entry, dict) else None
     if not isinstance(args, list):
         raise RequestError("alwayson_scripts.controlnet.args", "must be a list of units")

@@ -295,7 +295,8 @@ class Engine:
             try:
                 inpainting = prepare(init, decode_mask(request.mask, "mask"), request.width, request.height,
                                      request.blur, bool(request.inpainting_mask_invert), FILLS[request.inpainting_fill],
-                                     request.inpaint_full_res, request.inpaint_full_res_padding)
+                                     request.inpaint_full_res, request.inpaint_full_res_padding,
+                                     request.soft_inpainting())
             except InpaintError as reason:
                 raise RequestError("mask", str(reason)) from None
         self._check_steps(model, scheduler, request)
@@ -364,7 +365,7 @@ class Engine:
         from difftrain.generate.infotext import format_infotext
         from difftrain.generate.text2image import (MAX_SIDE, Controls, GenerateOptions,
                                                    batch_seeds, encode_prompts, infotext_params, noise_of,
-                                                   sampling_runner)
+                                                   put_back, sampling_runner)
         from difftrain.sampling.prompt_schedule import schedule_steps
         from difftrain.sampling.schedulers import NoStepLeft, make_scheduler
         from difftrain.sampling.text2image import sample, to_images
@@ -480,8 +481,7 @@ class Engine:
                                      **hooks)
             else:
                 images = to_images(runner, latents)
-            if prepared.inpainting is not None:
-                images = [prepared.inpainting.finish(image) for image in images]
+            images = put_back(prepared.inpainting, images, latents, extra, seeds)
             for seed, subseed, image in zip(seeds, subseeds, images):
                 params = infotext_params(options, seed, request.width, request.height, model.name, [],
                                          conditioning.padded, subseed)
@@ -610,4 +610,4 @@ def _inpaint_options(request: Txt2ImgRequest, inpainting) -> dict:
         return {}
     return dict(mask="(request)", mask_blur=request.blur[0], masked_content=inpainting.fill,
                 invert_mask=bool(request.inpainting_mask_invert), only_masked=inpainting.paste_to is not None,
-                only_masked_padding=request.inpaint_full_res_padding)
+                only_masked_padding=request.inpaint_full_res_padding, soft_inpainting=inpainting.soft)

@@ -92,6 +92,8 @@ PAGE = """<!doctype html>
         <option value="false">Whole picture</option><option value="true">Only masked</option></select></div>
       <div><label for="inpaint_full_res_padding">Only masked padding</label>
         <input id="inpaint_full_res_padding" type="number" min="0" max="256" value="32"></div>
+      <div><label for="soft_inpainting" title="blends the blurred edge: a large mask blur suits it">Soft
+        inpainting</label><input id="soft_inpainting" type="checkbox"></div>
     </div>
   </section>
   <progress id="progress" max="1" value="0"></progress>
@@ -211,6 +213,8 @@ function request() {
     body.init_images = [initImage];
     const mask = maskImage();
     if (mask) body.mask = mask;
+    // A1111's script, with its defaults: [enabled, schedule bias, preservation strength, ...]
+    if ($("soft_inpainting").checked) body.alwayson_scripts = {"soft inpainting": {args: [true]}};
   }
   return body;
 }
@@ -225,6 +229,10 @@ function reuse(parameters, kind) {
   const model = (parameters.override_settings || {}).sd_model_checkpoint;
   if (model) $("model").value = model;
   $("lora").value = "";
+  if (kind === "img2img") {
+    const soft = (parameters.alwayson_scripts || {})["soft inpainting"];
+    $("soft_inpainting").checked = Boolean(soft && soft.args && soft.args[0]);
+  }
 }
 
 function show(job) {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,10 +123,38 @@ class Txt2ImgRequest(_A1111Body):
         for field, value, what in unsupported:
             if value:
                 raise RequestError(field, f"{what} is not served by difftrain; leave it at its default")
+        if not isinstance(self, Img2ImgRequest) and any(name.lower() == SOFT_INPAINTING for name in
+                                                        self.alwayson_scripts):
+            raise RequestError("alwayson_scripts", "soft inpainting is img2img's (A1111 has it in its inpaint tab)")
         if self.enable_hr:
             self._check_hires(limits)
         if self.save_images:
             raise RequestError("save_images", "this server keeps no images; they are returned in the response")
+
+    def soft_inpainting(self):
+        """A1111's Soft Inpainting script's settings from `alwayson_scripts` (sampling/soft_inpaint.py), None when
+        not sent or off: {"soft inpainting": {"args": [enabled, schedule bias, preservation strength, transition
+        contrast boost, mask influence, difference threshold, difference contrast]}}, the numbers left out taking
+        A1111's defaults (as its API fills a short list)."""
+        from difftrain.sampling.soft_inpaint import SoftInpainting
+
+        entry = next((value for name, value in self.alwayson_scripts.items() if name.lower() == SOFT_INPAINTING), None)
+        if entry is None:
+            return None
+        field = f"alwayson_scripts.{SOFT_INPAINTING}.args"
+        args = entry.get("args") if isinstance(entry, dict) else None
+        numbers = args[1:] if isinstance(args, list) else []
+        if not isinstance(args, list) or not args or len(numbers) > 6 or not all(
+                isinstance(number, (int, float)) and not isinstance(number, bool) for number in numbers):
+            raise RequestError(field, "a list: [enabled, schedule bias, preservation strength, transition contrast "
+                                      "boost, mask influence, difference threshold, difference contrast]")
+        if not args[0]:
+            return None
+        settings = SoftInpainting(*map(float, numbers))
+        for name, why in settings.problems()[:1]:
+            index = [setting.name for setting in fields(SoftInpainting)].index(name) + 1  # (after `enabled`)
+            raise RequestError(f"{field}[{index}]", f"{name.replace('_', ' ')} {why}")
+        return settings
 
     def _check_hires(self, limits: Limits) -> None:
         if not 0.0 < self.denoising_strength <= 1.0:
@@ -232,6 +260,7 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")
         if self.mask:
             self.check_inpainting()
+        self.soft_inpainting()  # (sent without a mask, it does nothing, as in A1111; but it must be well formed)
         if self.resize_mode != 0:
             raise RequestError("resize_mode", f"{self.resize_mode}: only 0 (just resize) is served")
         if not 0.0 < self.denoising_strength <= 1.0:
@@ -258,8 +287,9 @@ class Img2ImgRequest(Txt2ImgRequest):
         if self.inpainting_mask_invert not in (0, 1):
             raise RequestError("inpainting_mask_invert", f"{self.inpainting_mask_invert}: 0 (inpaint masked) or 1 "
                                                          "(inpaint not masked)")
-        if not self.mask_round:
-            raise RequestError("mask_round", "false: only A1111's default, a rounded mask, is served")
+        if not self.mask_round and self.soft_inpainting() is None:
+            raise RequestError("mask_round", "false: an unrounded mask is served with soft inpainting only (which "
+                                             "rounds none)")
         if self.initial_noise_multiplier not in (None, 1.0):
             raise RequestError("initial_noise_multiplier", f"{self.initial_noise_multiplier}: only 1 (A1111's "
                                                            "default) is served")
@@ -334,6 +364,8 @@ def check_clip_skip(value, field: str) -> None:
 
 
 # A request's image (init image, control image) is decoded when the job is queued and held until it runs; a few
+SOFT_INPAINTING = "soft inpainting"  # the script's title, lower-cased as A1111's API matches script names
+
 # KB of PNG can decode to gigabytes, so the cap is far below training's: 4096 x 4096, ~50 MB as RGB.
 REQUEST_MAX_PIXELS = 4096 * 4096
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from test_text2image import tiny_sd  # noqa: F401
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -25,13 +25,21 @@ def _image(data_url: str) -> Image.Image:
 def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
+    import webuiapi
+
+    from difftrain.models.tiny_sd import write_tiny_controlnet
     from difftrain.serve.app import BackgroundServer, ServeSettings
 
     from test_upscalers import original_esrgan
 
     (tmp_path / "upscalers").mkdir()
     torch.save(original_esrgan(), tmp_path / "upscalers" / "4x-Tiny.pth")
-    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], upscaler_dir=str(tmp_path / "upscalers")))
+    write_tiny_controlnet(tiny_sd, tmp_path / "controlnets" / "cn", seed=1)
+    control = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(control).rectangle((16, 16, 48, 48), fill=(255, 255, 255))
+    control.save(tmp_path / "control.png")
+    running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], upscaler_dir=str(tmp_path / "upscalers"),
+                                             controlnet_dir=str(tmp_path / "controlnets")))
     outside: list[str] = []
     jobs: list[dict] = []  # the bodies the page posts to /v1/jobs
     try:
@@ -111,7 +119,25 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.wait_for_function("document.querySelector('#mask').width == 50")
             uploaded = [page.input_value("#width"), page.input_value("#height"), page.evaluate(
                 "document.querySelector('#mask').height")]
+            # A ControlNet unit, drawn as an A1111 client's unit is drawn (below).
+            page.click("#tab_txt2img")
+            page.uncheck("#enable_hr")
+            for field, value in (("width", "64"), ("height", "64"), ("seed", "11"), ("cn_weight", "0.8")):
+                page.fill(f"#{field}", value)
+            page.select_option("#cn_model", "cn")
+            page.click("#generate")
+            no_control = page.inner_text("#status")
+            page.set_input_files("#cn_image", str(tmp_path / "control.png"))
+            page.wait_for_function("controlImage !== null")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('figure img').length == 4", timeout=60_000)
+            controlled = page.get_attribute("figure img", "src")
             browser.close()
+        host, port = running.url.rsplit(":", 1)
+        unit = webuiapi.ControlNetUnit(image=control, module="none", model="cn", weight=0.8)
+        direct = webuiapi.WebUIApi(host=host.split("//")[1], port=int(port)).txt2img(
+            prompt="a red circle", seed=11, steps=3, sampler_name="DPM++ 2M", cfg_scale=7, width=64, height=64,
+            controlnet_units=[unit], alwayson_scripts={}).image
     finally:
         running.stop()
     image = _image(source)
@@ -129,7 +155,7 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert outside == []
     assert no_image.startswith("error: img2img needs an image")
     # The inpainting: the gallery's image itself and the stroke, on the image's own pixels, sent as a mask.
-    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", "txt2img"]
+    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", "txt2img", "txt2img"]
     sent = jobs[1]["request"]
     assert "enable_hr" not in sent and (sent["mask_blur"], sent["inpainting_fill"], sent["inpaint_full_res"],
                                         sent["denoising_strength"]) == (4, 2, False, 0.9)
@@ -148,5 +174,13 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
         assert text in inpaint_caption
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
     assert soft_sent == {"soft inpainting": {"args": [True]}} and soft_reused is False
-    assert uploaded == ["48", "40", 41]  # nothing from a CDN or anywhere else: the page works offline
+    assert uploaded == ["48", "40", 41]
+    assert no_control == "error: the ControlNet needs its control image"
+    [sent_unit] = jobs[-1]["request"]["alwayson_scripts"]["ControlNet"]["args"]
+    assert {key: sent_unit[key] for key in ("enabled", "model", "module", "weight")} == {
+        "enabled": True, "model": "cn", "module": "none", "weight": 0.8}
+    assert np.array_equal(np.asarray(_image(sent_unit["image"]).convert("RGB")), np.asarray(control))
+    assert np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(direct.convert("RGB")))
+    # (the first image's settings but for the unit: the unit acted)
+    assert not np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(image.convert("RGB")))  # nothing from a CDN or anywhere else: the page works offline
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

@@ -2,7 +2,8 @@
 
 It speaks the server's own API: the lists from `/sdapi/v1/*`, each generation a job on
 `/v1/jobs` polled for its progress, so the page and any other client wait in the same queue.
-Its img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted
+A ControlNet unit (model, preprocessor, weight, control image) is sent as A1111's ControlNet
+extension takes it, in `alwayson_scripts`. Its img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted
 on it with the mouse: white strokes on a canvas of the image's own size, sent as a black and white
 PNG (what A1111's API takes), so a stroke lands on the same pixels however the image is shown.
 """
@@ -49,6 +50,11 @@ PAGE = """<!doctype html>
   <label for="lora">LoRA</label>
   <div class="row"><div><select id="lora"><option value="">(none)</option></select></div>
     <div><input id="lora_weight" type="number" step="0.05" value="0.8" title="LoRA weight"></div></div>
+  <label for="cn_model">ControlNet</label>
+  <div class="row"><div><select id="cn_model"><option value="">(none)</option></select></div>
+    <div><input id="cn_weight" type="number" step="0.05" value="1" title="ControlNet weight"></div></div>
+  <div class="row"><div><select id="cn_module" title="preprocessor"></select></div>
+    <div><input id="cn_image" type="file" accept="image/*" title="control image"></div></div>
   <label for="sampler_name">Sampler</label><select id="sampler_name"></select>
   <div class="row">
     <div><label for="steps">Steps</label><input id="steps" type="number" min="1" value="20"></div>
@@ -117,6 +123,7 @@ const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name
 let mode = "txt2img";
 let initImage = null;  // the img2img image, a data URL
 let painted = false;
+let controlImage = null;  // the ControlNet unit's image, a data URL
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -134,9 +141,12 @@ function fill(select, items, value, label) {
 }
 
 async function load() {
-  const [samplers, models, loras, options, latent, upscalers] = await Promise.all([
+  const [samplers, models, loras, options, latent, upscalers, controlnets, modules] = await Promise.all([
     api("/sdapi/v1/samplers"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/loras"), api("/sdapi/v1/options"),
-    api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
+    api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers"), api("/controlnet/model_list"),
+    api("/controlnet/module_list")]);
+  fill($("cn_model"), controlnets.model_list, (m) => m, (m) => m);
+  fill($("cn_module"), modules.module_list, (m) => m, (m) => m);
   // A1111's list: the latent modes, then None, Lanczos, Nearest and the server's model upscalers (ESRGAN ...).
   fill($("hr_upscaler"), [...latent, ...upscalers], (u) => u.name, (u) => u.name);
   fill($("sampler_name"), samplers, (s) => s.name, (s) => s.name);
@@ -209,13 +219,20 @@ function request() {
   for (const name of [...fields, ...tabFields[mode]]) body[name] = read(name);
   if ($("lora").value) body.prompt += ` <lora:${$("lora").value}:${$("lora_weight").value}>`;
   body.override_settings = {sd_model_checkpoint: $("model").value};
+  const scripts = {};
+  if ($("cn_model").value) {
+    if (!controlImage) throw new Error("the ControlNet needs its control image");
+    scripts.ControlNet = {args: [{enabled: true, image: controlImage, module: $("cn_module").value,
+                                  model: $("cn_model").value, weight: Number($("cn_weight").value)}]};
+  }
   if (mode === "img2img") {
     body.init_images = [initImage];
     const mask = maskImage();
     if (mask) body.mask = mask;
     // A1111's script, with its defaults: [enabled, schedule bias, preservation strength, ...]
-    if ($("soft_inpainting").checked) body.alwayson_scripts = {"soft inpainting": {args: [true]}};
+    if ($("soft_inpainting").checked) scripts["soft inpainting"] = {args: [true]};
   }
+  if (Object.keys(scripts).length) body.alwayson_scripts = scripts;
   return body;
 }
 
@@ -229,10 +246,14 @@ function reuse(parameters, kind) {
   const model = (parameters.override_settings || {}).sd_model_checkpoint;
   if (model) $("model").value = model;
   $("lora").value = "";
+  const scripts = parameters.alwayson_scripts || {};
   if (kind === "img2img") {
-    const soft = (parameters.alwayson_scripts || {})["soft inpainting"];
+    const soft = scripts["soft inpainting"];
     $("soft_inpainting").checked = Boolean(soft && soft.args && soft.args[0]);
   }
+  const unit = ((scripts.ControlNet || {}).args || [])[0];  // (its image stays the one chosen now)
+  $("cn_model").value = unit ? unit.model : "";
+  if (unit) { $("cn_module").value = unit.module; $("cn_weight").value = String(unit.weight); }
 }
 
 function show(job) {
@@ -261,13 +282,16 @@ function show(job) {
 $("tab_txt2img").onclick = () => setMode("txt2img");
 $("tab_img2img").onclick = () => setMode("img2img");
 $("clear_mask").onclick = clearMask;
-$("init_image").addEventListener("change", () => {
-  const file = $("init_image").files[0];
-  if (!file) return;
-  const reader = new FileReader();
-  reader.onload = () => setImage(reader.result);
-  reader.readAsDataURL(file);
-});
+function readFile(input, use) {
+  input.addEventListener("change", () => {
+    if (!input.files[0]) return;
+    const reader = new FileReader();
+    reader.onload = () => use(reader.result);
+    reader.readAsDataURL(input.files[0]);
+  });
+}
+readFile($("init_image"), setImage);
+readFile($("cn_image"), (dataUrl) => { controlImage = dataUrl; });
 
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();

@@ -275,6 +275,36 @@ def test_generate_inpaints_only_the_mask_and_from_png_repeats_it(tiny_sd, tmp_pa
     assert np.abs(pixels - np.asarray(init))[:, :25].mean() > 10
 
 
+def test_the_resize_modes_bring_the_init_image_to_the_size_drawn_as_a1111s_do(tiny_sd, tmp_path):  # noqa: F811
+    """Crop and resize, resize and fill: every pixel the mask leaves is the init image brought to the drawing size
+    that way; plain img2img encodes the image so; the mode is written and --from-png repeats it."""
+    from difftrain.data.transforms import center_crop
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.text2image import encode_pixels
+
+    init, mask = _pictures(tmp_path, size=(96, 48), box=(60, 8, 80, 28))  # twice as wide as it is drawn
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"),
+            "--mask", str(tmp_path / "mask.png"), "--mask-blur", "0", "--steps", "3", "--width", "48", "--height",
+            "48", "--seed", "3", "--no-progress"]
+    cropped = center_crop(init, (48, 48), Image.Resampling.LANCZOS)
+    for mode, expected in (("crop and resize", cropped), ("resize and fill", resize_and_fill(init, 48, 48))):
+        folder = tmp_path / mode.replace(" ", "-")
+        assert main([*base, "--resize-mode", mode, "--out", str(folder)]) == 0
+        [drawn] = _outputs(folder)
+        image = Image.open(drawn)
+        assert f"Resize mode: {mode.capitalize()}" in image.info["parameters"]
+        kept = np.asarray(prepare(init, mask, 48, 48, blur=(0, 0), resize_mode=mode).overlay)[..., 3] == 255
+        assert 0.5 < kept.mean() < 1
+        assert np.array_equal(np.asarray(image.convert("RGB"))[kept], np.asarray(expected)[kept]), mode
+    assert main(["generate", str(tiny_sd), "--from-png", str(drawn), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(_outputs(tmp_path / "again")[0])), np.asarray(image))
+    drawer = Drawer(str(tiny_sd), GenerateOptions(prompt="x", steps=3, width=48, height=48, resize_mode="crop and "
+                                                  "resize", init_image=str(tmp_path / "init.png")), progress=False)
+    wanted = encode_pixels(drawer.pipe, drawer.pipe.image_processor.preprocess(cropped))
+    assert torch.equal(drawer.extra["image"], wanted)
+
+
 def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_path, capsys):  # noqa: F811
     _pictures(tmp_path)
     base = ["generate", str(tiny_sd), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o")]
@@ -287,6 +317,8 @@ def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_
         ([*init, "--mask", str(tmp_path / "mask.png"), "--mask-blur", "99"], "--mask-blur 99: from 0 to 64"),
         ([*init, "--mask", str(tmp_path / "broken.png")], f"--mask {tmp_path / 'broken.png'}: not a mask"),
         ([*init, "--mask", str(tmp_path / "none.png")], "no such file"),
+        ([*init, "--resize-mode", "latent upscale"], "--resize-mode 'latent upscale': choose one of just resize"),
+        (["--resize-mode", "crop and resize"], "--resize-mode brings img2img's image to the size drawn"),
     ]:
         assert main([*base, *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags

@@ -732,6 +732,16 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                         denoising_strength=0.8, steps=4, inpaint_full_res=False, inpainting_fill=1,
                         include_init_images=True)
     assert whole.image.size == (64, 64)  # the whole image, drawn at the request's size
+    # Plain img2img with A1111's resize mode 1, crop and resize: generate's --resize-mode.
+    cropped = api.img2img(images=[init], prompt="a blue square", seed=4, width=64, height=64, denoising_strength=0.8,
+                          steps=4, resize_mode=1).image
+    assert "Resize mode: Crop and resize" in cropped.info["parameters"]
+    assert main(["generate", str(tiny_sd), "--prompt", "a blue square", "--init-image", str(tmp_path / "init.png"),
+                 "--resize-mode", "crop and resize", "--scheduler", "Euler a", "--steps", "4", "--strength", "0.8",
+                 "--seed", "4", "--width", "64", "--height", "64", "--out", str(tmp_path / "crop"),
+                 "--no-progress"]) == 0
+    [drawn] = sorted((tmp_path / "crop").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(cropped.convert("RGB")))
     sent = whole.parameters["init_images"][0], whole.parameters["mask"]  # as webuiapi sent them: data URLs
     echoed = [Image.open(io.BytesIO(base64.b64decode(text.split(",")[-1]))) for text in sent]
     assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(echoed, (init, mask))] == [True, True]
@@ -739,7 +749,7 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                                                     "width": 64, "height": 64}
     for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),
                                 ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64"),
-                                ("mask_round", False, "rounded mask")]:
+                                ("mask_round", False, "rounded mask"), ("resize_mode", 3, "latent upscale")]:
         answer = requests.post(url, json={**body, field: value})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text

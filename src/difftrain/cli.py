@@ -294,7 +294,8 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "attention_slicing": "attention_slicing", "vae_tiling": "vae_tiling", "vae_slicing": "vae_slicing",
     "cpu_offload": "cpu_offload", "compile": "compile", "compile_mode": "compile_mode",
     "channels_last": "channels_last", "fuse_qkv": "fuse_qkv",
-    "init_image": "init_image", "strength": "strength", "config": "config", "backend": "backend",
+    "init_image": "init_image", "strength": "strength", "resize_mode": "resize_mode", "config": "config",
+    "backend": "backend",
     "mask": "mask", "mask_blur": "mask_blur", "masked_content": "masked_content", "invert_mask": "invert_mask",
     "only_masked": "only_masked", "only_masked_padding": "only_masked_padding",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
@@ -921,6 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", help="img2img: start from this image")
     gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75); "
                                                       "with the hires fix, its second pass's denoising strength")
+    gen.add_argument("--resize-mode", metavar="MODE",
+                     help="img2img: how the image comes to --width x --height (A1111's Resize mode): 'just "
+                          "resize' (default, stretched), 'crop and resize' (its middle at the aspect), 'resize and "
+                          "fill' (fitted inside, the edges stretched into the bands)")
     gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw only where this image is white (or, with a "
                                                     "transparent background, opaque); the rest stays the init image's")
     gen.add_argument("--mask-blur", type=int, metavar="PX", help="soften the mask's edge (default 4, A1111's)")

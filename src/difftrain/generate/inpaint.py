@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # A1111's "Masked content", in the order of its API's inpainting_fill (0-3).
 FILLS = ("fill", "original", "latent noise", "latent nothing")
+# A1111's img2img "Resize mode", in the order of its API's resize_mode (0-2; its 3, a latent upscale, is not built).
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 
 
 class InpaintError(DifftrainError):
@@ -151,6 +153,16 @@ def overlay_of(original: Image.Image, mask: Image.Image) -> Image.Image:
     return overlay.convert("RGBA")
 
 
+def resize_image(image: Image.Image, mode: str, width: int, height: int) -> Image.Image:
+    """An init image (or its mask) at width x height by A1111's resize mode: stretched, cropped to the aspect
+    (centre), or fitted inside with the edges stretched into the bands."""
+    if mode == "crop and resize":
+        return center_crop(image, (width, height), Image.Resampling.LANCZOS)
+    if mode == "resize and fill":
+        return resize_and_fill(image, width, height)
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
 @dataclass
 class Inpainting:
     """One init image and mask made ready to draw at width x height."""
@@ -217,9 +229,11 @@ class Inpainting:
 
 def prepare(init: Image.Image, mask: Image.Image, width: int, height: int, blur: tuple[int, int] = (4, 4),
             invert: bool = False, fill_mode: str = "original", only_masked: bool = False,
-            padding: int = 32, soft: SoftInpainting | None = None) -> Inpainting | None:
+            padding: int = 32, soft: SoftInpainting | None = None,
+            resize_mode: str = "just resize") -> Inpainting | None:
     """A1111's img2img init for an inpaint: `init` an RGB image, `mask` as loaded (white or opaque: redraw). None
-    for a blank mask under "only masked", which A1111 too draws as plain img2img."""
+    for a blank mask under "only masked", which A1111 too draws as plain img2img. `resize_mode` (RESIZE_MODES) brings
+    the whole picture to the drawing size ("only masked" draws the box, resized and filled, as A1111 does)."""
     if fill_mode not in FILLS:
         raise InpaintError(f"masked content {fill_mode!r}: choose one of {', '.join(FILLS)}")
     if mask.size != init.size:  # A1111's canvas draws the mask on the image itself; a file of its own may differ
@@ -241,9 +255,9 @@ def prepare(init: Image.Image, mask: Image.Image, width: int, height: int, blur:
         paste_to = (x1, y1, x2 - x1, y2 - y1)
         image = resize_and_fill(init.crop(region), width, height)
     else:
-        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+        mask = resize_image(mask, resize_mode, width, height).convert("L")
         overlay_mask = Image.fromarray(np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8))
-        paste_to, init = None, init.resize((width, height), Image.Resampling.LANCZOS)
+        paste_to, init = None, resize_image(init, resize_mode, width, height)
         image = init
     if fill_mode != "original":
         image = fill(image, mask)

@@ -70,6 +70,7 @@ class GenerateOptions:
     fuse_qkv: bool | None = None  # None: on for CUDA unless LoRA adapters or attention slicing are in
     init_image: str | None = None
     strength: float = 0.75  # img2img's, or the hires pass's (A1111's one "Denoising strength")
+    resize_mode: str = "just resize"  # how img2img's image comes to the drawing size (generate/inpaint.RESIZE_MODES)
     mask: str | None = None  # inpainting (generate/inpaint.py): white (or opaque) is redrawn
     mask_blur: int = 4  # px, A1111's default
     masked_content: str = "original"  # fill | original | latent noise | latent nothing (inpaint.FILLS)
@@ -117,6 +118,13 @@ class GenerateOptions:
                 load_image(self.init_image)
             except BadImage as reason:
                 raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
+        from difftrain.generate.inpaint import RESIZE_MODES
+
+        if self.resize_mode not in RESIZE_MODES:
+            raise GenerateError(f"--resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)} (A1111's "
+                                "latent upscale mode is not built)")
+        if self.resize_mode != "just resize" and not self.init_image:
+            raise GenerateError("--resize-mode brings img2img's image to the size drawn: give --init-image too")
         if self.mask:
             self.check_mask()
         elif self.soft_inpainting is not None:
@@ -334,6 +342,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.init_image:
         params["Denoising strength"] = options.strength
         params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
+        if options.resize_mode != "just resize":  # (A1111's paste field, its radio's label; A1111 writes none)
+            params["Resize mode"] = options.resize_mode.capitalize()
     if options.mask:
         params.update(inpaint_infotext(options))
     if options.hires is not None:
@@ -358,7 +368,8 @@ def inpainting_of(options: GenerateOptions, init: Image.Image, mask: Image.Image
     from difftrain.generate.inpaint import prepare
 
     return prepare(init, mask, width, height, (options.mask_blur, options.mask_blur), options.invert_mask,
-                   options.masked_content, options.only_masked, options.only_masked_padding, options.soft_inpainting)
+                   options.masked_content, options.only_masked, options.only_masked_padding, options.soft_inpainting,
+                   options.resize_mode)
 
 
 def put_back(inpainting, images: list[Image.Image], latents: torch.Tensor, extra: dict, seeds: list[int]) -> list:
@@ -400,14 +411,16 @@ class Controls:
 
 
 def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None, init: Image.Image | None = None,
-                    strength: float = 0.75, controls: Controls | None = None, inpainting=None) -> tuple[object, dict]:
+                    strength: float = 0.75, controls: Controls | None = None, inpainting=None,
+                    resize_mode: str = "just resize") -> tuple[object, dict]:
     """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
 
     `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
     same image through either. `scheduler`: a sampler instance of the caller's own (the server
-    gives every request one); `init`: img2img from this image, resized to the output size as
-    A1111 does; `controls`: ControlNets or T2I-Adapters acting on every image; `inpainting`: img2img redraws
-    only its mask (generate/inpaint.py: the caller lays each image over the original with its `finish`).
+    gives every request one); `init`: img2img from this image, brought to the output size as
+    A1111's `resize_mode` does; `controls`: ControlNets or T2I-Adapters acting on every image;
+    `inpainting`: img2img redraws only its mask (generate/inpaint.py: the caller lays each image over
+    the original with its `finish`).
     """
     runner, extra = pipe, {"width": width, "height": height}
     if init is not None or scheduler is not None:
@@ -420,7 +433,9 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         from difftrain.sampling.schedulers import img2img_strength
         from difftrain.sampling.text2image import encode_pixels
 
-        start = init.resize((width, height), Image.Resampling.LANCZOS) if inpainting is None else inpainting.image
+        from difftrain.generate.inpaint import resize_image
+
+        start = resize_image(init, resize_mode, width, height) if inpainting is None else inpainting.image
         pixels = pipe.image_processor.preprocess(start)
         extra = {"image": encode_pixels(pipe, pixels),
                  "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
@@ -511,7 +526,7 @@ class Drawer:
             controls = Controls(options.controlnets, nets, images)
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
-                                                  inpainting=self.inpainting)
+                                                  inpainting=self.inpainting, resize_mode=options.resize_mode)
         self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_upscaler = None
         self.hires_pipe, self.hires_clip_skip = pipe, self.clip_skip  # the second pass's model: the first's ...
         if options.hires is not None:
@@ -752,6 +767,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     img2img = params.get("Init image") or "init_image" in overrides or options.hires is not None
     if img2img and options.hires is None:
         options_from_inpaint_infotext(path, options, params, "mask" in overrides)
+        options.resize_mode = str(params.get("Resize mode", options.resize_mode)).lower()
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Variation seed": ("variation_seed", int),
                   "Variation seed strength": ("variation_strength", float), "ENSD": ("ensd", int),

@@ -296,7 +296,7 @@ class Engine:
                 inpainting = prepare(init, decode_mask(request.mask, "mask"), request.width, request.height,
                                      request.blur, bool(request.inpainting_mask_invert), FILLS[request.inpainting_fill],
                                      request.inpaint_full_res, request.inpaint_full_res_padding,
-                                     request.soft_inpainting())
+                                     request.soft_inpainting(), _resize_mode(request))
             except InpaintError as reason:
                 raise RequestError("mask", str(reason)) from None
         self._check_steps(model, scheduler, request)
@@ -432,7 +432,8 @@ class Engine:
         try:
             runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
                                             init=prepared.init_image, strength=request.denoising_strength,
-                                            controls=controls, inpainting=prepared.inpainting)
+                                            controls=controls, inpainting=prepared.inpainting,
+                                            resize_mode=_resize_mode(request))
         except NoStepLeft as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
@@ -465,6 +466,7 @@ class Engine:
                                   clip_skip=clip_skip if clip_skip != 1 else None,
                                   strength=request.denoising_strength,
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
+                                  resize_mode=_resize_mode(request),
                                   controlnets=units, hires=hires, **_inpaint_options(request, prepared.inpainting))
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
@@ -602,6 +604,13 @@ def a1111_info(request: Txt2ImgRequest, drawn: Drawn) -> str:
         "is_using_inpainting_conditioning": False,
         "interrupted": drawn.interrupted, "version": f"difftrain {difftrain_version()}",
     })
+
+
+def _resize_mode(request: Txt2ImgRequest) -> str:
+    """An img2img request's resize mode by name (generate/inpaint.RESIZE_MODES)."""
+    from difftrain.generate.inpaint import RESIZE_MODES
+
+    return RESIZE_MODES[getattr(request, "resize_mode", 0)]
 
 
 def _inpaint_options(request: Txt2ImgRequest, inpainting) -> dict:

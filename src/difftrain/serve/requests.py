@@ -261,8 +261,9 @@ class Img2ImgRequest(Txt2ImgRequest):
         if self.mask:
             self.check_inpainting()
         self.soft_inpainting()  # (sent without a mask, it does nothing, as in A1111; but it must be well formed)
-        if self.resize_mode != 0:
-            raise RequestError("resize_mode", f"{self.resize_mode}: only 0 (just resize) is served")
+        if self.resize_mode not in (0, 1, 2):
+            raise RequestError("resize_mode", f"{self.resize_mode}: 0 just resize, 1 crop and resize, 2 resize and "
+                                              "fill (3, the latent upscale, is not served)")
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)

@@ -97,7 +97,8 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             inpaint_reused = [page.get_attribute("body", "data-mode"), *map(page.input_value, (
                 "#inpainting_fill", "#mask_blur", "#denoising_strength", "#inpaint_full_res"))]
             page.check("#soft_inpainting")
-            soft_sent = page.evaluate("request().alwayson_scripts")
+            page.select_option("#resize_mode", "Crop and resize")
+            soft_sent = page.evaluate("[request().alwayson_scripts, request().resize_mode]")
             page.locator("figure button.reuse").first.click()  # (that image was not soft-inpainted)
             soft_reused = page.is_checked("#soft_inpainting")
             page.click("#tab_txt2img")
@@ -173,7 +174,7 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     for text in ("Denoising strength: 0.9", "Mask blur: 4", "Masked content: latent noise"):
         assert text in inpaint_caption
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
-    assert soft_sent == {"soft inpainting": {"args": [True]}} and soft_reused is False
+    assert soft_sent == [{"soft inpainting": {"args": [True]}}, 1] and soft_reused is False
     assert uploaded == ["48", "40", 41]
     assert no_control == "error: the ControlNet needs its control image"
     [sent_unit] = jobs[-1]["request"]["alwayson_scripts"]["ControlNet"]["args"]

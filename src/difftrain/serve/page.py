@@ -84,6 +84,9 @@ PAGE = """<!doctype html>
     <input id="init_image" type="file" accept="image/*" style="width: auto">
     <div><div id="sketch"><img id="init_view" alt="the image to redraw"><canvas id="mask"></canvas></div></div>
     <div class="row">
+      <div><label for="resize_mode">Resize mode</label><select id="resize_mode">
+        <option value="0">Just resize</option><option value="1">Crop and resize</option>
+        <option value="2">Resize and fill</option></select></div>
       <div><label for="brush">Brush (px of the image)</label><input id="brush" type="number" min="1" value="12"></div>
       <div><button type="button" id="clear_mask">Clear mask</button></div>
       <div><label for="mask_blur">Mask blur</label><input id="mask_blur" type="number" min="0" max="64" value="4"></div>
@@ -112,11 +115,11 @@ const fields = ["prompt", "negative_prompt", "sampler_name", "steps", "cfg_scale
                 "batch_size", "denoising_strength"];
 // Each tab's own fields, with A1111's UI defaults for an inpaint (the API's differ: its area is "only masked").
 const tabFields = {txt2img: ["enable_hr", "hr_scale", "hr_upscaler"],
-                   img2img: ["mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
-                             "inpaint_full_res_padding"]};
+                   img2img: ["resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
+                             "inpaint_full_res", "inpaint_full_res_padding"]};
 const numbers = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size", "hr_scale",
-                         "denoising_strength", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
-                         "inpaint_full_res_padding"]);
+                         "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert",
+                         "inpainting_fill", "inpaint_full_res_padding"]);
 const checkboxes = new Set(["enable_hr"]);
 const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name) ? Number($(name).value)
   : name === "inpaint_full_res" ? $(name).value === "true" : $(name).value;

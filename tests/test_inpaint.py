@@ -305,6 +305,41 @@ def test_the_resize_modes_bring_the_init_image_to_the_size_drawn_as_a1111s_do(ti
     assert torch.equal(drawer.extra["image"], wanted)
 
 
+def test_a_folder_of_init_images_draws_each_with_its_mask_and_skips_what_it_cannot(
+        tiny_sd, tmp_path, caplog, capsys):  # noqa: F811
+    """A1111's img2img batch: each image with the mask of its name, drawn as one --init-image of it draws, written
+    under its name; an unreadable image or one without a mask is skipped and said; names already there refused."""
+    init, mask = _pictures(tmp_path)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    init.save(images / "a.png")
+    init.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "b.jpg", quality=95)
+    init.save(images / "c.png")  # (no mask of its name)
+    (images / "d.png").write_bytes(b"\x89PNG not really")
+    mask.save(masks / "a.png")
+    mask.save(masks / "b.webp", lossless=True)
+    mask.save(masks / "d.png")
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--steps", "3", "--width", "64", "--height", "48",
+            "--seed", "3", "--no-progress"]
+    assert main([*base, "--init-image", str(images), "--mask", str(masks), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    said = caplog.text
+    assert "skipped c.png: no mask named c.* in" in said and "skipped d.png:" in said and "2 of the 4" in said
+    assert "Init image: " + str(images / "b.jpg") in Image.open(tmp_path / "out" / "b.png").info["parameters"]
+    assert main([*base, "--init-image", str(images / "a.png"), "--mask", str(masks / "a.png"), "--out",
+                 str(tmp_path / "one")]) == 0
+    assert np.array_equal(np.asarray(Image.open(_outputs(tmp_path / "one")[0])),
+                          np.asarray(Image.open(tmp_path / "out" / "a.png")))  # as drawn alone
+    # Again into the same folder: refused before drawing; two images each are named by their seeds.
+    assert main([*base, "--init-image", str(images), "--mask", str(masks), "--out", str(tmp_path / "out")]) == 2
+    assert "holds a.png already (2 of the names this batch writes)" in capsys.readouterr().err
+    assert main([*base, "--init-image", str(images), "--mask", str(masks / "a.png"), "--batch-size", "2",
+                 "--out", str(tmp_path / "two")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["a-3.png", "a-4.png", "b-3.png", "b-4.png",
+                                                                     "c-3.png", "c-4.png"]
+
+
 def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_path, capsys):  # noqa: F811
     _pictures(tmp_path)
     base = ["generate", str(tiny_sd), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o")]

@@ -919,7 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--deepcache", type=int, metavar="N",
                      help="run the whole UNet every N steps and reuse its deep features between (faster, "
                           "slightly different images; see the README for the measured trade-off)")
-    gen.add_argument("--init-image", help="img2img: start from this image")
+    gen.add_argument("--init-image", help="img2img: start from this image; a folder: from each of its images in turn "
+                     "(A1111's batch), each written under its own name")
     gen.add_argument("--strength", type=_finite, help="img2img: how far from the init image (0-1, default 0.75); "
                                                       "with the hires fix, its second pass's denoising strength")
     gen.add_argument("--resize-mode", metavar="MODE",
@@ -927,7 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "resize' (default, stretched), 'crop and resize' (its middle at the aspect), 'resize and "
                           "fill' (fitted inside, the edges stretched into the bands)")
     gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw only where this image is white (or, with a "
-                                                    "transparent background, opaque); the rest stays the init image's")
+                                                    "transparent background, opaque); the rest stays the init image's. "
+                                                    "With an --init-image folder: a folder of masks named as the "
+                                                    "images (or one mask for all)")
     gen.add_argument("--mask-blur", type=int, metavar="PX", help="soften the mask's edge (default 4, A1111's)")
     gen.add_argument("--masked-content", metavar="MODE", help="what the masked area starts from (A1111's Masked "
                                                                 "content): fill, original (default), 'latent noise', "

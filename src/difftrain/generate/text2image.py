@@ -501,19 +501,8 @@ class Drawer:
         pipe.set_progress_bar_config(disable=not progress)
         size = default_size(pipe)
         self.width, self.height = options.width or size, options.height or size
-        self.pipe, self.model_name = pipe, pipe.model_name
-        init = None
-        if options.init_image:
-            from difftrain.data.images import load_image
-
-            # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
-            init = load_image(options.init_image)
-        self.inpainting = None
-        if options.mask:
-            from difftrain.generate.inpaint import load_mask
-
-            self.inpainting = inpainting_of(options, init, load_mask(options.mask, f"--mask {options.mask}"),
-                                            self.width, self.height)
+        self.pipe, self.model_name, self.progress = pipe, pipe.model_name, progress
+        init, self.inpainting = self._init_images(options)
         controls = None
         if options.controlnets or pipe.manifest.kind in ("controlnet", "t2i-adapter"):
             from difftrain.generate import controlnet
@@ -524,6 +513,7 @@ class Drawer:
                     for unit in options.controlnets]
             images = [control_image(unit, self.width, self.height, self.inpainting) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
+        self.controlled = controls is not None
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
                                                   inpainting=self.inpainting, resize_mode=options.resize_mode)
@@ -559,6 +549,32 @@ class Drawer:
             if controls is not None:  # a ControlNet run's own model: known only once it is loaded
                 raise GenerateError(_DEEPCACHE_WITH_CONTROL)
             self.deepcache = DeepCache(pipe.unet, options.deepcache)
+
+    def _init_images(self, options: GenerateOptions):
+        """(img2img's image, its inpainting made ready), or Nones for text to image."""
+        if not options.init_image:
+            return None, None
+        from difftrain.data.images import load_image
+        from difftrain.generate.inpaint import load_mask
+
+        # The same decoder as training (EXIF rotation, alpha on white, 16-bit), so a phone photo is upright.
+        init = load_image(options.init_image)
+        if not options.mask:
+            return init, None
+        mask = load_mask(options.mask, f"--mask {options.mask}")
+        return init, inpainting_of(options, init, mask, self.width, self.height)
+
+    def retarget(self, options: GenerateOptions) -> None:
+        """Draw from now on from `options`' init image (and mask), all else as loaded: an img2img batch's next
+        image. (Not with ControlNets, whose images are made for the first.)"""
+        if self.controlled:
+            raise GenerateError("a folder of init images draws without ControlNets: give one --init-image file")
+        self.options = options
+        init, self.inpainting = self._init_images(options)
+        self.runner, self.extra = sampling_runner(self.pipe, self.width, self.height, options.steps, init=init,
+                                                  strength=options.strength, inpainting=self.inpainting,
+                                                  resize_mode=options.resize_mode)
+        self.runner.set_progress_bar_config(disable=not self.progress)
 
     def _second_model(self, options: GenerateOptions, extra_loras, device: torch.device, progress: bool):
         """The hires pass's own model, with the first's LoRAs and embeddings (A1111 applies them to it too); its
@@ -634,8 +650,11 @@ class Drawer:
 
 def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress: bool = True) -> list[Path]:
     """Generate batch_size x n_iter images with seeds seed + i (seed -1: a random one, as in A1111; batch_seeds);
-    write PNGs with infotext; return their paths."""
+    write PNGs with infotext; return their paths. An init image that is a folder: each of its images in turn
+    (generate_batch)."""
     options = with_seed(options)
+    if options.init_image and Path(options.init_image).is_dir():
+        return generate_batch(model, options, Path(out_dir), progress)
     prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
     drawer = Drawer(model, options, prompt_loras, progress)
     out = Path(out_dir)
@@ -649,6 +668,82 @@ def generate(model: str, options: GenerateOptions, out_dir: str | Path, progress
         for seed, subseed, image in zip(seeds, subseeds, drawer.draw(prompt, options.negative_prompt, seeds, subseeds)):
             path = out / f"{first + len(written):05d}-{seed}.png"
             written.append(drawer.save(image, path, options.prompt, options.negative_prompt, seed, subseed))
+    return written
+
+
+def batch_items(images: str, masks: str | None) -> tuple[list[tuple[Path, Path | None]], list[tuple[str, str]]]:
+    """A1111's img2img batch: the images of the folder `images` (by name), each with its mask: `masks` a file for
+    all, or a folder with a file of the image's name (any extension; one file alone serves all, as in A1111).
+    Returns (items, skipped as (name, why))."""
+    from difftrain.data.images import IMAGE_EXTENSIONS
+
+    def image_files(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    files, skipped, stems = [], [], set()
+    for path in image_files(Path(images)):  # a.png and a.jpg would both write a.png: the first is drawn
+        (skipped.append((path.name, f"another image is named {path.stem} too")) if path.stem in stems
+         else files.append(path))
+        stems.add(path.stem)
+    if masks is None or Path(masks).is_file():
+        return [(path, masks and Path(masks)) for path in files], skipped
+    if not Path(masks).is_dir():
+        raise GenerateError(f"--mask {masks}: no such file or folder")
+    found = image_files(Path(masks))
+    by_name = {path.stem: path for path in reversed(found)}
+    items = []
+    for path in files:
+        mask = found[0] if len(found) == 1 else by_name.get(path.stem)
+        (items.append((path, mask)) if mask else skipped.append((path.name, f"no mask named {path.stem}.* in {masks}")))
+    return items, skipped
+
+
+def generate_batch(model: str, options: GenerateOptions, out: Path, progress: bool = True) -> list[Path]:
+    """A1111's img2img batch: every image of the folder `options.init_image` drawn with the same settings and seeds
+    (with its mask, batch_items), written as NAME.png (NAME-SEED.png for several an image). An image or mask that
+    cannot be read is skipped, said and counted; names already in `out` are refused before any drawing."""
+    from tqdm.auto import tqdm
+
+    from difftrain.data.images import BadImage, load_image
+    from difftrain.generate.inpaint import InpaintError, load_mask
+
+    items, skipped = batch_items(options.init_image, options.mask)
+    considered = len(items) + len(skipped)
+    seeds = [seed for iteration in range(options.n_iter) for seed in batch_seeds(options, iteration)[0]]
+    names = {path: [f"{path.stem}.png"] if len(seeds) == 1 else [f"{path.stem}-{seed}.png" for seed in seeds]
+             for path, _ in items}
+    taken = [name for planned in names.values() for name in planned if (out / name).exists()]
+    if taken:
+        raise GenerateError(f"--out {out} holds {taken[0]} already ({len(taken)} of the names this batch writes): "
+                            "give another folder, or move them")
+    prompt, prompt_loras = _resolve_prompt_loras(options.prompt, options.lora_dir)
+    drawer, written = None, []
+    out.mkdir(parents=True, exist_ok=True)
+    for path, mask in tqdm(items, desc="init images", unit="image", disable=not progress or len(items) < 2):
+        item = replace(options, init_image=str(path), mask=str(mask) if mask else None)
+        try:  # (what is wrong with this image or its mask skips it; anything else stops the batch)
+            load_image(item.init_image)
+            if item.mask:
+                load_mask(item.mask, f"--mask {item.mask}")
+        except (BadImage, InpaintError) as reason:
+            skipped.append((path.name, str(reason)))
+            continue
+        if drawer is None:
+            drawer = Drawer(model, item, prompt_loras, progress)
+        else:
+            drawer.retarget(item)
+        drawn = []
+        for iteration in range(options.n_iter):
+            seeds, subseeds = batch_seeds(options, iteration)
+            drawn += zip(seeds, subseeds, drawer.draw(prompt, options.negative_prompt, seeds, subseeds))
+        for name, (seed, subseed, image) in zip(names[path], drawn):
+            written.append(drawer.save(image, out / name, options.prompt, options.negative_prompt, seed, subseed))
+    for name, why in skipped:
+        log.warning("skipped %s: %s", name, why)
+    if skipped:
+        log.warning("%d of the %d init images skipped (above)", len(skipped), considered)
+    if drawer is None:
+        raise GenerateError(f"--init-image {options.init_image}: no image in it could be drawn from")
     return written
 
 

@@ -334,10 +334,11 @@ def test_a_folder_of_init_images_draws_each_with_its_mask_and_skips_what_it_cann
     # Again into the same folder: refused before drawing; two images each are named by their seeds.
     assert main([*base, "--init-image", str(images), "--mask", str(masks), "--out", str(tmp_path / "out")]) == 2
     assert "holds a.png already (2 of the names this batch writes)" in capsys.readouterr().err
+    # Two variations of one seed each (one mask for all): named by their variation seeds too.
     assert main([*base, "--init-image", str(images), "--mask", str(masks / "a.png"), "--batch-size", "2",
-                 "--out", str(tmp_path / "two")]) == 0
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["a-3.png", "a-4.png", "b-3.png", "b-4.png",
-                                                                     "c-3.png", "c-4.png"]
+                 "--variation-seed", "7", "--variation-strength", "0.3", "--out", str(tmp_path / "two")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        f"{name}-3-{variation}.png" for name in "abc" for variation in (7, 8)]
 
 
 def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_path, capsys):  # noqa: F811

@@ -700,7 +700,8 @@ def batch_items(images: str, masks: str | None) -> tuple[list[tuple[Path, Path |
 
 def generate_batch(model: str, options: GenerateOptions, out: Path, progress: bool = True) -> list[Path]:
     """A1111's img2img batch: every image of the folder `options.init_image` drawn with the same settings and seeds
-    (with its mask, batch_items), written as NAME.png (NAME-SEED.png for several an image). An image or mask that
+    (with its mask, batch_items), written as NAME.png (NAME-SEED.png for several an image, NAME-SEED-VARIATIONSEED.png
+    for variations of one seed). An image or mask that
     cannot be read is skipped, said and counted; names already in `out` are refused before any drawing."""
     from tqdm.auto import tqdm
 
@@ -709,9 +710,10 @@ def generate_batch(model: str, options: GenerateOptions, out: Path, progress: bo
 
     items, skipped = batch_items(options.init_image, options.mask)
     considered = len(items) + len(skipped)
-    seeds = [seed for iteration in range(options.n_iter) for seed in batch_seeds(options, iteration)[0]]
-    names = {path: [f"{path.stem}.png"] if len(seeds) == 1 else [f"{path.stem}-{seed}.png" for seed in seeds]
-             for path, _ in items}
+    pairs = [pair for iteration in range(options.n_iter) for pair in zip(*batch_seeds(options, iteration))]
+    unique = len({seed for seed, _ in pairs}) == len(pairs)  # (variations share a seed: their own seeds name them)
+    suffixes = [""] if len(pairs) == 1 else [f"-{seed}" if unique else f"-{seed}-{sub}" for seed, sub in pairs]
+    names = {path: [f"{path.stem}{suffix}.png" for suffix in suffixes] for path, _ in items}
     taken = [name for planned in names.values() for name in planned if (out / name).exists()]
     if taken:
         raise GenerateError(f"--out {out} holds {taken[0]} already ({len(taken)} of the names this batch writes): "

@@ -423,6 +423,18 @@ def test_an_inpainting_model_is_given_the_mask_and_the_masked_image_as_a1111_giv
     assert not torch.equal(masked, encode_pixels(drawer.pipe, pixels))  # (the mask's zeros took part)
     alpha = np.asarray(ready.overlay)[..., 3]
     assert np.array_equal(np.asarray(image)[alpha == 255], np.asarray(init)[alpha == 255])
+    # Soft inpainting: its conditioning mask keeps the blurred greys too (A1111 rounds no mask then).
+    from dataclasses import replace
+
+    from difftrain.sampling.soft_inpaint import SoftInpainting
+
+    soft = SoftInpainting()
+    drawer = Drawer(str(inpainting_sd), replace(options, mask_blur=8, soft_inpainting=soft), progress=False)
+    seen = _unet_inputs(drawer)
+    drawer.draw("a red circle", "", [1])
+    unrounded = np.asarray(prepare(init, mask, 64, 48, (8, 8), fill_mode="fill", soft=soft).mask, dtype=np.float32)
+    small = torch.nn.functional.interpolate(torch.from_numpy(unrounded / 255)[None, None], size=size)
+    assert ((small > 0.05) & (small < 0.95)).any() and torch.equal(seen[0][:, 4:5], small.expand(2, -1, -1, -1))
 
 
 def test_an_inpainting_models_single_file_draws_with_its_base_models_configs(inpainting_sd, tiny_sd,  # noqa: F811

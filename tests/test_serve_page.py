@@ -133,6 +133,15 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.click("#generate")
             page.wait_for_function("document.querySelectorAll('figure img').length == 4", timeout=60_000)
             controlled = page.get_attribute("figure img", "src")
+            # Cancelled while it waits or draws (40 steps at 128 px): no image comes.
+            for field, value in (("steps", "40"), ("width", "128"), ("height", "128")):
+                page.fill(f"#{field}", value)
+            page.select_option("#cn_model", "")
+            page.click("#generate")
+            page.wait_for_function("!document.querySelector('#cancel').disabled")
+            page.click("#cancel")
+            page.wait_for_function("!document.querySelector('#generate').disabled", timeout=60_000)
+            cancelled = [page.inner_text("#status"), page.locator("figure img").count()]
             browser.close()
         host, port = running.url.rsplit(":", 1)
         unit = webuiapi.ControlNetUnit(image=control, module="none", model="cn", weight=0.8)
@@ -156,7 +165,7 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert outside == []
     assert no_image.startswith("error: img2img needs an image")
     # The inpainting: the gallery's image itself and the stroke, on the image's own pixels, sent as a mask.
-    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", "txt2img", "txt2img"]
+    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", *["txt2img"] * 3]
     sent = jobs[1]["request"]
     assert "enable_hr" not in sent and (sent["mask_blur"], sent["inpainting_fill"], sent["inpaint_full_res"],
                                         sent["denoising_strength"]) == (4, 2, False, 0.9)
@@ -176,8 +185,9 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
     assert soft_sent == [{"soft inpainting": {"args": [True]}}, 1] and soft_reused is False
     assert uploaded == ["48", "40", 41]
+    assert cancelled == ["cancelled", 4]
     assert no_control == "error: the ControlNet needs its control image"
-    [sent_unit] = jobs[-1]["request"]["alwayson_scripts"]["ControlNet"]["args"]
+    [sent_unit] = jobs[3]["request"]["alwayson_scripts"]["ControlNet"]["args"]
     assert {key: sent_unit[key] for key in ("enabled", "model", "module", "weight")} == {
         "enabled": True, "model": "cn", "module": "none", "weight": 0.8}
     assert np.array_equal(np.asarray(_image(sent_unit["image"]).convert("RGB")), np.asarray(control))

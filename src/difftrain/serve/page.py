@@ -77,6 +77,7 @@ PAGE = """<!doctype html>
   </div>
   <div class="txt2img-only"><label for="hr_upscaler">Hires upscaler</label><select id="hr_upscaler"></select></div>
   <button id="generate" type="submit">Generate</button>
+  <button id="cancel" type="button" disabled>Cancel</button>
 </form>
 <main>
   <section id="img2img" class="img2img-only">
@@ -307,6 +308,9 @@ $("form").addEventListener("submit", async (event) => {
   try {
     let job = await api("/v1/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
                                      body: JSON.stringify({type: mode, request: request()})});
+    // The queue's own cancel: a queued job leaves it, a running one stops at its next step.
+    $("cancel").onclick = () => api(`/v1/jobs/${job.id}`, {method: "DELETE"});
+    $("cancel").disabled = false;
     while (job.state === "queued" || job.state === "running") {
       await new Promise((resolve) => setTimeout(resolve, 200));
       job = await api(`/v1/jobs/${job.id}`);
@@ -322,6 +326,7 @@ $("form").addEventListener("submit", async (event) => {
     $("status").textContent = "error: " + error.message;
   } finally {
     $("generate").disabled = false;
+    $("cancel").disabled = true;
   }
 });
 

@@ -92,6 +92,18 @@ def test_the_blend_keeps_the_lengths_and_the_step_mask_grows_with_the_noise():
     assert step_mask(SoftInpainting(schedule_bias=2), grey, 2.0)[1] == pytest.approx(0.5 ** 2)
 
 
+def test_the_commands_flags_are_the_settings_with_their_defaults():
+    """(cli.py names them without importing torch: the two lists must not drift apart)"""
+    from dataclasses import fields
+
+    from difftrain.cli import SOFT_INPAINTING_FLAGS
+
+    settings = fields(SoftInpainting)
+    assert [name for name, _ in SOFT_INPAINTING_FLAGS] == [setting.name for setting in settings]
+    for (_, what), setting in zip(SOFT_INPAINTING_FLAGS, settings):
+        assert f"(default {setting.default:g})" in what, setting.name
+
+
 def test_composite_masks_show_what_moved_and_keep_what_did_not():
     init = torch.zeros(1, 4, 12, 16)
     latents = init.clone()

@@ -171,7 +171,7 @@ class Inpainting:
     overlay: Image.Image  # the original outside the mask (RGBA, the init image's size), laid over each result
     paste_to: tuple[int, int, int, int] | None  # "only masked": where the drawn box goes back (x, y, w, h)
     fill: str
-    original: Image.Image | None = None  # the init image at the overlay's size (soft inpainting lays it again)
+    original: Image.Image  # the init image at the overlay's size (soft inpainting lays it again)
     soft: SoftInpainting | None = None
 
     def latent_mask(self, height: int, width: int) -> torch.Tensor:

@@ -569,8 +569,8 @@ class Drawer:
         image. (Not with ControlNets, whose images are made for the first.)"""
         if self.controlled:
             raise GenerateError("a folder of init images draws without ControlNets: give one --init-image file")
-        self.options = options
-        init, self.inpainting = self._init_images(options)
+        init, inpainting = self._init_images(options)  # (an image that cannot be read leaves this Drawer as it was)
+        self.options, self.inpainting = options, inpainting
         self.runner, self.extra = sampling_runner(self.pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, inpainting=self.inpainting,
                                                   resize_mode=options.resize_mode)
@@ -682,9 +682,11 @@ def batch_items(images: str, masks: str | None) -> tuple[list[tuple[Path, Path |
 
     files, skipped, stems = [], [], set()
     for path in image_files(Path(images)):  # a.png and a.jpg would both write a.png: the first is drawn
-        (skipped.append((path.name, f"another image is named {path.stem} too")) if path.stem in stems
-         else files.append(path))
-        stems.add(path.stem)
+        if path.stem in stems:
+            skipped.append((path.name, f"another image is named {path.stem} too"))
+        else:
+            files.append(path)
+            stems.add(path.stem)
     if masks is None or Path(masks).is_file():
         return [(path, masks and Path(masks)) for path in files], skipped
     if not Path(masks).is_dir():
@@ -694,7 +696,10 @@ def batch_items(images: str, masks: str | None) -> tuple[list[tuple[Path, Path |
     items = []
     for path in files:
         mask = found[0] if len(found) == 1 else by_name.get(path.stem)
-        (items.append((path, mask)) if mask else skipped.append((path.name, f"no mask named {path.stem}.* in {masks}")))
+        if mask is None:
+            skipped.append((path.name, f"no mask named {path.stem}.* in {masks}"))
+        else:
+            items.append((path, mask))
     return items, skipped
 
 
@@ -724,16 +729,16 @@ def generate_batch(model: str, options: GenerateOptions, out: Path, progress: bo
     for path, mask in tqdm(items, desc="init images", unit="image", disable=not progress or len(items) < 2):
         item = replace(options, init_image=str(path), mask=str(mask) if mask else None)
         try:  # (what is wrong with this image or its mask skips it; anything else stops the batch)
-            load_image(item.init_image)
-            if item.mask:
-                load_mask(item.mask, f"--mask {item.mask}")
+            if drawer is None:  # (read first: the Drawer's own checks would stop the batch on a bad image)
+                load_image(item.init_image)
+                if item.mask:
+                    load_mask(item.mask, f"--mask {item.mask}")
+                drawer = Drawer(model, item, prompt_loras, progress)
+            else:
+                drawer.retarget(item)
         except (BadImage, InpaintError) as reason:
             skipped.append((path.name, str(reason)))
             continue
-        if drawer is None:
-            drawer = Drawer(model, item, prompt_loras, progress)
-        else:
-            drawer.retarget(item)
         drawn = []
         for iteration in range(options.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)

@@ -290,13 +290,14 @@ class Engine:
         init = decode_image(request.init_images[0], "init_images[0]") if isinstance(request, Img2ImgRequest) else None
         inpainting = None
         if init is not None and request.mask:
-            from difftrain.generate.inpaint import FILLS, InpaintError, prepare
+            from difftrain.generate.inpaint import InpaintError
+            from difftrain.generate.text2image import GenerateOptions, inpainting_of
 
+            options = GenerateOptions(prompt=request.prompt, resize_mode=_resize_mode(request),
+                                      **_inpaint_options(request))
             try:
-                inpainting = prepare(init, decode_mask(request.mask, "mask"), request.width, request.height,
-                                     request.blur, bool(request.inpainting_mask_invert), FILLS[request.inpainting_fill],
-                                     request.inpaint_full_res, request.inpaint_full_res_padding,
-                                     request.soft_inpainting(), _resize_mode(request))
+                inpainting = inpainting_of(options, init, decode_mask(request.mask, "mask"), request.width,
+                                           request.height)
             except InpaintError as reason:
                 raise RequestError("mask", str(reason)) from None
         self._check_steps(model, scheduler, request)
@@ -467,7 +468,8 @@ class Engine:
                                   strength=request.denoising_strength,
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
                                   resize_mode=_resize_mode(request),
-                                  controlnets=units, hires=hires, **_inpaint_options(request, prepared.inpainting))
+                                  controlnets=units, hires=hires,
+                                  **(_inpaint_options(request) if prepared.inpainting is not None else {}))
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
         for iteration in range(request.n_iter):
             seeds, subseeds = batch_seeds(options, iteration)
@@ -613,10 +615,11 @@ def _resize_mode(request: Txt2ImgRequest) -> str:
     return RESIZE_MODES[getattr(request, "resize_mode", 0)]
 
 
-def _inpaint_options(request: Txt2ImgRequest, inpainting) -> dict:
-    """The GenerateOptions fields of a request's inpainting, for its infotext."""
-    if inpainting is None:
-        return {}
-    return dict(mask="(request)", mask_blur=request.blur[0], masked_content=inpainting.fill,
-                invert_mask=bool(request.inpainting_mask_invert), only_masked=inpainting.paste_to is not None,
-                only_masked_padding=request.inpaint_full_res_padding, soft_inpainting=inpainting.soft)
+def _inpaint_options(request: Img2ImgRequest) -> dict:
+    """An img2img request's inpainting (A1111's API fields) as generate's GenerateOptions fields: what prepares it
+    and what its infotext says."""
+    from difftrain.generate.inpaint import FILLS
+
+    return dict(mask="(request)", mask_blur=request.blur[0], masked_content=FILLS[request.inpainting_fill],
+                invert_mask=bool(request.inpainting_mask_invert), only_masked=request.inpaint_full_res,
+                only_masked_padding=request.inpaint_full_res_padding, soft_inpainting=request.soft_inpainting())

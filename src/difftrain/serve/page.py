@@ -3,9 +3,10 @@
 It speaks the server's own API: the lists from `/sdapi/v1/*`, each generation a job on
 `/v1/jobs` polled for its progress, so the page and any other client wait in the same queue.
 A ControlNet unit (model, preprocessor, weight, control image) is sent as A1111's ControlNet
-extension takes it, in `alwayson_scripts`. Its img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted
-on it with the mouse: white strokes on a canvas of the image's own size, sent as a black and white
-PNG (what A1111's API takes), so a stroke lands on the same pixels however the image is shown.
+extension takes it, in `alwayson_scripts`. Its img2img tab takes an uploaded image or a generated
+one ("Send to img2img") and a mask painted on it with the mouse: white strokes on a canvas of the
+image's own size, sent as a black and white PNG (what A1111's API takes), so a stroke lands on the
+same pixels however the image is shown.
 """
 
 PAGE = """<!doctype html>

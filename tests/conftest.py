@@ -28,21 +28,23 @@ if WORKER:
     torch.set_num_threads(THREADS)
 
 
-# The slowest files, slowest first (their share of a 2-worker run on 2026-12-05; CI compiles cold): they are
+# The slowest files, slowest first, by their CPU seconds in a 2-worker run on 2026-12-07 (PYTEST_ADDOPTS="-p
+# suite_cpu", benchmarks/suite_cpu.py), with what a clean machine (CI) adds compiling kernels cold: they are
 # handed out first, and the many small files after them even out the two workers' ends. In pytest-xdist's
 # default order (most tests first) a 95 s file started last on one worker while the other sat idle for 80 s.
 # The Makefile passes --no-loadscope-reorder, which keeps this order.
 SLOWEST_FIRST = (
-    "test_sharded_training.py",  # ~155 s
-    "test_evaluate.py",  # ~120 s
-    "test_train_e2e.py",  # ~60 s, ~100 s when its compile test compiles cold
-    "test_controlnet_demo.py",  # ~95 s
-    "test_controlnet_train.py",  # ~80 s
-    "test_generate_speed.py",  # ~10 s, ~40 s cold
-    "test_onnx_export.py",  # ~35 s
-    "test_serve.py",  # ~30 s
-    "test_schedulers.py",  # ~25 s
-    "test_hf_source.py",  # ~25 s
+    "test_sharded_training.py",  # ~100 s, on both cores for ~70 s (its launches fork from one import: launches.py)
+    "test_train_e2e.py",  # ~75 s, ~170 s when its compile test compiles cold
+    "test_evaluate.py",  # ~135 s
+    "test_controlnet_demo.py",  # ~120 s
+    "test_onnx_export.py",  # ~95 s
+    "test_serve.py",  # ~65 s
+    "test_text2image.py",  # ~30 s, ~55 s cold
+    "test_personalise.py",  # ~55 s
+    "test_generate.py",  # ~50 s
+    "test_generate_speed.py",  # ~15 s, ~45 s cold
+    "test_schedulers.py",  # ~40 s
 )
 
 

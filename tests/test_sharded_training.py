@@ -1,6 +1,7 @@
 """Training on two CPU processes (gloo), as accelerate launches it: DDP on one machine and on two "machines"
 on loopback train the same bits; FSDP and DeepSpeed ZeRO-1/2/3 train what DDP trains with less state per
-process, write checkpoints that stay safetensors, and resume exactly. One fixture launches every run."""
+process, write checkpoints that stay safetensors, and resume exactly. One fixture launches every run, through
+accelerate's launcher with its processes forked from one that has imported the trainer (launches.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from difftrain.cli import main
-from launches import accelerate_launch, finish
+from launches import finish, forked_accelerate_launch, stop_fork_server
 from test_text2image import losses, sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _launch(config: Path, *extra: str, accelerate_config: Path | None = None,
             ) -> subprocess.Popen:
     if accelerate_config:
         how = ("--config_file", str(accelerate_config), "--main_process_port", "0")
-    return accelerate_launch(*how, "-m", "difftrain", "train", "--no-progress", str(config), *extra)
+    return forked_accelerate_launch(*how, "-m", "difftrain", "train", "--no-progress", str(config), *extra)
 
 
 def _finish(*processes: subprocess.Popen) -> list[str]:
@@ -86,9 +87,9 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         output = _finish(_launch(config("ddp")))[0]
         # Then resumed with rank 1 seeing none of its checkpoints, as on a machine that does not share the folder.
         probe = Path(__file__).with_name("unshared_folder_probe.py")
-        unshared = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
-                                     "train", "--no-progress", str(tmp / "ddp.yaml"), "--set", "training.max_steps=6",
-                                     "--resume", "latest")
+        unshared = forked_accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                                            str(probe), "train", "--no-progress", str(tmp / "ddp.yaml"),
+                                            "--set", "training.max_steps=6", "--resume", "latest")
         output_unshared = finish(unshared)[0]  # a process left waiting at a collective would hang here
         (tmp / "unshared.out").write_text(f"exit {unshared.returncode}\n{output_unshared}")
         return output
@@ -98,8 +99,8 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
         output = _finish(_launch(sd_config(tmp, shapes_dir, tiny_sd, "muon", **muon_sections)))[0]
         halves = sd_config(tmp, shapes_dir, tiny_sd, "muon-halves", **muon_sections)
         probe = Path(__file__).with_name("signal_probe.py")
-        signalled = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
-                                      "train", "--no-progress", str(halves))
+        signalled = forked_accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                                             str(probe), "train", "--no-progress", str(halves))
         output_signalled = finish(signalled)[0]
         checkpoints = sorted(p.name for p in (tmp / "muon-halves/checkpoints").glob("step-*"))
         (tmp / "signalled.out").write_text(f"exit {signalled.returncode}\n{' '.join(checkpoints)}\n{output_signalled}")
@@ -108,9 +109,12 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
 
     chains = {"ddp": ddp, "fsdp": fsdp, "zero2": lambda: zero(2, ZERO2),
               "zero3": lambda: zero(3, ZERO3), "two-machines": machines, "muon": muon}
-    with ThreadPoolExecutor(len(chains)) as pool:
-        futures = {name: pool.submit(chain) for name, chain in chains.items()}
-        outputs = {name: future.result() for name, future in futures.items()}
+    try:
+        with ThreadPoolExecutor(len(chains)) as pool:
+            futures = {name: pool.submit(chain) for name, chain in chains.items()}
+            outputs = {name: future.result() for name, future in futures.items()}
+    finally:
+        stop_fork_server()
     return SimpleNamespace(root=tmp, outputs=outputs, resumed=resumed, ddp=tmp / "ddp.yaml")
 
 

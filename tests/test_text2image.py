@@ -347,20 +347,25 @@ def test_resume_is_exact_for_text2image(tiny_sd, shapes_dir, tmp_path):
     assert_same_tensors(*train_straight_and_interrupted(make, tmp_path), names=("model.safetensors", "ema.safetensors"))
 
 
-def test_compiling_only_the_repeated_blocks_trains_resumes_exactly_and_saves_the_usual_keys(tiny_sd, shapes_dir,
-                                                                                          tmp_path, capsys):
+def test_compiling_only_the_repeated_blocks_trains_resumes_exactly_and_saves_the_usual_keys(shapes_dir, tmp_path,
+                                                                                          capsys):
     """training.compile_scope: blocks compiles the UNet's transformer blocks alone (diffusers' regional
     compilation); the rest runs eager, checkpoints keep plain keys, resume is exact, and the scope is a
     setting a resume may not change (the kernels round differently)."""
     from diffusers import UNet2DConditionModel
 
+    from difftrain.models.tiny_sd import write_tiny_sd
+
+    # One level, so one block, the mid block's: 14 kernels to compile, not 25, which a cold kernel cache (CI's)
+    # takes 41 CPU-s for, not 66.
+    model = write_tiny_sd(tmp_path / "one-level", unet_channels=(16,), sample_size=16)
     common = dict(training={"max_steps": 4, "compile": True, "compile_scope": "blocks"},
                   checkpoint={"every_steps": 2})
-    make = lambda name: sd_config(tmp_path, shapes_dir, tiny_sd, name, **common)  # noqa: E731
+    make = lambda name: sd_config(tmp_path, shapes_dir, model, name, **common)  # noqa: E731
     straight, resumed = train_straight_and_interrupted(make, tmp_path)
     out = capsys.readouterr().out
     blocks = sum(type(m).__name__ == "BasicTransformerBlock"
-                 for m in UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").modules())
+                 for m in UNet2DConditionModel.from_pretrained(model, subfolder="unet").modules())
     assert blocks > 0 and out.count(f"torch.compile (unet: {blocks} BasicTransformerBlock blocks)") == 3, out
     assert_same_tensors(straight, resumed, names=("model.safetensors", "optimizer.safetensors"))
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "model", subfolder="unet")

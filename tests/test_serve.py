@@ -776,3 +776,24 @@ def _b64(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_engine_holds_drawn_sizes_to_the_limits_behind_the_requests_check(tiny_sd):  # noqa: F811
+    """The request's check() refuses every size past the limits; should a slip there let one through (it once
+    let a 6400x6400 hires pass reach the sampler), the engine refuses it too, naming the field, before drawing."""
+    from difftrain.serve.engine import Engine
+    from difftrain.serve.requests import Limits, RequestError, Txt2ImgRequest
+
+    engine = Engine([str(tiny_sd)], limits=Limits(max_width=128, max_height=128))
+    drawn = []
+    unchecked = [(Txt2ImgRequest(width=64, height=192, steps=2), "width", "64x192"),
+                 (Txt2ImgRequest(width=64, height=64, steps=2, enable_hr=True, hr_scale=3), "hr_scale", "192x192"),
+                 (Txt2ImgRequest(width=64, height=64, steps=2, enable_hr=True, hr_resize_x=256), "hr_resize_x",
+                  "256x256")]
+    for request, field, size in unchecked:
+        with pytest.raises(RequestError, match=f"draws {size}: this server draws at most 128x128") as refused:
+            engine.draw(request, drawn.append)
+        assert refused.value.field == field and refused.value.status == 422
+    assert drawn == []  # refused before any step
+    image = engine.draw(Txt2ImgRequest(width=64, height=128, steps=2, seed=1), drawn.append).images[0]
+    assert image.size == (64, 128) and len(drawn) == 2

@@ -86,7 +86,8 @@ class ServeSettings:
 def create_app(settings: ServeSettings, engine: Engine | None = None):
     engine = engine or Engine(settings.models, settings.lora_dir, settings.device, settings.precision,
                               controlnet_dir=settings.controlnet_dir, embeddings_dir=settings.embeddings_dir,
-                              models_in_memory=settings.models_in_memory, upscaler_dir=settings.upscaler_dir)
+                              models_in_memory=settings.models_in_memory, upscaler_dir=settings.upscaler_dir,
+                              limits=settings.limits)
     queue = JobQueue(lambda job, on_step: _run(engine, job, on_step), settings.limits.max_queue)
 
     allowed = {*LOOPBACK, *(name.lower() for name in settings.allowed_hosts)}

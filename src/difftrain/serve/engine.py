@@ -27,8 +27,8 @@ import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.jobs import release_device_memory
-from difftrain.serve.requests import (ExtrasRequest, Img2ImgRequest, RequestError, Txt2ImgRequest, decode_image,
-                                      decode_mask)
+from difftrain.serve.requests import (ExtrasRequest, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest,
+                                      decode_image, decode_mask)
 
 if TYPE_CHECKING:
     from difftrain.generate.upscale import ImageUpscaler
@@ -105,7 +105,8 @@ class Engine:
 
     def __init__(self, specs: list[str], lora_dir: str | None = None, device: str | None = None,
                  precision: str = "auto", prompt_cache_size: int = 256, controlnet_dir: str | None = None,
-                 embeddings_dir: str | None = None, models_in_memory: int = 1, upscaler_dir: str | None = None):
+                 embeddings_dir: str | None = None, models_in_memory: int = 1, upscaler_dir: str | None = None,
+                 limits: Limits | None = None):
         from difftrain.generate.loader import NOT_TEXT_TO_IMAGE, locate
         from difftrain.generate.text2image import _dtype, resolve_device
 
@@ -113,6 +114,7 @@ class Engine:
             raise ServeError("serve: give at least one model (run folder, model folder or single file)")
         self.device = resolve_device(device or "auto")
         self.dtype = _dtype(precision, self.device)
+        self.limits = limits or Limits()  # the sizes drawn are held to them here too (_refuse_oversize)
         self.models: dict[str, ServedModel] = {}
         for spec in specs:
             located = locate(spec)
@@ -254,6 +256,13 @@ class Engine:
         return {path.stem: path for path in sorted(self.lora_dir.glob("*.safetensors"))}
 
     # ----------------------------------------------------------------- drawing
+    def _refuse_oversize(self, width: int, height: int, field: str) -> None:
+        """A second guard behind the request's check(), which holds every size to the limits: a slip there once
+        let a 6400x6400 hires pass reach the sampler, which tried to take 20 GB. Here it is a 422."""
+        if width > self.limits.max_width or height > self.limits.max_height:
+            raise RequestError(field, f"draws {width}x{height}: this server draws at most "
+                                      f"{self.limits.max_width}x{self.limits.max_height}")
+
     def precheck(self, request: Txt2ImgRequest) -> Prepared:
         """Everything that can be refused without drawing (the model, sampler, prompts, LoRAs, ControlNet
         units, the init image), resolved and decoded once for the worker."""
@@ -372,6 +381,7 @@ class Engine:
         from difftrain.sampling.text2image import sample, to_images
 
         model, scheduler_name = prepared.model, prepared.scheduler
+        self._refuse_oversize(request.width, request.height, "width")
         pipe = self.load(model)
         try:
             scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))
@@ -421,6 +431,7 @@ class Engine:
                 target = hires.check(request.width, request.height, MAX_SIDE, pipe.vae_scale_factor)
                 hires_scheduler = pass_scheduler(hires, pass_first_scheduler, pass_config)
                 check_pass(hires_scheduler, hires.steps or request.steps, request.denoising_strength)
+            self._refuse_oversize(*target.size, request.hires_sizing_field)
             hires_conditioning = conditioning
             own = pass_prompts(hires, prepared.hires_prompt, prepared.prompt, request.negative_prompt)
             if own or second is not first:  # (another model: its own text encoder)

@@ -165,9 +165,14 @@ class Txt2ImgRequest(_A1111Body):
         with self.hires_fields():
             width, height = self.hires.check(self.width, self.height, max(limits.max_width, limits.max_height)).size
         if width > limits.max_width or height > limits.max_height:
-            raise RequestError("hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x",
+            raise RequestError(self.hires_sizing_field,
                                f"the hires fix draws {width}x{height}: this server draws at most "
                                f"{limits.max_width}x{limits.max_height}")
+
+    @property
+    def hires_sizing_field(self) -> str:
+        """The field that sets the hires fix's size: hr_scale, or hr_resize_x/y when they are given."""
+        return "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
 
     @contextlib.contextmanager
     def hires_fields(self):
@@ -180,8 +185,7 @@ class Txt2ImgRequest(_A1111Body):
         try:
             yield
         except HiresError as reason:
-            sizing = "hr_scale" if (self.hr_resize_x, self.hr_resize_y) == (0, 0) else "hr_resize_x"
-            raise RequestError(fields.get(reason.setting, sizing), str(reason)) from None
+            raise RequestError(fields.get(reason.setting, self.hires_sizing_field), str(reason)) from None
 
     @property
     def seed_resize_from(self) -> tuple[int, int] | None:

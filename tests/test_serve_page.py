@@ -38,6 +38,9 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     control = Image.new("RGB", (64, 64))
     ImageDraw.Draw(control).rectangle((16, 16, 48, 48), fill=(255, 255, 255))
     control.save(tmp_path / "control.png")
+    second = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(second).ellipse((4, 30, 30, 60), fill=(255, 255, 255))
+    second.save(tmp_path / "second.png")
     running = BackgroundServer(ServeSettings(models=[str(tiny_sd)], upscaler_dir=str(tmp_path / "upscalers"),
                                              controlnet_dir=str(tmp_path / "controlnets")))
     outside: list[str] = []
@@ -123,20 +126,34 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             # A ControlNet unit, drawn as an A1111 client's unit is drawn (below).
             page.click("#tab_txt2img")
             page.uncheck("#enable_hr")
-            for field, value in (("width", "64"), ("height", "64"), ("seed", "11"), ("cn_weight", "0.8")):
+            for field, value in (("width", "64"), ("height", "64"), ("seed", "11"), ("cn_weight_0", "0.8")):
                 page.fill(f"#{field}", value)
-            page.select_option("#cn_model", "cn")
+            page.select_option("#cn_model_0", "cn")
             page.click("#generate")
             no_control = page.inner_text("#status")
-            page.set_input_files("#cn_image", str(tmp_path / "control.png"))
-            page.wait_for_function("controlImage !== null")
+            page.set_input_files("#cn_image_0", str(tmp_path / "control.png"))
+            page.wait_for_function("controlImages[0] !== null")
             page.click("#generate")
             page.wait_for_function("document.querySelectorAll('figure img').length == 4", timeout=60_000)
             controlled = page.get_attribute("figure img", "src")
+            # A second unit beside it (the third left empty), and both reused from the gallery.
+            page.select_option("#cn_model_1", "cn")
+            page.fill("#cn_weight_1", "0.5")
+            page.set_input_files("#cn_image_1", str(tmp_path / "second.png"))
+            page.wait_for_function("controlImages[1] !== null")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('figure img').length == 5", timeout=60_000)
+            two_units = page.get_attribute("figure img", "src")
+            for unit in (0, 1):
+                page.select_option(f"#cn_model_{unit}", "")
+            page.locator("figure .reuse").first.click()
+            units_reused = [page.input_value(f"#cn_{part}_{unit}") for unit in (0, 1, 2)
+                            for part in ("model", "weight")]
             # Cancelled while it waits or draws (40 steps at 128 px): no image comes.
             for field, value in (("steps", "40"), ("width", "128"), ("height", "128")):
                 page.fill(f"#{field}", value)
-            page.select_option("#cn_model", "")
+            for unit in (0, 1):
+                page.select_option(f"#cn_model_{unit}", "")
             page.click("#generate")
             page.wait_for_function("!document.querySelector('#cancel').disabled")
             page.click("#cancel")
@@ -145,9 +162,12 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             browser.close()
         host, port = running.url.rsplit(":", 1)
         unit = webuiapi.ControlNetUnit(image=control, module="none", model="cn", weight=0.8)
-        direct = webuiapi.WebUIApi(host=host.split("//")[1], port=int(port)).txt2img(
-            prompt="a red circle", seed=11, steps=3, sampler_name="DPM++ 2M", cfg_scale=7, width=64, height=64,
-            controlnet_units=[unit], alwayson_scripts={}).image
+        client = webuiapi.WebUIApi(host=host.split("//")[1], port=int(port))
+        asked = dict(prompt="a red circle", seed=11, steps=3, sampler_name="DPM++ 2M", cfg_scale=7, width=64, height=64,
+                     alwayson_scripts={})
+        direct = client.txt2img(**asked, controlnet_units=[unit]).image
+        direct_two = client.txt2img(**asked, controlnet_units=[
+            unit, webuiapi.ControlNetUnit(image=second, module="none", model="cn", weight=0.5)]).image
     finally:
         running.stop()
     image = _image(source)
@@ -162,10 +182,10 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert upscalers[:2] == ["Latent", "Latent (antialiased)"] and upscalers[-4:] == ["None", "Lanczos", "Nearest",
                                                                                       "4x-Tiny"]
     assert hires_reused == [True, "1.5", "4x-Tiny"]
-    assert outside == []
+    assert outside == []  # nothing from a CDN or anywhere else: the page works offline
     assert no_image.startswith("error: img2img needs an image")
     # The inpainting: the gallery's image itself and the stroke, on the image's own pixels, sent as a mask.
-    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", *["txt2img"] * 3]
+    assert mode == "img2img" and [job["type"] for job in jobs] == ["txt2img", "img2img", *["txt2img"] * 4]
     sent = jobs[1]["request"]
     assert "enable_hr" not in sent and (sent["mask_blur"], sent["inpainting_fill"], sent["inpaint_full_res"],
                                         sent["denoising_strength"]) == (4, 2, False, 0.9)
@@ -185,13 +205,20 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
     assert soft_sent == [{"soft inpainting": {"args": [True]}}, 1] and soft_reused is False
     assert uploaded == ["48", "40", 41]
-    assert cancelled == ["cancelled", 4]
-    assert no_control == "error: the ControlNet needs its control image"
+    assert cancelled == ["cancelled", 5]
+    assert no_control == "error: ControlNet unit 0 needs its control image"
     [sent_unit] = jobs[3]["request"]["alwayson_scripts"]["ControlNet"]["args"]
     assert {key: sent_unit[key] for key in ("enabled", "model", "module", "weight")} == {
         "enabled": True, "model": "cn", "module": "none", "weight": 0.8}
     assert np.array_equal(np.asarray(_image(sent_unit["image"]).convert("RGB")), np.asarray(control))
     assert np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(direct.convert("RGB")))
     # (the first image's settings but for the unit: the unit acted)
-    assert not np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(image.convert("RGB")))  # nothing from a CDN or anywhere else: the page works offline
+    assert not np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(image.convert("RGB")))
+    # Two units: both sent in order, drawn as a client's two units are, and not as the first alone.
+    assert [(u["weight"], np.array_equal(np.asarray(_image(u["image"]).convert("RGB")), np.asarray(picture)))
+            for u, picture in zip(jobs[4]["request"]["alwayson_scripts"]["ControlNet"]["args"], (control, second),
+                                  strict=True)] == [(0.8, True), (0.5, True)]
+    assert np.array_equal(np.asarray(_image(two_units).convert("RGB")), np.asarray(direct_two.convert("RGB")))
+    assert not np.array_equal(np.asarray(_image(two_units).convert("RGB")), np.asarray(direct.convert("RGB")))
+    assert units_reused == ["cn", "0.8", "cn", "0.5", "", "1"]
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

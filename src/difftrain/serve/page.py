@@ -2,11 +2,11 @@
 
 It speaks the server's own API: the lists from `/sdapi/v1/*`, each generation a job on
 `/v1/jobs` polled for its progress, so the page and any other client wait in the same queue.
-A ControlNet unit (model, preprocessor, weight, control image) is sent as A1111's ControlNet
-extension takes it, in `alwayson_scripts`. Its img2img tab takes an uploaded image or a generated
-one ("Send to img2img") and a mask painted on it with the mouse: white strokes on a canvas of the
-image's own size, sent as a black and white PNG (what A1111's API takes), so a stroke lands on the
-same pixels however the image is shown.
+Up to three ControlNet units (model, preprocessor, weight, control image: the extension's default
+number of units) are sent as A1111's ControlNet extension takes them, in `alwayson_scripts`. Its
+img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted on it
+with the mouse: white strokes on a canvas of the image's own size, sent as a black and white PNG
+(what A1111's API takes), so a stroke lands on the same pixels however the image is shown.
 """
 
 PAGE = """<!doctype html>
@@ -18,6 +18,7 @@ PAGE = """<!doctype html>
   body { font: 14px system-ui, sans-serif; margin: 0; display: flex; min-height: 100vh; color: #222; }
   form { width: 320px; padding: 16px; background: #f4f4f6; box-sizing: border-box; }
   label { display: block; margin: 8px 0 2px; font-weight: 600; }
+  .unit { font-size: 12px; color: #666; margin: 4px 0 2px; }
   input, select, textarea, button { width: 100%; box-sizing: border-box; font: inherit; padding: 4px; }
   input[type=checkbox] { width: auto; margin: 8px 0; }
   .row { display: flex; gap: 8px; } .row > div { flex: 1; }
@@ -51,11 +52,8 @@ PAGE = """<!doctype html>
   <label for="lora">LoRA</label>
   <div class="row"><div><select id="lora"><option value="">(none)</option></select></div>
     <div><input id="lora_weight" type="number" step="0.05" value="0.8" title="LoRA weight"></div></div>
-  <label for="cn_model">ControlNet</label>
-  <div class="row"><div><select id="cn_model"><option value="">(none)</option></select></div>
-    <div><input id="cn_weight" type="number" step="0.05" value="1" title="ControlNet weight"></div></div>
-  <div class="row"><div><select id="cn_module" title="preprocessor"></select></div>
-    <div><input id="cn_image" type="file" accept="image/*" title="control image"></div></div>
+  <label for="cn_model_0">ControlNet</label>
+  <div id="units"></div>
   <label for="sampler_name">Sampler</label><select id="sampler_name"></select>
   <div class="row">
     <div><label for="steps">Steps</label><input id="steps" type="number" min="1" value="20"></div>
@@ -128,7 +126,15 @@ const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name
 let mode = "txt2img";
 let initImage = null;  // the img2img image, a data URL
 let painted = false;
-let controlImage = null;  // the ControlNet unit's image, a data URL
+const UNITS = 3;  // ControlNet units: the extension's default number
+const controlImages = new Array(UNITS).fill(null);  // each unit's image, a data URL
+for (let i = 0; i < UNITS; i++) {
+  $("units").insertAdjacentHTML("beforeend", `<div class="unit">Unit ${i}</div>
+  <div class="row"><div><select id="cn_model_${i}" title="unit ${i} model"><option value="">(none)</option></select>
+    </div><div><input id="cn_weight_${i}" type="number" step="0.05" value="1" title="unit ${i} weight"></div></div>
+  <div class="row"><div><select id="cn_module_${i}" title="unit ${i} preprocessor"></select></div>
+    <div><input id="cn_image_${i}" type="file" accept="image/*" title="unit ${i} control image"></div></div>`);
+}
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -150,8 +156,10 @@ async function load() {
     api("/sdapi/v1/samplers"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/loras"), api("/sdapi/v1/options"),
     api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers"), api("/controlnet/model_list"),
     api("/controlnet/module_list")]);
-  fill($("cn_model"), controlnets.model_list, (m) => m, (m) => m);
-  fill($("cn_module"), modules.module_list, (m) => m, (m) => m);
+  for (let i = 0; i < UNITS; i++) {
+    fill($(`cn_model_${i}`), controlnets.model_list, (m) => m, (m) => m);
+    fill($(`cn_module_${i}`), modules.module_list, (m) => m, (m) => m);
+  }
   // A1111's list: the latent modes, then None, Lanczos, Nearest and the server's model upscalers (ESRGAN ...).
   fill($("hr_upscaler"), [...latent, ...upscalers], (u) => u.name, (u) => u.name);
   fill($("sampler_name"), samplers, (s) => s.name, (s) => s.name);
@@ -225,11 +233,14 @@ function request() {
   if ($("lora").value) body.prompt += ` <lora:${$("lora").value}:${$("lora_weight").value}>`;
   body.override_settings = {sd_model_checkpoint: $("model").value};
   const scripts = {};
-  if ($("cn_model").value) {
-    if (!controlImage) throw new Error("the ControlNet needs its control image");
-    scripts.ControlNet = {args: [{enabled: true, image: controlImage, module: $("cn_module").value,
-                                  model: $("cn_model").value, weight: Number($("cn_weight").value)}]};
+  const units = [];
+  for (let i = 0; i < UNITS; i++) {
+    if (!$(`cn_model_${i}`).value) continue;
+    if (!controlImages[i]) throw new Error(`ControlNet unit ${i} needs its control image`);
+    units.push({enabled: true, image: controlImages[i], module: $(`cn_module_${i}`).value,
+                model: $(`cn_model_${i}`).value, weight: Number($(`cn_weight_${i}`).value)});
   }
+  if (units.length) scripts.ControlNet = {args: units};
   if (mode === "img2img") {
     body.init_images = [initImage];
     const mask = maskImage();
@@ -256,9 +267,11 @@ function reuse(parameters, kind) {
     const soft = scripts["soft inpainting"];
     $("soft_inpainting").checked = Boolean(soft && soft.args && soft.args[0]);
   }
-  const unit = ((scripts.ControlNet || {}).args || [])[0];  // (its image stays the one chosen now)
-  $("cn_model").value = unit ? unit.model : "";
-  if (unit) { $("cn_module").value = unit.module; $("cn_weight").value = String(unit.weight); }
+  const units = (scripts.ControlNet || {}).args || [];  // in order; their images stay the ones chosen now
+  for (let i = 0; i < UNITS; i++) {
+    $(`cn_model_${i}`).value = units[i] ? units[i].model : "";
+    if (units[i]) { $(`cn_module_${i}`).value = units[i].module; $(`cn_weight_${i}`).value = String(units[i].weight); }
+  }
 }
 
 function show(job) {
@@ -296,7 +309,7 @@ function readFile(input, use) {
   });
 }
 readFile($("init_image"), setImage);
-readFile($("cn_image"), (dataUrl) => { controlImage = dataUrl; });
+for (let i = 0; i < UNITS; i++) readFile($(`cn_image_${i}`), (dataUrl) => { controlImages[i] = dataUrl; });
 
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();

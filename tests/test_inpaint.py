@@ -305,6 +305,35 @@ def test_the_resize_modes_bring_the_init_image_to_the_size_drawn_as_a1111s_do(ti
     assert torch.equal(drawer.extra["image"], wanted)
 
 
+def test_the_latent_upscale_resize_mode_resizes_the_images_own_size_latents(tiny_sd, tmp_path):  # noqa: F811
+    """A1111's resize mode 3, "Just resize (latent upscale)": the image is encoded as it is and its latents are
+    brought to the drawing size (bilinear), not the image; written and repeated by --from-png; refused with a mask."""
+    from difftrain.generate.inpaint import LATENT_UPSCALE
+    from difftrain.generate.text2image import Drawer, GenerateOptions
+    from difftrain.sampling.text2image import encode_pixels
+
+    init, _ = _pictures(tmp_path, size=(96, 48), box=(60, 8, 80, 28))
+    options = dict(prompt="x", steps=3, width=48, height=64, init_image=str(tmp_path / "init.png"))
+    drawer = Drawer(str(tiny_sd), GenerateOptions(**options, resize_mode=LATENT_UPSCALE), progress=False)
+    own = encode_pixels(drawer.pipe, drawer.pipe.image_processor.preprocess(init))
+    assert own.shape[-2:] == (24, 48)  # (the tiny VAE halves each side)
+    wanted = torch.nn.functional.interpolate(own, size=(32, 24), mode="bilinear")
+    assert torch.equal(drawer.extra["image"], wanted)
+    stretched = Drawer(str(tiny_sd), GenerateOptions(**options), progress=False).extra["image"]
+    assert stretched.shape == wanted.shape and not torch.allclose(stretched, wanted, atol=1e-3)
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"),
+            "--steps", "3", "--width", "48", "--height", "64", "--seed", "3", "--no-progress"]
+    assert main([*base, "--resize-mode", LATENT_UPSCALE, "--out", str(tmp_path / "latent")]) == 0
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    [drawn], [plain] = _outputs(tmp_path / "latent"), _outputs(tmp_path / "plain")
+    image = Image.open(drawn)
+    assert image.size == (48, 64) and "Resize mode: Just resize (latent upscale)" in image.info["parameters"]
+    assert not np.array_equal(np.asarray(image), np.asarray(Image.open(plain)))
+    assert main(["generate", str(tiny_sd), "--from-png", str(drawn), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(_outputs(tmp_path / "again")[0])), np.asarray(image))
+
+
 def test_a_folder_of_init_images_draws_each_with_its_mask_and_skips_what_it_cannot(
         tiny_sd, tmp_path, caplog, capsys):  # noqa: F811
     """A1111's img2img batch: each image with the mask of its name, drawn as one --init-image of it draws, written
@@ -354,6 +383,8 @@ def test_inpainting_flags_that_cannot_work_are_refused_naming_them(tiny_sd, tmp_
         ([*init, "--mask", str(tmp_path / "broken.png")], f"--mask {tmp_path / 'broken.png'}: not a mask"),
         ([*init, "--mask", str(tmp_path / "none.png")], "no such file"),
         ([*init, "--resize-mode", "latent upscale"], "--resize-mode 'latent upscale': choose one of just resize"),
+        ([*init, "--mask", str(tmp_path / "mask.png"), "--resize-mode", "just resize (latent upscale)"],
+         "resizes the image's latents, which an inpainting's mask and original do not follow"),
         (["--resize-mode", "crop and resize"], "--resize-mode brings img2img's image to the size drawn"),
     ]:
         assert main([*base, *flags]) == 2, flags

@@ -742,6 +742,16 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                  "--no-progress"]) == 0
     [drawn] = sorted((tmp_path / "crop").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(cropped.convert("RGB")))
+    # And resize mode 3, the latent upscale: generate's 'just resize (latent upscale)'.
+    latent = api.img2img(images=[init], prompt="a blue square", seed=4, width=64, height=64, denoising_strength=0.8,
+                         steps=4, resize_mode=3).image
+    assert "Resize mode: Just resize (latent upscale)" in latent.info["parameters"]
+    assert main(["generate", str(tiny_sd), "--prompt", "a blue square", "--init-image", str(tmp_path / "init.png"),
+                 "--resize-mode", "just resize (latent upscale)", "--scheduler", "Euler a", "--steps", "4",
+                 "--strength", "0.8", "--seed", "4", "--width", "64", "--height", "64", "--out",
+                 str(tmp_path / "latent"), "--no-progress"]) == 0
+    [drawn] = sorted((tmp_path / "latent").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(latent.convert("RGB")))
     sent = whole.parameters["init_images"][0], whole.parameters["mask"]  # as webuiapi sent them: data URLs
     echoed = [Image.open(io.BytesIO(base64.b64decode(text.split(",")[-1]))) for text in sent]
     assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(echoed, (init, mask))] == [True, True]
@@ -749,7 +759,8 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                                                     "width": 64, "height": 64}
     for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),
                                 ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64"),
-                                ("mask_round", False, "rounded mask"), ("resize_mode", 3, "latent upscale")]:
+                                ("mask_round", False, "rounded mask"), ("resize_mode", 3, "latent upscale"),
+                                ("resize_mode", 4, "3 just resize (latent upscale)")]:
         answer = requests.post(url, json={**body, field: value})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text

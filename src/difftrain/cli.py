@@ -926,7 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resize-mode", metavar="MODE",
                      help="img2img: how the image comes to --width x --height (A1111's Resize mode): 'just "
                           "resize' (default, stretched), 'crop and resize' (its middle at the aspect), 'resize and "
-                          "fill' (fitted inside, the edges stretched into the bands)")
+                          "fill' (fitted inside, the edges stretched into the bands), 'just resize (latent "
+                          "upscale)' (encoded at its own size, its latents resized; not with --mask)")
     gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw only where this image is white (or, with a "
                                                     "transparent background, opaque); the rest stays the init image's. "
                                                     "With an --init-image folder: a folder of masks named as the "

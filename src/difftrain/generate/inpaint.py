@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 # A1111's "Masked content", in the order of its API's inpainting_fill (0-3).
 FILLS = ("fill", "original", "latent noise", "latent nothing")
-# A1111's img2img "Resize mode", in the order of its API's resize_mode (0-2; its 3, a latent upscale, is not built).
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+# A1111's img2img "Resize mode", in the order of its API's resize_mode (0-3).
+LATENT_UPSCALE = "just resize (latent upscale)"  # the image's own-size latents, interpolated to the drawing size
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", LATENT_UPSCALE)
 
 
 class InpaintError(DifftrainError):

@@ -118,13 +118,15 @@ class GenerateOptions:
                 load_image(self.init_image)
             except BadImage as reason:
                 raise GenerateError(f"--init-image {self.init_image}: {reason}") from None
-        from difftrain.generate.inpaint import RESIZE_MODES
+        from difftrain.generate.inpaint import LATENT_UPSCALE, RESIZE_MODES
 
         if self.resize_mode not in RESIZE_MODES:
-            raise GenerateError(f"--resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)} (A1111's "
-                                "latent upscale mode is not built)")
+            raise GenerateError(f"--resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
         if self.resize_mode != "just resize" and not self.init_image:
             raise GenerateError("--resize-mode brings img2img's image to the size drawn: give --init-image too")
+        if self.resize_mode == LATENT_UPSCALE and self.mask:
+            raise GenerateError(f"--resize-mode {LATENT_UPSCALE!r} resizes the image's latents, which an inpainting's "
+                                "mask and original do not follow: give another resize mode with --mask")
         if self.mask:
             self.check_mask()
         elif self.soft_inpainting is not None:
@@ -433,12 +435,17 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
         from difftrain.sampling.schedulers import img2img_strength
         from difftrain.sampling.text2image import encode_pixels
 
-        from difftrain.generate.inpaint import resize_image
+        from difftrain.generate.inpaint import LATENT_UPSCALE, resize_image
 
-        start = resize_image(init, resize_mode, width, height) if inpainting is None else inpainting.image
-        pixels = pipe.image_processor.preprocess(start)
-        extra = {"image": encode_pixels(pipe, pixels),
-                 "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
+        if resize_mode == LATENT_UPSCALE:  # A1111: encoded at its own size, the latents then resized bilinearly
+            pixels = pipe.image_processor.preprocess(init)  # (its sides rounded down to the VAE's multiple)
+            latents = torch.nn.functional.interpolate(encode_pixels(pipe, pixels), mode="bilinear", size=(
+                height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
+        else:
+            start = resize_image(init, resize_mode, width, height) if inpainting is None else inpainting.image
+            pixels = pipe.image_processor.preprocess(start)
+            latents = encode_pixels(pipe, pixels)
+        extra = {"image": latents, "strength": img2img_strength(scheduler or pipe.scheduler, steps, strength)}
         if inpainting is not None:
             extra["mask"] = inpainting.latent_mask_for(pipe, pixels, extra["image"])
     if controls is not None:

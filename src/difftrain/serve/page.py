@@ -86,7 +86,8 @@ PAGE = """<!doctype html>
     <div class="row">
       <div><label for="resize_mode">Resize mode</label><select id="resize_mode">
         <option value="0">Just resize</option><option value="1">Crop and resize</option>
-        <option value="2">Resize and fill</option></select></div>
+        <option value="2">Resize and fill</option>
+        <option value="3">Just resize (latent upscale)</option></select></div>
       <div><label for="brush">Brush (px of the image)</label><input id="brush" type="number" min="1" value="12"></div>
       <div><button type="button" id="clear_mask">Clear mask</button></div>
       <div><label for="mask_blur">Mask blur</label><input id="mask_blur" type="number" min="0" max="64" value="4"></div>

@@ -265,9 +265,12 @@ class Img2ImgRequest(Txt2ImgRequest):
         if self.mask:
             self.check_inpainting()
         self.soft_inpainting()  # (sent without a mask, it does nothing, as in A1111; but it must be well formed)
-        if self.resize_mode not in (0, 1, 2):
+        if self.resize_mode not in (0, 1, 2, 3):
             raise RequestError("resize_mode", f"{self.resize_mode}: 0 just resize, 1 crop and resize, 2 resize and "
-                                              "fill (3, the latent upscale, is not served)")
+                                              "fill, 3 just resize (latent upscale)")
+        if self.resize_mode == 3 and self.mask:
+            raise RequestError("resize_mode", "3 (latent upscale) resizes the image's latents, which a mask and "
+                                              "the original laid back do not follow: give 0-2 with a mask")
         if not 0.0 < self.denoising_strength <= 1.0:
             raise RequestError("denoising_strength", f"{self.denoising_strength}: must be in (0, 1]")
         # (the image itself is decoded once, and the steps the sampler takes checked, by the engine's precheck)

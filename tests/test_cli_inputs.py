@@ -11,6 +11,7 @@ import torch
 from test_text2image import tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
+from difftrain.errors import DifftrainError
 
 
 def refused(argv: list[str], capsys, said: str) -> None:
@@ -162,12 +163,23 @@ def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhe
     assert "1 usable images" in out and f"b.png: a link to {tmp_path / 'moved-away.png'}, which does not exist" in out
 
 
-def test_a_bad_config_is_answered_before_the_trainer_and_torch_are_imported(tmp_path):
-    """(Their imports take ~7 s on a 2-core CPU: a mistyped key was said only after them.)"""
-    config = tmp_path / "bad.yaml"
-    config.write_text("data: {path: data/shapes}\ntraining: {max_step: 10}\n")
+def test_a_bad_config_or_missing_data_is_answered_before_the_trainer_and_torch_are_imported(tmp_path):
+    """(Their imports take ~7 s on a 2-core CPU: a mistyped key or data folder was said only after them.) The
+    data's refusal is its reader's own."""
+    from difftrain.data.sources import open_source
+
+    cases = {"bad.yaml": ("data: {path: data/shapes}\ntraining: {max_step: 10}\n", "training.max_step"),
+             "folder.yaml": (f"data: {{path: {tmp_path / 'shapez'}}}\n", ""),
+             "jsonl.yaml": (f"data: {{path: {tmp_path / 'x.jsonl'}, source: jsonl, image_key: file}}\n", "")}
+    for kind, name in (("folder", "shapez"), ("jsonl", "x.jsonl")):
+        with pytest.raises(DifftrainError) as refused:
+            open_source(kind, tmp_path / name, image_key="file", progress=False)
+        cases[f"{kind}.yaml"] = (cases[f"{kind}.yaml"][0], str(refused.value))
     probe = ("import sys; from difftrain.cli import main; code = main(['train', sys.argv[1]]); "
              "print(code, *(name in sys.modules for name in ('torch', 'difftrain.training.trainer')))")
-    ran = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=120)
-    assert ran.stdout.split() == ["2", "False", "False"], ran.stdout + ran.stderr
-    assert "training.max_step" in ran.stderr
+    for name, (text, said) in cases.items():
+        (tmp_path / name).write_text(text)
+        ran = subprocess.run([sys.executable, "-c", probe, str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=120)
+        assert ran.stdout.split() == ["2", "False", "False"], ran.stdout + ran.stderr
+        assert said in ran.stderr, (name, ran.stderr)

@@ -61,6 +61,9 @@ def _train(args: argparse.Namespace) -> int:
     from difftrain.config import load_config
 
     config = load_config(args.config, args.set)  # before the trainer's imports (seconds): a bad key is said at once
+    from difftrain.data.sources import check_local_path
+
+    check_local_path(config.data.source, config.data.path, config.data.image_key, config.data.caption_key)  # so too
     from difftrain.training.trainer import train
 
     train(config, resume=args.resume, progress=not args.no_progress, allow_data_change=args.allow_data_change,

@@ -37,6 +37,11 @@ class DatasetError(DifftrainError):
     """A dataset that cannot be trained on at all; the message says why and what to do."""
 
 
+def require_folder(root: Path) -> None:
+    if not root.is_dir():
+        raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
+
+
 @dataclass(frozen=True)
 class Record:
     path: Path
@@ -302,8 +307,7 @@ def scan_folder(
     no conditioning file (`conditioning_source` None): the caller derives it from the image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
+    require_folder(root)
     visible = visible_files(root)  # one walk: images and metadata
     named = [path for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
     images = image_paths(named)

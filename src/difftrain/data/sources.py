@@ -37,7 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, contents_lock, interrupted_contents, recover_contents
-from difftrain.data.folder import ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, scan_folder
+from difftrain.data.folder import (ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, require_folder,
+                                   scan_folder)
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
@@ -109,6 +110,19 @@ def open_source(
     source.settings = repr((kind, image_key, caption_key, captions, caption_extension, max_pixels, hf))
     source.location = str(Path(path).resolve()) if Path(path).exists() else str(path)
     return source
+
+
+def check_local_path(kind: str, path: str | Path, image_key: str = "image", caption_key: str = "caption") -> None:
+    """A folder or jsonl source's refusal of a path that is not there, without reading anything: `difftrain train`
+    says it before the trainer's imports (seconds), which this module does not need. The other kinds' paths may
+    be URLs, globs or Hub ids: their readers say what is wrong."""
+    if kind == "folder":
+        require_folder(Path(path))
+    elif kind == "jsonl" and not Path(path).is_file():
+        raise DatasetError(
+            f"data.path: {path} is not a file; a jsonl source is one file with a JSON object per line, "
+            f'e.g. {{"{image_key}": "images/001.jpg", "{caption_key}": "a cat"}}'
+        )
 
 
 def _open_kind(kind: str, path: str | Path, image_key: str, caption_key: str, captions: str, caption_extension: str,
@@ -216,11 +230,7 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,
                 progress: bool, conditioning: ConditioningFiles | None) -> FileSource:
-    if not path.is_file():
-        raise DatasetError(
-            f"data.path: {path} is not a file; a jsonl source is one file with a JSON object per line, "
-            f'e.g. {{"{image_key}": "images/001.jpg", "{caption_key}": "a cat"}}'
-        )
+    check_local_path("jsonl", path, image_key, caption_key)
     root = path.parent
     keys, paths, texts, sizes, wheres = [], [], [], [], []
     conditions: list[object] = []  # per record: the conditioning column's value as stored

@@ -180,3 +180,28 @@ def test_canny_and_the_crop_and_resize_rule():
     edges = np.asarray(canny(square, 100, 200).convert("L"))
     assert set(np.unique(edges)) == {0, 255}
     assert edges[8, 4:28].max() == 255 and edges[16, 16] == 0  # the square's top edge, not its inside
+
+
+def test_an_img2img_batch_gives_every_image_the_units_control_image(tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    """A folder of init images with a ControlNet, as A1111's batch: each image drawn as that one --init-image draws
+    with the unit, and under "only masked" the control image cut to each mask's own box."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name, colour, box in (("a", "red", (4, 4, 16, 16)), ("b", "blue", (14, 12, 30, 28))):
+        Image.new("RGB", (32, 32), colour).save(images / f"{name}.png")
+        drawn = Image.new("L", (32, 32), 0)
+        ImageDraw.Draw(drawn).rectangle(box, fill=255)
+        drawn.save(masks / f"{name}.png")
+    base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--steps", "3", "--width", "32", "--height", "32",
+            "--seed", "3", "--strength", "0.9", "--controlnet", f"{controlnets[0]}:1.5", "--control-image", str(mask),
+            "--no-progress"]
+    for flags in ([], ["--mask", str(masks), "--only-masked", "--only-masked-padding", "2"]):
+        out = tmp_path / ("masked" if flags else "plain")
+        assert main([*base, "--init-image", str(images), *flags, "--out", str(out)]) == 0
+        for name in "ab":
+            one = [*flags[:1], str(masks / f"{name}.png"), *flags[2:]] if flags else []
+            assert main([*base, "--init-image", str(images / f"{name}.png"), *one, "--out",
+                         str(tmp_path / f"{out.name}-{name}")]) == 0
+            [alone] = sorted((tmp_path / f"{out.name}-{name}").glob("*.png"))
+            assert np.array_equal(pixels(alone), pixels(out / f"{name}.png")), (out.name, name)

@@ -520,7 +520,7 @@ class Drawer:
                     for unit in options.controlnets]
             images = [control_image(unit, self.width, self.height, self.inpainting) for unit in options.controlnets]
             controls = Controls(options.controlnets, nets, images)
-        self.controlled = controls is not None
+        self.controls = controls
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
                                                   inpainting=self.inpainting, resize_mode=options.resize_mode)
@@ -573,14 +573,17 @@ class Drawer:
 
     def retarget(self, options: GenerateOptions) -> None:
         """Draw from now on from `options`' init image (and mask), all else as loaded: an img2img batch's next
-        image. (Not with ControlNets, whose images are made for the first.)"""
-        if self.controlled:
-            raise GenerateError("a folder of init images draws without ControlNets: give one --init-image file")
+        image. ControlNet units keep their networks and images, as A1111's batch gives each image a unit's one
+        image; under "only masked" the images are cut again, to this mask's box."""
         init, inpainting = self._init_images(options)  # (an image that cannot be read leaves this Drawer as it was)
-        self.options, self.inpainting = options, inpainting
+        controls = self.controls
+        if controls is not None:
+            controls = replace(controls, images=[control_image(unit, self.width, self.height, inpainting)
+                                                 for unit in controls.units])
+        self.options, self.inpainting, self.controls = options, inpainting, controls
         self.runner, self.extra = sampling_runner(self.pipe, self.width, self.height, options.steps, init=init,
-                                                  strength=options.strength, inpainting=self.inpainting,
-                                                  resize_mode=options.resize_mode)
+                                                  strength=options.strength, controls=controls,
+                                                  inpainting=self.inpainting, resize_mode=options.resize_mode)
         self.runner.set_progress_bar_config(disable=not self.progress)
 
     def _second_model(self, options: GenerateOptions, extra_loras, device: torch.device, progress: bool):

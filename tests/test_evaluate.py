@@ -334,6 +334,13 @@ def test_clip_reads_a_prompt_without_its_a1111_syntax():
 
 
 # ----------------------------------------------------------------------------- during training
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory) -> Path:
+    """One feature cache for the runs below: the shapes reference (24 images through Inception at 299 px, ~5 s)
+    is computed by the first and read by the rest, as a user's runs share difftrain's cache."""
+    return tmp_path_factory.mktemp("eval-cache")
+
+
 def _eval_section(networks: dict[str, Path], cache: Path, **extra) -> dict:
     return {"every_steps": 2, "num_images": 8, "metrics": ["fid", "kid", "lpips"], "steps": 3,
             "scheduler": "ddim", "batch_size": 4, "reference_max": 24, "cache_dir": str(cache),
@@ -347,7 +354,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(networks, shapes_dir, tmp_path):
+def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(networks, shapes_dir, tmp_path,
+                                                                          reference_cache):
     from difftrain.config import load_config
     from difftrain.training.evaluation import read_eval_history
     from difftrain.training.trainer import train
@@ -356,7 +364,7 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
                                                               checkpoint={"every_steps": 2, "keep_last": 1}))
     train(load_config(plain), progress=False)
     # Checkpoints every 4 steps, evaluation every 2: a best found between checkpoints gets its checkpoint then.
-    evaluated_config = tiny_config(shapes_dir, tmp_path / "evaluated", eval=_eval_section(networks, tmp_path / "cache"),
+    evaluated_config = tiny_config(shapes_dir, tmp_path / "evaluated", eval=_eval_section(networks, reference_cache),
                                    checkpoint={"every_steps": 4, "keep_last": 1, "keep_best": "kid:max"})
     evaluated = write_config(tmp_path / "evaluated.yaml", evaluated_config)
     random.seed(123)  # global generators must come out of evaluation as they went in
@@ -381,27 +389,28 @@ def test_evaluation_during_training_changes_no_weight_and_keeps_the_best(network
     out = tmp_path / "cli"
     assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "8",
                  "--batch-size", "4", "--steps", "3", "--scheduler", "ddim", "--metrics", "fid,kid",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *_flags(networks)]) == 0
+                 "--cache-dir", str(reference_cache), "--out", str(out), *_flags(networks)]) == 0
     cli = json.loads((out / "eval.json").read_text())
-    assert cli["reference"]["from_cache"] is True  # the run computed the same reference
+    assert cli["reference"]["from_cache"] is True  # the reference the run measured against (or an earlier run)
     assert cli["metrics"]["fid"] == pytest.approx(history[-1]["fid"], rel=1e-6)
     assert cli["metrics"]["kid"] == pytest.approx(history[-1]["kid"], rel=1e-6)
 
 
-def test_a_class_models_evaluation_in_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
+def test_a_class_models_evaluation_in_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path,
+                                                                                     reference_cache):
     """Both draw every class in turn at the model's guidance (model.class_guidance, kept in its manifest)."""
     from difftrain.config import load_config
     from difftrain.training.evaluation import read_eval_history
     from difftrain.training.trainer import train
 
     config = tiny_config(shapes_dir, tmp_path / "classes", model={"preset": "tiny", "classes": "captions"},
-                         eval=_eval_section(networks, tmp_path / "cache", metrics=["fid"]))
+                         eval=_eval_section(networks, reference_cache, metrics=["fid"]))
     run = train(load_config(write_config(tmp_path / "classes.yaml", config)), progress=False).run_dir
     history = read_eval_history(run / "metrics.jsonl")
     out = tmp_path / "cli"
     assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "8",
                  "--batch-size", "4", "--steps", "3", "--scheduler", "ddim", "--metrics", "fid",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *_flags(networks)]) == 0
+                 "--cache-dir", str(reference_cache), "--out", str(out), *_flags(networks)]) == 0
     cli = json.loads((out / "eval.json").read_text())
     assert cli["generation"]["classes"] == 12 and cli["generation"]["cfg"] == 3.0
     assert cli["metrics"]["fid"] == pytest.approx(history[-1]["fid"], rel=1e-6)
@@ -411,7 +420,8 @@ def test_a_class_models_evaluation_in_training_measures_what_difftrain_eval_meas
 EDITED = ["a [red circle:(blue square:1.8) BREAK (green:1.8):1]", "a [(blue:1.8)|red BREAK (square:1.8)]"]
 
 
-def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path):
+def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_measures(networks, shapes_dir, tmp_path,
+                                                                                         reference_cache):
     from difftrain.config import load_config
     from difftrain.models.tiny_sd import write_tiny_sd
     from difftrain.training.evaluation import read_eval_history
@@ -420,7 +430,7 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
     base = write_tiny_sd(tmp_path / "tiny-sd")
     config = tiny_config(shapes_dir, tmp_path / "sd-run", method="text2image", model={"base": str(base)},
                          # A1111's prompt editing and alternation, drawn step by step on both sides.
-                         eval=_eval_section(networks, tmp_path / "cache", num_images=4, images_per_prompt=2,
+                         eval=_eval_section(networks, reference_cache, num_images=4, images_per_prompt=2,
                                             metrics=["fid", "kid", "lpips"], batch_size=2, prompts=EDITED),
                          checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "lpips_diversity"},
                          # The previews' negative prompt is theirs: evaluation draws with eval.negative_prompt ("").
@@ -438,7 +448,7 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
     assert main(["eval", str(run), "--reference", str(shapes_dir), "--reference-max", "24", "--num-images", "4",
                  "--prompts", str(prompts),
                  "--images-per-prompt", "2", "--batch-size", "2", "--steps", "3", "--scheduler", "ddim", "--cfg", "7.5",
-                 "--width", "16", "--height", "16", "--metrics", "fid,kid,lpips", "--cache-dir", str(tmp_path / "cache"),
+                 "--width", "16", "--height", "16", "--metrics", "fid,kid,lpips", "--cache-dir", str(reference_cache),
                  "--out", str(out), *_flags(networks)]) == 0
     cli = json.loads((out / "eval.json").read_text())["metrics"]
     for name in ("fid", "kid", "lpips_diversity"):
@@ -453,11 +463,11 @@ def test_text_to_image_evaluation_during_training_measures_what_difftrain_eval_m
         assert cached_history[name] == pytest.approx(history[name], rel=1e-3), name
 
 
-def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path):
+def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_dir, tmp_path, reference_cache):
     from difftrain.config import load_config
     from difftrain.training.trainer import train
 
-    section = _eval_section(networks, tmp_path / "cache", metrics=["fid"])
+    section = _eval_section(networks, reference_cache, metrics=["fid"])
     whole = write_config(tmp_path / "whole.yaml", tiny_config(
         shapes_dir, tmp_path / "whole", eval=section, checkpoint={"every_steps": 2, "keep_last": 1, "keep_best": "fid"}))
     train(load_config(whole), progress=False)
@@ -475,13 +485,14 @@ def test_resume_with_evaluation_on_is_exact_and_keeps_the_best(networks, shapes_
 
 
 def test_a_resume_from_an_earlier_checkpoint_sets_aside_the_left_branchs_model_best(networks, shapes_dir, tmp_path,
-                                                                                  monkeypatch, capsys):
+                                                                                  reference_cache, monkeypatch,
+                                                                                  capsys):
     from signal_probe import signalling_step_done
 
     from difftrain.training import trainer
 
     config = write_config(tmp_path / "run.yaml", tiny_config(
-        shapes_dir, tmp_path / "run", eval=_eval_section(networks, tmp_path / "cache", metrics=["fid"]),
+        shapes_dir, tmp_path / "run", eval=_eval_section(networks, reference_cache, metrics=["fid"]),
         checkpoint={"every_steps": 2, "keep_last": 2, "keep_best": "fid"}))
     assert main(["train", str(config), "--no-progress"]) == 0
     run = tmp_path / "run"

@@ -797,7 +797,8 @@ def test_the_engine_holds_drawn_sizes_to_the_limits_behind_the_requests_check(ti
 
     engine = Engine([str(tiny_sd)], limits=Limits(max_width=128, max_height=128))
     drawn = []
-    unchecked = [(Txt2ImgRequest(width=64, height=192, steps=2), "width", "64x192"),
+    unchecked = [(Txt2ImgRequest(width=64, height=192, steps=2), "height", "64x192"),
+                 (Txt2ImgRequest(width=256, height=64, steps=2), "width", "256x64"),
                  (Txt2ImgRequest(width=64, height=64, steps=2, enable_hr=True, hr_scale=3), "hr_scale", "192x192"),
                  (Txt2ImgRequest(width=64, height=64, steps=2, enable_hr=True, hr_resize_x=256), "hr_resize_x",
                   "256x256")]

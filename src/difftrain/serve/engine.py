@@ -381,7 +381,8 @@ class Engine:
         from difftrain.sampling.text2image import sample, to_images
 
         model, scheduler_name = prepared.model, prepared.scheduler
-        self._refuse_oversize(request.width, request.height, "width")
+        self._refuse_oversize(request.width, request.height, "width" if request.width > self.limits.max_width
+                              else "height")
         pipe = self.load(model)
         try:
             scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import socket
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from difftrain.cli import main
-from launches import finish, forked_accelerate_launch, stop_fork_server
+from launches import ForkedLaunch, finish, forked_accelerate_launch, stop_fork_server
 from test_text2image import losses, sd_config, tiny_sd  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +30,13 @@ ZERO3 = ROOT / "configs" / "accelerate" / "deepspeed_zero3_offload.yaml"
 
 def _launch(config: Path, *extra: str, accelerate_config: Path | None = None,
             how: tuple[str, ...] = ("--multi_gpu", "--num_processes", "2", "--main_process_port", "0")
-            ) -> subprocess.Popen:
+            ) -> ForkedLaunch:
     if accelerate_config:
         how = ("--config_file", str(accelerate_config), "--main_process_port", "0")
     return forked_accelerate_launch(*how, "-m", "difftrain", "train", "--no-progress", str(config), *extra)
 
 
-def _finish(*processes: subprocess.Popen) -> list[str]:
+def _finish(*processes: ForkedLaunch) -> list[str]:
     outputs = [finish(p)[0] for p in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]

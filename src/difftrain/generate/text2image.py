@@ -574,10 +574,11 @@ class Drawer:
     def retarget(self, options: GenerateOptions) -> None:
         """Draw from now on from `options`' init image (and mask), all else as loaded: an img2img batch's next
         image. ControlNet units keep their networks and images, as A1111's batch gives each image a unit's one
-        image; under "only masked" the images are cut again, to this mask's box."""
+        image; under "only masked" the images are cut again, to this mask's box (made at the image's own size)."""
         init, inpainting = self._init_images(options)  # (an image that cannot be read leaves this Drawer as it was)
         controls = self.controls
-        if controls is not None:
+        boxed = [item is not None and item.paste_to is not None for item in (self.inpainting, inpainting)]
+        if controls is not None and any(boxed):  # (at the drawing size, they are the same for every image)
             controls = replace(controls, images=[control_image(unit, self.width, self.height, inpainting)
                                                  for unit in controls.units])
         self.options, self.inpainting, self.controls = options, inpainting, controls

@@ -371,9 +371,9 @@ def check_clip_skip(value, field: str) -> None:
         raise RequestError(field, f"{value!r}: an integer from 1 to 12")
 
 
-# A request's image (init image, control image) is decoded when the job is queued and held until it runs; a few
 SOFT_INPAINTING = "soft inpainting"  # the script's title, lower-cased as A1111's API matches script names
 
+# A request's image (init image, control image) is decoded when the job is queued and held until it runs; a few
 # KB of PNG can decode to gigabytes, so the cap is far below training's: 4096 x 4096, ~50 MB as RGB.
 REQUEST_MAX_PIXELS = 4096 * 4096
 

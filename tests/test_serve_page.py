@@ -123,6 +123,23 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.wait_for_function("document.querySelector('#mask').width == 50")
             uploaded = [page.input_value("#width"), page.input_value("#height"), page.evaluate(
                 "document.querySelector('#mask').height")]
+            # The eraser: a stroke across the upload, its right half erased, then the rest (nothing left: no mask).
+            box = page.locator("#mask").bounding_box()
+            on_upload = lambda x, y: (box["x"] + x * box["width"] / 50, box["y"] + y * box["height"] / 41)  # noqa: E731
+
+            def stroke(start: int, end: int) -> None:
+                page.mouse.move(*on_upload(start, 20))
+                page.mouse.down()
+                page.mouse.move(*on_upload(end, 20), steps=6)
+                page.mouse.up()
+
+            stroke(4, 46)
+            page.check("#eraser")
+            stroke(26, 49)
+            half_erased = page.evaluate("maskImage()")
+            stroke(1, 26)
+            all_erased = page.evaluate("maskImage()")
+            page.uncheck("#eraser")
             # A ControlNet unit, drawn as an A1111 client's unit is drawn (below).
             page.click("#tab_txt2img")
             page.uncheck("#enable_hr")
@@ -205,6 +222,12 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
     assert soft_sent == [{"soft inpainting": {"args": [True]}}, 1] and soft_reused is False
     assert uploaded == ["48", "40", 41]
+    # What stays of the stroke is its left part, binary as A1111's UI makes a painted mask; all erased, none is sent.
+    left = np.asarray(_image(half_erased).convert("L"))
+    columns = np.nonzero((left == 255).any(axis=0))[0]
+    assert left.shape == (41, 50) and set(np.unique(left)) == {0, 255}
+    assert columns.min() == 0 and 18 <= columns.max() <= 23 and (left[:, 24:] == 0).all()
+    assert all_erased is None
     assert cancelled == ["cancelled", 5]
     assert no_control == "error: ControlNet unit 0 needs its control image"
     [sent_unit] = jobs[3]["request"]["alwayson_scripts"]["ControlNet"]["args"]

@@ -5,8 +5,9 @@ It speaks the server's own API: the lists from `/sdapi/v1/*`, each generation a 
 Up to three ControlNet units (model, preprocessor, weight, control image: the extension's default
 number of units) are sent as A1111's ControlNet extension takes them, in `alwayson_scripts`. Its
 img2img tab takes an uploaded image or a generated one ("Send to img2img") and a mask painted on it
-with the mouse: white strokes on a canvas of the image's own size, sent as a black and white PNG
-(what A1111's API takes), so a stroke lands on the same pixels however the image is shown.
+with the mouse: white strokes on a canvas of the image's own size (the eraser takes them off again),
+sent as a black and white PNG (what A1111's API takes), so a stroke lands on the same pixels however
+the image is shown.
 """
 
 PAGE = """<!doctype html>
@@ -89,6 +90,7 @@ PAGE = """<!doctype html>
         <option value="2">Resize and fill</option>
         <option value="3">Just resize (latent upscale)</option></select></div>
       <div><label for="brush">Brush (px of the image)</label><input id="brush" type="number" min="1" value="12"></div>
+      <div><label for="eraser">Eraser</label><input id="eraser" type="checkbox"></div>
       <div><button type="button" id="clear_mask">Clear mask</button></div>
       <div><label for="mask_blur">Mask blur</label><input id="mask_blur" type="number" min="0" max="64" value="4"></div>
       <div><label for="inpainting_mask_invert">Mask mode</label><select id="inpainting_mask_invert">
@@ -126,7 +128,6 @@ const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name
   : name === "inpaint_full_res" ? $(name).value === "true" : $(name).value;
 let mode = "txt2img";
 let initImage = null;  // the img2img image, a data URL
-let painted = false;
 const UNITS = 3;  // ControlNet units: the extension's default number
 const controlImages = new Array(UNITS).fill(null);  // each unit's image, a data URL
 for (let i = 0; i < UNITS; i++) {
@@ -193,7 +194,6 @@ $("init_view").addEventListener("load", () => {
 
 function clearMask() {
   $("mask").getContext("2d").clearRect(0, 0, $("mask").width, $("mask").height);
-  painted = false;
 }
 
 let last = null;  // the stroke's previous point, in image pixels
@@ -204,6 +204,7 @@ function imagePoint(event) {
 function paint(event) {
   const context = $("mask").getContext("2d"), point = imagePoint(event);
   context.strokeStyle = context.fillStyle = "#fff";
+  context.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
   context.lineWidth = Number($("brush").value);
   context.lineCap = context.lineJoin = "round";
   context.beginPath();
@@ -211,20 +212,29 @@ function paint(event) {
   context.lineTo(...point);
   context.stroke();
   last = point;
-  painted = true;
 }
 $("mask").addEventListener("pointerdown", (event) => { $("mask").setPointerCapture(event.pointerId); paint(event); });
 $("mask").addEventListener("pointermove", (event) => { if (last) paint(event); });
 for (const end of ["pointerup", "pointercancel"]) $("mask").addEventListener(end, () => { last = null; });
 
-function maskImage() {  // white where painted on black, opaque: what A1111's API reads as a mask
-  if (!painted) return null;
+// White where painted on black, opaque: what A1111's API reads as a mask; null where nothing is painted.
+// Binary at half cover, as A1111's UI makes its canvas a mask (create_binary_mask): a stroke's antialiased rim,
+// and the faint rim an eraser stroke leaves of it, count as painted only where more than half covered.
+function maskImage() {
+  const mask = $("mask");
+  if (!mask.width || !mask.height) return null;
+  const pixels = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height);
+  let any = false;
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    const value = pixels.data[i + 3] > 128 ? 255 : 0;
+    any = any || value > 0;
+    pixels.data.fill(value, i, i + 3);
+    pixels.data[i + 3] = 255;
+  }
+  if (!any) return null;
   const out = document.createElement("canvas");
-  out.width = $("mask").width; out.height = $("mask").height;
-  const context = out.getContext("2d");
-  context.fillStyle = "#000";
-  context.fillRect(0, 0, out.width, out.height);
-  context.drawImage($("mask"), 0, 0);
+  out.width = mask.width; out.height = mask.height;
+  out.getContext("2d").putImageData(pixels, 0, 0);
   return out.toDataURL("image/png");
 }
 

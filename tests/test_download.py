@@ -354,7 +354,9 @@ def test_bad_input_names_the_file_and_columns(tmp_path):
 
 
 def test_txt_input_and_bad_jsonl_lines(tmp_path, server):
-    (tmp_path / "urls.txt").write_text(f"{server.url}/img/20x20.png?t=txt\n\n  {server.url}/img/9x9.png?t=txt  \n")
+    # Saved by Notepad: a BOM before the first URL, which is fetched as the others are
+    lines = f"\ufeff{server.url}/img/20x20.png?t=txt\n\n  {server.url}/img/9x9.png?t=txt  \n"
+    (tmp_path / "urls.txt").write_text(lines, encoding="utf-8")
     result = download(tmp_path / "urls.txt", tmp_path / "txt", fast())
     assert result.report["ok"] == 2
     assert open_source("webdataset", tmp_path / "txt", progress=False).sizes.tolist() == [[20, 20], [9, 9]]
@@ -367,6 +369,20 @@ def test_txt_input_and_bad_jsonl_lines(tmp_path, server):
     details = [f["detail"] for f in json.loads((tmp_path / "jsonl/reports/000000.json").read_text())["failures"]]
     assert details == ["urls.jsonl line 2: not valid JSON: Expecting property name enclosed in double quotes",
                        "urls.jsonl line 3: not a JSON object", "no URL in 'url'"]
+
+
+def test_a_jsonl_read_by_all_its_keys_with_a_bom_line_and_a_captions_column(tmp_path, server):
+    """A jsonl's columns are its objects' keys together: its first row may have no caption. A BOM on a
+    line of its own is no row (the plan counted one, and its last shard never finished). An input column
+    named `captions` does not replace the caption column's text in the samples' metadata."""
+    rows = [{"url": f"{server.url}/img/20x20.png?t=keys"},
+            {"url": f"{server.url}/img/9x9.png?t=keys", "caption": "a square", "captions": 7, "id": 1}]
+    (tmp_path / "urls.jsonl").write_bytes(b"\xef\xbb\xbf\n" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    result = download(tmp_path / "urls.jsonl", tmp_path / "out", fast(per_shard=1))
+    assert (result.report["rows"], result.report["ok"], result.shards) == (2, 2, [0, 1])
+    assert [(m["captions"], m.get("id")) for m in tar_samples(tmp_path / "out")] == [([], None), (["a square"], 1)]
+    source = open_source("webdataset", tmp_path / "out", progress=False)
+    assert [source.read(i).captions for i in range(2)] == [[], ["a square"]]
 
 
 def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):

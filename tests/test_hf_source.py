@@ -165,6 +165,18 @@ def test_image_column_of_paths_bytes_or_path_only_image_values(tmp_path, shapes_
     assert summary_path(tmp_path, by_path) is None and summary_path(tmp_path, raw) is not None
 
 
+def test_a_saved_data_set_named_from_home_reads_its_relative_image_paths(tmp_path, shapes_dir, monkeypatch):
+    names = sorted(p.name for p in shapes_dir.glob("*.png"))[:2]
+    (tmp_path / "saved" / "img").mkdir(parents=True)
+    for name in names:
+        (tmp_path / "saved" / "img" / name).write_bytes((shapes_dir / name).read_bytes())
+    datasets.Dataset.from_dict({"file": [f"img/{name}" for name in names], "text": ["a", "b"]}).save_to_disk(
+        str(tmp_path / "saved"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source = open_source("hf", "~/saved", hf=HFOptions(image_column="file", caption_column="text"), progress=False)
+    assert [r.data for r in read_all(source)] == [(shapes_dir / name).read_bytes() for name in names]
+
+
 def test_clear_errors_for_columns_paths_and_hub_ids_offline(tmp_path, shapes_dir, monkeypatch):
     shapes_table(shapes_dir).add_column("label", list(range(26))).save_to_disk(str(tmp_path / "saved"))
     with monkeypatch.context() as patch:

@@ -128,6 +128,20 @@ def test_laion_parts_gzip_and_plain_by_content_not_name(tmp_path):
     assert source.description.startswith("laion parts: 2 parts, 5 records, 1 without caption")
 
 
+def test_a_laion_part_given_as_the_filelist_is_refused_naming_the_list(tmp_path):
+    (tmp_path / "part-0.gz").write_bytes(gzip.compress(laion_line("cap", png((1, 2, 3), (4, 4)))))
+    (tmp_path / "part-1").write_bytes(laion_line("cap", png((1, 2, 3), (4, 4))))
+    (tmp_path / "filelist.txt").write_text("part-0.gz\npart-1\n")
+    assert len(open_source("laion", tmp_path / "filelist.txt", progress=False)) == 2
+    for part in ("part-0.gz", "part-1"):
+        with pytest.raises(DatasetError) as error:
+            open_source("laion", tmp_path / part, progress=False)
+        assert str(error.value) == (
+            f"data.path: {tmp_path / part} is a laion part (gzip or caption<TAB>placeholder<TAB>base64 image lines), "
+            f"not a filelist; point data.path at the filelist that lists it ({tmp_path / 'filelist.txt'} is one), "
+            "or at its folder")
+
+
 def test_laion_corrupt_lines_are_skipped_with_part_and_line(tmp_path):
     good = png()
     lines = [

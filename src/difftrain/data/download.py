@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -68,7 +69,7 @@ REPORT_VERSION = 1
 USER_AGENT = f"difftrain/{version('difftrain')} (image downloader for training data, img2dataset-style)"
 # X-Robots-Tag directives by which a site asks not to be used for AI training (img2dataset skips the same).
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
-# Fields every record's metadata gets; an input column of the same name is overwritten by ours.
+# Fields every record's metadata gets; an input column of the same name is dropped for ours.
 RESERVED = ("captions", "url", "key", "sha256", "width", "height", "original_width", "original_height")
 _CHUNK = 64 * 1024
 _PARQUET_BATCH = 4096
@@ -179,15 +180,15 @@ class UrlTable:
                                "caption column with --caption-col, or --caption-col '' to download without captions")
         clashes = sorted(set(RESERVED) & set(columns) - {self.url_col, self.caption_col})
         if clashes:
-            log.warning("%s: the columns %s are overwritten in each record's metadata by the downloader's own",
-                        self.path, ", ".join(clashes))
+            log.warning("%s: the columns %s are not kept: each record's metadata has the downloader's own fields "
+                        "of those names", self.path, ", ".join(clashes))
 
     def _row(self, item: tuple[int, dict | str]) -> Row:
         index, values = item
         if isinstance(values, str):
             return Row(index, "", "", {}, problem=values)
         url, caption = values.get(self.url_col), values.get(self.caption_col) if self.caption_col else None
-        extra = {k: v for k, v in values.items() if k not in (self.url_col, self.caption_col)}
+        extra = {k: v for k, v in values.items() if k not in (self.url_col, self.caption_col, *RESERVED)}
         # Parquet cells can be dates, decimals or bytes; metadata must survive json.dumps.
         extra = json.loads(json.dumps(extra, default=str))
         text = "" if caption is None else caption if isinstance(caption, str) else str(caption)
@@ -243,19 +244,32 @@ def _csv_items(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict | s
 
 
 
-def _nonblank_lines(path: Path) -> int:
-    # Blank as jsonl_entries sees it, so the count matches the rows it yields or reports.
+def _decoded_lines(path: Path) -> Iterator[str]:
+    """Each line as jsonl_entries decodes it (a BOM before the first one dropped), so counts and rows agree."""
     with open(path, "rb") as file:
-        return sum(1 for raw in file if raw.decode("utf-8", errors="replace").strip())
+        for number, raw in enumerate(file, 1):
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
+
+
+def _nonblank_lines(path: Path) -> int:
+    return sum(1 for line in _decoded_lines(path) if line.strip())
+
+
+# A jsonl's columns are the keys of its first objects together: one line may lack a key (an uncaptioned
+# row) that the others have.
+_SURVEYED_OBJECTS = 1000
 
 
 def _survey_jsonl(path: Path) -> tuple[list[str], int]:
+    columns: dict[str, None] = {}
     with open(path, "rb") as file:
-        first = next((value for _, value in jsonl_entries(file, path.name, []) if isinstance(value, dict)), None)
-    if first is None:
+        objects = (value for _, value in jsonl_entries(file, path.name, []) if isinstance(value, dict))
+        for value in itertools.islice(objects, _SURVEYED_OBJECTS):
+            columns.update(dict.fromkeys(value))
+    if not columns:
         raise DatasetError(f"{path} holds no JSON object line; a jsonl input has one object per line, "
                            'e.g. {"url": "https://...", "caption": "a cat"}')
-    return list(first), _nonblank_lines(path)
+    return list(columns), _nonblank_lines(path)
 
 
 def _jsonl_items(path: Path) -> Iterator[tuple[int, dict | str]]:
@@ -280,9 +294,8 @@ def _survey_txt(path: Path) -> tuple[list[str], int]:
 
 
 def _txt_items(path: Path) -> Iterator[tuple[int, dict | str]]:
-    with open(path, "rb") as file:
-        lines = (raw.decode("utf-8", errors="replace").strip() for raw in file)
-        yield from enumerate({"url": line} for line in lines if line)
+    lines = (line.strip() for line in _decoded_lines(path))
+    yield from enumerate({"url": line} for line in lines if line)
 
 
 _SURVEYS: dict[str, Callable[[Path], tuple[list[str], int]]] = {

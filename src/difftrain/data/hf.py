@@ -158,7 +158,9 @@ def _base_folder(path: str, form: str, files: list[str]) -> Path | None:
     """Where relative image paths are read from: the saved folder, or the one the parquet files share."""
     if form == "hub":
         return None  # a Hub data set has no folder here: such paths are read as they are
-    return Path(path) if form == "disk" else Path(os.path.commonpath([str(Path(file).parent) for file in files]))
+    if form == "disk":
+        return Path(path).expanduser()  # as _locate found it (a relative image path under "~/..." was not)
+    return Path(os.path.commonpath([str(Path(file).parent) for file in files]))
 
 
 def _load_error(datasets: Any, path: str, form: str, exc: Exception) -> DatasetError:

@@ -363,6 +363,19 @@ def _open_binary(path: Shard) -> Iterator[IO[bytes]]:
             yield unzipped  # type: ignore[misc]
 
 
+def _refuse_a_part(path: Path) -> None:
+    """A part given where its filelist belongs: read as a list, its gzip bytes or its image lines would each
+    be reported as a part that does not exist (binary bytes and base64 on the terminal)."""
+    with open(path, "rb") as file:
+        start = file.read(4096)
+    if start[:2] == b"\x1f\x8b" or b"\t" in start.split(b"\n", 1)[0]:
+        beside = path.parent / LIST_NAME
+        hint = f" ({beside} is one)" if beside.is_file() and beside != path else ""
+        raise DatasetError(f"data.path: {path} is a laion part (gzip or caption<TAB>placeholder<TAB>base64 image "
+                           f"lines), not a filelist; point data.path at the filelist that lists it{hint}, or at its "
+                           "folder")
+
+
 class LaionSource(ShardSource):
     """PaddleMIX laion400m parts: a filelist of parts, each line `caption \\t placeholder \\t base64 image`."""
 
@@ -386,6 +399,7 @@ class LaionSource(ShardSource):
                 f"data.path: laion filelist {path} does not exist; it is a text file with one part path "
                 "(gzip or plain text) per line, relative to the filelist's folder or absolute"
             )
+        _refuse_a_part(path)
         return _read_list(path, "part")
 
     def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:

@@ -502,6 +502,9 @@ def test_private_addresses_are_refused_unless_allowed(tmp_path, server):
 
         prepared = requests.Request("GET", "http://Bücher.example/katze.jpg").prepare().url
         assert parse_url(prepared).host == _ascii_host("bücher.example") == "xn--bcher-kva.example"
+        # IDNA 2008, as requests encodes: a sharp s is its own letter (IDNA 2003, Python's codec, made it "ss")
+        prepared = requests.Request("GET", "http://straße.example/katze.jpg").prepare().url
+        assert parse_url(prepared).host == _ascii_host("straße.example") == "xn--strae-oqa.example"
     finally:
         guarded.close()
     # A public URL that redirects inward (a cloud's metadata service) is refused at the redirect.

@@ -459,7 +459,7 @@ class Fetcher:
             connected = (parse_url(requests.Request("GET", url).prepare().url).host or "").strip("[]").lower()
             if connected != _ascii_host(host):
                 raise Failed("bad url", f"{url}: its host reads differently to different URL parsers")
-            check_host(host)
+            check_host(connected)  # the name requests resolves, not the one Python's IDNA 2003 codec would
         try:
             with self._session().get(url, timeout=self.options.timeout, stream=True) as response:
                 self._check_response(response)
@@ -510,10 +510,15 @@ class Fetcher:
 
 
 def _ascii_host(host: str) -> str:
-    """A host name as it goes on the wire (an internationalised one in punycode, as requests sends it)."""
+    """A host name as it goes on the wire: an internationalised one in punycode by IDNA 2008 with UTS 46, as
+    requests encodes it (Python's own codec is IDNA 2003, which spells some names otherwise: "straße")."""
+    if host.isascii():
+        return host.lower()
+    import idna
+
     try:
-        return host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        return idna.encode(host, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError):
         return host.lower()
 
 

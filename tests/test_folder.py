@@ -16,12 +16,14 @@ def make_image(path, colour=(200, 20, 20), size=(12, 10)):
 def test_metadata_captions_recursive_and_bad_files_reported(tmp_path):
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "sub" / "b.jpg")
+    make_image(tmp_path / "c.png")
     (tmp_path / "broken.png").write_bytes(b"")
     (tmp_path / "metadata.jsonl").write_text(
         "\n".join(
             [
                 json.dumps({"file_name": "a.png", "text": "a red thing"}),
                 json.dumps({"file_name": "sub/b.jpg", "text": "another"}),
+                json.dumps({"file_name": "c.png", "text": None, "caption": "a null text, a caption"}),
                 json.dumps({"file_name": "gone.png", "text": "missing file"}),
                 "{not json",
             ]
@@ -29,13 +31,14 @@ def test_metadata_captions_recursive_and_bad_files_reported(tmp_path):
     )
     scan = scan_folder(tmp_path, progress=False)
     assert scan.caption_source == "metadata"
-    assert {r.path.name: r.caption for r in scan.records} == {"a.png": "a red thing", "b.jpg": "another"}
+    assert {r.path.name: r.caption for r in scan.records} == {"a.png": "a red thing", "b.jpg": "another",
+                                                             "c.png": "a null text, a caption"}
     reasons = dict(scan.skipped)
     assert reasons["broken.png"] == "empty file (0 bytes)"
-    assert "not valid JSON" in reasons["metadata.jsonl line 4"]
+    assert "not valid JSON" in reasons["metadata.jsonl line 5"]
     assert any("does not exist" in r for n, r in scan.skipped if n.endswith("gone.png"))
     report = "\n".join(scan.report_lines())
-    assert "2 usable images" in report and "broken.png" in report
+    assert "3 usable images" in report and "broken.png" in report
 
 
 def test_a_bom_keeps_the_first_caption_and_tool_folders_are_not_data(tmp_path):

@@ -213,7 +213,9 @@ def read_metadata(root: Path, files: list[Path], skipped: list[tuple[str, str]],
                     else jsonl_entries(file, label, skipped))
             for where, entry in rows:
                 name = entry.get("file_name") if isinstance(entry, dict) else None
-                caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and k in entry), None)
+                # the first caption key with a value: a table exported with both columns has nulls in one
+                caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and entry.get(k) is not None),
+                               None)
                 if not isinstance(name, str) or not isinstance(caption, str):
                     skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
                     continue

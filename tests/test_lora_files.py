@@ -311,6 +311,73 @@ def test_peft_file_from_diffusers_save_lora_adapter(tiny_dir, trained, tmp_path)
         np.testing.assert_allclose(image(pipe), want, atol=1e-6, err_msg=path.name)
 
 
+def test_a_pre_peft_diffusers_file_with_text_encoder_layers_loads_as_diffusers_loads_it(tiny_dir, trained, tmp_path):
+    """diffusers' save_attn_procs-era files (0.17) spell the UNet's layers "attn1.processor.to_q_lora.down.weight"
+    and the text encoder's "self_attn.to_q_lora.down.weight"; diffusers still reads both (DIFFUSERS_OLD_TO_PEFT)."""
+    import re
+
+    from difftrain.generate.loader import apply_adapters
+
+    def pre_peft(key: str) -> str:  # from our diffusers file's spelling (".lora.down", ".lora_linear_layer.down")
+        key = re.sub(r"\.(to_[qkv]|to_out)(\.0)?\.lora\.(down|up)\.weight$", r".processor.\1_lora.\3.weight", key)
+        return re.sub(r"\.self_attn\.(q|k|v|out)_proj\.lora_linear_layer\.(down|up)\.weight$",
+                      r".self_attn.to_\1_lora.\2.weight", key)
+
+    modern = load_file(trained["diffusers"])  # (these files had no alphas: both are written without the header)
+    old = {pre_peft(key): value for key, value in modern.items()}
+    assert any(".self_attn.to_out_lora.up.weight" in key for key in old) and len(old) == len(modern)
+    assert any(".attn2.processor.to_out_lora.down.weight" in key for key in old)
+    save_file(modern, tmp_path / "modern.safetensors")
+    save_file(old, tmp_path / "old.safetensors")
+    images = {}
+    for name in ("modern", "old"):
+        pipe = load_pipe(tiny_dir)
+        apply_adapters(pipe, [(str(tmp_path / f"{name}.safetensors"), 1.0)], [])
+        images[name] = image(pipe)
+    theirs = load_pipe(tiny_dir)
+    theirs.load_lora_weights(str(tmp_path / "old.safetensors"))
+    assert np.array_equal(images["old"], images["modern"])
+    np.testing.assert_allclose(images["old"], image(theirs), atol=1e-6)
+    assert not np.allclose(images["old"], image(load_pipe(tiny_dir)))  # the text encoder's layers act too
+
+
+def test_embeddings_bundled_in_a_kohya_lora_load_with_it_as_a1111_loads_them(tiny_dir, trained, tmp_path):
+    """sd-scripts' pivotal tuning writes "bundle_emb.<token>.string_to_param.*" beside the LoRA's layers: the
+    LoRA loads with its embeddings, as the LoRA and an embedding file of the same vectors load."""
+    from difftrain.generate.loader import apply_adapters
+    from difftrain.models.embeddings import EmbeddingFileError, save_embedding
+
+    width = load_pipe(tiny_dir).text_encoder.config.hidden_size
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(3))
+    tensors = load_file(trained["kohya"])
+    with safe_open(str(trained["kohya"]), "pt") as f:
+        metadata = f.metadata()
+    save_file({**tensors, "bundle_emb.shapetok.string_to_param.*": vectors}, tmp_path / "bundle.safetensors",
+              metadata=metadata)
+    bundled = load_pipe(tiny_dir)
+    assert apply_adapters(bundled, [(str(tmp_path / "bundle.safetensors"), 1.0)], []) == ["lora0"]
+    apart = load_pipe(tiny_dir)
+    _, embedding_file = save_embedding(tmp_path / "embedding", "shapetok", vectors)  # A1111's: shapetok.safetensors
+    apply_adapters(apart, [(str(trained["kohya"]), 1.0)], [str(embedding_file)])
+
+    def drawn(pipe, prompt: str) -> np.ndarray:
+        generator = torch.Generator().manual_seed(7)
+        return pipe(prompt, num_inference_steps=2, generator=generator, output_type="np", height=32,
+                    width=32).images[0]
+
+    assert np.array_equal(drawn(bundled, "a shapetok circle"), drawn(apart, "a shapetok circle"))
+    assert not np.allclose(drawn(bundled, "a shapetok circle"), drawn(bundled, "a circle"))
+    # A diffusers LoRA file has no place for them: converting is refused, naming them; kohya keeps them.
+    with pytest.raises(LoraFileError, match=r"bundles the embeddings shapetok \(bundle_emb\.\*\), which a diffusers"):
+        convert_lora(tmp_path / "bundle.safetensors", tmp_path / "as-diffusers", "diffusers")
+    kept = load_file(convert_lora(tmp_path / "bundle.safetensors", tmp_path / "again.safetensors", "kohya"))
+    assert torch.equal(kept["bundle_emb.shapetok.string_to_param.*"], vectors)
+    # Its token may not be a word the model has, nor given twice.
+    with pytest.raises(EmbeddingFileError, match=r"shapetok.safetensors: its token 'shapetok' is given "
+                       r"twice \(also by .*bundle.safetensors, its bundled embedding\)"):
+        apply_adapters(load_pipe(tiny_dir), [(str(tmp_path / "bundle.safetensors"), 1.0)], [str(embedding_file)])
+
+
 def test_merge_equals_lora_at_the_same_scale(tiny_dir, trained, base, tmp_path):
     from difftrain.generate.merge import merge_loras
 
@@ -413,6 +480,17 @@ def test_a_file_from_elsewhere_converted_to_kohya_is_labelled_by_its_widths(tmp_
         converted = convert_lora(text_encoder_only(width), tmp_path / f"kohya-{width}.safetensors", "kohya")
         with safe_open(str(converted), "pt") as file:
             assert file.metadata()["ss_v2"] == v2
+    # A classic q/v LoRA: attn2.to_v takes the context as attn2.to_k does (the first layer that tells decides)
+    attn = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    for width, v2 in ((1024, "True"), (768, "False")):
+        path = tmp_path / f"qv-{width}.safetensors"
+        save_file({f"{attn}.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
+                   f"{attn}.attn1.to_q.lora_B.weight": torch.zeros(320, 4),
+                   f"{attn}.attn2.to_v.lora_A.weight": torch.zeros(4, width),
+                   f"{attn}.attn2.to_v.lora_B.weight": torch.zeros(320, 4)}, path)
+        with safe_open(str(convert_lora(path, tmp_path / f"qv-kohya-{width}.safetensors", "kohya")), "pt") as file:
+            assert (file.metadata()["ss_v2"], file.metadata()["ss_base_model_version"]) == (
+                v2, "sd_v2" if v2 == "True" else "sd_v1")
 
 
 def test_an_alpha_pattern_key_with_or_without_text_model_finds_its_layer(tmp_path):

@@ -288,6 +288,42 @@ def test_embeddings_of_the_folder_that_fit_are_loaded_as_generate_loads_them(ser
     assert not np.array_equal(np.asarray(served.convert("RGB")), np.asarray(Image.open(without).convert("RGB")))
 
 
+def test_a_prompt_lora_brings_its_bundled_embeddings_as_generate_loads_them(server, tiny_sd, tmp_path):  # noqa: F811
+    """sd-scripts' pivotal-tuning LoRAs bundle embeddings ("bundle_emb.<token>.string_to_param.*"): loaded with
+    the LoRA, as A1111 loads them, and drawn as `generate --lora` draws them; the file written again with other
+    vectors replaces them."""
+    from safetensors.torch import load_file
+
+    from difftrain.generate.text2image import GenerateOptions, generate
+
+    folder = Path(server.app.state.engine.lora_dir)
+    layers = load_file(folder / "shapes.safetensors")
+    bundle = folder / "bundled.safetensors"
+
+    def write_bundle(seed: int) -> None:
+        vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))
+        save_file({**layers, "bundle_emb.glint.string_to_param.*": vectors}, bundle)
+        os.utime(bundle, ns=(10**18 + seed, 10**18 + seed))  # a new mtime: the server loads it again
+
+    api = client(server)
+    api.util_set_model(next(title for title in api.util_get_model_names() if title.startswith("sd")))
+    options = dict(prompt="a glint circle", steps=3, scheduler="Euler a", seed=4, width=64, height=64)
+    drawn = {}
+    try:
+        for seed in (0, 1):
+            write_bundle(seed)
+            served = api.txt2img(prompt="a glint circle <lora:bundled:1>", seed=4, width=64, height=64).image
+            [direct] = generate(str(tiny_sd), GenerateOptions(**options, loras=[(str(bundle), 1.0)]),
+                                tmp_path / str(seed), progress=False)
+            assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(Image.open(direct).convert("RGB")))
+            drawn[seed] = np.asarray(served.convert("RGB"))
+        listed = requests.get(f"{server.url}/sdapi/v1/embeddings").json()
+        assert listed["loaded"]["glint"]["vectors"] == 2
+    finally:
+        bundle.unlink()
+    assert not np.array_equal(drawn[0], drawn[1])  # the second file's vectors, not the first's kept
+
+
 def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server):
     import webuiapi
 

@@ -307,32 +307,42 @@ def lora_file(spec: str | Path) -> str | Path:
 
 
 def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) -> list[str]:
-    """Load LoRAs (each as its own adapter, at its weight; a LoRA run folder for its LoRA) and embeddings; returns
-    the adapter names."""
+    """Load LoRAs (each as its own adapter, at its weight; a LoRA run folder for its LoRA) with the embeddings a
+    LoRA file bundles, and embeddings; returns the adapter names."""
     from difftrain.models.embeddings import load_embedding
-    from difftrain.models.lora_files import load_lora_adapter
+    from difftrain.models.lora_files import bundled_embeddings, load_lora_adapter
 
-    names, weights = [], []
+    names, weights, tokens = [], [], []
     for index, (lora, weight) in enumerate(loras):
         name = f"lora{index}"
         load_lora_adapter(pipe, lora_file(lora), name)
         names.append(name)
         weights.append(weight)
+        tokens += [(token, vectors, f"{lora}, its bundled embedding", "the LoRA bundles it under that name")
+                   for token, vectors in bundled_embeddings(lora_file(lora)).items()]
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
+    for embedding in embeddings:
+        token, vectors = load_embedding(embedding)
+        tokens.append((token or Path(embedding).stem, vectors, str(embedding),
+                       "rename the file (its name is the token, as in A1111)"))
+    add_embeddings(pipe, tokens)
+    return names
+
+
+def add_embeddings(pipe, tokens: list[tuple[str, torch.Tensor, str, str]]) -> None:
+    """Each (token, vectors, where they came from, how to rename them) into `pipe`'s tokenizer and text encoder,
+    refused naming the source where the token is given twice, is a word already, or the width does not fit."""
     from difftrain.models.embeddings import EmbeddingFileError, width_misfit
 
     given: dict[str, str] = {}
-    for embedding in embeddings:
-        token, vectors = load_embedding(embedding)
-        token = token or Path(embedding).stem
+    for token, vectors, where, rename in tokens:
         if token in given:
-            raise EmbeddingFileError(f"{embedding}: its token {token!r} is {given[token]}'s too; give each once")
+            raise EmbeddingFileError(f"{where}: its token {token!r} is given twice (also by {given[token]}); "
+                                     "give each once")
         if misfit := width_misfit(vectors, pipe.text_encoder):  # (diffusers' message left its placeholders unfilled)
-            raise EmbeddingFileError(f"{embedding}: {misfit}: an embedding made for another base model")
+            raise EmbeddingFileError(f"{where}: {misfit}: an embedding made for another base model")
         if token in pipe.tokenizer.get_vocab():
-            raise EmbeddingFileError(f"{embedding}: {token!r} is a word this model's tokenizer has already; rename "
-                                     "the file (its name is the token, as in A1111)")
-        given[token] = embedding
-        pipe.load_textual_inversion(embedding, token=token)
-    return names
+            raise EmbeddingFileError(f"{where}: {token!r} is a word this model's tokenizer has already; {rename}")
+        given[token] = where
+        pipe.load_textual_inversion({token: vectors}, token=token)

@@ -28,7 +28,7 @@ class EmbeddingFileError(DifftrainError):
     """A Textual Inversion embedding that cannot be written or read as asked."""
 
 
-def _vectors(vectors, where: str) -> torch.Tensor:
+def embedding_vectors(vectors, where: str) -> torch.Tensor:
     if (not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2) or not vectors.is_floating_point()
             or 0 in vectors.shape):
         shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
@@ -64,7 +64,7 @@ def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict
     """Write out_dir/learned_embeds.safetensors (diffusers) and out_dir/<token>.safetensors
     (A1111/ComfyUI/kohya); returns both paths. `metadata` lands in both headers as strings."""
     a1111_name = check_token(token)  # before writing anything: no half-saved pair
-    vectors = _vectors(vectors, f"embedding {token!r}")
+    vectors = embedding_vectors(vectors, f"embedding {token!r}")
     meta = string_metadata(metadata, EmbeddingFileError, "embedding")
     meta.setdefault("token", token)
     meta.setdefault("num_vectors", str(vectors.shape[0]))
@@ -105,15 +105,15 @@ def load_embedding(path) -> tuple[str | None, torch.Tensor]:
         raise EmbeddingFileError(f"{path}: no such embedding file")
     state = _read(path)
     if isinstance(state, torch.Tensor):
-        return None, _vectors(state, str(path))
+        return None, embedding_vectors(state, str(path))
     if not isinstance(state, dict):
         raise EmbeddingFileError(f"{path}: holds a {type(state).__name__}, not an embedding")
     if A1111_KEY in state and len(state) == 1:
-        return None, _vectors(state[A1111_KEY], str(path))
+        return None, embedding_vectors(state[A1111_KEY], str(path))
     if "string_to_param" in state:  # A1111's own .pt
         params = state["string_to_param"]
         if isinstance(params, dict) and len(params) == 1:
-            return None, _vectors(next(iter(params.values())), str(path))
+            return None, embedding_vectors(next(iter(params.values())), str(path))
     if len(state) == 1:
         key, vectors = next(iter(state.items()))
         if key == "clip_g":
@@ -121,7 +121,7 @@ def load_embedding(path) -> tuple[str | None, torch.Tensor]:
         # The file name is the trigger word, as in A1111 and ComfyUI, unless the file is diffusers' own
         # learned_embeds.*, whose key is its token; a key such as "*" or "clip_l" is no word anyone types.
         token = key if path.stem.startswith("learned_embeds") else None
-        return token, _vectors(vectors, str(path))
+        return token, embedding_vectors(vectors, str(path))
     raise EmbeddingFileError(
         f"{path}: not a Textual Inversion embedding for one text encoder (keys {sorted(state)[:5]}); expected "
         f"{{token: [n, dim]}} (diffusers) or {{'{A1111_KEY}': [n, dim]}} (A1111); "

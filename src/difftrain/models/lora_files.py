@@ -152,6 +152,32 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraFileError(f"{path}: not a readable .safetensors file ({e}); LoRA files must be safetensors") from None
 
 
+# sd-scripts bundles Textual Inversion embeddings into a LoRA file for pivotal tuning, as
+# "bundle_emb.<token>.string_to_param.*"; A1111 loads them with the LoRA, <token> being the word.
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundled_embeddings(lora_path) -> dict[str, torch.Tensor]:
+    """{token: vectors [n, dim]} of the embeddings a LoRA file bundles ({} for most files)."""
+    from safetensors import safe_open
+
+    from difftrain.models.embeddings import EmbeddingFileError, embedding_vectors
+
+    path = _resolve(lora_path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = [key for key in f.keys() if key.startswith(BUNDLE_PREFIX)]
+        found: dict[str, torch.Tensor] = {}
+        for key in keys:
+            token, _, name = key[len(BUNDLE_PREFIX):].partition(".")
+            if name in ("clip_l", "clip_g"):
+                raise EmbeddingFileError(f"{path}: bundles an SDXL embedding ({key}); SDXL is not supported")
+            if name != "string_to_param.*" or token in found:
+                raise EmbeddingFileError(f"{path}: bundled embedding key {key!r}: expected one "
+                                         f"{BUNDLE_PREFIX}<token>.string_to_param.* a token, as sd-scripts writes")
+            found[token] = embedding_vectors(f.get_tensor(key), f"{path}: bundled embedding {token!r}")
+    return found
+
+
 def _resolve(path) -> Path:
     path = Path(path)
     return path / DIFFUSERS_FILE if path.is_dir() else path
@@ -172,10 +198,14 @@ def _detect(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 # Older spellings of the same matrices, read as today's: diffusers' attention-processor files (save_attn_procs,
-# before peft: "...attn1.processor.to_q_lora.down.weight") and a PeftModel's own ("base_model.model." first).
+# before peft: "...attn1.processor.to_q_lora.down.weight"; their text encoder's "...self_attn.to_q_lora.down.weight",
+# as diffusers' DIFFUSERS_OLD_TO_PEFT reads them) and a PeftModel's own ("base_model.model." first).
 OLD_SPELLINGS = [
     (re.compile(r"\.processor\.(to_[qkv])_lora\.(down|up)\.weight$"), r".\1.lora.\2.weight"),
     (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora.\1.weight"),
+    (re.compile(r"\.self_attn\.to_([qkv])_lora\.(down|up)\.weight$"),
+     r".self_attn.\1_proj.lora_linear_layer.\2.weight"),
+    (re.compile(r"\.self_attn\.to_out_lora\.(down|up)\.weight$"), r".self_attn.out_proj.lora_linear_layer.\1.weight"),
 ]
 
 
@@ -195,7 +225,10 @@ def load_lora_state(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]
     A folder means its pytorch_lora_weights.safetensors, as in diffusers."""
     path = _resolve(path)
     tensors, metadata = _read(path)
-    tensors = _today(tensors)
+    bundled = {key for key in tensors if key.startswith(BUNDLE_PREFIX)}  # bundled_embeddings reads them
+    tensors = _today({key: value for key, value in tensors.items() if key not in bundled})
+    if bundled and not tensors:
+        raise LoraFileError(f"{path}: holds bundled embeddings ({BUNDLE_PREFIX}*) and no LoRA layer")
     beside = path.parent / "adapter_config.json"  # a PeftModel's save_pretrained keeps its LoraConfig there
     if ADAPTER_METADATA_KEY not in metadata and beside.is_file():
         metadata = {**metadata, ADAPTER_METADATA_KEY: beside.read_text()}
@@ -512,8 +545,14 @@ def convert_lora(src, dst, to: str) -> Path:
     tensors, metadata, fmt = load_lora_state(src)
     modules = _modules(tensors, metadata, fmt, src)
     meta = {k: v for k, v in metadata.items() if k not in ("format", ADAPTER_METADATA_KEY)}
+    bundle = bundled_embeddings(src)
+    if bundle and to != "kohya":
+        raise LoraFileError(f"{src}: bundles the embeddings {', '.join(bundle)} ({BUNDLE_PREFIX}*), which a diffusers "
+                            "LoRA file has no place for; use the file as it is (generate, serve and merge load them "
+                            "with the LoRA, as A1111 does)")
     if to == "kohya":
-        kohya_tensors = to_kohya(modules)
+        kohya_tensors = to_kohya(modules) | {f"{BUNDLE_PREFIX}{token}.string_to_param.*": vectors
+                                             for token, vectors in bundle.items()}
         if not any(key.startswith("ss_") for key in meta):  # a diffusers file of ours: its facts, in kohya's names
             facts = {"sd_version": _sd_version(modules), **meta}
             made = kohya_metadata(training_metadata(facts, dst.stem), modules)
@@ -524,14 +563,21 @@ def convert_lora(src, dst, to: str) -> Path:
     return _write_diffusers(dst, modules, _plain(meta))
 
 
+# The layers whose input width tells SD 2.x from SD 1.x: (part, layer name ends, SD 1.x width, SD 2.x width).
+# SD 2.x's cross-attention context and its OpenCLIP text encoder are 1,024 wide, SD 1.x's 768; the encoders'
+# MLPs widen to 4,096 and 3,072. The UNet's other layers have the same widths in both.
+VERSION_WIDTHS = (("unet", ("attn2.to_k", "attn2.to_v"), 768, 1024),
+                  ("text_encoder", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1"), 768, 1024),
+                  ("text_encoder", ("fc2",), 3072, 4096))
+
+
 def _sd_version(modules: list[Module]) -> str:
-    """"v2" or "v1" by the widths a file's layers take: a file from elsewhere does not say. SD 2.x's
-    cross-attention context and its OpenCLIP text encoder are 1,024 wide; SD 1.x's are 768."""
+    """"v2" or "v1" by the widths a file's layers take (a file from elsewhere does not say); "v1" where no
+    layer tells."""
     for m in modules:
-        takes_context = m.part == "unet" and "attn2.to_k" in m.module
-        takes_text = m.part == "text_encoder" and m.module.endswith(("q_proj", "k_proj", "v_proj", "fc1"))
-        if takes_context or takes_text:
-            return "v2" if m.down.shape[1] == 1024 else "v1"
+        for part, ends, v1_width, v2_width in VERSION_WIDTHS:
+            if m.part == part and m.module.endswith(ends) and m.down.shape[1] in (v1_width, v2_width):
+                return "v2" if m.down.shape[1] == v2_width else "v1"
     return "v1"
 
 

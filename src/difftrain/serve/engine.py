@@ -51,6 +51,8 @@ class ServedModel:
     own_weights: list[float] = field(default_factory=list)
     # The embeddings folder's files as A1111's /embeddings lists them: loaded into this model, or why not.
     embeddings: dict = field(default_factory=lambda: {"loaded": {}, "skipped": {}})
+    # Token -> (prompt LoRA file, vectors) of the embeddings prompt LoRAs bundle, loaded into `pipe`.
+    bundled: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -216,8 +218,7 @@ class Engine:
             except (ValueError, RuntimeError) as reason:  # e.g. a token the vocabulary has (a TI run's own)
                 model.embeddings["skipped"][path.stem] = f"diffusers did not load it: {reason}"
                 continue
-            model.embeddings["loaded"][path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                                     "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
+            model.embeddings["loaded"][path.stem] = _listed_embedding(vectors)
 
     def upscale(self, request: ExtrasRequest, images: list) -> tuple[list, str]:
         """A1111's Extras over decoded `images`: the upscaled images and the postprocessing text, run while no job
@@ -564,6 +565,7 @@ class Engine:
                 adapter = f"prompt-lora{model.adapters_loaded}"  # apart from the model's own lora0, lora1, ...
                 model.adapters_loaded += 1
                 load_lora_adapter(pipe, path, adapter)
+                self._add_bundled_embeddings(model, pipe, file)
                 model.loras[path] = (adapter, stamp)
                 if old is not None:
                     pipe.delete_adapters(old)
@@ -580,6 +582,42 @@ class Engine:
             else:
                 pipe.disable_lora()
         return tuple(zip(names, weights))
+
+
+    @staticmethod
+    def _add_bundled_embeddings(model: ServedModel, pipe, file: Path) -> None:
+        """The embeddings a prompt LoRA bundles, added when it loads (A1111 loads them with it) and kept after, as
+        the embeddings folder's are. Those its earlier load added are replaced (the file was written again); a
+        token the model has otherwise (a word, another file's) is not, and /embeddings lists why."""
+        from difftrain.generate.loader import add_embeddings
+        from difftrain.models.lora_files import bundled_embeddings
+
+        try:
+            bundle = bundled_embeddings(file)
+        except DifftrainError as reason:  # (its layers loaded)
+            model.embeddings["skipped"][file.stem] = str(reason)
+            return
+        for token, vectors in bundle.items():
+            earlier = model.bundled.pop(token, None)
+            if earlier is not None and earlier[0] == str(file):  # diffusers adds token, token_1, ... token_{n-1}
+                pipe.unload_textual_inversion([token] + [f"{token}_{i}" for i in range(1, earlier[1])])
+            elif earlier is not None:
+                model.bundled[token] = earlier
+            try:
+                add_embeddings(pipe, [(token, vectors, f"{file.name}, its bundled embedding",
+                                       "the LoRA bundles it under that name")])
+            except DifftrainError as reason:
+                model.embeddings["skipped"][token] = str(reason)
+                continue
+            model.bundled[token] = (str(file), len(vectors))
+            model.embeddings["skipped"].pop(token, None)
+            model.embeddings["loaded"][token] = _listed_embedding(vectors)
+
+
+def _listed_embedding(vectors) -> dict:
+    """An embedding as A1111's /sdapi/v1/embeddings lists a loaded one."""
+    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(vectors.shape[-1]),
+            "vectors": int(vectors.shape[0])}
 
 
 MAX_PROMPT_LORAS = 16  # prompt LoRAs kept loaded in a model, least recently used let go beyond

@@ -466,6 +466,33 @@ def test_an_image_cut_short_after_its_header_is_dropped_without_any_model(tmp_pa
     assert "truncated" in report["dropped"][0]["reason"]
 
 
+def test_records_without_a_file_name_are_written_by_their_format_and_one_that_cannot_be_is_counted(tmp_path):
+    """A laion part's records have no file name: a folder or tar takes each one's extension from its bytes.
+    Phone cameras' JPEGs open as MPO, scanners' as TIFF; a format no file name covers is dropped as "write",
+    where the counts see it, not skipped by the writer behind them."""
+    import base64
+    import io as _io
+
+    from PIL import Image
+
+    lines = []
+    for name, extra in (("JPEG", {}), ("MPO", {"save_all": True, "append_images": [Image.new("RGB", (64, 48))]}),
+                        ("TIFF", {}), ("PPM", {})):
+        data = _io.BytesIO()
+        Image.effect_noise((64, 48), 60).convert("RGB").save(data, name, **extra)
+        lines.append(f"a {name} photo\t\t{base64.b64encode(data.getvalue()).decode()}\n")
+    (tmp_path / "part-0.txt").write_text("".join(lines))
+    (tmp_path / "filelist.txt").write_text("part-0.txt\n")
+    assert main(["data", "curate", str(tmp_path / "filelist.txt"), str(tmp_path / "out"), "--source", "laion",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads((tmp_path / "out-report" / "report.json").read_text())
+    assert report["counts"]["kept"] == 3 and report["counts"]["dropped"] == {"write": 1}
+    assert "PPM images cannot be written as files" in report["dropped"][0]["reason"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir() if not path.name.startswith(".")) == [
+        "000000.jpg", "000001.jpg", "000002.tif", "metadata.jsonl"]
+    assert Image.open(tmp_path / "out" / "000001.jpg").format == "MPO"
+
+
 def test_a_record_that_breaks_before_it_is_written_is_counted_not_written(messy, tmp_path):
     from difftrain.curate.items import CurateOptions
     from difftrain.curate.pipeline import curate

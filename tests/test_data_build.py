@@ -119,6 +119,21 @@ def test_records_that_break_before_the_build_are_skipped_and_reported(tmp_path, 
     ]
 
 
+def test_the_build_command_counts_what_it_wrote_not_what_it_read(tmp_path, shapes_dir, capsys):
+    from PIL import Image
+
+    from difftrain.cli import main
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "odd.ppm")  # decodes, but no image file name covers it
+    lines = [json.dumps({"image": str(shapes_dir / "000000.png"), "caption": "a shape"}),
+             json.dumps({"image": str(tmp_path / "odd.ppm"), "caption": "odd"})]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "build", str(tmp_path / "list.jsonl"), str(tmp_path / "out"), "--source", "jsonl",
+                 "--format", "folder"]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 1 records from" in said and "; 1 skipped, e.g. " in said and "PPM images cannot be written" in said
+
+
 class Interrupted(RecordSource):
     """The first `stop` records of a real source, then the user presses Ctrl-C."""
 

@@ -168,11 +168,14 @@ def _data_build(args: argparse.Namespace) -> int:
         raise _as_path_argument(error) from None
     if source.skipped:
         print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
+    skipped: list[str] = []
     if args.format == "folder":
-        out = export_folder(source, args.out)
+        out = export_folder(source, args.out, skipped=skipped)
     else:
-        out = build_shards(source, args.out, args.format, records_per_shard=args.per_shard, gzip=not args.no_gzip)
-    print(f"wrote {len(source)} records from {source.description} to {out} ({args.format})")
+        out = build_shards(source, args.out, args.format, records_per_shard=args.per_shard, gzip=not args.no_gzip,
+                           skipped=skipped)
+    unwritten = f"; {len(skipped)} skipped, e.g. {skipped[0]}" if skipped else ""
+    print(f"wrote {len(source) - len(skipped)} records from {source.description} to {out} ({args.format}){unwritten}")
     return 0
 
 

@@ -464,8 +464,8 @@ def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 class _CuratedSource(RecordSource):
     """The kept records of a source, with their new captions: what the shard and folder writers take."""
 
-    def __init__(self, source: RecordSource, kept: list[Item]):
-        self._source, self._kept = source, kept
+    def __init__(self, source: RecordSource, kept: list[Item], named: bool):
+        self._source, self._kept, self._named = source, kept, named  # named: written as files, each with its extension
         self.description, self.skipped, self.shard_sizes = f"curated {source.description}", [], None
         self.sizes = np.array([(i.width, i.height) for i in kept], dtype=np.int32).reshape(-1, 2)
         self.uncaptioned = sum(not i.captions_out for i in kept)
@@ -481,6 +481,14 @@ class _CuratedSource(RecordSource):
         except BadRecord as reason:  # gone or changed since it was measured: the writer skips it, the counts say so
             item.drop("read", str(reason))
             raise
+        if self._named:
+            from difftrain.data.shards import image_extension
+
+            try:
+                image_extension(record)  # what the writer asks: a record it would skip is dropped here, and counted
+            except BadRecord as reason:
+                item.drop("write", str(reason))
+                raise
         return RawRecord(record.key, record.data, item.captions_out, record.conditioning)
 
 
@@ -490,7 +498,7 @@ def _write_output(source: RecordSource, kept: list[Item], out: Path, options: Cu
     from difftrain.data.shards import build_shards, export_folder
 
     started = time.perf_counter()
-    curated = _CuratedSource(source, kept)
+    curated = _CuratedSource(source, kept, named=options.format != "laion")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = out / CONTENTS_STAGING

@@ -28,7 +28,7 @@ from difftrain.data.records import BadRecord, RecordSource
 
 SHEET_MAX = 60  # thumbnails per section: enough to judge a threshold, small enough to open anywhere
 THUMB = 128
-STEPS = ("read", "size", "aesthetic", "clip", "duplicate")  # the order they drop a record in
+STEPS = ("read", "size", "aesthetic", "clip", "duplicate", "write")  # the order they drop a record in
 _KEPT, _DROPPED = (60, 150, 90), (200, 70, 60)
 
 

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("laion", "webdataset")
 # PIL format -> the extension a folder or tar member gets when the key does not say.
-_FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+# (MPO: a JPEG with more frames after the first, as many phone cameras save their photos)
+_FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
+                      "TIFF": ".tif", "AVIF": ".avif"}
 _LINE_BREAKERS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 
 
@@ -47,7 +49,8 @@ def image_extension(record: RawRecord) -> str:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise BadRecord(f"{record.key}: the stored bytes are not an image PIL can identify") from None
     if found not in _FORMAT_EXTENSIONS:
-        raise BadRecord(f"{record.key}: {found} images cannot be written ({', '.join(_FORMAT_EXTENSIONS)} can)")
+        raise BadRecord(f"{record.key}: {found} images cannot be written as files "
+                        f"({', '.join(_FORMAT_EXTENSIONS)} can)")
     return _FORMAT_EXTENSIONS[found]
 
 
@@ -58,8 +61,10 @@ def build_shards(
     records_per_shard: int = 1000,
     gzip: bool = True,
     progress: bool = True,
+    skipped: list[str] | None = None,
 ) -> Path:
-    """Write every readable record of `source` into numbered shards; return the shard list file.
+    """Write every readable record of `source` into numbered shards; return the shard list file. The records
+    that could not be read or written are logged and their reasons appended to `skipped`.
 
     laion: `part-00000.gz` ... (`part-00000.txt` with gzip=False), lines `caption\\t\\tbase64`;
     webdataset: `shard-000000.tar` ... with `<key>.<ext>`, `<key>.txt` (first caption) and
@@ -74,7 +79,7 @@ def build_shards(
     writer: ShardWriter = LaionWriter(out, records_per_shard, gzip) if format == "laion" else TarWriter(
         out, records_per_shard
     )
-    skipped: list[str] = []
+    skipped = [] if skipped is None else skipped
     try:
         for record in _records(source, f"writing {format} shards", progress, skipped):
             try:
@@ -94,8 +99,10 @@ def build_shards(
     return listing
 
 
-def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write every readable record as an image file plus `metadata.jsonl`; return the folder.
+def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = True,
+                  skipped: list[str] | None = None) -> Path:
+    """Write every readable record as an image file plus `metadata.jsonl`; return the folder (`skipped` as
+    build_shards').
 
     A record whose key is a relative image path keeps it; others are numbered in source
     order. metadata.jsonl has `file_name` and `text` (the first caption), plus `captions`
@@ -105,7 +112,7 @@ def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = Tr
     width = max(6, len(str(len(source) - 1)))
     used: set[str] = set()
     lines: list[str] = []
-    skipped: list[str] = []
+    skipped = [] if skipped is None else skipped
     for index, record in enumerate(_records(source, "writing images", progress, skipped)):
         try:
             extension = image_extension(record)

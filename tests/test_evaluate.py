@@ -249,6 +249,20 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     assert main(["eval", str(generated), "--reference", str(tmp_path / "small.npz"), "--out", str(tmp_path / "s"),
                  *common]) == 2
     assert "are not statistics of InceptionV3's 2048-d pool features" in capsys.readouterr().err
+    # a compressed .npz damaged at the start of mu's deflate stream (zlib's own error, not an OSError)
+    import struct
+    import zipfile
+
+    np.savez_compressed(tmp_path / "damaged.npz", mu=saved["mu"].numpy(), sigma=saved["sigma"].numpy())
+    damaged = bytearray((tmp_path / "damaged.npz").read_bytes())
+    at = zipfile.ZipFile(tmp_path / "damaged.npz").getinfo("mu.npy").header_offset
+    at += 30 + sum(struct.unpack("<HH", damaged[at + 26:at + 30]))  # past the local header, its name and extra
+    damaged[at:at + 8] = b"\xff" * 8
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["eval", str(generated), "--reference", str(tmp_path / "damaged.npz"), "--out", str(tmp_path / "d"),
+                 *common]) == 2
+    assert "damaged.npz: not a statistics .npz of plain arrays" in capsys.readouterr().err
     np.savez(tmp_path / "pickled.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))  # needs unpickling
     assert main(["eval", str(generated), "--reference", str(tmp_path / "pickled.npz"), "--out", str(tmp_path / "p"),
                  *common]) == 2
@@ -323,6 +337,12 @@ def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_p
     assert main(["eval", str(model), "--metrics", "is", "--prompt", "a fox <lora:shapes:1>", *_flags(networks),
                  "--out", str(tmp_path / "z")]) == 2
     assert "names a LoRA: evaluate the LoRA's run folder" in capsys.readouterr().err
+    # A reference statistics file that cannot serve is refused before any image is drawn, not after hours of it.
+    np.savez(tmp_path / "other.npz", mu=np.zeros(64), sigma=np.eye(64))
+    assert main(["eval", str(model), "--metrics", "fid", "--prompt", "x", "--reference", str(tmp_path / "other.npz"),
+                 *_flags(networks), "--out", str(tmp_path / "early")]) == 2
+    assert "are not statistics of InceptionV3's 2048-d pool features" in capsys.readouterr().err
+    assert not (tmp_path / "early").exists()
 
 
 def test_clip_reads_a_prompt_without_its_a1111_syntax():
@@ -622,6 +642,25 @@ def test_eval_keeps_image_names_not_images_and_measures_what_held_images_measure
                                               lpips=str(networks["lpips"])))
     stored, in_memory = scorer.score(groups, 32, None), scorer.score(held, 32, None)
     assert stored == in_memory and stored["images"] == 12 and stored["is"] >= 1
+
+
+def test_a_folders_prompts_come_from_each_pngs_infotext_whatever_its_pixel_mode(tmp_path):
+    """Decoding RGBA, 16-bit or colour-managed PNGs to sRGB RGB makes new images without the file's text: the
+    prompt is read from the file, so such images are grouped (for CLIP score and LPIPS) with their prompt."""
+    from PIL import PngImagePlugin
+
+    from difftrain.evaluate.run import EvalOptions, _read_folder
+
+    def write(name: str, image: Image.Image, prompt: str) -> None:
+        text = PngImagePlugin.PngInfo()
+        text.add_text("parameters", f"{prompt}\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 8x8")
+        image.save(tmp_path / name, pnginfo=text)
+
+    write("rgb.png", Image.new("RGB", (8, 8), (200, 10, 10)), "a red circle")
+    write("rgba.png", Image.new("RGBA", (8, 8), (200, 10, 10, 128)), "a red circle")
+    write("deep.png", Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)), "a grey square")
+    groups = _read_folder(str(tmp_path), EvalOptions(), [], progress=False)
+    assert sorted((group.prompt, len(group.images)) for group in groups) == [("a grey square", 1), ("a red circle", 2)]
 
 
 def test_lpips_diversity_of_a_large_group_compares_a_seeded_sample_of_its_images():

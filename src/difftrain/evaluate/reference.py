@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -211,7 +212,8 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
                 if "mu" not in data or "sigma" not in data:
                     raise EvalError(f"{path}: a statistics .npz needs arrays 'mu' and 'sigma' (found {list(data)})")
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        except (OSError, ValueError, zipfile.BadZipFile) as error:  # not an npz, or one that needs unpickling
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as error:  # not an npz, one that needs
+            # unpickling, or a compressed one damaged
             raise EvalError(f"{path}: not a statistics .npz of plain arrays ({str(error).splitlines()[0]})") from None
         if mu.shape != (2048,) or sigma.shape != (2048, 2048):  # InceptionV3's pool features, as FID's tools save
             raise EvalError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of InceptionV3's "

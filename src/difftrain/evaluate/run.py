@@ -9,6 +9,7 @@ measured, PNGs with their parameters) and a one-screen summary on the terminal.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -122,6 +123,10 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     wanted = _wanted_metrics(options, has_prompts, warnings)
     networks = replace(options.networks, device=str(resolve_device(options.networks.device)))
     scorer = Scorer(wanted, networks)  # a missing network is reported before anything is drawn
+    if reference_records is None and options.reference and any(name in wanted for name in NEEDS_REFERENCE):
+        # A statistics file that cannot serve (not one, damaged, other weights) is refused before hours of drawing;
+        # it is read again at the images' size once that is known.
+        load_statistics_file(options.reference, scorer.info.get("inception"), options.size)
     if not is_folder:
         groups, generation = _draw(located, options, reference_records, warnings, _fresh_images_dir(out), progress)
     if not any(group.images for group in groups):
@@ -355,10 +360,19 @@ def _read_folder(target: str, options: EvalOptions, warnings: list[str], progres
                         + "; ".join(f"{k}: {r}" for k, r in records.skipped[:3]))
     groups: dict[str | None, Group] = {}
     for index, record, image in records.images():
-        text = image.info.get("parameters")
+        text = image.info.get("parameters") or _header_parameters(record.data)
         prompt = parse_infotext(text)[0] if text else (record.captions[0] if record.captions else options.prompt)
         groups.setdefault(prompt, Group(prompt, StoredImages(records.image))).images.append(index, image.size)
     return list(groups.values())
+
+
+def _header_parameters(data: bytes) -> str | None:
+    """A PNG's infotext from the file itself: decoding RGBA, 16-bit or colour-managed pixels to sRGB RGB makes a
+    new image, without the file's `info`."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as header:
+        return header.info.get("parameters")
 
 
 __all__ = ["EvalOptions", "EvalResult", "evaluate", "prompt_list"]

@@ -212,10 +212,20 @@ def test_webuiapi_extras_upscale_as_the_upscale_command_does(server, tmp_path, c
     for payload, field in (({"gfpgan_visibility": 0.5, "upscaler_1": "Lanczos"}, "gfpgan_visibility"),
                            ({"upscaler_1": "upscalers/ESRGAN/4x-Tiny.pth"}, "upscaler_1"),
                            ({"upscaler_1": "4x-Tiny", "upscaling_resize": 200}, "upscaling_resize"),
+                           ({"upscaler_1": "Lanczos", "upscaling_resize": 0.01}, "upscaling_resize"),
+                           ({"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize"),
                            ({"upscaler_1": "Lanczos", "image": "not base64!"}, "image")):
         body = {"image": base64.b64encode((tmp_path / "source.png").read_bytes()).decode(), **payload}
         answer = requests.post(url, json=body)
         assert answer.status_code in (404, 422) and answer.json()["field"] == field, (payload, answer.text)
+    # A batch holds at most the pixels of one request image (read from the headers, before any is decoded).
+    big = io.BytesIO()
+    Image.new("RGB", (2048, 2048), (9, 9, 9)).save(big, "PNG")  # 4.2 MP in a few KB
+    entry = {"data": base64.b64encode(big.getvalue()).decode(), "name": "big.png"}
+    answer = requests.post(f"{server.url}/sdapi/v1/extra-batch-images",
+                           json={"imageList": [entry] * 5, "upscaler_1": "Lanczos", "upscaling_resize": 1})
+    assert answer.status_code == 422 and answer.json()["field"] == "imageList", answer.text
+    assert "5 images of 20,971,520 pixels in all: a batch holds at most 16,777,216" in answer.json()["detail"]
 
 
 def test_webuiapi_img2img_samplers_models_and_loras(server):
@@ -449,7 +459,9 @@ def test_a_client_that_hangs_up_cancels_its_job(server):
     ({"enable_hr": True, "hr_prompt": "x <lora:shapes:1>"}, "hr_prompt"),
     ({"enable_hr": True, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
     ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "<lora:../../secret:1>"}, "prompt"),
-    ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+    ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "override_settings.sd_model_checkpoint"),
+    ({"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint"), ({"s_churn": 0.5}, "s_churn"),
+    ({"s_noise": 1.003}, "s_noise"),
     ({"prompt": "a <lora:shapes:abc>"}, "prompt"), ({"seed": 2**40}, "seed"),
     ({"override_settings": {"CLIP_stop_at_last_layers": "two"}}, "override_settings.CLIP_stop_at_last_layers"),
 ])
@@ -763,7 +775,8 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
                  "--no-progress"]) == 0
     [drawn] = sorted((tmp_path / "out").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(served.image.convert("RGB")))
-    assert not {"init_images", "mask"} & served.parameters.keys()  # A1111 echoes neither unless asked
+    # A1111 echoes neither unless asked, keeping their keys as None
+    assert (served.parameters["init_images"], served.parameters["mask"]) == (None, None)
     whole = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4, width=64, height=64,
                         denoising_strength=0.8, steps=4, inpaint_full_res=False, inpainting_fill=1,
                         include_init_images=True)
@@ -793,11 +806,13 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
     assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(echoed, (init, mask))] == [True, True]
     url, body = f"{server.url}/sdapi/v1/img2img", {"init_images": [_b64(init)], "mask": _b64(mask), "steps": 2,
                                                     "width": 64, "height": 64}
-    for field, value, words in [("inpainting_fill", 7, "0 fill, 1 original"), ("mask_blur", 99, "from 0 to 64"),
+    for field, value, words, *unmasked in [("inpainting_fill", 7, "0 fill, 1 original"),
+                                           ("mask_blur", 99, "from 0 to 64"),
                                 ("initial_noise_multiplier", 0.5, "only 1"), ("mask", "not base64!", "base64"),
+                                ("initial_noise_multiplier", 0.5, "only 1", "no mask"),
                                 ("mask_round", False, "rounded mask"), ("resize_mode", 3, "latent upscale"),
                                 ("resize_mode", 4, "3 just resize (latent upscale)")]:
-        answer = requests.post(url, json={**body, field: value})
+        answer = requests.post(url, json={**body, field: value, **({"mask": None} if unmasked else {})})
         assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"], \
             answer.text
     # With a ControlNet, "only masked" cuts the control image to the mask's box as it cuts the init image: the

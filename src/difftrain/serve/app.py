@@ -197,10 +197,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.post("/sdapi/v1/extra-batch-images")
     def extra_batch_images(body: ExtrasBatchImagesRequest):
-        if not body.imageList:
-            raise RequestError("imageList", "no images: send at least one {data, name}")
-        images = [decode_image(item.data, f"imageList[{i}].data", keep_text=True)
-                  for i, item in enumerate(body.imageList)]
+        images = body.decoded_images()
         upscaled, text = engine.upscale(body, images)
         return {"html_info": _html_info(text), "images": [_png_base64(image, {**source.info, "postprocessing": text})
                                                           for source, image in zip(images, upscaled)]}
@@ -513,7 +510,8 @@ def _run(engine: Engine, job: Job, on_step) -> dict:
     request = job.request
     drawn = engine.draw(request, on_step, job.prepared)
     images = [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(drawn.images, drawn.infotexts)]
-    leave_out = {"init_images", "mask"} if job.kind == "img2img" and not request.include_init_images else None
-    parameters = request.model_dump(exclude=leave_out)
+    parameters = request.model_dump()
+    if job.kind == "img2img" and not request.include_init_images:  # A1111 sets them to None, keeping the keys
+        parameters.update(init_images=None, mask=None)
     return {"images": images if request.send_images else [], "parameters": parameters,
             "info": a1111_info(request, drawn)}

@@ -241,7 +241,7 @@ class Engine:
         try:
             check_extras(found["upscaler_1"], scale, request.size)
         except UpscalerError as reason:
-            raise RequestError("upscaling_resize" if scale else "upscaling_resize_w", str(reason)) from None
+            raise RequestError("upscaling_resize" if scale is not None else "upscaling_resize_w", str(reason)) from None
         upscaled, params = [], {}
         with self._busy:
             for image in images:
@@ -347,7 +347,7 @@ class Engine:
 
     def _model_for(self, request: Txt2ImgRequest) -> ServedModel:
         override = request.override_settings.get("sd_model_checkpoint")
-        return self.find(str(override)) if override else self.current
+        return self.find(str(override), "override_settings.sd_model_checkpoint") if override else self.current
 
     @staticmethod
     def _scheduler_name(request: Txt2ImgRequest) -> str:

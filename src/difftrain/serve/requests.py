@@ -49,6 +49,9 @@ class _A1111Body(BaseModel):
         return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
 
+CHURN_DEFAULTS = {"s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1}
+
+
 class Txt2ImgRequest(_A1111Body):
     prompt: str = ""
     negative_prompt: str = ""
@@ -82,6 +85,13 @@ class Txt2ImgRequest(_A1111Body):
     firstphase_height: int = 0
     restore_faces: Optional[bool] = False
     tiling: Optional[bool] = False
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
+    # k-diffusion's churn (Euler, Heun, DPM2): A1111's defaults as webuiapi sends them (s_tmax 0 meaning no limit)
+    s_churn: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_noise: Optional[float] = None
     subseed: int = -1  # A1111's variation seed (sampling/seed_noise.py)
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
@@ -120,6 +130,10 @@ class Txt2ImgRequest(_A1111Body):
                        ("script_name", self.script_name, "scripts"),
                        ("firstphase_width", self.firstphase_width or self.firstphase_height,
                         "the pre-1.0 hires fix (first phase size); give width, height and hr_scale or hr_resize_x/y")]
+        unsupported += [("refiner_checkpoint", self.refiner_checkpoint not in (None, "", "None"), "the refiner")]
+        unsupported += [(name, getattr(self, name) not in (None, default), "stochastic churn (s_churn, s_tmin, "
+                         f"s_tmax, s_noise: {', '.join(map(str, CHURN_DEFAULTS.values()))})")
+                        for name, default in CHURN_DEFAULTS.items()]
         for field, value, what in unsupported:
             if value:
                 raise RequestError(field, f"{what} is not served by difftrain; leave it at its default")
@@ -262,6 +276,9 @@ class Img2ImgRequest(Txt2ImgRequest):
         super().check(limits)
         if len(self.init_images) != 1:
             raise RequestError("init_images", f"{len(self.init_images)} images: give exactly one")
+        if self.initial_noise_multiplier not in (None, 1.0):  # (A1111 scales img2img's noise with or without a mask)
+            raise RequestError("initial_noise_multiplier", f"{self.initial_noise_multiplier}: only 1 (A1111's "
+                                                           "default) is served")
         if self.mask:
             self.check_inpainting()
         self.soft_inpainting()  # (sent without a mask, it does nothing, as in A1111; but it must be well formed)
@@ -298,9 +315,6 @@ class Img2ImgRequest(Txt2ImgRequest):
         if not self.mask_round and self.soft_inpainting() is None:
             raise RequestError("mask_round", "false: an unrounded mask is served with soft inpainting only (which "
                                              "rounds none)")
-        if self.initial_noise_multiplier not in (None, 1.0):
-            raise RequestError("initial_noise_multiplier", f"{self.initial_noise_multiplier}: only 1 (A1111's "
-                                                           "default) is served")
 
 
 EXTRAS_MAX_SIDE = 4096  # an upscaled image's sides at most (A1111 has no limit; a server needs one)
@@ -340,10 +354,13 @@ class ExtrasRequest(_A1111Body):
     def check_output(self, width: int, height: int) -> None:
         """The upscaled size of a width x height image within EXTRAS_MAX_SIDE (the field to change named)."""
         size = self.size or (int(width * self.upscaling_resize), int(height * self.upscaling_resize))
+        field = "upscaling_resize" if self.resize_mode == 0 else "upscaling_resize_w"
         if max(size) > EXTRAS_MAX_SIDE:
-            field = "upscaling_resize" if self.resize_mode == 0 else "upscaling_resize_w"
             raise RequestError(field, f"{width}x{height} upscaled to {size[0]}x{size[1]}: this server upscales to "
                                       f"at most {EXTRAS_MAX_SIDE} px a side")
+        if min(size) < 1:
+            raise RequestError(field, f"{width}x{height} resized to {size[0]}x{size[1]}: an image needs a pixel a "
+                                      "side")
 
 
 class ExtrasSingleImageRequest(ExtrasRequest):
@@ -357,6 +374,26 @@ class ExtrasFile(BaseModel):
 
 class ExtrasBatchImagesRequest(ExtrasRequest):
     imageList: list[ExtrasFile] = Field(default_factory=list)  # noqa: N815 (A1111's field name)
+
+    def decoded_images(self) -> list:
+        """The batch's images, decoded once the headers say that all of them together hold no more pixels than
+        one request image may (a 4096 x 4096 PNG of one colour is 78 KB of base64: a 20 MB body held 268)."""
+        from difftrain.data.images import BadImage, image_size_from_bytes
+
+        if not self.imageList:
+            raise RequestError("imageList", "no images: send at least one {data, name}")
+        total = 0
+        for i, item in enumerate(self.imageList):
+            try:
+                width, height = image_size_from_bytes(decode_base64(item.data, f"imageList[{i}].data"))
+            except BadImage as reason:
+                raise RequestError(f"imageList[{i}].data", str(reason)) from None
+            total += width * height
+        if total > REQUEST_MAX_PIXELS:
+            raise RequestError("imageList", f"{len(self.imageList)} images of {total:,} pixels in all: a batch holds "
+                                            f"at most {REQUEST_MAX_PIXELS:,}, one 4096x4096 image's; send it in parts")
+        return [decode_image(item.data, f"imageList[{i}].data", keep_text=True)
+                for i, item in enumerate(self.imageList)]
 
 
 def check_ensd(value, field: str) -> None:

@@ -325,7 +325,8 @@ class Engine:
         img2img = isinstance(request, Img2ImgRequest)
         if not (img2img or request.enable_hr):
             return
-        config = dict(model.pipe.scheduler.config) if model.pipe is not None else None
+        pipe = model.pipe  # read once: the worker may unload the model meanwhile (checks run outside its lock)
+        config = dict(pipe.scheduler.config) if pipe is not None else None
         saved = model.located.folder / "scheduler" / "scheduler_config.json" if model.located.folder else None
         if config is None and saved is not None and saved.is_file():
             config = json.loads(saved.read_text())

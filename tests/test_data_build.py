@@ -132,6 +132,14 @@ def test_the_build_command_counts_what_it_wrote_not_what_it_read(tmp_path, shape
                  "--format", "folder"]) == 0
     said = capsys.readouterr().out
     assert "wrote 1 records from" in said and "; 1 skipped, e.g. " in said and "PPM images cannot be written" in said
+    # A record whose own name is a hidden path keeps no such name: a folder scan would pass it over.
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "a.png").write_bytes((shapes_dir / "000001.png").read_bytes())
+    (tmp_path / "hidden.jsonl").write_text(json.dumps({"image": ".hidden/a.png", "caption": "hid"}) + "\n")
+    assert main(["data", "build", str(tmp_path / "hidden.jsonl"), str(tmp_path / "unhidden"), "--source", "jsonl",
+                 "--format", "folder"]) == 0
+    back = open_source("folder", tmp_path / "unhidden", progress=False)
+    assert [back.read(i).captions for i in range(len(back))] == [["hid"]]
 
 
 class Interrupted(RecordSource):

@@ -164,7 +164,9 @@ def _empty_folder(out_dir: str | Path) -> Path:
 
 def _folder_name(key: str, index: int, width: int, extension: str, used: set[str]) -> str:
     path = PurePosixPath(key)
-    usable = ":" not in key and not path.is_absolute() and ".." not in path.parts
+    # (a hidden file or folder, ".cache/a.png", is one a folder scan passes over as a tool's: it is renamed)
+    usable = (":" not in key and not path.is_absolute() and ".." not in path.parts
+              and not any(part.startswith(".") for part in path.parts))
     if usable and path.suffix.lower() in IMAGE_EXTENSIONS and str(path).lower() not in used:
         return str(path)
     name, copy = f"{index:0{width}d}{extension}", 1

@@ -728,6 +728,45 @@ def test_a_skip_keeps_the_first_pass_and_a_stop_in_the_hires_pass_ends_the_batch
     assert calls == ["StableDiffusionPipeline"] * 3 + ["StableDiffusionImg2ImgPipeline"]
 
 
+def test_progress_is_a1111s_per_sampling_run_with_heun_hires_passes_and_a_skip(server):
+    """A1111 counts a job in sampling runs (n_iter batches, two passes each with the hires fix): job_no is the
+    run drawing now, sampling_step/sampling_steps that run's. Heun calls back 2 x steps - 1 times a pass, which
+    the plan cannot know: progress once reached 1 halfway through such a job and the step count passed its total."""
+    from difftrain.serve import jobs
+    from difftrain.serve.requests import Txt2ImgRequest
+
+    engine = server.app.state.engine
+    request = Txt2ImgRequest(prompt="x", steps=3, width=64, height=64, enable_hr=True, hr_second_pass_steps=2,
+                             denoising_strength=0.5, n_iter=2, seed=1, sampler_name="Heun")
+    job, seen = jobs.Job("txt2img", request), []
+    job.state = "running"
+
+    def on_step(pipe):
+        job.count_step(pipe._num_timesteps)
+        seen.append((job.run_no, job.run_step, job.sampling_steps, job.progress))
+
+    engine.draw(request, on_step)
+    assert job.runs == 4 and [run for run, *_ in seen] == sorted(run for run, *_ in seen)
+    assert {run for run, *_ in seen} == {0, 1, 2, 3}
+    assert all(step <= steps for _, step, steps, _ in seen)
+    progress = [value for *_, value in seen]
+    assert progress == sorted(progress) and progress[-1] == 1.0 and progress.count(1.0) == 1
+    per_run = {run: steps for run, _, steps, _ in seen}
+    assert per_run[0] == per_run[2] == 2 * 3 - 1  # Heun's callbacks for 3 steps
+    # A skip in the first batch's first pass: that batch ends (its first pass's image kept), the next begins.
+    job, seen = jobs.Job("txt2img", request), []
+    job.state = "running"
+
+    def skip_at_two(pipe):
+        on_step(pipe)
+        if (job.run_no, job.run_step) == (0, 2):
+            pipe._interrupt = True
+            job.skip_run()
+
+    engine.draw(request, skip_at_two)
+    assert seen[2][:2] == (2, 1) and seen[-1][3] == 1.0
+
+
 def test_img2img_that_leaves_no_step_is_refused_before_it_queues(server):
     png = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(png, format="PNG")

@@ -206,10 +206,11 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
     def progress(skip_current_image: bool = False):
         job = queue.current  # read once, as above
         state = {"skipped": bool(job and job.skip), "interrupted": bool(job and job.interrupt),
-                 # As A1111: job_no is the batch drawing now (0-based) of the job's job_count = n_iter batches.
-                 "job": job.id if job else "", "job_count": job.images if job else 0,
-                 "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.images_done if job else 0,
-                 "sampling_step": job.steps_done if job else 0, "sampling_steps": job.total_steps if job else 0}
+                 # As A1111: job_no is the sampling run drawing now (0-based) of job_count runs (n_iter batches,
+                 # each two with the hires fix), sampling_step and sampling_steps that run's.
+                 "job": job.id if job else "", "job_count": job.runs if job else 0,
+                 "job_timestamp": str(int(job.created)) if job else "0", "job_no": job.run_no if job else 0,
+                 "sampling_step": job.run_step if job else 0, "sampling_steps": job.sampling_steps if job else 0}
         return {"progress": job.progress if job else 0.0, "eta_relative": job.eta_relative if job else 0.0,
                 "state": state, "current_image": None, "textinfo": None}
 

@@ -38,9 +38,13 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     number: int = 0  # order of arrival
     state: str = "queued"  # queued, running, done, interrupted, cancelled, failed
-    steps_done: int = 0
-    steps_per_image: int | None = None  # what the sampler runs, once it has said (2 x steps - 1 for Heun)
+    steps_done: int = 0  # sampler steps over the whole job
     images: int = 1  # n_iter: batches drawn one after the other
+    # A1111's progress is per sampling run (a batch's pass: n_iter x 2 runs with the hires fix): the run drawing
+    # now, its steps taken and how many it takes (what the sampler runs, once it has said: 2 x steps - 1 for Heun).
+    run_no: int = 0
+    run_step: int = 0
+    run_steps: int | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -63,32 +67,54 @@ class Job:
             # k-diffusion samplers; the sampler tells its own count once it starts)
             steps = min(steps, int(request.steps * min(request.denoising_strength, 0.999)) + 1)
         self.passes = 1 + (self.kind == "txt2img" and request.enable_hr)
-        if self.passes == 2:  # the hires fix's second pass, its steps taken exactly (generate/hires.py)
-            steps += request.hr_second_pass_steps or request.steps
-        self._planned = steps  # until the sampler tells its own count (of one pass: the plan stays for two)
+        # each pass's steps as planned, until its sampler says (the hires pass's taken exactly: generate/hires.py)
+        self._planned = [steps, request.hr_second_pass_steps or request.steps][:self.passes]
+        self._run_over = False  # the run's last step was taken (or it was skipped): the next step starts the next
+        self._skipped = False
+
+    @property
+    def runs(self) -> int:
+        """A1111's job_count: sampling runs, a batch's each pass."""
+        return self.images * self.passes
 
     @property
     def total_steps(self) -> int:
-        return (self.steps_per_image or self._planned) * self.images
+        """The job's sampler steps as planned (each run's count once its sampler has said)."""
+        return sum(self._planned) * self.images
 
     @property
-    def images_done(self) -> int:
-        """Batches (n_iter) drawn whole so far."""
-        return min(self.images, self.steps_done // max(self.steps_per_image or self._planned, 1))
+    def sampling_steps(self) -> int:
+        return self.run_steps or self._planned[self.run_no % self.passes]
 
     @property
     def progress(self) -> float:
+        """A1111's: runs done plus the share of the one drawing now, of all runs."""
         if self.state in ("done", "interrupted"):
             return 1.0
-        return min(1.0, self.steps_done / max(self.total_steps, 1))
+        return min(1.0, (self.run_no + min(self.run_step / max(self.sampling_steps, 1), 1.0)) / max(self.runs, 1))
 
     @property
     def eta_relative(self) -> float:
         """Seconds left, from the rate so far (A1111's estimate)."""
-        if self.state != "running" or not self.steps_done or self.started is None:
+        progress = self.progress
+        if self.state != "running" or not progress or self.started is None:
             return 0.0
         elapsed = time.time() - self.started
-        return elapsed / self.steps_done * (self.total_steps - self.steps_done)
+        return max(0.0, elapsed / progress - elapsed)
+
+    def count_step(self, run_steps: int | None) -> None:
+        """One sampler step; `run_steps`: the steps the run drawing it takes (diffusers' _num_timesteps)."""
+        if self._run_over:  # this step starts the next run: the next pass, or after a skip the next batch
+            self.run_no = (self.run_no // self.passes + 1) * self.passes if self._skipped else self.run_no + 1
+            self.run_no, self.run_step, self._run_over, self._skipped = min(self.run_no, self.runs - 1), 0, False, False
+        self.run_steps = run_steps
+        self.steps_done += 1
+        self.run_step += 1
+        self._run_over = self.run_step >= self.sampling_steps
+
+    def skip_run(self) -> None:
+        """A skip ends the batch drawing now (its first pass's image kept): the next step is the next batch's."""
+        self._run_over = self._skipped = True
 
 
 class JobQueue:
@@ -182,15 +208,14 @@ class JobQueue:
             self._jobs.pop(job.id, None)
 
     def _on_step(self, job: Job, pipe) -> None:
-        if job.passes == 1:
-            job.steps_per_image = getattr(pipe, "_num_timesteps", None) or job.steps_per_image
-        job.steps_done += 1
+        job.count_step(getattr(pipe, "_num_timesteps", None))
         if job.cancel or job.interrupt:
             pipe._interrupt = True  # diffusers' pipelines skip the remaining steps
             pipe._difftrain_stop = True  # and the engine draws no further batch
         elif job.skip:
             job.skip = False
             pipe._interrupt = True
+            job.skip_run()
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.finished = state, time.time()

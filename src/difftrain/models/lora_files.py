@@ -173,7 +173,7 @@ def bundled_embeddings(lora_path) -> dict[str, torch.Tensor]:
                 raise EmbeddingFileError(f"{path}: bundles an SDXL embedding ({key}); SDXL is not supported")
             if name != "string_to_param.*" or token in found:
                 raise EmbeddingFileError(f"{path}: bundled embedding key {key!r}: expected one "
-                                         f"{BUNDLE_PREFIX}<token>.string_to_param.* a token, as sd-scripts writes")
+                                         f"{BUNDLE_PREFIX}<token>.string_to_param.* per token, as sd-scripts writes")
             found[token] = embedding_vectors(f.get_tensor(key), f"{path}: bundled embedding {token!r}")
     return found
 

@@ -199,6 +199,46 @@ def test_settings_that_crashed_inside_numpy_or_the_lr_schedule_are_refused_at_lo
     parse_config({**BASE, "training": {**polynomial, "lr_warmup_steps": 99}, "seed": 2**32 - 1})
 
 
+def test_schedule_keys_that_would_do_nothing_are_refused_and_the_rest_act():
+    import torch
+
+    from difftrain.training.optim import build_lr_schedule
+
+    assert "use constant_with_warmup" in errors_of({**BASE, "training": {"lr_scheduler": "constant",
+                                                                         "lr_warmup_steps": 4}})
+    assert "lr_num_cycles = 3: applies to lr_scheduler cosine_with_restarts only, and this one is cosine" in errors_of(
+        {**BASE, "training": {"lr_scheduler": "cosine", "lr_num_cycles": 3}})
+    assert "lr_power = 2.0: applies to lr_scheduler polynomial only" in errors_of(
+        {**BASE, "training": {"lr_power": 2}})
+
+    def rates(**training) -> list[float]:
+        config = parse_config({**BASE, "training": {"max_steps": 8, "learning_rate": 1.0, **training}})
+        schedule = build_lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), config.training)
+        out = []
+        for _ in range(8):
+            out.append(round(schedule.get_last_lr()[0], 4))
+            schedule.optimizer.step()
+            schedule.step()
+        return out
+
+    assert rates(lr_scheduler="cosine_with_restarts", lr_num_cycles=2)[4] == 1.0  # the second cycle starts again
+    assert rates(lr_scheduler="cosine_with_restarts")[4] < 1.0
+    linear, squared = rates(lr_scheduler="polynomial"), rates(lr_scheduler="polynomial", lr_power=2)
+    assert squared[4] == pytest.approx(linear[4] ** 2, abs=1e-3)
+
+
+def test_an_empty_section_takes_its_defaults_and_a_list_item_or_a_list_file_is_named(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("data: {path: images}\ntraining:\n  # max_steps: 10\n")
+    assert load_config(tmp_path / "empty.yaml").training.max_steps == 1000
+    assert load_config(tmp_path / "empty.yaml", ["training.max_steps=4"]).training.max_steps == 4
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of sections at the top level, got list"):
+        load_config(tmp_path / "list.yaml", ["training.max_steps=3"])
+    message = errors_of({"method": "controlnet", "data": {"path": "x"}, "model": {"base": "m"},
+                         "controlnet": {"validation": [{"image": "a.png", "prompt": "a circle", "promt": "x"}]}})
+    assert "unknown key 'controlnet.validation.0.promt' (did you mean 'prompt'?); allowed here: image, prompt" in message
+
+
 def test_a_caption_extension_gets_its_dot_and_an_empty_one_is_refused():
     assert parse_config({"data": {"path": "x", "caption_extension": "caption"}}).data.caption_extension == ".caption"
     assert "'' is no file extension" in errors_of({"data": {"path": "x", "caption_extension": ""}})

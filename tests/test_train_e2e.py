@@ -407,6 +407,17 @@ def test_resuming_an_earlier_checkpoint_moves_the_abandoned_branch_aside(make_co
     assert (abandoned / "state.json").is_file()
     state = json.loads((checkpoints / "step-00000008" / "state.json").read_text())
     assert state["step"] == 8
+    # The curves are the new branch's: its steps 5-8 logged once, the abandoned branch's 5-6 dropped at the resume.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_a_fresh_run_into_a_folder_whose_run_trained_and_saved_nothing_is_refused(make_config, tmp_path, capsys):
+    config = make_config(training={"max_steps": 2}, checkpoint={"every_steps": 100})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 16.0, "lr": 0.5}\n')  # a diverged run's
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "holds a run that trained and wrote no checkpoint (its metrics.jsonl)" in capsys.readouterr().err
 
 
 CRASHING_TRAIN = """

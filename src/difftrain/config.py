@@ -8,6 +8,7 @@ is allowed; `--set section.key=value` overrides go through the same validation.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -229,6 +230,8 @@ class TrainingConfig(Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: the number of hard restarts")
+    lr_power: float = Field(1.0, gt=0, description="polynomial: the decay's power (1: linear)")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -247,6 +250,20 @@ class TrainingConfig(Section):
                     "LoRA or textual inversion",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower steps")
+
+    @model_validator(mode="after")
+    def _schedule_keys_act(self) -> "TrainingConfig":
+        # diffusers' constant schedule takes no warm-up, and the cycles and power only their schedules: each was
+        # accepted and did nothing
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise ValueError(f"training.lr_warmup_steps = {self.lr_warmup_steps}: lr_scheduler constant has no "
+                             "warm-up; use constant_with_warmup")
+        for key, value, default, schedule in (("lr_num_cycles", self.lr_num_cycles, 1, "cosine_with_restarts"),
+                                              ("lr_power", self.lr_power, 1.0, "polynomial")):
+            if value != default and self.lr_scheduler != schedule:
+                raise ValueError(f"training.{key} = {value}: applies to lr_scheduler {schedule} only, and this "
+                                 f"one is {self.lr_scheduler}")
+        return self
 
     @model_validator(mode="after")
     def _polynomial_has_room(self) -> "TrainingConfig":
@@ -850,8 +867,15 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     if error["type"] == "extra_forbidden":
         parent = model
         for part in error["loc"][:-1]:
+            if isinstance(part, int) or str(part) not in parent.model_fields:  # an item of a list, a union's branch
+                continue
             annotation = parent.model_fields[str(part)].annotation
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
+            # a section, or a list of them (controlnet.validation), possibly Optional
+            for candidate in (annotation, *typing.get_args(annotation),
+                              *(inner for arg in typing.get_args(annotation) for inner in typing.get_args(arg))):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    parent = candidate
+                    break
         allowed = list(parent.model_fields)
         key = str(error["loc"][-1])
         owners = [name for name, cls in METHOD_CONFIGS.items() if key in cls.model_fields]
@@ -864,15 +888,14 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     if error["type"] == "missing":
         return f"missing key '{location}': it has no default and must be set"
     message = error["msg"].removeprefix("Value error, ")
-    if not location or message.startswith(f"{location} ="):  # a rule across keys names them itself
+    if not location or message.startswith((f"{location} =", f"{location}.")):  # a rule across keys names them itself
         return message
     return f"{location} = {error.get('input')!r}: {message}"
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """A validated config of the method's own class; a config of an older version is migrated first."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    raw = _sections(raw, source)
     raw = migrate(raw, source)
     method = raw.get("method")
     if method not in METHOD_CONFIGS:
@@ -935,6 +958,14 @@ SECTIONS_OF_SOME_METHOD: dict[str, type[Section]] = {
 MIGRATIONS = {1: _drop_other_methods_defaults}
 
 
+def _sections(raw: Any, source: str) -> dict[str, Any]:
+    """The top level of a config: a mapping, in which a section left empty (every key commented out: YAML's null)
+    takes its defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return {key: value for key, value in raw.items() if value is not None}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings; values are parsed as YAML (so `1e-4`, `true`, `[1, 2]` work)."""
     for item in overrides:
@@ -944,7 +975,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # (a section left empty is null in YAML)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
             node = child
@@ -977,4 +1010,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a config is YAML in UTF-8)") from None
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
+    return parse_config(apply_overrides(_sections(raw, str(path)), overrides or []), source=str(path))

@@ -74,6 +74,8 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig
         optimizer=optimizer,
         num_warmup_steps=training.lr_warmup_steps,
         num_training_steps=training.max_steps,
+        num_cycles=training.lr_num_cycles,
+        power=training.lr_power,
     )
 
 

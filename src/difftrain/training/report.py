@@ -23,6 +23,24 @@ def read_metrics(path: Path) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """metrics.jsonl without the lines of steps after `step`: a run resumed from an earlier checkpoint draws its
+    curves from its own steps, not the abandoned branch's (or the lost steps after a kill) beyond them."""
+    from difftrain.atomic import write_text
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def kept(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False  # a line cut short by a kill
+    if not all(map(kept, lines)):
+        write_text(path, "".join(filter(kept, lines)), sync=False)
+
+
 def plot_loss_curve(points: list[tuple[int, float]], out: Path, size: tuple[int, int] = (640, 360)) -> Path | None:
     """Loss against step on a log scale, raw in grey and smoothed in blue."""
     points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]

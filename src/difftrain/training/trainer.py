@@ -61,7 +61,7 @@ from difftrain.training.optim import (
     resolve_compile,
     resolve_precision,
 )
-from difftrain.training.report import plot_loss_curve, read_metrics
+from difftrain.training.report import drop_metrics_after, plot_loss_curve, read_metrics
 from difftrain.training.run_data import build_sampler
 from difftrain.training.stopping import stop_on_first_signal
 
@@ -222,6 +222,7 @@ class Trainer:
         self._write_run_files()
         if resume:
             if self.main:
+                drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
                 moved = self.store.adopt(path) + self._adopt_best()
                 if moved:
                     print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
@@ -426,6 +427,11 @@ class Trainer:
                     f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
                     "add --resume latest to continue it, or set output_dir to a new folder"
                 )
+            if existing is None and not resume and (self.run_dir / "metrics.jsonl").is_file():
+                # (its curves and previews would mix with this run's)
+                raise CheckpointError(f"{self.run_dir} holds a run that trained and wrote no checkpoint (its "
+                                      "metrics.jsonl): nothing to resume; set output_dir to a new folder, or delete "
+                                      "that one")
             if resume:
                 self._check_resumable(self.store.resolve(resume))
         except CheckpointError as exc:

@@ -236,7 +236,8 @@ def test_an_empty_section_takes_its_defaults_and_a_list_item_or_a_list_file_is_n
         load_config(tmp_path / "list.yaml", ["training.max_steps=3"])
     message = errors_of({"method": "controlnet", "data": {"path": "x"}, "model": {"base": "m"},
                          "controlnet": {"validation": [{"image": "a.png", "prompt": "a circle", "promt": "x"}]}})
-    assert "unknown key 'controlnet.validation.0.promt' (did you mean 'prompt'?); allowed here: image, prompt" in message
+    assert ("unknown key 'controlnet.validation.0.promt' (did you mean 'prompt'?); allowed here: image, prompt"
+            in message)
 
 
 def test_a_caption_extension_gets_its_dot_and_an_empty_one_is_refused():

@@ -260,6 +260,11 @@ def test_a_model_upscaler_found_by_its_a1111_name_or_path_enlarges_the_first_pas
     info = {name: parse_infotext(read_png_infotext(next((tmp_path / name).glob("*.png"))))[2]["Hires upscaler"]
             for name in ("named", "4x-Zero")}
     assert info == {"named": "R-ESRGAN 4x+", "4x-Zero": "4x-Zero"}
+    # The file's path is in the infotext too (a key of ours, as "Init image" keeps its path): --from-png repeats
+    # the image without --upscaler-dir.
+    by_path = next((tmp_path / "4x-Zero").glob("*.png"))
+    assert main([*base, "--from-png", str(by_path), "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(pixels(next((tmp_path / "again").glob("*.png"))), drawn["4x-Zero"])
 
 
 def test_a_hires_pass_that_cannot_be_drawn_is_refused_naming_the_flag(tiny_sd, tmp_path, capsys):  # noqa: F811

@@ -20,7 +20,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError, UpscalerError
 # (IMAGE_UPSCALERS: the first image decoded, resized, encoded again)
-from difftrain.generate.upscale import IMAGE_UPSCALERS, ImageUpscaler, a1111_name
+from difftrain.generate.upscale import IMAGE_UPSCALERS, ImageUpscaler, a1111_name, is_path
 
 if TYPE_CHECKING:
     import torch
@@ -133,8 +133,11 @@ class Hires:
         prompts = {key: text for key, text, first in (("Hires prompt", self.prompt, prompt),
                                                       ("Hires negative prompt", self.negative_prompt, negative_prompt))
                    if text and text != first}
+        # A file given by path: A1111's name for it, and the path in a key of ours, as "Init image" and "Mask" keep
+        # theirs, so --from-png finds the file without --upscaler-dir.
+        file = {"Hires upscaler file": self.upscaler} if is_path(self.upscaler) else {}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
-                "Hires upscaler": a1111_name(self.upscaler), **sampler, **prompts,
+                "Hires upscaler": a1111_name(self.upscaler), **file, **sampler, **prompts,
                 **({"Hires checkpoint": self.checkpoint} if self.checkpoint else {})}
 
     @classmethod
@@ -150,8 +153,10 @@ class Hires:
             if sampler is not None or "Hires schedule type" in params:  # (A1111 writes them where they differ)
                 sampler = _pass_sampler(str(sampler or params.get("Sampler")),
                                         params.get("Hires schedule type", params.get("Schedule type")))
+            file = str(params.get("Hires upscaler file", ""))  # (gone, or another machine's: the name is looked up)
+            upscaler = file if file and Path(file).is_file() else str(params.get("Hires upscaler", "Latent"))
             return cls(scale=float(params.get("Hires upscale", 2.0)), resize=resize,
-                       upscaler=str(params.get("Hires upscaler", "Latent")), steps=int(params.get("Hires steps", 0)),
+                       upscaler=upscaler, steps=int(params.get("Hires steps", 0)),
                        sampler=sampler, prompt=str(params.get("Hires prompt", "")),
                        negative_prompt=str(params.get("Hires negative prompt", "")),
                        checkpoint=same_checkpoint(str(params.get("Hires checkpoint", ""))))

@@ -180,6 +180,28 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, 
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000008", tmp_path / "stopped/checkpoints/step-00000008")
 
 
+def test_a_signal_while_previews_draw_leaves_them_off_for_the_checkpoint(make_config, tmp_path, monkeypatch, capsys):
+    """The stop is read once a step, before previews: a signal that comes while they draw (minutes of an SD
+    preview or a FID evaluation, past a scheduler's grace) ends them at the model's next forward, and the
+    checkpoint comes at the end of the next step."""
+    from difftrain.methods.unconditional import Unconditional
+
+    sample = Unconditional.sample
+
+    def signalled_while_drawing(self, *args, **kwargs):
+        if not (tmp_path / "run/samples/step-00000001.png").exists():
+            return sample(self, *args, **kwargs)  # the first step's previews draw as usual
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(Unconditional, "sample", signalled_while_drawing)
+    config = make_config(training={"max_steps": 8}, checkpoint={"every_steps": 100}, sample={"every_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 130
+    assert "previews at step 2 left off: a stop signal came" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run/samples").glob("step-*.png")) == ["step-00000001.png"]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step-*")) == ["step-00000003"]
+
+
 def test_a_signal_during_the_last_step_lets_the_run_finish(make_config, tmp_path, monkeypatch, capsys):
     from signal_probe import signalling_step_done
 

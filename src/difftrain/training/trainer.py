@@ -72,6 +72,10 @@ class TrainingDiverged(DifftrainError):
     pass
 
 
+class _LeftOff(Exception):
+    """Previews or evaluation given up: a stop signal came while they drew."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -247,6 +251,7 @@ class Trainer:
         start_step = self.step
         loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, None
         with stop_on_first_signal() as stop:
+            self._stop = stop
             stop.agree(accelerator.device)
             while self.step < config.training.max_steps:
                 for _ in range(config.training.gradient_accumulation_steps):
@@ -589,6 +594,9 @@ class Trainer:
         collectives after it."""
         try:
             yield
+        except _LeftOff:
+            (bar.write if bar is not None else print)(f"{what} at step {self.step} left off: a stop signal came, "
+                                                      "and the checkpoint comes at the end of the next step")
         except Exception as error:  # noqa: BLE001
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -597,6 +605,24 @@ class Trainer:
             log.error("%s", message, exc_info=log.isEnabledFor(logging.DEBUG))
             (bar.write if bar is not None else print)(message)
 
+    @contextmanager
+    def _left_off_on_signal(self, modules: dict[str, torch.nn.Module] | None) -> Iterator[None]:
+        """Previews and evaluation (rank 0's own work) end at the next forward of a model after a stop signal: the
+        stop was read before them, and minutes of drawing would outlast a scheduler's grace (SLURM's 30 s) before
+        the checkpoint."""
+        stop = getattr(self, "_stop", None)
+
+        def check(*_) -> None:
+            if stop is not None and stop.signalled:
+                raise _LeftOff
+
+        handles = [module.register_forward_pre_hook(check) for module in (modules or {}).values()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def save_samples(self, bar=None) -> None:
         sample = self.config.sample
         with self._survivable("previews", bar):
@@ -604,7 +630,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _draw_samples(self, sample, bar) -> None:
-        with self._modules_for_main() as modules:
+        with self._modules_for_main() as modules, self._left_off_on_signal(modules):
             if modules is not None:
                 images = self.method.sample(modules, sample.num_images, sample.scheduler, sample.steps, sample.seed)
         if self.main:
@@ -629,7 +655,8 @@ class Trainer:
         """Measure the model as it is now (EMA weights when EMA is on); keep the best as model-best/. Returns
         whether this is a new best, on every process."""
         best, values = [False], None
-        with self._survivable("evaluation", bar), self._modules_for_main() as modules:
+        with (self._survivable("evaluation", bar), self._modules_for_main() as modules,
+              self._left_off_on_signal(modules)):
             if modules is not None:
                 values = self.evaluation.run(self.method, modules, self.step)
                 best = [bool(values["best"])]

@@ -737,7 +737,7 @@ def test_progress_is_a1111s_per_sampling_run_with_heun_hires_passes_and_a_skip(s
 
     engine = server.app.state.engine
     request = Txt2ImgRequest(prompt="x", steps=3, width=64, height=64, enable_hr=True, hr_second_pass_steps=2,
-                             denoising_strength=0.5, n_iter=2, seed=1, sampler_name="Heun")
+                             hr_scale=1.25, denoising_strength=0.5, n_iter=2, seed=1, sampler_name="Heun")
     job, seen = jobs.Job("txt2img", request), []
     job.state = "running"
 

@@ -193,15 +193,20 @@ def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files
     second = json.loads((tmp_path / "second" / "eval.json").read_text())
     assert second["reference"]["from_cache"] is True
     assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+    # ... and so do the measured folder's: the same 16 files, whose features are cached by their bytes as well
+    assert (first["generation"]["features_from_cache"], second["generation"]["features_from_cache"]) == (False, True)
+    assert second["metrics"]["is"] == pytest.approx(metrics["is"], rel=1e-9)
     # A report may not go inside the folder it measures, and a report folder is not measured by its grids.
     assert main([*argv, "--out", str(generated / "report")]) == 2
     assert "is inside the folder being measured" in capsys.readouterr().err
     assert main([argv[0], str(tmp_path / "first"), *argv[2:], "--out", str(tmp_path / "again")]) == 2
     assert f"is an eval report of {generated} (it holds grids, not the images)" in capsys.readouterr().err
-    # Changing one reference image's bytes makes a new cache entry.
+    # Changing one reference image's bytes makes a new cache entry; one measured image's too.
     Image.new("RGB", (32, 32), (1, 2, 3)).save(reference / "odd-size.png")
+    Image.new("RGB", (32, 32), (3, 2, 1)).save(next(generated.glob("*.png")))
     assert main([*argv[:-2], "--out", str(tmp_path / "third"), "--metrics", "fid"]) == 0
-    assert json.loads((tmp_path / "third" / "eval.json").read_text())["reference"]["from_cache"] is False
+    third = json.loads((tmp_path / "third" / "eval.json").read_text())
+    assert third["reference"]["from_cache"] is False and third["generation"]["features_from_cache"] is False
 
 
 def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(networks, shapes32, tmp_path, capsys):

@@ -159,7 +159,6 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
     from safetensors import safe_open
 
     from difftrain.atomic import write_safetensors
-    from difftrain.data.images import DECODE_VERSION
     from difftrain.data.sources import BadRecord
 
     digests = []
@@ -168,12 +167,7 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
             digests.append(hashlib.sha256(records.source.read(index).data).hexdigest())
         except BadRecord:  # unreadable: images() skips and reports it
             digests.append("unreadable")
-    key = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION, "decode": DECODE_VERSION, "images": digests,
-        "weights": extractor.info["weights"]["sha256"],
-        "rule": RESIZE_RULE.format(size=size),
-    }).encode()).hexdigest()
-    cache = Path(cache_dir or default_cache_dir()) / f"reference-{key[:32]}.safetensors"
+    cache, key = _cache_file("reference", digests, extractor, size, cache_dir)
     if cache.is_file():
         with safe_open(str(cache), "pt") as handle:
             meta = handle.metadata()
@@ -188,6 +182,39 @@ def reference_features(records: ImageRecords, extractor: InceptionFeatures, size
     write_safetensors(cache, {"features": features}, metadata={
         "skipped": json.dumps(records.skipped[before:]), "source": records.description}, sync=False)
     return Reference(features, Statistics.of(features), records.description, records.skipped, False, key)
+
+
+def measured_features(digests: list[str], images: Iterator[Image.Image], extractor: InceptionFeatures, size: int,
+                      cache_dir: str | Path | None = None,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(pool features, logits, from the cache) of a folder's images, in order, `digests` their files' sha256: a
+    folder measured again (other metrics, another reference) reads them, as a reference's are read."""
+    from safetensors import safe_open
+
+    from difftrain.atomic import write_safetensors
+
+    cache, _ = _cache_file("measured", digests, extractor, size, cache_dir)
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as handle:
+            return handle.get_tensor("features"), handle.get_tensor("logits"), True
+    features, logits = extractor(images, size, total=len(digests), progress=progress, desc="measured features")
+    write_safetensors(cache, {"features": features, "logits": logits}, sync=False)
+    return features, logits, False
+
+
+def _cache_file(kind: str, digests: list[str], extractor: InceptionFeatures, size: int,
+                cache_dir: str | Path | None) -> tuple[Path, str]:
+    """Where features of these image contents are cached, and the key: every image's bytes, the decode, the
+    network's weights and the resize rule (a reference's key as it always was; a measured set's names its kind)."""
+    from difftrain.data.images import DECODE_VERSION
+
+    kind_key = {} if kind == "reference" else {"kind": kind}
+    key = hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "decode": DECODE_VERSION, "images": digests,
+        "weights": extractor.info["weights"]["sha256"],
+        "rule": RESIZE_RULE.format(size=size), **kind_key,
+    }).encode()).hexdigest()
+    return Path(cache_dir or default_cache_dir()) / f"{kind}-{key[:32]}.safetensors", key
 
 
 def save_reference(reference: Reference, path: str | Path, extractor_info: dict, size: int) -> Path:

@@ -9,7 +9,9 @@ measured, PNGs with their parameters) and a one-screen summary on the terminal.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import math
 import time
@@ -26,6 +28,7 @@ from difftrain.evaluate.reference import (
     Reference,
     keyed_options,
     load_statistics_file,
+    measured_features,
     open_records,
     reference_features,
     save_reference,
@@ -148,7 +151,14 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     if scorer.custom_weights:
         warnings.append(f"metric networks with other than the published weights ({', '.join(scorer.custom_weights)}): "
                         "the numbers compare only with numbers from these same weights")
-    values = scorer.score(groups, size, reference, progress)
+    inception = None
+    if is_folder and scorer.inception is not None:  # (drawn images are new; a folder is often measured again)
+        digests = [digest for group in groups for digest in group.images.digests]
+        features, logits, generation["features_from_cache"] = measured_features(
+            digests, itertools.chain.from_iterable(group.images for group in groups), scorer.inception, size,
+            options.cache_dir, progress)
+        inception = (features, logits)
+    values = scorer.score(groups, size, reference, progress, inception)
     result = {
         "target": str(target),
         "metrics": values,
@@ -362,7 +372,8 @@ def _read_folder(target: str, options: EvalOptions, warnings: list[str], progres
     for index, record, image in records.images():
         text = image.info.get("parameters") or _header_parameters(record.data)
         prompt = parse_infotext(text)[0] if text else (record.captions[0] if record.captions else options.prompt)
-        groups.setdefault(prompt, Group(prompt, StoredImages(records.image))).images.append(index, image.size)
+        groups.setdefault(prompt, Group(prompt, StoredImages(records.image))).images.append(
+            index, image.size, hashlib.sha256(record.data).hexdigest())
     return list(groups.values())
 
 

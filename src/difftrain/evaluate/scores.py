@@ -34,10 +34,12 @@ class StoredImages(Sequence):
 
     def __init__(self, read: Callable[[object], Image.Image]):
         self._read, self._keys, self.sizes = read, [], []
+        self.digests: list[str | None] = []  # each image's file's sha256, where known (a folder's: its features cache)
 
-    def append(self, key, size: tuple[int, int]) -> None:
+    def append(self, key, size: tuple[int, int], digest: str | None = None) -> None:
         self._keys.append(key)
         self.sizes.append(size)
+        self.digests.append(digest)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -124,14 +126,16 @@ class Scorer:
             files += [self.info["lpips"]["backbone"], self.info["lpips"]["head"]]
         return [f["file"] for f in files if not f["standard"]]
 
-    def score(self, groups: list[Group], size: int, reference: Reference | None, progress: bool = False) -> dict:
-        """{metric name: value} for the images in `groups`, evaluated at `size` px (see RESIZE_RULE)."""
+    def score(self, groups: list[Group], size: int, reference: Reference | None, progress: bool = False,
+              inception: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """{metric name: value} for the images in `groups`, evaluated at `size` px (see RESIZE_RULE); `inception`:
+        their (pool features, logits) in order, when already had (a cached folder's)."""
         count = sum(len(group.images) for group in groups)
         out: dict[str, float | int | None] = {"images": count}
         if self.inception is not None:
             images = itertools.chain.from_iterable(group.images for group in groups)  # one at a time
-            features, logits = self.inception(images, size, total=count, progress=progress,
-                                              desc="generated features")
+            features, logits = inception or self.inception(images, size, total=count, progress=progress,
+                                                           desc="generated features")
             if "is" in self.wanted:
                 score = m.inception_score(logits)
                 out.update({"is": score["mean"], "is_std": score["std"]})

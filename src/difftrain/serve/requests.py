@@ -382,18 +382,18 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
 
         if not self.imageList:
             raise RequestError("imageList", "no images: send at least one {data, name}")
-        total = 0
+        files, total = [], 0
         for i, item in enumerate(self.imageList):
+            files.append(decode_base64(item.data, f"imageList[{i}].data"))
             try:
-                width, height = image_size_from_bytes(decode_base64(item.data, f"imageList[{i}].data"))
+                width, height = image_size_from_bytes(files[-1])
             except BadImage as reason:
                 raise RequestError(f"imageList[{i}].data", str(reason)) from None
             total += width * height
         if total > REQUEST_MAX_PIXELS:
             raise RequestError("imageList", f"{len(self.imageList)} images of {total:,} pixels in all: a batch holds "
                                             f"at most {REQUEST_MAX_PIXELS:,}, one 4096x4096 image's; send it in parts")
-        return [decode_image(item.data, f"imageList[{i}].data", keep_text=True)
-                for i, item in enumerate(self.imageList)]
+        return [image_from_bytes(data, f"imageList[{i}].data", keep_text=True) for i, data in enumerate(files)]
 
 
 def check_ensd(value, field: str) -> None:
@@ -418,10 +418,14 @@ REQUEST_MAX_PIXELS = 4096 * 4096
 def decode_image(text: str, field: str, colour_managed: bool = True, keep_text: bool = False):
     """A base64 image (raw or a data URL) as RGB (a label map's colours as stored: not `colour_managed`); URLs are
     never fetched. `keep_text`: its PNG text chunks in its `info` (A1111 keeps them on an image it upscales)."""
+    return image_from_bytes(decode_base64(text, field), field, colour_managed, keep_text)
+
+
+def image_from_bytes(data: bytes, field: str, colour_managed: bool = True, keep_text: bool = False):
+    """`decode_image` of a file's bytes already decoded from base64."""
     from difftrain.data.images import BadImage, load_image_bytes
     from difftrain.generate.infotext import text_chunks
 
-    data = decode_base64(text, field)
     try:
         image = load_image_bytes(data, REQUEST_MAX_PIXELS, colour_managed)
     except BadImage as reason:

@@ -112,6 +112,19 @@ def test_a_lora_run_exports_merged_at_its_scale(lora_run, tiny_sd, tmp_path):  #
     assert np.abs(pixels(generate(off, tmp_path / "o")[0]) - base_image).max() <= 2
     assert np.abs(with_lora - base_image).max() > 10  # the LoRA changes the image, so the two checks mean something
     assert json.loads((merged / "difftrain.json").read_text())["loras"] == []  # baked in, nothing to load on top
+    # ... and the manifest names what was merged: the run's own LoRA (it listed only --lora's)
+    assert json.loads((merged / "difftrain.json").read_text())["export"]["loras_merged"] == [[str(lora_file), 1.0]]
+
+
+def test_export_settings_that_cannot_work_are_refused_before_the_export(tiny_sd, tmp_path, capsys):  # noqa: F811
+    cases = [(["--opset", "30"], "--opset 30: torch's torchscript exporter writes opset 20 at most"),
+             (["--quantize", "int8", "--gate-size", "100"], "--gate-size 100: a multiple of 8 px, at least 64"),
+             (["--lora-scale", "0.5"], "--lora-scale 0.5: scales the LoRAs merged in, and ")]
+    for flags, message in cases:
+        assert main(["export", str(tiny_sd), str(tmp_path / "out"), *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def assert_attention_core_in_fp32(path: Path) -> None:
@@ -174,6 +187,10 @@ def test_backends_and_providers_refuse_what_does_not_fit_with_the_fix(onnx_model
         ([str(onnx_model), "--lora", str(tiny_sd / "x.safetensors")], "merge LoRAs and embeddings when exporting"),
         ([str(onnx_model), "--provider", "tensorrt"], "--provider-fallback"),
         ([str(tiny_sd), "--provider", "cuda"], "--provider: ONNX Runtime's; "),  # (ignored before)
+        # a hires pass the graph cannot take is refused by its own flags, before the first pass draws
+        ([str(onnx_model), "--width", "64", "--height", "64", "--hires-resize", "70x70"],
+         "--hires-scale/--hires-resize: the hires pass would draw 70x70, and this ONNX export's UNet takes "
+         "multiples of 4 px only"),
     ]
     for args, message in cases:
         assert main(["generate", *args, "--prompt", "x", "--steps", "2", "--out", str(tmp_path), "--no-progress"]) == 2

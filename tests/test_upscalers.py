@@ -288,9 +288,23 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
     for flags, message in ((["--upscaler", "Lanczos"], "--scale: Lanczos has no factor of its own; give one"),
                            (["--upscaler", "R-ESRGAN 4x+"], "--upscaler 'R-ESRGAN 4x+': no such model file"),
                            (["--upscaler", "4x-Tiny", "--scale", "40"], "--scale 40.0: from above 0 to 16"),
-                           (["--upscaler", "4x-Tiny", "--tile", "12"], "--tile 12: 0 (the whole image")):
+                           (["--upscaler", "4x-Tiny", "--tile", "12"], "--tile 12: 0 (the whole image"),
+                           (["--upscaler", "4x-Tiny", "--upscaler-2", "Nearest", "--upscaler-2-visibility", "3"],
+                            "--upscaler-2-visibility 3.0: from 0 to 1")):
         assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err, flags
+    # --out the inputs' folder, and two inputs of one name: no input is replaced, no output written over another
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "rgb.png").write_bytes((tmp_path / "drawn.png").read_bytes())
+    Image.new("RGB", (16, 8), (200, 90, 90)).save(same / "rgb.jpg")
+    before = {path.name: path.read_bytes() for path in same.iterdir()}
+    assert main(["upscale", str(same), "--upscaler", "Nearest", "--scale", "2", "--out", str(same),
+                 "--no-progress"]) == 0
+    assert {name: (same / name).read_bytes() for name in before} == before
+    assert sorted(path.name for path in same.iterdir()) == ["rgb-1.png", "rgb-2.png", "rgb.jpg", "rgb.png"]
+    assert Image.open(same / "rgb-1.png").size == (32, 16)  # rgb.jpg's, first by name
+    assert Image.open(same / "rgb-2.png").info["parameters"] == "a red circle\nSteps: 2, Seed: 5"
 
 
 def test_text_chunks_after_the_image_data_are_kept():

@@ -80,12 +80,25 @@ class ExportOptions:
         if self.exporter == "dynamo" and self.resolved_opset < DYNAMO_OPSET:
             raise ExportError(f"--opset {self.opset} with --exporter dynamo: it writes opset-{DYNAMO_OPSET} operators; "
                               f"give --opset {DYNAMO_OPSET} or more, or leave --opset out")
+        if self.opset is not None and self.opset > _max_opset(self.exporter):
+            raise ExportError(f"--opset {self.opset}: torch's {self.exporter} exporter writes opset "
+                              f"{_max_opset(self.exporter)} at most")
+        if self.gate_size is not None and (self.gate_size < 64 or self.gate_size % 8):
+            raise ExportError(f"--gate-size {self.gate_size}: a multiple of 8 px, at least 64")
         if (self.gate_clip or self.max_clip_drop is not None) and not self.quantize:
             raise ExportError("--gate-clip and --max-clip-drop belong to the int8 quality gate: add --quantize int8")
         if self.gate_clip:
             from difftrain.evaluate.clip_score import check_available
 
             check_available(self.gate_clip)  # before minutes of export, not after
+
+
+def _max_opset(exporter: str) -> int:
+    """The newest opset torch's exporter writes (past it, torch fails after loading the model, with its graph)."""
+    from torch.onnx import _constants
+
+    name = "ONNX_MAX_OPSET" if exporter == "dynamo" else "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET"
+    return int(getattr(_constants, name, 99))
 
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
@@ -99,14 +112,27 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     if occupied(out):
         raise ExportError(f"{out}: exists{' and is not empty' if out.is_dir() else ' as a file'}; choose a new folder")
     # Refused from the manifest, before any weight loads (an ONNX export would build all its sessions first).
-    manifest = locate(source, options.use_ema).manifest
+    located = locate(source, options.use_ema)
+    manifest = located.manifest
     kind = manifest.kind if manifest is not None else None
+    # The LoRAs merged: a LoRA run's own, then --lora's (the manifest records them all)
+    merged = [(str(located.folder / lora["file"]), lora["weight"]) for lora in (manifest.loras if manifest else [])]
+    merged += list(options.loras)
+    if options.lora_scale != 1.0 and not merged:
+        raise ExportError(f"--lora-scale {options.lora_scale}: scales the LoRAs merged in, and {source} has none of "
+                          "its own and no --lora is given")
     if kind == "unconditional":
         raise ExportError(f"{source}: a pixel-space model; ONNX export covers Stable Diffusion models")
     if kind == "onnx":  # traced through ONNX Runtime, every output would be a constant
         raise ExportError(f"{source}: already an ONNX export; export again from the torch model it came from")
     pipe = load_merged(source, options.loras, options.embeddings, use_ema=options.use_ema, config=options.config,
                        lora_scale=options.lora_scale, progress=progress)
+    pipe.merged_loras = merged
+    if options.quantize and options.gate_size:  # before minutes of export: the ONNX UNet's latents halve evenly
+        cell = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        if options.gate_size % cell:
+            raise ExportError(f"--gate-size {options.gate_size}: a multiple of {cell} px for {source} (its UNet "
+                              "halves the latents evenly only at such sizes)")
     if pipe.unet.config.get("time_cond_proj_dim") is not None:
         raise ExportError(f"{source}: its UNet takes a guidance embedding (time_cond_proj_dim, an LCM-distilled "
                           "model), which the exported graph has no input for; draw it with the torch model")
@@ -507,7 +533,8 @@ def _write_manifest(pipe, folder: Path, options: ExportOptions, gate: dict | Non
     manifest.export = {"format": "onnx", "source": pipe.model_name, "precision": options.precision,
                        "quantize": options.quantize, "opset": options.resolved_opset, "exporter": options.exporter,
                        "onnx": onnx.__version__, "torch": torch.__version__, "controlnet_inputs": options.controlnet,
-                       "loras_merged": [[str(path), weight] for path, weight in options.loras], "lora_scale": options.lora_scale,
+                       "loras_merged": [[str(path), weight] for path, weight in pipe.merged_loras],
+                       "lora_scale": options.lora_scale,
                        "quality_gate": gate}
     manifest.write(folder)
 

@@ -540,6 +540,7 @@ class Drawer:
             with hires_flags():
                 self.hires_prompt = checked_pass_prompt(options.hires.prompt, options.prompt)
                 self.hires_target = options.hires.check(self.width, self.height, MAX_SIDE, pipe.vae_scale_factor)
+                _check_onnx_pass(self.hires_pipe, self.hires_target.size)
                 self.hires_scheduler = pass_scheduler(options.hires, first_scheduler, pass_config)
                 check_pass(self.hires_scheduler, options.hires.steps or options.steps, options.strength)
                 self.hires_upscaler = model_upscaler(options.hires, options.upscaler_dir, device=device)
@@ -798,6 +799,18 @@ def noise_of(options: GenerateOptions, subseeds: list[int], cell: int, sampler: 
     if not (options.variation_strength or ensd or resize):
         return None
     return SeedNoise(list(subseeds), options.variation_strength, ensd, resize)
+
+
+def _check_onnx_pass(pipe, size: tuple[int, int]) -> None:
+    """An ONNX UNet takes latents its upsamplers halve evenly (models/onnx.py): a hires pass at another size is
+    refused before the first pass draws, naming the flags that set it, not the width and height."""
+    if getattr(getattr(pipe, "manifest", None), "kind", None) != "onnx":
+        return
+    cell = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config["block_out_channels"]) - 1)
+    if size[0] % cell or size[1] % cell:
+        raise GenerateError(f"--hires-scale/--hires-resize: the hires pass would draw {size[0]}x{size[1]}, and this "
+                            f"ONNX export's UNet takes multiples of {cell} px only; choose a scale or size that gives "
+                            "them, or use the torch model")
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.

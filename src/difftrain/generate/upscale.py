@@ -221,7 +221,7 @@ class ImageUpscaler:
 
 
 def check_extras(first: ImageUpscaler, scale: float | None = None, size: tuple[int, int] | None = None,
-                 tile: int = TILE) -> float:
+                 tile: int = TILE, visibility: float = 0.0) -> float:
     """The scale `extras` enlarges by (the model's own where none is given), or the setting that cannot work."""
     by = scale if scale is not None else float(first.scale or 0)
     if size is None and not (0 < by <= 16 and math.isfinite(by)):
@@ -231,6 +231,8 @@ def check_extras(first: ImageUpscaler, scale: float | None = None, size: tuple[i
         raise UpscalerError(f"resize {size[0]}x{size[1]}: each side from 8 to 8192 px")
     if 0 < tile <= 2 * OVERLAP:
         raise UpscalerError(f"tile {tile}: 0 (the whole image at once) or above {2 * OVERLAP} px")
+    if not 0 <= visibility <= 1:  # (Image.blend extrapolates past 1; A1111's slider is 0-1)
+        raise UpscalerError(f"upscaler-2-visibility {visibility}: from 0 to 1")
     return by
 
 
@@ -284,15 +286,18 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
     from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, load_image_bytes
     from difftrain.generate.infotext import PARAMETERS_KEY, text_chunks, write_png
 
-    check_extras(first, settings.get("scale"), settings.get("size"), settings.get("tile", TILE))  # before any work
+    check_extras(first, settings.get("scale"), settings.get("size"), settings.get("tile", TILE),
+                 settings.get("visibility", 0.0))  # before any work
     # A folder stands for its images (not those of folders under it), in name order.
     images = [path for source in map(Path, images) for path in (
         sorted(inside for inside in source.iterdir() if inside.suffix.lower() in IMAGE_EXTENSIONS and inside.is_file())
         if source.is_dir() else [source])]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    targets = _output_names(images, out)
     written, skipped = [], []
-    for source in tqdm(images, desc=f"upscaling ({first.name})", unit="img", disable=not progress):
+    for source, target in tqdm(list(zip(images, targets)), desc=f"upscaling ({first.name})", unit="img",
+                               disable=not progress):
         try:
             data = Path(source).read_bytes()
             image = load_image_bytes(data)
@@ -304,8 +309,23 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
         texts = {key: text for key, text in text_chunks(data).items() if key == PARAMETERS_KEY}
         if params:
             texts["postprocessing"] = postprocessing_text(params)
-        target = out / f"{Path(source).stem}.png"
-        if target in written:  # (two images of one name from different folders)
-            target = out / f"{Path(source).stem}-{len(written)}.png"
         written.append(write_png(result, target, texts))
     return written, skipped
+
+
+def _output_names(images: list[Path], out: Path) -> list[Path]:
+    """Each image's output, `out/STEM.png`, chosen before anything is written: never an input (--out the inputs'
+    folder: rgb.png would have been replaced, and read back upscaled) and never another image's (rgb.jpg beside
+    rgb.png, or one name in two folders), which get -1, -2, ..."""
+    inputs = {Path(image).resolve() for image in images}
+    taken: set[Path] = set()
+    names = []
+    for image in images:
+        stem, number = Path(image).stem, 0
+        target = out / f"{stem}.png"
+        while target.resolve() in inputs or target.resolve() in taken:
+            number += 1
+            target = out / f"{stem}-{number}.png"
+        taken.add(target.resolve())
+        names.append(target)
+    return names

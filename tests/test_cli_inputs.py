@@ -55,7 +55,9 @@ def test_file_arguments_that_cannot_work_are_refused_before_any_work(tiny_sd, tm
 
     source = tmp_path / "lora.safetensors"
     source.write_bytes(b"")
-    for dst, said in ((source, "is the file being converted"), (tmp_path / "out.txt", "written as .safetensors")):
+    (tmp_path / "d.safetensors").mkdir()
+    for dst, said in ((source, "is the file being converted"), (tmp_path / "out.txt", "written as .safetensors"),
+                      (tmp_path / "d.safetensors", "d.safetensors: a folder; give the name of the file to write")):
         assert main(["lora", "convert", str(source), str(dst), "--to", "kohya"]) == 2
         assert said in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")

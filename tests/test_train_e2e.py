@@ -440,6 +440,13 @@ def test_a_fresh_run_into_a_folder_whose_run_trained_and_saved_nothing_is_refuse
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 16.0, "lr": 0.5}\n')  # a diverged run's
     assert main(["train", str(config), "--no-progress"]) == 2
     assert "holds a run that trained and wrote no checkpoint (its metrics.jsonl)" in capsys.readouterr().err
+    # A folder of the user's own under the name a run writes its model to, replaced whole at the end: refused
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "model" / "my-weights.safetensors").write_bytes(b"mine")
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "model holds files that are no difftrain model (no difftrain.json)" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model" / "my-weights.safetensors").read_bytes() == b"mine"
 
 
 CRASHING_TRAIN = """

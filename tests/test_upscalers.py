@@ -305,6 +305,12 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
     assert sorted(path.name for path in same.iterdir()) == ["rgb-1.png", "rgb-2.png", "rgb.jpg", "rgb.png"]
     assert Image.open(same / "rgb-1.png").size == (32, 16)  # rgb.jpg's, first by name
     assert Image.open(same / "rgb-2.png").info["parameters"] == "a red circle\nSteps: 2, Seed: 5"
+    # nor a file already in --out (an earlier run's, or not an image at all)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "drawn.png").write_bytes(b"my precious")
+    assert main([*base, "--upscaler", "Nearest", "--scale", "2", "--out", str(tmp_path / "kept")]) == 0
+    assert (tmp_path / "kept" / "drawn.png").read_bytes() == b"my precious"
+    assert Image.open(tmp_path / "kept" / "drawn-1.png").size == (80, 48)
 
 
 def test_text_chunks_after_the_image_data_are_kept():

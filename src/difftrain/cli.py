@@ -486,6 +486,8 @@ def _lora_convert(args: argparse.Namespace) -> int:
         raise DifftrainError(f"{args.dst}: a LoRA file is written as .safetensors; give the name with it")
     if Path(args.dst).exists() and Path(args.dst).resolve() == Path(args.src).resolve():
         raise DifftrainError(f"{args.dst} is the file being converted; write the {args.to} keys to another file")
+    if Path(args.dst).is_dir():
+        raise DifftrainError(f"{args.dst}: a folder; give the name of the file to write")
     out = convert_lora(args.src, args.dst, to=args.to)
     print(f"wrote {out} ({args.to} keys)")
     return 0

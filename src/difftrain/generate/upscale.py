@@ -315,15 +315,15 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
 
 def _output_names(images: list[Path], out: Path) -> list[Path]:
     """Each image's output, `out/STEM.png`, chosen before anything is written: never an input (--out the inputs'
-    folder: rgb.png would have been replaced, and read back upscaled) and never another image's (rgb.jpg beside
-    rgb.png, or one name in two folders), which get -1, -2, ..."""
+    folder: rgb.png would have been replaced, and read back upscaled), a file already there, or another image's
+    (rgb.jpg beside rgb.png, or one name in two folders), which get -1, -2, ..."""
     inputs = {Path(image).resolve() for image in images}
     taken: set[Path] = set()
     names = []
     for image in images:
         stem, number = Path(image).stem, 0
         target = out / f"{stem}.png"
-        while target.resolve() in inputs or target.resolve() in taken:
+        while target.resolve() in inputs or target.resolve() in taken or target.exists():
             number += 1
             target = out / f"{stem}-{number}.png"
         taken.add(target.resolve())

@@ -34,6 +34,7 @@ from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint_and_layout
 from difftrain.data.sampler import Position
 from difftrain.methods import build_method, method_class
+from difftrain.models.manifest import MANIFEST_FILE
 from difftrain.run_folder import ABANDONED, join_modules, split_modules
 from difftrain.sampling.images import make_grid
 from difftrain.training import host_memory, rng, sharding, zero
@@ -432,6 +433,12 @@ class Trainer:
                     f"{self.run_dir} already holds a run (checkpoint {existing.name}); "
                     "add --resume latest to continue it, or set output_dir to a new folder"
                 )
+            for name in ("model", "model-no-ema", "model-best"):  # replaced whole at the end of a run
+                folder = self.run_dir / name
+                if not resume and folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST_FILE).is_file():
+                    raise CheckpointError(f"{folder} holds files that are no difftrain model (no {MANIFEST_FILE}), and "
+                                          "a run writes its model there, replacing the folder; set output_dir to a "
+                                          "new folder")
             if existing is None and not resume and (self.run_dir / "metrics.jsonl").is_file():
                 # (its curves and previews would mix with this run's)
                 raise CheckpointError(f"{self.run_dir} holds a run that trained and wrote no checkpoint (its "

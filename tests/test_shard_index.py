@@ -163,6 +163,10 @@ def test_data_index_writes_sidecars_for_shards_another_tool_wrote(tmp_path, shap
     for sidecar in listing.parent.glob(f"*{SIDECAR_SUFFIX}"):
         sidecar.unlink()  # as img2dataset leaves them
     assert opened("laion", listing).shards_from_sidecar == 0
+    # the wrong format is refused before any index is written (every record would be unreadable)
+    assert main(["data", "index", str(listing), "--format", "webdataset", "--no-progress"]) == 2
+    assert "part-00000.gz: not a tar, so no webdataset shard; give --format laion" in capsys.readouterr().err
+    assert not list(listing.parent.glob(f"*{SIDECAR_SUFFIX}"))
     assert main(["data", "index", str(listing), "--format", "laion", "--no-progress"]) == 0
     assert "wrote 3 index file(s)" in capsys.readouterr().out
     source = opened("laion", listing)

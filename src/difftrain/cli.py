@@ -192,6 +192,13 @@ def _data_index(args: argparse.Namespace) -> int:
     if len(local) < len(shards):
         raise DifftrainError(f"{args.path} lists shards by URL: index them where they are written, then upload "
                              "each .index.json beside its shard")
+    import tarfile
+
+    # Read in the other format, a shard is all unreadable records, and its good index would be written over
+    other = next((shard for shard in local if tarfile.is_tarfile(shard) != (args.format == "webdataset")), None)
+    if other is not None:
+        tar, fits = ("not a tar", "laion") if args.format == "webdataset" else ("a tar", "webdataset")
+        raise DifftrainError(f"{other}: {tar}, so no {args.format} shard; give --format {fits}")
     for shard in tqdm(local, desc="indexing shards", unit="shard", disable=args.no_progress):
         kind.write_sidecar(shard)
     print(f"wrote {len(local)} index file(s) beside the shards of {args.path}: a run opens them without reading them")

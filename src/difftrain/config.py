@@ -862,6 +862,13 @@ def resume_conflicts(saved: RunConfig, current: RunConfig, compiled: bool = True
     return conflicts
 
 
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class an annotation holds: itself, or inside a list or Optional (controlnet.validation's items)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section_in, typing.get_args(annotation))), None)
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -869,13 +876,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         for part in error["loc"][:-1]:
             if isinstance(part, int) or str(part) not in parent.model_fields:  # an item of a list, a union's branch
                 continue
-            annotation = parent.model_fields[str(part)].annotation
-            # a section, or a list of them (controlnet.validation), possibly Optional
-            for candidate in (annotation, *typing.get_args(annotation),
-                              *(inner for arg in typing.get_args(annotation) for inner in typing.get_args(arg))):
-                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                    parent = candidate
-                    break
+            parent = _section_in(parent.model_fields[str(part)].annotation) or parent
         allowed = list(parent.model_fields)
         key = str(error["loc"][-1])
         owners = [name for name, cls in METHOD_CONFIGS.items() if key in cls.model_fields]

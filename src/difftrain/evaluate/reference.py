@@ -136,10 +136,18 @@ class Reference:
     skipped: list[tuple[str, str]]
     cached: bool  # read from the cache (or a statistics file) rather than computed now
     digest: str | None
+    file: str | None = None  # the statistics file it was read from
+    size: int | None = None  # the evaluation size that file was computed at (None: it does not say)
 
     @property
     def count(self) -> int:
         return self.statistics.count
+
+    def check_size(self, size: int) -> None:
+        """FID compares only at one size: a statistics file computed at another is refused."""
+        if self.size is not None and self.size != size:
+            raise EvalError(f"{self.file} was computed at {self.size} px and these images are {size} px; FID only "
+                            f"compares at the same size: generate at {self.size} px or compute the reference again")
 
     def info(self) -> dict:
         return {"source": self.description, "images": self.count, "skipped": len(self.skipped),
@@ -261,11 +269,10 @@ def load_statistics_file(path: str | Path, extractor_info: dict | None, size: in
         raise EvalError(f"{path} was computed with other Inception weights (sha256 {meta['weights_sha256'][:12]}..., "
                         f"these are {extractor_info['weights']['sha256'][:12]}...): its numbers do not compare; "
                         "compute the reference again from its images")
-    saved_size = int(meta["size"])
-    if size is not None and saved_size != size:
-        raise EvalError(f"{path} was computed at {saved_size} px and these images are {size} px; FID only compares "
-                        f"at the same size: generate at {saved_size} px or compute the reference again")
     features = tensors.get("features")
     stats = Statistics(tensors["mu"].double().numpy(), tensors["sigma"].double().numpy(), int(meta["count"]))
-    return Reference(features, stats, f"{path} ({meta.get('source', '')})", [], True,
-                     meta.get("content_sha256") or None)
+    reference = Reference(features, stats, f"{path} ({meta.get('source', '')})", [], True,
+                          meta.get("content_sha256") or None, str(path), int(meta["size"]))
+    if size is not None:
+        reference.check_size(size)
+    return reference

@@ -126,10 +126,11 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     wanted = _wanted_metrics(options, has_prompts, warnings)
     networks = replace(options.networks, device=str(resolve_device(options.networks.device)))
     scorer = Scorer(wanted, networks)  # a missing network is reported before anything is drawn
+    statistics = None
     if reference_records is None and options.reference and any(name in wanted for name in NEEDS_REFERENCE):
         # A statistics file that cannot serve (not one, damaged, other weights) is refused before hours of drawing;
-        # it is read again at the images' size once that is known.
-        load_statistics_file(options.reference, scorer.info.get("inception"), options.size)
+        # its size is held to the images' once that is known.
+        statistics = load_statistics_file(options.reference, scorer.info.get("inception"), options.size)
     if not is_folder:
         groups, generation = _draw(located, options, reference_records, warnings, _fresh_images_dir(out), progress)
     if not any(group.images for group in groups):
@@ -137,7 +138,7 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
     size = options.size or _common_size(groups)
     reference = None
     if any(name in wanted for name in NEEDS_REFERENCE):
-        reference = _reference(options, reference_records, scorer, size, progress)
+        reference = _reference(options, reference_records, statistics, scorer, size, progress)
         if reference.skipped:
             warnings.append(f"reference: {len(reference.skipped)} unreadable image(s) skipped (listed in eval.json)")
         for text in (warn_small(reference.count, "the reference") if reference.count else None,
@@ -252,9 +253,11 @@ def _common_size(groups: list[Group]) -> int:
     return max(set(sizes), key=sizes.count)
 
 
-def _reference(options: EvalOptions, records, scorer: Scorer, size: int, progress: bool) -> Reference:
-    if records is None:
-        return load_statistics_file(options.reference, scorer.info.get("inception"), size)
+def _reference(options: EvalOptions, records, statistics: Reference | None, scorer: Scorer, size: int,
+               progress: bool) -> Reference:
+    if statistics is not None:
+        statistics.check_size(size)
+        return statistics
     reference = reference_features(records, scorer.inception, size, options.cache_dir, progress)
     if options.save_reference:
         save_reference(reference, options.save_reference, scorer.inception.info, size)

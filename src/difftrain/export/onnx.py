@@ -129,7 +129,9 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
                        lora_scale=options.lora_scale, progress=progress)
     pipe.merged_loras = merged
     if options.quantize and options.gate_size:  # before minutes of export: the ONNX UNet's latents halve evenly
-        cell = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        from difftrain.models.onnx import latent_cell
+
+        cell = pipe.vae_scale_factor * latent_cell(pipe.unet.config)
         if options.gate_size % cell:
             raise ExportError(f"--gate-size {options.gate_size}: a multiple of {cell} px for {source} (its UNet "
                               "halves the latents evenly only at such sizes)")

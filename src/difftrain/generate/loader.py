@@ -310,7 +310,7 @@ def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) 
     """Load LoRAs (each as its own adapter, at its weight; a LoRA run folder for its LoRA) with the embeddings a
     LoRA file bundles, and embeddings; returns the adapter names."""
     from difftrain.models.embeddings import load_embedding
-    from difftrain.models.lora_files import bundled_embeddings, load_lora_adapter
+    from difftrain.models.lora_files import load_lora_adapter
 
     names, weights, tokens = [], [], []
     for index, (lora, weight) in enumerate(loras):
@@ -318,8 +318,7 @@ def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) 
         load_lora_adapter(pipe, lora_file(lora), name)
         names.append(name)
         weights.append(weight)
-        tokens += [(token, vectors, f"{lora}, its bundled embedding", "the LoRA bundles it under that name")
-                   for token, vectors in bundled_embeddings(lora_file(lora)).items()]
+        tokens += bundled_tokens(lora_file(lora))
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     for embedding in embeddings:
@@ -328,6 +327,14 @@ def apply_adapters(pipe, loras: list[tuple[str, float]], embeddings: list[str]) 
                        "rename the file (its name is the token, as in A1111)"))
     add_embeddings(pipe, tokens)
     return names
+
+
+def bundled_tokens(lora: str | Path) -> list[tuple[str, torch.Tensor, str, str]]:
+    """`add_embeddings`' entries for the embeddings a LoRA file bundles."""
+    from difftrain.models.lora_files import bundled_embeddings
+
+    return [(token, vectors, f"{Path(lora).name}, its bundled embedding", "the LoRA bundles it under that name")
+            for token, vectors in bundled_embeddings(lora).items()]
 
 
 def add_embeddings(pipe, tokens: list[tuple[str, torch.Tensor, str, str]]) -> None:

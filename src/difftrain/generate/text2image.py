@@ -806,7 +806,9 @@ def _check_onnx_pass(pipe, size: tuple[int, int]) -> None:
     refused before the first pass draws, naming the flags that set it, not the width and height."""
     if getattr(getattr(pipe, "manifest", None), "kind", None) != "onnx":
         return
-    cell = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config["block_out_channels"]) - 1)
+    from difftrain.models.onnx import latent_cell
+
+    cell = pipe.vae_scale_factor * latent_cell(pipe.unet.config)
     if size[0] % cell or size[1] % cell:
         raise GenerateError(f"--hires-scale/--hires-resize: the hires pass would draw {size[0]}x{size[1]}, and this "
                             f"ONNX export's UNet takes multiples of {cell} px only; choose a scale or size that gives "

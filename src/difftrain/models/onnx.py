@@ -140,6 +140,12 @@ class OnnxTextEncoder(_Part):
         return output if return_dict else output.to_tuple()
 
 
+def latent_cell(unet_config) -> int:
+    """The multiple an exported UNet's latent sides must be: traced at a latent every upsampler halves evenly, the
+    graph has no odd-size path (diffusers' UNet picks its upsampling size in Python at run time)."""
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
 class OnnxUNet(_Part):
     """UNet2DConditionModel's call; with ControlNet residual inputs when it was exported with them."""
 
@@ -148,9 +154,8 @@ class OnnxUNet(_Part):
                 return_dict: bool = True, **_):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        # Traced at a latent every upsampler halves evenly, the graph has no odd-size path (diffusers' UNet picks
-        # its upsampling size in Python at run time): ONNX Runtime would fail deep inside with mismatched shapes.
-        cell = 2 ** (len(self.config["block_out_channels"]) - 1)
+        # Refused here: ONNX Runtime would fail deep inside with mismatched shapes.
+        cell = latent_cell(self.config)
         if sample.shape[2] % cell or sample.shape[3] % cell:
             raise OnnxError(f"{self.folder}: an ONNX UNet draws latents whose sides are multiples of {cell} only, "
                             f"and this one is {sample.shape[3]}x{sample.shape[2]}: give a width and height that make "

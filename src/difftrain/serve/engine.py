@@ -590,23 +590,21 @@ class Engine:
         """The embeddings a prompt LoRA bundles, added when it loads (A1111 loads them with it) and kept after, as
         the embeddings folder's are. Those its earlier load added are replaced (the file was written again); a
         token the model has otherwise (a word, another file's) is not, and /embeddings lists why."""
-        from difftrain.generate.loader import add_embeddings
-        from difftrain.models.lora_files import bundled_embeddings
+        from difftrain.generate.loader import add_embeddings, bundled_tokens
 
         try:
-            bundle = bundled_embeddings(file)
+            entries = bundled_tokens(file)
         except DifftrainError as reason:  # (its layers loaded)
             model.embeddings["skipped"][file.stem] = str(reason)
             return
-        for token, vectors in bundle.items():
-            earlier = model.bundled.pop(token, None)
+        for entry in entries:
+            token, vectors = entry[:2]
+            earlier = model.bundled.get(token)
             if earlier is not None and earlier[0] == str(file):  # diffusers adds token, token_1, ... token_{n-1}
                 pipe.unload_textual_inversion([token] + [f"{token}_{i}" for i in range(1, earlier[1])])
-            elif earlier is not None:
-                model.bundled[token] = earlier
+                del model.bundled[token]
             try:
-                add_embeddings(pipe, [(token, vectors, f"{file.name}, its bundled embedding",
-                                       "the LoRA bundles it under that name")])
+                add_embeddings(pipe, [entry])
             except DifftrainError as reason:
                 model.embeddings["skipped"][token] = str(reason)
                 continue

@@ -148,6 +148,7 @@ class Trainer:
         self.progress = progress and self.main
         # Refuse a run that cannot start before any model loads or any cache fills.
         self.resume = resume
+        self._stop = None  # the run's stop signal while it trains (previews and evaluation leave off on it)
         self.allow_data_change = allow_data_change
         self._check_startable(resume)
         self.evaluation = TrainingEvaluation(config, self.run_dir)
@@ -617,7 +618,7 @@ class Trainer:
         """Previews and evaluation (rank 0's own work) end at the next forward of a model after a stop signal: the
         stop was read before them, and minutes of drawing would outlast a scheduler's grace (SLURM's 30 s) before
         the checkpoint."""
-        stop = getattr(self, "_stop", None)
+        stop = self._stop
 
         def check(*_) -> None:
             if stop is not None and stop.signalled:

@@ -147,6 +147,11 @@ def test_export_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     assert main(["eval", "m", "--weights-dir", str(tmp_path / "nope")]) == 2  # (ignored, then a download tried)
     assert "--weights-dir" in capsys.readouterr().err
+    # a mistyped model, named as the argument it is, before the metric networks load (it was the Inception download)
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert f"error: {tmp_path / 'nope'} does not exist (check the path" in capsys.readouterr().err  # (was "base:")
+    assert main(["eval", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    assert f"error: target: {tmp_path / 'nope'} does not exist (check the path" in capsys.readouterr().err
 
 
 def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhere(tmp_path, capsys):
@@ -157,6 +162,18 @@ def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhe
         assert main(argv) == 2
         assert f"error: PATH: {tmp_path / 'none'} is not a folder; create it or point PATH at your images" in \
             capsys.readouterr().err  # (it named data.path, a config key these commands do not take)
+    # and the options by their flags, in every data command (index and curate named data.path, image_key)
+    assert main(["data", "index", str(tmp_path / "none"), "--format", "laion"]) == 2
+    assert f"error: PATH: laion filelist {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    (tmp_path / "list.jsonl").write_text('{"url": "a.png"}\n')
+    for command in ("build", "curate"):
+        assert main(["data", command, "--source", "jsonl", str(tmp_path / "list.jsonl"), str(tmp_path / "out"),
+                     "--no-progress"][:None if command == "curate" else -1]) == 2
+        assert "needs an 'image' string (the image path); give --image-key if yours differs" in \
+            capsys.readouterr().err, command
+    assert main(["data", "build", "--source", "jsonl", str(tmp_path / "list.jsonl"), str(tmp_path / "out"),
+                 "--image-key", "url"]) == 2
+    assert capsys.readouterr().err.endswith("no 'caption' key; give --caption-key\n")
     (tmp_path / "set").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "set" / "a.png")
     (tmp_path / "set" / "b.png").symlink_to(tmp_path / "moved-away.png")

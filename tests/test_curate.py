@@ -307,6 +307,9 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
         (["--batch-size", "0"], "--batch-size 0 / --per-shard 1000: give at least 1"),
         (["--caption-mode", "replace"], "--caption-mode set how a captioner writes, and none was given: add --caption"),
         (["--report", str(tmp_path / "out" / "report")], "its thumbnails would be read as training images"),
+        # (it wrote report.json, histograms.png, ... among them: the data's folder gained an image)
+        (["--report", str(messy)], f"--report {messy} holds other files than a curate report (000000.png, "),
+        (["--min-size", "9999"], "every record was dropped (1 read, 52 size)"),  # the earlier report written over
     ]
     for flags, message in cases:
         assert main(["data", "curate", str(messy), str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),

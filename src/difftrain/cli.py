@@ -144,28 +144,36 @@ def _source_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def _open_source(args: argparse.Namespace, progress: bool = True):
+    from difftrain.data.folder import DatasetError
     from difftrain.data.hf import HFOptions
     from difftrain.data.sources import open_source
 
     hf = HFOptions(args.image_key, args.caption_key, args.split, args.hf_config, args.revision, args.streaming)
-    return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
-                       progress=progress, hf=hf)
+    try:
+        return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
+                           progress=progress, hf=hf)
+    except DatasetError as error:
+        raise _as_path_argument(error) from None
+
+
+# A data command takes as arguments what a run takes as config keys; the same code names the keys.
+_ARGUMENT_NAMES = {"data.path": "PATH", "set image_key": "give --image-key", "set caption_key": "give --caption-key",
+                   ", or captions: none to train without": ""}
 
 
 def _as_path_argument(error: DifftrainError) -> DifftrainError:
-    """A data error of a command that takes the data as its PATH argument: named as that, not as data.path, the
-    config key the same code names in a run."""
-    return type(error)(str(error).replace("data.path", "PATH"))
+    """A data error of a command that takes the data as its PATH argument and options: named as those, not as
+    the config keys the same code names in a run."""
+    message = str(error)
+    for key, argument in _ARGUMENT_NAMES.items():
+        message = message.replace(key, argument)
+    return type(error)(message)
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from difftrain.data.folder import DatasetError
     from difftrain.data.shards import build_shards, export_folder
 
-    try:
-        source = _open_source(args)
-    except DatasetError as error:
-        raise _as_path_argument(error) from None
+    source = _open_source(args)
     if source.skipped:
         print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
     skipped: list[str] = []
@@ -182,10 +190,14 @@ def _data_build(args: argparse.Namespace) -> int:
 def _data_index(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from difftrain.data.folder import DatasetError
     from difftrain.data.sources import LaionSource, WebDatasetSource
 
     kind = {"laion": LaionSource, "webdataset": WebDatasetSource}[args.format]
-    shards, unlisted = kind.list_shards(Path(args.path))
+    try:
+        shards, unlisted = kind.list_shards(Path(args.path))
+    except DatasetError as error:
+        raise _as_path_argument(error) from None
     for label, problem in unlisted:
         print(f"not indexed: {label}: {problem}")
     local = [Path(shard) for _, shard in shards if not isinstance(shard, str)]

@@ -46,7 +46,7 @@ from difftrain.atomic import CONTENTS_STAGING, contents_lock, is_bookkeeping, re
 from difftrain.curate import dedupe
 from difftrain.curate.cache import FeatureCache, model_identity, pack_vector, text_key, unpack_vector
 from difftrain.curate.items import CurateError, CurateOptions, CurateResult, Item
-from difftrain.curate.report import counts, write_report
+from difftrain.curate.report import REPORT_FILES, counts, write_report
 from difftrain.curate.scorers import AestheticPredictor, Captioner
 from difftrain.data.images import DECODE_VERSION, BadImage, check_decodes, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import BadRecord, RawRecord, RecordSource
@@ -142,6 +142,11 @@ def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple, r
     if report.is_relative_to(out) or report.resolve().is_relative_to(out.resolve()):
         raise CurateError(f"--report {report} is inside OUT {out}; its thumbnails would be read as training images "
                           "(and the swap of OUT replaces it): give a folder outside OUT")
+    if report.is_dir():  # an earlier report is written over; a folder of anything else is not written into
+        others = sorted(e.name for e in report.iterdir() if e.name not in REPORT_FILES and not e.name.startswith("."))
+        if others:
+            raise CurateError(f"--report {report} holds other files than a curate report ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}): give a new folder for the report")
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():

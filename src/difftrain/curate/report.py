@@ -30,16 +30,18 @@ SHEET_MAX = 60  # thumbnails per section: enough to judge a threshold, small eno
 THUMB = 128
 STEPS = ("read", "size", "aesthetic", "clip", "duplicate", "write")  # the order they drop a record in
 _KEPT, _DROPPED = (60, 150, 90), (200, 70, 60)
+REPORT_FILES = ("report.json", "scores.jsonl", "histograms.png", "contact_sheet.html")  # what a report folder holds
 
 
 def write_report(source: RecordSource, result: CurateResult, options: CurateOptions, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     items = result.items
     keys = {item.index: item.key for item in items}
-    write_text(folder / "report.json", json.dumps(_summary(source, result, options, keys), indent=2) + "\n")
-    write_text(folder / "scores.jsonl", "".join(json.dumps(_row(item, keys)) + "\n" for item in items))
-    plot_histograms(items, options, folder / "histograms.png")
-    write_text(folder / "contact_sheet.html", _contact_sheet(source, items))
+    summary, scores, histograms, sheet = (folder / name for name in REPORT_FILES)
+    write_text(summary, json.dumps(_summary(source, result, options, keys), indent=2) + "\n")
+    write_text(scores, "".join(json.dumps(_row(item, keys)) + "\n" for item in items))
+    plot_histograms(items, options, histograms)
+    write_text(sheet, _contact_sheet(source, items))
     return folder
 
 

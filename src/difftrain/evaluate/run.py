@@ -122,6 +122,10 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         from difftrain.generate.loader import locate
 
         located = locate(target, options.use_ema)
+        if located.folder is None:  # a mistyped path is named before the metric networks load (or download)
+            from difftrain.models.sd import check_exists
+
+            check_exists("target", target)
         has_prompts = located.manifest is None or located.manifest.kind != "unconditional"
     wanted = _wanted_metrics(options, has_prompts, warnings)
     networks = replace(options.networks, device=str(resolve_device(options.networks.device)))

@@ -208,9 +208,13 @@ def _diffusers_folder(folder: Path, dtype: torch.dtype):
 
 
 def _from_hub_or_single_file(spec: str, dtype: torch.dtype, config: str | None):
-    from difftrain.models.sd import load_sd
+    from difftrain.models.sd import ModelLoadError, load_sd
 
-    return _pipeline(load_sd(spec, dtype=dtype, config=config, inpainting=True))  # with its clear errors
+    try:
+        return _pipeline(load_sd(spec, dtype=dtype, config=config, inpainting=True))  # with its clear errors
+    except ModelLoadError as reason:
+        # load_sd names the model by a run's config key, `base`; here it is the command's MODEL, named in the text
+        raise ModelLoadError(str(reason).removeprefix("base: ")) from None
 
 
 def _on_base(folder: Path, manifest: Manifest, dtype: torch.dtype, config: str | None = None):

@@ -178,6 +178,16 @@ def test_method_rules_that_would_fail_late_or_lose_work_are_refused_at_load(tmp_
     assert "dreambooth.class_scheduler = 'dpm++2m'" in message and "dpm++_2m" in message
     (tmp_path / "class").write_text("not a folder")
     assert "dreambooth.class_data = " in errors_of(dreambooth) and "is a file" in errors_of(dreambooth)
+    # (a path inside a file was a NotADirectoryError traceback once the models had loaded)
+    inside = {**dreambooth, "dreambooth": {**dreambooth["dreambooth"], "class_data": str(tmp_path / "class" / "c")}}
+    assert f"is inside the file {tmp_path / 'class'}; it is the folder class images" in errors_of(inside)
+    # Class images written among the instance images (the folder source reads subfolders too) trained as instances.
+    for instances, classes in (("inst", "inst"), ("inst", "inst/class"), ("inst/a", "inst")):
+        clash = {**dreambooth, "data": {"path": str(tmp_path / instances)},
+                 "dreambooth": {**dreambooth["dreambooth"], "class_data": str(tmp_path / classes)}}
+        assert "one holds the other, so class images would train as instances" in errors_of(clash), classes
+    parse_config({**dreambooth, "data": {"path": str(tmp_path / "inst")},
+                  "dreambooth": {**dreambooth["dreambooth"], "class_data": str(tmp_path / "inst-class")}})
 
 
 @pytest.mark.parametrize("method, section", [("textual_inversion", {"token": "<t>", "initializer": "toy"}),

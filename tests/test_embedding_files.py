@@ -92,6 +92,11 @@ def test_load_embedding_round_trips(saved, vectors, tmp_path):
     assert load_embedding(saved[0].parent)[0] == TOKEN
     token, got = load_embedding(saved[1])
     assert token is None and torch.equal(got, vectors)  # A1111: the token is the file name
+    # An older diffusers run's folder holds learned_embeds.bin: a folder falls back to it, as diffusers' does.
+    (tmp_path / "old").mkdir()
+    torch.save({"<old>": vectors}, tmp_path / "old" / "learned_embeds.bin")
+    token, got = load_embedding(tmp_path / "old")
+    assert token == "<old>" and torch.equal(got, vectors)
 
     # A1111's own .pt layout and a one-vector embedding saved as [dim].
     a1111 = {"string_to_param": {"*": vectors}, "name": "tok", "step": 500, "string_to_token": {"*": 265}}

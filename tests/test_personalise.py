@@ -215,7 +215,9 @@ def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer
     assert "exactly one" in capsys.readouterr().err
     # A token that cannot be saved as the A1111 file, refused before the run rather than at its final save;
     # and settings that would do nothing for it.
-    for name, token, words in [("c", "<my toy>", "one word without spaces"), ("d", "<*>", "nothing usable")]:
+    for name, token, words in [("c", "<my toy>", "one word without spaces"), ("d", "<*>", "nothing usable"),
+                               # (its A1111 file replaced the diffusers one, which then held emb_params)
+                               ("g", "learned_embeds", "the name of the diffusers file beside it")]:
         config = sd_config(tmp_path, shapes_dir, tiny_sd, name, method="textual_inversion",
                            textual_inversion={"token": token, "initializer": "square"})
         assert main(["train", str(config)]) == 2
@@ -225,6 +227,12 @@ def test_textual_inversion_refuses_an_existing_word_or_a_multi_token_initializer
                        text2image={"text_encoder_lr": 1e-3})
     assert main(["train", str(config)]) == 2
     assert "text2image.text_encoder_lr, output.single_file with textual_inversion" in capsys.readouterr().err
+    # Vectors past the captions' cut-off would never train and be saved as if they had.
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, "h", method="textual_inversion", text2image={"max_length": 16},
+                       textual_inversion={"token": "<x>", "initializer": "square", "num_vectors": 16})
+    assert main(["train", str(config)]) == 2
+    assert ("text2image.max_length = 16: the longest caption template with textual_inversion.num_vectors = 16 is 29 "
+            "tokens") in capsys.readouterr().err
     # A token whose A1111 file name is a word: A1111 would use the embedding wherever the word is written.
     config = sd_config(tmp_path, shapes_dir, tiny_sd, "f", method="textual_inversion", training={"max_steps": 1},
                        textual_inversion={"token": "<circle>", "initializer": "square"})
@@ -253,6 +261,15 @@ def test_dreambooth_counts_the_users_own_class_images_and_says_when_the_folder_h
     with caplog.at_level("WARNING"):
         assert main(["train", str(again), "--no-progress"]) == 0
     assert "holds 6 images, more than num_class_images 4: all 6 train as the class prior" in caplog.text
+    # Without prior preservation the class settings do nothing: said, as diffusers' script says it.
+    alone = dreambooth_config(tmp_path, shapes_dir, tiny_sd, "alone", dreambooth={"prior_preservation": False},
+                              training={"batch_size": 1, "max_steps": 1})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(alone), "--no-progress"]) == 0
+    assert ("dreambooth.class_data, dreambooth.class_prompt, dreambooth.num_class_images, dreambooth.prior_loss_weight, "
+            "dreambooth.class_steps: set, and not used with dreambooth.prior_preservation false") in caplog.text
+    assert len(list((tmp_path / "class").iterdir())) == 6
 
 
 def dreambooth_config(tmp_path, shapes_dir, tiny_sd, name="run", **sections):  # noqa: F811

@@ -692,11 +692,28 @@ class DreamBoothRun(Text2ImageRun):
             )
         if db.prior_preservation and self.data.buckets.enabled:
             raise ValueError("data.buckets with dreambooth.prior_preservation: class images are square; turn buckets off")
-        if db.prior_preservation and Path(db.class_data).exists() and not Path(db.class_data).is_dir():
-            raise ValueError(f"dreambooth.class_data = {db.class_data!r} is a file; it is the folder class images "
-                             "are read from and generated into")
+        if db.prior_preservation:
+            _check_class_folder(db.class_data, self.data.path if self.data.source == "folder" else None)
         _check_scheduler(db, "dreambooth.class_scheduler", db.class_scheduler)
         return self
+
+
+def _check_class_folder(class_data: str, instance_folder: str | None) -> None:
+    """DreamBooth's class folder must be a folder it can make, apart from the instance images: class images
+    written among them would train as instances (a folder source reads its subfolders too), and the
+    instances read as the class prior."""
+    folder = Path(class_data).expanduser()
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is inside the file {existing}"
+        raise ValueError(f"dreambooth.class_data = {class_data!r} {where}; it is the folder class images are read "
+                         "from and generated into")
+    if instance_folder is not None:
+        classes, instances = folder.resolve(), Path(instance_folder).expanduser().resolve()
+        if classes.is_relative_to(instances) or instances.is_relative_to(classes):
+            raise ValueError(f"dreambooth.class_data = {class_data!r} and data.path = {instance_folder!r}: one holds "
+                             "the other, so class images would train as instances (or instances as the class "
+                             "prior); give the class images a folder of their own")
 
 
 def _frozen_unet_noise(run) -> None:

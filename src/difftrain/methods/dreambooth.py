@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_path
+from difftrain.errors import DifftrainError
 from difftrain.methods.text2image import TextToImage
 from difftrain.sampling.schedulers import make_scheduler
 
@@ -83,6 +84,10 @@ class DreamBooth(TextToImage):
             if mine:
                 self.generate_class_images(folder, mine, accelerator.device, compute_dtype, progress)
         accelerator.wait_for_everyone()
+        idle = [f"dreambooth.{key}" for key, field in type(settings).model_fields.items()
+                if key not in ("instance_prompt", "prior_preservation") and getattr(settings, key) != field.default]
+        if not settings.prior_preservation and idle and accelerator.is_main_process:  # (diffusers' script warns too)
+            log.warning("%s: set, and not used with dreambooth.prior_preservation false", ", ".join(idle))
         if held > settings.num_class_images and accelerator.is_main_process:
             log.warning("dreambooth.class_data %s holds %d images, more than num_class_images %d: all %d train as the "
                         "class prior (images of an earlier run with more, or another class prompt, included); move "
@@ -99,7 +104,11 @@ class DreamBooth(TextToImage):
         from difftrain.sampling.text2image import draw
 
         settings = self.config.dreambooth
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as reason:
+            raise DifftrainError(f"dreambooth.class_data = {settings.class_data!r}: cannot create it "
+                                 f"({reason.strerror})") from None
         pipe = self.pipeline({"unet": self.unet}, make_scheduler(settings.class_scheduler, dict(self.base_scheduler.config)))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -90,13 +90,19 @@ class TextualInversion(TextToImage):
             raise ConfigError(f"textual_inversion.initializer = {settings.initializer!r} is {len(init_ids)} tokens "
                               "for this tokenizer; it must be exactly one (try a common single word)")
         self.tokenizer.add_tokens(self.placeholders)
+        self.templates = OBJECT_TEMPLATES if settings.learnable_property == "object" else STYLE_TEMPLATES
+        words = " ".join(self.placeholders)
+        longest = max(len(self.tokenizer.encode(template.format(words))) for template in self.templates)
+        if longest > self.max_length:  # the vectors cut off the captions' end would be saved untrained
+            raise ConfigError(f"text2image.max_length = {self.max_length}: the longest caption template with "
+                              f"textual_inversion.num_vectors = {settings.num_vectors} is {longest} tokens; raise "
+                              "max_length or lower num_vectors")
         embeddings = self.text_encoder.get_input_embeddings()
         start = embeddings.weight[init_ids[0]].detach()
         self.unet.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.new_tokens = NewTokenEmbedding(embeddings, start.expand(settings.num_vectors, -1))
         self.text_encoder.set_input_embeddings(self.new_tokens)
-        self.templates = OBJECT_TEMPLATES if settings.learnable_property == "object" else STYLE_TEMPLATES
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder}

@@ -57,7 +57,11 @@ def check_token(token: str) -> str:
     before its first step, not after its last)."""
     if not isinstance(token, str) or not token or any(c.isspace() for c in token):
         raise EmbeddingFileError(f"token {token!r}: must be one word without spaces, e.g. '<my-style>'")
-    return a1111_file_name(token)
+    name = a1111_file_name(token)
+    if name.lower() == DIFFUSERS_FILE.lower():  # (as on a case-blind file system) one file would replace the other
+        raise EmbeddingFileError(f"token {token!r}: its A1111 file would be {name}, the name of the diffusers file "
+                                 "beside it; pick another token")
+    return name
 
 
 def save_embedding(out_dir, token: str, vectors: torch.Tensor, *, metadata: dict | None = None) -> tuple[Path, Path]:
@@ -97,10 +101,12 @@ def load_embedding(path) -> tuple[str | None, torch.Tensor]:
     """(token, vectors [n, dim]) of a diffusers or A1111 embedding (.safetensors, .bin or .pt).
 
     Token is None where the file name (`path.stem`) is the token: the A1111 layouts, and a one-key file of any
-    other name (A1111 and ComfyUI take the file name whatever its key). A folder means its learned_embeds.safetensors."""
+    other name (A1111 and ComfyUI take the file name whatever its key). A folder means its learned_embeds.safetensors,
+    or learned_embeds.bin (older diffusers runs), as diffusers' load_textual_inversion reads a folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / DIFFUSERS_FILE
+        legacy = path / "learned_embeds.bin"
+        path = legacy if legacy.is_file() and not (path / DIFFUSERS_FILE).is_file() else path / DIFFUSERS_FILE
     if not path.is_file():
         raise EmbeddingFileError(f"{path}: no such embedding file")
     state = _read(path)

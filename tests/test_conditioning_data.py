@@ -355,5 +355,14 @@ def test_a_label_map_keeps_its_stored_colours_whatever_its_colour_profile(tmp_pa
     unit = ControlUnit(model=None, image=str(root / "conditioning" / "000.png"), scale=1.0, preprocess="segmentation")
     drawn = conditioning_image(unit, 16, 16)
     assert {tuple(c) for c in np.asarray(drawn).reshape(-1, 3)} == stored
+    # and a run's validation pairs, its previews' conditions (they were colour-managed)
+    from types import SimpleNamespace
+
+    from difftrain.data.conditioning import Preprocess
+    from difftrain.methods.controlnet import ControlNetTraining
+
+    trainer_side = SimpleNamespace(preprocess=Preprocess("segmentation"))
+    previewed = ControlNetTraining._condition_at(trainer_side, str(root / "conditioning" / "000.png"), 16)
+    assert {tuple(c) for c in np.asarray(previewed).reshape(-1, 3)} == stored
     assert np.abs(np.asarray(load_image(root / "conditioning" / "000.png"), dtype=int)
                   - np.asarray(label_map, dtype=int)).max() > 20  # a photo's decode still converts it

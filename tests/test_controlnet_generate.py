@@ -205,3 +205,32 @@ def test_an_img2img_batch_gives_every_image_the_units_control_image(tiny_sd, con
                          str(tmp_path / f"{out.name}-{name}")]) == 0
             [alone] = sorted((tmp_path / f"{out.name}-{name}").glob("*.png"))
             assert np.array_equal(pixels(alone), pixels(out / f"{name}.png")), (out.name, name)
+
+
+def test_canny_thresholds_given_win_over_those_a_controlnet_was_trained_with(
+        tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+    """(--canny-low/--canny-high had a default of 100/200, which looked given: a canny-trained run's own
+    thresholds then always won, and the ones on the command line were silently ignored.)"""
+    import shutil
+
+    from difftrain.generate.controlnet import ControlUnit, canny_thresholds, with_own_controlnet
+    from difftrain.models.manifest import Manifest
+
+    trained = tmp_path / "canny-run"
+    shutil.copytree(controlnets[0], trained)
+    Manifest("controlnet", controls=[{"preprocess": "canny", "low_threshold": 50, "high_threshold": 150}]).write(trained)
+
+    def resolved(**given) -> tuple:
+        [unit] = with_own_controlnet([ControlUnit(model=str(trained), image=str(mask), **given)], None, None, "m")
+        return unit.preprocess, canny_thresholds(unit)
+
+    assert resolved(preprocess=None) == ("canny", (50, 150))  # the run's preprocessor and thresholds
+    assert resolved(preprocess="canny") == ("canny", (50, 150))
+    assert resolved(preprocess=None, low_threshold=10) == ("canny", (10, 150))
+    assert resolved(preprocess="mask") == ("mask", (100, 200))  # not trained on it: canny's defaults, unused
+    for given, said in (([], "Threshold A: 50, Threshold B: 150"),
+                        (["--canny-low", "10", "--canny-high", "20"], "Threshold A: 10, Threshold B: 20")):
+        [image] = run(tiny_sd, tmp_path / f"given{len(given)}", "--prompt", "x", "--controlnet", str(trained),
+                      "--control-image", str(mask), *given)
+        unit = parse_infotext(read_png_infotext(image))[2]["ControlNet 0"]
+        assert "Module: canny" in unit and said in unit, unit

@@ -79,6 +79,21 @@ def test_cli_exports_a_folder_in_half_precision(controlnet, tmp_path, capsys):
     assert "control_model" in capsys.readouterr().out
     assert main(["model", "export-controlnet", str(tmp_path / "folder"), str(tmp_path / "cn.ckpt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    # Over the folder's own weights: the model was gone (diffusers then loaded it as freshly initialised).
+    weights = tmp_path / "folder" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    assert main(["model", "export-controlnet", str(tmp_path / "folder"), str(weights)]) == 2
+    assert "is a file of the ControlNet being exported" in capsys.readouterr().err and weights.read_bytes() == before
+    # Another kind of model: named by its class (it was a meta-tensor traceback after pages of warnings).
+    from diffusers import T2IAdapter, UNet2DConditionModel
+
+    UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         layers_per_block=1, attention_head_dim=4, norm_num_groups=32).save_pretrained(tmp_path / "unet")
+    T2IAdapter(channels=[32, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(tmp_path / "adapter")
+    for name, said in (("unet", "holds a UNet2DConditionModel, not a ControlNet"), ("adapter", "is a T2I-Adapter")):
+        assert main(["model", "export-controlnet", str(tmp_path / name), str(tmp_path / f"{name}.safetensors")]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_weights_outside_the_layout_are_refused_not_dropped(controlnet):

@@ -681,13 +681,25 @@ def _export_controlnet(args: argparse.Namespace) -> int:
     import torch
     from diffusers import ControlNetModel
 
+    from difftrain.models.control import control_class, local_folder
     from difftrain.models.single_file import save_controlnet_single_file
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    src, out = local_folder(args.src), Path(args.out)
+    if out.is_file() and src.is_dir() and out.resolve().parent == src.resolve():
+        raise DifftrainError(f"{args.out} is a file of the ControlNet being exported ({src}): writing it would "
+                             "destroy the model; give another path")
+    where = src if src.is_dir() else args.src
     try:
-        net = ControlNetModel.from_pretrained(args.src)
+        kind = control_class(where, args.src)
+        net = ControlNetModel.from_pretrained(where) if kind == "ControlNetModel" else None
+    except DifftrainError:
+        raise
     except (OSError, ValueError) as exc:
         raise DifftrainError(f"{args.src}: not a diffusers ControlNet folder ({str(exc).splitlines()[0]})") from None
+    if net is None:
+        raise DifftrainError(f"{args.src} is a T2I-Adapter: export-controlnet writes ControlNets (A1111 and ComfyUI "
+                             "load a T2I-Adapter's diffusers folder as it is)")
     out = save_controlnet_single_file(net, args.out, dtype=dtype)
     print(f"wrote {out} ({args.dtype}, control_model.* keys: A1111's ControlNet extension and ComfyUI load it)")
     return 0
@@ -1002,8 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the steps before a ControlNet acts (default 0); once, or per ControlNet")
     gen.add_argument("--control-end", action="append", type=_finite, metavar="F",
                      help="share of the steps after which it stops (default 1); once, or per ControlNet")
-    gen.add_argument("--canny-low", type=int, default=100, help="canny: lower threshold (default 100)")
-    gen.add_argument("--canny-high", type=int, default=200, help="canny: upper threshold (default 200)")
+    gen.add_argument("--canny-low", type=int, help="canny: lower threshold (default: a difftrain ControlNet's "
+                     "trained one, else 100)")
+    gen.add_argument("--canny-high", type=int, help="canny: upper threshold (default: the trained one, else 200)")
     gen.add_argument("--control-resize", action="append", choices=["crop", "resize", "fill"],
                      help="how the control image meets the output size, as A1111's resize modes: crop (Crop and "
                           "Resize, default), resize (Just Resize), fill (Resize and Fill); once, or per ControlNet")

@@ -140,6 +140,13 @@ def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Prepr
     return canvas
 
 
+def read_condition(path: str, size: tuple[int, int], preprocess: Preprocess, resize: str = "crop") -> Image.Image:
+    """A conditioning image file as a model reads it at `size`: a label map without its colour profile."""
+    from difftrain.data.images import load_image
+
+    return condition_image(load_image(path, colour_managed=preprocess.colour_managed), size, preprocess, resize)
+
+
 def _same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:
     """Whether `size` scales onto `other` within rounding: a pixel, or 1 % of the side."""
     scaled_width = size[0] * other[1] / size[1]

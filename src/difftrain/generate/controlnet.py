@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from difftrain.data.conditioning import ANNOTATORS, RESIZE_MODES, Preprocess, condition_image
+from difftrain.data.conditioning import ANNOTATORS, RESIZE_MODES, Preprocess, condition_image, read_condition
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
@@ -45,8 +45,9 @@ class ControlUnit:
     preprocess: str | None = "none"
     start: float = 0.0  # the share of sampling steps before the ControlNet starts acting
     end: float = 1.0
-    low_threshold: int = 100  # canny
-    high_threshold: int = 200
+    # canny's; None: what the ControlNet was trained with (a difftrain run's), else 100 and 200
+    low_threshold: int | None = None
+    high_threshold: int | None = None
     own: bool = False  # the drawn model's own network (recorded as such, so --from-png finds it wherever it moved)
     resize: str = "crop"  # a key of RESIZE_MODES
     mode: str = "balanced"  # a key of CONTROL_MODES
@@ -94,16 +95,14 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
     resolved = []
     for unit in units:
         if unit.model is None:
-            chosen = unit.preprocess is not None  # the user's --preprocess brings the user's thresholds
+            chosen = unit.preprocess is not None
             if not chosen and trained_preprocess in ANNOTATORS:
                 raise ControlNetError(f"{source} was trained on {trained_preprocess} maps made by controlnet_aux, "
                                       f"which generate does not run: give a {trained_preprocess} map as "
                                       "--control-image with --preprocess none")
             unit = replace(
                 unit, model=str(path), own=True, scale=trained.get("scale", 1.0) if unit.scale is None else unit.scale,
-                preprocess=unit.preprocess if chosen else trained_preprocess,
-                low_threshold=unit.low_threshold if chosen else trained.get("low_threshold", unit.low_threshold),
-                high_threshold=unit.high_threshold if chosen else trained.get("high_threshold", unit.high_threshold))
+                preprocess=unit.preprocess if chosen else trained_preprocess, **_thresholds(unit, trained))
         resolved.append(unit)
     return resolved
 
@@ -124,26 +123,35 @@ def _as_trained(unit: ControlUnit) -> ControlUnit:
         log.warning("%s was trained beside a LoRA on its base's UNet, which a --controlnet unit does not load: draw "
                     "with the run itself as the model (difftrain generate %s --control-image ...) to have both",
                     unit.model, unit.model)
-    if unit.preprocess is not None:
-        return unit
     trained = theirs.controls[0]
-    if trained.get("preprocess") in ANNOTATORS:
+    if unit.preprocess is None and trained.get("preprocess") in ANNOTATORS:
         raise ControlNetError(f"{unit.model} was trained on {trained['preprocess']} maps made by controlnet_aux, "
                               f"which generate does not run: give a {trained['preprocess']} map as its "
                               "--control-image with --preprocess none")
-    return replace(unit, preprocess=trained.get("preprocess", "none"),
-                   low_threshold=trained.get("low_threshold", unit.low_threshold),
-                   high_threshold=trained.get("high_threshold", unit.high_threshold))
+    return replace(unit, preprocess=unit.preprocess or trained.get("preprocess", "none"), **_thresholds(unit, trained))
+
+
+def _thresholds(unit: ControlUnit, trained: dict) -> dict:
+    """The canny thresholds given for `unit`, else those its ControlNet was trained with (when it runs the
+    preprocessor it was trained on: none given means the trained one)."""
+    if unit.preprocess not in (None, trained.get("preprocess", "none")):
+        return {}
+    return {key: trained.get(key) if getattr(unit, key) is None else getattr(unit, key)
+            for key in ("low_threshold", "high_threshold")}
+
+
+def canny_thresholds(unit: ControlUnit) -> tuple[int, int]:
+    """The thresholds a unit's canny runs with: its own, the trained ones, or canny's defaults."""
+    return (100 if unit.low_threshold is None else unit.low_threshold,
+            200 if unit.high_threshold is None else unit.high_threshold)
 
 
 def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.Image | None = None) -> Image.Image:
     """The unit's image (its file, or `image` already decoded) as its ControlNet reads it: cropped and
     resized, then preprocessed, as in training."""
-    from difftrain.data.images import load_image
-
-    preprocess = Preprocess(unit.preprocess, unit.low_threshold, unit.high_threshold)
+    preprocess = Preprocess(unit.preprocess, *canny_thresholds(unit))
     if image is None:
-        image = load_image(unit.image, colour_managed=preprocess.colour_managed)
+        return read_condition(unit.image, (width, height), preprocess, unit.resize)
     return condition_image(image, (width, height), preprocess, unit.resize)
 
 
@@ -204,7 +212,8 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
                  f"Weight: {unit.scale:g}", f"Resize Mode: {RESIZE_MODES[unit.resize]}", "Low Vram: False",
                  f"Processor Res: {min(width, height)}"]
         if unit.preprocess == "canny":
-            parts += [f"Threshold A: {unit.low_threshold}", f"Threshold B: {unit.high_threshold}"]
+            low, high = canny_thresholds(unit)
+            parts += [f"Threshold A: {low}", f"Threshold B: {high}"]
         parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}", "Pixel Perfect: False",
                   f"Control Mode: {CONTROL_MODES[unit.mode]}"]
         params[f"ControlNet {number}"] = ", ".join(parts)

@@ -122,10 +122,9 @@ class ControlNetTraining(TextToImage):
 
     def _condition_at(self, path: str, size: int) -> Image.Image:
         """A validation image as the ControlNet reads it: cropped like generate's, then preprocessed."""
-        from difftrain.data.conditioning import condition_image
-        from difftrain.data.images import load_image
+        from difftrain.data.conditioning import read_condition
 
-        return condition_image(load_image(path), (size, size), self.preprocess)
+        return read_condition(path, (size, size), self.preprocess)
 
     # ----------------------------------------------------------------- the objective
     def denoiser(self, modules, batch: dict, embeds: torch.Tensor):

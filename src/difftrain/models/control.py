@@ -102,11 +102,7 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
                                   "(pickled .ckpt/.pth files are not loaded)")
         else:
             where = path if path.is_dir() else spec
-            class_name = ControlNetModel.load_config(where).get("_class_name")
-            if class_name not in ("ControlNetModel", "T2IAdapter"):  # (a UNet folder loaded as meta tensors)
-                raise ControlNetError(f"{what} {spec} holds a {class_name or 'model without a _class_name'}, not a "
-                                      "ControlNet or T2I-Adapter")
-            cls = T2IAdapter if class_name == "T2IAdapter" else ControlNetModel
+            cls = T2IAdapter if control_class(where, f"{what} {spec}") == "T2IAdapter" else ControlNetModel
             net = cls.from_pretrained(where, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # the last two: not a ControlNet file
         hint = (" A single file is read as a ControlNet for this UNet (the original release's layout, the standard "
@@ -119,6 +115,18 @@ def load_control(spec: str, dtype: torch.dtype, unet, what: str = "--controlnet"
                               f"{found.replace('-', '_')} continues it")
     check_fits(net, unet, f"{what} {spec}", latent_scale)
     return net
+
+
+def control_class(where: Path | str, named: str) -> str:
+    """The diffusers class a ControlNet or T2I-Adapter folder (or hub id) holds; any other model is refused by
+    its class (diffusers would load it as meta tensors and fail on the first copy)."""
+    from diffusers import ControlNetModel
+
+    class_name = ControlNetModel.load_config(where).get("_class_name")
+    if class_name not in ("ControlNetModel", "T2IAdapter"):
+        raise ControlNetError(f"{named} holds a {class_name or 'model without a _class_name'}, not a ControlNet or "
+                              "T2I-Adapter")
+    return class_name
 
 
 def _config_for(unet, folder: Path) -> str:

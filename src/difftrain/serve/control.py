@@ -73,8 +73,8 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list]:
         low, high = _number(arg, "threshold_a", -1, field), _number(arg, "threshold_b", -1, field)
         mode = "control" if arg.get("guessmode") else _choice(arg, "control_mode", MODE_VALUES, "balanced", field)
         units.append(ControlUnit(model=str(models[name]), image="(request)", scale=_number(arg, "weight", 1.0, field),
-                                 preprocess=module, start=start, end=end, low_threshold=int(low) if low > 0 else 100,
-                                 high_threshold=int(high) if high > 0 else 200,
+                                 preprocess=module, start=start, end=end, low_threshold=int(low) if low > 0 else None,
+                                 high_threshold=int(high) if high > 0 else None,
                                  resize=_choice(arg, "resize_mode", RESIZE_VALUES, "crop", field), mode=mode))
         images.append(decode_image(image, f"{field}.image", Preprocess(module).colour_managed))
     modes = {unit.mode for unit in units}

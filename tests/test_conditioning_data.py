@@ -180,6 +180,9 @@ def test_jsonl_sources_and_conditioning_folders_pair_by_name(tmp_path):
         assert record.conditioning == (root / "conditioning" / "001.png").read_bytes()
     with pytest.raises(DatasetError, match="conditioning folder .* does not exist"):
         open_source("folder", root, progress=False, conditioning=ConditioningFiles(folder=tmp_path / "nope"))
+    for folder in (root, tmp_path):  # (every image was left out as a condition: "no usable images under" it)
+        with pytest.raises(DatasetError, match=f"the conditioning folder {folder} holds data.path {root}: its files"):
+            open_source("folder", root, progress=False, conditioning=ConditioningFiles(folder=folder))
 
 
 def test_cached_conditions_follow_the_cached_latent_flip(tmp_path):

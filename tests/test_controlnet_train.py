@@ -345,3 +345,36 @@ def test_a_controlnet_trained_at_another_weight_is_saved_to_be_drawn_at_weight_o
             in caplog.text)
     continued = json.loads((tmp_path / "more" / "model" / "difftrain.json").read_text())["controls"][0]
     assert continued["folded_scale"] == 0.25
+
+
+def test_a_hugging_face_data_set_brings_its_conditioning_column(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811
+    """diffusers' train_controlnet.py layout (image, text and conditioning_image columns, as fusing/fill50k):
+    each row's conditioning image is read from its column. Without the column a mask ControlNet is refused
+    naming it (it said to add a metadata.jsonl column); with canny the edges are computed from the images."""
+    datasets = pytest.importorskip("datasets")
+    from difftrain.data.folder import ConditioningFiles
+    from difftrain.data.hf import HFOptions
+    from difftrain.data.images import load_image_bytes
+    from difftrain.data.sources import open_source
+
+    entries = [json.loads(line) for line in (mask_shapes / "metadata.jsonl").read_text().splitlines()][:8]
+    columns = {"image": [Image.open(mask_shapes / e["file_name"]).convert("RGB") for e in entries],
+               "text": [e["text"] for e in entries],
+               "conditioning_image": [Image.open(mask_shapes / e["conditioning_image"]).convert("RGB") for e in entries]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "conditioning_image": datasets.Image()})
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "fill"))
+    datasets.Dataset.from_dict({key: columns[key] for key in ("image", "text")}).save_to_disk(str(tmp_path / "plain"))
+    source = open_source("hf", tmp_path / "fill", progress=False, conditioning=ConditioningFiles(),
+                         hf=HFOptions(caption_column="text"))
+    assert source.has_conditioning
+    for row in (0, 5):  # paired row by row
+        assert np.array_equal(np.asarray(load_image_bytes(source.read(row).conditioning)),
+                              np.asarray(columns["conditioning_image"][row]))
+    hf = {"source": "hf", "path": str(tmp_path / "fill"), "caption_column": "text"}
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "hf", data=hf, training={"max_steps": 1})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "8 records, 0 skipped at start, 0 replaced at read time" in capsys.readouterr().out
+    config = cn_config(tmp_path, mask_shapes, tiny_sd, "nocolumn", data={**hf, "path": str(tmp_path / "plain")})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "the data set has no column 'conditioning_image' (conditioning_column)" in capsys.readouterr().err

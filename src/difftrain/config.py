@@ -382,7 +382,8 @@ class ControlConfig(Section):
     is read, and what the previews draw."""
 
     conditioning_column: str = Field(
-        "conditioning_image", description="metadata.jsonl / jsonl key naming each record's conditioning image file")
+        "conditioning_image",
+        description="metadata.jsonl / jsonl key naming each record's conditioning image file; hf: the column of them")
     conditioning_dir: Optional[str] = Field(
         None, description="instead: a folder holding each image's conditioning image under the image's relative name")
     preprocess: Literal["none", "mask", "segmentation", "canny", "depth", "pose", "lineart"] = Field(

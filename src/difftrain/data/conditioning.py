@@ -172,17 +172,24 @@ class Conditions:
     and the preprocessor must compute something from it.
     """
 
-    def __init__(self, preprocess: Preprocess, from_records: bool, max_pixels: int, source_kind: str = "folder"):
+    def __init__(self, preprocess: Preprocess, from_records: bool, max_pixels: int, source_kind: str = "folder",
+                 column: str = "conditioning_image"):
         if not from_records and not preprocess.computes:
             if source_kind in ("laion", "webdataset"):
                 raise DatasetError(
                     f"no conditioning images: data.source = {source_kind} carries none (conditioning files are "
-                    "read beside folder and jsonl sources); export the data with `difftrain data build --format "
+                    "read beside folder, jsonl and hf sources); export the data with `difftrain data build --format "
                     "folder`, or use a preprocess that computes them from the images (canny)")
+            if source_kind == "hf":
+                raise DatasetError(
+                    f"no conditioning images: the data set has no column {column!r} (conditioning_column); name "
+                    "its column of conditioning images, or use a preprocess that computes them from the images "
+                    "(canny)")
             raise DatasetError(
-                "no conditioning images: no record names one in the conditioning column and no conditioning "
-                "folder is set; add the column (e.g. \"conditioning_image\": \"conditioning/0001.png\" in "
-                "metadata.jsonl), set the folder, or a preprocess that computes them from the images (canny)")
+                f"no conditioning images: no record names one in the conditioning column {column!r} "
+                "(conditioning_column) and no conditioning folder is set; add the column (e.g. "
+                f"\"{column}\": \"conditioning/0001.png\" in metadata.jsonl), set the folder, or a preprocess that "
+                "computes them from the images (canny)")
         self.preprocess, self.from_records, self.max_pixels = preprocess, from_records, max_pixels
 
     def load(self, record, image: Image.Image) -> Image.Image:

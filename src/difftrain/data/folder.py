@@ -334,6 +334,10 @@ def scan_folder(
         # entry lists one as its file_name too (a condition that is an image of the set).
         held = {conditioning_path(entry.folder, entry.conditioning) for entry in metadata.values()} - set(metadata)
         folder = conditioning.folder.resolve() if conditioning.folder else None
+        if folder and root.resolve().is_relative_to(folder):
+            raise DatasetError(f"the conditioning folder {conditioning.folder} holds data.path {root}: its files are "
+                               "never training images, so none would be left; give the conditioning images a folder "
+                               "of their own (one inside data.path works)")
         images = [p for p in images
                   if (path := resolve(p)) not in held and not (folder and path.is_relative_to(folder))]
 

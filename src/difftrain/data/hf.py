@@ -45,7 +45,7 @@ import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -84,6 +84,9 @@ class HFOptions:
     hf_config: str | None = None  # the Hub data set's configuration (subset) name
     revision: str | None = None
     streaming: bool = False
+    # A ControlNet's conditioning images, where the data set has this column (diffusers' train_controlnet.py
+    # layout: image, text, conditioning_image); without it they are computed from the images, as for a folder.
+    conditioning_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,28 @@ class _Columns:
     image: str
     caption: str | None  # None: records carry no captions
     base: Path | None
+    conditioning: str | None = None  # None: records carry no conditioning image
 
     def record(self, row: dict, key: str) -> RawRecord:
         """The record of `row`; BadRecord names what is wrong with it."""
         data = _image_bytes(row.get(self.image), self.base)
+        condition = None
+        if self.conditioning is not None:
+            try:
+                condition = _image_bytes(row.get(self.conditioning), self.base)
+            except BadRecord as reason:
+                raise BadRecord(f"its conditioning image ({self.conditioning!r}): {reason}") from None
         if self.caption is None or row.get(self.caption) is None:  # a null caption is a missing one
-            return RawRecord(key, data, [])
+            return RawRecord(key, data, [], condition)
         try:
-            return RawRecord(key, data, caption_list(row[self.caption]))
+            return RawRecord(key, data, caption_list(row[self.caption]), condition)
         except BadRecord as reason:
             raise BadRecord(f"{self.caption!r}: {reason}") from None
+
+    @property
+    def names(self) -> list:
+        """What an index of these columns is known by."""
+        return [self.image, self.caption, str(self.base), self.conditioning]
 
 
 def open_hf(path: str, options: HFOptions, use_captions: bool, max_pixels: int, index_dir: Path | None,
@@ -114,7 +129,7 @@ def open_hf(path: str, options: HFOptions, use_captions: bool, max_pixels: int, 
         if value is not None and form != "hub":
             raise DatasetError(f"{key} = {value!r} applies to a Hub data set; {path} is local ({_FORMS[form]})")
     columns = _Columns(options.image_column, options.caption_column if use_captions else None,
-                       _base_folder(path, form, files))
+                       _base_folder(path, form, files), options.conditioning_column)
     if options.streaming:
         return _open_stream(datasets, path, form, files, options, columns, max_pixels, index_dir, progress)
     return _open_table(datasets, path, form, files, options, columns, max_pixels, index_dir, progress)
@@ -179,20 +194,26 @@ def _load_errors(datasets: Any) -> tuple[type[Exception], ...]:
     return OSError, ValueError, datasets.exceptions.DatasetsError
 
 
-def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) -> Any:
-    """`table` cut to the columns records are made of, images left encoded; a missing column is refused."""
+def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) -> tuple[Any, _Columns]:
+    """`table` cut to the columns records are made of, images left encoded; a missing column is refused, but
+    for the conditioning column (without it, conditioning images are computed from the images)."""
     names = table.column_names  # None for a stream whose features are unknown until read
+    if columns.conditioning is not None and (names is None or columns.conditioning not in names):
+        columns = replace(columns, conditioning=None)
     for key, column in (("data.image_column", columns.image), ("data.caption_column", columns.caption)):
         if column is not None and names is not None and column not in names:
             advice = (" (data.caption_column: null, or data.captions: none, trains without captions)"
                       if key == "data.caption_column" else "")
             raise DatasetError(f"{key} = {column!r}: the data set {where} has no such column; its columns: "
                                f"{', '.join(names)}{advice}")
-    table = table.select_columns([c for c in (columns.image, columns.caption) if c is not None])
+    table = table.select_columns([c for c in (columns.image, columns.caption, columns.conditioning) if c is not None])
+    if columns.conditioning is not None and isinstance((table.features or {}).get(columns.conditioning),
+                                                       datasets.Image):
+        table = table.cast_column(columns.conditioning, datasets.Image(decode=False))
     feature = (table.features or {}).get(columns.image)
     if isinstance(feature, datasets.Image):
         # The stored bytes rather than a PIL image: difftrain's checks (bombs, EXIF, modes) decode them.
-        return table.cast_column(columns.image, datasets.Image(decode=False))
+        return table.cast_column(columns.image, datasets.Image(decode=False)), columns
     # pandas, pyarrow and polars write an image column as a plain {bytes, path} struct, without the
     # Hugging Face metadata that would make it an Image feature; _image_bytes reads it the same.
     stored = getattr(feature.get("bytes"), "dtype", None) if isinstance(feature, dict) else None
@@ -201,7 +222,7 @@ def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) ->
             isinstance(feature, datasets.Value) and feature.dtype in _BYTES_OR_PATHS):
         raise DatasetError(f"data.image_column = {columns.image!r}: in {where} it holds {feature}, not images; "
                            "name a column of images (the Image feature), image bytes or image paths")
-    return table
+    return table, columns
 
 
 def _image_bytes(value: object, base: Path | None) -> bytes:
@@ -243,6 +264,7 @@ class HFSource(RecordSource):
         self.uncaptioned = index["uncaptioned"]
         self.shard_sizes = None
         self.description = description
+        self.has_conditioning = columns.conditioning is not None
         # An Image column from an image folder holds paths, not bytes (as a column of paths does).
         first = table[int(self._rows[0])].get(columns.image) if len(self._rows) else None
         self.reads_unlisted_files = isinstance(first, str) or (isinstance(first, dict) and not first.get("bytes"))
@@ -266,7 +288,7 @@ def _open_table(datasets: Any, path: str, form: str, files: list[str], options: 
                 max_pixels: int, index_dir: Path | None, progress: bool) -> HFSource:
     table, split = _load_table(datasets, path, form, files, options)
     where = f"{path}, split {split}" if split else path
-    table = _select_columns(datasets, table, columns, where)
+    table, columns = _select_columns(datasets, table, columns, where)
     index = _cached_index(table, columns, split, max_pixels, index_dir, progress)
     if not len(index["rows"]):
         skipped = index["skipped"]
@@ -310,8 +332,7 @@ def _cached_index(table: Any, columns: _Columns, split: str | None, max_pixels: 
     if index_dir is None:
         return _index_table(table, columns, split, max_pixels, progress)
     # The fingerprint changes with the data and with every operation on it (the column selection included).
-    identity = [INDEX_VERSION, HEADER_SIZE_VERSION, "hf", table._fingerprint, split, columns.image, columns.caption, str(columns.base),
-                max_pixels]
+    identity = [INDEX_VERSION, HEADER_SIZE_VERSION, "hf", table._fingerprint, split, *columns.names, max_pixels]
     cache = keyed_path(index_dir, "hf", identity, ".npz")
     try:
         with np.load(cache) as saved:
@@ -340,6 +361,11 @@ def _index_table(table: Any, columns: _Columns, split: str | None, max_pixels: i
             record = columns.record(row, key)
             width, height = image_size_from_bytes(record.data)
             check_size(width, height, max_pixels)
+            if record.conditioning is not None:  # one that cannot be read skips its record now, as a folder's does
+                try:
+                    check_size(*image_size_from_bytes(record.conditioning), max_pixels)
+                except BadImage as reason:
+                    raise BadRecord(f"its conditioning image ({columns.conditioning!r}): {reason}") from None
         except (BadRecord, BadImage) as reason:
             skipped.append((where, str(reason)))
             continue
@@ -365,6 +391,7 @@ class HFStreamSource(ShardSource):
         self._numbers = {label: number for number, label in enumerate(labels)}
         # `where` only names the data in messages: the shards come from _shard_list.
         super().__init__(where, columns.caption is not None, max_pixels, index_dir, progress)  # type: ignore[arg-type]
+        self.has_conditioning = columns.conditioning is not None
 
     def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
         return [(label, Path(file)) for label, file in self._shards], []
@@ -374,7 +401,7 @@ class HFStreamSource(ShardSource):
         # (datasets pins it to the commit it resolved), which changes with any file of the data set.
         found = super()._identity(label, path) or [INDEX_VERSION, HEADER_SIZE_VERSION, self.kind, self._version, label,
                                                    self._max_pixels, self._use_captions]
-        return [*found, self._columns.image, self._columns.caption]
+        return [*found, *self._columns.names]
 
     def stored_files(self) -> list[tuple[str, str, list[str]]]:
         # A Hub file has no size or mtime here: its key carries the resolved version, so a new commit reads as changed.
@@ -411,7 +438,7 @@ def _open_stream(datasets: Any, path: str, form: str, files: list[str], options:
     except _load_errors(datasets) as exc:
         raise _load_error(datasets, path, form, exc) from None
     where = f"{path}, split {options.split}, streamed"
-    stream = _select_columns(datasets, stream, columns, where)
+    stream, columns = _select_columns(datasets, stream, columns, where)
     shard_files = [str(file) for file in (builder.config.data_files or {}).get(options.split, [])]
     if len(shard_files) == stream.num_shards:
         labels = _labels(shard_files)

@@ -142,9 +142,12 @@ def _open_kind(kind: str, path: str | Path, image_key: str, caption_key: str, ca
                            "folder and jsonl sources; export the data with `difftrain data build --format folder`, "
                            "or compute them from the images with a preprocessor (canny)")
     if kind == "hf":
+        from dataclasses import replace
+
         from difftrain.data.hf import HFOptions, open_hf
 
-        return open_hf(str(path), hf or HFOptions(), captions != "none", max_pixels, index_dir, progress)
+        hf = replace(hf or HFOptions(), conditioning_column=conditioning.column if conditioning else None)
+        return open_hf(str(path), hf, captions != "none", max_pixels, index_dir, progress)
     cls = LaionSource if kind == "laion" else WebDatasetSource
     location = str(path) if is_url(path) else Path(path)
     return cls(location, captions != "none", max_pixels, index_dir, progress)

@@ -52,7 +52,7 @@ def open_images(
     conditions = None
     if conditioning:
         conditions = Conditions(conditioning[1], records.has_conditioning, data.max_image_pixels,
-                                "folder" if path else data.source)
+                                "folder" if path else data.source, conditioning[0].column)
     buckets = None
     if data.buckets.enabled:
         from difftrain.data.buckets import BucketLookup, assign_buckets, make_buckets, no_upscale_buckets

@@ -51,13 +51,15 @@ def test_two_controlnets_write_a1111_infotext_and_from_png_repeats_them(
         tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811
     args = ["--prompt", "a blue square", "--controlnet", f"{controlnets[0]}:0.7", "--control-image", str(mask),
             "--controlnet", f"{controlnets[1]}:1.2", "--control-image", str(mask),
-            "--preprocess", "canny", "--preprocess", "none", "--control-end", "0.5", "--control-end", "1"]
+            "--preprocess", "canny", "--preprocess", "none", "--control-end", "0.5", "--control-end", "1",
+            "--processor-res", "128", "--processor-res", "64"]
     [first] = run(tiny_sd, tmp_path / "two", *args)
     _, _, params = parse_infotext(read_png_infotext(first))
     unit = params["ControlNet 0"]
     assert unit.startswith("Module: canny, Model: cn-a [")
     for part in ("Weight: 0.7", "Resize Mode: Crop and Resize", "Threshold A: 100", "Threshold B: 200",
-                 "Guidance Start: 0", "Guidance End: 0.5", "Control Mode: Balanced"):
+                 "Guidance Start: 0", "Guidance End: 0.5", "Control Mode: Balanced", "Processor Res: 128",
+                 "Pixel Perfect: False"):
         assert part in unit, (part, unit)
     assert params["ControlNet 1"].startswith("Module: none, Model: cn-b [") and "Weight: 1.2" in params["ControlNet 1"]
     assert "Threshold A" not in params["ControlNet 1"]
@@ -234,3 +236,26 @@ def test_canny_thresholds_given_win_over_those_a_controlnet_was_trained_with(
                       "--control-image", str(mask), *given)
         unit = parse_infotext(read_png_infotext(image))[2]["ControlNet 0"]
         assert "Module: canny" in unit and said in unit, unit
+
+
+def test_canny_runs_at_the_preprocessor_resolution_as_a1111_runs_it(mask, tmp_path):
+    """A1111's Preprocessor Resolution: canny on the whole image at that short side, the map then fitted to the
+    drawing and kept binary; Pixel Perfect (and generate's default) runs it at the drawn size. The infotext
+    says which, and PNGs that recorded the drawn size under Pixel Perfect: False read back as pixel perfect."""
+    from difftrain.generate.controlnet import ControlUnit, conditioning_image, units_from_infotext
+
+    drawing = Image.new("RGB", (256, 256), "white")
+    for x in range(8, 256, 12):  # fine lines: what the resolution decides
+        ImageDraw.Draw(drawing).line([(x, 0), (x + 40, 255)], fill="black", width=2)
+    drawing.save(tmp_path / "lines.png")
+    maps = {res: np.asarray(conditioning_image(ControlUnit(model=None, image=str(tmp_path / "lines.png"),
+                                                           preprocess="canny", processor_res=res), 64, 64))
+            for res in (None, 64, 512)}
+    assert all(set(np.unique(m)) <= {0, 255} for m in maps.values())  # edges stay a binary map
+    assert not np.array_equal(maps[None], maps[512]) and not np.array_equal(maps[64], maps[512])
+    files = {"ControlNet 0 files": f"cn | {mask}"}
+    for recorded, size, read in (("Processor Res: 512, Pixel Perfect: False", "64x64", 512),
+                                 ("Processor Res: 64, Pixel Perfect: False", "64x64", None),  # (before 2026-12-08)
+                                 ("Processor Res: 64, Pixel Perfect: True", "64x64", None)):
+        [unit] = units_from_infotext({"Size": size, "ControlNet 0": f"Module: canny, {recorded}", **files})
+        assert unit.processor_res == read, recorded

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from test_personalise import lora_run  # noqa: F401
 from test_text2image import tiny_sd  # noqa: F401
@@ -357,6 +357,20 @@ def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server
     assert "Control Mode: My prompt is more important" in prompt_first.info["parameters"]
     assert not np.array_equal(np.asarray(prompt_first), np.asarray(steered))
     assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["adapter", "cn"]}
+    # canny at the unit's processor_res (webuiapi sends 512), or at the drawn size with pixel_perfect; both were
+    # ignored, and the infotext said 64 and False whatever was sent.
+    lines = Image.new("RGB", (256, 256), "white")
+    for x in range(8, 256, 12):
+        ImageDraw.Draw(lines).line([(x, 0), (x + 40, 255)], fill="black", width=2)
+    drawn = {}
+    for name, settings in (("512", {}), ("perfect", {"pixel_perfect": True})):
+        units = [webuiapi.ControlNetUnit(image=lines, module="canny", model="cn", **settings)]
+        drawn[name] = api.txt2img(prompt="x", seed=2, width=64, height=64, steps=2, controlnet_units=units,
+                                  alwayson_scripts={}).image
+    assert "Processor Res: 512, Threshold A: 64, Threshold B: 64" in drawn["512"].info["parameters"]
+    assert "Processor Res: 64" in drawn["perfect"].info["parameters"] and "Pixel Perfect: True" in \
+        drawn["perfect"].info["parameters"]
+    assert not np.array_equal(np.asarray(drawn["512"]), np.asarray(drawn["perfect"]))
     # A T2I-Adapter unit draws through diffusers' adapter pipeline, whose step hook is the older one.
     adapted = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, alwayson_scripts={},
                           controlnet_units=[webuiapi.ControlNetUnit(image=mask, module="none", model="adapter")]).image
@@ -793,7 +807,6 @@ def test_webuiapi_inpainting_draws_what_generate_draws(server, tiny_sd, tmp_path
     """A1111's API defaults (only masked, no padding, masked content "fill", blur 4) against `difftrain generate`
     with the same settings; bad inpainting fields are refused by name."""
     import webuiapi
-    from PIL import ImageDraw
 
     api = client(server)
     init = Image.new("RGB", (96, 64), (200, 30, 30))

@@ -95,12 +95,13 @@ def _control_units(args: argparse.Namespace) -> list:
                   per_unit(args.control_start, 0.0, "--control-start"),
                   per_unit(args.control_end, 1.0, "--control-end"),
                   per_unit(args.control_resize, "crop", "--control-resize"),
-                  per_unit(args.control_mode, "balanced", "--control-mode"))
+                  per_unit(args.control_mode, "balanced", "--control-mode"),
+                  per_unit(args.processor_res, None, "--processor-res"))
     # (no --preprocess: the ControlNet's own, when it is a difftrain run's, else none)
     return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess,
                         start=start, end=end, low_threshold=args.canny_low, high_threshold=args.canny_high,
-                        resize=resize, mode=mode)
-            for (path, scale), image, preprocess, start, end, resize, mode in columns]
+                        resize=resize, mode=mode, processor_res=resolution)
+            for (path, scale), image, preprocess, start, end, resize, mode, resolution in columns]
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -369,10 +370,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.seed_resize_from is not None:
         given["seed_resize_from"] = _size_flag("--seed-resize-from", args.seed_resize_from, " (e.g. 512x512)")
     if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end
-                                                         or args.control_resize or args.control_mode):
-        raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize and --control-mode apply "
-                             "to ControlNets: give --controlnet and --control-image too (a ControlNet model needs "
-                             "--control-image alone)")
+                                                         or args.control_resize or args.control_mode
+                                                         or args.processor_res):
+        raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize, --control-mode and "
+                             "--processor-res apply to ControlNets: give --controlnet and --control-image too (a "
+                             "ControlNet model needs --control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
     hires = _hires_flags(args)
@@ -1017,6 +1019,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--canny-low", type=int, help="canny: lower threshold (default: a difftrain ControlNet's "
                      "trained one, else 100)")
     gen.add_argument("--canny-high", type=int, help="canny: upper threshold (default: the trained one, else 200)")
+    gen.add_argument("--processor-res", action="append", type=int, metavar="N",
+                     help="canny at this resolution (the image's short side), then fitted to the output, as A1111's "
+                          "Preprocessor Resolution (default: at the output size, as its Pixel Perfect); once, or per "
+                          "ControlNet")
     gen.add_argument("--control-resize", action="append", choices=["crop", "resize", "fill"],
                      help="how the control image meets the output size, as A1111's resize modes: crop (Crop and "
                           "Resize, default), resize (Just Resize), fill (Resize and Fill); once, or per ControlNet")

@@ -147,6 +147,26 @@ def read_condition(path: str, size: tuple[int, int], preprocess: Preprocess, res
     return condition_image(load_image(path, colour_managed=preprocess.colour_managed), size, preprocess, resize)
 
 
+def at_processor_res(image: Image.Image, resolution: int, preprocess: Preprocess) -> Image.Image:
+    """The whole image's condition made at `resolution` (its short side), as A1111's extension runs a preprocessor
+    at "Preprocessor Resolution" before the map is fitted to the drawing. Edges stay one-pixel binary maps when
+    fitted: condition_image's resize then thresholds them (Otsu, as the extension's high_quality_resize does;
+    without its edge thinning)."""
+    scale = resolution / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.BOX  # cv2's INTER_CUBIC / INTER_AREA
+    return preprocess(image.convert("RGB").resize(size, resample))
+
+
+def binarised(image: Image.Image) -> Image.Image:
+    """A resized binary map (edges) back to black and white at Otsu's threshold."""
+    import cv2
+
+    grey = np.asarray(image.convert("L"))
+    _, binary = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return Image.fromarray(np.stack([binary] * 3, axis=-1))
+
+
 def _same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:
     """Whether `size` scales onto `other` within rounding: a pixel, or 1 % of the side."""
     scaled_width = size[0] * other[1] / size[1]

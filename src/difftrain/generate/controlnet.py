@@ -21,7 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from difftrain.data.conditioning import ANNOTATORS, RESIZE_MODES, Preprocess, condition_image, read_condition
+from difftrain.data.conditioning import (ANNOTATORS, RESIZE_MODES, Preprocess, at_processor_res, binarised,
+                                         condition_image)
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
@@ -51,6 +52,9 @@ class ControlUnit:
     own: bool = False  # the drawn model's own network (recorded as such, so --from-png finds it wherever it moved)
     resize: str = "crop"  # a key of RESIZE_MODES
     mode: str = "balanced"  # a key of CONTROL_MODES
+    # A computing preprocessor's (canny's) resolution, the image's short side: A1111's Preprocessor Resolution.
+    # None: it runs on the image fitted to the drawn size, as A1111's Pixel Perfect does.
+    processor_res: int | None = None
 
     def check(self, number: int) -> None:
         owner = self.model or "the model's own"
@@ -61,6 +65,8 @@ class ControlUnit:
             raise ControlNetError(f"{where}: --control-resize {self.resize}: choose one of {', '.join(RESIZE_MODES)}")
         if self.mode not in CONTROL_MODES:
             raise ControlNetError(f"{where}: --control-mode {self.mode}: choose one of {', '.join(CONTROL_MODES)}")
+        if self.processor_res is not None and not 64 <= self.processor_res <= 2048:
+            raise ControlNetError(f"{where}: --processor-res {self.processor_res}: from 64 to 2048 (A1111's slider)")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ControlNetError(f"{where}: --control-start {self.start} / --control-end {self.end}: "
                                   "need 0 <= start < end <= 1")
@@ -149,10 +155,16 @@ def canny_thresholds(unit: ControlUnit) -> tuple[int, int]:
 def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.Image | None = None) -> Image.Image:
     """The unit's image (its file, or `image` already decoded) as its ControlNet reads it: cropped and
     resized, then preprocessed, as in training."""
+    from difftrain.data.images import load_image
+
     preprocess = Preprocess(unit.preprocess, *canny_thresholds(unit))
     if image is None:
-        return read_condition(unit.image, (width, height), preprocess, unit.resize)
-    return condition_image(image, (width, height), preprocess, unit.resize)
+        image = load_image(unit.image, colour_managed=preprocess.colour_managed)
+    if unit.processor_res is None or not preprocess.computes:  # made at the drawn size (A1111's pixel perfect)
+        return condition_image(image, (width, height), preprocess, unit.resize)
+    condition = condition_image(at_processor_res(image, unit.processor_res, preprocess), (width, height),
+                                Preprocess(), unit.resize)
+    return binarised(condition) if preprocess.name == "canny" else condition
 
 
 def pipeline_arguments(units: list[ControlUnit], images: list[Image.Image], img2img: bool, nets: list) -> dict:
@@ -210,11 +222,12 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
     for number, unit in enumerate(units):
         parts = [f"Module: {unit.preprocess}", f"Model: {_model_name(unit.model)} [{model_hash(unit.model)}]",
                  f"Weight: {unit.scale:g}", f"Resize Mode: {RESIZE_MODES[unit.resize]}", "Low Vram: False",
-                 f"Processor Res: {min(width, height)}"]
+                 f"Processor Res: {unit.processor_res or min(width, height)}"]
         if unit.preprocess == "canny":
             low, high = canny_thresholds(unit)
             parts += [f"Threshold A: {low}", f"Threshold B: {high}"]
-        parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}", "Pixel Perfect: False",
+        parts += [f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}",
+                  f"Pixel Perfect: {unit.processor_res is None}",
                   f"Control Mode: {CONTROL_MODES[unit.mode]}"]
         params[f"ControlNet {number}"] = ", ".join(parts)
         params[f"ControlNet {number} files"] = f"{OWN if unit.own else unit.model} | {unit.image}"
@@ -238,9 +251,20 @@ def units_from_infotext(params: dict[str, str]) -> list[ControlUnit]:
             high_threshold=int(fields.get("Threshold B", 200)),
             resize=_key_of(RESIZE_MODES, fields.get("Resize Mode"), "crop"),
             mode=_key_of(CONTROL_MODES, fields.get("Control Mode"), "balanced"),
+            processor_res=_processor_res(fields, params.get("Size", "")),
         ))
         number += 1
     return units
+
+
+def _processor_res(fields: dict[str, str], size: str) -> int | None:
+    """A unit's preprocessor resolution from its infotext; None where it ran at the drawn size: Pixel Perfect, or
+    the drawn short side (what PNGs before 2026-12-08 recorded, under Pixel Perfect: False)."""
+    if fields.get("Pixel Perfect") == "True" or not fields.get("Processor Res", "").isdigit():
+        return None
+    resolution = int(fields["Processor Res"])
+    drawn = [int(side) for side in size.split("x") if side.isdigit()]
+    return None if len(drawn) == 2 and resolution == min(drawn) else resolution
 
 
 def _key_of(names: dict[str, str], shown: str | None, default: str) -> str:

@@ -1,7 +1,8 @@
 """ControlNet units as AUTOMATIC1111's ControlNet extension receives them, in `alwayson_scripts`.
 
 `{"ControlNet": {"args": [{"enabled", "image", "module", "model", "weight", "guidance_start",
-"guidance_end", "threshold_a", "threshold_b", "resize_mode", "control_mode"}, ...]}}` becomes the control units
+"guidance_end", "threshold_a", "threshold_b", "resize_mode", "control_mode", "processor_res",
+"pixel_perfect"}, ...]}}` becomes the control units
 `difftrain generate` draws with. Models are looked up by name among the ControlNets of the
 server's ControlNet folder (the extension's "name [hash]" is accepted), never as paths.
 """
@@ -72,10 +73,17 @@ def parse_units(scripts: dict, models: dict[str, Path]) -> tuple[list, list]:
             raise RequestError(f"{field}.guidance_start", f"{start}..{end}: need 0 <= start < end <= 1")
         low, high = _number(arg, "threshold_a", -1, field), _number(arg, "threshold_b", -1, field)
         mode = "control" if arg.get("guessmode") else _choice(arg, "control_mode", MODE_VALUES, "balanced", field)
+        # The extension's preprocessor resolution: -1 (absent) is its slider's default, 512; pixel perfect runs it
+        # at the drawn size. (Our preprocessors that compute, canny, use it; the others take the image as it is.)
+        resolution = _number(arg, "processor_res", -1, field)
+        if resolution > 0 and not 64 <= resolution <= 2048:
+            raise RequestError(f"{field}.processor_res", f"{resolution:g}: from 64 to 2048, or -1 for 512")
         units.append(ControlUnit(model=str(models[name]), image="(request)", scale=_number(arg, "weight", 1.0, field),
                                  preprocess=module, start=start, end=end, low_threshold=int(low) if low > 0 else None,
                                  high_threshold=int(high) if high > 0 else None,
-                                 resize=_choice(arg, "resize_mode", RESIZE_VALUES, "crop", field), mode=mode))
+                                 resize=_choice(arg, "resize_mode", RESIZE_VALUES, "crop", field), mode=mode,
+                                 processor_res=None if arg.get("pixel_perfect") else int(resolution) if resolution > 0
+                                 else 512))
         images.append(decode_image(image, f"{field}.image", Preprocess(module).colour_managed))
     modes = {unit.mode for unit in units}
     if "control" in modes and len(modes) > 1:

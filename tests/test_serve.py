@@ -356,6 +356,13 @@ def test_controlnet_units_in_alwayson_scripts_as_the_extension_takes_them(server
                                                                          control_mode=1)]).image
     assert "Control Mode: My prompt is more important" in prompt_first.info["parameters"]
     assert not np.array_equal(np.asarray(prompt_first), np.asarray(steered))
+    # One ControlNet in two units of two modes, as A1111 draws it (it was a 422: "load it once per mode").
+    both = [webuiapi.ControlNetUnit(image=mask, module="none", model="cn", control_mode=mode, weight=0.5,
+                                    resize_mode="Crop and Resize") for mode in (1, 0)]
+    mixed = api.txt2img(prompt="a red circle", seed=2, width=64, height=64, alwayson_scripts={},
+                        controlnet_units=both).image
+    assert "ControlNet 1: " in mixed.info["parameters"]
+    assert not np.array_equal(np.asarray(mixed), np.asarray(steered))
     assert requests.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["adapter", "cn"]}
     # canny at the unit's processor_res (webuiapi sends 512), or at the drawn size with pixel_perfect; both were
     # ignored, and the infotext said 64 and False whatever was sent.
@@ -707,7 +714,7 @@ def test_prompt_loras_and_controlnets_past_their_caps_are_let_go_and_load_again(
 
     by_cn = steered("cn")
     steered("adapter")
-    assert [Path(net).name for _, net in engine.nets] == ["adapter"]  # the least recently used ControlNet let go
+    assert [Path(net).name for _, net, _ in engine.nets] == ["adapter"]  # the least recently used ControlNet let go
     assert np.array_equal(steered("cn"), by_cn)
 
 

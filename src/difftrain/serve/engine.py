@@ -521,12 +521,18 @@ class Engine:
                 or model.own_clip_skip)
 
     def _nets(self, prepared: Prepared, pipe) -> list:
-        """The units' networks, loaded once per (model, network); beyond MAX_CONTROLNETS the least recently used
+        """The units' networks, loaded once per (model, network, copy); beyond MAX_CONTROLNETS the least recently used
         is let go (a job drawing with it keeps its own reference), so a client walking through a folder of
         ControlNets does not fill the device."""
         from difftrain.models.control import load_control
 
-        keys = [(prepared.model.title, unit.model) for unit in prepared.units]
+        keys, modes = [], {}
+        for unit in prepared.units:
+            # A control mode is a hook on the network: the same ControlNet in units of two modes needs a second copy.
+            seen = modes.setdefault(unit.model, [])
+            if (soft := unit.mode == "prompt") not in seen:
+                seen.append(soft)
+            keys.append((prepared.model.title, unit.model, seen.index(soft)))
         for key, unit in zip(keys, prepared.units):
             if key not in self.nets:
                 self.nets[key] = load_control(unit.model, pipe.unet.dtype, pipe.unet, what="ControlNet",

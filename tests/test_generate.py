@@ -367,6 +367,10 @@ def test_prompt_schedules_are_a1111s_own():
         "a [b:20] c": [(10, "a  c")],  # an addition after the last step never comes
     }
     assert {prompt: prompt_schedule(prompt, 10) for prompt in cases} == cases
+    from difftrain.sampling.prompts import PromptError
+
+    with pytest.raises(PromptError, match=r"\[\.\.\.:1e400\]: an edit's step must be a finite number"):
+        prompt_schedule("a [b:c:1e400]", 10)  # (an OverflowError traceback)
 
 
 def test_prompt_editing_swaps_the_conditioning_at_a1111s_steps(tiny_sd, tmp_path):  # noqa: F811

@@ -429,3 +429,37 @@ def test_sampler_keeps_the_models_prediction_type():
     config = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction")).config
     for name in available_schedulers():
         assert make_scheduler(name, config).config.prediction_type == "v_prediction"
+
+
+def test_long_runs_stay_finite_and_every_step_count_runs_or_is_refused():
+    """On cosine, the sigma cap once gave the last four timesteps one sigma: from 287 steps two steps fell on it
+    and the multistep solvers divided by their zero log-SNR step (every image black). DDIM and PLMS at 1000
+    steps indexed timestep 1000; LCM refused more than 50 steps with diffusers' message about a strength."""
+    cosine = dict(build_noise_scheduler(NoiseConfig(beta_schedule="cosine", prediction_type="v_prediction")).config)
+    alphas_cumprod = make_scheduler("dpm++_2m", cosine).alphas_cumprod
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    assert torch.all(sigmas[1:] > sigmas[:-1]) and abs(float(sigmas[-1]) - 164.02) < 0.01
+
+    def finite(name, steps, config=cosine):
+        zero = denoise(lambda x, t: torch.zeros_like(x), make_scheduler(name, config), (1, 3, 4, 4), steps,
+                       torch.Generator().manual_seed(0))
+        return bool(torch.isfinite(zero).all())
+
+    assert all(finite(name, 300) for name in ("dpm++_2m", "unipc", "dpm++_2m_sde", "deis"))
+    assert finite("ddim", 1000) and finite("plms", 1000, SD_CONFIG) and finite("lcm", 60)
+    with pytest.raises(schedulers.NoStepLeft, match="1000 steps: .* gives NaN when every timestep is a step; take at "
+                                                    "most 999"):
+        finite("unipc", 1000)
+
+
+def test_dpm_pp_sde_draws_from_the_seed_in_the_sampling_loop():
+    """(Its Brownian noise came from a random seed in `difftrain sample`, previews and eval: generate set it.)"""
+    pytest.importorskip("torchsde")
+    config = dict(build_noise_scheduler(NoiseConfig(beta_schedule="cosine", prediction_type="epsilon")).config)
+
+    def draw(seeds):
+        return denoise(lambda x, t: 0.1 * x, make_scheduler("dpm++_sde", config), (len(seeds), 3, 4, 4), 4,
+                       [torch.Generator().manual_seed(seed) for seed in seeds])
+
+    pair = draw([3, 4])
+    assert torch.equal(pair, draw([3, 4])) and torch.equal(pair[1:], draw([4]))  # the seed's, whatever the batch

@@ -571,6 +571,13 @@ def test_sample_command_on_run_and_diffusers_folders(make_config, tmp_path, pred
     assert saved["prediction_type"] == prediction_type and saved["beta_schedule"] == "squaredcos_cap_v2"
     assert main(["sample", str(run), "--scheduler", "nope"]) == 2
     assert "choose one of" in capsys.readouterr().err
+    if prediction_type == "epsilon":
+        from difftrain.generate.unconditional import scheduler_sheet
+
+        file = run / "model" / "scheduler" / "scheduler_config.json"
+        file.write_text(json.dumps({**saved, "prediction_type": "sample"}))
+        # a model that predicts the sample: the rows of the samplers that can draw it (it refused the whole sheet)
+        assert scheduler_sheet(run / "model", num_images=1, steps=2).height == 7 * (64 + 4)  # all but euler_a
 
 
 def test_same_seed_same_grid_and_checkpoint_fallback(make_config, tmp_path):

@@ -12,7 +12,7 @@ from difftrain.generate.loader import ModelNotFound, build_pipeline, locate
 from difftrain.sampling.images import make_grid
 from difftrain.errors import DifftrainError
 from difftrain.sampling.loop import UnknownClass, class_draw, sample_unet
-from difftrain.sampling.schedulers import CORE_SCHEDULERS
+from difftrain.sampling.schedulers import CORE_SCHEDULERS, available_schedulers
 
 
 class PixelModel(NamedTuple):
@@ -108,7 +108,7 @@ def scheduler_sheet(
     loaded.unet.eval()
     settings = draw_settings(loaded, num_images, classes, guidance_scale)
     label_width, rows = 120, []
-    for name in CORE_SCHEDULERS:
+    for name in [name for name in CORE_SCHEDULERS if name in available_schedulers(loaded.scheduler_config)]:
         images = sample_unet(loaded.unet, loaded.scheduler_config, num_images, name, steps, seed, **settings)
         row = make_grid(images, columns=num_images, scale=max(1, 64 // images[0].size[0]))
         labelled = Image.new("RGB", (row.width + label_width, row.height), "white")

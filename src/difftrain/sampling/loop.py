@@ -43,6 +43,10 @@ def denoise(
     x = x * scheduler.init_noise_sigma
     accepted = inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if "generator" in accepted else {}
+    if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: from a random seed without it
+        # (one tree per sample, each from its generator's seed, so a batch draws what its images draw alone)
+        scheduler.noise_sampler_seed = ([g.initial_seed() for g in generator] if isinstance(generator, list)
+                                        else generator.initial_seed())
     if "use_clipped_model_output" in accepted:
         # DDIM clips its predicted x0 (clip_sample, on in DDPM-trained configs) but by default steps
         # with the noise of the unclipped one. Guidance pushes x0 past [-1, 1], and the two then

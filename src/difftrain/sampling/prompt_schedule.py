@@ -20,10 +20,13 @@ that ends in `:number` is one part at that weight. Each part has its own schedul
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 
 import torch
+
+from difftrain.sampling.prompts import PromptError
 
 GRAMMAR = r"""
 !start: (prompt | /[][():]/+)*
@@ -59,6 +62,8 @@ def _when(number: str, steps: int, first_pass: int | None = None) -> int:
         value = (float(number) - (0.0 if first_pass is None else 1.0)) * steps
     else:
         value = float(number) - (first_pass or 0)
+    if not math.isfinite(value):  # (1e400: A1111's int() of it raises too)
+        raise PromptError(f"[...:{number}]: an edit's step must be a finite number")
     return min(steps, int(value))
 
 

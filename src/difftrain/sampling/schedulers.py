@@ -313,6 +313,12 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     sigmas spend most of their steps above sigma 1,000 where nothing happens. Capping sigma
     changes nothing a model can see (SNR 4e-5 and 2e-9 are both pure noise). None when the
     schedule never goes that far (linear, scaled_linear).
+
+    The capped tail keeps falling in log-SNR: from the timestep where the schedule's own fall is as steep as a
+    straight line down to LAMBDA_MIN at the last timestep, that line (cosine: t = 989 on). A flat cap gave
+    cosine's last four timesteps one sigma, and from 287 steps two of a sampler's steps fell on it, where the
+    multistep solvers divide by the log-SNR step between them (zero) and every image came out NaN; a line from
+    the cap's first timestep (a kink in the step sizes) still threw the third-order solvers off at 1000 steps.
     """
     import diffusers
     import torch
@@ -324,9 +330,19 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     floor = 1.0 / (1.0 + math.exp(-2 * LAMBDA_MIN))
     if float(alphas_cumprod.min()) >= floor:
         return None
-    clamped = alphas_cumprod.clamp(min=floor)
-    previous = torch.cat([torch.ones(1, dtype=torch.float64), clamped[:-1]])
-    return (1 - clamped / previous).tolist()
+    log_snr = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod))  # falls monotonically
+    last = len(log_snr) - 1
+    first_below = int((alphas_cumprod < floor).nonzero()[0])
+    def steeper_than_the_line(t: int) -> bool:  # the schedule's own fall into t against the line from t
+        return bool(log_snr[t] - log_snr[t - 1] <= (LAMBDA_MIN - log_snr[t]) / (last - t))
+
+    start = max(first_below - 1, 0)  # back to the tangent from (last, LAMBDA_MIN)
+    while start > 1 and steeper_than_the_line(start - 1):
+        start -= 1
+    tail = torch.linspace(float(log_snr[start]), LAMBDA_MIN, last - start + 1, dtype=torch.float64)[1:]
+    capped = torch.cat([alphas_cumprod[:start + 1], torch.sigmoid(2 * tail)])
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), capped[:-1]])
+    return (1 - capped / previous).tolist()
 
 
 def scheduler_settings(name: str, base_config: dict) -> tuple[type, dict]:
@@ -383,6 +399,25 @@ def _from_first_step(cls: type) -> type:
 
     @functools.wraps(cls.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, *args, **kwargs):
+        total = self.config.num_train_timesteps
+        if num_inference_steps and num_inference_steps >= total and _third_order(self):
+            raise NoStepLeft(f"{num_inference_steps} steps: diffusers' {cls.__name__} gives NaN when every timestep is "
+                             f"a step; take at most {total - 1}")
+        if cls.__name__ == "LCMScheduler" and num_inference_steps and "original_inference_steps" not in kwargs:
+            # its steps are drawn from a 50-step skipping schedule, and diffusers refuses more (naming a strength
+            # no one set); A1111's LCM takes any count: the schedule then has as many points as steps
+            kwargs["original_inference_steps"] = max(num_inference_steps, self.config.original_inference_steps)
+        # DDIM and PLMS at offset 1: at 1000 steps their first timestep would be 1000, past the schedule's end
+        past_end = (num_inference_steps and cls.__name__ in _TIMESTEP_CLASSES
+                    and self.config.get("timestep_spacing") == "leading"
+                    and total // num_inference_steps * (num_inference_steps - 1) + self.config.steps_offset >= total)
+        if past_end:
+            offset = self.config.steps_offset
+            self.register_to_config(steps_offset=0)
+            try:
+                return cls.set_timesteps(self, num_inference_steps, *args, **kwargs)
+            finally:
+                self.register_to_config(steps_offset=offset)
         if num_inference_steps and _uniform_by_timesteps(self) and not args and "timesteps" not in kwargs:
             # diffusers' multistep "linspace" takes n of n + 1 points and drops t = 0: its last step jumped from
             # sigma 0.34 to 0 at 10 steps. A1111's Uniform (k-diffusion's) takes n from t = 999 to 0, as Euler does.
@@ -494,6 +529,14 @@ def img2img_strength(scheduler, steps: int, strength: float) -> float:
         raise NoStepLeft(f"img2img at {steps} steps and strength {strength} leaves this sampler no step to take "
                          f"({left}); raise the strength or the steps")
     return given
+
+
+def _third_order(scheduler) -> bool:
+    """Multistep solvers of third order (UniPC's corrector makes it one), which divide by zero on the last step
+    when every timestep is a step."""
+    name = _diffusers_class(scheduler)
+    return name in ("UniPCMultistepScheduler", "DEISMultistepScheduler") or (
+        name == _DPM and scheduler.config.get("solver_order") == 3)
 
 
 def _uniform_by_timesteps(scheduler) -> bool:

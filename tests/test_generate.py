@@ -500,3 +500,25 @@ def test_img2img_takes_a1111s_steps(tiny_sd, tmp_path):  # noqa: F811
         schedule = copy.deepcopy(drawer.runner.scheduler)
         schedule.set_timesteps(steps)
         assert len(timesteps) == taken and timesteps[0] == float(schedule.timesteps[-taken]), scheduler
+
+
+def test_ddims_eta_is_drawn_recorded_and_repeated(tiny_sd, tmp_path, capsys):  # noqa: F811
+    """A1111's Eta DDIM: DDIM's noise per step (0 its default, deterministic); the ancestral samplers draw only their
+    default 1, which diffusers' classes fix, so another value is refused; a sampler without noise ignores it."""
+    from difftrain.generate.infotext import read_png_infotext
+
+    ddim = ["--prompt", "a cat", "--scheduler", "ddim", "--seed", "1"]
+    [plain] = run(tiny_sd, tmp_path / "plain", *ddim)
+    [noisy] = run(tiny_sd, tmp_path / "noisy", *ddim, "--eta", "0.5")
+    assert np.abs(pixels(plain) - pixels(noisy)).mean() > 1.0
+    assert "Eta DDIM: 0.5" in read_png_infotext(noisy) and "Eta DDIM" not in read_png_infotext(plain)
+    assert main(["generate", str(tiny_sd), "--from-png", str(noisy), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert np.array_equal(pixels(noisy), pixels(next((tmp_path / "again").glob("*.png"))))
+    [euler] = run(tiny_sd, tmp_path / "euler", "--prompt", "a cat", "--scheduler", "euler", "--eta", "0.5")
+    assert "Eta" not in read_png_infotext(euler)
+    for sampler, eta, said in (("euler_a", "0.5", "0.5 with Euler a: diffusers' sampler has no eta"),
+                               ("ddim", "1.5", "1.5: from 0 to 1")):
+        assert main(["generate", str(tiny_sd), "--prompt", "x", "--scheduler", sampler, "--eta", eta,
+                     "--out", str(tmp_path / "no")]) == 2
+        assert f"--eta {said}" in capsys.readouterr().err

@@ -108,6 +108,14 @@ def test_webuiapi_txt2img_gives_what_generate_gives_with_its_infotext(server, ti
                                                     height=64), tmp_path / "edited", progress=False)
     assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(edited.image.convert("RGB")))
     assert not np.array_equal(np.asarray(edited.image), np.asarray(result.image))
+    # webuiapi sends eta 1 whatever the sampler: DDIM draws it, as A1111 does (it was drawn at 0), and says so.
+    ddim = api.txt2img(prompt="a cat", seed=5, width=64, height=64, sampler_name="DDIM")
+    assert "Eta DDIM: 1.0" in ddim.image.info["parameters"]
+    [path] = generate(str(tiny_sd), GenerateOptions(prompt="a cat", steps=3, scheduler="DDIM", seed=5, width=64,
+                                                    height=64, eta=1.0), tmp_path / "ddim", progress=False)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(ddim.image.convert("RGB")))
+    with pytest.raises(RuntimeError, match=r'"field":"eta","detail":"eta: 0.5 with Euler a: diffusers'):
+        api.txt2img(prompt="a cat", seed=5, width=64, height=64, eta=0.5)
 
 
 def test_webuiapi_hires_fix_is_generates(server, tiny_sd, tmp_path):  # noqa: F811

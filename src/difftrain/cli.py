@@ -325,7 +325,7 @@ GENERATE_FIELDS = {  # argparse dest -> GenerateOptions field
     "mask": "mask", "mask_blur": "mask_blur", "masked_content": "masked_content", "invert_mask": "invert_mask",
     "only_masked": "only_masked", "only_masked_padding": "only_masked_padding",
     "provider": "provider", "provider_fallback": "provider_fallback", "deepcache": "deepcache", "device": "device",
-    "variation_seed": "variation_seed", "variation_strength": "variation_strength", "ensd": "ensd",
+    "variation_seed": "variation_seed", "variation_strength": "variation_strength", "ensd": "ensd", "eta": "eta",
 }
 
 
@@ -932,6 +932,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how far toward the variation seed's noise (0-1; default 0, no variation)")
     gen.add_argument("--ensd", type=_whole(-(2**32), 2**32), metavar="N",
                      help="A1111's eta noise seed delta: an ancestral sampler's noise from seed + N (e.g. 31337)")
+    gen.add_argument("--eta", type=_finite, metavar="F",
+                     help="DDIM's eta, 0 (deterministic, its default) to 1 (as much noise as DDPM): A1111's Eta DDIM; "
+                          "the ancestral and SDE samplers draw A1111's default for them, 1")
     gen.add_argument("--seed-resize-from", metavar="WxH",
                      help="A1111's seed resize: each seed's noise as at this size, centred, so a seed keeps its "
                           "composition at another --width/--height")

@@ -47,6 +47,7 @@ class GenerateOptions:
     variation_seed: int = -1  # A1111's variation seed (subseed): image i's noise slerped toward subseed + i's ...
     variation_strength: float = 0.0  # ... this far (0: not at all; sampling/seed_noise.py)
     ensd: int = 0  # A1111's eta noise seed delta: an ancestral sampler's noise from seed + ensd
+    eta: float | None = None  # DDIM's eta (A1111's "Eta DDIM"); None: each sampler's own (DDIM 0, ancestral 1)
     seed_resize_from: tuple[int, int] | None = None  # A1111's "Seed resize from" (width, height): each seed's noise
     # drawn as at that size and centred, so a seed keeps its composition at another size (sampling/seed_noise.py)
     width: int | None = None  # default: the size it was trained at (default_size)
@@ -100,6 +101,11 @@ class GenerateOptions:
                                     "generate at its size and upscale)")
         if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
             raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
+        from difftrain.sampling.schedulers import eta_refusal
+
+        for sampler in [self.scheduler, *([self.hires.sampler] if self.hires and self.hires.sampler else [])]:
+            if why := eta_refusal(sampler, self.eta):
+                raise GenerateError(f"--eta {why}")
         if not 0.0 < self.strength <= 1.0:
             raise GenerateError(f"--strength {self.strength}: must be in (0, 1]")
         if not 0.0 <= self.variation_strength <= 1.0:
@@ -316,7 +322,7 @@ def default_size(pipe) -> int:
 def infotext_params(options: GenerateOptions, seed: int, width: int, height: int, model_name: str,
                     loras: list[tuple[str, float]], pad_conds: bool = False, subseed: int | None = None) -> dict:
     """A1111's infotext parameters of one image (`subseed`: its variation seed, batch_seeds')."""
-    from difftrain.sampling.schedulers import a1111_sampler, takes_ensd
+    from difftrain.sampling.schedulers import a1111_sampler, takes_ensd, takes_eta
 
     params = {
         "Steps": options.steps,
@@ -334,6 +340,8 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     samplers = [options.scheduler, *([options.hires.sampler] if options.hires and options.hires.sampler else [])]
     if options.ensd and any(map(takes_ensd, samplers)):  # (A1111 too writes it only where it acts)
         params["ENSD"] = options.ensd
+    if options.eta and any(map(takes_eta, samplers)):  # (A1111 writes it where it is not DDIM's default, 0)
+        params["Eta DDIM"] = options.eta
     if options.clip_skip not in (None, 1):
         params["Clip skip"] = options.clip_skip
     if pad_conds:
@@ -414,7 +422,7 @@ class Controls:
 
 def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None, init: Image.Image | None = None,
                     strength: float = 0.75, controls: Controls | None = None, inpainting=None,
-                    resize_mode: str = "just resize") -> tuple[object, dict]:
+                    resize_mode: str = "just resize", eta: float | None = None) -> tuple[object, dict]:
     """The pipeline that draws around `pipe`'s weights, and the arguments it takes besides the prompts.
 
     `difftrain generate` and `difftrain serve` both draw through this, so one request draws the
@@ -422,7 +430,7 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
     gives every request one); `init`: img2img from this image, brought to the output size as
     A1111's `resize_mode` does; `controls`: ControlNets or T2I-Adapters acting on every image;
     `inpainting`: img2img redraws only its mask (generate/inpaint.py: the caller lays each image over
-    the original with its `finish`).
+    the original with its `finish`); `eta`: DDIM's (the pipelines give it to a scheduler whose step takes it).
     """
     runner, extra = pipe, {"width": width, "height": height}
     if init is not None or scheduler is not None:
@@ -454,6 +462,8 @@ def sampling_runner(pipe, width: int, height: int, steps: int, *, scheduler=None
 
         runner = control_pipeline(runner, controls.nets, init is not None)
         extra.update(pipeline_arguments(controls.units, controls.images, init is not None, controls.nets))
+    if eta:
+        extra["eta"] = eta
     return runner, extra
 
 
@@ -523,7 +533,8 @@ class Drawer:
         self.controls = controls
         self.runner, self.extra = sampling_runner(pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
-                                                  inpainting=self.inpainting, resize_mode=options.resize_mode)
+                                                  inpainting=self.inpainting, resize_mode=options.resize_mode,
+                                                  eta=options.eta)
         self.hires_target = self.hires_scheduler = self.hires_prompt = self.hires_upscaler = None
         self.hires_pipe, self.hires_clip_skip = pipe, self.clip_skip  # the second pass's model: the first's ...
         if options.hires is not None:
@@ -585,7 +596,8 @@ class Drawer:
         self.options, self.inpainting, self.controls = options, inpainting, controls
         self.runner, self.extra = sampling_runner(self.pipe, self.width, self.height, options.steps, init=init,
                                                   strength=options.strength, controls=controls,
-                                                  inpainting=self.inpainting, resize_mode=options.resize_mode)
+                                                  inpainting=self.inpainting, resize_mode=options.resize_mode,
+                                                  eta=options.eta)
         self.runner.set_progress_bar_config(disable=not self.progress)
 
     def _second_model(self, options: GenerateOptions, extra_loras, device: torch.device, progress: bool):
@@ -647,7 +659,8 @@ class Drawer:
         second = self.runner if self.hires_pipe is self.pipe else self.hires_pipe
         return second_pass(second, latents, conditioning, seeds, options.steps, options.guidance_scale,
                            options.hires, self.hires_target, options.strength, noise=hires_noise,
-                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler, first=self.runner)
+                           scheduler=self.hires_scheduler, upscaler=self.hires_upscaler, first=self.runner,
+                           **({"eta": options.eta} if options.eta else {}))
 
     def save(self, image: Image.Image, path: Path, prompt: str, negative_prompt: str, seed: int,
              subseed: int | None = None) -> Path:
@@ -816,7 +829,7 @@ def _check_onnx_pass(pipe, size: tuple[int, int]) -> None:
 
 
 # A1111 infotext keys of features generate does not have: repeating such a PNG draws another picture.
-NOT_REPEATED = ("Hires CFG Scale", "Old prompt editing timelines", "Eta", "Eta DDIM", "Refiner",
+NOT_REPEATED = ("Hires CFG Scale", "Old prompt editing timelines", "Eta", "Refiner",
                 "Face restoration", "Tiling", "Noise multiplier", "Schedule min sigma", "Schedule max sigma",
                 "Schedule rho", "Discard penultimate sigma", "Emphasis", "NGMS", "Token merging ratio",
                 "UniPC variant", "UniPC order", "UniPC skip type", "UniPC lower order final")
@@ -899,6 +912,7 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Variation seed": ("variation_seed", int),
                   "Variation seed strength": ("variation_strength", float), "ENSD": ("ensd", int),
+                  "Eta DDIM": ("eta", float),
                   **({"Denoising strength": ("strength", float)} if img2img else {}),
                   "DeepCache": ("deepcache", int)}
     for key, (name, convert) in converters.items():

@@ -245,6 +245,29 @@ def takes_ensd(name: str) -> bool:
     return a1111_sampler(name)["Sampler"] in _GENERATOR_NOISE
 
 
+# A1111's eta: DDIM's (its "Eta DDIM", default 0) reaches diffusers' DDIM step; the ancestral and SDE samplers'
+# (its "Eta", default 1) has no setting in diffusers' classes, so only the default draws.
+_FIXED_ETA = ("Euler a", "DPM2 a", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ SDE")
+
+
+def eta_refusal(name: str, eta: float | None) -> str | None:
+    """Why `eta` cannot be drawn with sampler `name`, or None (a sampler without noise of its own ignores it, as
+    A1111's do)."""
+    if eta is None:
+        return None
+    if not 0.0 <= eta <= 1.0:
+        return f"{eta:g}: from 0 to 1"
+    sampler = a1111_sampler(name)["Sampler"]
+    if sampler in _FIXED_ETA and eta != 1.0:
+        return f"{eta:g} with {sampler}: diffusers' sampler has no eta; it draws A1111's default, 1 (DDIM takes any)"
+    return None
+
+
+def takes_eta(name: str) -> bool:
+    """Whether an eta reaches this sampler's steps (DDIM's)."""
+    return a1111_sampler(name)["Sampler"] == "DDIM"
+
+
 def display_name(name: str) -> str:
     """A1111's name for a sampler (what goes after `Sampler:` in an infotext)."""
     return DISPLAY_NAMES[resolve_name(name)]

@@ -271,8 +271,14 @@ class Engine:
         from difftrain.sampling.prompts import extract_lora_tags, parse_attention
         from difftrain.serve.control import control_models, parse_units
 
+        from difftrain.sampling.schedulers import eta_refusal
+
         model = self._model_for(request)
         scheduler = self._scheduler_name(request)
+        second_sampler = request.hires.sampler if request.enable_hr and request.hires is not None else None
+        for sampler in (scheduler, *([second_sampler] if second_sampler else [])):
+            if why := eta_refusal(sampler, request.eta):
+                raise RequestError("eta", why)
         parsed = {}
         for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             try:
@@ -448,7 +454,7 @@ class Engine:
             runner, extra = sampling_runner(pipe, request.width, request.height, request.steps, scheduler=scheduler,
                                             init=prepared.init_image, strength=request.denoising_strength,
                                             controls=controls, inpainting=prepared.inpainting,
-                                            resize_mode=_resize_mode(request))
+                                            resize_mode=_resize_mode(request), eta=request.eta)
         except NoStepLeft as reason:
             raise RequestError("denoising_strength", str(reason)) from None
         runner.set_progress_bar_config(disable=True)
@@ -481,7 +487,7 @@ class Engine:
                                   clip_skip=clip_skip if clip_skip != 1 else None,
                                   strength=request.denoising_strength,
                                   init_image="(request)" if isinstance(request, Img2ImgRequest) else None,
-                                  resize_mode=_resize_mode(request),
+                                  resize_mode=_resize_mode(request), eta=request.eta,
                                   controlnets=units, hires=hires,
                                   **(_inpaint_options(request) if prepared.inpainting is not None else {}))
         drawn = Drawn([], [], [], model, clip_skip=clip_skip)
@@ -496,7 +502,7 @@ class Engine:
                 images = second_pass(hires_runner, latents, hires_conditioning, seeds, request.steps,
                                      request.cfg_scale, hires, target, request.denoising_strength, noise=hires_noise,
                                      scheduler=hires_scheduler, upscaler=prepared.hires_upscaler, first=runner,
-                                     **hooks)
+                                     **({"eta": request.eta} if request.eta else {}), **hooks)
             else:
                 images = to_images(runner, latents)
             images = put_back(prepared.inpainting, images, latents, extra, seeds)

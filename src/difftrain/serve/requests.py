@@ -92,6 +92,9 @@ class Txt2ImgRequest(_A1111Body):
     s_tmin: Optional[float] = None
     s_tmax: Optional[float] = None
     s_noise: Optional[float] = None
+    # A1111's eta: DDIM's (its "Eta DDIM", default 0) reaches DDIM; an ancestral or SDE sampler draws only its
+    # default, 1 (what webuiapi sends whatever the sampler); None: the sampler's own
+    eta: Optional[float] = None
     subseed: int = -1  # A1111's variation seed (sampling/seed_noise.py)
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1

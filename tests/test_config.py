@@ -261,3 +261,18 @@ def test_a_key_given_twice_and_a_setting_a_method_ignores_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="the key 'max_steps' is given twice"):
         load_config(twice)
     assert "output.single_file with method unconditional" in errors_of({**BASE, "output": {"single_file": True}})
+
+
+def test_lora_settings_without_a_lora_and_a_text_encoder_rate_nothing_uses_are_refused():
+    """(A lora section without enabled: true trained the whole UNet at the LoRA's learning rate and wrote a full
+    pipeline, without a word; text_encoder_lr with nothing training the text encoder did nothing.)"""
+    sd = {"version": 2, "method": "text2image", "data": {"path": "x"}, "model": {"base": "m"}}
+    assert ("lora.dropout, lora.rank, lora.text_encoder without lora.enabled: true: the run would fine-tune the "
+            "whole UNet") in errors_of({**sd, "lora": {"rank": 8, "dropout": 0.1, "text_encoder": True}})
+    parse_config({**sd, "lora": {"enabled": False, "rank": 8}})  # turned off outright (an example's --set)
+    parse_config({**sd, "lora": {"rank": 4}})  # the default: nothing would change
+    assert "text2image.text_encoder_lr: nothing trains the text encoder" in errors_of(
+        {**sd, "text2image": {"text_encoder_lr": 1e-5}})
+    parse_config({**sd, "lora": {"enabled": True, "text_encoder": True}, "text2image": {"text_encoder_lr": 1e-5}})
+    loaded = parse_config({**sd, "lora": {"enabled": False, "rank": 8}})
+    parse_config(yaml.safe_load(loaded.to_yaml()))  # a run's own config.yaml resumes

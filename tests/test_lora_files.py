@@ -559,3 +559,13 @@ def test_a_1x1_conv_lora_fits_a_linear_layer_and_the_other_way_round(tiny_dir, t
             drawn[four_d] = image(pipe)
         assert np.abs(drawn[False] - drawn[True]).max() < 1e-5, linear
         assert np.abs(drawn[True] - image(load_pipe(model))).max() > 1e-3  # (the LoRA acts)
+
+
+def test_a_kohya_text_encoder_lora_without_out_proj_is_warned_of(caplog):
+    """diffusers' load_lora_weights misreads such a kohya-layout file (it refused it, or dropped its q/v layers)."""
+    from difftrain.models.lora import warn_kohya_text_encoder_layout
+
+    with caplog.at_level("WARNING"):
+        assert warn_kohya_text_encoder_layout(["q_proj", "v_proj"])
+        assert not warn_kohya_text_encoder_layout(["q_proj", "k_proj", "v_proj", "out_proj"])
+    assert caplog.text.count("leave out out_proj: diffusers' load_lora_weights misreads") == 1

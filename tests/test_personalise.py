@@ -29,8 +29,8 @@ def image(pipe, prompt="a red circle", **kwargs) -> np.ndarray:
 @pytest.fixture(scope="module")
 def lora_run(tiny_sd, shapes_dir, tmp_path_factory):  # noqa: F811
     tmp_path = tmp_path_factory.mktemp("lora")
-    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora=LORA,
-                       training={"max_steps": 4, "learning_rate": 5e-3}, checkpoint={"every_steps": 2})
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, lora=LORA, checkpoint={"every_steps": 2},
+                       training={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2, "gradient_accumulation_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
     return tmp_path / "run"
 
@@ -49,6 +49,9 @@ def test_lora_trains_only_the_adapter_and_writes_both_formats(lora_run, tiny_sd)
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert any(k.endswith(".alpha") for k in keys)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_max_train_steps"] == "4"
+    # kohya's batch: per device x processes x accumulation (it was the per-device 2)
+    assert (metadata["ss_total_batch_size"], metadata["ss_batch_size_per_device"]) == ("4", "2")
+    assert metadata["ss_gradient_accumulation_steps"] == "2"
     # kohya's conventions, which A1111's LoRA browser reads: a base name (not the user's path), the run's name,
     # the SD version, tags, tensor hashes and the modelspec block.
     assert metadata["ss_sd_model_name"] == Path(tiny_sd).name and metadata["ss_output_name"] == "run"

@@ -72,6 +72,10 @@ def test_finetune_saves_a_pipeline_diffusers_loads_and_runs(tiny_sd, shapes_dir,
     single = StableDiffusionPipeline.from_single_file(
         run / "model" / "model.safetensors", config=str(run / "model"), local_files_only=True
     )
+    from safetensors import safe_open
+
+    with safe_open(run / "model" / "model.safetensors", "pt") as handle:  # a shared file names no user's folders
+        assert handle.metadata()["base_model"] == Path(tiny_sd).name
     assert torch.allclose(single.unet.conv_in.weight.float(), pipe.unet.conv_in.weight, atol=1e-3)
     # `generate` draws at the size the run trained and previewed at (16 px), not the base UNet's 32 px.
     assert main(["generate", str(run), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "drawn"),
@@ -640,6 +644,18 @@ def test_the_frozen_vae_encodes_in_channels_last_to_the_latents_diffusers_gives(
             pixels.to(method.device)).latent_dist
     tolerance = 1e-5 if method.device.type == "cpu" else 1e-2  # cuDNN may compute in TF32
     assert (mean - plain.mean).abs().max() < tolerance and (std - plain.std).abs().max() < tolerance
+
+
+def test_a_single_file_of_a_schedule_its_config_cannot_say_is_refused_before_training(tiny_sd, shapes_dir, tmp_path,
+                                                                                      capsys):  # noqa: F811
+    """(It was written as SD's scaled-linear schedule, and A1111, ComfyUI and diffusers sampled it with that.)"""
+    config = sd_config(tmp_path, shapes_dir, tiny_sd, noise={"beta_schedule": "cosine",
+                                                              "prediction_type": "v_prediction"},
+                       output={"single_file": True})
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert ("output.single_file: this run's noise schedule (beta_schedule squaredcos_cap_v2) is not one an A1111 "
+            "checkpoint's config says") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_bitsandbytes_and_xformers_are_named(tiny_sd, shapes_dir, tmp_path, capsys):

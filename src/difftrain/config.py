@@ -266,6 +266,18 @@ class TrainingConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _packages_installed(self) -> "TrainingConfig":
+        # Looked up, not imported: a missing package is said before the models load and a cache fills.
+        import importlib.util
+
+        for key, wanted, package, instead in (("optimizer", self.optimizer == "adamw_8bit", "bitsandbytes", "adamw"),
+                                              ("attention", self.attention == "xformers", "xformers", "sdpa")):
+            if wanted and importlib.util.find_spec(package) is None:
+                raise ValueError(f"training.{key} = {getattr(self, key)} needs {package}, which is not installed "
+                                 f"(pip install {package}, for CUDA); or set training.{key}: {instead}")
+        return self
+
+    @model_validator(mode="after")
     def _polynomial_has_room(self) -> "TrainingConfig":
         # diffusers' polynomial decay divides by the steps after warm-up and ends at lr 1e-7: past either, it
         # raised from inside the schedule (the first after the whole run had trained, with nothing saved).
@@ -655,6 +667,15 @@ class Text2ImageRun(LatentRun):
 
     @model_validator(mode="after")
     def _text_encoder_rules(self) -> "Text2ImageRun":
+        lora = self.lora
+        given = [f"lora.{key}" for key in sorted(lora.model_fields_set - {"enabled"})
+                 if getattr(lora, key) != type(lora).model_fields[key].get_default(call_default_factory=True)]
+        if given and "enabled" not in lora.model_fields_set:  # (enabled: false said outright turns a LoRA off)
+            raise ValueError(f"{', '.join(given)} without lora.enabled: true: the run would fine-tune the whole "
+                             "UNet instead; add lora.enabled: true, or remove the lora section")
+        if self.text2image.text_encoder_lr is not None and not self.trains_text_encoder:
+            raise ValueError("text2image.text_encoder_lr: nothing trains the text encoder (text2image."
+                             "train_text_encoder, or lora.text_encoder with lora.enabled); remove the setting")
         if self.data.cache.text and self.trains_text_encoder:
             raise ValueError(
                 "data.cache.text = true while the text encoder trains: the embeddings change "

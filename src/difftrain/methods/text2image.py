@@ -41,10 +41,21 @@ class TextToImage(Method):
         self.noise_scheduler = build_noise_scheduler(config.noise, dict(parts.scheduler.config))
         self.max_length = self.settings.max_length or self.tokenizer.model_max_length
         limit = self.text_encoder.config.max_position_embeddings
-        if self.max_length > limit:
-            from difftrain.config import ConfigError
+        from difftrain.config import ConfigError
 
+        if self.max_length > limit:
             raise ConfigError(f"text2image.max_length = {self.max_length}: the text encoder takes at most {limit} tokens")
+        schedule = self.noise_scheduler.config
+        unsaid = [f"{key} {schedule[key]}" for key, said in (("beta_schedule", ("scaled_linear",)),
+                                                             ("num_train_timesteps", (1000,)),
+                                                             ("prediction_type", ("epsilon", "v_prediction")))
+                  if schedule[key] not in said]
+        # (an SD checkpoint's; a ControlNet's single file holds no schedule)
+        if config.output.single_file and unsaid and self.name in ("text2image", "dreambooth"):
+            raise ConfigError(f"output.single_file: this run's noise schedule ({', '.join(unsaid)}) is not one an "
+                              "A1111 checkpoint's config says (SD's scaled_linear, 1000 steps, epsilon or v), so "
+                              "A1111, ComfyUI and diffusers would sample the file with another; use the diffusers "
+                              "folder the run writes")
         self.unet.requires_grad_(True)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(self.settings.train_text_encoder)
@@ -53,13 +64,14 @@ class TextToImage(Method):
         # A LoRA on the UNet (and text encoder); Textual Inversion runs have no lora section.
         self.lora = lora = config.lora if getattr(config, "lora", None) and config.lora.enabled else None
         if lora:
-            from difftrain.models.lora import add_lora, warn_partial_open_clip_attention
+            from difftrain.models.lora import add_lora, warn_kohya_text_encoder_layout, warn_partial_open_clip_attention
 
             shape = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
             add_lora(self.unet, lora.unet_targets, "unet", **shape)
             if lora.text_encoder:
                 add_lora(self.text_encoder, lora.text_encoder_targets, "text_encoder", **shape)
                 warn_partial_open_clip_attention(self.text_encoder, lora.text_encoder_targets)
+                warn_kohya_text_encoder_layout(lora.text_encoder_targets)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.encode_channels_last = False  # setup decides, by device
@@ -96,6 +108,7 @@ class TextToImage(Method):
         """Frozen parts go to the device in the compute dtype; caches are filled; unneeded parts leave memory."""
         device = accelerator.device
         self.device, self.weight_dtype = device, weight_dtype
+        self.num_processes = accelerator.num_processes
         self.num_records = len(dataset)
         self.tag_frequency = _tag_frequency(getattr(dataset, "main", dataset))
         # SD 2.x's OpenCLIP-H encoder or SD 1.x's CLIP-L (A1111 files them apart by ss_v2).
@@ -346,7 +359,11 @@ class TextToImage(Method):
             "steps": config.training.max_steps,
             "resolution": config.data.resolution,
             "learning_rate": config.training.learning_rate,
-            "batch_size": config.training.batch_size,
+            # kohya's total: per device x processes x accumulation, what A1111 and Civitai show as the batch
+            "batch_size": config.training.batch_size * getattr(self, "num_processes", 1)
+            * config.training.gradient_accumulation_steps,
+            "batch_size_per_device": config.training.batch_size,
+            "gradient_accumulation_steps": config.training.gradient_accumulation_steps,
             "seed": config.seed,
             "prediction_type": str(self.noise_scheduler.config.prediction_type),
             "zero_terminal_snr": bool(config.noise.zero_terminal_snr),
@@ -392,7 +409,10 @@ class TextToImage(Method):
             from difftrain.models.single_file import save_single_file
 
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
+            from difftrain.models.lora_files import shared_model_name
+
             facts = {key: str(value) for key, value in self.training_facts().items()}
+            facts["base_model"] = shared_model_name(facts["base_model"])  # (as a LoRA file says it)
             save_single_file(unet, vae, text_encoder, out_dir / "model.safetensors", dtype=dtype, metadata=facts,
                              noise=dict(self.saved_scheduler().config))
 

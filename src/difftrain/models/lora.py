@@ -28,6 +28,18 @@ def warn_partial_open_clip_attention(text_encoder, targets: list[str]) -> bool:
     return True
 
 
+def warn_kohya_text_encoder_layout(targets: list[str]) -> bool:
+    """diffusers reads a kohya-layout LoRA (lora.safetensors) as kohya's only when its text-encoder part has the
+    attention's output layer, which sd-scripts always trains: without out_proj, load_lora_weights refuses the file
+    or drops its q/v layers."""
+    if "out_proj" in targets:
+        return False
+    log.warning("lora.text_encoder_targets leave out out_proj: diffusers' load_lora_weights misreads the kohya-layout "
+                "lora.safetensors without it (A1111 and ComfyUI read it); load pytorch_lora_weights.safetensors in "
+                "diffusers, or add out_proj")
+    return True
+
+
 def add_lora(
     module: torch.nn.Module, targets: list[str], name: str, rank: int, alpha: float | None, dropout: float, init: str
 ) -> None:

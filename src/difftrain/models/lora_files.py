@@ -78,6 +78,8 @@ SS_KEYS = {
     "epochs": "ss_num_epochs",
     "learning_rate": "ss_learning_rate",
     "batch_size": "ss_total_batch_size",
+    "batch_size_per_device": "ss_batch_size_per_device",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps",
     "seed": "ss_seed",
     "lr_scheduler": "ss_lr_scheduler",
     "optimizer": "ss_optimizer",
@@ -453,6 +455,12 @@ def _plain(meta: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in meta.items() if not key.startswith(KOHYA_ONLY)}
 
 
+def shared_model_name(base: str) -> str:
+    """A base model as a shared file names it: a local path by its last part (no user's folder layout leaks), a
+    hub id as it is."""
+    return Path(base).name if base and Path(base).exists() else base
+
+
 def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str]:
     """What kohya's sd-scripts write beside the weights, which A1111's LoRA browser and Civitai read.
 
@@ -467,7 +475,7 @@ def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str
             full, legacy = file_hashes(Path(base))
             out.setdefault("ss_new_sd_model_hash", full)
             out.setdefault("ss_sd_model_hash", legacy)
-        out["ss_sd_model_name"] = out["base_model"] = Path(base).name
+        out["ss_sd_model_name"] = out["base_model"] = shared_model_name(base)
     v2 = out.get("sd_version") == "v2"
     v_prediction = out.get("prediction_type") == "v_prediction"
     out.setdefault("ss_v2", str(v2))

@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
-from difftrain.config import ConfigError, RunConfig, Text2ImageRun, TrainingConfig
+from difftrain.config import RunConfig, Text2ImageRun, TrainingConfig
 from difftrain.training.attention import set_attention
 from difftrain.training.hardware import cpu_computes_bf16
 from difftrain.training.muon import MuonWithAdamW, fits_fused_adamw, split_for_muon
@@ -24,14 +24,9 @@ def build_optimizer(groups: list[dict], training: TrainingConfig,
         eps=training.adam_epsilon,
         weight_decay=training.weight_decay,
     )
-    if training.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError(
-                "training.optimizer = adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
-                "or set training.optimizer: adamw"
-            ) from None
+    if training.optimizer == "adamw_8bit":  # (the config refuses it where bitsandbytes is not installed)
+        import bitsandbytes
+
         return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
     if training.optimizer == "muon":
         return MuonWithAdamW(split_for_muon(groups, modules), **kwargs)

@@ -30,7 +30,8 @@ def image(pipe, prompt="a red circle", **kwargs) -> np.ndarray:
 def lora_run(tiny_sd, shapes_dir, tmp_path_factory):  # noqa: F811
     tmp_path = tmp_path_factory.mktemp("lora")
     config = sd_config(tmp_path, shapes_dir, tiny_sd, lora=LORA, checkpoint={"every_steps": 2},
-                       training={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2, "gradient_accumulation_steps": 2})
+                       training={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2,
+                                 "gradient_accumulation_steps": 2})
     assert main(["train", str(config), "--no-progress"]) == 0
     return tmp_path / "run"
 

@@ -469,8 +469,9 @@ def test_two_processes_draw_the_class_images_between_them_and_train(tiny_sd, sha
     kept = (tmp_path / "class" / class_image_name(2)).read_bytes()
     config = dreambooth_config(tmp_path, shapes_dir, tiny_sd, training={"batch_size": 1, "max_steps": 2},
                                dreambooth={"num_class_images": 6, "class_batch_size": 2})
-    launched = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", "-m",
-                                 "difftrain", "train", "--no-progress", str(config))
+    probe = Path(__file__).parent / "slow_listing_probe.py"  # rank 1 lists the folder late
+    launched = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", str(probe),
+                                 "train", "--no-progress", str(config))
     output, _ = finish(launched, timeout=240)
     assert launched.returncode == 0, output[-3000:]
     assert sorted(p.name for p in (tmp_path / "class").iterdir()) == [class_image_name(i) for i in range(6)]

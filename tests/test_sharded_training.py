@@ -91,6 +91,14 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
                                             "--set", "training.max_steps=6", "--resume", "latest")
         output_unshared = finish(unshared)[0]  # a process left waiting at a collective would hang here
         (tmp / "unshared.out").write_text(f"exit {unshared.returncode}\n{output_unshared}")
+        # And from a checkpoint without rank 1's part: every process stops before any loads (rank 0 went on alone,
+        # rewrote config.yaml, and died at the next collective with a gloo traceback).
+        shutil.copytree(tmp / "ddp", tmp / "partless", ignore=shutil.ignore_patterns("model", "model-no-ema"))
+        (tmp / "partless/checkpoints/step-00000004/rng-rank1.safetensors").unlink()
+        partless = _launch(tmp / "ddp.yaml", "--set", f"output_dir={tmp / 'partless'}", "--set",
+                           "training.learning_rate=0.0005", "--set", "training.max_steps=6", *resume)
+        output_partless = finish(partless)[0]
+        (tmp / "partless.out").write_text(f"exit {partless.returncode}\n{output_partless}")
         return output
 
     def muon() -> str:  # DDP with training.optimizer: muon, straight, and stopped by a signal at step 3 and resumed
@@ -304,6 +312,15 @@ def test_a_run_folder_one_process_cannot_see_stops_every_process_at_resume(runs)
     assert "--resume latest: no checkpoint under" in report  # rank 1's own reason
     assert "1 other process(es) cannot start this run" in report and "run folder is not shared" in report  # rank 0
     assert not (runs.root / "ddp/checkpoints/step-00000006").exists()
+
+
+def test_a_checkpoint_part_one_process_lacks_stops_every_process_before_any_loads(runs):
+    report = (runs.root / "partless.out").read_text()
+    assert not report.startswith("exit 0"), report[-2000:]
+    assert "checkpoint is missing rng-rank1.safetensors" in report  # rank 1's own reason
+    assert "1 other process(es) cannot read their part of step-00000004" in report, report[-2000:]  # rank 0's
+    assert "resumed from" not in report  # and its settings are not written as the run's
+    assert "learning_rate: 0.0005" not in (runs.root / "partless/config.yaml").read_text()
 
 
 def test_consolidate_refuses_a_whole_checkpoint_and_a_missing_part(tmp_path, capsys):

@@ -72,15 +72,15 @@ class DreamBooth(TextToImage):
         held = 0
         if settings.prior_preservation:
             folder = Path(settings.class_data)
-            # Every process lists the folder before any writes to it: one that listed it after another had drawn
-            # a batch would plan a shorter list, split it otherwise, and leave batches undrawn.
-            accelerator.wait_for_everyone()
             images = folder_images(folder)
             count = generated_count(folder, images, settings.num_class_images)
             missing = missing_class_images(folder, count)
             held = len(images) + len(missing)  # once every process has drawn its share
             batches = class_image_batches(missing, count, settings.class_batch_size)
             mine = batches[accelerator.process_index :: accelerator.num_processes]
+            # Every process has listed the folder before any writes to it: one that listed it after another had
+            # drawn a batch would plan a shorter list, split it otherwise, and leave batches undrawn.
+            accelerator.wait_for_everyone()
             if mine:
                 self.generate_class_images(folder, mine, accelerator.device, compute_dtype, progress)
         accelerator.wait_for_everyone()

@@ -222,6 +222,11 @@ class Trainer:
         self._recover_run_dir()
         if resume:
             path = self.store.resolve(resume)
+            # Each process reads parts of its own (rng, sharded state): one missing on one process stops all of
+            # them here, before any loads, rather than that one alone while the others wait at a collective.
+            missing = [file.name for file in self._own_parts(path) if not file.is_file()]
+            problem = CheckpointError(f"checkpoint is missing {', '.join(missing)} ({path})") if missing else None
+            self._decide_together(problem, f"cannot read their part of {path.name} (their error names it)")
             self.load_checkpoint(path)
         # Written once the checkpoint has loaded: a refused resume must not leave its settings in config.yaml, the
         # file users resume with.
@@ -826,6 +831,20 @@ class Trainer:
     def _read_part(self, path: Path, part: str, sharded: bool) -> dict[str, torch.Tensor]:
         return load_tensors(path / (sharding.part_file(part, self.accelerator.process_index) if sharded
                                     else f"{part}.safetensors"))
+
+    def _own_parts(self, path: Path) -> list[Path]:
+        """The files of checkpoint `path` that this process reads (its shards' too)."""
+        state = read_json(path / "state.json")
+        rank, sharded = self.accelerator.process_index, state.get("sharded", False)
+        names = [part for part, read in (("model", self.zero_stage != 3), ("ema", bool(self.emas)),
+                                         ("optimizer", not self.zero_stage)) if read]
+        files = [sharding.part_file(part, rank) if sharded else f"{part}.safetensors" for part in names]
+        if self.zero_stage:  # ZeRO's partition of the optimizer, and what it was besides its tensors
+            files += [sharding.part_file("optimizer", rank), Path(sharding.part_file("optimizer", rank)).with_suffix(
+                ".json").name]
+        if rank < state["world_size"]:
+            files.append(sharding.part_file("rng", rank))
+        return [path / name for name in files]
 
     def load_checkpoint(self, path: Path) -> None:
         accelerator = self.accelerator

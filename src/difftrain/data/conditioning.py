@@ -149,9 +149,8 @@ def read_condition(path: str, size: tuple[int, int], preprocess: Preprocess, res
 
 def at_processor_res(image: Image.Image, resolution: int, preprocess: Preprocess) -> Image.Image:
     """The whole image's condition made at `resolution` (its short side), as A1111's extension runs a preprocessor
-    at "Preprocessor Resolution" before the map is fitted to the drawing. Edges stay one-pixel binary maps when
-    fitted: condition_image's resize then thresholds them (Otsu, as the extension's high_quality_resize does;
-    without its edge thinning)."""
+    at "Preprocessor Resolution" before the map is fitted to the drawing (condition_image); an edge map is then
+    thresholded back to binary (`binarised`, as the extension's high_quality_resize does, without its thinning)."""
     scale = resolution / min(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.BOX  # cv2's INTER_CUBIC / INTER_AREA

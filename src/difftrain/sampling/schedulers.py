@@ -356,6 +356,7 @@ def clamped_terminal_betas(base_config: dict) -> list[float] | None:
     log_snr = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod))  # falls monotonically
     last = len(log_snr) - 1
     first_below = int((alphas_cumprod < floor).nonzero()[0])
+
     def steeper_than_the_line(t: int) -> bool:  # the schedule's own fall into t against the line from t
         return bool(log_snr[t] - log_snr[t - 1] <= (LAMBDA_MIN - log_snr[t]) / (last - t))
 

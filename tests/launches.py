@@ -6,7 +6,8 @@ that hung would leave two processes waiting at a collective for the rest of the 
 timeout, or an interrupted test, kills the launcher and every process under it.
 
 `forked_accelerate_launch` runs the same launch with its processes forked from one that has already imported
-the trainer, for the sharded fixture's thirteen launches: see its docstring."""
+the trainer, for the sharded fixture's thirteen launches: see its docstring. `forked_difftrain` runs one
+`difftrain` command so, for test_train_e2e.py's killed, signalled and crashing runs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,33 @@ PRELOAD = ["difftrain.cli", "difftrain.training.trainer", "transformers.models.c
            "deepspeed"]
 
 
-class ForkedLaunch:
+class ForkedProcess:
+    """`target(output, env, *args)` in a process forked from the fork server (PRELOAD imported), its output in a
+    file: answers what `finish` and the tests ask of a subprocess.Popen (pid, returncode, communicate, wait)."""
+
+    def __init__(self, command: list[str], target, *args, env: dict[str, str] | None = None):
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self.args, self.returncode = command, None
+        self._output = Path(tempfile.mkstemp(prefix="difftrain-launch-", suffix=".log")[1])
+        self._process = context.Process(target=target, args=(str(self._output), env or dict(os.environ), *args))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        self.returncode = self._process.exitcode
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        if self.wait(timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        output = self._output.read_text(errors="replace")
+        self._output.unlink(missing_ok=True)
+        return output, None
+
+
+class ForkedLaunch(ForkedProcess):
     """`accelerate launch *arguments` run by accelerate's own `main()` in a process forked from a server that
     has imported PRELOAD, its workers started by torchrun's elastic agent as forks of it (torchrun's `fork`
     start method) instead of new interpreters. Everything from the command line to the workers' environment
@@ -47,27 +74,23 @@ class ForkedLaunch:
     Answers what `finish` asks of a subprocess.Popen."""
 
     def __init__(self, arguments: tuple[str, ...]):
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        self.args, self.returncode = ["accelerate", "launch", *arguments], None
-        self._output = Path(tempfile.mkstemp(prefix="difftrain-launch-", suffix=".log")[1])
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self._process = context.Process(target=_launch_here, args=(arguments, str(self._output), env))
-        self._process.start()
-        self.pid = self._process.pid
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
-        self._process.join(timeout)
-        if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        self.returncode = self._process.exitcode
-        output = self._output.read_text(errors="replace")
-        self._output.unlink(missing_ok=True)
-        return output, None
+        super().__init__(["accelerate", "launch", *arguments], _launch_here, arguments,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def forked_accelerate_launch(*arguments: str) -> ForkedLaunch:
     return ForkedLaunch(arguments)
+
+
+def forked_difftrain(*argv: str, new_session: bool = False, prelude: str = "", **names) -> ForkedProcess:
+    """`python -m difftrain *argv` forked from the fork server (the trainer's ~8 CPU s of imports spent once):
+    `new_session` gives it a process group of its own, as Popen's start_new_session; `prelude`, code run before
+    the command with `names` as its globals (a patch). torch keeps this process's thread count, as a launched
+    process is given it (conftest.py), so its sums round as this process's do."""
+    import torch
+
+    return ForkedProcess(["difftrain", *argv], _difftrain_here, argv, new_session, prelude, names,
+                         torch.get_num_threads())
 
 
 def stop_fork_server() -> None:
@@ -76,11 +99,8 @@ def stop_fork_server() -> None:
     multiprocessing.forkserver._forkserver._stop()
 
 
-def _launch_here(arguments: tuple[str, ...], output: str, env: dict[str, str]) -> None:
-    """The forked launcher: output to `output`, `env` as a subprocess would have it, accelerate's `main()`."""
-    import torch.distributed.run as torchrun
-    from accelerate.commands.launch import main
-
+def _as_a_subprocess(output: str, env: dict[str, str]) -> None:
+    """Output to `output`, line by line, and `env` as a subprocess would have them."""
     descriptor = os.open(output, os.O_WRONLY | os.O_APPEND)
     os.dup2(descriptor, 1)
     os.dup2(descriptor, 2)
@@ -88,6 +108,28 @@ def _launch_here(arguments: tuple[str, ...], output: str, env: dict[str, str]) -
         stream.reconfigure(line_buffering=True, write_through=True)  # as `python -u`, which torchrun runs
     os.environ.clear()
     os.environ.update(env)
+
+
+def _difftrain_here(output: str, env: dict[str, str], argv: tuple[str, ...], new_session: bool, prelude: str,
+                    names: dict, threads: int) -> None:
+    if new_session:
+        os.setsid()
+    _as_a_subprocess(output, env)
+    import torch
+
+    torch.set_num_threads(threads)
+    exec(prelude, dict(names))
+    from difftrain.cli import main
+
+    raise SystemExit(main(list(argv)))
+
+
+def _launch_here(output: str, env: dict[str, str], arguments: tuple[str, ...]) -> None:
+    """The forked launcher: output to `output`, `env` as a subprocess would have it, accelerate's `main()`."""
+    import torch.distributed.run as torchrun
+    from accelerate.commands.launch import main
+
+    _as_a_subprocess(output, env)
     config_from_args = torchrun.config_from_args
 
     def forking(args):

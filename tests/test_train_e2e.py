@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,11 +13,20 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from launches import finish, forked_difftrain, stop_fork_server
 from safetensors.torch import load_file
 
 from difftrain.cli import main
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fork_server():
+    """The killed, signalled and crashing runs fork from one server that imported the trainer once (launches.py);
+    it ends with the module, its memory with it."""
+    yield
+    stop_fork_server()
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
@@ -130,11 +137,7 @@ def test_resume_after_kill_is_bitwise_identical(make_config, tmp_path):
     assert main(["train", str(straight), "--no-progress"]) == 0
 
     killed = make_config("killed", training=training, checkpoint={"every_steps": 4}, sample={"every_steps": 1, "steps": 60})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "difftrain", "train", str(killed), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = forked_difftrain("train", str(killed), "--no-progress")
     checkpoint = tmp_path / "killed/checkpoints/step-00000004"
     deadline = time.time() + 120
     while not (checkpoint / "state.json").exists() and time.time() < deadline:
@@ -157,13 +160,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(make_config, 
 
     stopped = make_config("stopped", training={"max_steps": 8}, checkpoint={"every_steps": 2},
                           sample={"every_steps": 1, "steps": 60}, data={"num_workers": 2})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "difftrain", "train", str(stopped), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    process = forked_difftrain("train", str(stopped), "--no-progress", new_session=True)
     first = tmp_path / "stopped/checkpoints/step-00000002/state.json"
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline:
@@ -449,26 +446,23 @@ def test_a_fresh_run_into_a_folder_whose_run_trained_and_saved_nothing_is_refuse
     assert (tmp_path / "run" / "model" / "my-weights.safetensors").read_bytes() == b"mine"
 
 
-CRASHING_TRAIN = """
-import os, sys
+CRASH_AFTER_REPLACE = """
+import os
 from pathlib import Path
 import difftrain.atomic as atomic
-target = sys.argv[1]
 real_replace = os.replace
 def replace(src, dst):
     real_replace(src, dst)
     if Path(src).name == target or Path(dst).as_posix().endswith(target):
         os._exit(9)  # as abrupt as kill -9: no cleanup, no flush of Python state
 atomic.os.replace = replace
-from difftrain.cli import main
-sys.exit(main(sys.argv[2:]))
 """
 
 
 def crash_after_replace(target: str, *args: str) -> None:
-    done = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, target, *args, "--no-progress"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert done.returncode == 9, done.stderr[-2000:]
+    crashing = forked_difftrain(*args, "--no-progress", prelude=CRASH_AFTER_REPLACE, target=target)
+    output, _ = finish(crashing)
+    assert crashing.returncode == 9, output[-2000:]
 
 
 def test_a_crash_during_a_checkpoint_save_or_the_final_model_write_loses_nothing(make_config, tmp_path):

@@ -276,3 +276,14 @@ def test_lora_settings_without_a_lora_and_a_text_encoder_rate_nothing_uses_are_r
     parse_config({**sd, "lora": {"enabled": True, "text_encoder": True}, "text2image": {"text_encoder_lr": 1e-5}})
     loaded = parse_config({**sd, "lora": {"enabled": False, "rank": 8}})
     parse_config(yaml.safe_load(loaded.to_yaml()))  # a run's own config.yaml resumes
+
+
+def test_an_optimizer_or_attention_package_not_installed_is_refused_when_the_config_loads():
+    """(bitsandbytes and xformers were found missing only after the model load and the latent cache fill.)"""
+    import importlib.util
+
+    sd = {"version": 2, "method": "text2image", "data": {"path": "x"}, "model": {"base": "m"}}
+    for key, value, package in (("optimizer", "adamw_8bit", "bitsandbytes"), ("attention", "xformers", "xformers")):
+        if importlib.util.find_spec(package) is None:
+            assert (f"training.{key} = {value} needs {package}, which is not installed"
+                    in errors_of({**sd, "training": {key: value}}))

@@ -140,11 +140,11 @@ def condition_image(image: Image.Image, size: tuple[int, int], preprocess: Prepr
     return canvas
 
 
-def read_condition(path: str, size: tuple[int, int], preprocess: Preprocess, resize: str = "crop") -> Image.Image:
-    """A conditioning image file as a model reads it at `size`: a label map without its colour profile."""
+def load_condition(path: str, preprocess: Preprocess) -> Image.Image:
+    """A conditioning image file decoded for `preprocess`: a label map without its colour profile."""
     from difftrain.data.images import load_image
 
-    return condition_image(load_image(path, colour_managed=preprocess.colour_managed), size, preprocess, resize)
+    return load_image(path, colour_managed=preprocess.colour_managed)
 
 
 def at_processor_res(image: Image.Image, resolution: int, preprocess: Preprocess) -> Image.Image:

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from difftrain.data.conditioning import (ANNOTATORS, RESIZE_MODES, Preprocess, at_processor_res, binarised,
-                                         condition_image)
+                                         condition_image, load_condition)
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
@@ -155,11 +155,9 @@ def canny_thresholds(unit: ControlUnit) -> tuple[int, int]:
 def conditioning_image(unit: ControlUnit, width: int, height: int, image: Image.Image | None = None) -> Image.Image:
     """The unit's image (its file, or `image` already decoded) as its ControlNet reads it: cropped and
     resized, then preprocessed, as in training."""
-    from difftrain.data.images import load_image
-
     preprocess = Preprocess(unit.preprocess, *canny_thresholds(unit))
     if image is None:
-        image = load_image(unit.image, colour_managed=preprocess.colour_managed)
+        image = load_condition(unit.image, preprocess)
     if unit.processor_res is None or not preprocess.computes:  # made at the drawn size (A1111's pixel perfect)
         return condition_image(image, (width, height), preprocess, unit.resize)
     condition = condition_image(at_processor_res(image, unit.processor_res, preprocess), (width, height),

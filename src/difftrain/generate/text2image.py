@@ -90,6 +90,11 @@ class GenerateOptions:
     device: str = "auto"  # auto: CUDA where there is a GPU, else the CPU; or cpu, cuda, cuda:1 ...
     unpadded_png: bool = False  # --from-png of a PNG whose infotext does not say "Pad conds"
 
+    @property
+    def samplers(self) -> list[str]:
+        """The samplers the drawing uses: the first pass's, and a hires pass's own."""
+        return [self.scheduler, *([self.hires.sampler] if self.hires and self.hires.sampler else [])]
+
     def check(self) -> None:
         """Everything that can be refused before a model loads."""
         for name in ("width", "height"):
@@ -103,7 +108,7 @@ class GenerateOptions:
             raise GenerateError("--steps, --batch-size and --n-iter must be at least 1")
         from difftrain.sampling.schedulers import eta_refusal
 
-        for sampler in [self.scheduler, *([self.hires.sampler] if self.hires and self.hires.sampler else [])]:
+        for sampler in self.samplers:
             if why := eta_refusal(sampler, self.eta):
                 raise GenerateError(f"--eta {why}")
         if not 0.0 < self.strength <= 1.0:
@@ -337,7 +342,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
         params["Variation seed strength"] = options.variation_strength
     if options.seed_resize_from:
         params["Seed resize from"] = "{}x{}".format(*options.seed_resize_from)
-    samplers = [options.scheduler, *([options.hires.sampler] if options.hires and options.hires.sampler else [])]
+    samplers = options.samplers
     if options.ensd and any(map(takes_ensd, samplers)):  # (A1111 too writes it only where it acts)
         params["ENSD"] = options.ensd
     if options.eta and any(map(takes_eta, samplers)):  # (A1111 writes it where it is not DDIM's default, 0)

@@ -122,9 +122,9 @@ class ControlNetTraining(TextToImage):
 
     def _condition_at(self, path: str, size: int) -> Image.Image:
         """A validation image as the ControlNet reads it: cropped like generate's, then preprocessed."""
-        from difftrain.data.conditioning import read_condition
+        from difftrain.data.conditioning import condition_image, load_condition
 
-        return read_condition(path, (size, size), self.preprocess)
+        return condition_image(load_condition(path, self.preprocess), (size, size), self.preprocess)
 
     # ----------------------------------------------------------------- the objective
     def denoiser(self, modules, batch: dict, embeds: torch.Tensor):

@@ -409,7 +409,7 @@ class TextToImage(Method):
             from difftrain.models.single_file import save_single_file
 
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[output.single_file_dtype]
-            from difftrain.models.lora_files import shared_model_name
+            from difftrain.models.file_metadata import shared_model_name
 
             facts = {key: str(value) for key, value in self.training_facts().items()}
             facts["base_model"] = shared_model_name(facts["base_model"])  # (as a LoRA file says it)

@@ -33,7 +33,7 @@ import torch
 
 from difftrain.atomic import write_safetensors
 from difftrain.errors import DifftrainError
-from difftrain.models.file_metadata import string_metadata
+from difftrain.models.file_metadata import shared_model_name, string_metadata
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig JSON
@@ -453,12 +453,6 @@ def _plain(meta: dict[str, str]) -> dict[str, str]:
     """The metadata a diffusers-format file keeps: ours, not kohya's, since A1111 and ComfyUI cannot load its keys
     and Civitai and LoRA browsers would list it as a kohya LoRA."""
     return {key: value for key, value in meta.items() if not key.startswith(KOHYA_ONLY)}
-
-
-def shared_model_name(base: str) -> str:
-    """A base model as a shared file names it: a local path by its last part (no user's folder layout leaks), a
-    hub id as it is."""
-    return Path(base).name if base and Path(base).exists() else base
 
 
 def kohya_metadata(meta: dict[str, str], modules: list[Module]) -> dict[str, str]:

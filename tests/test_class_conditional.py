@@ -93,6 +93,13 @@ def test_the_classes_a_config_names_are_checked_against_the_captions():
         resolve_classes(["a cat", "a dog"], files)
     with pytest.raises(ConfigError, match="no captions beside its images"):
         resolve_classes("captions", [("shard-0.tar", "/d/shard-0.tar", [])])
+    # A metadata.jsonl caption keeps its spaces (a .txt one is stripped): "a cat " names the class "a cat", as the
+    # list's names are stripped too; "a cat " and "a cat" were two classes, and no list could name the first.
+    from difftrain.methods.unconditional import class_labels
+
+    spaced = [("a.png", "/d/a.png", ["a cat "]), ("b.png", "/d/b.png", ["a cat"]), ("c.png", "/d/c.png", [" "])]
+    assert resolve_classes("captions", spaced) == ["a cat"] and resolve_classes(["a cat"], spaced) == ["a cat"]
+    assert class_labels(["a cat ", "a cat", "a dog"], {"a cat": 0}, 1).tolist() == [0, 0, 1]
 
 
 def test_a_class_config_on_a_text_to_image_run_is_refused():

@@ -133,6 +133,25 @@ def test_parquet_file_folder_and_glob(tmp_path, shapes_dir):
     assert len(one) == 13
 
 
+def test_a_folder_cloned_from_the_hub_trains_on_its_split_alone(tmp_path, shapes_dir):
+    """A Hub repository's files name their splits (data/train-00000-of-00001.parquet beside data/test-...): the test
+    split was trained on too, and a data.split the folder does not hold read every file."""
+    table = shapes_table(shapes_dir).select(range(12))
+    (tmp_path / "clone" / "data").mkdir(parents=True)
+    table.select(range(9)).to_parquet(str(tmp_path / "clone" / "data" / "train-00000-of-00001.parquet"))
+    table.select(range(9, 12)).to_parquet(str(tmp_path / "clone" / "data" / "test-00000-of-00001.parquet"))
+    expected = datasets.load_dataset(str(tmp_path / "clone"))  # how datasets itself splits the folder
+    assert {name: len(split) for name, split in expected.items()} == {"train": 9, "test": 3}
+    for streaming in (False, True):
+        train = open_source("hf", tmp_path / "clone", hf=HFOptions(streaming=streaming), progress=False)
+        test = open_source("hf", tmp_path / "clone", hf=HFOptions(split="test", streaming=streaming), progress=False)
+        assert [r.captions for r in read_all(train)] == [[caption] for caption in expected["train"]["caption"]]
+        assert [r.captions for r in read_all(test)] == [[caption] for caption in expected["test"]["caption"]]
+        with pytest.raises(DatasetError, match="data.split = 'validation': .* named as the splits train, test"):
+            open_source("hf", tmp_path / "clone", hf=HFOptions(split="validation", streaming=streaming),
+                        progress=False)
+
+
 def test_image_column_of_paths_bytes_or_path_only_image_values(tmp_path, shapes_dir):
     names = sorted(p.name for p in shapes_dir.glob("*.png"))[:3]
     (tmp_path / "data" / "img").mkdir(parents=True)

@@ -172,3 +172,16 @@ def test_data_index_writes_sidecars_for_shards_another_tool_wrote(tmp_path, shap
     source = opened("laion", listing)
     assert (source.shards_from_sidecar, source.shards_indexed) == (3, 0)
     same(source, read_cold("laion", listing, monkeypatch))
+    # A .tar that is no tar (an empty download, an error page) is a damaged shard, not laion's: the folder's good
+    # tars are indexed, and so is it, as holding nothing (what a run finds reading it).
+    tars = tmp_path / "tars"
+    listing = build_shards(opened("folder", shapes_dir), tars, "webdataset", records_per_shard=10, progress=False)
+    for sidecar in tars.glob(f"*{SIDECAR_SUFFIX}"):
+        sidecar.unlink()
+    (tars / "shard-000009.tar").write_text("<html>503 Service Unavailable</html>")
+    listing.write_text(listing.read_text() + "shard-000009.tar\n")
+    assert main(["data", "index", str(tars), "--format", "webdataset", "--no-progress"]) == 0
+    assert "shard-000009.tar: not readable as a tar (empty or damaged)" in capsys.readouterr().out
+    source = opened("webdataset", tars)
+    assert (source.shards_from_sidecar, source.shards_indexed, len(source)) == (4, 0, 24)
+    assert source.skipped[-1] == ("shard-000009.tar", "unreadable: truncated header; nothing in it is used")

@@ -94,7 +94,7 @@ def test_a_training_step_makes_no_host_tensor_and_reads_nothing_back(run, tiny_s
         "textual inversion": lambda: sd_config(tmp_path, shapes_dir, tiny_sd, method="textual_inversion",
                                                textual_inversion={"token": "<shape>", "initializer": "square"}),
         "class-conditional": lambda: sd_config(tmp_path, shapes_dir, tiny_sd, method="unconditional",
-                                               model={"preset": "tiny", "classes": "captions"}),
+                                               model={"base": None, "preset": "tiny", "classes": "captions"}),
         "controlnet": lambda: cn_config(tmp_path, mask_shapes, tiny_sd, controlnet={"proportion_empty_prompts": 0.5}),
         "t2i adapter": lambda: sd_config(tmp_path, mask_shapes, tiny_sd, method="t2i_adapter", t2i_adapter={
             "preprocess": "mask", "proportion_empty_prompts": 0.5}),

@@ -480,15 +480,65 @@ def test_vae_method_trains_and_saves_an_autoencoder_diffusers_loads(shapes_dir, 
         "norm_num_groups": 8,
     }
     (tmp_path / "vae.json").write_text(json.dumps(vae_config))
-    config = write_config(
-        tmp_path / "vae.yaml",
-        tiny_config(shapes_dir, tmp_path / "run", method="vae", model={"vae": str(tmp_path / "vae.json")},
-                    training={"max_steps": 3}, sample={"every_steps": 3}),
-    )
+    settings = tiny_config(shapes_dir, tmp_path / "run", method="vae", model={"vae": str(tmp_path / "vae.json")},
+                           training={"max_steps": 3}, sample={"every_steps": 3})
+    del settings["model"]["preset"]  # a pixel UNet's: refused with method vae
+    config = write_config(tmp_path / "vae.yaml", settings)
     assert main(["train", str(config), "--no-progress"]) == 0
     vae = AutoencoderKL.from_pretrained(tmp_path / "run" / "model")
     assert vae.config.scaling_factor != 0.18215  # measured on the data, not SD's constant
     assert Image.open(tmp_path / "run" / "samples" / "step-00000003.png").size[0] > 0
+
+
+def test_vae_and_pixel_runs_refuse_what_they_would_ignore_or_fail_on_and_a_changed_model_json(shapes_dir, tmp_path,
+                                                                                              capsys):
+    """Each of these trained without a word (another method's keys, a VAE's noise settings and single file), or
+    failed at the first step deep inside torch (1 channel, an odd size, a class-conditional UNet's config without
+    classes); a model .json edited between a run and its resume went on under the new settings."""
+    vae_json = tmp_path / "vae.json"
+    vae_json.write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [16, 16],
+                                    "down_block_types": ["DownEncoderBlock2D"] * 2, "layers_per_block": 1,
+                                    "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 8}))
+    vae = tiny_config(shapes_dir, tmp_path / "vae", method="vae", model={"vae": str(vae_json)},
+                      training={"max_steps": 2}, sample={"every_steps": 2, "num_images": 4})
+    del vae["model"]["preset"]
+    vae_config = write_config(tmp_path / "vae.yaml", vae)
+    pixel_config = write_config(tmp_path / "pixel.yaml", tiny_config(shapes_dir, tmp_path / "pixel"))
+    (tmp_path / "classes.json").write_text(json.dumps({"num_class_embeds": 4, "block_out_channels": [16, 32],
+                                                        "down_block_types": ["DownBlock2D"] * 2,
+                                                        "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 8}))
+    deep = {"block_out_channels": [8] * 5, "norm_num_groups": 8, "layers_per_block": 1}  # halves 4 times
+    (tmp_path / "deep-vae.json").write_text(json.dumps({**deep, "down_block_types": ["DownEncoderBlock2D"] * 5,
+                                                         "up_block_types": ["UpDecoderBlock2D"] * 5}))
+    (tmp_path / "deep-unet.json").write_text(json.dumps({**deep, "down_block_types": ["DownBlock2D"] * 5,
+                                                          "up_block_types": ["UpBlock2D"] * 5}))
+    refusals = [
+        (vae_config, ["model.unet=unet.json"], "model.unet: it is read by Stable Diffusion methods"),
+        (vae_config, ["model.preset=mini"], "model.preset: it is read by the unconditional method's pixel UNet"),
+        (vae_config, ["noise.snr_gamma=5"], "noise.snr_gamma with method vae"),
+        (vae_config, ["output.single_file=true"], "output.single_file with method vae"),
+        (vae_config, [f"model.vae={tmp_path / 'deep-vae.json'}", "data.resolution=24"],
+         "deep-vae.json halves an image 4 times (x1/16); give a multiple of 16"),
+        (pixel_config, ["model.base=ddpm-cifar10"], "model.base: it is read by Stable Diffusion methods"),
+        (pixel_config, ["model.channels=1"], "model.channels = 1: images are read as RGB"),
+        (pixel_config, [f"model.unet_config={tmp_path / 'deep-unet.json'}", "data.resolution=24"],
+         "deep-unet.json) halves an image 4 times (x1/16)"),
+        (pixel_config, [f"model.unet_config={tmp_path / 'classes.json'}"], "is a class-conditional UNet's"),
+    ]
+    for config, settings, message in refusals:
+        assert main(["train", str(config), "--no-progress", *(f"--set={item}" for item in settings)]) == 2, settings
+        assert message in capsys.readouterr().err, settings
+
+    assert main(["train", str(vae_config), "--no-progress"]) == 0
+    grid = Image.open(tmp_path / "vae" / "samples" / "step-00000002.png")
+    assert grid.size == (4 * 130 + 2, 2 * 130 + 2)  # each original beside its reconstruction: 4 columns, not 3
+    assert main(["sample", str(tmp_path / "vae" / "checkpoints" / "step-00000002"), "--out", str(tmp_path / "x.png")
+                 ]) == 2
+    assert "a training checkpoint of a run" in capsys.readouterr().err
+    vae_json.write_text(vae_json.read_text().replace('"layers_per_block": 1', '"layers_per_block": 1, '
+                                                                              '"act_fn": "relu"'))
+    assert main(["train", str(vae_config), "--no-progress", "--resume", "latest", "--set", "training.max_steps=4"]) == 2
+    assert "vae.act_fn: checkpoint has 'silu', this run builds 'relu'" in capsys.readouterr().err
 
 
 def test_config_errors_for_text2image_name_the_key(tmp_path, shapes_dir, tiny_sd, capsys):

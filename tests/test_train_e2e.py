@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -98,6 +99,21 @@ def test_resume_is_bitwise_identical(make_config, tmp_path, num_workers, accumul
     assert_same_checkpoint(tmp_path / "straight/checkpoints/step-00000006", tmp_path / "halves/checkpoints/step-00000006")
 
 
+def test_a_config_written_in_the_run_folder_keeps_its_comments_until_a_setting_changes(make_config, tmp_path):
+    """Writing the config into its own output_dir is common (and the file users resume with): difftrain rewrote it
+    with every default spelled out, the user's comments gone, even when nothing differed."""
+    from difftrain.config import load_config
+
+    own = tmp_path / "run" / "config.yaml"
+    own.parent.mkdir()
+    own.write_text("# my notes on this run\n" + make_config(training={"max_steps": 1}).read_text())
+    written = own.read_text()
+    assert main(["train", str(own), "--no-progress"]) == 0
+    assert own.read_text() == written
+    assert main(["train", str(own), "--no-progress", "--resume", "latest", "--set", "training.max_steps=2"]) == 0
+    assert "# my notes" not in own.read_text() and load_config(own).training.max_steps == 2  # what the run used
+
+
 def test_compiled_training_resumes_bitwise_and_refuses_to_mix_with_eager(make_config, tmp_path, capsys):
     """training.compile: true runs the UNet through inductor; a compiled run resumes exactly, and an
     eager run does not continue a compiled one (their kernels round differently)."""
@@ -116,9 +132,10 @@ def test_compiled_training_resumes_bitwise_and_refuses_to_mix_with_eager(make_co
     state = json.loads((tmp_path / "straight/checkpoints/step-00000004/state.json").read_text())
     assert state["compiled"] is True
     assert len(list((tmp_path / "straight/samples").glob("*.png"))) == 2  # sampling runs eager beside the compiled step
+    # The straight run's step-2 checkpoint in a folder of its own stands for a run stopped there (a third compiled
+    # run saved: each builds its graphs again, from the kernel cache).
     halves = make_config("halves", **sections)
-    assert main(["train", str(halves), "--no-progress", "--set", "training.max_steps=2"]) == 0
-    capsys.readouterr()
+    shutil.copytree(tmp_path / "straight/checkpoints/step-00000002", tmp_path / "halves/checkpoints/step-00000002")
     assert main(["train", str(halves), "--resume", "latest", "--set", "training.compile=false"]) == 2
     assert "training.compile: checkpoint has True, this config has False" in capsys.readouterr().err
     assert main(["train", str(halves), "--no-progress", "--resume", "latest"]) == 0

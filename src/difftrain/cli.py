@@ -207,13 +207,21 @@ def _data_index(args: argparse.Namespace) -> int:
                              "each .index.json beside its shard")
     import tarfile
 
-    # Read in the other format, a shard is all unreadable records, and its good index would be written over
-    other = next((shard for shard in local if tarfile.is_tarfile(shard) != (args.format == "webdataset")), None)
+    from difftrain.data.sources import TAR_SUFFIXES
+
+    # Read in the other format, a shard is all unreadable records, and its good index would be written over. A
+    # .tar that is no tar is a damaged one (an empty download, an error page): indexed as the run reads it.
+    tars = {shard: tarfile.is_tarfile(shard) for shard in local}
+    other = next((shard for shard, tar in tars.items() if tar != (args.format == "webdataset")
+                  and not shard.name.endswith(TAR_SUFFIXES)), None)
     if other is not None:
         tar, fits = ("not a tar", "laion") if args.format == "webdataset" else ("a tar", "webdataset")
         raise DifftrainError(f"{other}: {tar}, so no {args.format} shard; give --format {fits}")
     for shard in tqdm(local, desc="indexing shards", unit="shard", disable=args.no_progress):
         kind.write_sidecar(shard)
+        if not tars[shard] and args.format == "webdataset":
+            print(f"{shard}: not readable as a tar (empty or damaged): indexed as holding no sample, as a run "
+                  "reads it; download it again, then index again")
     print(f"wrote {len(local)} index file(s) beside the shards of {args.path}: a run opens them without reading them")
     return 0
 

@@ -19,7 +19,7 @@ from difftrain.errors import ConfigError
 from difftrain.evaluate.names import METRICS, RESULTS
 from difftrain.models.unet import UNET_PRESETS
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "says"]
 
 
 class Section(BaseModel):
@@ -567,6 +567,21 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _model_keys_the_method_reads(self) -> "RunConfig":
+        """A model key another kind of method reads was ignored without a word (model.base on a pixel run trained
+        a fresh model, a VAE run's model.unet nothing)."""
+        reads = {"unconditional": PIXEL_MODEL_KEYS, "vae": ("vae", "base", "revision", "variant", "config")}.get(
+            self.method, SD_MODEL_KEYS)
+        for key in (*PIXEL_MODEL_KEYS, *SD_MODEL_KEYS):
+            given = getattr(self.model, key) != ModelConfig.model_fields[key].default
+            if given and key not in reads and key != "classes":  # (classes: _classes_are_for_pixel_models)
+                kinds = "the unconditional method's pixel UNet" if key in PIXEL_MODEL_KEYS else \
+                    "Stable Diffusion methods (and model.vae, model.base: method vae)"
+                raise ValueError(f"model.{key}: it is read by {kinds}; method {self.method} does not read it: "
+                                 "remove it (or choose the method that reads it)")
+        return self
+
+    @model_validator(mode="after")
     def _muon_is_for_whole_models(self) -> "RunConfig":
         lora = getattr(self, "lora", None)
         if self.training.optimizer == "muon" and (self.method == "textual_inversion" or (lora and lora.enabled)):
@@ -586,11 +601,19 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# The model keys each kind of method reads (ModelConfig holds both kinds).
+PIXEL_MODEL_KEYS = ("preset", "unet_config", "channels", "classes", "class_dropout", "class_guidance")
+SD_MODEL_KEYS = ("base", "unet", "vae", "text_encoder", "tokenizer", "revision", "variant", "config")
+
+
 class UnconditionalRun(RunConfig):
     method: Literal["unconditional"] = "unconditional"
 
     @model_validator(mode="after")
     def _no_prompts_to_score(self) -> "UnconditionalRun":
+        if self.model.channels != 3:  # (it was accepted, then the first step failed deep inside torch)
+            raise ValueError(f"model.channels = {self.model.channels}: images are read as RGB, 3 channels; "
+                             "remove model.channels")
         if "clip" in self.eval.metrics:
             raise ValueError("eval.metrics: clip scores images against their prompts, and an unconditional model "
                              "draws without prompts; remove clip")
@@ -612,6 +635,15 @@ class VaeRun(RunConfig):
             raise ValueError("method vae: set model.vae (a folder to fine-tune, or a config .json) or model.base")
         if self.eval.every_steps is not None:
             raise ValueError("eval.every_steps with method vae: a VAE draws no images to evaluate")
+        defaults = NoiseConfig()
+        noise = [key for key, value in self.noise.model_dump().items() if value != getattr(defaults, key)]
+        if noise:
+            raise ValueError(f"noise.{noise[0]} with method vae: a VAE learns to reconstruct, with no noise schedule "
+                             "or denoising loss; remove the noise section")
+        if self.output.single_file:
+            raise ValueError("output.single_file with method vae: the single file is A1111's and ComfyUI's Stable "
+                             "Diffusion checkpoint; a VAE is written as a diffusers AutoencoderKL folder (a "
+                             "StableDiffusionPipeline takes it as vae=)")
         return self
 
 
@@ -1037,6 +1069,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def says(path: Path, config: RunConfig) -> bool:
+    """Whether the config file `path` already says `config` (its comments and layout aside): the trainer leaves a
+    run folder's config.yaml that a user wrote, and trains with, as written."""
+    try:
+        return load_config(path).model_dump() == config.model_dump()
+    except (ConfigError, OSError):
+        return False
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

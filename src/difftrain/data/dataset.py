@@ -93,7 +93,7 @@ class ImageDataset(Dataset):
         """(position, record, image, conditioning image or None, records skipped) for `index`, or
         for the record read in its place (records.read_order)."""
         first_failure = ""
-        for offset, position in enumerate(read_order(index, len(self))):
+        for offset, position in enumerate(read_order(index, len(self), self.source.block(index))):
             try:
                 record = self.source.read(position)
                 image = load_image_bytes(record.data, self.max_pixels)
@@ -161,7 +161,7 @@ class ImageDataset(Dataset):
         stacks latents of one size). fill_cache encoded that one there; the records before it in read_order did not
         decode, so nothing need be decoded here to find it."""
         wanted = self.target_size(index)
-        for offset, position in enumerate(read_order(index, len(self))):
+        for offset, position in enumerate(read_order(index, len(self), self.source.block(index))):
             # An all-zero hash is a record that could not even be read: it has no entries of its own.
             entry = self._cached_entry(position, wanted, flipped) if self.hashes[position].any() else None
             if entry is not None:

@@ -2,7 +2,9 @@
 
 `data.path` names one of:
 - a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (a DatasetDict gives `data.split`);
-- parquet: one file, a folder of them (searched recursively), or a glob;
+- parquet: one file, a folder of them (searched recursively; its files split by their names as `load_dataset`
+  splits a folder: `train-00000-of-00002.parquet`, `data/test/...`; a folder naming no split is all `train`), or
+  a glob;
 - a Hub id such as `owner/name`, loaded with `data.hf_config`, `data.split` and `data.revision`.
 
 A row becomes a record: its image column may hold `datasets.Image` values (read undecoded,
@@ -124,7 +126,7 @@ def open_hf(path: str, options: HFOptions, use_captions: bool, max_pixels: int, 
             progress: bool) -> RecordSource:
     """The data set at `path` (see the module docstring) as a source; streamed if `options.streaming`."""
     datasets = _import_datasets()
-    form, files = _locate(path)
+    form, files = _locate(path, options.split)
     for key, value in (("data.hf_config", options.hf_config), ("data.revision", options.revision)):
         if value is not None and form != "hub":
             raise DatasetError(f"{key} = {value!r} applies to a Hub data set; {path} is local ({_FORMS[form]})")
@@ -144,8 +146,9 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _locate(path: str) -> tuple[str, list[str]]:
-    """What data.path names: ("disk", []) a save_to_disk folder, ("parquet", files), or ("hub", []) a Hub id."""
+def _locate(path: str, split: str) -> tuple[str, list[str]]:
+    """What data.path names: ("disk", []) a save_to_disk folder, ("parquet", files of `split`), or ("hub", []) a Hub
+    id."""
     if any(char in path for char in "*?["):
         files = sorted(str(Path(name).resolve()) for name in glob.glob(os.path.expanduser(path), recursive=True)
                        if Path(name).is_file())
@@ -160,13 +163,34 @@ def _locate(path: str) -> tuple[str, list[str]]:
         if not files:
             raise DatasetError(f"data.path: {local} holds neither a data set written by save_to_disk (state.json "
                                "or dataset_dict.json) nor .parquet files")
-        return "parquet", files
+        return "parquet", _files_of_split(local, files, split)
     if local.is_file():
         return "parquet", [str(local.resolve())]
     if _HUB_ID.fullmatch(path) and not path.endswith(".parquet"):
         return "hub", []
     raise DatasetError(f"data.path: {path} does not exist; with data.source = hf it is a folder written by "
                        "save_to_disk, parquet (a file, a folder of them, or a glob), or a Hub id such as owner/name")
+
+
+def _files_of_split(folder: Path, files: list[str], split: str) -> list[str]:
+    """The parquet `files` of `folder` that are `split`'s by datasets' own naming rules (a Hub repository's layout:
+    a folder cloned from the Hub holds its test split beside its train split). Files no split claims (a folder of
+    images named train/ beside the parquet) are all `split`'s, as before splits were read."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except (OSError, ValueError):  # (datasets' EmptyDatasetError is a FileNotFoundError)
+        return files
+    splits = {name: sorted(str(Path(file).resolve()) for file in named if str(file).endswith(".parquet"))
+              for name, named in found.items()}
+    splits = {name: named for name, named in splits.items() if named}
+    if not splits:
+        return files
+    if split not in splits:
+        raise DatasetError(f"data.split = {split!r}: the parquet files of {folder} are named as the splits "
+                           f"{', '.join(splits)} (as load_dataset reads a folder); set data.split to one of them")
+    return splits[split]
 
 
 def _base_folder(path: str, form: str, files: list[str]) -> Path | None:

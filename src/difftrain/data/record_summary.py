@@ -100,7 +100,7 @@ class SummaryLookup:
         find it. A record that could not be read at all is read again (the read may succeed now)."""
         if not self.enabled or not (self.broken[index] or self.known_broken(index)):
             return None
-        for position in read_order(index, len(hashes)):
+        for position in read_order(index, len(hashes), self.source.block(index)):
             if position == index or self.broken[position] or self.known_broken(position):
                 continue
             return position if hashes[position].any() else None

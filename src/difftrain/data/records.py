@@ -115,6 +115,11 @@ class RecordSource(ABC):
     # them goes unseen by the fingerprint, so such a source gets no record summary.
     reads_unlisted_files: bool = False
 
+    def block(self, index: int) -> tuple[int, int] | None:
+        """The records [start, stop) read together with record `index` (its shard), for read_order; None: each
+        record is read on its own."""
+        return None
+
     def known_record(self, index: int) -> tuple[bytes, list[str]] | None:
         """What the latent cache needs of record `index` without reading it, the SHA-256 of its data and its
         captions, when this source already holds both (a folder scan hashes each image it decodes); None: the
@@ -145,21 +150,33 @@ class RecordSource(ABC):
         return lines
 
 
-def read_order(index: int, count: int) -> Iterator[int]:
+def read_order(index: int, count: int, block: tuple[int, int] | None = None) -> Iterator[int]:
     """Where to read for record `index`: itself, then every other record once, in an order scattered by `index`.
 
     A record that cannot be read is replaced by the first readable one in this order. Searching on from
     `index + 1` gave a whole broken shard (a thousand records) one and the same replacement, a thousand copies
     of one image an epoch; each broken record now probes its own places (double hashing: a start and a stride
     prime to `count`, both from `index`). Deterministic, so the cached and uncached paths and every process agree.
+
+    `block`: the records [start, stop) of the shard `index` is in (RecordSource.block), probed first: a shard
+    source reads a whole shard for any record of it, and a stand-in from another shard cost two whole reads
+    (that shard's, then this one's again for the next record). Records of a shard that broke whole fail at once
+    from memory, so its records still find their stand-ins scattered over the others.
     """
     yield index
+    start, stop = block or (0, count)
+    yield from (start + position for position in _scattered(index, stop - start) if start + position != index)
+    if block is not None:
+        yield from (position for position in _scattered(index, count) if not start <= position < stop)
+
+
+def _scattered(index: int, count: int) -> Iterator[int]:
+    """0 .. count - 1 once each, from a start by a stride prime to `count`, both drawn from `index`."""
     start, stride = _mix(index) % count, 1 + _mix(index + count) % max(count - 1, 1)
     while math.gcd(stride, count) != 1:
         stride += 1
     for step in range(count):
-        if (position := (start + step * stride) % count) != index:
-            yield position
+        yield (start + step * stride) % count
 
 
 def _mix(value: int) -> int:
@@ -306,6 +323,10 @@ class ShardSource(RecordSource):
         state = self.__dict__.copy()
         state["_loaded"] = OrderedDict()
         return state
+
+    def block(self, index: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self._ends, index)
+        return self._ends[shard - 1] if shard else 0, self._ends[shard]
 
     def read(self, index: int) -> RawRecord:
         if not 0 <= index < len(self):

@@ -460,8 +460,14 @@ class WebDatasetSource(ShardSource):
         return _read_list(path, "tar")
 
     def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
-        with _open_raw(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        # ignore_zeros: past a damaged member header to the next good one, as GNU tar goes on (without it tarfile
+        # ends the shard there without a word); _tar_samples names the stretch it passed over.
+        with _open_raw(path) as raw, tarfile.open(fileobj=raw, mode="r|*", ignore_zeros=True,
+                                                  tarinfo=_NotedDamage) as tar:
             for ordinal, (name, members) in enumerate(_tar_samples(tar)):
+                if isinstance(members, str):  # a damaged stretch, named by its bytes
+                    yield ShardEntry(ordinal, f"{label}:{name}", f"{label} {name}", None, members)
+                    continue
                 key, where = f"{label}:{name}", f"{label}:{name}"
                 image = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
                 if image is None:
@@ -486,13 +492,13 @@ class WebDatasetSource(ShardSource):
                 meta = json.loads(members["json"])
             except (ValueError, UnicodeDecodeError) as exc:
                 raise BadRecord(f"the .json member is not valid JSON: {exc}") from None
-            if isinstance(meta, dict) and "captions" in meta:
+            if isinstance(meta, dict) and meta.get("captions") is not None:  # (null: no caption, as in hf rows)
                 return caption_list(meta["captions"])
         if members.get("txt") is not None:
             return caption_list(members["txt"].decode("utf-8", errors="replace").strip())
         if isinstance(meta, dict):
             for field in ("caption", "text"):
-                if field in meta:
+                if meta.get(field) is not None:
                     return caption_list(meta[field])
         return []
 
@@ -500,12 +506,39 @@ class WebDatasetSource(ShardSource):
 _WANTED_MEMBERS = set(WDS_IMAGE_EXTENSIONS) | {"txt", "json"}
 
 
-def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """(key, {extension: bytes}) per sample; members of other kinds are named but not read."""
+class _NotedDamage(tarfile.TarInfo):
+    """A TarInfo that notes where a header block failed its checksum in the TarFile's `damaged` list: read with
+    ignore_zeros, tarfile passes over such blocks one by one without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.InvalidHeaderError:  # (not EOFHeaderError: zero blocks end an archive)
+            tar.damaged = [*getattr(tar, "damaged", []), tar.offset]
+            raise
+
+
+def _damage_before(tar: tarfile.TarFile, offset: int | str) -> Iterator[tuple[str, str]]:
+    """("bytes A-B", why) for the damaged header blocks _NotedDamage noted before `offset` (a number, or "end")."""
+    if getattr(tar, "damaged", None):
+        yield (f"bytes {tar.damaged[0]}-{offset}", "no tar member header there (damaged); read on from the next one, "
+               "as GNU tar does: the members it held are lost")
+        tar.damaged = []
+
+
+def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None] | str]]:
+    """(key, {extension: bytes}) per sample; members of other kinds are named but not read. A tar opened with
+    ignore_zeros and _NotedDamage passes over damaged headers: each such stretch comes as ("bytes A-B", why)."""
     key, members = None, {}
     while (info := tar.next()) is not None:
         # A streamed TarFile remembers every member it passed; forget them to keep memory flat.
         tar.members = []
+        for stretch in _damage_before(tar, info.offset):
+            if key is not None:
+                yield key, members
+                key, members = None, {}
+            yield stretch
         if not info.isfile():
             continue
         folder, _, base = info.name.removeprefix("./").rpartition("/")
@@ -522,3 +555,4 @@ def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | 
         members[extension] = stream.read() if stream is not None else None
     if key is not None:
         yield key, members
+    yield from _damage_before(tar, "end")

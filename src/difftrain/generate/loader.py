@@ -136,6 +136,10 @@ def locate(source: str | Path, use_ema: bool = True) -> Located:
         return Located(source, *_locate_in_run(path, use_ema), use_ema)
     if path.is_dir():
         manifest = read_manifest(path)
+        if manifest is None and (path / "state.json").is_file() and (path / "config.yaml").is_file():
+            raise ModelNotFound(f"{source}: a training checkpoint of a run, which holds training state (only a pixel "
+                                f"model's checkpoint loads as a model); give the run folder {path.parent.parent} for "
+                                "its final model, or resume the run to finish it")
         if (not use_ema and manifest is not None and manifest.method and manifest.weights == "ema"
                 and not (path / "state.json").is_file()):
             # A run's model/ folder holds its EMA weights only (a checkpoint holds both): silently drawing them

@@ -81,6 +81,17 @@ class Method(ABC):
         """Numbers about the preview images, logged beside them (ControlNet: agreement with the condition)."""
         return {}
 
+    def preview_columns(self, count: int) -> int | None:
+        """How many columns the preview grid of `count` images has; None: square-ish."""
+        return None
+
+    def model_configs(self) -> dict[str, dict]:
+        """The config of each model this method trains (a diffusers model's), as JSON: the trainer keeps it in every
+        checkpoint and refuses a resume whose model was built otherwise (an edited model.unet_config or model.vae
+        .json), which the config file, holding the .json's path alone, does not show."""
+        return {name: model_config(module) for name, module in self.trainable_modules().items()
+                if isinstance(getattr(module, "config", None), dict)}
+
     takes_prompts = False  # whether evaluation_images draws from prompts
 
     def evaluation_images(
@@ -114,6 +125,13 @@ class Method(ABC):
             lines.append(f"{name}: {_millions(size(module, True))} trainable parameters"
                          + (f" (beside {_millions(frozen)} frozen)" if frozen else ""))
         return lines
+
+
+def model_config(module: torch.nn.Module) -> dict:
+    """A diffusers model's config as JSON values, without diffusers' own bookkeeping (keys from "_")."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")}, default=str))
 
 
 def _millions(count: int) -> str:

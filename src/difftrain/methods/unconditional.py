@@ -137,7 +137,7 @@ class Unconditional(Method):
 
 def class_labels(captions: list[str], class_index: dict[str, int], no_class: int) -> torch.Tensor:
     """Each caption's class label; a caption that names no class gets `no_class`."""
-    return torch.tensor([class_index.get(caption, no_class) for caption in captions])
+    return torch.tensor([class_index.get(caption.strip(), no_class) for caption in captions])
 
 
 def labelled_collate(items: list[dict], class_index: dict[str, int], no_class: int) -> dict:
@@ -154,7 +154,8 @@ def resolve_classes(setting: str | list[str], files: list[tuple[str, str, list[s
     `files` is the source's (key, path, captions) list. 'captions' takes every distinct caption,
     sorted; a list (its names stripped by the config) must hold every caption the data has.
     """
-    captions = {caption: path for _, path, texts in files for caption in texts if caption}
+    # Stripped, as the config strips the list's names: a metadata.jsonl "a red circle " names "a red circle".
+    captions = {caption.strip(): path for _, path, texts in files for caption in texts if caption.strip()}
     if setting == "captions":
         if not captions:
             raise ConfigError("model.classes: captions: this data has no captions beside its images (shards and "

@@ -8,13 +8,15 @@ plus a small KL pull towards N(0, 1).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from difftrain.methods.base import Method
+from difftrain.errors import ConfigError
+from difftrain.methods.base import Method, model_config
 from difftrain.models.manifest import Manifest
 from difftrain.models.sd import load_vae
 from difftrain.sampling.images import to_pil
@@ -42,6 +44,7 @@ class VaeTraining(Method):
     def __init__(self, config):
         super().__init__(config)
         self.vae = load_vae(config.model.vae, config.model.base)
+        check_vae_fits(self.vae.config, config.model.vae or f"{config.model.base}'s vae", config.data.resolution)
         self.vae.requires_grad_(True)
         self.autoencode = Autoencode(self.vae)
         self.previews: torch.Tensor | None = None
@@ -52,9 +55,15 @@ class VaeTraining(Method):
     def speed_modules(self) -> dict[str, torch.nn.Module]:
         return {"vae": self.vae}  # the trained module is a thin wrapper around it
 
+    def model_configs(self) -> dict[str, dict]:
+        return {"vae": model_config(self.vae)}  # (the trained module is the wrapper around it)
+
+    def preview_columns(self, count: int) -> int:
+        return 2 * math.ceil(math.sqrt(count / 2))  # even: each original beside its reconstruction
+
     def setup(self, accelerator, weight_dtype, dataset, progress) -> None:
         self.device = accelerator.device
-        count = min(PREVIEW_IMAGES, len(dataset))
+        count = min(max(PREVIEW_IMAGES, self.config.sample.num_images), len(dataset))
         self.previews = torch.stack([dataset.plain_pixels(i) for i in range(count)])
 
     def loss(self, modules, batch, generator):
@@ -84,6 +93,19 @@ class VaeTraining(Method):
             # from nothing has its own spread, measured on the preview images, so a UNet trained
             # on its latents sees unit variance too. A fine-tuned VAE keeps its base's factor:
             # the UNets it plugs into were trained with that one.
-            latents = torch.cat([vae.encode(chunk.to(self.device)).latent_dist.mean for chunk in self.previews.split(8)])
+            measured = self.previews[:PREVIEW_IMAGES].split(8)
+            latents = torch.cat([vae.encode(chunk.to(self.device)).latent_dist.mean for chunk in measured])
             vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp(min=1e-6)))
         vae.save_pretrained(out_dir, safe_serialization=True)
+
+
+def check_vae_fits(config, name: str, resolution: int) -> None:
+    """Refuse, naming the key, an AutoencoderKL the data cannot go through: images are RGB, and each of its
+    blocks but the last halves them (an odd size came back a pixel short, a traceback at the first step)."""
+    if config.in_channels != 3 or config.out_channels != 3:
+        raise ConfigError(f"model.vae: {name} takes {config.in_channels} channels in and gives {config.out_channels} "
+                          "out; images are read as RGB: set in_channels and out_channels to 3")
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution = {resolution}: {name} halves an image {factor.bit_length() - 1} times "
+                          f"(x1/{factor}); give a multiple of {factor}")

@@ -70,6 +70,13 @@ def build_unet(preset: str | None, config_file: str | None, channels: int, resol
     config = unet_config(preset, config_file, channels, resolution)
     if num_class_embeds:
         config["num_class_embeds"] = num_class_embeds
+    elif config.get("num_class_embeds") or config.get("class_embed_type"):  # it wanted labels at the first step
+        raise ConfigError(f"model.unet_config: {config_file} is a class-conditional UNet's (num_class_embeds, "
+                          "class_embed_type); set model.classes to train one, or remove those keys")
+    factor = 2 ** (len(config["down_block_types"]) - 1 if "down_block_types" in config else 3)  # (diffusers': 4)
+    if resolution % factor:  # a size the downsampling cannot take back up failed at the first step, deep in torch
+        raise ConfigError(f"data.resolution = {resolution}: the UNet ({config_file or preset}) halves an image "
+                          f"{factor.bit_length() - 1} times (x1/{factor}); give a multiple of {factor}")
     try:
         return UNet2DModel(**config)
     except (TypeError, ValueError) as exc:

@@ -28,7 +28,7 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs,
 from tqdm.auto import tqdm
 
 from difftrain.atomic import atomic_dir, recover_dirs, write_text
-from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts
+from difftrain.config import ConfigError, RunConfig, flatten, resume_conflicts, says
 from difftrain.errors import DifftrainError
 from difftrain.data.dataset import make_loader
 from difftrain.data.fingerprint import describe_change, fingerprint_and_layout
@@ -165,12 +165,15 @@ class Trainer:
         data_layout = repr(sorted((name, layout) for name, (_, layout) in fingerprints.items()))
         # Written into every checkpoint; it cannot change during the run, so it is serialised once.
         self.data_json = json.dumps(self.data_fingerprints, separators=(",", ":"), sort_keys=True)
+        self.model_configs = self.method.model_configs()  # before any wrapper (DDP, compile) hides a model's config
         problem = None
         try:
             if resume:  # another data set is refused now, before any model is set up or any cache fills
                 checkpoint = self.store.resolve(resume)
-                self._check_same_data(checkpoint, read_json(checkpoint / "state.json"))
-                self.method.check_resume(checkpoint)
+                state = read_json(checkpoint / "state.json")
+                self._check_same_data(checkpoint, state)
+                self.method.check_resume(checkpoint)  # first: its own reasons say more (another list of classes)
+                self._check_same_models(checkpoint, state)
         except DifftrainError as exc:  # raised on every process together, or the others would wait forever
             problem = exc
         self._decide_together(problem, "cannot resume this run (their error says why)")
@@ -503,6 +506,17 @@ class Trainer:
         except (DifftrainError, OSError, ValueError):
             return {}
 
+    def _check_same_models(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint whose trained models were built with other settings: its weights would go on under
+        another activation, dropout or norm (an edited model .json keeps its path, so the config looks the same)."""
+        changed = [f"{name}.{key}: checkpoint has {value!r}, this run builds {self.model_configs[name][key]!r}"
+                   for name, saved in state.get("model_configs", {}).items() if name in self.model_configs
+                   for key, value in saved.items() if self.model_configs[name].get(key, value) != value]
+        if changed:
+            raise CheckpointError(f"cannot resume from {path}: its model was built with other settings (an edited "
+                                  "model config .json?):\n  " + "\n  ".join(changed) + "\nRestore the file, or "
+                                  "start a new output_dir.")
+
     def _check_resumable(self, path: Path) -> None:
         state = read_json(path / "state.json")
         if state.get("step", 0) > self.config.training.max_steps:
@@ -548,8 +562,10 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         if self.main:
-            # Atomic: users often resume with this very file, which a full disk must not leave truncated.
-            write_text(self.run_dir / "config.yaml", self.config.to_yaml())
+            # Atomic: users often resume with this very file, which a full disk must not leave truncated. One that
+            # says this run's settings already stays as it is: it may be the user's own, comments and all.
+            if not says(self.run_dir / "config.yaml", self.config):
+                write_text(self.run_dir / "config.yaml", self.config.to_yaml())
             write_text(self.run_dir / "data_report.txt", "\n".join(self.dataset.source.report_lines()) + "\n")
             if self.dataset.source.skipped:
                 log.warning(
@@ -656,7 +672,7 @@ class Trainer:
                 (bar.write if bar is not None else print)(
                     f"samples at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
             if images:  # a method with nothing to show (no validation prompts) returns none
-                grid = make_grid(images)
+                grid = make_grid(images, self.method.preview_columns(len(images)))
                 out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 grid.save(out)
@@ -796,6 +812,7 @@ class Trainer:
                 "ema": {name: ema.counters() for name, ema in self.emas.items()},
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "best": self.evaluation.best,
+                "model_configs": self.model_configs,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
             manifest = self.method.manifest()

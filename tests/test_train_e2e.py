@@ -114,6 +114,31 @@ def test_a_config_written_in_the_run_folder_keeps_its_comments_until_a_setting_c
     assert "# my notes" not in own.read_text() and load_config(own).training.max_steps == 2  # what the run used
 
 
+def test_images_that_break_during_a_run_are_replaced_counted_and_listed_in_the_data_report(shapes_dir, tmp_path,
+                                                                                          capsys):
+    """A long run never dies on one bad record, and what it replaced was said only in a log line: the data
+    report lists it, beside what was skipped at the start."""
+    from conftest import tiny_config, write_config
+
+    from difftrain.config import load_config
+    from difftrain.training.trainer import Trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    config = write_config(tmp_path / "run.yaml", tiny_config(data, tmp_path / "run", training={"max_steps": 3}))
+    trainer = Trainer(load_config(config), progress=False)  # the folder is indexed: every image reads
+    broken = sorted(data.glob("*.png"))[:3]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:60])  # cut short after indexing, as a disk or a sync can
+    trainer.run()
+    out = capsys.readouterr().out
+    replaced = int(re.search(r"(\d+) replaced at read time \(this process\) \(see ", out)[1])
+    report = (tmp_path / "run" / "data_report.txt").read_text()
+    assert replaced >= 1 and f"{replaced} record(s) unreadable at read time in steps up to 3" in report
+    listed = report.split("each replaced by another record (this process):\n")[1].splitlines()
+    assert len(listed) == replaced and all(any(p.name in line for p in broken) for line in listed), report
+
+
 def test_compiled_training_resumes_bitwise_and_refuses_to_mix_with_eager(make_config, tmp_path, capsys):
     """training.compile: true runs the UNet through inductor; a compiled run resumes exactly, and an
     eager run does not continue a compiled one (their kernels round differently)."""

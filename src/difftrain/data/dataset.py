@@ -90,31 +90,35 @@ class ImageDataset(Dataset):
 
     # ----------------------------------------------------------------- reading
     def _read(self, index: int):
-        """(position, record, image, conditioning image or None, records skipped) for `index`, or
-        for the record read in its place (records.read_order)."""
+        """(position, record, image, conditioning image or None, [why it stands in] or []) for `index`, or for the
+        record read in its place (records.read_order)."""
         first_failure = ""
         for offset, position in enumerate(read_order(index, len(self), self.source.block(index))):
+            record = None
             try:
                 record = self.source.read(position)
                 image = load_image_bytes(record.data, self.max_pixels)
                 condition = self.conditions.load(record, image) if self.conditions else None
             except (BadRecord, BadImage) as reason:
-                first_failure = first_failure or f"{getattr(reason, 'where', None) or f'record {position}'}: {reason}"
+                where = getattr(reason, "where", None) or (record.key if record else f"record {position}")
+                first_failure = first_failure or f"{where}: {reason}"
                 continue
+            others = f" ({offset - 1} tried in its place were unreadable too)" if offset > 1 else ""
             if offset:  # one line however many were passed (a shard that broke whole is thousands)
-                others = f" ({offset - 1} tried in its place were unreadable too)" if offset > 1 else ""
                 log.warning("skipping record %d at read time (%s); reading record %d in its place%s", index,
                             first_failure, position, others)
-            return position, record, image, condition, offset
+            return position, record, image, condition, [f"{first_failure}{others}"] if offset else []
         raise RuntimeError(f"every record in the data set became unreadable during training ({first_failure})")
 
     def __getitem__(self, key: tuple[int, ...]) -> dict:
         epoch, batch, index, *copy = key  # a copy number for a record repeated within its batch (sampler.batch_keys)
         rng = random.Random(f"{self.seed}/{epoch}/{index}{copy_suffix(copy)}")
-        item = {"epoch": epoch, "batch": batch, "skipped": 0}
+        item = {"epoch": epoch, "batch": batch, "skipped": []}  # why each record read in another's place stands in
         if self.hashes is not None:  # latents cached: the image is never opened
             flipped = self.flip and rng.random() < 0.5
-            position, entry, item["skipped"] = self._cached_latent(index, flipped)
+            position, entry, offset = self._cached_latent(index, flipped)
+            if offset:
+                item["skipped"] = [f"record {index}: it had no cached latent (unreadable when the cache was filled)"]
             captions = self.captions[position]
             item.update(latent_mean=entry["mean"], latent_std=entry["std"])
             if "conditioning" in entry:
@@ -410,7 +414,7 @@ class PairedDataset(Dataset):
         return counts
 
 
-BOOKKEEPING = ("epoch", "batch", "skipped")  # where a batch sits in the read order, and records replaced
+BOOKKEEPING = ("epoch", "batch", "skipped")  # where a batch sits in the read order, and why records were replaced
 
 
 def collate(items: list[dict]) -> dict:
@@ -420,7 +424,8 @@ def collate(items: list[dict]) -> dict:
     which fields a method uses.
     """
     first = items[0]
-    batch = {"epoch": first["epoch"], "batch": first["batch"], "skipped": sum(item["skipped"] for item in items)}
+    batch = {"epoch": first["epoch"], "batch": first["batch"],
+             "skipped": [reason for item in items for reason in item["skipped"]]}
     for key, value in first.items():
         if key not in BOOKKEEPING:
             values = [item[key] for item in items]

@@ -67,6 +67,7 @@ from difftrain.training.run_data import build_sampler
 from difftrain.training.stopping import stop_on_first_signal
 
 log = logging.getLogger(__name__)
+REPORTED = 1000  # records replaced at read time that data_report.txt names (a shard that broke whole is more)
 
 
 class TrainingDiverged(DifftrainError):
@@ -214,7 +215,8 @@ class Trainer:
         self.noise_generator = torch.Generator(device=device).manual_seed(
             noise_seed(config.seed, self.accelerator.process_index))
         self.sampler = build_sampler(config, self.dataset, self.accelerator.process_index, self.accelerator.num_processes)
-        self.skipped_at_read = 0
+        self.replaced_reasons: list[str] = []  # why records were replaced at read time (the first REPORTED)
+        self.replaced_at_read = 0
         self.step = 0
         self.position = Position()
 
@@ -279,7 +281,9 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     loss_sum += loss.detach()
                     loss_count += 1
-                    self.skipped_at_read += batch["skipped"]
+                    if batch["skipped"]:
+                        self.replaced_at_read += len(batch["skipped"])
+                        self.replaced_reasons += batch["skipped"][:max(0, REPORTED - len(self.replaced_reasons))]
                 timer.step_done()
                 if not accelerator.optimizer_step_was_skipped:  # (fp16's scaler skips a step that overflowed)
                     self.lr_schedule.step()
@@ -751,8 +755,9 @@ class Trainer:
                f"about {timer.compile_seconds(steps_run):.0f} s of it compiling"] if self.compiled and steps_run else []),
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
             f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
-            f"{self.skipped_at_read} replaced at read time (this process)"
-            + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped else ""),
+            f"{self.replaced_at_read} replaced at read time (this process)"
+            + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped or self.replaced_at_read
+               else ""),
             *([f"  buckets     {self.sampler.describe()}"] if self.dataset.buckets is not None else []),
             *[f"  model       {line}" for line in self.method.describe()],
             # (only what is there: no previews without prompts, no curve from fewer than two logged losses)
@@ -766,6 +771,12 @@ class Trainer:
             f"  final model {model_dir}" + (" (EMA weights; raw weights in model-no-ema)" if self.emas else ""),
         ]
         print("\n".join(lines))
+        if self.replaced_at_read:  # data_report.txt lists them too, beside what was skipped at the start
+            listed = f", the first {REPORTED}" if self.replaced_at_read > REPORTED else ""
+            with open(self.run_dir / "data_report.txt", "a", encoding="utf-8") as report:
+                report.write(f"{self.replaced_at_read} record(s) unreadable at read time in steps up to {self.step}, "
+                             f"each replaced by another record (this process{listed}):\n"
+                             + "".join(f"  {reason}\n" for reason in self.replaced_reasons))
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

@@ -99,6 +99,11 @@ def runs(tiny_sd, shapes_dir, tmp_path_factory) -> SimpleNamespace:  # noqa: F81
                            "training.learning_rate=0.0005", "--set", "training.max_steps=6", *resume)
         output_partless = finish(partless)[0]
         (tmp / "partless.out").write_text(f"exit {partless.returncode}\n{output_partless}")
+        # And evaluation that only rank 0 can find wanting (its Inception file is missing): every process stops.
+        uneval = _launch(tmp / "ddp.yaml", "--set", f"output_dir={tmp / 'uneval'}", "--set", "eval.every_steps=2",
+                         "--set", "eval.metrics=[fid]", "--set", f"eval.inception_weights={tmp / 'none.safetensors'}")
+        output_uneval = finish(uneval)[0]
+        (tmp / "uneval.out").write_text(f"exit {uneval.returncode}\n{output_uneval}")
         return output
 
     def muon() -> str:  # DDP with training.optimizer: muon, straight, and stopped by a signal at step 3 and resumed
@@ -321,6 +326,14 @@ def test_a_checkpoint_part_one_process_lacks_stops_every_process_before_any_load
     assert "1 other process(es) cannot read their part of step-00000004" in report, report[-2000:]  # rank 0's
     assert "resumed from" not in report  # and its settings are not written as the run's
     assert "learning_rate: 0.0005" not in (runs.root / "partless/config.yaml").read_text()
+
+
+def test_an_evaluation_only_the_main_process_checks_stops_every_process_with_its_reason(runs):
+    report = (runs.root / "uneval.out").read_text()
+    assert not report.startswith("exit 0"), report[-2000:]
+    assert "none.safetensors" in report, report[-2000:]  # rank 0's own reason
+    assert "stopped: the main process cannot evaluate as the config asks" in report, report[-2000:]  # rank 1's
+    assert "trainer.py" not in report, report[-3000:]  # no worker's traceback (the launcher's own is there)
 
 
 def test_consolidate_refuses_a_whole_checkpoint_and_a_missing_part(tmp_path, capsys):

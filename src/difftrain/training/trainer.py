@@ -153,8 +153,14 @@ class Trainer:
         self.allow_data_change = allow_data_change
         self._check_startable(resume)
         self.evaluation = TrainingEvaluation(config, self.run_dir)
-        if self.main:
-            self.evaluation.check(method_class(config).takes_prompts)
+        problem = None
+        if self.main:  # (rank 0 alone evaluates; raising alone, it left the others a gloo traceback)
+            try:
+                self.evaluation.check(method_class(config).takes_prompts)
+            except DifftrainError as exc:
+                problem = exc
+        self._decide_together(problem, "stopped: the main process cannot evaluate as the config asks (its error "
+                                       "says why)")
 
         # Same initial weights on every process and for every process count.
         set_seed(config.seed)

@@ -22,10 +22,13 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import math
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -666,4 +669,20 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
     modules = _check_fit(pipe, modules, path)  # a LoRA for another model is refused with its keys and shapes
     with tempfile.TemporaryDirectory(prefix="difftrain-lora-") as work:
         written = _write_diffusers(Path(work) / DIFFUSERS_FILE, modules, {})
-        pipe.load_lora_weights(str(written), adapter_name=adapter_name)
+        # A UNet-only LoRA (what most training writes) drew diffusers' warning of "no LoRA keys associated to
+        # CLIPTextModel" at every load: true, and the fit check knows it. Other warnings stay.
+        unet_only = not any(module.part.startswith("text_encoder") for module in modules)
+        with _errors_only("diffusers.loaders.lora_base", unet_only):
+            pipe.load_lora_weights(str(written), adapter_name=adapter_name)
+
+
+@contextmanager
+def _errors_only(logger: str, when: bool) -> Iterator[None]:
+    """The logger `logger` passes errors only inside, `when` so; its level is restored after."""
+    log, level = logging.getLogger(logger), logging.getLogger(logger).level
+    if when:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

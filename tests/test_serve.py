@@ -689,6 +689,28 @@ def test_finished_jobs_are_kept_within_a_byte_budget(monkeypatch):
         queue.close()
 
 
+def test_a_queued_jobs_position_counts_the_job_running_before_it():
+    """The page said "queued (0 ahead)" of a job waiting for another client's running one."""
+    import threading
+
+    from difftrain.serve import jobs
+    from difftrain.serve.requests import Txt2ImgRequest
+
+    release = threading.Event()
+    queue = jobs.JobQueue(lambda job, on_step: release.wait(10) and {"images": []}, max_queue=8)
+    try:
+        running = queue.submit(jobs.Job("txt2img", Txt2ImgRequest()))
+        while running.state != "running":
+            release.wait(0.01)
+        waiting = [queue.submit(jobs.Job("txt2img", Txt2ImgRequest())) for _ in range(2)]
+        assert [queue.position(job) for job in (running, *waiting)] == [0, 1, 2]
+        release.set()
+        assert all(job.done.wait(10) for job in waiting) and queue.position(waiting[1]) == 0
+    finally:
+        release.set()
+        queue.close()
+
+
 def test_prompt_loras_and_controlnets_past_their_caps_are_let_go_and_load_again(server, monkeypatch):
     import webuiapi
 

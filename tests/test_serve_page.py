@@ -166,8 +166,19 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.locator("figure .reuse").first.click()
             units_reused = [page.input_value(f"#cn_{part}_{unit}") for unit in (0, 1, 2)
                             for part in ("model", "weight")]
-            # Cancelled while it waits or draws (40 steps at 128 px): no image comes.
-            for field, value in (("steps", "40"), ("width", "128"), ("height", "128")):
+            # A unit 1 alone, with an image left on unit 0, comes back as unit 1 (it came back as unit 0, beside
+            # unit 0's image); a cleared file input lets its image go.
+            slots = page.evaluate("""() => {
+              $("cn_model_0").value = ""; $("cn_model_1").value = "cn";
+              const body = request(); $("cn_model_1").value = ""; reuse(body, "txt2img");
+              return [$("cn_model_0").value, $("cn_model_1").value, body.alwayson_scripts.ControlNet.args.length];
+            }""")
+            page.set_input_files("#cn_image_0", [])
+            cleared = page.evaluate("controlImages[0]")
+            # Cancelled while it waits or draws (40 steps at 128 px): no image comes. Typed values between the
+            # fields' arrow steps (A1111 takes them) are sent, a hidden field's too: the browser blocked the form.
+            for field, value in (("steps", "40"), ("width", "128"), ("height", "128"), ("denoising_strength", "0.33"),
+                                 ("hr_scale", "1.3")):
                 page.fill(f"#{field}", value)
             for unit in (0, 1):
                 page.select_option(f"#cn_model_{unit}", "")
@@ -175,7 +186,8 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
             page.wait_for_function("!document.querySelector('#cancel').disabled")
             page.click("#cancel")
             page.wait_for_function("!document.querySelector('#generate').disabled", timeout=60_000)
-            cancelled = [page.inner_text("#status"), page.locator("figure img").count()]
+            cancelled = [page.inner_text("#status"), page.locator("figure img").count(), page.evaluate(
+                "document.querySelector('#progress').value")]
             browser.close()
         host, port = running.url.rsplit(":", 1)
         unit = webuiapi.ControlNetUnit(image=control, module="none", model="cn", weight=0.8)
@@ -221,16 +233,18 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
         assert text in inpaint_caption
     assert inpaint_reused == ["img2img", "2", "4", "0.9", "false"]
     assert soft_sent == [{"soft inpainting": {"args": [True]}}, 1] and soft_reused is False
-    assert uploaded == ["48", "40", 41]
+    assert uploaded == ["64", "64", 41]  # 48 x 40 is below the 64 px the server draws at least
     # What stays of the stroke is its left part, binary as A1111's UI makes a painted mask; all erased, none is sent.
     left = np.asarray(_image(half_erased).convert("L"))
     columns = np.nonzero((left == 255).any(axis=0))[0]
     assert left.shape == (41, 50) and set(np.unique(left)) == {0, 255}
     assert columns.min() == 0 and 18 <= columns.max() <= 23 and (left[:, 24:] == 0).all()
     assert all_erased is None
-    assert cancelled == ["cancelled", 5]
+    assert cancelled == ["cancelled", 5, 0]  # (the bar showed full)
+    assert (jobs[-1]["request"]["denoising_strength"], jobs[-1]["request"]["hr_scale"]) == (0.33, 1.3)
     assert no_control == "error: ControlNet unit 0 needs its control image"
-    [sent_unit] = jobs[3]["request"]["alwayson_scripts"]["ControlNet"]["args"]
+    [sent_unit, *off] = jobs[3]["request"]["alwayson_scripts"]["ControlNet"]["args"]
+    assert off == [{"enabled": False}] * 2  # every unit in its slot, as A1111's UI sends them
     assert {key: sent_unit[key] for key in ("enabled", "model", "module", "weight")} == {
         "enabled": True, "model": "cn", "module": "none", "weight": 0.8}
     assert np.array_equal(np.asarray(_image(sent_unit["image"]).convert("RGB")), np.asarray(control))
@@ -239,9 +253,10 @@ def test_the_page_generates_shows_and_reuses_an_image_offline(tiny_sd, tmp_path)
     assert not np.array_equal(np.asarray(_image(controlled).convert("RGB")), np.asarray(image.convert("RGB")))
     # Two units: both sent in order, drawn as a client's two units are, and not as the first alone.
     assert [(u["weight"], np.array_equal(np.asarray(_image(u["image"]).convert("RGB")), np.asarray(picture)))
-            for u, picture in zip(jobs[4]["request"]["alwayson_scripts"]["ControlNet"]["args"], (control, second),
+            for u, picture in zip(jobs[4]["request"]["alwayson_scripts"]["ControlNet"]["args"][:2], (control, second),
                                   strict=True)] == [(0.8, True), (0.5, True)]
     assert np.array_equal(np.asarray(_image(two_units).convert("RGB")), np.asarray(direct_two.convert("RGB")))
     assert not np.array_equal(np.asarray(_image(two_units).convert("RGB")), np.asarray(direct.convert("RGB")))
     assert units_reused == ["cn", "0.8", "cn", "0.5", "", "1"]
+    assert slots == ["", "cn", 3] and cleared is None
     assert Image.open(ARTEFACTS / "serve-page.png").size[0] >= 1100

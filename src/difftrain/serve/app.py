@@ -158,9 +158,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
 
     @app.get("/", response_class=HTMLResponse)
     def page():
-        from difftrain.serve.page import PAGE
+        from difftrain.serve.page import page_for
 
-        return PAGE
+        return page_for(settings.limits)
 
     # ----------------------------------------------------------------- generation
     async def _wait(request: Request, job: Job) -> dict:

@@ -145,9 +145,13 @@ class JobQueue:
             return self._jobs.get(job_id)
 
     def position(self, job: Job) -> int:
-        """How many jobs run before this one (0: running or next)."""
+        """How many jobs run before this one: those ahead in the queue and the one running (0: running, or next
+        with none running)."""
         with self._lock:
-            return next((i for i, queued in enumerate(self._queue) if queued is job), 0)
+            if job not in self._queue:
+                return 0
+            ahead = next(i for i, queued in enumerate(self._queue) if queued is job)
+            return ahead + (self.current is not None)
 
     def waiting(self) -> int:
         with self._lock:

@@ -42,7 +42,7 @@ PAGE = """<!doctype html>
 </style>
 </head>
 <body data-mode="txt2img">
-<form id="form">
+<form id="form" novalidate>
   <div class="tabs"><button type="button" id="tab_txt2img" class="active">txt2img</button>
     <button type="button" id="tab_img2img">img2img</button></div>
   <label for="prompt">Prompt</label>
@@ -129,6 +129,7 @@ const read = (name) => checkboxes.has(name) ? $(name).checked : numbers.has(name
 let mode = "txt2img";
 let initImage = null;  // the img2img image, a data URL
 const UNITS = 3;  // ControlNet units: the extension's default number
+const LIMITS = __LIMITS__;  // this server's (serve --max-size ...), written in when the page is served
 const controlImages = new Array(UNITS).fill(null);  // each unit's image, a data URL
 for (let i = 0; i < UNITS; i++) {
   $("units").insertAdjacentHTML("beforeend", `<div class="unit">Unit ${i}</div>
@@ -179,7 +180,8 @@ function setMode(name) {
 
 function setImage(dataUrl) {
   initImage = dataUrl;
-  $("init_view").src = dataUrl;
+  if (dataUrl) $("init_view").src = dataUrl;
+  else $("init_view").removeAttribute("src");
 }
 
 // The mask canvas takes the image's own size: one canvas pixel is one image pixel, however it is shown.
@@ -187,9 +189,10 @@ $("init_view").addEventListener("load", () => {
   const image = $("init_view"), mask = $("mask");
   mask.width = image.naturalWidth; mask.height = image.naturalHeight;
   clearMask();
-  // Drawn at the image's size, to a multiple of 8 (A1111's sizes are).
-  $("width").value = Math.max(8, Math.floor(image.naturalWidth / 8) * 8);
-  $("height").value = Math.max(8, Math.floor(image.naturalHeight / 8) * 8);
+  // Drawn at the image's size, to a multiple of 8 (A1111's sizes are), within what this server draws.
+  const fit = (side, most) => Math.min(most, Math.max(64, Math.floor(side / 8) * 8));
+  $("width").value = fit(image.naturalWidth, LIMITS.max_width);
+  $("height").value = fit(image.naturalHeight, LIMITS.max_height);
 });
 
 function clearMask() {
@@ -244,14 +247,16 @@ function request() {
   if ($("lora").value) body.prompt += ` <lora:${$("lora").value}:${$("lora_weight").value}>`;
   body.override_settings = {sd_model_checkpoint: $("model").value};
   const scripts = {};
+  // Every unit in its slot, the ones without a model disabled, as A1111's UI sends them: "Reuse settings" puts
+  // each back where it was (with the enabled ones alone, a unit 1 came back as unit 0, beside unit 0's image).
   const units = [];
   for (let i = 0; i < UNITS; i++) {
-    if (!$(`cn_model_${i}`).value) continue;
+    if (!$(`cn_model_${i}`).value) { units.push({enabled: false}); continue; }
     if (!controlImages[i]) throw new Error(`ControlNet unit ${i} needs its control image`);
     units.push({enabled: true, image: controlImages[i], module: $(`cn_module_${i}`).value,
                 model: $(`cn_model_${i}`).value, weight: Number($(`cn_weight_${i}`).value)});
   }
-  if (units.length) scripts.ControlNet = {args: units};
+  if (units.some((unit) => unit.enabled)) scripts.ControlNet = {args: units};
   if (mode === "img2img") {
     body.init_images = [initImage];
     const mask = maskImage();
@@ -278,10 +283,11 @@ function reuse(parameters, kind) {
     const soft = scripts["soft inpainting"];
     $("soft_inpainting").checked = Boolean(soft && soft.args && soft.args[0]);
   }
-  const units = (scripts.ControlNet || {}).args || [];  // in order; their images stay the ones chosen now
+  const units = (scripts.ControlNet || {}).args || [];  // by slot; their images stay the ones chosen now
   for (let i = 0; i < UNITS; i++) {
-    $(`cn_model_${i}`).value = units[i] ? units[i].model : "";
-    if (units[i]) { $(`cn_module_${i}`).value = units[i].module; $(`cn_weight_${i}`).value = String(units[i].weight); }
+    const unit = units[i] && units[i].enabled !== false ? units[i] : null;
+    $(`cn_model_${i}`).value = unit ? unit.model : "";
+    if (unit) { $(`cn_module_${i}`).value = unit.module; $(`cn_weight_${i}`).value = String(unit.weight); }
   }
 }
 
@@ -313,7 +319,7 @@ $("tab_img2img").onclick = () => setMode("img2img");
 $("clear_mask").onclick = clearMask;
 function readFile(input, use) {
   input.addEventListener("change", () => {
-    if (!input.files[0]) return;
+    if (!input.files[0]) { use(null); return; }  // cleared: no image (the old one went on being sent)
     const reader = new FileReader();
     reader.onload = () => use(reader.result);
     reader.readAsDataURL(input.files[0]);
@@ -341,10 +347,11 @@ $("form").addEventListener("submit", async (event) => {
       job = await api(`/v1/jobs/${job.id}`);
       $("progress").value = job.progress;
       $("status").textContent = job.state === "queued" ? `queued (${job.queue_position} ahead)`
-        : `${Math.round(job.progress * 100)}%, about ${Math.ceil(job.eta_relative)} s left`;
+        : job.progress ? `${Math.round(job.progress * 100)}%, about ${Math.ceil(job.eta_relative)} s left`
+        : "starting";  // (no rate yet to tell the time left by)
     }
     if (job.state === "failed") throw new Error(job.error);
-    $("progress").value = 1;
+    $("progress").value = job.state === "done" ? 1 : 0;  // a cancelled job drew nothing
     $("status").textContent = job.state;
     if (job.result) show(job);
   } catch (error) {
@@ -360,3 +367,10 @@ load().catch((error) => { $("status").textContent = "error: " + error.message; }
 </body>
 </html>
 """
+
+
+def page_for(limits) -> str:
+    """The page with this server's limits written in (an upload's size is fitted to them)."""
+    import json
+
+    return PAGE.replace("__LIMITS__", json.dumps({"max_width": limits.max_width, "max_height": limits.max_height}))

@@ -160,11 +160,28 @@ class Interrupted(RecordSource):
 
 
 def test_an_interrupted_build_leaves_only_complete_shards_and_no_list(tmp_path, shapes_dir):
+    from difftrain.data.folder import UNFINISHED
+
     source = Interrupted(open_source("folder", shapes_dir, progress=False), stop=15)
     with pytest.raises(KeyboardInterrupt):
         build_shards(source, tmp_path / "out", "laion", records_per_shard=10, progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-00000.gz", "part-00000.gz.index.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [UNFINISHED, "part-00000.gz",
+                                                                     "part-00000.gz.index.json"]
     assert len(gzip.decompress((tmp_path / "out" / "part-00000.gz").read_bytes()).splitlines()) == 10
+    # A folder of tars needs no list (other tools write none), and a folder of images none either: an unfinished
+    # build's were read as a whole data set of the records it had written (800 of 3,000, without a word).
+    for kind in ("webdataset", "folder"):
+        with pytest.raises(KeyboardInterrupt):
+            (build_shards if kind == "webdataset" else export_folder)(
+                source, tmp_path / kind, *(["webdataset", 10] if kind == "webdataset" else []), progress=False)
+        with pytest.raises(DatasetError, match=f"{tmp_path / kind} is the output of a data build, curate or download "
+                                               "that did not finish"):
+            open_source(kind, tmp_path / kind, progress=False)
+    finished = build_shards(open_source("folder", shapes_dir, progress=False), tmp_path / "done", "webdataset",
+                            progress=False)
+    assert not (finished.parent / UNFINISHED).exists()
+    finished.unlink()  # as another tool leaves a folder of tars: read whole
+    assert len(open_source("webdataset", finished.parent, progress=False)) == len(list(shapes_dir.glob("*.png")))
 
 
 def test_build_refuses_a_used_folder_and_bad_settings(tmp_path, shapes_dir):

@@ -49,7 +49,7 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import parse_url
 
 from difftrain.atomic import write_text
-from difftrain.data.folder import DatasetError, csv_rows, jsonl_entries
+from difftrain.data.folder import UNFINISHED, DatasetError, csv_rows, jsonl_entries
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_bytes, load_image_bytes
 from difftrain.data.records import is_utf8
 from difftrain.data.remote import retrying
@@ -751,6 +751,8 @@ def download(urls: str | Path, out: str | Path, options: DownloadOptions | None 
     if out.is_dir() and any(out.iterdir()) and not (out / REPORTS_DIR).is_dir():
         raise DatasetError(f"{out} is not empty and holds no download to continue; download into a new folder")
     (out / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
+    if not (out / LIST_NAME).is_file():  # (taken off by the merge that writes the list)
+        (out / UNFINISHED).write_text("written by difftrain while it downloads into this folder\n")
     plan = _plan(table, options)
     _check_plan(out, plan)
     index, count = options.shard or env_shard() or (0, 1)
@@ -883,6 +885,7 @@ def merge(out: str | Path) -> dict:
         raise DatasetError(f"none of the {report['rows']:,} rows of {plan['input']} could be downloaded "
                            f"({_reasons(report) or 'no rows'}); see {out / REPORT_NAME}")
     write_text(out / LIST_NAME, "".join(f"{name}\n" for name in report["files"]))
+    (out / UNFINISHED).unlink(missing_ok=True)
     return report
 
 

@@ -37,9 +37,22 @@ class DatasetError(DifftrainError):
     """A dataset that cannot be trained on at all; the message says why and what to do."""
 
 
+# In a folder `data build`, `data curate` or `data download` is writing, until it has finished: a folder that
+# holds it is refused as data (its shards or images are some of the records, read as if all).
+UNFINISHED = ".difftrain-unfinished"
+
+
 def require_folder(root: Path) -> None:
     if not root.is_dir():
         raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
+    refuse_unfinished(root)
+
+
+def refuse_unfinished(root: Path) -> None:
+    if (root / UNFINISHED).exists():
+        raise DatasetError(f"data.path: {root} is the output of a data build, curate or download that did not "
+                           f"finish ({UNFINISHED} is there): only part of its records are written. Run the download "
+                           "again (it resumes), or build again into a new folder")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from difftrain.atomic import fsync_dir, occupied, write_bytes
-from difftrain.data.folder import DatasetError
+from difftrain.data.folder import UNFINISHED, DatasetError
 from difftrain.data.images import IMAGE_EXTENSIONS
 from difftrain.data.records import ShardSource, sidecar_path
 from difftrain.data.sources import LIST_NAME, BadRecord, LaionSource, RawRecord, RecordSource, WebDatasetSource
@@ -96,6 +96,7 @@ def build_shards(
         log.warning(note)
     listing = out / LIST_NAME
     write_bytes(listing, "".join(f"{name}\n" for name in names).encode())
+    (out / UNFINISHED).unlink()
     return listing
 
 
@@ -105,8 +106,8 @@ def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = Tr
     build_shards').
 
     A record whose key is a relative image path keeps it; others are numbered in source
-    order. metadata.jsonl has `file_name` and `text` (the first caption), plus `captions`
-    when there are several; it is written last, so a folder holding it is complete.
+    order. metadata.jsonl has `file_name` and `text` (the first caption, empty for none), plus
+    `captions` when there are several.
     """
     out = _empty_folder(out_dir)
     width = max(6, len(str(len(source) - 1)))
@@ -125,15 +126,16 @@ def export_folder(source: RecordSource, out_dir: str | Path, progress: bool = Tr
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(target, record.data, sync=False)
-        if record.captions:
-            entry = {"file_name": name, "text": record.captions[0]}
-            if len(record.captions) > 1:
-                entry["captions"] = record.captions
-            lines.append(json.dumps(entry, ensure_ascii=False))
+        # A line for every image, an uncaptioned one's text empty: datasets' imagefolder leaves out the images
+        # metadata.jsonl does not name (difftrain reads them all either way).
+        entry = {"file_name": name, "text": record.captions[0] if record.captions else ""}
+        if len(record.captions) > 1:
+            entry["captions"] = record.captions
+        lines.append(json.dumps(entry, ensure_ascii=False))
     if not used:
         raise _nothing_written(out, source, skipped)
-    if lines:
-        write_bytes(out / "metadata.jsonl", "".join(f"{line}\n" for line in lines).encode())
+    write_bytes(out / "metadata.jsonl", "".join(f"{line}\n" for line in lines).encode())
+    (out / UNFINISHED).unlink()
     return out
 
 
@@ -153,12 +155,14 @@ def _records(source: RecordSource, description: str, progress: bool, skipped: li
 
 
 def _empty_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, made, marked UNFINISHED until the writer takes the mark off as its last act."""
     out = Path(out_dir)
     if occupied(out):
         raise DatasetError(
             f"{out} already exists and is not empty; write to a new folder (a build never mixes with older files)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text("written by difftrain while it writes this folder; gone when it has finished\n")
     return out
 
 

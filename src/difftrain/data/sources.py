@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difftrain.atomic import CONTENTS_OLD, CONTENTS_STAGING, contents_lock, interrupted_contents, recover_contents
-from difftrain.data.folder import (ConditioningFiles, DatasetError, conditioning_file, jsonl_entries, require_folder,
-                                   scan_folder)
+from difftrain.data.folder import (ConditioningFiles, DatasetError, conditioning_file, jsonl_entries,
+                                   refuse_unfinished, require_folder, scan_folder)
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_file
 from difftrain.data.packed import PackedLists, PackedStrings
 # The rest of difftrain imports the record types from here; they live in records.py so hf.py can build on them.
@@ -443,6 +443,7 @@ class WebDatasetSource(ShardSource):
         if path.is_dir():
             if (path / LIST_NAME).is_file():
                 return _read_list(path / LIST_NAME, "tar")
+            refuse_unfinished(path)  # (a finished build or download lists its tars)
             tars = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
             if not tars:
                 raise DatasetError(

@@ -131,7 +131,8 @@ def test_the_build_command_counts_what_it_wrote_not_what_it_read(tmp_path, shape
     assert main(["data", "build", str(tmp_path / "list.jsonl"), str(tmp_path / "out"), "--source", "jsonl",
                  "--format", "folder"]) == 0
     said = capsys.readouterr().out
-    assert "wrote 1 records from" in said and "; 1 skipped, e.g. " in said and "PPM images cannot be written" in said
+    assert "wrote 1 records from" in said and "; 1 not written" in said and "  not written: " in said
+    assert "PPM images cannot be written" in said
     # A record whose own name is a hidden path keeps no such name: a folder scan would pass it over.
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "a.png").write_bytes((shapes_dir / "000001.png").read_bytes())
@@ -196,3 +197,28 @@ def test_build_refuses_a_used_folder_and_bad_settings(tmp_path, shapes_dir):
         build_shards(source, tmp_path / "new", "laion", records_per_shard=0, progress=False)
     with pytest.raises(DatasetError, match="choose one of laion, webdataset"):
         build_shards(source, tmp_path / "new", "parquet", progress=False)
+
+
+def test_data_build_names_every_file_it_skipped_and_refuses_a_used_out_before_reading(tmp_path, shapes_dir, capsys,
+                                                                                       monkeypatch):
+    """It named the first skipped file alone and pointed to a data report no build writes; a used OUT or a
+    --per-shard of 0 was refused only after the whole source was indexed (minutes for a large one)."""
+    import shutil
+
+    import difftrain.data.sources as sources
+    from difftrain.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    (data / "zero.png").write_bytes(b"")
+    (data / "page.jpg").write_text("<html>503</html>")
+    assert main(["data", "build", str(data), str(tmp_path / "out"), "--no-gzip"]) == 0
+    out = capsys.readouterr().out
+    assert "2 records skipped while reading" in out and "  zero.png: empty file" in out and "  page.jpg: " in out
+    assert "see the data report" not in out and f"wrote {len(list(shapes_dir.glob('*.png')))} records" in out
+    monkeypatch.setattr(sources, "open_source", lambda *args, **kwargs: pytest.fail("the source was read"))
+    assert main(["data", "build", str(data), str(tmp_path / "out")]) == 2
+    assert f"OUT {tmp_path / 'out'} already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "build", str(data), str(tmp_path / "other"), "--per-shard", "0"])
+    assert "argument --per-shard: 0: give 1 or more" in capsys.readouterr().err

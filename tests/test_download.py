@@ -383,6 +383,15 @@ def test_a_jsonl_read_by_all_its_keys_with_a_bom_line_and_a_captions_column(tmp_
     assert [(m["captions"], m.get("id")) for m in tar_samples(tmp_path / "out")] == [([], None), (["a square"], 1)]
     source = open_source("webdataset", tmp_path / "out", progress=False)
     assert [source.read(i).captions for i in range(2)] == [[], ["a square"]]
+    # A list in the caption column is several captions, as every reader takes it (its Python repr was written as
+    # one caption); a caption of another kind fails its row, naming the column.
+    rows = [{"url": f"{server.url}/img/12x12.png?t=list", "caption": ["a cat", "a kitten"]},
+            {"url": f"{server.url}/img/13x13.png?t=list", "caption": {"en": "a dog"}}]
+    result = download(write_jsonl(tmp_path / "list.jsonl", rows), tmp_path / "listed", fast())
+    source = open_source("webdataset", tmp_path / "listed", progress=False)
+    assert (result.report["ok"], [source.read(i).captions for i in range(len(source))]) == (1, [["a cat", "a kitten"]])
+    assert "caption column 'caption': a caption must be a string or a list of strings, found dict" in json.dumps(
+        result.report)
 
 
 def test_resume_redoes_only_unfinished_shards(tmp_path, server, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets is imported: nothing here may touch the network
@@ -133,7 +134,7 @@ def test_parquet_file_folder_and_glob(tmp_path, shapes_dir):
     assert len(one) == 13
 
 
-def test_a_folder_cloned_from_the_hub_trains_on_its_split_alone(tmp_path, shapes_dir):
+def test_a_folder_cloned_from_the_hub_trains_on_its_split_alone(tmp_path, shapes_dir, capsys):
     """A Hub repository's files name their splits (data/train-00000-of-00001.parquet beside data/test-...): the test
     split was trained on too, and a data.split the folder does not hold read every file."""
     table = shapes_table(shapes_dir).select(range(12))
@@ -150,6 +151,19 @@ def test_a_folder_cloned_from_the_hub_trains_on_its_split_alone(tmp_path, shapes
         with pytest.raises(DatasetError, match="data.split = 'validation': .* named as the splits train, test"):
             open_source("hf", tmp_path / "clone", hf=HFOptions(split="validation", streaming=streaming),
                         progress=False)
+    # The same files at the folder's top (datasets names those splits otherwise), through `data build`: the
+    # messages name its flags, and --caption-key '' reads no captions.
+    from difftrain.cli import main
+
+    flat = tmp_path / "flat"
+    shutil.copytree(tmp_path / "clone" / "data", flat)
+    assert main(["data", "build", str(flat), str(tmp_path / "v"), "--source", "hf", "--split", "validation"]) == 2
+    assert "--split 'validation': the parquet files of" in capsys.readouterr().err
+    assert main(["data", "build", str(flat), str(tmp_path / "c"), "--source", "hf", "--caption-key", "text"]) == 2
+    err = capsys.readouterr().err
+    assert "--caption-key 'text': the data set" in err and "(--caption-key '' reads no captions)" in err, err
+    assert main(["data", "build", str(flat), str(tmp_path / "n"), "--source", "hf", "--caption-key", ""]) == 0
+    assert "9 records, 9 without caption" in capsys.readouterr().out
 
 
 def test_image_column_of_paths_bytes_or_path_only_image_values(tmp_path, shapes_dir):

@@ -149,7 +149,8 @@ def _open_source(args: argparse.Namespace, progress: bool = True):
     from difftrain.data.hf import HFOptions
     from difftrain.data.sources import open_source
 
-    hf = HFOptions(args.image_key, args.caption_key, args.split, args.hf_config, args.revision, args.streaming)
+    # (hf: --caption-key '' reads no captions, as a run's caption_column: null)
+    hf = HFOptions(args.image_key, args.caption_key or None, args.split, args.hf_config, args.revision, args.streaming)
     try:
         return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
                            progress=progress, hf=hf)
@@ -157,9 +158,15 @@ def _open_source(args: argparse.Namespace, progress: bool = True):
         raise _as_path_argument(error) from None
 
 
+SHOWN = 100  # skipped records a data command names one by one
+
 # A data command takes as arguments what a run takes as config keys; the same code names the keys.
 _ARGUMENT_NAMES = {"data.path": "PATH", "set image_key": "give --image-key", "set caption_key": "give --caption-key",
-                   ", or captions: none to train without": ""}
+                   ", or captions: none to train without": "", "data.image_column =": "--image-key",
+                   "data.caption_column =": "--caption-key",
+                   "(data.caption_column: null, or data.captions: none, trains without captions)":
+                   "(--caption-key '' reads no captions)", "data.split =": "--split",
+                   "set data.split to": "give --split as"}
 
 
 def _as_path_argument(error: DifftrainError) -> DifftrainError:
@@ -172,19 +179,30 @@ def _as_path_argument(error: DifftrainError) -> DifftrainError:
 
 
 def _data_build(args: argparse.Namespace) -> int:
+    from difftrain.atomic import occupied
     from difftrain.data.shards import build_shards, export_folder
 
+    if occupied(Path(args.out)):  # before the source is read: indexing a large one takes minutes
+        raise DifftrainError(f"OUT {args.out} already exists and is not empty; write to a new folder (a build never "
+                             "mixes with older files)")
     source = _open_source(args)
-    if source.skipped:
-        print(f"{len(source.skipped)} records skipped while reading {args.path}, e.g. {source.skipped[0][0]}: {source.skipped[0][1]}")
+    if source.skipped:  # each named: a build writes no data report to look them up in
+        print(f"{len(source.skipped)} records skipped while reading {args.path}:")
+        for where, reason in source.skipped[:SHOWN]:
+            print(f"  {where}: {reason}")
+        if len(source.skipped) > SHOWN:
+            print(f"  ... and {len(source.skipped) - SHOWN} more")
     skipped: list[str] = []
     if args.format == "folder":
         out = export_folder(source, args.out, skipped=skipped)
     else:
         out = build_shards(source, args.out, args.format, records_per_shard=args.per_shard, gzip=not args.no_gzip,
                            skipped=skipped)
-    unwritten = f"; {len(skipped)} skipped, e.g. {skipped[0]}" if skipped else ""
-    print(f"wrote {len(source) - len(skipped)} records from {source.description} to {out} ({args.format}){unwritten}")
+    for reason in skipped[:SHOWN]:
+        print(f"  not written: {reason}")
+    unwritten = f"; {len(skipped)} not written" if skipped else ""
+    print(f"wrote {len(source) - len(skipped)} records from {source.description.replace(' (see the data report)', '')} "
+          f"to {out} ({args.format}){unwritten}")
     return 0
 
 
@@ -789,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = data.add_parser("build", help="convert a folder, jsonl, laion parts or webdataset tars into shards, or back")
     _source_arguments(build, "output folder")
     build.add_argument("--format", default="laion", choices=["laion", "webdataset", "folder"])
-    build.add_argument("--per-shard", type=int, default=1000, help="records per part/tar (default 1000)")
+    build.add_argument("--per-shard", type=_whole(1), default=1000, help="records per part/tar (default 1000)")
     build.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
     build.set_defaults(run=_data_build)
 
@@ -805,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--url-col", default="url")
     down.add_argument("--caption-col", default="caption", help="'' for no captions")
     down.add_argument("--format", default="webdataset", choices=["webdataset", "laion"])
-    down.add_argument("--per-shard", type=int, default=1000, help="input rows per shard (default 1000)")
+    down.add_argument("--per-shard", type=_whole(1), default=1000, help="input rows per shard (default 1000)")
     down.add_argument("--no-gzip", action="store_true", help="laion parts as plain text instead of gzip")
     down.add_argument("--workers", type=int, default=16, help="download threads (default 16)")
     down.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
@@ -819,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--upscale", action="store_true", help="let --resize enlarge smaller images")
     down.add_argument("--encode-format", default="jpg", choices=["jpg", "png", "webp"])
     down.add_argument("--encode-quality", type=int, default=95, help="jpg/webp quality (default 95)")
-    down.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb guard (default 64M)")
+    down.add_argument("--max-pixels", type=_whole(1), default=64_000_000, help="decompression-bomb guard (default 64M)")
     down.add_argument("--allow-private", action="store_true",
                       help="fetch from loopback and private addresses too (refused by default: a URL list from "
                            "elsewhere must not reach into this machine's network)")
@@ -834,7 +852,8 @@ def build_parser() -> argparse.ArgumentParser:
     cur = data.add_parser("curate", help="filter, dedupe and caption a data set into a new one, with a report")
     _source_arguments(cur, "output folder (the report goes beside it, in OUT-report)")
     cur.add_argument("--format", default=Curate.format, choices=FORMATS, help="what to write")
-    cur.add_argument("--per-shard", type=int, default=Curate.per_shard, help="records per part/tar (shard formats)")
+    cur.add_argument("--per-shard", type=_whole(1), default=Curate.per_shard,
+                     help="records per part/tar (shard formats)")
     cur.add_argument("--dedupe", default=",".join(Curate.dedupe),
                      help=f"comma list of exact, phash, clip ('' for none; default {','.join(Curate.dedupe)})")
     cur.add_argument("--phash-distance", type=int, default=Curate.phash_distance, help="near-duplicates: at most this many of 64 bits apart")

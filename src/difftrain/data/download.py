@@ -51,7 +51,7 @@ from urllib3.util import parse_url
 from difftrain.atomic import write_text
 from difftrain.data.folder import UNFINISHED, DatasetError, csv_rows, jsonl_entries
 from difftrain.data.images import BadImage, allow_pixels, check_size, image_size_from_bytes, load_image_bytes
-from difftrain.data.records import is_utf8
+from difftrain.data.records import BadRecord, caption_list, is_utf8
 from difftrain.data.remote import retrying
 from difftrain.data.shards import FORMATS, LaionWriter, ShardWriter, TarWriter
 from difftrain.data.sources import LIST_NAME, RawRecord
@@ -129,7 +129,7 @@ class DownloadOptions:
 class Row:
     index: int  # position in the input: decides the shard and the sample key
     url: str
-    caption: str
+    captions: list[str]
     extra: dict[str, Any]  # every other column, JSON-safe
     problem: str | None = None  # why the row has nothing to fetch
 
@@ -186,15 +186,20 @@ class UrlTable:
     def _row(self, item: tuple[int, dict | str]) -> Row:
         index, values = item
         if isinstance(values, str):
-            return Row(index, "", "", {}, problem=values)
+            return Row(index, "", [], {}, problem=values)
         url, caption = values.get(self.url_col), values.get(self.caption_col) if self.caption_col else None
         extra = {k: v for k, v in values.items() if k not in (self.url_col, self.caption_col, *RESERVED)}
         # Parquet cells can be dates, decimals or bytes; metadata must survive json.dumps.
         extra = json.loads(json.dumps(extra, default=str))
-        text = "" if caption is None else caption if isinstance(caption, str) else str(caption)
+        shown = "" if url is None else str(url)
+        try:  # a list is several captions, as every reader of captions takes it (its repr was written)
+            captions = [] if caption is None else caption_list(str(caption) if isinstance(caption, (int, float))
+                                                                else caption)
+        except BadRecord as reason:
+            return Row(index, shown, [], extra, problem=f"caption column {self.caption_col!r}: {reason}")
         if not isinstance(url, str) or not url.strip():
-            return Row(index, "" if url is None else str(url), text, extra, problem=f"no URL in {self.url_col!r}")
-        return Row(index, url.strip(), text, extra)
+            return Row(index, shown, captions, extra, problem=f"no URL in {self.url_col!r}")
+        return Row(index, url.strip(), captions, extra)
 
 
 # Per kind: (columns, row count) read cheaply up front, and the rows as (index, dict or why-unreadable).
@@ -651,7 +656,7 @@ def download_row(row: Row, fetcher: Fetcher, options: DownloadOptions) -> Outcom
             "original_width": original.width, "original_height": original.height,
             "width": image.width, "height": image.height}
     # The extension in the key tells the tar writer the member's type without opening the image again.
-    record = Downloaded(key + ENCODE_FORMATS[options.encode_format][1], encoded, [row.caption] if row.caption else [],
+    record = Downloaded(key + ENCODE_FORMATS[options.encode_format][1], encoded, row.captions,
                         meta=meta)
     return Outcome(row, len(data), record=record)
 

@@ -182,8 +182,8 @@ def _files_of_split(folder: Path, files: list[str], split: str) -> list[str]:
         found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
     except (OSError, ValueError):  # (datasets' EmptyDatasetError is a FileNotFoundError)
         return files
-    splits = {name: sorted(str(Path(file).resolve()) for file in named if str(file).endswith(".parquet"))
-              for name, named in found.items()}
+    splits = {str(name): sorted(str(Path(file).resolve()) for file in named if str(file).endswith(".parquet"))
+              for name, named in found.items()}  # (datasets' keys are NamedSplits)
     splits = {name: named for name, named in splits.items() if named}
     if not splits:
         return files

@@ -27,7 +27,11 @@ def check_available(model: str | Path, what: str = "CLIP model") -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(str(model), "config.json"), str):
+    try:
+        cached = try_to_load_from_cache(str(model), "config.json")
+    except ValueError:  # (huggingface_hub's HFValidationError: a path that does not exist is no hub id either)
+        raise EvalError(f"{what} {model}: no such folder, and not a Hugging Face Hub id (owner/name)") from None
+    if not isinstance(cached, str):
         raise EvalError(f"{what} {model}: not in the Hugging Face cache, and this machine is offline (or cannot reach "
                         "the Hub): download it "
                         f"once elsewhere (huggingface-cli download {model}), or give a local folder")

@@ -301,7 +301,7 @@ def test_bad_settings_and_inputs_get_a_message_naming_them(messy, tmp_path, caps
         (["--shard", "3/2"], "--shard 3/2: give i/N with 0 <= i < N"),
         (["--shard", "half"], "--shard half: give it as i/N"),
         (["--clip", str(tmp_path), "--clip-min", "0.2"], "cannot load it"),
-        (["--caption", str(tmp_path / "no-blip")], f"{tmp_path / 'no-blip'}: no such folder, and not a Hugging Face Hub"),
+        (["--caption", str(tmp_path / "no-blip")], f"{tmp_path / 'no-blip'}: no such folder, and not a Hugging Face"),
         (["--aesthetic", str(tmp_path / "none.pth"), "--aesthetic-min", "5", "--clip", str(tmp_path)], "no such file"),
         (["--min-size", "9999"], "every record was dropped (1 read, 52 size), nothing written to"),
         (["--clip-min", "28"], "--clip-min 28.0: a cosine of image and caption, in [-1, 1]"),

@@ -143,6 +143,8 @@ def test_a_file_of_another_kind_given_as_a_model_says_what_it_is(tmp_path, capsy
 def test_export_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert main(["export", "m", str(tmp_path / "o"), "--min-psnr", "30"]) == 2  # (silently ignored)
     assert "--min-psnr: the int8 quality gate's settings; add --quantize int8" in capsys.readouterr().err
+    assert main(["export", "m", str(tmp_path / "o"), "--gate-steps", "3"]) == 2  # (its default hid it)
+    assert "--gate-steps: the int8 quality gate's settings" in capsys.readouterr().err
     assert main(["export", "m", str(tmp_path / "o"), "--config", str(tmp_path / "nope")]) == 2
     assert "--config" in capsys.readouterr().err
     assert main(["eval", "m", "--weights-dir", str(tmp_path / "nope")]) == 2  # (ignored, then a download tried)

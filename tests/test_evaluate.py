@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_config
 from PIL import Image, ImageFilter
+from test_text2image import tiny_sd  # noqa: F401  (the fixture)
 
 from difftrain.cli import main
 from difftrain.evaluate.inception import InceptionFeatures, prepare, write_random_inception
@@ -207,6 +208,32 @@ def test_eval_on_a_folder_of_images_reports_caches_and_skips_bad_reference_files
     assert main([*argv[:-2], "--out", str(tmp_path / "third"), "--metrics", "fid"]) == 0
     third = json.loads((tmp_path / "third" / "eval.json").read_text())
     assert third["reference"]["from_cache"] is False and third["generation"]["features_from_cache"] is False
+
+
+def test_no_eval_writes_over_a_users_images_a_report_it_measures_or_its_reference(
+        networks, shapes32, tiny_sd, tmp_path, capsys):  # noqa: F811
+    """A folder eval writes eval.json beside the images/ it measured: a later eval of a model into the same --out
+    took that as its own earlier output and deleted the user's images. Measuring an earlier report into itself
+    (the default --out eval) wrote over it; an --out inside the reference became reference images."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(shapes32, project / "images")
+    count = len(list((project / "images").glob("*.png")))
+    flags = [*_flags(networks), "--cache-dir", str(tmp_path / "cache"), "--metrics", "is"]
+    assert main(["eval", str(project / "images"), "--out", str(project), *flags]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tiny_sd), "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
+                 "--out", str(project), *flags]) == 2
+    assert "holds files that no earlier eval drew" in capsys.readouterr().err
+    assert len(list((project / "images").glob("*.png"))) == count
+    report = (project / "eval.json").read_text()
+    assert main(["eval", str(project), "--out", str(project), *flags]) == 2
+    assert "is inside the folder being measured" in capsys.readouterr().err and (project / "eval.json").read_text(
+        ) == report
+    assert main(["eval", str(tiny_sd), "--prompt", "a red circle", "--reference", str(shapes32), "--out",
+                 str(shapes32 / "eval"), *flags]) == 2
+    assert "is inside the --reference folder" in capsys.readouterr().err and not (shapes32 / "eval").exists()
 
 
 def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(networks, shapes32, tmp_path, capsys):

@@ -357,3 +357,18 @@ def test_fp16_conversion_of_a_graph_with_external_weights_leaves_no_fp32_file(tm
     x = np.ones((1, 256), np.float32)
     y = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ weight).max() < 0.05 * np.abs(x @ weight).max()
+
+
+def test_the_int8_gates_clip_score_is_evals_of_the_prompts_without_a1111s_syntax(tiny_clip, monkeypatch):
+    """The gate scored "(detailed:1.2)" with its brackets and weight; eval scores the plain text."""
+    from difftrain.evaluate.clip_score import ClipScorer
+    from difftrain.evaluate.scores import plain_text
+    from difftrain.export.quality import PROMPTS, SEEDS, clip_gate
+
+    scored, score = [], ClipScorer.score
+    monkeypatch.setattr(ClipScorer, "score", lambda self, images, texts: scored.append(texts) or score(
+        self, images, texts))
+    images = [Image.new("RGB", (32, 32), (40 * i % 255, 90, 200 - 20 * i)) for i in range(len(PROMPTS) * len(SEEDS))]
+    clip_gate(str(tiny_clip), images, images, None)
+    plain = [plain_text(prompt) for prompt in PROMPTS for _ in SEEDS]
+    assert scored == [plain, plain] and any(plain_text(prompt) != prompt for prompt in PROMPTS)

@@ -671,6 +671,7 @@ def _export(args: argparse.Namespace) -> int:
 
     gate = [flag for flag, given in (("--min-psnr", args.min_psnr is not None), ("--force", args.force),
                                      ("--gate-size", args.gate_size is not None), ("--gate-clip", args.gate_clip),
+                                     ("--gate-steps", args.gate_steps is not None),
                                      ("--max-clip-drop", args.max_clip_drop is not None)) if given]
     if gate and not args.quantize:
         raise DifftrainError(f"{', '.join(gate)}: the int8 quality gate's settings; add --quantize int8, or leave "
@@ -681,7 +682,8 @@ def _export(args: argparse.Namespace) -> int:
                             loras=[parse_lora_arg(item) for item in args.lora or ()], lora_scale=args.lora_scale,
                             embeddings=list(args.embedding or ()), controlnet=args.controlnet,
                             use_ema=not args.no_ema, config=args.config, opset=args.opset, exporter=args.exporter,
-                            min_psnr=args.min_psnr, force=args.force, gate_steps=args.gate_steps,
+                            min_psnr=args.min_psnr, force=args.force,
+                            gate_steps=args.gate_steps or ExportOptions.gate_steps,
                             gate_size=args.gate_size, gate_clip=args.gate_clip, max_clip_drop=args.max_clip_drop)
     out = export_onnx(args.model, args.out, options, progress=not args.no_progress)
     gate = json.loads((out / "difftrain.json").read_text())["export"].get("quality_gate")
@@ -927,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--quantize", choices=["int8"], help="static int8 UNet (calibrated), checked by the quality gate")
     onnx.add_argument("--min-psnr", type=_finite, help="int8: the quality gate's floor in dB (default 22)")
     onnx.add_argument("--force", action="store_true", help="int8: write it even when it fails the quality gate")
-    onnx.add_argument("--gate-steps", type=_whole(1), default=12, help="int8: the quality gate's sampling steps")
+    onnx.add_argument("--gate-steps", type=_whole(1), help="int8: the quality gate's sampling steps (default 12)")
     onnx.add_argument("--gate-size", type=_whole(64), help="int8: the gate's image side (default: the size the model was trained at)")
     onnx.add_argument("--gate-clip", metavar="MODEL",
                       help="int8: also compare the gate images' CLIP score to fp32's with this CLIP (folder or hub id)")

@@ -106,14 +106,20 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
                                           **keyed_options(options.reference_source, options.reference_image_key,
                                                           options.reference_caption_key))
     is_folder = _is_image_folder(target)
+    if options.reference and _inside(out, options.reference):  # (the report would be measured as real images)
+        raise EvalError(f"--out {out} is inside the --reference folder {options.reference}: its images and grids "
+                        "would be read as reference images next time; give --out another folder")
     if is_folder:
+        if _inside(out, target):  # before the report's images/ stand in for it: the report itself is measured
+            raise EvalError(f"--out {out} is inside the folder being measured ({target}): its report and grids "
+                            "would be measured next time; give --out another folder")
         if (Path(target) / "eval.json").is_file():  # an earlier eval's output: its images, never its grids
             if not (Path(target) / "images").is_dir():
                 measured = json.loads((Path(target) / "eval.json").read_text()).get("target")
                 raise EvalError(f"{target} is an eval report of {measured} (it holds grids, not the images): "
                                 "measure that instead")
             target = str(Path(target) / "images")
-        if out.resolve() == Path(target).resolve() or Path(target).resolve() in out.resolve().parents:
+        if _inside(out, target):
             raise EvalError(f"--out {out} is inside the folder being measured ({target}): its report and grids "
                             "would be measured next time; give --out another folder")
         groups, generation = _read_folder(target, options, warnings, progress), {"source": str(target)}
@@ -209,13 +215,23 @@ def _count_warnings(wanted: list[str], groups: list[Group], reference, options: 
     return warnings
 
 
+def _inside(out: Path, folder: str | Path) -> bool:
+    """Whether `out` is `folder` or inside it."""
+    return out.resolve() == Path(folder).resolve() or Path(folder).resolve() in out.resolve().parents
+
+
 def _fresh_images_dir(out: Path) -> Path:
     """`out/images`, emptied of an earlier eval's images (a later `difftrain eval OUT` measures them all, and
-    another model's or seed's would be mixed in); a folder of images not ours is refused, never emptied."""
+    another model's or seed's would be mixed in); a folder of images not ours is refused, never emptied. Ours:
+    an earlier eval of a model drew them (an eval of a folder writes eval.json too, and draws nothing)."""
     images = out / "images"
     earlier = sorted(images.glob("*")) if images.is_dir() else []
-    if earlier and not (out / "eval.json").is_file():
-        raise EvalError(f"--out {out}: {images} holds files that no earlier eval wrote; give --out a new folder")
+    try:
+        drawn = "model" in json.loads((out / "eval.json").read_text()).get("generation", {})
+    except (OSError, ValueError, AttributeError):
+        drawn = False
+    if earlier and not drawn:
+        raise EvalError(f"--out {out}: {images} holds files that no earlier eval drew; give --out a new folder")
     for path in earlier:
         if path.suffix == ".png" and path.is_file():
             path.unlink()

@@ -79,10 +79,11 @@ def quality_gate(reference, candidate: Path, min_psnr: float | None = None, step
 def clip_gate(clip: str, originals: list, quantised: list, max_drop: float | None) -> dict:
     """Mean CLIP score of each set against its prompts (in draw_set's order), and whether int8 kept it."""
     from difftrain.evaluate.clip_score import ClipScorer
+    from difftrain.evaluate.scores import plain_text
 
     allowed = DEFAULT_MAX_CLIP_DROP if max_drop is None else float(max_drop)
     scorer = ClipScorer(clip)
-    prompts = [prompt for prompt in PROMPTS for _ in SEEDS]
+    prompts = [plain_text(prompt) for prompt in PROMPTS for _ in SEEDS]  # as eval scores them: without A1111's syntax
     before, after = (scorer.score(images, prompts) for images in (originals, quantised))
     return {"clip_model": str(clip), "clip_score_fp32": round(before, 3), "clip_score_int8": round(after, 3),
             "clip_drop": round(before - after, 3), "max_clip_drop": allowed, "clip_passed": before - after <= allowed}

@@ -146,7 +146,7 @@ def test_training_labels_are_the_captions_classes_and_dropped_labels_the_last(ma
         assert seen.pop() == expected  # an uncaptioned image trains as "no class" too
         # The data loader's collate labels the batch (in a worker: it survives pickling); the loss
         # takes those labels and draws the same dropout.
-        items = [{"epoch": 0, "batch": 0, "skipped": 0, "pixel_values": torch.zeros(3, 16, 16), "caption": caption}
+        items = [{"epoch": 0, "batch": 0, "skipped": [], "pixel_values": torch.zeros(3, 16, 16), "caption": caption}
                  for caption in captions]
         collated = pickle.loads(pickle.dumps(method.collate))(items)
         assert collated["class_labels"].tolist() == [red, blue, 12, red]

@@ -356,7 +356,7 @@ def test_eval_of_a_text_to_image_model_draws_what_generate_draws(networks, tmp_p
     (foreign / "images").mkdir(parents=True)
     (foreign / "images" / "mine.png").write_bytes(b"x")
     assert main([*argv[:argv.index("--out")], "--out", str(foreign), *_flags(networks)]) == 2
-    assert "holds files that no earlier eval wrote" in capsys.readouterr().err
+    assert "holds files that no earlier eval drew" in capsys.readouterr().err
     assert (foreign / "images" / "mine.png").exists()
     capsys.readouterr()
     assert main(["eval", str(model), "--metrics", "fid", "--prompt", "x", *_flags(networks),

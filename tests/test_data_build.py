@@ -218,7 +218,7 @@ def test_data_build_names_every_file_it_skipped_and_refuses_a_used_out_before_re
     assert "see the data report" not in out and f"wrote {len(list(shapes_dir.glob('*.png')))} records" in out
     monkeypatch.setattr(sources, "open_source", lambda *args, **kwargs: pytest.fail("the source was read"))
     assert main(["data", "build", str(data), str(tmp_path / "out")]) == 2
-    assert f"OUT {tmp_path / 'out'} already exists and is not empty" in capsys.readouterr().err
+    assert f"{tmp_path / 'out'} already exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["data", "build", str(data), str(tmp_path / "other"), "--per-shard", "0"])
     assert "argument --per-shard: 0: give 1 or more" in capsys.readouterr().err

@@ -179,12 +179,9 @@ def _as_path_argument(error: DifftrainError) -> DifftrainError:
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from difftrain.atomic import occupied
-    from difftrain.data.shards import build_shards, export_folder
+    from difftrain.data.shards import build_shards, export_folder, refuse_occupied
 
-    if occupied(Path(args.out)):  # before the source is read: indexing a large one takes minutes
-        raise DifftrainError(f"OUT {args.out} already exists and is not empty; write to a new folder (a build never "
-                             "mixes with older files)")
+    refuse_occupied(Path(args.out))  # before the source is read: indexing a large one takes minutes
     source = _open_source(args)
     if source.skipped:  # each named: a build writes no data report to look them up in
         print(f"{len(source.skipped)} records skipped while reading {args.path}:")

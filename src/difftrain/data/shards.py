@@ -154,13 +154,18 @@ def _records(source: RecordSource, description: str, progress: bool, skipped: li
             skipped.append(str(reason))
 
 
-def _empty_folder(out_dir: str | Path) -> Path:
-    """`out_dir`, made, marked UNFINISHED until the writer takes the mark off as its last act."""
-    out = Path(out_dir)
+def refuse_occupied(out: Path) -> None:
+    """A build writes into a new or empty folder only; `data build` asks before it reads its source."""
     if occupied(out):
         raise DatasetError(
             f"{out} already exists and is not empty; write to a new folder (a build never mixes with older files)"
         )
+
+
+def _empty_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, made, marked UNFINISHED until the writer takes the mark off as its last act."""
+    out = Path(out_dir)
+    refuse_occupied(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / UNFINISHED).write_text("written by difftrain while it writes this folder; gone when it has finished\n")
     return out

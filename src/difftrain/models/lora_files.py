@@ -679,7 +679,8 @@ def load_lora_adapter(pipe, lora_path, adapter_name: str) -> None:
 @contextmanager
 def _errors_only(logger: str, when: bool) -> Iterator[None]:
     """The logger `logger` passes errors only inside, `when` so; its level is restored after."""
-    log, level = logging.getLogger(logger), logging.getLogger(logger).level
+    log = logging.getLogger(logger)
+    level = log.level
     if when:
         log.setLevel(logging.ERROR)
     try:

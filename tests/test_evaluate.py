@@ -307,6 +307,11 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
                          "is one already")):
         assert main(["eval", str(generated), *flags, "--out", str(tmp_path / "n"), *common]) == 2
         assert said in capsys.readouterr().err
+    # ... and a metric that uses it: without one there would be nothing to save
+    assert main(["eval", str(generated), "--reference", str(shapes32), "--save-reference",
+                 str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "n"), *common, "--metrics", "is"]) == 2
+    assert "--metrics is uses no reference" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
     # statistics at another size, or from other Inception weights, do not compare: refused
     capsys.readouterr()
     assert main(["eval", str(generated), "--reference", str(stats), "--size", "64", "--out", str(tmp_path / "d"),

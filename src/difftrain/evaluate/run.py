@@ -98,6 +98,9 @@ def evaluate(target: str, options: EvalOptions, out_dir: str | Path, progress: b
         if not options.reference or _is_statistics_file(options.reference):
             raise EvalError("--save-reference writes the statistics of a --reference folder or data set; "
                             f"{'none was given' if not options.reference else options.reference + ' is one already'}")
+        if options.metrics is not None and not any(name in options.metrics for name in NEEDS_REFERENCE):
+            raise EvalError(f"--save-reference: --metrics {','.join(options.metrics)} uses no reference, so there "
+                            f"are no statistics to save; add one of {', '.join(NEEDS_REFERENCE)} to --metrics")
     warnings: list[str] = []
     reference_records = None
     if options.reference and not _is_statistics_file(options.reference):

@@ -266,8 +266,11 @@ def test_a_unet_exported_for_controlnets_takes_a_torch_controlnet_and_fp16_runs(
     assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
 
 
-def time_embedding_error(unet, config_dir: Path) -> float:
-    """Largest difference between what an exported UNet feeds its time embedding and diffusers' fp64 value."""
+def time_embedding_error(unet, config_dir: Path, residual_shapes: dict | None = None) -> float:
+    """Largest difference between what an exported UNet feeds its time embedding and diffusers' fp64 value.
+
+    `residual_shapes`: those of a UNet exported for ControlNets (name -> channels, times smaller), fed zeros.
+    """
     import onnx
     import onnxruntime
     from diffusers.models.embeddings import get_timestep_embedding
@@ -283,9 +286,11 @@ def time_embedding_error(unet, config_dir: Path) -> float:
     unet.graph.output.append(onnx.helper.make_tensor_value_info(linear_1.input[0], onnx.TensorProto.FLOAT16, None))
     session = onnxruntime.InferenceSession(unet.SerializeToString(), providers=["CPUExecutionProvider"])
     timesteps = np.array([999.0, 923.47, 1.0], np.float32)  # Karras and Euler schedules give fractional ones
+    residuals = {name: np.zeros((3, channels, 8 // down, 8 // down), np.float32)
+                 for name, (channels, down) in (residual_shapes or {}).items()}
     fed = session.run([linear_1.input[0]], {
         "sample": np.zeros((3, 4, 8, 8), np.float32), "timestep": timesteps,
-        "encoder_hidden_states": np.zeros((3, 77, config["cross_attention_dim"]), np.float32)})[0]
+        "encoder_hidden_states": np.zeros((3, 77, config["cross_attention_dim"]), np.float32), **residuals})[0]
     exact = get_timestep_embedding(torch.from_numpy(timesteps).double(), fed.shape[1], flip_sin_to_cos=True,
                                    downscale_freq_shift=config["freq_shift"])
     return float(np.abs(fed.astype(np.float64) - exact.numpy()).max())
@@ -294,19 +299,30 @@ def time_embedding_error(unet, config_dir: Path) -> float:
 def test_the_dynamo_exporters_fp16_unet_keeps_only_the_timestep_path_in_fp32(tiny_sd, tmp_path, capsys):  # noqa: F811
     import onnx
 
+    from difftrain.models.tiny_sd import write_tiny_controlnet
+
     assert main(["export", str(tiny_sd), str(tmp_path / "17"), "--exporter", "dynamo", "--opset", "17"]) == 2
     assert "give --opset 18 or more, or leave --opset out" in capsys.readouterr().err
+    # With ControlNet inputs too (named *residuals once failed the dynamo exporter's dynamic axes)
     assert main(["export", str(tiny_sd), str(tmp_path / "fp16"), "--exporter", "dynamo", "--precision", "fp16",
-                 "--no-progress"]) == 0
+                 "--controlnet", "--no-progress"]) == 0
     unet = onnx.load(str(tmp_path / "fp16" / "unet" / "model.onnx"))
     # Its node names carry no module path: the path is found by structure, not the whole UNet left in fp32.
     weights = {i.name: i.data_type for i in unet.graph.initializer if len(i.dims) > 1}
     assert [name for name, kind in weights.items() if kind == onnx.TensorProto.FLOAT] == ["unsqueeze_1"]  # frequencies
-    assert time_embedding_error(unet, tiny_sd / "unet") < 1e-3
+    residual_shapes = json.loads((tmp_path / "fp16" / "unet" / "config.json").read_text())["_residual_shapes"]
+    assert time_embedding_error(unet, tiny_sd / "unet", residual_shapes) < 1e-3
     for part in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
         onnx.checker.check_model(onnx.load(str(tmp_path / "fp16" / part / "model.onnx")))
     plain = pixels(generate(tiny_sd, tmp_path / "plain")[0])
     assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "half")[0]) - plain).max() <= 4
+    net = write_tiny_controlnet(tiny_sd, tmp_path / "controlnet", zero_conv_std=0.5)
+    control = tmp_path / "control.png"
+    Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype("uint8")).save(control)
+    extra = ("--controlnet", str(net), "--control-image", str(control))
+    steered = pixels(generate(tiny_sd, tmp_path / "torch", *extra)[0])
+    assert np.abs(pixels(generate(tmp_path / "fp16", tmp_path / "cn-half", *extra)[0]) - steered).max() <= 4
+    assert np.abs(steered - plain).max() > 10
 
 
 def test_serve_draws_from_an_onnx_export_what_generate_draws(onnx_model, tiny_sd, tmp_path):  # noqa: F811

@@ -19,6 +19,8 @@ under a second, a one-off measurement, not a benchmark of the repository).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -211,6 +213,13 @@ class _UNetGraph(torch.nn.Module):
     def __init__(self, unet, residual_shapes: dict[str, tuple[int, int]]):
         super().__init__()
         self.unet, self.residual_shapes = unet, residual_shapes
+        # The dynamo exporter maps each named input's dynamic axes onto forward's parameters by name, which
+        # *residuals does not have: the instance's forward is given a signature that names each one.
+        signature = inspect.signature(type(self).forward)
+        named = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in residual_shapes]
+        forward = functools.partial(type(self).forward, self)
+        forward.__signature__ = signature.replace(parameters=[*list(signature.parameters.values())[1:4], *named])
+        self.forward = forward
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals):
         down = list(residuals[:-1]) if residuals else None

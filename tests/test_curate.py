@@ -367,6 +367,32 @@ def test_a_jsonl_source_with_a_caption_that_is_not_text_is_reported_not_fatal(me
                        "list.jsonl line 3": f"{messy / 'broken.png'}: cannot read header: Truncated File Read"}
 
 
+def test_a_caption_file_that_cannot_be_read_is_a_caption_problem_not_a_dropped_record(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+        Image.new("RGB", (32, 32), colour).save(data / f"{name}.png")
+    (data / "a.txt").write_text("a red square")
+    (data / "b.txt").write_bytes("un carré bleu".encode("latin-1"))
+    # (an OUT or report inside the data would be read as more of it next time)
+    for inside in (["data", "curate", str(data), str(data / "curated")],
+                   ["data", "curate", str(data), str(tmp_path / "out"), "--report", str(data / "report")]):
+        assert main([*inside, "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 2
+        assert f"is inside the folder being curated ({data})" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["data", "curate", str(data), str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 records: 2 kept, dropped: none." in printed
+    assert "1 caption problems while reading" in printed and "b.txt: not valid UTF-8" in printed
+    report = json.loads((tmp_path / "out-report" / "report.json").read_text())
+    assert report["counts"]["kept"] == 2 and report["counts"]["dropped"] == {} and report["dropped"] == []
+    assert [p["where"] for p in report["caption_problems"]] == ["b.txt"]
+    assert "1 caption problems" in report["input"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == ["a.png", "b.png"]
+
+
 def test_under_accelerate_launch_each_rank_takes_a_slice_and_rank_0_writes(messy, tmp_path):
     import sqlite3
     import subprocess

@@ -212,9 +212,14 @@ def test_data_build_names_every_file_it_skipped_and_refuses_a_used_out_before_re
     shutil.copytree(shapes_dir, data)
     (data / "zero.png").write_bytes(b"")
     (data / "page.jpg").write_text("<html>503</html>")
+    with open(data / "metadata.jsonl", "a") as metadata:
+        metadata.write("{not json\n")  # a caption problem, which leaves no record out
+    lines = len((data / "metadata.jsonl").read_text().splitlines())
     assert main(["data", "build", str(data), str(tmp_path / "out"), "--no-gzip"]) == 0
     out = capsys.readouterr().out
     assert "2 records skipped while reading" in out and "  zero.png: empty file" in out and "  page.jpg: " in out
+    assert (f"1 caption problems (no record left out) while reading {data}:\n"
+            f"  metadata.jsonl line {lines}: not valid JSON") in out
     assert "see the data report" not in out and f"wrote {len(list(shapes_dir.glob('*.png')))} records" in out
     monkeypatch.setattr(sources, "open_source", lambda *args, **kwargs: pytest.fail("the source was read"))
     assert main(["data", "build", str(data), str(tmp_path / "out")]) == 2

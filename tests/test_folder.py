@@ -35,8 +35,9 @@ def test_metadata_captions_recursive_and_bad_files_reported(tmp_path):
                                                              "c.png": "a null text, a caption"}
     reasons = dict(scan.skipped)
     assert reasons["broken.png"] == "empty file (0 bytes)"
-    assert "not valid JSON" in reasons["metadata.jsonl line 5"]
+    assert "not valid JSON" in dict(scan.notes)["metadata.jsonl line 5"]  # a caption problem: no image lost
     assert any("does not exist" in r for n, r in scan.skipped if n.endswith("gone.png"))
+    assert len(scan.skipped) == 2 and len(scan.notes) == 1
     report = "\n".join(scan.report_lines())
     assert "3 usable images" in report and "broken.png" in report
 
@@ -103,10 +104,13 @@ def test_metadata_lines_that_are_not_utf8_or_repeat_a_file_are_reported(tmp_path
     scan = scan_folder(tmp_path, progress=False)
     captions = {r.path.name: r.caption for r in scan.records}
     assert captions == {"a.png": "first", "b.png": None}
-    reasons = dict(scan.skipped)
+    # Notes, not skipped files: no image was left out for them
+    assert scan.skipped == []
+    reasons = dict(scan.notes)
     assert "not valid UTF-8" in reasons["metadata.jsonl line 2"]
     assert reasons["metadata.jsonl line 3"] == "a.png is listed again; the caption of metadata.jsonl line 1 is kept"
     report = "\n".join(scan.report_lines())
+    assert "2 caption problems (no image left out for them):" in report
     assert "line 2" in report and "line 3" in report and "1 images have no caption" in report
 
 
@@ -117,7 +121,7 @@ def test_a_txt_caption_that_is_not_utf8_is_reported_not_guessed(tmp_path):
     (tmp_path / "two.txt").write_bytes("\ufeffa bom caption".encode("utf-8"))  # Windows Notepad's UTF-8
     scan = scan_folder(tmp_path, progress=False)
     assert {r.path.name: r.caption for r in scan.records} == {"one.png": None, "two.png": "a bom caption"}
-    assert "not valid UTF-8 (byte 3" in dict(scan.skipped)["one.txt"]
+    assert "not valid UTF-8 (byte 3" in dict(scan.notes)["one.txt"] and scan.skipped == []
     assert scan.missing_captions == ["one.png"]
 
 

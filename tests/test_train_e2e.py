@@ -575,11 +575,15 @@ def test_bad_files_are_skipped_counted_and_listed(shapes_dir, tmp_path, capsys):
     noisy = tmp_path / "noisy.png"
     Image.effect_noise((64, 64), 40).convert("RGB").save(noisy)
     (data / "000001.png").write_bytes(noisy.read_bytes()[:2000])  # a download cut short
-    config = write_config(tmp_path / "c.yaml", tiny_config(data, tmp_path / "run", training={"max_steps": 1}))
+    (data / "000002.txt").write_bytes("café".encode("latin-1"))  # a caption problem: its image is still used
+    config = write_config(tmp_path / "c.yaml", tiny_config(data, tmp_path / "run", training={"max_steps": 1},
+                                                         data={"path": str(data), "resolution": 16, "captions": "txt"}))
     assert main(["train", str(config), "--no-progress"]) == 0
-    assert "22 records, 2 skipped at start" in capsys.readouterr().out
+    assert "22 records, 2 skipped at start, 0 replaced at read time (this process), 1 caption problems" in (
+        capsys.readouterr().out)
     report = (tmp_path / "run" / "data_report.txt").read_text()
     assert "000000.png: empty file" in report and "000001.png: cannot decode" in report
+    assert "1 caption problems (no image left out for them):\n  000002.txt: not valid UTF-8" in report
 
 
 def test_unusable_dataset_fails_before_training(tmp_path, capsys):

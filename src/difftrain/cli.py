@@ -183,12 +183,14 @@ def _data_build(args: argparse.Namespace) -> int:
 
     refuse_occupied(Path(args.out))  # before the source is read: indexing a large one takes minutes
     source = _open_source(args)
-    if source.skipped:  # each named: a build writes no data report to look them up in
-        print(f"{len(source.skipped)} records skipped while reading {args.path}:")
-        for where, reason in source.skipped[:SHOWN]:
-            print(f"  {where}: {reason}")
-        if len(source.skipped) > SHOWN:
-            print(f"  ... and {len(source.skipped) - SHOWN} more")
+    # each named: a build writes no data report to look them up in
+    for problems, what in ((source.skipped, "records skipped"), (source.notes, "caption problems (no record left out)")):
+        if problems:
+            print(f"{len(problems)} {what} while reading {args.path}:")
+            for where, reason in problems[:SHOWN]:
+                print(f"  {where}: {reason}")
+            if len(problems) > SHOWN:
+                print(f"  ... and {len(problems) - SHOWN} more")
     skipped: list[str] = []
     if args.format == "folder":
         out = export_folder(source, args.out, skipped=skipped)
@@ -270,6 +272,9 @@ def _data_curate(args: argparse.Namespace) -> int:
     else:
         where = f"wrote {summary['kept']} records to {result.out}; report in {result.report_dir}"
     print(f"{summary['records']} records: {summary['kept']} kept, dropped: {dropped}. {where}")
+    if source.notes and not options.shard:
+        print(f"{len(source.notes)} caption problems while reading {args.path} (no record left out; listed in the "
+              "report's report.json), e.g. " + ": ".join(source.notes[0]))
     return 0
 
 

@@ -134,8 +134,9 @@ def _report_dir(out: Path, options: CurateOptions) -> Path:
 
 def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple, report: Path) -> None:
     """Refuse, before any work, an OUT that is in use: the current folder or one above it, not empty without
-    --force, or holding the data being curated (--force would replace it with the output); and a report
-    folder inside OUT (its contact sheets and histograms would become training images)."""
+    --force, or holding the data being curated (--force would replace it with the output); a report
+    folder inside OUT (its contact sheets and histograms would become training images); and either one inside
+    the folder being curated."""
     if Path.cwd().is_relative_to(out):
         raise CurateError(f"{out} is the current folder or holds it; give OUT as a folder of its own")
     report = Path(os.path.abspath(report))
@@ -147,6 +148,11 @@ def _check_output(out: Path, force: bool, source: RecordSource, inputs: tuple, r
         if others:
             raise CurateError(f"--report {report} holds other files than a curate report ({', '.join(others[:3])}"
                               f"{', ...' if len(others) > 3 else ''}): give a new folder for the report")
+    for folder in (Path(os.path.abspath(path)).resolve() for path in map(str, inputs) if not is_url(path)):
+        for given, what in ((out, "OUT"), (report, "--report")):  # (OUT the folder itself: refused below)
+            if folder.is_dir() and given.resolve() != folder and given.resolve().is_relative_to(folder):
+                raise CurateError(f"{what} {given} is inside the folder being curated ({folder}): its images would "
+                                  "be read as more of that data next time; give a folder outside it")
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():

@@ -66,6 +66,8 @@ def _summary(source: RecordSource, result: CurateResult, options: CurateOptions,
                            "per_second": round(n / seconds, 1) if seconds > 0 else None}
                     for step, (seconds, n) in result.timings.items()},
         "dropped": [_row(item, keys) for item in result.items if item.step is not None],
+        # what the source found wrong with captions while indexing; their records are kept, so not dropped
+        "caption_problems": [{"where": where, "reason": reason} for where, reason in source.notes],
     }
 
 

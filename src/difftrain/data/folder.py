@@ -84,16 +84,20 @@ class ConditioningFiles:
 class FolderScan:
     root: Path
     records: list[Record]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): images left out
     caption_source: str = "none"
     missing_captions: list[str] = field(default_factory=list)
     conditioning_source: str | None = None  # how conditioning files were found; None: none were
+    # (file or metadata line, reason): caption files and metadata lines that could not be used. No image is left
+    # out for one (it is used uncaptioned, or with another caption), so they are not counted as skipped records.
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def report_lines(self) -> list[str]:
         lines = [f"{len(self.records)} usable images in {self.root} (captions: {self.caption_source})"]
         if self.skipped:
             lines.append(f"{len(self.skipped)} files skipped:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        lines += caption_problem_lines(self.notes)
         if self.missing_captions:
             lines.append(f"{len(self.missing_captions)} images have no caption")
         return lines
@@ -119,6 +123,14 @@ def image_paths(paths: Iterable[Path]) -> list[Path]:
     return sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def caption_problem_lines(notes: list[tuple[str, str]]) -> list[str]:
+    """A report's lines for a source's `notes` (none: no lines)."""
+    if not notes:
+        return []
+    return [f"{len(notes)} caption problems (no image left out for them):",
+            *(f"  {where}: {reason}" for where, reason in notes)]
+
+
 def not_utf8(raw: bytes, exc: UnicodeDecodeError, consequence: str = "") -> str:
     """Why a file's bytes are refused (never guessed at: a replaced character would silently change a caption)."""
     then = f"{consequence}; " if consequence else ""
@@ -131,9 +143,9 @@ def csv_rows(lines: Iterable[str], delimiter: str = ",", reader=csv.reader):
     return reader(lines, delimiter=delimiter)
 
 
-def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
+def jsonl_entries(lines: Iterable[bytes], label: str, problems: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
     """(where, parsed value) for each non-blank line of a file opened in binary mode; lines
-    that are not UTF-8 or not JSON go to `skipped` (a replaced character would silently
+    that are not UTF-8 or not JSON go to `problems` (a replaced character would silently
     become part of a caption)."""
     for number, raw in enumerate(lines, 1):
         where = f"{label} line {number}"
@@ -142,27 +154,27 @@ def jsonl_entries(lines: Iterable[bytes], label: str, skipped: list[tuple[str, s
             # json.loads refuses, and the first record then lost its caption.
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            skipped.append((where, not_utf8(raw, exc)))
+            problems.append((where, not_utf8(raw, exc)))
             continue
         if not line.strip():
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            skipped.append((where, f"not valid JSON: {exc.msg}"))
+            problems.append((where, f"not valid JSON: {exc.msg}"))
 
 
-def csv_entries(raw: bytes, label: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
+def csv_entries(raw: bytes, label: str, problems: list[tuple[str, str]]) -> Iterator[tuple[str, Any]]:
     """(where, row as a dict) for each row of a metadata.csv, as `jsonl_entries` for a jsonl; a file
     that is not UTF-8 or has no `file_name` column is reported whole."""
     try:
         text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as exc:
-        skipped.append((label, not_utf8(raw, exc)))
+        problems.append((label, not_utf8(raw, exc)))
         return
     rows = csv_rows(io.StringIO(text, newline=""), reader=csv.DictReader)
     if "file_name" not in (rows.fieldnames or ()):
-        skipped.append((label, f"has no 'file_name' column (its header: {', '.join(rows.fieldnames or ())}); "
+        problems.append((label, f"has no 'file_name' column (its header: {', '.join(rows.fieldnames or ())}); "
                                "the first row must name the columns, e.g. file_name,text"))
         return
     try:
@@ -170,7 +182,7 @@ def csv_entries(raw: bytes, label: str, skipped: list[tuple[str, str]]) -> Itera
             # line_num counts the file's lines, so a caption spanning lines still gives where its row ends.
             yield f"{label} line {rows.line_num}", row
     except csv.Error as exc:
-        skipped.append((f"{label} line {rows.line_num}", f"not valid CSV: {exc}; the rest of the file is not read"))
+        problems.append((f"{label} line {rows.line_num}", f"not valid CSV: {exc}; the rest of the file is not read"))
 
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -209,32 +221,33 @@ def path_resolver() -> Callable[[Path], Path]:
     return resolve
 
 
-def read_metadata(root: Path, files: list[Path], skipped: list[tuple[str, str]], conditioning_column: str | None = None,
+def read_metadata(root: Path, files: list[Path], notes: list[tuple[str, str]], conditioning_column: str | None = None,
                   resolve: Callable[[Path], Path] = Path.resolve) -> dict[Path, MetadataEntry]:
     """Every metadata.jsonl and metadata.csv (`files`, under `root`): image path -> its entry. The one reader of
     these files.
 
     A conditioning column's value is kept as stored, with the folder it is relative to.
 
-    A second line for the same `file_name` is reported and ignored: the first one is kept.
+    A second line for the same `file_name` is reported and ignored: the first one is kept. Lines that cannot be
+    used go to `notes`: they lose no image of their own (an image no usable line names is used without them).
     """
     entries: dict[Path, MetadataEntry] = {}
     for meta in files:
         label = str(meta.relative_to(root))
         with open(meta, "rb") as file:
-            rows = (csv_entries(file.read(), label, skipped) if meta.suffix == ".csv"
-                    else jsonl_entries(file, label, skipped))
+            rows = (csv_entries(file.read(), label, notes) if meta.suffix == ".csv"
+                    else jsonl_entries(file, label, notes))
             for where, entry in rows:
                 name = entry.get("file_name") if isinstance(entry, dict) else None
                 # the first caption key with a value: a table exported with both columns has nulls in one
                 caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry, dict) and entry.get(k) is not None),
                                None)
                 if not isinstance(name, str) or not isinstance(caption, str):
-                    skipped.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
+                    notes.append((where, "needs a 'file_name' string and a 'text' (or 'caption') string"))
                     continue
                 path = resolve(meta.parent / name)
                 if path in entries:
-                    skipped.append((where, f"{name} is listed again; the caption of {entries[path].where} is kept"))
+                    notes.append((where, f"{name} is listed again; the caption of {entries[path].where} is kept"))
                     continue
                 listed = entry.get("captions")
                 if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
@@ -244,7 +257,7 @@ def read_metadata(root: Path, files: list[Path], skipped: list[tuple[str, str]],
     return entries
 
 
-def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -> str | None:
+def _read_caption_file(path: Path, root: Path, notes: list[tuple[str, str]]) -> str | None:
     """A .txt caption (a UTF-8 byte-order mark is dropped); one that is not UTF-8 is reported, not
     guessed at: a replaced character would silently change what the model learns."""
     if not path.is_file():
@@ -253,7 +266,7 @@ def _read_caption_file(path: Path, root: Path, skipped: list[tuple[str, str]]) -
     try:
         return raw.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        skipped.append((str(path.relative_to(root)), not_utf8(raw, exc, "its image is used uncaptioned")))
+        notes.append((str(path.relative_to(root)), not_utf8(raw, exc, "its image is used uncaptioned")))
         return None
 
 
@@ -336,9 +349,10 @@ def scan_folder(
     column = conditioning.column if conditioning and conditioning.folder is None else None
     wants_metadata = source == "metadata" or (column and files)
     resolve = path_resolver()
-    metadata = read_metadata(root, files, skipped, column, resolve) if wants_metadata else {}
+    notes: list[tuple[str, str]] = []
+    metadata = read_metadata(root, files, notes, column, resolve) if wants_metadata else {}
     if source == "metadata" and not metadata:
-        why = f": {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        why = f": {notes[0][0]}: {notes[0][1]}" if notes else ""
         raise DatasetError(f"no usable metadata.jsonl or metadata.csv entries under {root}{why}")
     if conditioning and column and not any(entry.conditioning not in (None, "") for entry in metadata.values()):
         conditioning = None  # no file names one: conditioning images are computed from the images
@@ -382,7 +396,7 @@ def scan_folder(
         elif source == "txt" or (source == "metadata" and captions == "auto"):
             # With captions: auto, a metadata file (a subfolder's, say) does not speak for the images it
             # does not list: their caption files still caption them, as with no metadata file at all.
-            caption = _read_caption_file(image_path.with_suffix(caption_extension), root, skipped)
+            caption = _read_caption_file(image_path.with_suffix(caption_extension), root, notes)
         if source != "none" and caption is None:
             missing.append(name)
         records.append(Record(image_path, caption, width, height, tuple(listed) if listed is not None else None,
@@ -401,4 +415,5 @@ def scan_folder(
         raise DatasetError(
             f"no usable images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}){detail}"
         )
-    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None)
+    return FolderScan(root, records, skipped, source, missing, conditioning.describe() if conditioning else None,
+                      notes)

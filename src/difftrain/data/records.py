@@ -45,13 +45,13 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from difftrain.atomic import write_text
-from difftrain.data.folder import DatasetError
+from difftrain.data.folder import DatasetError, caption_problem_lines
 from difftrain.data.folder_index import keyed_path
 from difftrain.data.images import HEADER_SIZE_VERSION, BadImage, check_size, image_size_from_bytes
 from difftrain.data.remote import ShardUnreachable, is_url, read_text, remote_identity
@@ -95,6 +95,8 @@ class KnownRecords:
 class RecordSource(ABC):
     description: str  # one line for the run summary
     skipped: list[tuple[str, str]]  # (where, reason) for everything left out while indexing
+    # (where, reason) for what was wrong but left no record out (a folder's unreadable caption file)
+    notes: Sequence[tuple[str, str]] = ()
     shard_sizes: list[int] | None  # None: cheap random access; else usable records per shard, in order
     sizes: np.ndarray  # (N, 2) int32 upright (width, height) per record
     uncaptioned: int  # records with no caption at all
@@ -147,7 +149,7 @@ class RecordSource(ABC):
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped:")
             lines += [f"  {where}: {reason}" for where, reason in self.skipped]
-        return lines
+        return lines + caption_problem_lines(list(self.notes))
 
 
 def read_order(index: int, count: int, block: tuple[int, int] | None = None) -> Iterator[int]:
@@ -216,14 +218,19 @@ def _encodable(text: str) -> str:
 
 
 def describe_records(
-    head: str, count: int, noun: str, skipped: int, uncaptioned: int, shards: str = "", where: str = ""
+    head: str, count: int, noun: str, skipped: int, uncaptioned: int, shards: str = "", where: str = "",
+    caption_problems: int = 0,
 ) -> str:
     """e.g. "laion parts: 3 parts, 2,400 records, 2 skipped (see the data report) (data/laion/filelist.txt)"."""
     text = f"{head}: " + (f"{shards}, " if shards else "") + f"{count:,} {noun}"
     if uncaptioned:
         text += f", {uncaptioned:,} without caption"
     if skipped:
-        text += f", {skipped:,} skipped (see the data report)"
+        text += f", {skipped:,} skipped"
+    if caption_problems:
+        text += f", {caption_problems:,} caption problems"
+    if skipped or caption_problems:
+        text += " (see the data report)"
     return text + (f" ({where})" if where else "")
 
 

@@ -161,10 +161,11 @@ class FileSource(RecordSource):
 
     def __init__(self, description: str, keys: list[str], paths: list[str], captions: list[list[str]],
                  sizes: list[tuple[int, int]], skipped: list[tuple[str, str]], conditioning: list[str] | None = None,
-                 digests: list[bytes | None] | None = None, condition_digests: list[bytes | None] | None = None):
+                 digests: list[bytes | None] | None = None, condition_digests: list[bytes | None] | None = None,
+                 notes: list[tuple[str, str]] | None = None):
         self.description = description
         self.has_conditioning = conditioning is not None
-        self.skipped = skipped
+        self.skipped, self.notes = skipped, notes or []
         self.shard_sizes = None
         self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
         self.uncaptioned = sum(not c for c in captions)
@@ -225,10 +226,11 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
     uncaptioned = sum(not t for t in texts)
     head = f"folder (captions: {scan.caption_source}" + (
         f", conditioning images: {scan.conditioning_source})" if scan.conditioning_source else ")")
-    description = describe_records(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root))
+    description = describe_records(head, len(keys), "images", len(scan.skipped), uncaptioned, where=str(root),
+                                   caption_problems=len(scan.notes))
     conditions = [str(r.conditioning) for r in scan.records] if scan.conditioning_source else None
     return FileSource(description, keys, paths, texts, sizes, scan.skipped, conditions, digests,
-                      condition_digests if conditions is not None else None)
+                      condition_digests if conditions is not None else None, scan.notes)
 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,

@@ -577,12 +577,10 @@ class Trainer:
             if not says(self.run_dir / "config.yaml", self.config):
                 write_text(self.run_dir / "config.yaml", self.config.to_yaml())
             write_text(self.run_dir / "data_report.txt", "\n".join(self.dataset.source.report_lines()) + "\n")
-            if self.dataset.source.skipped:
-                log.warning(
-                    "%d unusable records skipped; the list is in %s",
-                    len(self.dataset.source.skipped),
-                    self.run_dir / "data_report.txt",
-                )
+            for count, what in ((len(self.dataset.source.skipped), "unusable records skipped"),
+                                (len(self.dataset.source.notes), "caption problems (no record left out)")):
+                if count:
+                    log.warning("%d %s; the list is in %s", count, what, self.run_dir / "data_report.txt")
         self.accelerator.wait_for_everyone()
 
     def _log_scalars(self, loss: float) -> None:
@@ -762,8 +760,9 @@ class Trainer:
             f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -",
             f"  data        {len(self.dataset)} records, {len(self.dataset.source.skipped)} skipped at start, "
             f"{self.replaced_at_read} replaced at read time (this process)"
-            + (f" (see {self.run_dir / 'data_report.txt'})" if self.dataset.source.skipped or self.replaced_at_read
-               else ""),
+            + (f", {len(self.dataset.source.notes)} caption problems" if self.dataset.source.notes else "")
+            + (f" (see {self.run_dir / 'data_report.txt'})"
+               if self.dataset.source.skipped or self.dataset.source.notes or self.replaced_at_read else ""),
             *([f"  buckets     {self.sampler.describe()}"] if self.dataset.buckets is not None else []),
             *[f"  model       {line}" for line in self.method.describe()],
             # (only what is there: no previews without prompts, no curve from fewer than two logged losses)

@@ -171,17 +171,29 @@ def test_data_commands_name_their_path_argument_and_report_links_that_lead_nowhe
     for command in ("build", "curate"):
         assert main(["data", command, "--source", "jsonl", str(tmp_path / "list.jsonl"), str(tmp_path / "out"),
                      "--no-progress"][:None if command == "curate" else -1]) == 2
-        assert "needs an 'image' string (the image path); give --image-key if yours differs" in \
+        assert "needs an 'image' string (the image path); name the key that holds it with --image-key" in \
             capsys.readouterr().err, command
     assert main(["data", "build", "--source", "jsonl", str(tmp_path / "list.jsonl"), str(tmp_path / "out"),
                  "--image-key", "url"]) == 2
-    assert capsys.readouterr().err.endswith("no 'caption' key; give --caption-key\n")
+    assert capsys.readouterr().err.endswith("no 'caption' key; name the caption's key with --caption-key, or "
+                                            "--caption-key '' reads the data without captions\n")
     (tmp_path / "set").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "set" / "a.png")
     (tmp_path / "set" / "b.png").symlink_to(tmp_path / "moved-away.png")
     assert main(["data", "check", str(tmp_path / "set")]) == 0
     out = capsys.readouterr().out
     assert "1 usable images" in out and f"b.png: a link to {tmp_path / 'moved-away.png'}, which does not exist" in out
+    # --caption-key '' reads a jsonl without captions, as the message says; a run names its config keys instead
+    (tmp_path / "set.jsonl").write_text('{"url": "set/a.png"}\n')
+    assert main(["data", "build", "--source", "jsonl", str(tmp_path / "set.jsonl"), str(tmp_path / "built"),
+                 "--image-key", "url", "--caption-key", ""]) == 0
+    assert "1 records, 1 without caption" in capsys.readouterr().out
+    from difftrain.data.folder import DatasetError
+    from difftrain.data.sources import open_source
+
+    with pytest.raises(DatasetError, match="name the caption's key with data.caption_key, or data.captions: none "
+                                           "reads the data without captions"):
+        open_source("jsonl", tmp_path / "set.jsonl", image_key="url", progress=False)
 
 
 def test_a_bad_config_or_missing_data_is_answered_before_the_trainer_and_torch_are_imported(tmp_path):

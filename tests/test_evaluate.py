@@ -261,7 +261,7 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
     jsonl = ["eval", str(generated), "--reference", str(shapes32 / "metadata.jsonl"), "--reference-source", "jsonl"]
     capsys.readouterr()
     assert main([*jsonl, "--out", str(tmp_path / "j"), *common]) == 2
-    assert "set --reference-image-key if yours differs" in capsys.readouterr().err
+    assert "name the key that holds it with --reference-image-key" in capsys.readouterr().err
     assert main([*jsonl, "--reference-image-key", "file_name", "--reference-caption-key", "text",
                  "--out", str(tmp_path / "j"), *common]) == 0
     assert json.loads((tmp_path / "j" / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(a["fid"],

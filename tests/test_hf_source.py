@@ -161,7 +161,7 @@ def test_a_folder_cloned_from_the_hub_trains_on_its_split_alone(tmp_path, shapes
     assert "--split 'validation': the parquet files of" in capsys.readouterr().err
     assert main(["data", "build", str(flat), str(tmp_path / "c"), "--source", "hf", "--caption-key", "text"]) == 2
     err = capsys.readouterr().err
-    assert "--caption-key 'text': the data set" in err and "(--caption-key '' reads no captions)" in err, err
+    assert "--caption-key 'text': the data set" in err and "(--caption-key '' reads it without captions)" in err, err
     assert main(["data", "build", str(flat), str(tmp_path / "n"), "--source", "hf", "--caption-key", ""]) == 0
     assert "9 records, 9 without caption" in capsys.readouterr().out
 
@@ -220,7 +220,7 @@ def test_clear_errors_for_columns_paths_and_hub_ids_offline(tmp_path, shapes_dir
     missing = f"data.image_column = 'img': the data set .*saved has no such column; {columns}"
     with pytest.raises(DatasetError, match=missing):
         open_source("hf", tmp_path / "saved", hf=HFOptions(image_column="img"), progress=False)
-    with pytest.raises(DatasetError, match=f"data.caption_column = 'text': .*{columns} .*caption_column: null"):
+    with pytest.raises(DatasetError, match=f"data.caption_column = 'text': .*{columns} .data.captions: none reads"):
         open_source("hf", tmp_path / "saved", hf=HFOptions(caption_column="text"), progress=False)
     with pytest.raises(DatasetError, match="data.image_column = 'label': .* holds Value\\('int64'\\), not images"):
         open_source("hf", tmp_path / "saved", hf=HFOptions(image_column="label"), progress=False)
@@ -228,7 +228,7 @@ def test_clear_errors_for_columns_paths_and_hub_ids_offline(tmp_path, shapes_dir
         open_source("hf", tmp_path / "saved", hf=HFOptions(revision="v1"), progress=False)
     with pytest.raises(DatasetError, match="streaming: true: .*save_to_disk, which is read in place"):
         open_source("hf", tmp_path / "saved", hf=HFOptions(streaming=True), progress=False)
-    with pytest.raises(DatasetError, match="gone.parquet does not exist; with data.source = hf"):
+    with pytest.raises(DatasetError, match="gone.parquet does not exist; with data.source = 'hf'"):
         open_source("hf", tmp_path / "gone.parquet", progress=False)
     with pytest.raises(DatasetError, match="matches no file"):
         open_source("hf", f"{tmp_path}/*.parquet", progress=False)

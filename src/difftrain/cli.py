@@ -137,7 +137,8 @@ def _source_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("out", help=out_help)
     parser.add_argument("--source", default="folder", choices=["folder", "jsonl", "laion", "webdataset", "hf"])
     parser.add_argument("--image-key", default="image", help="jsonl: key of the image path; hf: the image column")
-    parser.add_argument("--caption-key", default="caption", help="jsonl: key of the caption; hf: the caption column")
+    parser.add_argument("--caption-key", default="caption",
+                        help="jsonl: key of the caption; hf: the caption column; '' reads no captions (any source)")
     parser.add_argument("--split", default="train", help="hf: the split to read")
     parser.add_argument("--hf-config", help="hf: the Hub data set's configuration (subset) name")
     parser.add_argument("--revision", help="hf: the Hub data set's branch, tag or commit")
@@ -145,38 +146,18 @@ def _source_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def _open_source(args: argparse.Namespace, progress: bool = True):
-    from difftrain.data.folder import DatasetError
     from difftrain.data.hf import HFOptions
+    from difftrain.data.setting_names import COMMAND_ARGUMENTS
     from difftrain.data.sources import open_source
 
-    # (hf: --caption-key '' reads no captions, as a run's caption_column: null)
+    # (--caption-key '' reads no captions, as a run's data.captions: none)
     hf = HFOptions(args.image_key, args.caption_key or None, args.split, args.hf_config, args.revision, args.streaming)
-    try:
-        return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
-                           progress=progress, hf=hf)
-    except DatasetError as error:
-        raise _as_path_argument(error) from None
+    return open_source(args.source, args.path, image_key=args.image_key, caption_key=args.caption_key,
+                       captions="auto" if args.caption_key else "none", progress=progress, hf=hf,
+                       names=COMMAND_ARGUMENTS)
 
 
 SHOWN = 100  # skipped records a data command names one by one
-
-# A data command takes as arguments what a run takes as config keys; the same code names the keys.
-_ARGUMENT_NAMES = {"data.path": "PATH", "set image_key": "give --image-key", "set caption_key": "give --caption-key",
-                   ", or captions: none to train without": "", "data.image_column =": "--image-key",
-                   "data.caption_column =": "--caption-key",
-                   "(data.caption_column: null, or data.captions: none, trains without captions)":
-                   "(--caption-key '' reads no captions)", "data.split =": "--split",
-                   "set data.split to": "give --split as"}
-
-
-def _as_path_argument(error: DifftrainError) -> DifftrainError:
-    """A data error of a command that takes the data as its PATH argument and options: named as those, not as
-    the config keys the same code names in a run."""
-    message = str(error)
-    for key, argument in _ARGUMENT_NAMES.items():
-        message = message.replace(key, argument)
-    return type(error)(message)
-
 
 def _data_build(args: argparse.Namespace) -> int:
     from difftrain.data.shards import build_shards, export_folder, refuse_occupied
@@ -208,14 +189,11 @@ def _data_build(args: argparse.Namespace) -> int:
 def _data_index(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from difftrain.data.folder import DatasetError
+    from difftrain.data.setting_names import COMMAND_ARGUMENTS
     from difftrain.data.sources import LaionSource, WebDatasetSource
 
     kind = {"laion": LaionSource, "webdataset": WebDatasetSource}[args.format]
-    try:
-        shards, unlisted = kind.list_shards(Path(args.path))
-    except DatasetError as error:
-        raise _as_path_argument(error) from None
+    shards, unlisted = kind.list_shards(Path(args.path), COMMAND_ARGUMENTS)
     for label, problem in unlisted:
         print(f"not indexed: {label}: {problem}")
     local = [Path(shard) for _, shard in shards if not isinstance(shard, str)]
@@ -738,12 +716,10 @@ def _export_controlnet(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from difftrain.data.folder import DatasetError, scan_folder
+    from difftrain.data.folder import scan_folder
+    from difftrain.data.setting_names import COMMAND_ARGUMENTS
 
-    try:
-        scan = scan_folder(args.path, args.captions, args.caption_extension)
-    except DatasetError as error:
-        raise _as_path_argument(error) from None
+    scan = scan_folder(args.path, args.captions, args.caption_extension, names=COMMAND_ARGUMENTS)
     print("\n".join(scan.report_lines()))
     return 0
 

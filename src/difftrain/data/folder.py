@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from difftrain.data.folder_index import ImageChecks
 from difftrain.data.images import IMAGE_EXTENSIONS, BadImage, check_size, image_size_from_file
+from difftrain.data.setting_names import DATA_KEYS, SettingNames
 from difftrain.errors import DifftrainError
 
 CAPTION_KEYS = ("text", "caption")
@@ -42,15 +43,15 @@ class DatasetError(DifftrainError):
 UNFINISHED = ".difftrain-unfinished"
 
 
-def require_folder(root: Path) -> None:
+def require_folder(root: Path, names: SettingNames = DATA_KEYS) -> None:
     if not root.is_dir():
-        raise DatasetError(f"data.path: {root} is not a folder; create it or point data.path at your images")
-    refuse_unfinished(root)
+        raise DatasetError(f"{names.path}: {root} is not a folder; create it or point {names.path} at your images")
+    refuse_unfinished(root, names)
 
 
-def refuse_unfinished(root: Path) -> None:
+def refuse_unfinished(root: Path, names: SettingNames = DATA_KEYS) -> None:
     if (root / UNFINISHED).exists():
-        raise DatasetError(f"data.path: {root} is the output of a data build, curate or download that did not "
+        raise DatasetError(f"{names.path}: {root} is the output of a data build, curate or download that did not "
                            f"finish ({UNFINISHED} is there): only part of its records are written. Run the download "
                            "again (it resumes), or build again into a new folder")
 
@@ -325,6 +326,7 @@ def scan_folder(
     progress: bool = True,
     conditioning: ConditioningFiles | None = None,
     index_dir: str | Path | None = None,
+    names: SettingNames = DATA_KEYS,
 ) -> FolderScan:
     """List every decodable image under `root` with its caption (and conditioning file); report everything else.
 
@@ -333,9 +335,11 @@ def scan_folder(
 
     With `conditioning` by column and no metadata entry holding that column, the records get
     no conditioning file (`conditioning_source` None): the caller derives it from the image.
+
+    `names`: what its messages call the settings (setting_names.py).
     """
     root = Path(root)
-    require_folder(root)
+    require_folder(root, names)
     visible = visible_files(root)  # one walk: images and metadata
     named = [path for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
     images = image_paths(named)
@@ -362,9 +366,9 @@ def scan_folder(
         held = {conditioning_path(entry.folder, entry.conditioning) for entry in metadata.values()} - set(metadata)
         folder = conditioning.folder.resolve() if conditioning.folder else None
         if folder and root.resolve().is_relative_to(folder):
-            raise DatasetError(f"the conditioning folder {conditioning.folder} holds data.path {root}: its files are "
-                               "never training images, so none would be left; give the conditioning images a folder "
-                               "of their own (one inside data.path works)")
+            raise DatasetError(f"the conditioning folder {conditioning.folder} holds {names.path} {root}: its files "
+                               "are never training images, so none would be left; give the conditioning images a "
+                               f"folder of their own (one inside {names.path} works)")
         images = [p for p in images
                   if (path := resolve(p)) not in held and not (folder and path.is_relative_to(folder))]
 

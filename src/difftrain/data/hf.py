@@ -47,7 +47,7 @@ import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -68,6 +68,7 @@ from difftrain.data.records import (
     ShardEntry,
     caption_list,
 )
+from difftrain.data.setting_names import DATA_KEYS, SettingNames
 
 ROWS_PER_BATCH = 256  # rows read at a time while indexing or streaming
 # Value dtypes an image column may have besides the Image feature: encoded bytes, or paths.
@@ -89,6 +90,8 @@ class HFOptions:
     # A ControlNet's conditioning images, where the data set has this column (diffusers' train_controlnet.py
     # layout: image, text, conditioning_image); without it they are computed from the images, as for a folder.
     conditioning_column: str | None = None
+    # What messages call these settings (setting_names.py); not a setting itself, so not in a cache's key.
+    names: SettingNames = field(default=DATA_KEYS, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,13 @@ class _Columns:
 def open_hf(path: str, options: HFOptions, use_captions: bool, max_pixels: int, index_dir: Path | None,
             progress: bool) -> RecordSource:
     """The data set at `path` (see the module docstring) as a source; streamed if `options.streaming`."""
-    datasets = _import_datasets()
-    form, files = _locate(path, options.split)
-    for key, value in (("data.hf_config", options.hf_config), ("data.revision", options.revision)):
-        if value is not None and form != "hub":
-            raise DatasetError(f"{key} = {value!r} applies to a Hub data set; {path} is local ({_FORMS[form]})")
+    names = options.names
+    datasets = _import_datasets(names)
+    form, files = _locate(path, options.split, names)
+    for setting in ("hf_config", "revision"):
+        if getattr(options, setting) is not None and form != "hub":
+            raise DatasetError(f"{names.given(setting, getattr(options, setting))} applies to a Hub data set; "
+                               f"{path} is local ({_FORMS[form]})")
     columns = _Columns(options.image_column, options.caption_column if use_captions else None,
                        _base_folder(path, form, files), options.conditioning_column)
     if options.streaming:
@@ -137,23 +142,23 @@ def open_hf(path: str, options: HFOptions, use_captions: bool, max_pixels: int, 
     return _open_table(datasets, path, form, files, options, columns, max_pixels, index_dir, progress)
 
 
-def _import_datasets() -> Any:
+def _import_datasets(names: SettingNames) -> Any:
     try:
         import datasets
     except ImportError:
-        raise DatasetError("data.source = hf needs the Hugging Face datasets package: "
+        raise DatasetError(f"{names.given('source', 'hf')} needs the Hugging Face datasets package: "
                            "pip install 'difftrain[data]'") from None
     return datasets
 
 
-def _locate(path: str, split: str) -> tuple[str, list[str]]:
+def _locate(path: str, split: str, names: SettingNames) -> tuple[str, list[str]]:
     """What data.path names: ("disk", []) a save_to_disk folder, ("parquet", files of `split`), or ("hub", []) a Hub
     id."""
     if any(char in path for char in "*?["):
         files = sorted(str(Path(name).resolve()) for name in glob.glob(os.path.expanduser(path), recursive=True)
                        if Path(name).is_file())
         if not files:
-            raise DatasetError(f"data.path = {path!r} matches no file")
+            raise DatasetError(f"{names.given('path', path)} matches no file")
         return "parquet", files
     local = Path(path).expanduser()
     if local.is_dir():
@@ -161,18 +166,19 @@ def _locate(path: str, split: str) -> tuple[str, list[str]]:
             return "disk", []
         files = sorted(str(p.resolve()) for p in local.rglob("*.parquet"))
         if not files:
-            raise DatasetError(f"data.path: {local} holds neither a data set written by save_to_disk (state.json "
+            raise DatasetError(f"{names.path}: {local} holds neither a data set written by save_to_disk (state.json "
                                "or dataset_dict.json) nor .parquet files")
-        return "parquet", _files_of_split(local, files, split)
+        return "parquet", _files_of_split(local, files, split, names)
     if local.is_file():
         return "parquet", [str(local.resolve())]
     if _HUB_ID.fullmatch(path) and not path.endswith(".parquet"):
         return "hub", []
-    raise DatasetError(f"data.path: {path} does not exist; with data.source = hf it is a folder written by "
+    raise DatasetError(f"{names.path}: {path} does not exist; with {names.given('source', 'hf')} it is a folder "
+                       "written by "
                        "save_to_disk, parquet (a file, a folder of them, or a glob), or a Hub id such as owner/name")
 
 
-def _files_of_split(folder: Path, files: list[str], split: str) -> list[str]:
+def _files_of_split(folder: Path, files: list[str], split: str, names: SettingNames) -> list[str]:
     """The parquet `files` of `folder` that are `split`'s by datasets' own naming rules (a Hub repository's layout:
     a folder cloned from the Hub holds its test split beside its train split). Files no split claims (a folder of
     images named train/ beside the parquet) are all `split`'s, as before splits were read."""
@@ -188,8 +194,9 @@ def _files_of_split(folder: Path, files: list[str], split: str) -> list[str]:
     if not splits:
         return files
     if split not in splits:
-        raise DatasetError(f"data.split = {split!r}: the parquet files of {folder} are named as the splits "
-                           f"{', '.join(splits)} (as load_dataset reads a folder); set data.split to one of them")
+        raise DatasetError(f"{names.given('split', split)}: the parquet files of {folder} are named as the splits "
+                           f"{', '.join(splits)} (as load_dataset reads a folder); choose one of them "
+                           f"with {names.split}")
     return splits[split]
 
 
@@ -202,14 +209,14 @@ def _base_folder(path: str, form: str, files: list[str]) -> Path | None:
     return Path(os.path.commonpath([str(Path(file).parent) for file in files]))
 
 
-def _load_error(datasets: Any, path: str, form: str, exc: Exception) -> DatasetError:
+def _load_error(datasets: Any, path: str, form: str, exc: Exception, names: SettingNames) -> DatasetError:
     if form == "hub":
         offline = " (HF_HUB_OFFLINE is set: only data sets already in the datasets cache load)" \
             if datasets.config.HF_HUB_OFFLINE else ""
-        return DatasetError(f"data.path = {path!r} is no local folder or file, and loading it as a Hugging Face Hub "
-                            f"data set failed{offline}: {exc}. Check the path, or the id with data.hf_config, "
-                            "data.split and data.revision")
-    return DatasetError(f"data.path: cannot read {path} as a Hugging Face data set: {exc}")
+        return DatasetError(f"{names.given('path', path)} is no local folder or file, and loading it as a Hugging "
+                            f"Face Hub data set failed{offline}: {exc}. Check the path, or the id with "
+                            f"{names.hf_config}, {names.split} and {names.revision}")
+    return DatasetError(f"{names.path}: cannot read {path} as a Hugging Face data set: {exc}")
 
 
 def _load_errors(datasets: Any) -> tuple[type[Exception], ...]:
@@ -218,18 +225,19 @@ def _load_errors(datasets: Any) -> tuple[type[Exception], ...]:
     return OSError, ValueError, datasets.exceptions.DatasetsError
 
 
-def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) -> tuple[Any, _Columns]:
+def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str,
+                    names: SettingNames) -> tuple[Any, _Columns]:
     """`table` cut to the columns records are made of, images left encoded; a missing column is refused, but
     for the conditioning column (without it, conditioning images are computed from the images)."""
-    names = table.column_names  # None for a stream whose features are unknown until read
-    if columns.conditioning is not None and (names is None or columns.conditioning not in names):
+    held = table.column_names  # None for a stream whose features are unknown until read
+    if columns.conditioning is not None and (held is None or columns.conditioning not in held):
         columns = replace(columns, conditioning=None)
-    for key, column in (("data.image_column", columns.image), ("data.caption_column", columns.caption)):
-        if column is not None and names is not None and column not in names:
-            advice = (" (data.caption_column: null, or data.captions: none, trains without captions)"
-                      if key == "data.caption_column" else "")
-            raise DatasetError(f"{key} = {column!r}: the data set {where} has no such column; its columns: "
-                               f"{', '.join(names)}{advice}")
+    for setting, column in (("image_column", columns.image), ("caption_column", columns.caption)):
+        if column is not None and held is not None and column not in held:
+            advice = (f" ({names.without_captions} reads it without captions)" if setting == "caption_column"
+                      else "")
+            raise DatasetError(f"{names.given(setting, column)}: the data set {where} has no such column; its "
+                               f"columns: {', '.join(held)}{advice}")
     table = table.select_columns([c for c in (columns.image, columns.caption, columns.conditioning) if c is not None])
     if columns.conditioning is not None and isinstance((table.features or {}).get(columns.conditioning),
                                                        datasets.Image):
@@ -244,7 +252,7 @@ def _select_columns(datasets: Any, table: Any, columns: _Columns, where: str) ->
     image_struct = stored in ("binary", "large_binary")
     if feature is not None and not image_struct and not (
             isinstance(feature, datasets.Value) and feature.dtype in _BYTES_OR_PATHS):
-        raise DatasetError(f"data.image_column = {columns.image!r}: in {where} it holds {feature}, not images; "
+        raise DatasetError(f"{names.given('image_column', columns.image)}: in {where} it holds {feature}, not images; "
                            "name a column of images (the Image feature), image bytes or image paths")
     return table, columns
 
@@ -312,7 +320,7 @@ def _open_table(datasets: Any, path: str, form: str, files: list[str], options: 
                 max_pixels: int, index_dir: Path | None, progress: bool) -> HFSource:
     table, split = _load_table(datasets, path, form, files, options)
     where = f"{path}, split {split}" if split else path
-    table, columns = _select_columns(datasets, table, columns, where)
+    table, columns = _select_columns(datasets, table, columns, where, options.names)
     index = _cached_index(table, columns, split, max_pixels, index_dir, progress)
     if not len(index["rows"]):
         skipped = index["skipped"]
@@ -341,12 +349,12 @@ def _load_table(datasets: Any, path: str, form: str, files: list[str], options: 
         else:
             loaded = datasets.load_dataset(path, options.hf_config, split=options.split, revision=options.revision)
     except _load_errors(datasets) as exc:
-        raise _load_error(datasets, path, form, exc) from None
+        raise _load_error(datasets, path, form, exc, options.names) from None
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded, None if form == "disk" else options.split
     if options.split not in loaded:
-        raise DatasetError(f"data.split = {options.split!r}: {path} holds the splits {', '.join(loaded)}; "
-                           "set data.split to one of them")
+        raise DatasetError(f"{options.names.given('split', options.split)}: {path} holds the splits "
+                           f"{', '.join(loaded)}; choose one of them with {options.names.split}")
     return loaded[options.split], options.split
 
 
@@ -417,7 +425,7 @@ class HFStreamSource(ShardSource):
         super().__init__(where, columns.caption is not None, max_pixels, index_dir, progress)  # type: ignore[arg-type]
         self.has_conditioning = columns.conditioning is not None
 
-    def _shard_list(self, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Path, names: SettingNames) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
         return [(label, Path(file)) for label, file in self._shards], []
 
     def _identity(self, label: str, path: Path) -> list | None:
@@ -451,8 +459,8 @@ class HFStreamSource(ShardSource):
 def _open_stream(datasets: Any, path: str, form: str, files: list[str], options: HFOptions, columns: _Columns,
                  max_pixels: int, index_dir: Path | None, progress: bool) -> HFStreamSource:
     if form == "disk":
-        raise DatasetError(f"data.streaming: true: {path} is a folder written by save_to_disk, which is read in "
-                           "place (memory-mapped) without copying; set data.streaming: false")
+        raise DatasetError(f"{options.names.streaming}: {path} is a folder written by save_to_disk, which is read "
+                           f"in place (memory-mapped) without copying; {options.names.without_streaming}")
     try:
         if form == "parquet":
             builder = datasets.load_dataset_builder("parquet", data_files={options.split: files})
@@ -460,9 +468,9 @@ def _open_stream(datasets: Any, path: str, form: str, files: list[str], options:
             builder = datasets.load_dataset_builder(path, options.hf_config, revision=options.revision)
         stream = builder.as_streaming_dataset(split=options.split)
     except _load_errors(datasets) as exc:
-        raise _load_error(datasets, path, form, exc) from None
+        raise _load_error(datasets, path, form, exc, options.names) from None
     where = f"{path}, split {options.split}, streamed"
-    stream, columns = _select_columns(datasets, stream, columns, where)
+    stream, columns = _select_columns(datasets, stream, columns, where, options.names)
     shard_files = [str(file) for file in (builder.config.data_files or {}).get(options.split, [])]
     if len(shard_files) == stream.num_shards:
         labels = _labels(shard_files)

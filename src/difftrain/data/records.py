@@ -55,6 +55,7 @@ from difftrain.data.folder import DatasetError, caption_problem_lines
 from difftrain.data.folder_index import keyed_path
 from difftrain.data.images import HEADER_SIZE_VERSION, BadImage, check_size, image_size_from_bytes
 from difftrain.data.remote import ShardUnreachable, is_url, read_text, remote_identity
+from difftrain.data.setting_names import DATA_KEYS, SettingNames
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +258,11 @@ class ShardSource(RecordSource):
     noun = "records"
     position_noun = "record"
 
-    def __init__(self, path: Shard, use_captions: bool, max_pixels: int, index_dir: Path | None, progress: bool):
+    def __init__(self, path: Shard, use_captions: bool, max_pixels: int, index_dir: Path | None, progress: bool,
+                 names: SettingNames = DATA_KEYS):
         self._use_captions = use_captions
         self._max_pixels = max_pixels
-        shards, self.skipped = self._shard_list(path)
+        shards, self.skipped = self._shard_list(path, names)
         self.shards_indexed = 0  # shards streamed by this open
         self.shards_from_cache = 0  # shards whose index came from index_dir
         self.shards_from_sidecar = 0  # shards whose index came from beside the shard (write_sidecar)
@@ -303,8 +305,9 @@ class ShardSource(RecordSource):
         self.shards_in_memory = 1
         self._loaded: OrderedDict[int, list[RawRecord | str]] = OrderedDict()
 
-    # What a kind provides: its list of shards, and the entries of one shard in order.
-    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    # What a kind provides: its list of shards (`names`: what its messages call the settings, setting_names.py),
+    # and the entries of one shard in order.
+    def _shard_list(self, path: Shard, names: SettingNames) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
         raise NotImplementedError
 
     def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
@@ -450,9 +453,10 @@ class ShardSource(RecordSource):
         return reader
 
     @classmethod
-    def list_shards(cls, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    def list_shards(cls, path: Shard, names: SettingNames = DATA_KEYS) -> tuple[list[tuple[str, Shard]],
+                                                                                list[tuple[str, str]]]:
         """(label, shard) of every shard `path` names, and (entry, problem) of those it names wrongly."""
-        return cls._bare()._shard_list(path)
+        return cls._bare()._shard_list(path, names)
 
     @classmethod
     def write_sidecar(cls, shard: Path) -> Path:

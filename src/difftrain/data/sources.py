@@ -45,6 +45,7 @@ from difftrain.data.packed import PackedLists, PackedStrings
 from difftrain.data.records import (BadRecord, KnownRecords, RawRecord, RecordSource, Shard, ShardEntry, ShardSource,
                                     caption_list, describe_records)
 from difftrain.data.remote import ShardUnreachable, is_url, join_url, open_url, read_text, url_name
+from difftrain.data.setting_names import DATA_KEYS, SettingNames
 
 if TYPE_CHECKING:
     from difftrain.data.hf import HFOptions
@@ -89,10 +90,12 @@ def open_source(
     progress: bool = True,
     conditioning: ConditioningFiles | None = None,
     hf: HFOptions | None = None,
+    names: SettingNames = DATA_KEYS,
 ) -> RecordSource:
     """Index the data at `path` stored as `kind` (one of KINDS); see the module docstring.
 
-    `hf` says what to read from a Hugging Face data set (kind "hf", see data/hf.py).
+    `hf` says what to read from a Hugging Face data set (kind "hf", see data/hf.py). `names`: what messages call
+    these settings (a run's config keys, or a command's arguments: setting_names.py).
 
     With `conditioning`, each record also carries its conditioning image file (folder and
     jsonl sources; see folder.ConditioningFiles); a record whose file is missing or has an
@@ -100,57 +103,61 @@ def open_source(
     source carries none (`has_conditioning` False).
     """
     if kind not in KINDS:
-        raise DatasetError(f"data.source = {kind!r} is not a source kind; choose one of {', '.join(KINDS)}")
+        raise DatasetError(f"{names.given('source', kind)} is not a source kind; choose one of {', '.join(KINDS)}")
     allow_pixels(max_pixels)
     if conditioning and conditioning.folder is not None and not conditioning.folder.is_dir():
         raise DatasetError(f"the conditioning folder {conditioning.folder} does not exist")
     finish_interrupted_curate(path)
     source = _open_kind(kind, path, image_key, caption_key, captions, caption_extension, max_pixels,
-                        Path(index_dir) if index_dir else None, progress, conditioning, hf)
+                        Path(index_dir) if index_dir else None, progress, conditioning, hf, names)
     source.settings = repr((kind, image_key, caption_key, captions, caption_extension, max_pixels, hf))
     source.location = str(Path(path).resolve()) if Path(path).exists() else str(path)
     return source
 
 
-def check_local_path(kind: str, path: str | Path, image_key: str = "image", caption_key: str = "caption") -> None:
+def check_local_path(kind: str, path: str | Path, image_key: str = "image", caption_key: str = "caption",
+                     names: SettingNames = DATA_KEYS) -> None:
     """A folder or jsonl source's refusal of a path that is not there, without reading anything: `difftrain train`
     says it before the trainer's imports (seconds), which this module does not need. The other kinds' paths may
     be URLs, globs or Hub ids: their readers say what is wrong."""
     if kind == "folder":
-        require_folder(Path(path))
+        require_folder(Path(path), names)
     elif kind == "jsonl" and not Path(path).is_file():
         raise DatasetError(
-            f"data.path: {path} is not a file; a jsonl source is one file with a JSON object per line, "
+            f"{names.path}: {path} is not a file; a jsonl source is one file with a JSON object per line, "
             f'e.g. {{"{image_key}": "images/001.jpg", "{caption_key}": "a cat"}}'
         )
 
 
 def _open_kind(kind: str, path: str | Path, image_key: str, caption_key: str, captions: str, caption_extension: str,
                max_pixels: int, index_dir: Path | None, progress: bool, conditioning: ConditioningFiles | None,
-               hf: HFOptions | None) -> RecordSource:
+               hf: HFOptions | None, names: SettingNames) -> RecordSource:
     if kind == "folder":
-        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning, index_dir)
+        return _open_folder(Path(path), captions, caption_extension, max_pixels, progress, conditioning, index_dir,
+                            names)
     if captions not in ("auto", "none"):
         raise DatasetError(
-            f"data.captions = {captions!r} applies to folder sources only; with data.source = {kind} use "
-            "auto (the captions stored in the data) or none"
+            f"{names.given('captions', captions)} applies to folder sources only; with {names.given('source', kind)} "
+            "use auto (the captions stored in the data) or none"
         )
     if kind == "jsonl":
-        return _open_jsonl(Path(path), image_key, caption_key, captions != "none", max_pixels, progress, conditioning)
+        return _open_jsonl(Path(path), image_key, caption_key, captions != "none", max_pixels, progress, conditioning,
+                           names)
     if conditioning and conditioning.folder is not None:
-        raise DatasetError(f"conditioning images from a folder with data.source = {kind}: they are read beside "
-                           "folder and jsonl sources; export the data with `difftrain data build --format folder`, "
+        raise DatasetError(f"conditioning images from a folder with {names.given('source', kind)}: they are read "
+                           "beside folder and jsonl sources; export the data with `difftrain data build --format folder`, "
                            "or compute them from the images with a preprocessor (canny)")
     if kind == "hf":
         from dataclasses import replace
 
         from difftrain.data.hf import HFOptions, open_hf
 
-        hf = replace(hf or HFOptions(), conditioning_column=conditioning.column if conditioning else None)
+        hf = replace(hf or HFOptions(), conditioning_column=conditioning.column if conditioning else None,
+                     names=names)
         return open_hf(str(path), hf, captions != "none", max_pixels, index_dir, progress)
     cls = LaionSource if kind == "laion" else WebDatasetSource
     location = str(path) if is_url(path) else Path(path)
-    return cls(location, captions != "none", max_pixels, index_dir, progress)
+    return cls(location, captions != "none", max_pixels, index_dir, progress, names)
 
 
 # --- files on disk ------------------------------------------------------------------------
@@ -211,9 +218,9 @@ class FileSource(RecordSource):
 
 
 def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: int, progress: bool,
-                 conditioning: ConditioningFiles | None, index_dir: Path | None) -> FileSource:
+                 conditioning: ConditioningFiles | None, index_dir: Path | None, names: SettingNames) -> FileSource:
     scan = scan_folder(root, captions, caption_extension, max_pixels, progress=progress, conditioning=conditioning,
-                       index_dir=index_dir)
+                       index_dir=index_dir, names=names)
     keys, paths, texts, sizes, digests, condition_digests = [], [], [], [], [], []
     for record in scan.records:
         keys.append(record.path.relative_to(scan.root).as_posix())
@@ -234,8 +241,8 @@ def _open_folder(root: Path, captions: str, caption_extension: str, max_pixels: 
 
 
 def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool, max_pixels: int,
-                progress: bool, conditioning: ConditioningFiles | None) -> FileSource:
-    check_local_path("jsonl", path, image_key, caption_key)
+                progress: bool, conditioning: ConditioningFiles | None, names: SettingNames) -> FileSource:
+    check_local_path("jsonl", path, image_key, caption_key, names)
     root = path.parent
     keys, paths, texts, sizes, wheres = [], [], [], [], []
     conditions: list[object] = []  # per record: the conditioning column's value as stored
@@ -245,13 +252,15 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
         for where, entry in jsonl_entries(lines, path.name, skipped):
             name = entry.get(image_key) if isinstance(entry, dict) else None
             if not isinstance(name, str) or not name:
-                reason = f"needs an {image_key!r} string (the image path); set image_key if yours differs"
+                reason = (f"needs an {image_key!r} string (the image path); name the key that holds it with "
+                          f"{names.image_key}")
                 skipped.append((where, reason))
                 continue
             captions: list[str] = []
             if use_captions:
                 if caption_key not in entry:
-                    reason = f"no {caption_key!r} key; set caption_key, or captions: none to train without"
+                    reason = (f"no {caption_key!r} key; name the caption's key with {names.caption_key}, or "
+                              f"{names.without_captions} reads the data without captions")
                     skipped.append((where, reason))
                     continue
                 try:
@@ -298,10 +307,11 @@ def _open_jsonl(path: Path, image_key: str, caption_key: str, use_captions: bool
 # --- shards -------------------------------------------------------------------------------
 
 
-def _read_list(list_file: Shard, what: str) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+def _read_list(list_file: Shard, what: str, names: SettingNames) -> tuple[list[tuple[str, Shard]],
+                                                                          list[tuple[str, str]]]:
     """(label, path or URL) per non-empty line of a shard list; a missing local shard is skipped and reported."""
     if isinstance(list_file, str):
-        shards, skipped = _remote_list(list_file, what), []
+        shards, skipped = _remote_list(list_file, what, names), []
     else:
         shards, skipped = _local_list(list_file, what)
     if not shards:
@@ -317,13 +327,13 @@ def _list_lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, name
 
 
-def _remote_list(url: str, what: str) -> list[tuple[str, Shard]]:
+def _remote_list(url: str, what: str, names: SettingNames) -> list[tuple[str, Shard]]:
     """(label, URL) per line, a relative name read from the list's own URL. Unlike a local list's files, the
     shards are not checked here (a request each): a missing one is reported by its indexing."""
     try:
         text = read_text(url)
     except ShardUnreachable as exc:
-        raise DatasetError(f"data.path: {exc}; it should be a text file listing one {what} per line, "
+        raise DatasetError(f"{names.path}: {exc}; it should be a text file listing one {what} per line, "
                            "relative to its URL or as full URLs") from None
     return [(name, join_url(url, name)) for _, name in _list_lines(text)]
 
@@ -368,7 +378,7 @@ def _open_binary(path: Shard) -> Iterator[IO[bytes]]:
             yield unzipped  # type: ignore[misc]
 
 
-def _refuse_a_part(path: Path) -> None:
+def _refuse_a_part(path: Path, names: SettingNames) -> None:
     """A part given where its filelist belongs: read as a list, its gzip bytes or its image lines would each
     be reported as a part that does not exist (binary bytes and base64 on the terminal)."""
     with open(path, "rb") as file:
@@ -376,9 +386,9 @@ def _refuse_a_part(path: Path) -> None:
     if start[:2] == b"\x1f\x8b" or b"\t" in start.split(b"\n", 1)[0]:
         beside = path.parent / LIST_NAME
         hint = f" ({beside} is one)" if beside.is_file() and beside != path else ""
-        raise DatasetError(f"data.path: {path} is a laion part (gzip or caption<TAB>placeholder<TAB>base64 image "
-                           f"lines), not a filelist; point data.path at the filelist that lists it{hint}, or at its "
-                           "folder")
+        raise DatasetError(f"{names.path}: {path} is a laion part (gzip or caption<TAB>placeholder<TAB>base64 "
+                           f"image lines), not a filelist; point {names.path} at the filelist that lists it{hint}, "
+                           "or at its folder")
 
 
 class LaionSource(ShardSource):
@@ -389,23 +399,23 @@ class LaionSource(ShardSource):
     shard_noun = "part"
     position_noun = "line"
 
-    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Shard, names: SettingNames) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
         if isinstance(path, str):  # no folder to look into: a URL ending in / names the folder of a filelist
-            return _read_list(path + LIST_NAME if path.endswith("/") else path, "part")
+            return _read_list(path + LIST_NAME if path.endswith("/") else path, "part", names)
         if path.is_dir():
             if not (path / LIST_NAME).is_file():
                 raise DatasetError(
-                    f"data.path: {path} is a folder without a {LIST_NAME}; point data.path at the laion filelist "
-                    "(a text file with one part path per line)"
+                    f"{names.path}: {path} is a folder without a {LIST_NAME}; point {names.path} at the laion "
+                    "filelist (a text file with one part path per line)"
                 )
             path = path / LIST_NAME
         if not path.is_file():
             raise DatasetError(
-                f"data.path: laion filelist {path} does not exist; it is a text file with one part path "
+                f"{names.path}: laion filelist {path} does not exist; it is a text file with one part path "
                 "(gzip or plain text) per line, relative to the filelist's folder or absolute"
             )
-        _refuse_a_part(path)
-        return _read_list(path, "part")
+        _refuse_a_part(path, names)
+        return _read_list(path, "part", names)
 
     def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
         with _open_binary(path) as file:
@@ -437,30 +447,30 @@ class WebDatasetSource(ShardSource):
     noun = "samples"
     position_noun = "sample number"
 
-    def _shard_list(self, path: Shard) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
+    def _shard_list(self, path: Shard, names: SettingNames) -> tuple[list[tuple[str, Shard]], list[tuple[str, str]]]:
         if isinstance(path, str):  # a URL: one tar, else a list (a URL ending in / names the folder of one)
             if url_name(path).endswith(TAR_SUFFIXES):
                 return [(url_name(path), path)], []
-            return _read_list(path + LIST_NAME if path.endswith("/") else path, "tar")
+            return _read_list(path + LIST_NAME if path.endswith("/") else path, "tar", names)
         if path.is_dir():
             if (path / LIST_NAME).is_file():
-                return _read_list(path / LIST_NAME, "tar")
-            refuse_unfinished(path)  # (a finished build or download lists its tars)
+                return _read_list(path / LIST_NAME, "tar", names)
+            refuse_unfinished(path, names)  # (a finished build or download lists its tars)
             tars = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
             if not tars:
                 raise DatasetError(
-                    f"data.path: no .tar files in {path}; a webdataset source is a folder of .tar shards, "
+                    f"{names.path}: no .tar files in {path}; a webdataset source is a folder of .tar shards, "
                     "one .tar, or a text file listing .tar paths"
                 )
             return [(p.name, p) for p in tars], []
         if not path.is_file():
             raise DatasetError(
-                f"data.path: {path} does not exist; a webdataset source is a folder of .tar shards, "
+                f"{names.path}: {path} does not exist; a webdataset source is a folder of .tar shards, "
                 "one .tar, or a text file listing .tar paths"
             )
         if path.name.endswith(TAR_SUFFIXES) or tarfile.is_tarfile(path):
             return [(path.name, path)], []
-        return _read_list(path, "tar")
+        return _read_list(path, "tar", names)
 
     def _entries(self, label: str, path: Shard) -> Iterator[ShardEntry]:
         # ignore_zeros: past a damaged member header to the next good one, as GNU tar goes on (without it tarfile

@@ -109,18 +109,10 @@ def open_records(path: str | Path, kind: str = "folder", max_images: int | None 
     """The records at `path`; `setting`: what the user calls `path` (eval.reference, --reference), which a
     message about it names, with the keys that name its fields beside it (eval.reference_image_key,
     --reference-image-key)."""
-    from difftrain.data.folder import DatasetError
+    from difftrain.data.setting_names import reference_names
     from difftrain.data.sources import open_source
 
-    try:
-        source = open_source(kind, path, progress=progress, **source_options)
-    except DatasetError as error:
-        if setting == "data.path":
-            raise
-        message, joint = str(error), "-" if setting.startswith("--") else "_"
-        for field in ("image_key", "caption_key"):
-            message = message.replace(field, f"{setting}{joint}{field.replace('_', joint)}")
-        raise DatasetError(message.replace("data.path", setting)) from None
+    source = open_source(kind, path, progress=progress, names=reference_names(setting), **source_options)
     indices = list(range(len(source)))
     if max_images is not None and max_images < len(indices):
         indices = sorted(random.Random(REFERENCE_SEED).sample(indices, max_images))

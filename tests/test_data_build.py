@@ -178,6 +178,10 @@ def test_an_interrupted_build_leaves_only_complete_shards_and_no_list(tmp_path, 
         with pytest.raises(DatasetError, match=f"{tmp_path / kind} is the output of a data build, curate or download "
                                                "that did not finish"):
             open_source(kind, tmp_path / kind, progress=False)
+        # and building into it again is refused with what to do (it said "not empty", as for any folder)
+        with pytest.raises(DatasetError, match="holds a build that did not finish .* delete the folder and build "
+                                               "again, or write to a new folder"):
+            export_folder(source, tmp_path / kind, progress=False)
     finished = build_shards(open_source("folder", shapes_dir, progress=False), tmp_path / "done", "webdataset",
                             progress=False)
     assert not (finished.parent / UNFINISHED).exists()

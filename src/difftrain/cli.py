@@ -165,7 +165,8 @@ def _data_build(args: argparse.Namespace) -> int:
     refuse_occupied(Path(args.out))  # before the source is read: indexing a large one takes minutes
     source = _open_source(args)
     # each named: a build writes no data report to look them up in
-    for problems, what in ((source.skipped, "records skipped"), (source.notes, "caption problems (no record left out)")):
+    for problems, what in ((source.skipped, "records skipped"),
+                           (source.notes, "caption problems (no record left out)")):
         if problems:
             print(f"{len(problems)} {what} while reading {args.path}:")
             for where, reason in problems[:SHOWN]:

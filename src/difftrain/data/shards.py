@@ -156,6 +156,9 @@ def _records(source: RecordSource, description: str, progress: bool, skipped: li
 
 def refuse_occupied(out: Path) -> None:
     """A build writes into a new or empty folder only; `data build` asks before it reads its source."""
+    if occupied(out) and (out / UNFINISHED).exists():  # (a killed build: its shards and a .tmp of the next)
+        raise DatasetError(f"{out} holds a build that did not finish ({UNFINISHED} is there): delete the folder and "
+                           "build again, or write to a new folder")
     if occupied(out):
         raise DatasetError(
             f"{out} already exists and is not empty; write to a new folder (a build never mixes with older files)"

@@ -145,8 +145,8 @@ def _open_kind(kind: str, path: str | Path, image_key: str, caption_key: str, ca
                            names)
     if conditioning and conditioning.folder is not None:
         raise DatasetError(f"conditioning images from a folder with {names.given('source', kind)}: they are read "
-                           "beside folder and jsonl sources; export the data with `difftrain data build --format folder`, "
-                           "or compute them from the images with a preprocessor (canny)")
+                           "beside folder and jsonl sources; export the data with `difftrain data build --format "
+                           "folder`, or compute them from the images with a preprocessor (canny)")
     if kind == "hf":
         from dataclasses import replace
 

@@ -229,6 +229,8 @@ def test_every_failure_has_its_reason_and_the_rest_reads_back_as_webdataset(tmp_
     assert [f["detail"] for f in failures[6:8]] == ["over --max-bytes 100,000 bytes; stopped reading",
                                                     "Content-Length 200,000 bytes is over --max-bytes 100,000"]
     assert {f["url"]: f["reason"] for f in failures}["file:///etc/passwd"] == "unsupported scheme"
+    bomb = next(f for f in failures if f["url"].endswith("/bomb.png?t=mixed"))
+    assert bomb["detail"] == "300x300 pixels exceeds --max-pixels=50000 (possible decompression bomb)"  # its flag
     assert [f["row"] for f in failures] == list(range(5, 21))
     # Rows 8-20 all failed: their shards hold no file and the list names shard 0 alone.
     assert (tmp_path / "out/filelist.txt").read_text() == "shard-000000.tar\n"

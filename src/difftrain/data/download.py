@@ -598,7 +598,7 @@ def _decoded(data: bytes, max_pixels: int) -> Image.Image:
         bomb = isinstance(exc.__context__, Image.DecompressionBombError)
         raise Failed("too many pixels" if bomb else "not an image", str(exc)) from None
     try:
-        check_size(width, height, max_pixels)
+        check_size(width, height, max_pixels, limit="--max-pixels")
     except BadImage as exc:
         raise Failed("too many pixels" if width * height > max_pixels else "broken image", str(exc)) from None
     try:

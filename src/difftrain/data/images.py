@@ -96,14 +96,13 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
 
 
-def check_size(width: int, height: int, max_pixels: int) -> None:
-    """Raise BadImage for a size no training image should have; the header alone tells."""
+def check_size(width: int, height: int, max_pixels: int, limit: str = "data.max_image_pixels") -> None:
+    """Raise BadImage for a size no training image should have; the header alone tells. `limit`: what the user
+    calls `max_pixels`."""
     if width < 1 or height < 1:
         raise BadImage(f"degenerate size {width}x{height}")
     if width * height > max_pixels:
-        raise BadImage(
-            f"{width}x{height} pixels exceeds data.max_image_pixels={max_pixels} (possible decompression bomb)"
-        )
+        raise BadImage(f"{width}x{height} pixels exceeds {limit}={max_pixels} (possible decompression bomb)")
 
 
 def load_image(path: str | Path, max_pixels: int = 64_000_000, colour_managed: bool = True) -> Image.Image:

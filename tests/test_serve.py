@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import socket
@@ -294,8 +295,10 @@ def test_embeddings_of_the_folder_that_fit_are_loaded_as_generate_loads_them(ser
     from difftrain.generate.text2image import GenerateOptions, generate
 
     listed = requests.get(f"{server.url}/sdapi/v1/embeddings").json()
-    assert listed["loaded"]["shiny"]["vectors"] == 2 and "48-wide" in listed["skipped"]["wide"]
-    assert "diffusers did not load it" in listed["skipped"]["shiny_1"]
+    assert listed["loaded"]["shiny"]["vectors"] == 2 and "48-wide" in listed["skipped"]["wide"]["reason"]
+    # (a skipped one is A1111's EmbeddingItem too: clients read its shape)
+    assert listed["skipped"]["wide"]["shape"] == 48 and listed["skipped"]["wide"]["vectors"] == 1
+    assert "diffusers did not load it" in listed["skipped"]["shiny_1"]["reason"]
     served = client(server).txt2img(prompt="a shiny circle", seed=4, width=64, height=64).image
     folder = Path(server.app.state.engine.embeddings_dir)
     options = dict(prompt="a shiny circle", steps=3, scheduler="Euler a", seed=4, width=64, height=64)
@@ -539,6 +542,53 @@ def test_bad_bodies_and_urls_are_refused_without_a_traceback(server):
     assert refused.status_code == 422 and "exceeds" in refused.json()["detail"]
 
 
+def test_numbers_json_cannot_write_back_and_fields_that_ask_for_what_is_not_served_are_refused(server):
+    """JSON's 1e400 parses as infinity: such a job drew, then answered 500 (its parameters could not be written as
+    JSON) and lost its images. A1111 fields that ask for something difftrain does not draw were ignored."""
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    image = base64.b64encode(png.getvalue()).decode()
+    base = '"prompt": "x", "width": 64, "height": 64, "steps": 2'
+    for route, body, field in (
+            ("txt2img", '"enable_hr": true, "hr_scale": 1e400', "hr_scale"),
+            ("txt2img", '"refiner_switch_at": 1e400', "refiner_switch_at"),
+            ("txt2img", '"denoising_strength": NaN', "denoising_strength"),
+            ("txt2img", '"alwayson_scripts": {"controlnet": {"args": [{"model": "cn", "image": "%s", '
+                        '"threshold_a": 1e400}]}}' % image, "alwayson_scripts.controlnet.args[0].threshold_a"),
+            ("txt2img", '"alwayson_scripts": {"controlnet": {"args": [{"model": "cn", "image": "%s", '
+                        '"weight": -1e400}]}}' % image, "alwayson_scripts.controlnet.args[0].weight"),
+            ("extra-single-image", '"image": "%s", "upscaling_resize": 1e400, "upscaler_1": "Lanczos"' % image,
+             "upscaling_resize")):
+        answer = requests.post(f"{server.url}/sdapi/v1/{route}", data="{%s, %s}" % (base, body),
+                               headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422, (field, answer.text)
+        assert field in answer.text and "Traceback" not in answer.text
+    queued = requests.post(f"{server.url}/v1/jobs", data='{"request": {%s, "refiner_switch_at": 1e400}}' % base,
+                           headers={"Content-Type": "application/json"})
+    assert queued.status_code == 422, queued.text  # refused before it is queued, not a job that cannot answer
+    for extra, field in (({"s_min_uncond": 5}, "s_min_uncond"), ({"infotext": "x\nSteps: 5"}, "infotext"),
+                         ({"firstpass_image": image}, "firstpass_image"),
+                         ({"override_settings": {"CLIP_stop_at_last_layers": 2},
+                           "override_settings_restore_afterwards": False}, "override_settings_restore_afterwards"),
+                         ({"override_settings": {"token_merging_ratio": 0.5}}, "override_settings.token_merging_ratio"),
+                         ({"override_settings": {"eta_ddim": "half"}}, "override_settings.eta_ddim")):
+        answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                                                       "steps": 2, **extra})
+        assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
+    # ... and those difftrain draws are honoured: DDIM's eta from override_settings, as the request's own eta;
+    # disable_extra_networks draws without the prompt's LoRAs (here one the server does not even have).
+    ddim = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "seed": 4, "sampler_name": "DDIM"}
+    drawn = {name: requests.post(f"{server.url}/sdapi/v1/txt2img", json={**ddim, **extra}).json()
+             for name, extra in (("eta", {"eta": 0.7}), ("setting", {"override_settings": {"eta_ddim": 0.7}}),
+                                 ("plain", {}), ("untagged", {"prompt": "a red circle <lora:nowhere:1>",
+                                                              "disable_extra_networks": True}))}
+    assert drawn["setting"]["images"] == drawn["eta"]["images"] != drawn["plain"]["images"]
+    assert "Eta DDIM: 0.7" in json.loads(drawn["setting"]["info"])["infotexts"][0]
+    pixels = {name: np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+              for name, answer in drawn.items()}
+    assert np.array_equal(pixels["untagged"], pixels["plain"])  # (its infotext keeps the prompt as sent, tag and all)
+
+
 def test_a_loopback_server_answers_its_own_names_and_reads_requests_as_a1111_does(server):
     # DNS rebinding (another name pointed at 127.0.0.1) and posts from other sites' pages are refused.
     rebound = requests.get(f"{server.url}/sdapi/v1/options", headers={"Host": "rebound.example:7860"})
@@ -626,6 +676,7 @@ def test_credentials_guard_every_route(tiny_sd):  # noqa: F811
         assert requests.get(url, headers={"Authorization": "Bearer tok"}).status_code == 200
         assert requests.get(url, headers={"Authorization": "Bearer nope"}).json()["error"] == "Unauthorized"
         assert requests.get(url, headers={"Authorization": "Bearer \u00e9t\u00e9"}).status_code == 401
+        assert requests.get(url, headers={"Authorization": "Basic \u00e9t\u00e9".encode("latin-1")}).status_code == 401
         api = webuiapi.WebUIApi(port=int(running.url.rsplit(":", 1)[1]), username="ann", password="s3cret")
         assert api.get_options()["sd_model_checkpoint"].startswith("sd [")
     finally:

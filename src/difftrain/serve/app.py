@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import os
 import secrets
@@ -105,7 +104,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None):
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError):  # (binascii.Error is one; non-ASCII text raises a plain one)
                 user, password = "", ""
             # Every pair is compared, found or not, so timing tells nothing about which part was wrong.
             matches = [secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(),

@@ -9,6 +9,7 @@ server's ControlNet folder (the extension's "name [hash]" is accepted), never as
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from difftrain.data.conditioning import Preprocess
@@ -109,6 +110,9 @@ def _number(arg: dict, key: str, default: float, field: str) -> float:
     if value is None:
         return float(default)
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise RequestError(f"{field}.{key}", f"{value!r}: a number") from None
+    if not math.isfinite(number):  # (JSON's 1e400 parses as infinity, and Python's parser takes NaN)
+        raise RequestError(f"{field}.{key}", f"{value!r}: a finite number")
+    return number

@@ -27,8 +27,8 @@ import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.jobs import release_device_memory
-from difftrain.serve.requests import (ExtrasRequest, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest,
-                                      decode_image, decode_mask)
+from difftrain.serve.requests import (ETA_SETTINGS, ExtrasRequest, Img2ImgRequest, Limits, RequestError,
+                                      Txt2ImgRequest, decode_image, decode_mask)
 
 if TYPE_CHECKING:
     from difftrain.generate.upscale import ImageUpscaler
@@ -200,23 +200,25 @@ class Engine:
         if self.embeddings_dir is None or not self.embeddings_dir.is_dir():
             return
         if pipe.manifest.kind == "onnx":
-            model.embeddings["skipped"].update({path.stem: "an ONNX export's vocabulary is fixed when it is exported "
-                                                           "(difftrain export --embedding)"
+            model.embeddings["skipped"].update({path.stem: _listed_embedding(None, "an ONNX export's vocabulary is "
+                                                                         "fixed when it is exported (difftrain "
+                                                                         "export --embedding)")
                                                 for path in self.embeddings_dir.glob("*.safetensors")})
             return
         for path in sorted(self.embeddings_dir.glob("*.safetensors")):  # never a pickle (.pt/.bin)
             try:
                 token, vectors = load_embedding(path)
             except DifftrainError as reason:
-                model.embeddings["skipped"][path.stem] = str(reason)
+                model.embeddings["skipped"][path.stem] = _listed_embedding(None, str(reason))
                 continue
             if misfit := width_misfit(vectors, pipe.text_encoder):
-                model.embeddings["skipped"][path.stem] = misfit
+                model.embeddings["skipped"][path.stem] = _listed_embedding(vectors, misfit)
                 continue
             try:
                 pipe.load_textual_inversion(str(path), token=token or path.stem)
             except (ValueError, RuntimeError) as reason:  # e.g. a token the vocabulary has (a TI run's own)
-                model.embeddings["skipped"][path.stem] = f"diffusers did not load it: {reason}"
+                model.embeddings["skipped"][path.stem] = _listed_embedding(vectors, f"diffusers did not load it: "
+                                                                                    f"{reason}")
                 continue
             model.embeddings["loaded"][path.stem] = _listed_embedding(vectors)
 
@@ -271,14 +273,19 @@ class Engine:
         from difftrain.sampling.prompts import extract_lora_tags, parse_attention
         from difftrain.serve.control import control_models, parse_units
 
-        from difftrain.sampling.schedulers import eta_refusal
+        from difftrain.sampling.schedulers import eta_refusal, takes_eta
 
         model = self._model_for(request)
         scheduler = self._scheduler_name(request)
         second_sampler = request.hires.sampler if request.enable_hr and request.hires is not None else None
+        eta_field = "eta"
+        if request.eta is None:  # A1111's setting for the sampler, where the request overrides it
+            eta_field = "override_settings." + ETA_SETTINGS[0 if takes_eta(scheduler) else 1]
+            eta = request.override_settings.get(eta_field.split(".")[1])
+            request.eta = None if eta is None else float(eta)
         for sampler in (scheduler, *([second_sampler] if second_sampler else [])):
             if why := eta_refusal(sampler, request.eta):
-                raise RequestError("eta", why)
+                raise RequestError(eta_field, why)
         parsed = {}
         for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             try:
@@ -296,7 +303,8 @@ class Engine:
             if request.enable_hr and not isinstance(request, Img2ImgRequest):  # (a name, never a client's path)
                 hires_upscaler = model_upscaler(request.hires, self.upscaler_dir, paths=False, device=self.device)
         files = self.lora_files()
-        loras = [(_lora_file(files, name), weight) for name, weight in tags]
+        # (A1111's disable_extra_networks: the tags are taken out of the prompt all the same, and not applied)
+        loras = [] if request.disable_extra_networks else [(_lora_file(files, name), weight) for name, weight in tags]
         if loras and model.located.manifest is not None and model.located.manifest.kind == "onnx":
             raise RequestError("prompt", f"{model.title} is an ONNX export: its weights are fixed, so <lora:...> "
                                          "cannot act on it; merge the LoRA when exporting (difftrain export --lora)")
@@ -607,7 +615,7 @@ class Engine:
         try:
             entries = bundled_tokens(file)
         except DifftrainError as reason:  # (its layers loaded)
-            model.embeddings["skipped"][file.stem] = str(reason)
+            model.embeddings["skipped"][file.stem] = _listed_embedding(None, str(reason))
             return
         for entry in entries:
             token, vectors = entry[:2]
@@ -618,17 +626,20 @@ class Engine:
             try:
                 add_embeddings(pipe, [entry])
             except DifftrainError as reason:
-                model.embeddings["skipped"][token] = str(reason)
+                model.embeddings["skipped"][token] = _listed_embedding(vectors, str(reason))
                 continue
             model.bundled[token] = (str(file), len(vectors))
             model.embeddings["skipped"].pop(token, None)
             model.embeddings["loaded"][token] = _listed_embedding(vectors)
 
 
-def _listed_embedding(vectors) -> dict:
-    """An embedding as A1111's /sdapi/v1/embeddings lists a loaded one."""
-    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(vectors.shape[-1]),
-            "vectors": int(vectors.shape[0])}
+def _listed_embedding(vectors, skipped: str | None = None) -> dict:
+    """An embedding as A1111's /sdapi/v1/embeddings lists one (its EmbeddingItem, loaded or skipped alike); a
+    skipped one says why in `reason` (ours), its shape None where its file could not be read."""
+    listed = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+              "shape": None if vectors is None else int(vectors.shape[-1]),
+              "vectors": None if vectors is None else int(vectors.shape[0])}
+    return listed if skipped is None else listed | {"reason": skipped}
 
 
 MAX_PROMPT_LORAS = 16  # prompt LoRAs kept loaded in a model, least recently used let go beyond

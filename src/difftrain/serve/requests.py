@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -40,7 +41,9 @@ class Limits:
 
 
 class _A1111Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # No infinity or NaN in a number field (JSON's 1e400 parses as infinity): a job drew, and then its answer
+    # could not be written as JSON.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -50,6 +53,11 @@ class _A1111Body(BaseModel):
 
 
 CHURN_DEFAULTS = {"s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1}
+# A1111 settings a request may override that would change its image, which difftrain does not draw: their
+# defaults (what a request may send).
+OVERRIDES_REFUSED = {"s_min_uncond": 0, "token_merging_ratio": 0, "token_merging_ratio_hr": 0}
+# The eta a sampler draws with when the request gives none: DDIM's, then the ancestral and SDE samplers'.
+ETA_SETTINGS = ("eta_ddim", "eta_ancestral")
 
 
 class Txt2ImgRequest(_A1111Body):
@@ -101,6 +109,13 @@ class Txt2ImgRequest(_A1111Body):
     seed_resize_from_w: int = -1
     script_name: Optional[str] = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet units only (serve/control.py)
+    disable_extra_networks: bool = False  # the prompt's <lora:...> tags are removed and not applied
+    override_settings_restore_afterwards: bool = True
+    # Refused when they ask for something (see `check`): A1111's negative-prompt skipping, and its ways of taking
+    # a request's settings from an infotext or its first pass from an image.
+    s_min_uncond: Optional[float] = None
+    infotext: Optional[str] = None
+    firstpass_image: Optional[str] = None
 
     def check(self, limits: Limits) -> None:
         for field, value, top in (("width", self.width, limits.max_width), ("height", self.height, limits.max_height)):
@@ -133,7 +148,22 @@ class Txt2ImgRequest(_A1111Body):
                        ("script_name", self.script_name, "scripts"),
                        ("firstphase_width", self.firstphase_width or self.firstphase_height,
                         "the pre-1.0 hires fix (first phase size); give width, height and hr_scale or hr_resize_x/y")]
-        unsupported += [("refiner_checkpoint", self.refiner_checkpoint not in (None, "", "None"), "the refiner")]
+        unsupported += [("refiner_checkpoint", self.refiner_checkpoint not in (None, "", "None"), "the refiner"),
+                        ("s_min_uncond", self.s_min_uncond, "skipping the negative prompt (s_min_uncond)"),
+                        ("infotext", self.infotext, "taking the settings from an infotext"),
+                        ("firstpass_image", self.firstpass_image, "a hires fix from a given first pass"),
+                        ("override_settings_restore_afterwards", self.override_settings and
+                         not self.override_settings_restore_afterwards, "keeping a request's override_settings "
+                         "(POST them to /sdapi/v1/options to keep them)")]
+        for name, default in OVERRIDES_REFUSED.items():
+            if self.override_settings.get(name, default) != default:
+                raise RequestError(f"override_settings.{name}", f"{self.override_settings[name]!r}: not served by "
+                                                                f"difftrain; leave it at {default!r}")
+        for name in ETA_SETTINGS:
+            value = self.override_settings.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise RequestError(f"override_settings.{name}", f"{value!r}: a number from 0 to 1")
         unsupported += [(name, getattr(self, name) not in (None, default), "stochastic churn (s_churn, s_tmin, "
                          f"s_tmax, s_noise: {', '.join(map(str, CHURN_DEFAULTS.values()))})")
                         for name, default in CHURN_DEFAULTS.items()]

@@ -105,6 +105,20 @@ def test_merge_then_sample_equals_the_lora_at_that_scale(lora_run, tiny_sd, tmp_
     pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=1.5)
     both = image(StableDiffusionPipeline.from_pretrained(tmp_path / "both"))
     np.testing.assert_allclose(both, image(pipe), atol=1e-4)
+    # A merged run draws as the run did: the size (and text length) it trained at stay in its manifest, and the
+    # LoRAs baked in are listed as merged, not as adapters to load again.
+    from difftrain.models.manifest import read_manifest
+
+    written, trained = read_manifest(tmp_path / "both"), read_manifest(lora_run / "model")
+    assert written.kind == "stable-diffusion" and written.loras == [] and written.base is None
+    assert written.conditioning == trained.conditioning and trained.conditioning["resolution"] == 16
+    assert [weight for _, weight in written.export["loras_merged"]] == [1.0, 0.5]
+    sizes = {}
+    for model in (lora_run, tmp_path / "both"):
+        assert main(["generate", str(model), "--prompt", "a red circle", "--steps", "1", "--out",
+                     str(tmp_path / f"drawn-{model.name}"), "--no-progress"]) == 0
+        sizes[model.name] = Image.open(next((tmp_path / f"drawn-{model.name}").glob("*.png"))).size
+    assert sizes == {lora_run.name: (16, 16), "both": (16, 16)}
 
 
 def test_convert_round_trip_through_the_cli(lora_run, tmp_path):

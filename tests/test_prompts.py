@@ -247,7 +247,8 @@ def test_lora_tags_are_taken_out_of_the_prompt(prompt, text, tags):
     assert extract_lora_tags(prompt) == (text, tags)
 
 
-@pytest.mark.parametrize("tag", ["<lora:x:strong>", "<lora::0.5>", "<lora:x:0.8:0.4>", "<lora:x:te=0.5>"])
+@pytest.mark.parametrize("tag", ["<lora:x:strong>", "<lora::0.5>", "<lora:x:0.8:0.4>", "<lora:x:te=0.5>",
+                                 "<lora:x:nan>", "<lora:x:inf>"])
 def test_malformed_lora_tags_are_errors(tag):
     with pytest.raises(PromptError, match="lora"):
         extract_lora_tags(f"a dog {tag}")

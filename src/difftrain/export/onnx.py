@@ -105,7 +105,7 @@ def _max_opset(exporter: str) -> int:
 
 def export_onnx(source, out, options: ExportOptions | None = None, progress: bool = True) -> Path:
     """Export `source` (anything `load_pipeline` takes) into the folder `out`, written whole or not at all."""
-    from difftrain.generate.loader import load_merged, locate
+    from difftrain.generate.loader import load_merged, locate, loras_merged
 
     options = options or ExportOptions()
     options.check()
@@ -117,9 +117,7 @@ def export_onnx(source, out, options: ExportOptions | None = None, progress: boo
     located = locate(source, options.use_ema)
     manifest = located.manifest
     kind = manifest.kind if manifest is not None else None
-    # The LoRAs merged: a LoRA run's own, then --lora's (the manifest records them all)
-    merged = [(str(located.folder / lora["file"]), lora["weight"]) for lora in (manifest.loras if manifest else [])]
-    merged += list(options.loras)
+    merged = loras_merged(located, options.loras)  # (the manifest records them all)
     if options.lora_scale != 1.0 and not merged:
         raise ExportError(f"--lora-scale {options.lora_scale}: scales the LoRAs merged in, and {source} has none of "
                           "its own and no --lora is given")
@@ -532,22 +530,16 @@ def _write_configs(pipe, folder: Path, residual_shapes: dict) -> None:
 
 
 def _write_manifest(pipe, folder: Path, options: ExportOptions, gate: dict | None) -> None:
-    from dataclasses import replace
-
     import onnx
 
-    from difftrain.versions import difftrain_version
+    from difftrain.generate.loader import baked_manifest
 
-    manifest = replace(pipe.manifest, kind="onnx", base=None, components=[], loras=[], embeddings=[], controls=[],
-                       scheduler="scheduler")
-    manifest.trained = {**manifest.trained, "difftrain": difftrain_version()}
-    manifest.export = {"format": "onnx", "source": pipe.model_name, "precision": options.precision,
-                       "quantize": options.quantize, "opset": options.resolved_opset, "exporter": options.exporter,
-                       "onnx": onnx.__version__, "torch": torch.__version__, "controlnet_inputs": options.controlnet,
-                       "loras_merged": [[str(path), weight] for path, weight in pipe.merged_loras],
-                       "lora_scale": options.lora_scale,
-                       "quality_gate": gate}
-    manifest.write(folder)
+    baked_manifest(pipe, "onnx", {
+        "format": "onnx", "source": pipe.model_name, "precision": options.precision, "quantize": options.quantize,
+        "opset": options.resolved_opset, "exporter": options.exporter, "onnx": onnx.__version__,
+        "torch": torch.__version__, "controlnet_inputs": options.controlnet,
+        "loras_merged": [[str(path), weight] for path, weight in pipe.merged_loras], "lora_scale": options.lora_scale,
+        "quality_gate": gate}).write(folder)
 
 
 def _bar(total: int, progress: bool):

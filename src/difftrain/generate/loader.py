@@ -303,6 +303,28 @@ def load_merged(source: str | Path, loras: list[tuple[str, float]] = (), embeddi
     return pipe
 
 
+def loras_merged(located, loras: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The LoRAs `load_merged` bakes into the model `located` names, in order: its own (a LoRA run's), then
+    `loras`."""
+    own = located.manifest.loras if located.manifest is not None else []
+    return [(str(located.folder / lora["file"]), lora["weight"]) for lora in own] + list(loras)
+
+
+def baked_manifest(pipe, kind: str, export: dict) -> Manifest:
+    """The manifest of a folder `load_merged`'s pipeline is written to: what it was trained with (noise,
+    conditioning: resolution, max_length, clip_skip) kept, so the folder draws as the model did; its adapters
+    baked in, so none listed; `export` says how it was made."""
+    from dataclasses import replace
+
+    from difftrain.versions import difftrain_version
+
+    manifest = replace(pipe.manifest or Manifest("stable-diffusion"), kind=kind, base=None, components=[], loras=[],
+                       embeddings=[], controls=[], scheduler="scheduler")
+    manifest.trained = {**manifest.trained, "difftrain": difftrain_version()}
+    manifest.export = export
+    return manifest
+
+
 def lora_file(spec: str | Path) -> str | Path:
     """A LoRA as given (a file, or a folder holding diffusers' file), or a LoRA run folder's own file."""
     if not is_run_folder(Path(spec)):

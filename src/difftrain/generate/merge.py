@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftrain.atomic import atomic_dir, occupied
-from difftrain.generate.loader import load_merged, locate
+from difftrain.generate.loader import baked_manifest, load_merged, locate, loras_merged
 from difftrain.models.lora_files import LoraFileError
 
 # What a LoRA merges into: Stable Diffusion, alone or with adapters of its own.
@@ -24,7 +24,8 @@ def merge_loras(model: str, loras: list[tuple[str, float]], out_dir, use_ema: bo
     out = Path(out_dir)
     if occupied(out):
         raise LoraFileError(f"{out}: exists and is not empty; merge into a new folder")
-    manifest = locate(model, use_ema).manifest
+    located = locate(model, use_ema)
+    manifest = located.manifest
     kind = manifest.kind if manifest is not None else "stable-diffusion"
     if kind not in MERGEABLE:  # (a ControlNet run's network, an export's graphs: a merged folder would drop them)
         raise LoraFileError(f"{model}: a {kind} model; LoRAs merge into a Stable Diffusion model (a folder, a single "
@@ -33,6 +34,10 @@ def merge_loras(model: str, loras: list[tuple[str, float]], out_dir, use_ema: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        # (a plain diffusers folder to other tools; to difftrain, also the size and text length it was trained at)
+        baked_manifest(pipe, "stable-diffusion", {
+            "format": "diffusers", "source": pipe.model_name,
+            "loras_merged": [[str(path), weight] for path, weight in loras_merged(located, loras)]}).write(staging)
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from typing import NamedTuple
 
@@ -328,6 +329,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             weight = float(rest[0]) if rest else 1.0
         except ValueError:
             raise PromptError(f"{match.group(0)!r}: {rest[0]!r} is not a number") from None
+        if not math.isfinite(weight):  # (float() reads "nan" and "inf": the drawing came out black)
+            raise PromptError(f"{match.group(0)!r}: give a finite weight")
         found.append((name, weight))
         return ""
 

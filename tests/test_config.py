@@ -197,6 +197,10 @@ def test_a_frozen_unet_keeps_its_base_noise_settings(method, section):
     parse_config(run)
     message = errors_of({**run, "noise": {"prediction_type": "v_prediction", "zero_terminal_snr": True}})
     assert (f"noise.prediction_type, noise.zero_terminal_snr with method {method}: the UNet stays frozen" in message)
+    # zero_terminal_snr alone gets the same reason, not the advice to add prediction_type (refused in turn)
+    message = errors_of({**run, "noise": {"zero_terminal_snr": True}})
+    assert "noise.zero_terminal_snr with method" in message and "v_prediction" not in message, message
+    assert "set noise.prediction_type: v_prediction" in errors_of({**BASE, "noise": {"zero_terminal_snr": True}})
     parse_config({**run, "noise": {"snr_gamma": 5.0, "noise_offset": 0.05}})  # the loss's weighting is the run's own
 
 

@@ -204,15 +204,6 @@ class NoiseConfig(Section):
     input_perturbation: float = Field(0.0, ge=0, le=1, description="extra noise on the input only (0.1 is usual)")
     zero_terminal_snr: bool = Field(False, description="rescale betas so the last step is pure noise; needs v_prediction")
 
-    @model_validator(mode="after")
-    def _terminal_snr_needs_v(self) -> "NoiseConfig":
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError(
-                "noise.zero_terminal_snr = true: at zero SNR the noise cannot be predicted; "
-                "set noise.prediction_type: v_prediction"
-            )
-        return self
-
 
 class EmaConfig(Section):
     enabled: bool = True
@@ -530,6 +521,16 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
+    def _terminal_snr_needs_v(self) -> "RunConfig":
+        # (A method that takes no noise settings refuses this one with its own reason, after this rule: its advice
+        # would be refused in turn.)
+        if (self.noise.zero_terminal_snr and self.noise.prediction_type != "v_prediction"
+                and self.method not in NO_NOISE_SETTINGS):
+            raise ValueError("noise.zero_terminal_snr = true: at zero SNR the noise cannot be predicted; "
+                             "set noise.prediction_type: v_prediction")
+        return self
+
+    @model_validator(mode="after")
     def _keep_best_is_evaluated(self) -> "RunConfig":
         best = self.checkpoint.keep_best
         if best is None:
@@ -768,6 +769,10 @@ def _check_class_folder(class_data: str, instance_folder: str | None) -> None:
             raise ValueError(f"dreambooth.class_data = {class_data!r} and data.path = {instance_folder!r}: one holds "
                              "the other, so class images would train as instances (or instances as the class "
                              "prior); give the class images a folder of their own")
+
+
+# Methods whose own rules refuse noise settings: a frozen UNet's (_frozen_unet_noise), and a VAE's, which has none.
+NO_NOISE_SETTINGS = ("controlnet", "t2i_adapter", "textual_inversion", "vae")
 
 
 def _frozen_unet_noise(run) -> None:

@@ -210,7 +210,7 @@ def test_an_img2img_batch_gives_every_image_the_units_control_image(tiny_sd, con
 
 
 def test_canny_thresholds_given_win_over_those_a_controlnet_was_trained_with(
-        tiny_sd, controlnets, mask, tmp_path):  # noqa: F811
+        tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811
     """(--canny-low/--canny-high had a default of 100/200, which looked given: a canny-trained run's own
     thresholds then always won, and the ones on the command line were silently ignored.)"""
     import shutil
@@ -236,6 +236,16 @@ def test_canny_thresholds_given_win_over_those_a_controlnet_was_trained_with(
                       "--control-image", str(mask), *given)
         unit = parse_infotext(read_png_infotext(image))[2]["ControlNet 0"]
         assert "Module: canny" in unit and said in unit, unit
+    # Per ControlNet, as the other unit values (the last one given used to apply to every unit)
+    two = ["--controlnet", str(trained), "--control-image", str(mask)] * 2
+    [image] = run(tiny_sd, tmp_path / "per-unit", "--prompt", "x", *two, "--canny-low", "10", "--canny-low", "60",
+                  "--canny-high", "200")
+    units = parse_infotext(read_png_infotext(image))[2]
+    assert "Threshold A: 10, Threshold B: 200" in units["ControlNet 0"]
+    assert "Threshold A: 60, Threshold B: 200" in units["ControlNet 1"]
+    assert main(["generate", str(tiny_sd), "--prompt", "x", *two, "--canny-low", "1", "--canny-low", "2",
+                 "--canny-low", "3", "--out", str(tmp_path / "three")]) == 2
+    assert "--canny-low: give one value for all 2 ControlNets or one for each" in capsys.readouterr().err
 
 
 def test_canny_runs_at_the_preprocessor_resolution_as_a1111_runs_it(mask, tmp_path):

@@ -96,12 +96,13 @@ def _control_units(args: argparse.Namespace) -> list:
                   per_unit(args.control_end, 1.0, "--control-end"),
                   per_unit(args.control_resize, "crop", "--control-resize"),
                   per_unit(args.control_mode, "balanced", "--control-mode"),
-                  per_unit(args.processor_res, None, "--processor-res"))
+                  per_unit(args.processor_res, None, "--processor-res"),
+                  per_unit(args.canny_low, None, "--canny-low"), per_unit(args.canny_high, None, "--canny-high"))
     # (no --preprocess: the ControlNet's own, when it is a difftrain run's, else none)
     return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess,
-                        start=start, end=end, low_threshold=args.canny_low, high_threshold=args.canny_high,
+                        start=start, end=end, low_threshold=low, high_threshold=high,
                         resize=resize, mode=mode, processor_res=resolution)
-            for (path, scale), image, preprocess, start, end, resize, mode, resolution in columns]
+            for (path, scale), image, preprocess, start, end, resize, mode, resolution, low, high in columns]
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -378,9 +379,10 @@ def _generate(args: argparse.Namespace) -> int:
         given["seed_resize_from"] = _size_flag("--seed-resize-from", args.seed_resize_from, " (e.g. 512x512)")
     if not (args.controlnet or args.control_image) and (args.preprocess or args.control_start or args.control_end
                                                          or args.control_resize or args.control_mode
-                                                         or args.processor_res):
-        raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize, --control-mode and "
-                             "--processor-res apply to ControlNets: give --controlnet and --control-image too (a "
+                                                         or args.processor_res or args.canny_low
+                                                         or args.canny_high):
+        raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize, --control-mode, "
+                             "--processor-res and --canny-low/--canny-high apply to ControlNets: give --controlnet and --control-image too (a "
                              "ControlNet model needs --control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)
@@ -1027,9 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the steps before a ControlNet acts (default 0); once, or per ControlNet")
     gen.add_argument("--control-end", action="append", type=_finite, metavar="F",
                      help="share of the steps after which it stops (default 1); once, or per ControlNet")
-    gen.add_argument("--canny-low", type=int, help="canny: lower threshold (default: a difftrain ControlNet's "
-                     "trained one, else 100)")
-    gen.add_argument("--canny-high", type=int, help="canny: upper threshold (default: the trained one, else 200)")
+    gen.add_argument("--canny-low", action="append", type=int, metavar="N",
+                     help="canny: lower threshold (default: a difftrain ControlNet's trained one, else 100); once, or "
+                          "per ControlNet")
+    gen.add_argument("--canny-high", action="append", type=int, metavar="N",
+                     help="canny: upper threshold (default: the trained one, else 200); once, or per ControlNet")
     gen.add_argument("--processor-res", action="append", type=int, metavar="N",
                      help="canny at this resolution (the image's short side), then fitted to the output, as A1111's "
                           "Preprocessor Resolution (default: at the output size, as its Pixel Perfect); once, or per "

@@ -125,7 +125,8 @@ def test_controlnet_with_a_unet_lora_under_bf16_keeps_trained_weights_fp32(tiny_
     assert parse_infotext(read_png_infotext(drawn))[2]["ControlNet 0"].startswith("Module: mask,")
 
 
-def test_t2i_adapter_is_the_same_method_with_another_network(tiny_sd, mask_shapes, tmp_path, capsys):  # noqa: F811
+def test_t2i_adapter_is_the_same_method_with_another_network(tiny_sd, mask_shapes, tmp_path, capsys,  # noqa: F811
+                                                              caplog):
     from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
 
     common = dict(t2i_adapter={"preprocess": "mask", "proportion_empty_prompts": 0.2, "validation": [
@@ -154,6 +155,30 @@ def test_t2i_adapter_is_the_same_method_with_another_network(tiny_sd, mask_shape
                  str(mask_shapes / "conditioning" / "000000.png"), "--control-end", "0.5", "--out",
                  str(tmp_path / "x"), "--no-progress"]) == 2
     assert "T2I-Adapter pipeline acts on every step" in capsys.readouterr().err
+    # An adapter's trained weight is in its manifest, not its weights: named as --controlnet without a weight it
+    # draws at that weight, as the run drawn as the model does (it drew at 1).
+    from difftrain.generate.infotext import read_png_infotext
+
+    half = tmp_path / "half"
+    shutil.copytree(tmp_path / "straight", half)
+    written = json.loads((half / "model" / "difftrain.json").read_text())
+    written["controls"][0]["scale"] = 0.5
+    (half / "model" / "difftrain.json").write_text(json.dumps(written))
+    control = ["--control-image", str(mask_shapes / "conditioning" / "000000.png")]
+    same = ["--prompt", "a red circle", "--steps", "2", "--width", "16", "--height", "16", "--seed", "3",
+            "--no-progress"]
+    assert main(["generate", str(half), *control, *same, "--out", str(tmp_path / "own")]) == 0
+    assert main(["generate", str(tiny_sd), "--controlnet", str(half), *control, *same, "--out",
+                 str(tmp_path / "unit")]) == 0
+    [own], [unit] = (sorted((tmp_path / name).glob("*.png")) for name in ("own", "unit"))
+    assert "Weight: 0.5" in read_png_infotext(unit) and np.array_equal(np.asarray(Image.open(own)),
+                                                                        np.asarray(Image.open(unit)))
+    # ... and a run continuing it at another conditioning_scale is told
+    capsys.readouterr()
+    config = sd_config(tmp_path, mask_shapes, tiny_sd, "continued", method="t2i_adapter", training={"max_steps": 1},
+                       t2i_adapter={"model": str(half), "preprocess": "mask"})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "was trained and is drawn at conditioning_scale 0.5: this run trains it at" in caplog.text
 
 
 def test_a_controlnet_with_the_standard_hint_encoder_also_writes_the_original_single_file(mask_shapes, tmp_path):

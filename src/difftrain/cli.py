@@ -77,7 +77,8 @@ def _control_units(args: argparse.Namespace) -> list:
     from difftrain.generate.controlnet import ControlUnit
     from difftrain.generate.text2image import parse_lora_arg
 
-    models = [parse_lora_arg(item) for item in args.controlnet or []]  # PATH[:SCALE], the --lora syntax
+    # PATH[:SCALE], the --lora syntax; no scale: the one a difftrain run's network was trained at, else 1
+    models = [parse_lora_arg(item, default=None) for item in args.controlnet or []]
     images = args.control_image or []
     if len(images) == len(models) + 1:  # the first image is for the model's own ControlNet (a ControlNet run's)
         models.insert(0, (None, None))

@@ -115,8 +115,8 @@ def with_own_controlnet(units: list[ControlUnit], manifest, folder: Path | None,
 
 def _as_trained(unit: ControlUnit) -> ControlUnit:
     """A unit naming another ControlNet: a difftrain ControlNet run's preprocessor (and canny thresholds)
-    unless --preprocess was given, and a warning if the run also trained a UNet LoRA, which steers only the
-    model it was trained beside."""
+    unless --preprocess was given, its weight unless one was (a T2I-Adapter's, which its manifest carries), and a
+    warning if the run also trained a UNet LoRA, which steers only the model it was trained beside."""
     from dataclasses import replace
 
     from difftrain.models.manifest import read_manifest
@@ -124,7 +124,8 @@ def _as_trained(unit: ControlUnit) -> ControlUnit:
     folder = local_folder(unit.model)
     theirs = read_manifest(folder) if folder.is_dir() else None
     if theirs is None or theirs.kind not in CONTROL_KINDS or not theirs.controls:
-        return unit if unit.preprocess is not None else replace(unit, preprocess="none")
+        return replace(unit, preprocess="none" if unit.preprocess is None else unit.preprocess,
+                       scale=1.0 if unit.scale is None else unit.scale)
     if theirs.loras:
         log.warning("%s was trained beside a LoRA on its base's UNet, which a --controlnet unit does not load: draw "
                     "with the run itself as the model (difftrain generate %s --control-image ...) to have both",
@@ -134,7 +135,8 @@ def _as_trained(unit: ControlUnit) -> ControlUnit:
         raise ControlNetError(f"{unit.model} was trained on {trained['preprocess']} maps made by controlnet_aux, "
                               f"which generate does not run: give a {trained['preprocess']} map as its "
                               "--control-image with --preprocess none")
-    return replace(unit, preprocess=unit.preprocess or trained.get("preprocess", "none"), **_thresholds(unit, trained))
+    return replace(unit, preprocess=unit.preprocess or trained.get("preprocess", "none"),
+                   scale=trained.get("scale", 1.0) if unit.scale is None else unit.scale, **_thresholds(unit, trained))
 
 
 def _thresholds(unit: ControlUnit, trained: dict) -> dict:

@@ -962,8 +962,9 @@ def _version(text) -> tuple[int, ...]:
     return (int(match.group(1)), int(match.group(2))) if match else (999,)
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`path[:weight]` (the weight after the last colon, so Windows drive letters survive)."""
+def parse_lora_arg(text: str, default: float | None = 1.0) -> tuple[str, float | None]:
+    """`path[:weight]` (the weight after the last colon, so Windows drive letters survive); `default` without
+    one."""
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
@@ -975,7 +976,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
             if not math.isfinite(value):  # a NaN weight drew black images and wrote NaN weights
                 raise GenerateError(f"{text}: give a finite weight")
             return path, value
-    return text, 1.0
+    return text, default
 
 
 __all__ = ["Drawer", "GenerateOptions", "GenerateError", "generate", "options_from_png"]

@@ -66,9 +66,16 @@ class ControlNetTraining(TextToImage):
 
         folder = local_folder(self.control.model)
         manifest = read_manifest(folder) if folder.is_dir() else None
-        folded = (manifest.controls[0].get("folded_scale", 1.0) if manifest is not None and manifest.controls
-                  else 1.0)
+        trained = manifest.controls[0] if manifest is not None and manifest.controls else {}
+        folded = trained.get("folded_scale", 1.0)
         self.inherited_scale = folded
+        # A T2I-Adapter's weight is not folded into it: its manifest carries it, and generate draws at it.
+        if (manifest is not None and manifest.kind == "t2i-adapter"
+                and trained.get("scale", 1.0) != self.control.conditioning_scale):
+            log.warning("%s.model %s was trained and is drawn at conditioning_scale %g: this run trains it at "
+                        "%s.conditioning_scale %g; set that to %g to continue as it was", self.name,
+                        self.control.model, trained["scale"], self.name, self.control.conditioning_scale,
+                        trained["scale"])
         if folded != 1.0 and self.control.conditioning_scale != 1.0:
             log.warning("%s.model %s was trained at conditioning_scale %g, saved folded into its weights: at "
                         "%s.conditioning_scale %g this run trains it at %g of its original strength", self.name,

@@ -72,6 +72,25 @@ def test_overrides_parse_yaml_values_and_validate(tmp_path):
         load_config(path, ["training.nope=1"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(path, ["training.max_steps"])
+    # A value YAML cannot read is named with how to quote it (it was a traceback from the YAML parser)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, ["data.path=@foo"])
+    assert "--set 'data.path=@foo': the value is not valid YAML" in str(refused.value)
+    assert 'quote it, e.g. --set "data.path=\'@foo\'"' in str(refused.value)
+    assert load_config(path, ["data.path='@foo'"]).data.path == "@foo"
+
+
+def test_an_empty_top_level_value_and_a_yes_for_a_number_are_refused_naming_the_key():
+    """An empty output_dir, seed or method took its default (`output_dir: $UNSET` trained into runs/run), and a
+    yes/no in a number field read as 1 (`checkpoint.keep_last: yes` kept one checkpoint)."""
+    assert "output_dir = None" in errors_of({**BASE, "output_dir": None})
+    assert "seed = None" in errors_of({**BASE, "seed": None})
+    assert "method = None is not a method" in errors_of({**BASE, "method": None})
+    assert parse_config({**BASE, "training": None}).training.max_steps > 0  # an empty section still takes defaults
+    for section, key in (("training", "batch_size"), ("checkpoint", "keep_last"), ("training", "max_grad_norm")):
+        assert f"{section}.{key} = 'true': Input should be a valid" in errors_of({**BASE, section: {key: True}})
+    assert "seed = 'false'" in errors_of({**BASE, "seed": False})
+    assert parse_config({**BASE, "training": {"ema": {"enabled": True}}}).training.ema.enabled  # yes/no keys stay
 
 
 def test_missing_and_broken_files_are_reported(tmp_path):

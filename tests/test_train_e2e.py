@@ -718,13 +718,23 @@ def test_two_trainings_never_write_one_run_folder_at_once(make_config, tmp_path,
 def test_a_damaged_or_misnamed_checkpoint_is_refused_naming_it(make_config, tmp_path, capsys):
     import shutil
 
-    config = make_config(training={"max_steps": 4})
+    config = make_config(training={"max_steps": 4, "ema": {"enabled": False}})
     assert main(["train", str(config), "--no-progress"]) == 0
     checkpoints = tmp_path / "run" / "checkpoints"
+    # (a checkpoint's manifest says which weights it holds and their step: it said ema, and the run's max_steps)
+    manifest = json.loads((checkpoints / "step-00000002" / "difftrain.json").read_text())
+    assert manifest["weights"] == "raw" and manifest["trained"]["at_step"] == 2
     shutil.copytree(checkpoints / "step-00000002", checkpoints / "step-00000002.bak")  # a user's backup copy
     capsys.readouterr()
     assert main(["train", str(config), "--resume", str(checkpoints / "step-00000002.bak"), "--no-progress"]) == 2
     assert "under another name than step-N" in capsys.readouterr().err
+    written = checkpoints / "step-00000002" / "config.yaml"
+    kept = written.read_text()
+    for damage in ("x: [", ""):  # a config.yaml cut short: a traceback from the YAML parser, or no advice
+        written.write_text(damage)
+        assert main(["train", str(config), "--resume", str(written.parent), "--no-progress"]) == 2
+        assert f"checkpoint file {written} is damaged" in capsys.readouterr().err
+    written.write_text(kept)
     latest = checkpoints / "step-00000004"
     weights = next(latest.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:50])  # an interrupted copy of the run folder

@@ -8,6 +8,7 @@ is allowed; `--set section.key=value` overrides go through the same validation.
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -24,6 +25,22 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "says"]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, raw: Any) -> Any:
+        # pydantic reads true as 1 in a number field: `checkpoint.keep_last: yes` kept one checkpoint, pruning the
+        # rest. Given back as the text it was, it fails as text does, the error naming the key.
+        if not isinstance(raw, dict):
+            return raw
+        return {key: str(value).lower() if isinstance(value, bool) and key in cls.model_fields
+                and _takes_a_number(cls.model_fields[key].annotation) else value for key, value in raw.items()}
+
+
+def _takes_a_number(annotation: Any) -> bool:
+    """Whether a field of this type takes an int or a float, and never a bool."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return bool({int, float} & set(kinds)) and bool not in kinds
 
 
 class BucketConfig(Section):
@@ -519,6 +536,12 @@ class RunConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @classmethod
+    def top_level_values(cls) -> tuple[str, ...]:
+        """The top-level keys that hold a value, not a section."""
+        return tuple(name for name, info in cls.model_fields.items()
+                     if not (isinstance(info.annotation, type) and issubclass(info.annotation, Section)))
 
     @model_validator(mode="after")
     def _terminal_snr_needs_v(self) -> "RunConfig":
@@ -1040,7 +1063,8 @@ def _sections(raw: Any, source: str) -> dict[str, Any]:
     takes its defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    return {key: value for key, value in raw.items() if value is not None}
+    # (A value left empty is refused, as inside a section: `output_dir: $UNSET` trained into runs/run.)
+    return {key: value for key, value in raw.items() if value is not None or key in RunConfig.top_level_values()}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -1058,7 +1082,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"--set \"{key}='{value}'\"") from None
     return raw
 
 

@@ -215,4 +215,10 @@ def read_config(checkpoint: Path) -> RunConfig:
     path = checkpoint / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"checkpoint is missing config.yaml ({checkpoint})")
-    return parse_config(yaml.safe_load(path.read_text()), source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):  # (a truncated file: empty, or cut inside a value)
+            raise ValueError(f"holds {type(raw).__name__}, not the run's sections")
+    except (yaml.YAMLError, ValueError) as error:  # (UnicodeDecodeError is a ValueError)
+        raise CheckpointError(_damaged(path, error)) from None
+    return parse_config(raw, source=str(path))

@@ -718,9 +718,14 @@ class Trainer:
         # Built beside and swapped in: a crash mid-write never leaves a mix of two models.
         with atomic_dir(folder) as staging:
             self.method.save_model(modules, staging)
-            manifest = self.method.manifest()
-            manifest.trained = {**manifest.trained, "at_step": self.step}  # (what a resume checks model-best by)
-            replace(manifest, weights=weights).write(staging)
+            self._manifest_now(weights).write(staging)
+
+    def _manifest_now(self, weights: str):
+        """The method's manifest of the weights written now: which ones (ema or raw), and the step they are of
+        (what a resume checks model-best by; a checkpoint's is its own step, not the run's max_steps)."""
+        manifest = self.method.manifest()
+        manifest.trained = {**manifest.trained, "at_step": self.step}
+        return replace(manifest, weights=weights)
 
     def save_final_model(self) -> Path | None:
         model_dir = self.run_dir / "model"
@@ -831,7 +836,7 @@ class Trainer:
                 "model_configs": self.model_configs,
             }
             (staging / "config.yaml").write_text(self.config.to_yaml())
-            manifest = self.method.manifest()
+            manifest = self._manifest_now("ema" if self.emas else "raw")
             if manifest.architecture:  # this checkpoint's weights alone make the model: `sample` can draw from it
                 manifest.write(staging)
             write_text(staging / "data.json", self.data_json, sync=False)

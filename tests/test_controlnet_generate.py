@@ -269,3 +269,12 @@ def test_canny_runs_at_the_preprocessor_resolution_as_a1111_runs_it(mask, tmp_pa
                                  ("Processor Res: 64, Pixel Perfect: True", "64x64", None)):
         [unit] = units_from_infotext({"Size": size, "ControlNet 0": f"Module: canny, {recorded}", **files})
         assert unit.processor_res == read, recorded
+    # A resolution given that is the drawn short side reads back as given (it read back as pixel perfect, and
+    # --from-png drew another edge map), and the image path reads back whole.
+    from difftrain.generate.controlnet import infotext_units
+
+    for given in (64, None, 512):
+        written = infotext_units([ControlUnit(model=str(mask), image=str(mask), preprocess="canny",
+                                              processor_res=given)], 64, 128)
+        [unit] = units_from_infotext({"Size": "64x128", **written})
+        assert (unit.processor_res, unit.image) == (given, str(mask)), written

@@ -230,7 +230,10 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
                   f"Pixel Perfect: {unit.processor_res is None}",
                   f"Control Mode: {CONTROL_MODES[unit.mode]}"]
         params[f"ControlNet {number}"] = ", ".join(parts)
-        params[f"ControlNet {number} files"] = f"{OWN if unit.own else unit.model} | {unit.image}"
+        # (a resolution given is said here too: it may be the drawn short side, which older PNGs wrote for the drawn
+        # size under Pixel Perfect: False)
+        params[f"ControlNet {number} files"] = (f"{OWN if unit.own else unit.model} | {unit.image}"
+                                                + (f"{RESOLUTION_MARK}{unit.processor_res}" if unit.processor_res else ""))
     return params
 
 
@@ -244,6 +247,7 @@ def units_from_infotext(params: dict[str, str]) -> list[ControlUnit]:
                                   "difftrain can find: give --controlnet and --control-image for each of its units to "
                                   "draw it again")
         model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
+        image, _, given = image.partition(RESOLUTION_MARK)
         units.append(ControlUnit(
             model=None if model == OWN else model, image=image, scale=float(fields.get("Weight", 1)),
             preprocess=fields.get("Module", "none"), start=float(fields.get("Guidance Start", 0)),
@@ -251,15 +255,19 @@ def units_from_infotext(params: dict[str, str]) -> list[ControlUnit]:
             high_threshold=int(fields.get("Threshold B", 200)),
             resize=_key_of(RESIZE_MODES, fields.get("Resize Mode"), "crop"),
             mode=_key_of(CONTROL_MODES, fields.get("Control Mode"), "balanced"),
-            processor_res=_processor_res(fields, params.get("Size", "")),
+            processor_res=int(given) if given.isdigit() else _processor_res(fields, params.get("Size", "")),
         ))
         number += 1
     return units
 
 
+RESOLUTION_MARK = " | processor res "  # after the files: the resolution a unit was given
+
+
 def _processor_res(fields: dict[str, str], size: str) -> int | None:
-    """A unit's preprocessor resolution from its infotext; None where it ran at the drawn size: Pixel Perfect, or
-    the drawn short side (what PNGs before 2026-12-08 recorded, under Pixel Perfect: False)."""
+    """A unit's preprocessor resolution from its infotext where its files do not say it; None where it ran at the
+    drawn size: Pixel Perfect, or the drawn short side (what PNGs before 2026-12-07 17:30 UTC recorded, under
+    Pixel Perfect: False)."""
     if fields.get("Pixel Perfect") == "True" or not fields.get("Processor Res", "").isdigit():
         return None
     resolution = int(fields["Processor Res"])

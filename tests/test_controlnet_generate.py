@@ -278,3 +278,29 @@ def test_canny_runs_at_the_preprocessor_resolution_as_a1111_runs_it(mask, tmp_pa
                                               processor_res=given)], 64, 128)
         [unit] = units_from_infotext({"Size": "64x128", **written})
         assert (unit.processor_res, unit.image) == (given, str(mask)), written
+
+
+def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_named(tiny_sd, controlnets, mask,
+                                                                                  tmp_path, capsys):  # noqa: F811
+    """Another tool's PNG names no files difftrain can find; the message asked for --controlnet and
+    --control-image, which then replaced the units whole: module, weight, window, thresholds and mode were lost."""
+    from PIL.PngImagePlugin import PngInfo
+
+    unit = ('"Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop and Resize, '
+            'Low Vram: False, Processor Res: 128, Threshold A: 50, Threshold B: 120, Guidance Start: 0.2, '
+            'Guidance End: 0.5, Pixel Perfect: False, Control Mode: My prompt is more important"')
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x32, "
+                                f"ControlNet 0: {unit}, Version: v1.10.1")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
+    assert main(["generate", str(tiny_sd), "--from-png", str(tmp_path / "a1111.png"), "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert "its other settings are taken from the PNG" in capsys.readouterr().err
+    files = ["--controlnet", str(controlnets[0]), "--control-image", str(mask)]
+    for extra, said in (([], "Guidance End: 0.5"), (["--control-end", "0.8"], "Guidance End: 0.8")):
+        [image] = run(tiny_sd, tmp_path / f"again{len(extra)}", "--from-png", str(tmp_path / "a1111.png"), *files,
+                      *extra)
+        drawn = parse_infotext(read_png_infotext(image))[2]["ControlNet 0"]
+        for kept in ("Module: canny", "Weight: 0.6", "Processor Res: 128", "Threshold A: 50", "Threshold B: 120",
+                     "Guidance Start: 0.2", said, "Pixel Perfect: False", "Control Mode: My prompt is more important"):
+            assert kept in drawn, (kept, drawn)

@@ -73,8 +73,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _control_units(args: argparse.Namespace) -> list:
     """One unit per --controlnet, paired in order with --control-image; the other lists give one value for
-    every unit or one per unit."""
-    from difftrain.generate.controlnet import ControlUnit
+    every unit or one per unit. With --from-png, a setting not given is the PNG's unit's, where the PNG has as
+    many units (its files named anew: another tool's PNG names none difftrain can find)."""
+    from difftrain.generate.controlnet import ControlUnit, recorded_units
+    from difftrain.generate.infotext import parse_infotext, read_png_infotext
     from difftrain.generate.text2image import parse_lora_arg
 
     # PATH[:SCALE], the --lora syntax; no scale: the one a difftrain run's network was trained at, else 1
@@ -85,20 +87,28 @@ def _control_units(args: argparse.Namespace) -> list:
     if len(images) != len(models):
         raise DifftrainError(f"{len(models)} --controlnet and {len(images)} --control-image: give one image per "
                              "ControlNet, in the same order (and one more first for a ControlNet model's own)")
+    recorded = recorded_units(parse_infotext(read_png_infotext(args.from_png))[2]) if args.from_png else []
+    if recorded and len(recorded) != len(models):
+        print(f"warning: {args.from_png} records {len(recorded)} ControlNet unit(s) and {len(models)} are given: "
+              "their settings are not taken from it", file=sys.stderr)
+    recorded = recorded if len(recorded) == len(models) else []
+    models = [(path, recorded[i].scale if scale is None and recorded else scale) for i, (path, scale) in
+              enumerate(models)]
 
-    def per_unit(values, default, flag):
+    def per_unit(field: str, default, flag: str):
+        values = getattr(args, flag[2:].replace("-", "_"))
+        if not values and recorded:
+            return [getattr(unit, field) for unit in recorded]
         values = values or [default]
         if len(values) not in (1, len(models)):
             raise DifftrainError(f"{flag}: give one value for all {len(models)} ControlNets or one for each")
         return values * len(models) if len(values) == 1 else values
 
-    columns = zip(models, images, per_unit(args.preprocess, None, "--preprocess"),
-                  per_unit(args.control_start, 0.0, "--control-start"),
-                  per_unit(args.control_end, 1.0, "--control-end"),
-                  per_unit(args.control_resize, "crop", "--control-resize"),
-                  per_unit(args.control_mode, "balanced", "--control-mode"),
-                  per_unit(args.processor_res, None, "--processor-res"),
-                  per_unit(args.canny_low, None, "--canny-low"), per_unit(args.canny_high, None, "--canny-high"))
+    columns = zip(models, images, per_unit("preprocess", None, "--preprocess"),
+                  per_unit("start", 0.0, "--control-start"), per_unit("end", 1.0, "--control-end"),
+                  per_unit("resize", "crop", "--control-resize"), per_unit("mode", "balanced", "--control-mode"),
+                  per_unit("processor_res", None, "--processor-res"), per_unit("low_threshold", None, "--canny-low"),
+                  per_unit("high_threshold", None, "--canny-high"))
     # (no --preprocess: the ControlNet's own, when it is a difftrain run's, else none)
     return [ControlUnit(model=path, image=image, scale=scale, preprocess=preprocess,
                         start=start, end=end, low_threshold=low, high_threshold=high,

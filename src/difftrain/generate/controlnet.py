@@ -239,14 +239,23 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
 
 def units_from_infotext(params: dict[str, str]) -> list[ControlUnit]:
     """The units a PNG's infotext records (each with its control mode, "ControlNet is more important" included)."""
+    units = recorded_units(params)
+    for number, unit in enumerate(units):
+        if not unit.image:  # another tool's PNG: its model and image are not ours to find
+            raise ControlNetError(f"the PNG's ControlNet {number} ({unit.model}) names no files difftrain can find: "
+                                  "give --controlnet and --control-image for each of its units to draw it again (its "
+                                  "other settings are taken from the PNG)")
+    return units
+
+
+def recorded_units(params: dict[str, str]) -> list[ControlUnit]:
+    """`units_from_infotext`'s units, those of another tool's PNG too: without our files entry, a unit's model is
+    the name the PNG shows and its image empty."""
     units, number = [], 0
     while f"ControlNet {number}" in params:
         fields = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ") if ": " in item)
-        if f"ControlNet {number} files" not in params:  # another tool's PNG: its model and image are not ours to find
-            raise ControlNetError(f"the PNG's ControlNet {number} ({fields.get('Model', 'unnamed')}) names no files "
-                                  "difftrain can find: give --controlnet and --control-image for each of its units to "
-                                  "draw it again")
-        model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
+        files = params.get(f"ControlNet {number} files", f"{fields.get('Model', 'unnamed')} | ")
+        model, image = (text.strip() for text in files.split(" | ", 1))
         image, _, given = image.partition(RESOLUTION_MARK)
         units.append(ControlUnit(
             model=None if model == OWN else model, image=image, scale=float(fields.get("Weight", 1)),

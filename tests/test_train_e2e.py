@@ -562,6 +562,9 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(make_config, capsys):
     capsys.readouterr()
     assert main(["train", str(config)]) == 2  # a finished run is not silently overwritten
     assert "already holds a run (checkpoint step-00000002); add --resume latest" in capsys.readouterr().err
+    # Resumed when finished: no step runs; the summary gives the log's last loss (it said "final loss  -")
+    assert main(["train", str(config), "--resume", "latest", "--no-progress"]) == 0
+    assert re.search(r"  final loss  \d+\.\d{4}\n", capsys.readouterr().out)
 
 
 def test_bad_files_are_skipped_counted_and_listed(shapes_dir, tmp_path, capsys):

@@ -341,7 +341,10 @@ class Trainer:
                 else sharding.state_bytes(self.parameters, self.optimizer))
         self._end_processes()
         if self.main:
-            plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            logged = read_metrics(self.run_dir / "metrics.jsonl")
+            plot_loss_curve(logged, self.run_dir / "loss.png")
+            if last_loss is None and logged:  # a finished run resumed: no step ran here, the log has its last loss
+                last_loss = logged[-1][1]
             self._print_summary(timer, self.step - start_step, last_loss, model_dir, held)
         return TrainResult(self.run_dir, model_dir, self.step, last_loss, seconds, timer.loop_seconds(),
                            timer.startup, held, timer.first_step or 0.0)

@@ -471,6 +471,12 @@ def test_resuming_an_earlier_checkpoint_moves_the_abandoned_branch_aside(make_co
     # The curves are the new branch's: its steps 5-8 logged once, the abandoned branch's 5-6 dropped at the resume.
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+    # Back to the abandoned branch: every checkpoint of the run is now the branch left behind, not "later" ones
+    capsys.readouterr()
+    assert main(["train", str(config), "--no-progress", "--resume", str(abandoned), "--set",
+                 "training.max_steps=6"]) == 0
+    assert ("the run's checkpoints of the branch left behind moved to "
+            f"{checkpoints / 'abandoned'} (as step-00000008)") in capsys.readouterr().out
 
 
 def test_a_fresh_run_into_a_folder_whose_run_trained_and_saved_nothing_is_refused(make_config, tmp_path, capsys):

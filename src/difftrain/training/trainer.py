@@ -247,8 +247,11 @@ class Trainer:
                 drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
                 moved = self.store.adopt(path) + self._adopt_best()
                 if moved:
-                    print(f"resuming from {path.name}: the {len(moved)} later checkpoint(s) of the branch left "
-                          f"behind ({', '.join(p.name for p in moved)}) moved to {moved[0].parent}")
+                    # (from a checkpoint outside checkpoints/, every one of the run's is of the branch left behind)
+                    outside = path.resolve().parent != self.store.root.resolve()
+                    what = "the run's checkpoints" if outside else f"the {len(moved)} later checkpoint(s)"
+                    print(f"resuming from {path}: {what} of the branch left behind moved to {moved[0].parent} "
+                          f"(as {', '.join(p.name for p in moved)})")
         self.sampler.start = self.position
         batches = iter(make_loader(self.dataset, self.sampler, config.data.num_workers, self.method.collate,
                                    pin_memory=accelerator.device.type == "cuda"))

@@ -280,8 +280,8 @@ def test_canny_runs_at_the_preprocessor_resolution_as_a1111_runs_it(mask, tmp_pa
         assert (unit.processor_res, unit.image) == (given, str(mask)), written
 
 
-def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_named(tiny_sd, controlnets, mask,
-                                                                                  tmp_path, capsys):  # noqa: F811
+def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_named(  # noqa: F811
+        tiny_sd, controlnets, mask, tmp_path, capsys):  # noqa: F811
     """Another tool's PNG names no files difftrain can find; the message asked for --controlnet and
     --control-image, which then replaced the units whole: module, weight, window, thresholds and mode were lost."""
     from PIL.PngImagePlugin import PngInfo

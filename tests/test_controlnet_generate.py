@@ -287,7 +287,7 @@ def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_name
     from PIL.PngImagePlugin import PngInfo
 
     unit = ('"Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop and Resize, '
-            'Low Vram: False, Processor Res: 128, Threshold A: 50, Threshold B: 120, Guidance Start: 0.2, '
+            'Low Vram: False, Processor Res: 128, Threshold A: 50.0, Threshold B: 120.0, Guidance Start: 0.2, '
             'Guidance End: 0.5, Pixel Perfect: False, Control Mode: My prompt is more important"')
     info = PngInfo()
     info.add_text("parameters", "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 32x32, "
@@ -304,3 +304,14 @@ def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_name
         for kept in ("Module: canny", "Weight: 0.6", "Processor Res: 128", "Threshold A: 50", "Threshold B: 120",
                      "Guidance Start: 0.2", said, "Pixel Perfect: False", "Control Mode: My prompt is more important"):
             assert kept in drawn, (kept, drawn)
+    # A module generate does not run is named as the PNG's, with what to do (it named a --preprocess not typed)
+    info = PngInfo()
+    info.add_text("parameters", "x\nSteps: 3, Seed: 5, Size: 32x32, ControlNet 0: \"Module: depth_midas, Model: d, "
+                                "Weight: 1, Threshold A: -1, Threshold B: -1\"")
+    Image.new("RGB", (32, 32)).save(tmp_path / "depth.png", pnginfo=info)
+    assert main(["generate", str(tiny_sd), "--from-png", str(tmp_path / "depth.png"), *files, "--out",
+                 str(tmp_path / "y"), "--no-progress"]) == 2
+    assert "preprocessor 'depth_midas': generate runs none, canny, mask, segmentation; for another one, give its map " \
+           "as --control-image with --preprocess none" in capsys.readouterr().err
+    [image] = run(tiny_sd, tmp_path / "depth", "--from-png", str(tmp_path / "depth.png"), *files, "--preprocess", "none")
+    assert "Module: none" in read_png_infotext(image)

@@ -59,8 +59,9 @@ class ControlUnit:
     def check(self, number: int) -> None:
         owner = self.model or "the model's own"
         where = f"ControlNet {number} ({owner})"
-        if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
-            raise ControlNetError(f"{where}: --preprocess {self.preprocess}: choose one of {', '.join(PREPROCESSORS)}")
+        if self.preprocess is not None and self.preprocess not in PREPROCESSORS:  # (given, or a PNG's Module)
+            raise ControlNetError(f"{where}: preprocessor {self.preprocess!r}: generate runs {', '.join(PREPROCESSORS)}; "
+                                  "for another one, give its map as --control-image with --preprocess none")
         if self.resize not in RESIZE_MODES:
             raise ControlNetError(f"{where}: --control-resize {self.resize}: choose one of {', '.join(RESIZE_MODES)}")
         if self.mode not in CONTROL_MODES:
@@ -257,11 +258,19 @@ def recorded_units(params: dict[str, str]) -> list[ControlUnit]:
         files = params.get(f"ControlNet {number} files", f"{fields.get('Model', 'unnamed')} | ")
         model, image = (text.strip() for text in files.split(" | ", 1))
         image, _, given = image.partition(RESOLUTION_MARK)
+
+        def recorded(key: str, default: float) -> float:
+            try:  # (A1111 writes its thresholds as floats, and -1 for a module without them)
+                return float(fields.get(key, default))
+            except ValueError:
+                raise ControlNetError(f"the PNG's ControlNet {number}: {key}: {fields[key]!r} is not a number") from None
+
+        low, high = recorded("Threshold A", -1), recorded("Threshold B", -1)
         units.append(ControlUnit(
-            model=None if model == OWN else model, image=image, scale=float(fields.get("Weight", 1)),
-            preprocess=fields.get("Module", "none"), start=float(fields.get("Guidance Start", 0)),
-            end=float(fields.get("Guidance End", 1)), low_threshold=int(fields.get("Threshold A", 100)),
-            high_threshold=int(fields.get("Threshold B", 200)),
+            model=None if model == OWN else model, image=image, scale=recorded("Weight", 1),
+            preprocess=fields.get("Module", "none"), start=recorded("Guidance Start", 0),
+            end=recorded("Guidance End", 1), low_threshold=int(low) if low > 0 else None,
+            high_threshold=int(high) if high > 0 else None,
             resize=_key_of(RESIZE_MODES, fields.get("Resize Mode"), "crop"),
             mode=_key_of(CONTROL_MODES, fields.get("Control Mode"), "balanced"),
             processor_res=int(given) if given.isdigit() else _processor_res(fields, params.get("Size", "")),

@@ -587,6 +587,14 @@ def test_numbers_json_cannot_write_back_and_fields_that_ask_for_what_is_not_serv
     pixels = {name: np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
               for name, answer in drawn.items()}
     assert np.array_equal(pixels["untagged"], pixels["plain"])  # (its infotext keeps the prompt as sent, tag and all)
+    # Each eta setting is its samplers': DDIM's default 0 beside an ancestral hires pass draws; one eta cannot be
+    # both DDIM's 0.5 and the ancestral pass's 1, nor an ancestral sampler's 0.5 (diffusers' draw 1)
+    hires = {**ddim, "steps": 2, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1,
+             "hr_sampler_name": "Euler a"}
+    for settings, status, field in (({"eta_ddim": 0}, 200, None), ({"eta_ddim": 0.5}, 422, "override_settings.eta_ddim"),
+                                    ({"eta_ancestral": 0.5}, 422, "override_settings.eta_ancestral")):
+        answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**hires, "override_settings": settings})
+        assert answer.status_code == status and (field is None or answer.json()["field"] == field), answer.text
 
 
 def test_a_loopback_server_answers_its_own_names_and_reads_requests_as_a1111_does(server):

@@ -278,12 +278,17 @@ class Engine:
         model = self._model_for(request)
         scheduler = self._scheduler_name(request)
         second_sampler = request.hires.sampler if request.enable_hr and request.hires is not None else None
+        passes = [scheduler, *([second_sampler] if second_sampler else [])]
         eta_field = "eta"
-        if request.eta is None:  # A1111's setting for the sampler, where the request overrides it
-            eta_field = "override_settings." + ETA_SETTINGS[0 if takes_eta(scheduler) else 1]
-            eta = request.override_settings.get(eta_field.split(".")[1])
-            request.eta = None if eta is None else float(eta)
-        for sampler in (scheduler, *([second_sampler] if second_sampler else [])):
+        if request.eta is None:  # A1111's settings, each for its samplers, where the request overrides them
+            ddim, ancestral = (request.override_settings.get(name) for name in ETA_SETTINGS)
+            for sampler in passes:  # (an ancestral or SDE sampler draws only 1 here)
+                if not takes_eta(sampler) and ancestral is not None and (why := eta_refusal(sampler, ancestral)):
+                    raise RequestError(f"override_settings.{ETA_SETTINGS[1]}", why)
+            # DDIM's, unless it is DDIM's default, 0: one eta reaches every pass, and another sampler's may be 1
+            if ddim and any(map(takes_eta, passes)):
+                request.eta, eta_field = float(ddim), f"override_settings.{ETA_SETTINGS[0]}"
+        for sampler in passes:
             if why := eta_refusal(sampler, request.eta):
                 raise RequestError(eta_field, why)
         parsed = {}

@@ -266,6 +266,28 @@ def test_eval_statistics_files_round_trip_and_refuse_what_does_not_compare(netwo
                  "--out", str(tmp_path / "j"), *common]) == 0
     assert json.loads((tmp_path / "j" / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(a["fid"],
                                                                                                       rel=1e-12)
+    # ... and without captions: FID needs none, and the advice is eval's own flag (it was a run's data.captions)
+    assert main([*jsonl, "--reference-image-key", "file_name", "--out", str(tmp_path / "k"), *common]) == 2
+    assert ("name the caption's key with --reference-caption-key, or --reference-caption-key '' reads the data "
+            "without captions") in capsys.readouterr().err
+    assert main([*jsonl, "--reference-image-key", "file_name", "--reference-caption-key", "", "--out",
+                 str(tmp_path / "k"), *common]) == 0
+    assert json.loads((tmp_path / "k" / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(a["fid"],
+                                                                                                      rel=1e-12)
+    # A folder measured: its caption problems are warned of, and its messages name eval's target, not data.path
+    import shutil
+
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    for image in sorted(generated.glob("*.png"))[:2]:
+        shutil.copy(image, captioned / image.name)
+    (captioned / image.with_suffix(".txt").name).write_bytes("café".encode("latin-1"))
+    assert main(["eval", str(captioned), "--metrics", "is", "--out", str(tmp_path / "c"), *common[:-2]]) == 0
+    warned = json.loads((tmp_path / "c" / "eval.json").read_text())["warnings"]
+    assert any("1 caption problem(s)" in text and "not valid UTF-8" in text for text in warned), warned
+    (captioned / ".difftrain-unfinished").touch()
+    assert main(["eval", str(captioned), "--metrics", "is", "--out", str(tmp_path / "u"), *common[:-2]]) == 2
+    assert f"target: {captioned} is the output of a data build" in capsys.readouterr().err
     # another tool's mu/sigma .npz: FID only
     from safetensors.torch import load_file
 

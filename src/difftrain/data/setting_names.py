@@ -50,4 +50,5 @@ def reference_names(setting: str) -> SettingNames:
     joint = "-" if setting.startswith("-") else "_"
     image, caption = f"{setting}{joint}image{joint}key", f"{setting}{joint}caption{joint}key"
     return replace(DATA_KEYS, path=setting, image_key=image, caption_key=caption, image_column=image,
-                   caption_column=caption)
+                   caption_column=caption,
+                   without_captions=f"{caption} ''" if setting.startswith("-") else f"{caption}: ''")

@@ -94,14 +94,17 @@ REFERENCE_SEED = 0
 
 def keyed_options(kind: str, image_key: str | None, caption_key: str | None) -> dict:
     """open_records' options naming a reference's image and caption fields: a jsonl line's keys, a Hugging Face
-    table's columns; None: the source's defaults ("image", "caption")."""
+    table's columns; None: the source's defaults ("image", "caption"); a caption key of '': no captions (FID needs
+    none; a model drawn without prompts then has none to take from the reference)."""
+    without = {"captions": "none"} if caption_key == "" else {}
     if kind == "jsonl":
-        return {key: value for key, value in (("image_key", image_key), ("caption_key", caption_key)) if value}
+        return {key: value for key, value in (("image_key", image_key), ("caption_key", caption_key)) if value} | without
     if kind == "hf":
         from difftrain.data.hf import HFOptions
 
-        return {"hf": HFOptions(image_column=image_key or "image", caption_column=caption_key or "caption")}
-    return {}
+        return {"hf": HFOptions(image_column=image_key or "image",
+                                caption_column=None if caption_key == "" else caption_key or "caption")} | without
+    return without
 
 
 def open_records(path: str | Path, kind: str = "folder", max_images: int | None = None, progress: bool = False,

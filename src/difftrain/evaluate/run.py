@@ -390,10 +390,13 @@ def _read_folder(target: str, options: EvalOptions, warnings: list[str], progres
     """Images already generated: each PNG's own prompt (its infotext), else its caption, else --prompt."""
     from difftrain.generate.infotext import parse_infotext
 
-    records = open_records(target, "folder", None, progress=progress)
+    records = open_records(target, "folder", None, progress=progress, setting="target")
     if records.skipped:
         warnings.append(f"{target}: {len(records.skipped)} unreadable file(s) skipped: "
                         + "; ".join(f"{k}: {r}" for k, r in records.skipped[:3]))
+    if records.source.notes:  # (their images are measured; a caption stands in for a prompt only where it is read)
+        warnings.append(f"{target}: {len(records.source.notes)} caption problem(s): "
+                        + "; ".join(f"{k}: {r}" for k, r in records.source.notes[:3]))
     groups: dict[str | None, Group] = {}
     for index, record, image in records.images():
         text = image.info.get("parameters") or _header_parameters(record.data)

@@ -78,6 +78,11 @@ def test_overrides_parse_yaml_values_and_validate(tmp_path):
     assert "--set 'data.path=@foo': the value is not valid YAML" in str(refused.value)
     assert 'quote it, e.g. --set "data.path=\'@foo\'"' in str(refused.value)
     assert load_config(path, ["data.path='@foo'"]).data.path == "@foo"
+    with pytest.raises(ConfigError) as refused:  # the advice works for a value with a quote in it too
+        load_config(path, ["data.path=@artist's cat"])
+    advised = str(refused.value).rsplit("--set ", 1)[1]
+    assert advised == '"data.path=\'@artist\'\'s cat\'"'
+    assert load_config(path, [advised.strip('"')]).data.path == "@artist's cat"
 
 
 def test_an_empty_top_level_value_and_a_yes_for_a_number_are_refused_naming_the_key():

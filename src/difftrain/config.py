@@ -8,6 +8,7 @@ is allowed; `--set section.key=value` overrides go through the same validation.
 from __future__ import annotations
 
 import difflib
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -1086,8 +1087,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[parts[-1]] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            quoted = f"{key}='{value.replace(chr(39), chr(39) * 2)}'"  # (YAML's single quotes: '' is one ')
+            shell = shlex.quote(quoted) if any(c in value for c in '"$`\\!') else f'"{quoted}"'
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
-                              f"--set \"{key}='{value}'\"") from None
+                              f"--set {shell}") from None
     return raw
 
 

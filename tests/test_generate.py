@@ -288,6 +288,14 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
                      "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     assert "Tiling: True not repeated" in caplog.text
     assert "Hires" not in caplog.text  # the hires fix is repeated (test_hires.py)
+    # A1111's API default, "Seed resize from: -1x-1", which A1111 up to 1.5 wrote: off, not a refusal
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 32x32, "
+                                "Seed resize from: -1x-1, Version: v1.5.1")
+    Image.new("RGB", (32, 32)).save(tmp_path / "api.png", pnginfo=info)
+    assert main(["generate", str(model), "--from-png", str(tmp_path / "api.png"), "--out", str(tmp_path / "api"),
+                 "--no-progress"]) == 0
+    assert "Seed resize from" not in read_png_infotext(next((tmp_path / "api").glob("*.png")))
     # Chunks of unequal count without "Pad conds": A1111 drew the sides apart; ours pads, and says so. Our own
     # padded PNG says "Pad conds", so repeating it is silent.
     info = PngInfo()

@@ -232,13 +232,18 @@ def _outputs(folder):
     return sorted(folder.glob("*.png"))
 
 
-def test_generate_inpaints_only_the_mask_and_from_png_repeats_it(tiny_sd, tmp_path, capsys):  # noqa: F811
+def test_generate_inpaints_only_the_mask_and_from_png_repeats_it(tiny_sd, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
     from difftrain.generate.infotext import parse_infotext, read_png_infotext
 
     init, mask = _pictures(tmp_path)
     base = ["generate", str(tiny_sd), "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"),
             "--steps", "4", "--width", "64", "--height", "48", "--seed", "3", "--no-progress"]
-    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.chdir(tmp_path)  # given relative to here; --from-png below runs from another folder
+    relative = [item if item != str(tmp_path / "init.png") else "init.png" for item in base]
+    assert main([*relative, "--mask", "mask.png", "--out", str(tmp_path / "a")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     [drawn] = _outputs(tmp_path / "a")
     out = np.asarray(Image.open(drawn).convert("RGB")).astype(int)
     alpha = np.asarray(prepare(init, mask, 64, 48).overlay)[..., 3]

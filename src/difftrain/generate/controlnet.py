@@ -24,6 +24,7 @@ from PIL import Image
 from difftrain.data.conditioning import (ANNOTATORS, RESIZE_MODES, Preprocess, at_processor_res, binarised,
                                          condition_image, load_condition)
 from difftrain.models.control import ControlNetError, control_pipeline, is_adapter, load_control, local_folder
+from difftrain.generate.infotext import recorded_path
 
 __all__ = ["ControlNetError", "ControlUnit", "control_pipeline", "load_control"]
 log = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
         params[f"ControlNet {number}"] = ", ".join(parts)
         # (a resolution given is said here too: it may be the drawn short side, which older PNGs wrote for the drawn
         # size under Pixel Perfect: False)
-        params[f"ControlNet {number} files"] = (f"{OWN if unit.own else unit.model} | {unit.image}"
+        params[f"ControlNet {number} files"] = (f"{OWN if unit.own else recorded_path(unit.model)} | "
+                                                f"{recorded_path(unit.image)}"
                                                 + (f"{RESOLUTION_MARK}{unit.processor_res}" if unit.processor_res else ""))
     return params
 

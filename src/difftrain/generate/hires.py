@@ -20,6 +20,7 @@ from PIL import Image
 
 from difftrain.errors import DifftrainError, UpscalerError
 # (IMAGE_UPSCALERS: the first image decoded, resized, encoded again)
+from difftrain.generate.infotext import recorded_path
 from difftrain.generate.upscale import IMAGE_UPSCALERS, ImageUpscaler, a1111_name, is_path
 
 if TYPE_CHECKING:
@@ -135,10 +136,10 @@ class Hires:
                    if text and text != first}
         # A file given by path: A1111's name for it, and the path in a key of ours, as "Init image" and "Mask" keep
         # theirs, so --from-png finds the file without --upscaler-dir.
-        file = {"Hires upscaler file": self.upscaler} if is_path(self.upscaler) else {}
+        file = {"Hires upscaler file": recorded_path(self.upscaler)} if is_path(self.upscaler) else {}
         return {"Denoising strength": strength, **size, **({"Hires steps": self.steps} if self.steps else {}),
                 "Hires upscaler": a1111_name(self.upscaler), **file, **sampler, **prompts,
-                **({"Hires checkpoint": self.checkpoint} if self.checkpoint else {})}
+                **({"Hires checkpoint": recorded_path(self.checkpoint)} if self.checkpoint else {})}
 
     @classmethod
     def from_infotext(cls, params: dict) -> Hires | None:

@@ -95,6 +95,13 @@ def _value_text(key: str, value) -> str:
     return str(value)
 
 
+def recorded_path(spec: str) -> str:
+    """A file or folder as an infotext records it for --from-png: absolute where it is a local one (a relative path
+    found nothing when --from-png ran from another folder), else as given (a hub id, a name)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def format_infotext(prompt: str, negative_prompt: str = "", params: dict | None = None) -> str:
     """The `parameters` text for one image, exactly as A1111 writes it.
 

@@ -22,6 +22,7 @@ from PIL import Image
 from difftrain.errors import DifftrainError
 from difftrain.generate.controlnet import ControlUnit
 from difftrain.generate.hires import Hires, HiresError, model_upscaler
+from difftrain.generate.infotext import recorded_path
 from difftrain.sampling.prompt_schedule import ScheduledConditioning, schedule_steps
 from difftrain.sampling.soft_inpaint import SoftInpainting
 
@@ -356,7 +357,7 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     params["RNG"] = "CPU"
     if options.init_image:
         params["Denoising strength"] = options.strength
-        params["Init image"] = options.init_image  # so --from-png can repeat an img2img generation
+        params["Init image"] = recorded_path(options.init_image)  # so --from-png can repeat an img2img generation
         if options.resize_mode != "just resize":  # (A1111's paste field, its radio's label; A1111 writes none)
             params["Resize mode"] = options.resize_mode.capitalize()
     if options.mask:
@@ -364,9 +365,9 @@ def infotext_params(options: GenerateOptions, seed: int, width: int, height: int
     if options.hires is not None:
         params.update(options.hires.infotext(options.strength, options.prompt, options.negative_prompt))
     if loras:  # files given with --lora (prompt <lora:...> tags stay in the prompt itself, as in A1111)
-        params["Lora files"] = " | ".join(f"{p}:{w}" for p, w in loras)
+        params["Lora files"] = " | ".join(f"{recorded_path(str(p))}:{w}" for p, w in loras)
     if options.embeddings:
-        params["Embeddings"] = " | ".join(options.embeddings)
+        params["Embeddings"] = " | ".join(map(recorded_path, options.embeddings))
     if not options.use_ema:
         params["EMA"] = "off"
     if options.deepcache > 1:
@@ -403,7 +404,7 @@ def inpaint_infotext(options: GenerateOptions) -> dict:
         params["Mask mode"] = "Inpaint not masked"
     if options.only_masked:
         params.update({"Inpaint area": "Only masked", "Masked area padding": options.only_masked_padding})
-    params.update({"Mask": options.mask, "Masked content": options.masked_content})
+    params.update({"Mask": recorded_path(options.mask), "Masked content": options.masked_content})
     return params | (options.soft_inpainting.infotext() if options.soft_inpainting is not None else {})
 
 
@@ -933,7 +934,9 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
 
     if "Size" in params:
         options.width, options.height = size_of("Size")
-    if "Seed resize from" in params and min(resize := size_of("Seed resize from")) > 0:  # (A1111 writes none off)
+    # (A1111 writes none when off, up to 1.5 "-1x-1", its API's default)
+    if "Seed resize from" in params and str(params["Seed resize from"]).strip() != "-1x-1" \
+            and min(resize := size_of("Seed resize from")) > 0:
         options.seed_resize_from = resize
     if params.get("Lora files"):
         options.loras = [parse_lora_arg(item.strip()) for item in str(params["Lora files"]).split(" | ")]

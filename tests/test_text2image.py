@@ -125,6 +125,12 @@ def test_a_changed_image_invalidates_only_its_cache_entries(tiny_sd, shapes_dir,
     again = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
     assert again["latents computed"] == 1 and again["latents found"] == 23 and again["texts computed"] == 0
     assert reads == Counter([5])  # a start with a full cache reads only what changed
+    # A cache file cut short is found at the start and computed again (it counted as found, then broke a step)
+    for kind in ("latents", "text"):
+        damaged = sorted((tmp_path / "cache" / kind).rglob("*.safetensors"))[0]
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    mended = open_images(config, progress=False).fill_cache(encoders, tmp_path / "cache", progress=False)
+    assert (mended["latents computed"], mended["texts computed"]) == (1, 1)
     # A new resolution is a different latent for every image; one changed between the scan and the encode is
     # encoded, and keyed, as read.
     config.data.resolution = 8

@@ -81,6 +81,19 @@ def fingerprint(obj) -> str:
     return digest.hexdigest()[:16]
 
 
+def _whole_safetensors(path: Path) -> bool:
+    """Whether the file is as long as its safetensors header says (the header and every tensor's bytes), from the
+    header alone: a few hundred bytes read, where loading it reads it all."""
+    try:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(size)) if 0 < size < 100_000_000 else None
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+            return path.stat().st_size == 8 + size + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # (AttributeError: header None)
+        return False
+
+
 class TensorCache:
     """`root/<namespace>/<key[:2]>/<key>.safetensors`, one file per entry."""
 
@@ -91,7 +104,17 @@ class TensorCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether the entry is there whole. A file cut short (a copy, a full disk) is deleted here, so the cache
+        fill at the start computes it again: found "present" and read only in a step, it crashed the run (a text
+        entry), or stood in another record for it all run long (a latent)."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        if _whole_safetensors(path):
+            return True
+        log.warning("cache entry %s is damaged (cut short); deleted, computed again", path)
+        path.unlink(missing_ok=True)
+        return False
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self.path(key)

@@ -118,7 +118,10 @@ class ImageDataset(Dataset):
             flipped = self.flip and rng.random() < 0.5
             position, entry, offset = self._cached_latent(index, flipped)
             if offset:
-                item["skipped"] = [f"record {index}: it had no cached latent (unreadable when the cache was filled)"]
+                why = ("its cached latent went missing or was damaged after the cache was filled (a damaged one is "
+                       "deleted: the next start computes it again)" if self.hashes[index].any()
+                       else "it had no cached latent (unreadable when the cache was filled)")
+                item["skipped"] = [f"record {index}: {why}"]
             captions = self.captions[position]
             item.update(latent_mean=entry["mean"], latent_std=entry["std"])
             if "conditioning" in entry:
@@ -192,7 +195,9 @@ class ImageDataset(Dataset):
     def _cached_text(self, caption: str) -> dict:
         entry = self.text_cache.get(self._text_key(caption))
         if entry is None:
-            raise RuntimeError(f"text cache entry for {caption!r} missing under {self.text_cache.dir}; resume to refill")
+            raise RuntimeError(f"the text cache entry for {caption!r} under {self.text_cache.dir} went missing or was "
+                               "damaged during the run (a damaged one is deleted): start the run again, with "
+                               "--resume latest if it has a checkpoint; the start computes it again")
         return entry
 
     def fill_cache(self, encoders: CacheEncoders, cache_dir, rank: int = 0, world_size: int = 1,

@@ -315,3 +315,19 @@ def test_an_optimizer_or_attention_package_not_installed_is_refused_when_the_con
         if importlib.util.find_spec(package) is None:
             assert (f"training.{key} = {value} needs {package}, which is not installed"
                     in errors_of({**sd, "training": {key: value}}))
+
+
+def test_bucket_and_augment_settings_that_would_do_nothing_are_refused():
+    """data.buckets.no_upscale without buckets on left small images enlarged into square crops without a word."""
+    assert "data.buckets.no_upscale without data.buckets.enabled: true does nothing" in errors_of(
+        {**BASE, "data": {"path": "x", "buckets": {"no_upscale": True}}})
+    assert "data.augment.crop_ratio does nothing without data.augment.crop_scale" in errors_of(
+        {**BASE, "data": {"path": "x", "augment": {"crop_ratio": [0.5, 2.0]}}})
+    assert "data.augment.probability does nothing without an augmentation turned on" in errors_of(
+        {**BASE, "data": {"path": "x", "augment": {"probability": 0.5}}})
+    # with what they act on, and as a written config.yaml spells the defaults out, they load
+    on = parse_config({**BASE, "data": {"path": "x", "resolution": 512, "buckets": {"enabled": True, "no_upscale": True},
+                                        "augment": {"crop_scale": [0.8, 1.0], "crop_ratio": [0.5, 2.0]}}})
+    assert on.data.buckets.no_upscale and on.data.augment.crop_ratio == (0.5, 2.0)
+    written = yaml.safe_load(parse_config(BASE).to_yaml())
+    assert parse_config(written).data.buckets == parse_config(BASE).data.buckets

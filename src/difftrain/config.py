@@ -57,6 +57,10 @@ class BucketConfig(Section):
     def _step_fits_vae(self) -> "BucketConfig":
         if self.step % 8:
             raise ValueError(f"data.buckets.step = {self.step}: must be a multiple of 8")
+        idle = _changed(self, ("step", "max_ratio", "no_upscale"))
+        if idle and not self.enabled:  # (no_upscale alone left every small image enlarged into a square crop)
+            raise ValueError(f"{', '.join(f'data.buckets.{key}' for key in idle)} without data.buckets.enabled: "
+                             "true does nothing; set enabled: true, or remove it")
         return self
 
 
@@ -106,6 +110,21 @@ class AugmentConfig(Section):
     def active(self) -> bool:
         return self.crop_scale is not None or any(
             (self.rotation, self.brightness, self.contrast, self.saturation, self.hue))
+
+    @model_validator(mode="after")
+    def _no_idle_settings(self) -> "AugmentConfig":
+        idle = [key for key in _changed(self, ("crop_ratio",)) if self.crop_scale is None]
+        idle += [key for key in _changed(self, ("probability",)) if not self.active]
+        if idle:
+            raise ValueError(f"{', '.join(f'data.augment.{key}' for key in idle)} does nothing without "
+                             f"{'data.augment.crop_scale' if 'crop_ratio' in idle else 'an augmentation turned on'}; "
+                             "turn that on, or remove it")
+        return self
+
+
+def _changed(section: BaseModel, keys: tuple[str, ...]) -> list[str]:
+    """Those of `keys` whose value is not the default (a written config.yaml spells every default out)."""
+    return [key for key in keys if getattr(section, key) != type(section).model_fields[key].default]
 
 
 def caption_suffix(value: str) -> str:

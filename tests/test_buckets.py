@@ -70,6 +70,12 @@ def test_no_upscale_buckets_are_kohyas_and_never_enlarge():
         bucket_width, bucket_height = buckets[bucket]
         assert bucket_width <= width and bucket_height <= height and bucket_width * bucket_height <= 512 * 512
     assert [buckets[i] for i in ids[-4:]] == [(256, 192), (640, 384), (512, 512), (512, 512)]
+    # ... at finer steps and other resolutions too, where kohya's rounding may pass the budget by a fraction of a
+    # step (a cap meant for raised sides made some buckets a step narrower than kohya's)
+    for resolution, step in ((512, 8), (512, 16), (1024, 8), (768, 32)):
+        ids, buckets = no_upscale_buckets(sizes, resolution, step)
+        for (width, height), bucket in zip(sizes.tolist(), ids):
+            assert buckets[bucket] == kohya_no_upscale(width, height, resolution, step), (width, height, step)
     # A side shorter than a step is the one enlargement (sd-scripts makes a 0-pixel bucket).
     assert no_upscale_buckets(np.array([[40, 100]]), 512, 64)[1] == [(64, 64)]
     # ... and where it would take a long, thin image's bucket past the pixel budget, the long side is cut to fit.

@@ -100,8 +100,8 @@ def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[n
     bucket is its size with each side floored to a multiple of `step`; a larger image is first scaled to
     that area at its own aspect, rounded to whole steps along the side that keeps the aspect closer
     (kohya's arithmetic, its rounding included), then floored the same way. A side shorter than `step`
-    gets `step`: the one case that enlarges, and where a bucket could pass the pixel budget, its long
-    side is cut to fit it (kohya's is not). The image is then scaled down to cover its bucket and
+    gets `step`: the one case that enlarges, and where that takes a bucket past the pixel budget, its
+    long side is cut to fit it (kohya's is not; elsewhere its rounding's own small excess is kept). The image is then scaled down to cover its bucket and
     cropped, as for any bucket (kohya crops a small image without scaling it).
     """
     wide = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
@@ -125,9 +125,11 @@ def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[n
     own = np.stack([down(resized_width), down(resized_height)], axis=1).astype(np.int64)
     # A short side raised to one step can take a long, thin image's bucket far past the pixel budget (20000 x 50
     # at 512 px: 25600 x 64, x6.25): its long side is cut to fit the budget, and the image cropped to it.
+    # Only there: kohya's own rounding may pass the budget by a fraction of a step, and stays as kohya has it.
     fits = np.maximum(int(area) // own.min(axis=1) // step * step, step)
+    raised = np.where(large, np.minimum(scaled_width, area / scaled_width), np.minimum(width, height)) < step
     rows, long_side = np.arange(len(own)), (own[:, 1] > own[:, 0]).astype(np.int64)
-    own[rows, long_side] = np.minimum(own[rows, long_side], fits)
+    own[rows, long_side] = np.where(raised, np.minimum(own[rows, long_side], fits), own[rows, long_side])
     buckets, ids = np.unique(own, axis=0, return_inverse=True)
     return ids.reshape(-1), [(int(w), int(h)) for w, h in buckets]
 

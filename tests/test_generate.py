@@ -296,6 +296,13 @@ def test_the_infotext_says_what_was_drawn_as_a1111_1_9_reads_it(tiny_sd, tmp_pat
     assert main(["generate", str(model), "--from-png", str(tmp_path / "api.png"), "--out", str(tmp_path / "api"),
                  "--no-progress"]) == 0
     assert "Seed resize from" not in read_png_infotext(next((tmp_path / "api").glob("*.png")))
+    # A size A1111 rounded down to whole latent cells (it was refused, naming a --width not typed)
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 36x36")
+    Image.new("RGB", (32, 32)).save(tmp_path / "odd.png", pnginfo=info)
+    assert main(["generate", str(model), "--from-png", str(tmp_path / "odd.png"), "--out", str(tmp_path / "odd"),
+                 "--no-progress"]) == 0
+    assert Image.open(next((tmp_path / "odd").glob("*.png"))).size == (32, 32) and "Size 36x36" in caplog.text
     # Chunks of unequal count without "Pad conds": A1111 drew the sides apart; ours pads, and says so. Our own
     # padded PNG says "Pad conds", so repeating it is silent.
     info = PngInfo()

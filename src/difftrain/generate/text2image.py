@@ -934,6 +934,10 @@ def options_from_png(path: str | Path, **overrides) -> GenerateOptions:
 
     if "Size" in params:
         options.width, options.height = size_of("Size")
+        if options.width % 8 or options.height % 8:  # A1111 takes such a size and draws its latents' whole cells
+            options.width, options.height = options.width // 8 * 8, options.height // 8 * 8
+            log.warning("%s: its Size %s is not in multiples of 8; drawn at %dx%d, as A1111 drew it", path,
+                        params["Size"], options.width, options.height)
     # (A1111 writes none when off, up to 1.5 "-1x-1", its API's default)
     if "Seed resize from" in params and str(params["Seed resize from"]).strip() != "-1x-1" \
             and min(resize := size_of("Seed resize from")) > 0:

@@ -326,7 +326,8 @@ def test_bucket_and_augment_settings_that_would_do_nothing_are_refused():
     assert "data.augment.probability does nothing without an augmentation turned on" in errors_of(
         {**BASE, "data": {"path": "x", "augment": {"probability": 0.5}}})
     # with what they act on, and as a written config.yaml spells the defaults out, they load
-    on = parse_config({**BASE, "data": {"path": "x", "resolution": 512, "buckets": {"enabled": True, "no_upscale": True},
+    on = parse_config({**BASE, "data": {"path": "x", "resolution": 512,
+                                        "buckets": {"enabled": True, "no_upscale": True},
                                         "augment": {"crop_scale": [0.8, 1.0], "crop_ratio": [0.5, 2.0]}}})
     assert on.data.buckets.no_upscale and on.data.augment.crop_ratio == (0.5, 2.0)
     written = yaml.safe_load(parse_config(BASE).to_yaml())

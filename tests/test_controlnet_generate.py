@@ -313,5 +313,6 @@ def test_an_a1111_png_draws_again_with_its_unit_settings_once_its_files_are_name
                  str(tmp_path / "y"), "--no-progress"]) == 2
     assert "preprocessor 'depth_midas': generate runs none, canny, mask, segmentation; for another one, give its map " \
            "as --control-image with --preprocess none" in capsys.readouterr().err
-    [image] = run(tiny_sd, tmp_path / "depth", "--from-png", str(tmp_path / "depth.png"), *files, "--preprocess", "none")
+    [image] = run(tiny_sd, tmp_path / "depth", "--from-png", str(tmp_path / "depth.png"), *files, "--preprocess",
+                  "none")
     assert "Module: none" in read_png_infotext(image)

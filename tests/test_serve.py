@@ -591,7 +591,8 @@ def test_numbers_json_cannot_write_back_and_fields_that_ask_for_what_is_not_serv
     # both DDIM's 0.5 and the ancestral pass's 1, nor an ancestral sampler's 0.5 (diffusers' draw 1)
     hires = {**ddim, "steps": 2, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1,
              "hr_sampler_name": "Euler a"}
-    for settings, status, field in (({"eta_ddim": 0}, 200, None), ({"eta_ddim": 0.5}, 422, "override_settings.eta_ddim"),
+    for settings, status, field in (({"eta_ddim": 0}, 200, None),
+                                    ({"eta_ddim": 0.5}, 422, "override_settings.eta_ddim"),
                                     ({"eta_ancestral": 0.5}, 422, "override_settings.eta_ancestral")):
         answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**hires, "override_settings": settings})
         assert answer.status_code == status and (field is None or answer.json()["field"] == field), answer.text

@@ -393,7 +393,8 @@ def _generate(args: argparse.Namespace) -> int:
                                                          or args.processor_res or args.canny_low
                                                          or args.canny_high):
         raise DifftrainError("--preprocess, --control-start, --control-end, --control-resize, --control-mode, "
-                             "--processor-res and --canny-low/--canny-high apply to ControlNets: give --controlnet and --control-image too (a "
+                             "--processor-res and --canny-low/--canny-high apply to ControlNets: give --controlnet "
+                             "and --control-image too (a "
                              "ControlNet model needs --control-image alone)")
     if args.controlnet or args.control_image:
         given["controlnets"] = _control_units(args)

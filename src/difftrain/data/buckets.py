@@ -101,7 +101,8 @@ def no_upscale_buckets(sizes: np.ndarray, resolution: int, step: int) -> tuple[n
     that area at its own aspect, rounded to whole steps along the side that keeps the aspect closer
     (kohya's arithmetic, its rounding included), then floored the same way. A side shorter than `step`
     gets `step`: the one case that enlarges, and where that takes a bucket past the pixel budget, its
-    long side is cut to fit it (kohya's is not; elsewhere its rounding's own small excess is kept). The image is then scaled down to cover its bucket and
+    long side is cut to fit it (kohya's is not; elsewhere its rounding's own small excess is kept). The
+    image is then scaled down to cover its bucket and
     cropped, as for any bucket (kohya crops a small image without scaling it).
     """
     wide = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)

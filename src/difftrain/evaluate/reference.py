@@ -98,7 +98,8 @@ def keyed_options(kind: str, image_key: str | None, caption_key: str | None) -> 
     none; a model drawn without prompts then has none to take from the reference)."""
     without = {"captions": "none"} if caption_key == "" else {}
     if kind == "jsonl":
-        return {key: value for key, value in (("image_key", image_key), ("caption_key", caption_key)) if value} | without
+        named = {key: value for key, value in (("image_key", image_key), ("caption_key", caption_key)) if value}
+        return named | without
     if kind == "hf":
         from difftrain.data.hf import HFOptions
 

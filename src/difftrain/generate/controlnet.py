@@ -61,8 +61,9 @@ class ControlUnit:
         owner = self.model or "the model's own"
         where = f"ControlNet {number} ({owner})"
         if self.preprocess is not None and self.preprocess not in PREPROCESSORS:  # (given, or a PNG's Module)
-            raise ControlNetError(f"{where}: preprocessor {self.preprocess!r}: generate runs {', '.join(PREPROCESSORS)}; "
-                                  "for another one, give its map as --control-image with --preprocess none")
+            raise ControlNetError(f"{where}: preprocessor {self.preprocess!r}: generate runs "
+                                  f"{', '.join(PREPROCESSORS)}; for another one, give its map as --control-image "
+                                  "with --preprocess none")
         if self.resize not in RESIZE_MODES:
             raise ControlNetError(f"{where}: --control-resize {self.resize}: choose one of {', '.join(RESIZE_MODES)}")
         if self.mode not in CONTROL_MODES:
@@ -234,9 +235,9 @@ def infotext_units(units: list[ControlUnit], width: int, height: int) -> dict[st
         params[f"ControlNet {number}"] = ", ".join(parts)
         # (a resolution given is said here too: it may be the drawn short side, which older PNGs wrote for the drawn
         # size under Pixel Perfect: False)
+        given = f"{RESOLUTION_MARK}{unit.processor_res}" if unit.processor_res else ""
         params[f"ControlNet {number} files"] = (f"{OWN if unit.own else recorded_path(unit.model)} | "
-                                                f"{recorded_path(unit.image)}"
-                                                + (f"{RESOLUTION_MARK}{unit.processor_res}" if unit.processor_res else ""))
+                                                f"{recorded_path(unit.image)}{given}")
     return params
 
 
@@ -265,7 +266,8 @@ def recorded_units(params: dict[str, str]) -> list[ControlUnit]:
             try:  # (A1111 writes its thresholds as floats, and -1 for a module without them)
                 return float(fields.get(key, default))
             except ValueError:
-                raise ControlNetError(f"the PNG's ControlNet {number}: {key}: {fields[key]!r} is not a number") from None
+                raise ControlNetError(f"the PNG's ControlNet {number}: {key}: {fields[key]!r} is not a "
+                                      "number") from None
 
         low, high = recorded("Threshold A", -1), recorded("Threshold B", -1)
         units.append(ControlUnit(

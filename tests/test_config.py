@@ -317,6 +317,13 @@ def test_an_optimizer_or_attention_package_not_installed_is_refused_when_the_con
                     in errors_of({**sd, "training": {key: value}}))
 
 
+def test_a_config_json_vae_is_for_method_vae_alone():
+    """text2image with model.vae: a .json trained on a random VAE it never trains (exit 0, a useless model)."""
+    run = {**BASE, "method": "text2image", "model": {"base": "m", "vae": "vae/config.json"}}
+    assert "model.vae = 'vae/config.json': a config .json builds a VAE with random weights" in errors_of(run)
+    parse_config({**BASE, "method": "vae", "model": {"vae": "vae/config.json"}})
+
+
 def test_bucket_and_augment_settings_that_would_do_nothing_are_refused():
     """data.buckets.no_upscale without buckets on left small images enlarged into square crops without a word."""
     assert "data.buckets.no_upscale without data.buckets.enabled: true does nothing" in errors_of(

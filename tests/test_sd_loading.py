@@ -88,6 +88,14 @@ def test_bad_unet_json(tiny, tmp_path):
         load_sd(str(tiny), unet=str(broken), load={"unet"})
     with pytest.raises(ModelLoadError, match=r"vae/config\.json is a AutoencoderKL config; a UNet2DConditionModel"):
         load_sd(str(tiny), unet=str(tiny / "vae" / "config.json"), load={"unet"})
+    # A folder of another class: diffusers loaded what fit and a traceback came at the first step
+    from difftrain.models.tiny_sd import write_tiny_controlnet
+
+    controlnet = write_tiny_controlnet(tiny, tmp_path / "cn")
+    with pytest.raises(ModelLoadError, match=r"unet: .*cn holds a ControlNetModel, not a UNet2DConditionModel"):
+        load_sd(str(tiny), unet=str(controlnet), load={"unet"})
+    with pytest.raises(ModelLoadError, match=r"vae: .*unet holds a UNet2DConditionModel, not a AutoencoderKL"):
+        load_sd(str(tiny), vae=str(tiny / "unet"), load={"vae"})
     typo = tmp_path / "typo.json"
     typo.write_text(json.dumps({"block_out_channels": [32, 64], "cross_atention_dim": 32}))
     with pytest.raises(ModelLoadError, match=r"does not know: \['cross_atention_dim'\]"):
@@ -188,6 +196,8 @@ def test_sdxl_and_inpainting_models_are_refused_by_name_before_any_weight_loads(
     save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}, xl)
     with pytest.raises(ModelLoadError, match=r"sdxl.safetensors: its keys are those of a 'xl_base' checkpoint"):
         load_sd(str(xl))
+    with pytest.raises(ModelLoadError, match=r"sdxl.safetensors: its keys are those of a 'xl_base' checkpoint"):
+        load_sd(str(xl), config=str(tiny))  # configs given: the file's kind is still checked
     inpainting = tmp_path / "inpainting.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, inpainting)
     with pytest.raises(ModelLoadError, match=r"inpainting.safetensors: an inpainting model"):

@@ -706,6 +706,9 @@ class LatentRun(RunConfig):
             )
         if not model.base and not model.tokenizer:
             raise ValueError(f"method {method}: without model.base, model.tokenizer must be set too")
+        if model.vae and model.vae.lower().endswith(".json"):  # (it trained on a random VAE, kept frozen)
+            raise ValueError(f"model.vae = {model.vae!r}: a config .json builds a VAE with random weights, and method "
+                             f"{method} never trains its VAE; give a trained VAE's folder (method vae trains one)")
         if data.cache.latents and data.crop == "random":
             raise ValueError(
                 "data.cache.latents = true with data.crop = random: a cached latent has one crop; "

@@ -345,6 +345,8 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    header = _header(path, allow_pickle)  # its kind is checked whatever configs it is given (a LoRA, an SDXL)
+    _check_single_file_kind(path, header, inpainting)
     if config is not None and Path(config).expanduser().is_dir():
         folder = Path(config).expanduser()
         if not (folder / "unet" / "config.json").is_file():
@@ -352,8 +354,6 @@ def _single_file_config(path: str, config: str | None, allow_pickle: bool = Fals
         return str(folder)
     guessed, repo = config is None, config
     if guessed:
-        header = _header(path, allow_pickle)
-        _check_single_file_kind(path, header, inpainting)
         repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"]
     try:
         configs_only = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
@@ -440,9 +440,25 @@ def _from_pretrained(name: str, where: _Where, dtype, revision, variant) -> Any:
         if name == "text_encoder":
             return _transformers_class(where, name, kwargs.get("revision")).from_pretrained(where.path, **kwargs)
         cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+        _check_class(name, where, cls.__name__)
         return cls.from_pretrained(where.path, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{name}: cannot load it from {where.describe()}: {_first_line(exc)}") from None
+
+
+def _check_class(name: str, where: _Where, expected: str) -> None:
+    """Refuse a local folder whose config names another model class (a ControlNet's as the unet): diffusers loads
+    what fits, leaves the rest on the meta device, and a traceback came at the first step or draw."""
+    if where.kind not in ("pipeline", "component"):
+        return
+    config = Path(where.path) / (where.subfolder or "") / "config.json"
+    try:
+        held = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # (diffusers says what is wrong with it)
+    if held and held != expected:
+        raise ModelLoadError(f"{name}: {config.parent} holds a {held}, not a {expected}; give the {name} folder of "
+                             "a Stable Diffusion pipeline")
 
 
 def _model_from_json(name: str, path: str, dtype) -> Any:

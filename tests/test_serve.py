@@ -223,6 +223,7 @@ def test_webuiapi_extras_upscale_as_the_upscale_command_does(server, tmp_path, c
                            ({"upscaler_1": "4x-Tiny", "upscaling_resize": 200}, "upscaling_resize"),
                            ({"upscaler_1": "Lanczos", "upscaling_resize": 0.01}, "upscaling_resize"),
                            ({"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize"),
+                           ({"upscaler_1": "Lanczos", "upscaling_resize": 0.25}, "upscaling_resize"),  # 10x6: 8x0
                            ({"upscaler_1": "Lanczos", "image": "not base64!"}, "image")):
         body = {"image": base64.b64encode((tmp_path / "source.png").read_bytes()).decode(), **payload}
         answer = requests.post(url, json=body)

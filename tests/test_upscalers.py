@@ -285,6 +285,16 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
     assert main([*base, "--upscaler", "None", "--scale", "2", "--out", str(tmp_path / "none")]) == 0
     unchanged = Image.open(tmp_path / "none" / "drawn.png")  # A1111's None does nothing, and says nothing
     assert unchanged.size == (40, 24) and "postprocessing" not in unchanged.info
+    # ... and as the second upscaler, nothing is blended in (it blended an image of another size: a traceback)
+    assert main([*base, "--upscaler", "4x-Tiny", "--upscaler-2", "None", "--upscaler-2-visibility", "0.5", "--out",
+                 str(tmp_path / "second-none")]) == 0
+    assert Image.open(tmp_path / "second-none" / "drawn.png").size == (160, 96)
+    # An image too small for its scale (0 px once floored to whole 8 px) is skipped and said, the rest written
+    Image.new("RGB", (5, 5)).save(tmp_path / "tiny.png")
+    assert main(["upscale", str(tmp_path / "tiny.png"), str(tmp_path / "drawn.png"), "--upscaler", "Lanczos",
+                 "--scale", "1", "--out", str(tmp_path / "small"), "--no-progress"]) == 0
+    assert "5x5 at scale 1 is 0x0 once floored to whole 8 px" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["drawn.png"]
     for flags, message in ((["--upscaler", "Lanczos"], "--scale: Lanczos has no factor of its own; give one"),
                            (["--upscaler", "R-ESRGAN 4x+"], "--upscaler 'R-ESRGAN 4x+': no such model file"),
                            (["--upscaler", "4x-Tiny", "--scale", "40"], "--scale 40.0: from above 0 to 16"),

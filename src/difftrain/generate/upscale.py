@@ -175,6 +175,9 @@ def upscale(one_pass: Callable[[Image.Image], Image.Image], image: Image.Image, 
     """A1111's Upscaler.upscale: `one_pass` (a model's, or a resize by `scale`) until the image covers `scale`
     times its size (at most three passes), then a Lanczos resize to that size floored to whole 8 px."""
     target = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    if min(target) < 1:  # (PIL's resize refused it with a traceback, which stopped a batch)
+        raise UpscalerError(f"{image.width}x{image.height} at scale {scale:g} is {target[0]}x{target[1]} once floored "
+                            "to whole 8 px: give a larger scale")
     for index in range(3):
         if image.width >= target[0] and image.height >= target[1] and (index > 0 or scale != 1):
             break
@@ -201,6 +204,11 @@ class ImageUpscaler:
         return cls(a1111_name(str(path)), load(path).to(device))
 
     @property
+    def enlarges(self) -> bool:
+        """False for A1111's "None", which gives the image back as it is."""
+        return self.network is not None or IMAGE_UPSCALERS.get(self.name) is not None
+
+    @property
     def scale(self) -> int | None:
         """The network's own factor (None for a resize)."""
         return None if self.network is None else self.network.scale
@@ -209,7 +217,7 @@ class ImageUpscaler:
                 progress: bool = False) -> Image.Image:
         """A1111's Upscaler.upscale with this upscaler (its "None" gives the image back as it is)."""
         resample = IMAGE_UPSCALERS.get(self.name)
-        if self.network is None and resample is None:
+        if not self.enlarges:
             return image
 
         def one_pass(picture: Image.Image) -> Image.Image:
@@ -259,11 +267,11 @@ def extras(image: Image.Image, first: ImageUpscaler, scale: float | None = None,
         return upscaler.enlarge(image, by, tile, OVERLAP, progress)
 
     by = check_extras(first, scale, size, tile)
-    if first.network is None and IMAGE_UPSCALERS.get(first.name) is None:
+    if not first.enlarges:
         return image, {}  # A1111's "None" as Upscaler 1: the Upscale script does nothing
     result = enlarged(first)
     params["Postprocess upscaler"] = first.name
-    if second is not None and visibility > 0:
+    if second is not None and second.enlarges and visibility > 0:  # (its "None" blended a smaller image: a traceback)
         result = Image.blend(result, enlarged(second).convert(result.mode), visibility)
         params["Postprocess upscaler 2"] = second.name
     return result, params
@@ -301,10 +309,10 @@ def upscale_files(images: list[str | Path], out: str | Path, first: ImageUpscale
         try:
             data = Path(source).read_bytes()
             image = load_image_bytes(data)
-        except (OSError, BadImage) as reason:
-            skipped.append((str(source), str(reason) if isinstance(reason, BadImage) else reason.strerror))
+            result, params = extras(image, first, progress=progress, **settings)
+        except (OSError, BadImage, UpscalerError) as reason:
+            skipped.append((str(source), reason.strerror if isinstance(reason, OSError) else str(reason)))
             continue
-        result, params = extras(image, first, progress=progress, **settings)
         # A1111 keeps the image's generation parameters beside what it did to it.
         texts = {key: text for key, text in text_chunks(data).items() if key == PARAMETERS_KEY}
         if params:

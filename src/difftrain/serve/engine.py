@@ -247,8 +247,11 @@ class Engine:
         upscaled, params = [], {}
         with self._busy:
             for image in images:
-                result, params = extras(image, found["upscaler_1"], scale, request.size, request.upscaling_crop,
-                                        found.get("upscaler_2"), visibility)
+                try:
+                    result, params = extras(image, found["upscaler_1"], scale, request.size, request.upscaling_crop,
+                                            found.get("upscaler_2"), visibility)
+                except UpscalerError as reason:  # (an image too small for its scale)
+                    raise RequestError("upscaling_resize", str(reason)) from None
                 upscaled.append(result)
         return upscaled, postprocessing_text(params)
 

@@ -450,6 +450,9 @@ def test_long_runs_stay_finite_and_every_step_count_runs_or_is_refused():
     with pytest.raises(schedulers.NoStepLeft, match="1000 steps: .* gives NaN when every timestep is a step; take at "
                                                     "most 999"):
         finite("unipc", 1000)
+    for name in ("ddim", "plms", "lcm"):  # more steps than timesteps: diffusers' ValueError, or a ZeroDivisionError
+        with pytest.raises(schedulers.NoStepLeft, match="1001 steps: .* take at most 1000"):
+            finite(name, 1001, SD_CONFIG)
 
 
 def test_dpm_pp_sde_draws_from_the_seed_in_the_sampling_loop():

@@ -424,6 +424,9 @@ def _from_first_step(cls: type) -> type:
     @functools.wraps(cls.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, *args, **kwargs):
         total = self.config.num_train_timesteps
+        if num_inference_steps and num_inference_steps > total and cls.__name__ in _DISCRETE_CLASSES:
+            raise NoStepLeft(f"{num_inference_steps} steps: diffusers' {cls.__name__} steps over the model's own "
+                             f"{total} timesteps; take at most {total}")
         if num_inference_steps and num_inference_steps >= total and _third_order(self):
             raise NoStepLeft(f"{num_inference_steps} steps: diffusers' {cls.__name__} gives NaN when every timestep is "
                              f"a step; take at most {total - 1}")
@@ -485,6 +488,8 @@ def _diffusers_class(scheduler) -> str:
 
 
 _TIMESTEP_CLASSES = ("DDIMScheduler", "PNDMScheduler")  # A1111's DDIM and PLMS
+# Those whose steps are the model's own timesteps, one each at most (diffusers' error, or PLMS's ZeroDivisionError)
+_DISCRETE_CLASSES = (*_TIMESTEP_CLASSES, "DDPMScheduler", "LCMScheduler")
 
 
 def _a1111_timestep_sampler(scheduler) -> bool:

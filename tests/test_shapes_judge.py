@@ -50,6 +50,12 @@ def test_what_a_failed_model_draws_is_not_clean():
     assert any("not one colour" in p for p in problems["two colours"])
     assert any("not a palette colour" in p for p in problems["brown"])
     assert any("not square" in p for p in problems["bar"])
+    # A ring and a frame overlap their solid shapes by more than MIN_OVERLAP: the holes say it
+    for draw in ("ellipse", "rectangle"):
+        hollow = Image.new("RGB", (64, 64), "white")
+        getattr(ImageDraw.Draw(hollow), draw)([10, 10, 54, 54], fill=(220, 30, 30))
+        getattr(ImageDraw.Draw(hollow), draw)([25, 25, 39, 39], fill="white")
+        assert any(p.startswith("hollow (") for p in judge_image(hollow).problems), draw
 
 
 def test_cli_judges_a_grid_cell_by_cell(tmp_path, capsys):

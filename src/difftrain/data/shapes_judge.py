@@ -25,6 +25,7 @@ from difftrain.data.shapes import COLOURS
 # the margin the best shape must keep over the next.
 MIN_OVERLAP = 0.80
 MIN_MARGIN = 0.10
+HOLES = 0.03  # the share of a shape's filled outline that may be background inside it (noise)
 
 
 @dataclass
@@ -73,6 +74,10 @@ def judge_image(image: Image.Image) -> Verdict:
         problems.append(f"colour {_rgb(colour_value)} is not a palette colour")
         colour = None
     main_piece = pieces == 1 + np.argmax(sizes)
+    filled = ndimage.binary_fill_holes(main_piece)
+    holes = 1 - main_piece.sum() / filled.sum()  # (a ring or a frame overlaps its solid shape by 0.8 and more)
+    if holes > HOLES:
+        problems.append(f"hollow ({holes:.0%} of it holes)")
     rows, columns = np.nonzero(main_piece)
     height, width = np.ptp(rows) + 1, np.ptp(columns) + 1
     overlaps = shape_overlaps(main_piece[rows.min():rows.max() + 1, columns.min():columns.max() + 1])

@@ -626,7 +626,13 @@ def test_sample_command_on_run_and_diffusers_folders(make_config, tmp_path, pred
         file = run / "model" / "scheduler" / "scheduler_config.json"
         file.write_text(json.dumps({**saved, "prediction_type": "sample"}))
         # a model that predicts the sample: the rows of the samplers that can draw it (it refused the whole sheet)
-        assert scheduler_sheet(run / "model", num_images=1, steps=2).height == 7 * (64 + 4)  # all but euler_a
+        sheet, drawn = scheduler_sheet(run / "model", num_images=1, steps=2)
+        assert sheet.height == 7 * (64 + 4) and "euler_a" not in drawn and len(drawn) == 7  # all but euler_a
+        capsys.readouterr()  # and the command names what it drew (it listed all eight)
+        assert main(["sample", str(run / "model"), "--scheduler", "all", "--num", "1", "--steps", "2", "--out",
+                     str(tmp_path / "sheet-sample.png")]) == 0
+        said = capsys.readouterr().out
+        assert "euler_a," not in said and "; not euler_a, which cannot sample this model's prediction type" in said
 
 
 def test_same_seed_same_grid_and_checkpoint_fallback(make_config, tmp_path):

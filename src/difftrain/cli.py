@@ -130,9 +130,11 @@ def _sample(args: argparse.Namespace) -> int:
     from difftrain.generate.unconditional import sample_grid, scheduler_sheet
 
     if args.scheduler == "all":
-        scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema, classes=args.classes,
-                        guidance_scale=args.cfg)
-        print(f"wrote {out} (one row per sampler: {', '.join(CORE_SCHEDULERS)}; {args.steps} steps, seed {args.seed})")
+        _, drawn = scheduler_sheet(args.model, args.num, args.steps, args.seed, out, use_ema=not args.no_ema,
+                                   classes=args.classes, guidance_scale=args.cfg)
+        left = [name for name in CORE_SCHEDULERS if name not in drawn]
+        print(f"wrote {out} (one row per sampler: {', '.join(drawn)}; {args.steps} steps, seed {args.seed})"
+              + (f"; not {', '.join(left)}, which cannot sample this model's prediction type" if left else ""))
         return 0
     _, images = sample_grid(args.model, args.num, args.scheduler, args.steps, args.seed, out, use_ema=not args.no_ema,
                             classes=args.classes, guidance_scale=args.cfg)

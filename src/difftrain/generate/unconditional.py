@@ -102,13 +102,15 @@ def scheduler_sheet(
     use_ema: bool = True,
     classes: list[str] | None = None,
     guidance_scale: float | None = None,
-) -> Image.Image:
-    """One labelled row per sampler, same seed and steps: to see at a glance which suits a model."""
+) -> tuple[Image.Image, list[str]]:
+    """One labelled row per sampler, same seed and steps: to see at a glance which suits a model. Returns the
+    sheet and the samplers it drew (those the model's prediction type allows)."""
     loaded = load_unconditional(model, use_ema)
     loaded.unet.eval()
     settings = draw_settings(loaded, num_images, classes, guidance_scale)
     label_width, rows = 120, []
-    for name in [name for name in CORE_SCHEDULERS if name in available_schedulers(loaded.scheduler_config)]:
+    drawn = [name for name in CORE_SCHEDULERS if name in available_schedulers(loaded.scheduler_config)]
+    for name in drawn:
         images = sample_unet(loaded.unet, loaded.scheduler_config, num_images, name, steps, seed, **settings)
         row = make_grid(images, columns=num_images, scale=max(1, 64 // images[0].size[0]))
         labelled = Image.new("RGB", (row.width + label_width, row.height), "white")
@@ -121,4 +123,4 @@ def scheduler_sheet(
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         sheet.save(out)
-    return sheet
+    return sheet, drawn

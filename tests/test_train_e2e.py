@@ -632,7 +632,7 @@ def test_sample_command_on_run_and_diffusers_folders(make_config, tmp_path, pred
         assert main(["sample", str(run / "model"), "--scheduler", "all", "--num", "1", "--steps", "2", "--out",
                      str(tmp_path / "sheet-sample.png")]) == 0
         said = capsys.readouterr().out
-        assert "euler_a," not in said and "; not euler_a, which cannot sample this model's prediction type" in said
+        assert "euler, heun" in said and "; not euler_a, which cannot sample this model's prediction type" in said
 
 
 def test_same_seed_same_grid_and_checkpoint_fallback(make_config, tmp_path):

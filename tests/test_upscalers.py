@@ -299,6 +299,11 @@ def test_the_upscale_command_enlarges_keeps_parameters_and_skips_a_bad_image(tmp
                            (["--upscaler", "R-ESRGAN 4x+"], "--upscaler 'R-ESRGAN 4x+': no such model file"),
                            (["--upscaler", "4x-Tiny", "--scale", "40"], "--scale 40.0: from above 0 to 16"),
                            (["--upscaler", "4x-Tiny", "--tile", "12"], "--tile 12: 0 (the whole image"),
+                           (["--upscaler", "4x-Tiny", "--tile", "-5"], "--tile -5: 0 (the whole image"),
+                           (["--upscaler", "Lanczos", "--scale", "2", "--resize", "64x64"],
+                            "--scale and --resize: give one or the other"),
+                           (["--upscaler", "Lanczos", "--scale", "2", "--no-crop"], "--no-crop applies to --resize"),
+                           (["--upscaler", "lanczos", "--scale", "2"], "the built-in one is 'Lanczos'"),
                            (["--upscaler", "4x-Tiny", "--upscaler-2", "Nearest", "--upscaler-2-visibility", "3"],
                             "--upscaler-2-visibility 3.0: from 0 to 1")):
         assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2

@@ -557,6 +557,10 @@ def _upscale(args: argparse.Namespace) -> int:
     from difftrain.generate.upscale import ImageUpscaler, upscale_files
 
     _out_folder(args.out)
+    if args.resize and args.scale is not None:  # (--scale was ignored: one or the other, as A1111's tabs)
+        raise DifftrainError("--scale and --resize: give one or the other")
+    if args.no_crop and not args.resize:
+        raise DifftrainError("--no-crop applies to --resize (the size is covered, not cut to): give --resize too")
     size = _size_flag("--resize", args.resize, " (e.g. 1024x1024)") if args.resize else None
     try:
         device = resolve_device(args.device)

@@ -75,8 +75,10 @@ def find_upscaler(value: str, folder: str | Path | None, paths: bool = True) -> 
     if value in found:
         return found[value]
     expected = f" ({REAL_ESRGAN[value]}.pth)" if value in REAL_ESRGAN else ""
-    listed = f"; there: {', '.join(found)}" if found else ""
-    raise UpscalerError(f"upscaler {value!r}: no such model file{expected} in {folder}{listed}")
+    listed = f"; there: {', '.join(found)}" if found else ("" if Path(folder or ".").is_dir() else " (no such folder)")
+    builtin = next((name for name in IMAGE_UPSCALERS if name.lower() == value.lower()), None)
+    hint = f"; the built-in one is {builtin!r}" if builtin else f"; built in: {', '.join(IMAGE_UPSCALERS)}"
+    raise UpscalerError(f"upscaler {value!r}: no such model file{expected} in {folder}{listed}{hint}")
 
 
 @functools.lru_cache(maxsize=2)
@@ -237,7 +239,7 @@ def check_extras(first: ImageUpscaler, scale: float | None = None, size: tuple[i
                             f"scale: {first.name} has no factor of its own; give one")
     if size is not None and not all(8 <= side <= 8192 for side in size):
         raise UpscalerError(f"resize {size[0]}x{size[1]}: each side from 8 to 8192 px")
-    if 0 < tile <= 2 * OVERLAP:
+    if tile < 0 or 0 < tile <= 2 * OVERLAP:
         raise UpscalerError(f"tile {tile}: 0 (the whole image at once) or above {2 * OVERLAP} px")
     if not 0 <= visibility <= 1:  # (Image.blend extrapolates past 1; A1111's slider is 0-1)
         raise UpscalerError(f"upscaler-2-visibility {visibility}: from 0 to 1")

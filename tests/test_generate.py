@@ -204,6 +204,9 @@ def test_run_folders_give_ema_or_raw_weights_and_textual_inversion_tokens(tiny_s
     raw = run(tmp_path / "run", tmp_path / "raw", "--prompt", "a red circle", "--no-ema")[0]
     assert not np.array_equal(pixels(ema), pixels(raw))
     assert "EMA: off" in Image.open(raw).info["parameters"]
+    # A model with one set of weights is drawn as it is, and its PNG does not claim the raw weights were taken
+    plain = run(tiny_sd, tmp_path / "plain", "--prompt", "a red circle", "--no-ema")[0]
+    assert "EMA: off" not in Image.open(plain).info["parameters"]
 
     ti = sd_config(tmp_path, shapes_dir, tiny_sd, "ti", method="textual_inversion",
                    textual_inversion={"token": "<shape>", "initializer": "square", "num_vectors": 2},

@@ -509,6 +509,12 @@ class Drawer:
         self.unpadded_png = options.unpadded_png  # warned of at the first padded draw
         device = resolve_device(options.device)
         located = model if isinstance(model, Located) else locate(model, options.use_ema)
+        manifest = located.manifest
+        if not options.use_ema and not (manifest is not None and manifest.method and manifest.weights == "raw"):
+            # One set of weights, drawn as it is: its PNGs said "EMA: off" all the same
+            log.warning("--no-ema: %s holds one set of weights (not a difftrain run's EMA and raw pair); drawn "
+                        "as it is", located.source)
+            options.use_ema = True
         if located.manifest is not None and located.manifest.kind == "unconditional":
             raise GenerateError(f"{located.source} is a pixel-space (unconditional) model; "
                                 f"`difftrain sample {located.source}` draws from it")

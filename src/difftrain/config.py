@@ -57,10 +57,11 @@ class BucketConfig(Section):
     def _step_fits_vae(self) -> "BucketConfig":
         if self.step % 8:
             raise ValueError(f"data.buckets.step = {self.step}: must be a multiple of 8")
-        idle = _changed(self, ("step", "max_ratio", "no_upscale"))
-        if idle and not self.enabled:  # (no_upscale alone left every small image enlarged into a square crop)
-            raise ValueError(f"{', '.join(f'data.buckets.{key}' for key in idle)} without data.buckets.enabled: "
-                             "true does nothing; set enabled: true, or remove it")
+        # no_upscale alone left every small image enlarged into a square crop. (step and max_ratio may stay set while
+        # buckets are turned off and on: they say nothing on their own.)
+        if self.no_upscale and not self.enabled:
+            raise ValueError("data.buckets.no_upscale without data.buckets.enabled: true does nothing; set enabled: "
+                             "true, or remove it")
         return self
 
 

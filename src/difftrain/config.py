@@ -114,18 +114,15 @@ class AugmentConfig(Section):
 
     @model_validator(mode="after")
     def _no_idle_settings(self) -> "AugmentConfig":
-        idle = [key for key in _changed(self, ("crop_ratio",)) if self.crop_scale is None]
-        idle += [key for key in _changed(self, ("probability",)) if not self.active]
-        if idle:
-            raise ValueError(f"{', '.join(f'data.augment.{key}' for key in idle)} does nothing without "
-                             f"{'data.augment.crop_scale' if 'crop_ratio' in idle else 'an augmentation turned on'}; "
-                             "turn that on, or remove it")
+        # (against the defaults, not the keys given: a written config.yaml spells every default out)
+        fields = type(self).model_fields
+        if self.crop_scale is None and self.crop_ratio != fields["crop_ratio"].default:
+            raise ValueError("data.augment.crop_ratio does nothing without data.augment.crop_scale; turn that on, "
+                             "or remove it")
+        if not self.active and self.probability != fields["probability"].default:
+            raise ValueError("data.augment.probability does nothing without an augmentation turned on; turn one on, "
+                             "or remove it")
         return self
-
-
-def _changed(section: BaseModel, keys: tuple[str, ...]) -> list[str]:
-    """Those of `keys` whose value is not the default (a written config.yaml spells every default out)."""
-    return [key for key in keys if getattr(section, key) != type(section).model_fields[key].default]
 
 
 def caption_suffix(value: str) -> str:

@@ -87,10 +87,12 @@ def _whole_safetensors(path: Path) -> bool:
     try:
         with open(path, "rb") as file:
             size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(size)) if 0 < size < 100_000_000 else None
+            if not 0 < size < 100_000_000:  # (safetensors' own limit on a header)
+                return False
+            header = json.loads(file.read(size))
             ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
             return path.stat().st_size == 8 + size + max(ends, default=0)
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # (AttributeError: header None)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # (a header of another shape)
         return False
 
 

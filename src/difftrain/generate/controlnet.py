@@ -258,9 +258,10 @@ def recorded_units(params: dict[str, str]) -> list[ControlUnit]:
     units, number = [], 0
     while f"ControlNet {number}" in params:
         fields = dict(item.split(": ", 1) for item in params[f"ControlNet {number}"].split(", ") if ": " in item)
-        files = params.get(f"ControlNet {number} files", f"{fields.get('Model', 'unnamed')} | ")
-        model, image = (text.strip() for text in files.split(" | ", 1))
-        image, _, given = image.partition(RESOLUTION_MARK)
+        model, image, given = fields.get("Model", "unnamed"), "", ""
+        if f"ControlNet {number} files" in params:
+            model, image = (text.strip() for text in params[f"ControlNet {number} files"].split(" | ", 1))
+            image, _, given = image.partition(RESOLUTION_MARK)
 
         def recorded(key: str, default: float) -> float:
             try:  # (A1111 writes its thresholds as floats, and -1 for a module without them)

@@ -27,8 +27,8 @@ import torch
 
 from difftrain.errors import DifftrainError
 from difftrain.serve.jobs import release_device_memory
-from difftrain.serve.requests import (ETA_SETTINGS, ExtrasRequest, Img2ImgRequest, Limits, RequestError,
-                                      Txt2ImgRequest, decode_image, decode_mask)
+from difftrain.serve.requests import (ExtrasRequest, Img2ImgRequest, Limits, RequestError, Txt2ImgRequest,
+                                      decode_image, decode_mask)
 
 if TYPE_CHECKING:
     from difftrain.generate.upscale import ImageUpscaler
@@ -284,13 +284,13 @@ class Engine:
         passes = [scheduler, *([second_sampler] if second_sampler else [])]
         eta_field = "eta"
         if request.eta is None:  # A1111's settings, each for its samplers, where the request overrides them
-            ddim, ancestral = (request.override_settings.get(name) for name in ETA_SETTINGS)
+            ddim, ancestral = (request.override_settings.get(name) for name in ("eta_ddim", "eta_ancestral"))
             for sampler in passes:  # (an ancestral or SDE sampler draws only 1 here)
                 if not takes_eta(sampler) and ancestral is not None and (why := eta_refusal(sampler, ancestral)):
-                    raise RequestError(f"override_settings.{ETA_SETTINGS[1]}", why)
+                    raise RequestError("override_settings.eta_ancestral", why)
             # DDIM's, unless it is DDIM's default, 0: one eta reaches every pass, and another sampler's may be 1
             if ddim and any(map(takes_eta, passes)):
-                request.eta, eta_field = float(ddim), f"override_settings.{ETA_SETTINGS[0]}"
+                request.eta, eta_field = float(ddim), "override_settings.eta_ddim"
         for sampler in passes:
             if why := eta_refusal(sampler, request.eta):
                 raise RequestError(eta_field, why)
